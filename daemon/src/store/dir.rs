@@ -1,0 +1,1 @@
+//! The embedded directory store (issue 2).

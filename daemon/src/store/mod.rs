@@ -1,0 +1,179 @@
+//! Stores hold RBD format-2 images: a header per image and its data objects
+//! `rbd_data.<id>.<objno %016x>`, plus `rbd_object_map.<id>[.<snapid %016x>]`.
+//!
+//! Two implementations: `dir` (the embedded directory store, laid out like a RADOS pool)
+//! and `ceph` (librados, feature `ceph`). Stores know nothing of NBD: they speak objects.
+//! The image layer (`crate::image`) maps byte ranges to objects and owns the object map.
+
+use crate::error::Result;
+use crate::spec::ImageSpec;
+use bytes::Bytes;
+use std::future::Future;
+
+pub mod dir;
+
+/// Header flags (Ceph's RBD_FLAG_*).
+pub const RBD_FLAG_OBJECT_MAP_INVALID: u64 = 1 << 0;
+pub const RBD_FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
+
+/// Feature bits (Ceph's RBD_FEATURE_*).
+pub const RBD_FEATURE_LAYERING: u64 = 1 << 0;
+pub const RBD_FEATURE_STRIPINGV2: u64 = 1 << 1;
+pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+pub const RBD_FEATURE_OBJECT_MAP: u64 = 1 << 3;
+pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
+pub const RBD_FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
+pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
+pub const RBD_FEATURE_DATA_POOL: u64 = 1 << 7;
+pub const RBD_FEATURE_OPERATIONS: u64 = 1 << 8;
+pub const RBD_FEATURE_MIGRATING: u64 = 1 << 9;
+pub const RBD_FEATURE_NON_PRIMARY: u64 = 1 << 10;
+/// What `rados-nbd create` sets by default, like `rbd create`: layering, exclusive-lock,
+/// object-map, fast-diff (0x1d).
+pub const DEFAULT_FEATURES: u64 = RBD_FEATURE_LAYERING
+    | RBD_FEATURE_EXCLUSIVE_LOCK
+    | RBD_FEATURE_OBJECT_MAP
+    | RBD_FEATURE_FAST_DIFF;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+}
+
+/// What an image's header says (`rbd_header.<id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub id: String,
+    pub size: u64,
+    /// log2 of the object size (22 = 4 MiB).
+    pub order: u8,
+    /// `rbd_data.<id>`
+    pub object_prefix: String,
+    pub features: u64,
+    pub flags: u64,
+    pub snap_seq: u64,
+    /// Newest first, as in a snapshot context.
+    pub snaps: Vec<SnapInfo>,
+}
+
+impl ImageHeader {
+    pub fn object_size(&self) -> u64 {
+        1u64 << self.order
+    }
+    pub fn object_count(&self) -> u64 {
+        self.size.div_ceil(self.object_size())
+    }
+    pub fn object_name(&self, objno: u64) -> String {
+        format!("{}.{:016x}", self.object_prefix, objno)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub order: u8,
+    pub features: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    ReadOnly,
+    /// Writable and holding the image's exclusive lock until `close`.
+    ReadWrite,
+}
+
+/// A pool-level store: creates, lists, removes and opens images.
+pub trait Store: Send + Sync + 'static {
+    type Image: ImageStore;
+
+    /// How to name this store in messages: `dir:/var/lib/rados-nbd`, `ceph:/etc/ceph/ceph.conf`.
+    fn describe(&self) -> String;
+
+    fn create_image(
+        &self,
+        spec: &ImageSpec,
+        opts: &CreateOptions,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes the header, the id object, every data object and every object map.
+    fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<()>> + Send;
+
+    fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
+    /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
+    fn open_image(
+        &self,
+        spec: &ImageSpec,
+        mode: OpenMode,
+    ) -> impl Future<Output = Result<Self::Image>> + Send;
+}
+
+/// One opened image: its header and its objects. `snap` arguments select a snapshot
+/// (None = the head); writes always go to the head with the image's snapshot context.
+pub trait ImageStore: Send + Sync + 'static {
+    /// The header as read at open (or at the latest `refresh_header`).
+    fn header(&self) -> ImageHeader;
+
+    fn refresh_header(&self) -> impl Future<Output = Result<ImageHeader>> + Send;
+
+    /// `flags = (flags & !mask) | (value & mask)` in the header, durably.
+    fn set_flags(&self, value: u64, mask: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Image metadata (`rbd image-meta`), e.g. `rados-nbd.shared`.
+    fn get_meta(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+    fn set_meta(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Reads up to `len` bytes at `off` in object `objno`. `Ok(None)` when the object
+    /// does not exist; a short result means the object ends early (the rest is zeros).
+    fn read(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        snap: Option<u64>,
+    ) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+
+    /// Writes into an object, creating it if needed. `durable`: stable before returning
+    /// (FUA); otherwise stable after the next `sync`.
+    fn write(
+        &self,
+        objno: u64,
+        off: u64,
+        data: Bytes,
+        durable: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Zeroes a range inside an existing object (deallocating where possible). A missing
+    /// object stays missing.
+    fn zero(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        durable: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes an object (no error when it does not exist).
+    fn remove(&self, objno: u64, durable: bool) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes every write acknowledged so far durable.
+    fn sync(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Numbers of the data objects that exist (at `snap`), for rebuilding the object map.
+    fn list_objects(&self, snap: Option<u64>) -> impl Future<Output = Result<Vec<u64>>> + Send;
+
+    /// The raw object map object (Ceph encoding), `None` when absent.
+    fn read_object_map(
+        &self,
+        snap: Option<u64>,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+
+    /// Replaces the head's object map object, durably.
+    fn write_object_map(&self, data: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
+
+    /// Releases the exclusive lock (and watch). After `close` the handle is unusable.
+    fn close(&self) -> impl Future<Output = Result<()>> + Send;
+}
