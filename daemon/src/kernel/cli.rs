@@ -1,0 +1,192 @@
+//! The kernel-attach commands, as a clap `Subcommand` the main command line flattens.
+
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KernelCommand {
+    /// Attach an image to a kernel /dev/nbdX device and print the device once it is usable;
+    /// the serving daemon then stays in the background.
+    Map(MapArgs),
+    /// Flush and close an image cleanly, then disconnect its device.
+    Unmap(UnmapArgs),
+    /// List the devices this host maps.
+    ListMapped(ListMappedArgs),
+    /// Serve a device the kernel kept after `detach` again (netlink reconfigure), so a
+    /// daemon upgrade unmounts nothing.
+    Attach(AttachArgs),
+    /// Stop a device's daemon cleanly without disconnecting the device; the kernel holds
+    /// I/O for --reattach-timeout seconds waiting for `attach`.
+    Detach(DetachArgs),
+}
+
+/// Options shared by map and attach.
+#[derive(Debug, Clone, Args)]
+pub struct ServeOpts {
+    /// Map read-only (always so for a snapshot).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Refuse to share the image: keep its exclusive lock for the whole mapping.
+    #[arg(long)]
+    pub exclusive: bool,
+    /// Kernel request timeout in seconds (0 or unset: requests never time out).
+    /// `--timeout` is the older name, as in rbd-nbd.
+    #[arg(long = "io-timeout", visible_alias = "timeout", value_name = "SEC")]
+    pub io_timeout: Option<u64>,
+    /// How long the kernel keeps a device whose daemon went away waiting for `attach`.
+    #[arg(long, value_name = "SEC", default_value_t = 30)]
+    pub reattach_timeout: u64,
+    /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub connections: u32,
+    /// Stay in the foreground (log to stderr) instead of going to the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Write the daemon's pid here (removed when it exits).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Log to this file instead of syslog once in the background.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Internal: the pipe on which a background daemon reports readiness to `map`.
+    #[arg(long, value_name = "FD", hide = true)]
+    pub ready_fd: Option<i32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MapArgs {
+    /// [POOL/]NAME[@SNAP]
+    pub image: String,
+    /// Use this device (/dev/nbdN) instead of any free one.
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub device: Option<String>,
+    /// nbd module parameter, used only when this command loads the module.
+    #[arg(long, value_name = "N")]
+    pub nbds_max: Option<u32>,
+    /// nbd module parameter, used only when this command loads the module.
+    #[arg(long, value_name = "N")]
+    pub max_part: Option<u32>,
+    #[command(flatten)]
+    pub opts: ServeOpts,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UnmapArgs {
+    /// /dev/nbdN or [POOL/]NAME[@SNAP]
+    pub target: String,
+    /// Disconnect even when the device is mounted or held (its users get I/O errors).
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for the daemon to finish its clean close.
+    #[arg(long, value_name = "SEC", default_value_t = 300)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListMappedArgs {
+    #[arg(long, value_enum, default_value_t = ListFormat::Plain)]
+    pub format: ListFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AttachArgs {
+    /// [POOL/]NAME[@SNAP] (the same image the device was mapped with)
+    pub image: String,
+    /// The device to re-attach (/dev/nbdN).
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub device: String,
+    #[command(flatten)]
+    pub opts: ServeOpts,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DetachArgs {
+    /// /dev/nbdN or [POOL/]NAME[@SNAP]
+    pub target: String,
+    #[arg(long, value_name = "SEC", default_value_t = 300)]
+    pub wait_timeout: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(subcommand)]
+        cmd: KernelCommand,
+    }
+
+    #[test]
+    fn map_options_parse() {
+        let t = T::try_parse_from([
+            "x",
+            "map",
+            "p/img@s",
+            "--device",
+            "/dev/nbd2",
+            "--read-only",
+            "--exclusive",
+            "--timeout",
+            "60",
+            "--nbds-max",
+            "8",
+            "--max-part",
+            "4",
+            "--connections",
+            "2",
+            "--foreground",
+            "--pid-file",
+            "/run/p",
+            "--log-file",
+            "/tmp/l",
+        ])
+        .unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert_eq!(m.image, "p/img@s");
+        assert_eq!(m.device.as_deref(), Some("/dev/nbd2"));
+        assert!(m.opts.read_only && m.opts.exclusive && m.opts.foreground);
+        assert_eq!(m.opts.io_timeout, Some(60));
+        assert_eq!(
+            (m.nbds_max, m.max_part, m.opts.connections),
+            (Some(8), Some(4), 2)
+        );
+        assert_eq!(m.opts.reattach_timeout, 30);
+        let t = T::try_parse_from(["x", "map", "img", "--io-timeout", "5"]).unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert_eq!(m.opts.io_timeout, Some(5));
+        assert!(T::try_parse_from(["x", "map"]).is_err());
+    }
+
+    #[test]
+    fn other_commands_parse() {
+        let t = T::try_parse_from(["x", "unmap", "/dev/nbd0", "--force"]).unwrap();
+        assert!(matches!(
+            t.cmd,
+            KernelCommand::Unmap(UnmapArgs { force: true, .. })
+        ));
+        let t = T::try_parse_from(["x", "list-mapped", "--format", "json"]).unwrap();
+        assert!(matches!(
+            t.cmd,
+            KernelCommand::ListMapped(ListMappedArgs {
+                format: ListFormat::Json
+            })
+        ));
+        let t = T::try_parse_from(["x", "attach", "--device", "/dev/nbd1", "vm1"]).unwrap();
+        assert!(matches!(t.cmd, KernelCommand::Attach(_)));
+        assert!(T::try_parse_from(["x", "attach", "vm1"]).is_err());
+        let t = T::try_parse_from(["x", "detach", "rbd/vm1"]).unwrap();
+        assert!(matches!(t.cmd, KernelCommand::Detach(_)));
+    }
+}

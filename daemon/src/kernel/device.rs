@@ -1,0 +1,454 @@
+//! Everything about /dev/nbdX that is not the driver's control interface: loading the
+//! module, naming and finding devices, waiting for a device to be usable, telling whether it
+//! is in use, the per-device runtime state file, and hardening the serving process.
+
+use crate::error::{Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where /sys and /proc live; tests point these elsewhere.
+fn sys_block() -> PathBuf {
+    PathBuf::from(std::env::var_os("RADOS_NBD_SYS_BLOCK").unwrap_or_else(|| "/sys/block".into()))
+}
+
+/// The runtime directory for state files (`/run/rados-nbd`, or `$RADOS_NBD_RUN_DIR`).
+pub fn run_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("RADOS_NBD_RUN_DIR").unwrap_or_else(|| "/run/rados-nbd".into()))
+}
+
+/// `/dev/nbd3`, `nbd3` or `3` -> 3.
+pub fn parse_device(s: &str) -> Result<u32> {
+    let name = s.strip_prefix("/dev/").unwrap_or(s);
+    let num = name.strip_prefix("nbd").unwrap_or(name);
+    if !num.is_empty() && num.len() <= 6 && num.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(n) = num.parse::<u32>() {
+            return Ok(n);
+        }
+    }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!("invalid nbd device {s:?} (expected /dev/nbdN)"),
+    ))
+}
+
+/// Looks like a device rather than an image spec (`/dev/...` or `nbdN`).
+pub fn looks_like_device(s: &str) -> bool {
+    s.starts_with("/dev/") || (s.starts_with("nbd") && parse_device(s).is_ok())
+}
+
+pub fn device_path(index: u32) -> String {
+    format!("/dev/nbd{index}")
+}
+
+fn read_trimmed(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Is the nbd driver present (loaded module or built in)?
+pub fn module_loaded() -> bool {
+    Path::new("/sys/module/nbd").exists()
+}
+
+/// Loads `nbd` with our parameters when it is not there yet. `RADOS_NBD_MODULES_ROOT`
+/// names a module tree root for `modprobe -d` (the test VM runs an unpacked kernel).
+pub fn load_module(nbds_max: Option<u32>, max_part: Option<u32>) -> Result<()> {
+    if module_loaded() {
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("modprobe");
+    if let Some(root) = std::env::var_os("RADOS_NBD_MODULES_ROOT") {
+        cmd.arg("-d").arg(root);
+    }
+    cmd.arg("nbd");
+    if let Some(n) = nbds_max {
+        cmd.arg(format!("nbds_max={n}"));
+    }
+    if let Some(n) = max_part {
+        cmd.arg(format!("max_part={n}"));
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| Error::io("running modprobe nbd (is kmod installed?)", e))?;
+    if !out.status.success() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "loading the nbd kernel module failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    // udev/devtmpfs create the nodes asynchronously after the module loads.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !module_loaded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Size in bytes as the kernel sees it (`/sys/block/nbdN/size` is in 512-byte sectors).
+pub fn device_size(index: u32) -> Option<u64> {
+    read_trimmed(&sys_block().join(format!("nbd{index}/size")))?
+        .parse::<u64>()
+        .ok()
+        .map(|s| s * 512)
+}
+
+/// The kernel's idea of who serves the device: present only while it is configured.
+pub fn device_pid(index: u32) -> Option<u32> {
+    read_trimmed(&sys_block().join(format!("nbd{index}/pid")))?
+        .parse()
+        .ok()
+}
+
+/// The backend identifier given at connect (netlink only).
+pub fn device_backend(index: u32) -> Option<String> {
+    read_trimmed(&sys_block().join(format!("nbd{index}/backend"))).filter(|s| !s.is_empty())
+}
+
+/// Every nbd device the kernel has, sorted.
+pub fn all_devices() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir(sys_block())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name();
+            let n = n.to_str()?;
+            n.strip_prefix("nbd")?.parse().ok()
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Not configured: no `pid` attribute and size 0 (what rbd-nbd checks too).
+pub fn is_free(index: u32) -> bool {
+    device_pid(index).is_none() && device_size(index).unwrap_or(0) == 0
+}
+
+pub fn free_devices() -> Vec<u32> {
+    all_devices().into_iter().filter(|i| is_free(*i)).collect()
+}
+
+/// Waits until the kernel shows the device with the expected size and its node exists.
+pub fn wait_ready(index: u32, size: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let node = device_path(index);
+    loop {
+        let seen = device_size(index);
+        if seen == Some(size) && Path::new(&node).exists() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "{node} did not become ready within {}s (kernel reports size {:?}, expected {size})",
+                    timeout.as_secs(),
+                    seen
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `major:minor` of the whole device and each partition, from sysfs.
+fn dev_numbers(index: u32) -> Vec<(String, String)> {
+    let base = sys_block().join(format!("nbd{index}"));
+    let mut out = Vec::new();
+    if let Some(d) = read_trimmed(&base.join("dev")) {
+        out.push((format!("nbd{index}"), d));
+    }
+    for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(&format!("nbd{index}p")) {
+            if let Some(d) = read_trimmed(&e.path().join("dev")) {
+                out.push((name, d));
+            }
+        }
+    }
+    out
+}
+
+/// Why the device must not be disconnected now (mounted, held by dm/md, used as swap),
+/// or None when it is idle. Checks the whole device and its partitions.
+pub fn busy_reason(index: u32) -> Option<String> {
+    let devs = dev_numbers(index);
+    if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mi.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() > 4 {
+                if let Some((name, _)) = devs.iter().find(|(_, d)| d == f[2]) {
+                    return Some(format!("/dev/{name} is mounted on {}", f[4]));
+                }
+            }
+        }
+    }
+    let base = sys_block().join(format!("nbd{index}"));
+    for (name, _) in &devs {
+        let holders = if *name == format!("nbd{index}") {
+            base.join("holders")
+        } else {
+            base.join(name).join("holders")
+        };
+        if let Some(h) = std::fs::read_dir(&holders)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .next()
+        {
+            return Some(format!(
+                "/dev/{name} is held by {}",
+                h.file_name().to_string_lossy()
+            ));
+        }
+    }
+    if let Ok(sw) = std::fs::read_to_string("/proc/swaps") {
+        for (name, _) in &devs {
+            let p = format!("/dev/{name}");
+            if sw
+                .lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().next() == Some(&p))
+            {
+                return Some(format!("{p} is in use as swap"));
+            }
+        }
+    }
+    None
+}
+
+/// A process that is ours and alive (pid reuse is checked by the process name).
+pub fn daemon_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match read_trimmed(Path::new(&format!("/proc/{pid}/comm"))) {
+        Some(comm) => {
+            comm == "rados-nbd"
+                // A zombie still has a comm; it is not serving anything.
+                && !read_trimmed(Path::new(&format!("/proc/{pid}/stat")))
+                    .map(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')).unwrap_or(false))
+                    .unwrap_or(false)
+        }
+        None => false,
+    }
+}
+
+/// Waits for a pid to go away; true when it did.
+pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while daemon_alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// What `/run/rados-nbd/nbdN.json` holds: enough for list-mapped, unmap and attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The serving daemon; 0 once it detached.
+    pub pid: u32,
+    pub pool: String,
+    pub image: String,
+    pub snap: Option<String>,
+    pub device: String,
+    pub store: String,
+    pub read_only: bool,
+    pub connections: u32,
+    /// Configured through netlink (so it can be re-attached).
+    pub netlink: bool,
+    /// The daemon left on purpose (`detach`); the kernel keeps the device for `attach`.
+    pub detached: bool,
+    pub backend: Option<String>,
+}
+
+impl DeviceState {
+    pub fn index(&self) -> Result<u32> {
+        parse_device(&self.device)
+    }
+    pub fn spec_string(&self) -> String {
+        match &self.snap {
+            Some(s) => format!("{}/{}@{s}", self.pool, self.image),
+            None => format!("{}/{}", self.pool, self.image),
+        }
+    }
+}
+
+pub fn state_path(index: u32) -> PathBuf {
+    run_dir().join(format!("nbd{index}.json"))
+}
+
+/// Written atomically (temp file + rename) so a reader never sees half a file.
+pub fn write_state(index: u32, st: &DeviceState) -> Result<()> {
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let path = state_path(index);
+    let tmp = dir.join(format!(".nbd{index}.json.{}", std::process::id()));
+    let data = serde_json::to_vec_pretty(st)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding device state: {e}")))?;
+    std::fs::write(&tmp, data).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
+    })
+}
+
+pub fn read_state(index: u32) -> Result<Option<DeviceState>> {
+    let path = state_path(index);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("state file {} is unreadable: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+pub fn remove_state(index: u32) {
+    let _ = std::fs::remove_file(state_path(index));
+}
+
+/// Every state file, skipping unreadable ones (with a warning).
+pub fn all_states() -> Vec<DeviceState> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(run_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(idx) = name
+            .strip_prefix("nbd")
+            .and_then(|r| r.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        match read_state(idx) {
+            Ok(Some(s)) => out.push(s),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    out.sort_by_key(|s| s.index().unwrap_or(u32::MAX));
+    out
+}
+
+/// Keep the daemon out of the way of the memory it serves: the kernel may be writing back
+/// dirty pages to our own device to free memory, and if serving those writes needed memory
+/// that is not there (a page fault on our own code, an allocation that waits for reclaim),
+/// nothing would ever make progress. So, like rbd-nbd: lock every current and future page
+/// in RAM and make the OOM killer pick anybody else first. Failures are reported, not fatal.
+pub fn harden_process() -> Vec<String> {
+    let mut warnings = Vec::new();
+    // SAFETY: mlockall has no memory-safety preconditions.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        warnings.push(format!(
+            "mlockall failed ({}); the daemon's memory can be swapped out",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        warnings.push(format!("setting oom_score_adj to -1000 failed: {e}"));
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert_eq!(parse_device("/dev/nbd0").unwrap(), 0);
+        assert_eq!(parse_device("nbd15").unwrap(), 15);
+        assert_eq!(parse_device("7").unwrap(), 7);
+        for bad in [
+            "/dev/sda",
+            "/dev/nbd",
+            "nbd-1",
+            "/dev/nbd1p1",
+            "",
+            "nbd99999999",
+        ] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+        assert!(looks_like_device("/dev/nbd2"));
+        assert!(looks_like_device("nbd2"));
+        assert!(!looks_like_device("rbd/vm1"));
+        assert!(!looks_like_device("nbdimage"));
+    }
+
+    #[test]
+    fn state_files_round_trip_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each test process has its own env; this test is the only one touching RUN_DIR.
+        std::env::set_var("RADOS_NBD_RUN_DIR", dir.path());
+        let st = DeviceState {
+            pid: 42,
+            pool: "rbd".into(),
+            image: "vm1".into(),
+            snap: Some("s1".into()),
+            device: "/dev/nbd3".into(),
+            store: "dir:/x".into(),
+            read_only: true,
+            connections: 2,
+            netlink: true,
+            detached: false,
+            backend: Some("b".into()),
+        };
+        write_state(3, &st).unwrap();
+        let mut st1 = st.clone();
+        st1.device = "/dev/nbd1".into();
+        write_state(1, &st1).unwrap();
+        std::fs::write(dir.path().join("nbd9.json"), b"{not json").unwrap();
+        std::fs::write(dir.path().join("other.txt"), b"x").unwrap();
+        assert_eq!(read_state(3).unwrap().unwrap(), st);
+        assert_eq!(read_state(4).unwrap(), None);
+        assert_eq!(read_state(9).unwrap_err().kind, ErrorKind::Corrupt);
+        let all = all_states();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].device, "/dev/nbd1");
+        assert_eq!(all[1].spec_string(), "rbd/vm1@s1");
+        remove_state(3);
+        assert_eq!(read_state(3).unwrap(), None);
+        std::env::remove_var("RADOS_NBD_RUN_DIR");
+    }
+
+    #[test]
+    fn sysfs_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        std::fs::create_dir_all(b.join("nbd0/holders")).unwrap();
+        std::fs::create_dir_all(b.join("nbd1/holders")).unwrap();
+        std::fs::create_dir_all(b.join("nbd1/nbd1p1/holders/dm-0")).unwrap();
+        std::fs::write(b.join("nbd0/size"), "0\n").unwrap();
+        std::fs::write(b.join("nbd1/size"), "2048\n").unwrap();
+        std::fs::write(b.join("nbd1/pid"), "77\n").unwrap();
+        std::fs::write(b.join("nbd1/dev"), "43:32\n").unwrap();
+        std::fs::write(b.join("nbd1/nbd1p1/dev"), "43:33\n").unwrap();
+        std::fs::create_dir_all(b.join("sda")).unwrap();
+        std::env::set_var("RADOS_NBD_SYS_BLOCK", b);
+        assert_eq!(all_devices(), vec![0, 1]);
+        assert_eq!(free_devices(), vec![0]);
+        assert_eq!(device_size(1), Some(1 << 20));
+        assert_eq!(device_pid(1), Some(77));
+        let why = busy_reason(1).unwrap();
+        assert!(why.contains("nbd1p1") && why.contains("dm-0"), "{why}");
+        assert_eq!(busy_reason(0), None);
+        assert!(wait_ready(1, 1 << 20, Duration::from_millis(50)).is_err()); // no /dev/nbd1 here
+        std::env::remove_var("RADOS_NBD_SYS_BLOCK");
+    }
+}

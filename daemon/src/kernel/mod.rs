@@ -1,0 +1,934 @@
+//! Kernel attach: `map`, `unmap`, `list-mapped`, `attach`, `detach` (Linux only).
+//!
+//! How a mapping works: the daemon opens the image, makes one socketpair per connection,
+//! serves one end of each with the transmission-phase server (no handshake) and hands the
+//! other ends to the nbd driver with a netlink CONNECT (ioctls when the kernel lacks the
+//! netlink family). `map` without `--foreground` re-executes this binary as
+//! `map ... --foreground --ready-fd N` in a new session and waits for the child to report
+//! "ready /dev/nbdX" on that pipe: no process with a tokio runtime is ever forked.
+//!
+//! Ending a mapping: `unmap` (or SIGTERM/SIGINT to the daemon, or a kernel-side disconnect
+//! such as `nbd-client -d`) makes the kernel send NBD_CMD_DISC on every socket; the server
+//! drains, the daemon closes the image cleanly (flush, object map, dirty flag, lock) and
+//! exits, and `unmap` returns when that pid is gone. `detach` (SIGUSR1 to the daemon) does
+//! the same drain and clean close but leaves the device configured; `attach` serves it
+//! again through netlink RECONFIGURE within the kernel's dead-connection timeout.
+
+pub mod cli;
+pub mod device;
+pub mod export;
+pub mod ioctl;
+pub mod netlink;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use cli::{
+    AttachArgs, DetachArgs, KernelCommand, ListFormat, ListMappedArgs, MapArgs, ServeOpts,
+    UnmapArgs,
+};
+use device::DeviceState;
+use export::Export;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Block size given to the kernel: 512 like rbd-nbd, so any file system or partition
+/// table made elsewhere on the image still works.
+const BLOCK_SIZE: u64 = 512;
+const MAX_CONNECTIONS: u32 = 16;
+
+/// Runs one kernel command. Synchronous on purpose: the serving daemon builds its own tokio
+/// runtime after the (single-threaded) setup, so call this outside any runtime.
+/// `store` is the resolved store URI (`dir:/var/lib/rados-nbd`, ...).
+pub fn run(cmd: KernelCommand, store: &str) -> Result<()> {
+    match cmd {
+        KernelCommand::Map(a) => map(a, store),
+        KernelCommand::Unmap(a) => unmap(a),
+        KernelCommand::ListMapped(a) => list_mapped(a),
+        KernelCommand::Attach(a) => attach(a, store),
+        KernelCommand::Detach(a) => detach(a),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Background start: re-exec and readiness pipe
+
+/// The child's end of the readiness pipe.
+struct ReadyPipe(std::fs::File);
+
+impl ReadyPipe {
+    fn from_fd(fd: i32) -> Result<Self> {
+        // SAFETY: F_GETFD only inspects the descriptor number.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("--ready-fd {fd} is not an open descriptor"),
+            ));
+        }
+        // SAFETY: the parent passed us this descriptor to own; nothing else uses it.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        // SAFETY: setting FD_CLOEXEC on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        Ok(ReadyPipe(f))
+    }
+    fn send(mut self, line: &str) {
+        let one_line = line.replace('\n', " ");
+        let _ = writeln!(self.0, "{one_line}");
+    }
+}
+
+/// Starts `argv + --foreground --ready-fd N` in a new session and relays its verdict.
+fn spawn_background(opts: &ServeOpts) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io(
+            "creating the readiness pipe",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: both descriptors are fresh and owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wr_fd = wr.as_raw_fd();
+
+    // Our own binary by path (not /proc/self/exe) so the child's name is "rados-nbd".
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "/proc/self/exe".into());
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .arg("--ready-fd")
+        .arg(wr_fd.to_string())
+        .stdin(std::process::Stdio::null());
+    // The child's stdout/stderr must not be ours: `dev=$(rados-nbd map x)` would wait for
+    // the daemon to exit. The log file (or syslog, set up by the child) gets them.
+    match &opts.log_file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(format!("opening log file {}", p.display()), e))?;
+            let f2 = f
+                .try_clone()
+                .map_err(|e| Error::io(format!("duplicating log file {}", p.display()), e))?;
+            cmd.stdout(f).stderr(f2);
+        }
+        None => {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
+    }
+    // SAFETY: between fork and exec we only call async-signal-safe functions (setsid, fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(wr_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("starting the daemon {}", exe.display()), e))?;
+    drop(wr); // EOF for us once the child closes (or dies)
+
+    let mut line = String::new();
+    let mut r = std::io::BufReader::new(std::fs::File::from(rd));
+    let _ = r.read_line(&mut line);
+    let line = line.trim_end();
+    if let Some(dev) = line.strip_prefix("ready ") {
+        println!("{dev}");
+        return Ok(());
+    }
+    if let Some(msg) = line.strip_prefix("error ") {
+        let _ = child.wait();
+        return Err(Error::new(ErrorKind::Io, msg.to_string()));
+    }
+    let status = child
+        .wait()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| e.to_string());
+    Err(Error::new(
+        ErrorKind::Io,
+        format!(
+            "the daemon exited during startup ({status}){}",
+            match &opts.log_file {
+                Some(p) => format!("; see {}", p.display()),
+                None => "; see syslog".to_string(),
+            }
+        ),
+    ))
+}
+
+/// Background daemon without a log file: stdout/stderr lines go to syslog.
+fn forward_output_to_syslog() {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: dup2 onto stdout/stderr, then close the spare write end.
+    unsafe {
+        libc::dup2(fds[1], 1);
+        libc::dup2(fds[1], 2);
+        libc::close(fds[1]);
+        libc::openlog(c"rados-nbd".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON);
+    }
+    // SAFETY: fds[0] is ours.
+    let rd = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    std::thread::Builder::new()
+        .name("syslog".into())
+        .spawn(move || {
+            for line in std::io::BufReader::new(rd).lines() {
+                let Ok(line) = line else { break };
+                let level = if line.contains("ERROR") {
+                    libc::LOG_ERR
+                } else if line.contains("WARN") {
+                    libc::LOG_WARNING
+                } else {
+                    libc::LOG_INFO
+                };
+                if let Ok(c) = std::ffi::CString::new(line.replace('\0', " ")) {
+                    // SAFETY: constant format string and a valid C string argument.
+                    unsafe { libc::syslog(level, c"%s".as_ptr(), c.as_ptr()) };
+                }
+            }
+        })
+        .ok();
+}
+
+// ---------------------------------------------------------------------------------------
+// The serving daemon
+
+enum Mode {
+    Map {
+        index: Option<u32>,
+        nbds_max: Option<u32>,
+        max_part: Option<u32>,
+    },
+    Attach {
+        index: u32,
+    },
+}
+
+/// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER); RECONFIGURE must
+/// present the same string, so the kernel itself refuses to re-attach another image.
+fn backend_id(store: &str, spec: &ImageSpec) -> String {
+    format!("rados-nbd {store} {spec}")
+}
+
+fn map(a: MapArgs, store: &str) -> Result<()> {
+    let index = a.device.as_deref().map(device::parse_device).transpose()?;
+    let mode = Mode::Map {
+        index,
+        nbds_max: a.nbds_max,
+        max_part: a.max_part,
+    };
+    start(mode, &a.image, a.opts, store)
+}
+
+fn attach(a: AttachArgs, store: &str) -> Result<()> {
+    let index = device::parse_device(&a.device)?;
+    start(Mode::Attach { index }, &a.image, a.opts, store)
+}
+
+fn start(mode: Mode, image: &str, opts: ServeOpts, store: &str) -> Result<()> {
+    let spec: ImageSpec = image.parse()?;
+    if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "--connections must be 1..={MAX_CONNECTIONS}, not {}",
+                opts.connections
+            ),
+        ));
+    }
+    if !opts.foreground {
+        return spawn_background(&opts);
+    }
+    let mut ready = opts.ready_fd.map(ReadyPipe::from_fd).transpose()?;
+    if ready.is_some() && opts.log_file.is_none() {
+        forward_output_to_syslog();
+    }
+    let res = serve(mode, spec, &opts, store, &mut ready);
+    if let Err(e) = &res {
+        tracing::error!("{e}");
+        if let Some(r) = ready.take() {
+            r.send(&format!("error {e}"));
+        }
+    }
+    res
+}
+
+/// How the serving ended.
+enum Ending {
+    /// The kernel disconnected (unmap, SIGTERM, nbd-client -d, or the sockets died).
+    Disconnected,
+    /// `detach`: the device stays configured for `attach`.
+    Detached,
+}
+
+fn set_process_name() {
+    // The kernel names us after the exec'd path; `unmap` recognises its daemon by this name.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"rados-nbd".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+}
+
+/// Sets up the device and serves it until it ends. Errors before readiness are reported to
+/// the waiting `map` through `ready` by the caller.
+fn serve(
+    mode: Mode,
+    spec: ImageSpec,
+    opts: &ServeOpts,
+    store: &str,
+    ready: &mut Option<ReadyPipe>,
+) -> Result<()> {
+    set_process_name();
+    let mut read_only = opts.read_only || spec.snap.is_some();
+    let mut connections = opts.connections;
+    match &mode {
+        Mode::Map {
+            nbds_max, max_part, ..
+        } => device::load_module(*nbds_max, *max_part)?,
+        Mode::Attach { .. } if !device::module_loaded() => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the nbd module is not loaded, so there is no device to attach to",
+            ))
+        }
+        Mode::Attach { .. } => {}
+    }
+    let nl = netlink::NbdNetlink::open()?;
+    if let Mode::Attach { index } = mode {
+        let path = device::device_path(index);
+        if nl.is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "attach needs the kernel's nbd netlink interface, which this kernel lacks",
+            ));
+        }
+        if device::device_pid(index).is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{path} is not connected, so there is nothing to attach to (use map)"),
+            ));
+        }
+        if let Some(st) = device::read_state(index)? {
+            if !st.detached && device::daemon_alive(st.pid) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{path} is still served by pid {}; detach it first", st.pid),
+                ));
+            }
+            connections = st.connections;
+            read_only |= st.read_only;
+        }
+        let want = backend_id(store, &spec);
+        if let Some(have) = device::device_backend(index) {
+            if have != want {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{path} was mapped from \"{have}\", not \"{want}\""),
+                ));
+            }
+        }
+    }
+    for w in device::harden_process() {
+        tracing::warn!("{w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("rados-nbd-io")
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let export = Arc::new(
+        rt.block_on(Export::open(store, &spec, read_only, opts.exclusive))
+            .map_err(|e| e.context(format!("opening {spec}")))?,
+    );
+    let setup = Setup {
+        rt: &rt,
+        export: export.clone(),
+        spec: &spec,
+        opts,
+        store,
+        read_only,
+        connections,
+    };
+    let outcome = setup.run(mode, nl, ready);
+    // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock.
+    let closed = rt.block_on(export.close());
+    if let Err(e) = &closed {
+        tracing::error!("closing {spec} failed: {e}");
+    }
+    let (index, ending) = outcome?;
+    match ending {
+        Ending::Detached => {
+            // Only now (the lock is released) may `attach` start.
+            if let Some(mut st) = device::read_state(index)? {
+                st.pid = 0;
+                st.detached = true;
+                device::write_state(index, &st)?;
+            }
+            tracing::info!("{spec}: detached from /dev/nbd{index}; the kernel keeps the device");
+        }
+        Ending::Disconnected => {
+            device::remove_state(index);
+            tracing::info!("{spec}: /dev/nbd{index} disconnected, image closed");
+        }
+    }
+    if let Some(p) = &opts.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    closed.map_err(|e| e.context(format!("closing {spec}")))
+}
+
+struct Setup<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    export: Arc<Export>,
+    spec: &'a ImageSpec,
+    opts: &'a ServeOpts,
+    store: &'a str,
+    read_only: bool,
+    connections: u32,
+}
+
+/// How the kernel was told about the device, and how to tell it to let go.
+enum Control {
+    Netlink(netlink::NbdNetlink),
+    Ioctl(Arc<ioctl::IoctlDevice>, std::thread::JoinHandle<Result<()>>),
+}
+
+const NBD_FLAG_CAN_MULTI_CONN: u64 = 1 << 8;
+
+impl Setup<'_> {
+    fn run(
+        &self,
+        mode: Mode,
+        nl: Option<netlink::NbdNetlink>,
+        ready: &mut Option<ReadyPipe>,
+    ) -> Result<(u32, Ending)> {
+        let attaching = matches!(mode, Mode::Attach { .. });
+        let info = self.export.info().clone();
+        let flags = u64::from(self.export.transmission_flags());
+        if self.connections > 1 && flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "--connections {} needs an image that is safe to serve on several connections, and {} is not",
+                    self.connections, self.spec
+                ),
+            ));
+        }
+        if !info.size.is_multiple_of(BLOCK_SIZE) {
+            tracing::warn!(
+                "{}: size {} is not a multiple of {BLOCK_SIZE}; the device ignores the last {} bytes",
+                self.spec,
+                info.size,
+                info.size % BLOCK_SIZE
+            );
+        }
+        let _enter = self.rt.enter();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut kernel_ends = Vec::new();
+        for i in 0..self.connections {
+            let (k, s) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| Error::io("creating a socket pair for the kernel", e))?;
+            s.set_nonblocking(true)
+                .map_err(|e| Error::io("setting a socket non-blocking", e))?;
+            let s = tokio::net::UnixStream::from_std(s)
+                .map_err(|e| Error::io("registering a socket with the runtime", e))?;
+            let ex = self.export.clone();
+            let rx = stop_rx.clone();
+            tasks.spawn(async move { (i, ex.serve(s, rx).await) });
+            kernel_ends.push(k);
+        }
+        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigusr1 = signal(tokio::signal::unix::SignalKind::user_defined1())?;
+
+        let fds: Vec<i32> = kernel_ends.iter().map(|k| k.as_raw_fd()).collect();
+        let backend = backend_id(self.store, self.spec);
+        let (index, mut control) = match (mode, nl) {
+            (Mode::Map { index, .. }, Some(mut nl)) => {
+                let cfg = netlink::DeviceConfig {
+                    index,
+                    size_bytes: Some(info.size),
+                    block_size: Some(BLOCK_SIZE),
+                    server_flags: Some(flags),
+                    client_flags: None,
+                    timeout: self.opts.io_timeout,
+                    dead_conn_timeout: Some(self.opts.reattach_timeout),
+                    backend: Some(backend.clone()),
+                    sockets: fds,
+                };
+                let idx = nl.connect(&cfg)?;
+                (idx, Control::Netlink(nl))
+            }
+            (Mode::Attach { index }, Some(mut nl)) => {
+                // RECONFIGURE only replaces sockets the kernel has seen die; give it a moment
+                // to notice the old daemon's sockets closing.
+                std::thread::sleep(Duration::from_millis(200));
+                let cfg = netlink::DeviceConfig {
+                    index: Some(index),
+                    size_bytes: Some(info.size),
+                    timeout: self.opts.io_timeout,
+                    dead_conn_timeout: Some(self.opts.reattach_timeout),
+                    backend: Some(backend.clone()),
+                    sockets: fds,
+                    ..Default::default()
+                };
+                nl.reconfigure(&cfg)?;
+                (index, Control::Netlink(nl))
+            }
+            (Mode::Map { index, .. }, None) => {
+                let cfg = ioctl::IoctlConfig {
+                    size_bytes: info.size,
+                    block_size: BLOCK_SIZE,
+                    server_flags: flags,
+                    timeout: self.opts.io_timeout,
+                    sockets: fds,
+                };
+                let (idx, dev) = ioctl_configure(index, &cfg)?;
+                let dev = Arc::new(dev);
+                let d2 = dev.clone();
+                let th = std::thread::Builder::new()
+                    .name(format!("nbd{idx}-do-it"))
+                    .spawn(move || d2.do_it())
+                    .map_err(|e| Error::io("starting the NBD_DO_IT thread", e))?;
+                (idx, Control::Ioctl(dev, th))
+            }
+            (Mode::Attach { .. }, None) => {
+                return Err(Error::new(ErrorKind::Unsupported, "attach needs netlink"))
+            }
+        };
+        // The kernel holds its own references to its ends now.
+        drop(kernel_ends);
+        let path = device::device_path(index);
+        let expected = info.size - info.size % BLOCK_SIZE;
+        let attached =
+            device::wait_ready(index, expected, Duration::from_secs(10)).and_then(|_| {
+                // RECONFIGURE may silently ignore our sockets; a read proves they serve.
+                if attaching {
+                    probe_read(index, Duration::from_secs(10))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = attached {
+            let _ = request_disconnect(&mut control, index);
+            let _ = stop_tx.send(true);
+            self.rt
+                .block_on(async { while tasks.join_next().await.is_some() {} });
+            if let Control::Ioctl(_, th) = control {
+                let _ = th.join();
+            }
+            return Err(e);
+        }
+        let state = DeviceState {
+            pid: std::process::id(),
+            pool: self.spec.pool.clone(),
+            image: self.spec.name.clone(),
+            snap: self.spec.snap.clone(),
+            device: path.clone(),
+            store: self.store.to_string(),
+            read_only: self.read_only,
+            connections: self.connections,
+            netlink: matches!(control, Control::Netlink(_)),
+            detached: false,
+            backend: matches!(control, Control::Netlink(_)).then_some(backend),
+        };
+        if let Err(e) = device::write_state(index, &state) {
+            let _ = request_disconnect(&mut control, index);
+            return Err(e);
+        }
+        if let Some(p) = &self.opts.pid_file {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                tracing::warn!("writing pid file {}: {e}", p.display());
+            }
+        }
+        tracing::info!(
+            "{} {} {path} ({} bytes, {} connection(s), {})",
+            self.spec,
+            if attaching { "re-attached to" } else { "mapped to" },
+            info.size,
+            self.connections,
+            if state.netlink { "netlink" } else { "ioctl" }
+        );
+        match ready.take() {
+            Some(r) => r.send(&format!("ready {path}")),
+            None => {
+                println!("{path}");
+                let _ = std::io::stdout().flush();
+            }
+        }
+
+        let mut disconnecting = false;
+        let mut detaching = false;
+        let netlink = state.netlink;
+        self.rt.block_on(async {
+            loop {
+                tokio::select! {
+                    r = tasks.join_next() => match r {
+                        None => break,
+                        Some(Ok((i, Ok(())))) => tracing::info!("{path}: connection {i} ended"),
+                        Some(Ok((i, Err(e)))) => tracing::error!("{path}: connection {i} failed: {e}"),
+                        Some(Err(e)) => tracing::error!("{path}: a connection task failed: {e}"),
+                    },
+                    _ = sigterm.recv(), if !disconnecting && !detaching => {
+                        disconnecting = true;
+                        tracing::info!("{path}: SIGTERM, disconnecting");
+                        if let Err(e) = request_disconnect(&mut control, index) {
+                            tracing::error!("{e}");
+                            let _ = stop_tx.send(true);
+                        }
+                    }
+                    _ = sigint.recv(), if !disconnecting && !detaching => {
+                        disconnecting = true;
+                        tracing::info!("{path}: SIGINT, disconnecting");
+                        if let Err(e) = request_disconnect(&mut control, index) {
+                            tracing::error!("{e}");
+                            let _ = stop_tx.send(true);
+                        }
+                    }
+                    _ = sigusr1.recv(), if !disconnecting && !detaching && netlink => {
+                        detaching = true;
+                        tracing::info!("{path}: detaching (the device stays configured)");
+                        let _ = stop_tx.send(true);
+                    }
+                }
+            }
+        });
+        match control {
+            Control::Ioctl(_, th) => match th.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(_) => tracing::error!("{path}: the NBD_DO_IT thread panicked"),
+            },
+            Control::Netlink(mut nl) if !detaching => {
+                // The sockets are gone. If that was not a disconnect (the kernel is still
+                // configured after a grace period), let go of the device rather than leave
+                // it hanging on a daemon that no longer exists.
+                let mut still = device::device_pid(index).is_some();
+                for _ in 0..100 {
+                    if !still {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    still = device::device_pid(index).is_some();
+                }
+                if still {
+                    tracing::warn!("{path}: connections ended without a disconnect; disconnecting");
+                    if let Err(e) = nl.disconnect(index) {
+                        tracing::error!("{e}");
+                    }
+                }
+            }
+            Control::Netlink(_) => {}
+        }
+        Ok((
+            index,
+            if detaching {
+                Ending::Detached
+            } else {
+                Ending::Disconnected
+            },
+        ))
+    }
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).map_err(|e| Error::io("installing a signal handler", e))
+}
+
+fn request_disconnect(control: &mut Control, index: u32) -> Result<()> {
+    match control {
+        Control::Netlink(nl) => nl.disconnect(index),
+        Control::Ioctl(dev, _) => dev.disconnect(),
+    }
+}
+
+/// The ioctl path: the named device, or the first free one that accepts our sockets.
+fn ioctl_configure(
+    index: Option<u32>,
+    cfg: &ioctl::IoctlConfig,
+) -> Result<(u32, ioctl::IoctlDevice)> {
+    let candidates = match index {
+        Some(i) => vec![i],
+        None => device::free_devices(),
+    };
+    let mut last = None;
+    for i in candidates {
+        let dev = ioctl::IoctlDevice::open(&device::device_path(i))?;
+        match dev.configure(cfg) {
+            Ok(()) => return Ok((i, dev)),
+            Err(e) if e.kind == ErrorKind::Busy && index.is_none() => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::Busy,
+            "no free nbd device (load the module with a larger nbds_max)",
+        )
+    }))
+}
+
+/// Reads the first block of the device bypassing the page cache, with a deadline.
+fn probe_read(index: u32, timeout: Duration) -> Result<()> {
+    let path = device::device_path(index);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p2 = path.clone();
+    std::thread::spawn(move || {
+        let r = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&p2)?;
+            let mut buf = vec![0u8; 8192];
+            let off = buf.as_ptr().align_offset(4096);
+            f.read_exact_at(&mut buf[off..off + 4096], 0)
+        })();
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::io(format!("test read from {path}"), e)),
+        Err(_) => Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "{path} did not answer a test read within {}s: the kernel did not take the new connections",
+                timeout.as_secs()
+            ),
+        )),
+    }
+}
+// ---------------------------------------------------------------------------------------
+// unmap / detach / list-mapped
+
+fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
+    if device::looks_like_device(target) {
+        let idx = device::parse_device(target)?;
+        return Ok((idx, device::read_state(idx)?));
+    }
+    let spec: ImageSpec = target.parse().map_err(|e: Error| {
+        e.context(format!(
+            "{target:?} is neither a device (/dev/nbdN) nor an image spec"
+        ))
+    })?;
+    let found: Vec<DeviceState> = device::all_states()
+        .into_iter()
+        .filter(|s| s.pool == spec.pool && s.image == spec.name && s.snap == spec.snap)
+        .collect();
+    match found.len() {
+        0 => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("image {spec} is not mapped"),
+        )),
+        1 => {
+            let st = found.into_iter().next();
+            let idx = st.as_ref().map(|s| s.index()).transpose()?.unwrap_or(0);
+            Ok((idx, st))
+        }
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "image {spec} is mapped more than once ({}); name the device",
+                found
+                    .iter()
+                    .map(|s| s.device.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+fn kernel_disconnect(index: u32) -> Result<()> {
+    match netlink::NbdNetlink::open()? {
+        Some(mut nl) => nl.disconnect(index),
+        None => {
+            let dev = ioctl::IoctlDevice::open(&device::device_path(index))?;
+            dev.disconnect()
+        }
+    }
+}
+
+fn unmap(a: UnmapArgs) -> Result<()> {
+    let (index, st) = resolve(&a.target)?;
+    let path = device::device_path(index);
+    let configured = device::device_pid(index).is_some();
+    let pid = st
+        .as_ref()
+        .map(|s| s.pid)
+        .filter(|p| device::daemon_alive(*p));
+    if st.is_none() && !configured {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{path} is not mapped"),
+        ));
+    }
+    if st.is_none() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{path} is not mapped by rados-nbd (no {})",
+                device::state_path(index).display()
+            ),
+        ));
+    }
+    if !a.force {
+        if let Some(why) = device::busy_reason(index) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("cannot unmap {path}: {why} (unmount it first, or use --force)"),
+            ));
+        }
+    }
+    if configured {
+        kernel_disconnect(index)?;
+    }
+    if let Some(pid) = pid {
+        if !device::wait_exit(pid, Duration::from_secs(a.wait_timeout)) {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "{path} is disconnected but its daemon (pid {pid}) has not finished closing the image after {}s",
+                    a.wait_timeout
+                ),
+            ));
+        }
+    }
+    device::remove_state(index);
+    Ok(())
+}
+
+fn detach(a: DetachArgs) -> Result<()> {
+    let (index, st) = resolve(&a.target)?;
+    let path = device::device_path(index);
+    let st = st.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{path} is not mapped by rados-nbd"),
+        )
+    })?;
+    if !st.netlink {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{path} was set up with ioctls (the kernel has no nbd netlink family), so it could not be re-attached; not detaching"),
+        ));
+    }
+    if st.detached || !device::daemon_alive(st.pid) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{path} has no running daemon to detach"),
+        ));
+    }
+    // SAFETY: kill(2) with a pid we checked is our daemon.
+    if unsafe { libc::kill(st.pid as libc::pid_t, libc::SIGUSR1) } != 0 {
+        return Err(Error::io(
+            format!("signalling daemon pid {} of {path}", st.pid),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if !device::wait_exit(st.pid, Duration::from_secs(a.wait_timeout)) {
+        return Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "the daemon of {path} ({}, pid {}) did not detach within {}s",
+                st.spec_string(),
+                st.pid,
+                a.wait_timeout
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn list_mapped(a: ListMappedArgs) -> Result<()> {
+    let rows: Vec<DeviceState> = device::all_states()
+        .into_iter()
+        .filter(|s| {
+            let idx = s.index().ok();
+            device::daemon_alive(s.pid)
+                || idx
+                    .map(|i| device::device_pid(i).is_some())
+                    .unwrap_or(false)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let res = match a.format {
+        ListFormat::Json => {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "pid": if s.detached { serde_json::Value::Null } else { s.pid.into() },
+                        "pool": s.pool,
+                        "image": s.image,
+                        "snap": s.snap,
+                        "device": s.device,
+                        "store": s.store,
+                        "read_only": s.read_only,
+                        "state": if s.detached { "detached" } else { "attached" },
+                    })
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Array(v))
+        }
+        ListFormat::Plain => {
+            let mut lines =
+                vec![["pid", "pool", "image", "snap", "device", "store"].map(String::from)];
+            for s in &rows {
+                lines.push([
+                    if s.detached {
+                        "detached".into()
+                    } else {
+                        s.pid.to_string()
+                    },
+                    s.pool.clone(),
+                    s.image.clone(),
+                    s.snap.clone().unwrap_or_else(|| "-".into()),
+                    s.device.clone(),
+                    s.store.clone(),
+                ]);
+            }
+            let mut w = [0usize; 6];
+            for l in &lines {
+                for (i, c) in l.iter().enumerate() {
+                    w[i] = w[i].max(c.len());
+                }
+            }
+            let mut r = Ok(());
+            if !rows.is_empty() {
+                for l in &lines {
+                    let row: Vec<String> = l
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+                        .collect();
+                    r = r.and(writeln!(out, "{}", row.join("  ").trim_end()));
+                }
+            }
+            r
+        }
+    };
+    res.map_err(|e| Error::io("writing to stdout", e))
+}
