@@ -314,7 +314,7 @@ fn serve(
         }
         Mode::Attach { .. } => {}
     }
-    let nl = netlink::NbdNetlink::open()?;
+    let nl = open_netlink()?;
     if let Mode::Attach { index } = mode {
         let path = device::device_path(index);
         if nl.is_none() {
@@ -566,7 +566,11 @@ impl Setup<'_> {
         tracing::info!(
             "{} {} {path} ({} bytes, {} connection(s), {})",
             self.spec,
-            if attaching { "re-attached to" } else { "mapped to" },
+            if attaching {
+                "re-attached to"
+            } else {
+                "mapped to"
+            },
             info.size,
             self.connections,
             if state.netlink { "netlink" } else { "ioctl" }
@@ -651,6 +655,15 @@ impl Setup<'_> {
             },
         ))
     }
+}
+
+/// The netlink control socket, or None for the ioctl fallback: when the kernel has no `nbd`
+/// family, or when `RADOS_NBD_FORCE_IOCTL=1` asks for it (to test the fallback).
+fn open_netlink() -> Result<Option<netlink::NbdNetlink>> {
+    if std::env::var_os("RADOS_NBD_FORCE_IOCTL").is_some_and(|v| v == "1") {
+        return Ok(None);
+    }
+    netlink::NbdNetlink::open()
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {
@@ -762,7 +775,7 @@ fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
 }
 
 fn kernel_disconnect(index: u32) -> Result<()> {
-    match netlink::NbdNetlink::open()? {
+    match open_netlink()? {
         Some(mut nl) => nl.disconnect(index),
         None => {
             let dev = ioctl::IoctlDevice::open(&device::device_path(index))?;
