@@ -193,7 +193,7 @@ impl ObjectMap {
                 cur = 0;
             }
         }
-        if len % OBJS_PER_WORD != 0 {
+        if len > words.len() as u64 * OBJS_PER_WORD {
             words.push(AtomicU64::new(cur));
         }
         ObjectMap { words, len }
@@ -421,7 +421,7 @@ impl ObjectMap {
 
     /// Length in bytes of Ceph's data section for this map: 4 objects per byte.
     fn data_len(len: u64) -> u64 {
-        len / 4 + u64::from(len % 4 != 0)
+        len.div_ceil(4)
     }
 
     /// The exact bytes of the RADOS object `rbd_object_map.<id>[.<snap>]` as Ceph's
@@ -713,6 +713,7 @@ mod tests {
         m.set(5, ObjectState::Exists);
         m.set(u64::MAX, ObjectState::Exists);
         m.set_range(3..u64::MAX, ObjectState::Pending);
+        #[allow(clippy::reversed_empty_ranges)]
         m.set_range(9..7, ObjectState::Pending);
         assert_eq!(m.get(5), ObjectState::Nonexistent);
         assert_eq!(m.try_get(5), None);

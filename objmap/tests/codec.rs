@@ -117,6 +117,8 @@ fn listed_states_encode_to_real_bytes() {
 ///   0 in the most significant bits.
 fn check_layout(enc: &[u8], states: &[ObjectState]) {
     let n = states.len();
+    // BitVector<_b>::BLOCK_SIZE = 4096 in bit_vector.hpp.
+    assert_eq!(CRC_BLOCK_SIZE, 4096);
     assert_eq!(le32(enc, 0), 14);
     assert_eq!(&enc[4..10], &[1, 1, 8, 0, 0, 0]);
     assert_eq!(
