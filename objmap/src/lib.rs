@@ -385,15 +385,26 @@ impl ObjectMap {
             return out;
         }
         count_word(self.load(w0), slot_mask(k0, OBJS_PER_WORD), &mut out);
-        // Whole words: accumulate popcounts without the per-word mask and total.
+        // Whole words: accumulate popcounts without the per-word mask and total. Words of
+        // one state (the common case: fresh or fully written regions) skip the popcounts,
+        // which matters because x86-64's baseline has no popcnt instruction.
         let (mut c1, mut c2, mut c3) = (0u64, 0u64, 0u64);
         for w in &self.words[w0 + 1..w1] {
             let v = w.load(Ordering::Acquire);
+            if v == 0 {
+                continue;
+            }
             let lo = v & LOW_BITS;
             let hi = (v >> 1) & LOW_BITS;
-            c3 += (lo & hi).count_ones() as u64;
-            c1 += (lo & !hi).count_ones() as u64;
-            c2 += (hi & !lo).count_ones() as u64;
+            if v == !0 {
+                c3 += OBJS_PER_WORD;
+            } else if hi == 0 && lo == LOW_BITS {
+                c1 += OBJS_PER_WORD;
+            } else {
+                c3 += (lo & hi).count_ones() as u64;
+                c1 += (lo & !hi).count_ones() as u64;
+                c2 += (hi & !lo).count_ones() as u64;
+            }
         }
         let middle = (w1 - w0 - 1) as u64 * OBJS_PER_WORD;
         out[0] += middle - c1 - c2 - c3;
@@ -600,12 +611,21 @@ fn decode_impl(bytes: &[u8], allow_no_crc: bool) -> Result<ObjectMap, CodecError
         }
     }
 
-    let mut map = ObjectMap::new(len);
-    for (w, chunk) in map.words.iter_mut().zip(data.chunks(8)) {
+    let exact = data.chunks_exact(8);
+    let tail = exact.remainder();
+    let mut words = Vec::with_capacity(words_for(len));
+    words.extend(exact.map(|c| {
         let mut b = [0u8; 8];
-        b[..chunk.len()].copy_from_slice(chunk);
-        *w.get_mut() = u64::from_be_bytes(b);
+        b.copy_from_slice(c);
+        AtomicU64::new(u64::from_be_bytes(b))
+    }));
+    if !tail.is_empty() {
+        let mut b = [0u8; 8];
+        b[..tail.len()].copy_from_slice(tail);
+        words.push(AtomicU64::new(u64::from_be_bytes(b)));
     }
+    let mut map = ObjectMap { words, len };
+    debug_assert_eq!(map.words.len(), words_for(len));
     // Ceph keeps the padding bits of the last byte when it shrinks a map; they belong to no
     // object (and were covered by the crc above), so drop them to keep the invariant that
     // bits past len() are zero.
