@@ -5,7 +5,10 @@
 //! - `get`, `set`, `swap`, `compare_exchange`, `set_range` take `&self`: the words are
 //!   atomics, so the daemon can update the map from many requests without a global lock.
 //! - `runs(range)`, `count(range)`: fast queries that skip uniform words.
-//! - `decode(&[u8]) -> Result<ObjectMap, CodecError>`, `encode() -> Vec<u8>`.
+//! - `decode(&[u8]) -> Result<ObjectMap, CodecError>` for the raw RADOS object (crcs
+//!   required and checked), `decode_allow_no_crc` for a cls `object_map_load` reply (empty
+//!   footer allowed), `encode() -> Vec<u8>` (crcs included, as cls `object_map_save` writes).
+//!   See objmap/README.md for the on-disk format and measured figures.
 //!
 //! # Layout
 //! Each `u64` word holds 32 objects; object `32 * w` sits in the two MOST significant bits
