@@ -182,6 +182,16 @@ impl ObjectMap {
         ObjectMap { words, len }
     }
 
+    /// Like `new`, but reports a map too large to allocate (e.g. a size read from a corrupt
+    /// image header) instead of aborting.
+    pub fn try_new(len: u64) -> Result<Self, std::collections::TryReserveError> {
+        let n = usize::try_from(len.div_ceil(OBJS_PER_WORD)).unwrap_or(usize::MAX);
+        let mut words: Vec<AtomicU64> = Vec::new();
+        words.try_reserve_exact(n)?;
+        words.resize_with(n, || AtomicU64::new(0));
+        Ok(ObjectMap { words, len })
+    }
+
     /// A map holding `states` in order (object 0 first).
     pub fn from_states<I: IntoIterator<Item = ObjectState>>(states: I) -> Self {
         let mut words: Vec<AtomicU64> = Vec::new();
@@ -756,5 +766,13 @@ mod tests {
             "bits past len must stay zero"
         );
         assert_eq!(m.count(0..u64::MAX), [3, 0, 2, 0]);
+    }
+
+    #[test]
+    fn try_new_reports_absurd_sizes() {
+        assert!(ObjectMap::try_new(u64::MAX).is_err());
+        let m = ObjectMap::try_new(100).unwrap();
+        assert_eq!(m.len(), 100);
+        assert_eq!(m.count(0..100), [100, 0, 0, 0]);
     }
 }
