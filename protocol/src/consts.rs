@@ -34,10 +34,9 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_BLOCK_SIZE: u32 = 9;
-pub const OPT_LIST_META_CONTEXT: u32 = 10;
-pub const OPT_SET_META_CONTEXT: u32 = 11;
-pub const OPT_EXTENDED_HEADERS: u32 = 12;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // ---- Option reply types -------------------------------------------------------------------
 
@@ -167,10 +166,38 @@ pub fn option_name(opt: u32) -> &'static str {
         OPT_INFO => "INFO",
         OPT_GO => "GO",
         OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
-        OPT_BLOCK_SIZE => "BLOCK_SIZE",
         OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
         OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
         OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
         _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numbers as written in the spec and in libnbd's/qemu's headers; a typo here
+    /// would pass every test that uses these constants on both sides.
+    #[test]
+    fn wire_values() {
+        assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
+        assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+        assert_eq!(OPTION_REPLY_MAGIC, 0x3e889045565a9);
+        assert_eq!(
+            [
+                OPT_GO,
+                OPT_STRUCTURED_REPLY,
+                OPT_LIST_META_CONTEXT,
+                OPT_SET_META_CONTEXT
+            ],
+            [7, 8, 9, 10]
+        );
+        assert_eq!(REP_ERR_UNSUP, 0x8000_0001);
+        assert_eq!(REP_ERR_TOO_BIG, 0x8000_0009);
+        assert_eq!(FLAG_SEND_CACHE, 0x400);
+        assert_eq!(FLAG_SEND_FAST_ZERO, 0x800);
+        assert_eq!(REPLY_TYPE_ERROR, 0x8001);
+        assert_eq!(CMD_BLOCK_STATUS, 7);
     }
 }

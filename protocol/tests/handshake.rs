@@ -31,12 +31,19 @@ async fn unknown_option_then_go_still_works() {
     assert_eq!(r[0].kind, REP_ERR_UNSUP);
     assert!(!r[0].data.is_empty(), "error replies carry a message");
     // A known-but-unimplemented option too.
-    assert_eq!(c.opt(OPT_EXTENDED_HEADERS, &[]).await[0].kind, REP_ERR_UNSUP);
+    assert_eq!(
+        c.opt(OPT_EXTENDED_HEADERS, &[]).await[0].kind,
+        REP_ERR_UNSUP
+    );
     let (size, flags, _) = c.go("disk", &[]).await;
     assert_eq!(size, 3 * MIB);
     assert_ne!(flags & FLAG_HAS_FLAGS, 0);
     assert_eq!(flags & FLAG_READ_ONLY, 0);
-    assert_eq!(flags & FLAG_SEND_DF, 0, "DF is never advertised without structured replies");
+    assert_eq!(
+        flags & FLAG_SEND_DF,
+        0,
+        "DF is never advertised without structured replies"
+    );
     // Transmission works: a read of an unwritten area is zeros.
     c.request(0, CMD_READ, 1, 0, 512).await;
     assert_eq!(c.simple().await, (0, 1));
@@ -83,11 +90,23 @@ async fn list_and_info_with_block_size() {
     assert_eq!(c.opt(OPT_LIST, b"junk").await[0].kind, REP_ERR_INVALID);
 
     let r = c
-        .opt(OPT_INFO, &go_data("second", &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION, 77]))
+        .opt(
+            OPT_INFO,
+            &go_data(
+                "second",
+                &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION, 77],
+            ),
+        )
         .await;
-    let find = |t: u16| r.iter().find(|x| x.kind == REP_INFO && x.data[..2] == t.to_be_bytes());
+    let find = |t: u16| {
+        r.iter()
+            .find(|x| x.kind == REP_INFO && x.data[..2] == t.to_be_bytes())
+    };
     let ex = find(INFO_EXPORT).expect("export info");
-    assert_eq!(u64::from_be_bytes(ex.data[2..10].try_into().unwrap()), 2 * MIB);
+    assert_eq!(
+        u64::from_be_bytes(ex.data[2..10].try_into().unwrap()),
+        2 * MIB
+    );
     let bs = find(INFO_BLOCK_SIZE).expect("block size info");
     assert_eq!(bs.data.len(), 14);
     let min = u32::from_be_bytes(bs.data[2..6].try_into().unwrap());
@@ -95,7 +114,10 @@ async fn list_and_info_with_block_size() {
     let max = u32::from_be_bytes(bs.data[10..14].try_into().unwrap());
     assert_eq!((min, pref, max), (1, 4096, 32 * 1024 * 1024));
     assert_eq!(&find(INFO_NAME).expect("name").data[2..], b"second");
-    assert_eq!(&find(INFO_DESCRIPTION).expect("description").data[2..], b"export second");
+    assert_eq!(
+        &find(INFO_DESCRIPTION).expect("description").data[2..],
+        b"export second"
+    );
     assert_eq!(r.last().unwrap().kind, REP_ACK);
 
     // INFO without asking for block sizes does not volunteer them.
@@ -103,10 +125,19 @@ async fn list_and_info_with_block_size() {
     assert_eq!(r.len(), 2);
 
     // Unknown export: ERR_UNKNOWN and the session goes on.
-    assert_eq!(c.opt(OPT_INFO, &go_data("nope", &[])).await[0].kind, REP_ERR_UNKNOWN);
-    assert_eq!(c.opt(OPT_GO, &go_data("nope", &[])).await[0].kind, REP_ERR_UNKNOWN);
+    assert_eq!(
+        c.opt(OPT_INFO, &go_data("nope", &[])).await[0].kind,
+        REP_ERR_UNKNOWN
+    );
+    assert_eq!(
+        c.opt(OPT_GO, &go_data("nope", &[])).await[0].kind,
+        REP_ERR_UNKNOWN
+    );
     // Malformed GO: ERR_INVALID.
-    assert_eq!(c.opt(OPT_GO, &[0, 0, 0, 9, b'x']).await[0].kind, REP_ERR_INVALID);
+    assert_eq!(
+        c.opt(OPT_GO, &[0, 0, 0, 9, b'x']).await[0].kind,
+        REP_ERR_INVALID
+    );
     // The empty name is the default (first) export.
     let (size, _, _) = c.go("", &[]).await;
     assert_eq!(size, MIB);
@@ -137,7 +168,9 @@ async fn oversized_option_is_too_big_and_absurd_closes() {
     h.extend_from_slice(&IHAVEOPT.to_be_bytes());
     h.extend_from_slice(&OPT_GO.to_be_bytes());
     h.extend_from_slice(&u32::MAX.to_be_bytes());
-    tokio::io::AsyncWriteExt::write_all(&mut c.s, &h).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut c.s, &h)
+        .await
+        .unwrap();
     assert!(c.at_eof().await);
     assert!(srv.finish().await.is_err());
 }
@@ -177,7 +210,9 @@ async fn export_name_unknown_closes() {
 async fn bad_option_magic_and_client_flags_close() {
     let (mut c, srv) = start(one(MIB), ServerOptions::default(), 1 << 16);
     c.greet(FLAG_C_FIXED_NEWSTYLE).await;
-    tokio::io::AsyncWriteExt::write_all(&mut c.s, &[0xAB; 16]).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut c.s, &[0xAB; 16])
+        .await
+        .unwrap();
     assert!(c.at_eof().await);
     assert!(srv.finish().await.is_err());
 
@@ -203,10 +238,20 @@ async fn meta_contexts() {
         assert_eq!(r[1].kind, REP_ACK);
     }
     // A query for someone else's namespace finds nothing: just ACK.
-    let r = c.opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &["qemu:dirty-bitmap:x"])).await;
+    let r = c
+        .opt(
+            OPT_LIST_META_CONTEXT,
+            &meta_data("disk", &["qemu:dirty-bitmap:x"]),
+        )
+        .await;
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].kind, REP_ACK);
-    let r = c.opt(OPT_SET_META_CONTEXT, &meta_data("nope", &["base:allocation"])).await;
+    let r = c
+        .opt(
+            OPT_SET_META_CONTEXT,
+            &meta_data("nope", &["base:allocation"]),
+        )
+        .await;
     assert_eq!(r[0].kind, REP_ERR_UNKNOWN);
     let r = c.opt(OPT_SET_META_CONTEXT, &[1, 2, 3]).await;
     assert_eq!(r[0].kind, REP_ERR_INVALID);

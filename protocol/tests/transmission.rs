@@ -11,7 +11,12 @@ use tokio::sync::watch;
 
 const MIB: u64 = 1 << 20;
 
-fn one(b: MemoryBackend) -> (Arc<MemoryBackend>, Arc<nbd_protocol::Exports<MemoryBackend>>) {
+fn one(
+    b: MemoryBackend,
+) -> (
+    Arc<MemoryBackend>,
+    Arc<nbd_protocol::Exports<MemoryBackend>>,
+) {
     let b = Arc::new(b);
     (b.clone(), exports(vec![("disk", b)]))
 }
@@ -28,8 +33,15 @@ async fn write_read_roundtrip_and_errors_keep_connection() {
     let (mut c, srv) = start(ex, ServerOptions::default(), 1 << 16);
     let (size, flags) = c.connect_simple().await;
     assert_eq!(size, MIB);
-    for bit in [FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES,
-                FLAG_SEND_CACHE, FLAG_SEND_FAST_ZERO, FLAG_CAN_MULTI_CONN] {
+    for bit in [
+        FLAG_SEND_FLUSH,
+        FLAG_SEND_FUA,
+        FLAG_SEND_TRIM,
+        FLAG_SEND_WRITE_ZEROES,
+        FLAG_SEND_CACHE,
+        FLAG_SEND_FAST_ZERO,
+        FLAG_CAN_MULTI_CONN,
+    ] {
         assert_ne!(flags & bit, 0, "flag {bit:#x}");
     }
 
@@ -55,7 +67,11 @@ async fn write_read_roundtrip_and_errors_keep_connection() {
     assert_eq!(c.simple().await, (EINVAL, 7));
     c.write(CMD_FLAG_NO_HOLE, 8, 0, b"abcd").await;
     assert_eq!(c.simple().await, (EINVAL, 8));
-    assert_eq!(b.snapshot(0, 4), vec![0; 4], "a rejected write must not be applied");
+    assert_eq!(
+        b.snapshot(0, 4),
+        vec![0; 4],
+        "a rejected write must not be applied"
+    );
     // Unknown command, then a good read still works.
     c.request(0, 42, 9, 0, 0).await;
     assert_eq!(c.simple().await, (EINVAL, 9));
@@ -71,7 +87,14 @@ async fn write_read_roundtrip_and_errors_keep_connection() {
     assert_eq!(b.flushes.load(Ordering::SeqCst), 1);
     c.request(0, CMD_FLUSH, 13, 1, 0).await;
     assert_eq!(c.simple().await, (EINVAL, 13));
-    c.request(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 14, 4000, 100).await;
+    c.request(
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_WRITE_ZEROES,
+        14,
+        4000,
+        100,
+    )
+    .await;
     assert_eq!(c.simple().await, (0, 14));
     assert_eq!(b.snapshot(4000, 100), vec![0; 100]);
     c.request(0, CMD_TRIM, 15, 0, MIB as u32).await;
@@ -140,28 +163,43 @@ async fn structured_reads_with_holes_and_df() {
 
     c.request(0, CMD_READ, 2, 0, 3 * 65536).await;
     let h1 = c.chunk().await;
-    assert_eq!((h1.kind, h1.flags, h1.handle), (REPLY_TYPE_OFFSET_HOLE, 0, 2));
+    assert_eq!(
+        (h1.kind, h1.flags, h1.handle),
+        (REPLY_TYPE_OFFSET_HOLE, 0, 2)
+    );
     assert_eq!(u64::from_be_bytes(h1.data[..8].try_into().unwrap()), 0);
-    assert_eq!(u32::from_be_bytes(h1.data[8..12].try_into().unwrap()), 65536);
+    assert_eq!(
+        u32::from_be_bytes(h1.data[8..12].try_into().unwrap()),
+        65536
+    );
     let d = c.chunk().await;
     assert_eq!((d.kind, d.flags), (REPLY_TYPE_OFFSET_DATA, 0));
     assert_eq!(u64::from_be_bytes(d.data[..8].try_into().unwrap()), 65536);
     assert_eq!(&d.data[8..], &data[..]);
     let h2 = c.chunk().await;
-    assert_eq!((h2.kind, h2.flags), (REPLY_TYPE_OFFSET_HOLE, REPLY_FLAG_DONE));
+    assert_eq!(
+        (h2.kind, h2.flags),
+        (REPLY_TYPE_OFFSET_HOLE, REPLY_FLAG_DONE)
+    );
     assert_eq!(u64::from_be_bytes(h2.data[..8].try_into().unwrap()), 131072);
 
     // DF: a single OFFSET_DATA chunk with the holes as zeros.
     c.request(CMD_FLAG_DF, CMD_READ, 3, 65536 - 10, 20).await;
     let one = c.chunk().await;
-    assert_eq!((one.kind, one.flags), (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE));
+    assert_eq!(
+        (one.kind, one.flags),
+        (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE)
+    );
     assert_eq!(&one.data[8..18], &[0u8; 10]);
     assert_eq!(&one.data[18..], &data[..10]);
 
     // Errors are structured, with a message, for reads and others alike.
     c.request(0, CMD_READ, 4, MIB, 1).await;
     let e = c.chunk().await;
-    assert_eq!((e.kind, e.flags, e.handle), (REPLY_TYPE_ERROR, REPLY_FLAG_DONE, 4));
+    assert_eq!(
+        (e.kind, e.flags, e.handle),
+        (REPLY_TYPE_ERROR, REPLY_FLAG_DONE, 4)
+    );
     assert_eq!(u32::from_be_bytes(e.data[..4].try_into().unwrap()), EINVAL);
     let mlen = u16::from_be_bytes(e.data[4..6].try_into().unwrap()) as usize;
     assert!(mlen > 0 && e.data.len() == 6 + mlen);
@@ -201,14 +239,18 @@ async fn block_status_merges_trims_and_req_one() {
 
     c.request(0, CMD_BLOCK_STATUS, 2, 0, MIB as u32).await;
     let d = descriptors(&c.chunk().await);
-    assert_eq!(d, vec![(131072, HZ), (131072, 0), (MIB as u32 - 262144, HZ)]);
+    assert_eq!(
+        d,
+        vec![(131072, HZ), (131072, 0), (MIB as u32 - 262144, HZ)]
+    );
 
     // Unaligned start and end: clipped to the request.
     c.request(0, CMD_BLOCK_STATUS, 3, 100, 131072).await;
     let d = descriptors(&c.chunk().await);
     assert_eq!(d, vec![(131072 - 100, HZ), (100, 0)]);
 
-    c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4, 0, MIB as u32).await;
+    c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4, 0, MIB as u32)
+        .await;
     let d = descriptors(&c.chunk().await);
     assert_eq!(d, vec![(131072, HZ)]);
 
@@ -260,7 +302,11 @@ async fn many_requests_run_concurrently() {
     for _ in 0..32 {
         assert_eq!(c.simple().await.0, 0);
     }
-    assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(b.writes_done.load(Ordering::SeqCst), 32);
     c.request(0, CMD_DISC, 0, 0, 0).await;
     srv.finish().await.unwrap();
@@ -307,7 +353,10 @@ async fn bad_request_magic_closes() {
 #[tokio::test]
 async fn client_that_never_reads_replies_is_throttled() {
     let (b, ex) = one(MemoryBackend::new(64 * MIB));
-    let opts = ServerOptions { max_in_flight: 128, max_buffered_bytes: 4 << 20 };
+    let opts = ServerOptions {
+        max_in_flight: 128,
+        max_buffered_bytes: 4 << 20,
+    };
     let (mut c, srv) = start(ex, opts, 64 * 1024);
     c.connect_simple().await;
     // Ask for 1 MiB reads forever and read nothing back. The server may only hold 4 MiB
@@ -326,7 +375,10 @@ async fn client_that_never_reads_replies_is_throttled() {
             Err(_) => break,
         }
         sent += 1;
-        assert!(sent < 100_000, "server kept reading requests it cannot answer");
+        assert!(
+            sent < 100_000,
+            "server kept reading requests it cannot answer"
+        );
     }
     let started = b.reads_started.load(Ordering::SeqCst);
     // 4 MiB budget / 1 MiB reads, plus the one the writer is part-way through sending.
@@ -363,7 +415,12 @@ async fn transmission_only_for_the_kernel() {
     assert_eq!(flags & FLAG_SEND_DF, 0);
     let (a, s) = tokio::io::duplex(1 << 20);
     let (_tx, rx) = watch::channel(false);
-    let task = tokio::spawn(serve_transmission(s, b.clone(), ServerOptions::default(), rx));
+    let task = tokio::spawn(serve_transmission(
+        s,
+        b.clone(),
+        ServerOptions::default(),
+        rx,
+    ));
     let mut c = Client { s: a };
     // No greeting: the first bytes are ours.
     c.write(CMD_FLAG_FUA, 1, 512, b"kernel").await;
@@ -375,6 +432,10 @@ async fn transmission_only_for_the_kernel() {
     assert_eq!(c.simple().await, (EINVAL, 4));
     c.request(0, CMD_DISC, 5, 0, 0).await;
     assert!(c.at_eof().await);
-    tokio::time::timeout(T, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(b.snapshot(512, 6), b"kernel");
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use nbd_protocol::consts::*;
-use nbd_protocol::{serve_connection, Export, Exports, MemoryBackend, ProtocolError, ServerOptions};
+use nbd_protocol::{
+    serve_connection, Export, Exports, MemoryBackend, ProtocolError, ServerOptions,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -71,23 +73,38 @@ pub struct Chunk {
 
 impl Client {
     pub async fn u16(&mut self) -> u16 {
-        tokio::time::timeout(T, self.s.read_u16()).await.expect("timeout").expect("read")
+        tokio::time::timeout(T, self.s.read_u16())
+            .await
+            .expect("timeout")
+            .expect("read")
     }
     pub async fn u32(&mut self) -> u32 {
-        tokio::time::timeout(T, self.s.read_u32()).await.expect("timeout").expect("read")
+        tokio::time::timeout(T, self.s.read_u32())
+            .await
+            .expect("timeout")
+            .expect("read")
     }
     pub async fn u64(&mut self) -> u64 {
-        tokio::time::timeout(T, self.s.read_u64()).await.expect("timeout").expect("read")
+        tokio::time::timeout(T, self.s.read_u64())
+            .await
+            .expect("timeout")
+            .expect("read")
     }
     pub async fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
-        tokio::time::timeout(T, self.s.read_exact(&mut v)).await.expect("timeout").expect("read");
+        tokio::time::timeout(T, self.s.read_exact(&mut v))
+            .await
+            .expect("timeout")
+            .expect("read");
         v
     }
     /// True when the server has closed its side (EOF) within the timeout.
     pub async fn at_eof(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(tokio::time::timeout(T, self.s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(T, self.s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 
     /// Reads the greeting and sends client flags.
@@ -138,7 +155,8 @@ impl Client {
     }
 
     pub async fn set_meta(&mut self, export: &str, queries: &[&str]) -> Vec<OptReply> {
-        self.opt(OPT_SET_META_CONTEXT, &meta_data(export, queries)).await
+        self.opt(OPT_SET_META_CONTEXT, &meta_data(export, queries))
+            .await
     }
 
     /// GO; returns (size, transmission flags, all replies).
@@ -155,12 +173,19 @@ impl Client {
     }
 
     pub async fn request(&mut self, flags: u16, cmd: u16, handle: u64, offset: u64, length: u32) {
-        let h = nbd_protocol::request::RequestHeader { flags, command: cmd, handle, offset, length };
+        let h = nbd_protocol::request::RequestHeader {
+            flags,
+            command: cmd,
+            handle,
+            offset,
+            length,
+        };
         self.s.write_all(&h.encode()).await.unwrap();
     }
 
     pub async fn write(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8]) {
-        self.request(flags, CMD_WRITE, handle, offset, data.len() as u32).await;
+        self.request(flags, CMD_WRITE, handle, offset, data.len() as u32)
+            .await;
         self.s.write_all(data).await.unwrap();
     }
 
@@ -179,7 +204,12 @@ impl Client {
         let handle = self.u64().await;
         let len = self.u32().await as usize;
         let data = self.bytes(len).await;
-        Chunk { flags, kind, handle, data }
+        Chunk {
+            flags,
+            kind,
+            handle,
+            data,
+        }
     }
 
     /// Reads the next reply of either kind, whichever magic comes: (handle, error, chunks).
@@ -196,7 +226,11 @@ impl Client {
         let handle = self.u64().await;
         let len = self.u32().await as usize;
         let data = self.bytes(len).await;
-        assert_ne!(flags & REPLY_FLAG_DONE, 0, "multi-chunk replies not expected here");
+        assert_ne!(
+            flags & REPLY_FLAG_DONE,
+            0,
+            "multi-chunk replies not expected here"
+        );
         let err = if kind & (1 << 15) != 0 {
             u32::from_be_bytes(data[..4].try_into().unwrap())
         } else {
@@ -246,5 +280,7 @@ pub fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
