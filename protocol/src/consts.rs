@@ -138,6 +138,9 @@ pub const MAX_STRING_LEN: usize = 4096;
 /// The largest payload a client may send with a request, or ask for in a read, when the
 /// export does not state one: what qemu and nbdkit use, large enough for any real client.
 pub const DEFAULT_MAX_BLOCK: u32 = 32 * 1024 * 1024;
+/// The largest payload limit we ever advertise, whatever a backend asks for: one request
+/// is buffered whole, and a chunk's 32-bit length must still fit the data plus its offset.
+pub const MAX_BLOCK_CAP: u32 = 1 << 30;
 pub const DEFAULT_PREFERRED_BLOCK: u32 = 4096;
 /// Reads of up to this many bytes must be honoured unfragmented (NBD_CMD_FLAG_DF).
 pub const MIN_DF_SUPPORT: u32 = 65536;

@@ -93,7 +93,7 @@ pub(crate) fn block_sizes(info: &ExportInfo) -> (u32, u32, u32) {
     let mut max = if info.max_block == 0 {
         DEFAULT_MAX_BLOCK
     } else {
-        info.max_block
+        info.max_block.min(MAX_BLOCK_CAP)
     };
     max -= max % min;
     (min, preferred, max.max(min))
@@ -629,6 +629,8 @@ mod tests {
         i.min_block = 512;
         i.max_block = 1000;
         assert_eq!(block_sizes(&i), (512, 4096, 512));
+        i.max_block = u32::MAX;
+        assert_eq!(block_sizes(&i), (512, 4096, MAX_BLOCK_CAP));
     }
 
     #[test]

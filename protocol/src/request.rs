@@ -255,6 +255,11 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Rejection> {
             ),
         ));
     }
+    // The spec's own example of EOVERFLOW: an unfragmented read too large for one chunk.
+    // Unreachable with the payload cap in place, kept so the guarantee does not rest on it.
+    if df && h.length > u32::MAX - 8 {
+        return Err(reject(EOVERFLOW, "READ: too large to send unfragmented"));
+    }
     if h.command == CMD_BLOCK_STATUS && h.length == 0 {
         return Err(reject(EINVAL, "BLOCK_STATUS: length must not be zero"));
     }
@@ -409,6 +414,13 @@ mod tests {
         assert_eq!(err(hdr(CMD_READ, 0, 0, 65537), &s), EINVAL);
         assert_eq!(err(hdr(CMD_FLUSH, 0, 1, 0), &s), EINVAL);
         assert_eq!(err(hdr(CMD_BLOCK_STATUS, 0, 0, 0), &s), EINVAL);
+        let mut huge = session();
+        huge.size = u64::MAX;
+        huge.max_block = u32::MAX;
+        assert_eq!(
+            err(hdr(CMD_READ, CMD_FLAG_DF, 0, u32::MAX), &huge),
+            EOVERFLOW
+        );
         // TRIM is not bounded by the payload limit, only by the export.
         assert!(validate(&hdr(CMD_TRIM, 0, 0, 1 << 20), &s).is_ok());
     }

@@ -15,7 +15,9 @@ use crate::server::ServerOptions;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
@@ -47,7 +49,7 @@ enum Stop {
 }
 
 pub(crate) async fn run<R, W, B>(
-    mut rd: R,
+    mut rd: BufReader<R>,
     wr: W,
     backend: Arc<B>,
     session: Session,
@@ -85,9 +87,18 @@ where
             _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
         };
         let mut hb = [0u8; REQUEST_HEADER_LEN];
-        let outcome = tokio::select! {
-            r = read_exact_or_shutdown(&mut rd, &mut hb, &mut shutdown, None) => r,
-            _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+        // Pipelining clients usually leave whole headers in the read buffer: take them
+        // without setting up the shutdown-aware read. Shutdown is still noticed at the
+        // slot acquisition above, once per request.
+        let outcome = if rd.buffer().len() >= REQUEST_HEADER_LEN {
+            hb.copy_from_slice(&rd.buffer()[..REQUEST_HEADER_LEN]);
+            rd.consume(REQUEST_HEADER_LEN);
+            Ok(ReadOutcome::Done)
+        } else {
+            tokio::select! {
+                r = read_exact_or_shutdown(&mut rd, &mut hb, &mut shutdown, None) => r,
+                _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+            }
         };
         match outcome {
             Ok(ReadOutcome::Done) => {}
@@ -184,15 +195,14 @@ where
 
         let mut payload = Bytes::new();
         if let Command::Write { length, .. } = cmd {
-            let mut buf = BytesMut::zeroed(length as usize);
             let r = tokio::select! {
-                r = rd.read_exact(&mut buf) => r,
+                r = read_payload(&mut rd, length as usize) => r,
                 // A write cut off by shutdown was never acknowledged; dropping it is safe.
                 _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
                 _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
             };
             match r {
-                Ok(_) => payload = buf.freeze(),
+                Ok(buf) => payload = buf,
                 Err(e) if is_disconnect(&e) => {
                     debug!(
                         handle = h.handle,
@@ -214,13 +224,14 @@ where
         let structured = session.structured_replies;
         let handle = h.handle;
         tokio::spawn(async move {
-            let pieces = execute(&*backend, cmd, handle, payload, structured).await;
-            // If the writer is gone the client is gone; the work is done either way.
-            let _ = tx.send(Outgoing {
+            let guard = ReplyGuard {
+                tx: Some(tx),
                 handle,
-                pieces,
-                _permits: permits,
-            });
+                structured,
+                permits: Some(permits),
+            };
+            let pieces = execute(&*backend, cmd, handle, payload, structured).await;
+            guard.send(pieces);
             drop(done);
         });
     };
@@ -241,6 +252,70 @@ where
     match stop {
         Stop::Fatal(e) => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Reads exactly `len` payload bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        // `take` keeps a roomy buffer from swallowing the next request's header.
+        let want = (len - buf.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "peer closed the connection {} bytes into a {len}-byte payload",
+                    buf.len()
+                ),
+            ));
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Makes sure every request that started gets a reply. If the backend panics, the task
+/// unwinds through this guard, which answers EIO instead of leaving the client waiting
+/// forever for a handle that will never come back.
+struct ReplyGuard {
+    tx: Option<mpsc::UnboundedSender<Outgoing>>,
+    handle: u64,
+    structured: bool,
+    permits: Option<Permits>,
+}
+
+impl ReplyGuard {
+    fn send(mut self, pieces: Pieces) {
+        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+            // If the writer is gone the client is gone; the work is done either way.
+            let _ = tx.send(Outgoing {
+                handle: self.handle,
+                pieces,
+                _permits: permits,
+            });
+        }
+    }
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+            warn!(
+                handle = self.handle,
+                "request ended without a reply (backend panic?); answering EIO"
+            );
+            let pieces = reply::error_reply(
+                self.handle,
+                self.structured,
+                EIO,
+                "internal server error while handling the request",
+            );
+            let _ = tx.send(Outgoing {
+                handle: self.handle,
+                pieces,
+                _permits: permits,
+            });
+        }
     }
 }
 
