@@ -76,3 +76,11 @@ pub(crate) async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Resu
     }
     Ok(())
 }
+
+/// Resolves once the watched flag is true. A dropped sender means nobody can ever raise
+/// it, so that waits forever instead of being mistaken for a signal.
+pub(crate) async fn raised(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

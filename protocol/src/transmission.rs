@@ -8,7 +8,7 @@
 use crate::backend::{Backend, BackendError, Errno, ZeroFlags};
 use crate::consts::*;
 use crate::error::{is_disconnect, ProtocolError};
-use crate::io::{discard, read_exact_or_shutdown, ReadOutcome};
+use crate::io::{discard, raised, read_exact_or_shutdown, ReadOutcome};
 use crate::reply::{self, Pieces};
 use crate::request::{validate, Command, RequestHeader, Session};
 use crate::server::ServerOptions;
@@ -79,12 +79,15 @@ where
         // A slot is taken before the header is read, so even a stream of requests that
         // are all rejected is bounded by the replies the client has not read.
         let slot = tokio::select! {
+            // Checked first: with a slot free and shutdown raised, stop rather than take
+            // one more request half of the time.
+            biased;
+            _ = raised(&mut shutdown) => break Stop::Shutdown,
+            _ = raised(&mut dead_rx) => break Stop::WriterFailed,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break Stop::Shutdown,
             },
-            _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
-            _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
         };
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         // Pipelining clients usually leave whole headers in the read buffer: take them
@@ -97,7 +100,7 @@ where
         } else {
             tokio::select! {
                 r = read_exact_or_shutdown(&mut rd, &mut hb, &mut shutdown, None) => r,
-                _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
             }
         };
         match outcome {
@@ -141,8 +144,8 @@ where
                 if h.command == CMD_WRITE && h.length > 0 {
                     let r = tokio::select! {
                         r = discard(&mut rd, u64::from(h.length)) => r,
-                        _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
-                        _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+                        _ = raised(&mut shutdown) => break Stop::Shutdown,
+                        _ = raised(&mut dead_rx) => break Stop::WriterFailed,
                     };
                     if let Err(e) = r {
                         break if is_disconnect(&e) {
@@ -182,8 +185,8 @@ where
         let byte_permit = if cost > 0 {
             let p = tokio::select! {
                 p = bytes.clone().acquire_many_owned(cost as u32) => p,
-                _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
-                _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+                _ = raised(&mut shutdown) => break Stop::Shutdown,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
             };
             match p {
                 Ok(p) => Some(p),
@@ -198,8 +201,8 @@ where
             let r = tokio::select! {
                 r = read_payload(&mut rd, length as usize) => r,
                 // A write cut off by shutdown was never acknowledged; dropping it is safe.
-                _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
-                _ = dead_rx.wait_for(|d| *d) => break Stop::WriterFailed,
+                _ = raised(&mut shutdown) => break Stop::Shutdown,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
             };
             match r {
                 Ok(buf) => payload = buf,

@@ -439,3 +439,57 @@ async fn transmission_only_for_the_kernel() {
         .unwrap();
     assert_eq!(b.snapshot(512, 6), b"kernel");
 }
+
+#[tokio::test]
+async fn dropped_shutdown_sender_is_not_a_signal() {
+    let b = Arc::new(MemoryBackend::new(MIB));
+    let (a, s) = tokio::io::duplex(1 << 20);
+    let (tx, rx) = watch::channel(false);
+    drop(tx);
+    let task = tokio::spawn(serve_transmission(
+        s,
+        b.clone(),
+        ServerOptions::default(),
+        rx,
+    ));
+    let mut c = Client { s: a };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write(0, 1, 0, b"still here").await;
+    assert_eq!(c.simple().await, (0, 1));
+    c.request(0, CMD_DISC, 2, 0, 0).await;
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.snapshot(0, 10), b"still here");
+}
+
+#[tokio::test]
+async fn shutdown_stops_reading_pipelined_requests() {
+    // Requests already in the server's read buffer when shutdown is raised are not
+    // started: only what was in flight is finished.
+    let (b, ex) = one(MemoryBackend::new(MIB).write_delay(Duration::from_millis(300)));
+    let opts = ServerOptions {
+        max_in_flight: 1,
+        max_buffered_bytes: 1 << 20,
+    };
+    let (mut c, srv) = start(ex, opts, 1 << 20);
+    c.connect_simple().await;
+    for i in 0..50u64 {
+        c.write(0, i, i * 512, &[1u8; 512]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    srv.shutdown.send(true).unwrap();
+    let mut answered = 0;
+    while !c.at_eof_or_reply().await {
+        answered += 1;
+    }
+    srv.finish().await.unwrap();
+    let done = b.writes_done.load(Ordering::SeqCst);
+    assert_eq!(done, answered, "every write that ran was answered");
+    assert!(
+        (1..=2).contains(&done),
+        "{done} writes ran after shutdown with one slot"
+    );
+}

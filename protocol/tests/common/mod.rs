@@ -107,6 +107,23 @@ impl Client {
         )
     }
 
+    /// Reads one simple reply (true) or sees the server close (false); errors in the reply fail.
+    pub async fn at_eof_or_reply(&mut self) -> bool {
+        let mut m = [0u8; 4];
+        match tokio::time::timeout(T, self.s.read_exact(&mut m))
+            .await
+            .expect("timeout")
+        {
+            Err(_) => true,
+            Ok(_) => {
+                assert_eq!(u32::from_be_bytes(m), SIMPLE_REPLY_MAGIC);
+                assert_eq!(self.u32().await, 0);
+                self.u64().await;
+                false
+            }
+        }
+    }
+
     /// Reads the greeting and sends client flags.
     pub async fn greet(&mut self, client_flags: u32) -> u16 {
         assert_eq!(self.u64().await, NBDMAGIC);
