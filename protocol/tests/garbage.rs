@@ -32,7 +32,7 @@ fn junk_options(r: &mut Rng) -> Vec<u8> {
         v.extend_from_slice(&len.to_be_bytes());
         v.extend(r.bytes(len as usize));
     }
-    if r.next() % 2 == 0 {
+    if r.next().is_multiple_of(2) {
         let n = (r.next() % 64) as usize;
         v.extend(r.bytes(n));
     }
@@ -51,7 +51,7 @@ fn junk_requests(r: &mut Rng) -> Vec<u8> {
             flags: (r.next() % 64) as u16,
             command: cmd,
             handle: r.next(),
-            offset: if r.next() % 4 == 0 {
+            offset: if r.next().is_multiple_of(4) {
                 r.next()
             } else {
                 r.next() % (1 << 20)
@@ -63,7 +63,7 @@ fn junk_requests(r: &mut Rng) -> Vec<u8> {
             v.extend(r.bytes(len as usize));
         }
     }
-    if r.next() % 2 == 0 {
+    if r.next().is_multiple_of(2) {
         let n = (r.next() % 64) as usize;
         v.extend(r.bytes(n));
     }
@@ -91,7 +91,7 @@ async fn handshake_garbage() {
         let junk = junk_options(&mut r);
         c.s.write_all(&junk).await.unwrap();
         // Half the time leave; half the time close our write side and read to the end.
-        if r.next() % 2 == 0 {
+        if r.next().is_multiple_of(2) {
             drop(c);
         } else {
             c.s.shutdown().await.unwrap();
