@@ -61,7 +61,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let max_in_flight = opts.max_in_flight.max(1);
+    // Semaphore::new panics above MAX_PERMITS; no real setting gets near it.
+    let max_in_flight = opts.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
     // acquire_many takes u32; one request never needs more than its own length.
     let max_bytes = opts.max_buffered_bytes.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max_in_flight));

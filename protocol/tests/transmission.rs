@@ -493,3 +493,19 @@ async fn shutdown_stops_reading_pipelined_requests() {
         "{done} writes ran after shutdown with one slot"
     );
 }
+
+#[tokio::test]
+async fn absurd_options_are_clamped_not_fatal() {
+    let (_b, ex) = one(MemoryBackend::new(MIB));
+    let opts = ServerOptions {
+        max_in_flight: usize::MAX,
+        max_buffered_bytes: 0,
+    };
+    let (mut c, srv) = start(ex, opts, 1 << 16);
+    c.connect_simple().await;
+    c.write(0, 1, 0, b"ok").await;
+    assert_eq!(c.simple().await, (0, 1));
+    assert_eq!(read_ok(&mut c, 2, 0, 2).await, b"ok");
+    c.request(0, CMD_DISC, 0, 0, 0).await;
+    srv.finish().await.unwrap();
+}
