@@ -1,4 +1,5 @@
-//! The server against real NBD clients from Debian (libnbd's nbdinfo/nbdsh/nbdcopy, qemu-img),
+//! The server against real NBD clients from Debian (libnbd's nbdinfo/nbdsh/nbdcopy, qemu-img,
+//! fio's nbd engine),
 //! through `examples/memserver.rs` on a unix socket. A missing tool skips its part with a
 //! message rather than failing: these are interoperability checks, the raw-bytes tests
 //! cover the protocol itself.
@@ -223,6 +224,31 @@ fn real_clients() {
             .args(["compare", "-f", "raw", "-F", "raw"])
             .arg(&src)
             .arg(&uri));
+    }
+
+    if let Some(fio) = tool("fio") {
+        // QD 32 random reads and writes with checksums: many requests in flight, replies
+        // out of order, every block verified.
+        let out = text(&run(Command::new(&fio)
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                "--rw=randrw",
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=16M",
+                "--offset=32M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--output-format=terse",
+            ])
+            .arg(format!("--uri={uri}"))));
+        // Terse format: field 5 is the job's error code.
+        let fields: Vec<&str> = out.trim().split(';').collect();
+        assert!(
+            fields.len() > 5 && fields[4] == "0",
+            "fio reported an error: {out}"
+        );
     }
 
     assert!(srv.stop(), "memserver did not exit cleanly on SIGTERM");
