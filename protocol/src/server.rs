@@ -6,6 +6,7 @@ use crate::handshake::{self, block_sizes, flags_for, Outcome};
 use crate::request::Session;
 use crate::transmission;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -13,6 +14,10 @@ use tracing::{debug, info};
 /// Read-side buffer: lets a burst of small pipelined requests cost one syscall, while
 /// large write payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
+/// A client gets this long from connecting to entering transmission. Without a bound, idle
+/// or trickling connections could pile up forever; qemu-nbd uses 10 s, real clients need
+/// milliseconds.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Export<B: Backend> {
     pub name: String,
@@ -67,17 +72,25 @@ where
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let neg = match handshake::handshake(&mut rd, &mut wr, &exports, &mut shutdown).await {
-        Ok(Outcome::Transmission(n)) => n,
-        Ok(Outcome::Closed) => {
+    let hs = handshake::handshake(&mut rd, &mut wr, &exports, &mut shutdown);
+    let neg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+        Err(_) => {
+            info!(
+                "client did not finish the handshake within {:?}; closing",
+                HANDSHAKE_TIMEOUT
+            );
+            return Ok(());
+        }
+        Ok(Ok(Outcome::Transmission(n))) => n,
+        Ok(Ok(Outcome::Closed)) => {
             debug!("connection closed during handshake");
             return Ok(());
         }
-        Err(ProtocolError::Io(e)) if crate::error::is_disconnect(&e) => {
+        Ok(Err(ProtocolError::Io(e))) if crate::error::is_disconnect(&e) => {
             debug!("client left during handshake: {e}");
             return Ok(());
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             info!("handshake failed: {e}");
             return Err(e);
         }

@@ -289,3 +289,18 @@ async fn client_leaving_mid_handshake_is_quiet() {
     drop(c);
     srv.finish().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_handshake_times_out() {
+    let (mut c, srv) = start(one(MIB), ServerOptions::default(), 1 << 16);
+    c.greet(FLAG_C_FIXED_NEWSTYLE).await;
+    // Send nothing more. With time paused, the runtime jumps to the server's deadline.
+    let t0 = tokio::time::Instant::now();
+    srv.task.await.unwrap().unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= nbd_protocol::server::HANDSHAKE_TIMEOUT,
+        "closed after {waited:?}"
+    );
+    assert!(c.at_eof().await);
+}
