@@ -241,7 +241,10 @@ fn real_clients() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--output-format=terse",
+                // No verify-state file left behind in the working directory.
+                "--verify_state_save=0",
             ])
+            .current_dir(srv.socket.parent().unwrap())
             .arg(format!("--uri={uri}"))));
         // Terse format: field 5 is the job's error code.
         let fields: Vec<&str> = out.trim().split(';').collect();
