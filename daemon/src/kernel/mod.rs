@@ -424,7 +424,7 @@ impl Setup<'_> {
         ready: &mut Option<ReadyPipe>,
     ) -> Result<(u32, Ending)> {
         let attaching = matches!(mode, Mode::Attach { .. });
-        let info = self.export.info().clone();
+        let info = self.export.info();
         let flags = u64::from(self.export.transmission_flags());
         if self.connections > 1 && flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
             return Err(Error::new(
@@ -435,7 +435,8 @@ impl Setup<'_> {
                 ),
             ));
         }
-        if !info.size.is_multiple_of(BLOCK_SIZE) {
+        #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
+        if info.size % BLOCK_SIZE != 0 {
             tracing::warn!(
                 "{}: size {} is not a multiple of {BLOCK_SIZE}; the device ignores the last {} bytes",
                 self.spec,
