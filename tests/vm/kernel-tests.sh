@@ -1,0 +1,207 @@
+#!/bin/bash
+# Kernel-attach tests. Runs INSIDE the test VM (tests/vm/vm.sh) as root, against the real nbd
+# driver of Debian's kernel, with the binary named by RADOS_NBD_BIN. Each check prints
+# "PASS name" or "FAIL name"; the last line is "N passed, N failed"; the exit status is
+# non-zero when anything failed.
+set -u
+B=${RADOS_NBD_BIN:?RADOS_NBD_BIN names the rados-nbd binary}
+# The VM boots an unpacked kernel: modprobe (ours and the test's) needs its module root.
+export RADOS_NBD_MODULES_ROOT=${KMODS:-}
+MP=(); [ -n "${KMODS:-}" ] && MP=(-d "$KMODS")
+# The store lives on the guest's tmpfs (fast, supports hole punching).
+export RADOS_NBD_STORE=/var/lib/rados-nbd-test
+POOLDIR=$RADOS_NBD_STORE/rbd
+LOGDIR=${LOGDIR:-/mnt/logs}
+mkdir -p "$RADOS_NBD_STORE" "$LOGDIR" /tmp/mnt
+MNT=/tmp/mnt
+pass=0
+fail=0
+T0=$(date +%s)
+
+note() { echo "    $*"; }
+ok() { echo "PASS $1"; pass=$((pass + 1)); }
+bad() { echo "FAIL $1${2:+: $2}"; fail=$((fail + 1)); }
+# check NAME COMMAND...: PASS when the command succeeds; its output is shown on failure.
+check() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then ok "$name"; else bad "$name"; echo "$out" | tail -20 | sed 's/^/    | /'; fi
+}
+# A daemon log per map so a failure can be traced.
+map() { "$B" map --log-file "$LOGDIR/daemon.log" "$@"; }
+pid_of() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/rados-nbd/${1#/dev/}.json" 2>/dev/null; }
+gone() { # pid: wait up to 30 s for it to exit
+  local i
+  for i in $(seq 300); do [ -d "/proc/$1" ] || return 0; sleep 0.1; done
+  return 1
+}
+objects() { find "$POOLDIR" -maxdepth 1 -name 'rbd_data.*' -type f | wc -l; }
+flags_of() { "$B" info "$1" --format json | sed -n 's/.*"flags": *\[\([^]]*\)\].*/\1/p'; }
+dirty() { flags_of "$1" | grep -q 'object map invalid'; }
+clean() { ! dirty "$1"; }
+dev_size() { blockdev --getsize64 "$1"; }
+write_files() { # dir: files of several sizes (some spanning objects) and many small ones
+  dd if=/dev/urandom of="$1/big" bs=1M count=24 status=none &&
+    dd if=/dev/urandom of="$1/odd" bs=1000 count=777 status=none &&
+    mkdir -p "$1/small" &&
+    for i in $(seq 60); do head -c $((i * 313)) /dev/urandom >"$1/small/f$i"; done &&
+    (cd "$1" && find . -type f ! -name SUMS -print0 | sort -z | xargs -0 sha256sum >SUMS) && sync
+}
+verify_files() { (cd "$1" && sha256sum --quiet -c SUMS); }
+
+echo "== setup (kernel $(uname -r))"
+modprobe "${MP[@]}" ext4 && modprobe "${MP[@]}" xfs || { bad setup "cannot load ext4/xfs"; }
+if [ -e /sys/module/nbd ]; then note "nbd already loaded"; fi
+check "create images" bash -c "'$B' create --size 1G rbd/ext && '$B' create --size 1G rbd/xfs && '$B' create --size 512M rbd/misc"
+
+echo "== map, ext4, unmap, map again"
+dev=$(map rbd/ext --nbds-max 8 --max-part 4)
+if [ -b "$dev" ] && [ "$(dev_size "$dev")" = $((1 << 30)) ]; then ok "map prints a usable device ($dev, 1 GiB)"; else bad "map prints a usable device" "got '$dev'"; fi
+check "module loaded with --nbds-max 8" test "$(cat /sys/module/nbd/parameters/nbds_max)" = 8
+check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
+check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
+check "image flagged dirty while mapped" dirty rbd/ext
+check "daemon runs in its own session" bash -c "p=\$(sed -n 's/.*\"pid\": *\([0-9]*\).*/\1/p' /run/rados-nbd/${dev#/dev/}.json); [ \$(ps -o sid= -p \$p) = \$p ]"
+check "daemon memory locked, oom_score_adj -1000" bash -c "p=\$(sed -n 's/.*\"pid\": *\([0-9]*\).*/\1/p' /run/rados-nbd/${dev#/dev/}.json); grep -q '^VmLck: *[1-9]' /proc/\$p/status && [ \$(cat /proc/\$p/oom_score_adj) = -1000 ]"
+check "mkfs.ext4" mkfs.ext4 -q -F "$dev"
+check "mount ext4" mount "$dev" $MNT
+check "write files with checksums, sync" write_files $MNT
+out=$("$B" unmap "$dev" 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q mounted && mountpoint -q $MNT; then ok "unmap of a mounted device is refused"; note "$out"; else bad "unmap of a mounted device is refused" "$out"; fi
+out=$("$B" unmap rbd/ext 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q mounted; then ok "unmap by image spec of a mounted device is refused"; else bad "unmap by image spec of a mounted device is refused" "$out"; fi
+check "fs still usable after the refused unmap" verify_files $MNT
+check "umount" umount $MNT
+pid=$(pid_of "$dev")
+check "unmap" "$B" unmap "$dev"
+check "daemon gone after unmap returns" test ! -d "/proc/$pid"
+check "state file removed" test ! -e "/run/rados-nbd/${dev#/dev/}.json"
+check "device released (size 0)" test "$(cat /sys/block/${dev#/dev/}/size)" = 0
+check "clean close cleared the dirty flag" clean rbd/ext
+dev=$(map rbd/ext)
+check "map again" test -b "$dev"
+check "e2fsck clean" e2fsck -fn "$dev"
+check "mount again" mount "$dev" $MNT
+check "checksums match after remap" verify_files $MNT
+
+echo "== fstrim removes data objects"
+dd if=/dev/urandom of=$MNT/trimme bs=1M count=96 status=none conv=fsync
+sync
+n1=$(objects)
+rm -f $MNT/trimme big
+sync
+fstrim -v $MNT | sed 's/^/    /'
+sync
+n2=$(objects)
+note "data objects before $n1, after fstrim $n2"
+if [ "$n2" -lt "$n1" ] && [ $((n1 - n2)) -ge 16 ]; then ok "fstrim removed data objects ($n1 -> $n2)"; else bad "fstrim removed data objects" "$n1 -> $n2"; fi
+check "files intact after fstrim" verify_files $MNT
+check "umount" umount $MNT
+check "unmap by image spec" "$B" unmap rbd/ext
+check "e2fsck after unmap/map" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d && '$B' unmap \$d"
+
+echo "== xfs"
+dev=$(map rbd/xfs)
+check "map xfs image" test -b "$dev"
+check "mkfs.xfs" mkfs.xfs -q -f "$dev"
+check "mount xfs" mount "$dev" $MNT
+check "write files on xfs" write_files $MNT
+check "umount xfs" umount $MNT
+check "unmap xfs" "$B" unmap "$dev"
+dev=$(map rbd/xfs)
+check "remap xfs, xfs_repair -n clean" xfs_repair -n "$dev"
+check "mount xfs again" mount "$dev" $MNT
+check "xfs checksums match" verify_files $MNT
+check "umount xfs again" umount $MNT
+check "unmap xfs again" "$B" unmap "$dev"
+
+echo "== SIGKILL leaves the image dirty; the next map repairs it"
+dev=$(map rbd/ext)
+mount "$dev" $MNT && echo persisted >$MNT/after-kill && sync && umount $MNT
+pid=$(pid_of "$dev")
+kill -9 "$pid"
+gone "$pid"
+check "killed daemon leaves 'object map invalid'" dirty rbd/ext
+check "list-mapped still shows the orphaned device" bash -c "'$B' list-mapped | grep -q '$dev'"
+check "unmap of a device whose daemon died" "$B" unmap "$dev"
+check "device released after orphan unmap" test "$(cat /sys/block/${dev#/dev/}/size)" = 0
+dev=$(map rbd/ext)
+check "map after crash" test -b "$dev"
+check "e2fsck clean after crash" e2fsck -fn "$dev"
+check "data written before the kill survived" bash -c "mount $dev $MNT && grep -q persisted $MNT/after-kill && (cd $MNT && sha256sum --quiet -c SUMS); r=\$?; umount $MNT; exit \$r"
+check "unmap after repair" "$B" unmap "$dev"
+check "repaired map is clean after unmap" clean rbd/ext
+if "$B" object-map check rbd/ext >/tmp/omc 2>&1; then ok "object-map check agrees with the objects"; else bad "object-map check agrees with the objects" "$(tail -3 /tmp/omc)"; fi
+
+echo "== SIGTERM and kernel-side disconnect close cleanly"
+dev=$(map rbd/misc)
+pid=$(pid_of "$dev")
+dd if=/dev/urandom of="$dev" bs=1M count=8 status=none oflag=direct
+kill -TERM "$pid"
+if gone "$pid"; then ok "SIGTERM: daemon exits"; else bad "SIGTERM: daemon exits"; fi
+check "SIGTERM: device released" test "$(cat /sys/block/${dev#/dev/}/size)" = 0
+check "SIGTERM: image clean" clean rbd/misc
+check "SIGTERM: state file removed" test ! -e "/run/rados-nbd/${dev#/dev/}.json"
+dev=$(map rbd/misc)
+pid=$(pid_of "$dev")
+dd if=/dev/urandom of="$dev" bs=1M count=8 status=none oflag=direct
+check "nbd-client -d" nbd-client -d "$dev"
+if gone "$pid"; then ok "kernel-side disconnect: daemon exits"; else bad "kernel-side disconnect: daemon exits"; fi
+check "kernel-side disconnect: image clean" clean rbd/misc
+check "kernel-side disconnect: nothing listed" bash -c "! '$B' list-mapped | grep -q '$dev'"
+
+echo "== detach / attach keeps a mounted file system"
+dev=$(map rbd/ext --reattach-timeout 60)
+check "mount before detach" mount "$dev" $MNT
+echo before >$MNT/detach-a
+sync
+pid=$(pid_of "$dev")
+check "detach" "$B" detach "$dev"
+check "detach: old daemon gone" test ! -d "/proc/$pid"
+check "detach: image closed cleanly" clean rbd/ext
+check "detach: device still configured" test "$(cat /sys/block/${dev#/dev/}/size)" != 0
+check "list-mapped shows it detached" bash -c "'$B' list-mapped | grep -E '^detached +rbd +ext .*$dev'"
+check "attach refuses another image" bash -c "! '$B' attach --device $dev rbd/misc"
+# I/O issued while detached waits in the kernel until attach.
+(dd if=/dev/urandom of=$MNT/during-detach bs=1M count=4 conv=fsync status=none && echo ok >/tmp/dd-during) &
+ddpid=$!
+sleep 1
+check "attach" "$B" attach --device "$dev" rbd/ext --log-file "$LOGDIR/daemon.log"
+wait $ddpid
+check "I/O issued while detached completed after attach" test -s /tmp/dd-during
+check "mounted fs usable after attach" bash -c "grep -q before $MNT/detach-a && echo after >$MNT/detach-b && sync && (cd $MNT && sha256sum --quiet -c SUMS)"
+check "umount after attach" umount $MNT
+check "unmap after attach" "$B" unmap "$dev"
+check "files written across detach/attach persisted" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d >/dev/null && mount \$d $MNT && grep -q after $MNT/detach-b && test -s $MNT/during-detach; r=\$?; umount $MNT; '$B' unmap \$d; exit \$r"
+
+echo "== read-only, several connections, named device, ioctl fallback"
+dev=$(map rbd/misc --read-only --device /dev/nbd5)
+check "map --device /dev/nbd5 --read-only" test "$dev" = /dev/nbd5
+check "read-only device" test "$(blockdev --getro "$dev")" = 1
+check "writes refused on read-only" bash -c "! dd if=/dev/zero of=$dev bs=4k count=1 oflag=direct status=none 2>/dev/null"
+out=$("$B" map rbd/misc --device /dev/nbd5 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -qi "in use"; then ok "mapping a busy device is refused"; else bad "mapping a busy device is refused" "$out"; fi
+check "unmap read-only" "$B" unmap "$dev"
+dev=$(map rbd/misc --connections 4)
+check "map --connections 4 gives 4 kernel queues" test "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" = 4
+check "parallel I/O on 4 connections" bash -c "for i in 0 1 2 3; do dd if=/dev/urandom of=/tmp/p\$i bs=1M count=4 status=none; dd if=/tmp/p\$i of=$dev bs=1M seek=\$((i*8)) oflag=direct status=none & done; wait; for i in 0 1 2 3; do cmp -n 4194304 /tmp/p\$i <(dd if=$dev bs=1M skip=\$((i*8)) count=4 iflag=direct status=none) || exit 1; done"
+check "unmap multi-connection" "$B" unmap "$dev"
+dev=$(RADOS_NBD_FORCE_IOCTL=1 map rbd/misc)
+check "ioctl fallback: map" test -b "$dev"
+check "ioctl fallback: data readable" bash -c "cmp -n 4194304 /tmp/p0 <(dd if=$dev bs=1M count=4 iflag=direct status=none)"
+check "ioctl fallback: detach refused" bash -c "! '$B' detach $dev"
+check "ioctl fallback: unmap" "$B" unmap "$dev"
+check "ioctl fallback: image clean" clean rbd/misc
+check "nothing left mapped" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
+out=$("$B" map rbd/nosuch 2>&1)
+if [ $? -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q nosuch; then ok "map of a missing image: one-line error"; note "$out"; else bad "map of a missing image: one-line error" "$out"; fi
+
+echo "== done in $(($(date +%s) - T0)) s"
+if [ "$fail" -ne 0 ]; then
+  echo "--- daemon log (last 40 lines)"
+  tail -40 "$LOGDIR/daemon.log" 2>/dev/null
+  echo "--- kernel log (nbd)"
+  dmesg | grep -i nbd | tail -20
+fi
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Kernel-attach tests in a real Linux kernel: builds rados-nbd (release), boots Debian's stock
+# kernel under qemu-system-x86_64 (software emulation, no network) and runs kernel-tests.sh in
+# it against the fresh binary.
+#
+#   tests/vm/run.sh [BINARY]        (or RADOS_NBD_BIN=BINARY tests/vm/run.sh)
+#
+# Skips (exit 0, says so) when qemu-system-x86_64 is not installed. Exit status: that of the
+# guest tests (non-zero on any failure, 99 when the VM never reported).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  echo "SKIP kernel tests: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); nothing was run"
+  exit 0
+fi
+
+bin=${1:-${RADOS_NBD_BIN:-}}
+if [ -z "$bin" ]; then
+  echo "== building rados-nbd (release)"
+  (cd "$root" && cargo build --release -p rados-nbd)
+  bin=$root/target/release/rados-nbd
+fi
+[ -x "$bin" ] || { echo "run.sh: $bin is not an executable" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vm.XXXXXX")
+# The guest sees the host root read-only but hides /tmp, /run, /var/tmp and /var/lib behind
+# its own tmpfs, so the binary is copied into the shared work folder (/mnt in the guest).
+cp "$bin" "$work/rados-nbd"
+mkdir -p "$work/logs"
+echo "== booting the test VM (work dir $work)"
+set +e
+"$here/vm.sh" "$here/kernel-tests.sh" "$work" RADOS_NBD_BIN=/mnt/rados-nbd LOGDIR=/mnt/logs >"$work/vm-output.txt" 2>&1
+rc=$?
+set -e
+# The console interleaves the kernel's boot noise; show the test lines.
+grep -E '^(PASS|FAIL|==|    |---|[0-9]+ passed, [0-9]+ failed|GUEST-EXIT)' "$work/vm-output.txt" | grep -v '^== booting' || true
+summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$work/vm-output.txt" | tail -1 || true)
+if [ -z "$summary" ]; then
+  echo "kernel tests: the VM did not finish (status $rc); full console in $work/vm-output.txt"
+  tail -30 "$work/vm-output.txt"
+  [ "$rc" -eq 0 ] && rc=99
+  exit "$rc"
+fi
+echo "kernel tests: $summary (console and daemon log in $work)"
+exit "$rc"
