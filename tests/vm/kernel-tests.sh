@@ -207,6 +207,20 @@ check "ioctl fallback: detach refused" bash -c "! '$B' detach $dev"
 check "ioctl fallback: unmap" "$B" unmap "$dev"
 check "ioctl fallback: image clean" clean rbd/misc
 check "nothing left mapped" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
+dev=$(map rbd/misc)
+out=$("$B" map rbd/misc 2>&1)
+if [ $? -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ]; then ok "second map of a mapped image is refused"; note "$out"; else bad "second map of a mapped image is refused" "$out"; fi
+"$B" unmap "$dev"
+"$B" map rbd/misc --foreground >/tmp/fg.out 2>/tmp/fg.err &
+fgpid=$!
+for i in $(seq 100); do [ -s /tmp/fg.out ] && break; sleep 0.1; done
+dev=$(head -1 /tmp/fg.out)
+fg_running() { [ -b "$dev" ] && kill -0 "$fgpid" && [ "$(pid_of "$dev")" = "$fgpid" ]; }
+check "map --foreground prints the device and stays" fg_running
+kill -INT $fgpid
+wait $fgpid
+fg_closed() { [ "$(cat "/sys/block/${dev#/dev/}/size")" = 0 ] && clean rbd/misc; }
+check "map --foreground: SIGINT (Ctrl-C) unmaps cleanly" fg_closed
 out=$("$B" map rbd/nosuch 2>&1)
 if [ $? -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q nosuch; then ok "map of a missing image: one-line error"; note "$out"; else bad "map of a missing image: one-line error" "$out"; fi
 
