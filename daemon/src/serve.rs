@@ -10,6 +10,7 @@ use crate::spec::ImageSpec;
 use crate::store::{ImageStore, Store};
 // TEMPORARY until the protocol crate's server lands on main: same signatures.
 use pending::{serve_connection, Export, Exports, ServerOptions};
+#[allow(dead_code)]
 mod pending {
     use nbd_protocol::Backend;
     use std::sync::Arc;
