@@ -229,17 +229,7 @@ async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
         order,
         features: DEFAULT_FEATURES,
     };
-    store.create_image(&spec, &opts).await?;
-    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
-        // An empty map from the start, so a fresh image opens without a rebuild.
-        let count = size.div_ceil(1u64 << order);
-        with_image(store, &spec, OpenMode::ReadWrite, async |img: &S::Image| {
-            img.write_object_map(ObjectMap::new(count).encode()).await
-        })
-        .await
-        .map_err(|e| e.context(format!("writing the object map of new image {spec}")))?;
-    }
-    Ok(())
+    image::create_image(store, &spec, &opts).await
 }
 
 /// `1 GiB`, `4 MiB`, `1.5 GiB`, like `rbd` prints sizes.
@@ -481,7 +471,7 @@ pub async fn check_object_map<I: ImageStore>(img: &I, spec: &ImageSpec) -> Resul
         return Ok(problems);
     }
     let objs = img.list_objects(snap).await?;
-    let exists = ObjectMap::new(count);
+    let exists = image::new_map(count, spec)?;
     for &n in &objs {
         if n < count {
             exists.set(n, ObjectState::Exists);

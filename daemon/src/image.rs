@@ -142,6 +142,38 @@ pub async fn load_object_map<S: ImageStore>(
     Ok((map, MapSource::Rebuilt(reason)))
 }
 
+/// An all-NONEXISTENT map, without aborting on an absurd size from a bad header.
+pub fn new_map(count: u64, spec: &ImageSpec) -> Result<ObjectMap> {
+    ObjectMap::try_new(count).map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot hold the object map of {spec} ({count} objects) in memory: {e}"),
+        )
+    })
+}
+
+/// Creates an image and, with the object-map feature, its empty object map, so a fresh
+/// image opens without a rebuild.
+pub async fn create_image<St: Store>(
+    store: &St,
+    spec: &ImageSpec,
+    opts: &crate::store::CreateOptions,
+) -> Result<()> {
+    store.create_image(spec, opts).await?;
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
+        let count = opts.size.div_ceil(1u64 << opts.order);
+        let img = store.open_image(spec, OpenMode::ReadWrite).await?;
+        let r = match new_map(count, spec) {
+            Ok(m) => img.write_object_map(m.encode()).await,
+            Err(e) => Err(e),
+        };
+        let c = img.close().await;
+        r.and(c)
+            .map_err(|e| e.context(format!("writing the object map of new image {spec}")))?;
+    }
+    Ok(())
+}
+
 /// A map built from `list_objects`: EXISTS for each data object present.
 pub async fn rebuild_map<S: ImageStore>(
     img: &S,
@@ -150,7 +182,7 @@ pub async fn rebuild_map<S: ImageStore>(
     snap: Option<u64>,
 ) -> Result<ObjectMap> {
     let objs = img.list_objects(snap).await?;
-    let map = ObjectMap::new(count);
+    let map = new_map(count, spec)?;
     let mut beyond = 0u64;
     for n in objs {
         if n < count {
@@ -245,6 +277,21 @@ impl<S: ImageStore> Image<S> {
             OpenMode::ReadWrite
         };
         let img = store.open_image(spec, mode).await?;
+        Self::from_store_image(
+            img,
+            spec,
+            &OpenOptions {
+                read_only,
+                ..opts.clone()
+            },
+        )
+        .await
+    }
+
+    /// Like [`Image::open`] for a handle the caller opened itself (read-only exactly when
+    /// `opts.read_only`). The handle is closed when this fails.
+    pub async fn from_store_image(img: S, spec: &ImageSpec, opts: &OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only || spec.snap.is_some();
         match Self::init(img, spec, opts, read_only).await {
             Ok(i) => Ok(i),
             Err((img, e)) => {
@@ -670,5 +717,630 @@ impl<S: ImageStore> Backend for Image<S> {
             return Err(shutdown());
         }
         Ok(self.extents(offset, length as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::dir::{DirImage, DirStore};
+    use crate::store::{CreateOptions, DEFAULT_FEATURES, RBD_FEATURE_LAYERING};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    const OBJ: u64 = 4 << 20;
+
+    fn spec(s: &str) -> ImageSpec {
+        s.parse().unwrap()
+    }
+
+    async fn store_with(size: u64, features: u64) -> (tempfile::TempDir, DirStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::new(d.path());
+        let o = CreateOptions {
+            size,
+            order: 22,
+            features,
+        };
+        create_image(&s, &spec("vm1"), &o).await.unwrap();
+        (d, s)
+    }
+
+    async fn open(s: &DirStore, read_only: bool) -> Image<DirImage> {
+        let o = OpenOptions {
+            read_only,
+            shared_default: false,
+        };
+        Image::open(s, &spec("vm1"), &o).await.unwrap()
+    }
+
+    fn pool(d: &Path) -> PathBuf {
+        d.join("rbd")
+    }
+
+    fn id(d: &Path) -> String {
+        std::fs::read_to_string(pool(d).join("rbd_id.vm1")).unwrap()
+    }
+
+    fn header_flags(d: &Path) -> u64 {
+        let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["flags"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn disk_map(d: &Path) -> ObjectMap {
+        let b = std::fs::read(pool(d).join(format!("rbd_object_map.{}", id(d)))).unwrap();
+        ObjectMap::decode(&b).unwrap()
+    }
+
+    fn objects_on_disk(d: &Path) -> Vec<u64> {
+        let prefix = format!("rbd_data.{}.", id(d));
+        let mut v: Vec<u64> = std::fs::read_dir(pool(d))
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().into_string().unwrap();
+                n.strip_prefix(&prefix)
+                    .map(|h| u64::from_str_radix(h, 16).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn existing(m: &ObjectMap) -> Vec<u64> {
+        (0..m.len())
+            .filter(|&i| m.get(i) != ObjectState::Nonexistent)
+            .collect()
+    }
+
+    async fn read_all(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in img.read(off, len).await.unwrap() {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+            }
+        }
+        assert_eq!(out.len(), len as usize, "chunks cover the request exactly");
+        out
+    }
+
+    #[test]
+    fn split_at_object_boundaries() {
+        let p = split(22, OBJ - 1, 2);
+        assert_eq!(
+            p,
+            [
+                Piece {
+                    objno: 0,
+                    off: OBJ - 1,
+                    len: 1,
+                    req_off: 0
+                },
+                Piece {
+                    objno: 1,
+                    off: 0,
+                    len: 1,
+                    req_off: 1
+                },
+            ]
+        );
+        let p = split(22, OBJ, 2 * OBJ);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.off == 0 && p.len == OBJ));
+        assert_eq!((p[0].objno, p[1].objno, p[1].req_off), (1, 2, OBJ));
+        let p = split(22, 100, 3 * OBJ);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 * OBJ);
+        assert_eq!(
+            p[3],
+            Piece {
+                objno: 3,
+                off: 0,
+                len: 100,
+                req_off: 3 * OBJ - 100
+            }
+        );
+        assert!(split(22, 5, 0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn fresh_image_reads_holes_without_store_calls() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        assert_eq!(img.map_source(), Some(&MapSource::Loaded));
+        let c = img.read(OBJ - 512, 8192).await.unwrap();
+        assert_eq!(c, [ReadChunk::Hole(8192)], "adjacent holes merge");
+        let st = img.stats();
+        assert_eq!((st.map_reads, st.store_reads), (2, 0));
+        let e = img.block_status(0, 64 << 20).await.unwrap();
+        assert_eq!(
+            e,
+            [Extent {
+                length: 64 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
+        img.close().await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_mark_objects_and_block_status_merges() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        // Across the 0/1 boundary, and one write in object 5.
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        img.write(OBJ - 4096, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        img.write(5 * OBJ + 10, Bytes::from_static(b"hello"), true)
+            .await
+            .unwrap();
+        let m = img.object_map().unwrap();
+        assert_eq!(existing(m), [0, 1, 5]);
+        assert_eq!(objects_on_disk(d.path()), [0, 1, 5]);
+        assert_eq!(read_all(&img, OBJ - 4096, 8192).await, data);
+        let r = img.read(5 * OBJ, 4096).await.unwrap();
+        assert!(matches!(r[0], ReadChunk::Data(_)), "{r:?}");
+        assert_eq!(&read_all(&img, 5 * OBJ + 8, 9).await, b"\0\0hello\0\0");
+        let e = img.block_status(0, 64 << 20).await.unwrap();
+        let hz = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            e,
+            [
+                Extent {
+                    length: 2 * OBJ,
+                    flags: 0
+                },
+                Extent {
+                    length: 3 * OBJ,
+                    flags: hz
+                },
+                Extent {
+                    length: OBJ,
+                    flags: 0
+                },
+                Extent {
+                    length: 10 * OBJ,
+                    flags: hz
+                },
+            ]
+        );
+        // A range starting and ending inside objects is answered from its start.
+        let e = img.block_status(OBJ + 5, (2 * OBJ) as u32).await.unwrap();
+        assert_eq!(
+            e[0],
+            Extent {
+                length: OBJ - 5,
+                flags: 0
+            }
+        );
+        assert_eq!(e[1].flags, hz);
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn trim_whole_objects_removes_partial_zeroes() {
+        // 6 MiB: the last object is 2 MiB long inside the image.
+        let (d, s) = store_with(6 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from(vec![1u8; 6 << 20]), false)
+            .await
+            .unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        // Partial: zeros inside object 0, object stays.
+        img.trim(4096, 4096, false).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        let r = read_all(&img, 0, 3 * 4096).await;
+        assert!(r[..4096].iter().all(|&b| b == 1));
+        assert!(r[4096..8192].iter().all(|&b| b == 0));
+        assert!(r[8192..].iter().all(|&b| b == 1));
+        // The whole (short) last object: removed.
+        img.trim(OBJ, 2 << 20, false).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        assert_eq!(img.object_map().unwrap().get(1), ObjectState::Nonexistent);
+        assert_eq!(read_all(&img, OBJ, 4096).await, vec![0; 4096]);
+        let st = img.stats();
+        assert_eq!((st.store_removes, st.store_zeroes), (1, 1));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [0]);
+    }
+
+    #[tokio::test]
+    async fn discarding_a_fresh_terabyte_is_free() {
+        let tib = 1u64 << 40;
+        let (d, s) = store_with(tib, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        let t = std::time::Instant::now();
+        let step = 2u64 << 30;
+        for i in 0..tib / step {
+            img.trim(i * step, step as u32, false).await.unwrap();
+        }
+        let st = img.stats();
+        assert_eq!(st.store_removes, 0);
+        assert_eq!(st.skipped_removes, tib / OBJ);
+        assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+        img.close().await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_flags() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            ..Default::default()
+        };
+        let fast = ZeroFlags {
+            fast_zero: true,
+            ..Default::default()
+        };
+        // NO_HOLE keeps the range allocated: object 0 now exists, full of zeros.
+        img.write_zeroes(0, OBJ as u32, no_hole).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
+        // FAST_ZERO with NO_HOLE would write data: refused, nothing done.
+        let e = img
+            .write_zeroes(
+                OBJ,
+                OBJ as u32,
+                ZeroFlags {
+                    no_hole: true,
+                    fast_zero: true,
+                    fua: false,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::NotSup);
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        // FAST_ZERO alone maps to a removal: fast, done.
+        img.write_zeroes(0, OBJ as u32, fast).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_sets_flag_close_writes_map_then_clears() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        assert_eq!(header_flags(d.path()), 0);
+        let img = open(&s, false).await;
+        let both = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+        assert_eq!(header_flags(d.path()), both, "dirty flag set at open");
+        img.write(3 * OBJ, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        img.write(9 * OBJ, Bytes::from_static(b"y"), false)
+            .await
+            .unwrap();
+        img.trim(9 * OBJ, OBJ as u32, false).await.unwrap();
+        assert!(
+            existing(&disk_map(d.path())).is_empty(),
+            "map on disk untouched while open"
+        );
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+        assert_eq!(objects_on_disk(d.path()), [3]);
+        // After close: refused.
+        assert_eq!(img.read(0, 1).await.unwrap_err().errno, Errno::Shutdown);
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn image_without_object_map_feature_keeps_no_map() {
+        let (d, s) = store_with(16 << 20, RBD_FEATURE_LAYERING).await;
+        let img = open(&s, false).await;
+        assert!(img.object_map().is_none());
+        assert_eq!(header_flags(d.path()), 0, "no flag dance without a map");
+        img.read(0, 4096).await.unwrap();
+        assert_eq!(img.stats().store_reads, 1);
+        img.write(OBJ, Bytes::from_static(b"z"), false)
+            .await
+            .unwrap();
+        let e = img.block_status(0, 16 << 20).await.unwrap();
+        assert_eq!(
+            e,
+            [Extent {
+                length: 16 << 20,
+                flags: 0
+            }]
+        );
+        img.trim(OBJ, OBJ as u32, false).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn shared_images_go_to_the_store() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        {
+            let h = s
+                .open_image(&spec("vm1"), OpenMode::ReadWrite)
+                .await
+                .unwrap();
+            h.set_meta(META_SHARED, "true").await.unwrap();
+            h.close().await.unwrap();
+        }
+        let img = open(&s, false).await;
+        assert!(img.is_shared() && img.object_map().is_none());
+        assert_eq!(header_flags(d.path()), 0);
+        img.read(0, 4096).await.unwrap();
+        assert_eq!((img.stats().store_reads, img.stats().map_reads), (1, 0));
+        img.close().await.unwrap();
+        // The config default applies only without metadata.
+        let (_d2, s2) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let o = OpenOptions {
+            read_only: false,
+            shared_default: true,
+        };
+        let img = Image::open(&s2, &spec("vm1"), &o).await.unwrap();
+        assert!(img.is_shared());
+        img.close().await.unwrap();
+        // A bad value is an error naming the key, not a silent default.
+        let h = s2
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        h.set_meta(META_SHARED, "perhaps").await.unwrap();
+        h.close().await.unwrap();
+        let e = Image::open(&s2, &spec("vm1"), &OpenOptions::default())
+            .await
+            .err()
+            .unwrap();
+        assert!(e.message.contains(META_SHARED), "{e}");
+        // ... and the failed open released the lock.
+        s2.open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn crash_leaves_flag_and_reopen_rebuilds() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(2 * OBJ, Bytes::from_static(b"acked"), false)
+            .await
+            .unwrap();
+        img.write(7 * OBJ + 1, Bytes::from_static(b"fua"), true)
+            .await
+            .unwrap();
+        drop(img); // a crash: no close
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        assert!(
+            existing(&disk_map(d.path())).is_empty(),
+            "stale map on disk"
+        );
+
+        // A read-only open rebuilds in memory only and never touches the flag.
+        let ro = open(&s, true).await;
+        assert!(matches!(ro.map_source(), Some(MapSource::Rebuilt(_))));
+        assert_eq!(existing(ro.object_map().unwrap()), [2, 7]);
+        assert!(ro.write(0, Bytes::from_static(b"no"), false).await.is_err());
+        ro.close().await.unwrap();
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        assert!(existing(&disk_map(d.path())).is_empty());
+
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("flags"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        assert_eq!(existing(img.object_map().unwrap()), [2, 7]);
+        assert_eq!(&read_all(&img, 2 * OBJ, 5).await, b"acked");
+        assert_eq!(&read_all(&img, 7 * OBJ + 1, 3).await, b"fua");
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), [2, 7]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_wrong_length_map_is_rebuilt() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(OBJ, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        let mp = pool(d.path()).join(format!("rbd_object_map.{}", id(d.path())));
+        let mut b = std::fs::read(&mp).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 0xff;
+        std::fs::write(&mp, &b).unwrap();
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("corrupt"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        assert_eq!(existing(img.object_map().unwrap()), [1]);
+        img.close().await.unwrap();
+        std::fs::write(&mp, ObjectMap::new(3).encode()).unwrap();
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("3 entries"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        img.close().await.unwrap();
+        std::fs::remove_file(&mp).unwrap();
+        let img = open(&s, false).await;
+        assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(w)) if w.contains("missing")));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [1]);
+    }
+
+    #[tokio::test]
+    async fn checkpoint_clears_and_next_write_sets_again() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
+        img.checkpoint().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), [0]);
+        // Reads do not dirty the image.
+        img.read(0, 10).await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        img.write(OBJ, Bytes::from_static(b"b"), false)
+            .await
+            .unwrap();
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [0, 1]);
+        assert_eq!(header_flags(d.path()), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_and_trims_keep_map_and_store_agreeing() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let img = Arc::new(open(&s, false).await);
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let img = img.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40u64 {
+                    let obj = (t + i) % 8;
+                    if (t + i) % 3 == 0 {
+                        img.trim(obj * OBJ, OBJ as u32, false).await.unwrap();
+                    } else {
+                        img.write(obj * OBJ + i * 512, Bytes::from(vec![t as u8; 512]), false)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let in_mem = existing(img.object_map().unwrap());
+        assert_eq!(in_mem, objects_on_disk(d.path()));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    }
+
+    #[tokio::test]
+    async fn info_is_truthful() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, true).await;
+        let i = img.info();
+        assert!(i.read_only && !i.can_trim && !i.can_flush);
+        assert!(i.can_multi_conn);
+        assert_eq!(i.size, 16 << 20);
+        assert!(i.max_block >= 32 << 20);
+        let e = img
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::Perm);
+        img.close().await.unwrap();
+    }
+
+    /// Records the calls that matter for the close order, delegating to a real handle.
+    struct Recorder {
+        inner: DirImage,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Recorder {
+        fn note(&self, s: impl Into<String>) {
+            self.log.lock().unwrap().push(s.into());
+        }
+    }
+
+    impl ImageStore for Recorder {
+        fn header(&self) -> ImageHeader {
+            self.inner.header()
+        }
+        async fn refresh_header(&self) -> Result<ImageHeader> {
+            self.inner.refresh_header().await
+        }
+        async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
+            self.note(format!("set_flags({value})"));
+            self.inner.set_flags(value, mask).await
+        }
+        async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+            self.inner.get_meta(key).await
+        }
+        async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+            self.inner.set_meta(key, value).await
+        }
+        async fn read(
+            &self,
+            o: u64,
+            off: u64,
+            len: u64,
+            snap: Option<u64>,
+        ) -> Result<Option<Bytes>> {
+            self.note("read");
+            self.inner.read(o, off, len, snap).await
+        }
+        async fn write(&self, o: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
+            self.note(format!("write({o})"));
+            self.inner.write(o, off, data, durable).await
+        }
+        async fn zero(&self, o: u64, off: u64, len: u64, durable: bool) -> Result<()> {
+            self.inner.zero(o, off, len, durable).await
+        }
+        async fn remove(&self, o: u64, durable: bool) -> Result<()> {
+            self.note(format!("remove({o})"));
+            self.inner.remove(o, durable).await
+        }
+        async fn sync(&self) -> Result<()> {
+            self.note("sync");
+            self.inner.sync().await
+        }
+        async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
+            self.inner.list_objects(snap).await
+        }
+        async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
+            self.inner.read_object_map(snap).await
+        }
+        async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
+            self.note("write_object_map");
+            self.inner.write_object_map(data).await
+        }
+        async fn close(&self) -> Result<()> {
+            self.note("close");
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test]
+    async fn close_order_is_sync_map_flag_close() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let rec = Recorder {
+            inner: h,
+            log: log.clone(),
+        };
+        let img = Image::from_store_image(rec, &spec("vm1"), &OpenOptions::default())
+            .await
+            .unwrap();
+        img.read(0, 512).await.unwrap();
+        img.write(OBJ, Bytes::from_static(b"w"), false)
+            .await
+            .unwrap();
+        img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+        img.close().await.unwrap();
+        let l = log.lock().unwrap().clone();
+        assert_eq!(
+            l,
+            [
+                "set_flags(3)",
+                "write(1)",
+                "sync",
+                "write_object_map",
+                "set_flags(0)",
+                "close"
+            ],
+            "no store read of a nonexistent object, no removal of one, flag set before the write"
+        );
     }
 }
