@@ -29,11 +29,17 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(if e.use_stderr() { 1 } else { 0 });
             }
-            // clap's message is several lines; keep the first, without its "error: ".
+            // clap's message spans lines; keep the part before the usage, on one line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("rados-nbd: {first} (see rados-nbd --help)");
+            let msg = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("rados-nbd: {msg} (see rados-nbd --help)");
             std::process::exit(1);
         }
     };

@@ -220,7 +220,7 @@ fn lock_pool(pool_dir: &Path) -> Result<File> {
 /// Takes an image's exclusive lock without waiting: a second writer is refused.
 fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec) -> Result<File> {
     let path = pool_dir.join(format!("rbd_header.{id}.lock"));
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -230,18 +230,10 @@ fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec) -> Result<File> {
     match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let by = if holder.is_empty() {
-                "another client".to_string()
-            } else {
-                format!("pid {holder}")
-            };
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "image {}/{} is in use: opened for writing by {by} (lock {})",
+                    "image {}/{} is in use: opened for writing by another client (lock {})",
                     spec.pool,
                     spec.name,
                     path.display()
@@ -250,9 +242,6 @@ fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec) -> Result<File> {
         }
         Err(e) => return Err(Error::io(format!("locking {}", path.display()), e)),
     }
-    // Who holds it, for the next one's error message; best effort.
-    let _ = f.set_len(0);
-    let _ = f.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
     Ok(f)
 }
 
@@ -898,9 +887,8 @@ impl ImageStore for DirImage {
             return Ok(());
         }
         lock(&self.inner.fds).clear();
-        if let Some(f) = lock(&self.inner.lock).take() {
-            let _ = f.set_len(0);
-        }
+        // Dropping the file releases the flock.
+        drop(lock(&self.inner.lock).take());
         Ok(())
     }
 }
@@ -1151,10 +1139,6 @@ mod tests {
             .unwrap();
         assert_eq!(e.kind, ErrorKind::Busy);
         assert!(e.message.contains("rbd/vm1 is in use"), "{e}");
-        assert!(
-            e.message.contains(&format!("pid {}", std::process::id())),
-            "{e}"
-        );
         assert_eq!(
             s.remove_image(&spec("vm1")).await.unwrap_err().kind,
             ErrorKind::Busy
