@@ -1,7 +1,7 @@
 //! `rados-nbd serve`: one image, opened once and shared by every connection, served on a
 //! unix socket or TCP until SIGTERM/SIGINT, then closed cleanly (map written, dirty
-//! flag cleared). When the last client leaves the image is checkpointed the same way
-//! while the server keeps listening, so an idle server holds a clean image.
+//! flag cleared). Clients may come and go meanwhile; the image stays open (and flagged
+//! dirty when writable) until the server stops.
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -283,13 +283,10 @@ async fn accept_loop<I: ImageStore>(
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             Some(Done) = done_rx.recv() => {
                 active -= 1;
-                if active == 0 {
-                    if let Err(e) = image.checkpoint().await {
-                        tracing::error!("{e}");
-                    }
-                    if args.once && served > 0 {
-                        break;
-                    }
+                // Persistent by default (like qemu-nbd --persistent): the image stays
+                // open, flagged dirty, until SIGTERM/SIGINT.
+                if active == 0 && args.once && served > 0 {
+                    break;
                 }
             }
             r = accept(&listener) => {
