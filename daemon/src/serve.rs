@@ -8,45 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, Store};
-// TEMPORARY until the protocol crate's server lands on main: same signatures.
-use pending::{serve_connection, Export, Exports, ServerOptions};
-#[allow(dead_code)]
-mod pending {
-    use nbd_protocol::Backend;
-    use std::sync::Arc;
-    pub struct Export<B: Backend> {
-        pub name: String,
-        pub description: String,
-        pub backend: Arc<B>,
-    }
-    pub struct Exports<B: Backend> {
-        pub exports: Vec<Export<B>>,
-    }
-    #[derive(Default)]
-    pub struct ServerOptions {
-        pub max_in_flight: usize,
-    }
-    #[derive(Debug)]
-    pub struct ProtocolError;
-    impl std::fmt::Display for ProtocolError {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("NBD server not built yet")
-        }
-    }
-    pub async fn serve_connection<S, B: Backend>(
-        _s: S,
-        e: Arc<Exports<B>>,
-        _o: ServerOptions,
-        _w: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), ProtocolError> {
-        let _ = (
-            &e.exports[0].name,
-            &e.exports[0].description,
-            &e.exports[0].backend,
-        );
-        Err(ProtocolError)
-    }
-}
+use nbd_protocol::{serve_connection, Export, Exports, ServerOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
@@ -317,8 +279,9 @@ async fn accept_loop<I: ImageStore>(
     Ok(())
 }
 
-type ConnFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), pending::ProtocolError>> + Send>>;
+type ConnFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), nbd_protocol::ProtocolError>> + Send>,
+>;
 
 fn conn_future<I: ImageStore, T>(
     stream: T,
