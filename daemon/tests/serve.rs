@@ -372,3 +372,118 @@ fn stale_socket_is_replaced_but_other_files_are_not() {
         "failed serve left the image clean"
     );
 }
+
+#[test]
+fn sigterm_with_a_client_attached_and_once() {
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "8M", "vm1"]);
+    let srv = Server::start(s, "vm1", &[]);
+    // A client that wrote, then sits idle holding its connection.
+    let script = format!(
+        "import nbd, time\nh = nbd.NBD()\nh.connect_uri({:?})\nh.pwrite(b'q' * 4096, 0)\nprint('ready', flush=True)\ntime.sleep(30)\n",
+        srv.uri
+    );
+    let mut client = Command::new(PY)
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let t = Instant::now();
+    let (code, log) = srv.stop();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(header(s, "vm1")["flags"], 0);
+    ok(s, &["object-map", "check", "vm1"]);
+
+    // --once: the server ends (cleanly) when its first client leaves.
+    let mut srv = Server::start(s, "vm1", &["--once"]);
+    nbd_py(&srv.uri, "assert h.pread(4, 0) == b'qqqq'");
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = srv.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "--once did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success());
+    assert_eq!(header(s, "vm1")["flags"], 0);
+}
+
+#[test]
+fn kill9_mid_workload_loses_nothing_acked() {
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "256M", "vm1"]);
+    let srv = Server::start(s, "vm1", &[]);
+    // Writes spread over many objects (half with FUA), each acknowledged index printed.
+    let script = format!(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri({:?})\n\
+         for i in range(100000):\n\
+         \x20   off = (i * 1048576 + (i % 7) * 4096) % (256 << 20)\n\
+         \x20   h.pwrite(i.to_bytes(4, 'little') * 1024, off, nbd.CMD_FLAG_FUA if i % 2 else 0)\n\
+         \x20   print(i, flush=True)\n",
+        srv.uri
+    );
+    let mut client = Command::new(PY)
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut rd = BufReader::new(client.stdout.take().unwrap());
+    let mut last = None;
+    let mut line = String::new();
+    while last.is_none_or(|l: u64| l < 150) {
+        line.clear();
+        assert!(rd.read_line(&mut line).unwrap() > 0, "client ended early");
+        last = Some(line.trim().parse().unwrap());
+    }
+    srv.kill9();
+    // Whatever else the client printed was acknowledged before the kill.
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut rd, &mut rest);
+    let _ = client.wait();
+    let acked = rest
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(last.unwrap());
+    assert_eq!(header(s, "vm1")["flags"], 3);
+
+    let srv = Server::start(s, "vm1", &[]);
+    // The later of two writes to one offset wins: check the last index per offset.
+    let check = format!(
+        "last = {{}}\n\
+         for i in range({}):\n\
+         \x20   last[(i * 1048576 + (i % 7) * 4096) % (256 << 20)] = i\n\
+         for off, i in last.items():\n\
+         \x20   assert h.pread(4096, off) == i.to_bytes(4, 'little') * 1024, (off, i)\n\
+         print(len(last))",
+        acked + 1
+    );
+    let n: usize = nbd_py(&srv.uri, &check).trim().parse().unwrap();
+    assert!(n > 100);
+    let (code, log) = srv.stop();
+    assert_eq!(code, 0, "{log}");
+    ok(s, &["object-map", "check", "vm1"]);
+}
