@@ -30,6 +30,11 @@ pub const MAX_BLOCK: u32 = 32 << 20;
 
 const LOCK_SHARDS: usize = 1024;
 
+/// Keeps every byte offset and object arithmetic far from u64 overflow.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
+/// 2^30 objects: a 256 MiB map in memory (4 PiB at 4 MiB objects).
+pub const MAX_MAP_OBJECTS: u64 = 1 << 30;
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Open read-only (also implied by a snapshot spec).
@@ -159,9 +164,23 @@ pub async fn create_image<St: Store>(
     spec: &ImageSpec,
     opts: &crate::store::CreateOptions,
 ) -> Result<()> {
+    let count = opts.size.div_ceil(1u64 << opts.order);
+    if opts.size > MAX_IMAGE_SIZE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("image size {} too large (at most 2^60 bytes)", opts.size),
+        ));
+    }
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 && count > MAX_MAP_OBJECTS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{count} objects is too many for an object map (at most {MAX_MAP_OBJECTS}); use a larger --object-size"
+            ),
+        ));
+    }
     store.create_image(spec, opts).await?;
     if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
-        let count = opts.size.div_ceil(1u64 << opts.order);
         let img = store.open_image(spec, OpenMode::ReadWrite).await?;
         let r = match new_map(count, spec) {
             Ok(m) => img.write_object_map(m.encode()).await,

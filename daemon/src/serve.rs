@@ -163,11 +163,8 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         read_only: args.read_only,
         shared_default: config.shared_default,
     };
-    let image = Arc::new(
-        Image::open(&store, &spec, &opts)
-            .await
-            .map_err(|e| e.context(format!("opening {spec} in {}", store.describe())))?,
-    );
+    // Store errors already name the image, the store and the file that failed.
+    let image = Arc::new(Image::open(&store, &spec, &opts).await?);
     let listener = match Listener::bind(&addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -155,6 +155,12 @@ fn bad_inputs_give_one_line_and_change_nothing() {
         "3M",
     );
     fails_cleanly(s, &["create", "--size", "1M", "vm1"], "already exists");
+    fails_cleanly(s, &["create", "--size", "2048P", "huge"], "too large");
+    fails_cleanly(
+        s,
+        &["create", "--size", "8P", "--object-size", "4K", "huge"],
+        "too many",
+    );
     fails_cleanly(s, &["create", "--size", "1M", "bad/na/me"], "bad/na/me");
     fails_cleanly(s, &["--store", "nosuch:/x", "ls"], "nosuch:/x");
     fails_cleanly(s, &["--store", "ceph:", "ls"], "no Ceph support");
