@@ -1362,4 +1362,38 @@ mod tests {
             "no store read of a nonexistent object, no removal of one, flag set before the write"
         );
     }
+
+    #[tokio::test]
+    async fn store_full_is_enospc_naming_the_object() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        // An object file that is /dev/full: every write to it fails with ENOSPC.
+        let obj = pool(d.path()).join(format!("rbd_data.{}.{:016x}", id(d.path()), 1));
+        std::os::unix::fs::symlink("/dev/full", &obj).unwrap();
+        let img = open(&s, false).await;
+        let e = img
+            .write(OBJ + 10, Bytes::from_static(b"data"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::NoSpc);
+        assert!(
+            e.message.contains(&obj.display().to_string()),
+            "{}",
+            e.message
+        );
+        // Other objects still work.
+        img.write(0, Bytes::from_static(b"ok"), false)
+            .await
+            .unwrap();
+        // The failed object cannot be synced: close reports it and leaves the flag set,
+        // so the map on disk is never trusted.
+        let e = img.close().await.unwrap_err();
+        assert!(e.message.contains("syncing"), "{}", e.message);
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        std::fs::remove_file(&obj).unwrap();
+        let img = open(&s, false).await;
+        assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
+        assert_eq!(existing(img.object_map().unwrap()), [0]);
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+    }
 }
