@@ -293,9 +293,28 @@ impl<S: ImageStore> Image<S> {
         let mode = if read_only {
             OpenMode::ReadOnly
         } else {
-            OpenMode::ReadWrite
+            // The lock to take depends on the image's `shared` setting: peek at it.
+            let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
+            let shared = shared_setting(&peek, spec, opts.shared_default).await;
+            let _ = peek.close().await;
+            if shared? {
+                OpenMode::SharedWrite
+            } else {
+                OpenMode::ReadWrite
+            }
         };
         let img = store.open_image(spec, mode).await?;
+        if mode == OpenMode::SharedWrite
+            && !shared_setting(&img, spec, opts.shared_default)
+                .await
+                .unwrap_or(false)
+        {
+            let _ = img.close().await;
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("the shared setting of {spec} changed while opening it; try again"),
+            ));
+        }
         Self::from_store_image(
             img,
             spec,
@@ -1087,9 +1106,23 @@ mod tests {
         }
         let img = open(&s, false).await;
         assert!(img.is_shared() && img.object_map().is_none());
+        // Several writers of a shared image coexist; each sees the other's writes.
+        let img2 = open(&s, false).await;
+        img2.write(0, Bytes::from_static(b"two"), true)
+            .await
+            .unwrap();
+        assert_eq!(&read_all(&img, 0, 3).await, b"two");
+        img2.close().await.unwrap();
+        // An exclusive writer (e.g. `config`) is refused meanwhile.
+        let e = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Busy);
         assert_eq!(header_flags(d.path()), 0);
-        img.read(0, 4096).await.unwrap();
-        assert_eq!((img.stats().store_reads, img.stats().map_reads), (1, 0));
+        img.read(8 << 20, 4096).await.unwrap();
+        assert_eq!((img.stats().store_reads, img.stats().map_reads), (2, 0));
         img.close().await.unwrap();
         // The config default applies only without metadata.
         let (_d2, s2) = store_with(16 << 20, DEFAULT_FEATURES).await;

@@ -217,8 +217,9 @@ fn lock_pool(pool_dir: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Takes an image's exclusive lock without waiting: a second writer is refused.
-fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec) -> Result<File> {
+/// Takes an image's lock without waiting: exclusive for a writer (a second writer is
+/// refused), shared for the writers of a shared image (they exclude only exclusive ones).
+fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec, exclusive: bool) -> Result<File> {
     let path = pool_dir.join(format!("rbd_header.{id}.lock"));
     let f = OpenOptions::new()
         .read(true)
@@ -227,13 +228,23 @@ fn lock_image(pool_dir: &Path, id: &str, spec: &ImageSpec) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    match flock(&f, op | libc::LOCK_NB) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            let how = if exclusive {
+                "opened for writing by another client"
+            } else {
+                "opened for exclusive writing by another client (not as a shared image)"
+            };
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "image {}/{} is in use: opened for writing by another client (lock {})",
+                    "image {}/{} is in use: {how} (lock {})",
                     spec.pool,
                     spec.name,
                     path.display()
@@ -383,7 +394,7 @@ impl Store for DirStore {
                     format!("corrupt image id file {}", id_path.display()),
                 ));
             }
-            let lock = lock_image(&pool_dir, &id, &spec)?;
+            let lock = lock_image(&pool_dir, &id, &spec, true)?;
             // A corrupt header must not block removal: fall back to the default prefix.
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
             let prefix = read_file_opt(&header_path)?
@@ -437,7 +448,7 @@ impl Store for DirStore {
         let desc = self.describe();
         let spec = spec.clone();
         blocking(move || {
-            if spec.snap.is_some() && mode == OpenMode::ReadWrite {
+            if spec.snap.is_some() && mode != OpenMode::ReadOnly {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
                     format!("snapshot {spec} can only be opened read-only"),
@@ -456,7 +467,8 @@ impl Store for DirStore {
             }
             // Lock before reading the header, so the header read is the latest.
             let lock = match mode {
-                OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, &spec)?),
+                OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, &spec, true)?),
+                OpenMode::SharedWrite => Some(lock_image(&pool_dir, &id, &spec, false)?),
                 OpenMode::ReadOnly => None,
             };
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
@@ -1171,6 +1183,44 @@ mod tests {
             .close()
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn shared_writers_coexist_but_exclude_an_exclusive_one() {
+        let (_d, s) = setup().await;
+        let a = s
+            .open_image(&spec("vm1"), OpenMode::SharedWrite)
+            .await
+            .unwrap();
+        let b = s
+            .open_image(&spec("vm1"), OpenMode::SharedWrite)
+            .await
+            .unwrap();
+        a.write(0, 0, Bytes::from_static(b"a"), false)
+            .await
+            .unwrap();
+        b.write(0, 1, Bytes::from_static(b"b"), true).await.unwrap();
+        assert_eq!(&a.read(0, 0, 2, None).await.unwrap().unwrap()[..], b"ab");
+        let e = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+        let x = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let e = s
+            .open_image(&spec("vm1"), OpenMode::SharedWrite)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("not as a shared image"), "{e}");
+        x.close().await.unwrap();
     }
 
     #[tokio::test]
