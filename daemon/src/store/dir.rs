@@ -503,6 +503,7 @@ impl Store for DirStore {
                     id,
                     read_only: mode == OpenMode::ReadOnly,
                     snap,
+                    object_prefix: h.object_prefix.clone(),
                     header: Mutex::new(h),
                     lock: Mutex::new(lock),
                     fds: Mutex::new(HashMap::new()),
@@ -529,6 +530,7 @@ struct Inner {
     /// The snapshot this handle was opened at. The directory store keeps no snapshot
     /// clones, so snapshot reads are refused rather than silently served from the head.
     snap: Option<u64>,
+    object_prefix: String,
     header: Mutex<HeaderFile>,
     lock: Mutex<Option<File>>,
     fds: Mutex<HashMap<u64, Arc<File>>>,
@@ -577,14 +579,19 @@ impl Inner {
     }
 
     fn object_path(&self, objno: u64) -> PathBuf {
-        let prefix = lock(&self.header).object_prefix.clone();
-        self.pool_dir.join(format!("{prefix}.{objno:016x}"))
+        self.pool_dir
+            .join(format!("{}.{objno:016x}", self.object_prefix))
     }
 
     /// The object's file, opened (and cached); `None` when it does not exist and
     /// `create` is false. The bool says whether this call created the file.
+    ///
+    /// The cache lock is held across the open so that an open and a `remove` (evict +
+    /// unlink, also under the lock) cannot interleave: otherwise a reader could cache the
+    /// descriptor of a file being unlinked, and a later write through it would vanish.
     fn file(&self, objno: u64, create: bool) -> Result<Option<(Arc<File>, bool)>> {
-        if let Some(f) = lock(&self.fds).get(&objno) {
+        let mut fds = lock(&self.fds);
+        if let Some(f) = fds.get(&objno) {
             return Ok(Some((f.clone(), false)));
         }
         let path = self.object_path(objno);
@@ -614,7 +621,6 @@ impl Inner {
             Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
         };
         let f = Arc::new(f);
-        let mut fds = lock(&self.fds);
         if fds.len() >= FD_CACHE_SIZE {
             if let Some(k) = fds.keys().next().copied() {
                 fds.remove(&k);
@@ -633,7 +639,10 @@ impl Inner {
         // Dirty before the write: a sync that starts after this write is acked must see it.
         lock(&self.dirty).insert(objno);
         let Some((f, created)) = self.file(objno, true)? else {
-            unreachable!("file(create=true) returns a file or an error")
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{} could not be created", self.object_path(objno).display()),
+            ));
         };
         let what = || format!("writing {}", self.object_path(objno).display());
         f.write_all_at(data, off)
@@ -719,12 +728,15 @@ impl Inner {
     }
 
     fn remove(&self, objno: u64, durable: bool) -> Result<()> {
-        lock(&self.fds).remove(&objno);
         let path = self.object_path(objno);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+        {
+            let mut fds = lock(&self.fds);
+            fds.remove(&objno);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+            }
         }
         lock(&self.dirty).remove(&objno);
         if durable {
@@ -875,11 +887,8 @@ impl ImageStore for DirImage {
     async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
         self.inner.check_open()?;
         self.inner.check_snap(snap)?;
-        self.run(|i| {
-            let prefix = lock(&i.header).object_prefix.clone();
-            list_data_objects(&i.pool_dir, &prefix)
-        })
-        .await
+        self.run(|i| list_data_objects(&i.pool_dir, &i.object_prefix))
+            .await
     }
 
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
@@ -1115,6 +1124,43 @@ mod tests {
         assert!(lock(&i.dirty).is_empty());
         img.close().await.unwrap();
         assert!(img.sync().await.is_err(), "closed handle refuses work");
+    }
+
+    #[tokio::test]
+    async fn reads_racing_removals_never_strand_a_later_write() {
+        let (_d, s) = setup().await;
+        let img = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let i = img.inner.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (i, stop) = (i.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = i.read(0, 0, 16);
+                    }
+                })
+            })
+            .collect();
+        for n in 0..2000u32 {
+            i.remove(0, false).unwrap();
+            i.write(0, 0, &n.to_le_bytes(), false).unwrap();
+            // What is on disk under the object's name must be the write just acked.
+            let on_disk = std::fs::read(i.object_path(0)).unwrap();
+            assert_eq!(
+                on_disk,
+                n.to_le_bytes(),
+                "write {n} went to an unlinked file"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        img.close().await.unwrap();
     }
 
     #[tokio::test]
