@@ -26,7 +26,7 @@ pub struct ServeOpts {
     /// Map read-only (always so for a snapshot).
     #[arg(long)]
     pub read_only: bool,
-    /// Refuse to share the image: keep its exclusive lock for the whole mapping.
+    /// Take the image's exclusive lock even when it is marked shared: no other writer.
     #[arg(long)]
     pub exclusive: bool,
     /// Kernel request timeout in seconds (0 or unset: requests never time out).

@@ -40,8 +40,9 @@ const MAX_CONNECTIONS: u32 = 16;
 
 /// Runs one kernel command. Synchronous on purpose: the serving daemon builds its own tokio
 /// runtime after the (single-threaded) setup, so call this outside any runtime.
-/// `store` is the resolved store URI (`dir:/var/lib/rados-nbd`, ...).
-pub fn run(cmd: KernelCommand, store: &str) -> Result<()> {
+/// `store` is the resolved `--store` (recorded as `dir:/var/lib/rados-nbd`, ...).
+pub fn run(cmd: KernelCommand, store: &crate::cli::StoreUri) -> Result<()> {
+    let store = &export::store_string(store);
     match cmd {
         KernelCommand::Map(a) => map(a, store),
         KernelCommand::Unmap(a) => unmap(a),

@@ -1,0 +1,12 @@
+//! `rados-nbd`: serve RBD format-2 images over NBD with the object map in memory.
+//! The library holds everything; `main.rs` only parses arguments and runs `cli`.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod image;
+#[cfg(target_os = "linux")]
+pub mod kernel;
+pub mod serve;
+pub mod spec;
+pub mod store;
