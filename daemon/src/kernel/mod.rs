@@ -353,11 +353,23 @@ fn serve(
     for w in device::harden_process() {
         tracing::warn!("{w}");
     }
+    // Under mlockall(MCL_FUTURE) every thread stack is resident, so the blocking pool
+    // (tokio's default allows 512 threads of 2 MiB) is bounded to keep locked memory modest.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("rados-nbd-io")
+        .max_blocking_threads(64)
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
+    // Signals before the image is opened: a SIGTERM from now on ends in a clean close.
+    let signals = {
+        let _g = rt.enter();
+        Signals {
+            term: signal(tokio::signal::unix::SignalKind::terminate())?,
+            int: signal(tokio::signal::unix::SignalKind::interrupt())?,
+            usr1: signal(tokio::signal::unix::SignalKind::user_defined1())?,
+        }
+    };
     let export = Arc::new(
         rt.block_on(Export::open(store, &spec, read_only, opts.exclusive))
             .map_err(|e| e.context(format!("opening {spec}")))?,
@@ -371,7 +383,7 @@ fn serve(
         read_only,
         connections,
     };
-    let outcome = setup.run(mode, nl, ready);
+    let outcome = setup.run(mode, nl, signals, ready);
     // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock.
     let closed = rt.block_on(export.close());
     if let Err(e) = &closed {
@@ -409,6 +421,13 @@ struct Setup<'a> {
     connections: u32,
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    /// `detach`.
+    usr1: tokio::signal::unix::Signal,
+}
+
 /// How the kernel was told about the device, and how to tell it to let go.
 enum Control {
     Netlink(netlink::NbdNetlink),
@@ -422,6 +441,7 @@ impl Setup<'_> {
         &self,
         mode: Mode,
         nl: Option<netlink::NbdNetlink>,
+        mut sig: Signals,
         ready: &mut Option<ReadyPipe>,
     ) -> Result<(u32, Ending)> {
         let attaching = matches!(mode, Mode::Attach { .. });
@@ -461,9 +481,6 @@ impl Setup<'_> {
             tasks.spawn(async move { (i, ex.serve(s, rx).await) });
             kernel_ends.push(k);
         }
-        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut sigusr1 = signal(tokio::signal::unix::SignalKind::user_defined1())?;
 
         let fds: Vec<i32> = kernel_ends.iter().map(|k| k.as_raw_fd()).collect();
         let backend = backend_id(self.store, self.spec);
@@ -597,7 +614,7 @@ impl Setup<'_> {
                         Some(Ok((i, Err(e)))) => tracing::error!("{path}: connection {i} failed: {e}"),
                         Some(Err(e)) => tracing::error!("{path}: a connection task failed: {e}"),
                     },
-                    _ = sigterm.recv(), if !disconnecting && !detaching => {
+                    _ = sig.term.recv(), if !disconnecting && !detaching => {
                         disconnecting = true;
                         tracing::info!("{path}: SIGTERM, disconnecting");
                         if let Err(e) = request_disconnect(&mut control, index) {
@@ -605,7 +622,7 @@ impl Setup<'_> {
                             let _ = stop_tx.send(true);
                         }
                     }
-                    _ = sigint.recv(), if !disconnecting && !detaching => {
+                    _ = sig.int.recv(), if !disconnecting && !detaching => {
                         disconnecting = true;
                         tracing::info!("{path}: SIGINT, disconnecting");
                         if let Err(e) = request_disconnect(&mut control, index) {
@@ -613,7 +630,7 @@ impl Setup<'_> {
                             let _ = stop_tx.send(true);
                         }
                     }
-                    _ = sigusr1.recv(), if !disconnecting && !detaching && netlink => {
+                    _ = sig.usr1.recv(), if !disconnecting && !detaching && netlink => {
                         detaching = true;
                         tracing::info!("{path}: detaching (the device stays configured)");
                         let _ = stop_tx.send(true);
