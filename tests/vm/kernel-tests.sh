@@ -62,10 +62,9 @@ check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "image flagged dirty while mapped" dirty rbd/ext
 check "daemon runs in its own session" bash -c "p=\$(sed -n 's/.*\"pid\": *\([0-9]*\).*/\1/p' /run/rados-nbd/${dev#/dev/}.json); [ \$(ps -o sid= -p \$p) = \$p ]"
+p=$(pid_of "$dev")
+note "daemon $(grep -E '^(VmLck|VmRSS|Threads)' /proc/$p/status | tr -s '\t ' ' ' | paste -sd, -), oom_score_adj $(cat /proc/$p/oom_score_adj)"
 hardened() {
-  local p
-  p=$(pid_of "$dev")
-  note "daemon $(grep -E '^(VmLck|VmRSS|Threads)' /proc/$p/status | tr -s '\t ' ' ' | paste -sd, -), oom_score_adj $(cat /proc/$p/oom_score_adj)"
   grep -Eq '^VmLck:[[:space:]]+[1-9]' /proc/$p/status && [ "$(cat /proc/$p/oom_score_adj)" = -1000 ]
 }
 check "daemon memory locked, oom_score_adj -1000" hardened
