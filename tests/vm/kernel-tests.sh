@@ -211,6 +211,12 @@ check "ioctl fallback: data readable" bash -c "dd if=$dev of=/tmp/r0 bs=1M count
 check "ioctl fallback: detach refused" bash -c "! '$B' detach $dev"
 check "ioctl fallback: unmap" "$B" unmap "$dev"
 check "ioctl fallback: image clean" clean rbd/misc
+dev=$(map rbd/misc)
+mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT
+pid=$(pid_of "$dev")
+check "unmap --force of a mounted device" "$B" unmap --force "$dev"
+check "unmap --force: daemon gone, image clean" bash -c "[ ! -d /proc/$pid ] && ! '$B' info rbd/misc --format json | grep -q 'object map invalid'"
+umount -l $MNT 2>/dev/null
 check "nothing left mapped" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
 dev=$(map rbd/misc)
 out=$("$B" map rbd/misc 2>&1)
