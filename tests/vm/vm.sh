@@ -93,7 +93,7 @@ rm -f "$work/guest-rc"
 } >"$work/guest.sh"
 
 log=$work/console.log
-timeout "${VM_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
+timeout "${VM_TIMEOUT:-1800}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
   -m "${VM_MEM:-2048}" -smp "${VM_CPUS:-2}" -nographic -no-reboot -nic none \
   -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
   -append "console=ttyS0 panic=-1 loglevel=${VM_LOGLEVEL:-3}" \

@@ -7,13 +7,27 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Where /sys and /proc live; tests point these elsewhere.
+#[cfg(test)]
+thread_local! {
+    /// Per-test-thread roots, so tests never mutate the process environment.
+    static TEST_SYS_BLOCK: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+    static TEST_RUN_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
 fn sys_block() -> PathBuf {
-    PathBuf::from(std::env::var_os("RADOS_NBD_SYS_BLOCK").unwrap_or_else(|| "/sys/block".into()))
+    #[cfg(test)]
+    if let Some(p) = TEST_SYS_BLOCK.with(|c| c.borrow().clone()) {
+        return p;
+    }
+    PathBuf::from("/sys/block")
 }
 
 /// The runtime directory for state files (`/run/rados-nbd`, or `$RADOS_NBD_RUN_DIR`).
 pub fn run_dir() -> PathBuf {
+    #[cfg(test)]
+    if let Some(p) = TEST_RUN_DIR.with(|c| c.borrow().clone()) {
+        return p;
+    }
     PathBuf::from(std::env::var_os("RADOS_NBD_RUN_DIR").unwrap_or_else(|| "/run/rados-nbd".into()))
 }
 
@@ -394,8 +408,7 @@ mod tests {
     #[test]
     fn state_files_round_trip_and_list() {
         let dir = tempfile::tempdir().unwrap();
-        // Each test process has its own env; this test is the only one touching RUN_DIR.
-        std::env::set_var("RADOS_NBD_RUN_DIR", dir.path());
+        TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
         let st = DeviceState {
             pid: 42,
             pool: "rbd".into(),
@@ -424,7 +437,6 @@ mod tests {
         assert_eq!(all[1].spec_string(), "rbd/vm1@s1");
         remove_state(3);
         assert_eq!(read_state(3).unwrap(), None);
-        std::env::remove_var("RADOS_NBD_RUN_DIR");
     }
 
     #[test]
@@ -440,7 +452,7 @@ mod tests {
         std::fs::write(b.join("nbd1/dev"), "43:32\n").unwrap();
         std::fs::write(b.join("nbd1/nbd1p1/dev"), "43:33\n").unwrap();
         std::fs::create_dir_all(b.join("sda")).unwrap();
-        std::env::set_var("RADOS_NBD_SYS_BLOCK", b);
+        TEST_SYS_BLOCK.with(|c| *c.borrow_mut() = Some(b.to_path_buf()));
         assert_eq!(all_devices(), vec![0, 1]);
         assert_eq!(free_devices(), vec![0]);
         assert_eq!(device_size(1), Some(1 << 20));
@@ -448,7 +460,13 @@ mod tests {
         let why = busy_reason(1).unwrap();
         assert!(why.contains("nbd1p1") && why.contains("dm-0"), "{why}");
         assert_eq!(busy_reason(0), None);
-        assert!(wait_ready(1, 1 << 20, Duration::from_millis(50)).is_err()); // no /dev/nbd1 here
-        std::env::remove_var("RADOS_NBD_SYS_BLOCK");
+        // The kernel shows 1 MiB; waiting for 2 MiB must time out with both sizes named.
+        let e = wait_ready(1, 2 << 20, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TimedOut);
+        assert!(
+            e.message.contains("2097152") && e.message.contains("1048576"),
+            "{}",
+            e.message
+        );
     }
 }
