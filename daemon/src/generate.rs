@@ -75,12 +75,29 @@ pub fn completions(cli: Command, shell: Shell, dir: &Path) -> Result<PathBuf, Er
     ensure_dir(dir)?;
     let mut cli = cli;
     let bin = cli.get_name().to_string();
-    clap_complete::generate_to(shell, &mut cli, bin, dir).map_err(|e| {
+    let path = clap_complete::generate_to(shell, &mut cli, bin.clone(), dir).map_err(|e| {
         Error::new(
             ErrorKind::Io,
             format!("writing {shell} completions into {}: {e}", dir.display()),
         )
-    })
+    })?;
+    if shell == Shell::Bash && bin.contains('-') {
+        fix_bash_dashed_name(&path, &bin)?;
+    }
+    Ok(path)
+}
+
+/// clap_complete 4.6 names the bash case labels of subcommands from the binary name with '-'
+/// turned into its subcommand separator (`rados__subcmd__nbd__subcmd__map`) but the variable
+/// it matches them against with '-' turned into `__` (`rados__nbd__subcmd__map`): no
+/// subcommand's flags would ever complete. Rewrite the labels to the form actually matched.
+fn fix_bash_dashed_name(path: &Path, bin: &str) -> Result<(), Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let wrong = bin.replace('-', "__subcmd__");
+    let right = bin.replace('-', "__");
+    let fixed = text.replace(&format!("{wrong}__subcmd__"), &format!("{right}__subcmd__"));
+    std::fs::write(path, fixed).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]
@@ -163,6 +180,53 @@ mod tests {
                 "{shell} lacks a subcommand flag"
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs the generated bash completion the way bash would for `words`, returns COMPREPLY.
+    fn bash_complete(script: &Path, words: &[&str]) -> Option<String> {
+        let bash = Path::new("/bin/bash");
+        if !bash.exists() {
+            return None;
+        }
+        let cword = words.len() - 1;
+        let prog = format!(
+            "source {script}; f=$(complete -p rados-nbd | sed 's/.*-F \\([^ ]*\\).*/\\1/'); \
+             COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             \"$f\" rados-nbd {cur} {prev}; echo \"${{COMPREPLY[*]}}\"",
+            script = script.display(),
+            words = words.join(" "),
+            cur = words[cword],
+            prev = words[cword - 1],
+        );
+        let out = std::process::Command::new(bash)
+            .arg("-c")
+            .arg(prog)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    #[test]
+    fn bash_completes_subcommands_and_their_flags() {
+        let dir = scratch("bash");
+        let p = completions(toy(), Shell::Bash, &dir).unwrap();
+        let Some(got) = bash_complete(&p, &["rados-nbd", "ma"]) else {
+            return;
+        };
+        assert_eq!(got, "map");
+        let got = bash_complete(&p, &["rados-nbd", "map", "--re"]).unwrap();
+        assert_eq!(got, "--read-only");
+        let got = bash_complete(&p, &["rados-nbd", "unmap", "--"]).unwrap();
+        assert!(
+            got.contains("--store") && !got.contains("--read-only"),
+            "{got}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
