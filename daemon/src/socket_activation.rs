@@ -74,18 +74,16 @@ pub fn listen_fds_count(
     Ok((n > 0).then_some(n))
 }
 
-/// The listening sockets systemd passed, or `Ok(None)` when not socket-activated. Call it once,
-/// early, before other threads start: it takes ownership of fds 3.. and removes the `LISTEN_*`
-/// variables so that no child process believes the sockets are its own.
+/// The listening sockets systemd passed, or `Ok(None)` when not socket-activated. Call it once:
+/// it takes ownership of fds 3... The `LISTEN_*` variables stay (removing them is not
+/// thread-safe); a child process ignores them anyway, since `LISTEN_PID` is not its pid, and
+/// the fds are made close-on-exec.
 pub fn from_env() -> Result<Option<Vec<Listener>>, String> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
     let Some(n) = listen_fds_count(pid.as_deref(), fds.as_deref(), std::process::id())? else {
         return Ok(None);
     };
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
-    }
     // SAFETY: systemd hands these fds to this process (LISTEN_PID matched) and nothing else
     // in the process owns them; this is the only place that takes them, once.
     unsafe { take_fds(LISTEN_FDS_START, n) }.map(Some)

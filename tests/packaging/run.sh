@@ -298,16 +298,16 @@ else skip "fish completion: fish not installed"; fi
 if command -v systemd-socket-activate >/dev/null 2>&1 && command -v nbdinfo >/dev/null 2>&1 &&
    "$PREFIX/usr/bin/rados-nbd" create --help >/dev/null 2>&1; then
   STORE=dir:$WORK/store; SOCK=$WORK/serve.sock
-  if "$PREFIX/usr/bin/rados-nbd" --store "$STORE" create --size 8M rbd/sa >/dev/null 2>&1 ||
-     RADOS_NBD_STORE=$STORE "$PREFIX/usr/bin/rados-nbd" create --size 8M rbd/sa >/dev/null 2>&1; then
-    RADOS_NBD_STORE=$STORE spawn systemd-socket-activate -l "$SOCK" \
-      "$PREFIX/usr/bin/rados-nbd" serve rbd/sa 2>"$WORK/sa.log"
+  if "$PREFIX/usr/bin/rados-nbd" --store "$STORE" create --size 8M rbd/sa >"$WORK/sa.log" 2>&1; then
+    spawn systemd-socket-activate -l "$SOCK" \
+      "$PREFIX/usr/bin/rados-nbd" --store "$STORE" serve rbd/sa 2>>"$WORK/sa.log"
     wait_for_socket "$SOCK" 10 2>/dev/null
     size=$(timeout 20 nbdinfo --size "nbd+unix:///?socket=$SOCK" 2>>"$WORK/sa.log")
-    check "socket-activated serve answers on the inherited socket (LISTEN_FDS)" test "$size" = 8388608
+    if [ "$size" = 8388608 ]; then pass "socket-activated serve answers on the inherited socket (LISTEN_FDS)"
+    else fail "socket-activated serve answers on the inherited socket (LISTEN_FDS)" "$(tail -3 "$WORK/sa.log")"; fi
     cleanup_pids
   else
-    fail "socket activation: create a test image" "rados-nbd create failed"
+    fail "socket activation: create a test image" "$(tail -3 "$WORK/sa.log")"
   fi
 else
   skip "socket activation: needs systemd-socket-activate, nbdinfo and the rados-nbd CLI"

@@ -20,7 +20,7 @@ fail() { F=$((F + 1)); echo "FAIL nbdtab-vm: $1${2:+: $2}"; }
 check() { local n=$1; shift; local o; if o=$("$@" 2>&1); then pass "$n"; else fail "$n" "$(echo "$o" | tail -3)"; fi; }
 
 rm -rf "$W"; mkdir -p "$W/store" "$W/mnt"
-export RADOS_NBD_STORE=dir:$W/store
+export RADOS_NBD_STORE=$W/store   # the default dir store's path (not a URI)
 export RADOS_NBD_NBDTAB=$W/nbdtab
 export RADOS_NBD_BIN=$BIN
 [ -n "${KMODS:-}" ] && modprobe -d "$KMODS" nbd nbds_max=8 2>/dev/null
