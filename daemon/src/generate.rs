@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind};
 /// Manual section: rados-nbd is a system administration tool / daemon.
 pub const MAN_SECTION: &str = "8";
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum GenerateCmd {
     /// Write rados-nbd.8 and one rados-nbd-COMMAND.8 per (visible) subcommand into DIR.
     Man { dir: PathBuf },
