@@ -76,6 +76,7 @@ inst 0755 packaging/rados-nbdmap /usr/lib/rados-nbd/rados-nbdmap
 inst 0755 packaging/rados-nbd-udev /usr/lib/rados-nbd/rados-nbd-udev
 inst 0644 packaging/tmpfiles.conf /usr/lib/tmpfiles.d/rados-nbd.conf
 inst 0644 packaging/rados-nbd.conf /etc/rados-nbd/rados-nbd.conf
+inst 0644 packaging/default /etc/default/rados-nbd
 inst 0644 packaging/nbdtab /etc/rados-nbd/nbdtab
 install -d -m 0750 "$STAGE/var/lib/rados-nbd"
 
@@ -149,7 +150,7 @@ Description: serve Ceph RBD images over NBD with the object map in memory
  for /etc/rados-nbd/nbdtab, socket-activated rados-nbd-serve@.socket) and a
  udev rule for stable /dev/rados-nbd/POOL/IMAGE names.
 EOF
-printf '/etc/rados-nbd/rados-nbd.conf\n/etc/rados-nbd/nbdtab\n' >"$STAGE/DEBIAN/conffiles"
+printf '%s\n' /etc/default/rados-nbd /etc/rados-nbd/nbdtab /etc/rados-nbd/rados-nbd.conf >"$STAGE/DEBIAN/conffiles"
 for s in postinst prerm postrm; do
   install -m 0755 "packaging/maintscripts/$s" "$STAGE/DEBIAN/$s"
 done

@@ -53,6 +53,7 @@ expected=(
   /usr/lib/rados-nbd/rados-nbd-udev
   /usr/lib/tmpfiles.d/rados-nbd.conf
   /etc/rados-nbd/rados-nbd.conf
+  /etc/default/rados-nbd
   /etc/rados-nbd/nbdtab
   /var/lib/rados-nbd
   /usr/share/man/man8/rados-nbd.8.gz
@@ -87,8 +88,8 @@ else
   check "control: no librados linked -> no librados2 in Depends" bash -c "! grep -q librados2 <<<'$DEPENDS'"
 fi
 dpkg-deb -e "$DEB" "$WORK/control"
-check "conffiles: rados-nbd.conf and nbdtab" bash -c \
-  "grep -qxF /etc/rados-nbd/rados-nbd.conf '$WORK/control/conffiles' && grep -qxF /etc/rados-nbd/nbdtab '$WORK/control/conffiles'"
+check "conffiles: exactly /etc/default/rados-nbd, nbdtab, rados-nbd.conf" \
+  test "$(sort "$WORK/control/conffiles" | tr '\n' ' ')" = "/etc/default/rados-nbd /etc/rados-nbd/nbdtab /etc/rados-nbd/rados-nbd.conf "
 check "maintainer scripts parse (sh -n)" bash -c "for s in '$WORK'/control/{postinst,prerm,postrm}; do sh -n \"\$s\" || exit 1; done"
 check "md5sums cover every file" bash -c \
   "cd '$WORK' && rm -rf x && mkdir x && dpkg-deb -x '$DEB' x && cd x && md5sum --quiet -c '$WORK/control/md5sums'"
@@ -284,15 +285,28 @@ complete_words() { # complete_words WORD... : what bash would offer for the last
     echo "${COMPREPLY[*]}"' _ "$BASHC" "${words[@]}"
 }
 check "bash completion loads and registers rados-nbd" bash -c "source '$BASHC' && complete -p rados-nbd"
-check "bash completion offers 'map' for 'rados-nbd ma'" bash -c "[[ ' $(complete_words rados-nbd ma) ' == *' map '* ]]"
-check "bash completion offers --read-only after 'rados-nbd map --re'" \
-  bash -c "[[ ' $(complete_words rados-nbd map --re) ' == *' --read-only '* ]]"
+# serve and its --read-only are part of the CLI contract (issue 2).
+check "bash completion offers 'serve' for 'rados-nbd ser'" bash -c "[[ ' $(complete_words rados-nbd ser) ' == *' serve '* ]]"
+check "bash completion offers --read-only after 'rados-nbd serve --rea'" \
+  bash -c "[[ ' $(complete_words rados-nbd serve --rea) ' == *' --read-only '* ]]"
 if command -v zsh >/dev/null 2>&1; then
   check "zsh completion parses" zsh -n "$PREFIX/usr/share/zsh/vendor-completions/_rados-nbd"
 else skip "zsh completion: zsh not installed"; fi
 if command -v fish >/dev/null 2>&1; then
   check "fish completion parses" fish -n "$PREFIX/usr/share/fish/vendor_completions.d/rados-nbd.fish"
 else skip "fish completion: fish not installed"; fi
+
+# The shipped daemon config must be one the daemon accepts (it rejects unknown keys).
+RB=$PREFIX/usr/bin/rados-nbd
+if "$RB" create --help >/dev/null 2>&1 && "$RB" --store "dir:$WORK/cfgstore" create --size 4M rbd/cfg >/dev/null 2>&1; then
+  check "the daemon accepts the shipped /etc/rados-nbd/rados-nbd.conf" \
+    env RADOS_NBD_CONFIG="$PREFIX/etc/rados-nbd/rados-nbd.conf" "$RB" --store "dir:$WORK/cfgstore" info rbd/cfg
+  printf 'bogus_key = 1\n' >"$WORK/bad.conf"
+  check_fails "...and would reject a bad one (the check above reads the file)" \
+    env RADOS_NBD_CONFIG="$WORK/bad.conf" "$RB" --store "dir:$WORK/cfgstore" info rbd/cfg
+else
+  skip "daemon config check: the CLI has no create/info yet"
+fi
 
 # Socket activation end to end: systemd-socket-activate plays systemd (LISTEN_FDS=1, fd 3).
 if command -v systemd-socket-activate >/dev/null 2>&1 && command -v nbdinfo >/dev/null 2>&1 &&
@@ -321,7 +335,7 @@ if [ "$INSTALLED" = 1 ]; then
     fail "dpkg --purge removes the package" "$(tail -3 "$WORK/purge.log")"
   fi
   check "purge leaves no binary, unit, udev rule or conffile" bash -c \
-    "! ls /usr/bin/rados-nbd /lib/systemd/system/rados-nbd@.service /lib/udev/rules.d/60-rados-nbd.rules /etc/rados-nbd 2>/dev/null | grep -q ."
+    "! ls /usr/bin/rados-nbd /lib/systemd/system/rados-nbd@.service /lib/udev/rules.d/60-rados-nbd.rules /etc/rados-nbd /etc/default/rados-nbd 2>/dev/null | grep -q ."
   check "purge leaves no enablement symlink" bash -c \
     "! ls /etc/systemd/system/*/rados-nbdmap.service /etc/systemd/system/rados-nbdmap.service 2>/dev/null | grep -q ."
 fi
