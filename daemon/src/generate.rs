@@ -44,12 +44,18 @@ pub fn man_pages(cli: Command, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut cli = cli.disable_help_subcommand(true);
     cli.build();
     let mut out = Vec::new();
-    let main = render_page(cli.clone(), dir)?;
-    out.push(main);
-    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
-        out.push(render_page(sub.clone(), dir)?);
-    }
+    render_tree(&cli, dir, &mut out)?;
     Ok(out)
+}
+
+/// This command's page, then its visible subcommands', depth first (`object-map check` gets
+/// rados-nbd-object-map-check.8).
+fn render_tree(cmd: &Command, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+    out.push(render_page(cmd.clone(), dir)?);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        render_tree(sub, dir, out)?;
+    }
+    Ok(())
 }
 
 fn render_page(cmd: Command, dir: &Path) -> Result<PathBuf, Error> {
@@ -126,6 +132,11 @@ mod tests {
                     .arg(Arg::new("image").required(true)),
             )
             .subcommand(Command::new("unmap").about("Detach").arg(Arg::new("what")))
+            .subcommand(
+                Command::new("object-map")
+                    .about("Object map tools")
+                    .subcommand(Command::new("check").about("Compare map and objects")),
+            )
             .subcommand(Command::new("generate").hide(true))
     }
 
@@ -145,7 +156,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["rados-nbd.8", "rados-nbd-map.8", "rados-nbd-unmap.8"]
+            [
+                "rados-nbd.8",
+                "rados-nbd-map.8",
+                "rados-nbd-unmap.8",
+                "rados-nbd-object-map.8",
+                "rados-nbd-object-map-check.8"
+            ]
         );
         let main = std::fs::read_to_string(dir.join("rados-nbd.8")).unwrap();
         assert!(
