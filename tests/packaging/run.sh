@@ -103,7 +103,7 @@ UDEVH=$XROOT/usr/lib/rados-nbd/rados-nbd-udev
 # udev helper
 FS=$WORK/udev; mkdir -p "$FS/sys/block/nbd0" "$FS/sys/block/nbd3" "$FS/sys/block/nbd4" "$FS/sys/block/nbd5" "$FS/run"
 udevh() { RADOS_NBD_SYSFS=$FS/sys RADOS_NBD_RUN_DIR=$FS/run RADOS_NBD_UDEV_WAIT=2 "$UDEVH" "$@"; }
-echo "dir:/var/lib/rados-nbd|rbd/vm1" >"$FS/sys/block/nbd0/backend"; echo 123 >"$FS/sys/block/nbd0/pid"
+echo "rados-nbd dir:/var/lib/rados-nbd rbd/vm1" >"$FS/sys/block/nbd0/backend"; echo 123 >"$FS/sys/block/nbd0/pid"
 check "udev helper: name from the kernel's backend identifier" \
   test "$(udevh nbd0 | grep NAME=)" = "RADOS_NBD_NAME=rbd/vm1"
 : >"$FS/sys/block/nbd3/backend"; echo 9 >"$FS/sys/block/nbd3/pid"
@@ -130,9 +130,9 @@ echo 5 >"$FS/sys/block/nbd4/pid"
 check "udev helper: waits for a state file written after the connect event" \
   test "$(udevh nbd4 | grep NAME=)" = "RADOS_NBD_NAME=rbd/late"
 wait
-echo "x|../../etc/pa ss@s" >"$FS/sys/block/nbd5/backend"; echo 5 >"$FS/sys/block/nbd5/pid"
+echo "rados-nbd dir:/x ../../etc/pa\$\$s@s" >"$FS/sys/block/nbd5/backend"; echo 5 >"$FS/sys/block/nbd5/pid"
 check "udev helper: unsafe characters cannot leave /dev/rados-nbd" \
-  test "$(udevh nbd5 | grep NAME=)" = "RADOS_NBD_NAME=_/.._etc_pa_ss@s"
+  test "$(udevh nbd5 | grep NAME=)" = "RADOS_NBD_NAME=_/.._etc_pa__s@s"
 mkdir -p "$FS/sys/block/nbd7"
 start=$(date +%s)
 check "udev helper: silent for an nbd device that is not ours" test -z "$(udevh nbd7)"
@@ -165,7 +165,7 @@ cat >"$FAKE/nbdtab" <<'EOF'
 rbd/failing
 rbd/vm1
    vm2     read-only,device=/dev/nbd9,timeout=60   # trailing comment
-pool/img@snap   ro=yes,exclusive=no,store=dir:/srv/x,id=admin,keyring=/etc/k
+pool/img@snap   ro=yes,exclusive=no,store=dir:/srv/x,connections=2,reattach-timeout=90
 rbd/typo        readonly
 rbd/later       noauto
 rbd/extra  a=b  c
@@ -179,8 +179,8 @@ check "nbdmap map: exit status 1 when some entries failed" test "$rc" = 1
 check "nbdmap map: plain entry mapped" grep -qxF "map rbd/vm1" "$FAKE/calls"
 check "nbdmap map: default pool rbd, options become flags" \
   grep -qxF "map --read-only --device /dev/nbd9 --timeout 60 rbd/vm2" "$FAKE/calls"
-check "nbdmap map: key=yes/no booleans, store/id/keyring" \
-  grep -qxF "map --read-only --store dir:/srv/x --id admin --keyring /etc/k pool/img@snap" "$FAKE/calls"
+check "nbdmap map: key=yes/no booleans, valued options" \
+  grep -qxF "map --read-only --store dir:/srv/x --connections 2 --reattach-timeout 90 pool/img@snap" "$FAKE/calls"
 check "nbdmap map: a failing map is logged with the daemon's message" \
   grep -q "rbd/failing: map failed: rados-nbd: image rbd/failing not found" "$WORK/nbdmap.out"
 check "nbdmap map: unknown option reported with its line, not mapped" bash -c \

@@ -4,15 +4,18 @@
 # udevd run in the guest, so the unit's ordering and the /dev/rados-nbd links are not exercised
 # here: the script logic, the real map/unmap, unmount-before-unmap and the udev helper are.
 #
-# Run from the host (tests/vm/vm.sh copies it into the guest):
-#   tests/vm/vm.sh tests/packaging/vm-nbdtab.sh WORKDIR ROOT=$ROOT RADOS_NBD_BIN=$RADOS_NBD_BIN
-# ROOT: the repository (the host's / is visible read-only in the guest); WORKDIR is /mnt there.
+# Run from the host (tests/vm/vm.sh copies it into the guest as /mnt/guest.sh). The guest hides
+# /tmp, /run, /var/tmp and /var/lib, so copy what it needs into the work dir (/mnt inside):
+#   cp "$BIN" packaging/rados-nbdmap packaging/rados-nbd-udev "$WORK"/
+#   tests/vm/vm.sh tests/packaging/vm-nbdtab.sh "$WORK" RADOS_NBD_BIN=/mnt/rados-nbd \
+#     NBDMAP=/mnt/rados-nbdmap UDEVH=/mnt/rados-nbd-udev
+# (or ROOT=<repository> instead of NBDMAP/UDEVH when the repository is outside those dirs).
 # Prints PASS/FAIL lines and 'N passed, N failed'; exits non-zero when anything failed.
 set -u
-: "${ROOT:?ROOT=path of the repository}" "${RADOS_NBD_BIN:?RADOS_NBD_BIN=path of rados-nbd}"
+: "${RADOS_NBD_BIN:?RADOS_NBD_BIN=path of rados-nbd}"
 BIN=$RADOS_NBD_BIN
-NBDMAP=$ROOT/packaging/rados-nbdmap
-UDEVH=$ROOT/packaging/rados-nbd-udev
+NBDMAP=${NBDMAP:-${ROOT:?NBDMAP=path of rados-nbdmap, or ROOT=the repository}/packaging/rados-nbdmap}
+UDEVH=${UDEVH:-$ROOT/packaging/rados-nbd-udev}
 W=${VM_WORK:-/mnt}/nbdtab-test
 P=0; F=0
 pass() { P=$((P + 1)); echo "PASS nbdtab-vm: $1"; }
