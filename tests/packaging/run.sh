@@ -261,12 +261,17 @@ fi
 
 # man pages
 mandir=$PREFIX/usr/share/man/man8
+# A dpkg path-exclude (minimal/container images drop /usr/share/man) must not fail the test.
+if [ ! -e "$mandir/rados-nbd.8.gz" ]; then
+  skip "installed man pages: excluded by dpkg configuration here; checking the package's copies"
+  mandir=$XROOT/usr/share/man/man8
+fi
 for page in "$mandir"/rados-nbd*.8.gz; do
   name=$(basename "$page" .8.gz)
   check "man page $name renders without groff warnings" bash -c \
     "w=\$(zcat '$page' | groff -man -Tutf8 -ww -z 2>&1); [ -z \"\$w\" ] || { echo \"\$w\"; exit 1; }"
 done
-if [ "$INSTALLED" = 1 ]; then
+if [ "$INSTALLED" = 1 ] && [ "$mandir" = /usr/share/man/man8 ]; then
   check "man rados-nbd shows NAME and SYNOPSIS" bash -c \
     "out=\$(MANPAGER=cat MANWIDTH=80 man 8 rados-nbd 2>&1); grep -q '^NAME' <<<\"\$out\" && grep -q '^SYNOPSIS' <<<\"\$out\""
 else
