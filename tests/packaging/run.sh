@@ -102,7 +102,8 @@ UDEVH=$XROOT/usr/lib/rados-nbd/rados-nbd-udev
 
 # udev helper
 FS=$WORK/udev; mkdir -p "$FS/sys/block/nbd0" "$FS/sys/block/nbd3" "$FS/sys/block/nbd4" "$FS/sys/block/nbd5" "$FS/run"
-udevh() { RADOS_NBD_SYSFS=$FS/sys RADOS_NBD_RUN_DIR=$FS/run RADOS_NBD_UDEV_WAIT=2 "$UDEVH" "$@"; }
+mkdir -p "$FS/proc"   # no process entries: "cannot tell", as in another pid namespace
+udevh() { RADOS_NBD_SYSFS=$FS/sys RADOS_NBD_PROC=$FS/proc RADOS_NBD_RUN_DIR=$FS/run RADOS_NBD_UDEV_WAIT=2 "$UDEVH" "$@"; }
 echo "rados-nbd dir:/var/lib/rados-nbd rbd/vm1" >"$FS/sys/block/nbd0/backend"; echo 123 >"$FS/sys/block/nbd0/pid"
 check "udev helper: name from the kernel's backend identifier" \
   test "$(udevh nbd0 | grep NAME=)" = "RADOS_NBD_NAME=rbd/vm1"
@@ -135,8 +136,20 @@ check "udev helper: unsafe characters cannot leave /dev/rados-nbd" \
   test "$(udevh nbd5 | grep NAME=)" = "RADOS_NBD_NAME=_/.._etc_pa__s@s"
 mkdir -p "$FS/sys/block/nbd7"
 start=$(date +%s)
-check "udev helper: silent for an nbd device that is not ours" test -z "$(udevh nbd7)"
+check "udev helper: silent for an nbd device that is not connected" test -z "$(udevh nbd7)"
 check "udev helper: does not wait for a device that is not connected" test $(($(date +%s) - start)) -lt 2
+# Connected by another NBD client (the kernel's pid attribute names it): no wait either.
+mkdir -p "$FS/sys/block/nbd8" "$FS/proc/777"; echo 777 >"$FS/sys/block/nbd8/pid"
+ln -s /usr/sbin/nbd-client "$FS/proc/777/exe"
+start=$(date +%s)
+check "udev helper: silent and immediate for a device nbd-client connected" test -z "$(udevh nbd8)"
+check "udev helper: ...without waiting for a state file" test $(($(date +%s) - start)) -lt 2
+mkdir -p "$FS/sys/block/nbd9" "$FS/proc/778"; echo 778 >"$FS/sys/block/nbd9/pid"
+ln -s /usr/bin/rados-nbd "$FS/proc/778/exe"
+( sleep 0.3; printf '{\n  "pid": 778,\n  "pool": "p",\n  "image": "ours",\n  "snap": null,\n  "device": "/dev/nbd9"\n}\n' >"$FS/run/nbd9.json" ) &
+check "udev helper: waits when the kernel names a rados-nbd process" \
+  test "$(udevh nbd9 | grep NAME=)" = "RADOS_NBD_NAME=p/ours"
+wait
 
 # nbdtab script with a fake rados-nbd that records its arguments
 FAKE=$WORK/fake; mkdir -p "$FAKE/run" "$FAKE/sys/block"
