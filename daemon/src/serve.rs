@@ -1,7 +1,8 @@
 //! `rados-nbd serve`: one image, opened once and shared by every connection, served on a
 //! unix socket or TCP until SIGTERM/SIGINT, then closed cleanly (map written, dirty
-//! flag cleared). Clients may come and go meanwhile; the image stays open (and flagged
-//! dirty when writable) until the server stops.
+//! flag cleared). Clients may come and go meanwhile; the image stays open until the
+//! server stops, and each time the last client leaves the map is checkpointed (written,
+//! flag cleared) exactly as at a clean close.
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -287,10 +288,17 @@ async fn accept_loop<I: ImageStore>(
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             Some(Done) = done_rx.recv() => {
                 active -= 1;
-                // Persistent by default (like qemu-nbd --persistent): the image stays
-                // open, flagged dirty, until SIGTERM/SIGINT.
                 if active == 0 && args.once && served > 0 {
                     break;
+                }
+                // Persistent by default (like qemu-nbd --persistent), but the last client
+                // leaving is a disconnect: write the map and clear the dirty flag now, so
+                // a crash while idle costs no rebuild. The next write sets the flag again
+                // before it is acknowledged.
+                if active == 0 && !image.is_read_only() {
+                    if let Err(e) = image.checkpoint().await {
+                        tracing::warn!("{e} (the dirty flag stays set)");
+                    }
                 }
             }
             r = accept(&listener) => {
