@@ -4,9 +4,12 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod image;
 #[cfg(target_os = "linux")]
 pub mod kernel;
+pub mod notify;
 pub mod serve;
+pub mod socket_activation;
 pub mod spec;
 pub mod store;
