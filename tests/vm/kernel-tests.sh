@@ -140,6 +140,21 @@ check "unmap after repair" "$B" unmap "$dev"
 check "repaired map is clean after unmap" clean rbd/ext
 if "$B" object-map check rbd/ext >/tmp/omc 2>&1; then ok "object-map check agrees with the objects"; else bad "object-map check agrees with the objects" "$(tail -3 /tmp/omc)"; fi
 
+echo "== the next map re-attaches a crashed daemon's device (mounts survive)"
+dev=$(map rbd/ext)
+mount "$dev" $MNT && echo one >$MNT/crash-a && sync
+pid=$(pid_of "$dev")
+kill -9 "$pid"
+gone "$pid"
+dev2=$(map rbd/ext)
+check "map after a crash re-attaches the same device" test "$dev2" = "$dev"
+survived() { grep -q one $MNT/crash-a && echo two >$MNT/crash-b && sync && verify_files $MNT; }
+check "mounted fs usable after the re-attach" survived
+check "umount after re-attach" umount $MNT
+check "unmap after re-attach" "$B" unmap "$dev"
+check "image clean after re-attach and unmap" clean rbd/ext
+check "e2fsck clean after crash and re-attach" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d >/dev/null; r=\$?; '$B' unmap \$d; exit \$r"
+
 echo "== SIGTERM and kernel-side disconnect close cleanly"
 dev=$(map rbd/misc)
 pid=$(pid_of "$dev")

@@ -316,6 +316,20 @@ fn serve(
         Mode::Attach { .. } => {}
     }
     let nl = open_netlink()?;
+    // A map of an image whose device the kernel still holds for a daemon that died (a
+    // crash, then a restart by systemd) re-attaches that device: its mounts survive.
+    let mode = match mode {
+        Mode::Map { index, .. } if nl.is_some() => match orphaned_device(store, &spec, index)? {
+            Some(i) => {
+                tracing::warn!(
+                    "{spec}: /dev/nbd{i} is still held by the kernel for a daemon that is gone; re-attaching it"
+                );
+                Mode::Attach { index: i }
+            }
+            None => mode,
+        },
+        m => m,
+    };
     if let Mode::Attach { index } = mode {
         let path = device::device_path(index);
         if nl.is_none() {
@@ -599,6 +613,10 @@ impl Setup<'_> {
             None => {
                 println!("{path}");
                 let _ = std::io::stdout().flush();
+                // Under systemd (Type=notify) this is the moment the device is usable.
+                if let Err(e) = crate::notify::ready(&format!("{} mapped at {path}", self.spec)) {
+                    tracing::warn!("systemd notification: {e}");
+                }
             }
         }
 
@@ -617,6 +635,7 @@ impl Setup<'_> {
                     _ = sig.term.recv(), if !disconnecting && !detaching => {
                         disconnecting = true;
                         tracing::info!("{path}: SIGTERM, disconnecting");
+                        let _ = crate::notify::stopping(&format!("unmapping {path}"));
                         if let Err(e) = request_disconnect(&mut control, index) {
                             tracing::error!("{e}");
                             let _ = stop_tx.send(true);
@@ -625,6 +644,7 @@ impl Setup<'_> {
                     _ = sig.int.recv(), if !disconnecting && !detaching => {
                         disconnecting = true;
                         tracing::info!("{path}: SIGINT, disconnecting");
+                        let _ = crate::notify::stopping(&format!("unmapping {path}"));
                         if let Err(e) = request_disconnect(&mut control, index) {
                             tracing::error!("{e}");
                             let _ = stop_tx.send(true);
@@ -633,6 +653,7 @@ impl Setup<'_> {
                     _ = sig.usr1.recv(), if !disconnecting && !detaching && netlink => {
                         detaching = true;
                         tracing::info!("{path}: detaching (the device stays configured)");
+                        let _ = crate::notify::stopping(&format!("detaching from {path}"));
                         let _ = stop_tx.send(true);
                     }
                 }
@@ -674,6 +695,30 @@ impl Setup<'_> {
             },
         ))
     }
+}
+
+/// The device (if any) this host mapped `spec` from `store` on, whose daemon is gone while
+/// the kernel still keeps it configured with our backend identifier. With `want` set, only
+/// that device qualifies.
+fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<Option<u32>> {
+    let id = backend_id(store, spec);
+    for st in device::all_states() {
+        let Ok(i) = st.index() else { continue };
+        let same = st.store == store
+            && st.pool == spec.pool
+            && st.image == spec.name
+            && st.snap == spec.snap
+            && st.netlink;
+        if same
+            && (want.is_none() || want == Some(i))
+            && !device::daemon_alive(st.pid)
+            && device::device_pid(i).is_some()
+            && device::device_backend(i).as_deref() == Some(id.as_str())
+        {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
 }
 
 /// The netlink control socket, or None for the ioctl fallback: when the kernel has no `nbd`
