@@ -29,9 +29,33 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vm.XXXXXX")
 # its own tmpfs, so the binary is copied into the shared work folder (/mnt in the guest).
 cp "$bin" "$work/rados-nbd"
 mkdir -p "$work/logs"
-echo "== booting the test VM (work dir $work)"
+# One boot runs our suite, then the packaging guest snippets (nbdtab script, udev helper,
+# systemd notify) when the tree has them; the last line sums them all.
+suites=(kernel-tests.sh)
+cp "$here/kernel-tests.sh" "$work/"
+for f in "$root"/tests/packaging/vm-*.sh; do
+  [ -f "$f" ] && cp "$f" "$work/" && suites+=("$(basename "$f")")
+done
+for f in rados-nbdmap rados-nbd-udev; do
+  [ -f "$root/packaging/$f" ] && cp "$root/packaging/$f" "$work/"
+done
+cat >"$work/all-suites.sh" <<SUITES
+tp=0; tf=0
+for t in ${suites[*]}; do
+  echo "== guest suite \$t"
+  NBDMAP=/mnt/rados-nbdmap UDEVH=/mnt/rados-nbd-udev bash /mnt/\$t >/tmp/suite.out 2>&1
+  r=\$?
+  cat /tmp/suite.out
+  p=\$(grep -c '^PASS' /tmp/suite.out); f=\$(grep -c '^FAIL' /tmp/suite.out)
+  if [ \$r -ne 0 ] && [ \$f -eq 0 ]; then echo "FAIL \$t exited \$r"; f=1; fi
+  tp=\$((tp + p)); tf=\$((tf + f))
+done
+echo "\$tp passed, \$tf failed"
+[ \$tf -eq 0 ]
+SUITES
+echo "== booting the test VM (work dir $work; suites: ${suites[*]})"
 set +e
-"$here/vm.sh" "$here/kernel-tests.sh" "$work" RADOS_NBD_BIN=/mnt/rados-nbd LOGDIR=/mnt/logs >"$work/vm-output.txt" 2>&1
+"$here/vm.sh" "$work/all-suites.sh" "$work" RADOS_NBD_BIN=/mnt/rados-nbd LOGDIR=/mnt/logs >"$work/vm-output.txt" 2>&1
 rc=$?
 set -e
 # The console interleaves the kernel's boot noise; show the test lines.
