@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# End-to-end tests of `rados-nbd serve` on the embedded directory store, driven by real NBD
+# clients from Debian (nbdinfo, nbdcopy, nbdsh, qemu-img, fio) and by a raw-socket script.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../lib.sh"
+work=$(mktemp -d /tmp/rados-nbd-clients.XXXXXX)
+trap 'cleanup_pids; rm -rf "$work"' EXIT
+export RADOS_NBD_STORE=$work/store
+mkdir -p "$RADOS_NBD_STORE"
+sock=$work/nbd.sock
+uri="nbd+unix:///t1?socket=$sock"
+OBJ=$((4 << 20)); SIZE=$((256 << 20))
+
+serve() { spawn "$BIN" serve "$@"; SERVE_PID=$!; wait_for_socket "$sock"; }
+unserve() { stop_daemon "$SERVE_PID"; rm -f "$sock"; }
+
+check "create image" "$BIN" create --size 256M t1
+check "info shows the size" bash -c "'$BIN' info t1 --format json | jq -e '.size == $SIZE'"
+
+# A source file with data in objects 0, 5 and 10 (1 MiB at the start of each), holes elsewhere.
+src=$work/src.raw
+truncate -s $SIZE "$src"
+for o in 0 5 10; do
+  head -c $((1 << 20)) /dev/urandom | dd of="$src" bs=1M seek=$((o * 4)) conv=notrunc status=none
+done
+
+serve t1 --socket "$sock"
+check "socket is mode 0600" test "$(stat -c %a "$sock")" = 600
+check "nbdinfo sees the export size" bash -c "nbdinfo --json '$uri' | jq -e '.exports[0][\"export-size\"] == $SIZE'"
+check "nbdinfo: multi-conn, trim, zero, fast-zero advertised" bash -c \
+  "nbdinfo --json '$uri' | jq -e '.exports[0] | .can_multi_conn and .can_trim and .can_zero and .can_fast_zero and .can_flush and .can_fua and (.is_read_only|not)'"
+check "image flagged dirty while served (object map invalid)" bash -c "'$BIN' info t1 | grep -q 'object map invalid'"
+check "fresh image maps as one hole" bash -c \
+  "nbdinfo --json --map '$uri' | jq -e 'length == 1 and .[0].type == 3 and .[0].length == $SIZE'"
+
+check "nbdcopy writes the source" nbdcopy --connections=4 "$src" "$uri"
+check "qemu-img convert reads back identical data" bash -c \
+  "qemu-img convert -f raw -O raw '$uri' '$work/out.raw' && cmp '$src' '$work/out.raw'"
+check "qemu-img compare agrees" qemu-img compare -f raw -F raw "$src" "$uri"
+# Data objects 0, 5, 10; every other object a hole.
+want='[{"o":0,"l":4194304,"t":0},{"o":4194304,"l":16777216,"t":3},{"o":20971520,"l":4194304,"t":0},{"o":25165824,"l":16777216,"t":3},{"o":41943040,"l":4194304,"t":0},{"o":46137344,"l":222298112,"t":3}]'
+got=$(nbdinfo --json --map "$uri" | jq -c '[.[] | {o: .offset, l: .length, t: .type}]')
+if [ "$got" = "$want" ]; then pass "nbdinfo --map shows data exactly in objects 0, 5, 10"; else fail "nbdinfo --map" "got $got"; fi
+check "only three data objects on disk" test "$(find "$RADOS_NBD_STORE" -name 'rbd_data.*' | wc -l)" = 3
+
+# Structured reads of a hole come back as OFFSET_HOLE chunks (no data on the wire).
+cat > "$work/holes.py" <<PY
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri("$uri")
+assert h.get_structured_replies_negotiated()
+kinds = []
+def chunk(user_data, buf, offset, status, err):
+    kinds.append(status)
+    return 0
+buf = h.pread_structured(1 << 20, 8 << 20, chunk)
+assert buf == bytearray(1 << 20), "hole not zero"
+assert kinds == [nbd.READ_HOLE], kinds
+buf = h.pread_structured(4096, 0, chunk)
+assert kinds[-1] == nbd.READ_DATA
+h.shutdown()
+PY
+check "structured read of a hole is one OFFSET_HOLE chunk" "$PY" "$work/holes.py"
+
+# Trim and zero through nbdsh: whole objects disappear, partial ranges read as zeros.
+cat > "$work/trim.py" <<PY
+import nbd
+h = nbd.NBD()
+h.connect_uri("$uri")
+h.trim(4 << 20, 20 << 20)             # object 5, whole
+h.zero(4096, 40 << 20, nbd.CMD_FLAG_FAST_ZERO)  # inside object 10
+assert h.pread(4 << 20, 20 << 20) == bytearray(4 << 20)
+assert h.pread(4096, 40 << 20) == bytearray(4096)
+h.flush()
+h.shutdown()
+PY
+check "trim whole object + fast zero inside an object" "$PY" "$work/trim.py"
+check "trimmed object removed from the store" test "$(find "$RADOS_NBD_STORE" -name 'rbd_data.*' | wc -l)" = 2
+dd if=/dev/zero of="$src" bs=1M seek=20 count=1 conv=notrunc status=none
+dd if=/dev/zero of="$src" bs=4096 seek=$((40 * 256)) count=1 conv=notrunc status=none
+check "image matches after trim/zero" qemu-img compare -f raw -F raw "$src" "$uri"
+
+# fio with its own verification, over NBD, 4 jobs on 4 connections.
+if fio --enghelp 2>/dev/null | grep -qw nbd; then
+  check "fio --ioengine=nbd randwrite with verify" fio --name=verify --ioengine=nbd --uri="$uri" \
+    --rw=randwrite --bs=4k --offset=128M --size=64M --iodepth=32 --verify=crc32c --verify_fatal=1 \
+    --numjobs=1 --do_verify=1 --output=/dev/null
+else
+  echo "SKIP fio: this fio has no nbd engine"
+fi
+# Re-sync the oracle with what fio wrote, then discard fio's region again.
+cat > "$work/discard.py" <<PY
+import nbd
+h = nbd.NBD()
+h.connect_uri("$uri")
+h.trim(64 << 20, 128 << 20)
+h.flush()
+h.shutdown()
+PY
+check "discard fio's region" "$PY" "$work/discard.py"
+
+check "protocol edge cases (raw socket)" "$PY" "$here/raw_edge.py" "$sock" t1
+
+check "SIGTERM ends serve with exit 0" stop_daemon "$SERVE_PID"; rm -f "$sock"
+check "clean close clears the dirty flag" bash -c "! '$BIN' info t1 | grep -q 'invalid'"
+check "object-map check passes after clean close" "$BIN" object-map check t1
+check "du counts two objects" bash -c "'$BIN' du t1 | grep -Eq '8 ?MiB'"
+
+# Data survives a restart.
+serve t1 --socket "$sock"
+check "data intact after restart" qemu-img compare -f raw -F raw "$src" "$uri"
+# Crash: kill -9 after acked writes. The flag stays set; the next open rebuilds the map.
+head -c $((1 << 20)) /dev/urandom > "$work/chunk"
+check "acked write before crash (no flush)" nbdcopy "$work/chunk" "$uri"
+kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; rm -f "$sock"
+dd if="$work/chunk" of="$src" conv=notrunc status=none
+check "crashed daemon leaves object map invalid" bash -c "'$BIN' info t1 | grep -q 'object map invalid'"
+serve t1 --socket "$sock"
+check "after crash: acked data intact" qemu-img compare -f raw -F raw "$src" "$uri"
+unserve
+check "after crash + clean close: object-map check passes" "$BIN" object-map check t1
+check "after crash + clean close: flag cleared" bash -c "! '$BIN' info t1 | grep -q 'invalid'"
+
+# Read-only export: writes refused, flags untouched.
+serve t1 --socket "$sock" --read-only
+cat > "$work/ro.py" <<PY
+import nbd
+h = nbd.NBD()
+h.connect_uri("$uri")
+assert h.is_read_only()
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"x" * 512, 0)
+    raise SystemExit("write accepted on a read-only export")
+except nbd.Error as e:
+    assert e.errno in ("EPERM", "EROFS"), e.errno
+PY
+check "read-only export refuses writes with EPERM" "$PY" "$work/ro.py"
+check "read-only open never sets the flag" bash -c "! '$BIN' info t1 | grep -q 'invalid'"
+unserve
+
+# TCP on loopback.
+port=$((30000 + RANDOM % 20000))
+spawn "$BIN" serve t1 --listen 127.0.0.1:$port; SERVE_PID=$!
+for i in $(seq 1 50); do nbdinfo --size "nbd://127.0.0.1:$port/t1" >/dev/null 2>&1 && break; sleep 0.1; done
+check "TCP on 127.0.0.1 serves the export" bash -c "test \"\$(nbdinfo --size nbd://127.0.0.1:$port/t1)\" = $SIZE"
+stop_daemon "$SERVE_PID"
+
+# Bad input: one clear line, non-zero exit, nothing changed.
+before=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
+out=$("$BIN" info nosuch 2>&1); rc=$?
+if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q '^rados-nbd: .*nosuch'; then
+  pass "missing image: one line naming it"; else fail "missing image" "rc=$rc out=$out"; fi
+check_fails "bad size refused" "$BIN" create --size 12Q t2
+check_fails "unknown store refused" "$BIN" --store nosuch:/x ls
+check_fails "existing image not created twice" "$BIN" create --size 1M t1
+after=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
+check "bad input changed nothing on disk" test "$before" = "$after"
+check "rm removes the image" "$BIN" rm t1
+check "rm leaves no data objects" test "$(find "$RADOS_NBD_STORE" -name 'rbd_*' | wc -l)" = "$(find "$RADOS_NBD_STORE" -name 'rbd_directory*' | wc -l)"
+
+t_summary

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install, from Debian, what the test suite needs and is missing. Idempotent and quiet.
+# What each package is for is listed in README.md ("Dependencies").
+set -euo pipefail
+# command-or-file -> Debian package
+need=(
+  "nbdinfo libnbd-bin"            # nbdinfo, nbdcopy, nbdsh: libnbd's real NBD clients
+  "/usr/lib/python3/dist-packages/nbd.py python3-libnbd"  # nbdsh / python `import nbd`
+  "nbdkit nbdkit"                 # peer server (benchmarks, protocol ceiling)
+  "fio fio"                       # fio --ioengine=nbd, verify workloads
+  "qemu-img qemu-utils"           # qemu-img convert/compare/info through NBD; qemu-nbd peer
+  "/usr/include/rados/librados.h librados-dev"  # link librados (feature ceph)
+  "ceph-mon ceph-mon"             # throwaway one-node cluster for the Ceph tests
+  "ceph-osd ceph-osd"
+  "rbd ceph-common"               # rbd / rados / ceph: the oracle tools
+  "qemu-system-x86_64 qemu-system-x86"  # real kernel with an NBD driver for kernel-attach tests
+  "busybox busybox-static"        # the test VM's initramfs
+  "cpio cpio"
+  "depmod kmod"
+  "mkfs.xfs xfsprogs"             # filesystems on /dev/nbdX in the VM
+  "mkfs.ext4 e2fsprogs"
+  "nbd-client nbd-client"         # kernel-side disconnect (nbd-client -d) in the VM
+  "jq jq"                         # JSON checks in shell tests
+  "sha256sum coreutils"
+  "systemd-analyze systemd"       # systemd-analyze verify for the units
+  "fakeroot fakeroot"
+)
+missing=()
+for pair in "${need[@]}"; do
+  what=${pair%% *}; pkg=${pair##* }
+  if [[ $what == /* ]]; then [ -e "$what" ] && continue; else command -v "$what" >/dev/null 2>&1 && continue; fi
+  missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing from Debian: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# qemu-system-x86 from bookworm may replace a newer preinstalled qemu-utils and leave no qemu-img.
+command -v qemu-img >/dev/null 2>&1 || { apt-get install -y -qq qemu-utils >/dev/null; }
+echo "deps: all present"

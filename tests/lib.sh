@@ -1,0 +1,60 @@
+# Shared helpers for the shell test suites. Source it; call `t_begin NAME` / `t_pass` / `t_fail MSG`
+# or `check NAME CMD...`, and `t_summary` at the end (prints 'N passed, N failed').
+# Every process a test starts is recorded by pid and ended by pid in `cleanup` (never by name).
+
+T_PASS=${T_PASS:-0}; T_FAIL=${T_FAIL:-0}; T_FAILED_NAMES=()
+T_PIDS=()
+ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+BIN=${RADOS_NBD_BIN:-$ROOT/target/release/rados-nbd}
+PY=/usr/bin/python3   # Debian's interpreter: python3-libnbd is installed for it only
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+
+pass() { T_PASS=$((T_PASS + 1)); echo "PASS $1"; }
+fail() { T_FAIL=$((T_FAIL + 1)); T_FAILED_NAMES+=("$1"); echo "FAIL $1${2:+: $2}"; }
+
+# check NAME CMD...: passes when CMD exits 0; shows its output when it fails.
+check() {
+  local name=$1; shift
+  local out
+  if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$(echo "$out" | tail -5)"; fi
+}
+
+# check_fails NAME CMD...: passes when CMD exits non-zero.
+check_fails() {
+  local name=$1; shift
+  if "$@" >/dev/null 2>&1; then fail "$name" "expected failure, got success"; else pass "$name"; fi
+}
+
+# Start a background process, remember its pid.
+spawn() { "$@" & T_PIDS+=($!); }
+
+cleanup_pids() {
+  local p
+  for p in "${T_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${T_PIDS[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  T_PIDS=()
+}
+
+# wait_for_socket PATH [SECONDS]
+wait_for_socket() {
+  local i
+  for i in $(seq 1 $((${2:-10} * 10))); do [ -S "$1" ] && return 0; sleep 0.1; done
+  echo "socket $1 did not appear" >&2; return 1
+}
+
+# Stop a daemon by pid with SIGTERM and wait for it to exit; returns its exit status.
+stop_daemon() {
+  local pid=$1 rc=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  wait "$pid" || rc=$?
+  T_PIDS=("${T_PIDS[@]/$pid}")
+  return $rc
+}
+
+t_summary() {
+  echo "${T_PASS} passed, ${T_FAIL} failed"
+  [ "$T_FAIL" -eq 0 ]
+}

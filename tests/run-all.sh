@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs every test of rados-nbd: installs what is missing from Debian, checks formatting and lints,
+# runs the Rust tests, then the end-to-end suites with real clients, a throwaway Ceph cluster and
+# a real Linux kernel in qemu. Starts what it needs and stops it all. Ends with 'N passed, N failed'.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd); export ROOT
+cd "$ROOT"
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$HOME/.cargo/bin:$PATH
+source tests/lib.sh
+start=$(date +%s)
+section() { echo; echo "=== $* ($(($(date +%s) - start)) s)"; }
+
+section "dependencies"
+bash tests/deps.sh || { echo "FAIL could not install test dependencies"; exit 1; }
+
+features=()
+[ -e /usr/include/rados/librados.h ] && features=(--all-features)
+
+section "format and lints"
+check "cargo fmt --check" cargo fmt --all -- --check
+check "cargo clippy -D warnings" cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+
+section "build"
+if ! cargo build --release --workspace "${features[@]}" 2>&1 | tail -3; then
+  echo "FAIL release build"; exit 1
+fi
+export RADOS_NBD_BIN=$ROOT/target/release/rados-nbd
+
+section "cargo test"
+if cargo test --workspace "${features[@]}" 2>&1 | tee /tmp/rados-nbd-cargo-test.log | grep -E '^(test result|running|error|failures:|    [a-z_:]+$)'; then :; fi
+if grep -q '^test result: FAILED' /tmp/rados-nbd-cargo-test.log || grep -q '^error' /tmp/rados-nbd-cargo-test.log; then
+  fail "cargo test"; else pass "cargo test"; fi
+
+suite() {
+  local name=$1; shift
+  section "$name"
+  local out rc
+  out=$(mktemp)
+  "$@" 2>&1 | tee "$out"; rc=${PIPESTATUS[0]}
+  local p f
+  p=$(grep -c '^PASS ' "$out"); f=$(grep -c '^FAIL ' "$out")
+  T_PASS=$((T_PASS + p)); T_FAIL=$((T_FAIL + f))
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then fail "$name" "exited $rc"; fi
+  rm -f "$out"
+}
+
+suite "real NBD clients (directory store)" bash tests/clients/run.sh
+for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
+  [ -f "$s" ] && suite "$s" bash "$s"
+done
+
+section "summary"
+echo "took $(($(date +%s) - start)) s"
+t_summary
