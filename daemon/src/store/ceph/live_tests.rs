@@ -275,7 +275,10 @@ async fn ceph_live() {
         .arg(&name)
         .output()
         .unwrap();
+    let berr = String::from_utf8_lossy(&bench.stderr);
+    eprintln!("rbd bench under our lock: {berr}");
     assert!(!bench.status.success(), "rbd bench wrote under our lock");
+    assert!(berr.contains("Read-only file system") || berr.contains("locked"), "{berr}");
 
     // --- clean close: flags cleared by the image layer's order, lock and watch released.
     img.set_flags(0, both).await.unwrap();
