@@ -68,6 +68,8 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
+# A dead client's watch (and so its stale lock) goes after 15 s instead of 30.
+osd client watch timeout = 15
 [client]
 admin socket =
 log file = $dir/log/client.log

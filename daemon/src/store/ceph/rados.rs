@@ -599,6 +599,7 @@ unsafe impl Sync for Watch {}
 pub struct WriteOp {
     h: rados_write_op_t,
     /// Return-value slots of exec actions (librados writes them at completion).
+    #[allow(clippy::vec_box)] // boxed: librados keeps pointers to them while the Vec grows
     prvals: Vec<Box<c_int>>,
 }
 
