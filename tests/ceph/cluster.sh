@@ -90,19 +90,19 @@ osd max object namespace len = 64
 CONF
   monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
   ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >"$dir/log/mkfs-mon.out" 2>&1
-  ceph-mon -c "$conf" -i a
+  ceph-mon -c "$conf" -i a 2>>"$dir/log/stderr.log"
   ceph -c "$conf" osd create >/dev/null
   ceph-osd -c "$conf" -i 0 --mkfs >"$dir/log/mkfs-osd.out" 2>&1
-  ceph -c "$conf" osd crush add osd.0 1.0 host=localhost root=default >/dev/null 2>&1 || true
-  ceph-osd -c "$conf" -i 0
+  # No `osd crush add`: the OSD places itself in the CRUSH map when it starts.
+  ceph-osd -c "$conf" -i 0 2>>"$dir/log/stderr.log"
   up=0
   for _ in $(seq 1 120); do
     if ceph -c "$conf" osd stat 2>/dev/null | grep -q "1 up"; then up=1; break; fi
     sleep 0.25
   done
   if [ $up != 1 ]; then echo "cluster.sh: osd.0 did not come up; see $dir/log" >&2; exit 1; fi
+  # Size 1 comes from "osd pool default size"; pool init waits until the PGs are active.
   ceph -c "$conf" osd pool create rbd 8 >/dev/null 2>&1
-  ceph -c "$conf" osd pool set rbd size 1 --yes-i-really-mean-it >/dev/null 2>&1
   rbd -c "$conf" pool init rbd
   echo "CEPH_CONF=$conf"
   ;;
