@@ -278,7 +278,10 @@ async fn ceph_live() {
     let berr = String::from_utf8_lossy(&bench.stderr);
     eprintln!("rbd bench under our lock: {berr}");
     assert!(!bench.status.success(), "rbd bench wrote under our lock");
-    assert!(berr.contains("Read-only file system") || berr.contains("locked"), "{berr}");
+    assert!(
+        berr.contains("Read-only file system") || berr.contains("locked"),
+        "{berr}"
+    );
 
     // --- clean close: flags cleared by the image layer's order, lock and watch released.
     img.set_flags(0, both).await.unwrap();
@@ -413,4 +416,12 @@ async fn ceph_live() {
         .err()
         .unwrap();
     assert!(e.message.contains("pool nopool not found"), "{e}");
+
+    // Leave the pool as we found it.
+    tool(conf, "rbd", &["rm", &child]);
+    tool(conf, "rbd", &["snap", "unprotect", &format!("{plain}@p")]);
+    tool(conf, "rbd", &["snap", "purge", &plain]);
+    for n in [&plain, &striped, &journ] {
+        tool(conf, "rbd", &["rm", n]);
+    }
 }

@@ -88,10 +88,13 @@ impl CephStore {
         if let Some(io) = pools.get(name) {
             return Ok(io.clone());
         }
-        let io = self
-            .rados
-            .ioctx(name)
-            .map_err(|e| e.context(format!("in {}", self.desc)))?;
+        let io = self.rados.ioctx(name).map_err(|e| {
+            if e.kind == ErrorKind::NotFound {
+                Error::new(e.kind, format!("pool {name} not found in {}", self.desc))
+            } else {
+                e.context(format!("in {}", self.desc))
+            }
+        })?;
         pools.insert(name.to_string(), io.clone());
         Ok(io)
     }
@@ -536,7 +539,6 @@ impl Store for CephStore {
             meta,
             data,
             spec: spec.clone(),
-            desc: self.desc.clone(),
             hdr_oid: header_oid(&id),
             id,
             snap_id,
@@ -598,7 +600,6 @@ struct Inner {
     meta: Arc<IoCtx>,
     data: Arc<IoCtx>,
     spec: ImageSpec,
-    desc: String,
     id: String,
     hdr_oid: String,
     snap_id: Option<u64>,

@@ -238,7 +238,9 @@ pub fn rados_error(op: &str, object: &str, r: i32) -> Error {
     let text = if errno == EBLOCKLISTED {
         "client is blocklisted by the cluster".to_string()
     } else {
-        std::io::Error::from_raw_os_error(errno).to_string()
+        let t = std::io::Error::from_raw_os_error(errno).to_string();
+        // Display appends " (os error N)"; we print the errno ourselves.
+        t.split(" (os error").next().unwrap_or(&t).to_string()
     };
     let what = if object.is_empty() {
         op.to_string()
@@ -439,11 +441,7 @@ impl Rados {
         let mut io: rados_ioctx_t = null_mut();
         let r = unsafe { rados_ioctx_create(self.h, cpool.as_ptr(), &mut io) };
         if r < 0 {
-            let mut e = rados_error("open pool", pool, r);
-            if r == -ENOENT {
-                e.message = format!("pool {pool} not found ({})", e.message);
-            }
-            return Err(e);
+            return Err(rados_error("open pool", pool, r));
         }
         Ok(Arc::new(IoCtx {
             h: io,
