@@ -536,7 +536,9 @@ pub enum WatchEvent {
 pub type NotifyReplier = Box<dyn Fn(u64, &[u8]) -> Vec<u8> + Send + Sync>;
 
 struct WatchCtx {
-    io: rados_ioctx_t,
+    /// Keeps the pool handle alive as long as a callback may use it, even if the owner of
+    /// the watch forgets to unwatch.
+    io: Arc<IoCtx>,
     oid: CString,
     reply: NotifyReplier,
     tx: mpsc::UnboundedSender<WatchEvent>,
@@ -564,7 +566,7 @@ unsafe extern "C" fn on_watch_notify(
     let len = c_int::try_from(reply.len()).unwrap_or(0);
     unsafe {
         rados_notify_ack(
-            ctx.io,
+            ctx.io.h,
             ctx.oid.as_ptr(),
             notify_id,
             handle,
@@ -1074,13 +1076,13 @@ impl IoCtx {
     /// Registers a watch on `oid`. `reply` picks the ack payload of each notification (on
     /// librados' thread); events are also sent to `tx` for slower follow-up work.
     pub async fn watch(
-        &self,
+        self: &Arc<Self>,
         oid: &str,
         reply: NotifyReplier,
         tx: mpsc::UnboundedSender<WatchEvent>,
     ) -> Result<Watch> {
         let ctxp = Box::into_raw(Box::new(WatchCtx {
-            io: self.h,
+            io: self.clone(),
             oid: cstring("object name", oid)?,
             reply,
             tx,
