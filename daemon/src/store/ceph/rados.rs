@@ -404,7 +404,14 @@ impl Rados {
             rados_conf_read_file(cluster.h, conf.as_ref().map_or(null(), |c| c.as_ptr()))
         };
         if r < 0 {
-            let what = opts.conf.as_deref().unwrap_or("(default search path)");
+            if opts.conf.is_none() && r == -ENOENT {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    "no Ceph config found ($CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config, \
+                     ./ceph.conf): name one with --store ceph:/path/to/ceph.conf",
+                ));
+            }
+            let what = opts.conf.as_deref().unwrap_or("");
             return Err(rados_error("read config", what, r));
         }
         // CEPH_ARGS, like the ceph tools.
