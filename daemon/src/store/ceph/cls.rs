@@ -612,6 +612,22 @@ mod tests {
     }
 
     #[test]
+    fn layout_replies() {
+        let mut b = 65536u64.to_le_bytes().to_vec();
+        b.extend(4u64.to_le_bytes());
+        assert_eq!(stripe_out(&b).unwrap(), (65536, 4));
+        assert_eq!(data_pool_out(&(-1i64).to_le_bytes()).unwrap(), -1);
+        assert_eq!(data_pool_out(&7i64.to_le_bytes()).unwrap(), 7);
+        assert!(data_pool_out(&[1, 2, 3]).is_err());
+        assert_eq!(
+            string_out(&s("rbd_data.10ab"), "x").unwrap(),
+            "rbd_data.10ab"
+        );
+        assert!(string_out(&[5, 0, 0, 0, b'a'], "x").is_err());
+        assert!(string_out(&[1, 0, 0, 0, 0xff], "x").is_err());
+    }
+
+    #[test]
     fn directory_and_metadata() {
         let mut want = s("vm1");
         want.extend(s("10ab"));

@@ -1076,6 +1076,9 @@ impl ImageStore for CephImage {
         Ok(Some(data))
     }
 
+    /// cls_rbd's `object_map_save` decodes the map and writes it back with crcs using
+    /// `write_full`; our bytes are already that encoding (objmap is checked byte for byte
+    /// against maps written by Ceph), so a plain `write_full` stores the same object.
     async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
