@@ -4,7 +4,27 @@
 //! This crate knows nothing of images or storage: a server is generic over a
 //! [`Backend`], which answers byte-addressed requests. The authoritative reference is
 //! the NBD spec (NetworkBlockDevice/nbd doc/proto.md).
+//!
+//! One file per concern: `consts` (every number), `handshake` (option haggling),
+//! `request` (parsing and the one `validate`), `reply` (encoding), `transmission` (the
+//! request loop, concurrency and backpressure), `server` (entry points), `error` (the
+//! error type and the one errno mapping), `memory` (an in-memory backend for tests and
+//! examples).
 
 pub mod backend;
+pub mod consts;
+pub mod error;
+pub mod handshake;
+mod io;
+pub mod memory;
+pub mod reply;
+pub mod request;
+pub mod server;
+mod transmission;
 
 pub use backend::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
+pub use error::ProtocolError;
+pub use memory::MemoryBackend;
+pub use server::{
+    serve_connection, serve_transmission, transmission_flags, Export, Exports, ServerOptions,
+};

@@ -1,0 +1,148 @@
+//! Public entry points: serve one connection, with or without the handshake.
+
+use crate::backend::{Backend, ExportInfo};
+use crate::error::ProtocolError;
+use crate::handshake::{self, block_sizes, flags_for, Outcome};
+use crate::request::Session;
+use crate::transmission;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+/// Read-side buffer: lets a burst of small pipelined requests cost one syscall, while
+/// large write payloads bypass it.
+const READ_BUFFER: usize = 64 * 1024;
+/// A client gets this long from connecting to entering transmission. Without a bound, idle
+/// or trickling connections could pile up forever; qemu-nbd uses 10 s, real clients need
+/// milliseconds.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Export<B: Backend> {
+    pub name: String,
+    pub description: String,
+    pub backend: Arc<B>,
+}
+
+/// The exports one server offers. The name "" selects the first export (the default).
+pub struct Exports<B: Backend> {
+    pub exports: Vec<Export<B>>,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Requests accepted but not yet answered; beyond it the server stops reading.
+    pub max_in_flight: usize,
+    /// Write payloads held and read replies not yet sent, in bytes; beyond it the server
+    /// stops reading. A single request larger than this still runs, alone.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_in_flight: 128,
+            max_buffered_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The transmission flags an export advertises to a client that has not negotiated
+/// structured replies (the Linux kernel driver, or `serve_transmission`).
+pub fn transmission_flags(info: &ExportInfo) -> u16 {
+    flags_for(info, false)
+}
+
+/// Serve one client from the handshake to the end of transmission. Returns `Ok(())` for
+/// every ending the client chose (ABORT, DISC, a closed socket, even mid-request) and for
+/// `shutdown` turning true; in every case requests that were running have completed
+/// against the backend before this returns. `Err` means the client broke the protocol
+/// (bad magic, absurd option) or the socket failed.
+pub async fn serve_connection<S, B>(
+    stream: S,
+    exports: Arc<Exports<B>>,
+    opts: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let hs = handshake::handshake(&mut rd, &mut wr, &exports, &mut shutdown);
+    let neg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+        Err(_) => {
+            info!(
+                "client did not finish the handshake within {:?}; closing",
+                HANDSHAKE_TIMEOUT
+            );
+            return Ok(());
+        }
+        Ok(Ok(Outcome::Transmission(n))) => n,
+        Ok(Ok(Outcome::Closed)) => {
+            debug!("connection closed during handshake");
+            return Ok(());
+        }
+        Ok(Err(ProtocolError::Io(e))) if crate::error::is_disconnect(&e) => {
+            debug!("client left during handshake: {e}");
+            return Ok(());
+        }
+        Ok(Err(e)) => {
+            info!("handshake failed: {e}");
+            return Err(e);
+        }
+    };
+    let export = &exports.exports[neg.export];
+    let (_, _, max_block) = block_sizes(&neg.info);
+    info!(
+        export = %export.name,
+        size = neg.info.size,
+        flags = neg.transmission_flags,
+        structured = neg.structured,
+        base_allocation = neg.base_allocation.is_some(),
+        "client entered transmission"
+    );
+    let session = Session {
+        size: neg.info.size,
+        transmission_flags: neg.transmission_flags,
+        structured_replies: neg.structured,
+        base_allocation: neg.base_allocation,
+        max_block,
+    };
+    let r = transmission::run(rd, wr, export.backend.clone(), session, &opts, shutdown).await;
+    info!(export = %export.name, ok = r.is_ok(), "connection finished");
+    r
+}
+
+/// Transmission phase only, for a socket whose size and flags were set out of band (the
+/// Linux kernel driver: no handshake, simple replies only, flags from
+/// [`transmission_flags`]).
+pub async fn serve_transmission<S, B>(
+    stream: S,
+    backend: Arc<B>,
+    opts: ServerOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let info = backend.info();
+    let (_, _, max_block) = block_sizes(&info);
+    let session = Session {
+        size: info.size,
+        transmission_flags: transmission_flags(&info),
+        structured_replies: false,
+        base_allocation: None,
+        max_block,
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let rd = BufReader::with_capacity(READ_BUFFER, rd);
+    info!(size = info.size, "transmission-only connection started");
+    let r = transmission::run(rd, wr, backend, session, &opts, shutdown).await;
+    info!(ok = r.is_ok(), "transmission-only connection finished");
+    r
+}

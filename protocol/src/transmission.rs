@@ -1,0 +1,455 @@
+//! The transmission phase. One reader (this task) parses and validates requests; each
+//! valid request runs in its own task; one writer task sends replies in the order they
+//! complete. Two semaphores bound what a connection may hold: requests in flight, and
+//! bytes buffered (write payloads waiting to run, read data waiting to be sent). When
+//! either is exhausted the reader stops reading, so a client that sends faster than we
+//! answer, or never reads its replies, is throttled by TCP rather than by our memory.
+
+use crate::backend::{Backend, BackendError, Errno, ZeroFlags};
+use crate::consts::*;
+use crate::error::{is_disconnect, ProtocolError};
+use crate::io::{discard, raised, read_exact_or_shutdown, ReadOutcome};
+use crate::reply::{self, Pieces};
+use crate::request::{validate, Command, RequestHeader, Session};
+use crate::server::ServerOptions;
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+/// After the reader stops and every request has run, how long the writer may take to get
+/// the last replies to a client that is not reading them before the connection is cut.
+const FINAL_WRITE_GRACE: Duration = Duration::from_secs(30);
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// The budget a request holds from before it is read until its reply has been written.
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+struct Outgoing {
+    handle: u64,
+    pieces: Pieces,
+    _permits: Permits,
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum Stop {
+    Disconnect,
+    Eof,
+    Shutdown,
+    WriterFailed,
+    Fatal(ProtocolError),
+}
+
+pub(crate) async fn run<R, W, B>(
+    mut rd: BufReader<R>,
+    wr: W,
+    backend: Arc<B>,
+    session: Session,
+    opts: &ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    // Semaphore::new panics above MAX_PERMITS; no real setting gets near it.
+    let max_in_flight = opts.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+    // acquire_many takes u32; one request never needs more than its own length.
+    let max_bytes = opts.max_buffered_bytes.clamp(1, u32::MAX as usize);
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    let bytes = Arc::new(Semaphore::new(max_bytes));
+
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (dead_tx, mut dead_rx) = watch::channel(false);
+    // Every request task holds a clone; when the receiver sees the channel close, every
+    // task has finished its backend work.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut writer = tokio::spawn(write_loop(wr, rx, dead_tx));
+
+    let session = Arc::new(session);
+    let stop = loop {
+        // A slot is taken before the header is read, so even a stream of requests that
+        // are all rejected is bounded by the replies the client has not read.
+        let slot = tokio::select! {
+            // Checked first: with a slot free and shutdown raised, stop rather than take
+            // one more request half of the time.
+            biased;
+            _ = raised(&mut shutdown) => break Stop::Shutdown,
+            _ = raised(&mut dead_rx) => break Stop::WriterFailed,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Stop::Shutdown,
+            },
+        };
+        let mut hb = [0u8; REQUEST_HEADER_LEN];
+        // Pipelining clients usually leave whole headers in the read buffer: take them
+        // without setting up the shutdown-aware read. Shutdown is still noticed at the
+        // slot acquisition above, once per request.
+        let outcome = if rd.buffer().len() >= REQUEST_HEADER_LEN {
+            hb.copy_from_slice(&rd.buffer()[..REQUEST_HEADER_LEN]);
+            rd.consume(REQUEST_HEADER_LEN);
+            Ok(ReadOutcome::Done)
+        } else {
+            tokio::select! {
+                r = read_exact_or_shutdown(&mut rd, &mut hb, &mut shutdown, None) => r,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
+            }
+        };
+        match outcome {
+            Ok(ReadOutcome::Done) => {}
+            Ok(ReadOutcome::Eof) => break Stop::Eof,
+            Ok(ReadOutcome::Shutdown) => break Stop::Shutdown,
+            Err(e) if is_disconnect(&e) => break Stop::Eof,
+            Err(e) => break Stop::Fatal(e.into()),
+        }
+        let h = match RequestHeader::parse(&hb) {
+            Ok(h) => h,
+            Err(magic) => {
+                // Out of step with the client: nothing after this can be framed.
+                break Stop::Fatal(ProtocolError::BadMagic {
+                    what: "request",
+                    got: u64::from(magic),
+                    expected: u64::from(REQUEST_MAGIC),
+                });
+            }
+        };
+        debug!(
+            handle = h.handle,
+            command = command_name(h.command),
+            flags = h.flags,
+            offset = h.offset,
+            length = h.length,
+            "request"
+        );
+
+        let cmd = match validate(&h, &session) {
+            Ok(c) => c,
+            Err(rej) => {
+                debug!(
+                    handle = h.handle,
+                    error = rej.error,
+                    "rejected: {}",
+                    rej.message
+                );
+                // The payload of a rejected WRITE is still on the wire; skipping it keeps
+                // us in step so the connection survives the bad request.
+                if h.command == CMD_WRITE && h.length > 0 {
+                    let r = tokio::select! {
+                        r = discard(&mut rd, u64::from(h.length)) => r,
+                        _ = raised(&mut shutdown) => break Stop::Shutdown,
+                        _ = raised(&mut dead_rx) => break Stop::WriterFailed,
+                    };
+                    if let Err(e) = r {
+                        break if is_disconnect(&e) {
+                            Stop::Eof
+                        } else {
+                            Stop::Fatal(e.into())
+                        };
+                    }
+                }
+                let pieces = reply::error_reply(
+                    h.handle,
+                    session.structured_replies,
+                    rej.error,
+                    &rej.message,
+                );
+                let _ = tx.send(Outgoing {
+                    handle: h.handle,
+                    pieces,
+                    _permits: Permits {
+                        _slot: slot,
+                        _bytes: None,
+                    },
+                });
+                continue;
+            }
+        };
+        if cmd == Command::Disconnect {
+            break Stop::Disconnect;
+        }
+
+        let cost = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => {
+                (length as usize).min(max_bytes)
+            }
+            _ => 0,
+        };
+        let byte_permit = if cost > 0 {
+            let p = tokio::select! {
+                p = bytes.clone().acquire_many_owned(cost as u32) => p,
+                _ = raised(&mut shutdown) => break Stop::Shutdown,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
+            };
+            match p {
+                Ok(p) => Some(p),
+                Err(_) => break Stop::Shutdown,
+            }
+        } else {
+            None
+        };
+
+        let mut payload = Bytes::new();
+        if let Command::Write { length, .. } = cmd {
+            let r = tokio::select! {
+                r = read_payload(&mut rd, length as usize) => r,
+                // A write cut off by shutdown was never acknowledged; dropping it is safe.
+                _ = raised(&mut shutdown) => break Stop::Shutdown,
+                _ = raised(&mut dead_rx) => break Stop::WriterFailed,
+            };
+            match r {
+                Ok(buf) => payload = buf,
+                Err(e) if is_disconnect(&e) => {
+                    debug!(
+                        handle = h.handle,
+                        "client left in the middle of a write payload"
+                    );
+                    break Stop::Eof;
+                }
+                Err(e) => break Stop::Fatal(e.into()),
+            }
+        }
+
+        let permits = Permits {
+            _slot: slot,
+            _bytes: byte_permit,
+        };
+        let backend = backend.clone();
+        let tx = tx.clone();
+        let done = done_tx.clone();
+        let structured = session.structured_replies;
+        let handle = h.handle;
+        tokio::spawn(async move {
+            let guard = ReplyGuard {
+                tx: Some(tx),
+                handle,
+                structured,
+                permits: Some(permits),
+            };
+            let pieces = execute(&*backend, cmd, handle, payload, structured).await;
+            guard.send(pieces);
+            drop(done);
+        });
+    };
+
+    debug!(?stop, "reader stopped");
+    drop(tx);
+    drop(done_tx);
+    // Requests already running finish against the backend whatever happened to the
+    // client: the caller may rely on that to close its image cleanly after we return.
+    let _ = done_rx.recv().await;
+    match tokio::time::timeout(FINAL_WRITE_GRACE, &mut writer).await {
+        Ok(_) => {}
+        Err(_) => {
+            warn!("client did not read its last replies in time; dropping the connection");
+            writer.abort();
+        }
+    }
+    match stop {
+        Stop::Fatal(e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Reads exactly `len` payload bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        // `take` keeps a roomy buffer from swallowing the next request's header.
+        let want = (len - buf.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "peer closed the connection {} bytes into a {len}-byte payload",
+                    buf.len()
+                ),
+            ));
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Makes sure every request that started gets a reply. If the backend panics, the task
+/// unwinds through this guard, which answers EIO instead of leaving the client waiting
+/// forever for a handle that will never come back.
+struct ReplyGuard {
+    tx: Option<mpsc::UnboundedSender<Outgoing>>,
+    handle: u64,
+    structured: bool,
+    permits: Option<Permits>,
+}
+
+impl ReplyGuard {
+    fn send(mut self, pieces: Pieces) {
+        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+            // If the writer is gone the client is gone; the work is done either way.
+            let _ = tx.send(Outgoing {
+                handle: self.handle,
+                pieces,
+                _permits: permits,
+            });
+        }
+    }
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+            warn!(
+                handle = self.handle,
+                "request ended without a reply (backend panic?); answering EIO"
+            );
+            let pieces = reply::error_reply(
+                self.handle,
+                self.structured,
+                EIO,
+                "internal server error while handling the request",
+            );
+            let _ = tx.send(Outgoing {
+                handle: self.handle,
+                pieces,
+                _permits: permits,
+            });
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    dead: watch::Sender<bool>,
+) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let mut failed = false;
+    while let Some(msg) = rx.recv().await {
+        if failed {
+            // Keep receiving so permits are released and tasks never block on us.
+            continue;
+        }
+        let mut res = Ok(());
+        for p in &msg.pieces {
+            res = w.write_all(p).await;
+            if res.is_err() {
+                break;
+            }
+        }
+        // Flush only when nothing else is queued: replies that complete together share
+        // a syscall.
+        if res.is_ok() && rx.is_empty() {
+            res = w.flush().await;
+        }
+        if let Err(e) = res {
+            if is_disconnect(&e) {
+                debug!(handle = msg.handle, "client gone while sending reply: {e}");
+            } else {
+                warn!(handle = msg.handle, "writing reply failed: {e}");
+            }
+            failed = true;
+            let _ = dead.send(true);
+        }
+    }
+    if !failed {
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Run one validated request against the backend and encode its reply, success or not.
+async fn execute<B: Backend>(
+    b: &B,
+    cmd: Command,
+    handle: u64,
+    payload: Bytes,
+    structured: bool,
+) -> Pieces {
+    let io_error = |m: String| BackendError::new(Errno::Io, m);
+    let result: Result<Pieces, BackendError> = match cmd {
+        Command::Read { offset, length, df } => {
+            // Zero-length requests are legal and trivially satisfied; not bothering the
+            // backend spares every implementation the corner case.
+            let chunks = if length == 0 {
+                Ok(Vec::new())
+            } else {
+                b.read(offset, length).await
+            };
+            chunks.and_then(|c| {
+                reply::read_reply(handle, offset, length, c, structured, df).map_err(io_error)
+            })
+        }
+        Command::Write {
+            offset,
+            length,
+            fua,
+        } => if length == 0 {
+            Ok(())
+        } else {
+            b.write(offset, payload, fua).await
+        }
+        .map(|_| reply::ok_reply(handle)),
+        Command::Flush => b.flush().await.map(|_| reply::ok_reply(handle)),
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => if length == 0 {
+            Ok(())
+        } else {
+            b.trim(offset, length, fua).await
+        }
+        .map(|_| reply::ok_reply(handle)),
+        Command::Cache { offset, length } => if length == 0 {
+            Ok(())
+        } else {
+            b.cache(offset, length).await
+        }
+        .map(|_| reply::ok_reply(handle)),
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast_zero,
+        } => if length == 0 {
+            Ok(())
+        } else {
+            b.write_zeroes(
+                offset,
+                length,
+                ZeroFlags {
+                    no_hole,
+                    fast_zero,
+                    fua,
+                },
+            )
+            .await
+        }
+        .map(|_| reply::ok_reply(handle)),
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+            context_id,
+        } => b
+            .block_status(offset, length)
+            .await
+            .map(|ex| reply::block_status_reply(handle, context_id, length, &ex, req_one)),
+        // Never spawned: the reader handles it. Answering keeps this total.
+        Command::Disconnect => Ok(reply::ok_reply(handle)),
+    };
+    match result {
+        Ok(p) => p,
+        Err(e) => {
+            debug!(handle, "request failed: {e}");
+            reply::error_reply(handle, structured, e.errno.to_nbd(), &e.message)
+        }
+    }
+}
