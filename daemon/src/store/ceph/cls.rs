@@ -16,6 +16,8 @@ pub const NOSNAP: u64 = u64::MAX - 1;
 /// ManagedLock.cc, Utils: `RBD_LOCK_NAME`, `WATCHER_LOCK_TAG`, `"auto " + handle`).
 pub const RBD_LOCK_NAME: &str = "rbd_lock";
 pub const RBD_LOCK_TAG: &str = "internal";
+/// Our tag for `rbd_lock` taken shared by writers of a `shared` image (not librbd's).
+pub const SHARED_LOCK_TAG: &str = "rados-nbd shared";
 pub const LOCK_EXCLUSIVE: u8 = 1;
 pub const LOCK_SHARED: u8 = 2;
 /// `CEPH_ENTITY_TYPE_CLIENT`

@@ -298,6 +298,8 @@ async fn ceph_live() {
     // --- a librbd client asking for the lock is refused, and gets no data in.
     let bench = Command::new("timeout")
         .args([
+            "-s",
+            "KILL",
             "60",
             "rbd",
             "-c",
@@ -305,9 +307,8 @@ async fn ceph_live() {
             "bench",
             "--io-type",
             "write",
-            "--io-total",
-            "4096",
         ])
+        .args(["--io-total", "4096"])
         .arg(&name)
         .output()
         .unwrap();
@@ -373,6 +374,68 @@ async fn ceph_live() {
     );
     img.close().await.unwrap();
     at.close().await.unwrap();
+
+    // --- shared writers coexist; an exclusive writer (ours or librbd) is kept out.
+    let s1 = st
+        .open_image(&spec, OpenMode::SharedWrite)
+        .await
+        .expect("shared 1");
+    let s2 = st
+        .open_image(&spec, OpenMode::SharedWrite)
+        .await
+        .expect("shared 2");
+    s1.write(3, 0, Bytes::from_static(b"one"), false)
+        .await
+        .unwrap();
+    s2.write(3, 3, Bytes::from_static(b"two"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &s1.read(3, 0, 6, None).await.unwrap().unwrap()[..],
+        b"onetwo"
+    );
+    let e = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .err()
+        .expect("exclusive vs shared");
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("shared-write"), "{e}");
+    // librbd keeps retrying for a lock it cannot get; it must not get through.
+    let bench = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "10",
+            "rbd",
+            "-c",
+            conf,
+            "bench",
+            "--io-type",
+            "write",
+        ])
+        .args(["--io-total", "4096"])
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(
+        !bench.status.success(),
+        "rbd bench wrote past shared writers"
+    );
+    s1.close().await.unwrap();
+    s2.close().await.unwrap();
+    let ex = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("exclusive after shared");
+    assert_eq!(
+        st.open_image(&spec, OpenMode::SharedWrite)
+            .await
+            .err()
+            .map(|e| e.kind),
+        Some(ErrorKind::Busy)
+    );
+    ex.close().await.unwrap();
 
     // --- remove: refused with snapshots, then everything is gone.
     assert_eq!(

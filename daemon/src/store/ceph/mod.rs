@@ -292,7 +292,7 @@ fn check_features(
     if features & RBD_FEATURE_MIGRATING != 0 {
         return refuse("live migration (it is being migrated)");
     }
-    if features & RBD_FEATURE_NON_PRIMARY != 0 && mode == OpenMode::ReadWrite {
+    if features & RBD_FEATURE_NON_PRIMARY != 0 && mode != OpenMode::ReadOnly {
         return Err(Error::new(
             ErrorKind::ReadOnly,
             format!("image {spec} is a non-primary mirror image; it can only be opened read-only"),
@@ -516,7 +516,7 @@ impl Store for CephStore {
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<CephImage> {
-        if spec.snap.is_some() && mode == OpenMode::ReadWrite {
+        if spec.snap.is_some() && mode != OpenMode::ReadOnly {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!("{spec} is a snapshot: it can only be opened read-only"),
@@ -549,7 +549,7 @@ impl Store for CephStore {
             lost_lock: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
-        if mode == OpenMode::ReadWrite {
+        if mode != OpenMode::ReadOnly {
             acquire_lock(&inner).await?;
         }
         Ok(CephImage { inner })
@@ -618,7 +618,8 @@ pub struct CephImage {
 }
 
 /// Takes the image's exclusive lock the way librbd does: a watch on the header, then
-/// cls_lock `rbd_lock` (exclusive, tag `internal`, cookie `auto <watch handle>`).
+/// cls_lock `rbd_lock` (exclusive, tag `internal`, cookie `auto <watch handle>`); for
+/// SharedWrite the same lock taken shared with our own tag (see `lock_kind`).
 async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     let spec = &inner.spec;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -633,7 +634,7 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
         return Err(e);
     }
     let gid = inner.meta.cluster().instance_id();
-    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired exclusive lock");
+    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {}", lock_name(inner.mode));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = watch.cookie;
     *inner.lock.lock().await = Some(LockState {
@@ -661,14 +662,28 @@ fn reply_to_notify(_notifier: u64, payload: &[u8]) -> Vec<u8> {
     }
 }
 
+fn lock_name(mode: OpenMode) -> &'static str {
+    if mode == OpenMode::SharedWrite {
+        "shared-write lock"
+    } else {
+        "exclusive lock"
+    }
+}
+
+/// The kind and tag of the lock a mode takes on `rbd_lock`. Shared writers take it shared
+/// with their own tag: they coexist with each other, and a librbd client (which wants it
+/// exclusive with tag `internal`) or a ReadWrite opener is kept out, and vice versa.
+fn lock_kind(mode: OpenMode) -> (u8, &'static str) {
+    if mode == OpenMode::SharedWrite {
+        (cls::LOCK_SHARED, cls::SHARED_LOCK_TAG)
+    } else {
+        (cls::LOCK_EXCLUSIVE, cls::RBD_LOCK_TAG)
+    }
+}
+
 async fn try_lock(inner: &Inner, cookie: &str) -> Result<()> {
-    let input = cls::lock_in(
-        cls::RBD_LOCK_NAME,
-        cls::LOCK_EXCLUSIVE,
-        cookie,
-        cls::RBD_LOCK_TAG,
-        "",
-    );
+    let (kind, tag) = lock_kind(inner.mode);
+    let input = cls::lock_in(cls::RBD_LOCK_NAME, kind, cookie, tag, "");
     inner
         .meta
         .exec_write(&inner.hdr_oid, LOCK, "lock", &input)
@@ -699,15 +714,22 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
         if info.lockers.is_empty() {
             continue;
         }
-        if info.tag != cls::RBD_LOCK_TAG || info.kind != cls::LOCK_EXCLUSIVE {
+        let known = (info.kind == cls::LOCK_EXCLUSIVE && info.tag == cls::RBD_LOCK_TAG)
+            || (info.kind == cls::LOCK_SHARED && info.tag == cls::SHARED_LOCK_TAG);
+        if !known {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "image {spec} is locked by {} with tag {:?}: not librbd's exclusive lock, refusing",
+                    "image {spec} is locked by {} (tag {:?}): not a lock of librbd or rados-nbd, refusing",
                     info.lockers[0], info.tag
                 ),
             ));
         }
+        let held = if info.kind == cls::LOCK_SHARED {
+            "shared-write (rados-nbd)"
+        } else {
+            "exclusive"
+        };
         // Who still watches the header? A notify reaches every registered watch.
         let watchers = inner
             .meta
@@ -731,7 +753,7 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
             if watchers.acks.iter().any(|a| a.0 == gid && a.1 == handle) {
                 return Err(Error::new(
                     ErrorKind::Busy,
-                    format!("image {spec} is in use: locked by {locker}, which is alive"),
+                    format!("image {spec} is in use: {held} lock held by {locker}, which is alive"),
                 ));
             }
             if watchers
@@ -742,13 +764,13 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!(
-                        "image {spec} is locked by {locker}, whose watch is still registered but \
+                        "image {spec} is in use: {held} lock held by {locker}, whose watch is still registered but \
                          does not answer (a dead client: the OSD drops its watch after \
                          osd_client_watch_timeout, 30 s by default); retry later"
                     ),
                 ));
             }
-            tracing::warn!(image = %spec, %locker, "breaking stale exclusive lock: its owner's watch is gone (the old owner is not blocklisted)");
+            tracing::warn!(image = %spec, %locker, "breaking stale {held} lock: its owner's watch is gone (the old owner is not blocklisted)");
             match inner
                 .meta
                 .exec_write(
@@ -822,13 +844,8 @@ async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> R
         .watch(&inner.hdr_oid, Box::new(reply_to_notify), tx)
         .await?;
     let new_cookie = cls::lock_cookie(new.cookie);
-    let input = cls::set_cookie_in(
-        cls::RBD_LOCK_NAME,
-        cls::LOCK_EXCLUSIVE,
-        &state.cookie,
-        cls::RBD_LOCK_TAG,
-        &new_cookie,
-    );
+    let (kind, tag) = lock_kind(inner.mode);
+    let input = cls::set_cookie_in(cls::RBD_LOCK_NAME, kind, &state.cookie, tag, &new_cookie);
     let old = std::mem::replace(&mut state.watch, new);
     let _ = inner.meta.unwatch(old).await;
     inner
@@ -1113,7 +1130,7 @@ impl ImageStore for CephImage {
         let unwatched = i.meta.unwatch(state.watch).await;
         unlocked.map_err(|e| e.context(format!("unlocking image {}", i.spec)))?;
         unwatched.map_err(|e| e.context(format!("closing image {}", i.spec)))?;
-        tracing::info!(image = %i.spec, "released exclusive lock");
+        tracing::info!(image = %i.spec, "released {}", lock_name(i.mode));
         Ok(())
     }
 }
