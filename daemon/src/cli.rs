@@ -109,6 +109,9 @@ pub enum Command {
         image: String,
         setting: Option<String>,
     },
+    /// Write the manual pages or shell completions generated from this CLI (packaging).
+    #[command(hide = true, subcommand)]
+    Generate(crate::generate::GenerateCmd),
     // Kernel attach subcommands (map, unmap, list-mapped, attach, detach) are added
     // here as `#[command(flatten)] Kernel(crate::kernel::KernelCommand)` and dispatched
     // in `run` below.
@@ -149,6 +152,9 @@ pub fn parse_store_uri(uri: Option<&str>) -> Result<StoreUri> {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Generate(what) = cli.command {
+        return crate::generate::run(what, <Cli as clap::CommandFactory>::command());
+    }
     let uri = parse_store_uri(cli.store.as_deref())?;
     if !matches!(uri, StoreUri::Ceph { .. }) && (cli.id.is_some() || cli.keyring.is_some()) {
         return Err(Error::new(
@@ -214,6 +220,9 @@ fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
 
 pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
     match cmd {
+        Command::Generate(what) => {
+            crate::generate::run(what, <Cli as clap::CommandFactory>::command())
+        }
         Command::Create(a) => create(&store, &a).await,
         Command::Info { image, format } => info(&store, &parse_spec(&image)?, format).await,
         Command::Rm { image } => {

@@ -21,13 +21,9 @@ use tokio::task::JoinSet;
 pub struct ServeArgs {
     /// [POOL/]NAME[@SNAP] (a snapshot is served read-only)
     pub image: String,
-    /// Listen on this unix socket (created with mode 0600).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    /// Listen on this unix socket (created with mode 0600). With neither --socket nor --listen,
+    /// serve on the listening socket systemd passes (socket activation, LISTEN_FDS).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
     /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1).
     #[arg(long, value_name = "HOST:PORT")]
@@ -48,6 +44,8 @@ pub struct ServeArgs {
 pub enum ListenAddr {
     Unix(PathBuf),
     Tcp(String, u16),
+    /// Passed in by systemd (socket activation); systemd owns and removes it.
+    Inherited(String),
 }
 
 impl std::fmt::Display for ListenAddr {
@@ -56,6 +54,7 @@ impl std::fmt::Display for ListenAddr {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
             ListenAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+            ListenAddr::Inherited(d) => write!(f, "{d} (from systemd)"),
         }
     }
 }
@@ -134,7 +133,39 @@ impl Listener {
                 .await
                 .map(Listener::Tcp)
                 .map_err(|e| Error::io(format!("listening on {addr}"), e)),
+            ListenAddr::Inherited(_) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{addr} cannot be bound again"),
+            )),
         }
+    }
+
+    /// The one listening socket systemd passed (rados-nbd-serve@.socket), if any.
+    fn inherited() -> Result<Option<(Listener, String)>> {
+        use crate::socket_activation as sa;
+        let Some(mut all) = sa::from_env().map_err(|e| Error::new(ErrorKind::InvalidInput, e))?
+        else {
+            return Ok(None);
+        };
+        if all.len() != 1 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "systemd passed {} listening sockets; serve takes exactly one \
+                     (one ListenStream= in the .socket unit)",
+                    all.len()
+                ),
+            ));
+        }
+        let l = all.remove(0);
+        let desc = l.describe();
+        let err = |e| Error::io(format!("using the inherited socket {desc}"), e);
+        l.set_nonblocking(true).map_err(err)?;
+        let l = match l {
+            sa::Listener::Unix(u) => Listener::Unix(UnixListener::from_std(u).map_err(err)?),
+            sa::Listener::Tcp(t) => Listener::Tcp(TcpListener::from_std(t).map_err(err)?),
+        };
+        Ok(Some((l, desc)))
     }
 }
 
@@ -144,9 +175,19 @@ struct Done;
 /// Serves `args.image` until SIGTERM/SIGINT (or, with `--once`, the first client's end).
 pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Result<()> {
     let spec: ImageSpec = args.image.parse()?;
-    let addr = match (&args.socket, &args.listen) {
-        (Some(p), None) => ListenAddr::Unix(p.clone()),
-        (None, Some(l)) => parse_listen(l)?,
+    let (addr, inherited) = match (&args.socket, &args.listen) {
+        (Some(p), None) => (ListenAddr::Unix(p.clone()), None),
+        (None, Some(l)) => (parse_listen(l)?, None),
+        (None, None) => match Listener::inherited()? {
+            Some((l, desc)) => (ListenAddr::Inherited(desc), Some(l)),
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "serve needs --socket PATH or --listen HOST:PORT \
+                     (or a listening socket from systemd socket activation)",
+                ))
+            }
+        },
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -166,7 +207,11 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
-    let listener = match Listener::bind(&addr).await {
+    let bound = match inherited {
+        Some(l) => Ok(l),
+        None => Listener::bind(&addr).await,
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             let _ = image.close().await;
