@@ -1,10 +1,84 @@
 //! `rados-nbd`: serve RBD format-2 images over NBD with the object map in memory.
 
-mod error;
-mod spec;
-mod store;
+use clap::Parser;
+use rados_nbd::cli;
 
 fn main() {
-    eprintln!("rados-nbd: not built yet");
-    std::process::exit(1);
+    // One line, never a backtrace: a panic is a bug, but the user still gets a sentence.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("rados-nbd: internal error: {}{at}", msg.replace('\n', " "));
+    }));
+
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = e.print();
+                std::process::exit(if e.use_stderr() { 1 } else { 0 });
+            }
+            // clap's message spans lines; keep the part before the usage, on one line.
+            let text = e.render().to_string();
+            let msg = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("rados-nbd: {msg} (see rados-nbd --help)");
+            std::process::exit(1);
+        }
+    };
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rados-nbd: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let r = rt.block_on(cli::dispatch(cli));
+    // Blocking store work may still be queued for a failed command; don't wait on it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if let Err(e) = r {
+        eprintln!("rados-nbd: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "rados_nbd=info,nbd_protocol=warn",
+        1 => "rados_nbd=debug,nbd_protocol=debug",
+        _ => "trace",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.is_empty() => EnvFilter::try_new(s).unwrap_or_else(|_| EnvFilter::new(default)),
+        _ => EnvFilter::new(default),
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

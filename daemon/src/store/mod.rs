@@ -82,6 +82,10 @@ pub enum OpenMode {
     ReadOnly,
     /// Writable and holding the image's exclusive lock until `close`.
     ReadWrite,
+    /// Writable without the exclusive lock, for images whose `rados-nbd.shared` setting
+    /// is true (several writers that coordinate themselves, e.g. ocfs2/gfs2). Shared
+    /// writers coexist with each other but not with a `ReadWrite` opener.
+    SharedWrite,
 }
 
 /// A pool-level store: creates, lists, removes and opens images.
@@ -104,6 +108,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
     /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
+    /// SharedWrite is writable without excluding other SharedWrite openers.
     fn open_image(
         &self,
         spec: &ImageSpec,

@@ -1,0 +1,655 @@
+//! The command line (this contract is used by other issues and by outside checks: keep
+//! the names). Dispatch on the store is one `match` in [`dispatch`]; every command is a
+//! generic function over [`Store`], so a new store only adds a match arm.
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{self, load_object_map, rebuild_map, shared_setting, META_SHARED};
+use crate::serve::{self, ServeArgs};
+use crate::spec::{parse_size, ImageSpec, DEFAULT_POOL};
+use crate::store::dir::DirStore;
+use crate::store::{
+    CreateOptions, ImageHeader, ImageStore, OpenMode, Store, DEFAULT_FEATURES,
+    RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use objmap::{ObjectMap, ObjectState};
+use serde_json::json;
+use std::path::PathBuf;
+
+pub const DEFAULT_STORE_DIR: &str = "/var/lib/rados-nbd";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rados-nbd",
+    version,
+    about = "Serve Ceph RBD format-2 images over NBD with the object map kept in memory"
+)]
+pub struct Cli {
+    /// Where images live: `dir:PATH` (default: dir:$RADOS_NBD_STORE, else
+    /// dir:/var/lib/rados-nbd) or `ceph:[CONF]`.
+    #[arg(long, global = true, value_name = "URI")]
+    pub store: Option<String>,
+
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Plain,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// Image size (K/M/G/T/P suffixes).
+    #[arg(long, short = 's')]
+    pub size: String,
+    /// Object size, a power of two from 4K to 32M.
+    #[arg(long, default_value = "4M")]
+    pub object_size: String,
+    /// [POOL/]NAME
+    pub image: String,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ObjectMapCommand {
+    /// Compare the stored object map with the data objects that exist.
+    Check { image: String },
+    /// Rebuild the stored object map from the data objects that exist.
+    Rebuild { image: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Create an image.
+    Create(CreateArgs),
+    /// Show an image's size, layout, features and flags.
+    Info {
+        /// [POOL/]NAME[@SNAP]
+        image: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove an image and all its objects.
+    Rm { image: String },
+    /// List the images of a pool.
+    Ls {
+        pool: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Serve an image over NBD until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Provisioned and used space, from the object map.
+    Du {
+        image: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Check or rebuild an image's object map.
+    #[command(subcommand, name = "object-map")]
+    ObjectMap(ObjectMapCommand),
+    /// Show or change per-image settings: `config IMAGE [shared=true|false]`.
+    Config {
+        image: String,
+        setting: Option<String>,
+    },
+    // Kernel attach subcommands (map, unmap, list-mapped, attach, detach) are added
+    // here as `#[command(flatten)] Kernel(crate::kernel::KernelCommand)` and dispatched
+    // in `run` below.
+}
+
+/// Which store a `--store` URI names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUri {
+    Dir(PathBuf),
+    Ceph { conf: Option<PathBuf> },
+}
+
+pub fn parse_store_uri(uri: Option<&str>) -> Result<StoreUri> {
+    let Some(uri) = uri else {
+        let dir = match std::env::var_os("RADOS_NBD_STORE") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => PathBuf::from(DEFAULT_STORE_DIR),
+        };
+        return Ok(StoreUri::Dir(dir));
+    };
+    if let Some(p) = uri.strip_prefix("dir:") {
+        if p.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("store {uri:?} names no directory (use dir:PATH)"),
+            ));
+        }
+        return Ok(StoreUri::Dir(PathBuf::from(p)));
+    }
+    if let Some(c) = uri.strip_prefix("ceph:") {
+        let conf = (!c.is_empty()).then(|| PathBuf::from(c));
+        return Ok(StoreUri::Ceph { conf });
+    }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!("unknown store {uri:?} (expected dir:PATH or ceph:[CONF])"),
+    ))
+}
+
+pub async fn dispatch(cli: Cli) -> Result<()> {
+    let uri = parse_store_uri(cli.store.as_deref())?;
+    match uri {
+        StoreUri::Dir(p) => run(DirStore::new(p), cli.command).await,
+        StoreUri::Ceph { .. } => Err(Error::new(
+            ErrorKind::Unsupported,
+            "this build has no Ceph support (feature ceph)",
+        )),
+    }
+}
+
+fn parse_spec(s: &str) -> Result<ImageSpec> {
+    s.parse()
+}
+
+fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
+    let spec = parse_spec(s)?;
+    if spec.snap.is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("cannot {what} snapshot {spec}: name an image, not a snapshot"),
+        ));
+    }
+    Ok(spec)
+}
+
+pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Create(a) => create(&store, &a).await,
+        Command::Info { image, format } => info(&store, &parse_spec(&image)?, format).await,
+        Command::Rm { image } => {
+            let spec = parse_head_spec(&image, "remove")?;
+            store.remove_image(&spec).await
+        }
+        Command::Ls { pool, format } => ls(&store, pool.as_deref(), format).await,
+        Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
+        Command::Du { image, format } => du(&store, &parse_spec(&image)?, format).await,
+        Command::ObjectMap(ObjectMapCommand::Check { image }) => {
+            object_map_check(&store, &parse_spec(&image)?).await
+        }
+        Command::ObjectMap(ObjectMapCommand::Rebuild { image }) => {
+            object_map_rebuild(&store, &parse_head_spec(&image, "rebuild the map of")?).await
+        }
+        Command::Config { image, setting } => {
+            config(
+                &store,
+                &parse_head_spec(&image, "configure")?,
+                setting.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
+/// Runs `f` on an opened store image and closes it whatever `f` returned.
+async fn with_image<S: Store, T>(
+    store: &S,
+    spec: &ImageSpec,
+    mode: OpenMode,
+    f: impl AsyncFnOnce(&S::Image) -> Result<T>,
+) -> Result<T> {
+    let img = store.open_image(spec, mode).await?;
+    let r = f(&img).await;
+    let c = img.close().await;
+    let t = r?;
+    c?;
+    Ok(t)
+}
+
+pub fn parse_object_size(s: &str) -> Result<u8> {
+    let n = parse_size(s).map_err(|e| e.context("--object-size"))?;
+    if !n.is_power_of_two() || !(4096..=(32 << 20)).contains(&n) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("invalid object size {s:?} (a power of two from 4K to 32M)"),
+        ));
+    }
+    Ok(n.trailing_zeros() as u8)
+}
+
+async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
+    let spec = parse_head_spec(&a.image, "create")?;
+    let size = parse_size(&a.size).map_err(|e| e.context("--size"))?;
+    let order = parse_object_size(&a.object_size)?;
+    let opts = CreateOptions {
+        size,
+        order,
+        features: DEFAULT_FEATURES,
+    };
+    image::create_image(store, &spec, &opts).await
+}
+
+/// `1 GiB`, `4 MiB`, `1.5 GiB`, like `rbd` prints sizes.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    while i + 1 < UNITS.len() && n >= 1u64 << (10 * (i + 1)) {
+        i += 1;
+    }
+    let unit = 1u64 << (10 * i);
+    if n.is_multiple_of(unit) {
+        format!("{} {}", n / unit, UNITS[i])
+    } else {
+        let v = n as f64 / unit as f64;
+        let s = format!("{v:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s} {}", UNITS[i])
+    }
+}
+
+pub fn feature_names(features: u64) -> Vec<String> {
+    const NAMES: [&str; 11] = [
+        "layering",
+        "striping",
+        "exclusive-lock",
+        "object-map",
+        "fast-diff",
+        "deep-flatten",
+        "journaling",
+        "data-pool",
+        "operations",
+        "migrating",
+        "non-primary",
+    ];
+    (0..64)
+        .filter(|b| features & (1u64 << b) != 0)
+        .map(|b| {
+            NAMES
+                .get(b as usize)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("unknown-{:#x}", 1u64 << b))
+        })
+        .collect()
+}
+
+pub fn flag_names(flags: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| flags & (1u64 << b) != 0)
+        .map(|b| match 1u64 << b {
+            RBD_FLAG_OBJECT_MAP_INVALID => "object map invalid".to_string(),
+            RBD_FLAG_FAST_DIFF_INVALID => "fast diff invalid".to_string(),
+            f => format!("unknown flag {f:#x}"),
+        })
+        .collect()
+}
+
+async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
+    let shared_default = Config::load()?.shared_default;
+    let (h, shared) = with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+        let shared = shared_setting(img, spec, shared_default).await?;
+        Ok((img.header(), shared))
+    })
+    .await?;
+    let size = match &spec.snap {
+        Some(n) => h
+            .snaps
+            .iter()
+            .find(|s| &s.name == n)
+            .map_or(h.size, |s| s.size),
+        None => h.size,
+    };
+    let objects = size.div_ceil(h.object_size());
+    let features = feature_names(h.features);
+    let flags = flag_names(h.flags);
+    match format {
+        Format::Json => {
+            let v = json!({
+                "name": spec.name,
+                "pool": spec.pool,
+                "id": h.id,
+                "size": size,
+                "objects": objects,
+                "order": h.order,
+                "object_size": h.object_size(),
+                "snapshot_count": h.snaps.len(),
+                "block_name_prefix": h.object_prefix,
+                "format": 2,
+                "features": features,
+                "op_features": [],
+                "flags": flags,
+                "shared": shared,
+                "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
+            });
+            println!("{v}");
+        }
+        Format::Plain => {
+            println!("rbd image '{}':", spec.name);
+            println!("\tsize {} in {} objects", human_size(size), objects);
+            println!(
+                "\torder {} ({} objects)",
+                h.order,
+                human_size(h.object_size())
+            );
+            println!("\tsnapshot_count: {}", h.snaps.len());
+            println!("\tid: {}", h.id);
+            println!("\tblock_name_prefix: {}", h.object_prefix);
+            println!("\tformat: 2");
+            println!("\tfeatures: {}", features.join(", "));
+            println!("\top_features: ");
+            println!("\tflags: {}", flags.join(", "));
+            println!("\tshared: {shared}");
+            for s in &h.snaps {
+                println!("\tsnapshot {} {} ({})", s.id, s.name, human_size(s.size));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ls<S: Store>(store: &S, pool: Option<&str>, format: Format) -> Result<()> {
+    let pool = pool.unwrap_or(DEFAULT_POOL);
+    // The same rules as the pool part of an image spec.
+    format!("{pool}/x").parse::<ImageSpec>()?;
+    let names = store.list_images(pool).await?;
+    match format {
+        Format::Json => println!("{}", json!(names)),
+        Format::Plain => {
+            for n in names {
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of object `objno` inside an image of `size`.
+fn object_len(h: &ImageHeader, size: u64, objno: u64) -> u64 {
+    h.object_size()
+        .min(size.saturating_sub(objno * h.object_size()))
+}
+
+async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
+    let (h, size, used) = with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+        let h = img.header();
+        let (snap, size) = snap_of(&h, spec)?;
+        let count = size.div_ceil(h.object_size());
+        let map = if h.features & RBD_FEATURE_OBJECT_MAP != 0 {
+            load_object_map(img, spec, &h, snap, size).await?.0
+        } else {
+            rebuild_map(img, spec, count, snap).await?
+        };
+        let mut used = 0u64;
+        for run in map.runs(0..count) {
+            if run.state != ObjectState::Nonexistent {
+                for o in run.start..run.start + run.len {
+                    used += object_len(&h, size, o);
+                }
+            }
+        }
+        Ok((h, size, used))
+    })
+    .await?;
+    let _ = h;
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "images": [{"name": spec.name, "provisioned_size": size, "used_size": used}],
+                "total_provisioned_size": size,
+                "total_used_size": used,
+            })
+        ),
+        Format::Plain => {
+            let name = spec.to_string();
+            let name = name
+                .strip_prefix(&format!("{}/", spec.pool))
+                .unwrap_or(&name);
+            let w = name.len().max(4);
+            println!("{:<w$}  {:>11}  {:>9}", "NAME", "PROVISIONED", "USED");
+            println!(
+                "{:<w$}  {:>11}  {:>9}",
+                name,
+                human_size(size),
+                human_size(used)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn snap_of(h: &ImageHeader, spec: &ImageSpec) -> Result<(Option<u64>, u64)> {
+    match &spec.snap {
+        None => Ok((None, h.size)),
+        Some(n) => h
+            .snaps
+            .iter()
+            .find(|s| &s.name == n)
+            .map(|s| (Some(s.id), s.size))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"))),
+    }
+}
+
+/// The differences between an image's stored object map and its data objects.
+pub async fn check_object_map<I: ImageStore>(img: &I, spec: &ImageSpec) -> Result<Vec<String>> {
+    let h = img.header();
+    if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("image {spec} does not have the object-map feature"),
+        ));
+    }
+    let (snap, size) = snap_of(&h, spec)?;
+    let count = size.div_ceil(h.object_size());
+    let mut problems = Vec::new();
+    if snap.is_none() && h.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
+        problems.push(
+            "the header flags the object map invalid (open for writing, or not closed cleanly)"
+                .to_string(),
+        );
+    }
+    let map = match img.read_object_map(snap).await? {
+        None => {
+            problems.push("the object map object is missing".to_string());
+            return Ok(problems);
+        }
+        Some(b) => match ObjectMap::decode(&b) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("the object map is corrupt: {e}"));
+                return Ok(problems);
+            }
+        },
+    };
+    if map.len() != count {
+        problems.push(format!(
+            "the object map has {} entries for {count} objects",
+            map.len()
+        ));
+        return Ok(problems);
+    }
+    let objs = img.list_objects(snap).await?;
+    let exists = image::new_map(count, spec)?;
+    for &n in &objs {
+        if n < count {
+            exists.set(n, ObjectState::Exists);
+        } else {
+            problems.push(format!(
+                "object {} lies beyond the image size",
+                h.object_name(n)
+            ));
+        }
+    }
+    const SHOW: usize = 50;
+    let mut mismatches = 0usize;
+    for run in map.runs(0..count) {
+        let map_exists = run.state != ObjectState::Nonexistent;
+        for o in run.start..run.start + run.len {
+            let is = exists.get(o) == ObjectState::Exists;
+            if is != map_exists {
+                mismatches += 1;
+                if mismatches <= SHOW {
+                    problems.push(if is {
+                        format!(
+                            "object {} exists but the map says nonexistent",
+                            h.object_name(o)
+                        )
+                    } else {
+                        format!(
+                            "object {} is missing but the map says {}",
+                            h.object_name(o),
+                            state_name(run.state)
+                        )
+                    });
+                }
+            }
+        }
+    }
+    if mismatches > SHOW {
+        problems.push(format!("... and {} more mismatches", mismatches - SHOW));
+    }
+    Ok(problems)
+}
+
+fn state_name(s: ObjectState) -> &'static str {
+    match s {
+        ObjectState::Nonexistent => "nonexistent",
+        ObjectState::Exists => "exists",
+        ObjectState::Pending => "pending",
+        ObjectState::ExistsClean => "exists-clean",
+    }
+}
+
+async fn object_map_check<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
+    let (problems, objects) =
+        with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+            let p = check_object_map(img, spec).await?;
+            let (snap, _) = snap_of(&img.header(), spec)?;
+            Ok((p, img.list_objects(snap).await?.len()))
+        })
+        .await?;
+    if problems.is_empty() {
+        println!("object map of {spec} matches the {objects} data objects");
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{spec}: {p}");
+    }
+    Err(Error::new(
+        ErrorKind::Corrupt,
+        format!(
+            "object map of {spec} in {} does not match the data objects ({} problems; `rados-nbd object-map rebuild {spec}` fixes it)",
+            store.describe(),
+            problems.len()
+        ),
+    ))
+}
+
+async fn object_map_rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
+    let (exist, count) = with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
+        let h = img.header();
+        if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("image {spec} does not have the object-map feature"),
+            ));
+        }
+        let count = h.object_count();
+        let map = rebuild_map(img, spec, count, None).await?;
+        img.write_object_map(map.encode()).await?;
+        img.set_flags(0, image::invalid_flags(h.features)).await?;
+        Ok((map.count(0..count)[ObjectState::Exists as usize], count))
+    })
+    .await?;
+    println!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    Ok(())
+}
+
+async fn config<S: Store>(store: &S, spec: &ImageSpec, setting: Option<&str>) -> Result<()> {
+    let shared_default = Config::load()?.shared_default;
+    match setting {
+        None => {
+            let (v, explicit) =
+                with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+                    let explicit = img.get_meta(META_SHARED).await?.is_some();
+                    Ok((shared_setting(img, spec, shared_default).await?, explicit))
+                })
+                .await?;
+            let src = if explicit { "image" } else { "default" };
+            println!("shared={v} ({src})");
+            Ok(())
+        }
+        Some(s) => {
+            let Some((k, v)) = s.split_once('=') else {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("invalid setting {s:?} (expected shared=true|false)"),
+                ));
+            };
+            if k.trim() != "shared" {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("unknown setting {:?} (known: shared)", k.trim()),
+                ));
+            }
+            let b = image::parse_bool("shared", v)?;
+            with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
+                img.set_meta(META_SHARED, if b { "true" } else { "false" })
+                    .await
+            })
+            .await?;
+            println!("shared={b}");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_like_rbd() {
+        assert_eq!(human_size(4 << 20), "4 MiB");
+        assert_eq!(human_size(10 << 30), "10 GiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(100), "100 B");
+        assert_eq!(human_size(0), "0 B");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            feature_names(DEFAULT_FEATURES),
+            ["layering", "exclusive-lock", "object-map", "fast-diff"]
+        );
+        assert_eq!(flag_names(3), ["object map invalid", "fast diff invalid"]);
+        assert!(flag_names(0).is_empty());
+    }
+
+    #[test]
+    fn store_uris() {
+        assert_eq!(
+            parse_store_uri(Some("dir:/x")).unwrap(),
+            StoreUri::Dir("/x".into())
+        );
+        assert_eq!(
+            parse_store_uri(Some("ceph:")).unwrap(),
+            StoreUri::Ceph { conf: None }
+        );
+        assert!(parse_store_uri(Some("dir:")).is_err());
+        let e = parse_store_uri(Some("nosuch:/x")).unwrap_err();
+        assert!(e.message.contains("nosuch:/x"));
+    }
+
+    #[test]
+    fn object_sizes() {
+        assert_eq!(parse_object_size("4M").unwrap(), 22);
+        assert_eq!(parse_object_size("4K").unwrap(), 12);
+        assert!(parse_object_size("3M").is_err());
+        assert!(parse_object_size("64M").is_err());
+        assert!(parse_object_size("2K").is_err());
+    }
+}

@@ -1,0 +1,1432 @@
+//! The image layer: byte ranges to objects, the in-memory object map and its dirty-flag
+//! lifecycle (issue 3), served to NBD through [`nbd_protocol::Backend`].
+//!
+//! Invariant kept while an image is open for writing with its map in memory: every
+//! object that exists in the store is not NONEXISTENT in the map. Writes mark EXISTS
+//! before the store write; removals mark NONEXISTENT only after the store removed the
+//! object; a per-object lock keeps a removal from interleaving with a write. The header
+//! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
+//! clean close or checkpoint), so a crash never leaves a trusted stale map.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{
+    ImageHeader, ImageStore, OpenMode, Store, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
+    RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use nbd_protocol::backend::{STATE_HOLE, STATE_ZERO};
+use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
+use objmap::{ObjectMap, ObjectState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::{Mutex, RwLock};
+
+/// Image metadata key of the per-image `shared` setting.
+pub const META_SHARED: &str = "rados-nbd.shared";
+
+/// Largest request the server accepts (NBD_INFO_BLOCK_SIZE maximum).
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+const LOCK_SHARDS: usize = 1024;
+
+/// Keeps every byte offset and object arithmetic far from u64 overflow.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
+/// 2^30 objects: a 256 MiB map in memory (4 PiB at 4 MiB objects).
+pub const MAX_MAP_OBJECTS: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open read-only (also implied by a snapshot spec).
+    pub read_only: bool,
+    /// `shared` when the image has no `rados-nbd.shared` metadata (config `shared_default`).
+    pub shared_default: bool,
+}
+
+/// Why the in-memory map was rebuilt instead of loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapSource {
+    Loaded,
+    Rebuilt(String),
+}
+
+/// Counters proving where answers came from (logged at close).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Read pieces answered as holes from the map, with no store call.
+    pub map_reads: AtomicU64,
+    pub store_reads: AtomicU64,
+    pub store_writes: AtomicU64,
+    pub store_zeroes: AtomicU64,
+    pub store_removes: AtomicU64,
+    /// Discard pieces that cost nothing: the object was already NONEXISTENT.
+    pub skipped_removes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub map_reads: u64,
+    pub store_reads: u64,
+    pub store_writes: u64,
+    pub store_zeroes: u64,
+    pub store_removes: u64,
+    pub skipped_removes: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            map_reads: g(&self.map_reads),
+            store_reads: g(&self.store_reads),
+            store_writes: g(&self.store_writes),
+            store_zeroes: g(&self.store_zeroes),
+            store_removes: g(&self.store_removes),
+            skipped_removes: g(&self.skipped_removes),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Parses the `shared` metadata value.
+pub fn parse_bool(what: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} is {v:?}, expected true or false"),
+        )),
+    }
+}
+
+/// The image's effective `shared` setting.
+pub async fn shared_setting<S: ImageStore>(
+    img: &S,
+    spec: &ImageSpec,
+    default: bool,
+) -> Result<bool> {
+    match img.get_meta(META_SHARED).await? {
+        None => Ok(default),
+        Some(v) => parse_bool(&format!("image metadata {META_SHARED} of {spec}"), &v),
+    }
+}
+
+/// Loads the object map of an open image, or rebuilds it from the objects that exist
+/// when it cannot be trusted. Never writes anything.
+pub async fn load_object_map<S: ImageStore>(
+    img: &S,
+    spec: &ImageSpec,
+    header: &ImageHeader,
+    snap: Option<u64>,
+    size: u64,
+) -> Result<(ObjectMap, MapSource)> {
+    let count = size.div_ceil(header.object_size());
+    let reason = if snap.is_none() && header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
+        Some("the header flags it invalid (the last writer did not close cleanly)".to_string())
+    } else {
+        match img.read_object_map(snap).await? {
+            None => Some("it is missing".to_string()),
+            Some(bytes) => match ObjectMap::decode(&bytes) {
+                Err(e) => Some(format!("it is corrupt ({e})")),
+                Ok(m) if m.len() != count => {
+                    Some(format!("it has {} entries for {count} objects", m.len()))
+                }
+                Ok(m) => return Ok((m, MapSource::Loaded)),
+            },
+        }
+    };
+    let reason = reason.unwrap_or_default();
+    tracing::info!("rebuilding object map of {spec} ({count} objects): {reason}");
+    let map = rebuild_map(img, spec, count, snap).await?;
+    let exist = map.count(0..count)[ObjectState::Exists as usize];
+    tracing::info!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    Ok((map, MapSource::Rebuilt(reason)))
+}
+
+/// An all-NONEXISTENT map, without aborting on an absurd size from a bad header.
+pub fn new_map(count: u64, spec: &ImageSpec) -> Result<ObjectMap> {
+    ObjectMap::try_new(count).map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot hold the object map of {spec} ({count} objects) in memory: {e}"),
+        )
+    })
+}
+
+/// Creates an image and, with the object-map feature, its empty object map, so a fresh
+/// image opens without a rebuild.
+pub async fn create_image<St: Store>(
+    store: &St,
+    spec: &ImageSpec,
+    opts: &crate::store::CreateOptions,
+) -> Result<()> {
+    let count = opts.size.div_ceil(1u64 << opts.order);
+    if opts.size > MAX_IMAGE_SIZE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("image size {} too large (at most 2^60 bytes)", opts.size),
+        ));
+    }
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 && count > MAX_MAP_OBJECTS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{count} objects is too many for an object map (at most {MAX_MAP_OBJECTS}); use a larger --object-size"
+            ),
+        ));
+    }
+    store.create_image(spec, opts).await?;
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
+        let img = store.open_image(spec, OpenMode::ReadWrite).await?;
+        let r = match new_map(count, spec) {
+            Ok(m) => img.write_object_map(m.encode()).await,
+            Err(e) => Err(e),
+        };
+        let c = img.close().await;
+        r.and(c)
+            .map_err(|e| e.context(format!("writing the object map of new image {spec}")))?;
+    }
+    Ok(())
+}
+
+/// A map built from `list_objects`: EXISTS for each data object present.
+pub async fn rebuild_map<S: ImageStore>(
+    img: &S,
+    spec: &ImageSpec,
+    count: u64,
+    snap: Option<u64>,
+) -> Result<ObjectMap> {
+    let objs = img.list_objects(snap).await?;
+    let map = new_map(count, spec)?;
+    let mut beyond = 0u64;
+    for n in objs {
+        if n < count {
+            map.set(n, ObjectState::Exists);
+        } else {
+            beyond += 1;
+        }
+    }
+    if beyond > 0 {
+        tracing::warn!("{spec}: {beyond} data objects lie beyond the image size; ignored");
+    }
+    Ok(map)
+}
+
+/// The header flags that mark the on-disk map stale for an image with `features`.
+pub fn invalid_flags(features: u64) -> u64 {
+    let mut f = RBD_FLAG_OBJECT_MAP_INVALID;
+    if features & RBD_FEATURE_FAST_DIFF != 0 {
+        f |= RBD_FLAG_FAST_DIFF_INVALID;
+    }
+    f
+}
+
+/// One piece of a request inside one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub objno: u64,
+    /// Offset inside the object.
+    pub off: u64,
+    pub len: u64,
+    /// Offset of this piece inside the request.
+    pub req_off: u64,
+}
+
+/// Splits `[offset, offset+length)` at object boundaries.
+pub(crate) fn split(order: u8, offset: u64, length: u64) -> Vec<Piece> {
+    let osize = 1u64 << order;
+    let mut v = Vec::new();
+    let mut pos = offset;
+    let end = offset + length;
+    while pos < end {
+        let objno = pos >> order;
+        let off = pos & (osize - 1);
+        let len = (osize - off).min(end - pos);
+        v.push(Piece {
+            objno,
+            off,
+            len,
+            req_off: pos - offset,
+        });
+        pos += len;
+    }
+    v
+}
+
+pub struct Image<S: ImageStore> {
+    store: S,
+    spec: ImageSpec,
+    header: ImageHeader,
+    size: u64,
+    snap: Option<u64>,
+    read_only: bool,
+    shared: bool,
+    map: Option<ObjectMap>,
+    map_source: Option<MapSource>,
+    locks: Vec<RwLock<()>>,
+    /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
+    gate: RwLock<bool>,
+    /// Whether the header's OBJECT_MAP_INVALID flag is currently set by us.
+    dirty_flag: AtomicBool,
+    flag_lock: Mutex<()>,
+    stats: Stats,
+}
+
+fn shutdown() -> BackendError {
+    BackendError::new(Errno::Shutdown, "the image is closing")
+}
+
+impl<S: ImageStore> Image<S> {
+    /// Opens an image for serving. Read-write (unless `read_only` or a snapshot) takes
+    /// the store's exclusive lock, loads or rebuilds the map and sets the dirty flag
+    /// before returning, so no write can be acknowledged under a clean flag.
+    pub async fn open<St: Store<Image = S>>(
+        store: &St,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let read_only = opts.read_only || spec.snap.is_some();
+        let mode = if read_only {
+            OpenMode::ReadOnly
+        } else {
+            // The lock to take depends on the image's `shared` setting: peek at it.
+            let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
+            let shared = shared_setting(&peek, spec, opts.shared_default).await;
+            let _ = peek.close().await;
+            if shared? {
+                OpenMode::SharedWrite
+            } else {
+                OpenMode::ReadWrite
+            }
+        };
+        let img = store.open_image(spec, mode).await?;
+        if mode == OpenMode::SharedWrite
+            && !shared_setting(&img, spec, opts.shared_default)
+                .await
+                .unwrap_or(false)
+        {
+            let _ = img.close().await;
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("the shared setting of {spec} changed while opening it; try again"),
+            ));
+        }
+        Self::from_store_image(
+            img,
+            spec,
+            &OpenOptions {
+                read_only,
+                ..opts.clone()
+            },
+        )
+        .await
+    }
+
+    /// Like [`Image::open`] for a handle the caller opened itself (read-only exactly when
+    /// `opts.read_only`). The handle is closed when this fails.
+    pub async fn from_store_image(img: S, spec: &ImageSpec, opts: &OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only || spec.snap.is_some();
+        match Self::init(img, spec, opts, read_only).await {
+            Ok(i) => Ok(i),
+            Err((img, e)) => {
+                let _ = img.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn init(
+        img: S,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+        read_only: bool,
+    ) -> std::result::Result<Self, (S, Error)> {
+        let header = img.header();
+        let (snap, size) = match &spec.snap {
+            None => (None, header.size),
+            Some(name) => match header.snaps.iter().find(|s| &s.name == name) {
+                Some(s) => (Some(s.id), s.size),
+                None => {
+                    let e = Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"));
+                    return Err((img, e));
+                }
+            },
+        };
+        let shared = match shared_setting(&img, spec, opts.shared_default).await {
+            Ok(s) => s,
+            Err(e) => return Err((img, e)),
+        };
+        let use_map = header.features & RBD_FEATURE_OBJECT_MAP != 0 && !shared;
+        let (map, map_source) = if use_map {
+            match load_object_map(&img, spec, &header, snap, size).await {
+                Ok((m, src)) => (Some(m), Some(src)),
+                Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
+            }
+        } else {
+            (None, None)
+        };
+        let image = Image {
+            store: img,
+            spec: spec.clone(),
+            size,
+            snap,
+            read_only,
+            shared,
+            map,
+            map_source,
+            locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
+            gate: RwLock::new(false),
+            dirty_flag: AtomicBool::new(false),
+            flag_lock: Mutex::new(()),
+            stats: Stats::default(),
+            header,
+        };
+        if let Err(e) = image.ensure_dirty().await {
+            return Err((image.store, e.context(format!("marking {spec} in use"))));
+        }
+        tracing::debug!(
+            "opened {spec}: size {size}, object map {}, {}",
+            if image.map.is_some() {
+                "in memory"
+            } else {
+                "off"
+            },
+            if read_only { "read-only" } else { "read-write" }
+        );
+        Ok(image)
+    }
+
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+    pub fn object_map(&self) -> Option<&ObjectMap> {
+        self.map.as_ref()
+    }
+    pub fn map_source(&self) -> Option<&MapSource> {
+        self.map_source.as_ref()
+    }
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn order(&self) -> u8 {
+        self.header.order
+    }
+
+    /// Bytes of object `objno` that lie inside the image.
+    fn object_len(&self, objno: u64) -> u64 {
+        let osize = self.header.object_size();
+        osize.min(self.size.saturating_sub(objno * osize))
+    }
+
+    fn lock_for(&self, objno: u64) -> &RwLock<()> {
+        &self.locks[(objno % LOCK_SHARDS as u64) as usize]
+    }
+
+    fn flag_mask(&self) -> u64 {
+        invalid_flags(self.header.features)
+    }
+
+    /// Sets the dirty flag in the header if it is not set yet (first write after open
+    /// or after a checkpoint). Cheap when already set.
+    async fn ensure_dirty(&self) -> Result<()> {
+        if self.map.is_none() || self.read_only || self.dirty_flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.flag_lock.lock().await;
+        if self.dirty_flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mask = self.flag_mask();
+        self.store.set_flags(mask, mask).await?;
+        self.dirty_flag.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Everything durable, then the map, then the flag cleared: in that order, so that
+    /// a crash at any point leaves either a valid map or the flag set.
+    async fn mark_clean(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.store.sync().await?;
+        if let Some(map) = &self.map {
+            let _g = self.flag_lock.lock().await;
+            if self.dirty_flag.load(Ordering::Acquire) {
+                self.store.write_object_map(map.encode()).await?;
+                self.store.set_flags(0, self.flag_mask()).await?;
+                self.dirty_flag.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the map and clears the flag while staying open (the last client left).
+    /// Waits for in-flight requests; the next write sets the flag again.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let g = self.gate.write().await;
+        if *g {
+            return Ok(());
+        }
+        self.mark_clean()
+            .await
+            .map_err(|e| e.context(format!("checkpointing {}", self.spec)))
+    }
+
+    /// Clean close: waits for in-flight requests, syncs, writes the map, clears the
+    /// flag, releases the store handle. Requests after this fail with ESHUTDOWN.
+    /// On error the flag stays set (the map is rebuilt at the next open).
+    pub async fn close(&self) -> Result<()> {
+        let mut g = self.gate.write().await;
+        if *g {
+            return Ok(());
+        }
+        *g = true;
+        let res = self
+            .mark_clean()
+            .await
+            .map_err(|e| e.context(format!("closing {}", self.spec)));
+        let s = self.stats();
+        tracing::info!(
+            "closed {}: map_reads={} store_reads={} store_writes={} store_zeroes={} store_removes={} skipped_removes={}",
+            self.spec, s.map_reads, s.store_reads, s.store_writes, s.store_zeroes,
+            s.store_removes, s.skipped_removes
+        );
+        let res2 = self.store.close().await;
+        res.and(res2)
+    }
+
+    fn is_nonexistent(&self, objno: u64) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
+    }
+
+    fn mark_exists(&self, objno: u64) {
+        if let Some(m) = &self.map {
+            if m.get(objno) != ObjectState::Exists {
+                m.set(objno, ObjectState::Exists);
+            }
+        }
+    }
+
+    async fn read_piece(&self, p: Piece) -> Result<Vec<ReadChunk>> {
+        let len = p.len as u32;
+        if self.is_nonexistent(p.objno) {
+            bump(&self.stats.map_reads);
+            return Ok(vec![ReadChunk::Hole(len)]);
+        }
+        bump(&self.stats.store_reads);
+        Ok(
+            match self.store.read(p.objno, p.off, p.len, self.snap).await? {
+                None => vec![ReadChunk::Hole(len)],
+                Some(b) if b.is_empty() => vec![ReadChunk::Hole(len)],
+                Some(b) if b.len() as u64 >= p.len => {
+                    vec![ReadChunk::Data(b.slice(..p.len as usize))]
+                }
+                Some(b) => {
+                    let rest = len - b.len() as u32;
+                    vec![ReadChunk::Data(b), ReadChunk::Hole(rest)]
+                }
+            },
+        )
+    }
+
+    async fn write_piece(&self, p: Piece, data: Bytes, fua: bool) -> Result<()> {
+        let _g = self.lock_for(p.objno).read().await;
+        self.mark_exists(p.objno);
+        bump(&self.stats.store_writes);
+        self.store.write(p.objno, p.off, data, fua).await
+    }
+
+    async fn discard_piece(&self, p: Piece, fua: bool, no_hole: bool) -> Result<()> {
+        if no_hole {
+            let zeros = Bytes::from(vec![0u8; p.len as usize]);
+            return self.write_piece(p, zeros, fua).await;
+        }
+        if self.is_nonexistent(p.objno) {
+            bump(&self.stats.skipped_removes);
+            return Ok(());
+        }
+        if p.off == 0 && p.len == self.object_len(p.objno) {
+            let _g = self.lock_for(p.objno).write().await;
+            bump(&self.stats.store_removes);
+            self.store.remove(p.objno, fua).await?;
+            if let Some(m) = &self.map {
+                m.set(p.objno, ObjectState::Nonexistent);
+            }
+            Ok(())
+        } else {
+            let _g = self.lock_for(p.objno).read().await;
+            bump(&self.stats.store_zeroes);
+            self.store.zero(p.objno, p.off, p.len, fua).await
+        }
+    }
+
+    async fn discard(&self, offset: u64, length: u32, fua: bool, no_hole: bool) -> Result<()> {
+        self.check_writable()?;
+        self.ensure_dirty().await?;
+        let pieces = split(self.order(), offset, length as u64);
+        try_join_all(
+            pieces
+                .into_iter()
+                .map(|p| self.discard_piece(p, fua, no_hole)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is open read-only", self.spec),
+            ));
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, length: u64) -> Vec<Extent> {
+        let Some(map) = &self.map else {
+            return vec![Extent { length, flags: 0 }];
+        };
+        let order = self.order();
+        let end = (offset + length).min(self.size);
+        if end <= offset {
+            return vec![];
+        }
+        let first = offset >> order;
+        let last = (end - 1) >> order;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        for run in map.runs(first..last + 1) {
+            let run_end = ((run.start + run.len) << order).min(end);
+            if run_end <= pos {
+                continue;
+            }
+            let flags = if run.state == ObjectState::Nonexistent {
+                STATE_HOLE | STATE_ZERO
+            } else {
+                0
+            };
+            let len = run_end - pos;
+            match out.last_mut() {
+                Some(l) if l.flags == flags => l.length += len,
+                _ => out.push(Extent { length: len, flags }),
+            }
+            pos = run_end;
+        }
+        if pos < end {
+            // The map answered short (cannot happen with a consistent map): the rest is data.
+            match out.last_mut() {
+                Some(l) if l.flags == 0 => l.length += end - pos,
+                _ => out.push(Extent {
+                    length: end - pos,
+                    flags: 0,
+                }),
+            }
+        }
+        out
+    }
+}
+
+impl<S: ImageStore> Backend for Image<S> {
+    fn info(&self) -> ExportInfo {
+        let rw = !self.read_only;
+        ExportInfo {
+            size: self.size,
+            read_only: self.read_only,
+            can_flush: rw,
+            can_fua: rw,
+            can_trim: rw,
+            can_write_zeroes: rw,
+            can_fast_zero: rw,
+            can_cache: true,
+            can_df: true,
+            // One Image is shared by every connection and FLUSH syncs the whole store.
+            can_multi_conn: true,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: MAX_BLOCK,
+            description: format!("rbd image {}", self.spec),
+        }
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>, BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        let pieces = split(self.order(), offset, length as u64);
+        let parts = try_join_all(pieces.into_iter().map(|p| self.read_piece(p))).await?;
+        let mut out: Vec<ReadChunk> = Vec::new();
+        for c in parts.into_iter().flatten() {
+            match (out.last_mut(), c) {
+                (Some(ReadChunk::Hole(a)), ReadChunk::Hole(b)) => *a += b,
+                (_, c) => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        self.check_writable()?;
+        self.ensure_dirty().await?;
+        let pieces = split(self.order(), offset, data.len() as u64);
+        try_join_all(pieces.into_iter().map(|p| {
+            let d = data.slice(p.req_off as usize..(p.req_off + p.len) as usize);
+            self.write_piece(p, d, fua)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        self.store.sync().await?;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        self.discard(offset, length, fua, false).await?;
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: ZeroFlags,
+    ) -> Result<(), BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        if flags.fast_zero && flags.no_hole {
+            // Keeping the range allocated means writing zeros: not fast.
+            return Err(BackendError::new(
+                Errno::NotSup,
+                "zeroing with NO_HOLE writes data and is not fast",
+            ));
+        }
+        self.discard(offset, length, flags.fua, flags.no_hole)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache(&self, _offset: u64, _length: u32) -> Result<(), BackendError> {
+        // Advisory; the store has no cache of its own to warm.
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(shutdown());
+        }
+        Ok(self.extents(offset, length as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::dir::{DirImage, DirStore};
+    use crate::store::{CreateOptions, DEFAULT_FEATURES, RBD_FEATURE_LAYERING};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    const OBJ: u64 = 4 << 20;
+
+    fn spec(s: &str) -> ImageSpec {
+        s.parse().unwrap()
+    }
+
+    async fn store_with(size: u64, features: u64) -> (tempfile::TempDir, DirStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::new(d.path());
+        let o = CreateOptions {
+            size,
+            order: 22,
+            features,
+        };
+        create_image(&s, &spec("vm1"), &o).await.unwrap();
+        (d, s)
+    }
+
+    async fn open(s: &DirStore, read_only: bool) -> Image<DirImage> {
+        let o = OpenOptions {
+            read_only,
+            shared_default: false,
+        };
+        Image::open(s, &spec("vm1"), &o).await.unwrap()
+    }
+
+    fn pool(d: &Path) -> PathBuf {
+        d.join("rbd")
+    }
+
+    fn id(d: &Path) -> String {
+        std::fs::read_to_string(pool(d).join("rbd_id.vm1")).unwrap()
+    }
+
+    fn header_flags(d: &Path) -> u64 {
+        let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["flags"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn disk_map(d: &Path) -> ObjectMap {
+        let b = std::fs::read(pool(d).join(format!("rbd_object_map.{}", id(d)))).unwrap();
+        ObjectMap::decode(&b).unwrap()
+    }
+
+    fn objects_on_disk(d: &Path) -> Vec<u64> {
+        let prefix = format!("rbd_data.{}.", id(d));
+        let mut v: Vec<u64> = std::fs::read_dir(pool(d))
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().into_string().unwrap();
+                n.strip_prefix(&prefix)
+                    .map(|h| u64::from_str_radix(h, 16).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn existing(m: &ObjectMap) -> Vec<u64> {
+        (0..m.len())
+            .filter(|&i| m.get(i) != ObjectState::Nonexistent)
+            .collect()
+    }
+
+    async fn read_all(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in img.read(off, len).await.unwrap() {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+            }
+        }
+        assert_eq!(out.len(), len as usize, "chunks cover the request exactly");
+        out
+    }
+
+    #[test]
+    fn split_at_object_boundaries() {
+        let p = split(22, OBJ - 1, 2);
+        assert_eq!(
+            p,
+            [
+                Piece {
+                    objno: 0,
+                    off: OBJ - 1,
+                    len: 1,
+                    req_off: 0
+                },
+                Piece {
+                    objno: 1,
+                    off: 0,
+                    len: 1,
+                    req_off: 1
+                },
+            ]
+        );
+        let p = split(22, OBJ, 2 * OBJ);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.off == 0 && p.len == OBJ));
+        assert_eq!((p[0].objno, p[1].objno, p[1].req_off), (1, 2, OBJ));
+        let p = split(22, 100, 3 * OBJ);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 * OBJ);
+        assert_eq!(
+            p[3],
+            Piece {
+                objno: 3,
+                off: 0,
+                len: 100,
+                req_off: 3 * OBJ - 100
+            }
+        );
+        assert!(split(22, 5, 0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn fresh_image_reads_holes_without_store_calls() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        assert_eq!(img.map_source(), Some(&MapSource::Loaded));
+        let c = img.read(OBJ - 512, 8192).await.unwrap();
+        assert_eq!(c, [ReadChunk::Hole(8192)], "adjacent holes merge");
+        let st = img.stats();
+        assert_eq!((st.map_reads, st.store_reads), (2, 0));
+        let e = img.block_status(0, 64 << 20).await.unwrap();
+        assert_eq!(
+            e,
+            [Extent {
+                length: 64 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
+        img.close().await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_mark_objects_and_block_status_merges() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        // Across the 0/1 boundary, and one write in object 5.
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        img.write(OBJ - 4096, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        img.write(5 * OBJ + 10, Bytes::from_static(b"hello"), true)
+            .await
+            .unwrap();
+        let m = img.object_map().unwrap();
+        assert_eq!(existing(m), [0, 1, 5]);
+        assert_eq!(objects_on_disk(d.path()), [0, 1, 5]);
+        assert_eq!(read_all(&img, OBJ - 4096, 8192).await, data);
+        let r = img.read(5 * OBJ, 4096).await.unwrap();
+        assert!(matches!(r[0], ReadChunk::Data(_)), "{r:?}");
+        assert_eq!(&read_all(&img, 5 * OBJ + 8, 9).await, b"\0\0hello\0\0");
+        let e = img.block_status(0, 64 << 20).await.unwrap();
+        let hz = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            e,
+            [
+                Extent {
+                    length: 2 * OBJ,
+                    flags: 0
+                },
+                Extent {
+                    length: 3 * OBJ,
+                    flags: hz
+                },
+                Extent {
+                    length: OBJ,
+                    flags: 0
+                },
+                Extent {
+                    length: 10 * OBJ,
+                    flags: hz
+                },
+            ]
+        );
+        // A range starting and ending inside objects is answered from its start.
+        let e = img.block_status(OBJ + 5, (2 * OBJ) as u32).await.unwrap();
+        assert_eq!(
+            e[0],
+            Extent {
+                length: OBJ - 5,
+                flags: 0
+            }
+        );
+        assert_eq!(e[1].flags, hz);
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn trim_whole_objects_removes_partial_zeroes() {
+        // 6 MiB: the last object is 2 MiB long inside the image.
+        let (d, s) = store_with(6 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from(vec![1u8; 6 << 20]), false)
+            .await
+            .unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        // Partial: zeros inside object 0, object stays.
+        img.trim(4096, 4096, false).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        let r = read_all(&img, 0, 3 * 4096).await;
+        assert!(r[..4096].iter().all(|&b| b == 1));
+        assert!(r[4096..8192].iter().all(|&b| b == 0));
+        assert!(r[8192..].iter().all(|&b| b == 1));
+        // The whole (short) last object: removed.
+        img.trim(OBJ, 2 << 20, false).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        assert_eq!(img.object_map().unwrap().get(1), ObjectState::Nonexistent);
+        assert_eq!(read_all(&img, OBJ, 4096).await, vec![0; 4096]);
+        let st = img.stats();
+        assert_eq!((st.store_removes, st.store_zeroes), (1, 1));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [0]);
+    }
+
+    #[tokio::test]
+    async fn discarding_a_fresh_terabyte_is_free() {
+        let tib = 1u64 << 40;
+        let (d, s) = store_with(tib, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        let t = std::time::Instant::now();
+        let step = 2u64 << 30;
+        for i in 0..tib / step {
+            img.trim(i * step, step as u32, false).await.unwrap();
+        }
+        let st = img.stats();
+        assert_eq!(st.store_removes, 0);
+        assert_eq!(st.skipped_removes, tib / OBJ);
+        assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+        img.close().await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_flags() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            ..Default::default()
+        };
+        let fast = ZeroFlags {
+            fast_zero: true,
+            ..Default::default()
+        };
+        // NO_HOLE keeps the range allocated: object 0 now exists, full of zeros.
+        img.write_zeroes(0, OBJ as u32, no_hole).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
+        // FAST_ZERO with NO_HOLE would write data: refused, nothing done.
+        let e = img
+            .write_zeroes(
+                OBJ,
+                OBJ as u32,
+                ZeroFlags {
+                    no_hole: true,
+                    fast_zero: true,
+                    fua: false,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::NotSup);
+        assert_eq!(objects_on_disk(d.path()), [0]);
+        // FAST_ZERO alone maps to a removal: fast, done.
+        img.write_zeroes(0, OBJ as u32, fast).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_sets_flag_close_writes_map_then_clears() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        assert_eq!(header_flags(d.path()), 0);
+        let img = open(&s, false).await;
+        let both = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+        assert_eq!(header_flags(d.path()), both, "dirty flag set at open");
+        img.write(3 * OBJ, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        img.write(9 * OBJ, Bytes::from_static(b"y"), false)
+            .await
+            .unwrap();
+        img.trim(9 * OBJ, OBJ as u32, false).await.unwrap();
+        assert!(
+            existing(&disk_map(d.path())).is_empty(),
+            "map on disk untouched while open"
+        );
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+        assert_eq!(objects_on_disk(d.path()), [3]);
+        // After close: refused.
+        assert_eq!(img.read(0, 1).await.unwrap_err().errno, Errno::Shutdown);
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn image_without_object_map_feature_keeps_no_map() {
+        let (d, s) = store_with(16 << 20, RBD_FEATURE_LAYERING).await;
+        let img = open(&s, false).await;
+        assert!(img.object_map().is_none());
+        assert_eq!(header_flags(d.path()), 0, "no flag dance without a map");
+        img.read(0, 4096).await.unwrap();
+        assert_eq!(img.stats().store_reads, 1);
+        img.write(OBJ, Bytes::from_static(b"z"), false)
+            .await
+            .unwrap();
+        let e = img.block_status(0, 16 << 20).await.unwrap();
+        assert_eq!(
+            e,
+            [Extent {
+                length: 16 << 20,
+                flags: 0
+            }]
+        );
+        img.trim(OBJ, OBJ as u32, false).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn shared_images_go_to_the_store() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        {
+            let h = s
+                .open_image(&spec("vm1"), OpenMode::ReadWrite)
+                .await
+                .unwrap();
+            h.set_meta(META_SHARED, "true").await.unwrap();
+            h.close().await.unwrap();
+        }
+        let img = open(&s, false).await;
+        assert!(img.is_shared() && img.object_map().is_none());
+        // Several writers of a shared image coexist; each sees the other's writes.
+        let img2 = open(&s, false).await;
+        img2.write(0, Bytes::from_static(b"two"), true)
+            .await
+            .unwrap();
+        assert_eq!(&read_all(&img, 0, 3).await, b"two");
+        img2.close().await.unwrap();
+        // An exclusive writer (e.g. `config`) is refused meanwhile.
+        let e = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert_eq!(header_flags(d.path()), 0);
+        img.read(8 << 20, 4096).await.unwrap();
+        assert_eq!((img.stats().store_reads, img.stats().map_reads), (2, 0));
+        img.close().await.unwrap();
+        // The config default applies only without metadata.
+        let (_d2, s2) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let o = OpenOptions {
+            read_only: false,
+            shared_default: true,
+        };
+        let img = Image::open(&s2, &spec("vm1"), &o).await.unwrap();
+        assert!(img.is_shared());
+        img.close().await.unwrap();
+        // A bad value is an error naming the key, not a silent default.
+        let h = s2
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        h.set_meta(META_SHARED, "perhaps").await.unwrap();
+        h.close().await.unwrap();
+        let e = Image::open(&s2, &spec("vm1"), &OpenOptions::default())
+            .await
+            .err()
+            .unwrap();
+        assert!(e.message.contains(META_SHARED), "{e}");
+        // ... and the failed open released the lock.
+        s2.open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn crash_leaves_flag_and_reopen_rebuilds() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(2 * OBJ, Bytes::from_static(b"acked"), false)
+            .await
+            .unwrap();
+        img.write(7 * OBJ + 1, Bytes::from_static(b"fua"), true)
+            .await
+            .unwrap();
+        drop(img); // a crash: no close
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        assert!(
+            existing(&disk_map(d.path())).is_empty(),
+            "stale map on disk"
+        );
+
+        // A read-only open rebuilds in memory only and never touches the flag.
+        let ro = open(&s, true).await;
+        assert!(matches!(ro.map_source(), Some(MapSource::Rebuilt(_))));
+        assert_eq!(existing(ro.object_map().unwrap()), [2, 7]);
+        assert!(ro.write(0, Bytes::from_static(b"no"), false).await.is_err());
+        ro.close().await.unwrap();
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        assert!(existing(&disk_map(d.path())).is_empty());
+
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("flags"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        assert_eq!(existing(img.object_map().unwrap()), [2, 7]);
+        assert_eq!(&read_all(&img, 2 * OBJ, 5).await, b"acked");
+        assert_eq!(&read_all(&img, 7 * OBJ + 1, 3).await, b"fua");
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), [2, 7]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_wrong_length_map_is_rebuilt() {
+        let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(OBJ, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        let mp = pool(d.path()).join(format!("rbd_object_map.{}", id(d.path())));
+        let mut b = std::fs::read(&mp).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 0xff;
+        std::fs::write(&mp, &b).unwrap();
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("corrupt"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        assert_eq!(existing(img.object_map().unwrap()), [1]);
+        img.close().await.unwrap();
+        std::fs::write(&mp, ObjectMap::new(3).encode()).unwrap();
+        let img = open(&s, false).await;
+        match img.map_source() {
+            Some(MapSource::Rebuilt(why)) => assert!(why.contains("3 entries"), "{why}"),
+            o => panic!("expected a rebuild, got {o:?}"),
+        }
+        img.close().await.unwrap();
+        std::fs::remove_file(&mp).unwrap();
+        let img = open(&s, false).await;
+        assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(w)) if w.contains("missing")));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [1]);
+    }
+
+    #[tokio::test]
+    async fn checkpoint_clears_and_next_write_sets_again() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
+        img.checkpoint().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), [0]);
+        // Reads do not dirty the image.
+        img.read(0, 10).await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        img.write(OBJ, Bytes::from_static(b"b"), false)
+            .await
+            .unwrap();
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [0, 1]);
+        assert_eq!(header_flags(d.path()), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_and_trims_keep_map_and_store_agreeing() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let img = Arc::new(open(&s, false).await);
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let img = img.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40u64 {
+                    let obj = (t + i) % 8;
+                    if (t + i) % 3 == 0 {
+                        img.trim(obj * OBJ, OBJ as u32, false).await.unwrap();
+                    } else {
+                        img.write(obj * OBJ + i * 512, Bytes::from(vec![t as u8; 512]), false)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let in_mem = existing(img.object_map().unwrap());
+        assert_eq!(in_mem, objects_on_disk(d.path()));
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    }
+
+    #[tokio::test]
+    async fn info_is_truthful() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, true).await;
+        let i = img.info();
+        assert!(i.read_only && !i.can_trim && !i.can_flush);
+        assert!(i.can_multi_conn);
+        assert_eq!(i.size, 16 << 20);
+        assert!(i.max_block >= 32 << 20);
+        let e = img
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::Perm);
+        img.close().await.unwrap();
+    }
+
+    /// Records the calls that matter for the close order, delegating to a real handle.
+    struct Recorder {
+        inner: DirImage,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Recorder {
+        fn note(&self, s: impl Into<String>) {
+            self.log.lock().unwrap().push(s.into());
+        }
+    }
+
+    impl ImageStore for Recorder {
+        fn header(&self) -> ImageHeader {
+            self.inner.header()
+        }
+        async fn refresh_header(&self) -> Result<ImageHeader> {
+            self.inner.refresh_header().await
+        }
+        async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
+            self.note(format!("set_flags({value})"));
+            self.inner.set_flags(value, mask).await
+        }
+        async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+            self.inner.get_meta(key).await
+        }
+        async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+            self.inner.set_meta(key, value).await
+        }
+        async fn read(
+            &self,
+            o: u64,
+            off: u64,
+            len: u64,
+            snap: Option<u64>,
+        ) -> Result<Option<Bytes>> {
+            self.note("read");
+            self.inner.read(o, off, len, snap).await
+        }
+        async fn write(&self, o: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
+            self.note(format!("write({o})"));
+            self.inner.write(o, off, data, durable).await
+        }
+        async fn zero(&self, o: u64, off: u64, len: u64, durable: bool) -> Result<()> {
+            self.inner.zero(o, off, len, durable).await
+        }
+        async fn remove(&self, o: u64, durable: bool) -> Result<()> {
+            self.note(format!("remove({o})"));
+            self.inner.remove(o, durable).await
+        }
+        async fn sync(&self) -> Result<()> {
+            self.note("sync");
+            self.inner.sync().await
+        }
+        async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
+            self.inner.list_objects(snap).await
+        }
+        async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
+            self.inner.read_object_map(snap).await
+        }
+        async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
+            self.note("write_object_map");
+            self.inner.write_object_map(data).await
+        }
+        async fn close(&self) -> Result<()> {
+            self.note("close");
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test]
+    async fn close_order_is_sync_map_flag_close() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let rec = Recorder {
+            inner: h,
+            log: log.clone(),
+        };
+        let img = Image::from_store_image(rec, &spec("vm1"), &OpenOptions::default())
+            .await
+            .unwrap();
+        img.read(0, 512).await.unwrap();
+        img.write(OBJ, Bytes::from_static(b"w"), false)
+            .await
+            .unwrap();
+        img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+        img.close().await.unwrap();
+        let l = log.lock().unwrap().clone();
+        assert_eq!(
+            l,
+            [
+                "set_flags(3)",
+                "write(1)",
+                "sync",
+                "write_object_map",
+                "set_flags(0)",
+                "close"
+            ],
+            "no store read of a nonexistent object, no removal of one, flag set before the write"
+        );
+    }
+
+    #[tokio::test]
+    async fn store_full_is_enospc_naming_the_object() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        // An object file that is /dev/full: every write to it fails with ENOSPC.
+        let obj = pool(d.path()).join(format!("rbd_data.{}.{:016x}", id(d.path()), 1));
+        std::os::unix::fs::symlink("/dev/full", &obj).unwrap();
+        let img = open(&s, false).await;
+        let e = img
+            .write(OBJ + 10, Bytes::from_static(b"data"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::NoSpc);
+        assert!(
+            e.message.contains(&obj.display().to_string()),
+            "{}",
+            e.message
+        );
+        // Other objects still work.
+        img.write(0, Bytes::from_static(b"ok"), false)
+            .await
+            .unwrap();
+        // The failed object cannot be synced: close reports it and leaves the flag set,
+        // so the map on disk is never trusted.
+        let e = img.close().await.unwrap_err();
+        assert!(e.message.contains("syncing"), "{}", e.message);
+        assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        std::fs::remove_file(&obj).unwrap();
+        let img = open(&s, false).await;
+        assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
+        assert_eq!(existing(img.object_map().unwrap()), [0]);
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+    }
+}

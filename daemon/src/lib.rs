@@ -1,0 +1,10 @@
+//! `rados-nbd`: serve RBD format-2 images over NBD with the object map in memory.
+//! The library holds everything; `main.rs` only parses arguments and runs `cli`.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod serve;
+pub mod spec;
+pub mod store;
