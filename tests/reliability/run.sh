@@ -144,6 +144,9 @@ fi
 # file is replaced by a symlink to /proc/self/mem: the daemon opens its own memory, and a
 # read at an offset below 4 MiB (never mapped) fails in the kernel with EIO.
 if want eio; then
+  # A store of its own, so object 3 below can only be this image's.
+  export RADOS_NBD_STORE=$work/store-eio
+  mkdir -p "$RADOS_NBD_STORE"
   "$BIN" create --size 16M --object-size 1M eio >/dev/null
   serve_bg "$work/eio-a.log" eio
   nbdsh -u "$(uri_of eio)" -c "h.pwrite(b'e' * 4096, 3 << 20); h.pwrite(b'z' * 4096, 0)" 2>/dev/null
@@ -160,6 +163,7 @@ if want eio; then
   else
     fail "EIO" "object 3 was not written"
   fi
+  export RADOS_NBD_STORE=$work/store
 fi
 
 # ------------------------------------------------------------------------------------------
@@ -295,7 +299,9 @@ if want security; then
   serve_bg "$work/tls-req.log" sec --tls=require "${tlsf[@]}" --tls-ca "$pki/ca-cert.pem"
   check "TLS require: nbdinfo over TLS with a client certificate" bash -c \
     "nbdinfo --json '$(tls_uri "$pki")' | jq -e '.TLS == true and .exports[0][\"export-size\"] == 33554432'"
-  check "TLS require: data round trip over TLS" nbdcopy --synchronous "$pki/server.csr" "$(tls_uri "$pki")"
+  head -c $((1 << 20)) /dev/urandom >"$work/tls.in"
+  check "TLS require: 1 MiB written and read back over TLS" bash -c \
+    "nbdcopy '$work/tls.in' '$(tls_uri "$pki")' && nbdcopy '$(tls_uri "$pki")' - | head -c $((1 << 20)) | cmp - '$work/tls.in'"
   check_fails "TLS require: plain client refused" nbdinfo "$(uri_of sec)"
   check_fails "TLS require with --tls-ca: client without a certificate refused" nbdinfo "$(tls_uri "$pki/anon")"
   stop_daemon "$SERVE_PID"
