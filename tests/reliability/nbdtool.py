@@ -3,7 +3,7 @@
 (Debian python3-libnbd, so run with /usr/bin/python3) or on raw sockets where a library
 would refuse to send what we want to send.
 
-  journal-write URI JOURNAL SECONDS SEED BLOCKS   random writes, QD 16; every write is
+  journal-write URI JOURNAL SECONDS SEED BLOCKS   random writes and WRITE_ZEROES, QD 16; every write is
         journalled before it is sent (P) and when it is acknowledged (A); stops quietly
         when the server dies
   journal-verify URI JOURNAL SEED BLOCKS          every block reads back as its last acked
@@ -81,17 +81,30 @@ def journal_write(uri, journal, seconds, seed, blocks):
     try:
         while time.monotonic() < end:
             while len(inflight) < QD:
-                n = rng.randint(1, 4)
-                b = rng.randrange(0, blocks - n)
+                # Mostly writes; some WRITE_ZEROES, half of them over a whole 64 KiB
+                # object (the object is removed and the map updated: the riskiest moment
+                # to be killed).
+                zero = rng.random() < 0.15
+                if zero and rng.random() < 0.5:
+                    n = 16
+                    b = rng.randrange(0, blocks // 16) * 16
+                else:
+                    n = rng.randint(1, 4)
+                    b = rng.randrange(0, blocks - n)
                 if any(x in busy for x in range(b, b + n)):
                     continue
-                data = bytearray(os.urandom(n * BS))
+                data = bytearray(n * BS) if zero else bytearray(os.urandom(n * BS))
                 entries = [(b + i, sha(data[i * BS:(i + 1) * BS])) for i in range(n)]
                 # Journal before sending: a write in flight at the crash may or may not
                 # have landed, and the verifier must know its content either way.
                 j.write("".join(f"P {x} {s}\n" for x, s in entries))
                 flags = nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0
-                c = h.aio_pwrite(nbd.Buffer.from_bytearray(data), b * BS, flags=flags)
+                if zero:
+                    if rng.random() < 0.3:
+                        flags |= nbd.CMD_FLAG_NO_HOLE
+                    c = h.aio_zero(n * BS, b * BS, flags=flags)
+                else:
+                    c = h.aio_pwrite(nbd.Buffer.from_bytearray(data), b * BS, flags=flags)
                 inflight[c] = entries
                 busy.update(x for x, _ in entries)
             h.poll(-1)
