@@ -63,6 +63,11 @@ def main():
         + opt(OPT_ABORT),
         "export-name-ro": bytes([3]) + struct.pack(">I", 1) + opt(OPT_EXPORT_NAME, b"ro") + workload(False),
         "oldstyle": bytes([0]) + struct.pack(">I", 0) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
+        # Knob bits 4-5: 1 = TLS allow, 2 = TLS require.
+        "tls-require": bytes([0x20]) + struct.pack(">I", 3) + opt(OPT_LIST) + opt(OPT_GO, go("a"))
+        + opt(OPT_STARTTLS, b"x") + opt(OPT_STARTTLS) + b"\x16\x03\x01\x00\x05hello",
+        "tls-allow-pipelined": bytes([0x10]) + struct.pack(">I", 3) + opt(OPT_LIST) + opt(OPT_STARTTLS) + opt(OPT_GO, go("a")),
+        "tls-require-export-name": bytes([0x20]) + struct.pack(">I", 1) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
         "too-big": bytes([0]) + struct.pack(">I", 1) + struct.pack(">QII", IHAVEOPT, OPT_GO, 70000) + b"\0" * 70000,
     }
     tr = {

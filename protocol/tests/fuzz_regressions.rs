@@ -63,6 +63,9 @@ fn handshake_corpus() {
                 "{name}"
             );
         }
+        if name == "seed-tls-require.bin" {
+            assert!(contains(&out, &REP_ERR_TLS_REQD.to_be_bytes()), "{name}");
+        }
         if name == "seed-simple-go.bin" {
             assert!(contains(&out, &SIMPLE_REPLY_MAGIC.to_be_bytes()), "{name}");
         }

@@ -176,7 +176,7 @@ if want load; then
   # scribbler on the region makes this fail: "verify: bad magic header").
   fio --name=load --ioengine=nbd --uri="$(uri_of load)" --numjobs=8 --iodepth=128 \
       --rw=randrw --rwmixread=30 --bsrange=4k-64k --size=64M --offset_increment=64M \
-      --verify=crc32c --verify_backlog=512 --verify_fatal=1 --time_based --runtime=${LOAD_SECONDS:-20} \
+      --verify=crc32c --verify_backlog=512 --verify_fatal=1 --verify_state_save=0 --time_based --runtime=${LOAD_SECONDS:-20} \
       --group_reporting --output="$work/fio.out" >/dev/null 2>&1
   rc=$?
   if [ $rc -eq 0 ] && grep -q 'err= 0' "$work/fio.out" && ! grep -q '^verify:' "$work/fio.out"; then

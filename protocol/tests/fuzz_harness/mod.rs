@@ -7,9 +7,10 @@
 use nbd_protocol::consts::*;
 use nbd_protocol::request::{validate, Command, RequestHeader, Session};
 use nbd_protocol::{
-    serve_connection, serve_transmission, Export, Exports, MemoryBackend, ServerOptions,
+    serve_connection, serve_transmission, Export, Exports, MemoryBackend, ServerOptions, TlsConfig,
+    TlsSetting,
 };
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -87,17 +88,44 @@ fn run_bounded<Fut: std::future::Future<Output = Vec<u8>>>(what: &str, f: Fut) -
     })
 }
 
+/// A throwaway self-signed certificate, made once per process, so the TLS modes' option
+/// rules (ERR_TLS_REQD, STARTTLS, plain bytes pipelined behind it, a garbage ClientHello)
+/// are fuzzed too.
+fn tls_config() -> TlsConfig {
+    static CONFIG: OnceLock<TlsConfig> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+                .expect("self-signed certificate");
+            let dir = std::env::temp_dir().join(format!("nbd-fuzz-tls-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+            std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+            let c = TlsConfig::from_pem_files(&cert, &key).expect("TLS config");
+            let _ = std::fs::remove_dir_all(&dir);
+            c
+        })
+        .clone()
+}
+
 /// The whole connection: greeting, option haggling, transmission. The first byte picks
-/// the server's limits so backpressure paths are reached too. Returns what the server sent.
+/// the server's limits so backpressure paths are reached too, and the TLS mode. Returns
+/// what the server sent.
 pub fn handshake(data: &[u8]) -> Vec<u8> {
     let (knob, client) = match data.split_first() {
         Some((k, rest)) => (*k, rest),
         None => (0, data),
     };
+    let tls = match (knob >> 4) & 3 {
+        1 => TlsSetting::Allow(tls_config()),
+        2 => TlsSetting::Require(tls_config()),
+        _ => TlsSetting::Off,
+    };
     let opts = ServerOptions {
         max_in_flight: 1 + (knob as usize & 7),
         max_buffered_bytes: if knob & 8 != 0 { 4096 } else { 1 << 20 },
-        ..Default::default()
+        tls,
     };
     let ex = exports();
     let out = run_bounded(
