@@ -67,6 +67,16 @@ if want kill; then
       wait "$wpid"
       map_invalid "$img" || why="info does not show the map invalid after SIGKILL"
     fi
+    if [ -z "$why" ] && [ $((i % 4)) -eq 0 ]; then
+      # Every 4th time, also kill the next serve while it opens the image and rebuilds the
+      # map (before its socket exists): the map must stay untrusted.
+      rm -f "$sock"
+      RUST_LOG=info "$BIN" serve "$img" --socket "$sock" >"$work/kill-$i-open.log" 2>&1 &
+      opid=$!
+      sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", r / 32768 * 0.03 }')"
+      kill -9 "$opid" 2>/dev/null; wait "$opid" 2>/dev/null; rm -f "$sock"
+      map_invalid "$img" || why="killed during open: the map is no longer flagged invalid"
+    fi
     if [ -z "$why" ]; then
       serve_bg "$work/kill-$i-b.log" "$img" || why="serve after the kill did not start"
     fi
@@ -90,7 +100,8 @@ if want kill; then
     fi
     if [ -z "$why" ]; then
       total_ok=$((total_ok + 1))
-      pass "SIGKILL #$i: map invalid, rebuilt on next serve, acked writes intact, clean close checks ($(sed -n 's/^journal-write: //p' "$work/writer-$i.log"))"
+      extra=; [ $((i % 4)) -eq 0 ] && extra=" (and killed again during the rebuild)"
+      pass "SIGKILL #$i$extra: map invalid, rebuilt on next serve, acked writes intact, clean close checks ($(sed -n 's/^journal-write: //p' "$work/writer-$i.log"))"
     else
       fail "SIGKILL #$i" "$why"
       cleanup_pids
