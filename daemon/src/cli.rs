@@ -101,6 +101,9 @@ pub enum Command {
         image: String,
         setting: Option<String>,
     },
+    /// Write the manual pages or shell completions generated from this CLI (packaging).
+    #[command(hide = true, subcommand)]
+    Generate(crate::generate::GenerateCmd),
     // Kernel attach subcommands (map, unmap, list-mapped, attach, detach) are added
     // here as `#[command(flatten)] Kernel(crate::kernel::KernelCommand)` and dispatched
     // in `run` below.
@@ -141,6 +144,9 @@ pub fn parse_store_uri(uri: Option<&str>) -> Result<StoreUri> {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Generate(what) = cli.command {
+        return crate::generate::run(what, <Cli as clap::CommandFactory>::command());
+    }
     let uri = parse_store_uri(cli.store.as_deref())?;
     match uri {
         StoreUri::Dir(p) => run(DirStore::new(p), cli.command).await,
@@ -168,6 +174,9 @@ fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
 
 pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
     match cmd {
+        Command::Generate(what) => {
+            crate::generate::run(what, <Cli as clap::CommandFactory>::command())
+        }
         Command::Create(a) => create(&store, &a).await,
         Command::Info { image, format } => info(&store, &parse_spec(&image)?, format).await,
         Command::Rm { image } => {

@@ -1,7 +1,8 @@
 //! `rados-nbd serve`: one image, opened once and shared by every connection, served on a
 //! unix socket or TCP until SIGTERM/SIGINT, then closed cleanly (map written, dirty
-//! flag cleared). Clients may come and go meanwhile; the image stays open (and flagged
-//! dirty when writable) until the server stops.
+//! flag cleared). Clients may come and go meanwhile; the image stays open until the
+//! server stops, and each time the last client leaves the map is checkpointed (written,
+//! flag cleared) exactly as at a clean close.
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -22,13 +23,9 @@ use tokio::task::JoinSet;
 pub struct ServeArgs {
     /// [POOL/]NAME[@SNAP] (a snapshot is served read-only)
     pub image: String,
-    /// Listen on this unix socket (created with mode 0600).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    /// Listen on this unix socket (created with mode 0600). With neither --socket nor --listen,
+    /// serve on the listening socket systemd passes (socket activation, LISTEN_FDS).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
     /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1).
     #[arg(long, value_name = "HOST:PORT")]
@@ -95,6 +92,8 @@ pub fn server_options(args: &ServeArgs) -> Result<ServerOptions> {
 pub enum ListenAddr {
     Unix(PathBuf),
     Tcp(String, u16),
+    /// Passed in by systemd (socket activation); systemd owns and removes it.
+    Inherited(String),
 }
 
 impl std::fmt::Display for ListenAddr {
@@ -103,6 +102,7 @@ impl std::fmt::Display for ListenAddr {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
             ListenAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+            ListenAddr::Inherited(d) => write!(f, "{d} (from systemd)"),
         }
     }
 }
@@ -181,7 +181,39 @@ impl Listener {
                 .await
                 .map(Listener::Tcp)
                 .map_err(|e| Error::io(format!("listening on {addr}"), e)),
+            ListenAddr::Inherited(_) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{addr} cannot be bound again"),
+            )),
         }
+    }
+
+    /// The one listening socket systemd passed (rados-nbd-serve@.socket), if any.
+    fn inherited() -> Result<Option<(Listener, String)>> {
+        use crate::socket_activation as sa;
+        let Some(mut all) = sa::from_env().map_err(|e| Error::new(ErrorKind::InvalidInput, e))?
+        else {
+            return Ok(None);
+        };
+        if all.len() != 1 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "systemd passed {} listening sockets; serve takes exactly one \
+                     (one ListenStream= in the .socket unit)",
+                    all.len()
+                ),
+            ));
+        }
+        let l = all.remove(0);
+        let desc = l.describe();
+        let err = |e| Error::io(format!("using the inherited socket {desc}"), e);
+        l.set_nonblocking(true).map_err(err)?;
+        let l = match l {
+            sa::Listener::Unix(u) => Listener::Unix(UnixListener::from_std(u).map_err(err)?),
+            sa::Listener::Tcp(t) => Listener::Tcp(TcpListener::from_std(t).map_err(err)?),
+        };
+        Ok(Some((l, desc)))
     }
 }
 
@@ -191,9 +223,19 @@ struct Done;
 /// Serves `args.image` until SIGTERM/SIGINT (or, with `--once`, the first client's end).
 pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Result<()> {
     let spec: ImageSpec = args.image.parse()?;
-    let addr = match (&args.socket, &args.listen) {
-        (Some(p), None) => ListenAddr::Unix(p.clone()),
-        (None, Some(l)) => parse_listen(l)?,
+    let (addr, inherited) = match (&args.socket, &args.listen) {
+        (Some(p), None) => (ListenAddr::Unix(p.clone()), None),
+        (None, Some(l)) => (parse_listen(l)?, None),
+        (None, None) => match Listener::inherited()? {
+            Some((l, desc)) => (ListenAddr::Inherited(desc), Some(l)),
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "serve needs --socket PATH or --listen HOST:PORT \
+                     (or a listening socket from systemd socket activation)",
+                ))
+            }
+        },
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -214,7 +256,11 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
-    let listener = match Listener::bind(&addr).await {
+    let bound = match inherited {
+        Some(l) => Ok(l),
+        None => Listener::bind(&addr).await,
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             let _ = image.close().await;
@@ -297,10 +343,17 @@ async fn accept_loop<I: ImageStore>(
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             Some(Done) = done_rx.recv() => {
                 active -= 1;
-                // Persistent by default (like qemu-nbd --persistent): the image stays
-                // open, flagged dirty, until SIGTERM/SIGINT.
                 if active == 0 && args.once && served > 0 {
                     break;
+                }
+                // Persistent by default (like qemu-nbd --persistent), but the last client
+                // leaving is a disconnect: write the map and clear the dirty flag now, so
+                // a crash while idle costs no rebuild. The next write sets the flag again
+                // before it is acknowledged.
+                if active == 0 && !image.is_read_only() {
+                    if let Err(e) = image.checkpoint().await {
+                        tracing::warn!("{e} (the dirty flag stays set)");
+                    }
                 }
             }
             r = accept(&listener) => {

@@ -113,6 +113,44 @@ impl Drop for Server {
     }
 }
 
+/// Runs a Python snippet with `h` connected to `uri`, then keeps the connection open
+/// (so the server has a client) until the returned child is killed. Returns once the
+/// snippet has finished and every write in it was acknowledged.
+fn nbd_py_hold(uri: &str, body: &str) -> Child {
+    let script = format!(
+        "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri({uri:?})\n{body}\nprint('acked', flush=True)\ntime.sleep(600)\n"
+    );
+    let mut child = Command::new(PY)
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "acked",
+        "client failed before its writes were acked"
+    );
+    child
+}
+
+/// Waits until the header's flags equal `want` (a checkpoint runs just after the last
+/// client leaves, asynchronously to that client's exit).
+fn wait_flags(store: &Path, name: &str, want: u64) {
+    let t = Instant::now();
+    while header(store, name)["flags"] != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "flags stayed {} instead of {want}",
+            header(store, name)["flags"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs a Python snippet with `h` connected to `uri`.
 fn nbd_py(uri: &str, body: &str) -> String {
     let script =
@@ -218,6 +256,21 @@ fn write_read_map_and_clean_close() {
         ),
     );
     assert_eq!(objects(s).len(), 2);
+    // The last client left: the map is checkpointed and the flag cleared while the
+    // server keeps running; the next write sets it again before it is acknowledged.
+    wait_flags(s, "vm1", 0);
+    ok(s, &["object-map", "check", "vm1"]);
+    let mut holder = nbd_py_hold(&srv.uri, &format!("h.pwrite(b'y' * 512, {})", 12 * OBJ));
+    assert_eq!(
+        header(s, "vm1")["flags"],
+        3,
+        "flag set again by the first write"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    wait_flags(s, "vm1", 0);
+    nbd_py(&srv.uri, &format!("h.trim({OBJ}, {})\nh.flush()", 12 * OBJ));
+    assert_eq!(objects(s).len(), 2);
 
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
@@ -239,7 +292,8 @@ fn crash_then_restart_rebuilds_and_keeps_acked_data() {
     let s = d.path();
     ok(s, &["create", "--size", "32M", "vm1"]);
     let srv = Server::start(s, "vm1", &[]);
-    nbd_py(
+    // The client is still connected when the daemon dies: no checkpoint can save it.
+    let mut holder = nbd_py_hold(
         &srv.uri,
         &format!(
             "h.pwrite(b'A' * 65536, {})\nh.flush()\nh.pwrite(b'B' * 4096, {}, nbd.CMD_FLAG_FUA)",
@@ -248,6 +302,8 @@ fn crash_then_restart_rebuilds_and_keeps_acked_data() {
         ),
     );
     srv.kill9();
+    let _ = holder.kill();
+    let _ = holder.wait();
     assert_eq!(header(s, "vm1")["flags"], 3, "a crash leaves the flag set");
     let o = cmd(s)
         .args(["object-map", "check", "vm1"])
