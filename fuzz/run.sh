@@ -3,11 +3,14 @@
 #   SECONDS  total budget, shared between the targets (default 60)
 #   TARGET   handshake | transmission | request (default: all three)
 # libFuzzer (libfuzzer-sys) on the stable toolchain: the coverage instrumentation that
-# cargo-fuzz would ask nightly for is passed as plain -C flags. Seeds and past crashes
-# come from protocol/tests/fuzz-corpus/<target>/; the growing corpus lives in
+# cargo-fuzz would ask nightly for is passed as plain -C flags. Seeds, a minimized corpus
+# (cov-*) and past crashes come from protocol/tests/fuzz-corpus/<target>/; the growing corpus lives in
 # fuzz/corpus/<target>/ (not checked in). A crash or hang fails the run and leaves its
 # input in fuzz/artifacts/<target>/: copy it into protocol/tests/fuzz-corpus/<target>/ so
-# `cargo test -p nbd-protocol --test fuzz_regressions` replays it from then on.
+# `cargo test -p nbd-protocol --test fuzz_regressions` replays it from then on. To refresh
+# the checked-in corpus after a long run: target/<triple>/release/<target> -merge=1
+# -max_len=16384 NEWDIR corpus/<target> ../protocol/tests/fuzz-corpus/<target>, then copy
+# NEWDIR's files in as cov-<sha1>.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"

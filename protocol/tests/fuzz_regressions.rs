@@ -1,7 +1,8 @@
 //! Replays the fuzz corpus checked in under `tests/fuzz-corpus/<target>/` through the same
-//! harnesses the fuzz targets use (`fuzz/`, run by `fuzz/run.sh`): seeds (`seed-*`) and
-//! every input that once crashed or hung the server (`crash-*`, `timeout-*`), so a fixed
-//! bug stays fixed on a plain stable `cargo test`.
+//! harnesses the fuzz targets use (`fuzz/`, run by `fuzz/run.sh`): seeds (`seed-*`), a
+//! minimized corpus from a 15-minute campaign (`cov-*`, libFuzzer `-merge=1`), and every
+//! input that once crashed or hung the server (`crash-*`, `timeout-*`), so a fixed bug
+//! stays fixed on a plain stable `cargo test`.
 
 mod fuzz_harness;
 
