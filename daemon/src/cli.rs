@@ -117,6 +117,14 @@ pub enum Command {
     // in `run` below.
 }
 
+impl Command {
+    /// Whether this command runs a server that outlives its clients (as opposed to
+    /// printing something and exiting).
+    pub fn serves(&self) -> bool {
+        matches!(self, Command::Serve(_))
+    }
+}
+
 /// Which store a `--store` URI names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUri {
