@@ -43,6 +43,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if !cli.command.serves() {
+        // Commands that print and exit end quietly on a closed pipe (`| head`,
+        // `| grep -q`), like any Unix tool. Servers keep SIGPIPE ignored: a client that
+        // vanishes must be an EPIPE on its socket, never the death of the daemon.
+        // SAFETY: restoring a default signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.verbose);
     // Kernel commands own their process: the serving daemon sets itself up (mlockall,
     // netlink from the main thread) before it builds its own runtime.
