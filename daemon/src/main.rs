@@ -56,7 +56,7 @@ fn main() {
     #[cfg(target_os = "linux")]
     if let cli::Command::Kernel(k) = cli.command {
         let r = cli::parse_store_uri(cli.store.as_deref())
-            .and_then(|store| rados_nbd::kernel::run(k, &store));
+            .and_then(|store| rados_nbd::kernel::run(k, &store, cli.id, cli.keyring));
         if let Err(e) = r {
             eprintln!("rados-nbd: {e}");
             std::process::exit(1);

@@ -16,11 +16,20 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 type DirImage = Image<<DirStore as Store>::Image>;
+#[cfg(feature = "ceph")]
+type CephImage = Image<<crate::store::ceph::CephStore as Store>::Image>;
 
 /// An opened image, whichever store it lives in.
 pub enum Export {
     Dir(Arc<DirImage>),
+    /// The store (cluster connection) lives as long as the image.
+    #[cfg(feature = "ceph")]
+    Ceph(Arc<CephImage>, Arc<crate::store::ceph::CephStore>),
 }
+
+/// `--id` / `--keyring` for a Ceph store, set once by [`super::run`].
+pub static CEPH_AUTH: std::sync::OnceLock<(Option<String>, Option<std::path::PathBuf>)> =
+    std::sync::OnceLock::new();
 
 /// How a store is written in state files and messages; `parse_store_uri` reads it back.
 pub fn store_string(uri: &StoreUri) -> String {
@@ -61,9 +70,36 @@ impl Export {
                 };
                 Ok(Export::Dir(Arc::new(img)))
             }
+            #[cfg(feature = "ceph")]
+            StoreUri::Ceph { conf } => {
+                use crate::store::ceph::{CephOptions, CephStore};
+                let (id, keyring) = CEPH_AUTH.get().cloned().unwrap_or_default();
+                let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+                let st = Arc::new(
+                    CephStore::connect(CephOptions {
+                        conf: conf.map(path),
+                        id,
+                        keyring: keyring.map(path),
+                        // Fail a request instead of hanging when the cluster is unreachable.
+                        options: vec![
+                            ("rados_mon_op_timeout".into(), "60".into()),
+                            ("client_mount_timeout".into(), "60".into()),
+                        ],
+                    })
+                    .await?,
+                );
+                let img = if exclusive && !read_only {
+                    let h = st.open_image(spec, OpenMode::ReadWrite).await?;
+                    Image::from_store_image(h, spec, &opts).await?
+                } else {
+                    Image::open(&*st, spec, &opts).await?
+                };
+                Ok(Export::Ceph(Arc::new(img), st))
+            }
+            #[cfg(not(feature = "ceph"))]
             StoreUri::Ceph { .. } => Err(Error::new(
                 ErrorKind::Unsupported,
-                "this build has no Ceph support (feature ceph)",
+                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev)",
             )),
         }
     }
@@ -71,6 +107,8 @@ impl Export {
     pub fn info(&self) -> ExportInfo {
         match self {
             Export::Dir(i) => i.info(),
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.info(),
         }
     }
 
@@ -86,6 +124,11 @@ impl Export {
                 nbd_protocol::serve_transmission(s, i.clone(), ServerOptions::default(), shutdown)
                     .await
             }
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => {
+                nbd_protocol::serve_transmission(s, i.clone(), ServerOptions::default(), shutdown)
+                    .await
+            }
         };
         r.map_err(|e| Error::new(ErrorKind::Io, format!("serving the kernel: {e}")))
     }
@@ -94,6 +137,8 @@ impl Export {
     pub async fn close(&self) -> Result<()> {
         match self {
             Export::Dir(i) => i.close().await,
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.close().await,
         }
     }
 }

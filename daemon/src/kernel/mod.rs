@@ -41,7 +41,13 @@ const MAX_CONNECTIONS: u32 = 16;
 /// Runs one kernel command. Synchronous on purpose: the serving daemon builds its own tokio
 /// runtime after the (single-threaded) setup, so call this outside any runtime.
 /// `store` is the resolved `--store` (recorded as `dir:/var/lib/rados-nbd`, ...).
-pub fn run(cmd: KernelCommand, store: &crate::cli::StoreUri) -> Result<()> {
+pub fn run(
+    cmd: KernelCommand,
+    store: &crate::cli::StoreUri,
+    ceph_id: Option<String>,
+    ceph_keyring: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let _ = export::CEPH_AUTH.set((ceph_id, ceph_keyring));
     let store = &export::store_string(store);
     match cmd {
         KernelCommand::Map(a) => map(a, store),
