@@ -123,6 +123,12 @@ impl Command {
     /// Whether this command runs a server that outlives its clients (as opposed to
     /// printing something and exiting).
     pub fn serves(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let Command::Kernel(k) = self {
+            use crate::kernel::cli::KernelCommand;
+            // `map` and `attach` become the daemon serving the kernel's sockets.
+            return matches!(k, KernelCommand::Map(_) | KernelCommand::Attach(_));
+        }
         matches!(self, Command::Serve(_))
     }
 }
