@@ -68,6 +68,16 @@ if kill -0 "$SERVE_PID" 2>/dev/null && nbdinfo --size "$uri" >/dev/null 2>&1; th
 else fail "OSD stopped: daemon died or refuses clients" "$(tail -3 "$work/serve.log")"; fi
 
 kill -CONT "$OSD_PID"
+# The thawed OSD may first have to re-join the map (the mon can have marked it down): wait
+# until it is up and the pool answers again before judging the daemon's recovery.
+t_cont=$(date +%s); cluster_back=
+for _ in $(seq 1 120); do
+  if ceph osd stat 2>/dev/null | grep -q "1 up" && timeout 20 rados -p rbd stat rbd_directory >/dev/null 2>&1; then
+    cluster_back=1; break; fi
+  sleep 1
+done
+if [ -n "$cluster_back" ]; then pass "OSD thawed: the pool answers again after $(( $(date +%s) - t_cont )) s"
+else fail "OSD thawed: the pool still does not answer after 120 s" "$(ceph -s 2>&1 | tail -5)"; fi
 # I/O resumes: new writes are acked again (retry for a while: the OSD catches up first).
 resumed=
 for _ in $(seq 1 30); do
@@ -76,7 +86,7 @@ for _ in $(seq 1 30); do
   sleep 2
 done
 if [ -n "$resumed" ]; then pass "OSD back: I/O resumes ($(sed -n 's/^journal-write: //p' "$work/writer2.log"))"
-else fail "OSD back: I/O did not resume" "$(tail -2 "$work/writer2.log")"; fi
+else fail "OSD back: I/O did not resume" "$(tail -2 "$work/writer2.log"; grep -E 'watch|lock' "$work/serve.log" | tail -4)"; fi
 out=$("${TOOL[@]}" journal-verify "$uri" "$journal" 1 $BLOCKS 2>&1); rc=$?
 if [ $rc -eq 0 ]; then pass "after recovery: every acked write reads back ($out)"
 else fail "after recovery: acked writes lost" "$out"; fi

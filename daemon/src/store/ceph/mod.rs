@@ -547,6 +547,7 @@ impl Store for CephStore {
             snap_ios: Mutex::new(HashMap::new()),
             lock: tokio::sync::Mutex::new(None),
             lost_lock: AtomicBool::new(false),
+            reacquiring: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
         if mode != OpenMode::ReadOnly {
@@ -609,6 +610,11 @@ struct Inner {
     lock: tokio::sync::Mutex<Option<LockState>>,
     /// Set when the watch was lost and the lock could not be re-asserted: writes stop.
     lost_lock: AtomicBool,
+    /// Set while a lost watch is being re-registered and the lock moved to its cookie
+    /// (e.g. while the OSD holding the header is unreachable). Writes fail with EIO
+    /// meanwhile: with our watch gone another client may break the lock, so writing
+    /// before it is re-asserted could write underneath a new owner.
+    reacquiring: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -825,13 +831,46 @@ async fn watch_events(
             },
             WatchEvent::Error { cookie, err } => {
                 tracing::warn!(image = %inner.spec, "header watch {cookie} lost (errno {}); re-registering", -err);
-                if let Err(e) = rewatch(&inner, tx.clone()).await {
-                    inner.lost_lock.store(true, Ordering::SeqCst);
-                    tracing::error!(image = %inner.spec, "lost the exclusive lock, writes now fail: {e}");
+                inner.reacquiring.store(true, Ordering::SeqCst);
+                let mut delay = std::time::Duration::from_millis(500);
+                loop {
+                    match rewatch(&inner, tx.clone()).await {
+                        Ok(()) => {
+                            tracing::info!(image = %inner.spec, "header watch re-registered; exclusive lock re-asserted");
+                            break;
+                        }
+                        // The lock is no longer ours (broken by another client, or the
+                        // image is gone): never write again through this handle.
+                        Err(e) if lock_definitely_lost(&e) => {
+                            inner.lost_lock.store(true, Ordering::SeqCst);
+                            tracing::error!(image = %inner.spec, "lost the exclusive lock, writes now fail: {e}");
+                            break;
+                        }
+                        // Unreachable OSD, timeouts: keep trying, writes wait with EIO.
+                        Err(e) => {
+                            tracing::warn!(image = %inner.spec, "re-registering the header watch: {e}; retrying in {delay:?}");
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = stop.changed() => return,
+                            }
+                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        }
+                    }
                 }
+                inner.reacquiring.store(false, Ordering::SeqCst);
             }
         }
     }
+}
+
+/// Errors after which the lock is not ours any more: cls_lock's set_cookie answers ENOENT
+/// when no lock with our old cookie exists (someone broke it) and EBUSY when it cannot be
+/// moved; a missing header means the image was removed.
+fn lock_definitely_lost(e: &Error) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::NotFound | ErrorKind::Busy | ErrorKind::AlreadyExists
+    )
 }
 
 async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> Result<()> {
@@ -893,6 +932,15 @@ impl Inner {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!("image {} is closed", self.spec),
+            ));
+        }
+        if self.reacquiring.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "image {}: re-asserting the exclusive lock after a lost watch; retry",
+                    self.spec
+                ),
             ));
         }
         if self.lost_lock.load(Ordering::SeqCst) {
