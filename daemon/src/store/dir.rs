@@ -35,10 +35,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// dirty file is reopened by `sync`: fdatasync works on the inode, not the descriptor.
 const FD_CACHE_SIZE: usize = 256;
 
-/// Reads and writes up to this size may run on the async worker when they cannot block
-/// on the disk (page-cache hits, buffered writes to open files). Larger ones, syncs and
+/// Page-cache hits up to this size are read on the async worker (RWF_NOWAIT guarantees
+/// they never wait for the disk; copying 1 MiB takes tens of microseconds).
+const INLINE_READ_MAX: usize = 1 << 20;
+/// Buffered writes up to this size to open files run on the async worker: they copy into
+/// the page cache, but may be throttled by dirty-page writeback, so large ones, syncs and
 /// anything that opens or creates a file go to the blocking pool.
-const INLINE_IO_MAX: usize = 64 * 1024;
+const INLINE_WRITE_MAX: usize = 64 * 1024;
 
 /// Cleared the first time the kernel refuses RWF_NOWAIT reads, so we stop trying.
 static NOWAIT_READS: AtomicBool = AtomicBool::new(true);
@@ -727,7 +730,7 @@ impl Inner {
     /// would block (data not cached, file not open, or no RWF_NOWAIT here): the caller
     /// then takes the blocking path, which repeats the read from the start.
     fn read_cached(&self, objno: u64, off: u64, len: u64) -> Option<Result<Bytes>> {
-        if len > INLINE_IO_MAX as u64 || !NOWAIT_READS.load(Ordering::Relaxed) {
+        if len > INLINE_READ_MAX as u64 || !NOWAIT_READS.load(Ordering::Relaxed) {
             return None;
         }
         let f = self.cached_file(objno)?;
@@ -749,7 +752,7 @@ impl Inner {
     /// calling thread: it only copies into the page cache, which costs less than handing
     /// it to another thread and back. `None` means: take the blocking path.
     fn write_inline(&self, objno: u64, off: u64, data: &[u8], durable: bool) -> Option<Result<()>> {
-        if durable || data.len() > INLINE_IO_MAX {
+        if durable || data.len() > INLINE_WRITE_MAX {
             return None;
         }
         let f = self.cached_file(objno)?;
