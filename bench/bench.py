@@ -280,9 +280,13 @@ def run_dir(a, work, runtime, ramp):
             s.start()
             log(f"{s.name}: serving {size >> 30} GiB")
         for rnd in range(a.rounds):
-            for job in JOBS:
+            for k, job in enumerate(JOBS):
                 name, rw, bs, qd = job
-                for n in names:
+                # Rotate who goes first, so no peer always runs right after the same one.
+                for n in names[k % len(names):] + names[:k % len(names)]:
+                    # Dirty pages left by the previous job are written back now, not
+                    # during the next peer's measurement.
+                    os.sync()
                     s = servers[n]
                     c0, _ = proc_cpu_rss(s.proc.pid)
                     r = fio_nbd(s.uri(), rw, bs, qd, runtime, ramp, region)
@@ -559,7 +563,7 @@ def write_reports(results, out):
     d = results.get("dir")
     if d:
         lines += [f"## Directory store ({d['size'] >> 30} GiB sparse images, jobs over the first {d['region']}; "
-                  "peers take turns job by job)", ""]
+                  "peers take turns job by job, first peer rotating, sync before each job)", ""]
         lines += table(d["jobs"], peers_of(d["jobs"]))
         lines.append("")
         for k, v in d["extra"].items():
