@@ -24,6 +24,8 @@ need=(
   "sha256sum coreutils"
   "systemd-analyze systemd"       # systemd-analyze verify for the units
   "fakeroot fakeroot"
+  "openssl openssl"               # throwaway CA and certificates for the TLS tests
+  "ss iproute2"                   # ss -ltn: what the daemon listens on
 )
 missing=()
 for pair in "${need[@]}"; do

@@ -45,9 +45,13 @@ suite() {
 }
 
 suite "real NBD clients (directory store)" bash tests/clients/run.sh
+suite "reliability: crashes, ENOSPC/EIO, load, hostile clients, security" bash tests/reliability/run.sh
+suite "fuzz: handshake, transmission, request parser (30 s)" bash fuzz/run.sh 30
 for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
   [ -f "$s" ] && suite "$s" bash "$s"
 done
+# Skips itself without the Ceph store (tests/ceph/cluster.sh, a ceph-enabled binary).
+suite "ceph faults: OSD stopped mid-workload" bash tests/reliability/ceph-faults.sh
 
 section "summary"
 echo "took $(($(date +%s) - start)) s"

@@ -31,6 +31,14 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URI")]
     pub store: Option<String>,
 
+    /// Ceph client id for `--store ceph:` (like `rbd --id`: `admin`, not `client.admin`).
+    #[arg(long, global = true, value_name = "ID")]
+    pub id: Option<String>,
+
+    /// Ceph keyring file for `--store ceph:` (like `rbd --keyring`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub keyring: Option<PathBuf>,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
@@ -101,9 +109,20 @@ pub enum Command {
         image: String,
         setting: Option<String>,
     },
+    /// Write the manual pages or shell completions generated from this CLI (packaging).
+    #[command(hide = true, subcommand)]
+    Generate(crate::generate::GenerateCmd),
     // Kernel attach subcommands (map, unmap, list-mapped, attach, detach) are added
     // here as `#[command(flatten)] Kernel(crate::kernel::KernelCommand)` and dispatched
     // in `run` below.
+}
+
+impl Command {
+    /// Whether this command runs a server that outlives its clients (as opposed to
+    /// printing something and exiting).
+    pub fn serves(&self) -> bool {
+        matches!(self, Command::Serve(_))
+    }
 }
 
 /// Which store a `--store` URI names.
@@ -141,14 +160,55 @@ pub fn parse_store_uri(uri: Option<&str>) -> Result<StoreUri> {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Generate(what) = cli.command {
+        return crate::generate::run(what, <Cli as clap::CommandFactory>::command());
+    }
     let uri = parse_store_uri(cli.store.as_deref())?;
+    if !matches!(uri, StoreUri::Ceph { .. }) && (cli.id.is_some() || cli.keyring.is_some()) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--id and --keyring only apply to --store ceph:[CONF]",
+        ));
+    }
     match uri {
         StoreUri::Dir(p) => run(DirStore::new(p), cli.command).await,
-        StoreUri::Ceph { .. } => Err(Error::new(
-            ErrorKind::Unsupported,
-            "this build has no Ceph support (feature ceph)",
-        )),
+        StoreUri::Ceph { conf } => run_ceph(conf, cli.id, cli.keyring, cli.command).await,
     }
+}
+
+#[cfg(feature = "ceph")]
+async fn run_ceph(
+    conf: Option<PathBuf>,
+    id: Option<String>,
+    keyring: Option<PathBuf>,
+    cmd: Command,
+) -> Result<()> {
+    use crate::store::ceph::{CephOptions, CephStore};
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    let opts = CephOptions {
+        conf: conf.map(path),
+        id,
+        keyring: keyring.map(path),
+        // Fail a request instead of hanging forever when the cluster is unreachable.
+        options: vec![
+            ("rados_mon_op_timeout".into(), "60".into()),
+            ("client_mount_timeout".into(), "60".into()),
+        ],
+    };
+    run(CephStore::connect(opts).await?, cmd).await
+}
+
+#[cfg(not(feature = "ceph"))]
+async fn run_ceph(
+    _conf: Option<PathBuf>,
+    _id: Option<String>,
+    _keyring: Option<PathBuf>,
+    _cmd: Command,
+) -> Result<()> {
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        "this build has no Ceph support (rebuild with --features ceph; needs librados-dev)",
+    ))
 }
 
 fn parse_spec(s: &str) -> Result<ImageSpec> {
@@ -168,6 +228,9 @@ fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
 
 pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
     match cmd {
+        Command::Generate(what) => {
+            crate::generate::run(what, <Cli as clap::CommandFactory>::command())
+        }
         Command::Create(a) => create(&store, &a).await,
         Command::Info { image, format } => info(&store, &parse_spec(&image)?, format).await,
         Command::Rm { image } => {

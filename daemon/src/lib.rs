@@ -4,7 +4,10 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod image;
+pub mod notify;
 pub mod serve;
+pub mod socket_activation;
 pub mod spec;
 pub mod store;

@@ -43,6 +43,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if !cli.command.serves() {
+        // Commands that print and exit end quietly on a closed pipe (`| head`,
+        // `| grep -q`), like any Unix tool. Servers keep SIGPIPE ignored: a client that
+        // vanishes must be an EPIPE on its socket, never the death of the daemon.
+        // SAFETY: restoring a default signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.verbose);
     tune_malloc();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, Store};
-use nbd_protocol::{serve_connection, Export, Exports, ServerOptions};
+use nbd_protocol::{
+    serve_connection, Export, Exports, ServerOptions, TlsConfig, TlsMode, TlsSetting,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
@@ -21,13 +23,9 @@ use tokio::task::JoinSet;
 pub struct ServeArgs {
     /// [POOL/]NAME[@SNAP] (a snapshot is served read-only)
     pub image: String,
-    /// Listen on this unix socket (created with mode 0600).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    /// Listen on this unix socket (created with mode 0600). With neither --socket nor --listen,
+    /// serve on the listening socket systemd passes (socket activation, LISTEN_FDS).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
     /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1).
     #[arg(long, value_name = "HOST:PORT")]
@@ -41,6 +39,52 @@ pub struct ServeArgs {
     /// Exit after the first client disconnects.
     #[arg(long)]
     pub once: bool,
+    /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
+    /// are refused). allow and require need --tls-cert and --tls-key.
+    #[arg(long, value_name = "MODE", default_value_t = TlsMode::Off)]
+    pub tls: TlsMode,
+    /// The server's certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The connection options from the TLS flags. Runs before the image is opened, so a bad
+/// certificate changes nothing on disk.
+pub fn server_options(args: &ServeArgs) -> Result<ServerOptions> {
+    let bad = |m: String| Error::new(ErrorKind::InvalidInput, m);
+    let config = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            if args.tls == TlsMode::Off {
+                return Err(bad(
+                    "--tls-cert/--tls-key given but --tls is off (use --tls=allow or --tls=require)"
+                        .into(),
+                ));
+            }
+            let r = match &args.tls_ca {
+                None => TlsConfig::from_pem_files(c, k),
+                Some(ca) => TlsConfig::from_pem_files_with_client_ca(c, k, ca),
+            };
+            Some(r.map_err(|e| bad(e.to_string()))?)
+        }
+        (None, None) => None,
+        _ => return Err(bad("--tls-cert and --tls-key go together".into())),
+    };
+    let tls = TlsSetting::new(args.tls, config).map_err(|e| {
+        bad(format!(
+            "{e}: give --tls-cert FILE --tls-key FILE with --tls={}",
+            args.tls
+        ))
+    })?;
+    Ok(ServerOptions {
+        tls,
+        ..ServerOptions::default()
+    })
 }
 
 /// Where a server listens.
@@ -48,6 +92,8 @@ pub struct ServeArgs {
 pub enum ListenAddr {
     Unix(PathBuf),
     Tcp(String, u16),
+    /// Passed in by systemd (socket activation); systemd owns and removes it.
+    Inherited(String),
 }
 
 impl std::fmt::Display for ListenAddr {
@@ -56,6 +102,7 @@ impl std::fmt::Display for ListenAddr {
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
             ListenAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+            ListenAddr::Inherited(d) => write!(f, "{d} (from systemd)"),
         }
     }
 }
@@ -134,7 +181,39 @@ impl Listener {
                 .await
                 .map(Listener::Tcp)
                 .map_err(|e| Error::io(format!("listening on {addr}"), e)),
+            ListenAddr::Inherited(_) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{addr} cannot be bound again"),
+            )),
         }
+    }
+
+    /// The one listening socket systemd passed (rados-nbd-serve@.socket), if any.
+    fn inherited() -> Result<Option<(Listener, String)>> {
+        use crate::socket_activation as sa;
+        let Some(mut all) = sa::from_env().map_err(|e| Error::new(ErrorKind::InvalidInput, e))?
+        else {
+            return Ok(None);
+        };
+        if all.len() != 1 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "systemd passed {} listening sockets; serve takes exactly one \
+                     (one ListenStream= in the .socket unit)",
+                    all.len()
+                ),
+            ));
+        }
+        let l = all.remove(0);
+        let desc = l.describe();
+        let err = |e| Error::io(format!("using the inherited socket {desc}"), e);
+        l.set_nonblocking(true).map_err(err)?;
+        let l = match l {
+            sa::Listener::Unix(u) => Listener::Unix(UnixListener::from_std(u).map_err(err)?),
+            sa::Listener::Tcp(t) => Listener::Tcp(TcpListener::from_std(t).map_err(err)?),
+        };
+        Ok(Some((l, desc)))
     }
 }
 
@@ -144,9 +223,19 @@ struct Done;
 /// Serves `args.image` until SIGTERM/SIGINT (or, with `--once`, the first client's end).
 pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Result<()> {
     let spec: ImageSpec = args.image.parse()?;
-    let addr = match (&args.socket, &args.listen) {
-        (Some(p), None) => ListenAddr::Unix(p.clone()),
-        (None, Some(l)) => parse_listen(l)?,
+    let (addr, inherited) = match (&args.socket, &args.listen) {
+        (Some(p), None) => (ListenAddr::Unix(p.clone()), None),
+        (None, Some(l)) => (parse_listen(l)?, None),
+        (None, None) => match Listener::inherited()? {
+            Some((l, desc)) => (ListenAddr::Inherited(desc), Some(l)),
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "serve needs --socket PATH or --listen HOST:PORT \
+                     (or a listening socket from systemd socket activation)",
+                ))
+            }
+        },
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -154,6 +243,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
             ))
         }
     };
+    let server_opts = server_options(&args)?;
     // Signals first: a SIGTERM during open must still close cleanly.
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
@@ -166,7 +256,11 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
-    let listener = match Listener::bind(&addr).await {
+    let bound = match inherited {
+        Some(l) => Ok(l),
+        None => Listener::bind(&addr).await,
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             let _ = image.close().await;
@@ -179,6 +273,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         &addr,
         listener,
         &args,
+        &server_opts,
         &mut sigterm,
         &mut sigint,
     )
@@ -200,6 +295,7 @@ async fn accept_loop<I: ImageStore>(
     addr: &ListenAddr,
     listener: Listener,
     args: &ServeArgs,
+    server_opts: &ServerOptions,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
 ) -> Result<()> {
@@ -224,7 +320,11 @@ async fn accept_loop<I: ImageStore>(
     } else {
         ""
     };
-    eprintln!("rados-nbd: serving {spec} on {addr} as export {name:?}{ro}");
+    let tls = match server_opts.tls.mode() {
+        TlsMode::Off => String::new(),
+        m => format!(" (TLS {m})"),
+    };
+    eprintln!("rados-nbd: serving {spec} on {addr} as export {name:?}{ro}{tls}");
 
     let spawn_conn = |conns: &mut JoinSet<()>, peer: String, fut: ConnFuture| {
         let done = done_tx.clone();
@@ -258,10 +358,10 @@ async fn accept_loop<I: ImageStore>(
             }
             r = accept(&listener) => {
                 let (fut, peer) = match r {
-                    Ok(Conn::Unix(s)) => (conn_future(s, &exports, &stop_rx), "unix socket".to_string()),
+                    Ok(Conn::Unix(s)) => (conn_future(s, &exports, server_opts, &stop_rx), "unix socket".to_string()),
                     Ok(Conn::Tcp(s, a)) => {
                         let _ = s.set_nodelay(true);
-                        (conn_future(s, &exports, &stop_rx), a.to_string())
+                        (conn_future(s, &exports, server_opts, &stop_rx), a.to_string())
                     }
                     Err(e) => {
                         // Out of fds and the like: log and keep serving the others.
@@ -291,6 +391,7 @@ type ConnFuture = std::pin::Pin<
 fn conn_future<I: ImageStore, T>(
     stream: T,
     exports: &Arc<Exports<Image<I>>>,
+    opts: &ServerOptions,
     stop: &watch::Receiver<bool>,
 ) -> ConnFuture
 where
@@ -299,7 +400,7 @@ where
     Box::pin(serve_connection(
         stream,
         exports.clone(),
-        ServerOptions::default(),
+        opts.clone(),
         stop.clone(),
     ))
 }
@@ -341,5 +442,44 @@ mod tests {
         assert!(parse_listen("::1:5").is_err());
         assert!(parse_listen("h:99999").is_err());
         assert!(parse_listen("h:").is_err());
+    }
+
+    fn serve_args(extra: &[&str]) -> std::result::Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        let mut argv = vec!["rados-nbd", "serve", "img", "--socket", "/tmp/x.sock"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Serve(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_flags() {
+        let a = serve_args(&[]).unwrap();
+        assert_eq!(a.tls, TlsMode::Off);
+        assert_eq!(server_options(&a).unwrap().tls.mode(), TlsMode::Off);
+        assert!(serve_args(&["--tls=sometimes"]).is_err());
+        // --tls-cert without --tls-key (and the other way) is refused by the parser.
+        assert!(serve_args(&["--tls=allow", "--tls-cert", "/c"]).is_err());
+        assert!(serve_args(&["--tls=allow", "--tls-key", "/k"]).is_err());
+        // A mode without certificates, certificates without a mode: one clear error each.
+        let e = server_options(&serve_args(&["--tls=require"]).unwrap()).unwrap_err();
+        assert!(e.message.contains("--tls-cert"), "{e}");
+        let a = serve_args(&["--tls-cert", "/c", "--tls-key", "/k"]).unwrap();
+        let e = server_options(&a).unwrap_err();
+        assert!(e.message.contains("--tls is off"), "{e}");
+        // Unreadable files are named.
+        let a = serve_args(&[
+            "--tls=allow",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/k",
+        ])
+        .unwrap();
+        let e = server_options(&a).unwrap_err();
+        assert!(e.message.contains("/nonexistent/cert.pem"), "{e}");
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
     }
 }

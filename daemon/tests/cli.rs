@@ -163,7 +163,16 @@ fn bad_inputs_give_one_line_and_change_nothing() {
     );
     fails_cleanly(s, &["create", "--size", "1M", "bad/na/me"], "bad/na/me");
     fails_cleanly(s, &["--store", "nosuch:/x", "ls"], "nosuch:/x");
-    fails_cleanly(s, &["--store", "ceph:", "ls"], "no Ceph support");
+    if cfg!(feature = "ceph") {
+        fails_cleanly(
+            s,
+            &["--store", "ceph:/nonexistent/ceph.conf", "ls"],
+            "read config /nonexistent/ceph.conf",
+        );
+    } else {
+        fails_cleanly(s, &["--store", "ceph:", "ls"], "no Ceph support");
+    }
+    fails_cleanly(s, &["--id", "admin", "ls"], "--id and --keyring only apply");
     fails_cleanly(s, &["rm", "nosuch"], "not found");
     fails_cleanly(s, &["frobnicate"], "frobnicate");
     fails_cleanly(s, &["create", "vm2"], "--size");

@@ -4,9 +4,16 @@
 //!     cargo run -p nbd-protocol --example memserver -- /tmp/mem.sock 64M
 //!     nbdinfo 'nbd+unix:///?socket=/tmp/mem.sock'
 //!
+//! TLS: `--tls=allow|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]` (PEM files;
+//! with `--tls-ca` clients must present a certificate signed by that CA), then e.g.
+//! `nbdinfo 'nbds+unix:///?socket=/tmp/mem.sock&tls-certificates=DIR'`.
+//!
 //! Prints "listening on PATH" once ready; SIGTERM/SIGINT finish in-flight requests and exit.
 
-use nbd_protocol::{serve_connection, Export, Exports, MemoryBackend, ServerOptions};
+use nbd_protocol::{
+    serve_connection, Export, Exports, MemoryBackend, ServerOptions, TlsConfig, TlsMode, TlsSetting,
+};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -36,12 +43,42 @@ async fn main() {
 }
 
 async fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() != 3 {
-        return Err("usage: memserver SOCKET SIZE".into());
+    let usage = "usage: memserver SOCKET SIZE [--tls=off|allow|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]";
+    let mut positional = Vec::new();
+    let (mut mode, mut cert, mut key, mut ca) = (TlsMode::Off, None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--tls-cert" => cert = Some(PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => key = Some(PathBuf::from(value("--tls-key")?)),
+            "--tls-ca" => ca = Some(PathBuf::from(value("--tls-ca")?)),
+            "--tls" => mode = value("--tls")?.parse()?,
+            _ if a.starts_with("--tls=") => mode = a["--tls=".len()..].parse()?,
+            _ if a.starts_with("--") => return Err(format!("unknown flag {a}; {usage}")),
+            _ => positional.push(a),
+        }
     }
-    let path = &args[1];
-    let size = parse_size(&args[2])?;
+    if positional.len() != 2 {
+        return Err(usage.into());
+    }
+    let path = &positional[0];
+    let size = parse_size(&positional[1])?;
+    let config = match (cert, key) {
+        (Some(c), Some(k)) => Some(
+            match ca {
+                None => TlsConfig::from_pem_files(&c, &k),
+                Some(ca) => TlsConfig::from_pem_files_with_client_ca(&c, &k, &ca),
+            }
+            .map_err(|e| e.to_string())?,
+        ),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    let opts = ServerOptions {
+        tls: TlsSetting::new(mode, config).map_err(|e| e.to_string())?,
+        ..Default::default()
+    };
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {path}: {e}"))?;
     let exports = Arc::new(Exports {
@@ -60,9 +97,9 @@ async fn run() -> Result<(), String> {
         tokio::select! {
             a = listener.accept() => match a {
                 Ok((stream, _)) => {
-                    let (ex, rx) = (exports.clone(), rx.clone());
+                    let (ex, rx, opts) = (exports.clone(), rx.clone(), opts.clone());
                     conns.spawn(async move {
-                        if let Err(e) = serve_connection(stream, ex, ServerOptions::default(), rx).await {
+                        if let Err(e) = serve_connection(stream, ex, opts, rx).await {
                             eprintln!("memserver: connection: {e}");
                         }
                     });

@@ -41,6 +41,12 @@ pub enum ProtocolError {
     UnknownExport(String),
     #[error("client used option {0} without fixed newstyle negotiation")]
     NotFixedNewstyle(u32),
+    #[error("client sent NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("client sent {0} bytes after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls(usize),
     #[error("no exports configured")]
     NoExports,
 }

@@ -8,6 +8,7 @@ use crate::consts::*;
 use crate::error::ProtocolError;
 use crate::io::{discard, read_exact_or_shutdown, ReadOutcome};
 use crate::server::Exports;
+use crate::tls::TlsMode;
 use bytes::{BufMut, BytesMut};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -39,6 +40,9 @@ pub(crate) struct Negotiated {
 
 pub(crate) enum Outcome {
     Transmission(Negotiated),
+    /// STARTTLS was acknowledged: the caller upgrades the stream, calls
+    /// [`State::tls_started`] and negotiates on.
+    StartTls,
     /// The client aborted, left, or we are shutting down: the connection ends quietly.
     Closed,
 }
@@ -104,13 +108,15 @@ struct OptionHeader {
     length: u32,
 }
 
-/// Run the handshake. `Closed` covers every quiet ending; `Err` only real violations.
-pub(crate) async fn handshake<R, W, B>(
+/// Send the greeting and read the client's flags. `None` means the client left (or
+/// shutdown began) before sending them.
+pub(crate) async fn greet<R, W, B>(
     r: &mut R,
     w: &mut W,
     exports: &Exports<B>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Outcome, ProtocolError>
+    tls_mode: TlsMode,
+) -> Result<Option<State>, ProtocolError>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -129,20 +135,38 @@ where
     let mut cf = [0u8; 4];
     match read_exact_or_shutdown(r, &mut cf, shutdown, None).await? {
         ReadOutcome::Done => {}
-        _ => return Ok(Outcome::Closed),
+        _ => return Ok(None),
     }
     let client_flags = u32::from_be_bytes(cf);
     // The spec: a server MUST close if it does not recognise the client's flags.
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(ProtocolError::BadClientFlags(client_flags));
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-
-    let mut st = State {
+    Ok(Some(State {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
         meta: None,
-    };
+        tls_mode,
+        tls_active: false,
+    }))
+}
+
+/// Haggle over options until the client picks an export, asks for TLS, or leaves.
+/// `Closed` covers every quiet ending; `Err` only real violations.
+pub(crate) async fn negotiate<R, W, B>(
+    r: &mut R,
+    w: &mut W,
+    exports: &Exports<B>,
+    shutdown: &mut watch::Receiver<bool>,
+    st: &mut State,
+) -> Result<Outcome, ProtocolError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let (fixed, no_zeroes) = (st.fixed, st.no_zeroes);
     loop {
         let mut hb = [0u8; 16];
         match read_exact_or_shutdown(r, &mut hb, shutdown, Some(SHUTDOWN_GRACE)).await? {
@@ -214,17 +238,32 @@ where
             return Ok(Outcome::Closed);
         }
 
-        match handle_option(w, &h, &data, exports, &mut st, no_zeroes).await? {
+        match handle_option(w, &h, &data, exports, st, no_zeroes).await? {
             Step::Continue => {}
             Step::Done(o) => return Ok(o),
         }
     }
 }
 
-struct State {
+/// What the option haggling has agreed so far.
+pub(crate) struct State {
+    fixed: bool,
+    no_zeroes: bool,
     structured: bool,
     /// The export SET_META_CONTEXT was for, and whether it selected base:allocation.
     meta: Option<(usize, bool)>,
+    tls_mode: TlsMode,
+    tls_active: bool,
+}
+
+impl State {
+    /// TLS is up. Whatever was agreed in plain text could have been tampered with, so it
+    /// is forgotten and the client negotiates again over TLS (as nbdkit and qemu do).
+    pub(crate) fn tls_started(&mut self) {
+        self.structured = false;
+        self.meta = None;
+        self.tls_active = true;
+    }
 }
 
 enum Step {
@@ -369,6 +408,19 @@ where
     B: Backend,
 {
     let opt = h.option;
+    if st.tls_mode == TlsMode::Require && !st.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT
+    {
+        if opt == OPT_EXPORT_NAME {
+            // EXPORT_NAME has no error reply: the spec says terminate.
+            return Err(ProtocolError::TlsRequired);
+        }
+        let m = format!(
+            "option {opt} ({}) refused: this server requires TLS (NBD_OPT_STARTTLS) first",
+            option_name(opt)
+        );
+        reply(w, opt, REP_ERR_TLS_REQD, m.as_bytes()).await?;
+        return Ok(Step::Continue);
+    }
     match opt {
         OPT_EXPORT_NAME => {
             let name = String::from_utf8_lossy(data).into_owned();
@@ -410,13 +462,22 @@ where
             Ok(Step::Continue)
         }
         OPT_STARTTLS => {
-            reply(
-                w,
-                opt,
-                REP_ERR_POLICY,
-                b"TLS is not configured on this server",
-            )
-            .await?;
+            if st.tls_mode == TlsMode::Off {
+                reply(
+                    w,
+                    opt,
+                    REP_ERR_POLICY,
+                    b"TLS is not configured on this server",
+                )
+                .await?;
+            } else if st.tls_active {
+                reply(w, opt, REP_ERR_INVALID, b"TLS is already active").await?;
+            } else if !data.is_empty() {
+                reply(w, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data").await?;
+            } else {
+                reply(w, opt, REP_ACK, &[]).await?;
+                return Ok(Step::Done(Outcome::StartTls));
+            }
             Ok(Step::Continue)
         }
         OPT_STRUCTURED_REPLY => {

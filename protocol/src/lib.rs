@@ -20,6 +20,7 @@ pub mod memory;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod tls;
 mod transmission;
 
 pub use backend::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
@@ -28,3 +29,4 @@ pub use memory::MemoryBackend;
 pub use server::{
     serve_connection, serve_transmission, transmission_flags, Export, Exports, ServerOptions,
 };
+pub use tls::{TlsConfig, TlsError, TlsMode, TlsSetting};

@@ -2,12 +2,13 @@
 
 use crate::backend::{Backend, ExportInfo};
 use crate::error::ProtocolError;
-use crate::handshake::{self, block_sizes, flags_for, Outcome};
+use crate::handshake::{self, block_sizes, flags_for, Negotiated, Outcome};
 use crate::request::Session;
+use crate::tls::{MaybeTls, TlsSetting};
 use crate::transmission;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
@@ -38,6 +39,8 @@ pub struct ServerOptions {
     /// Write payloads held and read replies not yet sent, in bytes; beyond it the server
     /// stops reading. A single request larger than this still runs, alone.
     pub max_buffered_bytes: usize,
+    /// Whether STARTTLS is offered or required (off by default).
+    pub tls: TlsSetting,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +48,7 @@ impl Default for ServerOptions {
         ServerOptions {
             max_in_flight: 128,
             max_buffered_bytes: 64 * 1024 * 1024,
+            tls: TlsSetting::Off,
         }
     }
 }
@@ -70,10 +74,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let hs = handshake::handshake(&mut rd, &mut wr, &exports, &mut shutdown);
-    let neg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+    let hs = handshake_phase(stream, &exports, &opts, &mut shutdown);
+    let (rd, wr, neg) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
         Err(_) => {
             info!(
                 "client did not finish the handshake within {:?}; closing",
@@ -81,8 +83,8 @@ where
             );
             return Ok(());
         }
-        Ok(Ok(Outcome::Transmission(n))) => n,
-        Ok(Ok(Outcome::Closed)) => {
+        Ok(Ok(Some(v))) => v,
+        Ok(Ok(None)) => {
             debug!("connection closed during handshake");
             return Ok(());
         }
@@ -115,6 +117,66 @@ where
     let r = transmission::run(rd, wr, export.backend.clone(), session, &opts, shutdown).await;
     info!(export = %export.name, ok = r.is_ok(), "connection finished");
     r
+}
+
+type Halves<S> = (
+    BufReader<ReadHalf<MaybeTls<S>>>,
+    WriteHalf<MaybeTls<S>>,
+    Negotiated,
+);
+
+/// Greeting and option haggling, upgrading the stream to TLS when the client asks for it
+/// and the options allow it. `None` is a quiet ending (the client left or aborted).
+async fn handshake_phase<S, B>(
+    stream: S,
+    exports: &Exports<B>,
+    opts: &ServerOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Halves<S>>, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let (rd, mut wr) = tokio::io::split(MaybeTls::Plain(stream));
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let mode = opts.tls.mode();
+    let Some(mut st) = handshake::greet(&mut rd, &mut wr, exports, shutdown, mode).await? else {
+        return Ok(None);
+    };
+    loop {
+        match handshake::negotiate(&mut rd, &mut wr, exports, shutdown, &mut st).await? {
+            Outcome::Closed => return Ok(None),
+            Outcome::Transmission(n) => return Ok(Some((rd, wr, n))),
+            Outcome::StartTls => {}
+        }
+        // The client must wait for our ACK before starting TLS, so nothing may be
+        // buffered; bytes here would be plain text smuggled in front of the TLS session.
+        let early = rd.buffer().len();
+        if early > 0 {
+            return Err(ProtocolError::DataBeforeTls(early));
+        }
+        let Some(config) = opts.tls.config() else {
+            // negotiate() only acknowledges STARTTLS when TLS is configured.
+            return Err(ProtocolError::TlsHandshake(std::io::Error::other(
+                "STARTTLS acknowledged without a TLS configuration",
+            )));
+        };
+        let MaybeTls::Plain(plain) = rd.into_inner().unsplit(wr) else {
+            return Err(ProtocolError::TlsHandshake(std::io::Error::other(
+                "STARTTLS on a stream that is already TLS",
+            )));
+        };
+        let tls = config
+            .acceptor()
+            .accept(plain)
+            .await
+            .map_err(ProtocolError::TlsHandshake)?;
+        debug!("TLS established");
+        st.tls_started();
+        let (r, w) = tokio::io::split(MaybeTls::Tls(Box::new(tls)));
+        rd = BufReader::with_capacity(READ_BUFFER, r);
+        wr = w;
+    }
 }
 
 /// Transmission phase only, for a socket whose size and flags were set out of band (the

@@ -4,6 +4,8 @@
 //! message rather than failing: these are interoperability checks, the raw-bytes tests
 //! cover the protocol itself.
 
+mod tlscerts;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -63,12 +65,19 @@ impl Drop for TempDir {
 
 impl MemServer {
     fn start(size: &str) -> MemServer {
-        let dir = std::env::temp_dir().join(format!("nbd-protocol-rc-{}", std::process::id()));
+        Self::start_with(size, "plain", &[])
+    }
+
+    /// `tag` keeps the sockets of servers started by parallel tests apart.
+    fn start_with(size: &str, tag: &str, args: &[&std::ffi::OsStr]) -> MemServer {
+        let dir =
+            std::env::temp_dir().join(format!("nbd-protocol-rc-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let socket = dir.join("mem.sock");
         let child = Command::new(memserver_binary())
             .arg(&socket)
             .arg(size)
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("start memserver");
@@ -116,8 +125,7 @@ impl Drop for MemServer {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    // Debian's python3-libnbd only works with Debian's interpreter; keep /usr/bin first.
-    let out = cmd.env("PATH", "/usr/bin:/bin").output().expect("run tool");
+    let out = try_run(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -125,6 +133,11 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+fn try_run(cmd: &mut Command) -> Output {
+    // Debian's python3-libnbd only works with Debian's interpreter; keep /usr/bin first.
+    cmd.env("PATH", "/usr/bin:/bin").output().expect("run tool")
 }
 
 fn text(o: &Output) -> String {
@@ -255,4 +268,82 @@ fn real_clients() {
     }
 
     assert!(srv.stop(), "memserver did not exit cleanly on SIGTERM");
+}
+
+/// nbdinfo (libnbd, GnuTLS) against `--tls=require` with client certificates checked, and
+/// against `--tls=allow`: TLS clients get in, plain clients only where allowed.
+#[test]
+fn tls_with_nbdinfo() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let certs = tlscerts::CertDir::new("rc");
+    let p = |n: &str| certs.path(n).into_os_string();
+    let (cert, key, ca) = (p("server-cert.pem"), p("server-key.pem"), p("ca-cert.pem"));
+    let tls_uri = |srv: &MemServer, dir: &Path| {
+        format!(
+            "nbds+unix:///?socket={}&tls-certificates={}",
+            srv.socket.display(),
+            dir.display()
+        )
+    };
+    // The client's directory for a client without a certificate of its own.
+    let anon = certs.dir().join("anonymous");
+    std::fs::create_dir_all(&anon).expect("mkdir");
+    std::fs::copy(certs.path("ca-cert.pem"), anon.join("ca-cert.pem")).expect("copy CA");
+
+    let flags: Vec<&std::ffi::OsStr> = vec![
+        "--tls=require".as_ref(),
+        "--tls-cert".as_ref(),
+        &cert,
+        "--tls-key".as_ref(),
+        &key,
+        "--tls-ca".as_ref(),
+        &ca,
+    ];
+    let srv = MemServer::start_with("8M", "tls-require", &flags);
+    let j = text(&run(Command::new(&nbdinfo)
+        .arg("--json")
+        .arg(tls_uri(&srv, certs.dir()))));
+    assert!(j.contains("\"TLS\": true"), "{j}");
+    assert!(j.contains("\"export-size\": 8388608"), "{j}");
+    let plain = try_run(Command::new(&nbdinfo).arg(srv.uri()));
+    assert!(
+        !plain.status.success(),
+        "plain client got in under --tls=require"
+    );
+    let anon_out = try_run(Command::new(&nbdinfo).arg(tls_uri(&srv, &anon)));
+    assert!(
+        !anon_out.status.success(),
+        "a client without a certificate got in although --tls-ca was given"
+    );
+    // Data round trip over TLS.
+    if let Some(nbdsh) = tool("nbdsh") {
+        // nbdsh -u refuses tls-certificates (a local file) unless allowed first.
+        let script = format!(
+            "h.set_uri_allow_local_file(True); h.connect_uri({:?}); \
+             h.pwrite(b'T' * 65536, 4096); assert h.pread(65536, 4096) == b'T' * 65536; \
+             print('tls-io-ok', h.get_size(), h.get_tls_negotiated())",
+            tls_uri(&srv, certs.dir())
+        );
+        let out = text(&run(Command::new(&nbdsh).arg("-c").arg(script)));
+        assert!(out.contains("tls-io-ok 8388608 True"), "{out}");
+    }
+    assert!(srv.stop(), "memserver did not exit cleanly");
+
+    let flags: Vec<&std::ffi::OsStr> = vec![
+        "--tls=allow".as_ref(),
+        "--tls-cert".as_ref(),
+        &cert,
+        "--tls-key".as_ref(),
+        &key,
+    ];
+    let srv = MemServer::start_with("8M", "tls-allow", &flags);
+    let j = text(&run(Command::new(&nbdinfo)
+        .arg("--json")
+        .arg(tls_uri(&srv, &anon))));
+    assert!(j.contains("\"TLS\": true"), "{j}");
+    let j = text(&run(Command::new(&nbdinfo).arg("--json").arg(srv.uri())));
+    assert!(j.contains("\"TLS\": false"), "{j}");
+    assert!(srv.stop(), "memserver did not exit cleanly");
 }

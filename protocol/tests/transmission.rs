@@ -356,6 +356,7 @@ async fn client_that_never_reads_replies_is_throttled() {
     let opts = ServerOptions {
         max_in_flight: 128,
         max_buffered_bytes: 4 << 20,
+        ..Default::default()
     };
     let (mut c, srv) = start(ex, opts, 64 * 1024);
     c.connect_simple().await;
@@ -473,6 +474,7 @@ async fn shutdown_stops_reading_pipelined_requests() {
     let opts = ServerOptions {
         max_in_flight: 1,
         max_buffered_bytes: 1 << 20,
+        ..Default::default()
     };
     let (mut c, srv) = start(ex, opts, 1 << 20);
     c.connect_simple().await;
@@ -500,6 +502,7 @@ async fn absurd_options_are_clamped_not_fatal() {
     let opts = ServerOptions {
         max_in_flight: usize::MAX,
         max_buffered_bytes: 0,
+        ..Default::default()
     };
     let (mut c, srv) = start(ex, opts, 1 << 16);
     c.connect_simple().await;

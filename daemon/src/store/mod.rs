@@ -10,6 +10,8 @@ use crate::spec::ImageSpec;
 use bytes::Bytes;
 use std::future::Future;
 
+#[cfg(feature = "ceph")]
+pub mod ceph;
 pub mod dir;
 
 /// Header flags (Ceph's RBD_FLAG_*).

@@ -8,14 +8,15 @@ use nbd_protocol::{
 };
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub const T: Duration = Duration::from_secs(10);
 
-pub struct Client {
-    pub s: DuplexStream,
+/// Generic over the stream so the TLS tests can carry on over an upgraded connection.
+pub struct Client<S = DuplexStream> {
+    pub s: S,
 }
 
 pub struct Server {
@@ -71,7 +72,7 @@ pub struct Chunk {
     pub data: Vec<u8>,
 }
 
-impl Client {
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn u16(&mut self) -> u16 {
         tokio::time::timeout(T, self.s.read_u16())
             .await

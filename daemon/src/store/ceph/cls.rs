@@ -1,0 +1,772 @@
+//! Inputs and outputs of the Ceph object-class methods we call (cls_rbd, cls_lock) and of
+//! librbd's header watch/notify messages, in Ceph's encoding: little-endian integers,
+//! strings and buffers as u32 length + bytes, maps as u32 count + pairs, versioned structs
+//! behind an `ENCODE_START(v, compat, len)` header (u8 v, u8 compat, u32 length).
+//!
+//! Sources (Ceph 16.2): src/cls/rbd/cls_rbd_client.cc and cls_rbd.cc (argument order of
+//! each method), src/cls/lock/cls_lock_ops.h and cls_lock_types.h, src/librbd/
+//! WatchNotifyTypes.cc, src/msg/msg_types.h (entity_name_t = u8 type + i64 num).
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// `CEPH_NOSNAP`: "the head" in cls_rbd snapshot arguments.
+pub const NOSNAP: u64 = u64::MAX - 1;
+
+/// librbd's exclusive lock: name, tag, cookie prefix (src/librbd/ExclusiveLock.cc,
+/// ManagedLock.cc, Utils: `RBD_LOCK_NAME`, `WATCHER_LOCK_TAG`, `"auto " + handle`).
+pub const RBD_LOCK_NAME: &str = "rbd_lock";
+pub const RBD_LOCK_TAG: &str = "internal";
+/// Our tag for `rbd_lock` taken shared by writers of a `shared` image (not librbd's).
+pub const SHARED_LOCK_TAG: &str = "rados-nbd shared";
+pub const LOCK_EXCLUSIVE: u8 = 1;
+pub const LOCK_SHARED: u8 = 2;
+/// `CEPH_ENTITY_TYPE_CLIENT`
+pub const ENTITY_TYPE_CLIENT: u8 = 0x08;
+
+pub fn lock_cookie(watch_handle: u64) -> String {
+    format!("auto {watch_handle}")
+}
+
+/// The watch handle in a librbd lock cookie (`auto <handle>`), if it is one.
+pub fn parse_lock_cookie(cookie: &str) -> Option<u64> {
+    cookie.strip_prefix("auto ")?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoder / decoder
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+pub struct Enc(pub Vec<u8>);
+
+impl Enc {
+    pub fn new() -> Self {
+        Enc(Vec::new())
+    }
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    pub fn bool(&mut self, v: bool) -> &mut Self {
+        self.u8(v as u8)
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A string or a bufferlist: u32 length + bytes. Inputs here are names and small
+    /// values, far below 4 GiB.
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+        self
+    }
+    pub fn str(&mut self, v: &str) -> &mut Self {
+        self.bytes(v.as_bytes())
+    }
+    /// `ENCODE_START(v, compat)`: returns the position of the length to patch in `finish`.
+    pub fn start(&mut self, v: u8, compat: u8) -> usize {
+        self.u8(v).u8(compat);
+        let at = self.0.len();
+        self.u32(0);
+        at
+    }
+    /// `ENCODE_FINISH`: the length counts the bytes after the length field.
+    pub fn finish(&mut self, at: usize) -> &mut Self {
+        let len = (self.0.len() - at - 4) as u32;
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self
+    }
+    pub fn done(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Decoder over a reply; every error names what was being decoded and where.
+pub struct Dec<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'a str,
+}
+
+impl<'a> Dec<'a> {
+    pub fn new(buf: &'a [u8], what: &'a str) -> Self {
+        Dec { buf, pos: 0, what }
+    }
+    fn bad(&self, msg: &str) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "decoding {}: {msg} at byte {} of {}",
+                self.what,
+                self.pos,
+                self.buf.len()
+            ),
+        )
+    }
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.bad(&format!("truncated (need {n} more bytes)")))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let s = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.arr::<1>()?[0])
+    }
+    pub fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    pub fn i32(&mut self) -> Result<i32> {
+        Ok(i32::from_le_bytes(self.arr()?))
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    pub fn i64(&mut self) -> Result<i64> {
+        Ok(i64::from_le_bytes(self.arr()?))
+    }
+    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    pub fn string(&mut self) -> Result<String> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
+    }
+    /// `DECODE_START`: returns (struct_v, end position). Refuses a struct whose compat
+    /// version is newer than what we understand.
+    pub fn start(&mut self, understood: u8) -> Result<(u8, usize)> {
+        let v = self.u8()?;
+        let compat = self.u8()?;
+        let len = self.u32()? as usize;
+        if compat > understood {
+            return Err(self.bad(&format!(
+                "struct version {v} needs a decoder of version {compat}, we have {understood}"
+            )));
+        }
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.bad(&format!("struct length {len} runs past the end")))?;
+        Ok((v, end))
+    }
+    /// `DECODE_FINISH`: skips fields newer than we know.
+    pub fn finish(&mut self, end: usize) -> Result<()> {
+        if self.pos > end {
+            return Err(self.bad("struct longer than its length"));
+        }
+        self.pos = end;
+        Ok(())
+    }
+    pub fn at_end(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cls_rbd
+// ---------------------------------------------------------------------------------------
+
+/// `create`: size, order, features, object_prefix, data_pool_id (-1 = none).
+pub fn create_in(
+    size: u64,
+    order: u8,
+    features: u64,
+    object_prefix: &str,
+    data_pool: i64,
+) -> Vec<u8> {
+    Enc::new()
+        .u64(size)
+        .u8(order)
+        .u64(features)
+        .str(object_prefix)
+        .i64(data_pool)
+        .done()
+}
+
+/// Methods that take just a snapshot id: get_size, get_flags, get_parent, snapshot_get,
+/// get_snapshot_name.
+pub fn snap_in(snap: u64) -> Vec<u8> {
+    Enc::new().u64(snap).done()
+}
+
+/// `get_size` → (order, size).
+pub fn get_size_out(b: &[u8]) -> Result<(u8, u64)> {
+    let mut d = Dec::new(b, "rbd.get_size reply");
+    Ok((d.u8()?, d.u64()?))
+}
+
+/// `get_features`: snap id, read_only.
+pub fn get_features_in(snap: u64, read_only: bool) -> Vec<u8> {
+    Enc::new().u64(snap).bool(read_only).done()
+}
+
+/// `get_features` → (features, incompatible features).
+pub fn get_features_out(b: &[u8]) -> Result<(u64, u64)> {
+    let mut d = Dec::new(b, "rbd.get_features reply");
+    Ok((d.u64()?, d.u64()?))
+}
+
+pub fn string_out(b: &[u8], what: &str) -> Result<String> {
+    Dec::new(b, what).string()
+}
+
+pub fn u64_out(b: &[u8], what: &str) -> Result<u64> {
+    Dec::new(b, what).u64()
+}
+
+/// `set_flags`: flags, mask, snap id.
+pub fn set_flags_in(flags: u64, mask: u64, snap: u64) -> Vec<u8> {
+    Enc::new().u64(flags).u64(mask).u64(snap).done()
+}
+
+/// `get_snapcontext` → (seq, snap ids newest first).
+pub fn get_snapcontext_out(b: &[u8]) -> Result<(u64, Vec<u64>)> {
+    let mut d = Dec::new(b, "rbd.get_snapcontext reply");
+    let seq = d.u64()?;
+    let n = d.u32()?;
+    let mut snaps = Vec::with_capacity(n.min(4096) as usize);
+    for _ in 0..n {
+        snaps.push(d.u64()?);
+    }
+    Ok((seq, snaps))
+}
+
+/// What `snapshot_get` returns that we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+}
+
+/// `snapshot_get` → cls::rbd::SnapshotInfo: ENCODE_START(1,1) { u64 id,
+/// SnapshotNamespace (its own ENCODE_START block: skipped), string name, u64 image_size,
+/// utime_t timestamp, u32 child_count }.
+pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
+    let mut d = Dec::new(b, "rbd.snapshot_get reply");
+    let (_, end) = d.start(1)?;
+    let id = d.u64()?;
+    let (_, ns_end) = d.start(1)?;
+    d.finish(ns_end)?;
+    let name = d.string()?;
+    let size = d.u64()?;
+    d.finish(end)?;
+    Ok(SnapshotInfo { id, name, size })
+}
+
+/// `get_parent` (legacy form) → None when the image has no parent (pool id -1).
+pub fn get_parent_out(b: &[u8]) -> Result<Option<(i64, String, u64, u64)>> {
+    let mut d = Dec::new(b, "rbd.get_parent reply");
+    let pool = d.i64()?;
+    let image = d.string()?;
+    let snap = d.u64()?;
+    let overlap = d.u64()?;
+    Ok((pool >= 0).then_some((pool, image, snap, overlap)))
+}
+
+/// `get_stripe_unit_count` → (stripe unit, stripe count).
+pub fn stripe_out(b: &[u8]) -> Result<(u64, u64)> {
+    let mut d = Dec::new(b, "rbd.get_stripe_unit_count reply");
+    Ok((d.u64()?, d.u64()?))
+}
+
+/// `get_data_pool` → pool id (-1 = none).
+pub fn data_pool_out(b: &[u8]) -> Result<i64> {
+    Dec::new(b, "rbd.get_data_pool reply").i64()
+}
+
+/// `set_id` (on rbd_id.<name>), `metadata_get`, `metadata_remove`, `dir_get_id`: one string.
+pub fn string_in(s: &str) -> Vec<u8> {
+    Enc::new().str(s).done()
+}
+
+/// `dir_add_image` / `dir_remove_image`: name, id.
+pub fn dir_image_in(name: &str, id: &str) -> Vec<u8> {
+    Enc::new().str(name).str(id).done()
+}
+
+/// `dir_list` and `metadata_list`: start after, max return.
+pub fn list_in(start: &str, max: u64) -> Vec<u8> {
+    Enc::new().str(start).u64(max).done()
+}
+
+/// `dir_list` → map<name, id>.
+pub fn dir_list_out(b: &[u8]) -> Result<Vec<(String, String)>> {
+    let mut d = Dec::new(b, "rbd.dir_list reply");
+    let n = d.u32()?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push((d.string()?, d.string()?));
+    }
+    Ok(v)
+}
+
+/// `metadata_set`: map<string key, bufferlist value>.
+pub fn metadata_set_in(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u32(pairs.len() as u32);
+    for (k, v) in pairs {
+        e.str(k).str(v);
+    }
+    e.done()
+}
+
+/// `metadata_list` → map<string, bufferlist>.
+pub fn metadata_list_out(b: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut d = Dec::new(b, "rbd.metadata_list reply");
+    let n = d.u32()?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push((d.string()?, d.bytes()?.to_vec()));
+    }
+    Ok(v)
+}
+
+/// `object_map_resize`: object count, default state.
+pub fn object_map_resize_in(count: u64, default_state: u8) -> Vec<u8> {
+    Enc::new().u64(count).u8(default_state).done()
+}
+
+// ---------------------------------------------------------------------------------------
+// cls_lock
+// ---------------------------------------------------------------------------------------
+
+/// `lock`: cls_lock_lock_op ENCODE_START(1,1) { name, u8 type, cookie, tag, description,
+/// utime_t duration (u32 sec, u32 nsec), u8 flags }.
+pub fn lock_in(name: &str, kind: u8, cookie: &str, tag: &str, description: &str) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.str(name).u8(kind).str(cookie).str(tag).str(description);
+    e.u32(0).u32(0); // no expiry, like librbd
+    e.u8(0);
+    e.finish(at).done()
+}
+
+/// `unlock`: ENCODE_START(1,1) { name, cookie }.
+pub fn unlock_in(name: &str, cookie: &str) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.str(name).str(cookie);
+    e.finish(at).done()
+}
+
+/// `break_lock`: ENCODE_START(1,1) { name, entity_name_t locker, cookie }.
+pub fn break_lock_in(name: &str, locker: &Locker) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.str(name)
+        .u8(locker.entity_type)
+        .i64(locker.entity_num)
+        .str(&locker.cookie);
+    e.finish(at).done()
+}
+
+/// `get_info`: ENCODE_START(1,1) { name }.
+pub fn get_info_in(name: &str) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.str(name);
+    e.finish(at).done()
+}
+
+/// `set_cookie`: ENCODE_START(1,1) { name, u8 type, cookie, tag, new_cookie }.
+pub fn set_cookie_in(name: &str, kind: u8, cookie: &str, tag: &str, new_cookie: &str) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.str(name).u8(kind).str(cookie).str(tag).str(new_cookie);
+    e.finish(at).done()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locker {
+    pub entity_type: u8,
+    pub entity_num: i64,
+    pub cookie: String,
+}
+
+impl std::fmt::Display for Locker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = if self.entity_type == ENTITY_TYPE_CLIENT {
+            "client".to_string()
+        } else {
+            format!("entity-type-{}", self.entity_type)
+        };
+        write!(f, "{t}.{} (cookie {:?})", self.entity_num, self.cookie)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    pub lockers: Vec<Locker>,
+    pub kind: u8,
+    pub tag: String,
+}
+
+/// `get_info` → cls_lock_get_info_reply ENCODE_START(1,1) { map<locker_id_t,
+/// locker_info_t>, u8 type, tag }; locker_id_t = ENCODE_START(1,1) { entity_name_t,
+/// cookie }; locker_info_t (expiry, address, description) is skipped by its length.
+pub fn get_info_out(b: &[u8]) -> Result<LockInfo> {
+    let mut d = Dec::new(b, "lock.get_info reply");
+    let (_, end) = d.start(1)?;
+    let n = d.u32()?;
+    let mut lockers = Vec::new();
+    for _ in 0..n {
+        let (_, id_end) = d.start(1)?;
+        let entity_type = d.u8()?;
+        let entity_num = d.i64()?;
+        let cookie = d.string()?;
+        d.finish(id_end)?;
+        let (_, info_end) = d.start(1)?;
+        d.finish(info_end)?;
+        lockers.push(Locker {
+            entity_type,
+            entity_num,
+            cookie,
+        });
+    }
+    let kind = d.u8()?;
+    let tag = d.string()?;
+    d.finish(end)?;
+    Ok(LockInfo { lockers, kind, tag })
+}
+
+// ---------------------------------------------------------------------------------------
+// librbd header watch/notify (src/librbd/WatchNotifyTypes.*)
+// ---------------------------------------------------------------------------------------
+
+pub const NOTIFY_OP_ACQUIRED_LOCK: u32 = 0;
+pub const NOTIFY_OP_RELEASED_LOCK: u32 = 1;
+pub const NOTIFY_OP_REQUEST_LOCK: u32 = 2;
+pub const NOTIFY_OP_HEADER_UPDATE: u32 = 3;
+pub const NOTIFY_OP_ASYNC_PROGRESS: u32 = 4;
+pub const NOTIFY_OP_ASYNC_COMPLETE: u32 = 5;
+
+/// The op of a header notification. An empty payload is the legacy header update.
+pub fn notify_op(payload: &[u8]) -> Result<u32> {
+    if payload.is_empty() {
+        return Ok(NOTIFY_OP_HEADER_UPDATE);
+    }
+    let mut d = Dec::new(payload, "rbd header notification");
+    let _ = d.start(7)?;
+    d.u32()
+}
+
+/// Ops addressed to the lock owner that expect a ResponseMessage (requests to release the
+/// lock or to run a maintenance operation). Everything else is informational.
+pub fn notify_wants_owner_reply(op: u32) -> bool {
+    !matches!(
+        op,
+        NOTIFY_OP_ACQUIRED_LOCK
+            | NOTIFY_OP_RELEASED_LOCK
+            | NOTIFY_OP_HEADER_UPDATE
+            | NOTIFY_OP_ASYNC_PROGRESS
+            | NOTIFY_OP_ASYNC_COMPLETE
+    )
+}
+
+/// ResponseMessage: ENCODE_START(1,1) { i32 result }.
+pub fn response_message(result: i32) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(1, 1);
+    e.i32(result);
+    e.finish(at).done()
+}
+
+/// NotifyMessage for AcquiredLock / ReleasedLock: ENCODE_START(7,1) { u32 op,
+/// ClientId { u64 gid, u64 handle } }.
+pub fn lock_notify(op: u32, gid: u64, handle: u64) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(op).u64(gid).u64(handle);
+    e.finish(at).done()
+}
+
+/// HeaderUpdate NotifyMessage: ENCODE_START(7,1) { u32 3 }.
+pub fn header_update_notify() -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(NOTIFY_OP_HEADER_UPDATE);
+    e.finish(at).done()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Vec<u8> {
+        let mut v = (x.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(x.as_bytes());
+        v
+    }
+
+    #[test]
+    fn create_bytes() {
+        // size 64 MiB, order 22, features 0x1d, prefix "rbd_data.abc", no data pool.
+        let got = create_in(64 << 20, 22, 0x1d, "rbd_data.abc", -1);
+        let mut want = vec![0, 0, 0, 4, 0, 0, 0, 0, 22, 0x1d, 0, 0, 0, 0, 0, 0, 0];
+        want.extend(s("rbd_data.abc"));
+        want.extend([0xff; 8]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn snap_args() {
+        assert_eq!(
+            snap_in(NOSNAP),
+            vec![0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        assert_eq!(get_features_in(4, true), vec![4, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let f = set_flags_in(3, 1, NOSNAP);
+        assert_eq!(&f[..8], &[3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&f[8..16], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&f[16..], &[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn size_and_features_replies() {
+        let b = [22u8, 0, 0, 0, 0x40, 0, 0, 0, 0];
+        assert_eq!(get_size_out(&b).unwrap(), (22, 1 << 30));
+        assert!(get_size_out(&b[..5]).is_err());
+        let mut f = 0x1du64.to_le_bytes().to_vec();
+        f.extend(0x1u64.to_le_bytes());
+        assert_eq!(get_features_out(&f).unwrap(), (0x1d, 1));
+    }
+
+    #[test]
+    fn snapcontext_reply() {
+        let mut b = 9u64.to_le_bytes().to_vec();
+        b.extend(2u32.to_le_bytes());
+        b.extend(9u64.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        assert_eq!(get_snapcontext_out(&b).unwrap(), (9, vec![9, 4]));
+        // Claims three snaps, holds two.
+        b[8] = 3;
+        assert!(get_snapcontext_out(&b).is_err());
+    }
+
+    #[test]
+    fn snapshot_info_skips_namespace() {
+        // SnapshotInfo v1: id 4, user namespace {ENCODE_START(1,1) u32 type 0}, name "s1",
+        // size 64 MiB, timestamp, child_count 0.
+        let mut body = 4u64.to_le_bytes().to_vec();
+        body.extend([1, 1, 4, 0, 0, 0, 0, 0, 0, 0]);
+        body.extend(s("s1"));
+        body.extend((64u64 << 20).to_le_bytes());
+        body.extend([0x11; 8]);
+        body.extend(0u32.to_le_bytes());
+        let mut b = vec![1, 1];
+        b.extend((body.len() as u32).to_le_bytes());
+        b.extend(body);
+        let i = snapshot_get_out(&b).unwrap();
+        assert_eq!(
+            i,
+            SnapshotInfo {
+                id: 4,
+                name: "s1".into(),
+                size: 64 << 20
+            }
+        );
+        // A compat version newer than ours is refused rather than misread.
+        let mut newer = b.clone();
+        newer[1] = 2;
+        assert!(snapshot_get_out(&newer).is_err());
+    }
+
+    #[test]
+    fn parent_reply() {
+        let mut b = (-1i64).to_le_bytes().to_vec();
+        b.extend(s(""));
+        b.extend(NOSNAP.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        assert_eq!(get_parent_out(&b).unwrap(), None);
+        let mut p = 2i64.to_le_bytes().to_vec();
+        p.extend(s("10ab"));
+        p.extend(5u64.to_le_bytes());
+        p.extend(100u64.to_le_bytes());
+        assert_eq!(
+            get_parent_out(&p).unwrap(),
+            Some((2, "10ab".into(), 5, 100))
+        );
+    }
+
+    #[test]
+    fn layout_replies() {
+        let mut b = 65536u64.to_le_bytes().to_vec();
+        b.extend(4u64.to_le_bytes());
+        assert_eq!(stripe_out(&b).unwrap(), (65536, 4));
+        assert_eq!(data_pool_out(&(-1i64).to_le_bytes()).unwrap(), -1);
+        assert_eq!(data_pool_out(&7i64.to_le_bytes()).unwrap(), 7);
+        assert!(data_pool_out(&[1, 2, 3]).is_err());
+        assert_eq!(
+            string_out(&s("rbd_data.10ab"), "x").unwrap(),
+            "rbd_data.10ab"
+        );
+        assert!(string_out(&[5, 0, 0, 0, b'a'], "x").is_err());
+        assert!(string_out(&[1, 0, 0, 0, 0xff], "x").is_err());
+    }
+
+    #[test]
+    fn directory_and_metadata() {
+        let mut want = s("vm1");
+        want.extend(s("10ab"));
+        assert_eq!(dir_image_in("vm1", "10ab"), want);
+        let mut l = s("");
+        l.extend(1024u64.to_le_bytes());
+        assert_eq!(list_in("", 1024), l);
+        let mut reply = 2u32.to_le_bytes().to_vec();
+        reply.extend(s("a"));
+        reply.extend(s("1"));
+        reply.extend(s("b"));
+        reply.extend(s("2"));
+        assert_eq!(
+            dir_list_out(&reply).unwrap(),
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        let mut m = 1u32.to_le_bytes().to_vec();
+        m.extend(s("rados-nbd.shared"));
+        m.extend(s("true"));
+        assert_eq!(metadata_set_in(&[("rados-nbd.shared", "true")]), m);
+        assert_eq!(
+            metadata_list_out(&m).unwrap(),
+            vec![("rados-nbd.shared".into(), b"true".to_vec())]
+        );
+        assert_eq!(
+            object_map_resize_in(16, 0),
+            vec![16, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn lock_ops() {
+        let got = lock_in("rbd_lock", LOCK_EXCLUSIVE, "auto 140", "internal", "");
+        let mut body = s("rbd_lock");
+        body.push(1);
+        body.extend(s("auto 140"));
+        body.extend(s("internal"));
+        body.extend(s(""));
+        body.extend([0; 8]);
+        body.push(0);
+        let mut want = vec![1, 1];
+        want.extend((body.len() as u32).to_le_bytes());
+        want.extend(body);
+        assert_eq!(got, want);
+
+        let mut body = s("rbd_lock");
+        body.extend(s("auto 140"));
+        let mut want = vec![1, 1];
+        want.extend((body.len() as u32).to_le_bytes());
+        want.extend(body);
+        assert_eq!(unlock_in("rbd_lock", "auto 140"), want);
+
+        let locker = Locker {
+            entity_type: ENTITY_TYPE_CLIENT,
+            entity_num: 4123,
+            cookie: "auto 7".into(),
+        };
+        let mut body = s("rbd_lock");
+        body.push(8);
+        body.extend(4123i64.to_le_bytes());
+        body.extend(s("auto 7"));
+        let mut want = vec![1, 1];
+        want.extend((body.len() as u32).to_le_bytes());
+        want.extend(body);
+        assert_eq!(break_lock_in("rbd_lock", &locker), want);
+
+        let mut body = s("rbd_lock");
+        body.push(1);
+        body.extend(s("auto 7"));
+        body.extend(s("internal"));
+        body.extend(s("auto 9"));
+        let mut want = vec![1, 1];
+        want.extend((body.len() as u32).to_le_bytes());
+        want.extend(body);
+        assert_eq!(
+            set_cookie_in("rbd_lock", 1, "auto 7", "internal", "auto 9"),
+            want
+        );
+        assert_eq!(get_info_in("rbd_lock"), {
+            let mut w = vec![1, 1, 12, 0, 0, 0];
+            w.extend(s("rbd_lock"));
+            w
+        });
+    }
+
+    #[test]
+    fn lock_info_reply() {
+        // One locker client.4123 cookie "auto 7" with an opaque locker_info_t.
+        let mut id = vec![8u8];
+        id.extend(4123i64.to_le_bytes());
+        id.extend(s("auto 7"));
+        let info = [0u8; 21];
+        let mut body = 1u32.to_le_bytes().to_vec();
+        body.extend([1, 1]);
+        body.extend((id.len() as u32).to_le_bytes());
+        body.extend(&id);
+        body.extend([1, 1]);
+        body.extend((info.len() as u32).to_le_bytes());
+        body.extend(info);
+        body.push(1);
+        body.extend(s("internal"));
+        let mut b = vec![1, 1];
+        b.extend((body.len() as u32).to_le_bytes());
+        b.extend(body);
+        let got = get_info_out(&b).unwrap();
+        assert_eq!(got.kind, LOCK_EXCLUSIVE);
+        assert_eq!(got.tag, "internal");
+        assert_eq!(
+            got.lockers,
+            vec![Locker {
+                entity_type: 8,
+                entity_num: 4123,
+                cookie: "auto 7".into()
+            }]
+        );
+        assert_eq!(parse_lock_cookie(&got.lockers[0].cookie), Some(7));
+        assert_eq!(parse_lock_cookie("manual"), None);
+        assert!(get_info_out(&b[..b.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn notify_messages() {
+        assert_eq!(notify_op(&[]).unwrap(), NOTIFY_OP_HEADER_UPDATE);
+        let req = lock_notify(NOTIFY_OP_REQUEST_LOCK, 4123, 7);
+        let mut want = vec![7, 1, 20, 0, 0, 0, 2, 0, 0, 0];
+        want.extend(4123u64.to_le_bytes());
+        want.extend(7u64.to_le_bytes());
+        assert_eq!(req, want);
+        assert_eq!(notify_op(&req).unwrap(), NOTIFY_OP_REQUEST_LOCK);
+        assert!(notify_wants_owner_reply(NOTIFY_OP_REQUEST_LOCK));
+        assert!(notify_wants_owner_reply(7)); // resize
+        assert!(!notify_wants_owner_reply(NOTIFY_OP_HEADER_UPDATE));
+        assert_eq!(header_update_notify(), vec![7, 1, 4, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            response_message(-30),
+            vec![1, 1, 4, 0, 0, 0, 0xe2, 0xff, 0xff, 0xff]
+        );
+        assert!(notify_op(&[7, 1, 4]).is_err());
+    }
+}

@@ -1,0 +1,532 @@
+//! Tests against a real cluster. With `CEPH_CONF` set they use that cluster; otherwise
+//! they start a throwaway one with tests/ceph/cluster.sh (and stop it), or print why they
+//! are skipped when the Ceph binaries are missing. Ceph's own `rbd` and `rados` tools
+//! check what we wrote.
+
+use super::*;
+use crate::store::{DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID};
+use std::path::PathBuf;
+use std::process::Command;
+
+struct Cluster {
+    conf: String,
+    /// Set when we started it (and so must stop it).
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = Command::new(script()).arg("stop").arg(dir).status();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/ceph/cluster.sh")
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin} >/dev/null"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn cluster() -> Option<Cluster> {
+    if let Ok(conf) = std::env::var("CEPH_CONF") {
+        return Some(Cluster { conf, dir: None });
+    }
+    if !have("ceph-mon") || !have("ceph-osd") || !have("rbd") {
+        eprintln!("SKIPPED: ceph live tests need ceph-mon, ceph-osd and rbd (or CEPH_CONF)");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("rados-nbd-ceph-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(script())
+        .arg("start")
+        .arg(&dir)
+        .output()
+        .expect("running tests/ceph/cluster.sh");
+    let c = Cluster {
+        conf: dir.join("ceph.conf").to_string_lossy().into_owned(),
+        dir: Some(dir),
+    };
+    assert!(
+        out.status.success(),
+        "cluster.sh start failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(c)
+}
+
+fn tool(conf: &str, bin: &str, args: &[&str]) -> String {
+    let out = Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}-{}", std::process::id(), generate_image_id(0))
+}
+
+async fn store(conf: &str) -> CephStore {
+    CephStore::connect(CephOptions {
+        conf: Some(conf.to_string()),
+        options: vec![("rados_osd_op_timeout".into(), "30".into())],
+        ..Default::default()
+    })
+    .await
+    .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live() {
+    let Some(cl) = cluster() else { return };
+    let conf = cl.conf.as_str();
+    let st = store(conf).await;
+
+    // --- create: Ceph's tools see the image with our features and a valid object map.
+    let name = unique("live");
+    let spec: ImageSpec = format!("rbd/{name}").parse().unwrap();
+    st.create_image(
+        &spec,
+        &CreateOptions {
+            size: 64 << 20,
+            order: 22,
+            features: DEFAULT_FEATURES,
+        },
+    )
+    .await
+    .expect("create");
+    let info = tool(conf, "rbd", &["info", &name]);
+    assert!(info.contains("size 64 MiB in 16 objects"), "{info}");
+    assert!(
+        info.contains("features: layering, exclusive-lock, object-map, fast-diff"),
+        "{info}"
+    );
+    tool(conf, "rbd", &["object-map", "check", &name]);
+    assert!(st.list_images("rbd").await.unwrap().contains(&name));
+    let again = st.create_image(
+        &spec,
+        &CreateOptions {
+            size: 1 << 20,
+            order: 22,
+            features: DEFAULT_FEATURES,
+        },
+    );
+    assert_eq!(again.await.unwrap_err().kind, ErrorKind::AlreadyExists);
+
+    // --- open for writing: lock as librbd does.
+    let img = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("open");
+    let h = img.header();
+    assert_eq!(
+        (h.size, h.order, h.features, h.flags),
+        (64 << 20, 22, 0x1d, 0)
+    );
+    assert_eq!(h.object_prefix, format!("rbd_data.{}", h.id));
+    let locks = tool(conf, "rbd", &["lock", "ls", &name]);
+    assert!(locks.contains("auto "), "{locks}");
+    let linfo = tool(
+        conf,
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "lock",
+            "info",
+            &format!("rbd_header.{}", h.id),
+            "rbd_lock",
+        ],
+    );
+    assert!(linfo.contains("\"tag\":\"internal\""), "{linfo}");
+    assert!(linfo.contains("\"type\":\"exclusive\""), "{linfo}");
+    let second = st.open_image(&spec, OpenMode::ReadWrite).await;
+    let e = second.err().expect("second writer must be refused");
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("alive"), "{e}");
+
+    // --- data
+    let a = Bytes::from(vec![0xaa; 8192]);
+    img.write(0, 4096, a.clone(), false).await.unwrap();
+    img.write(5, 0, Bytes::from(vec![0x55; 4 << 20]), true)
+        .await
+        .unwrap();
+    let r = img.read(0, 0, 16384, None).await.unwrap().unwrap();
+    assert_eq!(r.len(), 12288, "object 0 ends after the write");
+    assert!(r[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&r[4096..], &a[..]);
+    assert!(img.read(1, 0, 4096, None).await.unwrap().is_none());
+    img.zero(5, 4096, 4096, false).await.unwrap();
+    let r5 = img.read(5, 0, 3 * 4096, None).await.unwrap().unwrap();
+    assert!(r5[..4096].iter().all(|&b| b == 0x55));
+    assert!(r5[4096..8192].iter().all(|&b| b == 0));
+    assert!(r5[8192..].iter().all(|&b| b == 0x55));
+    img.zero(5, 1 << 20, 3 << 20, false).await.unwrap();
+    let st5 = img
+        .inner
+        .data
+        .stat(&format!("rbd_data.{}.{:016x}", h.id, 5))
+        .await;
+    assert_eq!(
+        st5.unwrap().unwrap().size,
+        1 << 20,
+        "zero to the end truncates"
+    );
+    img.zero(7, 0, 4096, false).await.unwrap();
+    assert!(
+        img.read(7, 0, 1, None).await.unwrap().is_none(),
+        "zero never creates"
+    );
+    img.write(9, 0, Bytes::from_static(b"x"), false)
+        .await
+        .unwrap();
+    img.remove(9, false).await.unwrap();
+    img.remove(9, false).await.unwrap();
+    assert_eq!(img.list_objects(None).await.unwrap(), vec![0, 5]);
+
+    // --- flags: `rbd info` shows the map invalid while we are attached.
+    let both = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+    img.set_flags(both, both).await.unwrap();
+    assert_eq!(img.header().flags, both);
+    let info = tool(conf, "rbd", &["info", &name]);
+    assert!(
+        info.contains("flags: object map invalid, fast diff invalid"),
+        "{info}"
+    );
+
+    // --- metadata
+    assert_eq!(img.get_meta("rados-nbd.shared").await.unwrap(), None);
+    img.set_meta("rados-nbd.shared", "true").await.unwrap();
+    assert_eq!(
+        img.get_meta("rados-nbd.shared").await.unwrap().as_deref(),
+        Some("true")
+    );
+    let meta = tool(
+        conf,
+        "rbd",
+        &["image-meta", "get", &name, "rados-nbd.shared"],
+    );
+    assert_eq!(meta.trim(), "true");
+
+    // --- the header as librbd keeps it (omap keys seen on a real cluster).
+    let (keys, more) = img
+        .inner
+        .meta
+        .omap_get_vals(&header_oid(&h.id), "", "", 100)
+        .await
+        .unwrap();
+    assert!(!more);
+    let get = |k: &str| keys.iter().find(|p| p.0 == k).map(|p| p.1.clone());
+    assert_eq!(get("features"), Some(0x1du64.to_le_bytes().to_vec()));
+    assert_eq!(get("order"), Some(vec![22]));
+    assert_eq!(get("size"), Some((64u64 << 20).to_le_bytes().to_vec()));
+    let sz = img
+        .inner
+        .meta
+        .exec_small(
+            &header_oid(&h.id),
+            RBD,
+            "get_size",
+            &cls::snap_in(cls::NOSNAP),
+            64,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cls::get_size_out(&sz).unwrap(), (22, 64 << 20));
+
+    // --- object map object: the empty map made at create, then ours for objects 0 and 5.
+    let map = img
+        .read_object_map(None)
+        .await
+        .unwrap()
+        .expect("map exists");
+    let m = objmap::ObjectMap::decode(&map).expect("create wrote a valid empty map");
+    assert_eq!((m.len(), m.count(0..16)[0]), (16, 16));
+    m.set(0, objmap::ObjectState::Exists);
+    m.set(5, objmap::ObjectState::Exists);
+    img.write_object_map(m.encode()).await.unwrap();
+    assert_eq!(img.read_object_map(None).await.unwrap(), Some(m.encode()));
+
+    // --- a future dropped mid-flight frees nothing librados still writes to.
+    for _ in 0..20 {
+        let f = img.read(5, 0, 4 << 20, None);
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(10), f).await;
+    }
+    assert_eq!(img.read(0, 4096, 8192, None).await.unwrap().unwrap(), a);
+
+    // --- a header update from elsewhere is picked up (size changed behind our back).
+    let other = store(conf).await;
+    let oio = other.pool("rbd").unwrap();
+    let hdr = header_oid(&h.id);
+    oio.exec_write(
+        &hdr,
+        RBD,
+        "set_size",
+        &cls::Enc::new().u64(128 << 20).done(),
+    )
+    .await
+    .unwrap();
+    oio.notify(&hdr, &cls::header_update_notify(), 5000)
+        .await
+        .unwrap();
+    let mut seen = 0;
+    for _ in 0..50 {
+        seen = img.header().size;
+        if seen == 128 << 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 128 << 20, "header update notification not applied");
+
+    // --- a librbd client asking for the lock is refused, and gets no data in.
+    let bench = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "60",
+            "rbd",
+            "-c",
+            conf,
+            "bench",
+            "--io-type",
+            "write",
+        ])
+        .args(["--io-total", "4096"])
+        .arg(&name)
+        .output()
+        .unwrap();
+    let berr = String::from_utf8_lossy(&bench.stderr);
+    eprintln!("rbd bench under our lock: {berr}");
+    assert!(!bench.status.success(), "rbd bench wrote under our lock");
+    assert!(
+        berr.contains("Read-only file system") || berr.contains("locked"),
+        "{berr}"
+    );
+
+    // --- clean close: flags cleared by the image layer's order, lock and watch released.
+    img.set_flags(0, both).await.unwrap();
+    img.close().await.unwrap();
+    let locks = tool(conf, "rbd", &["lock", "ls", &name]);
+    assert!(!locks.contains("auto "), "{locks}");
+    let info = tool(conf, "rbd", &["info", &name]);
+    assert!(
+        info.contains("flags: \n") || info.contains("flags:\n"),
+        "{info}"
+    );
+    assert!(
+        img.write(0, 0, a.clone(), false).await.is_err(),
+        "closed handle wrote"
+    );
+    // Our map for objects 0 and 5 matches the data (the size grew to 128 MiB above: shrink
+    // back first, `rbd object-map check` needs the entry count to match).
+    oio.exec_write(&hdr, RBD, "set_size", &cls::Enc::new().u64(64 << 20).done())
+        .await
+        .unwrap();
+    tool(conf, "rbd", &["object-map", "check", &name]);
+
+    // --- snapshots taken by rbd while unmapped survive our writes.
+    tool(conf, "rbd", &["snap", "create", &format!("{name}@s1")]);
+    let img = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("reopen");
+    let h = img.header();
+    assert_eq!(h.snaps.len(), 1);
+    assert_eq!(h.snaps[0].name, "s1");
+    img.write(0, 4096, Bytes::from(vec![0xbb; 8192]), false)
+        .await
+        .unwrap();
+    let snap_spec: ImageSpec = format!("rbd/{name}@s1").parse().unwrap();
+    let at = st
+        .open_image(&snap_spec, OpenMode::ReadOnly)
+        .await
+        .expect("open snap");
+    let old = at.read(0, 4096, 8192, None).await.unwrap().unwrap();
+    assert_eq!(&old[..], &a[..], "snapshot data changed by a head write");
+    let head = img.read(0, 4096, 8192, None).await.unwrap().unwrap();
+    assert!(head.iter().all(|&b| b == 0xbb));
+    assert!(at.write(0, 0, a.clone(), false).await.is_err());
+    let snap_export = tool(conf, "rbd", &["export", &format!("{name}@s1"), "-"]);
+    drop(snap_export);
+    assert_eq!(
+        st.open_image(&snap_spec, OpenMode::ReadWrite)
+            .await
+            .err()
+            .map(|e| e.kind),
+        Some(ErrorKind::ReadOnly)
+    );
+    img.close().await.unwrap();
+    at.close().await.unwrap();
+
+    // --- shared writers coexist; an exclusive writer (ours or librbd) is kept out.
+    let s1 = st
+        .open_image(&spec, OpenMode::SharedWrite)
+        .await
+        .expect("shared 1");
+    let s2 = st
+        .open_image(&spec, OpenMode::SharedWrite)
+        .await
+        .expect("shared 2");
+    s1.write(3, 0, Bytes::from_static(b"one"), false)
+        .await
+        .unwrap();
+    s2.write(3, 3, Bytes::from_static(b"two"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &s1.read(3, 0, 6, None).await.unwrap().unwrap()[..],
+        b"onetwo"
+    );
+    let e = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .err()
+        .expect("exclusive vs shared");
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("shared-write"), "{e}");
+    // librbd keeps retrying for a lock it cannot get; it must not get through.
+    let bench = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "10",
+            "rbd",
+            "-c",
+            conf,
+            "bench",
+            "--io-type",
+            "write",
+        ])
+        .args(["--io-total", "4096"])
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(
+        !bench.status.success(),
+        "rbd bench wrote past shared writers"
+    );
+    s1.close().await.unwrap();
+    s2.close().await.unwrap();
+    let ex = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("exclusive after shared");
+    assert_eq!(
+        st.open_image(&spec, OpenMode::SharedWrite)
+            .await
+            .err()
+            .map(|e| e.kind),
+        Some(ErrorKind::Busy)
+    );
+    ex.close().await.unwrap();
+
+    // --- remove: refused with snapshots, then everything is gone.
+    assert_eq!(
+        st.remove_image(&spec).await.unwrap_err().kind,
+        ErrorKind::Busy
+    );
+    tool(conf, "rbd", &["snap", "purge", &name]);
+    st.remove_image(&spec).await.expect("remove");
+    assert!(!st.list_images("rbd").await.unwrap().contains(&name));
+    let left = tool(conf, "rados", &["-p", "rbd", "ls"]);
+    assert!(!left.contains(&h.id), "objects left behind: {left}");
+    assert_eq!(
+        st.open_image(&spec, OpenMode::ReadOnly)
+            .await
+            .err()
+            .map(|e| e.kind),
+        Some(ErrorKind::NotFound)
+    );
+
+    // --- an image made by `rbd create` opens; unsupported features are refused.
+    let plain = unique("byrbd");
+    tool(conf, "rbd", &["create", "--size", "16M", &plain]);
+    let ps: ImageSpec = plain.parse().unwrap();
+    let pi = st
+        .open_image(&ps, OpenMode::ReadWrite)
+        .await
+        .expect("open rbd-made image");
+    assert_eq!(pi.header().features & 0x1d, 0x1d);
+    pi.close().await.unwrap();
+    let striped = unique("striped");
+    tool(
+        conf,
+        "rbd",
+        &[
+            "create",
+            "--size",
+            "16M",
+            "--stripe-unit",
+            "65536",
+            "--stripe-count",
+            "4",
+            &striped,
+        ],
+    );
+    let e = st
+        .open_image(&striped.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .expect("fancy striping must be refused");
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    let journ = unique("journal");
+    tool(
+        conf,
+        "rbd",
+        &[
+            "create",
+            "--size",
+            "16M",
+            "--image-feature",
+            "exclusive-lock,journaling",
+            &journ,
+        ],
+    );
+    let e = st
+        .open_image(&journ.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .expect("journaling must be refused");
+    assert!(e.message.contains("journaling"), "{e}");
+    tool(conf, "rbd", &["snap", "create", &format!("{plain}@p")]);
+    tool(conf, "rbd", &["snap", "protect", &format!("{plain}@p")]);
+    let child = unique("child");
+    tool(conf, "rbd", &["clone", &format!("{plain}@p"), &child]);
+    let e = st
+        .open_image(&child.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .expect("clones must be refused");
+    assert!(e.message.contains("clone"), "{e}");
+    let e = st
+        .open_image(&"nopool/x".parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.message.contains("pool nopool not found"), "{e}");
+
+    // Leave the pool as we found it.
+    tool(conf, "rbd", &["rm", &child]);
+    tool(conf, "rbd", &["snap", "unprotect", &format!("{plain}@p")]);
+    tool(conf, "rbd", &["snap", "purge", &plain]);
+    for n in [&plain, &striped, &journ] {
+        tool(conf, "rbd", &["rm", n]);
+    }
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# A throwaway one-node Ceph cluster for tests, on 127.0.0.1 only:
+# one mon, one BlueStore OSD on a sparse file, pool "rbd" with size 1.
+#
+#   tests/ceph/cluster.sh start DIR   -> prints CEPH_CONF=DIR/ceph.conf
+#   tests/ceph/cluster.sh stop DIR    -> stops the daemons by pid and waits for them
+#
+# Nothing is listened on outside loopback: every address in the config is 127.0.0.1 and
+# ipv6 binding is off. Auth is off (cephx would only slow tests down).
+set -euo pipefail
+
+usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+[ $# -eq 2 ] || usage
+cmd=$1
+dir=$(realpath -m "$2")
+conf=$dir/ceph.conf
+
+need() {
+  for b in "$@"; do
+    command -v "$b" >/dev/null 2>&1 || { echo "cluster.sh: $b not found (install ceph-mon ceph-osd ceph-common)" >&2; exit 3; }
+  done
+}
+
+# Stop one daemon by the pid in its pid file: TERM, wait up to 10 s, then KILL and wait.
+stop_pidfile() {
+  local f=$1 pid i
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f" 2>/dev/null || true)
+  case $pid in ''|*[!0-9]*) rm -f "$f"; return 0 ;; esac
+  # Only signal it if it is really a ceph daemon of this cluster (pid files can be stale).
+  if ! grep -qs -- "$conf" "/proc/$pid/cmdline"; then rm -f "$f"; return 0; fi
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -9 "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$f"
+}
+
+case $cmd in
+start)
+  need ceph-mon ceph-osd ceph monmaptool rbd
+  if [ -e "$conf" ]; then echo "cluster.sh: $conf exists; stop and remove $dir first" >&2; exit 1; fi
+  mkdir -p "$dir"/{mon,osd0,run,log}
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  # A random port so parallel test runs do not collide; retried by the caller if taken.
+  port=${CEPH_MON_PORT:-$((20000 + RANDOM % 20000))}
+  cat >"$conf" <<CONF
+[global]
+fsid = $fsid
+mon host = v2:127.0.0.1:$port
+mon initial members = a
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+run dir = $dir/run
+log file = $dir/log/\$name.log
+admin socket = $dir/run/\$name.asok
+pid file = $dir/run/\$name.pid
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg autoscale mode = off
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+osd crush chooseleaf type = 0
+# A dead client's watch (and so its stale lock) goes after 15 s instead of 30.
+osd client watch timeout = 15
+[client]
+admin socket =
+log file = $dir/log/client.log
+[mon]
+mon data = $dir/mon
+mon cluster log file = $dir/log/cluster.log
+[osd]
+osd data = $dir/osd\$id
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = 68719476736
+bluestore fsck on mkfs = false
+bluestore cache autotune = false
+bluestore cache size = 268435456
+osd memory target = 1073741824
+osd max object name len = 256
+osd max object namespace len = 64
+CONF
+  monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >"$dir/log/mkfs-mon.out" 2>&1
+  ceph-mon -c "$conf" -i a 2>>"$dir/log/stderr.log"
+  ceph -c "$conf" osd create >/dev/null
+  ceph-osd -c "$conf" -i 0 --mkfs >"$dir/log/mkfs-osd.out" 2>&1
+  # No `osd crush add`: the OSD places itself in the CRUSH map when it starts.
+  ceph-osd -c "$conf" -i 0 2>>"$dir/log/stderr.log"
+  up=0
+  for _ in $(seq 1 120); do
+    if ceph -c "$conf" osd stat 2>/dev/null | grep -q "1 up"; then up=1; break; fi
+    sleep 0.25
+  done
+  if [ $up != 1 ]; then echo "cluster.sh: osd.0 did not come up; see $dir/log" >&2; exit 1; fi
+  # Size 1 comes from "osd pool default size"; pool init waits until the PGs are active.
+  ceph -c "$conf" osd pool create rbd 8 >/dev/null 2>&1
+  rbd -c "$conf" pool init rbd
+  echo "CEPH_CONF=$conf"
+  ;;
+stop)
+  # OSD first so it does not wait on a mon that is already gone.
+  stop_pidfile "$dir/run/osd.0.pid"
+  stop_pidfile "$dir/run/mon.a.pid"
+  ;;
+*) usage ;;
+esac

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# End-to-end tests of the Ceph store against the cluster named by $CEPH_CONF, with Ceph's
+# own tools (rbd, rados) as the oracle and real NBD clients (nbdcopy, nbdsh) as writers.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../lib.sh"
+: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
+export CEPH_CONF
+work=$(mktemp -d /tmp/rados-nbd-ceph-e2e.XXXXXX)
+trap 'cleanup_pids; rm -rf "$work"' EXIT
+RN=("$BIN" --store "ceph:$CEPH_CONF")
+sock=$work/nbd.sock
+MB=$((1 << 20))
+
+serve() { # serve IMAGE [ARGS...]: in the background, waits for the socket
+  rm -f "$sock"
+  spawn "${RN[@]}" serve "$@" --socket "$sock" 2>>"$work/serve.log"
+  SERVE_PID=$!
+  wait_for_socket "$sock" 30
+}
+# Must not run in a subshell (`check` runs its command in one): `wait` needs the parent.
+unserve() { stop_daemon "$SERVE_PID"; UNSERVE_RC=$?; rm -f "$sock"; }
+check_unserve() { unserve; check "$1" test "$UNSERVE_RC" = 0; }
+# The server checkpoints the map and clears the dirty flag when its last client leaves, so
+# a client stays connected while the flags are looked at.
+hold() { # hold IMAGE: keeps one NBD connection open until unhold
+  rm -f "$work/hold.ready"
+  $PY -c "
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+open('$work/hold.ready', 'w').close()
+while os.path.exists('$work/hold.ready'): time.sleep(0.05)
+h.shutdown()" &
+  HOLD_PID=$!
+  for _ in $(seq 1 100); do [ -e "$work/hold.ready" ] && return 0; sleep 0.1; done
+  return 1
+}
+unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
+ids=()
+remember_id() { ids+=("$(rbd info "$1" --format json | jq -r .id)"); }
+uri() { echo "nbd+unix:///$1?socket=$sock"; }
+header_of() { echo "rbd_header.$(rbd info "$1" --format json | jq -r .id)"; }
+sha() { sha256sum | cut -d' ' -f1; }
+
+# ---------------------------------------------------------------- an image made by rbd
+rbd create --size 64M e2e-a
+remember_id e2e-a
+# Expected content: random data in objects 0..5 (24 MiB) and one MiB at 40 MiB.
+truncate -s $((64 * MB)) "$work/a.raw"
+head -c $((24 * MB)) /dev/urandom | dd of="$work/a.raw" conv=notrunc status=none
+head -c $MB /dev/urandom | dd of="$work/a.raw" bs=1M seek=40 conv=notrunc status=none
+dd if="$work/a.raw" of="$work/a-40.raw" bs=1M skip=40 count=1 status=none
+
+serve e2e-a
+hold e2e-a
+check "rbd-made image: nbdcopy writes 24 MiB" nbdcopy --connections=4 \
+  <(head -c $((24 * MB)) "$work/a.raw") "$(uri e2e-a)"
+check "rbd-made image: nbdsh writes 1 MiB at 40 MiB" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-a)')
+h.pwrite(open('$work/a-40.raw','rb').read(), 40 << 20, nbd.CMD_FLAG_FUA)
+h.shutdown()"
+check "while served: rbd info shows the object map invalid" \
+  bash -c "rbd info e2e-a | grep -q 'flags: object map invalid, fast diff invalid'"
+check "while served: rbd lock ls shows our lock (cookie auto <watch>)" \
+  bash -c "rbd lock ls e2e-a | grep -q 'auto [0-9]'"
+check "while served: rados lock info: rbd_lock exclusive, tag internal" bash -c \
+  "rados -p rbd lock info $(header_of e2e-a) rbd_lock | jq -e '.type == \"exclusive\" and .tag == \"internal\" and (.lockers | length) == 1'"
+check "while served: lock cookie matches our header watch" bash -c "
+  c=\$(rados -p rbd lock info $(header_of e2e-a) rbd_lock | jq -r '.lockers[0].cookie' | cut -d' ' -f2)
+  rados -p rbd listwatchers $(header_of e2e-a) | grep -q \"cookie=\$c\$\""
+check_fails "while served: a librbd writer is refused (rbd bench)" \
+  timeout 60 rbd bench --io-type write --io-total 4096 e2e-a
+check "while served: reads back what was written" bash -c \
+  "nbdcopy '$(uri e2e-a)' - | cmp - '$work/a.raw'"
+unhold
+check_unserve "SIGTERM: clean exit"
+check "after close: flags clear" bash -c "rbd info e2e-a | grep -q 'flags: $'"
+check "after close: no lock" bash -c "[ -z \"\$(rbd lock ls e2e-a)\" ]"
+check "after close: rbd object-map check passes" rbd object-map check e2e-a
+check "after close: rbd export equals what was written" bash -c \
+  "[ \"\$(rbd export e2e-a - 2>/dev/null | sha)\" = \"\$(sha < '$work/a.raw')\" ]"
+check "after close: rbd du shows 7 objects used (28 MiB)" bash -c \
+  "rbd du e2e-a --format json | jq -e '.images[0].used_size == $((28 * MB))'"
+
+# ---------------------------------------------------------------- rados-nbd create
+check "rados-nbd create" "${RN[@]}" create --size 1G e2e-b
+remember_id e2e-b
+check "rbd info shows our features" bash -c \
+  "rbd info e2e-b | grep -q 'features: layering, exclusive-lock, object-map, fast-diff$'"
+check "rbd object-map check passes on a new image" rbd object-map check e2e-b
+check "rados-nbd ls lists it" bash -c "'${RN[0]}' --store 'ceph:$CEPH_CONF' ls | grep -qx e2e-b"
+check "rados-nbd info reads it" bash -c \
+  "'${RN[0]}' --store 'ceph:$CEPH_CONF' info e2e-b --format json | jq -e '.size == $((1 << 30))'"
+check "rbd bench can write to it (librbd opens our image)" \
+  rbd bench --io-type write --io-size 4K --io-total 64K --io-pattern rand e2e-b
+check "rbd object-map check after librbd wrote" rbd object-map check e2e-b
+check "rados-nbd object-map check agrees" "${RN[@]}" object-map check e2e-b
+
+# ---------------------------------------------------------------- kill -9 while writing
+rbd create --size 256M e2e-k
+remember_id e2e-k
+serve e2e-k
+cat > "$work/writer.py" <<PY
+import nbd, os, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+log = open(sys.argv[2], 'w')
+i = 0
+while True:
+    off = (i * 1048576 * 3 + 4096 * (i % 7)) % (256 << 20)
+    pat = bytes([i % 250 + 1]) * 4096
+    try:
+        h.pwrite(pat, off)
+    except Exception:
+        break
+    log.write(f"{off} {i % 250 + 1}\n"); log.flush()   # only acked writes are logged
+    i += 1
+PY
+$PY "$work/writer.py" "$(uri e2e-k)" "$work/acked.log" 2>/dev/null &
+writer=$!
+for _ in $(seq 1 100); do
+  [ -f "$work/acked.log" ] && [ "$(wc -l < "$work/acked.log")" -ge 150 ] && break; sleep 0.1
+done
+kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$SERVE_PID}")
+wait "$writer" 2>/dev/null
+acked=$(wc -l < "$work/acked.log")
+check "kill -9: writes were acked before the kill ($acked)" test "$acked" -ge 20
+check "kill -9: rbd info shows the object map invalid" \
+  bash -c "rbd info e2e-k | grep -q 'object map invalid'"
+# Our dead client's watch lingers until the OSD times it out; the lock is then stale.
+ok=0
+for _ in $(seq 1 60); do
+  rm -f "$sock"
+  "${RN[@]}" serve e2e-k --socket "$sock" 2>>"$work/reopen.log" &
+  SERVE_PID=$!; T_PIDS+=("$SERVE_PID")
+  for _ in $(seq 1 100); do [ -S "$sock" ] && break; kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+  if [ -S "$sock" ]; then ok=1; break; fi
+  wait "$SERVE_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$SERVE_PID}")
+  sleep 1
+done
+check "kill -9: the next open breaks the stale lock and serves" test $ok = 1
+check "kill -9: the reopen said it broke a stale lock" grep -q "stale" "$work/reopen.log"
+check "kill -9: the reopen rebuilt the map" grep -qi "rebuil" "$work/reopen.log"
+check "kill -9: every acked write is there" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-k)')
+last = {}
+for line in open('$work/acked.log'):
+    off, v = map(int, line.split()); last[off] = v
+for off, v in last.items():
+    got = h.pread(4096, off)
+    assert got == bytes([v]) * 4096, f'offset {off}: lost acked write'
+h.shutdown()"
+check_unserve "kill -9: clean close after reopen"
+check "kill -9: rbd object-map check passes" rbd object-map check e2e-k
+check "kill -9: flags clear" bash -c "rbd info e2e-k | grep -q 'flags: $'"
+
+# ---------------------------------------------------------------- snapshots by rbd
+rbd create --size 32M e2e-s
+remember_id e2e-s
+head -c $((12 * MB)) /dev/urandom > "$work/s1.raw"; truncate -s $((32 * MB)) "$work/s1.raw"
+serve e2e-s
+check "snapshot: first content written" nbdcopy "$work/s1.raw" "$(uri e2e-s)"
+check_unserve "snapshot: clean close before the snapshot"
+rbd snap create e2e-s@s1 >/dev/null 2>&1
+cp "$work/s1.raw" "$work/s2.raw"
+head -c $((8 * MB)) /dev/urandom | dd of="$work/s2.raw" bs=1M seek=4 conv=notrunc status=none
+head -c $MB /dev/urandom | dd of="$work/s2.raw" bs=1M seek=20 conv=notrunc status=none
+serve e2e-s
+# Only the changed ranges (4..12 MiB, 20..21 MiB) are written, so `rbd diff` can check them.
+check "snapshot: head overwritten through rados-nbd" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-s)')
+src = open('$work/s2.raw', 'rb').read()
+for a, b in ((4 << 20, 12 << 20), (20 << 20, 21 << 20)):
+    for off in range(a, b, 1 << 20):
+        h.pwrite(src[off:off + (1 << 20)], off)
+h.flush(); h.shutdown()"
+check_unserve "snapshot: clean close"
+check "snapshot: rbd export @s1 still equals the pre-snapshot content" bash -c \
+  "[ \"\$(rbd export e2e-s@s1 - 2>/dev/null | sha)\" = \"\$(sha < '$work/s1.raw')\" ]"
+check "snapshot: rbd export of the head equals the new content" bash -c \
+  "[ \"\$(rbd export e2e-s - 2>/dev/null | sha)\" = \"\$(sha < '$work/s2.raw')\" ]"
+check "snapshot: rbd object-map check (head)" rbd object-map check e2e-s
+check "snapshot: rbd object-map check (@s1)" rbd object-map check e2e-s@s1
+check "snapshot: rbd diff from s1 lists exactly objects 1, 2 and 5" bash -c \
+  "rbd diff --from-snap s1 e2e-s --format json | jq -e '[.[] | (.offset / $((4 * MB)) | floor)] | unique == [1, 2, 5]'"
+serve e2e-s@s1
+snapuri="nbd+unix:///?socket=$sock"
+check "snapshot: rados-nbd serves IMAGE@SNAP with the old content" bash -c \
+  "nbdcopy '$snapuri' - | cmp - '$work/s1.raw'"
+check "snapshot: IMAGE@SNAP is read-only" bash -c "nbdinfo --json '$snapuri' | jq -e '.exports[0].is_read_only'"
+check "snapshot: serving a snapshot leaves the flags alone" bash -c "rbd info e2e-s | grep -q 'flags: $'"
+check "snapshot: serving a snapshot takes no lock" bash -c "[ -z \"\$(rbd lock ls e2e-s)\" ]"
+check_unserve "snapshot: clean close of the snapshot server"
+
+# ---------------------------------------------------------------- cleanup through rados-nbd
+rbd snap purge e2e-s >/dev/null 2>&1
+for i in e2e-a e2e-b e2e-k e2e-s; do
+  check "rados-nbd rm $i" "${RN[@]}" rm "$i"
+done
+left=$(rados -p rbd ls | grep -F -e "${ids[0]}" -e "${ids[1]}" -e "${ids[2]}" -e "${ids[3]}" -e "rbd_id.e2e-")
+check "rados-nbd rm leaves no object of the removed images" test -z "$left"
+
+t_summary
