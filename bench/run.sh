@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# One command for the benchmarks: bench/run.sh [--quick] [--only rados-nbd,nbdkit,...]
+# One command for the benchmarks (see bench/README.md):
+#   bench/run.sh [--quick] [--ceph] [--no-dir] [--rounds N] [--only PEER,...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 bash tests/deps.sh
-[ -e /usr/lib/python3/dist-packages/matplotlib ] || { apt-get install -y -qq python3-matplotlib >/dev/null; }
-cargo build --release -p rados-nbd
+# The chart needs matplotlib from Debian (the bench runs under /usr/bin/python3 for libnbd).
+if ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+  apt-get install -y -qq python3-matplotlib >/dev/null
+fi
+features=()
+for a in "$@"; do [ "$a" = --ceph ] && features=(--features ceph); done
+if [ -z "${RADOS_NBD_BIN:-}" ]; then
+  cargo build --release -p rados-nbd "${features[@]}"
+fi
 exec /usr/bin/python3 bench/bench.py "$@"

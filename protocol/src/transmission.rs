@@ -13,18 +13,23 @@ use crate::reply::{self, Pieces};
 use crate::request::{validate, Command, RequestHeader, Session};
 use crate::server::ServerOptions;
 use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::io::IoSlice;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 /// After the reader stops and every request has run, how long the writer may take to get
 /// the last replies to a client that is not reading them before the connection is cut.
 const FINAL_WRITE_GRACE: Duration = Duration::from_secs(30);
-const WRITE_BUFFER: usize = 256 * 1024;
+/// The writer stops gathering queued replies for one `writev` beyond this many bytes.
+const WRITE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// iovecs per `writev` (the kernel's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 256;
 
 /// The budget a request holds from before it is read until its reply has been written.
 struct Permits {
@@ -227,7 +232,7 @@ where
         let done = done_tx.clone();
         let structured = session.structured_replies;
         let handle = h.handle;
-        tokio::spawn(async move {
+        let mut task = Box::pin(async move {
             let guard = ReplyGuard {
                 tx: Some(tx),
                 handle,
@@ -238,6 +243,24 @@ where
             guard.send(pieces);
             drop(done);
         });
+        // With nothing else pipelined behind this request (queue depth 1, or the last of
+        // a burst), run it here first: a backend answering from memory or the page cache
+        // then costs no task hand-off. If it has to wait, or more requests are already
+        // queued (so running them concurrently pays), it becomes its own task; a future
+        // polled once with a no-op waker is polled again by its task, which registers
+        // the real waker.
+        // A backend panic is caught here as it would be in a task: dropping the future
+        // then drops its ReplyGuard, which answers EIO.
+        let pending = rd.buffer().len() >= REQUEST_HEADER_LEN
+            || std::panic::catch_unwind(AssertUnwindSafe(|| {
+                task.as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+            }))
+            .unwrap_or(false);
+        if pending {
+            tokio::spawn(task);
+        }
     };
 
     debug!(?stop, "reader stopped");
@@ -323,44 +346,83 @@ impl Drop for ReplyGuard {
     }
 }
 
+/// Sends replies in the order they complete. Every reply already queued when the writer
+/// wakes goes out in one vectored write (header and read payload together, many small
+/// replies per syscall), without copying payloads into a buffer first.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     dead: watch::Sender<bool>,
 ) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER, wr);
     let mut failed = false;
-    while let Some(msg) = rx.recv().await {
+    let mut batch: Vec<Outgoing> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
         if failed {
             // Keep receiving so permits are released and tasks never block on us.
+            batch.clear();
             continue;
         }
-        let mut res = Ok(());
-        for p in &msg.pieces {
-            res = w.write_all(p).await;
-            if res.is_err() {
-                break;
+        let mut bytes: usize = batch[0].pieces.iter().map(|p| p.len()).sum();
+        while bytes < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) => {
+                    bytes += m.pieces.iter().map(|p| p.len()).sum::<usize>();
+                    batch.push(m);
+                }
+                Err(_) => break,
             }
         }
-        // Flush only when nothing else is queued: replies that complete together share
-        // a syscall.
-        if res.is_ok() && rx.is_empty() {
-            res = w.flush().await;
-        }
+        let res = write_all_pieces(&mut w, batch.iter().flat_map(|m| m.pieces.iter())).await;
         if let Err(e) = res {
+            let handle = batch[0].handle;
             if is_disconnect(&e) {
-                debug!(handle = msg.handle, "client gone while sending reply: {e}");
+                debug!(handle, "client gone while sending reply: {e}");
             } else {
-                warn!(handle = msg.handle, "writing reply failed: {e}");
+                warn!(handle, "writing reply failed: {e}");
             }
             failed = true;
             let _ = dead.send(true);
         }
+        // Permits go back only now that the replies have left.
+        batch.clear();
     }
     if !failed {
         let _ = w.flush().await;
         let _ = w.shutdown().await;
     }
+}
+
+/// Writes every piece, in order, with as few `writev` calls as the socket allows.
+async fn write_all_pieces<'a, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pieces: impl Iterator<Item = &'a Bytes>,
+) -> std::io::Result<()> {
+    let mut pending: Vec<&[u8]> = pieces.filter(|p| !p.is_empty()).map(|p| &p[..]).collect();
+    let mut start = 0;
+    while start < pending.len() {
+        let end = (start + MAX_IOVECS).min(pending.len());
+        let slices: Vec<IoSlice<'_>> = pending[start..end]
+            .iter()
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        // Skip what was written: whole pieces, then part of the next one.
+        while n > 0 {
+            let p = pending[start];
+            if n >= p.len() {
+                n -= p.len();
+                start += 1;
+            } else {
+                pending[start] = &p[n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run one validated request against the backend and encode its reply, success or not.

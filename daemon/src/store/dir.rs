@@ -35,6 +35,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// dirty file is reopened by `sync`: fdatasync works on the inode, not the descriptor.
 const FD_CACHE_SIZE: usize = 256;
 
+/// Page-cache hits up to this size are read on the async worker (RWF_NOWAIT guarantees
+/// they never wait for the disk; copying 1 MiB takes tens of microseconds).
+const INLINE_READ_MAX: usize = 1 << 20;
+/// Buffered writes up to this size to open files run on the async worker: they copy into
+/// the page cache, but may be throttled by dirty-page writeback, so large ones, syncs and
+/// anything that opens or creates a file go to the blocking pool.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
+
+/// Cleared the first time the kernel refuses RWF_NOWAIT reads, so we stop trying.
+static NOWAIT_READS: AtomicBool = AtomicBool::new(true);
+
 pub const MIN_ORDER: u8 = 12;
 pub const MAX_ORDER: u8 = 25;
 
@@ -280,6 +291,43 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::new(ErrorKind::Io, format!("store worker failed: {e}")))?
+}
+
+/// Reads up to `len` bytes at `off` into a fresh buffer, without zero-filling it first
+/// (the kernel writes every byte we keep). Stops early only at end of file.
+fn read_into(f: &File, off: u64, len: usize, flags: libc::c_int) -> std::io::Result<Bytes> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
+        let iov = libc::iovec {
+            // SAFETY: points into the vector's spare capacity, `len - done` bytes long.
+            iov_base: unsafe { buf.as_mut_ptr().add(done) } as *mut libc::c_void,
+            iov_len: len - done,
+        };
+        // SAFETY: the kernel writes at most iov_len bytes into memory we own.
+        let n = unsafe {
+            libc::preadv2(
+                f.as_raw_fd(),
+                &iov,
+                1,
+                (off + done as u64) as libc::off_t,
+                flags,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        // SAFETY: the kernel initialised these n bytes.
+        unsafe { buf.set_len(done + n as usize) };
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn object_number(prefix_dot: &str, file_name: &str) -> Option<u64> {
@@ -663,23 +711,58 @@ impl Inner {
         let Some((f, _)) = self.file(objno, false)? else {
             return Ok(None);
         };
-        let mut buf = vec![0u8; len as usize];
-        let mut done = 0usize;
-        while done < buf.len() {
-            match f.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("reading {}", self.object_path(objno).display()),
-                        e,
-                    ))
-                }
-            }
+        match read_into(&f, off, len as usize, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) => Err(Error::io(
+                format!("reading {}", self.object_path(objno).display()),
+                e,
+            )),
         }
-        buf.truncate(done);
-        Ok(Some(Bytes::from(buf)))
+    }
+
+    /// The descriptor of an object whose file is already open, without touching the
+    /// filesystem: the fast paths below must never block on a directory lookup.
+    fn cached_file(&self, objno: u64) -> Option<Arc<File>> {
+        lock(&self.fds).get(&objno).cloned()
+    }
+
+    /// A read answered from the page cache on the calling thread, or `None` when that
+    /// would block (data not cached, file not open, or no RWF_NOWAIT here): the caller
+    /// then takes the blocking path, which repeats the read from the start.
+    fn read_cached(&self, objno: u64, off: u64, len: u64) -> Option<Result<Bytes>> {
+        if len > INLINE_READ_MAX as u64 || !NOWAIT_READS.load(Ordering::Relaxed) {
+            return None;
+        }
+        let f = self.cached_file(objno)?;
+        match read_into(&f, off, len as usize, libc::RWF_NOWAIT) {
+            Ok(b) => Some(Ok(b)),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => None,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                NOWAIT_READS.store(false, Ordering::Relaxed);
+                None
+            }
+            Err(e) => Some(Err(Error::io(
+                format!("reading {}", self.object_path(objno).display()),
+                e,
+            ))),
+        }
+    }
+
+    /// A small non-durable write to an object whose file is already open, done on the
+    /// calling thread: it only copies into the page cache, which costs less than handing
+    /// it to another thread and back. `None` means: take the blocking path.
+    fn write_inline(&self, objno: u64, off: u64, data: &[u8], durable: bool) -> Option<Result<()>> {
+        if durable || data.len() > INLINE_WRITE_MAX {
+            return None;
+        }
+        let f = self.cached_file(objno)?;
+        // Dirty before the write, exactly as in `write`.
+        lock(&self.dirty).insert(objno);
+        Some(
+            f.write_all_at(data, off).map_err(|e| {
+                Error::io(format!("writing {}", self.object_path(objno).display()), e)
+            }),
+        )
     }
 
     fn zero(&self, objno: u64, off: u64, len: u64, durable: bool) -> Result<()> {
@@ -858,11 +941,17 @@ impl ImageStore for DirImage {
     ) -> Result<Option<Bytes>> {
         self.inner.check_open()?;
         self.inner.check_snap(snap)?;
+        if let Some(r) = self.inner.read_cached(objno, off, len) {
+            return r.map(Some);
+        }
         self.run(move |i| i.read(objno, off, len)).await
     }
 
     async fn write(&self, objno: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
         self.inner.check_writable()?;
+        if let Some(r) = self.inner.write_inline(objno, off, &data, durable) {
+            return r;
+        }
         self.run(move |i| i.write(objno, off, &data, durable)).await
     }
 
