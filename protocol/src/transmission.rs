@@ -373,7 +373,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let res = write_all_pieces(&mut w, batch.iter().flat_map(|m| m.pieces.iter())).await;
+        let mut res = write_all_pieces(&mut w, batch.iter().flat_map(|m| m.pieces.iter())).await;
+        // A plain socket's flush is a no-op, but a TLS stream holds what was written in
+        // its session buffer until flushed: without this, replies over TLS never leave.
+        if res.is_ok() {
+            res = w.flush().await;
+        }
         if let Err(e) = res {
             let handle = batch[0].handle;
             if is_disconnect(&e) {
