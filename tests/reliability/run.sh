@@ -312,7 +312,7 @@ if want security; then
     "nbdinfo --json '$(tls_uri "$pki")' | jq -e '.TLS == true and .exports[0][\"export-size\"] == 33554432'"
   head -c $((1 << 20)) /dev/urandom >"$work/tls.in"
   check "TLS require: 1 MiB written and read back over TLS" bash -c \
-    "nbdcopy '$work/tls.in' '$(tls_uri "$pki")' && nbdcopy '$(tls_uri "$pki")' - | head -c $((1 << 20)) | cmp - '$work/tls.in'"
+    "timeout 120 nbdcopy '$work/tls.in' '$(tls_uri "$pki")' && timeout 120 nbdcopy '$(tls_uri "$pki")' - | head -c $((1 << 20)) | cmp - '$work/tls.in'"
   check_fails "TLS require: plain client refused" nbdinfo "$(uri_of sec)"
   check_fails "TLS require with --tls-ca: client without a certificate refused" nbdinfo "$(tls_uri "$pki/anon")"
   stop_daemon "$SERVE_PID"
