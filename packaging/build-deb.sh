@@ -123,7 +123,9 @@ EOF
 SHLIBS=$(cd "$WORK" && dpkg-shlibdeps -O -e "debian/$PKG/usr/bin/rados-nbd" 2>/dev/null |
   sed -n 's/^shlibs:Depends=//p')
 [ -n "$SHLIBS" ] || die "dpkg-shlibdeps found no dependencies for the binary"
-if objdump -p "$STAGE/usr/bin/rados-nbd" | grep -q 'NEEDED.*librados\.so'; then
+# Not `grep -q`: under pipefail, grep quitting at the first match makes objdump die of SIGPIPE
+# on its next write (its output is over 4 KiB), and the pipeline would read as "no match".
+if objdump -p "$STAGE/usr/bin/rados-nbd" | grep 'NEEDED.*librados\.so' >/dev/null; then
   echo "$SHLIBS" | grep -q librados2 || die "binary links librados but Depends lacks librados2: $SHLIBS"
 fi
 
