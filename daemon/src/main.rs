@@ -35,7 +35,11 @@ fn main() {
                 .lines()
                 .take_while(|l| !l.starts_with("Usage:"))
                 .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("tip:")
+                        && !l.starts_with("For more information")
+                })
                 .collect::<Vec<_>>()
                 .join(" ");
             let msg = msg.strip_prefix("error: ").unwrap_or(&msg);

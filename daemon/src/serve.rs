@@ -16,17 +16,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// [POOL/]NAME[@SNAP] (a snapshot is served read-only)
     pub image: String,
-    /// Listen on this unix socket (created with mode 0600). With neither --socket nor --listen,
-    /// serve on the listening socket systemd passes (socket activation, LISTEN_FDS).
+    /// Listen on this unix socket (created with mode 0600 unless --socket-mode says
+    /// otherwise). With neither --socket nor --listen, serve on the listening socket systemd
+    /// passes (socket activation, LISTEN_FDS).
     #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
+    /// The --socket's permission bits, in octal up to 0777 (default 0600: only this user
+    /// may connect; connecting needs write permission). Set before the socket listens.
+    #[arg(long, value_name = "MODE", requires = "socket", value_parser = parse_socket_mode)]
+    pub socket_mode: Option<u32>,
+    /// The --socket's group, by name or numeric gid (with e.g. --socket-mode 0660, that
+    /// group's members may connect). Set before the socket listens.
+    #[arg(long, value_name = "GROUP", requires = "socket")]
+    pub socket_group: Option<String>,
     /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1).
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
@@ -36,6 +45,12 @@ pub struct ServeArgs {
     /// The export name (default: the image name; "" also selects it).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
+    /// The most clients connected at once; a client beyond it is closed right after
+    /// accept, before the handshake (like nbdkit's limit filter), and logged. Each
+    /// connection may hold up to 64 MiB of requests and replies in memory.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// Exit after the first client disconnects.
     #[arg(long)]
     pub once: bool,
@@ -52,6 +67,101 @@ pub struct ServeArgs {
     /// Require client certificates signed by this CA (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 128;
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// `--socket-mode`: octal permission bits, at most 0777 (no setuid/setgid/sticky: they
+/// mean nothing on a socket). An optional `0o` prefix is accepted.
+pub fn parse_socket_mode(s: &str) -> std::result::Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!(
+            "{s:?} is not an octal mode (expected e.g. 0600 or 0660)"
+        ));
+    }
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is above 0777")),
+    }
+}
+
+/// A group by name (looked up in the group database) or by numeric gid (taken as is).
+pub fn resolve_group(s: &str) -> Result<u32> {
+    let unknown = |why: String| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("--socket-group {s:?}: {why}"),
+        )
+    };
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u32>()
+            .ok()
+            .filter(|&g| g != u32::MAX)
+            .ok_or_else(|| unknown("not a valid gid".into()));
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| unknown("contains a NUL byte".into()))?;
+    let mut buf = vec![0 as libc::c_char; 1024];
+    loop {
+        // SAFETY: getgrnam_r writes only into `grp` and `buf` (whose length it is given)
+        // and sets `res` to null or to `grp`; all outlive the call.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut res: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut res,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            let n = buf.len() * 4;
+            buf.resize(n, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(Error::io(
+                format!("looking up --socket-group {s:?}"),
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        if res.is_null() {
+            return Err(unknown("no such group".into()));
+        }
+        return Ok(grp.gr_gid);
+    }
+}
+
+/// Who may connect to a `--socket`: its permission bits and, if given, its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPerms {
+    pub mode: u32,
+    pub gid: Option<u32>,
+}
+
+/// The socket permissions from `--socket-mode`/`--socket-group`, checked (the group looked
+/// up) before the image is opened, so a bad flag changes nothing on disk.
+pub fn socket_perms(args: &ServeArgs) -> Result<SocketPerms> {
+    // clap's `requires` does not fire when --listen (which conflicts with --socket) is given.
+    if args.socket.is_none() && (args.socket_mode.is_some() || args.socket_group.is_some()) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--socket-mode and --socket-group apply only to --socket PATH \
+             (for systemd's socket, set SocketMode=/SocketGroup= in the .socket unit)",
+        ));
+    }
+    Ok(SocketPerms {
+        mode: args.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
+        gid: args
+            .socket_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()?,
+    })
 }
 
 /// The connection options from the TLS flags. Runs before the image is opened, so a bad
@@ -139,9 +249,9 @@ enum Listener {
     Tcp(TcpListener),
 }
 
-/// Binds a unix socket with mode 0600. A leftover socket file is removed only when
-/// nothing answers on it; any other file is left alone.
-fn bind_unix(path: &Path) -> Result<UnixListener> {
+/// Binds a unix socket with the given permissions. A leftover socket file is removed only
+/// when nothing answers on it; any other file is left alone.
+fn bind_unix(path: &Path, perms: SocketPerms) -> Result<UnixListener> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !md.file_type().is_socket() {
@@ -159,24 +269,43 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
     }
-    // The umask makes the socket 0600 from the moment it exists: no window where
-    // another user could connect.
-    // SAFETY: umask only swaps the process's file mode mask.
-    let old = unsafe { libc::umask(0o177) };
-    let r = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let l = r.map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("setting mode of {}", path.display()), e))?;
-    Ok(l)
+    // bind() and listen() apart, with the group and mode set on the file in between: a
+    // socket that is bound but not listening refuses every connect (ECONNREFUSED) whatever
+    // its file's permissions, so no client can ever get in under looser permissions than
+    // asked, not even for a moment. Rejected alternatives: the umask is process-wide (other
+    // threads may be creating files meanwhile) and cannot set a group; binding in a private
+    // directory and renaming makes a longer path, which may not fit in sun_path (108 bytes).
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let at = |what: &str| {
+        let p = path.display().to_string();
+        let what = what.to_string();
+        move |e| Error::io(format!("{what} {p}"), e)
+    };
+    let addr = SockAddr::unix(path).map_err(at("listening on"))?;
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(at("listening on"))?;
+    sock.bind(&addr).map_err(at("listening on"))?;
+    let finish = |sock: Socket| -> Result<UnixListener> {
+        if let Some(gid) = perms.gid {
+            std::os::unix::fs::lchown(path, None, Some(gid))
+                .map_err(at(&format!("setting group {gid} of")))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode))
+            .map_err(at(&format!("setting mode {:04o} of", perms.mode)))?;
+        sock.listen(libc::SOMAXCONN).map_err(at("listening on"))?;
+        sock.set_nonblocking(true).map_err(at("listening on"))?;
+        let l: std::os::unix::net::UnixListener = sock.into();
+        UnixListener::from_std(l).map_err(at("listening on"))
+    };
+    finish(sock).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
 }
 
 impl Listener {
-    async fn bind(addr: &ListenAddr) -> Result<Listener> {
+    async fn bind(addr: &ListenAddr, perms: SocketPerms) -> Result<Listener> {
         match addr {
-            ListenAddr::Unix(p) => Ok(Listener::Unix(bind_unix(p)?)),
+            ListenAddr::Unix(p) => Ok(Listener::Unix(bind_unix(p, perms)?)),
             ListenAddr::Tcp(h, port) => TcpListener::bind((h.as_str(), *port))
                 .await
                 .map(Listener::Tcp)
@@ -244,6 +373,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         }
     };
     let server_opts = server_options(&args)?;
+    let perms = socket_perms(&args)?;
     // Signals first: a SIGTERM during open must still close cleanly.
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
@@ -258,7 +388,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
     let bound = match inherited {
         Some(l) => Ok(l),
-        None => Listener::bind(&addr).await,
+        None => Listener::bind(&addr, perms).await,
     };
     let listener = match bound {
         Ok(l) => l,
@@ -326,16 +456,24 @@ async fn accept_loop<I: ImageStore>(
     };
     eprintln!("rados-nbd: serving {spec} on {addr} as export {name:?}{ro}{tls}");
 
-    let spawn_conn = |conns: &mut JoinSet<()>, peer: String, fut: ConnFuture| {
-        let done = done_tx.clone();
-        conns.spawn(async move {
-            match fut.await {
-                Ok(()) => tracing::debug!("connection from {peer} ended"),
-                Err(e) => tracing::warn!("connection from {peer}: {e}"),
-            }
-            let _ = done.send(Done);
-        });
-    };
+    // A slot per connection, given back the moment its task ends (not when the loop below
+    // gets round to its `Done`), so a client that leaves frees its place for the next one
+    // at once.
+    let max = args.max_connections as usize;
+    let slots = Arc::new(Semaphore::new(max));
+    let mut refusals = Refusals::default();
+    let spawn_conn =
+        |conns: &mut JoinSet<()>, peer: String, fut: ConnFuture, slot: OwnedSemaphorePermit| {
+            let done = done_tx.clone();
+            conns.spawn(async move {
+                match fut.await {
+                    Ok(()) => tracing::debug!("connection from {peer} ended"),
+                    Err(e) => tracing::warn!("connection from {peer}: {e}"),
+                }
+                drop(slot);
+                let _ = done.send(Done);
+            });
+        };
 
     loop {
         tokio::select! {
@@ -357,12 +495,8 @@ async fn accept_loop<I: ImageStore>(
                 }
             }
             r = accept(&listener) => {
-                let (fut, peer) = match r {
-                    Ok(Conn::Unix(s)) => (conn_future(s, &exports, server_opts, &stop_rx), "unix socket".to_string()),
-                    Ok(Conn::Tcp(s, a)) => {
-                        let _ = s.set_nodelay(true);
-                        (conn_future(s, &exports, server_opts, &stop_rx), a.to_string())
-                    }
+                let conn = match r {
+                    Ok(c) => c,
                     Err(e) => {
                         // Out of fds and the like: log and keep serving the others.
                         tracing::warn!("accepting on {addr}: {e}");
@@ -370,10 +504,25 @@ async fn accept_loop<I: ImageStore>(
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Closed before the greeting: the client fails at once instead of
+                    // waiting in the backlog (qemu-nbd --shared's way), and costs nothing.
+                    refusals.refused(&conn.peer(), max);
+                    drop(conn);
+                    continue;
+                };
+                let peer = conn.peer();
+                let fut = match conn {
+                    Conn::Unix(s) => conn_future(s, &exports, server_opts, &stop_rx),
+                    Conn::Tcp(s, _) => {
+                        let _ = s.set_nodelay(true);
+                        conn_future(s, &exports, server_opts, &stop_rx)
+                    }
+                };
                 tracing::debug!("connection from {peer}");
                 active += 1;
                 served += 1;
-                spawn_conn(&mut conns, peer, fut);
+                spawn_conn(&mut conns, peer, fut, slot);
             }
         }
     }
@@ -408,6 +557,46 @@ where
 enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+impl Conn {
+    fn peer(&self) -> String {
+        match self {
+            Conn::Unix(_) => "unix socket".to_string(),
+            Conn::Tcp(_, a) => a.to_string(),
+        }
+    }
+}
+
+/// Logs clients refused by `--max-connections`: the first at once, then at most one line a
+/// second with the count, so a client hammering a full server cannot flood the log.
+#[derive(Default)]
+struct Refusals {
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: &str, max: usize) {
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        let more = match self.unlogged {
+            1 => String::new(),
+            n => format!("; {} more refused since the last such line", n - 1),
+        };
+        tracing::warn!(
+            "refused a connection from {peer}: {max} clients already connected \
+             (--max-connections {max}){more}"
+        );
+        self.last_log = Some(now);
+        self.unlogged = 0;
+    }
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
@@ -452,6 +641,133 @@ mod tests {
             crate::cli::Command::Serve(a) => Ok(a),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn socket_modes() {
+        assert_eq!(parse_socket_mode("0600"), Ok(0o600));
+        assert_eq!(parse_socket_mode("660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("0o777"), Ok(0o777));
+        assert_eq!(parse_socket_mode("0"), Ok(0));
+        for bad in [
+            "",
+            "0o",
+            "0800",
+            "rw-rw----",
+            "1777",
+            "0x1ff",
+            "-600",
+            " 600",
+            "u+rw",
+        ] {
+            let e = parse_socket_mode(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("{bad:?}")) && !e.contains('\n'),
+                "{bad}: {e}"
+            );
+        }
+        // Through clap: default 0600, bad values refused, only with --socket.
+        assert_eq!(serve_args(&[]).unwrap().socket_mode, None);
+        let a = serve_args(&["--socket-mode", "0660", "--socket-group", "0"]).unwrap();
+        assert_eq!(
+            socket_perms(&a).unwrap(),
+            SocketPerms {
+                mode: 0o660,
+                gid: Some(0)
+            }
+        );
+        assert_eq!(socket_perms(&serve_args(&[]).unwrap()).unwrap().mode, 0o600);
+        assert!(serve_args(&["--socket-mode", "999"]).is_err());
+        use clap::Parser;
+        for extra in [&["--listen", "1"][..], &[]] {
+            let mut argv = vec!["rados-nbd", "serve", "img", "--socket-mode", "0660"];
+            argv.extend_from_slice(extra);
+            let refused = match crate::cli::Cli::try_parse_from(argv) {
+                Err(_) => true,
+                Ok(c) => match c.command {
+                    crate::cli::Command::Serve(a) => socket_perms(&a).is_err(),
+                    _ => false,
+                },
+            };
+            assert!(
+                refused,
+                "--socket-mode without --socket accepted ({extra:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(resolve_group("0").unwrap(), 0);
+        assert_eq!(resolve_group("4242").unwrap(), 4242);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        let e = resolve_group("no-such-group-rados-nbd").unwrap_err();
+        assert!(e.message.contains("\"no-such-group-rados-nbd\""), "{e}");
+        assert!(e.message.contains("no such group"), "{e}");
+        assert!(resolve_group("4294967295").is_err());
+        assert!(resolve_group("99999999999").is_err());
+    }
+
+    #[tokio::test]
+    async fn unix_socket_gets_mode_and_group() {
+        use std::os::unix::fs::MetadataExt;
+        let perms = |mode, gid| SocketPerms { mode, gid };
+        let d = tempfile::tempdir().unwrap();
+        // SAFETY: getgid cannot fail.
+        let gid = unsafe { libc::getgid() };
+        let mut held = Vec::new();
+        for (mode, group) in [
+            (0o600, None),
+            (0o660, Some(gid)),
+            (0o666, None),
+            (0o000, None),
+        ] {
+            let p = d.path().join(format!("s{mode:o}"));
+            let l = bind_unix(&p, perms(mode, group)).unwrap();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(md.mode() & 0o7777, mode, "mode of {}", p.display());
+            assert_eq!(md.gid(), gid);
+            if mode & 0o200 != 0 {
+                // Listening: a connect gets through to accept.
+                let c = tokio::net::UnixStream::connect(&p).await.unwrap();
+                let _ = l.accept().await.unwrap();
+                drop(c);
+            }
+            held.push(l);
+        }
+        // A socket that answers is not replaced; a stale one is.
+        let p = d.path().join("s600");
+        let e = bind_unix(&p, perms(0o600, None)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        drop(held);
+        drop(bind_unix(&p, perms(0o600, None)).unwrap());
+        // Any other file is left alone.
+        let f = d.path().join("file");
+        std::fs::write(&f, b"keep").unwrap();
+        let e = bind_unix(&f, perms(0o600, None)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+        // A path too long for sun_path: an error naming it, no file left behind.
+        let long = d.path().join("x".repeat(120));
+        let e = bind_unix(&long, perms(0o600, None)).unwrap_err();
+        assert!(e.message.contains("xxxxxxxx"), "{e}");
+        assert!(!long.exists());
+    }
+
+    #[test]
+    fn max_connections_flag() {
+        assert_eq!(
+            serve_args(&[]).unwrap().max_connections,
+            DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(
+            serve_args(&["--max-connections", "2"])
+                .unwrap()
+                .max_connections,
+            2
+        );
+        assert!(serve_args(&["--max-connections", "0"]).is_err());
+        assert!(serve_args(&["--max-connections", "-1"]).is_err());
     }
 
     #[test]

@@ -18,6 +18,12 @@ would refuse to send what we want to send.
         with ENOSPC, earlier data intact, a new connection works, TRIM frees space
   eio URI OFFSET                                  a read at OFFSET fails with EIO, the
         connection and the rest of the export keep working
+  eio-write URI OFFSET                            writes at OFFSET (small, large, FUA) each
+        fail with EIO, unacknowledged; the connection, the rest of the export and a new
+        connection keep working
+  limit URI SOCKET N                              with --max-connections N: N clients are
+        served, client N+1 is closed before the greeting, the N keep working, and when one
+        leaves a new client gets in
   canary URI SECONDS OUT                          one write+read every 20 ms; writes
         "ok N worst_ms" or "fail ..." to OUT
   flood-unread SOCKET EXPORT SECONDS              pipelines 32 MiB READs and never reads a reply
@@ -325,6 +331,107 @@ def eio(uri, offset):
     return 0
 
 
+def eio_write(uri, offset):
+    offset = int(offset)
+    h = connect(uri)
+    # 4 KiB goes the store's inline path once the file is open, 256 KiB its thread pool
+    # path (which opens the file); FUA adds the durable path.
+    for name, n, flags in (("4 KiB", 4096, 0), ("256 KiB", 256 << 10, 0),
+                           ("4 KiB FUA", 4096, nbd.CMD_FLAG_FUA), ("4 KiB again", 4096, 0)):
+        try:
+            h.pwrite(b"w" * n, offset, flags)
+            print(f"eio-write: the {name} write at {offset} was acknowledged, expected EIO")
+            return 1
+        except nbd.Error as e:
+            if e.errno != "EIO":
+                print(f"eio-write: the {name} write got {e.errno}, want EIO")
+                return 1
+    # The connection and the other objects keep working, and so does a new connection.
+    h.pwrite(b"y" * 4096, 0)
+    assert h.pread(4096, 0) == b"y" * 4096, "object 0 reads back wrong after the EIOs"
+    h2 = connect(uri)
+    h2.pwrite(b"q" * 4096, 8192)
+    assert h.pread(4096, 8192) == b"q" * 4096, "a new connection's write is not seen"
+    h2.shutdown()
+    h.shutdown()
+    print("eio-write: 4 writes got EIO (none acknowledged); the connection, other objects "
+          "and a new connection kept working")
+    return 0
+
+
+def limit(uri, path, n):
+    n = int(n)
+    held = []
+    for i in range(n):
+        h = connect(uri)
+        h.pread(512, 0)
+        held.append(h)
+
+    def refused():
+        """A raw connection beyond the limit: closed before the 18-byte greeting."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        try:
+            got = s.recv(18)
+        except ConnectionResetError:
+            got = b""
+        except socket.timeout:
+            got = None
+        s.close()
+        return got
+
+    t0 = time.monotonic()
+    got = refused()
+    took = time.monotonic() - t0
+    if got != b"":
+        print(f"limit: client {n + 1} was not closed (got {got!r})")
+        return 1
+    if took > 2:
+        print(f"limit: client {n + 1} was closed only after {took:.1f} s")
+        return 1
+    # libnbd's view of the same thing: the handshake fails.
+    try:
+        connect(uri)
+        print(f"limit: libnbd client {n + 1} was served")
+        return 1
+    except nbd.Error:
+        pass
+    # Many at once: every one closed, none served.
+    extra = [refused() for _ in range(50)]
+    if any(g != b"" for g in extra):
+        print(f"limit: of 50 clients beyond the limit, {sum(g != b'' for g in extra)} were not closed")
+        return 1
+    for i, h in enumerate(held):
+        data = bytes([i + 1]) * 4096
+        h.pwrite(data, 4096 * i)
+        if h.pread(4096, 4096 * i) != data:
+            print(f"limit: held client {i} reads back wrong data")
+            return 1
+    held.pop().shutdown()
+    # The leaving client's slot is free once the server has seen it go.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            h = connect(uri)
+            h.pread(512, 0)
+            held.append(h)
+            break
+        except nbd.Error as e:
+            if time.monotonic() > deadline:
+                print(f"limit: no client got in within 5 s of one leaving ({e})")
+                return 1
+            time.sleep(0.05)
+    if refused() != b"":
+        print("limit: after the replacement, client n+1 was served")
+        return 1
+    for h in held:
+        h.shutdown()
+    print(f"limit: {n} served, client {n + 1} closed in {took * 1000:.0f} ms before the greeting, "
+          f"50 more closed, a leaver's slot reused")
+    return 0
+
+
 def canary(uri, seconds, out):
     end = time.monotonic() + float(seconds)
     n, worst = 0, 0.0
@@ -515,6 +622,7 @@ def main(argv):
     cmds = {
         "journal-write": journal_write, "journal-verify": journal_verify, "overlap": overlap,
         "ro-writes": ro_writes, "enospc": enospc, "eio": eio, "canary": canary,
+        "eio-write": eio_write, "limit": limit,
         "flood-unread": lambda p, e, t: flood(p, e, t, False),
         "flood-writes": lambda p, e, t: flood(p, e, t, True),
         "huge": huge, "export-name": export_name, "idle": idle,

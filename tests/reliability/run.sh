@@ -2,10 +2,12 @@
 # Reliability and security tests of `rados-nbd serve` on the directory store (issue 8):
 # SIGKILL at random points of a write workload (20 times), ENOSPC and EIO from the store's
 # filesystem, 8 connections x QD 128 with fio verify, overlapping writers, hostile clients
-# with the daemon's memory watched, loopback-only TCP, export names, read-only exports, TLS.
+# with the daemon's memory watched, the connection limit, loopback-only TCP, unix socket
+# mode/group, export names, read-only exports, TLS.
 # Uses ${RADOS_NBD_BIN:-target/release/rados-nbd}; installs nothing (tests/deps.sh does).
 # Prints PASS/FAIL lines and 'N passed, N failed'; exits non-zero on any failure.
-# Usage: tests/reliability/run.sh [SECTION...]   sections: kill enospc eio load hostile security
+# Usage: tests/reliability/run.sh [SECTION...]
+#   sections: kill enospc eio load hostile limits security
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../lib.sh"
@@ -19,7 +21,7 @@ cleanup() {
 trap cleanup EXIT
 TOOL=("$PY" "$here/nbdtool.py")
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(kill enospc eio load hostile security)
+[ ${#sections[@]} -gt 0 ] || sections=(kill enospc eio load hostile limits security)
 want() { local s; for s in "${sections[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 if [ ! -x "$BIN" ]; then
@@ -152,8 +154,9 @@ fi
 
 # ------------------------------------------------------------------------------------------
 # EIO from the store: this kernel has no device-mapper (no dm `error` target), so an object
-# file is replaced by a symlink to /proc/self/mem: the daemon opens its own memory, and a
-# read at an offset below 4 MiB (never mapped) fails in the kernel with EIO.
+# file is replaced by a symlink to /proc/self/mem: the daemon opens its own memory (read and
+# write, as it opens every object), and a read or a write at an offset below 4 MiB (never
+# mapped) fails in the kernel with EIO.
 if want eio; then
   # A store of its own, so object 3 below can only be this image's.
   export RADOS_NBD_STORE=$work/store-eio
@@ -164,13 +167,37 @@ if want eio; then
   stop_daemon "$SERVE_PID"
   obj=$(find "$RADOS_NBD_STORE" -name 'rbd_data.*.0000000000000003' | head -1)
   if [ -n "$obj" ]; then
+    cp "$obj" "$work/obj3.orig"
     rm -f "$obj" && ln -s /proc/self/mem "$obj"
     serve_bg "$work/eio-b.log" eio
+    # Writes first: the object's file is not open yet, so the first write opens it.
+    out=$("${TOOL[@]}" eio-write "$(uri_of eio)" $((3 << 20)) 2>&1); rc=$?
+    if [ $rc -eq 0 ]; then pass "write EIO from the store reaches the client, unacknowledged: $out"
+    else fail "write EIO" "$out"; fi
     out=$("${TOOL[@]}" eio "$(uri_of eio)" $((3 << 20)) 2>&1); rc=$?
-    if [ $rc -eq 0 ]; then pass "EIO from the store reaches the client; connection keeps serving"
-    else fail "EIO" "$out"; fi
+    if [ $rc -eq 0 ]; then pass "read EIO from the store reaches the client; connection keeps serving"
+    else fail "read EIO" "$out"; fi
     kill -0 "$SERVE_PID" 2>/dev/null && pass "daemon alive after EIO" || fail "daemon died after EIO"
-    stop_daemon "$SERVE_PID"
+    # The object whose write failed can never be made durable: FLUSH must say so rather
+    # than promise durability, and the close must not call the image clean.
+    check_fails "FLUSH after a failed write reports an error" nbdsh -u "$(uri_of eio)" -c "h.flush()"
+    if stop_daemon "$SERVE_PID"; then fail "close after a failed write" "exited 0 (claimed a clean close)"
+    elif grep -q "rados-nbd: closing rbd/eio: .*0000000000000003" "$work/eio-b.log"; then
+      pass "close after a failed write: exit non-zero, one line naming the object"
+    else fail "close after a failed write" "$(tail -2 "$work/eio-b.log")"; fi
+    map_invalid eio && pass "map left flagged invalid after the failed close" || fail "map flagged invalid after the failed close"
+    # The disk "repaired" (object 3's file put back): the next serve rebuilds the map, and
+    # the writes acked around the EIOs (objects 0, on two connections) read back.
+    rm -f "$obj" && cp "$work/obj3.orig" "$obj"
+    serve_bg "$work/eio-c.log" eio
+    grep -q "object map of .* rebuilt" "$work/eio-c.log" && pass "next serve rebuilds the map" || fail "next serve rebuilds the map" "$(tail -2 "$work/eio-c.log")"
+    check "writes acked around the EIOs read back after the rebuild" nbdsh -u "$(uri_of eio)" -c "
+assert h.pread(4096, 0) == b'y' * 4096
+assert h.pread(4096, 8192) == b'q' * 4096
+assert h.pread(4096, 3 << 20) == b'e' * 4096"
+    if stop_daemon "$SERVE_PID"; then pass "clean close once the store is healthy"
+    else fail "clean close once the store is healthy" "$(tail -2 "$work/eio-c.log")"; fi
+    check "object-map check after EIO" "$BIN" object-map check eio
   else
     fail "EIO" "object 3 was not written"
   fi
@@ -207,7 +234,9 @@ fi
 # 20 ms and the daemon's RSS is sampled.
 if want hostile; then
   "$BIN" create --size 256M hostile >/dev/null
-  serve_bg "$work/hostile.log" hostile
+  # Above the 300 half-open connections held below (this case is about those, not about
+  # the connection limit, which section `limits` tests).
+  serve_bg "$work/hostile.log" hostile --max-connections 400
   # Real data in the first 128 MiB, so the unread 32 MiB READs hold real buffers.
   head -c $((128 << 20)) /dev/urandom >"$work/fill.raw"
   nbdcopy "$work/fill.raw" "$(uri_of hostile)" && rm -f "$work/fill.raw"
@@ -257,6 +286,40 @@ if want hostile; then
 fi
 
 # ------------------------------------------------------------------------------------------
+# The connection limit (--max-connections): clients beyond it are closed before the
+# greeting, the others keep being served, a leaver's slot is reused.
+if want limits; then
+  "$BIN" create --size 32M lim >/dev/null
+  serve_bg "$work/limit.log" lim --max-connections 4
+  out=$("${TOOL[@]}" limit "$(uri_of lim)" "$sock" 4 2>&1); rc=$?
+  if [ $rc -eq 0 ]; then pass "--max-connections 4: $out"; else fail "--max-connections 4" "$out"; fi
+  n=$(grep -c 'refused a connection from unix socket: 4 clients already connected (--max-connections 4)' "$work/limit.log")
+  # 53 refusals within a second or so: logged, but at most one line a second.
+  if [ "$n" -ge 1 ] && [ "$n" -le 10 ]; then pass "refusals logged, rate-limited ($n lines for 53 refused clients)"
+  else fail "refusals logged, rate-limited" "$n lines: $(grep refused "$work/limit.log" | tail -2)"; fi
+  if stop_daemon "$SERVE_PID"; then pass "clean close after the connection limit"; else fail "clean close after the connection limit"; fi
+  # The default (128): 150 raw clients at once, the first 128 get the greeting.
+  serve_bg "$work/limit-default.log" lim
+  out=$("$PY" - "$sock" <<'PY'
+import socket, sys, time
+socks, greeted, closed = [], 0, 0
+for _ in range(150):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(5); s.connect(sys.argv[1])
+    socks.append(s)
+    g = s.recv(18)
+    if len(g) >= 8 and g[:8] == b"NBDMAGIC": greeted += 1
+    elif g == b"": closed += 1
+print(greeted, closed)
+PY
+)
+  [ "$out" = "128 22" ] && pass "default limit: 128 of 150 clients greeted, 22 closed" || fail "default limit 128" "greeted/closed: $out"
+  # Their slots come back as the server sees each one go: retry for a few seconds.
+  check "served again once those clients left" bash -c \
+    "for i in \$(seq 1 50); do nbdinfo --size '$(uri_of lim)' && exit 0; sleep 0.1; done; exit 1"
+  stop_daemon "$SERVE_PID"
+fi
+
+# ------------------------------------------------------------------------------------------
 # Security: loopback TCP by default, export names, read-only exports, TLS.
 if want security; then
   "$BIN" create --size 32M sec >/dev/null
@@ -274,6 +337,67 @@ if want security; then
   listen=$(ss -ltnH "sport = :$port" | awk '{print $4}' | tr '\n' ' ')
   [ "$listen" = "127.0.0.1:$port " ] && pass "--listen :PORT binds 127.0.0.1 only" || fail "--listen :PORT" "$listen"
   stop_daemon "$tpid"
+
+  # Unix socket permissions: default 0600, --socket-mode/--socket-group applied as asked.
+  serve_bg "$work/perm0.log" sec
+  got=$(stat -c '%a %g' "$sock")
+  [ "$got" = "600 $(id -g)" ] && pass "default socket: mode 0600, our group ($got)" || fail "default socket mode" "$got"
+  stop_daemon "$SERVE_PID"
+  grp=$(getent group 65534 | cut -d: -f1); grp=${grp:-65534}
+  serve_bg "$work/perm1.log" sec --socket-mode 0660 --socket-group "$grp"
+  got=$(stat -c '%a %g' "$sock")
+  [ "$got" = "660 65534" ] && pass "--socket-mode 0660 --socket-group $grp: socket is $got" || fail "--socket-mode 0660 --socket-group $grp" "$got"
+  stop_daemon "$SERVE_PID"
+  serve_bg "$work/perm2.log" sec --socket-mode 640 --socket-group 4242
+  got=$(stat -c '%a %g' "$sock")
+  [ "$got" = "640 4242" ] && pass "numeric --socket-group 4242, --socket-mode 640: socket is $got" || fail "numeric group" "$got"
+  stop_daemon "$SERVE_PID"
+  before=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
+  for bad in 0968 1777 rw-rw---- ""; do
+    rm -f "$sock"
+    out=$("$BIN" serve sec --socket "$sock" --socket-mode "$bad" 2>&1); rc=$?
+    if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && [[ $out == *--socket-mode* ]] && [ ! -e "$sock" ]; then
+      pass "bad --socket-mode '$bad': one line, exit $rc, no socket"
+    else fail "bad --socket-mode '$bad'" "rc=$rc: $out"; fi
+  done
+  out=$("$BIN" serve sec --socket "$sock" --socket-group no-such-group-rnbd 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && [[ $out == *'"no-such-group-rnbd"'* ]] && [ ! -e "$sock" ]; then
+    pass "unknown --socket-group: one line naming it, exit $rc, no socket"
+  else fail "unknown --socket-group" "rc=$rc: $out"; fi
+  out=$("$BIN" serve sec --listen 1 --socket-mode 0666 2>&1); rc=$?
+  [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && pass "--socket-mode without --socket refused" || fail "--socket-mode with --listen" "rc=$rc: $out"
+  after=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
+  check "bad socket flags changed nothing on disk" test "$before" = "$after"
+  # Another user is really kept out or let in (root only: setpriv to nobody). The socket
+  # goes in a directory everyone may enter, so only its own permissions decide.
+  if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null; then
+    pub=$work/pub; mkdir -p "$pub"; chmod 0711 "$work"; chmod 0755 "$pub"
+    psock=$pub/nbd.sock; puri="nbd+unix:///sec?socket=$psock"
+    as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+    as_other() { setpriv --reuid=65534 --regid=4243 --clear-groups "$@"; }
+    pserve() {
+      RUST_LOG=info "$BIN" serve sec --socket "$psock" "$@" >"$work/perm-u.log" 2>&1 &
+      SERVE_PID=$!; T_PIDS+=("$SERVE_PID"); wait_for_socket "$psock" 20
+    }
+    pserve
+    out=$(as_nobody nbdinfo --size "$puri" 2>&1)
+    if [ $? -ne 0 ] && [[ $out == *"Permission denied"* ]]; then pass "0600: user nobody refused (Permission denied)"
+    else fail "0600: user nobody refused" "$out"; fi
+    check "0600: root (the owner) served" nbdinfo --size "$puri"
+    stop_daemon "$SERVE_PID"
+    pserve --socket-mode 0666
+    check "0666: user nobody served" as_nobody nbdinfo --size "$puri"
+    stop_daemon "$SERVE_PID"
+    pserve --socket-mode 0660 --socket-group 65534
+    check "0660 group 65534: user nobody in that group served" as_nobody nbdinfo --size "$puri"
+    out=$(as_other nbdinfo --size "$puri" 2>&1)
+    if [ $? -ne 0 ] && [[ $out == *"Permission denied"* ]]; then pass "0660 group 65534: user nobody in another group refused"
+    else fail "0660: user in another group refused" "$out"; fi
+    stop_daemon "$SERVE_PID"
+    chmod 0700 "$work"
+  else
+    echo "SKIP socket permissions for another user: needs root and setpriv"
+  fi
 
   serve_bg "$work/names.log" sec --export-name disk
   check_fails "unknown export name refused (GO)" nbdinfo "nbd+unix:///nosuch?socket=$sock"
