@@ -6,7 +6,19 @@
 #   tests/ceph/cluster.sh stop DIR    -> stops the daemons by pid and waits for them
 #
 # Nothing is listened on outside loopback: every address in the config is 127.0.0.1 and
-# ipv6 binding is off. Auth is off (cephx would only slow tests down).
+# ipv6 binding is off.
+#
+# Auth is cephx, as on every real cluster (CEPH_AUTH=none turns it off). Keys are made with
+# ceph-authtool before the mon's mkfs, which imports them all, so no `ceph auth` round trip
+# is needed (cephx costs well under a second of the start):
+#   DIR/keyring.mon            mon. (and a copy of every key below, for the mon's mkfs)
+#   DIR/client.admin.keyring   client.admin, all caps; the [client] keyring of ceph.conf, so
+#                              `rbd`/`rados`/`ceph -c DIR/ceph.conf` just work
+#   DIR/client.nbd.keyring     client.nbd, restricted like a real rbd client:
+#                              mon 'profile rbd', osd 'profile rbd pool=rbd'
+#   DIR/osd0/keyring           osd.0
+# With CEPH_AUTH=cephx (the default) start also prints CEPH_NBD_ID=nbd and
+# CEPH_NBD_KEYRING=DIR/client.nbd.keyring.
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -43,6 +55,8 @@ start)
   need ceph-mon ceph-osd ceph monmaptool rbd
   if [ -e "$conf" ]; then echo "cluster.sh: $conf exists; stop and remove $dir first" >&2; exit 1; fi
   mkdir -p "$dir"/{mon,osd0,run,log}
+  auth=${CEPH_AUTH:-cephx}
+  case $auth in cephx|none) ;; *) echo "cluster.sh: CEPH_AUTH must be cephx or none, not $auth" >&2; exit 2 ;; esac
   fsid=$(cat /proc/sys/kernel/random/uuid)
   # A random port so parallel test runs do not collide; retried by the caller if taken.
   port=${CEPH_MON_PORT:-$((20000 + RANDOM % 20000))}
@@ -54,9 +68,9 @@ mon initial members = a
 public addr = 127.0.0.1
 cluster addr = 127.0.0.1
 ms bind ipv6 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = $auth
+auth service required = $auth
+auth client required = $auth
 run dir = $dir/run
 log file = $dir/log/\$name.log
 admin socket = $dir/run/\$name.asok
@@ -73,11 +87,14 @@ osd client watch timeout = 15
 [client]
 admin socket =
 log file = $dir/log/client.log
+keyring = $dir/client.admin.keyring
 [mon]
 mon data = $dir/mon
+keyring = $dir/mon/keyring
 mon cluster log file = $dir/log/cluster.log
 [osd]
 osd data = $dir/osd\$id
+keyring = $dir/osd\$id/keyring
 osd objectstore = bluestore
 bluestore block create = true
 bluestore block size = 68719476736
@@ -89,7 +106,26 @@ osd max object name len = 256
 osd max object namespace len = 64
 CONF
   monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
-  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >"$dir/log/mkfs-mon.out" 2>&1
+  mkfs_keyring=()
+  if [ "$auth" = cephx ]; then
+    need ceph-authtool
+    (
+      umask 077
+      kr() { ceph-authtool "$@" >/dev/null; }
+      kr --create-keyring "$dir/keyring.mon" --gen-key -n mon. --cap mon 'allow *'
+      kr --create-keyring "$dir/client.admin.keyring" --gen-key -n client.admin \
+        --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *'
+      kr --create-keyring "$dir/client.nbd.keyring" --gen-key -n client.nbd \
+        --cap mon 'profile rbd' --cap osd 'profile rbd pool=rbd'
+      kr --create-keyring "$dir/osd0/keyring" --gen-key -n osd.0 \
+        --cap mon 'allow profile osd' --cap osd 'allow *' --cap mgr 'allow profile osd'
+      for k in client.admin.keyring client.nbd.keyring osd0/keyring; do
+        kr "$dir/keyring.mon" --import-keyring "$dir/$k"
+      done
+    ) || { echo "cluster.sh: ceph-authtool failed" >&2; exit 1; }
+    mkfs_keyring=(--keyring "$dir/keyring.mon")
+  fi
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" "${mkfs_keyring[@]}" >"$dir/log/mkfs-mon.out" 2>&1
   ceph-mon -c "$conf" -i a 2>>"$dir/log/stderr.log"
   ceph -c "$conf" osd create >/dev/null
   ceph-osd -c "$conf" -i 0 --mkfs >"$dir/log/mkfs-osd.out" 2>&1
@@ -105,6 +141,10 @@ CONF
   ceph -c "$conf" osd pool create rbd 8 >/dev/null 2>&1
   rbd -c "$conf" pool init rbd
   echo "CEPH_CONF=$conf"
+  if [ "$auth" = cephx ]; then
+    echo "CEPH_NBD_ID=nbd"
+    echo "CEPH_NBD_KEYRING=$dir/client.nbd.keyring"
+  fi
   ;;
 stop)
   # OSD first so it does not wait on a mon that is already gone.

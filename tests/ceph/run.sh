@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ceph end-to-end suite: starts a throwaway one-node cluster on 127.0.0.1
-# (tests/ceph/cluster.sh), runs tests/ceph/e2e.sh against it, stops it (by pid).
+# Ceph end-to-end suite: starts a throwaway one-node cluster on 127.0.0.1 with cephx
+# (tests/ceph/cluster.sh; CEPH_AUTH=none for one without auth), runs tests/ceph/e2e.sh and
+# tests/ceph/cephx.sh against it, stops it (by pid).
 # Skipped, with a message, when the Ceph binaries or the ceph-enabled binary are missing.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,6 +20,19 @@ if ! out=$("$here/cluster.sh" start "$work/cluster" 2>&1); then
   fail "start ceph cluster" "$(echo "$out" | tail -5)"; exit 1
 fi
 ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-pass "one-node cluster up in $((ms / 1000)).$((ms % 1000 / 100)) s"
+pass "one-node cluster (auth: ${CEPH_AUTH:-cephx}) up in $((ms / 1000)).$((ms % 1000 / 100)) s"
 export CEPH_CONF=$work/cluster/ceph.conf
-bash "$here/e2e.sh"
+# The restricted client the daemon runs as (printed by cluster.sh with cephx only).
+CEPH_NBD_ID=$(sed -n 's/^CEPH_NBD_ID=//p' <<<"$out")
+CEPH_NBD_KEYRING=$(sed -n 's/^CEPH_NBD_KEYRING=//p' <<<"$out")
+export CEPH_NBD_ID CEPH_NBD_KEYRING
+# Each suite prints its own 'N passed, N failed'; the last line is the total of this run.
+rc=0
+for s in e2e.sh cephx.sh; do
+  bash "$here/$s" 2>&1 | tee "$work/$s.out"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/$s.out")))
+  T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/$s.out")))
+done
+echo "ceph suites (cluster, e2e.sh, cephx.sh):"
+t_summary && exit $rc

@@ -43,6 +43,12 @@ extern "C" {
     fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
     fn rados_conf_parse_env(cluster: rados_t, var: *const c_char) -> c_int;
     fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    fn rados_conf_get(
+        cluster: rados_t,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn rados_connect(cluster: rados_t) -> c_int;
     fn rados_shutdown(cluster: rados_t);
     fn rados_get_instance_id(cluster: rados_t) -> u64;
@@ -219,6 +225,9 @@ const EROFS: i32 = 30;
 const EDQUOT: i32 = 122;
 const ETIMEDOUT: i32 = 110;
 const EINVAL: i32 = 22;
+const EPERM: i32 = 1;
+const EIO: i32 = 5;
+const EACCES: i32 = 13;
 /// librados reports a blocklisted client as ESHUTDOWN.
 const EBLOCKLISTED: i32 = 108;
 
@@ -343,12 +352,18 @@ where
 // ---------------------------------------------------------------------------------------
 
 /// How to connect, like the `rbd` tool's `-c`, `--id`, `--keyring`.
+///
+/// Holds no secret, so `Debug` is safe to print: the cephx key is never read by this
+/// process's own code. librados reads it from the keyring file (the `keyring` option) and
+/// keeps it inside; it never passes through a Rust value, a log line or an error message.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
     /// Config file; `None` = librados' default search ($CEPH_CONF, /etc/ceph/ceph.conf, ...).
     pub conf: Option<String>,
     /// Client id without `client.` (`admin`); `None` = librados' default.
     pub id: Option<String>,
+    /// Keyring file (or librados' comma-separated search list); `None` = the config's
+    /// `keyring` option.
     pub keyring: Option<String>,
     /// More config options, e.g. `("rados_osd_op_timeout", "30")`.
     pub options: Vec<(String, String)>,
@@ -420,11 +435,16 @@ impl Rados {
             let (ck, cv) = (cstring("config option", k)?, cstring("config value", v)?);
             let r = unsafe { rados_conf_set(cluster.h, ck.as_ptr(), cv.as_ptr()) };
             if r < 0 {
-                return Err(rados_error("set config option", &format!("{k}={v}"), r));
+                return Err(rados_error(
+                    "set config option",
+                    &option_for_message(k, v),
+                    r,
+                ));
             }
             Ok(())
         };
         if let Some(k) = &opts.keyring {
+            check_keyring_readable(k)?;
             set("keyring", k)?;
         }
         for (k, v) in &opts.options {
@@ -432,10 +452,31 @@ impl Rados {
         }
         let r = unsafe { rados_connect(cluster.h) };
         if r < 0 {
-            let what = opts.conf.as_deref().unwrap_or("(default config)");
-            return Err(rados_error("connect to cluster of", what, r));
+            return Err(connect_error(&cluster, opts, r));
         }
         Ok(Arc::new(cluster))
+    }
+
+    /// A config value as librados resolved it (`$name` etc. expanded). Only for options
+    /// that name things (`name`, `keyring`, `log_file`): never a secret (`key`).
+    fn conf_get(&self, option: &str) -> Option<String> {
+        debug_assert!(!matches!(option, "key" | "keyfile"));
+        let copt = CString::new(option).ok()?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: buf is writable for its length; librados NUL-terminates within it.
+        let r = unsafe {
+            rados_conf_get(
+                self.h,
+                copt.as_ptr(),
+                buf.as_mut_ptr().cast::<c_char>(),
+                buf.len(),
+            )
+        };
+        if r < 0 {
+            return None;
+        }
+        let s = CStr::from_bytes_until_nul(&buf).ok()?;
+        Some(s.to_string_lossy().into_owned())
     }
 
     /// This client's global id (`client.<gid>`).
@@ -467,6 +508,75 @@ impl Rados {
         }
         Ok(())
     }
+}
+
+/// `k=v` for an error message; the value of an option that holds a secret is left out.
+fn option_for_message(k: &str, v: &str) -> String {
+    if matches!(k, "key" | "keyfile") {
+        format!("{k}=<redacted>")
+    } else {
+        format!("{k}={v}")
+    }
+}
+
+/// An explicit `--keyring` that cannot be read is named as such, before librados turns it
+/// into a bare errno from `rados_connect`. Only opened, not read: the key stays librados'.
+/// A comma-separated list is librados' search path (the first that exists wins): left to it.
+fn check_keyring_readable(path: &str) -> Result<()> {
+    if path.contains(',') {
+        return Ok(());
+    }
+    let what = format!("cannot read keyring {path} (--keyring)");
+    let f = std::fs::File::open(path).map_err(|e| Error::io(&what, e))?;
+    match f.metadata() {
+        Ok(m) if m.is_dir() => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what}: it is a directory"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Why `rados_connect` failed, with who we tried to be and which keyring was used, so a
+/// wrong `--id` or `--keyring` is recognisable from the one line the CLI prints.
+fn connect_error(cluster: &Rados, opts: &ConnectOptions, r: i32) -> Error {
+    let conf = opts.conf.as_deref().unwrap_or("(default config)");
+    let name = cluster
+        .conf_get("name")
+        .or_else(|| opts.id.as_ref().map(|i| format!("client.{i}")))
+        .unwrap_or_else(|| "client.admin".into());
+    let keyring = opts
+        .keyring
+        .clone()
+        .or_else(|| cluster.conf_get("keyring"))
+        .unwrap_or_default();
+    let mut e = rados_error(
+        "connect to cluster of",
+        &format!("{conf} as {name} with keyring {keyring}"),
+        r,
+    );
+    let hint = match r.checked_neg() {
+        Some(EACCES) | Some(EPERM) => Some(format!(
+            "authentication refused: check that --id names a user the cluster knows ({name}) \
+             and that the keyring holds its current key"
+        )),
+        Some(EIO) => Some(format!(
+            "the keyring may be unparsable or hold no key for {name}"
+        )),
+        Some(ENOENT) => Some(format!(
+            "no keyring found for {name}: name one with --keyring"
+        )),
+        _ => None,
+    };
+    let mut extra = hint.map(|h| format!("; {h}")).unwrap_or_default();
+    if let Some(log) = cluster.conf_get("log_file").filter(|l| !l.is_empty()) {
+        extra.push_str(&format!("; librados log: {log}"));
+    }
+    // The errno stays last, where `errno_of` looks for it.
+    if let Some((head, tail)) = e.message.rsplit_once(" (errno ") {
+        e.message = format!("{head}{extra} (errno {tail}");
+    }
+    e
 }
 
 /// A pool handle (`rados_ioctx_t`).
@@ -1238,5 +1348,65 @@ mod tests {
         assert!(r.has_watcher(4100, 77));
         assert!(!r.has_watcher(4100, 79));
         assert!(NotifyReply::parse(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn secret_options_are_redacted_in_messages() {
+        assert_eq!(option_for_message("key", "AQBsecret=="), "key=<redacted>");
+        assert_eq!(option_for_message("keyfile", "/k"), "keyfile=<redacted>");
+        assert_eq!(
+            option_for_message("rados_osd_op_timeout", "30"),
+            "rados_osd_op_timeout=30"
+        );
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("rados-nbd-keyring-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn unreadable_keyring_is_named() {
+        let d = scratch("check");
+        let missing = d.join("none.keyring");
+        let e = check_keyring_readable(missing.to_str().unwrap()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains(missing.to_str().unwrap()), "{e}");
+        let e = check_keyring_readable(d.to_str().unwrap()).unwrap_err();
+        assert!(e.message.contains("directory"), "{e}");
+        assert!(e.message.contains(d.to_str().unwrap()), "{e}");
+        let f = d.join("client.x.keyring");
+        std::fs::write(&f, "[client.x]\n\tkey = AQBzZXhyZXQ=\n").unwrap();
+        check_keyring_readable(f.to_str().unwrap()).unwrap();
+        // A search list is librados' to resolve: the first existing entry wins.
+        check_keyring_readable(&format!("{},{}", missing.display(), f.display())).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn connect_with_missing_keyring_fails_before_contacting_a_cluster() {
+        let d = scratch("connect");
+        let conf = d.join("ceph.conf");
+        // A monitor address nothing listens on: reaching rados_connect would time out.
+        std::fs::write(&conf, "[global]\nmon host = v2:127.0.0.1:1\n").unwrap();
+        let keyring = d.join("missing.keyring");
+        let opts = ConnectOptions {
+            conf: Some(conf.to_string_lossy().into_owned()),
+            id: Some("nbd".into()),
+            keyring: Some(keyring.to_string_lossy().into_owned()),
+            options: vec![],
+        };
+        let t = std::time::Instant::now();
+        let e = match Rados::connect_blocking(&opts) {
+            Err(e) => e,
+            Ok(_) => panic!("connected with a missing keyring"),
+        };
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        assert!(e.message.contains("cannot read keyring"), "{e}");
+        assert!(e.message.contains(keyring.to_str().unwrap()), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
