@@ -462,6 +462,20 @@ async fn accept_loop<I: ImageStore>(
     let max = args.max_connections as usize;
     let slots = Arc::new(Semaphore::new(max));
     let mut refusals = Refusals::default();
+    // Checkpoints run in their own task: a slow store (an OSD away until the op timeout)
+    // must not stop this loop from accepting clients or hearing SIGTERM. At most one is
+    // queued, so a burst of clients leaving costs one checkpoint, not one each.
+    let (ckpt_tx, mut ckpt_rx) = mpsc::channel::<()>(1);
+    let checkpointer = {
+        let image = image.clone();
+        tokio::spawn(async move {
+            while ckpt_rx.recv().await.is_some() {
+                if let Err(e) = image.checkpoint().await {
+                    tracing::warn!("{e} (the dirty flag stays set)");
+                }
+            }
+        })
+    };
     let spawn_conn =
         |conns: &mut JoinSet<()>, peer: String, fut: ConnFuture, slot: OwnedSemaphorePermit| {
             let done = done_tx.clone();
@@ -489,9 +503,7 @@ async fn accept_loop<I: ImageStore>(
                 // a crash while idle costs no rebuild. The next write sets the flag again
                 // before it is acknowledged.
                 if active == 0 && !image.is_read_only() {
-                    if let Err(e) = image.checkpoint().await {
-                        tracing::warn!("{e} (the dirty flag stays set)");
-                    }
+                    let _ = ckpt_tx.try_send(());
                 }
             }
             r = accept(&listener) => {
@@ -530,6 +542,10 @@ async fn accept_loop<I: ImageStore>(
     // Connections finish the requests they have read, then end.
     let _ = stop_tx.send(true);
     while conns.join_next().await.is_some() {}
+    // A checkpoint under way finishes (the close after this waits for it anyway); never
+    // abandoned halfway through a store operation.
+    drop(ckpt_tx);
+    let _ = checkpointer.await;
     Ok(())
 }
 
