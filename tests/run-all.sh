@@ -51,13 +51,7 @@ for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
   [ -f "$s" ] && suite "$s" bash "$s"
 done
 # Skips itself without the Ceph store (tests/ceph/cluster.sh, a ceph-enabled binary).
-# Known to fail intermittently (see docs/reliability.md and issue 8): after a frozen OSD
-# returns, the daemon's own librados ops can keep timing out. Run on demand until fixed.
-if [ "${RADOS_NBD_CEPH_FAULTS:-0}" = 1 ]; then
-  suite "ceph faults: OSD stopped mid-workload" bash tests/reliability/ceph-faults.sh
-else
-  echo "SKIP ceph faults (known intermittent failure; RADOS_NBD_CEPH_FAULTS=1 runs it)"
-fi
+suite "ceph faults: OSD stopped mid-workload" bash tests/reliability/ceph-faults.sh
 
 section "summary"
 echo "took $(($(date +%s) - start)) s"

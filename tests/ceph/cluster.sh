@@ -19,6 +19,8 @@
 #   DIR/osd0/keyring           osd.0
 # With CEPH_AUTH=cephx (the default) start also prints CEPH_NBD_ID=nbd and
 # CEPH_NBD_KEYRING=DIR/client.nbd.keyring.
+# CEPH_EXTRA_CONF: more lines for the [global] section (settings that must hold before the
+# first PG peers, e.g. tests/reliability/ceph-faults.sh's longer read lease).
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -84,6 +86,7 @@ mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
 # A dead client's watch (and so its stale lock) goes after 15 s instead of 30.
 osd client watch timeout = 15
+${CEPH_EXTRA_CONF:-}
 [client]
 admin socket =
 log file = $dir/log/client.log
