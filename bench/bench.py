@@ -359,7 +359,11 @@ class Ceph:
             raise RuntimeError("no $CEPH_CONF and no tests/ceph/cluster.sh (the Ceph store has not landed)")
         d = os.path.join(work, "ceph")
         out = subprocess.run(["bash", script, "start", d], check=True, capture_output=True, text=True).stdout
-        conf = out.strip().splitlines()[-1].split("=", 1)[1]
+        # cluster.sh prints KEY=VALUE lines (CEPH_CONF, and with cephx the daemon's user).
+        confs = [l.split("=", 1)[1] for l in out.splitlines() if l.startswith("CEPH_CONF=")]
+        if not confs:
+            raise RuntimeError(f"tests/ceph/cluster.sh start printed no CEPH_CONF= line: {out!r}")
+        conf = confs[0]
         c = cls(work, conf)
         c.started = (script, d)
         return c
