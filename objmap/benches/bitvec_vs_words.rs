@@ -11,10 +11,11 @@
 //! and a reader can see the half-written state in between: not a correct map update).
 
 use bitvec::prelude::*;
+mod common;
+
+use common::{time_reps, Rng};
 use objmap::{ObjectMap, ObjectState};
-use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
 
 const PIB_OBJECTS: u64 = 1 << 28; // 1 PiB at 4 MiB objects
 const TIB_OBJECTS: u64 = 1 << 18; // 1 TiB at 4 MiB objects
@@ -23,33 +24,11 @@ const OPS: u64 = 2_000_000;
 type PlainBits = BitVec<u64, Msb0>;
 type AtomicBits = BitVec<AtomicU64, Msb0>;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// Median of `reps` timed calls (after one warm-up), in nanoseconds per item.
-fn bench<T>(name: &str, reps: usize, items: u64, mut f: impl FnMut() -> T) -> f64 {
-    black_box(f());
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(f());
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    let med = times[times.len() / 2];
+fn bench<T>(name: &str, reps: usize, items: u64, f: impl FnMut() -> T) -> f64 {
+    let (med, best) = time_reps(reps, f);
     let per = med.as_secs_f64() * 1e9 / items as f64;
-    println!(
-        "{name:<50} median {med:>10.2?}  best {:>10.2?}  ({per:.2} ns/item)",
-        times[0]
-    );
+    println!("{name:<50} median {med:>10.2?}  best {best:>10.2?}  ({per:.2} ns/item)");
     per
 }
 

@@ -1,37 +1,19 @@
 //! Benchmarks (not timed tests): `cargo bench -p objmap`. Prints the median and best of
 //! several repetitions of each operation.
 
+mod common;
+
+use common::{time_reps, Rng};
 use objmap::{ObjectMap, ObjectState, Run};
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const PIB_OBJECTS: u64 = 1 << 28; // 1 PiB at 4 MiB objects
 const TIB_OBJECTS: u64 = 1 << 18; // 1 TiB at 4 MiB objects
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// Runs `f` `reps` times (after one warm-up) and prints median/best per call, plus a
 /// per-item figure when `items` > 1.
-fn bench<T>(name: &str, reps: usize, items: u64, mut f: impl FnMut() -> T) {
-    black_box(f());
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(f());
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    let med = times[times.len() / 2];
-    let best = times[0];
+fn bench<T>(name: &str, reps: usize, items: u64, f: impl FnMut() -> T) {
+    let (med, best) = time_reps(reps, f);
     if items > 1 {
         let per = med.as_secs_f64() * 1e9 / items as f64;
         let rate = items as f64 / med.as_secs_f64() / 1e6;
