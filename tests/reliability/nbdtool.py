@@ -312,17 +312,22 @@ def enospc(uri):
     return 0
 
 
+def not_eio(request, what):
+    """None when `request` fails with EIO, else why not (it succeeded, or failed otherwise)."""
+    try:
+        request()
+    except nbd.Error as e:
+        return None if e.errno == "EIO" else f"{what} got {e.errno}, want EIO"
+    return f"{what} was acknowledged, expected EIO"
+
+
 def eio(uri, offset):
     offset = int(offset)
     h = connect(uri)
-    try:
-        h.pread(4096, offset)
-        print("eio: read succeeded, expected EIO")
+    why = not_eio(lambda: h.pread(4096, offset), "read")
+    if why:
+        print(f"eio: {why}")
         return 1
-    except nbd.Error as e:
-        if e.errno != "EIO":
-            print(f"eio: got {e.errno}, want EIO")
-            return 1
     # The connection and the other objects keep working.
     h.pwrite(b"y" * 4096, 0)
     assert h.pread(4096, 0) == b"y" * 4096
@@ -338,14 +343,10 @@ def eio_write(uri, offset):
     # path (which opens the file); FUA adds the durable path.
     for name, n, flags in (("4 KiB", 4096, 0), ("256 KiB", 256 << 10, 0),
                            ("4 KiB FUA", 4096, nbd.CMD_FLAG_FUA), ("4 KiB again", 4096, 0)):
-        try:
-            h.pwrite(b"w" * n, offset, flags)
-            print(f"eio-write: the {name} write at {offset} was acknowledged, expected EIO")
+        why = not_eio(lambda: h.pwrite(b"w" * n, offset, flags), f"the {name} write at {offset}")
+        if why:
+            print(f"eio-write: {why}")
             return 1
-        except nbd.Error as e:
-            if e.errno != "EIO":
-                print(f"eio-write: the {name} write got {e.errno}, want EIO")
-                return 1
     # The connection and the other objects keep working, and so does a new connection.
     h.pwrite(b"y" * 4096, 0)
     assert h.pread(4096, 0) == b"y" * 4096, "object 0 reads back wrong after the EIOs"
