@@ -647,6 +647,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_end"] = loadavg()
+    os.makedirs(a.out, exist_ok=True)
     write_reports(results, a.out)
 
 
