@@ -10,7 +10,7 @@ use crate::image::{Image, OpenOptions};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, Store};
 use nbd_protocol::{
-    serve_connection, Export, Exports, ServerOptions, TlsConfig, TlsMode, TlsSetting,
+    serve_connection, Export, Exports, NbdSocket, ServerOptions, TlsConfig, TlsMode, TlsSetting,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -524,13 +524,21 @@ async fn accept_loop<I: ImageStore>(
                     continue;
                 };
                 let peer = conn.peer();
-                let fut = match conn {
-                    Conn::Unix(s) => conn_future(s, &exports, server_opts, &stop_rx),
+                let sock = match conn {
+                    Conn::Unix(s) => NbdSocket::from_unix(s),
                     Conn::Tcp(s, _) => {
                         let _ = s.set_nodelay(true);
-                        conn_future(s, &exports, server_opts, &stop_rx)
+                        NbdSocket::from_tcp(s)
                     }
                 };
+                let sock = match sock {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("setting up the connection from {peer}: {e}");
+                        continue;
+                    }
+                };
+                let fut = conn_future(sock, &exports, server_opts, &stop_rx);
                 tracing::debug!("connection from {peer}");
                 active += 1;
                 served += 1;

@@ -7,7 +7,8 @@
 //!
 //! One file per concern: `consts` (every number), `handshake` (option haggling),
 //! `request` (parsing and the one `validate`), `reply` (encoding), `transmission` (the
-//! request loop, concurrency and backpressure), `server` (entry points), `error` (the
+//! request loop, concurrency and backpressure), `server` (entry points), `socket` (the
+//! connection's socket, woken only when it has something to read), `error` (the
 //! error type and the one errno mapping), `memory` (an in-memory backend for tests and
 //! examples).
 
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod socket;
 pub mod tls;
 mod transmission;
 
@@ -29,4 +31,5 @@ pub use memory::MemoryBackend;
 pub use server::{
     serve_connection, serve_transmission, transmission_flags, Export, Exports, ServerOptions,
 };
+pub use socket::NbdSocket;
 pub use tls::{TlsConfig, TlsError, TlsMode, TlsSetting};

@@ -119,6 +119,8 @@ impl Export {
     /// Serves one kernel socket until NBD_CMD_DISC, EOF, or `shutdown` turning true; every
     /// request taken has been answered when this returns.
     pub async fn serve(&self, s: UnixStream, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let s = nbd_protocol::NbdSocket::from_unix(s)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("setting up the kernel socket: {e}")))?;
         let r = match self {
             Export::Dir(i) => {
                 nbd_protocol::serve_transmission(s, i.clone(), ServerOptions::default(), shutdown)
