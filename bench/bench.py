@@ -280,10 +280,12 @@ def run_dir(a, work, runtime, ramp):
             s.start()
             log(f"{s.name}: serving {size >> 30} GiB")
         for rnd in range(a.rounds):
-            for k, job in enumerate(JOBS):
+            for k, job in enumerate(j for j in JOBS if not a.jobs or j[0] in a.jobs):
                 name, rw, bs, qd = job
-                # Rotate who goes first, so no peer always runs right after the same one.
-                for n in names[k % len(names):] + names[:k % len(names)]:
+                # Rotate who goes first, so no peer always runs right after the same one
+                # (by round too: with an even number of jobs the order would repeat).
+                first = (k + rnd) % len(names)
+                for n in names[first:] + names[:first]:
                     # Dirty pages left by the previous job are written back now, not
                     # during the next peer's measurement.
                     os.sync()
@@ -630,9 +632,14 @@ def main():
     ap.add_argument("--no-dir", action="store_true", help="skip the directory-store peers")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the directory jobs, keep the median")
     ap.add_argument("--only", default="", help="comma-separated peer names")
+    ap.add_argument("--jobs", default="", help="comma-separated directory-store job names (default: all)")
     ap.add_argument("--out", default=HERE)
     a = ap.parse_args()
     a.only = [p for p in a.only.split(",") if p]
+    a.jobs = [j for j in a.jobs.split(",") if j]
+    unknown = [j for j in a.jobs if j not in [n for n, *_ in JOBS]]
+    if unknown:
+        ap.error(f"unknown job(s) {', '.join(unknown)}; jobs are {', '.join(n for n, *_ in JOBS)}")
     runtime, ramp = (5, 1) if a.quick else (20, 3)
     work = tempfile.mkdtemp(prefix="rados-nbd-bench.", dir="/var/tmp")
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

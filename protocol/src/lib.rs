@@ -31,5 +31,5 @@ pub use memory::MemoryBackend;
 pub use server::{
     serve_connection, serve_transmission, transmission_flags, Export, Exports, ServerOptions,
 };
-pub use socket::NbdSocket;
+pub use socket::{NbdSocket, PollHint};
 pub use tls::{TlsConfig, TlsError, TlsMode, TlsSetting};

@@ -4,6 +4,7 @@ use crate::backend::{Backend, ExportInfo};
 use crate::error::ProtocolError;
 use crate::handshake::{self, block_sizes, flags_for, Negotiated, Outcome};
 use crate::request::Session;
+use crate::socket::{NbdSocket, PollHint};
 use crate::tls::{MaybeTls, TlsSetting};
 use crate::transmission;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
+    let hint = poll_hint(&stream);
     let hs = handshake_phase(stream, &exports, &opts, &mut shutdown);
     let (rd, wr, neg) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
         Err(_) => {
@@ -114,9 +116,26 @@ where
         base_allocation: neg.base_allocation,
         max_block,
     };
-    let r = transmission::run(rd, wr, export.backend.clone(), session, &opts, shutdown).await;
+    let r = transmission::run(
+        rd,
+        wr,
+        export.backend.clone(),
+        session,
+        &opts,
+        shutdown,
+        hint,
+    )
+    .await;
     info!(export = %export.name, ok = r.is_ok(), "connection finished");
     r
+}
+
+/// Our own socket type can poll before sleeping; the transmission loop tells it when
+/// that pays. Any other stream (tests, TLS-only pipes) just reads.
+fn poll_hint<S: 'static>(stream: &S) -> Option<PollHint> {
+    (stream as &dyn std::any::Any)
+        .downcast_ref::<NbdSocket>()
+        .and_then(NbdSocket::poll_hint)
 }
 
 type Halves<S> = (
@@ -201,10 +220,11 @@ where
         base_allocation: None,
         max_block,
     };
+    let hint = poll_hint(&stream);
     let (rd, wr) = tokio::io::split(stream);
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
-    let r = transmission::run(rd, wr, backend, session, &opts, shutdown).await;
+    let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;
     info!(ok = r.is_ok(), "transmission-only connection finished");
     r
 }

@@ -12,6 +12,7 @@ use crate::io::{discard, raised, read_exact_or_shutdown, ReadOutcome};
 use crate::reply::{self, Pieces};
 use crate::request::{validate, Command, RequestHeader, Session};
 use crate::server::ServerOptions;
+use crate::socket::PollHint;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io::IoSlice;
@@ -60,6 +61,7 @@ pub(crate) async fn run<R, W, B>(
     session: Session,
     opts: &ServerOptions,
     mut shutdown: watch::Receiver<bool>,
+    poll_hint: Option<PollHint>,
 ) -> Result<(), ProtocolError>
 where
     R: AsyncRead + Unpin + Send,
@@ -81,6 +83,9 @@ where
     let mut writer = tokio::spawn(write_loop(wr, rx, dead_tx));
 
     let session = Arc::new(session);
+    // Requests in a row that arrived alone (nothing buffered before or after them) and
+    // were answered inline: the queue-depth-1 pattern that polling serves.
+    let mut alone: u32 = 0;
     let stop = loop {
         // A slot is taken before the header is read, so even a stream of requests that
         // are all rejected is bounded by the replies the client has not read.
@@ -96,6 +101,21 @@ where
             },
         };
         let mut hb = [0u8; REQUEST_HEADER_LEN];
+        let must_wait = rd.buffer().len() < REQUEST_HEADER_LEN;
+        if must_wait {
+            if let Some(hint) = &poll_hint {
+                // Poll (NbdSocket) only for a client that sends one request at a time:
+                // the last two each came alone and were answered here at once.
+                let poll = alone >= 2;
+                hint.set(poll);
+                if poll {
+                    // The reply of the request just run waits in the queue of the writer
+                    // task, which runs only once we yield: let it leave before the read
+                    // polls for a request the client sends only after that reply.
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
         // Pipelining clients usually leave whole headers in the read buffer: take them
         // without setting up the shutdown-aware read. Shutdown is still noticed at the
         // slot acquisition above, once per request.
@@ -261,6 +281,11 @@ where
         if pending {
             tokio::spawn(task);
         }
+        alone = if must_wait && !pending {
+            alone.saturating_add(1)
+        } else {
+            0
+        };
     };
 
     debug!(?stop, "reader stopped");
