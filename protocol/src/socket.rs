@@ -130,6 +130,7 @@ impl NbdSocket {
     pub fn new(fd: impl Into<OwnedFd>) -> io::Result<Self> {
         let fd: OwnedFd = fd.into();
         set_nonblocking(fd.as_raw_fd())?;
+        grow_send_buffer(fd.as_raw_fd());
         Ok(NbdSocket {
             read: register(fd, Interest::READABLE)?,
             write: None,
@@ -173,6 +174,65 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd stays open, and stays the same descriptor, until the AsyncFd that
     // owns it is dropped.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// The send buffer a connection asks for. With the default (208 KiB) a 1 MiB read reply
+/// leaves in five or more pieces, each waiting for the client to drain the socket: a
+/// sleep and a wake-up for the writer every time. fio reading 1 MiB at QD8 from the page
+/// cache went from 2.5-3.1 to 3.9-4.4 GiB/s with this, and the server's context switches
+/// fell fivefold. The kernel caps the request at net.core.wmem_max, which this does not
+/// override (SO_SNDBUFFORCE would): raise that sysctl to let it take effect.
+const SEND_BUFFER: libc::c_int = 4 << 20;
+
+fn int_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local int whose size we pass.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Unix sockets only: a TCP socket given an explicit size loses the kernel's send-buffer
+/// autotuning (which may grow beyond it). Best effort: a refusal leaves the default
+/// buffer, which only costs speed.
+fn grow_send_buffer(fd: RawFd) {
+    if int_option(fd, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+        return;
+    }
+    let want = send_buffer_granted();
+    // The kernel reports twice what was granted (its bookkeeping overhead); never shrink.
+    if int_option(fd, libc::SO_SNDBUF).is_some_and(|have| have >= want * 2) {
+        return;
+    }
+    // SAFETY: setsockopt from a local int whose size we pass.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// SEND_BUFFER as the kernel will grant it: capped at net.core.wmem_max.
+fn send_buffer_granted() -> libc::c_int {
+    static GRANTED: OnceLock<libc::c_int> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::c_int>().ok())
+            .map_or(SEND_BUFFER, |cap| SEND_BUFFER.min(cap))
+    })
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -387,6 +447,22 @@ mod tests {
         assert!(got == data, "bytes differ");
         let a = writer.await.unwrap();
         assert!(a.write.is_none(), "write registration kept after flush");
+    }
+
+    #[tokio::test]
+    async fn unix_send_buffer_grows_tcp_keeps_autotuning() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let before = int_option(a.as_raw_fd(), libc::SO_SNDBUF).unwrap();
+        let a = NbdSocket::new(a).unwrap();
+        let after = int_option(a.fd(), libc::SO_SNDBUF).unwrap();
+        // Granted up to wmem_max, reported doubled; never smaller than before.
+        assert_eq!(after, (send_buffer_granted() * 2).max(before));
+
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let before = int_option(c.as_raw_fd(), libc::SO_SNDBUF).unwrap();
+        let c = NbdSocket::new(c).unwrap();
+        assert_eq!(int_option(c.fd(), libc::SO_SNDBUF).unwrap(), before);
     }
 
     #[tokio::test]
