@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the benchmarks (see bench/README.md):
-#   bench/run.sh [--quick] [--ceph] [--no-dir] [--rounds N] [--only PEER,...]
+#   bench/run.sh [--quick] [--ceph] [--no-dir] [--rounds N] [--only PEER,...] [--jobs JOB,...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
