@@ -3,6 +3,7 @@
 //! there are, starting at fd 3. `rados-nbd serve` uses them when it is given neither `--socket`
 //! nor `--listen` (rados-nbd-serve@.socket).
 
+use nbd_protocol::socket::sockopt_int;
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -107,26 +108,6 @@ pub unsafe fn take_fds(first: RawFd, n: usize) -> Result<Vec<Listener>, String> 
         owned.push(OwnedFd::from_raw_fd(fd));
     }
     owned.into_iter().map(classify).collect()
-}
-
-fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: val/len are valid for the duration of the call and sized for an int option.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(val)
-    }
 }
 
 fn classify(fd: OwnedFd) -> Result<Listener, String> {

@@ -122,6 +122,47 @@ impl Poller {
             };
         }
     }
+
+    /// Called when a read found nothing to read: polls the socket for up to the window
+    /// if polling pays now. `Some` is the read's outcome; `None` means sleep, and the
+    /// wait is timed from now.
+    fn before_sleep(&mut self, fd: RawFd, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
+        if self.max.is_zero() || self.waiting_since.is_some() {
+            return None;
+        }
+        let start = Instant::now();
+        let slot = if self.window.is_zero() || !self.hint.get() {
+            None
+        } else {
+            PollSlot::take(&POLLING, max_polling())
+        };
+        if slot.is_some() {
+            loop {
+                match recv(fd, buf, libc::MSG_DONTWAIT) {
+                    Ok(_) => {
+                        self.waited(start.elapsed());
+                        return Some(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Some(Err(e)),
+                }
+                if start.elapsed() >= self.window {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.waiting_since = Some(start);
+        None
+    }
+
+    /// A read got data: if it had been waiting, adapt the window to how long.
+    fn data_arrived(&mut self) {
+        if let Some(start) = self.waiting_since.take() {
+            self.waited(start.elapsed());
+        }
+    }
 }
 
 impl NbdSocket {
@@ -184,7 +225,8 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
 /// override (SO_SNDBUFFORCE would): raise that sysctl to let it take effect.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 
-fn int_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+/// An int-valued SOL_SOCKET option (SO_TYPE, SO_DOMAIN, SO_SNDBUF, ...).
+pub fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a local int whose size we pass.
@@ -197,19 +239,23 @@ fn int_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
             &mut len,
         )
     };
-    (r == 0).then_some(v)
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
 }
 
 /// Unix sockets only: a TCP socket given an explicit size loses the kernel's send-buffer
 /// autotuning (which may grow beyond it). Best effort: a refusal leaves the default
 /// buffer, which only costs speed.
 fn grow_send_buffer(fd: RawFd) {
-    if int_option(fd, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+    if sockopt_int(fd, libc::SO_DOMAIN).ok() != Some(libc::AF_UNIX) {
         return;
     }
     let want = send_buffer_granted();
     // The kernel reports twice what was granted (its bookkeeping overhead); never shrink.
-    if int_option(fd, libc::SO_SNDBUF).is_some_and(|have| have >= want * 2) {
+    if sockopt_int(fd, libc::SO_SNDBUF).is_ok_and(|have| have >= want * 2) {
         return;
     }
     // SAFETY: setsockopt from a local int whose size we pass.
@@ -248,11 +294,7 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn recv(fd: RawFd, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
-    recv_flags(fd, buf, 0)
-}
-
-fn recv_flags(fd: RawFd, buf: &mut ReadBuf<'_>, flags: libc::c_int) -> io::Result<usize> {
+fn recv(fd: RawFd, buf: &mut ReadBuf<'_>, flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `unfilled.len()` bytes into memory we own; the
     // bytes it wrote are marked initialised below, and only those.
     let unfilled = unsafe { buf.unfilled_mut() };
@@ -298,41 +340,17 @@ impl AsyncRead for NbdSocket {
         loop {
             let mut guard = match this.read.poll_read_ready(cx) {
                 Poll::Ready(g) => g?,
+                // Nothing known to be readable: the waker is registered, so returning
+                // Pending is safe; first, poll for a while if that has been paying.
                 Poll::Pending => {
-                    // Nothing known to be readable: the waker is registered, so returning
-                    // Pending is safe; first, poll for a while if that has been paying.
-                    if this.poll.max.is_zero() || this.poll.waiting_since.is_some() {
-                        return Poll::Pending;
-                    }
-                    let start = Instant::now();
-                    let slot = if this.poll.window.is_zero() || !this.poll.hint.get() {
-                        None
-                    } else {
-                        PollSlot::take(&POLLING, max_polling())
+                    return match this.poll.before_sleep(fd, buf) {
+                        Some(r) => Poll::Ready(r),
+                        None => Poll::Pending,
                     };
-                    if slot.is_some() {
-                        loop {
-                            match recv_flags(fd, buf, libc::MSG_DONTWAIT) {
-                                Ok(_) => {
-                                    this.poll.waited(start.elapsed());
-                                    return Poll::Ready(Ok(()));
-                                }
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                Err(e) => return Poll::Ready(Err(e)),
-                            }
-                            if start.elapsed() >= this.poll.window {
-                                break;
-                            }
-                            std::hint::spin_loop();
-                        }
-                    }
-                    this.poll.waiting_since = Some(start);
-                    return Poll::Pending;
                 }
             };
             let want = buf.remaining();
-            match guard.try_io(|_| recv(fd, buf)) {
+            match guard.try_io(|_| recv(fd, buf, 0)) {
                 Ok(Ok(n)) => {
                     // A short read drained the socket (it is edge-triggered): forget the
                     // readiness now rather than pay a recv that says EAGAIN next time.
@@ -341,9 +359,7 @@ impl AsyncRead for NbdSocket {
                     if n > 0 && n < want {
                         guard.clear_ready();
                     }
-                    if let Some(start) = this.poll.waiting_since.take() {
-                        this.poll.waited(start.elapsed());
-                    }
+                    this.poll.data_arrived();
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -452,17 +468,17 @@ mod tests {
     #[tokio::test]
     async fn unix_send_buffer_grows_tcp_keeps_autotuning() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let before = int_option(a.as_raw_fd(), libc::SO_SNDBUF).unwrap();
+        let before = sockopt_int(a.as_raw_fd(), libc::SO_SNDBUF).unwrap();
         let a = NbdSocket::new(a).unwrap();
-        let after = int_option(a.fd(), libc::SO_SNDBUF).unwrap();
+        let after = sockopt_int(a.fd(), libc::SO_SNDBUF).unwrap();
         // Granted up to wmem_max, reported doubled; never smaller than before.
         assert_eq!(after, (send_buffer_granted() * 2).max(before));
 
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let before = int_option(c.as_raw_fd(), libc::SO_SNDBUF).unwrap();
+        let before = sockopt_int(c.as_raw_fd(), libc::SO_SNDBUF).unwrap();
         let c = NbdSocket::new(c).unwrap();
-        assert_eq!(int_option(c.fd(), libc::SO_SNDBUF).unwrap(), before);
+        assert_eq!(sockopt_int(c.fd(), libc::SO_SNDBUF).unwrap(), before);
     }
 
     #[tokio::test]

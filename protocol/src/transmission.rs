@@ -119,7 +119,7 @@ where
         // Pipelining clients usually leave whole headers in the read buffer: take them
         // without setting up the shutdown-aware read. Shutdown is still noticed at the
         // slot acquisition above, once per request.
-        let outcome = if rd.buffer().len() >= REQUEST_HEADER_LEN {
+        let outcome = if !must_wait {
             hb.copy_from_slice(&rd.buffer()[..REQUEST_HEADER_LEN]);
             rd.consume(REQUEST_HEADER_LEN);
             Ok(ReadOutcome::Done)

@@ -119,18 +119,19 @@ impl Export {
     /// Serves one kernel socket until NBD_CMD_DISC, EOF, or `shutdown` turning true; every
     /// request taken has been answered when this returns.
     pub async fn serve(&self, s: UnixStream, shutdown: watch::Receiver<bool>) -> Result<()> {
-        let opts = ServerOptions::default();
         let poll_max = std::time::Duration::from_micros(crate::serve::DEFAULT_POLL_MAX_US.into());
         let s = nbd_protocol::NbdSocket::from_unix(s)
             .map_err(|e| Error::new(ErrorKind::Io, format!("setting up the kernel socket: {e}")))?
             .with_polling(poll_max);
         let r = match self {
             Export::Dir(i) => {
-                nbd_protocol::serve_transmission(s, i.clone(), opts.clone(), shutdown).await
+                nbd_protocol::serve_transmission(s, i.clone(), ServerOptions::default(), shutdown)
+                    .await
             }
             #[cfg(feature = "ceph")]
             Export::Ceph(i, _) => {
-                nbd_protocol::serve_transmission(s, i.clone(), opts.clone(), shutdown).await
+                nbd_protocol::serve_transmission(s, i.clone(), ServerOptions::default(), shutdown)
+                    .await
             }
         };
         r.map_err(|e| Error::new(ErrorKind::Io, format!("serving the kernel: {e}")))
