@@ -585,6 +585,7 @@ impl Store for DirStore {
                     fds: Mutex::new(HashMap::new()),
                     dirty: Mutex::new(HashSet::new()),
                     dir_dirty: AtomicBool::new(false),
+                    sync_lock: Mutex::new(()),
                     closed: AtomicBool::new(false),
                 }),
             })
@@ -614,6 +615,12 @@ struct Inner {
     dirty: Mutex<HashSet<u64>>,
     /// Objects were created or removed since the last `sync`.
     dir_dirty: AtomicBool,
+    /// Held for a whole `sync`. A sync takes the dirty set before it makes those objects
+    /// durable; without this, a second FLUSH (from another connection, or pipelined)
+    /// arriving meanwhile would find the set empty and be acknowledged while the first
+    /// one's objects were still on their way to disk, breaking the promise behind
+    /// CAN_MULTI_CONN (every write acked before a FLUSH, on any connection, is durable).
+    sync_lock: Mutex<()>,
     closed: AtomicBool,
 }
 
@@ -861,6 +868,7 @@ impl Inner {
     }
 
     fn sync(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.sync_lock);
         let objs: Vec<u64> = lock(&self.dirty).drain().collect();
         for (i, &objno) in objs.iter().enumerate() {
             let res = match self.file(objno, false) {
@@ -1212,6 +1220,37 @@ mod tests {
         img.remove(0, false).await.unwrap();
         img.remove(0, false).await.unwrap();
         assert!(img.list_objects(None).await.unwrap().is_empty());
+        img.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_for_the_sync_already_running() {
+        // A sync in progress has taken the dirty set; a second one must not find it
+        // empty and return before those objects are durable.
+        let (_d, s) = setup().await;
+        let img = Arc::new(
+            s.open_image(&spec("vm1"), OpenMode::ReadWrite)
+                .await
+                .unwrap(),
+        );
+        img.write(1, 0, Bytes::from_static(b"a"), false)
+            .await
+            .unwrap();
+        let i = img.inner.clone();
+        let running = lock(&i.sync_lock);
+        let objs: Vec<u64> = lock(&i.dirty).drain().collect();
+        assert_eq!(objs, [1]);
+        let second = tokio::spawn({
+            let img = img.clone();
+            async move { img.sync().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "the second FLUSH returned while the first was still syncing"
+        );
+        drop(running);
+        second.await.unwrap().unwrap();
         img.close().await.unwrap();
     }
 
