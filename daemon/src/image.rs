@@ -125,26 +125,43 @@ pub async fn load_object_map<S: ImageStore>(
     size: u64,
 ) -> Result<(ObjectMap, MapSource)> {
     let count = size.div_ceil(header.object_size());
-    let reason = if snap.is_none() && header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
-        Some("the header flags it invalid (the last writer did not close cleanly)".to_string())
-    } else {
-        match img.read_object_map(snap).await? {
-            None => Some("it is missing".to_string()),
-            Some(bytes) => match ObjectMap::decode(&bytes) {
-                Err(e) => Some(format!("it is corrupt ({e})")),
-                Ok(m) if m.len() != count => {
-                    Some(format!("it has {} entries for {count} objects", m.len()))
-                }
-                Ok(m) => return Ok((m, MapSource::Loaded)),
-            },
-        }
+    let reason = match trusted_object_map(img, header, snap, size).await? {
+        Ok(m) => return Ok((m, MapSource::Loaded)),
+        Err(reason) => reason,
     };
-    let reason = reason.unwrap_or_default();
     tracing::info!("rebuilding object map of {spec} ({count} objects): {reason}");
     let map = rebuild_map(img, spec, count, snap).await?;
     let exist = map.count(0..count)[ObjectState::Exists as usize];
     tracing::info!("object map of {spec} rebuilt: {exist} of {count} objects exist");
     Ok((map, MapSource::Rebuilt(reason)))
+}
+
+/// The stored object map (of the head, or of snapshot `snap`) if it can be trusted,
+/// else why not. `header.flags` are the flags of what is opened: Ceph copies the head's
+/// flags into a snapshot when it is taken, so a snapshot taken while the map was
+/// invalid (a writer had crashed) carries the flag and a map that must not be believed.
+pub async fn trusted_object_map<S: ImageStore>(
+    img: &S,
+    header: &ImageHeader,
+    snap: Option<u64>,
+    size: u64,
+) -> Result<std::result::Result<ObjectMap, String>> {
+    let count = size.div_ceil(header.object_size());
+    if header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
+        return Ok(Err(
+            "the header flags it invalid (a writer did not close cleanly)".to_string(),
+        ));
+    }
+    Ok(match img.read_object_map(snap).await? {
+        None => Err("it is missing".to_string()),
+        Some(bytes) => match ObjectMap::decode(&bytes) {
+            Err(e) => Err(format!("it is corrupt ({e})")),
+            Ok(m) if m.len() != count => {
+                Err(format!("it has {} entries for {count} objects", m.len()))
+            }
+            Ok(m) => Ok(m),
+        },
+    })
 }
 
 /// An all-NONEXISTENT map, without aborting on an absurd size from a bad header.
@@ -361,7 +378,23 @@ impl<S: ImageStore> Image<S> {
             Err(e) => return Err((img, e)),
         };
         let use_map = header.features & RBD_FEATURE_OBJECT_MAP != 0 && !shared;
-        let (map, map_source) = if use_map {
+        let (map, map_source) = if use_map && snap.is_some() {
+            // A snapshot's map cannot be rebuilt from a listing: an object removed from
+            // the head since the snapshot was taken lives on only as a clone, which the
+            // listing does not show, and a rebuilt map would read its data as zeros.
+            // Without a trustworthy map every read asks the store, which is always right.
+            match trusted_object_map(&img, &header, snap, size).await {
+                Ok(Ok(m)) => (Some(m), Some(MapSource::Loaded)),
+                Ok(Err(reason)) => {
+                    tracing::info!(
+                        "serving {spec} without an object map (every read asks the store): \
+                         the snapshot's map cannot be used: {reason}"
+                    );
+                    (None, None)
+                }
+                Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
+            }
+        } else if use_map {
             match load_object_map(&img, spec, &header, snap, size).await {
                 Ok((m, src)) => (Some(m), Some(src)),
                 Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
@@ -446,10 +479,20 @@ impl<S: ImageStore> Image<S> {
         invalid_flags(self.header.features)
     }
 
+    /// Whether writes through this handle make the on-disk map stale: the image has an
+    /// object map. With our own map in memory that is the usual dirty flag; without one
+    /// (a shared image) nothing keeps the on-disk map up to date, so it must be flagged
+    /// invalid before the first write and stay so after close: otherwise the next
+    /// non-shared open (or librbd) would trust a map that misses every object the shared
+    /// writers created, and read those as zeros.
+    fn writes_stale_map(&self) -> bool {
+        self.header.features & RBD_FEATURE_OBJECT_MAP != 0
+    }
+
     /// Sets the dirty flag in the header if it is not set yet (first write after open
     /// or after a checkpoint). Cheap when already set.
     async fn ensure_dirty(&self) -> Result<()> {
-        if self.map.is_none() || self.read_only || self.dirty_flag.load(Ordering::Acquire) {
+        if self.read_only || !self.writes_stale_map() || self.dirty_flag.load(Ordering::Acquire) {
             return Ok(());
         }
         let _g = self.flag_lock.lock().await;
@@ -463,7 +506,9 @@ impl<S: ImageStore> Image<S> {
     }
 
     /// Everything durable, then the map, then the flag cleared: in that order, so that
-    /// a crash at any point leaves either a valid map or the flag set.
+    /// a crash at any point leaves either a valid map or the flag set. Without a map in
+    /// memory (a shared image) there is nothing valid to write, so the flag stays set
+    /// and the next non-shared open rebuilds the map.
     async fn mark_clean(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -876,7 +921,7 @@ mod tests {
             .collect()
     }
 
-    async fn read_all(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+    async fn read_all<S: ImageStore>(img: &Image<S>, off: u64, len: u32) -> Vec<u8> {
         let mut out = Vec::new();
         for c in img.read(off, len).await.unwrap() {
             match c {
@@ -1188,10 +1233,33 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.kind, ErrorKind::Busy);
-        assert_eq!(header_flags(d.path()), 0);
+        // Nobody keeps the on-disk map current while shared writers write: it is
+        // flagged invalid from the first shared open on, and stays so after they close.
+        let invalid = invalid_flags(DEFAULT_FEATURES);
+        assert_eq!(header_flags(d.path()), invalid);
         img.read(8 << 20, 4096).await.unwrap();
         assert_eq!((img.stats().store_reads, img.stats().map_reads), (2, 0));
         img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), invalid);
+        // Back to exclusive use: the stale map (it never saw object 0) is not trusted;
+        // the open rebuilds it and the shared writer's data reads back.
+        {
+            let h = s
+                .open_image(&spec("vm1"), OpenMode::ReadWrite)
+                .await
+                .unwrap();
+            h.set_meta(META_SHARED, "false").await.unwrap();
+            h.close().await.unwrap();
+        }
+        assert_eq!(disk_map(d.path()).get(0), ObjectState::Nonexistent);
+        let img = open(&s, false).await;
+        assert!(!img.is_shared());
+        assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
+        assert_eq!(img.object_map().unwrap().get(0), ObjectState::Exists);
+        assert_eq!(&read_all(&img, 0, 3).await, b"two");
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(disk_map(d.path()).get(0), ObjectState::Exists);
         // The config default applies only without metadata.
         let (_d2, s2) = store_with(16 << 20, DEFAULT_FEATURES).await;
         let o = OpenOptions {
@@ -1426,6 +1494,131 @@ mod tests {
             self.note("close");
             self.inner.close().await
         }
+    }
+
+    /// A head image dressed up as its snapshot `s1` (id 7) with the given snapshot flags
+    /// and snapshot map bytes; reads go to the head's objects.
+    struct AtSnapshot {
+        inner: DirImage,
+        flags: u64,
+        map: Vec<u8>,
+    }
+
+    impl ImageStore for AtSnapshot {
+        fn header(&self) -> ImageHeader {
+            let mut h = self.inner.header();
+            h.snaps = vec![crate::store::SnapInfo {
+                id: 7,
+                name: "s1".into(),
+                size: h.size,
+            }];
+            h.flags = self.flags;
+            h
+        }
+        async fn refresh_header(&self) -> Result<ImageHeader> {
+            Ok(self.header())
+        }
+        async fn set_flags(&self, _: u64, _: u64) -> Result<()> {
+            panic!("a snapshot's flags are never set");
+        }
+        async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+            self.inner.get_meta(key).await
+        }
+        async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+            self.inner.set_meta(key, value).await
+        }
+        async fn read(
+            &self,
+            o: u64,
+            off: u64,
+            len: u64,
+            snap: Option<u64>,
+        ) -> Result<Option<Bytes>> {
+            assert_eq!(snap, Some(7), "reads go to the snapshot");
+            self.inner.read(o, off, len, None).await
+        }
+        async fn write(&self, _: u64, _: u64, _: Bytes, _: bool) -> Result<()> {
+            panic!("a snapshot is never written");
+        }
+        async fn zero(&self, _: u64, _: u64, _: u64, _: bool) -> Result<()> {
+            panic!("a snapshot is never written");
+        }
+        async fn remove(&self, _: u64, _: bool) -> Result<()> {
+            panic!("a snapshot is never written");
+        }
+        async fn sync(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn list_objects(&self, _: Option<u64>) -> Result<Vec<u64>> {
+            // What a listing shows: none of the snapshot's objects (say they were all
+            // removed from the head since), so a rebuild would be wrong.
+            Ok(vec![])
+        }
+        async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
+            assert_eq!(snap, Some(7), "the snapshot's own map");
+            Ok(Some(self.map.clone()))
+        }
+        async fn write_object_map(&self, _: Vec<u8>) -> Result<()> {
+            panic!("a snapshot's map is never written");
+        }
+        async fn close(&self) -> Result<()> {
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_maps_are_used_only_when_valid() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from_static(b"snapdata"), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        let good = {
+            let m = ObjectMap::try_new(4).unwrap();
+            m.set(0, ObjectState::Exists);
+            m.encode()
+        };
+        let stale = ObjectMap::try_new(4).unwrap().encode();
+        let at = |flags: u64, map: Vec<u8>| {
+            let s = &s;
+            async move {
+                let inner = s
+                    .open_image(&spec("vm1"), OpenMode::ReadOnly)
+                    .await
+                    .unwrap();
+                let store = AtSnapshot { inner, flags, map };
+                let o = OpenOptions {
+                    read_only: true,
+                    shared_default: false,
+                };
+                Image::from_store_image(store, &spec("vm1@s1"), &o)
+                    .await
+                    .unwrap()
+            }
+        };
+        // A valid snapshot map is loaded and answers holes without the store.
+        let snap = at(0, good).await;
+        assert!(matches!(snap.map_source(), Some(MapSource::Loaded)));
+        assert_eq!(&read_all(&snap, 0, 8).await, b"snapdata");
+        read_all(&snap, OBJ, 512).await;
+        assert_eq!((snap.stats().map_reads, snap.stats().store_reads), (1, 1));
+        snap.close().await.unwrap();
+        // Flagged invalid (taken after a writer crashed): neither that map, which says
+        // object 0 does not exist, nor a rebuild from the listing, which misses it, is
+        // used; every read asks the store and the data is there.
+        for flags in [RBD_FLAG_OBJECT_MAP_INVALID, invalid_flags(DEFAULT_FEATURES)] {
+            let snap = at(flags, stale.clone()).await;
+            assert!(snap.object_map().is_none() && snap.map_source().is_none());
+            assert_eq!(&read_all(&snap, 0, 8).await, b"snapdata");
+            assert_eq!(snap.stats().map_reads, 0);
+            snap.close().await.unwrap();
+        }
+        // A corrupt snapshot map is not used either.
+        let snap = at(0, b"garbage".to_vec()).await;
+        assert!(snap.object_map().is_none());
+        assert_eq!(&read_all(&snap, 0, 8).await, b"snapdata");
+        snap.close().await.unwrap();
     }
 
     #[tokio::test]
