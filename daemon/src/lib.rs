@@ -9,6 +9,7 @@ pub mod image;
 #[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod notify;
+pub mod progress;
 pub mod serve;
 pub mod socket_activation;
 pub mod spec;

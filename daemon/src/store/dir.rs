@@ -371,8 +371,13 @@ fn list_data_objects(pool_dir: &Path, object_prefix: &str) -> Result<Vec<u64>> {
     let rd = std::fs::read_dir(pool_dir)
         .map_err(|e| Error::io(format!("listing {}", pool_dir.display()), e))?;
     let mut v = Vec::new();
+    let mut progress = crate::progress::Progress::new(format!(
+        "listing {}/{prefix_dot}*: entries read",
+        pool_dir.display()
+    ));
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(format!("listing {}", pool_dir.display()), e))?;
+        progress.tick();
         if let Some(n) = ent
             .file_name()
             .to_str()

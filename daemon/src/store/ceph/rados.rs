@@ -1163,7 +1163,12 @@ impl IoCtx {
         }
         let _close = Close(ctx);
         let mut out = Vec::new();
+        let mut progress = crate::progress::Progress::new(format!(
+            "listing objects {prefix}* of pool {}: pool objects read",
+            self.pool
+        ));
         loop {
+            progress.tick();
             let (mut entry, mut es) = (null(), 0usize);
             let r = unsafe {
                 rados_nobjects_list_next2(
