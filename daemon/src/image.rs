@@ -994,6 +994,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn exists_clean_objects_are_read_and_become_exists_when_written() {
+        // EXISTS_CLEAN: unchanged since the latest snapshot (what fast-diff reports).
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from_static(b"zero"), false)
+            .await
+            .unwrap();
+        img.write(OBJ, Bytes::from_static(b"one"), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        let m = disk_map(d.path());
+        m.set(0, ObjectState::ExistsClean);
+        m.set(1, ObjectState::ExistsClean);
+        std::fs::write(
+            pool(d.path()).join(format!("rbd_object_map.{}", id(d.path()))),
+            m.encode(),
+        )
+        .unwrap();
+        let img = open(&s, false).await;
+        assert!(matches!(img.map_source(), Some(MapSource::Loaded)));
+        // Clean objects exist: their data is read from the store, not taken for holes.
+        assert_eq!(&read_all(&img, OBJ, 3).await, b"one");
+        assert_eq!(img.stats().store_reads, 1);
+        // The first write to a clean object marks it EXISTS (it now differs from the
+        // snapshot); the untouched one stays clean.
+        img.write(2, Bytes::from_static(b"ro"), false)
+            .await
+            .unwrap();
+        let mem = img.object_map().unwrap();
+        assert_eq!(mem.get(0), ObjectState::Exists);
+        assert_eq!(mem.get(1), ObjectState::ExistsClean);
+        assert_eq!(&read_all(&img, 0, 4).await, b"zero");
+        img.close().await.unwrap();
+        let m = disk_map(d.path());
+        assert_eq!(
+            (m.get(0), m.get(1), m.get(2)),
+            (
+                ObjectState::Exists,
+                ObjectState::ExistsClean,
+                ObjectState::Nonexistent
+            )
+        );
+    }
+
+    #[tokio::test]
     async fn writes_mark_objects_and_block_status_merges() {
         let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
         let img = open(&s, false).await;

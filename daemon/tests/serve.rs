@@ -92,8 +92,13 @@ impl Server {
     }
 
     /// SIGTERM and wait; returns the exit code and the whole log.
-    fn stop(mut self) -> (i32, String) {
-        self.signal(libc::SIGTERM);
+    fn stop(self) -> (i32, String) {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// `sig` and wait; returns the exit code and the whole log.
+    fn stop_with(mut self, sig: i32) -> (i32, String) {
+        self.signal(sig);
         let st = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let log = self.log.lock().unwrap().clone();
@@ -542,4 +547,34 @@ fn kill9_mid_workload_loses_nothing_acked() {
     let (code, log) = srv.stop();
     assert_eq!(code, 0, "{log}");
     ok(s, &["object-map", "check", "vm1"]);
+}
+
+#[test]
+fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "64M", "vm1"]);
+    let srv = Server::start(s, "vm1", &[]);
+    // Reads of objects that do not exist, one of them spanning two objects: three
+    // pieces, all answered from the object map.
+    nbd_py(
+        &srv.uri,
+        &format!(
+            "assert h.pread(4096, {}) == bytearray(4096)\n\
+             assert h.pread(8192, {} - 4096) == bytearray(8192)",
+            5 * OBJ,
+            3 * OBJ
+        ),
+    );
+    assert!(objects(s).is_empty(), "reads and queries created nothing");
+    let (code, log) = srv.stop_with(libc::SIGINT);
+    assert_eq!(code, 0, "SIGINT is a clean close: {log}");
+    assert_eq!(header(s, "vm1")["flags"], 0, "flag cleared at clean close");
+    assert!(
+        log.contains("map_reads=3 store_reads=0 store_writes=0"),
+        "every hole read was answered from the map, none by the store: {log}"
+    );
 }
