@@ -54,6 +54,15 @@ fn main() {
         // SAFETY: restoring a default signal disposition before any thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    // A foreground `map --log-file` logs to that file: stderr must point there before the
+    // logger decides whether it writes to a terminal.
+    #[cfg(target_os = "linux")]
+    if let cli::Command::Kernel(k) = &cli.command {
+        if let Err(e) = rados_nbd::kernel::log_to_file(k) {
+            eprintln!("rados-nbd: {e}");
+            std::process::exit(1);
+        }
+    }
     init_logging(cli.verbose);
     tune_malloc();
     // Kernel commands own their process: the serving daemon sets itself up (mlockall,

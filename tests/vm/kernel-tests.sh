@@ -57,9 +57,13 @@ if [ -e /sys/module/nbd ]; then note "nbd already loaded"; fi
 check "create images" bash -c "'$B' create --size 1G rbd/ext && '$B' create --size 1G rbd/xfs && '$B' create --size 512M rbd/misc"
 
 echo "== map, ext4, unmap, map again"
-dev=$(map rbd/ext --nbds-max 8 --max-part 4)
+# rbd-nbd's spellings of the module parameters (--nbds-max/--max-part are the same options).
+dev=$(map rbd/ext --nbds_max 8 --max_part 4)
 if [ -b "$dev" ] && [ "$(dev_size "$dev")" = $((1 << 30)) ]; then ok "map prints a usable device ($dev, 1 GiB)"; else bad "map prints a usable device" "got '$dev'"; fi
-check "module loaded with --nbds-max 8" test "$(cat /sys/module/nbd/parameters/nbds_max)" = 8
+check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/nbds_max)" = 8
+# The driver rounds max_part up to a power of two minus one: 4 becomes 7 (its default, 16,
+# would show as 31).
+check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
 check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "image flagged dirty while mapped" dirty rbd/ext
@@ -252,6 +256,138 @@ fg_closed() { [ "$(cat "/sys/block/${dev#/dev/}/size")" = 0 ] && clean rbd/misc;
 check "map --foreground: SIGINT (Ctrl-C) unmaps cleanly" fg_closed
 out=$("$B" map rbd/nosuch 2>&1)
 if [ $? -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q nosuch; then ok "map of a missing image: one-line error"; note "$out"; else bad "map of a missing image: one-line error" "$out"; fi
+
+echo "== request timeout, block size, partitions"
+dev=$(map rbd/misc --io-timeout 42)
+n=${dev#/dev/}
+check "--io-timeout 42 is the queue's io_timeout (42000 ms)" test "$(cat /sys/block/$n/queue/io_timeout)" = 42000
+check "logical block size 512" test "$(cat /sys/block/$n/queue/logical_block_size)" = 512
+# One partition over the whole device; the kernel learns of it without udev (parted uses
+# BLKPG, busybox fdisk BLKRRPART), and devtmpfs makes the node.
+mkpart() {
+  if command -v parted >/dev/null; then
+    parted -s "$1" mklabel msdos mkpart primary 1MiB 100%
+  else
+    printf 'o\nn\np\n1\n\n\nw\n' | busybox fdisk "$1" >/dev/null
+  fi
+}
+wait_node() { local i; for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.05; done; return 1; }
+check "partition table on the device" mkpart "$dev"
+check "${dev}p1 appears (--max_part)" wait_node "${dev}p1"
+check "mkfs.ext4 on ${dev}p1" mkfs.ext4 -q -F "${dev}p1"
+check "mount ${dev}p1" mount "${dev}p1" $MNT
+echo part >$MNT/part && sync
+out=$("$B" unmap "$dev" 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q "${n}p1 is mounted"; then ok "unmap refused while a partition is mounted"; note "$out"; else bad "unmap refused while a partition is mounted" "$out"; fi
+check "umount ${dev}p1" umount $MNT
+check "unmap after the partition is unmounted" "$B" unmap "$dev"
+dev=$(map rbd/misc)
+# The kernel scans the partition table at the first open after the connect; udev's probe
+# does that on a real system, this read here.
+dd if="$dev" of=/dev/null bs=4k count=1 status=none
+part_again() { wait_node "${dev}p1" && mount "${dev}p1" $MNT && grep -q part $MNT/part; local r=$?; umount $MNT; return $r; }
+check "the partition is found again on the next map" part_again
+check "unmap partitioned device" "$B" unmap "$dev"
+dev=$(RADOS_NBD_FORCE_IOCTL=1 map rbd/misc --io-timeout 7)
+check "ioctl fallback: --io-timeout 7 is the queue's io_timeout" test "$(cat /sys/block/${dev#/dev/}/queue/io_timeout)" = 7000
+check "ioctl fallback: logical block size 512" test "$(cat /sys/block/${dev#/dev/}/queue/logical_block_size)" = 512
+check "ioctl fallback: unmap" "$B" unmap "$dev"
+
+echo "== --exclusive"
+# Only a shared image takes several writers, so only there does --exclusive change anything.
+check "create a shared image" bash -c "'$B' create --size 64M rbd/shr && '$B' config rbd/shr shared=true"
+dev=$(map rbd/shr --exclusive)
+check "map --exclusive" test -b "$dev"
+excl_io() {
+  dd if=/dev/urandom of=/tmp/x1 bs=1M count=2 status=none &&
+    dd if=/tmp/x1 of="$dev" bs=1M oflag=direct status=none &&
+    dd if="$dev" of=/tmp/x2 bs=1M count=2 iflag=direct status=none && cmp /tmp/x1 /tmp/x2
+}
+check "--exclusive serves I/O" excl_io
+out=$("$B" map rbd/shr 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -qi "in use"; then ok "a second writer is refused while --exclusive holds the image"; note "$out"; else bad "a second writer is refused while --exclusive holds the image" "$out"; [ -b "$out" ] && "$B" unmap "$out"; fi
+check "unmap --exclusive" "$B" unmap "$dev"
+d1=$(map rbd/shr)
+d2=$(map rbd/shr)
+check "without --exclusive the shared image maps twice" bash -c "[ -b '$d1' ] && [ -b '$d2' ] && [ '$d1' != '$d2' ]"
+[ -b "$d1" ] && "$B" unmap "$d1"
+[ -b "$d2" ] && "$B" unmap "$d2"
+
+echo "== a failing close is reported by unmap and by the daemon's exit status"
+# A store on a tiny tmpfs, filled up while mapped: the close cannot write the object map
+# (ENOSPC), whatever root may do.
+FULL=/tmp/fullstore
+mkdir -p $FULL && mount -t tmpfs -o size=4m tmpfs $FULL
+check "create an image on a small store" "$B" --store dir:$FULL create --size 64M rbd/full
+fill() { dd if=/dev/zero of=$FULL/filler bs=64k status=none 2>/dev/null; ! dd if=/dev/zero of=$FULL/probe bs=4k count=1 status=none 2>/dev/null; }
+full_dirty() { "$B" --store dir:$FULL info rbd/full --format json | grep -q 'object map invalid'; }
+dev=$(map rbd/full --store dir:$FULL --pid-file /tmp/full.pid)
+pid=$(pid_of "$dev")
+check "pid file holds the daemon's pid" test "$(cat /tmp/full.pid 2>/dev/null)" = "$pid"
+dd if=/dev/urandom of="$dev" bs=64k count=4 oflag=direct status=none
+check "store file system full" fill
+out=$("$B" unmap "$dev" 2>&1)
+rc=$?
+if [ $rc = 1 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q "$dev (rbd/full)" && echo "$out" | grep -qi "no space left"; then
+  ok "unmap exits 1 with one line naming device, image and failure"; note "$out"
+else bad "unmap exits 1 with one line naming device, image and failure" "status $rc: $out"; fi
+check "failed close: daemon gone" dead "$pid"
+check "failed close: device released" test "$(cat /sys/block/${dev#/dev/}/size)" = 0
+check "failed close: state file removed" test ! -e "/run/rados-nbd/${dev#/dev/}.json"
+check "failed close: pid file removed" test ! -e /tmp/full.pid
+check "the close result was read and removed" test ! -e "/run/rados-nbd/${dev#/dev/}.close-$pid.json"
+rm -f $FULL/filler $FULL/probe
+check "failed close leaves the image flagged dirty" full_dirty
+# SIGTERM: the same failure makes a foreground daemon exit 1; with --log-file the log goes
+# to the file while the device name still goes to stdout and the last error to stderr.
+rm -f /tmp/fgl.log
+"$B" --store dir:$FULL map rbd/full --foreground --log-file /tmp/fgl.log >/tmp/fgl.out 2>/tmp/fgl.err &
+fgpid=$!
+for i in $(seq 100); do [ -s /tmp/fgl.out ] && break; sleep 0.1; done
+dev=$(head -1 /tmp/fgl.out)
+check "map --foreground --log-file: the device on stdout" test -b "$dev"
+check "map --foreground --log-file: the log in the file" grep -q "rbd/full mapped to $dev" /tmp/fgl.log
+check "map --foreground --log-file: nothing on stderr" test ! -s /tmp/fgl.err
+check "next map repaired the object map" grep -qi "rebuil" /tmp/fgl.log
+check "store file system full again" fill
+kill -TERM $fgpid
+wait $fgpid
+rc=$?
+check "SIGTERM with a failing close: daemon exits 1" test "$rc" = 1
+check "SIGTERM with a failing close: the error in the log file" grep -qi "no space left" /tmp/fgl.log
+check "SIGTERM with a failing close: one error line on stderr" bash -c "[ \$(wc -l </tmp/fgl.err) = 1 ] && grep -qi 'rados-nbd: .*rbd/full.*no space left' /tmp/fgl.err"
+note "stderr: $(cat /tmp/fgl.err)"
+check "SIGTERM with a failing close: device released" test "$(cat /sys/block/${dev#/dev/}/size)" = 0
+rm -f $FULL/filler $FULL/probe
+dev=$(map rbd/full --store dir:$FULL)
+check "map after the failed closes" test -b "$dev"
+check "unmap with room again: clean close, exit 0" "$B" unmap "$dev"
+full_clean() { ! full_dirty; }
+check "image clean after a successful unmap" full_clean
+check "object-map check agrees after the repair" "$B" --store dir:$FULL object-map check rbd/full
+umount $FULL
+
+echo "== the background daemon leaves the directory map ran in"
+mkdir -p /tmp/cwdfs && mount -t tmpfs -o size=1m tmpfs /tmp/cwdfs && mkdir -p /tmp/cwdfs/sub
+rm -f /tmp/cwd.pid /tmp/cwd.log
+# Relative paths everywhere: --store dir:, RADOS_NBD_STORE, --pid-file, --log-file.
+dev=$(cd /tmp/cwdfs/sub && "$B" --store dir:../../..$RADOS_NBD_STORE map rbd/misc --pid-file ../../cwd.pid --log-file ../../cwd.log)
+dev2=$(cd /tmp/cwdfs/sub && RADOS_NBD_STORE=../../..$RADOS_NBD_STORE "$B" map rbd/xfs --log-file ../../cwd.log)
+pid=$(pid_of "$dev")
+pid2=$(pid_of "$dev2")
+check "map from a relative store (dir: and RADOS_NBD_STORE)" test -b "$dev" -a -b "$dev2"
+check "daemons run in /" bash -c "[ \$(readlink /proc/$pid/cwd) = / ] && [ \$(readlink /proc/$pid2/cwd) = / ]"
+check "umount of the directory map ran in succeeds while mapped" umount /tmp/cwdfs
+check "list-mapped shows the store absolute" bash -c "'$B' list-mapped | grep -E '$dev +dir:$RADOS_NBD_STORE\$' && '$B' list-mapped | grep -E '$dev2 +dir:$RADOS_NBD_STORE\$'"
+check "relative --pid-file holds the daemon's pid" test "$(cat /tmp/cwd.pid 2>/dev/null)" = "$pid"
+check "relative --log-file gets the log" grep -q "rbd/misc mapped to $dev" /tmp/cwd.log
+check "the device serves I/O after the umount" bash -c "dd if=$dev of=/dev/null bs=1M count=4 iflag=direct status=none && dd if=/dev/zero of=$dev2 bs=1M count=1 oflag=direct status=none"
+check "unmap (relative store)" "$B" unmap "$dev"
+check "pid file removed after unmap" test ! -e /tmp/cwd.pid
+check "unmap (relative RADOS_NBD_STORE)" "$B" unmap "$dev2"
+both_clean() { clean rbd/misc && clean rbd/xfs; }
+check "both images clean" both_clean
+check "nothing left mapped at the end" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
 
 echo "== done in $(($(date +%s) - T0)) s"
 if [ "$fail" -ne 0 ]; then

@@ -8,7 +8,9 @@ pub enum KernelCommand {
     /// Attach an image to a kernel /dev/nbdX device and print the device once it is usable;
     /// the serving daemon then stays in the background.
     Map(MapArgs),
-    /// Flush and close an image cleanly, then disconnect its device.
+    /// Disconnect a device: the kernel stops sending requests, the daemon answers those in
+    /// flight, closes the image cleanly (flush, object map, dirty flag, lock) and exits.
+    /// Fails when that close failed.
     Unmap(UnmapArgs),
     /// List the devices this host maps.
     ListMapped(ListMappedArgs),
@@ -39,13 +41,15 @@ pub struct ServeOpts {
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u32,
-    /// Stay in the foreground (log to stderr) instead of going to the background.
+    /// Stay in the foreground (log to stderr, or to --log-file) instead of going to the
+    /// background.
     #[arg(long)]
     pub foreground: bool,
     /// Write the daemon's pid here (removed when it exits).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
-    /// Log to this file instead of syslog once in the background.
+    /// Log to this file (appended) instead of syslog in the background or stderr in the
+    /// foreground.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
     /// Internal: the pipe on which a background daemon reports readiness to `map`.
@@ -61,10 +65,12 @@ pub struct MapArgs {
     #[arg(long, value_name = "/dev/nbdN")]
     pub device: Option<String>,
     /// nbd module parameter, used only when this command loads the module.
-    #[arg(long, value_name = "N")]
+    /// `--nbds_max` is rbd-nbd's spelling.
+    #[arg(long, alias = "nbds_max", value_name = "N")]
     pub nbds_max: Option<u32>,
     /// nbd module parameter, used only when this command loads the module.
-    #[arg(long, value_name = "N")]
+    /// `--max_part` is rbd-nbd's spelling.
+    #[arg(long, alias = "max_part", value_name = "N")]
     pub max_part: Option<u32>,
     #[command(flatten)]
     pub opts: ServeOpts,
@@ -80,6 +86,17 @@ pub struct UnmapArgs {
     /// How long to wait for the daemon to finish its clean close.
     #[arg(long, value_name = "SEC", default_value_t = 300)]
     pub wait_timeout: u64,
+}
+
+impl KernelCommand {
+    /// The serving options of `map` and `attach`.
+    pub fn serve_opts(&self) -> Option<&ServeOpts> {
+        match self {
+            KernelCommand::Map(m) => Some(&m.opts),
+            KernelCommand::Attach(a) => Some(&a.opts),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -167,6 +184,39 @@ mod tests {
         };
         assert_eq!(m.opts.io_timeout, Some(5));
         assert!(T::try_parse_from(["x", "map"]).is_err());
+    }
+
+    #[test]
+    fn rbd_nbd_spellings_of_module_parameters() {
+        let parse = |args: &[&str]| {
+            let t = T::try_parse_from(["x", "map", "img"].iter().chain(args)).unwrap();
+            let KernelCommand::Map(m) = t.cmd else {
+                panic!("not map")
+            };
+            (m.nbds_max, m.max_part)
+        };
+        assert_eq!(
+            parse(&["--nbds_max", "16", "--max_part", "8"]),
+            (Some(16), Some(8))
+        );
+        assert_eq!(parse(&["--nbds-max=3", "--max_part=2"]), (Some(3), Some(2)));
+        assert_eq!(parse(&["--nbds_max=5"]), (Some(5), None));
+        assert_eq!(parse(&[]), (None, None));
+        // Both spellings name one option: giving it twice is an error, as for any option.
+        assert!(
+            T::try_parse_from(["x", "map", "img", "--nbds-max", "1", "--nbds_max", "2"]).is_err()
+        );
+        // attach loads no module, so it has neither.
+        assert!(T::try_parse_from([
+            "x",
+            "attach",
+            "--device",
+            "/dev/nbd0",
+            "img",
+            "--nbds_max",
+            "2"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 thread_local! {
     /// Per-test-thread roots, so tests never mutate the process environment.
     static TEST_SYS_BLOCK: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
-    static TEST_RUN_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+    pub(super) static TEST_RUN_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 fn sys_block() -> PathBuf {
@@ -284,6 +284,11 @@ pub struct DeviceState {
     /// The daemon left on purpose (`detach`); the kernel keeps the device for `attach`.
     pub detached: bool,
     pub backend: Option<String>,
+    /// The daemon records how its close ended ([`write_close_result`]), so `unmap` can
+    /// tell a failed close from a clean one. False in state files of older daemons, which
+    /// record nothing: their silence is then no sign of failure.
+    #[serde(default)]
+    pub close_result: bool,
 }
 
 impl DeviceState {
@@ -336,6 +341,80 @@ pub fn read_state(index: u32) -> Result<Option<DeviceState>> {
 
 pub fn remove_state(index: u32) {
     let _ = std::fs::remove_file(state_path(index));
+}
+
+/// How a daemon's clean close ended, for the `unmap` or `detach` waiting for it to exit: a
+/// process that is not our child has no exit status we could read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseResult {
+    pub pid: u32,
+    pub device: String,
+    /// The image spec (`rbd/vm1`).
+    pub image: String,
+    /// None when the image was closed cleanly (flushed, object map written, dirty flag
+    /// cleared, lock released); otherwise what failed, in one line.
+    pub error: Option<String>,
+}
+
+/// `nbdN.close-PID.json`: named by pid too, so the result of a daemon that is gone can never
+/// be mistaken for that of the next daemon on the same device. [`all_states`] skips these.
+pub fn close_result_path(index: u32, pid: u32) -> PathBuf {
+    run_dir().join(format!("nbd{index}.close-{pid}.json"))
+}
+
+/// Results nobody waited for (SIGTERM, `nbd-client -d`) are swept after this long; a waiting
+/// `unmap` reads its result within milliseconds of the daemon's exit.
+const STALE_CLOSE_RESULT: Duration = Duration::from_secs(600);
+
+/// Records the outcome of the close, atomically (temp file + rename: the waiter reads either
+/// nothing or all of it), before the daemon exits. Also removes results left behind by
+/// daemons that ended with nobody waiting.
+pub fn write_close_result(index: u32, r: &CloseResult) -> Result<()> {
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let stale = name.starts_with("nbd")
+            && name.contains(".close-")
+            && name.ends_with(".json")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_CLOSE_RESULT);
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let path = close_result_path(index, r.pid);
+    let tmp = dir.join(format!(".nbd{index}.close-{}.json.tmp", r.pid));
+    let data = serde_json::to_vec(r)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding the close result: {e}")))?;
+    std::fs::write(&tmp, data).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
+    })
+}
+
+/// Reads and removes the close result daemon `pid` left for device `index`, if any.
+pub fn take_close_result(index: u32, pid: u32) -> Result<Option<CloseResult>> {
+    let path = close_result_path(index, pid);
+    let data = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let _ = std::fs::remove_file(&path);
+    serde_json::from_slice(&data).map(Some).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("close result {} is unreadable: {e}", path.display()),
+        )
+    })
 }
 
 /// Every state file, skipping unreadable ones (with a warning).
@@ -421,6 +500,7 @@ mod tests {
             netlink: true,
             detached: false,
             backend: Some("b".into()),
+            close_result: true,
         };
         write_state(3, &st).unwrap();
         let mut st1 = st.clone();
@@ -437,6 +517,69 @@ mod tests {
         assert_eq!(all[1].spec_string(), "rbd/vm1@s1");
         remove_state(3);
         assert_eq!(read_state(3).unwrap(), None);
+        // A state file of a daemon that predates close results still reads, as "records
+        // nothing".
+        std::fs::write(
+            dir.path().join("nbd2.json"),
+            br#"{"pid":7,"pool":"rbd","image":"a","snap":null,"device":"/dev/nbd2","store":"dir:/x","read_only":false,"connections":1,"netlink":true,"detached":false,"backend":null}"#,
+        )
+        .unwrap();
+        assert!(!read_state(2).unwrap().unwrap().close_result);
+    }
+
+    #[test]
+    fn close_results() {
+        let dir = tempfile::tempdir().unwrap();
+        TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let failed = CloseResult {
+            pid: 42,
+            device: "/dev/nbd3".into(),
+            image: "rbd/vm1".into(),
+            error: Some("closing rbd/vm1: no space".into()),
+        };
+        let clean = CloseResult {
+            pid: 43,
+            error: None,
+            ..failed.clone()
+        };
+        write_close_result(3, &failed).unwrap();
+        write_close_result(3, &clean).unwrap();
+        // Result files are not state files.
+        assert!(all_states().is_empty());
+        // Each daemon's own result, read once.
+        assert_eq!(take_close_result(3, 42).unwrap(), Some(failed.clone()));
+        assert_eq!(take_close_result(3, 42).unwrap(), None);
+        assert_eq!(take_close_result(4, 43).unwrap(), None);
+        assert_eq!(take_close_result(3, 43).unwrap(), Some(clean));
+        // Nothing but the results themselves was left behind (no temp files).
+        write_close_result(3, &failed).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["nbd3.close-42.json"]);
+        // A result nobody read is swept by a later daemon once it is stale, not before.
+        let old = std::time::SystemTime::now() - STALE_CLOSE_RESULT - Duration::from_secs(5);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(close_result_path(3, 42))
+            .unwrap();
+        f.set_modified(old).unwrap();
+        write_close_result(
+            5,
+            &CloseResult {
+                pid: 44,
+                ..failed.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(take_close_result(3, 42).unwrap(), None);
+        assert!(take_close_result(5, 44).unwrap().is_some());
+        std::fs::write(dir.path().join("nbd1.close-9.json"), b"{").unwrap();
+        assert_eq!(
+            take_close_result(1, 9).unwrap_err().kind,
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

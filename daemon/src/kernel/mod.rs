@@ -9,10 +9,13 @@
 //!
 //! Ending a mapping: `unmap` (or SIGTERM/SIGINT to the daemon, or a kernel-side disconnect
 //! such as `nbd-client -d`) makes the kernel send NBD_CMD_DISC on every socket; the server
-//! drains, the daemon closes the image cleanly (flush, object map, dirty flag, lock) and
-//! exits, and `unmap` returns when that pid is gone. `detach` (SIGUSR1 to the daemon) does
-//! the same drain and clean close but leaves the device configured; `attach` serves it
-//! again through netlink RECONFIGURE within the kernel's dead-connection timeout.
+//! drains, the daemon closes the image cleanly (flush, object map, dirty flag, lock),
+//! records how that close ended next to its state file and exits; `unmap` returns when that
+//! pid is gone, and fails when the recorded close failed. Disconnect first, close second is
+//! the safe order (rbd-nbd's too): only once the kernel sends nothing more can the flush and
+//! the object map be the last word on the image. `detach` (SIGUSR1 to the daemon) does the
+//! same drain and clean close but leaves the device configured; `attach` serves it again
+//! through netlink RECONFIGURE within the kernel's dead-connection timeout.
 
 pub mod cli;
 pub mod device;
@@ -30,6 +33,7 @@ use device::DeviceState;
 use export::Export;
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,14 +51,152 @@ pub fn run(
     ceph_id: Option<String>,
     ceph_keyring: Option<std::path::PathBuf>,
 ) -> Result<()> {
+    // Paths as given are relative to the directory `map` ran in, which the background daemon
+    // leaves (it must not pin that file system); recorded absolute, the store also reads the
+    // same in list-mapped and in the backend identifier whatever directory a command ran in.
+    let ceph_keyring = ceph_keyring.map(|p| absolute(&p)).transpose()?;
     let _ = export::CEPH_AUTH.set((ceph_id, ceph_keyring));
-    let store = &export::store_string(store);
+    let store = &export::store_string(&absolute_store(store)?);
     match cmd {
         KernelCommand::Map(a) => map(a, store),
         KernelCommand::Unmap(a) => unmap(a),
         KernelCommand::ListMapped(a) => list_mapped(a),
         KernelCommand::Attach(a) => attach(a, store),
         KernelCommand::Detach(a) => detach(a),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Paths, working directory, log file
+
+/// `p` as an absolute path naming the same file from any working directory. Leading `..`
+/// are resolved against the working directory, which getcwd() names without symlinks, so
+/// the result does not go through the directory `map` ran in (`dir:../images` must still
+/// work once that directory's file system is unmounted); later `..` are kept, as they may
+/// follow a symlink.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    use std::path::Component;
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    let mut base = std::env::current_dir()
+        .map_err(|e| Error::io(format!("making {} absolute", p.display()), e))?;
+    let mut rest = p.components().peekable();
+    while let Some(c) = rest.peek() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                base.pop();
+            }
+            _ => break,
+        }
+        rest.next();
+    }
+    let rest: PathBuf = rest.collect();
+    if rest.as_os_str().is_empty() {
+        return Ok(base);
+    }
+    Ok(base.join(rest))
+}
+
+fn absolute_store(store: &crate::cli::StoreUri) -> Result<crate::cli::StoreUri> {
+    use crate::cli::StoreUri;
+    Ok(match store {
+        StoreUri::Dir(p) => StoreUri::Dir(absolute(p)?),
+        StoreUri::Ceph { conf } => StoreUri::Ceph {
+            conf: conf.as_deref().map(absolute).transpose()?,
+        },
+    })
+}
+
+/// Environment variables holding paths the daemon (or librados) reads after startup.
+const PATH_VARIABLES: [&str; 4] = [
+    "RADOS_NBD_CONFIG",
+    "RADOS_NBD_RUN_DIR",
+    "RADOS_NBD_MODULES_ROOT",
+    "CEPH_CONF",
+];
+
+/// The background daemon moves to `/` like any daemon: left in the directory `map` ran in,
+/// it would keep that file system busy (its umount would fail for as long as the device is
+/// mapped). Every relative path it still needs is made absolute first. Runs before any
+/// thread exists (the environment is changed).
+fn leave_working_dir(opts: &mut ServeOpts) -> Result<()> {
+    for p in [&mut opts.pid_file, &mut opts.log_file]
+        .into_iter()
+        .flatten()
+    {
+        *p = absolute(p)?;
+    }
+    for var in PATH_VARIABLES {
+        if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            let p = PathBuf::from(&v);
+            if p.is_relative() {
+                std::env::set_var(var, absolute(&p)?);
+            }
+        }
+    }
+    std::env::set_current_dir("/").map_err(|e| Error::io("changing directory to /", e))
+}
+
+/// The terminal's stderr while a foreground daemon logs to its --log-file.
+static TERMINAL_STDERR: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// `map --foreground --log-file PATH` (and `attach`): the log goes to PATH, as it does in the
+/// background. Called before the logger is set up, so it sees a file and writes no colours.
+/// Only stderr moves: stdout still gets the device name, and the final error line goes to the
+/// terminal again ([`restore_terminal_stderr`]).
+pub fn log_to_file(cmd: &KernelCommand) -> Result<()> {
+    let Some(opts) = cmd.serve_opts() else {
+        return Ok(());
+    };
+    // Without --foreground the re-executed daemon gets the file as stdout and stderr from
+    // `map` itself; the parent keeps the terminal for its own messages.
+    let (true, None, Some(path)) = (opts.foreground, opts.ready_fd, &opts.log_file) else {
+        return Ok(());
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening log file {}", path.display()), e))?;
+    // SAFETY: dup/dup2 on descriptors we own or that are standard ones; no memory is passed.
+    unsafe {
+        let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+        if saved >= 0 {
+            let _ = TERMINAL_STDERR.set(OwnedFd::from_raw_fd(saved));
+        }
+        if libc::dup2(f.as_raw_fd(), 2) < 0 {
+            return Err(Error::io(
+                format!("redirecting stderr to {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Points stderr back at the terminal once serving is over.
+fn restore_terminal_stderr() {
+    if let Some(fd) = TERMINAL_STDERR.get() {
+        // SAFETY: dup2 of a descriptor we own onto stderr.
+        unsafe { libc::dup2(fd.as_raw_fd(), 2) };
+    }
+}
+
+/// Removes the pid file when serving ends, however it ends, but only while it still holds
+/// our pid: a failed second `map` given the same --pid-file must not delete the running
+/// daemon's.
+struct PidFileGuard<'a>(Option<&'a Path>);
+
+impl Drop for PidFileGuard<'_> {
+    fn drop(&mut self) {
+        let Some(p) = self.0 else { return };
+        let ours = std::fs::read_to_string(p)
+            .is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(std::process::id()));
+        if ours {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -247,7 +389,7 @@ fn attach(a: AttachArgs, store: &str) -> Result<()> {
     start(Mode::Attach { index }, &a.image, a.opts, store)
 }
 
-fn start(mode: Mode, image: &str, opts: ServeOpts, store: &str) -> Result<()> {
+fn start(mode: Mode, image: &str, mut opts: ServeOpts, store: &str) -> Result<()> {
     let spec: ImageSpec = image.parse()?;
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(Error::new(
@@ -262,16 +404,25 @@ fn start(mode: Mode, image: &str, opts: ServeOpts, store: &str) -> Result<()> {
         return spawn_background(&opts);
     }
     let mut ready = opts.ready_fd.map(ReadyPipe::from_fd).transpose()?;
-    if ready.is_some() && opts.log_file.is_none() {
-        forward_output_to_syslog();
+    let background = ready.is_some();
+    let res = if background {
+        leave_working_dir(&mut opts)
+    } else {
+        Ok(())
     }
-    let res = serve(mode, spec, &opts, store, &mut ready);
+    .and_then(|()| {
+        if background && opts.log_file.is_none() {
+            forward_output_to_syslog();
+        }
+        serve(mode, spec, &opts, store, &mut ready)
+    });
     if let Err(e) = &res {
         tracing::error!("{e}");
         if let Some(r) = ready.take() {
             r.send(&format!("error {e}"));
         }
     }
+    restore_terminal_stderr();
     res
 }
 
@@ -307,6 +458,7 @@ fn serve(
     ready: &mut Option<ReadyPipe>,
 ) -> Result<()> {
     set_process_name();
+    let _pid_file = PidFileGuard(opts.pid_file.as_deref());
     let mut read_only = opts.read_only || spec.snap.is_some();
     let mut connections = opts.connections;
     match &mode {
@@ -404,31 +556,60 @@ fn serve(
         connections,
     };
     let outcome = setup.run(mode, nl, signals, ready);
-    // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock.
+    // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock. The
+    // error names the image and the step that failed.
     let closed = rt.block_on(export.close());
-    if let Err(e) = &closed {
-        tracing::error!("closing {spec} failed: {e}");
-    }
-    let (index, ending) = outcome?;
-    match ending {
+    let (index, ending) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            // Serving failed (reported by the caller); a failed close must not go unsaid.
+            if let Err(c) = &closed {
+                tracing::error!("{c}");
+            }
+            return Err(e);
+        }
+    };
+    let finished = match ending {
         Ending::Detached => {
             // Only now (the lock is released) may `attach` start.
-            if let Some(mut st) = device::read_state(index)? {
-                st.pid = 0;
-                st.detached = true;
-                device::write_state(index, &st)?;
+            let marked = device::read_state(index).and_then(|st| match st {
+                Some(mut st) => {
+                    st.pid = 0;
+                    st.detached = true;
+                    device::write_state(index, &st)
+                }
+                None => Ok(()),
+            });
+            if closed.is_ok() {
+                tracing::info!(
+                    "{spec}: detached from /dev/nbd{index}; the kernel keeps the device"
+                );
             }
-            tracing::info!("{spec}: detached from /dev/nbd{index}; the kernel keeps the device");
+            closed.and(marked)
         }
         Ending::Disconnected => {
             device::remove_state(index);
-            tracing::info!("{spec}: /dev/nbd{index} disconnected, image closed");
+            if closed.is_ok() {
+                tracing::info!("{spec}: /dev/nbd{index} disconnected, image closed");
+            }
+            closed
         }
+    };
+    // The `unmap` or `detach` waiting for this process to exit learns the outcome here;
+    // written before the exit, so it is there once the pid is gone.
+    let result = device::CloseResult {
+        pid: std::process::id(),
+        device: device::device_path(index),
+        image: spec.to_string(),
+        error: finished
+            .as_ref()
+            .err()
+            .map(|e| e.to_string().replace('\n', " ")),
+    };
+    if let Err(e) = device::write_close_result(index, &result) {
+        tracing::error!("recording the outcome of the close: {e}");
     }
-    if let Some(p) = &opts.pid_file {
-        let _ = std::fs::remove_file(p);
-    }
-    closed.map_err(|e| e.context(format!("closing {spec}")))
+    finished
 }
 
 struct Setup<'a> {
@@ -592,6 +773,7 @@ impl Setup<'_> {
             netlink: matches!(control, Control::Netlink(_)),
             detached: false,
             backend: matches!(control, Control::Netlink(_)).then_some(backend),
+            close_result: true,
         };
         if let Err(e) = device::write_state(index, &state) {
             let _ = request_disconnect(&mut control, index);
@@ -885,22 +1067,55 @@ fn unmap(a: UnmapArgs) -> Result<()> {
             ));
         }
     }
+    // Disconnect first: the kernel sends NBD_CMD_DISC after the requests it has in flight,
+    // so once the daemon has drained them nothing can reach the image after its close.
     if configured {
         kernel_disconnect(index)?;
     }
-    if let Some(pid) = pid {
-        if !device::wait_exit(pid, Duration::from_secs(a.wait_timeout)) {
-            return Err(Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "{path} is disconnected but its daemon (pid {pid}) has not finished closing the image after {}s",
-                    a.wait_timeout
-                ),
-            ));
+    let closed = match (pid, &st) {
+        (Some(pid), Some(st)) => {
+            if !device::wait_exit(pid, Duration::from_secs(a.wait_timeout)) {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "{path} is disconnected but its daemon (pid {pid}) has not finished closing the image after {}s",
+                        a.wait_timeout
+                    ),
+                ));
+            }
+            close_outcome(index, pid, st)
         }
-    }
+        _ => Ok(()),
+    };
+    // The device is gone either way; a failed close is reported, not retried.
     device::remove_state(index);
-    Ok(())
+    closed.map_err(|why| {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "{path} ({}) is unmapped, but {why}",
+                st.as_ref().map(|s| s.spec_string()).unwrap_or_default()
+            ),
+        )
+    })
+}
+
+/// What daemon `pid` of device `index` recorded about its close once it exited: Ok for a
+/// clean close, otherwise what went wrong, as the end of a sentence.
+fn close_outcome(index: u32, pid: u32, st: &DeviceState) -> std::result::Result<(), String> {
+    match device::take_close_result(index, pid) {
+        Ok(Some(device::CloseResult { error: None, .. })) => Ok(()),
+        Ok(Some(device::CloseResult { error: Some(e), .. })) => {
+            Err(format!("the image was not closed cleanly: {e}"))
+        }
+        // A daemon that records its close and left nothing died before the end of it (a
+        // kill, a crash): the image may be left flagged dirty.
+        Ok(None) if st.close_result => Err(format!(
+            "its daemon (pid {pid}) exited without recording a clean close of the image (killed or crashed?); the next map repairs a dirty object map"
+        )),
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("its close cannot be confirmed: {e}")),
+    }
 }
 
 fn detach(a: DetachArgs) -> Result<()> {
@@ -942,7 +1157,12 @@ fn detach(a: DetachArgs) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    close_outcome(index, st.pid, &st).map_err(|why| {
+        Error::new(
+            ErrorKind::Io,
+            format!("{path} ({}) is detached, but {why}", st.spec_string()),
+        )
+    })
 }
 
 fn list_mapped(a: ListMappedArgs) -> Result<()> {
@@ -1014,4 +1234,122 @@ fn list_mapped(a: ListMappedArgs) -> Result<()> {
         }
     };
     res.map_err(|e| Error::io("writing to stdout", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::StoreUri;
+
+    #[test]
+    fn store_paths_are_made_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_store(&StoreUri::Dir("images/a".into())).unwrap(),
+            StoreUri::Dir(cwd.join("images/a"))
+        );
+        assert_eq!(
+            absolute_store(&StoreUri::Dir("/srv/x".into())).unwrap(),
+            StoreUri::Dir("/srv/x".into())
+        );
+        assert_eq!(
+            absolute_store(&StoreUri::Ceph {
+                conf: Some("c.conf".into())
+            })
+            .unwrap(),
+            StoreUri::Ceph {
+                conf: Some(cwd.join("c.conf"))
+            }
+        );
+        assert_eq!(
+            absolute_store(&StoreUri::Ceph { conf: None }).unwrap(),
+            StoreUri::Ceph { conf: None }
+        );
+        let up = cwd.parent().unwrap_or(&cwd);
+        assert_eq!(absolute(Path::new("../x")).unwrap(), up.join("x"));
+        assert_eq!(absolute(Path::new("./../x/y")).unwrap(), up.join("x/y"));
+        assert_eq!(absolute(Path::new("..")).unwrap(), up);
+        assert_eq!(absolute(Path::new(".")).unwrap(), cwd);
+        // A `..` after a name may follow a symlink: kept for the kernel to resolve.
+        assert_eq!(absolute(Path::new("a/../b")).unwrap(), cwd.join("a/../b"));
+        assert_eq!(
+            absolute(Path::new("/r/../s")).unwrap(),
+            Path::new("/r/../s")
+        );
+        // Recorded as `dir:/abs/path` in state files and the backend identifier.
+        let s = export::store_string(&absolute_store(&StoreUri::Dir("st".into())).unwrap());
+        assert_eq!(s, format!("dir:{}", cwd.join("st").display()));
+    }
+
+    #[test]
+    fn pid_file_is_removed_only_while_it_is_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pid");
+        std::fs::write(&p, format!("{}\n", std::process::id())).unwrap();
+        drop(PidFileGuard(Some(&p)));
+        assert!(!p.exists());
+        // Another daemon's pid file (a second map given the same path failed) stays.
+        std::fs::write(&p, "1\n").unwrap();
+        drop(PidFileGuard(Some(&p)));
+        assert!(p.exists());
+        // Never written (serving failed before readiness): nothing to do, no panic.
+        drop(PidFileGuard(Some(&dir.path().join("none"))));
+        drop(PidFileGuard(None));
+    }
+
+    fn state(close_result: bool) -> DeviceState {
+        DeviceState {
+            pid: 42,
+            pool: "rbd".into(),
+            image: "vm1".into(),
+            snap: None,
+            device: "/dev/nbd3".into(),
+            store: "dir:/x".into(),
+            read_only: false,
+            connections: 1,
+            netlink: true,
+            detached: false,
+            backend: None,
+            close_result,
+        }
+    }
+
+    #[test]
+    fn unmap_learns_how_the_close_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        device::TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let result = |error: Option<&str>| device::CloseResult {
+            pid: 42,
+            device: "/dev/nbd3".into(),
+            image: "rbd/vm1".into(),
+            error: error.map(String::from),
+        };
+        device::write_close_result(3, &result(None)).unwrap();
+        assert_eq!(close_outcome(3, 42, &state(true)), Ok(()));
+        let failed = "closing rbd/vm1: writing rbd_object_map.abc: No space left on device";
+        device::write_close_result(3, &result(Some(failed))).unwrap();
+        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        assert!(why.contains(failed), "{why}");
+        // Read once: the result does not linger in the run directory.
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        // A daemon that records its close but left nothing was killed mid-close.
+        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        assert!(
+            why.contains("pid 42") && why.contains("exited without"),
+            "{why}"
+        );
+        // An older daemon records nothing: its silence proves nothing.
+        assert_eq!(close_outcome(3, 42, &state(false)), Ok(()));
+        // Another daemon's result is not ours.
+        device::write_close_result(
+            3,
+            &device::CloseResult {
+                pid: 7,
+                ..result(Some(failed))
+            },
+        )
+        .unwrap();
+        assert!(close_outcome(3, 42, &state(true)).is_err());
+        assert!(close_outcome(3, 7, &state(true)).is_err());
+    }
 }
