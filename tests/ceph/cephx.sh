@@ -21,6 +21,7 @@ trap 'cleanup_pids; rm -rf "$work"' EXIT
 sock=$work/nbd.sock
 MB=$((1 << 20))
 sha() { sha256sum | cut -d' ' -f1; }
+export -f sha  # used under `bash -c` by the checks
 # librados at high debug levels, into a file of ours (CEPH_ARGS is read by the daemon).
 dbg_args() { echo "--debug-auth=30 --debug-monc=30 --debug-rados=20 --debug-ms=1 --log-file=$1"; }
 

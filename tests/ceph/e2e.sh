@@ -48,6 +48,9 @@ remember_id() { ids+=("$(rbd info "$1" --format json | jq -r .id)"); }
 uri() { echo "nbd+unix:///$1?socket=$sock"; }
 header_of() { echo "rbd_header.$(rbd info "$1" --format json | jq -r .id)"; }
 sha() { sha256sum | cut -d' ' -f1; }
+# The checks run their commands under `bash -c`: without this they would compare two
+# empty strings (sha: command not found) and always pass.
+export -f sha
 
 # ---------------------------------------------------------------- an image made by rbd
 rbd create --size 64M e2e-a
