@@ -37,7 +37,7 @@ impl Progress {
     /// read once every 1024 items, so counting stays cheap for millions of them.
     pub fn tick(&mut self) -> Option<String> {
         self.count += 1;
-        if self.count % 1024 != 0 && !self.every.is_zero() {
+        if self.count & 1023 != 0 && !self.every.is_zero() {
             return None;
         }
         let now = Instant::now();
