@@ -108,6 +108,15 @@ pub struct ExportInfo {
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> ExportInfo;
 
+    /// The export's size now, for exports whose size can change while clients are
+    /// connected (an image resized under a kernel device). Only transmission-only
+    /// connections follow it: their size was set out of band and is changed the same way
+    /// (the kernel's device is resized too). A client that negotiated a size keeps it for
+    /// the connection, as the protocol says. `None`: the size never changes.
+    fn current_size(&self) -> Option<u64> {
+        None
+    }
+
     fn read(
         &self,
         offset: u64,

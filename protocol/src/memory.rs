@@ -13,7 +13,7 @@ use std::time::Duration;
 pub const PAGE: u64 = 64 * 1024;
 
 pub struct MemoryBackend {
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
     /// Added before each write/read is applied, so tests can keep requests in flight.
     write_delay: Duration,
@@ -28,7 +28,7 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     pub fn new(size: u64) -> Self {
         MemoryBackend {
-            size,
+            size: AtomicU64::new(size),
             read_only: false,
             write_delay: Duration::ZERO,
             read_delay: Duration::ZERO,
@@ -37,6 +37,11 @@ impl MemoryBackend {
             writes_done: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         }
+    }
+
+    /// Changes the size, as a resized image would (data past a smaller end stays stored).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
     }
 
     pub fn read_only(mut self, ro: bool) -> Self {
@@ -104,9 +109,13 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
+    fn current_size(&self) -> Option<u64> {
+        Some(self.size.load(Ordering::Acquire))
+    }
+
     fn info(&self) -> ExportInfo {
         ExportInfo {
-            size: self.size,
+            size: self.size.load(Ordering::Acquire),
             read_only: self.read_only,
             can_flush: true,
             can_fua: true,

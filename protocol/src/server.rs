@@ -121,6 +121,7 @@ where
         wr,
         export.backend.clone(),
         session,
+        false,
         &opts,
         shutdown,
         hint,
@@ -224,7 +225,9 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
-    let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;
+    // The kernel's device follows a resized export (the daemon resizes it too), so its
+    // requests are checked against the size now, not the size at connect.
+    let r = transmission::run(rd, wr, backend, session, true, &opts, shutdown, hint).await;
     info!(ok = r.is_ok(), "transmission-only connection finished");
     r
 }

@@ -59,6 +59,7 @@ pub(crate) async fn run<R, W, B>(
     wr: W,
     backend: Arc<B>,
     session: Session,
+    size_follows_backend: bool,
     opts: &ServerOptions,
     mut shutdown: watch::Receiver<bool>,
     poll_hint: Option<PollHint>,
@@ -82,7 +83,7 @@ where
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut writer = tokio::spawn(write_loop(wr, rx, dead_tx));
 
-    let session = Arc::new(session);
+    let mut session = session;
     // Requests in a row that arrived alone (nothing buffered before or after them) and
     // were answered inline: the queue-depth-1 pattern that polling serves.
     let mut alone: u32 = 0;
@@ -156,6 +157,11 @@ where
             "request"
         );
 
+        if size_follows_backend {
+            if let Some(size) = backend.current_size() {
+                session.size = size;
+            }
+        }
         let cmd = match validate(&h, &session) {
             Ok(c) => c,
             Err(rej) => {

@@ -442,6 +442,55 @@ async fn transmission_only_for_the_kernel() {
 }
 
 #[tokio::test]
+async fn the_kernel_follows_a_resized_export_and_negotiating_clients_do_not() {
+    // Transmission-only (the kernel: its device is resized along with the export).
+    let b = Arc::new(MemoryBackend::new(MIB));
+    let (a, s) = tokio::io::duplex(1 << 20);
+    let (_tx, rx) = watch::channel(false);
+    let task = tokio::spawn(serve_transmission(
+        s,
+        b.clone(),
+        ServerOptions::default(),
+        rx,
+    ));
+    let mut c = Client { s: a };
+    c.write(0, 1, MIB, b"past the end").await;
+    assert_eq!(c.simple().await, (ENOSPC, 1), "beyond the size at connect");
+    b.set_size(2 * MIB);
+    c.write(0, 2, MIB, b"grown").await;
+    assert_eq!(
+        c.simple().await,
+        (0, 2),
+        "the export grew: the new space is usable"
+    );
+    assert_eq!(read_ok(&mut c, 3, MIB, 5).await, b"grown");
+    b.set_size(MIB / 2);
+    c.request(0, CMD_READ, 4, MIB / 2, 512).await;
+    assert_eq!(c.simple().await, (EINVAL, 4), "and it shrank");
+    c.request(0, CMD_DISC, 5, 0, 0).await;
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // A client that negotiated a size keeps it: NBD has no way to tell it otherwise.
+    let b = Arc::new(MemoryBackend::new(MIB));
+    let (mut c, srv) = start(
+        exports(vec![("", b.clone())]),
+        ServerOptions::default(),
+        1 << 20,
+    );
+    let (size, _) = c.connect_simple().await;
+    assert_eq!(size, MIB);
+    b.set_size(2 * MIB);
+    c.write(0, 1, MIB, b"past what it was told").await;
+    assert_eq!(c.simple().await, (ENOSPC, 1));
+    c.request(0, CMD_DISC, 2, 0, 0).await;
+    srv.finish().await.unwrap();
+}
+
+#[tokio::test]
 async fn dropped_shutdown_sender_is_not_a_signal() {
     let b = Arc::new(MemoryBackend::new(MIB));
     let (a, s) = tokio::io::duplex(1 << 20);
