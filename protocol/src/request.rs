@@ -56,6 +56,10 @@ pub struct Session {
     pub base_allocation: Option<u32>,
     /// Largest READ/WRITE payload; always > 0.
     pub max_block: u32,
+    /// Check requests against the backend's size now (`Backend::current_size`) rather
+    /// than `size`: for transmission-only sessions, whose size was set out of band and is
+    /// changed the same way (the kernel's device is resized with the export).
+    pub size_follows_backend: bool,
 }
 
 impl Session {
@@ -314,6 +318,7 @@ mod tests {
             structured_replies: true,
             base_allocation: Some(1),
             max_block: 65536,
+            size_follows_backend: false,
         }
     }
 

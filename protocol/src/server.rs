@@ -115,13 +115,14 @@ where
         structured_replies: neg.structured,
         base_allocation: neg.base_allocation,
         max_block,
+        // A client told a size at the handshake keeps it: NBD cannot tell it otherwise.
+        size_follows_backend: false,
     };
     let r = transmission::run(
         rd,
         wr,
         export.backend.clone(),
         session,
-        false,
         &opts,
         shutdown,
         hint,
@@ -220,14 +221,15 @@ where
         structured_replies: false,
         base_allocation: None,
         max_block,
+        // The kernel's device follows a resized export (the daemon resizes it too), so
+        // its requests are checked against the size now, not the size at connect.
+        size_follows_backend: true,
     };
     let hint = poll_hint(&stream);
     let (rd, wr) = tokio::io::split(stream);
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
-    // The kernel's device follows a resized export (the daemon resizes it too), so its
-    // requests are checked against the size now, not the size at connect.
-    let r = transmission::run(rd, wr, backend, session, true, &opts, shutdown, hint).await;
+    let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;
     info!(ok = r.is_ok(), "transmission-only connection finished");
     r
 }

@@ -59,7 +59,6 @@ pub(crate) async fn run<R, W, B>(
     wr: W,
     backend: Arc<B>,
     session: Session,
-    size_follows_backend: bool,
     opts: &ServerOptions,
     mut shutdown: watch::Receiver<bool>,
     poll_hint: Option<PollHint>,
@@ -157,7 +156,7 @@ where
             "request"
         );
 
-        if size_follows_backend {
+        if session.size_follows_backend {
             if let Some(size) = backend.current_size() {
                 session.size = size;
             }

@@ -187,6 +187,7 @@ pub fn request(data: &[u8]) -> Option<Command> {
         structured_replies: rest[11] & 1 != 0,
         base_allocation: (rest[11] & 2 != 0).then_some(1),
         max_block: u32::from_be_bytes([rest[12], rest[13], rest[14], 0]).max(1),
+        size_follows_backend: false,
     };
     let Ok(cmd) = validate(&h, &s) else {
         return None;
