@@ -39,6 +39,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub keyring: Option<PathBuf>,
 
+    /// Serve a Ceph image that starts with a LUKS header (encrypted by librbd's `rbd
+    /// encryption format`, or a volume cryptsetup made on the device) as its raw LUKS
+    /// volume instead of refusing it: rados-nbd has no client-side encryption.
+    #[arg(long, global = true)]
+    pub allow_encrypted: bool,
+
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
@@ -176,6 +182,12 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "--id and --keyring only apply to --store ceph:[CONF]",
+        ));
+    }
+    if !matches!(uri, StoreUri::Ceph { .. }) && cli.allow_encrypted {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--allow-encrypted only applies to --store ceph:[CONF]",
         ));
     }
     match uri {

@@ -313,7 +313,10 @@ impl<S: ImageStore> Image<S> {
             // The lock to take depends on the image's `shared` setting: peek at it.
             let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
             let shared = shared_setting(&peek, spec, opts.shared_default).await;
+            // Refused before any lock is taken (`init` checks again for every caller).
+            let servable = peek.check_servable().await;
             let _ = peek.close().await;
+            servable?;
             if shared? {
                 OpenMode::SharedWrite
             } else {
@@ -373,6 +376,9 @@ impl<S: ImageStore> Image<S> {
                 }
             },
         };
+        if let Err(e) = img.check_servable().await {
+            return Err((img, e));
+        }
         let shared = match shared_setting(&img, spec, opts.shared_default).await {
             Ok(s) => s,
             Err(e) => return Err((img, e)),

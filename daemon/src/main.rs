@@ -47,6 +47,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // `--allow-encrypted` reaches every Ceph store this process connects (serve and the
+    // kernel commands alike).
+    #[cfg(feature = "ceph")]
+    rados_nbd::store::ceph::set_allow_encrypted(cli.allow_encrypted);
     if !cli.command.serves() {
         // Commands that print and exit end quietly on a closed pipe (`| head`,
         // `| grep -q`), like any Unix tool. Servers keep SIGPIPE ignored: a client that

@@ -173,6 +173,17 @@ fn bad_inputs_give_one_line_and_change_nothing() {
         fails_cleanly(s, &["--store", "ceph:", "ls"], "no Ceph support");
     }
     fails_cleanly(s, &["--id", "admin", "ls"], "--id and --keyring only apply");
+    fails_cleanly(
+        s,
+        &[
+            "serve",
+            "vm1",
+            "--socket",
+            "/tmp/x.sock",
+            "--allow-encrypted",
+        ],
+        "--allow-encrypted only applies",
+    );
     fails_cleanly(s, &["rm", "nosuch"], "not found");
     fails_cleanly(s, &["frobnicate"], "frobnicate");
     fails_cleanly(s, &["create", "vm2"], "--size");

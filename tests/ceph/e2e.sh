@@ -204,6 +204,100 @@ check "snapshot: serving a snapshot leaves the flags alone" bash -c "rbd info e2
 check "snapshot: serving a snapshot takes no lock" bash -c "[ -z \"\$(rbd lock ls e2e-s)\" ]"
 check_unserve "snapshot: clean close of the snapshot server"
 
+# ---------------------------------------------------------------- client-side encryption
+# `rbd encryption format` leaves no mark in the header: librbd writes a LUKS header at offset
+# 0 with the data aligned to the object size. Where that offset is one object (LUKS1 on 4 MiB
+# objects, LUKS2 on 32 MiB objects) the refusal names librbd; a LUKS volume with cryptsetup's
+# layout (which is also librbd's LUKS2 on objects up to 16 MiB) is refused too, as either,
+# until --allow-encrypted says it is to be served raw.
+printf 'e2e-secret' > "$work/pass"
+refusal() { # refusal IMAGE VERSION [DATA_OFFSET]: the one line serve must print
+  local who="it is encrypted by librbd (rbd encryption format, LUKS$2)"
+  [ -n "${3:-}" ] && who="it starts with a LUKS$2 header (data at $3 bytes), made by \`rbd encryption format\` or by cryptsetup on the device, which cannot be told apart"
+  echo "rados-nbd: image rbd/$1 not served: $who; rados-nbd has no client-side encryption and would serve ciphertext; pass --allow-encrypted to serve the raw LUKS volume (right for a volume cryptsetup made on the device)"
+}
+refused() { # refused NAME IMAGE VERSION DATA_OFFSET|- [SERVE ARGS...]: serve exits 1 with that line
+  local name=$1 img=$2 v=$3 off=$4 out rc; shift 4
+  [ "$off" = - ] && off=
+  rm -f "$sock"
+  out=$(timeout 60 "${RN[@]}" serve "$img" "$@" --socket "$sock" 2>&1); rc=$?
+  if [ "$rc" = 1 ] && [ "$out" = "$(refusal "$img" "$v" "$off")" ] && [ ! -e "$sock" ]; then
+    pass "$name"
+  else
+    fail "$name" "exit $rc: $(echo "$out" | tail -3)"
+  fi
+}
+rbd create --size 64M e2e-l1
+rbd create --size 96M --object-size 32M e2e-l2
+rbd create --size 64M e2e-l2d
+check "encryption: rbd encryption format luks1 (4 MiB objects)" \
+  timeout 120 rbd encryption format e2e-l1 luks1 "$work/pass"
+check "encryption: rbd encryption format luks2 (32 MiB objects)" \
+  timeout 120 rbd encryption format e2e-l2 luks2 "$work/pass"
+check "encryption: rbd encryption format luks2 (4 MiB objects)" \
+  timeout 120 rbd encryption format e2e-l2d luks2 "$work/pass"
+rbd snap create e2e-l1@s >/dev/null 2>&1
+refused "encryption: LUKS1 by librbd: serve refuses with one line, exit 1" e2e-l1 1 -
+refused "encryption: LUKS1 by librbd: serve --read-only refuses too" e2e-l1 1 - --read-only
+refused "encryption: LUKS1 by librbd: serve IMAGE@SNAP refuses too" e2e-l1@s 1 -
+check "encryption: the refused read-write open left no lock and clear flags" bash -c \
+  "[ -z \"\$(rbd lock ls e2e-l1)\" ] && rbd info e2e-l1 | grep -q 'flags: $'"
+refused "encryption: LUKS2 by librbd (32 MiB objects): serve refuses with one line, exit 1" e2e-l2 2 -
+serve e2e-l2 --allow-encrypted
+check "encryption: --allow-encrypted serves the raw volume (nbdinfo)" nbdinfo "$(uri e2e-l2)"
+check "encryption: --allow-encrypted: the first 32 MiB are librbd's raw bytes (LUKS header)" bash -c "
+  set -e
+  nbdcopy '$(uri e2e-l2)' - | head -c $((32 * MB)) > '$work/l2.head'
+  [ \"\$(head -c 4 '$work/l2.head')\" = LUKS ]
+  rbd export e2e-l2 - 2>/dev/null | head -c $((32 * MB)) | cmp - '$work/l2.head'"
+check_unserve "encryption: --allow-encrypted: clean close"
+check "encryption: --allow-encrypted: the log says what is served" \
+  grep -q "e2e-l2 starts with a LUKS2 header (data offset 33554432); serving the raw LUKS volume" "$work/serve.log"
+# LUKS2 by librbd on objects up to 16 MiB puts its data at 16 MiB, exactly where
+# `cryptsetup luksFormat` does: the two cannot be told apart, so the refusal names both.
+refused "encryption: LUKS2 by librbd on 4 MiB objects (the default) is refused too, naming both makers" \
+  e2e-l2d 2 16777216
+# LUKS volumes made on the device by cryptsetup (its default offsets: LUKS1 2 MiB, LUKS2
+# 16 MiB), imported with `rbd import`: refused the same way, served raw when allowed.
+$PY - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+def luks1(sectors):
+    h = bytearray(592)
+    h[0:6] = b'LUKS\xba\xbe'; h[6:8] = (1).to_bytes(2, 'big')
+    h[8:11] = b'aes'; h[40:51] = b'xts-plain64'; h[72:78] = b'sha256'
+    h[104:108] = sectors.to_bytes(4, 'big'); h[108:112] = (64).to_bytes(4, 'big')
+    return bytes(h)
+def luks2(offset):
+    h = bytearray(16384)
+    h[0:6] = b'LUKS\xba\xbe'; h[6:8] = (2).to_bytes(2, 'big')
+    h[8:16] = (16384).to_bytes(8, 'big'); h[16:24] = (3).to_bytes(8, 'big')
+    h[72:78] = b'sha256'
+    j = json.dumps({"keyslots": {}, "tokens": {}, "digests": {},
+                    "segments": {"0": {"type": "crypt", "offset": str(offset), "size": "dynamic",
+                                       "iv_tweak": "0", "encryption": "aes-xts-plain64",
+                                       "sector_size": 4096}},
+                    "config": {"json_size": "12288", "keyslots_size": "16744448"}}).encode()
+    h[4096:4096 + len(j)] = j
+    return bytes(h)
+for name, head in (("cs1", luks1(4096)), ("cs2", luks2(16 << 20))):
+    with open(f"{work}/{name}.raw", "wb") as f:
+        f.write(head); f.write(bytes(range(256)) * 4096); f.truncate(32 << 20)
+PY
+for v in 1 2; do
+  rbd import --no-progress "$work/cs$v.raw" "e2e-cs$v" >/dev/null 2>&1
+  off=$((v == 1 ? 2 * MB : 16 * MB))
+  refused "encryption: LUKS$v with cryptsetup's default offset (rbd import) is refused without --allow-encrypted" \
+    "e2e-cs$v" "$v" "$off"
+  serve "e2e-cs$v" --allow-encrypted
+  check "encryption: LUKS$v with cryptsetup's offset, --allow-encrypted: served byte for byte" \
+    bash -c "nbdcopy '$(uri "e2e-cs$v")' - | cmp - '$work/cs$v.raw'"
+  check_unserve "encryption: LUKS$v with cryptsetup's offset: clean close"
+done
+rbd snap purge e2e-l1 >/dev/null 2>&1
+for i in e2e-l1 e2e-l2 e2e-l2d e2e-cs1 e2e-cs2; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
+check "encryption: test images removed" bash -c "! rbd ls | grep -q '^e2e-\(l\|cs\)'"
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do

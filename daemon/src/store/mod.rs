@@ -126,6 +126,13 @@ pub trait ImageStore: Send + Sync + 'static {
 
     fn refresh_header(&self) -> impl Future<Output = Result<ImageHeader>> + Send;
 
+    /// Refuses to serve an image whose data this store knows it would serve wrong (Ceph:
+    /// an image encrypted by librbd, unless `--allow-encrypted`). The image layer calls it
+    /// before serving; metadata commands (info, du, object-map, config) do not.
+    fn check_servable(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// `flags = (flags & !mask) | (value & mask)` in the header, durably.
     fn set_flags(&self, value: u64, mask: u64) -> impl Future<Output = Result<()>> + Send;
 

@@ -92,6 +92,14 @@ async fn store(conf: &str) -> CephStore {
     .expect("connect")
 }
 
+/// Opens read-only and asks whether the image may be served.
+async fn servable(st: &CephStore, spec: &ImageSpec) -> Result<()> {
+    let img = st.open_image(spec, OpenMode::ReadOnly).await.expect("open");
+    let r = img.check_servable().await;
+    img.close().await.unwrap();
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ceph_live() {
     let Some(cl) = cluster() else { return };
@@ -522,7 +530,58 @@ async fn ceph_live() {
         .unwrap();
     assert!(e.message.contains("pool nopool not found"), "{e}");
 
+    // --- client-side encryption: a LUKS header in object 0 is refused before serving,
+    // named librbd's when its data offset is one object (4 MiB here), unless allowed.
+    let enc = unique("luks");
+    tool(conf, "rbd", &["create", "--size", "16M", &enc]);
+    let es: ImageSpec = enc.parse().unwrap();
+    let luks1 = |payload_sectors: u32| {
+        let mut h = vec![0u8; 592];
+        h[..6].copy_from_slice(b"LUKS\xba\xbe");
+        h[6..8].copy_from_slice(&1u16.to_be_bytes());
+        h[104..108].copy_from_slice(&payload_sectors.to_be_bytes());
+        Bytes::from(h)
+    };
+    servable(&st, &es)
+        .await
+        .expect("no object 0: nothing to check");
+    let w = st.open_image(&es, OpenMode::ReadWrite).await.unwrap();
+    w.write(0, 0, luks1(8192), false).await.unwrap();
+    let e = servable(&st, &es).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.message.contains("encrypted by librbd") && e.message.contains("--allow-encrypted"),
+        "{e}"
+    );
+    let allowing = store(conf).await.with_allow_encrypted(true);
+    servable(&allowing, &es)
+        .await
+        .expect("--allow-encrypted serves it");
+    w.close().await.unwrap();
+    tool(conf, "rbd", &["snap", "create", &format!("{enc}@luks")]);
+    let w = st.open_image(&es, OpenMode::ReadWrite).await.unwrap();
+    w.write(0, 0, luks1(4096), false).await.unwrap();
+    let e = servable(&st, &es).await.unwrap_err();
+    assert!(
+        e.message.contains("by cryptsetup on the device")
+            && e.message.contains("--allow-encrypted"),
+        "cryptsetup's 2 MiB offset: {e}"
+    );
+    servable(&allowing, &es)
+        .await
+        .expect("cryptsetup's volume, served raw with --allow-encrypted");
+    let e = servable(&st, &format!("{enc}@luks").parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("encrypted by librbd"),
+        "at the snapshot: {e}"
+    );
+    w.close().await.unwrap();
+
     // Leave the pool as we found it.
+    tool(conf, "rbd", &["snap", "purge", &enc]);
+    tool(conf, "rbd", &["rm", &enc]);
     tool(conf, "rbd", &["rm", &child]);
     tool(conf, "rbd", &["snap", "unprotect", &format!("{plain}@p")]);
     tool(conf, "rbd", &["snap", "purge", &plain]);

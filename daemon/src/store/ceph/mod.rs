@@ -13,12 +13,17 @@
 //! Not supported (refused at open rather than served wrong): journaling, a separate data
 //! pool, fancy striping (stripe count > 1 or unit != object size), migration, a parent
 //! (clones), non-primary mirrored images for writing, unknown feature bits. Pacific's
-//! client-side encryption leaves no mark in the header, so such an image is served as its
-//! ciphertext, as `rbd-nbd` does without `--encryption-format`. Breaking a stale lock does
+//! client-side encryption (`rbd encryption format`) leaves no mark in the header: it is
+//! recognised from the LUKS header librbd writes at the start of object 0 (see `luks`) and
+//! refused before serving (`ImageStore::check_servable`), unless `--allow-encrypted` asks
+//! for the raw LUKS volume. Where librbd's layout is the same as cryptsetup's (LUKS2 on
+//! objects up to 16 MiB) the two cannot be told apart, so any LUKS volume at offset 0 is
+//! refused until `--allow-encrypted` says it is to be served raw. Breaking a stale lock does
 //! not blocklist its old owner (librbd does when `rbd_blocklist_on_break_lock` is set): a
 //! client whose watch is gone but who still writes is not fenced off.
 
 pub mod cls;
+pub mod luks;
 pub mod rados;
 
 #[cfg(test)]
@@ -63,10 +68,24 @@ const SUPPORTED_FEATURES: u64 = RBD_FEATURE_LAYERING
 /// `--keyring`.
 pub type CephOptions = ConnectOptions;
 
+/// `--allow-encrypted`, set once for the process by `main` (the kernel commands make their
+/// own stores); each [`CephStore`] takes it when it connects.
+static ALLOW_ENCRYPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether stores connected from now on serve images encrypted by librbd as their raw LUKS
+/// volume (`--allow-encrypted`) instead of refusing them.
+pub fn set_allow_encrypted(allow: bool) {
+    ALLOW_ENCRYPTED.store(allow, Ordering::SeqCst);
+}
+
 pub struct CephStore {
     rados: Arc<Rados>,
     desc: String,
     pools: Mutex<HashMap<String, Arc<IoCtx>>>,
+    allow_encrypted: bool,
+    /// Images (`pool/name[@snap]`) whose LUKS header was already logged: a read-write open
+    /// checks twice (before and after taking the lock) and logs once.
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl CephStore {
@@ -80,7 +99,15 @@ impl CephStore {
             rados,
             desc,
             pools: Mutex::new(HashMap::new()),
+            allow_encrypted: ALLOW_ENCRYPTED.load(Ordering::SeqCst),
+            luks_noted: Arc::default(),
         })
+    }
+
+    /// Overrides the process-wide `--allow-encrypted` for images this store opens.
+    pub fn with_allow_encrypted(mut self, allow: bool) -> Self {
+        self.allow_encrypted = allow;
+        self
     }
 
     fn pool(&self, name: &str) -> Result<Arc<IoCtx>> {
@@ -543,6 +570,8 @@ impl Store for CephStore {
             id,
             snap_id,
             mode,
+            allow_encrypted: self.allow_encrypted,
+            luks_noted: self.luks_noted.clone(),
             header: RwLock::new(header),
             snap_ios: Mutex::new(HashMap::new()),
             lock: tokio::sync::Mutex::new(None),
@@ -605,6 +634,9 @@ struct Inner {
     hdr_oid: String,
     snap_id: Option<u64>,
     mode: OpenMode,
+    /// Serve an image encrypted by librbd as its raw LUKS volume (`--allow-encrypted`).
+    allow_encrypted: bool,
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
     header: RwLock<ImageHeader>,
     snap_ios: Mutex<HashMap<u64, Arc<IoCtx>>>,
     lock: tokio::sync::Mutex<Option<LockState>>,
@@ -984,6 +1016,73 @@ impl ImageStore for CephImage {
 
     async fn refresh_header(&self) -> Result<ImageHeader> {
         refresh(&self.inner).await
+    }
+
+    /// Refuses an image that starts with a LUKS header (object 0, read at the opened
+    /// snapshot) unless `--allow-encrypted`: encrypted by librbd (`rbd encryption format`)
+    /// when the data lies exactly one object in, else made by librbd or by cryptsetup on
+    /// the device, which cannot be told apart; either way serving it would hand out
+    /// ciphertext to a client that may not expect it.
+    async fn check_servable(&self) -> Result<()> {
+        let i = &self.inner;
+        let spec = &i.spec;
+        let oid = i.object_name(0);
+        let ctx = |e: Error| e.context(format!("checking image {spec} for encryption"));
+        let Some(mut head) = i.data.read(&oid, 0, luks::PROBE_LEN).await.map_err(ctx)? else {
+            return Ok(());
+        };
+        if let Some(size) = luks::luks2_header_size(&head) {
+            if size > head.len() as u64 {
+                head = i
+                    .data
+                    .read(&oid, 0, size as usize)
+                    .await
+                    .map_err(ctx)?
+                    .unwrap_or_default();
+            }
+        }
+        let Some(h) = luks::parse(&head) else {
+            return Ok(());
+        };
+        let v = h.version;
+        let librbd = h.is_librbd_layout(i.object_size());
+        let first_note = || {
+            i.luks_noted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.to_string())
+        };
+        if i.allow_encrypted {
+            if first_note() {
+                tracing::warn!(
+                    "image {spec} starts with a LUKS{v} header (data offset {}); serving the \
+                     raw LUKS volume (--allow-encrypted): clients see the header and ciphertext",
+                    h.data_offset
+                );
+            }
+            return Ok(());
+        }
+        // librbd's own layouts are not always distinguishable from cryptsetup's (LUKS2 on
+        // objects of 16 MiB or less, the default 4 MiB included, puts its data at 16 MiB
+        // exactly as `cryptsetup luksFormat` does), so every LUKS volume at offset 0 is
+        // refused until the user says it is theirs to serve raw.
+        let who = if librbd {
+            format!("it is encrypted by librbd (rbd encryption format, LUKS{v})")
+        } else {
+            format!(
+                "it starts with a LUKS{v} header (data at {} bytes), made by `rbd encryption \
+                 format` or by cryptsetup on the device, which cannot be told apart",
+                h.data_offset
+            )
+        };
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "image {spec} not served: {who}; rados-nbd has no client-side encryption and \
+                 would serve ciphertext; pass --allow-encrypted to serve the raw LUKS volume \
+                 (right for a volume cryptsetup made on the device)"
+            ),
+        ))
     }
 
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
