@@ -107,6 +107,18 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Resize an image, like `rbd resize`; also while it is served or mapped (the
+    /// serving daemon does it, and a mapped /dev/nbdX follows).
+    Resize {
+        /// New size (K/M/G/T/P suffixes).
+        #[arg(long, short = 's')]
+        size: String,
+        /// Allow making the image smaller (what lies past the new end is discarded).
+        #[arg(long)]
+        allow_shrink: bool,
+        /// [POOL/]NAME
+        image: String,
+    },
     /// Check or rebuild an image's object map.
     #[command(subcommand, name = "object-map")]
     ObjectMap(ObjectMapCommand),
@@ -260,6 +272,20 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Ls { pool, format } => ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du { image, format } => du(&store, &parse_spec(&image)?, format).await,
+        Command::Resize {
+            image,
+            size,
+            allow_shrink,
+        } => {
+            let size = parse_size(&size).map_err(|e| e.context("--size"))?;
+            resize(
+                &store,
+                &parse_head_spec(&image, "resize")?,
+                size,
+                allow_shrink,
+            )
+            .await
+        }
         Command::ObjectMap(ObjectMapCommand::Check { image }) => {
             object_map_check(&store, &parse_spec(&image)?).await
         }
@@ -652,6 +678,33 @@ async fn object_map_rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()>
     })
     .await?;
     println!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    Ok(())
+}
+
+/// Resizes an image that is not in use here, or asks the process serving it to.
+async fn resize<S: Store>(
+    store: &S,
+    spec: &ImageSpec,
+    size: u64,
+    allow_shrink: bool,
+) -> Result<()> {
+    let opts = image::OpenOptions {
+        read_only: false,
+        shared_default: Config::load()?.shared_default,
+    };
+    match image::Image::open(store, spec, &opts).await {
+        Ok(img) => {
+            let r = img.resize(size, allow_shrink).await;
+            let c = img.close().await;
+            r?;
+            c?;
+        }
+        Err(e) if e.kind == ErrorKind::Busy => {
+            store.ask_holder_to_resize(spec, size, allow_shrink).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    println!("{spec}: size {size} bytes");
     Ok(())
 }
 

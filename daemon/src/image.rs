@@ -11,8 +11,8 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageHeader, ImageStore, OpenMode, Store, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
-    RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+    ImageHeader, ImageStore, OpenMode, OwnerRequest, Store, RBD_FEATURE_FAST_DIFF,
+    RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use bytes::Bytes;
 use futures_util::future::try_join_all;
@@ -20,6 +20,7 @@ use nbd_protocol::backend::{STATE_HOLE, STATE_ZERO};
 use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
 use objmap::{ObjectMap, ObjectState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::{Mutex, RwLock};
 
 /// Image metadata key of the per-image `shared` setting.
@@ -278,11 +279,15 @@ pub struct Image<S: ImageStore> {
     store: S,
     spec: ImageSpec,
     header: ImageHeader,
-    size: u64,
+    /// Changes only in `resize`, with every request held off by `gate`.
+    size: AtomicU64,
+    size_tx: tokio::sync::watch::Sender<u64>,
     snap: Option<u64>,
     read_only: bool,
     shared: bool,
-    map: Option<ObjectMap>,
+    /// Replaced only in `resize`, with every request held off by `gate`; a request
+    /// takes its own reference and never holds this lock across an await.
+    map: std::sync::RwLock<Option<Arc<ObjectMap>>>,
     map_source: Option<MapSource>,
     locks: Vec<RwLock<()>>,
     /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
@@ -411,11 +416,12 @@ impl<S: ImageStore> Image<S> {
         let image = Image {
             store: img,
             spec: spec.clone(),
-            size,
+            size: AtomicU64::new(size),
+            size_tx: tokio::sync::watch::Sender::new(size),
             snap,
             read_only,
             shared,
-            map,
+            map: std::sync::RwLock::new(map.map(Arc::new)),
             map_source,
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             gate: RwLock::new(false),
@@ -429,7 +435,7 @@ impl<S: ImageStore> Image<S> {
         }
         tracing::debug!(
             "opened {spec}: size {size}, object map {}, {}",
-            if image.map.is_some() {
+            if image.map().is_some() {
                 "in memory"
             } else {
                 "off"
@@ -446,7 +452,7 @@ impl<S: ImageStore> Image<S> {
         &self.header
     }
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     pub fn is_read_only(&self) -> bool {
         self.read_only
@@ -454,8 +460,12 @@ impl<S: ImageStore> Image<S> {
     pub fn is_shared(&self) -> bool {
         self.shared
     }
-    pub fn object_map(&self) -> Option<&ObjectMap> {
-        self.map.as_ref()
+    pub fn object_map(&self) -> Option<Arc<ObjectMap>> {
+        self.map()
+    }
+
+    fn map(&self) -> Option<Arc<ObjectMap>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
     pub fn map_source(&self) -> Option<&MapSource> {
         self.map_source.as_ref()
@@ -474,7 +484,7 @@ impl<S: ImageStore> Image<S> {
     /// Bytes of object `objno` that lie inside the image.
     fn object_len(&self, objno: u64) -> u64 {
         let osize = self.header.object_size();
-        osize.min(self.size.saturating_sub(objno * osize))
+        osize.min(self.size().saturating_sub(objno * osize))
     }
 
     fn lock_for(&self, objno: u64) -> &RwLock<()> {
@@ -520,7 +530,7 @@ impl<S: ImageStore> Image<S> {
             return Ok(());
         }
         self.store.sync().await?;
-        if let Some(map) = &self.map {
+        if let Some(map) = self.map() {
             let _g = self.flag_lock.lock().await;
             if self.dirty_flag.load(Ordering::Acquire) {
                 self.store.write_object_map(map.encode()).await?;
@@ -541,6 +551,165 @@ impl<S: ImageStore> Image<S> {
         self.mark_clean()
             .await
             .map_err(|e| e.context(format!("checkpointing {}", self.spec)))
+    }
+
+    /// Changes the image's size, as `rbd resize` does: asked by another client through
+    /// the lock we hold (Ceph), or by `rados-nbd resize`. Waits for in-flight requests
+    /// and holds new ones off meanwhile. Shrinking needs `allow_shrink`; it removes the
+    /// objects past the new end and zeroes the tail of the last one, as librbd does, so
+    /// that growing again later reads zeros there, then writes the new size. Growing
+    /// writes the new size and extends the map with NONEXISTENT objects. The dirty flag
+    /// is set first, so a crash part way leaves a map that will be rebuilt.
+    ///
+    /// Clients connected before a resize keep the size they were told at the handshake
+    /// (NBD cannot tell them otherwise); requests past the new end of a smaller image get
+    /// an error, and new connections see the new size.
+    pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        if self.shared {
+            // Its other writers would go on with the old size (and, shrinking, write
+            // objects we just removed).
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{spec} is a shared image: resizing one is not supported; set shared=false and stop its other writers first"),
+            ));
+        }
+        let g = self.gate.write().await;
+        if *g {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{spec} is closing; not resized"),
+            ));
+        }
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old && !allow_shrink {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "shrinking {spec} from {old} to {new_size} bytes discards data; it needs allow-shrink (--allow-shrink)"
+                ),
+            ));
+        }
+        if new_size > MAX_IMAGE_SIZE {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("size {new_size} too large (at most 2^60 bytes)"),
+            ));
+        }
+        let osize = self.header.object_size();
+        let (old_count, new_count) = (old.div_ceil(osize), new_size.div_ceil(osize));
+        let map = self.map();
+        let new_map = match &map {
+            Some(m) => {
+                if new_count > MAX_MAP_OBJECTS {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{new_count} objects is too many for an object map (at most {MAX_MAP_OBJECTS})"
+                        ),
+                    ));
+                }
+                let n = new_map(new_count, spec)?;
+                for run in m.runs(0..old_count.min(new_count)) {
+                    if run.state != ObjectState::Nonexistent {
+                        n.set_range(run.start..run.end(), run.state);
+                    }
+                }
+                Some(Arc::new(n))
+            }
+            None => None,
+        };
+        let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
+        self.ensure_dirty().await.map_err(ctx)?;
+        if new_size < old {
+            let doomed: Vec<u64> = match &map {
+                Some(m) => m
+                    .runs(new_count..old_count)
+                    .filter(|r| r.state != ObjectState::Nonexistent)
+                    .flat_map(|r| r.start..r.end())
+                    .collect(),
+                // Without a map (a shared image) ask the store what exists.
+                None => self
+                    .store
+                    .list_objects(None)
+                    .await
+                    .map_err(ctx)?
+                    .into_iter()
+                    .filter(|&o| o >= new_count)
+                    .collect(),
+            };
+            for objno in doomed {
+                self.store.remove(objno, false).await.map_err(ctx)?;
+            }
+            let tail = new_size % osize;
+            let last = new_count.saturating_sub(1);
+            if tail != 0
+                && !map
+                    .as_ref()
+                    .is_some_and(|m| m.get(last) == ObjectState::Nonexistent)
+            {
+                self.store
+                    .zero(last, tail, osize - tail, false)
+                    .await
+                    .map_err(ctx)?;
+            }
+            self.store.sync().await.map_err(ctx)?;
+        }
+        self.store.set_size(new_size).await.map_err(ctx)?;
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = new_map;
+        self.size.store(new_size, Ordering::Release);
+        self.size_tx.send_replace(new_size);
+        tracing::info!("resized {spec} from {old} to {new_size} bytes");
+        drop(g);
+        Ok(())
+    }
+
+    /// Serves the requests other clients address to the lock holder (a resize), if the
+    /// store takes any for this handle: each runs here, one at a time, and its result
+    /// goes back to the asker. Ends when the store stops sending (closed) or the image
+    /// is dropped.
+    pub fn serve_owner_requests(self: &Arc<Self>) {
+        let Some(mut rx) = self.store.owner_requests() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let Some(img) = me.upgrade() else { break };
+                match req {
+                    OwnerRequest::Resize {
+                        size,
+                        allow_shrink,
+                        done,
+                    } => {
+                        tracing::info!(
+                            "resize of {} to {size} bytes asked by another client{}",
+                            img.spec,
+                            if allow_shrink {
+                                " (shrinking allowed)"
+                            } else {
+                                ""
+                            }
+                        );
+                        let r = img.resize(size, allow_shrink).await;
+                        if let Err(e) = &r {
+                            tracing::warn!("{e}");
+                        }
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The image's size now, and every later change (a resize while attached): the
+    /// kernel attach code passes changes on to /dev/nbdX.
+    pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.size_tx.subscribe()
     }
 
     /// Clean close: waits for in-flight requests, syncs, writes the map, clears the
@@ -567,13 +736,12 @@ impl<S: ImageStore> Image<S> {
     }
 
     fn is_nonexistent(&self, objno: u64) -> bool {
-        self.map
-            .as_ref()
+        self.map()
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
     }
 
     fn mark_exists(&self, objno: u64) {
-        if let Some(m) = &self.map {
+        if let Some(m) = self.map() {
             if m.get(objno) != ObjectState::Exists {
                 m.set(objno, ObjectState::Exists);
             }
@@ -622,7 +790,7 @@ impl<S: ImageStore> Image<S> {
             let _g = self.lock_for(p.objno).write().await;
             bump(&self.stats.store_removes);
             self.store.remove(p.objno, fua).await?;
-            if let Some(m) = &self.map {
+            if let Some(m) = self.map() {
                 m.set(p.objno, ObjectState::Nonexistent);
             }
             Ok(())
@@ -638,7 +806,7 @@ impl<S: ImageStore> Image<S> {
         self.ensure_dirty().await?;
         let length = length as u64;
         // NO_HOLE writes zeros, so it cannot skip anything; without a map nothing is known.
-        let map = match (&self.map, no_hole) {
+        let map = match (self.map(), no_hole) {
             (Some(m), false) => m,
             _ => return self.discard_pieces(offset, length, fua, no_hole).await,
         };
@@ -682,6 +850,22 @@ impl<S: ImageStore> Image<S> {
         Ok(())
     }
 
+    /// The protocol checked the request against the size its client was told; the image
+    /// may have shrunk since (a resize while connected), so check again against now.
+    fn in_range(&self, offset: u64, length: u64, errno: Errno) -> Result<(), BackendError> {
+        let size = self.size();
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BackendError::new(
+                errno,
+                format!(
+                    "{offset}+{length} lies beyond the end of {} ({size} bytes since a resize)",
+                    self.spec
+                ),
+            )),
+        }
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::new(
@@ -693,11 +877,11 @@ impl<S: ImageStore> Image<S> {
     }
 
     fn extents(&self, offset: u64, length: u64) -> Vec<Extent> {
-        let Some(map) = &self.map else {
+        let Some(map) = self.map() else {
             return vec![Extent { length, flags: 0 }];
         };
         let order = self.order();
-        let end = (offset + length).min(self.size);
+        let end = (offset + length).min(self.size());
         if end <= offset {
             return vec![];
         }
@@ -737,10 +921,14 @@ impl<S: ImageStore> Image<S> {
 }
 
 impl<S: ImageStore> Backend for Image<S> {
+    fn current_size(&self) -> Option<u64> {
+        Some(self.size())
+    }
+
     fn info(&self) -> ExportInfo {
         let rw = !self.read_only;
         ExportInfo {
-            size: self.size,
+            size: self.size(),
             read_only: self.read_only,
             can_flush: rw,
             can_fua: rw,
@@ -763,6 +951,7 @@ impl<S: ImageStore> Backend for Image<S> {
         if *g {
             return Err(shutdown());
         }
+        self.in_range(offset, length as u64, Errno::Inval)?;
         let pieces = split(self.order(), offset, length as u64);
         if let [p] = pieces[..] {
             // Most requests lie in one object: no join machinery, no merging.
@@ -785,6 +974,7 @@ impl<S: ImageStore> Backend for Image<S> {
             return Err(shutdown());
         }
         self.check_writable()?;
+        self.in_range(offset, data.len() as u64, Errno::NoSpc)?;
         self.ensure_dirty().await?;
         let pieces = split(self.order(), offset, data.len() as u64);
         if let [p] = pieces[..] {
@@ -813,6 +1003,7 @@ impl<S: ImageStore> Backend for Image<S> {
         if *g {
             return Err(shutdown());
         }
+        self.in_range(offset, length as u64, Errno::Inval)?;
         self.discard(offset, length, fua, false).await?;
         Ok(())
     }
@@ -834,6 +1025,19 @@ impl<S: ImageStore> Backend for Image<S> {
                 "zeroing with NO_HOLE writes data and is not fast",
             ));
         }
+        if flags.fast_zero && !self.store.zeroes_are_fast() {
+            // Whole objects are removed (fast); part of one would be written with zeros.
+            let partial = split(self.order(), offset, length as u64)
+                .iter()
+                .any(|p| p.off != 0 || p.len != self.object_len(p.objno));
+            if partial {
+                return Err(BackendError::new(
+                    Errno::NotSup,
+                    "the store cannot punch holes here: zeroing part of an object writes zeros, not fast",
+                ));
+            }
+        }
+        self.in_range(offset, length as u64, Errno::NoSpc)?;
         self.discard(offset, length, flags.fua, flags.no_hole)
             .await?;
         Ok(())
@@ -859,7 +1063,6 @@ mod tests {
     use crate::store::dir::{DirImage, DirStore};
     use crate::store::{CreateOptions, DEFAULT_FEATURES, RBD_FEATURE_LAYERING};
     use std::path::{Path, PathBuf};
-    use std::sync::Arc;
 
     const OBJ: u64 = 4 << 20;
 
@@ -921,7 +1124,7 @@ mod tests {
         v
     }
 
-    fn existing(m: &ObjectMap) -> Vec<u64> {
+    fn existing(m: impl std::ops::Deref<Target = ObjectMap>) -> Vec<u64> {
         (0..m.len())
             .filter(|&i| m.get(i) != ObjectState::Nonexistent)
             .collect()
@@ -1043,6 +1246,86 @@ mod tests {
                 ObjectState::Nonexistent
             )
         );
+    }
+
+    fn header_size(d: &Path) -> u64 {
+        let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["size"]
+            .as_u64()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn resize_grows_and_shrinks_like_librbd() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        let full = Bytes::from(vec![7u8; OBJ as usize]);
+        for o in 0..4 {
+            img.write(o * OBJ, full.clone(), false).await.unwrap();
+        }
+        // Growing: new size in the header and for new clients, the map extended.
+        img.resize(40 << 20, false).await.unwrap();
+        assert_eq!((img.size(), img.info().size), (40 << 20, 40 << 20));
+        assert_eq!(header_size(d.path()), 40 << 20);
+        let m = img.object_map().unwrap();
+        assert_eq!(m.len(), 10);
+        assert_eq!(m.get(3), ObjectState::Exists);
+        assert_eq!(m.get(9), ObjectState::Nonexistent);
+        img.write(38 << 20, Bytes::from_static(b"end"), false)
+            .await
+            .unwrap();
+        assert_eq!(&read_all(&img, 38 << 20, 3).await, b"end");
+        // Shrinking discards data: refused unless allowed, and then nothing changed.
+        let e = img.resize(6 << 20, false).await.unwrap_err();
+        assert!(e.message.contains("allow-shrink"), "{e}");
+        assert_eq!((img.size(), header_size(d.path())), (40 << 20, 40 << 20));
+        // Allowed: objects past the end removed, the tail of the last one zeroed.
+        img.resize(6 << 20, true).await.unwrap();
+        assert_eq!((img.size(), header_size(d.path())), (6 << 20, 6 << 20));
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        assert_eq!(img.object_map().unwrap().len(), 2);
+        // A client still holding the old size is refused past the new end.
+        let e = img
+            .write(7 << 20, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::NoSpc, "{}", e.message);
+        assert_eq!(
+            img.read(6 << 20, 512).await.unwrap_err().errno,
+            Errno::Inval
+        );
+        // Grown again: what was cut off reads as zeros, what was kept is intact.
+        img.resize(16 << 20, false).await.unwrap();
+        assert_eq!(read_all(&img, (6 << 20) - 4, 4).await, [7u8; 4]);
+        assert!(read_all(&img, 6 << 20, (2 << 20) as u32)
+            .await
+            .iter()
+            .all(|&b| b == 0));
+        assert!(read_all(&img, 8 << 20, OBJ as u32)
+            .await
+            .iter()
+            .all(|&b| b == 0));
+        img.close().await.unwrap();
+        // The map written at close has the new length and matches the objects.
+        assert_eq!(header_flags(d.path()), 0);
+        let m = disk_map(d.path());
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            m.to_vec(),
+            [
+                ObjectState::Exists,
+                ObjectState::Exists,
+                ObjectState::Nonexistent,
+                ObjectState::Nonexistent
+            ]
+        );
+        // Read-only opens cannot resize.
+        let ro = open(&s, true).await;
+        assert_eq!(
+            ro.resize(32 << 20, false).await.unwrap_err().kind,
+            ErrorKind::ReadOnly
+        );
+        ro.close().await.unwrap();
     }
 
     #[tokio::test]
@@ -1202,6 +1485,21 @@ mod tests {
         assert_eq!(objects_on_disk(d.path()), [0]);
         // FAST_ZERO alone maps to a removal: fast, done.
         img.write_zeroes(0, OBJ as u32, fast).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        // Where holes cannot be punched, FAST_ZERO of part of an object would be a write
+        // of zeros: refused, the data untouched; whole objects are still removed.
+        img.write(OBJ, Bytes::from(vec![9u8; 8192]), false)
+            .await
+            .unwrap();
+        img.store().pretend_no_hole_punching();
+        let e = img.write_zeroes(OBJ, 4096, fast).await.unwrap_err();
+        assert_eq!(e.errno, Errno::NotSup, "{}", e.message);
+        assert_eq!(read_all(&img, OBJ, 8192).await, vec![9u8; 8192]);
+        img.write_zeroes(OBJ, 4096, ZeroFlags::default())
+            .await
+            .unwrap();
+        assert_eq!(read_all(&img, OBJ, 4096).await, vec![0u8; 4096]);
+        img.write_zeroes(OBJ, OBJ as u32, fast).await.unwrap();
         assert!(objects_on_disk(d.path()).is_empty());
         img.close().await.unwrap();
     }
@@ -1497,6 +1795,10 @@ mod tests {
         async fn refresh_header(&self) -> Result<ImageHeader> {
             self.inner.refresh_header().await
         }
+        async fn set_size(&self, size: u64) -> Result<()> {
+            self.note(format!("set_size({size})"));
+            self.inner.set_size(size).await
+        }
         async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
             self.note(format!("set_flags({value})"));
             self.inner.set_flags(value, mask).await
@@ -1572,6 +1874,9 @@ mod tests {
         }
         async fn set_flags(&self, _: u64, _: u64) -> Result<()> {
             panic!("a snapshot's flags are never set");
+        }
+        async fn set_size(&self, _: u64) -> Result<()> {
+            panic!("a snapshot is never resized");
         }
         async fn get_meta(&self, key: &str) -> Result<Option<String>> {
             self.inner.get_meta(key).await

@@ -397,6 +397,8 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
+    // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
+    image.serve_owner_requests();
     let bound = match inherited {
         Some(l) => Ok(l),
         None => Listener::bind(&addr, perms).await,

@@ -578,3 +578,79 @@ fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
         "every hole read was answered from the map, none by the store: {log}"
     );
 }
+
+#[test]
+fn resize_while_served_through_the_holder() {
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "32M", "vm1"]);
+    let srv = Server::start(s, "vm1", &[]);
+    // Growing: done by the serving process (it holds the lock); new clients see it.
+    let out = ok(s, &["resize", "--size", "64M", "vm1"]);
+    assert_eq!(out, format!("rbd/vm1: size {} bytes\n", 64 << 20));
+    assert_eq!(header(s, "vm1")["size"], 64 << 20);
+    let size = nbd_py(&srv.uri, "print(h.get_size())");
+    assert_eq!(size.trim(), (64u64 << 20).to_string());
+    nbd_py(
+        &srv.uri,
+        &format!(
+            "h.pwrite(b'g' * 512, {})\nassert h.pread(512, {}) == b'g' * 512",
+            60 << 20,
+            60 << 20
+        ),
+    );
+    // Shrinking discards data: refused without --allow-shrink, and nothing changes.
+    let o = cmd(s)
+        .args(["resize", "--size", "8M", "vm1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--allow-shrink") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(header(s, "vm1")["size"], 64 << 20);
+    // A client connected before the shrink still believes in 64 MiB: past the new end
+    // it gets ENOSPC, and the connection goes on.
+    let r = nbd_py(
+        &srv.uri,
+        &format!(
+            "import os, subprocess\n\
+             assert h.get_size() == {big}\n\
+             env = dict(os.environ, RADOS_NBD_STORE='{store}', RADOS_NBD_CONFIG='{store}/no.conf')\n\
+             subprocess.run(['{bin}', 'resize', '--size', '6M', '--allow-shrink', 'vm1'], env=env, check=True)\n\
+             try:\n    h.pwrite(b'x', {past})\n    print('accepted')\n\
+             except nbd.Error as e:\n    print('refused', 'ENOSPC' in str(e))\n\
+             assert h.pread(512, 0) == bytearray(512)",
+            big = 64u64 << 20,
+            store = s.display(),
+            bin = BIN,
+            past = 20u64 << 20
+        ),
+    );
+    assert_eq!(r.lines().last(), Some("refused True"), "{r}");
+    assert_eq!(header(s, "vm1")["size"], 6 << 20);
+    let left = objects(s);
+    assert!(left.is_empty(), "objects 15 lay past 6 MiB: {left:?}");
+    let (code, log) = srv.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("resized rbd/vm1 from 33554432 to 67108864 bytes"),
+        "{log}"
+    );
+    assert_eq!(header(s, "vm1")["flags"], 0);
+    let out = ok(s, &["object-map", "check", "vm1"]);
+    assert!(out.contains("matches the 0 data objects"), "{out}");
+    // No control socket is left behind, and an image nobody serves is resized in place.
+    assert!(!std::fs::read_dir(s.join("rbd")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".ctl")));
+    ok(s, &["resize", "--size", "12M", "vm1"]);
+    assert_eq!(header(s, "vm1")["size"], 12 << 20);
+}

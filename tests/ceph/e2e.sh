@@ -298,6 +298,57 @@ rbd snap purge e2e-l1 >/dev/null 2>&1
 for i in e2e-l1 e2e-l2 e2e-l2d e2e-cs1 e2e-cs2; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
 check "encryption: test images removed" bash -c "! rbd ls | grep -q '^e2e-\(l\|cs\)'"
 
+# ---------------------------------------------------------------- resize while served
+# `rbd resize` of an image we hold goes to us as the lock owner (a Resize notification);
+# we carry it out and answer AsyncComplete, as librbd's owner would.
+rbd create --size 32M e2e-r
+head -c $((32 * MB)) /dev/urandom > "$work/r.raw"
+serve e2e-r
+hold e2e-r
+check "resize: 32 MiB written" nbdcopy "$work/r.raw" "$(uri e2e-r)"
+check "resize: rbd resize --size 64M while we serve it succeeds" \
+  timeout 60 rbd resize --no-progress --size 64M e2e-r
+check "resize: rbd info shows 64 MiB" bash -c "rbd info e2e-r --format json | jq -e '.size == $((64 * MB))'"
+check "resize: a new NBD connection sees 64 MiB" \
+  bash -c "[ \"\$(nbdinfo --size '$(uri e2e-r)')\" = $((64 * MB)) ]"
+check "resize: the new space is writable and reads back" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-r)')
+h.pwrite(b'grown' * 100, 60 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread(500, 60 << 20) == b'grown' * 100
+h.shutdown()"
+check "resize: the daemon did it (log)" grep -q "resized rbd/e2e-r from $((32 * MB)) to $((64 * MB)) bytes" "$work/serve.log"
+check_fails "resize: shrinking without --allow-shrink is refused" \
+  timeout 60 rbd resize --no-progress --size 22M e2e-r
+check "resize: rbd resize --size 22M --allow-shrink while a client is connected; its writes past the new end fail" $PY -c "
+import nbd, subprocess
+h = nbd.NBD(); h.connect_uri('$(uri e2e-r)')
+assert h.get_size() == 64 << 20
+subprocess.run(['timeout', '60', 'rbd', 'resize', '--no-progress', '--size', '22M',
+                '--allow-shrink', 'e2e-r'], check=True)
+try:
+    h.pwrite(b'x' * 512, 30 << 20)
+    raise SystemExit('a write past the new end succeeded')
+except nbd.Error as e:
+    assert 'ENOSPC' in str(e), e
+assert h.pread(512, 0) == open('$work/r.raw', 'rb').read(512)
+h.shutdown()"
+check "resize: objects past 22 MiB removed (6 data objects left)" bash -c "
+  [ \$(rados -p rbd ls | grep -c \"^rbd_data.\$(rbd info e2e-r --format json | jq -r .id)\\.\") = 6 ]"
+check "resize: rados-nbd resize of an image served elsewhere fails, pointing to rbd resize" bash -c \
+  "out=\$(${RNQ} resize --size 40M e2e-r 2>&1) && exit 1; grep -q 'rbd resize' <<<\"\$out\""
+unhold
+check_unserve "resize: clean close after resizes"
+check "resize: rbd object-map check passes" rbd object-map check e2e-r
+check "resize: flags clear after the clean close" bash -c "rbd info e2e-r | grep -q 'flags: $'"
+check "resize: rbd export = the first 22 MiB written" bash -c \
+  "[ \"\$(rbd export --no-progress e2e-r - | sha)\" = \"\$(head -c $((22 * MB)) '$work/r.raw' | sha)\" ]"
+check "resize: rados-nbd resize of an idle Ceph image grows it" "${RN[@]}" resize --size 32M e2e-r
+check "resize: the cut-off tail reads as zeros after growing again" bash -c \
+  "[ \"\$(rbd export --no-progress e2e-r - | tail -c $((10 * MB)) | tr -d '\\0' | wc -c)\" = 0 ]"
+check "resize: rbd object-map check after our offline resize" rbd object-map check e2e-r
+rbd rm --no-progress e2e-r >/dev/null 2>&1
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do

@@ -389,6 +389,41 @@ both_clean() { clean rbd/misc && clean rbd/xfs; }
 check "both images clean" both_clean
 check "nothing left mapped at the end" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
 
+echo "== resize while mapped: the device follows, the file system grows"
+check "create rbd/grow (256 MiB)" "$B" create --size 256M rbd/grow
+dev=$(map rbd/grow)
+mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT && write_files $MNT
+size_is() { # dev bytes: wait up to 5 s for the device to show that size
+  local i
+  for i in $(seq 50); do [ "$(dev_size "$1")" = "$2" ] && return 0; sleep 0.1; done
+  echo "$1 is $(dev_size "$1") bytes, not $2"; return 1
+}
+check "rados-nbd resize --size 512M while mapped (the daemon does it)" "$B" resize --size 512M rbd/grow
+check "the device follows: 512 MiB" size_is "$dev" $((512 << 20))
+check "resize2fs grows the mounted ext4 online" resize2fs "$dev"
+fs_kib() { df -k $MNT | awk 'NR == 2 { print $2 }'; }
+check "df shows the grown file system" test "$(fs_kib)" -gt 400000
+check "files written before the resize still verify" verify_files $MNT
+check "the new space takes data" dd if=/dev/urandom of=$MNT/more bs=1M count=300 status=none conv=fsync
+(cd $MNT && sha256sum more >>SUMS)
+umount $MNT
+check "shrinking without --allow-shrink is refused, the device unchanged" \
+  bash -c "! '$B' resize --size 128M rbd/grow 2>/dev/null && [ \$(blockdev --getsize64 $dev) = $((512 << 20)) ]"
+check "unmap after the resize" "$B" unmap "$dev"
+check "the image is 512 MiB, clean, its map right" bash -c \
+  "'$B' info rbd/grow --format json | grep -q '\"size\": *$((512 << 20))' && '$B' object-map check rbd/grow"
+dev=$(map rbd/grow)
+check "map again: e2fsck clean" e2fsck -fn "$dev"
+mount "$dev" $MNT
+check "map again: every file verifies" verify_files $MNT
+umount $MNT
+check "unmap" "$B" unmap "$dev"
+dev=$(RADOS_NBD_FORCE_IOCTL=1 map rbd/grow)
+check "ioctl fallback: resize --size 640M while mapped" "$B" resize --size 640M rbd/grow
+check "ioctl fallback: the device follows (NBD_SET_SIZE)" size_is "$dev" $((640 << 20))
+check "ioctl fallback: unmap" "$B" unmap "$dev"
+check "resized image clean" clean rbd/grow
+
 echo "== done in $(($(date +%s) - T0)) s"
 if [ "$fail" -ne 0 ]; then
   echo "--- daemon log (last 40 lines)"

@@ -68,7 +68,9 @@ impl Export {
                 } else {
                     Image::open(&st, spec, &opts).await?
                 };
-                Ok(Export::Dir(Arc::new(img)))
+                let img = Arc::new(img);
+                img.serve_owner_requests();
+                Ok(Export::Dir(img))
             }
             #[cfg(feature = "ceph")]
             StoreUri::Ceph { conf } => {
@@ -94,7 +96,9 @@ impl Export {
                 } else {
                     Image::open(&*st, spec, &opts).await?
                 };
-                Ok(Export::Ceph(Arc::new(img), st))
+                let img = Arc::new(img);
+                img.serve_owner_requests();
+                Ok(Export::Ceph(img, st))
             }
             #[cfg(not(feature = "ceph"))]
             StoreUri::Ceph { .. } => Err(Error::new(
@@ -135,6 +139,15 @@ impl Export {
             }
         };
         r.map_err(|e| Error::new(ErrorKind::Io, format!("serving the kernel: {e}")))
+    }
+
+    /// The image's size now and each later change (a resize while mapped).
+    pub fn size_changes(&self) -> watch::Receiver<u64> {
+        match self {
+            Export::Dir(i) => i.size_changes(),
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.size_changes(),
+        }
     }
 
     /// Clean close: flush, write the object map, clear the dirty flag, release the lock.

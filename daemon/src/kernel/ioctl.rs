@@ -142,6 +142,18 @@ impl IoctlDevice {
         r
     }
 
+    /// A new size for a running device (the image was resized); the kernel updates the
+    /// capacity and tells user space (a RESIZE uevent), as after `rbd-nbd`'s resize.
+    pub fn set_size(&self, size_bytes: u64) -> Result<()> {
+        ioctl(
+            &self.dev,
+            &self.path,
+            "NBD_SET_SIZE",
+            NBD_SET_SIZE,
+            size_bytes as _,
+        )
+    }
+
     pub fn clear_sock(&self) -> Result<()> {
         ioctl(&self.dev, &self.path, "NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0)
     }

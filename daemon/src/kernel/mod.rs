@@ -811,9 +811,28 @@ impl Setup<'_> {
         let mut disconnecting = false;
         let mut detaching = false;
         let netlink = state.netlink;
+        let mut sizes = self.export.size_changes();
+        sizes.mark_unchanged();
+        let mut resizable = true;
         self.rt.block_on(async {
             loop {
                 tokio::select! {
+                    // The image was resized (`rbd resize`, `rados-nbd resize`): the device
+                    // follows, as with rbd-nbd, so the file system on it can be grown.
+                    r = sizes.changed(), if resizable && !disconnecting && !detaching => {
+                        if r.is_err() {
+                            resizable = false;
+                            continue;
+                        }
+                        let size = *sizes.borrow_and_update();
+                        let blocks = size - size % BLOCK_SIZE;
+                        match resize_device(&mut control, index, blocks, state.backend.as_deref()) {
+                            Ok(()) => tracing::info!("{path}: size now {blocks} bytes"),
+                            Err(e) => tracing::error!(
+                                "{path}: the image is now {size} bytes but the device did not follow: {e}"
+                            ),
+                        }
+                    }
                     r = tasks.join_next() => match r {
                         None => break,
                         Some(Ok((i, Ok(())))) => tracing::info!("{path}: connection {i} ended"),
@@ -920,6 +939,25 @@ fn open_netlink() -> Result<Option<netlink::NbdNetlink>> {
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(kind).map_err(|e| Error::io("installing a signal handler", e))
+}
+
+fn resize_device(
+    control: &mut Control,
+    index: u32,
+    size_bytes: u64,
+    backend: Option<&str>,
+) -> Result<()> {
+    match control {
+        // RECONFIGURE with a size (Linux 5.3 and later) resizes a running device. A device
+        // connected with a backend identifier is only reconfigured by one who names it.
+        Control::Netlink(nl) => nl.reconfigure(&netlink::DeviceConfig {
+            index: Some(index),
+            size_bytes: Some(size_bytes),
+            backend: backend.map(str::to_string),
+            ..Default::default()
+        }),
+        Control::Ioctl(dev, _) => dev.set_size(size_bytes),
+    }
 }
 
 fn request_disconnect(control: &mut Control, index: u32) -> Result<()> {

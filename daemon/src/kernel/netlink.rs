@@ -575,7 +575,7 @@ impl NbdNetlink {
         let seq = self.next_seq();
         let msg = encode_config(self.family, seq, NBD_CMD_RECONFIGURE, cfg);
         self.transact(&msg, seq, |_| Ok(()))
-            .map_err(|e| e.into_error(&format!("re-attaching /dev/nbd{index}")))
+            .map_err(|e| e.into_error(&format!("reconfiguring /dev/nbd{index}")))
     }
 
     /// NBD_CMD_DISCONNECT: the kernel sends NBD_CMD_DISC on every socket, then closes them.

@@ -523,6 +523,15 @@ impl Store for DirStore {
         .await
     }
 
+    async fn ask_holder_to_resize(
+        &self,
+        spec: &ImageSpec,
+        size: u64,
+        allow_shrink: bool,
+    ) -> Result<()> {
+        ask_holder_to_resize(self, spec, size, allow_shrink).await
+    }
+
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
@@ -551,6 +560,24 @@ impl Store for DirStore {
                 OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, &spec, true)?),
                 OpenMode::SharedWrite => Some(lock_image(&pool_dir, &id, &spec, false)?),
                 OpenMode::ReadOnly => None,
+            };
+            // Punching a hole past the end of the (empty) lock file changes nothing and
+            // tells whether this file system can do it at all.
+            let punches_holes = match &lock {
+                None => true,
+                Some(f) => {
+                    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+                    let r = unsafe {
+                        libc::fallocate(
+                            f.as_raw_fd(),
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                            0,
+                            4096,
+                        )
+                    };
+                    r == 0
+                        || std::io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
+                }
             };
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
             let bytes = read_file_opt(&header_path)?.ok_or_else(|| {
@@ -591,6 +618,9 @@ impl Store for DirStore {
                     dirty: Mutex::new(HashSet::new()),
                     dir_dirty: AtomicBool::new(false),
                     sync_lock: Mutex::new(()),
+                    exclusive: mode == OpenMode::ReadWrite,
+                    punches_holes: AtomicBool::new(punches_holes),
+                    ctl: Mutex::new(None),
                     closed: AtomicBool::new(false),
                 }),
             })
@@ -602,6 +632,14 @@ impl Store for DirStore {
 /// One opened image of the directory store.
 pub struct DirImage {
     inner: Arc<Inner>,
+}
+
+impl DirImage {
+    /// Tests: behave as on a file system that cannot punch holes.
+    #[cfg(test)]
+    pub(crate) fn pretend_no_hole_punching(&self) {
+        self.inner.punches_holes.store(false, Ordering::Relaxed);
+    }
 }
 
 struct Inner {
@@ -626,7 +664,19 @@ struct Inner {
     /// one's objects were still on their way to disk, breaking the promise behind
     /// CAN_MULTI_CONN (every write acked before a FLUSH, on any connection, is durable).
     sync_lock: Mutex<()>,
+    /// Opened ReadWrite: the exclusive lock holder, the one that takes requests.
+    exclusive: bool,
+    /// Whether this file system deallocates a range (FALLOC_FL_PUNCH_HOLE). Without it,
+    /// zeroing part of an object writes zeros: not "fast" in the NBD FAST_ZERO sense.
+    punches_holes: AtomicBool,
+    /// The holder's control socket, once it takes requests (see `owner_requests`).
+    ctl: Mutex<Option<ControlSocket>>,
     closed: AtomicBool,
+}
+
+struct ControlSocket {
+    path: PathBuf,
+    task: tokio::task::AbortHandle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -830,6 +880,7 @@ impl Inner {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // No hole punching here: write zeros over the part that exists.
+                self.punches_holes.store(false, Ordering::Relaxed);
                 let size = f.metadata().map_err(|e| Error::io(what(), e))?.len();
                 let end = (off + len).min(size);
                 let mut pos = off;
@@ -933,6 +984,125 @@ impl DirImage {
     }
 }
 
+/// Where the holder of image `id`'s exclusive lock listens for requests.
+fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
+    pool_dir.join(format!("rbd_header.{id}.ctl"))
+}
+
+/// The control socket's protocol: one request line, one answer line.
+/// `resize SIZE 0|1` (1: shrinking allowed) → `ok` or `error MESSAGE`.
+fn parse_control_request(line: &str) -> std::result::Result<(u64, bool), String> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w[..] {
+        ["resize", size, shrink] => {
+            let size = size
+                .parse::<u64>()
+                .map_err(|_| format!("bad size {size:?}"))?;
+            let shrink = match shrink {
+                "0" => false,
+                "1" => true,
+                _ => return Err(format!("bad allow-shrink {shrink:?}")),
+            };
+            Ok((size, shrink))
+        }
+        _ => Err(format!("unknown request {:?}", line.trim_end())),
+    }
+}
+
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    tx: tokio::sync::mpsc::UnboundedSender<crate::store::OwnerRequest>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            let mut line = String::new();
+            // A request line is short; a client that sends more is not a client of ours.
+            let mut rd = BufReader::new(tokio::io::AsyncReadExt::take(rd, 256));
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match parse_control_request(&line) {
+                Err(e) => format!("error {e}\n"),
+                Ok((size, allow_shrink)) => {
+                    let (done, rx) = tokio::sync::oneshot::channel();
+                    let req = crate::store::OwnerRequest::Resize {
+                        size,
+                        allow_shrink,
+                        done,
+                    };
+                    match tx.send(req) {
+                        Err(_) => "error the image is closing\n".to_string(),
+                        Ok(()) => match rx.await {
+                            Ok(Ok(())) => "ok\n".to_string(),
+                            Ok(Err(e)) => format!("error {}\n", e.to_string().replace('\n', " ")),
+                            Err(_) => "error the image closed first\n".to_string(),
+                        },
+                    }
+                }
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+        });
+    }
+}
+
+/// Asks the process holding `spec`'s exclusive lock (a `serve` or `map` daemon) to
+/// resize it, through its control socket, and waits for the outcome.
+pub async fn ask_holder_to_resize(
+    store: &DirStore,
+    spec: &ImageSpec,
+    size: u64,
+    allow_shrink: bool,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let pool_dir = store.pool_dir(&spec.pool);
+    let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
+    let id = match read_file_opt(&id_path)? {
+        Some(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        None => return Err(store.not_found(spec)),
+    };
+    if !valid_id(&id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("corrupt image id file {}", id_path.display()),
+        ));
+    }
+    let path = control_path(&pool_dir, &id);
+    let busy = |why: String| {
+        Error::new(
+            ErrorKind::Busy,
+            format!("image {spec} is in use and its holder takes no requests ({why}); stop it and resize again"),
+        )
+    };
+    let conn = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| busy(format!("{}: {e}", path.display())))?;
+    let (rd, mut wr) = conn.into_split();
+    wr.write_all(format!("resize {size} {}\n", u8::from(allow_shrink)).as_bytes())
+        .await
+        .map_err(|e| busy(format!("{}: {e}", path.display())))?;
+    let mut line = String::new();
+    BufReader::new(rd)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| Error::io(format!("reading the answer on {}", path.display()), e))?;
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "ok" => Ok(()),
+        Some(("error", msg)) => Err(Error::new(ErrorKind::Io, msg.to_string())),
+        _ => Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "the holder of {spec} ended without an answer (it may have exited); check `rados-nbd info {spec}`"
+            ),
+        )),
+    }
+}
+
 impl ImageStore for DirImage {
     fn header(&self) -> ImageHeader {
         lock(&self.inner.header).to_header()
@@ -949,6 +1119,51 @@ impl ImageStore for DirImage {
             Ok(out)
         })
         .await
+    }
+
+    async fn set_size(&self, size: u64) -> Result<()> {
+        self.run(move |i| i.update_header(|h| h.size = size)).await
+    }
+
+    fn zeroes_are_fast(&self) -> bool {
+        self.inner.punches_holes.load(Ordering::Relaxed)
+    }
+
+    fn owner_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::OwnerRequest>> {
+        let i = &self.inner;
+        if !i.exclusive || i.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut ctl = lock(&i.ctl);
+        if ctl.is_some() {
+            return None;
+        }
+        let path = control_path(&i.pool_dir, &i.id);
+        // We hold the exclusive lock: a socket file left here is a dead holder's.
+        let _ = std::fs::remove_file(&path);
+        let bound = std::os::unix::net::UnixListener::bind(&path).and_then(|l| {
+            // Whoever may resize the image may also write it: the owner only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        });
+        let listener = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "{}: no control socket, so `rados-nbd resize` cannot reach this process: {e}",
+                    path.display()
+                );
+                return None;
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(serve_control(listener, tx)).abort_handle();
+        *ctl = Some(ControlSocket { path, task });
+        Some(rx)
     }
 
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
@@ -1036,6 +1251,12 @@ impl ImageStore for DirImage {
             return Ok(());
         }
         lock(&self.inner.fds).clear();
+        // Requests stop before the lock goes, so none is taken by a handle that no longer
+        // holds it.
+        if let Some(c) = lock(&self.inner.ctl).take() {
+            c.task.abort();
+            let _ = std::fs::remove_file(&c.path);
+        }
         // Dropping the file releases the flock.
         drop(lock(&self.inner.lock).take());
         Ok(())

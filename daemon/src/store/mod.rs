@@ -37,6 +37,17 @@ pub const DEFAULT_FEATURES: u64 = RBD_FEATURE_LAYERING
     | RBD_FEATURE_OBJECT_MAP
     | RBD_FEATURE_FAST_DIFF;
 
+/// A request for the lock holder, answered through `done`.
+#[derive(Debug)]
+pub enum OwnerRequest {
+    /// `rbd resize` / `rados-nbd resize`: shrinking needs `allow_shrink`.
+    Resize {
+        size: u64,
+        allow_shrink: bool,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapInfo {
     pub id: u64,
@@ -108,6 +119,23 @@ pub trait Store: Send + Sync + 'static {
 
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
+    /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to resize it, and
+    /// waits for the outcome: how `rados-nbd resize` reaches an image in use.
+    fn ask_holder_to_resize(
+        &self,
+        spec: &ImageSpec,
+        _size: u64,
+        _allow_shrink: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "image {spec} is in use; resize it with `rbd resize`, which asks the lock holder (rados-nbd serves that request)"
+            ),
+        );
+        async move { Err(e) }
+    }
+
     /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
     /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
     /// SharedWrite is writable without excluding other SharedWrite openers.
@@ -131,6 +159,19 @@ pub trait ImageStore: Send + Sync + 'static {
     /// before serving; metadata commands (info, du, object-map, config) do not.
     fn check_servable(&self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
+    }
+
+    /// Sets the image's size in its header, durably. The caller (the image layer's
+    /// resize) has already removed what lies beyond a smaller size.
+    fn set_size(&self, size: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Starts taking requests that other clients address to the holder of this image's
+    /// exclusive lock (Ceph: librbd's `rbd resize` through watch/notify; the directory
+    /// store: `rados-nbd resize` through the holder's control socket), and returns them.
+    /// Only a read-write (exclusive) handle takes requests, and only once: `None` when
+    /// this handle cannot or already did. Until it is called, such requests are refused.
+    fn owner_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<OwnerRequest>> {
+        None
     }
 
     /// `flags = (flags & !mask) | (value & mask)` in the header, durably.
@@ -169,6 +210,12 @@ pub trait ImageStore: Send + Sync + 'static {
         len: u64,
         durable: bool,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether `zero` deallocates (cheap, like a removal) rather than writing zeros: an
+    /// NBD FAST_ZERO request must fail instead of becoming a slow write.
+    fn zeroes_are_fast(&self) -> bool {
+        true
+    }
 
     /// Removes an object (no error when it does not exist).
     fn remove(&self, objno: u64, durable: bool) -> impl Future<Output = Result<()>> + Send;

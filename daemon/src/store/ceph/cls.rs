@@ -465,6 +465,62 @@ pub const NOTIFY_OP_HEADER_UPDATE: u32 = 3;
 pub const NOTIFY_OP_ASYNC_PROGRESS: u32 = 4;
 pub const NOTIFY_OP_ASYNC_COMPLETE: u32 = 5;
 
+pub const NOTIFY_OP_RESIZE: u32 = 7;
+
+/// librbd's id of an asynchronous maintenance request: the asking client (ClientId
+/// { u64 gid, u64 handle }) and its request number. The owner echoes it in AsyncComplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AsyncRequestId {
+    pub gid: u64,
+    pub handle: u64,
+    pub request_id: u64,
+}
+
+/// What `rbd resize` asks the lock owner to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeRequest {
+    pub size: u64,
+    pub id: AsyncRequestId,
+    pub allow_shrink: bool,
+}
+
+/// A Resize NotifyMessage: ENCODE_START(7,1) { u32 7, u64 size, AsyncRequestId,
+/// bool allow_shrink (from struct v4 on; older librbd always allowed shrinking) }.
+pub fn resize_request(payload: &[u8]) -> Result<ResizeRequest> {
+    let mut d = Dec::new(payload, "rbd resize request");
+    let (v, end) = d.start(7)?;
+    let op = d.u32()?;
+    if op != NOTIFY_OP_RESIZE {
+        return Err(d.bad(&format!("notify op {op} is not a resize")));
+    }
+    let size = d.u64()?;
+    let id = AsyncRequestId {
+        gid: d.u64()?,
+        handle: d.u64()?,
+        request_id: d.u64()?,
+    };
+    let allow_shrink = if v >= 4 { d.u8()? != 0 } else { true };
+    d.finish(end)?;
+    Ok(ResizeRequest {
+        size,
+        id,
+        allow_shrink,
+    })
+}
+
+/// AsyncComplete NotifyMessage: ENCODE_START(7,1) { u32 5, AsyncRequestId, i32 result }:
+/// how the owner tells the asker its request is done.
+pub fn async_complete_notify(id: AsyncRequestId, result: i32) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(NOTIFY_OP_ASYNC_COMPLETE)
+        .u64(id.gid)
+        .u64(id.handle)
+        .u64(id.request_id)
+        .i32(result);
+    e.finish(at).done()
+}
+
 /// The op of a header notification. An empty payload is the legacy header update.
 pub fn notify_op(payload: &[u8]) -> Result<u32> {
     if payload.is_empty() {
@@ -768,5 +824,50 @@ mod tests {
             vec![1, 1, 4, 0, 0, 0, 0xe2, 0xff, 0xff, 0xff]
         );
         assert!(notify_op(&[7, 1, 4]).is_err());
+    }
+
+    #[test]
+    fn resize_requests_and_completions() {
+        // As librbd 16.2 encodes `rbd resize --size 128M --allow-shrink` (struct v7).
+        let mut e = Enc::new();
+        let at = e.start(7, 1);
+        e.u32(NOTIFY_OP_RESIZE)
+            .u64(128 << 20)
+            .u64(4161)
+            .u64(94_000_001)
+            .u64(3)
+            .u8(1);
+        let req = e.finish(at).done();
+        let id = AsyncRequestId {
+            gid: 4161,
+            handle: 94_000_001,
+            request_id: 3,
+        };
+        assert_eq!(notify_op(&req).unwrap(), NOTIFY_OP_RESIZE);
+        assert!(notify_wants_owner_reply(NOTIFY_OP_RESIZE));
+        assert_eq!(
+            resize_request(&req).unwrap(),
+            ResizeRequest {
+                size: 128 << 20,
+                id,
+                allow_shrink: true
+            }
+        );
+        // Before v4 there was no allow_shrink byte (and shrinking was allowed).
+        let mut e = Enc::new();
+        let at = e.start(3, 1);
+        e.u32(NOTIFY_OP_RESIZE).u64(1 << 30).u64(1).u64(2).u64(3);
+        let old = e.finish(at).done();
+        let r = resize_request(&old).unwrap();
+        assert_eq!((r.size, r.allow_shrink), (1 << 30, true));
+        // Truncated, or another op: an error, never a guess.
+        assert!(resize_request(&req[..req.len() - 2]).is_err());
+        assert!(resize_request(&header_update_notify()).is_err());
+        // AsyncComplete: v7 compat 1, length 32, op 5, the id, the result.
+        let done = async_complete_notify(id, -22);
+        assert_eq!(&done[..6], &[7, 1, 32, 0, 0, 0]);
+        assert_eq!(notify_op(&done).unwrap(), NOTIFY_OP_ASYNC_COMPLETE);
+        assert_eq!(&done[10..18], &4161u64.to_le_bytes());
+        assert_eq!(&done[34..], &(-22i32).to_le_bytes());
     }
 }

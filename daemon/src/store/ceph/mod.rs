@@ -32,10 +32,11 @@ mod live_tests;
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    CreateOptions, ImageHeader, ImageStore, OpenMode, SnapInfo, Store, RBD_FEATURE_DATA_POOL,
-    RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF,
-    RBD_FEATURE_JOURNALING, RBD_FEATURE_LAYERING, RBD_FEATURE_MIGRATING, RBD_FEATURE_NON_PRIMARY,
-    RBD_FEATURE_OBJECT_MAP, RBD_FEATURE_OPERATIONS, RBD_FEATURE_STRIPINGV2,
+    CreateOptions, ImageHeader, ImageStore, OpenMode, OwnerRequest, SnapInfo, Store,
+    RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
+    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_JOURNALING, RBD_FEATURE_LAYERING, RBD_FEATURE_MIGRATING,
+    RBD_FEATURE_NON_PRIMARY, RBD_FEATURE_OBJECT_MAP, RBD_FEATURE_OPERATIONS,
+    RBD_FEATURE_STRIPINGV2,
 };
 use bytes::Bytes;
 use rados::{errno_of, ConnectOptions, IoCtx, Rados, Watch, WatchEvent, WriteOp};
@@ -577,6 +578,8 @@ impl Store for CephStore {
             lock: tokio::sync::Mutex::new(None),
             lost_lock: AtomicBool::new(false),
             reacquiring: AtomicBool::new(false),
+            owner_tx: Mutex::new(None),
+            owner_pending: Mutex::new(std::collections::HashSet::new()),
             closed: AtomicBool::new(false),
         });
         if mode != OpenMode::ReadOnly {
@@ -647,7 +650,26 @@ struct Inner {
     /// meanwhile: with our watch gone another client may break the lock, so writing
     /// before it is re-asserted could write underneath a new owner.
     reacquiring: AtomicBool,
+    /// Where requests for the lock owner go once the image layer takes them
+    /// (`owner_requests`); until then they are refused, as before.
+    owner_tx: Mutex<Option<mpsc::UnboundedSender<OwnerRequest>>>,
+    /// Requests being carried out: librbd may send one again while it waits.
+    owner_pending: Mutex<std::collections::HashSet<cls::AsyncRequestId>>,
     closed: AtomicBool,
+}
+
+impl Inner {
+    /// Whether requests addressed to the lock owner are taken (ours is an exclusive,
+    /// read-write open whose image layer serves them).
+    fn takes_owner_requests(&self) -> bool {
+        self.mode == OpenMode::ReadWrite
+            && !self.closed.load(Ordering::SeqCst)
+            && self
+                .owner_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
 }
 
 /// One opened image in the cluster.
@@ -663,7 +685,7 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     let watch = inner
         .meta
-        .watch(&inner.hdr_oid, Box::new(reply_to_notify), tx.clone())
+        .watch(&inner.hdr_oid, replier(inner), tx.clone())
         .await
         .map_err(|e| e.context(format!("opening image {spec}")))?;
     let cookie = cls::lock_cookie(watch.cookie);
@@ -691,12 +713,97 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     Ok(())
 }
 
-/// Runs on librados' callback thread: answers requests addressed to the lock owner with
-/// -EROFS (we do not hand the lock over, like `rbd-nbd --exclusive`), acks the rest empty.
-fn reply_to_notify(_notifier: u64, payload: &[u8]) -> Vec<u8> {
+/// The watch's replier for this image: whether resizes are taken can change after the
+/// watch is registered (the image layer starts taking them once it is serving).
+fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
+    let inner = Arc::downgrade(inner);
+    Box::new(move |notifier, payload| {
+        let takes = inner.upgrade().is_some_and(|i| i.takes_owner_requests());
+        reply_to_notify(notifier, payload, takes)
+    })
+}
+
+/// Runs on librados' callback thread. A resize is accepted (0) when `takes_resize`, and
+/// carried out by `watch_events`, which then sends AsyncComplete, as librbd's owner does.
+/// Other requests addressed to the lock owner get -EROFS (we do not hand the lock over,
+/// like `rbd-nbd --exclusive`; snapshots and the like are not done by us); the rest are
+/// acked empty.
+fn reply_to_notify(_notifier: u64, payload: &[u8], takes_resize: bool) -> Vec<u8> {
     match cls::notify_op(payload) {
+        Ok(cls::NOTIFY_OP_RESIZE) if takes_resize && cls::resize_request(payload).is_ok() => {
+            cls::response_message(0)
+        }
         Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
         _ => Vec::new(),
+    }
+}
+
+/// Carries out a resize librbd asked for (accepted in `reply_to_notify`), then tells the
+/// asker with AsyncComplete, as librbd's lock owner does.
+fn start_resize(inner: &Arc<Inner>, req: cls::ResizeRequest, notifier_id: u64) {
+    let tx = inner
+        .owner_tx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(tx) = tx else {
+        tracing::info!(image = %inner.spec, "refused resize from client.{notifier_id}: not serving requests");
+        return;
+    };
+    if !inner
+        .owner_pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(req.id)
+    {
+        return; // Sent again while we are at it: one answer will come.
+    }
+    tracing::info!(image = %inner.spec, "resize to {} bytes asked by client.{notifier_id}", req.size);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let r = match tx.send(OwnerRequest::Resize {
+            size: req.size,
+            allow_shrink: req.allow_shrink,
+            done,
+        }) {
+            Err(_) => Err(Error::new(ErrorKind::Io, "the image is closing")),
+            Ok(()) => rx
+                .await
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the image closed first"))),
+        };
+        let result = match &r {
+            Ok(()) => 0,
+            Err(e) => -errno_for_librbd(e),
+        };
+        let msg = cls::async_complete_notify(req.id, result);
+        if let Err(e) = inner
+            .meta
+            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+            .await
+        {
+            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its resize is done: {e}");
+        }
+        inner
+            .owner_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.id);
+    });
+}
+
+/// The errno librbd gets for an error of ours: librados' own when it came from there.
+fn errno_for_librbd(e: &Error) -> i32 {
+    if let Some(n) = errno_of(e) {
+        return n.abs();
+    }
+    match e.kind {
+        ErrorKind::InvalidInput => 22, // EINVAL
+        ErrorKind::ReadOnly => EROFS,
+        ErrorKind::Unsupported => 95, // EOPNOTSUPP
+        ErrorKind::NoSpace => 28,     // ENOSPC
+        ErrorKind::Busy => 16,        // EBUSY
+        _ => 5,                       // EIO
     }
 }
 
@@ -848,6 +955,14 @@ async fn watch_events(
         let Some(inner) = inner.upgrade() else { return };
         match ev {
             WatchEvent::Notify { notifier_id, data } => match cls::notify_op(&data) {
+                Ok(cls::NOTIFY_OP_RESIZE) if inner.takes_owner_requests() => {
+                    match cls::resize_request(&data) {
+                        Ok(req) => start_resize(&inner, req, notifier_id),
+                        Err(e) => {
+                            tracing::warn!(image = %inner.spec, "resize request from client.{notifier_id}: {e}")
+                        }
+                    }
+                }
                 Ok(cls::NOTIFY_OP_HEADER_UPDATE) => {
                     if let Err(e) = refresh(&inner).await {
                         tracing::warn!(image = %inner.spec, "refreshing header after an update notification: {e}");
@@ -910,10 +1025,7 @@ async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> R
     let Some(state) = guard.as_mut() else {
         return Ok(());
     };
-    let new = inner
-        .meta
-        .watch(&inner.hdr_oid, Box::new(reply_to_notify), tx)
-        .await?;
+    let new = inner.meta.watch(&inner.hdr_oid, replier(inner), tx).await?;
     let new_cookie = cls::lock_cookie(new.cookie);
     let (kind, tag) = lock_kind(inner.mode);
     let input = cls::set_cookie_in(cls::RBD_LOCK_NAME, kind, &state.cookie, tag, &new_cookie);
@@ -1083,6 +1195,44 @@ impl ImageStore for CephImage {
                  (right for a volume cryptsetup made on the device)"
             ),
         ))
+    }
+
+    fn owner_requests(&self) -> Option<mpsc::UnboundedReceiver<OwnerRequest>> {
+        let i = &self.inner;
+        if i.mode != OpenMode::ReadWrite || i.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut slot = i.owner_tx.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        *slot = Some(tx);
+        Some(rx)
+    }
+
+    async fn set_size(&self, size: u64) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        i.meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "set_size",
+                &cls::Enc::new().u64(size).done(),
+            )
+            .await
+            .map_err(|e| e.context(format!("setting the size of image {}", i.spec)))?;
+        i.header.write().unwrap_or_else(|p| p.into_inner()).size = size;
+        // Other watchers (librbd clients, `rbd info --watch`...) re-read the header, as
+        // after librbd's own resize; nobody has to answer.
+        let (meta, oid) = (i.meta.clone(), i.hdr_oid.clone());
+        tokio::spawn(async move {
+            let _ = meta
+                .notify(&oid, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
+                .await;
+        });
+        Ok(())
     }
 
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
@@ -1257,6 +1407,8 @@ impl ImageStore for CephImage {
         if i.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // No more requests for the owner: the image layer's loop ends.
+        i.owner_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(state) = i.lock.lock().await.take() else {
             return Ok(());
         };
@@ -1318,12 +1470,42 @@ mod tests {
 
     #[test]
     fn notify_replies() {
+        for takes in [false, true] {
+            assert_eq!(
+                reply_to_notify(
+                    1,
+                    &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
+                    takes
+                ),
+                cls::response_message(-30),
+                "the lock is never handed over"
+            );
+            assert!(reply_to_notify(1, &cls::header_update_notify(), takes).is_empty());
+            assert!(reply_to_notify(1, &[], takes).is_empty());
+        }
+        let mut e = cls::Enc::new();
+        let at = e.start(7, 1);
+        e.u32(cls::NOTIFY_OP_RESIZE)
+            .u64(1 << 30)
+            .u64(1)
+            .u64(2)
+            .u64(3)
+            .u8(0);
+        let resize = e.finish(at).done();
         assert_eq!(
-            reply_to_notify(1, &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2)),
+            reply_to_notify(1, &resize, true),
+            cls::response_message(0),
+            "accepted; AsyncComplete follows"
+        );
+        assert_eq!(
+            reply_to_notify(1, &resize, false),
             cls::response_message(-30)
         );
-        assert!(reply_to_notify(1, &cls::header_update_notify()).is_empty());
-        assert!(reply_to_notify(1, &[]).is_empty());
+        assert_ne!(
+            reply_to_notify(1, &resize[..resize.len() - 3], true),
+            cls::response_message(0),
+            "an undecodable resize is never accepted"
+        );
     }
 
     #[test]
