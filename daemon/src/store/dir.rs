@@ -182,6 +182,41 @@ fn parse_header(path: &Path, id: &str, bytes: &[u8]) -> Result<HeaderFile> {
     Ok(h)
 }
 
+/// The id of image `name` from its `rbd_id.<name>` file: `None` when there is none, an
+/// error when what it holds is not an id.
+fn read_image_id(pool_dir: &Path, name: &str) -> Result<Option<String>> {
+    let id_path = pool_dir.join(format!("rbd_id.{name}"));
+    let Some(b) = read_file_opt(&id_path)? else {
+        return Ok(None);
+    };
+    let id = String::from_utf8_lossy(&b).trim().to_string();
+    if !valid_id(&id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("corrupt image id file {}", id_path.display()),
+        ));
+    }
+    Ok(Some(id))
+}
+
+/// Deallocates `len` bytes at `off` of `f`, keeping its size.
+fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
 }
@@ -544,17 +579,9 @@ impl Store for DirStore {
                     format!("snapshot {spec} can only be opened read-only"),
                 ));
             }
-            let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
-            let id = match read_file_opt(&id_path)? {
-                Some(b) => String::from_utf8_lossy(&b).trim().to_string(),
-                None => return Err(not_found),
+            let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+                return Err(not_found);
             };
-            if !valid_id(&id) {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!("corrupt image id file {}", id_path.display()),
-                ));
-            }
             // Lock before reading the header, so the header read is the latest.
             let lock = match mode {
                 OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, &spec, true)?),
@@ -566,17 +593,8 @@ impl Store for DirStore {
             let punches_holes = match &lock {
                 None => true,
                 Some(f) => {
-                    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-                    let r = unsafe {
-                        libc::fallocate(
-                            f.as_raw_fd(),
-                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                            0,
-                            4096,
-                        )
-                    };
-                    r == 0
-                        || std::io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
+                    punch_hole(f, 0, 4096).err().and_then(|e| e.raw_os_error())
+                        != Some(libc::EOPNOTSUPP)
                 }
             };
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
@@ -860,23 +878,7 @@ impl Inner {
         };
         lock(&self.dirty).insert(objno);
         let what = || format!("zeroing in {}", self.object_path(objno).display());
-        let punch = || -> std::io::Result<()> {
-            // SAFETY: fallocate on a descriptor we own; no memory is passed.
-            let r = unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        };
-        match punch() {
+        match punch_hole(&f, off, len) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // No hole punching here: write zeros over the part that exists.
@@ -1061,17 +1063,9 @@ pub async fn ask_holder_to_resize(
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let pool_dir = store.pool_dir(&spec.pool);
-    let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
-    let id = match read_file_opt(&id_path)? {
-        Some(b) => String::from_utf8_lossy(&b).trim().to_string(),
-        None => return Err(store.not_found(spec)),
+    let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+        return Err(store.not_found(spec));
     };
-    if !valid_id(&id) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("corrupt image id file {}", id_path.display()),
-        ));
-    }
     let path = control_path(&pool_dir, &id);
     let busy = |why: String| {
         Error::new(
