@@ -464,8 +464,16 @@ impl<S: ImageStore> Image<S> {
         self.map()
     }
 
+    /// The map, kept across awaits (a reference of its own).
     fn map(&self) -> Option<Arc<ObjectMap>> {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.map_now().clone()
+    }
+
+    /// The map for a look or a change that does not wait: every request's per-object
+    /// check goes through here, so it borrows under the read lock instead of paying an
+    /// Arc clone and drop (two more atomic operations on a shared line) each time.
+    fn map_now(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<ObjectMap>>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
     }
     pub fn map_source(&self) -> Option<&MapSource> {
         self.map_source.as_ref()
@@ -736,12 +744,13 @@ impl<S: ImageStore> Image<S> {
     }
 
     fn is_nonexistent(&self, objno: u64) -> bool {
-        self.map()
+        self.map_now()
+            .as_deref()
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
     }
 
     fn mark_exists(&self, objno: u64) {
-        if let Some(m) = self.map() {
+        if let Some(m) = self.map_now().as_deref() {
             if m.get(objno) != ObjectState::Exists {
                 m.set(objno, ObjectState::Exists);
             }
@@ -790,7 +799,7 @@ impl<S: ImageStore> Image<S> {
             let _g = self.lock_for(p.objno).write().await;
             bump(&self.stats.store_removes);
             self.store.remove(p.objno, fua).await?;
-            if let Some(m) = self.map() {
+            if let Some(m) = self.map_now().as_deref() {
                 m.set(p.objno, ObjectState::Nonexistent);
             }
             Ok(())
