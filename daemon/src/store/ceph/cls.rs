@@ -508,6 +508,20 @@ pub fn resize_request(payload: &[u8]) -> Result<ResizeRequest> {
     })
 }
 
+/// A Resize NotifyMessage as librbd 16.2 sends it (tests: we only ever decode these).
+#[cfg(test)]
+pub fn resize_notify(size: u64, id: AsyncRequestId, allow_shrink: bool) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(NOTIFY_OP_RESIZE)
+        .u64(size)
+        .u64(id.gid)
+        .u64(id.handle)
+        .u64(id.request_id)
+        .u8(u8::from(allow_shrink));
+    e.finish(at).done()
+}
+
 /// AsyncComplete NotifyMessage: ENCODE_START(7,1) { u32 5, AsyncRequestId, i32 result }:
 /// how the owner tells the asker its request is done.
 pub fn async_complete_notify(id: AsyncRequestId, result: i32) -> Vec<u8> {
@@ -829,20 +843,13 @@ mod tests {
     #[test]
     fn resize_requests_and_completions() {
         // As librbd 16.2 encodes `rbd resize --size 128M --allow-shrink` (struct v7).
-        let mut e = Enc::new();
-        let at = e.start(7, 1);
-        e.u32(NOTIFY_OP_RESIZE)
-            .u64(128 << 20)
-            .u64(4161)
-            .u64(94_000_001)
-            .u64(3)
-            .u8(1);
-        let req = e.finish(at).done();
         let id = AsyncRequestId {
             gid: 4161,
             handle: 94_000_001,
             request_id: 3,
         };
+        let req = resize_notify(128 << 20, id, true);
+        assert_eq!(&req[..6], &[7, 1, 37, 0, 0, 0], "v7, compat 1, 37 bytes");
         assert_eq!(notify_op(&req).unwrap(), NOTIFY_OP_RESIZE);
         assert!(notify_wants_owner_reply(NOTIFY_OP_RESIZE));
         assert_eq!(

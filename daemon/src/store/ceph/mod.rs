@@ -1483,15 +1483,12 @@ mod tests {
             assert!(reply_to_notify(1, &cls::header_update_notify(), takes).is_empty());
             assert!(reply_to_notify(1, &[], takes).is_empty());
         }
-        let mut e = cls::Enc::new();
-        let at = e.start(7, 1);
-        e.u32(cls::NOTIFY_OP_RESIZE)
-            .u64(1 << 30)
-            .u64(1)
-            .u64(2)
-            .u64(3)
-            .u8(0);
-        let resize = e.finish(at).done();
+        let id = cls::AsyncRequestId {
+            gid: 1,
+            handle: 2,
+            request_id: 3,
+        };
+        let resize = cls::resize_notify(1 << 30, id, false);
         assert_eq!(
             reply_to_notify(1, &resize, true),
             cls::response_message(0),
