@@ -414,15 +414,7 @@ async fn transmission_only_for_the_kernel() {
     let flags = transmission_flags(&b.info());
     assert_ne!(flags & FLAG_HAS_FLAGS, 0);
     assert_eq!(flags & FLAG_SEND_DF, 0);
-    let (a, s) = tokio::io::duplex(1 << 20);
-    let (_tx, rx) = watch::channel(false);
-    let task = tokio::spawn(serve_transmission(
-        s,
-        b.clone(),
-        ServerOptions::default(),
-        rx,
-    ));
-    let mut c = Client { s: a };
+    let (mut c, srv) = start_transmission(b.clone());
     // No greeting: the first bytes are ours.
     c.write(CMD_FLAG_FUA, 1, 512, b"kernel").await;
     assert_eq!(c.simple().await, (0, 1));
@@ -433,11 +425,7 @@ async fn transmission_only_for_the_kernel() {
     assert_eq!(c.simple().await, (EINVAL, 4));
     c.request(0, CMD_DISC, 5, 0, 0).await;
     assert!(c.at_eof().await);
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    srv.finish().await.unwrap();
     assert_eq!(b.snapshot(512, 6), b"kernel");
 }
 
@@ -445,15 +433,7 @@ async fn transmission_only_for_the_kernel() {
 async fn the_kernel_follows_a_resized_export_and_negotiating_clients_do_not() {
     // Transmission-only (the kernel: its device is resized along with the export).
     let b = Arc::new(MemoryBackend::new(MIB));
-    let (a, s) = tokio::io::duplex(1 << 20);
-    let (_tx, rx) = watch::channel(false);
-    let task = tokio::spawn(serve_transmission(
-        s,
-        b.clone(),
-        ServerOptions::default(),
-        rx,
-    ));
-    let mut c = Client { s: a };
+    let (mut c, srv) = start_transmission(b.clone());
     c.write(0, 1, MIB, b"past the end").await;
     assert_eq!(c.simple().await, (ENOSPC, 1), "beyond the size at connect");
     b.set_size(2 * MIB);
@@ -468,11 +448,7 @@ async fn the_kernel_follows_a_resized_export_and_negotiating_clients_do_not() {
     c.request(0, CMD_READ, 4, MIB / 2, 512).await;
     assert_eq!(c.simple().await, (EINVAL, 4), "and it shrank");
     c.request(0, CMD_DISC, 5, 0, 0).await;
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    srv.finish().await.unwrap();
 
     // A client that negotiated a size keeps it: NBD has no way to tell it otherwise.
     let b = Arc::new(MemoryBackend::new(MIB));

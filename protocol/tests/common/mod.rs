@@ -4,7 +4,8 @@
 
 use nbd_protocol::consts::*;
 use nbd_protocol::{
-    serve_connection, Export, Exports, MemoryBackend, ProtocolError, ServerOptions,
+    serve_connection, serve_transmission, Export, Exports, MemoryBackend, ProtocolError,
+    ServerOptions,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,14 @@ pub fn start(
     let (a, b) = tokio::io::duplex(buf);
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(serve_connection(b, exports, opts, rx));
+    (Client { s: a }, Server { task, shutdown: tx })
+}
+
+/// Transmission only, as the kernel driver talks: no handshake, simple replies.
+pub fn start_transmission(backend: Arc<MemoryBackend>) -> (Client, Server) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(serve_transmission(b, backend, ServerOptions::default(), rx));
     (Client { s: a }, Server { task, shutdown: tx })
 }
 
