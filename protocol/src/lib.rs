@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod consts;
 pub mod error;
+mod halves;
 pub mod handshake;
 mod io;
 pub mod memory;

@@ -2,6 +2,7 @@
 
 use crate::backend::{Backend, ExportInfo};
 use crate::error::ProtocolError;
+use crate::halves;
 use crate::handshake::{self, block_sizes, flags_for, Negotiated, Outcome};
 use crate::request::Session;
 use crate::socket::{NbdSocket, PollHint};
@@ -109,6 +110,11 @@ where
         base_allocation = neg.base_allocation.is_some(),
         "client entered transmission"
     );
+    // The handshake read through a buffer of its own; what it holds beyond the last
+    // option (a client may pipeline its first requests) is passed on.
+    let early = rd.buffer().to_vec();
+    let (rd, wr) = halves::split(rd.into_inner().unsplit(wr), early);
+    let rd = BufReader::with_capacity(READ_BUFFER, rd);
     let session = Session {
         size: neg.info.size,
         transmission_flags: neg.transmission_flags,
@@ -226,7 +232,7 @@ where
         size_follows_backend: true,
     };
     let hint = poll_hint(&stream);
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = halves::split(MaybeTls::Plain(stream), Vec::new());
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
     let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;

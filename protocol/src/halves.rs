@@ -1,0 +1,188 @@
+//! The reader's and the writer's halves of a connection in transmission.
+//!
+//! `tokio::io::split` keeps the stream behind a mutex that each half takes for every
+//! read and write, so a reply cannot leave while the reader sits in `recv` (or polls for
+//! the rest of a write payload), and the writer sleeps on the mutex's futex instead. Our
+//! own socket ([`NbdSocket`]) splits without a lock; anything else (TLS, test pipes)
+//! keeps tokio's split. The handshake always uses tokio's split, since STARTTLS has to
+//! take the stream back whole.
+
+use crate::socket::{NbdReadHalf, NbdSocket, NbdWriteHalf};
+use crate::tls::MaybeTls;
+use std::any::Any;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+
+pub(crate) struct ReadSide<S> {
+    /// Bytes the handshake's reader had already taken from the socket: they come first.
+    early: Vec<u8>,
+    at: usize,
+    inner: ReadInner<S>,
+}
+
+enum ReadInner<S> {
+    Own(NbdReadHalf),
+    Shared(ReadHalf<MaybeTls<S>>),
+}
+
+pub(crate) enum WriteSide<S> {
+    Own(NbdWriteHalf),
+    Shared(WriteHalf<MaybeTls<S>>),
+}
+
+/// Splits `stream`; `early` is what was read from it but not consumed yet.
+pub(crate) fn split<S>(stream: MaybeTls<S>, early: Vec<u8>) -> (ReadSide<S>, WriteSide<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = match stream {
+        MaybeTls::Plain(s) => match own_socket(s) {
+            Ok(sock) => {
+                let (r, w) = sock.into_split();
+                return (ReadSide::new(early, ReadInner::Own(r)), WriteSide::Own(w));
+            }
+            Err(s) => MaybeTls::Plain(s),
+        },
+        tls => tls,
+    };
+    let (r, w) = tokio::io::split(stream);
+    (
+        ReadSide::new(early, ReadInner::Shared(r)),
+        WriteSide::Shared(w),
+    )
+}
+
+/// `s` itself if it is an [`NbdSocket`], else `s` back.
+fn own_socket<S: 'static>(s: S) -> Result<NbdSocket, S> {
+    let mut slot = Some(s);
+    let own = (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<NbdSocket>>()
+        .and_then(Option::take);
+    match (own, slot) {
+        (Some(sock), _) => Ok(sock),
+        (None, Some(s)) => Err(s),
+        // The slot is emptied only by a successful downcast, handled above.
+        (None, None) => unreachable!("stream taken without being an NbdSocket"),
+    }
+}
+
+impl<S> ReadSide<S> {
+    fn new(early: Vec<u8>, inner: ReadInner<S>) -> Self {
+        ReadSide {
+            early,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadSide<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.early.len() {
+            let n = buf.remaining().min(this.early.len() - this.at);
+            buf.put_slice(&this.early[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.early.len() {
+                this.early = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.inner {
+            ReadInner::Own(r) => Pin::new(r).poll_read(cx, buf),
+            ReadInner::Shared(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteSide<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Own(w) => Pin::new(w).poll_write(cx, buf),
+            WriteSide::Shared(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Own(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteSide::Shared(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WriteSide::Own(w) => w.is_write_vectored(),
+            WriteSide::Shared(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Own(w) => Pin::new(w).poll_flush(cx),
+            WriteSide::Shared(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Own(w) => Pin::new(w).poll_shutdown(cx),
+            WriteSide::Shared(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Our socket splits into its own halves, anything else into tokio's; either way the
+    /// bytes the handshake had buffered come before the socket's, and writes go out.
+    #[tokio::test]
+    async fn own_socket_splits_without_a_lock_others_share_one() {
+        let (mut peer, ours) = tokio::net::UnixStream::pair().unwrap();
+        let sock = NbdSocket::from_unix(ours).unwrap();
+        let (r, w) = split(MaybeTls::Plain(sock), b"early ".to_vec());
+        assert!(matches!(r.inner, ReadInner::Own(_)));
+        assert!(matches!(w, WriteSide::Own(_)));
+        check_halves(&mut peer, r, w).await;
+
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let (r, w) = split(MaybeTls::Plain(ours), b"early ".to_vec());
+        assert!(matches!(r.inner, ReadInner::Shared(_)));
+        assert!(matches!(w, WriteSide::Shared(_)));
+        check_halves(&mut peer, r, w).await;
+    }
+
+    async fn check_halves<P, S>(peer: &mut P, mut r: ReadSide<S>, mut w: WriteSide<S>)
+    where
+        P: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        peer.write_all(b"then the socket").await.unwrap();
+        let mut got = vec![0u8; 21];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early then the socket");
+        w.write_all(b"reply").await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        peer.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"reply");
+    }
+}
