@@ -54,6 +54,12 @@ enum Stop {
     Fatal(ProtocolError),
 }
 
+/// Write payloads from this size on are received polling (see where it is used):
+/// 1 MiB sequential writes at QD8 went from 4248 to 4769 MiB/s (median of five runs,
+/// nbdkit file 4092). Smaller ones mostly arrive whole, and polling for their rest took
+/// a CPU from the client instead (64 KiB writes at QD16 were slower with it).
+const POLL_PAYLOAD_MIN: u32 = 128 * 1024;
+
 pub(crate) async fn run<R, W, B>(
     mut rd: BufReader<R>,
     wr: W,
@@ -229,6 +235,16 @@ where
 
         let mut payload = Bytes::new();
         if let Command::Write { length, .. } = cmd {
+            if let Some(hint) = &poll_hint {
+                // A large payload cannot arrive at once: a client's socket send buffer
+                // holds 208 KiB by default, so we drain the socket and the client wakes
+                // to refill it, four or five times per MiB. Sleeping in between costs a
+                // wake-up each time (see NbdSocket's polling), so poll while the rest of
+                // the payload is on its way. The next header read decides afresh.
+                if length >= POLL_PAYLOAD_MIN && rd.buffer().len() < length as usize {
+                    hint.set(true);
+                }
+            }
             let r = tokio::select! {
                 r = read_payload(&mut rd, length as usize) => r,
                 // A write cut off by shutdown was never acknowledged; dropping it is safe.
