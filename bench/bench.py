@@ -4,6 +4,7 @@ user would pick instead. Results are ratios within this run, never absolute prom
 never a pass/fail test: targets are printed as met / missed.
 
   bench/run.sh [--quick] [--ceph] [--no-dir] [--only PEER,...] [--rounds N]
+  bench/run.sh --report bench/results.json   (rewrite results.md and ratios.png only)
 
 Directory store: `rados-nbd serve` vs `nbdkit file` vs `qemu-nbd -f raw` on sparse files of
 the same size, with `nbdkit memory` / `nbdkit null` as the ceiling of the NBD path itself.
@@ -485,7 +486,22 @@ def run_ceph(a, work, runtime, ramp):
                 log(f"{n}: {what} {v}")
     finally:
         ceph.stop()
+    res["extra"].update(server_costs(res["jobs"]))
     return res
+
+
+def server_costs(jobs):
+    """Peak RSS and CPU seconds per GiB moved of each Ceph NBD server, from its jobs
+    (fio-rbd and nbdkit null have no server process measured)."""
+    rss, cpu, moved = {}, {}, {}
+    for per in jobs.values():
+        for n, r in per.items():
+            if "server_cpu_s" in r:
+                rss[n] = max(rss.get(n, 0.0), r["server_peak_rss_mib"])
+                cpu[n] = cpu.get(n, 0.0) + r["server_cpu_s"]
+                moved[n] = moved.get(n, 0) + r["bytes"]
+    return {"peak_rss_mib": rss,
+            "cpu_s_per_gib": {n: cpu[n] / max(moved[n] / GIB, 1e-9) for n in cpu}}
 
 
 # ---------------------------------------------------------------------------- report
@@ -634,7 +650,17 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated peer names")
     ap.add_argument("--jobs", default="", help="comma-separated directory-store job names (default: all)")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--report", metavar="JSON", help="only rewrite results.md and the chart from a results.json")
     a = ap.parse_args()
+    if a.report:
+        with open(a.report) as f:
+            results = json.load(f)
+        if results.get("ceph"):
+            for k, v in server_costs(results["ceph"]["jobs"]).items():
+                results["ceph"]["extra"].setdefault(k, v)
+        os.makedirs(a.out, exist_ok=True)
+        write_reports(results, a.out)
+        return
     a.only = [p for p in a.only.split(",") if p]
     a.jobs = [j for j in a.jobs.split(",") if j]
     unknown = [j for j in a.jobs if j not in [n for n, *_ in JOBS]]

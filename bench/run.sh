@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the benchmarks (see bench/README.md):
 #   bench/run.sh [--quick] [--ceph] [--no-dir] [--rounds N] [--only PEER,...] [--jobs JOB,...]
+#   bench/run.sh --report bench/results.json    (only rewrite results.md and ratios.png)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
@@ -10,8 +11,12 @@ if ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
   apt-get install -y -qq python3-matplotlib >/dev/null
 fi
 features=()
-for a in "$@"; do [ "$a" = --ceph ] && features=(--features ceph); done
-if [ -z "${RADOS_NBD_BIN:-}" ]; then
+build=1
+for a in "$@"; do
+  [ "$a" = --ceph ] && features=(--features ceph)
+  [ "$a" = --report ] && build=0
+done
+if [ "$build" = 1 ] && [ -z "${RADOS_NBD_BIN:-}" ]; then
   cargo build --release -p rados-nbd "${features[@]}"
 fi
 exec /usr/bin/python3 bench/bench.py "$@"
