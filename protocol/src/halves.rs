@@ -10,7 +10,7 @@
 use crate::socket::{NbdReadHalf, NbdSocket, NbdWriteHalf};
 use crate::tls::MaybeTls;
 use std::any::Any;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
@@ -95,57 +95,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadSide<S> {
             }
             return Poll::Ready(Ok(()));
         }
-        match &mut this.inner {
-            ReadInner::Own(r) => Pin::new(r).poll_read(cx, buf),
-            ReadInner::Shared(r) => Pin::new(r).poll_read(cx, buf),
-        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteSide<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteSide::Own(w) => Pin::new(w).poll_write(cx, buf),
-            WriteSide::Shared(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteSide::Own(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            WriteSide::Shared(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteSide::Own(w) => w.is_write_vectored(),
-            WriteSide::Shared(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteSide::Own(w) => Pin::new(w).poll_flush(cx),
-            WriteSide::Shared(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteSide::Own(w) => Pin::new(w).poll_shutdown(cx),
-            WriteSide::Shared(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
+delegate_read!(ReadInner<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
+delegate_write!(WriteSide<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,8 @@
 
 pub mod backend;
 pub mod consts;
+#[macro_use]
+mod delegate;
 pub mod error;
 mod halves;
 pub mod handshake;
