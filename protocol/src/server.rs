@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 /// Read-side buffer: lets a burst of small pipelined requests cost one syscall, while
 /// large write payloads bypass it.
-const READ_BUFFER: usize = 64 * 1024;
+pub(crate) const READ_BUFFER: usize = 64 * 1024;
 /// A client gets this long from connecting to entering transmission. Without a bound, idle
 /// or trickling connections could pile up forever; qemu-nbd uses 10 s, real clients need
 /// milliseconds.

@@ -264,6 +264,13 @@ where
             }
         }
 
+        // A payload bigger than the read buffer was read straight from the socket, so an
+        // empty buffer after it says nothing about what the client has queued behind it:
+        // run such a write as its own task and go back to reading (at queue depth 1 the
+        // hand-off is small next to receiving the payload). 256 KiB writes at QD8 went
+        // from 3948 to 4370 MiB/s (median of four turns; nbdkit file 3966); 1 MiB did not
+        // move.
+        let big_payload = payload.len() > crate::server::READ_BUFFER;
         let permits = Permits {
             _slot: slot,
             _bytes: byte_permit,
@@ -293,6 +300,7 @@ where
         // A backend panic is caught here as it would be in a task: dropping the future
         // then drops its ReplyGuard, which answers EIO.
         let pending = rd.buffer().len() >= REQUEST_HEADER_LEN
+            || big_payload
             || std::panic::catch_unwind(AssertUnwindSafe(|| {
                 task.as_mut()
                     .poll(&mut Context::from_waker(Waker::noop()))
