@@ -8,7 +8,9 @@
 //! One file per concern: `consts` (every number), `handshake` (option haggling),
 //! `request` (parsing and the one `validate`), `reply` (encoding), `transmission` (the
 //! request loop, concurrency and backpressure), `server` (entry points), `socket` (the
-//! connection's socket, woken only when it has something to read), `error` (the
+//! connection's socket, woken only when it has something to read), `halves` (the
+//! reader's and writer's halves of a connection, without a lock between them on our own
+//! socket), `delegate` (I/O pass-through for two-variant stream enums), `error` (the
 //! error type and the one errno mapping), `memory` (an in-memory backend for tests and
 //! examples).
 
