@@ -55,9 +55,10 @@ enum Stop {
 }
 
 /// Write payloads from this size on are received polling (see where it is used):
-/// 1 MiB sequential writes at QD8 went from 4248 to 4769 MiB/s (median of five runs,
-/// nbdkit file 4092). Smaller ones mostly arrive whole, and polling for their rest took
-/// a CPU from the client instead (64 KiB writes at QD16 were slower with it).
+/// 1 MiB sequential writes at QD8 went from 3707 to 5017 MiB/s (median of three turns,
+/// nbdkit file 4042; bench/README.md, third round). Smaller ones mostly arrive whole, and
+/// polling for their rest took a CPU from the client instead (64 KiB writes at QD16 were
+/// slower when every payload polled).
 const POLL_PAYLOAD_MIN: u32 = 128 * 1024;
 
 pub(crate) async fn run<R, W, B>(
