@@ -10,19 +10,13 @@
 use crate::socket::{NbdReadHalf, NbdSocket, NbdWriteHalf};
 use crate::tls::MaybeTls;
 use std::any::Any;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use std::io::Cursor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, ReadHalf, WriteHalf};
 
-pub(crate) struct ReadSide<S> {
-    /// Bytes the handshake's reader had already taken from the socket: they come first.
-    early: Vec<u8>,
-    at: usize,
-    inner: ReadInner<S>,
-}
+/// Bytes the handshake's reader had already taken from the socket come first.
+pub(crate) type ReadSide<S> = Chain<Cursor<Vec<u8>>, ReadInner<S>>;
 
-enum ReadInner<S> {
+pub(crate) enum ReadInner<S> {
     Own(NbdReadHalf),
     Shared(ReadHalf<MaybeTls<S>>),
 }
@@ -41,7 +35,10 @@ where
         MaybeTls::Plain(s) => match own_socket(s) {
             Ok(sock) => {
                 let (r, w) = sock.into_split();
-                return (ReadSide::new(early, ReadInner::Own(r)), WriteSide::Own(w));
+                return (
+                    Cursor::new(early).chain(ReadInner::Own(r)),
+                    WriteSide::Own(w),
+                );
             }
             Err(s) => MaybeTls::Plain(s),
         },
@@ -49,7 +46,7 @@ where
     };
     let (r, w) = tokio::io::split(stream);
     (
-        ReadSide::new(early, ReadInner::Shared(r)),
+        Cursor::new(early).chain(ReadInner::Shared(r)),
         WriteSide::Shared(w),
     )
 }
@@ -68,44 +65,13 @@ fn own_socket<S: 'static>(s: S) -> Result<NbdSocket, S> {
     }
 }
 
-impl<S> ReadSide<S> {
-    fn new(early: Vec<u8>, inner: ReadInner<S>) -> Self {
-        ReadSide {
-            early,
-            at: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadSide<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.at < this.early.len() {
-            let n = buf.remaining().min(this.early.len() - this.at);
-            buf.put_slice(&this.early[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.early.len() {
-                this.early = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
 delegate_read!(ReadInner<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
 delegate_write!(WriteSide<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     /// Our socket splits into its own halves, anything else into tokio's; either way the
     /// bytes the handshake had buffered come before the socket's, and writes go out.
@@ -114,13 +80,13 @@ mod tests {
         let (mut peer, ours) = tokio::net::UnixStream::pair().unwrap();
         let sock = NbdSocket::from_unix(ours).unwrap();
         let (r, w) = split(MaybeTls::Plain(sock), b"early ".to_vec());
-        assert!(matches!(r.inner, ReadInner::Own(_)));
+        assert!(matches!(r.get_ref().1, ReadInner::Own(_)));
         assert!(matches!(w, WriteSide::Own(_)));
         check_halves(&mut peer, r, w).await;
 
         let (mut peer, ours) = tokio::io::duplex(1024);
         let (r, w) = split(MaybeTls::Plain(ours), b"early ".to_vec());
-        assert!(matches!(r.inner, ReadInner::Shared(_)));
+        assert!(matches!(r.get_ref().1, ReadInner::Shared(_)));
         assert!(matches!(w, WriteSide::Shared(_)));
         check_halves(&mut peer, r, w).await;
     }
