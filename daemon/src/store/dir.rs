@@ -901,6 +901,30 @@ impl Inner {
         Ok(())
     }
 
+    /// No data extent anywhere in the object's file (SEEK_DATA from 0 finds none): a
+    /// file that partial zeroes punched out completely, or an empty one. Where holes
+    /// cannot be punched the zeros were written as data, so this stays false there.
+    fn holds_no_data(&self, objno: u64) -> Result<bool> {
+        let Some((f, _)) = self.file(objno, false)? else {
+            return Ok(false);
+        };
+        // SAFETY: lseek on a descriptor we own.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(false);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(true),
+            // A file system without SEEK_DATA: not cheaply known.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(Error::io(
+                format!("looking for data in {}", self.object_path(objno).display()),
+                e,
+            )),
+        }
+    }
+
     fn remove(&self, objno: u64, durable: bool) -> Result<()> {
         let path = self.object_path(objno);
         {
@@ -1206,6 +1230,11 @@ impl ImageStore for DirImage {
     async fn zero(&self, objno: u64, off: u64, len: u64, durable: bool) -> Result<()> {
         self.inner.check_writable()?;
         self.run(move |i| i.zero(objno, off, len, durable)).await
+    }
+
+    async fn holds_no_data(&self, objno: u64) -> Result<bool> {
+        self.inner.check_writable()?;
+        self.run(move |i| i.holds_no_data(objno)).await
     }
 
     async fn remove(&self, objno: u64, durable: bool) -> Result<()> {
