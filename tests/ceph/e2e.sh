@@ -349,6 +349,67 @@ check "resize: the cut-off tail reads as zeros after growing again" bash -c \
 check "resize: rbd object-map check after our offline resize" rbd object-map check e2e-r
 rbd rm --no-progress e2e-r >/dev/null 2>&1
 
+# ---------------------------------------------------------------- fast-diff after partial discards
+# Issue 14.1: zeroing part of an object that is unchanged since the newest snapshot
+# (EXISTS_CLEAN) changes its bytes; librbd marks it EXISTS, so `rbd diff --whole-object
+# --from-snap` and an incremental backup (`rbd export-diff --whole-object`) see it.
+rbd create --size 32M e2e-fd
+head -c $((24 * MB)) /dev/urandom > "$work/fd.raw"; truncate -s $((32 * MB)) "$work/fd.raw"
+serve e2e-fd
+check "fast-diff: 24 MiB written" nbdcopy "$work/fd.raw" "$(uri e2e-fd)"
+check_unserve "fast-diff: clean close before the snapshot"
+rbd snap create e2e-fd@s1 >/dev/null 2>&1
+rbd export --no-progress e2e-fd@s1 "$work/fd-s1.raw" >/dev/null 2>&1
+serve e2e-fd
+# Object 1: TRIM of 4 KiB; 2: WRITE_ZEROES; 3: WRITE_ZEROES with NO_HOLE; 4: a whole-object
+# TRIM (removed); 0 and 5 untouched.
+check "fast-diff: partial trim, zero, zero NO_HOLE and a whole-object trim" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-fd)')
+h.trim(4096, (4 << 20) + 8192)
+h.zero(4096, (8 << 20) + 65536)
+h.zero(512, (12 << 20) + 3, nbd.CMD_FLAG_NO_HOLE)
+h.trim(4 << 20, 16 << 20)
+h.flush(); h.shutdown()"
+check_unserve "fast-diff: clean close"
+check "fast-diff: rbd object-map check after partial discards" rbd object-map check e2e-fd
+check "fast-diff: rbd diff --whole-object --from-snap lists exactly objects 1-4" bash -c \
+  "rbd diff --whole-object --from-snap s1 e2e-fd --format json | jq -e '[.[] | (.offset / $((4 * MB)) | floor)] | unique == [1, 2, 3, 4]'"
+rbd create --size 32M e2e-fdb
+check "fast-diff: an incremental backup (export-diff --whole-object) restores the head" bash -c "
+  rbd import-diff --no-progress <(rbd export-diff --no-progress e2e-fd@s1 -) e2e-fdb &&
+  rbd export-diff --no-progress --whole-object --from-snap s1 e2e-fd '$work/fd.diff' &&
+  rbd import-diff --no-progress '$work/fd.diff' e2e-fdb &&
+  [ \"\$(rbd export --no-progress e2e-fdb - | sha)\" = \"\$(rbd export --no-progress e2e-fd - | sha)\" ]"
+rbd rm --no-progress e2e-fdb >/dev/null 2>&1
+rbd snap purge e2e-fd >/dev/null 2>&1; rbd rm --no-progress e2e-fd >/dev/null 2>&1
+
+# ---------------------------------------------------------------- a read-only server beside a writer
+# Issue 14.2: `serve --read-only IMAGE` holds no lock, so another client may write the image
+# meanwhile; objects created after it opened must read as what was written, not as holes.
+rbd create --size 32M e2e-ro
+serve e2e-ro
+ro_sock=$work/ro.sock
+rm -f "$ro_sock"
+spawn "${RN[@]}" serve e2e-ro --read-only --socket "$ro_sock" 2>>"$work/serve-ro.log"
+RO_PID=$!
+wait_for_socket "$ro_sock" 30
+head -c $MB /dev/urandom > "$work/ro-new.raw"
+check "read-only beside a writer: the writer creates object 5 after the reader opened" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri e2e-ro)')
+h.pwrite(open('$work/ro-new.raw','rb').read(), 20 << 20, nbd.CMD_FLAG_FUA); h.shutdown()"
+check "read-only beside a writer: the reader reads the new data" $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('nbd+unix:///e2e-ro?socket=$ro_sock')
+assert h.pread(1 << 20, 20 << 20) == open('$work/ro-new.raw','rb').read(), 'read zeros or stale data'
+h.shutdown()"
+stop_daemon "$RO_PID"; RO_RC=$?
+check "read-only beside a writer: the reader closes cleanly" test "$RO_RC" = 0
+check_unserve "read-only beside a writer: the writer closes cleanly"
+check "read-only beside a writer: rbd object-map check" rbd object-map check e2e-ro
+rbd rm --no-progress e2e-ro >/dev/null 2>&1
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do
