@@ -1427,6 +1427,13 @@ mod tests {
             .unwrap();
         rw.flush().await.unwrap();
         assert_eq!(&read_all(&ro, 2 * OBJ + 1, 5).await, b"later");
+        // The writer removes the object the reader has open, and creates it anew.
+        rw.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+        assert_eq!(read_all(&ro, 2 * OBJ + 1, 5).await, vec![0; 5]);
+        rw.write(2 * OBJ + 1, Bytes::from_static(b"again"), false)
+            .await
+            .unwrap();
+        assert_eq!(&read_all(&ro, 2 * OBJ + 1, 5).await, b"again");
         // No map: block status cannot claim a hole where the writer put data.
         let e = ro.block_status(2 * OBJ, 4096).await.unwrap();
         assert!(e.iter().all(|x| x.flags & STATE_HOLE == 0), "{e:?}");

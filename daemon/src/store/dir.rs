@@ -748,7 +748,10 @@ impl Inner {
     fn file(&self, objno: u64, create: bool) -> Result<Option<(Arc<File>, bool)>> {
         let mut fds = lock(&self.fds);
         if let Some(f) = fds.get(&objno) {
-            return Ok(Some((f.clone(), false)));
+            if !self.is_stale(f) {
+                return Ok(Some((f.clone(), false)));
+            }
+            fds.remove(&objno);
         }
         let path = self.object_path(objno);
         let mut oo = OpenOptions::new();
@@ -830,7 +833,20 @@ impl Inner {
     /// The descriptor of an object whose file is already open, without touching the
     /// filesystem: the fast paths below must never block on a directory lookup.
     fn cached_file(&self, objno: u64) -> Option<Arc<File>> {
-        lock(&self.fds).get(&objno).cloned()
+        lock(&self.fds)
+            .get(&objno)
+            .filter(|f| !self.is_stale(f))
+            .cloned()
+    }
+
+    /// Whether a cached descriptor may point at a file another process has removed. A
+    /// writable handle holds the image's lock (or is a shared writer, whose removals
+    /// evict its own cache), so only a read-only handle of the head must look: another
+    /// client may remove an object it has open and create it anew, and reads through the
+    /// old descriptor would return the removed file's bytes. One fstat per read.
+    fn is_stale(&self, f: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.read_only && f.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
     /// A read answered from the page cache on the calling thread, or `None` when that
