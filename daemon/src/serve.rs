@@ -62,6 +62,13 @@ pub struct ServeArgs {
     /// Exit after the first client disconnects.
     #[arg(long)]
     pub once: bool,
+    /// After this many seconds with no map-changing write (a write that creates an
+    /// object, a discard that removes one), write the object map and clear the dirty
+    /// flag while still serving, so `rbd du`/`rbd diff` can use fast-diff and a crash
+    /// needs no rebuild; the next such write sets the flag again first (one more round
+    /// trip). Off by default: the flag stays set while served.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::image::parse_checkpoint_idle)]
+    pub checkpoint_idle: Option<std::time::Duration>,
     /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
     /// are refused). allow and require need --tls-cert and --tls-key.
     #[arg(long, value_name = "MODE", default_value_t = TlsMode::Off)]
@@ -394,11 +401,13 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     let opts = OpenOptions {
         read_only: args.read_only,
         shared_default: config.shared_default,
+        checkpoint_idle: args.checkpoint_idle,
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
+    image.spawn_idle_checkpoints();
     let bound = match inherited {
         Some(l) => Ok(l),
         None => Listener::bind(&addr, perms).await,
