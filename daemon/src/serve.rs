@@ -744,6 +744,18 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_idle_option() {
+        assert_eq!(serve_args(&[]).unwrap().checkpoint_idle, None);
+        assert_eq!(
+            serve_args(&["--checkpoint-idle", "1.5"])
+                .unwrap()
+                .checkpoint_idle,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert!(serve_args(&["--checkpoint-idle", "-1"]).is_err());
+    }
+
+    #[test]
     fn groups() {
         assert_eq!(resolve_group("0").unwrap(), 0);
         assert_eq!(resolve_group("4242").unwrap(), 4242);

@@ -187,7 +187,17 @@ mod tests {
             panic!("not map")
         };
         assert_eq!(m.opts.io_timeout, Some(5));
+        assert_eq!(m.opts.checkpoint_idle, None, "off by default");
         assert!(T::try_parse_from(["x", "map"]).is_err());
+        let t = T::try_parse_from(["x", "map", "img", "--checkpoint-idle", "30"]).unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert_eq!(
+            m.opts.checkpoint_idle,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert!(T::try_parse_from(["x", "map", "img", "--checkpoint-idle", "0"]).is_err());
     }
 
     #[test]
