@@ -1970,11 +1970,30 @@ mod tests {
     struct Recorder {
         inner: DirImage,
         log: Arc<std::sync::Mutex<Vec<String>>>,
+        /// The store's directory: audit every data operation (see `audit`).
+        audit: Option<PathBuf>,
     }
 
     impl Recorder {
         fn note(&self, s: impl Into<String>) {
             self.log.lock().unwrap().push(s.into());
+        }
+
+        /// Under a clear flag the map on disk is trusted, so a data operation may only
+        /// touch what it says is EXISTS, and leave it so: a removal, or anything on an
+        /// object not EXISTS there, must come after the flag was set. (Sound under
+        /// concurrency: only a checkpoint clears the flag or writes the map, and none runs
+        /// while a request is in its store call.)
+        fn audit(&self, op: &str, objno: u64) {
+            let Some(d) = &self.audit else { return };
+            if header_flags(d) & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
+                return;
+            }
+            let on_disk = disk_map(d).get(objno);
+            assert!(
+                op != "remove" && on_disk == ObjectState::Exists,
+                "{op}({objno}) under a clear flag, the map on disk saying {on_disk:?}"
+            );
         }
     }
 
@@ -2010,14 +2029,17 @@ mod tests {
             self.inner.read(o, off, len, snap).await
         }
         async fn write(&self, o: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
+            self.audit("write", o);
             self.note(format!("write({o})"));
             self.inner.write(o, off, data, durable).await
         }
         async fn zero(&self, o: u64, off: u64, len: u64, durable: bool) -> Result<()> {
+            self.audit("zero", o);
             self.note(format!("zero({o})"));
             self.inner.zero(o, off, len, durable).await
         }
         async fn remove(&self, o: u64, durable: bool) -> Result<()> {
+            self.audit("remove", o);
             self.note(format!("remove({o})"));
             self.inner.remove(o, durable).await
         }
@@ -2170,7 +2192,9 @@ mod tests {
         snap.close().await.unwrap();
     }
 
+    /// An image on a recording (and auditing) handle.
     async fn recorded(
+        d: &Path,
         s: &DirStore,
         checkpoint_idle: Option<Duration>,
     ) -> (Image<Recorder>, Arc<std::sync::Mutex<Vec<String>>>) {
@@ -2182,6 +2206,7 @@ mod tests {
         let rec = Recorder {
             inner: h,
             log: log.clone(),
+            audit: Some(d.to_path_buf()),
         };
         let o = OpenOptions {
             checkpoint_idle,
@@ -2200,7 +2225,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
         let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
-        let (img, log) = recorded(&s, None).await;
+        let (img, log) = recorded(d.path(), &s, None).await;
         let full = Bytes::from(vec![5u8; OBJ as usize]);
         for o in [0, 1, 2, 4] {
             img.write(o * OBJ, full.clone(), false).await.unwrap();
@@ -2280,10 +2305,56 @@ mod tests {
         // here only that the flag was set before the zero.)
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn checkpoints_racing_writes_and_trims_never_leave_a_stale_trusted_map() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let (img, _log) = recorded(d.path(), &s, None).await;
+        let img = Arc::new(img);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ckpt = {
+            let (img, stop) = (img.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    img.checkpoint().await.unwrap();
+                    n += 1;
+                    tokio::task::yield_now().await;
+                }
+                n
+            })
+        };
+        let mut tasks = Vec::new();
+        for t in 0..6u64 {
+            let img = img.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..60u64 {
+                    let obj = (t * 7 + i * 3) % 8;
+                    match (t + i) % 5 {
+                        0 => img.trim(obj * OBJ, OBJ as u32, false).await.unwrap(),
+                        1 => img.trim(obj * OBJ + 512, 1024, false).await.unwrap(),
+                        _ => img
+                            .write(obj * OBJ + i * 512, Bytes::from(vec![t as u8; 512]), false)
+                            .await
+                            .unwrap(),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = ckpt.await.unwrap();
+        assert!(n > 1, "checkpoints ran among the requests ({n})");
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
         let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
-        let (img, log) = recorded(&s, Some(Duration::from_secs(1))).await;
+        let (img, log) = recorded(d.path(), &s, Some(Duration::from_secs(1))).await;
         let img = Arc::new(img);
         let task = img
             .spawn_idle_checkpoints()
@@ -2388,6 +2459,7 @@ mod tests {
         let rec = Recorder {
             inner: h,
             log: log.clone(),
+            audit: None,
         };
         let img = Image::from_store_image(rec, &spec("vm1"), &OpenOptions::default())
             .await
