@@ -6,7 +6,9 @@
 //! before the store write; removals mark NONEXISTENT only after the store removed the
 //! object; a per-object lock keeps a removal from interleaving with a write. The header
 //! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
-//! clean close or checkpoint), so a crash never leaves a trusted stale map.
+//! clean close or checkpoint, and again from the first map-changing request after a
+//! checkpoint, set before that request touches the store), so a crash never leaves a
+//! trusted stale map.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
@@ -656,8 +658,9 @@ impl<S: ImageStore> Image<S> {
         Ok(())
     }
 
-    /// Writes the map and clears the flag while staying open (the last client left).
-    /// Waits for in-flight requests; the next write sets the flag again.
+    /// Writes the map and clears the flag while staying open (the last client left, or
+    /// idle for `checkpoint_idle`). Waits for in-flight requests; the next map-changing
+    /// request sets the flag again (see `dirty_before`).
     pub async fn checkpoint(&self) -> Result<()> {
         let g = self.gate.write().await;
         if *g {

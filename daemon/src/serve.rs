@@ -523,8 +523,8 @@ async fn accept_loop<I: ImageStore>(
                 }
                 // Persistent by default (like qemu-nbd --persistent), but the last client
                 // leaving is a disconnect: write the map and clear the dirty flag now, so
-                // a crash while idle costs no rebuild. The next write sets the flag again
-                // before it is acknowledged.
+                // a crash while idle costs no rebuild. The next map-changing write sets
+                // the flag again before it touches the store.
                 if active == 0 && !image.is_read_only() {
                     let _ = ckpt_tx.try_send(());
                 }
