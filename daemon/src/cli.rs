@@ -691,6 +691,7 @@ async fn resize<S: Store>(
     let opts = image::OpenOptions {
         read_only: false,
         shared_default: Config::load()?.shared_default,
+        checkpoint_idle: None,
     };
     match image::Image::open(store, spec, &opts).await {
         Ok(img) => {

@@ -543,8 +543,14 @@ fn serve(
         }
     };
     let export = Arc::new(
-        rt.block_on(Export::open(store, &spec, read_only, opts.exclusive))
-            .map_err(|e| e.context(format!("opening {spec}")))?,
+        rt.block_on(Export::open(
+            store,
+            &spec,
+            read_only,
+            opts.exclusive,
+            opts.checkpoint_idle,
+        ))
+        .map_err(|e| e.context(format!("opening {spec}")))?,
     );
     let setup = Setup {
         rt: &rt,
