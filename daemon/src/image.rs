@@ -1024,6 +1024,9 @@ impl<S: ImageStore> Image<S> {
         if !self.store.holds_no_data(objno).await? {
             return Ok(());
         }
+        // A removal changes the map: after an idle checkpoint the partial zero that led
+        // here did not need the flag, this does, before the store is touched.
+        self.dirty_before(|| true).await?;
         bump(&self.stats.store_removes);
         self.store.remove(objno, fua).await?;
         if let Some(m) = self.map_now().as_deref() {
@@ -1597,6 +1600,30 @@ mod tests {
         assert_eq!(objects_on_disk(d.path()), [1]);
         img.close().await.unwrap();
         assert_eq!(existing(&disk_map(d.path())), [1]);
+    }
+
+    #[tokio::test]
+    async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
+        // A partial zero of an EXISTS object changes no map state and may run under a
+        // clear flag; the removal it leads to does change it.
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(4096, Bytes::from(vec![5u8; 4096]), false)
+            .await
+            .unwrap();
+        img.checkpoint().await.unwrap();
+        assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.trim(0, 4096, false).await.unwrap();
+        assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.trim(4096, 4096, false).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        assert_ne!(
+            header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID,
+            0,
+            "object 0 removed under a clear flag: the map on disk says it exists"
+        );
+        img.close().await.unwrap();
+        assert!(existing(&disk_map(d.path())).is_empty());
     }
 
     #[tokio::test]
