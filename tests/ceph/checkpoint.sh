@@ -162,6 +162,6 @@ check "clean close after the reopen" test $? = 0
 # Only now: librbd's check takes the lock (it would also break the dead daemon's lock,
 # and repair a wrong map, before our reopen could show it loaded the map as it was).
 check "after close: flags clear, object-map check passes" bash -c \
-  "[ \"\$(rbd info $img --format json | jq -c .flags)\" = '[]' ] && rbd object-map check $img"
+  "[ \"\$(rbd info $img --format json | jq -c .flags)\" = '[]' ] && omap_check $img"
 rbd rm --no-progress "$img" >/dev/null 2>&1
 t_summary
