@@ -89,25 +89,30 @@ check "reopen rebuilt the map and counted the clean objects" \
   "$(sed -n 's/.*object map of .* rebuilt: //p' "$work/reopen.log" | tail -1)"
 stop_daemon "$SERVE_PID"
 check "clean close after the rebuild" test $? = 0
+served=$(map_hex)
 check "rebuilt by serve: flags clear" test -z "$(flags)"
+# Before rbd's check: once a map is flagged invalid, rbd diff no longer trusts it.
+check "rebuilt by serve: rbd diff --from-snap s1 has objects 1, 5 changed and 2 removed" \
+  same "1:data 2:zero 5:data" "$(diff_objs)"
 check "rebuilt by serve: rbd object-map check passes" rbd object-map check "$img"
 check "rebuilt by serve: flags still clear after rbd's check (it invalidates on a mismatch)" \
   test -z "$(flags)"
-check "rebuilt by serve: rbd diff --from-snap s1 has objects 1, 5 changed and 2 removed" \
-  same "1:data 2:zero 5:data" "$(diff_objs)"
-served=$(map_hex)
 check "rados-nbd object-map check agrees (head)" "${RN[@]}" object-map check "$img"
 check "rados-nbd object-map check agrees (@s1, from the snap sets at s1)" \
   "${RN[@]}" object-map check "$img@s1"
 
 # librbd's rebuild of the same image is the reference, byte for byte.
 rbd object-map rebuild "$img" >/dev/null 2>&1
-check "rbd object-map rebuild gives the same map bytes as our rebuild" test "$(map_hex)" = "$served"
+librbds=$(map_hex)
+check "rbd object-map rebuild gives the same map bytes as our rebuild" same "$librbds" "$served"
 check "the map differs from the pre-crash one (objects 1 and 5 changed)" test "$served" != "$good"
 
-# `rados-nbd object-map rebuild` computes the same.
+# `rados-nbd object-map rebuild` computes the same, from a stale map (the pre-crash one).
+$PY -c "import sys; sys.stdout.buffer.write(bytes.fromhex('$good'))" |
+  rados -p rbd put "rbd_object_map.$id" -
+check_fails "rados-nbd object-map check finds the stale map" "${RN[@]}" object-map check "$img"
 check "rados-nbd object-map rebuild" "${RN[@]}" object-map rebuild "$img"
-check "rados-nbd object-map rebuild: same bytes as librbd's" test "$(map_hex)" = "$served"
+check "rados-nbd object-map rebuild: same bytes as librbd's" same "$librbds" "$(map_hex)"
 check "rados-nbd object-map rebuild: flags clear" test -z "$(flags)"
 check "rados-nbd object-map rebuild: rbd object-map check passes and leaves flags clear" \
   bash -c "rbd object-map check $img >/dev/null 2>&1 && [ -z \"\$(rbd info $img --format json | jq -r '.flags | join(\",\")')\" ]"
