@@ -149,8 +149,10 @@ pub async fn load_object_map<S: ImageStore>(
     };
     tracing::info!("rebuilding object map of {spec} ({count} objects): {reason}");
     let map = rebuild_map(img, spec, count, snap).await?;
-    let exist = map.count(0..count)[ObjectState::Exists as usize];
-    tracing::info!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    tracing::info!(
+        "object map of {spec} rebuilt: {}",
+        describe_rebuilt(&map, count)
+    );
     Ok((map, MapSource::Rebuilt(reason)))
 }
 
@@ -228,19 +230,21 @@ pub async fn create_image<St: Store>(
     Ok(())
 }
 
-/// A map built from `list_objects`: EXISTS for each data object present.
+/// A map built from the data objects that exist, in the states librbd gives them
+/// (`ImageStore::list_object_states`): with snapshots and fast-diff, an object not
+/// written since the newest snapshot is EXISTS_CLEAN, so diffs stay exact.
 pub async fn rebuild_map<S: ImageStore>(
     img: &S,
     spec: &ImageSpec,
     count: u64,
     snap: Option<u64>,
 ) -> Result<ObjectMap> {
-    let objs = img.list_objects(snap).await?;
+    let objs = img.list_object_states(snap).await?;
     let map = new_map(count, spec)?;
     let mut beyond = 0u64;
-    for n in objs {
+    for (n, state) in objs {
         if n < count {
-            map.set(n, ObjectState::Exists);
+            map.set(n, state);
         } else {
             beyond += 1;
         }
@@ -249,6 +253,18 @@ pub async fn rebuild_map<S: ImageStore>(
         tracing::warn!("{spec}: {beyond} data objects lie beyond the image size; ignored");
     }
     Ok(map)
+}
+
+/// `N of M objects exist`, and how many of them are clean, for a rebuilt map.
+pub fn describe_rebuilt(map: &ObjectMap, count: u64) -> String {
+    let c = map.count(0..count);
+    let clean = c[ObjectState::ExistsClean as usize];
+    let exist = c[ObjectState::Exists as usize] + clean;
+    if clean == 0 {
+        format!("{exist} of {count} objects exist")
+    } else {
+        format!("{exist} of {count} objects exist ({clean} of them clean: unchanged since the last snapshot)")
+    }
 }
 
 /// The header flags that mark the on-disk map stale for an image with `features`.

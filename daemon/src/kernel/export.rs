@@ -107,7 +107,7 @@ impl Export {
             #[cfg(not(feature = "ceph"))]
             StoreUri::Ceph { .. } => Err(Error::new(
                 ErrorKind::Unsupported,
-                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev)",
+                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev and libradospp-dev)",
             )),
         }
     }

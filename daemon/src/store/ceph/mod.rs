@@ -25,6 +25,7 @@
 pub mod cls;
 pub mod luks;
 pub mod rados;
+pub mod snaps;
 
 #[cfg(test)]
 mod live_tests;
@@ -1369,6 +1370,40 @@ impl ImageStore for CephImage {
         let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|p| p.into_inner()));
         v.sort_unstable();
         Ok(v)
+    }
+
+    /// Without snapshots every listed object is EXISTS (librbd computes the same), so the
+    /// pool listing is enough. With snapshots, librbd's computation needs each object's
+    /// snap set (`list_snaps`): which objects were written since the newest snapshot, and
+    /// which listed objects only clones keep (removed from the head since a snapshot).
+    async fn list_object_states(
+        &self,
+        snap: Option<u64>,
+    ) -> Result<Vec<(u64, objmap::ObjectState)>> {
+        let i = &self.inner;
+        let h = self.header();
+        if h.snaps.is_empty() {
+            let objs = self.list_objects(snap).await?;
+            return Ok(objs
+                .into_iter()
+                .map(|o| (o, objmap::ObjectState::Exists))
+                .collect());
+        }
+        let objs = self.list_objects(None).await?;
+        let ids: Vec<u64> = h.snaps.iter().map(|s| s.id).collect();
+        let at = snap
+            .or(i.snap_id)
+            .unwrap_or(crate::store::snapset::SNAP_HEAD);
+        snaps::object_states(
+            &i.meta,
+            &h.object_prefix,
+            objs,
+            at,
+            &ids,
+            h.features & RBD_FEATURE_FAST_DIFF != 0,
+            &i.spec.to_string(),
+        )
+        .await
     }
 
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {

@@ -856,6 +856,10 @@ impl IoCtx {
     pub fn cluster(&self) -> &Arc<Rados> {
         &self.cluster
     }
+    /// The raw handle, for our C++ shim (snaps.rs); valid while `self` lives.
+    pub(super) fn raw(&self) -> rados_ioctx_t {
+        self.h
+    }
 
     /// A second handle on the same pool reading at `snap` (reads are per handle in librados).
     pub fn at_snap(&self, snap: u64) -> Result<Arc<IoCtx>> {
