@@ -100,6 +100,12 @@ PY
 check "discard fio's region" "$PY" "$work/discard.py"
 
 check "protocol edge cases (raw socket)" "$PY" "$here/raw_edge.py" "$sock" t1
+check "past the end: TRIM/READ get EINVAL, WRITE/WRITE_ZEROES ENOSPC" "$PY" "$here/past_end.py" "$uri"
+# The same script against nbdkit: the oracle for what the errors should be.
+spawn nbdkit -f -U "$work/nbdkit.sock" memory 1M; NBDKIT_PID=$!
+wait_for_socket "$work/nbdkit.sock"
+check "past the end: nbdkit (oracle) answers the same" "$PY" "$here/past_end.py" "nbd+unix:///?socket=$work/nbdkit.sock"
+stop_daemon "$NBDKIT_PID"
 
 # raw_edge.py wrote this pattern at 8192: keep the oracle in step.
 "$PY" -c "import sys; f=open(sys.argv[1],'r+b'); f.seek(8192); f.write(bytes(range(256))*16)" "$src"
