@@ -226,6 +226,12 @@ if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q '^
 check_fails "bad size refused" "$BIN" create --size 12Q t2
 check_fails "unknown store refused" "$BIN" --store nosuch:/x ls
 check_fails "existing image not created twice" "$BIN" create --size 1M t1
+# RBD namespaces exist on the Ceph store only: refused by name, not as a bad image name.
+for cmd in "create --size 1M rbd/ns1/t1" "info rbd/ns1/t1" "ls rbd/ns1"; do
+  out=$("$BIN" $cmd 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'namespace ns1 .*Ceph store only'; then
+    pass "dir store: '$cmd' refused naming the namespace"; else fail "dir store: '$cmd'" "rc=$rc: $out"; fi
+done
 after=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
 check "bad input changed nothing on disk" test "$before" = "$after"
 check "rm removes the image" "$BIN" rm t1
