@@ -93,7 +93,7 @@ pub enum Command {
     },
     /// Remove an image and all its objects.
     Rm { image: String },
-    /// List the images of a pool.
+    /// List the images of a pool (POOL or POOL/NAMESPACE).
     Ls {
         pool: Option<String>,
         #[arg(long, value_enum, default_value_t)]
@@ -423,6 +423,7 @@ async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<(
             let v = json!({
                 "name": spec.name,
                 "pool": spec.pool,
+                "namespace": spec.namespace,
                 "id": h.id,
                 "size": size,
                 "objects": objects,
@@ -465,8 +466,8 @@ async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<(
 
 async fn ls<S: Store>(store: &S, pool: Option<&str>, format: Format) -> Result<()> {
     let pool = pool.unwrap_or(DEFAULT_POOL);
-    // The same rules as the pool part of an image spec.
-    format!("{pool}/x").parse::<ImageSpec>()?;
+    // The same rules as the pool (and namespace) part of an image spec.
+    crate::spec::parse_pool_spec(pool)?;
     let names = store.list_images(pool).await?;
     match format {
         Format::Json => println!("{}", json!(names)),
@@ -519,7 +520,7 @@ async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()>
         Format::Plain => {
             let name = spec.to_string();
             let name = name
-                .strip_prefix(&format!("{}/", spec.pool))
+                .strip_prefix(&format!("{}/", spec.pool_spec()))
                 .unwrap_or(&name);
             let w = name.len().max(4);
             println!("{:<w$}  {:>11}  {:>9}", "NAME", "PROVISIONED", "USED");

@@ -1713,6 +1713,18 @@ mod tests {
             img.read(6 << 20, 512).await.unwrap_err().errno,
             Errno::Inval
         );
+        // Same errors as the protocol layer's: TRIM past the end EINVAL, WRITE_ZEROES ENOSPC.
+        assert_eq!(
+            img.trim(6 << 20, 512, false).await.unwrap_err().errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            img.write_zeroes(6 << 20, 512, ZeroFlags::default())
+                .await
+                .unwrap_err()
+                .errno,
+            Errno::NoSpc
+        );
         // Grown again: what was cut off reads as zeros, what was kept is intact.
         img.resize(16 << 20, false).await.unwrap();
         assert_eq!(read_all(&img, (6 << 20) - 4, 4).await, [7u8; 4]);

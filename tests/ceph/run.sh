@@ -33,6 +33,7 @@ suites=(
   cephx.sh
   checkpoint.sh
   snapmap.sh
+  namespaces.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"
@@ -40,9 +41,5 @@ for s in "${suites[@]}"; do
   T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/$s.out")))
   T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/$s.out")))
 done
-<<<<<<< HEAD
-echo "ceph suites (cluster, e2e.sh, cephx.sh, checkpoint.sh):"
-=======
-echo "ceph suites (cluster, e2e.sh, cephx.sh, snapmap.sh):"
->>>>>>> rebuild
+echo "ceph suites (cluster, ${suites[*]}):"
 t_summary && exit $rc

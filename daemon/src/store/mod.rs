@@ -119,6 +119,7 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the header, the id object, every data object and every object map.
     fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<()>> + Send;
 
+    /// Image names in `pool`, which may be `POOL/NAMESPACE` (an RBD namespace).
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to resize it, and
