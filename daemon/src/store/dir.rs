@@ -95,15 +95,15 @@ impl DirStore {
 
     /// RBD namespaces are a Ceph thing (RADOS object namespaces); this store has none, and
     /// one is refused by name rather than folded into the pool or reported as a bad name.
-    fn no_namespace(&self, pool: &str, namespace: &str) -> Result<()> {
+    fn no_namespace(&self, what: &dyn std::fmt::Display, namespace: &str) -> Result<()> {
         if namespace.is_empty() {
             return Ok(());
         }
         Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "RBD namespace {namespace} (in {pool}/{namespace}): namespaces exist on the \
-                 Ceph store only, not in {}",
+                "{what}: RBD namespace {namespace}: namespaces exist on the Ceph store only, \
+                 not in {}",
                 self.describe()
             ),
         ))
@@ -449,7 +449,7 @@ impl Store for DirStore {
     }
 
     async fn create_image(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<()> {
-        self.no_namespace(&spec.pool, &spec.namespace)?;
+        self.no_namespace(spec, &spec.namespace)?;
         if !(MIN_ORDER..=MAX_ORDER).contains(&opts.order) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -504,7 +504,7 @@ impl Store for DirStore {
     }
 
     async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
-        self.no_namespace(&spec.pool, &spec.namespace)?;
+        self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
         let spec = spec.clone();
@@ -567,7 +567,7 @@ impl Store for DirStore {
 
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
         let (pool, namespace) = crate::spec::parse_pool_spec(pool)?;
-        self.no_namespace(&pool, &namespace)?;
+        self.no_namespace(&format!("{pool}/{namespace}"), &namespace)?;
         let pool_dir = self.pool_dir(&pool);
         blocking(move || {
             if !pool_dir.is_dir() {
@@ -588,7 +588,7 @@ impl Store for DirStore {
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
-        self.no_namespace(&spec.pool, &spec.namespace)?;
+        self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
         let desc = self.describe();
@@ -1123,7 +1123,7 @@ pub async fn ask_holder_to_resize(
     allow_shrink: bool,
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    store.no_namespace(&spec.pool, &spec.namespace)?;
+    store.no_namespace(spec, &spec.namespace)?;
     let pool_dir = store.pool_dir(&spec.pool);
     let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
         return Err(store.not_found(spec));
