@@ -28,11 +28,11 @@ CEPH_NBD_KEYRING=$(sed -n 's/^CEPH_NBD_KEYRING=//p' <<<"$out")
 export CEPH_NBD_ID CEPH_NBD_KEYRING
 # Each suite prints its own 'N passed, N failed'; the last line is the total of this run.
 rc=0
-for s in e2e.sh cephx.sh; do
+for s in e2e.sh cephx.sh fencing.sh; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/$s.out")))
   T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/$s.out")))
 done
-echo "ceph suites (cluster, e2e.sh, cephx.sh):"
+echo "ceph suites (cluster, e2e.sh, cephx.sh, fencing.sh):"
 t_summary && exit $rc
