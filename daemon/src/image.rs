@@ -690,7 +690,9 @@ impl<S: ImageStore> Image<S> {
     /// request sets the flag again (see `dirty_before`).
     pub async fn checkpoint(&self) -> Result<()> {
         let g = self.gate.write().await;
-        if *g {
+        // A fenced handle (its lock broken: logged once by the store) must not clear the
+        // flag, and each client leaving need not say so again.
+        if *g || self.store.check_usable().is_err() {
             return Ok(());
         }
         self.mark_clean()
@@ -966,6 +968,7 @@ impl<S: ImageStore> Image<S> {
     async fn read_piece(&self, p: Piece) -> Result<Vec<ReadChunk>> {
         let len = p.len as u32;
         if self.is_nonexistent(p.objno) {
+            self.store.check_usable()?;
             bump(&self.stats.map_reads);
             return Ok(vec![ReadChunk::Hole(len)]);
         }
@@ -998,6 +1001,7 @@ impl<S: ImageStore> Image<S> {
             return self.write_piece(p, zeros, fua).await;
         }
         if self.is_nonexistent(p.objno) {
+            self.store.check_usable()?;
             bump(&self.stats.skipped_removes);
             return Ok(());
         }

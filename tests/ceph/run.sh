@@ -34,6 +34,7 @@ suites=(
   checkpoint.sh
   snapmap.sh
   namespaces.sh
+  fencing.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

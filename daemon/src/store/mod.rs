@@ -164,6 +164,13 @@ pub trait ImageStore: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Err when this handle may no longer serve I/O at all (Ceph: its lock was broken and
+    /// it was fenced off). The image layer asks it where it answers from the object map
+    /// alone, without calling the store: a fenced handle's map may be stale.
+    fn check_usable(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Sets the image's size in its header, durably. The caller (the image layer's
     /// resize) has already removed what lies beyond a smaller size.
     fn set_size(&self, size: u64) -> impl Future<Output = Result<()>> + Send;

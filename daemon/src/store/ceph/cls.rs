@@ -5,7 +5,8 @@
 //!
 //! Sources (Ceph 16.2): src/cls/rbd/cls_rbd_client.cc and cls_rbd.cc (argument order of
 //! each method), src/cls/lock/cls_lock_ops.h and cls_lock_types.h, src/librbd/
-//! WatchNotifyTypes.cc, src/msg/msg_types.h (entity_name_t = u8 type + i64 num).
+//! WatchNotifyTypes.cc, src/msg/msg_types.h (entity_name_t = u8 type + i64 num;
+//! entity_addr_t, see [`entity_addr`]).
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -105,7 +106,7 @@ impl<'a> Dec<'a> {
     pub fn new(buf: &'a [u8], what: &'a str) -> Self {
         Dec { buf, pos: 0, what }
     }
-    fn bad(&self, msg: &str) -> Error {
+    pub fn bad(&self, msg: &str) -> Error {
         Error::new(
             ErrorKind::Corrupt,
             format!(
@@ -406,6 +407,9 @@ pub struct Locker {
     pub entity_type: u8,
     pub entity_num: i64,
     pub cookie: String,
+    /// The locker's address as `ceph osd blocklist` takes and shows it (`ip:port/nonce`,
+    /// librbd's `Locker::address`); None when the lock carries none.
+    pub address: Option<String>,
 }
 
 impl std::fmt::Display for Locker {
@@ -428,7 +432,8 @@ pub struct LockInfo {
 
 /// `get_info` → cls_lock_get_info_reply ENCODE_START(1,1) { map<locker_id_t,
 /// locker_info_t>, u8 type, tag }; locker_id_t = ENCODE_START(1,1) { entity_name_t,
-/// cookie }; locker_info_t (expiry, address, description) is skipped by its length.
+/// cookie }; locker_info_t = ENCODE_START(1,1) { utime_t expiration (u32 sec, u32 nsec),
+/// entity_addr_t addr, description }.
 pub fn get_info_out(b: &[u8]) -> Result<LockInfo> {
     let mut d = Dec::new(b, "lock.get_info reply");
     let (_, end) = d.start(1)?;
@@ -441,17 +446,71 @@ pub fn get_info_out(b: &[u8]) -> Result<LockInfo> {
         let cookie = d.string()?;
         d.finish(id_end)?;
         let (_, info_end) = d.start(1)?;
+        d.u32()?;
+        d.u32()?;
+        let address = entity_addr(&mut d)?;
+        d.string()?;
         d.finish(info_end)?;
         lockers.push(Locker {
             entity_type,
             entity_num,
             cookie,
+            address,
         });
     }
     let kind = d.u8()?;
     let tag = d.string()?;
     d.finish(end)?;
     Ok(LockInfo { lockers, kind, tag })
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// Decodes an `entity_addr_t` (src/msg/msg_types.h) into librbd's `Locker::address` form,
+/// `entity_addr_t::get_legacy_str()`: `ip:port/nonce` (`[ip6]:port/nonce`), no type prefix,
+/// which is what `rados_blocklist_add` parses and `ceph osd blocklist ls` shows. None for
+/// an empty address (AF_UNSPEC). Two encodings, picked by the first byte:
+/// - 1: u8 marker, ENCODE_START(1,1) { u32 type, u32 nonce, u32 len, sockaddr (len bytes,
+///   family little-endian, port and address in network order) } (MSG_ADDR2 peers);
+/// - 0: legacy, u32 0 (marker included), u32 nonce, 128-byte sockaddr_storage with the
+///   family in network order.
+pub fn entity_addr(d: &mut Dec) -> Result<Option<String>> {
+    let (nonce, family, sa) = match d.u8()? {
+        1 => {
+            let (_, end) = d.start(1)?;
+            let _type = d.u32()?;
+            let nonce = d.u32()?;
+            let len = d.u32()? as usize;
+            let sa = d.take(len)?;
+            d.finish(end)?;
+            if sa.len() < 2 {
+                return Ok(None);
+            }
+            (nonce, u16::from_le_bytes([sa[0], sa[1]]), sa)
+        }
+        0 => {
+            d.take(3)?;
+            let nonce = d.u32()?;
+            let sa = d.take(128)?;
+            (nonce, u16::from_be_bytes([sa[0], sa[1]]), sa)
+        }
+        m => return Err(d.bad(&format!("entity_addr_t marker {m} (want 0 or 1)"))),
+    };
+    let port = |sa: &[u8]| u16::from_be_bytes([sa[2], sa[3]]);
+    let ip = match family {
+        AF_INET if sa.len() >= 8 => {
+            let a: [u8; 4] = sa[4..8].try_into().unwrap_or_default();
+            format!("{}:{}", std::net::Ipv4Addr::from(a), port(sa))
+        }
+        AF_INET6 if sa.len() >= 24 => {
+            let a: [u8; 16] = sa[8..24].try_into().unwrap_or_default();
+            format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(sa))
+        }
+        0 => return Ok(None),
+        f => return Err(d.bad(&format!("address family {f} is neither IPv4 nor IPv6"))),
+    };
+    Ok(Some(format!("{ip}/{nonce}")))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -756,6 +815,7 @@ mod tests {
             entity_type: ENTITY_TYPE_CLIENT,
             entity_num: 4123,
             cookie: "auto 7".into(),
+            address: None,
         };
         let mut body = s("rbd_lock");
         body.push(8);
@@ -787,37 +847,64 @@ mod tests {
 
     #[test]
     fn lock_info_reply() {
-        // One locker client.4123 cookie "auto 7" with an opaque locker_info_t.
-        let mut id = vec![8u8];
-        id.extend(4123i64.to_le_bytes());
-        id.extend(s("auto 7"));
-        let info = [0u8; 21];
-        let mut body = 1u32.to_le_bytes().to_vec();
-        body.extend([1, 1]);
-        body.extend((id.len() as u32).to_le_bytes());
-        body.extend(&id);
-        body.extend([1, 1]);
-        body.extend((info.len() as u32).to_le_bytes());
-        body.extend(info);
-        body.push(1);
-        body.extend(s("internal"));
-        let mut b = vec![1, 1];
-        b.extend((body.len() as u32).to_le_bytes());
-        b.extend(body);
+        // Captured from Ceph 16.2: `lock.get_info` of rbd_lock held exclusively by
+        // client.4115 (librados via python3-rados), cookie "auto 7", empty tag; its
+        // address is an MSG_ADDR2 entity_addr_t, type legacy, 127.0.0.1:0, nonce 0xf37d0930
+        // (`ceph osd blocklist ls` would show it as 127.0.0.1:0/4085057840).
+        let hex = "01015700000001000000010113000000081310000000000000060000006175746f203701012f\
+                   00000000000000000000000101011c0000000100000030097df310000000020000007f00\
+                   00010000000000000000000000000100000000";
+        let b: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
         let got = get_info_out(&b).unwrap();
         assert_eq!(got.kind, LOCK_EXCLUSIVE);
-        assert_eq!(got.tag, "internal");
+        assert_eq!(got.tag, "");
         assert_eq!(
             got.lockers,
             vec![Locker {
                 entity_type: 8,
-                entity_num: 4123,
-                cookie: "auto 7".into()
+                entity_num: 4115,
+                cookie: "auto 7".into(),
+                address: Some("127.0.0.1:0/4085057840".into()),
             }]
         );
         assert_eq!(parse_lock_cookie(&got.lockers[0].cookie), Some(7));
         assert_eq!(parse_lock_cookie("manual"), None);
         assert!(get_info_out(&b[..b.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn entity_addrs() {
+        let dec = |b: &[u8]| entity_addr(&mut Dec::new(b, "addr"));
+        // MSG_ADDR2, IPv6 [::1]:6800 nonce 5, type any (3).
+        let mut sa = 10u16.to_le_bytes().to_vec();
+        sa.extend(6800u16.to_be_bytes());
+        sa.extend([0; 4]);
+        sa.extend(std::net::Ipv6Addr::LOCALHOST.octets());
+        sa.extend([0; 4]);
+        let mut b = vec![1, 1, 1];
+        b.extend((12 + sa.len() as u32).to_le_bytes());
+        b.extend(3u32.to_le_bytes());
+        b.extend(5u32.to_le_bytes());
+        b.extend((sa.len() as u32).to_le_bytes());
+        b.extend(&sa);
+        assert_eq!(dec(&b).unwrap().as_deref(), Some("[::1]:6800/5"));
+        // Legacy: u32 0, nonce, sockaddr_storage with the family big-endian.
+        let mut b = vec![0, 0, 0, 0];
+        b.extend(77u32.to_le_bytes());
+        let mut ss = [0u8; 128];
+        ss[..2].copy_from_slice(&2u16.to_be_bytes());
+        ss[2..4].copy_from_slice(&0u16.to_be_bytes());
+        ss[4..8].copy_from_slice(&[10, 1, 2, 3]);
+        b.extend(ss);
+        assert_eq!(dec(&b).unwrap().as_deref(), Some("10.1.2.3:0/77"));
+        // No address (entity_addr_t() encoded by a new peer), a bad marker, truncation.
+        let b = [1, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(dec(&b).unwrap(), None);
+        assert!(dec(&[2]).is_err());
+        assert!(dec(&[0, 0, 0, 0, 1, 0, 0, 0, 2]).is_err());
     }
 
     #[test]

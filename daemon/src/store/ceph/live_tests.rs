@@ -588,4 +588,59 @@ async fn ceph_live() {
     for n in [&plain, &striped, &journ] {
         tool(conf, "rbd", &["rm", n]);
     }
+
+    // --- fencing: the owner of a lock whose watch is gone (as after the OSD timed out a
+    // stopped client's watch) is blocklisted before its lock is broken; the fenced handle
+    // then fails writes and reads with EIO and closes without touching the new owner's lock.
+    let fname = unique("fence");
+    let fspec: ImageSpec = format!("rbd/{fname}").parse().unwrap();
+    let opts = CreateOptions {
+        size: 8 << 20,
+        order: 22,
+        features: DEFAULT_FEATURES,
+    };
+    st.create_image(&fspec, &opts).await.unwrap();
+    let old_st = store(conf).await;
+    let old = old_st
+        .open_image(&fspec, OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    old.write(0, 0, Bytes::from(vec![1; 4096]), false)
+        .await
+        .unwrap();
+    let info = get_lock_info(&old.inner).await.unwrap();
+    let addr = info.lockers[0].address.clone().expect("locker address");
+    {
+        let state = old.inner.lock.lock().await.take().unwrap();
+        let _ = state.stop.send(true);
+        old.inner.meta.unwatch(state.watch).await.unwrap();
+    }
+    let new = st
+        .open_image(&fspec, OpenMode::ReadWrite)
+        .await
+        .expect("the stale lock is broken");
+    let bl = tool(conf, "ceph", &["osd", "blocklist", "ls"]);
+    assert!(bl.contains(&addr), "{addr} not blocklisted: {bl}");
+    new.write(0, 0, Bytes::from(vec![2; 4096]), false)
+        .await
+        .unwrap();
+    let e = old
+        .write(0, 0, Bytes::from(vec![3; 4096]), false)
+        .await
+        .expect_err("a blocklisted client wrote");
+    assert_eq!(e.kind, ErrorKind::Io, "{e}");
+    assert!(old.inner.is_fenced(), "ESHUTDOWN did not fence: {e}");
+    let e = old.read(0, 0, 4096, None).await.expect_err("fenced read");
+    assert_eq!(e.kind, ErrorKind::Io, "{e}");
+    assert!(old.check_usable().is_err());
+    assert!(old.set_flags(0, 1).await.is_err());
+    tokio::time::timeout(std::time::Duration::from_secs(20), old.close())
+        .await
+        .expect("closing a fenced handle hung")
+        .ok();
+    let got = new.read(0, 0, 4096, None).await.unwrap().unwrap();
+    assert!(got.iter().all(|&b| b == 2), "the fenced write landed");
+    new.close().await.unwrap();
+    tool(conf, "ceph", &["osd", "blocklist", "rm", &addr]);
+    tool(conf, "rbd", &["rm", &fname]);
 }

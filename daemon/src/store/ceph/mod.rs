@@ -18,9 +18,17 @@
 //! refused before serving (`ImageStore::check_servable`), unless `--allow-encrypted` asks
 //! for the raw LUKS volume. Where librbd's layout is the same as cryptsetup's (LUKS2 on
 //! objects up to 16 MiB) the two cannot be told apart, so any LUKS volume at offset 0 is
-//! refused until `--allow-encrypted` says it is to be served raw. Breaking a stale lock does
-//! not blocklist its old owner (librbd does when `rbd_blocklist_on_break_lock` is set): a
-//! client whose watch is gone but who still writes is not fenced off.
+//! refused until `--allow-encrypted` says it is to be served raw.
+//!
+//! The exclusive lock (`take_lock`) is broken only when its owner is dead, and the owner is
+//! fenced first, as librbd's managed_lock::BreakRequest does: an owner that answers a
+//! notify on the header is alive (the open is refused, "in use"); one whose watch is still
+//! registered but silent (killed, stopped) is waited for, bounded ([`LOCK_WAIT_SECS`]),
+//! until the OSD drops its watch; then its address is blocklisted and only then is the
+//! lock broken, so that requests it still has queued cannot land after ours. The fenced
+//! side (`Inner::fence`): a handle that finds itself blocklisted (ESHUTDOWN from any op,
+//! or its watch) or its lock broken sends nothing more, fails every read and write with
+//! EIO and leaves the image flagged invalid for the next owner.
 
 pub mod cls;
 pub mod luks;
@@ -40,7 +48,7 @@ use crate::store::{
     RBD_FEATURE_STRIPINGV2,
 };
 use bytes::Bytes;
-use rados::{errno_of, ConnectOptions, IoCtx, Rados, Watch, WatchEvent, WriteOp};
+use rados::{errno_of, is_blocklisted, ConnectOptions, IoCtx, Rados, Watch, WatchEvent, WriteOp};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -55,6 +63,14 @@ const EBUSY: i32 = 16;
 const EROFS: i32 = 30;
 /// How long to wait for watchers to answer when checking whether a lock owner is alive.
 const NOTIFY_TIMEOUT_MS: u64 = 5000;
+/// How long an open waits for the watch of a lock owner that does not answer (a killed or
+/// stopped client) to be dropped by the OSD, which takes `osd_client_watch_timeout` (30 s
+/// by default) after its last ping, before giving up with "in use". The environment
+/// variable `RADOS_NBD_LOCK_WAIT_SECS` overrides it (tests, clusters with a longer timeout).
+const LOCK_WAIT_SECS: u64 = 45;
+/// While waiting: how long each re-check gives the owner to answer, and the pause between.
+const LOCK_RECHECK_NOTIFY_MS: u64 = 1000;
+const LOCK_RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Concurrent RADOS calls when removing or stat-ing many objects.
 const PARALLEL: usize = 32;
 
@@ -876,27 +892,47 @@ async fn try_lock(inner: &Inner, cookie: &str) -> Result<()> {
         .await
 }
 
+/// Up to how long `take_lock` waits for a silent owner's watch to expire.
+fn lock_wait() -> std::time::Duration {
+    let secs = std::env::var("RADOS_NBD_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(LOCK_WAIT_SECS);
+    std::time::Duration::from_secs(secs)
+}
+
+async fn get_lock_info(inner: &Inner) -> Result<cls::LockInfo> {
+    let b = inner
+        .meta
+        .exec_read(
+            &inner.hdr_oid,
+            LOCK,
+            "get_info",
+            &cls::get_info_in(cls::RBD_LOCK_NAME),
+        )
+        .await?;
+    cls::get_info_out(&b)
+}
+
+/// Takes `rbd_lock`; a lock whose owner is dead is broken the way librbd's
+/// managed_lock::BreakRequest does it: the owner must have no watch left on the header
+/// (a watch that does not answer is waited for, up to [`lock_wait`], until the OSD drops
+/// it), then its address is blocklisted, so that nothing it still sends (requests queued
+/// in a stopped process) can land after ours, and only then is the lock broken. An owner
+/// that answers is alive: the open is refused ("in use"), as we do not ask it to hand the
+/// lock over.
 async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
     let spec = &inner.spec;
     let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(17));
-    // Two rounds: the second after breaking a stale lock (or after a racing release).
-    for _round in 0..2 {
+    let ctx = |e: Error| e.context(format!("locking image {spec}"));
+    // Rounds: each after breaking a stale lock (or after a racing release).
+    for _round in 0..3 {
         match try_lock(inner, cookie).await {
             Ok(()) => return Ok(()),
             Err(e) if busy_errno(&e) => {}
-            Err(e) => return Err(e.context(format!("locking image {spec}"))),
+            Err(e) => return Err(ctx(e)),
         }
-        let b = inner
-            .meta
-            .exec_read(
-                &inner.hdr_oid,
-                LOCK,
-                "get_info",
-                &cls::get_info_in(cls::RBD_LOCK_NAME),
-            )
-            .await
-            .map_err(|e| e.context(format!("locking image {spec}")))?;
-        let info = cls::get_info_out(&b)?;
+        let info = get_lock_info(inner).await.map_err(ctx)?;
         if info.lockers.is_empty() {
             continue;
         }
@@ -916,16 +952,7 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
         } else {
             "exclusive"
         };
-        // Who still watches the header? A notify reaches every registered watch.
-        let watchers = inner
-            .meta
-            .notify(
-                &inner.hdr_oid,
-                &cls::header_update_notify(),
-                NOTIFY_TIMEOUT_MS,
-            )
-            .await
-            .map_err(|e| e.context(format!("locking image {spec}")))?;
+        let mut handles = Vec::new();
         for locker in &info.lockers {
             let handle = cls::parse_lock_cookie(&locker.cookie).ok_or_else(|| {
                 Error::new(
@@ -935,48 +962,140 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
                     ),
                 )
             })?;
-            let gid = u64::try_from(locker.entity_num).unwrap_or(u64::MAX);
-            if watchers.acks.iter().any(|a| a.0 == gid && a.1 == handle) {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("image {spec} is in use: {held} lock held by {locker}, which is alive"),
-                ));
-            }
-            if watchers
-                .timeouts
-                .iter()
-                .any(|t| t.0 == gid && t.1 == handle)
-            {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "image {spec} is in use: {held} lock held by {locker}, whose watch is still registered but \
-                         does not answer (a dead client: the OSD drops its watch after \
-                         osd_client_watch_timeout, 30 s by default); retry later"
-                    ),
-                ));
-            }
-            tracing::warn!(image = %spec, %locker, "breaking stale {held} lock: its owner's watch is gone (the old owner is not blocklisted)");
-            match inner
+            handles.push((u64::try_from(locker.entity_num).unwrap_or(u64::MAX), handle));
+        }
+        // Who still watches the header? A notify reaches every registered watch: an owner
+        // that acks is alive; one listed as timed out still has a watch but is silent
+        // (killed, stopped, cut off): wait for the OSD to drop it, re-checking.
+        let mut waited: Option<(std::time::Instant, std::time::Duration)> = None;
+        let mut notify_ms = NOTIFY_TIMEOUT_MS;
+        loop {
+            let watchers = inner
                 .meta
-                .exec_write(
-                    &inner.hdr_oid,
-                    LOCK,
-                    "break_lock",
-                    &cls::break_lock_in(cls::RBD_LOCK_NAME, locker),
-                )
+                .notify(&inner.hdr_oid, &cls::header_update_notify(), notify_ms)
                 .await
-            {
-                Ok(()) => {}
-                Err(e) if e.kind == ErrorKind::NotFound => {}
-                Err(e) => return Err(e.context(format!("breaking stale lock of image {spec}"))),
+                .map_err(ctx)?;
+            let mut silent = None;
+            for (locker, &(gid, handle)) in info.lockers.iter().zip(&handles) {
+                if watchers.acks.iter().any(|a| a.0 == gid && a.1 == handle) {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "image {spec} is in use: {held} lock held by {locker}, which is alive"
+                        ),
+                    ));
+                }
+                if watchers
+                    .timeouts
+                    .iter()
+                    .any(|t| t.0 == gid && t.1 == handle)
+                {
+                    silent = Some(locker);
+                }
             }
+            let Some(locker) = silent else { break };
+            let addr = locker.address.as_deref().unwrap_or("unknown address");
+            match waited {
+                None => {
+                    let wait = lock_wait();
+                    tracing::info!(image = %spec, %locker, address = addr,
+                        "{held} lock held by a client whose watch is still registered but does not answer \
+                         (killed or stopped); waiting up to {} s for the OSD to drop its watch \
+                         (osd_client_watch_timeout), then fencing it", wait.as_secs());
+                    waited = Some((std::time::Instant::now(), wait));
+                }
+                Some((t0, wait)) if t0.elapsed() >= wait => {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "image {spec} is in use: {held} lock held by {locker} at {addr}, whose watch is \
+                             still registered after {} s but does not answer (a dead client whose \
+                             watch outlives osd_client_watch_timeout, or a stopped one); retry later \
+                             (RADOS_NBD_LOCK_WAIT_SECS sets the wait)",
+                            wait.as_secs()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(LOCK_RECHECK_PAUSE).await;
+            notify_ms = LOCK_RECHECK_NOTIFY_MS;
+        }
+        if let Some((t0, _)) = waited {
+            tracing::info!(image = %spec, "the silent owner's watch is gone after {:.1} s", t0.elapsed().as_secs_f64());
+            // The lock may have changed hands meanwhile: only break what was checked.
+            let now = get_lock_info(inner).await.map_err(ctx)?;
+            if now.lockers != info.lockers {
+                continue;
+            }
+        }
+        for locker in &info.lockers {
+            fence_and_break(inner, locker, held).await?;
         }
     }
     Err(Error::new(
         ErrorKind::Busy,
         format!("image {spec}: could not take the exclusive lock (another client keeps taking it)"),
     ))
+}
+
+/// Blocklists a dead lock owner's address, then breaks its lock (librbd's BreakRequest
+/// with `rbd_blocklist_on_break_lock`, expiry `rbd_blocklist_expire_seconds` = 0: the
+/// cluster's default).
+async fn fence_and_break(inner: &Inner, locker: &cls::Locker, held: &str) -> Result<()> {
+    let spec = &inner.spec;
+    let Some(addr) = locker.address.as_deref() else {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "image {spec}: the {held} lock of {locker} records no address, so its owner cannot be \
+                 fenced; if it is surely dead, remove the lock with `rbd lock rm`"
+            ),
+        ));
+    };
+    let me = inner.meta.cluster().instance_id();
+    if u64::try_from(locker.entity_num) == Ok(me) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("image {spec}: the {held} lock is held by this very client ({locker}); refusing to blocklist ourselves"),
+        ));
+    }
+    tracing::warn!(image = %spec, %locker, address = addr,
+        "breaking the stale {held} lock of a dead owner: blocklisting {addr} first (fencing it off)");
+    if let Err(e) = inner.meta.cluster().blocklist_add(addr, 0).await {
+        let denied = matches!(errno_of(&e), Some(1) | Some(13));
+        return Err(if denied {
+            Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {spec}: may not blocklist the dead lock owner {locker} at {addr} before \
+                     breaking its lock: the client needs the mon cap 'profile rbd' (or \
+                     'allow command \"osd blocklist\" with blocklistop=add'): {e}"
+                ),
+            )
+        } else {
+            e.context(format!(
+                "image {spec}: blocklisting the dead lock owner {locker} at {addr}"
+            ))
+        });
+    }
+    match inner
+        .meta
+        .exec_write(
+            &inner.hdr_oid,
+            LOCK,
+            "break_lock",
+            &cls::break_lock_in(cls::RBD_LOCK_NAME, locker),
+        )
+        .await
+    {
+        Ok(())
+        | Err(Error {
+            kind: ErrorKind::NotFound,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.context(format!("breaking the stale lock of image {spec}"))),
+    }
 }
 
 /// Follows the header watch: refreshes on header updates, re-registers a lost watch and
@@ -1018,6 +1137,13 @@ async fn watch_events(
                 }
             },
             WatchEvent::Error { cookie, err } => {
+                if inner.is_fenced() {
+                    return;
+                }
+                if -err == rados::EBLOCKLISTED {
+                    inner.fence("blocklisted by the cluster");
+                    return;
+                }
                 tracing::warn!(image = %inner.spec, "header watch {cookie} lost (errno {}); re-registering", -err);
                 inner.reacquiring.store(true, Ordering::SeqCst);
                 let mut delay = std::time::Duration::from_millis(500);
@@ -1027,12 +1153,25 @@ async fn watch_events(
                             tracing::info!(image = %inner.spec, "header watch re-registered; exclusive lock re-asserted");
                             break;
                         }
+                        Err(e) if is_blocklisted(&e) => {
+                            inner.fence("blocklisted by the cluster");
+                            inner.reacquiring.store(false, Ordering::SeqCst);
+                            return;
+                        }
                         // The lock is no longer ours (broken by another client, or the
-                        // image is gone): never write again through this handle.
+                        // image is gone): never send anything again through this handle.
                         Err(e) if lock_definitely_lost(&e) => {
-                            inner.lost_lock.store(true, Ordering::SeqCst);
-                            tracing::error!(image = %inner.spec, "lost the exclusive lock, writes now fail: {e}");
-                            break;
+                            let why = match get_lock_info(&inner).await {
+                                Ok(i) if !i.lockers.is_empty() => {
+                                    let l = &i.lockers[0];
+                                    format!("lock broken, now held by {l}")
+                                }
+                                Ok(_) => format!("lock broken by another client ({e})"),
+                                Err(_) => e.to_string(),
+                            };
+                            inner.fence(&why);
+                            inner.reacquiring.store(false, Ordering::SeqCst);
+                            return;
                         }
                         // Unreachable OSD, timeouts: keep trying, writes wait with EIO.
                         Err(e) => {
@@ -1106,6 +1245,50 @@ impl Inner {
             .object_size()
     }
 
+    fn is_fenced(&self) -> bool {
+        self.lost_lock.load(Ordering::SeqCst)
+    }
+
+    /// The lock is not ours any more (broken by another client, which blocklisted us or
+    /// not): from now on nothing is sent to the cluster through this handle and every read
+    /// and write fails with EIO, so that nothing lands over the new owner's writes and no
+    /// client reads data the new owner is changing. Logged once, whoever notices first.
+    fn fence(&self, why: &str) {
+        if !self.lost_lock.swap(true, Ordering::SeqCst) {
+            tracing::error!(image = %self.spec, "lost the {} ({why}): nothing more is sent to the cluster; \
+                reads and writes now fail with EIO", lock_name(self.mode));
+        }
+    }
+
+    /// Passes `r` on, fencing the handle first when it says we are blocklisted (librados
+    /// fails every operation of a blocklisted client with ESHUTDOWN).
+    fn noting_fence<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if is_blocklisted(e) {
+                self.fence("blocklisted by the cluster");
+            }
+        }
+        r
+    }
+
+    fn fenced_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "image {}: the {} was lost (fenced by another client); I/O refused",
+                self.spec,
+                lock_name(self.mode)
+            ),
+        )
+    }
+
+    fn check_readable(&self) -> Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.mode == OpenMode::ReadOnly {
             return Err(Error::new(
@@ -1128,14 +1311,8 @@ impl Inner {
                 ),
             ));
         }
-        if self.lost_lock.load(Ordering::SeqCst) {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!(
-                    "image {}: the exclusive lock was lost; refusing writes",
-                    self.spec
-                ),
-            ));
+        if self.is_fenced() {
+            return Err(self.fenced_error());
         }
         Ok(())
     }
@@ -1169,6 +1346,10 @@ impl ImageStore for CephImage {
 
     async fn refresh_header(&self) -> Result<ImageHeader> {
         refresh(&self.inner).await
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        self.inner.check_readable()
     }
 
     /// Refuses an image that starts with a LUKS header (object 0, read at the opened
@@ -1255,14 +1436,16 @@ impl ImageStore for CephImage {
     async fn set_size(&self, size: u64) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
-        i.meta
+        let r = i
+            .meta
             .exec_write(
                 &i.hdr_oid,
                 RBD,
                 "set_size",
                 &cls::Enc::new().u64(size).done(),
             )
-            .await
+            .await;
+        i.noting_fence(r)
             .map_err(|e| e.context(format!("setting the size of image {}", i.spec)))?;
         i.header.write().unwrap_or_else(|p| p.into_inner()).size = size;
         // Other watchers (librbd clients, `rbd info --watch`...) re-read the header, as
@@ -1278,15 +1461,19 @@ impl ImageStore for CephImage {
 
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
         let i = &self.inner;
+        // A fenced handle must not clear the invalid flag the new owner relies on.
+        i.check_readable()?;
         let snap = i.snap_id.unwrap_or(cls::NOSNAP);
-        i.meta
+        let r = i
+            .meta
             .exec_write(
                 &i.hdr_oid,
                 RBD,
                 "set_flags",
                 &cls::set_flags_in(value, mask, snap),
             )
-            .await
+            .await;
+        i.noting_fence(r)
             .map_err(|e| e.context(format!("setting flags of image {}", i.spec)))?;
         let mut h = i.header.write().unwrap_or_else(|p| p.into_inner());
         h.flags = (h.flags & !mask) | (value & mask);
@@ -1333,11 +1520,10 @@ impl ImageStore for CephImage {
                 format!("read length {len} too large"),
             )
         })?;
+        i.check_readable()?;
         let io = i.reader(snap)?;
-        Ok(io
-            .read(&i.object_name(objno), off, len)
-            .await?
-            .map(Bytes::from))
+        let r = io.read(&i.object_name(objno), off, len).await;
+        Ok(i.noting_fence(r)?.map(Bytes::from))
     }
 
     async fn write(&self, objno: u64, off: u64, data: Bytes, _durable: bool) -> Result<()> {
@@ -1347,7 +1533,8 @@ impl ImageStore for CephImage {
         let osize = i.object_size();
         let mut op = WriteOp::new();
         op.set_alloc_hint(osize, osize).write(off, &data);
-        i.data.operate(&i.object_name(objno), op, "write").await
+        let r = i.data.operate(&i.object_name(objno), op, "write").await;
+        i.noting_fence(r)
     }
 
     async fn zero(&self, objno: u64, off: u64, len: u64, _durable: bool) -> Result<()> {
@@ -1364,14 +1551,15 @@ impl ImageStore for CephImage {
         }
         match i.data.operate(&i.object_name(objno), op, "zero").await {
             Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
-            r => r,
+            r => i.noting_fence(r),
         }
     }
 
     async fn remove(&self, objno: u64, _durable: bool) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
-        i.data.remove(&i.object_name(objno)).await.map(|_| ())
+        let r = i.data.remove(&i.object_name(objno)).await;
+        i.noting_fence(r).map(|_| ())
     }
 
     async fn sync(&self) -> Result<()> {
@@ -1448,8 +1636,10 @@ impl ImageStore for CephImage {
 
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
         let i = &self.inner;
+        i.check_readable()?;
         let oid = object_map_oid(&i.id, snap.or(i.snap_id));
-        let Some(st) = i.meta.stat(&oid).await? else {
+        let st = i.meta.stat(&oid).await;
+        let Some(st) = i.noting_fence(st)? else {
             return Ok(None);
         };
         let len = usize::try_from(st.size).map_err(|_| {
@@ -1474,7 +1664,8 @@ impl ImageStore for CephImage {
         let oid = object_map_oid(&i.id, None);
         let mut op = WriteOp::new();
         op.write_full(&data);
-        i.meta.operate(&oid, op, "write_full").await
+        let r = i.meta.operate(&oid, op, "write_full").await;
+        i.noting_fence(r)
     }
 
     async fn close(&self) -> Result<()> {
@@ -1488,6 +1679,17 @@ impl ImageStore for CephImage {
             return Ok(());
         };
         let _ = state.stop.send(true);
+        if i.is_fenced() {
+            // The lock is someone else's now: no unlock, no notify. Only our watch is
+            // ended (librados would otherwise keep re-registering it), bounded, since a
+            // blocklisted client may wait on the OSD for nothing.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                i.meta.unwatch(state.watch),
+            )
+            .await;
+            return Err(i.fenced_error());
+        }
         let unlocked = i
             .meta
             .exec_write(

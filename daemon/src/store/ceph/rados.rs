@@ -52,6 +52,11 @@ extern "C" {
     fn rados_connect(cluster: rados_t) -> c_int;
     fn rados_shutdown(cluster: rados_t);
     fn rados_get_instance_id(cluster: rados_t) -> u64;
+    fn rados_blocklist_add(
+        cluster: rados_t,
+        client_address: *mut c_char,
+        expire_seconds: u32,
+    ) -> c_int;
     fn rados_ioctx_create(cluster: rados_t, pool: *const c_char, io: *mut rados_ioctx_t) -> c_int;
     fn rados_ioctx_destroy(io: rados_ioctx_t);
     fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
@@ -230,7 +235,7 @@ const EPERM: i32 = 1;
 const EIO: i32 = 5;
 const EACCES: i32 = 13;
 /// librados reports a blocklisted client as ESHUTDOWN.
-const EBLOCKLISTED: i32 = 108;
+pub const EBLOCKLISTED: i32 = 108;
 
 /// An error from librados: names the operation and the object, carries the errno.
 pub fn rados_error(op: &str, object: &str, r: i32) -> Error {
@@ -265,6 +270,11 @@ pub fn rados_error(op: &str, object: &str, r: i32) -> Error {
 pub fn errno_of(e: &Error) -> Option<i32> {
     let tail = e.message.rsplit_once("(errno ")?.1;
     tail.strip_suffix(')')?.parse().ok()
+}
+
+/// Whether an error says this client is blocklisted (fenced off by another client).
+pub fn is_blocklisted(e: &Error) -> bool {
+    errno_of(e) == Some(EBLOCKLISTED)
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
@@ -483,6 +493,27 @@ impl Rados {
     /// This client's global id (`client.<gid>`).
     pub fn instance_id(&self) -> u64 {
         unsafe { rados_get_instance_id(self.h) }
+    }
+
+    /// Blocklists a client address (`ip:port/nonce`) on every OSD for `expire_seconds` (0:
+    /// the cluster's `mon_osd_blocklist_default_expire`, one hour by default), as librbd
+    /// does before breaking a dead owner's lock. librados returns once the monitors
+    /// committed it and this client has the osdmap that holds it, so whatever we send
+    /// afterwards is ordered after the fence at every OSD. A mon command: blocking, run on
+    /// tokio's blocking pool.
+    pub async fn blocklist_add(self: &Arc<Self>, addr: &str, expire_seconds: u32) -> Result<()> {
+        let caddr = cstring("client address", addr)?;
+        let me = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            // SAFETY: librados only reads the string (the C prototype lacks const).
+            unsafe { rados_blocklist_add(me.h, caddr.as_ptr() as *mut c_char, expire_seconds) }
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("blocklisting {addr}: {e}")))?;
+        if r < 0 {
+            return Err(rados_error("blocklist add", addr, r));
+        }
+        Ok(())
     }
 
     pub fn ioctx(self: &Arc<Self>, pool: &str) -> Result<Arc<IoCtx>> {
