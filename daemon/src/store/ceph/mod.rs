@@ -684,6 +684,9 @@ struct LockState {
     watch: Watch,
     cookie: String,
     stop: tokio::sync::watch::Sender<bool>,
+    /// The AcquiredLock notify sent after taking the lock: `close` waits for it, so no
+    /// notify of ours is still out when the handle (and maybe the cluster) goes.
+    acquired_notify: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -754,19 +757,24 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {}", lock_name(inner.mode));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = watch.cookie;
-    *inner.lock.lock().await = Some(LockState {
+    let mut state = inner.lock.lock().await;
+    *state = Some(LockState {
         watch,
         cookie,
         stop: stop_tx,
+        acquired_notify: None,
     });
     tokio::spawn(watch_events(Arc::downgrade(inner), rx, tx, stop_rx));
     // Tell waiting librbd clients, as librbd does; nobody has to answer.
     let meta = inner.meta.clone();
     let oid = inner.hdr_oid.clone();
-    tokio::spawn(async move {
+    let acquired_notify = tokio::spawn(async move {
         let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
         let _ = meta.notify(&oid, &msg, NOTIFY_TIMEOUT_MS).await;
     });
+    if let Some(st) = state.as_mut() {
+        st.acquired_notify = Some(acquired_notify);
+    }
     Ok(())
 }
 
@@ -1679,6 +1687,11 @@ impl ImageStore for CephImage {
             return Ok(());
         };
         let _ = state.stop.send(true);
+        // Our AcquiredLock notify may still be waiting for acks (ours among them: the
+        // watch still answers it); it ends within its own timeout.
+        if let Some(n) = state.acquired_notify {
+            let _ = n.await;
+        }
         if i.is_fenced() {
             // The lock is someone else's now: no unlock, no notify. Only our watch is
             // ended (librados would otherwise keep re-registering it), bounded, since a

@@ -295,10 +295,26 @@ struct Slot<K> {
     tx: oneshot::Sender<(i32, K)>,
 }
 
+/// Asynchronous librados operations submitted and not yet called back, process-wide.
+/// `Rados::drop` waits (bounded) for them to come back before `rados_shutdown`: shutting
+/// the cluster handle down with an operation still out lets its reply reach a torn-down
+/// dispatcher, a SIGSEGV in a messenger thread (seen after `rados-nbd resize` returned
+/// while the lock-acquired notify it had sent was still waiting for its acks).
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The longest `Rados::drop` waits for operations still out (a notify lasts at most its
+/// own timeout, 5 s for ours).
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn in_flight() -> usize {
+    IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire)
+}
+
 unsafe extern "C" fn on_complete<K: Send + 'static>(c: rados_completion_t, arg: *mut c_void) {
     // SAFETY: `arg` is the Box<Slot<K>> leaked by `aio` for exactly this completion; the
     // callback runs once, so we are its only owner now.
     let slot = unsafe { Box::from_raw(arg as *mut Slot<K>) };
+    IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let r = unsafe { rados_aio_get_return_value(c) };
     // The callback holds its own reference on the completion, so releasing ours here is
     // allowed (librados' CB_AioComplete takes a reference for the duration of the call).
@@ -348,8 +364,12 @@ where
     }
     // SAFETY: `raw` points to a live slot; only the field address is taken.
     let keep_ptr = unsafe { std::ptr::addr_of_mut!((*raw).keep) };
+    // Counted before submission: the callback may run (and count down) before `start`
+    // returns.
+    IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let r = start(keep_ptr, c);
     if r < 0 {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         // Submission failed synchronously: the callback will never run.
         unsafe { rados_aio_release(c) };
         let slot = unsafe { Box::from_raw(raw) };
@@ -391,6 +411,20 @@ unsafe impl Sync for Rados {}
 
 impl Drop for Rados {
     fn drop(&mut self) {
+        // Operations whose futures were dropped (a fire-and-forget notify, a command that
+        // failed part way) still have replies coming: let them arrive first (see
+        // IN_FLIGHT). Callbacks run on librados' own threads, so waiting here cannot
+        // hold them up, whichever thread drops the handle.
+        let start = std::time::Instant::now();
+        while in_flight() > 0 && start.elapsed() < SHUTDOWN_DRAIN {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if in_flight() > 0 {
+            tracing::warn!(
+                "shutting down the cluster connection with {} operations still out",
+                in_flight()
+            );
+        }
         // SAFETY: the handle was created by rados_create and is dropped once.
         unsafe { rados_shutdown(self.h) }
     }
