@@ -15,6 +15,8 @@ the minimiser needs.
   ["close"]                          SIGTERM the server: clean close, then compare
   ["crash"]                          kill -9 the server, reopen it (the map is rebuilt), close
   ["snap"]                           a snapshot between serves (stores with snapshots only)
+  ["livesnap"]                       `rbd snap create` while the writer serves: only when asked
+                                     for by name (kinds), as long as rados-nbd refuses it
   ["resize", size]                   up or down, served (the owner does it) or not
   ["ro", off, len, tag]              a read-only server opened while the writer serves; the
                                      writer then writes (off, len) and the reader must see it
@@ -94,9 +96,9 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None):
     allowed = set(kinds or ["write", "trim", "zero", "flush", "close", "crash", "snap",
                             "resize", "ro", "oob"])
     if not snapshots:
-        allowed.discard("snap")
+        allowed -= {"snap", "livesnap"}
     weights = {"write": 30, "trim": 14, "zero": 14, "flush": 4, "close": 8, "crash": 4,
-               "snap": 7, "resize": 4, "ro": 3, "oob": 1}
+               "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4}
     names = [k for k in weights if k in allowed]
     size = geo.size
     ops = []

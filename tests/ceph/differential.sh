@@ -2,7 +2,7 @@
 # Differential test against librbd (tests/ceph/differential.py): seeded random sequences of
 # NBD operations on an image served by rados-nbd, the same operations through librbd on a
 # twin image, compared with Ceph's own code each time a serve ends. Needs the cluster named by
-# $CEPH_CONF (tests/ceph/run.sh starts one). DIFF_SEQS sets the budget (default 24 sequences,
+# $CEPH_CONF (tests/ceph/run.sh starts one). DIFF_SEQS sets the budget (default 32 sequences,
 # a few minutes); DIFF_SEED replays a run; `differential.py --long` is the bench-style mode.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

@@ -17,7 +17,8 @@ stored image is compared with the model through a `serve --read-only` (every byt
 block status of every object from the stored map), `object-map check`, `du --format json`
 (used size) and `info --format json` (no flags left).
 
-Environment: RADOS_NBD_BIN, DIFF_SEQS (default 40), DIFF_SEED, DIFF_MINIMISE_S (default 90).
+Environment: RADOS_NBD_BIN, DIFF_SEQS (default 100: about 2 minutes), DIFF_SEED, DIFF_KINDS,
+DIFF_MINIMISE_S (default 60), DIFF_OUT.
 """
 
 import argparse
@@ -267,7 +268,7 @@ def run_sequence(bin_, work, geo, ops):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "40")))
+    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "100")))
     ap.add_argument("--seed", type=int, default=int(os.environ.get("DIFF_SEED", "0")) or None)
     ap.add_argument("--long", action="store_true", help="1000 sequences, longer ones")
     ap.add_argument("--replay", help="a JSON case printed by a failure")
@@ -276,7 +277,7 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     bin_ = os.environ.get("RADOS_NBD_BIN", os.path.join(root, "target/release/rados-nbd"))
     work = tempfile.mkdtemp(prefix="rados-nbd-dirmodel.")
-    budget = float(os.environ.get("DIFF_MINIMISE_S", "90"))
+    budget = float(os.environ.get("DIFF_MINIMISE_S", "60"))
     if args.replay:
         case = json.load(open(args.replay))
         geo = diffops.Geometry(case["order"], case["objects"])
@@ -284,7 +285,7 @@ def main():
         print(f"FAIL dir model replay: {f}" if f else
               f"PASS dir model replay ({len(case['ops'])} ops, {serves} serves compared)")
         sys.exit(1 if f else 0)
-    seqs = 1000 if args.long and args.seqs == 40 else args.seqs
+    seqs = 1000 if args.long and args.seqs == 100 else args.seqs
     first = args.seed if args.seed is not None else int(time.time()) % 1000000
     kinds = [k for k in args.kinds.split(",") if k] or None
     t0 = time.monotonic()
