@@ -54,6 +54,21 @@ stop_daemon() {
   return $rc
 }
 
+# omap_check IMAGE[@SNAP]: Ceph's `rbd object-map check` exits 0 even when it finds the map
+# wrong: it logs "object map error: ... marked as 3, but should be 1" and flags the map
+# invalid. So a check is passed only when it logged no error and left the flags clean.
+omap_check() {
+  local out
+  out=$(rbd object-map check "$1" 2>&1) || { echo "$out" | tail -3; return 1; }
+  if grep -q "object map error" <<<"$out"; then
+    grep "object map error" <<<"$out" | head -3; return 1
+  fi
+  if rbd info "$1" 2>/dev/null | grep -q "flags:.*invalid"; then
+    echo "after rbd object-map check: $(rbd info "$1" | grep flags:)"; return 1
+  fi
+}
+export -f omap_check
+
 t_summary() {
   echo "${T_PASS} passed, ${T_FAIL} failed"
   [ "$T_FAIL" -eq 0 ]

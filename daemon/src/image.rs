@@ -405,6 +405,17 @@ impl<S: ImageStore> Image<S> {
                 }
                 Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
             }
+        } else if use_map && read_only {
+            // A read-only handle of the head holds no lock: another client may write the
+            // image while we serve it, and a map loaded now would answer "hole" for every
+            // object created after this open (librbd's read-only handles do not trust
+            // the map either). Only a snapshot, which nobody changes, or an exclusive
+            // writer, whom nobody else can change under, keeps a map in memory.
+            tracing::info!(
+                "serving {spec} read-only without an object map (every read asks the \
+                 store): another client may be writing it"
+            );
+            (None, None)
         } else if use_map {
             match load_object_map(&img, spec, &header, snap, size).await {
                 Ok((m, src)) => (Some(m), Some(src)),
@@ -749,6 +760,18 @@ impl<S: ImageStore> Image<S> {
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
     }
 
+    /// Like `mark_exists` for a change to an object that is known to exist (a partial
+    /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
+    /// missing object does nothing), anything else becomes EXISTS.
+    fn mark_changed(&self, objno: u64) {
+        if let Some(m) = self.map_now().as_deref() {
+            let st = m.get(objno);
+            if st != ObjectState::Exists && st != ObjectState::Nonexistent {
+                m.set(objno, ObjectState::Exists);
+            }
+        }
+    }
+
     fn mark_exists(&self, objno: u64) {
         if let Some(m) = self.map_now().as_deref() {
             if m.get(objno) != ObjectState::Exists {
@@ -804,10 +827,42 @@ impl<S: ImageStore> Image<S> {
             }
             Ok(())
         } else {
-            let _g = self.lock_for(p.objno).read().await;
-            bump(&self.stats.store_zeroes);
-            self.store.zero(p.objno, p.off, p.len, fua).await
+            {
+                let _g = self.lock_for(p.objno).read().await;
+                // Zeroing part of an object changes its bytes: an EXISTS_CLEAN object
+                // (unchanged since the newest snapshot) becomes EXISTS, as librbd marks
+                // it, or fast-diff (`rbd diff --whole-object --from-snap`, incremental
+                // backups) would miss the change. Marked before the store call, like a
+                // write, so the map never claims "unchanged" for changed bytes.
+                self.mark_changed(p.objno);
+                bump(&self.stats.store_zeroes);
+                self.store.zero(p.objno, p.off, p.len, fua).await?;
+            }
+            self.remove_if_emptied(p.objno, fua).await
         }
+    }
+
+    /// An object that partial zeroes have left without any data (every byte punched
+    /// out) is removed, as a whole-object discard would have removed it: the file
+    /// servers punch such ranges too, and a removed object reads as zeros for free.
+    /// Only where the store can tell cheaply (the directory store: SEEK_DATA finds
+    /// nothing), and only for an exclusive writer: a shared image's other writers
+    /// could write the object between the check and the removal.
+    async fn remove_if_emptied(&self, objno: u64, fua: bool) -> Result<()> {
+        if self.shared || !self.store.holds_no_data(objno).await? {
+            return Ok(());
+        }
+        let _g = self.lock_for(objno).write().await;
+        // Again under the object's write lock: a write may have landed since.
+        if !self.store.holds_no_data(objno).await? {
+            return Ok(());
+        }
+        bump(&self.stats.store_removes);
+        self.store.remove(objno, fua).await?;
+        if let Some(m) = self.map_now().as_deref() {
+            m.set(objno, ObjectState::Nonexistent);
+        }
+        Ok(())
     }
 
     async fn discard(&self, offset: u64, length: u32, fua: bool, no_hole: bool) -> Result<()> {
@@ -1257,6 +1312,135 @@ mod tests {
         );
     }
 
+    /// Marks every existing object EXISTS_CLEAN in the on-disk map of a closed image, as
+    /// a snapshot taken by Ceph's tools leaves them (fast-diff: unchanged since it).
+    fn make_all_clean(d: &Path) {
+        let m = disk_map(d);
+        for o in 0..m.len() {
+            if m.get(o) != ObjectState::Nonexistent {
+                m.set(o, ObjectState::ExistsClean);
+            }
+        }
+        std::fs::write(
+            pool(d).join(format!("rbd_object_map.{}", id(d))),
+            m.encode(),
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn partial_discards_of_clean_objects_mark_them_changed() {
+        // Issue 14.1: zeroing part of an EXISTS_CLEAN object changes its bytes, so
+        // fast-diff must see it (EXISTS), whatever the request: TRIM, WRITE_ZEROES with
+        // and without NO_HOLE. Whole-object discards remove (NONEXISTENT).
+        let (d, s) = store_with(24 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from(vec![7u8; 6 * OBJ as usize]), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        make_all_clean(d.path());
+        let img = open(&s, false).await;
+        img.trim(100, 4096, false).await.unwrap();
+        img.write_zeroes(OBJ + 5, 10, ZeroFlags::default())
+            .await
+            .unwrap();
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            ..Default::default()
+        };
+        img.write_zeroes(2 * OBJ + 4096, 4096, no_hole)
+            .await
+            .unwrap();
+        img.trim(3 * OBJ, OBJ as u32, false).await.unwrap();
+        let mem = img.object_map().unwrap();
+        use ObjectState::*;
+        assert_eq!(
+            mem.to_vec(),
+            [
+                Exists,
+                Exists,
+                Exists,
+                Nonexistent,
+                ExistsClean,
+                ExistsClean
+            ]
+        );
+        img.close().await.unwrap();
+        assert_eq!(
+            disk_map(d.path()).to_vec(),
+            [
+                Exists,
+                Exists,
+                Exists,
+                Nonexistent,
+                ExistsClean,
+                ExistsClean
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn objects_emptied_by_partial_zeroes_are_removed() {
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(0, Bytes::from(vec![3u8; 2 * OBJ as usize]), false)
+            .await
+            .unwrap();
+        // Object 0 zeroed in three block-aligned pieces: every byte punched out, so it
+        // goes, as a whole-object discard would have removed it.
+        img.trim(0, (OBJ / 2) as u32, false).await.unwrap();
+        assert_eq!(objects_on_disk(d.path()), [0, 1]);
+        img.write_zeroes(OBJ / 2, (OBJ / 4) as u32, ZeroFlags::default())
+            .await
+            .unwrap();
+        img.trim(3 * OBJ / 4, (OBJ / 4) as u32, false)
+            .await
+            .unwrap();
+        assert_eq!(objects_on_disk(d.path()), [1]);
+        assert_eq!(img.object_map().unwrap().get(0), ObjectState::Nonexistent);
+        assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
+        // Object 1: zeros written with NO_HOLE are data, and so is an unaligned edge.
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            ..Default::default()
+        };
+        img.write_zeroes(OBJ, (OBJ / 2) as u32, no_hole)
+            .await
+            .unwrap();
+        img.trim(OBJ + OBJ / 2, (OBJ / 2) as u32, false)
+            .await
+            .unwrap();
+        assert_eq!(objects_on_disk(d.path()), [1]);
+        img.close().await.unwrap();
+        assert_eq!(existing(&disk_map(d.path())), [1]);
+    }
+
+    #[tokio::test]
+    async fn read_only_head_sees_writes_made_after_it_opened() {
+        // Issue 14.2: a read-only server of the head while another client writes it.
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let ro = open(&s, true).await;
+        let rw = open(&s, false).await;
+        rw.write(2 * OBJ + 1, Bytes::from_static(b"later"), false)
+            .await
+            .unwrap();
+        rw.flush().await.unwrap();
+        assert_eq!(&read_all(&ro, 2 * OBJ + 1, 5).await, b"later");
+        // The writer removes the object the reader has open, and creates it anew.
+        rw.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+        assert_eq!(read_all(&ro, 2 * OBJ + 1, 5).await, vec![0; 5]);
+        rw.write(2 * OBJ + 1, Bytes::from_static(b"again"), false)
+            .await
+            .unwrap();
+        assert_eq!(&read_all(&ro, 2 * OBJ + 1, 5).await, b"again");
+        // No map: block status cannot claim a hole where the writer put data.
+        let e = ro.block_status(2 * OBJ, 4096).await.unwrap();
+        assert!(e.iter().all(|x| x.flags & STATE_HOLE == 0), "{e:?}");
+        rw.close().await.unwrap();
+        ro.close().await.unwrap();
+    }
+
     fn header_size(d: &Path) -> u64 {
         let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
         serde_json::from_slice::<serde_json::Value>(&b).unwrap()["size"]
@@ -1663,10 +1847,11 @@ mod tests {
             "stale map on disk"
         );
 
-        // A read-only open rebuilds in memory only and never touches the flag.
+        // A read-only open of the head keeps no map (another client may write the
+        // image), reads from the store, and never touches the flag.
         let ro = open(&s, true).await;
-        assert!(matches!(ro.map_source(), Some(MapSource::Rebuilt(_))));
-        assert_eq!(existing(ro.object_map().unwrap()), [2, 7]);
+        assert!(ro.map_source().is_none() && ro.object_map().is_none());
+        assert_eq!(&read_all(&ro, 2 * OBJ, 5).await, b"acked");
         assert!(ro.write(0, Bytes::from_static(b"no"), false).await.is_err());
         ro.close().await.unwrap();
         assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);

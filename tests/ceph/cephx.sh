@@ -96,7 +96,7 @@ stop_daemon "$SERVE_PID"; rc=$?
 check "SIGTERM: clean exit" test "$rc" = 0
 check "rbd export (client.admin) equals what client.$ID wrote" bash -c \
   "[ \"\$(rbd export cx-a - 2>/dev/null | sha)\" = \"\$(sha < '$work/a.raw')\" ]"
-check "rbd object-map check passes" rbd object-map check cx-a
+check "rbd object-map check passes" omap_check cx-a
 # -vv/RUST_LOG=trace enables everything; the daemon's most detailed events are DEBUG.
 check "the daemon logged at its most verbose level (the scan had something to read)" \
   bash -c "[ \$(grep -c ' DEBUG ' '$work/serve.err') -gt 10 ]"

@@ -145,5 +145,5 @@ fault_round "killed (SIGKILL)" \
   'ceph-osd -c "$CEPH_CONF" -i 0 2>>"$work/cluster/log/stderr.log"'
 
 if stop_daemon "$SERVE_PID"; then pass "clean close after the OSD came back"; else fail "clean close after the OSD came back"; fi
-check "rbd object-map check passes" rbd object-map check faults
+check "rbd object-map check passes" omap_check faults
 t_summary

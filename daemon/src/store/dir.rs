@@ -748,7 +748,10 @@ impl Inner {
     fn file(&self, objno: u64, create: bool) -> Result<Option<(Arc<File>, bool)>> {
         let mut fds = lock(&self.fds);
         if let Some(f) = fds.get(&objno) {
-            return Ok(Some((f.clone(), false)));
+            if !self.is_stale(f) {
+                return Ok(Some((f.clone(), false)));
+            }
+            fds.remove(&objno);
         }
         let path = self.object_path(objno);
         let mut oo = OpenOptions::new();
@@ -830,7 +833,20 @@ impl Inner {
     /// The descriptor of an object whose file is already open, without touching the
     /// filesystem: the fast paths below must never block on a directory lookup.
     fn cached_file(&self, objno: u64) -> Option<Arc<File>> {
-        lock(&self.fds).get(&objno).cloned()
+        lock(&self.fds)
+            .get(&objno)
+            .filter(|f| !self.is_stale(f))
+            .cloned()
+    }
+
+    /// Whether a cached descriptor may point at a file another process has removed. A
+    /// writable handle holds the image's lock (or is a shared writer, whose removals
+    /// evict its own cache), so only a read-only handle of the head must look: another
+    /// client may remove an object it has open and create it anew, and reads through the
+    /// old descriptor would return the removed file's bytes. One fstat per read.
+    fn is_stale(&self, f: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.read_only && f.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
     /// A read answered from the page cache on the calling thread, or `None` when that
@@ -899,6 +915,30 @@ impl Inner {
             f.sync_data().map_err(|e| Error::io(what(), e))?;
         }
         Ok(())
+    }
+
+    /// No data extent anywhere in the object's file (SEEK_DATA from 0 finds none): a
+    /// file that partial zeroes punched out completely, or an empty one. Where holes
+    /// cannot be punched the zeros were written as data, so this stays false there.
+    fn holds_no_data(&self, objno: u64) -> Result<bool> {
+        let Some((f, _)) = self.file(objno, false)? else {
+            return Ok(false);
+        };
+        // SAFETY: lseek on a descriptor we own.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(false);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(true),
+            // A file system without SEEK_DATA: not cheaply known.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(Error::io(
+                format!("looking for data in {}", self.object_path(objno).display()),
+                e,
+            )),
+        }
     }
 
     fn remove(&self, objno: u64, durable: bool) -> Result<()> {
@@ -1206,6 +1246,11 @@ impl ImageStore for DirImage {
     async fn zero(&self, objno: u64, off: u64, len: u64, durable: bool) -> Result<()> {
         self.inner.check_writable()?;
         self.run(move |i| i.zero(objno, off, len, durable)).await
+    }
+
+    async fn holds_no_data(&self, objno: u64) -> Result<bool> {
+        self.inner.check_writable()?;
+        self.run(move |i| i.holds_no_data(objno)).await
     }
 
     async fn remove(&self, objno: u64, durable: bool) -> Result<()> {

@@ -217,6 +217,14 @@ pub trait ImageStore: Send + Sync + 'static {
         true
     }
 
+    /// Whether object `objno` exists but holds no data at all (every byte a hole), when
+    /// the store can tell without reading it; `Ok(false)` when it cannot, or when the
+    /// object does not exist. The image layer removes an object that partial zeroes
+    /// have emptied (`Image::remove_if_emptied`).
+    fn holds_no_data(&self, _objno: u64) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
+    }
+
     /// Removes an object (no error when it does not exist).
     fn remove(&self, objno: u64, durable: bool) -> impl Future<Output = Result<()>> + Send;
 
