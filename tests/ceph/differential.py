@@ -351,10 +351,13 @@ class Run:
             r = sh(["rbd", "object-map", "check", "--no-progress", spec], check=False)
             with self._open(self.a, spec.partition("@")[2] or None) as im:
                 flags = im.flags()
-            if r.returncode != 0 or flags != 0:
+            # It exits 0 even when it finds the map wrong: it logs "object map error" and
+            # flags the map invalid, so both are looked at.
+            text = (r.stdout + r.stderr).decode(errors="replace")
+            if r.returncode != 0 or flags != 0 or "object map error" in text:
                 raise Failure("object-map check", f"{where}: rbd object-map check {spec}: exit "
                               f"{r.returncode}, flags after it {flags:#x}: "
-                              f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+                              f"{text.strip()[-300:]}")
         du = {}
         for name in (self.a, self.b):
             out = json.loads(sh(["rbd", "du", "--format", "json", f"{POOL}/{name}"]).stdout)
