@@ -70,8 +70,11 @@ def sh(args, timeout=CLI_TIMEOUT, check=True):
     except subprocess.TimeoutExpired:
         raise Failure("timeout", f"{' '.join(args)}: no answer in {timeout} s")
     if check and r.returncode != 0:
+        # The error line, not the daemon's log lines around it.
+        lines = [ln for ln in r.stderr.decode(errors="replace").splitlines()
+                 if ln.strip() and " INFO " not in ln and " DEBUG " not in ln]
         raise Failure("command", f"{' '.join(args)}: exit {r.returncode}: "
-                      f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+                      f"{' | '.join(lines)[-600:]}")
     return r
 
 
