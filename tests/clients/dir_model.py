@@ -321,7 +321,7 @@ def main():
             continue
         if f.kind in failed:
             failed[f.kind] += 1
-            print(f"FAIL dir model seed {seed}: {f}")
+            print(f"# also seed {seed}: {f}")
             continue
         failed[f.kind] = 1
         print(f"# seed {seed}: {f}; minimising...", flush=True)
