@@ -5,6 +5,7 @@ never a pass/fail test: targets are printed as met / missed.
 
   bench/run.sh [--quick] [--ceph] [--no-dir] [--only PEER,...] [--rounds N]
   bench/run.sh --report bench/results.json   (rewrite results.md and ratios.png only)
+  bench/run.sh --checkpoint-rtt [ROUNDS]     (only the cost of --checkpoint-idle on Ceph)
 
 Directory store: `rados-nbd serve` vs `nbdkit file` vs `qemu-nbd -f raw` on sparse files of
 the same size, with `nbdkit memory` / `nbdkit null` as the ceiling of the NBD path itself.
@@ -415,6 +416,66 @@ class QemuNbdRbd(Server):
                 "--cache=writeback", f"rbd:rbd/{self.image}:conf={self.ceph.conf}"]
 
 
+class RadosNbdCephIdle(RadosNbdCeph):
+    """rados-nbd on Ceph with --checkpoint-idle."""
+
+    def __init__(self, name, work, ceph, image, idle):
+        super().__init__(name, work, ceph, image)
+        self.idle = idle
+
+    def argv(self):
+        return super().argv() + ["--checkpoint-idle", str(self.idle)]
+
+
+def checkpoint_rtt(work, rounds):
+    """The cost of --checkpoint-idle: one flag round trip before the first map-changing
+    write after each idle checkpoint. Per round, on one connection at QD 1: wait past the
+    idle period (the server writes the map and clears the flags), then time a 4 KiB write
+    to a new object (sets the flags first), a second one to another new object (flags
+    already set: a normal first write) and a rewrite of the first (an EXISTS object)."""
+    import nbd
+    idle = 0.3
+    ceph = Ceph.start(work)
+    image = f"bench{os.getpid()}-ckpt"
+    srv = None
+    try:
+        ceph.create(image)
+        srv = RadosNbdCephIdle(US, work, ceph, image, idle)
+        srv.start()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        buf = os.urandom(4096)
+        obj = 4 << 20
+        after, normal, rewrite, cleared = [], [], [], 0
+        for i in range(rounds):
+            time.sleep(idle + 0.7)
+            if i % 5 == 0:
+                info = subprocess.run(["rbd", "-c", ceph.conf, "info", "--format", "json", f"rbd/{image}"],
+                                      env=ceph.env(), capture_output=True, text=True, check=True).stdout
+                cleared += json.loads(info)["flags"] == []
+            for dst, off in ((after, 2 * i * obj), (normal, (2 * i + 1) * obj), (rewrite, 2 * i * obj + 4096)):
+                t0 = time.perf_counter()
+                h.pwrite(buf, off)
+                dst.append(time.perf_counter() - t0)
+        h.shutdown()
+    finally:
+        if srv:
+            srv.stop()
+        ceph.remove(image)
+        ceph.stop()
+
+    def med(v):
+        return sorted(v)[len(v) // 2] * 1e3
+
+    res = {"rounds": rounds, "idle_s": idle,
+           "flags_clear_when_checked": f"{cleared} of {(rounds + 4) // 5}",
+           "first_write_after_checkpoint_ms": med(after), "first_write_flag_set_ms": med(normal),
+           "rewrite_ms": med(rewrite), "extra_ms": med(after) - med(normal)}
+    for k, v in res.items():
+        log(f"{k:34} {v:.3f}" if isinstance(v, float) else f"{k:34} {v}")
+    return res
+
+
 def run_ceph(a, work, runtime, ramp):
     ceph = Ceph.start(work)
     res = {"size": CEPH_SIZE, "features": FEATURES, "conf": "loopback one-node cluster"
@@ -651,7 +712,17 @@ def main():
     ap.add_argument("--jobs", default="", help="comma-separated directory-store job names (default: all)")
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--report", metavar="JSON", help="only rewrite results.md and the chart from a results.json")
+    ap.add_argument("--checkpoint-rtt", type=int, metavar="ROUNDS", nargs="?", const=20,
+                    help="only measure what --checkpoint-idle costs on Ceph (median of ROUNDS, "
+                         "default 20); prints JSON, writes no report")
     a = ap.parse_args()
+    if a.checkpoint_rtt:
+        work = tempfile.mkdtemp(prefix="rados-nbd-bench.", dir="/var/tmp")
+        try:
+            print(json.dumps(checkpoint_rtt(work, a.checkpoint_rtt), indent=1))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if a.report:
         with open(a.report) as f:
             results = json.load(f)

@@ -7,10 +7,12 @@
 # --binary  package this already built release binary instead of running cargo (the test suite
 #           passes the one it just built, so nothing is compiled twice)
 # --ceph    build with the `ceph` feature (links librados: Depends gains librados2);
-#           default: only when librados-dev's headers are installed, as tests/run-all.sh does
+#           default: only when librados' C and C++ headers are installed (librados-dev,
+#           libradospp-dev), as tests/run-all.sh does
 # --out     where the .deb goes (default: target/debian)
 #
-# Needs: cargo (unless --binary), dpkg-dev (dpkg-shlibdeps, dpkg-architecture), binutils.
+# Needs: cargo (unless --binary), dpkg-dev (dpkg-shlibdeps, dpkg-architecture), binutils;
+# for --ceph also g++, librados-dev and libradospp-dev (daemon/build.rs compiles a C++ shim).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -45,7 +47,8 @@ export SOURCE_DATE_EPOCH
 
 if [ -z "$BIN" ]; then
   features=()
-  if [ "$CEPH" = yes ] || { [ "$CEPH" = auto ] && [ -e /usr/include/rados/librados.h ]; }; then
+  if [ "$CEPH" = yes ] || { [ "$CEPH" = auto ] && [ -e /usr/include/rados/librados.h ] &&
+    [ -e /usr/include/rados/librados.hpp ]; }; then
     features=(--features ceph)
   fi
   echo "build-deb: cargo build --release -p $PKG ${features[*]}" >&2

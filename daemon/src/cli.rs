@@ -93,7 +93,7 @@ pub enum Command {
     },
     /// Remove an image and all its objects.
     Rm { image: String },
-    /// List the images of a pool.
+    /// List the images of a pool (POOL or POOL/NAMESPACE).
     Ls {
         pool: Option<String>,
         #[arg(long, value_enum, default_value_t)]
@@ -239,7 +239,7 @@ async fn run_ceph(
 ) -> Result<()> {
     Err(Error::new(
         ErrorKind::Unsupported,
-        "this build has no Ceph support (rebuild with --features ceph; needs librados-dev)",
+        "this build has no Ceph support (rebuild with --features ceph; needs librados-dev and libradospp-dev)",
     ))
 }
 
@@ -423,6 +423,7 @@ async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<(
             let v = json!({
                 "name": spec.name,
                 "pool": spec.pool,
+                "namespace": spec.namespace,
                 "id": h.id,
                 "size": size,
                 "objects": objects,
@@ -465,8 +466,8 @@ async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<(
 
 async fn ls<S: Store>(store: &S, pool: Option<&str>, format: Format) -> Result<()> {
     let pool = pool.unwrap_or(DEFAULT_POOL);
-    // The same rules as the pool part of an image spec.
-    format!("{pool}/x").parse::<ImageSpec>()?;
+    // The same rules as the pool (and namespace) part of an image spec.
+    crate::spec::parse_pool_spec(pool)?;
     let names = store.list_images(pool).await?;
     match format {
         Format::Json => println!("{}", json!(names)),
@@ -519,7 +520,7 @@ async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()>
         Format::Plain => {
             let name = spec.to_string();
             let name = name
-                .strip_prefix(&format!("{}/", spec.pool))
+                .strip_prefix(&format!("{}/", spec.pool_spec()))
                 .unwrap_or(&name);
             let w = name.len().max(4);
             println!("{:<w$}  {:>11}  {:>9}", "NAME", "PROVISIONED", "USED");
@@ -584,11 +585,12 @@ pub async fn check_object_map<I: ImageStore>(img: &I, spec: &ImageSpec) -> Resul
         ));
         return Ok(problems);
     }
-    let objs = img.list_objects(snap).await?;
-    let exists = image::new_map(count, spec)?;
-    for &n in &objs {
+    // The states librbd's `rbd object-map check` expects (snapset::object_state).
+    let objs = img.list_object_states(snap).await?;
+    let expected = image::new_map(count, spec)?;
+    for &(n, state) in &objs {
         if n < count {
-            exists.set(n, ObjectState::Exists);
+            expected.set(n, state);
         } else {
             problems.push(format!(
                 "object {} lies beyond the image size",
@@ -599,25 +601,13 @@ pub async fn check_object_map<I: ImageStore>(img: &I, spec: &ImageSpec) -> Resul
     const SHOW: usize = 50;
     let mut mismatches = 0usize;
     for run in map.runs(0..count) {
-        let map_exists = run.state != ObjectState::Nonexistent;
         for o in run.start..run.start + run.len {
-            let is = exists.get(o) == ObjectState::Exists;
-            if is != map_exists {
-                mismatches += 1;
-                if mismatches <= SHOW {
-                    problems.push(if is {
-                        format!(
-                            "object {} exists but the map says nonexistent",
-                            h.object_name(o)
-                        )
-                    } else {
-                        format!(
-                            "object {} is missing but the map says {}",
-                            h.object_name(o),
-                            state_name(run.state)
-                        )
-                    });
-                }
+            let Some(p) = state_mismatch(run.state, expected.get(o)) else {
+                continue;
+            };
+            mismatches += 1;
+            if mismatches <= SHOW {
+                problems.push(format!("object {} {p}", h.object_name(o)));
             }
         }
     }
@@ -625,6 +615,33 @@ pub async fn check_object_map<I: ImageStore>(img: &I, spec: &ImageSpec) -> Resul
         problems.push(format!("... and {} more mismatches", mismatches - SHOW));
     }
     Ok(problems)
+}
+
+/// What is wrong with a map entry `map` for an object whose state should be `want`, if
+/// anything. Existence must match. Between EXISTS and EXISTS_CLEAN librbd's check flags
+/// both directions: a clean entry for a written object hides the write from `rbd diff`,
+/// and a dirty entry for an unwritten one puts it in every diff. PENDING (a write in
+/// flight when the map was saved) passes for an existing object.
+fn state_mismatch(map: ObjectState, want: ObjectState) -> Option<String> {
+    use ObjectState::*;
+    match (map, want) {
+        (Nonexistent, Nonexistent) | (Exists, Exists) | (ExistsClean, ExistsClean) => None,
+        (Pending, Exists | ExistsClean) => None,
+        (Nonexistent, _) => Some("exists but the map says nonexistent".to_string()),
+        (m, Nonexistent | Pending) => {
+            Some(format!("is missing but the map says {}", state_name(m)))
+        }
+        (m, w) => Some(format!(
+            "should be {} ({}) but the map says {}",
+            state_name(w),
+            if w == ExistsClean {
+                "not written since the last snapshot"
+            } else {
+                "written since the last snapshot"
+            },
+            state_name(m)
+        )),
+    }
 }
 
 fn state_name(s: ObjectState) -> &'static str {
@@ -662,7 +679,7 @@ async fn object_map_check<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
 }
 
 async fn object_map_rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
-    let (exist, count) = with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
+    let summary = with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
         let h = img.header();
         if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
             return Err(Error::new(
@@ -674,10 +691,10 @@ async fn object_map_rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()>
         let map = rebuild_map(img, spec, count, None).await?;
         img.write_object_map(map.encode()).await?;
         img.set_flags(0, image::invalid_flags(h.features)).await?;
-        Ok((map.count(0..count)[ObjectState::Exists as usize], count))
+        Ok(image::describe_rebuilt(&map, count))
     })
     .await?;
-    println!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    println!("object map of {spec} rebuilt: {summary}");
     Ok(())
 }
 
@@ -691,6 +708,7 @@ async fn resize<S: Store>(
     let opts = image::OpenOptions {
         read_only: false,
         shared_default: Config::load()?.shared_default,
+        checkpoint_idle: None,
     };
     match image::Image::open(store, spec, &opts).await {
         Ok(img) => {
@@ -750,6 +768,27 @@ async fn config<S: Store>(store: &S, spec: &ImageSpec, setting: Option<&str>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_check_flags_clean_and_dirty_mismatches_like_librbd() {
+        use ObjectState::*;
+        let bad = |m, w| state_mismatch(m, w).is_some();
+        // Existence must match.
+        assert!(bad(Nonexistent, Exists) && bad(Nonexistent, ExistsClean));
+        assert!(bad(Exists, Nonexistent) && bad(ExistsClean, Nonexistent));
+        // A rebuilt map that says EXISTS for an object unchanged since the newest
+        // snapshot is what `rbd object-map check` invalidates (issue 14) ...
+        assert_eq!(
+            state_mismatch(Exists, ExistsClean).as_deref(),
+            Some("should be exists-clean (not written since the last snapshot) but the map says exists")
+        );
+        // ... and a clean entry for a written object would hide it from `rbd diff`.
+        assert!(bad(ExistsClean, Exists));
+        for s in [Nonexistent, Exists, ExistsClean] {
+            assert!(!bad(s, s));
+        }
+        assert!(!bad(Pending, Exists) && !bad(Pending, ExistsClean));
+    }
 
     #[test]
     fn sizes_print_like_rbd() {

@@ -6,7 +6,9 @@
 //! before the store write; removals mark NONEXISTENT only after the store removed the
 //! object; a per-object lock keeps a removal from interleaving with a write. The header
 //! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
-//! clean close or checkpoint), so a crash never leaves a trusted stale map.
+//! clean close or checkpoint, and again from the first map-changing request after a
+//! checkpoint, set before that request touches the store), so a crash never leaves a
+//! trusted stale map.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
@@ -21,7 +23,8 @@ use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, 
 use objmap::{ObjectMap, ObjectState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, RwLock};
 
 /// Image metadata key of the per-image `shared` setting.
 pub const META_SHARED: &str = "rados-nbd.shared";
@@ -42,6 +45,20 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// `shared` when the image has no `rados-nbd.shared` metadata (config `shared_default`).
     pub shared_default: bool,
+    /// Checkpoint (write the map, clear the dirty flag) after this long without a
+    /// map-changing request, so Ceph's tools can trust the map while the image is served
+    /// (`--checkpoint-idle`). None: the flag stays set from open to close.
+    pub checkpoint_idle: Option<Duration>,
+}
+
+/// `--checkpoint-idle SECONDS`: a positive number of seconds, fractions allowed.
+pub fn parse_checkpoint_idle(s: &str) -> std::result::Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 (e.g. 30 or 0.5)"
+        )),
+    }
 }
 
 /// Why the in-memory map was rebuilt instead of loaded.
@@ -132,8 +149,10 @@ pub async fn load_object_map<S: ImageStore>(
     };
     tracing::info!("rebuilding object map of {spec} ({count} objects): {reason}");
     let map = rebuild_map(img, spec, count, snap).await?;
-    let exist = map.count(0..count)[ObjectState::Exists as usize];
-    tracing::info!("object map of {spec} rebuilt: {exist} of {count} objects exist");
+    tracing::info!(
+        "object map of {spec} rebuilt: {}",
+        describe_rebuilt(&map, count)
+    );
     Ok((map, MapSource::Rebuilt(reason)))
 }
 
@@ -211,19 +230,21 @@ pub async fn create_image<St: Store>(
     Ok(())
 }
 
-/// A map built from `list_objects`: EXISTS for each data object present.
+/// A map built from the data objects that exist, in the states librbd gives them
+/// (`ImageStore::list_object_states`): with snapshots and fast-diff, an object not
+/// written since the newest snapshot is EXISTS_CLEAN, so diffs stay exact.
 pub async fn rebuild_map<S: ImageStore>(
     img: &S,
     spec: &ImageSpec,
     count: u64,
     snap: Option<u64>,
 ) -> Result<ObjectMap> {
-    let objs = img.list_objects(snap).await?;
+    let objs = img.list_object_states(snap).await?;
     let map = new_map(count, spec)?;
     let mut beyond = 0u64;
-    for n in objs {
+    for (n, state) in objs {
         if n < count {
-            map.set(n, ObjectState::Exists);
+            map.set(n, state);
         } else {
             beyond += 1;
         }
@@ -232,6 +253,18 @@ pub async fn rebuild_map<S: ImageStore>(
         tracing::warn!("{spec}: {beyond} data objects lie beyond the image size; ignored");
     }
     Ok(map)
+}
+
+/// `N of M objects exist`, and how many of them are clean, for a rebuilt map.
+pub fn describe_rebuilt(map: &ObjectMap, count: u64) -> String {
+    let c = map.count(0..count);
+    let clean = c[ObjectState::ExistsClean as usize];
+    let exist = c[ObjectState::Exists as usize] + clean;
+    if clean == 0 {
+        format!("{exist} of {count} objects exist")
+    } else {
+        format!("{exist} of {count} objects exist ({clean} of them clean: unchanged since the last snapshot)")
+    }
 }
 
 /// The header flags that mark the on-disk map stale for an image with `features`.
@@ -295,7 +328,22 @@ pub struct Image<S: ImageStore> {
     /// Whether the header's OBJECT_MAP_INVALID flag is currently set by us.
     dirty_flag: AtomicBool,
     flag_lock: Mutex<()>,
+    /// What the idle checkpointer waits on: the flag set, cleared, or the image closed.
+    flag_tx: watch::Sender<FlagState>,
+    checkpoint_idle: Option<Duration>,
+    /// When the latest map-changing request came, in nanoseconds since `opened`: the
+    /// idle checkpoint waits for `checkpoint_idle` after it.
+    last_change: AtomicU64,
+    opened: tokio::time::Instant,
     stats: Stats,
+}
+
+/// The dirty flag as the idle checkpointer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlagState {
+    Clean,
+    Dirty,
+    Closed,
 }
 
 fn shutdown() -> BackendError {
@@ -438,6 +486,10 @@ impl<S: ImageStore> Image<S> {
             gate: RwLock::new(false),
             dirty_flag: AtomicBool::new(false),
             flag_lock: Mutex::new(()),
+            flag_tx: watch::Sender::new(FlagState::Clean),
+            checkpoint_idle: opts.checkpoint_idle,
+            last_change: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
             stats: Stats::default(),
             header,
         };
@@ -524,8 +576,8 @@ impl<S: ImageStore> Image<S> {
         self.header.features & RBD_FEATURE_OBJECT_MAP != 0
     }
 
-    /// Sets the dirty flag in the header if it is not set yet (first write after open
-    /// or after a checkpoint). Cheap when already set.
+    /// Sets the dirty flag in the header if it is not set yet (at open, and at the first
+    /// map-changing request after a checkpoint). Cheap when already set.
     async fn ensure_dirty(&self) -> Result<()> {
         if self.read_only || !self.writes_stale_map() || self.dirty_flag.load(Ordering::Acquire) {
             return Ok(());
@@ -537,7 +589,79 @@ impl<S: ImageStore> Image<S> {
         let mask = self.flag_mask();
         self.store.set_flags(mask, mask).await?;
         self.dirty_flag.store(true, Ordering::Release);
+        self.flag_tx.send_replace(FlagState::Dirty);
         Ok(())
+    }
+
+    /// Whether setting object `objno` to `new` changes the map (also: whether the map on
+    /// disk would go stale). Without a map in memory nothing is known, so yes.
+    fn needs_map_change(&self, objno: u64, new: ObjectState) -> bool {
+        !self
+            .map_now()
+            .as_deref()
+            .is_some_and(|m| m.get(objno) == new)
+    }
+
+    /// Sets the dirty flag before a request that `changes` the map (asked lazily) does
+    /// anything to the store.
+    ///
+    /// Why a request that changes nothing may go on under a clear flag: the flag is
+    /// cleared only by a checkpoint, which holds `gate` exclusively, so no request is in
+    /// flight then and the map on disk equals the one in memory. After it, an object's
+    /// state in memory differs from the one on disk only once some request changed it,
+    /// and that request set the flag first; the flag then stays set until the next
+    /// checkpoint, which waits for every request holding `gate`, this one included. So a
+    /// request that finds every object it touches already in the state it would leave
+    /// it in (a write to EXISTS objects) either keeps the map on disk right or runs
+    /// under a set flag, even if a concurrent request changes the same objects. This is
+    /// what librbd does too: it updates the object map only when a state changes. For
+    /// fast-diff a write to an EXISTS object is fine: EXISTS already says "changed since
+    /// the latest snapshot"; EXISTS_CLEAN objects do change (to EXISTS).
+    async fn dirty_before(&self, changes: impl FnOnce() -> bool) -> Result<()> {
+        if self.read_only || !self.writes_stale_map() {
+            return Ok(());
+        }
+        let idle = self.checkpoint_idle.is_some();
+        // Without idle checkpoints only the flag matters: once set, nothing to look at.
+        if !idle && self.dirty_flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !changes() {
+            return Ok(());
+        }
+        if idle {
+            let ns = self.opened.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            self.last_change.fetch_max(ns, Ordering::Relaxed);
+        }
+        self.ensure_dirty().await
+    }
+
+    /// Whether discarding `[offset, offset+length)` (no NO_HOLE) changes the map: it
+    /// removes a whole object that exists, or zeroes part of one that is not EXISTS (an
+    /// EXISTS_CLEAN one becomes EXISTS). NONEXISTENT objects are skipped.
+    fn discard_changes_map(&self, offset: u64, length: u64) -> bool {
+        let Some(map) = self.map() else {
+            return true;
+        };
+        if length == 0 {
+            return false;
+        }
+        let order = self.order();
+        let end = offset + length;
+        let (first, last) = (offset >> order, (end - 1) >> order);
+        let whole = |objno: u64| {
+            let (o_lo, o_len) = (objno << order, self.object_len(objno));
+            offset <= o_lo && o_lo + o_len <= end
+        };
+        map.runs(first..last + 1).any(|run| match run.state {
+            ObjectState::Nonexistent => false,
+            ObjectState::Exists => {
+                let (lo, hi) = (run.start.max(first), run.end().min(last + 1));
+                // Only the first and last objects of the range can be partly covered.
+                hi - lo > 2 || whole(lo) || whole(hi - 1)
+            }
+            _ => true,
+        })
     }
 
     /// Everything durable, then the map, then the flag cleared: in that order, so that
@@ -555,13 +679,15 @@ impl<S: ImageStore> Image<S> {
                 self.store.write_object_map(map.encode()).await?;
                 self.store.set_flags(0, self.flag_mask()).await?;
                 self.dirty_flag.store(false, Ordering::Release);
+                self.flag_tx.send_replace(FlagState::Clean);
             }
         }
         Ok(())
     }
 
-    /// Writes the map and clears the flag while staying open (the last client left).
-    /// Waits for in-flight requests; the next write sets the flag again.
+    /// Writes the map and clears the flag while staying open (the last client left, or
+    /// idle for `checkpoint_idle`). Waits for in-flight requests; the next map-changing
+    /// request sets the flag again (see `dirty_before`).
     pub async fn checkpoint(&self) -> Result<()> {
         let g = self.gate.write().await;
         if *g {
@@ -643,7 +769,7 @@ impl<S: ImageStore> Image<S> {
             None => None,
         };
         let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
-        self.ensure_dirty().await.map_err(ctx)?;
+        self.dirty_before(|| true).await.map_err(ctx)?;
         if new_size < old {
             let doomed: Vec<u64> = match &map {
                 Some(m) => m
@@ -725,6 +851,62 @@ impl<S: ImageStore> Image<S> {
         });
     }
 
+    /// With `checkpoint_idle` set, checkpoints the image each time that long has passed
+    /// since the latest map-changing request while the flag is set: the map on disk is
+    /// then valid (and fast-diff usable by Ceph's tools) while the image stays served,
+    /// until the next map-changing request sets the flag again, before it touches the
+    /// store. Nothing to do read-only, or without a map in memory (a shared image keeps
+    /// the flag set, see `writes_stale_map`). Ends at close or when the image is dropped.
+    pub fn spawn_idle_checkpoints(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let idle = self.checkpoint_idle?;
+        if self.read_only || !self.writes_stale_map() || self.map().is_none() {
+            return None;
+        }
+        let me = Arc::downgrade(self);
+        let mut rx = self.flag_tx.subscribe();
+        Some(tokio::spawn(async move {
+            loop {
+                let state = *rx.borrow_and_update();
+                match state {
+                    FlagState::Closed => return,
+                    FlagState::Clean => {
+                        if rx.changed().await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    FlagState::Dirty => {}
+                }
+                // Only a weak reference is kept while waiting: the image may be dropped.
+                let due = {
+                    let Some(img) = me.upgrade() else { return };
+                    let ns = img.last_change.load(Ordering::Relaxed);
+                    img.opened + Duration::from_nanos(ns) + idle
+                };
+                if tokio::time::Instant::now() < due {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    continue;
+                }
+                let Some(img) = me.upgrade() else { return };
+                match img.checkpoint().await {
+                    Ok(()) => tracing::debug!(
+                        "{}: idle for {idle:?}: object map written, flags cleared",
+                        img.spec
+                    ),
+                    Err(e) => {
+                        tracing::warn!("{e} (the dirty flag stays set; retried when idle)");
+                        // Not in a tight loop: wait another idle period.
+                        let ns = img.opened.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+                        img.last_change.fetch_max(ns, Ordering::Relaxed);
+                    }
+                }
+            }
+        }))
+    }
+
     /// The image's size now, and every later change (a resize while attached): the
     /// kernel attach code passes changes on to /dev/nbdX.
     pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -751,6 +933,7 @@ impl<S: ImageStore> Image<S> {
             s.store_removes, s.skipped_removes
         );
         let res2 = self.store.close().await;
+        self.flag_tx.send_replace(FlagState::Closed);
         res.and(res2)
     }
 
@@ -857,6 +1040,9 @@ impl<S: ImageStore> Image<S> {
         if !self.store.holds_no_data(objno).await? {
             return Ok(());
         }
+        // A removal changes the map: after an idle checkpoint the partial zero that led
+        // here did not need the flag, this does, before the store is touched.
+        self.dirty_before(|| true).await?;
         bump(&self.stats.store_removes);
         self.store.remove(objno, fua).await?;
         if let Some(m) = self.map_now().as_deref() {
@@ -867,8 +1053,18 @@ impl<S: ImageStore> Image<S> {
 
     async fn discard(&self, offset: u64, length: u32, fua: bool, no_hole: bool) -> Result<()> {
         self.check_writable()?;
-        self.ensure_dirty().await?;
         let length = length as u64;
+        self.dirty_before(|| {
+            if no_hole {
+                // Zeros are written: every object touched ends EXISTS.
+                split(self.order(), offset, length)
+                    .iter()
+                    .any(|p| self.needs_map_change(p.objno, ObjectState::Exists))
+            } else {
+                self.discard_changes_map(offset, length)
+            }
+        })
+        .await?;
         // NO_HOLE writes zeros, so it cannot skip anything; without a map nothing is known.
         let map = match (self.map(), no_hole) {
             (Some(m), false) => m,
@@ -1039,8 +1235,13 @@ impl<S: ImageStore> Backend for Image<S> {
         }
         self.check_writable()?;
         self.in_range(offset, data.len() as u64, Errno::NoSpc)?;
-        self.ensure_dirty().await?;
         let pieces = split(self.order(), offset, data.len() as u64);
+        self.dirty_before(|| {
+            pieces
+                .iter()
+                .any(|p| self.needs_map_change(p.objno, ObjectState::Exists))
+        })
+        .await?;
         if let [p] = pieces[..] {
             self.write_piece(p, data, fua).await?;
             return Ok(());
@@ -1150,6 +1351,7 @@ mod tests {
         let o = OpenOptions {
             read_only,
             shared_default: false,
+            checkpoint_idle: None,
         };
         Image::open(s, &spec("vm1"), &o).await.unwrap()
     }
@@ -1417,6 +1619,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
+        // A partial zero of an EXISTS object changes no map state and may run under a
+        // clear flag; the removal it leads to does change it.
+        let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let img = open(&s, false).await;
+        img.write(4096, Bytes::from(vec![5u8; 4096]), false)
+            .await
+            .unwrap();
+        img.checkpoint().await.unwrap();
+        assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.trim(0, 4096, false).await.unwrap();
+        assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+        img.trim(4096, 4096, false).await.unwrap();
+        assert!(objects_on_disk(d.path()).is_empty());
+        assert_ne!(
+            header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID,
+            0,
+            "object 0 removed under a clear flag: the map on disk says it exists"
+        );
+        img.close().await.unwrap();
+        assert!(existing(&disk_map(d.path())).is_empty());
+    }
+
+    #[tokio::test]
     async fn read_only_head_sees_writes_made_after_it_opened() {
         // Issue 14.2: a read-only server of the head while another client writes it.
         let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
@@ -1486,6 +1712,18 @@ mod tests {
         assert_eq!(
             img.read(6 << 20, 512).await.unwrap_err().errno,
             Errno::Inval
+        );
+        // Same errors as the protocol layer's: TRIM past the end EINVAL, WRITE_ZEROES ENOSPC.
+        assert_eq!(
+            img.trim(6 << 20, 512, false).await.unwrap_err().errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            img.write_zeroes(6 << 20, 512, ZeroFlags::default())
+                .await
+                .unwrap_err()
+                .errno,
+            Errno::NoSpc
         );
         // Grown again: what was cut off reads as zeros, what was kept is intact.
         img.resize(16 << 20, false).await.unwrap();
@@ -1808,6 +2046,7 @@ mod tests {
         let o = OpenOptions {
             read_only: false,
             shared_default: true,
+            checkpoint_idle: None,
         };
         let img = Image::open(&s2, &spec("vm1"), &o).await.unwrap();
         assert!(img.is_shared());
@@ -1974,11 +2213,30 @@ mod tests {
     struct Recorder {
         inner: DirImage,
         log: Arc<std::sync::Mutex<Vec<String>>>,
+        /// The store's directory: audit every data operation (see `audit`).
+        audit: Option<PathBuf>,
     }
 
     impl Recorder {
         fn note(&self, s: impl Into<String>) {
             self.log.lock().unwrap().push(s.into());
+        }
+
+        /// Under a clear flag the map on disk is trusted, so a data operation may only
+        /// touch what it says is EXISTS, and leave it so: a removal, or anything on an
+        /// object not EXISTS there, must come after the flag was set. (Sound under
+        /// concurrency: only a checkpoint clears the flag or writes the map, and none runs
+        /// while a request is in its store call.)
+        fn audit(&self, op: &str, objno: u64) {
+            let Some(d) = &self.audit else { return };
+            if header_flags(d) & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
+                return;
+            }
+            let on_disk = disk_map(d).get(objno);
+            assert!(
+                op != "remove" && on_disk == ObjectState::Exists,
+                "{op}({objno}) under a clear flag, the map on disk saying {on_disk:?}"
+            );
         }
     }
 
@@ -2014,13 +2272,17 @@ mod tests {
             self.inner.read(o, off, len, snap).await
         }
         async fn write(&self, o: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
+            self.audit("write", o);
             self.note(format!("write({o})"));
             self.inner.write(o, off, data, durable).await
         }
         async fn zero(&self, o: u64, off: u64, len: u64, durable: bool) -> Result<()> {
+            self.audit("zero", o);
+            self.note(format!("zero({o})"));
             self.inner.zero(o, off, len, durable).await
         }
         async fn remove(&self, o: u64, durable: bool) -> Result<()> {
+            self.audit("remove", o);
             self.note(format!("remove({o})"));
             self.inner.remove(o, durable).await
         }
@@ -2142,6 +2404,7 @@ mod tests {
                 let o = OpenOptions {
                     read_only: true,
                     shared_default: false,
+                    checkpoint_idle: None,
                 };
                 Image::from_store_image(store, &spec("vm1@s1"), &o)
                     .await
@@ -2172,6 +2435,262 @@ mod tests {
         snap.close().await.unwrap();
     }
 
+    /// An image on a recording (and auditing) handle.
+    async fn recorded(
+        d: &Path,
+        s: &DirStore,
+        checkpoint_idle: Option<Duration>,
+    ) -> (Image<Recorder>, Arc<std::sync::Mutex<Vec<String>>>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = s
+            .open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap();
+        let rec = Recorder {
+            inner: h,
+            log: log.clone(),
+            audit: Some(d.to_path_buf()),
+        };
+        let o = OpenOptions {
+            checkpoint_idle,
+            ..OpenOptions::default()
+        };
+        let img = Image::from_store_image(rec, &spec("vm1"), &o)
+            .await
+            .unwrap();
+        (img, log)
+    }
+
+    fn take(log: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let (img, log) = recorded(d.path(), &s, None).await;
+        let full = Bytes::from(vec![5u8; OBJ as usize]);
+        for o in [0, 1, 2, 4] {
+            img.write(o * OBJ, full.clone(), false).await.unwrap();
+        }
+        // Object 4 is unchanged since a (pretend) snapshot: EXISTS_CLEAN, also on disk.
+        img.object_map().unwrap().set(4, ObjectState::ExistsClean);
+        img.checkpoint().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(
+            disk_map(d.path()).to_vec(),
+            img.object_map().unwrap().to_vec()
+        );
+        take(&log);
+        let flag_set = || header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID != 0;
+
+        // Changing nothing in the map: writes to EXISTS objects (one spanning two of them),
+        // a partial trim and a partial zero of one, a trim of NONEXISTENT objects, reads.
+        img.write(10, Bytes::from_static(b"again"), true)
+            .await
+            .unwrap();
+        img.write(OBJ - 2, Bytes::from_static(b"span"), false)
+            .await
+            .unwrap();
+        img.trim(100, 4096, false).await.unwrap();
+        img.write_zeroes(2 * OBJ + 7, 9, ZeroFlags::default())
+            .await
+            .unwrap();
+        img.trim(5 * OBJ, (3 * OBJ) as u32, false).await.unwrap();
+        img.read(0, 4096).await.unwrap();
+        assert!(
+            !flag_set(),
+            "requests that change no map state leave the flag clear"
+        );
+        assert!(
+            !take(&log).iter().any(|c| c.starts_with("set_flags")),
+            "no flag round trip for them"
+        );
+
+        // A first write: the flag is set before the object is written.
+        img.write(6 * OBJ + 3, Bytes::from_static(b"new"), false)
+            .await
+            .unwrap();
+        assert!(flag_set());
+        assert_eq!(take(&log), ["set_flags(3)", "write(6)"]);
+        img.checkpoint().await.unwrap();
+        take(&log);
+        // A removal: set before the object is removed.
+        img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+        assert_eq!(take(&log), ["set_flags(3)", "remove(2)"]);
+        img.checkpoint().await.unwrap();
+        take(&log);
+        // Part of an EXISTS_CLEAN object zeroed: it now differs from the snapshot.
+        img.trim(4 * OBJ + 512, 512, false).await.unwrap();
+        assert_eq!(take(&log), ["set_flags(3)", "zero(4)"]);
+        img.checkpoint().await.unwrap();
+        take(&log);
+        // NO_HOLE zeroes of a NONEXISTENT object write it.
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            ..ZeroFlags::default()
+        };
+        img.write_zeroes(7 * OBJ, 512, no_hole).await.unwrap();
+        assert_eq!(take(&log), ["set_flags(3)", "write(7)"]);
+        img.checkpoint().await.unwrap();
+        take(&log);
+        // A close after a checkpoint with no change since: nothing to write.
+        img.write(0, Bytes::from_static(b"last"), false)
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        assert_eq!(take(&log), ["write(0)", "sync", "close"]);
+        assert_eq!(header_flags(d.path()), 0);
+        let m = disk_map(d.path());
+        assert_eq!(existing(&m), objects_on_disk(d.path()));
+        assert_eq!(existing(&m), [0, 1, 4, 6, 7]);
+        // (Object 4 becoming EXISTS after its partial zero is `discard_piece`'s business;
+        // here only that the flag was set before the zero.)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn checkpoints_racing_writes_and_trims_never_leave_a_stale_trusted_map() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let (img, _log) = recorded(d.path(), &s, None).await;
+        let img = Arc::new(img);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ckpt = {
+            let (img, stop) = (img.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    img.checkpoint().await.unwrap();
+                    n += 1;
+                    tokio::task::yield_now().await;
+                }
+                n
+            })
+        };
+        let mut tasks = Vec::new();
+        for t in 0..6u64 {
+            let img = img.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..60u64 {
+                    let obj = (t * 7 + i * 3) % 8;
+                    match (t + i) % 5 {
+                        0 => img.trim(obj * OBJ, OBJ as u32, false).await.unwrap(),
+                        1 => img.trim(obj * OBJ + 512, 1024, false).await.unwrap(),
+                        _ => img
+                            .write(obj * OBJ + i * 512, Bytes::from(vec![t as u8; 512]), false)
+                            .await
+                            .unwrap(),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = ckpt.await.unwrap();
+        assert!(n > 1, "checkpoints ran among the requests ({n})");
+        img.close().await.unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+        assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
+        let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+        let (img, log) = recorded(d.path(), &s, Some(Duration::from_secs(1))).await;
+        let img = Arc::new(img);
+        let task = img
+            .spawn_idle_checkpoints()
+            .expect("a task for a writable image");
+        let flag_set = || header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID != 0;
+        let ms = |n| tokio::time::sleep(Duration::from_millis(n));
+        img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
+        ms(700).await;
+        // A map change 0.7 s in moves the deadline to 1.7 s.
+        img.write(OBJ, Bytes::from_static(b"b"), false)
+            .await
+            .unwrap();
+        ms(700).await;
+        assert!(flag_set(), "1.4 s: 0.7 s since the latest map change");
+        ms(600).await;
+        assert!(!flag_set(), "2 s: idle for 1.3 s, checkpointed");
+        assert_eq!(
+            disk_map(d.path()).to_vec(),
+            img.object_map().unwrap().to_vec()
+        );
+        assert_eq!(existing(&disk_map(d.path())), [0, 1]);
+        take(&log);
+        // Writes to EXISTS objects for longer than the idle period: the flag stays clear
+        // and no checkpoint is repeated.
+        for i in 0..30 {
+            img.write(i * 100, Bytes::from_static(b"x"), false)
+                .await
+                .unwrap();
+            ms(100).await;
+        }
+        assert!(!flag_set());
+        assert_eq!(take(&log), vec!["write(0)".to_string(); 30]);
+        // A first write sets it again before it returns, and is checkpointed when idle.
+        img.write(3 * OBJ, Bytes::from_static(b"c"), false)
+            .await
+            .unwrap();
+        assert!(flag_set());
+        assert_eq!(take(&log), ["set_flags(3)", "write(3)"]);
+        ms(1500).await;
+        assert!(!flag_set());
+        assert_eq!(existing(&disk_map(d.path())), [0, 1, 3]);
+        assert_eq!(
+            take(&log),
+            ["sync", "write_object_map", "set_flags(0)"],
+            "the idle checkpoint writes the map, then clears the flag"
+        );
+        // Close stops the task.
+        img.close().await.unwrap();
+        assert_eq!(take(&log), ["sync", "close"]);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the idle task ends at close")
+            .unwrap();
+        assert_eq!(header_flags(d.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn no_idle_checkpoints_read_only_shared_or_off() {
+        let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+        let idle = Some(Duration::from_millis(10));
+        let ro = OpenOptions {
+            read_only: true,
+            checkpoint_idle: idle,
+            ..OpenOptions::default()
+        };
+        let img = Arc::new(Image::open(&s, &spec("vm1"), &ro).await.unwrap());
+        assert!(img.spawn_idle_checkpoints().is_none());
+        img.close().await.unwrap();
+        let shared = OpenOptions {
+            shared_default: true,
+            checkpoint_idle: idle,
+            ..OpenOptions::default()
+        };
+        let img = Arc::new(Image::open(&s, &spec("vm1"), &shared).await.unwrap());
+        assert!(img.is_shared() && img.spawn_idle_checkpoints().is_none());
+        img.close().await.unwrap();
+        let img = Arc::new(open(&s, false).await);
+        assert!(img.spawn_idle_checkpoints().is_none(), "off by default");
+        img.close().await.unwrap();
+    }
+
+    #[test]
+    fn checkpoint_idle_parses_seconds() {
+        assert_eq!(parse_checkpoint_idle("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            parse_checkpoint_idle("0.25"),
+            Ok(Duration::from_millis(250))
+        );
+        for bad in ["0", "-1", "x", "", "nan", "inf"] {
+            assert!(parse_checkpoint_idle(bad).is_err(), "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn close_order_is_sync_map_flag_close() {
         let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
@@ -2183,6 +2702,7 @@ mod tests {
         let rec = Recorder {
             inner: h,
             log: log.clone(),
+            audit: None,
         };
         let img = Image::from_store_image(rec, &spec("vm1"), &OpenOptions::default())
             .await

@@ -62,6 +62,13 @@ pub struct ServeArgs {
     /// Exit after the first client disconnects.
     #[arg(long)]
     pub once: bool,
+    /// After this many seconds with no map-changing write (a write that creates an
+    /// object, a discard that removes one), write the object map and clear the dirty
+    /// flag while still serving, so `rbd du`/`rbd diff` can use fast-diff and a crash
+    /// needs no rebuild; the next such write sets the flag again first (one more round
+    /// trip). Off by default: the flag stays set while served.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::image::parse_checkpoint_idle)]
+    pub checkpoint_idle: Option<std::time::Duration>,
     /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
     /// are refused). allow and require need --tls-cert and --tls-key.
     #[arg(long, value_name = "MODE", default_value_t = TlsMode::Off)]
@@ -394,11 +401,13 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     let opts = OpenOptions {
         read_only: args.read_only,
         shared_default: config.shared_default,
+        checkpoint_idle: args.checkpoint_idle,
     };
     // Store errors already name the image, the store and the file that failed.
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
+    image.spawn_idle_checkpoints();
     let bound = match inherited {
         Some(l) => Ok(l),
         None => Listener::bind(&addr, perms).await,
@@ -514,8 +523,8 @@ async fn accept_loop<I: ImageStore>(
                 }
                 // Persistent by default (like qemu-nbd --persistent), but the last client
                 // leaving is a disconnect: write the map and clear the dirty flag now, so
-                // a crash while idle costs no rebuild. The next write sets the flag again
-                // before it is acknowledged.
+                // a crash while idle costs no rebuild. The next map-changing write sets
+                // the flag again before it touches the store.
                 if active == 0 && !image.is_read_only() {
                     let _ = ckpt_tx.try_send(());
                 }
@@ -732,6 +741,18 @@ mod tests {
                 "--socket-mode without --socket accepted ({extra:?})"
             );
         }
+    }
+
+    #[test]
+    fn checkpoint_idle_option() {
+        assert_eq!(serve_args(&[]).unwrap().checkpoint_idle, None);
+        assert_eq!(
+            serve_args(&["--checkpoint-idle", "1.5"])
+                .unwrap()
+                .checkpoint_idle,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert!(serve_args(&["--checkpoint-idle", "-1"]).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Image specs (`[POOL/]NAME[@SNAP]`) and sizes with K/M/G/T suffixes.
+//! Image specs (`[POOL/[NAMESPACE/]]NAME[@SNAP]`, as `rbd` parses them) and sizes with
+//! K/M/G/T suffixes.
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -7,13 +8,38 @@ pub const DEFAULT_POOL: &str = "rbd";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
     pub pool: String,
+    /// The RBD namespace inside the pool (`rbd namespace create`); empty for the pool's
+    /// default namespace.
+    pub namespace: String,
     pub name: String,
     pub snap: Option<String>,
 }
 
+impl ImageSpec {
+    /// `POOL` or `POOL/NAMESPACE`: where the image's objects live, as `rbd ls` takes it.
+    pub fn pool_spec(&self) -> String {
+        pool_spec(&self.pool, &self.namespace)
+    }
+}
+
+/// `POOL` or `POOL/NAMESPACE`.
+pub fn pool_spec(pool: &str, namespace: &str) -> String {
+    if namespace.is_empty() {
+        pool.to_string()
+    } else {
+        format!("{pool}/{namespace}")
+    }
+}
+
+/// Splits `POOL[/NAMESPACE]` (what `ls` takes) and checks both names like an image spec's.
+pub fn parse_pool_spec(s: &str) -> Result<(String, String)> {
+    let spec: ImageSpec = format!("{s}/x").parse()?;
+    Ok((spec.pool, spec.namespace))
+}
+
 impl std::fmt::Display for ImageSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.pool, self.name)?;
+        write!(f, "{}/{}", self.pool_spec(), self.name)?;
         if let Some(s) = &self.snap {
             write!(f, "@{s}")?;
         }
@@ -45,9 +71,21 @@ impl std::str::FromStr for ImageSpec {
             Some((r, sn)) => (r, Some(sn)),
             None => (s, None),
         };
-        let (pool, name) = match rest.split_once('/') {
-            Some((p, n)) => (p, n),
-            None => (DEFAULT_POOL, rest),
+        // rbd's `[pool/[namespace/]]image`: one slash names the pool, two the namespace too.
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (pool, namespace, name) = match parts[..] {
+            [name] => (DEFAULT_POOL, "", name),
+            [pool, name] => (pool, "", name),
+            [pool, ns, name] => {
+                check_name("namespace", ns, s)?;
+                (pool, ns, name)
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("invalid image spec {s:?} (expected [POOL/[NAMESPACE/]]IMAGE[@SNAP])"),
+                ))
+            }
         };
         check_name("pool", pool, s)?;
         check_name("image name", name, s)?;
@@ -56,6 +94,7 @@ impl std::str::FromStr for ImageSpec {
         }
         Ok(ImageSpec {
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
             name: name.to_string(),
             snap: snap.map(str::to_string),
         })
@@ -99,7 +138,26 @@ mod tests {
         );
         let s: ImageSpec = "p/vm1@snap1".parse().unwrap();
         assert_eq!(s.to_string(), "p/vm1@snap1");
-        assert!("a/b/c".parse::<ImageSpec>().is_err());
+        // rbd's namespace form: pool/namespace/image[@snap], and it prints back the same.
+        let s: ImageSpec = "p/ns1/vm1@s".parse().unwrap();
+        assert_eq!(
+            (s.pool.as_str(), s.namespace.as_str(), s.name.as_str()),
+            ("p", "ns1", "vm1")
+        );
+        assert_eq!(s.snap.as_deref(), Some("s"));
+        assert_eq!(s.to_string(), "p/ns1/vm1@s");
+        assert_eq!(s.pool_spec(), "p/ns1");
+        assert_eq!(s.to_string().parse::<ImageSpec>().unwrap(), s);
+        assert_eq!("p/vm1".parse::<ImageSpec>().unwrap().namespace, "");
+        assert_eq!(
+            parse_pool_spec("p/ns1").unwrap(),
+            ("p".into(), "ns1".into())
+        );
+        assert_eq!(parse_pool_spec("p").unwrap(), ("p".into(), "".into()));
+        let e = "p//vm1".parse::<ImageSpec>().unwrap_err().to_string();
+        assert!(e.contains("namespace"), "{e}");
+        let e = "a/b/c/d".parse::<ImageSpec>().unwrap_err().to_string();
+        assert!(e.contains("NAMESPACE"), "{e}");
         assert!("".parse::<ImageSpec>().is_err());
         assert!("p/".parse::<ImageSpec>().is_err());
         assert!("../x".parse::<ImageSpec>().is_err());

@@ -225,9 +225,14 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Rejection> {
         }
         return Ok(Command::Flush);
     }
-    // Writes past the end are "no space" in the spec; everything else past the end is a
-    // malformed request.
-    let past_end = if writes { ENOSPC } else { EINVAL };
+    // The spec's error section: WRITE and WRITE_ZEROES past the end SHOULD fail with ENOSPC
+    // (they would need space the export lacks), READ and TRIM with EINVAL (they name data
+    // that does not exist). nbdkit and qemu-nbd answer the same.
+    let past_end = if matches!(h.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+        ENOSPC
+    } else {
+        EINVAL
+    };
     let end = match h.offset.checked_add(u64::from(h.length)) {
         Some(end) => end,
         None => {
@@ -414,7 +419,12 @@ mod tests {
         let s = session();
         assert_eq!(err(hdr(CMD_READ, 0, 1 << 20, 1), &s), EINVAL);
         assert_eq!(err(hdr(CMD_WRITE, 0, (1 << 20) - 1, 2), &s), ENOSPC);
-        assert_eq!(err(hdr(CMD_TRIM, 0, u64::MAX, 2), &s), ENOSPC);
+        assert_eq!(err(hdr(CMD_WRITE_ZEROES, 0, u64::MAX, 2), &s), ENOSPC);
+        assert_eq!(err(hdr(CMD_WRITE_ZEROES, 0, 1 << 20, 1), &s), ENOSPC);
+        // TRIM past the end names data that is not there: EINVAL, like READ.
+        assert_eq!(err(hdr(CMD_TRIM, 0, u64::MAX, 2), &s), EINVAL);
+        assert_eq!(err(hdr(CMD_TRIM, 0, (1 << 20) - 1, 2), &s), EINVAL);
+        assert_eq!(err(hdr(CMD_CACHE, 0, 1 << 20, 1), &s), EINVAL);
         assert_eq!(err(hdr(CMD_READ, 0, u64::MAX, 2), &s), EINVAL);
         assert_eq!(err(hdr(CMD_READ, 0, 0, 65537), &s), EINVAL);
         assert_eq!(err(hdr(CMD_FLUSH, 0, 1, 0), &s), EINVAL);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ceph end-to-end suite: starts a throwaway one-node cluster on 127.0.0.1 with cephx
 # (tests/ceph/cluster.sh; CEPH_AUTH=none for one without auth), runs tests/ceph/e2e.sh and
-# tests/ceph/cephx.sh and tests/ceph/differential.sh against it, stops it (by pid).
+# the other suites listed in `suites` below against it, stops it (by pid).
 # Skipped, with a message, when the Ceph binaries or the ceph-enabled binary are missing.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,11 +28,19 @@ CEPH_NBD_KEYRING=$(sed -n 's/^CEPH_NBD_KEYRING=//p' <<<"$out")
 export CEPH_NBD_ID CEPH_NBD_KEYRING
 # Each suite prints its own 'N passed, N failed'; the last line is the total of this run.
 rc=0
-for s in e2e.sh cephx.sh differential.sh; do
+suites=(
+  e2e.sh
+  cephx.sh
+  checkpoint.sh
+  snapmap.sh
+  namespaces.sh
+  differential.sh
+)
+for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/$s.out")))
   T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/$s.out")))
 done
-echo "ceph suites (cluster, e2e.sh, cephx.sh, differential.sh):"
+echo "ceph suites (cluster, ${suites[*]}):"
 t_summary && exit $rc

@@ -100,6 +100,12 @@ PY
 check "discard fio's region" "$PY" "$work/discard.py"
 
 check "protocol edge cases (raw socket)" "$PY" "$here/raw_edge.py" "$sock" t1
+check "past the end: TRIM/READ get EINVAL, WRITE/WRITE_ZEROES ENOSPC" "$PY" "$here/past_end.py" "$uri"
+# The same script against nbdkit: the oracle for what the errors should be.
+spawn nbdkit -f -U "$work/nbdkit.sock" memory 1M; NBDKIT_PID=$!
+wait_for_socket "$work/nbdkit.sock"
+check "past the end: nbdkit (oracle) answers the same" "$PY" "$here/past_end.py" "nbd+unix:///?socket=$work/nbdkit.sock"
+stop_daemon "$NBDKIT_PID"
 
 # raw_edge.py wrote this pattern at 8192: keep the oracle in step.
 "$PY" -c "import sys; f=open(sys.argv[1],'r+b'); f.seek(8192); f.write(bytes(range(256))*16)" "$src"
@@ -173,6 +179,45 @@ for i in $(seq 1 50); do nbdinfo --size "nbd://127.0.0.1:$port/t1" >/dev/null 2>
 check "TCP on 127.0.0.1 serves the export" bash -c "test \"\$(nbdinfo --size nbd://127.0.0.1:$port/t1)\" = $SIZE"
 stop_daemon "$SERVE_PID"
 
+# TLS server keys as openssl makes them: every kind rustls/ring can sign with serves a TLS
+# client; the others (RSA of 2432 bits, what older certtool made, as PKCS#1 like certtool
+# writes it; RSA 8192; P-521) are refused in one line that says what the key is.
+pki=$work/pki; mkdir -p "$pki"
+o() { openssl "$@" >/dev/null 2>&1; }
+o req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$pki/ca-key.pem" \
+  -out "$pki/ca-cert.pem" -days 2 -subj "/CN=rados-nbd test CA" || fail "TLS: test CA" "openssl failed"
+printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$pki/srv.ext"
+tls_key() {  # tls_key NAME GENPKEY-ARGS...: NAME.key and NAME.crt signed by the CA
+  local n=$1; shift
+  o genpkey "$@" -out "$pki/$n.key" &&
+    o req -new -key "$pki/$n.key" -out "$pki/$n.csr" -subj "/CN=localhost" &&
+    o x509 -req -in "$pki/$n.csr" -CA "$pki/ca-cert.pem" -CAkey "$pki/ca-key.pem" \
+      -CAcreateserial -out "$pki/$n.crt" -days 2 -extfile "$pki/srv.ext"
+}
+for bits in 2048 2432 3072 4096 8192; do
+  tls_key rsa$bits -algorithm RSA -pkeyopt rsa_keygen_bits:$bits || fail "TLS: RSA $bits key" "openssl failed"
+done
+o rsa -traditional -in "$pki/rsa2432.key" -out "$pki/rsa2432.key" || fail "TLS: PKCS#1 key" "openssl failed"
+for c in P-256 P-384 P-521; do
+  tls_key ec$c -algorithm EC -pkeyopt ec_paramgen_curve:$c || fail "TLS: EC $c key" "openssl failed"
+done
+tls_key ed25519 -algorithm ED25519 || fail "TLS: Ed25519 key" "openssl failed"
+tls_uri="nbds+unix:///t1?socket=$sock&tls-certificates=$pki"
+for k in rsa2048 rsa3072 rsa4096 ecP-256 ecP-384 ed25519; do
+  serve t1 --socket "$sock" --tls=require --tls-cert "$pki/$k.crt" --tls-key "$pki/$k.key"
+  check "TLS with a $k server key: nbdinfo over TLS" bash -c \
+    "nbdinfo --json '$tls_uri' | jq -e '.TLS == true and .exports[0][\"export-size\"] == $SIZE'"
+  unserve
+done
+for k in rsa2432:"RSA key of 2432 bits" rsa8192:"RSA key of 8192 bits" ecP-521:"ECDSA key on P-521 curve"; do
+  name=${k%%:*} what=${k#*:}
+  out=$("$BIN" serve t1 --socket "$sock" --tls=require --tls-cert "$pki/$name.crt" --tls-key "$pki/$name.key" 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q "$name.key: $what" &&
+    echo "$out" | grep -q "2048, 3072 or 4096 bits"; then
+    pass "TLS with a $name server key: refused in one line saying what the key is"
+  else fail "TLS with a $name server key refused" "rc=$rc: $out"; fi
+done
+
 # Bad input: one clear line, non-zero exit, nothing changed.
 before=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
 out=$("$BIN" info nosuch 2>&1); rc=$?
@@ -181,6 +226,12 @@ if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q '^
 check_fails "bad size refused" "$BIN" create --size 12Q t2
 check_fails "unknown store refused" "$BIN" --store nosuch:/x ls
 check_fails "existing image not created twice" "$BIN" create --size 1M t1
+# RBD namespaces exist on the Ceph store only: refused by name, not as a bad image name.
+for cmd in "create --size 1M rbd/ns1/t1" "info rbd/ns1/t1" "ls rbd/ns1"; do
+  out=$("$BIN" $cmd 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'namespace ns1 .*Ceph store only'; then
+    pass "dir store: '$cmd' refused naming the namespace"; else fail "dir store: '$cmd'" "rc=$rc: $out"; fi
+done
 after=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
 check "bad input changed nothing on disk" test "$before" = "$after"
 check "rm removes the image" "$BIN" rm t1

@@ -38,6 +38,10 @@ pub struct ServeOpts {
     /// How long the kernel keeps a device whose daemon went away waiting for `attach`.
     #[arg(long, value_name = "SEC", default_value_t = 30)]
     pub reattach_timeout: u64,
+    /// After this many seconds with no map-changing write, write the object map and
+    /// clear the dirty flag while mapped (see `serve --checkpoint-idle`). Off by default.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::image::parse_checkpoint_idle)]
+    pub checkpoint_idle: Option<std::time::Duration>,
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u32,
@@ -183,7 +187,17 @@ mod tests {
             panic!("not map")
         };
         assert_eq!(m.opts.io_timeout, Some(5));
+        assert_eq!(m.opts.checkpoint_idle, None, "off by default");
         assert!(T::try_parse_from(["x", "map"]).is_err());
+        let t = T::try_parse_from(["x", "map", "img", "--checkpoint-idle", "30"]).unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert_eq!(
+            m.opts.checkpoint_idle,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert!(T::try_parse_from(["x", "map", "img", "--checkpoint-idle", "0"]).is_err());
     }
 
     #[test]

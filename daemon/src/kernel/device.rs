@@ -273,6 +273,9 @@ pub struct DeviceState {
     /// The serving daemon; 0 once it detached.
     pub pid: u32,
     pub pool: String,
+    /// The RBD namespace; empty (and absent from older daemons' files) for the default one.
+    #[serde(default)]
+    pub namespace: String,
     pub image: String,
     pub snap: Option<String>,
     pub device: String,
@@ -296,9 +299,10 @@ impl DeviceState {
         parse_device(&self.device)
     }
     pub fn spec_string(&self) -> String {
+        let pool = crate::spec::pool_spec(&self.pool, &self.namespace);
         match &self.snap {
-            Some(s) => format!("{}/{}@{s}", self.pool, self.image),
-            None => format!("{}/{}", self.pool, self.image),
+            Some(s) => format!("{pool}/{}@{s}", self.image),
+            None => format!("{pool}/{}", self.image),
         }
     }
 }
@@ -491,6 +495,7 @@ mod tests {
         let st = DeviceState {
             pid: 42,
             pool: "rbd".into(),
+            namespace: "ns1".into(),
             image: "vm1".into(),
             snap: Some("s1".into()),
             device: "/dev/nbd3".into(),
@@ -514,7 +519,18 @@ mod tests {
         let all = all_states();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].device, "/dev/nbd1");
-        assert_eq!(all[1].spec_string(), "rbd/vm1@s1");
+        // The namespace is kept, and the spec string parses back to the same image (what
+        // `unmap`/`attach` look devices up by).
+        assert_eq!(all[1].spec_string(), "rbd/ns1/vm1@s1");
+        let spec: crate::spec::ImageSpec = all[1].spec_string().parse().unwrap();
+        assert_eq!(
+            (
+                spec.pool.as_str(),
+                spec.namespace.as_str(),
+                spec.name.as_str()
+            ),
+            ("rbd", "ns1", "vm1")
+        );
         remove_state(3);
         assert_eq!(read_state(3).unwrap(), None);
         // A state file of a daemon that predates close results still reads, as "records
@@ -524,7 +540,13 @@ mod tests {
             br#"{"pid":7,"pool":"rbd","image":"a","snap":null,"device":"/dev/nbd2","store":"dir:/x","read_only":false,"connections":1,"netlink":true,"detached":false,"backend":null}"#,
         )
         .unwrap();
-        assert!(!read_state(2).unwrap().unwrap().close_result);
+        let old = read_state(2).unwrap().unwrap();
+        assert!(!old.close_result);
+        // ... and is in the pool's default namespace.
+        assert_eq!(
+            (old.namespace.as_str(), old.spec_string().as_str()),
+            ("", "rbd/a")
+        );
     }
 
     #[test]

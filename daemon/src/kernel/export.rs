@@ -53,11 +53,13 @@ impl Export {
         spec: &ImageSpec,
         read_only: bool,
         exclusive: bool,
+        checkpoint_idle: Option<std::time::Duration>,
     ) -> Result<Self> {
         let read_only = read_only || spec.snap.is_some();
         let opts = OpenOptions {
             read_only,
             shared_default: Config::load()?.shared_default,
+            checkpoint_idle,
         };
         match parse_store_uri(Some(store))? {
             StoreUri::Dir(p) => {
@@ -70,6 +72,7 @@ impl Export {
                 };
                 let img = Arc::new(img);
                 img.serve_owner_requests();
+                img.spawn_idle_checkpoints();
                 Ok(Export::Dir(img))
             }
             #[cfg(feature = "ceph")]
@@ -98,12 +101,13 @@ impl Export {
                 };
                 let img = Arc::new(img);
                 img.serve_owner_requests();
+                img.spawn_idle_checkpoints();
                 Ok(Export::Ceph(img, st))
             }
             #[cfg(not(feature = "ceph"))]
             StoreUri::Ceph { .. } => Err(Error::new(
                 ErrorKind::Unsupported,
-                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev)",
+                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev and libradospp-dev)",
             )),
         }
     }

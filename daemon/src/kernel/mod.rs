@@ -543,8 +543,14 @@ fn serve(
         }
     };
     let export = Arc::new(
-        rt.block_on(Export::open(store, &spec, read_only, opts.exclusive))
-            .map_err(|e| e.context(format!("opening {spec}")))?,
+        rt.block_on(Export::open(
+            store,
+            &spec,
+            read_only,
+            opts.exclusive,
+            opts.checkpoint_idle,
+        ))
+        .map_err(|e| e.context(format!("opening {spec}")))?,
     );
     let setup = Setup {
         rt: &rt,
@@ -764,6 +770,7 @@ impl Setup<'_> {
         let state = DeviceState {
             pid: std::process::id(),
             pool: self.spec.pool.clone(),
+            namespace: self.spec.namespace.clone(),
             image: self.spec.name.clone(),
             snap: self.spec.snap.clone(),
             device: path.clone(),
@@ -913,6 +920,7 @@ fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<O
         let Ok(i) = st.index() else { continue };
         let same = st.store == store
             && st.pool == spec.pool
+            && st.namespace == spec.namespace
             && st.image == spec.name
             && st.snap == spec.snap
             && st.netlink;
@@ -1038,7 +1046,12 @@ fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
     })?;
     let found: Vec<DeviceState> = device::all_states()
         .into_iter()
-        .filter(|s| s.pool == spec.pool && s.image == spec.name && s.snap == spec.snap)
+        .filter(|s| {
+            s.pool == spec.pool
+                && s.namespace == spec.namespace
+                && s.image == spec.name
+                && s.snap == spec.snap
+        })
         .collect();
     match found.len() {
         0 => Err(Error::new(
@@ -1223,6 +1236,7 @@ fn list_mapped(a: ListMappedArgs) -> Result<()> {
                     serde_json::json!({
                         "pid": if s.detached { serde_json::Value::Null } else { s.pid.into() },
                         "pool": s.pool,
+                        "namespace": s.namespace,
                         "image": s.image,
                         "snap": s.snap,
                         "device": s.device,
@@ -1235,8 +1249,16 @@ fn list_mapped(a: ListMappedArgs) -> Result<()> {
             writeln!(out, "{}", serde_json::Value::Array(v))
         }
         ListFormat::Plain => {
-            let mut lines =
-                vec![["pid", "pool", "image", "snap", "device", "store"].map(String::from)];
+            let mut lines = vec![[
+                "pid",
+                "pool",
+                "namespace",
+                "image",
+                "snap",
+                "device",
+                "store",
+            ]
+            .map(String::from)];
             for s in &rows {
                 lines.push([
                     if s.detached {
@@ -1245,13 +1267,18 @@ fn list_mapped(a: ListMappedArgs) -> Result<()> {
                         s.pid.to_string()
                     },
                     s.pool.clone(),
+                    if s.namespace.is_empty() {
+                        "-".into()
+                    } else {
+                        s.namespace.clone()
+                    },
                     s.image.clone(),
                     s.snap.clone().unwrap_or_else(|| "-".into()),
                     s.device.clone(),
                     s.store.clone(),
                 ]);
             }
-            let mut w = [0usize; 6];
+            let mut w = [0usize; 7];
             for l in &lines {
                 for (i, c) in l.iter().enumerate() {
                     w[i] = w[i].max(c.len());
@@ -1339,6 +1366,7 @@ mod tests {
         DeviceState {
             pid: 42,
             pool: "rbd".into(),
+            namespace: String::new(),
             image: "vm1".into(),
             snap: None,
             device: "/dev/nbd3".into(),
@@ -1350,6 +1378,24 @@ mod tests {
             backend: None,
             close_result,
         }
+    }
+
+    #[test]
+    fn unmap_by_spec_tells_namespaces_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        device::TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        // The same image name in the default namespace (nbd3) and in ns1 (nbd5).
+        device::write_state(3, &state(true)).unwrap();
+        let mut ns = state(true);
+        ns.namespace = "ns1".into();
+        ns.device = "/dev/nbd5".into();
+        device::write_state(5, &ns).unwrap();
+        let (idx, st) = resolve("rbd/ns1/vm1").unwrap();
+        assert_eq!((idx, st.unwrap().namespace.as_str()), (5, "ns1"));
+        let (idx, st) = resolve("rbd/vm1").unwrap();
+        assert_eq!((idx, st.unwrap().namespace.as_str()), (3, ""));
+        let e = resolve("rbd/ns2/vm1").unwrap_err();
+        assert!(e.message.contains("rbd/ns2/vm1 is not mapped"), "{e}");
     }
 
     #[test]

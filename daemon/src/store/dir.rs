@@ -93,6 +93,22 @@ impl DirStore {
         self.root.join(pool)
     }
 
+    /// RBD namespaces are a Ceph thing (RADOS object namespaces); this store has none, and
+    /// one is refused by name rather than folded into the pool or reported as a bad name.
+    fn no_namespace(&self, pool: &str, namespace: &str) -> Result<()> {
+        if namespace.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "RBD namespace {namespace} (in {pool}/{namespace}): namespaces exist on the \
+                 Ceph store only, not in {}",
+                self.describe()
+            ),
+        ))
+    }
+
     fn not_found(&self, spec: &ImageSpec) -> Error {
         Error::new(
             ErrorKind::NotFound,
@@ -433,6 +449,7 @@ impl Store for DirStore {
     }
 
     async fn create_image(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<()> {
+        self.no_namespace(&spec.pool, &spec.namespace)?;
         if !(MIN_ORDER..=MAX_ORDER).contains(&opts.order) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -487,6 +504,7 @@ impl Store for DirStore {
     }
 
     async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
+        self.no_namespace(&spec.pool, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
         let spec = spec.clone();
@@ -548,7 +566,9 @@ impl Store for DirStore {
     }
 
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
-        let pool_dir = self.pool_dir(pool);
+        let (pool, namespace) = crate::spec::parse_pool_spec(pool)?;
+        self.no_namespace(&pool, &namespace)?;
+        let pool_dir = self.pool_dir(&pool);
         blocking(move || {
             if !pool_dir.is_dir() {
                 return Ok(vec![]);
@@ -568,6 +588,7 @@ impl Store for DirStore {
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
+        self.no_namespace(&spec.pool, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
         let desc = self.describe();
@@ -1102,6 +1123,7 @@ pub async fn ask_holder_to_resize(
     allow_shrink: bool,
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    store.no_namespace(&spec.pool, &spec.namespace)?;
     let pool_dir = store.pool_dir(&spec.pool);
     let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
         return Err(store.not_found(spec));

@@ -8,11 +8,13 @@
 use crate::error::Result;
 use crate::spec::ImageSpec;
 use bytes::Bytes;
+use objmap::ObjectState;
 use std::future::Future;
 
 #[cfg(feature = "ceph")]
 pub mod ceph;
 pub mod dir;
+pub mod snapset;
 
 /// Header flags (Ceph's RBD_FLAG_*).
 pub const RBD_FLAG_OBJECT_MAP_INVALID: u64 = 1 << 0;
@@ -117,6 +119,7 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the header, the id object, every data object and every object map.
     fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<()>> + Send;
 
+    /// Image names in `pool`, which may be `POOL/NAMESPACE` (an RBD namespace).
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to resize it, and
@@ -231,8 +234,23 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Makes every write acknowledged so far durable.
     fn sync(&self) -> impl Future<Output = Result<()>> + Send;
 
-    /// Numbers of the data objects that exist (at `snap`), for rebuilding the object map.
+    /// Numbers of the data objects that exist (at `snap`).
     fn list_objects(&self, snap: Option<u64>) -> impl Future<Output = Result<Vec<u64>>> + Send;
+
+    /// The data objects that exist (at `snap`) with the object map state librbd gives
+    /// them when it rebuilds a map, ascending: EXISTS, or with fast-diff EXISTS_CLEAN for
+    /// an object not written since the snapshot before (for the head: the newest
+    /// snapshot); see `snapset::object_state`. What `rebuild_map` and `object-map check`
+    /// use. The default, for a store without snapshots: EXISTS for every listed object.
+    fn list_object_states(
+        &self,
+        snap: Option<u64>,
+    ) -> impl Future<Output = Result<Vec<(u64, ObjectState)>>> + Send {
+        async move {
+            let objs = self.list_objects(snap).await?;
+            Ok(objs.into_iter().map(|o| (o, ObjectState::Exists)).collect())
+        }
+    }
 
     /// The raw object map object (Ceph encoding), `None` when absent.
     fn read_object_map(

@@ -280,7 +280,7 @@ async fn ceph_live() {
 
     // --- a header update from elsewhere is picked up (size changed behind our back).
     let other = store(conf).await;
-    let oio = other.pool("rbd").unwrap();
+    let oio = other.pool("rbd", "").await.unwrap();
     let hdr = header_oid(&h.id);
     oio.exec_write(
         &hdr,

@@ -25,12 +25,13 @@
 pub mod cls;
 pub mod luks;
 pub mod rados;
+pub mod snaps;
 
 #[cfg(test)]
 mod live_tests;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::spec::ImageSpec;
+use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
     CreateOptions, ImageHeader, ImageStore, OpenMode, OwnerRequest, SnapInfo, Store,
     RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
@@ -48,6 +49,8 @@ use tokio::sync::mpsc;
 const RBD: &str = "rbd";
 const LOCK: &str = "lock";
 const RBD_DIRECTORY: &str = "rbd_directory";
+/// cls::rbd::DIRECTORY_STATE_READY, encoded as the u8 it is.
+const DIRECTORY_STATE_READY: u8 = 0;
 const EBUSY: i32 = 16;
 const EROFS: i32 = 30;
 /// How long to wait for watchers to answer when checking whether a lock owner is alive.
@@ -82,7 +85,8 @@ pub fn set_allow_encrypted(allow: bool) {
 pub struct CephStore {
     rados: Arc<Rados>,
     desc: String,
-    pools: Mutex<HashMap<String, Arc<IoCtx>>>,
+    /// Handles by (pool, RBD namespace).
+    pools: Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     allow_encrypted: bool,
     /// Images (`pool/name[@snap]`) whose LUKS header was already logged: a read-write open
     /// checks twice (before and after taking the lock) and logs once.
@@ -111,20 +115,53 @@ impl CephStore {
         self
     }
 
-    fn pool(&self, name: &str) -> Result<Arc<IoCtx>> {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(io) = pools.get(name) {
+    /// The handle on `pool`'s RBD namespace `namespace` ("" is the default one), after
+    /// checking that the namespace exists: objects written into a namespace that `rbd
+    /// namespace create` never made would be invisible to `rbd namespace ls`.
+    async fn pool(&self, pool: &str, namespace: &str) -> Result<Arc<IoCtx>> {
+        let key = (pool.to_string(), namespace.to_string());
+        if let Some(io) = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(io.clone());
         }
-        let io = self.rados.ioctx(name).map_err(|e| {
+        let io = self.rados.ioctx_in(pool, namespace).map_err(|e| {
             if e.kind == ErrorKind::NotFound {
-                Error::new(e.kind, format!("pool {name} not found in {}", self.desc))
+                Error::new(e.kind, format!("pool {pool} not found in {}", self.desc))
             } else {
                 e.context(format!("in {}", self.desc))
             }
         })?;
-        pools.insert(name.to_string(), io.clone());
-        Ok(io)
+        if !namespace.is_empty() {
+            // librbd's Namespace::exists: the namespace's image directory is there, READY.
+            match io
+                .exec_read(
+                    RBD_DIRECTORY,
+                    RBD,
+                    "dir_state_assert",
+                    &[DIRECTORY_STATE_READY],
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "namespace {namespace} not found in pool {pool} of {} \
+                             (create it with `rbd namespace create {pool}/{namespace}`)",
+                            self.desc
+                        ),
+                    ))
+                }
+                Err(e) => return Err(e.context(format!("checking namespace {pool}/{namespace}"))),
+            }
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(pools.entry(key).or_insert(io).clone())
     }
 
     async fn image_id(&self, io: &IoCtx, spec: &ImageSpec) -> Result<String> {
@@ -135,7 +172,9 @@ impl CephStore {
                 ErrorKind::NotFound,
                 format!(
                     "image {}/{} not found in {}",
-                    spec.pool, spec.name, self.desc
+                    spec.pool_spec(),
+                    spec.name,
+                    self.desc
                 ),
             )),
             Err(e) => Err(e.context(format!("opening image {spec}"))),
@@ -265,7 +304,8 @@ async fn load_header(
                     ErrorKind::NotFound,
                     format!(
                         "snapshot {name} of image {}/{} not found",
-                        spec.pool, spec.name
+                        spec.pool_spec(),
+                        spec.name
                     ),
                 )
             })?;
@@ -377,7 +417,7 @@ impl Store for CephStore {
                 "the fast-diff feature needs object-map",
             ));
         }
-        let io = self.pool(&spec.pool)?;
+        let io = self.pool(&spec.pool, &spec.namespace).await?;
         let id = generate_image_id(self.rados.instance_id());
         let id_oid = format!("rbd_id.{}", spec.name);
         let ctx = |e: Error| e.context(format!("creating image {spec} in {}", self.desc));
@@ -446,7 +486,7 @@ impl Store for CephStore {
     }
 
     async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
-        let io = self.pool(&spec.pool)?;
+        let io = self.pool(&spec.pool, &spec.namespace).await?;
         let id = self.image_id(&io, spec).await?;
         let hdr = header_oid(&id);
         let ctx = |e: Error| e.context(format!("removing image {spec}"));
@@ -517,7 +557,8 @@ impl Store for CephStore {
     }
 
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
-        let io = self.pool(pool)?;
+        let (pool_name, namespace) = parse_pool_spec(pool)?;
+        let io = self.pool(&pool_name, &namespace).await?;
         let mut out = Vec::new();
         let mut start = String::new();
         loop {
@@ -550,14 +591,14 @@ impl Store for CephStore {
                 format!("{spec} is a snapshot: it can only be opened read-only"),
             ));
         }
-        let meta = self.pool(&spec.pool)?;
+        let meta = self.pool(&spec.pool, &spec.namespace).await?;
         let id = self.image_id(&meta, spec).await?;
         let (header, snap_id) = load_header(&meta, spec, &id, mode).await?;
         // Data objects get their own handle: it carries the snapshot context (writes) or
         // reads at the mapped snapshot.
         let data = match snap_id {
             Some(s) => meta.at_snap(s)?,
-            None => self.rados.ioctx(&spec.pool)?,
+            None => self.rados.ioctx_in(&spec.pool, &spec.namespace)?,
         };
         if snap_id.is_none() {
             let ids: Vec<u64> = header.snaps.iter().map(|s| s.id).collect();
@@ -1369,6 +1410,40 @@ impl ImageStore for CephImage {
         let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|p| p.into_inner()));
         v.sort_unstable();
         Ok(v)
+    }
+
+    /// Without snapshots every listed object is EXISTS (librbd computes the same), so the
+    /// pool listing is enough. With snapshots, librbd's computation needs each object's
+    /// snap set (`list_snaps`): which objects were written since the newest snapshot, and
+    /// which listed objects only clones keep (removed from the head since a snapshot).
+    async fn list_object_states(
+        &self,
+        snap: Option<u64>,
+    ) -> Result<Vec<(u64, objmap::ObjectState)>> {
+        let i = &self.inner;
+        let h = self.header();
+        if h.snaps.is_empty() {
+            let objs = self.list_objects(snap).await?;
+            return Ok(objs
+                .into_iter()
+                .map(|o| (o, objmap::ObjectState::Exists))
+                .collect());
+        }
+        let objs = self.list_objects(None).await?;
+        let ids: Vec<u64> = h.snaps.iter().map(|s| s.id).collect();
+        let at = snap
+            .or(i.snap_id)
+            .unwrap_or(crate::store::snapset::SNAP_HEAD);
+        snaps::object_states(
+            &i.meta,
+            &h.object_prefix,
+            objs,
+            at,
+            &ids,
+            h.features & RBD_FEATURE_FAST_DIFF != 0,
+            &i.spec.to_string(),
+        )
+        .await
     }
 
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {

@@ -54,6 +54,7 @@ extern "C" {
     fn rados_get_instance_id(cluster: rados_t) -> u64;
     fn rados_ioctx_create(cluster: rados_t, pool: *const c_char, io: *mut rados_ioctx_t) -> c_int;
     fn rados_ioctx_destroy(io: rados_ioctx_t);
+    fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     fn rados_ioctx_snap_set_read(io: rados_ioctx_t, snap: u64);
     fn rados_ioctx_selfmanaged_snap_set_write_ctx(
         io: rados_ioctx_t,
@@ -485,16 +486,27 @@ impl Rados {
     }
 
     pub fn ioctx(self: &Arc<Self>, pool: &str) -> Result<Arc<IoCtx>> {
+        self.ioctx_in(pool, "")
+    }
+
+    /// A handle on `pool` whose every object name (watches, locks, listings too) lies in
+    /// RADOS namespace `namespace` ("" is the default one), where librbd keeps the images
+    /// of an RBD namespace.
+    pub fn ioctx_in(self: &Arc<Self>, pool: &str, namespace: &str) -> Result<Arc<IoCtx>> {
         let cpool = cstring("pool name", pool)?;
+        let cns = cstring("namespace", namespace)?;
         let mut io: rados_ioctx_t = null_mut();
         let r = unsafe { rados_ioctx_create(self.h, cpool.as_ptr(), &mut io) };
         if r < 0 {
             return Err(rados_error("open pool", pool, r));
         }
+        // Before the handle is shared: librados copies the string.
+        unsafe { rados_ioctx_set_namespace(io, cns.as_ptr()) };
         Ok(Arc::new(IoCtx {
             h: io,
             cluster: self.clone(),
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
         }))
     }
 
@@ -584,6 +596,7 @@ pub struct IoCtx {
     h: rados_ioctx_t,
     cluster: Arc<Rados>,
     pool: String,
+    namespace: String,
 }
 
 unsafe impl Send for IoCtx {}
@@ -853,13 +866,20 @@ impl IoCtx {
     pub fn pool(&self) -> &str {
         &self.pool
     }
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
     pub fn cluster(&self) -> &Arc<Rados> {
         &self.cluster
+    }
+    /// The raw handle, for our C++ shim (snaps.rs); valid while `self` lives.
+    pub(super) fn raw(&self) -> rados_ioctx_t {
+        self.h
     }
 
     /// A second handle on the same pool reading at `snap` (reads are per handle in librados).
     pub fn at_snap(&self, snap: u64) -> Result<Arc<IoCtx>> {
-        let io = self.cluster.ioctx(&self.pool)?;
+        let io = self.cluster.ioctx_in(&self.pool, &self.namespace)?;
         unsafe { rados_ioctx_snap_set_read(io.h, snap) };
         Ok(io)
     }
