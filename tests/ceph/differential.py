@@ -438,6 +438,9 @@ def hint(f, ops):
             f.kind.startswith("diff --from-snap after crash")
             or f.kind in ("object-map check", "du")):
         return "bug 4? the map rebuilt after a crash with snapshots marks unchanged objects EXISTS"
+    if "rados-nbd" in f.detail and ": exit -11:" in f.detail:
+        return ("rados-nbd died of SIGSEGV: seen in `rados-nbd resize` of an image nobody serves, "
+                "after its work, while the runtime shuts down (a librados messenger thread)")
     if "livesnap" in kinds and "snap create" in f.detail:
         return "rbd snap create while served: refused until rados-nbd answers as the lock owner"
     if "snap" in kinds and f.kind == "diff after crash + reopen + close: rados-nbd lists more":
