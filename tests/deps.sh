@@ -6,6 +6,9 @@ set -euo pipefail
 need=(
   "nbdinfo libnbd-bin"            # nbdinfo, nbdcopy, nbdsh: libnbd's real NBD clients
   "/usr/lib/python3/dist-packages/nbd.py python3-libnbd"  # nbdsh / python `import nbd`
+  # librbd and librados for Debian's python: the twin image of tests/ceph/differential.py
+  "/usr/lib/python3/dist-packages/rbd-2.0.0.egg-info python3-rbd"
+  "/usr/lib/python3/dist-packages/rados-2.0.0.egg-info python3-rados"
   "nbdkit nbdkit"                 # peer server (benchmarks, protocol ceiling)
   "fio fio"                       # fio --ioengine=nbd, verify workloads
   "qemu-img qemu-utils"           # qemu-img convert/compare/info through NBD; qemu-nbd peer

@@ -73,3 +73,23 @@ t_summary() {
   echo "${T_PASS} passed, ${T_FAIL} failed"
   [ "$T_FAIL" -eq 0 ]
 }
+
+# run_counted CMD...: runs a test program that prints its own `PASS ...`/`FAIL ...` lines and
+# counts them here; its other lines are shown as they are. A non-zero exit without a FAIL line
+# (a crash, a timeout) is a failure too.
+run_counted() {
+  local out rc line
+  out=$(mktemp /tmp/rados-nbd-counted.XXXXXX)
+  "$@" >"$out" 2>&1; rc=$?
+  while IFS= read -r line; do
+    case $line in
+      "PASS "*) pass "${line#PASS }" ;;
+      "FAIL "*) fail "${line#FAIL }" ;;
+      *) echo "$line" ;;
+    esac
+  done <"$out"
+  if [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$out"; then
+    fail "$(basename "${2:-$1}")" "exit $rc: $(tail -3 "$out" | tr '\n' ' ')"
+  fi
+  rm -f "$out"
+}

@@ -35,6 +35,7 @@ suites=(
   snapmap.sh
   namespaces.sh
   fencing.sh
+  differential.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

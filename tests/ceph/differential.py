@@ -1,0 +1,541 @@
+#!/usr/bin/python3
+"""Differential test: the same seeded sequence of operations against twin images, A served by
+rados-nbd and written over NBD, B written through librbd in this process, compared with Ceph's
+own code each time a serve of A ends (clean close, or kill -9 followed by a reopen and a clean
+close):
+
+  - every snapshot and the head read whole through librbd (what `rbd export` writes): equal bytes
+  - `diff_iterate(whole_object=True)` (what `rbd diff --whole-object [--from-snap S]` prints),
+    from nothing and from every earlier snapshot to every snapshot and the head: equal sets
+    of (object number, exists)
+  - image flags: none on either (A's dirty flag is cleared at a clean close)
+  - `rbd object-map check` of A's head (of every snapshot with --long) passes
+  - `rbd du --format json`: equal provisioned and used sizes, per snapshot and head
+
+Operations and their twins (tests/diffops.py makes the sequences):
+  write            NBD WRITE (FUA sometimes)        librbd write
+  trim             NBD TRIM                         librbd discard, rbd_skip_partial_discard=false
+                                                    (exact zeroing, like ours; librbd's default
+                                                    skips unaligned pieces of a discard)
+  zero             NBD WRITE_ZEROES                 librbd write_zeroes
+  zero, NO_HOLE    NBD WRITE_ZEROES + NO_HOLE       librbd write of zeros (keeps it allocated)
+  flush            NBD FLUSH                        librbd flush
+  snap             between serves: snapshot of both through librbd
+  livesnap         `rbd snap create` of A while served (asks the lock owner); only with
+                   --kinds naming it, while rados-nbd refuses it
+  resize           served: `rbd resize` (reaches rados-nbd as the lock owner);
+                   not served: `rados-nbd resize`; B: librbd resize
+  ro               `serve --read-only` opened while the writer serves; the writer then writes
+                   and the reader must read it back
+  oob              TRIM past the end: EINVAL
+
+A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
+geometry as one JSON object; `--replay FILE` (or `--replay-json '...'`) runs it again.
+
+Environment: CEPH_CONF (admin keyring in it), CEPH_NBD_ID/CEPH_NBD_KEYRING (the daemon's
+restricted client, optional), RADOS_NBD_BIN, DIFF_SEQS (sequences, default 32: about 4 minutes
+when all pass), DIFF_SEED (first seed, default: from the clock), DIFF_KINDS (operations to
+generate, default all but livesnap), DIFF_MINIMISE_S (seconds per minimisation, default 60),
+DIFF_MINIMISE_UNTIL_S (no minimisation after this many seconds of the run, default 600),
+DIFF_OUT (where failing cases are written, default the run's temporary directory).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import diffops  # noqa: E402
+from diffops import Failure, Server, clip, hang_up, nbd_errno  # noqa: E402
+
+import nbd  # noqa: E402
+import rados  # noqa: E402  Debian's python3-rados
+import rbd  # noqa: E402  Debian's python3-rbd
+
+POOL = "rbd"
+FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+            | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+CLI_TIMEOUT = 120
+
+
+def sh(args, timeout=CLI_TIMEOUT, check=True):
+    try:
+        r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise Failure("timeout", f"{' '.join(args)}: no answer in {timeout} s")
+    if check and r.returncode != 0:
+        # The error line, not the daemon's log lines around it.
+        lines = [ln for ln in r.stderr.decode(errors="replace").splitlines()
+                 if ln.strip() and " INFO " not in ln and " DEBUG " not in ln]
+        raise Failure("command", f"{' '.join(args)}: exit {r.returncode}: "
+                      f"{' | '.join(lines)[-600:]}")
+    return r
+
+
+class Env:
+    def __init__(self, args):
+        self.conf = os.environ["CEPH_CONF"]
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.bin = os.environ.get("RADOS_NBD_BIN", os.path.join(root, "target/release/rados-nbd"))
+        self.rn = [self.bin, "--store", f"ceph:{self.conf}"]
+        if os.environ.get("CEPH_NBD_KEYRING"):
+            self.rn += ["--id", os.environ.get("CEPH_NBD_ID", "nbd"),
+                        "--keyring", os.environ["CEPH_NBD_KEYRING"]]
+        self.work = tempfile.mkdtemp(prefix="rados-nbd-diff.")
+        self.long = args.long
+        self.cluster = rados.Rados(conffile=self.conf)
+        # B's twin of an NBD TRIM zeroes exactly what it is told, like rados-nbd does;
+        # librbd's default (true) leaves the unaligned parts of a discard as they were.
+        self.cluster.conf_set("rbd_skip_partial_discard", "false")
+        self.cluster.connect(timeout=30)
+        self.ioctx = self.cluster.open_ioctx(POOL)
+        self.counter = 0
+
+
+class Run:
+    """One sequence on a fresh pair of images."""
+
+    def __init__(self, env, geo, label):
+        self.env = env
+        self.geo = geo
+        self.size = geo.size
+        env.counter += 1
+        base = f"diff{os.getpid()}-{env.counter}"
+        self.a, self.b = f"{base}-a", f"{base}-b"
+        for name in (self.a, self.b):
+            rbd.RBD().create(env.ioctx, name, geo.size, order=geo.order, old_format=False,
+                             features=FEATURES)
+        self.bimg = rbd.Image(env.ioctx, self.b)
+        self.server = None
+        self.h = None
+        self.snaps = []
+        self.serves = 0
+        self.log = os.path.join(env.work, f"{base}.serve.log")
+        self.label = label
+
+    # ------------------------------------------------------------------ A's server
+    def serve_cmd(self, read_only=False):
+        return self.env.rn + ["serve", f"{POOL}/{self.a}"] + (["--read-only"] if read_only else [])
+
+    def start(self):
+        s = Server(self.serve_cmd(), os.path.join(self.env.work, "a.sock"), self.log)
+        if not s.wait_ready():
+            raise Failure("serve start", f"exit {s.proc.returncode}: {s.tail()}")
+        self.server = s
+        self.h = s.connect()
+        got = self.h.get_size()
+        if got != self.size:
+            raise Failure("size", f"NBD size {got}, librbd size {self.size}")
+
+    def watchers(self):
+        hdr = f"rbd_header.{self.image_id(self.a)}"
+        out = sh(["rados", "-p", POOL, "listwatchers", hdr]).stdout.decode()
+        return [w[len("watcher="):] for w in out.split() if w.startswith("watcher=")]
+
+    def blocklist_dead_watchers(self):
+        """After a kill -9 our dead client's watch lingers until the OSD times it out (15 s
+        on the test cluster), and its lock cannot be broken before: the dead watcher is
+        blocklisted, as librbd does when it breaks a lock, and the watch goes at once. The
+        reopen then finds a stale lock whose owner's watch is gone, and breaks it."""
+        for addr in self.watchers():
+            cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+            rc, _, err = self.env.cluster.mon_command(cmd, b"", timeout=30)
+            if rc != 0:
+                raise Failure("blocklist", f"osd blocklist add {addr}: {rc} {err}")
+        end = time.monotonic() + 30
+        while self.watchers():
+            if time.monotonic() > end:
+                raise Failure("blocklist", "the dead server's watch is still there 30 s after "
+                              "its client was blocklisted")
+            time.sleep(0.2)
+
+    def image_id(self, name):
+        with rbd.Image(self.env.ioctx, name, read_only=True) as im:
+            return im.id()
+
+    def ensure_served(self):
+        if self.server is None:
+            self.start()
+
+    def end_serve(self, crash):
+        hang_up(self.h) if not crash else None
+        self.h = None
+        if crash:
+            self.server.kill()
+            self.server = None
+            self.blocklist_dead_watchers()
+            # Reopen: a crash leaves the dirty flag, the open rebuilds the map; then close.
+            self.start()
+            hang_up(self.h)
+            self.h = None
+        rc = self.server.stop()
+        if rc != 0:
+            raise Failure("close", f"serve exited {rc} after SIGTERM: {self.server.tail()}")
+        self.server = None
+        self.serves += 1
+        self.compare("after crash + reopen + close" if crash else "after close")
+
+    # ------------------------------------------------------------------ operations
+    def apply(self, op):
+        k = op[0]
+        if k in ("write", "trim", "zero", "ro"):
+            op = clip(op, self.size)
+            if op is None:
+                return
+            self.ensure_served()
+        h, b = self.h, self.bimg
+        if k == "write":
+            _, off, length, tag, fua = op
+            data = diffops.pattern(tag, off, length)
+            h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
+            b.write(data, off)
+        elif k == "trim":
+            _, off, length, fua = op
+            h.trim(length, off, nbd.CMD_FLAG_FUA if fua else 0)
+            b.discard(off, length)
+        elif k == "zero":
+            _, off, length, no_hole, fua = op
+            flags = (nbd.CMD_FLAG_NO_HOLE if no_hole else 0) | (nbd.CMD_FLAG_FUA if fua else 0)
+            h.zero(length, off, flags)
+            if no_hole:
+                b.write(bytes(length), off)
+            else:
+                b.write_zeroes(off, length)
+        elif k == "flush":
+            if self.h is not None:
+                h.flush()
+            b.flush()
+        elif k == "close":
+            if self.server is not None:
+                self.end_serve(crash=False)
+        elif k == "crash":
+            if self.server is not None:
+                self.end_serve(crash=True)
+        elif k == "snap":
+            if self.server is not None:
+                self.end_serve(crash=False)
+            name = f"s{len(self.snaps) + 1}"
+            with rbd.Image(self.env.ioctx, self.a) as im:
+                im.create_snap(name)
+            self.bimg.create_snap(name)
+            self.snaps.append(name)
+        elif k == "livesnap":
+            if self.server is None:
+                return self.apply(["snap"])
+            name = f"s{len(self.snaps) + 1}"
+            # librbd asks the lock owner (rados-nbd) to take the snapshot.
+            sh(["rbd", "snap", "create", "--no-progress", f"{POOL}/{self.a}@{name}"])
+            self.bimg.create_snap(name)
+            self.snaps.append(name)
+        elif k == "resize":
+            new = op[1]
+            if new == self.size:
+                return  # `rbd resize` refuses a resize to the same size
+            if self.server is not None:
+                sh(["rbd", "resize", "--allow-shrink", "--no-progress", "--size", f"{new}B",
+                    f"{POOL}/{self.a}"])
+                # Clients connected before a resize keep the old size: reconnect.
+                hang_up(self.h)
+                self.h = self.server.connect()
+                if self.h.get_size() != new:
+                    raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to {new}")
+            else:
+                sh(self.env.rn + ["resize", "--allow-shrink", "--size", str(new), f"{POOL}/{self.a}"])
+            self.bimg.resize(new)
+            self.size = new
+        elif k == "ro":
+            self.read_only_reader(op)
+        elif k == "oob":
+            self.ensure_served()
+            self.out_of_bounds()
+        else:
+            raise ValueError(f"unknown operation {op}")
+
+    def read_only_reader(self, op):
+        _, off, length, tag = op
+        ro = Server(self.serve_cmd(read_only=True), os.path.join(self.env.work, "ro.sock"),
+                    self.log)
+        if not ro.wait_ready():
+            raise Failure("ro serve start", f"exit {ro.proc.returncode}: {ro.tail()}")
+        try:
+            r = ro.connect()
+            data = diffops.pattern(tag, off, length)
+            self.h.pwrite(data, off)
+            self.h.flush()
+            self.bimg.write(data, off)
+            got = r.pread(length, off)
+            hang_up(r)
+            if got != data:
+                first = next(i for i in range(length) if got[i] != data[i])
+                raise Failure("ro read", f"serve --read-only opened before a write of "
+                              f"{off}+{length} (object {off >> self.geo.order}) reads "
+                              f"{'zeros' if got == bytes(length) else 'other data'} "
+                              f"(first difference at +{first})")
+        finally:
+            rc = ro.stop()
+        if rc != 0:
+            raise Failure("ro close", f"serve --read-only exited {rc}: {ro.tail()}")
+
+    def out_of_bounds(self):
+        off = self.size - diffops.SECTOR if self.size >= diffops.SECTOR else 0
+        try:
+            self.h.trim(2 * diffops.SECTOR, off, 0)
+        except nbd.Error as e:
+            if nbd_errno(e) != "EINVAL":
+                raise Failure("oob trim", f"TRIM past the end failed with errno {nbd_errno(e)}, "
+                              f"not EINVAL: {e}")
+            return
+        raise Failure("oob trim", "TRIM past the end succeeded")
+
+    # ------------------------------------------------------------------ comparison
+    def compare(self, where):
+        e = self.env
+        self.bimg.close()
+        try:
+            self._compare(where)
+        finally:
+            self.bimg = rbd.Image(e.ioctx, self.b)
+
+    def _open(self, name, snap=None):
+        return rbd.Image(self.env.ioctx, name, snapshot=snap, read_only=True)
+
+    def _compare(self, where):
+        e = self.env
+        points = self.snaps + [None]
+        state = {}
+        for name in (self.a, self.b):
+            per = {}
+            for snap in points:
+                with self._open(name, snap) as im:
+                    size = im.size()
+                    flags = im.flags()
+                    digest = hashlib.sha256(im.read(0, size)).hexdigest() if size else ""
+                    diffs = {}
+                    for frm in [None] + self.snaps[:points.index(snap)]:
+                        objs = []
+                        im.diff_iterate(0, size, frm,
+                                        lambda o, n, ex: objs.append((o >> self.geo.order, ex)),
+                                        whole_object=True)
+                        diffs[frm] = sorted(objs)
+                per[snap] = (size, flags, digest, diffs)
+            state[name] = per
+        for snap in points:
+            at = f"@{snap}" if snap else " head"
+            sa, sb = state[self.a][snap], state[self.b][snap]
+            if sa[1] != 0 or sb[1] != 0:
+                raise Failure("flags", f"{where}: flags{at}: rados-nbd image {sa[1]:#x}, "
+                              f"librbd image {sb[1]:#x}")
+            if sa[0] != sb[0]:
+                raise Failure("size", f"{where}: size{at}: {sa[0]} vs librbd {sb[0]}")
+            if sa[2] != sb[2]:
+                raise Failure("export", f"{where}: rbd export{at} differs")
+            for frm in sa[3]:
+                if sa[3][frm] != sb[3][frm]:
+                    only_a = sorted(set(sa[3][frm]) - set(sb[3][frm]))
+                    only_b = sorted(set(sb[3][frm]) - set(sa[3][frm]))
+                    # The kind tells apart a map that lost a change from one that
+                    # invented one, after a close or after a crash: different bugs.
+                    side = ("rados-nbd lists more" if only_a and not only_b else
+                            "librbd lists more" if only_b and not only_a else "both differ")
+                    raise Failure(f"diff{' --from-snap' if frm else ''} {where}: {side}",
+                                  f"{where}: rbd diff --whole-object"
+                                  f"{' --from-snap ' + frm if frm else ''}{at}: "
+                                  f"(object, exists) only from rados-nbd {only_a}, only from librbd {only_b}")
+        checks = [f"{POOL}/{self.a}"]
+        if e.long:
+            checks += [f"{POOL}/{self.a}@{s}" for s in self.snaps]
+        for spec in checks:
+            r = sh(["rbd", "object-map", "check", "--no-progress", spec], check=False)
+            with self._open(self.a, spec.partition("@")[2] or None) as im:
+                flags = im.flags()
+            # It exits 0 even when it finds the map wrong: it logs "object map error" and
+            # flags the map invalid, so both are looked at.
+            text = (r.stdout + r.stderr).decode(errors="replace")
+            if r.returncode != 0 or flags != 0 or "object map error" in text:
+                raise Failure("object-map check", f"{where}: rbd object-map check {spec}: exit "
+                              f"{r.returncode}, flags after it {flags:#x}: "
+                              f"{text.strip()[-300:]}")
+        du = {}
+        for name in (self.a, self.b):
+            out = json.loads(sh(["rbd", "du", "--format", "json", f"{POOL}/{name}"]).stdout)
+            du[name] = [(i.get("snapshot"), i["provisioned_size"], i["used_size"])
+                        for i in out["images"]]
+        if du[self.a] != du[self.b]:
+            raise Failure("du", f"{where}: rbd du: rados-nbd {du[self.a]}, librbd {du[self.b]}")
+
+    def finish(self):
+        """Ends whatever runs and removes both images (and their snapshots)."""
+        hang_up(self.h)
+        if self.server is not None:
+            # SIGTERM, not kill -9: a dead server's watch would hold up the removal (librbd
+            # refuses to remove an image with watchers) until the OSD times it out.
+            try:
+                self.server.stop(30)
+            except Failure:
+                try:
+                    self.blocklist_dead_watchers()
+                except Failure as f:
+                    print(f"note: {f}", file=sys.stderr)
+            self.server = None
+        try:
+            self.bimg.close()
+        except rbd.Error:
+            pass
+        for name in (self.a, self.b):
+            try:
+                with rbd.Image(self.env.ioctx, name) as im:
+                    for s in im.list_snaps():
+                        im.remove_snap(s["name"])
+                rbd.RBD().remove(self.env.ioctx, name)
+            except rbd.Error as ex:
+                print(f"note: could not remove {name}: {ex}", file=sys.stderr)
+
+
+TIMES = {}
+
+
+def run_sequence(env, geo, ops, label):
+    """None when the sequence passes, else the Failure (with the index of the operation)."""
+    run = Run(env, geo, label)
+    i = -1
+    try:
+        for i, op in enumerate(ops):
+            t = time.monotonic()
+            run.apply(op)
+            TIMES[op[0]] = TIMES.get(op[0], 0) + time.monotonic() - t
+        return None, run.serves
+    except Failure as f:
+        f.at = i
+        return f, run.serves
+    except (nbd.Error, rbd.Error, rados.Error) as ex:
+        f = Failure(f"error in {ops[i][0]}", str(ex))
+        f.at = i
+        return f, run.serves
+    finally:
+        run.finish()
+
+
+KNOWN = [
+    # (failure kind, operations present, hint)
+    ("diff --from-snap after close: librbd lists more", {"snap", "trim"},
+     "bug 1? partial TRIM of an EXISTS_CLEAN object left EXISTS_CLEAN"),
+    ("diff --from-snap after close: librbd lists more", {"snap", "zero"},
+     "bug 1? partial WRITE_ZEROES of an EXISTS_CLEAN object left EXISTS_CLEAN"),
+    ("ro read", {"ro"}, "bug 2? serve --read-only reads zeros for objects created after it opened"),
+    ("oob trim", {"oob"}, "TRIM past the end must be EINVAL"),
+]
+
+
+def hint(f, ops):
+    kinds = {o[0] for o in ops}
+    if "crash" in kinds and "snap" in kinds and (
+            f.kind.startswith("diff --from-snap after crash")
+            or f.kind in ("object-map check", "du")):
+        return "bug 4? the map rebuilt after a crash with snapshots marks unchanged objects EXISTS"
+    if "rados-nbd" in f.detail and ": exit -11:" in f.detail:
+        return ("rados-nbd died of SIGSEGV: seen in `rados-nbd resize` of an image nobody serves, "
+                "after its work, while the runtime shuts down (a librados messenger thread)")
+    if "livesnap" in kinds and "snap create" in f.detail:
+        return "rbd snap create while served: refused until rados-nbd answers as the lock owner"
+    if "snap" in kinds and f.kind == "diff after crash + reopen + close: rados-nbd lists more":
+        return ("bug 4b? the map rebuilt after a crash lists an object whose head was removed "
+                "after a snapshot (only its clone is left) as existing")
+    for kind, need, text in KNOWN:
+        if f.kind == kind and need <= kinds:
+            return text
+    return "not a known bug: investigate"
+
+
+def report(env, geo, seed, ops, f, budget):
+    print(f"# seed {seed}: {f} (operation {f.at + 1} of {len(ops)}); minimising...", flush=True)
+
+    def still_fails(cand):
+        g, _ = run_sequence(env, geo, cand, "minimise")
+        return g is not None and g.kind == f.kind
+
+    small = diffops.minimise(ops[:f.at + 1], still_fails, budget,
+                             log=lambda m: print(f"#   {m}", flush=True))
+    g, _ = run_sequence(env, geo, small, "final")
+    g = g or f
+    case = {"seed": seed, "order": geo.order, "objects": geo.size >> geo.order, "ops": small}
+    path = os.path.join(os.environ.get("DIFF_OUT", env.work), f"diff-seed{seed}.json")
+    with open(path, "w") as fh:
+        json.dump(case, fh)
+    print(f"FAIL differential seed {seed}: {g} [{hint(g, small)}]")
+    print(f"#   minimal ({len(small)} ops): {json.dumps(case, separators=(',', ':'))}")
+    print(f"#   replay: /usr/bin/python3 tests/ceph/differential.py --replay {path}")
+    return g.kind
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "32")))
+    ap.add_argument("--seed", type=int, default=int(os.environ.get("DIFF_SEED", "0")) or None)
+    ap.add_argument("--ops", type=int, default=0, help="operations per sequence (default 8..24)")
+    ap.add_argument("--long", action="store_true", help="bench-style: 500 sequences, longer ones, "
+                    "object-map check of every snapshot")
+    ap.add_argument("--replay", help="a JSON case printed by a failure")
+    ap.add_argument("--replay-json", help="the same, inline")
+    ap.add_argument("--no-minimise", action="store_true")
+    ap.add_argument("--kinds", default=os.environ.get("DIFF_KINDS", ""),
+                    help="comma-separated operation kinds to generate (default all)")
+    args = ap.parse_args()
+    env = Env(args)
+    budget = float(os.environ.get("DIFF_MINIMISE_S", "60"))
+    # Past this many seconds of the run, failures are printed as they are, unminimised.
+    total_budget = float(os.environ.get("DIFF_MINIMISE_UNTIL_S", "600"))
+    if args.replay or args.replay_json:
+        case = json.loads(open(args.replay).read() if args.replay else args.replay_json)
+        geo = diffops.Geometry(case["order"], case["objects"])
+        f, serves = run_sequence(env, geo, case["ops"], "replay")
+        if f:
+            print(f"FAIL differential replay: {f} [{hint(f, case['ops'])}]")
+            sys.exit(1)
+        print(f"PASS differential replay ({len(case['ops'])} ops, {serves} serves compared)")
+        sys.exit(0)
+    seqs = 500 if args.long and args.seqs == 32 else args.seqs
+    first = args.seed if args.seed is not None else int(time.time()) % 1000000
+    kinds = [k for k in args.kinds.split(",") if k] or None
+    t0 = time.monotonic()
+    failed_kinds = {}
+    total_serves = 0
+    for seed in range(first, first + seqs):
+        rng = random.Random(seed)
+        geo = diffops.random_geometry(rng)
+        n = args.ops or rng.randint(8, 48 if args.long else 24)
+        ops = diffops.generate(rng, geo, n, snapshots=True, kinds=kinds)
+        f, serves = run_sequence(env, geo, ops, str(seed))
+        total_serves += serves
+        if f is None:
+            continue
+        if f.kind in failed_kinds:
+            # Already reported and minimised once: a note, one FAIL line per kind.
+            print(f"# also seed {seed}: {f}")
+            failed_kinds[f.kind] += 1
+            continue
+        failed_kinds[f.kind] = 1
+        if args.no_minimise or time.monotonic() - t0 > total_budget:
+            print(f"FAIL differential seed {seed}: {f} [{hint(f, ops)}]")
+            print(f"#   {json.dumps({'seed': seed, 'order': geo.order, 'objects': geo.size >> geo.order, 'ops': ops[:f.at + 1]}, separators=(',', ':'))}")
+        else:
+            report(env, geo, seed, ops, f, budget)
+    secs = time.monotonic() - t0
+    print("# seconds by operation (with the comparisons they end in): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])))
+    if not failed_kinds:
+        subprocess.run(["rm", "-rf", env.work])
+        print(f"PASS differential: {seqs} sequences (seeds {first}..{first + seqs - 1}), "
+              f"{total_serves} serves compared with librbd's twin in {secs:.0f} s")
+    else:
+        print(f"# {seqs} sequences from seed {first} in {secs:.0f} s; failures by kind: {failed_kinds}")
+    sys.exit(1 if failed_kinds else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Seeded operation sequences for the differential tests, shared by
+tests/ceph/differential.py (rados-nbd vs librbd on a real cluster) and
+tests/clients/dir_model.py (the directory store vs an in-memory model).
+
+A sequence is a list of operations, each a JSON list whose first element names it, so that a
+failing sequence prints in one replayable line. The runners are lazy about state: an I/O
+operation starts a server when none runs, `close`/`crash` do nothing when none runs, and `snap`
+closes a running server first. Any subsequence is therefore a valid sequence, which is what
+the minimiser needs.
+
+  ["write", off, len, tag, fua]      data derived from (tag, offset): see pattern()
+  ["trim", off, len, fua]            NBD TRIM
+  ["zero", off, len, no_hole, fua]   NBD WRITE_ZEROES
+  ["flush"]
+  ["close"]                          SIGTERM the server: clean close, then compare
+  ["crash"]                          kill -9 the server, reopen it (the map is rebuilt), close
+  ["snap"]                           a snapshot between serves (stores with snapshots only)
+  ["livesnap"]                       `rbd snap create` while the writer serves: only when asked
+                                     for by name (kinds), as long as rados-nbd refuses it
+  ["resize", size]                   up or down, served (the owner does it) or not
+  ["ro", off, len, tag]              a read-only server opened while the writer serves; the
+                                     writer then writes (off, len) and the reader must see it
+  ["oob"]                            TRIM past the end must fail with EINVAL
+
+Offsets and lengths are multiples of 512 so that every client and server accepts them.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import nbd  # Debian's python3-libnbd: run with /usr/bin/python3
+
+SECTOR = 512
+
+
+def pattern(tag, off, length):
+    """Deterministic, position-dependent data: a byte pattern in which every 512-byte sector
+    names its tag and its offset, so a misplaced or stale sector is told apart."""
+    out = bytearray()
+    pos = off
+    while pos < off + length:
+        sec = pos - pos % SECTOR
+        head = b"%08x:%016x;" % (tag & 0xFFFFFFFF, sec)
+        block = (head * (SECTOR // len(head) + 1))[:SECTOR]
+        a = pos - sec
+        b = min(SECTOR, off + length - sec)
+        out += block[a:b]
+        pos = sec + b
+    return bytes(out)
+
+
+class Geometry:
+    def __init__(self, order, objects):
+        self.order = order
+        self.obj = 1 << order
+        self.size = objects * self.obj
+
+
+def random_geometry(rng):
+    # Small objects keep exports and reads cheap; one in five is the default 4 MiB.
+    order = rng.choice([16, 16, 17, 18, 22])
+    return Geometry(order, rng.randint(4, 8))
+
+
+def _extent(rng, size, obj):
+    """An extent biased towards the cases that matter for the object map: whole objects,
+    pieces of one object, ranges across a boundary, the tail of an object."""
+    nobj = max(1, size // obj)
+    o = rng.randrange(nobj)
+    kind = rng.random()
+    if kind < 0.3:  # whole object(s)
+        n = rng.choice([1, 1, 2])
+        off, length = o * obj, n * obj
+    elif kind < 0.65:  # inside one object
+        a = rng.randrange(obj // SECTOR) * SECTOR
+        b = rng.randrange(a // SECTOR + 1, obj // SECTOR + 1) * SECTOR
+        off, length = o * obj + a, b - a
+    elif kind < 0.8:  # the tail of an object (librbd truncates rather than punches)
+        a = rng.randrange(1, obj // SECTOR) * SECTOR
+        off, length = o * obj + a, obj - a
+    else:  # across a boundary
+        a = rng.randrange(1, obj // SECTOR) * SECTOR
+        off = o * obj + a
+        length = rng.randrange(1, 2 * obj // SECTOR) * SECTOR
+    off = min(off, size - SECTOR)
+    length = max(SECTOR, min(length, size - off, 32 << 20))
+    return off, length
+
+
+def generate(rng, geo, n_ops, snapshots=True, kinds=None):
+    """A sequence of n_ops operations for an image of geometry geo (its starting size).
+    kinds: the operation names allowed (default all)."""
+    allowed = set(kinds or ["write", "trim", "zero", "flush", "close", "crash", "snap",
+                            "resize", "ro", "oob"])
+    if not snapshots:
+        allowed -= {"snap", "livesnap"}
+    weights = {"write": 30, "trim": 14, "zero": 14, "flush": 4, "close": 8, "crash": 4,
+               "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4}
+    names = [k for k in weights if k in allowed]
+    size = geo.size
+    ops = []
+    tag = rng.randrange(1 << 16)
+    for _ in range(n_ops):
+        k = rng.choices(names, [weights[n] for n in names])[0]
+        if k == "write":
+            tag += 1
+            off, length = _extent(rng, size, geo.obj)
+            ops.append(["write", off, length, tag, rng.random() < 0.2])
+        elif k == "trim":
+            off, length = _extent(rng, size, geo.obj)
+            ops.append(["trim", off, length, rng.random() < 0.2])
+        elif k == "zero":
+            off, length = _extent(rng, size, geo.obj)
+            ops.append(["zero", off, length, rng.random() < 0.35, rng.random() < 0.2])
+        elif k == "resize":
+            # Whole objects and odd sizes, down to one object, up to twice the start.
+            objs = rng.randint(1, 2 * geo.size // geo.obj)
+            new = objs * geo.obj - (rng.choice([0, 0, 1]) * rng.randrange(1, geo.obj // SECTOR) * SECTOR)
+            size = max(SECTOR, new)
+            ops.append(["resize", size])
+        elif k == "ro":
+            tag += 1
+            off, length = _extent(rng, size, geo.obj)
+            ops.append(["ro", off, length, tag])
+        else:
+            ops.append([k])
+    ops.append(["close"])
+    return ops
+
+
+def minimise(ops, still_fails, budget_s, log=print):
+    """Delta debugging, greedy: drop chunks of operations (halves, quarters, ... single ones)
+    while still_fails(candidate) holds; stops after budget_s seconds with the smallest
+    sequence found so far."""
+    deadline = time.monotonic() + budget_s
+    cur = list(ops)
+    n = 2
+    while len(cur) >= 2 and time.monotonic() < deadline:
+        chunk = max(1, len(cur) // n)
+        removed = False
+        i = 0
+        while i < len(cur) and time.monotonic() < deadline:
+            cand = cur[:i] + cur[i + chunk:]
+            if cand and still_fails(cand):
+                cur = cand
+                removed = True
+                log(f"minimise: {len(cur)} operations")
+            else:
+                i += chunk
+        if not removed:
+            if chunk == 1:
+                break
+            n = min(len(cur), n * 2)
+    return cur
+
+
+def dumps(ops):
+    return json.dumps(ops, separators=(",", ":"))
+
+
+def clip(op, size):
+    """An I/O operation clipped to the image's size now (a minimised sequence may have lost
+    the resize its offsets were drawn for); None when nothing of it is left."""
+    off, length = op[1], op[2]
+    if off >= size:
+        return None
+    op = list(op)
+    op[2] = min(length, size - off)
+    return op
+
+
+class Failure(Exception):
+    """A difference between the server under test and the reference. kind is stable across
+    runs (the minimiser keeps a candidate only when it fails the same way)."""
+
+    def __init__(self, kind, detail):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class Server:
+    """One `rados-nbd serve` process on a Unix socket, ended by its pid only."""
+
+    def __init__(self, cmd, sock, log):
+        self.sock = sock
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+        self.log = log
+        with open(log, "ab") as f:
+            self.proc = subprocess.Popen(cmd + ["--socket", sock], stdin=subprocess.DEVNULL,
+                                         stdout=f, stderr=f)
+
+    def wait_ready(self, timeout=30):
+        """True once the socket exists; False when the process exited first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if os.path.exists(self.sock):
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.02)
+        self.kill()
+        raise Failure("serve start", f"no socket {self.sock} after {timeout} s")
+
+    def connect(self):
+        """An NBD handle connected to the server. The socket is bound (and its mode set)
+        before it listens: a connect in between is refused, so refusals are retried for a
+        while; a server that exited meanwhile is reported with its log."""
+        end = time.monotonic() + 10
+        while True:
+            h = nbd.NBD()
+            # Out-of-range requests must reach the server: its answer is what is tested.
+            h.set_strict_mode(0)
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            try:
+                h.connect_unix(self.sock)
+                return h
+            except nbd.Error as e:
+                if self.proc.poll() is not None:
+                    raise Failure("serve exited", f"exit {self.proc.returncode}: {self.tail()}")
+                if nbd_errno(e) not in ("ECONNREFUSED", 111) or time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, timeout=60):
+        """SIGTERM and wait: the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise Failure("close", f"no exit {timeout} s after SIGTERM")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def tail(self, n=3):
+        try:
+            with open(self.log, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            return " | ".join(lines[-n:])
+        except OSError:
+            return ""
+
+
+def hang_up(h):
+    """Disconnect an NBD handle, ignoring a server that is already gone."""
+    if h is None:
+        return
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
+def nbd_errno(e):
+    """libnbd's Error carries the errno's name ("EINVAL"), or None."""
+    return getattr(e, "errno", None)
