@@ -141,12 +141,13 @@ serve t1 --socket "$sock"
 check "data intact after restart" qemu-img compare -f raw -F raw "$src" "$uri"
 # Crash: kill -9 after acked writes. The flag stays set; the next open rebuilds the map.
 head -c $((1 << 20)) /dev/urandom > "$work/chunk"
-# A client still connected (no checkpoint can happen) writes, is acked without a flush, and
-# the daemon is killed.
-if hold "$work/chunk" 0; then pass "acked write before crash (no flush)"; else fail "acked write before crash (no flush)"; fi
+# A client still connected (no checkpoint can happen) writes into a new object (object 25:
+# after a checkpoint only a map-changing write sets the flag again), is acked without a
+# flush, and the daemon is killed.
+if hold "$work/chunk" $((100 << 20)); then pass "acked write before crash (no flush)"; else fail "acked write before crash (no flush)"; fi
 kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; rm -f "$sock"
 kill "$HOLD_PID"; wait "$HOLD_PID" 2>/dev/null
-dd if="$work/chunk" of="$src" conv=notrunc status=none
+dd if="$work/chunk" of="$src" bs=1M seek=100 conv=notrunc status=none
 check "crashed daemon leaves object map invalid" bash -c "'$BIN' info t1 | grep -q 'object map invalid'"
 serve t1 --socket "$sock"
 check "after crash: acked data intact" qemu-img compare -f raw -F raw "$src" "$uri"
@@ -229,7 +230,7 @@ check_fails "existing image not created twice" "$BIN" create --size 1M t1
 # RBD namespaces exist on the Ceph store only: refused by name, not as a bad image name.
 for cmd in "create --size 1M rbd/ns1/t1" "info rbd/ns1/t1" "ls rbd/ns1"; do
   out=$("$BIN" $cmd 2>&1); rc=$?
-  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'namespace ns1 .*Ceph store only'; then
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'namespace ns1.*Ceph store only'; then
     pass "dir store: '$cmd' refused naming the namespace"; else fail "dir store: '$cmd'" "rc=$rc: $out"; fi
 done
 after=$(find "$RADOS_NBD_STORE" -type f -printf '%p %s %T@\n' | sort | sha256sum)
