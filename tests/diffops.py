@@ -14,6 +14,18 @@ the minimiser needs.
   ["flush"]
   ["close"]                          SIGTERM the server: clean close, then compare
   ["crash"]                          kill -9 the server, reopen it (the map is rebuilt), close
+  ["slowcrash"]                      the same (starting a server if none runs), but the reopen
+                                     must itself wait (bounded) for the dead server's watch to
+                                     expire: one open, no retry, no help
+  ["takeover", off, len, tag_1, tag_a, tag_b, early]
+                                     the server A writes tag_1 (acked: A's map has the object,
+                                     its next write there needs no map update, which the OSD
+                                     would refuse to a lock loser); SIGSTOP A with a write of
+                                     tag_a queued in its socket; a second server B takes the
+                                     lock over (at once when early, else once the OSD dropped
+                                     A's watch), writes tag_b at the same place (acked); A is
+                                     continued: its queued write must fail and never land over
+                                     tag_b. B serves on
   ["snap"]                           a snapshot between serves (stores with snapshots only)
   ["livesnap"]                       `rbd snap create` while the writer serves: only when asked
                                      for by name (kinds), as long as rados-nbd refuses it
@@ -23,6 +35,10 @@ the minimiser needs.
   ["oob"]                            TRIM past the end must fail with EINVAL
 
 Offsets and lengths are multiples of 512 so that every client and server accepts them.
+
+slowcrash and takeover cost a watch timeout each (15 s on the test cluster): they are never
+drawn by weight unless named in kinds; a run asks for them with `rare` instead, once in a
+sequence (see rare_ops()).
 """
 
 import json
@@ -90,21 +106,33 @@ def _extent(rng, size, obj):
     return off, length
 
 
-def generate(rng, geo, n_ops, snapshots=True, kinds=None):
+def rare_ops(seed, long=False):
+    """The slow operations a sequence of the default mix gets, by its seed: one sequence in
+    32 gets a slowcrash and another a takeover (so a default run of 32 consecutive seeds has
+    each exactly once, about 40 s in all), one in 16 each with --long."""
+    period = 16 if long else 32
+    return {7: ["slowcrash"], period * 3 // 4 - 1: ["takeover"]}.get(seed % period, [])
+
+
+def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=()):
     """A sequence of n_ops operations for an image of geometry geo (its starting size).
-    kinds: the operation names allowed (default all)."""
+    kinds: the operation names allowed (default all but the slow ones and livesnap).
+    rare: operations added once each at a random place (the random draws of a sequence
+    without them are unchanged, so seeds replay as before)."""
     allowed = set(kinds or ["write", "trim", "zero", "flush", "close", "crash", "snap",
                             "resize", "ro", "oob"])
     if not snapshots:
         allowed -= {"snap", "livesnap"}
     weights = {"write": 30, "trim": 14, "zero": 14, "flush": 4, "close": 8, "crash": 4,
-               "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4}
+               "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4, "slowcrash": 1,
+               "takeover": 1}
     names = [k for k in weights if k in allowed]
     size = geo.size
     ops = []
     tag = rng.randrange(1 << 16)
-    for _ in range(n_ops):
-        k = rng.choices(names, [weights[n] for n in names])[0]
+    places = {rng.randrange(n_ops): k for k in rare}
+    for i in range(n_ops):
+        k = places.get(i) or rng.choices(names, [weights[n] for n in names])[0]
         if k == "write":
             tag += 1
             off, length = _extent(rng, size, geo.obj)
@@ -125,6 +153,12 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None):
             tag += 1
             off, length = _extent(rng, size, geo.obj)
             ops.append(["ro", off, length, tag])
+        elif k == "takeover":
+            tag += 3
+            off, length = _extent(rng, size, geo.obj)
+            # Small enough to sit whole in the stopped server's socket buffer.
+            ops.append(["takeover", off, min(length, 64 << 10), tag - 2, tag - 1, tag,
+                        rng.random() < 0.5])
         else:
             ops.append([k])
     ops.append(["close"])

@@ -28,13 +28,20 @@ Operations and their twins (tests/diffops.py makes the sequences):
   ro               `serve --read-only` opened while the writer serves; the writer then writes
                    and the reader must read it back
   oob              TRIM past the end: EINVAL
+  slowcrash        kill -9, then one reopen with no help (crash blocklists the dead client by
+                   hand to be fast): it must wait for the dead watch and serve within 45 s
+  takeover         A writes P_1 (acked), is SIGSTOPped with a write P_A of the same place
+                   queued in its socket; B opens the image (at
+                   once, or once the OSD dropped A's watch), takes the lock over and writes
+                   P_B at the same place (acked); A continued: the queued write must fail with
+                   EIO and the place read P_B. B then serves the rest. Twin: only P_B
 
 A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
 geometry as one JSON object; `--replay FILE` (or `--replay-json '...'`) runs it again.
 
 Environment: CEPH_CONF (admin keyring in it), CEPH_NBD_ID/CEPH_NBD_KEYRING (the daemon's
 restricted client, optional), RADOS_NBD_BIN, DIFF_SEQS (sequences, default 32: about 4 minutes
-when all pass), DIFF_SEED (first seed, default: from the clock), DIFF_KINDS (operations to
+when all pass; seeds 7 and 23 mod 32 get a slowcrash and a takeover, see diffops.rare_ops), DIFF_SEED (first seed, default: from the clock), DIFF_KINDS (operations to
 generate, default all but livesnap), DIFF_MINIMISE_S (seconds per minimisation, default 60),
 DIFF_MINIMISE_UNTIL_S (no minimisation after this many seconds of the run, default 600),
 DIFF_OUT (where failing cases are written, default the run's temporary directory).
@@ -45,6 +52,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +70,9 @@ POOL = "rbd"
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
 CLI_TIMEOUT = 120
+# How long a reopen may wait for a dead or stopped owner's watch: the OSD drops it after
+# osd_client_watch_timeout (15 s on the test cluster), rados-nbd's wait is bounded by 30 s.
+TAKEOVER_BOUND_S = 45
 
 
 def sh(args, timeout=CLI_TIMEOUT, check=True):
@@ -114,6 +125,8 @@ class Run:
         self.bimg = rbd.Image(env.ioctx, self.b)
         self.server = None
         self.h = None
+        # Servers besides self.server (a stopped A during a takeover), ended by finish().
+        self.others = []
         self.snaps = []
         self.serves = 0
         self.log = os.path.join(env.work, f"{base}.serve.log")
@@ -123,10 +136,21 @@ class Run:
     def serve_cmd(self, read_only=False):
         return self.env.rn + ["serve", f"{POOL}/{self.a}"] + (["--read-only"] if read_only else [])
 
-    def start(self):
-        s = Server(self.serve_cmd(), os.path.join(self.env.work, "a.sock"), self.log)
-        if not s.wait_ready():
-            raise Failure("serve start", f"exit {s.proc.returncode}: {s.tail()}")
+    def start(self, bound=None, kind="serve start", sock="a.sock"):
+        """Serve A. bound: seconds the open may take (waiting for a dead owner's watch)."""
+        s = Server(self.serve_cmd(), os.path.join(self.env.work, sock), self.log)
+        t = time.monotonic()
+        try:
+            ready = s.wait_ready(bound + 15 if bound else 30)
+        except Failure as f:
+            raise Failure(kind, f.detail)
+        if not ready:
+            raise Failure(kind, f"exit {s.proc.returncode} after {time.monotonic() - t:.1f} s: "
+                          f"{s.tail(1 if bound else 3)}")
+        if bound and time.monotonic() - t > bound:
+            s.kill()
+            raise Failure(f"{kind} late", f"the open took {time.monotonic() - t:.0f} s, "
+                          f"more than {bound} s")
         self.server = s
         self.h = s.connect()
         got = self.h.get_size()
@@ -163,15 +187,19 @@ class Run:
         if self.server is None:
             self.start()
 
-    def end_serve(self, crash):
+    def end_serve(self, crash, slow=False):
         hang_up(self.h) if not crash else None
         self.h = None
         if crash:
             self.server.kill()
             self.server = None
-            self.blocklist_dead_watchers()
-            # Reopen: a crash leaves the dirty flag, the open rebuilds the map; then close.
-            self.start()
+            if slow:
+                # One open that must wait for the dead watch itself (bug 5: it was refused).
+                self.start(bound=TAKEOVER_BOUND_S, kind="slowcrash: reopen after kill -9")
+            else:
+                self.blocklist_dead_watchers()
+                # Reopen: a crash leaves the dirty flag, the open rebuilds the map; then close.
+                self.start()
             hang_up(self.h)
             self.h = None
         rc = self.server.stop()
@@ -217,6 +245,15 @@ class Run:
         elif k == "crash":
             if self.server is not None:
                 self.end_serve(crash=True)
+        elif k == "slowcrash":
+            # Always run: it is rare, and a serve to kill is cheap.
+            self.ensure_served()
+            self.end_serve(crash=True, slow=True)
+        elif k == "takeover":
+            op = clip(op, self.size)
+            if op is not None:
+                self.ensure_served()
+                self.takeover(op)
         elif k == "snap":
             if self.server is not None:
                 self.end_serve(crash=False)
@@ -281,6 +318,78 @@ class Run:
             rc = ro.stop()
         if rc != 0:
             raise Failure("ro close", f"serve --read-only exited {rc}: {ro.tail()}")
+
+    def takeover(self, op):
+        """Two writers after a lock takeover (bug 3): nothing the stopped owner had queued may
+        land over the new owner's acknowledged write."""
+        _, off, length, tag_1, tag_a, tag_b, early = op
+        a, ha = self.server, self.h
+        p_a, p_b = diffops.pattern(tag_a, off, length), diffops.pattern(tag_b, off, length)
+        # P_1 first, acked: the objects are in A's map, so the queued write needs no map
+        # update (the OSD refuses one from a client that lost the lock, which would hide
+        # the bug): nothing but fencing keeps it from landing.
+        p_1 = diffops.pattern(tag_1, off, length)
+        ha.pwrite(p_1, off)
+        self.bimg.write(p_1, off)
+        a_watch = self.watchers()
+        # A stays listed until it exited: finish() continues and ends it if this fails.
+        self.others.append(a)
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            # kill() returns before every thread has stopped: the write must find A stopped.
+            end = time.monotonic() + 10
+            while not stopped(a.proc.pid):
+                if time.monotonic() > end:
+                    raise Failure("takeover: SIGSTOP", "A's threads still run 10 s after it")
+                time.sleep(0.01)
+            cookie = ha.aio_pwrite(p_a, off)
+            ha.poll(0)  # into A's socket now
+            if not early:
+                # The issue's sequence: B opens only after the OSD dropped A's watch.
+                end = time.monotonic() + TAKEOVER_BOUND_S
+                while set(a_watch) & set(self.watchers()):
+                    if time.monotonic() > end:
+                        raise Failure("takeover: A's watch", f"stopped A's watch {a_watch} is "
+                                      f"still there after {TAKEOVER_BOUND_S} s")
+                    time.sleep(0.2)
+            # Else B must wait for A's watch itself, then fence A and break its lock.
+            self.server, self.h = None, None
+            self.start(bound=TAKEOVER_BOUND_S, kind="takeover: B opens", sock="b.sock")
+            self.h.pwrite(p_b, off, nbd.CMD_FLAG_FUA)
+            self.bimg.write(p_b, off)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        result = None
+        end = time.monotonic() + 60
+        while result is None:
+            try:
+                if ha.aio_command_completed(cookie):
+                    result = "acked"
+            except nbd.Error as e:
+                result = nbd_errno(e) or str(e)
+            if result is None:
+                if time.monotonic() > end:
+                    result = "no answer in 60 s"
+                else:
+                    ha.poll(500)
+        got = self.h.pread(length, off)
+        if got != p_b:
+            landed = got == p_a
+            raise Failure("takeover: P_A landed over P_B" if landed else "takeover: X != P_B",
+                          f"{off}+{length} (object {off >> self.geo.order}) reads "
+                          f"{'P_A, the write queued in the stopped owner' if landed else 'neither P_B nor P_A'}"
+                          f" after B's acked write of P_B (A's queued write: {result})")
+        if result != "EIO":
+            raise Failure("takeover: A's queued write not EIO",
+                          f"the write queued in stopped A ended: {result}, not EIO")
+        hang_up(ha)
+        # A is fenced: its close cannot write; how it exits is fencing.sh's business.
+        a.stop(30)
+        self.others.remove(a)
+        # Its blocklist entry is of no use any more (the cluster may serve many runs).
+        for addr in a_watch:
+            cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
+            self.env.cluster.mon_command(cmd, b"", timeout=30)
 
     def out_of_bounds(self):
         off = self.size - diffops.SECTOR if self.size >= diffops.SECTOR else 0
@@ -372,6 +481,13 @@ class Run:
     def finish(self):
         """Ends whatever runs and removes both images (and their snapshots)."""
         hang_up(self.h)
+        for s in self.others:
+            # SIGTERM, for the same reason as below.
+            s.proc.send_signal(signal.SIGCONT)
+            try:
+                s.stop(30)
+            except Failure:
+                pass
         if self.server is not None:
             # SIGTERM, not kill -9: a dead server's watch would hold up the removal (librbd
             # refuses to remove an image with watchers) until the OSD times it out.
@@ -395,6 +511,18 @@ class Run:
                 rbd.RBD().remove(self.env.ioctx, name)
             except rbd.Error as ex:
                 print(f"note: could not remove {name}: {ex}", file=sys.stderr)
+
+
+def stopped(pid):
+    """Every thread of pid is stopped (state T)."""
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "T":
+                    return False
+        except FileNotFoundError:
+            pass
+    return True
 
 
 TIMES = {}
@@ -441,6 +569,15 @@ def hint(f, ops):
     if "rados-nbd" in f.detail and ": exit -11:" in f.detail:
         return ("rados-nbd died of SIGSEGV: seen in `rados-nbd resize` of an image nobody serves, "
                 "after its work, while the runtime shuts down (a librados messenger thread)")
+    if f.kind.startswith("slowcrash: reopen after kill -9"):
+        return ("bug 5? the reopen after kill -9 was refused (\"retry later\") or took too long "
+                "instead of waiting, bounded, for the dead owner's watch to expire")
+    if f.kind.startswith("takeover: B opens"):
+        return "bug 5? the new owner was refused while the stopped owner's watch lingered"
+    if f.kind in ("takeover: P_A landed over P_B", "takeover: X != P_B",
+                  "takeover: A's queued write not EIO"):
+        return ("bug 3? the lock was broken without fencing (blocklisting) the stopped owner "
+                "first: its queued write landed over the new owner's acknowledged one")
     if "livesnap" in kinds and "snap create" in f.detail:
         return "rbd snap create while served: refused until rados-nbd answers as the lock owner"
     if "snap" in kinds and f.kind == "diff after crash + reopen + close: rados-nbd lists more":
@@ -509,7 +646,9 @@ def main():
         rng = random.Random(seed)
         geo = diffops.random_geometry(rng)
         n = args.ops or rng.randint(8, 48 if args.long else 24)
-        ops = diffops.generate(rng, geo, n, snapshots=True, kinds=kinds)
+        # The slow operations go to a few seeds of the default mix; --kinds names them.
+        ops = diffops.generate(rng, geo, n, snapshots=True, kinds=kinds,
+                               rare=[] if kinds else diffops.rare_ops(seed, args.long))
         f, serves = run_sequence(env, geo, ops, str(seed))
         total_serves += serves
         if f is None:
