@@ -21,7 +21,7 @@ stored image is compared with the model: every byte read through a `serve --read
 stored object map (rbd_object_map.<id>, decoded here) object by object, `object-map check`,
 `du --format json` (used size) and `info --format json` (no flags left).
 
-Environment: RADOS_NBD_BIN, DIFF_SEQS (default 100: about 2 minutes), DIFF_SEED, DIFF_KINDS,
+Environment: RADOS_NBD_BIN, DIFF_SEQS (default 300: about 3 minutes), DIFF_SEED, DIFF_KINDS,
 DIFF_MINIMISE_S (default 60), DIFF_OUT.
 """
 
@@ -287,7 +287,7 @@ def run_sequence(bin_, work, geo, ops):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "100")))
+    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "300")))
     ap.add_argument("--seed", type=int, default=int(os.environ.get("DIFF_SEED", "0")) or None)
     ap.add_argument("--long", action="store_true", help="1000 sequences, longer ones")
     ap.add_argument("--replay", help="a JSON case printed by a failure")
