@@ -687,6 +687,11 @@ struct LockState {
     /// The AcquiredLock notify sent after taking the lock: `close` waits for it, so no
     /// notify of ours is still out when the handle (and maybe the cluster) goes.
     acquired_notify: Option<tokio::task::JoinHandle<()>>,
+    /// The `watch_events` task: `close` stops it and waits for it, so it holds no
+    /// reference to the handle (a header refresh still out, say) once close returns. A
+    /// task dropped at runtime shutdown with the last reference would shut the cluster
+    /// connection down under that operation (a SIGSEGV in librados' messenger thread).
+    events: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -763,8 +768,9 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
         cookie,
         stop: stop_tx,
         acquired_notify: None,
+        events: None,
     });
-    tokio::spawn(watch_events(Arc::downgrade(inner), rx, tx, stop_rx));
+    let events = tokio::spawn(watch_events(Arc::downgrade(inner), rx, tx, stop_rx));
     // Tell waiting librbd clients, as librbd does; nobody has to answer.
     let meta = inner.meta.clone();
     let oid = inner.hdr_oid.clone();
@@ -774,6 +780,7 @@ async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     });
     if let Some(st) = state.as_mut() {
         st.acquired_notify = Some(acquired_notify);
+        st.events = Some(events);
     }
     Ok(())
 }
@@ -1691,6 +1698,11 @@ impl ImageStore for CephImage {
         // watch still answers it); it ends within its own timeout.
         if let Some(n) = state.acquired_notify {
             let _ = n.await;
+        }
+        // The event task sees `stop` once what it is doing (a header refresh) is done;
+        // a re-registration in progress may take longer, so the wait is bounded.
+        if let Some(ev) = state.events {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ev).await;
         }
         if i.is_fenced() {
             // The lock is someone else's now: no unlock, no notify. Only our watch is

@@ -51,6 +51,7 @@ extern "C" {
     ) -> c_int;
     fn rados_connect(cluster: rados_t) -> c_int;
     fn rados_shutdown(cluster: rados_t);
+    fn rados_watch_flush(cluster: rados_t) -> c_int;
     fn rados_get_instance_id(cluster: rados_t) -> u64;
     fn rados_blocklist_add(
         cluster: rados_t,
@@ -425,6 +426,11 @@ impl Drop for Rados {
                 in_flight()
             );
         }
+        // Watch and notify callbacks still running or queued (a header update we sent to
+        // our own watch, a notify completing) must be done before the handle goes:
+        // librados' own advice before shutting down.
+        // SAFETY: the handle is live until rados_shutdown below.
+        unsafe { rados_watch_flush(self.h) };
         // SAFETY: the handle was created by rados_create and is dropped once.
         unsafe { rados_shutdown(self.h) }
     }
