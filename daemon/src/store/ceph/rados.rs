@@ -404,6 +404,9 @@ pub struct ConnectOptions {
 /// A connected cluster handle (`rados_t`).
 pub struct Rados {
     h: rados_t,
+    /// rados_connect succeeded: only then are there watch/notify callbacks to flush (and
+    /// rados_watch_flush on a handle that never connected crashes).
+    connected: bool,
 }
 
 // SAFETY: librados handles are thread-safe (the C API is used from many threads by design).
@@ -429,8 +432,10 @@ impl Drop for Rados {
         // Watch and notify callbacks still running or queued (a header update we sent to
         // our own watch, a notify completing) must be done before the handle goes:
         // librados' own advice before shutting down.
-        // SAFETY: the handle is live until rados_shutdown below.
-        unsafe { rados_watch_flush(self.h) };
+        if self.connected {
+            // SAFETY: the handle is live and connected until rados_shutdown below.
+            unsafe { rados_watch_flush(self.h) };
+        }
         // SAFETY: the handle was created by rados_create and is dropped once.
         unsafe { rados_shutdown(self.h) }
     }
@@ -460,7 +465,10 @@ impl Rados {
         if r < 0 {
             return Err(rados_error("create cluster handle for", "client", r));
         }
-        let cluster = Rados { h };
+        let mut cluster = Rados {
+            h,
+            connected: false,
+        };
         let conf = opts
             .conf
             .as_deref()
@@ -505,6 +513,7 @@ impl Rados {
         if r < 0 {
             return Err(connect_error(&cluster, opts, r));
         }
+        cluster.connected = true;
         Ok(Arc::new(cluster))
     }
 
