@@ -82,8 +82,10 @@ else
   check "fsck clean after the cycle" fsck.ext4 -fn "$A"
   mount "$A" "$W/mnt"
   # A busy filesystem is not pulled away: unmap fails for it and leaves it mapped.
-  ( cd "$W/mnt" && sleep 30 ) & busy=$!
-  sleep 1
+  # Busy once a process works in it: wait for its cwd rather than a fixed second (a loaded
+  # emulated guest can take longer than that to start it).
+  ( cd "$W/mnt" && exec sleep 30 ) & busy=$!
+  for _ in $(seq 1 100); do [ "$(readlink /proc/$busy/cwd)" = "$W/mnt" ] && break; sleep 0.1; done
   "$NBDMAP" unmap >"$W/unmap2.log" 2>&1; rc=$?
   check "unmap with a busy mount: exit 1, mount and device kept" \
     bash -c "[ $rc = 1 ] && mountpoint -q '$W/mnt' && [ '$(dev_of rbd/a)' = '$A' ]"

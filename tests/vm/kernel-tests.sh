@@ -64,7 +64,7 @@ check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/n
 # The driver rounds max_part up to a power of two minus one: 4 becomes 7 (its default, 16,
 # would show as 31).
 check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
-check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
+check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "image flagged dirty while mapped" dirty rbd/ext
 check "daemon runs in its own session" bash -c "p=\$(sed -n 's/.*\"pid\": *\([0-9]*\).*/\1/p' /run/rados-nbd/${dev#/dev/}.json); [ \$(ps -o sid= -p \$p) = \$p ]"
@@ -186,7 +186,7 @@ check "detach" "$B" detach "$dev"
 check "detach: old daemon gone" dead "$pid"
 check "detach: image closed cleanly" clean rbd/ext
 check "detach: device still configured" test "$(cat /sys/block/${dev#/dev/}/size)" != 0
-check "list-mapped shows it detached" bash -c "'$B' list-mapped | grep -E '^detached +rbd +ext .*$dev'"
+check "list-mapped shows it detached" bash -c "'$B' list-mapped | grep -E '^detached +rbd +- +ext .*$dev'"
 check "attach refuses another image" bash -c "! '$B' attach --device $dev rbd/misc"
 # I/O issued while detached waits in the kernel until attach.
 (dd if=/dev/urandom of=$MNT/during-detach bs=1M count=4 conv=fsync status=none && echo ok >/tmp/dd-during) &
