@@ -89,7 +89,10 @@ run_counted() {
     esac
   done <"$out"
   if [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$out"; then
-    fail "$(basename "${2:-$1}")" "exit $rc: $(tail -3 "$out" | tr '\n' ' ')"
+    # Name the program: the first script among the arguments (past `timeout -k 10 N PY`).
+    local name=$1 a
+    for a in "$@"; do case $a in *.py|*.sh) [ -f "$a" ] && { name=$a; break; } ;; esac; done
+    fail "$(basename -- "$name")" "exit $rc: $(tail -3 "$out" | tr '\n' ' ')"
   fi
   rm -f "$out"
 }

@@ -13,5 +13,5 @@ for m in rbd rados nbd; do
   "$PY" -c "import $m" 2>/dev/null || { fail "differential: python module $m missing (tests/deps.sh installs it)"; t_summary; exit 1; }
 done
 # The whole run is bounded: a hung client or server cannot stall the suite.
-run_counted timeout -k 10 "${DIFF_TIMEOUT:-1500}" "$PY" "$here/differential.py" "$@"
+run_counted timeout -k 10 "${DIFF_TIMEOUT:-1500}" "$PY" -u "$here/differential.py" "$@"
 t_summary

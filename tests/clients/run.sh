@@ -241,6 +241,6 @@ check "rm leaves no data objects" test "$(find "$RADOS_NBD_STORE" -name 'rbd_*' 
 # The directory store against an in-memory model: seeded sequences of writes, trims, zeroes,
 # closes, kill -9s, resizes and read-only opens, shared with the Ceph differential test
 # (tests/diffops.py). DIFF_SEQS sets the budget; `dir_model.py --long` the bench-style mode.
-run_counted timeout -k 10 "${DIFF_TIMEOUT:-900}" "$PY" "$here/dir_model.py"
+run_counted timeout -k 10 "${DIFF_TIMEOUT:-900}" "$PY" -u "$here/dir_model.py"
 
 t_summary
