@@ -1,0 +1,173 @@
+//! The control socket, this store's stand-in for a Ceph header watch: the holder of an
+//! image's exclusive lock takes requests (resize) from other processes through it.
+
+use super::header::read_image_id;
+use super::{lock, DirStore, Inner};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+pub(super) struct ControlSocket {
+    path: PathBuf,
+    task: tokio::task::AbortHandle,
+}
+
+impl ControlSocket {
+    /// Stops taking requests and removes the socket file.
+    pub(super) fn stop(self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Inner {
+    /// Starts taking requests on the control socket: the exclusive lock holder only, once.
+    pub(super) fn take_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::OwnerRequest>> {
+        if !self.exclusive || self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut ctl = lock(&self.ctl);
+        if ctl.is_some() {
+            return None;
+        }
+        let path = control_path(&self.pool_dir, &self.id);
+        // We hold the exclusive lock: a socket file left here is a dead holder's.
+        let _ = std::fs::remove_file(&path);
+        let bound = std::os::unix::net::UnixListener::bind(&path).and_then(|l| {
+            // Whoever may resize the image may also write it: the owner only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        });
+        let listener = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "{}: no control socket, so `rados-nbd resize` cannot reach this process: {e}",
+                    path.display()
+                );
+                return None;
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(serve_control(listener, tx)).abort_handle();
+        *ctl = Some(ControlSocket { path, task });
+        Some(rx)
+    }
+}
+
+/// Where the holder of image `id`'s exclusive lock listens for requests.
+fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
+    pool_dir.join(format!("rbd_header.{id}.ctl"))
+}
+
+/// The control socket's protocol: one request line, one answer line.
+/// `resize SIZE 0|1` (1: shrinking allowed) → `ok` or `error MESSAGE`.
+fn parse_control_request(line: &str) -> std::result::Result<(u64, bool), String> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w[..] {
+        ["resize", size, shrink] => {
+            let size = size
+                .parse::<u64>()
+                .map_err(|_| format!("bad size {size:?}"))?;
+            let shrink = match shrink {
+                "0" => false,
+                "1" => true,
+                _ => return Err(format!("bad allow-shrink {shrink:?}")),
+            };
+            Ok((size, shrink))
+        }
+        _ => Err(format!("unknown request {:?}", line.trim_end())),
+    }
+}
+
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    tx: tokio::sync::mpsc::UnboundedSender<crate::store::OwnerRequest>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            let mut line = String::new();
+            // A request line is short; a client that sends more is not a client of ours.
+            let mut rd = BufReader::new(tokio::io::AsyncReadExt::take(rd, 256));
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match parse_control_request(&line) {
+                Err(e) => format!("error {e}\n"),
+                Ok((size, allow_shrink)) => {
+                    let (done, rx) = tokio::sync::oneshot::channel();
+                    let req = crate::store::OwnerRequest::Resize {
+                        size,
+                        allow_shrink,
+                        done,
+                    };
+                    match tx.send(req) {
+                        Err(_) => "error the image is closing\n".to_string(),
+                        Ok(()) => match rx.await {
+                            Ok(Ok(())) => "ok\n".to_string(),
+                            Ok(Err(e)) => format!("error {}\n", e.to_string().replace('\n', " ")),
+                            Err(_) => "error the image closed first\n".to_string(),
+                        },
+                    }
+                }
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+        });
+    }
+}
+
+/// Asks the process holding `spec`'s exclusive lock (a `serve` or `map` daemon) to
+/// resize it, through its control socket, and waits for the outcome.
+pub async fn ask_holder_to_resize(
+    store: &DirStore,
+    spec: &ImageSpec,
+    size: u64,
+    allow_shrink: bool,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    store.no_namespace(spec, &spec.namespace)?;
+    let pool_dir = store.pool_dir(&spec.pool);
+    let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+        return Err(store.not_found(spec));
+    };
+    let path = control_path(&pool_dir, &id);
+    let busy = |why: String| {
+        Error::new(
+            ErrorKind::Busy,
+            format!("image {spec} is in use and its holder takes no requests ({why}); stop it and resize again"),
+        )
+    };
+    let conn = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| busy(format!("{}: {e}", path.display())))?;
+    let (rd, mut wr) = conn.into_split();
+    wr.write_all(format!("resize {size} {}\n", u8::from(allow_shrink)).as_bytes())
+        .await
+        .map_err(|e| busy(format!("{}: {e}", path.display())))?;
+    let mut line = String::new();
+    BufReader::new(rd)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| Error::io(format!("reading the answer on {}", path.display()), e))?;
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "ok" => Ok(()),
+        Some(("error", msg)) => Err(Error::new(ErrorKind::Io, msg.to_string())),
+        _ => Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "the holder of {spec} ended without an answer (it may have exited); check `rados-nbd info {spec}`"
+            ),
+        )),
+    }
+}

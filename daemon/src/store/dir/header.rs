@@ -1,0 +1,196 @@
+//! The image's metadata files, JSON so that a human (or a test) can read them: the header,
+//! the `rbd_id.<name>` files and the pool's image directory. All are replaced atomically:
+//! temporary file, fsync, rename, directory fsync.
+
+use super::{lock, Inner};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{ImageHeader, SnapInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+
+pub const MIN_ORDER: u8 = 12;
+pub const MAX_ORDER: u8 = 25;
+
+const DIRECTORY: &str = "rbd_directory";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct SnapRecord {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) size: u64,
+}
+
+/// The on-disk header. JSON so that a human (or a test) can read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct HeaderFile {
+    pub(super) format: u32,
+    pub(super) id: String,
+    pub(super) size: u64,
+    pub(super) order: u8,
+    pub(super) object_prefix: String,
+    pub(super) features: u64,
+    pub(super) flags: u64,
+    pub(super) snap_seq: u64,
+    #[serde(default)]
+    pub(super) snapshots: Vec<SnapRecord>,
+    #[serde(default)]
+    pub(super) metadata: BTreeMap<String, String>,
+}
+
+impl HeaderFile {
+    pub(super) fn to_header(&self) -> ImageHeader {
+        ImageHeader {
+            id: self.id.clone(),
+            size: self.size,
+            order: self.order,
+            object_prefix: self.object_prefix.clone(),
+            features: self.features,
+            flags: self.flags,
+            snap_seq: self.snap_seq,
+            snaps: self
+                .snapshots
+                .iter()
+                .map(|s| SnapInfo {
+                    id: s.id,
+                    name: s.name.clone(),
+                    size: s.size,
+                })
+                .collect(),
+        }
+    }
+}
+
+pub(super) fn parse_header(path: &Path, id: &str, bytes: &[u8]) -> Result<HeaderFile> {
+    let corrupt = |why: String| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("corrupt image header {}: {why}", path.display()),
+        )
+    };
+    let h: HeaderFile = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if h.format != 1 {
+        return Err(corrupt(format!("unknown header format {}", h.format)));
+    }
+    if h.id != id {
+        return Err(corrupt(format!(
+            "header names id {:?}, expected {id:?}",
+            h.id
+        )));
+    }
+    if !(MIN_ORDER..=MAX_ORDER).contains(&h.order) {
+        return Err(corrupt(format!(
+            "order {} out of range {MIN_ORDER}..={MAX_ORDER}",
+            h.order
+        )));
+    }
+    if h.object_prefix.is_empty() || h.object_prefix.contains('/') {
+        return Err(corrupt(format!("bad object prefix {:?}", h.object_prefix)));
+    }
+    Ok(h)
+}
+
+/// The id of image `name` from its `rbd_id.<name>` file: `None` when there is none, an
+/// error when what it holds is not an id.
+pub(super) fn read_image_id(pool_dir: &Path, name: &str) -> Result<Option<String>> {
+    let id_path = pool_dir.join(format!("rbd_id.{name}"));
+    let Some(b) = read_file_opt(&id_path)? else {
+        return Ok(None);
+    };
+    let id = String::from_utf8_lossy(&b).trim().to_string();
+    if !valid_id(&id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("corrupt image id file {}", id_path.display()),
+        ));
+    }
+    Ok(Some(id))
+}
+
+pub(super) fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// 12 hex digits like Ceph's image ids.
+pub(super) fn random_id() -> Result<String> {
+    let mut b = [0u8; 6];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("reading /dev/urandom", e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+pub(super) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `dir/name` atomically and durably.
+pub(super) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        fsync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+pub(super) fn read_file_opt(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+pub(super) fn read_directory(pool_dir: &Path) -> Result<BTreeMap<String, String>> {
+    let path = pool_dir.join(DIRECTORY);
+    match read_file_opt(&path)? {
+        None => Ok(BTreeMap::new()),
+        Some(b) => serde_json::from_slice(&b).map_err(|e| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("corrupt image directory {}: {e}", path.display()),
+            )
+        }),
+    }
+}
+
+pub(super) fn write_directory(pool_dir: &Path, d: &BTreeMap<String, String>) -> Result<()> {
+    let data = serde_json::to_vec_pretty(d)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding image directory: {e}")))?;
+    write_atomic(pool_dir, DIRECTORY, &data)
+}
+
+impl Inner {
+    pub(super) fn update_header(&self, f: impl FnOnce(&mut HeaderFile)) -> Result<()> {
+        self.check_writable()?;
+        let mut cur = lock(&self.header);
+        let mut h = cur.clone();
+        f(&mut h);
+        let data = serde_json::to_vec_pretty(&h)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
+        write_atomic(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
+        *cur = h;
+        Ok(())
+    }
+
+    pub(super) fn object_map_name(&self, snap: Option<u64>) -> String {
+        match snap {
+            None => format!("rbd_object_map.{}", self.id),
+            Some(s) => format!("rbd_object_map.{}.{s:016x}", self.id),
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! The directory store's tests.
+
+use super::object::FD_CACHE_SIZE;
+use super::*;
+use crate::store::DEFAULT_FEATURES;
+use std::os::unix::fs::MetadataExt;
+
+fn spec(s: &str) -> ImageSpec {
+    s.parse().unwrap()
+}
+
+fn opts(size: u64) -> CreateOptions {
+    CreateOptions {
+        size,
+        order: 22,
+        features: DEFAULT_FEATURES,
+    }
+}
+
+async fn setup() -> (tempfile::TempDir, DirStore) {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    s.create_image(&spec("vm1"), &opts(64 << 20)).await.unwrap();
+    (d, s)
+}
+
+#[tokio::test]
+async fn create_list_open_remove() {
+    let (d, s) = setup().await;
+    let e = s
+        .create_image(&spec("vm1"), &opts(1 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    assert!(e.message.contains("rbd/vm1 already exists"), "{e}");
+    s.create_image(&spec("p2/b"), &opts(1 << 20)).await.unwrap();
+    s.create_image(&spec("a"), &opts(1 << 20)).await.unwrap();
+    assert_eq!(s.list_images("rbd").await.unwrap(), ["a", "vm1"]);
+    assert_eq!(s.list_images("p2").await.unwrap(), ["b"]);
+    assert!(s.list_images("none").await.unwrap().is_empty());
+
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    let h = img.header();
+    assert_eq!(h.id.len(), 12);
+    assert!(h.id.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!((h.size, h.order, h.flags), (64 << 20, 22, 0));
+    assert_eq!(h.object_prefix, format!("rbd_data.{}", h.id));
+    let pool = d.path().join("rbd");
+    assert!(pool.join(format!("rbd_header.{}", h.id)).is_file());
+    assert_eq!(
+        std::fs::read_to_string(pool.join("rbd_id.vm1")).unwrap(),
+        h.id
+    );
+    img.close().await.unwrap();
+
+    let rw = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    rw.write(0, 0, Bytes::from_static(b"x"), false)
+        .await
+        .unwrap();
+    rw.write_object_map(vec![1, 2, 3]).await.unwrap();
+    rw.close().await.unwrap();
+    s.remove_image(&spec("vm1")).await.unwrap();
+    assert_eq!(s.list_images("rbd").await.unwrap(), ["a"]);
+    let left: Vec<String> = std::fs::read_dir(&pool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(&h.id))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(
+        e.message,
+        format!("image rbd/vm1 not found in dir:{}", d.path().display())
+    );
+    assert_eq!(
+        s.remove_image(&spec("vm1")).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test]
+async fn bad_create_options_change_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let mut o = opts(1 << 20);
+    o.order = 30;
+    let e = s.create_image(&spec("x"), &o).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn sparse_writes_reads_and_short_reads() {
+    let (d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    assert_eq!(img.read(3, 0, 4096, None).await.unwrap(), None);
+    let data = Bytes::from(vec![0xabu8; 8192]);
+    img.write(3, 1 << 20, data.clone(), false).await.unwrap();
+    let p = d.path().join("rbd").join(img.header().object_name(3));
+    let md = std::fs::metadata(&p).unwrap();
+    assert_eq!(md.len(), (1 << 20) + 8192);
+    // Sparse: far fewer blocks than the file length.
+    assert!(md.blocks() * 512 < 256 * 1024, "{} blocks", md.blocks());
+    let r = img.read(3, (1 << 20) - 4, 8, None).await.unwrap().unwrap();
+    assert_eq!(&r[..], &[0, 0, 0, 0, 0xab, 0xab, 0xab, 0xab]);
+    // Past the end of the object: short.
+    let r = img
+        .read(3, (1 << 20) + 8000, 4096, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.len(), 192);
+    let r = img.read(3, 2 << 20, 4096, None).await.unwrap().unwrap();
+    assert!(r.is_empty());
+    assert_eq!(img.list_objects(None).await.unwrap(), [3]);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn zero_punches_holes_and_missing_stays_missing() {
+    let (d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    img.write(0, 0, Bytes::from(vec![7u8; 1 << 20]), true)
+        .await
+        .unwrap();
+    let p = d.path().join("rbd").join(img.header().object_name(0));
+    let before = std::fs::metadata(&p).unwrap().blocks();
+    img.zero(0, 256 << 10, 512 << 10, false).await.unwrap();
+    let after = std::fs::metadata(&p).unwrap().blocks();
+    assert!(after < before, "blocks {before} -> {after}");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    let r = img.read(0, 0, 1 << 20, None).await.unwrap().unwrap();
+    assert!(r[..256 << 10].iter().all(|&b| b == 7));
+    assert!(r[256 << 10..768 << 10].iter().all(|&b| b == 0));
+    assert!(r[768 << 10..].iter().all(|&b| b == 7));
+    img.zero(5, 0, 4096, true).await.unwrap();
+    assert_eq!(img.read(5, 0, 10, None).await.unwrap(), None);
+    assert_eq!(img.list_objects(None).await.unwrap(), [0]);
+    img.remove(0, false).await.unwrap();
+    img.remove(0, false).await.unwrap();
+    assert!(img.list_objects(None).await.unwrap().is_empty());
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+// Holding the sync lock across the wait is the point: it stands for a sync in progress.
+#[allow(clippy::await_holding_lock)]
+async fn a_flush_waits_for_the_sync_already_running() {
+    // A sync in progress has taken the dirty set; a second one must not find it
+    // empty and return before those objects are durable.
+    let (_d, s) = setup().await;
+    let img = Arc::new(
+        s.open_image(&spec("vm1"), OpenMode::ReadWrite)
+            .await
+            .unwrap(),
+    );
+    img.write(1, 0, Bytes::from_static(b"a"), false)
+        .await
+        .unwrap();
+    let i = img.inner.clone();
+    let running = lock(&i.sync_lock);
+    let objs: Vec<u64> = lock(&i.dirty).drain().collect();
+    assert_eq!(objs, [1]);
+    let second = tokio::spawn({
+        let img = img.clone();
+        async move { img.sync().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "the second FLUSH returned while the first was still syncing"
+    );
+    drop(running);
+    second.await.unwrap().unwrap();
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn durability_bookkeeping() {
+    let (_d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    let i = img.inner.clone();
+    img.write(1, 0, Bytes::from_static(b"a"), false)
+        .await
+        .unwrap();
+    img.write(2, 0, Bytes::from_static(b"b"), false)
+        .await
+        .unwrap();
+    assert_eq!(lock(&i.dirty).len(), 2);
+    assert!(
+        i.dir_dirty.load(Ordering::Acquire),
+        "creation dirties the dir"
+    );
+    img.sync().await.unwrap();
+    assert!(lock(&i.dirty).is_empty());
+    assert!(!i.dir_dirty.load(Ordering::Acquire));
+    // Rewriting an existing object dirties it but not the directory.
+    img.write(1, 10, Bytes::from_static(b"c"), false)
+        .await
+        .unwrap();
+    assert!(lock(&i.dirty).contains(&1));
+    assert!(!i.dir_dirty.load(Ordering::Acquire));
+    img.remove(2, false).await.unwrap();
+    assert!(
+        i.dir_dirty.load(Ordering::Acquire),
+        "removal dirties the dir"
+    );
+    img.sync().await.unwrap();
+    assert!(lock(&i.dirty).is_empty() && !i.dir_dirty.load(Ordering::Acquire));
+    // A durable removal syncs the directory itself.
+    img.write(3, 0, Bytes::from_static(b"d"), false)
+        .await
+        .unwrap();
+    img.remove(3, true).await.unwrap();
+    assert!(!i.dir_dirty.load(Ordering::Acquire));
+    // A dirty object whose fd was evicted is still synced (reopened by path).
+    img.write(4, 0, Bytes::from_static(b"e"), false)
+        .await
+        .unwrap();
+    lock(&i.fds).clear();
+    img.sync().await.unwrap();
+    assert!(lock(&i.dirty).is_empty());
+    img.close().await.unwrap();
+    assert!(img.sync().await.is_err(), "closed handle refuses work");
+}
+
+#[tokio::test]
+async fn reads_racing_removals_never_strand_a_later_write() {
+    let (_d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    let i = img.inner.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (i, stop) = (i.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = i.read(0, 0, 16);
+                }
+            })
+        })
+        .collect();
+    for n in 0..2000u32 {
+        i.remove(0, false).unwrap();
+        i.write(0, 0, &n.to_le_bytes(), false).unwrap();
+        // What is on disk under the object's name must be the write just acked.
+        let on_disk = std::fs::read(i.object_path(0)).unwrap();
+        assert_eq!(
+            on_disk,
+            n.to_le_bytes(),
+            "write {n} went to an unlinked file"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn fd_cache_is_bounded() {
+    let (_d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    for o in 0..(FD_CACHE_SIZE as u64 + 20) {
+        img.write(o, 0, Bytes::from_static(b"z"), false)
+            .await
+            .unwrap();
+    }
+    assert!(lock(&img.inner.fds).len() <= FD_CACHE_SIZE);
+    img.sync().await.unwrap();
+    for o in 0..(FD_CACHE_SIZE as u64 + 20) {
+        assert_eq!(&img.read(o, 0, 1, None).await.unwrap().unwrap()[..], b"z");
+    }
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn second_writer_is_busy() {
+    let (_d, s) = setup().await;
+    let a = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(e.message.contains("rbd/vm1 is in use"), "{e}");
+    assert_eq!(
+        s.remove_image(&spec("vm1")).await.unwrap_err().kind,
+        ErrorKind::Busy
+    );
+    // Readers are not locked out.
+    let r = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.write(0, 0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err()
+            .kind,
+        ErrorKind::ReadOnly
+    );
+    assert_eq!(
+        r.set_flags(1, 1).await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    a.close().await.unwrap();
+    let b = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    drop(b); // dropping without close releases the lock too (a crash does)
+    s.open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shared_writers_coexist_but_exclude_an_exclusive_one() {
+    let (_d, s) = setup().await;
+    let a = s
+        .open_image(&spec("vm1"), OpenMode::SharedWrite)
+        .await
+        .unwrap();
+    let b = s
+        .open_image(&spec("vm1"), OpenMode::SharedWrite)
+        .await
+        .unwrap();
+    a.write(0, 0, Bytes::from_static(b"a"), false)
+        .await
+        .unwrap();
+    b.write(0, 1, Bytes::from_static(b"b"), true).await.unwrap();
+    assert_eq!(&a.read(0, 0, 2, None).await.unwrap().unwrap()[..], b"ab");
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    let x = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::SharedWrite)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(e.message.contains("not as a shared image"), "{e}");
+    x.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn flags_meta_and_object_map_persist_atomically() {
+    let (d, s) = setup().await;
+    let img = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    img.set_flags(3, 3).await.unwrap();
+    img.set_flags(0, 2).await.unwrap();
+    img.set_meta("rados-nbd.shared", "true").await.unwrap();
+    assert_eq!(img.read_object_map(None).await.unwrap(), None);
+    img.write_object_map(vec![9; 10]).await.unwrap();
+    let id = img.header().id;
+    img.close().await.unwrap();
+    let pool = d.path().join("rbd");
+    let tmp: Vec<_> = std::fs::read_dir(&pool)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp")
+        })
+        .collect();
+    assert!(tmp.is_empty());
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pool.join(format!("rbd_header.{id}"))).unwrap())
+            .unwrap();
+    assert_eq!(raw["flags"], 1);
+    assert_eq!(raw["metadata"]["rados-nbd.shared"], "true");
+    let r = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    assert_eq!(r.header().flags, 1);
+    assert_eq!(
+        r.get_meta("rados-nbd.shared").await.unwrap().as_deref(),
+        Some("true")
+    );
+    assert_eq!(r.get_meta("nope").await.unwrap(), None);
+    assert_eq!(r.read_object_map(None).await.unwrap(), Some(vec![9; 10]));
+    assert_eq!(r.refresh_header().await.unwrap().flags, 1);
+    r.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_or_missing_header_is_named() {
+    let (d, s) = setup().await;
+    let pool = d.path().join("rbd");
+    let id = std::fs::read_to_string(pool.join("rbd_id.vm1")).unwrap();
+    let hp = pool.join(format!("rbd_header.{id}"));
+    let good = std::fs::read(&hp).unwrap();
+    std::fs::write(&hp, b"{not json").unwrap();
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::Corrupt);
+    assert!(e.message.contains(&hp.display().to_string()), "{e}");
+    let mut h: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    h["order"] = 40.into();
+    std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::Corrupt);
+    assert!(e.message.contains("order 40"), "{e}");
+    std::fs::remove_file(&hp).unwrap();
+    let e = s
+        .open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains(&hp.display().to_string()), "{e}");
+    // A broken image can still be removed.
+    s.remove_image(&spec("vm1")).await.unwrap();
+    assert!(s.list_images("rbd").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn snapshots_are_read_only_and_named() {
+    let (_d, s) = setup().await;
+    let e = s
+        .open_image(&spec("vm1@s1"), OpenMode::ReadWrite)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::ReadOnly);
+    let e = s
+        .open_image(&spec("vm1@s1"), OpenMode::ReadOnly)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("rbd/vm1@s1"), "{e}");
+}
+
+#[test]
+fn os_errors_map_to_kinds() {
+    let k = |n| Error::io("x", std::io::Error::from_raw_os_error(n)).kind;
+    assert_eq!(k(libc::ENOSPC), ErrorKind::NoSpace);
+    assert_eq!(k(libc::EDQUOT), ErrorKind::NoSpace);
+    assert_eq!(k(libc::EIO), ErrorKind::Io);
+    assert_eq!(k(libc::ENOENT), ErrorKind::NotFound);
+}
