@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Why the directory store cuts writes into 128 KiB pieces (daemon/src/store/dir.rs,
+"""Why the directory store cuts writes into 128 KiB pieces (daemon/src/store/dir/object.rs,
 WRITE_PIECE): the page cache sizes a new folio by the write that creates it, and on ext4
 (buffer heads; large folios since Linux 6.16) a later 4 KiB write into a folio walks the
 buffer heads of the whole folio.

@@ -28,11 +28,11 @@ const INLINE_WRITE_MAX: usize = 64 * 1024;
 /// Writes reach the page cache in pieces no larger than this, each ending on a multiple of
 /// it. The kernel sizes a new page-cache folio by the length of the write that creates it,
 /// and on ext4 (buffer heads, large folios since Linux 6.16) every later small write into
-/// a folio walks the buffer heads of the whole folio: a 4 KiB rewrite of data first
-/// written as one 1 MiB pwrite cost 15-18 us here, against 5 us after 128 KiB pieces, and
-/// allocating the 1 MiB folios made the first write itself several times slower
-/// (`bench/folio.py` measures both). Filesystems without buffer heads lose only a few
-/// syscalls per MiB.
+/// a folio walks the buffer heads of the whole folio: small rewrites of data first written
+/// in large writes are slow, and so is the large write itself, which allocates the large
+/// folios. Filesystems without buffer heads lose only a few syscalls per MiB. The figures
+/// are in bench/README.md ("4 KiB writes into large page-cache folios"); `bench/folio.py`
+/// measures them.
 const WRITE_PIECE: u64 = 128 * 1024;
 
 /// Cleared the first time the kernel refuses RWF_NOWAIT reads, so we stop trying.
