@@ -17,6 +17,16 @@ fn opts(size: u64) -> CreateOptions {
     }
 }
 
+/// Opens image `name` of `s`, which must succeed.
+async fn open(s: &DirStore, name: &str, mode: OpenMode) -> DirImage {
+    s.open_image(&spec(name), mode).await.unwrap()
+}
+
+/// The error opening image `name` of `s`, which must fail.
+async fn open_err(s: &DirStore, name: &str, mode: OpenMode) -> Error {
+    s.open_image(&spec(name), mode).await.err().unwrap()
+}
+
 async fn setup() -> (tempfile::TempDir, DirStore) {
     let d = tempfile::tempdir().unwrap();
     let s = DirStore::new(d.path());
@@ -39,10 +49,7 @@ async fn create_list_open_remove() {
     assert_eq!(s.list_images("p2").await.unwrap(), ["b"]);
     assert!(s.list_images("none").await.unwrap().is_empty());
 
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadOnly).await;
     let h = img.header();
     assert_eq!(h.id.len(), 12);
     assert!(h.id.chars().all(|c| c.is_ascii_hexdigit()));
@@ -56,10 +63,7 @@ async fn create_list_open_remove() {
     );
     img.close().await.unwrap();
 
-    let rw = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let rw = open(&s, "vm1", OpenMode::ReadWrite).await;
     rw.write(0, 0, Bytes::from_static(b"x"), false)
         .await
         .unwrap();
@@ -73,11 +77,7 @@ async fn create_list_open_remove() {
         .filter(|n| n.contains(&h.id))
         .collect();
     assert!(left.is_empty(), "{left:?}");
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert_eq!(
         e.message,
@@ -103,10 +103,7 @@ async fn bad_create_options_change_nothing() {
 #[tokio::test]
 async fn sparse_writes_reads_and_short_reads() {
     let (d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     assert_eq!(img.read(3, 0, 4096, None).await.unwrap(), None);
     let data = Bytes::from(vec![0xabu8; 8192]);
     img.write(3, 1 << 20, data.clone(), false).await.unwrap();
@@ -133,10 +130,7 @@ async fn sparse_writes_reads_and_short_reads() {
 #[tokio::test]
 async fn zero_punches_holes_and_missing_stays_missing() {
     let (d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     img.write(0, 0, Bytes::from(vec![7u8; 1 << 20]), true)
         .await
         .unwrap();
@@ -166,11 +160,7 @@ async fn a_flush_waits_for_the_sync_already_running() {
     // A sync in progress has taken the dirty set; a second one must not find it
     // empty and return before those objects are durable.
     let (_d, s) = setup().await;
-    let img = Arc::new(
-        s.open_image(&spec("vm1"), OpenMode::ReadWrite)
-            .await
-            .unwrap(),
-    );
+    let img = Arc::new(open(&s, "vm1", OpenMode::ReadWrite).await);
     img.write(1, 0, Bytes::from_static(b"a"), false)
         .await
         .unwrap();
@@ -195,10 +185,7 @@ async fn a_flush_waits_for_the_sync_already_running() {
 #[tokio::test]
 async fn durability_bookkeeping() {
     let (_d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     let i = img.inner.clone();
     img.write(1, 0, Bytes::from_static(b"a"), false)
         .await
@@ -247,10 +234,7 @@ async fn durability_bookkeeping() {
 #[tokio::test]
 async fn reads_racing_removals_never_strand_a_later_write() {
     let (_d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     let i = img.inner.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
@@ -284,10 +268,7 @@ async fn reads_racing_removals_never_strand_a_later_write() {
 #[tokio::test]
 async fn fd_cache_is_bounded() {
     let (_d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     for o in 0..(FD_CACHE_SIZE as u64 + 20) {
         img.write(o, 0, Bytes::from_static(b"z"), false)
             .await
@@ -304,15 +285,8 @@ async fn fd_cache_is_bounded() {
 #[tokio::test]
 async fn second_writer_is_busy() {
     let (_d, s) = setup().await;
-    let a = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .err()
-        .unwrap();
+    let a = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let e = open_err(&s, "vm1", OpenMode::ReadWrite).await;
     assert_eq!(e.kind, ErrorKind::Busy);
     assert!(e.message.contains("rbd/vm1 is in use"), "{e}");
     assert_eq!(
@@ -320,10 +294,7 @@ async fn second_writer_is_busy() {
         ErrorKind::Busy
     );
     // Readers are not locked out.
-    let r = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .unwrap();
+    let r = open(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(
         r.write(0, 0, Bytes::from_static(b"x"), false)
             .await
@@ -336,14 +307,10 @@ async fn second_writer_is_busy() {
         ErrorKind::ReadOnly
     );
     a.close().await.unwrap();
-    let b = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let b = open(&s, "vm1", OpenMode::ReadWrite).await;
     drop(b); // dropping without close releases the lock too (a crash does)
-    s.open_image(&spec("vm1"), OpenMode::ReadWrite)
+    open(&s, "vm1", OpenMode::ReadWrite)
         .await
-        .unwrap()
         .close()
         .await
         .unwrap();
@@ -352,36 +319,19 @@ async fn second_writer_is_busy() {
 #[tokio::test]
 async fn shared_writers_coexist_but_exclude_an_exclusive_one() {
     let (_d, s) = setup().await;
-    let a = s
-        .open_image(&spec("vm1"), OpenMode::SharedWrite)
-        .await
-        .unwrap();
-    let b = s
-        .open_image(&spec("vm1"), OpenMode::SharedWrite)
-        .await
-        .unwrap();
+    let a = open(&s, "vm1", OpenMode::SharedWrite).await;
+    let b = open(&s, "vm1", OpenMode::SharedWrite).await;
     a.write(0, 0, Bytes::from_static(b"a"), false)
         .await
         .unwrap();
     b.write(0, 1, Bytes::from_static(b"b"), true).await.unwrap();
     assert_eq!(&a.read(0, 0, 2, None).await.unwrap().unwrap()[..], b"ab");
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1", OpenMode::ReadWrite).await;
     assert_eq!(e.kind, ErrorKind::Busy);
     a.close().await.unwrap();
     b.close().await.unwrap();
-    let x = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::SharedWrite)
-        .await
-        .err()
-        .unwrap();
+    let x = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let e = open_err(&s, "vm1", OpenMode::SharedWrite).await;
     assert_eq!(e.kind, ErrorKind::Busy);
     assert!(e.message.contains("not as a shared image"), "{e}");
     x.close().await.unwrap();
@@ -390,10 +340,7 @@ async fn shared_writers_coexist_but_exclude_an_exclusive_one() {
 #[tokio::test]
 async fn flags_meta_and_object_map_persist_atomically() {
     let (d, s) = setup().await;
-    let img = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
     img.set_flags(3, 3).await.unwrap();
     img.set_flags(0, 2).await.unwrap();
     img.set_meta("rados-nbd.shared", "true").await.unwrap();
@@ -418,10 +365,7 @@ async fn flags_meta_and_object_map_persist_atomically() {
             .unwrap();
     assert_eq!(raw["flags"], 1);
     assert_eq!(raw["metadata"]["rados-nbd.shared"], "true");
-    let r = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .unwrap();
+    let r = open(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(r.header().flags, 1);
     assert_eq!(
         r.get_meta("rados-nbd.shared").await.unwrap().as_deref(),
@@ -441,29 +385,17 @@ async fn corrupt_or_missing_header_is_named() {
     let hp = pool.join(format!("rbd_header.{id}"));
     let good = std::fs::read(&hp).unwrap();
     std::fs::write(&hp, b"{not json").unwrap();
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(e.kind, ErrorKind::Corrupt);
     assert!(e.message.contains(&hp.display().to_string()), "{e}");
     let mut h: serde_json::Value = serde_json::from_slice(&good).unwrap();
     h["order"] = 40.into();
     std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1", OpenMode::ReadWrite).await;
     assert_eq!(e.kind, ErrorKind::Corrupt);
     assert!(e.message.contains("order 40"), "{e}");
     std::fs::remove_file(&hp).unwrap();
-    let e = s
-        .open_image(&spec("vm1"), OpenMode::ReadOnly)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains(&hp.display().to_string()), "{e}");
     // A broken image can still be removed.
@@ -474,17 +406,9 @@ async fn corrupt_or_missing_header_is_named() {
 #[tokio::test]
 async fn snapshots_are_read_only_and_named() {
     let (_d, s) = setup().await;
-    let e = s
-        .open_image(&spec("vm1@s1"), OpenMode::ReadWrite)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1@s1", OpenMode::ReadWrite).await;
     assert_eq!(e.kind, ErrorKind::ReadOnly);
-    let e = s
-        .open_image(&spec("vm1@s1"), OpenMode::ReadOnly)
-        .await
-        .err()
-        .unwrap();
+    let e = open_err(&s, "vm1@s1", OpenMode::ReadOnly).await;
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("rbd/vm1@s1"), "{e}");
 }
