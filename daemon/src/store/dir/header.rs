@@ -99,17 +99,21 @@ pub(super) fn read_image_id(pool_dir: &Path, name: &str) -> Result<Option<String
     let Some(b) = read_file_opt(&id_path)? else {
         return Ok(None);
     };
-    let id = String::from_utf8_lossy(&b).trim().to_string();
+    checked_id(String::from_utf8_lossy(&b).trim().to_string(), &id_path).map(Some)
+}
+
+/// `id`, read from `id_path` (or the directory entry beside it), when it is an id.
+pub(super) fn checked_id(id: String, id_path: &Path) -> Result<String> {
     if !valid_id(&id) {
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!("corrupt image id file {}", id_path.display()),
         ));
     }
-    Ok(Some(id))
+    Ok(id)
 }
 
-pub(super) fn valid_id(id: &str) -> bool {
+fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
 }
 

@@ -23,16 +23,21 @@ fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-/// Serializes directory changes (create/remove) between processes.
-pub(super) fn lock_pool(pool_dir: &Path) -> Result<File> {
-    let path = pool_dir.join(POOL_LOCK);
-    let f = OpenOptions::new()
+/// Opens (creating it if need be) the file a lock is taken on; its content is never used.
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+/// Serializes directory changes (create/remove) between processes.
+pub(super) fn lock_pool(pool_dir: &Path) -> Result<File> {
+    let path = pool_dir.join(POOL_LOCK);
+    let f = open_lock_file(&path)?;
     flock(&f, libc::LOCK_EX).map_err(|e| Error::io(format!("locking {}", path.display()), e))?;
     Ok(f)
 }
@@ -46,13 +51,7 @@ pub(super) fn lock_image(
     exclusive: bool,
 ) -> Result<File> {
     let path = pool_dir.join(format!("rbd_header.{id}.lock"));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let f = open_lock_file(&path)?;
     let op = if exclusive {
         libc::LOCK_EX
     } else {

@@ -30,7 +30,7 @@ use crate::spec::ImageSpec;
 use bytes::Bytes;
 use control::ControlSocket;
 use header::{
-    fsync_dir, parse_header, random_id, read_directory, read_file_opt, read_image_id, valid_id,
+    checked_id, fsync_dir, parse_header, random_id, read_directory, read_file_opt, read_image_id,
     write_atomic, write_directory, HeaderFile,
 };
 use lock::{lock_image, lock_pool};
@@ -174,12 +174,7 @@ impl Store for DirStore {
                     None => return Err(not_found),
                 },
             };
-            if !valid_id(&id) {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!("corrupt image id file {}", id_path.display()),
-                ));
-            }
+            let id = checked_id(id, &id_path)?;
             let lock = lock_image(&pool_dir, &id, &spec, true)?;
             // A corrupt header must not block removal: fall back to the default prefix.
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
