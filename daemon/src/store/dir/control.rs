@@ -1,8 +1,7 @@
 //! The control socket, this store's stand-in for a Ceph header watch: the holder of an
 //! image's exclusive lock takes requests (resize) from other processes through it.
 
-use super::header::read_image_id;
-use super::{lock, DirStore, Inner};
+use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use std::path::{Path, PathBuf};
@@ -127,21 +126,18 @@ async fn serve_control(
     }
 }
 
-/// Asks the process holding `spec`'s exclusive lock (a `serve` or `map` daemon) to
-/// resize it, through its control socket, and waits for the outcome.
-pub async fn ask_holder_to_resize(
-    store: &DirStore,
+/// Asks the process holding `spec`'s exclusive lock (a `serve` or `map` daemon), whose
+/// image has the id `id`, to resize it, through its control socket, and waits for the
+/// outcome.
+pub(super) async fn ask_holder_to_resize(
+    pool_dir: &Path,
+    id: &str,
     spec: &ImageSpec,
     size: u64,
     allow_shrink: bool,
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    store.no_namespace(spec, &spec.namespace)?;
-    let pool_dir = store.pool_dir(&spec.pool);
-    let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
-        return Err(store.not_found(spec));
-    };
-    let path = control_path(&pool_dir, &id);
+    let path = control_path(pool_dir, id);
     let busy = |why: String| {
         Error::new(
             ErrorKind::Busy,

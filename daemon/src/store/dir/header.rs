@@ -2,7 +2,6 @@
 //! the `rbd_id.<name>` files and the pool's image directory. All are replaced atomically:
 //! temporary file, fsync, rename, directory fsync.
 
-use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ImageHeader, SnapInfo};
 use serde::{Deserialize, Serialize};
@@ -176,25 +175,4 @@ pub(super) fn write_directory(pool_dir: &Path, d: &BTreeMap<String, String>) -> 
     let data = serde_json::to_vec_pretty(d)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding image directory: {e}")))?;
     write_atomic(pool_dir, DIRECTORY, &data)
-}
-
-impl Inner {
-    pub(super) fn update_header(&self, f: impl FnOnce(&mut HeaderFile)) -> Result<()> {
-        self.check_writable()?;
-        let mut cur = lock(&self.header);
-        let mut h = cur.clone();
-        f(&mut h);
-        let data = serde_json::to_vec_pretty(&h)
-            .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
-        write_atomic(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
-        *cur = h;
-        Ok(())
-    }
-
-    pub(super) fn object_map_name(&self, snap: Option<u64>) -> String {
-        match snap {
-            None => format!("rbd_object_map.{}", self.id),
-            Some(s) => format!("rbd_object_map.{}.{s:016x}", self.id),
-        }
-    }
 }

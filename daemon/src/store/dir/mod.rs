@@ -41,7 +41,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use control::ask_holder_to_resize;
 pub use header::{MAX_ORDER, MIN_ORDER};
 
 pub struct DirStore {
@@ -231,7 +230,12 @@ impl Store for DirStore {
         size: u64,
         allow_shrink: bool,
     ) -> Result<()> {
-        ask_holder_to_resize(self, spec, size, allow_shrink).await
+        self.no_namespace(spec, &spec.namespace)?;
+        let pool_dir = self.pool_dir(&spec.pool);
+        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+            return Err(self.not_found(spec));
+        };
+        control::ask_holder_to_resize(&pool_dir, &id, spec, size, allow_shrink).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
@@ -395,6 +399,25 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+
+    fn update_header(&self, f: impl FnOnce(&mut HeaderFile)) -> Result<()> {
+        self.check_writable()?;
+        let mut cur = lock(&self.header);
+        let mut h = cur.clone();
+        f(&mut h);
+        let data = serde_json::to_vec_pretty(&h)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
+        write_atomic(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
+        *cur = h;
+        Ok(())
+    }
+
+    fn object_map_name(&self, snap: Option<u64>) -> String {
+        match snap {
+            None => format!("rbd_object_map.{}", self.id),
+            Some(s) => format!("rbd_object_map.{}.{s:016x}", self.id),
+        }
     }
 }
 
