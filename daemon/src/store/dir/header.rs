@@ -1,6 +1,6 @@
-//! The image's metadata files, JSON so that a human (or a test) can read them: the header,
-//! the `rbd_id.<name>` files and the pool's image directory. All are replaced atomically:
-//! temporary file, fsync, rename, directory fsync.
+//! The metadata files, JSON so that a human (or a test) can read them: an image's header,
+//! the `rbd_id.<name>` files and the pool's image directory; and `write_atomic`, which
+//! replaces them and the object maps: temporary file, fsync, rename, directory fsync.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ImageHeader, SnapInfo};

@@ -16,6 +16,10 @@
 //! last sync; a `durable` (FUA) write fdatasyncs its own file (and the directory when
 //! the write created the object). Headers, id files, the directory and object maps are
 //! always replaced atomically: temporary file, fsync, rename, directory fsync.
+//!
+//! Here: the `Store` and `ImageStore` impls and an opened image's state (`Inner`).
+//! `header`: the metadata files and their atomic replacement; `lock`: the flocks;
+//! `object`: object-file I/O; `control`: the lock holder's control socket.
 
 mod control;
 mod header;
