@@ -1,5 +1,5 @@
 //! The image layer: byte ranges to objects, the in-memory object map and its dirty-flag
-//! lifecycle (issue 3), served to NBD through [`nbd_protocol::Backend`].
+//! lifecycle, served to NBD through [`nbd_protocol::Backend`].
 //!
 //! Invariant kept while an image is open for writing with its map in memory: every
 //! object that exists in the store is not NONEXISTENT in the map. Writes mark EXISTS

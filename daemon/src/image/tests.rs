@@ -214,9 +214,9 @@ fn make_all_clean(d: &Path) {
 
 #[tokio::test]
 async fn partial_discards_of_clean_objects_mark_them_changed() {
-    // Issue 14.1: zeroing part of an EXISTS_CLEAN object changes its bytes, so
-    // fast-diff must see it (EXISTS), whatever the request: TRIM, WRITE_ZEROES with
-    // and without NO_HOLE. Whole-object discards remove (NONEXISTENT).
+    // Zeroing part of an EXISTS_CLEAN object changes its bytes, so fast-diff must see
+    // it (EXISTS), whatever the request: TRIM, WRITE_ZEROES with and without NO_HOLE.
+    // Whole-object discards remove (NONEXISTENT).
     let (d, s) = store_with(24 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from(vec![7u8; 6 * OBJ as usize]), false)
@@ -326,7 +326,7 @@ async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
 
 #[tokio::test]
 async fn read_only_head_sees_writes_made_after_it_opened() {
-    // Issue 14.2: a read-only server of the head while another client writes it.
+    // A read-only server of the head while another client writes it.
     let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let ro = open(&s, true).await;
     let rw = open(&s, false).await;
