@@ -31,6 +31,8 @@ mod open;
 mod pieces;
 mod resize;
 #[cfg(test)]
+mod test_store;
+#[cfg(test)]
 mod tests;
 
 pub use dirty::parse_checkpoint_idle;

@@ -1,4 +1,5 @@
 use super::pieces::{split, Piece};
+use super::test_store::MemImage;
 use super::*;
 use crate::store::dir::{DirImage, DirStore};
 use crate::store::{
@@ -42,32 +43,50 @@ fn pool(d: &Path) -> PathBuf {
     d.join("rbd")
 }
 
-fn id(d: &Path) -> String {
-    std::fs::read_to_string(pool(d).join("rbd_id.vm1")).unwrap()
-}
-
-fn header_flags(d: &Path) -> u64 {
-    let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
-    serde_json::from_slice::<serde_json::Value>(&b).unwrap()["flags"]
-        .as_u64()
+/// A read-only handle of the stored image: what the store holds now, through its own
+/// trait (it takes no lock, so an open writer does not stand in the way).
+async fn stored(s: &DirStore) -> DirImage {
+    s.open_image(&spec("vm1"), OpenMode::ReadOnly)
+        .await
         .unwrap()
 }
 
-fn disk_map(d: &Path) -> ObjectMap {
-    let b = std::fs::read(pool(d).join(format!("rbd_object_map.{}", id(d)))).unwrap();
+async fn stored_header(s: &DirStore) -> ImageHeader {
+    let h = stored(s).await;
+    let header = h.header();
+    h.close().await.unwrap();
+    header
+}
+
+async fn header_flags(s: &DirStore) -> u64 {
+    stored_header(s).await.flags
+}
+
+async fn header_size(s: &DirStore) -> u64 {
+    stored_header(s).await.size
+}
+
+async fn disk_map(s: &DirStore) -> ObjectMap {
+    let h = stored(s).await;
+    let b = h.read_object_map(None).await.unwrap().unwrap();
+    h.close().await.unwrap();
     ObjectMap::decode(&b).unwrap()
 }
 
-fn objects_on_disk(d: &Path) -> Vec<u64> {
-    let prefix = format!("rbd_data.{}.", id(d));
-    let mut v: Vec<u64> = std::fs::read_dir(pool(d))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().into_string().unwrap();
-            n.strip_prefix(&prefix)
-                .map(|h| u64::from_str_radix(h, 16).unwrap())
-        })
-        .collect();
+/// Replaces the stored object map of the (closed) image.
+async fn write_disk_map(s: &DirStore, m: &ObjectMap) {
+    let h = s
+        .open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    h.write_object_map(m.encode()).await.unwrap();
+    h.close().await.unwrap();
+}
+
+async fn objects_on_disk(s: &DirStore) -> Vec<u64> {
+    let h = stored(s).await;
+    let mut v = h.list_objects(None).await.unwrap();
+    h.close().await.unwrap();
     v.sort();
     v
 }
@@ -131,7 +150,7 @@ fn split_at_object_boundaries() {
 
 #[tokio::test]
 async fn fresh_image_reads_holes_without_store_calls() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     assert_eq!(img.map_source(), Some(&MapSource::Loaded));
     let c = img.read(OBJ - 512, 8192).await.unwrap();
@@ -147,13 +166,13 @@ async fn fresh_image_reads_holes_without_store_calls() {
         }]
     );
     img.close().await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
 }
 
 #[tokio::test]
 async fn exists_clean_objects_are_read_and_become_exists_when_written() {
     // EXISTS_CLEAN: unchanged since the latest snapshot (what fast-diff reports).
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from_static(b"zero"), false)
         .await
@@ -162,14 +181,10 @@ async fn exists_clean_objects_are_read_and_become_exists_when_written() {
         .await
         .unwrap();
     img.close().await.unwrap();
-    let m = disk_map(d.path());
+    let m = disk_map(&s).await;
     m.set(0, ObjectState::ExistsClean);
     m.set(1, ObjectState::ExistsClean);
-    std::fs::write(
-        pool(d.path()).join(format!("rbd_object_map.{}", id(d.path()))),
-        m.encode(),
-    )
-    .unwrap();
+    write_disk_map(&s, &m).await;
     let img = open(&s, false).await;
     assert!(matches!(img.map_source(), Some(MapSource::Loaded)));
     // Clean objects exist: their data is read from the store, not taken for holes.
@@ -185,7 +200,7 @@ async fn exists_clean_objects_are_read_and_become_exists_when_written() {
     assert_eq!(mem.get(1), ObjectState::ExistsClean);
     assert_eq!(&read_all(&img, 0, 4).await, b"zero");
     img.close().await.unwrap();
-    let m = disk_map(d.path());
+    let m = disk_map(&s).await;
     assert_eq!(
         (m.get(0), m.get(1), m.get(2)),
         (
@@ -198,18 +213,14 @@ async fn exists_clean_objects_are_read_and_become_exists_when_written() {
 
 /// Marks every existing object EXISTS_CLEAN in the on-disk map of a closed image, as
 /// a snapshot taken by Ceph's tools leaves them (fast-diff: unchanged since it).
-fn make_all_clean(d: &Path) {
-    let m = disk_map(d);
+async fn make_all_clean(s: &DirStore) {
+    let m = disk_map(s).await;
     for o in 0..m.len() {
         if m.get(o) != ObjectState::Nonexistent {
             m.set(o, ObjectState::ExistsClean);
         }
     }
-    std::fs::write(
-        pool(d).join(format!("rbd_object_map.{}", id(d))),
-        m.encode(),
-    )
-    .unwrap();
+    write_disk_map(s, &m).await;
 }
 
 #[tokio::test]
@@ -217,13 +228,13 @@ async fn partial_discards_of_clean_objects_mark_them_changed() {
     // Zeroing part of an EXISTS_CLEAN object changes its bytes, so fast-diff must see
     // it (EXISTS), whatever the request: TRIM, WRITE_ZEROES with and without NO_HOLE.
     // Whole-object discards remove (NONEXISTENT).
-    let (d, s) = store_with(24 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(24 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from(vec![7u8; 6 * OBJ as usize]), false)
         .await
         .unwrap();
     img.close().await.unwrap();
-    make_all_clean(d.path());
+    make_all_clean(&s).await;
     let img = open(&s, false).await;
     img.trim(100, 4096, false).await.unwrap();
     img.write_zeroes(OBJ + 5, 10, ZeroFlags::default())
@@ -252,7 +263,7 @@ async fn partial_discards_of_clean_objects_mark_them_changed() {
     );
     img.close().await.unwrap();
     assert_eq!(
-        disk_map(d.path()).to_vec(),
+        disk_map(&s).await.to_vec(),
         [
             Exists,
             Exists,
@@ -266,7 +277,7 @@ async fn partial_discards_of_clean_objects_mark_them_changed() {
 
 #[tokio::test]
 async fn objects_emptied_by_partial_zeroes_are_removed() {
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from(vec![3u8; 2 * OBJ as usize]), false)
         .await
@@ -274,14 +285,14 @@ async fn objects_emptied_by_partial_zeroes_are_removed() {
     // Object 0 zeroed in three block-aligned pieces: every byte punched out, so it
     // goes, as a whole-object discard would have removed it.
     img.trim(0, (OBJ / 2) as u32, false).await.unwrap();
-    assert_eq!(objects_on_disk(d.path()), [0, 1]);
+    assert_eq!(objects_on_disk(&s).await, [0, 1]);
     img.write_zeroes(OBJ / 2, (OBJ / 4) as u32, ZeroFlags::default())
         .await
         .unwrap();
     img.trim(3 * OBJ / 4, (OBJ / 4) as u32, false)
         .await
         .unwrap();
-    assert_eq!(objects_on_disk(d.path()), [1]);
+    assert_eq!(objects_on_disk(&s).await, [1]);
     assert_eq!(img.object_map().unwrap().get(0), ObjectState::Nonexistent);
     assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
     // Object 1: zeros written with NO_HOLE are data, and so is an unaligned edge.
@@ -295,33 +306,33 @@ async fn objects_emptied_by_partial_zeroes_are_removed() {
     img.trim(OBJ + OBJ / 2, (OBJ / 2) as u32, false)
         .await
         .unwrap();
-    assert_eq!(objects_on_disk(d.path()), [1]);
+    assert_eq!(objects_on_disk(&s).await, [1]);
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), [1]);
+    assert_eq!(existing(&disk_map(&s).await), [1]);
 }
 
 #[tokio::test]
 async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
     // A partial zero of an EXISTS object changes no map state and may run under a
     // clear flag; the removal it leads to does change it.
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(4096, Bytes::from(vec![5u8; 4096]), false)
         .await
         .unwrap();
     img.checkpoint().await.unwrap();
-    assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert_eq!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
     img.trim(0, 4096, false).await.unwrap();
-    assert_eq!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert_eq!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
     img.trim(4096, 4096, false).await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
     assert_ne!(
-        header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID,
+        header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID,
         0,
         "object 0 removed under a clear flag: the map on disk says it exists"
     );
     img.close().await.unwrap();
-    assert!(existing(&disk_map(d.path())).is_empty());
+    assert!(existing(&disk_map(&s).await).is_empty());
 }
 
 #[tokio::test]
@@ -349,16 +360,9 @@ async fn read_only_head_sees_writes_made_after_it_opened() {
     ro.close().await.unwrap();
 }
 
-fn header_size(d: &Path) -> u64 {
-    let b = std::fs::read(pool(d).join(format!("rbd_header.{}", id(d)))).unwrap();
-    serde_json::from_slice::<serde_json::Value>(&b).unwrap()["size"]
-        .as_u64()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn resize_grows_and_shrinks_like_librbd() {
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     let full = Bytes::from(vec![7u8; OBJ as usize]);
     for o in 0..4 {
@@ -367,7 +371,7 @@ async fn resize_grows_and_shrinks_like_librbd() {
     // Growing: new size in the header and for new clients, the map extended.
     img.resize(40 << 20, false).await.unwrap();
     assert_eq!((img.size(), img.info().size), (40 << 20, 40 << 20));
-    assert_eq!(header_size(d.path()), 40 << 20);
+    assert_eq!(header_size(&s).await, 40 << 20);
     let m = img.object_map().unwrap();
     assert_eq!(m.len(), 10);
     assert_eq!(m.get(3), ObjectState::Exists);
@@ -379,11 +383,11 @@ async fn resize_grows_and_shrinks_like_librbd() {
     // Shrinking discards data: refused unless allowed, and then nothing changed.
     let e = img.resize(6 << 20, false).await.unwrap_err();
     assert!(e.message.contains("allow-shrink"), "{e}");
-    assert_eq!((img.size(), header_size(d.path())), (40 << 20, 40 << 20));
+    assert_eq!((img.size(), header_size(&s).await), (40 << 20, 40 << 20));
     // Allowed: objects past the end removed, the tail of the last one zeroed.
     img.resize(6 << 20, true).await.unwrap();
-    assert_eq!((img.size(), header_size(d.path())), (6 << 20, 6 << 20));
-    assert_eq!(objects_on_disk(d.path()), [0, 1]);
+    assert_eq!((img.size(), header_size(&s).await), (6 << 20, 6 << 20));
+    assert_eq!(objects_on_disk(&s).await, [0, 1]);
     assert_eq!(img.object_map().unwrap().len(), 2);
     // A client still holding the old size is refused past the new end.
     let e = img
@@ -420,8 +424,8 @@ async fn resize_grows_and_shrinks_like_librbd() {
         .all(|&b| b == 0));
     img.close().await.unwrap();
     // The map written at close has the new length and matches the objects.
-    assert_eq!(header_flags(d.path()), 0);
-    let m = disk_map(d.path());
+    assert_eq!(header_flags(&s).await, 0);
+    let m = disk_map(&s).await;
     assert_eq!(m.len(), 4);
     assert_eq!(
         m.to_vec(),
@@ -443,7 +447,7 @@ async fn resize_grows_and_shrinks_like_librbd() {
 
 #[tokio::test]
 async fn writes_mark_objects_and_block_status_merges() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     // Across the 0/1 boundary, and one write in object 5.
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
@@ -455,7 +459,7 @@ async fn writes_mark_objects_and_block_status_merges() {
         .unwrap();
     let m = img.object_map().unwrap();
     assert_eq!(existing(m), [0, 1, 5]);
-    assert_eq!(objects_on_disk(d.path()), [0, 1, 5]);
+    assert_eq!(objects_on_disk(&s).await, [0, 1, 5]);
     assert_eq!(read_all(&img, OBJ - 4096, 8192).await, data);
     let r = img.read(5 * OBJ, 4096).await.unwrap();
     assert!(matches!(r[0], ReadChunk::Data(_)), "{r:?}");
@@ -499,34 +503,34 @@ async fn writes_mark_objects_and_block_status_merges() {
 #[tokio::test]
 async fn trim_whole_objects_removes_partial_zeroes() {
     // 6 MiB: the last object is 2 MiB long inside the image.
-    let (d, s) = store_with(6 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(6 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from(vec![1u8; 6 << 20]), false)
         .await
         .unwrap();
-    assert_eq!(objects_on_disk(d.path()), [0, 1]);
+    assert_eq!(objects_on_disk(&s).await, [0, 1]);
     // Partial: zeros inside object 0, object stays.
     img.trim(4096, 4096, false).await.unwrap();
-    assert_eq!(objects_on_disk(d.path()), [0, 1]);
+    assert_eq!(objects_on_disk(&s).await, [0, 1]);
     let r = read_all(&img, 0, 3 * 4096).await;
     assert!(r[..4096].iter().all(|&b| b == 1));
     assert!(r[4096..8192].iter().all(|&b| b == 0));
     assert!(r[8192..].iter().all(|&b| b == 1));
     // The whole (short) last object: removed.
     img.trim(OBJ, 2 << 20, false).await.unwrap();
-    assert_eq!(objects_on_disk(d.path()), [0]);
+    assert_eq!(objects_on_disk(&s).await, [0]);
     assert_eq!(img.object_map().unwrap().get(1), ObjectState::Nonexistent);
     assert_eq!(read_all(&img, OBJ, 4096).await, vec![0; 4096]);
     let st = img.stats();
     assert_eq!((st.store_removes, st.store_zeroes), (1, 1));
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), [0]);
+    assert_eq!(existing(&disk_map(&s).await), [0]);
 }
 
 #[tokio::test]
 async fn discarding_a_fresh_terabyte_is_free() {
     let tib = 1u64 << 40;
-    let (d, s) = store_with(tib, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(tib, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     let t = std::time::Instant::now();
     let step = 2u64 << 30;
@@ -538,12 +542,12 @@ async fn discarding_a_fresh_terabyte_is_free() {
     assert_eq!(st.skipped_removes, tib / OBJ);
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
     img.close().await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
 }
 
 #[tokio::test]
 async fn discard_skips_nonexistent_runs_and_removes_the_rest() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     for at in [OBJ + 100, 2 * OBJ, 7 * OBJ + 5, 15 * OBJ + (3 << 20)] {
         img.write(at, Bytes::from_static(b"x"), false)
@@ -557,17 +561,17 @@ async fn discard_skips_nonexistent_runs_and_removes_the_rest() {
     assert_eq!(st.store_removes, 3);
     assert_eq!(st.store_zeroes, 1);
     assert_eq!(st.skipped_removes, 12, "objects 0, 3-6, 8-14");
-    assert_eq!(objects_on_disk(d.path()), [15]);
+    assert_eq!(objects_on_disk(&s).await, [15]);
     assert_eq!(existing(img.object_map().unwrap()), [15]);
     // Object 15 still holds its byte past the zeroed half.
     assert_eq!(&read_all(&img, 15 * OBJ + (3 << 20), 1).await, b"x");
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), [15]);
+    assert_eq!(existing(&disk_map(&s).await), [15]);
 }
 
 #[tokio::test]
 async fn write_zeroes_flags() {
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     let no_hole = ZeroFlags {
         no_hole: true,
@@ -579,7 +583,7 @@ async fn write_zeroes_flags() {
     };
     // NO_HOLE keeps the range allocated: object 0 now exists, full of zeros.
     img.write_zeroes(0, OBJ as u32, no_hole).await.unwrap();
-    assert_eq!(objects_on_disk(d.path()), [0]);
+    assert_eq!(objects_on_disk(&s).await, [0]);
     assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
     // FAST_ZERO with NO_HOLE would write data: refused, nothing done.
     let e = img
@@ -595,10 +599,10 @@ async fn write_zeroes_flags() {
         .await
         .unwrap_err();
     assert_eq!(e.errno, Errno::NotSup);
-    assert_eq!(objects_on_disk(d.path()), [0]);
+    assert_eq!(objects_on_disk(&s).await, [0]);
     // FAST_ZERO alone maps to a removal: fast, done.
     img.write_zeroes(0, OBJ as u32, fast).await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
     // Where holes cannot be punched, FAST_ZERO of part of an object would be a write
     // of zeros: refused, the data untouched; whole objects are still removed.
     img.write(OBJ, Bytes::from(vec![9u8; 8192]), false)
@@ -613,17 +617,17 @@ async fn write_zeroes_flags() {
         .unwrap();
     assert_eq!(read_all(&img, OBJ, 4096).await, vec![0u8; 4096]);
     img.write_zeroes(OBJ, OBJ as u32, fast).await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
     img.close().await.unwrap();
 }
 
 #[tokio::test]
 async fn open_sets_flag_close_writes_map_then_clears() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    assert_eq!(header_flags(d.path()), 0);
+    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+    assert_eq!(header_flags(&s).await, 0);
     let img = open(&s, false).await;
     let both = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
-    assert_eq!(header_flags(d.path()), both, "dirty flag set at open");
+    assert_eq!(header_flags(&s).await, both, "dirty flag set at open");
     img.write(3 * OBJ, Bytes::from_static(b"x"), false)
         .await
         .unwrap();
@@ -632,13 +636,13 @@ async fn open_sets_flag_close_writes_map_then_clears() {
         .unwrap();
     img.trim(9 * OBJ, OBJ as u32, false).await.unwrap();
     assert!(
-        existing(&disk_map(d.path())).is_empty(),
+        existing(&disk_map(&s).await).is_empty(),
         "map on disk untouched while open"
     );
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
-    assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
-    assert_eq!(objects_on_disk(d.path()), [3]);
+    assert_eq!(header_flags(&s).await, 0);
+    assert_eq!(existing(&disk_map(&s).await), objects_on_disk(&s).await);
+    assert_eq!(objects_on_disk(&s).await, [3]);
     // After close: refused.
     assert_eq!(img.read(0, 1).await.unwrap_err().errno, Errno::Shutdown);
     img.close().await.unwrap();
@@ -646,10 +650,10 @@ async fn open_sets_flag_close_writes_map_then_clears() {
 
 #[tokio::test]
 async fn image_without_object_map_feature_keeps_no_map() {
-    let (d, s) = store_with(16 << 20, RBD_FEATURE_LAYERING).await;
+    let (_d, s) = store_with(16 << 20, RBD_FEATURE_LAYERING).await;
     let img = open(&s, false).await;
     assert!(img.object_map().is_none());
-    assert_eq!(header_flags(d.path()), 0, "no flag dance without a map");
+    assert_eq!(header_flags(&s).await, 0, "no flag dance without a map");
     img.read(0, 4096).await.unwrap();
     assert_eq!(img.stats().store_reads, 1);
     img.write(OBJ, Bytes::from_static(b"z"), false)
@@ -664,14 +668,14 @@ async fn image_without_object_map_feature_keeps_no_map() {
         }]
     );
     img.trim(OBJ, OBJ as u32, false).await.unwrap();
-    assert!(objects_on_disk(d.path()).is_empty());
+    assert!(objects_on_disk(&s).await.is_empty());
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(header_flags(&s).await, 0);
 }
 
 #[tokio::test]
 async fn shared_images_go_to_the_store() {
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     {
         let h = s
             .open_image(&spec("vm1"), OpenMode::ReadWrite)
@@ -699,11 +703,11 @@ async fn shared_images_go_to_the_store() {
     // Nobody keeps the on-disk map current while shared writers write: it is
     // flagged invalid from the first shared open on, and stays so after they close.
     let invalid = invalid_flags(DEFAULT_FEATURES);
-    assert_eq!(header_flags(d.path()), invalid);
+    assert_eq!(header_flags(&s).await, invalid);
     img.read(8 << 20, 4096).await.unwrap();
     assert_eq!((img.stats().store_reads, img.stats().map_reads), (2, 0));
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), invalid);
+    assert_eq!(header_flags(&s).await, invalid);
     // Back to exclusive use: the stale map (it never saw object 0) is not trusted;
     // the open rebuilds it and the shared writer's data reads back.
     {
@@ -714,15 +718,15 @@ async fn shared_images_go_to_the_store() {
         h.set_meta(META_SHARED, "false").await.unwrap();
         h.close().await.unwrap();
     }
-    assert_eq!(disk_map(d.path()).get(0), ObjectState::Nonexistent);
+    assert_eq!(disk_map(&s).await.get(0), ObjectState::Nonexistent);
     let img = open(&s, false).await;
     assert!(!img.is_shared());
     assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
     assert_eq!(img.object_map().unwrap().get(0), ObjectState::Exists);
     assert_eq!(&read_all(&img, 0, 3).await, b"two");
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
-    assert_eq!(disk_map(d.path()).get(0), ObjectState::Exists);
+    assert_eq!(header_flags(&s).await, 0);
+    assert_eq!(disk_map(&s).await.get(0), ObjectState::Exists);
     // The config default applies only without metadata.
     let (_d2, s2) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let o = OpenOptions {
@@ -753,7 +757,7 @@ async fn shared_images_go_to_the_store() {
 
 #[tokio::test]
 async fn crash_leaves_flag_and_reopen_rebuilds() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(2 * OBJ, Bytes::from_static(b"acked"), false)
         .await
@@ -762,9 +766,9 @@ async fn crash_leaves_flag_and_reopen_rebuilds() {
         .await
         .unwrap();
     drop(img); // a crash: no close
-    assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert_ne!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
     assert!(
-        existing(&disk_map(d.path())).is_empty(),
+        existing(&disk_map(&s).await).is_empty(),
         "stale map on disk"
     );
 
@@ -775,8 +779,8 @@ async fn crash_leaves_flag_and_reopen_rebuilds() {
     assert_eq!(&read_all(&ro, 2 * OBJ, 5).await, b"acked");
     assert!(ro.write(0, Bytes::from_static(b"no"), false).await.is_err());
     ro.close().await.unwrap();
-    assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
-    assert!(existing(&disk_map(d.path())).is_empty());
+    assert_ne!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert!(existing(&disk_map(&s).await).is_empty());
 
     let img = open(&s, false).await;
     match img.map_source() {
@@ -787,8 +791,8 @@ async fn crash_leaves_flag_and_reopen_rebuilds() {
     assert_eq!(&read_all(&img, 2 * OBJ, 5).await, b"acked");
     assert_eq!(&read_all(&img, 7 * OBJ + 1, 3).await, b"fua");
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
-    assert_eq!(existing(&disk_map(d.path())), [2, 7]);
+    assert_eq!(header_flags(&s).await, 0);
+    assert_eq!(existing(&disk_map(&s).await), [2, 7]);
 }
 
 #[tokio::test]
@@ -799,7 +803,7 @@ async fn corrupt_or_wrong_length_map_is_rebuilt() {
         .await
         .unwrap();
     img.close().await.unwrap();
-    let mp = pool(d.path()).join(format!("rbd_object_map.{}", id(d.path())));
+    let mp = pool(d.path()).join(format!("rbd_object_map.{}", stored_header(&s).await.id));
     let mut b = std::fs::read(&mp).unwrap();
     let n = b.len();
     b[n / 2] ^= 0xff;
@@ -822,32 +826,32 @@ async fn corrupt_or_wrong_length_map_is_rebuilt() {
     let img = open(&s, false).await;
     assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(w)) if w.contains("missing")));
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), [1]);
+    assert_eq!(existing(&disk_map(&s).await), [1]);
 }
 
 #[tokio::test]
 async fn checkpoint_clears_and_next_write_sets_again() {
-    let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     let img = open(&s, false).await;
     img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
     img.checkpoint().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
-    assert_eq!(existing(&disk_map(d.path())), [0]);
+    assert_eq!(header_flags(&s).await, 0);
+    assert_eq!(existing(&disk_map(&s).await), [0]);
     // Reads do not dirty the image.
     img.read(0, 10).await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(header_flags(&s).await, 0);
     img.write(OBJ, Bytes::from_static(b"b"), false)
         .await
         .unwrap();
-    assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert_ne!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), [0, 1]);
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(existing(&disk_map(&s).await), [0, 1]);
+    assert_eq!(header_flags(&s).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_and_trims_keep_map_and_store_agreeing() {
-    let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
+    let (_d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
     let img = Arc::new(open(&s, false).await);
     let mut tasks = Vec::new();
     for t in 0..8u64 {
@@ -869,9 +873,9 @@ async fn concurrent_writes_and_trims_keep_map_and_store_agreeing() {
         t.await.unwrap();
     }
     let in_mem = existing(img.object_map().unwrap());
-    assert_eq!(in_mem, objects_on_disk(d.path()));
+    assert_eq!(in_mem, objects_on_disk(&s).await);
     img.close().await.unwrap();
-    assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    assert_eq!(existing(&disk_map(&s).await), objects_on_disk(&s).await);
 }
 
 #[tokio::test]
@@ -891,195 +895,28 @@ async fn info_is_truthful() {
     img.close().await.unwrap();
 }
 
-/// Records the calls that matter for the close order, delegating to a real handle.
-struct Recorder {
-    inner: DirImage,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-    /// The store's directory: audit every data operation (see `audit`).
-    audit: Option<PathBuf>,
-}
-
-impl Recorder {
-    fn note(&self, s: impl Into<String>) {
-        self.log.lock().unwrap().push(s.into());
-    }
-
-    /// Under a clear flag the map on disk is trusted, so a data operation may only
-    /// touch what it says is EXISTS, and leave it so: a removal, or anything on an
-    /// object not EXISTS there, must come after the flag was set. (Sound under
-    /// concurrency: only a checkpoint clears the flag or writes the map, and none runs
-    /// while a request is in its store call.)
-    fn audit(&self, op: &str, objno: u64) {
-        let Some(d) = &self.audit else { return };
-        if header_flags(d) & RBD_FLAG_OBJECT_MAP_INVALID != 0 {
-            return;
-        }
-        let on_disk = disk_map(d).get(objno);
-        assert!(
-            op != "remove" && on_disk == ObjectState::Exists,
-            "{op}({objno}) under a clear flag, the map on disk saying {on_disk:?}"
-        );
-    }
-}
-
-impl ImageStore for Recorder {
-    fn header(&self) -> ImageHeader {
-        self.inner.header()
-    }
-    async fn refresh_header(&self) -> Result<ImageHeader> {
-        self.inner.refresh_header().await
-    }
-    async fn set_size(&self, size: u64) -> Result<()> {
-        self.note(format!("set_size({size})"));
-        self.inner.set_size(size).await
-    }
-    async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
-        self.note(format!("set_flags({value})"));
-        self.inner.set_flags(value, mask).await
-    }
-    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
-        self.inner.get_meta(key).await
-    }
-    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.inner.set_meta(key, value).await
-    }
-    async fn read(&self, o: u64, off: u64, len: u64, snap: Option<u64>) -> Result<Option<Bytes>> {
-        self.note("read");
-        self.inner.read(o, off, len, snap).await
-    }
-    async fn write(&self, o: u64, off: u64, data: Bytes, durable: bool) -> Result<()> {
-        self.audit("write", o);
-        self.note(format!("write({o})"));
-        self.inner.write(o, off, data, durable).await
-    }
-    async fn zero(&self, o: u64, off: u64, len: u64, durable: bool) -> Result<()> {
-        self.audit("zero", o);
-        self.note(format!("zero({o})"));
-        self.inner.zero(o, off, len, durable).await
-    }
-    async fn remove(&self, o: u64, durable: bool) -> Result<()> {
-        self.audit("remove", o);
-        self.note(format!("remove({o})"));
-        self.inner.remove(o, durable).await
-    }
-    async fn sync(&self) -> Result<()> {
-        self.note("sync");
-        self.inner.sync().await
-    }
-    async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
-        self.inner.list_objects(snap).await
-    }
-    async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
-        self.inner.read_object_map(snap).await
-    }
-    async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
-        self.note("write_object_map");
-        self.inner.write_object_map(data).await
-    }
-    async fn close(&self) -> Result<()> {
-        self.note("close");
-        self.inner.close().await
-    }
-}
-
-/// A head image dressed up as its snapshot `s1` (id 7) with the given snapshot flags
-/// and snapshot map bytes; reads go to the head's objects.
-struct AtSnapshot {
-    inner: DirImage,
-    flags: u64,
-    map: Vec<u8>,
-}
-
-impl ImageStore for AtSnapshot {
-    fn header(&self) -> ImageHeader {
-        let mut h = self.inner.header();
-        h.snaps = vec![crate::store::SnapInfo {
-            id: 7,
-            name: "s1".into(),
-            size: h.size,
-        }];
-        h.flags = self.flags;
-        h
-    }
-    async fn refresh_header(&self) -> Result<ImageHeader> {
-        Ok(self.header())
-    }
-    async fn set_flags(&self, _: u64, _: u64) -> Result<()> {
-        panic!("a snapshot's flags are never set");
-    }
-    async fn set_size(&self, _: u64) -> Result<()> {
-        panic!("a snapshot is never resized");
-    }
-    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
-        self.inner.get_meta(key).await
-    }
-    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.inner.set_meta(key, value).await
-    }
-    async fn read(&self, o: u64, off: u64, len: u64, snap: Option<u64>) -> Result<Option<Bytes>> {
-        assert_eq!(snap, Some(7), "reads go to the snapshot");
-        self.inner.read(o, off, len, None).await
-    }
-    async fn write(&self, _: u64, _: u64, _: Bytes, _: bool) -> Result<()> {
-        panic!("a snapshot is never written");
-    }
-    async fn zero(&self, _: u64, _: u64, _: u64, _: bool) -> Result<()> {
-        panic!("a snapshot is never written");
-    }
-    async fn remove(&self, _: u64, _: bool) -> Result<()> {
-        panic!("a snapshot is never written");
-    }
-    async fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-    async fn list_objects(&self, _: Option<u64>) -> Result<Vec<u64>> {
-        // What a listing shows: none of the snapshot's objects (say they were all
-        // removed from the head since), so a rebuild would be wrong.
-        Ok(vec![])
-    }
-    async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
-        assert_eq!(snap, Some(7), "the snapshot's own map");
-        Ok(Some(self.map.clone()))
-    }
-    async fn write_object_map(&self, _: Vec<u8>) -> Result<()> {
-        panic!("a snapshot's map is never written");
-    }
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
-    }
-}
-
 #[tokio::test]
 async fn snapshot_maps_are_used_only_when_valid() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
-    img.write(0, Bytes::from_static(b"snapdata"), false)
-        .await
-        .unwrap();
-    img.close().await.unwrap();
     let good = {
         let m = ObjectMap::try_new(4).unwrap();
         m.set(0, ObjectState::Exists);
         m.encode()
     };
     let stale = ObjectMap::try_new(4).unwrap().encode();
-    let at = |flags: u64, map: Vec<u8>| {
-        let s = &s;
-        async move {
-            let inner = s
-                .open_image(&spec("vm1"), OpenMode::ReadOnly)
-                .await
-                .unwrap();
-            let store = AtSnapshot { inner, flags, map };
-            let o = OpenOptions {
-                read_only: true,
-                shared_default: false,
-                checkpoint_idle: None,
-            };
-            Image::from_store_image(store, &spec("vm1@s1"), &o)
-                .await
-                .unwrap()
-        }
+    // Snapshot `s1` (id 7) with the given snapshot flags and map bytes. Its object 0
+    // was removed from the head since: it lives on only as a clone, which a listing
+    // does not show, so a map rebuilt from the listing would be wrong.
+    let at = |flags: u64, map: Vec<u8>| async move {
+        let mem = MemImage::new(16 << 20, DEFAULT_FEATURES);
+        mem.add_snapshot(7, "s1", flags, map, &[(0, b"snapdata")]);
+        let o = OpenOptions {
+            read_only: true,
+            shared_default: false,
+            checkpoint_idle: None,
+        };
+        Image::from_store_image(mem.at_snapshot(7), &spec("vm1@s1"), &o)
+            .await
+            .unwrap()
     };
     // A valid snapshot map is loaded and answers holes without the store.
     let snap = at(0, good).await;
@@ -1105,40 +942,22 @@ async fn snapshot_maps_are_used_only_when_valid() {
     snap.close().await.unwrap();
 }
 
-/// An image on a recording (and auditing) handle.
-async fn recorded(
-    d: &Path,
-    s: &DirStore,
-    checkpoint_idle: Option<Duration>,
-) -> (Image<Recorder>, Arc<std::sync::Mutex<Vec<String>>>) {
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let h = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
-    let rec = Recorder {
-        inner: h,
-        log: log.clone(),
-        audit: Some(d.to_path_buf()),
-    };
+/// An image in memory, its calls recorded and audited, and a handle to look at it.
+async fn recorded(size: u64, checkpoint_idle: Option<Duration>) -> (Image<MemImage>, MemImage) {
+    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
     let o = OpenOptions {
         checkpoint_idle,
         ..OpenOptions::default()
     };
-    let img = Image::from_store_image(rec, &spec("vm1"), &o)
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &o)
         .await
         .unwrap();
-    (img, log)
-}
-
-fn take(log: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
-    std::mem::take(&mut *log.lock().unwrap())
+    (img, mem)
 }
 
 #[tokio::test]
 async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
-    let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
-    let (img, log) = recorded(d.path(), &s, None).await;
+    let (img, mem) = recorded(32 << 20, None).await;
     let full = Bytes::from(vec![5u8; OBJ as usize]);
     for o in [0, 1, 2, 4] {
         img.write(o * OBJ, full.clone(), false).await.unwrap();
@@ -1146,13 +965,13 @@ async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
     // Object 4 is unchanged since a (pretend) snapshot: EXISTS_CLEAN, also on disk.
     img.object_map().unwrap().set(4, ObjectState::ExistsClean);
     img.checkpoint().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(mem.flags(), 0);
     assert_eq!(
-        disk_map(d.path()).to_vec(),
+        mem.stored_map().to_vec(),
         img.object_map().unwrap().to_vec()
     );
-    take(&log);
-    let flag_set = || header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID != 0;
+    mem.take_log();
+    let flag_set = || mem.flagged_invalid();
 
     // Changing nothing in the map: writes to EXISTS objects (one spanning two of them),
     // a partial trim and a partial zero of one, a trim of NONEXISTENT objects, reads.
@@ -1173,7 +992,7 @@ async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
         "requests that change no map state leave the flag clear"
     );
     assert!(
-        !take(&log).iter().any(|c| c.starts_with("set_flags")),
+        !mem.take_log().iter().any(|c| c.starts_with("set_flags")),
         "no flag round trip for them"
     );
 
@@ -1182,37 +1001,37 @@ async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
         .await
         .unwrap();
     assert!(flag_set());
-    assert_eq!(take(&log), ["set_flags(3)", "write(6)"]);
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(6)"]);
     img.checkpoint().await.unwrap();
-    take(&log);
+    mem.take_log();
     // A removal: set before the object is removed.
     img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
-    assert_eq!(take(&log), ["set_flags(3)", "remove(2)"]);
+    assert_eq!(mem.take_log(), ["set_flags(3)", "remove(2)"]);
     img.checkpoint().await.unwrap();
-    take(&log);
+    mem.take_log();
     // Part of an EXISTS_CLEAN object zeroed: it now differs from the snapshot.
     img.trim(4 * OBJ + 512, 512, false).await.unwrap();
-    assert_eq!(take(&log), ["set_flags(3)", "zero(4)"]);
+    assert_eq!(mem.take_log(), ["set_flags(3)", "zero(4)"]);
     img.checkpoint().await.unwrap();
-    take(&log);
+    mem.take_log();
     // NO_HOLE zeroes of a NONEXISTENT object write it.
     let no_hole = ZeroFlags {
         no_hole: true,
         ..ZeroFlags::default()
     };
     img.write_zeroes(7 * OBJ, 512, no_hole).await.unwrap();
-    assert_eq!(take(&log), ["set_flags(3)", "write(7)"]);
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(7)"]);
     img.checkpoint().await.unwrap();
-    take(&log);
+    mem.take_log();
     // A close after a checkpoint with no change since: nothing to write.
     img.write(0, Bytes::from_static(b"last"), false)
         .await
         .unwrap();
     img.close().await.unwrap();
-    assert_eq!(take(&log), ["write(0)", "sync", "close"]);
-    assert_eq!(header_flags(d.path()), 0);
-    let m = disk_map(d.path());
-    assert_eq!(existing(&m), objects_on_disk(d.path()));
+    assert_eq!(mem.take_log(), ["write(0)", "sync", "close"]);
+    assert_eq!(mem.flags(), 0);
+    let m = mem.stored_map();
+    assert_eq!(existing(&m), mem.objects());
     assert_eq!(existing(&m), [0, 1, 4, 6, 7]);
     // (Object 4 becoming EXISTS after its partial zero is `discard_piece`'s business;
     // here only that the flag was set before the zero.)
@@ -1220,8 +1039,7 @@ async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checkpoints_racing_writes_and_trims_never_leave_a_stale_trusted_map() {
-    let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
-    let (img, _log) = recorded(d.path(), &s, None).await;
+    let (img, mem) = recorded(32 << 20, None).await;
     let img = Arc::new(img);
     let stop = Arc::new(AtomicBool::new(false));
     let ckpt = {
@@ -1260,19 +1078,18 @@ async fn checkpoints_racing_writes_and_trims_never_leave_a_stale_trusted_map() {
     let n = ckpt.await.unwrap();
     assert!(n > 1, "checkpoints ran among the requests ({n})");
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
-    assert_eq!(existing(&disk_map(d.path())), objects_on_disk(d.path()));
+    assert_eq!(mem.flags(), 0);
+    assert_eq!(existing(&mem.stored_map()), mem.objects());
 }
 
 #[tokio::test(start_paused = true)]
 async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
-    let (d, s) = store_with(32 << 20, DEFAULT_FEATURES).await;
-    let (img, log) = recorded(d.path(), &s, Some(Duration::from_secs(1))).await;
+    let (img, mem) = recorded(32 << 20, Some(Duration::from_secs(1))).await;
     let img = Arc::new(img);
     let task = img
         .spawn_idle_checkpoints()
         .expect("a task for a writable image");
-    let flag_set = || header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID != 0;
+    let flag_set = || mem.flagged_invalid();
     let ms = |n| tokio::time::sleep(Duration::from_millis(n));
     img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
     ms(700).await;
@@ -1285,11 +1102,11 @@ async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
     ms(600).await;
     assert!(!flag_set(), "2 s: idle for 1.3 s, checkpointed");
     assert_eq!(
-        disk_map(d.path()).to_vec(),
+        mem.stored_map().to_vec(),
         img.object_map().unwrap().to_vec()
     );
-    assert_eq!(existing(&disk_map(d.path())), [0, 1]);
-    take(&log);
+    assert_eq!(existing(&mem.stored_map()), [0, 1]);
+    mem.take_log();
     // Writes to EXISTS objects for longer than the idle period: the flag stays clear
     // and no checkpoint is repeated.
     for i in 0..30 {
@@ -1299,29 +1116,29 @@ async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
         ms(100).await;
     }
     assert!(!flag_set());
-    assert_eq!(take(&log), vec!["write(0)".to_string(); 30]);
+    assert_eq!(mem.take_log(), vec!["write(0)".to_string(); 30]);
     // A first write sets it again before it returns, and is checkpointed when idle.
     img.write(3 * OBJ, Bytes::from_static(b"c"), false)
         .await
         .unwrap();
     assert!(flag_set());
-    assert_eq!(take(&log), ["set_flags(3)", "write(3)"]);
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(3)"]);
     ms(1500).await;
     assert!(!flag_set());
-    assert_eq!(existing(&disk_map(d.path())), [0, 1, 3]);
+    assert_eq!(existing(&mem.stored_map()), [0, 1, 3]);
     assert_eq!(
-        take(&log),
+        mem.take_log(),
         ["sync", "write_object_map", "set_flags(0)"],
         "the idle checkpoint writes the map, then clears the flag"
     );
     // Close stops the task.
     img.close().await.unwrap();
-    assert_eq!(take(&log), ["sync", "close"]);
+    assert_eq!(mem.take_log(), ["sync", "close"]);
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("the idle task ends at close")
         .unwrap();
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(mem.flags(), 0);
 }
 
 #[tokio::test]
@@ -1363,18 +1180,8 @@ fn checkpoint_idle_parses_seconds() {
 
 #[tokio::test]
 async fn close_order_is_sync_map_flag_close() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let h = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
-    let rec = Recorder {
-        inner: h,
-        log: log.clone(),
-        audit: None,
-    };
-    let img = Image::from_store_image(rec, &spec("vm1"), &OpenOptions::default())
+    let mem = MemImage::new(16 << 20, DEFAULT_FEATURES);
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
         .await
         .unwrap();
     img.read(0, 512).await.unwrap();
@@ -1383,7 +1190,7 @@ async fn close_order_is_sync_map_flag_close() {
         .unwrap();
     img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
     img.close().await.unwrap();
-    let l = log.lock().unwrap().clone();
+    let l = mem.take_log();
     assert_eq!(
         l,
         [
@@ -1402,7 +1209,7 @@ async fn close_order_is_sync_map_flag_close() {
 async fn store_full_is_enospc_naming_the_object() {
     let (d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
     // An object file that is /dev/full: every write to it fails with ENOSPC.
-    let obj = pool(d.path()).join(format!("rbd_data.{}.{:016x}", id(d.path()), 1));
+    let obj = pool(d.path()).join(stored_header(&s).await.object_name(1));
     std::os::unix::fs::symlink("/dev/full", &obj).unwrap();
     let img = open(&s, false).await;
     let e = img
@@ -1423,11 +1230,11 @@ async fn store_full_is_enospc_naming_the_object() {
     // so the map on disk is never trusted.
     let e = img.close().await.unwrap_err();
     assert!(e.message.contains("syncing"), "{}", e.message);
-    assert_ne!(header_flags(d.path()) & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    assert_ne!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
     std::fs::remove_file(&obj).unwrap();
     let img = open(&s, false).await;
     assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
     assert_eq!(existing(img.object_map().unwrap()), [0]);
     img.close().await.unwrap();
-    assert_eq!(header_flags(d.path()), 0);
+    assert_eq!(header_flags(&s).await, 0);
 }
