@@ -7,11 +7,17 @@ use futures_util::future::try_join_all;
 use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
 use objmap::ObjectState;
 
-fn shutdown() -> BackendError {
-    BackendError::new(Errno::Shutdown, "the image is closing")
-}
-
 impl<S: ImageStore> Image<S> {
+    /// Holds `gate` shared for a request (close and checkpoints wait for it): ESHUTDOWN
+    /// once the image is closing.
+    async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(BackendError::new(Errno::Shutdown, "the image is closing"));
+        }
+        Ok(g)
+    }
+
     /// The protocol checked the request against the size its client was told; the image
     /// may have shrunk since (a resize while connected), so check again against now.
     fn in_range(&self, offset: u64, length: u64, errno: Errno) -> Result<(), BackendError> {
@@ -56,10 +62,7 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>, BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
         let pieces = split(self.order(), offset, length as u64);
         if let [p] = pieces[..] {
@@ -78,10 +81,7 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         self.check_writable()?;
         self.in_range(offset, data.len() as u64, Errno::NoSpc)?;
         let pieces = split(self.order(), offset, data.len() as u64);
@@ -104,19 +104,13 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn flush(&self) -> Result<(), BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         self.store.sync().await?;
         Ok(())
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
         self.discard(offset, length, fua, false).await?;
         Ok(())
@@ -128,10 +122,7 @@ impl<S: ImageStore> Backend for Image<S> {
         length: u32,
         flags: ZeroFlags,
     ) -> Result<(), BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         if flags.fast_zero && flags.no_hole {
             // Keeping the range allocated means writing zeros: not fast.
             return Err(BackendError::new(
@@ -163,10 +154,7 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(shutdown());
-        }
+        let _g = self.enter().await?;
         Ok(self.extents(offset, length as u64))
     }
 }

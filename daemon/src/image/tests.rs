@@ -14,6 +14,17 @@ use std::path::{Path, PathBuf};
 
 const OBJ: u64 = 4 << 20;
 
+const NO_HOLE: ZeroFlags = ZeroFlags {
+    no_hole: true,
+    fast_zero: false,
+    fua: false,
+};
+const FAST_ZERO: ZeroFlags = ZeroFlags {
+    no_hole: false,
+    fast_zero: true,
+    fua: false,
+};
+
 fn spec(s: &str) -> ImageSpec {
     s.parse().unwrap()
 }
@@ -28,6 +39,13 @@ async fn store_with(size: u64, features: u64) -> (tempfile::TempDir, DirStore) {
     };
     create_image(&s, &spec("vm1"), &o).await.unwrap();
     (d, s)
+}
+
+/// A new image (default features) in a directory store, open for writing.
+async fn writable(size: u64) -> (tempfile::TempDir, DirStore, Image<DirImage>) {
+    let (d, s) = store_with(size, DEFAULT_FEATURES).await;
+    let img = open(&s, false).await;
+    (d, s, img)
 }
 
 async fn open(s: &DirStore, read_only: bool) -> Image<DirImage> {
@@ -73,13 +91,24 @@ async fn disk_map(s: &DirStore) -> ObjectMap {
     ObjectMap::decode(&b).unwrap()
 }
 
+/// An exclusive handle, for changing the stored image while nobody has it open.
+async fn exclusive(s: &DirStore) -> DirImage {
+    s.open_image(&spec("vm1"), OpenMode::ReadWrite)
+        .await
+        .unwrap()
+}
+
 /// Replaces the stored object map of the (closed) image.
 async fn write_disk_map(s: &DirStore, m: &ObjectMap) {
-    let h = s
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
+    let h = exclusive(s).await;
     h.write_object_map(m.encode()).await.unwrap();
+    h.close().await.unwrap();
+}
+
+/// Sets the image's `shared` metadata (the image closed).
+async fn set_shared(s: &DirStore, value: &str) {
+    let h = exclusive(s).await;
+    h.set_meta(META_SHARED, value).await.unwrap();
     h.close().await.unwrap();
 }
 
@@ -150,8 +179,7 @@ fn split_at_object_boundaries() {
 
 #[tokio::test]
 async fn fresh_image_reads_holes_without_store_calls() {
-    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(64 << 20).await;
     assert_eq!(img.map_source(), Some(&MapSource::Loaded));
     let c = img.read(OBJ - 512, 8192).await.unwrap();
     assert_eq!(c, [ReadChunk::Hole(8192)], "adjacent holes merge");
@@ -172,8 +200,7 @@ async fn fresh_image_reads_holes_without_store_calls() {
 #[tokio::test]
 async fn exists_clean_objects_are_read_and_become_exists_when_written() {
     // EXISTS_CLEAN: unchanged since the latest snapshot (what fast-diff reports).
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(16 << 20).await;
     img.write(0, Bytes::from_static(b"zero"), false)
         .await
         .unwrap();
@@ -228,8 +255,7 @@ async fn partial_discards_of_clean_objects_mark_them_changed() {
     // Zeroing part of an EXISTS_CLEAN object changes its bytes, so fast-diff must see
     // it (EXISTS), whatever the request: TRIM, WRITE_ZEROES with and without NO_HOLE.
     // Whole-object discards remove (NONEXISTENT).
-    let (_d, s) = store_with(24 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(24 << 20).await;
     img.write(0, Bytes::from(vec![7u8; 6 * OBJ as usize]), false)
         .await
         .unwrap();
@@ -240,45 +266,27 @@ async fn partial_discards_of_clean_objects_mark_them_changed() {
     img.write_zeroes(OBJ + 5, 10, ZeroFlags::default())
         .await
         .unwrap();
-    let no_hole = ZeroFlags {
-        no_hole: true,
-        ..Default::default()
-    };
-    img.write_zeroes(2 * OBJ + 4096, 4096, no_hole)
+    img.write_zeroes(2 * OBJ + 4096, 4096, NO_HOLE)
         .await
         .unwrap();
     img.trim(3 * OBJ, OBJ as u32, false).await.unwrap();
-    let mem = img.object_map().unwrap();
     use ObjectState::*;
-    assert_eq!(
-        mem.to_vec(),
-        [
-            Exists,
-            Exists,
-            Exists,
-            Nonexistent,
-            ExistsClean,
-            ExistsClean
-        ]
-    );
+    let want = [
+        Exists,
+        Exists,
+        Exists,
+        Nonexistent,
+        ExistsClean,
+        ExistsClean,
+    ];
+    assert_eq!(img.object_map().unwrap().to_vec(), want);
     img.close().await.unwrap();
-    assert_eq!(
-        disk_map(&s).await.to_vec(),
-        [
-            Exists,
-            Exists,
-            Exists,
-            Nonexistent,
-            ExistsClean,
-            ExistsClean
-        ]
-    );
+    assert_eq!(disk_map(&s).await.to_vec(), want);
 }
 
 #[tokio::test]
 async fn objects_emptied_by_partial_zeroes_are_removed() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(16 << 20).await;
     img.write(0, Bytes::from(vec![3u8; 2 * OBJ as usize]), false)
         .await
         .unwrap();
@@ -296,11 +304,7 @@ async fn objects_emptied_by_partial_zeroes_are_removed() {
     assert_eq!(img.object_map().unwrap().get(0), ObjectState::Nonexistent);
     assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
     // Object 1: zeros written with NO_HOLE are data, and so is an unaligned edge.
-    let no_hole = ZeroFlags {
-        no_hole: true,
-        ..Default::default()
-    };
-    img.write_zeroes(OBJ, (OBJ / 2) as u32, no_hole)
+    img.write_zeroes(OBJ, (OBJ / 2) as u32, NO_HOLE)
         .await
         .unwrap();
     img.trim(OBJ + OBJ / 2, (OBJ / 2) as u32, false)
@@ -315,8 +319,7 @@ async fn objects_emptied_by_partial_zeroes_are_removed() {
 async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
     // A partial zero of an EXISTS object changes no map state and may run under a
     // clear flag; the removal it leads to does change it.
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(16 << 20).await;
     img.write(4096, Bytes::from(vec![5u8; 4096]), false)
         .await
         .unwrap();
@@ -362,8 +365,7 @@ async fn read_only_head_sees_writes_made_after_it_opened() {
 
 #[tokio::test]
 async fn resize_grows_and_shrinks_like_librbd() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(16 << 20).await;
     let full = Bytes::from(vec![7u8; OBJ as usize]);
     for o in 0..4 {
         img.write(o * OBJ, full.clone(), false).await.unwrap();
@@ -447,8 +449,7 @@ async fn resize_grows_and_shrinks_like_librbd() {
 
 #[tokio::test]
 async fn writes_mark_objects_and_block_status_merges() {
-    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(64 << 20).await;
     // Across the 0/1 boundary, and one write in object 5.
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     img.write(OBJ - 4096, Bytes::from(data.clone()), false)
@@ -503,8 +504,7 @@ async fn writes_mark_objects_and_block_status_merges() {
 #[tokio::test]
 async fn trim_whole_objects_removes_partial_zeroes() {
     // 6 MiB: the last object is 2 MiB long inside the image.
-    let (_d, s) = store_with(6 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(6 << 20).await;
     img.write(0, Bytes::from(vec![1u8; 6 << 20]), false)
         .await
         .unwrap();
@@ -530,8 +530,7 @@ async fn trim_whole_objects_removes_partial_zeroes() {
 #[tokio::test]
 async fn discarding_a_fresh_terabyte_is_free() {
     let tib = 1u64 << 40;
-    let (_d, s) = store_with(tib, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(tib).await;
     let t = std::time::Instant::now();
     let step = 2u64 << 30;
     for i in 0..tib / step {
@@ -547,8 +546,7 @@ async fn discarding_a_fresh_terabyte_is_free() {
 
 #[tokio::test]
 async fn discard_skips_nonexistent_runs_and_removes_the_rest() {
-    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(64 << 20).await;
     for at in [OBJ + 100, 2 * OBJ, 7 * OBJ + 5, 15 * OBJ + (3 << 20)] {
         img.write(at, Bytes::from_static(b"x"), false)
             .await
@@ -571,18 +569,9 @@ async fn discard_skips_nonexistent_runs_and_removes_the_rest() {
 
 #[tokio::test]
 async fn write_zeroes_flags() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
-    let no_hole = ZeroFlags {
-        no_hole: true,
-        ..Default::default()
-    };
-    let fast = ZeroFlags {
-        fast_zero: true,
-        ..Default::default()
-    };
+    let (_d, s, img) = writable(16 << 20).await;
     // NO_HOLE keeps the range allocated: object 0 now exists, full of zeros.
-    img.write_zeroes(0, OBJ as u32, no_hole).await.unwrap();
+    img.write_zeroes(0, OBJ as u32, NO_HOLE).await.unwrap();
     assert_eq!(objects_on_disk(&s).await, [0]);
     assert_eq!(read_all(&img, 0, 4096).await, vec![0; 4096]);
     // FAST_ZERO with NO_HOLE would write data: refused, nothing done.
@@ -601,7 +590,7 @@ async fn write_zeroes_flags() {
     assert_eq!(e.errno, Errno::NotSup);
     assert_eq!(objects_on_disk(&s).await, [0]);
     // FAST_ZERO alone maps to a removal: fast, done.
-    img.write_zeroes(0, OBJ as u32, fast).await.unwrap();
+    img.write_zeroes(0, OBJ as u32, FAST_ZERO).await.unwrap();
     assert!(objects_on_disk(&s).await.is_empty());
     // Where holes cannot be punched, FAST_ZERO of part of an object would be a write
     // of zeros: refused, the data untouched; whole objects are still removed.
@@ -609,14 +598,14 @@ async fn write_zeroes_flags() {
         .await
         .unwrap();
     img.store().pretend_no_hole_punching();
-    let e = img.write_zeroes(OBJ, 4096, fast).await.unwrap_err();
+    let e = img.write_zeroes(OBJ, 4096, FAST_ZERO).await.unwrap_err();
     assert_eq!(e.errno, Errno::NotSup, "{}", e.message);
     assert_eq!(read_all(&img, OBJ, 8192).await, vec![9u8; 8192]);
     img.write_zeroes(OBJ, 4096, ZeroFlags::default())
         .await
         .unwrap();
     assert_eq!(read_all(&img, OBJ, 4096).await, vec![0u8; 4096]);
-    img.write_zeroes(OBJ, OBJ as u32, fast).await.unwrap();
+    img.write_zeroes(OBJ, OBJ as u32, FAST_ZERO).await.unwrap();
     assert!(objects_on_disk(&s).await.is_empty());
     img.close().await.unwrap();
 }
@@ -676,14 +665,7 @@ async fn image_without_object_map_feature_keeps_no_map() {
 #[tokio::test]
 async fn shared_images_go_to_the_store() {
     let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    {
-        let h = s
-            .open_image(&spec("vm1"), OpenMode::ReadWrite)
-            .await
-            .unwrap();
-        h.set_meta(META_SHARED, "true").await.unwrap();
-        h.close().await.unwrap();
-    }
+    set_shared(&s, "true").await;
     let img = open(&s, false).await;
     assert!(img.is_shared() && img.object_map().is_none());
     // Several writers of a shared image coexist; each sees the other's writes.
@@ -710,14 +692,7 @@ async fn shared_images_go_to_the_store() {
     assert_eq!(header_flags(&s).await, invalid);
     // Back to exclusive use: the stale map (it never saw object 0) is not trusted;
     // the open rebuilds it and the shared writer's data reads back.
-    {
-        let h = s
-            .open_image(&spec("vm1"), OpenMode::ReadWrite)
-            .await
-            .unwrap();
-        h.set_meta(META_SHARED, "false").await.unwrap();
-        h.close().await.unwrap();
-    }
+    set_shared(&s, "false").await;
     assert_eq!(disk_map(&s).await.get(0), ObjectState::Nonexistent);
     let img = open(&s, false).await;
     assert!(!img.is_shared());
@@ -738,12 +713,7 @@ async fn shared_images_go_to_the_store() {
     assert!(img.is_shared());
     img.close().await.unwrap();
     // A bad value is an error naming the key, not a silent default.
-    let h = s2
-        .open_image(&spec("vm1"), OpenMode::ReadWrite)
-        .await
-        .unwrap();
-    h.set_meta(META_SHARED, "perhaps").await.unwrap();
-    h.close().await.unwrap();
+    set_shared(&s2, "perhaps").await;
     let e = Image::open(&s2, &spec("vm1"), &OpenOptions::default())
         .await
         .err()
@@ -757,8 +727,7 @@ async fn shared_images_go_to_the_store() {
 
 #[tokio::test]
 async fn crash_leaves_flag_and_reopen_rebuilds() {
-    let (_d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(64 << 20).await;
     img.write(2 * OBJ, Bytes::from_static(b"acked"), false)
         .await
         .unwrap();
@@ -797,8 +766,7 @@ async fn crash_leaves_flag_and_reopen_rebuilds() {
 
 #[tokio::test]
 async fn corrupt_or_wrong_length_map_is_rebuilt() {
-    let (d, s) = store_with(64 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (d, s, img) = writable(64 << 20).await;
     img.write(OBJ, Bytes::from_static(b"x"), false)
         .await
         .unwrap();
@@ -831,8 +799,7 @@ async fn corrupt_or_wrong_length_map_is_rebuilt() {
 
 #[tokio::test]
 async fn checkpoint_clears_and_next_write_sets_again() {
-    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
-    let img = open(&s, false).await;
+    let (_d, s, img) = writable(16 << 20).await;
     img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
     img.checkpoint().await.unwrap();
     assert_eq!(header_flags(&s).await, 0);
@@ -1015,11 +982,7 @@ async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
     img.checkpoint().await.unwrap();
     mem.take_log();
     // NO_HOLE zeroes of a NONEXISTENT object write it.
-    let no_hole = ZeroFlags {
-        no_hole: true,
-        ..ZeroFlags::default()
-    };
-    img.write_zeroes(7 * OBJ, 512, no_hole).await.unwrap();
+    img.write_zeroes(7 * OBJ, 512, NO_HOLE).await.unwrap();
     assert_eq!(mem.take_log(), ["set_flags(3)", "write(7)"]);
     img.checkpoint().await.unwrap();
     mem.take_log();
