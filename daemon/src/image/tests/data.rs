@@ -76,7 +76,7 @@ async fn exists_clean_objects_are_read_and_become_exists_when_written() {
     let m = disk_map(&s).await;
     m.set(0, ObjectState::ExistsClean);
     m.set(1, ObjectState::ExistsClean);
-    write_disk_map(&s, &m).await;
+    write_disk_map(&s, m.encode()).await;
     let img = open(&s, false).await;
     assert!(matches!(img.map_source(), Some(MapSource::Loaded)));
     // Clean objects exist: their data is read from the store, not taken for holes.
@@ -112,7 +112,7 @@ async fn make_all_clean(s: &DirStore) {
             m.set(o, ObjectState::ExistsClean);
         }
     }
-    write_disk_map(s, &m).await;
+    write_disk_map(s, m.encode()).await;
 }
 
 #[tokio::test]

@@ -93,11 +93,16 @@ async fn header_size(s: &DirStore) -> u64 {
     stored_header(s).await.size
 }
 
-async fn disk_map(s: &DirStore) -> ObjectMap {
+/// The stored object map's bytes.
+async fn disk_map_bytes(s: &DirStore) -> Vec<u8> {
     let h = stored(s).await;
     let b = h.read_object_map(None).await.unwrap().unwrap();
     h.close().await.unwrap();
-    ObjectMap::decode(&b).unwrap()
+    b
+}
+
+async fn disk_map(s: &DirStore) -> ObjectMap {
+    ObjectMap::decode(&disk_map_bytes(s).await).unwrap()
 }
 
 /// An exclusive handle, for changing the stored image while nobody has it open.
@@ -107,10 +112,10 @@ async fn exclusive(s: &DirStore) -> DirImage {
         .unwrap()
 }
 
-/// Replaces the stored object map of the (closed) image.
-async fn write_disk_map(s: &DirStore, m: &ObjectMap) {
+/// Replaces the stored object map of the (closed) image with these bytes.
+async fn write_disk_map(s: &DirStore, b: Vec<u8>) {
     let h = exclusive(s).await;
-    h.write_object_map(m.encode()).await.unwrap();
+    h.write_object_map(b).await.unwrap();
     h.close().await.unwrap();
 }
 
