@@ -1,7 +1,8 @@
 //! The data plane: the NBD [`Backend`] an open image serves.
 
 use super::pieces::split;
-use super::*;
+use super::{Image, MAX_BLOCK};
+use crate::store::ImageStore;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};

@@ -1,9 +1,14 @@
 //! The dirty-flag lifecycle: OBJECT_MAP_INVALID set before the first map-changing
 //! request, cleared by a checkpoint (the last client left, or idle) and at close.
 
-use super::*;
-use crate::store::RBD_FEATURE_OBJECT_MAP;
+use super::map::invalid_flags;
+use super::{FlagState, Image};
+use crate::error::Result;
+use crate::store::{ImageStore, RBD_FEATURE_OBJECT_MAP};
 use objmap::ObjectState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// `--checkpoint-idle SECONDS`: a positive number of seconds, fractions allowed.
 pub fn parse_checkpoint_idle(s: &str) -> std::result::Result<Duration, String> {

@@ -1,11 +1,13 @@
 //! The object map helpers: load it when it can be trusted, rebuild it from the objects
 //! that exist when not; the header flags that mark it stale.
 
-use super::*;
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
 use crate::store::{
-    RBD_FEATURE_FAST_DIFF, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+    ImageHeader, ImageStore, RBD_FEATURE_FAST_DIFF, RBD_FLAG_FAST_DIFF_INVALID,
+    RBD_FLAG_OBJECT_MAP_INVALID,
 };
-use objmap::ObjectState;
+use objmap::{ObjectMap, ObjectState};
 
 /// Why the in-memory map was rebuilt instead of loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]

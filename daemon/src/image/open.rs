@@ -2,8 +2,15 @@
 //! or rebuilt and the dirty flag set before the first request; creating one with its
 //! empty map.
 
-use super::*;
-use crate::store::{OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
+use super::map::{load_object_map, new_map, trusted_object_map, MapSource};
+use super::{FlagState, Image, Stats, LOCK_SHARDS, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS, META_SHARED};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, RwLock};
 
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {

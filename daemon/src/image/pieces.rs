@@ -1,12 +1,15 @@
 //! Requests split into pieces of one object each, served against the map and the
 //! store; block status extents from the map.
 
-use super::*;
+use super::{bump, Image};
+use crate::error::Result;
+use crate::store::ImageStore;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use nbd_protocol::backend::{STATE_HOLE, STATE_ZERO};
 use nbd_protocol::{Extent, ReadChunk};
 use objmap::ObjectState;
+use std::sync::atomic::Ordering;
 
 /// One piece of a request inside one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,12 @@
 //! Resizing an image, and the requests other clients address to the lock holder.
 
-use super::*;
-use crate::store::OwnerRequest;
+use super::map::new_map;
+use super::{Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{ImageStore, OwnerRequest};
 use objmap::ObjectState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl<S: ImageStore> Image<S> {
     /// Changes the image's size, as `rbd resize` does: asked by another client through
