@@ -6,8 +6,8 @@
 use crate::backend::{Backend, ExportInfo};
 use crate::consts::*;
 use crate::error::ProtocolError;
+use crate::export::Exports;
 use crate::io::{discard, read_exact_or_shutdown, ReadOutcome};
-use crate::server::Exports;
 use crate::tls::TlsMode;
 use bytes::{BufMut, BytesMut};
 use std::time::Duration;

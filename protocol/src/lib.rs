@@ -5,7 +5,8 @@
 //! [`Backend`], which answers byte-addressed requests. The authoritative reference is
 //! the NBD spec (NetworkBlockDevice/nbd doc/proto.md).
 //!
-//! One file per concern: `consts` (every number), `handshake` (option haggling),
+//! One file per concern: `consts` (every number), `export` (the exports and the
+//! per-connection options, read by both phases below), `handshake` (option haggling),
 //! `request` (parsing and the one `validate`), `reply` (encoding), `transmission` (the
 //! request loop, concurrency and backpressure), `server` (entry points), `socket` (the
 //! connection's socket, woken only when it has something to read), `halves` (the
@@ -19,6 +20,7 @@ pub mod consts;
 #[macro_use]
 mod delegate;
 pub mod error;
+mod export;
 mod halves;
 pub mod handshake;
 mod io;
