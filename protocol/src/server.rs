@@ -132,7 +132,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (rd, mut wr) = tokio::io::split(MaybeTls::Plain(stream));
+    let (rd, mut wr) = tokio::io::split(MaybeTls::Left(stream));
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let mode = opts.tls.mode();
     let Some(mut st) = handshake::greet(&mut rd, &mut wr, exports, shutdown, mode).await? else {
@@ -156,7 +156,7 @@ where
                 "STARTTLS acknowledged without a TLS configuration",
             )));
         };
-        let MaybeTls::Plain(plain) = rd.into_inner().unsplit(wr) else {
+        let MaybeTls::Left(plain) = rd.into_inner().unsplit(wr) else {
             return Err(ProtocolError::TlsHandshake(std::io::Error::other(
                 "STARTTLS on a stream that is already TLS",
             )));
@@ -168,7 +168,7 @@ where
             .map_err(ProtocolError::TlsHandshake)?;
         debug!("TLS established");
         st.tls_started();
-        let (r, w) = tokio::io::split(MaybeTls::Tls(Box::new(tls)));
+        let (r, w) = tokio::io::split(MaybeTls::Right(Box::new(tls)));
         rd = BufReader::with_capacity(READ_BUFFER, r);
         wr = w;
     }
@@ -200,7 +200,7 @@ where
         size_follows_backend: true,
     };
     let hint = poll_hint(&stream);
-    let (rd, wr) = halves::split(MaybeTls::Plain(stream), Vec::new());
+    let (rd, wr) = halves::split(MaybeTls::Left(stream), Vec::new());
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
     let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;
