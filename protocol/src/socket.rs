@@ -253,8 +253,8 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
 /// override (SO_SNDBUFFORCE would): raise that sysctl to let it take effect.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 
-/// An int-valued SOL_SOCKET option (SO_TYPE, SO_DOMAIN, SO_SNDBUF, ...).
-pub fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+/// An int-valued SOL_SOCKET option (SO_DOMAIN, SO_SNDBUF, ...).
+fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a local int whose size we pass.
