@@ -54,11 +54,9 @@ enum Stop {
     Fatal(ProtocolError),
 }
 
-/// Write payloads from this size on are received polling (see where it is used):
-/// 1 MiB sequential writes at QD8 went from 3707 to 5017 MiB/s (median of three turns,
-/// nbdkit file 4042; bench/README.md, third round). Smaller ones mostly arrive whole, and
-/// polling for their rest took a CPU from the client instead (64 KiB writes at QD16 were
-/// slower when every payload polled).
+/// Write payloads from this size on are received polling (why: where it is used). Smaller
+/// ones mostly arrive whole, and polling for their rest took a CPU from the client
+/// instead. Measured: bench/README.md, third round.
 const POLL_PAYLOAD_MIN: u32 = 128 * 1024;
 
 pub(crate) async fn run<R, W, B>(
@@ -268,9 +266,8 @@ where
         // A payload bigger than the read buffer was read straight from the socket, so an
         // empty buffer after it says nothing about what the client has queued behind it:
         // run such a write as its own task and go back to reading (at queue depth 1 the
-        // hand-off is small next to receiving the payload). 256 KiB writes at QD8 went
-        // from 3948 to 4370 MiB/s (median of four turns; nbdkit file 3966); 1 MiB did not
-        // move.
+        // hand-off is small next to receiving the payload; measured: bench/README.md,
+        // third round).
         let big_payload = payload.len() > READ_BUFFER;
         let permits = Permits {
             _slot: slot,
