@@ -492,66 +492,45 @@ async fn execute<B: Backend>(
 ) -> Pieces {
     let io_error = |m: String| BackendError::new(Errno::Io, m);
     let result: Result<Pieces, BackendError> = match cmd {
-        Command::Read { offset, length, df } => {
-            // Zero-length requests are legal and trivially satisfied; not bothering the
-            // backend spares every implementation the corner case.
-            let chunks = if length == 0 {
-                Ok(Vec::new())
-            } else {
-                b.read(offset, length).await
-            };
-            chunks.and_then(|c| {
+        Command::Read { offset, length, df } => unless_empty(length, || b.read(offset, length))
+            .await
+            .and_then(|c| {
                 reply::read_reply(handle, offset, length, c, structured, df).map_err(io_error)
-            })
-        }
+            }),
         Command::Write {
             offset,
             length,
             fua,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.write(offset, payload, fua).await
-        }
-        .map(|_| reply::ok_reply(handle)),
+        } => unless_empty(length, || b.write(offset, payload, fua))
+            .await
+            .map(|_| reply::ok_reply(handle)),
         Command::Flush => b.flush().await.map(|_| reply::ok_reply(handle)),
         Command::Trim {
             offset,
             length,
             fua,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.trim(offset, length, fua).await
-        }
-        .map(|_| reply::ok_reply(handle)),
-        Command::Cache { offset, length } => if length == 0 {
-            Ok(())
-        } else {
-            b.cache(offset, length).await
-        }
-        .map(|_| reply::ok_reply(handle)),
+        } => unless_empty(length, || b.trim(offset, length, fua))
+            .await
+            .map(|_| reply::ok_reply(handle)),
+        Command::Cache { offset, length } => unless_empty(length, || b.cache(offset, length))
+            .await
+            .map(|_| reply::ok_reply(handle)),
         Command::WriteZeroes {
             offset,
             length,
             fua,
             no_hole,
             fast_zero,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.write_zeroes(
-                offset,
-                length,
-                ZeroFlags {
-                    no_hole,
-                    fast_zero,
-                    fua,
-                },
-            )
-            .await
+        } => {
+            let flags = ZeroFlags {
+                no_hole,
+                fast_zero,
+                fua,
+            };
+            unless_empty(length, || b.write_zeroes(offset, length, flags))
+                .await
+                .map(|_| reply::ok_reply(handle))
         }
-        .map(|_| reply::ok_reply(handle)),
         Command::BlockStatus {
             offset,
             length,
@@ -570,5 +549,20 @@ async fn execute<B: Backend>(
             debug!(handle, "request failed: {e}");
             reply::error_reply(handle, structured, e.errno.to_nbd(), &e.message)
         }
+    }
+}
+
+/// Zero-length requests are legal and trivially satisfied (an empty read, a write of
+/// nothing); not bothering the backend spares every implementation the corner case.
+async fn unless_empty<T, F, Fut>(length: u32, op: F) -> Result<T, BackendError>
+where
+    T: Default,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    if length == 0 {
+        Ok(T::default())
+    } else {
+        op().await
     }
 }
