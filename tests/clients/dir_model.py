@@ -208,9 +208,13 @@ class Run(diffops.Serves):
         subprocess.run(["rm", "-rf", self.root])
 
 
+# Sequences a default run drives (about 3 minutes).
+DEFAULT_SEQS = 300
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "300")))
+    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", str(DEFAULT_SEQS))))
     ap.add_argument("--seed", type=int, default=int(os.environ.get("DIFF_SEED", "0")) or None)
     ap.add_argument("--long", action="store_true", help="1000 sequences, longer ones")
     ap.add_argument("--replay", help="a JSON case printed by a failure")
@@ -223,7 +227,8 @@ def main():
         lambda geo, ops, label: diffops.drive(Run(bin_, work, geo), ops, (nbd.Error,)))
     if args.replay:
         sys.exit(test.replay(json.load(open(args.replay))))
-    seqs = 1000 if args.long and args.seqs == 100 else args.seqs
+    # --long means 1000 sequences unless DIFF_SEQS/--seqs names another number.
+    seqs = 1000 if args.long and args.seqs == DEFAULT_SEQS else args.seqs
     kinds = [k for k in args.kinds.split(",") if k] or None
     first, failed, serves, secs = test.seeds(
         args.seed, seqs,
