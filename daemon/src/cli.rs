@@ -7,17 +7,17 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, load_object_map, rebuild_map, shared_setting, META_SHARED};
 use crate::serve::{self, ServeArgs};
 use crate::spec::{parse_size, ImageSpec, DEFAULT_POOL};
-use crate::store::dir::DirStore;
 use crate::store::{
-    CreateOptions, ImageHeader, ImageStore, OpenMode, Store, DEFAULT_FEATURES,
-    RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+    connect, AnyStore, CephAccess, CreateOptions, ImageHeader, ImageStore, OpenMode, Store,
+    StoreUri, DEFAULT_FEATURES, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID,
+    RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use objmap::{ObjectMap, ObjectState};
 use serde_json::json;
 use std::path::PathBuf;
 
-pub const DEFAULT_STORE_DIR: &str = "/var/lib/rados-nbd";
+pub use crate::store::uri::DEFAULT_STORE_DIR;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -137,6 +137,17 @@ pub enum Command {
     Kernel(crate::kernel::cli::KernelCommand),
 }
 
+impl Cli {
+    /// `--id`, `--keyring` and `--allow-encrypted`, for [`crate::store::connect`].
+    pub fn ceph_access(&self) -> CephAccess {
+        CephAccess {
+            id: self.id.clone(),
+            keyring: self.keyring.clone(),
+            allow_encrypted: self.allow_encrypted,
+        }
+    }
+}
+
 impl Command {
     /// Whether this command runs a server that outlives its clients (as opposed to
     /// printing something and exiting).
@@ -151,96 +162,28 @@ impl Command {
     }
 }
 
-/// Which store a `--store` URI names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreUri {
-    Dir(PathBuf),
-    Ceph { conf: Option<PathBuf> },
-}
-
-pub fn parse_store_uri(uri: Option<&str>) -> Result<StoreUri> {
-    let Some(uri) = uri else {
-        let dir = match std::env::var_os("RADOS_NBD_STORE") {
-            Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => PathBuf::from(DEFAULT_STORE_DIR),
-        };
-        return Ok(StoreUri::Dir(dir));
-    };
-    if let Some(p) = uri.strip_prefix("dir:") {
-        if p.is_empty() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("store {uri:?} names no directory (use dir:PATH)"),
-            ));
-        }
-        return Ok(StoreUri::Dir(PathBuf::from(p)));
-    }
-    if let Some(c) = uri.strip_prefix("ceph:") {
-        let conf = (!c.is_empty()).then(|| PathBuf::from(c));
-        return Ok(StoreUri::Ceph { conf });
-    }
-    Err(Error::new(
-        ErrorKind::InvalidInput,
-        format!("unknown store {uri:?} (expected dir:PATH or ceph:[CONF])"),
-    ))
-}
-
 pub async fn dispatch(cli: Cli) -> Result<()> {
     if let Command::Generate(what) = cli.command {
         return crate::generate::run(what, <Cli as clap::CommandFactory>::command());
     }
-    let uri = parse_store_uri(cli.store.as_deref())?;
-    if !matches!(uri, StoreUri::Ceph { .. }) && (cli.id.is_some() || cli.keyring.is_some()) {
+    let uri = StoreUri::parse(cli.store.as_deref())?;
+    if !uri.is_ceph() && (cli.id.is_some() || cli.keyring.is_some()) {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "--id and --keyring only apply to --store ceph:[CONF]",
         ));
     }
-    if !matches!(uri, StoreUri::Ceph { .. }) && cli.allow_encrypted {
+    if !uri.is_ceph() && cli.allow_encrypted {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "--allow-encrypted only applies to --store ceph:[CONF]",
         ));
     }
-    match uri {
-        StoreUri::Dir(p) => run(DirStore::new(p), cli.command).await,
-        StoreUri::Ceph { conf } => run_ceph(conf, cli.id, cli.keyring, cli.command).await,
+    match connect(&uri, &cli.ceph_access()).await? {
+        AnyStore::Dir(st) => run(st, cli.command).await,
+        #[cfg(feature = "ceph")]
+        AnyStore::Ceph(st) => run(st, cli.command).await,
     }
-}
-
-#[cfg(feature = "ceph")]
-async fn run_ceph(
-    conf: Option<PathBuf>,
-    id: Option<String>,
-    keyring: Option<PathBuf>,
-    cmd: Command,
-) -> Result<()> {
-    use crate::store::ceph::{CephOptions, CephStore};
-    let path = |p: PathBuf| p.to_string_lossy().into_owned();
-    let opts = CephOptions {
-        conf: conf.map(path),
-        id,
-        keyring: keyring.map(path),
-        // Fail a request instead of hanging forever when the cluster is unreachable.
-        options: vec![
-            ("rados_mon_op_timeout".into(), "60".into()),
-            ("client_mount_timeout".into(), "60".into()),
-        ],
-    };
-    run(CephStore::connect(opts).await?, cmd).await
-}
-
-#[cfg(not(feature = "ceph"))]
-async fn run_ceph(
-    _conf: Option<PathBuf>,
-    _id: Option<String>,
-    _keyring: Option<PathBuf>,
-    _cmd: Command,
-) -> Result<()> {
-    Err(Error::new(
-        ErrorKind::Unsupported,
-        "this build has no Ceph support (rebuild with --features ceph; needs librados-dev and libradospp-dev)",
-    ))
 }
 
 fn parse_spec(s: &str) -> Result<ImageSpec> {
@@ -807,21 +750,6 @@ mod tests {
         );
         assert_eq!(flag_names(3), ["object map invalid", "fast diff invalid"]);
         assert!(flag_names(0).is_empty());
-    }
-
-    #[test]
-    fn store_uris() {
-        assert_eq!(
-            parse_store_uri(Some("dir:/x")).unwrap(),
-            StoreUri::Dir("/x".into())
-        );
-        assert_eq!(
-            parse_store_uri(Some("ceph:")).unwrap(),
-            StoreUri::Ceph { conf: None }
-        );
-        assert!(parse_store_uri(Some("dir:")).is_err());
-        let e = parse_store_uri(Some("nosuch:/x")).unwrap_err();
-        assert!(e.message.contains("nosuch:/x"));
     }
 
     #[test]

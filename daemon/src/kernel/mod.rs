@@ -25,6 +25,7 @@ pub mod netlink;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
+use crate::store::{CephAccess, StoreUri};
 use cli::{
     AttachArgs, DetachArgs, KernelCommand, ListFormat, ListMappedArgs, MapArgs, ServeOpts,
     UnmapArgs,
@@ -45,23 +46,17 @@ const MAX_CONNECTIONS: u32 = 16;
 /// Runs one kernel command. Synchronous on purpose: the serving daemon builds its own tokio
 /// runtime after the (single-threaded) setup, so call this outside any runtime.
 /// `store` is the resolved `--store` (recorded as `dir:/var/lib/rados-nbd`, ...).
-pub fn run(
-    cmd: KernelCommand,
-    store: &crate::cli::StoreUri,
-    ceph_id: Option<String>,
-    ceph_keyring: Option<std::path::PathBuf>,
-) -> Result<()> {
+pub fn run(cmd: KernelCommand, store: &StoreUri, mut ceph: CephAccess) -> Result<()> {
     // Paths as given are relative to the directory `map` ran in, which the background daemon
     // leaves (it must not pin that file system); recorded absolute, the store also reads the
     // same in list-mapped and in the backend identifier whatever directory a command ran in.
-    let ceph_keyring = ceph_keyring.map(|p| absolute(&p)).transpose()?;
-    let _ = export::CEPH_AUTH.set((ceph_id, ceph_keyring));
-    let store = &export::store_string(&absolute_store(store)?);
+    ceph.keyring = ceph.keyring.map(|p| absolute(&p)).transpose()?;
+    let store = &absolute_store(store)?.to_string();
     match cmd {
-        KernelCommand::Map(a) => map(a, store),
+        KernelCommand::Map(a) => map(a, store, &ceph),
         KernelCommand::Unmap(a) => unmap(a),
         KernelCommand::ListMapped(a) => list_mapped(a),
-        KernelCommand::Attach(a) => attach(a, store),
+        KernelCommand::Attach(a) => attach(a, store, &ceph),
         KernelCommand::Detach(a) => detach(a),
     }
 }
@@ -99,8 +94,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(base.join(rest))
 }
 
-fn absolute_store(store: &crate::cli::StoreUri) -> Result<crate::cli::StoreUri> {
-    use crate::cli::StoreUri;
+fn absolute_store(store: &StoreUri) -> Result<StoreUri> {
     Ok(match store {
         StoreUri::Dir(p) => StoreUri::Dir(absolute(p)?),
         StoreUri::Ceph { conf } => StoreUri::Ceph {
@@ -374,22 +368,28 @@ fn backend_id(store: &str, spec: &ImageSpec) -> String {
     format!("rados-nbd {store} {spec}")
 }
 
-fn map(a: MapArgs, store: &str) -> Result<()> {
+fn map(a: MapArgs, store: &str, ceph: &CephAccess) -> Result<()> {
     let index = a.device.as_deref().map(device::parse_device).transpose()?;
     let mode = Mode::Map {
         index,
         nbds_max: a.nbds_max,
         max_part: a.max_part,
     };
-    start(mode, &a.image, a.opts, store)
+    start(mode, &a.image, a.opts, store, ceph)
 }
 
-fn attach(a: AttachArgs, store: &str) -> Result<()> {
+fn attach(a: AttachArgs, store: &str, ceph: &CephAccess) -> Result<()> {
     let index = device::parse_device(&a.device)?;
-    start(Mode::Attach { index }, &a.image, a.opts, store)
+    start(Mode::Attach { index }, &a.image, a.opts, store, ceph)
 }
 
-fn start(mode: Mode, image: &str, mut opts: ServeOpts, store: &str) -> Result<()> {
+fn start(
+    mode: Mode,
+    image: &str,
+    mut opts: ServeOpts,
+    store: &str,
+    ceph: &CephAccess,
+) -> Result<()> {
     let spec: ImageSpec = image.parse()?;
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(Error::new(
@@ -414,7 +414,7 @@ fn start(mode: Mode, image: &str, mut opts: ServeOpts, store: &str) -> Result<()
         if background && opts.log_file.is_none() {
             forward_output_to_syslog();
         }
-        serve(mode, spec, &opts, store, &mut ready)
+        serve(mode, spec, &opts, store, ceph, &mut ready)
     });
     if let Err(e) = &res {
         tracing::error!("{e}");
@@ -455,6 +455,7 @@ fn serve(
     spec: ImageSpec,
     opts: &ServeOpts,
     store: &str,
+    ceph: &CephAccess,
     ready: &mut Option<ReadyPipe>,
 ) -> Result<()> {
     set_process_name();
@@ -545,6 +546,7 @@ fn serve(
     let export = Arc::new(
         rt.block_on(Export::open(
             store,
+            ceph,
             &spec,
             read_only,
             opts.exclusive,
@@ -1304,7 +1306,6 @@ fn list_mapped(a: ListMappedArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::StoreUri;
 
     #[test]
     fn store_paths_are_made_absolute() {
@@ -1342,7 +1343,9 @@ mod tests {
             Path::new("/r/../s")
         );
         // Recorded as `dir:/abs/path` in state files and the backend identifier.
-        let s = export::store_string(&absolute_store(&StoreUri::Dir("st".into())).unwrap());
+        let s = absolute_store(&StoreUri::Dir("st".into()))
+            .unwrap()
+            .to_string();
         assert_eq!(s, format!("dir:{}", cwd.join("st").display()));
     }
 
