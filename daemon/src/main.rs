@@ -89,7 +89,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let r = rt.block_on(cli::dispatch(cli));
+    let r = rt.block_on(rados_nbd::cmd::dispatch(cli));
     // Blocking store work may still be queued for a failed command; don't wait on it.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     if let Err(e) = r {
