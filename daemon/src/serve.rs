@@ -152,9 +152,22 @@ pub fn server_options(args: &ServeArgs) -> Result<ServerOptions> {
     })
 }
 
-enum Listener {
+/// A listening socket [`run`] accepts clients on.
+pub enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
+}
+
+impl From<UnixListener> for Listener {
+    fn from(l: UnixListener) -> Self {
+        Listener::Unix(l)
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
 }
 
 /// Binds a unix socket with the given permissions. A leftover socket file is removed only
@@ -309,15 +322,20 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
             return Err(e);
         }
     };
-    let r = accept_loop(
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    let r = run(
         &image,
         &spec,
-        &addr,
         listener,
+        &addr,
         &args,
         &server_opts,
-        &mut sigterm,
-        &mut sigint,
+        shutdown,
     )
     .await;
     let c = image.close().await;
@@ -330,17 +348,21 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn accept_loop<I: ImageStore>(
+/// Serves an opened image on `listener` (named `addr` in messages) until `shutdown`
+/// resolves, or with `--once` until the first client has gone; then every connection
+/// finishes the requests it has read, and the last checkpoint under way ends, before this
+/// returns. The caller opened the image and closes it. [`serve`] runs it with the
+/// command line's listener and SIGTERM/SIGINT; tests run it with their own.
+pub async fn run<I: ImageStore>(
     image: &Arc<Image<I>>,
     spec: &ImageSpec,
-    addr: &ListenAddr,
     listener: Listener,
+    addr: &ListenAddr,
     args: &ServeArgs,
     server_opts: &ServerOptions,
-    sigterm: &mut tokio::signal::unix::Signal,
-    sigint: &mut tokio::signal::unix::Signal,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    tokio::pin!(shutdown);
     let name = args
         .export_name
         .clone()
@@ -404,8 +426,7 @@ async fn accept_loop<I: ImageStore>(
 
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            () = &mut shutdown => break,
             Some(Done) = done_rx.recv() => {
                 active -= 1;
                 if active == 0 && args.once && served > 0 {

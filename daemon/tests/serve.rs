@@ -654,3 +654,88 @@ fn resize_while_served_through_the_holder() {
     ok(s, &["resize", "--size", "12M", "vm1"]);
     assert_eq!(header(s, "vm1")["size"], 12 << 20);
 }
+
+/// `serve::run` in-process, without argv or signals: an opened image on a 127.0.0.1
+/// listener, a client that wrote and left, one that wrote and stays connected; resolving
+/// the shutdown future ends the serving, every acknowledged write is in the store and the
+/// image closes clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_an_opened_image_until_its_shutdown_future() {
+    use clap::Parser;
+    use rados_nbd::image::{create_image, Image, OpenOptions};
+    use rados_nbd::serve::{run, ListenAddr, ServeArgs};
+    use rados_nbd::spec::ImageSpec;
+    use rados_nbd::store::dir::DirStore;
+    use rados_nbd::store::{CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES};
+
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let store = DirStore::new(d.path().to_path_buf());
+    let spec: ImageSpec = "vm1".parse().unwrap();
+    let create = CreateOptions {
+        size: 8 << 20,
+        order: 22,
+        features: DEFAULT_FEATURES,
+    };
+    create_image(&store, &spec, &create).await.unwrap();
+    let opts = OpenOptions {
+        read_only: false,
+        shared_default: false,
+        checkpoint_idle: None,
+    };
+    let image = Arc::new(Image::open(&store, &spec, &opts).await.unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let addr = ListenAddr::Tcp("127.0.0.1".into(), port);
+    let argv = ["rados-nbd", "serve", "vm1", "--listen", &port.to_string()];
+    let args: ServeArgs = match rados_nbd::cli::Cli::try_parse_from(argv).unwrap().command {
+        rados_nbd::cli::Command::Serve(a) => a,
+        other => panic!("parsed as {other:?}"),
+    };
+    let uri = format!("nbd://127.0.0.1:{port}/vm1");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_opts = nbd_protocol::ServerOptions::default();
+    let server = run(
+        &image,
+        &spec,
+        listener.into(),
+        &addr,
+        &args,
+        &server_opts,
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let clients = async {
+        tokio::task::spawn_blocking(move || {
+            let out = nbd_py(
+                &uri,
+                "h.pwrite(b'a' * 4096, 0)\nprint(h.pread(4096, 0) == b'a' * 4096)",
+            );
+            assert_eq!(out.trim(), "True");
+            let held = nbd_py_hold(&uri, "h.pwrite(b'b' * 4096, 8192)");
+            stop.send(()).unwrap();
+            held
+        })
+        .await
+        .unwrap()
+    };
+    let (served, mut held) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(server, clients)
+    })
+    .await
+    .expect("run did not return after its shutdown future resolved");
+    let _ = held.kill();
+    let _ = held.wait();
+    served.unwrap();
+    image.close().await.unwrap();
+
+    let img = store.open_image(&spec, OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(img.header().flags, 0, "closed clean after the drain");
+    let data = img.read(0, 0, 12288, None).await.unwrap().unwrap();
+    assert_eq!(&data[..4096], &[b'a'; 4096][..]);
+    assert_eq!(&data[8192..12288], &[b'b'; 4096][..]);
+    img.close().await.unwrap();
+}
