@@ -520,18 +520,9 @@ impl Setup<'_> {
                         Some(Ok((i, Err(e)))) => tracing::error!("{path}: connection {i} failed: {e}"),
                         Some(Err(e)) => tracing::error!("{path}: a connection task failed: {e}"),
                     },
-                    _ = sig.term.recv(), if !disconnecting && !detaching => {
+                    name = term_or_int(&mut sig.term, &mut sig.int), if !disconnecting && !detaching => {
                         disconnecting = true;
-                        tracing::info!("{path}: SIGTERM, disconnecting");
-                        let _ = crate::notify::stopping(&format!("unmapping {path}"));
-                        if let Err(e) = request_disconnect(&mut control, index) {
-                            tracing::error!("{e}");
-                            let _ = stop_tx.send(true);
-                        }
-                    }
-                    _ = sig.int.recv(), if !disconnecting && !detaching => {
-                        disconnecting = true;
-                        tracing::info!("{path}: SIGINT, disconnecting");
+                        tracing::info!("{path}: {name}, disconnecting");
                         let _ = crate::notify::stopping(&format!("unmapping {path}"));
                         if let Err(e) = request_disconnect(&mut control, index) {
                             tracing::error!("{e}");
@@ -608,6 +599,17 @@ fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<O
         }
     }
     Ok(None)
+}
+
+/// Waits for SIGTERM or SIGINT, which end a mapping alike, and names the one that came.
+async fn term_or_int(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {

@@ -279,29 +279,11 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state(close_result: bool) -> DeviceState {
-        DeviceState {
-            pid: 42,
-            pool: "rbd".into(),
-            namespace: String::new(),
-            image: "vm1".into(),
-            snap: None,
-            device: "/dev/nbd3".into(),
-            store: "dir:/x".into(),
-            read_only: false,
-            connections: 1,
-            netlink: true,
-            detached: false,
-            backend: None,
-            close_result,
-        }
-    }
+    use device::test_state as state;
 
     #[test]
     fn unmap_by_spec_tells_namespaces_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        device::TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let _dir = device::test_run_dir();
         // The same image name in the default namespace (nbd3) and in ns1 (nbd5).
         device::write_state(3, &state(true)).unwrap();
         let mut ns = state(true);
@@ -318,8 +300,7 @@ mod tests {
 
     #[test]
     fn unmap_learns_how_the_close_ended() {
-        let dir = tempfile::tempdir().unwrap();
-        device::TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let dir = device::test_run_dir();
         let result = |error: Option<&str>| device::CloseResult {
             pid: 42,
             device: "/dev/nbd3".into(),
