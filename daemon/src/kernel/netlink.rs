@@ -303,16 +303,7 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> std::io::Result<usize> {
 
 /// Encodes CONNECT / RECONFIGURE (the same attributes; the kernel validates per command).
 pub fn encode_config(family: u16, seq: u32, cmd: u8, c: &DeviceConfig) -> Vec<u8> {
-    let mut m = GenlMessage::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        cmd,
-        NBD_GENL_VERSION,
-    );
-    if let Some(i) = c.index {
-        m.put_u32(NBD_ATTR_INDEX, i);
-    }
+    let mut m = nbd_request(family, seq, cmd, c.index);
     for (attr, v) in [
         (NBD_ATTR_SIZE_BYTES, c.size_bytes),
         (NBD_ATTR_BLOCK_SIZE_BYTES, c.block_size),
@@ -341,6 +332,11 @@ pub fn encode_config(family: u16, seq: u32, cmd: u8, c: &DeviceConfig) -> Vec<u8
 }
 
 pub fn encode_index_cmd(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> Vec<u8> {
+    nbd_request(family, seq, cmd, index).finish()
+}
+
+/// An nbd family request that asks for an ACK, naming the device when `index` is given.
+fn nbd_request(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> GenlMessage {
     let mut m = GenlMessage::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -351,7 +347,7 @@ pub fn encode_index_cmd(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> V
     if let Some(i) = index {
         m.put_u32(NBD_ATTR_INDEX, i);
     }
-    m.finish()
+    m
 }
 
 pub fn encode_get_family(seq: u32, name: &str) -> Vec<u8> {
