@@ -185,19 +185,34 @@ fn objects(store: &Path) -> Vec<String> {
     v
 }
 
+/// A store in a temporary directory holding the image vm1 of `size`; None (the test is
+/// skipped) where the NBD clients are missing.
+fn store_with_vm1(size: &str) -> Option<tempfile::TempDir> {
+    if !have_clients() {
+        return None;
+    }
+    let d = tempfile::tempdir().unwrap();
+    ok(d.path(), &["create", "--size", size, "vm1"]);
+    Some(d)
+}
+
+/// [`store_with_vm1`] with vm1 served on the store's socket.
+fn serve_vm1(size: &str) -> Option<(tempfile::TempDir, Server)> {
+    let d = store_with_vm1(size)?;
+    let srv = Server::start(d.path(), "vm1", &[]);
+    Some((d, srv))
+}
+
 fn sock(store: &Path) -> PathBuf {
     store.join("nbd.sock")
 }
 
 #[test]
 fn write_read_map_and_clean_close() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("64M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "64M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(sock(s)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -290,13 +305,10 @@ fn write_read_map_and_clean_close() {
 
 #[test]
 fn crash_then_restart_rebuilds_and_keeps_acked_data() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("32M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "32M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // The client is still connected when the daemon dies: no checkpoint can save it.
     let mut holder = nbd_py_hold(
         &srv.uri,
@@ -338,12 +350,10 @@ fn crash_then_restart_rebuilds_and_keeps_acked_data() {
 
 #[test]
 fn read_only_export_names_and_busy() {
-    if !have_clients() {
+    let Some(d) = store_with_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
     let srv = Server::start(s, "vm1", &["--read-only", "--export-name", "disk"]);
     assert_eq!(
         header(s, "vm1")["flags"],
@@ -408,12 +418,10 @@ fn read_only_export_names_and_busy() {
 
 #[test]
 fn stale_socket_is_replaced_but_other_files_are_not() {
-    if !have_clients() {
+    let Some(d) = store_with_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
     drop(std::os::unix::net::UnixListener::bind(sock(s)).unwrap());
     assert!(sock(s).exists(), "a stale socket file");
     let srv = Server::start(s, "vm1", &[]);
@@ -436,13 +444,10 @@ fn stale_socket_is_replaced_but_other_files_are_not() {
 
 #[test]
 fn sigterm_with_a_client_attached_and_once() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // A client that wrote, then sits idle holding its connection.
     let script = format!(
         "import nbd, time\nh = nbd.NBD()\nh.connect_uri({:?})\nh.pwrite(b'q' * 4096, 0)\nprint('ready', flush=True)\ntime.sleep(30)\n",
@@ -489,13 +494,10 @@ fn sigterm_with_a_client_attached_and_once() {
 
 #[test]
 fn kill9_mid_workload_loses_nothing_acked() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("256M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "256M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Writes spread over many objects (half with FUA), each acknowledged index printed.
     let script = format!(
         "import nbd, sys\nh = nbd.NBD()\nh.connect_uri({:?})\n\
@@ -551,13 +553,10 @@ fn kill9_mid_workload_loses_nothing_acked() {
 
 #[test]
 fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("64M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "64M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Reads of objects that do not exist, one of them spanning two objects: three
     // pieces, all answered from the object map.
     nbd_py(
@@ -581,13 +580,10 @@ fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
 
 #[test]
 fn resize_while_served_through_the_holder() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("32M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "32M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Growing: done by the serving process (it holds the lock); new clients see it.
     let out = ok(s, &["resize", "--size", "64M", "vm1"]);
     assert_eq!(out, format!("rbd/vm1: size {} bytes\n", 64 << 20));
