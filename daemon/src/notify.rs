@@ -115,10 +115,8 @@ mod tests {
 
     #[test]
     fn sends_to_a_path_socket() {
-        let dir = std::env::temp_dir().join(format!("rados-nbd-notify-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let _ = std::fs::remove_file(&path);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
         let server = UnixDatagram::bind(&path).unwrap();
         send_to(
             path.as_os_str(),
@@ -126,7 +124,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(recv(&server), "READY=1\nSTATUS=mapped rbd/vm1 at /dev/nbd0");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[cfg(target_os = "linux")]

@@ -179,10 +179,8 @@ mod tests {
 
     #[test]
     fn takes_an_inherited_unix_listener_and_serves_on_it() {
-        let dir = std::env::temp_dir().join(format!("rados-nbd-sa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("serve.sock");
-        let _ = std::fs::remove_file(&path);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.sock");
         let orig = UnixListener::bind(&path).unwrap();
         let fd = pass_fd(orig.as_raw_fd());
         drop(orig);
@@ -205,7 +203,6 @@ mod tests {
         let mut buf = [0u8; 8];
         conn.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"NBDMAGIC");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
