@@ -88,16 +88,6 @@ const SUPPORTED_FEATURES: u64 = RBD_FEATURE_LAYERING
 /// `--keyring`.
 pub type CephOptions = ConnectOptions;
 
-/// `--allow-encrypted`, set once for the process by `main` (the kernel commands make their
-/// own stores); each [`CephStore`] takes it when it connects.
-static ALLOW_ENCRYPTED: AtomicBool = AtomicBool::new(false);
-
-/// Whether stores connected from now on serve images encrypted by librbd as their raw LUKS
-/// volume (`--allow-encrypted`) instead of refusing them.
-pub fn set_allow_encrypted(allow: bool) {
-    ALLOW_ENCRYPTED.store(allow, Ordering::SeqCst);
-}
-
 pub struct CephStore {
     rados: Arc<Rados>,
     desc: String,
@@ -120,12 +110,12 @@ impl CephStore {
             rados,
             desc,
             pools: Mutex::new(HashMap::new()),
-            allow_encrypted: ALLOW_ENCRYPTED.load(Ordering::SeqCst),
+            allow_encrypted: false,
             luks_noted: Arc::default(),
         })
     }
 
-    /// Overrides the process-wide `--allow-encrypted` for images this store opens.
+    /// `--allow-encrypted` for the images this store opens (off by default).
     pub fn with_allow_encrypted(mut self, allow: bool) -> Self {
         self.allow_encrypted = allow;
         self
