@@ -272,15 +272,3 @@ async fn no_idle_checkpoints_read_only_shared_or_off() {
     assert!(img.spawn_idle_checkpoints().is_none(), "off by default");
     img.close().await.unwrap();
 }
-
-#[test]
-fn checkpoint_idle_parses_seconds() {
-    assert_eq!(parse_checkpoint_idle("30"), Ok(Duration::from_secs(30)));
-    assert_eq!(
-        parse_checkpoint_idle("0.25"),
-        Ok(Duration::from_millis(250))
-    );
-    for bad in ["0", "-1", "x", "", "nan", "inf"] {
-        assert!(parse_checkpoint_idle(bad).is_err(), "{bad}");
-    }
-}
