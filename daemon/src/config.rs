@@ -56,7 +56,7 @@ impl Config {
             match k {
                 "shared_default" => {
                     c.shared_default =
-                        crate::image::parse_bool("shared_default", v).map_err(|e| bad(e.message))?
+                        crate::parse::parse_bool("shared_default", v).map_err(|e| bad(e.message))?
                 }
                 _ => return Err(bad(format!("unknown key {k:?} (known: shared_default)"))),
             }

@@ -1,8 +1,10 @@
-//! The small parsers behind the command line's values: sizes, object sizes, socket modes
-//! and groups, listen addresses. Each gives one line naming the value that is wrong.
+//! The small parsers behind the command line's and the config file's values: sizes, object
+//! sizes, socket modes and groups, listen addresses, booleans, checkpoint periods. Each gives
+//! one line naming the value that is wrong.
 
 use crate::error::{Error, ErrorKind, Result};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Parse `1073741824`, `512K`, `4M`, `10G`, `1T`, `1P` (binary units; `KiB`/`MB` forms too).
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -151,6 +153,28 @@ pub fn parse_listen(s: &str) -> Result<ListenAddr> {
     Ok(ListenAddr::Tcp(host, port))
 }
 
+/// A boolean setting (`shared` metadata, `shared_default` in the config file).
+pub fn parse_bool(what: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} is {v:?}, expected true or false"),
+        )),
+    }
+}
+
+/// `--checkpoint-idle SECONDS`: a positive number of seconds, fractions allowed.
+pub fn parse_checkpoint_idle(s: &str) -> std::result::Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 (e.g. 30 or 0.5)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +257,17 @@ mod tests {
         assert!(parse_listen("::1:5").is_err());
         assert!(parse_listen("h:99999").is_err());
         assert!(parse_listen("h:").is_err());
+    }
+
+    #[test]
+    fn checkpoint_idle_parses_seconds() {
+        assert_eq!(parse_checkpoint_idle("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            parse_checkpoint_idle("0.25"),
+            Ok(Duration::from_millis(250))
+        );
+        for bad in ["0", "-1", "x", "", "nan", "inf"] {
+            assert!(parse_checkpoint_idle(bad).is_err(), "{bad}");
+        }
     }
 }

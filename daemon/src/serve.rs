@@ -68,7 +68,7 @@ pub struct ServeArgs {
     /// flag while still serving, so `rbd du`/`rbd diff` can use fast-diff and a crash
     /// needs no rebuild; the next such write sets the flag again first (one more round
     /// trip). Off by default: the flag stays set while served.
-    #[arg(long, value_name = "SECONDS", value_parser = crate::image::parse_checkpoint_idle)]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse::parse_checkpoint_idle)]
     pub checkpoint_idle: Option<std::time::Duration>,
     /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
     /// are refused). allow and require need --tls-cert and --tls-key.

@@ -3,7 +3,7 @@
 use super::with_image;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{self, shared_setting, META_SHARED};
+use crate::image::{shared_setting, META_SHARED};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
 
@@ -34,7 +34,7 @@ pub async fn config<S: Store>(store: &S, spec: &ImageSpec, setting: Option<&str>
                     format!("unknown setting {:?} (known: shared)", k.trim()),
                 ));
             }
-            let b = image::parse_bool("shared", v)?;
+            let b = crate::parse::parse_bool("shared", v)?;
             with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
                 img.set_meta(META_SHARED, if b { "true" } else { "false" })
                     .await

@@ -10,16 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `--checkpoint-idle SECONDS`: a positive number of seconds, fractions allowed.
-pub fn parse_checkpoint_idle(s: &str) -> std::result::Result<Duration, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 1e9 => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!(
-            "{s:?} is not a number of seconds above 0 (e.g. 30 or 0.5)"
-        )),
-    }
-}
-
 impl<S: ImageStore> Image<S> {
     fn flag_mask(&self) -> u64 {
         invalid_flags(self.header.features)

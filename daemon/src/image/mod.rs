@@ -36,12 +36,11 @@ mod test_store;
 #[cfg(test)]
 mod tests;
 
-pub use dirty::parse_checkpoint_idle;
 pub use map::{
     describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,
     MapSource,
 };
-pub use open::{create_image, parse_bool, shared_setting, OpenOptions};
+pub use open::{create_image, shared_setting, OpenOptions};
 
 /// Image metadata key of the per-image `shared` setting.
 pub const META_SHARED: &str = "rados-nbd.shared";

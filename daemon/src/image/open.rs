@@ -24,18 +24,6 @@ pub struct OpenOptions {
     pub checkpoint_idle: Option<Duration>,
 }
 
-/// Parses the `shared` metadata value.
-pub fn parse_bool(what: &str, v: &str) -> Result<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "yes" | "1" | "on" => Ok(true),
-        "false" | "no" | "0" | "off" => Ok(false),
-        _ => Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("{what} is {v:?}, expected true or false"),
-        )),
-    }
-}
-
 /// The image's effective `shared` setting.
 pub async fn shared_setting<S: ImageStore>(
     img: &S,
@@ -44,7 +32,7 @@ pub async fn shared_setting<S: ImageStore>(
 ) -> Result<bool> {
     match img.get_meta(META_SHARED).await? {
         None => Ok(default),
-        Some(v) => parse_bool(&format!("image metadata {META_SHARED} of {spec}"), &v),
+        Some(v) => crate::parse::parse_bool(&format!("image metadata {META_SHARED} of {spec}"), &v),
     }
 }
 

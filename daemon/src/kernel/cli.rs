@@ -40,7 +40,7 @@ pub struct ServeOpts {
     pub reattach_timeout: u64,
     /// After this many seconds with no map-changing write, write the object map and
     /// clear the dirty flag while mapped (see `serve --checkpoint-idle`). Off by default.
-    #[arg(long, value_name = "SECONDS", value_parser = crate::image::parse_checkpoint_idle)]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse::parse_checkpoint_idle)]
     pub checkpoint_idle: Option<std::time::Duration>,
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
