@@ -3,8 +3,16 @@
 //! are skipped when the Ceph binaries are missing. Ceph's own `rbd` and `rados` tools
 //! check what we wrote.
 
-use super::*;
-use crate::store::{DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID};
+use super::header::{generate_image_id, header_oid};
+use super::lock::get_lock_info;
+use super::{cls, CephOptions, CephStore, RBD};
+use crate::error::{ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{
+    CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID,
+    RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use bytes::Bytes;
 use std::path::PathBuf;
 use std::process::Command;
 
