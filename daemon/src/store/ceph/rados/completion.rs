@@ -1,9 +1,11 @@
 //! Completions turned into futures: each asynchronous librados call gets a completion
 //! whose callback hands the result, and the memory librados wrote to, to a oneshot channel.
 
+use super::error::rados_error;
 use super::ffi::{
     rados_aio_create_completion2, rados_aio_get_return_value, rados_aio_release, rados_completion_t,
 };
+use crate::error::Result;
 use libc::ETIMEDOUT;
 use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
@@ -96,6 +98,15 @@ where
         return Err((r, slot.keep));
     }
     Ok(rx)
+}
+
+/// What a call kept, once it completed: a negative `r` is the error of `what` on `oid`, and
+/// no slot back (the cluster shut down under the call) a timeout.
+pub(super) fn completed<K>(r: i32, keep: Option<K>, what: &str, oid: &str) -> Result<K> {
+    if r < 0 {
+        return Err(rados_error(what, oid, r));
+    }
+    keep.ok_or_else(|| rados_error(what, oid, -ETIMEDOUT))
 }
 
 pub(super) struct Keep<T>(pub(super) T);

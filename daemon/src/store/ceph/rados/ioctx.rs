@@ -2,11 +2,11 @@
 //! pages and object listings.
 
 use super::cluster::Rados;
-use super::completion::{aio, Keep};
+use super::completion::{aio, completed, Keep};
 use super::error::{cstring, rados_error};
 use super::ffi::*;
 use crate::error::{Error, ErrorKind, Result};
-use libc::{ENOENT, ETIMEDOUT};
+use libc::ENOENT;
 use std::ffi::{c_char, c_int, CStr};
 use std::ptr::{null, null_mut};
 use std::sync::Arc;
@@ -134,8 +134,24 @@ impl WriteOp {
     }
 }
 
+/// A read operation, released when dropped: it lives in the slot of the call, so after
+/// the completion.
+struct ReadOp(rados_read_op_t);
+
+impl ReadOp {
+    fn new() -> Self {
+        ReadOp(unsafe { rados_create_read_op() })
+    }
+}
+
+impl Drop for ReadOp {
+    fn drop(&mut self) {
+        unsafe { rados_release_read_op(self.0) }
+    }
+}
+
 struct ExecOut {
-    op: rados_read_op_t,
+    op: ReadOp,
     buf: *mut c_char,
     len: usize,
     prval: c_int,
@@ -143,17 +159,14 @@ struct ExecOut {
 unsafe impl Send for ExecOut {}
 impl Drop for ExecOut {
     fn drop(&mut self) {
-        unsafe {
-            if !self.buf.is_null() {
-                rados_buffer_free(self.buf);
-            }
-            rados_release_read_op(self.op);
+        if !self.buf.is_null() {
+            unsafe { rados_buffer_free(self.buf) }
         }
     }
 }
 
 struct OmapOut {
-    op: rados_read_op_t,
+    op: ReadOp,
     iter: rados_omap_iter_t,
     more: u8,
     prval: c_int,
@@ -161,11 +174,8 @@ struct OmapOut {
 unsafe impl Send for OmapOut {}
 impl Drop for OmapOut {
     fn drop(&mut self) {
-        unsafe {
-            if !self.iter.is_null() {
-                rados_omap_get_end(self.iter);
-            }
-            rados_release_read_op(self.op);
+        if !self.iter.is_null() {
+            unsafe { rados_omap_get_end(self.iter) }
         }
     }
 }
@@ -259,10 +269,7 @@ impl IoCtx {
         if r == -ENOENT {
             return Ok(None);
         }
-        if r < 0 {
-            return Err(rados_error("stat", oid, r));
-        }
-        let k = keep.ok_or_else(|| rados_error("stat", oid, -ETIMEDOUT))?;
+        let k = completed(r, keep, "stat", oid)?;
         Ok(Some(Stat {
             size: k.0 .1,
             mtime: k.0 .2,
@@ -322,7 +329,7 @@ impl IoCtx {
         let cmethod = cstring("method", method)?;
         let io = self.h as usize;
         let out = ExecOut {
-            op: unsafe { rados_create_read_op() },
+            op: ReadOp::new(),
             buf: null_mut(),
             len: 0,
             prval: 0,
@@ -332,7 +339,7 @@ impl IoCtx {
             let k = &mut *k;
             let o = &mut k.0 .1;
             rados_read_op_exec(
-                o.op,
+                o.op.0,
                 ccls.as_ptr(),
                 cmethod.as_ptr(),
                 input.as_ptr() as *const c_char,
@@ -341,13 +348,10 @@ impl IoCtx {
                 &mut o.len,
                 &mut o.prval,
             );
-            rados_aio_read_op_operate(o.op, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
+            rados_aio_read_op_operate(o.op.0, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
         })
         .await;
-        if r < 0 {
-            return Err(rados_error(&what, oid, r));
-        }
-        let k = keep.ok_or_else(|| rados_error(&what, oid, -ETIMEDOUT))?;
+        let k = completed(r, keep, &what, oid)?;
         let o = &k.0 .1;
         if o.prval < 0 {
             return Err(rados_error(&what, oid, o.prval));
@@ -418,7 +422,7 @@ impl IoCtx {
         let cprefix = cstring("omap prefix", prefix)?;
         let io = self.h as usize;
         let out = OmapOut {
-            op: unsafe { rados_create_read_op() },
+            op: ReadOp::new(),
             iter: null_mut(),
             more: 0,
             prval: 0,
@@ -427,7 +431,7 @@ impl IoCtx {
             let k = &mut *k;
             let o = &mut k.0 .1;
             rados_read_op_omap_get_vals2(
-                o.op,
+                o.op.0,
                 cstart.as_ptr(),
                 cprefix.as_ptr(),
                 max,
@@ -435,13 +439,10 @@ impl IoCtx {
                 &mut o.more,
                 &mut o.prval,
             );
-            rados_aio_read_op_operate(o.op, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
+            rados_aio_read_op_operate(o.op.0, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
         })
         .await;
-        if r < 0 {
-            return Err(rados_error("omap get vals", oid, r));
-        }
-        let k = keep.ok_or_else(|| rados_error("omap get vals", oid, -ETIMEDOUT))?;
+        let k = completed(r, keep, "omap get vals", oid)?;
         let o = &k.0 .1;
         if o.prval < 0 {
             return Err(rados_error("omap get vals", oid, o.prval));
