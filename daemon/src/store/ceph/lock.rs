@@ -9,12 +9,11 @@ use super::rados::{self, errno_of, is_blocklisted, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{OpenMode, OwnerRequest};
+use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
 
-const EBUSY: i32 = 16;
-const EROFS: i32 = 30;
 /// How long an open waits for the watch of a lock owner that does not answer (a killed or
 /// stopped client) to be dropped by the OSD, which takes `osd_client_watch_timeout` (30 s
 /// by default) after its last ping, before giving up with "in use". The environment
@@ -180,12 +179,12 @@ fn errno_for_librbd(e: &Error) -> i32 {
         return n.abs();
     }
     match e.kind {
-        ErrorKind::InvalidInput => 22, // EINVAL
+        ErrorKind::InvalidInput => EINVAL,
         ErrorKind::ReadOnly => EROFS,
-        ErrorKind::Unsupported => 95, // EOPNOTSUPP
-        ErrorKind::NoSpace => 28,     // ENOSPC
-        ErrorKind::Busy => 16,        // EBUSY
-        _ => 5,                       // EIO
+        ErrorKind::Unsupported => EOPNOTSUPP,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::Busy => EBUSY,
+        _ => EIO,
     }
 }
 
@@ -248,7 +247,7 @@ pub(super) async fn get_lock_info(inner: &Inner) -> Result<cls::LockInfo> {
 /// lock over.
 async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
     let spec = &inner.spec;
-    let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(17));
+    let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(EEXIST));
     let ctx = |e: Error| e.context(format!("locking image {spec}"));
     // Rounds: each after breaking a stale lock (or after a racing release).
     for _round in 0..3 {
@@ -388,7 +387,7 @@ async fn fence_and_break(inner: &Inner, locker: &cls::Locker, held: &str) -> Res
     tracing::warn!(image = %spec, %locker, address = addr,
         "breaking the stale {held} lock of a dead owner: blocklisting {addr} first (fencing it off)");
     if let Err(e) = inner.meta.cluster().blocklist_add(addr, 0).await {
-        let denied = matches!(errno_of(&e), Some(1) | Some(13));
+        let denied = matches!(errno_of(&e), Some(EPERM) | Some(EACCES));
         return Err(if denied {
             Error::new(
                 ErrorKind::Busy,
