@@ -3,11 +3,12 @@
 
 use super::error::rados_error;
 use super::ffi::{
-    rados_aio_create_completion2, rados_aio_get_return_value, rados_aio_release, rados_completion_t,
+    rados_aio_create_completion2, rados_aio_get_return_value, rados_aio_release, rados_buffer_free,
+    rados_completion_t,
 };
 use crate::error::Result;
 use libc::ETIMEDOUT;
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::ptr::null_mut;
 use tokio::sync::oneshot;
 
@@ -107,6 +108,40 @@ pub(super) fn completed<K>(r: i32, keep: Option<K>, what: &str, oid: &str) -> Re
         return Err(rados_error(what, oid, r));
     }
     keep.ok_or_else(|| rados_error(what, oid, -ETIMEDOUT))
+}
+
+/// An output buffer librados allocates for a call (a class method's output, a notify's
+/// replies): it fills `ptr` and `len` at completion; freed with `rados_buffer_free` when
+/// dropped.
+pub(super) struct RadosBuf {
+    pub(super) ptr: *mut c_char,
+    pub(super) len: usize,
+}
+
+impl RadosBuf {
+    pub(super) fn new() -> Self {
+        RadosBuf {
+            ptr: null_mut(),
+            len: 0,
+        }
+    }
+
+    /// The bytes librados put there (none before the call completed).
+    pub(super) fn as_slice(&self) -> &[u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            return &[];
+        }
+        // SAFETY: librados allocated `len` bytes at `ptr`, freed only when `self` drops.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for RadosBuf {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            unsafe { rados_buffer_free(self.ptr) }
+        }
+    }
 }
 
 pub(super) struct Keep<T>(pub(super) T);

@@ -2,7 +2,7 @@
 //! pages and object listings.
 
 use super::cluster::Rados;
-use super::completion::{aio, completed, Keep};
+use super::completion::{aio, completed, Keep, RadosBuf};
 use super::error::{cstring, rados_error};
 use super::ffi::*;
 use crate::error::{Error, ErrorKind, Result};
@@ -134,44 +134,46 @@ impl WriteOp {
     }
 }
 
-/// A read operation, released when dropped: it lives in the slot of the call, so after
-/// the completion.
-struct ReadOp(rados_read_op_t);
+/// A read operation of one action, released when dropped: it lives in the slot of the
+/// call, so after the completion. `prval` is where librados puts the action's result.
+struct ReadOp {
+    h: rados_read_op_t,
+    prval: c_int,
+}
 
 impl ReadOp {
     fn new() -> Self {
-        ReadOp(unsafe { rados_create_read_op() })
+        ReadOp {
+            h: unsafe { rados_create_read_op() },
+            prval: 0,
+        }
+    }
+
+    /// The action's own result, once the operation completed.
+    fn action_result(&self, what: &str, oid: &str) -> Result<()> {
+        if self.prval < 0 {
+            return Err(rados_error(what, oid, self.prval));
+        }
+        Ok(())
     }
 }
 
 impl Drop for ReadOp {
     fn drop(&mut self) {
-        unsafe { rados_release_read_op(self.0) }
+        unsafe { rados_release_read_op(self.h) }
     }
 }
 
 struct ExecOut {
     op: ReadOp,
-    buf: *mut c_char,
-    len: usize,
-    prval: c_int,
-}
-unsafe impl Send for ExecOut {}
-impl Drop for ExecOut {
-    fn drop(&mut self) {
-        if !self.buf.is_null() {
-            unsafe { rados_buffer_free(self.buf) }
-        }
-    }
+    out: RadosBuf,
 }
 
 struct OmapOut {
     op: ReadOp,
     iter: rados_omap_iter_t,
     more: u8,
-    prval: c_int,
 }
-unsafe impl Send for OmapOut {}
 impl Drop for OmapOut {
     fn drop(&mut self) {
         if !self.iter.is_null() {
@@ -330,36 +332,29 @@ impl IoCtx {
         let io = self.h as usize;
         let out = ExecOut {
             op: ReadOp::new(),
-            buf: null_mut(),
-            len: 0,
-            prval: 0,
+            out: RadosBuf::new(),
         };
         let input = input.to_vec();
         let (r, keep) = aio(Keep((coid, out)), |k, c| unsafe {
             let k = &mut *k;
             let o = &mut k.0 .1;
             rados_read_op_exec(
-                o.op.0,
+                o.op.h,
                 ccls.as_ptr(),
                 cmethod.as_ptr(),
                 input.as_ptr() as *const c_char,
                 input.len(),
-                &mut o.buf,
-                &mut o.len,
-                &mut o.prval,
+                &mut o.out.ptr,
+                &mut o.out.len,
+                &mut o.op.prval,
             );
-            rados_aio_read_op_operate(o.op.0, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
+            rados_aio_read_op_operate(o.op.h, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
         })
         .await;
         let k = completed(r, keep, &what, oid)?;
         let o = &k.0 .1;
-        if o.prval < 0 {
-            return Err(rados_error(&what, oid, o.prval));
-        }
-        if o.buf.is_null() || o.len == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(unsafe { std::slice::from_raw_parts(o.buf as *const u8, o.len) }.to_vec())
+        o.op.action_result(&what, oid)?;
+        Ok(o.out.as_slice().to_vec())
     }
 
     /// Calls a class method that writes, through `rados_aio_exec` (its output is ignored).
@@ -425,28 +420,25 @@ impl IoCtx {
             op: ReadOp::new(),
             iter: null_mut(),
             more: 0,
-            prval: 0,
         };
         let (r, keep) = aio(Keep((coid, out)), |k, c| unsafe {
             let k = &mut *k;
             let o = &mut k.0 .1;
             rados_read_op_omap_get_vals2(
-                o.op.0,
+                o.op.h,
                 cstart.as_ptr(),
                 cprefix.as_ptr(),
                 max,
                 &mut o.iter,
                 &mut o.more,
-                &mut o.prval,
+                &mut o.op.prval,
             );
-            rados_aio_read_op_operate(o.op.0, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
+            rados_aio_read_op_operate(o.op.h, io as rados_ioctx_t, c, k.0 .0.as_ptr(), 0)
         })
         .await;
         let k = completed(r, keep, "omap get vals", oid)?;
         let o = &k.0 .1;
-        if o.prval < 0 {
-            return Err(rados_error("omap get vals", oid, o.prval));
-        }
+        o.op.action_result("omap get vals", oid)?;
         let mut pairs = Vec::new();
         loop {
             let (mut kp, mut vp, mut kl, mut vl) = (null_mut(), null_mut(), 0usize, 0usize);

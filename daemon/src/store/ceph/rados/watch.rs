@@ -1,14 +1,13 @@
 //! Watches and notifies: registering a watch whose callbacks ack each notification and
 //! pass events on, ending it, and notifying the watchers of an object.
 
-use super::completion::{aio, Keep};
+use super::completion::{aio, Keep, RadosBuf};
 use super::error::{cstring, rados_error};
 use super::ffi::*;
 use super::ioctx::IoCtx;
 use crate::error::{Error, ErrorKind, Result};
 use libc::{ENOENT, ENOTCONN, ETIMEDOUT};
 use std::ffi::{c_char, c_int, c_void, CString};
-use std::ptr::null_mut;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -188,23 +187,14 @@ impl IoCtx {
         struct Out {
             oid: CString,
             payload: Vec<u8>,
-            buf: *mut c_char,
-            len: usize,
-        }
-        impl Drop for Out {
-            fn drop(&mut self) {
-                if !self.buf.is_null() {
-                    unsafe { rados_buffer_free(self.buf) }
-                }
-            }
+            reply: RadosBuf,
         }
         let plen = c_int::try_from(payload.len())
             .map_err(|_| Error::new(ErrorKind::InvalidInput, "notify payload too large"))?;
         let keep = Keep(Out {
             oid: coid,
             payload: payload.to_vec(),
-            buf: null_mut(),
-            len: 0,
+            reply: RadosBuf::new(),
         });
         let (r, keep) = aio(keep, |k, c| unsafe {
             let o = &mut (*k).0;
@@ -215,8 +205,8 @@ impl IoCtx {
                 o.payload.as_ptr() as *const c_char,
                 plen,
                 timeout_ms,
-                &mut o.buf,
-                &mut o.len,
+                &mut o.reply.ptr,
+                &mut o.reply.len,
             )
         })
         .await;
@@ -224,11 +214,10 @@ impl IoCtx {
             return Err(rados_error("notify", oid, r));
         }
         let k = keep.ok_or_else(|| rados_error("notify", oid, -ETIMEDOUT))?;
-        if k.0.buf.is_null() {
+        if k.0.reply.ptr.is_null() {
             return Ok(NotifyReply::default());
         }
-        let buf = unsafe { std::slice::from_raw_parts(k.0.buf as *const u8, k.0.len) };
-        NotifyReply::parse(buf).map_err(|e| e.context(format!("notify {oid}")))
+        NotifyReply::parse(k.0.reply.as_slice()).map_err(|e| e.context(format!("notify {oid}")))
     }
 }
 
