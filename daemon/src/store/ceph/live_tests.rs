@@ -7,7 +7,7 @@
 use super::header::{generate_image_id, header_oid};
 use super::lock::get_lock_info;
 use super::{cls, CephOptions, CephStore, RBD};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
     CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID,
@@ -139,6 +139,28 @@ async fn new_image(st: &CephStore, prefix: &str, size: u64) -> (String, ImageSpe
     .await
     .expect("create");
     (name, spec)
+}
+
+/// Makes an image with `rbd create --size 16M ARGS` and opens it read-only, which must be
+/// refused (`why`): its name and the error.
+async fn refused_rbd_image(
+    st: &CephStore,
+    conf: &str,
+    prefix: &str,
+    args: &[&str],
+    why: &str,
+) -> (String, Error) {
+    let name = unique(prefix);
+    let mut argv = vec!["create", "--size", "16M"];
+    argv.extend_from_slice(args);
+    argv.push(&name);
+    tool(conf, "rbd", &argv);
+    let e = st
+        .open_image(&name.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .expect(why);
+    (name, e)
 }
 
 /// `rbd bench` writing 4 KiB to `name`, killed after `secs` if it keeps waiting for the lock.
@@ -509,45 +531,23 @@ async fn ceph_live_images_made_by_rbd() {
         .expect("open rbd-made image");
     assert_eq!(pi.header().features & 0x1d, 0x1d);
     pi.close().await.unwrap();
-    let striped = unique("striped");
-    tool(
+    let (striped, e) = refused_rbd_image(
+        &st,
         conf,
-        "rbd",
-        &[
-            "create",
-            "--size",
-            "16M",
-            "--stripe-unit",
-            "65536",
-            "--stripe-count",
-            "4",
-            &striped,
-        ],
-    );
-    let e = st
-        .open_image(&striped.parse().unwrap(), OpenMode::ReadOnly)
-        .await
-        .err()
-        .expect("fancy striping must be refused");
+        "striped",
+        &["--stripe-unit", "65536", "--stripe-count", "4"],
+        "fancy striping must be refused",
+    )
+    .await;
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
-    let journ = unique("journal");
-    tool(
+    let (journ, e) = refused_rbd_image(
+        &st,
         conf,
-        "rbd",
-        &[
-            "create",
-            "--size",
-            "16M",
-            "--image-feature",
-            "exclusive-lock,journaling",
-            &journ,
-        ],
-    );
-    let e = st
-        .open_image(&journ.parse().unwrap(), OpenMode::ReadOnly)
-        .await
-        .err()
-        .expect("journaling must be refused");
+        "journal",
+        &["--image-feature", "exclusive-lock,journaling"],
+        "journaling must be refused",
+    )
+    .await;
     assert!(e.message.contains("journaling"), "{e}");
     tool(conf, "rbd", &["snap", "create", &format!("{plain}@p")]);
     tool(conf, "rbd", &["snap", "protect", &format!("{plain}@p")]);
