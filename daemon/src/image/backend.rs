@@ -1,0 +1,161 @@
+//! The data plane: the NBD [`Backend`] an open image serves.
+
+use super::pieces::split;
+use super::{Image, MAX_BLOCK};
+use crate::store::ImageStore;
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use nbd_protocol::{Backend, BackendError, Errno, ExportInfo, Extent, ReadChunk, ZeroFlags};
+use objmap::ObjectState;
+
+impl<S: ImageStore> Image<S> {
+    /// Holds `gate` shared for a request (close and checkpoints wait for it): ESHUTDOWN
+    /// once the image is closing.
+    async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(BackendError::new(Errno::Shutdown, "the image is closing"));
+        }
+        Ok(g)
+    }
+
+    /// The protocol checked the request against the size its client was told; the image
+    /// may have shrunk since (a resize while connected), so check again against now.
+    fn in_range(&self, offset: u64, length: u64, errno: Errno) -> Result<(), BackendError> {
+        let size = self.size();
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BackendError::new(
+                errno,
+                format!(
+                    "{offset}+{length} lies beyond the end of {} ({size} bytes since a resize)",
+                    self.spec
+                ),
+            )),
+        }
+    }
+}
+
+impl<S: ImageStore> Backend for Image<S> {
+    fn current_size(&self) -> Option<u64> {
+        Some(self.size())
+    }
+
+    fn info(&self) -> ExportInfo {
+        let rw = !self.read_only;
+        ExportInfo {
+            size: self.size(),
+            read_only: self.read_only,
+            can_flush: rw,
+            can_fua: rw,
+            can_trim: rw,
+            can_write_zeroes: rw,
+            can_fast_zero: rw,
+            can_cache: true,
+            can_df: true,
+            // One Image is shared by every connection and FLUSH syncs the whole store.
+            can_multi_conn: true,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: MAX_BLOCK,
+            description: format!("rbd image {}", self.spec),
+        }
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>, BackendError> {
+        let _g = self.enter().await?;
+        self.in_range(offset, length as u64, Errno::Inval)?;
+        let pieces = split(self.order(), offset, length as u64);
+        if let [p] = pieces[..] {
+            // Most requests lie in one object: no join machinery, no merging.
+            return Ok(self.read_piece(p).await?);
+        }
+        let parts = try_join_all(pieces.into_iter().map(|p| self.read_piece(p))).await?;
+        let mut out: Vec<ReadChunk> = Vec::new();
+        for c in parts.into_iter().flatten() {
+            match (out.last_mut(), c) {
+                (Some(ReadChunk::Hole(a)), ReadChunk::Hole(b)) => *a += b,
+                (_, c) => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
+        let _g = self.enter().await?;
+        self.check_writable()?;
+        self.in_range(offset, data.len() as u64, Errno::NoSpc)?;
+        let pieces = split(self.order(), offset, data.len() as u64);
+        self.dirty_before(|| {
+            pieces
+                .iter()
+                .any(|p| self.needs_map_change(p.objno, ObjectState::Exists))
+        })
+        .await?;
+        if let [p] = pieces[..] {
+            self.write_piece(p, data, fua).await?;
+            return Ok(());
+        }
+        try_join_all(pieces.into_iter().map(|p| {
+            let d = data.slice(p.req_off as usize..(p.req_off + p.len) as usize);
+            self.write_piece(p, d, fua)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BackendError> {
+        let _g = self.enter().await?;
+        self.store.sync().await?;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), BackendError> {
+        let _g = self.enter().await?;
+        self.in_range(offset, length as u64, Errno::Inval)?;
+        self.discard(offset, length, fua, false).await?;
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: ZeroFlags,
+    ) -> Result<(), BackendError> {
+        let _g = self.enter().await?;
+        if flags.fast_zero && flags.no_hole {
+            // Keeping the range allocated means writing zeros: not fast.
+            return Err(BackendError::new(
+                Errno::NotSup,
+                "zeroing with NO_HOLE writes data and is not fast",
+            ));
+        }
+        if flags.fast_zero && !self.store.zeroes_are_fast() {
+            // Whole objects are removed (fast); part of one would be written with zeros.
+            let partial = split(self.order(), offset, length as u64)
+                .iter()
+                .any(|p| p.off != 0 || p.len != self.object_len(p.objno));
+            if partial {
+                return Err(BackendError::new(
+                    Errno::NotSup,
+                    "the store cannot punch holes here: zeroing part of an object writes zeros, not fast",
+                ));
+            }
+        }
+        self.in_range(offset, length as u64, Errno::NoSpc)?;
+        self.discard(offset, length, flags.fua, flags.no_hole)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache(&self, _offset: u64, _length: u32) -> Result<(), BackendError> {
+        // Advisory; the store has no cache of its own to warm.
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, BackendError> {
+        let _g = self.enter().await?;
+        Ok(self.extents(offset, length as u64))
+    }
+}

@@ -1,0 +1,202 @@
+//! The image layer: byte ranges to objects, the in-memory object map and its dirty-flag
+//! lifecycle, served to NBD through [`nbd_protocol::Backend`].
+//!
+//! Invariant kept while an image is open for writing with its map in memory: every
+//! object that exists in the store is not NONEXISTENT in the map. Writes mark EXISTS
+//! before the store write; removals mark NONEXISTENT only after the store removed the
+//! object; a per-object lock keeps a removal from interleaving with a write. The header
+//! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
+//! clean close or checkpoint, and again from the first map-changing request after a
+//! checkpoint, set before that request touches the store), so a crash never leaves a
+//! trusted stale map.
+//!
+//! One room a concern: `open` (open, close, create; the shared setting), `dirty` (the
+//! dirty flag and checkpoints), `map` (load, trust, rebuild), `pieces` (requests split
+//! into object pieces; extents), `resize` (resize and the lock owner's requests),
+//! `backend` (the NBD data plane). Their tests are in `tests/`, by plane, on a directory
+//! store or on `test_store`'s memory image.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{ImageHeader, ImageStore};
+use objmap::ObjectMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, RwLock};
+
+mod backend;
+mod dirty;
+mod map;
+mod open;
+mod pieces;
+mod resize;
+#[cfg(test)]
+mod test_store;
+#[cfg(test)]
+mod tests;
+
+pub use dirty::parse_checkpoint_idle;
+pub use map::{
+    describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,
+    MapSource,
+};
+pub use open::{create_image, parse_bool, shared_setting, OpenOptions};
+
+/// Image metadata key of the per-image `shared` setting.
+pub const META_SHARED: &str = "rados-nbd.shared";
+
+/// Largest request the server accepts (NBD_INFO_BLOCK_SIZE maximum).
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+const LOCK_SHARDS: usize = 1024;
+
+/// Keeps every byte offset and object arithmetic far from u64 overflow.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
+/// 2^30 objects: a 256 MiB map in memory (4 PiB at 4 MiB objects).
+pub const MAX_MAP_OBJECTS: u64 = 1 << 30;
+
+/// Counters proving where answers came from (logged at close).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Read pieces answered as holes from the map, with no store call.
+    pub map_reads: AtomicU64,
+    pub store_reads: AtomicU64,
+    pub store_writes: AtomicU64,
+    pub store_zeroes: AtomicU64,
+    pub store_removes: AtomicU64,
+    /// Discard pieces that cost nothing: the object was already NONEXISTENT.
+    pub skipped_removes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub map_reads: u64,
+    pub store_reads: u64,
+    pub store_writes: u64,
+    pub store_zeroes: u64,
+    pub store_removes: u64,
+    pub skipped_removes: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            map_reads: g(&self.map_reads),
+            store_reads: g(&self.store_reads),
+            store_writes: g(&self.store_writes),
+            store_zeroes: g(&self.store_zeroes),
+            store_removes: g(&self.store_removes),
+            skipped_removes: g(&self.skipped_removes),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+pub struct Image<S: ImageStore> {
+    store: S,
+    spec: ImageSpec,
+    header: ImageHeader,
+    /// Changes only in `resize`, with every request held off by `gate`.
+    size: AtomicU64,
+    size_tx: tokio::sync::watch::Sender<u64>,
+    snap: Option<u64>,
+    read_only: bool,
+    shared: bool,
+    /// Replaced only in `resize`, with every request held off by `gate`; a request
+    /// takes its own reference and never holds this lock across an await.
+    map: std::sync::RwLock<Option<Arc<ObjectMap>>>,
+    map_source: Option<MapSource>,
+    locks: Vec<RwLock<()>>,
+    /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
+    gate: RwLock<bool>,
+    /// Whether the header's OBJECT_MAP_INVALID flag is currently set by us.
+    dirty_flag: AtomicBool,
+    flag_lock: Mutex<()>,
+    /// What the idle checkpointer waits on: the flag set, cleared, or the image closed.
+    flag_tx: watch::Sender<FlagState>,
+    checkpoint_idle: Option<Duration>,
+    /// When the latest map-changing request came, in nanoseconds since `opened`: the
+    /// idle checkpoint waits for `checkpoint_idle` after it.
+    last_change: AtomicU64,
+    opened: tokio::time::Instant,
+    stats: Stats,
+}
+
+/// The dirty flag as the idle checkpointer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlagState {
+    Clean,
+    Dirty,
+    Closed,
+}
+
+impl<S: ImageStore> Image<S> {
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+    pub fn object_map(&self) -> Option<Arc<ObjectMap>> {
+        self.map()
+    }
+
+    /// The map, kept across awaits (a reference of its own).
+    fn map(&self) -> Option<Arc<ObjectMap>> {
+        self.map_now().clone()
+    }
+
+    /// The map for a look or a change that does not wait: every request's per-object
+    /// check goes through here, so it borrows under the read lock instead of paying an
+    /// Arc clone and drop (two more atomic operations on a shared line) each time.
+    fn map_now(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<ObjectMap>>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn map_source(&self) -> Option<&MapSource> {
+        self.map_source.as_ref()
+    }
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn order(&self) -> u8 {
+        self.header.order
+    }
+
+    /// Bytes of object `objno` that lie inside the image.
+    fn object_len(&self, objno: u64) -> u64 {
+        let osize = self.header.object_size();
+        osize.min(self.size().saturating_sub(objno * osize))
+    }
+
+    fn lock_for(&self, objno: u64) -> &RwLock<()> {
+        &self.locks[(objno % LOCK_SHARDS as u64) as usize]
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is open read-only", self.spec),
+            ));
+        }
+        Ok(())
+    }
+}

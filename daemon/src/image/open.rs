@@ -1,0 +1,268 @@
+//! Opening and closing an image: the shared setting, the lock to take, the map loaded
+//! or rebuilt and the dirty flag set before the first request; creating one with its
+//! empty map.
+
+use super::map::{load_object_map, new_map, trusted_object_map, MapSource};
+use super::{FlagState, Image, Stats, LOCK_SHARDS, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS, META_SHARED};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, RwLock};
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open read-only (also implied by a snapshot spec).
+    pub read_only: bool,
+    /// `shared` when the image has no `rados-nbd.shared` metadata (config `shared_default`).
+    pub shared_default: bool,
+    /// Checkpoint (write the map, clear the dirty flag) after this long without a
+    /// map-changing request, so Ceph's tools can trust the map while the image is served
+    /// (`--checkpoint-idle`). None: the flag stays set from open to close.
+    pub checkpoint_idle: Option<Duration>,
+}
+
+/// Parses the `shared` metadata value.
+pub fn parse_bool(what: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} is {v:?}, expected true or false"),
+        )),
+    }
+}
+
+/// The image's effective `shared` setting.
+pub async fn shared_setting<S: ImageStore>(
+    img: &S,
+    spec: &ImageSpec,
+    default: bool,
+) -> Result<bool> {
+    match img.get_meta(META_SHARED).await? {
+        None => Ok(default),
+        Some(v) => parse_bool(&format!("image metadata {META_SHARED} of {spec}"), &v),
+    }
+}
+
+/// Creates an image and, with the object-map feature, its empty object map, so a fresh
+/// image opens without a rebuild.
+pub async fn create_image<St: Store>(
+    store: &St,
+    spec: &ImageSpec,
+    opts: &crate::store::CreateOptions,
+) -> Result<()> {
+    let count = opts.size.div_ceil(1u64 << opts.order);
+    if opts.size > MAX_IMAGE_SIZE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("image size {} too large (at most 2^60 bytes)", opts.size),
+        ));
+    }
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 && count > MAX_MAP_OBJECTS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{count} objects is too many for an object map (at most {MAX_MAP_OBJECTS}); use a larger --object-size"
+            ),
+        ));
+    }
+    store.create_image(spec, opts).await?;
+    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
+        let img = store.open_image(spec, OpenMode::ReadWrite).await?;
+        let r = match new_map(count, spec) {
+            Ok(m) => img.write_object_map(m.encode()).await,
+            Err(e) => Err(e),
+        };
+        let c = img.close().await;
+        r.and(c)
+            .map_err(|e| e.context(format!("writing the object map of new image {spec}")))?;
+    }
+    Ok(())
+}
+
+impl<S: ImageStore> Image<S> {
+    /// Opens an image for serving. Read-write (unless `read_only` or a snapshot) takes
+    /// the store's exclusive lock, loads or rebuilds the map and sets the dirty flag
+    /// before returning, so no write can be acknowledged under a clean flag.
+    pub async fn open<St: Store<Image = S>>(
+        store: &St,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let read_only = opts.read_only || spec.snap.is_some();
+        let mode = if read_only {
+            OpenMode::ReadOnly
+        } else {
+            // The lock to take depends on the image's `shared` setting: peek at it.
+            let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
+            let shared = shared_setting(&peek, spec, opts.shared_default).await;
+            // Refused before any lock is taken (`init` checks again for every caller).
+            let servable = peek.check_servable().await;
+            let _ = peek.close().await;
+            servable?;
+            if shared? {
+                OpenMode::SharedWrite
+            } else {
+                OpenMode::ReadWrite
+            }
+        };
+        let img = store.open_image(spec, mode).await?;
+        if mode == OpenMode::SharedWrite
+            && !shared_setting(&img, spec, opts.shared_default)
+                .await
+                .unwrap_or(false)
+        {
+            let _ = img.close().await;
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("the shared setting of {spec} changed while opening it; try again"),
+            ));
+        }
+        Self::from_store_image(
+            img,
+            spec,
+            &OpenOptions {
+                read_only,
+                ..opts.clone()
+            },
+        )
+        .await
+    }
+
+    /// Like [`Image::open`] for a handle the caller opened itself (read-only exactly when
+    /// `opts.read_only`). The handle is closed when this fails.
+    pub async fn from_store_image(img: S, spec: &ImageSpec, opts: &OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only || spec.snap.is_some();
+        match Self::init(img, spec, opts, read_only).await {
+            Ok(i) => Ok(i),
+            Err((img, e)) => {
+                let _ = img.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn init(
+        img: S,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+        read_only: bool,
+    ) -> std::result::Result<Self, (S, Error)> {
+        let header = img.header();
+        let (snap, size) = match &spec.snap {
+            None => (None, header.size),
+            Some(name) => match header.snaps.iter().find(|s| &s.name == name) {
+                Some(s) => (Some(s.id), s.size),
+                None => {
+                    let e = Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"));
+                    return Err((img, e));
+                }
+            },
+        };
+        if let Err(e) = img.check_servable().await {
+            return Err((img, e));
+        }
+        let shared = match shared_setting(&img, spec, opts.shared_default).await {
+            Ok(s) => s,
+            Err(e) => return Err((img, e)),
+        };
+        let use_map = header.features & RBD_FEATURE_OBJECT_MAP != 0 && !shared;
+        let (map, map_source) = if use_map && snap.is_some() {
+            // A snapshot's map cannot be rebuilt from a listing: an object removed from
+            // the head since the snapshot was taken lives on only as a clone, which the
+            // listing does not show, and a rebuilt map would read its data as zeros.
+            // Without a trustworthy map every read asks the store, which is always right.
+            match trusted_object_map(&img, &header, snap, size).await {
+                Ok(Ok(m)) => (Some(m), Some(MapSource::Loaded)),
+                Ok(Err(reason)) => {
+                    tracing::info!(
+                        "serving {spec} without an object map (every read asks the store): \
+                         the snapshot's map cannot be used: {reason}"
+                    );
+                    (None, None)
+                }
+                Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
+            }
+        } else if use_map && read_only {
+            // A read-only handle of the head holds no lock: another client may write the
+            // image while we serve it, and a map loaded now would answer "hole" for every
+            // object created after this open (librbd's read-only handles do not trust
+            // the map either). Only a snapshot, which nobody changes, or an exclusive
+            // writer, whom nobody else can change under, keeps a map in memory.
+            tracing::info!(
+                "serving {spec} read-only without an object map (every read asks the \
+                 store): another client may be writing it"
+            );
+            (None, None)
+        } else if use_map {
+            match load_object_map(&img, spec, &header, snap, size).await {
+                Ok((m, src)) => (Some(m), Some(src)),
+                Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
+            }
+        } else {
+            (None, None)
+        };
+        let image = Image {
+            store: img,
+            spec: spec.clone(),
+            size: AtomicU64::new(size),
+            size_tx: tokio::sync::watch::Sender::new(size),
+            snap,
+            read_only,
+            shared,
+            map: std::sync::RwLock::new(map.map(Arc::new)),
+            map_source,
+            locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
+            gate: RwLock::new(false),
+            dirty_flag: AtomicBool::new(false),
+            flag_lock: Mutex::new(()),
+            flag_tx: watch::Sender::new(FlagState::Clean),
+            checkpoint_idle: opts.checkpoint_idle,
+            last_change: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
+            stats: Stats::default(),
+            header,
+        };
+        if let Err(e) = image.ensure_dirty().await {
+            return Err((image.store, e.context(format!("marking {spec} in use"))));
+        }
+        tracing::debug!(
+            "opened {spec}: size {size}, object map {}, {}",
+            if image.map().is_some() {
+                "in memory"
+            } else {
+                "off"
+            },
+            if read_only { "read-only" } else { "read-write" }
+        );
+        Ok(image)
+    }
+
+    /// Clean close: waits for in-flight requests, syncs, writes the map, clears the
+    /// flag, releases the store handle. Requests after this fail with ESHUTDOWN.
+    /// On error the flag stays set (the map is rebuilt at the next open).
+    pub async fn close(&self) -> Result<()> {
+        let mut g = self.gate.write().await;
+        if *g {
+            return Ok(());
+        }
+        *g = true;
+        let res = self
+            .mark_clean()
+            .await
+            .map_err(|e| e.context(format!("closing {}", self.spec)));
+        let s = self.stats();
+        tracing::info!(
+            "closed {}: map_reads={} store_reads={} store_writes={} store_zeroes={} store_removes={} skipped_removes={}",
+            self.spec, s.map_reads, s.store_reads, s.store_writes, s.store_zeroes,
+            s.store_removes, s.skipped_removes
+        );
+        let res2 = self.store.close().await;
+        self.flag_tx.send_replace(FlagState::Closed);
+        res.and(res2)
+    }
+}

@@ -1,0 +1,270 @@
+//! Requests split into pieces of one object each, served against the map and the
+//! store; block status extents from the map.
+
+use super::{bump, Image};
+use crate::error::Result;
+use crate::store::ImageStore;
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use nbd_protocol::backend::{STATE_HOLE, STATE_ZERO};
+use nbd_protocol::{Extent, ReadChunk};
+use objmap::ObjectState;
+use std::sync::atomic::Ordering;
+
+/// One piece of a request inside one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub objno: u64,
+    /// Offset inside the object.
+    pub off: u64,
+    pub len: u64,
+    /// Offset of this piece inside the request.
+    pub req_off: u64,
+}
+
+/// Splits `[offset, offset+length)` at object boundaries.
+pub(crate) fn split(order: u8, offset: u64, length: u64) -> Vec<Piece> {
+    let osize = 1u64 << order;
+    let mut v = Vec::new();
+    let mut pos = offset;
+    let end = offset + length;
+    while pos < end {
+        let objno = pos >> order;
+        let off = pos & (osize - 1);
+        let len = (osize - off).min(end - pos);
+        v.push(Piece {
+            objno,
+            off,
+            len,
+            req_off: pos - offset,
+        });
+        pos += len;
+    }
+    v
+}
+
+impl<S: ImageStore> Image<S> {
+    fn is_nonexistent(&self, objno: u64) -> bool {
+        self.map_now()
+            .as_deref()
+            .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
+    }
+
+    /// Like `mark_exists` for a change to an object that is known to exist (a partial
+    /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
+    /// missing object does nothing), anything else becomes EXISTS.
+    fn mark_changed(&self, objno: u64) {
+        if let Some(m) = self.map_now().as_deref() {
+            let st = m.get(objno);
+            if st != ObjectState::Exists && st != ObjectState::Nonexistent {
+                m.set(objno, ObjectState::Exists);
+            }
+        }
+    }
+
+    fn mark_exists(&self, objno: u64) {
+        if let Some(m) = self.map_now().as_deref() {
+            if m.get(objno) != ObjectState::Exists {
+                m.set(objno, ObjectState::Exists);
+            }
+        }
+    }
+
+    pub(super) async fn read_piece(&self, p: Piece) -> Result<Vec<ReadChunk>> {
+        let len = p.len as u32;
+        if self.is_nonexistent(p.objno) {
+            self.store.check_usable()?;
+            bump(&self.stats.map_reads);
+            return Ok(vec![ReadChunk::Hole(len)]);
+        }
+        bump(&self.stats.store_reads);
+        Ok(
+            match self.store.read(p.objno, p.off, p.len, self.snap).await? {
+                None => vec![ReadChunk::Hole(len)],
+                Some(b) if b.is_empty() => vec![ReadChunk::Hole(len)],
+                Some(b) if b.len() as u64 >= p.len => {
+                    vec![ReadChunk::Data(b.slice(..p.len as usize))]
+                }
+                Some(b) => {
+                    let rest = len - b.len() as u32;
+                    vec![ReadChunk::Data(b), ReadChunk::Hole(rest)]
+                }
+            },
+        )
+    }
+
+    pub(super) async fn write_piece(&self, p: Piece, data: Bytes, fua: bool) -> Result<()> {
+        let _g = self.lock_for(p.objno).read().await;
+        self.mark_exists(p.objno);
+        bump(&self.stats.store_writes);
+        self.store.write(p.objno, p.off, data, fua).await
+    }
+
+    async fn discard_piece(&self, p: Piece, fua: bool, no_hole: bool) -> Result<()> {
+        if no_hole {
+            let zeros = Bytes::from(vec![0u8; p.len as usize]);
+            return self.write_piece(p, zeros, fua).await;
+        }
+        if self.is_nonexistent(p.objno) {
+            self.store.check_usable()?;
+            bump(&self.stats.skipped_removes);
+            return Ok(());
+        }
+        if p.off == 0 && p.len == self.object_len(p.objno) {
+            let _g = self.lock_for(p.objno).write().await;
+            bump(&self.stats.store_removes);
+            self.store.remove(p.objno, fua).await?;
+            if let Some(m) = self.map_now().as_deref() {
+                m.set(p.objno, ObjectState::Nonexistent);
+            }
+            Ok(())
+        } else {
+            {
+                let _g = self.lock_for(p.objno).read().await;
+                // Zeroing part of an object changes its bytes: an EXISTS_CLEAN object
+                // (unchanged since the newest snapshot) becomes EXISTS, as librbd marks
+                // it, or fast-diff (`rbd diff --whole-object --from-snap`, incremental
+                // backups) would miss the change. Marked before the store call, like a
+                // write, so the map never claims "unchanged" for changed bytes.
+                self.mark_changed(p.objno);
+                bump(&self.stats.store_zeroes);
+                self.store.zero(p.objno, p.off, p.len, fua).await?;
+            }
+            self.remove_if_emptied(p.objno, fua).await
+        }
+    }
+
+    /// An object that partial zeroes have left without any data (every byte punched
+    /// out) is removed, as a whole-object discard would have removed it: the file
+    /// servers punch such ranges too, and a removed object reads as zeros for free.
+    /// Only where the store can tell cheaply (the directory store: SEEK_DATA finds
+    /// nothing), and only for an exclusive writer: a shared image's other writers
+    /// could write the object between the check and the removal.
+    async fn remove_if_emptied(&self, objno: u64, fua: bool) -> Result<()> {
+        if self.shared || !self.store.holds_no_data(objno).await? {
+            return Ok(());
+        }
+        let _g = self.lock_for(objno).write().await;
+        // Again under the object's write lock: a write may have landed since.
+        if !self.store.holds_no_data(objno).await? {
+            return Ok(());
+        }
+        // A removal changes the map: after an idle checkpoint the partial zero that led
+        // here did not need the flag, this does, before the store is touched.
+        self.dirty_before(|| true).await?;
+        bump(&self.stats.store_removes);
+        self.store.remove(objno, fua).await?;
+        if let Some(m) = self.map_now().as_deref() {
+            m.set(objno, ObjectState::Nonexistent);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn discard(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let length = length as u64;
+        self.dirty_before(|| {
+            if no_hole {
+                // Zeros are written: every object touched ends EXISTS.
+                split(self.order(), offset, length)
+                    .iter()
+                    .any(|p| self.needs_map_change(p.objno, ObjectState::Exists))
+            } else {
+                self.discard_changes_map(offset, length)
+            }
+        })
+        .await?;
+        // NO_HOLE writes zeros, so it cannot skip anything; without a map nothing is known.
+        let map = match (self.map(), no_hole) {
+            (Some(m), false) => m,
+            _ => return self.discard_pieces(offset, length, fua, no_hole).await,
+        };
+        if length == 0 {
+            return Ok(());
+        }
+        // Runs of NONEXISTENT objects cost nothing, whatever their length: skipping them
+        // a run at a time makes discarding a fresh terabyte a handful of word compares
+        // instead of a future per object.
+        let order = self.order();
+        let end = offset + length;
+        let (first, last) = (offset >> order, (end - 1) >> order);
+        for run in map.runs(first..last + 1) {
+            let lo = (run.start << order).max(offset);
+            let hi = (run.end() << order).min(end);
+            if run.state == ObjectState::Nonexistent {
+                self.stats
+                    .skipped_removes
+                    .fetch_add(run.len, Ordering::Relaxed);
+                continue;
+            }
+            self.discard_pieces(lo, hi - lo, fua, no_hole).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard_pieces(
+        &self,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<()> {
+        let pieces = split(self.order(), offset, length);
+        try_join_all(
+            pieces
+                .into_iter()
+                .map(|p| self.discard_piece(p, fua, no_hole)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) fn extents(&self, offset: u64, length: u64) -> Vec<Extent> {
+        let Some(map) = self.map() else {
+            return vec![Extent { length, flags: 0 }];
+        };
+        let order = self.order();
+        let end = (offset + length).min(self.size());
+        if end <= offset {
+            return vec![];
+        }
+        let first = offset >> order;
+        let last = (end - 1) >> order;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        for run in map.runs(first..last + 1) {
+            let run_end = ((run.start + run.len) << order).min(end);
+            if run_end <= pos {
+                continue;
+            }
+            let flags = if run.state == ObjectState::Nonexistent {
+                STATE_HOLE | STATE_ZERO
+            } else {
+                0
+            };
+            let len = run_end - pos;
+            match out.last_mut() {
+                Some(l) if l.flags == flags => l.length += len,
+                _ => out.push(Extent { length: len, flags }),
+            }
+            pos = run_end;
+        }
+        if pos < end {
+            // The map answered short (cannot happen with a consistent map): the rest is data.
+            match out.last_mut() {
+                Some(l) if l.flags == 0 => l.length += end - pos,
+                _ => out.push(Extent {
+                    length: end - pos,
+                    flags: 0,
+                }),
+            }
+        }
+        out
+    }
+}

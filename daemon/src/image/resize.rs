@@ -1,0 +1,170 @@
+//! Resizing an image, and the requests other clients address to the lock holder.
+
+use super::map::new_map;
+use super::{Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{ImageStore, OwnerRequest};
+use objmap::ObjectState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl<S: ImageStore> Image<S> {
+    /// Changes the image's size, as `rbd resize` does: asked by another client through
+    /// the lock we hold (Ceph), or by `rados-nbd resize`. Waits for in-flight requests
+    /// and holds new ones off meanwhile. Shrinking needs `allow_shrink`; it removes the
+    /// objects past the new end and zeroes the tail of the last one, as librbd does, so
+    /// that growing again later reads zeros there, then writes the new size. Growing
+    /// writes the new size and extends the map with NONEXISTENT objects. The dirty flag
+    /// is set first, so a crash part way leaves a map that will be rebuilt.
+    ///
+    /// Clients connected before a resize keep the size they were told at the handshake
+    /// (NBD cannot tell them otherwise); requests past the new end of a smaller image get
+    /// an error, and new connections see the new size.
+    pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        if self.shared {
+            // Its other writers would go on with the old size (and, shrinking, write
+            // objects we just removed).
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{spec} is a shared image: resizing one is not supported; set shared=false and stop its other writers first"),
+            ));
+        }
+        let g = self.gate.write().await;
+        if *g {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{spec} is closing; not resized"),
+            ));
+        }
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old && !allow_shrink {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "shrinking {spec} from {old} to {new_size} bytes discards data; it needs allow-shrink (--allow-shrink)"
+                ),
+            ));
+        }
+        if new_size > MAX_IMAGE_SIZE {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("size {new_size} too large (at most 2^60 bytes)"),
+            ));
+        }
+        let osize = self.header.object_size();
+        let (old_count, new_count) = (old.div_ceil(osize), new_size.div_ceil(osize));
+        let map = self.map();
+        let new_map = match &map {
+            Some(m) => {
+                if new_count > MAX_MAP_OBJECTS {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{new_count} objects is too many for an object map (at most {MAX_MAP_OBJECTS})"
+                        ),
+                    ));
+                }
+                let n = new_map(new_count, spec)?;
+                for run in m.runs(0..old_count.min(new_count)) {
+                    if run.state != ObjectState::Nonexistent {
+                        n.set_range(run.start..run.end(), run.state);
+                    }
+                }
+                Some(Arc::new(n))
+            }
+            None => None,
+        };
+        let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
+        self.dirty_before(|| true).await.map_err(ctx)?;
+        if new_size < old {
+            let doomed: Vec<u64> = match &map {
+                Some(m) => m
+                    .runs(new_count..old_count)
+                    .filter(|r| r.state != ObjectState::Nonexistent)
+                    .flat_map(|r| r.start..r.end())
+                    .collect(),
+                // Without a map (a shared image) ask the store what exists.
+                None => self
+                    .store
+                    .list_objects(None)
+                    .await
+                    .map_err(ctx)?
+                    .into_iter()
+                    .filter(|&o| o >= new_count)
+                    .collect(),
+            };
+            for objno in doomed {
+                self.store.remove(objno, false).await.map_err(ctx)?;
+            }
+            let tail = new_size % osize;
+            let last = new_count.saturating_sub(1);
+            if tail != 0
+                && !map
+                    .as_ref()
+                    .is_some_and(|m| m.get(last) == ObjectState::Nonexistent)
+            {
+                self.store
+                    .zero(last, tail, osize - tail, false)
+                    .await
+                    .map_err(ctx)?;
+            }
+            self.store.sync().await.map_err(ctx)?;
+        }
+        self.store.set_size(new_size).await.map_err(ctx)?;
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = new_map;
+        self.size.store(new_size, Ordering::Release);
+        self.size_tx.send_replace(new_size);
+        tracing::info!("resized {spec} from {old} to {new_size} bytes");
+        drop(g);
+        Ok(())
+    }
+
+    /// Serves the requests other clients address to the lock holder (a resize), if the
+    /// store takes any for this handle: each runs here, one at a time, and its result
+    /// goes back to the asker. Ends when the store stops sending (closed) or the image
+    /// is dropped.
+    pub fn serve_owner_requests(self: &Arc<Self>) {
+        let Some(mut rx) = self.store.owner_requests() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let Some(img) = me.upgrade() else { break };
+                match req {
+                    OwnerRequest::Resize {
+                        size,
+                        allow_shrink,
+                        done,
+                    } => {
+                        tracing::info!(
+                            "resize of {} to {size} bytes asked by another client{}",
+                            img.spec,
+                            if allow_shrink {
+                                " (shrinking allowed)"
+                            } else {
+                                ""
+                            }
+                        );
+                        let r = img.resize(size, allow_shrink).await;
+                        if let Err(e) = &r {
+                            tracing::warn!("{e}");
+                        }
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The image's size now, and every later change (a resize while attached): the
+    /// kernel attach code passes changes on to /dev/nbdX.
+    pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.size_tx.subscribe()
+    }
+}

@@ -1,0 +1,272 @@
+//! A memory-backed [`ImageStore`] for the image layer's tests: the header, objects,
+//! object maps and metadata live in memory, where a test looks at them directly instead
+//! of reading a store's files, and the calls whose order matters (flags, size, data,
+//! sync, map, close) are recorded in a log.
+
+use crate::error::Result;
+use crate::store::RBD_FLAG_OBJECT_MAP_INVALID;
+use crate::store::{ImageHeader, ImageStore, SnapInfo, RBD_FEATURE_OBJECT_MAP};
+use bytes::Bytes;
+use objmap::{ObjectMap, ObjectState};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+struct State {
+    header: ImageHeader,
+    /// The head's data objects.
+    objects: BTreeMap<u64, Vec<u8>>,
+    /// `(snap id, objno)`: what a snapshot still sees of an object the head changed or
+    /// removed since (Ceph: a clone). A listing does not show them.
+    clones: BTreeMap<(u64, u64), Vec<u8>>,
+    /// The snapshots' header flags (the head's are in `header`).
+    snap_flags: HashMap<u64, u64>,
+    /// Object maps: the head's (None) and the snapshots'.
+    maps: HashMap<Option<u64>, Vec<u8>>,
+    meta: HashMap<String, String>,
+    log: Vec<String>,
+}
+
+/// A handle of one image in memory. Clones share the image: a test keeps one to look
+/// at while the image layer owns another.
+#[derive(Clone)]
+pub(super) struct MemImage {
+    state: Arc<Mutex<State>>,
+    /// Opened at this snapshot (read-only): its flags in the header, writes refused.
+    snap: Option<u64>,
+    /// Check every data operation against the map while the flag is clear (see `audit`).
+    audit: bool,
+}
+
+impl MemImage {
+    /// A new image of `size` bytes in 4 MiB objects, with its empty object map when
+    /// `features` has one (as `create_image` leaves it).
+    pub(super) fn new(size: u64, features: u64) -> Self {
+        let header = ImageHeader {
+            id: "1234abcd".into(),
+            size,
+            order: 22,
+            object_prefix: "rbd_data.1234abcd".into(),
+            features,
+            flags: 0,
+            snap_seq: 0,
+            snaps: vec![],
+        };
+        let mut maps = HashMap::new();
+        if features & RBD_FEATURE_OBJECT_MAP != 0 {
+            let count = size.div_ceil(header.object_size());
+            maps.insert(None, ObjectMap::try_new(count).unwrap().encode());
+        }
+        MemImage {
+            state: Arc::new(Mutex::new(State {
+                header,
+                objects: BTreeMap::new(),
+                clones: BTreeMap::new(),
+                snap_flags: HashMap::new(),
+                maps,
+                meta: HashMap::new(),
+                log: Vec::new(),
+            })),
+            snap: None,
+            audit: false,
+        }
+    }
+
+    /// This handle, auditing every data operation (see `audit`).
+    pub(super) fn audited(mut self) -> Self {
+        self.audit = true;
+        self
+    }
+
+    /// Takes snapshot `name` (id `id`) of the head's size, with these header flags, map
+    /// bytes and objects that live on only as its clones.
+    pub(super) fn add_snapshot(
+        &self,
+        id: u64,
+        name: &str,
+        flags: u64,
+        map: Vec<u8>,
+        clones: &[(u64, &[u8])],
+    ) {
+        let mut s = self.lock();
+        let size = s.header.size;
+        s.header.snaps.insert(
+            0,
+            SnapInfo {
+                id,
+                name: name.into(),
+                size,
+            },
+        );
+        s.header.snap_seq = s.header.snap_seq.max(id);
+        s.snap_flags.insert(id, flags);
+        s.maps.insert(Some(id), map);
+        for (objno, data) in clones {
+            s.clones.insert((id, *objno), data.to_vec());
+        }
+    }
+
+    /// A handle of snapshot `id`, as the store opens `IMAGE@SNAP` (read-only).
+    pub(super) fn at_snapshot(&self, id: u64) -> Self {
+        MemImage {
+            snap: Some(id),
+            ..self.clone()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note(&self, s: impl Into<String>) {
+        self.lock().log.push(s.into());
+    }
+
+    fn writable(&self, what: &str) {
+        assert!(self.snap.is_none(), "a snapshot is never {what}");
+    }
+
+    /// The head's header flags now.
+    pub(super) fn flags(&self) -> u64 {
+        self.lock().header.flags
+    }
+
+    /// Whether the header flags the head's object map invalid.
+    pub(super) fn flagged_invalid(&self) -> bool {
+        self.flags() & RBD_FLAG_OBJECT_MAP_INVALID != 0
+    }
+
+    /// The head's object map as stored.
+    pub(super) fn stored_map(&self) -> ObjectMap {
+        ObjectMap::decode(&self.lock().maps[&None]).unwrap()
+    }
+
+    /// The head's data objects that exist, ascending.
+    pub(super) fn objects(&self) -> Vec<u64> {
+        self.lock().objects.keys().copied().collect()
+    }
+
+    /// The calls recorded since the last `take_log`.
+    pub(super) fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().log)
+    }
+
+    /// Under a clear flag the map on disk is trusted, so a data operation may only
+    /// touch what it says is EXISTS, and leave it so: a removal, or anything on an
+    /// object not EXISTS there, must come after the flag was set. (Sound under
+    /// concurrency: only a checkpoint clears the flag or writes the map, and none runs
+    /// while a request is in its store call.)
+    fn audit(&self, op: &str, objno: u64) {
+        if !self.audit || self.flagged_invalid() {
+            return;
+        }
+        let on_disk = self.stored_map().get(objno);
+        assert!(
+            op != "remove" && on_disk == ObjectState::Exists,
+            "{op}({objno}) under a clear flag, the map on disk saying {on_disk:?}"
+        );
+    }
+}
+
+impl ImageStore for MemImage {
+    fn header(&self) -> ImageHeader {
+        let mut h = self.lock().header.clone();
+        if let Some(id) = self.snap {
+            h.flags = self.lock().snap_flags[&id];
+        }
+        h
+    }
+    async fn refresh_header(&self) -> Result<ImageHeader> {
+        Ok(self.header())
+    }
+    async fn set_size(&self, size: u64) -> Result<()> {
+        self.writable("resized");
+        self.note(format!("set_size({size})"));
+        self.lock().header.size = size;
+        Ok(())
+    }
+    async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
+        assert!(self.snap.is_none(), "a snapshot's flags are never set");
+        self.note(format!("set_flags({value})"));
+        let mut s = self.lock();
+        s.header.flags = (s.header.flags & !mask) | (value & mask);
+        Ok(())
+    }
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.lock().meta.insert(key.into(), value.into());
+        Ok(())
+    }
+    async fn read(&self, o: u64, off: u64, len: u64, snap: Option<u64>) -> Result<Option<Bytes>> {
+        if self.snap.is_some() {
+            assert_eq!(snap, self.snap, "reads go to the snapshot");
+        }
+        self.note("read");
+        let s = self.lock();
+        let obj = match snap {
+            Some(id) => s.clones.get(&(id, o)).or_else(|| s.objects.get(&o)),
+            None => s.objects.get(&o),
+        };
+        Ok(obj.map(|v| {
+            let lo = (off as usize).min(v.len());
+            let hi = ((off + len) as usize).min(v.len());
+            Bytes::copy_from_slice(&v[lo..hi])
+        }))
+    }
+    async fn write(&self, o: u64, off: u64, data: Bytes, _durable: bool) -> Result<()> {
+        self.writable("written");
+        self.audit("write", o);
+        self.note(format!("write({o})"));
+        let mut s = self.lock();
+        let v = s.objects.entry(o).or_default();
+        let end = off as usize + data.len();
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[off as usize..end].copy_from_slice(&data);
+        Ok(())
+    }
+    async fn zero(&self, o: u64, off: u64, len: u64, _durable: bool) -> Result<()> {
+        self.writable("written");
+        self.audit("zero", o);
+        self.note(format!("zero({o})"));
+        if let Some(v) = self.lock().objects.get_mut(&o) {
+            let lo = (off as usize).min(v.len());
+            let hi = ((off + len) as usize).min(v.len());
+            v[lo..hi].fill(0);
+        }
+        Ok(())
+    }
+    async fn remove(&self, o: u64, _durable: bool) -> Result<()> {
+        self.writable("written");
+        self.audit("remove", o);
+        self.note(format!("remove({o})"));
+        self.lock().objects.remove(&o);
+        Ok(())
+    }
+    async fn sync(&self) -> Result<()> {
+        self.note("sync");
+        Ok(())
+    }
+    async fn list_objects(&self, _snap: Option<u64>) -> Result<Vec<u64>> {
+        // A listing shows the head's objects, never a snapshot's clones.
+        Ok(self.objects())
+    }
+    async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
+        if self.snap.is_some() {
+            assert_eq!(snap, self.snap, "the snapshot's own map");
+        }
+        Ok(self.lock().maps.get(&snap).cloned())
+    }
+    async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
+        assert!(self.snap.is_none(), "a snapshot's map is never written");
+        self.note("write_object_map");
+        self.lock().maps.insert(None, data);
+        Ok(())
+    }
+    async fn close(&self) -> Result<()> {
+        self.note("close");
+        Ok(())
+    }
+}

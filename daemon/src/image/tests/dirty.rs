@@ -1,0 +1,278 @@
+//! The dirty flag between open and close: checkpoints, idle checkpoints, and which
+//! requests set the flag again first.
+
+use super::*;
+
+#[tokio::test]
+async fn an_object_emptied_after_a_checkpoint_sets_the_flag_before_it_goes() {
+    // A partial zero of an EXISTS object changes no map state and may run under a
+    // clear flag; the removal it leads to does change it.
+    let (_d, s, img) = writable(16 << 20).await;
+    img.write(4096, Bytes::from(vec![5u8; 4096]), false)
+        .await
+        .unwrap();
+    img.checkpoint().await.unwrap();
+    assert_eq!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    img.trim(0, 4096, false).await.unwrap();
+    assert_eq!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    img.trim(4096, 4096, false).await.unwrap();
+    assert!(objects_on_disk(&s).await.is_empty());
+    assert_ne!(
+        header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID,
+        0,
+        "object 0 removed under a clear flag: the map on disk says it exists"
+    );
+    img.close().await.unwrap();
+    assert!(existing(&disk_map(&s).await).is_empty());
+}
+
+#[tokio::test]
+async fn checkpoint_clears_and_next_write_sets_again() {
+    let (_d, s, img) = writable(16 << 20).await;
+    img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
+    img.checkpoint().await.unwrap();
+    assert_eq!(header_flags(&s).await, 0);
+    assert_eq!(existing(&disk_map(&s).await), [0]);
+    // Reads do not dirty the image.
+    img.read(0, 10).await.unwrap();
+    assert_eq!(header_flags(&s).await, 0);
+    img.write(OBJ, Bytes::from_static(b"b"), false)
+        .await
+        .unwrap();
+    assert_ne!(header_flags(&s).await & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    img.close().await.unwrap();
+    assert_eq!(existing(&disk_map(&s).await), [0, 1]);
+    assert_eq!(header_flags(&s).await, 0);
+}
+
+/// An image in memory, its calls recorded and audited, and a handle to look at it.
+async fn recorded(size: u64, checkpoint_idle: Option<Duration>) -> (Image<MemImage>, MemImage) {
+    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
+    let o = OpenOptions {
+        checkpoint_idle,
+        ..OpenOptions::default()
+    };
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &o)
+        .await
+        .unwrap();
+    (img, mem)
+}
+
+#[tokio::test]
+async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
+    let (img, mem) = recorded(32 << 20, None).await;
+    let full = Bytes::from(vec![5u8; OBJ as usize]);
+    for o in [0, 1, 2, 4] {
+        img.write(o * OBJ, full.clone(), false).await.unwrap();
+    }
+    // Object 4 is unchanged since a (pretend) snapshot: EXISTS_CLEAN, also on disk.
+    img.object_map().unwrap().set(4, ObjectState::ExistsClean);
+    img.checkpoint().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+    assert_eq!(
+        mem.stored_map().to_vec(),
+        img.object_map().unwrap().to_vec()
+    );
+    mem.take_log();
+    let flag_set = || mem.flagged_invalid();
+
+    // Changing nothing in the map: writes to EXISTS objects (one spanning two of them),
+    // a partial trim and a partial zero of one, a trim of NONEXISTENT objects, reads.
+    img.write(10, Bytes::from_static(b"again"), true)
+        .await
+        .unwrap();
+    img.write(OBJ - 2, Bytes::from_static(b"span"), false)
+        .await
+        .unwrap();
+    img.trim(100, 4096, false).await.unwrap();
+    img.write_zeroes(2 * OBJ + 7, 9, ZeroFlags::default())
+        .await
+        .unwrap();
+    img.trim(5 * OBJ, (3 * OBJ) as u32, false).await.unwrap();
+    img.read(0, 4096).await.unwrap();
+    assert!(
+        !flag_set(),
+        "requests that change no map state leave the flag clear"
+    );
+    assert!(
+        !mem.take_log().iter().any(|c| c.starts_with("set_flags")),
+        "no flag round trip for them"
+    );
+
+    // A first write: the flag is set before the object is written.
+    img.write(6 * OBJ + 3, Bytes::from_static(b"new"), false)
+        .await
+        .unwrap();
+    assert!(flag_set());
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(6)"]);
+    img.checkpoint().await.unwrap();
+    mem.take_log();
+    // A removal: set before the object is removed.
+    img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+    assert_eq!(mem.take_log(), ["set_flags(3)", "remove(2)"]);
+    img.checkpoint().await.unwrap();
+    mem.take_log();
+    // Part of an EXISTS_CLEAN object zeroed: it now differs from the snapshot.
+    img.trim(4 * OBJ + 512, 512, false).await.unwrap();
+    assert_eq!(mem.take_log(), ["set_flags(3)", "zero(4)"]);
+    img.checkpoint().await.unwrap();
+    mem.take_log();
+    // NO_HOLE zeroes of a NONEXISTENT object write it.
+    img.write_zeroes(7 * OBJ, 512, NO_HOLE).await.unwrap();
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(7)"]);
+    img.checkpoint().await.unwrap();
+    mem.take_log();
+    // A close after a checkpoint with no change since: nothing to write.
+    img.write(0, Bytes::from_static(b"last"), false)
+        .await
+        .unwrap();
+    img.close().await.unwrap();
+    assert_eq!(mem.take_log(), ["write(0)", "sync", "close"]);
+    assert_eq!(mem.flags(), 0);
+    let m = mem.stored_map();
+    assert_eq!(existing(&m), mem.objects());
+    assert_eq!(existing(&m), [0, 1, 4, 6, 7]);
+    // (Object 4 becoming EXISTS after its partial zero is `discard_piece`'s business;
+    // here only that the flag was set before the zero.)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_racing_writes_and_trims_never_leave_a_stale_trusted_map() {
+    let (img, mem) = recorded(32 << 20, None).await;
+    let img = Arc::new(img);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ckpt = {
+        let (img, stop) = (img.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                img.checkpoint().await.unwrap();
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..6u64 {
+        let img = img.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60u64 {
+                let obj = (t * 7 + i * 3) % 8;
+                match (t + i) % 5 {
+                    0 => img.trim(obj * OBJ, OBJ as u32, false).await.unwrap(),
+                    1 => img.trim(obj * OBJ + 512, 1024, false).await.unwrap(),
+                    _ => img
+                        .write(obj * OBJ + i * 512, Bytes::from(vec![t as u8; 512]), false)
+                        .await
+                        .unwrap(),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let n = ckpt.await.unwrap();
+    assert!(n > 1, "checkpoints ran among the requests ({n})");
+    img.close().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+    assert_eq!(existing(&mem.stored_map()), mem.objects());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_checkpoint_after_a_quiet_period_of_no_map_changes() {
+    let (img, mem) = recorded(32 << 20, Some(Duration::from_secs(1))).await;
+    let img = Arc::new(img);
+    let task = img
+        .spawn_idle_checkpoints()
+        .expect("a task for a writable image");
+    let flag_set = || mem.flagged_invalid();
+    let ms = |n| tokio::time::sleep(Duration::from_millis(n));
+    img.write(0, Bytes::from_static(b"a"), false).await.unwrap();
+    ms(700).await;
+    // A map change 0.7 s in moves the deadline to 1.7 s.
+    img.write(OBJ, Bytes::from_static(b"b"), false)
+        .await
+        .unwrap();
+    ms(700).await;
+    assert!(flag_set(), "1.4 s: 0.7 s since the latest map change");
+    ms(600).await;
+    assert!(!flag_set(), "2 s: idle for 1.3 s, checkpointed");
+    assert_eq!(
+        mem.stored_map().to_vec(),
+        img.object_map().unwrap().to_vec()
+    );
+    assert_eq!(existing(&mem.stored_map()), [0, 1]);
+    mem.take_log();
+    // Writes to EXISTS objects for longer than the idle period: the flag stays clear
+    // and no checkpoint is repeated.
+    for i in 0..30 {
+        img.write(i * 100, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        ms(100).await;
+    }
+    assert!(!flag_set());
+    assert_eq!(mem.take_log(), vec!["write(0)".to_string(); 30]);
+    // A first write sets it again before it returns, and is checkpointed when idle.
+    img.write(3 * OBJ, Bytes::from_static(b"c"), false)
+        .await
+        .unwrap();
+    assert!(flag_set());
+    assert_eq!(mem.take_log(), ["set_flags(3)", "write(3)"]);
+    ms(1500).await;
+    assert!(!flag_set());
+    assert_eq!(existing(&mem.stored_map()), [0, 1, 3]);
+    assert_eq!(
+        mem.take_log(),
+        ["sync", "write_object_map", "set_flags(0)"],
+        "the idle checkpoint writes the map, then clears the flag"
+    );
+    // Close stops the task.
+    img.close().await.unwrap();
+    assert_eq!(mem.take_log(), ["sync", "close"]);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the idle task ends at close")
+        .unwrap();
+    assert_eq!(mem.flags(), 0);
+}
+
+#[tokio::test]
+async fn no_idle_checkpoints_read_only_shared_or_off() {
+    let (_d, s) = store_with(16 << 20, DEFAULT_FEATURES).await;
+    let idle = Some(Duration::from_millis(10));
+    let ro = OpenOptions {
+        read_only: true,
+        checkpoint_idle: idle,
+        ..OpenOptions::default()
+    };
+    let img = Arc::new(Image::open(&s, &spec("vm1"), &ro).await.unwrap());
+    assert!(img.spawn_idle_checkpoints().is_none());
+    img.close().await.unwrap();
+    let shared = OpenOptions {
+        shared_default: true,
+        checkpoint_idle: idle,
+        ..OpenOptions::default()
+    };
+    let img = Arc::new(Image::open(&s, &spec("vm1"), &shared).await.unwrap());
+    assert!(img.is_shared() && img.spawn_idle_checkpoints().is_none());
+    img.close().await.unwrap();
+    let img = Arc::new(open(&s, false).await);
+    assert!(img.spawn_idle_checkpoints().is_none(), "off by default");
+    img.close().await.unwrap();
+}
+
+#[test]
+fn checkpoint_idle_parses_seconds() {
+    assert_eq!(parse_checkpoint_idle("30"), Ok(Duration::from_secs(30)));
+    assert_eq!(
+        parse_checkpoint_idle("0.25"),
+        Ok(Duration::from_millis(250))
+    );
+    for bad in ["0", "-1", "x", "", "nan", "inf"] {
+        assert!(parse_checkpoint_idle(bad).is_err(), "{bad}");
+    }
+}

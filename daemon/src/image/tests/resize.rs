@@ -1,0 +1,87 @@
+//! Resizing an open image.
+
+use super::*;
+
+#[tokio::test]
+async fn resize_grows_and_shrinks_like_librbd() {
+    let (_d, s, img) = writable(16 << 20).await;
+    let full = Bytes::from(vec![7u8; OBJ as usize]);
+    for o in 0..4 {
+        img.write(o * OBJ, full.clone(), false).await.unwrap();
+    }
+    // Growing: new size in the header and for new clients, the map extended.
+    img.resize(40 << 20, false).await.unwrap();
+    assert_eq!((img.size(), img.info().size), (40 << 20, 40 << 20));
+    assert_eq!(header_size(&s).await, 40 << 20);
+    let m = img.object_map().unwrap();
+    assert_eq!(m.len(), 10);
+    assert_eq!(m.get(3), ObjectState::Exists);
+    assert_eq!(m.get(9), ObjectState::Nonexistent);
+    img.write(38 << 20, Bytes::from_static(b"end"), false)
+        .await
+        .unwrap();
+    assert_eq!(&read_all(&img, 38 << 20, 3).await, b"end");
+    // Shrinking discards data: refused unless allowed, and then nothing changed.
+    let e = img.resize(6 << 20, false).await.unwrap_err();
+    assert!(e.message.contains("allow-shrink"), "{e}");
+    assert_eq!((img.size(), header_size(&s).await), (40 << 20, 40 << 20));
+    // Allowed: objects past the end removed, the tail of the last one zeroed.
+    img.resize(6 << 20, true).await.unwrap();
+    assert_eq!((img.size(), header_size(&s).await), (6 << 20, 6 << 20));
+    assert_eq!(objects_on_disk(&s).await, [0, 1]);
+    assert_eq!(img.object_map().unwrap().len(), 2);
+    // A client still holding the old size is refused past the new end.
+    let e = img
+        .write(7 << 20, Bytes::from_static(b"x"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::NoSpc, "{}", e.message);
+    assert_eq!(
+        img.read(6 << 20, 512).await.unwrap_err().errno,
+        Errno::Inval
+    );
+    // Same errors as the protocol layer's: TRIM past the end EINVAL, WRITE_ZEROES ENOSPC.
+    assert_eq!(
+        img.trim(6 << 20, 512, false).await.unwrap_err().errno,
+        Errno::Inval
+    );
+    assert_eq!(
+        img.write_zeroes(6 << 20, 512, ZeroFlags::default())
+            .await
+            .unwrap_err()
+            .errno,
+        Errno::NoSpc
+    );
+    // Grown again: what was cut off reads as zeros, what was kept is intact.
+    img.resize(16 << 20, false).await.unwrap();
+    assert_eq!(read_all(&img, (6 << 20) - 4, 4).await, [7u8; 4]);
+    assert!(read_all(&img, 6 << 20, (2 << 20) as u32)
+        .await
+        .iter()
+        .all(|&b| b == 0));
+    assert!(read_all(&img, 8 << 20, OBJ as u32)
+        .await
+        .iter()
+        .all(|&b| b == 0));
+    img.close().await.unwrap();
+    // The map written at close has the new length and matches the objects.
+    assert_eq!(header_flags(&s).await, 0);
+    let m = disk_map(&s).await;
+    assert_eq!(m.len(), 4);
+    assert_eq!(
+        m.to_vec(),
+        [
+            ObjectState::Exists,
+            ObjectState::Exists,
+            ObjectState::Nonexistent,
+            ObjectState::Nonexistent
+        ]
+    );
+    // Read-only opens cannot resize.
+    let ro = open(&s, true).await;
+    assert_eq!(
+        ro.resize(32 << 20, false).await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    ro.close().await.unwrap();
+}
