@@ -6,34 +6,23 @@ import os
 import struct
 import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "protocol", "tests", "fuzz-corpus")
-IHAVEOPT = 0x49484156454F5054
-REQ = 0x25609513
-(OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, OPT_SR, OPT_LIST_META,
- OPT_SET_META) = (1, 2, 3, 5, 6, 7, 8, 9, 10)
-READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = 0, 1, 2, 3, 4, 5, 6, 7
-FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
-
-
-def opt(o, data=b""):
-    return struct.pack(">QII", IHAVEOPT, o, len(data)) + data
-
-
-def go(name, infos=()):
-    n = name.encode()
-    return struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
-
-
-def meta(name, queries):
-    n = name.encode()
-    d = struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
-    for q in queries:
-        d += struct.pack(">I", len(q)) + q.encode()
-    return d
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "protocol", "tests", "fuzz-corpus")
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from nbdwire import (  # noqa: E402
+    CMD_BLOCK_STATUS as BS, CMD_CACHE as CACHE, CMD_DISC as DISC, CMD_FLUSH as FLUSH,
+    CMD_READ as READ, CMD_TRIM as TRIM, CMD_WRITE as WRITE, CMD_WRITE_ZEROES as WZ,
+    FLAG_DF as DF, FLAG_FAST_ZERO as FAST_ZERO, FLAG_FUA as FUA, FLAG_NO_HOLE as NO_HOLE,
+    FLAG_REQ_ONE as REQ_ONE, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST,
+    OPT_LIST_META, OPT_SET_META, OPT_STARTTLS, OPT_STRUCTURED_REPLY as OPT_SR,
+    client_flags, option as opt, option_header, request,
+)
+from nbdwire import go_data as go, meta_data as meta  # noqa: E402
 
 
 def req(cmd, off=0, length=0, flags=0, handle=1, payload=b""):
-    return struct.pack(">IHHQQI", REQ, flags, cmd, handle, off, length) + payload
+    """The seeds' order: what varies most first."""
+    return request(cmd, handle, off, length, flags) + payload
 
 
 def workload(structured):
@@ -55,20 +44,20 @@ def workload(structured):
 
 def main():
     hs = {
-        "simple-go": bytes([0]) + struct.pack(">I", 3) + opt(OPT_GO, go("")) + workload(False),
-        "structured": bytes([9]) + struct.pack(">I", 3) + opt(OPT_SR) + opt(OPT_SET_META, meta("a", ["base:allocation"]))
+        "simple-go": bytes([0]) + client_flags(3) + opt(OPT_GO, go("")) + workload(False),
+        "structured": bytes([9]) + client_flags(3) + opt(OPT_SR) + opt(OPT_SET_META, meta("a", ["base:allocation"]))
         + opt(OPT_GO, go("a", (0, 1, 2, 3))) + workload(True),
-        "options": bytes([0]) + struct.pack(">I", 1) + opt(OPT_LIST) + opt(OPT_INFO, go("ro", (3,))) + opt(0x1234, b"??")
+        "options": bytes([0]) + client_flags(1) + opt(OPT_LIST) + opt(OPT_INFO, go("ro", (3,))) + opt(0x1234, b"??")
         + opt(OPT_STARTTLS) + opt(OPT_LIST_META, meta("", [])) + opt(OPT_SR) + opt(OPT_LIST_META, meta("", ["base:"]))
         + opt(OPT_ABORT),
-        "export-name-ro": bytes([3]) + struct.pack(">I", 1) + opt(OPT_EXPORT_NAME, b"ro") + workload(False),
-        "oldstyle": bytes([0]) + struct.pack(">I", 0) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
+        "export-name-ro": bytes([3]) + client_flags(1) + opt(OPT_EXPORT_NAME, b"ro") + workload(False),
+        "oldstyle": bytes([0]) + client_flags(0) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
         # Knob bits 4-5: 1 = TLS allow, 2 = TLS require.
-        "tls-require": bytes([0x20]) + struct.pack(">I", 3) + opt(OPT_LIST) + opt(OPT_GO, go("a"))
+        "tls-require": bytes([0x20]) + client_flags(3) + opt(OPT_LIST) + opt(OPT_GO, go("a"))
         + opt(OPT_STARTTLS, b"x") + opt(OPT_STARTTLS) + b"\x16\x03\x01\x00\x05hello",
-        "tls-allow-pipelined": bytes([0x10]) + struct.pack(">I", 3) + opt(OPT_LIST) + opt(OPT_STARTTLS) + opt(OPT_GO, go("a")),
-        "tls-require-export-name": bytes([0x20]) + struct.pack(">I", 1) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
-        "too-big": bytes([0]) + struct.pack(">I", 1) + struct.pack(">QII", IHAVEOPT, OPT_GO, 70000) + b"\0" * 70000,
+        "tls-allow-pipelined": bytes([0x10]) + client_flags(3) + opt(OPT_LIST) + opt(OPT_STARTTLS) + opt(OPT_GO, go("a")),
+        "tls-require-export-name": bytes([0x20]) + client_flags(1) + opt(OPT_EXPORT_NAME, b"a") + req(READ, 0, 512),
+        "too-big": bytes([0]) + client_flags(1) + option_header(OPT_GO, 70000) + b"\0" * 70000,
     }
     tr = {
         "workload": workload(False),

@@ -3,7 +3,6 @@
 //! there are, starting at fd 3. `rados-nbd serve` uses them when it is given neither `--socket`
 //! nor `--listen` (rados-nbd-serve@.socket).
 
-use nbd_protocol::socket::sockopt_int;
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -108,6 +107,27 @@ pub unsafe fn take_fds(first: RawFd, n: usize) -> Result<Vec<Listener>, String> 
         owned.push(OwnedFd::from_raw_fd(fd));
     }
     owned.into_iter().map(classify).collect()
+}
+
+/// An int-valued SOL_SOCKET option (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN).
+fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local int whose size we pass.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
 }
 
 fn classify(fd: OwnedFd) -> Result<Listener, String> {

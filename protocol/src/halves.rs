@@ -12,19 +12,15 @@ use crate::tls::MaybeTls;
 use std::any::Any;
 use std::io::Cursor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, ReadHalf, WriteHalf};
+use tokio_util::either::Either;
 
 /// Bytes the handshake's reader had already taken from the socket come first.
 pub(crate) type ReadSide<S> = Chain<Cursor<Vec<u8>>, ReadInner<S>>;
 
-pub(crate) enum ReadInner<S> {
-    Own(NbdReadHalf),
-    Shared(ReadHalf<MaybeTls<S>>),
-}
+/// Our own socket's half (`Left`), or tokio's half of any other stream (`Right`).
+pub(crate) type ReadInner<S> = Either<NbdReadHalf, ReadHalf<MaybeTls<S>>>;
 
-pub(crate) enum WriteSide<S> {
-    Own(NbdWriteHalf),
-    Shared(WriteHalf<MaybeTls<S>>),
-}
+pub(crate) type WriteSide<S> = Either<NbdWriteHalf, WriteHalf<MaybeTls<S>>>;
 
 /// Splits `stream`; `early` is what was read from it but not consumed yet.
 pub(crate) fn split<S>(stream: MaybeTls<S>, early: Vec<u8>) -> (ReadSide<S>, WriteSide<S>)
@@ -32,23 +28,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stream = match stream {
-        MaybeTls::Plain(s) => match own_socket(s) {
+        MaybeTls::Left(s) => match own_socket(s) {
             Ok(sock) => {
                 let (r, w) = sock.into_split();
-                return (
-                    Cursor::new(early).chain(ReadInner::Own(r)),
-                    WriteSide::Own(w),
-                );
+                return (Cursor::new(early).chain(Either::Left(r)), Either::Left(w));
             }
-            Err(s) => MaybeTls::Plain(s),
+            Err(s) => MaybeTls::Left(s),
         },
         tls => tls,
     };
     let (r, w) = tokio::io::split(stream);
-    (
-        Cursor::new(early).chain(ReadInner::Shared(r)),
-        WriteSide::Shared(w),
-    )
+    (Cursor::new(early).chain(Either::Right(r)), Either::Right(w))
 }
 
 /// `s` itself if it is an [`NbdSocket`], else `s` back.
@@ -65,9 +55,6 @@ fn own_socket<S: 'static>(s: S) -> Result<NbdSocket, S> {
     }
 }
 
-delegate_read!(ReadInner<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
-delegate_write!(WriteSide<S: [AsyncRead + AsyncWrite + Unpin]>, Own, Shared);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,15 +66,15 @@ mod tests {
     async fn own_socket_splits_without_a_lock_others_share_one() {
         let (mut peer, ours) = tokio::net::UnixStream::pair().unwrap();
         let sock = NbdSocket::from_unix(ours).unwrap();
-        let (r, w) = split(MaybeTls::Plain(sock), b"early ".to_vec());
-        assert!(matches!(r.get_ref().1, ReadInner::Own(_)));
-        assert!(matches!(w, WriteSide::Own(_)));
+        let (r, w) = split(MaybeTls::Left(sock), b"early ".to_vec());
+        assert!(matches!(r.get_ref().1, Either::Left(_)));
+        assert!(matches!(w, Either::Left(_)));
         check_halves(&mut peer, r, w).await;
 
         let (mut peer, ours) = tokio::io::duplex(1024);
-        let (r, w) = split(MaybeTls::Plain(ours), b"early ".to_vec());
-        assert!(matches!(r.get_ref().1, ReadInner::Shared(_)));
-        assert!(matches!(w, WriteSide::Shared(_)));
+        let (r, w) = split(MaybeTls::Left(ours), b"early ".to_vec());
+        assert!(matches!(r.get_ref().1, Either::Right(_)));
+        assert!(matches!(w, Either::Right(_)));
         check_halves(&mut peer, r, w).await;
     }
 

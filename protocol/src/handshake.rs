@@ -6,8 +6,9 @@
 use crate::backend::{Backend, ExportInfo};
 use crate::consts::*;
 use crate::error::ProtocolError;
+use crate::export::Exports;
 use crate::io::{discard, read_exact_or_shutdown, ReadOutcome};
-use crate::server::Exports;
+use crate::reply::clip_to;
 use crate::tls::TlsMode;
 use bytes::{BufMut, BytesMut};
 use std::time::Duration;
@@ -300,6 +301,34 @@ fn find_export<B: Backend>(exports: &Exports<B>, name: &str) -> Option<usize> {
     exports.exports.iter().position(|e| e.name == name)
 }
 
+/// The export an option's parsed payload names, and the rest of the payload. A payload
+/// that did not parse (ERR_INVALID) or an unknown name (ERR_UNKNOWN) is answered here and
+/// gives `None`: the haggling goes on.
+async fn named_export<W, B, T>(
+    w: &mut W,
+    opt: u32,
+    exports: &Exports<B>,
+    parsed: Result<(String, T), String>,
+) -> Result<Option<(usize, T)>, ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let (name, rest) = match parsed {
+        Ok(v) => v,
+        Err(m) => {
+            reply(w, opt, REP_ERR_INVALID, m.as_bytes()).await?;
+            return Ok(None);
+        }
+    };
+    let Some(idx) = find_export(exports, &name) else {
+        let m = format!("no export named {name:?}");
+        reply(w, opt, REP_ERR_UNKNOWN, m.as_bytes()).await?;
+        return Ok(None);
+    };
+    Ok(Some((idx, rest)))
+}
+
 /// A cursor over an option payload that never reads past its end.
 struct Cursor<'a> {
     data: &'a [u8],
@@ -385,14 +414,7 @@ fn info_reply(kind: u16, body: &[u8]) -> Vec<u8> {
 }
 
 fn clip(s: &str) -> &str {
-    if s.len() <= MAX_STRING_LEN {
-        return s;
-    }
-    let mut end = MAX_STRING_LEN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    clip_to(s, MAX_STRING_LEN)
 }
 
 async fn handle_option<W, B>(
@@ -496,16 +518,7 @@ where
             Ok(Step::Continue)
         }
         OPT_INFO | OPT_GO => {
-            let (name, reqs) = match parse_go(data) {
-                Ok(v) => v,
-                Err(m) => {
-                    reply(w, opt, REP_ERR_INVALID, m.as_bytes()).await?;
-                    return Ok(Step::Continue);
-                }
-            };
-            let Some(idx) = find_export(exports, &name) else {
-                let m = format!("no export named {name:?}");
-                reply(w, opt, REP_ERR_UNKNOWN, m.as_bytes()).await?;
+            let Some((idx, reqs)) = named_export(w, opt, exports, parse_go(data)).await? else {
                 return Ok(Step::Continue);
             };
             let export = &exports.exports[idx];
@@ -565,16 +578,8 @@ where
                 .await?;
                 return Ok(Step::Continue);
             }
-            let (name, queries) = match parse_meta(data) {
-                Ok(v) => v,
-                Err(m) => {
-                    reply(w, opt, REP_ERR_INVALID, m.as_bytes()).await?;
-                    return Ok(Step::Continue);
-                }
-            };
-            let Some(idx) = find_export(exports, &name) else {
-                let m = format!("no export named {name:?}");
-                reply(w, opt, REP_ERR_UNKNOWN, m.as_bytes()).await?;
+            let Some((idx, queries)) = named_export(w, opt, exports, parse_meta(data)).await?
+            else {
                 return Ok(Step::Continue);
             };
             let list = opt == OPT_LIST_META_CONTEXT;
@@ -629,22 +634,7 @@ mod tests {
     use super::*;
 
     fn info() -> ExportInfo {
-        ExportInfo {
-            size: 1 << 20,
-            read_only: false,
-            can_flush: true,
-            can_fua: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            can_fast_zero: true,
-            can_cache: true,
-            can_df: true,
-            can_multi_conn: true,
-            min_block: 1,
-            preferred_block: 4096,
-            max_block: 1 << 25,
-            description: String::new(),
-        }
+        crate::MemoryBackend::new(1 << 20).info()
     }
 
     #[test]

@@ -5,20 +5,20 @@
 //! [`Backend`], which answers byte-addressed requests. The authoritative reference is
 //! the NBD spec (NetworkBlockDevice/nbd doc/proto.md).
 //!
-//! One file per concern: `consts` (every number), `handshake` (option haggling),
+//! One file per concern: `consts` (every number), `export` (the exports and the
+//! per-connection options, read by both phases below), `handshake` (option haggling),
 //! `request` (parsing and the one `validate`), `reply` (encoding), `transmission` (the
 //! request loop, concurrency and backpressure), `server` (entry points), `socket` (the
 //! connection's socket, woken only when it has something to read), `halves` (the
 //! reader's and writer's halves of a connection, without a lock between them on our own
-//! socket), `delegate` (I/O pass-through for two-variant stream enums), `error` (the
-//! error type and the one errno mapping), `memory` (an in-memory backend for tests and
-//! examples).
+//! socket), `error` (the error type and the one errno mapping), `memory` (an in-memory
+//! backend for tests and examples). Streams that are one of two kinds (plain or TLS, our
+//! socket's halves or tokio's) are `tokio_util::either::Either`.
 
 pub mod backend;
 pub mod consts;
-#[macro_use]
-mod delegate;
 pub mod error;
+mod export;
 mod halves;
 pub mod handshake;
 mod io;

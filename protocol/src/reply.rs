@@ -47,15 +47,19 @@ pub fn structured_none(handle: u64) -> Bytes {
 /// Messages are clipped to what the 16-bit length field and the spec's string limit allow,
 /// at a character boundary so the client still sees valid UTF-8.
 fn clip(message: &str) -> &str {
-    let max = MAX_STRING_LEN.min(u16::MAX as usize);
-    if message.len() <= max {
-        return message;
+    clip_to(message, MAX_STRING_LEN.min(u16::MAX as usize))
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub(crate) fn clip_to(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
     let mut end = max;
-    while !message.is_char_boundary(end) {
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    &message[..end]
+    &s[..end]
 }
 
 /// NBD_REPLY_TYPE_ERROR, final chunk.

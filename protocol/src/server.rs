@@ -2,11 +2,12 @@
 
 use crate::backend::{Backend, ExportInfo};
 use crate::error::ProtocolError;
+use crate::export::READ_BUFFER;
 use crate::halves;
 use crate::handshake::{self, block_sizes, flags_for, Negotiated, Outcome};
 use crate::request::Session;
 use crate::socket::{NbdSocket, PollHint};
-use crate::tls::{MaybeTls, TlsSetting};
+use crate::tls::MaybeTls;
 use crate::transmission;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,46 +15,13 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-/// Read-side buffer: lets a burst of small pipelined requests cost one syscall, while
-/// large write payloads bypass it.
-pub(crate) const READ_BUFFER: usize = 64 * 1024;
+// Kept at their old path, `server::*`, as well as at the crate root.
+pub use crate::export::{Export, Exports, ServerOptions};
+
 /// A client gets this long from connecting to entering transmission. Without a bound, idle
 /// or trickling connections could pile up forever; qemu-nbd uses 10 s, real clients need
 /// milliseconds.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-pub struct Export<B: Backend> {
-    pub name: String,
-    pub description: String,
-    pub backend: Arc<B>,
-}
-
-/// The exports one server offers. The name "" selects the first export (the default).
-pub struct Exports<B: Backend> {
-    pub exports: Vec<Export<B>>,
-}
-
-/// Per-connection limits.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// Requests accepted but not yet answered; beyond it the server stops reading.
-    pub max_in_flight: usize,
-    /// Write payloads held and read replies not yet sent, in bytes; beyond it the server
-    /// stops reading. A single request larger than this still runs, alone.
-    pub max_buffered_bytes: usize,
-    /// Whether STARTTLS is offered or required (off by default).
-    pub tls: TlsSetting,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            max_in_flight: 128,
-            max_buffered_bytes: 64 * 1024 * 1024,
-            tls: TlsSetting::Off,
-        }
-    }
-}
 
 /// The transmission flags an export advertises to a client that has not negotiated
 /// structured replies (the Linux kernel driver, or `serve_transmission`).
@@ -164,7 +132,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (rd, mut wr) = tokio::io::split(MaybeTls::Plain(stream));
+    let (rd, mut wr) = tokio::io::split(MaybeTls::Left(stream));
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let mode = opts.tls.mode();
     let Some(mut st) = handshake::greet(&mut rd, &mut wr, exports, shutdown, mode).await? else {
@@ -188,7 +156,7 @@ where
                 "STARTTLS acknowledged without a TLS configuration",
             )));
         };
-        let MaybeTls::Plain(plain) = rd.into_inner().unsplit(wr) else {
+        let MaybeTls::Left(plain) = rd.into_inner().unsplit(wr) else {
             return Err(ProtocolError::TlsHandshake(std::io::Error::other(
                 "STARTTLS on a stream that is already TLS",
             )));
@@ -200,7 +168,7 @@ where
             .map_err(ProtocolError::TlsHandshake)?;
         debug!("TLS established");
         st.tls_started();
-        let (r, w) = tokio::io::split(MaybeTls::Tls(Box::new(tls)));
+        let (r, w) = tokio::io::split(MaybeTls::Right(Box::new(tls)));
         rd = BufReader::with_capacity(READ_BUFFER, r);
         wr = w;
     }
@@ -232,7 +200,7 @@ where
         size_follows_backend: true,
     };
     let hint = poll_hint(&stream);
-    let (rd, wr) = halves::split(MaybeTls::Plain(stream), Vec::new());
+    let (rd, wr) = halves::split(MaybeTls::Left(stream), Vec::new());
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
     let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;

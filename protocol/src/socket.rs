@@ -216,9 +216,8 @@ impl NbdSocket {
     /// Separate halves for the reader and the writer, with no lock between them:
     /// `recv` and `sendmsg` on one socket may run at once. `tokio::io::split` would put
     /// the socket behind a mutex, so a reply could not leave while the reader is in
-    /// `recv`, or polling for the rest of a write payload; under 64 KiB writes at QD16
-    /// `perf` found the writer parked on that mutex in 3% of the server's samples, with
-    /// a futex sleep and wake-up each time.
+    /// `recv`, or polling for the rest of a write payload, and the writer would sleep on
+    /// the mutex instead (measured: bench/README.md, third round).
     pub fn into_split(self) -> (NbdReadHalf, NbdWriteHalf) {
         (self.rd, self.wr)
     }
@@ -247,14 +246,13 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
 
 /// The send buffer a connection asks for. With the default (208 KiB) a 1 MiB read reply
 /// leaves in five or more pieces, each waiting for the client to drain the socket: a
-/// sleep and a wake-up for the writer every time. fio reading 1 MiB at QD8 from the page
-/// cache went from 2.5-3.1 to 3.9-4.4 GiB/s with this, and the server's context switches
-/// fell fivefold. The kernel caps the request at net.core.wmem_max, which this does not
-/// override (SO_SNDBUFFORCE would): raise that sysctl to let it take effect.
+/// sleep and a wake-up for the writer every time (measured: bench/README.md, second
+/// round). The kernel caps the request at net.core.wmem_max, which this does not override
+/// (SO_SNDBUFFORCE would): raise that sysctl to let it take effect.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 
-/// An int-valued SOL_SOCKET option (SO_TYPE, SO_DOMAIN, SO_SNDBUF, ...).
-pub fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+/// An int-valued SOL_SOCKET option (SO_DOMAIN, SO_SNDBUF, ...).
+fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a local int whose size we pass.

@@ -13,9 +13,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::{self, server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 
 /// Whether a server offers TLS, and whether it insists on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -355,15 +355,9 @@ impl TlsSetting {
     }
 }
 
-/// A connection before or after STARTTLS. The upgrade happens mid-handshake, so the
-/// stream type cannot be fixed at compile time.
-pub(crate) enum MaybeTls<S> {
-    Plain(S),
-    Tls(Box<tokio_rustls::server::TlsStream<S>>),
-}
-
-delegate_read!(MaybeTls<S: [AsyncRead + AsyncWrite + Unpin]>, Plain, Tls);
-delegate_write!(MaybeTls<S: [AsyncRead + AsyncWrite + Unpin]>, Plain, Tls);
+/// A connection before (`Left`, plain) or after (`Right`) STARTTLS. The upgrade happens
+/// mid-handshake, so the stream type cannot be fixed at compile time.
+pub(crate) type MaybeTls<S> = Either<S, Box<tokio_rustls::server::TlsStream<S>>>;
 
 #[cfg(test)]
 mod tests {

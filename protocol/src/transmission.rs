@@ -8,10 +8,10 @@
 use crate::backend::{Backend, BackendError, Errno, ZeroFlags};
 use crate::consts::*;
 use crate::error::{is_disconnect, ProtocolError};
+use crate::export::{ServerOptions, READ_BUFFER};
 use crate::io::{discard, raised, read_exact_or_shutdown, ReadOutcome};
 use crate::reply::{self, Pieces};
 use crate::request::{validate, Command, RequestHeader, Session};
-use crate::server::ServerOptions;
 use crate::socket::PollHint;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -54,11 +54,9 @@ enum Stop {
     Fatal(ProtocolError),
 }
 
-/// Write payloads from this size on are received polling (see where it is used):
-/// 1 MiB sequential writes at QD8 went from 3707 to 5017 MiB/s (median of three turns,
-/// nbdkit file 4042; bench/README.md, third round). Smaller ones mostly arrive whole, and
-/// polling for their rest took a CPU from the client instead (64 KiB writes at QD16 were
-/// slower when every payload polled).
+/// Write payloads from this size on are received polling (why: where it is used). Smaller
+/// ones mostly arrive whole, and polling for their rest took a CPU from the client
+/// instead. Measured: bench/README.md, third round.
 const POLL_PAYLOAD_MIN: u32 = 128 * 1024;
 
 pub(crate) async fn run<R, W, B>(
@@ -268,10 +266,9 @@ where
         // A payload bigger than the read buffer was read straight from the socket, so an
         // empty buffer after it says nothing about what the client has queued behind it:
         // run such a write as its own task and go back to reading (at queue depth 1 the
-        // hand-off is small next to receiving the payload). 256 KiB writes at QD8 went
-        // from 3948 to 4370 MiB/s (median of four turns; nbdkit file 3966); 1 MiB did not
-        // move.
-        let big_payload = payload.len() > crate::server::READ_BUFFER;
+        // hand-off is small next to receiving the payload; measured: bench/README.md,
+        // third round).
+        let big_payload = payload.len() > READ_BUFFER;
         let permits = Permits {
             _slot: slot,
             _bytes: byte_permit,
@@ -495,66 +492,45 @@ async fn execute<B: Backend>(
 ) -> Pieces {
     let io_error = |m: String| BackendError::new(Errno::Io, m);
     let result: Result<Pieces, BackendError> = match cmd {
-        Command::Read { offset, length, df } => {
-            // Zero-length requests are legal and trivially satisfied; not bothering the
-            // backend spares every implementation the corner case.
-            let chunks = if length == 0 {
-                Ok(Vec::new())
-            } else {
-                b.read(offset, length).await
-            };
-            chunks.and_then(|c| {
+        Command::Read { offset, length, df } => unless_empty(length, || b.read(offset, length))
+            .await
+            .and_then(|c| {
                 reply::read_reply(handle, offset, length, c, structured, df).map_err(io_error)
-            })
-        }
+            }),
         Command::Write {
             offset,
             length,
             fua,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.write(offset, payload, fua).await
-        }
-        .map(|_| reply::ok_reply(handle)),
+        } => unless_empty(length, || b.write(offset, payload, fua))
+            .await
+            .map(|_| reply::ok_reply(handle)),
         Command::Flush => b.flush().await.map(|_| reply::ok_reply(handle)),
         Command::Trim {
             offset,
             length,
             fua,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.trim(offset, length, fua).await
-        }
-        .map(|_| reply::ok_reply(handle)),
-        Command::Cache { offset, length } => if length == 0 {
-            Ok(())
-        } else {
-            b.cache(offset, length).await
-        }
-        .map(|_| reply::ok_reply(handle)),
+        } => unless_empty(length, || b.trim(offset, length, fua))
+            .await
+            .map(|_| reply::ok_reply(handle)),
+        Command::Cache { offset, length } => unless_empty(length, || b.cache(offset, length))
+            .await
+            .map(|_| reply::ok_reply(handle)),
         Command::WriteZeroes {
             offset,
             length,
             fua,
             no_hole,
             fast_zero,
-        } => if length == 0 {
-            Ok(())
-        } else {
-            b.write_zeroes(
-                offset,
-                length,
-                ZeroFlags {
-                    no_hole,
-                    fast_zero,
-                    fua,
-                },
-            )
-            .await
+        } => {
+            let flags = ZeroFlags {
+                no_hole,
+                fast_zero,
+                fua,
+            };
+            unless_empty(length, || b.write_zeroes(offset, length, flags))
+                .await
+                .map(|_| reply::ok_reply(handle))
         }
-        .map(|_| reply::ok_reply(handle)),
         Command::BlockStatus {
             offset,
             length,
@@ -573,5 +549,20 @@ async fn execute<B: Backend>(
             debug!(handle, "request failed: {e}");
             reply::error_reply(handle, structured, e.errno.to_nbd(), &e.message)
         }
+    }
+}
+
+/// Zero-length requests are legal and trivially satisfied (an empty read, a write of
+/// nothing); not bothering the backend spares every implementation the corner case.
+async fn unless_empty<T, F, Fut>(length: u32, op: F) -> Result<T, BackendError>
+where
+    T: Default,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    if length == 0 {
+        Ok(T::default())
+    } else {
+        op().await
     }
 }

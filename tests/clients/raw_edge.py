@@ -6,28 +6,19 @@ oversized request, write with a payload that never arrives, garbage magic, many 
 Usage: raw_edge.py UNIX_SOCKET EXPORT_NAME
 Prints PASS/FAIL lines; exits non-zero on any failure.
 """
+import os
 import socket
 import struct
 import sys
 import time
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQ_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCT_REPLY_MAGIC = 0x668E33EF
-
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
-OPT_STRUCTURED_REPLY, OPT_LIST_META, OPT_SET_META = 8, 9, 10
-REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
-REP_ERR_UNSUP = 2**31 + 1
-REP_ERR_UNKNOWN = 2**31 + 6
-INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
-CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
-FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
-EPERM, EIO, EINVAL, ENOSPC, EOVERFLOW = 1, 5, 22, 28, 75
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbdwire as wire  # noqa: E402
+from nbdwire import (  # noqa: E402
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, EINVAL, ENOSPC, EOVERFLOW,
+    FLAG_FUA, FLAG_NO_HOLE, FLAG_REQ_ONE, INFO_BLOCK_SIZE, OPT_ABORT, OPT_LIST,
+    OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_SERVER,
+)
 
 failures = 0
 
@@ -41,67 +32,39 @@ def ok(name, cond, detail=""):
         print(f"FAIL {name}{': ' + detail if detail else ''}")
 
 
-def recvall(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
 class Conn:
     def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(20)
-        self.s.connect(path)
-        magic, opt, flags = struct.unpack(">QQH", recvall(self.s, 18))
-        assert magic == NBDMAGIC and opt == IHAVEOPT, "bad greeting"
-        self.server_flags = flags
-        # client flags: FIXED_NEWSTYLE | NO_ZEROES
-        self.s.sendall(struct.pack(">I", 3))
+        self.s = wire.unix(path, 20)
+        self.server_flags = wire.greet(self.s)
         self.handle = 1
         self.size = None
         self.tflags = None
 
     def opt(self, code, data=b""):
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, code, len(data)) + data)
+        self.s.sendall(wire.option(code, data))
 
     def opt_reply(self):
-        magic, opt, typ, length = struct.unpack(">QIII", recvall(self.s, 20))
-        assert magic == REPLY_MAGIC, hex(magic)
-        return opt, typ, recvall(self.s, length)
+        return wire.option_reply(self.s)
 
     def go(self, name, structured=False):
         if structured:
             self.opt(OPT_STRUCTURED_REPLY)
             _, typ, _ = self.opt_reply()
             assert typ == REP_ACK, typ
-        nb = name.encode()
-        self.opt(OPT_GO, struct.pack(">I", len(nb)) + nb + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
-        infos = {}
-        while True:
-            _, typ, data = self.opt_reply()
-            if typ == REP_ACK:
-                break
-            if typ != REP_INFO:
-                return typ, infos
-            (itype,) = struct.unpack(">H", data[:2])
-            infos[itype] = data[2:]
-        self.size, self.tflags = struct.unpack(">QH", infos[INFO_EXPORT])
-        return REP_ACK, infos
+        typ, infos, _ = wire.go(self.s, name, (INFO_BLOCK_SIZE,))
+        if typ == REP_ACK:
+            self.size, self.tflags = wire.export_info(infos)
+        return typ, infos
 
     def request(self, cmd, offset, length, flags=0, payload=b""):
         h = self.handle
         self.handle += 1
-        self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, h, offset, length) + payload)
+        self.s.sendall(wire.request(cmd, h, offset, length, flags) + payload)
         return h
 
     def simple_reply(self, want_data=0):
-        magic, err, handle = struct.unpack(">IIQ", recvall(self.s, 16))
-        assert magic == SIMPLE_REPLY_MAGIC, hex(magic)
-        data = recvall(self.s, want_data) if err == 0 and want_data else b""
+        err, handle = wire.simple_reply(self.s)
+        data = wire.recvall(self.s, want_data) if err == 0 and want_data else b""
         return err, handle, data
 
     def alive(self):
@@ -156,7 +119,7 @@ def main():
 
     # Many options: 10,000 unknown options, then GO still works.
     c4 = Conn(path)
-    batch = b"".join(struct.pack(">QII", IHAVEOPT, 0x7000 + (i % 100), 0) for i in range(10000))
+    batch = b"".join(wire.option(0x7000 + (i % 100)) for i in range(10000))
     c4.s.sendall(batch)
     good = sum(1 for _ in range(10000) if c4.opt_reply()[1] == REP_ERR_UNSUP)
     typ, _ = c4.go(name)
@@ -244,9 +207,8 @@ def main():
         pass
     c6.s.close()
     # Garbage instead of the client flags.
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    recvall(s, 18)
+    s = wire.unix(path)
+    wire.recvall(s, 18)
     s.sendall(b"garbage-garbage-garbage")
     s.close()
     time.sleep(0.2)
