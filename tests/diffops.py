@@ -1,6 +1,7 @@
 """Seeded operation sequences for the differential tests, shared by
 tests/ceph/differential.py (rados-nbd vs librbd on a real cluster) and
-tests/clients/dir_model.py (the directory store vs an in-memory model).
+tests/clients/dir_model.py (the directory store vs an in-memory model), and what both do with
+them: run them (drive, Serves, Server), minimise and report a failing one (Campaign).
 
 A sequence is a list of operations, each a JSON list whose first element names it, so that a
 failing sequence prints in one replayable line. The runners are lazy about state: an I/O
@@ -43,6 +44,7 @@ sequence (see rare_ops()).
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -165,6 +167,14 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=()):
     return ops
 
 
+def sequence(seed, long=False, n_ops=0, **kw):
+    """A seed's geometry and operations: n_ops of them, or 8..24 (8..48 with long) drawn from
+    the seed. kw: generate()'s options."""
+    rng = random.Random(seed)
+    geo = random_geometry(rng)
+    return geo, generate(rng, geo, n_ops or rng.randint(8, 48 if long else 24), **kw)
+
+
 def minimise(ops, still_fails, budget_s, log=print):
     """Delta debugging, greedy: drop chunks of operations (halves, quarters, ... single ones)
     while still_fails(candidate) holds; stops after budget_s seconds with the smallest
@@ -195,6 +205,139 @@ def dumps(ops):
     return json.dumps(ops, separators=(",", ":"))
 
 
+def case_of(seed, geo, ops):
+    """A sequence with its geometry, as printed and written for a replay."""
+    return {"seed": seed, "order": geo.order, "objects": geo.size >> geo.order, "ops": ops}
+
+
+def drive(run, ops, errors=(), times=None):
+    """Applies ops in order to run (apply(op), finish(), serves: how many serves were compared
+    so far): (None, serves) when all pass, else (the Failure, its `at` the index of the
+    operation, serves). errors: the client libraries' exceptions, taken as a failure of the
+    operation that raised them. run.finish() ends what it started, whatever happened. times:
+    seconds by operation name, added up."""
+    i = -1
+    try:
+        for i, op in enumerate(ops):
+            t = time.monotonic()
+            run.apply(op)
+            if times is not None:
+                times[op[0]] = times.get(op[0], 0) + time.monotonic() - t
+        return None, run.serves
+    except Failure as f:
+        f.at = i
+        return f, run.serves
+    except tuple(errors) as ex:
+        f = Failure(f"error in {ops[i][0]}", str(ex))
+        f.at = i
+        return f, run.serves
+    finally:
+        run.finish()
+
+
+class Campaign:
+    """Runs a differential test's sequences and prints its result lines: one PASS line, or one
+    FAIL line per kind of failure, the first sequence failing so minimised and written to a
+    file (in $DIFF_OUT, else work) that `SCRIPT --replay FILE` runs again.
+
+    name       names the test in its PASS/FAIL lines
+    script     the test's path in the repository, for the replay line
+    prefix     of a failing case's file name
+    reference  what the serves were compared with, for the PASS line
+    work       the run's temporary directory, removed when all passed
+    run        run(geo, ops, label) -> (Failure or None, serves compared)
+    hint       hint(failure, ops) -> a guess at the cause, shown in the FAIL line
+    note       note(replay) -> a remark for the PASS line, or ""
+    """
+
+    def __init__(self, name, script, prefix, reference, work, run, hint=None, note=None):
+        self.name, self.script, self.prefix, self.reference = name, script, prefix, reference
+        self.work, self.run, self.hint = work, run, hint
+        self.note = note or (lambda replay: "")
+
+    def _fail(self, what, f, ops):
+        hint = f" [{self.hint(f, ops)}]" if self.hint else ""
+        print(f"FAIL {self.name} {what}: {f}{hint}")
+
+    def replay(self, case):
+        """Runs a case printed by a failure: the exit status."""
+        geo = Geometry(case["order"], case["objects"])
+        f, serves = self.run(geo, case["ops"], "replay")
+        if f:
+            self._fail("replay", f, case["ops"])
+            return 1
+        note = self.note(True)
+        print(f"PASS {self.name} replay ({len(case['ops'])} ops, {serves} serves compared"
+              f"{'; ' + note if note else ''})")
+        return 0
+
+    def seeds(self, first, seqs, make, budget, minimise_until=float("inf"), no_minimise=False):
+        """Runs the sequences make(seed) -> (geo, ops) of seeds first.. first+seqs-1 (first None:
+        from the clock). A failure of a kind not seen yet is minimised for up to budget seconds
+        unless no_minimise or the run is past minimise_until seconds; later ones of that kind
+        are noted. The first seed, the failures by kind, serves compared and seconds taken."""
+        first = first if first is not None else int(time.time()) % 1000000
+        t0 = time.monotonic()
+        failed = {}
+        serves = 0
+        for seed in range(first, first + seqs):
+            geo, ops = make(seed)
+            f, n = self.run(geo, ops, str(seed))
+            serves += n
+            if f is None:
+                continue
+            if f.kind in failed:
+                # Already reported and minimised once: a note, one FAIL line per kind.
+                print(f"# also seed {seed}: {f}")
+                failed[f.kind] += 1
+                continue
+            failed[f.kind] = 1
+            if no_minimise or time.monotonic() - t0 > minimise_until:
+                self._fail(f"seed {seed}", f, ops)
+                print(f"#   {dumps(case_of(seed, geo, ops[:f.at + 1]))}")
+            else:
+                self._minimise(seed, geo, ops, f, budget)
+        return first, failed, serves, time.monotonic() - t0
+
+    def _minimise(self, seed, geo, ops, f, budget):
+        print(f"# seed {seed}: {f} (operation {f.at + 1} of {len(ops)}); minimising...",
+              flush=True)
+
+        def still_fails(cand):
+            g, _ = self.run(geo, cand, "minimise")
+            return g is not None and g.kind == f.kind
+
+        small = minimise(ops[:f.at + 1], still_fails, budget,
+                         log=lambda m: print(f"#   {m}", flush=True))
+        g, _ = self.run(geo, small, "final")
+        g = g or f
+        case = case_of(seed, geo, small)
+        path = os.path.join(os.environ.get("DIFF_OUT", self.work), f"{self.prefix}-seed{seed}.json")
+        with open(path, "w") as fh:
+            json.dump(case, fh)
+        self._fail(f"seed {seed}", g, small)
+        print(f"#   minimal ({len(small)} ops): {dumps(case)}")
+        print(f"#   replay: /usr/bin/python3 {self.script} --replay {path}")
+
+    def summary(self, first, seqs, failed, serves, secs):
+        """The last line of a run: the exit status."""
+        if not failed:
+            subprocess.run(["rm", "-rf", self.work])
+            note = self.note(False)
+            print(f"PASS {self.name}: {seqs} sequences (seeds {first}..{first + seqs - 1}), "
+                  f"{serves} serves compared with {self.reference} in {secs:.0f} s"
+                  f"{'; ' + note if note else ''}")
+            return 0
+        print(f"# {seqs} sequences from seed {first} in {secs:.0f} s; failures by kind: {failed}")
+        return 1
+
+
+def rados_nbd_bin():
+    """The binary under test: $RADOS_NBD_BIN, else the workspace's release build."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("RADOS_NBD_BIN", os.path.join(root, "target/release/rados-nbd"))
+
+
 def clip(op, size):
     """An I/O operation clipped to the image's size now (a minimised sequence may have lost
     the resize its offsets were drawn for); None when nothing of it is left."""
@@ -214,6 +357,21 @@ class Failure(Exception):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+
+
+def sh(args, timeout=60, check=True):
+    """Runs a command; with check, a Failure "command" unless it exits 0, naming it and its
+    error line (not the daemon's log lines around it)."""
+    try:
+        r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise Failure("timeout", f"{' '.join(args)}: no answer in {timeout} s")
+    if check and r.returncode != 0:
+        lines = [ln for ln in r.stderr.decode(errors="replace").splitlines()
+                 if ln.strip() and " INFO " not in ln and " DEBUG " not in ln]
+        raise Failure("command", f"{' '.join(args)}: exit {r.returncode}: "
+                      f"{' | '.join(lines)[-600:]}")
+    return r
 
 
 class Server:
@@ -271,6 +429,12 @@ class Server:
             self.kill()
             raise Failure("close", f"no exit {timeout} s after SIGTERM")
 
+    def close(self):
+        """A clean close: SIGTERM, and exit 0, else a Failure "close"."""
+        rc = self.stop()
+        if rc != 0:
+            raise Failure("close", f"serve exited {rc} after SIGTERM: {self.tail()}")
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -298,3 +462,100 @@ def hang_up(h):
 def nbd_errno(e):
     """libnbd's Error carries the errno's name ("EINVAL"), or None."""
     return getattr(e, "errno", None)
+
+
+class Serves:
+    """What a run of either test does with its server under test: self.server (a Server, or
+    None), self.h (an NBD handle on it, or None), self.serves (how many serves ended and were
+    compared), self.size (the image's size now); start() serves the image, run_op(op) carries
+    out one operation."""
+
+    def apply(self, op):
+        """Carries out op: an I/O operation is clipped first (see clip(): nothing left,
+        nothing done) and starts a server when none runs."""
+        if op[0] in ("write", "trim", "zero", "ro"):
+            op = clip(op, self.size)
+            if op is None:
+                return
+            self.ensure_served()
+        self.run_op(op)
+
+    def ensure_served(self):
+        if self.server is None:
+            self.start()
+
+    def close_serve(self):
+        """Hangs up and closes the server cleanly (a Failure "close" otherwise): one more
+        serve to compare."""
+        hang_up(self.h)
+        self.h = None
+        self.server.close()
+        self.server = None
+        self.serves += 1
+
+
+def serving(cmd, sock, log, kind="serve start"):
+    """A Server started and serving; a Failure of that kind when it exited first."""
+    s = Server(cmd, sock, log)
+    if not s.wait_ready():
+        raise Failure(kind, f"exit {s.proc.returncode}: {s.tail()}")
+    return s
+
+
+def send(h, op):
+    """Sends an I/O operation (write, trim, zero) over the NBD handle h: the bytes a write
+    wrote, else None."""
+    k = op[0]
+    if k == "write":
+        _, off, length, tag, fua = op
+        data = pattern(tag, off, length)
+        h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
+        return data
+    if k == "trim":
+        _, off, length, fua = op
+        h.trim(length, off, nbd.CMD_FLAG_FUA if fua else 0)
+    elif k == "zero":
+        _, off, length, no_hole, fua = op
+        h.zero(length, off, (nbd.CMD_FLAG_NO_HOLE if no_hole else 0) | (nbd.CMD_FLAG_FUA if fua else 0))
+    else:
+        raise ValueError(f"not an I/O operation: {op}")
+    return None
+
+
+def read_only_beside(cmd, sock, log, h, op, twin_write, order):
+    """["ro", off, length, tag]: a `serve --read-only` (cmd) opened while the writer h serves;
+    then h writes and flushes (and twin_write(data, off) does the same on the reference), and
+    the reader must read what was written: objects created after it opened are not holes."""
+    _, off, length, tag = op
+    ro = serving(cmd, sock, log, "ro serve start")
+    try:
+        r = ro.connect()
+        data = pattern(tag, off, length)
+        h.pwrite(data, off)
+        h.flush()
+        twin_write(data, off)
+        got = r.pread(length, off)
+        hang_up(r)
+        if got != data:
+            first = next(i for i in range(length) if got[i] != data[i])
+            raise Failure("ro read", f"serve --read-only opened before a write of "
+                          f"{off}+{length} (object {off >> order}) reads "
+                          f"{'zeros' if got == bytes(length) else 'other data'} "
+                          f"(first difference at +{first})")
+    finally:
+        rc = ro.stop()
+    if rc != 0:
+        raise Failure("ro close", f"serve --read-only exited {rc}: {ro.tail()}")
+
+
+def trim_past_end(h, size):
+    """A TRIM running past the end of an image of size bytes must fail with EINVAL."""
+    off = max(0, size - SECTOR)
+    try:
+        h.trim(2 * SECTOR, off, 0)
+    except nbd.Error as e:
+        if nbd_errno(e) != "EINVAL":
+            raise Failure("oob trim", f"TRIM past the end failed with errno {nbd_errno(e)}, "
+                          f"not EINVAL: {e}")
+        return
+    raise Failure("oob trim", "TRIM past the end succeeded")

@@ -45,12 +45,21 @@ wait_for_socket() {
   echo "socket $1 did not appear" >&2; return 1
 }
 
+# forget_pid PID: a process of ours that was reaped: cleanup_pids must not signal its pid,
+# which the kernel may have given to another process since. (Exact matches only: a pattern
+# substitution would cut 123 out of 41234 and leave 44.)
+forget_pid() {
+  local p keep=()
+  for p in "${T_PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  T_PIDS=("${keep[@]}")
+}
+
 # Stop a daemon by pid with SIGTERM and wait for it to exit; returns its exit status.
 stop_daemon() {
   local pid=$1 rc=0
   kill -TERM "$pid" 2>/dev/null || return 0
   wait "$pid" || rc=$?
-  T_PIDS=("${T_PIDS[@]/$pid}")
+  forget_pid "$pid"
   return $rc
 }
 

@@ -8,20 +8,12 @@
 # Needs $CEPH_CONF and $CEPH_NBD_KEYRING (tests/ceph/run.sh passes what cluster.sh printed).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
+source "$here/common.sh" cephx
 if [ -z "${CEPH_NBD_KEYRING:-}" ]; then
   echo "SKIP cephx suite: the cluster runs without auth (CEPH_AUTH=none)"; exit 0
 fi
 ID=${CEPH_NBD_ID:-nbd}
 KR=$CEPH_NBD_KEYRING
-work=$(mktemp -d /tmp/rados-nbd-cephx.XXXXXX)
-trap 'cleanup_pids; rm -rf "$work"' EXIT
-sock=$work/nbd.sock
-MB=$((1 << 20))
-sha() { sha256sum | cut -d' ' -f1; }
-export -f sha  # used under `bash -c` by the checks
 # librados at high debug levels, into a file of ours (CEPH_ARGS is read by the daemon).
 dbg_args() { echo "--debug-auth=30 --debug-monc=30 --debug-rados=20 --debug-ms=1 --log-file=$1"; }
 
@@ -58,6 +50,7 @@ import base64,re;b=base64.b64decode(re.search(r'key\s*=\s*(\S+)',open('$KR').rea
 check "secret scan finds the bare secret written as hex" \
   bash -c "! $PY '$work/leaks.py' '$KRS' '$work/hexleak.txt' >/dev/null"
 
+# Spelt out, not common.sh's RN: the options under test, at the most verbose level.
 RN=("$BIN" -vv --store "ceph:$CEPH_CONF" --id "$ID" --keyring "$KR")
 
 # ---------------------------------------------------------------- serve as client.nbd

@@ -5,26 +5,10 @@
 # Against the cluster named by $CEPH_CONF (tests/ceph/run.sh sets it).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
-work=$(mktemp -d /tmp/rados-nbd-ceph-ckpt.XXXXXX)
-trap 'cleanup_pids; rm -rf "$work"' EXIT
-RN=("$BIN" --store "ceph:$CEPH_CONF")
-if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
-  RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-fi
-sock=$work/nbd.sock
-MB=$((1 << 20))
+source "$here/common.sh" ceph-ckpt
 img=ckpt-$$
-uri="nbd+unix:///$img?socket=$sock"
+uri=$(uri "$img")
 
-serve() { # in the background with RUST_LOG=info to $work/serve.log; waits for the socket
-  rm -f "$sock"
-  RUST_LOG=info spawn "${RN[@]}" serve "$img" --socket "$sock" "$@" 2>>"$work/serve.log"
-  SERVE_PID=$!
-  wait_for_socket "$sock" 60
-}
 flags() { rbd info "$img" --format json | jq -c .flags; }
 clear_flags() { [ "$(flags)" = "[]" ]; }
 set_flags() { [ "$(flags)" = '["object map invalid","fast diff invalid"]' ]; }
@@ -88,7 +72,8 @@ do_send() { # do_send NAME CMD...: send, as a check
 
 rbd create --size 1T "$img"
 # 2 s: long enough that `rbd info` right after a first write still sees the flags set.
-serve --checkpoint-idle 2
+# RUST_LOG=info: the log is searched for what the opens did.
+RUST_LOG=info start_serve "$work/serve.log" 60 "$img" --checkpoint-idle 2
 $PY "$work/client.py" "$uri" "$work/cmd" 2>>"$work/client.log" &
 CLIENT_PID=$!; T_PIDS+=("$CLIENT_PID")
 for _ in $(seq 1 100); do [ -e "$work/cmd/ready" ] && break; sleep 0.1; done
@@ -129,23 +114,13 @@ check "checkpoint-idle: rbd du counts 2 objects again" bash -c \
 
 # A crash after a checkpoint with nothing map-changing since: the map on disk is right.
 sleep 1
-kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$SERVE_PID}")
-kill "$CLIENT_PID" 2>/dev/null; wait "$CLIENT_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$CLIENT_PID}")
+kill9 "$SERVE_PID"
+kill "$CLIENT_PID" 2>/dev/null; wait "$CLIENT_PID" 2>/dev/null; forget_pid "$CLIENT_PID"
 check "kill -9 after a checkpoint: flags still clear" clear_flags
 check "kill -9 after a checkpoint: the map on disk matches the objects" map_matches_objects
 : > "$work/serve.log"
-# The dead daemon's watch lingers until the OSD times it out: the open waits for that
-# (bounded), fences the dead daemon and breaks its stale lock, with no retry loop.
-ok=0
-rm -f "$sock"
-RUST_LOG=info "${RN[@]}" serve "$img" --socket "$sock" 2>>"$work/serve.log" &
-SERVE_PID=$!; T_PIDS+=("$SERVE_PID")
-for _ in $(seq 1 600); do
-  [ -S "$sock" ] && { ok=1; break; }
-  kill -0 "$SERVE_PID" 2>/dev/null || break
-  sleep 0.1
-done
-check "kill -9 after a checkpoint: the next open serves" test $ok = 1
+RUST_LOG=info reopen "$work/serve.log" "$img"
+check "kill -9 after a checkpoint: the next open serves" test $? = 0
 check "kill -9 after a checkpoint: the reopen broke the stale lock" grep -q "stale" "$work/serve.log"
 check "kill -9 after a checkpoint: the map was loaded, not rebuilt" bash -c \
   "! grep -qi 'rebuil' $work/serve.log"

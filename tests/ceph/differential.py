@@ -51,17 +51,15 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import diffops  # noqa: E402
-from diffops import Failure, Server, clip, hang_up, nbd_errno  # noqa: E402
+from diffops import Failure, Server, hang_up, nbd_errno  # noqa: E402
 
 import nbd  # noqa: E402
 import rados  # noqa: E402  Debian's python3-rados
@@ -76,25 +74,14 @@ CLI_TIMEOUT = 120
 TAKEOVER_BOUND_S = 45
 
 
-def sh(args, timeout=CLI_TIMEOUT, check=True):
-    try:
-        r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise Failure("timeout", f"{' '.join(args)}: no answer in {timeout} s")
-    if check and r.returncode != 0:
-        # The error line, not the daemon's log lines around it.
-        lines = [ln for ln in r.stderr.decode(errors="replace").splitlines()
-                 if ln.strip() and " INFO " not in ln and " DEBUG " not in ln]
-        raise Failure("command", f"{' '.join(args)}: exit {r.returncode}: "
-                      f"{' | '.join(lines)[-600:]}")
-    return r
+def sh(args, check=True):
+    return diffops.sh(args, CLI_TIMEOUT, check)
 
 
 class Env:
     def __init__(self, args):
         self.conf = os.environ["CEPH_CONF"]
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.bin = os.environ.get("RADOS_NBD_BIN", os.path.join(root, "target/release/rados-nbd"))
+        self.bin = diffops.rados_nbd_bin()
         self.rn = [self.bin, "--store", f"ceph:{self.conf}"]
         if os.environ.get("CEPH_NBD_KEYRING"):
             self.rn += ["--id", os.environ.get("CEPH_NBD_ID", "nbd"),
@@ -120,7 +107,7 @@ class Env:
         self.cluster.shutdown()
 
 
-class Run:
+class Run(diffops.Serves):
     """One sequence on a fresh pair of images."""
 
     def __init__(self, env, geo, label):
@@ -194,14 +181,9 @@ class Run:
         with rbd.Image(self.env.ioctx, name, read_only=True) as im:
             return im.id()
 
-    def ensure_served(self):
-        if self.server is None:
-            self.start()
-
     def end_serve(self, crash, slow=False):
-        hang_up(self.h) if not crash else None
-        self.h = None
         if crash:
+            self.h = None
             self.server.kill()
             self.server = None
             if slow:
@@ -211,37 +193,21 @@ class Run:
                 self.blocklist_dead_watchers()
                 # Reopen: a crash leaves the dirty flag, the open rebuilds the map; then close.
                 self.start()
-            hang_up(self.h)
-            self.h = None
-        rc = self.server.stop()
-        if rc != 0:
-            raise Failure("close", f"serve exited {rc} after SIGTERM: {self.server.tail()}")
-        self.server = None
-        self.serves += 1
+        self.close_serve()
         self.compare("after crash + reopen + close" if crash else "after close", rebuilt=crash)
 
     # ------------------------------------------------------------------ operations
-    def apply(self, op):
+    def run_op(self, op):
         k = op[0]
-        if k in ("write", "trim", "zero", "ro"):
-            op = clip(op, self.size)
-            if op is None:
-                return
-            self.ensure_served()
         h, b = self.h, self.bimg
         if k == "write":
-            _, off, length, tag, fua = op
-            data = diffops.pattern(tag, off, length)
-            h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
-            b.write(data, off)
+            b.write(diffops.send(h, op), op[1])
         elif k == "trim":
-            _, off, length, fua = op
-            h.trim(length, off, nbd.CMD_FLAG_FUA if fua else 0)
-            b.discard(off, length)
+            diffops.send(h, op)
+            b.discard(op[1], op[2])
         elif k == "zero":
-            _, off, length, no_hole, fua = op
-            flags = (nbd.CMD_FLAG_NO_HOLE if no_hole else 0) | (nbd.CMD_FLAG_FUA if fua else 0)
-            h.zero(length, off, flags)
+            diffops.send(h, op)
+            _, off, length, no_hole, _ = op
             if no_hole:
                 b.write(bytes(length), off)
             else:
@@ -261,7 +227,7 @@ class Run:
             self.ensure_served()
             self.end_serve(crash=True, slow=True)
         elif k == "takeover":
-            op = clip(op, self.size)
+            op = diffops.clip(op, self.size)
             if op is not None:
                 self.ensure_served()
                 self.takeover(op)
@@ -298,37 +264,14 @@ class Run:
             self.bimg.resize(new)
             self.size = new
         elif k == "ro":
-            self.read_only_reader(op)
+            diffops.read_only_beside(self.serve_cmd(read_only=True),
+                                     os.path.join(self.env.work, "ro.sock"), self.log, self.h, op,
+                                     self.bimg.write, self.geo.order)
         elif k == "oob":
             self.ensure_served()
-            self.out_of_bounds()
+            diffops.trim_past_end(self.h, self.size)
         else:
             raise ValueError(f"unknown operation {op}")
-
-    def read_only_reader(self, op):
-        _, off, length, tag = op
-        ro = Server(self.serve_cmd(read_only=True), os.path.join(self.env.work, "ro.sock"),
-                    self.log)
-        if not ro.wait_ready():
-            raise Failure("ro serve start", f"exit {ro.proc.returncode}: {ro.tail()}")
-        try:
-            r = ro.connect()
-            data = diffops.pattern(tag, off, length)
-            self.h.pwrite(data, off)
-            self.h.flush()
-            self.bimg.write(data, off)
-            got = r.pread(length, off)
-            hang_up(r)
-            if got != data:
-                first = next(i for i in range(length) if got[i] != data[i])
-                raise Failure("ro read", f"serve --read-only opened before a write of "
-                              f"{off}+{length} (object {off >> self.geo.order}) reads "
-                              f"{'zeros' if got == bytes(length) else 'other data'} "
-                              f"(first difference at +{first})")
-        finally:
-            rc = ro.stop()
-        if rc != 0:
-            raise Failure("ro close", f"serve --read-only exited {rc}: {ro.tail()}")
 
     def takeover(self, op):
         """Two writers after a lock takeover (bug 3): nothing the stopped owner had queued may
@@ -401,17 +344,6 @@ class Run:
         for addr in a_watch:
             cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
             self.env.cluster.mon_command(cmd, b"", timeout=30)
-
-    def out_of_bounds(self):
-        off = self.size - diffops.SECTOR if self.size >= diffops.SECTOR else 0
-        try:
-            self.h.trim(2 * diffops.SECTOR, off, 0)
-        except nbd.Error as e:
-            if nbd_errno(e) != "EINVAL":
-                raise Failure("oob trim", f"TRIM past the end failed with errno {nbd_errno(e)}, "
-                              f"not EINVAL: {e}")
-            return
-        raise Failure("oob trim", "TRIM past the end succeeded")
 
     # ------------------------------------------------------------------ comparison
     def compare(self, where, rebuilt=False):
@@ -567,23 +499,7 @@ TIMES = {}
 
 def run_sequence(env, geo, ops, label):
     """None when the sequence passes, else the Failure (with the index of the operation)."""
-    run = Run(env, geo, label)
-    i = -1
-    try:
-        for i, op in enumerate(ops):
-            t = time.monotonic()
-            run.apply(op)
-            TIMES[op[0]] = TIMES.get(op[0], 0) + time.monotonic() - t
-        return None, run.serves
-    except Failure as f:
-        f.at = i
-        return f, run.serves
-    except (nbd.Error, rbd.Error, rados.Error) as ex:
-        f = Failure(f"error in {ops[i][0]}", str(ex))
-        f.at = i
-        return f, run.serves
-    finally:
-        run.finish()
+    return diffops.drive(Run(env, geo, label), ops, (nbd.Error, rbd.Error, rados.Error), TIMES)
 
 
 KNOWN = [
@@ -626,27 +542,6 @@ def hint(f, ops):
     return "not a known bug: investigate"
 
 
-def report(env, geo, seed, ops, f, budget):
-    print(f"# seed {seed}: {f} (operation {f.at + 1} of {len(ops)}); minimising...", flush=True)
-
-    def still_fails(cand):
-        g, _ = run_sequence(env, geo, cand, "minimise")
-        return g is not None and g.kind == f.kind
-
-    small = diffops.minimise(ops[:f.at + 1], still_fails, budget,
-                             log=lambda m: print(f"#   {m}", flush=True))
-    g, _ = run_sequence(env, geo, small, "final")
-    g = g or f
-    case = {"seed": seed, "order": geo.order, "objects": geo.size >> geo.order, "ops": small}
-    path = os.path.join(os.environ.get("DIFF_OUT", env.work), f"diff-seed{seed}.json")
-    with open(path, "w") as fh:
-        json.dump(case, fh)
-    print(f"FAIL differential seed {seed}: {g} [{hint(g, small)}]")
-    print(f"#   minimal ({len(small)} ops): {json.dumps(case, separators=(',', ':'))}")
-    print(f"#   replay: /usr/bin/python3 tests/ceph/differential.py --replay {path}")
-    return g.kind
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "32")))
@@ -670,60 +565,32 @@ def main():
 
 
 def run(args, env):
-    budget = float(os.environ.get("DIFF_MINIMISE_S", "60"))
-    # Past this many seconds of the run, failures are printed as they are, unminimised.
-    total_budget = float(os.environ.get("DIFF_MINIMISE_UNTIL_S", "600"))
+    def note(replay):
+        n = env.same_check_mismatch
+        return f"{n} object-map checks found the same mismatch in librbd's twin" if n or replay else ""
+
+    test = diffops.Campaign("differential", "tests/ceph/differential.py", "diff", "librbd's twin",
+                            env.work, lambda geo, ops, label: run_sequence(env, geo, ops, label),
+                            hint=hint, note=note)
     if args.replay or args.replay_json:
-        case = json.loads(open(args.replay).read() if args.replay else args.replay_json)
-        geo = diffops.Geometry(case["order"], case["objects"])
-        f, serves = run_sequence(env, geo, case["ops"], "replay")
-        if f:
-            print(f"FAIL differential replay: {f} [{hint(f, case['ops'])}]")
-            return 1
-        print(f"PASS differential replay ({len(case['ops'])} ops, {serves} serves compared; "
-              f"{env.same_check_mismatch} object-map checks found the same mismatch in "
-              f"librbd's twin)")
-        return 0
+        return test.replay(json.loads(open(args.replay).read() if args.replay else args.replay_json))
     seqs = 500 if args.long and args.seqs == 32 else args.seqs
-    first = args.seed if args.seed is not None else int(time.time()) % 1000000
     kinds = [k for k in args.kinds.split(",") if k] or None
-    t0 = time.monotonic()
-    failed_kinds = {}
-    total_serves = 0
-    for seed in range(first, first + seqs):
-        rng = random.Random(seed)
-        geo = diffops.random_geometry(rng)
-        n = args.ops or rng.randint(8, 48 if args.long else 24)
+
+    def make(seed):
         # The slow operations go to a few seeds of the default mix; --kinds names them.
-        ops = diffops.generate(rng, geo, n, snapshots=True, kinds=kinds,
-                               rare=[] if kinds else diffops.rare_ops(seed, args.long))
-        f, serves = run_sequence(env, geo, ops, str(seed))
-        total_serves += serves
-        if f is None:
-            continue
-        if f.kind in failed_kinds:
-            # Already reported and minimised once: a note, one FAIL line per kind.
-            print(f"# also seed {seed}: {f}")
-            failed_kinds[f.kind] += 1
-            continue
-        failed_kinds[f.kind] = 1
-        if args.no_minimise or time.monotonic() - t0 > total_budget:
-            print(f"FAIL differential seed {seed}: {f} [{hint(f, ops)}]")
-            print(f"#   {json.dumps({'seed': seed, 'order': geo.order, 'objects': geo.size >> geo.order, 'ops': ops[:f.at + 1]}, separators=(',', ':'))}")
-        else:
-            report(env, geo, seed, ops, f, budget)
-    secs = time.monotonic() - t0
+        return diffops.sequence(seed, args.long, args.ops, snapshots=True, kinds=kinds,
+                                rare=[] if kinds else diffops.rare_ops(seed, args.long))
+
+    # Past DIFF_MINIMISE_UNTIL_S seconds of the run, failures are printed as they are,
+    # unminimised.
+    first, failed, serves, secs = test.seeds(
+        args.seed, seqs, make, float(os.environ.get("DIFF_MINIMISE_S", "60")),
+        minimise_until=float(os.environ.get("DIFF_MINIMISE_UNTIL_S", "600")),
+        no_minimise=args.no_minimise)
     print("# seconds by operation (with the comparisons they end in): "
           + ", ".join(f"{k} {v:.0f}" for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])))
-    if not failed_kinds:
-        subprocess.run(["rm", "-rf", env.work])
-        print(f"PASS differential: {seqs} sequences (seeds {first}..{first + seqs - 1}), "
-              f"{total_serves} serves compared with librbd's twin in {secs:.0f} s"
-              + (f"; {env.same_check_mismatch} object-map checks found the same mismatch in "
-                 f"librbd's twin" if env.same_check_mismatch else ""))
-    else:
-        print(f"# {seqs} sequences from seed {first} in {secs:.0f} s; failures by kind: {failed_kinds}")
-    return 1 if failed_kinds else 0
+    return test.summary(first, seqs, failed, serves, secs)
 
 
 if __name__ == "__main__":

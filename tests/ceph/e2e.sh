@@ -3,31 +3,7 @@
 # own tools (rbd, rados) as the oracle and real NBD clients (nbdcopy, nbdsh) as writers.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
-work=$(mktemp -d /tmp/rados-nbd-ceph-e2e.XXXXXX)
-trap 'cleanup_pids; rm -rf "$work"' EXIT
-RN=("$BIN" --store "ceph:$CEPH_CONF")
-# With cephx (tests/ceph/cluster.sh's default) the daemon is the restricted client.nbd
-# (mon 'profile rbd', osd 'profile rbd pool=rbd'), as a real deployment would run it; the
-# oracle tools (rbd, rados) are client.admin through the config's keyring.
-if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
-  RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-fi
-RNQ=$(printf '%q ' "${RN[@]}")   # for bash -c
-sock=$work/nbd.sock
-MB=$((1 << 20))
-
-serve() { # serve IMAGE [ARGS...]: in the background, waits for the socket
-  rm -f "$sock"
-  spawn "${RN[@]}" serve "$@" --socket "$sock" 2>>"$work/serve.log"
-  SERVE_PID=$!
-  wait_for_socket "$sock" 30
-}
-# Must not run in a subshell (`check` runs its command in one): `wait` needs the parent.
-unserve() { stop_daemon "$SERVE_PID"; UNSERVE_RC=$?; rm -f "$sock"; }
-check_unserve() { unserve; check "$1" test "$UNSERVE_RC" = 0; }
+source "$here/common.sh" ceph-e2e
 # The server checkpoints the map and clears the dirty flag when its last client leaves, so
 # a client stays connected while the flags are looked at.
 hold() { # hold IMAGE: keeps one NBD connection open until unhold
@@ -45,12 +21,7 @@ h.shutdown()" &
 unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
 ids=()
 remember_id() { ids+=("$(rbd info "$1" --format json | jq -r .id)"); }
-uri() { echo "nbd+unix:///$1?socket=$sock"; }
 header_of() { echo "rbd_header.$(rbd info "$1" --format json | jq -r .id)"; }
-sha() { sha256sum | cut -d' ' -f1; }
-# The checks run their commands under `bash -c`: without this they would compare two
-# empty strings (sha: command not found) and always pass.
-export -f sha
 
 # ---------------------------------------------------------------- an image made by rbd
 rbd create --size 64M e2e-a
@@ -131,24 +102,14 @@ writer=$!
 for _ in $(seq 1 100); do
   [ -f "$work/acked.log" ] && [ "$(wc -l < "$work/acked.log")" -ge 150 ] && break; sleep 0.1
 done
-kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$SERVE_PID}")
+kill9 "$SERVE_PID"
 wait "$writer" 2>/dev/null
 acked=$(wc -l < "$work/acked.log")
 check "kill -9: writes were acked before the kill ($acked)" test "$acked" -ge 20
 check "kill -9: rbd info shows the object map invalid" \
   bash -c "rbd info e2e-k | grep -q 'object map invalid'"
-# Our dead client's watch lingers until the OSD times it out: the next open waits for
-# that (bounded), blocklists the dead daemon and breaks its stale lock, without a retry.
-ok=0
-rm -f "$sock"
-"${RN[@]}" serve e2e-k --socket "$sock" 2>>"$work/reopen.log" &
-SERVE_PID=$!; T_PIDS+=("$SERVE_PID")
-for _ in $(seq 1 600); do
-  [ -S "$sock" ] && { ok=1; break; }
-  kill -0 "$SERVE_PID" 2>/dev/null || break
-  sleep 0.1
-done
-check "kill -9: the next open breaks the stale lock and serves" test $ok = 1
+reopen "$work/reopen.log" e2e-k
+check "kill -9: the next open breaks the stale lock and serves" test $? = 0
 check "kill -9: the reopen said it broke a stale lock" grep -q "stale" "$work/reopen.log"
 check "kill -9: the reopen rebuilt the map" grep -qi "rebuil" "$work/reopen.log"
 check "kill -9: every acked write is there" $PY -c "

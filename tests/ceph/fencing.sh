@@ -15,18 +15,10 @@
 # no retry loop, and the data is intact.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
-work=$(mktemp -d /tmp/rados-nbd-ceph-fencing.XXXXXX)
-trap 'cleanup_pids; [ -n "${FENCING_KEEP:-}" ] || rm -rf "$work"' EXIT
-RN=("$BIN" --store "ceph:$CEPH_CONF")
-# The restricted client.nbd (mon 'profile rbd') must be allowed to blocklist.
-if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
-  RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-fi
+KEEP_WORK=${FENCING_KEEP:-}
+# RN is the restricted client.nbd with cephx: its mon 'profile rbd' must allow a blocklist.
+source "$here/common.sh" ceph-fencing
 ROUNDS=${FENCING_ROUNDS:-3}
-MB=$((1 << 20))
 img=fence-a
 rbd create --size 64M "$img"
 hdr="rbd_header.$(rbd info "$img" --format json | jq -r .id)"
@@ -38,15 +30,7 @@ start_daemon() { # start_daemon NAME: serves $img on $work/NAME.sock, logs to $w
   T_PIDS+=($!)
   DPID=$!
 }
-wait_sock() { # wait_sock NAME PID SECONDS: the socket appears while PID lives
-  local i
-  for i in $(seq 1 $(($3 * 10))); do
-    [ -S "$work/$1.sock" ] && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
+wait_sock() { wait_serving "$work/$1.sock" "$2" "$3"; } # wait_sock NAME PID SECONDS
 # Only our own processes, by pid; a stopped one must be continued to take SIGTERM.
 end_daemon() { kill -CONT "$1" 2>/dev/null; stop_daemon "$1"; }
 watch_gone() { # watch_gone ADDR: no watch of ADDR on the header any more
@@ -172,7 +156,7 @@ start_daemon C; cpid=$DPID
 if wait_sock C "$cpid" 30; then
   head -c $((8 * MB)) /dev/urandom > "$work/k.raw"
   check "kill -9: 8 MiB written through C" nbdcopy "$work/k.raw" "nbd+unix:///$img?socket=$work/C.sock"
-  kill -9 "$cpid"; wait "$cpid" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$cpid}")
+  kill9 "$cpid"
   t0=$(date +%s%N)
   start_daemon D; dpid=$DPID
   if wait_sock D "$dpid" 90; then

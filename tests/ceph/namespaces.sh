@@ -5,28 +5,7 @@
 # Ceph's own tools (rbd, rados) as the oracle.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
-work=$(mktemp -d /tmp/rados-nbd-ceph-ns.XXXXXX)
-trap 'cleanup_pids; rm -rf "$work"' EXIT
-RN=("$BIN" --store "ceph:$CEPH_CONF")
-if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
-  RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-fi
-RNQ=$(printf "%q " "${RN[@]}")   # for bash -c
-sock=$work/nbd.sock
-MB=$((1 << 20))
-serve() { # serve SPEC [ARGS...]: in the background, waits for the socket
-  rm -f "$sock"
-  spawn "${RN[@]}" serve "$@" --socket "$sock" 2>>"$work/serve.log"
-  SERVE_PID=$!
-  wait_for_socket "$sock" 30
-}
-unserve() { stop_daemon "$SERVE_PID"; UNSERVE_RC=$?; rm -f "$sock"; }
-uri() { echo "nbd+unix:///$1?socket=$sock"; }
-sha() { sha256sum | cut -d' ' -f1; }
-export -f sha
+source "$here/common.sh" ceph-ns
 
 rbd namespace create rbd/ns1
 rbd create --size 64M rbd/ns1/img

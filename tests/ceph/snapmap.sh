@@ -6,18 +6,8 @@
 # every object. Runs against $CEPH_CONF like e2e.sh (tests/ceph/run.sh starts the cluster).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../lib.sh"
-: "${CEPH_CONF:?set CEPH_CONF (tests/ceph/run.sh does)}"
-export CEPH_CONF
-work=$(mktemp -d /tmp/rados-nbd-ceph-snapmap.XXXXXX)
-trap 'cleanup_pids; rm -rf "$work"' EXIT
-RN=("$BIN" --store "ceph:$CEPH_CONF")
-if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
-  RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-fi
-sock=$work/nbd.sock
+source "$here/common.sh" ceph-snapmap
 same() { [ "$1" = "$2" ] || { echo "got '$2', expected '$1'"; return 1; }; }
-MB=$((1 << 20))
 img=snapmap-$$
 
 # The head's object map object, byte for byte, as hex.
@@ -53,10 +43,7 @@ good=$(map_hex)
 # ... then object 1 rewritten and object 5 created through rados-nbd, which is killed
 # while its client is still connected (the last client leaving would store the map and
 # clear the flags), so the map on disk stays stale and flagged.
-rm -f "$sock"
-spawn "${RN[@]}" serve "$img" --socket "$sock" 2>>"$work/serve.log"
-SERVE_PID=$!
-wait_for_socket "$sock" 30
+serve "$img"
 $PY -c "
 import nbd, time
 h = nbd.NBD(); h.connect_uri('nbd+unix:///$img?socket=$sock')
@@ -67,23 +54,13 @@ time.sleep(600)" 2>/dev/null &
 writer=$!; T_PIDS+=("$writer")
 for _ in $(seq 1 100); do [ -e "$work/written" ] && break; sleep 0.1; done
 check "rados-nbd wrote objects 1 and 5 (acked)" test -e "$work/written"
-kill -9 "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$SERVE_PID}")
+kill9 "$SERVE_PID"
 kill "$writer" 2>/dev/null; wait "$writer" 2>/dev/null
 check "after kill -9: the map is flagged invalid" bash -c "rbd info $img | grep -q 'object map invalid'"
 
-# The reopen waits (bounded) for the dead client's watch to time out, fences it, breaks its
-# stale lock and rebuilds the map, with no retry loop; a clean close stores the map and
-# clears the flags.
-ok=0
-rm -f "$sock"
-"${RN[@]}" serve "$img" --socket "$sock" 2>>"$work/reopen.log" &
-SERVE_PID=$!; T_PIDS+=("$SERVE_PID")
-for _ in $(seq 1 600); do
-  [ -S "$sock" ] && { ok=1; break; }
-  kill -0 "$SERVE_PID" 2>/dev/null || break
-  sleep 0.1
-done
-check "reopen after the crash serves" test $ok = 1
+# The reopen rebuilds the map; a clean close stores it and clears the flags.
+reopen "$work/reopen.log" "$img"
+check "reopen after the crash serves" test $? = 0
 check "reopen rebuilt the map and counted the clean objects" \
   same "4 of 8 objects exist (2 of them clean: unchanged since the last snapshot)" \
   "$(sed -n 's/.*object map of .* rebuilt: //p' "$work/reopen.log" | tail -1)"

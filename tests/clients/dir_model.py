@@ -28,33 +28,20 @@ DIFF_MINIMISE_S (default 60), DIFF_OUT.
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import diffops  # noqa: E402
-from diffops import Failure, Server, clip, hang_up, nbd_errno  # noqa: E402
+from diffops import Failure, hang_up, serving, sh  # noqa: E402
 
 import nbd  # noqa: E402
 
 IMG = "model"
 
 
-def sh(args, timeout=60, check=True):
-    try:
-        r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise Failure("timeout", f"{' '.join(args)}: no answer in {timeout} s")
-    if check and r.returncode != 0:
-        raise Failure("command", f"{' '.join(args[3:])}: exit {r.returncode}: "
-                      f"{r.stderr.decode(errors='replace').strip()[-300:]}")
-    return r
-
-
-class Run:
+class Run(diffops.Serves):
     def __init__(self, bin_, work, geo):
         self.geo = geo
         self.size = geo.size
@@ -106,11 +93,8 @@ class Run:
 
     # ------------------------------------------------------------------ the server
     def start(self):
-        s = Server(self.rn + ["serve", IMG], os.path.join(self.root, "w.sock"), self.log)
-        if not s.wait_ready():
-            raise Failure("serve start", f"exit {s.proc.returncode}: {s.tail()}")
-        self.server = s
-        self.h = s.connect()
+        self.server = serving(self.rn + ["serve", IMG], os.path.join(self.root, "w.sock"), self.log)
+        self.h = self.server.connect()
         if self.h.get_size() != self.size:
             raise Failure("size", f"NBD size {self.h.get_size()}, model {self.size}")
 
@@ -119,38 +103,22 @@ class Run:
             self.server.kill()
             self.h = None
             self.start()
-        hang_up(self.h)
-        self.h = None
-        rc = self.server.stop()
-        if rc != 0:
-            raise Failure("close", f"serve exited {rc} after SIGTERM: {self.server.tail()}")
-        self.server = None
-        self.serves += 1
+        self.close_serve()
         self.compare("after crash + reopen + close" if crash else "after close")
 
-    def apply(self, op):
+    def run_op(self, op):
         k = op[0]
-        if k in ("write", "trim", "zero", "ro"):
-            op = clip(op, self.size)
-            if op is None:
-                return
-        if k in ("write", "trim", "zero", "ro", "oob", "flush") and self.server is None:
-            self.start()
+        if k in ("oob", "flush"):
+            self.ensure_served()
         h = self.h
         if k == "write":
-            _, off, length, tag, fua = op
-            data = diffops.pattern(tag, off, length)
-            h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
-            self.model_write(off, data)
+            self.model_write(op[1], diffops.send(h, op))
         elif k == "trim":
-            _, off, length, fua = op
-            h.trim(length, off, nbd.CMD_FLAG_FUA if fua else 0)
-            self.model_zero(off, length, False)
+            diffops.send(h, op)
+            self.model_zero(op[1], op[2], False)
         elif k == "zero":
-            _, off, length, no_hole, fua = op
-            flags = (nbd.CMD_FLAG_NO_HOLE if no_hole else 0) | (nbd.CMD_FLAG_FUA if fua else 0)
-            h.zero(length, off, flags)
-            self.model_zero(off, length, no_hole)
+            diffops.send(h, op)
+            self.model_zero(op[1], op[2], op[3])
         elif k == "flush":
             h.flush()
         elif k in ("close", "crash"):
@@ -168,36 +136,11 @@ class Run:
                 if self.h.get_size() != new:
                     raise Failure("resize", f"NBD size {self.h.get_size()} after resize to {new}")
         elif k == "ro":
-            _, off, length, tag = op
-            ro = Server(self.rn + ["serve", "--read-only", IMG], os.path.join(self.root, "r.sock"),
-                        self.log)
-            if not ro.wait_ready():
-                raise Failure("ro serve start", f"exit {ro.proc.returncode}: {ro.tail()}")
-            try:
-                r = ro.connect()
-                data = diffops.pattern(tag, off, length)
-                h.pwrite(data, off)
-                h.flush()
-                self.model_write(off, data)
-                got = r.pread(length, off)
-                hang_up(r)
-                if got != data:
-                    raise Failure("ro read", f"serve --read-only opened before a write of "
-                                  f"{off}+{length} (object {off // self.geo.obj}) reads "
-                                  f"{'zeros' if got == bytes(length) else 'other data'}")
-            finally:
-                rc = ro.stop()
-            if rc != 0:
-                raise Failure("ro close", f"serve --read-only exited {rc}: {ro.tail()}")
+            diffops.read_only_beside(self.rn + ["serve", "--read-only", IMG],
+                                     os.path.join(self.root, "r.sock"), self.log, h, op,
+                                     lambda data, off: self.model_write(off, data), self.geo.order)
         elif k == "oob":
-            off = max(0, self.size - diffops.SECTOR)
-            try:
-                h.trim(2 * diffops.SECTOR, off, 0)
-            except nbd.Error as e:
-                if nbd_errno(e) != "EINVAL":
-                    raise Failure("oob trim", f"TRIM past the end: errno {nbd_errno(e)}, not EINVAL")
-                return
-            raise Failure("oob trim", "TRIM past the end succeeded")
+            diffops.trim_past_end(h, self.size)
         elif k == "snap":
             pass  # no snapshots in the directory store
         else:
@@ -205,10 +148,8 @@ class Run:
 
     # ------------------------------------------------------------------ comparison
     def compare(self, where):
-        ro = Server(self.rn + ["serve", "--read-only", IMG], os.path.join(self.root, "c.sock"),
-                    self.log)
-        if not ro.wait_ready():
-            raise Failure("ro serve start", f"exit {ro.proc.returncode}: {ro.tail()}")
+        ro = serving(self.rn + ["serve", "--read-only", IMG], os.path.join(self.root, "c.sock"),
+                     self.log, "ro serve start")
         try:
             r = ro.connect()
             if r.get_size() != self.size:
@@ -267,87 +208,33 @@ class Run:
         subprocess.run(["rm", "-rf", self.root])
 
 
-def run_sequence(bin_, work, geo, ops):
-    run = Run(bin_, work, geo)
-    i = -1
-    try:
-        for i, op in enumerate(ops):
-            run.apply(op)
-        return None, run.serves
-    except Failure as f:
-        f.at = i
-        return f, run.serves
-    except nbd.Error as ex:
-        f = Failure(f"error in {ops[i][0]}", str(ex))
-        f.at = i
-        return f, run.serves
-    finally:
-        run.finish()
+# Sequences a default run drives (about 3 minutes).
+DEFAULT_SEQS = 300
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", "300")))
+    ap.add_argument("--seqs", type=int, default=int(os.environ.get("DIFF_SEQS", str(DEFAULT_SEQS))))
     ap.add_argument("--seed", type=int, default=int(os.environ.get("DIFF_SEED", "0")) or None)
     ap.add_argument("--long", action="store_true", help="1000 sequences, longer ones")
     ap.add_argument("--replay", help="a JSON case printed by a failure")
     ap.add_argument("--kinds", default=os.environ.get("DIFF_KINDS", ""))
     args = ap.parse_args()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    bin_ = os.environ.get("RADOS_NBD_BIN", os.path.join(root, "target/release/rados-nbd"))
+    bin_ = diffops.rados_nbd_bin()
     work = tempfile.mkdtemp(prefix="rados-nbd-dirmodel.")
-    budget = float(os.environ.get("DIFF_MINIMISE_S", "60"))
+    test = diffops.Campaign(
+        "dir model", "tests/clients/dir_model.py", "dir", "the model", work,
+        lambda geo, ops, label: diffops.drive(Run(bin_, work, geo), ops, (nbd.Error,)))
     if args.replay:
-        case = json.load(open(args.replay))
-        geo = diffops.Geometry(case["order"], case["objects"])
-        f, serves = run_sequence(bin_, work, geo, case["ops"])
-        print(f"FAIL dir model replay: {f}" if f else
-              f"PASS dir model replay ({len(case['ops'])} ops, {serves} serves compared)")
-        sys.exit(1 if f else 0)
-    seqs = 1000 if args.long and args.seqs == 100 else args.seqs
-    first = args.seed if args.seed is not None else int(time.time()) % 1000000
+        sys.exit(test.replay(json.load(open(args.replay))))
+    # --long means 1000 sequences unless DIFF_SEQS/--seqs names another number.
+    seqs = 1000 if args.long and args.seqs == DEFAULT_SEQS else args.seqs
     kinds = [k for k in args.kinds.split(",") if k] or None
-    t0 = time.monotonic()
-    failed = {}
-    serves = 0
-    for seed in range(first, first + seqs):
-        rng = random.Random(seed)
-        geo = diffops.random_geometry(rng)
-        ops = diffops.generate(rng, geo, rng.randint(8, 48 if args.long else 24),
-                               snapshots=False, kinds=kinds)
-        f, n = run_sequence(bin_, work, geo, ops)
-        serves += n
-        if f is None:
-            continue
-        if f.kind in failed:
-            failed[f.kind] += 1
-            print(f"# also seed {seed}: {f}")
-            continue
-        failed[f.kind] = 1
-        print(f"# seed {seed}: {f}; minimising...", flush=True)
-
-        def still_fails(cand, kind=f.kind, geo=geo):
-            g, _ = run_sequence(bin_, work, geo, cand)
-            return g is not None and g.kind == kind
-
-        small = diffops.minimise(ops[:f.at + 1], still_fails, budget,
-                                 log=lambda m: print(f"#   {m}", flush=True))
-        g, _ = run_sequence(bin_, work, geo, small)
-        case = {"seed": seed, "order": geo.order, "objects": geo.size // geo.obj, "ops": small}
-        path = os.path.join(os.environ.get("DIFF_OUT", work), f"dir-seed{seed}.json")
-        with open(path, "w") as fh:
-            json.dump(case, fh)
-        print(f"FAIL dir model seed {seed}: {g or f}")
-        print(f"#   minimal ({len(small)} ops): {json.dumps(case, separators=(',', ':'))}")
-        print(f"#   replay: /usr/bin/python3 tests/clients/dir_model.py --replay {path}")
-    secs = time.monotonic() - t0
-    if not failed:
-        subprocess.run(["rm", "-rf", work])
-        print(f"PASS dir model: {seqs} sequences (seeds {first}..{first + seqs - 1}), "
-              f"{serves} serves compared with the model in {secs:.0f} s")
-    else:
-        print(f"# {seqs} sequences from seed {first} in {secs:.0f} s; failures by kind: {failed}")
-    sys.exit(1 if failed else 0)
+    first, failed, serves, secs = test.seeds(
+        args.seed, seqs,
+        lambda seed: diffops.sequence(seed, args.long, snapshots=False, kinds=kinds),
+        float(os.environ.get("DIFF_MINIMISE_S", "60")))
+    sys.exit(test.summary(first, seqs, failed, serves, secs))
 
 
 if __name__ == "__main__":

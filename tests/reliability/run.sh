@@ -40,7 +40,7 @@ serve_bg() {
   wait_for_socket "$sock" 20 || { echo "--- $log"; tail -5 "$log"; return 1; }
 }
 # kill9 PID: SIGKILL and reap.
-kill9() { kill -9 "$1" 2>/dev/null; wait "$1" 2>/dev/null; T_PIDS=("${T_PIDS[@]/$1}"); rm -f "$sock"; }
+kill9() { kill -9 "$1" 2>/dev/null; wait "$1" 2>/dev/null; forget_pid "$1"; rm -f "$sock"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 uri_of() { echo "nbd+unix:///$1?socket=$sock"; }
 # Captured first: with pipefail, `info | grep -q` would fail whenever grep stops reading early.
