@@ -2,6 +2,7 @@
 //! The library holds everything; `main.rs` only parses arguments and runs `cli`.
 
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -9,6 +10,7 @@ pub mod image;
 #[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod notify;
+pub mod parse;
 pub mod progress;
 pub mod serve;
 pub mod socket_activation;

@@ -47,10 +47,6 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // `--allow-encrypted` reaches every Ceph store this process connects (serve and the
-    // kernel commands alike).
-    #[cfg(feature = "ceph")]
-    rados_nbd::store::ceph::set_allow_encrypted(cli.allow_encrypted);
     if !cli.command.serves() {
         // Commands that print and exit end quietly on a closed pipe (`| head`,
         // `| grep -q`), like any Unix tool. Servers keep SIGPIPE ignored: a client that
@@ -72,9 +68,11 @@ fn main() {
     // Kernel commands own their process: the serving daemon sets itself up (mlockall,
     // netlink from the main thread) before it builds its own runtime.
     #[cfg(target_os = "linux")]
+    let ceph = cli.ceph_access();
+    #[cfg(target_os = "linux")]
     if let cli::Command::Kernel(k) = cli.command {
-        let r = cli::parse_store_uri(cli.store.as_deref())
-            .and_then(|store| rados_nbd::kernel::run(k, &store, cli.id, cli.keyring));
+        let r = rados_nbd::store::StoreUri::parse(cli.store.as_deref())
+            .and_then(|store| rados_nbd::kernel::run(k, &store, ceph));
         if let Err(e) = r {
             eprintln!("rados-nbd: {e}");
             std::process::exit(1);
@@ -91,7 +89,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let r = rt.block_on(cli::dispatch(cli));
+    let r = rt.block_on(rados_nbd::cmd::dispatch(cli));
     // Blocking store work may still be queued for a failed command; don't wait on it.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     if let Err(e) = r {

@@ -7,6 +7,7 @@
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions};
+pub use crate::parse::{parse_listen, parse_socket_mode, resolve_group, ListenAddr};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, Store};
 use nbd_protocol::{
@@ -85,74 +86,10 @@ pub struct ServeArgs {
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 128;
-/// Long enough to cover a client's turnaround between a reply and its next request on
-/// this kind of machine (fio over libnbd: 32 us was too short, 64 us enough).
+/// Long enough to cover a client's turnaround between a reply and its next request (how
+/// it was chosen: bench/README.md, adaptive polling).
 pub const DEFAULT_POLL_MAX_US: u32 = 64;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
-
-/// `--socket-mode`: octal permission bits, at most 0777 (no setuid/setgid/sticky: they
-/// mean nothing on a socket). An optional `0o` prefix is accepted.
-pub fn parse_socket_mode(s: &str) -> std::result::Result<u32, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(format!(
-            "{s:?} is not an octal mode (expected e.g. 0600 or 0660)"
-        ));
-    }
-    match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!("{s:?} is above 0777")),
-    }
-}
-
-/// A group by name (looked up in the group database) or by numeric gid (taken as is).
-pub fn resolve_group(s: &str) -> Result<u32> {
-    let unknown = |why: String| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("--socket-group {s:?}: {why}"),
-        )
-    };
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse::<u32>()
-            .ok()
-            .filter(|&g| g != u32::MAX)
-            .ok_or_else(|| unknown("not a valid gid".into()));
-    }
-    let name = std::ffi::CString::new(s).map_err(|_| unknown("contains a NUL byte".into()))?;
-    let mut buf = vec![0 as libc::c_char; 1024];
-    loop {
-        // SAFETY: getgrnam_r writes only into `grp` and `buf` (whose length it is given)
-        // and sets `res` to null or to `grp`; all outlive the call.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut res: *mut libc::group = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getgrnam_r(
-                name.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut res,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            let n = buf.len() * 4;
-            buf.resize(n, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(Error::io(
-                format!("looking up --socket-group {s:?}"),
-                std::io::Error::from_raw_os_error(rc),
-            ));
-        }
-        if res.is_null() {
-            return Err(unknown("no such group".into()));
-        }
-        return Ok(grp.gr_gid);
-    }
-}
 
 /// Who may connect to a `--socket`: its permission bits and, if given, its group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,56 +152,22 @@ pub fn server_options(args: &ServeArgs) -> Result<ServerOptions> {
     })
 }
 
-/// Where a server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Unix(PathBuf),
-    Tcp(String, u16),
-    /// Passed in by systemd (socket activation); systemd owns and removes it.
-    Inherited(String),
+/// A listening socket [`run`] accepts clients on.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
 }
 
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
-            ListenAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
-            ListenAddr::Inherited(d) => write!(f, "{d} (from systemd)"),
-        }
+impl From<UnixListener> for Listener {
+    fn from(l: UnixListener) -> Self {
+        Listener::Unix(l)
     }
 }
 
-/// `HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT`; the host defaults to 127.0.0.1.
-pub fn parse_listen(s: &str) -> Result<ListenAddr> {
-    let bad = |why: &str| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("invalid --listen {s:?}: {why} (expected HOST:PORT)"),
-        )
-    };
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once("]:").ok_or_else(|| bad("unclosed ["))?;
-        (h.to_string(), p)
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h.to_string(), p),
-            Some(_) => return Err(bad("write an IPv6 host as [ADDR]:PORT")),
-            None => (String::new(), s),
-        }
-    };
-    let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
-    let host = if host.is_empty() {
-        "127.0.0.1".to_string()
-    } else {
-        host
-    };
-    Ok(ListenAddr::Tcp(host, port))
-}
-
-enum Listener {
-    Unix(UnixListener),
-    Tcp(TcpListener),
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
 }
 
 /// Binds a unix socket with the given permissions. A leftover socket file is removed only
@@ -419,15 +322,20 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
             return Err(e);
         }
     };
-    let r = accept_loop(
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    let r = run(
         &image,
         &spec,
-        &addr,
         listener,
+        &addr,
         &args,
         &server_opts,
-        &mut sigterm,
-        &mut sigint,
+        shutdown,
     )
     .await;
     let c = image.close().await;
@@ -440,17 +348,21 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn accept_loop<I: ImageStore>(
+/// Serves an opened image on `listener` (named `addr` in messages) until `shutdown`
+/// resolves, or with `--once` until the first client has gone; then every connection
+/// finishes the requests it has read, and the last checkpoint under way ends, before this
+/// returns. The caller opened the image and closes it. [`serve`] runs it with the
+/// command line's listener and SIGTERM/SIGINT; tests run it with their own.
+pub async fn run<I: ImageStore>(
     image: &Arc<Image<I>>,
     spec: &ImageSpec,
-    addr: &ListenAddr,
     listener: Listener,
+    addr: &ListenAddr,
     args: &ServeArgs,
     server_opts: &ServerOptions,
-    sigterm: &mut tokio::signal::unix::Signal,
-    sigint: &mut tokio::signal::unix::Signal,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    tokio::pin!(shutdown);
     let name = args
         .export_name
         .clone()
@@ -514,8 +426,7 @@ async fn accept_loop<I: ImageStore>(
 
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            () = &mut shutdown => break,
             Some(Done) = done_rx.recv() => {
                 active -= 1;
                 if active == 0 && args.once && served > 0 {
@@ -657,62 +568,26 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            parse_listen("10809").unwrap(),
-            ListenAddr::Tcp("127.0.0.1".into(), 10809)
-        );
-        assert_eq!(
-            parse_listen(":10809").unwrap(),
-            ListenAddr::Tcp("127.0.0.1".into(), 10809)
-        );
-        assert_eq!(
-            parse_listen("[::1]:5").unwrap(),
-            ListenAddr::Tcp("::1".into(), 5)
-        );
-        assert_eq!(
-            parse_listen("localhost:7").unwrap(),
-            ListenAddr::Tcp("localhost".into(), 7)
-        );
-        assert!(parse_listen("::1:5").is_err());
-        assert!(parse_listen("h:99999").is_err());
-        assert!(parse_listen("h:").is_err());
+    /// `serve`'s arguments alone, parsed by clap with the attributes the command line has.
+    #[derive(clap::Parser, Debug)]
+    struct ServeCommand {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse_serve(argv: Vec<&str>) -> std::result::Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        ServeCommand::try_parse_from(argv).map(|c| c.args)
     }
 
     fn serve_args(extra: &[&str]) -> std::result::Result<ServeArgs, clap::Error> {
-        use clap::Parser;
-        let mut argv = vec!["rados-nbd", "serve", "img", "--socket", "/tmp/x.sock"];
+        let mut argv = vec!["serve", "img", "--socket", "/tmp/x.sock"];
         argv.extend_from_slice(extra);
-        match crate::cli::Cli::try_parse_from(argv)?.command {
-            crate::cli::Command::Serve(a) => Ok(a),
-            other => panic!("parsed as {other:?}"),
-        }
+        parse_serve(argv)
     }
 
     #[test]
-    fn socket_modes() {
-        assert_eq!(parse_socket_mode("0600"), Ok(0o600));
-        assert_eq!(parse_socket_mode("660"), Ok(0o660));
-        assert_eq!(parse_socket_mode("0o777"), Ok(0o777));
-        assert_eq!(parse_socket_mode("0"), Ok(0));
-        for bad in [
-            "",
-            "0o",
-            "0800",
-            "rw-rw----",
-            "1777",
-            "0x1ff",
-            "-600",
-            " 600",
-            "u+rw",
-        ] {
-            let e = parse_socket_mode(bad).unwrap_err();
-            assert!(
-                e.contains(&format!("{bad:?}")) && !e.contains('\n'),
-                "{bad}: {e}"
-            );
-        }
+    fn socket_mode_flags() {
         // Through clap: default 0600, bad values refused, only with --socket.
         assert_eq!(serve_args(&[]).unwrap().socket_mode, None);
         let a = serve_args(&["--socket-mode", "0660", "--socket-group", "0"]).unwrap();
@@ -725,16 +600,12 @@ mod tests {
         );
         assert_eq!(socket_perms(&serve_args(&[]).unwrap()).unwrap().mode, 0o600);
         assert!(serve_args(&["--socket-mode", "999"]).is_err());
-        use clap::Parser;
         for extra in [&["--listen", "1"][..], &[]] {
-            let mut argv = vec!["rados-nbd", "serve", "img", "--socket-mode", "0660"];
+            let mut argv = vec!["serve", "img", "--socket-mode", "0660"];
             argv.extend_from_slice(extra);
-            let refused = match crate::cli::Cli::try_parse_from(argv) {
+            let refused = match parse_serve(argv) {
                 Err(_) => true,
-                Ok(c) => match c.command {
-                    crate::cli::Command::Serve(a) => socket_perms(&a).is_err(),
-                    _ => false,
-                },
+                Ok(a) => socket_perms(&a).is_err(),
             };
             assert!(
                 refused,
@@ -753,18 +624,6 @@ mod tests {
             Some(std::time::Duration::from_millis(1500))
         );
         assert!(serve_args(&["--checkpoint-idle", "-1"]).is_err());
-    }
-
-    #[test]
-    fn groups() {
-        assert_eq!(resolve_group("0").unwrap(), 0);
-        assert_eq!(resolve_group("4242").unwrap(), 4242);
-        assert_eq!(resolve_group("root").unwrap(), 0);
-        let e = resolve_group("no-such-group-rados-nbd").unwrap_err();
-        assert!(e.message.contains("\"no-such-group-rados-nbd\""), "{e}");
-        assert!(e.message.contains("no such group"), "{e}");
-        assert!(resolve_group("4294967295").is_err());
-        assert!(resolve_group("99999999999").is_err());
     }
 
     #[tokio::test]

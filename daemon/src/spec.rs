@@ -3,6 +3,8 @@
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub use crate::parse::parse_size;
+
 pub const DEFAULT_POOL: &str = "rbd";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,30 +103,6 @@ impl std::str::FromStr for ImageSpec {
     }
 }
 
-/// Parse `1073741824`, `512K`, `4M`, `10G`, `1T`, `1P` (binary units; `KiB`/`MB` forms too).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("invalid size {s:?} (expected a number with an optional K/M/G/T/P suffix)"),
-        )
-    };
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        "P" | "PB" | "PIB" => 50,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(bad)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,16 +139,5 @@ mod tests {
         assert!("".parse::<ImageSpec>().is_err());
         assert!("p/".parse::<ImageSpec>().is_err());
         assert!("../x".parse::<ImageSpec>().is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4M").unwrap(), 4 << 20);
-        assert_eq!(parse_size("10g").unwrap(), 10 << 30);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert_eq!(parse_size("1TiB").unwrap(), 1 << 40);
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("4X").is_err());
-        assert!(parse_size("99999999999P").is_err());
     }
 }

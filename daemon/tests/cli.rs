@@ -314,23 +314,21 @@ fn config_shared_and_default_from_file() {
     ok(s, &["create", "--size", "8M", "vm2"]);
     let conf = s.join("rados-nbd.conf");
     std::fs::write(&conf, "# test\nshared_default = true\n").unwrap();
-    let o = Command::new(BIN)
-        .args(["config", "vm2"])
-        .env("RADOS_NBD_STORE", s)
-        .env("RADOS_NBD_CONFIG", &conf)
-        .output()
-        .unwrap();
+    let with_conf = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("RADOS_NBD_STORE", s)
+            .env("RADOS_NBD_CONFIG", &conf)
+            .output()
+            .unwrap()
+    };
+    let o = with_conf(&["config", "vm2"]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "shared=true (default)\n"
     );
     std::fs::write(&conf, "shared_default = sometimes\n").unwrap();
-    let o = Command::new(BIN)
-        .args(["info", "vm2"])
-        .env("RADOS_NBD_STORE", s)
-        .env("RADOS_NBD_CONFIG", &conf)
-        .output()
-        .unwrap();
+    let o = with_conf(&["info", "vm2"]);
     assert_ne!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -185,19 +185,34 @@ fn objects(store: &Path) -> Vec<String> {
     v
 }
 
+/// A store in a temporary directory holding the image vm1 of `size`; None (the test is
+/// skipped) where the NBD clients are missing.
+fn store_with_vm1(size: &str) -> Option<tempfile::TempDir> {
+    if !have_clients() {
+        return None;
+    }
+    let d = tempfile::tempdir().unwrap();
+    ok(d.path(), &["create", "--size", size, "vm1"]);
+    Some(d)
+}
+
+/// [`store_with_vm1`] with vm1 served on the store's socket.
+fn serve_vm1(size: &str) -> Option<(tempfile::TempDir, Server)> {
+    let d = store_with_vm1(size)?;
+    let srv = Server::start(d.path(), "vm1", &[]);
+    Some((d, srv))
+}
+
 fn sock(store: &Path) -> PathBuf {
     store.join("nbd.sock")
 }
 
 #[test]
 fn write_read_map_and_clean_close() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("64M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "64M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(sock(s)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -290,13 +305,10 @@ fn write_read_map_and_clean_close() {
 
 #[test]
 fn crash_then_restart_rebuilds_and_keeps_acked_data() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("32M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "32M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // The client is still connected when the daemon dies: no checkpoint can save it.
     let mut holder = nbd_py_hold(
         &srv.uri,
@@ -338,12 +350,10 @@ fn crash_then_restart_rebuilds_and_keeps_acked_data() {
 
 #[test]
 fn read_only_export_names_and_busy() {
-    if !have_clients() {
+    let Some(d) = store_with_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
     let srv = Server::start(s, "vm1", &["--read-only", "--export-name", "disk"]);
     assert_eq!(
         header(s, "vm1")["flags"],
@@ -408,12 +418,10 @@ fn read_only_export_names_and_busy() {
 
 #[test]
 fn stale_socket_is_replaced_but_other_files_are_not() {
-    if !have_clients() {
+    let Some(d) = store_with_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
     drop(std::os::unix::net::UnixListener::bind(sock(s)).unwrap());
     assert!(sock(s).exists(), "a stale socket file");
     let srv = Server::start(s, "vm1", &[]);
@@ -436,13 +444,10 @@ fn stale_socket_is_replaced_but_other_files_are_not() {
 
 #[test]
 fn sigterm_with_a_client_attached_and_once() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("8M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "8M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // A client that wrote, then sits idle holding its connection.
     let script = format!(
         "import nbd, time\nh = nbd.NBD()\nh.connect_uri({:?})\nh.pwrite(b'q' * 4096, 0)\nprint('ready', flush=True)\ntime.sleep(30)\n",
@@ -489,13 +494,10 @@ fn sigterm_with_a_client_attached_and_once() {
 
 #[test]
 fn kill9_mid_workload_loses_nothing_acked() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("256M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "256M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Writes spread over many objects (half with FUA), each acknowledged index printed.
     let script = format!(
         "import nbd, sys\nh = nbd.NBD()\nh.connect_uri({:?})\n\
@@ -551,13 +553,10 @@ fn kill9_mid_workload_loses_nothing_acked() {
 
 #[test]
 fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("64M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "64M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Reads of objects that do not exist, one of them spanning two objects: three
     // pieces, all answered from the object map.
     nbd_py(
@@ -581,13 +580,10 @@ fn hole_reads_never_reach_the_store_and_sigint_closes_cleanly() {
 
 #[test]
 fn resize_while_served_through_the_holder() {
-    if !have_clients() {
+    let Some((d, srv)) = serve_vm1("32M") else {
         return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    };
     let s = d.path();
-    ok(s, &["create", "--size", "32M", "vm1"]);
-    let srv = Server::start(s, "vm1", &[]);
     // Growing: done by the serving process (it holds the lock); new clients see it.
     let out = ok(s, &["resize", "--size", "64M", "vm1"]);
     assert_eq!(out, format!("rbd/vm1: size {} bytes\n", 64 << 20));
@@ -653,4 +649,89 @@ fn resize_while_served_through_the_holder() {
         .ends_with(".ctl")));
     ok(s, &["resize", "--size", "12M", "vm1"]);
     assert_eq!(header(s, "vm1")["size"], 12 << 20);
+}
+
+/// `serve::run` in-process, without argv or signals: an opened image on a 127.0.0.1
+/// listener, a client that wrote and left, one that wrote and stays connected; resolving
+/// the shutdown future ends the serving, every acknowledged write is in the store and the
+/// image closes clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_an_opened_image_until_its_shutdown_future() {
+    use clap::Parser;
+    use rados_nbd::image::{create_image, Image, OpenOptions};
+    use rados_nbd::serve::{run, ListenAddr, ServeArgs};
+    use rados_nbd::spec::ImageSpec;
+    use rados_nbd::store::dir::DirStore;
+    use rados_nbd::store::{CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES};
+
+    if !have_clients() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let store = DirStore::new(d.path().to_path_buf());
+    let spec: ImageSpec = "vm1".parse().unwrap();
+    let create = CreateOptions {
+        size: 8 << 20,
+        order: 22,
+        features: DEFAULT_FEATURES,
+    };
+    create_image(&store, &spec, &create).await.unwrap();
+    let opts = OpenOptions {
+        read_only: false,
+        shared_default: false,
+        checkpoint_idle: None,
+    };
+    let image = Arc::new(Image::open(&store, &spec, &opts).await.unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let addr = ListenAddr::Tcp("127.0.0.1".into(), port);
+    let argv = ["rados-nbd", "serve", "vm1", "--listen", &port.to_string()];
+    let args: ServeArgs = match rados_nbd::cli::Cli::try_parse_from(argv).unwrap().command {
+        rados_nbd::cli::Command::Serve(a) => a,
+        other => panic!("parsed as {other:?}"),
+    };
+    let uri = format!("nbd://127.0.0.1:{port}/vm1");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_opts = nbd_protocol::ServerOptions::default();
+    let server = run(
+        &image,
+        &spec,
+        listener.into(),
+        &addr,
+        &args,
+        &server_opts,
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let clients = async {
+        tokio::task::spawn_blocking(move || {
+            let out = nbd_py(
+                &uri,
+                "h.pwrite(b'a' * 4096, 0)\nprint(h.pread(4096, 0) == b'a' * 4096)",
+            );
+            assert_eq!(out.trim(), "True");
+            let held = nbd_py_hold(&uri, "h.pwrite(b'b' * 4096, 8192)");
+            stop.send(()).unwrap();
+            held
+        })
+        .await
+        .unwrap()
+    };
+    let (served, mut held) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(server, clients)
+    })
+    .await
+    .expect("run did not return after its shutdown future resolved");
+    let _ = held.kill();
+    let _ = held.wait();
+    served.unwrap();
+    image.close().await.unwrap();
+
+    let img = store.open_image(&spec, OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(img.header().flags, 0, "closed clean after the drain");
+    let data = img.read(0, 0, 12288, None).await.unwrap().unwrap();
+    assert_eq!(&data[..4096], &[b'a'; 4096][..]);
+    assert_eq!(&data[8192..12288], &[b'b'; 4096][..]);
+    img.close().await.unwrap();
 }

@@ -82,33 +82,30 @@ fn serve_answers_on_the_socket_systemd_passes() {
     );
 }
 
-#[test]
-fn sockets_meant_for_another_process_are_not_taken() {
+/// `serve` without --socket or --listen, given these socket activation variables and no
+/// inherited socket; it must fail: its stderr.
+fn serve_failing_with(listen_pid: &str, listen_fds: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path());
-    // pid 1 is never us: the variables were inherited from a parent.
     let o = rados_nbd(dir.path())
         .args(["serve", "rbd/sa"])
-        .env("LISTEN_PID", "1")
-        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", listen_pid)
+        .env("LISTEN_FDS", listen_fds)
         .output()
         .unwrap();
     assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn sockets_meant_for_another_process_are_not_taken() {
+    // pid 1 is never us: the variables were inherited from a parent.
+    let err = serve_failing_with("1", "1");
     assert!(err.contains("--socket PATH or --listen"), "{err}");
 }
 
 #[test]
 fn malformed_socket_activation_variables_are_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    create(dir.path());
-    let o = rados_nbd(dir.path())
-        .args(["serve", "rbd/sa"])
-        .env("LISTEN_PID", "not-a-pid")
-        .env("LISTEN_FDS", "1")
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = serve_failing_with("not-a-pid", "1");
     assert!(err.contains("LISTEN_PID"), "{err}");
 }

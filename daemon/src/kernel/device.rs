@@ -11,7 +11,35 @@ use std::time::{Duration, Instant};
 thread_local! {
     /// Per-test-thread roots, so tests never mutate the process environment.
     static TEST_SYS_BLOCK: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
-    pub(super) static TEST_RUN_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+    static TEST_RUN_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A run directory of this test thread's own for state files; gone when dropped.
+#[cfg(test)]
+pub(super) fn test_run_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+    dir
+}
+
+/// The state tests start from: rbd/vm1 mapped at /dev/nbd3 by pid 42.
+#[cfg(test)]
+pub(super) fn test_state(close_result: bool) -> DeviceState {
+    DeviceState {
+        pid: 42,
+        pool: "rbd".into(),
+        namespace: String::new(),
+        image: "vm1".into(),
+        snap: None,
+        device: "/dev/nbd3".into(),
+        store: "dir:/x".into(),
+        read_only: false,
+        connections: 1,
+        netlink: true,
+        detached: false,
+        backend: None,
+        close_result,
+    }
 }
 
 fn sys_block() -> PathBuf {
@@ -320,8 +348,14 @@ pub fn write_state(index: u32, st: &DeviceState) -> Result<()> {
     let tmp = dir.join(format!(".nbd{index}.json.{}", std::process::id()));
     let data = serde_json::to_vec_pretty(st)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding device state: {e}")))?;
-    std::fs::write(&tmp, data).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| {
+    write_then_rename(&tmp, &path, data)
+}
+
+/// Writes `data` to `tmp`, then renames it to `path`: a reader sees the old file or the new
+/// one, never half of one.
+fn write_then_rename(tmp: &Path, path: &Path, data: Vec<u8>) -> Result<()> {
+    std::fs::write(tmp, data).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(tmp, path).map_err(|e| {
         Error::io(
             format!("renaming {} to {}", tmp.display(), path.display()),
             e,
@@ -395,13 +429,7 @@ pub fn write_close_result(index: u32, r: &CloseResult) -> Result<()> {
     let tmp = dir.join(format!(".nbd{index}.close-{}.json.tmp", r.pid));
     let data = serde_json::to_vec(r)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding the close result: {e}")))?;
-    std::fs::write(&tmp, data).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| {
-        Error::io(
-            format!("renaming {} to {}", tmp.display(), path.display()),
-            e,
-        )
-    })
+    write_then_rename(&tmp, &path, data)
 }
 
 /// Reads and removes the close result daemon `pid` left for device `index`, if any.
@@ -490,22 +518,14 @@ mod tests {
 
     #[test]
     fn state_files_round_trip_and_list() {
-        let dir = tempfile::tempdir().unwrap();
-        TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let dir = test_run_dir();
         let st = DeviceState {
-            pid: 42,
-            pool: "rbd".into(),
             namespace: "ns1".into(),
-            image: "vm1".into(),
             snap: Some("s1".into()),
-            device: "/dev/nbd3".into(),
-            store: "dir:/x".into(),
             read_only: true,
             connections: 2,
-            netlink: true,
-            detached: false,
             backend: Some("b".into()),
-            close_result: true,
+            ..test_state(true)
         };
         write_state(3, &st).unwrap();
         let mut st1 = st.clone();
@@ -551,8 +571,7 @@ mod tests {
 
     #[test]
     fn close_results() {
-        let dir = tempfile::tempdir().unwrap();
-        TEST_RUN_DIR.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
+        let dir = test_run_dir();
         let failed = CloseResult {
             pid: 42,
             device: "/dev/nbd3".into(),

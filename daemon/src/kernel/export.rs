@@ -3,13 +3,12 @@
 //! and a clean close. A thin layer over [`crate::image::Image`] and
 //! [`nbd_protocol::serve_transmission`], with one arm per store kind.
 
-use crate::cli::{parse_store_uri, StoreUri};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions};
 use crate::spec::ImageSpec;
 use crate::store::dir::DirStore;
-use crate::store::{OpenMode, Store};
+use crate::store::{connect, AnyStore, CephAccess, OpenMode, Store, StoreUri};
 use nbd_protocol::{Backend, ExportInfo, ServerOptions};
 use std::sync::Arc;
 use tokio::net::UnixStream;
@@ -27,21 +26,24 @@ pub enum Export {
     Ceph(Arc<CephImage>, Arc<crate::store::ceph::CephStore>),
 }
 
-/// `--id` / `--keyring` for a Ceph store, set once by [`super::run`].
-pub static CEPH_AUTH: std::sync::OnceLock<(Option<String>, Option<std::path::PathBuf>)> =
-    std::sync::OnceLock::new();
-
-/// How a store is written in state files and messages; `parse_store_uri` reads it back.
-pub fn store_string(uri: &StoreUri) -> String {
-    match uri {
-        StoreUri::Dir(p) => format!("dir:{}", p.display()),
-        StoreUri::Ceph { conf } => format!(
-            "ceph:{}",
-            conf.as_ref()
-                .map(|c| c.display().to_string())
-                .unwrap_or_default()
-        ),
-    }
+/// Opens `spec` in `st` for serving and starts the image's background duties (owner
+/// requests, idle checkpoints).
+async fn open_image<S: Store>(
+    st: &S,
+    spec: &ImageSpec,
+    exclusive: bool,
+    opts: &OpenOptions,
+) -> Result<Arc<Image<S::Image>>> {
+    let img = if exclusive && !opts.read_only {
+        let h = st.open_image(spec, OpenMode::ReadWrite).await?;
+        Image::from_store_image(h, spec, opts).await?
+    } else {
+        Image::open(st, spec, opts).await?
+    };
+    let img = Arc::new(img);
+    img.serve_owner_requests();
+    img.spawn_idle_checkpoints();
+    Ok(img)
 }
 
 impl Export {
@@ -50,6 +52,7 @@ impl Export {
     /// takes the exclusive lock even for a shared image, so no other writer can join.
     pub async fn open(
         store: &str,
+        ceph: &CephAccess,
         spec: &ImageSpec,
         read_only: bool,
         exclusive: bool,
@@ -61,54 +64,16 @@ impl Export {
             shared_default: Config::load()?.shared_default,
             checkpoint_idle,
         };
-        match parse_store_uri(Some(store))? {
-            StoreUri::Dir(p) => {
-                let st = DirStore::new(p);
-                let img = if exclusive && !read_only {
-                    let h = st.open_image(spec, OpenMode::ReadWrite).await?;
-                    Image::from_store_image(h, spec, &opts).await?
-                } else {
-                    Image::open(&st, spec, &opts).await?
-                };
-                let img = Arc::new(img);
-                img.serve_owner_requests();
-                img.spawn_idle_checkpoints();
-                Ok(Export::Dir(img))
-            }
+        match connect(&StoreUri::parse(Some(store))?, ceph).await? {
+            AnyStore::Dir(st) => Ok(Export::Dir(open_image(&st, spec, exclusive, &opts).await?)),
             #[cfg(feature = "ceph")]
-            StoreUri::Ceph { conf } => {
-                use crate::store::ceph::{CephOptions, CephStore};
-                let (id, keyring) = CEPH_AUTH.get().cloned().unwrap_or_default();
-                let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
-                let st = Arc::new(
-                    CephStore::connect(CephOptions {
-                        conf: conf.map(path),
-                        id,
-                        keyring: keyring.map(path),
-                        // Fail a request instead of hanging when the cluster is unreachable.
-                        options: vec![
-                            ("rados_mon_op_timeout".into(), "60".into()),
-                            ("client_mount_timeout".into(), "60".into()),
-                        ],
-                    })
-                    .await?,
-                );
-                let img = if exclusive && !read_only {
-                    let h = st.open_image(spec, OpenMode::ReadWrite).await?;
-                    Image::from_store_image(h, spec, &opts).await?
-                } else {
-                    Image::open(&*st, spec, &opts).await?
-                };
-                let img = Arc::new(img);
-                img.serve_owner_requests();
-                img.spawn_idle_checkpoints();
-                Ok(Export::Ceph(img, st))
+            AnyStore::Ceph(st) => {
+                let st = Arc::new(st);
+                Ok(Export::Ceph(
+                    open_image(&*st, spec, exclusive, &opts).await?,
+                    st,
+                ))
             }
-            #[cfg(not(feature = "ceph"))]
-            StoreUri::Ceph { .. } => Err(Error::new(
-                ErrorKind::Unsupported,
-                "this build has no Ceph support (rebuild with --features ceph; needs librados-dev and libradospp-dev)",
-            )),
         }
     }
 

@@ -287,35 +287,34 @@ pub struct DeviceConfig {
     pub sockets: Vec<RawFd>,
 }
 
+/// Runs a system call again for as long as a signal interrupts it; its result as a count.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> std::io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Encodes CONNECT / RECONFIGURE (the same attributes; the kernel validates per command).
 pub fn encode_config(family: u16, seq: u32, cmd: u8, c: &DeviceConfig) -> Vec<u8> {
-    let mut m = GenlMessage::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        cmd,
-        NBD_GENL_VERSION,
-    );
-    if let Some(i) = c.index {
-        m.put_u32(NBD_ATTR_INDEX, i);
-    }
-    if let Some(v) = c.size_bytes {
-        m.put_u64(NBD_ATTR_SIZE_BYTES, v);
-    }
-    if let Some(v) = c.block_size {
-        m.put_u64(NBD_ATTR_BLOCK_SIZE_BYTES, v);
-    }
-    if let Some(v) = c.timeout {
-        m.put_u64(NBD_ATTR_TIMEOUT, v);
-    }
-    if let Some(v) = c.server_flags {
-        m.put_u64(NBD_ATTR_SERVER_FLAGS, v);
-    }
-    if let Some(v) = c.client_flags {
-        m.put_u64(NBD_ATTR_CLIENT_FLAGS, v);
-    }
-    if let Some(v) = c.dead_conn_timeout {
-        m.put_u64(NBD_ATTR_DEAD_CONN_TIMEOUT, v);
+    let mut m = nbd_request(family, seq, cmd, c.index);
+    for (attr, v) in [
+        (NBD_ATTR_SIZE_BYTES, c.size_bytes),
+        (NBD_ATTR_BLOCK_SIZE_BYTES, c.block_size),
+        (NBD_ATTR_TIMEOUT, c.timeout),
+        (NBD_ATTR_SERVER_FLAGS, c.server_flags),
+        (NBD_ATTR_CLIENT_FLAGS, c.client_flags),
+        (NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout),
+    ] {
+        if let Some(v) = v {
+            m.put_u64(attr, v);
+        }
     }
     if let Some(b) = &c.backend {
         m.put_str(NBD_ATTR_BACKEND_IDENTIFIER, b);
@@ -333,6 +332,11 @@ pub fn encode_config(family: u16, seq: u32, cmd: u8, c: &DeviceConfig) -> Vec<u8
 }
 
 pub fn encode_index_cmd(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> Vec<u8> {
+    nbd_request(family, seq, cmd, index).finish()
+}
+
+/// An nbd family request that asks for an ACK, naming the device when `index` is given.
+fn nbd_request(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> GenlMessage {
     let mut m = GenlMessage::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -343,7 +347,7 @@ pub fn encode_index_cmd(family: u16, seq: u32, cmd: u8, index: Option<u32>) -> V
     if let Some(i) = index {
         m.put_u32(NBD_ATTR_INDEX, i);
     }
-    m.finish()
+    m
 }
 
 pub fn encode_get_family(seq: u32, name: &str) -> Vec<u8> {
@@ -485,45 +489,31 @@ impl NbdNetlink {
     ) -> std::result::Result<(), NlError> {
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        loop {
-            // SAFETY: msg is a valid buffer of the given length; sa is a valid address.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    msg.as_ptr() as *const libc::c_void,
-                    msg.len(),
-                    0,
-                    &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            };
-            if n >= 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(NlError::Io(e));
-            }
-        }
+        // SAFETY: msg is a valid buffer of the given length; sa is a valid address.
+        retry_eintr(|| unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr() as *const libc::c_void,
+                msg.len(),
+                0,
+                &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })
+        .map_err(NlError::Io)?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: buf is a valid writable buffer of its length.
-            let n = unsafe {
+            let n = retry_eintr(|| unsafe {
                 libc::recv(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr() as *mut libc::c_void,
                     buf.len(),
                     0,
                 )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(NlError::Io(e));
-            }
-            let replies = parse_replies(&buf[..n as usize]).map_err(NlError::Other)?;
+            })
+            .map_err(NlError::Io)?;
+            let replies = parse_replies(&buf[..n]).map_err(NlError::Other)?;
             for r in &replies {
                 match r {
                     Reply::Ack { seq: s } if *s == seq => return Ok(()),

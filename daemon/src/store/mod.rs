@@ -13,8 +13,13 @@ use std::future::Future;
 
 #[cfg(feature = "ceph")]
 pub mod ceph;
+pub mod connect;
 pub mod dir;
 pub mod snapset;
+pub mod uri;
+
+pub use connect::{connect, AnyStore, CephAccess};
+pub use uri::StoreUri;
 
 /// Header flags (Ceph's RBD_FLAG_*).
 pub const RBD_FLAG_OBJECT_MAP_INVALID: u64 = 1 << 0;

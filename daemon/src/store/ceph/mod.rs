@@ -50,7 +50,7 @@ mod store;
 mod live_tests;
 
 pub use image::CephImage;
-pub use store::{set_allow_encrypted, CephOptions, CephStore};
+pub use store::{CephOptions, CephStore};
 
 const RBD: &str = "rbd";
 const LOCK: &str = "lock";

@@ -13,7 +13,7 @@ use crate::store::{
     RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 const RBD_DIRECTORY: &str = "rbd_directory";
@@ -25,16 +25,6 @@ const PARALLEL: usize = 32;
 /// Where the cluster is and who we are, parsed from `--store ceph:[CONF]`, `--id`,
 /// `--keyring`.
 pub type CephOptions = ConnectOptions;
-
-/// `--allow-encrypted`, set once for the process by `main` (the kernel commands make their
-/// own stores); each [`CephStore`] takes it when it connects.
-static ALLOW_ENCRYPTED: AtomicBool = AtomicBool::new(false);
-
-/// Whether stores connected from now on serve images encrypted by librbd as their raw LUKS
-/// volume (`--allow-encrypted`) instead of refusing them.
-pub fn set_allow_encrypted(allow: bool) {
-    ALLOW_ENCRYPTED.store(allow, Ordering::SeqCst);
-}
 
 pub struct CephStore {
     rados: Arc<Rados>,
@@ -58,12 +48,12 @@ impl CephStore {
             rados,
             desc,
             pools: Mutex::new(HashMap::new()),
-            allow_encrypted: ALLOW_ENCRYPTED.load(Ordering::SeqCst),
+            allow_encrypted: false,
             luks_noted: Arc::default(),
         })
     }
 
-    /// Overrides the process-wide `--allow-encrypted` for images this store opens.
+    /// `--allow-encrypted` for the images this store opens (off by default).
     pub fn with_allow_encrypted(mut self, allow: bool) -> Self {
         self.allow_encrypted = allow;
         self

@@ -1,0 +1,155 @@
+//! `info`: an image's size, layout, features and flags, printed as `rbd info` does.
+
+use super::with_image;
+use crate::cli::Format;
+use crate::config::Config;
+use crate::error::Result;
+use crate::image::shared_setting;
+use crate::spec::ImageSpec;
+use crate::store::{
+    ImageStore, OpenMode, Store, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use serde_json::json;
+
+/// `1 GiB`, `4 MiB`, `1.5 GiB`, like `rbd` prints sizes.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    while i + 1 < UNITS.len() && n >= 1u64 << (10 * (i + 1)) {
+        i += 1;
+    }
+    let unit = 1u64 << (10 * i);
+    if n.is_multiple_of(unit) {
+        format!("{} {}", n / unit, UNITS[i])
+    } else {
+        let v = n as f64 / unit as f64;
+        let s = format!("{v:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s} {}", UNITS[i])
+    }
+}
+
+pub fn feature_names(features: u64) -> Vec<String> {
+    const NAMES: [&str; 11] = [
+        "layering",
+        "striping",
+        "exclusive-lock",
+        "object-map",
+        "fast-diff",
+        "deep-flatten",
+        "journaling",
+        "data-pool",
+        "operations",
+        "migrating",
+        "non-primary",
+    ];
+    (0..64)
+        .filter(|b| features & (1u64 << b) != 0)
+        .map(|b| {
+            NAMES
+                .get(b as usize)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("unknown-{:#x}", 1u64 << b))
+        })
+        .collect()
+}
+
+pub fn flag_names(flags: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| flags & (1u64 << b) != 0)
+        .map(|b| match 1u64 << b {
+            RBD_FLAG_OBJECT_MAP_INVALID => "object map invalid".to_string(),
+            RBD_FLAG_FAST_DIFF_INVALID => "fast diff invalid".to_string(),
+            f => format!("unknown flag {f:#x}"),
+        })
+        .collect()
+}
+
+pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
+    let shared_default = Config::load()?.shared_default;
+    let (h, shared) = with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+        let shared = shared_setting(img, spec, shared_default).await?;
+        Ok((img.header(), shared))
+    })
+    .await?;
+    let size = match &spec.snap {
+        Some(n) => h
+            .snaps
+            .iter()
+            .find(|s| &s.name == n)
+            .map_or(h.size, |s| s.size),
+        None => h.size,
+    };
+    let objects = size.div_ceil(h.object_size());
+    let features = feature_names(h.features);
+    let flags = flag_names(h.flags);
+    match format {
+        Format::Json => {
+            let v = json!({
+                "name": spec.name,
+                "pool": spec.pool,
+                "namespace": spec.namespace,
+                "id": h.id,
+                "size": size,
+                "objects": objects,
+                "order": h.order,
+                "object_size": h.object_size(),
+                "snapshot_count": h.snaps.len(),
+                "block_name_prefix": h.object_prefix,
+                "format": 2,
+                "features": features,
+                "op_features": [],
+                "flags": flags,
+                "shared": shared,
+                "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
+            });
+            println!("{v}");
+        }
+        Format::Plain => {
+            println!("rbd image '{}':", spec.name);
+            println!("\tsize {} in {} objects", human_size(size), objects);
+            println!(
+                "\torder {} ({} objects)",
+                h.order,
+                human_size(h.object_size())
+            );
+            println!("\tsnapshot_count: {}", h.snaps.len());
+            println!("\tid: {}", h.id);
+            println!("\tblock_name_prefix: {}", h.object_prefix);
+            println!("\tformat: 2");
+            println!("\tfeatures: {}", features.join(", "));
+            println!("\top_features: ");
+            println!("\tflags: {}", flags.join(", "));
+            println!("\tshared: {shared}");
+            for s in &h.snaps {
+                println!("\tsnapshot {} {} ({})", s.id, s.name, human_size(s.size));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DEFAULT_FEATURES;
+
+    #[test]
+    fn sizes_print_like_rbd() {
+        assert_eq!(human_size(4 << 20), "4 MiB");
+        assert_eq!(human_size(10 << 30), "10 GiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(100), "100 B");
+        assert_eq!(human_size(0), "0 B");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            feature_names(DEFAULT_FEATURES),
+            ["layering", "exclusive-lock", "object-map", "fast-diff"]
+        );
+        assert_eq!(flag_names(3), ["object map invalid", "fast diff invalid"]);
+        assert!(flag_names(0).is_empty());
+    }
+}

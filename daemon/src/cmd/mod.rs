@@ -1,0 +1,136 @@
+//! The bodies of the commands that work on a store: one file each, as mini-redis keeps
+//! them (the clap types stay in `crate::cli`). Dispatch on the store is one `match` in
+//! [`dispatch`]; every command is a generic function over [`Store`], so a new store only
+//! adds a match arm.
+
+pub mod config;
+pub mod create;
+pub mod du;
+pub mod info;
+pub mod ls;
+pub mod object_map;
+pub mod resize;
+
+use crate::cli::{Cli, Command, ObjectMapCommand};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::parse::parse_size;
+use crate::serve;
+use crate::spec::ImageSpec;
+use crate::store::{connect, AnyStore, ImageHeader, ImageStore, OpenMode, Store, StoreUri};
+
+pub async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Generate(what) = cli.command {
+        return crate::generate::run(what, <Cli as clap::CommandFactory>::command());
+    }
+    let uri = StoreUri::parse(cli.store.as_deref())?;
+    if !uri.is_ceph() && (cli.id.is_some() || cli.keyring.is_some()) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--id and --keyring only apply to --store ceph:[CONF]",
+        ));
+    }
+    if !uri.is_ceph() && cli.allow_encrypted {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--allow-encrypted only applies to --store ceph:[CONF]",
+        ));
+    }
+    match connect(&uri, &cli.ceph_access()).await? {
+        AnyStore::Dir(st) => run(st, cli.command).await,
+        #[cfg(feature = "ceph")]
+        AnyStore::Ceph(st) => run(st, cli.command).await,
+    }
+}
+
+fn parse_spec(s: &str) -> Result<ImageSpec> {
+    s.parse()
+}
+
+fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
+    let spec = parse_spec(s)?;
+    if spec.snap.is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("cannot {what} snapshot {spec}: name an image, not a snapshot"),
+        ));
+    }
+    Ok(spec)
+}
+
+pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Generate(what) => {
+            crate::generate::run(what, <Cli as clap::CommandFactory>::command())
+        }
+        Command::Create(a) => create::create(&store, &a).await,
+        Command::Info { image, format } => info::info(&store, &parse_spec(&image)?, format).await,
+        Command::Rm { image } => {
+            let spec = parse_head_spec(&image, "remove")?;
+            store.remove_image(&spec).await
+        }
+        Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
+        Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
+        Command::Du { image, format } => du::du(&store, &parse_spec(&image)?, format).await,
+        Command::Resize {
+            image,
+            size,
+            allow_shrink,
+        } => {
+            let size = parse_size(&size).map_err(|e| e.context("--size"))?;
+            resize::resize(
+                &store,
+                &parse_head_spec(&image, "resize")?,
+                size,
+                allow_shrink,
+            )
+            .await
+        }
+        Command::ObjectMap(ObjectMapCommand::Check { image }) => {
+            object_map::check(&store, &parse_spec(&image)?).await
+        }
+        Command::ObjectMap(ObjectMapCommand::Rebuild { image }) => {
+            object_map::rebuild(&store, &parse_head_spec(&image, "rebuild the map of")?).await
+        }
+        Command::Config { image, setting } => {
+            config::config(
+                &store,
+                &parse_head_spec(&image, "configure")?,
+                setting.as_deref(),
+            )
+            .await
+        }
+        #[cfg(target_os = "linux")]
+        Command::Kernel(_) => Err(Error::new(
+            ErrorKind::InvalidInput,
+            "internal: kernel commands are run by main, outside the runtime",
+        )),
+    }
+}
+
+/// Runs `f` on an opened store image and closes it whatever `f` returned.
+async fn with_image<S: Store, T>(
+    store: &S,
+    spec: &ImageSpec,
+    mode: OpenMode,
+    f: impl AsyncFnOnce(&S::Image) -> Result<T>,
+) -> Result<T> {
+    let img = store.open_image(spec, mode).await?;
+    let r = f(&img).await;
+    let c = img.close().await;
+    let t = r?;
+    c?;
+    Ok(t)
+}
+
+fn snap_of(h: &ImageHeader, spec: &ImageSpec) -> Result<(Option<u64>, u64)> {
+    match &spec.snap {
+        None => Ok((None, h.size)),
+        Some(n) => h
+            .snaps
+            .iter()
+            .find(|s| &s.name == n)
+            .map(|s| (Some(s.id), s.size))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"))),
+    }
+}

@@ -1,0 +1,700 @@
+//! The serving daemon of `map` and `attach`: sets up the device (netlink CONNECT or
+//! RECONFIGURE, ioctls as the fallback), serves the kernel's sockets, follows resizes, and
+//! on the way out closes the image and records how that close ended.
+
+use super::cli::{AttachArgs, MapArgs, ServeOpts};
+use super::daemonize::{
+    forward_output_to_syslog, leave_working_dir, restore_terminal_stderr, spawn_background,
+    PidFileGuard, ReadyPipe,
+};
+use super::device::{self, DeviceState};
+use super::export::Export;
+use super::{ioctl, netlink, open_netlink};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::CephAccess;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Block size given to the kernel: 512 like rbd-nbd, so any file system or partition
+/// table made elsewhere on the image still works.
+const BLOCK_SIZE: u64 = 512;
+const MAX_CONNECTIONS: u32 = 16;
+
+enum Mode {
+    Map {
+        index: Option<u32>,
+        nbds_max: Option<u32>,
+        max_part: Option<u32>,
+    },
+    Attach {
+        index: u32,
+    },
+}
+
+/// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER); RECONFIGURE must
+/// present the same string, so the kernel itself refuses to re-attach another image.
+fn backend_id(store: &str, spec: &ImageSpec) -> String {
+    format!("rados-nbd {store} {spec}")
+}
+
+pub(super) fn map(a: MapArgs, store: &str, ceph: &CephAccess) -> Result<()> {
+    let index = a.device.as_deref().map(device::parse_device).transpose()?;
+    let mode = Mode::Map {
+        index,
+        nbds_max: a.nbds_max,
+        max_part: a.max_part,
+    };
+    start(mode, &a.image, a.opts, store, ceph)
+}
+
+pub(super) fn attach(a: AttachArgs, store: &str, ceph: &CephAccess) -> Result<()> {
+    let index = device::parse_device(&a.device)?;
+    start(Mode::Attach { index }, &a.image, a.opts, store, ceph)
+}
+
+fn start(
+    mode: Mode,
+    image: &str,
+    mut opts: ServeOpts,
+    store: &str,
+    ceph: &CephAccess,
+) -> Result<()> {
+    let spec: ImageSpec = image.parse()?;
+    if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "--connections must be 1..={MAX_CONNECTIONS}, not {}",
+                opts.connections
+            ),
+        ));
+    }
+    if !opts.foreground {
+        return spawn_background(&opts);
+    }
+    let mut ready = opts.ready_fd.map(ReadyPipe::from_fd).transpose()?;
+    let background = ready.is_some();
+    let res = if background {
+        leave_working_dir(&mut opts)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| {
+        if background && opts.log_file.is_none() {
+            forward_output_to_syslog();
+        }
+        serve(mode, spec, &opts, store, ceph, &mut ready)
+    });
+    if let Err(e) = &res {
+        tracing::error!("{e}");
+        if let Some(r) = ready.take() {
+            r.send(&format!("error {e}"));
+        }
+    }
+    restore_terminal_stderr();
+    res
+}
+
+/// How the serving ended.
+enum Ending {
+    /// The kernel disconnected (unmap, SIGTERM, nbd-client -d, or the sockets died).
+    Disconnected,
+    /// `detach`: the device stays configured for `attach`.
+    Detached,
+}
+
+fn set_process_name() {
+    // The kernel names us after the exec'd path; `unmap` recognises its daemon by this name.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"rados-nbd".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+}
+
+/// Sets up the device and serves it until it ends. Errors before readiness are reported to
+/// the waiting `map` through `ready` by the caller.
+fn serve(
+    mode: Mode,
+    spec: ImageSpec,
+    opts: &ServeOpts,
+    store: &str,
+    ceph: &CephAccess,
+    ready: &mut Option<ReadyPipe>,
+) -> Result<()> {
+    set_process_name();
+    let _pid_file = PidFileGuard(opts.pid_file.as_deref());
+    let mut read_only = opts.read_only || spec.snap.is_some();
+    let mut connections = opts.connections;
+    match &mode {
+        Mode::Map {
+            nbds_max, max_part, ..
+        } => device::load_module(*nbds_max, *max_part)?,
+        Mode::Attach { .. } if !device::module_loaded() => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the nbd module is not loaded, so there is no device to attach to",
+            ))
+        }
+        Mode::Attach { .. } => {}
+    }
+    let nl = open_netlink()?;
+    // A map of an image whose device the kernel still holds for a daemon that died (a
+    // crash, then a restart by systemd) re-attaches that device: its mounts survive.
+    let mode = match mode {
+        Mode::Map { index, .. } if nl.is_some() => match orphaned_device(store, &spec, index)? {
+            Some(i) => {
+                tracing::warn!(
+                    "{spec}: /dev/nbd{i} is still held by the kernel for a daemon that is gone; re-attaching it"
+                );
+                Mode::Attach { index: i }
+            }
+            None => mode,
+        },
+        m => m,
+    };
+    if let Mode::Attach { index } = mode {
+        let path = device::device_path(index);
+        if nl.is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "attach needs the kernel's nbd netlink interface, which this kernel lacks",
+            ));
+        }
+        if device::device_pid(index).is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{path} is not connected, so there is nothing to attach to (use map)"),
+            ));
+        }
+        if let Some(st) = device::read_state(index)? {
+            if !st.detached && device::daemon_alive(st.pid) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{path} is still served by pid {}; detach it first", st.pid),
+                ));
+            }
+            connections = st.connections;
+            read_only |= st.read_only;
+        }
+        let want = backend_id(store, &spec);
+        if let Some(have) = device::device_backend(index) {
+            if have != want {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{path} was mapped from \"{have}\", not \"{want}\""),
+                ));
+            }
+        }
+    }
+    for w in device::harden_process() {
+        tracing::warn!("{w}");
+    }
+    // Under mlockall(MCL_FUTURE) every thread stack is resident, so the blocking pool
+    // (tokio's default allows 512 threads of 2 MiB) is bounded to keep locked memory modest.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("rados-nbd-io")
+        .max_blocking_threads(64)
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    // Signals before the image is opened: a SIGTERM from now on ends in a clean close.
+    let signals = {
+        let _g = rt.enter();
+        Signals {
+            term: signal(tokio::signal::unix::SignalKind::terminate())?,
+            int: signal(tokio::signal::unix::SignalKind::interrupt())?,
+            usr1: signal(tokio::signal::unix::SignalKind::user_defined1())?,
+        }
+    };
+    let export = Arc::new(
+        rt.block_on(Export::open(
+            store,
+            ceph,
+            &spec,
+            read_only,
+            opts.exclusive,
+            opts.checkpoint_idle,
+        ))
+        .map_err(|e| e.context(format!("opening {spec}")))?,
+    );
+    let setup = Setup {
+        rt: &rt,
+        export: export.clone(),
+        spec: &spec,
+        opts,
+        store,
+        read_only,
+        connections,
+    };
+    let outcome = setup.run(mode, nl, signals, ready);
+    // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock. The
+    // error names the image and the step that failed.
+    let closed = rt.block_on(export.close());
+    let (index, ending) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            // Serving failed (reported by the caller); a failed close must not go unsaid.
+            if let Err(c) = &closed {
+                tracing::error!("{c}");
+            }
+            return Err(e);
+        }
+    };
+    let finished = match ending {
+        Ending::Detached => {
+            // Only now (the lock is released) may `attach` start.
+            let marked = device::read_state(index).and_then(|st| match st {
+                Some(mut st) => {
+                    st.pid = 0;
+                    st.detached = true;
+                    device::write_state(index, &st)
+                }
+                None => Ok(()),
+            });
+            if closed.is_ok() {
+                tracing::info!(
+                    "{spec}: detached from /dev/nbd{index}; the kernel keeps the device"
+                );
+            }
+            closed.and(marked)
+        }
+        Ending::Disconnected => {
+            device::remove_state(index);
+            if closed.is_ok() {
+                tracing::info!("{spec}: /dev/nbd{index} disconnected, image closed");
+            }
+            closed
+        }
+    };
+    // The `unmap` or `detach` waiting for this process to exit learns the outcome here;
+    // written before the exit, so it is there once the pid is gone.
+    let result = device::CloseResult {
+        pid: std::process::id(),
+        device: device::device_path(index),
+        image: spec.to_string(),
+        error: finished
+            .as_ref()
+            .err()
+            .map(|e| e.to_string().replace('\n', " ")),
+    };
+    if let Err(e) = device::write_close_result(index, &result) {
+        tracing::error!("recording the outcome of the close: {e}");
+    }
+    finished
+}
+
+struct Setup<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    export: Arc<Export>,
+    spec: &'a ImageSpec,
+    opts: &'a ServeOpts,
+    store: &'a str,
+    read_only: bool,
+    connections: u32,
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    /// `detach`.
+    usr1: tokio::signal::unix::Signal,
+}
+
+/// How the kernel was told about the device, and how to tell it to let go.
+enum Control {
+    Netlink(netlink::NbdNetlink),
+    Ioctl(Arc<ioctl::IoctlDevice>, std::thread::JoinHandle<Result<()>>),
+}
+
+const NBD_FLAG_CAN_MULTI_CONN: u64 = 1 << 8;
+
+impl Setup<'_> {
+    fn run(
+        &self,
+        mode: Mode,
+        nl: Option<netlink::NbdNetlink>,
+        mut sig: Signals,
+        ready: &mut Option<ReadyPipe>,
+    ) -> Result<(u32, Ending)> {
+        let attaching = matches!(mode, Mode::Attach { .. });
+        let info = self.export.info();
+        let flags = u64::from(self.export.transmission_flags());
+        if self.connections > 1 && flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "--connections {} needs an image that is safe to serve on several connections, and {} is not",
+                    self.connections, self.spec
+                ),
+            ));
+        }
+        #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
+        if info.size % BLOCK_SIZE != 0 {
+            tracing::warn!(
+                "{}: size {} is not a multiple of {BLOCK_SIZE}; the device ignores the last {} bytes",
+                self.spec,
+                info.size,
+                info.size % BLOCK_SIZE
+            );
+        }
+        let _enter = self.rt.enter();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut kernel_ends = Vec::new();
+        for i in 0..self.connections {
+            let (k, s) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| Error::io("creating a socket pair for the kernel", e))?;
+            s.set_nonblocking(true)
+                .map_err(|e| Error::io("setting a socket non-blocking", e))?;
+            let s = tokio::net::UnixStream::from_std(s)
+                .map_err(|e| Error::io("registering a socket with the runtime", e))?;
+            let ex = self.export.clone();
+            let rx = stop_rx.clone();
+            tasks.spawn(async move { (i, ex.serve(s, rx).await) });
+            kernel_ends.push(k);
+        }
+
+        let fds: Vec<i32> = kernel_ends.iter().map(|k| k.as_raw_fd()).collect();
+        let backend = backend_id(self.store, self.spec);
+        let (index, mut control) = match (mode, nl) {
+            (Mode::Map { index, .. }, Some(mut nl)) => {
+                let cfg = netlink::DeviceConfig {
+                    index,
+                    size_bytes: Some(info.size),
+                    block_size: Some(BLOCK_SIZE),
+                    server_flags: Some(flags),
+                    client_flags: None,
+                    timeout: self.opts.io_timeout,
+                    dead_conn_timeout: Some(self.opts.reattach_timeout),
+                    backend: Some(backend.clone()),
+                    sockets: fds,
+                };
+                let idx = nl.connect(&cfg)?;
+                (idx, Control::Netlink(nl))
+            }
+            (Mode::Attach { index }, Some(mut nl)) => {
+                // RECONFIGURE only replaces sockets the kernel has seen die; give it a moment
+                // to notice the old daemon's sockets closing.
+                std::thread::sleep(Duration::from_millis(200));
+                let cfg = netlink::DeviceConfig {
+                    index: Some(index),
+                    size_bytes: Some(info.size),
+                    timeout: self.opts.io_timeout,
+                    dead_conn_timeout: Some(self.opts.reattach_timeout),
+                    backend: Some(backend.clone()),
+                    sockets: fds,
+                    ..Default::default()
+                };
+                nl.reconfigure(&cfg)?;
+                (index, Control::Netlink(nl))
+            }
+            (Mode::Map { index, .. }, None) => {
+                let cfg = ioctl::IoctlConfig {
+                    size_bytes: info.size,
+                    block_size: BLOCK_SIZE,
+                    server_flags: flags,
+                    timeout: self.opts.io_timeout,
+                    sockets: fds,
+                };
+                let (idx, dev) = ioctl_configure(index, &cfg)?;
+                let dev = Arc::new(dev);
+                let d2 = dev.clone();
+                let th = std::thread::Builder::new()
+                    .name(format!("nbd{idx}-do-it"))
+                    .spawn(move || d2.do_it())
+                    .map_err(|e| Error::io("starting the NBD_DO_IT thread", e))?;
+                (idx, Control::Ioctl(dev, th))
+            }
+            (Mode::Attach { .. }, None) => {
+                return Err(Error::new(ErrorKind::Unsupported, "attach needs netlink"))
+            }
+        };
+        // The kernel holds its own references to its ends now.
+        drop(kernel_ends);
+        let path = device::device_path(index);
+        let expected = info.size - info.size % BLOCK_SIZE;
+        let attached =
+            device::wait_ready(index, expected, Duration::from_secs(10)).and_then(|_| {
+                // RECONFIGURE may silently ignore our sockets; a read proves they serve.
+                if attaching {
+                    probe_read(index, Duration::from_secs(10))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = attached {
+            let _ = request_disconnect(&mut control, index);
+            let _ = stop_tx.send(true);
+            self.rt
+                .block_on(async { while tasks.join_next().await.is_some() {} });
+            if let Control::Ioctl(_, th) = control {
+                let _ = th.join();
+            }
+            return Err(e);
+        }
+        let state = DeviceState {
+            pid: std::process::id(),
+            pool: self.spec.pool.clone(),
+            namespace: self.spec.namespace.clone(),
+            image: self.spec.name.clone(),
+            snap: self.spec.snap.clone(),
+            device: path.clone(),
+            store: self.store.to_string(),
+            read_only: self.read_only,
+            connections: self.connections,
+            netlink: matches!(control, Control::Netlink(_)),
+            detached: false,
+            backend: matches!(control, Control::Netlink(_)).then_some(backend),
+            close_result: true,
+        };
+        if let Err(e) = device::write_state(index, &state) {
+            let _ = request_disconnect(&mut control, index);
+            return Err(e);
+        }
+        if let Some(p) = &self.opts.pid_file {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                tracing::warn!("writing pid file {}: {e}", p.display());
+            }
+        }
+        tracing::info!(
+            "{} {} {path} ({} bytes, {} connection(s), {})",
+            self.spec,
+            if attaching {
+                "re-attached to"
+            } else {
+                "mapped to"
+            },
+            info.size,
+            self.connections,
+            if state.netlink { "netlink" } else { "ioctl" }
+        );
+        match ready.take() {
+            Some(r) => r.send(&format!("ready {path}")),
+            None => {
+                println!("{path}");
+                let _ = std::io::stdout().flush();
+                // Under systemd (Type=notify) this is the moment the device is usable.
+                if let Err(e) = crate::notify::ready(&format!("{} mapped at {path}", self.spec)) {
+                    tracing::warn!("systemd notification: {e}");
+                }
+            }
+        }
+
+        let mut disconnecting = false;
+        let mut detaching = false;
+        let netlink = state.netlink;
+        let mut sizes = self.export.size_changes();
+        sizes.mark_unchanged();
+        let mut resizable = true;
+        self.rt.block_on(async {
+            loop {
+                tokio::select! {
+                    // The image was resized (`rbd resize`, `rados-nbd resize`): the device
+                    // follows, as with rbd-nbd, so the file system on it can be grown.
+                    r = sizes.changed(), if resizable && !disconnecting && !detaching => {
+                        if r.is_err() {
+                            resizable = false;
+                            continue;
+                        }
+                        let size = *sizes.borrow_and_update();
+                        let blocks = size - size % BLOCK_SIZE;
+                        match resize_device(&mut control, index, blocks, state.backend.as_deref()) {
+                            Ok(()) => tracing::info!("{path}: size now {blocks} bytes"),
+                            Err(e) => tracing::error!(
+                                "{path}: the image is now {size} bytes but the device did not follow: {e}"
+                            ),
+                        }
+                    }
+                    r = tasks.join_next() => match r {
+                        None => break,
+                        Some(Ok((i, Ok(())))) => tracing::info!("{path}: connection {i} ended"),
+                        Some(Ok((i, Err(e)))) => tracing::error!("{path}: connection {i} failed: {e}"),
+                        Some(Err(e)) => tracing::error!("{path}: a connection task failed: {e}"),
+                    },
+                    name = term_or_int(&mut sig.term, &mut sig.int), if !disconnecting && !detaching => {
+                        disconnecting = true;
+                        tracing::info!("{path}: {name}, disconnecting");
+                        let _ = crate::notify::stopping(&format!("unmapping {path}"));
+                        if let Err(e) = request_disconnect(&mut control, index) {
+                            tracing::error!("{e}");
+                            let _ = stop_tx.send(true);
+                        }
+                    }
+                    _ = sig.usr1.recv(), if !disconnecting && !detaching && netlink => {
+                        detaching = true;
+                        tracing::info!("{path}: detaching (the device stays configured)");
+                        let _ = crate::notify::stopping(&format!("detaching from {path}"));
+                        let _ = stop_tx.send(true);
+                    }
+                }
+            }
+        });
+        match control {
+            Control::Ioctl(_, th) => match th.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(_) => tracing::error!("{path}: the NBD_DO_IT thread panicked"),
+            },
+            Control::Netlink(mut nl) if !detaching => {
+                // The sockets are gone. If that was not a disconnect (the kernel is still
+                // configured after a grace period), let go of the device rather than leave
+                // it hanging on a daemon that no longer exists.
+                let mut still = device::device_pid(index).is_some();
+                for _ in 0..100 {
+                    if !still {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    still = device::device_pid(index).is_some();
+                }
+                if still {
+                    tracing::warn!("{path}: connections ended without a disconnect; disconnecting");
+                    if let Err(e) = nl.disconnect(index) {
+                        tracing::error!("{e}");
+                    }
+                }
+            }
+            Control::Netlink(_) => {}
+        }
+        Ok((
+            index,
+            if detaching {
+                Ending::Detached
+            } else {
+                Ending::Disconnected
+            },
+        ))
+    }
+}
+
+/// The device (if any) this host mapped `spec` from `store` on, whose daemon is gone while
+/// the kernel still keeps it configured with our backend identifier. With `want` set, only
+/// that device qualifies.
+fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<Option<u32>> {
+    let id = backend_id(store, spec);
+    for st in device::all_states() {
+        let Ok(i) = st.index() else { continue };
+        let same = st.store == store
+            && st.pool == spec.pool
+            && st.namespace == spec.namespace
+            && st.image == spec.name
+            && st.snap == spec.snap
+            && st.netlink;
+        if same
+            && (want.is_none() || want == Some(i))
+            && !device::daemon_alive(st.pid)
+            && device::device_pid(i).is_some()
+            && device::device_backend(i).as_deref() == Some(id.as_str())
+        {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+/// Waits for SIGTERM or SIGINT, which end a mapping alike, and names the one that came.
+async fn term_or_int(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).map_err(|e| Error::io("installing a signal handler", e))
+}
+
+fn resize_device(
+    control: &mut Control,
+    index: u32,
+    size_bytes: u64,
+    backend: Option<&str>,
+) -> Result<()> {
+    match control {
+        // RECONFIGURE with a size (Linux 5.3 and later) resizes a running device. A device
+        // connected with a backend identifier is only reconfigured by one who names it.
+        Control::Netlink(nl) => nl.reconfigure(&netlink::DeviceConfig {
+            index: Some(index),
+            size_bytes: Some(size_bytes),
+            backend: backend.map(str::to_string),
+            ..Default::default()
+        }),
+        Control::Ioctl(dev, _) => dev.set_size(size_bytes),
+    }
+}
+
+fn request_disconnect(control: &mut Control, index: u32) -> Result<()> {
+    match control {
+        Control::Netlink(nl) => nl.disconnect(index),
+        Control::Ioctl(dev, _) => dev.disconnect(),
+    }
+}
+
+/// The ioctl path: the named device, or the first free one that accepts our sockets.
+fn ioctl_configure(
+    index: Option<u32>,
+    cfg: &ioctl::IoctlConfig,
+) -> Result<(u32, ioctl::IoctlDevice)> {
+    let candidates = match index {
+        Some(i) => vec![i],
+        None => device::free_devices(),
+    };
+    let mut last = None;
+    for i in candidates {
+        let dev = ioctl::IoctlDevice::open(&device::device_path(i))?;
+        match dev.configure(cfg) {
+            Ok(()) => return Ok((i, dev)),
+            Err(e) if e.kind == ErrorKind::Busy && index.is_none() => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::Busy,
+            "no free nbd device (load the module with a larger nbds_max)",
+        )
+    }))
+}
+
+/// Reads the first block of the device bypassing the page cache, with a deadline.
+fn probe_read(index: u32, timeout: Duration) -> Result<()> {
+    let path = device::device_path(index);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p2 = path.clone();
+    std::thread::spawn(move || {
+        let r = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&p2)?;
+            let mut buf = vec![0u8; 8192];
+            let off = buf.as_ptr().align_offset(4096);
+            f.read_exact_at(&mut buf[off..off + 4096], 0)
+        })();
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::io(format!("test read from {path}"), e)),
+        Err(_) => Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "{path} did not answer a test read within {}s: the kernel did not take the new connections",
+                timeout.as_secs()
+            ),
+        )),
+    }
+}

@@ -1,0 +1,338 @@
+//! `unmap`, `detach` and `list-mapped`: find a mapping from its device or image, ask its
+//! daemon (or the kernel) to let go, and learn how the close ended.
+
+use super::cli::{DetachArgs, ListFormat, ListMappedArgs, UnmapArgs};
+use super::device::{self, DeviceState};
+use super::{ioctl, open_netlink};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use std::io::Write;
+use std::time::Duration;
+
+fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
+    if device::looks_like_device(target) {
+        let idx = device::parse_device(target)?;
+        return Ok((idx, device::read_state(idx)?));
+    }
+    let spec: ImageSpec = target.parse().map_err(|e: Error| {
+        e.context(format!(
+            "{target:?} is neither a device (/dev/nbdN) nor an image spec"
+        ))
+    })?;
+    let found: Vec<DeviceState> = device::all_states()
+        .into_iter()
+        .filter(|s| {
+            s.pool == spec.pool
+                && s.namespace == spec.namespace
+                && s.image == spec.name
+                && s.snap == spec.snap
+        })
+        .collect();
+    match found.len() {
+        0 => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("image {spec} is not mapped"),
+        )),
+        1 => {
+            let st = found.into_iter().next();
+            let idx = st.as_ref().map(|s| s.index()).transpose()?.unwrap_or(0);
+            Ok((idx, st))
+        }
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "image {spec} is mapped more than once ({}); name the device",
+                found
+                    .iter()
+                    .map(|s| s.device.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+fn kernel_disconnect(index: u32) -> Result<()> {
+    match open_netlink()? {
+        Some(mut nl) => nl.disconnect(index),
+        None => {
+            let dev = ioctl::IoctlDevice::open(&device::device_path(index))?;
+            dev.disconnect()
+        }
+    }
+}
+
+pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
+    let (index, st) = resolve(&a.target)?;
+    let path = device::device_path(index);
+    let configured = device::device_pid(index).is_some();
+    let pid = st
+        .as_ref()
+        .map(|s| s.pid)
+        .filter(|p| device::daemon_alive(*p));
+    if st.is_none() && !configured {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{path} is not mapped"),
+        ));
+    }
+    if st.is_none() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{path} is not mapped by rados-nbd (no {})",
+                device::state_path(index).display()
+            ),
+        ));
+    }
+    if !a.force {
+        if let Some(why) = device::busy_reason(index) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("cannot unmap {path}: {why} (unmount it first, or use --force)"),
+            ));
+        }
+    }
+    // Disconnect first: the kernel sends NBD_CMD_DISC after the requests it has in flight,
+    // so once the daemon has drained them nothing can reach the image after its close.
+    if configured {
+        kernel_disconnect(index)?;
+    }
+    let closed = match (pid, &st) {
+        (Some(pid), Some(st)) => {
+            if !device::wait_exit(pid, Duration::from_secs(a.wait_timeout)) {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "{path} is disconnected but its daemon (pid {pid}) has not finished closing the image after {}s",
+                        a.wait_timeout
+                    ),
+                ));
+            }
+            close_outcome(index, pid, st)
+        }
+        _ => Ok(()),
+    };
+    // The device is gone either way; a failed close is reported, not retried.
+    device::remove_state(index);
+    closed.map_err(|why| {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "{path} ({}) is unmapped, but {why}",
+                st.as_ref().map(|s| s.spec_string()).unwrap_or_default()
+            ),
+        )
+    })
+}
+
+/// What daemon `pid` of device `index` recorded about its close once it exited: Ok for a
+/// clean close, otherwise what went wrong, as the end of a sentence.
+fn close_outcome(index: u32, pid: u32, st: &DeviceState) -> std::result::Result<(), String> {
+    match device::take_close_result(index, pid) {
+        Ok(Some(device::CloseResult { error: None, .. })) => Ok(()),
+        Ok(Some(device::CloseResult { error: Some(e), .. })) => {
+            Err(format!("the image was not closed cleanly: {e}"))
+        }
+        // A daemon that records its close and left nothing died before the end of it (a
+        // kill, a crash): the image may be left flagged dirty.
+        Ok(None) if st.close_result => Err(format!(
+            "its daemon (pid {pid}) exited without recording a clean close of the image (killed or crashed?); the next map repairs a dirty object map"
+        )),
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("its close cannot be confirmed: {e}")),
+    }
+}
+
+pub(super) fn detach(a: DetachArgs) -> Result<()> {
+    let (index, st) = resolve(&a.target)?;
+    let path = device::device_path(index);
+    let st = st.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{path} is not mapped by rados-nbd"),
+        )
+    })?;
+    if !st.netlink {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{path} was set up with ioctls (the kernel has no nbd netlink family), so it could not be re-attached; not detaching"),
+        ));
+    }
+    if st.detached || !device::daemon_alive(st.pid) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{path} has no running daemon to detach"),
+        ));
+    }
+    // SAFETY: kill(2) with a pid we checked is our daemon.
+    if unsafe { libc::kill(st.pid as libc::pid_t, libc::SIGUSR1) } != 0 {
+        return Err(Error::io(
+            format!("signalling daemon pid {} of {path}", st.pid),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if !device::wait_exit(st.pid, Duration::from_secs(a.wait_timeout)) {
+        return Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "the daemon of {path} ({}, pid {}) did not detach within {}s",
+                st.spec_string(),
+                st.pid,
+                a.wait_timeout
+            ),
+        ));
+    }
+    close_outcome(index, st.pid, &st).map_err(|why| {
+        Error::new(
+            ErrorKind::Io,
+            format!("{path} ({}) is detached, but {why}", st.spec_string()),
+        )
+    })
+}
+
+pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
+    let rows: Vec<DeviceState> = device::all_states()
+        .into_iter()
+        .filter(|s| {
+            let idx = s.index().ok();
+            device::daemon_alive(s.pid)
+                || idx
+                    .map(|i| device::device_pid(i).is_some())
+                    .unwrap_or(false)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let res = match a.format {
+        ListFormat::Json => {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "pid": if s.detached { serde_json::Value::Null } else { s.pid.into() },
+                        "pool": s.pool,
+                        "namespace": s.namespace,
+                        "image": s.image,
+                        "snap": s.snap,
+                        "device": s.device,
+                        "store": s.store,
+                        "read_only": s.read_only,
+                        "state": if s.detached { "detached" } else { "attached" },
+                    })
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Array(v))
+        }
+        ListFormat::Plain => {
+            let mut lines = vec![[
+                "pid",
+                "pool",
+                "namespace",
+                "image",
+                "snap",
+                "device",
+                "store",
+            ]
+            .map(String::from)];
+            for s in &rows {
+                lines.push([
+                    if s.detached {
+                        "detached".into()
+                    } else {
+                        s.pid.to_string()
+                    },
+                    s.pool.clone(),
+                    if s.namespace.is_empty() {
+                        "-".into()
+                    } else {
+                        s.namespace.clone()
+                    },
+                    s.image.clone(),
+                    s.snap.clone().unwrap_or_else(|| "-".into()),
+                    s.device.clone(),
+                    s.store.clone(),
+                ]);
+            }
+            let mut w = [0usize; 7];
+            for l in &lines {
+                for (i, c) in l.iter().enumerate() {
+                    w[i] = w[i].max(c.len());
+                }
+            }
+            let mut r = Ok(());
+            if !rows.is_empty() {
+                for l in &lines {
+                    let row: Vec<String> = l
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+                        .collect();
+                    r = r.and(writeln!(out, "{}", row.join("  ").trim_end()));
+                }
+            }
+            r
+        }
+    };
+    res.map_err(|e| Error::io("writing to stdout", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use device::test_state as state;
+
+    #[test]
+    fn unmap_by_spec_tells_namespaces_apart() {
+        let _dir = device::test_run_dir();
+        // The same image name in the default namespace (nbd3) and in ns1 (nbd5).
+        device::write_state(3, &state(true)).unwrap();
+        let mut ns = state(true);
+        ns.namespace = "ns1".into();
+        ns.device = "/dev/nbd5".into();
+        device::write_state(5, &ns).unwrap();
+        let (idx, st) = resolve("rbd/ns1/vm1").unwrap();
+        assert_eq!((idx, st.unwrap().namespace.as_str()), (5, "ns1"));
+        let (idx, st) = resolve("rbd/vm1").unwrap();
+        assert_eq!((idx, st.unwrap().namespace.as_str()), (3, ""));
+        let e = resolve("rbd/ns2/vm1").unwrap_err();
+        assert!(e.message.contains("rbd/ns2/vm1 is not mapped"), "{e}");
+    }
+
+    #[test]
+    fn unmap_learns_how_the_close_ended() {
+        let dir = device::test_run_dir();
+        let result = |error: Option<&str>| device::CloseResult {
+            pid: 42,
+            device: "/dev/nbd3".into(),
+            image: "rbd/vm1".into(),
+            error: error.map(String::from),
+        };
+        device::write_close_result(3, &result(None)).unwrap();
+        assert_eq!(close_outcome(3, 42, &state(true)), Ok(()));
+        let failed = "closing rbd/vm1: writing rbd_object_map.abc: No space left on device";
+        device::write_close_result(3, &result(Some(failed))).unwrap();
+        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        assert!(why.contains(failed), "{why}");
+        // Read once: the result does not linger in the run directory.
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        // A daemon that records its close but left nothing was killed mid-close.
+        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        assert!(
+            why.contains("pid 42") && why.contains("exited without"),
+            "{why}"
+        );
+        // An older daemon records nothing: its silence proves nothing.
+        assert_eq!(close_outcome(3, 42, &state(false)), Ok(()));
+        // Another daemon's result is not ours.
+        device::write_close_result(
+            3,
+            &device::CloseResult {
+                pid: 7,
+                ..result(Some(failed))
+            },
+        )
+        .unwrap();
+        assert!(close_outcome(3, 42, &state(true)).is_err());
+        assert!(close_outcome(3, 7, &state(true)).is_err());
+    }
+}
