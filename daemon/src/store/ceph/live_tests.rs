@@ -1,12 +1,22 @@
 //! Tests against a real cluster. With `CEPH_CONF` set they use that cluster; otherwise
-//! they start a throwaway one with tests/ceph/cluster.sh (and stop it), or print why they
-//! are skipped when the Ceph binaries are missing. Ceph's own `rbd` and `rados` tools
-//! check what we wrote.
+//! the first of them starts a throwaway one with tests/ceph/cluster.sh, which they all
+//! share and which is stopped when the test binary exits, or they print why they are
+//! skipped when the Ceph binaries are missing. Each test makes its own images, so they may
+//! run in parallel. Ceph's own `rbd` and `rados` tools check what we wrote.
 
-use super::*;
-use crate::store::{DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID};
+use super::header::{generate_image_id, header_oid};
+use super::lock::get_lock_info;
+use super::{cls, CephOptions, CephStore, RBD};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{
+    CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID,
+    RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use bytes::Bytes;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 struct Cluster {
     conf: String,
@@ -14,12 +24,15 @@ struct Cluster {
     dir: Option<PathBuf>,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = Command::new(script()).arg("stop").arg(dir).status();
-            let _ = std::fs::remove_dir_all(dir);
-        }
+/// The cluster the tests share: `Err` when starting it failed (every test then fails with
+/// why), `Ok(None)` when the Ceph binaries are missing.
+static CLUSTER: OnceLock<std::result::Result<Option<Cluster>, String>> = OnceLock::new();
+
+/// Stops the cluster we started, at exit of the test binary (registered with `atexit`).
+extern "C" fn stop_cluster() {
+    if let Some(Ok(Some(Cluster { dir: Some(dir), .. }))) = CLUSTER.get() {
+        let _ = Command::new(script()).arg("stop").arg(dir).status();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -36,31 +49,42 @@ fn have(bin: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn cluster() -> Option<Cluster> {
-    if let Ok(conf) = std::env::var("CEPH_CONF") {
-        return Some(Cluster { conf, dir: None });
+/// The shared cluster's config file, started by the first test that asks; None: skipped.
+fn cluster() -> Option<&'static str> {
+    let c = CLUSTER.get_or_init(|| {
+        if let Ok(conf) = std::env::var("CEPH_CONF") {
+            return Ok(Some(Cluster { conf, dir: None }));
+        }
+        if !have("ceph-mon") || !have("ceph-osd") || !have("rbd") {
+            eprintln!("SKIPPED: ceph live tests need ceph-mon, ceph-osd and rbd (or CEPH_CONF)");
+            return Ok(None);
+        }
+        let dir = std::env::temp_dir().join(format!("rados-nbd-ceph-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("running tests/ceph/cluster.sh");
+        if !out.status.success() {
+            let _ = Command::new(script()).arg("stop").arg(&dir).status();
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "cluster.sh start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // SAFETY: `stop_cluster` only reads CLUSTER, set by the time the process exits.
+        unsafe { libc::atexit(stop_cluster) };
+        Ok(Some(Cluster {
+            conf: dir.join("ceph.conf").to_string_lossy().into_owned(),
+            dir: Some(dir),
+        }))
+    });
+    match c {
+        Ok(c) => c.as_ref().map(|c| c.conf.as_str()),
+        Err(e) => panic!("{e}"),
     }
-    if !have("ceph-mon") || !have("ceph-osd") || !have("rbd") {
-        eprintln!("SKIPPED: ceph live tests need ceph-mon, ceph-osd and rbd (or CEPH_CONF)");
-        return None;
-    }
-    let dir = std::env::temp_dir().join(format!("rados-nbd-ceph-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new(script())
-        .arg("start")
-        .arg(&dir)
-        .output()
-        .expect("running tests/ceph/cluster.sh");
-    let c = Cluster {
-        conf: dir.join("ceph.conf").to_string_lossy().into_owned(),
-        dir: Some(dir),
-    };
-    assert!(
-        out.status.success(),
-        "cluster.sh start failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(c)
 }
 
 fn tool(conf: &str, bin: &str, args: &[&str]) -> String {
@@ -100,25 +124,61 @@ async fn servable(st: &CephStore, spec: &ImageSpec) -> Result<()> {
     r
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ceph_live() {
-    let Some(cl) = cluster() else { return };
-    let conf = cl.conf.as_str();
-    let st = store(conf).await;
-
-    // --- create: Ceph's tools see the image with our features and a valid object map.
-    let name = unique("live");
+/// A new image of `size` bytes with our default features in pool rbd: its name and spec.
+async fn new_image(st: &CephStore, prefix: &str, size: u64) -> (String, ImageSpec) {
+    let name = unique(prefix);
     let spec: ImageSpec = format!("rbd/{name}").parse().unwrap();
     st.create_image(
         &spec,
         &CreateOptions {
-            size: 64 << 20,
+            size,
             order: 22,
             features: DEFAULT_FEATURES,
         },
     )
     .await
     .expect("create");
+    (name, spec)
+}
+
+/// Makes an image with `rbd create --size 16M ARGS` and opens it read-only, which must be
+/// refused (`why`): its name and the error.
+async fn refused_rbd_image(
+    st: &CephStore,
+    conf: &str,
+    prefix: &str,
+    args: &[&str],
+    why: &str,
+) -> (String, Error) {
+    let name = unique(prefix);
+    let mut argv = vec!["create", "--size", "16M"];
+    argv.extend_from_slice(args);
+    argv.push(&name);
+    tool(conf, "rbd", &argv);
+    let e = st
+        .open_image(&name.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .err()
+        .expect(why);
+    (name, e)
+}
+
+/// `rbd bench` writing 4 KiB to `name`, killed after `secs` if it keeps waiting for the lock.
+fn rbd_bench_write(conf: &str, name: &str, secs: u32) -> Output {
+    Command::new("timeout")
+        .args(["-s", "KILL", &secs.to_string(), "rbd", "-c", conf])
+        .args(["bench", "--io-type", "write", "--io-total", "4096", name])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_create_lock_write_close() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+
+    // --- create: Ceph's tools see the image with our features and a valid object map.
+    let (name, spec) = new_image(&st, "live", 64 << 20).await;
     let info = tool(conf, "rbd", &["info", &name]);
     assert!(info.contains("size 64 MiB in 16 objects"), "{info}");
     assert!(
@@ -304,22 +364,7 @@ async fn ceph_live() {
     assert_eq!(seen, 128 << 20, "header update notification not applied");
 
     // --- a librbd client asking for the lock is refused, and gets no data in.
-    let bench = Command::new("timeout")
-        .args([
-            "-s",
-            "KILL",
-            "60",
-            "rbd",
-            "-c",
-            conf,
-            "bench",
-            "--io-type",
-            "write",
-        ])
-        .args(["--io-total", "4096"])
-        .arg(&name)
-        .output()
-        .unwrap();
+    let bench = rbd_bench_write(conf, &name, 60);
     let berr = String::from_utf8_lossy(&bench.stderr);
     eprintln!("rbd bench under our lock: {berr}");
     assert!(!bench.status.success(), "rbd bench wrote under our lock");
@@ -348,6 +393,21 @@ async fn ceph_live() {
         .await
         .unwrap();
     tool(conf, "rbd", &["object-map", "check", &name]);
+    st.remove_image(&spec).await.expect("remove");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_snapshots_survive_our_writes() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+    let (name, spec) = new_image(&st, "snaps", 64 << 20).await;
+    let a = Bytes::from(vec![0xaa; 8192]);
+    let img = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("open");
+    img.write(0, 4096, a.clone(), false).await.unwrap();
+    img.close().await.unwrap();
 
     // --- snapshots taken by rbd while unmapped survive our writes.
     tool(conf, "rbd", &["snap", "create", &format!("{name}@s1")]);
@@ -382,6 +442,30 @@ async fn ceph_live() {
     );
     img.close().await.unwrap();
     at.close().await.unwrap();
+    // --- remove: refused with snapshots, then everything is gone.
+    assert_eq!(
+        st.remove_image(&spec).await.unwrap_err().kind,
+        ErrorKind::Busy
+    );
+    tool(conf, "rbd", &["snap", "purge", &name]);
+    st.remove_image(&spec).await.expect("remove");
+    assert!(!st.list_images("rbd").await.unwrap().contains(&name));
+    let left = tool(conf, "rados", &["-p", "rbd", "ls"]);
+    assert!(!left.contains(&h.id), "objects left behind: {left}");
+    assert_eq!(
+        st.open_image(&spec, OpenMode::ReadOnly)
+            .await
+            .err()
+            .map(|e| e.kind),
+        Some(ErrorKind::NotFound)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_shared_writers() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+    let (name, spec) = new_image(&st, "shared", 64 << 20).await;
 
     // --- shared writers coexist; an exclusive writer (ours or librbd) is kept out.
     let s1 = st
@@ -410,22 +494,7 @@ async fn ceph_live() {
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
     assert!(e.message.contains("shared-write"), "{e}");
     // librbd keeps retrying for a lock it cannot get; it must not get through.
-    let bench = Command::new("timeout")
-        .args([
-            "-s",
-            "KILL",
-            "10",
-            "rbd",
-            "-c",
-            conf,
-            "bench",
-            "--io-type",
-            "write",
-        ])
-        .args(["--io-total", "4096"])
-        .arg(&name)
-        .output()
-        .unwrap();
+    let bench = rbd_bench_write(conf, &name, 10);
     assert!(
         !bench.status.success(),
         "rbd bench wrote past shared writers"
@@ -444,24 +513,13 @@ async fn ceph_live() {
         Some(ErrorKind::Busy)
     );
     ex.close().await.unwrap();
-
-    // --- remove: refused with snapshots, then everything is gone.
-    assert_eq!(
-        st.remove_image(&spec).await.unwrap_err().kind,
-        ErrorKind::Busy
-    );
-    tool(conf, "rbd", &["snap", "purge", &name]);
     st.remove_image(&spec).await.expect("remove");
-    assert!(!st.list_images("rbd").await.unwrap().contains(&name));
-    let left = tool(conf, "rados", &["-p", "rbd", "ls"]);
-    assert!(!left.contains(&h.id), "objects left behind: {left}");
-    assert_eq!(
-        st.open_image(&spec, OpenMode::ReadOnly)
-            .await
-            .err()
-            .map(|e| e.kind),
-        Some(ErrorKind::NotFound)
-    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_images_made_by_rbd() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
 
     // --- an image made by `rbd create` opens; unsupported features are refused.
     let plain = unique("byrbd");
@@ -473,45 +531,23 @@ async fn ceph_live() {
         .expect("open rbd-made image");
     assert_eq!(pi.header().features & 0x1d, 0x1d);
     pi.close().await.unwrap();
-    let striped = unique("striped");
-    tool(
+    let (striped, e) = refused_rbd_image(
+        &st,
         conf,
-        "rbd",
-        &[
-            "create",
-            "--size",
-            "16M",
-            "--stripe-unit",
-            "65536",
-            "--stripe-count",
-            "4",
-            &striped,
-        ],
-    );
-    let e = st
-        .open_image(&striped.parse().unwrap(), OpenMode::ReadOnly)
-        .await
-        .err()
-        .expect("fancy striping must be refused");
+        "striped",
+        &["--stripe-unit", "65536", "--stripe-count", "4"],
+        "fancy striping must be refused",
+    )
+    .await;
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
-    let journ = unique("journal");
-    tool(
+    let (journ, e) = refused_rbd_image(
+        &st,
         conf,
-        "rbd",
-        &[
-            "create",
-            "--size",
-            "16M",
-            "--image-feature",
-            "exclusive-lock,journaling",
-            &journ,
-        ],
-    );
-    let e = st
-        .open_image(&journ.parse().unwrap(), OpenMode::ReadOnly)
-        .await
-        .err()
-        .expect("journaling must be refused");
+        "journal",
+        &["--image-feature", "exclusive-lock,journaling"],
+        "journaling must be refused",
+    )
+    .await;
     assert!(e.message.contains("journaling"), "{e}");
     tool(conf, "rbd", &["snap", "create", &format!("{plain}@p")]);
     tool(conf, "rbd", &["snap", "protect", &format!("{plain}@p")]);
@@ -529,6 +565,19 @@ async fn ceph_live() {
         .err()
         .unwrap();
     assert!(e.message.contains("pool nopool not found"), "{e}");
+    // Leave the pool as we found it.
+    tool(conf, "rbd", &["rm", &child]);
+    tool(conf, "rbd", &["snap", "unprotect", &format!("{plain}@p")]);
+    tool(conf, "rbd", &["snap", "purge", &plain]);
+    for n in [&plain, &striped, &journ] {
+        tool(conf, "rbd", &["rm", n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_encrypted_images_are_refused() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
 
     // --- client-side encryption: a LUKS header in object 0 is refused before serving,
     // named librbd's when its data offset is one object (4 MiB here), unless allowed.
@@ -578,28 +627,20 @@ async fn ceph_live() {
         "at the snapshot: {e}"
     );
     w.close().await.unwrap();
-
     // Leave the pool as we found it.
     tool(conf, "rbd", &["snap", "purge", &enc]);
     tool(conf, "rbd", &["rm", &enc]);
-    tool(conf, "rbd", &["rm", &child]);
-    tool(conf, "rbd", &["snap", "unprotect", &format!("{plain}@p")]);
-    tool(conf, "rbd", &["snap", "purge", &plain]);
-    for n in [&plain, &striped, &journ] {
-        tool(conf, "rbd", &["rm", n]);
-    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_fencing_a_dead_owner() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
 
     // --- fencing: the owner of a lock whose watch is gone (as after the OSD timed out a
     // stopped client's watch) is blocklisted before its lock is broken; the fenced handle
     // then fails writes and reads with EIO and closes without touching the new owner's lock.
-    let fname = unique("fence");
-    let fspec: ImageSpec = format!("rbd/{fname}").parse().unwrap();
-    let opts = CreateOptions {
-        size: 8 << 20,
-        order: 22,
-        features: DEFAULT_FEATURES,
-    };
-    st.create_image(&fspec, &opts).await.unwrap();
+    let (fname, fspec) = new_image(&st, "fence", 8 << 20).await;
     let old_st = store(conf).await;
     let old = old_st
         .open_image(&fspec, OpenMode::ReadWrite)

@@ -1,0 +1,501 @@
+//! One opened image: its state, the checks before each I/O, and the [`ImageStore`] impl
+//! (data objects, header fields, metadata, object maps, close).
+
+use super::header::{object_map_oid, refresh};
+use super::lock::{lock_name, LockState};
+use super::rados::{IoCtx, WriteOp};
+use super::store::for_each_parallel;
+use super::{cls, luks, snaps, LOCK, NOTIFY_TIMEOUT_MS, RBD};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{ImageHeader, ImageStore, OpenMode, OwnerRequest, RBD_FEATURE_FAST_DIFF};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
+
+pub(super) struct Inner {
+    pub(super) meta: Arc<IoCtx>,
+    pub(super) data: Arc<IoCtx>,
+    pub(super) spec: ImageSpec,
+    pub(super) id: String,
+    pub(super) hdr_oid: String,
+    pub(super) snap_id: Option<u64>,
+    pub(super) mode: OpenMode,
+    /// Serve an image encrypted by librbd as its raw LUKS volume (`--allow-encrypted`).
+    pub(super) allow_encrypted: bool,
+    pub(super) luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
+    pub(super) header: RwLock<ImageHeader>,
+    pub(super) snap_ios: Mutex<HashMap<u64, Arc<IoCtx>>>,
+    pub(super) lock: tokio::sync::Mutex<Option<LockState>>,
+    /// Set when the watch was lost and the lock could not be re-asserted: writes stop.
+    pub(super) lost_lock: AtomicBool,
+    /// Set while a lost watch is being re-registered and the lock moved to its cookie
+    /// (e.g. while the OSD holding the header is unreachable). Writes fail with EIO
+    /// meanwhile: with our watch gone another client may break the lock, so writing
+    /// before it is re-asserted could write underneath a new owner.
+    pub(super) reacquiring: AtomicBool,
+    /// Where requests for the lock owner go once the image layer takes them
+    /// (`owner_requests`); until then they are refused, as before.
+    pub(super) owner_tx: Mutex<Option<mpsc::UnboundedSender<OwnerRequest>>>,
+    /// Requests being carried out: librbd may send one again while it waits.
+    pub(super) owner_pending: Mutex<std::collections::HashSet<cls::AsyncRequestId>>,
+    pub(super) closed: AtomicBool,
+}
+
+/// One opened image in the cluster.
+pub struct CephImage {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl Inner {
+    fn object_name(&self, objno: u64) -> String {
+        format!("rbd_data.{}.{objno:016x}", self.id)
+    }
+
+    fn object_size(&self) -> u64 {
+        self.header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .object_size()
+    }
+
+    fn check_readable(&self) -> Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.mode == OpenMode::ReadOnly {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("image {} is open read-only", self.spec),
+            ));
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("image {} is closed", self.spec),
+            ));
+        }
+        if self.reacquiring.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "image {}: re-asserting the exclusive lock after a lost watch; retry",
+                    self.spec
+                ),
+            ));
+        }
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
+    /// The handle that reads at `snap` (None: the opened snapshot, or the head).
+    fn reader(&self, snap: Option<u64>) -> Result<Arc<IoCtx>> {
+        match snap {
+            None => Ok(self.data.clone()),
+            Some(s) if Some(s) == self.snap_id => Ok(self.data.clone()),
+            Some(s) => {
+                let mut m = self.snap_ios.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(io) = m.get(&s) {
+                    return Ok(io.clone());
+                }
+                let io = self.meta.at_snap(s)?;
+                m.insert(s, io.clone());
+                Ok(io)
+            }
+        }
+    }
+}
+
+impl ImageStore for CephImage {
+    fn header(&self) -> ImageHeader {
+        self.inner
+            .header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn refresh_header(&self) -> Result<ImageHeader> {
+        refresh(&self.inner).await
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        self.inner.check_readable()
+    }
+
+    /// Refuses an image that starts with a LUKS header (object 0, read at the opened
+    /// snapshot) unless `--allow-encrypted`: encrypted by librbd (`rbd encryption format`)
+    /// when the data lies exactly one object in, else made by librbd or by cryptsetup on
+    /// the device, which cannot be told apart; either way serving it would hand out
+    /// ciphertext to a client that may not expect it.
+    async fn check_servable(&self) -> Result<()> {
+        let i = &self.inner;
+        let spec = &i.spec;
+        let oid = i.object_name(0);
+        let ctx = |e: Error| e.context(format!("checking image {spec} for encryption"));
+        let Some(mut head) = i.data.read(&oid, 0, luks::PROBE_LEN).await.map_err(ctx)? else {
+            return Ok(());
+        };
+        if let Some(size) = luks::luks2_header_size(&head) {
+            if size > head.len() as u64 {
+                head = i
+                    .data
+                    .read(&oid, 0, size as usize)
+                    .await
+                    .map_err(ctx)?
+                    .unwrap_or_default();
+            }
+        }
+        let Some(h) = luks::parse(&head) else {
+            return Ok(());
+        };
+        let v = h.version;
+        let librbd = h.is_librbd_layout(i.object_size());
+        let first_note = || {
+            i.luks_noted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.to_string())
+        };
+        if i.allow_encrypted {
+            if first_note() {
+                tracing::warn!(
+                    "image {spec} starts with a LUKS{v} header (data offset {}); serving the \
+                     raw LUKS volume (--allow-encrypted): clients see the header and ciphertext",
+                    h.data_offset
+                );
+            }
+            return Ok(());
+        }
+        // librbd's own layouts are not always distinguishable from cryptsetup's (LUKS2 on
+        // objects of 16 MiB or less, the default 4 MiB included, puts its data at 16 MiB
+        // exactly as `cryptsetup luksFormat` does), so every LUKS volume at offset 0 is
+        // refused until the user says it is theirs to serve raw.
+        let who = if librbd {
+            format!("it is encrypted by librbd (rbd encryption format, LUKS{v})")
+        } else {
+            format!(
+                "it starts with a LUKS{v} header (data at {} bytes), made by `rbd encryption \
+                 format` or by cryptsetup on the device, which cannot be told apart",
+                h.data_offset
+            )
+        };
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "image {spec} not served: {who}; rados-nbd has no client-side encryption and \
+                 would serve ciphertext; pass --allow-encrypted to serve the raw LUKS volume \
+                 (right for a volume cryptsetup made on the device)"
+            ),
+        ))
+    }
+
+    fn owner_requests(&self) -> Option<mpsc::UnboundedReceiver<OwnerRequest>> {
+        let i = &self.inner;
+        if i.mode != OpenMode::ReadWrite || i.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut slot = i.owner_tx.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        *slot = Some(tx);
+        Some(rx)
+    }
+
+    async fn set_size(&self, size: u64) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let r = i
+            .meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "set_size",
+                &cls::Enc::new().u64(size).done(),
+            )
+            .await;
+        i.noting_fence(r)
+            .map_err(|e| e.context(format!("setting the size of image {}", i.spec)))?;
+        i.header.write().unwrap_or_else(|p| p.into_inner()).size = size;
+        // Other watchers (librbd clients, `rbd info --watch`...) re-read the header, as
+        // after librbd's own resize; nobody has to answer.
+        let (meta, oid) = (i.meta.clone(), i.hdr_oid.clone());
+        tokio::spawn(async move {
+            let _ = meta
+                .notify(&oid, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
+                .await;
+        });
+        Ok(())
+    }
+
+    async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
+        let i = &self.inner;
+        // A fenced handle must not clear the invalid flag the new owner relies on.
+        i.check_readable()?;
+        let snap = i.snap_id.unwrap_or(cls::NOSNAP);
+        let r = i
+            .meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "set_flags",
+                &cls::set_flags_in(value, mask, snap),
+            )
+            .await;
+        i.noting_fence(r)
+            .map_err(|e| e.context(format!("setting flags of image {}", i.spec)))?;
+        let mut h = i.header.write().unwrap_or_else(|p| p.into_inner());
+        h.flags = (h.flags & !mask) | (value & mask);
+        Ok(())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        let i = &self.inner;
+        match i
+            .meta
+            .exec_read(&i.hdr_oid, RBD, "metadata_get", &cls::string_in(key))
+            .await
+        {
+            Ok(b) => Ok(Some(cls::string_out(&b, "rbd.metadata_get reply")?)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.context(format!("reading metadata {key} of image {}", i.spec))),
+        }
+    }
+
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let i = &self.inner;
+        i.meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "metadata_set",
+                &cls::metadata_set_in(&[(key, value)]),
+            )
+            .await
+            .map_err(|e| e.context(format!("setting metadata {key} of image {}", i.spec)))
+    }
+
+    async fn read(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        snap: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let i = &self.inner;
+        let len = usize::try_from(len).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("read length {len} too large"),
+            )
+        })?;
+        i.check_readable()?;
+        let io = i.reader(snap)?;
+        let r = io.read(&i.object_name(objno), off, len).await;
+        Ok(i.noting_fence(r)?.map(Bytes::from))
+    }
+
+    async fn write(&self, objno: u64, off: u64, data: Bytes, _durable: bool) -> Result<()> {
+        // RADOS acknowledges a write once it is durable on every replica, so FUA is free.
+        let i = &self.inner;
+        i.check_writable()?;
+        let osize = i.object_size();
+        let mut op = WriteOp::new();
+        op.set_alloc_hint(osize, osize).write(off, &data);
+        let r = i.data.operate(&i.object_name(objno), op, "write").await;
+        i.noting_fence(r)
+    }
+
+    async fn zero(&self, objno: u64, off: u64, len: u64, _durable: bool) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let osize = i.object_size();
+        let mut op = WriteOp::new();
+        // assert_exists: truncate would otherwise create a missing object.
+        op.assert_exists();
+        if off.saturating_add(len) >= osize {
+            op.truncate(off);
+        } else {
+            op.zero(off, len);
+        }
+        match i.data.operate(&i.object_name(objno), op, "zero").await {
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            r => i.noting_fence(r),
+        }
+    }
+
+    async fn remove(&self, objno: u64, _durable: bool) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let r = i.data.remove(&i.object_name(objno)).await;
+        i.noting_fence(r).map(|_| ())
+    }
+
+    async fn sync(&self) -> Result<()> {
+        // Nothing is acknowledged before it is durable in RADOS.
+        Ok(())
+    }
+
+    async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
+        let i = &self.inner;
+        let prefix = format!("rbd_data.{}.", i.id);
+        let names = i.meta.list_objects(&prefix).await?;
+        let mut objs: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .filter(|hex| hex.len() == 16)
+            .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+            .collect();
+        objs.sort_unstable();
+        let snap = snap.or(i.snap_id);
+        let Some(s) = snap else { return Ok(objs) };
+        // At a snapshot an object listed now may not have existed yet: ask the snapshot.
+        let io = i.reader(Some(s))?;
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let id = i.id.clone();
+        for_each_parallel(objs, |objno| {
+            let (io, found, id) = (io.clone(), found.clone(), id.clone());
+            async move {
+                let name = format!("rbd_data.{id}.{objno:016x}");
+                if io.stat(&name).await?.is_some() {
+                    found.lock().unwrap_or_else(|p| p.into_inner()).push(objno);
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Without snapshots every listed object is EXISTS (librbd computes the same), so the
+    /// pool listing is enough. With snapshots, librbd's computation needs each object's
+    /// snap set (`list_snaps`): which objects were written since the newest snapshot, and
+    /// which listed objects only clones keep (removed from the head since a snapshot).
+    async fn list_object_states(
+        &self,
+        snap: Option<u64>,
+    ) -> Result<Vec<(u64, objmap::ObjectState)>> {
+        let i = &self.inner;
+        let h = self.header();
+        if h.snaps.is_empty() {
+            let objs = self.list_objects(snap).await?;
+            return Ok(objs
+                .into_iter()
+                .map(|o| (o, objmap::ObjectState::Exists))
+                .collect());
+        }
+        let objs = self.list_objects(None).await?;
+        let ids: Vec<u64> = h.snaps.iter().map(|s| s.id).collect();
+        let at = snap
+            .or(i.snap_id)
+            .unwrap_or(crate::store::snapset::SNAP_HEAD);
+        snaps::object_states(
+            &i.meta,
+            &h.object_prefix,
+            objs,
+            at,
+            &ids,
+            h.features & RBD_FEATURE_FAST_DIFF != 0,
+            &i.spec.to_string(),
+        )
+        .await
+    }
+
+    async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
+        let i = &self.inner;
+        i.check_readable()?;
+        let oid = object_map_oid(&i.id, snap.or(i.snap_id));
+        let st = i.meta.stat(&oid).await;
+        let Some(st) = i.noting_fence(st)? else {
+            return Ok(None);
+        };
+        let len = usize::try_from(st.size).map_err(|_| {
+            Error::new(ErrorKind::Corrupt, format!("object map {oid} is too large"))
+        })?;
+        let data = i.meta.read(&oid, 0, len).await?.unwrap_or_default();
+        if data.len() != len {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("object map {oid}: read {} of {len} bytes", data.len()),
+            ));
+        }
+        Ok(Some(data))
+    }
+
+    /// cls_rbd's `object_map_save` decodes the map and writes it back with crcs using
+    /// `write_full`; our bytes are already that encoding (objmap is checked byte for byte
+    /// against maps written by Ceph), so a plain `write_full` stores the same object.
+    async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let oid = object_map_oid(&i.id, None);
+        let mut op = WriteOp::new();
+        op.write_full(&data);
+        let r = i.meta.operate(&oid, op, "write_full").await;
+        i.noting_fence(r)
+    }
+
+    async fn close(&self) -> Result<()> {
+        let i = &self.inner;
+        if i.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // No more requests for the owner: the image layer's loop ends.
+        i.owner_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(state) = i.lock.lock().await.take() else {
+            return Ok(());
+        };
+        let _ = state.stop.send(true);
+        // Our AcquiredLock notify may still be waiting for acks (ours among them: the
+        // watch still answers it); it ends within its own timeout.
+        if let Some(n) = state.acquired_notify {
+            let _ = n.await;
+        }
+        // The event task sees `stop` once what it is doing (a header refresh) is done;
+        // a re-registration in progress may take longer, so the wait is bounded.
+        if let Some(ev) = state.events {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ev).await;
+        }
+        if i.is_fenced() {
+            // The lock is someone else's now: no unlock, no notify. Only our watch is
+            // ended (librados would otherwise keep re-registering it), bounded, since a
+            // blocklisted client may wait on the OSD for nothing.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                i.meta.unwatch(state.watch),
+            )
+            .await;
+            return Err(i.fenced_error());
+        }
+        let unlocked = i
+            .meta
+            .exec_write(
+                &i.hdr_oid,
+                LOCK,
+                "unlock",
+                &cls::unlock_in(cls::RBD_LOCK_NAME, &state.cookie),
+            )
+            .await;
+        // Waiting librbd clients retry on ReleasedLock instead of after their timeout.
+        let gid = i.meta.cluster().instance_id();
+        let msg = cls::lock_notify(cls::NOTIFY_OP_RELEASED_LOCK, gid, state.watch.cookie);
+        let _ = i.meta.notify(&i.hdr_oid, &msg, 1000).await;
+        let unwatched = i.meta.unwatch(state.watch).await;
+        unlocked.map_err(|e| e.context(format!("unlocking image {}", i.spec)))?;
+        unwatched.map_err(|e| e.context(format!("closing image {}", i.spec)))?;
+        tracing::info!(image = %i.spec, "released {}", lock_name(i.mode));
+        Ok(())
+    }
+}

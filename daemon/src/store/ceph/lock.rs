@@ -1,0 +1,625 @@
+//! The exclusive lock, the header watch and notifies: taking `rbd_lock` as librbd does,
+//! breaking a dead owner's lock after fencing it, keeping the lock across a lost watch,
+//! answering and carrying out requests addressed to the lock owner, and fencing our own
+//! handle once the lock is lost.
+
+use super::header::refresh;
+use super::image::Inner;
+use super::rados::{self, errno_of, is_blocklisted, Watch, WatchEvent};
+use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{OpenMode, OwnerRequest};
+use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use tokio::sync::mpsc;
+
+/// How long an open waits for the watch of a lock owner that does not answer (a killed or
+/// stopped client) to be dropped by the OSD, which takes `osd_client_watch_timeout` (30 s
+/// by default) after its last ping, before giving up with "in use". The environment
+/// variable `RADOS_NBD_LOCK_WAIT_SECS` overrides it (tests, clusters with a longer timeout).
+const LOCK_WAIT_SECS: u64 = 45;
+/// While waiting: how long each re-check gives the owner to answer, and the pause between.
+const LOCK_RECHECK_NOTIFY_MS: u64 = 1000;
+const LOCK_RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+pub(super) struct LockState {
+    pub(super) watch: Watch,
+    pub(super) cookie: String,
+    pub(super) stop: tokio::sync::watch::Sender<bool>,
+    /// The AcquiredLock notify sent after taking the lock: `close` waits for it, so no
+    /// notify of ours is still out when the handle (and maybe the cluster) goes.
+    pub(super) acquired_notify: Option<tokio::task::JoinHandle<()>>,
+    /// The `watch_events` task: `close` stops it and waits for it, so it holds no
+    /// reference to the handle (a header refresh still out, say) once close returns. A
+    /// task dropped at runtime shutdown with the last reference would shut the cluster
+    /// connection down under that operation (a SIGSEGV in librados' messenger thread).
+    pub(super) events: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Inner {
+    /// Whether requests addressed to the lock owner are taken (ours is an exclusive,
+    /// read-write open whose image layer serves them).
+    fn takes_owner_requests(&self) -> bool {
+        self.mode == OpenMode::ReadWrite
+            && !self.closed.load(Ordering::SeqCst)
+            && self
+                .owner_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+}
+
+/// Takes the image's exclusive lock the way librbd does: a watch on the header, then
+/// cls_lock `rbd_lock` (exclusive, tag `internal`, cookie `auto <watch handle>`); for
+/// SharedWrite the same lock taken shared with our own tag (see `lock_kind`).
+pub(super) async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
+    let spec = &inner.spec;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let watch = inner
+        .meta
+        .watch(&inner.hdr_oid, replier(inner), tx.clone())
+        .await
+        .map_err(|e| e.context(format!("opening image {spec}")))?;
+    let cookie = cls::lock_cookie(watch.cookie);
+    if let Err(e) = take_lock(inner, &cookie).await {
+        let _ = inner.meta.unwatch(watch).await;
+        return Err(e);
+    }
+    let gid = inner.meta.cluster().instance_id();
+    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {}", lock_name(inner.mode));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let handle = watch.cookie;
+    let mut state = inner.lock.lock().await;
+    *state = Some(LockState {
+        watch,
+        cookie,
+        stop: stop_tx,
+        acquired_notify: None,
+        events: None,
+    });
+    let events = tokio::spawn(watch_events(Arc::downgrade(inner), rx, tx, stop_rx));
+    // Tell waiting librbd clients, as librbd does; nobody has to answer.
+    let meta = inner.meta.clone();
+    let oid = inner.hdr_oid.clone();
+    let acquired_notify = tokio::spawn(async move {
+        let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
+        let _ = meta.notify(&oid, &msg, NOTIFY_TIMEOUT_MS).await;
+    });
+    if let Some(st) = state.as_mut() {
+        st.acquired_notify = Some(acquired_notify);
+        st.events = Some(events);
+    }
+    Ok(())
+}
+
+/// The watch's replier for this image: whether resizes are taken can change after the
+/// watch is registered (the image layer starts taking them once it is serving).
+fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
+    let inner = Arc::downgrade(inner);
+    Box::new(move |notifier, payload| {
+        let takes = inner.upgrade().is_some_and(|i| i.takes_owner_requests());
+        reply_to_notify(notifier, payload, takes)
+    })
+}
+
+/// Runs on librados' callback thread. A resize is accepted (0) when `takes_resize`, and
+/// carried out by `watch_events`, which then sends AsyncComplete, as librbd's owner does.
+/// Other requests addressed to the lock owner get -EROFS (we do not hand the lock over,
+/// like `rbd-nbd --exclusive`; snapshots and the like are not done by us); the rest are
+/// acked empty.
+fn reply_to_notify(_notifier: u64, payload: &[u8], takes_resize: bool) -> Vec<u8> {
+    match cls::notify_op(payload) {
+        Ok(cls::NOTIFY_OP_RESIZE) if takes_resize && cls::resize_request(payload).is_ok() => {
+            cls::response_message(0)
+        }
+        Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
+        _ => Vec::new(),
+    }
+}
+
+/// Carries out a resize librbd asked for (accepted in `reply_to_notify`), then tells the
+/// asker with AsyncComplete, as librbd's lock owner does.
+fn start_resize(inner: &Arc<Inner>, req: cls::ResizeRequest, notifier_id: u64) {
+    let tx = inner
+        .owner_tx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(tx) = tx else {
+        tracing::info!(image = %inner.spec, "refused resize from client.{notifier_id}: not serving requests");
+        return;
+    };
+    if !inner
+        .owner_pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(req.id)
+    {
+        return; // Sent again while we are at it: one answer will come.
+    }
+    tracing::info!(image = %inner.spec, "resize to {} bytes asked by client.{notifier_id}", req.size);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let r = match tx.send(OwnerRequest::Resize {
+            size: req.size,
+            allow_shrink: req.allow_shrink,
+            done,
+        }) {
+            Err(_) => Err(Error::new(ErrorKind::Io, "the image is closing")),
+            Ok(()) => rx
+                .await
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the image closed first"))),
+        };
+        let result = match &r {
+            Ok(()) => 0,
+            Err(e) => -errno_for_librbd(e),
+        };
+        let msg = cls::async_complete_notify(req.id, result);
+        if let Err(e) = inner
+            .meta
+            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+            .await
+        {
+            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its resize is done: {e}");
+        }
+        inner
+            .owner_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.id);
+    });
+}
+
+/// The errno librbd gets for an error of ours: librados' own when it came from there.
+fn errno_for_librbd(e: &Error) -> i32 {
+    if let Some(n) = errno_of(e) {
+        return n.abs();
+    }
+    match e.kind {
+        ErrorKind::InvalidInput => EINVAL,
+        ErrorKind::ReadOnly => EROFS,
+        ErrorKind::Unsupported => EOPNOTSUPP,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::Busy => EBUSY,
+        _ => EIO,
+    }
+}
+
+pub(super) fn lock_name(mode: OpenMode) -> &'static str {
+    if mode == OpenMode::SharedWrite {
+        "shared-write lock"
+    } else {
+        "exclusive lock"
+    }
+}
+
+/// The kind and tag of the lock a mode takes on `rbd_lock`. Shared writers take it shared
+/// with their own tag: they coexist with each other, and a librbd client (which wants it
+/// exclusive with tag `internal`) or a ReadWrite opener is kept out, and vice versa.
+fn lock_kind(mode: OpenMode) -> (u8, &'static str) {
+    if mode == OpenMode::SharedWrite {
+        (cls::LOCK_SHARED, cls::SHARED_LOCK_TAG)
+    } else {
+        (cls::LOCK_EXCLUSIVE, cls::RBD_LOCK_TAG)
+    }
+}
+
+async fn try_lock(inner: &Inner, cookie: &str) -> Result<()> {
+    let (kind, tag) = lock_kind(inner.mode);
+    let input = cls::lock_in(cls::RBD_LOCK_NAME, kind, cookie, tag, "");
+    inner
+        .meta
+        .exec_write(&inner.hdr_oid, LOCK, "lock", &input)
+        .await
+}
+
+/// Up to how long `take_lock` waits for a silent owner's watch to expire.
+fn lock_wait() -> std::time::Duration {
+    let secs = std::env::var("RADOS_NBD_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(LOCK_WAIT_SECS);
+    std::time::Duration::from_secs(secs)
+}
+
+pub(super) async fn get_lock_info(inner: &Inner) -> Result<cls::LockInfo> {
+    let b = inner
+        .meta
+        .exec_read(
+            &inner.hdr_oid,
+            LOCK,
+            "get_info",
+            &cls::get_info_in(cls::RBD_LOCK_NAME),
+        )
+        .await?;
+    cls::get_info_out(&b)
+}
+
+/// Takes `rbd_lock`; a lock whose owner is dead is broken the way librbd's
+/// managed_lock::BreakRequest does it: the owner must have no watch left on the header
+/// (a watch that does not answer is waited for, up to [`lock_wait`], until the OSD drops
+/// it), then its address is blocklisted, so that nothing it still sends (requests queued
+/// in a stopped process) can land after ours, and only then is the lock broken. An owner
+/// that answers is alive: the open is refused ("in use"), as we do not ask it to hand the
+/// lock over.
+async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
+    let spec = &inner.spec;
+    let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(EEXIST));
+    let ctx = |e: Error| e.context(format!("locking image {spec}"));
+    // Rounds: each after breaking a stale lock (or after a racing release).
+    for _round in 0..3 {
+        match try_lock(inner, cookie).await {
+            Ok(()) => return Ok(()),
+            Err(e) if busy_errno(&e) => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        let info = get_lock_info(inner).await.map_err(ctx)?;
+        if info.lockers.is_empty() {
+            continue;
+        }
+        let known = (info.kind == cls::LOCK_EXCLUSIVE && info.tag == cls::RBD_LOCK_TAG)
+            || (info.kind == cls::LOCK_SHARED && info.tag == cls::SHARED_LOCK_TAG);
+        if !known {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {spec} is locked by {} (tag {:?}): not a lock of librbd or rados-nbd, refusing",
+                    info.lockers[0], info.tag
+                ),
+            ));
+        }
+        let held = if info.kind == cls::LOCK_SHARED {
+            "shared-write (rados-nbd)"
+        } else {
+            "exclusive"
+        };
+        let mut handles = Vec::new();
+        for locker in &info.lockers {
+            let handle = cls::parse_lock_cookie(&locker.cookie).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "image {spec} is locked by {locker}, which is not a librbd lock cookie"
+                    ),
+                )
+            })?;
+            handles.push((u64::try_from(locker.entity_num).unwrap_or(u64::MAX), handle));
+        }
+        // Who still watches the header? A notify reaches every registered watch: an owner
+        // that acks is alive; one listed as timed out still has a watch but is silent
+        // (killed, stopped, cut off): wait for the OSD to drop it, re-checking.
+        let mut waited: Option<(std::time::Instant, std::time::Duration)> = None;
+        let mut notify_ms = NOTIFY_TIMEOUT_MS;
+        loop {
+            let watchers = inner
+                .meta
+                .notify(&inner.hdr_oid, &cls::header_update_notify(), notify_ms)
+                .await
+                .map_err(ctx)?;
+            let mut silent = None;
+            for (locker, &(gid, handle)) in info.lockers.iter().zip(&handles) {
+                if watchers.acks.iter().any(|a| a.0 == gid && a.1 == handle) {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "image {spec} is in use: {held} lock held by {locker}, which is alive"
+                        ),
+                    ));
+                }
+                if watchers
+                    .timeouts
+                    .iter()
+                    .any(|t| t.0 == gid && t.1 == handle)
+                {
+                    silent = Some(locker);
+                }
+            }
+            let Some(locker) = silent else { break };
+            let addr = locker.address.as_deref().unwrap_or("unknown address");
+            match waited {
+                None => {
+                    let wait = lock_wait();
+                    tracing::info!(image = %spec, %locker, address = addr,
+                        "{held} lock held by a client whose watch is still registered but does not answer \
+                         (killed or stopped); waiting up to {} s for the OSD to drop its watch \
+                         (osd_client_watch_timeout), then fencing it", wait.as_secs());
+                    waited = Some((std::time::Instant::now(), wait));
+                }
+                Some((t0, wait)) if t0.elapsed() >= wait => {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "image {spec} is in use: {held} lock held by {locker} at {addr}, whose watch is \
+                             still registered after {} s but does not answer (a dead client whose \
+                             watch outlives osd_client_watch_timeout, or a stopped one); retry later \
+                             (RADOS_NBD_LOCK_WAIT_SECS sets the wait)",
+                            wait.as_secs()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(LOCK_RECHECK_PAUSE).await;
+            notify_ms = LOCK_RECHECK_NOTIFY_MS;
+        }
+        if let Some((t0, _)) = waited {
+            tracing::info!(image = %spec, "the silent owner's watch is gone after {:.1} s", t0.elapsed().as_secs_f64());
+            // The lock may have changed hands meanwhile: only break what was checked.
+            let now = get_lock_info(inner).await.map_err(ctx)?;
+            if now.lockers != info.lockers {
+                continue;
+            }
+        }
+        for locker in &info.lockers {
+            fence_and_break(inner, locker, held).await?;
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!("image {spec}: could not take the exclusive lock (another client keeps taking it)"),
+    ))
+}
+
+/// Blocklists a dead lock owner's address, then breaks its lock (librbd's BreakRequest
+/// with `rbd_blocklist_on_break_lock`, expiry `rbd_blocklist_expire_seconds` = 0: the
+/// cluster's default).
+async fn fence_and_break(inner: &Inner, locker: &cls::Locker, held: &str) -> Result<()> {
+    let spec = &inner.spec;
+    let Some(addr) = locker.address.as_deref() else {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "image {spec}: the {held} lock of {locker} records no address, so its owner cannot be \
+                 fenced; if it is surely dead, remove the lock with `rbd lock rm`"
+            ),
+        ));
+    };
+    let me = inner.meta.cluster().instance_id();
+    if u64::try_from(locker.entity_num) == Ok(me) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("image {spec}: the {held} lock is held by this very client ({locker}); refusing to blocklist ourselves"),
+        ));
+    }
+    tracing::warn!(image = %spec, %locker, address = addr,
+        "breaking the stale {held} lock of a dead owner: blocklisting {addr} first (fencing it off)");
+    if let Err(e) = inner.meta.cluster().blocklist_add(addr, 0).await {
+        let denied = matches!(errno_of(&e), Some(EPERM) | Some(EACCES));
+        return Err(if denied {
+            Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {spec}: may not blocklist the dead lock owner {locker} at {addr} before \
+                     breaking its lock: the client needs the mon cap 'profile rbd' (or \
+                     'allow command \"osd blocklist\" with blocklistop=add'): {e}"
+                ),
+            )
+        } else {
+            e.context(format!(
+                "image {spec}: blocklisting the dead lock owner {locker} at {addr}"
+            ))
+        });
+    }
+    match inner
+        .meta
+        .exec_write(
+            &inner.hdr_oid,
+            LOCK,
+            "break_lock",
+            &cls::break_lock_in(cls::RBD_LOCK_NAME, locker),
+        )
+        .await
+    {
+        Ok(())
+        | Err(Error {
+            kind: ErrorKind::NotFound,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.context(format!("breaking the stale lock of image {spec}"))),
+    }
+}
+
+/// Follows the header watch: refreshes on header updates, re-registers a lost watch and
+/// moves the lock to the new cookie (librbd's ReacquireRequest).
+async fn watch_events(
+    inner: Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<WatchEvent>,
+    tx: mpsc::UnboundedSender<WatchEvent>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = stop.changed() => None,
+        };
+        let Some(ev) = ev else { return };
+        let Some(inner) = inner.upgrade() else { return };
+        match ev {
+            WatchEvent::Notify { notifier_id, data } => match cls::notify_op(&data) {
+                Ok(cls::NOTIFY_OP_RESIZE) if inner.takes_owner_requests() => {
+                    match cls::resize_request(&data) {
+                        Ok(req) => start_resize(&inner, req, notifier_id),
+                        Err(e) => {
+                            tracing::warn!(image = %inner.spec, "resize request from client.{notifier_id}: {e}")
+                        }
+                    }
+                }
+                Ok(cls::NOTIFY_OP_HEADER_UPDATE) => {
+                    if let Err(e) = refresh(&inner).await {
+                        tracing::warn!(image = %inner.spec, "refreshing header after an update notification: {e}");
+                    }
+                }
+                Ok(op) if cls::notify_wants_owner_reply(op) => {
+                    tracing::info!(image = %inner.spec, "refused request (op {op}) from client.{notifier_id}: the lock is held exclusively");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(image = %inner.spec, "undecodable header notification: {e}")
+                }
+            },
+            WatchEvent::Error { cookie, err } => {
+                if inner.is_fenced() {
+                    return;
+                }
+                if -err == rados::EBLOCKLISTED {
+                    inner.fence("blocklisted by the cluster");
+                    return;
+                }
+                tracing::warn!(image = %inner.spec, "header watch {cookie} lost (errno {}); re-registering", -err);
+                inner.reacquiring.store(true, Ordering::SeqCst);
+                let mut delay = std::time::Duration::from_millis(500);
+                loop {
+                    match rewatch(&inner, tx.clone()).await {
+                        Ok(()) => {
+                            tracing::info!(image = %inner.spec, "header watch re-registered; exclusive lock re-asserted");
+                            break;
+                        }
+                        Err(e) if is_blocklisted(&e) => {
+                            inner.fence("blocklisted by the cluster");
+                            inner.reacquiring.store(false, Ordering::SeqCst);
+                            return;
+                        }
+                        // The lock is no longer ours (broken by another client, or the
+                        // image is gone): never send anything again through this handle.
+                        Err(e) if lock_definitely_lost(&e) => {
+                            let why = match get_lock_info(&inner).await {
+                                Ok(i) if !i.lockers.is_empty() => {
+                                    let l = &i.lockers[0];
+                                    format!("lock broken, now held by {l}")
+                                }
+                                Ok(_) => format!("lock broken by another client ({e})"),
+                                Err(_) => e.to_string(),
+                            };
+                            inner.fence(&why);
+                            inner.reacquiring.store(false, Ordering::SeqCst);
+                            return;
+                        }
+                        // Unreachable OSD, timeouts: keep trying, writes wait with EIO.
+                        Err(e) => {
+                            tracing::warn!(image = %inner.spec, "re-registering the header watch: {e}; retrying in {delay:?}");
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = stop.changed() => return,
+                            }
+                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        }
+                    }
+                }
+                inner.reacquiring.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Errors after which the lock is not ours any more: cls_lock's set_cookie answers ENOENT
+/// when no lock with our old cookie exists (someone broke it) and EBUSY when it cannot be
+/// moved; a missing header means the image was removed.
+fn lock_definitely_lost(e: &Error) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::NotFound | ErrorKind::Busy | ErrorKind::AlreadyExists
+    )
+}
+
+async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> Result<()> {
+    let mut guard = inner.lock.lock().await;
+    let Some(state) = guard.as_mut() else {
+        return Ok(());
+    };
+    let new = inner.meta.watch(&inner.hdr_oid, replier(inner), tx).await?;
+    let new_cookie = cls::lock_cookie(new.cookie);
+    let (kind, tag) = lock_kind(inner.mode);
+    let input = cls::set_cookie_in(cls::RBD_LOCK_NAME, kind, &state.cookie, tag, &new_cookie);
+    let old = std::mem::replace(&mut state.watch, new);
+    let _ = inner.meta.unwatch(old).await;
+    inner
+        .meta
+        .exec_write(&inner.hdr_oid, LOCK, "set_cookie", &input)
+        .await?;
+    state.cookie = new_cookie;
+    Ok(())
+}
+
+impl Inner {
+    pub(super) fn is_fenced(&self) -> bool {
+        self.lost_lock.load(Ordering::SeqCst)
+    }
+
+    /// The lock is not ours any more (broken by another client, which blocklisted us or
+    /// not): from now on nothing is sent to the cluster through this handle and every read
+    /// and write fails with EIO, so that nothing lands over the new owner's writes and no
+    /// client reads data the new owner is changing. Logged once, whoever notices first.
+    pub(super) fn fence(&self, why: &str) {
+        if !self.lost_lock.swap(true, Ordering::SeqCst) {
+            tracing::error!(image = %self.spec, "lost the {} ({why}): nothing more is sent to the cluster; \
+                reads and writes now fail with EIO", lock_name(self.mode));
+        }
+    }
+
+    /// Passes `r` on, fencing the handle first when it says we are blocklisted (librados
+    /// fails every operation of a blocklisted client with ESHUTDOWN).
+    pub(super) fn noting_fence<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if is_blocklisted(e) {
+                self.fence("blocklisted by the cluster");
+            }
+        }
+        r
+    }
+
+    pub(super) fn fenced_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "image {}: the {} was lost (fenced by another client); I/O refused",
+                self.spec,
+                lock_name(self.mode)
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_replies() {
+        for takes in [false, true] {
+            assert_eq!(
+                reply_to_notify(
+                    1,
+                    &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
+                    takes
+                ),
+                cls::response_message(-30),
+                "the lock is never handed over"
+            );
+            assert!(reply_to_notify(1, &cls::header_update_notify(), takes).is_empty());
+            assert!(reply_to_notify(1, &[], takes).is_empty());
+        }
+        let id = cls::AsyncRequestId {
+            gid: 1,
+            handle: 2,
+            request_id: 3,
+        };
+        let resize = cls::resize_notify(1 << 30, id, false);
+        assert_eq!(
+            reply_to_notify(1, &resize, true),
+            cls::response_message(0),
+            "accepted; AsyncComplete follows"
+        );
+        assert_eq!(
+            reply_to_notify(1, &resize, false),
+            cls::response_message(-30)
+        );
+        assert_ne!(
+            reply_to_notify(1, &resize[..resize.len() - 3], true),
+            cls::response_message(0),
+            "an undecodable resize is never accepted"
+        );
+    }
+}
