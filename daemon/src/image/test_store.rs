@@ -35,6 +35,9 @@ pub(super) struct MemImage {
     snap: Option<u64>,
     /// Check every data operation against the map while the flag is clear (see `audit`).
     audit: bool,
+    /// How long `sync` and `set_flags` take (a slow disk or OSD): widens the windows
+    /// where a checkpoint and requests interleave.
+    slow: Option<std::time::Duration>,
 }
 
 impl MemImage {
@@ -68,6 +71,7 @@ impl MemImage {
             })),
             snap: None,
             audit: false,
+            slow: None,
         }
     }
 
@@ -75,6 +79,18 @@ impl MemImage {
     pub(super) fn audited(mut self) -> Self {
         self.audit = true;
         self
+    }
+
+    /// This handle, taking `d` for each `sync` and `set_flags`.
+    pub(super) fn slowed(mut self, d: std::time::Duration) -> Self {
+        self.slow = Some(d);
+        self
+    }
+
+    async fn take_time(&self) {
+        if let Some(d) = self.slow {
+            tokio::time::sleep(d).await;
+        }
     }
 
     /// Takes snapshot `name` (id `id`) of the head's size, with these header flags, map
@@ -186,6 +202,7 @@ impl ImageStore for MemImage {
     }
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
         assert!(self.snap.is_none(), "a snapshot's flags are never set");
+        self.take_time().await;
         self.note(format!("set_flags({value})"));
         let mut s = self.lock();
         s.header.flags = (s.header.flags & !mask) | (value & mask);
@@ -246,6 +263,7 @@ impl ImageStore for MemImage {
         Ok(())
     }
     async fn sync(&self) -> Result<()> {
+        self.take_time().await;
         self.note("sync");
         Ok(())
     }
