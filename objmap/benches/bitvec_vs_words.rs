@@ -1,5 +1,5 @@
-//! Issue 3 asked for "packed 2 bits per object (`bitvec` or plain words, whichever is
-//! faster: measure)". This bench is that measurement: the same operations on our
+//! Packed 2 bits per object, as `bitvec` or as plain words: whichever is faster, measured.
+//! This bench is that measurement: the same operations on our
 //! plain-words `ObjectMap` and on the `bitvec` crate (1.x, Ceph's MSB-first order), in the
 //! same run. `cargo bench -p objmap --bench bitvec_vs_words`.
 //!

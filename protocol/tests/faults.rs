@@ -62,6 +62,16 @@ impl Backend for Faulty {
 
 type Task = tokio::task::JoinHandle<Result<(), ProtocolError>>;
 
+/// NBD_CMD_DISC, then the server's task must end cleanly within `T`.
+async fn disconnect(c: &mut Client, task: Task) {
+    c.request(0, CMD_DISC, 0, 0, 0).await;
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 fn start_faulty() -> (Client, Task, tokio::sync::watch::Sender<bool>) {
     let b = Arc::new(Faulty {
         inner: MemoryBackend::new(1 << 20),
@@ -110,12 +120,7 @@ async fn backend_errors_simple_replies() {
     c.request(0, CMD_READ, 8, 0, 5).await;
     assert_eq!(c.simple().await, (0, 8));
     assert_eq!(c.bytes(5).await, b"alive");
-    c.request(0, CMD_DISC, 0, 0, 0).await;
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    disconnect(&mut c, task).await;
 }
 
 #[tokio::test]
@@ -137,12 +142,7 @@ async fn backend_errors_structured_replies_carry_messages() {
     c.write(0, 3, NOSPC_AT, &[1; 16]).await;
     let e = c.chunk().await;
     assert_eq!(u32::from_be_bytes(e.data[..4].try_into().unwrap()), ENOSPC);
-    c.request(0, CMD_DISC, 0, 0, 0).await;
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    disconnect(&mut c, task).await;
 }
 
 #[tokio::test]

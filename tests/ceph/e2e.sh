@@ -318,7 +318,7 @@ check "resize: 100 offline resizes in a row, none crashes at exit" bash -c "
 rbd rm --no-progress e2e-r >/dev/null 2>&1
 
 # ---------------------------------------------------------------- fast-diff after partial discards
-# Issue 14.1: zeroing part of an object that is unchanged since the newest snapshot
+# Zeroing part of an object that is unchanged since the newest snapshot
 # (EXISTS_CLEAN) changes its bytes; librbd marks it EXISTS, so `rbd diff --whole-object
 # --from-snap` and an incremental backup (`rbd export-diff --whole-object`) see it.
 rbd create --size 32M e2e-fd
@@ -355,7 +355,7 @@ rbd snap purge e2e-fdb >/dev/null 2>&1; rbd rm --no-progress e2e-fdb >/dev/null 
 rbd snap purge e2e-fd >/dev/null 2>&1; rbd rm --no-progress e2e-fd >/dev/null 2>&1
 
 # ---------------------------------------------------------------- a read-only server beside a writer
-# Issue 14.2: `serve --read-only IMAGE` holds no lock, so another client may write the image
+# `serve --read-only IMAGE` holds no lock, so another client may write the image
 # meanwhile; objects created after it opened must read as what was written, not as holes.
 rbd create --size 32M e2e-ro
 serve e2e-ro

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fencing of a stale lock owner (issue 14): a daemon that stopped answering (SIGSTOP, kill -9)
+# Fencing of a stale lock owner: a daemon that stopped answering (SIGSTOP, kill -9)
 # must be blocklisted before its lock is broken, so that nothing it still has queued can land
 # over the new owner's acknowledged writes. Against the cluster named by $CEPH_CONF (run by
 # tests/ceph/run.sh; the cluster there has osd_client_watch_timeout = 15 s).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Object maps rebuilt on an image with snapshots (issue 14): a rebuild must give each object
+# Object maps rebuilt on an image with snapshots: a rebuild must give each object
 # the state librbd computes from its snap set, so objects not written since the newest
 # snapshot are EXISTS_CLEAN, and objects removed from the head since are NONEXISTENT.
 # Otherwise `rbd object-map check` invalidates the map and `rbd diff --from-snap` lists

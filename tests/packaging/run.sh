@@ -305,7 +305,7 @@ complete_words() { # complete_words WORD... : what bash would offer for the last
     echo "${COMPREPLY[*]}"' _ "$BASHC" "${words[@]}"
 }
 check "bash completion loads and registers rados-nbd" bash -c "source '$BASHC' && complete -p rados-nbd"
-# serve and its --read-only are part of the CLI contract (issue 2).
+# serve and its --read-only are part of the CLI contract.
 check "bash completion offers 'serve' for 'rados-nbd ser'" bash -c "[[ ' $(complete_words rados-nbd ser) ' == *' serve '* ]]"
 check "bash completion offers --read-only after 'rados-nbd serve --rea'" \
   bash -c "[[ ' $(complete_words rados-nbd serve --rea) ' == *' --read-only '* ]]"

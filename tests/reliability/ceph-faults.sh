@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Ceph OSD stopped mid-workload (issue 8): requests fail with EIO after the configured
+# The Ceph OSD stopped mid-workload: requests fail with EIO after the configured
 # op timeout instead of hanging, the daemon survives and keeps accepting clients, I/O resumes
 # when the OSD returns, and every acked write reads back (the journal of tests/reliability/
 # nbdtool.py is the oracle). Two ways of stopping it, one after the other on the same image:

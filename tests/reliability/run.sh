@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability and security tests of `rados-nbd serve` on the directory store (issue 8):
+# Reliability and security tests of `rados-nbd serve` on the directory store:
 # SIGKILL at random points of a write workload (20 times), ENOSPC and EIO from the store's
 # filesystem, 8 connections x QD 128 with fio verify, overlapping writers, hostile clients
 # with the daemon's memory watched, the connection limit, loopback-only TCP, unix socket
