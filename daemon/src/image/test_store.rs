@@ -53,6 +53,7 @@ impl MemImage {
             flags: 0,
             snap_seq: 0,
             snaps: vec![],
+            parent: None,
         };
         let mut maps = HashMap::new();
         if features & RBD_FEATURE_OBJECT_MAP != 0 {
@@ -111,6 +112,8 @@ impl MemImage {
                 id,
                 name: name.into(),
                 size,
+                protected: false,
+                timestamp: None,
             },
         );
         s.header.snap_seq = s.header.snap_seq.max(id);

@@ -60,6 +60,55 @@ pub struct SnapInfo {
     pub id: u64,
     pub name: String,
     pub size: u64,
+    /// `rbd snap protect`: a format-1 clone may be made of it, and it cannot be removed.
+    pub protected: bool,
+    /// When it was taken (seconds since the epoch), when the store records it.
+    pub timestamp: Option<u64>,
+}
+
+/// The parent of a clone: where reads of objects the clone lacks go (`rbd info`'s
+/// `parent:` and `overlap:` lines). Bytes `[0, overlap)` of the clone are backed by the
+/// parent's snapshot; past the overlap, objects the clone lacks read as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentInfo {
+    /// The parent image and its snapshot (`spec.snap` is the snapshot's name) as names,
+    /// resolved by the store from the ids the header holds.
+    pub spec: ImageSpec,
+    pub image_id: String,
+    pub snap_id: u64,
+    pub overlap: u64,
+}
+
+/// What a copy-up applies on top of the parent's data (see [`ImageStore::copyup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectWrite {
+    /// Nothing: copy-on-read, or flatten.
+    None,
+    Write {
+        off: u64,
+        data: Bytes,
+    },
+    /// Zeroes inside the object (deallocating where possible).
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    /// Cuts the object to `len` bytes (a discard to the object's end; 0 keeps an empty
+    /// object that hides the parent's data).
+    Truncate {
+        len: u64,
+    },
+}
+
+/// How `clone` makes a child (see [`Store::clone_image`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneOptions {
+    /// 1: the parent snapshot must be protected and the child is recorded in
+    /// `rbd_children`; 2: no protection needed, the child is recorded in the parent's
+    /// header (`rbd clone --rbd-default-clone-format`).
+    pub clone_format: u8,
+    pub features: u64,
+    pub order: u8,
 }
 
 /// What an image's header says (`rbd_header.<id>`).
@@ -76,6 +125,9 @@ pub struct ImageHeader {
     pub snap_seq: u64,
     /// Newest first, as in a snapshot context.
     pub snaps: Vec<SnapInfo>,
+    /// `Some` for a clone (for a handle opened at a snapshot: the parent that snapshot
+    /// had).
+    pub parent: Option<ParentInfo>,
 }
 
 impl ImageHeader {
@@ -152,6 +204,36 @@ pub trait Store: Send + Sync + 'static {
         spec: &ImageSpec,
         mode: OpenMode,
     ) -> impl Future<Output = Result<Self::Image>> + Send;
+
+    /// Makes `child` a clone of `parent` (whose `snap` names the snapshot): a new image
+    /// of the snapshot's size whose header names the parent, with an empty object map,
+    /// recorded as a child of the parent as `opts.clone_format` says.
+    fn clone_image(
+        &self,
+        parent: &ImageSpec,
+        child: &ImageSpec,
+        _opts: &CloneOptions,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!(
+            "{}: cloning {parent} into {child}",
+            self.describe()
+        ));
+        async move { Err(e) }
+    }
+
+    /// The clones of `parent@snap` (`rbd children`), as specs without a snapshot.
+    fn children(&self, parent: &ImageSpec) -> impl Future<Output = Result<Vec<ImageSpec>>> + Send {
+        let e = unsupported(format!("{}: listing children of {parent}", self.describe()));
+        async move { Err(e) }
+    }
+}
+
+/// The error of a store method a store does not implement (yet).
+pub fn unsupported(what: String) -> crate::error::Error {
+    crate::error::Error::new(
+        crate::error::ErrorKind::Unsupported,
+        format!("{what}: not supported by this store"),
+    )
 }
 
 /// One opened image: its header and its objects. `snap` arguments select a snapshot
@@ -275,4 +357,86 @@ pub trait ImageStore: Send + Sync + 'static {
 
     /// Releases the exclusive lock (and watch). After `close` the handle is unusable.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;
+
+    // --- Clones. A store without clones never reports a parent, so these are never
+    // called on it.
+
+    /// Opens this image's parent read-only at the parent snapshot (the next level of a
+    /// clone chain); `None` when the image is not a clone.
+    fn open_parent(&self) -> impl Future<Output = Result<Option<Self>>> + Send
+    where
+        Self: Sized,
+    {
+        async { Ok(None) }
+    }
+
+    /// Copy-up (librbd's CopyupRequest): makes object `objno` hold `parent_data` (the
+    /// ancestor's bytes of this object inside the overlap; may be empty) with `op`
+    /// applied on top, in one atomic step and only if the object does not exist yet; if
+    /// it already exists (copied up before), only `op` is applied. Ceph: `rbd.copyup`
+    /// and the op in one write operation with the image's snapshot context.
+    fn copyup(
+        &self,
+        objno: u64,
+        _parent_data: Bytes,
+        _op: ObjectWrite,
+        _durable: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!("copy-up of object {objno}"));
+        async move { Err(e) }
+    }
+
+    /// Flatten's last step: removes the link to the parent (and the parent's record of
+    /// this child), once every object the parent backed was copied up.
+    fn detach_parent(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Err(unsupported("detaching a clone from its parent".into())) }
+    }
+
+    // --- Snapshots, made by the holder of the exclusive lock (a read-write handle).
+    // The image layer keeps the object maps right around them.
+
+    /// Adds snapshot `name` of the head as it is now and returns its id; writes after
+    /// it go with the new snapshot context, so the snapshot keeps the data each object
+    /// had. The snapshot's object map is written by the caller (`write_snap_object_map`).
+    fn snap_create(&self, name: &str) -> impl Future<Output = Result<u64>> + Send {
+        let e = unsupported(format!("creating snapshot {name}"));
+        async move { Err(e) }
+    }
+
+    /// Removes snapshot `id`: its data (what only it kept), its object map, its record.
+    fn snap_remove(&self, id: u64) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!("removing snapshot {id}"));
+        async move { Err(e) }
+    }
+
+    fn snap_rename(&self, id: u64, _new_name: &str) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!("renaming snapshot {id}"));
+        async move { Err(e) }
+    }
+
+    /// `rbd snap protect` / `unprotect` (unprotect fails while the snapshot has clones).
+    fn snap_set_protected(
+        &self,
+        id: u64,
+        _protected: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!("protecting snapshot {id}"));
+        async move { Err(e) }
+    }
+
+    /// Replaces snapshot `snap`'s object map object, durably.
+    fn write_snap_object_map(
+        &self,
+        snap: u64,
+        _data: Vec<u8>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!("writing the object map of snapshot {snap}"));
+        async move { Err(e) }
+    }
+
+    /// Flags of snapshot `snap` (its OBJECT_MAP_INVALID says whether its map is trusted).
+    fn snap_flags(&self, snap: u64) -> impl Future<Output = Result<u64>> + Send {
+        let e = unsupported(format!("reading the flags of snapshot {snap}"));
+        async move { Err(e) }
+    }
 }

@@ -134,6 +134,8 @@ pub(super) async fn load_header(
             id: sid,
             name: info.name,
             size: info.size,
+            protected: false,
+            timestamp: None,
         });
     }
 
@@ -175,6 +177,7 @@ pub(super) async fn load_header(
             flags,
             snap_seq,
             snaps,
+            parent: None,
         },
         snap_id,
     ))

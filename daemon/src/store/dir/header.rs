@@ -56,8 +56,11 @@ impl HeaderFile {
                     id: s.id,
                     name: s.name.clone(),
                     size: s.size,
+                    protected: false,
+                    timestamp: None,
                 })
                 .collect(),
+            parent: None,
         }
     }
 }
