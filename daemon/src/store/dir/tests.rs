@@ -421,3 +421,317 @@ fn os_errors_map_to_kinds() {
     assert_eq!(k(libc::EIO), ErrorKind::Io);
     assert_eq!(k(libc::ENOENT), ErrorKind::NotFound);
 }
+
+// --- Snapshots and clones.
+
+/// A small-object image (4 KiB objects) for the snapshot tests.
+async fn small(s: &DirStore, name: &str, objects: u64) -> DirImage {
+    let o = CreateOptions {
+        size: objects << 12,
+        order: 12,
+        features: DEFAULT_FEATURES,
+    };
+    s.create_image(&spec(name), &o).await.unwrap();
+    open(s, name, OpenMode::ReadWrite).await
+}
+
+async fn get(img: &DirImage, objno: u64, snap: Option<u64>) -> Option<Vec<u8>> {
+    img.read(objno, 0, 1 << 12, snap)
+        .await
+        .unwrap()
+        .map(|b| b.to_vec())
+}
+
+fn b(s: &'static [u8]) -> Bytes {
+    Bytes::from_static(s)
+}
+
+#[tokio::test]
+async fn snapshots_keep_what_objects_had() {
+    use ObjectState::{Exists, ExistsClean};
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 4).await;
+    img.write(0, 0, b(b"aaaa"), false).await.unwrap();
+    img.write(2, 0, b(b"cc"), false).await.unwrap();
+    img.write(3, 0, b(b"dd"), false).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    assert_eq!(s1, 1);
+    // Overwrite, create, remove, zero: each first change after s1 keeps the old data.
+    img.write(0, 1, b(b"B"), false).await.unwrap();
+    img.write(0, 2, b(b"C"), false).await.unwrap();
+    img.write(1, 0, b(b"new"), false).await.unwrap();
+    img.remove(2, false).await.unwrap();
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.zero(3, 0, 2, false).await.unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"aaaa");
+    assert_eq!(get(&img, 0, Some(s2)).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 1, Some(s1)).await, None);
+    assert_eq!(get(&img, 1, Some(s2)).await.unwrap(), b"new");
+    assert_eq!(get(&img, 2, Some(s1)).await.unwrap(), b"cc");
+    assert_eq!(get(&img, 2, Some(s2)).await, None);
+    assert_eq!(get(&img, 2, None).await, None);
+    assert_eq!(get(&img, 3, Some(s2)).await.unwrap(), b"dd");
+    assert_eq!(get(&img, 3, None).await.unwrap(), [0, 0]);
+    assert_eq!(img.list_objects(None).await.unwrap(), [0, 1, 3]);
+    assert_eq!(img.list_objects(Some(s1)).await.unwrap(), [0, 2, 3]);
+    assert_eq!(img.list_objects(Some(s2)).await.unwrap(), [0, 1, 3]);
+    // librbd's states: written since the snapshot before = EXISTS, else EXISTS_CLEAN.
+    assert_eq!(
+        img.list_object_states(Some(s2)).await.unwrap(),
+        [(0, Exists), (1, Exists), (3, ExistsClean)]
+    );
+    assert_eq!(
+        img.list_object_states(None).await.unwrap(),
+        [(0, ExistsClean), (1, ExistsClean), (3, Exists)]
+    );
+    // IMAGE@SNAP opens read-only at that point in time, with its own map and flags.
+    img.write_snap_object_map(s1, vec![7, 7]).await.unwrap();
+    let ro = open(&s, "vm1@s1", OpenMode::ReadOnly).await;
+    assert_eq!(ro.read(0, 0, 4, None).await.unwrap().unwrap(), &b"aaaa"[..]);
+    assert_eq!(ro.read_object_map(None).await.unwrap().unwrap(), [7, 7]);
+    assert_eq!(ro.snap_flags(s1).await.unwrap(), 0);
+    assert_eq!(ro.list_objects(None).await.unwrap(), [0, 2, 3]);
+    let h = img.header();
+    assert_eq!(h.snap_seq, 2);
+    assert_eq!(
+        h.snaps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["s2", "s1"]
+    );
+    assert!(h.snaps[0].timestamp.is_some());
+    // Removing s1 drops what only it kept, its map and its record; s2 still reads right.
+    img.snap_remove(s1).await.unwrap();
+    assert!(img.read_object_map(Some(s1)).await.unwrap().is_none());
+    assert_eq!(
+        super::snap::versions_of(img.pool_dir(), &h.object_prefix, 2),
+        []
+    );
+    assert_eq!(get(&img, 0, Some(s2)).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 3, Some(s2)).await.unwrap(), b"dd");
+    img.snap_remove(s2).await.unwrap();
+    let pool = d.path().join("rbd");
+    let left: Vec<String> = std::fs::read_dir(&pool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains('@') || n.contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(get(&img, 3, None).await.unwrap(), [0, 0]);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_management_errors_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    let id = img.snap_create("s1").await.unwrap();
+    let e = img.snap_create("s1").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    img.snap_rename(id, "t1").await.unwrap();
+    assert_eq!(img.header().snaps[0].name, "t1");
+    img.snap_set_protected(id, true).await.unwrap();
+    assert!(img.header().snaps[0].protected);
+    let e = img.snap_remove(id).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(
+        e.message.contains("t1") && e.message.contains("protected"),
+        "{e}"
+    );
+    img.close().await.unwrap();
+    let e = s.remove_image(&spec("vm1")).await.unwrap_err();
+    assert!(e.message.contains("has 1 snapshot"), "{e}");
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    img.snap_set_protected(id, false).await.unwrap();
+    img.snap_remove(id).await.unwrap();
+    assert_eq!(
+        img.snap_remove(id).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    // A read-only handle makes none.
+    let ro = open(&s, "vm1", OpenMode::ReadOnly).await;
+    assert_eq!(
+        ro.snap_create("x").await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    img.close().await.unwrap();
+    s.remove_image(&spec("vm1")).await.unwrap();
+}
+
+/// A tiny deterministic generator (xorshift64*), so failures reproduce from the seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What the image should hold: the head and every snapshot, and when each object was
+/// changed (as the snapshot sequence at the time), for the map states.
+#[derive(Default)]
+struct Model {
+    head: BTreeMap<u64, Vec<u8>>,
+    snaps: BTreeMap<u64, BTreeMap<u64, Vec<u8>>>,
+    changed: BTreeMap<u64, Vec<u64>>,
+    seq: u64,
+}
+
+impl Model {
+    fn changed_in(&self, objno: u64, from: u64, to: u64) -> bool {
+        self.changed
+            .get(&objno)
+            .is_some_and(|v| v.iter().any(|&q| q >= from && q < to))
+    }
+
+    /// librbd's state of `objno` at `at` (None: the head), fast-diff on.
+    fn state(&self, objno: u64, at: Option<u64>) -> Option<ObjectState> {
+        let ids: Vec<u64> = self.snaps.keys().copied().collect();
+        let (content, prev, upto) = match at {
+            None => (&self.head, ids.last().copied(), u64::MAX),
+            Some(s) => (
+                &self.snaps[&s],
+                ids.iter().rev().find(|&&i| i < s).copied(),
+                s,
+            ),
+        };
+        content.get(&objno)?;
+        Some(match prev {
+            None => ObjectState::Exists,
+            Some(p) if self.changed_in(objno, p, upto) => ObjectState::Exists,
+            Some(_) => ObjectState::ExistsClean,
+        })
+    }
+}
+
+async fn check_model(img: &DirImage, m: &Model, objects: u64, what: &str) {
+    let views: Vec<Option<u64>> = std::iter::once(None)
+        .chain(m.snaps.keys().map(|&s| Some(s)))
+        .collect();
+    for at in views {
+        let content = at.map_or(&m.head, |s| &m.snaps[&s]);
+        let mut want_states = vec![];
+        for o in 0..objects {
+            let got = get(img, o, at).await;
+            assert_eq!(
+                got.as_ref(),
+                content.get(&o),
+                "{what}: object {o} at {at:?}"
+            );
+            if let Some(st) = m.state(o, at) {
+                want_states.push((o, st));
+            }
+        }
+        let got = img.list_object_states(at).await.unwrap();
+        assert_eq!(got, want_states, "{what}: states at {at:?}");
+    }
+}
+
+/// Random writes, zeros and removals interleaved with snapshot creation and removal
+/// (and reopening, and read-only handles held at snapshots while the head changes):
+/// every view reads what the model says, and rebuilt map states are librbd's.
+#[tokio::test]
+async fn generated_sequences_match_the_model() {
+    const OBJECTS: u64 = 5;
+    for seed in [1u64, 7, 42, 1234] {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::new(d.path());
+        let mut img = small(&s, "vm1", OBJECTS).await;
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut m = Model::default();
+        let mut held: Vec<(DirImage, u64)> = vec![];
+        for step in 0..160 {
+            let what = format!("seed {seed} step {step}");
+            let o = rng.below(OBJECTS);
+            match rng.below(20) {
+                0..=8 => {
+                    let off = rng.below(4096);
+                    let len = 1 + rng.below((4096 - off).min(600));
+                    let byte = 1 + rng.below(255) as u8;
+                    img.write(
+                        o,
+                        off,
+                        Bytes::from(vec![byte; len as usize]),
+                        rng.below(4) == 0,
+                    )
+                    .await
+                    .unwrap();
+                    let v = m.head.entry(o).or_default();
+                    if v.len() < (off + len) as usize {
+                        v.resize((off + len) as usize, 0);
+                    }
+                    v[off as usize..(off + len) as usize].fill(byte);
+                    m.changed.entry(o).or_default().push(m.seq);
+                }
+                9..=11 => {
+                    let off = rng.below(4096);
+                    let len = 1 + rng.below(4096 - off);
+                    img.zero(o, off, len, false).await.unwrap();
+                    if let Some(v) = m.head.get_mut(&o) {
+                        let end = ((off + len) as usize).min(v.len());
+                        if (off as usize) < end {
+                            v[off as usize..end].fill(0);
+                        }
+                        m.changed.entry(o).or_default().push(m.seq);
+                    }
+                }
+                12..=13 => {
+                    img.remove(o, false).await.unwrap();
+                    if m.head.remove(&o).is_some() {
+                        m.changed.entry(o).or_default().push(m.seq);
+                    }
+                }
+                14..=15 => {
+                    let id = img.snap_create(&format!("s{step}")).await.unwrap();
+                    assert_eq!(id, m.seq + 1, "{what}");
+                    m.seq = id;
+                    m.snaps.insert(id, m.head.clone());
+                    if rng.below(2) == 0 {
+                        let ro = open(&s, &format!("vm1@s{step}"), OpenMode::ReadOnly).await;
+                        held.push((ro, id));
+                    }
+                }
+                16..=17 => {
+                    let ids: Vec<u64> = m.snaps.keys().copied().collect();
+                    if !ids.is_empty() {
+                        let id = ids[rng.below(ids.len() as u64) as usize];
+                        img.snap_remove(id).await.unwrap();
+                        m.snaps.remove(&id);
+                        held.retain(|(_, s)| *s != id);
+                    }
+                }
+                18 => {
+                    img.close().await.unwrap();
+                    img = open(&s, "vm1", OpenMode::ReadWrite).await;
+                }
+                _ => {
+                    // Read-only handles opened before later snapshots and writes still
+                    // read their point in time.
+                    for (ro, id) in &held {
+                        for o in 0..OBJECTS {
+                            assert_eq!(
+                                get(ro, o, None).await.as_ref(),
+                                m.snaps[id].get(&o),
+                                "{what}: held handle at {id}, object {o}"
+                            );
+                        }
+                    }
+                }
+            }
+            if step % 8 == 7 {
+                check_model(&img, &m, OBJECTS, &what).await;
+            }
+        }
+        check_model(&img, &m, OBJECTS, &format!("seed {seed} end")).await;
+        // Reopened, the same.
+        img.close().await.unwrap();
+        let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+        check_model(&img, &m, OBJECTS, &format!("seed {seed} reopened")).await;
+    }
+}
