@@ -47,7 +47,7 @@ use objmap::ObjectState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use header::{MAX_ORDER, MIN_ORDER};
@@ -407,10 +407,10 @@ fn open_by_id(
             .and_then(|r| r.parent.clone()),
     };
     let parent_info = parent_rec.map(|p| clone::resolve_parent(&root, &p));
-    let header_ino = std::fs::metadata(&header_path).map_or(0, |m| {
-        use std::os::unix::fs::MetadataExt;
-        m.ino()
-    });
+    // Held open: when the writer replaces the header, this inode's link count drops to
+    // 0 (and, held, its number cannot be reused), which tells a snapshot reader to
+    // re-read it. A missing one just means "re-read at the next look".
+    let header_file = File::open(&header_path).ok();
     let img = DirImage {
         inner: Arc::new(Inner {
             root,
@@ -422,7 +422,7 @@ fn open_by_id(
             object_prefix: h.object_prefix.clone(),
             has_snaps: AtomicBool::new(!h.snapshots.is_empty()),
             header: Mutex::new(h),
-            header_ino: AtomicU64::new(header_ino),
+            header_file: Mutex::new(header_file),
             parent_info: Mutex::new(parent_info),
             lock: Mutex::new(lock),
             fds: Mutex::new(HashMap::new()),
@@ -473,10 +473,10 @@ struct Inner {
     /// free of any extra syscall.
     has_snaps: AtomicBool,
     header: Mutex<HeaderFile>,
-    /// The inode of the header file as last read: a read-only handle re-reads the
-    /// header when it changed (a snapshot taken by the writer since), see
+    /// The header file as last read, held open: a read-only handle re-reads the header
+    /// once this one was replaced (a snapshot taken by the writer since), see
     /// `snap::Inner::current_probe_ids`.
-    header_ino: AtomicU64,
+    header_file: Mutex<Option<File>>,
     /// The parent named by the header (or by the snapshot this handle is at), resolved
     /// to names.
     parent_info: Mutex<Option<ParentInfo>>,

@@ -230,14 +230,16 @@ impl Inner {
 
     /// Re-reads the header file.
     pub(super) fn reload_header(&self) -> Result<()> {
-        let b = std::fs::read(&self.header_path)
-            .map_err(|e| Error::io(format!("reading {}", self.header_path.display()), e))?;
-        let ino = std::fs::metadata(&self.header_path).map_or(0, |m| m.ino());
+        use std::io::Read;
+        let what = |e| Error::io(format!("reading {}", self.header_path.display()), e);
+        let mut f = File::open(&self.header_path).map_err(what)?;
+        let mut b = Vec::new();
+        f.read_to_end(&mut b).map_err(what)?;
         let h = parse_header(&self.header_path, &self.id, &b)?;
         self.has_snaps
             .store(!h.snapshots.is_empty(), Ordering::Release);
         *lock(&self.header) = h;
-        self.header_ino.store(ino, Ordering::Release);
+        *lock(&self.header_file) = Some(f);
         self.refresh_parent_info();
         Ok(())
     }
@@ -247,8 +249,10 @@ impl Inner {
     /// copy-on-write versions are filed under an id this handle did not know).
     fn current_probe_ids(&self) -> Result<Vec<u64>> {
         if self.read_only {
-            let ino = std::fs::metadata(&self.header_path).map_or(0, |m| m.ino());
-            if ino != self.header_ino.load(Ordering::Acquire) {
+            let replaced = lock(&self.header_file)
+                .as_ref()
+                .is_none_or(|f| f.metadata().map_or(true, |m| m.nlink() == 0));
+            if replaced {
                 self.reload_header()?;
             }
         }

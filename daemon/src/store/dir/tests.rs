@@ -735,3 +735,297 @@ async fn generated_sequences_match_the_model() {
         check_model(&img, &m, OBJECTS, &format!("seed {seed} reopened")).await;
     }
 }
+
+/// A crash inside copy-on-write: after the head was linked as the version but before
+/// the copy replaced the head (head and version share an inode), and after the version
+/// was in place but before the head write. After reopening, both views are right and
+/// the version is never written through the head.
+#[tokio::test]
+async fn copy_on_write_survives_a_crash_at_each_step() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    img.write(0, 0, b(b"old0"), true).await.unwrap();
+    img.write(1, 0, b(b"old1"), true).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    let pool = img.pool_dir().to_path_buf();
+    let prefix = img.header().object_prefix;
+    img.close().await.unwrap();
+    // Object 0: crashed between link and rename.
+    let head0 = pool.join(format!("{prefix}.{:016x}", 0));
+    let v0 = pool.join(format!("{prefix}.{:016x}@{s1:016x}", 0));
+    std::fs::hard_link(&head0, &v0).unwrap();
+    // Object 1: crashed after the version was in place, before the head write.
+    let head1 = pool.join(format!("{prefix}.{:016x}", 1));
+    let v1 = pool.join(format!("{prefix}.{:016x}@{s1:016x}", 1));
+    std::fs::copy(&head1, &v1).unwrap();
+
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    for o in 0..2 {
+        assert_eq!(
+            get(&img, o, Some(s1)).await.unwrap(),
+            format!("old{o}").as_bytes()
+        );
+    }
+    img.write(0, 0, b(b"NEW0"), false).await.unwrap();
+    img.write(1, 0, b(b"NEW1"), false).await.unwrap();
+    for o in 0..2 {
+        assert_eq!(
+            get(&img, o, Some(s1)).await.unwrap(),
+            format!("old{o}").as_bytes()
+        );
+        assert_eq!(
+            get(&img, o, None).await.unwrap(),
+            format!("NEW{o}").as_bytes()
+        );
+    }
+    assert_eq!(std::fs::metadata(&v0).unwrap().nlink(), 1);
+    assert_eq!(std::fs::metadata(&head0).unwrap().nlink(), 1);
+    // One version each: the interrupted one was reused, not made twice.
+    assert_eq!(super::snap::versions_of(&pool, &prefix, 0), [(s1, true)]);
+    assert_eq!(super::snap::versions_of(&pool, &prefix, 1), [(s1, true)]);
+    img.close().await.unwrap();
+}
+
+/// A snapshot removal interrupted after the header dropped the snapshot but before its
+/// versions were renamed: readers still find them, and the next writer finishes it.
+#[tokio::test]
+async fn an_interrupted_snapshot_removal_is_finished() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 1).await;
+    img.write(0, 0, b(b"one"), false).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.write(0, 0, b(b"two"), false).await.unwrap();
+    // The version of s1 and s2 is filed under s2; "remove" s2 in the header only.
+    img.inner
+        .update_header(|h| {
+            h.snapshots.retain(|x| x.id != s2);
+            h.removing.push(s2);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"one");
+    img.close().await.unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let prefix = img.header().object_prefix;
+    assert_eq!(
+        super::snap::versions_of(img.pool_dir(), &prefix, 0),
+        [(s1, true)]
+    );
+    img.write(0, 0, b(b"six"), false).await.unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"one");
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"six");
+    img.close().await.unwrap();
+}
+
+fn clone_opts(format: u8) -> CloneOptions {
+    CloneOptions {
+        clone_format: format,
+        features: DEFAULT_FEATURES,
+        order: 12,
+    }
+}
+
+#[tokio::test]
+async fn clones_link_to_their_parent_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let p = small(&s, "base", 4).await;
+    p.write(0, 0, b(b"gold"), false).await.unwrap();
+    let snap = p.snap_create("s1").await.unwrap();
+    p.write(0, 0, b(b"GOLD"), false).await.unwrap();
+    // Format 1 needs a protected snapshot; format 2 does not.
+    let e = s
+        .clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(1))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("not protected"), "{e}");
+    assert!(s.list_images("rbd").await.unwrap() == ["base"]);
+    let e = s
+        .clone_image(&spec("base@nope"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap();
+    p.snap_set_protected(snap, true).await.unwrap();
+    s.clone_image(&spec("base@s1"), &spec("p2/c2"), &clone_opts(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.children(&spec("base@s1")).await.unwrap(),
+        [spec("p2/c2"), spec("c1")]
+    );
+    let c = open(&s, "c1", OpenMode::ReadWrite).await;
+    let h = c.header();
+    let par = h.parent.clone().unwrap();
+    assert_eq!(par.spec, spec("base@s1"));
+    assert_eq!(
+        (par.image_id, par.snap_id, par.overlap),
+        (p.header().id, snap, 4 << 12)
+    );
+    assert_eq!(h.size, 4 << 12);
+    // The parent opens at its snapshot, read-only; it is the end of the chain.
+    let pp = c.open_parent().await.unwrap().unwrap();
+    assert_eq!(get(&pp, 0, None).await.unwrap(), b"gold");
+    assert!(pp.header().parent.is_none());
+    assert!(pp.open_parent().await.unwrap().is_none());
+    assert_eq!(
+        pp.write(0, 0, b(b"x"), false).await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    // A snapshot with clones can neither go nor be unprotected.
+    let e = p.snap_remove(snap).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    p.snap_set_protected(snap, false).await.unwrap_err();
+    // Shrinking lowers the overlap for good.
+    c.set_size(1 << 12).await.unwrap();
+    c.set_size(4 << 12).await.unwrap();
+    assert_eq!(c.header().parent.unwrap().overlap, 1 << 12);
+    // A clone of a clone: the chain goes on.
+    let cs = c.snap_create("cs").await.unwrap();
+    s.clone_image(&spec("c1@cs"), &spec("c3"), &clone_opts(2))
+        .await
+        .unwrap();
+    let c3 = open(&s, "c3", OpenMode::ReadOnly).await;
+    let l1 = c3.open_parent().await.unwrap().unwrap();
+    assert_eq!(l1.header().parent.unwrap().spec, spec("base@s1"));
+    assert!(l1.open_parent().await.unwrap().is_some());
+    // Flatten's last step, and removal, drop the records in the parent.
+    c.detach_parent().await.unwrap();
+    assert!(c.header().parent.is_none());
+    // c1's snapshot still has its parent.
+    let at = open(&s, "c1@cs", OpenMode::ReadOnly).await;
+    assert_eq!(at.header().parent.unwrap().spec, spec("base@s1"));
+    assert_eq!(s.children(&spec("base@s1")).await.unwrap(), [spec("p2/c2")]);
+    s.remove_image(&spec("p2/c2")).await.unwrap();
+    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    p.snap_set_protected(snap, false).await.unwrap();
+    p.snap_remove(snap).await.unwrap();
+    // Reopened, the header still says so.
+    c.close().await.unwrap();
+    let c = open(&s, "c1", OpenMode::ReadOnly).await;
+    assert!(c.header().parent.is_none());
+    assert_eq!(c.header().snaps[0].id, cs);
+}
+
+#[tokio::test]
+async fn copyup_creates_atomically_or_applies_only_the_op() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let c = small(&s, "c", 4).await;
+    let parent = Bytes::from(vec![b'p'; 4096]);
+    c.copyup(
+        0,
+        parent.clone(),
+        ObjectWrite::Write {
+            off: 1,
+            data: b(b"AB"),
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    let mut want = vec![b'p'; 4096];
+    want[1..3].copy_from_slice(b"AB");
+    assert_eq!(get(&c, 0, None).await.unwrap(), want);
+    // Already there: the parent data is not applied again, only the op.
+    c.copyup(
+        0,
+        Bytes::from(vec![b'q'; 4096]),
+        ObjectWrite::Zero { off: 0, len: 1 },
+        false,
+    )
+    .await
+    .unwrap();
+    want[0] = 0;
+    assert_eq!(get(&c, 0, None).await.unwrap(), want);
+    // A truncate to 0 keeps an empty object that hides the parent.
+    c.copyup(1, parent.clone(), ObjectWrite::Truncate { len: 0 }, true)
+        .await
+        .unwrap();
+    assert_eq!(get(&c, 1, None).await.unwrap(), b"");
+    // Racing copy-ups of one object: the parent data lands once, both ops apply.
+    for round in 0..20u64 {
+        let o = 2 + round % 2;
+        c.remove(o, false).await.unwrap();
+        let (a, bb) = tokio::join!(
+            c.copyup(
+                o,
+                parent.clone(),
+                ObjectWrite::Write {
+                    off: 0,
+                    data: b(b"X")
+                },
+                false
+            ),
+            c.copyup(
+                o,
+                parent.clone(),
+                ObjectWrite::Write {
+                    off: 9,
+                    data: b(b"Y")
+                },
+                false
+            ),
+        );
+        a.unwrap();
+        bb.unwrap();
+        let got = get(&c, o, None).await.unwrap();
+        assert_eq!(
+            (got[0], got[9], got.len()),
+            (b'X', b'Y', 4096),
+            "round {round}"
+        );
+        assert!(got[1..9].iter().all(|&x| x == b'p'));
+    }
+    // With snapshots of the child: the object did not exist in them.
+    let cs = c.snap_create("cs").await.unwrap();
+    c.remove(2, false).await.unwrap();
+    c.copyup(3, parent.clone(), ObjectWrite::None, false)
+        .await
+        .unwrap();
+    c.copyup(2, parent.clone(), ObjectWrite::None, false)
+        .await
+        .unwrap();
+    assert_eq!(get(&c, 2, None).await.unwrap(), parent.to_vec());
+    assert_eq!(get(&c, 2, Some(cs)).await.unwrap()[0], b'X');
+    let left: Vec<String> = std::fs::read_dir(c.pool_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    c.close().await.unwrap();
+}
+
+/// Headers written before snapshots and clones existed here still open.
+#[tokio::test]
+async fn old_headers_without_the_new_fields_load() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    s.create_image(&spec("vm1"), &opts(1 << 22)).await.unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadOnly).await;
+    let id = img.header().id;
+    img.close().await.unwrap();
+    let old = format!(
+        r#"{{"format":1,"id":"{id}","size":4194304,"order":22,"object_prefix":"rbd_data.{id}",
+        "features":29,"flags":0,"snap_seq":3,"snapshots":[{{"id":3,"name":"old","size":4096}}],
+        "metadata":{{}}}}"#
+    );
+    std::fs::write(d.path().join(format!("rbd/rbd_header.{id}")), old).unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let h = img.header();
+    assert!(h.parent.is_none());
+    assert_eq!(h.snaps.len(), 1);
+    assert_eq!((h.snaps[0].protected, h.snaps[0].timestamp), (false, None));
+    assert_eq!(img.snap_flags(3).await.unwrap(), 0);
+    // And what is written now round-trips.
+    img.snap_set_protected(3, true).await.unwrap();
+    img.close().await.unwrap();
+    let img = open(&s, "vm1@old", OpenMode::ReadOnly).await;
+    assert!(img.header().snaps[0].protected);
+}
