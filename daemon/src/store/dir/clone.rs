@@ -340,12 +340,33 @@ impl Inner {
             Ok(())
         })?;
         self.refresh_parent_info();
+        self.drop_parent_link_if_unused(&rec)
+    }
+
+    /// Drops this image's record in the parent `rec` names once neither the head nor
+    /// any snapshot reads through that parent snapshot any more. Snapshots taken
+    /// before a flatten still read through it (there is no deep-flatten here), so
+    /// until they go the record keeps the parent snapshot from being removed.
+    pub(super) fn drop_parent_link_if_unused(&self, rec: &ParentRecord) -> Result<()> {
+        let same = |p: &ParentRecord| {
+            p.pool == rec.pool && p.image_id == rec.image_id && p.snap_id == rec.snap_id
+        };
+        {
+            let h = lock(&self.header);
+            if h.parent.as_ref().is_some_and(same)
+                || h.snapshots
+                    .iter()
+                    .any(|s| s.parent.as_ref().is_some_and(same))
+            {
+                return Ok(());
+            }
+        }
         let pool = self
             .pool_dir
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        drop_child_record(&self.pool_dir, &rec, &pool, &self.id)
+        drop_child_record(&self.pool_dir, rec, &pool, &self.id)
     }
 }

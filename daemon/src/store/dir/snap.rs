@@ -582,7 +582,12 @@ impl Inner {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("removing {}", map.display()), e)),
         }
-        self.finish_snap_removals()
+        self.finish_snap_removals()?;
+        // The last snapshot of a flattened clone that still read through the parent.
+        match rec.parent {
+            Some(p) => self.drop_parent_link_if_unused(&p),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
