@@ -4,10 +4,14 @@
 //! ```text
 //! <root>/<pool>/rbd_directory              name -> id (JSON)
 //! <root>/<pool>/rbd_id.<name>              the image id
-//! <root>/<pool>/rbd_header.<id>            size, order, prefix, features, flags, snaps, metadata (JSON)
+//! <root>/<pool>/rbd_header.<id>            size, order, prefix, features, flags, snaps,
+//!                                          metadata, parent, children (JSON)
 //! <root>/<pool>/rbd_header.<id>.lock       flock()ed by the one read-write opener
-//! <root>/<pool>/rbd_data.<id>.<%016x>      data objects, sparse files
+//! <root>/<pool>/rbd_data.<id>.<%016x>      data objects (heads), sparse files
+//! <root>/<pool>/rbd_data.<id>.<%016x>@<snapid %016x>[.none]
+//!                                          what an object was up to a snapshot (see `snap`)
 //! <root>/<pool>/rbd_object_map.<id>        object map in Ceph's BitVector<2> encoding
+//! <root>/<pool>/rbd_object_map.<id>.<snapid %016x>  a snapshot's object map
 //! ```
 //!
 //! Durability contract (what FLUSH and FUA rely on): a write returns once it is in the
@@ -19,7 +23,8 @@
 //!
 //! Here: the `Store` and `ImageStore` impls and an opened image's state (`Inner`).
 //! `header`: the metadata files and their atomic replacement; `lock`: the flocks;
-//! `object`: object-file I/O; `control`: the lock holder's control socket.
+//! `object`: object-file I/O; `snap`: snapshots (copy-on-write object versions);
+//! `clone`: parents, children and copy-up; `control`: the lock holder's control socket.
 
 mod clone;
 mod control;
