@@ -516,8 +516,25 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn snap_create(&self, name: &str) -> Result<u64> {
+    /// Snapshots are made and removed by the exclusive lock holder only: a shared
+    /// writer elsewhere would go on writing with the snapshots it knew when it opened
+    /// (no copy-on-write for a new one).
+    fn check_exclusive(&self, what: &str) -> Result<()> {
         self.check_writable()?;
+        if !self.exclusive {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{what} of image {}: needs the exclusive lock, not a shared writer",
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn snap_create(&self, name: &str) -> Result<u64> {
+        self.check_exclusive(&format!("creating snapshot {name}"))?;
         self.check_name(name)?;
         self.finish_snap_removals()?;
         // Every write acknowledged before the snapshot is in it, also after a crash.
@@ -549,7 +566,7 @@ impl Inner {
     }
 
     pub(super) fn snap_remove(&self, id: u64) -> Result<()> {
-        self.check_writable()?;
+        self.check_exclusive(&format!("removing snapshot {id}"))?;
         let rec = self.snap_record(id)?;
         let name = &rec.name;
         if rec.protected {

@@ -556,6 +556,12 @@ async fn snapshot_management_errors_are_named() {
         ErrorKind::ReadOnly
     );
     img.close().await.unwrap();
+    // Nor does a shared writer: other shared writers would not preserve for it.
+    let sh = open(&s, "vm1", OpenMode::SharedWrite).await;
+    let e = sh.snap_create("x").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(e.message.contains("exclusive lock"), "{e}");
+    sh.close().await.unwrap();
     s.remove_image(&spec("vm1")).await.unwrap();
 }
 
