@@ -337,6 +337,13 @@ impl<S: ImageStore> Image<S> {
     /// A read piece of an object the child lacks: from the ancestors.
     pub(super) async fn read_parent_piece(&self, p: Piece) -> Result<Vec<ReadChunk>> {
         let Some(c) = self.parent_backed(p.objno) else {
+            if self.chain().is_none() {
+                // Flattened since the caller looked: the child has every object now.
+                bump(&self.stats.store_reads);
+                let r = self.store.read(p.objno, p.off, p.len, self.snap).await?;
+                return Ok(chunks_of(r.unwrap_or_default(), p.len));
+            }
+            // Past the overlap: zeros.
             bump(&self.stats.map_reads);
             return Ok(vec![ReadChunk::Hole(p.len as u32)]);
         };
@@ -494,11 +501,13 @@ impl<S: ImageStore> Image<S> {
         tokio::spawn(async move {
             while let Some(objno) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
-                let r = match img.gate.try_read() {
-                    Ok(g) if !*g => img.copyup_whole(objno).await,
+                let g = img.gate.read().await;
+                if *g {
                     // Closing: nothing more to copy.
-                    _ => break,
-                };
+                    break;
+                }
+                let r = img.copyup_whole(objno).await;
+                drop(g);
                 if let Err(e) = r {
                     tracing::warn!("copy-on-read of object {objno} of {}: {e}", img.spec);
                 }

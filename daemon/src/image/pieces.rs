@@ -274,10 +274,42 @@ impl<S: ImageStore> Image<S> {
         let first = offset >> order;
         let last = (end - 1) >> order;
         let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, len: u64, flags: u32| match out.last_mut() {
+            Some(l) if l.flags == flags => l.length += len,
+            _ => out.push(Extent { length: len, flags }),
+        };
+        let chain = if self.has_parent.load(Ordering::Acquire) {
+            self.chain()
+        } else {
+            None
+        };
         let mut pos = offset;
         for run in map.runs(first..last + 1) {
             let run_end = ((run.start + run.len) << order).min(end);
             if run_end <= pos {
+                continue;
+            }
+            if let (Some(c), ObjectState::Nonexistent) = (&chain, run.state) {
+                // A clone's objects it lacks: data where an ancestor may have some
+                // (inside the overlap), holes elsewhere.
+                let overlap = c.overlap();
+                for objno in run.start..run.end() {
+                    let lo = (objno << order).max(pos);
+                    let hi = ((objno + 1) << order).min(run_end);
+                    if hi <= lo {
+                        continue;
+                    }
+                    let backed = hi.min(overlap).max(lo);
+                    if backed > lo && c.may_have(objno << order, backed - (objno << order)) {
+                        push(&mut out, backed - lo, 0);
+                        if hi > backed {
+                            push(&mut out, hi - backed, STATE_HOLE | STATE_ZERO);
+                        }
+                    } else {
+                        push(&mut out, hi - lo, STATE_HOLE | STATE_ZERO);
+                    }
+                }
+                pos = run_end;
                 continue;
             }
             let flags = if run.state == ObjectState::Nonexistent {
@@ -285,11 +317,7 @@ impl<S: ImageStore> Image<S> {
             } else {
                 0
             };
-            let len = run_end - pos;
-            match out.last_mut() {
-                Some(l) if l.flags == flags => l.length += len,
-                _ => out.push(Extent { length: len, flags }),
-            }
+            push(&mut out, run_end - pos, flags);
             pos = run_end;
         }
         if pos < end {
