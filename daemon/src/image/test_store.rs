@@ -43,6 +43,8 @@ pub(super) struct MemImage {
     /// How long `sync` and `set_flags` take (a slow disk or OSD): widens the windows
     /// where a checkpoint and requests interleave.
     slow: Option<std::time::Duration>,
+    /// Answers `holds_no_data` (an object of zeros only), as a store that punches holes.
+    punches: bool,
 }
 
 impl MemImage {
@@ -79,12 +81,19 @@ impl MemImage {
             snap: None,
             audit: false,
             slow: None,
+            punches: false,
         }
     }
 
     /// This handle, auditing every data operation (see `audit`).
     pub(super) fn audited(mut self) -> Self {
         self.audit = true;
+        self
+    }
+
+    /// This handle, telling which objects hold no data (see `punches`).
+    pub(super) fn punching(mut self) -> Self {
+        self.punches = true;
         self
     }
 
@@ -395,6 +404,14 @@ impl ImageStore for MemImage {
     async fn close(&self) -> Result<()> {
         self.note("close");
         Ok(())
+    }
+    async fn holds_no_data(&self, o: u64) -> Result<bool> {
+        Ok(self.punches
+            && self
+                .lock()
+                .objects
+                .get(&o)
+                .is_some_and(|v| v.iter().all(|&b| b == 0)))
     }
     async fn open_parent(&self) -> Result<Option<Self>> {
         self.note("open_parent");

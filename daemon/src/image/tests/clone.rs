@@ -491,3 +491,36 @@ async fn block_status_shows_the_parents_data_not_holes() {
     assert_eq!(got, want);
     img.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_emptied_object_that_hides_the_parent_is_kept() {
+    let (_levels, child) = build(1, &[]);
+    let img = Image::from_store_image(
+        child.clone().punching(),
+        &spec("child"),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Object 0 (the base has 3 MiB of it) copied up by a write, then zeroed in two
+    // halves: every byte zero, but removing it would show the base's data again.
+    img.write(5, Bytes::from_static(b"w"), false).await.unwrap();
+    let half = (OBJ / 2) as u32;
+    img.write_zeroes(0, half, ZeroFlags::default())
+        .await
+        .unwrap();
+    img.write_zeroes(OBJ / 2, half, ZeroFlags::default())
+        .await
+        .unwrap();
+    assert!(child.object(0).is_some(), "kept");
+    assert!(read_all(&img, 0, OBJ as u32).await.iter().all(|&b| b == 0));
+    // Object 2, which no ancestor has, is removed when emptied, as before.
+    img.write(2 * OBJ, Bytes::from_static(b"w"), false)
+        .await
+        .unwrap();
+    img.write_zeroes(2 * OBJ, 1, ZeroFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(child.object(2), None, "removed");
+    img.close().await.unwrap();
+}
