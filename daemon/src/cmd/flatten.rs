@@ -31,10 +31,7 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
         Err(e) if e.kind == ErrorKind::Busy => {
             return Err(Error::new(
                 ErrorKind::Busy,
-                format!(
-                    "image {spec} is in use; stop serving it before flattening it ({})",
-                    e.message
-                ),
+                format!("{}; stop serving it to flatten it", e.message),
             ))
         }
         Err(e) => return Err(e),
