@@ -562,3 +562,44 @@ async fn a_write_racing_a_slow_copy_up_waits_for_it() {
     assert_eq!(count(&child.take_log(), "copyup(0)"), 1);
     img.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn flatten_copies_up_what_the_ancestors_hold_then_detaches() {
+    let (levels, child) = build(8, &[]);
+    let overlap = 5 * OBJ + 10;
+    child.set_overlap(overlap);
+    let model = model_of(&levels, overlap);
+    let img = open_mem(&child).await;
+    child.take_log();
+    let mut seen = Vec::new();
+    img.flatten(|done, total| seen.push((done, total)))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.last(),
+        Some(&(6, 6)),
+        "objects 0..=5 are in the overlap"
+    );
+    let held: Vec<u64> = (0..6).filter(|&o| holder(&levels, o).is_some()).collect();
+    let log = child.take_log();
+    let copied: Vec<u64> = (0..N)
+        .filter(|o| count(&log, &format!("copyup({o})")) == 1)
+        .collect();
+    assert_eq!(copied, held, "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("detach_parent"));
+    assert_eq!((img.clone_depth(), img.parent_overlap()), (0, None));
+    assert!(read_image(&img).await == model);
+    // Past the overlap nothing was copied: object 5 holds only the 10 bytes inside it.
+    assert_eq!(
+        child.object(5).map(|v| v.len() <= 10),
+        holder(&levels, 5).map(|_| true)
+    );
+    let e = img.flatten(|_, _| {}).await.unwrap_err();
+    assert!(e.message.contains("not a clone"), "{e}");
+    img.close().await.unwrap();
+    // Reopened: no parent, the same bytes, from the child alone.
+    let img = open_mem(&child).await;
+    assert_eq!(img.clone_depth(), 0);
+    assert!(read_image(&img).await == model);
+    img.close().await.unwrap();
+}
