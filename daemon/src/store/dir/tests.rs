@@ -1042,3 +1042,66 @@ async fn old_headers_without_the_new_fields_load() {
     let img = open(&s, "vm1@old", OpenMode::ReadOnly).await;
     assert!(img.header().snaps[0].protected);
 }
+
+/// The image layer's clone reads, copy-up and flatten on this store, end to end: the
+/// child reads its parent's snapshot (not the parent's head), a partial first write
+/// keeps the parent's bytes around it, the maps check clean, flatten detaches.
+#[tokio::test]
+async fn the_image_layer_serves_a_clone_of_this_store() {
+    use crate::image::{Image, OpenOptions};
+    use nbd_protocol::{Backend, ReadChunk};
+    const OBJ: u64 = 1 << 12;
+    async fn bytes(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in img.read(off, len).await.unwrap() {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+            }
+        }
+        out
+    }
+    async fn image(s: &DirStore, name: &str, read_only: bool) -> Image<DirImage> {
+        let o = OpenOptions {
+            read_only,
+            shared_default: false,
+            checkpoint_idle: None,
+        };
+        Image::open(s, &spec(name), &o).await.unwrap()
+    }
+    async fn map_problems(s: &DirStore, name: &str) -> Vec<String> {
+        let h = open(s, name, OpenMode::ReadOnly).await;
+        crate::cmd::object_map::check_object_map(&h, &spec(name))
+            .await
+            .unwrap()
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let base = small(&s, "base", 4).await;
+    base.write(0, 0, b(b"gold"), false).await.unwrap();
+    base.write(2, 0, b(b"two"), false).await.unwrap();
+    base.snap_create("s1").await.unwrap();
+    base.write(0, 0, b(b"GOLD"), false).await.unwrap();
+    base.close().await.unwrap();
+    s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap();
+    let c = image(&s, "c1", false).await;
+    assert_eq!(bytes(&c, 0, 4).await, b"gold");
+    c.write(1, b(b"x"), false).await.unwrap();
+    c.write(3 * OBJ, b(b"new"), false).await.unwrap();
+    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
+    c.close().await.unwrap();
+    assert!(map_problems(&s, "c1").await.is_empty());
+    let c = image(&s, "c1", false).await;
+    c.flatten(|_, _| {}).await.unwrap();
+    c.close().await.unwrap();
+    assert!(map_problems(&s, "c1").await.is_empty());
+    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    let c = image(&s, "c1", true).await;
+    assert!(c.header().parent.is_none());
+    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
+    assert_eq!(bytes(&c, 3 * OBJ, 3).await, b"new");
+}
