@@ -3,14 +3,14 @@
 //! the head (what it holds that the newest snapshot does not), from the object maps (each
 //! rebuilt from the objects when it cannot be trusted), never from the data.
 
-use super::diff::{diff_versions, find_version, need_fast_diff, versions};
+use super::diff::{find_version, need_fast_diff, version_map, versions};
 use super::info::human_size;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::Result;
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
-use objmap::diff::DiffState;
+use objmap::diff::{diff_maps, DiffState};
 use serde_json::json;
 
 /// One `rbd du` line.
@@ -42,15 +42,22 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result
         if last > 0 {
             need_fast_diff(&h, spec, "du")?;
         }
+        // Each version against the one before (the first against nothing): every map is
+        // loaded once.
         let mut lines = Vec::new();
-        for (k, v) in vs.iter().enumerate().take(last + 1) {
-            // Each version against the one before; the first against nothing.
-            let d = diff_versions(store, img, &head, &vs, k.checked_sub(1), k).await?;
+        let mut prev = None;
+        for v in &vs[..=last] {
+            let map = version_map(store, img, &head, v).await?;
+            let d = match &prev {
+                None => diff_maps([&map], false),
+                Some(p) => diff_maps([p, &map], true),
+            };
             lines.push(Line {
                 snap: v.name.clone().zip(v.snap),
                 provisioned: v.size,
                 used: used(&d, h.object_size(), v.size),
             });
+            prev = Some(map);
         }
         Ok((h.id, lines))
     })
