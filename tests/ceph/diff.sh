@@ -115,7 +115,20 @@ printf 'garbage' | rados -p rbd put "$s2map" -
 : >"$work/diff.err"
 check "a corrupt s2 map: every pair's diff is unchanged" compare_all ref
 check "... and rados-nbd said it rebuilt s2's map" grep -q "rebuilding object map of .*@s2.*corrupt" "$work/diff.err"
+# librbd, opening s2 and finding its map corrupt, flags the snapshot invalid; with the good
+# map bytes back, the snapshot's own flags must still keep rados-nbd from trusting them.
+rbd info "$img@s2" >/dev/null 2>&1
 rados -p rbd put "$s2map" "$work/s2map"
+check "setup: librbd flagged s2's map invalid" bash -c \
+  "rbd info $img@s2 --format json | jq -e '.flags | index(\"fast diff invalid\")' >/dev/null"
+: >"$work/diff.err"
+check "s2 flagged invalid (its map intact): every pair's diff is unchanged" compare_all ref
+check "... and rados-nbd rebuilt s2's map for its flags" \
+  grep -q "rebuilding object map of .*@s2 .*flags it invalid" "$work/diff.err"
+rbd object-map rebuild "$img@s2" >/dev/null 2>&1
+: >"$work/diff.err"
+check "s2 rebuilt by rbd: trusted again, unchanged diffs" compare_all ref
+check "... with no map rebuilt" test ! -s "$work/diff.err"
 printf '\x01\x00\x00\x00\x00\x00\x00\x00' >"$work/flags"
 rados -p rbd setomapval "rbd_header.$id" flags --input-file "$work/flags"
 check "setup: the head's map is flagged invalid" bash -c \
