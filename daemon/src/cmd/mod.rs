@@ -7,6 +7,7 @@ pub mod config;
 pub mod create;
 pub mod diff;
 pub mod du;
+pub mod flatten;
 pub mod info;
 pub mod ls;
 pub mod object_map;
@@ -92,6 +93,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 allow_shrink,
             )
             .await
+        }
+        Command::Flatten { image } => {
+            flatten::flatten(&store, &parse_head_spec(&image, "flatten")?).await
         }
         Command::ObjectMap(ObjectMapCommand::Check { image }) => {
             object_map::check(&store, &parse_spec(&image)?).await
