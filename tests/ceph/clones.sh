@@ -113,6 +113,21 @@ check "rados-nbd clone --rbd-default-clone-format 1 of a protected snapshot" "${
 check "rbd children cbase@s lists rn1 (rbd_children)" bash -c "rbd children cbase@s | grep -qx rbd/rn1"
 check "rbd export rn1 equals the parent snapshot" same_export rn1 "$work/base.raw"
 
+# Across RBD namespaces (format 2 only): the child in namespace cns names its parent in the
+# default one, serves through the restricted client, and is listed as rbd lists it.
+rbd namespace create rbd/cns
+check "rados-nbd clone into another namespace" "${RN[@]}" clone cbase@u rbd/cns/xns
+check "rbd info rbd/cns/xns: parent rbd/cbase@u" bash -c "rbd info rbd/cns/xns | grep -qx '.parent: rbd/cbase@u'"
+check "info rbd/cns/xns shows the parent as rbd info" info_like_rbd rbd/cns/xns
+check "rbd export rbd/cns/xns equals the parent snapshot" same_export rbd/cns/xns "$work/base.raw"
+check "children cbase@u: as rbd children (pool, namespace, name order)" bash -c \
+  "[ \"\$($RNQ children cbase@u)\" = \"\$(rbd children cbase@u)\" ] && [ \"\$(rbd children cbase@u | wc -l)\" = 2 ]"
+check "children --format json: as rbd's" bash -c \
+  "[ \"\$($RNQ children --format json cbase@u | jq -cS .)\" = \"\$(rbd children --format json cbase@u | jq -cS .)\" ]"
+check "format 1 across namespaces is refused" bash -c "! $RNQ clone --rbd-default-clone-format 1 cbase@s rbd/cns/x1 2>/dev/null"
+rbd rm rbd/cns/xns >/dev/null 2>&1
+rbd namespace rm rbd/cns
+
 # Served: writes and trims into parent-backed objects, and past the overlap once grown.
 cp "$work/base.raw" "$work/rn2.raw"
 rbd resize --size 40M rn2 >/dev/null 2>&1
