@@ -108,6 +108,12 @@ pub enum Command {
         /// [POOL/]NAME
         image: String,
     },
+    /// Copy everything a clone still reads from its parent into it, then detach it from
+    /// the parent, like `rbd flatten` (the image must not be in use).
+    Flatten {
+        /// [POOL/]NAME
+        image: String,
+    },
     /// Check or rebuild an image's object map.
     #[command(subcommand, name = "object-map")]
     ObjectMap(ObjectMapCommand),

@@ -8,6 +8,7 @@ pub mod clone;
 pub mod config;
 pub mod create;
 pub mod du;
+pub mod flatten;
 pub mod info;
 pub mod ls;
 pub mod object_map;
@@ -87,6 +88,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 allow_shrink,
             )
             .await
+        }
+        Command::Flatten { image } => {
+            flatten::flatten(&store, &parse_head_spec(&image, "flatten")?).await
         }
         Command::ObjectMap(ObjectMapCommand::Check { image }) => {
             object_map::check(&store, &parse_spec(&image)?).await

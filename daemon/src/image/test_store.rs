@@ -43,6 +43,8 @@ pub(super) struct MemImage {
     /// How long `sync` and `set_flags` take (a slow disk or OSD): widens the windows
     /// where a checkpoint and requests interleave.
     slow: Option<std::time::Duration>,
+    /// Answers `holds_no_data` (an object of zeros only), as a store that punches holes.
+    punches: bool,
 }
 
 impl MemImage {
@@ -79,6 +81,7 @@ impl MemImage {
             snap: None,
             audit: false,
             slow: None,
+            punches: false,
         }
     }
 
@@ -88,7 +91,13 @@ impl MemImage {
         self
     }
 
-    /// This handle, taking `d` for each `sync` and `set_flags`.
+    /// This handle, telling which objects hold no data (see `punches`).
+    pub(super) fn punching(mut self) -> Self {
+        self.punches = true;
+        self
+    }
+
+    /// This handle, taking `d` for each `sync`, `set_flags` and `copyup`.
     pub(super) fn slowed(mut self, d: std::time::Duration) -> Self {
         self.slow = Some(d);
         self
@@ -396,6 +405,14 @@ impl ImageStore for MemImage {
         self.note("close");
         Ok(())
     }
+    async fn holds_no_data(&self, o: u64) -> Result<bool> {
+        Ok(self.punches
+            && self
+                .lock()
+                .objects
+                .get(&o)
+                .is_some_and(|v| v.iter().all(|&b| b == 0)))
+    }
     async fn open_parent(&self) -> Result<Option<Self>> {
         self.note("open_parent");
         Ok(self.lock().parent.clone())
@@ -409,6 +426,8 @@ impl ImageStore for MemImage {
     ) -> Result<()> {
         self.writable("written");
         self.audit("copyup", o);
+        // A slow copy-up (a round trip to the OSD) is where a racing write could slip in.
+        self.take_time().await;
         let mut s = self.lock();
         // Logged apart: a copy-up that created the object, or only the op on one there.
         let created = !s.objects.contains_key(&o);
