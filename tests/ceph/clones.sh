@@ -6,7 +6,10 @@
 #    close `rbd export` equals a model of the bytes, `rbd object-map check` passes, the
 #    parents' snapshots are unchanged and `rbd flatten` keeps the bytes;
 #  - a clone made by `rados-nbd clone` (formats 2 and 1) opens in `rbd info`, `rbd children`
-#    and `rbd export` as its parent snapshot, and serves writes past the overlap.
+#    and `rbd export` as its parent snapshot, and serves writes past the overlap;
+#  - deep copy-ups into clones with a snapshot (rados-nbd flatten, first writes while
+#    served): the snapshot's object map says the object exists, so after flatten
+#    `rbd export CHILD@SNAP` is the parent snapshot's bytes and object-map checks pass.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh" clones
@@ -127,6 +130,38 @@ for c in rn1:cbase@s rnf:cbase@u; do
   check "$img: after rados-nbd flatten, rbd object-map check passes" omap_check "$img"
 done
 
+# A clone with a snapshot (deep-flatten, fast-diff): a deep copy-up puts the parent's data
+# in RADOS for the snapshot too, so the snapshot's object map must say it exists —
+# librbd trusts it, and once the snapshot has no parent reads zeros where it says
+# NONEXISTENT. By flatten (dsf), and by first writes of a served clone (dsw): partial and
+# full-object writes and a whole-object trim into parent-backed objects, then a flatten.
+cfeat=layering,exclusive-lock,object-map,fast-diff,deep-flatten
+for img in dsf dsw; do
+  rbd clone --rbd-default-clone-format 2 --image-feature $cfeat cbase@u $img >/dev/null 2>&1 &&
+    rbd snap create $img@c1 >/dev/null 2>&1 || fail "$img: rbd clone and snap create" ""
+done
+check "dsf: rados-nbd flatten of a clone with a snapshot" bash -c "$RNQ flatten dsf >/dev/null 2>&1"
+cp "$work/base.raw" "$work/dsw.raw"
+if serve dsw; then
+  pass "serve dsw (a clone with a snapshot)"
+  check "dsw: first writes and a trim into parent-backed objects" nbd_ops "$(uri dsw)" \
+    "$work/dsw.raw" "w:4096:5000" "w:$((20 * MB)):$((4 * MB))" "t:$((8 * MB)):$((4 * MB))"
+  check_unserve "dsw: serve ends with exit 0"
+else
+  fail "serve dsw (a clone with a snapshot)" "$(tail -3 "$work/serve.log")"
+fi
+check "dsw: rbd export equals the model" same_export dsw "$work/dsw.raw"
+check "dsw: rbd flatten" bash -c "rbd flatten dsw >/dev/null 2>&1"
+for img in dsf dsw; do
+  check "$img: rbd info shows no parent (the snapshot let go too)" bash -c \
+    "! rbd info $img | grep -q parent: && ! rbd info $img@c1 | grep -q parent:"
+  check "$img@c1: rbd export equals the parent snapshot" same_export $img@c1 "$work/base.raw"
+  check "$img@c1: rbd object-map check passes" omap_check $img@c1
+  check "$img: rbd object-map check passes" omap_check $img
+done
+check "dsf: rbd export equals the parent snapshot" same_export dsf "$work/base.raw"
+check "dsw: rbd export still equals the model" same_export dsw "$work/dsw.raw"
+
 # Across RBD namespaces (format 2 only): the child in namespace cns names its parent in the
 # default one, serves through the restricted client, and is listed as rbd lists it.
 rbd namespace create rbd/cns
@@ -162,7 +197,7 @@ check "rn2: rbd flatten keeps the bytes" bash -c \
   "rbd flatten rn2 >/dev/null 2>&1 && same_export rn2 '$work/rn2.raw' && [ -z \"\$(rbd children cbase@u)\" ]"
 
 # Leave the pool as we found it (other suites share it).
-for i in rn2 rn1 rnf v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
+for i in dsf dsw rn2 rn1 rnf v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
   rbd snap unprotect "$i@s" >/dev/null 2>&1
   rbd snap purge "$i" >/dev/null 2>&1
   rbd rm "$i" >/dev/null 2>&1

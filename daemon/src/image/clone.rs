@@ -9,7 +9,9 @@ use super::pieces::{split, Piece};
 use super::{bump, Image, Stats};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
-use crate::store::{ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_OBJECT_MAP};
+use crate::store::{
+    ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
+};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use nbd_protocol::ReadChunk;
@@ -414,12 +416,15 @@ impl<S: ImageStore> Image<S> {
         if plen == 0 || !chain.may_have(start, plen) {
             return Ok(false);
         }
-        // A change covering all of the parent's bytes of the object needs none of them.
+        // A change covering all of the parent's bytes of the object needs none of them,
+        // unless a copy-up also sets the child's snapshots (Ceph's deep copy-up, asked
+        // with a non-zero probe): they must keep the parent's bytes under the change,
+        // as librbd copies up before a full-object write when the child has snapshots.
         let covered = match op {
             CopyupOp::Discard => true,
             CopyupOp::Write(_) | CopyupOp::Zero => off == 0 && len >= plen,
             CopyupOp::None => false,
-        };
+        } && self.store.copyup_snapshots(objno, &[1]).is_empty();
         let data = if covered {
             Bytes::new()
         } else {
@@ -431,10 +436,44 @@ impl<S: ImageStore> Image<S> {
             CopyupOp::Discard => ObjectWrite::Truncate { len: 0 },
             CopyupOp::None => ObjectWrite::None,
         };
-        self.mark_exists(objno);
+        let fast_diff = self.header.features & RBD_FEATURE_FAST_DIFF != 0;
+        let deep = self.mark_snapshots_exist(objno, &data, fast_diff).await?;
+        match op {
+            // Nothing on top (flatten, copy-on-read) of data the snapshots hold too: the
+            // head is unchanged since the newest of them, EXISTS_CLEAN with fast-diff
+            // (librbd's CopyupRequest: "HEAD is non-dirty since data is tied to first
+            // snapshot"; `rbd object-map check` expects it).
+            ObjectWrite::None if deep && fast_diff => {
+                if let Some(m) = self.map_now().as_deref() {
+                    m.set(objno, ObjectState::ExistsClean);
+                }
+            }
+            _ => self.mark_exists(objno),
+        }
         bump(&self.stats.copyups);
         self.store.copyup(objno, data, op, fua).await?;
         Ok(true)
+    }
+
+    /// A copy-up that also sets the child's snapshots (the store says which) makes the
+    /// object exist in their maps too, before the data, as librbd's CopyupRequest
+    /// (update_object_maps, then copyup): the oldest EXISTS, the later ones
+    /// EXISTS_CLEAN with fast-diff (they inherit its data). Left NONEXISTENT, librbd
+    /// would read such a snapshot's object as the parent's, or as zeros once the
+    /// snapshot has no parent (deep-flatten).
+    /// Whether there were any.
+    async fn mark_snapshots_exist(&self, objno: u64, data: &[u8], fast_diff: bool) -> Result<bool> {
+        let snaps = self.store.copyup_snapshots(objno, data);
+        let any = !snaps.is_empty();
+        for (n, snap) in snaps.into_iter().enumerate() {
+            let st = if fast_diff && n > 0 {
+                ObjectState::ExistsClean
+            } else {
+                ObjectState::Exists
+            };
+            self.store.update_snap_object_map(snap, objno, st).await?;
+        }
+        Ok(any)
     }
 
     /// A whole-object discard of an object the child has, inside the overlap where an

@@ -386,6 +386,32 @@ pub trait ImageStore: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// The snapshots (oldest first) whose data a copy-up of `parent_data` into object
+    /// `objno` sets as well, and whose object maps must then say the object exists;
+    /// empty when a copy-up changes the head only. Ceph: a "deep" copy-up (the child
+    /// has snapshots, the data is not all zeros), for each snapshot large enough to
+    /// hold the object. The directory store: none (its snapshots keep reading the
+    /// parent through their whiteouts).
+    fn copyup_snapshots(&self, objno: u64, parent_data: &[u8]) -> Vec<u64> {
+        let _ = (objno, parent_data);
+        Vec::new()
+    }
+
+    /// Sets object `objno`'s state in snapshot `snap`'s object map, in place (librbd's
+    /// object map UpdateRequest on a snapshot, after a deep copy-up). A snapshot
+    /// without a map object is left alone.
+    fn update_snap_object_map(
+        &self,
+        snap: u64,
+        objno: u64,
+        _state: ObjectState,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!(
+            "updating object {objno} in the object map of snapshot {snap}"
+        ));
+        async move { Err(e) }
+    }
+
     /// Flatten's last step: removes the link to the parent (and the parent's record of
     /// this child), once every object the parent backed was copied up.
     fn detach_parent(&self) -> impl Future<Output = Result<()>> + Send {

@@ -486,6 +486,18 @@ pub fn object_map_resize_in(count: u64, default_state: u8) -> Vec<u8> {
     Enc::new().u64(count).u8(default_state).done()
 }
 
+/// `object_map_update`: start object, end object (exclusive), new state, and an
+/// optional current state the update is limited to (a bool, then the u8 when set).
+pub fn object_map_update_in(start: u64, end: u64, new_state: u8, current: Option<u8>) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u64(start).u64(end).u8(new_state);
+    match current {
+        Some(c) => e.u8(1).u8(c),
+        None => e.u8(0),
+    };
+    e.done()
+}
+
 // ---------------------------------------------------------------------------------------
 // cls_lock
 // ---------------------------------------------------------------------------------------
@@ -978,6 +990,11 @@ mod tests {
             object_map_resize_in(16, 0),
             vec![16, 0, 0, 0, 0, 0, 0, 0, 0]
         );
+        assert_eq!(
+            object_map_update_in(5, 6, 3, None),
+            vec![5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 3, 0]
+        );
+        assert_eq!(object_map_update_in(0, 1, 1, Some(0))[16..], [1, 1, 0]);
     }
 
     #[test]

@@ -118,6 +118,19 @@ impl Inner {
     }
 }
 
+fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
+impl CephImage {
+    /// librbd's rule for a copy-up that reaches the child's snapshots: the child has
+    /// some and the parent's data is not all zeros. The one place `copyup` (how it
+    /// writes) and `copyup_snapshots` (whose maps then change) ask.
+    fn deep_copyup(&self, parent_data: &[u8]) -> bool {
+        !is_zero(parent_data) && !self.header().snaps.is_empty()
+    }
+}
+
 impl ImageStore for CephImage {
     fn header(&self) -> ImageHeader {
         self.inner
@@ -494,15 +507,14 @@ impl ImageStore for CephImage {
         i.check_writable()?;
         let oid = i.object_name(objno);
         let osize = i.object_size();
-        let has_snaps = !self.header().snaps.is_empty();
         // librbd's m_copyup_is_zero: all-zero parent data is not copied at all.
-        let data: &[u8] = if parent_data.iter().all(|&b| b == 0) {
+        let data: &[u8] = if is_zero(&parent_data) {
             &[]
         } else {
             &parent_data
         };
         let copy_on_read = op == ObjectWrite::None;
-        let deep = has_snaps && !data.is_empty();
+        let deep = self.deep_copyup(&parent_data);
         if copy_on_read || deep {
             let mut cop = WriteOp::new();
             cop.exec(c"rbd", c"copyup", data)
@@ -533,6 +545,50 @@ impl ImageStore for CephImage {
         }
         let r = i.data.operate(&oid, wop, "copy-up write").await;
         i.noting_fence(r)
+    }
+
+    /// Every snapshot a deep copy-up reaches, oldest first as librbd's m_snap_ids, but
+    /// only those large enough to hold the object (cls_rbd refuses an update past the
+    /// end of a map, and no read of a smaller snapshot reaches this object).
+    fn copyup_snapshots(&self, objno: u64, parent_data: &[u8]) -> Vec<u64> {
+        if !self.deep_copyup(parent_data) {
+            return Vec::new();
+        }
+        let start = objno.saturating_mul(self.inner.object_size());
+        let h = self.header();
+        h.snaps
+            .iter()
+            .rev()
+            .filter(|s| s.size > start)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// cls `rbd.object_map_update` on the snapshot's map object, as librbd's
+    /// object_map::UpdateRequest (no lock assertion for a snapshot's map, and a
+    /// missing map is not an error: ignore_enoent).
+    async fn update_snap_object_map(
+        &self,
+        snap: u64,
+        objno: u64,
+        state: objmap::ObjectState,
+    ) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let oid = object_map_oid(&i.id, Some(snap));
+        let input = cls::object_map_update_in(objno, objno + 1, state as u8, None);
+        let r = i
+            .meta
+            .exec_write(&oid, RBD, "object_map_update", &input)
+            .await;
+        match i.noting_fence(r) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.context(format!(
+                "updating object {objno} in the object map of snapshot {snap} of {}",
+                i.spec
+            ))),
+        }
     }
 
     /// Flatten's last step, as librbd's FlattenRequest ends: DetachChildRequest (the
