@@ -54,6 +54,10 @@ extern "C" {
     pub(super) fn rados_ioctx_destroy(io: rados_ioctx_t);
     pub(super) fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     pub(super) fn rados_ioctx_snap_set_read(io: rados_ioctx_t, snap: u64);
+    pub(super) fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+    pub(super) fn rados_ioctx_selfmanaged_snap_create(io: rados_ioctx_t, snapid: *mut u64)
+        -> c_int;
+    pub(super) fn rados_ioctx_selfmanaged_snap_remove(io: rados_ioctx_t, snapid: u64) -> c_int;
     pub(super) fn rados_ioctx_selfmanaged_snap_set_write_ctx(
         io: rados_ioctx_t,
         seq: u64,
