@@ -10,7 +10,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Image};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, SnapInfo, Store};
-use serde_json::json;
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
@@ -138,9 +137,9 @@ async fn on_head<S: Store>(
     c
 }
 
-/// `rbd snap ls`'s table (TextTable: columns two spaces apart, SNAPID and SIZE and
-/// TIMESTAMP right-aligned under left-aligned headings, nothing at all without
-/// snapshots) or its JSON (`protected` a string, the timestamp as ctime prints it).
+/// `rbd snap ls`'s table (TextTable: every column padded to its width, the last one
+/// too, two spaces apart; SNAPID, SIZE and TIMESTAMP right-aligned under left-aligned
+/// headings; nothing at all without snapshots) or its JSON (`protected` a string, the timestamp as ctime prints it).
 pub fn list(snaps: &[SnapInfo], format: Format) -> String {
     let ts = |s: &SnapInfo| {
         s.timestamp
@@ -150,19 +149,26 @@ pub fn list(snaps: &[SnapInfo], format: Format) -> String {
     };
     match format {
         Format::Json => {
-            let v: Vec<_> = snaps
+            // Fields in rbd's order (a struct keeps it; a JSON map would sort them).
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                id: u64,
+                name: &'a str,
+                size: u64,
+                protected: &'static str,
+                timestamp: String,
+            }
+            let v: Vec<Row> = snaps
                 .iter()
-                .map(|s| {
-                    json!({
-                        "id": s.id,
-                        "name": s.name,
-                        "size": s.size,
-                        "protected": if s.protected { "true" } else { "false" },
-                        "timestamp": ts(s),
-                    })
+                .map(|s| Row {
+                    id: s.id,
+                    name: &s.name,
+                    size: s.size,
+                    protected: if s.protected { "true" } else { "false" },
+                    timestamp: ts(s),
                 })
                 .collect();
-            format!("{}\n", json!(v))
+            format!("{}\n", serde_json::to_string(&v).unwrap_or_default())
         }
         Format::Plain => {
             if snaps.is_empty() {
@@ -192,21 +198,19 @@ pub fn list(snaps: &[SnapInfo], format: Format) -> String {
                 })
                 .collect();
             let line = |cells: &[String], align_right: &[bool]| {
-                let mut out = String::new();
-                for (c, cell) in cells.iter().enumerate() {
-                    let pad = width[c].saturating_sub(cell.chars().count());
-                    if align_right[c] {
-                        out.push_str(&" ".repeat(pad));
-                        out.push_str(cell);
-                    } else {
-                        out.push_str(cell);
-                        out.push_str(&" ".repeat(pad));
-                    }
-                    out.push_str("  ");
-                }
-                out.truncate(out.trim_end().len());
-                out.push('\n');
-                out
+                let padded: Vec<String> = cells
+                    .iter()
+                    .enumerate()
+                    .map(|(c, cell)| {
+                        let pad = " ".repeat(width[c].saturating_sub(cell.chars().count()));
+                        if align_right[c] {
+                            format!("{pad}{cell}")
+                        } else {
+                            format!("{cell}{pad}")
+                        }
+                    })
+                    .collect();
+                format!("{}\n", padded.join("  "))
             };
             let heads: Vec<String> = head.iter().map(|h| h.to_string()).collect();
             let mut out = line(&heads, &[false; 5]);
@@ -260,13 +264,12 @@ mod tests {
         let t = list(&[s(4, "a", false), s(12, "longer", true)], Format::Plain);
         assert_eq!(
             t,
-            "SNAPID  NAME    SIZE   PROTECTED  TIMESTAMP\n     4  a       1 GiB\n    12  longer  1 GiB  yes\n"
+            "SNAPID  NAME    SIZE   PROTECTED  TIMESTAMP\n     4  a       1 GiB                      \n    12  longer  1 GiB  yes                 \n"
         );
-        let j: serde_json::Value =
-            serde_json::from_str(&list(&[s(4, "a", true)], Format::Json)).unwrap();
+        // Byte for byte: rbd's key order, protected as a string.
         assert_eq!(
-            j,
-            json!([{"id": 4, "name": "a", "size": 1u64 << 30, "protected": "true", "timestamp": ""}])
+            list(&[s(4, "a", true)], Format::Json),
+            "[{\"id\":4,\"name\":\"a\",\"size\":1073741824,\"protected\":\"true\",\"timestamp\":\"\"}]\n"
         );
     }
 }

@@ -13,8 +13,10 @@
 //!   "unchanged" was relative to the removed snapshot; a removed snapshot whose map was
 //!   not trusted makes every clean entry of the next map EXISTS (librbd flags the next
 //!   map invalid instead);
-//! - rollback: each object of the head made equal to the snapshot's, the head's map
-//!   following (EXISTS for what was rewritten).
+//! - rollback: each object of the head made equal to the snapshot's (by the store's own
+//!   rollback when it has one), the head's map following: EXISTS for what was rolled
+//!   back, as the objects' snap sets say (not librbd's copy of the snapshot's map, which
+//!   `rbd object-map check` rejects).
 
 use super::map::trusted_object_map;
 use super::Image;
@@ -285,15 +287,13 @@ impl<S: ImageStore> Image<S> {
         let newest = self.store.header().snaps.iter().map(|s| s.id).max() == Some(snap.id);
         let count = snap.size.div_ceil(self.header.object_size());
         // What exists at the snapshot: its map when trusted, else the store's listing.
-        let at_snap: Vec<bool> = match self.snap_map(&snap).await.map_err(ctx)? {
-            Some(m) => (0..count)
-                .map(|o| m.get(o) != ObjectState::Nonexistent)
-                .collect(),
+        let at_snap: Vec<ObjectState> = match self.snap_map(&snap).await.map_err(ctx)? {
+            Some(m) => (0..count).map(|o| m.get(o)).collect(),
             None => {
-                let mut v = vec![false; count as usize];
+                let mut v = vec![ObjectState::Nonexistent; count as usize];
                 for o in self.store.list_objects(Some(snap.id)).await.map_err(ctx)? {
                     if o < count {
-                        v[o as usize] = true;
+                        v[o as usize] = ObjectState::Exists;
                     }
                 }
                 v
@@ -313,14 +313,42 @@ impl<S: ImageStore> Image<S> {
         };
         self.dirty_before(|| true).await.map_err(ctx)?;
         let osize = self.header.object_size();
+        let set = |objno: u64, state: ObjectState| {
+            if let Some(m) = self.map_now().as_deref() {
+                m.set(objno, state);
+            }
+        };
         let mut progress = Progress::new(format!("rolling back {spec} to {name}: objects"));
         for objno in 0..count {
             progress.tick();
-            let (had, has) = (at_snap[objno as usize], head[objno as usize]);
+            let (was, has) = (at_snap[objno as usize], head[objno as usize]);
+            let had = was != ObjectState::Nonexistent;
             if !had && has == ObjectState::Nonexistent {
                 continue;
             }
             if newest && had && has == ObjectState::ExistsClean {
+                continue;
+            }
+            // The store's own rollback (Ceph: the OSD copies the snapshot's clone over
+            // the head) counts as a write since the newest snapshot in the object's snap
+            // set, so the object is EXISTS, as `rbd object-map check` expects. librbd
+            // instead copies the snapshot's map over the head's, EXISTS_CLEAN entries
+            // included, which its own check then rejects (seen on Ceph 16.2).
+            if (had || has != ObjectState::Nonexistent)
+                && self
+                    .store
+                    .rollback_object(objno, snap.id)
+                    .await
+                    .map_err(ctx)?
+            {
+                set(
+                    objno,
+                    if had {
+                        ObjectState::Exists
+                    } else {
+                        ObjectState::Nonexistent
+                    },
+                );
                 continue;
             }
             let data = if had {
@@ -333,9 +361,7 @@ impl<S: ImageStore> Image<S> {
             };
             match data {
                 Some(data) => {
-                    if let Some(m) = self.map_now().as_deref() {
-                        m.set(objno, ObjectState::Exists);
-                    }
+                    set(objno, ObjectState::Exists);
                     let len = data.len() as u64;
                     self.store.write(objno, 0, data, false).await.map_err(ctx)?;
                     if len < osize {
@@ -349,9 +375,7 @@ impl<S: ImageStore> Image<S> {
                     if has != ObjectState::Nonexistent {
                         self.store.remove(objno, false).await.map_err(ctx)?;
                     }
-                    if let Some(m) = self.map_now().as_deref() {
-                        m.set(objno, ObjectState::Nonexistent);
-                    }
+                    set(objno, ObjectState::Nonexistent);
                 }
             }
         }

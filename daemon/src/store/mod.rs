@@ -440,6 +440,18 @@ pub trait ImageStore: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// Makes object `objno` of the head what it was at snapshot `snap` (removed if it
+    /// did not exist then) with the store's own rollback (Ceph: librados'
+    /// selfmanaged_snap_rollback), returning `Ok(true)`; `Ok(false)` when the store has
+    /// none, and the image layer copies the data itself.
+    fn rollback_object(
+        &self,
+        _objno: u64,
+        _snap: u64,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
+    }
+
     /// Replaces snapshot `snap`'s object map object, durably.
     fn write_snap_object_map(
         &self,

@@ -292,11 +292,11 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
     })
 }
 
-/// `snapshot_add`: snap id, name, SnapshotNamespace (ENCODE_START(1,1) { u32 type }, the
+/// `snapshot_add`: name, snap id, SnapshotNamespace (ENCODE_START(1,1) { u32 type }, the
 /// user namespace (type 0) having no fields), as `rbd snap create` sends it.
 pub fn snapshot_add_in(id: u64, name: &str) -> Vec<u8> {
     let mut e = Enc::new();
-    e.u64(id).str(name);
+    e.str(name).u64(id);
     let at = e.start(1, 1);
     e.u32(0);
     e.finish(at);
@@ -791,11 +791,11 @@ mod tests {
 
     #[test]
     fn snapshot_inputs() {
-        // As cls_client::snapshot_add encodes a user snapshot: id, name, namespace.
+        // As cls_rbd's snapshot_add decodes a user snapshot: name, id, namespace.
         assert_eq!(
             snapshot_add_in(5, "s"),
             [
-                vec![5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, b's'],
+                vec![1, 0, 0, 0, b's', 5, 0, 0, 0, 0, 0, 0, 0],
                 vec![1, 1, 4, 0, 0, 0, 0, 0, 0, 0]
             ]
             .concat()

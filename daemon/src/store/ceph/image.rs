@@ -592,6 +592,20 @@ impl ImageStore for CephImage {
             .map_err(ctx)
     }
 
+    /// librados' rollback, as librbd's SnapshotRollbackRequest does per object: the
+    /// OSD makes the head a copy of the snapshot's clone, so the snap set (what `rbd
+    /// diff` and `object-map check` read) says the head is unchanged since then.
+    async fn rollback_object(&self, objno: u64, snap: u64) -> Result<bool> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let r = i
+            .data
+            .selfmanaged_snap_rollback(&i.object_name(objno), snap)
+            .await;
+        i.noting_fence(r)?;
+        Ok(true)
+    }
+
     /// As `write_object_map`: our encoding is cls_rbd's.
     async fn write_snap_object_map(&self, snap: u64, data: Vec<u8>) -> Result<()> {
         let i = &self.inner;

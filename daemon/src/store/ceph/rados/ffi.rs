@@ -58,6 +58,11 @@ extern "C" {
     pub(super) fn rados_ioctx_selfmanaged_snap_create(io: rados_ioctx_t, snapid: *mut u64)
         -> c_int;
     pub(super) fn rados_ioctx_selfmanaged_snap_remove(io: rados_ioctx_t, snapid: u64) -> c_int;
+    pub(super) fn rados_ioctx_selfmanaged_snap_rollback(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        snapid: u64,
+    ) -> c_int;
     pub(super) fn rados_ioctx_selfmanaged_snap_set_write_ctx(
         io: rados_ioctx_t,
         seq: u64,

@@ -244,6 +244,26 @@ impl IoCtx {
         Ok(())
     }
 
+    /// Makes object `oid` what it was at self-managed snapshot `snap` (removed if it did
+    /// not exist then), with this handle's snapshot context. Blocking in librados.
+    pub async fn selfmanaged_snap_rollback(self: &Arc<Self>, oid: &str, snap: u64) -> Result<()> {
+        let me = self.clone();
+        let coid = cstring("object name", oid)?;
+        let r = tokio::task::spawn_blocking(move || unsafe {
+            rados_ioctx_selfmanaged_snap_rollback(me.h, coid.as_ptr(), snap)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("rollback of {oid}: {e}")))?;
+        if r < 0 && r != -ENOENT {
+            return Err(rados_error(
+                &format!("roll back to snapshot {snap}"),
+                oid,
+                r,
+            ));
+        }
+        Ok(())
+    }
+
     /// The snapshot context carried by every write from this handle (newest snap first).
     pub fn set_snap_write_ctx(&self, seq: u64, snaps: &[u64]) -> Result<()> {
         let mut v = snaps.to_vec();
