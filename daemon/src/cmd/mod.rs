@@ -5,7 +5,9 @@
 
 pub mod config;
 pub mod create;
+pub mod diff;
 pub mod du;
+pub mod flatten;
 pub mod info;
 pub mod ls;
 pub mod object_map;
@@ -73,6 +75,12 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du { image, format } => du::du(&store, &parse_spec(&image)?, format).await,
+        Command::Diff {
+            image,
+            from_snap,
+            whole_object: _,
+            format,
+        } => diff::diff(&store, &parse_spec(&image)?, from_snap.as_deref(), format).await,
         Command::Resize {
             image,
             size,
@@ -86,6 +94,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 allow_shrink,
             )
             .await
+        }
+        Command::Flatten { image } => {
+            flatten::flatten(&store, &parse_head_spec(&image, "flatten")?).await
         }
         Command::ObjectMap(ObjectMapCommand::Check { image }) => {
             object_map::check(&store, &parse_spec(&image)?).await
