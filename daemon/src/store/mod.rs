@@ -196,6 +196,22 @@ pub trait Store: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to take snapshot
+    /// `name`, and waits for it: how `rados-nbd snap create` reaches an image in use.
+    fn ask_holder_to_snap_create(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "image {spec} is in use; a snapshot ({name}) of an image in use is not supported yet: stop serving it (or unmap it), then run `snap create` again"
+            ),
+        );
+        async move { Err(e) }
+    }
+
     /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
     /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
     /// SharedWrite is writable without excluding other SharedWrite openers.
@@ -422,6 +438,18 @@ pub trait ImageStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send {
         let e = unsupported(format!("protecting snapshot {id}"));
         async move { Err(e) }
+    }
+
+    /// Makes object `objno` of the head what it was at snapshot `snap` (removed if it
+    /// did not exist then) with the store's own rollback (Ceph: librados'
+    /// selfmanaged_snap_rollback), returning `Ok(true)`; `Ok(false)` when the store has
+    /// none, and the image layer copies the data itself.
+    fn rollback_object(
+        &self,
+        _objno: u64,
+        _snap: u64,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
     }
 
     /// Replaces snapshot `snap`'s object map object, durably.
