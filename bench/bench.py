@@ -6,6 +6,8 @@ never a pass/fail test: targets are printed as met / missed.
   bench/run.sh [--quick] [--ceph] [--no-dir] [--only PEER,...] [--rounds N]
   bench/run.sh --report bench/results.json   (rewrite results.md and ratios.png only)
   bench/run.sh --checkpoint-rtt [ROUNDS]     (only the cost of --checkpoint-idle on Ceph)
+  bench/run.sh --clone-depth [--quick]       (only reads and copy-up through clone chains on
+                                             Ceph: bench/clones.py)
 
 Directory store: `rados-nbd serve` vs `nbdkit file` vs `qemu-nbd -f raw` on sparse files of
 the same size, with `nbdkit memory` / `nbdkit null` as the ceiling of the NBD path itself.
@@ -715,6 +717,8 @@ def main():
     ap.add_argument("--checkpoint-rtt", type=int, metavar="ROUNDS", nargs="?", const=20,
                     help="only measure what --checkpoint-idle costs on Ceph (median of ROUNDS, "
                          "default 20); prints JSON, writes no report")
+    ap.add_argument("--clone-depth", action="store_true",
+                    help="only the clone-depth job on Ceph (bench/clones.py): writes clone-depth.{json,md,png}")
     a = ap.parse_args()
     if a.checkpoint_rtt:
         work = tempfile.mkdtemp(prefix="rados-nbd-bench.", dir="/var/tmp")
@@ -726,6 +730,11 @@ def main():
     if a.report:
         with open(a.report) as f:
             results = json.load(f)
+        if results.get("clone_depth"):
+            import clones
+            os.makedirs(a.out, exist_ok=True)
+            clones.write_report(results, a.out)
+            return
         if results.get("ceph"):
             for k, v in server_costs(results["ceph"]["jobs"]).items():
                 results["ceph"]["extra"].setdefault(k, v)
@@ -734,6 +743,10 @@ def main():
         return
     a.only = [p for p in a.only.split(",") if p]
     a.jobs = [j for j in a.jobs.split(",") if j]
+    if a.clone_depth:
+        import clones
+        clones.main(a)
+        return
     unknown = [j for j in a.jobs if j not in [n for n, *_ in JOBS]]
     if unknown:
         ap.error(f"unknown job(s) {', '.join(unknown)}; jobs are {', '.join(n for n, *_ in JOBS)}")
