@@ -363,8 +363,27 @@ class Ceph:
         script = os.path.join(ROOT, "tests/ceph/cluster.sh")
         if not os.path.exists(script):
             raise RuntimeError("no $CEPH_CONF and no tests/ceph/cluster.sh (the Ceph store has not landed)")
-        d = os.path.join(work, "ceph")
-        out = subprocess.run(["bash", script, "start", d], check=True, capture_output=True, text=True).stdout
+        # cluster.sh picks a random port and leaves a retry to its caller; a failed start may
+        # have left a daemon running, so stop that one (by its pid file) before the next try.
+        for attempt in range(3):
+            d = os.path.join(work, f"ceph{attempt}" if attempt else "ceph")
+            p = subprocess.run(["bash", script, "start", d], capture_output=True, text=True)
+            if p.returncode == 0:
+                break
+            subprocess.run(["bash", script, "stop", d], check=False, capture_output=True)
+            # The daemons' own complaints (e.g. the mon refusing a nearly full disk) are in
+            # their stderr log, not in cluster.sh's.
+            try:
+                with open(os.path.join(d, "log", "stderr.log")) as f:
+                    daemon = [l.strip() for l in f if "error" in l.lower()]
+            except OSError:
+                daemon = []
+            err = (p.stderr.strip().splitlines() or daemon or ["no message"])[-1]
+            log(f"tests/ceph/cluster.sh start {d} exited with {p.returncode}: {err}")
+        else:
+            raise RuntimeError(f"tests/ceph/cluster.sh start failed 3 times, last: exit {p.returncode}: {err} "
+                               f"(logs under {work}/ceph*/log, removed with the work directory)")
+        out = p.stdout
         # cluster.sh prints KEY=VALUE lines (CEPH_CONF, and with cephx the daemon's user).
         confs = [l.split("=", 1)[1] for l in out.splitlines() if l.startswith("CEPH_CONF=")]
         if not confs:
