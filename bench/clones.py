@@ -226,11 +226,24 @@ def write_job(name, work, ceph, image, region):
         except RuntimeError as e:
             return {"error": refusal(srv, e)}
         try:
-            return first_writes(srv.uri(), region)
+            r = first_writes(srv.uri(), region)
         except Exception as e:  # libnbd errors, failed writes: reported, not fatal
             return {"error": f"{name}: first writes into the clone failed: {e}"}
     finally:
         srv.stop()
+    r["objects_after"] = objects_in(ceph, image)
+    return r
+
+
+def objects_in(ceph, image):
+    """Objects the leaf holds after the run (its object map, by `rbd du`): one per write plus
+    the warm-up's shows that every write created its object, i.e. was a copy-up."""
+    p = subprocess.run(["rbd", "-c", ceph.conf, "du", "--format", "json", f"rbd/{image}"], env=ceph.env(),
+                       capture_output=True, text=True)
+    try:
+        return json.loads(p.stdout)["images"][0]["used_size"] // OBJ
+    except (ValueError, KeyError, IndexError):
+        return None
 
 
 def median(runs):
@@ -278,7 +291,8 @@ def run(a, work):
                 res["first_writes"].setdefault(str(d), {})[n] = r
                 log(f"first writes depth {d:2} {n:10} " + (r["error"] if "error" in r else
                     f"{r['iops']:8.0f} IOPS  mean {r['lat_mean_us']:8.1f} us  p50 "
-                    f"{r['lat_p50_us']:8.1f}  p99 {r['lat_p99_us']:8.1f}  ({r['ios']} writes)"))
+                    f"{r['lat_p50_us']:8.1f}  p99 {r['lat_p99_us']:8.1f}  ({r['ios']} writes, "
+                    f"{r['objects_after']} objects after)"))
     finally:
         if not ceph.started:
             chain.remove()
@@ -389,7 +403,9 @@ def write_report(results, out):
             ok = "error" not in a and "error" not in b and a.get("iops") and b.get("iops")
             rat.append(f"{a['iops'] / b['iops']:.2f}" if ok else "-")
         n = next((r["ios"] for r in per.values() if "ios" in r), "?")
-        lines.append(f"| {d} ({n} writes) | " + " | ".join(cell(per.get(p)) for p in wpeers) + " | "
+        lines.append(f"| {d} ({n} writes; objects in the leaf after: "
+                     + ", ".join(f"{p} {r.get('objects_after', '?')}" for p, r in per.items() if "ios" in r)
+                     + ") | " + " | ".join(cell(per.get(p)) for p in wpeers) + " | "
                      + " | ".join(rat) + " |")
         errors += [f"- first writes, depth {d}, {p}: {r['error']}" for p, r in per.items() if "error" in r]
     lines.append("")
