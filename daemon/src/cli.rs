@@ -108,6 +108,12 @@ pub enum Command {
         /// [POOL/]NAME
         image: String,
     },
+    /// Copy everything a clone still reads from its parent into it, then detach it from
+    /// the parent, like `rbd flatten` (the image must not be in use).
+    Flatten {
+        /// [POOL/]NAME
+        image: String,
+    },
     /// Check or rebuild an image's object map.
     #[command(subcommand, name = "object-map")]
     ObjectMap(ObjectMapCommand),
@@ -115,6 +121,34 @@ pub enum Command {
     Config {
         image: String,
         setting: Option<String>,
+    },
+    /// Clone a snapshot into a new copy-on-write image, like `rbd clone`: the child
+    /// reads what it has not written from the parent's snapshot.
+    Clone {
+        /// 2 (default): no protected snapshot needed, the parent records its children in
+        /// its header; 1: the snapshot must be protected (`rbd snap protect`), for
+        /// clients older than Mimic. Named like rbd's option.
+        #[arg(
+            long = "rbd-default-clone-format",
+            visible_alias = "clone-format",
+            default_value_t = 2,
+            value_parser = clap::value_parser!(u8).range(1..=2)
+        )]
+        clone_format: u8,
+        /// Object size of the child (default: the parent's).
+        #[arg(long)]
+        object_size: Option<String>,
+        /// [POOL/[NAMESPACE/]]PARENT@SNAP
+        parent: String,
+        /// [POOL/[NAMESPACE/]]CHILD
+        child: String,
+    },
+    /// List the clones of a snapshot, like `rbd children`.
+    Children {
+        /// [POOL/[NAMESPACE/]]IMAGE@SNAP
+        image: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Write the manual pages or shell completions generated from this CLI (packaging).
     #[command(hide = true, subcommand)]

@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// trip). Off by default: the flag stays set while served.
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse::parse_checkpoint_idle)]
     pub checkpoint_idle: Option<std::time::Duration>,
+    /// For a clone: the first read of an object it still reads from its parent copies
+    /// the object into the clone in the background (librbd's rbd_clone_copy_on_read),
+    /// so later reads are the clone's own. No effect on other images or read-only.
+    #[arg(long)]
+    pub copy_on_read: bool,
     /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
     /// are refused). allow and require need --tls-cert and --tls-key.
     #[arg(long, value_name = "MODE", default_value_t = TlsMode::Off)]
@@ -311,6 +316,9 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
     image.spawn_idle_checkpoints();
+    if args.copy_on_read && !image.enable_copy_on_read() {
+        tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
+    }
     let bound = match inherited {
         Some(l) => Ok(l),
         None => Listener::bind(&addr, perms).await,

@@ -356,3 +356,13 @@ fn version_and_help() {
         assert!(help.contains(c), "help lacks {c}");
     }
 }
+
+#[test]
+fn flatten_refuses_an_image_that_is_not_a_clone() {
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "8M", "vm1"]);
+    fails_cleanly(s, &["flatten", "vm1"], "vm1 is not a clone");
+    fails_cleanly(s, &["flatten", "vm1@s1"], "flatten");
+    fails_cleanly(s, &["flatten", "nosuch"], "nosuch");
+}

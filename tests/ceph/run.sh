@@ -36,6 +36,7 @@ suites=(
   namespaces.sh
   fencing.sh
   differential.sh
+  clones.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

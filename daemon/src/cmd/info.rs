@@ -103,6 +103,19 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                 "shared": shared,
                 "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
             });
+            let mut v = v;
+            if let Some(p) = &h.parent {
+                // rbd info's `parent` object.
+                v["parent"] = json!({
+                    "pool": p.spec.pool,
+                    "pool_namespace": p.spec.namespace,
+                    "image": p.spec.name,
+                    "id": p.image_id,
+                    "snapshot": p.spec.snap.as_deref().unwrap_or(""),
+                    "trash": false,
+                    "overlap": p.overlap,
+                });
+            }
             println!("{v}");
         }
         Format::Plain => {
@@ -123,6 +136,10 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
             println!("\tshared: {shared}");
             for s in &h.snaps {
                 println!("\tsnapshot {} {} ({})", s.id, s.name, human_size(s.size));
+            }
+            if let Some(p) = &h.parent {
+                println!("\tparent: {}", p.spec);
+                println!("\toverlap: {}", human_size(p.overlap));
             }
         }
     }

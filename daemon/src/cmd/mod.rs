@@ -3,9 +3,12 @@
 //! [`dispatch`]; every command is a generic function over [`Store`], so a new store only
 //! adds a match arm.
 
+pub mod children;
+pub mod clone;
 pub mod config;
 pub mod create;
 pub mod du;
+pub mod flatten;
 pub mod info;
 pub mod ls;
 pub mod object_map;
@@ -86,6 +89,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             )
             .await
         }
+        Command::Flatten { image } => {
+            flatten::flatten(&store, &parse_head_spec(&image, "flatten")?).await
+        }
         Command::ObjectMap(ObjectMapCommand::Check { image }) => {
             object_map::check(&store, &parse_spec(&image)?).await
         }
@@ -99,6 +105,24 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 setting.as_deref(),
             )
             .await
+        }
+        Command::Clone {
+            clone_format,
+            object_size,
+            parent,
+            child,
+        } => {
+            clone::clone(
+                &store,
+                &parse_spec(&parent)?,
+                &parse_head_spec(&child, "clone into")?,
+                clone_format,
+                object_size.as_deref(),
+            )
+            .await
+        }
+        Command::Children { image, format } => {
+            children::children(&store, &parse_spec(&image)?, format).await
         }
         #[cfg(target_os = "linux")]
         Command::Kernel(_) => Err(Error::new(

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Mutex, RwLock};
 
 mod backend;
+mod clone;
 mod dirty;
 mod map;
 mod open;
@@ -36,6 +37,7 @@ mod test_store;
 #[cfg(test)]
 mod tests;
 
+pub use clone::MAX_CHAIN_DEPTH;
 pub use map::{
     describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,
     MapSource,
@@ -66,6 +68,10 @@ pub struct Stats {
     pub store_removes: AtomicU64,
     /// Discard pieces that cost nothing: the object was already NONEXISTENT.
     pub skipped_removes: AtomicU64,
+    /// Reads sent to an ancestor of a clone (each at the level that has the data).
+    pub parent_reads: AtomicU64,
+    /// Copy-ups: objects a clone lacked, created with their ancestor's data.
+    pub copyups: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -76,6 +82,8 @@ pub struct StatsSnapshot {
     pub store_zeroes: u64,
     pub store_removes: u64,
     pub skipped_removes: u64,
+    pub parent_reads: u64,
+    pub copyups: u64,
 }
 
 impl Stats {
@@ -88,6 +96,8 @@ impl Stats {
             store_zeroes: g(&self.store_zeroes),
             store_removes: g(&self.store_removes),
             skipped_removes: g(&self.skipped_removes),
+            parent_reads: g(&self.parent_reads),
+            copyups: g(&self.copyups),
         }
     }
 }
@@ -124,6 +134,13 @@ pub struct Image<S: ImageStore> {
     last_change: AtomicU64,
     opened: tokio::time::Instant,
     stats: Stats,
+    /// A clone's ancestors (dropped by flatten); `has_parent` says so without a lock,
+    /// so an image that is no clone pays one load for it.
+    chain: std::sync::RwLock<Option<Arc<clone::Chain<S>>>>,
+    has_parent: AtomicBool,
+    /// `--copy-on-read`: objects to copy up in the background, and those queued.
+    cor: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<u64>>,
+    cor_pending: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The dirty flag as the idle checkpointer sees it.

@@ -194,6 +194,10 @@ impl<S: ImageStore> Image<S> {
         } else {
             (None, None)
         };
+        let chain = match super::clone::Chain::open(&img, spec, &header, size).await {
+            Ok(c) => c.map(Arc::new),
+            Err(e) => return Err((img, e)),
+        };
         let image = Image {
             store: img,
             spec: spec.clone(),
@@ -214,8 +218,15 @@ impl<S: ImageStore> Image<S> {
             opened: tokio::time::Instant::now(),
             stats: Stats::default(),
             header,
+            has_parent: AtomicBool::new(chain.is_some()),
+            chain: std::sync::RwLock::new(chain),
+            cor: std::sync::OnceLock::new(),
+            cor_pending: std::sync::Mutex::new(Default::default()),
         };
         if let Err(e) = image.ensure_dirty().await {
+            if let Some(c) = image.chain() {
+                c.close().await;
+            }
             return Err((image.store, e.context(format!("marking {spec} in use"))));
         }
         tracing::debug!(
@@ -245,10 +256,13 @@ impl<S: ImageStore> Image<S> {
             .map_err(|e| e.context(format!("closing {}", self.spec)));
         let s = self.stats();
         tracing::info!(
-            "closed {}: map_reads={} store_reads={} store_writes={} store_zeroes={} store_removes={} skipped_removes={}",
+            "closed {}: map_reads={} store_reads={} store_writes={} store_zeroes={} store_removes={} skipped_removes={} parent_reads={} copyups={}",
             self.spec, s.map_reads, s.store_reads, s.store_writes, s.store_zeroes,
-            s.store_removes, s.skipped_removes
+            s.store_removes, s.skipped_removes, s.parent_reads, s.copyups
         );
+        if let Some(c) = self.chain() {
+            c.close().await;
+        }
         let res2 = self.store.close().await;
         self.flag_tx.send_replace(FlagState::Closed);
         res.and(res2)

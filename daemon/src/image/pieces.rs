@@ -1,6 +1,7 @@
 //! Requests split into pieces of one object each, served against the map and the
 //! store; block status extents from the map.
 
+use super::clone::CopyupOp;
 use super::{bump, Image};
 use crate::error::Result;
 use crate::store::ImageStore;
@@ -53,7 +54,7 @@ impl<S: ImageStore> Image<S> {
     /// Like `mark_exists` for a change to an object that is known to exist (a partial
     /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
     /// missing object does nothing), anything else becomes EXISTS.
-    fn mark_changed(&self, objno: u64) {
+    pub(super) fn mark_changed(&self, objno: u64) {
         if let Some(m) = self.map_now().as_deref() {
             let st = m.get(objno);
             if st != ObjectState::Exists && st != ObjectState::Nonexistent {
@@ -62,7 +63,7 @@ impl<S: ImageStore> Image<S> {
         }
     }
 
-    fn mark_exists(&self, objno: u64) {
+    pub(super) fn mark_exists(&self, objno: u64) {
         if let Some(m) = self.map_now().as_deref() {
             if m.get(objno) != ObjectState::Exists {
                 m.set(objno, ObjectState::Exists);
@@ -74,12 +75,20 @@ impl<S: ImageStore> Image<S> {
         let len = p.len as u32;
         if self.is_nonexistent(p.objno) {
             self.store.check_usable()?;
+            if self.has_parent.load(Ordering::Acquire) {
+                return self.read_parent_piece(p).await;
+            }
             bump(&self.stats.map_reads);
             return Ok(vec![ReadChunk::Hole(len)]);
         }
         bump(&self.stats.store_reads);
         Ok(
             match self.store.read(p.objno, p.off, p.len, self.snap).await? {
+                // A clone's object not there (no map, or a copy-up not done yet):
+                // the parent's data is what it holds.
+                None if self.has_parent.load(Ordering::Acquire) => {
+                    return self.read_parent_piece(p).await
+                }
                 None => vec![ReadChunk::Hole(len)],
                 Some(b) if b.is_empty() => vec![ReadChunk::Hole(len)],
                 Some(b) if b.len() as u64 >= p.len => {
@@ -94,6 +103,12 @@ impl<S: ImageStore> Image<S> {
     }
 
     pub(super) async fn write_piece(&self, p: Piece, data: Bytes, fua: bool) -> Result<()> {
+        if let Some(c) = self.parent_backed(p.objno) {
+            let op = CopyupOp::Write(data.clone());
+            if self.copyup(&c, p.objno, p.off, p.len, op, fua).await? {
+                return Ok(());
+            }
+        }
         let _g = self.lock_for(p.objno).read().await;
         self.mark_exists(p.objno);
         bump(&self.stats.store_writes);
@@ -105,12 +120,31 @@ impl<S: ImageStore> Image<S> {
             let zeros = Bytes::from(vec![0u8; p.len as usize]);
             return self.write_piece(p, zeros, fua).await;
         }
+        let whole = p.off == 0 && p.len == self.object_len(p.objno);
+        if let Some(c) = self.parent_backed(p.objno) {
+            // The child lacks it and an ancestor has it: copied up with the discard
+            // applied (an empty object for a whole one), never left to show the parent.
+            let op = if whole {
+                CopyupOp::Discard
+            } else {
+                CopyupOp::Zero
+            };
+            if self.copyup(&c, p.objno, p.off, p.len, op, fua).await? {
+                return Ok(());
+            }
+            if whole
+                && !self.is_nonexistent(p.objno)
+                && self.discard_shadowing(&c, p.objno, fua).await?
+            {
+                return Ok(());
+            }
+        }
         if self.is_nonexistent(p.objno) {
             self.store.check_usable()?;
             bump(&self.stats.skipped_removes);
             return Ok(());
         }
-        if p.off == 0 && p.len == self.object_len(p.objno) {
+        if whole {
             let _g = self.lock_for(p.objno).write().await;
             bump(&self.stats.store_removes);
             self.store.remove(p.objno, fua).await?;
@@ -141,7 +175,8 @@ impl<S: ImageStore> Image<S> {
     /// nothing), and only for an exclusive writer: a shared image's other writers
     /// could write the object between the check and the removal.
     async fn remove_if_emptied(&self, objno: u64, fua: bool) -> Result<()> {
-        if self.shared || !self.store.holds_no_data(objno).await? {
+        // Inside a clone's overlap an empty object hides the parent's data: kept.
+        if self.shared || self.shadows_parent(objno) || !self.store.holds_no_data(objno).await? {
             return Ok(());
         }
         let _g = self.lock_for(objno).write().await;
@@ -176,7 +211,9 @@ impl<S: ImageStore> Image<S> {
                     .iter()
                     .any(|p| self.needs_map_change(p.objno, ObjectState::Exists))
             } else {
+                // A clone's discard inside the overlap may copy objects up.
                 self.discard_changes_map(offset, length)
+                    || self.parent_backed(offset >> self.order()).is_some()
             }
         })
         .await?;
@@ -197,7 +234,7 @@ impl<S: ImageStore> Image<S> {
         for run in map.runs(first..last + 1) {
             let lo = (run.start << order).max(offset);
             let hi = (run.end() << order).min(end);
-            if run.state == ObjectState::Nonexistent {
+            if run.state == ObjectState::Nonexistent && self.parent_backed(run.start).is_none() {
                 self.stats
                     .skipped_removes
                     .fetch_add(run.len, Ordering::Relaxed);
@@ -237,10 +274,42 @@ impl<S: ImageStore> Image<S> {
         let first = offset >> order;
         let last = (end - 1) >> order;
         let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, len: u64, flags: u32| match out.last_mut() {
+            Some(l) if l.flags == flags => l.length += len,
+            _ => out.push(Extent { length: len, flags }),
+        };
+        let chain = if self.has_parent.load(Ordering::Acquire) {
+            self.chain()
+        } else {
+            None
+        };
         let mut pos = offset;
         for run in map.runs(first..last + 1) {
             let run_end = ((run.start + run.len) << order).min(end);
             if run_end <= pos {
+                continue;
+            }
+            if let (Some(c), ObjectState::Nonexistent) = (&chain, run.state) {
+                // A clone's objects it lacks: data where an ancestor may have some
+                // (inside the overlap), holes elsewhere.
+                let overlap = c.overlap();
+                for objno in run.start..run.end() {
+                    let lo = (objno << order).max(pos);
+                    let hi = ((objno + 1) << order).min(run_end);
+                    if hi <= lo {
+                        continue;
+                    }
+                    let backed = hi.min(overlap).max(lo);
+                    if backed > lo && c.may_have(objno << order, backed - (objno << order)) {
+                        push(&mut out, backed - lo, 0);
+                        if hi > backed {
+                            push(&mut out, hi - backed, STATE_HOLE | STATE_ZERO);
+                        }
+                    } else {
+                        push(&mut out, hi - lo, STATE_HOLE | STATE_ZERO);
+                    }
+                }
+                pos = run_end;
                 continue;
             }
             let flags = if run.state == ObjectState::Nonexistent {
@@ -248,11 +317,7 @@ impl<S: ImageStore> Image<S> {
             } else {
                 0
             };
-            let len = run_end - pos;
-            match out.last_mut() {
-                Some(l) if l.flags == flags => l.length += len,
-                _ => out.push(Extent { length: len, flags }),
-            }
+            push(&mut out, run_end - pos, flags);
             pos = run_end;
         }
         if pos < end {

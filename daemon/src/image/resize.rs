@@ -116,6 +116,10 @@ impl<S: ImageStore> Image<S> {
             self.store.sync().await.map_err(ctx)?;
         }
         self.store.set_size(new_size).await.map_err(ctx)?;
+        // The store lowered the overlap with the size (as cls_rbd's set_size does).
+        if let Some(c) = self.chain() {
+            c.shrink_overlap(new_size);
+        }
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = new_map;
         self.size.store(new_size, Ordering::Release);
         self.size_tx.send_replace(new_size);

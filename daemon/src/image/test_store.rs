@@ -5,7 +5,9 @@
 
 use crate::error::Result;
 use crate::store::RBD_FLAG_OBJECT_MAP_INVALID;
-use crate::store::{ImageHeader, ImageStore, SnapInfo, RBD_FEATURE_OBJECT_MAP};
+use crate::store::{
+    ImageHeader, ImageStore, ObjectWrite, ParentInfo, SnapInfo, RBD_FEATURE_OBJECT_MAP,
+};
 use bytes::Bytes;
 use objmap::{ObjectMap, ObjectState};
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +26,9 @@ struct State {
     maps: HashMap<Option<u64>, Vec<u8>>,
     meta: HashMap<String, String>,
     log: Vec<String>,
+    /// A clone's parent: a handle of the parent image at the snapshot (`header.parent`
+    /// says which), until `detach_parent`.
+    parent: Option<MemImage>,
 }
 
 /// A handle of one image in memory. Clones share the image: a test keeps one to look
@@ -38,6 +43,8 @@ pub(super) struct MemImage {
     /// How long `sync` and `set_flags` take (a slow disk or OSD): widens the windows
     /// where a checkpoint and requests interleave.
     slow: Option<std::time::Duration>,
+    /// Answers `holds_no_data` (an object of zeros only), as a store that punches holes.
+    punches: bool,
 }
 
 impl MemImage {
@@ -69,16 +76,24 @@ impl MemImage {
                 maps,
                 meta: HashMap::new(),
                 log: Vec::new(),
+                parent: None,
             })),
             snap: None,
             audit: false,
             slow: None,
+            punches: false,
         }
     }
 
     /// This handle, auditing every data operation (see `audit`).
     pub(super) fn audited(mut self) -> Self {
         self.audit = true;
+        self
+    }
+
+    /// This handle, telling which objects hold no data (see `punches`).
+    pub(super) fn punching(mut self) -> Self {
+        self.punches = true;
         self
     }
 
@@ -122,6 +137,96 @@ impl MemImage {
         for (objno, data) in clones {
             s.clones.insert((id, *objno), data.to_vec());
         }
+    }
+
+    /// A new clone (id `id`) of this image at snapshot `snap`: as big as the snapshot,
+    /// the overlap all of it, an empty map when the parent has the feature.
+    pub(super) fn clone_of(&self, snap: u64, id: &str) -> Self {
+        let (size, features, order, pid, pname) = {
+            let s = self.lock();
+            let info = s
+                .header
+                .snaps
+                .iter()
+                .find(|i| i.id == snap)
+                .expect("snapshot");
+            (
+                info.size,
+                s.header.features,
+                s.header.order,
+                s.header.id.clone(),
+                info.name.clone(),
+            )
+        };
+        let child = MemImage::new(size, features);
+        {
+            let mut s = child.lock();
+            s.header.id = id.into();
+            s.header.object_prefix = format!("rbd_data.{id}");
+            s.header.order = order;
+            if features & RBD_FEATURE_OBJECT_MAP != 0 {
+                let count = size.div_ceil(1 << order);
+                s.maps
+                    .insert(None, ObjectMap::try_new(count).unwrap().encode());
+            }
+            s.header.parent = Some(ParentInfo {
+                spec: format!("img{pid}@{pname}").parse().unwrap(),
+                image_id: pid,
+                snap_id: snap,
+                overlap: size,
+            });
+            s.parent = Some(self.at_snapshot(snap));
+        }
+        child
+    }
+
+    /// Takes snapshot `id` named `name` of the head as it is now, with a valid map of
+    /// the objects that exist (as `rbd snap create` leaves it).
+    pub(super) fn snapshot_now(&self, id: u64, name: &str) {
+        let (count, objs) = {
+            let s = self.lock();
+            (
+                s.header.object_count(),
+                s.objects.keys().copied().collect::<Vec<_>>(),
+            )
+        };
+        let m = ObjectMap::try_new(count).unwrap();
+        for o in objs {
+            m.set(o, ObjectState::Exists);
+        }
+        self.add_snapshot(id, name, 0, m.encode(), &[]);
+    }
+
+    /// The parent overlap in the header.
+    pub(super) fn parent_overlap(&self) -> Option<u64> {
+        self.lock().header.parent.as_ref().map(|p| p.overlap)
+    }
+
+    /// Sets the parent overlap in the header (a clone whose parent was bigger than what
+    /// it kept of it).
+    pub(super) fn set_overlap(&self, overlap: u64) {
+        if let Some(p) = self.lock().header.parent.as_mut() {
+            p.overlap = overlap;
+        }
+    }
+
+    /// Points this image's parent elsewhere (a broken chain, for the loop check).
+    pub(super) fn set_parent(&self, parent: &MemImage, snap: u64) {
+        let pid = parent.lock().header.id.clone();
+        let mut s = self.lock();
+        let overlap = s.header.size;
+        s.header.parent = Some(ParentInfo {
+            spec: format!("img{pid}@s{snap}").parse().unwrap(),
+            image_id: pid,
+            snap_id: snap,
+            overlap,
+        });
+        s.parent = Some(parent.at_snapshot(snap));
+    }
+
+    /// The bytes of object `o` of the head, if it exists.
+    pub(super) fn object(&self, o: u64) -> Option<Vec<u8>> {
+        self.lock().objects.get(&o).cloned()
     }
 
     /// A handle of snapshot `id`, as the store opens `IMAGE@SNAP` (read-only).
@@ -188,9 +293,14 @@ impl MemImage {
 
 impl ImageStore for MemImage {
     fn header(&self) -> ImageHeader {
-        let mut h = self.lock().header.clone();
+        let s = self.lock();
+        let mut h = s.header.clone();
         if let Some(id) = self.snap {
-            h.flags = self.lock().snap_flags[&id];
+            h.flags = s.snap_flags[&id];
+            // A snapshot's header is as big as the snapshot.
+            if let Some(info) = s.header.snaps.iter().find(|i| i.id == id) {
+                h.size = info.size;
+            }
         }
         h
     }
@@ -200,7 +310,12 @@ impl ImageStore for MemImage {
     async fn set_size(&self, size: u64) -> Result<()> {
         self.writable("resized");
         self.note(format!("set_size({size})"));
-        self.lock().header.size = size;
+        let mut s = self.lock();
+        s.header.size = size;
+        // As cls_rbd's set_size: a shrink lowers the parent overlap, growing never raises it.
+        if let Some(p) = s.header.parent.as_mut() {
+            p.overlap = p.overlap.min(size);
+        }
         Ok(())
     }
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
@@ -289,5 +404,64 @@ impl ImageStore for MemImage {
     async fn close(&self) -> Result<()> {
         self.note("close");
         Ok(())
+    }
+    async fn holds_no_data(&self, o: u64) -> Result<bool> {
+        Ok(self.punches
+            && self
+                .lock()
+                .objects
+                .get(&o)
+                .is_some_and(|v| v.iter().all(|&b| b == 0)))
+    }
+    async fn open_parent(&self) -> Result<Option<Self>> {
+        self.note("open_parent");
+        Ok(self.lock().parent.clone())
+    }
+    async fn copyup(
+        &self,
+        o: u64,
+        parent_data: Bytes,
+        op: ObjectWrite,
+        _durable: bool,
+    ) -> Result<()> {
+        self.writable("written");
+        self.audit("copyup", o);
+        let mut s = self.lock();
+        // Logged apart: a copy-up that created the object, or only the op on one there.
+        let created = !s.objects.contains_key(&o);
+        s.log.push(if created {
+            format!("copyup({o})")
+        } else {
+            format!("copyup_op({o})")
+        });
+        let v = s.objects.entry(o).or_insert_with(|| parent_data.to_vec());
+        match op {
+            ObjectWrite::None => {}
+            ObjectWrite::Write { off, data } => {
+                let end = off as usize + data.len();
+                if v.len() < end {
+                    v.resize(end, 0);
+                }
+                v[off as usize..end].copy_from_slice(&data);
+            }
+            ObjectWrite::Zero { off, len } => {
+                let lo = (off as usize).min(v.len());
+                let hi = ((off + len) as usize).min(v.len());
+                v[lo..hi].fill(0);
+            }
+            ObjectWrite::Truncate { len } => v.resize(len as usize, 0),
+        }
+        Ok(())
+    }
+    async fn detach_parent(&self) -> Result<()> {
+        self.writable("flattened");
+        self.note("detach_parent");
+        let mut s = self.lock();
+        s.header.parent = None;
+        s.parent = None;
+        Ok(())
+    }
+    async fn snap_flags(&self, snap: u64) -> Result<u64> {
+        Ok(self.lock().snap_flags[&snap])
     }
 }

@@ -15,6 +15,7 @@ use nbd_protocol::{Backend, Errno, Extent, ReadChunk, ZeroFlags};
 use objmap::ObjectState;
 use std::path::{Path, PathBuf};
 
+mod clone;
 mod data;
 mod dirty;
 mod open;

@@ -289,6 +289,140 @@ pub fn get_parent_out(b: &[u8]) -> Result<Option<(i64, String, u64, u64)>> {
     Ok((pool >= 0).then_some((pool, image, snap, overlap)))
 }
 
+/// cls::rbd::ParentImageSpec: where a clone's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentSpec {
+    pub pool_id: i64,
+    pub namespace: String,
+    pub image_id: String,
+    pub snap_id: u64,
+}
+
+/// ParentImageSpec: ENCODE_START(1,1) { i64 pool_id, string pool_namespace, string
+/// image_id, u64 snap_id }.
+fn parent_spec_enc(e: &mut Enc, p: &ParentSpec) {
+    let at = e.start(1, 1);
+    e.i64(p.pool_id)
+        .str(&p.namespace)
+        .str(&p.image_id)
+        .u64(p.snap_id);
+    e.finish(at);
+}
+
+/// `parent_get` (no input) → ParentImageSpec; None when the image has no parent (pool -1).
+pub fn parent_get_out(b: &[u8]) -> Result<Option<ParentSpec>> {
+    let mut d = Dec::new(b, "rbd.parent_get reply");
+    let (_, end) = d.start(1)?;
+    let p = ParentSpec {
+        pool_id: d.i64()?,
+        namespace: d.string()?,
+        image_id: d.string()?,
+        snap_id: d.u64()?,
+    };
+    d.finish(end)?;
+    Ok((p.pool_id >= 0 && !p.image_id.is_empty()).then_some(p))
+}
+
+/// `parent_overlap_get` (u64 snap id) → std::optional<u64>: u8 present + u64. None: that
+/// snapshot (or the head) has no parent, e.g. a flattened head whose snapshots still do.
+pub fn parent_overlap_get_out(b: &[u8]) -> Result<Option<u64>> {
+    let mut d = Dec::new(b, "rbd.parent_overlap_get reply");
+    if d.u8()? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(d.u64()?))
+}
+
+/// `parent_attach`: ParentImageSpec, u64 overlap, bool reattach.
+pub fn parent_attach_in(p: &ParentSpec, overlap: u64, reattach: bool) -> Vec<u8> {
+    let mut e = Enc::new();
+    parent_spec_enc(&mut e, p);
+    e.u64(overlap).bool(reattach);
+    e.done()
+}
+
+/// Legacy `set_parent`: i64 pool, string image id, u64 snap id, u64 overlap.
+pub fn set_parent_in(p: &ParentSpec, overlap: u64) -> Vec<u8> {
+    Enc::new()
+        .i64(p.pool_id)
+        .str(&p.image_id)
+        .u64(p.snap_id)
+        .u64(overlap)
+        .done()
+}
+
+/// cls::rbd::ChildImageSpec: a clone as its parent records it (clone format 2).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChildSpec {
+    pub pool_id: i64,
+    pub namespace: String,
+    pub image_id: String,
+}
+
+/// `child_attach` / `child_detach` (on the parent's header): u64 snap id, ChildImageSpec
+/// ENCODE_START(2,1) { i64 pool_id, string image_id, string pool_namespace }.
+pub fn child_attach_in(snap: u64, c: &ChildSpec) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u64(snap);
+    let at = e.start(2, 1);
+    e.i64(c.pool_id).str(&c.image_id).str(&c.namespace);
+    e.finish(at).done()
+}
+
+/// `children_list` (u64 snap id) → std::set<ChildImageSpec>.
+pub fn children_list_out(b: &[u8]) -> Result<Vec<ChildSpec>> {
+    let mut d = Dec::new(b, "rbd.children_list reply");
+    let n = d.u32()?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let (sv, end) = d.start(2)?;
+        let pool_id = d.i64()?;
+        let image_id = d.string()?;
+        let namespace = if sv >= 2 { d.string()? } else { String::new() };
+        d.finish(end)?;
+        v.push(ChildSpec {
+            pool_id,
+            namespace,
+            image_id,
+        });
+    }
+    Ok(v)
+}
+
+/// Legacy `add_child` / `remove_child` (on `rbd_children`): i64 parent pool, string parent
+/// image id, u64 snap id, string child image id. Without the child: `get_children`.
+pub fn v1_child_in(p: &ParentSpec, child_id: Option<&str>) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.i64(p.pool_id).str(&p.image_id).u64(p.snap_id);
+    if let Some(c) = child_id {
+        e.str(c);
+    }
+    e.done()
+}
+
+/// `get_children` → std::set<string> (child image ids).
+pub fn string_set_out(b: &[u8], what: &str) -> Result<Vec<String>> {
+    let mut d = Dec::new(b, what);
+    let n = d.u32()?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(d.string()?);
+    }
+    Ok(v)
+}
+
+/// RBD_OPERATION_FEATURE_*: op features a clone format 2 sets in the headers.
+pub const OP_FEATURE_CLONE_PARENT: u64 = 1 << 0;
+pub const OP_FEATURE_CLONE_CHILD: u64 = 1 << 1;
+
+/// `op_features_set`: u64 op features, u64 mask.
+pub fn op_features_set_in(value: u64, mask: u64) -> Vec<u8> {
+    Enc::new().u64(value).u64(mask).done()
+}
+
+/// RBD_PROTECTION_STATUS_PROTECTED, as `get_protection_status` returns it (a u8).
+pub const PROTECTION_STATUS_PROTECTED: u8 = 2;
+
 /// `get_stripe_unit_count` → (stripe unit, stripe count).
 pub fn stripe_out(b: &[u8]) -> Result<(u64, u64)> {
     let mut d = Dec::new(b, "rbd.get_stripe_unit_count reply");
@@ -740,6 +874,63 @@ mod tests {
             get_parent_out(&p).unwrap(),
             Some((2, "10ab".into(), 5, 100))
         );
+    }
+
+    #[test]
+    fn clone_encodings() {
+        let p = ParentSpec {
+            pool_id: 2,
+            namespace: "ns".into(),
+            image_id: "10ab".into(),
+            snap_id: 4,
+        };
+        let mut body = 2i64.to_le_bytes().to_vec();
+        body.extend(s("ns"));
+        body.extend(s("10ab"));
+        body.extend(4u64.to_le_bytes());
+        let mut spec = vec![1, 1];
+        spec.extend((body.len() as u32).to_le_bytes());
+        spec.extend(&body);
+        assert_eq!(parent_get_out(&spec).unwrap(), Some(p.clone()));
+        let mut attach = spec.clone();
+        attach.extend((1u64 << 30).to_le_bytes());
+        attach.push(0);
+        assert_eq!(parent_attach_in(&p, 1 << 30, false), attach);
+        // No parent: pool -1, empty strings.
+        let mut none = vec![1, 1, 24, 0, 0, 0];
+        none.extend((-1i64).to_le_bytes());
+        none.extend(s(""));
+        none.extend(s(""));
+        none.extend(NOSNAP.to_le_bytes());
+        assert_eq!(parent_get_out(&none).unwrap(), None);
+        assert_eq!(parent_overlap_get_out(&[0]).unwrap(), None);
+        let mut ov = vec![1];
+        ov.extend(77u64.to_le_bytes());
+        assert_eq!(parent_overlap_get_out(&ov).unwrap(), Some(77));
+        assert!(parent_overlap_get_out(&[1, 2]).is_err());
+
+        let c = ChildSpec {
+            pool_id: 3,
+            namespace: "".into(),
+            image_id: "abc".into(),
+        };
+        let mut cb = 3i64.to_le_bytes().to_vec();
+        cb.extend(s("abc"));
+        cb.extend(s(""));
+        let mut want = 4u64.to_le_bytes().to_vec();
+        want.extend([2, 1]);
+        want.extend((cb.len() as u32).to_le_bytes());
+        want.extend(&cb);
+        assert_eq!(child_attach_in(4, &c), want);
+        let mut list = 1u32.to_le_bytes().to_vec();
+        list.extend(&want[8..]);
+        assert_eq!(children_list_out(&list).unwrap(), vec![c]);
+        let mut v1 = 2i64.to_le_bytes().to_vec();
+        v1.extend(s("10ab"));
+        v1.extend(4u64.to_le_bytes());
+        assert_eq!(v1_child_in(&p, None), v1);
+        v1.extend(s("abc"));
+        assert_eq!(v1_child_in(&p, Some("abc")), v1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::{cls, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageHeader, OpenMode, SnapInfo, RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN,
+    ImageHeader, OpenMode, ParentInfo, SnapInfo, RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN,
     RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_JOURNALING,
     RBD_FEATURE_LAYERING, RBD_FEATURE_MIGRATING, RBD_FEATURE_NON_PRIMARY, RBD_FEATURE_OBJECT_MAP,
     RBD_FEATURE_OPERATIONS, RBD_FEATURE_STRIPINGV2,
@@ -105,20 +105,6 @@ pub(super) async fn load_header(
     }
 
     let b = io
-        .exec_read(&hdr, RBD, "get_parent", &cls::snap_in(cls::NOSNAP))
-        .await
-        .map_err(ctx)?;
-    if let Some((pool, image, snap, _)) = cls::get_parent_out(&b).map_err(ctx)? {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "image {spec} is a clone (parent: pool {pool} image {image} snap {snap}); \
-                 clones are not supported yet (flatten it with `rbd flatten`)"
-            ),
-        ));
-    }
-
-    let b = io
         .exec_read(&hdr, RBD, "get_snapcontext", &[])
         .await
         .map_err(ctx)?;
@@ -166,6 +152,17 @@ pub(super) async fn load_header(
         .await
         .map_err(ctx)?;
     let flags = cls::u64_out(&b, "rbd.get_flags reply").map_err(ctx)?;
+    let parent = read_parent(io, &hdr, snap_id.unwrap_or(cls::NOSNAP))
+        .await
+        .map_err(ctx)?;
+    let parent = match parent {
+        Some((p, overlap)) => Some(
+            resolve_parent(io, &p, overlap)
+                .await
+                .map_err(|e| e.context(format!("resolving the parent of image {spec}")))?,
+        ),
+        None => None,
+    };
 
     Ok((
         ImageHeader {
@@ -177,10 +174,92 @@ pub(super) async fn load_header(
             flags,
             snap_seq,
             snaps,
-            parent: None,
+            parent,
         },
         snap_id,
     ))
+}
+
+/// The parent of the head (`snap` = NOSNAP) or of a snapshot, with its overlap, as
+/// librbd's RefreshRequest reads it: `parent_get` (the one parent spec an image has) and
+/// `parent_overlap_get` at the snapshot (absent once that point was flattened), or the
+/// legacy `get_parent` where the OSD has neither (-EOPNOTSUPP).
+async fn read_parent(io: &IoCtx, hdr: &str, snap: u64) -> Result<Option<(cls::ParentSpec, u64)>> {
+    match io.exec_read(hdr, RBD, "parent_get", &[]).await {
+        Ok(b) => {
+            let Some(p) = cls::parent_get_out(&b)? else {
+                return Ok(None);
+            };
+            let b = io
+                .exec_read(hdr, RBD, "parent_overlap_get", &cls::snap_in(snap))
+                .await?;
+            Ok(cls::parent_overlap_get_out(&b)?.map(|o| (p, o)))
+        }
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) if super::rados::errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+            let b = io
+                .exec_read(hdr, RBD, "get_parent", &cls::snap_in(snap))
+                .await?;
+            Ok(
+                cls::get_parent_out(&b)?.map(|(pool_id, image_id, snap_id, overlap)| {
+                    (
+                        cls::ParentSpec {
+                            pool_id,
+                            namespace: String::new(),
+                            image_id,
+                            snap_id,
+                        },
+                        overlap,
+                    )
+                }),
+            )
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Names for the ids a clone's header holds: the pool (by id), the image (its pool's
+/// `rbd_directory`), the snapshot (the parent's header). The parent may live in another
+/// pool or RBD namespace.
+async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result<ParentInfo> {
+    let cluster = io.cluster();
+    let pool = cluster.pool_name(p.pool_id)?;
+    let pio = cluster.ioctx_in(&pool, &p.namespace)?;
+    let name = match pio
+        .exec_read(
+            "rbd_directory",
+            RBD,
+            "dir_get_name",
+            &cls::string_in(&p.image_id),
+        )
+        .await
+    {
+        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply")?,
+        // Not in the directory (moved to the trash): name it by its id; the parent is
+        // opened by id anyway.
+        Err(e) if e.kind == ErrorKind::NotFound => p.image_id.clone(),
+        Err(e) => return Err(e),
+    };
+    let b = pio
+        .exec_read(
+            &header_oid(&p.image_id),
+            RBD,
+            "snapshot_get",
+            &cls::snap_in(p.snap_id),
+        )
+        .await?;
+    let snap = cls::snapshot_get_out(&b)?.name;
+    Ok(ParentInfo {
+        spec: ImageSpec {
+            pool,
+            namespace: p.namespace.clone(),
+            name,
+            snap: Some(snap),
+        },
+        image_id: p.image_id.clone(),
+        snap_id: p.snap_id,
+        overlap,
+    })
 }
 
 fn check_features(

@@ -1,14 +1,18 @@
 //! One opened image: its state, the checks before each I/O, and the [`ImageStore`] impl
 //! (data objects, header fields, metadata, object maps, close).
 
-use super::header::{object_map_oid, refresh};
+use super::header::{header_oid, object_map_oid, refresh};
 use super::lock::{lock_name, LockState};
+use super::rados::errno_of;
 use super::rados::{IoCtx, WriteOp};
-use super::store::for_each_parallel;
+use super::store::{for_each_parallel, open_by_id};
 use super::{cls, luks, snaps, LOCK, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
-use crate::store::{ImageHeader, ImageStore, OpenMode, OwnerRequest, RBD_FEATURE_FAST_DIFF};
+use crate::store::{
+    ImageHeader, ImageStore, ObjectWrite, OpenMode, OwnerRequest, RBD_FEATURE_DEEP_FLATTEN,
+    RBD_FEATURE_FAST_DIFF,
+};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -445,6 +449,213 @@ impl ImageStore for CephImage {
         op.write_full(&data);
         let r = i.meta.operate(&oid, op, "write_full").await;
         i.noting_fence(r)
+    }
+
+    async fn open_parent(&self) -> Result<Option<Self>> {
+        let i = &self.inner;
+        let Some(p) = self.header().parent else {
+            return Ok(None);
+        };
+        let ctx = |e: Error| e.context(format!("opening {}, the parent of {}", p.spec, i.spec));
+        let meta = i
+            .meta
+            .cluster()
+            .ioctx_in(&p.spec.pool, &p.spec.namespace)
+            .map_err(ctx)?;
+        let img = open_by_id(
+            meta,
+            &p.spec,
+            p.image_id.clone(),
+            OpenMode::ReadOnly,
+            i.allow_encrypted,
+            i.luks_noted.clone(),
+        )
+        .await
+        .map_err(ctx)?;
+        Ok(Some(img))
+    }
+
+    /// librbd's CopyupRequest::copyup: `rbd.copyup` (a no-op when the object exists)
+    /// and the request's own op in one write operation with the image's snapshot
+    /// context. Two cases send the copy-up alone first, with an EMPTY snapshot context,
+    /// exactly as librbd does: a copy-up with no op on top (copy-on-read, flatten), and a
+    /// "deep" copy-up (the child has snapshots and the parent's data is not all zeros) —
+    /// written without a snapshot context, the copied-up data is what every existing
+    /// snapshot of the child sees at that object (as if the child had always held it:
+    /// deep-flatten), and the op that follows, with the real context, clones it for them.
+    async fn copyup(
+        &self,
+        objno: u64,
+        parent_data: Bytes,
+        op: ObjectWrite,
+        _durable: bool,
+    ) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let oid = i.object_name(objno);
+        let osize = i.object_size();
+        let has_snaps = !self.header().snaps.is_empty();
+        // librbd's m_copyup_is_zero: all-zero parent data is not copied at all.
+        let data: &[u8] = if parent_data.iter().all(|&b| b == 0) {
+            &[]
+        } else {
+            &parent_data
+        };
+        let copy_on_read = op == ObjectWrite::None;
+        let deep = has_snaps && !data.is_empty();
+        if copy_on_read || deep {
+            let mut cop = WriteOp::new();
+            cop.exec(c"rbd", c"copyup", data)
+                .set_alloc_hint(osize, osize);
+            // `meta` carries no snapshot context (librbd passes an empty one here).
+            let r = i.meta.operate(&oid, cop, "cls rbd.copyup on").await;
+            i.noting_fence(r)?;
+        }
+        if copy_on_read {
+            return Ok(());
+        }
+        let mut wop = WriteOp::new();
+        if !deep {
+            wop.exec(c"rbd", c"copyup", data);
+        }
+        wop.set_alloc_hint(osize, osize);
+        match &op {
+            ObjectWrite::None => {}
+            ObjectWrite::Write { off, data } => {
+                wop.write(*off, data);
+            }
+            ObjectWrite::Zero { off, len } => {
+                wop.zero(*off, *len);
+            }
+            ObjectWrite::Truncate { len } => {
+                wop.truncate(*len);
+            }
+        }
+        let r = i.data.operate(&oid, wop, "copy-up write").await;
+        i.noting_fence(r)
+    }
+
+    /// Flatten's last step, as librbd's FlattenRequest ends: DetachChildRequest (the
+    /// parent forgets this child: `child_detach` on the parent's header for a format-2
+    /// clone, known by its CLONE_CHILD op feature, else `remove_child` in `rbd_children`),
+    /// then DetachParentRequest (`parent_detach`, legacy `remove_parent` on an OSD
+    /// without it). cls_rbd clears the op features: CLONE_CHILD here once no snapshot
+    /// keeps the parent (with deep-flatten, snapshots let go too), CLONE_PARENT on the
+    /// parent once its last child is gone.
+    async fn detach_parent(&self) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let Some(p) = self.header().parent else {
+            return Ok(());
+        };
+        let ctx = |e: Error| e.context(format!("detaching {} from its parent {}", i.spec, p.spec));
+        let op_features = match i
+            .meta
+            .exec_read(&i.hdr_oid, RBD, "op_features_get", &[])
+            .await
+        {
+            Ok(b) => cls::u64_out(&b, "rbd.op_features_get reply").map_err(ctx)?,
+            Err(e) if e.kind == ErrorKind::NotFound => 0,
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => 0,
+            Err(e) => return Err(ctx(e)),
+        };
+        let pspec = cls::ParentSpec {
+            pool_id: i
+                .meta
+                .cluster()
+                .ioctx_in(&p.spec.pool, &p.spec.namespace)
+                .map_err(ctx)?
+                .pool_id(),
+            namespace: p.spec.namespace.clone(),
+            image_id: p.image_id.clone(),
+            snap_id: p.snap_id,
+        };
+        // Without deep-flatten the child's snapshots keep reading from the parent: the
+        // parent keeps its record of the child until the last of them goes (librbd's
+        // FlattenRequest skips DetachChildRequest then).
+        let h = self.header();
+        let r = if !h.snaps.is_empty() && h.features & RBD_FEATURE_DEEP_FLATTEN == 0 {
+            Ok(())
+        } else if op_features & cls::OP_FEATURE_CLONE_CHILD != 0 {
+            let pio = i
+                .meta
+                .cluster()
+                .ioctx_in(&p.spec.pool, &p.spec.namespace)
+                .map_err(ctx)?;
+            let child = cls::ChildSpec {
+                pool_id: i.meta.pool_id(),
+                namespace: i.spec.namespace.clone(),
+                image_id: i.id.clone(),
+            };
+            pio.exec_write(
+                &header_oid(&p.image_id),
+                RBD,
+                "child_detach",
+                &cls::child_attach_in(p.snap_id, &child),
+            )
+            .await
+        } else {
+            i.meta
+                .exec_write(
+                    "rbd_children",
+                    RBD,
+                    "remove_child",
+                    &cls::v1_child_in(
+                        &cls::ParentSpec {
+                            namespace: String::new(),
+                            ..pspec.clone()
+                        },
+                        Some(&i.id),
+                    ),
+                )
+                .await
+        };
+        match r {
+            Ok(()) => {}
+            // Already forgotten (a detach interrupted after this step).
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        let r = match i
+            .meta
+            .exec_write(&i.hdr_oid, RBD, "parent_detach", &[])
+            .await
+        {
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+                i.meta
+                    .exec_write(&i.hdr_oid, RBD, "remove_parent", &[])
+                    .await
+            }
+            r => r,
+        };
+        match i.noting_fence(r) {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        refresh(i).await.map_err(ctx)?;
+        let (meta, oid) = (i.meta.clone(), i.hdr_oid.clone());
+        tokio::spawn(async move {
+            let _ = meta
+                .notify(&oid, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
+                .await;
+        });
+        Ok(())
+    }
+
+    async fn snap_flags(&self, snap: u64) -> Result<u64> {
+        let i = &self.inner;
+        let b = i
+            .meta
+            .exec_read(&i.hdr_oid, RBD, "get_flags", &cls::snap_in(snap))
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "reading the flags of snapshot {snap} of {}",
+                    i.spec
+                ))
+            })?;
+        cls::u64_out(&b, "rbd.get_flags reply")
     }
 
     async fn close(&self) -> Result<()> {

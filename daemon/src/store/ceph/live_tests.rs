@@ -10,8 +10,8 @@ use super::{cls, CephOptions, CephStore, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    CreateOptions, ImageStore, OpenMode, Store, DEFAULT_FEATURES, RBD_FLAG_FAST_DIFF_INVALID,
-    RBD_FLAG_OBJECT_MAP_INVALID,
+    CloneOptions, CreateOptions, ImageStore, ObjectWrite, OpenMode, Store, DEFAULT_FEATURES,
+    RBD_FEATURE_DEEP_FLATTEN, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use bytes::Bytes;
 use std::path::PathBuf;
@@ -553,12 +553,15 @@ async fn ceph_live_images_made_by_rbd() {
     tool(conf, "rbd", &["snap", "protect", &format!("{plain}@p")]);
     let child = unique("child");
     tool(conf, "rbd", &["clone", &format!("{plain}@p"), &child]);
-    let e = st
+    // A clone (format 1 here: `auto` picks it on this cluster) opens, naming its parent.
+    let ci = st
         .open_image(&child.parse().unwrap(), OpenMode::ReadOnly)
         .await
-        .err()
-        .expect("clones must be refused");
-    assert!(e.message.contains("clone"), "{e}");
+        .expect("clones open");
+    let p = ci.header().parent.expect("a clone has a parent");
+    assert_eq!(p.spec.to_string(), format!("rbd/{plain}@p"));
+    assert_eq!(p.overlap, 16 << 20);
+    ci.close().await.unwrap();
     let e = st
         .open_image(&"nopool/x".parse().unwrap(), OpenMode::ReadOnly)
         .await
@@ -684,4 +687,218 @@ async fn ceph_live_fencing_a_dead_owner() {
     new.close().await.unwrap();
     tool(conf, "ceph", &["osd", "blocklist", "rm", &addr]);
     tool(conf, "rbd", &["rm", &fname]);
+}
+
+/// Clone plumbing against librbd: `clone_image` (formats 2 and 1) makes what `rbd`
+/// reads as a clone and lists as a child; copy-up puts the parent's data under a write
+/// in one step (and only once); a deep copy-up keeps the parent's data for the child's
+/// existing snapshots; `detach_parent` leaves an image `rbd` sees as flattened; chains
+/// made by `rbd clone` open level by level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_clones() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+    let (pname, pspec) = new_image(&st, "cparent", 16 << 20).await;
+    let pi = st.open_image(&pspec, OpenMode::ReadWrite).await.unwrap();
+    let base: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+    for o in 0..3 {
+        pi.write(o, 0, Bytes::from(base.clone()), false)
+            .await
+            .unwrap();
+    }
+    pi.close().await.unwrap();
+    tool(conf, "rbd", &["snap", "create", &format!("{pname}@s")]);
+    let snap: ImageSpec = format!("rbd/{pname}@s").parse().unwrap();
+
+    // --- format 2: rbd sees the clone, its parent, the child record.
+    let cname = unique("cchild");
+    let cspec: ImageSpec = format!("rbd/{cname}").parse().unwrap();
+    let opts = CloneOptions {
+        clone_format: 2,
+        features: DEFAULT_FEATURES,
+        order: 22,
+    };
+    st.clone_image(&snap, &cspec, &opts)
+        .await
+        .expect("clone v2");
+    let info = tool(conf, "rbd", &["info", &cname]);
+    assert!(info.contains(&format!("parent: rbd/{pname}@s")), "{info}");
+    assert!(info.contains("op_features: clone-child"), "{info}");
+    assert!(tool(conf, "rbd", &["info", &pname]).contains("op_features: clone-parent"));
+    assert_eq!(
+        tool(conf, "rbd", &["children", &format!("{pname}@s")]).trim(),
+        format!("rbd/{cname}")
+    );
+    assert_eq!(st.children(&snap).await.unwrap(), vec![cspec.clone()]);
+
+    let ci = st.open_image(&cspec, OpenMode::ReadWrite).await.unwrap();
+    let p = ci.header().parent.expect("parent");
+    assert_eq!((p.spec.clone(), p.overlap), (snap.clone(), 16 << 20));
+    let par = ci.open_parent().await.unwrap().expect("the parent opens");
+    assert_eq!(par.header().parent, None);
+    assert_eq!(par.header().size, 16 << 20);
+    assert_eq!(par.snap_flags(p.snap_id).await.unwrap(), 0);
+    let pdata = par.read(0, 0, 8192, None).await.unwrap().unwrap();
+    assert_eq!(&pdata[..], &base[..]);
+
+    // --- copy-up: the parent's bytes with the write on top, in the child's object.
+    let w = |off, d: &'static [u8]| ObjectWrite::Write {
+        off,
+        data: Bytes::from_static(d),
+    };
+    ci.copyup(0, pdata.clone(), w(10, b"XY"), false)
+        .await
+        .unwrap();
+    let mut want = base.clone();
+    want[10..12].copy_from_slice(b"XY");
+    assert_eq!(
+        &ci.read(0, 0, 8192, None).await.unwrap().unwrap()[..],
+        &want[..]
+    );
+    // Once the object exists the parent's data is not copied again; the op still applies.
+    ci.copyup(0, Bytes::from(vec![9u8; 8192]), w(0, b"Z"), false)
+        .await
+        .unwrap();
+    want[0] = b'Z';
+    assert_eq!(
+        &ci.read(0, 0, 8192, None).await.unwrap().unwrap()[..],
+        &want[..]
+    );
+    // A discard of a whole parent-backed object leaves an empty object hiding the parent.
+    ci.copyup(2, pdata.clone(), ObjectWrite::Truncate { len: 0 }, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        ci.read(2, 0, 8192, None).await.unwrap().map(|b| b.len()),
+        Some(0)
+    );
+    ci.close().await.unwrap();
+
+    // --- a deep copy-up: the child's snapshot taken before it sees the parent's data in
+    // the child's own object (librbd's deep-flatten), the head sees the write.
+    tool(conf, "rbd", &["snap", "create", &format!("{cname}@cs")]);
+    let ci = st.open_image(&cspec, OpenMode::ReadWrite).await.unwrap();
+    let cs = ci.header().snaps[0].id;
+    ci.copyup(1, pdata.clone(), w(0, b"Q"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &ci.read(1, 0, 8192, Some(cs))
+            .await
+            .unwrap()
+            .expect("kept for the snapshot")[..],
+        &base[..]
+    );
+    assert_eq!(ci.read(1, 0, 1, None).await.unwrap().unwrap()[0], b'Q');
+    // The snapshot's parent is the same parent.
+    let at = st
+        .open_image(
+            &format!("rbd/{cname}@cs").parse().unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .await
+        .unwrap();
+    assert_eq!(at.header().parent.map(|p| p.spec), Some(snap.clone()));
+    at.close().await.unwrap();
+
+    // --- detach (flatten's last step), as `rbd flatten` leaves an image without
+    // deep-flatten that has a snapshot: the head has no parent, the snapshot keeps it,
+    // so the parent still lists the child and the child stays clone-child.
+    ci.detach_parent().await.unwrap();
+    assert_eq!(ci.header().parent, None);
+    ci.close().await.unwrap();
+    assert_eq!(st.children(&snap).await.unwrap(), vec![cspec.clone()]);
+    let info = tool(conf, "rbd", &["info", &cname]);
+    assert!(!info.contains("parent:"), "{info}");
+    assert!(info.contains("op_features: clone-child"), "{info}");
+    let sinfo = tool(conf, "rbd", &["info", &format!("{cname}@cs")]);
+    assert!(sinfo.contains(&format!("parent: rbd/{pname}@s")), "{sinfo}");
+    tool(conf, "rbd", &["snap", "purge", &cname]);
+    tool(conf, "rbd", &["rm", &cname]);
+    assert!(st.children(&snap).await.unwrap().is_empty());
+    let pinfo = tool(conf, "rbd", &["info", &pname]);
+    assert!(!pinfo.contains("clone-parent"), "{pinfo}");
+
+    // --- format 1 needs a protected snapshot and is recorded in rbd_children.
+    let c1 = unique("cv1");
+    let c1spec: ImageSpec = format!("rbd/{c1}").parse().unwrap();
+    let v1 = CloneOptions {
+        clone_format: 1,
+        features: DEFAULT_FEATURES | RBD_FEATURE_DEEP_FLATTEN,
+        ..opts.clone()
+    };
+    let e = st.clone_image(&snap, &c1spec, &v1).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(
+        st.open_image(&c1spec, OpenMode::ReadOnly).await.is_err(),
+        "nothing left behind"
+    );
+    tool(conf, "rbd", &["snap", "protect", &format!("{pname}@s")]);
+    st.clone_image(&snap, &c1spec, &v1).await.expect("clone v1");
+    assert_eq!(
+        tool(conf, "rbd", &["children", &format!("{pname}@s")]).trim(),
+        format!("rbd/{c1}")
+    );
+    let e1 = tool(conf, "rbd", &["export", &c1, "-"]);
+    let e0 = tool(conf, "rbd", &["export", &format!("{pname}@s"), "-"]);
+    assert!(e0 == e1, "the v1 clone reads as its parent snapshot");
+    // With deep-flatten, a detach lets go of the snapshots' parent too (as rbd flatten).
+    tool(conf, "rbd", &["snap", "create", &format!("{c1}@k")]);
+    let ci = st.open_image(&c1spec, OpenMode::ReadWrite).await.unwrap();
+    ci.detach_parent().await.unwrap();
+    ci.close().await.unwrap();
+    assert!(st.children(&snap).await.unwrap().is_empty());
+    let sinfo = tool(conf, "rbd", &["info", &format!("{c1}@k")]);
+    assert!(!sinfo.contains("parent:"), "{sinfo}");
+    tool(conf, "rbd", &["snap", "purge", &c1]);
+    tool(conf, "rbd", &["snap", "unprotect", &format!("{pname}@s")]);
+
+    // --- a chain made by rbd: grandchild → child → parent, each level by open_parent.
+    let g1 = unique("g1");
+    let g2 = unique("g2");
+    tool(
+        conf,
+        "rbd",
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &format!("{pname}@s"),
+            &g1,
+        ],
+    );
+    tool(conf, "rbd", &["snap", "create", &format!("{g1}@t")]);
+    tool(
+        conf,
+        "rbd",
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &format!("{g1}@t"),
+            &g2,
+        ],
+    );
+    let gi = st
+        .open_image(&g2.parse().unwrap(), OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    let l1 = gi.open_parent().await.unwrap().unwrap();
+    assert_eq!(
+        gi.header().parent.unwrap().spec.to_string(),
+        format!("rbd/{g1}@t")
+    );
+    let l2 = l1.open_parent().await.unwrap().unwrap();
+    assert_eq!(l1.header().parent.unwrap().spec, snap);
+    assert!(l2.open_parent().await.unwrap().is_none());
+    for i in [gi, l1, l2] {
+        i.close().await.unwrap();
+    }
+
+    tool(conf, "rbd", &["rm", &g2]);
+    tool(conf, "rbd", &["snap", "purge", &g1]);
+    tool(conf, "rbd", &["rm", &g1]);
+    tool(conf, "rbd", &["rm", &c1]);
+    tool(conf, "rbd", &["snap", "purge", &pname]);
+    tool(conf, "rbd", &["rm", &pname]);
 }

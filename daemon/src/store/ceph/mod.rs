@@ -11,8 +11,15 @@
 //! snapshots taken by Ceph's tools keep their data.
 //!
 //! Not supported (refused at open rather than served wrong): journaling, a separate data
-//! pool, fancy striping (stripe count > 1 or unit != object size), migration, a parent
-//! (clones), non-primary mirrored images for writing, unknown feature bits. Pacific's
+//! pool, fancy striping (stripe count > 1 or unit != object size), migration,
+//! non-primary mirrored images for writing, unknown feature bits.
+//!
+//! Clones (formats 1 and 2, any depth, the parent in any pool or namespace): the header
+//! names the parent by ids, resolved to names at open (`header::resolve_parent`);
+//! `open_parent` opens the next level read-only at its snapshot; `copyup` is librbd's
+//! CopyupRequest (`rbd.copyup` + the op in one write with the child's snapshot context);
+//! `clone_image`, `children` and `detach_parent` follow librbd's CloneRequest,
+//! list_children and Flatten's detach steps. Pacific's
 //! client-side encryption (`rbd encryption format`) leaves no mark in the header: it is
 //! recognised from the LUKS header librbd writes at the start of object 0 (see `luks`) and
 //! refused before serving (`ImageStore::check_servable`), unless `--allow-encrypted` asks

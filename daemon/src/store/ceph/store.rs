@@ -4,19 +4,22 @@
 use super::header::{generate_image_id, header_oid, load_header, object_map_oid};
 use super::image::{CephImage, Inner};
 use super::lock::acquire_lock;
-use super::rados::{ConnectOptions, IoCtx, Rados, WriteOp};
+use super::rados::{errno_of, ConnectOptions, IoCtx, Rados, WriteOp};
 use super::{cls, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
-    CreateOptions, OpenMode, Store, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
-    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
+    CloneOptions, CreateOptions, OpenMode, Store, RBD_FEATURE_DEEP_FLATTEN,
+    RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING,
+    RBD_FEATURE_OBJECT_MAP,
 };
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 const RBD_DIRECTORY: &str = "rbd_directory";
+/// Where format-1 clones are recorded (per pool): parent spec → child ids.
+const RBD_CHILDREN: &str = "rbd_children";
 /// cls::rbd::DIRECTORY_STATE_READY, encoded as the u8 it is.
 const DIRECTORY_STATE_READY: u8 = 0;
 /// Concurrent RADOS calls when removing or stat-ing many objects.
@@ -134,108 +137,7 @@ impl Store for CephStore {
     }
 
     async fn create_image(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<()> {
-        if spec.snap.is_some() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("cannot create {spec}: a snapshot name is not allowed here"),
-            ));
-        }
-        if !(12..=25).contains(&opts.order) {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("object size 2^{} is outside 4 KiB..32 MiB", opts.order),
-            ));
-        }
-        let f = opts.features;
-        let creatable = RBD_FEATURE_LAYERING
-            | RBD_FEATURE_EXCLUSIVE_LOCK
-            | RBD_FEATURE_OBJECT_MAP
-            | RBD_FEATURE_FAST_DIFF
-            | RBD_FEATURE_DEEP_FLATTEN;
-        if f & !creatable != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("cannot create {spec} with features {:#x}", f & !creatable),
-            ));
-        }
-        if f & RBD_FEATURE_OBJECT_MAP != 0 && f & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the object-map feature needs exclusive-lock",
-            ));
-        }
-        if f & RBD_FEATURE_FAST_DIFF != 0 && f & RBD_FEATURE_OBJECT_MAP == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the fast-diff feature needs object-map",
-            ));
-        }
-        let io = self.pool(&spec.pool, &spec.namespace).await?;
-        let id = generate_image_id(self.rados.instance_id());
-        let id_oid = format!("rbd_id.{}", spec.name);
-        let ctx = |e: Error| e.context(format!("creating image {spec} in {}", self.desc));
-
-        // The id object first, created exclusively: it is what makes the name taken.
-        let mut op = WriteOp::new();
-        op.create(true)
-            .exec(c"rbd", c"set_id", &cls::string_in(&id));
-        match io.operate(&id_oid, op, "create").await {
-            Ok(()) => {}
-            Err(e) if e.kind == ErrorKind::AlreadyExists => {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("image {spec} already exists in {}", self.desc),
-                ))
-            }
-            Err(e) => return Err(ctx(e)),
-        }
-        let result = async {
-            io.exec_write(
-                RBD_DIRECTORY,
-                RBD,
-                "dir_add_image",
-                &cls::dir_image_in(&spec.name, &id),
-            )
-            .await?;
-            let prefix = format!("rbd_data.{id}");
-            let mut op = WriteOp::new();
-            op.create(true).exec(
-                c"rbd",
-                c"create",
-                &cls::create_in(opts.size, opts.order, f, &prefix, -1),
-            );
-            io.operate(&header_oid(&id), op, "cls rbd.create on")
-                .await?;
-            if f & RBD_FEATURE_OBJECT_MAP != 0 {
-                let count = opts.size.div_ceil(1u64 << opts.order);
-                io.exec_write(
-                    &object_map_oid(&id, None),
-                    RBD,
-                    "object_map_resize",
-                    &cls::object_map_resize_in(count, 0),
-                )
-                .await?;
-            }
-            Ok::<(), Error>(())
-        }
-        .await;
-        if let Err(e) = result {
-            // Undo in reverse order, best effort, so a failed create leaves no half image.
-            let _ = io.remove(&object_map_oid(&id, None)).await;
-            let _ = io.remove(&header_oid(&id)).await;
-            let _ = io
-                .exec_write(
-                    RBD_DIRECTORY,
-                    RBD,
-                    "dir_remove_image",
-                    &cls::dir_image_in(&spec.name, &id),
-                )
-                .await;
-            let _ = io.remove(&id_oid).await;
-            return Err(ctx(e));
-        }
-        tracing::info!(image = %spec, id = %id, "created image");
-        Ok(())
+        self.create_with_id(spec, opts).await.map(|_| ())
     }
 
     async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
@@ -346,40 +248,480 @@ impl Store for CephStore {
         }
         let meta = self.pool(&spec.pool, &spec.namespace).await?;
         let id = self.image_id(&meta, spec).await?;
-        let (header, snap_id) = load_header(&meta, spec, &id, mode).await?;
-        // Data objects get their own handle: it carries the snapshot context (writes) or
-        // reads at the mapped snapshot.
-        let data = match snap_id {
-            Some(s) => meta.at_snap(s)?,
-            None => self.rados.ioctx_in(&spec.pool, &spec.namespace)?,
-        };
-        if snap_id.is_none() {
-            let ids: Vec<u64> = header.snaps.iter().map(|s| s.id).collect();
-            data.set_snap_write_ctx(header.snap_seq, &ids)?;
-        }
-        let inner = Arc::new(Inner {
+        open_by_id(
             meta,
-            data,
-            spec: spec.clone(),
-            hdr_oid: header_oid(&id),
+            spec,
             id,
-            snap_id,
             mode,
-            allow_encrypted: self.allow_encrypted,
-            luks_noted: self.luks_noted.clone(),
-            header: RwLock::new(header),
-            snap_ios: Mutex::new(HashMap::new()),
-            lock: tokio::sync::Mutex::new(None),
-            lost_lock: AtomicBool::new(false),
-            reacquiring: AtomicBool::new(false),
-            owner_tx: Mutex::new(None),
-            owner_pending: Mutex::new(std::collections::HashSet::new()),
-            closed: AtomicBool::new(false),
-        });
-        if mode != OpenMode::ReadOnly {
-            acquire_lock(&inner).await?;
+            self.allow_encrypted,
+            self.luks_noted.clone(),
+        )
+        .await
+    }
+
+    async fn clone_image(
+        &self,
+        parent: &ImageSpec,
+        child: &ImageSpec,
+        opts: &CloneOptions,
+    ) -> Result<()> {
+        self.clone_impl(parent, child, opts).await
+    }
+
+    async fn children(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
+        self.children_impl(parent).await
+    }
+}
+
+impl CephStore {
+    /// `create_image`, returning the new image's id (what a clone's records need).
+    async fn create_with_id(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<String> {
+        if spec.snap.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("cannot create {spec}: a snapshot name is not allowed here"),
+            ));
         }
-        Ok(CephImage { inner })
+        if !(12..=25).contains(&opts.order) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("object size 2^{} is outside 4 KiB..32 MiB", opts.order),
+            ));
+        }
+        let f = opts.features;
+        let creatable = RBD_FEATURE_LAYERING
+            | RBD_FEATURE_EXCLUSIVE_LOCK
+            | RBD_FEATURE_OBJECT_MAP
+            | RBD_FEATURE_FAST_DIFF
+            | RBD_FEATURE_DEEP_FLATTEN;
+        if f & !creatable != 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("cannot create {spec} with features {:#x}", f & !creatable),
+            ));
+        }
+        if f & RBD_FEATURE_OBJECT_MAP != 0 && f & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the object-map feature needs exclusive-lock",
+            ));
+        }
+        if f & RBD_FEATURE_FAST_DIFF != 0 && f & RBD_FEATURE_OBJECT_MAP == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the fast-diff feature needs object-map",
+            ));
+        }
+        let io = self.pool(&spec.pool, &spec.namespace).await?;
+        let id = generate_image_id(self.rados.instance_id());
+        let id_oid = format!("rbd_id.{}", spec.name);
+        let ctx = |e: Error| e.context(format!("creating image {spec} in {}", self.desc));
+
+        // The id object first, created exclusively: it is what makes the name taken.
+        let mut op = WriteOp::new();
+        op.create(true)
+            .exec(c"rbd", c"set_id", &cls::string_in(&id));
+        match io.operate(&id_oid, op, "create").await {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::AlreadyExists => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("image {spec} already exists in {}", self.desc),
+                ))
+            }
+            Err(e) => return Err(ctx(e)),
+        }
+        let result = async {
+            io.exec_write(
+                RBD_DIRECTORY,
+                RBD,
+                "dir_add_image",
+                &cls::dir_image_in(&spec.name, &id),
+            )
+            .await?;
+            let prefix = format!("rbd_data.{id}");
+            let mut op = WriteOp::new();
+            op.create(true).exec(
+                c"rbd",
+                c"create",
+                &cls::create_in(opts.size, opts.order, f, &prefix, -1),
+            );
+            io.operate(&header_oid(&id), op, "cls rbd.create on")
+                .await?;
+            if f & RBD_FEATURE_OBJECT_MAP != 0 {
+                let count = opts.size.div_ceil(1u64 << opts.order);
+                io.exec_write(
+                    &object_map_oid(&id, None),
+                    RBD,
+                    "object_map_resize",
+                    &cls::object_map_resize_in(count, 0),
+                )
+                .await?;
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            // Undo in reverse order, best effort, so a failed create leaves no half image.
+            let _ = io.remove(&object_map_oid(&id, None)).await;
+            let _ = io.remove(&header_oid(&id)).await;
+            let _ = io
+                .exec_write(
+                    RBD_DIRECTORY,
+                    RBD,
+                    "dir_remove_image",
+                    &cls::dir_image_in(&spec.name, &id),
+                )
+                .await;
+            let _ = io.remove(&id_oid).await;
+            return Err(ctx(e));
+        }
+        tracing::info!(image = %spec, id = %id, "created image");
+        Ok(id)
+    }
+
+    /// librbd's CloneRequest: the child is created like any image (size = the snapshot's,
+    /// empty object map), then `parent_attach` on its header (legacy `set_parent` on an
+    /// OSD without it); format 2 sets the CLONE_CHILD op feature on the child and
+    /// `child_attach`es it to the parent's snapshot (cls_rbd sets CLONE_PARENT on the
+    /// parent); format 1 needs a protected snapshot and records the child in
+    /// `rbd_children`. The parent's image-meta is copied, as librbd does. A failure
+    /// undoes what was done, best effort.
+    async fn clone_impl(
+        &self,
+        parent: &ImageSpec,
+        child: &ImageSpec,
+        opts: &CloneOptions,
+    ) -> Result<()> {
+        let invalid = |m: String| Err(Error::new(ErrorKind::InvalidInput, m));
+        if parent.snap.is_none() {
+            return invalid(format!(
+                "cannot clone {parent}: name a snapshot (PARENT@SNAP)"
+            ));
+        }
+        if child.snap.is_some() {
+            return invalid(format!(
+                "cannot clone into {child}: a snapshot name is not allowed"
+            ));
+        }
+        if !matches!(opts.clone_format, 1 | 2) {
+            return invalid(format!("clone format {} is not 1 or 2", opts.clone_format));
+        }
+        if opts.clone_format == 1 && parent.namespace != child.namespace {
+            return invalid(format!(
+                "cannot clone {parent} into {child}: clone format 1 cannot cross RBD namespaces (use format 2)"
+            ));
+        }
+        if opts.features & RBD_FEATURE_LAYERING == 0 {
+            return invalid(format!(
+                "cannot clone into {child}: a clone needs the layering feature"
+            ));
+        }
+        let pio = self.pool(&parent.pool, &parent.namespace).await?;
+        let pid = self.image_id(&pio, parent).await?;
+        let (ph, snap_id) = load_header(&pio, parent, &pid, OpenMode::ReadOnly).await?;
+        let snap_id = snap_id.ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("{parent} is not a snapshot"),
+            )
+        })?;
+        if ph.features & RBD_FEATURE_LAYERING == 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("cannot clone {parent}: the parent image lacks the layering feature"),
+            ));
+        }
+        let phdr = header_oid(&pid);
+        let protected = || async {
+            let b = pio
+                .exec_read(&phdr, RBD, "get_protection_status", &cls::snap_in(snap_id))
+                .await?;
+            Ok::<bool, Error>(b.first() == Some(&cls::PROTECTION_STATUS_PROTECTED))
+        };
+        if opts.clone_format == 1 && !protected().await? {
+            return invalid(format!(
+                "cannot clone {parent} with clone format 1: the snapshot is not protected \
+                 (rbd snap protect {parent}, or use clone format 2)"
+            ));
+        }
+        let cio = self.pool(&child.pool, &child.namespace).await?;
+        let size = ph.size;
+        let cid = self
+            .create_with_id(
+                child,
+                &CreateOptions {
+                    size,
+                    order: opts.order,
+                    features: opts.features,
+                },
+            )
+            .await?;
+        let chdr = header_oid(&cid);
+        let pspec = cls::ParentSpec {
+            pool_id: pio.pool_id(),
+            namespace: parent.namespace.clone(),
+            image_id: pid.clone(),
+            snap_id,
+        };
+        let cspec = cls::ChildSpec {
+            pool_id: cio.pool_id(),
+            namespace: child.namespace.clone(),
+            image_id: cid.clone(),
+        };
+        let linked = std::sync::atomic::AtomicBool::new(false);
+        let r = async {
+            match cio
+                .exec_write(
+                    &chdr,
+                    RBD,
+                    "parent_attach",
+                    &cls::parent_attach_in(&pspec, size, false),
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) && pspec.namespace.is_empty() => {
+                    cio.exec_write(&chdr, RBD, "set_parent", &cls::set_parent_in(&pspec, size))
+                        .await?
+                }
+                Err(e) => return Err(e),
+            }
+            if opts.clone_format == 2 {
+                let f = cls::OP_FEATURE_CLONE_CHILD;
+                cio.exec_write(
+                    &chdr,
+                    RBD,
+                    "op_features_set",
+                    &cls::op_features_set_in(f, f),
+                )
+                .await?;
+                pio.exec_write(
+                    &phdr,
+                    RBD,
+                    "child_attach",
+                    &cls::child_attach_in(snap_id, &cspec),
+                )
+                .await?;
+                linked.store(true, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                cio.exec_write(
+                    RBD_CHILDREN,
+                    RBD,
+                    "add_child",
+                    &cls::v1_child_in(&pspec, Some(&cid)),
+                )
+                .await?;
+                linked.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Unprotected meanwhile: librbd re-checks after recording the child.
+                if !protected().await? {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("snapshot {parent} was unprotected during the clone"),
+                    ));
+                }
+            }
+            // The parent's image-meta, as librbd's CloneRequest copies it.
+            let mut start = String::new();
+            loop {
+                let b = match pio
+                    .exec_read(&phdr, RBD, "metadata_list", &cls::list_in(&start, 64))
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) if e.kind == ErrorKind::NotFound => break,
+                    Err(e) => return Err(e),
+                };
+                let page = cls::metadata_list_out(&b)?;
+                if page.is_empty() {
+                    break;
+                }
+                let mut e = cls::Enc::new();
+                e.u32(page.len() as u32);
+                for (k, v) in &page {
+                    e.str(k).bytes(v);
+                }
+                cio.exec_write(&chdr, RBD, "metadata_set", &e.done())
+                    .await?;
+                start = page[page.len() - 1].0.clone();
+                if page.len() < 64 {
+                    break;
+                }
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = r {
+            if linked.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = if opts.clone_format == 2 {
+                    pio.exec_write(
+                        &phdr,
+                        RBD,
+                        "child_detach",
+                        &cls::child_attach_in(snap_id, &cspec),
+                    )
+                    .await
+                } else {
+                    cio.exec_write(
+                        RBD_CHILDREN,
+                        RBD,
+                        "remove_child",
+                        &cls::v1_child_in(&pspec, Some(&cid)),
+                    )
+                    .await
+                };
+            }
+            let _ = self.remove_image(child).await;
+            return Err(e.context(format!("cloning {parent} into {child}")));
+        }
+        tracing::info!(parent = %parent, child = %child, id = %cid, format = opts.clone_format, "cloned");
+        Ok(())
+    }
+
+    /// `rbd children` (librbd's api::Image::list_children): format-2 clones from the
+    /// parent's `children_list` at the snapshot, format-1 clones from `rbd_children` in
+    /// every pool (in the parent's namespace: format 1 does not cross namespaces). Pools
+    /// this client may not read are skipped, as librbd does.
+    async fn children_impl(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
+        if parent.snap.is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("cannot list children of {parent}: name a snapshot (IMAGE@SNAP)"),
+            ));
+        }
+        let ctx = |e: Error| e.context(format!("listing children of {parent}"));
+        let pio = self.pool(&parent.pool, &parent.namespace).await?;
+        let pid = self.image_id(&pio, parent).await?;
+        let (_, snap_id) = load_header(&pio, parent, &pid, OpenMode::ReadOnly).await?;
+        let snap_id = snap_id.unwrap_or(cls::NOSNAP);
+        let mut out = Vec::new();
+        match pio
+            .exec_read(
+                &header_oid(&pid),
+                RBD,
+                "children_list",
+                &cls::snap_in(snap_id),
+            )
+            .await
+        {
+            Ok(b) => {
+                for c in cls::children_list_out(&b).map_err(ctx)? {
+                    let pool = self.rados.pool_name(c.pool_id).map_err(ctx)?;
+                    let io = self.rados.ioctx_in(&pool, &c.namespace).map_err(ctx)?;
+                    let name = image_name(&io, &c.image_id).await.map_err(ctx)?;
+                    out.push(ImageSpec {
+                        pool,
+                        namespace: c.namespace,
+                        name,
+                        snap: None,
+                    });
+                }
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        let pspec = cls::ParentSpec {
+            pool_id: pio.pool_id(),
+            namespace: String::new(),
+            image_id: pid.clone(),
+            snap_id,
+        };
+        for pool in self.rados.pool_names().map_err(ctx)? {
+            let Ok(io) = self.rados.ioctx_in(&pool, &parent.namespace) else {
+                continue;
+            };
+            let ids = match io
+                .exec_read(
+                    RBD_CHILDREN,
+                    RBD,
+                    "get_children",
+                    &cls::v1_child_in(&pspec, None),
+                )
+                .await
+            {
+                Ok(b) => cls::string_set_out(&b, "rbd.get_children reply").map_err(ctx)?,
+                Err(e)
+                    if e.kind == ErrorKind::NotFound
+                        || matches!(errno_of(&e), Some(libc::EPERM | libc::EACCES)) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(ctx(e)),
+            };
+            for id in ids {
+                let name = image_name(&io, &id).await.map_err(ctx)?;
+                out.push(ImageSpec {
+                    pool: pool.clone(),
+                    namespace: parent.namespace.clone(),
+                    name,
+                    snap: None,
+                });
+            }
+        }
+        out.sort_by_key(|s| s.to_string());
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Opens image `id` (named `spec`) through `meta`, its pool and namespace: the common
+/// part of `open_image` and of opening a clone's parent (by id, as librbd does, so a
+/// renamed parent still opens).
+pub(super) async fn open_by_id(
+    meta: Arc<IoCtx>,
+    spec: &ImageSpec,
+    id: String,
+    mode: OpenMode,
+    allow_encrypted: bool,
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
+) -> Result<CephImage> {
+    let (header, snap_id) = load_header(&meta, spec, &id, mode).await?;
+    // Data objects get their own handle: it carries the snapshot context (writes) or
+    // reads at the mapped snapshot.
+    let data = match snap_id {
+        Some(s) => meta.at_snap(s)?,
+        None => meta.cluster().ioctx_in(&spec.pool, &spec.namespace)?,
+    };
+    if snap_id.is_none() {
+        let ids: Vec<u64> = header.snaps.iter().map(|s| s.id).collect();
+        data.set_snap_write_ctx(header.snap_seq, &ids)?;
+    }
+    let inner = Arc::new(Inner {
+        meta,
+        data,
+        spec: spec.clone(),
+        hdr_oid: header_oid(&id),
+        id,
+        snap_id,
+        mode,
+        allow_encrypted,
+        luks_noted,
+        header: RwLock::new(header),
+        snap_ios: Mutex::new(HashMap::new()),
+        lock: tokio::sync::Mutex::new(None),
+        lost_lock: AtomicBool::new(false),
+        reacquiring: AtomicBool::new(false),
+        owner_tx: Mutex::new(None),
+        owner_pending: Mutex::new(std::collections::HashSet::new()),
+        closed: AtomicBool::new(false),
+    });
+    if mode != OpenMode::ReadOnly {
+        acquire_lock(&inner).await?;
+    }
+    Ok(CephImage { inner })
+}
+
+/// An image's name from its id (`rbd_directory`'s `dir_get_name`); the id itself when
+/// the directory has no name for it (an image in the trash).
+pub(super) async fn image_name(io: &IoCtx, id: &str) -> Result<String> {
+    match io
+        .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
+        .await
+    {
+        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply"),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(id.to_string()),
+        Err(e) => Err(e),
     }
 }
 

@@ -193,6 +193,46 @@ impl Rados {
         Ok(())
     }
 
+    /// The name of pool `id` (clone headers name their parent's pool by id).
+    pub fn pool_name(&self, id: i64) -> Result<String> {
+        let mut buf = vec![0u8; 256];
+        loop {
+            let r = unsafe {
+                rados_pool_reverse_lookup(self.h, id, buf.as_mut_ptr() as *mut c_char, buf.len())
+            };
+            if r == -libc::ERANGE && buf.len() < 1 << 16 {
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            if r < 0 {
+                return Err(rados_error("look up pool id", &id.to_string(), r));
+            }
+            let s = CStr::from_bytes_until_nul(&buf)
+                .map_err(|_| Error::new(ErrorKind::Corrupt, format!("name of pool {id}")))?;
+            return Ok(s.to_string_lossy().into_owned());
+        }
+    }
+
+    /// The names of every pool (where `rbd children` looks for format-1 clones).
+    pub fn pool_names(&self) -> Result<Vec<String>> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let r = unsafe { rados_pool_list(self.h, buf.as_mut_ptr() as *mut c_char, buf.len()) };
+            if r < 0 {
+                return Err(rados_error("list pools", "", r));
+            }
+            if r as usize > buf.len() {
+                buf.resize(r as usize, 0);
+                continue;
+            }
+            return Ok(buf[..r as usize]
+                .split(|&b| b == 0)
+                .filter(|n| !n.is_empty())
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect());
+        }
+    }
+
     pub fn ioctx(self: &Arc<Self>, pool: &str) -> Result<Arc<IoCtx>> {
         self.ioctx_in(pool, "")
     }

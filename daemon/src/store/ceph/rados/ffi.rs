@@ -52,6 +52,14 @@ extern "C" {
         io: *mut rados_ioctx_t,
     ) -> c_int;
     pub(super) fn rados_ioctx_destroy(io: rados_ioctx_t);
+    pub(super) fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+    pub(super) fn rados_pool_reverse_lookup(
+        cluster: rados_t,
+        id: i64,
+        buf: *mut c_char,
+        maxlen: usize,
+    ) -> c_int;
+    pub(super) fn rados_pool_list(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
     pub(super) fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     pub(super) fn rados_ioctx_snap_set_read(io: rados_ioctx_t, snap: u64);
     pub(super) fn rados_ioctx_selfmanaged_snap_set_write_ctx(

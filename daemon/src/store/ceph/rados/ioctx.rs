@@ -189,6 +189,10 @@ impl IoCtx {
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
+    /// The pool's id (what clone headers and child records hold).
+    pub fn pool_id(&self) -> i64 {
+        unsafe { rados_ioctx_get_id(self.h) }
+    }
     pub fn cluster(&self) -> &Arc<Rados> {
         &self.cluster
     }

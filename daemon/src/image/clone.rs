@@ -1,0 +1,568 @@
+//! Clones: the chain of ancestors a clone reads through, each opened at its snapshot
+//! with its object map in memory when that map can be trusted, so a read of an object
+//! the clone lacks goes straight to the nearest ancestor that has it (no failed read on
+//! the way), and to zeros when none has it; copy-up of a parent-backed object on its
+//! first change (librbd's CopyupRequest), copy-on-read, and flatten.
+
+use super::map::trusted_object_map;
+use super::pieces::{split, Piece};
+use super::{bump, Image, Stats};
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use crate::store::{ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_OBJECT_MAP};
+use bytes::Bytes;
+use nbd_protocol::ReadChunk;
+use objmap::{ObjectMap, ObjectState};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Deeper chains than this are refused at open: Ceph has no hard limit, but ceph-csi
+/// flattens past 8, and a longer chain is a loop in the metadata or a mistake.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// One ancestor: a read-only handle at the snapshot its child was cloned from.
+pub(crate) struct Level<S> {
+    store: S,
+    snap: u64,
+    order: u8,
+    /// How far this level backs the clone, from the overlaps along the chain down to
+    /// it and the sizes (the clone's own overlap, which a resize lowers, is in `Chain`).
+    limit: u64,
+    /// Its object map at the snapshot, when the snapshot's flags say it is valid: None
+    /// means "ask the store" (a read that finds nothing goes on to the next level).
+    map: Option<ObjectMap>,
+}
+
+/// The ancestors of a clone, nearest first.
+pub(crate) struct Chain<S> {
+    levels: Vec<Level<S>>,
+    /// The clone's parent overlap now: a shrinking resize lowers it, growing never
+    /// raises it (as cls_rbd's set_size does).
+    overlap: AtomicU64,
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+impl<S: ImageStore> Chain<S> {
+    /// Opens the ancestors of `img` (whose header is `header`, served at `size` bytes),
+    /// any depth; `None` when it is not a clone. Each level's handle is closed again
+    /// when this fails.
+    pub(crate) async fn open(
+        img: &S,
+        spec: &ImageSpec,
+        header: &ImageHeader,
+        size: u64,
+    ) -> Result<Option<Self>> {
+        let Some(first) = &header.parent else {
+            return Ok(None);
+        };
+        let mut chain = Chain {
+            levels: Vec::new(),
+            overlap: AtomicU64::new(first.overlap.min(size)),
+        };
+        match chain.open_levels(img, spec, header).await {
+            Ok(()) => Ok(Some(chain)),
+            Err(e) => {
+                chain.close().await;
+                Err(e.context(format!("opening the parents of clone {spec}")))
+            }
+        }
+    }
+
+    async fn open_levels(&mut self, img: &S, spec: &ImageSpec, header: &ImageHeader) -> Result<()> {
+        let mut seen = vec![(header.id.clone(), None::<u64>)];
+        let mut info = header.parent.clone();
+        let mut limit = u64::MAX;
+        while let Some(p) = info {
+            if self.levels.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{spec}: the clone chain is deeper than {MAX_CHAIN_DEPTH} images; flatten it"),
+                ));
+            }
+            if seen.contains(&(p.image_id.clone(), Some(p.snap_id))) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{spec}: the clone chain loops back to {} (image id {} snapshot {})",
+                        p.spec, p.image_id, p.snap_id
+                    ),
+                ));
+            }
+            seen.push((p.image_id.clone(), Some(p.snap_id)));
+            let opened = match self.levels.last() {
+                None => img.open_parent().await?,
+                Some(l) => l.store.open_parent().await?,
+            };
+            let Some(store) = opened else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "parent {} (level {}) could not be opened",
+                        p.spec,
+                        self.levels.len() + 1
+                    ),
+                ));
+            };
+            let h = store.header();
+            limit = limit.min(p.overlap).min(h.size);
+            let map = level_map(&store, &h, p.snap_id).await;
+            let map = match map {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = store.close().await;
+                    return Err(e.context(format!("loading the object map of parent {}", p.spec)));
+                }
+            };
+            tracing::debug!(
+                "{spec}: ancestor {} {} at level {}, backing {limit} bytes",
+                p.spec,
+                if map.is_some() {
+                    "with its object map"
+                } else {
+                    "without a map (asked)"
+                },
+                self.levels.len() + 1
+            );
+            info = h.parent.clone();
+            self.levels.push(Level {
+                store,
+                snap: p.snap_id,
+                order: h.order,
+                limit,
+                map,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn close(&self) {
+        for l in &self.levels {
+            let _ = l.store.close().await;
+        }
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.levels.len()
+    }
+
+    pub(crate) fn overlap(&self) -> u64 {
+        self.overlap.load(Ordering::Acquire)
+    }
+
+    /// A shrink of the clone to `size` bytes lowers the overlap; growing never raises it.
+    pub(crate) fn shrink_overlap(&self, size: u64) {
+        self.overlap.fetch_min(size, Ordering::AcqRel);
+    }
+
+    /// How far level `k` backs the clone now.
+    fn backs(&self, k: usize) -> u64 {
+        self.overlap().min(self.levels[k].limit)
+    }
+
+    /// Whether some ancestor may hold data in `[off, off+len)` of the image: known from
+    /// the maps, assumed where a level has none.
+    pub(crate) fn may_have(&self, off: u64, len: u64) -> bool {
+        for (k, l) in self.levels.iter().enumerate() {
+            let end = (off + len).min(self.backs(k));
+            if end <= off {
+                // Deeper levels back no more than this one.
+                return false;
+            }
+            let Some(m) = &l.map else {
+                return true;
+            };
+            let (first, last) = (off >> l.order, (end - 1) >> l.order);
+            let last = last.min(m.len().saturating_sub(1));
+            if first <= last
+                && m.runs(first..last + 1)
+                    .any(|r| r.state != ObjectState::Nonexistent)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reads `[off, off+len)` of the image from level `k` down: each piece from the
+    /// nearest level whose map says it exists (or, without a map, that has it), zeros
+    /// past the overlap and where no level has it.
+    pub(crate) fn read<'a>(
+        &'a self,
+        k: usize,
+        off: u64,
+        len: u64,
+        stats: &'a Stats,
+    ) -> BoxFut<'a, Vec<ReadChunk>> {
+        Box::pin(async move {
+            let end = off + len;
+            let within = if k < self.levels.len() {
+                end.min(self.backs(k)).max(off)
+            } else {
+                off
+            };
+            let mut out: Vec<ReadChunk> = Vec::new();
+            if within > off {
+                let l = &self.levels[k];
+                for p in split(l.order, off, within - off) {
+                    let at = off + p.req_off;
+                    let exists = l
+                        .map
+                        .as_ref()
+                        .map(|m| p.objno < m.len() && m.get(p.objno) != ObjectState::Nonexistent);
+                    let chunks = if exists == Some(false) {
+                        self.read(k + 1, at, p.len, stats).await?
+                    } else {
+                        bump(&stats.parent_reads);
+                        match l.store.read(p.objno, p.off, p.len, Some(l.snap)).await? {
+                            None => self.read(k + 1, at, p.len, stats).await?,
+                            Some(b) => chunks_of(b, p.len),
+                        }
+                    };
+                    for c in chunks {
+                        push(&mut out, c);
+                    }
+                }
+            }
+            if within < end {
+                push(&mut out, ReadChunk::Hole((end - within) as u32));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The ancestors' bytes of `[off, off+len)` for a copy-up, without trailing zeros.
+    pub(crate) async fn read_bytes(&self, off: u64, len: u64, stats: &Stats) -> Result<Bytes> {
+        let chunks = self.read(0, off, len, stats).await?;
+        let mut v = Vec::new();
+        let mut pending = 0usize;
+        for c in chunks {
+            match c {
+                ReadChunk::Hole(n) => pending += n as usize,
+                ReadChunk::Data(b) => {
+                    v.resize(v.len() + pending, 0);
+                    pending = 0;
+                    v.extend_from_slice(&b);
+                }
+            }
+        }
+        Ok(Bytes::from(v))
+    }
+}
+
+/// A level's map at its snapshot, if it is trusted: the image has the feature, the
+/// snapshot's flags do not say it is invalid, and it decodes with the right size.
+async fn level_map<S: ImageStore>(
+    store: &S,
+    h: &ImageHeader,
+    snap: u64,
+) -> Result<Option<ObjectMap>> {
+    if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
+        return Ok(None);
+    }
+    let mut h = h.clone();
+    // The handle's header carries the snapshot's flags; a store that also answers
+    // snap_flags is asked too (either saying invalid is enough).
+    if let Ok(f) = store.snap_flags(snap).await {
+        h.flags |= f;
+    }
+    Ok(
+        match trusted_object_map(store, &h, Some(snap), h.size).await? {
+            Ok(m) => Some(m),
+            Err(reason) => {
+                tracing::info!("a parent's map at snapshot {snap} is not used (its reads ask the store): {reason}");
+                None
+            }
+        },
+    )
+}
+
+fn push(out: &mut Vec<ReadChunk>, c: ReadChunk) {
+    match (out.last_mut(), c) {
+        (Some(ReadChunk::Hole(a)), ReadChunk::Hole(b)) => *a += b,
+        (_, c) => out.push(c),
+    }
+}
+
+/// What a store read of `len` bytes returned, as chunks covering exactly `len`.
+pub(crate) fn chunks_of(b: Bytes, len: u64) -> Vec<ReadChunk> {
+    let n = len as u32;
+    if b.is_empty() {
+        vec![ReadChunk::Hole(n)]
+    } else if b.len() as u64 >= len {
+        vec![ReadChunk::Data(b.slice(..len as usize))]
+    } else {
+        let rest = n - b.len() as u32;
+        vec![ReadChunk::Data(b), ReadChunk::Hole(rest)]
+    }
+}
+
+/// What a copy-up does to the child's object, besides bringing the parent's data.
+pub(crate) enum CopyupOp {
+    Write(Bytes),
+    Zero,
+    /// A whole-object discard: an empty object hides the parent's data.
+    Discard,
+    /// Copy-on-read, flatten.
+    None,
+}
+
+impl<S: ImageStore> Image<S> {
+    /// The ancestors, when the image is (still) a clone.
+    pub(super) fn chain(&self) -> Option<Arc<Chain<S>>> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The clone's parent overlap now; None when it is not a clone.
+    pub fn parent_overlap(&self) -> Option<u64> {
+        self.chain().map(|c| c.overlap())
+    }
+
+    /// How many ancestors the image reads through (0: not a clone).
+    pub fn clone_depth(&self) -> usize {
+        self.chain().map_or(0, |c| c.depth())
+    }
+
+    /// Whether object `objno` starts inside the parent overlap (cheap: a flag first).
+    pub(super) fn parent_backed(&self, objno: u64) -> Option<Arc<Chain<S>>> {
+        if !self.has_parent.load(Ordering::Acquire) {
+            return None;
+        }
+        let c = self.chain()?;
+        (objno << self.order() < c.overlap()).then_some(c)
+    }
+
+    /// A read piece of an object the child lacks: from the ancestors.
+    pub(super) async fn read_parent_piece(&self, p: Piece) -> Result<Vec<ReadChunk>> {
+        let Some(c) = self.parent_backed(p.objno) else {
+            if self.chain().is_none() {
+                // Flattened since the caller looked: the child has every object now.
+                bump(&self.stats.store_reads);
+                let r = self.store.read(p.objno, p.off, p.len, self.snap).await?;
+                return Ok(chunks_of(r.unwrap_or_default(), p.len));
+            }
+            // Past the overlap: zeros.
+            bump(&self.stats.map_reads);
+            return Ok(vec![ReadChunk::Hole(p.len as u32)]);
+        };
+        let at = (p.objno << self.order()) + p.off;
+        let chunks = c.read(0, at, p.len, &self.stats).await?;
+        if let Some(tx) = self.cor.get() {
+            if chunks.iter().any(|c| matches!(c, ReadChunk::Data(_))) {
+                let fresh = self
+                    .cor_pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(p.objno);
+                if fresh {
+                    let _ = tx.send(p.objno);
+                }
+            }
+        }
+        Ok(chunks)
+    }
+
+    /// Whether the child lacks object `objno` (its map says so; without a map, the
+    /// store). Called under the object's write lock.
+    async fn child_lacks(&self, objno: u64) -> Result<bool> {
+        if let Some(m) = self.map_now().as_deref() {
+            return Ok(m.get(objno) == ObjectState::Nonexistent);
+        }
+        Ok(self.store.read(objno, 0, 1, None).await?.is_none())
+    }
+
+    /// Copy-up for a change to object `objno` (piece `off..off+len` of it) that the
+    /// child lacks and an ancestor may have: the ancestors' bytes within the overlap
+    /// plus the change, created in one atomic store step. `Ok(false)`: nothing to copy
+    /// up (the child has the object, or no ancestor has it), do the change as usual.
+    ///
+    /// Held under the object's write lock, and the map marked EXISTS before the store
+    /// call: a write that sees EXISTS takes the read lock and so waits for the copy-up,
+    /// never creating the object without its parent data. A read that sees EXISTS but
+    /// finds no object goes to the parent (see `read_piece`), whose data is right.
+    pub(super) async fn copyup(
+        &self,
+        chain: &Chain<S>,
+        objno: u64,
+        off: u64,
+        len: u64,
+        op: CopyupOp,
+        fua: bool,
+    ) -> Result<bool> {
+        if self
+            .map_now()
+            .as_deref()
+            .is_some_and(|m| m.get(objno) != ObjectState::Nonexistent)
+        {
+            return Ok(false);
+        }
+        let _g = self.lock_for(objno).write().await;
+        if !self.child_lacks(objno).await? {
+            return Ok(false);
+        }
+        let start = objno << self.order();
+        let plen = self
+            .header
+            .object_size()
+            .min(chain.overlap().saturating_sub(start));
+        if plen == 0 || !chain.may_have(start, plen) {
+            return Ok(false);
+        }
+        // A change covering all of the parent's bytes of the object needs none of them.
+        let covered = match op {
+            CopyupOp::Discard => true,
+            CopyupOp::Write(_) | CopyupOp::Zero => off == 0 && len >= plen,
+            CopyupOp::None => false,
+        };
+        let data = if covered {
+            Bytes::new()
+        } else {
+            chain.read_bytes(start, plen, &self.stats).await?
+        };
+        let op = match op {
+            CopyupOp::Write(d) => ObjectWrite::Write { off, data: d },
+            CopyupOp::Zero => ObjectWrite::Zero { off, len },
+            CopyupOp::Discard => ObjectWrite::Truncate { len: 0 },
+            CopyupOp::None => ObjectWrite::None,
+        };
+        self.mark_exists(objno);
+        bump(&self.stats.copyups);
+        self.store.copyup(objno, data, op, fua).await?;
+        Ok(true)
+    }
+
+    /// A whole-object discard of an object the child has, inside the overlap where an
+    /// ancestor may have data: cut to nothing instead of removed, so the parent's data
+    /// cannot show through (librbd truncates instead of removing there too).
+    /// `Ok(false)`: no ancestor backs it, remove it as usual.
+    pub(super) async fn discard_shadowing(
+        &self,
+        chain: &Chain<S>,
+        objno: u64,
+        fua: bool,
+    ) -> Result<bool> {
+        let start = objno << self.order();
+        let plen = self
+            .header
+            .object_size()
+            .min(chain.overlap().saturating_sub(start));
+        if plen == 0 || !chain.may_have(start, plen) {
+            return Ok(false);
+        }
+        let _g = self.lock_for(objno).write().await;
+        self.mark_changed(objno);
+        self.mark_exists(objno);
+        bump(&self.stats.store_zeroes);
+        self.store
+            .copyup(objno, Bytes::new(), ObjectWrite::Truncate { len: 0 }, fua)
+            .await?;
+        Ok(true)
+    }
+
+    /// Whether an object inside the overlap must be kept even when it holds no data:
+    /// removing it would let an ancestor's data show through.
+    pub(super) fn shadows_parent(&self, objno: u64) -> bool {
+        let Some(c) = self.parent_backed(objno) else {
+            return false;
+        };
+        let start = objno << self.order();
+        let plen = self
+            .header
+            .object_size()
+            .min(c.overlap().saturating_sub(start));
+        c.may_have(start, plen)
+    }
+
+    /// Copies object `objno` up if the child lacks it and an ancestor has it, with
+    /// nothing changed on top (flatten, copy-on-read).
+    async fn copyup_whole(&self, objno: u64) -> Result<bool> {
+        let Some(c) = self.parent_backed(objno) else {
+            return Ok(false);
+        };
+        self.dirty_before(|| self.needs_map_change(objno, ObjectState::Exists))
+            .await?;
+        self.copyup(&c, objno, 0, 0, CopyupOp::None, false).await
+    }
+
+    /// `--copy-on-read` (librbd's rbd_clone_copy_on_read): from now on the first read of
+    /// a parent-backed object the child lacks copies it up in the background, after the
+    /// read is answered. Only for a writable clone; false otherwise (or when already on).
+    pub fn enable_copy_on_read(self: &Arc<Self>) -> bool {
+        if self.read_only || self.chain().is_none() {
+            return false;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        if self.cor.set(tx).is_err() {
+            return false;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(objno) = rx.recv().await {
+                let Some(img) = me.upgrade() else { break };
+                let g = img.gate.read().await;
+                if *g {
+                    // Closing: nothing more to copy.
+                    break;
+                }
+                let r = img.copyup_whole(objno).await;
+                drop(g);
+                if let Err(e) = r {
+                    tracing::warn!("copy-on-read of object {objno} of {}: {e}", img.spec);
+                }
+                img.cor_pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&objno);
+            }
+        });
+        true
+    }
+
+    /// Flatten (`rbd flatten`): copies up every object inside the overlap that the
+    /// child lacks and an ancestor has, then detaches the image from its parent and
+    /// stops reading through the chain. `progress(done, total)` after each object.
+    pub async fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        if self.shared {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{spec} is a shared image: flattening one is not supported; set shared=false and stop its other writers first"),
+            ));
+        }
+        let Some(chain) = self.chain() else {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{spec} is not a clone: nothing to flatten"),
+            ));
+        };
+        let ctx = |e: Error| e.context(format!("flattening {spec}"));
+        let total = chain.overlap().div_ceil(self.header.object_size());
+        for objno in 0..total {
+            {
+                let g = self.gate.read().await;
+                if *g {
+                    return Err(ctx(Error::new(ErrorKind::Io, "the image is closing")));
+                }
+                // A shrink may have lowered the overlap meanwhile.
+                if objno << self.order() < chain.overlap() {
+                    self.copyup_whole(objno).await.map_err(ctx)?;
+                }
+            }
+            progress(objno + 1, total);
+        }
+        let g = self.gate.read().await;
+        self.store.sync().await.map_err(ctx)?;
+        self.store.detach_parent().await.map_err(ctx)?;
+        self.has_parent.store(false, Ordering::Release);
+        let old = self.chain.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(g);
+        if let Some(c) = old {
+            c.close().await;
+        }
+        tracing::info!("flattened {spec}");
+        Ok(())
+    }
+}

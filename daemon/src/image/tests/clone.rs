@@ -1,0 +1,526 @@
+//! Clones on the memory store: reads through chains of depth 1, 2 and 8 going straight
+//! to the level that has the data, copy-up on the first change, discards that never let
+//! the parent show through, the overlap under resizes, copy-on-read and flatten, checked
+//! against a model of the bytes the child should show.
+
+use super::*;
+use crate::store::ObjectWrite;
+
+/// Objects in the images of these tests.
+const N: u64 = 8;
+
+/// A chain: `levels[0]` the child's parent .. `levels[depth-1]` the base, each with
+/// its snapshot 1 (flagged invalid for the levels in `invalid`), and the child (id
+/// "child", no objects of its own). The base holds objects `o % 3 != 2` (3 MiB of a
+/// pattern each: short objects); level `k` < depth-1 holds object `k + 1` (1 MiB at
+/// 512 KiB of its own byte), shadowing what lies below.
+fn build(depth: usize, invalid: &[usize]) -> (Vec<MemImage>, MemImage) {
+    let base = MemImage::new(N * OBJ, DEFAULT_FEATURES);
+    for o in (0..N).filter(|o| o % 3 != 2) {
+        let data: Vec<u8> = (0..3 << 20)
+            .map(|i: u64| (o * 31 + i % 251) as u8)
+            .collect();
+        futures_util::FutureExt::now_or_never(base.write(o, 0, Bytes::from(data), false))
+            .unwrap()
+            .unwrap();
+    }
+    let mut levels = vec![base];
+    for k in (0..depth).rev() {
+        let lvl = levels.last().unwrap();
+        if invalid.contains(&k) {
+            // The snapshot's own map says nothing exists: wrong, and flagged so.
+            let m = ObjectMap::try_new(N).unwrap().encode();
+            lvl.add_snapshot(1, "s", invalid_flags(DEFAULT_FEATURES), m, &[]);
+        } else {
+            lvl.snapshot_now(1, "s");
+        }
+        let next = lvl.clone_of(1, &format!("c{k}"));
+        if k > 0 {
+            let o = k as u64;
+            let data = Bytes::from(vec![0xA0 + k as u8; 1 << 20]);
+            futures_util::FutureExt::now_or_never(next.write(o % N, 512 << 10, data, false))
+                .unwrap()
+                .unwrap();
+        }
+        levels.push(next);
+    }
+    let child = levels.pop().unwrap();
+    levels.reverse();
+    (levels, child)
+}
+
+/// The nearest level holding object `o`, if any.
+fn holder(levels: &[MemImage], o: u64) -> Option<usize> {
+    levels.iter().position(|l| l.object(o).is_some())
+}
+
+/// What the child shows before any change: each object as its nearest holder has it,
+/// zeros past the child's overlap.
+fn model_of(levels: &[MemImage], overlap: u64) -> Vec<u8> {
+    let mut m = vec![0u8; (N * OBJ) as usize];
+    for o in 0..N {
+        if let Some(k) = holder(levels, o) {
+            let d = levels[k].object(o).unwrap();
+            let at = (o * OBJ) as usize;
+            m[at..at + d.len()].copy_from_slice(&d);
+        }
+    }
+    m[overlap as usize..].fill(0);
+    m
+}
+
+async fn open_mem(mem: &MemImage) -> Image<MemImage> {
+    let o = OpenOptions {
+        read_only: false,
+        shared_default: false,
+        checkpoint_idle: None,
+    };
+    Image::from_store_image(mem.clone(), &spec("child"), &o)
+        .await
+        .unwrap()
+}
+
+fn count(log: &[String], what: &str) -> usize {
+    log.iter().filter(|s| *s == what).count()
+}
+
+async fn read_image(img: &Image<MemImage>) -> Vec<u8> {
+    let size = img.size();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(16 << 20);
+        out.extend(read_all(img, pos, n as u32).await);
+        pos += n;
+    }
+    out
+}
+
+#[tokio::test]
+async fn reads_go_straight_to_the_level_that_has_the_object() {
+    for depth in [1, 2, 8] {
+        let (levels, child) = build(depth, &[]);
+        let model = model_of(&levels, N * OBJ);
+        let img = open_mem(&child).await;
+        assert_eq!(img.clone_depth(), depth);
+        assert_eq!(img.parent_overlap(), Some(N * OBJ));
+        child.take_log();
+        for l in &levels {
+            l.take_log();
+        }
+        for o in 0..N {
+            let got = read_all(&img, o * OBJ, OBJ as u32).await;
+            let at = (o * OBJ) as usize;
+            assert!(
+                got == model[at..at + OBJ as usize],
+                "depth {depth} object {o}"
+            );
+            assert_eq!(
+                count(&child.take_log(), "read"),
+                0,
+                "the child's map says absent"
+            );
+            let reads: Vec<usize> = levels
+                .iter()
+                .map(|l| count(&l.take_log(), "read"))
+                .collect();
+            let mut want = vec![0; depth];
+            if let Some(k) = holder(&levels, o) {
+                want[k] = 1;
+            }
+            assert_eq!(
+                reads, want,
+                "depth {depth} object {o}: one read, at the holder"
+            );
+        }
+        let held = (0..N).filter(|&o| holder(&levels, o).is_some()).count() as u64;
+        assert_eq!(img.stats().parent_reads, held);
+        assert_eq!(img.stats().store_reads, 0);
+        img.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_untrusted_ancestor_map_is_asked_not_believed() {
+    // Level 0's snapshot map is flagged invalid (and wrong: it says nothing exists).
+    let (levels, child) = build(2, &[0]);
+    let model = model_of(&levels, N * OBJ);
+    let img = open_mem(&child).await;
+    for l in &levels {
+        l.take_log();
+    }
+    // Object 1 is level 0's own: found there although its map says absent.
+    assert!(read_all(&img, OBJ, OBJ as u32).await == model[OBJ as usize..2 * OBJ as usize]);
+    assert_eq!(count(&levels[0].take_log(), "read"), 1);
+    assert_eq!(count(&levels[1].take_log(), "read"), 0);
+    // Object 0 lives in the base only: level 0 is asked (nothing), then the base.
+    assert!(read_all(&img, 0, OBJ as u32).await == model[..OBJ as usize]);
+    assert_eq!(count(&levels[0].take_log(), "read"), 1);
+    assert_eq!(count(&levels[1].take_log(), "read"), 1);
+    // Object 2 nobody has: level 0 asked, the base's valid map answers.
+    assert!(read_all(&img, 2 * OBJ, 4096).await.iter().all(|&b| b == 0));
+    assert_eq!(count(&levels[0].take_log(), "read"), 1);
+    assert_eq!(count(&levels[1].take_log(), "read"), 0);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn first_writes_copy_up_once_keeping_the_parents_bytes_around_them() {
+    let (levels, child) = build(2, &[]);
+    let mut model = model_of(&levels, N * OBJ);
+    let img = open_mem(&child).await;
+    child.take_log();
+    // Two writes racing into object 0 (base data): one copy-up, both writes, the
+    // parent's bytes around them.
+    let (a, b) = (OBJ / 4, OBJ / 2 + 3);
+    let (r1, r2) = tokio::join!(
+        img.write(a, Bytes::from_static(b"first"), false),
+        img.write(b, Bytes::from_static(b"second"), true)
+    );
+    r1.unwrap();
+    r2.unwrap();
+    model[a as usize..a as usize + 5].copy_from_slice(b"first");
+    model[b as usize..b as usize + 6].copy_from_slice(b"second");
+    let log = child.take_log();
+    assert_eq!(count(&log, "copyup(0)"), 1, "{log:?}");
+    assert_eq!(img.object_map().unwrap().get(0), ObjectState::Exists);
+    assert!(read_all(&img, 0, OBJ as u32).await == model[..OBJ as usize]);
+    // A whole-object write needs none of the parent's bytes: the copy-up brings none.
+    let full = Bytes::from(vec![9u8; OBJ as usize]);
+    img.write(3 * OBJ, full, false).await.unwrap();
+    assert_eq!(child.object(3).unwrap(), vec![9u8; OBJ as usize]);
+    assert_eq!(count(&child.take_log(), "copyup(3)"), 1);
+    // An object nobody has: a plain write, no copy-up.
+    img.write(2 * OBJ + 7, Bytes::from_static(b"z"), false)
+        .await
+        .unwrap();
+    let log = child.take_log();
+    assert_eq!(
+        (count(&log, "copyup(2)"), count(&log, "write(2)")),
+        (0, 1),
+        "{log:?}"
+    );
+    assert_eq!(img.stats().copyups, 2);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn discards_never_let_the_parent_show_through() {
+    let (levels, child) = build(1, &[]);
+    let img = open_mem(&child).await;
+    child.take_log();
+    // Object 0 the child lacks, the base has: discarded whole, it becomes an empty
+    // object (not skipped, which would show the base's data).
+    img.trim(0, OBJ as u32, false).await.unwrap();
+    assert_eq!(child.object(0), Some(vec![]));
+    assert!(read_all(&img, 0, OBJ as u32).await.iter().all(|&b| b == 0));
+    // Object 1: written (copied up), then discarded whole: cut, never removed.
+    img.write(OBJ, Bytes::from_static(b"w"), false)
+        .await
+        .unwrap();
+    img.trim(OBJ, OBJ as u32, false).await.unwrap();
+    assert_eq!(child.object(1), Some(vec![]));
+    assert!(read_all(&img, OBJ, OBJ as u32)
+        .await
+        .iter()
+        .all(|&b| b == 0));
+    // Partly zeroed, object 3 is copied up with the zeroes applied.
+    let model = model_of(&levels, N * OBJ);
+    img.write_zeroes(3 * OBJ + 100, 1000, ZeroFlags::default())
+        .await
+        .unwrap();
+    let got = read_all(&img, 3 * OBJ, OBJ as u32).await;
+    let at = (3 * OBJ) as usize;
+    assert!(
+        got[..100] == model[at..at + 100] && got[1100..] == model[at + 1100..at + OBJ as usize]
+    );
+    assert!(got[100..1100].iter().all(|&b| b == 0));
+    // Object 2 nobody has: nothing to do at all.
+    img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
+    assert_eq!(child.object(2), None);
+    let log = child.take_log();
+    assert_eq!(
+        count(&log, "remove(2)") + count(&log, "copyup(2)"),
+        0,
+        "{log:?}"
+    );
+    assert_eq!(count(&log, "remove(1)"), 0, "{log:?}");
+    img.close().await.unwrap();
+    // The map on disk agrees with the store (object-map check).
+    assert_eq!(existing(&child.stored_map()), child.objects());
+}
+
+/// A tiny seeded generator (splitmix64).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[tokio::test]
+async fn generated_sequences_match_a_byte_model() {
+    for depth in [1, 2, 8] {
+        for seed in 0..3u64 {
+            let (levels, child) = build(depth, if seed == 2 { &[0] } else { &[] });
+            // The child keeps 6.5 objects of its parent: past that, zeros.
+            let overlap = 6 * OBJ + OBJ / 2;
+            child.set_overlap(overlap);
+            let before: Vec<Vec<Option<Vec<u8>>>> = levels
+                .iter()
+                .map(|l| (0..N).map(|o| l.object(o)).collect())
+                .collect();
+            let mut model = model_of(&levels, overlap);
+            let img = open_mem(&child).await;
+            let mut rng = Rng(seed * 1000 + depth as u64);
+            let ctx = |i: usize, what: &str| format!("depth {depth} seed {seed} op {i}: {what}");
+            for i in 0..100 {
+                let size = img.size();
+                let off = rng.below(size);
+                let len = rng.below((OBJ * 3 / 2).min(size - off)) + 1;
+                let kind = rng.below(20);
+                let what = match kind {
+                    0..=6 => {
+                        let v = (rng.next() as u8) | 1;
+                        let data = vec![v; len as usize];
+                        img.write(off, Bytes::from(data), rng.below(2) == 0)
+                            .await
+                            .unwrap();
+                        model[off as usize..(off + len) as usize].fill(v);
+                        "write"
+                    }
+                    7..=9 => {
+                        img.trim(off, len as u32, false).await.unwrap();
+                        model[off as usize..(off + len) as usize].fill(0);
+                        "trim"
+                    }
+                    10..=11 => {
+                        // Whole objects, the discard that would remove them.
+                        let o = rng.below(size.div_ceil(OBJ));
+                        let n = OBJ.min(size - o * OBJ);
+                        img.trim(o * OBJ, n as u32, false).await.unwrap();
+                        model[(o * OBJ) as usize..(o * OBJ + n) as usize].fill(0);
+                        "whole trim"
+                    }
+                    12 => {
+                        let flags = if rng.below(2) == 0 {
+                            NO_HOLE
+                        } else {
+                            ZeroFlags::default()
+                        };
+                        img.write_zeroes(off, len as u32, flags).await.unwrap();
+                        model[off as usize..(off + len) as usize].fill(0);
+                        "write_zeroes"
+                    }
+                    13 => {
+                        // Never below 2 objects, so later operations still find objects.
+                        let new = 2 * OBJ + rng.below((N - 2) * OBJ / 4096 + 1) * 4096;
+                        img.resize(new, true).await.unwrap();
+                        model.resize(new as usize, 0);
+                        "resize"
+                    }
+                    _ => {
+                        let got = read_all(&img, off, len as u32).await;
+                        assert!(
+                            got == model[off as usize..(off + len) as usize],
+                            "{}",
+                            ctx(i, "read")
+                        );
+                        "read"
+                    }
+                };
+                if i % 50 == 49 {
+                    assert!(read_image(&img).await == model, "{}", ctx(i, what));
+                }
+            }
+            assert!(read_image(&img).await == model, "depth {depth} seed {seed}");
+            let log = child.take_log();
+            for o in 0..N {
+                assert!(
+                    count(&log, &format!("copyup({o})")) <= 1,
+                    "object {o}: {log:?}"
+                );
+            }
+            assert!(img.parent_overlap().unwrap() <= img.size().min(overlap));
+            // Flatten: every byte kept, the ancestors never read again.
+            let mut calls = 0;
+            img.flatten(|_, _| calls += 1).await.unwrap();
+            assert_eq!(img.clone_depth(), 0);
+            assert_eq!(child.parent_overlap(), None);
+            for l in &levels {
+                l.take_log();
+            }
+            assert!(
+                read_image(&img).await == model,
+                "depth {depth} seed {seed} flattened"
+            );
+            assert!(levels.iter().all(|l| count(&l.take_log(), "read") == 0));
+            img.close().await.unwrap();
+            assert_eq!(existing(&child.stored_map()), child.objects());
+            // The parents' snapshots are unchanged.
+            for (l, b) in levels.iter().zip(before) {
+                assert_eq!((0..N).map(|o| l.object(o)).collect::<Vec<_>>(), b);
+            }
+            assert!(calls > 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_shrink_lowers_the_overlap_and_growing_shows_zeros() {
+    let (levels, child) = build(1, &[]);
+    let model = model_of(&levels, N * OBJ);
+    let img = open_mem(&child).await;
+    // Cut in the middle of object 1 (the base has it), then grown back.
+    let cut = OBJ + 4096;
+    img.resize(cut, true).await.unwrap();
+    assert_eq!(
+        (img.parent_overlap(), child.parent_overlap()),
+        (Some(cut), Some(cut))
+    );
+    img.resize(N * OBJ, false).await.unwrap();
+    assert_eq!(img.parent_overlap(), Some(cut), "growing never raises it");
+    let got = read_image(&img).await;
+    assert!(got[..cut as usize] == model[..cut as usize]);
+    assert!(
+        got[cut as usize..].iter().all(|&b| b == 0),
+        "zeros past the old overlap"
+    );
+    // A write past the overlap into an object the base has copies nothing up.
+    child.take_log();
+    img.write(4 * OBJ + 1, Bytes::from_static(b"q"), false)
+        .await
+        .unwrap();
+    let log = child.take_log();
+    assert_eq!((count(&log, "copyup(4)"), count(&log, "write(4)")), (0, 1));
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn copy_on_read_copies_up_once_in_the_background() {
+    let (levels, child) = build(2, &[]);
+    let model = model_of(&levels, N * OBJ);
+    let img = Arc::new(open_mem(&child).await);
+    assert!(img.enable_copy_on_read());
+    assert!(!img.enable_copy_on_read(), "once");
+    child.take_log();
+    for _ in 0..3 {
+        assert!(read_all(&img, 10, 100).await == model[10..110]);
+    }
+    for _ in 0..100 {
+        if child.object(0).is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let want = levels[1].object(0).unwrap();
+    assert_eq!(child.object(0), Some(want), "the parent's object copied up");
+    assert_eq!(count(&child.take_log(), "copyup(0)"), 1);
+    // Later reads are the child's own.
+    for l in &levels {
+        l.take_log();
+    }
+    assert!(read_all(&img, 10, 100).await == model[10..110]);
+    assert_eq!(count(&levels[1].take_log(), "read"), 0);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn loops_and_absurd_depths_are_refused() {
+    // A clone of a clone of ... 65 deep.
+    let (_levels, child) = build(MAX_CHAIN_DEPTH + 1, &[]);
+    let o = OpenOptions::default();
+    let e = Image::from_store_image(child, &spec("child"), &o)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.message.contains("deeper than 64"), "{e}");
+    // A loop: the parent's parent is the child.
+    let (levels, child) = build(1, &[]);
+    child.snapshot_now(1, "s");
+    levels[0].set_parent(&child, 1);
+    let e = Image::from_store_image(child, &spec("child"), &o)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.message.contains("loops back"), "{e}");
+}
+
+#[tokio::test]
+async fn copyup_in_the_store_only_creates_once() {
+    // The memory store's copy-up itself, as the image layer relies on it: data plus op
+    // when absent, only the op when present.
+    let m = MemImage::new(N * OBJ, DEFAULT_FEATURES);
+    let op = |off, d: &'static [u8]| ObjectWrite::Write {
+        off,
+        data: Bytes::from_static(d),
+    };
+    m.copyup(0, Bytes::from_static(b"parent"), op(1, b"X"), false)
+        .await
+        .unwrap();
+    m.copyup(0, Bytes::from_static(b"other!"), op(2, b"Y"), false)
+        .await
+        .unwrap();
+    assert_eq!(m.object(0).unwrap(), b"pXYent");
+}
+
+#[tokio::test]
+async fn block_status_shows_the_parents_data_not_holes() {
+    let (levels, child) = build(2, &[]);
+    // Overlap 5.5 objects: object 5 is half backed.
+    child.set_overlap(5 * OBJ + OBJ / 2);
+    let img = open_mem(&child).await;
+    let ext = img.block_status(0, (N * OBJ) as u32).await.unwrap();
+    // Expand to a per-half-object picture: true = data.
+    let mut got = Vec::new();
+    for e in ext {
+        for _ in 0..e.length / (OBJ / 2) {
+            got.push(e.flags == 0);
+        }
+    }
+    let want: Vec<bool> = (0..2 * N)
+        .map(|h| h < 11 && holder(&levels, h / 2).is_some())
+        .collect();
+    assert_eq!(got, want);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_emptied_object_that_hides_the_parent_is_kept() {
+    let (_levels, child) = build(1, &[]);
+    let img = Image::from_store_image(
+        child.clone().punching(),
+        &spec("child"),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Object 0 (the base has 3 MiB of it) copied up by a write, then zeroed in two
+    // halves: every byte zero, but removing it would show the base's data again.
+    img.write(5, Bytes::from_static(b"w"), false).await.unwrap();
+    let half = (OBJ / 2) as u32;
+    img.write_zeroes(0, half, ZeroFlags::default())
+        .await
+        .unwrap();
+    img.write_zeroes(OBJ / 2, half, ZeroFlags::default())
+        .await
+        .unwrap();
+    assert!(child.object(0).is_some(), "kept");
+    assert!(read_all(&img, 0, OBJ as u32).await.iter().all(|&b| b == 0));
+    // Object 2, which no ancestor has, is removed when emptied, as before.
+    img.write(2 * OBJ, Bytes::from_static(b"w"), false)
+        .await
+        .unwrap();
+    img.write_zeroes(2 * OBJ, 1, ZeroFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(child.object(2), None, "removed");
+    img.close().await.unwrap();
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Clones against the cluster named by $CEPH_CONF, with Ceph's tools as the oracle:
+#  - chains of depth 1, 2 and 8 made by `rbd clone` (formats 2 and 1), each level written
+#    through rados-nbd (partial writes into parent-backed objects, discards of them),
+#    open in rados-nbd (`info` names the parent and overlap as `rbd info` does), and after
+#    close `rbd export` equals a model of the bytes, `rbd object-map check` passes, the
+#    parents' snapshots are unchanged and `rbd flatten` keeps the bytes;
+#  - a clone made by `rados-nbd clone` (formats 2 and 1) opens in `rbd info`, `rbd children`
+#    and `rbd export` as its parent snapshot, and serves writes past the overlap.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/common.sh" clones
+
+# nbd_ops URI MODEL OP...: applies each OP through NBD and to the MODEL file alike.
+# OP: w:OFF:LEN (random bytes), t:OFF:LEN (trim: reads as zeros afterwards), z:OFF:LEN.
+cat >"$work/ops.py" <<'PYEOF'
+import os, sys, nbd
+uri, model = sys.argv[1], sys.argv[2]
+h = nbd.NBD(); h.connect_uri(uri)
+with open(model, 'r+b') as m:
+    for op in sys.argv[3:]:
+        k, off, n = op.split(':'); off, n = int(off), int(n)
+        if k == 'w':
+            d = os.urandom(n); h.pwrite(d, off)
+        elif k == 't':
+            h.trim(n, off); d = bytes(n)
+        elif k == 'z':
+            h.zero(n, off); d = bytes(n)
+        else:
+            raise SystemExit('bad op ' + op)
+        m.seek(off); m.write(d)
+h.flush(); h.shutdown()
+PYEOF
+export -f sha
+nbd_ops() { "$PY" "$work/ops.py" "$@"; }
+same_export() { # same_export SPEC FILE
+  [ "$(rbd export "$1" - 2>/dev/null | sha)" = "$(sha <"$2")" ]
+}
+export -f same_export
+# info_like_rbd IMAGE: the parent and overlap lines, and the json parent object, as rbd's.
+info_like_rbd() {
+  rbd info "$1" | grep -q '^.parent: ' &&
+  [ "$("${RN[@]}" info "$1" 2>/dev/null | grep -E '^.(parent|overlap):')" = \
+    "$(rbd info "$1" | grep -E '^.(parent|overlap):')" ] &&
+  [ "$("${RN[@]}" info --format json "$1" 2>/dev/null | jq -cS .parent)" = \
+    "$(rbd info --format json "$1" | jq -cS .parent)" ]
+}
+
+# The base: 32 MiB with data in some objects and holes elsewhere (4 MiB objects).
+SIZE=$((32 * MB))
+truncate -s $SIZE "$work/base.raw"
+for at in 0 5 9 20; do
+  head -c $((2 * MB)) /dev/urandom | dd of="$work/base.raw" bs=1M seek=$at conv=notrunc status=none
+done
+rbd import --image-feature layering,exclusive-lock,object-map,fast-diff,deep-flatten \
+  "$work/base.raw" cbase >/dev/null 2>&1
+rbd snap create cbase@s >/dev/null 2>&1
+rbd snap protect cbase@s
+base_sha=$(sha <"$work/base.raw")
+
+# chain FORMAT DEPTH PREFIX: PREFIX1 .. PREFIXDEPTH, each a clone of the previous at @s,
+# each level changed through rados-nbd first; the model of level k is $work/PREFIXk.raw.
+chain() {
+  local fmt=$1 depth=$2 p=$3 k parent=cbase@s prev=$work/base.raw
+  for k in $(seq 1 "$depth"); do
+    rbd clone --rbd-default-clone-format "$fmt" "$parent" "$p$k" || return 1
+    cp "$prev" "$work/$p$k.raw"
+    serve "$p$k" || return 1
+    # A partial write into a parent-backed object, one into a hole of the parent, a trim
+    # of part of a parent-backed object and of a whole one.
+    local o=$(( (k % 4) * 4 * MB ))
+    nbd_ops "$(uri "$p$k")" "$work/$p$k.raw" \
+      "w:$((o + 4096 * k + 100)):$((64 * 1024))" "w:$((12 * MB + k * 8192)):4096" \
+      "t:$((20 * MB + 65536 * k)):65536" "t:$((8 * MB)):$((4 * MB))" || { unserve; return 1; }
+    unserve
+    [ "$UNSERVE_RC" = 0 ] || return 1
+    rbd snap create "$p$k@s" >/dev/null 2>&1
+    [ "$fmt" = 1 ] && rbd snap protect "$p$k@s"
+    parent=$p$k@s prev=$work/$p$k.raw
+  done
+}
+for fmt in 2 1; do
+  p=v${fmt}c
+  # Not under `check`: serve/unserve must run in this shell (`wait` needs the parent).
+  if chain "$fmt" 8 "$p" 2>>"$work/chain.log"; then
+    pass "format $fmt: a chain of depth 8 made by rbd clone, each level written through rados-nbd"
+  else
+    fail "format $fmt: a chain of depth 8 made by rbd clone, each level written through rados-nbd" "$(tail -3 "$work/chain.log" "$work/serve.log")"
+  fi
+  for d in 1 2 8; do
+    check "format $fmt depth $d: info shows parent and overlap as rbd info" info_like_rbd "$p$d"
+    check "format $fmt depth $d: rbd export equals the model" same_export "$p$d" "$work/$p$d.raw"
+    check "format $fmt depth $d: rbd object-map check passes" omap_check "$p$d"
+    check "format $fmt depth $d: the parent snapshot is unchanged" same_export "$([ $d = 1 ] && echo cbase || echo $p$((d - 1)))@s" \
+      "$([ $d = 1 ] && echo "$work/base.raw" || echo "$work/$p$((d - 1)).raw")"
+  done
+  check "format $fmt: the base snapshot is unchanged" bash -c "[ \"\$(rbd export cbase@s - 2>/dev/null | sha)\" = $base_sha ]"
+  check "format $fmt depth 8: rbd flatten keeps the bytes" bash -c \
+    "rbd flatten ${p}8 >/dev/null 2>&1 && same_export ${p}8 '$work/${p}8.raw' && ! rbd info ${p}8 | grep -q parent:"
+done
+
+# --- made by rados-nbd: librbd opens it as a clone of the snapshot.
+check "rados-nbd clone (format 2) of an unprotected snapshot" bash -c \
+  "rbd snap create cbase@u >/dev/null 2>&1 && $RNQ clone cbase@u rn2 2>/dev/null"
+check "rbd info rn2: parent rbd/cbase@u, overlap 32 MiB, clone-child" bash -c \
+  "rbd info rn2 | grep -qx '.parent: rbd/cbase@u' && rbd info rn2 | grep -qx '.overlap: 32 MiB' && rbd info rn2 | grep -q 'op_features: clone-child'"
+check "rbd children cbase@u lists rn2; rados-nbd children agrees" bash -c \
+  "[ \"\$(rbd children cbase@u)\" = rbd/rn2 ] && [ \"\$($RNQ children cbase@u)\" = rbd/rn2 ]"
+check "rbd export rn2 equals the parent snapshot" same_export rn2 "$work/base.raw"
+check "rados-nbd clone --rbd-default-clone-format 1 of an unprotected snapshot is refused" \
+  bash -c "! $RNQ clone --rbd-default-clone-format 1 cbase@u rn1x 2>/dev/null && ! rbd info rn1x >/dev/null 2>&1"
+check "rados-nbd clone --rbd-default-clone-format 1 of a protected snapshot" "${RN[@]}" clone --rbd-default-clone-format 1 cbase@s rn1
+check "rbd children cbase@s lists rn1 (rbd_children)" bash -c "rbd children cbase@s | grep -qx rbd/rn1"
+check "rbd export rn1 equals the parent snapshot" same_export rn1 "$work/base.raw"
+
+# Served: writes and trims into parent-backed objects, and past the overlap once grown.
+cp "$work/base.raw" "$work/rn2.raw"
+rbd resize --size 40M rn2 >/dev/null 2>&1
+truncate -s $((40 * MB)) "$work/rn2.raw"
+if serve rn2; then
+  pass "serve rn2 (grown to 40 MiB)"
+  check "rn2: writes and trims through NBD" nbd_ops "$(uri rn2)" "$work/rn2.raw" \
+    "w:$((MB + 3)):5000" "t:$((4 * MB)):$((4 * MB))" "t:$((20 * MB + 4096)):8192" \
+    "w:$((33 * MB)):$((2 * MB))" "z:$((9 * MB)):4096"
+  check_unserve "rn2: serve ends with exit 0"
+else
+  fail "serve rn2 (grown to 40 MiB)" "$(tail -3 "$work/serve.log")"
+fi
+check "rn2: rbd export equals the model" same_export rn2 "$work/rn2.raw"
+check "rn2: rbd object-map check passes" omap_check rn2
+check "rn2: the parent snapshot is unchanged" bash -c "[ \"\$(rbd export cbase@u - 2>/dev/null | sha)\" = $base_sha ]"
+check "rn2: rbd flatten keeps the bytes" bash -c \
+  "rbd flatten rn2 >/dev/null 2>&1 && same_export rn2 '$work/rn2.raw' && [ -z \"\$(rbd children cbase@u)\" ]"
+
+# Leave the pool as we found it (other suites share it).
+for i in rn2 rn1 v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
+  rbd snap unprotect "$i@s" >/dev/null 2>&1
+  rbd snap purge "$i" >/dev/null 2>&1
+  rbd rm "$i" >/dev/null 2>&1
+done
+rbd snap unprotect cbase@s >/dev/null 2>&1
+rbd snap purge cbase >/dev/null 2>&1
+rbd rm cbase >/dev/null 2>&1
+t_summary
