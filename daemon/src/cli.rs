@@ -90,9 +90,26 @@ pub enum Command {
     },
     /// Serve an image over NBD until SIGTERM/SIGINT.
     Serve(ServeArgs),
-    /// Provisioned and used space, from the object map.
+    /// Provisioned and used space, per snapshot and for the head, like `rbd du`, from
+    /// the object maps.
     Du {
         image: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// The objects changed between two versions of an image, like `rbd diff
+    /// --whole-object`, from the object maps alone (no data is read): whole objects, as
+    /// "data" (written since) or "zero" (removed since).
+    Diff {
+        /// [POOL/]NAME[@SNAP]: the end version (default: the head).
+        image: String,
+        /// Changes since this snapshot (default: since the image was created).
+        #[arg(long, value_name = "SNAP")]
+        from_snap: Option<String>,
+        /// Whole-object extents. Accepted for `rbd diff` compatibility: from object maps
+        /// extents are always whole objects.
+        #[arg(long)]
+        whole_object: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },

@@ -31,6 +31,8 @@
 //! they are not a snapshot of the whole map while other threads write; quiesce writers
 //! first when an exact snapshot matters (the daemon flushes after in-flight I/O drained).
 
+pub mod diff;
+
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};

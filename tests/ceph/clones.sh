@@ -113,6 +113,35 @@ check "rados-nbd clone --rbd-default-clone-format 1 of a protected snapshot" "${
 check "rbd children cbase@s lists rn1 (rbd_children)" bash -c "rbd children cbase@s | grep -qx rbd/rn1"
 check "rbd export rn1 equals the parent snapshot" same_export rn1 "$work/base.raw"
 
+# rados-nbd flatten (the detach is this store's) of clones without snapshots, format 1
+# (rn1) and 2 (rnf): the bytes stay, rbd sees no parent, the parent forgets the child.
+check "rados-nbd clone cbase@u rnf" "${RN[@]}" clone cbase@u rnf
+for c in rn1:cbase@s rnf:cbase@u; do
+  img=${c%%:*} par=${c#*:}
+  check "$img: rados-nbd flatten keeps the bytes" bash -c \
+    "$RNQ flatten $img >/dev/null 2>&1 && same_export $img '$work/base.raw'"
+  check "$img: after rados-nbd flatten, rbd info shows no parent, no clone-child" bash -c \
+    "rbd info $img >'$work/i' && ! grep -q parent: '$work/i' && ! grep -q clone-child '$work/i'"
+  check "$img: after rados-nbd flatten, rbd children $par no longer lists it" bash -c \
+    "! rbd children $par | grep -qx rbd/$img"
+  check "$img: after rados-nbd flatten, rbd object-map check passes" omap_check "$img"
+done
+
+# Across RBD namespaces (format 2 only): the child in namespace cns names its parent in the
+# default one, serves through the restricted client, and is listed as rbd lists it.
+rbd namespace create rbd/cns
+check "rados-nbd clone into another namespace" "${RN[@]}" clone cbase@u rbd/cns/xns
+check "rbd info rbd/cns/xns: parent rbd/cbase@u" bash -c "rbd info rbd/cns/xns | grep -qx '.parent: rbd/cbase@u'"
+check "info rbd/cns/xns shows the parent as rbd info" info_like_rbd rbd/cns/xns
+check "rbd export rbd/cns/xns equals the parent snapshot" same_export rbd/cns/xns "$work/base.raw"
+check "children cbase@u: as rbd children (pool, namespace, name order)" bash -c \
+  "[ \"\$($RNQ children cbase@u)\" = \"\$(rbd children cbase@u)\" ] && [ \"\$(rbd children cbase@u | wc -l)\" = 2 ]"
+check "children --format json: as rbd's" bash -c \
+  "[ \"\$($RNQ children --format json cbase@u | jq -cS .)\" = \"\$(rbd children --format json cbase@u | jq -cS .)\" ]"
+check "format 1 across namespaces is refused" bash -c "! $RNQ clone --rbd-default-clone-format 1 cbase@s rbd/cns/x1 2>/dev/null"
+rbd rm rbd/cns/xns >/dev/null 2>&1
+rbd namespace rm rbd/cns
+
 # Served: writes and trims into parent-backed objects, and past the overlap once grown.
 cp "$work/base.raw" "$work/rn2.raw"
 rbd resize --size 40M rn2 >/dev/null 2>&1
@@ -133,7 +162,7 @@ check "rn2: rbd flatten keeps the bytes" bash -c \
   "rbd flatten rn2 >/dev/null 2>&1 && same_export rn2 '$work/rn2.raw' && [ -z \"\$(rbd children cbase@u)\" ]"
 
 # Leave the pool as we found it (other suites share it).
-for i in rn2 rn1 v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
+for i in rn2 rn1 rnf v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
   rbd snap unprotect "$i@s" >/dev/null 2>&1
   rbd snap purge "$i" >/dev/null 2>&1
   rbd rm "$i" >/dev/null 2>&1

@@ -33,6 +33,7 @@ suites=(
   cephx.sh
   checkpoint.sh
   snapmap.sh
+  diff.sh
   namespaces.sh
   fencing.sh
   differential.sh

@@ -1,67 +1,201 @@
-//! `du`: provisioned and used space, from the object map (rebuilt from the objects when
-//! the image has none).
+//! `du`: provisioned and used space, like `rbd du`: one line per snapshot (what it
+//! holds that the snapshot before does not: the objects written in between) and one for
+//! the head (what it holds that the newest snapshot does not), from the object maps (each
+//! rebuilt from the objects when it cannot be trusted), never from the data.
 
+use super::diff::{find_version, need_fast_diff, version_map, versions};
 use super::info::human_size;
-use super::{snap_of, with_image};
+use super::with_image;
 use crate::cli::Format;
 use crate::error::Result;
-use crate::image::{load_object_map, rebuild_map};
 use crate::spec::ImageSpec;
-use crate::store::{ImageHeader, ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
-use objmap::ObjectState;
+use crate::store::{ImageStore, OpenMode, Store};
+use objmap::diff::{diff_maps, DiffState};
 use serde_json::json;
 
-/// Bytes of object `objno` inside an image of `size`.
-fn object_len(h: &ImageHeader, size: u64, objno: u64) -> u64 {
-    h.object_size()
-        .min(size.saturating_sub(objno * h.object_size()))
+/// One `rbd du` line.
+struct Line {
+    snap: Option<(String, u64)>,
+    provisioned: u64,
+    used: u64,
+}
+
+/// Bytes of the objects a diff lists as data, in a version of `size` bytes.
+fn used(diff: &[DiffState], object_size: u64, size: u64) -> u64 {
+    super::diff::extents(diff, object_size, size)
+        .iter()
+        .filter(|e| e.2)
+        .map(|e| e.1)
+        .sum()
 }
 
 pub async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
-    let (h, size, used) = with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+    let head = ImageSpec {
+        snap: None,
+        ..spec.clone()
+    };
+    let (id, lines) = with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
-        let (snap, size) = snap_of(&h, spec)?;
-        let count = size.div_ceil(h.object_size());
-        let map = if h.features & RBD_FEATURE_OBJECT_MAP != 0 {
-            load_object_map(img, spec, &h, snap, size).await?.0
-        } else {
-            rebuild_map(img, spec, count, snap).await?
-        };
-        let mut used = 0u64;
-        for run in map.runs(0..count) {
-            if run.state != ObjectState::Nonexistent {
-                for o in run.start..run.start + run.len {
-                    used += object_len(&h, size, o);
-                }
-            }
+        let vs = versions(&h);
+        // `rbd du IMAGE@SNAP`: the snapshots up to SNAP, without the head.
+        let last = find_version(&vs, &head, spec.snap.as_deref())?;
+        if last > 0 {
+            need_fast_diff(&h, spec, "du")?;
         }
-        Ok((h, size, used))
+        // Each version against the one before (the first against nothing): every map is
+        // loaded once.
+        let mut lines = Vec::new();
+        let mut prev = None;
+        for v in &vs[..=last] {
+            let map = version_map(store, img, &head, v).await?;
+            let d = match &prev {
+                None => diff_maps([&map], false),
+                Some(p) => diff_maps([p, &map], true),
+            };
+            lines.push(Line {
+                snap: v.name.clone().zip(v.snap),
+                provisioned: v.size,
+                used: used(&d, h.object_size(), v.size),
+            });
+            prev = Some(map);
+        }
+        Ok((h.id, lines))
     })
     .await?;
-    let _ = h;
+    // As rbd: the total provisioned is the head's size, or with a snapshot named, the
+    // sum of the listed snapshots' sizes.
+    let total_prov: u64 = if spec.snap.is_some() {
+        lines.iter().map(|l| l.provisioned).sum()
+    } else {
+        lines.last().map_or(0, |l| l.provisioned)
+    };
+    let total_used: u64 = lines.iter().map(|l| l.used).sum();
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "images": [{"name": spec.name, "provisioned_size": size, "used_size": used}],
-                "total_provisioned_size": size,
-                "total_used_size": used,
-            })
-        ),
+        Format::Json => {
+            let images: Vec<_> = lines
+                .iter()
+                .map(|l| {
+                    let mut o = json!({"name": spec.name, "id": id});
+                    if let Some((name, sid)) = &l.snap {
+                        o["snapshot"] = json!(name);
+                        o["snapshot_id"] = json!(sid);
+                    }
+                    o["provisioned_size"] = json!(l.provisioned);
+                    o["used_size"] = json!(l.used);
+                    o
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "images": images,
+                    "total_provisioned_size": total_prov,
+                    "total_used_size": total_used,
+                })
+            );
+        }
         Format::Plain => {
-            let name = spec.to_string();
+            let name = head.to_string();
             let name = name
                 .strip_prefix(&format!("{}/", spec.pool_spec()))
-                .unwrap_or(&name);
-            let w = name.len().max(4);
-            println!("{:<w$}  {:>11}  {:>9}", "NAME", "PROVISIONED", "USED");
-            println!(
-                "{:<w$}  {:>11}  {:>9}",
-                name,
-                human_size(size),
-                human_size(used)
+                .unwrap_or(&name)
+                .to_string();
+            let mut rows: Vec<Vec<String>> = lines
+                .iter()
+                .map(|l| {
+                    let n = match &l.snap {
+                        Some((s, _)) => format!("{name}@{s}"),
+                        None => name.clone(),
+                    };
+                    vec![n, human_size(l.provisioned), human_size(l.used)]
+                })
+                .collect();
+            if rows.len() > 1 {
+                rows.push(vec![
+                    "<TOTAL>".to_string(),
+                    human_size(total_prov),
+                    human_size(total_used),
+                ]);
+            }
+            print!(
+                "{}",
+                text_table(
+                    &[("NAME", false), ("PROVISIONED", true), ("USED", true)],
+                    &rows
+                )
             );
         }
     }
     Ok(())
+}
+
+/// A table as Ceph's TextTable prints it (`rbd du`, `rbd diff`): each column as wide as
+/// its widest cell, two spaces between columns, headings left-aligned, cells left- or
+/// right-aligned (`right`) per column; nothing at all when there are no rows.
+pub(super) fn text_table(cols: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| rows.iter().map(|r| r[i].len()).fold(h.len(), usize::max))
+        .collect();
+    let mut out = String::new();
+    let mut line = |cells: Vec<(&str, bool)>| {
+        let l: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|((c, right), &w)| {
+                if *right {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(&l.join("  "));
+        out.push('\n');
+    };
+    line(cols.iter().map(|(h, _)| (*h, false)).collect());
+    for r in rows {
+        line(
+            r.iter()
+                .zip(cols)
+                .map(|(c, (_, right))| (c.as_str(), *right))
+                .collect(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_table_pads_like_ceph() {
+        let rows: Vec<Vec<String>> = [
+            ["t2@a", "16 MiB", "8 MiB"],
+            ["t2@b", "16 MiB", "4 MiB"],
+            ["t2", "16 MiB", "0 B"],
+            ["<TOTAL>", "16 MiB", "12 MiB"],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect();
+        // What `rbd du` (16.2.15) printed for the same cells, byte for byte.
+        assert_eq!(
+            text_table(
+                &[("NAME", false), ("PROVISIONED", true), ("USED", true)],
+                &rows
+            ),
+            "NAME     PROVISIONED  USED  \n\
+             t2@a          16 MiB   8 MiB\n\
+             t2@b          16 MiB   4 MiB\n\
+             t2            16 MiB     0 B\n\
+             <TOTAL>       16 MiB  12 MiB\n"
+        );
+        assert_eq!(text_table(&[("Offset", false)], &[]), "");
+    }
 }

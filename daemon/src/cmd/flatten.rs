@@ -4,9 +4,10 @@
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image;
-use crate::progress::Progress;
+use crate::progress::EVERY;
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
+use std::time::Instant;
 
 /// Flattens a clone that is not in use (a served image must be flattened by the
 /// process serving it, which does not take that request yet).
@@ -31,22 +32,32 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
         Err(e) if e.kind == ErrorKind::Busy => {
             return Err(Error::new(
                 ErrorKind::Busy,
-                format!(
-                    "image {spec} is in use; stop serving it before flattening it ({})",
-                    e.message
-                ),
+                format!("{}; stop serving it to flatten it", e.message),
             ))
         }
         Err(e) => return Err(e),
     };
-    let mut progress = Progress::new(format!("flattening {spec}: objects copied up or checked"));
-    let r = img.flatten(|_, _| {
-        progress.tick();
+    // Each object may be a copy-up of megabytes: the clock is read every object (not
+    // every 1024 as Progress does for listings), a line at most every EVERY.
+    let start = Instant::now();
+    let mut last = start;
+    let mut checked = 0;
+    let r = img.flatten(|done, total| {
+        checked = total;
+        let now = Instant::now();
+        if now.duration_since(last) >= EVERY && done < total {
+            last = now;
+            tracing::info!(
+                "flattening {spec}: {done} of {total} objects ({}%, {:.1} s)",
+                done * 100 / total.max(1),
+                now.duration_since(start).as_secs_f64()
+            );
+        }
     });
     let r = r.await;
     let c = img.close().await;
     r?;
     c?;
-    println!("{spec}: flattened ({} objects checked)", progress.count());
+    println!("{spec}: flattened ({checked} objects checked)");
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod children;
 pub mod clone;
 pub mod config;
 pub mod create;
+pub mod diff;
 pub mod du;
 pub mod flatten;
 pub mod info;
@@ -75,6 +76,12 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du { image, format } => du::du(&store, &parse_spec(&image)?, format).await,
+        Command::Diff {
+            image,
+            from_snap,
+            whole_object: _,
+            format,
+        } => diff::diff(&store, &parse_spec(&image)?, from_snap.as_deref(), format).await,
         Command::Resize {
             image,
             size,

@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_OBJECT_MAP};
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use nbd_protocol::ReadChunk;
 use objmap::{ObjectMap, ObjectState};
 use std::future::Future;
@@ -21,6 +22,9 @@ use std::sync::Arc;
 /// Deeper chains than this are refused at open: Ceph has no hard limit, but ceph-csi
 /// flattens past 8, and a longer chain is a loop in the metadata or a mistake.
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Objects flatten copies up at once (librbd's rbd_concurrent_management_ops default).
+const FLATTEN_CONCURRENCY: usize = 10;
 
 /// One ancestor: a read-only handle at the snapshot its child was cloned from.
 pub(crate) struct Level<S> {
@@ -540,19 +544,30 @@ impl<S: ImageStore> Image<S> {
         };
         let ctx = |e: Error| e.context(format!("flattening {spec}"));
         let total = chain.overlap().div_ceil(self.header.object_size());
-        for objno in 0..total {
-            {
-                let g = self.gate.read().await;
-                if *g {
-                    return Err(ctx(Error::new(ErrorKind::Io, "the image is closing")));
-                }
-                // A shrink may have lowered the overlap meanwhile.
-                if objno << self.order() < chain.overlap() {
-                    self.copyup_whole(objno).await.map_err(ctx)?;
-                }
+        let chain = &chain;
+        let one = |objno: u64| async move {
+            let g = self.gate.read().await;
+            if *g {
+                return Err(Error::new(ErrorKind::Io, "the image is closing"));
             }
-            progress(objno + 1, total);
+            // A shrink may have lowered the overlap meanwhile.
+            if objno << self.order() < chain.overlap() {
+                self.copyup_whole(objno).await?;
+            }
+            drop(g);
+            Ok(())
+        };
+        // Several objects at a time, as librbd's rbd_concurrent_management_ops.
+        let mut each = stream::iter(0..total)
+            .map(one)
+            .buffer_unordered(FLATTEN_CONCURRENCY);
+        let mut done = 0;
+        while let Some(r) = each.next().await {
+            r.map_err(ctx)?;
+            done += 1;
+            progress(done, total);
         }
+        drop(each);
         let g = self.gate.read().await;
         self.store.sync().await.map_err(ctx)?;
         self.store.detach_parent().await.map_err(ctx)?;

@@ -12,7 +12,8 @@
 //!
 //! One room a concern: `open` (open, close, create; the shared setting), `dirty` (the
 //! dirty flag and checkpoints), `map` (load, trust, rebuild), `pieces` (requests split
-//! into object pieces; extents), `resize` (resize and the lock owner's requests),
+//! into object pieces; extents), `clone` (a clone's ancestors, copy-up, copy-on-read,
+//! flatten), `resize` (resize and the lock owner's requests),
 //! `backend` (the NBD data plane). Their tests are in `tests/`, by plane, on a directory
 //! store or on `test_store`'s memory image.
 

@@ -97,7 +97,7 @@ impl MemImage {
         self
     }
 
-    /// This handle, taking `d` for each `sync` and `set_flags`.
+    /// This handle, taking `d` for each `sync`, `set_flags` and `copyup`.
     pub(super) fn slowed(mut self, d: std::time::Duration) -> Self {
         self.slow = Some(d);
         self
@@ -426,6 +426,8 @@ impl ImageStore for MemImage {
     ) -> Result<()> {
         self.writable("written");
         self.audit("copyup", o);
+        // A slow copy-up (a round trip to the OSD) is where a racing write could slip in.
+        self.take_time().await;
         let mut s = self.lock();
         // Logged apart: a copy-up that created the object, or only the op on one there.
         let created = !s.objects.contains_key(&o);

@@ -524,3 +524,82 @@ async fn an_emptied_object_that_hides_the_parent_is_kept() {
     assert_eq!(child.object(2), None, "removed");
     img.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_write_racing_a_slow_copy_up_waits_for_it() {
+    let (levels, child) = build(1, &[]);
+    let mut model = model_of(&levels, N * OBJ);
+    let slow = child.clone().slowed(std::time::Duration::from_millis(200));
+    let img = Image::from_store_image(slow, &spec("child"), &OpenOptions::default())
+        .await
+        .unwrap();
+    // The first write copies object 0 up (slowly); the second, to another part of the
+    // same object, finds it EXISTS in the map meanwhile: it must wait for the copy-up,
+    // not create the object without the parent's data.
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        img.write(OBJ / 2, Bytes::from_static(b"second"), false)
+            .await
+    };
+    // A read meanwhile finds EXISTS in the map but no object yet: the parent's bytes.
+    let read = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        read_all(&img, 100, 10).await
+    };
+    let parent = model[100..110].to_vec();
+    let (r1, r2, r3) = tokio::join!(
+        img.write(10, Bytes::from_static(b"first"), false),
+        second,
+        read
+    );
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(r3, parent, "read during the copy-up");
+    model[10..15].copy_from_slice(b"first");
+    let h = (OBJ / 2) as usize;
+    model[h..h + 6].copy_from_slice(b"second");
+    assert!(read_all(&img, 0, OBJ as u32).await == model[..OBJ as usize]);
+    assert_eq!(count(&child.take_log(), "copyup(0)"), 1);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn flatten_copies_up_what_the_ancestors_hold_then_detaches() {
+    let (levels, child) = build(8, &[]);
+    let overlap = 5 * OBJ + 10;
+    child.set_overlap(overlap);
+    let model = model_of(&levels, overlap);
+    let img = open_mem(&child).await;
+    child.take_log();
+    let mut seen = Vec::new();
+    img.flatten(|done, total| seen.push((done, total)))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.last(),
+        Some(&(6, 6)),
+        "objects 0..=5 are in the overlap"
+    );
+    let held: Vec<u64> = (0..6).filter(|&o| holder(&levels, o).is_some()).collect();
+    let log = child.take_log();
+    let copied: Vec<u64> = (0..N)
+        .filter(|o| count(&log, &format!("copyup({o})")) == 1)
+        .collect();
+    assert_eq!(copied, held, "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("detach_parent"));
+    assert_eq!((img.clone_depth(), img.parent_overlap()), (0, None));
+    assert!(read_image(&img).await == model);
+    // Past the overlap nothing was copied: object 5 holds only the 10 bytes inside it.
+    assert_eq!(
+        child.object(5).map(|v| v.len() <= 10),
+        holder(&levels, 5).map(|_| true)
+    );
+    let e = img.flatten(|_, _| {}).await.unwrap_err();
+    assert!(e.message.contains("not a clone"), "{e}");
+    img.close().await.unwrap();
+    // Reopened: no parent, the same bytes, from the child alone.
+    let img = open_mem(&child).await;
+    assert_eq!(img.clone_depth(), 0);
+    assert!(read_image(&img).await == model);
+    img.close().await.unwrap();
+}

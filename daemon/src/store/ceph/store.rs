@@ -659,7 +659,8 @@ impl CephStore {
                 });
             }
         }
-        out.sort_by_key(|s| s.to_string());
+        // rbd's order: by pool, then namespace, then name.
+        out.sort_by(|a, b| (&a.pool, &a.namespace, &a.name).cmp(&(&b.pool, &b.namespace, &b.name)));
         out.dedup();
         Ok(out)
     }

@@ -3,7 +3,7 @@
 //! replaces them and the object maps: temporary file, fsync, rename, directory fsync.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{ImageHeader, SnapInfo};
+use crate::store::{ImageHeader, ParentInfo, SnapInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -20,6 +20,38 @@ pub(super) struct SnapRecord {
     pub(super) id: u64,
     pub(super) name: String,
     pub(super) size: u64,
+    #[serde(default)]
+    pub(super) protected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) timestamp: Option<u64>,
+    /// The head's flags when it was taken (its OBJECT_MAP_INVALID says whether the
+    /// snapshot's map is trusted), as librbd copies them.
+    #[serde(default)]
+    pub(super) flags: u64,
+    /// The parent the image had when the snapshot was taken (a clone's snapshot reads
+    /// through it even after a flatten of the head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) parent: Option<ParentRecord>,
+}
+
+/// A clone's link to its parent, by ids as cls_rbd keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct ParentRecord {
+    pub(super) pool: String,
+    #[serde(default)]
+    pub(super) namespace: String,
+    pub(super) image_id: String,
+    pub(super) snap_id: u64,
+    pub(super) overlap: u64,
+}
+
+/// A parent's record of one clone of one of its snapshots (what `children` lists and
+/// what keeps the snapshot from being removed or unprotected).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct ChildRecord {
+    pub(super) snap_id: u64,
+    pub(super) pool: String,
+    pub(super) image_id: String,
 }
 
 /// The on-disk header. JSON so that a human (or a test) can read it.
@@ -37,10 +69,24 @@ pub(super) struct HeaderFile {
     pub(super) snapshots: Vec<SnapRecord>,
     #[serde(default)]
     pub(super) metadata: BTreeMap<String, String>,
+    /// `Some` for a clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) parent: Option<ParentRecord>,
+    /// Clones of this image's snapshots. Written by other images' `clone`/`flatten`/
+    /// removal under the pool lock, so `Inner::update_header` takes it from the file,
+    /// never from its own copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) children: Vec<ChildRecord>,
+    /// Snapshots removed from `snapshots` whose object versions are not yet renamed or
+    /// deleted (see `snap::Inner::finish_snap_removals`): readers still look under these
+    /// ids, so a crash in the middle of a removal loses no version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) removing: Vec<u64>,
 }
 
 impl HeaderFile {
-    pub(super) fn to_header(&self) -> ImageHeader {
+    /// `parent`: the resolved parent (names), which only the caller can look up.
+    pub(super) fn to_header(&self, parent: Option<ParentInfo>) -> ImageHeader {
         ImageHeader {
             id: self.id.clone(),
             size: self.size,
@@ -56,11 +102,11 @@ impl HeaderFile {
                     id: s.id,
                     name: s.name.clone(),
                     size: s.size,
-                    protected: false,
-                    timestamp: None,
+                    protected: s.protected,
+                    timestamp: s.timestamp,
                 })
                 .collect(),
-            parent: None,
+            parent,
         }
     }
 }

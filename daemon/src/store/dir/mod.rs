@@ -4,10 +4,14 @@
 //! ```text
 //! <root>/<pool>/rbd_directory              name -> id (JSON)
 //! <root>/<pool>/rbd_id.<name>              the image id
-//! <root>/<pool>/rbd_header.<id>            size, order, prefix, features, flags, snaps, metadata (JSON)
+//! <root>/<pool>/rbd_header.<id>            size, order, prefix, features, flags, snaps,
+//!                                          metadata, parent, children (JSON)
 //! <root>/<pool>/rbd_header.<id>.lock       flock()ed by the one read-write opener
-//! <root>/<pool>/rbd_data.<id>.<%016x>      data objects, sparse files
+//! <root>/<pool>/rbd_data.<id>.<%016x>      data objects (heads), sparse files
+//! <root>/<pool>/rbd_data.<id>.<%016x>@<snapid %016x>[.none]
+//!                                          what an object was up to a snapshot (see `snap`)
 //! <root>/<pool>/rbd_object_map.<id>        object map in Ceph's BitVector<2> encoding
+//! <root>/<pool>/rbd_object_map.<id>.<snapid %016x>  a snapshot's object map
 //! ```
 //!
 //! Durability contract (what FLUSH and FUA rely on): a write returns once it is in the
@@ -19,16 +23,21 @@
 //!
 //! Here: the `Store` and `ImageStore` impls and an opened image's state (`Inner`).
 //! `header`: the metadata files and their atomic replacement; `lock`: the flocks;
-//! `object`: object-file I/O; `control`: the lock holder's control socket.
+//! `object`: object-file I/O; `snap`: snapshots (copy-on-write object versions);
+//! `clone`: parents, children and copy-up; `control`: the lock holder's control socket.
 
+mod clone;
 mod control;
 mod header;
 mod lock;
 mod object;
+mod snap;
 #[cfg(test)]
 mod tests;
 
-use super::{CreateOptions, ImageHeader, ImageStore, OpenMode, Store};
+use super::{
+    CloneOptions, CreateOptions, ImageHeader, ImageStore, ObjectWrite, OpenMode, ParentInfo, Store,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use bytes::Bytes;
@@ -39,6 +48,7 @@ use header::{
 };
 use lock::{lock_image, lock_pool};
 use object::{list_data_objects, punch_hole};
+use objmap::ObjectState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -122,38 +132,7 @@ impl Store for DirStore {
             std::fs::create_dir_all(&pool_dir)
                 .map_err(|e| Error::io(format!("creating {}", pool_dir.display()), e))?;
             let _pool_lock = lock_pool(&pool_dir)?;
-            let mut dir = read_directory(&pool_dir)?;
-            let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
-            if dir.contains_key(&spec.name) || id_path.exists() {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("image {}/{} already exists in {desc}", spec.pool, spec.name),
-                ));
-            }
-            let mut id = random_id()?;
-            while pool_dir.join(format!("rbd_header.{id}")).exists() {
-                id = random_id()?;
-            }
-            let h = HeaderFile {
-                format: 1,
-                id: id.clone(),
-                size: opts.size,
-                order: opts.order,
-                object_prefix: format!("rbd_data.{id}"),
-                features: opts.features,
-                flags: 0,
-                snap_seq: 0,
-                snapshots: vec![],
-                metadata: BTreeMap::new(),
-            };
-            let data = serde_json::to_vec_pretty(&h)
-                .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
-            // Header first, directory last: the directory entry is what makes the
-            // image exist, so a crash in between leaves only an orphan header.
-            write_atomic(&pool_dir, &format!("rbd_header.{id}"), &data)?;
-            write_atomic(&pool_dir, &format!("rbd_id.{}", spec.name), id.as_bytes())?;
-            dir.insert(spec.name.clone(), id);
-            write_directory(&pool_dir, &dir)
+            create_locked(&pool_dir, &spec, &opts, None, &desc, |_| Ok(())).map(|_| ())
         })
         .await
     }
@@ -181,8 +160,21 @@ impl Store for DirStore {
             let lock = lock_image(&pool_dir, &id, &spec, true)?;
             // A corrupt header must not block removal: fall back to the default prefix.
             let header_path = pool_dir.join(format!("rbd_header.{id}"));
-            let prefix = read_file_opt(&header_path)?
-                .and_then(|b| parse_header(&header_path, &id, &b).ok())
+            let parsed =
+                read_file_opt(&header_path)?.and_then(|b| parse_header(&header_path, &id, &b).ok());
+            if let Some(h) = &parsed {
+                if !h.snapshots.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "image {spec} has {} snapshot(s); remove them first (rbd snap purge)",
+                            h.snapshots.len()
+                        ),
+                    ));
+                }
+            }
+            let parent = parsed.as_ref().and_then(|h| h.parent.clone());
+            let prefix = parsed
                 .map(|h| h.object_prefix)
                 .unwrap_or_else(|| format!("rbd_data.{id}"));
             let rm = |p: PathBuf| match std::fs::remove_file(&p) {
@@ -192,6 +184,10 @@ impl Store for DirStore {
             };
             for n in list_data_objects(&pool_dir, &prefix)? {
                 rm(pool_dir.join(format!("{prefix}.{n:016x}")))?;
+            }
+            // Object versions kept for snapshots since removed (a crash in a removal).
+            for name in snap::list_version_files(&pool_dir, &prefix)? {
+                rm(pool_dir.join(name))?;
             }
             let map_prefix = format!("rbd_object_map.{id}");
             let rd = std::fs::read_dir(&pool_dir)
@@ -210,7 +206,14 @@ impl Store for DirStore {
             rm(pool_dir.join(format!("rbd_header.{id}.lock")))?;
             drop(lock);
             fsync_dir(&pool_dir)
-                .map_err(|e| Error::io(format!("syncing {}", pool_dir.display()), e))
+                .map_err(|e| Error::io(format!("syncing {}", pool_dir.display()), e))?;
+            drop(_pool_lock);
+            // Last: until the image is gone its parent's record keeps the parent
+            // snapshot from being removed.
+            if let Some(p) = parent {
+                clone::drop_child_record(&pool_dir, &p, &spec.pool, &id)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -258,69 +261,193 @@ impl Store for DirStore {
             let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
                 return Err(not_found);
             };
-            // Lock before reading the header, so the header read is the latest.
-            let lock = match mode {
-                OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, &spec, true)?),
-                OpenMode::SharedWrite => Some(lock_image(&pool_dir, &id, &spec, false)?),
-                OpenMode::ReadOnly => None,
-            };
-            // Punching a hole past the end of the (empty) lock file changes nothing and
-            // tells whether this file system can do it at all.
-            let punches_holes = match &lock {
-                None => true,
-                Some(f) => {
-                    punch_hole(f, 0, 4096).err().and_then(|e| e.raw_os_error())
-                        != Some(libc::EOPNOTSUPP)
-                }
-            };
-            let header_path = pool_dir.join(format!("rbd_header.{id}"));
-            let bytes = read_file_opt(&header_path)?.ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "image {}/{} has no header {} in {desc}",
-                        spec.pool,
-                        spec.name,
-                        header_path.display()
-                    ),
-                )
-            })?;
-            let h = parse_header(&header_path, &id, &bytes)?;
-            let snap = match &spec.snap {
-                None => None,
-                Some(name) => match h.snapshots.iter().find(|s| &s.name == name) {
-                    Some(s) => Some(s.id),
-                    None => {
-                        return Err(Error::new(
-                            ErrorKind::NotFound,
-                            format!("snapshot {spec} not found in {desc}"),
-                        ))
-                    }
-                },
-            };
-            Ok(DirImage {
-                inner: Arc::new(Inner {
-                    pool_dir,
-                    header_path,
-                    id,
-                    read_only: mode == OpenMode::ReadOnly,
-                    snap,
-                    object_prefix: h.object_prefix.clone(),
-                    header: Mutex::new(h),
-                    lock: Mutex::new(lock),
-                    fds: Mutex::new(HashMap::new()),
-                    dirty: Mutex::new(HashSet::new()),
-                    dir_dirty: AtomicBool::new(false),
-                    sync_lock: Mutex::new(()),
-                    exclusive: mode == OpenMode::ReadWrite,
-                    punches_holes: AtomicBool::new(punches_holes),
-                    ctl: Mutex::new(None),
-                    closed: AtomicBool::new(false),
-                }),
-            })
+            let snap = spec.snap.clone().map(SnapSel::Name);
+            open_by_id(pool_dir, id, mode, snap, &spec, &desc)
         })
         .await
     }
+
+    async fn clone_image(
+        &self,
+        parent: &ImageSpec,
+        child: &ImageSpec,
+        opts: &CloneOptions,
+    ) -> Result<()> {
+        self.no_namespace(parent, &parent.namespace)?;
+        self.no_namespace(child, &child.namespace)?;
+        clone::clone_image(self, parent, child, opts).await
+    }
+
+    async fn children(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
+        self.no_namespace(parent, &parent.namespace)?;
+        clone::children(self, parent).await
+    }
+}
+
+/// Creates image `spec` in `pool_dir`, whose pool lock the caller holds, with parent
+/// `parent` (a clone); `before` runs once the id is chosen, before anything is written
+/// (a clone's parent records it there). Returns the new id.
+fn create_locked(
+    pool_dir: &Path,
+    spec: &ImageSpec,
+    opts: &CreateOptions,
+    parent: Option<header::ParentRecord>,
+    desc: &str,
+    before: impl FnOnce(&str) -> Result<()>,
+) -> Result<String> {
+    if !(MIN_ORDER..=MAX_ORDER).contains(&opts.order) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "object size 2^{} out of range (4K to 32M, a power of two)",
+                opts.order
+            ),
+        ));
+    }
+    let mut dir = read_directory(pool_dir)?;
+    let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
+    if dir.contains_key(&spec.name) || id_path.exists() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("image {}/{} already exists in {desc}", spec.pool, spec.name),
+        ));
+    }
+    let mut id = random_id()?;
+    while pool_dir.join(format!("rbd_header.{id}")).exists() {
+        id = random_id()?;
+    }
+    before(&id)?;
+    let h = HeaderFile {
+        format: 1,
+        id: id.clone(),
+        size: opts.size,
+        order: opts.order,
+        object_prefix: format!("rbd_data.{id}"),
+        features: opts.features,
+        flags: 0,
+        snap_seq: 0,
+        snapshots: vec![],
+        metadata: BTreeMap::new(),
+        parent,
+        children: vec![],
+        removing: vec![],
+    };
+    let data = serde_json::to_vec_pretty(&h)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
+    // Header first, directory last: the directory entry is what makes the
+    // image exist, so a crash in between leaves only an orphan header.
+    write_atomic(pool_dir, &format!("rbd_header.{id}"), &data)?;
+    write_atomic(pool_dir, &format!("rbd_id.{}", spec.name), id.as_bytes())?;
+    dir.insert(spec.name.clone(), id.clone());
+    write_directory(pool_dir, &dir)?;
+    Ok(id)
+}
+
+/// Which snapshot `open_by_id` opens: by name (a user's `IMAGE@SNAP`) or by id (a
+/// clone's parent).
+enum SnapSel {
+    Name(String),
+    Id(u64),
+}
+
+/// Opens image `id` of `pool_dir`; `spec` names it in errors.
+fn open_by_id(
+    pool_dir: PathBuf,
+    id: String,
+    mode: OpenMode,
+    snap: Option<SnapSel>,
+    spec: &ImageSpec,
+    desc: &str,
+) -> Result<DirImage> {
+    // Lock before reading the header, so the header read is the latest.
+    let lock = match mode {
+        OpenMode::ReadWrite => Some(lock_image(&pool_dir, &id, spec, true)?),
+        OpenMode::SharedWrite => Some(lock_image(&pool_dir, &id, spec, false)?),
+        OpenMode::ReadOnly => None,
+    };
+    // Punching a hole past the end of the (empty) lock file changes nothing and
+    // tells whether this file system can do it at all.
+    let punches_holes = match &lock {
+        None => true,
+        Some(f) => {
+            punch_hole(f, 0, 4096).err().and_then(|e| e.raw_os_error()) != Some(libc::EOPNOTSUPP)
+        }
+    };
+    let header_path = pool_dir.join(format!("rbd_header.{id}"));
+    let bytes = read_file_opt(&header_path)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "image {spec} has no header {} in {desc}",
+                header_path.display()
+            ),
+        )
+    })?;
+    let h = parse_header(&header_path, &id, &bytes)?;
+    let snap = match snap {
+        None => None,
+        Some(sel) => {
+            let found = h.snapshots.iter().find(|s| match &sel {
+                SnapSel::Name(n) => &s.name == n,
+                SnapSel::Id(i) => s.id == *i,
+            });
+            match found {
+                Some(s) => Some(s.id),
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("snapshot {spec} not found in {desc}"),
+                    ))
+                }
+            }
+        }
+    };
+    let root = pool_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    let parent_rec = match snap {
+        None => h.parent.clone(),
+        Some(s) => h
+            .snapshots
+            .iter()
+            .find(|r| r.id == s)
+            .and_then(|r| r.parent.clone()),
+    };
+    let parent_info = parent_rec.map(|p| clone::resolve_parent(&root, &p));
+    // Held open: when the writer replaces the header, this inode's link count drops to
+    // 0 (and, held, its number cannot be reused), which tells a snapshot reader to
+    // re-read it. A missing one just means "re-read at the next look".
+    let header_file = File::open(&header_path).ok();
+    let img = DirImage {
+        inner: Arc::new(Inner {
+            root,
+            pool_dir,
+            header_path,
+            id,
+            read_only: mode == OpenMode::ReadOnly,
+            snap,
+            object_prefix: h.object_prefix.clone(),
+            has_snaps: AtomicBool::new(!h.snapshots.is_empty()),
+            header: Mutex::new(h),
+            header_file: Mutex::new(header_file),
+            parent_info: Mutex::new(parent_info),
+            lock: Mutex::new(lock),
+            fds: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashSet::new()),
+            dir_dirty: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
+            cow_clean: Mutex::new(HashSet::new()),
+            cow_lock: Mutex::new(()),
+            exclusive: mode == OpenMode::ReadWrite,
+            punches_holes: AtomicBool::new(punches_holes),
+            ctl: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        }),
+    };
+    // A snapshot removal a crash interrupted is finished before anything changes (the
+    // copy-on-write checks assume every version is filed under a live snapshot).
+    if mode == OpenMode::ReadWrite {
+        img.inner.finish_snap_removals()?;
+    }
+    Ok(img)
 }
 
 /// One opened image of the directory store.
@@ -337,15 +464,27 @@ impl DirImage {
 }
 
 struct Inner {
+    /// The store's root (the pools' parent), where a clone finds its parent.
+    root: PathBuf,
     pool_dir: PathBuf,
     header_path: PathBuf,
     id: String,
     read_only: bool,
-    /// The snapshot this handle was opened at. The directory store keeps no snapshot
-    /// clones, so snapshot reads are refused rather than silently served from the head.
+    /// The snapshot this handle was opened at: reads without a snapshot read this one.
     snap: Option<u64>,
     object_prefix: String,
+    /// The header has snapshots: writes must look whether an object needs copying
+    /// first (see `snap`). False keeps the write path of an image without snapshots
+    /// free of any extra syscall.
+    has_snaps: AtomicBool,
     header: Mutex<HeaderFile>,
+    /// The header file as last read, held open: a read-only handle re-reads the header
+    /// once this one was replaced (a snapshot taken by the writer since), see
+    /// `snap::Inner::current_probe_ids`.
+    header_file: Mutex<Option<File>>,
+    /// The parent named by the header (or by the snapshot this handle is at), resolved
+    /// to names.
+    parent_info: Mutex<Option<ParentInfo>>,
     lock: Mutex<Option<File>>,
     fds: Mutex<HashMap<u64, Arc<File>>>,
     /// Objects written since the last `sync`.
@@ -358,6 +497,13 @@ struct Inner {
     /// one's objects were still on their way to disk, breaking the promise behind
     /// CAN_MULTI_CONN (every write acked before a FLUSH, on any connection, is durable).
     sync_lock: Mutex<()>,
+    /// Objects whose head needs no copy-on-write before the next change (already
+    /// preserved for, or written after, the newest snapshot). Cleared by snapshot
+    /// operations.
+    cow_clean: Mutex<HashSet<u64>>,
+    /// Serializes copy-on-write preparation, so two writers of one object cannot both
+    /// preserve it.
+    cow_lock: Mutex<()>,
     /// Opened ReadWrite: the exclusive lock holder, the one that takes requests.
     exclusive: bool,
     /// Whether this file system deallocates a range (FALLOC_FL_PUNCH_HOLE). Without it,
@@ -395,24 +541,29 @@ impl Inner {
         Ok(())
     }
 
-    fn check_snap(&self, snap: Option<u64>) -> Result<()> {
-        if snap.is_some() || self.snap.is_some() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the directory store keeps no snapshot data",
-            ));
-        }
-        Ok(())
+    /// The snapshot a read addresses: the one asked for, else the handle's.
+    fn snap_of(&self, snap: Option<u64>) -> Option<u64> {
+        snap.or(self.snap)
     }
 
-    fn update_header(&self, f: impl FnOnce(&mut HeaderFile)) -> Result<()> {
+    fn update_header(&self, f: impl FnOnce(&mut HeaderFile) -> Result<()>) -> Result<()> {
         self.check_writable()?;
+        // Other images' clone/flatten/removal change `children` in this file under the
+        // pool lock: take it, and take `children` from the file, not from our copy.
+        let _pool = lock_pool(&self.pool_dir)?;
         let mut cur = lock(&self.header);
         let mut h = cur.clone();
-        f(&mut h);
+        if let Some(b) = read_file_opt(&self.header_path)? {
+            if let Ok(disk) = parse_header(&self.header_path, &self.id, &b) {
+                h.children = disk.children;
+            }
+        }
+        f(&mut h)?;
         let data = serde_json::to_vec_pretty(&h)
             .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
         write_atomic(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
+        self.has_snaps
+            .store(!h.snapshots.is_empty(), Ordering::Release);
         *cur = h;
         Ok(())
     }
@@ -442,24 +593,35 @@ impl DirImage {
 
 impl ImageStore for DirImage {
     fn header(&self) -> ImageHeader {
-        lock(&self.inner.header).to_header()
+        let parent = lock(&self.inner.parent_info).clone();
+        lock(&self.inner.header).to_header(parent)
     }
 
     async fn refresh_header(&self) -> Result<ImageHeader> {
         self.run(|i| {
             i.check_open()?;
-            let b = std::fs::read(&i.header_path)
-                .map_err(|e| Error::io(format!("reading {}", i.header_path.display()), e))?;
-            let h = parse_header(&i.header_path, &i.id, &b)?;
-            let out = h.to_header();
-            *lock(&i.header) = h;
-            Ok(out)
+            i.reload_header()?;
+            let parent = lock(&i.parent_info).clone();
+            Ok(lock(&i.header).to_header(parent))
         })
         .await
     }
 
     async fn set_size(&self, size: u64) -> Result<()> {
-        self.run(move |i| i.update_header(|h| h.size = size)).await
+        self.run(move |i| {
+            i.update_header(|h| {
+                h.size = size;
+                // Like cls_rbd's set_size: a shrink lowers the parent overlap for good
+                // (growing back does not bring the parent's data back).
+                if let Some(p) = &mut h.parent {
+                    p.overlap = p.overlap.min(size);
+                }
+                Ok(())
+            })?;
+            i.refresh_parent_info();
+            Ok(())
+        })
+        .await
     }
 
     fn zeroes_are_fast(&self) -> bool {
@@ -473,8 +635,13 @@ impl ImageStore for DirImage {
     }
 
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
-        self.run(move |i| i.update_header(|h| h.flags = (h.flags & !mask) | (value & mask)))
-            .await
+        self.run(move |i| {
+            i.update_header(|h| {
+                h.flags = (h.flags & !mask) | (value & mask);
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
@@ -487,6 +654,7 @@ impl ImageStore for DirImage {
         self.run(move |i| {
             i.update_header(|h| {
                 h.metadata.insert(k, v);
+                Ok(())
             })
         })
         .await
@@ -500,7 +668,9 @@ impl ImageStore for DirImage {
         snap: Option<u64>,
     ) -> Result<Option<Bytes>> {
         self.inner.check_open()?;
-        self.inner.check_snap(snap)?;
+        if let Some(s) = self.inner.snap_of(snap) {
+            return self.run(move |i| i.read_snap(objno, off, len, s)).await;
+        }
         if let Some(r) = self.inner.read_cached(objno, off, len) {
             return r.map(Some);
         }
@@ -540,13 +710,27 @@ impl ImageStore for DirImage {
 
     async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
         self.inner.check_open()?;
-        self.inner.check_snap(snap)?;
-        self.run(|i| list_data_objects(&i.pool_dir, &i.object_prefix))
-            .await
+        match self.inner.snap_of(snap) {
+            None => {
+                self.run(|i| list_data_objects(&i.pool_dir, &i.object_prefix))
+                    .await
+            }
+            Some(s) => {
+                let states = self.run(move |i| i.object_states(Some(s))).await?;
+                Ok(states.into_iter().map(|(o, _)| o).collect())
+            }
+        }
+    }
+
+    async fn list_object_states(&self, snap: Option<u64>) -> Result<Vec<(u64, ObjectState)>> {
+        self.inner.check_open()?;
+        let snap = self.inner.snap_of(snap);
+        self.run(move |i| i.object_states(snap)).await
     }
 
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
         self.inner.check_open()?;
+        let snap = self.inner.snap_of(snap);
         self.run(move |i| read_file_opt(&i.pool_dir.join(i.object_map_name(snap))))
             .await
     }
@@ -570,5 +754,59 @@ impl ImageStore for DirImage {
         // Dropping the file releases the flock.
         drop(lock(&self.inner.lock).take());
         Ok(())
+    }
+
+    async fn open_parent(&self) -> Result<Option<DirImage>> {
+        self.inner.check_open()?;
+        self.run(|i| i.open_parent()).await
+    }
+
+    async fn copyup(
+        &self,
+        objno: u64,
+        parent_data: Bytes,
+        op: ObjectWrite,
+        durable: bool,
+    ) -> Result<()> {
+        self.inner.check_writable()?;
+        self.run(move |i| i.copyup(objno, &parent_data, &op, durable))
+            .await
+    }
+
+    async fn detach_parent(&self) -> Result<()> {
+        self.inner.check_writable()?;
+        self.run(|i| i.detach_parent()).await
+    }
+
+    async fn snap_create(&self, name: &str) -> Result<u64> {
+        let name = name.to_string();
+        self.run(move |i| i.snap_create(&name)).await
+    }
+
+    async fn snap_remove(&self, id: u64) -> Result<()> {
+        self.run(move |i| i.snap_remove(id)).await
+    }
+
+    async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
+        let new_name = new_name.to_string();
+        self.run(move |i| i.snap_rename(id, &new_name)).await
+    }
+
+    async fn snap_set_protected(&self, id: u64, protected: bool) -> Result<()> {
+        self.run(move |i| i.snap_set_protected(id, protected)).await
+    }
+
+    async fn write_snap_object_map(&self, snap: u64, data: Vec<u8>) -> Result<()> {
+        self.inner.check_writable()?;
+        self.run(move |i| {
+            i.snap_record(snap)?;
+            write_atomic(&i.pool_dir, &i.object_map_name(Some(snap)), &data)
+        })
+        .await
+    }
+
+    async fn snap_flags(&self, snap: u64) -> Result<u64> {
+        self.inner.check_open()?;
+        Ok(self.inner.snap_record(snap)?.flags)
     }
 }

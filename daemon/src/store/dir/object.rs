@@ -3,6 +3,7 @@
 //! cache and its stale-descriptor check; the dirty sets that `sync` makes durable.
 
 use super::header::fsync_dir;
+use super::snap::Change;
 use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -46,7 +47,7 @@ fn piece_len(off: u64, len: usize) -> usize {
 }
 
 /// `write_all_at` in pieces of at most `WRITE_PIECE` bytes aligned to it (see there).
-fn write_in_pieces(f: &File, mut data: &[u8], mut off: u64) -> std::io::Result<()> {
+pub(super) fn write_in_pieces(f: &File, mut data: &[u8], mut off: u64) -> std::io::Result<()> {
     while !data.is_empty() {
         let n = piece_len(off, data.len());
         f.write_all_at(&data[..n], off)?;
@@ -76,7 +77,12 @@ pub(super) fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 
 /// Reads up to `len` bytes at `off` into a fresh buffer, without zero-filling it first
 /// (the kernel writes every byte we keep). Stops early only at end of file.
-fn read_into(f: &File, off: u64, len: usize, flags: libc::c_int) -> std::io::Result<Bytes> {
+pub(super) fn read_into(
+    f: &File,
+    off: u64,
+    len: usize,
+    flags: libc::c_int,
+) -> std::io::Result<Bytes> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
         let done = buf.len();
@@ -205,6 +211,7 @@ impl Inner {
     }
 
     pub(super) fn write(&self, objno: u64, off: u64, data: &[u8], durable: bool) -> Result<()> {
+        self.prepare_change(objno, Change::Create)?;
         // Dirty before the write: a sync that starts after this write is acked must see it.
         lock(&self.dirty).insert(objno);
         let Some((f, created)) = self.file(objno, true)? else {
@@ -294,6 +301,10 @@ impl Inner {
         if durable || data.len() > INLINE_WRITE_MAX {
             return None;
         }
+        // With snapshots, the first change of an object may have to preserve it first.
+        if self.has_snaps.load(Ordering::Acquire) && !lock(&self.cow_clean).contains(&objno) {
+            return None;
+        }
         let f = self.cached_file(objno)?;
         // Dirty before the write, exactly as in `write`.
         lock(&self.dirty).insert(objno);
@@ -305,6 +316,7 @@ impl Inner {
     }
 
     pub(super) fn zero(&self, objno: u64, off: u64, len: u64, durable: bool) -> Result<()> {
+        self.prepare_change(objno, Change::Modify)?;
         let Some((f, _)) = self.file(objno, false)? else {
             return Ok(());
         };
@@ -358,6 +370,10 @@ impl Inner {
     }
 
     pub(super) fn remove(&self, objno: u64, durable: bool) -> Result<()> {
+        // Kept for a snapshot: moved aside, and durably (the move fsyncs the directory).
+        if self.remove_kept(objno)? {
+            return Ok(());
+        }
         let path = self.object_path(objno);
         {
             let mut fds = lock(&self.fds);

@@ -421,3 +421,687 @@ fn os_errors_map_to_kinds() {
     assert_eq!(k(libc::EIO), ErrorKind::Io);
     assert_eq!(k(libc::ENOENT), ErrorKind::NotFound);
 }
+
+// --- Snapshots and clones.
+
+/// A small-object image (4 KiB objects) for the snapshot tests.
+async fn small(s: &DirStore, name: &str, objects: u64) -> DirImage {
+    let o = CreateOptions {
+        size: objects << 12,
+        order: 12,
+        features: DEFAULT_FEATURES,
+    };
+    s.create_image(&spec(name), &o).await.unwrap();
+    open(s, name, OpenMode::ReadWrite).await
+}
+
+async fn get(img: &DirImage, objno: u64, snap: Option<u64>) -> Option<Vec<u8>> {
+    img.read(objno, 0, 1 << 12, snap)
+        .await
+        .unwrap()
+        .map(|b| b.to_vec())
+}
+
+fn b(s: &'static [u8]) -> Bytes {
+    Bytes::from_static(s)
+}
+
+#[tokio::test]
+async fn snapshots_keep_what_objects_had() {
+    use ObjectState::{Exists, ExistsClean};
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 4).await;
+    img.write(0, 0, b(b"aaaa"), false).await.unwrap();
+    img.write(2, 0, b(b"cc"), false).await.unwrap();
+    img.write(3, 0, b(b"dd"), false).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    assert_eq!(s1, 1);
+    // Overwrite, create, remove, zero: each first change after s1 keeps the old data.
+    img.write(0, 1, b(b"B"), false).await.unwrap();
+    img.write(0, 2, b(b"C"), false).await.unwrap();
+    img.write(1, 0, b(b"new"), false).await.unwrap();
+    img.remove(2, false).await.unwrap();
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.zero(3, 0, 2, false).await.unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"aaaa");
+    assert_eq!(get(&img, 0, Some(s2)).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 1, Some(s1)).await, None);
+    assert_eq!(get(&img, 1, Some(s2)).await.unwrap(), b"new");
+    assert_eq!(get(&img, 2, Some(s1)).await.unwrap(), b"cc");
+    assert_eq!(get(&img, 2, Some(s2)).await, None);
+    assert_eq!(get(&img, 2, None).await, None);
+    assert_eq!(get(&img, 3, Some(s2)).await.unwrap(), b"dd");
+    assert_eq!(get(&img, 3, None).await.unwrap(), [0, 0]);
+    assert_eq!(img.list_objects(None).await.unwrap(), [0, 1, 3]);
+    assert_eq!(img.list_objects(Some(s1)).await.unwrap(), [0, 2, 3]);
+    assert_eq!(img.list_objects(Some(s2)).await.unwrap(), [0, 1, 3]);
+    // librbd's states: written since the snapshot before = EXISTS, else EXISTS_CLEAN.
+    assert_eq!(
+        img.list_object_states(Some(s2)).await.unwrap(),
+        [(0, Exists), (1, Exists), (3, ExistsClean)]
+    );
+    assert_eq!(
+        img.list_object_states(None).await.unwrap(),
+        [(0, ExistsClean), (1, ExistsClean), (3, Exists)]
+    );
+    // IMAGE@SNAP opens read-only at that point in time, with its own map and flags.
+    img.write_snap_object_map(s1, vec![7, 7]).await.unwrap();
+    let ro = open(&s, "vm1@s1", OpenMode::ReadOnly).await;
+    assert_eq!(ro.read(0, 0, 4, None).await.unwrap().unwrap(), &b"aaaa"[..]);
+    assert_eq!(ro.read_object_map(None).await.unwrap().unwrap(), [7, 7]);
+    assert_eq!(ro.snap_flags(s1).await.unwrap(), 0);
+    assert_eq!(ro.list_objects(None).await.unwrap(), [0, 2, 3]);
+    let h = img.header();
+    assert_eq!(h.snap_seq, 2);
+    assert_eq!(
+        h.snaps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["s2", "s1"]
+    );
+    assert!(h.snaps[0].timestamp.is_some());
+    // Removing s1 drops what only it kept, its map and its record; s2 still reads right.
+    img.snap_remove(s1).await.unwrap();
+    assert!(img.read_object_map(Some(s1)).await.unwrap().is_none());
+    assert_eq!(
+        super::snap::versions_of(img.pool_dir(), &h.object_prefix, 2),
+        []
+    );
+    assert_eq!(get(&img, 0, Some(s2)).await.unwrap(), b"aBCa");
+    assert_eq!(get(&img, 3, Some(s2)).await.unwrap(), b"dd");
+    img.snap_remove(s2).await.unwrap();
+    let pool = d.path().join("rbd");
+    let left: Vec<String> = std::fs::read_dir(&pool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains('@') || n.contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(get(&img, 3, None).await.unwrap(), [0, 0]);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_management_errors_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    let id = img.snap_create("s1").await.unwrap();
+    let e = img.snap_create("s1").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    img.snap_rename(id, "t1").await.unwrap();
+    assert_eq!(img.header().snaps[0].name, "t1");
+    img.snap_set_protected(id, true).await.unwrap();
+    assert!(img.header().snaps[0].protected);
+    let e = img.snap_remove(id).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(
+        e.message.contains("t1") && e.message.contains("protected"),
+        "{e}"
+    );
+    img.close().await.unwrap();
+    let e = s.remove_image(&spec("vm1")).await.unwrap_err();
+    assert!(e.message.contains("has 1 snapshot"), "{e}");
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    img.snap_set_protected(id, false).await.unwrap();
+    img.snap_remove(id).await.unwrap();
+    assert_eq!(
+        img.snap_remove(id).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    // A read-only handle makes none.
+    let ro = open(&s, "vm1", OpenMode::ReadOnly).await;
+    assert_eq!(
+        ro.snap_create("x").await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    img.close().await.unwrap();
+    // Nor does a shared writer: other shared writers would not preserve for it.
+    let sh = open(&s, "vm1", OpenMode::SharedWrite).await;
+    let e = sh.snap_create("x").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(e.message.contains("exclusive lock"), "{e}");
+    sh.close().await.unwrap();
+    s.remove_image(&spec("vm1")).await.unwrap();
+}
+
+/// A tiny deterministic generator (xorshift64*), so failures reproduce from the seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What the image should hold: the head and every snapshot, and when each object was
+/// changed (as the snapshot sequence at the time), for the map states.
+#[derive(Default)]
+struct Model {
+    head: BTreeMap<u64, Vec<u8>>,
+    snaps: BTreeMap<u64, BTreeMap<u64, Vec<u8>>>,
+    changed: BTreeMap<u64, Vec<u64>>,
+    seq: u64,
+}
+
+impl Model {
+    fn changed_in(&self, objno: u64, from: u64, to: u64) -> bool {
+        self.changed
+            .get(&objno)
+            .is_some_and(|v| v.iter().any(|&q| q >= from && q < to))
+    }
+
+    /// librbd's state of `objno` at `at` (None: the head), fast-diff on.
+    fn state(&self, objno: u64, at: Option<u64>) -> Option<ObjectState> {
+        let ids: Vec<u64> = self.snaps.keys().copied().collect();
+        let (content, prev, upto) = match at {
+            None => (&self.head, ids.last().copied(), u64::MAX),
+            Some(s) => (
+                &self.snaps[&s],
+                ids.iter().rev().find(|&&i| i < s).copied(),
+                s,
+            ),
+        };
+        content.get(&objno)?;
+        Some(match prev {
+            None => ObjectState::Exists,
+            Some(p) if self.changed_in(objno, p, upto) => ObjectState::Exists,
+            Some(_) => ObjectState::ExistsClean,
+        })
+    }
+}
+
+async fn check_model(img: &DirImage, m: &Model, objects: u64, what: &str) {
+    let views: Vec<Option<u64>> = std::iter::once(None)
+        .chain(m.snaps.keys().map(|&s| Some(s)))
+        .collect();
+    for at in views {
+        let content = at.map_or(&m.head, |s| &m.snaps[&s]);
+        let mut want_states = vec![];
+        for o in 0..objects {
+            let got = get(img, o, at).await;
+            assert_eq!(
+                got.as_ref(),
+                content.get(&o),
+                "{what}: object {o} at {at:?}"
+            );
+            if let Some(st) = m.state(o, at) {
+                want_states.push((o, st));
+            }
+        }
+        let got = img.list_object_states(at).await.unwrap();
+        assert_eq!(got, want_states, "{what}: states at {at:?}");
+    }
+}
+
+/// Random writes, zeros and removals interleaved with snapshot creation and removal
+/// (and reopening, and read-only handles held at snapshots while the head changes):
+/// every view reads what the model says, and rebuilt map states are librbd's.
+#[tokio::test]
+async fn generated_sequences_match_the_model() {
+    const OBJECTS: u64 = 5;
+    for seed in [1u64, 7, 42, 1234] {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::new(d.path());
+        let mut img = small(&s, "vm1", OBJECTS).await;
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut m = Model::default();
+        let mut held: Vec<(DirImage, u64)> = vec![];
+        for step in 0..160 {
+            let what = format!("seed {seed} step {step}");
+            let o = rng.below(OBJECTS);
+            match rng.below(20) {
+                0..=8 => {
+                    let off = rng.below(4096);
+                    let len = 1 + rng.below((4096 - off).min(600));
+                    let byte = 1 + rng.below(255) as u8;
+                    img.write(
+                        o,
+                        off,
+                        Bytes::from(vec![byte; len as usize]),
+                        rng.below(4) == 0,
+                    )
+                    .await
+                    .unwrap();
+                    let v = m.head.entry(o).or_default();
+                    if v.len() < (off + len) as usize {
+                        v.resize((off + len) as usize, 0);
+                    }
+                    v[off as usize..(off + len) as usize].fill(byte);
+                    m.changed.entry(o).or_default().push(m.seq);
+                }
+                9..=11 => {
+                    let off = rng.below(4096);
+                    let len = 1 + rng.below(4096 - off);
+                    img.zero(o, off, len, false).await.unwrap();
+                    if let Some(v) = m.head.get_mut(&o) {
+                        let end = ((off + len) as usize).min(v.len());
+                        if (off as usize) < end {
+                            v[off as usize..end].fill(0);
+                        }
+                        m.changed.entry(o).or_default().push(m.seq);
+                    }
+                }
+                12..=13 => {
+                    img.remove(o, false).await.unwrap();
+                    if m.head.remove(&o).is_some() {
+                        m.changed.entry(o).or_default().push(m.seq);
+                    }
+                }
+                14..=15 => {
+                    let id = img.snap_create(&format!("s{step}")).await.unwrap();
+                    assert_eq!(id, m.seq + 1, "{what}");
+                    m.seq = id;
+                    m.snaps.insert(id, m.head.clone());
+                    if rng.below(2) == 0 {
+                        let ro = open(&s, &format!("vm1@s{step}"), OpenMode::ReadOnly).await;
+                        held.push((ro, id));
+                    }
+                }
+                16..=17 => {
+                    let ids: Vec<u64> = m.snaps.keys().copied().collect();
+                    if !ids.is_empty() {
+                        let id = ids[rng.below(ids.len() as u64) as usize];
+                        img.snap_remove(id).await.unwrap();
+                        m.snaps.remove(&id);
+                        held.retain(|(_, s)| *s != id);
+                    }
+                }
+                18 => {
+                    img.close().await.unwrap();
+                    img = open(&s, "vm1", OpenMode::ReadWrite).await;
+                }
+                _ => {
+                    // Read-only handles opened before later snapshots and writes still
+                    // read their point in time.
+                    for (ro, id) in &held {
+                        for o in 0..OBJECTS {
+                            assert_eq!(
+                                get(ro, o, None).await.as_ref(),
+                                m.snaps[id].get(&o),
+                                "{what}: held handle at {id}, object {o}"
+                            );
+                        }
+                    }
+                }
+            }
+            if step % 8 == 7 {
+                check_model(&img, &m, OBJECTS, &what).await;
+            }
+        }
+        check_model(&img, &m, OBJECTS, &format!("seed {seed} end")).await;
+        // Reopened, the same.
+        img.close().await.unwrap();
+        let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+        check_model(&img, &m, OBJECTS, &format!("seed {seed} reopened")).await;
+    }
+}
+
+/// A crash inside copy-on-write: after the head was linked as the version but before
+/// the copy replaced the head (head and version share an inode), and after the version
+/// was in place but before the head write. After reopening, both views are right and
+/// the version is never written through the head.
+#[tokio::test]
+async fn copy_on_write_survives_a_crash_at_each_step() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    img.write(0, 0, b(b"old0"), true).await.unwrap();
+    img.write(1, 0, b(b"old1"), true).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    let pool = img.pool_dir().to_path_buf();
+    let prefix = img.header().object_prefix;
+    img.close().await.unwrap();
+    // Object 0: crashed between link and rename.
+    let head0 = pool.join(format!("{prefix}.{:016x}", 0));
+    let v0 = pool.join(format!("{prefix}.{:016x}@{s1:016x}", 0));
+    std::fs::hard_link(&head0, &v0).unwrap();
+    // Object 1: crashed after the version was in place, before the head write.
+    let head1 = pool.join(format!("{prefix}.{:016x}", 1));
+    let v1 = pool.join(format!("{prefix}.{:016x}@{s1:016x}", 1));
+    std::fs::copy(&head1, &v1).unwrap();
+
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    for o in 0..2 {
+        assert_eq!(
+            get(&img, o, Some(s1)).await.unwrap(),
+            format!("old{o}").as_bytes()
+        );
+    }
+    img.write(0, 0, b(b"NEW0"), false).await.unwrap();
+    img.write(1, 0, b(b"NEW1"), false).await.unwrap();
+    for o in 0..2 {
+        assert_eq!(
+            get(&img, o, Some(s1)).await.unwrap(),
+            format!("old{o}").as_bytes()
+        );
+        assert_eq!(
+            get(&img, o, None).await.unwrap(),
+            format!("NEW{o}").as_bytes()
+        );
+    }
+    assert_eq!(std::fs::metadata(&v0).unwrap().nlink(), 1);
+    assert_eq!(std::fs::metadata(&head0).unwrap().nlink(), 1);
+    // One version each: the interrupted one was reused, not made twice.
+    assert_eq!(super::snap::versions_of(&pool, &prefix, 0), [(s1, true)]);
+    assert_eq!(super::snap::versions_of(&pool, &prefix, 1), [(s1, true)]);
+    img.close().await.unwrap();
+}
+
+/// A snapshot removal interrupted after the header dropped the snapshot but before its
+/// versions were renamed: readers still find them, and the next writer finishes it.
+#[tokio::test]
+async fn an_interrupted_snapshot_removal_is_finished() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 1).await;
+    img.write(0, 0, b(b"one"), false).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.write(0, 0, b(b"two"), false).await.unwrap();
+    // The version of s1 and s2 is filed under s2; "remove" s2 in the header only.
+    img.inner
+        .update_header(|h| {
+            h.snapshots.retain(|x| x.id != s2);
+            h.removing.push(s2);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"one");
+    img.close().await.unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let prefix = img.header().object_prefix;
+    assert_eq!(
+        super::snap::versions_of(img.pool_dir(), &prefix, 0),
+        [(s1, true)]
+    );
+    img.write(0, 0, b(b"six"), false).await.unwrap();
+    assert_eq!(get(&img, 0, Some(s1)).await.unwrap(), b"one");
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"six");
+    img.close().await.unwrap();
+}
+
+fn clone_opts(format: u8) -> CloneOptions {
+    CloneOptions {
+        clone_format: format,
+        features: DEFAULT_FEATURES,
+        order: 12,
+    }
+}
+
+#[tokio::test]
+async fn clones_link_to_their_parent_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let p = small(&s, "base", 4).await;
+    p.write(0, 0, b(b"gold"), false).await.unwrap();
+    let snap = p.snap_create("s1").await.unwrap();
+    p.write(0, 0, b(b"GOLD"), false).await.unwrap();
+    // Format 1 needs a protected snapshot; format 2 does not.
+    let e = s
+        .clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(1))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("not protected"), "{e}");
+    assert!(s.list_images("rbd").await.unwrap() == ["base"]);
+    let e = s
+        .clone_image(&spec("base@nope"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap();
+    p.snap_set_protected(snap, true).await.unwrap();
+    s.clone_image(&spec("base@s1"), &spec("p2/c2"), &clone_opts(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.children(&spec("base@s1")).await.unwrap(),
+        [spec("p2/c2"), spec("c1")]
+    );
+    let c = open(&s, "c1", OpenMode::ReadWrite).await;
+    let h = c.header();
+    let par = h.parent.clone().unwrap();
+    assert_eq!(par.spec, spec("base@s1"));
+    assert_eq!(
+        (par.image_id, par.snap_id, par.overlap),
+        (p.header().id, snap, 4 << 12)
+    );
+    assert_eq!(h.size, 4 << 12);
+    // The parent opens at its snapshot, read-only; it is the end of the chain.
+    let pp = c.open_parent().await.unwrap().unwrap();
+    assert_eq!(get(&pp, 0, None).await.unwrap(), b"gold");
+    assert!(pp.header().parent.is_none());
+    assert!(pp.open_parent().await.unwrap().is_none());
+    assert_eq!(
+        pp.write(0, 0, b(b"x"), false).await.unwrap_err().kind,
+        ErrorKind::ReadOnly
+    );
+    // A snapshot with clones can neither go nor be unprotected.
+    let e = p.snap_remove(snap).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    p.snap_set_protected(snap, false).await.unwrap_err();
+    // Shrinking lowers the overlap for good.
+    c.set_size(1 << 12).await.unwrap();
+    c.set_size(4 << 12).await.unwrap();
+    assert_eq!(c.header().parent.unwrap().overlap, 1 << 12);
+    // A clone of a clone: the chain goes on.
+    let cs = c.snap_create("cs").await.unwrap();
+    s.clone_image(&spec("c1@cs"), &spec("c3"), &clone_opts(2))
+        .await
+        .unwrap();
+    let c3 = open(&s, "c3", OpenMode::ReadOnly).await;
+    let l1 = c3.open_parent().await.unwrap().unwrap();
+    assert_eq!(l1.header().parent.unwrap().spec, spec("base@s1"));
+    assert!(l1.open_parent().await.unwrap().is_some());
+    // Flatten's last step, and removal, drop the records in the parent.
+    c.detach_parent().await.unwrap();
+    assert!(c.header().parent.is_none());
+    // c1's snapshot still has its parent.
+    let at = open(&s, "c1@cs", OpenMode::ReadOnly).await;
+    assert_eq!(at.header().parent.unwrap().spec, spec("base@s1"));
+    // ... so c1 stays a child until that snapshot goes (no deep-flatten here).
+    assert_eq!(
+        s.children(&spec("base@s1")).await.unwrap(),
+        [spec("p2/c2"), spec("c1")]
+    );
+    s.remove_image(&spec("c3")).await.unwrap();
+    c.snap_remove(cs).await.unwrap();
+    assert_eq!(s.children(&spec("base@s1")).await.unwrap(), [spec("p2/c2")]);
+    s.remove_image(&spec("p2/c2")).await.unwrap();
+    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    p.snap_set_protected(snap, false).await.unwrap();
+    p.snap_remove(snap).await.unwrap();
+    // Reopened, the header still says so.
+    c.close().await.unwrap();
+    let c = open(&s, "c1", OpenMode::ReadOnly).await;
+    assert!(c.header().parent.is_none());
+    assert!(c.header().snaps.is_empty());
+}
+
+#[tokio::test]
+async fn copyup_creates_atomically_or_applies_only_the_op() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let c = small(&s, "c", 4).await;
+    let parent = Bytes::from(vec![b'p'; 4096]);
+    c.copyup(
+        0,
+        parent.clone(),
+        ObjectWrite::Write {
+            off: 1,
+            data: b(b"AB"),
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    let mut want = vec![b'p'; 4096];
+    want[1..3].copy_from_slice(b"AB");
+    assert_eq!(get(&c, 0, None).await.unwrap(), want);
+    // Already there: the parent data is not applied again, only the op.
+    c.copyup(
+        0,
+        Bytes::from(vec![b'q'; 4096]),
+        ObjectWrite::Zero { off: 0, len: 1 },
+        false,
+    )
+    .await
+    .unwrap();
+    want[0] = 0;
+    assert_eq!(get(&c, 0, None).await.unwrap(), want);
+    // A truncate to 0 keeps an empty object that hides the parent.
+    c.copyup(1, parent.clone(), ObjectWrite::Truncate { len: 0 }, true)
+        .await
+        .unwrap();
+    assert_eq!(get(&c, 1, None).await.unwrap(), b"");
+    // Racing copy-ups of one object: the parent data lands once, both ops apply.
+    for round in 0..20u64 {
+        let o = 2 + round % 2;
+        c.remove(o, false).await.unwrap();
+        let (a, bb) = tokio::join!(
+            c.copyup(
+                o,
+                parent.clone(),
+                ObjectWrite::Write {
+                    off: 0,
+                    data: b(b"X")
+                },
+                false
+            ),
+            c.copyup(
+                o,
+                parent.clone(),
+                ObjectWrite::Write {
+                    off: 9,
+                    data: b(b"Y")
+                },
+                false
+            ),
+        );
+        a.unwrap();
+        bb.unwrap();
+        let got = get(&c, o, None).await.unwrap();
+        assert_eq!(
+            (got[0], got[9], got.len()),
+            (b'X', b'Y', 4096),
+            "round {round}"
+        );
+        assert!(got[1..9].iter().all(|&x| x == b'p'));
+    }
+    // With snapshots of the child: the object did not exist in them.
+    let cs = c.snap_create("cs").await.unwrap();
+    c.remove(2, false).await.unwrap();
+    c.copyup(3, parent.clone(), ObjectWrite::None, false)
+        .await
+        .unwrap();
+    c.copyup(2, parent.clone(), ObjectWrite::None, false)
+        .await
+        .unwrap();
+    assert_eq!(get(&c, 2, None).await.unwrap(), parent.to_vec());
+    assert_eq!(get(&c, 2, Some(cs)).await.unwrap()[0], b'X');
+    let left: Vec<String> = std::fs::read_dir(c.pool_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    c.close().await.unwrap();
+}
+
+/// Headers written before snapshots and clones existed here still open.
+#[tokio::test]
+async fn old_headers_without_the_new_fields_load() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    s.create_image(&spec("vm1"), &opts(1 << 22)).await.unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadOnly).await;
+    let id = img.header().id;
+    img.close().await.unwrap();
+    let old = format!(
+        r#"{{"format":1,"id":"{id}","size":4194304,"order":22,"object_prefix":"rbd_data.{id}",
+        "features":29,"flags":0,"snap_seq":3,"snapshots":[{{"id":3,"name":"old","size":4096}}],
+        "metadata":{{}}}}"#
+    );
+    std::fs::write(d.path().join(format!("rbd/rbd_header.{id}")), old).unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let h = img.header();
+    assert!(h.parent.is_none());
+    assert_eq!(h.snaps.len(), 1);
+    assert_eq!((h.snaps[0].protected, h.snaps[0].timestamp), (false, None));
+    assert_eq!(img.snap_flags(3).await.unwrap(), 0);
+    // And what is written now round-trips.
+    img.snap_set_protected(3, true).await.unwrap();
+    img.close().await.unwrap();
+    let img = open(&s, "vm1@old", OpenMode::ReadOnly).await;
+    assert!(img.header().snaps[0].protected);
+}
+
+/// The image layer's clone reads, copy-up and flatten on this store, end to end: the
+/// child reads its parent's snapshot (not the parent's head), a partial first write
+/// keeps the parent's bytes around it, the maps check clean, flatten detaches.
+#[tokio::test]
+async fn the_image_layer_serves_a_clone_of_this_store() {
+    use crate::image::{Image, OpenOptions};
+    use nbd_protocol::{Backend, ReadChunk};
+    const OBJ: u64 = 1 << 12;
+    async fn bytes(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in img.read(off, len).await.unwrap() {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+            }
+        }
+        out
+    }
+    async fn image(s: &DirStore, name: &str, read_only: bool) -> Image<DirImage> {
+        let o = OpenOptions {
+            read_only,
+            shared_default: false,
+            checkpoint_idle: None,
+        };
+        Image::open(s, &spec(name), &o).await.unwrap()
+    }
+    async fn map_problems(s: &DirStore, name: &str) -> Vec<String> {
+        let h = open(s, name, OpenMode::ReadOnly).await;
+        crate::cmd::object_map::check_object_map(&h, &spec(name))
+            .await
+            .unwrap()
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let base = small(&s, "base", 4).await;
+    base.write(0, 0, b(b"gold"), false).await.unwrap();
+    base.write(2, 0, b(b"two"), false).await.unwrap();
+    base.snap_create("s1").await.unwrap();
+    base.write(0, 0, b(b"GOLD"), false).await.unwrap();
+    base.close().await.unwrap();
+    s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
+        .await
+        .unwrap();
+    let c = image(&s, "c1", false).await;
+    assert_eq!(bytes(&c, 0, 4).await, b"gold");
+    c.write(1, b(b"x"), false).await.unwrap();
+    c.write(3 * OBJ, b(b"new"), false).await.unwrap();
+    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
+    c.close().await.unwrap();
+    assert!(map_problems(&s, "c1").await.is_empty());
+    let c = image(&s, "c1", false).await;
+    c.flatten(|_, _| {}).await.unwrap();
+    c.close().await.unwrap();
+    assert!(map_problems(&s, "c1").await.is_empty());
+    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    let c = image(&s, "c1", true).await;
+    assert!(c.header().parent.is_none());
+    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
+    assert_eq!(bytes(&c, 3 * OBJ, 3).await, b"new");
+}
