@@ -53,6 +53,12 @@ pub enum OwnerRequest {
         allow_shrink: bool,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rados-nbd snap create` of an image in use: taken with new requests held and the
+    /// ones in flight finished, so it holds every write acknowledged before it.
+    SnapCreate {
+        name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
