@@ -684,15 +684,20 @@ def write_reports(results, out):
         lines.append("")
     elif results.get("ceph_note"):
         lines += ["## Ceph", "", results["ceph_note"], ""]
-    lines += ["## Targets (issue 7)", "", "| target | ratio | status |", "|---|---|---|"]
-    for t in results["targets"]:
+    finish_report(lines, "Targets (issue 7)", results["targets"], os.path.join(out, "results.md"))
+    chart(results, out)
+
+
+def finish_report(lines, title, targets, path):
+    """Appends the targets table (met / missed, from the run) and writes and logs the report."""
+    lines += [f"## {title}", "", "| target | ratio | status |", "|---|---|---|"]
+    for t in targets:
         r = f"{t['ratio']:.2f}" if t["ratio"] is not None else "-"
         lines.append(f"| {t['target']} | {r} | {t['status']} |")
     lines.append("")
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     log("\n".join(lines))
-    chart(results, out)
 
 
 def chart(results, out):

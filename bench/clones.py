@@ -411,14 +411,7 @@ def write_report(results, out):
     lines.append("")
     if errors:
         lines += ["## Failures", ""] + errors + [""]
-    lines += ["## Targets (issue 16)", "", "| target | ratio | status |", "|---|---|---|"]
-    for t in results["targets"]:
-        r = f"{t['ratio']:.2f}" if t["ratio"] is not None else "-"
-        lines.append(f"| {t['target']} | {r} | {t['status']} |")
-    lines.append("")
-    with open(os.path.join(out, "clone-depth.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    log("\n".join(lines))
+    bench.finish_report(lines, "Targets (issue 16)", results["targets"], os.path.join(out, "clone-depth.md"))
     chart(results, out)
 
 
