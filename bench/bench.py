@@ -6,6 +6,8 @@ never a pass/fail test: targets are printed as met / missed.
   bench/run.sh [--quick] [--ceph] [--no-dir] [--only PEER,...] [--rounds N]
   bench/run.sh --report bench/results.json   (rewrite results.md and ratios.png only)
   bench/run.sh --checkpoint-rtt [ROUNDS]     (only the cost of --checkpoint-idle on Ceph)
+  bench/run.sh --clone-depth [--quick]       (only reads and copy-up through clone chains on
+                                             Ceph: bench/clones.py)
 
 Directory store: `rados-nbd serve` vs `nbdkit file` vs `qemu-nbd -f raw` on sparse files of
 the same size, with `nbdkit memory` / `nbdkit null` as the ceiling of the NBD path itself.
@@ -361,8 +363,27 @@ class Ceph:
         script = os.path.join(ROOT, "tests/ceph/cluster.sh")
         if not os.path.exists(script):
             raise RuntimeError("no $CEPH_CONF and no tests/ceph/cluster.sh (the Ceph store has not landed)")
-        d = os.path.join(work, "ceph")
-        out = subprocess.run(["bash", script, "start", d], check=True, capture_output=True, text=True).stdout
+        # cluster.sh picks a random port and leaves a retry to its caller; a failed start may
+        # have left a daemon running, so stop that one (by its pid file) before the next try.
+        for attempt in range(3):
+            d = os.path.join(work, f"ceph{attempt}" if attempt else "ceph")
+            p = subprocess.run(["bash", script, "start", d], capture_output=True, text=True)
+            if p.returncode == 0:
+                break
+            subprocess.run(["bash", script, "stop", d], check=False, capture_output=True)
+            # The daemons' own complaints (e.g. the mon refusing a nearly full disk) are in
+            # their stderr log, not in cluster.sh's.
+            try:
+                with open(os.path.join(d, "log", "stderr.log")) as f:
+                    daemon = [l.strip() for l in f if "error" in l.lower()]
+            except OSError:
+                daemon = []
+            err = (p.stderr.strip().splitlines() or daemon or ["no message"])[-1]
+            log(f"tests/ceph/cluster.sh start {d} exited with {p.returncode}: {err}")
+        else:
+            raise RuntimeError(f"tests/ceph/cluster.sh start failed 3 times, last: exit {p.returncode}: {err} "
+                               f"(logs under {work}/ceph*/log, removed with the work directory)")
+        out = p.stdout
         # cluster.sh prints KEY=VALUE lines (CEPH_CONF, and with cephx the daemon's user).
         confs = [l.split("=", 1)[1] for l in out.splitlines() if l.startswith("CEPH_CONF=")]
         if not confs:
@@ -663,15 +684,20 @@ def write_reports(results, out):
         lines.append("")
     elif results.get("ceph_note"):
         lines += ["## Ceph", "", results["ceph_note"], ""]
-    lines += ["## Targets (issue 7)", "", "| target | ratio | status |", "|---|---|---|"]
-    for t in results["targets"]:
+    finish_report(lines, "Targets (issue 7)", results["targets"], os.path.join(out, "results.md"))
+    chart(results, out)
+
+
+def finish_report(lines, title, targets, path):
+    """Appends the targets table (met / missed, from the run) and writes and logs the report."""
+    lines += [f"## {title}", "", "| target | ratio | status |", "|---|---|---|"]
+    for t in targets:
         r = f"{t['ratio']:.2f}" if t["ratio"] is not None else "-"
         lines.append(f"| {t['target']} | {r} | {t['status']} |")
     lines.append("")
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     log("\n".join(lines))
-    chart(results, out)
 
 
 def chart(results, out):
@@ -715,6 +741,8 @@ def main():
     ap.add_argument("--checkpoint-rtt", type=int, metavar="ROUNDS", nargs="?", const=20,
                     help="only measure what --checkpoint-idle costs on Ceph (median of ROUNDS, "
                          "default 20); prints JSON, writes no report")
+    ap.add_argument("--clone-depth", action="store_true",
+                    help="only the clone-depth job on Ceph (bench/clones.py): writes clone-depth.{json,md,png}")
     a = ap.parse_args()
     if a.checkpoint_rtt:
         work = tempfile.mkdtemp(prefix="rados-nbd-bench.", dir="/var/tmp")
@@ -726,6 +754,11 @@ def main():
     if a.report:
         with open(a.report) as f:
             results = json.load(f)
+        if results.get("clone_depth"):
+            import clones
+            os.makedirs(a.out, exist_ok=True)
+            clones.write_report(results, a.out)
+            return
         if results.get("ceph"):
             for k, v in server_costs(results["ceph"]["jobs"]).items():
                 results["ceph"]["extra"].setdefault(k, v)
@@ -734,6 +767,10 @@ def main():
         return
     a.only = [p for p in a.only.split(",") if p]
     a.jobs = [j for j in a.jobs.split(",") if j]
+    if a.clone_depth:
+        import clones
+        clones.main(a)
+        return
     unknown = [j for j in a.jobs if j not in [n for n, *_ in JOBS]]
     if unknown:
         ap.error(f"unknown job(s) {', '.join(unknown)}; jobs are {', '.join(n for n, *_ in JOBS)}")

@@ -3,6 +3,7 @@
 #   bench/run.sh [--quick] [--ceph] [--no-dir] [--rounds N] [--only PEER,...] [--jobs JOB,...]
 #   bench/run.sh --report bench/results.json    (only rewrite results.md and ratios.png)
 #   bench/run.sh --checkpoint-rtt [ROUNDS]       (only what --checkpoint-idle costs on Ceph)
+#   bench/run.sh --clone-depth [--quick]         (only reads and copy-up through clone chains)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
@@ -16,6 +17,7 @@ build=1
 for a in "$@"; do
   [ "$a" = --ceph ] && features=(--features ceph)
   [ "$a" = --checkpoint-rtt ] && features=(--features ceph)
+  [ "$a" = --clone-depth ] && features=(--features ceph)
   [ "$a" = --report ] && build=0
 done
 if [ "$build" = 1 ] && [ -z "${RADOS_NBD_BIN:-}" ]; then

@@ -70,6 +70,38 @@ pub enum ObjectMapCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
+pub enum SnapCommand {
+    /// Take a snapshot of an image, like `rbd snap create` (also while it is served).
+    Create {
+        /// [POOL/]NAME@SNAP
+        snap: String,
+    },
+    /// List an image's snapshots: SNAPID NAME SIZE PROTECTED TIMESTAMP.
+    #[command(alias = "list")]
+    Ls {
+        /// [POOL/]NAME
+        image: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove a snapshot (refused while it is protected).
+    #[command(alias = "remove")]
+    Rm {
+        /// [POOL/]NAME@SNAP
+        snap: String,
+    },
+    /// Rename a snapshot: `snap rename IMAGE@SNAP [IMAGE@]NEW`.
+    #[command(alias = "mv")]
+    Rename { snap: String, dest: String },
+    /// Protect a snapshot from removal (clone format 1 needs it).
+    Protect { snap: String },
+    /// Unprotect a snapshot (refused while it has clones).
+    Unprotect { snap: String },
+    /// Make the image's data what it was at the snapshot (its size too).
+    Rollback { snap: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Create an image.
     Create(CreateArgs),
@@ -134,6 +166,9 @@ pub enum Command {
     /// Check or rebuild an image's object map.
     #[command(subcommand, name = "object-map")]
     ObjectMap(ObjectMapCommand),
+    /// Snapshots: create, ls, rm, rename, protect, unprotect, rollback (`IMAGE@SNAP`).
+    #[command(subcommand)]
+    Snap(SnapCommand),
     /// Show or change per-image settings: `config IMAGE [shared=true|false]`.
     Config {
         image: String,

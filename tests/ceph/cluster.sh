@@ -86,6 +86,10 @@ mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
 # A dead client's watch (and so its stale lock) goes after 15 s instead of 30.
 osd client watch timeout = 15
+# A throwaway cluster on a shared disk: the monitor's default refusal to run below 5% free
+# (it exits with ENOSPC) would stop the tests on a nearly full machine, not protect data.
+mon data avail crit = 0
+mon data avail warn = 0
 ${CEPH_EXTRA_CONF:-}
 [client]
 admin socket =

@@ -38,6 +38,7 @@ suites=(
   fencing.sh
   differential.sh
   clones.sh
+  snaps.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

@@ -256,6 +256,14 @@ check "bad input changed nothing on disk" test "$before" = "$after"
 check "rm removes the image" "$BIN" rm t1
 check "rm leaves no data objects" test "$(find "$RADOS_NBD_STORE" -name 'rbd_*' | wc -l)" = "$(find "$RADOS_NBD_STORE" -name 'rbd_directory*' | wc -l)"
 
+# Snapshots of a served image (`snap create` asks the serving daemon): exact while four
+# clients write. The writers stop before the snapshots are read back.
+check "create image for served snapshots" "$BIN" create --size 256M live
+serve live --socket "$sock"
+run_counted timeout -k 10 300 "$PY" -u "$here/snap_served.py" "$BIN" live "$sock" "$work/snap.sock" 5
+unserve
+check "object-map check after snapshots of the served image" "$BIN" object-map check live
+check "snap ls lists the five served snapshots" bash -c "[ \"\$('$BIN' snap ls live --format json | jq length)\" = 5 ]"
 # The directory store against an in-memory model: seeded sequences of writes, trims, zeroes,
 # closes, kill -9s, resizes and read-only opens, shared with the Ceph differential test
 # (tests/diffops.py). DIFF_SEQS sets the budget; `dir_model.py --long` the bench-style mode.

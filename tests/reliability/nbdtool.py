@@ -6,9 +6,11 @@ would refuse to send what we want to send.
   journal-write URI JOURNAL SECONDS SEED BLOCKS   random writes and WRITE_ZEROES, QD 16; every write is
         journalled before it is sent (P) and when it is acknowledged (A); stops quietly
         when the server dies
-  journal-verify URI JOURNAL SEED BLOCKS          every block reads back as its last acked
+  journal-verify URI JOURNAL SEED BLOCKS [BASE]   every block reads back as its last acked
         write (or the one write to it that was in flight when the server died); a sample
-        of never-written blocks reads as zeros
+        of never-written blocks reads as zeros, or with BASE (a file holding what a clone's
+        parent has) every never-written block reads as the parent's bytes: a copy-up cut
+        short never leaves an object holding the write without the parent's data around it
   overlap URI SECONDS                             4 connections hammer the same 64 blocks
         concurrently, then final writes are issued one at a time from random connections:
         every block reads back as its final write from every connection
@@ -146,10 +148,17 @@ def journal_state(journal):
     return state
 
 
-def journal_verify(uri, journal, seed, blocks):
+def journal_verify(uri, journal, seed, blocks, base=None):
     state = journal_state(journal)
     h = connect(uri)
     zero = sha(bytes(BS))
+    parent = open(base, "rb").read() if base else None
+
+    def unwritten(b):
+        """What block b holds if no write reached it: zeros, or the parent's bytes."""
+        if parent is None:
+            return zero
+        return sha(parent[b * BS:(b + 1) * BS].ljust(BS, b"\0"))
     # Read the whole region in 1 MiB pieces and hash locally: far fewer round trips.
     image = bytearray()
     total = int(blocks) * BS
@@ -164,7 +173,7 @@ def journal_verify(uri, journal, seed, blocks):
     for b, (acc, pend) in sorted(state.items()):
         got = block(b)
         ok = set(pend)
-        ok.add(acc if acc is not None else zero)
+        ok.add(acc if acc is not None else unwritten(b))
         if acc is not None:
             acked += 1
         if got not in ok:
@@ -172,11 +181,15 @@ def journal_verify(uri, journal, seed, blocks):
             if bad <= 5:
                 print(f"block {b}: read {got}, want last acked {acc} or in-flight {pend}")
     rng = random.Random(int(seed) + 1)
-    untouched = [b for b in rng.sample(range(int(blocks)), 200) if b not in state]
+    # With a parent every block is checked: the blocks around a write in a copied-up object
+    # are the ones a torn copy-up would have lost.
+    sample = range(int(blocks)) if parent is not None else rng.sample(range(int(blocks)), 200)
+    untouched = [b for b in sample if b not in state]
     for b in untouched:
-        if block(b) != zero:
+        if block(b) != unwritten(b):
             bad += 1
-            print(f"block {b}: never written but not zero")
+            if bad <= 5:
+                print(f"block {b}: never written but not {'the parent' if parent else 'zero'}")
     h.shutdown()
     print(f"journal-verify: {len(state)} blocks ({acked} with acked writes), "
           f"{len(untouched)} untouched, {bad} bad")

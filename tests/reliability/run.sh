@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Reliability and security tests of `rados-nbd serve` on the directory store:
-# SIGKILL at random points of a write workload (20 times), ENOSPC and EIO from the store's
+# SIGKILL at random points of a write workload (20 times) and of copy-ups into a clone (10
+# times), ENOSPC and EIO from the store's
 # filesystem, 8 connections x QD 128 with fio verify, overlapping writers, hostile clients
 # with the daemon's memory watched, the connection limit, loopback-only TCP, unix socket
 # mode/group, export names, read-only exports, TLS.
 # Uses ${RADOS_NBD_BIN:-target/release/rados-nbd}; installs nothing (tests/deps.sh does).
 # Prints PASS/FAIL lines and 'N passed, N failed'; exits non-zero on any failure.
 # Usage: tests/reliability/run.sh [SECTION...]
-#   sections: kill enospc eio load hostile limits security
+#   sections: kill clonekill enospc eio load hostile limits security
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../lib.sh"
@@ -21,7 +22,7 @@ cleanup() {
 trap cleanup EXIT
 TOOL=("$PY" "$here/nbdtool.py")
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(kill enospc eio load hostile limits security)
+[ ${#sections[@]} -gt 0 ] || sections=(kill clonekill enospc eio load hostile limits security)
 want() { local s; for s in "${sections[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 if [ ! -x "$BIN" ]; then
@@ -121,6 +122,69 @@ if want kill; then
   acked=$(grep -c '^A ' "$journal")
   if [ "$acked" -gt 1000 ]; then pass "kill workload acked $acked block writes over 20 kills"
   else fail "kill workload too small" "only $acked acked block writes"; fi
+fi
+
+# ------------------------------------------------------------------------------------------
+# SIGKILL in the middle of copy-ups: a clone of a parent full of random data takes small
+# writes (each the first of its 64 KiB object, so a copy-up: parent's bytes + the write, in
+# one step) and is killed at random points, 10 times. After each kill: the map is rebuilt,
+# every acked write reads back, and every block no write reached reads as the parent's
+# bytes (a torn copy-up would leave an object with the write and zeros around it).
+if want clonekill; then
+  BLOCKS=16384  # 64 MiB of 4 KiB blocks, 1024 objects of 64 KiB
+  head -c $((BLOCKS * 4096)) /dev/urandom >"$work/parent.raw"
+  "$BIN" create --size 64M --object-size 64K cbase >/dev/null
+  why=
+  serve_bg "$work/cbase.log" cbase || why="serving the parent did not start"
+  [ -n "$why" ] || nbdcopy "$work/parent.raw" "$(uri_of cbase)" || why="nbdcopy into the parent failed"
+  [ -n "$why" ] || stop_daemon "$SERVE_PID" || why="stopping the parent's serve failed"
+  [ -n "$why" ] || "$BIN" snap create cbase@s >/dev/null || why="snap create cbase@s failed"
+  [ -n "$why" ] || "$BIN" clone cbase@s cchild >/dev/null || why="clone cbase@s cchild failed"
+  if [ -n "$why" ]; then fail "clone kill setup" "$why"; cleanup_pids
+  else
+    cj=$work/clone-journal
+    : >"$cj"
+    for i in $(seq 1 10); do
+      why=
+      serve_bg "$work/ckill-$i-a.log" cchild || why="serve did not start"
+      if [ -z "$why" ]; then
+        "${TOOL[@]}" journal-write "$(uri_of cchild)" "$cj" 30 "$((100 + i))" $BLOCKS >"$work/cwriter-$i.log" 2>&1 &
+        wpid=$!
+        sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.2f", 0.2 + r / 32768 * 2.0 }')"
+        kill9 "$SERVE_PID"
+        wait "$wpid"
+        map_invalid cchild || why="info does not show the map invalid after SIGKILL"
+      fi
+      [ -n "$why" ] || serve_bg "$work/ckill-$i-b.log" cchild || why="serve after the kill did not start"
+      if [ -z "$why" ] && ! "${TOOL[@]}" journal-verify "$(uri_of cchild)" "$cj" "$i" $BLOCKS "$work/parent.raw" >"$work/cverify-$i.log" 2>&1; then
+        why="after the kill: $(tail -4 "$work/cverify-$i.log" | tr '\n' ' ')"
+      fi
+      [ -n "$why" ] || stop_daemon "$SERVE_PID" || why="SIGTERM did not exit 0"
+      rm -f "$sock"
+      if [ -z "$why" ]; then
+        "$BIN" object-map check cchild >"$work/ccheck-$i.log" 2>&1 || why="object-map check failed: $(tail -2 "$work/ccheck-$i.log")"
+      fi
+      if [ -z "$why" ]; then
+        pass "clone SIGKILL #$i during copy-ups: acked writes intact, unwritten blocks are the parent's, map checks ($(sed -n 's/^journal-write: //p' "$work/cwriter-$i.log"))"
+      else
+        fail "clone SIGKILL #$i" "$why"; cleanup_pids
+      fi
+    done
+    # The parent's snapshot is untouched by all of it, and the oracle bites: a block of the
+    # parent changed behind the check's back must be reported.
+    serve_bg "$work/cbase-snap.log" cbase@s && nbdcopy "$(uri_of cbase)" "$work/snap.raw" \
+      && cmp -s "$work/parent.raw" "$work/snap.raw" && pass "clone kills: the parent snapshot is unchanged" \
+      || fail "clone kills: the parent snapshot" "differs from what was written, or could not be read"
+    stop_daemon "$SERVE_PID"; rm -f "$sock"
+    # A block no write reached (its expected bytes changed in our copy of the parent).
+    victim=$(awk -v n=$BLOCKS '{ w[$2] = 1 } END { for (b = 0; b < n; b++) if (!(b in w)) { print b; exit } }' "$cj")
+    printf 'X%.0s' $(seq 4096) | dd of="$work/parent.raw" bs=4096 seek="$victim" conv=notrunc status=none
+    serve_bg "$work/ckill-oracle.log" cchild
+    if "${TOOL[@]}" journal-verify "$(uri_of cchild)" "$cj" 0 $BLOCKS "$work/parent.raw" >"$work/cverify-oracle.log" 2>&1; then
+      fail "clone oracle detects wrong parent bytes" "a changed parent block ($victim) went unnoticed"
+    else pass "clone oracle detects a block that is not the parent's (block $victim)"; fi
+    stop_daemon "$SERVE_PID"; rm -f "$sock"
+  fi
 fi
 
 # ------------------------------------------------------------------------------------------

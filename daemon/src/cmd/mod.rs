@@ -14,6 +14,7 @@ pub mod info;
 pub mod ls;
 pub mod object_map;
 pub mod resize;
+pub mod snap;
 
 use crate::cli::{Cli, Command, ObjectMapCommand};
 use crate::config::Config;
@@ -105,6 +106,7 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::ObjectMap(ObjectMapCommand::Rebuild { image }) => {
             object_map::rebuild(&store, &parse_head_spec(&image, "rebuild the map of")?).await
         }
+        Command::Snap(c) => snap::snap(&store, c).await,
         Command::Config { image, setting } => {
             config::config(
                 &store,

@@ -33,6 +33,7 @@ mod map;
 mod open;
 mod pieces;
 mod resize;
+mod snap;
 #[cfg(test)]
 mod test_store;
 #[cfg(test)]
@@ -44,6 +45,7 @@ pub use map::{
     MapSource,
 };
 pub use open::{create_image, shared_setting, OpenOptions};
+pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 
 /// Image metadata key of the per-image `shared` setting.
 pub const META_SHARED: &str = "rados-nbd.shared";

@@ -22,6 +22,9 @@ struct State {
     clones: BTreeMap<(u64, u64), Vec<u8>>,
     /// The snapshots' header flags (the head's are in `header`).
     snap_flags: HashMap<u64, u64>,
+    /// Snapshots made by `snap_create`: every object they have is in `clones` (a
+    /// full copy taken at the time), so the head's objects never show through.
+    full_snaps: std::collections::HashSet<u64>,
     /// Object maps: the head's (None) and the snapshots'.
     maps: HashMap<Option<u64>, Vec<u8>>,
     meta: HashMap<String, String>,
@@ -73,6 +76,7 @@ impl MemImage {
                 objects: BTreeMap::new(),
                 clones: BTreeMap::new(),
                 snap_flags: HashMap::new(),
+                full_snaps: Default::default(),
                 maps,
                 meta: HashMap::new(),
                 log: Vec::new(),
@@ -259,6 +263,16 @@ impl MemImage {
         self.flags() & RBD_FLAG_OBJECT_MAP_INVALID != 0
     }
 
+    /// Snapshot `id`'s header flags.
+    pub(super) fn snapshot_flags(&self, id: u64) -> u64 {
+        self.lock().snap_flags[&id]
+    }
+
+    /// Snapshot `id`'s object map as stored.
+    pub(super) fn stored_snap_map(&self, id: u64) -> ObjectMap {
+        ObjectMap::decode(&self.lock().maps[&Some(id)]).unwrap()
+    }
+
     /// The head's object map as stored.
     pub(super) fn stored_map(&self) -> ObjectMap {
         ObjectMap::decode(&self.lock().maps[&None]).unwrap()
@@ -340,6 +354,7 @@ impl ImageStore for MemImage {
         self.note("read");
         let s = self.lock();
         let obj = match snap {
+            Some(id) if s.full_snaps.contains(&id) => s.clones.get(&(id, o)),
             Some(id) => s.clones.get(&(id, o)).or_else(|| s.objects.get(&o)),
             None => s.objects.get(&o),
         };
@@ -385,9 +400,16 @@ impl ImageStore for MemImage {
         self.note("sync");
         Ok(())
     }
-    async fn list_objects(&self, _snap: Option<u64>) -> Result<Vec<u64>> {
-        // A listing shows the head's objects, never a snapshot's clones.
-        Ok(self.objects())
+    async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
+        let s = self.lock();
+        match snap {
+            // A full snapshot knows what it has.
+            Some(id) if s.full_snaps.contains(&id) => {
+                Ok(s.clones.keys().filter(|k| k.0 == id).map(|k| k.1).collect())
+            }
+            // Otherwise a listing shows the head's objects, never a snapshot's clones.
+            _ => Ok(s.objects.keys().copied().collect()),
+        }
     }
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
         if self.snap.is_some() {
@@ -403,6 +425,63 @@ impl ImageStore for MemImage {
     }
     async fn close(&self) -> Result<()> {
         self.note("close");
+        Ok(())
+    }
+    /// As Ceph's snapshot_add: the head's flags copied into the snapshot.
+    async fn snap_create(&self, name: &str) -> Result<u64> {
+        self.writable("snapshotted");
+        self.note(format!("snap_create({name})"));
+        let mut s = self.lock();
+        let id = s.header.snap_seq + 1;
+        let (size, flags) = (s.header.size, s.header.flags);
+        s.header.snap_seq = id;
+        s.header.snaps.insert(
+            0,
+            SnapInfo {
+                id,
+                name: name.into(),
+                size,
+                protected: false,
+                timestamp: Some(1),
+            },
+        );
+        s.snap_flags.insert(id, flags);
+        s.full_snaps.insert(id);
+        let copies: Vec<_> = s.objects.iter().map(|(o, d)| (*o, d.clone())).collect();
+        for (o, d) in copies {
+            s.clones.insert((id, o), d);
+        }
+        Ok(id)
+    }
+    async fn snap_remove(&self, id: u64) -> Result<()> {
+        self.writable("changed");
+        self.note(format!("snap_remove({id})"));
+        let mut s = self.lock();
+        s.header.snaps.retain(|x| x.id != id);
+        s.clones.retain(|k, _| k.0 != id);
+        s.maps.remove(&Some(id));
+        s.snap_flags.remove(&id);
+        s.full_snaps.remove(&id);
+        Ok(())
+    }
+    async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
+        let mut s = self.lock();
+        for x in s.header.snaps.iter_mut().filter(|x| x.id == id) {
+            x.name = new_name.into();
+        }
+        Ok(())
+    }
+    async fn snap_set_protected(&self, id: u64, protected: bool) -> Result<()> {
+        let mut s = self.lock();
+        for x in s.header.snaps.iter_mut().filter(|x| x.id == id) {
+            x.protected = protected;
+        }
+        Ok(())
+    }
+    async fn write_snap_object_map(&self, snap: u64, data: Vec<u8>) -> Result<()> {
+        self.writable("changed");
+        self.note(format!("write_snap_object_map({snap})"));
+        self.lock().maps.insert(Some(snap), data);
         Ok(())
     }
     async fn holds_no_data(&self, o: u64) -> Result<bool> {

@@ -53,6 +53,12 @@ pub enum OwnerRequest {
         allow_shrink: bool,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rados-nbd snap create` of an image in use: taken with new requests held and the
+    /// ones in flight finished, so it holds every write acknowledged before it.
+    SnapCreate {
+        name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +197,22 @@ pub trait Store: Send + Sync + 'static {
             crate::error::ErrorKind::Busy,
             format!(
                 "image {spec} is in use; resize it with `rbd resize`, which asks the lock holder (rados-nbd serves that request)"
+            ),
+        );
+        async move { Err(e) }
+    }
+
+    /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to take snapshot
+    /// `name`, and waits for it: how `rados-nbd snap create` reaches an image in use.
+    fn ask_holder_to_snap_create(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "image {spec} is in use; a snapshot ({name}) of an image in use is not supported yet: stop serving it (or unmap it), then run `snap create` again"
             ),
         );
         async move { Err(e) }
@@ -448,6 +470,18 @@ pub trait ImageStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send {
         let e = unsupported(format!("protecting snapshot {id}"));
         async move { Err(e) }
+    }
+
+    /// Makes object `objno` of the head what it was at snapshot `snap` (removed if it
+    /// did not exist then) with the store's own rollback (Ceph: librados'
+    /// selfmanaged_snap_rollback), returning `Ok(true)`; `Ok(false)` when the store has
+    /// none, and the image layer copies the data itself.
+    fn rollback_object(
+        &self,
+        _objno: u64,
+        _snap: u64,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
     }
 
     /// Replaces snapshot `snap`'s object map object, durably.

@@ -20,6 +20,7 @@ mod data;
 mod dirty;
 mod open;
 mod resize;
+mod snap;
 
 const OBJ: u64 = 4 << 20;
 

@@ -262,11 +262,15 @@ pub struct SnapshotInfo {
     pub id: u64,
     pub name: String,
     pub size: u64,
+    /// utime_t seconds.
+    pub timestamp: u64,
+    /// Clones (format 2) of this snapshot.
+    pub child_count: u32,
 }
 
 /// `snapshot_get` → cls::rbd::SnapshotInfo: ENCODE_START(1,1) { u64 id,
 /// SnapshotNamespace (its own ENCODE_START block: skipped), string name, u64 image_size,
-/// utime_t timestamp, u32 child_count }.
+/// utime_t timestamp (u32 sec, u32 nsec), u32 child_count }.
 pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
     let mut d = Dec::new(b, "rbd.snapshot_get reply");
     let (_, end) = d.start(1)?;
@@ -275,8 +279,65 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
     d.finish(ns_end)?;
     let name = d.string()?;
     let size = d.u64()?;
+    let timestamp = u64::from(d.u32()?);
+    let _nsec = d.u32()?;
+    let child_count = d.u32()?;
     d.finish(end)?;
-    Ok(SnapshotInfo { id, name, size })
+    Ok(SnapshotInfo {
+        id,
+        name,
+        size,
+        timestamp,
+        child_count,
+    })
+}
+
+/// `snapshot_add`: name, snap id, SnapshotNamespace (ENCODE_START(1,1) { u32 type }, the
+/// user namespace (type 0) having no fields), as `rbd snap create` sends it.
+pub fn snapshot_add_in(id: u64, name: &str) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.str(name).u64(id);
+    let at = e.start(1, 1);
+    e.u32(0);
+    e.finish(at);
+    e.done()
+}
+
+/// `snapshot_rename`: snap id, new name.
+pub fn snapshot_rename_in(id: u64, new_name: &str) -> Vec<u8> {
+    Enc::new().u64(id).str(new_name).done()
+}
+
+/// `RBD_PROTECTION_STATUS_*` (cls_rbd_types.h).
+pub const PROTECTION_UNPROTECTED: u8 = 0;
+pub const PROTECTION_UNPROTECTING: u8 = 1;
+pub const PROTECTION_PROTECTED: u8 = 2;
+
+/// `set_protection_status`: snap id, status (u8).
+pub fn set_protection_status_in(id: u64, status: u8) -> Vec<u8> {
+    Enc::new().u64(id).u8(status).done()
+}
+
+/// `get_protection_status` → status (u8).
+pub fn protection_status_out(b: &[u8]) -> Result<u8> {
+    Dec::new(b, "rbd.get_protection_status reply").u8()
+}
+
+/// `get_children` (on `rbd_children`, clone format 1): the parent's pool id, image id,
+/// snap id.
+pub fn get_children_in(pool: i64, image_id: &str, snap: u64) -> Vec<u8> {
+    Enc::new().i64(pool).str(image_id).u64(snap).done()
+}
+
+/// `get_children` → set<string> of child image ids.
+pub fn get_children_out(b: &[u8]) -> Result<Vec<String>> {
+    let mut d = Dec::new(b, "rbd.get_children reply");
+    let n = d.u32()?;
+    let mut v = Vec::with_capacity(n.min(4096) as usize);
+    for _ in 0..n {
+        v.push(d.string()?);
+    }
+    Ok(v)
 }
 
 /// `get_parent` (legacy form) → None when the image has no parent (pool id -1).
@@ -851,8 +912,9 @@ mod tests {
         body.extend([1, 1, 4, 0, 0, 0, 0, 0, 0, 0]);
         body.extend(s("s1"));
         body.extend((64u64 << 20).to_le_bytes());
-        body.extend([0x11; 8]);
-        body.extend(0u32.to_le_bytes());
+        body.extend(0x6000_0001u32.to_le_bytes());
+        body.extend(0x11u32.to_le_bytes());
+        body.extend(3u32.to_le_bytes());
         let mut b = vec![1, 1];
         b.extend((body.len() as u32).to_le_bytes());
         b.extend(body);
@@ -862,13 +924,42 @@ mod tests {
             SnapshotInfo {
                 id: 4,
                 name: "s1".into(),
-                size: 64 << 20
+                size: 64 << 20,
+                timestamp: 0x6000_0001,
+                child_count: 3,
             }
         );
         // A compat version newer than ours is refused rather than misread.
         let mut newer = b.clone();
         newer[1] = 2;
         assert!(snapshot_get_out(&newer).is_err());
+    }
+
+    #[test]
+    fn snapshot_inputs() {
+        // As cls_rbd's snapshot_add decodes a user snapshot: name, id, namespace.
+        assert_eq!(
+            snapshot_add_in(5, "s"),
+            [
+                vec![1, 0, 0, 0, b's', 5, 0, 0, 0, 0, 0, 0, 0],
+                vec![1, 1, 4, 0, 0, 0, 0, 0, 0, 0]
+            ]
+            .concat()
+        );
+        assert_eq!(
+            snapshot_rename_in(5, "t"),
+            vec![5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, b't']
+        );
+        assert_eq!(
+            set_protection_status_in(5, PROTECTION_PROTECTED),
+            vec![5, 0, 0, 0, 0, 0, 0, 0, 2]
+        );
+        assert_eq!(protection_status_out(&[2]).unwrap(), PROTECTION_PROTECTED);
+        assert!(protection_status_out(&[]).is_err());
+        let mut b = 2u32.to_le_bytes().to_vec();
+        b.extend(s("ab"));
+        b.extend(s("c"));
+        assert_eq!(get_children_out(&b).unwrap(), vec!["ab", "c"]);
     }
 
     #[test]

@@ -116,12 +116,19 @@ pub(super) async fn load_header(
             .await
             .map_err(ctx)?;
         let info = cls::snapshot_get_out(&b).map_err(ctx)?;
+        let b = io
+            .exec_read(&hdr, RBD, "get_protection_status", &cls::snap_in(sid))
+            .await
+            .map_err(ctx)?;
+        // UNPROTECTING (an unprotect in progress, or one that died) still counts as
+        // protected, as librbd's is_snap_protected says.
+        let protected = cls::protection_status_out(&b).map_err(ctx)? != cls::PROTECTION_UNPROTECTED;
         snaps.push(SnapInfo {
             id: sid,
             name: info.name,
             size: info.size,
-            protected: false,
-            timestamp: None,
+            protected,
+            timestamp: Some(info.timestamp),
         });
     }
 

@@ -100,6 +100,52 @@ impl Inner {
         Ok(())
     }
 
+    /// Tells other watchers (librbd clients, `rbd info --watch`...) to re-read the header,
+    /// as librbd does after changing it; nobody has to answer.
+    fn notify_header_update(&self) {
+        let (meta, oid) = (self.meta.clone(), self.hdr_oid.clone());
+        tokio::spawn(async move {
+            let _ = meta
+                .notify(&oid, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
+                .await;
+        });
+    }
+
+    /// A header change through cls_rbd, then our copy of the header re-read (and with
+    /// it the snapshot context writes carry), then the other watchers told.
+    async fn change_header(&self, method: &str, input: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let r = self
+            .meta
+            .exec_write(&self.hdr_oid, RBD, method, input)
+            .await;
+        self.noting_fence(r)?;
+        refresh(self).await?;
+        self.notify_header_update();
+        Ok(())
+    }
+
+    /// Clones of snapshot `id`: format 2 ones counted in the snapshot, format 1 ones
+    /// recorded in this pool's `rbd_children` (librbd also looks in every other pool).
+    async fn snap_children(&self, id: u64) -> Result<u64> {
+        let b = self
+            .meta
+            .exec_read(&self.hdr_oid, RBD, "snapshot_get", &cls::snap_in(id))
+            .await?;
+        let v2 = u64::from(cls::snapshot_get_out(&b)?.child_count);
+        let input = cls::get_children_in(self.meta.pool_id(), &self.id, id);
+        let v1 = match self
+            .meta
+            .exec_read("rbd_children", RBD, "get_children", &input)
+            .await
+        {
+            Ok(b) => cls::get_children_out(&b)?.len() as u64,
+            Err(e) if e.kind == ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(v1 + v2)
+    }
+
     /// The handle that reads at `snap` (None: the opened snapshot, or the head).
     fn reader(&self, snap: Option<u64>) -> Result<Arc<IoCtx>> {
         match snap {
@@ -244,14 +290,8 @@ impl ImageStore for CephImage {
         i.noting_fence(r)
             .map_err(|e| e.context(format!("setting the size of image {}", i.spec)))?;
         i.header.write().unwrap_or_else(|p| p.into_inner()).size = size;
-        // Other watchers (librbd clients, `rbd info --watch`...) re-read the header, as
-        // after librbd's own resize; nobody has to answer.
-        let (meta, oid) = (i.meta.clone(), i.hdr_oid.clone());
-        tokio::spawn(async move {
-            let _ = meta
-                .notify(&oid, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
-                .await;
-        });
+        // As after librbd's own resize.
+        i.notify_header_update();
         Ok(())
     }
 
@@ -699,6 +739,136 @@ impl ImageStore for CephImage {
         Ok(())
     }
 
+    /// librbd's SnapshotCreateRequest on the store side: a self-managed snapshot id from
+    /// the pool, `snapshot_add` in the header (which copies the head's flags into the
+    /// snapshot), then the header re-read so that writes carry the new snapshot context.
+    async fn snap_create(&self, name: &str) -> Result<u64> {
+        let i = &self.inner;
+        let ctx = |e: Error| e.context(format!("creating snapshot {name} of image {}", i.spec));
+        i.check_writable().map_err(ctx)?;
+        let id = i.data.selfmanaged_snap_create().await.map_err(ctx)?;
+        let r = i
+            .meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "snapshot_add",
+                &cls::snapshot_add_in(id, name),
+            )
+            .await;
+        if let Err(e) = i.noting_fence(r) {
+            // The id is nobody's: give it back, as librbd's release_snap_id does.
+            let _ = i.data.selfmanaged_snap_remove(id).await;
+            return Err(ctx(e));
+        }
+        refresh(i).await.map_err(ctx)?;
+        i.notify_header_update();
+        Ok(id)
+    }
+
+    /// librbd's SnapshotRemoveRequest after the object maps were merged by the caller:
+    /// the snapshot's map object, the snapshot id (the OSDs then trim what only it kept),
+    /// the header record.
+    async fn snap_remove(&self, id: u64) -> Result<()> {
+        let i = &self.inner;
+        let ctx = |e: Error| e.context(format!("removing snapshot {id} of image {}", i.spec));
+        i.check_writable().map_err(ctx)?;
+        let r = i.meta.remove(&object_map_oid(&i.id, Some(id))).await;
+        i.noting_fence(r).map_err(ctx)?;
+        i.data.selfmanaged_snap_remove(id).await.map_err(ctx)?;
+        i.change_header("snapshot_remove", &cls::snap_in(id))
+            .await
+            .map_err(ctx)?;
+        i.snap_ios
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        Ok(())
+    }
+
+    async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
+        let i = &self.inner;
+        i.change_header("snapshot_rename", &cls::snapshot_rename_in(id, new_name))
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "renaming snapshot {id} of image {} to {new_name}",
+                    i.spec
+                ))
+            })
+    }
+
+    /// Unprotecting goes through UNPROTECTING, as librbd's SnapshotUnprotectRequest:
+    /// a clone made meanwhile by librbd sees the snapshot no longer protected and fails;
+    /// if clones exist, the snapshot goes back to PROTECTED and the unprotect fails.
+    async fn snap_set_protected(&self, id: u64, protected: bool) -> Result<()> {
+        let i = &self.inner;
+        let what = if protected {
+            "protecting"
+        } else {
+            "unprotecting"
+        };
+        let ctx = |e: Error| e.context(format!("{what} snapshot {id} of image {}", i.spec));
+        let set = |status: u8| cls::set_protection_status_in(id, status);
+        if protected {
+            return i
+                .change_header("set_protection_status", &set(cls::PROTECTION_PROTECTED))
+                .await
+                .map_err(ctx);
+        }
+        i.change_header("set_protection_status", &set(cls::PROTECTION_UNPROTECTING))
+            .await
+            .map_err(ctx)?;
+        let children = match i.snap_children(id).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = i
+                    .change_header("set_protection_status", &set(cls::PROTECTION_PROTECTED))
+                    .await;
+                return Err(ctx(e));
+            }
+        };
+        if children > 0 {
+            i.change_header("set_protection_status", &set(cls::PROTECTION_PROTECTED))
+                .await
+                .map_err(ctx)?;
+            return Err(ctx(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "it has {children} clone(s) (see `rbd children`); flatten or remove them first"
+                ),
+            )));
+        }
+        i.change_header("set_protection_status", &set(cls::PROTECTION_UNPROTECTED))
+            .await
+            .map_err(ctx)
+    }
+
+    /// librados' rollback, as librbd's SnapshotRollbackRequest does per object: the
+    /// OSD makes the head a copy of the snapshot's clone, so the snap set (what `rbd
+    /// diff` and `object-map check` read) says the head is unchanged since then.
+    async fn rollback_object(&self, objno: u64, snap: u64) -> Result<bool> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let r = i
+            .data
+            .selfmanaged_snap_rollback(&i.object_name(objno), snap)
+            .await;
+        i.noting_fence(r)?;
+        Ok(true)
+    }
+
+    /// As `write_object_map`: our encoding is cls_rbd's.
+    async fn write_snap_object_map(&self, snap: u64, data: Vec<u8>) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let oid = object_map_oid(&i.id, Some(snap));
+        let mut op = WriteOp::new();
+        op.write_full(&data);
+        let r = i.meta.operate(&oid, op, "write_full").await;
+        i.noting_fence(r)
+    }
+
     async fn snap_flags(&self, snap: u64) -> Result<u64> {
         let i = &self.inner;
         let b = i
@@ -707,7 +877,7 @@ impl ImageStore for CephImage {
             .await
             .map_err(|e| {
                 e.context(format!(
-                    "reading the flags of snapshot {snap} of {}",
+                    "reading the flags of snapshot {snap} of image {}",
                     i.spec
                 ))
             })?;

@@ -1,5 +1,5 @@
 //! The control socket, this store's stand-in for a Ceph header watch: the holder of an
-//! image's exclusive lock takes requests (resize) from other processes through it.
+//! image's exclusive lock takes requests (resize, snapshot) from other processes through it.
 
 use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
@@ -64,11 +64,21 @@ fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
     pool_dir.join(format!("rbd_header.{id}.ctl"))
 }
 
+/// One request on the control socket.
+#[derive(Debug, PartialEq, Eq)]
+enum ControlRequest {
+    Resize { size: u64, allow_shrink: bool },
+    SnapCreate { name: String },
+}
+
 /// The control socket's protocol: one request line, one answer line.
-/// `resize SIZE 0|1` (1: shrinking allowed) → `ok` or `error MESSAGE`.
-fn parse_control_request(line: &str) -> std::result::Result<(u64, bool), String> {
+/// `resize SIZE 0|1` (1: shrinking allowed) or `snap-create NAME` → `ok` or `error MESSAGE`.
+fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
+        ["snap-create", name] => Ok(ControlRequest::SnapCreate {
+            name: name.to_string(),
+        }),
         ["resize", size, shrink] => {
             let size = size
                 .parse::<u64>()
@@ -78,7 +88,10 @@ fn parse_control_request(line: &str) -> std::result::Result<(u64, bool), String>
                 "1" => true,
                 _ => return Err(format!("bad allow-shrink {shrink:?}")),
             };
-            Ok((size, shrink))
+            Ok(ControlRequest::Resize {
+                size,
+                allow_shrink: shrink,
+            })
         }
         _ => Err(format!("unknown request {:?}", line.trim_end())),
     }
@@ -104,12 +117,19 @@ async fn serve_control(
             }
             let answer = match parse_control_request(&line) {
                 Err(e) => format!("error {e}\n"),
-                Ok((size, allow_shrink)) => {
+                Ok(r) => {
                     let (done, rx) = tokio::sync::oneshot::channel();
-                    let req = crate::store::OwnerRequest::Resize {
-                        size,
-                        allow_shrink,
-                        done,
+                    let req = match r {
+                        ControlRequest::Resize { size, allow_shrink } => {
+                            crate::store::OwnerRequest::Resize {
+                                size,
+                                allow_shrink,
+                                done,
+                            }
+                        }
+                        ControlRequest::SnapCreate { name } => {
+                            crate::store::OwnerRequest::SnapCreate { name, done }
+                        }
                     };
                     match tx.send(req) {
                         Err(_) => "error the image is closing\n".to_string(),
@@ -136,19 +156,43 @@ pub(super) async fn ask_holder_to_resize(
     size: u64,
     allow_shrink: bool,
 ) -> Result<()> {
+    let line = format!("resize {size} {}\n", u8::from(allow_shrink));
+    ask_holder(pool_dir, id, spec, &line, "resize").await
+}
+
+/// Asks the holder of `spec` to take snapshot `name` (see [`ask_holder_to_resize`]).
+pub(super) async fn ask_holder_to_snap_create(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+    name: &str,
+) -> Result<()> {
+    // The name was checked by the caller (no spaces), so it is one word of the line.
+    let line = format!("snap-create {name}\n");
+    ask_holder(pool_dir, id, spec, &line, "snap create").await
+}
+
+/// Sends one request line to the holder's control socket and waits for its answer.
+async fn ask_holder(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+    request: &str,
+    what: &str,
+) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let path = control_path(pool_dir, id);
     let busy = |why: String| {
         Error::new(
             ErrorKind::Busy,
-            format!("image {spec} is in use and its holder takes no requests ({why}); stop it and resize again"),
+            format!("image {spec} is in use and its holder takes no requests ({why}); stop it and {what} again"),
         )
     };
     let conn = tokio::net::UnixStream::connect(&path)
         .await
         .map_err(|e| busy(format!("{}: {e}", path.display())))?;
     let (rd, mut wr) = conn.into_split();
-    wr.write_all(format!("resize {size} {}\n", u8::from(allow_shrink)).as_bytes())
+    wr.write_all(request.as_bytes())
         .await
         .map_err(|e| busy(format!("{}: {e}", path.display())))?;
     let mut line = String::new();

@@ -62,6 +62,14 @@ extern "C" {
     pub(super) fn rados_pool_list(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
     pub(super) fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     pub(super) fn rados_ioctx_snap_set_read(io: rados_ioctx_t, snap: u64);
+    pub(super) fn rados_ioctx_selfmanaged_snap_create(io: rados_ioctx_t, snapid: *mut u64)
+        -> c_int;
+    pub(super) fn rados_ioctx_selfmanaged_snap_remove(io: rados_ioctx_t, snapid: u64) -> c_int;
+    pub(super) fn rados_ioctx_selfmanaged_snap_rollback(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        snapid: u64,
+    ) -> c_int;
     pub(super) fn rados_ioctx_selfmanaged_snap_set_write_ctx(
         io: rados_ioctx_t,
         seq: u64,

@@ -208,6 +208,61 @@ impl IoCtx {
         Ok(io)
     }
 
+    /// Allocates a self-managed snapshot id in the pool (librbd's first step of a
+    /// snapshot). Blocking in librados (a round trip to the monitors): run off the runtime.
+    pub async fn selfmanaged_snap_create(self: &Arc<Self>) -> Result<u64> {
+        let me = self.clone();
+        let (r, id) = tokio::task::spawn_blocking(move || {
+            let mut id = 0u64;
+            let r = unsafe { rados_ioctx_selfmanaged_snap_create(me.h, &mut id) };
+            (r, id)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("snapshot id allocation: {e}")))?;
+        if r < 0 {
+            return Err(rados_error("allocate a snapshot id in pool", &self.pool, r));
+        }
+        Ok(id)
+    }
+
+    /// Releases a self-managed snapshot id: the OSDs trim the clones only it kept.
+    pub async fn selfmanaged_snap_remove(self: &Arc<Self>, id: u64) -> Result<()> {
+        let me = self.clone();
+        let r = tokio::task::spawn_blocking(move || unsafe {
+            rados_ioctx_selfmanaged_snap_remove(me.h, id)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("snapshot id release: {e}")))?;
+        if r < 0 {
+            return Err(rados_error(
+                &format!("release snapshot id {id} in pool"),
+                &self.pool,
+                r,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes object `oid` what it was at self-managed snapshot `snap` (removed if it did
+    /// not exist then), with this handle's snapshot context. Blocking in librados.
+    pub async fn selfmanaged_snap_rollback(self: &Arc<Self>, oid: &str, snap: u64) -> Result<()> {
+        let me = self.clone();
+        let coid = cstring("object name", oid)?;
+        let r = tokio::task::spawn_blocking(move || unsafe {
+            rados_ioctx_selfmanaged_snap_rollback(me.h, coid.as_ptr(), snap)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("rollback of {oid}: {e}")))?;
+        if r < 0 && r != -ENOENT {
+            return Err(rados_error(
+                &format!("roll back to snapshot {snap}"),
+                oid,
+                r,
+            ));
+        }
+        Ok(())
+    }
+
     /// The snapshot context carried by every write from this handle (newest snap first).
     pub fn set_snap_write_ctx(&self, seq: u64, snaps: &[u64]) -> Result<()> {
         let mut v = snaps.to_vec();
