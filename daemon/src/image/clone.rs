@@ -408,14 +408,10 @@ impl<S: ImageStore> Image<S> {
         if !self.child_lacks(objno).await? {
             return Ok(false);
         }
-        let start = objno << self.order();
-        let plen = self
-            .header
-            .object_size()
-            .min(chain.overlap().saturating_sub(start));
-        if plen == 0 || !chain.may_have(start, plen) {
+        let Some(plen) = self.parent_extent(chain, objno) else {
             return Ok(false);
-        }
+        };
+        let start = objno << self.order();
         // A change covering all of the parent's bytes of the object needs none of them,
         // unless a copy-up also sets the child's snapshots (Ceph's deep copy-up, asked
         // with a non-zero probe): they must keep the parent's bytes under the change,
@@ -486,12 +482,7 @@ impl<S: ImageStore> Image<S> {
         objno: u64,
         fua: bool,
     ) -> Result<bool> {
-        let start = objno << self.order();
-        let plen = self
-            .header
-            .object_size()
-            .min(chain.overlap().saturating_sub(start));
-        if plen == 0 || !chain.may_have(start, plen) {
+        if self.parent_extent(chain, objno).is_none() {
             return Ok(false);
         }
         let _g = self.lock_for(objno).write().await;
@@ -507,15 +498,19 @@ impl<S: ImageStore> Image<S> {
     /// Whether an object inside the overlap must be kept even when it holds no data:
     /// removing it would let an ancestor's data show through.
     pub(super) fn shadows_parent(&self, objno: u64) -> bool {
-        let Some(c) = self.parent_backed(objno) else {
-            return false;
-        };
+        self.parent_backed(objno)
+            .is_some_and(|c| self.parent_extent(&c, objno).is_some())
+    }
+
+    /// How many bytes of object `objno` the parent backs (the overlap may end inside
+    /// it), when some ancestor may hold data in them; None when none can.
+    fn parent_extent(&self, chain: &Chain<S>, objno: u64) -> Option<u64> {
         let start = objno << self.order();
         let plen = self
             .header
             .object_size()
-            .min(c.overlap().saturating_sub(start));
-        c.may_have(start, plen)
+            .min(chain.overlap().saturating_sub(start));
+        (plen > 0 && chain.may_have(start, plen)).then_some(plen)
     }
 
     /// Copies object `objno` up if the child lacks it and an ancestor has it, with

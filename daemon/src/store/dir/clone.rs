@@ -249,15 +249,7 @@ impl Inner {
     /// The parent record this handle reads through: the snapshot's for a handle at a
     /// snapshot, else the head's.
     fn parent_record(&self) -> Option<ParentRecord> {
-        let h = lock(&self.header);
-        match self.snap {
-            None => h.parent.clone(),
-            Some(s) => h
-                .snapshots
-                .iter()
-                .find(|r| r.id == s)
-                .and_then(|r| r.parent.clone()),
-        }
+        lock(&self.header).parent_at(self.snap)
     }
 
     pub(super) fn refresh_parent_info(&self) {

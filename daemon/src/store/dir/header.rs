@@ -85,6 +85,19 @@ pub(super) struct HeaderFile {
 }
 
 impl HeaderFile {
+    /// The parent link of the head (`snap` None) or of snapshot `snap` (the one it had
+    /// when taken).
+    pub(super) fn parent_at(&self, snap: Option<u64>) -> Option<ParentRecord> {
+        match snap {
+            None => self.parent.clone(),
+            Some(s) => self
+                .snapshots
+                .iter()
+                .find(|r| r.id == s)
+                .and_then(|r| r.parent.clone()),
+        }
+    }
+
     /// `parent`: the resolved parent (names), which only the caller can look up.
     pub(super) fn to_header(&self, parent: Option<ParentInfo>) -> ImageHeader {
         ImageHeader {

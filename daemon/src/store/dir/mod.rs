@@ -115,15 +115,8 @@ impl Store for DirStore {
 
     async fn create_image(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<()> {
         self.no_namespace(spec, &spec.namespace)?;
-        if !(MIN_ORDER..=MAX_ORDER).contains(&opts.order) {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "object size 2^{} out of range (4K to 32M, a power of two)",
-                    opts.order
-                ),
-            ));
-        }
+        // Before the pool directory is made: bad input changes nothing on disk.
+        check_order(opts.order)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let spec = spec.clone();
         let opts = opts.clone();
@@ -293,6 +286,16 @@ impl Store for DirStore {
     }
 }
 
+fn check_order(order: u8) -> Result<()> {
+    if !(MIN_ORDER..=MAX_ORDER).contains(&order) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("object size 2^{order} out of range (4K to 32M, a power of two)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Creates image `spec` in `pool_dir`, whose pool lock the caller holds, with parent
 /// `parent` (a clone); `before` runs once the id is chosen, before anything is written
 /// (a clone's parent records it there). Returns the new id.
@@ -304,15 +307,7 @@ fn create_locked(
     desc: &str,
     before: impl FnOnce(&str) -> Result<()>,
 ) -> Result<String> {
-    if !(MIN_ORDER..=MAX_ORDER).contains(&opts.order) {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "object size 2^{} out of range (4K to 32M, a power of two)",
-                opts.order
-            ),
-        ));
-    }
+    check_order(opts.order)?;
     let mut dir = read_directory(pool_dir)?;
     let id_path = pool_dir.join(format!("rbd_id.{}", spec.name));
     if dir.contains_key(&spec.name) || id_path.exists() {
@@ -412,14 +407,7 @@ fn open_by_id(
         }
     };
     let root = pool_dir.parent().map(Path::to_path_buf).unwrap_or_default();
-    let parent_rec = match snap {
-        None => h.parent.clone(),
-        Some(s) => h
-            .snapshots
-            .iter()
-            .find(|r| r.id == s)
-            .and_then(|r| r.parent.clone()),
-    };
+    let parent_rec = h.parent_at(snap);
     let parent_info = parent_rec.map(|p| clone::resolve_parent(&root, &p));
     // Held open: when the writer replaces the header, this inode's link count drops to
     // 0 (and, held, its number cannot be reused), which tells a snapshot reader to
