@@ -344,15 +344,6 @@ def cell(r):
     return f"{r['lat_mean_us']:.0f} / {r['lat_p50_us']:.0f} / {r['lat_p99_us']:.0f} µs, {r['iops']:.0f} IOPS"
 
 
-def peers_in(part):
-    peers = []
-    for per in part.values():
-        for p in per:
-            if p not in peers:
-                peers.append(p)
-    return peers
-
-
 def write_report(results, out):
     c = results["clone_depth"]
     results["targets"] = targets(c)
@@ -373,7 +364,7 @@ def write_report(results, out):
              "fio completion latency mean / p50 / p99 and IOPS; rados-nbd and qemu-nbd through fio's "
              "nbd engine over a unix socket, fio-rbd is librbd in fio's own process (no NBD hop).", ""]
     reads = c.get("reads", {})
-    peers = peers_in(reads)
+    peers = bench.peers_of(reads)
     others = [p for p in peers if p != US]
     lines += ["| depth | " + " | ".join(peers) + " | " + " | ".join(f"{p} / {US} (mean latency)" for p in others) + " |",
               "|---" * (1 + len(peers) + len(others)) + "|"]
@@ -392,7 +383,7 @@ def write_report(results, out):
               "(random order and offset), then FLUSH", "",
               "libnbd aio on one connection; latency from submit to reply, mean / p50 / p99; IOPS over "
               "all the writes and the final FLUSH.", ""]
-    wpeers = peers_in(writes)
+    wpeers = bench.peers_of(writes)
     wothers = [p for p in wpeers if p != US]
     lines += ["| depth | " + " | ".join(wpeers) + " | " + " | ".join(f"{US} / {p} (IOPS)" for p in wothers) + " |",
               "|---" * (1 + len(wpeers) + len(wothers)) + "|"]
@@ -428,7 +419,7 @@ def chart(results, out):
     reads = c.get("reads", {})
     # Mean and p99 on their own axes: a p99 ten times the mean would flatten the means.
     for ax, key, what in ((axes[0], "lat_mean_us", "mean"), (axes[1], "lat_p99_us", "p99")):
-        for i, p in enumerate(peers_in(reads)):
+        for i, p in enumerate(bench.peers_of(reads)):
             pts = [(int(d), per[p]) for d, per in reads.items() if p in per and "error" not in per[p]]
             if not pts:
                 ax.plot([], [], color=f"C{i}", label=f"{p}: failed")
@@ -443,7 +434,7 @@ def chart(results, out):
         ax.legend(fontsize=7)
     ax = axes[2]
     writes = c.get("first_writes", {})
-    for i, p in enumerate(peers_in(writes)):
+    for i, p in enumerate(bench.peers_of(writes)):
         pts = [(int(d), per[p]) for d, per in writes.items() if p in per and "error" not in per[p]]
         if not pts:
             ax.plot([], [], color=f"C{i}", label=f"{p}: failed")
