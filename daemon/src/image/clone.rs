@@ -456,8 +456,7 @@ impl<S: ImageStore> Image<S> {
     /// (update_object_maps, then copyup): the oldest EXISTS, the later ones
     /// EXISTS_CLEAN with fast-diff (they inherit its data). Left NONEXISTENT, librbd
     /// would read such a snapshot's object as the parent's, or as zeros once the
-    /// snapshot has no parent (deep-flatten).
-    /// Whether there were any.
+    /// snapshot has no parent (deep-flatten). Returns whether there were any.
     async fn mark_snapshots_exist(&self, objno: u64, data: &[u8], fast_diff: bool) -> Result<bool> {
         let snaps = self.store.copyup_snapshots(objno, data);
         let any = !snaps.is_empty();
