@@ -29,6 +29,8 @@ export RADOS_NBD_BIN=$ROOT/target/release/rados-nbd
 section "cargo test"
 if cargo test --workspace "${features[@]}" 2>&1 | tee /tmp/rados-nbd-cargo-test.log | grep -E '^(test result|running|error|failures:|    [a-z_:]+$)'; then :; fi
 if grep -q '^test result: FAILED' /tmp/rados-nbd-cargo-test.log || grep -q '^error' /tmp/rados-nbd-cargo-test.log; then
+  # What failed and why, not only which test: CI keeps only this output.
+  grep -A6 -E '^thread .* panicked at' /tmp/rados-nbd-cargo-test.log | grep -v '^stack backtrace' | head -60
   fail "cargo test"; else pass "cargo test"; fi
 
 suite() {

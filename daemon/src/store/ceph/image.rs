@@ -415,9 +415,16 @@ impl ImageStore for CephImage {
             .collect();
         objs.sort_unstable();
         let snap = snap.or(i.snap_id);
-        let Some(s) = snap else { return Ok(objs) };
-        // At a snapshot an object listed now may not have existed yet: ask the snapshot.
-        let io = i.reader(Some(s))?;
+        let io = match snap {
+            // At a snapshot an object listed now may not have existed yet: ask the snapshot.
+            Some(s) => i.reader(Some(s))?,
+            // The listing also names objects whose head was removed while snapshots kept
+            // clones of them, until the OSD's snap trimming (asynchronous, seconds after the
+            // snapshots are gone) drops the clones. An image that never had a snapshot
+            // (seq 0) has no clones: its listing is exact.
+            None if self.header().snap_seq == 0 => return Ok(objs),
+            None => i.reader(None)?,
+        };
         let found = Arc::new(Mutex::new(Vec::new()));
         let id = i.id.clone();
         for_each_parallel(objs, |objno| {
