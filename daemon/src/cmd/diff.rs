@@ -168,6 +168,110 @@ pub(super) fn extents(diff: &[DiffState], object_size: u64, size: u64) -> Vec<(u
         .collect()
 }
 
+/// Like [`extents`], but an object the image does not hold (a hole from the beginning)
+/// lists the parts of it that `under` (its ancestors' data, sorted, merged) covers: what
+/// librbd reports for a clone ("no data in child object -- report parent diff instead").
+pub(super) fn clone_extents(
+    diff: &[DiffState],
+    object_size: u64,
+    size: u64,
+    under: &[(u64, u64)],
+) -> Vec<(u64, u64, bool)> {
+    if under.is_empty() {
+        return extents(diff, object_size, size);
+    }
+    let mut out = Vec::new();
+    for (o, d) in diff.iter().enumerate() {
+        let off = o as u64 * object_size;
+        let end = (off + object_size).min(size);
+        if off >= end {
+            break;
+        }
+        match (d, d.listed()) {
+            (_, Some(exists)) => out.push((off, end - off, exists)),
+            (DiffState::Hole, None) => {
+                for &(u, l) in under {
+                    let (a, b) = (u.max(off), (u + l).min(end));
+                    if a < b {
+                        out.push((a, b - a, true));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The data of the ancestors of `img` as its reads see them: sorted, merged extents below
+/// the overlap, each ancestor's own objects first and the holes in them filled from the
+/// ancestor above (librbd's recursive parent diff, whole objects). Empty for a non-clone.
+async fn ancestors_extents<S: Store>(store: &S, img: &S::Image) -> Result<Vec<(u64, u64)>> {
+    // The chain, nearest first: each ancestor's handle (at its snapshot), the spec it
+    // was opened as and the overlap its child sees of it.
+    let mut chain: Vec<(S::Image, crate::store::ParentInfo)> = Vec::new();
+    let mut info = img.header().parent;
+    let mut opened = img.open_parent().await;
+    let r = async {
+        while let Some(p) = info.take() {
+            let Some(h) = opened? else { break };
+            info = h.header().parent;
+            opened = h.open_parent().await;
+            chain.push((h, p));
+            if chain.len() > crate::image::MAX_CHAIN_DEPTH {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "the clone chain of image id {} is deeper than {} images",
+                        img.header().id,
+                        crate::image::MAX_CHAIN_DEPTH
+                    ),
+                ));
+            }
+        }
+        let mut under: Vec<(u64, u64)> = Vec::new();
+        for (h, p) in chain.iter().rev() {
+            let hd = h.header();
+            let v = Version {
+                snap: Some(p.snap_id),
+                name: p.spec.snap.clone(),
+                size: hd.size,
+            };
+            let head = ImageSpec {
+                snap: None,
+                ..p.spec.clone()
+            };
+            let map = version_map(store, h, &head, &v).await?;
+            let d = diff_maps(&[map], false);
+            let limit = p.overlap.min(hd.size);
+            under = merge(
+                clone_extents(&d, hd.object_size(), limit, &under)
+                    .into_iter()
+                    .filter(|e| e.2)
+                    .map(|(o, l, _)| (o, l)),
+            );
+        }
+        Ok(under)
+    }
+    .await;
+    for (h, _) in chain {
+        let _ = h.close().await;
+    }
+    r
+}
+
+/// Sorted extents with touching ones joined.
+fn merge(ext: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in ext {
+        match out.last_mut() {
+            Some((lo, ll)) if *lo + *ll == o => *ll += l,
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 /// `rbd diff --format json`'s array, keys in rbd's order (offset, length, exists) and
 /// `exists` a string, as rbd prints them.
 fn json_extents(ext: &[(u64, u64, bool)]) -> String {
@@ -212,7 +316,22 @@ pub async fn diff<S: Store>(
             need_fast_diff(&h, spec, "diff --from-snap")?;
         }
         let d = diff_versions(store, img, &head, &vs, from, end).await?;
-        Ok(extents(&d, h.object_size(), vs[end].size))
+        // From the beginning, a clone's objects it does not hold show its ancestors' data,
+        // as librbd's DiffIterate reports it (with fast-diff: include_parent).
+        let under = match (from, h.features & RBD_FEATURE_FAST_DIFF != 0) {
+            (None, true) if vs[end].snap.is_none() => ancestors_extents(store, img).await?,
+            (None, true) => {
+                with_image(
+                    store,
+                    &spec_at(&head, &vs[end]),
+                    OpenMode::ReadOnly,
+                    async |at: &S::Image| ancestors_extents(store, at).await,
+                )
+                .await?
+            }
+            _ => Vec::new(),
+        };
+        Ok(clone_extents(&d, h.object_size(), vs[end].size, &under))
     })
     .await?;
     match format {
@@ -252,6 +371,27 @@ mod tests {
             r#"[{"offset":0,"length":4194304,"exists":"true"},{"offset":12582912,"length":4194304,"exists":"false"}]"#
         );
         assert_eq!(json_extents(&[]), "[]");
+    }
+
+    #[test]
+    fn a_clones_holes_show_the_ancestors_data_cut_to_its_objects() {
+        use DiffState::*;
+        // 1 KiB objects over ancestors' data [500, 2600) and [3000, 3100).
+        let d = [Hole, DataUpdated, Hole, Hole, Hole];
+        assert_eq!(
+            clone_extents(&d, 1024, 4500, &[(500, 2100), (3000, 100)]),
+            [
+                (500, 524, true),
+                (1024, 1024, true),
+                (2048, 552, true),
+                (3000, 72, true),
+                (3072, 28, true)
+            ]
+        );
+        assert_eq!(
+            merge([(0, 4), (4, 4), (9, 1)].into_iter()),
+            [(0, 8), (9, 1)]
+        );
     }
 
     #[test]

@@ -177,6 +177,24 @@ impl CephImage {
     }
 }
 
+impl CephImage {
+    /// The numbers of the data objects the pool lists for this image, sorted: heads, and
+    /// also objects whose head was removed while snapshots kept clones of them (listed
+    /// until the OSD's snap trimming drops the clones).
+    async fn pool_listing(&self) -> Result<Vec<u64>> {
+        let prefix = format!("rbd_data.{}.", self.inner.id);
+        let names = self.inner.meta.list_objects(&prefix).await?;
+        let mut objs: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .filter(|hex| hex.len() == 16)
+            .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+            .collect();
+        objs.sort_unstable();
+        Ok(objs)
+    }
+}
+
 impl ImageStore for CephImage {
     fn header(&self) -> ImageHeader {
         self.inner
@@ -405,15 +423,7 @@ impl ImageStore for CephImage {
 
     async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
         let i = &self.inner;
-        let prefix = format!("rbd_data.{}.", i.id);
-        let names = i.meta.list_objects(&prefix).await?;
-        let mut objs: Vec<u64> = names
-            .iter()
-            .filter_map(|n| n.strip_prefix(&prefix))
-            .filter(|hex| hex.len() == 16)
-            .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
-            .collect();
-        objs.sort_unstable();
+        let objs = self.pool_listing().await?;
         let snap = snap.or(i.snap_id);
         let io = match snap {
             // At a snapshot an object listed now may not have existed yet: ask the snapshot.
@@ -460,7 +470,8 @@ impl ImageStore for CephImage {
                 .map(|o| (o, objmap::ObjectState::Exists))
                 .collect());
         }
-        let objs = self.list_objects(None).await?;
+        // Every listed object, also those only clones keep: their snap sets say.
+        let objs = self.pool_listing().await?;
         let ids: Vec<u64> = h.snaps.iter().map(|s| s.id).collect();
         let at = snap
             .or(i.snap_id)
