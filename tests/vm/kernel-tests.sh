@@ -424,6 +424,34 @@ check "ioctl fallback: the device follows (NBD_SET_SIZE)" size_is "$dev" $((640 
 check "ioctl fallback: unmap" "$B" unmap "$dev"
 check "resized image clean" clean rbd/grow
 
+# A clone mapped with --copy-on-read: reading an object it still reads from its parent
+# copies it into the clone in the background; without the option reads copy nothing.
+child_objects() { # image: its data objects on disk
+  local id
+  id=$("$B" info "$1" --format json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p')
+  find "$POOLDIR" -maxdepth 1 -name "rbd_data.$id.*" -type f | wc -l
+}
+"$B" create --size 64M rbd/cbase
+head -c $((16 << 20)) /dev/urandom >/tmp/cbase.raw
+dev=$(map rbd/cbase)
+dd if=/tmp/cbase.raw of="$dev" bs=1M oflag=direct status=none
+"$B" unmap "$dev"
+"$B" snap create rbd/cbase@s >/dev/null
+check "clone of a snapshot for copy-on-read" bash -c "'$B' clone rbd/cbase@s rbd/cplain && '$B' clone rbd/cbase@s rbd/ccor"
+reads_parent() { cmp <(dd if="$1" bs=1M count=16 iflag=direct status=none) /tmp/cbase.raw; }
+dev=$(map rbd/cplain)
+check "a clone mapped without --copy-on-read reads its parent's data" reads_parent "$dev"
+"$B" unmap "$dev"
+check "... and copies nothing into the clone" test "$(child_objects rbd/cplain)" = 0
+dev=$(map --copy-on-read rbd/ccor)
+check "map --copy-on-read: reads return the parent's data" reads_parent "$dev"
+copied() { local i; for i in $(seq 100); do [ "$(child_objects rbd/ccor)" = 4 ] && return 0; sleep 0.1; done; return 1; }
+check "map --copy-on-read: the 4 objects read are copied into the clone" copied
+check "map --copy-on-read: unmap" "$B" unmap "$dev"
+check "map --copy-on-read: the clone's map is right after unmap" "$B" object-map check rbd/ccor
+check "map --copy-on-read: the clone still reads the same bytes" \
+  bash -c "d=\$('$B' map --read-only rbd/ccor) && cmp <(dd if=\$d bs=1M count=16 iflag=direct status=none) /tmp/cbase.raw; r=\$?; '$B' unmap \$d; exit \$r"
+
 echo "== done in $(($(date +%s) - T0)) s"
 if [ "$fail" -ne 0 ]; then
   echo "--- daemon log (last 40 lines)"

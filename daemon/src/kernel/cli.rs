@@ -42,6 +42,10 @@ pub struct ServeOpts {
     /// clear the dirty flag while mapped (see `serve --checkpoint-idle`). Off by default.
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse::parse_checkpoint_idle)]
     pub checkpoint_idle: Option<std::time::Duration>,
+    /// For a clone: the first read of an object it still reads from its parent copies the
+    /// object into the clone in the background (see `serve --copy-on-read`).
+    #[arg(long)]
+    pub copy_on_read: bool,
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u32,
@@ -198,6 +202,20 @@ mod tests {
             Some(std::time::Duration::from_secs(30))
         );
         assert!(T::try_parse_from(["x", "map", "img", "--checkpoint-idle", "0"]).is_err());
+        assert!(!m.opts.copy_on_read, "off by default");
+        let t = T::try_parse_from([
+            "x",
+            "attach",
+            "img",
+            "--device",
+            "/dev/nbd0",
+            "--copy-on-read",
+        ])
+        .unwrap();
+        let KernelCommand::Attach(a) = t.cmd else {
+            panic!("not attach")
+        };
+        assert!(a.opts.copy_on_read);
     }
 
     #[test]

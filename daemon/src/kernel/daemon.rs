@@ -226,6 +226,9 @@ fn serve(
         ))
         .map_err(|e| e.context(format!("opening {spec}")))?,
     );
+    if opts.copy_on_read && !export.enable_copy_on_read() {
+        tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
+    }
     let setup = Setup {
         rt: &rt,
         export: export.clone(),

@@ -85,6 +85,15 @@ impl Export {
         }
     }
 
+    /// `--copy-on-read`: false when the image is not a writable clone (nothing to copy).
+    pub fn enable_copy_on_read(&self) -> bool {
+        match self {
+            Export::Dir(i) => i.enable_copy_on_read(),
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.enable_copy_on_read(),
+        }
+    }
+
     pub fn transmission_flags(&self) -> u16 {
         nbd_protocol::transmission_flags(&self.info())
     }
