@@ -126,6 +126,13 @@ pub enum Command {
     /// the object maps.
     Du {
         image: String,
+        /// Only the snapshots after this one, and the head (each still against the
+        /// version before it).
+        #[arg(long, value_name = "SNAP")]
+        from_snap: Option<String>,
+        /// One line for the image with every listed version's used space summed.
+        #[arg(long)]
+        merge_snapshots: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },

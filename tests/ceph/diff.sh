@@ -102,6 +102,23 @@ check "du IMAGE@s2 --format json: s1 and s2 only, equal to rbd du's" same \
   "$(rbd du --format json "$img@s2" 2>/dev/null | du_images)" \
   "$("${RN[@]}" du --format json "$img@s2" | du_images)"
 check "du plain output equals rbd du's" same "$(rbd du "$img" 2>/dev/null)" "$("${RN[@]}" du "$img")"
+du_options() { # every option set, both formats, the head and a snapshot: byte for byte
+  local a f i bad=0 n=0
+  for a in "" "--from-snap s1" "--from-snap s2" "--merge-snapshots" "--from-snap s1 --merge-snapshots"; do
+    for f in plain json; do
+      for i in "$img" "$img@s2" "$img@s3"; do
+        n=$((n + 1))
+        # shellcheck disable=SC2086
+        [ "$(rbd du $a --format $f "$i" 2>/dev/null)" = "$("${RN[@]}" du $a --format $f "$i" 2>>"$work/diff.err")" ] ||
+          { bad=$((bad + 1)); echo "  du $a --format $f $i differs"; }
+      done
+    done
+  done
+  echo "  ($n combinations, $bad differ)"
+  [ "$bad" = 0 ]
+}
+check "du --from-snap / --merge-snapshots, plain and json: rbd du's output byte for byte" du_options
+check_fails "du --from-snap newer than the snapshot is refused" "${RN[@]}" du --from-snap s3 "$img@s2"
 check "du: some snapshot uses less than it provisions (the deltas are real)" bash -c \
   "$RNQ du --format json $img | jq -e 'any(.images[]; .used_size < .provisioned_size and has(\"snapshot\"))' >/dev/null"
 

@@ -7,7 +7,7 @@ use super::diff::{find_version, need_fast_diff, version_map, versions};
 use super::info::human_size;
 use super::with_image;
 use crate::cli::Format;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
 use objmap::diff::{diff_maps, DiffState};
@@ -29,39 +29,77 @@ fn used(diff: &[DiffState], object_size: u64, size: u64) -> u64 {
         .sum()
 }
 
-pub async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
+/// `rbd du`'s options besides the image.
+pub struct DuOptions {
+    /// `--from-snap`: only the versions after this snapshot.
+    pub from_snap: Option<String>,
+    /// `--merge-snapshots`: the head's line carries every listed version's used space.
+    pub merge_snapshots: bool,
+    pub format: Format,
+}
+
+pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Result<()> {
     let head = ImageSpec {
         snap: None,
         ..spec.clone()
     };
+    let from = opts.from_snap.as_deref();
     let (id, lines) = with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
         let vs = versions(&h);
         // `rbd du IMAGE@SNAP`: the snapshots up to SNAP, without the head.
         let last = find_version(&vs, &head, spec.snap.as_deref())?;
+        // `--from-snap S`: the versions after S (rbd's order of checks and errors).
+        let first = match from {
+            None => 0,
+            Some(f) => {
+                let at = find_version(&vs, &head, Some(f))?;
+                if spec.snap.is_some() && at == last {
+                    return Ok((h.id, Vec::new())); // rbd prints nothing at all
+                }
+                if at > last {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("--from-snap {f} is newer than {spec}",),
+                    ));
+                }
+                at + 1
+            }
+        };
         if last > 0 {
             need_fast_diff(&h, spec, "du")?;
         }
         // Each version against the one before (the first against nothing): every map is
-        // loaded once.
+        // loaded once, from the one before the first listed.
         let mut lines = Vec::new();
         let mut prev = None;
-        for v in &vs[..=last] {
+        for (i, v) in vs
+            .iter()
+            .enumerate()
+            .take(last + 1)
+            .skip(first.saturating_sub(1))
+        {
             let map = version_map(store, img, &head, v).await?;
-            let d = match &prev {
-                None => diff_maps([&map], false),
-                Some(p) => diff_maps([p, &map], true),
-            };
-            lines.push(Line {
-                snap: v.name.clone().zip(v.snap),
-                provisioned: v.size,
-                used: used(&d, h.object_size(), v.size),
-            });
+            if i >= first {
+                let d = match &prev {
+                    None => diff_maps([&map], false),
+                    Some(p) => diff_maps([p, &map], true),
+                };
+                lines.push(Line {
+                    snap: v.name.clone().zip(v.snap),
+                    provisioned: v.size,
+                    used: used(&d, h.object_size(), v.size),
+                });
+            }
             prev = Some(map);
         }
         Ok((h.id, lines))
     })
     .await?;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let format = opts.format;
     // As rbd: the total provisioned is the head's size, or with a snapshot named, the
     // sum of the listed snapshots' sizes.
     let total_prov: u64 = if spec.snap.is_some() {
@@ -70,29 +108,43 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result
         lines.last().map_or(0, |l| l.provisioned)
     };
     let total_used: u64 = lines.iter().map(|l| l.used).sum();
+    // `--merge-snapshots`: as rbd, the snapshots' lines are left out and the head's line
+    // carries everything listed (with a snapshot named there is no head line).
+    let count = lines.len();
+    let lines: Vec<Line> = if opts.merge_snapshots {
+        lines
+            .into_iter()
+            .filter(|l| l.snap.is_none())
+            .map(|l| Line {
+                used: total_used,
+                ..l
+            })
+            .collect()
+    } else {
+        lines
+    };
     match format {
+        // rbd's key order; the totals only come with a whole pool's du.
         Format::Json => {
-            let images: Vec<_> = lines
+            let images: Vec<String> = lines
                 .iter()
                 .map(|l| {
-                    let mut o = json!({"name": spec.name, "id": id});
-                    if let Some((name, sid)) = &l.snap {
-                        o["snapshot"] = json!(name);
-                        o["snapshot_id"] = json!(sid);
-                    }
-                    o["provisioned_size"] = json!(l.provisioned);
-                    o["used_size"] = json!(l.used);
-                    o
+                    let snap = match &l.snap {
+                        Some((name, sid)) => {
+                            format!(r#""snapshot":{},"snapshot_id":{sid},"#, json!(name))
+                        }
+                        None => String::new(),
+                    };
+                    format!(
+                        r#"{{"name":{},"id":{},{snap}"provisioned_size":{},"used_size":{}}}"#,
+                        json!(spec.name),
+                        json!(id),
+                        l.provisioned,
+                        l.used
+                    )
                 })
                 .collect();
-            println!(
-                "{}",
-                json!({
-                    "images": images,
-                    "total_provisioned_size": total_prov,
-                    "total_used_size": total_used,
-                })
-            );
+            println!(r#"{{"images":[{}]}}"#, images.join(","));
         }
         Format::Plain => {
             let name = head.to_string();
@@ -110,20 +162,20 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result
                     vec![n, human_size(l.provisioned), human_size(l.used)]
                 })
                 .collect();
-            if rows.len() > 1 {
+            if count > 1 {
                 rows.push(vec![
                     "<TOTAL>".to_string(),
                     human_size(total_prov),
                     human_size(total_used),
                 ]);
             }
-            print!(
-                "{}",
-                text_table(
-                    &[("NAME", false), ("PROVISIONED", true), ("USED", true)],
-                    &rows
-                )
-            );
+            let cols = [("NAME", false), ("PROVISIONED", true), ("USED", true)];
+            if rows.is_empty() {
+                // rbd prints the headings of an empty table (--merge-snapshots of a
+                // snapshot); no heading at all comes only from an empty diff.
+                println!("NAME  PROVISIONED  USED");
+            }
+            print!("{}", text_table(&cols, &rows));
         }
     }
     Ok(())

@@ -76,7 +76,19 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         }
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
-        Command::Du { image, format } => du::du(&store, &parse_spec(&image)?, format).await,
+        Command::Du {
+            image,
+            from_snap,
+            merge_snapshots,
+            format,
+        } => {
+            let opts = du::DuOptions {
+                from_snap,
+                merge_snapshots,
+                format,
+            };
+            du::du(&store, &parse_spec(&image)?, &opts).await
+        }
         Command::Diff {
             image,
             from_snap,
