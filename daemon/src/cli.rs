@@ -81,6 +81,10 @@ pub enum SnapCommand {
     Ls {
         /// [POOL/]NAME
         image: String,
+        /// Also snapshots of other namespaces (a removed snapshot clones still use, in
+        /// the trash), with a NAMESPACE column, as `rbd snap ls --all`.
+        #[arg(long, short = 'a')]
+        all: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },

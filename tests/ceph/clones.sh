@@ -232,6 +232,45 @@ for i in 1 2 3; do
 done
 check "ck: the parent snapshot is unchanged" bash -c "[ \"\$(rbd export cbase@s - 2>/dev/null | sha)\" = $base_sha ]"
 
+# A parent snapshot that format-2 clones use: `snap rm` moves it to the trash as librbd
+# does (never removing its data or map under the clones), `snap ls` hides it unless --all,
+# the clones keep reading it; `rm` of a clone detaches it from the parent; the snapshot
+# goes with its last clone (here a flatten).
+rbd create --size 8M --object-size 1M trp_$$
+rbd bench --io-type write --io-size 64K --io-total 3M --io-pattern rand trp_$$ >/dev/null 2>&1
+rbd snap create trp_$$@s >/dev/null 2>&1
+rbd export trp_$$@s "$work/trp_$$-s.raw" >/dev/null 2>&1
+rbd clone trp_$$@s trc1_$$ --rbd-default-clone-format 2
+rbd clone trp_$$@s trc2_$$ --rbd-default-clone-format 2
+check "trash: snap rm of a snapshot with clones succeeds" "${RN[@]}" snap rm trp_$$@s
+check "trash: the snapshot is in the trash namespace, as rbd says" bash -c \
+  "rbd snap ls --all --format json trp_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\" and .[0].namespace.original_name == \"s\"' >/dev/null"
+check "trash: its map is kept (the object map object of the snapshot is there)" bash -c \
+  "rados -p rbd stat \$(printf 'rbd_object_map.%s.%016x' \$(rbd info --format json trp_$$ | jq -r .id) \$(rbd snap ls --all --format json trp_$$ | jq -r '.[0].id')) >/dev/null"
+check "trash: snap ls hides it, snap ls --all shows it as rbd's (plain, json)" bash -c \
+  "[ -z \"\$($RNQ snap ls trp_$$)\" ] && [ \"\$($RNQ snap ls --all trp_$$)\" = \"\$(rbd snap ls --all trp_$$)\" ] && [ \"\$($RNQ snap ls --all --format json trp_$$)\" = \"\$(rbd snap ls --all --format json trp_$$)\" ]"
+check "trash: du and diff of the parent equal rbd's (the trashed snapshot is not listed)" bash -c \
+  "[ \"\$($RNQ du --format json trp_$$)\" = \"\$(rbd du --format json trp_$$ 2>/dev/null)\" ] && [ \"\$($RNQ diff --format json trp_$$)\" = \"\$(rbd diff --whole-object --format json trp_$$)\" ]"
+check "trash: the clones still read the snapshot's bytes" same_export trc1_$$ "$work/trp_$$-s.raw"
+check "trash: info of a clone names the trashed parent as rbd's" bash -c \
+  "[ \"\$($RNQ info trc1_$$ | grep parent)\" = \"\$(rbd info trc1_$$ | grep parent)\" ]"
+check_fails "trash: the trashed snapshot cannot be named" "${RN[@]}" snap rm "trp_$$@$(rbd snap ls --all --format json trp_$$ | jq -r '.[0].name')"
+check "trash: rados-nbd rm of a clone detaches it from its parent" bash -c \
+  "$RNQ rm trc2_$$ && [ \"\$(rbd children --snap-id \$(rbd snap ls --all --format json trp_$$ | jq -r '.[0].id') trp_$$ 2>&1)\" = 'rbd/trc1_$$' ]"
+check "trash: the snapshot stays while a clone uses it" bash -c "[ \$(rbd snap ls --all --format json trp_$$ | jq length) = 1 ]"
+check "trash: flatten of the last clone removes the trashed snapshot" bash -c \
+  "$RNQ flatten trc1_$$ && [ \$(rbd snap ls --all --format json trp_$$ | jq length) = 0 ]"
+check "trash: the parent has no clone left (op features cleared), its map checks" bash -c \
+  "[ -z \"\$(rbd info --format json trp_$$ | jq -r '.op_features | join(\",\")')\" ] && rbd object-map check trp_$$ >/dev/null 2>&1"
+check "trash: the flattened clone kept the bytes" same_export trc1_$$ "$work/trp_$$-s.raw"
+rbd rm trc1_$$ >/dev/null 2>&1; rbd rm trp_$$ >/dev/null 2>&1
+# A format-1 clone removed by rados-nbd: the parent forgets it, so it can be unprotected.
+rbd create --size 4M trp1_$$ && rbd snap create trp1_$$@p >/dev/null 2>&1 && rbd snap protect trp1_$$@p
+rbd clone trp1_$$@p tr1c_$$ --rbd-default-clone-format 1
+check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
+  "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
+rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
+
 # Leave the pool as we found it (other suites share it).
 for i in ck dsf dsw rn2 rn1 rnf v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
   rbd snap unprotect "$i@s" >/dev/null 2>&1

@@ -28,6 +28,9 @@ pub(super) struct Version {
     pub snap: Option<u64>,
     pub name: Option<String>,
     pub size: u64,
+    /// A user snapshot or the head: what users name and `du` lists. Others (in the
+    /// trash) still count as steps of the history a diff goes through.
+    pub user: bool,
 }
 
 /// The image's versions, oldest first: its snapshots by id, then the head.
@@ -39,6 +42,7 @@ pub(super) fn versions(h: &ImageHeader) -> Vec<Version> {
             snap: Some(s.id),
             name: Some(s.name.clone()),
             size: s.size,
+            user: s.is_user(),
         })
         .collect();
     v.sort_by_key(|v| v.snap);
@@ -46,6 +50,7 @@ pub(super) fn versions(h: &ImageHeader) -> Vec<Version> {
         snap: None,
         name: None,
         size: h.size,
+        user: true,
     });
     v
 }
@@ -64,7 +69,7 @@ pub(super) fn find_version(vs: &[Version], spec: &ImageSpec, snap: Option<&str>)
         None => Ok(vs.len() - 1),
         Some(n) => vs
             .iter()
-            .position(|v| v.name.as_deref() == Some(n))
+            .position(|v| v.user && v.name.as_deref() == Some(n))
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
@@ -236,6 +241,7 @@ async fn ancestors_extents<S: Store>(store: &S, img: &S::Image) -> Result<Vec<(u
                 snap: Some(p.snap_id),
                 name: p.spec.snap.clone(),
                 size: hd.size,
+                user: true,
             };
             let head = ImageSpec {
                 snap: None,

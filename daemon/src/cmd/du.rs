@@ -69,29 +69,33 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
         if last > 0 {
             need_fast_diff(&h, spec, "du")?;
         }
-        // Each version against the one before (the first against nothing): every map is
-        // loaded once, from the one before the first listed.
+        // Each user version against the user version before it (the first against
+        // nothing), through the maps of any snapshots between (in the trash: not listed,
+        // but their maps are part of the history, as librbd's diff goes through them).
+        // Every map is loaded once, from the user version before the first listed.
+        let prev_user = |i: usize| (0..i).rev().find(|&j| vs[j].user);
+        let from_map = match (first..=last).find(|&i| vs[i].user) {
+            Some(i) => prev_user(i).unwrap_or(i),
+            None => last + 1,
+        };
+        let mut maps = Vec::new();
+        for v in vs.iter().take(last + 1).skip(from_map) {
+            maps.push(version_map(store, img, &head, v).await?);
+        }
         let mut lines = Vec::new();
-        let mut prev = None;
-        for (i, v) in vs
-            .iter()
-            .enumerate()
-            .take(last + 1)
-            .skip(first.saturating_sub(1))
-        {
-            let map = version_map(store, img, &head, v).await?;
-            if i >= first {
-                let d = match &prev {
-                    None => diff_maps([&map], false),
-                    Some(p) => diff_maps([p, &map], true),
-                };
-                lines.push(Line {
-                    snap: v.name.clone().zip(v.snap),
-                    provisioned: v.size,
-                    used: used(&d, h.object_size(), v.size),
-                });
+        for (i, v) in vs.iter().enumerate().take(last + 1).skip(first) {
+            if !v.user {
+                continue;
             }
-            prev = Some(map);
+            let d = match prev_user(i) {
+                None => diff_maps([&maps[i - from_map]], false),
+                Some(p) => diff_maps(&maps[p - from_map..=i - from_map], true),
+            };
+            lines.push(Line {
+                snap: v.name.clone().zip(v.snap),
+                provisioned: v.size,
+                used: used(&d, h.object_size(), v.size),
+            });
         }
         Ok((h.id, lines))
     })

@@ -58,6 +58,9 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     let c = img.close().await;
     r?;
     c?;
+    if let Some(p) = &parent {
+        super::trash_snap::remove_if_unused(store, p).await;
+    }
     println!("{spec}: flattened ({checked} objects checked)");
     Ok(())
 }

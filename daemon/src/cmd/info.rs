@@ -76,7 +76,7 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
         Some(n) => h
             .snaps
             .iter()
-            .find(|s| &s.name == n)
+            .find(|s| s.is_user() && &s.name == n)
             .map_or(h.size, |s| s.size),
         None => h.size,
     };

@@ -15,6 +15,7 @@ pub mod ls;
 pub mod object_map;
 pub mod resize;
 pub mod snap;
+pub mod trash_snap;
 
 use crate::cli::{Cli, Command, ObjectMapCommand};
 use crate::config::Config;
@@ -72,7 +73,21 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Info { image, format } => info::info(&store, &parse_spec(&image)?, format).await,
         Command::Rm { image } => {
             let spec = parse_head_spec(&image, "remove")?;
-            store.remove_image(&spec).await
+            // A clone's parent, read first: its snapshot may be in the trash waiting for
+            // its last clone (this one). An image that cannot be opened is removed anyway.
+            let parent = match store.open_image(&spec, OpenMode::ReadOnly).await {
+                Ok(i) => {
+                    let p = i.header().parent;
+                    let _ = i.close().await;
+                    p
+                }
+                Err(_) => None,
+            };
+            store.remove_image(&spec).await?;
+            if let Some(p) = parent {
+                trash_snap::remove_if_unused(&store, &p).await;
+            }
+            Ok(())
         }
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
@@ -174,7 +189,7 @@ fn snap_of(h: &ImageHeader, spec: &ImageSpec) -> Result<(Option<u64>, u64)> {
         Some(n) => h
             .snaps
             .iter()
-            .find(|s| &s.name == n)
+            .find(|s| s.is_user() && &s.name == n)
             .map(|s| (Some(s.id), s.size))
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"))),
     }

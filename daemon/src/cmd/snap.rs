@@ -9,11 +9,11 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Image};
 use crate::spec::ImageSpec;
-use crate::store::{ImageStore, OpenMode, SnapInfo, Store};
+use crate::store::{ImageStore, OpenMode, SnapInfo, SnapNamespace, Store};
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
-        SnapCommand::Ls { image, format } => {
+        SnapCommand::Ls { image, all, format } => {
             let spec = parse_spec(&image)?;
             if spec.snap.is_some() {
                 return Err(Error::new(
@@ -27,7 +27,7 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
             .await?;
             // Oldest first, as rbd lists them.
             snaps.sort_by_key(|s| s.id);
-            print!("{}", list(&snaps, format));
+            print!("{}", list(&snaps, format, all));
             Ok(())
         }
         SnapCommand::Create { snap } => {
@@ -139,56 +139,81 @@ async fn on_head<S: Store>(
 
 /// `rbd snap ls`'s table (TextTable: every column padded to its width, the last one
 /// too, two spaces apart; SNAPID, SIZE and TIMESTAMP right-aligned under left-aligned
-/// headings; nothing at all without snapshots) or its JSON (`protected` a string, the timestamp as ctime prints it).
-pub fn list(snaps: &[SnapInfo], format: Format) -> String {
+/// headings; nothing at all without snapshots) or its JSON (`protected` a string, the
+/// timestamp as ctime prints it). Only user snapshots, unless `all` (`--all`: every
+/// namespace, with a NAMESPACE column, or `namespace` object in JSON, as rbd's).
+pub fn list(snaps: &[SnapInfo], format: Format, all: bool) -> String {
     let ts = |s: &SnapInfo| {
         s.timestamp
             .filter(|&t| t != 0)
             .map(ctime)
             .unwrap_or_default()
     };
+    let snaps: Vec<&SnapInfo> = snaps.iter().filter(|s| all || s.is_user()).collect();
     match format {
         Format::Json => {
-            // Fields in rbd's order (a struct keeps it; a JSON map would sort them).
-            #[derive(serde::Serialize)]
-            struct Row<'a> {
-                id: u64,
-                name: &'a str,
-                size: u64,
-                protected: &'static str,
-                timestamp: String,
-            }
-            let v: Vec<Row> = snaps
+            let rows: Vec<String> = snaps
                 .iter()
-                .map(|s| Row {
-                    id: s.id,
-                    name: &s.name,
-                    size: s.size,
-                    protected: if s.protected { "true" } else { "false" },
-                    timestamp: ts(s),
+                .map(|s| {
+                    // Fields in rbd's order.
+                    let mut o = format!(
+                        r#"{{"id":{},"name":{},"size":{},"protected":"{}","timestamp":{}"#,
+                        s.id,
+                        serde_json::json!(s.name),
+                        s.size,
+                        s.protected,
+                        serde_json::json!(ts(s)),
+                    );
+                    if all {
+                        let ns = match &s.namespace {
+                            SnapNamespace::User => r#"{"type":"user"}"#.to_string(),
+                            SnapNamespace::Trash { original } => format!(
+                                r#"{{"type":"trash","original_name":{}}}"#,
+                                serde_json::json!(original)
+                            ),
+                            SnapNamespace::Other(t) => {
+                                format!(r#"{{"type":"{}"}}"#, namespace_type(*t))
+                            }
+                        };
+                        o.push_str(&format!(r#","namespace":{ns}"#));
+                    }
+                    o.push('}');
+                    o
                 })
                 .collect();
-            format!("{}\n", serde_json::to_string(&v).unwrap_or_default())
+            format!("[{}]\n", rows.join(","))
         }
         Format::Plain => {
             if snaps.is_empty() {
                 return String::new();
             }
-            let head = ["SNAPID", "NAME", "SIZE", "PROTECTED", "TIMESTAMP"];
-            let right = [true, false, true, false, true];
-            let rows: Vec<[String; 5]> = snaps
+            let mut head = vec!["SNAPID", "NAME", "SIZE", "PROTECTED", "TIMESTAMP"];
+            let mut right = vec![true, false, true, false, true];
+            if all {
+                head.push("NAMESPACE");
+                right.push(false);
+            }
+            let rows: Vec<Vec<String>> = snaps
                 .iter()
                 .map(|s| {
-                    [
+                    let mut r = vec![
                         s.id.to_string(),
                         s.name.clone(),
                         human_size(s.size),
                         if s.protected { "yes" } else { "" }.to_string(),
                         ts(s),
-                    ]
+                    ];
+                    if all {
+                        r.push(match &s.namespace {
+                            SnapNamespace::User => "user".to_string(),
+                            SnapNamespace::Trash { original } => format!("trash ({original})"),
+                            SnapNamespace::Other(t) => namespace_type(*t).to_string(),
+                        });
+                    }
+                    r
                 })
                 .collect();
-            let width: Vec<usize> = (0..5)
+            let width: Vec<usize> = (0..head.len())
                 .map(|c| {
                     rows.iter()
                         .map(|r| r[c].chars().count())
@@ -213,12 +238,21 @@ pub fn list(snaps: &[SnapInfo], format: Format) -> String {
                 format!("{}\n", padded.join("  "))
             };
             let heads: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-            let mut out = line(&heads, &[false; 5]);
+            let mut out = line(&heads, &vec![false; head.len()]);
             for r in &rows {
                 out.push_str(&line(r, &right));
             }
             out
         }
+    }
+}
+
+/// The names rbd prints for snapshot namespace types other than user and trash.
+fn namespace_type(t: u32) -> &'static str {
+    match t {
+        1 => "group",
+        3 => "mirror",
+        _ => "unknown",
     }
 }
 
@@ -258,17 +292,22 @@ mod tests {
             size: 1 << 30,
             protected,
             timestamp: None,
+            namespace: Default::default(),
         };
-        assert_eq!(list(&[], Format::Plain), "");
-        assert_eq!(list(&[], Format::Json), "[]\n");
-        let t = list(&[s(4, "a", false), s(12, "longer", true)], Format::Plain);
+        assert_eq!(list(&[], Format::Plain, false), "");
+        assert_eq!(list(&[], Format::Json, false), "[]\n");
+        let t = list(
+            &[s(4, "a", false), s(12, "longer", true)],
+            Format::Plain,
+            false,
+        );
         assert_eq!(
             t,
             "SNAPID  NAME    SIZE   PROTECTED  TIMESTAMP\n     4  a       1 GiB                      \n    12  longer  1 GiB  yes                 \n"
         );
         // Byte for byte: rbd's key order, protected as a string.
         assert_eq!(
-            list(&[s(4, "a", true)], Format::Json),
+            list(&[s(4, "a", true)], Format::Json, false),
             "[{\"id\":4,\"name\":\"a\",\"size\":1073741824,\"protected\":\"true\",\"timestamp\":\"\"}]\n"
         );
     }

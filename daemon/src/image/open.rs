@@ -143,7 +143,7 @@ impl<S: ImageStore> Image<S> {
         let header = img.header();
         let (snap, size) = match &spec.snap {
             None => (None, header.size),
-            Some(name) => match header.snaps.iter().find(|s| &s.name == name) {
+            Some(name) => match header.user_snap(name) {
                 Some(s) => (Some(s.id), s.size),
                 None => {
                     let e = Error::new(ErrorKind::NotFound, format!("snapshot {spec} not found"));

@@ -83,7 +83,7 @@ impl<S: ImageStore> Image<S> {
             .header()
             .snaps
             .into_iter()
-            .find(|s| s.name == name)
+            .find(|s| s.is_user() && s.name == name)
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
@@ -154,8 +154,23 @@ impl<S: ImageStore> Image<S> {
     /// is corrected first (see the module comment), then the store removes the snapshot.
     pub async fn snap_remove(&self, name: &str) -> Result<()> {
         self.check_snap_capable("removing a snapshot")?;
-        let spec = &self.spec;
         let snap = self.find_snap(name)?;
+        self.remove_snap(snap).await
+    }
+
+    /// Removes the snapshot with id `id` whatever its namespace (a trashed parent
+    /// snapshot once its last clone is gone); nothing when it is not there any more.
+    pub async fn snap_remove_id(&self, id: u64) -> Result<()> {
+        self.check_snap_capable("removing a snapshot")?;
+        match self.store.header().snaps.into_iter().find(|s| s.id == id) {
+            Some(snap) => self.remove_snap(snap).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn remove_snap(&self, snap: SnapInfo) -> Result<()> {
+        let spec = &self.spec;
+        let name = &snap.name;
         if snap.protected {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -169,6 +184,13 @@ impl<S: ImageStore> Image<S> {
                 ErrorKind::Io,
                 format!("{spec} is closing; snapshot not removed"),
             ));
+        }
+        // Clones still reading it: refused, or kept in the store's trash (its data and map
+        // untouched, the next map too) until the last clone goes.
+        if self.store.snap_trash_if_used(snap.id).await.map_err(ctx)? {
+            drop(g);
+            tracing::info!("snapshot {spec}@{name} moved to the trash: clones still use it");
+            return Ok(());
         }
         if self.header.features & RBD_FEATURE_FAST_DIFF != 0 {
             if let Some(head) = self.map() {

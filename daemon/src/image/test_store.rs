@@ -133,6 +133,7 @@ impl MemImage {
                 size,
                 protected: false,
                 timestamp: None,
+                namespace: Default::default(),
             },
         );
         s.header.snap_seq = s.header.snap_seq.max(id);
@@ -443,6 +444,7 @@ impl ImageStore for MemImage {
                 size,
                 protected: false,
                 timestamp: Some(1),
+                namespace: Default::default(),
             },
         );
         s.snap_flags.insert(id, flags);

@@ -70,6 +70,36 @@ pub struct SnapInfo {
     pub protected: bool,
     /// When it was taken (seconds since the epoch), when the store records it.
     pub timestamp: Option<u64>,
+    /// Whose it is. Only user snapshots are named by users (`IMAGE@SNAP`, `snap ls`,
+    /// `du`); the others (a removed snapshot that clones still use, in the trash) are
+    /// still snapshots of the data: snapshot contexts and map histories include them.
+    pub namespace: SnapNamespace,
+}
+
+/// A snapshot's namespace (cls::rbd::SnapshotNamespace).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SnapNamespace {
+    #[default]
+    User,
+    /// `rbd snap rm` of a snapshot that format-2 clones still use: kept, renamed to a
+    /// UUID, until the last clone is gone. `original` is the name it had.
+    Trash { original: String },
+    /// Group (1) or mirror (3) snapshots, or a type we do not know.
+    Other(u32),
+}
+
+impl SnapInfo {
+    /// A snapshot users name (user namespace).
+    pub fn is_user(&self) -> bool {
+        self.namespace == SnapNamespace::User
+    }
+}
+
+impl ImageHeader {
+    /// The user snapshot called `name` (what `IMAGE@name` means, as for librbd).
+    pub fn user_snap(&self, name: &str) -> Option<&SnapInfo> {
+        self.snaps.iter().find(|s| s.is_user() && s.name == name)
+    }
 }
 
 /// The parent of a clone: where reads of objects the clone lacks go (`rbd info`'s
@@ -449,6 +479,15 @@ pub trait ImageStore: Send + Sync + 'static {
     fn snap_create(&self, name: &str) -> impl Future<Output = Result<u64>> + Send {
         let e = unsupported(format!("creating snapshot {name}"));
         async move { Err(e) }
+    }
+
+    /// Called before anything of snapshot `id` is removed: an error when it cannot be
+    /// removed (clones that need it, where the store has no trash), `Ok(true)` when the
+    /// store keeps it for its clones instead, out of the users' names (Ceph, clone format
+    /// 2: librbd's SnapshotRemoveRequest moves it to the trash namespace; it goes when its
+    /// last clone does), `Ok(false)` when it is to be removed.
+    fn snap_trash_if_used(&self, _id: u64) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
     }
 
     /// Removes snapshot `id`: its data (what only it kept), its object map, its record.

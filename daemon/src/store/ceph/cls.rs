@@ -266,6 +266,7 @@ pub struct SnapshotInfo {
     pub timestamp: u64,
     /// Clones (format 2) of this snapshot.
     pub child_count: u32,
+    pub namespace: crate::store::SnapNamespace,
 }
 
 /// `snapshot_get` → cls::rbd::SnapshotInfo: ENCODE_START(1,1) { u64 id,
@@ -275,7 +276,16 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
     let mut d = Dec::new(b, "rbd.snapshot_get reply");
     let (_, end) = d.start(1)?;
     let id = d.u64()?;
+    // SnapshotNamespace: ENCODE_START(1,1) { u32 type, then the type's fields }; the
+    // trash's begin with the original name (cls/rbd/cls_rbd_types.h).
     let (_, ns_end) = d.start(1)?;
+    let namespace = match d.u32()? {
+        0 => crate::store::SnapNamespace::User,
+        2 => crate::store::SnapNamespace::Trash {
+            original: d.string()?,
+        },
+        t => crate::store::SnapNamespace::Other(t),
+    };
     d.finish(ns_end)?;
     let name = d.string()?;
     let size = d.u64()?;
@@ -289,6 +299,7 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
         size,
         timestamp,
         child_count,
+        namespace,
     })
 }
 
@@ -905,7 +916,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_info_skips_namespace() {
+    fn snapshot_info_and_its_namespace() {
         // SnapshotInfo v1: id 4, user namespace {ENCODE_START(1,1) u32 type 0}, name "s1",
         // size 64 MiB, timestamp, child_count 0.
         let mut body = 4u64.to_le_bytes().to_vec();
@@ -927,12 +938,41 @@ mod tests {
                 size: 64 << 20,
                 timestamp: 0x6000_0001,
                 child_count: 3,
+                namespace: crate::store::SnapNamespace::User,
             }
         );
         // A compat version newer than ours is refused rather than misread.
         let mut newer = b.clone();
         newer[1] = 2;
         assert!(snapshot_get_out(&newer).is_err());
+
+        // In the trash (type 2): the original name, then its original namespace type
+        // (u32, skipped with the block), the UUID as the snapshot's name.
+        let mut ns = 2u32.to_le_bytes().to_vec();
+        ns.extend(s("s1"));
+        ns.extend(0u32.to_le_bytes());
+        let mut body = 4u64.to_le_bytes().to_vec();
+        body.extend([1, 1]);
+        body.extend((ns.len() as u32).to_le_bytes());
+        body.extend(ns);
+        body.extend(s("0b9f6c2e-uuid"));
+        body.extend((64u64 << 20).to_le_bytes());
+        body.extend([0; 8]);
+        body.extend(1u32.to_le_bytes());
+        let mut b = vec![1, 1];
+        b.extend((body.len() as u32).to_le_bytes());
+        b.extend(body);
+        let i = snapshot_get_out(&b).unwrap();
+        assert_eq!(
+            (i.name.as_str(), i.child_count, i.namespace),
+            (
+                "0b9f6c2e-uuid",
+                1,
+                crate::store::SnapNamespace::Trash {
+                    original: "s1".into()
+                }
+            )
+        );
     }
 
     #[test]

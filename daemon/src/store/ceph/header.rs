@@ -55,6 +55,20 @@ pub(super) async fn load_header(
     id: &str,
     mode: OpenMode,
 ) -> Result<(ImageHeader, Option<u64>)> {
+    load_header_at(io, spec, id, mode, None).await
+}
+
+/// [`load_header`], with the snapshot `spec.snap` names given by its id when `snap_id`
+/// is set: a clone's parent snapshot may be in the trash, where no user can name it (its
+/// name is a UUID; `IMAGE@SNAP` means a user snapshot, as for librbd).
+pub(super) async fn load_header_at(
+    io: &IoCtx,
+    spec: &ImageSpec,
+    id: &str,
+    mode: OpenMode,
+    snap_id: Option<u64>,
+) -> Result<(ImageHeader, Option<u64>)> {
+    let by_id = snap_id;
     let hdr = header_oid(id);
     let ctx = |e: Error| e.context(format!("reading header of image {spec}"));
     let read_only = mode == OpenMode::ReadOnly;
@@ -129,13 +143,18 @@ pub(super) async fn load_header(
             size: info.size,
             protected,
             timestamp: Some(info.timestamp),
+            namespace: info.namespace,
         });
     }
 
     let snap_id = match &spec.snap {
         None => None,
         Some(name) => {
-            let s = snaps.iter().find(|s| &s.name == name).ok_or_else(|| {
+            let found = match by_id {
+                Some(sid) => snaps.iter().find(|s| s.id == sid),
+                None => snaps.iter().find(|s| s.is_user() && &s.name == name),
+            };
+            let s = found.ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
                     format!(

@@ -5,7 +5,7 @@ use super::header::{header_oid, object_map_oid, refresh};
 use super::lock::{lock_name, LockState};
 use super::rados::errno_of;
 use super::rados::{IoCtx, WriteOp};
-use super::store::{for_each_parallel, open_by_id};
+use super::store::{for_each_parallel, open_by_id_at};
 use super::{cls, luks, snaps, LOCK, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
@@ -533,10 +533,11 @@ impl ImageStore for CephImage {
             .cluster()
             .ioctx_in(&p.spec.pool, &p.spec.namespace)
             .map_err(ctx)?;
-        let img = open_by_id(
+        let img = open_by_id_at(
             meta,
             &p.spec,
             p.image_id.clone(),
+            Some(p.snap_id),
             OpenMode::ReadOnly,
             i.allow_encrypted,
             i.luks_noted.clone(),
@@ -787,16 +788,43 @@ impl ImageStore for CephImage {
     /// librbd's SnapshotRemoveRequest after the object maps were merged by the caller:
     /// the snapshot's map object, the snapshot id (the OSDs then trim what only it kept),
     /// the header record.
+    /// librbd's SnapshotRemoveRequest starts so: a snapshot that format-2 clones still
+    /// use (its child_count) goes to the trash namespace (`snapshot_trash_add`, which
+    /// renames it to a UUID) and stays, data and map untouched.
+    async fn snap_trash_if_used(&self, id: u64) -> Result<bool> {
+        let i = &self.inner;
+        let ctx = |e: Error| e.context(format!("removing snapshot {id} of image {}", i.spec));
+        i.check_writable().map_err(ctx)?;
+        let b = i
+            .meta
+            .exec_read(&i.hdr_oid, RBD, "snapshot_get", &cls::snap_in(id))
+            .await;
+        let info = cls::snapshot_get_out(&i.noting_fence(b).map_err(ctx)?).map_err(ctx)?;
+        if info.child_count == 0 {
+            return Ok(false);
+        }
+        if matches!(info.namespace, crate::store::SnapNamespace::Trash { .. }) {
+            return Ok(true); // in the trash already, still used
+        }
+        i.change_header("snapshot_trash_add", &cls::snap_in(id))
+            .await
+            .map_err(ctx)?;
+        Ok(true)
+    }
+
+    /// In librbd's order: the map, the header's record (cls refuses while clones are
+    /// attached: checked again atomically), and only then the RADOS snapshot itself,
+    /// whose data the OSD then trims — never while the header or a clone still needs it.
     async fn snap_remove(&self, id: u64) -> Result<()> {
         let i = &self.inner;
         let ctx = |e: Error| e.context(format!("removing snapshot {id} of image {}", i.spec));
         i.check_writable().map_err(ctx)?;
         let r = i.meta.remove(&object_map_oid(&i.id, Some(id))).await;
         i.noting_fence(r).map_err(ctx)?;
-        i.data.selfmanaged_snap_remove(id).await.map_err(ctx)?;
         i.change_header("snapshot_remove", &cls::snap_in(id))
             .await
             .map_err(ctx)?;
+        i.data.selfmanaged_snap_remove(id).await.map_err(ctx)?;
         i.snap_ios
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,7 +1,7 @@
 //! The cluster connection and the [`Store`] impl: creating, removing, listing and opening
 //! images.
 
-use super::header::{generate_image_id, header_oid, load_header, object_map_oid};
+use super::header::{generate_image_id, header_oid, load_header, load_header_at, object_map_oid};
 use super::image::{CephImage, Inner};
 use super::lock::acquire_lock;
 use super::rados::{errno_of, ConnectOptions, IoCtx, Rados, WriteOp};
@@ -9,7 +9,7 @@ use super::{cls, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
-    CloneOptions, CreateOptions, OpenMode, Store, RBD_FEATURE_DEEP_FLATTEN,
+    CloneOptions, CreateOptions, ImageStore as _, OpenMode, Store, RBD_FEATURE_DEEP_FLATTEN,
     RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING,
     RBD_FEATURE_OBJECT_MAP,
 };
@@ -179,6 +179,20 @@ impl Store for CephStore {
             }
             Err(e) if e.kind == ErrorKind::NotFound => {}
             Err(e) => return Err(ctx(e)),
+        }
+        // A clone: its parent forgets it first (librbd's RemoveRequest detaches the child),
+        // else the parent keeps counting a clone that is gone: `rbd children` fails on it,
+        // the snapshot cannot be unprotected, and one in the trash is never removed.
+        if let Ok((h, _)) = load_header(&io, spec, &id, OpenMode::ReadOnly).await {
+            if h.parent.is_some() {
+                let img = self
+                    .open_image(spec, OpenMode::ReadWrite)
+                    .await
+                    .map_err(ctx)?;
+                let r = img.detach_parent().await;
+                let c = img.close().await;
+                r.and(c).map_err(ctx)?;
+            }
         }
         let names = io
             .list_objects(&format!("rbd_data.{id}."))
@@ -677,7 +691,21 @@ pub(super) async fn open_by_id(
     allow_encrypted: bool,
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<CephImage> {
-    let (header, snap_id) = load_header(&meta, spec, &id, mode).await?;
+    open_by_id_at(meta, spec, id, None, mode, allow_encrypted, luks_noted).await
+}
+
+/// [`open_by_id`] at the snapshot with id `snap_id` (`spec.snap` its name), whatever its
+/// namespace: a clone's parent.
+pub(super) async fn open_by_id_at(
+    meta: Arc<IoCtx>,
+    spec: &ImageSpec,
+    id: String,
+    snap_id: Option<u64>,
+    mode: OpenMode,
+    allow_encrypted: bool,
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
+) -> Result<CephImage> {
+    let (header, snap_id) = load_header_at(&meta, spec, &id, mode, snap_id).await?;
     // Data objects get their own handle: it carries the snapshot context (writes) or
     // reads at the mapped snapshot.
     let data = match snap_id {

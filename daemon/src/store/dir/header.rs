@@ -117,6 +117,7 @@ impl HeaderFile {
                     size: s.size,
                     protected: s.protected,
                     timestamp: s.timestamp,
+                    namespace: Default::default(),
                 })
                 .collect(),
             parent,

@@ -780,6 +780,14 @@ impl ImageStore for DirImage {
         self.run(move |i| i.snap_create(&name)).await
     }
 
+    async fn snap_trash_if_used(&self, id: u64) -> Result<bool> {
+        // No trash here: a snapshot with clones is not removed (snap_remove checks again
+        // under the header's lock).
+        self.run(move |i| i.check_no_clones(id))
+            .await
+            .map(|()| false)
+    }
+
     async fn snap_remove(&self, id: u64) -> Result<()> {
         self.run(move |i| i.snap_remove(id)).await
     }

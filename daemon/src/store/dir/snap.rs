@@ -565,6 +565,26 @@ impl Inner {
         Ok(id)
     }
 
+    /// Refuses when clones of snapshot `id` exist (they read from it).
+    pub(super) fn check_no_clones(&self, id: u64) -> Result<()> {
+        let n = lock(&self.header)
+            .children
+            .iter()
+            .filter(|c| c.snap_id == id)
+            .count();
+        if n > 0 {
+            let name = self.snap_record(id)?.name;
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "snapshot {name} of image {} has {n} clone(s); flatten or remove them first",
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn snap_remove(&self, id: u64) -> Result<()> {
         self.check_exclusive(&format!("removing snapshot {id}"))?;
         let rec = self.snap_record(id)?;
