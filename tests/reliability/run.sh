@@ -17,7 +17,8 @@ MNT=
 cleanup() {
   cleanup_pids
   if [ -n "$MNT" ]; then umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null; fi
-  rm -rf "$work"
+  # RELIABILITY_KEEP=1: the work directory stays for a post-mortem when something failed.
+  if [ -n "${RELIABILITY_KEEP:-}" ] && [ "$T_FAIL" -gt 0 ]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 TOOL=("$PY" "$here/nbdtool.py")
@@ -221,7 +222,7 @@ if want snapkill; then
         "$BIN" object-map check "simg@$n" >/dev/null 2>&1 || { echo "object-map check simg@$n failed"; return 1; }
       done
     }
-    for i in $(seq 1 6); do
+    for i in $(seq 1 "${SNAPKILL_ROUNDS:-6}"); do
       why=
       # The reference of the snapshot about to be taken: the image at rest now.
       serve_bg "$work/sref-$i.log" simg --read-only && nbdcopy "$(uri_of simg)" "$work/snapref-k$i.raw" \
@@ -264,6 +265,7 @@ if want snapkill; then
         pass "snapshot SIGKILL #$i: acked writes intact, snapshots [$left] exact, maps check ($(sed -n 's/^journal-write: //p' "$work/swriter-$i.log"))"
       else
         fail "snapshot SIGKILL #$i" "$why"; cleanup_pids
+        [ -z "${RELIABILITY_KEEP:-}" ] || break  # the state as the failure left it
       fi
     done
     # The oracle bites: a reference that differs from its snapshot by one block is seen.

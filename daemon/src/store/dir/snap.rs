@@ -25,7 +25,9 @@
 //! inode, which readers of the snapshot may have open, is never written again, and
 //! the version is durable before the head changes. A crash between link and rename
 //! leaves head and version sharing one inode (both views right); the next change sees
-//! the link count of 2 and makes the copy again before writing. Removal renames the
+//! the link count of 2 and makes the copy again before writing, first linking the head
+//! as the newest snapshot's version too when a snapshot was taken since (the old link
+//! covers only the snapshots up to its own). Removal renames the
 //! head to the version (no copy). Creation after a snapshot first makes a whiteout.
 
 use super::header::{fsync_dir, parse_header, SnapRecord};
@@ -339,10 +341,14 @@ impl Inner {
         let kept = exists(&self.version_path(objno, newest, false))?
             || exists(&self.version_path(objno, newest, true))?;
         match meta {
-            // A copy-on-write interrupted between link and rename: the head is still
-            // the version's inode. Copy again, without a new link.
-            Some(m) if m.nlink() > 1 => self.copy_on_write(objno, None)?,
+            // Not kept for the newest snapshot: link the head as its version, then copy.
+            // The head may still share its inode with an older version (a copy-on-write
+            // interrupted between link and rename, then a snapshot taken): that version
+            // covers only the snapshots up to it, so the newest needs its own link.
             Some(_) if !kept => self.copy_on_write(objno, Some(newest))?,
+            // A copy-on-write for the newest snapshot interrupted between link and
+            // rename: the head is still the version's inode. Copy again, without a link.
+            Some(m) if m.nlink() > 1 => self.copy_on_write(objno, None)?,
             Some(_) => {}
             None if kept => {}
             None if change == Change::Modify => return Ok(()),
@@ -415,14 +421,17 @@ impl Inner {
             return Ok(false);
         };
         let head = self.object_path(objno);
-        let meta = match std::fs::symlink_metadata(&head) {
-            Ok(m) => m,
+        match std::fs::symlink_metadata(&head) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(Error::io(format!("looking up {}", head.display()), e)),
         };
         let kept = exists(&self.version_path(objno, newest, false))?
             || exists(&self.version_path(objno, newest, true))?;
-        if kept || meta.nlink() > 1 {
+        // Kept already: remove as usual. A head that shares its inode with an older
+        // version (an interrupted copy-on-write) is not kept for the newest snapshot:
+        // the rename below gives it that name too.
+        if kept {
             return Ok(false);
         }
         let v = self.version_path(objno, newest, false);

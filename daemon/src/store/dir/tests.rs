@@ -793,6 +793,55 @@ async fn copy_on_write_survives_a_crash_at_each_step() {
     img.close().await.unwrap();
 }
 
+/// A crash between link and rename left the head sharing its inode with an older
+/// snapshot's version, and a snapshot was taken since: the next write or removal must
+/// still keep the data for the new snapshot (before: the link count alone was taken to
+/// mean "already kept", and the new snapshot read the new data, or nothing).
+#[tokio::test]
+async fn an_interrupted_copy_on_write_under_a_newer_snapshot_keeps_it() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    img.write(0, 0, b(b"old0"), true).await.unwrap();
+    img.write(1, 0, b(b"old1"), true).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    let pool = img.pool_dir().to_path_buf();
+    let prefix = img.header().object_prefix;
+    img.close().await.unwrap();
+    for o in 0..2u64 {
+        let head = pool.join(format!("{prefix}.{o:016x}"));
+        let v = pool.join(format!("{prefix}.{o:016x}@{s1:016x}"));
+        std::fs::hard_link(&head, &v).unwrap();
+    }
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.write(0, 0, b(b"NEW0"), false).await.unwrap();
+    img.remove(1, false).await.unwrap();
+    for o in 0..2u64 {
+        for snap in [s1, s2] {
+            assert_eq!(
+                get(&img, o, Some(snap)).await.as_deref(),
+                Some(format!("old{o}").as_bytes()),
+                "object {o} at snapshot {snap}"
+            );
+        }
+    }
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"NEW0");
+    assert_eq!(get(&img, 1, None).await, None);
+    img.close().await.unwrap();
+    // The same after s1 goes: s2 keeps the data.
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    img.snap_remove(s1).await.unwrap();
+    for o in 0..2u64 {
+        assert_eq!(
+            get(&img, o, Some(s2)).await.as_deref(),
+            Some(format!("old{o}").as_bytes()),
+            "object {o} at snapshot {s2} after {s1} was removed"
+        );
+    }
+    img.close().await.unwrap();
+}
+
 /// A snapshot removal interrupted after the header dropped the snapshot but before its
 /// versions were renamed: readers still find them, and the next writer finishes it.
 #[tokio::test]
