@@ -59,6 +59,33 @@ pub enum OwnerRequest {
         name: String,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rbd snap rm` of an image in use.
+    SnapRemove {
+        name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd snap rename`: librbd names the source by its snapshot id.
+    SnapRename {
+        snap_id: u64,
+        new_name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd snap protect` / `unprotect`.
+    SnapProtect {
+        name: String,
+        protected: bool,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd flatten`: `progress` gets (objects done, total) as it goes.
+    Flatten {
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd object-map rebuild`: the head's map rebuilt from the objects that exist.
+    RebuildObjectMap {
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,6 +49,7 @@ mod header;
 mod image;
 mod lock;
 pub mod luks;
+mod owner_msgs;
 pub mod rados;
 pub mod snaps;
 mod store;
