@@ -796,4 +796,83 @@ mod tests {
             "an undecodable resize is never accepted"
         );
     }
+
+    #[test]
+    fn owner_requests_acked_as_librbd_does() {
+        let id = cls::AsyncRequestId {
+            gid: 7,
+            handle: 8,
+            request_id: 9,
+        };
+        let msg = |op: u32, body: &dyn Fn(&mut cls::Enc)| {
+            let mut e = cls::Enc::new();
+            let at = e.start(7, 1);
+            e.u32(op);
+            body(&mut e);
+            e.finish(at).done()
+        };
+        let user_snap = |name: &'static str| {
+            move |e: &mut cls::Enc| {
+                e.str(name);
+                let ns = e.start(1, 1);
+                e.u32(0).finish(ns);
+                e.u64(7).u64(8).u64(9);
+            }
+        };
+        let rm = msg(owner_msgs::NOTIFY_OP_SNAP_REMOVE, &user_snap("s"));
+        // New: accepted (AsyncComplete follows); asked again once done: its result.
+        assert_eq!(
+            reply_to_notify(1, &rm, true, |_| None),
+            cls::response_message(0)
+        );
+        assert_eq!(
+            reply_to_notify(1, &rm, true, |i| (*i == id).then_some(-2)),
+            cls::response_message(-2)
+        );
+        assert_eq!(
+            reply_to_notify(1, &rm, false, |_| None),
+            cls::response_message(-30)
+        );
+        let flatten = msg(owner_msgs::NOTIFY_OP_FLATTEN, &|e| {
+            e.u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &flatten, true, |_| None),
+            cls::response_message(0)
+        );
+        // Feature changes and sparsify: refused at once, EBUSY.
+        let features = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
+            e.u64(0x10).u8(0).u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &features, true, |_| None),
+            cls::response_message(-16)
+        );
+        let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
+            e.u64(7).u64(8).u64(9).u64(4096);
+        });
+        assert_eq!(
+            reply_to_notify(1, &sparsify, true, |_| None),
+            cls::response_message(-16)
+        );
+        // A group snapshot: refused.
+        let group = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
+            e.str("g");
+            let ns = e.start(1, 1);
+            e.u32(1).i64(1).str("a").str("b").finish(ns);
+            e.u64(7).u64(8).u64(9).u64(0);
+        });
+        assert_eq!(
+            reply_to_notify(1, &group, true, |_| None),
+            cls::response_message(-16)
+        );
+        // An op we do not know, addressed to the owner: refused as before.
+        let unknown = msg(16, &|e| {
+            e.u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &unknown, true, |_| None),
+            cls::response_message(-30)
+        );
+    }
 }

@@ -239,6 +239,147 @@ mod tests {
                 id: Some(ID)
             }
         );
-        let _ = hex("00");
+    }
+
+    /// What `rbd` (librbd 16.2.x) sent a rados-nbd lock owner, captured from the wire.
+    fn captured(h: &str) -> OwnerMsg {
+        owner_msg(&hex(h)).unwrap().unwrap()
+    }
+
+    fn id(gid: u64, handle: u64, request_id: u64) -> Option<AsyncRequestId> {
+        Some(AsyncRequestId {
+            gid,
+            handle,
+            request_id,
+        })
+    }
+
+    #[test]
+    fn requests_as_rbd_16_2_sends_them() {
+        // rbd snap create ow1@s1: name, user namespace, id, flags 0.
+        assert_eq!(
+            captured(
+                "0701340000000800000002000000733101010400000000000000\
+                 1310000000000000c0660164d97f00000100000000000000 0000000000000000"
+            ),
+            OwnerMsg {
+                op: OwnerOp::SnapCreate {
+                    ns: SNAP_NS_USER,
+                    name: "s1".into(),
+                    flags: 0
+                },
+                id: id(0x1013, 0x7fd9_6401_66c0, 1)
+            }
+        );
+        // rbd snap rm ow1@s2: name, user namespace, id.
+        assert_eq!(
+            captured(
+                "07012c00000009000000020000007332010104000000000000002510000000000000\
+                 c0480158ad7f00000100000000000000"
+            ),
+            OwnerMsg {
+                op: OwnerOp::SnapRemove {
+                    ns: SNAP_NS_USER,
+                    name: "s2".into()
+                },
+                id: id(0x1025, 0x7fad_5801_48c0, 1)
+            }
+        );
+        // rbd object-map rebuild, rbd flatten: the id alone.
+        assert_eq!(
+            captured("07011c0000000a0000001710000000000000d0100018207f00000100000000000000"),
+            OwnerMsg {
+                op: OwnerOp::RebuildObjectMap,
+                id: id(0x1017, 0x7f20_1800_10d0, 1)
+            }
+        );
+        assert_eq!(
+            captured("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000"),
+            OwnerMsg {
+                op: OwnerOp::Flatten,
+                id: id(0x103b, 0x7fb6_3c01_d870, 1)
+            }
+        );
+        // rbd feature disable IMG fast-diff: features 0x10, enabled false, id.
+        assert_eq!(
+            captured(
+                "0701250000000f00000010000000000000000027100000000000000015000c167f0000\
+                 0100000000000000"
+            ),
+            OwnerMsg {
+                op: OwnerOp::UpdateFeatures {
+                    features: 0x10,
+                    enabled: false
+                },
+                id: id(0x1027, 0x7f16_0c00_1500, 1)
+            }
+        );
+        // rbd sparsify: id, sparse size 4096.
+        assert_eq!(
+            captured(
+                "070124000000110000001910000000000000401d01f0817f0000\
+                 01000000000000000010000000000000"
+            ),
+            OwnerMsg {
+                op: OwnerOp::Sparsify { sparse_size: 4096 },
+                id: id(0x1019, 0x7f81_f001_1d40, 1)
+            }
+        );
+        // The lock request that follows an -EOPNOTSUPP: not an operation.
+        assert_eq!(
+            owner_msg(&hex(
+                "070115000000020000001910000000000000401d01f0817f000000"
+            ))
+            .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn older_and_other_layouts() {
+        // SnapRename (journaling images only): source id first, then as SnapRemove.
+        let mut e = Enc::new();
+        let at = e.start(7, 1);
+        e.u32(NOTIFY_OP_SNAP_RENAME).u64(4).str("new");
+        let ns = e.start(1, 1);
+        e.u32(0).finish(ns);
+        e.u64(1).u64(2).u64(3);
+        let m = owner_msg(&e.finish(at).done()).unwrap().unwrap();
+        assert_eq!(
+            m,
+            OwnerMsg {
+                op: OwnerOp::SnapRename {
+                    snap_id: 4,
+                    name: "new".into()
+                },
+                id: id(1, 2, 3)
+            }
+        );
+        // A group snapshot (namespace type 1 with its fields), v7.
+        let mut e = Enc::new();
+        let at = e.start(7, 1);
+        e.u32(NOTIFY_OP_SNAP_PROTECT).str("g");
+        let ns = e.start(1, 1);
+        e.u32(1).i64(2).str("gid").str("gsnap").finish(ns);
+        e.u64(1).u64(2).u64(3);
+        let m = owner_msg(&e.finish(at).done()).unwrap().unwrap();
+        assert_eq!(
+            m.op,
+            OwnerOp::SnapProtect {
+                ns: 1,
+                name: "g".into()
+            }
+        );
+        // v6 (librbd before 16.2): no request id, the owner must answer in the ack.
+        let mut e = Enc::new();
+        let at = e.start(6, 1);
+        e.u32(NOTIFY_OP_SNAP_REMOVE).str("s");
+        let ns = e.start(1, 1);
+        e.u32(0).finish(ns);
+        let m = owner_msg(&e.finish(at).done()).unwrap().unwrap();
+        assert_eq!(m.id, None);
+        // Truncated: an error, never a guess.
+        let full = hex("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000");
+        assert!(owner_msg(&full[..full.len() - 1]).is_err());
     }
 }
