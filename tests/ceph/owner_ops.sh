@@ -8,7 +8,8 @@
 # ls/rm/rename/protect/unprotect behave as rbd's own, a served clone is flattened (same
 # bytes, no parent), the map rebuilt while served checks clean, feature changes and
 # sparsify are refused promptly with a clear error, and after close `rbd object-map
-# check` passes for the image and every snapshot.
+# check` passes for the image and every snapshot. `rados-nbd snap create|rm` and
+# `rados-nbd flatten` of an image another rados-nbd serves go through the owner the same way.
 # Runs against $CEPH_CONF like e2e.sh (tests/ceph/run.sh starts the cluster).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -138,6 +139,21 @@ check "IMG@s2 unchanged by the removal" cmp <(rbd export --no-progress "$I@s2" -
 check "more writes after the removal" put "$I" "$work/ref" 3 $((4 * MB)) $((2 * MB))
 check "rbd export of the head equals every write" bash -c "exported_is '$I' '$work/ref'"
 
+# rados-nbd's own commands against the image served by another rados-nbd: through the
+# lock owner, as rbd's.
+cp "$work/ref" "$work/ref.c1"
+check "rados-nbd snap create IMG@c1 of the served image succeeds" timeout 120 "${RN[@]}" snap create "$I@c1"
+check "more written after it" put "$I" "$work/ref" 7 0 $((2 * MB))
+check "rbd export IMG@c1 equals exactly the writes acknowledged before it" \
+  bash -c "exported_is '$I@c1' '$work/ref.c1'"
+check "rados-nbd snap create of an existing name fails, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} snap create '$I@c1' 2>&1) && exit 1; grep -q 'File exists' <<<\"\$out\""
+check "rados-nbd snap rm IMG@c1 of the served image succeeds" timeout 120 "${RN[@]}" snap rm "$I@c1"
+check "rados-nbd snap rm of a missing snapshot fails, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} snap rm '$I@c1' 2>&1) && exit 1; grep -q 'No such file' <<<\"\$out\""
+check "rbd snap ls lists s2 only again" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[].name' | tr '\n' ' ')\" = 's2 ' ]"
+
 # ------------------------------------------------------------ object map rebuild, refusals
 check "rbd object-map rebuild while served succeeds" "${RBD[@]}" object-map rebuild --no-progress "$I"
 check "the daemon rebuilt it (log)" grep -q "object map of rbd/$I rebuilt" "$work/serve.log"
@@ -191,7 +207,23 @@ check "flatten: after close, rbd object-map check passes" rbd object-map check "
 check "flatten: the parent's snapshot can be unprotected and removed" bash -c \
   "rbd snap unprotect '$P@base' && rbd snap rm --no-progress '$P@base' >/dev/null 2>&1"
 
+# rados-nbd flatten of a clone another rados-nbd serves.
+rbd snap create "$P@base2" >/dev/null 2>&1
+rbd snap protect "$P@base2"
+rbd clone "$P@base2" "$C-2"
+cp "$work/p.raw" "$work/c2.ref"
+serve "$C-2" || { fail "serve $C-2" "$(tail -3 "$work/serve.log")"; }
+check "flatten: writes to a second clone" put "$C-2" "$work/c2.ref" 8 $((9 * MB)) $((3 * MB))
+check "flatten: rados-nbd flatten of the clone another rados-nbd serves succeeds" \
+  timeout 120 "${RN[@]}" flatten "$C-2"
+check "flatten: rbd info shows no parent" bash -c "! rbd info '$C-2' --format json | jq -e .parent >/dev/null"
+check "flatten: rbd export equals parent + writes" bash -c "exported_is '$C-2' '$work/c2.ref'"
+check_unserve "flatten: clean close of the second clone"
+check "flatten: after close, rbd object-map check passes" rbd object-map check "$C-2"
+rbd snap unprotect "$P@base2" >/dev/null 2>&1
+rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
+
 rbd snap purge --no-progress "$I" >/dev/null 2>&1
-for i in "$I" "$C" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
+for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
 check "test images removed" bash -c "! rbd ls | grep -q '^owner[cp]*-$$\$'"
 t_summary

@@ -45,10 +45,16 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
         }
         SnapCommand::Rm { snap } => {
             let (spec, name) = snap_spec(&snap)?;
-            on_head(store, &spec, "remove a snapshot of", async |img| {
+            let r = on_head(store, &spec, "remove a snapshot of", async |img| {
                 img.snap_remove(&name).await
             })
-            .await
+            .await;
+            match r {
+                Err(e) if e.kind == ErrorKind::Busy => {
+                    store.ask_holder_to_snap_remove(&spec, &name).await
+                }
+                r => r,
+            }
         }
         SnapCommand::Rename { snap, dest } => {
             let (spec, name) = snap_spec(&snap)?;

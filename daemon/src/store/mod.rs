@@ -275,6 +275,35 @@ pub trait Store: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// Asks whoever holds `spec`'s exclusive lock to remove snapshot `name`, and waits.
+    fn ask_holder_to_snap_remove(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "image {spec} is in use; removing a snapshot ({name}) of an image in use is not supported here: stop serving it (or unmap it) first"
+            ),
+        );
+        async move { Err(e) }
+    }
+
+    /// Asks whoever holds `spec`'s exclusive lock to flatten it, and waits;
+    /// `progress(done, total)` as the holder reports it.
+    fn ask_holder_to_flatten(
+        &self,
+        spec: &ImageSpec,
+        _progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!("image {spec} is in use; stop serving it to flatten it"),
+        );
+        async move { Err(e) }
+    }
+
     /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
     /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
     /// SharedWrite is writable without excluding other SharedWrite openers.

@@ -44,6 +44,7 @@
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
 //! encodings, `snaps` the snap sets of objects, `luks` the LUKS header probe.
 
+mod ask_owner;
 pub mod cls;
 mod header;
 mod image;

@@ -189,6 +189,98 @@ pub fn async_progress_notify(id: AsyncRequestId, offset: u64, total: u64) -> Vec
     e.finish(at).done()
 }
 
+/// A request to the owner as librbd 16.2 encodes it (what `rados-nbd` sends when the image
+/// is served elsewhere): ENCODE_START(7,1) { u32 op, the op's fields }.
+fn request(op: u32, body: impl FnOnce(&mut Enc)) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(op);
+    body(&mut e);
+    e.finish(at).done()
+}
+
+fn put_id(e: &mut Enc, id: AsyncRequestId) {
+    e.u64(id.gid).u64(id.handle).u64(id.request_id);
+}
+
+/// A user SnapshotNamespace: ENCODE_START(1,1) { u32 0 }.
+fn put_user_ns(e: &mut Enc) {
+    let at = e.start(1, 1);
+    e.u32(SNAP_NS_USER).finish(at);
+}
+
+pub fn snap_create_request(id: AsyncRequestId, name: &str) -> Vec<u8> {
+    request(NOTIFY_OP_SNAP_CREATE, |e| {
+        e.str(name);
+        put_user_ns(e);
+        put_id(e, id);
+        e.u64(0);
+    })
+}
+
+pub fn snap_remove_request(id: AsyncRequestId, name: &str) -> Vec<u8> {
+    request(NOTIFY_OP_SNAP_REMOVE, |e| {
+        e.str(name);
+        put_user_ns(e);
+        put_id(e, id);
+    })
+}
+
+pub fn flatten_request(id: AsyncRequestId) -> Vec<u8> {
+    request(NOTIFY_OP_FLATTEN, |e| put_id(e, id))
+}
+
+pub fn resize_request(id: AsyncRequestId, size: u64, allow_shrink: bool) -> Vec<u8> {
+    request(cls::NOTIFY_OP_RESIZE, |e| {
+        e.u64(size);
+        put_id(e, id);
+        e.bool(allow_shrink);
+    })
+}
+
+/// What the owner tells the asker while and after it works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerNews {
+    Progress {
+        id: AsyncRequestId,
+        offset: u64,
+        total: u64,
+    },
+    Complete {
+        id: AsyncRequestId,
+        result: i32,
+    },
+}
+
+/// AsyncProgress / AsyncComplete, `None` for any other notification.
+pub fn owner_news(payload: &[u8]) -> Option<OwnerNews> {
+    let mut d = Dec::new(payload, "rbd notification");
+    let (_, end) = d.start(7).ok()?;
+    let news = match d.u32().ok()? {
+        cls::NOTIFY_OP_ASYNC_PROGRESS => OwnerNews::Progress {
+            id: async_id(&mut d).ok()?,
+            offset: d.u64().ok()?,
+            total: d.u64().ok()?,
+        },
+        cls::NOTIFY_OP_ASYNC_COMPLETE => OwnerNews::Complete {
+            id: async_id(&mut d).ok()?,
+            result: d.i32().ok()?,
+        },
+        _ => return None,
+    };
+    d.finish(end).ok()?;
+    Some(news)
+}
+
+/// ResponseMessage: ENCODE_START(1,1) { i32 result }.
+pub fn response_result(payload: &[u8]) -> Result<i32> {
+    let mut d = Dec::new(payload, "the lock owner's answer");
+    let (_, end) = d.start(1)?;
+    let r = d.i32()?;
+    d.finish(end)?;
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,5 +473,71 @@ mod tests {
         // Truncated: an error, never a guess.
         let full = hex("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000");
         assert!(owner_msg(&full[..full.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn our_requests_decode_as_librbd_would() {
+        // Same bytes as rbd's own (captured above), but for the ids.
+        let id = AsyncRequestId {
+            gid: 0x1025,
+            handle: 0x7fad_5801_48c0,
+            request_id: 1,
+        };
+        assert_eq!(
+            snap_remove_request(id, "s2"),
+            hex(
+                "07012c00000009000000020000007332010104000000000000002510000000000000\
+                 c0480158ad7f00000100000000000000"
+            )
+        );
+        let id = AsyncRequestId {
+            gid: 0x1013,
+            handle: 0x7fd9_6401_66c0,
+            request_id: 1,
+        };
+        assert_eq!(
+            snap_create_request(id, "s1"),
+            hex("0701340000000800000002000000733101010400000000000000\
+                 1310000000000000c0660164d97f00000100000000000000 0000000000000000")
+        );
+        let id = AsyncRequestId {
+            gid: 0x103b,
+            handle: 0x7fb6_3c01_d870,
+            request_id: 1,
+        };
+        assert_eq!(
+            flatten_request(id),
+            hex("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000")
+        );
+        assert_eq!(
+            owner_msg(&resize_request(ID, 5 << 20, true))
+                .unwrap()
+                .unwrap(),
+            OwnerMsg {
+                op: OwnerOp::Resize {
+                    size: 5 << 20,
+                    allow_shrink: true
+                },
+                id: Some(ID)
+            }
+        );
+        assert_eq!(
+            owner_news(&async_progress_notify(ID, 1, 2)),
+            Some(OwnerNews::Progress {
+                id: ID,
+                offset: 1,
+                total: 2
+            })
+        );
+        assert_eq!(
+            owner_news(&cls::async_complete_notify(ID, -17)),
+            Some(OwnerNews::Complete {
+                id: ID,
+                result: -17
+            })
+        );
+        assert_eq!(owner_news(&cls::header_update_notify()), None);
+        assert_eq!(response_result(&cls::response_message(-16)).unwrap(), -16);
+        assert!(response_result(&[]).is_err());
     }
 }
