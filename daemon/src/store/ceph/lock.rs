@@ -297,8 +297,10 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
                     }
                 };
                 if send_progress {
+                    // An op without progress of its own (a snapshot) reports 0 of 1: a
+                    // total of 0 is a division by zero in some progress printers.
                     let (d, t) = *progress_rx.borrow();
-                    let m = owner_msgs::async_progress_notify(id, d, t);
+                    let m = owner_msgs::async_progress_notify(id, d, t.max(1));
                     let _ = inner
                         .meta
                         .notify(&inner.hdr_oid, &m, NOTIFY_TIMEOUT_MS)
