@@ -128,9 +128,10 @@ impl<S: ImageStore> Image<S> {
         Ok(())
     }
 
-    /// Serves the requests other clients address to the lock holder (a resize), if the
-    /// store takes any for this handle: each runs here, one at a time, and its result
-    /// goes back to the asker. Ends when the store stops sending (closed) or the image
+    /// Serves the requests other clients address to the lock holder (resize, snapshot
+    /// create/remove/rename/protect, flatten, object map rebuild), if the store takes any
+    /// for this handle: each runs here, one at a time, and its result goes back to the
+    /// asker. Ends when the store stops sending (closed) or the image
     /// is dropped.
     pub fn serve_owner_requests(self: &Arc<Self>) {
         let Some(mut rx) = self.store.owner_requests() else {
