@@ -296,8 +296,11 @@ assert h.pread(512, 0) == open('$work/r.raw', 'rb').read(512)
 h.shutdown()"
 check "resize: objects past 22 MiB removed (6 data objects left)" bash -c "
   [ \$(rados -p rbd ls | grep -c \"^rbd_data.\$(rbd info e2e-r --format json | jq -r .id)\\.\") = 6 ]"
-check "resize: rados-nbd resize of an image served elsewhere fails, pointing to rbd resize" bash -c \
-  "out=\$(${RNQ} resize --size 40M e2e-r 2>&1) && exit 1; grep -q 'rbd resize' <<<\"\$out\""
+check "resize: rados-nbd resize of an image served elsewhere goes through the server" \
+  timeout 60 "${RN[@]}" resize --size 40M e2e-r
+check "resize: rbd info shows 40 MiB" bash -c "rbd info e2e-r --format json | jq -e '.size == $((40 * MB))'"
+check "resize: rados-nbd resize --allow-shrink back to 22 MiB, through the server" \
+  timeout 60 "${RN[@]}" resize --allow-shrink --size 22M e2e-r
 unhold
 check_unserve "resize: clean close after resizes"
 check "resize: rbd object-map check passes" omap_check e2e-r

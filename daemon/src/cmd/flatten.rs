@@ -9,8 +9,8 @@ use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
 use std::time::Instant;
 
-/// Flattens a clone that is not in use (a served image must be flattened by the
-/// process serving it, which does not take that request yet).
+/// Flattens a clone here when it is not in use, else asks the process serving it to (a
+/// rados-nbd or librbd holder of its lock, through the header watch, as `rbd flatten`).
 pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     // Refused before anything is written (opening for writing sets the dirty flag).
     let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
@@ -30,10 +30,35 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     let img = match image::Image::open(store, spec, &opts).await {
         Ok(img) => img,
         Err(e) if e.kind == ErrorKind::Busy => {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("{}; stop serving it to flatten it", e.message),
-            ))
+            // Served elsewhere: the holder flattens it (as `rbd flatten` asks it).
+            let start = Instant::now();
+            let mut last = start;
+            let mut progress = |done: u64, total: u64| {
+                let now = Instant::now();
+                if now.duration_since(last) >= EVERY && done < total {
+                    last = now;
+                    tracing::info!(
+                        "flattening {spec} (by the process serving it): {done} of {total} objects ({}%)",
+                        done * 100 / total.max(1)
+                    );
+                }
+            };
+            return match store.ask_holder_to_flatten(spec, &mut progress).await {
+                Ok(()) => {
+                    if let Some(p) = &parent {
+                        super::trash_snap::remove_if_unused(store, p).await;
+                    }
+                    println!("{spec}: flattened by the process serving it");
+                    Ok(())
+                }
+                Err(e2) if e2.kind == ErrorKind::Busy && e2.message.contains("stop serving") => {
+                    Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("{}; stop serving it to flatten it", e.message),
+                    ))
+                }
+                Err(e2) => Err(e2),
+            };
         }
         Err(e) => return Err(e),
     };

@@ -32,23 +32,25 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
         }
         SnapCommand::Create { snap } => {
             let (spec, name) = snap_spec(&snap)?;
-            let r = on_head(store, &spec, "create a snapshot of", async |img| {
+            let r = try_on_head(store, &spec, "create a snapshot of", async |img| {
                 img.snap_create(&name).await.map(|_| ())
             })
-            .await;
+            .await?;
             match r {
-                Err(e) if e.kind == ErrorKind::Busy => {
-                    store.ask_holder_to_snap_create(&spec, &name).await
-                }
-                r => r,
+                Head::InUse(_) => store.ask_holder_to_snap_create(&spec, &name).await,
+                Head::Done(r) => r,
             }
         }
         SnapCommand::Rm { snap } => {
             let (spec, name) = snap_spec(&snap)?;
-            on_head(store, &spec, "remove a snapshot of", async |img| {
+            let r = try_on_head(store, &spec, "remove a snapshot of", async |img| {
                 img.snap_remove(&name).await
             })
-            .await
+            .await?;
+            match r {
+                Head::InUse(_) => store.ask_holder_to_snap_remove(&spec, &name).await,
+                Head::Done(r) => r,
+            }
         }
         SnapCommand::Rename { snap, dest } => {
             let (spec, name) = snap_spec(&snap)?;
@@ -117,6 +119,26 @@ async fn on_head<S: Store>(
     what: &str,
     f: impl AsyncFnOnce(&Image<S::Image>) -> Result<()>,
 ) -> Result<()> {
+    match try_on_head(store, spec, what, f).await? {
+        Head::Done(r) => r,
+        Head::InUse(e) => Err(e),
+    }
+}
+
+/// What `try_on_head` did: ran `f` (its result), or found the image in use elsewhere
+/// (the open's error, with what to do), where the holder may be asked instead. Kept
+/// apart so that a Busy from `f` itself (a protected snapshot) is never taken for one.
+enum Head {
+    Done(Result<()>),
+    InUse(Error),
+}
+
+async fn try_on_head<S: Store>(
+    store: &S,
+    spec: &ImageSpec,
+    what: &str,
+    f: impl AsyncFnOnce(&Image<S::Image>) -> Result<()>,
+) -> Result<Head> {
     let opts = image::OpenOptions {
         read_only: false,
         shared_default: Config::load()?.shared_default,
@@ -125,16 +147,15 @@ async fn on_head<S: Store>(
     let img = match Image::open(store, spec, &opts).await {
         Ok(i) => i,
         Err(e) if e.kind == ErrorKind::Busy => {
-            return Err(e.context(format!(
+            return Ok(Head::InUse(e.context(format!(
                 "cannot {what} {spec} while it is in use; stop serving it (or unmap it) first"
-            )));
+            ))));
         }
         Err(e) => return Err(e),
     };
     let r = f(&img).await;
     let c = img.close().await;
-    r?;
-    c
+    Ok(Head::Done(r.and(c)))
 }
 
 /// `rbd snap ls`'s table (TextTable: every column padded to its width, the last one

@@ -8,6 +8,7 @@ use crate::store::{
     RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use objmap::{ObjectMap, ObjectState};
+use std::sync::Arc;
 
 /// Why the in-memory map was rebuilt instead of loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,4 +122,47 @@ pub fn invalid_flags(features: u64) -> u64 {
         f |= RBD_FLAG_FAST_DIFF_INVALID;
     }
     f
+}
+
+impl<S: ImageStore> super::Image<S> {
+    /// `rbd object-map rebuild` asked of the lock owner: the head's map built again from
+    /// the data objects that exist (librbd's states, so fast-diff stays exact), with every
+    /// request held off (`gate`) so no write lands between the listing and the swap; then
+    /// written with the flag cleared, as a checkpoint does. `progress(done, total)` in
+    /// objects, for the asker.
+    pub async fn rebuild_object_map(&self, mut progress: impl FnMut(u64, u64)) -> Result<String> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        if self.shared || self.map().is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{spec} is served without an object map in memory (a shared image, or no \
+                     object-map feature): nothing to rebuild while it is in use"
+                ),
+            ));
+        }
+        let ctx = |e: Error| e.context(format!("rebuilding the object map of {spec}"));
+        let g = self.gate.write().await;
+        if *g {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{spec} is closing; object map not rebuilt"),
+            ));
+        }
+        let count = self.size().div_ceil(self.header.object_size());
+        progress(0, count);
+        let map = rebuild_map(&self.store, spec, count, None)
+            .await
+            .map_err(ctx)?;
+        let summary = describe_rebuilt(&map, count);
+        // Flag set before the map on disk changes, cleared once it is written.
+        self.ensure_dirty().await.map_err(ctx)?;
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
+        self.mark_clean().await.map_err(ctx)?;
+        progress(count, count);
+        drop(g);
+        tracing::info!("object map of {spec} rebuilt: {summary}");
+        Ok(summary)
+    }
 }

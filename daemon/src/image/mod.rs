@@ -119,7 +119,8 @@ pub struct Image<S: ImageStore> {
     snap: Option<u64>,
     read_only: bool,
     shared: bool,
-    /// Replaced only in `resize`, with every request held off by `gate`; a request
+    /// Replaced only in `resize` and `rebuild_object_map`, with every request held off
+    /// by `gate`; a request
     /// takes its own reference and never holds this lock across an await.
     map: std::sync::RwLock<Option<Arc<ObjectMap>>>,
     map_source: Option<MapSource>,

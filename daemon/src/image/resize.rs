@@ -128,9 +128,10 @@ impl<S: ImageStore> Image<S> {
         Ok(())
     }
 
-    /// Serves the requests other clients address to the lock holder (a resize), if the
-    /// store takes any for this handle: each runs here, one at a time, and its result
-    /// goes back to the asker. Ends when the store stops sending (closed) or the image
+    /// Serves the requests other clients address to the lock holder (resize, snapshot
+    /// create/remove/rename/protect, flatten, object map rebuild), if the store takes any
+    /// for this handle: each runs here, one at a time, and its result goes back to the
+    /// asker. Ends when the store stops sending (closed) or the image
     /// is dropped.
     pub fn serve_owner_requests(self: &Arc<Self>) {
         let Some(mut rx) = self.store.owner_requests() else {
@@ -161,6 +162,74 @@ impl<S: ImageStore> Image<S> {
                         }
                         let _ = done.send(r);
                     }
+                    OwnerRequest::SnapRemove { name, done } => {
+                        tracing::info!(
+                            "removal of snapshot {}@{name} asked by another client",
+                            img.spec
+                        );
+                        let _ = done.send(logged(img.snap_remove(&name).await));
+                    }
+                    OwnerRequest::SnapRename {
+                        snap_id,
+                        new_name,
+                        done,
+                    } => {
+                        let r = match img
+                            .store
+                            .header()
+                            .snaps
+                            .iter()
+                            .find(|s| s.id == snap_id && s.is_user())
+                        {
+                            Some(s) => {
+                                tracing::info!("rename of snapshot {}@{} to {new_name} asked by another client", img.spec, s.name);
+                                img.snap_rename(&s.name.clone(), &new_name).await
+                            }
+                            None => Err(Error::new(
+                                ErrorKind::NotFound,
+                                format!("{}: no snapshot with id {snap_id} to rename", img.spec),
+                            )),
+                        };
+                        let _ = done.send(logged(r));
+                    }
+                    OwnerRequest::SnapProtect {
+                        name,
+                        protected,
+                        done,
+                    } => {
+                        tracing::info!(
+                            "{} of snapshot {}@{name} asked by another client",
+                            if protected {
+                                "protection"
+                            } else {
+                                "unprotection"
+                            },
+                            img.spec
+                        );
+                        let _ = done.send(logged(img.snap_set_protected(&name, protected).await));
+                    }
+                    OwnerRequest::Flatten { progress, done } => {
+                        tracing::info!("flatten of {} asked by another client", img.spec);
+                        let r = img
+                            .flatten(|d, t| {
+                                progress.send_replace((d, t));
+                            })
+                            .await;
+                        let _ = done.send(logged(r));
+                    }
+                    OwnerRequest::RebuildObjectMap { progress, done } => {
+                        tracing::info!(
+                            "object map rebuild of {} asked by another client",
+                            img.spec
+                        );
+                        let r = img
+                            .rebuild_object_map(|d, t| {
+                                progress.send_replace((d, t));
+                            })
+                            .await
+                            .map(|_| ());
+                        let _ = done.send(logged(r));
+                    }
                     OwnerRequest::SnapCreate { name, done } => {
                         tracing::info!("snapshot {}@{name} asked by another client", img.spec);
                         // snap_create holds every request off (the gate) while it syncs
@@ -181,4 +250,12 @@ impl<S: ImageStore> Image<S> {
     pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.size_tx.subscribe()
     }
+}
+
+/// Logs a failed owner request (the asker gets its errno only).
+fn logged(r: Result<()>) -> Result<()> {
+    if let Err(e) = &r {
+        tracing::warn!("{e}");
+    }
+    r
 }

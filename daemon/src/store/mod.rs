@@ -59,6 +59,33 @@ pub enum OwnerRequest {
         name: String,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rbd snap rm` of an image in use.
+    SnapRemove {
+        name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd snap rename`: librbd names the source by its snapshot id.
+    SnapRename {
+        snap_id: u64,
+        new_name: String,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd snap protect` / `unprotect`.
+    SnapProtect {
+        name: String,
+        protected: bool,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd flatten`: `progress` gets (objects done, total) as it goes.
+    Flatten {
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// `rbd object-map rebuild`: the head's map rebuilt from the objects that exist.
+    RebuildObjectMap {
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,6 +271,35 @@ pub trait Store: Send + Sync + 'static {
             format!(
                 "image {spec} is in use; a snapshot ({name}) of an image in use is not supported yet: stop serving it (or unmap it), then run `snap create` again"
             ),
+        );
+        async move { Err(e) }
+    }
+
+    /// Asks whoever holds `spec`'s exclusive lock to remove snapshot `name`, and waits.
+    fn ask_holder_to_snap_remove(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "image {spec} is in use; removing a snapshot ({name}) of an image in use is not supported here: stop serving it (or unmap it) first"
+            ),
+        );
+        async move { Err(e) }
+    }
+
+    /// Asks whoever holds `spec`'s exclusive lock to flatten it, and waits;
+    /// `progress(done, total)` as the holder reports it.
+    fn ask_holder_to_flatten(
+        &self,
+        spec: &ImageSpec,
+        _progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = crate::error::Error::new(
+            crate::error::ErrorKind::Busy,
+            format!("image {spec} is in use; stop serving it to flatten it"),
         );
         async move { Err(e) }
     }

@@ -45,6 +45,9 @@ pub(super) struct Inner {
     pub(super) owner_tx: Mutex<Option<mpsc::UnboundedSender<OwnerRequest>>>,
     /// Requests being carried out: librbd may send one again while it waits.
     pub(super) owner_pending: Mutex<std::collections::HashSet<cls::AsyncRequestId>>,
+    /// Results of requests carried out, newest last (bounded): a client that sends one
+    /// again (it missed our AsyncComplete) is answered with it, not served twice.
+    pub(super) owner_done: Mutex<std::collections::VecDeque<(cls::AsyncRequestId, i32)>>,
     pub(super) closed: AtomicBool,
 }
 

@@ -5,11 +5,12 @@
 
 use super::header::refresh;
 use super::image::Inner;
+use super::owner_msgs::{self, OwnerMsg, OwnerOp};
 use super::rados::{self, errno_of, is_blocklisted, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{OpenMode, OwnerRequest};
-use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
+use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
@@ -94,82 +95,246 @@ pub(super) async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
     Ok(())
 }
 
-/// The watch's replier for this image: whether resizes are taken can change after the
+/// The watch's replier for this image: whether requests are taken can change after the
 /// watch is registered (the image layer starts taking them once it is serving).
 fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
     let inner = Arc::downgrade(inner);
     Box::new(move |notifier, payload| {
-        let takes = inner.upgrade().is_some_and(|i| i.takes_owner_requests());
-        reply_to_notify(notifier, payload, takes)
+        let Some(i) = inner.upgrade() else {
+            return reply_to_notify(notifier, payload, false, |_| None);
+        };
+        let takes = i.takes_owner_requests();
+        reply_to_notify(notifier, payload, takes, |id| i.owner_result(id))
     })
 }
 
-/// Runs on librados' callback thread. A resize is accepted (0) when `takes_resize`, and
-/// carried out by `watch_events`, which then sends AsyncComplete, as librbd's owner does.
-/// Other requests addressed to the lock owner get -EROFS (we do not hand the lock over,
-/// like `rbd-nbd --exclusive`; snapshots and the like are not done by us); the rest are
-/// acked empty.
-fn reply_to_notify(_notifier: u64, payload: &[u8], takes_resize: bool) -> Vec<u8> {
-    match cls::notify_op(payload) {
-        Ok(cls::NOTIFY_OP_RESIZE) if takes_resize && cls::resize_request(payload).is_ok() => {
-            cls::response_message(0)
-        }
-        Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
-        _ => Vec::new(),
+/// How many results of finished requests are kept for clients that ask again.
+const OWNER_DONE_KEPT: usize = 256;
+/// While a request runs, a progress notice at least this often: librbd's asker gives up
+/// (and sends the request again) after `rbd_request_timed_out_seconds` (30) without one.
+const OWNER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Progress notices no more often than this.
+const OWNER_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Inner {
+    /// The result of request `id` if we finished it already.
+    fn owner_result(&self, id: &cls::AsyncRequestId) -> Option<i32> {
+        self.owner_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find(|(d, _)| d == id)
+            .map(|&(_, r)| r)
     }
 }
 
-/// Carries out a resize librbd asked for (accepted in `reply_to_notify`), then tells the
-/// asker with AsyncComplete, as librbd's lock owner does.
-fn start_resize(inner: &Arc<Inner>, req: cls::ResizeRequest, notifier_id: u64) {
+/// Whether we carry out `msg`, or the errno it is refused with at once (in the ack),
+/// as librbd's owner refuses what it cannot do before starting. Refusals are -EBUSY
+/// ("in use"): librbd's asker passes that on as it is, where -EOPNOTSUPP would make it
+/// try to take the lock from us and end with a puzzling -EROFS.
+fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i32, &'static str)> {
+    let Some(id) = msg.id else {
+        // An old client wants its answer in the ack, after the work: we cannot hold an
+        // ack back, so it is refused as before.
+        return Err((
+            EROFS,
+            "the asker is an old librbd that wants the answer in the ack",
+        ));
+    };
+    match &msg.op {
+        OwnerOp::SnapCreate { ns, .. }
+        | OwnerOp::SnapRemove { ns, .. }
+        | OwnerOp::SnapProtect { ns, .. }
+        | OwnerOp::SnapUnprotect { ns, .. }
+            if *ns != owner_msgs::SNAP_NS_USER =>
+        {
+            Err((
+                EBUSY,
+                "only user snapshots are handled by rados-nbd (not group or mirror ones)",
+            ))
+        }
+        OwnerOp::SnapCreate { flags, .. } if *flags & !SNAP_CREATE_FLAGS_KNOWN != 0 => Err((
+            EBUSY,
+            "rados-nbd takes no snapshot without its object map (skip-object-map flag)",
+        )),
+        OwnerOp::UpdateFeatures { .. } => Err((
+            EBUSY,
+            "rados-nbd does not change the features of an image it serves; stop serving it first",
+        )),
+        OwnerOp::Sparsify { .. } => Err((
+            EBUSY,
+            "rados-nbd does not sparsify an image it serves; trim through the NBD client instead, \
+             or stop serving it first",
+        )),
+        _ => Ok(id),
+    }
+}
+
+/// `SNAP_CREATE_FLAG_SKIP_OBJECT_MAP` (1) and `_SKIP_NOTIFY_QUIESCE` (2),
+/// `_IGNORE_NOTIFY_QUIESCE_ERROR` (4) (librbd/internal.h): we take no snapshot without
+/// its map, and there is nothing to quiesce (NBD clients are not told).
+const SNAP_CREATE_FLAGS_KNOWN: u64 = 2 | 4;
+
+/// Runs on librados' callback thread. A request to the lock owner that we carry out is
+/// acked 0 (or, asked again, 0 while it runs and its result once done), then carried out
+/// by `watch_events`, which sends AsyncProgress and AsyncComplete, as librbd's owner does
+/// (ImageWatcher::handle_operation_request). One we do not do gets its errno; requests
+/// for the lock get -EROFS (we do not hand the lock over, like `rbd-nbd --exclusive`);
+/// the rest are acked empty.
+fn reply_to_notify(
+    _notifier: u64,
+    payload: &[u8],
+    takes: bool,
+    result_of: impl Fn(&cls::AsyncRequestId) -> Option<i32>,
+) -> Vec<u8> {
+    match owner_msgs::owner_msg(payload) {
+        Ok(Some(msg)) if takes => match owner_verdict(&msg) {
+            Ok(id) => cls::response_message(result_of(&id).unwrap_or(0)),
+            Err((errno, _)) => cls::response_message(-errno),
+        },
+        Ok(Some(_)) => cls::response_message(-EROFS),
+        _ => match cls::notify_op(payload) {
+            Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
+            _ => Vec::new(),
+        },
+    }
+}
+
+/// Carries out a request a client addressed to the lock owner (accepted in
+/// `reply_to_notify`) through the image layer, with progress notices while it runs, then
+/// tells the asker with AsyncComplete. A request sent again while it runs is not started
+/// twice; one sent again once done gets its AsyncComplete again.
+fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
+    let id = match owner_verdict(&msg) {
+        Ok(id) => id,
+        Err((errno, why)) => {
+            tracing::info!(image = %inner.spec, "refused {} asked by client.{notifier_id} (errno {errno}): {why}", msg.op.describe());
+            return;
+        }
+    };
     let tx = inner
         .owner_tx
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let Some(tx) = tx else {
-        tracing::info!(image = %inner.spec, "refused resize from client.{notifier_id}: not serving requests");
+        tracing::info!(image = %inner.spec, "refused {} from client.{notifier_id}: not serving requests", msg.op.describe());
         return;
     };
+    if let Some(r) = inner.owner_result(&id) {
+        // Asked again: it missed our AsyncComplete (or the ack of the first).
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let msg = cls::async_complete_notify(id, r);
+            let _ = inner
+                .meta
+                .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+                .await;
+        });
+        return;
+    }
     if !inner
         .owner_pending
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(req.id)
+        .insert(id)
     {
         return; // Sent again while we are at it: one answer will come.
     }
-    tracing::info!(image = %inner.spec, "resize to {} bytes asked by client.{notifier_id}", req.size);
+    let what = msg.op.describe();
+    tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id}");
+    let (progress, mut progress_rx) = tokio::sync::watch::channel((0u64, 0u64));
+    let (done, mut rx) = tokio::sync::oneshot::channel();
+    let req = match msg.op {
+        OwnerOp::Resize { size, allow_shrink } => OwnerRequest::Resize {
+            size,
+            allow_shrink,
+            done,
+        },
+        OwnerOp::SnapCreate { name, .. } => OwnerRequest::SnapCreate { name, done },
+        OwnerOp::SnapRemove { name, .. } => OwnerRequest::SnapRemove { name, done },
+        OwnerOp::SnapRename { snap_id, name } => OwnerRequest::SnapRename {
+            snap_id,
+            new_name: name,
+            done,
+        },
+        OwnerOp::SnapProtect { name, .. } => OwnerRequest::SnapProtect {
+            name,
+            protected: true,
+            done,
+        },
+        OwnerOp::SnapUnprotect { name, .. } => OwnerRequest::SnapProtect {
+            name,
+            protected: false,
+            done,
+        },
+        OwnerOp::Flatten => OwnerRequest::Flatten { progress, done },
+        OwnerOp::RebuildObjectMap => OwnerRequest::RebuildObjectMap { progress, done },
+        // Refused by owner_verdict.
+        OwnerOp::UpdateFeatures { .. } | OwnerOp::Sparsify { .. } => return,
+    };
     let inner = inner.clone();
     tokio::spawn(async move {
-        let (done, rx) = tokio::sync::oneshot::channel();
-        let r = match tx.send(OwnerRequest::Resize {
-            size: req.size,
-            allow_shrink: req.allow_shrink,
-            done,
-        }) {
-            Err(_) => Err(Error::new(ErrorKind::Io, "the image is closing")),
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the image closed first"))),
+        let r = if tx.send(req).is_err() {
+            Err(Error::new(ErrorKind::Io, "the image is closing"))
+        } else {
+            let mut beat = tokio::time::interval(OWNER_HEARTBEAT);
+            beat.tick().await;
+            let mut last_sent = std::time::Instant::now();
+            let mut progress_open = true;
+            loop {
+                let send_progress = tokio::select! {
+                    r = &mut rx => {
+                        break r.unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the image closed first")));
+                    }
+                    _ = beat.tick() => true,
+                    c = progress_rx.changed(), if progress_open => {
+                        if c.is_err() {
+                            progress_open = false;
+                        }
+                        last_sent.elapsed() >= OWNER_PROGRESS_EVERY
+                    }
+                };
+                if send_progress {
+                    // An op without progress of its own (a snapshot) reports 0 of 1: a
+                    // total of 0 is a division by zero in some progress printers.
+                    let (d, t) = *progress_rx.borrow();
+                    let m = owner_msgs::async_progress_notify(id, d, t.max(1));
+                    let _ = inner
+                        .meta
+                        .notify(&inner.hdr_oid, &m, NOTIFY_TIMEOUT_MS)
+                        .await;
+                    last_sent = std::time::Instant::now();
+                }
+            }
         };
         let result = match &r {
             Ok(()) => 0,
             Err(e) => -errno_for_librbd(e),
         };
-        let msg = cls::async_complete_notify(req.id, result);
-        if let Err(e) = inner
-            .meta
-            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
-            .await
         {
-            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its resize is done: {e}");
+            let mut d = inner.owner_done.lock().unwrap_or_else(|p| p.into_inner());
+            d.push_back((id, result));
+            while d.len() > OWNER_DONE_KEPT {
+                d.pop_front();
+            }
         }
         inner
             .owner_pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&req.id);
+            .remove(&id);
+        let msg = cls::async_complete_notify(id, result);
+        if let Err(e) = inner
+            .meta
+            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+            .await
+        {
+            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its {what} is done: {e}");
+        } else {
+            tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id} done: {}", if result == 0 { "ok".to_string() } else { format!("error {result}") });
+        }
     });
 }
 
@@ -180,6 +345,8 @@ fn errno_for_librbd(e: &Error) -> i32 {
     }
     match e.kind {
         ErrorKind::InvalidInput => EINVAL,
+        ErrorKind::NotFound => ENOENT,
+        ErrorKind::AlreadyExists => EEXIST,
         ErrorKind::ReadOnly => EROFS,
         ErrorKind::Unsupported => EOPNOTSUPP,
         ErrorKind::NoSpace => ENOSPC,
@@ -439,13 +606,17 @@ async fn watch_events(
         let Some(inner) = inner.upgrade() else { return };
         match ev {
             WatchEvent::Notify { notifier_id, data } => match cls::notify_op(&data) {
-                Ok(cls::NOTIFY_OP_RESIZE) if inner.takes_owner_requests() => {
-                    match cls::resize_request(&data) {
-                        Ok(req) => start_resize(&inner, req, notifier_id),
+                Ok(op) if cls::notify_wants_owner_reply(op) && inner.takes_owner_requests() => {
+                    match owner_msgs::owner_msg(&data) {
+                        Ok(Some(msg)) => start_owner_op(&inner, msg, notifier_id),
+                        Ok(None) => {
+                            tracing::info!(image = %inner.spec, "refused request (op {op}) from client.{notifier_id}: not done by rados-nbd")
+                        }
                         Err(e) => {
-                            tracing::warn!(image = %inner.spec, "resize request from client.{notifier_id}: {e}")
+                            tracing::warn!(image = %inner.spec, "request from client.{notifier_id}: {e}")
                         }
                     }
+                    tracing::debug!(image = %inner.spec, "request payload from client.{notifier_id}: {}", hex(&data));
                 }
                 Ok(cls::NOTIFY_OP_HEADER_UPDATE) => {
                     if let Err(e) = refresh(&inner).await {
@@ -582,6 +753,10 @@ impl Inner {
     }
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,13 +768,14 @@ mod tests {
                 reply_to_notify(
                     1,
                     &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
-                    takes
+                    takes,
+                    |_| None
                 ),
                 cls::response_message(-30),
                 "the lock is never handed over"
             );
-            assert!(reply_to_notify(1, &cls::header_update_notify(), takes).is_empty());
-            assert!(reply_to_notify(1, &[], takes).is_empty());
+            assert!(reply_to_notify(1, &cls::header_update_notify(), takes, |_| None).is_empty());
+            assert!(reply_to_notify(1, &[], takes, |_| None).is_empty());
         }
         let id = cls::AsyncRequestId {
             gid: 1,
@@ -608,18 +784,97 @@ mod tests {
         };
         let resize = cls::resize_notify(1 << 30, id, false);
         assert_eq!(
-            reply_to_notify(1, &resize, true),
+            reply_to_notify(1, &resize, true, |_| None),
             cls::response_message(0),
             "accepted; AsyncComplete follows"
         );
         assert_eq!(
-            reply_to_notify(1, &resize, false),
+            reply_to_notify(1, &resize, false, |_| None),
             cls::response_message(-30)
         );
         assert_ne!(
-            reply_to_notify(1, &resize[..resize.len() - 3], true),
+            reply_to_notify(1, &resize[..resize.len() - 3], true, |_| None),
             cls::response_message(0),
             "an undecodable resize is never accepted"
+        );
+    }
+
+    #[test]
+    fn owner_requests_acked_as_librbd_does() {
+        let id = cls::AsyncRequestId {
+            gid: 7,
+            handle: 8,
+            request_id: 9,
+        };
+        let msg = |op: u32, body: &dyn Fn(&mut cls::Enc)| {
+            let mut e = cls::Enc::new();
+            let at = e.start(7, 1);
+            e.u32(op);
+            body(&mut e);
+            e.finish(at).done()
+        };
+        let user_snap = |name: &'static str| {
+            move |e: &mut cls::Enc| {
+                e.str(name);
+                let ns = e.start(1, 1);
+                e.u32(0).finish(ns);
+                e.u64(7).u64(8).u64(9);
+            }
+        };
+        let rm = msg(owner_msgs::NOTIFY_OP_SNAP_REMOVE, &user_snap("s"));
+        // New: accepted (AsyncComplete follows); asked again once done: its result.
+        assert_eq!(
+            reply_to_notify(1, &rm, true, |_| None),
+            cls::response_message(0)
+        );
+        assert_eq!(
+            reply_to_notify(1, &rm, true, |i| (*i == id).then_some(-2)),
+            cls::response_message(-2)
+        );
+        assert_eq!(
+            reply_to_notify(1, &rm, false, |_| None),
+            cls::response_message(-30)
+        );
+        let flatten = msg(owner_msgs::NOTIFY_OP_FLATTEN, &|e| {
+            e.u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &flatten, true, |_| None),
+            cls::response_message(0)
+        );
+        // Feature changes and sparsify: refused at once, EBUSY.
+        let features = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
+            e.u64(0x10).u8(0).u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &features, true, |_| None),
+            cls::response_message(-16)
+        );
+        let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
+            e.u64(7).u64(8).u64(9).u64(4096);
+        });
+        assert_eq!(
+            reply_to_notify(1, &sparsify, true, |_| None),
+            cls::response_message(-16)
+        );
+        // A group snapshot: refused.
+        let group = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
+            e.str("g");
+            let ns = e.start(1, 1);
+            e.u32(1).i64(1).str("a").str("b").finish(ns);
+            e.u64(7).u64(8).u64(9).u64(0);
+        });
+        assert_eq!(
+            reply_to_notify(1, &group, true, |_| None),
+            cls::response_message(-16)
+        );
+        // An op we do not know, addressed to the owner: refused as before.
+        let unknown = msg(16, &|e| {
+            e.u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            reply_to_notify(1, &unknown, true, |_| None),
+            cls::response_message(-30)
         );
     }
 }

@@ -42,13 +42,18 @@
 //! and breaks the exclusive lock, follows the header watch and answers notifies (and
 //! fences a handle that lost the lock); `image` is one opened image, its data I/O and the
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
-//! encodings, `snaps` the snap sets of objects, `luks` the LUKS header probe.
+//! encodings, `snaps` the snap sets of objects, `luks` the LUKS header probe;
+//! `owner_msgs` the requests librbd clients address to the lock owner (and our progress
+//! and completion notices), `ask_owner` the asking side, for `rados-nbd` commands run
+//! against an image another process serves.
 
+mod ask_owner;
 pub mod cls;
 mod header;
 mod image;
 mod lock;
 pub mod luks;
+mod owner_msgs;
 pub mod rados;
 pub mod snaps;
 mod store;

@@ -1,6 +1,7 @@
 //! The cluster connection and the [`Store`] impl: creating, removing, listing and opening
 //! images.
 
+use super::ask_owner;
 use super::header::{generate_image_id, header_oid, load_header, load_header_at, object_map_oid};
 use super::image::{CephImage, Inner};
 use super::lock::acquire_lock;
@@ -111,7 +112,7 @@ impl CephStore {
         Ok(pools.entry(key).or_insert(io).clone())
     }
 
-    async fn image_id(&self, io: &IoCtx, spec: &ImageSpec) -> Result<String> {
+    pub(super) async fn image_id(&self, io: &IoCtx, spec: &ImageSpec) -> Result<String> {
         let oid = format!("rbd_id.{}", spec.name);
         match io.exec_read(&oid, RBD, "get_id", &[]).await {
             Ok(b) => cls::string_out(&b, "rbd.get_id reply"),
@@ -251,6 +252,41 @@ impl Store for CephStore {
         }
         out.sort();
         Ok(out)
+    }
+
+    async fn ask_holder_to_resize(
+        &self,
+        spec: &ImageSpec,
+        size: u64,
+        allow_shrink: bool,
+    ) -> Result<()> {
+        let what = format!("resize to {size} bytes");
+        ask_owner::ask_owner(
+            self,
+            spec,
+            &what,
+            ask_owner::resize(size, allow_shrink),
+            |_, _| {},
+        )
+        .await
+    }
+
+    async fn ask_holder_to_snap_create(&self, spec: &ImageSpec, name: &str) -> Result<()> {
+        let what = format!("take snapshot {name}");
+        ask_owner::ask_owner(self, spec, &what, ask_owner::snap_create(name), |_, _| {}).await
+    }
+
+    async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
+        let what = format!("remove snapshot {name}");
+        ask_owner::ask_owner(self, spec, &what, ask_owner::snap_remove(name), |_, _| {}).await
+    }
+
+    async fn ask_holder_to_flatten(
+        &self,
+        spec: &ImageSpec,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<()> {
+        ask_owner::ask_owner(self, spec, "flatten it", ask_owner::flatten(), progress).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<CephImage> {
@@ -733,6 +769,7 @@ pub(super) async fn open_by_id_at(
         reacquiring: AtomicBool::new(false),
         owner_tx: Mutex::new(None),
         owner_pending: Mutex::new(std::collections::HashSet::new()),
+        owner_done: Mutex::new(std::collections::VecDeque::new()),
         closed: AtomicBool::new(false),
     });
     if mode != OpenMode::ReadOnly {

@@ -1,0 +1,145 @@
+//! The asking side of the lock owner's requests, as librbd's ImageWatcher::
+//! notify_async_request: how `rados-nbd snap create|rm`, `flatten` and `resize` reach an
+//! image that another process (another rados-nbd, or a librbd client) serves. A watch of
+//! our own on the header, so the owner's AsyncProgress and AsyncComplete reach us; the
+//! request, with an AsyncRequestId naming that watch; the owner's ack (0: started, or its
+//! errno); then its AsyncComplete, waited for as long as progress keeps coming.
+
+use super::cls::AsyncRequestId;
+use super::header::header_oid;
+use super::owner_msgs::{self, OwnerNews};
+use super::rados::{rados_error, WatchEvent};
+use super::store::CephStore;
+use super::NOTIFY_TIMEOUT_MS;
+use crate::error::{Error, ErrorKind, Result};
+use crate::spec::ImageSpec;
+use tokio::sync::mpsc;
+
+/// How long we wait without a word (progress or completion) from the owner: librbd's
+/// `rbd_request_timed_out_seconds` is 30; an owner of ours sends progress every 10 s.
+const SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sends the request `build(id)` (`what`, for messages) to the holder of `spec`'s lock and
+/// waits for the outcome. `on_progress(done, total)` as the owner reports it.
+pub(super) async fn ask_owner(
+    store: &CephStore,
+    spec: &ImageSpec,
+    what: &str,
+    build: impl FnOnce(AsyncRequestId) -> Vec<u8>,
+    mut on_progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    let io = store.pool(&spec.pool, &spec.namespace).await?;
+    let id = store.image_id(&io, spec).await?;
+    let oid = header_oid(&id);
+    let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let watch = io
+        .watch(&oid, Box::new(|_, _| Vec::new()), tx)
+        .await
+        .map_err(ctx)?;
+    let req = AsyncRequestId {
+        gid: io.cluster().instance_id(),
+        handle: watch.cookie,
+        request_id: 1,
+    };
+    let r = async {
+        let reply = io
+            .notify(&oid, &build(req), NOTIFY_TIMEOUT_MS)
+            .await
+            .map_err(ctx)?;
+        // Every watcher acks; only the lock owner answers with a ResponseMessage.
+        let answer = reply
+            .acks
+            .iter()
+            .filter(|a| !a.2.is_empty())
+            .find_map(|a| owner_msgs::response_result(&a.2).ok());
+        match answer {
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "image {spec} is in use, but no lock owner answered the request to {what} \
+                         (it may have just closed the image: try again)"
+                    ),
+                ))
+            }
+            Some(r) if r < 0 => return Err(refused(spec, what, r)),
+            Some(_) => {}
+        }
+        loop {
+            let ev = match tokio::time::timeout(SILENCE, rx.recv()).await {
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::TimedOut,
+                        format!(
+                            "the holder of {spec} took the request to {what} but has said nothing \
+                             for {} s; it may still complete",
+                            SILENCE.as_secs()
+                        ),
+                    ))
+                }
+                Ok(None) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("waiting for the holder of {spec} to {what}: our watch ended"),
+                    ))
+                }
+                Ok(Some(ev)) => ev,
+            };
+            match ev {
+                WatchEvent::Notify { data, .. } => match owner_msgs::owner_news(&data) {
+                    Some(OwnerNews::Progress { id, offset, total }) if id == req => {
+                        on_progress(offset, total)
+                    }
+                    Some(OwnerNews::Complete { id, result }) if id == req => {
+                        return if result < 0 {
+                            Err(refused(spec, what, result))
+                        } else {
+                            Ok(())
+                        };
+                    }
+                    _ => {}
+                },
+                WatchEvent::Error { err, .. } => {
+                    return Err(rados_error(
+                        &format!("waiting for the holder of {spec} to {what}: header watch lost"),
+                        "",
+                        err,
+                    ))
+                }
+            }
+        }
+    }
+    .await;
+    let _ = io.unwatch(watch).await;
+    r
+}
+
+/// The holder's errno as an error of ours: the kind librados' errno maps to, and a message
+/// that says who refused what.
+fn refused(spec: &ImageSpec, what: &str, r: i32) -> Error {
+    let e = rados_error("", "", r);
+    let why = e
+        .message
+        .strip_prefix("rados : ")
+        .unwrap_or(&e.message)
+        .to_string();
+    Error::new(
+        e.kind,
+        format!("image {spec} is in use; the process holding its lock could not {what}: {why}"),
+    )
+}
+
+/// The requests `rados-nbd` makes of a holder, each as librbd encodes it.
+pub(super) fn snap_create(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
+    move |id| owner_msgs::snap_create_request(id, name)
+}
+pub(super) fn snap_remove(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
+    move |id| owner_msgs::snap_remove_request(id, name)
+}
+pub(super) fn flatten() -> impl FnOnce(AsyncRequestId) -> Vec<u8> {
+    owner_msgs::flatten_request
+}
+pub(super) fn resize(size: u64, allow_shrink: bool) -> impl FnOnce(AsyncRequestId) -> Vec<u8> {
+    move |id| owner_msgs::resize_request(id, size, allow_shrink)
+}

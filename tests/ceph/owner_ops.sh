@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# The lock owner's duties: while rados-nbd serves an image it holds the exclusive lock, so
+# `rbd snap create`, `rbd snap rm`, `rbd flatten`, `rbd object-map rebuild` (and, for
+# journaling images only, snap rename/protect/unprotect) are sent to it through the header
+# watch, as to librbd's ImageWatcher. With Ceph's `rbd` as the oracle, while an NBD client
+# is connected and writing: each request succeeds, a snapshot holds exactly the writes
+# acknowledged before it (after a pause, and in the middle of a stream of writes), snap
+# ls/rm/rename/protect/unprotect behave as rbd's own, a served clone is flattened (same
+# bytes, no parent), the map rebuilt while served checks clean, feature changes and
+# sparsify are refused promptly with a clear error, and after close `rbd object-map
+# check` passes for the image and every snapshot. `rados-nbd snap create|rm` and
+# `rados-nbd flatten` of an image another rados-nbd serves go through the owner the same way.
+# Runs against $CEPH_CONF like e2e.sh (tests/ceph/run.sh starts the cluster).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/common.sh" ceph-owner
+I=owner-$$
+C=ownerc-$$
+P=ownerp-$$
+SIZE=$((32 * MB)) # 8 objects of 4 MiB
+# Every rbd command is bounded: a request the owner neither does nor refuses would hang.
+RBD=(timeout 120 rbd)
+export RBD_T="timeout 120 rbd"
+
+# The server checkpoints the map when its last client leaves: a client stays connected
+# throughout, as a VM's would.
+hold() { # hold IMAGE
+  rm -f "$work/hold.ready"
+  $PY -c "
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+open('$work/hold.ready', 'w').close()
+while os.path.exists('$work/hold.ready'): time.sleep(0.05)
+h.shutdown()" &
+  HOLD_PID=$!
+  for _ in $(seq 1 300); do [ -e "$work/hold.ready" ] && return 0; sleep 0.1; done
+  return 1
+}
+unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
+
+# put IMAGE REF SEED OFFSET LENGTH: random bytes (seeded) written at OFFSET through NBD,
+# in 1 MiB writes, each acknowledged before the next, and into the local copy REF.
+put() {
+  $PY -c "
+import nbd, random
+r = random.Random($3)
+data = r.randbytes($5)
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+for o in range(0, $5, 1 << 20):
+    h.pwrite(data[o:o + (1 << 20)], $4 + o)
+h.shutdown()
+with open('$2', 'r+b') as f:
+    f.seek($4); f.write(data)"
+}
+exported_is() { # exported_is SPEC REF (exported: the checks run it under bash -c)
+  rm -f "$OWNER_EXP"
+  timeout 120 rbd export --no-progress "$1" "$OWNER_EXP" >/dev/null || return 1
+  cmp "$OWNER_EXP" "$2"
+}
+export OWNER_EXP=$work/exp
+export -f exported_is
+
+# ------------------------------------------------------------ snapshots of a served image
+rbd create --size $((SIZE / MB))M "$I"
+truncate -s "$SIZE" "$work/ref"
+serve "$I" || { fail "serve $I" "$(tail -3 "$work/serve.log")"; t_summary; exit 1; }
+hold "$I"
+check "an NBD client stays connected" test $? = 0
+check "12 MiB written and acknowledged through NBD" put "$I" "$work/ref" 1 0 $((12 * MB))
+cp "$work/ref" "$work/ref.s1"
+check "rbd snap create IMG@s1 while served succeeds" "${RBD[@]}" snap create "$I@s1"
+check "the daemon took it (log)" grep -q "created snapshot rbd/$I@s1" "$work/serve.log"
+check "more written after the snapshot" put "$I" "$work/ref" 2 $((8 * MB)) $((12 * MB))
+check "rbd export IMG@s1 equals exactly the writes acknowledged before it" \
+  bash -c "exported_is '$I@s1' '$work/ref.s1'"
+check "rbd export of the head equals every write" bash -c "exported_is '$I' '$work/ref'"
+check_fails "rbd snap create of an existing name fails" "${RBD[@]}" snap create "$I@s1"
+
+# A snapshot in the middle of a stream of writes: 64 KiB blocks written one after the
+# other, each acknowledged before the next and logged once acknowledged. The snapshot
+# must hold a prefix of the stream (nothing torn, nothing out of order) that includes
+# every block acknowledged before `rbd snap create` started.
+cat >"$work/stream.py" <<EOF
+import nbd, os, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+log = open(sys.argv[2], 'w')
+n = 0
+while not os.path.exists(sys.argv[3]) and n < 256:
+    h.pwrite(bytes([n % 251 + 1]) * 65536, (16 << 20) + n * 65536)
+    log.write(f'{n}\n'); log.flush()
+    n += 1
+h.shutdown()
+EOF
+rm -f "$work/stream.stop"
+: >"$work/stream.log"
+$PY "$work/stream.py" "$(uri "$I")" "$work/stream.log" "$work/stream.stop" &
+STREAM_PID=$!
+for _ in $(seq 1 300); do [ "$(wc -l <"$work/stream.log" 2>/dev/null || echo 0)" -ge 8 ] && break; sleep 0.1; done
+acked=$(wc -l <"$work/stream.log")
+check "rbd snap create IMG@s2 during a stream of writes succeeds" "${RBD[@]}" snap create "$I@s2"
+touch "$work/stream.stop"
+wait "$STREAM_PID"
+check "the stream's writes all succeeded" test $? = 0
+total=$(wc -l <"$work/stream.log")
+check "IMG@s2 holds a prefix of the stream with all $acked blocks acknowledged before it (of $total)" $PY -c "
+import subprocess
+subprocess.run(['timeout', '120', 'rbd', 'export', '--no-progress', '$I@s2', '$work/s2.raw'],
+               check=True, capture_output=True)
+s = open('$work/s2.raw', 'rb').read()
+ref = open('$work/ref', 'rb').read()
+k = 0
+while k < $total and s[(16 << 20) + k * 65536:(16 << 20) + (k + 1) * 65536] == bytes([k % 251 + 1]) * 65536:
+    k += 1
+assert k >= $acked, f'only {k} blocks in the snapshot, {$acked} acknowledged before it'
+end = (16 << 20) + k * 65536
+assert s[:16 << 20] == ref[:16 << 20], 'the data before the stream differs'
+assert s[end:] == ref[end:], f'blocks after the prefix of {k} are in the snapshot'
+print(f'{k} blocks in the snapshot')"
+# The head now has the stream too.
+$PY -c "
+with open('$work/ref', 'r+b') as f:
+    for n in range($total):
+        f.seek((16 << 20) + n * 65536); f.write(bytes([n % 251 + 1]) * 65536)"
+check "rbd snap ls lists s1 and s2" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[].name' | tr '\n' ' ')\" = 's1 s2 ' ]"
+
+# rename/protect/unprotect: librbd does them itself unless journaling is on (they reach
+# the owner then only); the owner must see the result (header refresh) for what follows.
+check "rbd snap rename s1 -> s1r while served" "${RBD[@]}" snap rename "$I@s1" "$I@s1r"
+check "rbd snap protect s1r while served" "${RBD[@]}" snap protect "$I@s1r"
+check_fails "rbd snap rm of a protected snapshot fails" "${RBD[@]}" snap rm --no-progress "$I@s1r"
+check "rbd snap unprotect s1r while served" "${RBD[@]}" snap unprotect "$I@s1r"
+check "rbd snap rm s1r while served succeeds" "${RBD[@]}" snap rm --no-progress "$I@s1r"
+check "the daemon removed it (log)" grep -q "removed snapshot rbd/$I@s1r" "$work/serve.log"
+check "rbd snap ls lists s2 only" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[].name' | tr '\n' ' ')\" = 's2 ' ]"
+check_fails "rbd snap rm of a missing snapshot fails" "${RBD[@]}" snap rm --no-progress "$I@nope"
+check "IMG@s2 unchanged by the removal" cmp <(rbd export --no-progress "$I@s2" - 2>/dev/null) "$work/s2.raw"
+check "more writes after the removal" put "$I" "$work/ref" 3 $((4 * MB)) $((2 * MB))
+check "rbd export of the head equals every write" bash -c "exported_is '$I' '$work/ref'"
+
+# rados-nbd's own commands against the image served by another rados-nbd: through the
+# lock owner, as rbd's.
+cp "$work/ref" "$work/ref.c1"
+check "rados-nbd snap create IMG@c1 of the served image succeeds" timeout 120 "${RN[@]}" snap create "$I@c1"
+check "more written after it" put "$I" "$work/ref" 7 0 $((2 * MB))
+check "rbd export IMG@c1 equals exactly the writes acknowledged before it" \
+  bash -c "exported_is '$I@c1' '$work/ref.c1'"
+check "rados-nbd snap create of an existing name fails, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} snap create '$I@c1' 2>&1) && exit 1; grep -q 'File exists' <<<\"\$out\""
+check "rados-nbd snap rm IMG@c1 of the served image succeeds" timeout 120 "${RN[@]}" snap rm "$I@c1"
+check "rados-nbd snap rm of a missing snapshot fails, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} snap rm '$I@c1' 2>&1) && exit 1; grep -q 'No such file' <<<\"\$out\""
+check "rbd snap ls lists s2 only again" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[].name' | tr '\n' ' ')\" = 's2 ' ]"
+
+# ------------------------------------------------------------ object map rebuild, refusals
+check "rbd object-map rebuild while served succeeds" "${RBD[@]}" object-map rebuild --no-progress "$I"
+check "the daemon rebuilt it (log)" grep -q "object map of rbd/$I rebuilt" "$work/serve.log"
+check "writes after the rebuild" put "$I" "$work/ref" 4 $((28 * MB)) $((4 * MB))
+# Bounded: a request the owner neither does nor refuses would hang (124 from timeout).
+out=$(timeout 60 rbd feature disable "$I" fast-diff 2>&1)
+rc=$?
+check "rbd feature disable while served is refused with a clear error ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc != 0 ] && [ $rc != 124 ] && grep -q 'busy' <<<'$out'"
+check "... and the features are unchanged" bash -c \
+  "rbd info '$I' --format json | jq -e '.features | index(\"fast-diff\")' >/dev/null"
+out=$(timeout 60 rbd sparsify --no-progress "$I" 2>&1)
+rc=$?
+check "rbd sparsify while served is refused with a clear error ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc != 0 ] && [ $rc != 124 ] && grep -q 'busy' <<<'$out'"
+check "the daemon says why (log)" grep -q "does not change the features of an image it serves" "$work/serve.log"
+unhold
+check_unserve "clean close after the owner's work"
+check "after close: rbd export of the head equals every write" bash -c "exported_is '$I' '$work/ref'"
+check "after close: rbd object-map check of the head passes" rbd object-map check "$I"
+check "after close: rbd object-map check IMG@s2 passes" rbd object-map check "$I@s2"
+check "after close: the flags are clear" bash -c \
+  "[ \"\$(rbd info '$I' --format json | jq -r '.flags | length')\" = 0 ]"
+
+# ------------------------------------------------------------ flatten of a served clone
+head -c $((16 * MB)) /dev/urandom >"$work/p.raw"
+truncate -s "$SIZE" "$work/p.raw"
+rbd import --no-progress "$work/p.raw" "$P" >/dev/null 2>&1
+rbd snap create "$P@base" >/dev/null 2>&1
+rbd snap protect "$P@base"
+rbd clone "$P@base" "$C"
+cp "$work/p.raw" "$work/c.ref"
+serve "$C" || { fail "serve $C" "$(tail -3 "$work/serve.log")"; }
+hold "$C"
+check "flatten: an NBD client stays connected to the clone" test $? = 0
+check "flatten: writes to the clone (copy-up of part of an object)" put "$C" "$work/c.ref" 5 $((6 * MB)) $((1 * MB))
+check "flatten: rbd export before equals parent + writes" bash -c "exported_is '$C' '$work/c.ref'"
+check "flatten: rbd flatten of the served clone succeeds" "${RBD[@]}" flatten --no-progress "$C"
+check "flatten: the daemon did it (log)" grep -q "flattened rbd/$C" "$work/serve.log"
+check "flatten: rbd info shows no parent" bash -c "! rbd info '$C' --format json | jq -e .parent >/dev/null"
+check "flatten: rbd export after equals before" bash -c "exported_is '$C' '$work/c.ref'"
+check "flatten: writes after the flatten" put "$C" "$work/c.ref" 6 $((2 * MB)) $((1 * MB))
+check "flatten: the parent's snapshot has no children left" bash -c \
+  "[ -z \"\$(rbd children '$P@base')\" ]"
+check "flatten: rbd flatten again fails (no parent)" bash -c "! ${RBD_T} flatten --no-progress '$C' 2>/dev/null"
+unhold
+check_unserve "flatten: clean close"
+check "flatten: after close, rbd export equals every write" bash -c "exported_is '$C' '$work/c.ref'"
+check "flatten: after close, rbd object-map check passes" rbd object-map check "$C"
+check "flatten: the parent's snapshot can be unprotected and removed" bash -c \
+  "rbd snap unprotect '$P@base' && rbd snap rm --no-progress '$P@base' >/dev/null 2>&1"
+
+# rados-nbd flatten of a clone another rados-nbd serves.
+rbd snap create "$P@base2" >/dev/null 2>&1
+rbd snap protect "$P@base2"
+rbd clone "$P@base2" "$C-2"
+cp "$work/p.raw" "$work/c2.ref"
+serve "$C-2" || { fail "serve $C-2" "$(tail -3 "$work/serve.log")"; }
+check "flatten: writes to a second clone" put "$C-2" "$work/c2.ref" 8 $((9 * MB)) $((3 * MB))
+check "flatten: rados-nbd flatten of the clone another rados-nbd serves succeeds" \
+  timeout 120 "${RN[@]}" flatten "$C-2"
+check "flatten: rbd info shows no parent" bash -c "! rbd info '$C-2' --format json | jq -e .parent >/dev/null"
+check "flatten: rbd export equals parent + writes" bash -c "exported_is '$C-2' '$work/c2.ref'"
+check_unserve "flatten: clean close of the second clone"
+check "flatten: after close, rbd object-map check passes" rbd object-map check "$C-2"
+rbd snap unprotect "$P@base2" >/dev/null 2>&1
+rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
+
+rbd snap purge --no-progress "$I" >/dev/null 2>&1
+for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
+check "test images removed" bash -c "! rbd ls | grep -q '^owner[cp]*-$$\$'"
+t_summary
