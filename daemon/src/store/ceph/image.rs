@@ -45,6 +45,8 @@ pub(super) struct Inner {
     pub(super) owner_tx: Mutex<Option<mpsc::UnboundedSender<OwnerRequest>>>,
     /// Requests being carried out: librbd may send one again while it waits.
     pub(super) owner_pending: Mutex<std::collections::HashSet<cls::AsyncRequestId>>,
+    /// `--quiesce`: the hook and the quiesce requests seen on the header watch.
+    pub(super) quiesce: super::quiesce::Quiesce,
     pub(super) closed: AtomicBool,
 }
 
@@ -277,6 +279,10 @@ impl ImageStore for CephImage {
                  (right for a volume cryptsetup made on the device)"
             ),
         ))
+    }
+
+    fn enable_quiesce(&self, hook: Arc<crate::quiesce::QuiesceHook>) {
+        self.inner.quiesce.set_hook(hook);
     }
 
     fn owner_requests(&self) -> Option<mpsc::UnboundedReceiver<OwnerRequest>> {

@@ -5,10 +5,10 @@
 
 use super::header::refresh;
 use super::image::Inner;
-use super::rados::{self, errno_of, is_blocklisted, Watch, WatchEvent};
+use super::rados::{self, errno_of, is_blocklisted, Reply, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{OpenMode, OwnerRequest};
+use crate::store::{OpenMode, OwnerRequest, QuiesceMode};
 use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -99,23 +99,40 @@ pub(super) async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
 fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
     let inner = Arc::downgrade(inner);
     Box::new(move |notifier, payload| {
-        let takes = inner.upgrade().is_some_and(|i| i.takes_owner_requests());
-        reply_to_notify(notifier, payload, takes)
+        let i = inner.upgrade();
+        let takes = i.as_ref().is_some_and(|i| i.takes_owner_requests());
+        let defers = i.as_ref().is_some_and(|i| i.quiesce.defers());
+        reply_to_notify(notifier, payload, takes, defers)
     })
 }
 
-/// Runs on librados' callback thread. A resize is accepted (0) when `takes_resize`, and
-/// carried out by `watch_events`, which then sends AsyncComplete, as librbd's owner does.
-/// Other requests addressed to the lock owner get -EROFS (we do not hand the lock over,
-/// like `rbd-nbd --exclusive`; snapshots and the like are not done by us); the rest are
-/// acked empty.
-fn reply_to_notify(_notifier: u64, payload: &[u8], takes_resize: bool) -> Vec<u8> {
+/// Runs on librados' callback thread. A resize or a snapshot of the user namespace is
+/// accepted (0) when `takes_requests`, and carried out by `watch_events`, which then
+/// sends AsyncComplete, as librbd's owner does. Other requests addressed to the lock
+/// owner get -EROFS (we do not hand the lock over, like `rbd-nbd --exclusive`); a quiesce
+/// is answered by `watch_events` after the hook when `defers_quiesce` (`--quiesce`); the
+/// rest (an unquiesce, a quiesce without a hook: nothing to do) are acked empty.
+fn reply_to_notify(
+    _notifier: u64,
+    payload: &[u8],
+    takes_requests: bool,
+    defers_quiesce: bool,
+) -> Reply {
     match cls::notify_op(payload) {
-        Ok(cls::NOTIFY_OP_RESIZE) if takes_resize && cls::resize_request(payload).is_ok() => {
-            cls::response_message(0)
+        Ok(cls::NOTIFY_OP_RESIZE) if takes_requests && cls::resize_request(payload).is_ok() => {
+            Reply::Now(cls::response_message(0))
         }
-        Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
-        _ => Vec::new(),
+        Ok(cls::NOTIFY_OP_SNAP_CREATE)
+            if takes_requests
+                && cls::snap_create_request(payload).is_ok_and(|r| r.namespace_type == 0) =>
+        {
+            Reply::Now(cls::response_message(0))
+        }
+        Ok(cls::NOTIFY_OP_QUIESCE) if defers_quiesce && cls::quiesce_request(payload).is_ok() => {
+            Reply::Later
+        }
+        Ok(op) if cls::notify_wants_owner_reply(op) => Reply::Now(cls::response_message(-EROFS)),
+        _ => Reply::Now(Vec::new()),
     }
 }
 
@@ -164,6 +181,88 @@ fn start_resize(inner: &Arc<Inner>, req: cls::ResizeRequest, notifier_id: u64) {
             .await
         {
             tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its resize is done: {e}");
+        }
+        inner
+            .owner_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.id);
+    });
+}
+
+/// Takes a snapshot `rbd snap create` asked for (accepted in `reply_to_notify`) as
+/// librbd's lock owner does (SnapshotCreateRequest): every watcher of the header is asked
+/// to quiesce (unless the request says to skip it; we are one of them, and our
+/// `--quiesce` hook runs then), an error in their acks fails the snapshot (unless the
+/// request says to ignore it), the image layer takes the snapshot with the requests in
+/// flight finished, the watchers are asked to unquiesce, and the asker gets AsyncComplete.
+fn start_snap_create(inner: &Arc<Inner>, req: cls::SnapCreateRequest, notifier_id: u64) {
+    let tx = inner
+        .owner_tx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(tx) = tx else {
+        tracing::info!(image = %inner.spec, "refused snap create from client.{notifier_id}: not serving requests");
+        return;
+    };
+    if !inner
+        .owner_pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(req.id)
+    {
+        return; // Sent again while we are at it: one answer will come.
+    }
+    tracing::info!(image = %inner.spec, "snapshot {} asked by client.{notifier_id}", req.name);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let skip = req.flags & cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE != 0;
+        let ignore = req.flags & cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR != 0;
+        let quiesced = if skip {
+            None
+        } else {
+            Some(super::quiesce::quiesce_watchers(&inner).await)
+        };
+        let r = match &quiesced {
+            Some((_, Err(e))) if !ignore => Err(e.clone().context(format!(
+                "quiescing {} for snapshot {}; no snapshot taken",
+                inner.spec, req.name
+            ))),
+            q => {
+                if let Some((_, Err(e))) = q {
+                    tracing::warn!(image = %inner.spec, "{e}; taking snapshot {} anyway (quiesce errors ignored)", req.name);
+                }
+                let (done, rx) = tokio::sync::oneshot::channel();
+                match tx.send(OwnerRequest::SnapCreate {
+                    name: req.name.clone(),
+                    quiesce: QuiesceMode::Skip,
+                    done,
+                }) {
+                    Err(_) => Err(Error::new(ErrorKind::Io, "the image is closing")),
+                    Ok(()) => rx.await.unwrap_or_else(|_| {
+                        Err(Error::new(ErrorKind::Io, "the image closed first"))
+                    }),
+                }
+            }
+        };
+        if let Some((id, _)) = quiesced {
+            super::quiesce::unquiesce_watchers(&inner, id).await;
+        }
+        let result = match &r {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!(image = %inner.spec, "snapshot asked by client.{notifier_id}: {e}");
+                -errno_for_librbd(e)
+            }
+        };
+        let msg = cls::async_complete_notify(req.id, result);
+        if let Err(e) = inner
+            .meta
+            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+            .await
+        {
+            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its snapshot is done: {e}");
         }
         inner
             .owner_pending
@@ -438,7 +537,38 @@ async fn watch_events(
         let Some(ev) = ev else { return };
         let Some(inner) = inner.upgrade() else { return };
         match ev {
-            WatchEvent::Notify { notifier_id, data } => match cls::notify_op(&data) {
+            WatchEvent::Notify {
+                notifier_id,
+                data,
+                ack,
+            } => match cls::notify_op(&data) {
+                Ok(cls::NOTIFY_OP_QUIESCE) | Ok(cls::NOTIFY_OP_UNQUIESCE) => {
+                    match (cls::quiesce_request(&data), ack) {
+                        (Ok((cls::NOTIFY_OP_QUIESCE, id)), Some(ack)) => {
+                            super::quiesce::on_quiesce(&inner, id, ack)
+                        }
+                        (Ok((cls::NOTIFY_OP_UNQUIESCE, id)), _) => {
+                            super::quiesce::on_unquiesce(&inner, id)
+                        }
+                        (Err(e), _) => {
+                            tracing::warn!(image = %inner.spec, "quiesce notification from client.{notifier_id}: {e}")
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(cls::NOTIFY_OP_SNAP_CREATE) if inner.takes_owner_requests() => {
+                    match cls::snap_create_request(&data) {
+                        Ok(req) if req.namespace_type == 0 => {
+                            start_snap_create(&inner, req, notifier_id)
+                        }
+                        Ok(req) => {
+                            tracing::info!(image = %inner.spec, "refused snap create of namespace type {} from client.{notifier_id}", req.namespace_type)
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %inner.spec, "snap create request from client.{notifier_id}: {e}")
+                        }
+                    }
+                }
                 Ok(cls::NOTIFY_OP_RESIZE) if inner.takes_owner_requests() => {
                     match cls::resize_request(&data) {
                         Ok(req) => start_resize(&inner, req, notifier_id),
@@ -586,20 +716,30 @@ impl Inner {
 mod tests {
     use super::*;
 
+    fn now(r: Vec<u8>) -> Reply {
+        Reply::Now(r)
+    }
+
     #[test]
     fn notify_replies() {
         for takes in [false, true] {
-            assert_eq!(
-                reply_to_notify(
-                    1,
-                    &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
-                    takes
-                ),
-                cls::response_message(-30),
-                "the lock is never handed over"
-            );
-            assert!(reply_to_notify(1, &cls::header_update_notify(), takes).is_empty());
-            assert!(reply_to_notify(1, &[], takes).is_empty());
+            for defers in [false, true] {
+                assert_eq!(
+                    reply_to_notify(
+                        1,
+                        &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
+                        takes,
+                        defers
+                    ),
+                    now(cls::response_message(-30)),
+                    "the lock is never handed over"
+                );
+                assert_eq!(
+                    reply_to_notify(1, &cls::header_update_notify(), takes, defers),
+                    now(Vec::new())
+                );
+                assert_eq!(reply_to_notify(1, &[], takes, defers), now(Vec::new()));
+            }
         }
         let id = cls::AsyncRequestId {
             gid: 1,
@@ -608,18 +748,45 @@ mod tests {
         };
         let resize = cls::resize_notify(1 << 30, id, false);
         assert_eq!(
-            reply_to_notify(1, &resize, true),
-            cls::response_message(0),
+            reply_to_notify(1, &resize, true, false),
+            now(cls::response_message(0)),
             "accepted; AsyncComplete follows"
         );
         assert_eq!(
-            reply_to_notify(1, &resize, false),
-            cls::response_message(-30)
+            reply_to_notify(1, &resize, false, false),
+            now(cls::response_message(-30))
         );
         assert_ne!(
-            reply_to_notify(1, &resize[..resize.len() - 3], true),
-            cls::response_message(0),
+            reply_to_notify(1, &resize[..resize.len() - 3], true, false),
+            now(cls::response_message(0)),
             "an undecodable resize is never accepted"
         );
+        let snap = cls::snap_create_notify("s1", id, 0);
+        assert_eq!(
+            reply_to_notify(1, &snap, true, false),
+            now(cls::response_message(0)),
+            "a snapshot is taken by the owner"
+        );
+        assert_eq!(
+            reply_to_notify(1, &snap, false, false),
+            now(cls::response_message(-30))
+        );
+        let q = cls::quiesce_notify(cls::NOTIFY_OP_QUIESCE, id);
+        let u = cls::quiesce_notify(cls::NOTIFY_OP_UNQUIESCE, id);
+        for takes in [false, true] {
+            assert_eq!(
+                reply_to_notify(1, &q, takes, false),
+                now(Vec::new()),
+                "no hook: nothing to quiesce, which librbd counts as done"
+            );
+            assert_eq!(
+                reply_to_notify(1, &q, takes, true),
+                Reply::Later,
+                "acked after the hook"
+            );
+            for defers in [false, true] {
+                assert_eq!(reply_to_notify(1, &u, takes, defers), now(Vec::new()));
+            }
+        }
     }
 }

@@ -733,6 +733,7 @@ pub(super) async fn open_by_id_at(
         reacquiring: AtomicBool::new(false),
         owner_tx: Mutex::new(None),
         owner_pending: Mutex::new(std::collections::HashSet::new()),
+        quiesce: Default::default(),
         closed: AtomicBool::new(false),
     });
     if mode != OpenMode::ReadOnly {
