@@ -39,6 +39,7 @@ suites=(
   differential.sh
   clones.sh
   snaps.sh
+  quiesce.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

@@ -957,6 +957,8 @@ impl ImageStore for CephImage {
         if let Some(ev) = state.events {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ev).await;
         }
+        // No quiesce task of ours outlives the handle; a quiesced file system is thawed.
+        i.quiesce.stop(&i.spec).await;
         if i.is_fenced() {
             // The lock is someone else's now: no unlock, no notify. Only our watch is
             // ended (librados would otherwise keep re-registering it), bounded, since a

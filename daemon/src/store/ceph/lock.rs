@@ -215,8 +215,9 @@ fn start_snap_create(inner: &Arc<Inner>, req: cls::SnapCreateRequest, notifier_i
         return; // Sent again while we are at it: one answer will come.
     }
     tracing::info!(image = %inner.spec, "snapshot {} asked by client.{notifier_id}", req.name);
-    let inner = inner.clone();
-    tokio::spawn(async move {
+    let me = inner.clone();
+    inner.quiesce.spawn(async move {
+        let inner = me;
         let skip = req.flags & cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE != 0;
         let ignore = req.flags & cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR != 0;
         let quiesced = if skip {
@@ -253,7 +254,12 @@ fn start_snap_create(inner: &Arc<Inner>, req: cls::SnapCreateRequest, notifier_i
             Ok(()) => 0,
             Err(e) => {
                 tracing::warn!(image = %inner.spec, "snapshot asked by client.{notifier_id}: {e}");
-                -errno_for_librbd(e)
+                // librbd re-sends a request that ends in ETIMEDOUT or ERESTART, quiesce
+                // and all, until its own deadline: a quiesce that timed out is an EIO.
+                match errno_for_librbd(e) {
+                    libc::ETIMEDOUT | libc::ERESTART => -EIO,
+                    n => -n,
+                }
             }
         };
         let msg = cls::async_complete_notify(req.id, result);

@@ -60,6 +60,10 @@ pub(super) struct Quiesce {
     reqs: Mutex<HashMap<AsyncRequestId, Req>>,
     /// Our own request numbers when we take a snapshot.
     next_request: AtomicU64,
+    /// The tasks started for quiesce requests and for snapshots we take: `stop` ends
+    /// them before the image closes, so none holds the handle (and with it the cluster
+    /// connection) when the runtime shuts down.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Quiesce {
@@ -74,6 +78,42 @@ impl Quiesce {
 
     fn reqs(&self) -> std::sync::MutexGuard<'_, HashMap<AsyncRequestId, Req>> {
         self.reqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` as a task that `stop` ends.
+    pub(super) fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(f));
+    }
+
+    /// At close (the watch's events have stopped): ends the tasks, drops the acks still
+    /// owed (their notifiers see a timeout), and runs the unquiesce still due after a
+    /// successful quiesce, so no file system stays frozen after us.
+    pub(super) async fn stop(&self, spec: &crate::spec::ImageSpec) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let due = std::mem::take(&mut *self.reqs()).into_values().any(|r| {
+            matches!(
+                r,
+                Req::Done {
+                    result: 0,
+                    unquiesced: false,
+                    ..
+                }
+            )
+        });
+        if let (true, Some(hook)) = (due, self.hook.get()) {
+            tracing::info!(image = %spec, "closing while quiesced: unquiescing");
+            if let Err(e) = hook.run(Phase::Unquiesce).await {
+                tracing::warn!(image = %spec, "{e}");
+            }
+        }
     }
 }
 
@@ -107,17 +147,16 @@ pub(super) fn on_quiesce(inner: &Arc<Inner>, id: AsyncRequestId, ack: PendingAck
             }
         }
     }
-    let inner = inner.clone();
-    tokio::spawn(async move {
+    let me = inner.clone();
+    inner.quiesce.spawn(async move {
+        let inner = me;
         let result = match hook.run(Phase::Quiesce).await {
             Ok(()) => 0,
             Err(e) => {
+                // EIO whatever the failure, a timeout too: librbd re-sends a whole request
+                // that ends in ETIMEDOUT, which would run the hook again and again.
                 tracing::warn!(image = %inner.spec, "quiesce asked by client.{}: {e}", id.gid);
-                if e.kind == ErrorKind::TimedOut {
-                    -libc::ETIMEDOUT
-                } else {
-                    -libc::EIO
-                }
+                -libc::EIO
             }
         };
         let (acks, unquiesce_now) = {
@@ -192,8 +231,10 @@ pub(super) fn on_unquiesce(inner: &Arc<Inner>, id: AsyncRequestId) {
         return;
     }
     if take_unquiesce(inner, id) {
-        let inner = inner.clone();
-        tokio::spawn(async move { run_unquiesce(&hook, &inner).await });
+        let me = inner.clone();
+        inner
+            .quiesce
+            .spawn(async move { run_unquiesce(&hook, &me).await });
     }
 }
 
@@ -232,16 +273,14 @@ pub(super) async fn quiesce_watchers(inner: &Inner) -> (AsyncRequestId, Result<(
         for (gid, _, payload) in &reply.acks {
             match cls::response_result(payload) {
                 Ok(Some(r)) if r < 0 && r != -libc::EOPNOTSUPP => {
-                    return (
-                        id,
-                        Err(Error::new(
-                            ErrorKind::Io,
-                            format!(
-                                "client.{gid} failed to quiesce: {}",
-                                std::io::Error::from_raw_os_error(-r)
-                            ),
-                        )),
+                    // The errno goes on to the asker (`errno_of` reads it back).
+                    let text = std::io::Error::from_raw_os_error(-r).to_string();
+                    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+                    let e = Error::new(
+                        ErrorKind::Io,
+                        format!("client.{gid} failed to quiesce: {text} (errno {})", -r),
                     );
+                    return (id, Err(e));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -257,10 +296,11 @@ pub(super) async fn quiesce_watchers(inner: &Inner) -> (AsyncRequestId, Result<(
     (
         id,
         Err(Error::new(
-            ErrorKind::Io,
+            ErrorKind::TimedOut,
             format!(
-                "some watcher did not finish quiescing in {QUIESCE_ATTEMPTS} × {} s",
-                QUIESCE_NOTIFY_MS / 1000
+                "some watcher did not finish quiescing in {QUIESCE_ATTEMPTS} × {} s (errno {})",
+                QUIESCE_NOTIFY_MS / 1000,
+                libc::ETIMEDOUT
             ),
         )),
     )
