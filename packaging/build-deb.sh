@@ -77,6 +77,8 @@ done
 inst 0644 packaging/60-rados-nbd.rules /lib/udev/rules.d/60-rados-nbd.rules
 inst 0755 packaging/rados-nbdmap /usr/lib/rados-nbd/rados-nbdmap
 inst 0755 packaging/rados-nbd-udev /usr/lib/rados-nbd/rados-nbd-udev
+# `map --quiesce`'s default hook, where rbd-nbd keeps its own (/usr/libexec/rbd-nbd/).
+inst 0755 packaging/rados-nbd_quiesce /usr/libexec/rados-nbd/rados-nbd_quiesce
 inst 0644 packaging/tmpfiles.conf /usr/lib/tmpfiles.d/rados-nbd.conf
 inst 0644 packaging/rados-nbd.conf /etc/rados-nbd/rados-nbd.conf
 inst 0644 packaging/default /etc/default/rados-nbd

@@ -47,6 +47,7 @@ suite() {
 }
 
 suite "real NBD clients (directory store)" bash tests/clients/run.sh
+suite "quiesce hooks around snapshots (directory store)" bash tests/quiesce/run.sh
 suite "reliability: crashes, ENOSPC/EIO, load, hostile clients, security" bash tests/reliability/run.sh
 suite "fuzz: handshake, transmission, request parser (30 s)" bash fuzz/run.sh 30
 for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do

@@ -75,6 +75,13 @@ pub enum SnapCommand {
     Create {
         /// [POOL/]NAME@SNAP
         snap: String,
+        /// Of an image served with --quiesce: do not run its quiesce hook.
+        #[arg(long, conflicts_with = "ignore_quiesce_error")]
+        skip_quiesce: bool,
+        /// Of an image served with --quiesce: take the snapshot even when its quiesce
+        /// hook fails.
+        #[arg(long)]
+        ignore_quiesce_error: bool,
     },
     /// List an image's snapshots: SNAPID NAME SIZE PROTECTED TIMESTAMP.
     #[command(alias = "list")]

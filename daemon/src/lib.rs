@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod notify;
 pub mod parse;
 pub mod progress;
+pub mod quiesce;
 pub mod serve;
 pub mod socket_activation;
 pub mod spec;

@@ -75,6 +75,15 @@ pub struct ServeArgs {
     /// so later reads are the clone's own. No effect on other images or read-only.
     #[arg(long)]
     pub copy_on_read: bool,
+    /// Run a quiesce hook around snapshots of the image taken while it is served (Ceph:
+    /// `rbd snap create`; the directory store: `rados-nbd snap create`): `HOOK POOL/NAME
+    /// quiesce` before, `HOOK POOL/NAME unquiesce` after (serve has no device: the hook
+    /// gets the image). A failing hook fails the snapshot.
+    #[arg(long)]
+    pub quiesce: bool,
+    /// The hook for --quiesce (default /usr/libexec/rados-nbd/rados-nbd_quiesce).
+    #[arg(long, value_name = "PATH", requires = "quiesce")]
+    pub quiesce_hook: Option<PathBuf>,
     /// TLS (NBD_OPT_STARTTLS): off, allow (plain clients too) or require (plain clients
     /// are refused). allow and require need --tls-cert and --tls-key.
     #[arg(long, value_name = "MODE", default_value_t = TlsMode::Off)]
@@ -316,6 +325,14 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
     image.spawn_idle_checkpoints();
+    if args.quiesce && !image.is_read_only() {
+        let hook = crate::quiesce::QuiesceHook::new(args.quiesce_hook.clone(), spec.to_string());
+        tracing::info!(
+            "--quiesce: snapshots of {spec} run {} around them",
+            hook.path.display()
+        );
+        image.enable_quiesce(hook);
+    }
     if args.copy_on_read && !image.enable_copy_on_read() {
         tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
     }

@@ -40,6 +40,7 @@ suites=(
   clones.sh
   snaps.sh
   owner_ops.sh
+  quiesce.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

@@ -51,6 +51,7 @@ expected=(
   /lib/udev/rules.d/60-rados-nbd.rules
   /usr/lib/rados-nbd/rados-nbdmap
   /usr/lib/rados-nbd/rados-nbd-udev
+  /usr/libexec/rados-nbd/rados-nbd_quiesce
   /usr/lib/tmpfiles.d/rados-nbd.conf
   /etc/rados-nbd/rados-nbd.conf
   /etc/default/rados-nbd
@@ -101,6 +102,37 @@ XROOT=$WORK/root
 dpkg-deb -x "$DEB" "$XROOT"
 NBDMAP=$XROOT/usr/lib/rados-nbd/rados-nbdmap
 UDEVH=$XROOT/usr/lib/rados-nbd/rados-nbd-udev
+
+# The default quiesce hook, against fake lsblk/findmnt/fsfreeze: /dev/nbd9 mounted on
+# /mnt/a, its partition nbd9p1 on "/mnt/b c"; fsfreeze logs and fails on $WORK/qfail's path.
+QH=$XROOT/usr/libexec/rados-nbd/rados-nbd_quiesce
+QF=$WORK/qfake; mkdir -p "$QF"
+cat >"$QF/lsblk" <<'EOF'
+#!/bin/sh
+for a; do d=$a; done
+[ "$d" = /dev/nbd9 ] || exit 32
+printf '%s\n' /dev/nbd9 /dev/nbd9p1
+EOF
+cat >"$QF/findmnt" <<'EOF'
+#!/bin/sh
+case "$2" in /dev/nbd9) echo /mnt/a ;; /dev/nbd9p1) echo "/mnt/b c" ;; esac
+EOF
+cat >"$QF/fsfreeze" <<EOF
+#!/bin/sh
+echo "\$1 \$2" >>"$WORK/qlog"
+[ "\$2" != "\$(cat "$WORK/qfail" 2>/dev/null)" ]
+EOF
+chmod +x "$QF"/*
+qhook() { : >"$WORK/qlog"; PATH=$QF:$PATH "$QH" "$@" 2>/dev/null; echo "rc=$? $(paste -sd'|' "$WORK/qlog")"; }
+check "quiesce hook: freezes the device's and its partitions' mounts" \
+  test "$(qhook /dev/nbd9 quiesce)" = "rc=0 -f /mnt/a|-f /mnt/b c"
+check "quiesce hook: unquiesce thaws them" test "$(qhook /dev/nbd9 unquiesce)" = "rc=0 -u /mnt/a|-u /mnt/b c"
+echo "/mnt/b c" >"$WORK/qfail"
+check "quiesce hook: a failed freeze thaws what it froze and fails" \
+  test "$(qhook /dev/nbd9 quiesce)" = "rc=1 -f /mnt/a|-f /mnt/b c|-u /mnt/a"
+rm -f "$WORK/qfail"
+check "quiesce hook: nothing mounted (serve's POOL/IMAGE): nothing to do" test "$(qhook rbd/vm1 quiesce)" = "rc=0 "
+check "quiesce hook: a bad command is refused" test "$(qhook /dev/nbd9 freeze)" = "rc=2 "
 
 # udev helper
 FS=$WORK/udev; mkdir -p "$FS/sys/block/nbd0" "$FS/sys/block/nbd3" "$FS/sys/block/nbd4" "$FS/sys/block/nbd5" "$FS/run"

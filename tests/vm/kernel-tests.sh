@@ -452,6 +452,56 @@ check "map --copy-on-read: the clone's map is right after unmap" "$B" object-map
 check "map --copy-on-read: the clone still reads the same bytes" \
   bash -c "d=\$('$B' map --read-only rbd/ccor) && cmp <(dd if=\$d bs=1M count=16 iflag=direct status=none) /tmp/cbase.raw; r=\$?; '$B' unmap \$d; exit \$r"
 
+echo "== map --quiesce: a snapshot of a mounted ext4 is taken frozen"
+# The shipped hook (packaging/rados-nbd_quiesce) behind a wrapper that logs its calls and,
+# after a quiesce, whether the file system is frozen (a second freeze fails with EBUSY;
+# one that succeeds is undone at once); /tmp/qfail makes the wrapper fail first.
+QH=/mnt/rados-nbd_quiesce
+if [ -x "$QH" ]; then
+  cat >/tmp/qhook <<EOF
+#!/bin/sh
+echo "\$1 \$2" >>/tmp/qhook.log
+[ -e /tmp/qfail ] && { echo "told to fail" >&2; exit 3; }
+$QH "\$@" || exit \$?
+if [ "\$2" = quiesce ]; then
+  if fsfreeze -f $MNT 2>/dev/null; then fsfreeze -u $MNT; echo "not frozen" >>/tmp/qhook.log; else echo frozen >>/tmp/qhook.log; fi
+fi
+EOF
+  chmod +x /tmp/qhook
+  "$B" create --size 256M rbd/qz >/dev/null
+  dev=$(map --quiesce --quiesce-hook /tmp/qhook rbd/qz)
+  qlog() { paste -sd'|' /tmp/qhook.log 2>/dev/null; }
+  mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT && write_files $MNT
+  # Written but not synced: only the freeze puts it in the snapshot.
+  echo "unsynced" >$MNT/unsynced
+  : >/tmp/qhook.log
+  check "snap create of the mapped, mounted image" "$B" snap create rbd/qz@s1
+  check "... the hook froze the mounted ext4, then thawed it" test "$(qlog)" = "$dev quiesce|frozen|$dev unquiesce"
+  check "... the file system is writable after" bash -c "echo after >$MNT/after && sync"
+  : >/tmp/qhook.log; touch /tmp/qfail
+  check "a failing hook fails snap create" bash -c "! '$B' snap create rbd/qz@s2 2>/dev/null"
+  rm -f /tmp/qfail
+  check "... no snapshot, no unquiesce" bash -c "! '$B' snap ls rbd/qz | grep -qw s2 && [ \"\$(paste -sd'|' /tmp/qhook.log)\" = '$dev quiesce' ]"
+  check "... the file system is still writable" bash -c "echo after2 >$MNT/after2 && sync"
+  umount $MNT
+  check "unmap --quiesce" "$B" unmap "$dev"
+  snapfs() {
+    local d r
+    d=$(map --read-only rbd/qz@s1) || return 1
+    e2fsck -fn "$d" >/tmp/fsck.out 2>&1; r=$?
+    [ $r = 0 ] || cat /tmp/fsck.out
+    if [ $r = 0 ]; then
+      mount -o ro "$d" $MNT && verify_files $MNT && grep -q unsynced $MNT/unsynced; r=$?
+      umount $MNT
+    fi
+    "$B" unmap "$d"
+    return $r
+  }
+  check "the snapshot's ext4 is clean (e2fsck -fn) and holds every file, the unsynced one too" snapfs
+else
+  note "no $QH: quiesce case skipped"
+fi
+
 echo "== done in $(($(date +%s) - T0)) s"
 if [ "$fail" -ne 0 ]; then
   echo "--- daemon log (last 40 lines)"

@@ -36,7 +36,7 @@ cp "$here/kernel-tests.sh" "$work/"
 for f in "$root"/tests/packaging/vm-*.sh; do
   [ -f "$f" ] && cp "$f" "$work/" && suites+=("$(basename "$f")")
 done
-for f in rados-nbdmap rados-nbd-udev; do
+for f in rados-nbdmap rados-nbd-udev rados-nbd_quiesce; do
   [ -f "$root/packaging/$f" ] && cp "$root/packaging/$f" "$work/"
 done
 cat >"$work/all-suites.sh" <<SUITES

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Image};
 use crate::spec::ImageSpec;
-use crate::store::{ImageStore, OpenMode, SnapInfo, SnapNamespace, Store};
+use crate::store::{ImageStore, OpenMode, QuiesceMode, SnapInfo, SnapNamespace, Store};
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
@@ -30,14 +30,23 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
             print!("{}", list(&snaps, format, all));
             Ok(())
         }
-        SnapCommand::Create { snap } => {
+        SnapCommand::Create {
+            snap,
+            skip_quiesce,
+            ignore_quiesce_error,
+        } => {
+            let mode = match (skip_quiesce, ignore_quiesce_error) {
+                (true, _) => QuiesceMode::Skip,
+                (_, true) => QuiesceMode::IgnoreError,
+                _ => QuiesceMode::Run,
+            };
             let (spec, name) = snap_spec(&snap)?;
             let r = try_on_head(store, &spec, "create a snapshot of", async |img| {
                 img.snap_create(&name).await.map(|_| ())
             })
             .await?;
             match r {
-                Head::InUse(_) => store.ask_holder_to_snap_create(&spec, &name).await,
+                Head::InUse(_) => store.ask_holder_to_snap_create(&spec, &name, mode).await,
                 Head::Done(r) => r,
             }
         }

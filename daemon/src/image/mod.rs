@@ -32,6 +32,7 @@ mod dirty;
 mod map;
 mod open;
 mod pieces;
+mod quiesce;
 mod resize;
 mod snap;
 #[cfg(test)]
@@ -145,6 +146,8 @@ pub struct Image<S: ImageStore> {
     /// `--copy-on-read`: objects to copy up in the background, and those queued.
     cor: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<u64>>,
     cor_pending: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// `--quiesce`: the hook run around snapshots taken for other clients.
+    quiesce: std::sync::OnceLock<Arc<crate::quiesce::QuiesceHook>>,
 }
 
 /// The dirty flag as the idle checkpointer sees it.

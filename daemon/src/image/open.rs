@@ -222,6 +222,7 @@ impl<S: ImageStore> Image<S> {
             chain: std::sync::RwLock::new(chain),
             cor: std::sync::OnceLock::new(),
             cor_pending: std::sync::Mutex::new(Default::default()),
+            quiesce: std::sync::OnceLock::new(),
         };
         if let Err(e) = image.ensure_dirty().await {
             if let Some(c) = image.chain() {

@@ -230,11 +230,16 @@ impl<S: ImageStore> Image<S> {
                             .map(|_| ());
                         let _ = done.send(logged(r));
                     }
-                    OwnerRequest::SnapCreate { name, done } => {
+                    OwnerRequest::SnapCreate {
+                        name,
+                        quiesce,
+                        done,
+                    } => {
                         tracing::info!("snapshot {}@{name} asked by another client", img.spec);
                         // snap_create holds every request off (the gate) while it syncs
-                        // and takes the snapshot: every acknowledged write is in it.
-                        let r = img.snap_create(&name).await.map(|_| ());
+                        // and takes the snapshot: every acknowledged write is in it; with
+                        // --quiesce the hook runs around it.
+                        let r = img.snap_create_quiesced(&name, quiesce).await;
                         if let Err(e) = &r {
                             tracing::warn!("{e}");
                         }

@@ -46,6 +46,15 @@ pub struct ServeOpts {
     /// object into the clone in the background (see `serve --copy-on-read`).
     #[arg(long)]
     pub copy_on_read: bool,
+    /// Run a quiesce hook around snapshots of the image taken while it is mapped (Ceph:
+    /// `rbd snap create`; the directory store: `rados-nbd snap create`): `HOOK /dev/nbdX
+    /// quiesce` before (the default hook freezes the file system mounted from the device),
+    /// `HOOK /dev/nbdX unquiesce` after. A failing hook fails the snapshot.
+    #[arg(long)]
+    pub quiesce: bool,
+    /// The hook for --quiesce (default /usr/libexec/rados-nbd/rados-nbd_quiesce).
+    #[arg(long, value_name = "PATH", requires = "quiesce")]
+    pub quiesce_hook: Option<PathBuf>,
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u32,
@@ -216,6 +225,21 @@ mod tests {
             panic!("not attach")
         };
         assert!(a.opts.copy_on_read);
+        assert!(
+            !a.opts.quiesce && a.opts.quiesce_hook.is_none(),
+            "off by default"
+        );
+        let t =
+            T::try_parse_from(["x", "map", "img", "--quiesce", "--quiesce-hook", "/h"]).unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert!(m.opts.quiesce);
+        assert_eq!(m.opts.quiesce_hook, Some(PathBuf::from("/h")));
+        assert!(
+            T::try_parse_from(["x", "map", "img", "--quiesce-hook", "/h"]).is_err(),
+            "a hook without --quiesce"
+        );
     }
 
     #[test]

@@ -424,6 +424,17 @@ impl Setup<'_> {
         // The kernel holds its own references to its ends now.
         drop(kernel_ends);
         let path = device::device_path(index);
+        if self.opts.quiesce && !self.read_only {
+            // Now that the device is known: the hook's first argument.
+            let hook =
+                crate::quiesce::QuiesceHook::new(self.opts.quiesce_hook.clone(), path.clone());
+            tracing::info!(
+                "{}: --quiesce: snapshots run {} around them",
+                self.spec,
+                hook.path.display()
+            );
+            self.export.enable_quiesce(hook);
+        }
         let expected = info.size - info.size % BLOCK_SIZE;
         let attached =
             device::wait_ready(index, expected, Duration::from_secs(10)).and_then(|_| {

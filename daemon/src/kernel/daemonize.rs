@@ -61,9 +61,13 @@ const PATH_VARIABLES: [&str; 4] = [
 /// mapped). Every relative path it still needs is made absolute first. Runs before any
 /// thread exists (the environment is changed).
 pub(super) fn leave_working_dir(opts: &mut ServeOpts) -> Result<()> {
-    for p in [&mut opts.pid_file, &mut opts.log_file]
-        .into_iter()
-        .flatten()
+    for p in [
+        &mut opts.pid_file,
+        &mut opts.log_file,
+        &mut opts.quiesce_hook,
+    ]
+    .into_iter()
+    .flatten()
     {
         *p = absolute(p)?;
     }

@@ -94,6 +94,15 @@ impl Export {
         }
     }
 
+    /// `--quiesce`: snapshots of the image taken for other clients run `hook` around them.
+    pub fn enable_quiesce(&self, hook: crate::quiesce::QuiesceHook) {
+        match self {
+            Export::Dir(i) => i.enable_quiesce(hook),
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.enable_quiesce(hook),
+        };
+    }
+
     pub fn transmission_flags(&self) -> u16 {
         nbd_protocol::transmission_flags(&self.info())
     }

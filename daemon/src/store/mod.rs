@@ -57,6 +57,7 @@ pub enum OwnerRequest {
     /// ones in flight finished, so it holds every write acknowledged before it.
     SnapCreate {
         name: String,
+        quiesce: QuiesceMode,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
     /// `rbd snap rm` of an image in use.
@@ -86,6 +87,20 @@ pub enum OwnerRequest {
         progress: tokio::sync::watch::Sender<(u64, u64)>,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+}
+
+/// Whether a snapshot asked of the lock holder runs the `--quiesce` hook around it
+/// (`rbd snap create --skip-quiesce` / `--ignore-quiesce-error`). Without `--quiesce` the
+/// holder has no hook and each is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuiesceMode {
+    /// Quiesce first; a failed quiesce fails the snapshot.
+    #[default]
+    Run,
+    /// No quiesce (the caller did it, or was asked not to).
+    Skip,
+    /// Quiesce first; take the snapshot even when that failed.
+    IgnoreError,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +280,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         spec: &ImageSpec,
         name: &str,
+        _mode: QuiesceMode,
     ) -> impl Future<Output = Result<()>> + Send {
         let e = crate::error::Error::new(
             crate::error::ErrorKind::Busy,
@@ -378,6 +394,12 @@ pub trait ImageStore: Send + Sync + 'static {
     fn owner_requests(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<OwnerRequest>> {
         None
     }
+
+    /// `--quiesce`: the store runs `hook` for the quiesce requests it takes itself (Ceph:
+    /// librbd's quiesce notifications, which reach every watcher of the header). Stores
+    /// without such requests ignore it; the image layer runs the hook around the
+    /// snapshots asked of it.
+    fn enable_quiesce(&self, _hook: std::sync::Arc<crate::quiesce::QuiesceHook>) {}
 
     /// `flags = (flags & !mask) | (value & mask)` in the header, durably.
     fn set_flags(&self, value: u64, mask: u64) -> impl Future<Output = Result<()>> + Send;

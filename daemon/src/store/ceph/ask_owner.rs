@@ -34,7 +34,11 @@ pub(super) async fn ask_owner(
     let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = io
-        .watch(&oid, Box::new(|_, _| Vec::new()), tx)
+        .watch(
+            &oid,
+            Box::new(|_, _| super::rados::Reply::Now(Vec::new())),
+            tx,
+        )
         .await
         .map_err(ctx)?;
     let req = AsyncRequestId {
@@ -131,8 +135,17 @@ fn refused(spec: &ImageSpec, what: &str, r: i32) -> Error {
 }
 
 /// The requests `rados-nbd` makes of a holder, each as librbd encodes it.
-pub(super) fn snap_create(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
-    move |id| owner_msgs::snap_create_request(id, name)
+pub(super) fn snap_create(
+    name: &str,
+    mode: crate::store::QuiesceMode,
+) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
+    use crate::store::QuiesceMode;
+    let flags = match mode {
+        QuiesceMode::Run => 0,
+        QuiesceMode::Skip => super::cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE,
+        QuiesceMode::IgnoreError => super::cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR,
+    };
+    move |id| owner_msgs::snap_create_request(id, name, flags)
 }
 pub(super) fn snap_remove(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
     move |id| owner_msgs::snap_remove_request(id, name)

@@ -743,6 +743,13 @@ pub const NOTIFY_OP_ASYNC_PROGRESS: u32 = 4;
 pub const NOTIFY_OP_ASYNC_COMPLETE: u32 = 5;
 
 pub const NOTIFY_OP_RESIZE: u32 = 7;
+pub const NOTIFY_OP_SNAP_CREATE: u32 = 8;
+pub const NOTIFY_OP_QUIESCE: u32 = 18;
+pub const NOTIFY_OP_UNQUIESCE: u32 = 19;
+
+/// librbd's SnapCreateFlag (src/librbd/Types.h), carried by a SnapCreate request.
+pub const SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE: u64 = 1 << 1;
+pub const SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR: u64 = 1 << 2;
 
 /// librbd's id of an asynchronous maintenance request: the asking client (ClientId
 /// { u64 gid, u64 handle }) and its request number. The owner echoes it in AsyncComplete.
@@ -799,6 +806,46 @@ pub fn resize_notify(size: u64, id: AsyncRequestId, allow_shrink: bool) -> Vec<u
     e.finish(at).done()
 }
 
+/// Quiesce / Unquiesce NotifyMessage: ENCODE_START(7,1) { u32 18|19, AsyncRequestId }:
+/// how the taker of a snapshot asks every watcher of the header to quiesce, then to
+/// resume.
+pub fn quiesce_notify(op: u32, id: AsyncRequestId) -> Vec<u8> {
+    let mut e = Enc::new();
+    let at = e.start(7, 1);
+    e.u32(op).u64(id.gid).u64(id.handle).u64(id.request_id);
+    e.finish(at).done()
+}
+
+/// The request id of a Quiesce or Unquiesce NotifyMessage.
+pub fn quiesce_request(payload: &[u8]) -> Result<(u32, AsyncRequestId)> {
+    let mut d = Dec::new(payload, "rbd quiesce notification");
+    let (_, end) = d.start(7)?;
+    let op = d.u32()?;
+    if op != NOTIFY_OP_QUIESCE && op != NOTIFY_OP_UNQUIESCE {
+        return Err(d.bad(&format!("notify op {op} is not a quiesce")));
+    }
+    let id = AsyncRequestId {
+        gid: d.u64()?,
+        handle: d.u64()?,
+        request_id: d.u64()?,
+    };
+    d.finish(end)?;
+    Ok((op, id))
+}
+
+/// The result in a ResponseMessage ack (ENCODE_START(1,1) { i32 }); an empty ack (a
+/// watcher with nothing to say) is None.
+pub fn response_result(ack: &[u8]) -> Result<Option<i32>> {
+    if ack.is_empty() {
+        return Ok(None);
+    }
+    let mut d = Dec::new(ack, "rbd notify response");
+    let (_, end) = d.start(1)?;
+    let r = d.i32()?;
+    d.finish(end)?;
+    Ok(Some(r))
+}
+
 /// AsyncComplete NotifyMessage: ENCODE_START(7,1) { u32 5, AsyncRequestId, i32 result }:
 /// how the owner tells the asker its request is done.
 pub fn async_complete_notify(id: AsyncRequestId, result: i32) -> Vec<u8> {
@@ -832,6 +879,8 @@ pub fn notify_wants_owner_reply(op: u32) -> bool {
             | NOTIFY_OP_HEADER_UPDATE
             | NOTIFY_OP_ASYNC_PROGRESS
             | NOTIFY_OP_ASYNC_COMPLETE
+            | NOTIFY_OP_QUIESCE
+            | NOTIFY_OP_UNQUIESCE
     )
 }
 
@@ -1264,6 +1313,49 @@ mod tests {
             vec![1, 1, 4, 0, 0, 0, 0xe2, 0xff, 0xff, 0xff]
         );
         assert!(notify_op(&[7, 1, 4]).is_err());
+    }
+
+    #[test]
+    fn snap_create_and_quiesce_messages() {
+        let id = AsyncRequestId {
+            gid: 4150,
+            handle: 9,
+            request_id: 12,
+        };
+        let flags = SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE;
+        let m = super::super::owner_msgs::snap_create_request(id, "daily", flags);
+        let mut want = vec![7, 1];
+        let body_len = 4 + 4 + 5 + 6 + 4 + 24 + 8;
+        want.extend((body_len as u32).to_le_bytes());
+        want.extend(8u32.to_le_bytes());
+        want.extend(s("daily"));
+        want.extend([1, 1, 4, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend(4150u64.to_le_bytes());
+        want.extend(9u64.to_le_bytes());
+        want.extend(12u64.to_le_bytes());
+        want.extend(flags.to_le_bytes());
+        assert_eq!(m, want);
+        assert_eq!(notify_op(&m).unwrap(), NOTIFY_OP_SNAP_CREATE);
+        let got = super::super::owner_msgs::owner_msg(&m).unwrap().unwrap();
+        assert_eq!(got.id, Some(id));
+        assert!(matches!(
+            got.op,
+            super::super::owner_msgs::OwnerOp::SnapCreate { ns: 0, ref name, flags: f }
+                if name == "daily" && f == flags
+        ));
+        assert!(super::super::owner_msgs::owner_msg(&m[..m.len() - 1]).is_err());
+        let q = quiesce_notify(NOTIFY_OP_QUIESCE, id);
+        assert_eq!(q.len(), 6 + 4 + 24);
+        assert_eq!(quiesce_request(&q).unwrap(), (NOTIFY_OP_QUIESCE, id));
+        let u = quiesce_notify(NOTIFY_OP_UNQUIESCE, id);
+        assert_eq!(quiesce_request(&u).unwrap(), (NOTIFY_OP_UNQUIESCE, id));
+        assert!(quiesce_request(&m).is_err());
+        assert!(!notify_wants_owner_reply(NOTIFY_OP_QUIESCE));
+        assert!(!notify_wants_owner_reply(NOTIFY_OP_UNQUIESCE));
+        assert!(notify_wants_owner_reply(NOTIFY_OP_SNAP_CREATE));
+        assert_eq!(response_result(&[]).unwrap(), None);
+        assert_eq!(response_result(&response_message(-5)).unwrap(), Some(-5));
+        assert!(response_result(&[1]).is_err());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub(super) struct Inner {
     /// Results of requests carried out, newest last (bounded): a client that sends one
     /// again (it missed our AsyncComplete) is answered with it, not served twice.
     pub(super) owner_done: Mutex<std::collections::VecDeque<(cls::AsyncRequestId, i32)>>,
+    /// `--quiesce`: the hook and the quiesce requests seen on the header watch.
+    pub(super) quiesce: super::quiesce::Quiesce,
     pub(super) closed: AtomicBool,
 }
 
@@ -280,6 +282,10 @@ impl ImageStore for CephImage {
                  (right for a volume cryptsetup made on the device)"
             ),
         ))
+    }
+
+    fn enable_quiesce(&self, hook: Arc<crate::quiesce::QuiesceHook>) {
+        self.inner.quiesce.set_hook(hook);
     }
 
     fn owner_requests(&self) -> Option<mpsc::UnboundedReceiver<OwnerRequest>> {
@@ -954,6 +960,8 @@ impl ImageStore for CephImage {
         if let Some(ev) = state.events {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ev).await;
         }
+        // No quiesce task of ours outlives the handle; a quiesced file system is thawed.
+        i.quiesce.stop(&i.spec).await;
         if i.is_fenced() {
             // The lock is someone else's now: no unlock, no notify. Only our watch is
             // ended (librados would otherwise keep re-registering it), bounded, since a

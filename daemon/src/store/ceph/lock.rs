@@ -6,10 +6,10 @@
 use super::header::refresh;
 use super::image::Inner;
 use super::owner_msgs::{self, OwnerMsg, OwnerOp};
-use super::rados::{self, errno_of, is_blocklisted, Watch, WatchEvent};
+use super::rados::{self, errno_of, is_blocklisted, Reply, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{OpenMode, OwnerRequest};
+use crate::store::{OpenMode, OwnerRequest, QuiesceMode};
 use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -101,10 +101,11 @@ fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
     let inner = Arc::downgrade(inner);
     Box::new(move |notifier, payload| {
         let Some(i) = inner.upgrade() else {
-            return reply_to_notify(notifier, payload, false, |_| None);
+            return reply_to_notify(notifier, payload, false, false, |_| None);
         };
         let takes = i.takes_owner_requests();
-        reply_to_notify(notifier, payload, takes, |id| i.owner_result(id))
+        let defers = i.quiesce.defers();
+        reply_to_notify(notifier, payload, takes, defers, |id| i.owner_result(id))
     })
 }
 
@@ -173,17 +174,34 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
 
 /// `SNAP_CREATE_FLAG_SKIP_OBJECT_MAP` (1) and `_SKIP_NOTIFY_QUIESCE` (2),
 /// `_IGNORE_NOTIFY_QUIESCE_ERROR` (4) (librbd/internal.h): we take no snapshot without
-/// its map, and there is nothing to quiesce (NBD clients are not told).
-const SNAP_CREATE_FLAGS_KNOWN: u64 = 2 | 4;
+/// its map; the quiesce flags are honoured (`start_owner_op`).
+const SNAP_CREATE_FLAGS_KNOWN: u64 =
+    cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE | cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR;
 
 /// Runs on librados' callback thread. A request to the lock owner that we carry out is
 /// acked 0 (or, asked again, 0 while it runs and its result once done), then carried out
 /// by `watch_events`, which sends AsyncProgress and AsyncComplete, as librbd's owner does
 /// (ImageWatcher::handle_operation_request). One we do not do gets its errno; requests
 /// for the lock get -EROFS (we do not hand the lock over, like `rbd-nbd --exclusive`);
-/// the rest are acked empty.
+/// a quiesce is answered by `watch_events` after the hook when `defers_quiesce`
+/// (`--quiesce`); the rest (an unquiesce, a quiesce without a hook: nothing to do) are
+/// acked empty.
 fn reply_to_notify(
     _notifier: u64,
+    payload: &[u8],
+    takes: bool,
+    defers_quiesce: bool,
+    result_of: impl Fn(&cls::AsyncRequestId) -> Option<i32>,
+) -> Reply {
+    if let Ok(cls::NOTIFY_OP_QUIESCE) = cls::notify_op(payload) {
+        if defers_quiesce && cls::quiesce_request(payload).is_ok() {
+            return Reply::Later;
+        }
+    }
+    Reply::Now(owner_reply(payload, takes, result_of))
+}
+
+fn owner_reply(
     payload: &[u8],
     takes: bool,
     result_of: impl Fn(&cls::AsyncRequestId) -> Option<i32>,
@@ -246,13 +264,24 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
     tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id}");
     let (progress, mut progress_rx) = tokio::sync::watch::channel((0u64, 0u64));
     let (done, mut rx) = tokio::sync::oneshot::channel();
+    // A snapshot's flags: every watcher is asked to quiesce around it (as librbd's
+    // SnapshotCreateRequest), unless they say to skip it.
+    let mut snap_quiesce = None;
     let req = match msg.op {
         OwnerOp::Resize { size, allow_shrink } => OwnerRequest::Resize {
             size,
             allow_shrink,
             done,
         },
-        OwnerOp::SnapCreate { name, .. } => OwnerRequest::SnapCreate { name, done },
+        OwnerOp::SnapCreate { name, flags, .. } => {
+            snap_quiesce = Some(flags);
+            // Our own hook runs as a watcher's (quiesce_watchers below), not again here.
+            OwnerRequest::SnapCreate {
+                name,
+                quiesce: QuiesceMode::Skip,
+                done,
+            }
+        }
         OwnerOp::SnapRemove { name, .. } => OwnerRequest::SnapRemove { name, done },
         OwnerOp::SnapRename { snap_id, name } => OwnerRequest::SnapRename {
             snap_id,
@@ -274,9 +303,33 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         // Refused by owner_verdict.
         OwnerOp::UpdateFeatures { .. } | OwnerOp::Sparsify { .. } => return,
     };
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        let r = if tx.send(req).is_err() {
+    let me = inner.clone();
+    // A task that close ends (`Quiesce::stop`): none may hold the handle, and with it the
+    // cluster connection, when the runtime shuts down.
+    inner.quiesce.spawn(async move {
+        let inner = me;
+        let skip = snap_quiesce.is_none_or(|f| f & cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE != 0);
+        let ignore =
+            snap_quiesce.is_some_and(|f| f & cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR != 0);
+        let quiesced = if skip {
+            None
+        } else {
+            Some(super::quiesce::quiesce_watchers(&inner).await)
+        };
+        let refused = match &quiesced {
+            Some((_, Err(e))) if !ignore => Some(e.clone().context(format!(
+                "quiescing {} for the {what}; no snapshot taken",
+                inner.spec
+            ))),
+            Some((_, Err(e))) => {
+                tracing::warn!(image = %inner.spec, "{e}; {what} goes on (quiesce errors ignored)");
+                None
+            }
+            _ => None,
+        };
+        let r = if let Some(e) = refused {
+            Err(e)
+        } else if tx.send(req).is_err() {
             Err(Error::new(ErrorKind::Io, "the image is closing"))
         } else {
             let mut beat = tokio::time::interval(OWNER_HEARTBEAT);
@@ -309,9 +362,17 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
                 }
             }
         };
+        if let Some((qid, _)) = quiesced {
+            super::quiesce::unquiesce_watchers(&inner, qid).await;
+        }
         let result = match &r {
             Ok(()) => 0,
-            Err(e) => -errno_for_librbd(e),
+            // librbd re-sends a request that ends in ETIMEDOUT or ERESTART, quiesce and
+            // all, until its own deadline: a quiesce that timed out is an EIO.
+            Err(e) => match errno_for_librbd(e) {
+                libc::ETIMEDOUT | libc::ERESTART => -EIO,
+                n => -n,
+            },
         };
         {
             let mut d = inner.owner_done.lock().unwrap_or_else(|p| p.into_inner());
@@ -605,7 +666,25 @@ async fn watch_events(
         let Some(ev) = ev else { return };
         let Some(inner) = inner.upgrade() else { return };
         match ev {
-            WatchEvent::Notify { notifier_id, data } => match cls::notify_op(&data) {
+            WatchEvent::Notify {
+                notifier_id,
+                data,
+                ack,
+            } => match cls::notify_op(&data) {
+                Ok(cls::NOTIFY_OP_QUIESCE) | Ok(cls::NOTIFY_OP_UNQUIESCE) => {
+                    match (cls::quiesce_request(&data), ack) {
+                        (Ok((cls::NOTIFY_OP_QUIESCE, id)), Some(ack)) => {
+                            super::quiesce::on_quiesce(&inner, id, ack)
+                        }
+                        (Ok((cls::NOTIFY_OP_UNQUIESCE, id)), _) => {
+                            super::quiesce::on_unquiesce(&inner, id)
+                        }
+                        (Err(e), _) => {
+                            tracing::warn!(image = %inner.spec, "quiesce notification from client.{notifier_id}: {e}")
+                        }
+                        _ => {}
+                    }
+                }
                 Ok(op) if cls::notify_wants_owner_reply(op) && inner.takes_owner_requests() => {
                     match owner_msgs::owner_msg(&data) {
                         Ok(Some(msg)) => start_owner_op(&inner, msg, notifier_id),
@@ -765,8 +844,7 @@ mod tests {
     fn notify_replies() {
         for takes in [false, true] {
             assert_eq!(
-                reply_to_notify(
-                    1,
+                owner_reply(
                     &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
                     takes,
                     |_| None
@@ -774,8 +852,8 @@ mod tests {
                 cls::response_message(-30),
                 "the lock is never handed over"
             );
-            assert!(reply_to_notify(1, &cls::header_update_notify(), takes, |_| None).is_empty());
-            assert!(reply_to_notify(1, &[], takes, |_| None).is_empty());
+            assert!(owner_reply(&cls::header_update_notify(), takes, |_| None).is_empty());
+            assert!(owner_reply(&[], takes, |_| None).is_empty());
         }
         let id = cls::AsyncRequestId {
             gid: 1,
@@ -784,16 +862,16 @@ mod tests {
         };
         let resize = cls::resize_notify(1 << 30, id, false);
         assert_eq!(
-            reply_to_notify(1, &resize, true, |_| None),
+            owner_reply(&resize, true, |_| None),
             cls::response_message(0),
             "accepted; AsyncComplete follows"
         );
         assert_eq!(
-            reply_to_notify(1, &resize, false, |_| None),
+            owner_reply(&resize, false, |_| None),
             cls::response_message(-30)
         );
         assert_ne!(
-            reply_to_notify(1, &resize[..resize.len() - 3], true, |_| None),
+            owner_reply(&resize[..resize.len() - 3], true, |_| None),
             cls::response_message(0),
             "an undecodable resize is never accepted"
         );
@@ -823,23 +901,20 @@ mod tests {
         };
         let rm = msg(owner_msgs::NOTIFY_OP_SNAP_REMOVE, &user_snap("s"));
         // New: accepted (AsyncComplete follows); asked again once done: its result.
+        assert_eq!(owner_reply(&rm, true, |_| None), cls::response_message(0));
         assert_eq!(
-            reply_to_notify(1, &rm, true, |_| None),
-            cls::response_message(0)
-        );
-        assert_eq!(
-            reply_to_notify(1, &rm, true, |i| (*i == id).then_some(-2)),
+            owner_reply(&rm, true, |i| (*i == id).then_some(-2)),
             cls::response_message(-2)
         );
         assert_eq!(
-            reply_to_notify(1, &rm, false, |_| None),
+            owner_reply(&rm, false, |_| None),
             cls::response_message(-30)
         );
         let flatten = msg(owner_msgs::NOTIFY_OP_FLATTEN, &|e| {
             e.u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            reply_to_notify(1, &flatten, true, |_| None),
+            owner_reply(&flatten, true, |_| None),
             cls::response_message(0)
         );
         // Feature changes and sparsify: refused at once, EBUSY.
@@ -847,14 +922,14 @@ mod tests {
             e.u64(0x10).u8(0).u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            reply_to_notify(1, &features, true, |_| None),
+            owner_reply(&features, true, |_| None),
             cls::response_message(-16)
         );
         let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
             e.u64(7).u64(8).u64(9).u64(4096);
         });
         assert_eq!(
-            reply_to_notify(1, &sparsify, true, |_| None),
+            owner_reply(&sparsify, true, |_| None),
             cls::response_message(-16)
         );
         // A group snapshot: refused.
@@ -865,7 +940,7 @@ mod tests {
             e.u64(7).u64(8).u64(9).u64(0);
         });
         assert_eq!(
-            reply_to_notify(1, &group, true, |_| None),
+            owner_reply(&group, true, |_| None),
             cls::response_message(-16)
         );
         // An op we do not know, addressed to the owner: refused as before.
@@ -873,8 +948,48 @@ mod tests {
             e.u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            reply_to_notify(1, &unknown, true, |_| None),
+            owner_reply(&unknown, true, |_| None),
             cls::response_message(-30)
         );
+    }
+
+    #[test]
+    fn quiesce_replies() {
+        let id = cls::AsyncRequestId {
+            gid: 1,
+            handle: 2,
+            request_id: 3,
+        };
+        let now = Reply::Now;
+        let snap = owner_msgs::snap_create_request(id, "s1", 0);
+        assert_eq!(
+            reply_to_notify(1, &snap, true, false, |_| None),
+            now(cls::response_message(0)),
+            "a snapshot is taken by the owner"
+        );
+        assert_eq!(
+            reply_to_notify(1, &snap, false, true, |_| None),
+            now(cls::response_message(-30))
+        );
+        let q = cls::quiesce_notify(cls::NOTIFY_OP_QUIESCE, id);
+        let u = cls::quiesce_notify(cls::NOTIFY_OP_UNQUIESCE, id);
+        for takes in [false, true] {
+            assert_eq!(
+                reply_to_notify(1, &q, takes, false, |_| None),
+                now(Vec::new()),
+                "no hook: nothing to quiesce, which librbd counts as done"
+            );
+            assert_eq!(
+                reply_to_notify(1, &q, takes, true, |_| None),
+                Reply::Later,
+                "acked after the hook"
+            );
+            for defers in [false, true] {
+                assert_eq!(
+                    reply_to_notify(1, &u, takes, defers, |_| None),
+                    now(Vec::new())
+                );
+            }
+        }
     }
 }

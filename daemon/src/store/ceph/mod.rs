@@ -40,7 +40,8 @@
 //! Files: `store` connects and creates, removes, lists and opens images (the
 //! [`Store`](crate::store::Store) impl); `header` reads and checks an image header and its features; `lock` takes, keeps
 //! and breaks the exclusive lock, follows the header watch and answers notifies (and
-//! fences a handle that lost the lock); `image` is one opened image, its data I/O and the
+//! fences a handle that lost the lock); `quiesce` runs the `--quiesce` hook on librbd's
+//! quiesce notifications and sends them around a snapshot we take for `rbd snap create`; `image` is one opened image, its data I/O and the
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
 //! encodings, `snaps` the snap sets of objects, `luks` the LUKS header probe;
 //! `owner_msgs` the requests librbd clients address to the lock owner (and our progress
@@ -54,6 +55,7 @@ mod image;
 mod lock;
 pub mod luks;
 mod owner_msgs;
+mod quiesce;
 pub mod rados;
 pub mod snaps;
 mod store;

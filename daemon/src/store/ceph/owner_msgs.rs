@@ -23,7 +23,7 @@ use super::cls::{self, AsyncRequestId, Dec, Enc};
 use crate::error::Result;
 
 pub const NOTIFY_OP_FLATTEN: u32 = 6;
-pub const NOTIFY_OP_SNAP_CREATE: u32 = 8;
+pub use super::cls::NOTIFY_OP_SNAP_CREATE;
 pub const NOTIFY_OP_SNAP_REMOVE: u32 = 9;
 pub const NOTIFY_OP_REBUILD_OBJECT_MAP: u32 = 10;
 pub const NOTIFY_OP_SNAP_RENAME: u32 = 11;
@@ -209,12 +209,13 @@ fn put_user_ns(e: &mut Enc) {
     e.u32(SNAP_NS_USER).finish(at);
 }
 
-pub fn snap_create_request(id: AsyncRequestId, name: &str) -> Vec<u8> {
+/// `flags`: librbd's SNAP_CREATE_FLAG_* (skip or ignore errors of the quiesce).
+pub fn snap_create_request(id: AsyncRequestId, name: &str, flags: u64) -> Vec<u8> {
     request(NOTIFY_OP_SNAP_CREATE, |e| {
         e.str(name);
         put_user_ns(e);
         put_id(e, id);
-        e.u64(0);
+        e.u64(flags);
     })
 }
 
@@ -496,7 +497,7 @@ mod tests {
             request_id: 1,
         };
         assert_eq!(
-            snap_create_request(id, "s1"),
+            snap_create_request(id, "s1", 0),
             hex("0701340000000800000002000000733101010400000000000000\
                  1310000000000000c0660164d97f00000100000000000000 0000000000000000")
         );

@@ -271,9 +271,15 @@ impl Store for CephStore {
         .await
     }
 
-    async fn ask_holder_to_snap_create(&self, spec: &ImageSpec, name: &str) -> Result<()> {
+    async fn ask_holder_to_snap_create(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+        mode: crate::store::QuiesceMode,
+    ) -> Result<()> {
         let what = format!("take snapshot {name}");
-        ask_owner::ask_owner(self, spec, &what, ask_owner::snap_create(name), |_, _| {}).await
+        let req = ask_owner::snap_create(name, mode);
+        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
     }
 
     async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
@@ -770,6 +776,7 @@ pub(super) async fn open_by_id_at(
         owner_tx: Mutex::new(None),
         owner_pending: Mutex::new(std::collections::HashSet::new()),
         owner_done: Mutex::new(std::collections::VecDeque::new()),
+        quiesce: Default::default(),
         closed: AtomicBool::new(false),
     });
     if mode != OpenMode::ReadOnly {

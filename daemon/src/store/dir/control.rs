@@ -4,6 +4,7 @@
 use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
+use crate::store::QuiesceMode;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -68,16 +69,35 @@ fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
 #[derive(Debug, PartialEq, Eq)]
 enum ControlRequest {
     Resize { size: u64, allow_shrink: bool },
-    SnapCreate { name: String },
+    SnapCreate { name: String, quiesce: QuiesceMode },
+}
+
+/// The control line's word for a quiesce mode (none for the default).
+fn quiesce_word(m: QuiesceMode) -> &'static str {
+    match m {
+        QuiesceMode::Run => "",
+        QuiesceMode::Skip => " skip-quiesce",
+        QuiesceMode::IgnoreError => " ignore-quiesce-error",
+    }
 }
 
 /// The control socket's protocol: one request line, one answer line.
-/// `resize SIZE 0|1` (1: shrinking allowed) or `snap-create NAME` → `ok` or `error MESSAGE`.
+/// `resize SIZE 0|1` (1: shrinking allowed) or `snap-create NAME [skip-quiesce|
+/// ignore-quiesce-error]` → `ok` or `error MESSAGE`.
 fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
         ["snap-create", name] => Ok(ControlRequest::SnapCreate {
             name: name.to_string(),
+            quiesce: QuiesceMode::Run,
+        }),
+        ["snap-create", name, mode] => Ok(ControlRequest::SnapCreate {
+            name: name.to_string(),
+            quiesce: match mode {
+                "skip-quiesce" => QuiesceMode::Skip,
+                "ignore-quiesce-error" => QuiesceMode::IgnoreError,
+                _ => return Err(format!("bad quiesce mode {mode:?}")),
+            },
         }),
         ["resize", size, shrink] => {
             let size = size
@@ -127,8 +147,12 @@ async fn serve_control(
                                 done,
                             }
                         }
-                        ControlRequest::SnapCreate { name } => {
-                            crate::store::OwnerRequest::SnapCreate { name, done }
+                        ControlRequest::SnapCreate { name, quiesce } => {
+                            crate::store::OwnerRequest::SnapCreate {
+                                name,
+                                quiesce,
+                                done,
+                            }
                         }
                     };
                     match tx.send(req) {
@@ -166,9 +190,10 @@ pub(super) async fn ask_holder_to_snap_create(
     id: &str,
     spec: &ImageSpec,
     name: &str,
+    mode: QuiesceMode,
 ) -> Result<()> {
     // The name was checked by the caller (no spaces), so it is one word of the line.
-    let line = format!("snap-create {name}\n");
+    let line = format!("snap-create {name}{}\n", quiesce_word(mode));
     ask_holder(pool_dir, id, spec, &line, "snap create").await
 }
 
@@ -209,5 +234,30 @@ async fn ask_holder(
                 "the holder of {spec} ended without an answer (it may have exited); check `rados-nbd info {spec}`"
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snap_create_lines_carry_the_quiesce_mode() {
+        for m in [
+            QuiesceMode::Run,
+            QuiesceMode::Skip,
+            QuiesceMode::IgnoreError,
+        ] {
+            let line = format!("snap-create s1{}\n", quiesce_word(m));
+            assert_eq!(
+                parse_control_request(&line),
+                Ok(ControlRequest::SnapCreate {
+                    name: "s1".into(),
+                    quiesce: m
+                })
+            );
+        }
+        assert!(parse_control_request("snap-create s1 freeze\n").is_err());
+        assert!(parse_control_request("snap-create\n").is_err());
     }
 }

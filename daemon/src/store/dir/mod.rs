@@ -238,13 +238,18 @@ impl Store for DirStore {
         control::ask_holder_to_resize(&pool_dir, &id, spec, size, allow_shrink).await
     }
 
-    async fn ask_holder_to_snap_create(&self, spec: &ImageSpec, name: &str) -> Result<()> {
+    async fn ask_holder_to_snap_create(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+        mode: crate::store::QuiesceMode,
+    ) -> Result<()> {
         self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
             return Err(self.not_found(spec));
         };
-        control::ask_holder_to_snap_create(&pool_dir, &id, spec, name).await
+        control::ask_holder_to_snap_create(&pool_dir, &id, spec, name, mode).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {

@@ -28,4 +28,4 @@ pub use cluster::{ConnectOptions, Rados};
 pub use error::{errno_of, is_blocklisted, rados_error, EBLOCKLISTED};
 pub use ffi::SNAP_HEAD;
 pub use ioctx::{IoCtx, Stat, WriteOp};
-pub use watch::{NotifyReplier, NotifyReply, Watch, WatchEvent};
+pub use watch::{NotifyReplier, NotifyReply, PendingAck, Reply, Watch, WatchEvent};

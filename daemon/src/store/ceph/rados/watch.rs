@@ -50,15 +50,70 @@ impl NotifyReply {
 /// What a watch reports.
 #[derive(Debug)]
 pub enum WatchEvent {
-    /// A notification (already acknowledged with the reply the handler chose).
-    Notify { notifier_id: u64, data: Vec<u8> },
+    /// A notification: already acknowledged with the reply the handler chose, or, when
+    /// it chose [`Reply::Later`], to be acknowledged through `ack`.
+    Notify {
+        notifier_id: u64,
+        data: Vec<u8>,
+        ack: Option<PendingAck>,
+    },
     /// The watch was lost (e.g. -ENOTCONN after an OSD connection reset); re-watch.
     Error { cookie: u64, err: i32 },
 }
 
-/// Chooses the ack payload for a notification: called on librados' callback thread, so it
+/// How a notification is acknowledged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// At once, with this payload.
+    Now(Vec<u8>),
+    /// Later, by whoever handles the event, through its [`PendingAck`]: for an answer that
+    /// takes long to find (a quiesce hook), which must not hold librados' callback thread
+    /// and with it every other notification.
+    Later,
+}
+
+/// Chooses how to acknowledge a notification: called on librados' callback thread, so it
 /// must be quick and must not block.
-pub type NotifyReplier = Box<dyn Fn(u64, &[u8]) -> Vec<u8> + Send + Sync>;
+pub type NotifyReplier = Box<dyn Fn(u64, &[u8]) -> Reply + Send + Sync>;
+
+/// The acknowledgement a notification still owes its notifier ([`Reply::Later`]).
+/// Dropped unsent, the notifier gets no answer from us and sees a timeout, which is what
+/// a watcher that could not answer should give.
+pub struct PendingAck {
+    io: Arc<IoCtx>,
+    oid: CString,
+    notify_id: u64,
+    handle: u64,
+}
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingAck(notify {})", self.notify_id)
+    }
+}
+
+impl PendingAck {
+    /// Acknowledges with `reply`. rados_notify_ack only queues a message; it does not
+    /// wait for the OSD.
+    pub fn send(self, reply: &[u8]) {
+        send_ack(&self.io, &self.oid, self.notify_id, self.handle, reply);
+    }
+}
+
+fn send_ack(io: &IoCtx, oid: &CString, notify_id: u64, handle: u64, reply: &[u8]) {
+    let len = c_int::try_from(reply.len()).unwrap_or(0);
+    // SAFETY: the pool handle lives as long as `io`; the buffers outlive the call.
+    unsafe {
+        rados_notify_ack(
+            io.h,
+            oid.as_ptr(),
+            notify_id,
+            handle,
+            reply.as_ptr() as *const c_char,
+            len,
+        )
+    };
+}
 
 struct WatchCtx {
     /// Keeps the pool handle alive as long as a callback may use it, even if the owner of
@@ -85,23 +140,24 @@ unsafe extern "C" fn on_watch_notify(
     } else {
         unsafe { std::slice::from_raw_parts(data as *const u8, data_len) }.to_vec()
     };
-    let reply = (ctx.reply)(notifier_id, &payload);
-    // Every notify must be acknowledged, or the notifier waits for its timeout.
-    // rados_notify_ack only queues a message; it does not wait for the OSD.
-    let len = c_int::try_from(reply.len()).unwrap_or(0);
-    unsafe {
-        rados_notify_ack(
-            ctx.io.h,
-            ctx.oid.as_ptr(),
+    // Every notify must be acknowledged, or the notifier waits for its timeout: now, or
+    // by the event's handler.
+    let ack = match (ctx.reply)(notifier_id, &payload) {
+        Reply::Now(reply) => {
+            send_ack(&ctx.io, &ctx.oid, notify_id, handle, &reply);
+            None
+        }
+        Reply::Later => Some(PendingAck {
+            io: ctx.io.clone(),
+            oid: ctx.oid.clone(),
             notify_id,
             handle,
-            reply.as_ptr() as *const c_char,
-            len,
-        )
+        }),
     };
     let _ = ctx.tx.send(WatchEvent::Notify {
         notifier_id,
         data: payload,
+        ack,
     });
 }
 
