@@ -32,6 +32,7 @@ mod dirty;
 mod map;
 mod open;
 mod pieces;
+mod rebuild;
 mod resize;
 mod snap;
 #[cfg(test)]
@@ -45,6 +46,7 @@ pub use map::{
     MapSource,
 };
 pub use open::{create_image, shared_setting, OpenOptions};
+pub use rebuild::{rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_WAIT};
 pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 
 /// Image metadata key of the per-image `shared` setting.
@@ -123,6 +125,11 @@ pub struct Image<S: ImageStore> {
     /// takes its own reference and never holds this lock across an await.
     map: std::sync::RwLock<Option<Arc<ObjectMap>>>,
     map_source: Option<MapSource>,
+    /// The map's rebuild after an unclean close, while serving (see `rebuild`): None
+    /// when the map was loaded, or rebuilt before serving.
+    rebuild: Option<rebuild::Rebuild>,
+    /// How long a change needing the whole map waits for a rebuild run elsewhere.
+    rebuild_wait: Duration,
     locks: Vec<RwLock<()>>,
     /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
     gate: RwLock<bool>,
@@ -170,6 +177,8 @@ impl<S: ImageStore> Image<S> {
     pub fn is_shared(&self) -> bool {
         self.shared
     }
+    /// The map in memory. While a rebuild is under way (`rebuild_pending`) it holds
+    /// EXISTS for the objects not known yet: await `finish_rebuild` for the whole map.
     pub fn object_map(&self) -> Option<Arc<ObjectMap>> {
         self.map()
     }

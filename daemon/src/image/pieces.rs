@@ -55,6 +55,7 @@ impl<S: ImageStore> Image<S> {
     /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
     /// missing object does nothing), anything else becomes EXISTS.
     pub(super) fn mark_changed(&self, objno: u64) {
+        self.touch(objno);
         if let Some(m) = self.map_now().as_deref() {
             let st = m.get(objno);
             if st != ObjectState::Exists && st != ObjectState::Nonexistent {
@@ -64,6 +65,7 @@ impl<S: ImageStore> Image<S> {
     }
 
     pub(super) fn mark_exists(&self, objno: u64) {
+        self.touch(objno);
         if let Some(m) = self.map_now().as_deref() {
             if m.get(objno) != ObjectState::Exists {
                 m.set(objno, ObjectState::Exists);
@@ -146,6 +148,8 @@ impl<S: ImageStore> Image<S> {
         }
         if whole {
             let _g = self.lock_for(p.objno).write().await;
+            // Known from here: the listing of a rebuild may have seen it still there.
+            self.touch(p.objno);
             bump(&self.stats.store_removes);
             self.store.remove(p.objno, fua).await?;
             if let Some(m) = self.map_now().as_deref() {
@@ -187,6 +191,7 @@ impl<S: ImageStore> Image<S> {
         // A removal changes the map: after an idle checkpoint the partial zero that led
         // here did not need the flag, this does, before the store is touched.
         self.dirty_before(|| true).await?;
+        self.touch(objno);
         bump(&self.stats.store_removes);
         self.store.remove(objno, fua).await?;
         if let Some(m) = self.map_now().as_deref() {
