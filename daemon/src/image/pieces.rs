@@ -157,6 +157,7 @@ impl<S: ImageStore> Image<S> {
             }
             Ok(())
         } else {
+            self.learn_if_unknown(p.objno).await?;
             {
                 let _g = self.lock_for(p.objno).read().await;
                 // Zeroing part of an object changes its bytes: an EXISTS_CLEAN object
@@ -170,6 +171,33 @@ impl<S: ImageStore> Image<S> {
             }
             self.remove_if_emptied(p.objno, fua).await
         }
+    }
+
+    /// While the map is rebuilt, an object a partial zero is about to change learns its
+    /// state from the store first: a zero neither creates nor removes it, so marking it
+    /// EXISTS unasked would leave a map that claims an object the store lacks. Under
+    /// the object's write lock, so no write creates it between the look and the mark.
+    async fn learn_if_unknown(&self, objno: u64) -> Result<()> {
+        if self.known(objno) {
+            return Ok(());
+        }
+        let _g = self.lock_for(objno).write().await;
+        if self.known(objno) {
+            return Ok(());
+        }
+        let exists = self.store.read(objno, 0, 1, None).await?.is_some();
+        self.touch(objno);
+        if let Some(m) = self.map_now().as_deref() {
+            m.set(
+                objno,
+                if exists {
+                    ObjectState::Exists
+                } else {
+                    ObjectState::Nonexistent
+                },
+            );
+        }
+        Ok(())
     }
 
     /// An object that partial zeroes have left without any data (every byte punched

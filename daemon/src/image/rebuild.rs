@@ -35,7 +35,17 @@ pub const REBUILD_WAIT: Duration = Duration::from_secs(300);
 
 /// Whether a crashed image's map is rebuilt before serving (see the env variable).
 pub fn rebuild_before_serving() -> bool {
+    #[cfg(test)]
+    if FORCE_BEFORE_SERVING.with(|f| f.get()) {
+        return true;
+    }
     std::env::var(REBUILD_BEFORE_SERVING_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The escape hatch for one test's thread (the environment is the whole process's).
+    pub(super) static FORCE_BEFORE_SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
