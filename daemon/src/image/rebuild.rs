@@ -260,9 +260,13 @@ impl<S: ImageStore> Image<S> {
                 r.whole.store(true, Ordering::Release);
                 drop(g);
                 if let Some(map) = &map {
+                    // The same words as a rebuild before serving (scripts read them).
                     tracing::info!(
-                        "object map of {spec} rebuilt: {} ({} objects touched by requests meanwhile)",
-                        describe_rebuilt(map, r.count),
+                        "object map of {spec} rebuilt: {}",
+                        describe_rebuilt(map, r.count)
+                    );
+                    tracing::debug!(
+                        "{spec}: {} objects changed by requests while the map was rebuilt kept their state",
                         r.touched.count()
                     );
                 }
