@@ -8,12 +8,15 @@
 //! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
 //! clean close or checkpoint, and again from the first map-changing request after a
 //! checkpoint, set before that request touches the store), so a crash never leaves a
-//! trusted stale map.
+//! trusted stale map. After an unclean close the map is rebuilt in the background while
+//! the image is served (`rebuild`): objects not reached yet are EXISTS in memory, which
+//! keeps the invariant, and are asked of the store where EXISTS would be wrong.
 //!
 //! One room a concern: `open` (open, close, create; the shared setting), `dirty` (the
 //! dirty flag and checkpoints), `map` (load, trust, rebuild), `pieces` (requests split
 //! into object pieces; extents), `clone` (a clone's ancestors, copy-up, copy-on-read,
-//! flatten), `resize` (resize and the lock owner's requests),
+//! flatten), `resize` (resize and the lock owner's requests), `rebuild` (the map rebuilt
+//! while serving: unknown objects, the merge, waits for the whole map),
 //! `backend` (the NBD data plane). Their tests are in `tests/`, by plane, on a directory
 //! store or on `test_store`'s memory image.
 

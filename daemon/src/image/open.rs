@@ -212,8 +212,10 @@ impl<S: ImageStore> Image<S> {
                             return Err((img, e));
                         }
                     }
+                    // Logged before the first request: scripts read it as "rebuilt".
                     tracing::info!(
-                        "serving {spec} while its object map is rebuilt ({count} objects): {reason}"
+                        "rebuilding object map of {spec} ({count} objects) in the background, \
+                         serving meanwhile: {reason}"
                     );
                     (Some(m), Some(MapSource::Rebuilt(reason)))
                 }

@@ -238,8 +238,8 @@ impl<S: ImageStore> Image<S> {
             ended: false,
         };
         let spec = &self.spec;
-        tracing::info!(
-            "rebuilding object map of {spec} ({} objects) while serving: {}",
+        tracing::debug!(
+            "listing the objects of {spec} for its object map ({} objects): {}",
             r.count,
             r.reason
         );
