@@ -10,8 +10,10 @@ is rebuilt before serving, as before issue 17) and `after` (served at once, rebu
 background). Figures are printed, never asserted.
 
     /usr/bin/python3 bench/crash_reopen.py [--objects N] [--rounds R] [--out FILE.json]
+        [--ceph CONF [--id ID --keyring FILE]]
 
-Uses $RADOS_NBD_BIN (default target/release/rados-nbd).
+Uses $RADOS_NBD_BIN (default target/release/rados-nbd). With --ceph the image lives in
+the cluster of CONF (pool rbd; the binary built with feature ceph) and is removed after.
 """
 import argparse
 import json
@@ -38,10 +40,10 @@ def wait_socket(path, proc, deadline):
         time.sleep(0.001)
 
 
-def serve(binary, img, sock, log, env):
+def serve(rn, img, sock, log, env):
     if os.path.exists(sock):
         os.unlink(sock)
-    return subprocess.Popen([binary, "serve", img, "--socket", sock], env=env,
+    return subprocess.Popen(rn + ["serve", img, "--socket", sock], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
 
@@ -55,6 +57,9 @@ def main():
     ap.add_argument("--objects", type=int, default=40000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
+    ap.add_argument("--ceph", metavar="CONF")
+    ap.add_argument("--id")
+    ap.add_argument("--keyring")
     a = ap.parse_args()
     binary = os.path.abspath(os.environ.get("RADOS_NBD_BIN", "target/release/rados-nbd"))
     work = tempfile.mkdtemp(prefix="rados-nbd-crash-")
@@ -62,10 +67,17 @@ def main():
         env = dict(os.environ, RADOS_NBD_STORE=os.path.join(work, "store"), RUST_LOG="info")
         os.makedirs(env["RADOS_NBD_STORE"])
         sock = os.path.join(work, "nbd.sock")
-        uri = f"nbd+unix:///img?socket={sock}"
-        subprocess.run([binary, "create", "--size", str(a.objects * OSIZE), "--object-size",
-                        "64K", "img"], env=env, check=True, stdout=subprocess.DEVNULL)
-        p = serve(binary, "img", sock, os.path.join(work, "fill.log"), env)
+        rn = [binary]
+        img = "img"
+        if a.ceph:
+            rn += ["--store", f"ceph:{a.ceph}"]
+            if a.id:
+                rn += ["--id", a.id, "--keyring", a.keyring]
+            img = f"crash-bench-{os.getpid()}"
+        uri = f"nbd+unix:///{img}?socket={sock}"
+        subprocess.run(rn + ["create", "--size", str(a.objects * OSIZE), "--object-size",
+                        "64K", img], env=env, check=True, stdout=subprocess.DEVNULL)
+        p = serve(rn, img, sock, os.path.join(work, "fill.log"), env)
         wait_socket(sock, p, time.time() + 60)
         h = nbd.NBD()
         h.connect_uri(uri)
@@ -82,7 +94,8 @@ def main():
         h.flush()
         h.shutdown()
         kill9(p)
-        res = {"objects": a.objects, "object_size": OSIZE, "modes": {}}
+        res = {"objects": a.objects, "object_size": OSIZE, "store": "ceph" if a.ceph else "dir",
+               "modes": {}}
         for r in range(a.rounds):
             for mode in ("before", "after") if r % 2 == 0 else ("after", "before"):
                 e = dict(env)
@@ -90,7 +103,7 @@ def main():
                     e["RADOS_NBD_REBUILD_BEFORE_SERVING"] = "1"
                 log = os.path.join(work, f"{mode}-{r}.log")
                 t0 = time.time()
-                p = serve(binary, "img", sock, log, e)
+                p = serve(rn, img, sock, log, e)
                 wait_socket(sock, p, t0 + 600)
                 h = nbd.NBD()
                 while True:
@@ -126,6 +139,10 @@ def main():
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
     finally:
+        if a.ceph:
+            # Served once more and closed cleanly (the lock of the last kill broken), then removed.
+            subprocess.run(rn + ["rm", img], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
 
 
