@@ -45,6 +45,14 @@ wait_for_socket() {
   echo "socket $1 did not appear" >&2; return 1
 }
 
+# wait_for_log FILE PATTERN [SECONDS]: a daemon's log line that comes later than its
+# socket (the object map rebuilt in the background after a crash), waited for.
+wait_for_log() {
+  local i
+  for i in $(seq 1 $((${3:-60} * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "no '$2' in $1 after ${3:-60}s" >&2; return 1
+}
+
 # forget_pid PID: a process of ours that was reaped: cleanup_pids must not signal its pid,
 # which the kernel may have given to another process since. (Exact matches only: a pattern
 # substitution would cut 123 out of 41234 and leave 44.)

@@ -324,6 +324,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
     let image = Arc::new(Image::open(&store, &spec, &opts).await?);
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
+    image.spawn_map_rebuild();
     image.spawn_idle_checkpoints();
     if args.quiesce && !image.is_read_only() {
         let hook = crate::quiesce::QuiesceHook::new(args.quiesce_hook.clone(), spec.to_string());
@@ -430,6 +431,12 @@ pub async fn run<I: ImageStore>(
         let image = image.clone();
         tokio::spawn(async move {
             while ckpt_rx.recv().await.is_some() {
+                // While the map is rebuilt after an unclean close there is nothing to
+                // checkpoint yet: the rebuild ends first (a failed one was logged, and
+                // keeps the flag set until the next open).
+                if image.rebuild_pending() && image.finish_rebuild().await.is_err() {
+                    continue;
+                }
                 if let Err(e) = image.checkpoint().await {
                     tracing::warn!("{e} (the dirty flag stays set)");
                 }

@@ -31,7 +31,9 @@
 //! they are not a snapshot of the whole map while other threads write; quiesce writers
 //! first when an exact snapshot matters (the daemon flushes after in-flight I/O drained).
 
+pub mod bitset;
 pub mod diff;
+pub use bitset::BitSet;
 
 use std::fmt;
 use std::ops::Range;

@@ -61,6 +61,8 @@ check "after kill -9: the map is flagged invalid" bash -c "rbd info $img | grep 
 # The reopen rebuilds the map; a clean close stores it and clears the flags.
 reopen "$work/reopen.log" "$img"
 check "reopen after the crash serves" test $? = 0
+# Rebuilt in the background while serving: its log line comes when it ends.
+wait_for_log "$work/reopen.log" "object map of .* rebuilt: " 120
 check "reopen rebuilt the map and counted the clean objects" \
   same "4 of 8 objects exist (2 of them clean: unchanged since the last snapshot)" \
   "$(sed -n 's/.*object map of .* rebuilt: //p' "$work/reopen.log" | tail -1)"

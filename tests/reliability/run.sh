@@ -85,7 +85,8 @@ if want kill; then
       serve_bg "$work/kill-$i-b.log" "$img" || why="serve after the kill did not start"
     fi
     if [ -z "$why" ]; then
-      grep -q "object map of .* rebuilt" "$work/kill-$i-b.log" || why="serve after the kill did not rebuild the map"
+      # Rebuilt in the background while serving: its log line comes when it ends.
+      wait_for_log "$work/kill-$i-b.log" "object map of .* rebuilt" 120 || why="serve after the kill did not rebuild the map"
     fi
     if [ -z "$why" ]; then
       if ! "${TOOL[@]}" journal-verify "$(uri_of $img)" "$journal" "$i" $BLOCKS >"$work/verify-$i.log" 2>&1; then
@@ -343,7 +344,7 @@ if want eio; then
     # the writes acked around the EIOs (objects 0, on two connections) read back.
     rm -f "$obj" && cp "$work/obj3.orig" "$obj"
     serve_bg "$work/eio-c.log" eio
-    grep -q "object map of .* rebuilt" "$work/eio-c.log" && pass "next serve rebuilds the map" || fail "next serve rebuilds the map" "$(tail -2 "$work/eio-c.log")"
+    wait_for_log "$work/eio-c.log" "object map of .* rebuilt" 120 && pass "next serve rebuilds the map" || fail "next serve rebuilds the map" "$(tail -2 "$work/eio-c.log")"
     check "writes acked around the EIOs read back after the rebuild" nbdsh -u "$(uri_of eio)" -c "
 assert h.pread(4096, 0) == b'y' * 4096
 assert h.pread(4096, 8192) == b'q' * 4096

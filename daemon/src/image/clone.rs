@@ -370,11 +370,12 @@ impl<S: ImageStore> Image<S> {
         Ok(chunks)
     }
 
-    /// Whether the child lacks object `objno` (its map says so; without a map, the
-    /// store). Called under the object's write lock.
+    /// Whether the child lacks object `objno` (its map says so; without a map, or
+    /// while the map does not know it yet, the store). Called under the object's write lock.
     async fn child_lacks(&self, objno: u64) -> Result<bool> {
-        if let Some(m) = self.map_now().as_deref() {
-            return Ok(m.get(objno) == ObjectState::Nonexistent);
+        // Unknown while the map is rebuilt: the store knows.
+        if let Some(st) = self.known_state(objno) {
+            return Ok(st == ObjectState::Nonexistent);
         }
         Ok(self.store.read(objno, 0, 1, None).await?.is_none())
     }
@@ -397,10 +398,11 @@ impl<S: ImageStore> Image<S> {
         op: CopyupOp,
         fua: bool,
     ) -> Result<bool> {
+        // EXISTS in a map still being rebuilt may be an object the child lacks: asked
+        // under the lock (`child_lacks`), never taken for the child's data.
         if self
-            .map_now()
-            .as_deref()
-            .is_some_and(|m| m.get(objno) != ObjectState::Nonexistent)
+            .known_state(objno)
+            .is_some_and(|st| st != ObjectState::Nonexistent)
         {
             return Ok(false);
         }
@@ -440,6 +442,7 @@ impl<S: ImageStore> Image<S> {
             // (librbd's CopyupRequest: "HEAD is non-dirty since data is tied to first
             // snapshot"; `rbd object-map check` expects it).
             ObjectWrite::None if deep && fast_diff => {
+                self.touch(objno);
                 if let Some(m) = self.map_now().as_deref() {
                     m.set(objno, ObjectState::ExistsClean);
                 }

@@ -3,7 +3,7 @@
 
 use super::map::invalid_flags;
 use super::{FlagState, Image};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ImageStore, RBD_FEATURE_OBJECT_MAP};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
@@ -123,6 +123,17 @@ impl<S: ImageStore> Image<S> {
         }
         self.store.sync().await?;
         if let Some(map) = self.map() {
+            // Callers wait for the rebuild first (`whole_map`); a partial map is never
+            // written, nor the flag cleared over it.
+            if !self.map_is_whole() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "the object map of {} is still being rebuilt: not written, the dirty flag stays set",
+                        self.spec
+                    ),
+                ));
+            }
             let _g = self.flag_lock.lock().await;
             if self.dirty_flag.load(Ordering::Acquire) {
                 self.store.write_object_map(map.encode()).await?;
@@ -138,6 +149,10 @@ impl<S: ImageStore> Image<S> {
     /// idle for `checkpoint_idle`). Waits for in-flight requests; the next map-changing
     /// request sets the flag again (see `dirty_before`).
     pub async fn checkpoint(&self) -> Result<()> {
+        if !self.read_only {
+            self.whole_map(&format!("checkpointing {}", self.spec))
+                .await?;
+        }
         let g = self.gate.write().await;
         // A fenced handle (its lock broken: logged once by the store) must not clear the
         // flag, and each client leaving need not say so again.
@@ -189,6 +204,11 @@ impl<S: ImageStore> Image<S> {
                     continue;
                 }
                 let Some(img) = me.upgrade() else { return };
+                // A rebuild under way ends first; one that failed keeps the flag set
+                // until the next open, and so ends the checkpoints too (it was logged).
+                if img.rebuild_pending() && img.finish_rebuild().await.is_err() {
+                    return;
+                }
                 match img.checkpoint().await {
                     Ok(()) => tracing::debug!(
                         "{}: idle for {idle:?}: object map written, flags cleared",

@@ -8,12 +8,15 @@
 //! carries OBJECT_MAP_INVALID while the on-disk map may be stale (from open until a
 //! clean close or checkpoint, and again from the first map-changing request after a
 //! checkpoint, set before that request touches the store), so a crash never leaves a
-//! trusted stale map.
+//! trusted stale map. After an unclean close the map is rebuilt in the background while
+//! the image is served (`rebuild`): objects not reached yet are EXISTS in memory, which
+//! keeps the invariant, and are asked of the store where EXISTS would be wrong.
 //!
 //! One room a concern: `open` (open, close, create; the shared setting), `dirty` (the
 //! dirty flag and checkpoints), `map` (load, trust, rebuild), `pieces` (requests split
 //! into object pieces; extents), `clone` (a clone's ancestors, copy-up, copy-on-read,
-//! flatten), `resize` (resize and the lock owner's requests),
+//! flatten), `resize` (resize and the lock owner's requests), `rebuild` (the map rebuilt
+//! while serving: unknown objects, the merge, waits for the whole map),
 //! `backend` (the NBD data plane). Their tests are in `tests/`, by plane, on a directory
 //! store or on `test_store`'s memory image.
 
@@ -33,6 +36,7 @@ mod map;
 mod open;
 mod pieces;
 mod quiesce;
+mod rebuild;
 mod resize;
 mod snap;
 #[cfg(test)]
@@ -46,6 +50,7 @@ pub use map::{
     MapSource,
 };
 pub use open::{create_image, shared_setting, OpenOptions};
+pub use rebuild::{rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_WAIT};
 pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 
 /// Image metadata key of the per-image `shared` setting.
@@ -125,6 +130,11 @@ pub struct Image<S: ImageStore> {
     /// takes its own reference and never holds this lock across an await.
     map: std::sync::RwLock<Option<Arc<ObjectMap>>>,
     map_source: Option<MapSource>,
+    /// The map's rebuild after an unclean close, while serving (see `rebuild`): None
+    /// when the map was loaded, or rebuilt before serving.
+    rebuild: Option<rebuild::Rebuild>,
+    /// How long a change needing the whole map waits for a rebuild run elsewhere.
+    rebuild_wait: Duration,
     locks: Vec<RwLock<()>>,
     /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
     gate: RwLock<bool>,
@@ -174,6 +184,8 @@ impl<S: ImageStore> Image<S> {
     pub fn is_shared(&self) -> bool {
         self.shared
     }
+    /// The map in memory. While a rebuild is under way (`rebuild_pending`) it holds
+    /// EXISTS for the objects not known yet: await `finish_rebuild` for the whole map.
     pub fn object_map(&self) -> Option<Arc<ObjectMap>> {
         self.map()
     }

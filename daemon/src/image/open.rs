@@ -3,10 +3,12 @@
 //! empty map.
 
 use super::map::{load_object_map, new_map, trusted_object_map, MapSource};
+use super::rebuild::{rebuild_before_serving, Rebuild};
 use super::{FlagState, Image, Stats, LOCK_SHARDS, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS, META_SHARED};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
+use objmap::ObjectState;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +161,7 @@ impl<S: ImageStore> Image<S> {
             Err(e) => return Err((img, e)),
         };
         let use_map = header.features & RBD_FEATURE_OBJECT_MAP != 0 && !shared;
+        let mut rebuild = None;
         let (map, map_source) = if use_map && snap.is_some() {
             // A snapshot's map cannot be rebuilt from a listing: an object removed from
             // the head since the snapshot was taken lives on only as a clone, which the
@@ -186,6 +189,38 @@ impl<S: ImageStore> Image<S> {
                  store): another client may be writing it"
             );
             (None, None)
+        } else if use_map && !rebuild_before_serving() {
+            // A map that cannot be trusted is rebuilt in the background while serving
+            // (see `rebuild`): until then every object no request touched is unknown,
+            // EXISTS in memory, so every read of it asks the store.
+            match trusted_object_map(&img, &header, snap, size).await {
+                Ok(Ok(m)) => (Some(m), Some(MapSource::Loaded)),
+                Ok(Err(reason)) => {
+                    let count = size.div_ceil(header.object_size());
+                    let m = match new_map(count, spec) {
+                        Ok(m) => m,
+                        Err(e) => return Err((img, e)),
+                    };
+                    m.set_range(0..count, ObjectState::Exists);
+                    match Rebuild::new(count, reason.clone()) {
+                        Ok(r) => rebuild = Some(r),
+                        Err(e) => {
+                            let e = Error::new(
+                                ErrorKind::Io,
+                                format!("cannot track the rebuild of {spec}'s object map ({count} objects): {e}"),
+                            );
+                            return Err((img, e));
+                        }
+                    }
+                    // Logged before the first request: scripts read it as "rebuilt".
+                    tracing::info!(
+                        "rebuilding object map of {spec} ({count} objects) in the background, \
+                         serving meanwhile: {reason}"
+                    );
+                    (Some(m), Some(MapSource::Rebuilt(reason)))
+                }
+                Err(e) => return Err((img, e.context(format!("loading object map of {spec}")))),
+            }
         } else if use_map {
             match load_object_map(&img, spec, &header, snap, size).await {
                 Ok((m, src)) => (Some(m), Some(src)),
@@ -208,6 +243,8 @@ impl<S: ImageStore> Image<S> {
             shared,
             map: std::sync::RwLock::new(map.map(Arc::new)),
             map_source,
+            rebuild,
+            rebuild_wait: super::REBUILD_WAIT,
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             gate: RwLock::new(false),
             dirty_flag: AtomicBool::new(false),
@@ -246,15 +283,29 @@ impl<S: ImageStore> Image<S> {
     /// flag, releases the store handle. Requests after this fail with ESHUTDOWN.
     /// On error the flag stays set (the map is rebuilt at the next open).
     pub async fn close(&self) -> Result<()> {
+        // The map is written only whole: a rebuild under way is finished first (one
+        // nobody started is run here). A failed one was logged; the flag then stays set.
+        let rebuilt = if self.read_only {
+            Ok(())
+        } else {
+            self.finish_rebuild().await
+        };
         let mut g = self.gate.write().await;
         if *g {
             return Ok(());
         }
         *g = true;
-        let res = self
-            .mark_clean()
-            .await
-            .map_err(|e| e.context(format!("closing {}", self.spec)));
+        let res = match rebuilt {
+            Ok(()) => self.mark_clean().await,
+            Err(e) => {
+                tracing::warn!(
+                    "closing {}: its object map is not written and the dirty flag stays set: {e}",
+                    self.spec
+                );
+                self.store.sync().await
+            }
+        }
+        .map_err(|e| e.context(format!("closing {}", self.spec)));
         let s = self.stats();
         tracing::info!(
             "closed {}: map_reads={} store_reads={} store_writes={} store_zeroes={} store_removes={} skipped_removes={} parent_reads={} copyups={}",

@@ -55,6 +55,7 @@ impl<S: ImageStore> Image<S> {
     /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
     /// missing object does nothing), anything else becomes EXISTS.
     pub(super) fn mark_changed(&self, objno: u64) {
+        self.touch(objno);
         if let Some(m) = self.map_now().as_deref() {
             let st = m.get(objno);
             if st != ObjectState::Exists && st != ObjectState::Nonexistent {
@@ -64,6 +65,7 @@ impl<S: ImageStore> Image<S> {
     }
 
     pub(super) fn mark_exists(&self, objno: u64) {
+        self.touch(objno);
         if let Some(m) = self.map_now().as_deref() {
             if m.get(objno) != ObjectState::Exists {
                 m.set(objno, ObjectState::Exists);
@@ -146,6 +148,8 @@ impl<S: ImageStore> Image<S> {
         }
         if whole {
             let _g = self.lock_for(p.objno).write().await;
+            // Known from here: the listing of a rebuild may have seen it still there.
+            self.touch(p.objno);
             bump(&self.stats.store_removes);
             self.store.remove(p.objno, fua).await?;
             if let Some(m) = self.map_now().as_deref() {
@@ -153,6 +157,7 @@ impl<S: ImageStore> Image<S> {
             }
             Ok(())
         } else {
+            self.learn_if_unknown(p.objno).await?;
             {
                 let _g = self.lock_for(p.objno).read().await;
                 // Zeroing part of an object changes its bytes: an EXISTS_CLEAN object
@@ -166,6 +171,33 @@ impl<S: ImageStore> Image<S> {
             }
             self.remove_if_emptied(p.objno, fua).await
         }
+    }
+
+    /// While the map is rebuilt, an object a partial zero is about to change learns its
+    /// state from the store first: a zero neither creates nor removes it, so marking it
+    /// EXISTS unasked would leave a map that claims an object the store lacks. Under
+    /// the object's write lock, so no write creates it between the look and the mark.
+    async fn learn_if_unknown(&self, objno: u64) -> Result<()> {
+        if self.known(objno) {
+            return Ok(());
+        }
+        let _g = self.lock_for(objno).write().await;
+        if self.known(objno) {
+            return Ok(());
+        }
+        let exists = self.store.read(objno, 0, 1, None).await?.is_some();
+        self.touch(objno);
+        if let Some(m) = self.map_now().as_deref() {
+            m.set(
+                objno,
+                if exists {
+                    ObjectState::Exists
+                } else {
+                    ObjectState::Nonexistent
+                },
+            );
+        }
+        Ok(())
     }
 
     /// An object that partial zeroes have left without any data (every byte punched
@@ -187,6 +219,7 @@ impl<S: ImageStore> Image<S> {
         // A removal changes the map: after an idle checkpoint the partial zero that led
         // here did not need the flag, this does, before the store is touched.
         self.dirty_before(|| true).await?;
+        self.touch(objno);
         bump(&self.stats.store_removes);
         self.store.remove(objno, fua).await?;
         if let Some(m) = self.map_now().as_deref() {

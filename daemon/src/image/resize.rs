@@ -31,6 +31,8 @@ impl<S: ImageStore> Image<S> {
                 format!("{spec} is a shared image: resizing one is not supported; set shared=false and stop its other writers first"),
             ));
         }
+        // The map is resized (and, shrinking, says which objects to remove): whole only.
+        self.whole_map(&format!("resizing {spec}")).await?;
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(

@@ -125,6 +125,9 @@ impl<S: ImageStore> Image<S> {
                 format!("snapshot {spec}@{name} already exists"),
             ));
         }
+        // The snapshot gets a copy of the head's map: never a partial one.
+        self.whole_map(&format!("creating snapshot {spec}@{name}"))
+            .await?;
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
@@ -178,6 +181,9 @@ impl<S: ImageStore> Image<S> {
             ));
         }
         let ctx = |e: Error| e.context(format!("removing snapshot {spec}@{name}"));
+        // With fast-diff its map is merged into the next one, the head's included.
+        self.whole_map(&format!("removing snapshot {spec}@{name}"))
+            .await?;
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
@@ -296,6 +302,9 @@ impl<S: ImageStore> Image<S> {
         let spec = &self.spec;
         let snap = self.find_snap(name)?;
         let ctx = |e: Error| e.context(format!("rolling back {spec} to snapshot {name}"));
+        // Which objects to restore or remove is read from the head's map.
+        self.whole_map(&format!("rolling back {spec} to snapshot {name}"))
+            .await?;
         if snap.size != self.size() {
             self.resize(snap.size, true).await.map_err(ctx)?;
         }

@@ -48,6 +48,76 @@ pub(super) struct MemImage {
     slow: Option<std::time::Duration>,
     /// Answers `holds_no_data` (an object of zeros only), as a store that punches holes.
     punches: bool,
+    /// Holds every head listing until released, or fails it (see `ListingHold`).
+    hold: Option<Arc<ListingHold>>,
+}
+
+/// What a held listing does once the test says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldState {
+    Held,
+    Released,
+    Failed,
+}
+
+/// A head listing (`list_objects(None)`, what a map's rebuild reads) that takes what
+/// exists when it starts, then waits until the test releases it (or makes it fail): a
+/// rebuild the test keeps under way, and a listing that misses what requests did since.
+pub(super) struct ListingHold {
+    state: tokio::sync::watch::Sender<HoldState>,
+    started: tokio::sync::watch::Sender<usize>,
+}
+
+impl ListingHold {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(ListingHold {
+            state: tokio::sync::watch::Sender::new(HoldState::Held),
+            started: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Lets every listing (held now or later) answer.
+    pub(super) fn release(&self) {
+        self.state.send_replace(HoldState::Released);
+    }
+
+    /// Makes every listing (held now or later) fail.
+    pub(super) fn fail(&self) {
+        self.state.send_replace(HoldState::Failed);
+    }
+
+    /// Waits (at most a minute) until `n` listings have started.
+    pub(super) async fn wait_started(&self, n: usize) {
+        let mut rx = self.started.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(60), rx.wait_for(|&k| k >= n))
+            .await
+            .expect("a listing started within a minute")
+            .expect("hold alive");
+    }
+
+    pub(super) fn started(&self) -> usize {
+        *self.started.borrow()
+    }
+
+    async fn pass(&self) -> Result<()> {
+        self.started.send_modify(|k| *k += 1);
+        let mut rx = self.state.subscribe();
+        let st = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            rx.wait_for(|&s| s != HoldState::Held),
+        )
+        .await
+        .expect("a held listing released within two minutes")
+        .map(|s| *s)
+        .expect("hold alive");
+        match st {
+            HoldState::Failed => Err(crate::error::Error::new(
+                crate::error::ErrorKind::Io,
+                "listing the objects failed (test store)",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MemImage {
@@ -86,12 +156,19 @@ impl MemImage {
             audit: false,
             slow: None,
             punches: false,
+            hold: None,
         }
     }
 
     /// This handle, auditing every data operation (see `audit`).
     pub(super) fn audited(mut self) -> Self {
         self.audit = true;
+        self
+    }
+
+    /// This handle, its head listings held by `h` (see `ListingHold`).
+    pub(super) fn holding_listings(mut self, h: Arc<ListingHold>) -> Self {
+        self.hold = Some(h);
         self
     }
 
@@ -402,15 +479,22 @@ impl ImageStore for MemImage {
         Ok(())
     }
     async fn list_objects(&self, snap: Option<u64>) -> Result<Vec<u64>> {
-        let s = self.lock();
-        match snap {
-            // A full snapshot knows what it has.
-            Some(id) if s.full_snaps.contains(&id) => {
-                Ok(s.clones.keys().filter(|k| k.0 == id).map(|k| k.1).collect())
+        let objs: Vec<u64> = {
+            let s = self.lock();
+            match snap {
+                // A full snapshot knows what it has.
+                Some(id) if s.full_snaps.contains(&id) => {
+                    s.clones.keys().filter(|k| k.0 == id).map(|k| k.1).collect()
+                }
+                // Otherwise a listing shows the head's objects, never a snapshot's clones.
+                _ => s.objects.keys().copied().collect(),
             }
-            // Otherwise a listing shows the head's objects, never a snapshot's clones.
-            _ => Ok(s.objects.keys().copied().collect()),
+        };
+        // Held after it looked: what requests do meanwhile, it misses.
+        if let (None, Some(h)) = (snap, &self.hold) {
+            h.pass().await?;
         }
+        Ok(objs)
     }
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
         if self.snap.is_some() {

@@ -42,6 +42,7 @@ async fn open_image<S: Store>(
     };
     let img = Arc::new(img);
     img.serve_owner_requests();
+    img.spawn_map_rebuild();
     img.spawn_idle_checkpoints();
     Ok(img)
 }

@@ -443,6 +443,7 @@ async fn store_full_is_enospc_naming_the_object() {
     std::fs::remove_file(&obj).unwrap();
     let img = open(&s, false).await;
     assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
+    img.finish_rebuild().await.unwrap();
     assert_eq!(existing(img.object_map().unwrap()), [0]);
     img.close().await.unwrap();
     assert_eq!(header_flags(&s).await, 0);

@@ -19,6 +19,7 @@ mod clone;
 mod data;
 mod dirty;
 mod open;
+mod rebuild;
 mod resize;
 mod snap;
 

@@ -149,6 +149,8 @@ async fn crash_leaves_flag_and_reopen_rebuilds() {
         Some(MapSource::Rebuilt(why)) => assert!(why.contains("flags"), "{why}"),
         o => panic!("expected a rebuild, got {o:?}"),
     }
+    // Rebuilt in the background while serving: the whole map once it ends.
+    img.finish_rebuild().await.unwrap();
     assert_eq!(existing(img.object_map().unwrap()), [2, 7]);
     assert_eq!(&read_all(&img, 2 * OBJ, 5).await, b"acked");
     assert_eq!(&read_all(&img, 7 * OBJ + 1, 3).await, b"fua");
@@ -173,6 +175,7 @@ async fn corrupt_or_wrong_length_map_is_rebuilt() {
         Some(MapSource::Rebuilt(why)) => assert!(why.contains("corrupt"), "{why}"),
         o => panic!("expected a rebuild, got {o:?}"),
     }
+    img.finish_rebuild().await.unwrap();
     assert_eq!(existing(img.object_map().unwrap()), [1]);
     img.close().await.unwrap();
     write_disk_map(&s, ObjectMap::new(3).encode()).await;
