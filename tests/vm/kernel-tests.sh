@@ -438,7 +438,8 @@ dd if=/tmp/cbase.raw of="$dev" bs=1M oflag=direct status=none
 "$B" unmap "$dev"
 "$B" snap create rbd/cbase@s >/dev/null
 check "clone of a snapshot for copy-on-read" bash -c "'$B' clone rbd/cbase@s rbd/cplain && '$B' clone rbd/cbase@s rbd/ccor"
-reads_parent() { cmp <(dd if="$1" bs=1M count=16 iflag=direct status=none) /tmp/cbase.raw; }
+# (No process substitution: the guest has no /dev/fd.)
+reads_parent() { dd if="$1" of=/tmp/cread.raw bs=1M count=16 iflag=direct status=none && cmp /tmp/cread.raw /tmp/cbase.raw; }
 dev=$(map rbd/cplain)
 check "a clone mapped without --copy-on-read reads its parent's data" reads_parent "$dev"
 "$B" unmap "$dev"
@@ -450,7 +451,7 @@ check "map --copy-on-read: the 4 objects read are copied into the clone" copied
 check "map --copy-on-read: unmap" "$B" unmap "$dev"
 check "map --copy-on-read: the clone's map is right after unmap" "$B" object-map check rbd/ccor
 check "map --copy-on-read: the clone still reads the same bytes" \
-  bash -c "d=\$('$B' map --read-only rbd/ccor) && cmp <(dd if=\$d bs=1M count=16 iflag=direct status=none) /tmp/cbase.raw; r=\$?; '$B' unmap \$d; exit \$r"
+  bash -c "d=\$('$B' map --read-only rbd/ccor) && dd if=\$d of=/tmp/cread.raw bs=1M count=16 iflag=direct status=none && cmp /tmp/cread.raw /tmp/cbase.raw; r=\$?; '$B' unmap \$d; exit \$r"
 
 echo "== map --quiesce: a snapshot of a mounted ext4 is taken frozen"
 # The shipped hook (packaging/rados-nbd_quiesce) behind a wrapper that logs its calls and,

@@ -226,7 +226,8 @@ fn serve(
         ))
         .map_err(|e| e.context(format!("opening {spec}")))?,
     );
-    if opts.copy_on_read && !export.enable_copy_on_read() {
+    // The copy-on-read worker is a task of this runtime.
+    if opts.copy_on_read && !rt.block_on(async { export.enable_copy_on_read() }) {
         tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
     }
     let setup = Setup {
