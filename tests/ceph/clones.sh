@@ -110,6 +110,9 @@ check "rbd info rn2: parent rbd/cbase@u, overlap 32 MiB, clone-child" bash -c \
 check "rbd children cbase@u lists rn2; rados-nbd children agrees" bash -c \
   "[ \"\$(rbd children cbase@u)\" = rbd/rn2 ] && [ \"\$($RNQ children cbase@u)\" = rbd/rn2 ]"
 check "rbd export rn2 equals the parent snapshot" same_export rn2 "$work/base.raw"
+# As rbd clone does, the new child has its (empty) object map: it checks clean at once.
+check "rbd object-map check rn2 right after rados-nbd clone; flags clear" bash -c \
+  "rbd object-map check rn2 >/dev/null 2>&1 && [ -z \"\$(rbd info rn2 --format json | python3 -c 'import json,sys; print(json.load(sys.stdin).get(\"flags\") or \"\")')\" ]"
 check "rados-nbd clone --rbd-default-clone-format 1 of an unprotected snapshot is refused" \
   bash -c "! $RNQ clone --rbd-default-clone-format 1 cbase@u rn1x 2>/dev/null && ! rbd info rn1x >/dev/null 2>&1"
 check "rados-nbd clone --rbd-default-clone-format 1 of a protected snapshot" "${RN[@]}" clone --rbd-default-clone-format 1 cbase@s rn1

@@ -56,7 +56,8 @@ pub async fn clone<S: Store>(
         features: clone_features(h.features),
         order,
     };
-    store.clone_image(parent, child, &opts).await
+    store.clone_image(parent, child, &opts).await?;
+    crate::image::write_empty_object_map(store, child).await
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ pub use map::{
     describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,
     MapSource,
 };
-pub use open::{create_image, shared_setting, OpenOptions};
+pub use open::{create_image, shared_setting, write_empty_object_map, OpenOptions};
 pub use rebuild::{rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_WAIT};
 pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 

@@ -61,17 +61,26 @@ pub async fn create_image<St: Store>(
         ));
     }
     store.create_image(spec, opts).await?;
-    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 {
-        let img = store.open_image(spec, OpenMode::ReadWrite).await?;
-        let r = match new_map(count, spec) {
-            Ok(m) => img.write_object_map(m.encode()).await,
-            Err(e) => Err(e),
-        };
-        let c = img.close().await;
-        r.and(c)
-            .map_err(|e| e.context(format!("writing the object map of new image {spec}")))?;
+    write_empty_object_map(store, spec).await
+}
+
+/// A new image's (or clone's) object map, every object NONEXISTENT, as librbd's
+/// CreateRequest writes it: without it the image would open with a rebuild and
+/// `object-map check` would fail on a missing map. Nothing without the object-map feature.
+pub async fn write_empty_object_map<St: Store>(store: &St, spec: &ImageSpec) -> Result<()> {
+    let img = store.open_image(spec, OpenMode::ReadWrite).await?;
+    let h = img.header();
+    if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
+        return img.close().await;
     }
-    Ok(())
+    let count = h.size.div_ceil(h.object_size());
+    let r = match new_map(count, spec) {
+        Ok(m) => img.write_object_map(m.encode()).await,
+        Err(e) => Err(e),
+    };
+    let c = img.close().await;
+    r.and(c)
+        .map_err(|e| e.context(format!("writing the object map of new image {spec}")))
 }
 
 impl<S: ImageStore> Image<S> {
