@@ -264,6 +264,32 @@ run_counted timeout -k 10 300 "$PY" -u "$here/snap_served.py" "$BIN" live "$sock
 unserve
 check "object-map check after snapshots of the served image" "$BIN" object-map check live
 check "snap ls lists the five served snapshots" bash -c "[ \"\$('$BIN' snap ls live --format json | jq length)\" = 5 ]"
+
+# snap rm and flatten of a served clone ask the serving daemon too (its control socket):
+# the clone keeps its bytes, loses its parent, and the parent's snapshot its child.
+head -c $((16 << 20)) /dev/urandom >"$work/cp.raw"
+check "create a parent for a served clone" "$BIN" create --size 16M cpar
+serve cpar --socket "$sock"
+check "write the parent" nbdcopy "$work/cp.raw" "nbd+unix:///cpar?socket=$sock"
+unserve
+check "snapshot and clone of it" bash -c "'$BIN' snap create cpar@s >/dev/null && '$BIN' clone cpar@s cchild"
+serve cchild --socket "$sock"
+check "snap create of the served clone" "$BIN" snap create cchild@a
+check "snap rm of the served clone's snapshot (asked of the daemon)" "$BIN" snap rm cchild@a
+check "... the snapshot is gone" bash -c "[ \"\$('$BIN' snap ls cchild --format json | jq length)\" = 0 ]"
+check "snap rm of a missing snapshot of a served image fails" bash -c "! '$BIN' snap rm cchild@nosuch 2>/dev/null"
+check "flatten of the served clone (asked of the daemon)" "$BIN" flatten cchild
+check "... the served clone reads the parent's bytes" bash -c \
+  "nbdcopy 'nbd+unix:///cchild?socket=$sock' '$work/cc.raw' && cmp '$work/cc.raw' '$work/cp.raw'"
+unserve
+check "... no parent left, and the parent snapshot has no child" bash -c \
+  "! '$BIN' info cchild | grep -q parent: && [ -z \"\$('$BIN' children cpar@s)\" ]"
+check "... its map checks after the serve" "$BIN" object-map check cchild
+check "the parent can go once the clone is flat" bash -c "'$BIN' snap rm cpar@s >/dev/null && '$BIN' rm cpar >/dev/null"
+serve cchild --socket "$sock"
+check "... and the clone keeps the bytes on its own" bash -c \
+  "nbdcopy 'nbd+unix:///cchild?socket=$sock' '$work/cc.raw' && cmp '$work/cc.raw' '$work/cp.raw'"
+unserve
 # The directory store against an in-memory model: seeded sequences of writes, trims, zeroes,
 # closes, kill -9s, resizes and read-only opens, shared with the Ceph differential test
 # (tests/diffops.py). DIFF_SEQS sets the budget; `dir_model.py --long` the bench-style mode.

@@ -70,6 +70,8 @@ fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
 enum ControlRequest {
     Resize { size: u64, allow_shrink: bool },
     SnapCreate { name: String, quiesce: QuiesceMode },
+    SnapRemove { name: String },
+    Flatten,
 }
 
 /// The control line's word for a quiesce mode (none for the default).
@@ -82,8 +84,8 @@ fn quiesce_word(m: QuiesceMode) -> &'static str {
 }
 
 /// The control socket's protocol: one request line, one answer line.
-/// `resize SIZE 0|1` (1: shrinking allowed) or `snap-create NAME [skip-quiesce|
-/// ignore-quiesce-error]` → `ok` or `error MESSAGE`.
+/// `resize SIZE 0|1` (1: shrinking allowed), `snap-create NAME [skip-quiesce|
+/// ignore-quiesce-error]`, `snap-rm NAME` or `flatten` → `ok` or `error MESSAGE`.
 fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
@@ -99,6 +101,10 @@ fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, Stri
                 _ => return Err(format!("bad quiesce mode {mode:?}")),
             },
         }),
+        ["snap-rm", name] => Ok(ControlRequest::SnapRemove {
+            name: name.to_string(),
+        }),
+        ["flatten"] => Ok(ControlRequest::Flatten),
         ["resize", size, shrink] => {
             let size = size
                 .parse::<u64>()
@@ -154,6 +160,14 @@ async fn serve_control(
                                 done,
                             }
                         }
+                        ControlRequest::SnapRemove { name } => {
+                            crate::store::OwnerRequest::SnapRemove { name, done }
+                        }
+                        // The line protocol has no progress: the asker just waits.
+                        ControlRequest::Flatten => crate::store::OwnerRequest::Flatten {
+                            progress: tokio::sync::watch::channel((0, 0)).0,
+                            done,
+                        },
                     };
                     match tx.send(req) {
                         Err(_) => "error the image is closing\n".to_string(),
@@ -195,6 +209,26 @@ pub(super) async fn ask_holder_to_snap_create(
     // The name was checked by the caller (no spaces), so it is one word of the line.
     let line = format!("snap-create {name}{}\n", quiesce_word(mode));
     ask_holder(pool_dir, id, spec, &line, "snap create").await
+}
+
+/// Asks the holder of `spec` to remove snapshot `name` (see [`ask_holder_to_resize`]).
+pub(super) async fn ask_holder_to_snap_remove(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+    name: &str,
+) -> Result<()> {
+    let line = format!("snap-rm {name}\n");
+    ask_holder(pool_dir, id, spec, &line, "snap rm").await
+}
+
+/// Asks the holder of `spec` to flatten it (see [`ask_holder_to_resize`]).
+pub(super) async fn ask_holder_to_flatten(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+) -> Result<()> {
+    ask_holder(pool_dir, id, spec, "flatten\n", "flatten").await
 }
 
 /// Sends one request line to the holder's control socket and waits for its answer.
@@ -259,5 +293,15 @@ mod tests {
         }
         assert!(parse_control_request("snap-create s1 freeze\n").is_err());
         assert!(parse_control_request("snap-create\n").is_err());
+        assert_eq!(
+            parse_control_request("snap-rm old\n"),
+            Ok(ControlRequest::SnapRemove { name: "old".into() })
+        );
+        assert_eq!(
+            parse_control_request("flatten\n"),
+            Ok(ControlRequest::Flatten)
+        );
+        assert!(parse_control_request("snap-rm\n").is_err());
+        assert!(parse_control_request("flatten now\n").is_err());
     }
 }

@@ -252,6 +252,28 @@ impl Store for DirStore {
         control::ask_holder_to_snap_create(&pool_dir, &id, spec, name, mode).await
     }
 
+    async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
+        self.no_namespace(spec, &spec.namespace)?;
+        let pool_dir = self.pool_dir(&spec.pool);
+        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+            return Err(self.not_found(spec));
+        };
+        control::ask_holder_to_snap_remove(&pool_dir, &id, spec, name).await
+    }
+
+    async fn ask_holder_to_flatten(
+        &self,
+        spec: &ImageSpec,
+        _progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<()> {
+        self.no_namespace(spec, &spec.namespace)?;
+        let pool_dir = self.pool_dir(&spec.pool);
+        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+            return Err(self.not_found(spec));
+        };
+        control::ask_holder_to_flatten(&pool_dir, &id, spec).await
+    }
+
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
         self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
