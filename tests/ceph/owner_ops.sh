@@ -222,6 +222,64 @@ check "flatten: after close, rbd object-map check passes" rbd object-map check "
 rbd snap unprotect "$P@base2" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
 
+# ------------------------------------------------------------ kill -9 during a request
+# The owner killed at a random point of `rbd snap create` and of `rbd snap rm`: rbd ends
+# (never hangs: we did it, or librbd, once our dead watch is gone, breaks our lock and does
+# it itself, or it fails), and after the next serve, whatever happened: a snapshot that
+# exists holds exactly the writes acknowledged before the request, the head every write,
+# and after a clean close the head's map checks, as does every snapshot map not flagged
+# invalid. OWNER_KILL_ROUNDS rounds (default 1; each costs a minute or two of watch
+# timeouts).
+K=ownerk-$$
+rbd create --size $((SIZE / MB))M "$K"
+truncate -s "$SIZE" "$work/k.ref"
+kserve() { start_serve "$work/kserve.log" 120 "$K"; }
+snaps_of() { rbd snap ls "$1" --format json | jq -r '.[].name' | tr '\n' ' '; }
+for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
+  kserve || { fail "kill round $r: serve" "$(tail -3 "$work/kserve.log")"; break; }
+  check "kill round $r: writes acknowledged" put "$K" "$work/k.ref" $((100 + r)) $(( (r % 6) * 4 * MB )) $((8 * MB))
+  cp "$work/k.ref" "$work/k.ref.k$r"
+  timeout 300 rbd snap create "$K@k$r" >"$work/kc-$r.log" 2>&1 &
+  rpid=$!
+  sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
+  kill9 "$SERVE_PID"; rm -f "$sock"
+  wait "$rpid"; rc=$?
+  check "kill round $r: rbd snap create ends after the owner is killed (rc $rc, not a hang)" test "$rc" != 124
+  kserve || { fail "kill round $r: serve after the kill" "$(tail -3 "$work/kserve.log")"; break; }
+  if [[ " $(snaps_of "$K") " == *" k$r "* ]]; then
+    check "kill round $r: snapshot k$r exists and holds exactly the writes before it" \
+      bash -c "exported_is '$K@k$r' '$work/k.ref.k$r'"
+  else
+    pass "kill round $r: snapshot k$r was not taken (rbd: $(tail -1 "$work/kc-$r.log" | cut -c1-80))"
+  fi
+  check "kill round $r: the head holds every write" bash -c "exported_is '$K' '$work/k.ref'"
+  check "kill round $r: more writes after the restart" put "$K" "$work/k.ref" $((200 + r)) $(( ((r + 3) % 6) * 4 * MB )) $((4 * MB))
+  victim=$(snaps_of "$K" | awk '{ print $1 }')
+  if [ -n "$victim" ]; then
+    timeout 300 rbd snap rm --no-progress "$K@$victim" >"$work/kr-$r.log" 2>&1 &
+    rpid=$!
+    sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
+    kill9 "$SERVE_PID"; rm -f "$sock"
+    wait "$rpid"; rc=$?
+    check "kill round $r: rbd snap rm ends after the owner is killed (rc $rc, not a hang)" test "$rc" != 124
+    kserve || { fail "kill round $r: serve after the second kill" "$(tail -3 "$work/kserve.log")"; break; }
+  fi
+  for n in $(snaps_of "$K"); do
+    check "kill round $r: snapshot $n still exact" bash -c "exported_is '$K@$n' '$work/k.ref.$n'"
+  done
+  check "kill round $r: the head still holds every write" bash -c "exported_is '$K' '$work/k.ref'"
+  check_unserve "kill round $r: clean close after the kills"
+  check "kill round $r: after close, rbd object-map check of the head passes, flags clear" bash -c \
+    "rbd object-map check '$K' >/dev/null 2>&1 && [ \"\$(rbd info '$K' --format json | jq -r '.flags | length')\" = 0 ]"
+  for n in $(snaps_of "$K"); do
+    if [ "$(rbd info "$K@$n" --format json | jq -r '.flags | length')" = 0 ]; then
+      check "kill round $r: snapshot $n's map (trusted: flags clear) checks" rbd object-map check "$K@$n"
+    fi
+  done
+done
+rbd snap purge --no-progress "$K" >/dev/null 2>&1
+rbd rm --no-progress "$K" >/dev/null 2>&1
+
 rbd snap purge --no-progress "$I" >/dev/null 2>&1
 for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
 check "test images removed" bash -c "! rbd ls | grep -q '^owner[cp]*-$$\$'"
