@@ -145,7 +145,9 @@ impl<S: ImageStore> super::Image<S> {
         let ctx = |e: Error| e.context(format!("rebuilding the object map of {spec}"));
         // A background rebuild after a crash ends first: its merge would otherwise land
         // on the map made here.
-        self.whole_map("rebuilding the object map").await.map_err(ctx)?;
+        self.whole_map("rebuilding the object map")
+            .await
+            .map_err(ctx)?;
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
