@@ -52,6 +52,8 @@ check "while served: lock cookie matches our header watch" bash -c "
   rados -p rbd listwatchers $(header_of e2e-a) | grep -q \"cookie=\$c\$\""
 check_fails "while served: a librbd writer is refused (rbd bench)" \
   timeout 60 rbd bench --io-type write --io-total 4096 e2e-a
+check "while served: the server logged whom it refused the lock (librbd's RequestLock decoded)" \
+  bash -c "for _ in \$(seq 1 100); do grep -q 'refused the lock to client\.[0-9]* (watch [0-9]*)' '$work/serve.log' && exit 0; sleep 0.1; done; exit 1"
 check "while served: reads back what was written" bash -c \
   "nbdcopy '$(uri e2e-a)' - | cmp - '$work/a.raw'"
 unhold

@@ -685,6 +685,17 @@ async fn watch_events(
                         _ => {}
                     }
                 }
+                // Already answered -EROFS by the replier: say who wanted the lock, so an
+                // operator sees why `rbd bench` or a second opener was turned away.
+                Ok(cls::NOTIFY_OP_REQUEST_LOCK) => match cls::lock_request(&data) {
+                    Ok(r) => {
+                        tracing::info!(image = %inner.spec, "refused the lock to client.{} (watch {}{}): rados-nbd keeps its exclusive lock while serving",
+                            r.gid, r.handle, if r.force { ", forced request" } else { "" })
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %inner.spec, "lock request from client.{notifier_id}: {e}")
+                    }
+                },
                 Ok(op) if cls::notify_wants_owner_reply(op) && inner.takes_owner_requests() => {
                     match owner_msgs::owner_msg(&data) {
                         Ok(Some(msg)) => start_owner_op(&inner, msg, notifier_id),
@@ -851,6 +862,11 @@ mod tests {
                 ),
                 cls::response_message(-30),
                 "the lock is never handed over"
+            );
+            assert_eq!(
+                owner_reply(&cls::lock_request_notify(1, 2, true), takes, |_| None),
+                cls::response_message(-30),
+                "not even a forced request"
             );
             assert!(owner_reply(&cls::header_update_notify(), takes, |_| None).is_empty());
             assert!(owner_reply(&[], takes, |_| None).is_empty());
