@@ -173,8 +173,8 @@ check "the daemon says why (log)" grep -q "does not change the features of an im
 unhold
 check_unserve "clean close after the owner's work"
 check "after close: rbd export of the head equals every write" bash -c "exported_is '$I' '$work/ref'"
-check "after close: rbd object-map check of the head passes" rbd object-map check "$I"
-check "after close: rbd object-map check IMG@s2 passes" rbd object-map check "$I@s2"
+check "after close: rbd object-map check of the head passes" omap_check "$I"
+check "after close: rbd object-map check IMG@s2 passes" omap_check "$I@s2"
 check "after close: the flags are clear" bash -c \
   "[ \"\$(rbd info '$I' --format json | jq -r '.flags | length')\" = 0 ]"
 
@@ -202,7 +202,7 @@ check "flatten: rbd flatten again fails (no parent)" bash -c "! ${RBD_T} flatten
 unhold
 check_unserve "flatten: clean close"
 check "flatten: after close, rbd export equals every write" bash -c "exported_is '$C' '$work/c.ref'"
-check "flatten: after close, rbd object-map check passes" rbd object-map check "$C"
+check "flatten: after close, rbd object-map check passes" omap_check "$C"
 check "flatten: the parent's snapshot can be unprotected and removed" bash -c \
   "rbd snap unprotect '$P@base' && rbd snap rm --no-progress '$P@base' >/dev/null 2>&1"
 
@@ -218,15 +218,15 @@ check "flatten: rados-nbd flatten of the clone another rados-nbd serves succeeds
 check "flatten: rbd info shows no parent" bash -c "! rbd info '$C-2' --format json | jq -e .parent >/dev/null"
 check "flatten: rbd export equals parent + writes" bash -c "exported_is '$C-2' '$work/c2.ref'"
 check_unserve "flatten: clean close of the second clone"
-check "flatten: after close, rbd object-map check passes" rbd object-map check "$C-2"
+check "flatten: after close, rbd object-map check passes" omap_check "$C-2"
 rbd snap unprotect "$P@base2" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
 
 # ------------------------------------------------------------ kill -9 during a request
 # The owner killed at a random point of `rbd snap create` and of `rbd snap rm`: rbd ends
 # (never hangs: we did it, or librbd, once our dead watch is gone, breaks our lock and does
-# it itself, or it fails), and after the next serve, whatever happened: a snapshot that
-# exists holds exactly the writes acknowledged before the request, the head every write,
+# it itself, or it fails), and after the next serve, whatever happened: every snapshot
+# that exists holds exactly the writes acknowledged before it, the head every write,
 # and after a clean close the head's map checks, as does every snapshot map not flagged
 # invalid. OWNER_KILL_ROUNDS rounds (default 1; each costs a minute or two of watch
 # timeouts).
@@ -238,6 +238,10 @@ snaps_of() { rbd snap ls "$1" --format json | jq -r '.[].name' | tr '\n' ' '; }
 for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
   kserve || { fail "kill round $r: serve" "$(tail -3 "$work/kserve.log")"; break; }
   check "kill round $r: writes acknowledged" put "$K" "$work/k.ref" $((100 + r)) $(( (r % 6) * 4 * MB )) $((8 * MB))
+  # A snapshot taken through the owner as usual, removed below while the owner is killed.
+  cp "$work/k.ref" "$work/k.ref.pre$r"
+  check "kill round $r: rbd snap create pre$r" "${RBD[@]}" snap create "$K@pre$r"
+  check "kill round $r: writes after it" put "$K" "$work/k.ref" $((300 + r)) $(( ((r + 1) % 6) * 4 * MB )) $((4 * MB))
   cp "$work/k.ref" "$work/k.ref.k$r"
   timeout 300 rbd snap create "$K@k$r" >"$work/kc-$r.log" 2>&1 &
   rpid=$!
@@ -254,8 +258,8 @@ for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
   fi
   check "kill round $r: the head holds every write" bash -c "exported_is '$K' '$work/k.ref'"
   check "kill round $r: more writes after the restart" put "$K" "$work/k.ref" $((200 + r)) $(( ((r + 3) % 6) * 4 * MB )) $((4 * MB))
-  victim=$(snaps_of "$K" | awk '{ print $1 }')
-  if [ -n "$victim" ]; then
+  victim=pre$r
+  if [[ " $(snaps_of "$K") " == *" $victim "* ]]; then
     timeout 300 rbd snap rm --no-progress "$K@$victim" >"$work/kr-$r.log" 2>&1 &
     rpid=$!
     sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
@@ -273,7 +277,7 @@ for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
     "rbd object-map check '$K' >/dev/null 2>&1 && [ \"\$(rbd info '$K' --format json | jq -r '.flags | length')\" = 0 ]"
   for n in $(snaps_of "$K"); do
     if [ "$(rbd info "$K@$n" --format json | jq -r '.flags | length')" = 0 ]; then
-      check "kill round $r: snapshot $n's map (trusted: flags clear) checks" rbd object-map check "$K@$n"
+      check "kill round $r: snapshot $n's map (trusted: flags clear) checks" omap_check "$K@$n"
     fi
   done
 done
