@@ -66,6 +66,7 @@ check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/n
 check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
 check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
+check "list-mapped --format xml (rbd-nbd's shape)" bash -c "'$B' list-mapped --format xml | grep -q '<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>ext</image><snap></snap><device>$dev</device>'"
 check "image flagged dirty while mapped" dirty rbd/ext
 check "daemon runs in its own session" bash -c "p=\$(sed -n 's/.*\"pid\": *\([0-9]*\).*/\1/p' /run/rados-nbd/${dev#/dev/}.json); [ \$(ps -o sid= -p \$p) = \$p ]"
 p=$(pid_of "$dev")

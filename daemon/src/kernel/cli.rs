@@ -120,6 +120,8 @@ impl KernelCommand {
 pub enum ListFormat {
     Plain,
     Json,
+    /// rbd-nbd's XML: `<devices><device><id>…</id><pool>…</pool>…</device></devices>`.
+    Xml,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -204,12 +204,21 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
         .collect();
     let mut out = std::io::stdout().lock();
     let res = match a.format {
+        ListFormat::Xml => write!(out, "{}", list_xml(&rows)),
         ListFormat::Json => {
             let v: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|s| {
+                    let pid = if s.detached {
+                        serde_json::Value::Null
+                    } else {
+                        s.pid.into()
+                    };
                     serde_json::json!({
-                        "pid": if s.detached { serde_json::Value::Null } else { s.pid.into() },
+                        // rbd-nbd's name for the daemon's pid, so its users' scripts parse
+                        // ours; `pid` as before.
+                        "id": pid.clone(),
+                        "pid": pid,
                         "pool": s.pool,
                         "namespace": s.namespace,
                         "image": s.image,
@@ -276,10 +285,79 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
     res.map_err(|e| Error::io("writing to stdout", e))
 }
 
+/// `list-mapped --format xml` as rbd-nbd's XMLFormatter prints it (one line): a
+/// `devices` section of `device` objects with id (the daemon's pid; 0 once detached),
+/// pool, namespace, image, snap (empty for the head) and device; then rados-nbd's own
+/// store, read_only and state.
+fn list_xml(rows: &[DeviceState]) -> String {
+    fn esc(v: &str) -> String {
+        v.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&apos;")
+    }
+    let mut o = String::from("<devices>");
+    for s in rows {
+        let fields = [
+            ("id", if s.detached { 0 } else { s.pid }.to_string()),
+            ("pool", s.pool.clone()),
+            ("namespace", s.namespace.clone()),
+            ("image", s.image.clone()),
+            ("snap", s.snap.clone().unwrap_or_default()),
+            ("device", s.device.clone()),
+            ("store", s.store.clone()),
+            ("read_only", s.read_only.to_string()),
+            (
+                "state",
+                if s.detached { "detached" } else { "attached" }.to_string(),
+            ),
+        ];
+        o.push_str("<device>");
+        for (k, v) in fields {
+            o.push_str(&format!("<{k}>{}</{k}>", esc(&v)));
+        }
+        o.push_str("</device>");
+    }
+    o.push_str("</devices>\n");
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use device::test_state as state;
+
+    #[test]
+    fn list_mapped_xml_is_rbd_nbds_with_our_fields_after() {
+        assert_eq!(list_xml(&[]), "<devices></devices>\n");
+        let mut a = state(true);
+        a.pool = "rbd".into();
+        a.image = "vm<1>".into();
+        a.snap = None;
+        a.device = "/dev/nbd3".into();
+        let x = list_xml(&[a.clone()]);
+        assert!(
+            x.starts_with(&format!(
+                "<devices><device><id>{}</id><pool>rbd</pool><namespace></namespace>\
+                 <image>vm&lt;1&gt;</image><snap></snap><device>/dev/nbd3</device><store>",
+                a.pid
+            )),
+            "{x}"
+        );
+        assert!(
+            x.ends_with("<state>attached</state></device></devices>\n"),
+            "{x}"
+        );
+        a.detached = true;
+        a.snap = Some("s1".into());
+        let x = list_xml(&[a]);
+        assert!(
+            x.contains("<id>0</id>") && x.contains("<snap>s1</snap>"),
+            "{x}"
+        );
+        assert!(x.contains("<state>detached</state>"), "{x}");
+    }
 
     #[test]
     fn unmap_by_spec_tells_namespaces_apart() {
