@@ -429,7 +429,8 @@ check "resized image clean" clean rbd/grow
 # copies it into the clone in the background; without the option reads copy nothing.
 child_objects() { # image: its data objects on disk
   local id
-  id=$("$B" info "$1" --format json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p')
+  # By the block name prefix: a clone's JSON also carries its parent's "id".
+  id=$("$B" info "$1" --format json | sed -n 's/.*"block_name_prefix": *"rbd_data\.\([^"]*\)".*/\1/p')
   find "$POOLDIR" -maxdepth 1 -name "rbd_data.$id.*" -type f | wc -l
 }
 "$B" create --size 64M rbd/cbase
