@@ -106,6 +106,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::new(ErrorKind::Io, format!("store worker failed: {e}")))?
 }
 
+impl DirStore {
+    /// The pool directory and image id under which the holder of `spec`'s lock listens
+    /// (its control socket): what every `ask_holder_to_*` needs first.
+    fn holder_address(&self, spec: &ImageSpec) -> Result<(PathBuf, String)> {
+        self.no_namespace(spec, &spec.namespace)?;
+        let pool_dir = self.pool_dir(&spec.pool);
+        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
+            return Err(self.not_found(spec));
+        };
+        Ok((pool_dir, id))
+    }
+}
+
 impl Store for DirStore {
     type Image = DirImage;
 
@@ -230,11 +243,7 @@ impl Store for DirStore {
         size: u64,
         allow_shrink: bool,
     ) -> Result<()> {
-        self.no_namespace(spec, &spec.namespace)?;
-        let pool_dir = self.pool_dir(&spec.pool);
-        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
-            return Err(self.not_found(spec));
-        };
+        let (pool_dir, id) = self.holder_address(spec)?;
         control::ask_holder_to_resize(&pool_dir, &id, spec, size, allow_shrink).await
     }
 
@@ -244,20 +253,12 @@ impl Store for DirStore {
         name: &str,
         mode: crate::store::QuiesceMode,
     ) -> Result<()> {
-        self.no_namespace(spec, &spec.namespace)?;
-        let pool_dir = self.pool_dir(&spec.pool);
-        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
-            return Err(self.not_found(spec));
-        };
+        let (pool_dir, id) = self.holder_address(spec)?;
         control::ask_holder_to_snap_create(&pool_dir, &id, spec, name, mode).await
     }
 
     async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
-        self.no_namespace(spec, &spec.namespace)?;
-        let pool_dir = self.pool_dir(&spec.pool);
-        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
-            return Err(self.not_found(spec));
-        };
+        let (pool_dir, id) = self.holder_address(spec)?;
         control::ask_holder_to_snap_remove(&pool_dir, &id, spec, name).await
     }
 
@@ -266,11 +267,7 @@ impl Store for DirStore {
         spec: &ImageSpec,
         _progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<()> {
-        self.no_namespace(spec, &spec.namespace)?;
-        let pool_dir = self.pool_dir(&spec.pool);
-        let Some(id) = read_image_id(&pool_dir, &spec.name)? else {
-            return Err(self.not_found(spec));
-        };
+        let (pool_dir, id) = self.holder_address(spec)?;
         control::ask_holder_to_flatten(&pool_dir, &id, spec).await
     }
 
