@@ -69,9 +69,11 @@ def connect(uri):
 
 # ---------------------------------------------------------------- journal (crash oracle)
 
-def journal_write(uri, journal, seconds, seed, blocks):
+def journal_write(uri, journal, seconds, seed, blocks, first=0):
+    """Writes blocks [first, first+blocks) (first: a range shared with another writer)."""
     rng = random.Random(int(seed))
     blocks = int(blocks)
+    first = int(first)
     try:
         h = connect(uri)
     except nbd.Error as e:
@@ -95,6 +97,7 @@ def journal_write(uri, journal, seconds, seed, blocks):
                 else:
                     n = rng.randint(1, 4)
                     b = rng.randrange(0, blocks - n)
+                b += first
                 if any(x in busy for x in range(b, b + n)):
                     continue
                 data = bytearray(n * BS) if zero else bytearray(os.urandom(n * BS))
@@ -148,11 +151,14 @@ def journal_state(journal):
     return state
 
 
-def journal_verify(uri, journal, seed, blocks, base=None):
-    state = journal_state(journal)
+def journal_verify(uri, journal, seed, blocks, base=None, first=0):
+    """Checks blocks [first, first+blocks); base "-" (or none): unwritten blocks are zero."""
+    first = int(first)
+    state = {b - first: v for b, v in journal_state(journal).items()
+             if first <= b < first + int(blocks)}
     h = connect(uri)
     zero = sha(bytes(BS))
-    parent = open(base, "rb").read() if base else None
+    parent = open(base, "rb").read() if base and base != "-" else None
 
     def unwritten(b):
         """What block b holds if no write reached it: zeros, or the parent's bytes."""
@@ -163,7 +169,7 @@ def journal_verify(uri, journal, seed, blocks, base=None):
     image = bytearray()
     total = int(blocks) * BS
     while len(image) < total:
-        image += h.pread(min(1 << 20, total - len(image)), len(image))
+        image += h.pread(min(1 << 20, total - len(image)), first * BS + len(image))
 
     def block(b):
         return sha(bytes(image[b * BS:(b + 1) * BS]))
@@ -179,7 +185,7 @@ def journal_verify(uri, journal, seed, blocks, base=None):
         if got not in ok:
             bad += 1
             if bad <= 5:
-                print(f"block {b}: read {got}, want last acked {acc} or in-flight {pend}")
+                print(f"block {first + b}: read {got}, want last acked {acc} or in-flight {pend}")
     rng = random.Random(int(seed) + 1)
     # With a parent every block is checked: the blocks around a write in a copied-up object
     # are the ones a torn copy-up would have lost.
@@ -189,7 +195,7 @@ def journal_verify(uri, journal, seed, blocks, base=None):
         if block(b) != unwritten(b):
             bad += 1
             if bad <= 5:
-                print(f"block {b}: never written but not {'the parent' if parent else 'zero'}")
+                print(f"block {first + b}: never written but not {'the parent' if parent else 'zero'}")
     h.shutdown()
     print(f"journal-verify: {len(state)} blocks ({acked} with acked writes), "
           f"{len(untouched)} untouched, {bad} bad")
