@@ -237,6 +237,7 @@ impl Cli {
             id: self.id.clone(),
             keyring: self.keyring.clone(),
             allow_encrypted: self.allow_encrypted,
+            wait_for_lock: false,
         }
     }
 }

@@ -43,6 +43,18 @@ pub struct ServeArgs {
     /// Serve read-only: writes are refused and the image's flags are never touched.
     #[arg(long)]
     pub read_only: bool,
+    /// Keep the image's exclusive lock while served, as rbd-nbd --exclusive: a librbd
+    /// client (rbd bench, qemu) asking for it is refused instead of handed the lock (by
+    /// default it gets it, and the next request here takes it back), and the exclusive
+    /// lock is taken even when the image is marked shared.
+    #[arg(long, conflicts_with = "read_only")]
+    pub exclusive: bool,
+    /// Ceph: when another client (a rados-nbd on the source host of a live migration,
+    /// librbd) holds the image's lock, ask it to hand the lock over and wait for it (at
+    /// most RADOS_NBD_LOCK_WAIT_SECS, 45 s), instead of failing with "in use". The source
+    /// writes its object map and clears the flag first, so this open loads the map.
+    #[arg(long, conflicts_with = "read_only")]
+    pub wait_for_lock: bool,
     /// The export name (default: the image name; "" also selects it).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
@@ -321,7 +333,18 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         checkpoint_idle: args.checkpoint_idle,
     };
     // Store errors already name the image, the store and the file that failed.
-    let image = Arc::new(Image::open(&store, &spec, &opts).await?);
+    let image = if args.exclusive {
+        let h = store
+            .open_image(&spec, crate::store::OpenMode::ReadWrite)
+            .await?;
+        Image::from_store_image(h, &spec, &opts).await?
+    } else {
+        Image::open(&store, &spec, &opts).await?
+    };
+    let image = Arc::new(image);
+    if !args.exclusive {
+        image.enable_handover();
+    }
     // `rados-nbd resize` / `rbd resize` of the image while it is served come to us.
     image.serve_owner_requests();
     image.spawn_map_rebuild();

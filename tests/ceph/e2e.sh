@@ -32,7 +32,9 @@ head -c $((24 * MB)) /dev/urandom | dd of="$work/a.raw" conv=notrunc status=none
 head -c $MB /dev/urandom | dd of="$work/a.raw" bs=1M seek=40 conv=notrunc status=none
 dd if="$work/a.raw" of="$work/a-40.raw" bs=1M skip=40 count=1 status=none
 
-serve e2e-a
+# --exclusive: the lock is kept (by default it would be handed to a librbd client that
+# asks, tests/ceph/handover.sh), so the refusal below is rbd-nbd --exclusive's.
+serve e2e-a --exclusive
 hold e2e-a
 check "rbd-made image: nbdcopy writes 24 MiB" nbdcopy --connections=4 \
   <(head -c $((24 * MB)) "$work/a.raw") "$(uri e2e-a)"
@@ -50,7 +52,7 @@ check "while served: rados lock info: rbd_lock exclusive, tag internal" bash -c 
 check "while served: lock cookie matches our header watch" bash -c "
   c=\$(rados -p rbd lock info $(header_of e2e-a) rbd_lock | jq -r '.lockers[0].cookie' | cut -d' ' -f2)
   rados -p rbd listwatchers $(header_of e2e-a) | grep -q \"cookie=\$c\$\""
-check_fails "while served: a librbd writer is refused (rbd bench)" \
+check_fails "while served with --exclusive: a librbd writer is refused (rbd bench)" \
   timeout 60 rbd bench --io-type write --io-total 4096 e2e-a
 check "while served: the server logged whom it refused the lock (librbd's RequestLock decoded)" \
   bash -c "for _ in \$(seq 1 100); do grep -q 'refused the lock to client\.[0-9]* (watch [0-9]*)' '$work/serve.log' && exit 0; sleep 0.1; done; exit 1"

@@ -41,6 +41,7 @@ suites=(
   snaps.sh
   owner_ops.sh
   quiesce.sh
+  handover.sh
 )
 for s in "${suites[@]}"; do
   bash "$here/$s" 2>&1 | tee "$work/$s.out"

@@ -42,7 +42,11 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             "--allow-encrypted only applies to --store ceph:[CONF]",
         ));
     }
-    match connect(&uri, &cli.ceph_access()).await? {
+    let mut access = cli.ceph_access();
+    if let Command::Serve(a) = &cli.command {
+        access.wait_for_lock = a.wait_for_lock;
+    }
+    match connect(&uri, &access).await? {
         AnyStore::Dir(st) => run(st, cli.command).await,
         #[cfg(feature = "ceph")]
         AnyStore::Ceph(st) => run(st, cli.command).await,

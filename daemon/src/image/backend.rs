@@ -11,12 +11,22 @@ use objmap::ObjectState;
 impl<S: ImageStore> Image<S> {
     /// Holds `gate` shared for a request (close and checkpoints wait for it): ESHUTDOWN
     /// once the image is closing.
+    ///
+    /// While the lock is another client's (handed over), the lock is taken back first:
+    /// the map in memory is stale then, so no read, write or block-status answer may
+    /// come from it.
     async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, BackendError> {
-        let g = self.gate.read().await;
-        if *g {
-            return Err(BackendError::new(Errno::Shutdown, "the image is closing"));
+        loop {
+            let g = self.gate.read().await;
+            if *g {
+                return Err(BackendError::new(Errno::Shutdown, "the image is closing"));
+            }
+            if !self.released.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(g);
+            }
+            drop(g);
+            self.take_lock_back().await?;
         }
-        Ok(g)
     }
 
     /// The protocol checked the request against the size its client was told; the image
@@ -105,6 +115,10 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn flush(&self) -> Result<(), BackendError> {
+        // Everything was synced before the lock was handed over: nothing to take back.
+        if self.lock_released() {
+            return Ok(());
+        }
         let _g = self.enter().await?;
         self.store.sync().await?;
         Ok(())

@@ -546,7 +546,12 @@ impl<S: ImageStore> Image<S> {
                     // Closing: nothing more to copy.
                     break;
                 }
-                let r = img.copyup_whole(objno).await;
+                // The lock is another client's: the copy-up waits for the next read.
+                let r = if img.lock_released() {
+                    Ok(Default::default())
+                } else {
+                    img.copyup_whole(objno).await
+                };
                 drop(g);
                 if let Err(e) = r {
                     tracing::warn!("copy-on-read of object {objno} of {}: {e}", img.spec);

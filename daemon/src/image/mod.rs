@@ -15,7 +15,8 @@
 //! One room a concern: `open` (open, close, create; the shared setting), `dirty` (the
 //! dirty flag and checkpoints), `map` (load, trust, rebuild), `pieces` (requests split
 //! into object pieces; extents), `clone` (a clone's ancestors, copy-up, copy-on-read,
-//! flatten), `resize` (resize and the lock owner's requests), `rebuild` (the map rebuilt
+//! flatten), `resize` (resize and the lock owner's requests), `handover` (the lock given to another
+//! client and taken back), `rebuild` (the map rebuilt
 //! while serving: unknown objects, the merge, waits for the whole map),
 //! `backend` (the NBD data plane). Their tests are in `tests/`, by plane, on a directory
 //! store or on `test_store`'s memory image.
@@ -32,6 +33,7 @@ use tokio::sync::{watch, Mutex, RwLock};
 mod backend;
 mod clone;
 mod dirty;
+mod handover;
 mod map;
 mod open;
 mod pieces;
@@ -158,6 +160,11 @@ pub struct Image<S: ImageStore> {
     cor_pending: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// `--quiesce`: the hook run around snapshots taken for other clients.
     quiesce: std::sync::OnceLock<Arc<crate::quiesce::QuiesceHook>>,
+    /// The exclusive lock was handed to another client (`handover`): set and cleared
+    /// with `gate` held exclusively; every request checks it under `gate`.
+    released: AtomicBool,
+    /// One hand-over or take-back at a time.
+    handover: Mutex<()>,
 }
 
 /// The dirty flag as the idle checkpointer sees it.

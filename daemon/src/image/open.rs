@@ -269,6 +269,8 @@ impl<S: ImageStore> Image<S> {
             cor: std::sync::OnceLock::new(),
             cor_pending: std::sync::Mutex::new(Default::default()),
             quiesce: std::sync::OnceLock::new(),
+            released: AtomicBool::new(false),
+            handover: Mutex::new(()),
         };
         if let Err(e) = image.ensure_dirty().await {
             if let Some(c) = image.chain() {

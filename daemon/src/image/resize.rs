@@ -232,6 +232,9 @@ impl<S: ImageStore> Image<S> {
                             .map(|_| ());
                         let _ = done.send(logged(r));
                     }
+                    OwnerRequest::ReleaseLock { done } => {
+                        let _ = done.send(logged(img.hand_over().await));
+                    }
                     OwnerRequest::SnapCreate {
                         name,
                         quiesce,

@@ -32,6 +32,8 @@ struct State {
     /// A clone's parent: a handle of the parent image at the snapshot (`header.parent`
     /// says which), until `detach_parent`.
     parent: Option<MemImage>,
+    /// The lock was handed to another client (`release_lock`): nothing may be written.
+    lock_away: bool,
 }
 
 /// A handle of one image in memory. Clones share the image: a test keeps one to look
@@ -151,6 +153,7 @@ impl MemImage {
                 meta: HashMap::new(),
                 log: Vec::new(),
                 parent: None,
+                lock_away: false,
             })),
             snap: None,
             audit: false,
@@ -329,6 +332,30 @@ impl MemImage {
 
     fn writable(&self, what: &str) {
         assert!(self.snap.is_none(), "a snapshot is never {what}");
+        assert!(
+            !self.lock().lock_away,
+            "{what} while the lock was handed over"
+        );
+    }
+
+    /// Another owner, holding the lock we handed over, writes object `o`: keeping the map
+    /// right as librbd does, or (`keeps_map` false) with the flag set and the map stale,
+    /// as one that crashed would leave it.
+    pub(super) fn other_owner_writes(&self, o: u64, data: Vec<u8>, keeps_map: bool) {
+        let mut s = self.lock();
+        assert!(
+            s.lock_away,
+            "the other owner writes only while it holds the lock"
+        );
+        s.objects.insert(o, data);
+        if keeps_map {
+            let map = ObjectMap::decode(&s.maps[&None]).unwrap();
+            map.set(o, ObjectState::Exists);
+            s.maps.insert(None, map.encode());
+        } else {
+            s.header.flags |=
+                RBD_FLAG_OBJECT_MAP_INVALID | crate::store::RBD_FLAG_FAST_DIFF_INVALID;
+        }
     }
 
     /// The head's header flags now.
@@ -411,7 +438,7 @@ impl ImageStore for MemImage {
         Ok(())
     }
     async fn set_flags(&self, value: u64, mask: u64) -> Result<()> {
-        assert!(self.snap.is_none(), "a snapshot's flags are never set");
+        self.writable("flagged");
         self.take_time().await;
         self.note(format!("set_flags({value})"));
         let mut s = self.lock();
@@ -503,13 +530,23 @@ impl ImageStore for MemImage {
         Ok(self.lock().maps.get(&snap).cloned())
     }
     async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
-        assert!(self.snap.is_none(), "a snapshot's map is never written");
+        self.writable("given a new map");
         self.note("write_object_map");
         self.lock().maps.insert(None, data);
         Ok(())
     }
     async fn close(&self) -> Result<()> {
         self.note("close");
+        Ok(())
+    }
+    async fn release_lock(&self) -> Result<()> {
+        self.note("release_lock");
+        self.lock().lock_away = true;
+        Ok(())
+    }
+    async fn reacquire_lock(&self) -> Result<()> {
+        self.note("reacquire_lock");
+        self.lock().lock_away = false;
         Ok(())
     }
     /// As Ceph's snapshot_add: the head's flags copied into the snapshot.

@@ -28,9 +28,17 @@ pub struct ServeOpts {
     /// Map read-only (always so for a snapshot).
     #[arg(long)]
     pub read_only: bool,
-    /// Take the image's exclusive lock even when it is marked shared: no other writer.
+    /// Keep the image's exclusive lock while mapped, as rbd-nbd --exclusive: a librbd
+    /// client (rbd bench, qemu) asking for it is refused instead of handed the lock (by
+    /// default it gets it, and the next I/O here takes it back), and the exclusive lock
+    /// is taken even when the image is marked shared.
     #[arg(long)]
     pub exclusive: bool,
+    /// Ceph: when another client (a rados-nbd on the source host of a live migration,
+    /// librbd) holds the image's lock, ask it to hand the lock over and wait for it (at
+    /// most RADOS_NBD_LOCK_WAIT_SECS, 45 s), instead of failing with "in use".
+    #[arg(long)]
+    pub wait_for_lock: bool,
     /// Kernel request timeout in seconds (0 or unset: requests never time out).
     /// `--timeout` is the older name, as in rbd-nbd.
     #[arg(long = "io-timeout", visible_alias = "timeout", value_name = "SEC")]

@@ -215,6 +215,10 @@ fn serve(
             usr1: signal(tokio::signal::unix::SignalKind::user_defined1())?,
         }
     };
+    let ceph = &CephAccess {
+        wait_for_lock: opts.wait_for_lock,
+        ..ceph.clone()
+    };
     let export = Arc::new(
         rt.block_on(Export::open(
             store,

@@ -41,6 +41,11 @@ async fn open_image<S: Store>(
         Image::open(st, spec, opts).await?
     };
     let img = Arc::new(img);
+    // Another client asking for the lock gets it (and we take it back on our next
+    // request), as with rbd-nbd; `--exclusive` keeps it, as rbd-nbd --exclusive.
+    if !exclusive {
+        img.enable_handover();
+    }
     img.serve_owner_requests();
     img.spawn_map_rebuild();
     img.spawn_idle_checkpoints();

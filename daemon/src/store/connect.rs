@@ -16,6 +16,10 @@ pub struct CephAccess {
     /// Serve an image that starts with a LUKS header as its raw LUKS volume instead of
     /// refusing it.
     pub allow_encrypted: bool,
+    /// `serve|map --wait-for-lock`: a read-write open whose image's lock a live client
+    /// holds asks it to hand the lock over (live migration: the source writes its map and
+    /// releases) and waits, instead of failing with "in use".
+    pub wait_for_lock: bool,
 }
 
 /// An opened store, whichever kind the URI named. Callers match once and run code generic
@@ -46,7 +50,8 @@ pub async fn connect(uri: &StoreUri, ceph: &CephAccess) -> Result<AnyStore> {
             };
             let st = CephStore::connect(opts).await?;
             Ok(AnyStore::Ceph(
-                st.with_allow_encrypted(ceph.allow_encrypted),
+                st.with_allow_encrypted(ceph.allow_encrypted)
+                    .with_wait_for_lock(ceph.wait_for_lock),
             ))
         }
         #[cfg(not(feature = "ceph"))]

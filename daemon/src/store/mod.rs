@@ -87,6 +87,11 @@ pub enum OwnerRequest {
         progress: tokio::sync::watch::Sender<(u64, u64)>,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// Another client wants the exclusive lock (cooperative hand-over): hold new
+    /// requests, finish those in flight, write the map, clear the flag, release.
+    ReleaseLock {
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
 }
 
 /// Whether a snapshot asked of the lock holder runs the `--quiesce` hook around it
@@ -400,6 +405,30 @@ pub trait ImageStore: Send + Sync + 'static {
     /// without such requests ignore it; the image layer runs the hook around the
     /// snapshots asked of it.
     fn enable_quiesce(&self, _hook: std::sync::Arc<crate::quiesce::QuiesceHook>) {}
+
+    // --- Cooperative hand-over of the exclusive lock (librbd's default; not with
+    // `--exclusive`). The image layer drives it: it holds every request, writes the map
+    // and clears the flag, then `release_lock`; the next request of its own clients
+    // calls `reacquire_lock` and reloads the map the other owner left.
+
+    /// From now on a request for the lock from another client (Ceph: librbd's
+    /// REQUEST_LOCK) is accepted and passed on as [`OwnerRequest::ReleaseLock`] through
+    /// `owner_requests`. Until then (and with `--exclusive`) it is refused, as rbd-nbd
+    /// `--exclusive` refuses it. Stores without other clients ignore it.
+    fn enable_handover(&self) {}
+
+    /// Gives the exclusive lock up and tells the other clients, keeping the handle (and
+    /// its watch) open. The caller has made everything durable and holds every request.
+    fn release_lock(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Err(unsupported("handing the exclusive lock over".to_string())) }
+    }
+
+    /// Takes the lock back after `release_lock`, asking its holder to release it as
+    /// librbd's requester does; an owner that refuses or does not let go within a bound
+    /// is an error (the request that wanted it fails; the next one asks again).
+    fn reacquire_lock(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Err(unsupported("taking the exclusive lock back".to_string())) }
+    }
 
     /// `flags = (flags & !mask) | (value & mask)` in the header, durably.
     fn set_flags(&self, value: u64, mask: u64) -> impl Future<Output = Result<()>> + Send;

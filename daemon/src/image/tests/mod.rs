@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 mod clone;
 mod data;
 mod dirty;
+mod handover;
 mod open;
 mod rebuild;
 mod resize;

@@ -927,8 +927,7 @@ pub fn lock_request(payload: &[u8]) -> Result<LockRequest> {
     Ok(LockRequest { gid, handle, force })
 }
 
-/// A RequestLock NotifyMessage as librbd 16.2 sends it (tests: we only decode these).
-#[cfg(test)]
+/// A RequestLock NotifyMessage as librbd 16.2 sends it: how we ask for the lock back.
 pub fn lock_request_notify(gid: u64, handle: u64, force: bool) -> Vec<u8> {
     let mut e = Enc::new();
     let at = e.start(7, 1);

@@ -40,6 +40,14 @@ pub(super) struct Inner {
     /// meanwhile: with our watch gone another client may break the lock, so writing
     /// before it is re-asserted could write underneath a new owner.
     pub(super) reacquiring: AtomicBool,
+    /// Cooperative hand-over is on (`enable_handover`: not `--exclusive`): a request for
+    /// the lock is passed to the image layer instead of refused.
+    pub(super) hands_over: AtomicBool,
+    /// The lock was handed to another client and not taken back yet: nothing is written,
+    /// and requests for the owner are not ours to answer.
+    pub(super) released: AtomicBool,
+    /// Woken when another client's ReleasedLock arrives (a take-back waits for it).
+    pub(super) lock_freed: tokio::sync::Notify,
     /// Where requests for the lock owner go once the image layer takes them
     /// (`owner_requests`); until then they are refused, as before.
     pub(super) owner_tx: Mutex<Option<mpsc::UnboundedSender<OwnerRequest>>>,
@@ -88,6 +96,15 @@ impl Inner {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!("image {} is closed", self.spec),
+            ));
+        }
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "image {}: the exclusive lock was handed to another client; not written",
+                    self.spec
+                ),
             ));
         }
         if self.reacquiring.load(Ordering::SeqCst) {
@@ -286,6 +303,20 @@ impl ImageStore for CephImage {
 
     fn enable_quiesce(&self, hook: Arc<crate::quiesce::QuiesceHook>) {
         self.inner.quiesce.set_hook(hook);
+    }
+
+    fn enable_handover(&self) {
+        if self.inner.mode == OpenMode::ReadWrite {
+            self.inner.hands_over.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn release_lock(&self) -> Result<()> {
+        super::lock::release_lock(&self.inner).await
+    }
+
+    async fn reacquire_lock(&self) -> Result<()> {
+        super::lock::reacquire_lock(&self.inner).await
     }
 
     fn owner_requests(&self) -> Option<mpsc::UnboundedReceiver<OwnerRequest>> {
@@ -548,7 +579,10 @@ impl ImageStore for CephImage {
             p.image_id.clone(),
             Some(p.snap_id),
             OpenMode::ReadOnly,
-            i.allow_encrypted,
+            super::store::OpenKnobs {
+                allow_encrypted: i.allow_encrypted,
+                ask_for_lock: false,
+            },
             i.luks_noted.clone(),
         )
         .await
@@ -962,6 +996,14 @@ impl ImageStore for CephImage {
         }
         // No quiesce task of ours outlives the handle; a quiesced file system is thawed.
         i.quiesce.stop(&i.spec).await;
+        if i.released.load(Ordering::SeqCst) && !i.is_fenced() {
+            // Handed over and not taken back: the lock is another client's; only our
+            // watch ends.
+            let unwatched = i.meta.unwatch(state.watch).await;
+            unwatched.map_err(|e| e.context(format!("closing image {}", i.spec)))?;
+            tracing::info!(image = %i.spec, "closed (the lock was with another client)");
+            return Ok(());
+        }
         if i.is_fenced() {
             // The lock is someone else's now: no unlock, no notify. Only our watch is
             // ended (librados would otherwise keep re-registering it), bounded, since a

@@ -44,6 +44,7 @@ impl Inner {
     fn takes_owner_requests(&self) -> bool {
         self.mode == OpenMode::ReadWrite
             && !self.closed.load(Ordering::SeqCst)
+            && !self.released.load(Ordering::SeqCst)
             && self
                 .owner_tx
                 .lock()
@@ -55,7 +56,9 @@ impl Inner {
 /// Takes the image's exclusive lock the way librbd does: a watch on the header, then
 /// cls_lock `rbd_lock` (exclusive, tag `internal`, cookie `auto <watch handle>`); for
 /// SharedWrite the same lock taken shared with our own tag (see `lock_kind`).
-pub(super) async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
+/// With `ask` (`--wait-for-lock`) a live owner is asked to hand the lock over, as when
+/// taking it back after a hand-over, instead of the open failing with "in use".
+pub(super) async fn acquire_lock(inner: &Arc<Inner>, ask: bool) -> Result<()> {
     let spec = &inner.spec;
     let (tx, rx) = mpsc::unbounded_channel();
     let watch = inner
@@ -64,12 +67,18 @@ pub(super) async fn acquire_lock(inner: &Arc<Inner>) -> Result<()> {
         .await
         .map_err(|e| e.context(format!("opening image {spec}")))?;
     let cookie = cls::lock_cookie(watch.cookie);
-    if let Err(e) = take_lock(inner, &cookie).await {
+    let ask = ask.then(|| Ask {
+        handle: watch.cookie,
+        deadline: std::time::Instant::now() + lock_wait(),
+    });
+    let t0 = std::time::Instant::now();
+    if let Err(e) = take_lock(inner, &cookie, ask).await {
         let _ = inner.meta.unwatch(watch).await;
         return Err(e);
     }
+    inner.released.store(false, Ordering::SeqCst);
     let gid = inner.meta.cluster().instance_id();
-    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {}", lock_name(inner.mode));
+    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {} in {:.1} ms", lock_name(inner.mode), t0.elapsed().as_secs_f64() * 1e3);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = watch.cookie;
     let mut state = inner.lock.lock().await;
@@ -101,12 +110,40 @@ fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
     let inner = Arc::downgrade(inner);
     Box::new(move |notifier, payload| {
         let Some(i) = inner.upgrade() else {
-            return reply_to_notify(notifier, payload, false, false, |_| None);
+            return reply_to_notify(notifier, payload, Role::Closed, false, |_| None);
         };
-        let takes = i.takes_owner_requests();
+        if let Ok(cls::NOTIFY_OP_RELEASED_LOCK) = cls::notify_op(payload) {
+            // A take-back (or an open with --wait-for-lock) waiting for it tries at once;
+            // woken here, not in `watch_events`, which an open has not started yet.
+            i.lock_freed.notify_waiters();
+        }
+        let role = if i.released.load(Ordering::SeqCst) {
+            Role::NotOwner
+        } else if !i.takes_owner_requests() {
+            Role::Closed
+        } else if i.hands_over.load(Ordering::SeqCst) {
+            Role::OwnerHandsOver
+        } else {
+            Role::Owner
+        };
         let defers = i.quiesce.defers();
-        reply_to_notify(notifier, payload, takes, defers, |id| i.owner_result(id))
+        reply_to_notify(notifier, payload, role, defers, |id| i.owner_result(id))
     })
+}
+
+/// Who we are to the clients that notify the header, for our answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The lock owner, taking requests; the lock itself is not handed over (`--exclusive`).
+    Owner,
+    /// The lock owner, taking requests and handing the lock over when asked.
+    OwnerHandsOver,
+    /// Holding the lock but taking no requests (not serving yet, closing, read-only):
+    /// refused with -EROFS, as before.
+    Closed,
+    /// The lock was handed over: another client owns it and answers; we ack empty, as a
+    /// librbd client that does not own the lock does (two answers would confuse the asker).
+    NotOwner,
 }
 
 /// How many results of finished requests are kept for clients that ask again.
@@ -189,16 +226,29 @@ const SNAP_CREATE_FLAGS_KNOWN: u64 =
 fn reply_to_notify(
     _notifier: u64,
     payload: &[u8],
-    takes: bool,
+    role: Role,
     defers_quiesce: bool,
     result_of: impl Fn(&cls::AsyncRequestId) -> Option<i32>,
 ) -> Reply {
-    if let Ok(cls::NOTIFY_OP_QUIESCE) = cls::notify_op(payload) {
+    let op = cls::notify_op(payload);
+    if let Ok(cls::NOTIFY_OP_QUIESCE) = op {
         if defers_quiesce && cls::quiesce_request(payload).is_ok() {
             return Reply::Later;
         }
     }
-    Reply::Now(owner_reply(payload, takes, result_of))
+    match role {
+        Role::NotOwner => Reply::Now(Vec::new()),
+        // librbd's AutomaticPolicy: a lock request is accepted (0) and the lock released
+        // (`watch_events` passes it to the image layer), a forced one too.
+        Role::OwnerHandsOver if op.as_ref().is_ok_and(|&o| o == cls::NOTIFY_OP_REQUEST_LOCK) => {
+            Reply::Now(cls::response_message(0))
+        }
+        r => Reply::Now(owner_reply(
+            payload,
+            matches!(r, Role::Owner | Role::OwnerHandsOver),
+            result_of,
+        )),
+    }
 }
 
 fn owner_reply(
@@ -471,14 +521,18 @@ pub(super) async fn get_lock_info(inner: &Inner) -> Result<cls::LockInfo> {
 /// (a watch that does not answer is waited for, up to [`lock_wait`], until the OSD drops
 /// it), then its address is blocklisted, so that nothing it still sends (requests queued
 /// in a stopped process) can land after ours, and only then is the lock broken. An owner
-/// that answers is alive: the open is refused ("in use"), as we do not ask it to hand the
-/// lock over.
-async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
+/// that answers is alive: the open is refused ("in use"), unless `ask` (taking the lock
+/// back after a hand-over, until the deadline): then it is asked to release the lock, as
+/// librbd's requester asks (RequestLock), and we wait for its ReleasedLock.
+async fn take_lock(inner: &Inner, cookie: &str, ask: Option<Ask>) -> Result<()> {
     let spec = &inner.spec;
     let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(EEXIST));
     let ctx = |e: Error| e.context(format!("locking image {spec}"));
-    // Rounds: each after breaking a stale lock (or after a racing release).
-    for _round in 0..3 {
+    let mut round = 0;
+    // Rounds: each after breaking a stale lock (or after a racing release); asking a
+    // live owner is bounded by the deadline instead.
+    'rounds: while round < 3 {
+        round += 1;
         match try_lock(inner, cookie).await {
             Ok(()) => return Ok(()),
             Err(e) if busy_errno(&e) => {}
@@ -528,8 +582,13 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
                 .await
                 .map_err(ctx)?;
             let mut silent = None;
+            let mut alive = None;
             for (locker, &(gid, handle)) in info.lockers.iter().zip(&handles) {
                 if watchers.acks.iter().any(|a| a.0 == gid && a.1 == handle) {
+                    if ask.is_some() && info.kind == cls::LOCK_EXCLUSIVE {
+                        alive = Some(locker);
+                        break;
+                    }
                     return Err(Error::new(
                         ErrorKind::Busy,
                         format!(
@@ -544,6 +603,11 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
                 {
                     silent = Some(locker);
                 }
+            }
+            if let (Some(locker), Some(ask)) = (alive, ask) {
+                ask_for_lock(inner, locker, ask).await?;
+                round = 0;
+                continue 'rounds;
             }
             let Some(locker) = silent else { break };
             let addr = locker.address.as_deref().unwrap_or("unknown address");
@@ -589,6 +653,160 @@ async fn take_lock(inner: &Inner, cookie: &str) -> Result<()> {
         ErrorKind::Busy,
         format!("image {spec}: could not take the exclusive lock (another client keeps taking it)"),
     ))
+}
+
+/// Taking the lock back after a hand-over: our watch (whose handle names us in the
+/// request) and how long a live owner may take to let go.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    handle: u64,
+    deadline: std::time::Instant,
+}
+
+/// How often a live owner is asked again while we wait for its ReleasedLock (librbd's
+/// requester retries the same way when the notification does not come).
+const ASK_AGAIN: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Asks the live owner `locker` to release the lock (RequestLock, not forced) and waits
+/// for its ReleasedLock, or `ASK_AGAIN`; the caller then tries to lock again. An owner
+/// that refuses (rbd-nbd or rados-nbd `--exclusive`) ends it with an error, as does
+/// the deadline.
+async fn ask_for_lock(inner: &Inner, locker: &cls::Locker, ask: Ask) -> Result<()> {
+    let spec = &inner.spec;
+    if std::time::Instant::now() >= ask.deadline {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "image {spec}: {locker} did not hand the exclusive lock back in time                  (RADOS_NBD_LOCK_WAIT_SECS sets the wait); the request fails, the next one asks again"
+            ),
+        ));
+    }
+    let freed = inner.lock_freed.notified();
+    tokio::pin!(freed);
+    // Registered before asking, so a ReleasedLock that comes quickly is not missed.
+    freed.as_mut().enable();
+    let gid = inner.meta.cluster().instance_id();
+    let reply = inner
+        .meta
+        .notify(
+            &inner.hdr_oid,
+            &cls::lock_request_notify(gid, ask.handle, false),
+            NOTIFY_TIMEOUT_MS,
+        )
+        .await
+        .map_err(|e| e.context(format!("asking {locker} for the lock of image {spec}")))?;
+    // Only the owner's answer counts (other watchers ack empty, or, holding no lock, must
+    // not be taken for it).
+    let owner = u64::try_from(locker.entity_num).ok();
+    let answer = reply
+        .acks
+        .iter()
+        .filter(|a| Some(a.0) == owner && cls::parse_lock_cookie(&locker.cookie) == Some(a.1))
+        .find_map(|a| cls::response_result(&a.2).ok().flatten());
+    if let Some(r) = answer.filter(|&r| r < 0) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "image {spec}: {locker} refuses to hand the exclusive lock over (errno {}: it                  serves the image with --exclusive, as rbd-nbd --exclusive does); I/O through                  this handle fails until it lets go",
+                -r
+            ),
+        ));
+    }
+    tracing::info!(image = %spec, %locker, "asked the lock owner to hand the exclusive lock over");
+    let wait = ask
+        .deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .min(ASK_AGAIN);
+    tokio::select! {
+        _ = &mut freed => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
+    Ok(())
+}
+
+/// Another client asked for the lock and we hand it over: the image layer holds new
+/// requests, drains, writes the map, clears the flag and calls `release_lock`.
+fn hand_over(inner: &Inner, who: String) {
+    let tx = inner
+        .owner_tx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(tx) = tx else { return };
+    tracing::info!(image = %inner.spec, "{who} asks for the exclusive lock: handing it over");
+    // The image layer logs a failure; nobody waits for the outcome here.
+    let (done, _) = tokio::sync::oneshot::channel();
+    let _ = tx.send(OwnerRequest::ReleaseLock { done });
+}
+
+/// Releases the lock for another client (librbd's ReleaseRequest: unlock, then
+/// ReleasedLock to every watcher), keeping our watch: requests for the owner are then
+/// answered by the new owner, and we hear when it lets go.
+pub(super) async fn release_lock(inner: &Arc<Inner>) -> Result<()> {
+    let spec = &inner.spec;
+    let guard = inner.lock.lock().await;
+    let Some(state) = guard.as_ref() else {
+        return Err(Error::new(ErrorKind::Io, format!("image {spec} is closed")));
+    };
+    if inner.is_fenced() {
+        return Err(inner.fenced_error());
+    }
+    inner.released.store(true, Ordering::SeqCst);
+    let unlocked = inner
+        .meta
+        .exec_write(
+            &inner.hdr_oid,
+            LOCK,
+            "unlock",
+            &cls::unlock_in(cls::RBD_LOCK_NAME, &state.cookie),
+        )
+        .await;
+    if let Err(e) = unlocked {
+        inner.released.store(false, Ordering::SeqCst);
+        if lock_definitely_lost(&e) {
+            inner.fence(&format!(
+                "the lock was not ours any more when handing it over ({e})"
+            ));
+        }
+        return Err(e.context(format!("releasing the exclusive lock of image {spec}")));
+    }
+    let gid = inner.meta.cluster().instance_id();
+    let msg = cls::lock_notify(cls::NOTIFY_OP_RELEASED_LOCK, gid, state.watch.cookie);
+    drop(guard);
+    let _ = inner.meta.notify(&inner.hdr_oid, &msg, 1000).await;
+    tracing::info!(image = %spec, "released the exclusive lock for another client");
+    Ok(())
+}
+
+/// Takes the lock back after `release_lock`: locks again, asking a live owner to let go
+/// (bounded by [`lock_wait`]); a dead one is fenced and broken as at open. Then tells the
+/// other watchers, as after the first acquire.
+pub(super) async fn reacquire_lock(inner: &Arc<Inner>) -> Result<()> {
+    let spec = &inner.spec;
+    if !inner.released.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    if inner.is_fenced() {
+        return Err(inner.fenced_error());
+    }
+    let (cookie, handle) = {
+        let g = inner.lock.lock().await;
+        let Some(st) = g.as_ref() else {
+            return Err(Error::new(ErrorKind::Io, format!("image {spec} is closed")));
+        };
+        (st.cookie.clone(), st.watch.cookie)
+    };
+    let ask = Ask {
+        handle,
+        deadline: std::time::Instant::now() + lock_wait(),
+    };
+    take_lock(inner, &cookie, Some(ask)).await?;
+    inner.released.store(false, Ordering::SeqCst);
+    let gid = inner.meta.cluster().instance_id();
+    let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
+    let _ = inner.meta.notify(&inner.hdr_oid, &msg, 1000).await;
+    tracing::info!(image = %spec, "took the exclusive lock back");
+    Ok(())
 }
 
 /// Blocklists a dead lock owner's address, then breaks its lock (librbd's BreakRequest
@@ -687,6 +905,21 @@ async fn watch_events(
                 }
                 // Already answered -EROFS by the replier: say who wanted the lock, so an
                 // operator sees why `rbd bench` or a second opener was turned away.
+                // Our own request (taking the lock back, or an open with --wait-for-lock),
+                // seen once we hold the lock: nothing to hand over.
+                Ok(cls::NOTIFY_OP_REQUEST_LOCK)
+                    if cls::lock_request(&data)
+                        .is_ok_and(|r| r.gid == inner.meta.cluster().instance_id()) => {}
+                Ok(cls::NOTIFY_OP_REQUEST_LOCK)
+                    if inner.hands_over.load(Ordering::SeqCst) && inner.takes_owner_requests() =>
+                {
+                    let who = match cls::lock_request(&data) {
+                        Ok(r) => format!("client.{} (watch {})", r.gid, r.handle),
+                        Err(_) => format!("client.{notifier_id}"),
+                    };
+                    hand_over(&inner, who);
+                }
+                Ok(cls::NOTIFY_OP_REQUEST_LOCK) if inner.released.load(Ordering::SeqCst) => {}
                 Ok(cls::NOTIFY_OP_REQUEST_LOCK) => match cls::lock_request(&data) {
                     Ok(r) => {
                         tracing::info!(image = %inner.spec, "refused the lock to client.{} (watch {}{}): rados-nbd keeps its exclusive lock while serving",
@@ -796,10 +1029,13 @@ async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> R
     let input = cls::set_cookie_in(cls::RBD_LOCK_NAME, kind, &state.cookie, tag, &new_cookie);
     let old = std::mem::replace(&mut state.watch, new);
     let _ = inner.meta.unwatch(old).await;
-    inner
-        .meta
-        .exec_write(&inner.hdr_oid, LOCK, "set_cookie", &input)
-        .await?;
+    // Handed over: the lock is another client's, there is nothing to move.
+    if !inner.released.load(Ordering::SeqCst) {
+        inner
+            .meta
+            .exec_write(&inner.hdr_oid, LOCK, "set_cookie", &input)
+            .await?;
+    }
     state.cookie = new_cookie;
     Ok(())
 }
@@ -970,6 +1206,43 @@ mod tests {
     }
 
     #[test]
+    fn lock_requests_answered_by_role() {
+        let req = cls::lock_request_notify(4123, 7, false);
+        let reply = |role| reply_to_notify(1, &req, role, false, |_| None);
+        assert_eq!(
+            reply(Role::OwnerHandsOver),
+            Reply::Now(cls::response_message(0)),
+            "accepted, then released (librbd's automatic policy)"
+        );
+        assert_eq!(
+            reply(Role::Owner),
+            Reply::Now(cls::response_message(-30)),
+            "--exclusive: refused with EROFS, as rbd-nbd --exclusive"
+        );
+        assert_eq!(reply(Role::Closed), Reply::Now(cls::response_message(-30)));
+        assert_eq!(
+            reply(Role::NotOwner),
+            Reply::Now(Vec::new()),
+            "handed over: the new owner answers, we ack empty"
+        );
+        // Requests for the owner while another client owns the lock: not ours to answer.
+        let id = cls::AsyncRequestId {
+            gid: 1,
+            handle: 2,
+            request_id: 3,
+        };
+        let snap = owner_msgs::snap_create_request(id, "s1", 0);
+        assert_eq!(
+            reply_to_notify(1, &snap, Role::NotOwner, false, |_| None),
+            Reply::Now(Vec::new())
+        );
+        assert_eq!(
+            reply_to_notify(1, &snap, Role::OwnerHandsOver, false, |_| None),
+            Reply::Now(cls::response_message(0))
+        );
+    }
+
+    #[test]
     fn quiesce_replies() {
         let id = cls::AsyncRequestId {
             gid: 1,
@@ -979,30 +1252,35 @@ mod tests {
         let now = Reply::Now;
         let snap = owner_msgs::snap_create_request(id, "s1", 0);
         assert_eq!(
-            reply_to_notify(1, &snap, true, false, |_| None),
+            reply_to_notify(1, &snap, Role::Owner, false, |_| None),
             now(cls::response_message(0)),
             "a snapshot is taken by the owner"
         );
         assert_eq!(
-            reply_to_notify(1, &snap, false, true, |_| None),
+            reply_to_notify(1, &snap, Role::Closed, true, |_| None),
             now(cls::response_message(-30))
         );
         let q = cls::quiesce_notify(cls::NOTIFY_OP_QUIESCE, id);
         let u = cls::quiesce_notify(cls::NOTIFY_OP_UNQUIESCE, id);
-        for takes in [false, true] {
+        for role in [
+            Role::Closed,
+            Role::Owner,
+            Role::OwnerHandsOver,
+            Role::NotOwner,
+        ] {
             assert_eq!(
-                reply_to_notify(1, &q, takes, false, |_| None),
+                reply_to_notify(1, &q, role, false, |_| None),
                 now(Vec::new()),
                 "no hook: nothing to quiesce, which librbd counts as done"
             );
             assert_eq!(
-                reply_to_notify(1, &q, takes, true, |_| None),
+                reply_to_notify(1, &q, role, true, |_| None),
                 Reply::Later,
                 "acked after the hook"
             );
             for defers in [false, true] {
                 assert_eq!(
-                    reply_to_notify(1, &u, takes, defers, |_| None),
+                    reply_to_notify(1, &u, role, defers, |_| None),
                     now(Vec::new())
                 );
             }

@@ -36,6 +36,7 @@ pub struct CephStore {
     /// Handles by (pool, RBD namespace).
     pools: Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     allow_encrypted: bool,
+    wait_for_lock: bool,
     /// Images (`pool/name[@snap]`) whose LUKS header was already logged: a read-write open
     /// checks twice (before and after taking the lock) and logs once.
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -53,11 +54,18 @@ impl CephStore {
             desc,
             pools: Mutex::new(HashMap::new()),
             allow_encrypted: false,
+            wait_for_lock: false,
             luks_noted: Arc::default(),
         })
     }
 
     /// `--allow-encrypted` for the images this store opens (off by default).
+    /// See [`crate::store::CephAccess::wait_for_lock`].
+    pub fn with_wait_for_lock(mut self, wait: bool) -> Self {
+        self.wait_for_lock = wait;
+        self
+    }
+
     pub fn with_allow_encrypted(mut self, allow: bool) -> Self {
         self.allow_encrypted = allow;
         self
@@ -309,7 +317,10 @@ impl Store for CephStore {
             spec,
             id,
             mode,
-            self.allow_encrypted,
+            OpenKnobs {
+                allow_encrypted: self.allow_encrypted,
+                ask_for_lock: self.wait_for_lock,
+            },
             self.luks_noted.clone(),
         )
         .await
@@ -730,10 +741,18 @@ pub(super) async fn open_by_id(
     spec: &ImageSpec,
     id: String,
     mode: OpenMode,
-    allow_encrypted: bool,
+    knobs: OpenKnobs,
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<CephImage> {
-    open_by_id_at(meta, spec, id, None, mode, allow_encrypted, luks_noted).await
+    open_by_id_at(meta, spec, id, None, mode, knobs, luks_noted).await
+}
+
+/// How an open behaves beyond its mode: `--allow-encrypted`, `--wait-for-lock`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct OpenKnobs {
+    pub(super) allow_encrypted: bool,
+    /// A live lock owner is asked to hand the lock over, and waited for.
+    pub(super) ask_for_lock: bool,
 }
 
 /// [`open_by_id`] at the snapshot with id `snap_id` (`spec.snap` its name), whatever its
@@ -744,7 +763,7 @@ pub(super) async fn open_by_id_at(
     id: String,
     snap_id: Option<u64>,
     mode: OpenMode,
-    allow_encrypted: bool,
+    knobs: OpenKnobs,
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<CephImage> {
     let (header, snap_id) = load_header_at(&meta, spec, &id, mode, snap_id).await?;
@@ -766,13 +785,17 @@ pub(super) async fn open_by_id_at(
         id,
         snap_id,
         mode,
-        allow_encrypted,
+        allow_encrypted: knobs.allow_encrypted,
         luks_noted,
         header: RwLock::new(header),
         snap_ios: Mutex::new(HashMap::new()),
         lock: tokio::sync::Mutex::new(None),
         lost_lock: AtomicBool::new(false),
         reacquiring: AtomicBool::new(false),
+        hands_over: AtomicBool::new(false),
+        // Not ours until `acquire_lock` takes it.
+        released: AtomicBool::new(mode != OpenMode::ReadOnly),
+        lock_freed: tokio::sync::Notify::new(),
         owner_tx: Mutex::new(None),
         owner_pending: Mutex::new(std::collections::HashSet::new()),
         owner_done: Mutex::new(std::collections::VecDeque::new()),
@@ -780,7 +803,7 @@ pub(super) async fn open_by_id_at(
         closed: AtomicBool::new(false),
     });
     if mode != OpenMode::ReadOnly {
-        acquire_lock(&inner).await?;
+        acquire_lock(&inner, knobs.ask_for_lock).await?;
     }
     Ok(CephImage { inner })
 }
