@@ -48,6 +48,21 @@ serve() { start_serve "$work/serve.log" 30 "$@"; } # serve IMAGE [ARGS...]
 unserve() { stop_daemon "$SERVE_PID"; UNSERVE_RC=$?; rm -f "$sock"; }
 check_unserve() { unserve; check "$1" test "$UNSERVE_RC" = 0; }
 uri() { echo "nbd+unix:///$1?socket=$sock"; }
+# The server checkpoints the map and clears the dirty flag when its last client leaves, so
+# a suite keeps one client connected (as a VM's would) while it looks at the flags.
+hold() { # hold IMAGE: keeps one NBD connection open until unhold
+  rm -f "$work/hold.ready"
+  $PY -c "
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+open('$work/hold.ready', 'w').close()
+while os.path.exists('$work/hold.ready'): time.sleep(0.05)
+h.shutdown()" &
+  HOLD_PID=$!
+  for _ in $(seq 1 300); do [ -e "$work/hold.ready" ] && return 0; sleep 0.1; done
+  return 1
+}
+unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
 sha() { sha256sum | cut -d' ' -f1; }
 # The checks run their commands under `bash -c`: without this they would compare two
 # empty strings (sha: command not found) and always pass.

@@ -4,21 +4,6 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh" ceph-e2e
-# The server checkpoints the map and clears the dirty flag when its last client leaves, so
-# a client stays connected while the flags are looked at.
-hold() { # hold IMAGE: keeps one NBD connection open until unhold
-  rm -f "$work/hold.ready"
-  $PY -c "
-import nbd, os, time
-h = nbd.NBD(); h.connect_uri('$(uri "$1")')
-open('$work/hold.ready', 'w').close()
-while os.path.exists('$work/hold.ready'): time.sleep(0.05)
-h.shutdown()" &
-  HOLD_PID=$!
-  for _ in $(seq 1 100); do [ -e "$work/hold.ready" ] && return 0; sleep 0.1; done
-  return 1
-}
-unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
 ids=()
 remember_id() { ids+=("$(rbd info "$1" --format json | jq -r .id)"); }
 header_of() { echo "rbd_header.$(rbd info "$1" --format json | jq -r .id)"; }

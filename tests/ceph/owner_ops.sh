@@ -22,22 +22,6 @@ SIZE=$((32 * MB)) # 8 objects of 4 MiB
 RBD=(timeout 120 rbd)
 export RBD_T="timeout 120 rbd"
 
-# The server checkpoints the map when its last client leaves: a client stays connected
-# throughout, as a VM's would.
-hold() { # hold IMAGE
-  rm -f "$work/hold.ready"
-  $PY -c "
-import nbd, os, time
-h = nbd.NBD(); h.connect_uri('$(uri "$1")')
-open('$work/hold.ready', 'w').close()
-while os.path.exists('$work/hold.ready'): time.sleep(0.05)
-h.shutdown()" &
-  HOLD_PID=$!
-  for _ in $(seq 1 300); do [ -e "$work/hold.ready" ] && return 0; sleep 0.1; done
-  return 1
-}
-unhold() { rm -f "$work/hold.ready"; wait "$HOLD_PID" 2>/dev/null; }
-
 # put IMAGE REF SEED OFFSET LENGTH: random bytes (seeded) written at OFFSET through NBD,
 # in 1 MiB writes, each acknowledged before the next, and into the local copy REF.
 put() {
@@ -233,8 +217,21 @@ rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
 K=ownerk-$$
 rbd create --size $((SIZE / MB))M "$K"
 truncate -s "$SIZE" "$work/k.ref"
-kserve() { start_serve "$work/kserve.log" 120 "$K"; }
+kserve() { start_serve "$work/kserve.log" 120 "${1:-$K}"; }
 snaps_of() { rbd snap ls "$1" --format json | jq -r '.[].name' | tr '\n' ' '; }
+# kill_during NAME LOG IMAGE RBD-ARGS...: `rbd RBD-ARGS` in the background, the owner
+# killed at a random point of it (up to 0.6 s in), then: rbd must end (not hang), and the
+# image is served again (after our dead watch expires). RBD_RC holds rbd's exit status.
+kill_during() {
+  local name=$1 log=$2 img=$3; shift 3
+  timeout 300 rbd "$@" >"$log" 2>&1 &
+  local rpid=$!
+  sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
+  kill9 "$SERVE_PID"; rm -f "$sock"
+  wait "$rpid"; RBD_RC=$?
+  check "$name ends after the owner is killed (rc $RBD_RC, not a hang)" test "$RBD_RC" != 124
+  kserve "$img" || { fail "$name: serve after the kill" "$(tail -3 "$work/kserve.log")"; return 1; }
+}
 for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
   kserve || { fail "kill round $r: serve" "$(tail -3 "$work/kserve.log")"; break; }
   check "kill round $r: writes acknowledged" put "$K" "$work/k.ref" $((100 + r)) $(( (r % 6) * 4 * MB )) $((8 * MB))
@@ -243,13 +240,7 @@ for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
   check "kill round $r: rbd snap create pre$r" "${RBD[@]}" snap create "$K@pre$r"
   check "kill round $r: writes after it" put "$K" "$work/k.ref" $((300 + r)) $(( ((r + 1) % 6) * 4 * MB )) $((4 * MB))
   cp "$work/k.ref" "$work/k.ref.k$r"
-  timeout 300 rbd snap create "$K@k$r" >"$work/kc-$r.log" 2>&1 &
-  rpid=$!
-  sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
-  kill9 "$SERVE_PID"; rm -f "$sock"
-  wait "$rpid"; rc=$?
-  check "kill round $r: rbd snap create ends after the owner is killed (rc $rc, not a hang)" test "$rc" != 124
-  kserve || { fail "kill round $r: serve after the kill" "$(tail -3 "$work/kserve.log")"; break; }
+  kill_during "kill round $r: rbd snap create" "$work/kc-$r.log" "$K" snap create "$K@k$r" || break
   if [[ " $(snaps_of "$K") " == *" k$r "* ]]; then
     check "kill round $r: snapshot k$r exists and holds exactly the writes before it" \
       bash -c "exported_is '$K@k$r' '$work/k.ref.k$r'"
@@ -260,13 +251,7 @@ for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
   check "kill round $r: more writes after the restart" put "$K" "$work/k.ref" $((200 + r)) $(( ((r + 3) % 6) * 4 * MB )) $((4 * MB))
   victim=pre$r
   if [[ " $(snaps_of "$K") " == *" $victim "* ]]; then
-    timeout 300 rbd snap rm --no-progress "$K@$victim" >"$work/kr-$r.log" 2>&1 &
-    rpid=$!
-    sleep "$(awk -v x=$RANDOM 'BEGIN { printf "%.2f", x / 32768 * 0.6 }')"
-    kill9 "$SERVE_PID"; rm -f "$sock"
-    wait "$rpid"; rc=$?
-    check "kill round $r: rbd snap rm ends after the owner is killed (rc $rc, not a hang)" test "$rc" != 124
-    kserve || { fail "kill round $r: serve after the second kill" "$(tail -3 "$work/kserve.log")"; break; }
+    kill_during "kill round $r: rbd snap rm" "$work/kr-$r.log" "$K" snap rm --no-progress "$K@$victim" || break
   fi
   for n in $(snaps_of "$K"); do
     check "kill round $r: snapshot $n still exact" bash -c "exported_is '$K@$n' '$work/k.ref.$n'"
@@ -283,6 +268,42 @@ for r in $(seq 1 "${OWNER_KILL_ROUNDS:-1}"); do
 done
 rbd snap purge --no-progress "$K" >/dev/null 2>&1
 rbd rm --no-progress "$K" >/dev/null 2>&1
+
+# The owner killed during `rbd flatten` of a served clone, then during `rbd object-map
+# rebuild`: whatever was done, the clone reads parent + writes, a flatten that rbd reports
+# done left no parent, one not done is finished by the next owner, and the maps check.
+rbd snap create "$P@basek" >/dev/null 2>&1
+rbd snap protect "$P@basek"
+KC=ownerc-k-$$
+rbd clone "$P@basek" "$KC"
+cp "$work/p.raw" "$work/kc.ref"
+if kserve "$KC"; then
+  check "kill during flatten: writes to the clone" put "$KC" "$work/kc.ref" 11 $((5 * MB)) $((3 * MB))
+  if kill_during "kill during flatten: rbd flatten" "$work/kf.log" "$KC" flatten --no-progress "$KC"; then
+    check "kill during flatten: the clone reads parent + writes" bash -c "exported_is '$KC' '$work/kc.ref'"
+    if [ "$RBD_RC" = 0 ]; then
+      check "kill during flatten: rbd said done, and the clone has no parent" bash -c \
+        "! rbd info '$KC' --format json | jq -e .parent >/dev/null"
+    elif rbd info "$KC" --format json | jq -e .parent >/dev/null; then
+      check "kill during flatten: rbd flatten again, through the new owner" \
+        "${RBD[@]}" flatten --no-progress "$KC"
+    fi
+    check "kill during flatten: after it, the clone reads parent + writes" bash -c "exported_is '$KC' '$work/kc.ref'"
+    check "kill during flatten: more writes" put "$KC" "$work/kc.ref" 12 $((1 * MB)) $((2 * MB))
+    if kill_during "kill during object-map rebuild: rbd object-map rebuild" "$work/kb.log" "$KC" \
+      object-map rebuild --no-progress "$KC"; then
+      check "kill during object-map rebuild: the image reads every write" bash -c "exported_is '$KC' '$work/kc.ref'"
+      check_unserve "kill during object-map rebuild: clean close"
+      check "kill during flatten and rebuild: after close, the map checks, flags clear" bash -c \
+        "omap_check '$KC' && [ \"\$(rbd info '$KC' --format json | jq -r '.flags | length')\" = 0 ]"
+    fi
+  fi
+else
+  fail "kill during flatten: serve" "$(tail -3 "$work/kserve.log")"
+fi
+rbd rm --no-progress "$KC" >/dev/null 2>&1
+rbd snap unprotect "$P@basek" >/dev/null 2>&1
+rbd snap rm --no-progress "$P@basek" >/dev/null 2>&1
 
 rbd snap purge --no-progress "$I" >/dev/null 2>&1
 for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done
