@@ -262,68 +262,40 @@ pub trait Store: Send + Sync + 'static {
     /// Image names in `pool`, which may be `POOL/NAMESPACE` (an RBD namespace).
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to resize it, and
-    /// waits for the outcome: how `rados-nbd resize` reaches an image in use.
+    // --- Requests to whoever holds an image's exclusive lock (a serving daemon), how the
+    // commands reach an image in use; each waits for the outcome. Every store has its way
+    // (Ceph: librbd's watch/notify requests; the directory store: the holder's control
+    // socket), so none has a default.
+
+    /// `rados-nbd resize` of an image in use.
     fn ask_holder_to_resize(
         &self,
         spec: &ImageSpec,
-        _size: u64,
-        _allow_shrink: bool,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let e = crate::error::Error::new(
-            crate::error::ErrorKind::Busy,
-            format!(
-                "image {spec} is in use; resize it with `rbd resize`, which asks the lock holder (rados-nbd serves that request)"
-            ),
-        );
-        async move { Err(e) }
-    }
+        size: u64,
+        allow_shrink: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Asks whoever holds `spec`'s exclusive lock (a serving daemon) to take snapshot
-    /// `name`, and waits for it: how `rados-nbd snap create` reaches an image in use.
+    /// `rados-nbd snap create` of an image in use: snapshot `name`, quiesced as `mode` says.
     fn ask_holder_to_snap_create(
         &self,
         spec: &ImageSpec,
         name: &str,
-        _mode: QuiesceMode,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let e = crate::error::Error::new(
-            crate::error::ErrorKind::Busy,
-            format!(
-                "image {spec} is in use; a snapshot ({name}) of an image in use is not supported yet: stop serving it (or unmap it), then run `snap create` again"
-            ),
-        );
-        async move { Err(e) }
-    }
+        mode: QuiesceMode,
+    ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Asks whoever holds `spec`'s exclusive lock to remove snapshot `name`, and waits.
+    /// `rados-nbd snap rm` of an image in use.
     fn ask_holder_to_snap_remove(
         &self,
         spec: &ImageSpec,
         name: &str,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let e = crate::error::Error::new(
-            crate::error::ErrorKind::Busy,
-            format!(
-                "image {spec} is in use; removing a snapshot ({name}) of an image in use is not supported here: stop serving it (or unmap it) first"
-            ),
-        );
-        async move { Err(e) }
-    }
+    ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Asks whoever holds `spec`'s exclusive lock to flatten it, and waits;
-    /// `progress(done, total)` as the holder reports it.
+    /// `rados-nbd flatten` of a clone in use; `progress(done, total)` as the holder reports it.
     fn ask_holder_to_flatten(
         &self,
         spec: &ImageSpec,
-        _progress: &mut (dyn FnMut(u64, u64) + Send),
-    ) -> impl Future<Output = Result<()>> + Send {
-        let e = crate::error::Error::new(
-            crate::error::ErrorKind::Busy,
-            format!("image {spec} is in use; stop serving it to flatten it"),
-        );
-        async move { Err(e) }
-    }
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Opens an image (at `spec.snap` when given, which must be ReadOnly). ReadWrite
     /// takes the image's exclusive lock; a second writer gets `ErrorKind::Busy`.
