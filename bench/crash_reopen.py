@@ -10,7 +10,11 @@ is rebuilt before serving, as before issue 17) and `after` (served at once, rebu
 background). Figures are printed, never asserted.
 
     /usr/bin/python3 bench/crash_reopen.py [--objects N] [--rounds R] [--out FILE.json]
-        [--ceph CONF [--id ID --keyring FILE]]
+        [--image-size BYTES --object-size BYTES] [--ceph CONF [--id ID --keyring FILE]]
+
+By default the image holds exactly the objects written (64 KiB each); with --image-size
+(e.g. 10 TiB, the issue's goal: 100k objects written in a 10 TiB image of 4 MiB objects)
+the written objects are spread evenly over a larger image.
 
 Uses $RADOS_NBD_BIN (default target/release/rados-nbd). With --ceph the image lives in
 the cluster of CONF (pool rbd; the binary built with feature ceph) and is removed after.
@@ -60,7 +64,13 @@ def main():
     ap.add_argument("--ceph", metavar="CONF")
     ap.add_argument("--id")
     ap.add_argument("--keyring")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--object-size", type=int, default=OSIZE)
     a = ap.parse_args()
+    osize = a.object_size
+    size = a.image_size or a.objects * osize
+    stride = (size // osize) // a.objects
+    assert stride >= 1, "more objects than the image holds"
     binary = os.path.abspath(os.environ.get("RADOS_NBD_BIN", "target/release/rados-nbd"))
     work = tempfile.mkdtemp(prefix="rados-nbd-crash-")
     try:
@@ -75,8 +85,8 @@ def main():
                 rn += ["--id", a.id, "--keyring", a.keyring]
             img = f"crash-bench-{os.getpid()}"
         uri = f"nbd+unix:///{img}?socket={sock}"
-        subprocess.run(rn + ["create", "--size", str(a.objects * OSIZE), "--object-size",
-                        "64K", img], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(rn + ["create", "--size", str(size), "--object-size",
+                        str(osize), img], env=env, check=True, stdout=subprocess.DEVNULL)
         p = serve(rn, img, sock, os.path.join(work, "fill.log"), env)
         wait_socket(sock, p, time.time() + 60)
         h = nbd.NBD()
@@ -84,7 +94,7 @@ def main():
         buf = bytearray(b"\x5a" * 4096)
         pending = []
         for o in range(a.objects):
-            pending.append(h.aio_pwrite(buf, o * OSIZE))
+            pending.append(h.aio_pwrite(buf, o * stride * osize))
             if len(pending) >= 64:
                 while h.aio_in_flight() > 0:
                     h.poll(-1)
@@ -94,8 +104,8 @@ def main():
         h.flush()
         h.shutdown()
         kill9(p)
-        res = {"objects": a.objects, "object_size": OSIZE, "store": "ceph" if a.ceph else "dir",
-               "modes": {}}
+        res = {"objects": a.objects, "object_size": osize, "image_size": size,
+               "store": "ceph" if a.ceph else "dir", "modes": {}}
         for r in range(a.rounds):
             for mode in ("before", "after") if r % 2 == 0 else ("after", "before"):
                 e = dict(env)
@@ -114,7 +124,7 @@ def main():
                         if time.time() > t0 + 600:
                             raise
                         time.sleep(0.001)
-                got = h.pread(4096, (r * 7919 % a.objects) * OSIZE)
+                got = h.pread(4096, (r * 7919 % a.objects) * stride * osize)
                 first = time.time() - t0
                 assert got == bytes(buf), "the data written before the crash"
                 while not re.search(r"object map of .* rebuilt", open(log).read()):
@@ -134,7 +144,7 @@ def main():
             m["rebuilt_median"] = statistics.median(m["rebuilt"])
             print(f"{mode:6}: median first I/O {m['first_io_median'] * 1000:.1f} ms, "
                   f"median map rebuilt {m['rebuilt_median'] * 1000:.1f} ms "
-                  f"({a.objects} objects of 64 KiB)")
+                  f"({a.objects} objects of {osize >> 10} KiB written, image {size >> 30} GiB)")
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
