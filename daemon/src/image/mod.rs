@@ -41,6 +41,7 @@ mod quiesce;
 mod rebuild;
 mod resize;
 mod snap;
+mod sparsify;
 #[cfg(test)]
 mod test_store;
 #[cfg(test)]

@@ -45,7 +45,7 @@ pub(crate) fn split(order: u8, offset: u64, length: u64) -> Vec<Piece> {
 }
 
 impl<S: ImageStore> Image<S> {
-    fn is_nonexistent(&self, objno: u64) -> bool {
+    pub(super) fn is_nonexistent(&self, objno: u64) -> bool {
         self.map_now()
             .as_deref()
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)

@@ -232,6 +232,22 @@ impl<S: ImageStore> Image<S> {
                             .map(|_| ());
                         let _ = done.send(logged(r));
                     }
+                    OwnerRequest::Sparsify {
+                        sparse_size,
+                        progress,
+                        done,
+                    } => {
+                        tracing::info!(
+                            "sparsify of {} (runs of {sparse_size} zero bytes) asked by another client",
+                            img.spec
+                        );
+                        let r = img
+                            .sparsify(sparse_size, |d, t| {
+                                progress.send_replace((d, t));
+                            })
+                            .await;
+                        let _ = done.send(logged(r));
+                    }
                     OwnerRequest::ReleaseLock { done } => {
                         let _ = done.send(logged(img.hand_over().await));
                     }

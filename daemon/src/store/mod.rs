@@ -87,6 +87,13 @@ pub enum OwnerRequest {
         progress: tokio::sync::watch::Sender<(u64, u64)>,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rbd sparsify`: zero runs of at least `sparse_size` bytes given back to the store,
+    /// objects of zeros only removed (outside a clone's parent overlap).
+    Sparsify {
+        sparse_size: u64,
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
     /// Another client wants the exclusive lock (cooperative hand-over): hold new
     /// requests, finish those in flight, write the map, clear the flag, release.
     ReleaseLock {
@@ -567,6 +574,19 @@ pub trait ImageStore: Send + Sync + 'static {
     /// last clone does), `Ok(false)` when it is to be removed.
     fn snap_trash_if_used(&self, _id: u64) -> impl Future<Output = Result<bool>> + Send {
         async { Ok(false) }
+    }
+
+    /// `rbd sparsify` of object `objno` (cls_rbd's `sparsify`, run on the OSD): runs of
+    /// `sparse_size` zero bytes are punched, trailing zeros truncated, and the object is
+    /// removed when `remove_empty` and nothing but zeros is left. Whether it exists after.
+    fn sparsify_object(
+        &self,
+        objno: u64,
+        _sparse_size: u64,
+        _remove_empty: bool,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        let e = unsupported(format!("sparsifying object {objno}"));
+        async move { Err(e) }
     }
 
     /// Removes snapshot `id`: its data (what only it kept), its object map, its record.

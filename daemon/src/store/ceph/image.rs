@@ -456,6 +456,25 @@ impl ImageStore for CephImage {
         i.noting_fence(r).map(|_| ())
     }
 
+    async fn sparsify_object(
+        &self,
+        objno: u64,
+        sparse_size: u64,
+        remove_empty: bool,
+    ) -> Result<bool> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let oid = i.object_name(objno);
+        // cls_rbd's sparsify input: size_t sparse_size (as u64), bool remove_empty.
+        let input = cls::Enc::new().u64(sparse_size).bool(remove_empty).done();
+        match i.noting_fence(i.data.exec_write(&oid, RBD, "sparsify", &input).await) {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.context(format!("sparsifying object {oid}"))),
+        }
+        Ok(i.noting_fence(i.data.stat(&oid).await)?.is_some())
+    }
+
     async fn sync(&self) -> Result<()> {
         // Nothing is acknowledged before it is durable in RADOS.
         Ok(())

@@ -200,11 +200,14 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
             EBUSY,
             "rados-nbd does not change the features of an image it serves; stop serving it first",
         )),
-        OwnerOp::Sparsify { .. } => Err((
-            EBUSY,
-            "rados-nbd does not sparsify an image it serves; trim through the NBD client instead, \
-             or stop serving it first",
-        )),
+        OwnerOp::Sparsify { sparse_size }
+            if !sparse_size.is_power_of_two() || *sparse_size < 4096 =>
+        {
+            Err((
+                EINVAL,
+                "the sparse size must be a power of two of at least 4096 bytes",
+            ))
+        }
         _ => Ok(id),
     }
 }
@@ -350,8 +353,13 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         },
         OwnerOp::Flatten => OwnerRequest::Flatten { progress, done },
         OwnerOp::RebuildObjectMap => OwnerRequest::RebuildObjectMap { progress, done },
+        OwnerOp::Sparsify { sparse_size } => OwnerRequest::Sparsify {
+            sparse_size,
+            progress,
+            done,
+        },
         // Refused by owner_verdict.
-        OwnerOp::UpdateFeatures { .. } | OwnerOp::Sparsify { .. } => return,
+        OwnerOp::UpdateFeatures { .. } => return,
     };
     let me = inner.clone();
     // A task that close ends (`Quiesce::stop`): none may hold the handle, and with it the
@@ -1182,7 +1190,16 @@ mod tests {
         });
         assert_eq!(
             owner_reply(&sparsify, true, |_| None),
-            cls::response_message(-16)
+            cls::response_message(0),
+            "sparsify is done by the owner"
+        );
+        let bad = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
+            e.u64(7).u64(8).u64(9).u64(1000);
+        });
+        assert_eq!(
+            owner_reply(&bad, true, |_| None),
+            cls::response_message(-22),
+            "a sparse size librbd itself would refuse"
         );
         // A group snapshot: refused.
         let group = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {

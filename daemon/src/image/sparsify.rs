@@ -1,0 +1,76 @@
+//! `rbd sparsify` asked of the lock owner: every object that exists is sparsified by the
+//! store (Ceph: cls_rbd's `sparsify` on the OSD: zero runs of the sparse size punched,
+//! trailing zeros truncated, an object of zeros removed), as librbd's SparsifyRequest does,
+//! with the map following each removal. Objects inside a clone's parent overlap are never
+//! removed: an empty object there hides the parent's data (librbd's rule too).
+
+use super::Image;
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::ImageStore;
+use futures_util::{stream, StreamExt};
+use objmap::ObjectState;
+
+/// Objects sparsified at a time (librbd's rbd_concurrent_management_ops).
+const SPARSIFY_CONCURRENCY: usize = 10;
+
+impl<S: ImageStore> Image<S> {
+    pub async fn sparsify(
+        &self,
+        sparse_size: u64,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        if self.shared {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{spec} is a shared image: sparsifying one is not supported"),
+            ));
+        }
+        let ctx = |e: Error| e.context(format!("sparsifying {spec}"));
+        // Which objects exist must be known: a rebuild under way ends first.
+        self.whole_map("sparsifying").await.map_err(ctx)?;
+        let osize = self.header.object_size();
+        let total = self.size().div_ceil(osize);
+        let overlap_objects = self
+            .chain()
+            .map(|c| c.overlap().div_ceil(osize))
+            .unwrap_or(0);
+        let one = |objno: u64| async move {
+            let g = self.gate.read().await;
+            if *g {
+                return Err(Error::new(ErrorKind::Io, "the image is closing"));
+            }
+            if self.is_nonexistent(objno) {
+                return Ok(());
+            }
+            let _o = self.lock_for(objno).write().await;
+            let remove_empty = objno >= overlap_objects;
+            // A removal changes the map: the flag is set before the store is touched.
+            self.dirty_before(|| remove_empty).await?;
+            let exists = self
+                .store
+                .sparsify_object(objno, sparse_size, remove_empty)
+                .await?;
+            if !exists {
+                if let Some(m) = self.map_now().as_deref() {
+                    m.set(objno, ObjectState::Nonexistent);
+                }
+            }
+            drop(g);
+            Ok(())
+        };
+        let mut each = stream::iter(0..total)
+            .map(one)
+            .buffer_unordered(SPARSIFY_CONCURRENCY);
+        let mut done = 0;
+        progress(0, total);
+        while let Some(r) = each.next().await {
+            r.map_err(ctx)?;
+            done += 1;
+            progress(done, total);
+        }
+        tracing::info!("sparsified {spec} (runs of {sparse_size} zero bytes)");
+        Ok(())
+    }
+}
