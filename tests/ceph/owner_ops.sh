@@ -144,13 +144,17 @@ check "rbd object-map rebuild while served succeeds" "${RBD[@]}" object-map rebu
 check "the daemon rebuilt it (log)" grep -q "object map of rbd/$I rebuilt" "$work/serve.log"
 check "writes after the rebuild" put "$I" "$work/ref" 4 $((28 * MB)) $((4 * MB))
 # Bounded: a request the owner neither does nor refuses would hang (124 from timeout).
-out=$(timeout 60 rbd feature disable "$I" fast-diff 2>&1)
+out=$(timeout 60 rbd feature disable "$I" exclusive-lock 2>&1)
 rc=$?
-check "rbd feature disable while served is refused with a clear error ($rc: $(tail -1 <<<"$out"))" \
+check "rbd feature disable exclusive-lock while served is refused with a clear error ($rc: $(tail -1 <<<"$out"))" \
   bash -c "[ $rc != 0 ] && [ $rc != 124 ] && grep -q 'busy' <<<'$out'"
 check "... and the features are unchanged" bash -c \
-  "rbd info '$I' --format json | jq -e '.features | index(\"fast-diff\")' >/dev/null"
-check "the daemon says why (log)" grep -q "does not change the features of an image it serves" "$work/serve.log"
+  "rbd info '$I' --format json | jq -e '.features | index(\"exclusive-lock\")' >/dev/null"
+check "the daemon says why (log)" grep -q "changes only object-map, fast-diff and deep-flatten" "$work/serve.log"
+out=$(timeout 60 rbd feature enable "$I" object-map fast-diff 2>&1)
+rc=$?
+check "rbd feature enable of features already on fails, not a hang ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc != 0 ] && [ $rc != 124 ]"
 # Sparsify: zeros written as data (one whole object of them, and the tail of another) are
 # given back: the all-zero object removed and its map entry with it, the other truncated;
 # the bytes read the same.
@@ -222,6 +226,35 @@ check_unserve "flatten: clean close of the second clone"
 check "flatten: after close, rbd object-map check passes" omap_check "$C-2"
 rbd snap unprotect "$P@base2" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
+
+# ------------------------------------------------------------ feature changes
+# fast-diff and object-map turned off and on again by the owner while a client is connected
+# and writing: off, the maps are gone and the flags clear; on again, the map is built from
+# the objects (librbd would leave it flagged invalid until a rebuild); either way rbd's
+# export and object-map check agree at the end.
+F=ownerf-$$
+rbd create --size $((SIZE / MB))M "$F"
+truncate -s "$SIZE" "$work/f.ref"
+serve "$F" || fail "features: serve" "$(tail -3 "$work/serve.log")"
+hold "$F"
+check "features: writes" put "$F" "$work/f.ref" 21 $((2 * MB)) $((6 * MB))
+check "features: rbd feature disable fast-diff while served" "${RBD[@]}" feature disable "$F" fast-diff
+check "features: rbd feature disable object-map while served" "${RBD[@]}" feature disable "$F" object-map
+check "features: rbd info shows neither, the flags clear, no map object left" bash -c \
+  "rbd info '$F' --format json | jq -e '(.features | index(\"object-map\")) == null and (.features | index(\"fast-diff\")) == null and (.flags | length) == 0' >/dev/null && ! rados -p rbd stat rbd_object_map.\$(rbd info '$F' --format json | jq -r .id) 2>/dev/null"
+check "features: writes without a map (new objects too)" put "$F" "$work/f.ref" 22 $((20 * MB)) $((8 * MB))
+check "features: rbd export equals every write" bash -c "exported_is '$F' '$work/f.ref'"
+check "features: rbd feature enable object-map fast-diff while served" \
+  "${RBD[@]}" feature enable "$F" object-map fast-diff
+check "features: rbd info shows both, and the map valid (flags clear)" bash -c \
+  "rbd info '$F' --format json | jq -e '(.features | index(\"object-map\")) != null and (.features | index(\"fast-diff\")) != null and (.flags | length) == 0' >/dev/null"
+check "features: the map built by the owner checks while served" omap_check "$F"
+check "features: writes with the map again" put "$F" "$work/f.ref" 23 $((12 * MB)) $((4 * MB))
+unhold
+check_unserve "features: clean close"
+check "features: after close, rbd export equals every write" bash -c "exported_is '$F' '$work/f.ref'"
+check "features: after close, rbd object-map check passes" omap_check "$F"
+rbd rm --no-progress "$F" >/dev/null 2>&1
 
 # ------------------------------------------------------------ kill -9 during a request
 # The owner killed at a random point of `rbd snap create` and of `rbd snap rm`: rbd ends

@@ -434,7 +434,7 @@ impl<S: ImageStore> Image<S> {
             CopyupOp::Discard => ObjectWrite::Truncate { len: 0 },
             CopyupOp::None => ObjectWrite::None,
         };
-        let fast_diff = self.header.features & RBD_FEATURE_FAST_DIFF != 0;
+        let fast_diff = self.features() & RBD_FEATURE_FAST_DIFF != 0;
         let deep = self.mark_snapshots_exist(objno, &data, fast_diff).await?;
         match op {
             // Nothing on top (flatten, copy-on-read) of data the snapshots hold too: the

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 impl<S: ImageStore> Image<S> {
     fn flag_mask(&self) -> u64 {
-        invalid_flags(self.header.features)
+        invalid_flags(self.features())
     }
 
     /// Whether writes through this handle make the on-disk map stale: the image has an
@@ -22,7 +22,7 @@ impl<S: ImageStore> Image<S> {
     /// non-shared open (or librbd) would trust a map that misses every object the shared
     /// writers created, and read those as zeros.
     fn writes_stale_map(&self) -> bool {
-        self.header.features & RBD_FEATURE_OBJECT_MAP != 0
+        self.features() & RBD_FEATURE_OBJECT_MAP != 0
     }
 
     /// Sets the dirty flag in the header if it is not set yet (at open, and at the first

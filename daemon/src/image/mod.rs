@@ -33,6 +33,7 @@ use tokio::sync::{watch, Mutex, RwLock};
 mod backend;
 mod clone;
 mod dirty;
+mod features;
 mod handover;
 mod map;
 mod open;
@@ -48,6 +49,7 @@ mod test_store;
 mod tests;
 
 pub use clone::MAX_CHAIN_DEPTH;
+pub use features::UPDATABLE_FEATURES;
 pub use map::{
     describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,
     MapSource,
@@ -166,6 +168,9 @@ pub struct Image<S: ImageStore> {
     released: AtomicBool,
     /// One hand-over or take-back at a time.
     handover: Mutex<()>,
+    /// The image's features: the header's at open, changed by `update_features` (with
+    /// every request held off by `gate`).
+    features: AtomicU64,
 }
 
 /// The dirty flag as the idle checkpointer sees it.
@@ -182,6 +187,10 @@ impl<S: ImageStore> Image<S> {
     }
     pub fn header(&self) -> &ImageHeader {
         &self.header
+    }
+    /// The features now (`rbd feature enable|disable` may have changed them since open).
+    pub fn features(&self) -> u64 {
+        self.features.load(Ordering::Acquire)
     }
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)

@@ -242,6 +242,7 @@ impl<S: ImageStore> Image<S> {
             Ok(c) => c.map(Arc::new),
             Err(e) => return Err((img, e)),
         };
+        let features = header.features;
         let image = Image {
             store: img,
             spec: spec.clone(),
@@ -271,6 +272,7 @@ impl<S: ImageStore> Image<S> {
             quiesce: std::sync::OnceLock::new(),
             released: AtomicBool::new(false),
             handover: Mutex::new(()),
+            features: AtomicU64::new(features),
         };
         if let Err(e) = image.ensure_dirty().await {
             if let Some(c) = image.chain() {

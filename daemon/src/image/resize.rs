@@ -248,6 +248,18 @@ impl<S: ImageStore> Image<S> {
                             .await;
                         let _ = done.send(logged(r));
                     }
+                    OwnerRequest::UpdateFeatures {
+                        features,
+                        enabled,
+                        done,
+                    } => {
+                        tracing::info!(
+                            "{} of features {features:#x} of {} asked by another client",
+                            if enabled { "enabling" } else { "disabling" },
+                            img.spec
+                        );
+                        let _ = done.send(logged(img.update_features(features, enabled).await));
+                    }
                     OwnerRequest::ReleaseLock { done } => {
                         let _ = done.send(logged(img.hand_over().await));
                     }

@@ -142,7 +142,7 @@ impl<S: ImageStore> Image<S> {
                 .write_snap_object_map(id, map.encode())
                 .await
                 .map_err(ctx)?;
-            if self.header.features & RBD_FEATURE_FAST_DIFF != 0 {
+            if self.features() & RBD_FEATURE_FAST_DIFF != 0 {
                 self.ensure_dirty().await.map_err(ctx)?;
                 mark_clean_after_snapshot(&map);
                 self.mark_clean().await.map_err(ctx)?;
@@ -198,7 +198,7 @@ impl<S: ImageStore> Image<S> {
             tracing::info!("snapshot {spec}@{name} moved to the trash: clones still use it");
             return Ok(());
         }
-        if self.header.features & RBD_FEATURE_FAST_DIFF != 0 {
+        if self.features() & RBD_FEATURE_FAST_DIFF != 0 {
             if let Some(head) = self.map() {
                 let removed = self.snap_map(&snap).await.map_err(ctx)?;
                 // The next newer snapshot (ids grow with time), else the head.
@@ -268,7 +268,7 @@ impl<S: ImageStore> Image<S> {
         self.check_snap_capable("protecting a snapshot")?;
         let spec = &self.spec;
         let snap = self.find_snap(name)?;
-        if protected && self.header.features & RBD_FEATURE_LAYERING == 0 {
+        if protected && self.features() & RBD_FEATURE_LAYERING == 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(

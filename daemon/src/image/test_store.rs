@@ -363,6 +363,16 @@ impl MemImage {
         self.lock().header.flags
     }
 
+    /// The head's features now.
+    pub(super) fn features(&self) -> u64 {
+        self.lock().header.features
+    }
+
+    /// Whether a head object map is stored.
+    pub(super) fn has_map(&self) -> bool {
+        self.lock().maps.contains_key(&None)
+    }
+
     /// Whether the header flags the head's object map invalid.
     pub(super) fn flagged_invalid(&self) -> bool {
         self.flags() & RBD_FLAG_OBJECT_MAP_INVALID != 0
@@ -399,7 +409,8 @@ impl MemImage {
     /// concurrency: only a checkpoint clears the flag or writes the map, and none runs
     /// while a request is in its store call.)
     fn audit(&self, op: &str, objno: u64) {
-        if !self.audit || self.flagged_invalid() {
+        // No map to keep right: the feature is off.
+        if !self.audit || self.flagged_invalid() || self.features() & RBD_FEATURE_OBJECT_MAP == 0 {
             return;
         }
         let on_disk = self.stored_map().get(objno);
@@ -537,6 +548,19 @@ impl ImageStore for MemImage {
     }
     async fn close(&self) -> Result<()> {
         self.note("close");
+        Ok(())
+    }
+    async fn set_features(&self, value: u64, mask: u64) -> Result<()> {
+        self.writable("given new features");
+        self.note(format!("set_features({value:#x}, {mask:#x})"));
+        let mut s = self.lock();
+        s.header.features = (s.header.features & !mask) | (value & mask);
+        Ok(())
+    }
+    async fn remove_object_maps(&self) -> Result<()> {
+        self.writable("stripped of its maps");
+        self.note("remove_object_maps");
+        self.lock().maps.clear();
         Ok(())
     }
     async fn release_lock(&self) -> Result<()> {

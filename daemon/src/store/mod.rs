@@ -94,6 +94,12 @@ pub enum OwnerRequest {
         progress: tokio::sync::watch::Sender<(u64, u64)>,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// `rbd feature enable|disable FEATURES`.
+    UpdateFeatures {
+        features: u64,
+        enabled: bool,
+        done: tokio::sync::oneshot::Sender<Result<()>>,
+    },
     /// Another client wants the exclusive lock (cooperative hand-over): hold new
     /// requests, finish those in flight, write the map, clear the flag, release.
     ReleaseLock {
@@ -574,6 +580,18 @@ pub trait ImageStore: Send + Sync + 'static {
     /// last clone does), `Ok(false)` when it is to be removed.
     fn snap_trash_if_used(&self, _id: u64) -> impl Future<Output = Result<bool>> + Send {
         async { Ok(false) }
+    }
+
+    /// `rbd feature enable|disable`: `features = (features & !mask) | (value & mask)` in
+    /// the header (cls_rbd's set_features), the other clients told.
+    fn set_features(&self, _value: u64, _mask: u64) -> impl Future<Output = Result<()>> + Send {
+        async { Err(unsupported("changing the image's features".to_string())) }
+    }
+
+    /// Removes the object maps of the head and of every snapshot (the object-map feature
+    /// is being disabled). Missing ones are fine.
+    fn remove_object_maps(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Err(unsupported("removing the object maps".to_string())) }
     }
 
     /// `rbd sparsify` of object `objno` (cls_rbd's `sparsify`, run on the OSD): runs of

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 mod clone;
 mod data;
 mod dirty;
+mod features;
 mod handover;
 mod open;
 mod rebuild;

@@ -456,6 +456,27 @@ impl ImageStore for CephImage {
         i.noting_fence(r).map(|_| ())
     }
 
+    async fn set_features(&self, value: u64, mask: u64) -> Result<()> {
+        let i = &self.inner;
+        let input = cls::Enc::new().u64(value).u64(mask).done();
+        i.change_header("set_features", &input)
+            .await
+            .map_err(|e| e.context(format!("changing the features of image {}", i.spec)))
+    }
+
+    async fn remove_object_maps(&self) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        let snaps: Vec<u64> = self.header().snaps.iter().map(|s| s.id).collect();
+        for snap in std::iter::once(None).chain(snaps.into_iter().map(Some)) {
+            let oid = object_map_oid(&i.id, snap);
+            let r = i.meta.remove(&oid).await;
+            i.noting_fence(r)
+                .map_err(|e| e.context(format!("removing object map {oid}")))?;
+        }
+        Ok(())
+    }
+
     async fn sparsify_object(
         &self,
         objno: u64,

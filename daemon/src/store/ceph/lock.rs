@@ -196,10 +196,15 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
             EBUSY,
             "rados-nbd takes no snapshot without its object map (skip-object-map flag)",
         )),
-        OwnerOp::UpdateFeatures { .. } => Err((
-            EBUSY,
-            "rados-nbd does not change the features of an image it serves; stop serving it first",
-        )),
+        OwnerOp::UpdateFeatures { features, .. }
+            if *features & !crate::image::UPDATABLE_FEATURES != 0 =>
+        {
+            Err((
+                EBUSY,
+                "rados-nbd changes only object-map, fast-diff and deep-flatten of an image it \
+                 serves; stop serving it to change the others",
+            ))
+        }
         OwnerOp::Sparsify { sparse_size }
             if !sparse_size.is_power_of_two() || *sparse_size < 4096 =>
         {
@@ -358,8 +363,11 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
             progress,
             done,
         },
-        // Refused by owner_verdict.
-        OwnerOp::UpdateFeatures { .. } => return,
+        OwnerOp::UpdateFeatures { features, enabled } => OwnerRequest::UpdateFeatures {
+            features,
+            enabled,
+            done,
+        },
     };
     let me = inner.clone();
     // A task that close ends (`Quiesce::stop`): none may hold the handle, and with it the
@@ -1177,12 +1185,19 @@ mod tests {
             owner_reply(&flatten, true, |_| None),
             cls::response_message(0)
         );
-        // Feature changes and sparsify: refused at once, EBUSY.
+        // Feature changes: those of the map are done; others refused at once, EBUSY.
         let features = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
             e.u64(0x10).u8(0).u64(7).u64(8).u64(9);
         });
         assert_eq!(
             owner_reply(&features, true, |_| None),
+            cls::response_message(0)
+        );
+        let lock_off = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
+            e.u64(0x4).u8(0).u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            owner_reply(&lock_off, true, |_| None),
             cls::response_message(-16)
         );
         let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {

@@ -1,0 +1,139 @@
+//! `rbd feature enable|disable` asked of the lock owner, for the features that concern the
+//! map we keep: object-map, fast-diff, and deep-flatten (disable only, as librbd). Every
+//! request is held off meanwhile. Enabling object-map builds the map from the objects that
+//! exist and writes it (librbd leaves it flagged invalid until `rbd object-map rebuild`);
+//! disabling it removes every object map and stops keeping one. The other features change
+//! what this daemon is (exclusive-lock, journaling, ...) and are refused by the store.
+
+use super::map::{invalid_flags, rebuild_map};
+use super::Image;
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{
+    ImageStore, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
+    RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What `update_features` changes.
+pub const UPDATABLE_FEATURES: u64 =
+    RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF | RBD_FEATURE_DEEP_FLATTEN;
+
+impl<S: ImageStore> Image<S> {
+    pub async fn update_features(&self, features: u64, enabled: bool) -> Result<()> {
+        self.check_writable()?;
+        let spec = &self.spec;
+        let what = if enabled { "enabling" } else { "disabling" };
+        let invalid = |why: String| Error::new(ErrorKind::InvalidInput, format!("{spec}: {why}"));
+        if features & !UPDATABLE_FEATURES != 0 || features == 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{spec}: rados-nbd changes only object-map, fast-diff and deep-flatten of an \
+                     image it serves (asked: {features:#x})"
+                ),
+            ));
+        }
+        if self.shared {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{spec} is a shared image: its features are not changed while served"),
+            ));
+        }
+        let cur = self.features();
+        let new = if enabled {
+            cur | features
+        } else {
+            cur & !features
+        };
+        // librbd's rules: fast-diff needs object-map; deep-flatten is never enabled.
+        if enabled && features & RBD_FEATURE_DEEP_FLATTEN != 0 {
+            return Err(invalid("deep-flatten can only be disabled".into()));
+        }
+        if new & RBD_FEATURE_FAST_DIFF != 0 && new & RBD_FEATURE_OBJECT_MAP == 0 {
+            return Err(invalid(if enabled {
+                "fast-diff needs object-map: enable both".into()
+            } else {
+                "object-map cannot be disabled while fast-diff is on: disable fast-diff too".into()
+            }));
+        }
+        if new == cur {
+            return Err(invalid(format!(
+                "the features are already so ({what} {features:#x})"
+            )));
+        }
+        let adds_map = new & RBD_FEATURE_OBJECT_MAP != 0 && cur & RBD_FEATURE_OBJECT_MAP == 0;
+        if adds_map && !self.store.header().snaps.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{spec} has snapshots, whose object maps would have to be built too: enable \
+                     object-map with the image not in use"
+                ),
+            ));
+        }
+        // cls_rbd's set_features takes only the bits that change (the others may be
+        // immutable, as deep-flatten is once on).
+        let changed = cur ^ new;
+        let ctx = |e: Error| e.context(format!("{what} features {features:#x} of {spec}"));
+        self.whole_map("changing features").await.map_err(ctx)?;
+        let g = self.gate.write().await;
+        if *g {
+            return Err(Error::new(ErrorKind::Io, format!("{spec} is closing")));
+        }
+        if adds_map {
+            // Flagged invalid first (a crash before the map is written leaves it to be
+            // rebuilt), then the feature, then the map written and the flag cleared.
+            let flags = invalid_flags(new);
+            self.store.set_flags(flags, flags).await.map_err(ctx)?;
+            self.store
+                .set_features(new & changed, changed)
+                .await
+                .map_err(ctx)?;
+            self.features.store(new, Ordering::Release);
+            self.dirty_flag.store(true, Ordering::Release);
+            let count = self.size().div_ceil(self.header.object_size());
+            let map = rebuild_map(&self.store, spec, count, None)
+                .await
+                .map_err(ctx)?;
+            *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
+            self.mark_clean().await.map_err(ctx)?;
+        } else if new & RBD_FEATURE_OBJECT_MAP == 0 {
+            // Object-map off: the feature first (nobody trusts a map any more), then the
+            // maps and the flags go, and none is kept in memory.
+            self.store
+                .set_features(new & changed, changed)
+                .await
+                .map_err(ctx)?;
+            self.features.store(new, Ordering::Release);
+            self.store.remove_object_maps().await.map_err(ctx)?;
+            let all = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+            self.store.set_flags(0, all).await.map_err(ctx)?;
+            self.dirty_flag.store(false, Ordering::Release);
+            *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;
+        } else {
+            // fast-diff on or off, deep-flatten off: the map stays; its states are librbd's
+            // either way, so it is written with the flags it needs cleared.
+            self.ensure_dirty().await.map_err(ctx)?;
+            self.store
+                .set_features(new & changed, changed)
+                .await
+                .map_err(ctx)?;
+            self.features.store(new, Ordering::Release);
+            if self.map().is_some() {
+                self.mark_clean().await.map_err(ctx)?;
+            }
+            // mark_clean cleared the flags of the new features: fast-diff's own flag, set
+            // above while it was on, goes with it.
+            if new & RBD_FEATURE_FAST_DIFF == 0 {
+                self.store
+                    .set_flags(0, RBD_FLAG_FAST_DIFF_INVALID)
+                    .await
+                    .map_err(ctx)?;
+            }
+        }
+        drop(g);
+        tracing::info!("{spec}: features now {new:#x} ({what} {features:#x})");
+        Ok(())
+    }
+}

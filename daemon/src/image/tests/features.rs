@@ -1,0 +1,58 @@
+//! `rbd feature enable|disable` of the map's features, asked of the lock owner while the
+//! image is served.
+
+use super::*;
+
+async fn served(size: u64) -> (Image<MemImage>, MemImage) {
+    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    (img, mem)
+}
+
+#[tokio::test]
+async fn object_map_turned_off_and_on_while_served() {
+    use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
+    let (img, mem) = served(64 << 20).await;
+    img.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    // Dependencies as librbd has them.
+    assert!(img
+        .update_features(RBD_FEATURE_OBJECT_MAP, false)
+        .await
+        .is_err());
+    img.update_features(RBD_FEATURE_FAST_DIFF | RBD_FEATURE_OBJECT_MAP, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.features() & (RBD_FEATURE_FAST_DIFF | RBD_FEATURE_OBJECT_MAP),
+        0
+    );
+    assert!(!mem.has_map(), "the maps go with the feature");
+    assert_eq!(mem.flags(), 0, "no flag left about a map nobody keeps");
+    // Without a map: writes go on, nothing is flagged.
+    img.write(2 * OBJ, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(mem.flags(), 0);
+    img.update_features(RBD_FEATURE_FAST_DIFF | RBD_FEATURE_OBJECT_MAP, true)
+        .await
+        .unwrap();
+    assert_ne!(mem.features() & RBD_FEATURE_OBJECT_MAP, 0);
+    assert!(mem.has_map());
+    assert_eq!(
+        existing(&mem.stored_map()),
+        [0, 2],
+        "built from the objects, and written"
+    );
+    assert!(!mem.flagged_invalid());
+    img.write(3 * OBJ, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .unwrap();
+    assert!(mem.flagged_invalid(), "kept as usual again");
+    img.close().await.unwrap();
+    assert_eq!(existing(&mem.stored_map()), [0, 2, 3]);
+    assert!(!mem.flagged_invalid());
+}
