@@ -17,7 +17,9 @@ By default the image holds exactly the objects written (64 KiB each); with --ima
 the written objects are spread evenly over a larger image.
 
 Uses $RADOS_NBD_BIN (default target/release/rados-nbd). With --ceph the image lives in
-the cluster of CONF (pool rbd; the binary built with feature ceph) and is removed after.
+the cluster of CONF (pool rbd; the binary built with feature ceph) and is removed after;
+each timed open starts once the OSD has dropped the killed daemon's watch (see
+`wait_unwatched`), so it measures the reopen, fencing and lock break included.
 """
 import argparse
 import json
@@ -49,6 +51,20 @@ def serve(rn, img, sock, log, env):
         os.unlink(sock)
     return subprocess.Popen(rn + ["serve", img, "--socket", sock], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def wait_unwatched(header, deadline):
+    """Ceph: until the OSD has dropped the killed daemon's watch on the header
+    (osd_client_watch_timeout), so the timed open measures the reopen of a crashed image
+    (fencing, lock break, map), not the wait for a dead client's watch, which is the
+    same for every client and every map strategy."""
+    while time.time() < deadline:
+        out = subprocess.run(["rados", "-p", "rbd", "listwatchers", header],
+                             capture_output=True, text=True).stdout
+        if "watcher=" not in out:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{header} still watched")
 
 
 def kill9(proc):
@@ -104,6 +120,11 @@ def main():
         h.flush()
         h.shutdown()
         kill9(p)
+        header = None
+        if a.ceph:
+            info = subprocess.run(["rbd", "info", "--format", "json", img], capture_output=True,
+                                  text=True, check=True).stdout
+            header = "rbd_header." + json.loads(info)["id"]
         res = {"objects": a.objects, "object_size": osize, "image_size": size,
                "store": "ceph" if a.ceph else "dir", "modes": {}}
         for r in range(a.rounds):
@@ -112,6 +133,8 @@ def main():
                 if mode == "before":
                     e["RADOS_NBD_REBUILD_BEFORE_SERVING"] = "1"
                 log = os.path.join(work, f"{mode}-{r}.log")
+                if header:
+                    wait_unwatched(header, time.time() + 120)
                 t0 = time.time()
                 p = serve(rn, img, sock, log, e)
                 wait_socket(sock, p, t0 + 600)

@@ -128,7 +128,7 @@ impl KernelCommand {
 pub enum ListFormat {
     Plain,
     Json,
-    /// rbd-nbd's XML: `<devices><device><id>…</id><pool>…</pool>…</device></devices>`.
+    /// rbd-nbd's XML: `<devices><device><id>PID</id><pool>POOL</pool>...</device></devices>`.
     Xml,
 }
 
