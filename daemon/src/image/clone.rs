@@ -158,6 +158,12 @@ impl<S: ImageStore> Chain<S> {
         self.overlap.load(Ordering::Acquire)
     }
 
+    /// The overlap as the header says it now (after another owner's shrink, grow or
+    /// rollback: up or down).
+    pub(crate) fn set_overlap(&self, overlap: u64) {
+        self.overlap.store(overlap, Ordering::Release);
+    }
+
     /// A shrink of the clone to `size` bytes lowers the overlap; growing never raises it.
     pub(crate) fn shrink_overlap(&self, size: u64) {
         self.overlap.fetch_min(size, Ordering::AcqRel);

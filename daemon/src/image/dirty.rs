@@ -4,7 +4,9 @@
 use super::map::invalid_flags;
 use super::{FlagState, Image};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{ImageStore, RBD_FEATURE_OBJECT_MAP};
+use crate::store::{
+    ImageStore, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -137,7 +139,11 @@ impl<S: ImageStore> Image<S> {
             let _g = self.flag_lock.lock().await;
             if self.dirty_flag.load(Ordering::Acquire) {
                 self.store.write_object_map(map.encode()).await?;
-                self.store.set_flags(0, self.flag_mask()).await?;
+                // Both flags go, whatever the features: a valid map was just written, and
+                // a fast-diff flag left by a feature change cut short (fast-diff turned off,
+                // the owner killed before clearing it) would otherwise stay for good.
+                let all = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+                self.store.set_flags(0, self.flag_mask() | all).await?;
                 self.dirty_flag.store(false, Ordering::Release);
                 self.flag_tx.send_replace(FlagState::Clean);
             }

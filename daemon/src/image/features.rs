@@ -110,27 +110,36 @@ impl<S: ImageStore> Image<S> {
             let all = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
             self.store.set_flags(0, all).await.map_err(ctx)?;
             self.dirty_flag.store(false, Ordering::Release);
+            // The idle checkpointer waits for the next change again (it would spin on a
+            // flag state nobody clears).
+            self.flag_tx.send_replace(super::FlagState::Clean);
             *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;
-        } else {
-            // fast-diff on or off, deep-flatten off: the map stays; its states are librbd's
-            // either way, so it is written with the flags it needs cleared.
-            self.ensure_dirty().await.map_err(ctx)?;
+        } else if new & RBD_FEATURE_FAST_DIFF != 0 && cur & RBD_FEATURE_FAST_DIFF == 0 {
+            // fast-diff on: both flags set first (a crash before the map is written leaves
+            // it to be rebuilt, never trusted for diffs), then the feature, then the map
+            // (its states are librbd's) written and the flags cleared.
+            let all = RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID;
+            self.store.set_flags(all, all).await.map_err(ctx)?;
+            self.dirty_flag.store(true, Ordering::Release);
             self.store
                 .set_features(new & changed, changed)
                 .await
                 .map_err(ctx)?;
             self.features.store(new, Ordering::Release);
+            self.mark_clean().await.map_err(ctx)?;
+        } else {
+            // fast-diff or deep-flatten off: the map written and the flags cleared first,
+            // then the feature, so a crash in between leaves a valid map either way (and no
+            // fast-diff flag on an image without fast-diff, which `rbd object-map check`
+            // rejects).
             if self.map().is_some() {
                 self.mark_clean().await.map_err(ctx)?;
             }
-            // mark_clean cleared the flags of the new features: fast-diff's own flag, set
-            // above while it was on, goes with it.
-            if new & RBD_FEATURE_FAST_DIFF == 0 {
-                self.store
-                    .set_flags(0, RBD_FLAG_FAST_DIFF_INVALID)
-                    .await
-                    .map_err(ctx)?;
-            }
+            self.store
+                .set_features(new & changed, changed)
+                .await
+                .map_err(ctx)?;
+            self.features.store(new, Ordering::Release);
         }
         drop(g);
         tracing::info!("{spec}: features now {new:#x} ({what} {features:#x})");

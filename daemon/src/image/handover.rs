@@ -11,10 +11,12 @@
 //! checks it under `gate` in `enter` and takes the lock back first); the other owner's
 //! writes are all acknowledged to its clients before it releases in turn.
 
-use super::map::load_object_map;
+use super::map::{invalid_flags, load_object_map, MapSource};
 use super::{FlagState, Image};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{ImageStore, RBD_FLAG_OBJECT_MAP_INVALID};
+use crate::store::{
+    ImageStore, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_OBJECT_MAP_INVALID,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -64,8 +66,9 @@ impl<S: ImageStore> Image<S> {
     }
 
     /// Takes the lock back for a request of our own clients: asks the owner (bounded),
-    /// re-reads the header (the other owner may have resized, taken snapshots), loads
-    /// the map it left or rebuilds it, and lets requests in again.
+    /// then adopts what the other owner may have changed meanwhile (see `adopt`). On any
+    /// failure after the lock is ours again it is released again, so this layer and the
+    /// store never disagree on who holds it; the request fails and the next one asks.
     pub(super) async fn take_lock_back(&self) -> Result<()> {
         let spec = &self.spec;
         let _h = self.handover.lock().await;
@@ -79,51 +82,107 @@ impl<S: ImageStore> Image<S> {
         }
         let t0 = std::time::Instant::now();
         self.store.reacquire_lock().await.map_err(ctx)?;
-        let header = self.store.refresh_header().await.map_err(ctx)?;
-        let size = header.size;
-        if self.map().is_some() {
-            let (map, source) = load_object_map(&self.store, spec, &header, None, size)
-                .await
-                .map_err(ctx)?;
-            *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
-            tracing::info!(
-                "{spec}: lock taken back after {:.1} ms; object map {}",
-                t0.elapsed().as_secs_f64() * 1e3,
-                match source {
-                    super::MapSource::Loaded =>
-                        "loaded (left clean by the other owner)".to_string(),
-                    super::MapSource::Rebuilt(why) => format!("rebuilt ({why})"),
-                }
-            );
-        } else {
-            tracing::info!(
-                "{spec}: lock taken back after {:.1} ms",
-                t0.elapsed().as_secs_f64() * 1e3
-            );
+        if let Err(e) = self.adopt(t0).await {
+            if let Err(e2) = self.store.release_lock().await {
+                tracing::warn!("{spec}: giving the lock up again after a failed take-back: {e2}");
+            }
+            return Err(ctx(e));
         }
-        // A flag the other owner left set (it crashed, or it keeps no map) is ours to
-        // clear at close, once our map is written; clear ones are set again by the next
-        // map-changing request, as after a checkpoint.
-        let flagged = header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0;
-        self.dirty_flag.store(flagged, Ordering::Release);
-        self.flag_tx.send_replace(if flagged {
+        self.released.store(false, Ordering::Release);
+        drop(g);
+        Ok(())
+    }
+
+    /// After a take-back: the header re-read (the snapshot context with it), and what
+    /// the other owner may have changed adopted: the features (object-map switched on or
+    /// off; exclusive-lock switched off is refused), the size, the clone's parent and
+    /// overlap (a flatten, a shrink and a grow, a rollback), and the map it left (loaded
+    /// when valid, else rebuilt).
+    async fn adopt(&self, t0: std::time::Instant) -> Result<()> {
+        let spec = &self.spec;
+        let header = self.store.refresh_header().await?;
+        let features = header.features;
+        if features & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{spec}: another client disabled exclusive-lock while it held the lock; \
+                     serving on would let other writers in unseen: stop serving it"
+                ),
+            ));
+        }
+        let size = header.size;
+        let had = self.features();
+        self.features.store(features, Ordering::Release);
+        let keeps_map = features & RBD_FEATURE_OBJECT_MAP != 0 && !self.shared;
+        let mut dirty = false;
+        let source = if keeps_map {
+            let (map, source) = load_object_map(&self.store, spec, &header, None, size).await?;
+            *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
+            let flagged = header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0;
+            if !flagged && matches!(source, MapSource::Rebuilt(_)) {
+                // Rebuilt with the flag clear (the map missing, corrupt, the wrong size):
+                // flagged now, so a crash before ours is written never trusts that one.
+                let mask = invalid_flags(features);
+                self.store.set_flags(mask, mask).await?;
+            }
+            dirty = flagged || matches!(source, MapSource::Rebuilt(_));
+            Some(source)
+        } else {
+            *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;
+            None
+        };
+        // A flag set (by us, or left by an owner that crashed) is ours to clear at close,
+        // once our map is written; clear ones are set again by the next map-changing
+        // request, as after a checkpoint.
+        self.dirty_flag.store(dirty, Ordering::Release);
+        self.flag_tx.send_replace(if dirty {
             FlagState::Dirty
         } else {
             FlagState::Clean
         });
+        match (&header.parent, self.chain()) {
+            (Some(p), Some(c)) => c.set_overlap(p.overlap.min(size)),
+            (None, Some(_)) => {
+                // Flattened by the other owner: nothing is read through the parent any more.
+                self.has_parent.store(false, Ordering::Release);
+                let old = self.chain.write().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(c) = old {
+                    c.close().await;
+                }
+                tracing::info!("{spec}: flattened by the other owner");
+            }
+            (Some(_), None) => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{spec} became a clone while another client held its lock"),
+                ))
+            }
+            (None, None) => {}
+        }
         if size != self.size() {
             tracing::info!(
                 "{spec}: resized from {} to {size} bytes by the other owner",
                 self.size()
             );
-            if let Some(c) = self.chain() {
-                c.shrink_overlap(size);
-            }
             self.size.store(size, Ordering::Release);
             self.size_tx.send_replace(size);
         }
-        self.released.store(false, Ordering::Release);
-        drop(g);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match source {
+            Some(MapSource::Loaded) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map loaded (left clean by the other owner)"
+            ),
+            Some(MapSource::Rebuilt(why)) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map rebuilt ({why})"
+            ),
+            None => tracing::info!("{spec}: lock taken back after {ms:.1} ms"),
+        }
+        if had != features {
+            tracing::info!(
+                "{spec}: features changed by the other owner: {had:#x} -> {features:#x}"
+            );
+        }
         Ok(())
     }
 }

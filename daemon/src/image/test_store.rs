@@ -338,6 +338,20 @@ impl MemImage {
         );
     }
 
+    /// Another owner, holding the lock we handed over, turns features off (its maps go
+    /// with object-map).
+    pub(super) fn other_owner_disables(&self, features: u64) {
+        let mut s = self.lock();
+        assert!(
+            s.lock_away,
+            "the other owner changes features only while it holds the lock"
+        );
+        s.header.features &= !features;
+        if features & RBD_FEATURE_OBJECT_MAP != 0 {
+            s.maps.clear();
+        }
+    }
+
     /// Another owner, holding the lock we handed over, writes object `o`: keeping the map
     /// right as librbd does, or (`keeps_map` false) with the flag set and the map stale,
     /// as one that crashed would leave it.

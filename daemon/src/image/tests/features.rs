@@ -56,3 +56,21 @@ async fn object_map_turned_off_and_on_while_served() {
     assert_eq!(existing(&mem.stored_map()), [0, 2, 3]);
     assert!(!mem.flagged_invalid());
 }
+
+#[tokio::test]
+async fn a_fast_diff_flag_left_behind_goes_at_the_next_clean_close() {
+    use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FLAG_FAST_DIFF_INVALID};
+    // fast-diff turned off by an owner killed before it cleared the flag.
+    let mem = MemImage::new(64 << 20, DEFAULT_FEATURES & !RBD_FEATURE_FAST_DIFF).audited();
+    mem.set_flags(RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_FAST_DIFF_INVALID)
+        .await
+        .unwrap();
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    img.close().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+}

@@ -118,3 +118,29 @@ async fn in_flight_writes_finish_before_the_lock_goes_and_none_run_while_it_is_a
             >= 1
     );
 }
+
+#[tokio::test]
+async fn features_the_other_owner_changed_are_adopted_at_take_back() {
+    use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
+    let (img, mem) = handing_over(64 << 20).await;
+    img.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    img.hand_over().await.unwrap();
+    // `rbd feature disable object-map`, then a write, by the other owner.
+    mem.other_owner_disables(RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF);
+    mem.other_owner_writes(3, vec![7u8; 4096], false);
+    // Our stale map (object 3 NONEXISTENT) must not answer: there is no map any more.
+    assert_eq!(read_all(&img, 3 * OBJ, 4096).await, vec![7u8; 4096]);
+    assert_eq!(img.features() & RBD_FEATURE_OBJECT_MAP, 0);
+    assert!(img.object_map().is_none());
+    img.write(5 * OBJ, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    img.close().await.unwrap();
+    assert!(
+        !mem.has_map(),
+        "no map written for an image without object-map"
+    );
+    assert_eq!(mem.objects(), [0, 3, 5]);
+}

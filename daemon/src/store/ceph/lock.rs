@@ -433,6 +433,9 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         }
         let result = match &r {
             Ok(()) => 0,
+            // Queued behind a hand-over: the lock is another client's now. librbd's asker
+            // sends the request again on ERESTART, and reaches the new owner.
+            Err(_) if inner.released.load(Ordering::SeqCst) => -libc::ERESTART,
             // librbd re-sends a request that ends in ETIMEDOUT or ERESTART, quiesce and
             // all, until its own deadline: a quiesce that timed out is an EIO.
             Err(e) => match errno_for_librbd(e) {
