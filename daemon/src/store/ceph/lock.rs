@@ -808,19 +808,22 @@ pub(super) async fn reacquire_lock(inner: &Arc<Inner>) -> Result<()> {
     if inner.is_fenced() {
         return Err(inner.fenced_error());
     }
-    let (cookie, handle) = {
-        let g = inner.lock.lock().await;
-        let Some(st) = g.as_ref() else {
-            return Err(Error::new(ErrorKind::Io, format!("image {spec} is closed")));
-        };
-        (st.cookie.clone(), st.watch.cookie)
+    // Held until the lock is ours under the cookie read here: a watch re-registered
+    // meanwhile (`rewatch`) would otherwise leave us locking under the old watch's cookie,
+    // and a later requester would take us for dead. `rewatch` waits, then moves the lock
+    // to its new cookie as usual.
+    let g = inner.lock.lock().await;
+    let Some(st) = g.as_ref() else {
+        return Err(Error::new(ErrorKind::Io, format!("image {spec} is closed")));
     };
+    let (cookie, handle) = (st.cookie.clone(), st.watch.cookie);
     let ask = Ask {
         handle,
         deadline: std::time::Instant::now() + lock_wait(),
     };
     take_lock(inner, &cookie, Some(ask)).await?;
     inner.released.store(false, Ordering::SeqCst);
+    drop(g);
     let gid = inner.meta.cluster().instance_id();
     let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
     let _ = inner.meta.notify(&inner.hdr_oid, &msg, 1000).await;
