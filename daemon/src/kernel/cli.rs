@@ -128,7 +128,8 @@ impl KernelCommand {
 pub enum ListFormat {
     Plain,
     Json,
-    /// rbd-nbd's XML: `<devices><device><id>PID</id><pool>POOL</pool>...</device></devices>`.
+    /// rbd-nbd's XML: a devices element with one device element per mapping (id, pool,
+    /// namespace, image, snap, device).
     Xml,
 }
 
