@@ -237,7 +237,7 @@ impl Cli {
             id: self.id.clone(),
             keyring: self.keyring.clone(),
             allow_encrypted: self.allow_encrypted,
-            wait_for_lock: false,
+            lock_at_open: Default::default(),
         }
     }
 }

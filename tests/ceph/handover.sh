@@ -166,8 +166,41 @@ import nbd
 h = nbd.NBD(); h.connect_uri('$(uri "$I")')
 for i in range(64): h.pwrite(bytes([i]) * 65536, i << 20)
 h.shutdown()"
-check_fails "migration: a plain second open is refused (in use)" \
-  "${RN[@]}" serve "$I" --socket "$dsock"
+# A plain second `serve` of the image in use opens as librbd (rbd-nbd) does: without the
+# lock, reads without it (the source keeps it), its first write asks for it.
+psock=$work/plain.sock p_log=$work/plain.log
+spawn "${RN[@]}" serve "$I" --socket "$psock" 2>>"$p_log"
+P_PID=$!
+check "a plain second serve of the image in use serves" wait_serving "$psock" "$P_PID" 60
+check "plain second serve: opened without the lock, saying who holds it" \
+  grep -q "which is alive: serving without it" "$p_log"
+check "plain second serve: reads the source's writes, and the source's newer ones, without the lock" "$PY" -c "
+import nbd
+a = nbd.NBD(); a.connect_uri('$(uri "$I")')
+b = nbd.NBD(); b.connect_uri('nbd+unix:///$I?socket=$psock')
+for i in range(64): assert b.pread(65536, i << 20) == bytes([i]) * 65536, i
+a.pwrite(b'\xee' * 65536, 40 << 20, nbd.CMD_FLAG_FUA)
+assert b.pread(65536, 40 << 20) == b'\xee' * 65536
+assert b.pread(65536, 63 << 20) == bytes([63]) * 65536
+a.pwrite(bytes([40]) * 65536, 40 << 20, nbd.CMD_FLAG_FUA)
+a.shutdown(); b.shutdown()"
+check "plain second serve: its reads left the lock with the source" bash -c \
+  "! grep -q 'lock handed over' '$src_log' && ! grep -q 'lock taken back' '$p_log'"
+check "plain second serve: its first write takes the lock, the source then reads it without" "$PY" -c "
+import nbd
+b = nbd.NBD(); b.connect_uri('nbd+unix:///$I?socket=$psock')
+b.pwrite(b'\xcc' * 65536, 41 << 20, nbd.CMD_FLAG_FUA)
+a = nbd.NBD(); a.connect_uri('$(uri "$I")')
+assert a.pread(65536, 41 << 20) == b'\xcc' * 65536
+a.pwrite(bytes([41]) * 65536, 41 << 20, nbd.CMD_FLAG_FUA)
+assert b.pread(65536, 41 << 20) == bytes([41]) * 65536
+a.shutdown(); b.shutdown()"
+check "plain second serve: the lock moved there and back, the map loaded each time (no rebuild)" bash -c \
+  "grep -q 'lock taken back after .* loaded' '$p_log' && grep -q 'lock taken back after .* loaded' '$src_log' && ! grep -q rebuil '$p_log' '$src_log'"
+stop_daemon "$P_PID"; check "plain second serve: exits cleanly without the lock" test $? = 0
+rm -f "$psock"
+# The migration's checks read the source's log from here (appended to: truncating is safe).
+: >"$src_log"
 spawn "${RN[@]}" serve "$I" --wait-for-lock --socket "$dsock" 2>>"$dst_log"
 DST_PID=$!
 check "migration: the destination (--wait-for-lock) serves" wait_serving "$dsock" "$DST_PID" 60

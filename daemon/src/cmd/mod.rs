@@ -44,7 +44,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
     }
     let mut access = cli.ceph_access();
     if let Command::Serve(a) = &cli.command {
-        access.wait_for_lock = a.wait_for_lock;
+        access.lock_at_open = crate::store::LockAtOpen::for_serving(a.wait_for_lock, a.exclusive);
     }
     match connect(&uri, &access).await? {
         AnyStore::Dir(st) => run(st, cli.command).await,

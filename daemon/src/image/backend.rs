@@ -29,6 +29,22 @@ impl<S: ImageStore> Image<S> {
         }
     }
 
+    /// Like `enter` for a request that only reads (READ, BLOCK_STATUS): librbd reads
+    /// without the exclusive lock, and so do we. While the lock is another client's the
+    /// request runs without it and must not trust the map in memory (stale: the other
+    /// owner creates and removes objects); `true` then. A take-back waits for `gate`, so
+    /// the lock cannot come back (and the map be replaced) under such a request.
+    async fn enter_to_read(
+        &self,
+    ) -> Result<(tokio::sync::RwLockReadGuard<'_, bool>, bool), BackendError> {
+        let g = self.gate.read().await;
+        if *g {
+            return Err(BackendError::new(Errno::Shutdown, "the image is closing"));
+        }
+        let away = self.released.load(std::sync::atomic::Ordering::Acquire);
+        Ok((g, away))
+    }
+
     /// The protocol checked the request against the size its client was told; the image
     /// may have shrunk since (a resize while connected), so check again against now.
     fn in_range(&self, offset: u64, length: u64, errno: Errno) -> Result<(), BackendError> {
@@ -73,7 +89,9 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>, BackendError> {
-        let _g = self.enter().await?;
+        // While the lock is away `read_piece` asks the store for every object (see
+        // `is_nonexistent`), as a reader without a trusted map must.
+        let (_g, _away) = self.enter_to_read().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
         let pieces = split(self.order(), offset, length as u64);
         if let [p] = pieces[..] {
@@ -169,7 +187,16 @@ impl<S: ImageStore> Backend for Image<S> {
     }
 
     async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, BackendError> {
-        let _g = self.enter().await?;
+        let (_g, away) = self.enter_to_read().await?;
+        if away {
+            // The map in memory is stale while another client writes: say "data" for
+            // the whole range, which is never wrong (the protocol allows an extent
+            // state to be less precise than the truth).
+            return Ok(vec![Extent {
+                length: length as u64,
+                flags: 0,
+            }]);
+        }
         Ok(self.extents(offset, length as u64))
     }
 }

@@ -170,8 +170,18 @@ impl<S: ImageStore> Image<S> {
             Err(e) => return Err((img, e)),
         };
         let use_map = header.features & RBD_FEATURE_OBJECT_MAP != 0 && !shared;
+        // Another client holds the lock (librbd's way of opening an image in use): the
+        // map is that owner's to keep, ours is loaded when the first write takes the lock
+        // (`take_lock_back`); until then every read asks the store and nothing is written.
+        let lock_elsewhere = !read_only && img.opened_without_lock();
         let mut rebuild = None;
-        let (map, map_source) = if use_map && snap.is_some() {
+        let (map, map_source) = if lock_elsewhere {
+            tracing::info!(
+                "serving {spec} without its exclusive lock, which another client holds: \
+                 reads ask the store, the first write takes the lock"
+            );
+            (None, None)
+        } else if use_map && snap.is_some() {
             // A snapshot's map cannot be rebuilt from a listing: an object removed from
             // the head since the snapshot was taken lives on only as a clone, which the
             // listing does not show, and a rebuilt map would read its data as zeros.
@@ -270,11 +280,17 @@ impl<S: ImageStore> Image<S> {
             cor: std::sync::OnceLock::new(),
             cor_pending: std::sync::Mutex::new(Default::default()),
             quiesce: std::sync::OnceLock::new(),
-            released: AtomicBool::new(false),
+            released: AtomicBool::new(lock_elsewhere),
             handover: Mutex::new(()),
             features: AtomicU64::new(features),
         };
-        if let Err(e) = image.ensure_dirty().await {
+        // Without the lock nothing is marked: the flag is the owner's until the take-back.
+        let marked = if lock_elsewhere {
+            Ok(())
+        } else {
+            image.ensure_dirty().await
+        };
+        if let Err(e) = marked {
             if let Some(c) = image.chain() {
                 c.close().await;
             }

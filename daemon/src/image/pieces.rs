@@ -46,6 +46,11 @@ pub(crate) fn split(order: u8, offset: u64, length: u64) -> Vec<Piece> {
 
 impl<S: ImageStore> Image<S> {
     pub(super) fn is_nonexistent(&self, objno: u64) -> bool {
+        // While the lock is another client's (handed over, reads served without it)
+        // the map in memory is stale: never trusted for a hole.
+        if self.released.load(Ordering::Acquire) {
+            return false;
+        }
         self.map_now()
             .as_deref()
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)

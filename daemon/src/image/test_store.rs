@@ -169,6 +169,13 @@ impl MemImage {
         self
     }
 
+    /// Another client holds the image's lock (a librbd owner, alive): a read-write open
+    /// starts without it, as the Ceph store's `LockAtOpen::Defer` does.
+    pub(super) fn held_elsewhere(self) -> Self {
+        self.lock().lock_away = true;
+        self
+    }
+
     /// This handle, its head listings held by `h` (see `ListingHold`).
     pub(super) fn holding_listings(mut self, h: Arc<ListingHold>) -> Self {
         self.hold = Some(h);
@@ -576,6 +583,9 @@ impl ImageStore for MemImage {
         self.note("remove_object_maps");
         self.lock().maps.clear();
         Ok(())
+    }
+    fn opened_without_lock(&self) -> bool {
+        self.snap.is_none() && self.lock().lock_away
     }
     async fn release_lock(&self) -> Result<()> {
         self.note("release_lock");

@@ -216,7 +216,7 @@ fn serve(
         }
     };
     let ceph = &CephAccess {
-        wait_for_lock: opts.wait_for_lock,
+        lock_at_open: crate::store::LockAtOpen::for_serving(opts.wait_for_lock, opts.exclusive),
         ..ceph.clone()
     };
     let export = Arc::new(

@@ -16,10 +16,39 @@ pub struct CephAccess {
     /// Serve an image that starts with a LUKS header as its raw LUKS volume instead of
     /// refusing it.
     pub allow_encrypted: bool,
-    /// `serve|map --wait-for-lock`: a read-write open whose image's lock a live client
-    /// holds asks it to hand the lock over (live migration: the source writes its map and
-    /// releases) and waits, instead of failing with "in use".
-    pub wait_for_lock: bool,
+    /// What a read-write open does when a live client holds the image's lock.
+    pub lock_at_open: LockAtOpen,
+}
+
+/// What a read-write open of a Ceph image does when a live client holds its exclusive
+/// lock (a dead one is fenced and its lock broken whatever this says).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockAtOpen {
+    /// Fail with "in use": the commands (`resize`, `snap create`, ...) then ask the
+    /// holder to do their work instead.
+    #[default]
+    Refuse,
+    /// `serve|map --wait-for-lock`: ask the holder to hand the lock over (live
+    /// migration: the source writes its map and releases) and wait, bounded.
+    Ask,
+    /// `serve|map` without `--exclusive`, as librbd (so rbd-nbd) opens an image in use:
+    /// serve without the lock; reads go without it (and without the map, which only an
+    /// owner can trust), the first write asks the holder for it.
+    Defer,
+}
+
+impl LockAtOpen {
+    /// For `serve` and `map`: `--wait-for-lock` asks, `--exclusive` refuses (it must hold
+    /// the lock all along), the default defers as librbd does.
+    pub fn for_serving(wait_for_lock: bool, exclusive: bool) -> Self {
+        if wait_for_lock {
+            LockAtOpen::Ask
+        } else if exclusive {
+            LockAtOpen::Refuse
+        } else {
+            LockAtOpen::Defer
+        }
+    }
 }
 
 /// An opened store, whichever kind the URI named. Callers match once and run code generic
@@ -51,7 +80,7 @@ pub async fn connect(uri: &StoreUri, ceph: &CephAccess) -> Result<AnyStore> {
             let st = CephStore::connect(opts).await?;
             Ok(AnyStore::Ceph(
                 st.with_allow_encrypted(ceph.allow_encrypted)
-                    .with_wait_for_lock(ceph.wait_for_lock),
+                    .with_lock_at_open(ceph.lock_at_open),
             ))
         }
         #[cfg(not(feature = "ceph"))]

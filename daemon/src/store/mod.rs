@@ -18,7 +18,7 @@ pub mod dir;
 pub mod snapset;
 pub mod uri;
 
-pub use connect::{connect, AnyStore, CephAccess};
+pub use connect::{connect, AnyStore, CephAccess, LockAtOpen};
 pub use uri::StoreUri;
 
 /// Header flags (Ceph's RBD_FLAG_*).
@@ -401,6 +401,14 @@ pub trait ImageStore: Send + Sync + 'static {
     /// `owner_requests`. Until then (and with `--exclusive`) it is refused, as rbd-nbd
     /// `--exclusive` refuses it. Stores without other clients ignore it.
     fn enable_handover(&self) {}
+
+    /// A read-write handle opened while a live client held the lock (Ceph, `serve|map`
+    /// without `--exclusive`: [`LockAtOpen::Defer`]): it starts as after `release_lock`,
+    /// and the image layer serves reads without the lock and takes it with
+    /// `reacquire_lock` at the first write. Stores without other clients: never.
+    fn opened_without_lock(&self) -> bool {
+        false
+    }
 
     /// Gives the exclusive lock up and tells the other clients, keeping the handle (and
     /// its watch) open. The caller has made everything durable and holds every request.

@@ -311,6 +311,10 @@ impl ImageStore for CephImage {
         }
     }
 
+    fn opened_without_lock(&self) -> bool {
+        self.inner.mode == OpenMode::ReadWrite && self.inner.released.load(Ordering::SeqCst)
+    }
+
     async fn release_lock(&self) -> Result<()> {
         super::lock::release_lock(&self.inner).await
     }
@@ -621,7 +625,7 @@ impl ImageStore for CephImage {
             OpenMode::ReadOnly,
             super::store::OpenKnobs {
                 allow_encrypted: i.allow_encrypted,
-                ask_for_lock: false,
+                lock_at_open: crate::store::LockAtOpen::Refuse,
             },
             i.luks_noted.clone(),
         )

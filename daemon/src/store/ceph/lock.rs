@@ -9,7 +9,7 @@ use super::owner_msgs::{self, OwnerMsg, OwnerOp};
 use super::rados::{self, errno_of, is_blocklisted, Reply, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{OpenMode, OwnerRequest, QuiesceMode};
+use crate::store::{LockAtOpen, OpenMode, OwnerRequest, QuiesceMode};
 use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -56,9 +56,11 @@ impl Inner {
 /// Takes the image's exclusive lock the way librbd does: a watch on the header, then
 /// cls_lock `rbd_lock` (exclusive, tag `internal`, cookie `auto <watch handle>`); for
 /// SharedWrite the same lock taken shared with our own tag (see `lock_kind`).
-/// With `ask` (`--wait-for-lock`) a live owner is asked to hand the lock over, as when
-/// taking it back after a hand-over, instead of the open failing with "in use".
-pub(super) async fn acquire_lock(inner: &Arc<Inner>, ask: bool) -> Result<()> {
+/// A live owner is asked to hand the lock over (`LockAtOpen::Ask`, as when taking it
+/// back after a hand-over), left with it (`Defer`: the handle starts as after a
+/// hand-over, watching, released; its first write takes the lock), or makes the open
+/// fail with "in use" (`Refuse`).
+pub(super) async fn acquire_lock(inner: &Arc<Inner>, how: LockAtOpen) -> Result<()> {
     let spec = &inner.spec;
     let (tx, rx) = mpsc::unbounded_channel();
     let watch = inner
@@ -67,18 +69,24 @@ pub(super) async fn acquire_lock(inner: &Arc<Inner>, ask: bool) -> Result<()> {
         .await
         .map_err(|e| e.context(format!("opening image {spec}")))?;
     let cookie = cls::lock_cookie(watch.cookie);
-    let ask = ask.then(|| Ask {
+    let ask = (how == LockAtOpen::Ask).then(|| Ask {
         handle: watch.cookie,
         deadline: std::time::Instant::now() + lock_wait(),
     });
+    let defer = how == LockAtOpen::Defer && inner.mode == OpenMode::ReadWrite;
     let t0 = std::time::Instant::now();
-    if let Err(e) = take_lock(inner, &cookie, ask).await {
-        let _ = inner.meta.unwatch(watch).await;
-        return Err(e);
-    }
-    inner.released.store(false, Ordering::SeqCst);
+    let taken = match take_lock(inner, &cookie, ask, defer).await {
+        Ok(taken) => taken,
+        Err(e) => {
+            let _ = inner.meta.unwatch(watch).await;
+            return Err(e);
+        }
+    };
     let gid = inner.meta.cluster().instance_id();
-    tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {} in {:.1} ms", lock_name(inner.mode), t0.elapsed().as_secs_f64() * 1e3);
+    if taken {
+        inner.released.store(false, Ordering::SeqCst);
+        tracing::info!(image = %spec, locker = %format!("client.{gid}"), %cookie, "acquired {} in {:.1} ms", lock_name(inner.mode), t0.elapsed().as_secs_f64() * 1e3);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = watch.cookie;
     let mut state = inner.lock.lock().await;
@@ -91,14 +99,16 @@ pub(super) async fn acquire_lock(inner: &Arc<Inner>, ask: bool) -> Result<()> {
     });
     let events = tokio::spawn(watch_events(Arc::downgrade(inner), rx, tx, stop_rx));
     // Tell waiting librbd clients, as librbd does; nobody has to answer.
-    let meta = inner.meta.clone();
-    let oid = inner.hdr_oid.clone();
-    let acquired_notify = tokio::spawn(async move {
-        let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
-        let _ = meta.notify(&oid, &msg, NOTIFY_TIMEOUT_MS).await;
+    let acquired_notify = taken.then(|| {
+        let meta = inner.meta.clone();
+        let oid = inner.hdr_oid.clone();
+        tokio::spawn(async move {
+            let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
+            let _ = meta.notify(&oid, &msg, NOTIFY_TIMEOUT_MS).await;
+        })
     });
     if let Some(st) = state.as_mut() {
-        st.acquired_notify = Some(acquired_notify);
+        st.acquired_notify = acquired_notify;
         st.events = Some(events);
     }
     Ok(())
@@ -543,7 +553,9 @@ pub(super) async fn get_lock_info(inner: &Inner) -> Result<cls::LockInfo> {
 /// that answers is alive: the open is refused ("in use"), unless `ask` (taking the lock
 /// back after a hand-over, until the deadline): then it is asked to release the lock, as
 /// librbd's requester asks (RequestLock), and we wait for its ReleasedLock.
-async fn take_lock(inner: &Inner, cookie: &str, ask: Option<Ask>) -> Result<()> {
+///
+/// With `defer`, a live exclusive owner is left with the lock: `Ok(false)` (not taken).
+async fn take_lock(inner: &Inner, cookie: &str, ask: Option<Ask>, defer: bool) -> Result<bool> {
     let spec = &inner.spec;
     let busy_errno = |e: &Error| matches!(errno_of(e), Some(EBUSY) | Some(EEXIST));
     let ctx = |e: Error| e.context(format!("locking image {spec}"));
@@ -553,7 +565,7 @@ async fn take_lock(inner: &Inner, cookie: &str, ask: Option<Ask>) -> Result<()> 
     'rounds: while round < 3 {
         round += 1;
         match try_lock(inner, cookie).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(e) if busy_errno(&e) => {}
             Err(e) => return Err(ctx(e)),
         }
@@ -607,6 +619,13 @@ async fn take_lock(inner: &Inner, cookie: &str, ask: Option<Ask>) -> Result<()> 
                     if ask.is_some() && info.kind == cls::LOCK_EXCLUSIVE {
                         alive = Some(locker);
                         break;
+                    }
+                    if defer && info.kind == cls::LOCK_EXCLUSIVE {
+                        tracing::info!(image = %spec, %locker,
+                            "the exclusive lock is held by {locker}, which is alive: serving without \
+                             it, as librbd opens an image in use (reads go without the lock, the \
+                             first write asks {locker} for it)");
+                        return Ok(false);
                     }
                     return Err(Error::new(
                         ErrorKind::Busy,
@@ -821,7 +840,7 @@ pub(super) async fn reacquire_lock(inner: &Arc<Inner>) -> Result<()> {
         handle,
         deadline: std::time::Instant::now() + lock_wait(),
     };
-    take_lock(inner, &cookie, Some(ask)).await?;
+    take_lock(inner, &cookie, Some(ask), false).await?;
     inner.released.store(false, Ordering::SeqCst);
     drop(g);
     let gid = inner.meta.cluster().instance_id();

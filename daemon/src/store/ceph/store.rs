@@ -36,7 +36,7 @@ pub struct CephStore {
     /// Handles by (pool, RBD namespace).
     pools: Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     allow_encrypted: bool,
-    wait_for_lock: bool,
+    lock_at_open: crate::store::LockAtOpen,
     /// Images (`pool/name[@snap]`) whose LUKS header was already logged: a read-write open
     /// checks twice (before and after taking the lock) and logs once.
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -54,15 +54,15 @@ impl CephStore {
             desc,
             pools: Mutex::new(HashMap::new()),
             allow_encrypted: false,
-            wait_for_lock: false,
+            lock_at_open: Default::default(),
             luks_noted: Arc::default(),
         })
     }
 
     /// `--allow-encrypted` for the images this store opens (off by default).
-    /// See [`crate::store::CephAccess::wait_for_lock`].
-    pub fn with_wait_for_lock(mut self, wait: bool) -> Self {
-        self.wait_for_lock = wait;
+    /// See [`crate::store::LockAtOpen`].
+    pub fn with_lock_at_open(mut self, how: crate::store::LockAtOpen) -> Self {
+        self.lock_at_open = how;
         self
     }
 
@@ -319,7 +319,7 @@ impl Store for CephStore {
             mode,
             OpenKnobs {
                 allow_encrypted: self.allow_encrypted,
-                ask_for_lock: self.wait_for_lock,
+                lock_at_open: self.lock_at_open,
             },
             self.luks_noted.clone(),
         )
@@ -751,8 +751,8 @@ pub(super) async fn open_by_id(
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct OpenKnobs {
     pub(super) allow_encrypted: bool,
-    /// A live lock owner is asked to hand the lock over, and waited for.
-    pub(super) ask_for_lock: bool,
+    /// What to do when a live client holds the lock.
+    pub(super) lock_at_open: crate::store::LockAtOpen,
 }
 
 /// [`open_by_id`] at the snapshot with id `snap_id` (`spec.snap` its name), whatever its
@@ -803,7 +803,7 @@ pub(super) async fn open_by_id_at(
         closed: AtomicBool::new(false),
     });
     if mode != OpenMode::ReadOnly {
-        acquire_lock(&inner, knobs.ask_for_lock).await?;
+        acquire_lock(&inner, knobs.lock_at_open).await?;
     }
     Ok(CephImage { inner })
 }

@@ -397,7 +397,9 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("connected with a missing keyring"),
         };
-        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // Far below rados_connect's own wait (client_mount_timeout, 300 s by default),
+        // and generous: a busy machine must not fail this.
+        assert!(t.elapsed() < std::time::Duration::from_secs(120));
         assert!(e.message.contains("cannot read keyring"), "{e}");
         assert!(e.message.contains(keyring.to_str().unwrap()), "{e}");
         let _ = std::fs::remove_dir_all(&d);
