@@ -8,6 +8,11 @@ acknowledged write to the destination's first acknowledged write, start-up inclu
   rados-nbd -> rados-nbd  the destination is `serve --wait-for-lock`, started right after
                           the source's last write (process start, cluster connect, open,
                           hand-over, map load, first write)
+  rados-nbd -> rados-nbd, started in advance
+                          the destination is a plain `serve` started while the source
+                          serves (it opens without the lock, as librbd does, and reads);
+                          the pause runs from the source's last write to the
+                          destination's first, which asks the source for the lock
   rados-nbd -> librbd     python3-rbd opens the image and writes (librbd asks us for the
                           lock, we write our map, clear the flag and release)
   librbd -> rados-nbd     librbd writes, then `serve --wait-for-lock` takes the lock from it
@@ -145,6 +150,28 @@ def main():
             note("rados-nbd -> rados-nbd", pause,
                  f"(lock acquired in {acq.group(1) if acq else '?'} ms, "
                  f"map {'REBUILT' if rebuilt else 'loaded'})")
+            stop(src)
+            src, sock, log, uri = dst, dsock, dlog, duri
+            # rados-nbd -> rados-nbd, the destination started in advance (a migration's
+            # destination host maps the image before the switch-over): a plain `serve` of
+            # the image in use opens without the lock, as librbd does; at the switch-over
+            # its first write asks the source for it.
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            write_for(h.pwrite, 0.1, r + 40)
+            dst, dsock, dlog, duri = serve()
+            h2 = wait_connect(duri, dsock, dst, time.time() + 120)
+            assert h2.pread(4096, 0) == bytes(buf), "the source's data, read without the lock"
+            t_last = write_for(h.pwrite, 0.5, r + 50)
+            h.shutdown()
+            h2.pwrite(b"\x47" * 4096, 4096)
+            pause = time.time() - t_last
+            assert h2.pread(4096, 0) == bytes(buf), "the source's data, through the destination"
+            h2.shutdown()
+            dl = open(dlog).read()
+            took = re.findall(r"lock taken back after ([0-9.]+) ms(?:; ([a-z ]+))?", dl)
+            note("rados-nbd -> rados-nbd, started in advance", pause,
+                 f"(lock taken back in {took[-1][0] + ' ms, ' + took[-1][1] if took else '?'})")
             stop(src)
             src, sock, log, uri = dst, dsock, dlog, duri
             # rados-nbd -> librbd
