@@ -201,9 +201,26 @@ stop_daemon "$P_PID"; check "plain second serve: exits cleanly without the lock"
 rm -f "$psock"
 # The migration's checks read the source's log from here (appended to: truncating is safe).
 : >"$src_log"
+# The source changes its map, its client still connected (the flag set, as while any VM
+# runs; the last client's disconnect would checkpoint it clean): the destination reads the
+# header before it has the lock, and must read it again once it has (the flag cleared by
+# the hand-over), or it would rebuild the map.
+spawn "$PY" -c "
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri('$(uri "$I")')
+h.trim(1 << 20, 60 << 20)
+h.pwrite(bytes([60]) * 65536, 60 << 20, nbd.CMD_FLAG_FUA)
+open('$work/dirty.ready', 'w').close()
+end = time.time() + 120
+while not os.path.exists('$dsock') and time.time() < end: time.sleep(0.1)
+h.shutdown()"
+HOLD_PID=$!
+check "migration: the source changes its map (its flag set while its client stays)" bash -c \
+  "for _ in \$(seq 1 300); do [ -e '$work/dirty.ready' ] && break; sleep 0.1; done; rbd info '$I' | grep -q 'flags: object map invalid'"
 spawn "${RN[@]}" serve "$I" --wait-for-lock --socket "$dsock" 2>>"$dst_log"
 DST_PID=$!
 check "migration: the destination (--wait-for-lock) serves" wait_serving "$dsock" "$DST_PID" 60
+wait "$HOLD_PID"
 check "migration: the source handed the lock over" grep -q "lock handed over after" "$src_log"
 check "migration: the destination loaded the map the source left (no rebuild)" bash -c \
   "grep -q 'acquired exclusive lock in' '$dst_log' && ! grep -q 'rebuilding object map' '$dst_log'"

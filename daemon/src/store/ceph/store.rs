@@ -2,7 +2,9 @@
 //! images.
 
 use super::ask_owner;
-use super::header::{generate_image_id, header_oid, load_header, load_header_at, object_map_oid};
+use super::header::{
+    generate_image_id, header_oid, load_header, load_header_at, object_map_oid, refresh,
+};
 use super::image::{CephImage, Inner};
 use super::lock::acquire_lock;
 use super::rados::{errno_of, ConnectOptions, IoCtx, Rados, WriteOp};
@@ -802,10 +804,22 @@ pub(super) async fn open_by_id_at(
         quiesce: Default::default(),
         closed: AtomicBool::new(false),
     });
-    if mode != OpenMode::ReadOnly {
-        acquire_lock(&inner, knobs.lock_at_open).await?;
+    if mode == OpenMode::ReadOnly {
+        return Ok(CephImage { inner });
     }
-    Ok(CephImage { inner })
+    acquire_lock(&inner, knobs.lock_at_open).await?;
+    let released = inner.released.load(std::sync::atomic::Ordering::SeqCst);
+    let img = CephImage { inner };
+    if !released {
+        // The header above was read before the lock was ours: an owner we asked, or
+        // waited for, may have changed it meanwhile (a snapshot, whose context our writes
+        // must carry; the flag it cleared when it handed over; the size). Read it again.
+        if let Err(e) = refresh(&img.inner).await {
+            let _ = crate::store::ImageStore::close(&img).await;
+            return Err(e.context(format!("re-reading the header of {spec} under the lock")));
+        }
+    }
+    Ok(img)
 }
 
 /// An image's name from its id (`rbd_directory`'s `dir_get_name`); the id itself when
