@@ -23,9 +23,10 @@ import nbd
 import rados
 import rbd
 
-# The journal's format and hash are nbdtool.py's, which verifies it.
+# The journal's format and hash are nbdtool.py's, which verifies it; so is the command
+# dispatch.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reliability"))
-from nbdtool import BS, sha  # noqa: E402
+from nbdtool import BS, dispatch, sha  # noqa: E402
 
 
 def read_all(h, size):
@@ -156,11 +157,7 @@ def librbd_journal(conf, pool, image, seconds, seed, first, blocks, journal):
 
 
 def main(argv):
-    cmds = {"alternate": alternate, "librbd-journal": librbd_journal}
-    if len(argv) < 2 or argv[1] not in cmds:
-        print(__doc__)
-        return 2
-    return cmds[argv[1]](*argv[2:])
+    return dispatch(argv, {"alternate": alternate, "librbd-journal": librbd_journal}, __doc__)
 
 
 if __name__ == "__main__":

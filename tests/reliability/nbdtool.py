@@ -597,19 +597,25 @@ def export_name(path):
     return 0
 
 
+def dispatch(argv, cmds, doc):
+    """Runs the command argv[1] of `cmds` (name -> function) with the words after it as
+    its arguments, and returns its exit status; without a known command prints `doc`
+    (the script's usage) and returns 2. tests/ceph/handover.py uses it too."""
+    if len(argv) < 2 or argv[1] not in cmds:
+        print(doc)
+        return 2
+    return cmds[argv[1]](*argv[2:])
+
+
 def main(argv):
-    cmds = {
+    return dispatch(argv, {
         "journal-write": journal_write, "journal-verify": journal_verify, "overlap": overlap,
         "ro-writes": ro_writes, "enospc": enospc, "eio": eio, "canary": canary,
         "eio-write": eio_write, "limit": limit,
         "flood-unread": lambda p, e, t: flood(p, e, t, False),
         "flood-writes": lambda p, e, t: flood(p, e, t, True),
         "huge": huge, "export-name": export_name, "idle": idle,
-    }
-    if len(argv) < 2 or argv[1] not in cmds:
-        print(__doc__)
-        return 2
-    return cmds[argv[1]](*argv[2:])
+    }, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ use crate::store::{
     ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
 };
 use bytes::Bytes;
-use futures_util::stream::{self, StreamExt};
 use nbd_protocol::ReadChunk;
 use objmap::{ObjectMap, ObjectState};
 use std::future::Future;
@@ -24,9 +23,6 @@ use std::sync::Arc;
 /// Deeper chains than this are refused at open: Ceph has no hard limit, but ceph-csi
 /// flattens past 8, and a longer chain is a loop in the metadata or a mistake.
 pub const MAX_CHAIN_DEPTH: usize = 64;
-
-/// Objects flatten copies up at once (librbd's rbd_concurrent_management_ops default).
-const FLATTEN_CONCURRENCY: usize = 10;
 
 /// One ancestor: a read-only handle at the snapshot its child was cloned from.
 pub(crate) struct Level<S> {
@@ -574,7 +570,7 @@ impl<S: ImageStore> Image<S> {
     /// Flatten (`rbd flatten`): copies up every object inside the overlap that the
     /// child lacks and an ancestor has, then detaches the image from its parent and
     /// stops reading through the chain. `progress(done, total)` after each object.
-    pub async fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+    pub async fn flatten(&self, progress: impl FnMut(u64, u64)) -> Result<()> {
         self.check_writable()?;
         let spec = &self.spec;
         if self.shared {
@@ -593,28 +589,15 @@ impl<S: ImageStore> Image<S> {
         let total = chain.overlap().div_ceil(self.header.object_size());
         let chain = &chain;
         let one = |objno: u64| async move {
-            let g = self.gate.read().await;
-            if *g {
-                return Err(Error::new(ErrorKind::Io, "the image is closing"));
-            }
             // A shrink may have lowered the overlap meanwhile.
             if objno << self.order() < chain.overlap() {
                 self.copyup_whole(objno).await?;
             }
-            drop(g);
             Ok(())
         };
-        // Several objects at a time, as librbd's rbd_concurrent_management_ops.
-        let mut each = stream::iter(0..total)
-            .map(one)
-            .buffer_unordered(FLATTEN_CONCURRENCY);
-        let mut done = 0;
-        while let Some(r) = each.next().await {
-            r.map_err(ctx)?;
-            done += 1;
-            progress(done, total);
-        }
-        drop(each);
+        self.for_each_object(total, one, progress)
+            .await
+            .map_err(ctx)?;
         let g = self.gate.read().await;
         self.store.sync().await.map_err(ctx)?;
         self.store.detach_parent().await.map_err(ctx)?;

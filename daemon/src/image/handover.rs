@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 impl<S: ImageStore> Image<S> {
     /// Not `--exclusive`: requests for the lock from other clients are handed to us
-    /// (`OwnerRequest::ReleaseLock`). Read-only and shared opens hold no exclusive lock.
+    /// (`OwnerAction::ReleaseLock`). Read-only and shared opens hold no exclusive lock.
     pub fn enable_handover(&self) {
         if !self.read_only && !self.shared {
             self.store.enable_handover();

@@ -24,7 +24,9 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageHeader, ImageStore};
+use futures_util::stream::{self, StreamExt};
 use objmap::ObjectMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +67,10 @@ pub const META_SHARED: &str = "rados-nbd.shared";
 pub const MAX_BLOCK: u32 = 32 << 20;
 
 const LOCK_SHARDS: usize = 1024;
+
+/// Objects a whole-image operation (flatten, sparsify) works on at a time: librbd's
+/// `rbd_concurrent_management_ops` (default 10).
+const MANAGEMENT_CONCURRENCY: usize = 10;
 
 /// Keeps every byte offset and object arithmetic far from u64 overflow.
 pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
@@ -248,6 +254,40 @@ impl<S: ImageStore> Image<S> {
                 ErrorKind::ReadOnly,
                 format!("{} is open read-only", self.spec),
             ));
+        }
+        Ok(())
+    }
+
+    /// Runs `one` on every object `0..total`, [`MANAGEMENT_CONCURRENCY`] at a time, each
+    /// under `gate` (refused once the image is closing), with `progress(done, total)`
+    /// after each; the first error ends it.
+    async fn for_each_object<F, Fut>(
+        &self,
+        total: u64,
+        one: F,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<()>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let one = &one;
+        let mut each = stream::iter(0..total)
+            .map(|objno| async move {
+                let g = self.gate.read().await;
+                if *g {
+                    return Err(Error::new(ErrorKind::Io, "the image is closing"));
+                }
+                let r = one(objno).await;
+                drop(g);
+                r
+            })
+            .buffer_unordered(MANAGEMENT_CONCURRENCY);
+        let mut done = 0;
+        while let Some(r) = each.next().await {
+            r?;
+            done += 1;
+            progress(done, total);
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 use super::map::new_map;
 use super::{Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{ImageStore, OwnerRequest};
+use crate::store::{ImageStore, OwnerAction, OwnerRequest};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -143,40 +143,33 @@ impl<S: ImageStore> Image<S> {
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
-                match req {
-                    OwnerRequest::Resize {
-                        size,
-                        allow_shrink,
-                        done,
-                    } => {
+                let OwnerRequest {
+                    action,
+                    progress,
+                    done,
+                } = req;
+                let report = |d, t| {
+                    progress.send_replace((d, t));
+                };
+                let spec = &img.spec;
+                let r = match action {
+                    OwnerAction::Resize { size, allow_shrink } => {
                         tracing::info!(
-                            "resize of {} to {size} bytes asked by another client{}",
-                            img.spec,
+                            "resize of {spec} to {size} bytes asked by another client{}",
                             if allow_shrink {
                                 " (shrinking allowed)"
                             } else {
                                 ""
                             }
                         );
-                        let r = img.resize(size, allow_shrink).await;
-                        if let Err(e) = &r {
-                            tracing::warn!("{e}");
-                        }
-                        let _ = done.send(r);
+                        img.resize(size, allow_shrink).await
                     }
-                    OwnerRequest::SnapRemove { name, done } => {
-                        tracing::info!(
-                            "removal of snapshot {}@{name} asked by another client",
-                            img.spec
-                        );
-                        let _ = done.send(logged(img.snap_remove(&name).await));
+                    OwnerAction::SnapRemove { name } => {
+                        tracing::info!("removal of snapshot {spec}@{name} asked by another client");
+                        img.snap_remove(&name).await
                     }
-                    OwnerRequest::SnapRename {
-                        snap_id,
-                        new_name,
-                        done,
-                    } => {
-                        let r = match img
+                    OwnerAction::SnapRename { snap_id, new_name } => {
+                        match img
                             .store
                             .header()
                             .snaps
@@ -184,101 +177,61 @@ impl<S: ImageStore> Image<S> {
                             .find(|s| s.id == snap_id && s.is_user())
                         {
                             Some(s) => {
-                                tracing::info!("rename of snapshot {}@{} to {new_name} asked by another client", img.spec, s.name);
+                                tracing::info!("rename of snapshot {spec}@{} to {new_name} asked by another client", s.name);
                                 img.snap_rename(&s.name.clone(), &new_name).await
                             }
                             None => Err(Error::new(
                                 ErrorKind::NotFound,
-                                format!("{}: no snapshot with id {snap_id} to rename", img.spec),
+                                format!("{spec}: no snapshot with id {snap_id} to rename"),
                             )),
-                        };
-                        let _ = done.send(logged(r));
+                        }
                     }
-                    OwnerRequest::SnapProtect {
-                        name,
-                        protected,
-                        done,
-                    } => {
+                    OwnerAction::SnapProtect { name, protected } => {
                         tracing::info!(
-                            "{} of snapshot {}@{name} asked by another client",
+                            "{} of snapshot {spec}@{name} asked by another client",
                             if protected {
                                 "protection"
                             } else {
                                 "unprotection"
-                            },
-                            img.spec
+                            }
                         );
-                        let _ = done.send(logged(img.snap_set_protected(&name, protected).await));
+                        img.snap_set_protected(&name, protected).await
                     }
-                    OwnerRequest::Flatten { progress, done } => {
-                        tracing::info!("flatten of {} asked by another client", img.spec);
-                        let r = img
-                            .flatten(|d, t| {
-                                progress.send_replace((d, t));
-                            })
-                            .await;
-                        let _ = done.send(logged(r));
+                    OwnerAction::Flatten => {
+                        tracing::info!("flatten of {spec} asked by another client");
+                        img.flatten(report).await
                     }
-                    OwnerRequest::RebuildObjectMap { progress, done } => {
+                    OwnerAction::RebuildObjectMap => {
+                        tracing::info!("object map rebuild of {spec} asked by another client");
+                        img.rebuild_object_map(report).await.map(|_| ())
+                    }
+                    OwnerAction::Sparsify { sparse_size } => {
                         tracing::info!(
-                            "object map rebuild of {} asked by another client",
-                            img.spec
+                            "sparsify of {spec} (runs of {sparse_size} zero bytes) asked by another client"
                         );
-                        let r = img
-                            .rebuild_object_map(|d, t| {
-                                progress.send_replace((d, t));
-                            })
-                            .await
-                            .map(|_| ());
-                        let _ = done.send(logged(r));
+                        img.sparsify(sparse_size, report).await
                     }
-                    OwnerRequest::Sparsify {
-                        sparse_size,
-                        progress,
-                        done,
-                    } => {
+                    OwnerAction::UpdateFeatures { features, enabled } => {
                         tracing::info!(
-                            "sparsify of {} (runs of {sparse_size} zero bytes) asked by another client",
-                            img.spec
+                            "{} of features {features:#x} of {spec} asked by another client",
+                            if enabled { "enabling" } else { "disabling" }
                         );
-                        let r = img
-                            .sparsify(sparse_size, |d, t| {
-                                progress.send_replace((d, t));
-                            })
-                            .await;
-                        let _ = done.send(logged(r));
+                        img.update_features(features, enabled).await
                     }
-                    OwnerRequest::UpdateFeatures {
-                        features,
-                        enabled,
-                        done,
-                    } => {
-                        tracing::info!(
-                            "{} of features {features:#x} of {} asked by another client",
-                            if enabled { "enabling" } else { "disabling" },
-                            img.spec
-                        );
-                        let _ = done.send(logged(img.update_features(features, enabled).await));
-                    }
-                    OwnerRequest::ReleaseLock { done } => {
-                        let _ = done.send(logged(img.hand_over().await));
-                    }
-                    OwnerRequest::SnapCreate {
-                        name,
-                        quiesce,
-                        done,
-                    } => {
-                        tracing::info!("snapshot {}@{name} asked by another client", img.spec);
+                    OwnerAction::ReleaseLock => img.hand_over().await,
+                    OwnerAction::SnapCreate { name, quiesce } => {
+                        tracing::info!("snapshot {spec}@{name} asked by another client");
                         // snap_create holds every request off (the gate) while it syncs
                         // and takes the snapshot: every acknowledged write is in it; with
                         // --quiesce the hook runs around it.
-                        let r = img.snap_create_quiesced(&name, quiesce).await;
-                        if let Err(e) = &r {
-                            tracing::warn!("{e}");
-                        }
-                        let _ = done.send(r);
+                        img.snap_create_quiesced(&name, quiesce).await
                     }
+                };
+                // The asker gets its errno only: the failure is logged here.
+                if let Err(e) = &r {
+                    tracing::warn!("{e}");
                 }
+                let _ = done.send(r);
             }
         });
     }
@@ -288,12 +241,4 @@ impl<S: ImageStore> Image<S> {
     pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.size_tx.subscribe()
     }
-}
-
-/// Logs a failed owner request (the asker gets its errno only).
-fn logged(r: Result<()>) -> Result<()> {
-    if let Err(e) = &r {
-        tracing::warn!("{e}");
-    }
-    r
 }

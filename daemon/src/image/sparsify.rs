@@ -7,11 +7,7 @@
 use super::Image;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::ImageStore;
-use futures_util::{stream, StreamExt};
 use objmap::ObjectState;
-
-/// Objects sparsified at a time (librbd's rbd_concurrent_management_ops).
-const SPARSIFY_CONCURRENCY: usize = 10;
 
 impl<S: ImageStore> Image<S> {
     pub async fn sparsify(
@@ -37,10 +33,6 @@ impl<S: ImageStore> Image<S> {
             .map(|c| c.overlap().div_ceil(osize))
             .unwrap_or(0);
         let one = |objno: u64| async move {
-            let g = self.gate.read().await;
-            if *g {
-                return Err(Error::new(ErrorKind::Io, "the image is closing"));
-            }
             if self.is_nonexistent(objno) {
                 return Ok(());
             }
@@ -57,19 +49,12 @@ impl<S: ImageStore> Image<S> {
                     m.set(objno, ObjectState::Nonexistent);
                 }
             }
-            drop(g);
             Ok(())
         };
-        let mut each = stream::iter(0..total)
-            .map(one)
-            .buffer_unordered(SPARSIFY_CONCURRENCY);
-        let mut done = 0;
         progress(0, total);
-        while let Some(r) = each.next().await {
-            r.map_err(ctx)?;
-            done += 1;
-            progress(done, total);
-        }
+        self.for_each_object(total, one, progress)
+            .await
+            .map_err(ctx)?;
         tracing::info!("sparsified {spec} (runs of {sparse_size} zero bytes)");
         Ok(())
     }

@@ -46,65 +46,51 @@ pub const DEFAULT_FEATURES: u64 = RBD_FEATURE_LAYERING
 
 /// A request for the lock holder, answered through `done`.
 #[derive(Debug)]
-pub enum OwnerRequest {
+pub struct OwnerRequest {
+    pub action: OwnerAction,
+    /// (objects done, total) as it goes, for the actions that go object by object
+    /// (flatten, object map rebuild, sparsify); the others leave it at (0, 0).
+    pub progress: tokio::sync::watch::Sender<(u64, u64)>,
+    pub done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+impl OwnerRequest {
+    /// A request for `action`, its progress at (0, 0) (`progress.subscribe()` follows it).
+    pub fn new(action: OwnerAction, done: tokio::sync::oneshot::Sender<Result<()>>) -> Self {
+        OwnerRequest {
+            action,
+            progress: tokio::sync::watch::Sender::new((0, 0)),
+            done,
+        }
+    }
+}
+
+/// What the lock holder is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerAction {
     /// `rbd resize` / `rados-nbd resize`: shrinking needs `allow_shrink`.
-    Resize {
-        size: u64,
-        allow_shrink: bool,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    Resize { size: u64, allow_shrink: bool },
     /// `rados-nbd snap create` of an image in use: taken with new requests held and the
     /// ones in flight finished, so it holds every write acknowledged before it.
-    SnapCreate {
-        name: String,
-        quiesce: QuiesceMode,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    SnapCreate { name: String, quiesce: QuiesceMode },
     /// `rbd snap rm` of an image in use.
-    SnapRemove {
-        name: String,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    SnapRemove { name: String },
     /// `rbd snap rename`: librbd names the source by its snapshot id.
-    SnapRename {
-        snap_id: u64,
-        new_name: String,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    SnapRename { snap_id: u64, new_name: String },
     /// `rbd snap protect` / `unprotect`.
-    SnapProtect {
-        name: String,
-        protected: bool,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
-    /// `rbd flatten`: `progress` gets (objects done, total) as it goes.
-    Flatten {
-        progress: tokio::sync::watch::Sender<(u64, u64)>,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    SnapProtect { name: String, protected: bool },
+    /// `rbd flatten`.
+    Flatten,
     /// `rbd object-map rebuild`: the head's map rebuilt from the objects that exist.
-    RebuildObjectMap {
-        progress: tokio::sync::watch::Sender<(u64, u64)>,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    RebuildObjectMap,
     /// `rbd sparsify`: zero runs of at least `sparse_size` bytes given back to the store,
     /// objects of zeros only removed (outside a clone's parent overlap).
-    Sparsify {
-        sparse_size: u64,
-        progress: tokio::sync::watch::Sender<(u64, u64)>,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    Sparsify { sparse_size: u64 },
     /// `rbd feature enable|disable FEATURES`.
-    UpdateFeatures {
-        features: u64,
-        enabled: bool,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    UpdateFeatures { features: u64, enabled: bool },
     /// Another client wants the exclusive lock (cooperative hand-over): hold new
     /// requests, finish those in flight, write the map, clear the flag, release.
-    ReleaseLock {
-        done: tokio::sync::oneshot::Sender<Result<()>>,
-    },
+    ReleaseLock,
 }
 
 /// Whether a snapshot asked of the lock holder runs the `--quiesce` hook around it
@@ -397,7 +383,7 @@ pub trait ImageStore: Send + Sync + 'static {
     // calls `reacquire_lock` and reloads the map the other owner left.
 
     /// From now on a request for the lock from another client (Ceph: librbd's
-    /// REQUEST_LOCK) is accepted and passed on as [`OwnerRequest::ReleaseLock`] through
+    /// REQUEST_LOCK) is accepted and passed on as [`OwnerAction::ReleaseLock`] through
     /// `owner_requests`. Until then (and with `--exclusive`) it is refused, as rbd-nbd
     /// `--exclusive` refuses it. Stores without other clients ignore it.
     fn enable_handover(&self) {}

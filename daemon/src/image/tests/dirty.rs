@@ -46,19 +46,6 @@ async fn checkpoint_clears_and_next_write_sets_again() {
     assert_eq!(header_flags(&s).await, 0);
 }
 
-/// An image in memory, its calls recorded and audited, and a handle to look at it.
-async fn recorded(size: u64, checkpoint_idle: Option<Duration>) -> (Image<MemImage>, MemImage) {
-    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
-    let o = OpenOptions {
-        checkpoint_idle,
-        ..OpenOptions::default()
-    };
-    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &o)
-        .await
-        .unwrap();
-    (img, mem)
-}
-
 #[tokio::test]
 async fn after_a_checkpoint_only_map_changing_requests_set_the_flag() {
     let (img, mem) = recorded(32 << 20, None).await;

@@ -3,18 +3,10 @@
 
 use super::*;
 
-async fn served(size: u64) -> (Image<MemImage>, MemImage) {
-    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
-    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
-    (img, mem)
-}
-
 #[tokio::test]
 async fn object_map_turned_off_and_on_while_served() {
     use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
-    let (img, mem) = served(64 << 20).await;
+    let (img, mem) = recorded(64 << 20, None).await;
     img.write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();

@@ -4,17 +4,10 @@
 
 use super::*;
 
-async fn handing_over(size: u64) -> (Arc<Image<MemImage>>, MemImage) {
-    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
-    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
-    (Arc::new(img), mem)
-}
-
 #[tokio::test]
 async fn handed_over_clean_then_taken_back_with_the_other_owners_map() {
-    let (img, mem) = handing_over(64 << 20).await;
+    let (img, mem) = recorded(64 << 20, None).await;
+    let img = Arc::new(img);
     img.write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
@@ -78,7 +71,8 @@ async fn handed_over_clean_then_taken_back_with_the_other_owners_map() {
 
 #[tokio::test]
 async fn a_map_the_other_owner_left_flagged_is_rebuilt() {
-    let (img, mem) = handing_over(64 << 20).await;
+    let (img, mem) = recorded(64 << 20, None).await;
+    let img = Arc::new(img);
     img.write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
@@ -156,7 +150,8 @@ async fn in_flight_writes_finish_before_the_lock_goes_and_none_run_while_it_is_a
 #[tokio::test]
 async fn features_the_other_owner_changed_are_adopted_at_take_back() {
     use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
-    let (img, mem) = handing_over(64 << 20).await;
+    let (img, mem) = recorded(64 << 20, None).await;
+    let img = Arc::new(img);
     img.write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();

@@ -71,6 +71,19 @@ async fn open(s: &DirStore, read_only: bool) -> Image<DirImage> {
     Image::open(s, &spec("vm1"), &o).await.unwrap()
 }
 
+/// An image in memory, its calls recorded and audited, and a handle to look at it.
+async fn recorded(size: u64, checkpoint_idle: Option<Duration>) -> (Image<MemImage>, MemImage) {
+    let mem = MemImage::new(size, DEFAULT_FEATURES).audited();
+    let o = OpenOptions {
+        checkpoint_idle,
+        ..OpenOptions::default()
+    };
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &o)
+        .await
+        .unwrap();
+    (img, mem)
+}
+
 fn pool(d: &Path) -> PathBuf {
     d.join("rbd")
 }

@@ -9,7 +9,7 @@ use super::owner_msgs::{self, OwnerMsg, OwnerOp};
 use super::rados::{self, errno_of, is_blocklisted, Reply, Watch, WatchEvent};
 use super::{cls, LOCK, NOTIFY_TIMEOUT_MS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{LockAtOpen, OpenMode, OwnerRequest, QuiesceMode};
+use crate::store::{LockAtOpen, OpenMode, OwnerAction, OwnerRequest, QuiesceMode};
 use libc::{EACCES, EBUSY, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EOPNOTSUPP, EPERM, EROFS};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -330,55 +330,42 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
     }
     let what = msg.op.describe();
     tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id}");
-    let (progress, mut progress_rx) = tokio::sync::watch::channel((0u64, 0u64));
     let (done, mut rx) = tokio::sync::oneshot::channel();
     // A snapshot's flags: every watcher is asked to quiesce around it (as librbd's
     // SnapshotCreateRequest), unless they say to skip it.
     let mut snap_quiesce = None;
-    let req = match msg.op {
-        OwnerOp::Resize { size, allow_shrink } => OwnerRequest::Resize {
-            size,
-            allow_shrink,
-            done,
-        },
+    let action = match msg.op {
+        OwnerOp::Resize { size, allow_shrink } => OwnerAction::Resize { size, allow_shrink },
         OwnerOp::SnapCreate { name, flags, .. } => {
             snap_quiesce = Some(flags);
             // Our own hook runs as a watcher's (quiesce_watchers below), not again here.
-            OwnerRequest::SnapCreate {
+            OwnerAction::SnapCreate {
                 name,
                 quiesce: QuiesceMode::Skip,
-                done,
             }
         }
-        OwnerOp::SnapRemove { name, .. } => OwnerRequest::SnapRemove { name, done },
-        OwnerOp::SnapRename { snap_id, name } => OwnerRequest::SnapRename {
+        OwnerOp::SnapRemove { name, .. } => OwnerAction::SnapRemove { name },
+        OwnerOp::SnapRename { snap_id, name } => OwnerAction::SnapRename {
             snap_id,
             new_name: name,
-            done,
         },
-        OwnerOp::SnapProtect { name, .. } => OwnerRequest::SnapProtect {
+        OwnerOp::SnapProtect { name, .. } => OwnerAction::SnapProtect {
             name,
             protected: true,
-            done,
         },
-        OwnerOp::SnapUnprotect { name, .. } => OwnerRequest::SnapProtect {
+        OwnerOp::SnapUnprotect { name, .. } => OwnerAction::SnapProtect {
             name,
             protected: false,
-            done,
         },
-        OwnerOp::Flatten => OwnerRequest::Flatten { progress, done },
-        OwnerOp::RebuildObjectMap => OwnerRequest::RebuildObjectMap { progress, done },
-        OwnerOp::Sparsify { sparse_size } => OwnerRequest::Sparsify {
-            sparse_size,
-            progress,
-            done,
-        },
-        OwnerOp::UpdateFeatures { features, enabled } => OwnerRequest::UpdateFeatures {
-            features,
-            enabled,
-            done,
-        },
+        OwnerOp::Flatten => OwnerAction::Flatten,
+        OwnerOp::RebuildObjectMap => OwnerAction::RebuildObjectMap,
+        OwnerOp::Sparsify { sparse_size } => OwnerAction::Sparsify { sparse_size },
+        OwnerOp::UpdateFeatures { features, enabled } => {
+            OwnerAction::UpdateFeatures { features, enabled }
+        }
     };
+    let req = OwnerRequest::new(action, done);
+    let mut progress_rx = req.progress.subscribe();
     let me = inner.clone();
     // A task that close ends (`Quiesce::stop`): none may hold the handle, and with it the
     // cluster connection, when the runtime shuts down.
@@ -774,7 +761,7 @@ fn hand_over(inner: &Inner, who: String) {
     tracing::info!(image = %inner.spec, "{who} asks for the exclusive lock: handing it over");
     // The image layer logs a failure; nobody waits for the outcome here.
     let (done, _) = tokio::sync::oneshot::channel();
-    let _ = tx.send(OwnerRequest::ReleaseLock { done });
+    let _ = tx.send(OwnerRequest::new(OwnerAction::ReleaseLock, done));
 }
 
 /// Releases the lock for another client (librbd's ReleaseRequest: unlock, then

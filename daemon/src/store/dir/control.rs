@@ -4,7 +4,7 @@
 use super::{lock, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
-use crate::store::QuiesceMode;
+use crate::store::{OwnerAction, OwnerRequest, QuiesceMode};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -25,7 +25,7 @@ impl Inner {
     /// Starts taking requests on the control socket: the exclusive lock holder only, once.
     pub(super) fn take_requests(
         &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::OwnerRequest>> {
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<OwnerRequest>> {
         if !self.exclusive || self.closed.load(Ordering::Acquire) {
             return None;
         }
@@ -65,15 +65,6 @@ fn control_path(pool_dir: &Path, id: &str) -> PathBuf {
     pool_dir.join(format!("rbd_header.{id}.ctl"))
 }
 
-/// One request on the control socket.
-#[derive(Debug, PartialEq, Eq)]
-enum ControlRequest {
-    Resize { size: u64, allow_shrink: bool },
-    SnapCreate { name: String, quiesce: QuiesceMode },
-    SnapRemove { name: String },
-    Flatten,
-}
-
 /// The control line's word for a quiesce mode (none for the default).
 fn quiesce_word(m: QuiesceMode) -> &'static str {
     match m {
@@ -86,14 +77,14 @@ fn quiesce_word(m: QuiesceMode) -> &'static str {
 /// The control socket's protocol: one request line, one answer line.
 /// `resize SIZE 0|1` (1: shrinking allowed), `snap-create NAME [skip-quiesce|
 /// ignore-quiesce-error]`, `snap-rm NAME` or `flatten` → `ok` or `error MESSAGE`.
-fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, String> {
+fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
-        ["snap-create", name] => Ok(ControlRequest::SnapCreate {
+        ["snap-create", name] => Ok(OwnerAction::SnapCreate {
             name: name.to_string(),
             quiesce: QuiesceMode::Run,
         }),
-        ["snap-create", name, mode] => Ok(ControlRequest::SnapCreate {
+        ["snap-create", name, mode] => Ok(OwnerAction::SnapCreate {
             name: name.to_string(),
             quiesce: match mode {
                 "skip-quiesce" => QuiesceMode::Skip,
@@ -101,10 +92,10 @@ fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, Stri
                 _ => return Err(format!("bad quiesce mode {mode:?}")),
             },
         }),
-        ["snap-rm", name] => Ok(ControlRequest::SnapRemove {
+        ["snap-rm", name] => Ok(OwnerAction::SnapRemove {
             name: name.to_string(),
         }),
-        ["flatten"] => Ok(ControlRequest::Flatten),
+        ["flatten"] => Ok(OwnerAction::Flatten),
         ["resize", size, shrink] => {
             let size = size
                 .parse::<u64>()
@@ -114,7 +105,7 @@ fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, Stri
                 "1" => true,
                 _ => return Err(format!("bad allow-shrink {shrink:?}")),
             };
-            Ok(ControlRequest::Resize {
+            Ok(OwnerAction::Resize {
                 size,
                 allow_shrink: shrink,
             })
@@ -125,7 +116,7 @@ fn parse_control_request(line: &str) -> std::result::Result<ControlRequest, Stri
 
 async fn serve_control(
     listener: tokio::net::UnixListener,
-    tx: tokio::sync::mpsc::UnboundedSender<crate::store::OwnerRequest>,
+    tx: tokio::sync::mpsc::UnboundedSender<OwnerRequest>,
 ) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     loop {
@@ -145,30 +136,8 @@ async fn serve_control(
                 Err(e) => format!("error {e}\n"),
                 Ok(r) => {
                     let (done, rx) = tokio::sync::oneshot::channel();
-                    let req = match r {
-                        ControlRequest::Resize { size, allow_shrink } => {
-                            crate::store::OwnerRequest::Resize {
-                                size,
-                                allow_shrink,
-                                done,
-                            }
-                        }
-                        ControlRequest::SnapCreate { name, quiesce } => {
-                            crate::store::OwnerRequest::SnapCreate {
-                                name,
-                                quiesce,
-                                done,
-                            }
-                        }
-                        ControlRequest::SnapRemove { name } => {
-                            crate::store::OwnerRequest::SnapRemove { name, done }
-                        }
-                        // The line protocol has no progress: the asker just waits.
-                        ControlRequest::Flatten => crate::store::OwnerRequest::Flatten {
-                            progress: tokio::sync::watch::channel((0, 0)).0,
-                            done,
-                        },
-                    };
+                    // The line protocol has no progress: the asker just waits.
+                    let req = OwnerRequest::new(r, done);
                     match tx.send(req) {
                         Err(_) => "error the image is closing\n".to_string(),
                         Ok(()) => match rx.await {
@@ -285,7 +254,7 @@ mod tests {
             let line = format!("snap-create s1{}\n", quiesce_word(m));
             assert_eq!(
                 parse_control_request(&line),
-                Ok(ControlRequest::SnapCreate {
+                Ok(OwnerAction::SnapCreate {
                     name: "s1".into(),
                     quiesce: m
                 })
@@ -295,12 +264,9 @@ mod tests {
         assert!(parse_control_request("snap-create\n").is_err());
         assert_eq!(
             parse_control_request("snap-rm old\n"),
-            Ok(ControlRequest::SnapRemove { name: "old".into() })
+            Ok(OwnerAction::SnapRemove { name: "old".into() })
         );
-        assert_eq!(
-            parse_control_request("flatten\n"),
-            Ok(ControlRequest::Flatten)
-        );
+        assert_eq!(parse_control_request("flatten\n"), Ok(OwnerAction::Flatten));
         assert!(parse_control_request("snap-rm\n").is_err());
         assert!(parse_control_request("flatten now\n").is_err());
     }
