@@ -133,6 +133,19 @@ check "rbd export IMG@c1 equals exactly the writes acknowledged before it" \
   bash -c "exported_is '$I@c1' '$work/ref.c1'"
 check "rados-nbd snap create of an existing name fails, saying so" bash -c \
   "out=\$(timeout 120 ${RNQ} snap create '$I@c1' 2>&1) && exit 1; grep -q 'File exists' <<<\"\$out\""
+check "rados-nbd snap protect IMG@c1 of the served image (asked of the owner)" \
+  timeout 120 "${RN[@]}" snap protect "$I@c1"
+check "... rbd sees it protected" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[] | select(.name==\"c1\") | .protected')\" = true ]"
+check "rados-nbd snap rename IMG@c1 IMG@c1r of the served image (asked of the owner)" \
+  timeout 120 "${RN[@]}" snap rename "$I@c1" "$I@c1r"
+check "rados-nbd snap unprotect IMG@c1r of the served image (asked of the owner)" \
+  timeout 120 "${RN[@]}" snap unprotect "$I@c1r"
+check "... rbd sees it renamed and unprotected" bash -c \
+  "[ \"\$(rbd snap ls '$I' --format json | jq -r '.[] | select(.name==\"c1r\") | .protected')\" = false ]"
+check "rados-nbd snap rename of a missing snapshot of the served image fails, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} snap rename '$I@nope' '$I@x' 2>&1) && exit 1; grep -q 'not found' <<<\"\$out\""
+check "rados-nbd snap rename IMG@c1r IMG@c1 back" timeout 120 "${RN[@]}" snap rename "$I@c1r" "$I@c1"
 check "rados-nbd snap rm IMG@c1 of the served image succeeds" timeout 120 "${RN[@]}" snap rm "$I@c1"
 check "rados-nbd snap rm of a missing snapshot fails, saying so" bash -c \
   "out=\$(timeout 120 ${RNQ} snap rm '$I@c1' 2>&1) && exit 1; grep -q 'No such file' <<<\"\$out\""

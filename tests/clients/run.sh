@@ -275,6 +275,12 @@ unserve
 check "snapshot and clone of it" bash -c "'$BIN' snap create cpar@s >/dev/null && '$BIN' clone cpar@s cchild"
 serve cchild --socket "$sock"
 check "snap create of the served clone" "$BIN" snap create cchild@a
+check "snap protect of the served clone's snapshot (asked of the daemon)" "$BIN" snap protect cchild@a
+check "snap rename of the served clone's snapshot (asked of the daemon)" "$BIN" snap rename cchild@a cchild@b
+check "snap unprotect of the served clone's snapshot (asked of the daemon)" "$BIN" snap unprotect cchild@b
+check "... renamed and unprotected" bash -c \
+  "[ \"\$('$BIN' snap ls cchild --format json | jq -r '.[0].name + \" \" + .[0].protected')\" = 'b false' ]"
+check "snap rename back (asked of the daemon)" "$BIN" snap rename cchild@b cchild@a
 check "snap rm of the served clone's snapshot (asked of the daemon)" "$BIN" snap rm cchild@a
 check "... the snapshot is gone" bash -c "[ \"\$('$BIN' snap ls cchild --format json | jq length)\" = 0 ]"
 check "snap rm of a missing snapshot of a served image fails" bash -c "! '$BIN' snap rm cchild@nosuch 2>/dev/null"

@@ -76,10 +76,27 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                     dname
                 }
             };
-            on_head(store, &spec, "rename a snapshot of", async |img| {
+            let r = try_on_head(store, &spec, "rename a snapshot of", async |img| {
                 img.snap_rename(&name, &new_name).await
             })
-            .await
+            .await?;
+            match r {
+                Head::InUse(_) => {
+                    // The holder's request names the snapshot by id, as librbd's does.
+                    let id = with_image(store, &spec, OpenMode::ReadOnly, async |i| {
+                        Ok(i.header().user_snap(&name).map(|s| s.id))
+                    })
+                    .await?;
+                    match id {
+                        Some(id) => store.ask_holder_to_snap_rename(&spec, id, &new_name).await,
+                        None => Err(Error::new(
+                            ErrorKind::NotFound,
+                            format!("snapshot {spec}@{name} not found"),
+                        )),
+                    }
+                }
+                Head::Done(r) => r,
+            }
         }
         SnapCommand::Protect { snap } => protect(store, &snap, true).await,
         SnapCommand::Unprotect { snap } => protect(store, &snap, false).await,
@@ -102,10 +119,18 @@ async fn protect<S: Store>(store: &S, snap: &str, protected: bool) -> Result<()>
     } else {
         "unprotect a snapshot of"
     };
-    on_head(store, &spec, what, async |img| {
+    let r = try_on_head(store, &spec, what, async |img| {
         img.snap_set_protected(&name, protected).await
     })
-    .await
+    .await?;
+    match r {
+        Head::InUse(_) => {
+            store
+                .ask_holder_to_snap_protect(&spec, &name, protected)
+                .await
+        }
+        Head::Done(r) => r,
+    }
 }
 
 /// `IMAGE@SNAP` → (the image, the snapshot's name).

@@ -289,6 +289,23 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// `rados-nbd snap protect|unprotect` of an image in use.
+    fn ask_holder_to_snap_protect(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+        protect: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// `rados-nbd snap rename` of an image in use: the snapshot named by its id, as
+    /// librbd's request names it.
+    fn ask_holder_to_snap_rename(
+        &self,
+        spec: &ImageSpec,
+        snap_id: u64,
+        new_name: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// `rados-nbd flatten` of a clone in use; `progress(done, total)` as the holder reports it.
     fn ask_holder_to_flatten(
         &self,

@@ -150,6 +150,18 @@ pub(super) fn snap_create(
 pub(super) fn snap_remove(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
     move |id| owner_msgs::snap_remove_request(id, name)
 }
+pub(super) fn snap_protect(
+    name: &str,
+    protect: bool,
+) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
+    move |id| owner_msgs::snap_protect_request(id, name, protect)
+}
+pub(super) fn snap_rename(
+    snap_id: u64,
+    new_name: &str,
+) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
+    move |id| owner_msgs::snap_rename_request(id, snap_id, new_name)
+}
 pub(super) fn flatten() -> impl FnOnce(AsyncRequestId) -> Vec<u8> {
     owner_msgs::flatten_request
 }

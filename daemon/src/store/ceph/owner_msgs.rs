@@ -227,6 +227,28 @@ pub fn snap_remove_request(id: AsyncRequestId, name: &str) -> Vec<u8> {
     })
 }
 
+pub fn snap_protect_request(id: AsyncRequestId, name: &str, protect: bool) -> Vec<u8> {
+    let op = if protect {
+        NOTIFY_OP_SNAP_PROTECT
+    } else {
+        NOTIFY_OP_SNAP_UNPROTECT
+    };
+    request(op, |e| {
+        e.str(name);
+        put_user_ns(e);
+        put_id(e, id);
+    })
+}
+
+pub fn snap_rename_request(id: AsyncRequestId, snap_id: u64, new_name: &str) -> Vec<u8> {
+    request(NOTIFY_OP_SNAP_RENAME, |e| {
+        e.u64(snap_id);
+        e.str(new_name);
+        put_user_ns(e);
+        put_id(e, id);
+    })
+}
+
 pub fn flatten_request(id: AsyncRequestId) -> Vec<u8> {
     request(NOTIFY_OP_FLATTEN, |e| put_id(e, id))
 }
@@ -509,6 +531,47 @@ mod tests {
         assert_eq!(
             flatten_request(id),
             hex("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000")
+        );
+        // rbd snap rm's layout with another op (captured rbd snap rm above): protect,
+        // unprotect; rename puts the source id first.
+        let mut protect = snap_remove_request(id, "s2");
+        protect[6] = NOTIFY_OP_SNAP_PROTECT as u8;
+        assert_eq!(snap_protect_request(id, "s2", true), protect);
+        for (req, protect) in [
+            (snap_protect_request(ID, "p", true), true),
+            (snap_protect_request(ID, "p", false), false),
+        ] {
+            let m = owner_msg(&req).unwrap().unwrap();
+            let want = if protect {
+                OwnerOp::SnapProtect {
+                    ns: SNAP_NS_USER,
+                    name: "p".into(),
+                }
+            } else {
+                OwnerOp::SnapUnprotect {
+                    ns: SNAP_NS_USER,
+                    name: "p".into(),
+                }
+            };
+            assert_eq!(
+                m,
+                OwnerMsg {
+                    op: want,
+                    id: Some(ID)
+                }
+            );
+        }
+        assert_eq!(
+            owner_msg(&snap_rename_request(ID, 4, "new"))
+                .unwrap()
+                .unwrap(),
+            OwnerMsg {
+                op: OwnerOp::SnapRename {
+                    snap_id: 4,
+                    name: "new".into()
+                },
+                id: Some(ID)
+            }
         );
         assert_eq!(
             owner_msg(&resize_request(ID, 5 << 20, true))

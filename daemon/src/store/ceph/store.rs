@@ -297,6 +297,31 @@ impl Store for CephStore {
         ask_owner::ask_owner(self, spec, &what, ask_owner::snap_remove(name), |_, _| {}).await
     }
 
+    async fn ask_holder_to_snap_protect(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+        protect: bool,
+    ) -> Result<()> {
+        let what = format!(
+            "{} snapshot {name}",
+            if protect { "protect" } else { "unprotect" }
+        );
+        let req = ask_owner::snap_protect(name, protect);
+        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
+    }
+
+    async fn ask_holder_to_snap_rename(
+        &self,
+        spec: &ImageSpec,
+        snap_id: u64,
+        new_name: &str,
+    ) -> Result<()> {
+        let what = format!("rename snapshot {snap_id} to {new_name}");
+        let req = ask_owner::snap_rename(snap_id, new_name);
+        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
+    }
+
     async fn ask_holder_to_flatten(
         &self,
         spec: &ImageSpec,

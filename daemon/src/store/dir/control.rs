@@ -76,7 +76,8 @@ fn quiesce_word(m: QuiesceMode) -> &'static str {
 
 /// The control socket's protocol: one request line, one answer line.
 /// `resize SIZE 0|1` (1: shrinking allowed), `snap-create NAME [skip-quiesce|
-/// ignore-quiesce-error]`, `snap-rm NAME` or `flatten` → `ok` or `error MESSAGE`.
+/// ignore-quiesce-error]`, `snap-rm NAME`, `snap-protect NAME`, `snap-unprotect NAME`,
+/// `snap-rename ID NEW-NAME` or `flatten` → `ok` or `error MESSAGE`.
 fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
@@ -94,6 +95,20 @@ fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String>
         }),
         ["snap-rm", name] => Ok(OwnerAction::SnapRemove {
             name: name.to_string(),
+        }),
+        ["snap-protect", name] => Ok(OwnerAction::SnapProtect {
+            name: name.to_string(),
+            protected: true,
+        }),
+        ["snap-unprotect", name] => Ok(OwnerAction::SnapProtect {
+            name: name.to_string(),
+            protected: false,
+        }),
+        ["snap-rename", snap_id, new_name] => Ok(OwnerAction::SnapRename {
+            snap_id: snap_id
+                .parse::<u64>()
+                .map_err(|_| format!("bad snapshot id {snap_id:?}"))?,
+            new_name: new_name.to_string(),
         }),
         ["flatten"] => Ok(OwnerAction::Flatten),
         ["resize", size, shrink] => {
@@ -191,6 +206,35 @@ pub(super) async fn ask_holder_to_snap_remove(
     ask_holder(pool_dir, id, spec, &line, "snap rm").await
 }
 
+/// Asks the holder of `spec` to (un)protect snapshot `name` (see [`ask_holder_to_resize`]).
+pub(super) async fn ask_holder_to_snap_protect(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+    name: &str,
+    protect: bool,
+) -> Result<()> {
+    let verb = if protect {
+        "snap-protect"
+    } else {
+        "snap-unprotect"
+    };
+    let line = format!("{verb} {name}\n");
+    ask_holder(pool_dir, id, spec, &line, &verb.replace('-', " ")).await
+}
+
+/// Asks the holder of `spec` to rename snapshot `snap_id` (see [`ask_holder_to_resize`]).
+pub(super) async fn ask_holder_to_snap_rename(
+    pool_dir: &Path,
+    id: &str,
+    spec: &ImageSpec,
+    snap_id: u64,
+    new_name: &str,
+) -> Result<()> {
+    let line = format!("snap-rename {snap_id} {new_name}\n");
+    ask_holder(pool_dir, id, spec, &line, "snap rename").await
+}
+
 /// Asks the holder of `spec` to flatten it (see [`ask_holder_to_resize`]).
 pub(super) async fn ask_holder_to_flatten(
     pool_dir: &Path,
@@ -269,5 +313,21 @@ mod tests {
         assert_eq!(parse_control_request("flatten\n"), Ok(OwnerAction::Flatten));
         assert!(parse_control_request("snap-rm\n").is_err());
         assert!(parse_control_request("flatten now\n").is_err());
+        assert_eq!(
+            parse_control_request("snap-unprotect a\n"),
+            Ok(OwnerAction::SnapProtect {
+                name: "a".into(),
+                protected: false
+            })
+        );
+        assert_eq!(
+            parse_control_request("snap-rename 7 b\n"),
+            Ok(OwnerAction::SnapRename {
+                snap_id: 7,
+                new_name: "b".into()
+            })
+        );
+        assert!(parse_control_request("snap-rename x b\n").is_err());
+        assert!(parse_control_request("snap-protect\n").is_err());
     }
 }

@@ -262,6 +262,26 @@ impl Store for DirStore {
         control::ask_holder_to_snap_remove(&pool_dir, &id, spec, name).await
     }
 
+    async fn ask_holder_to_snap_protect(
+        &self,
+        spec: &ImageSpec,
+        name: &str,
+        protect: bool,
+    ) -> Result<()> {
+        let (pool_dir, id) = self.holder_address(spec)?;
+        control::ask_holder_to_snap_protect(&pool_dir, &id, spec, name, protect).await
+    }
+
+    async fn ask_holder_to_snap_rename(
+        &self,
+        spec: &ImageSpec,
+        snap_id: u64,
+        new_name: &str,
+    ) -> Result<()> {
+        let (pool_dir, id) = self.holder_address(spec)?;
+        control::ask_holder_to_snap_rename(&pool_dir, &id, spec, snap_id, new_name).await
+    }
+
     async fn ask_holder_to_flatten(
         &self,
         spec: &ImageSpec,
