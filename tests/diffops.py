@@ -174,7 +174,7 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
         allowed -= {"snap", "livesnap"}
     weights = {"write": 30, "trim": 14, "zero": 14, "flush": 4, "close": 8, "crash": 4,
                "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4, "slowcrash": 1,
-               "takeover": 1, "sparsify": 3, "feature": 3, "handover": 3}
+               "takeover": 1, "sparsify": 6, "feature": 6, "handover": 6}
     names = [k for k in weights if k in allowed]
     extra = list(OWNER_OPS) if owner is not None and not kinds else []
     size = geo.size
