@@ -38,6 +38,9 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    EIO and the place read P_B. B then serves the rest. Twin: only P_B
   sparsify         `rbd sparsify` of A (served: reaches rados-nbd as the lock owner)
                                                     librbd sparsify(4096)
+                   librbd's marks objects unchanged since a snapshot EXISTS, which its own
+                   object-map check rejects: those maps are checked and rebuilt at once
+                   (Run.after_librbd_sparsify)
   feature          `rbd feature enable|disable` of A's object-map or fast-diff (served: done
                    by the owner; enabling object-map on an image with snapshots closes the
                    serve first, as rados-nbd refuses it while served)
