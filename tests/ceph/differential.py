@@ -38,9 +38,9 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    EIO and the place read P_B. B then serves the rest. Twin: only P_B
   sparsify         `rbd sparsify` of A (served: reaches rados-nbd as the lock owner)
                                                     librbd sparsify(4096)
-                   librbd's marks objects unchanged since a snapshot EXISTS, which its own
-                   object-map check rejects: those maps are checked and rebuilt at once
-                   (Run.after_librbd_sparsify)
+                   librbd marks every object left EXISTS, even one unchanged since a
+                   snapshot (its own object-map check then wants EXISTS_CLEAN: the check's
+                   same-mismatch rule below applies)
   feature          `rbd feature enable|disable` of A's object-map or fast-diff (served: done
                    by the owner; enabling object-map on an image with snapshots closes the
                    serve first, as rados-nbd refuses it while served)
@@ -120,8 +120,6 @@ class Env:
         self.counter = 0
         # Times the object-map check found the same mismatch in A and in librbd's twin.
         self.same_check_mismatch = 0
-        # Times librbd's sparsify left EXISTS marks its own check rejects (after_librbd_sparsify).
-        self.sparsify_marks = 0
 
     def close(self):
         # Shut librados down before the interpreter exits: left to the interpreter's teardown,
@@ -301,7 +299,6 @@ class Run(diffops.Serves):
             # Served, librbd asks the owner (rados-nbd) to do it; else it does it itself.
             sh(["rbd", "sparsify", "--no-progress", "--sparse-size", "4096", f"{POOL}/{self.a}"])
             self.bimg.sparsify(4096)
-            self.after_librbd_sparsify()
         elif k == "feature":
             self.feature(op[1], op[2])
         elif k == "handover":
@@ -380,35 +377,6 @@ class Run(diffops.Serves):
         for addr in a_watch:
             cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
             self.env.cluster.mon_command(cmd, b"", timeout=30)
-
-    def after_librbd_sparsify(self):
-        """librbd's sparsify marks every object it sparsified EXISTS in the head's map, even
-        one it left unchanged since the last snapshot (EXISTS_CLEAN: its SparsifyRequest
-        moves it through PENDING), and its own `rbd object-map check` then rejects those
-        marks ("marked as 1, but should be 3") and flags the map invalid; `rbd diff
-        --from-snap` meanwhile lists them as changed. rados-nbd leaves them EXISTS_CLEAN. As
-        with the check's other known mismatch (see _compare), what librbd did is checked and
-        its map rebuilt, as a user would: B's, and A's when librbd did A's sparsify too (not
-        served). Any other mismatch is a failure."""
-        if not (self.maps and self.snaps):
-            return  # no EXISTS_CLEAN without a snapshot, no map to check without object-map
-        names = [self.b] + ([self.a] if self.server is None else [])
-        self.bimg.close()
-        try:
-            for img in names:
-                spec = f"{POOL}/{img}"
-                ok, bad, text = self.object_map_check(spec)
-                if ok:
-                    continue
-                if not bad or any((m, should) != (1, 3) for _, m, should in bad):
-                    who = "librbd's twin" if img == self.b else "A (sparsified by librbd)"
-                    raise Failure("sparsify: object-map check",
-                                  f"after librbd's sparsify, rbd object-map check of {who}: "
-                                  f"{text}")
-                self.env.sparsify_marks += 1
-                sh(["rbd", "object-map", "rebuild", "--no-progress", spec])
-        finally:
-            self.bimg = rbd.Image(self.env.ioctx, self.b)
 
     def feature(self, name, on):
         """`rbd feature enable|disable A name` (done by the owner when served), librbd's
@@ -551,8 +519,9 @@ class Run(diffops.Serves):
             # The check can disagree with librbd's own map: a partial discard of an
             # EXISTS_CLEAN object wholly past its data end is marked EXISTS by librbd (and by
             # us), but the OSD has nothing to cut, makes no clone, and the check says
-            # EXISTS_CLEAN. What counts is being no different from librbd: the twin's check
-            # must find the same mismatches. Both maps are then rebuilt, as a user would.
+            # EXISTS_CLEAN; so does every object that a sparsify left with nothing cut.
+            # What counts is being no different from librbd: the twin's check must find the
+            # same mismatches. Both maps are then rebuilt, as a user would.
             twin = spec.replace(f"/{self.a}", f"/{self.b}")
             ok_b, bad_b, text_b = self.object_map_check(twin)
             if not bad or bad != bad_b:
@@ -705,13 +674,8 @@ def main():
 
 def run(args, env):
     def note(replay):
-        n, m = env.same_check_mismatch, env.sparsify_marks
-        notes = []
-        if n or replay:
-            notes.append(f"{n} object-map checks found the same mismatch in librbd's twin")
-        if m or replay:
-            notes.append(f"{m} maps rebuilt after librbd's sparsify marked unchanged objects EXISTS")
-        return "; ".join(notes)
+        n = env.same_check_mismatch
+        return f"{n} object-map checks found the same mismatch in librbd's twin" if n or replay else ""
 
     test = diffops.Campaign("differential", "tests/ceph/differential.py", "diff", "librbd's twin",
                             env.work, lambda geo, ops, label: run_sequence(env, geo, ops, label),
