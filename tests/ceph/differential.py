@@ -51,7 +51,8 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    flags are compared with B's at once
   handover         a librbd client (another process) opens A while it is served and writes
                    P at (off, len): it asks rados-nbd for the lock, which hands it over; the
-                   client closes, and rados-nbd's next request takes the lock back
+                   client closes, and rados-nbd's next request takes the lock back (until
+                   then `rbd sparsify|feature|resize` find no owner and are done by librbd)
                                                     librbd write of P
 
 A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
@@ -151,6 +152,9 @@ class Run(diffops.Serves):
         self.snaps = []
         # object-map and fast-diff on (librbd turns them on and off together).
         self.maps = True
+        # A hand-over left the lock free: until A's next request takes it back, librbd (not
+        # rados-nbd) does what `rbd` asks of the image, as when it is not served.
+        self.owner_away = False
         self.serves = 0
         self.log = os.path.join(env.work, f"{base}.serve.log")
         self.label = label
@@ -175,6 +179,7 @@ class Run(diffops.Serves):
             raise Failure(f"{kind} late", f"the open took {time.monotonic() - t:.0f} s, "
                           f"more than {bound} s")
         self.server = s
+        self.owner_away = False
         self.h = s.connect()
         got = self.h.get_size()
         if got != self.size:
@@ -225,6 +230,8 @@ class Run(diffops.Serves):
     def run_op(self, op):
         k = op[0]
         h, b = self.h, self.bimg
+        if k in ("write", "trim", "zero", "ro", "oob"):
+            self.owner_away = False  # the request takes the lock back
         if k == "write":
             b.write(diffops.send(h, op), op[1])
         elif k == "trim":
@@ -385,7 +392,7 @@ class Run(diffops.Serves):
             # librbd refuses a change that changes nothing ("already enabled"): a no-op, so
             # that a minimised sequence that lost the change before stays valid.
             return
-        if on and self.snaps and self.server is not None:
+        if on and self.snaps and self.server is not None and not self.owner_away:
             # rados-nbd refuses to build the snapshots' maps while served (EBUSY, README):
             # the image is closed first, as a user would.
             self.end_serve(crash=False)
@@ -397,9 +404,10 @@ class Run(diffops.Serves):
             # librbd leaves the maps it made flagged invalid until rebuilt; rados-nbd, the
             # owner, builds A's itself.
             self.bimg.rebuild_object_map()
-            if self.server is None:
+            if self.server is None or self.owner_away:
+                # librbd did A's too.
                 sh(["rbd", "object-map", "rebuild", "--no-progress", f"{POOL}/{self.a}"])
-            # (Snapshots: A is not served, see above.)
+            # (Snapshots: rados-nbd did not do it, see above.)
             for snap in self.snaps:
                 for img in (self.a, self.b):
                     sh(["rbd", "object-map", "rebuild", "--no-progress", f"{POOL}/{img}@{snap}"])
@@ -408,7 +416,8 @@ class Run(diffops.Serves):
         want = (self.bimg.features(), self.bimg.flags())
         if got != want:
             raise Failure("feature", f"after rbd feature {'enable' if on else 'disable'} "
-                          f"{name}{' (served)' if self.server else ''}: rados-nbd image "
+                          f"{name}{' (served)' if self.server else ''}"
+                          f"{' (lock handed over)' if self.owner_away else ''}: rados-nbd image "
                           f"features {got[0]:#x} flags {got[1]:#x}, librbd's twin features "
                           f"{want[0]:#x} flags {want[1]:#x}")
 
@@ -429,6 +438,7 @@ class Run(diffops.Serves):
             raise Failure("handover", f"the librbd writer of {off}+{length} exited "
                           f"{r.returncode}: {' | '.join(err)[-600:]}")
         self.bimg.write(data, off)
+        self.owner_away = True
 
     # ------------------------------------------------------------------ comparison
     def compare(self, where, rebuilt=False):
