@@ -35,11 +35,30 @@ the minimiser needs.
                                      writer then writes (off, len) and the reader must see it
   ["oob"]                            TRIM past the end must fail with EINVAL
 
+Lock-owner operations (Ceph only: generate(owner=...); a librbd client asks the server, as the
+exclusive-lock owner, to do them, or takes the lock from it):
+
+  ["sparsify"]                       `rbd sparsify` (4 KiB), served (the owner does it) or not
+  ["feature", name, on]              `rbd feature enable|disable` of "object-map" or
+                                     "fast-diff", served (the owner does it) or not. librbd
+                                     turns both on or both off together; one that would
+                                     change nothing (both already so: librbd refuses it)
+                                     does nothing, so any subsequence stays valid
+  ["handover", off, len, tag]        a librbd client opens the served image and writes
+                                     pattern(tag, off, len) at off: it asks the server for
+                                     the lock, which hands it over; the client closes, and
+                                     the server's next request takes the lock back. An I/O
+                                     operation: clipped, and it starts a server when none runs
+
 Offsets and lengths are multiples of 512 so that every client and server accepts them.
 
 slowcrash and takeover cost a watch timeout each (15 s on the test cluster): they are never
 drawn by weight unless named in kinds; a run asks for them with `rare` instead, once in a
 sequence (see rare_ops()).
+
+The lock-owner operations are drawn by weight when kinds names them. In the default mix they
+come from a stream of their own (owner, a random.Random: see OWNER_RATE), inserted between
+the others, so that the other operations of a seed are the ones it had before they existed.
 """
 
 import json
@@ -116,26 +135,67 @@ def rare_ops(seed, long=False):
     return {7: ["slowcrash"], period * 3 // 4 - 1: ["takeover"]}.get(seed % period, [])
 
 
-def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=()):
+# The lock-owner operations (Ceph only).
+OWNER_OPS = ("sparsify", "feature", "handover")
+# In the default mix, the chance that a lock-owner operation (one of OWNER_OPS, evenly) comes
+# before each operation of the sequence: about 20 in a default run of 32 sequences.
+OWNER_RATE = 0.04
+# The tags of hand-overs drawn from the owner stream: apart from the main stream's.
+OWNER_TAG = 1 << 24
+
+
+def owner_rng(seed):
+    """The lock-owner operations' own random stream for a seed (see generate())."""
+    return random.Random(f"owner-ops {seed}")
+
+
+def _owner_op(rng, k, size, geo, maps, tag):
+    """A lock-owner operation of kind k: maps tells whether object-map and fast-diff are on
+    (librbd turns them on and off together), so that a feature change is one that changes
+    something."""
+    if k == "feature":
+        return ["feature", rng.choice(["object-map", "fast-diff"]), not maps]
+    if k == "handover":
+        off, length = _extent(rng, size, geo.obj)
+        return ["handover", off, length, tag]
+    return [k]
+
+
+def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
     """A sequence of n_ops operations for an image of geometry geo (its starting size).
-    kinds: the operation names allowed (default all but the slow ones and livesnap).
-    rare: operations added once each at a random place (the random draws of a sequence
-    without them are unchanged, so seeds replay as before)."""
+    kinds: the operation names allowed (default all but the slow ones, livesnap and the
+    lock-owner ones). rare: operations added once each at a random place (the random draws of
+    a sequence without them are unchanged, so seeds replay as before). owner: a random.Random
+    (owner_rng()) with which the default mix gets lock-owner operations too, besides the
+    n_ops (the draws of the others unchanged); with kinds, those named are drawn by weight."""
     allowed = set(kinds or ["write", "trim", "zero", "flush", "close", "crash", "snap",
                             "resize", "ro", "oob"])
     if not snapshots:
         allowed -= {"snap", "livesnap"}
     weights = {"write": 30, "trim": 14, "zero": 14, "flush": 4, "close": 8, "crash": 4,
                "snap": 7, "resize": 4, "ro": 3, "oob": 1, "livesnap": 4, "slowcrash": 1,
-               "takeover": 1}
+               "takeover": 1, "sparsify": 6, "feature": 6, "handover": 6}
     names = [k for k in weights if k in allowed]
+    extra = list(OWNER_OPS) if owner is not None and not kinds else []
     size = geo.size
+    maps = True
     ops = []
     tag = rng.randrange(1 << 16)
+    owner_tag = OWNER_TAG
     places = {rng.randrange(n_ops): k for k in rare}
     for i in range(n_ops):
+        if extra and owner.random() < OWNER_RATE:
+            owner_tag += 1
+            op = _owner_op(owner, owner.choice(extra), size, geo, maps, owner_tag)
+            maps = op[2] if op[0] == "feature" else maps
+            ops.append(op)
         k = places.get(i) or rng.choices(names, [weights[n] for n in names])[0]
-        if k == "write":
+        if k in OWNER_OPS:
+            tag += 1
+            op = _owner_op(rng, k, size, geo, maps, tag)
+            maps = op[2] if op[0] == "feature" else maps
+            ops.append(op)
+        elif k == "write":
             tag += 1
             off, length = _extent(rng, size, geo.obj)
             ops.append(["write", off, length, tag, rng.random() < 0.2])
@@ -473,7 +533,7 @@ class Serves:
     def apply(self, op):
         """Carries out op: an I/O operation is clipped first (see clip(): nothing left,
         nothing done) and starts a server when none runs."""
-        if op[0] in ("write", "trim", "zero", "ro"):
+        if op[0] in ("write", "trim", "zero", "ro", "handover"):
             op = clip(op, self.size)
             if op is None:
                 return

@@ -8,8 +8,9 @@ close):
   - `diff_iterate(whole_object=True)` (what `rbd diff --whole-object [--from-snap S]` prints),
     from nothing and from every earlier snapshot to every snapshot and the head: equal sets
     of (object number, exists)
-  - image flags: none on either (A's dirty flag is cleared at a clean close)
-  - `rbd object-map check` of A's head (of every snapshot with --long) passes
+  - image flags: none on either (A's dirty flag is cleared at a clean close); features: equal
+  - `rbd object-map check` of A's head (of every snapshot with --long) passes (while the
+    images have an object map: a feature operation may have turned it off)
   - `rbd du --format json`: equal provisioned and used sizes, per snapshot and head
 
 Operations and their twins (tests/diffops.py makes the sequences):
@@ -35,6 +36,24 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    once, or once the OSD dropped A's watch), takes the lock over and writes
                    P_B at the same place (acked); A continued: the queued write must fail with
                    EIO and the place read P_B. B then serves the rest. Twin: only P_B
+  sparsify         `rbd sparsify` of A (served: reaches rados-nbd as the lock owner)
+                                                    librbd sparsify(4096)
+                   librbd marks every object left EXISTS, even one unchanged since a
+                   snapshot (its own object-map check then wants EXISTS_CLEAN: the check's
+                   same-mismatch rule below applies)
+  feature          `rbd feature enable|disable` of A's object-map or fast-diff (served: done
+                   by the owner; enabling object-map on an image with snapshots closes the
+                   serve first, as rados-nbd refuses it while served)
+                                                    librbd update_features
+                   Enabling, librbd leaves the maps flagged invalid for `rbd object-map
+                   rebuild`: B's (and A's when librbd did it) are rebuilt at once, head and
+                   snapshots, as a user would; rados-nbd builds A's itself. A's features and
+                   flags are compared with B's at once
+  handover         a librbd client (another process) opens A while it is served and writes
+                   P at (off, len): it asks rados-nbd for the lock, which hands it over; the
+                   client closes, and rados-nbd's next request takes the lock back (until
+                   then `rbd sparsify|feature|resize` find no owner and are done by librbd)
+                                                    librbd write of P
 
 A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
 geometry as one JSON object; `--replay FILE` (or `--replay-json '...'`) runs it again.
@@ -44,7 +63,11 @@ restricted client, optional), RADOS_NBD_BIN, DIFF_SEQS (sequences, default 32: a
 when all pass; seeds 7 and 23 mod 32 get a slowcrash and a takeover, see diffops.rare_ops), DIFF_SEED (first seed; default 1000, so the test command is repeatable: seeds 1000..1031 pass; 0 = from the clock, to explore — a clock seed may hit the known librbd divergence in README "Not done yet"), DIFF_KINDS (operations to
 generate, default all but livesnap), DIFF_MINIMISE_S (seconds per minimisation, default 60),
 DIFF_MINIMISE_UNTIL_S (no minimisation after this many seconds of the run, default 600),
-DIFF_OUT (where failing cases are written, default the run's temporary directory).
+DIFF_OUT (where failing cases are written, default the run's temporary directory),
+DIFF_PREFIX (of the images' names, default "diff"). The default mix has the lock-owner
+operations too (sparsify, feature, handover: ~20 in a default run, from a random stream of
+their own, so the other operations of a seed are what they were before them; see
+diffops.OWNER_RATE); DIFF_KINDS naming them draws them by weight instead.
 """
 
 import argparse
@@ -53,6 +76,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,7 +139,7 @@ class Run(diffops.Serves):
         self.geo = geo
         self.size = geo.size
         env.counter += 1
-        base = f"diff{os.getpid()}-{env.counter}"
+        base = f"{os.environ.get('DIFF_PREFIX', 'diff')}{os.getpid()}-{env.counter}"
         self.a, self.b = f"{base}-a", f"{base}-b"
         for name in (self.a, self.b):
             rbd.RBD().create(env.ioctx, name, geo.size, order=geo.order, old_format=False,
@@ -126,6 +150,11 @@ class Run(diffops.Serves):
         # Servers besides self.server (a stopped A during a takeover), ended by finish().
         self.others = []
         self.snaps = []
+        # object-map and fast-diff on (librbd turns them on and off together).
+        self.maps = True
+        # A hand-over left the lock free: until A's next request takes it back, librbd (not
+        # rados-nbd) does what `rbd` asks of the image, as when it is not served.
+        self.owner_away = False
         self.serves = 0
         self.log = os.path.join(env.work, f"{base}.serve.log")
         self.label = label
@@ -150,6 +179,7 @@ class Run(diffops.Serves):
             raise Failure(f"{kind} late", f"the open took {time.monotonic() - t:.0f} s, "
                           f"more than {bound} s")
         self.server = s
+        self.owner_away = False
         self.h = s.connect()
         got = self.h.get_size()
         if got != self.size:
@@ -200,6 +230,8 @@ class Run(diffops.Serves):
     def run_op(self, op):
         k = op[0]
         h, b = self.h, self.bimg
+        if k in ("write", "trim", "zero", "ro", "oob"):
+            self.owner_away = False  # the request takes the lock back
         if k == "write":
             b.write(diffops.send(h, op), op[1])
         elif k == "trim":
@@ -270,6 +302,14 @@ class Run(diffops.Serves):
         elif k == "oob":
             self.ensure_served()
             diffops.trim_past_end(self.h, self.size)
+        elif k == "sparsify":
+            # Served, librbd asks the owner (rados-nbd) to do it; else it does it itself.
+            sh(["rbd", "sparsify", "--no-progress", "--sparse-size", "4096", f"{POOL}/{self.a}"])
+            self.bimg.sparsify(4096)
+        elif k == "feature":
+            self.feature(op[1], op[2])
+        elif k == "handover":
+            self.handover(op)
         else:
             raise ValueError(f"unknown operation {op}")
 
@@ -345,12 +385,67 @@ class Run(diffops.Serves):
             cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
             self.env.cluster.mon_command(cmd, b"", timeout=30)
 
+    def feature(self, name, on):
+        """`rbd feature enable|disable A name` (done by the owner when served), librbd's
+        update_features on B; A's features and flags then compared with B's."""
+        if on == self.maps:
+            # librbd refuses a change that changes nothing ("already enabled"): a no-op, so
+            # that a minimised sequence that lost the change before stays valid.
+            return
+        if on and self.snaps and self.server is not None and not self.owner_away:
+            # rados-nbd refuses to build the snapshots' maps while served (EBUSY, README):
+            # the image is closed first, as a user would.
+            self.end_serve(crash=False)
+        bit = rbd.RBD_FEATURE_OBJECT_MAP if name == "object-map" else rbd.RBD_FEATURE_FAST_DIFF
+        sh(["rbd", "feature", "enable" if on else "disable", f"{POOL}/{self.a}", name])
+        self.bimg.update_features(bit, on)
+        self.maps = on
+        if on:
+            # librbd leaves the maps it made flagged invalid until rebuilt; rados-nbd, the
+            # owner, builds A's itself.
+            self.bimg.rebuild_object_map()
+            if self.server is None or self.owner_away:
+                # librbd did A's too.
+                sh(["rbd", "object-map", "rebuild", "--no-progress", f"{POOL}/{self.a}"])
+            # (Snapshots: rados-nbd did not do it, see above.)
+            for snap in self.snaps:
+                for img in (self.a, self.b):
+                    sh(["rbd", "object-map", "rebuild", "--no-progress", f"{POOL}/{img}@{snap}"])
+        with self._open(self.a) as im:
+            got = (im.features(), im.flags())
+        want = (self.bimg.features(), self.bimg.flags())
+        if got != want:
+            raise Failure("feature", f"after rbd feature {'enable' if on else 'disable'} "
+                          f"{name}{' (served)' if self.server else ''}"
+                          f"{' (lock handed over)' if self.owner_away else ''}: rados-nbd image "
+                          f"features {got[0]:#x} flags {got[1]:#x}, librbd's twin features "
+                          f"{want[0]:#x} flags {want[1]:#x}")
+
+    def handover(self, op):
+        """A librbd client in another process writes A while rados-nbd serves it: the lock is
+        handed over and back (librbd's RequestLock)."""
+        _, off, length, tag = op
+        data = diffops.pattern(tag, off, length)
+        try:
+            r = subprocess.run([sys.executable, "-c", HANDOVER_WRITER, self.env.conf, POOL,
+                                self.a, str(off)], input=data, capture_output=True,
+                               timeout=CLI_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise Failure("handover", f"the librbd writer of {off}+{length} had no answer "
+                          f"in {CLI_TIMEOUT} s (lock not handed over?)")
+        if r.returncode != 0:
+            err = [ln for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            raise Failure("handover", f"the librbd writer of {off}+{length} exited "
+                          f"{r.returncode}: {' | '.join(err)[-600:]}")
+        self.bimg.write(data, off)
+        self.owner_away = True
+
     # ------------------------------------------------------------------ comparison
     def compare(self, where, rebuilt=False):
         e = self.env
         self.bimg.close()
         try:
-            if rebuilt:
+            if rebuilt and self.maps:
                 # A's map was rebuilt from the objects by the reopen after the crash; compare
                 # it with librbd's own rebuild of B's, like with like. (librbd's in-memory
                 # map and the OSD's objects can disagree on one state: see object_map_check.)
@@ -387,6 +482,7 @@ class Run(diffops.Serves):
                 with self._open(name, snap) as im:
                     size = im.size()
                     flags = im.flags()
+                    features = im.features()
                     digest = hashlib.sha256(im.read(0, size)).hexdigest() if size else ""
                     diffs = {}
                     for frm in [None] + self.snaps[:points.index(snap)]:
@@ -395,7 +491,7 @@ class Run(diffops.Serves):
                                         lambda o, n, ex: objs.append((o >> self.geo.order, ex)),
                                         whole_object=True)
                         diffs[frm] = sorted(objs)
-                per[snap] = (size, flags, digest, diffs)
+                per[snap] = (size, flags, digest, diffs, features)
             state[name] = per
         for snap in points:
             at = f"@{snap}" if snap else " head"
@@ -403,6 +499,9 @@ class Run(diffops.Serves):
             if sa[1] != 0 or sb[1] != 0:
                 raise Failure("flags", f"{where}: flags{at}: rados-nbd image {sa[1]:#x}, "
                               f"librbd image {sb[1]:#x}")
+            if sa[4] != sb[4]:
+                raise Failure("features", f"{where}: features{at}: rados-nbd image "
+                              f"{sa[4]:#x}, librbd image {sb[4]:#x}")
             if sa[0] != sb[0]:
                 raise Failure("size", f"{where}: size{at}: {sa[0]} vs librbd {sb[0]}")
             if sa[2] != sb[2]:
@@ -419,8 +518,9 @@ class Run(diffops.Serves):
                                   f"{where}: rbd diff --whole-object"
                                   f"{' --from-snap ' + frm if frm else ''}{at}: "
                                   f"(object, exists) only from rados-nbd {only_a}, only from librbd {only_b}")
-        checks = [f"{POOL}/{self.a}"]
-        if e.long:
+        # Without an object map there is none to check (the bytes, diffs and flags are).
+        checks = [f"{POOL}/{self.a}"] if self.maps else []
+        if e.long and self.maps:
             checks += [f"{POOL}/{self.a}@{s}" for s in self.snaps]
         for spec in checks:
             ok, bad, text = self.object_map_check(spec)
@@ -429,8 +529,9 @@ class Run(diffops.Serves):
             # The check can disagree with librbd's own map: a partial discard of an
             # EXISTS_CLEAN object wholly past its data end is marked EXISTS by librbd (and by
             # us), but the OSD has nothing to cut, makes no clone, and the check says
-            # EXISTS_CLEAN. What counts is being no different from librbd: the twin's check
-            # must find the same mismatches. Both maps are then rebuilt, as a user would.
+            # EXISTS_CLEAN; so does every object that a sparsify left with nothing cut.
+            # What counts is being no different from librbd: the twin's check must find the
+            # same mismatches. Both maps are then rebuilt, as a user would.
             twin = spec.replace(f"/{self.a}", f"/{self.b}")
             ok_b, bad_b, text_b = self.object_map_check(twin)
             if not bad or bad != bad_b:
@@ -495,6 +596,23 @@ def stopped(pid):
 
 
 TIMES = {}
+
+# The librbd client of a hand-over (another process, as a user's would be): writes its
+# standard input at the offset given, through librbd, then closes.
+HANDOVER_WRITER = """
+import sys, rados, rbd
+conf, pool, image, off = sys.argv[1:5]
+data = sys.stdin.buffer.read()
+c = rados.Rados(conffile=conf)
+c.connect(timeout=30)
+try:
+    io = c.open_ioctx(pool)
+    with rbd.Image(io, image) as im:
+        im.write(data, int(off))
+    io.close()
+finally:
+    c.shutdown()
+"""
 
 
 def run_sequence(env, geo, ops, label):
@@ -580,7 +698,8 @@ def run(args, env):
     def make(seed):
         # The slow operations go to a few seeds of the default mix; --kinds names them.
         return diffops.sequence(seed, args.long, args.ops, snapshots=True, kinds=kinds,
-                                rare=[] if kinds else diffops.rare_ops(seed, args.long))
+                                rare=[] if kinds else diffops.rare_ops(seed, args.long),
+                                owner=diffops.owner_rng(seed))
 
     # Past DIFF_MINIMISE_UNTIL_S seconds of the run, failures are printed as they are,
     # unminimised.

@@ -2,7 +2,8 @@
 //! map we keep: object-map, fast-diff, and deep-flatten (disable only, as librbd). Every
 //! request is held off meanwhile. Enabling object-map builds the map from the objects that
 //! exist and writes it (librbd leaves it flagged invalid until `rbd object-map rebuild`);
-//! disabling it removes every object map and stops keeping one. The other features change
+//! disabling it removes every object map and stops keeping one. Disabling fast-diff disables
+//! object-map too, as librbd's owner does. The other features change
 //! what this daemon is (exclusive-lock, journaling, ...) and are refused by the store.
 
 use super::map::{invalid_flags, rebuild_map};
@@ -41,6 +42,14 @@ impl<S: ImageStore> Image<S> {
             ));
         }
         let cur = self.features();
+        // librbd as the owner (16.2) turns object-map off with fast-diff: `rbd feature
+        // disable IMG fast-diff` leaves neither on (the client asks for fast-diff alone).
+        // Enabling either, the client asks for both itself.
+        let features = if !enabled && features & RBD_FEATURE_FAST_DIFF != 0 {
+            features | (cur & RBD_FEATURE_OBJECT_MAP)
+        } else {
+            features
+        };
         let new = if enabled {
             cur | features
         } else {

@@ -1,7 +1,8 @@
 //! `rbd sparsify` asked of the lock owner: every object that exists is sparsified by the
 //! store (Ceph: cls_rbd's `sparsify` on the OSD: zero runs of the sparse size punched,
 //! trailing zeros truncated, an object of zeros removed), as librbd's SparsifyRequest does,
-//! with the map following each removal. Objects inside a clone's parent overlap are never
+//! with the map following each removal (and every object left marked EXISTS, as librbd
+//! marks it, cut or not). Objects inside a clone's parent overlap are never
 //! removed: an empty object there hides the parent's data (librbd's rule too).
 
 use super::Image;
@@ -48,6 +49,11 @@ impl<S: ImageStore> Image<S> {
                 if let Some(m) = self.map_now().as_deref() {
                     m.set(objno, ObjectState::Nonexistent);
                 }
+            } else if remove_empty {
+                // As librbd's SparsifyRequest: an object left (cut or not) is EXISTS, one
+                // unchanged since the last snapshot included. A cut one was cloned for
+                // that snapshot: EXISTS_CLEAN would hide the change from fast-diff.
+                self.mark_changed(objno);
             }
             Ok(())
         };

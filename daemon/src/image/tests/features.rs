@@ -50,6 +50,27 @@ async fn object_map_turned_off_and_on_while_served() {
 }
 
 #[tokio::test]
+async fn fast_diff_turned_off_takes_object_map_with_it() {
+    use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
+    // `rbd feature disable IMG fast-diff` asks the owner for fast-diff alone; librbd's owner
+    // turns object-map off too.
+    let (img, mem) = served(64 << 20).await;
+    img.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    img.update_features(RBD_FEATURE_FAST_DIFF, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.features() & (RBD_FEATURE_FAST_DIFF | RBD_FEATURE_OBJECT_MAP),
+        0
+    );
+    assert!(!mem.has_map());
+    assert_eq!(mem.flags(), 0);
+    img.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_fast_diff_flag_left_behind_goes_at_the_next_clean_close() {
     use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FLAG_FAST_DIFF_INVALID};
     // fast-diff turned off by an owner killed before it cleared the flag.
