@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# A throwaway one-node Ceph cluster for tests, on 127.0.0.1 only:
+# A throwaway one-node Ceph cluster for tests, on 127.0.0.1 only (or CEPH_ADDR, below):
 # one mon, one BlueStore OSD on a sparse file, pool "rbd" with size 1.
 #
 #   tests/ceph/cluster.sh start DIR   -> prints CEPH_CONF=DIR/ceph.conf
 #   tests/ceph/cluster.sh stop DIR    -> stops the daemons by pid and waits for them
 #
 # Nothing is listened on outside loopback: every address in the config is 127.0.0.1 and
-# ipv6 binding is off.
+# ipv6 binding is off. CEPH_ADDR=A.B.C.D binds that one address instead: an address of a
+# network namespace the caller made and runs this inside (tests/vm/ceph-run.sh: the test VM's
+# tap), never a host interface. CEPH_MON_V1=1 gives the mon a msgr1 address too (port + 1),
+# which the kernel's rbd client (krbd) needs.
 #
 # Auth is cephx, as on every real cluster (CEPH_AUTH=none turns it off). Keys are made with
 # ceph-authtool before the mon's mkfs, which imports them all, so no `ceph auth` round trip
@@ -56,19 +59,25 @@ case $cmd in
 start)
   need ceph-mon ceph-osd ceph monmaptool rbd
   if [ -e "$conf" ]; then echo "cluster.sh: $conf exists; stop and remove $dir first" >&2; exit 1; fi
+  addr=${CEPH_ADDR:-127.0.0.1}
+  case $addr in *[!0-9.]*|'') echo "cluster.sh: CEPH_ADDR must be an IPv4 address, not '$addr'" >&2; exit 2 ;; esac
   mkdir -p "$dir"/{mon,osd0,run,log}
   auth=${CEPH_AUTH:-cephx}
   case $auth in cephx|none) ;; *) echo "cluster.sh: CEPH_AUTH must be cephx or none, not $auth" >&2; exit 2 ;; esac
   fsid=$(cat /proc/sys/kernel/random/uuid)
   # A random port so parallel test runs do not collide; retried by the caller if taken.
   port=${CEPH_MON_PORT:-$((20000 + RANDOM % 20000))}
+  monvec="v2:$addr:$port" monhost="v2:$addr:$port"
+  if [ "${CEPH_MON_V1:-0}" = 1 ]; then
+    monvec="v2:$addr:$port,v1:$addr:$((port + 1))" monhost="[$monvec]"
+  fi
   cat >"$conf" <<CONF
 [global]
 fsid = $fsid
-mon host = v2:127.0.0.1:$port
+mon host = $monhost
 mon initial members = a
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = $addr
+cluster addr = $addr
 ms bind ipv6 = false
 auth cluster required = $auth
 auth service required = $auth
@@ -112,7 +121,7 @@ osd memory target = 1073741824
 osd max object name len = 256
 osd max object namespace len = 64
 CONF
-  monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
+  monmaptool --create --clobber --fsid "$fsid" --addv a "[$monvec]" "$dir/monmap" >/dev/null
   mkfs_keyring=()
   if [ "$auth" = cephx ]; then
     need ceph-authtool

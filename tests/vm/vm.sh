@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# Boot Debian's stock kernel under qemu-system-x86_64 (software emulation, no network) with this
-# machine's root file system shared read-only, and run one guest script in it as root.
+# Boot Debian's stock kernel under qemu-system-x86_64 (software emulation, no network unless
+# VM_TAP) with this machine's root file system shared read-only, and run one guest script in it
+# as root.
 #
 #   vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]
+#   vm.sh --prepare       fetch the kernel and build the initramfs (once), boot nothing
 #
 # WORKDIR is shared read-write and appears at /mnt in the guest; GUEST_SCRIPT is copied there.
 # NAME=VALUE pairs are exported to the guest script, plus KMODS (the unpacked kernel's root, for
 # `modprobe -d`). Prints the guest console; exits with the guest script's status (99 when the
 # guest never reported one: crash, hang, timeout).
 #
+# VM_TAP=TAP gives the guest a virtio-net NIC on the existing tap device TAP (made by the caller,
+# normally inside a network namespace of its own, tests/vm/ceph-run.sh): the guest loads
+# virtio_net and takes VM_GUEST_ADDR (default 10.77.0.2/24) on eth0 before the script runs.
+# Without VM_TAP the guest has no network at all (`-nic none`). The kernel must be in the cache
+# before qemu runs somewhere without a route to Debian's mirror: `vm.sh --prepare` first.
+#
+# VM_ROOT_CACHE=loose mounts the host root with 9p's page cache: without it every page a program
+# maps from the host is one 9p round trip per fault, which costs ~30 s of emulated kernel time
+# to start a program linking Ceph's libraries (`rbd --version`: 29 s, with it 1-4 s). Only for
+# a host root that does not change while the VM runs; the work folder is never cached.
+#
 # Why this shape: the host kernel has no nbd driver and a KVM guest hangs on this machine kind,
 # so the tests need a kernel we do not install; TCG boots Debian's kernel in ~2 s. The kernel
 # and a tiny busybox initramfs are built once and cached outside /tmp, /run, /var/tmp and
 # /var/lib, which the guest hides behind its own tmpfs.
 set -euo pipefail
-script=$(realpath "${1:?usage: vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]}")
-work=$(realpath -m "${2:?usage: vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]}")
-shift 2
+prepare=
+if [ "${1:-}" = --prepare ]; then
+  prepare=1
+else
+  script=$(realpath "${1:?usage: vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]}")
+  work=$(realpath -m "${2:?usage: vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]}")
+  shift 2
+fi
 cache=${RADOS_NBD_VM_CACHE:-/var/cache/rados-nbd-test-vm}
 
 need() { # command package
@@ -32,8 +50,12 @@ need depmod kmod
 # The modules the initramfs needs to reach the 9p shares, in load order.
 initrd_mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p"
 
+# Bumped whenever the init below changes: a cache built by an older vm.sh gets a new initramfs
+# (the kernel is kept).
+initrd_version=2
+
 build_cache() {
-  local tmp pkg kver m f
+  local tmp pkg kver
   tmp=$(mktemp -d "$cache.build.XXXXXX")
   chmod 755 "$tmp"  # apt-get download runs as _apt and must be able to write here
   pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
@@ -43,21 +65,34 @@ build_cache() {
   kver=$(ls "$tmp/kroot/lib/modules")
   depmod -b "$tmp/kroot" "$kver"
   cp "$tmp/kroot/boot/vmlinuz-$kver" "$tmp/vmlinuz"
-  mkdir -p "$tmp/initrd/bin" "$tmp/initrd/mod" "$tmp/initrd/proc" "$tmp/initrd/sys" "$tmp/initrd/dev" "$tmp/initrd/host"
-  cp "$(command -v busybox)" "$tmp/initrd/bin/busybox"
+  build_initrd "$tmp"
+  echo "$kver" >"$tmp/kver"
+  rm -rf "$cache"
+  mv "$tmp" "$cache"
+}
+
+# build_initrd DIR: DIR/initrd.gz from DIR/kroot's modules, replaced atomically (another
+# vm.sh may be booting from it).
+build_initrd() {
+  local dir=$1 tmp m f
+  tmp=$(mktemp -d "$dir/initrd.build.XXXXXX")
+  mkdir -p "$tmp/bin" "$tmp/mod" "$tmp/proc" "$tmp/sys" "$tmp/dev" "$tmp/host"
+  cp "$(command -v busybox)" "$tmp/bin/busybox"
   for m in $initrd_mods; do
-    f=$(find "$tmp/kroot/lib/modules" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)
-    [ -n "$f" ] || { echo "vm.sh: module $m not in $pkg" >&2; exit 98; }
-    cp "$f" "$tmp/initrd/mod/$m.ko"
+    f=$(find "$dir/kroot/lib/modules" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)
+    [ -n "$f" ] || { echo "vm.sh: module $m not in the kernel package" >&2; exit 98; }
+    cp "$f" "$tmp/mod/$m.ko"
   done
-  cat >"$tmp/initrd/init" <<INIT
+  # vm_rootcache (from the kernel command line, which passes unknown NAME=VALUE to init's
+  # environment): the 9p cache mode of the host root, VM_ROOT_CACHE below.
+  cat >"$tmp/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $initrd_mods; do insmod /mod/\$m.ko || echo "init: insmod \$m failed"; done
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000\${vm_rootcache:+,cache=\$vm_rootcache} hostroot /host
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /host/mnt
 mount --bind /dev /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
@@ -72,16 +107,17 @@ echo "GUEST-EXIT=\$rc"
 sync
 poweroff -f
 INIT
-  chmod +x "$tmp/initrd/init"
-  (cd "$tmp/initrd" && find . | cpio -o -H newc 2>/dev/null | gzip -1) >"$tmp/initrd.gz"
-  rm -rf "$tmp/initrd"
-  echo "$kver" >"$tmp/kver"
-  rm -rf "$cache"
-  mv "$tmp" "$cache"
+  chmod +x "$tmp/init"
+  (cd "$tmp" && find . | cpio -o -H newc 2>/dev/null | gzip -1) >"$tmp.gz"
+  rm -rf "$tmp"
+  mv "$tmp.gz" "$dir/initrd.gz"
+  echo "$initrd_version" >"$dir/initrd.version"
 }
 
 mkdir -p "$(dirname "$cache")"
 [ -f "$cache/kver" ] || build_cache
+[ "$(cat "$cache/initrd.version" 2>/dev/null)" = "$initrd_version" ] || build_initrd "$cache"
+[ -z "$prepare" ] || exit 0
 
 mkdir -p "$work"
 rm -f "$work/guest-rc"
@@ -89,14 +125,27 @@ rm -f "$work/guest-rc"
   echo "export KMODS=$cache/kroot"
   echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   for kv in "$@"; do printf 'export %q\n' "$kv"; done
+  if [ -n "${VM_TAP:-}" ]; then
+    # No udev in the guest: the only NIC is eth0. Fail loudly rather than run the script
+    # without the network it was promised.
+    cat <<NET
+modprobe -d "\$KMODS" virtio_net || { echo "vm.sh: cannot load virtio_net"; exit 97; }
+ip link set lo up && ip link set eth0 up && ip addr add ${VM_GUEST_ADDR:-10.77.0.2/24} dev eth0 \\
+  || { echo "vm.sh: cannot configure eth0"; exit 97; }
+NET
+  fi
   cat "$script"
 } >"$work/guest.sh"
 
 log=$work/console.log
+nic=(-nic none)
+if [ -n "${VM_TAP:-}" ]; then
+  nic=(-netdev "tap,id=n0,ifname=$VM_TAP,script=no,downscript=no" -device virtio-net-pci,netdev=n0)
+fi
 timeout "${VM_TIMEOUT:-1800}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
-  -m "${VM_MEM:-2048}" -smp "${VM_CPUS:-2}" -nographic -no-reboot -nic none \
+  -m "${VM_MEM:-2048}" -smp "${VM_CPUS:-2}" -nographic -no-reboot "${nic[@]}" \
   -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
-  -append "console=ttyS0 panic=-1 loglevel=${VM_LOGLEVEL:-3}" \
+  -append "console=ttyS0 panic=-1 loglevel=${VM_LOGLEVEL:-3}${VM_ROOT_CACHE:+ vm_rootcache=$VM_ROOT_CACHE}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$work",mount_tag=work,security_model=none >"$log" 2>&1 || true
 cat "$log"

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Kernel-attach tests of Ceph images: the test VM (tests/vm/vm.sh) with a real NIC reaches a
+# throwaway one-node cluster (tests/ceph/cluster.sh), maps Ceph images with `rados-nbd map` and
+# runs tests/vm/ceph-kernel-tests.sh; the host then checks the images with `rbd`.
+#
+#   tests/vm/ceph-run.sh [BINARY]        (or RADOS_NBD_BIN=BINARY tests/vm/ceph-run.sh)
+#
+# The network exists only inside a namespace made here: a tap device at 10.77.0.1/24, the
+# cluster bound to that address, qemu on the tap, the guest at 10.77.0.2. Nothing is bound to
+# another address and no traffic leaves the namespace; the namespace, the tap, the cluster and
+# the VM are gone at the end, on failure too. The kernel is fetched (once, from Debian) before
+# the namespace exists: nothing inside it can reach a mirror.
+#
+# Skips (exit 0, says so) when qemu, the Ceph binaries or a ceph-enabled rados-nbd are missing,
+# or the namespace cannot be made (not root, no tun). KEEP_WORK=1 keeps the work folder (kept on
+# failure too); LAPS=1 shows the guest's time between checks.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+source "$root/tests/lib.sh"
+T0=$(date +%s)
+skip() { echo "SKIP kernel tests on Ceph images: $*; nothing was run"; exit 0; }
+
+for b in qemu-system-x86_64 ceph-mon ceph-osd rbd ip; do
+  command -v "$b" >/dev/null 2>&1 || skip "$b is not installed (tests/deps.sh)"
+done
+bin=${1:-${RADOS_NBD_BIN:-}}
+if [ -z "$bin" ]; then
+  echo "== building rados-nbd (release, feature ceph)"
+  (cd "$root" && cargo build --release -p rados-nbd --features ceph) || exit 1
+  bin=$root/target/release/rados-nbd
+fi
+[ -x "$bin" ] || { echo "ceph-run.sh: $bin is not an executable" >&2; exit 2; }
+work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmceph.XXXXXX")
+# A ceph-enabled build stops at the missing keyring, before any traffic (an empty config would
+# send it looking for monitors in DNS).
+printf '[global]\nmon host = v2:127.0.0.1:1\n' >"$work/probe.conf"
+out=$("$bin" --store "ceph:$work/probe.conf" --keyring "$work/no-keyring" ls 2>&1)
+if grep -q "no Ceph support" <<<"$out"; then
+  rm -rf "$work"; skip "$bin was built without feature ceph"
+fi
+ns=rados-nbd-vm-$$
+addr=10.77.0.1 guest=10.77.0.2
+IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
+nsx() { ip netns exec "$ns" "$@"; }
+# `rbd` on the host runs inside the namespace (the cluster has no other address); omap_check
+# (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
+rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
+cleanup() {
+  local p
+  [ -f "$work/ceph/ceph.conf" ] && "$root/tests/ceph/cluster.sh" stop "$work/ceph" >/dev/null 2>&1
+  # Whatever still runs in the namespace was started by this script (qemu after an interrupt).
+  if ip netns pids "$ns" >/dev/null 2>&1; then
+    for p in $(ip netns pids "$ns"); do kill "$p" 2>/dev/null; done
+    sleep 0.5
+    for p in $(ip netns pids "$ns"); do kill -9 "$p" 2>/dev/null; done
+    nsx ip link del tap0 2>/dev/null
+    ip netns del "$ns" 2>/dev/null
+  fi
+  if [ -n "${KEEP_WORK:-}" ] || [ "$T_FAIL" -gt 0 ]; then
+    # Keep the logs and the console for a post-mortem, not the cluster's 64 GiB sparse store.
+    rm -rf "$work/ceph/osd0" "$work/ceph/mon" "$work/rados-nbd"
+    echo "work folder kept: $work"
+  else
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The kernel comes from Debian's mirror: fetch it before the namespace exists.
+bash "$here/vm.sh" --prepare || { fail "fetch the test VM's kernel"; t_summary; exit 1; }
+
+ip netns add "$ns" 2>"$work/netns.err" || skip "cannot make a network namespace ($(head -1 "$work/netns.err"))"
+# From here on, cleanup removes the namespace (and its tap) whatever happens.
+if ! { nsx ip link set lo up && nsx ip tuntap add dev tap0 mode tap &&
+  nsx ip addr add "$addr/24" dev tap0 && nsx ip link set tap0 up; } 2>"$work/netns.err"; then
+  skip "cannot make a tap device in the namespace ($(head -1 "$work/netns.err"))"
+fi
+
+t=$(date +%s)
+if ! out=$(CEPH_ADDR=$addr nsx "$root/tests/ceph/cluster.sh" start "$work/ceph" 2>&1); then
+  fail "start the cluster in the namespace" "$(echo "$out" | tail -5)"; t_summary; exit 1
+fi
+pass "one-node cluster bound to $addr in namespace $ns (up in $(($(date +%s) - t)) s)"
+export CEPH_CONF=$work/ceph/ceph.conf
+listens_only_on_addr() { ! nsx ss -Hltnu | awk '{print $5}' | grep -v "^$addr:" | grep .; }
+check "the cluster listens on $addr only" listens_only_on_addr
+check "create $IMG ($IMG_MB MiB) and $RAW ($RAW_MB MiB) with rbd" \
+  eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW"
+
+# The guest sees the work folder at /mnt: its copy of the config names the files there.
+sed "s#$work#/mnt#g" "$CEPH_CONF" >"$work/ceph/guest.conf"
+# Without its debug info (a release build here: 90 MB, 17 MB without): the guest copies it to
+# its tmpfs.
+objcopy --strip-debug "$bin" "$work/rados-nbd" 2>/dev/null || cp "$bin" "$work/rados-nbd"
+cp "$here/ceph-kernel-tests.sh" "$work/"
+mkdir -p "$work/out" "$work/logs"
+echo "== booting the test VM in $ns (guest $guest; work dir $work)"
+VM_TAP=tap0 VM_GUEST_ADDR=$guest/24 VM_ROOT_CACHE=loose nsx bash "$here/vm.sh" "$work/ceph-kernel-tests.sh" "$work" \
+  RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
+  CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
+  OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-output.txt" 2>&1 &
+# Waited for in the background so that SIGTERM/SIGINT end this script (and cleanup ends the VM)
+# at once, not after the guest.
+wait $!
+rc=$?
+# The console interleaves the kernel's boot noise; show the test lines and count them.
+grep -E '^(PASS|FAIL|==|    |vm.sh:|GUEST-EXIT)' "$work/vm-output.txt"
+T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/vm-output.txt")))
+T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/vm-output.txt")))
+if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$work/vm-output.txt"; then
+  fail "the guest suite did not finish (status $rc)" "console in $work/vm-output.txt"
+  tail -30 "$work/vm-output.txt"
+fi
+
+echo "== on the host, after the guest"
+same_sum() { # IMAGE SUMFILE BYTES: the first BYTES of `rbd export IMAGE` hash to SUMFILE
+  local want got
+  want=$(cat "$2" 2>/dev/null) || { echo "no $2 from the guest"; return 1; }
+  got=$(rbd export "$1" - 2>/dev/null | head -c "$3" | md5sum | cut -d' ' -f1)
+  [ -n "$want" ] && [ "$got" = "$want" ] || { echo "rbd export $1: $got, the guest read $want"; return 1; }
+}
+check "rbd export of $IMG equals what the guest read from its device" \
+  same_sum "$IMG" "$work/out/$IMG.md5" $((IMG_MB << 20))
+check "rbd export of $RAW equals the $RAW_MB MiB the guest wrote with dd" \
+  same_sum "$RAW" "$work/out/$RAW.md5" $((RAW_MB << 20))
+idle() { # IMAGE: flags clean, no lock, no watcher
+  local f l
+  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
+  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
+  rbd status "$1" | grep -q 'Watchers: none' || { rbd status "$1"; return 1; }
+}
+for i in $IMG $RAW; do
+  check "$i: flags clean, no lock, no watcher" idle "$i"
+  check "$i: rbd object-map check passes" omap_check "$i"
+done
+
+echo "kernel tests on Ceph images: took $(($(date +%s) - T0)) s"
+t_summary
