@@ -113,3 +113,15 @@ run_counted() {
   fi
   rm -f "$out"
 }
+
+# has_ceph BIN: whether BIN was built with the Ceph store. Probed with a config naming a
+# loopback monitor and a keyring that does not exist, so a ceph-enabled build stops before any
+# traffic (an empty config would send librados looking for monitors in DNS).
+has_ceph() {
+  local d out
+  d=$(mktemp -d)
+  printf '[global]\nmon host = v2:127.0.0.1:1\n' >"$d/probe.conf"
+  out=$("$1" --store "ceph:$d/probe.conf" --keyring "$d/no-keyring" ls 2>&1)
+  rm -rf "$d"
+  ! grep -q "no Ceph support" <<<"$out"
+}

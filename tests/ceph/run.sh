@@ -9,7 +9,7 @@ source "$here/../lib.sh"
 for b in ceph-mon ceph-osd rbd rados; do
   command -v "$b" >/dev/null || { echo "SKIP ceph suite: $b not installed"; exit 0; }
 done
-if ! "$BIN" --store ceph: ls >/dev/null 2>&1 && "$BIN" --store ceph: ls 2>&1 | grep -q "no Ceph support"; then
+if ! has_ceph "$BIN"; then
   echo "SKIP ceph suite: $BIN was built without feature ceph"; exit 0
 fi
 work=$(mktemp -d /tmp/rados-nbd-ceph.XXXXXX)

@@ -16,7 +16,7 @@ for b in ceph-mon ceph-osd rbd rados ceph; do
   command -v "$b" >/dev/null || { echo "SKIP ceph faults: $b not installed"; exit 0; }
 done
 [ -f "$here/../ceph/cluster.sh" ] || { echo "SKIP ceph faults: tests/ceph/cluster.sh missing"; exit 0; }
-if "$BIN" --store ceph: ls 2>&1 | grep -q "no Ceph support"; then
+if ! has_ceph "$BIN"; then
   echo "SKIP ceph faults: $BIN was built without feature ceph"; exit 0
 fi
 work=$(mktemp -d /tmp/rados-nbd-ceph-faults.XXXXXX)
