@@ -54,7 +54,7 @@ async fn fast_diff_turned_off_takes_object_map_with_it() {
     use crate::store::{RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
     // `rbd feature disable IMG fast-diff` asks the owner for fast-diff alone; librbd's owner
     // turns object-map off too.
-    let (img, mem) = served(64 << 20).await;
+    let (img, mem) = recorded(64 << 20, None).await;
     img.write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
