@@ -4,6 +4,19 @@
 
 use super::*;
 
+/// A write while the lock is away: the first thing the store sees is `reacquire_lock`, and
+/// the lock is ours after it.
+async fn write_takes_the_lock_back(img: &Image<MemImage>, mem: &MemImage, off: u64, byte: u8) {
+    img.write(off, Bytes::from(vec![byte; 4096]), false)
+        .await
+        .unwrap();
+    assert!(!img.lock_released());
+    assert_eq!(
+        mem.take_log().first().map(String::as_str),
+        Some("reacquire_lock")
+    );
+}
+
 #[tokio::test]
 async fn handed_over_clean_then_taken_back_with_the_other_owners_map() {
     let (img, mem) = recorded(64 << 20, None).await;
@@ -47,14 +60,7 @@ async fn handed_over_clean_then_taken_back_with_the_other_owners_map() {
         "reads do not take the lock back"
     );
     // A write takes the lock back (and loads the map the other owner left).
-    img.write(5 * OBJ, Bytes::from(vec![2u8; 4096]), false)
-        .await
-        .unwrap();
-    assert!(!img.lock_released());
-    assert_eq!(
-        mem.take_log().first().map(String::as_str),
-        Some("reacquire_lock")
-    );
+    write_takes_the_lock_back(&img, &mem, 5 * OBJ, 2).await;
     // Now the map is the other owner's, trusted again: object 3 exists there.
     let ext = img.block_status(3 * OBJ, OBJ as u32).await.unwrap();
     assert_eq!(
@@ -182,12 +188,9 @@ async fn opened_while_another_client_holds_the_lock_serves_reads_and_takes_it_at
         .audited()
         .held_elsewhere();
     mem.other_owner_writes(2, vec![5u8; 4096], true);
-    let (img, mem) = {
-        let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
-            .await
-            .unwrap();
-        (Arc::new(img), mem)
-    };
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
     assert!(img.lock_released(), "opened without the lock");
     assert!(
         !mem.flagged_invalid(),
@@ -210,14 +213,7 @@ async fn opened_while_another_client_holds_the_lock_serves_reads_and_takes_it_at
     assert!(img.lock_released());
     assert!(!mem.take_log().iter().any(|l| l == "reacquire_lock"));
     // The first write takes the lock (asking the owner) and loads its map.
-    img.write(9 * OBJ, Bytes::from(vec![3u8; 4096]), false)
-        .await
-        .unwrap();
-    assert!(!img.lock_released());
-    assert_eq!(
-        mem.take_log().first().map(String::as_str),
-        Some("reacquire_lock")
-    );
+    write_takes_the_lock_back(&img, &mem, 9 * OBJ, 3).await;
     assert!(mem.flagged_invalid(), "ours now: flagged before the write");
     // The map in memory is the owner's plus ours: holes answered from it again.
     let ext = img.block_status(7 * OBJ, OBJ as u32).await.unwrap();
