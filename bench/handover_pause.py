@@ -64,6 +64,14 @@ def wait_connect(uri, sock, proc, deadline):
         time.sleep(0.001)
 
 
+def acquired(log):
+    """What a destination's log says of its open: how long the lock took, map loaded or not."""
+    dl = open(log).read()
+    acq = re.search(r"acquired exclusive lock in ([0-9.]+) ms", dl)
+    return (f"(lock acquired in {acq.group(1) if acq else '?'} ms, "
+            f"map {'REBUILT' if 'rebuilding object map' in dl else 'loaded'})")
+
+
 def write_for(write, seconds, rng_off):
     """QD1 4 KiB writes for `seconds`; the time right after the last acknowledgement."""
     end = time.time() + seconds
@@ -144,12 +152,7 @@ def main():
             pause = time.time() - t_last
             assert h.pread(4096, 0) == bytes(buf), "the source's data, through the destination"
             h.shutdown()
-            dl = open(dlog).read()
-            acq = re.search(r"acquired exclusive lock in ([0-9.]+) ms", dl)
-            rebuilt = "rebuilding object map" in dl
-            note("rados-nbd -> rados-nbd", pause,
-                 f"(lock acquired in {acq.group(1) if acq else '?'} ms, "
-                 f"map {'REBUILT' if rebuilt else 'loaded'})")
+            note("rados-nbd -> rados-nbd", pause, acquired(dlog))
             stop(src)
             src, sock, log, uri = dst, dsock, dlog, duri
             # rados-nbd -> rados-nbd, the destination started in advance (a migration's
@@ -190,11 +193,7 @@ def main():
             h2.pwrite(b"\x45" * 4096, 4096)
             pause = time.time() - t_last
             h2.shutdown()
-            dl = open(dlog).read()
-            acq = re.search(r"acquired exclusive lock in ([0-9.]+) ms", dl)
-            note("librbd -> rados-nbd", pause,
-                 f"(lock acquired in {acq.group(1) if acq else '?'} ms, "
-                 f"map {'REBUILT' if 'rebuilding object map' in dl else 'loaded'})")
+            note("librbd -> rados-nbd", pause, acquired(dlog))
             image.close()
             stop(src)
             src, sock, log, uri = dst, dsock, dlog, duri
