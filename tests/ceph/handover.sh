@@ -123,6 +123,39 @@ check "--exclusive: still serving, lock still ours" bash -c \
   "nbdcopy '$(uri "$I")' - | cmp - '$work/final.raw' && rbd lock ls '$I' | grep -q 'auto [0-9]'"
 check_unserve "--exclusive: clean exit"
 
+# ------------------------------------------------------------------- the other owner resizes
+# While librbd holds the lock it grows the image, then shrinks it back: we follow each
+# header update at once, as librbd refreshes an image (a new connection sees the size),
+# without taking the lock back.
+from=$(($(wc -l <"$log") + 1))
+serve "$I"
+"$PY" - "$CEPH_CONF" "$I" "$work/grown" "$work/shrink" <<'EOF' &
+import os, sys, time, rados, rbd
+conf, name, grown, shrink = sys.argv[1:]
+c = rados.Rados(conffile=conf); c.connect(); io = c.open_ioctx("rbd")
+img = rbd.Image(io, name)
+img.write(b"\x5a" * 4096, 0)    # takes the lock
+img.resize(96 << 20)
+open(grown, "w").close()
+for _ in range(600):
+    if os.path.exists(shrink):
+        break
+    time.sleep(0.1)
+img.resize(64 << 20)
+img.close(); io.close(); c.shutdown()
+EOF
+rpid=$!; T_PIDS+=("$rpid")
+for _ in $(seq 1 300); do [ -e "$work/grown" ] && break; sleep 0.1; done
+check "the other owner's grow is followed while it holds the lock (log)" \
+  wait_for_log "$log" "resized from $((64 * MB)) to $((96 * MB)) bytes by the other owner" 20
+check "... a new connection sees the new size" bash -c "[ \"\$(nbdinfo --size '$(uri "$I")')\" = $((96 * MB)) ]"
+touch "$work/shrink"
+wait "$rpid"; forget_pid "$rpid"
+check "the other owner's shrink is followed too" \
+  wait_for_log "$log" "resized from $((96 * MB)) to $((64 * MB)) bytes by the other owner" 20
+check "... without taking the lock back" bash -c "! tail -n +$from '$log' | grep -q 'lock taken back'"
+check_unserve "after following the other owner's resizes: clean exit"
+
 # ------------------------------------------------------------------- the other owner dies
 # librbd takes the lock from us, writes, and is killed holding it. Our next write must wait
 # for its watch to expire, fence it (blocklist) and break its lock, as at open, then reload

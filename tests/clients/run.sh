@@ -194,7 +194,7 @@ unserve
 # TCP on loopback.
 port=$((30000 + RANDOM % 20000))
 spawn "$BIN" serve t1 --listen 127.0.0.1:$port; SERVE_PID=$!
-for i in $(seq 1 50); do nbdinfo --size "nbd://127.0.0.1:$port/t1" >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 1 300); do nbdinfo --size "nbd://127.0.0.1:$port/t1" >/dev/null 2>&1 && break; sleep 0.1; done
 check "TCP on 127.0.0.1 serves the export" bash -c "test \"\$(nbdinfo --size nbd://127.0.0.1:$port/t1)\" = $SIZE"
 stop_daemon "$SERVE_PID"
 
@@ -284,6 +284,8 @@ check "snap rename back (asked of the daemon)" "$BIN" snap rename cchild@b cchil
 check "snap rm of the served clone's snapshot (asked of the daemon)" "$BIN" snap rm cchild@a
 check "... the snapshot is gone" bash -c "[ \"\$('$BIN' snap ls cchild --format json | jq length)\" = 0 ]"
 check "snap rm of a missing snapshot of a served image fails" bash -c "! '$BIN' snap rm cchild@nosuch 2>/dev/null"
+check "object-map rebuild of the served clone (asked of the daemon)" bash -c \
+  "'$BIN' object-map rebuild cchild | grep -q 'rebuilt by the process serving it'"
 check "flatten of the served clone (asked of the daemon)" "$BIN" flatten cchild
 check "... the served clone reads the parent's bytes" bash -c \
   "nbdcopy 'nbd+unix:///cchild?socket=$sock' '$work/cc.raw' && cmp '$work/cc.raw' '$work/cp.raw'"

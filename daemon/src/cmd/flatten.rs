@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image;
 use crate::progress::EVERY;
 use crate::spec::ImageSpec;
-use crate::store::{ImageStore, OpenMode, Store};
+use crate::store::{ImageStore, OpenMode, OwnerAction, Store};
 use std::time::Instant;
 
 /// Flattens a clone here when it is not in use, else asks the process serving it to (a
@@ -14,9 +14,9 @@ use std::time::Instant;
 pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     // Refused before anything is written (opening for writing sets the dirty flag).
     let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
-    let parent = peek.header().parent;
+    let is_clone = peek.header().parent.is_some();
     peek.close().await?;
-    if parent.is_none() {
+    if !is_clone {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             format!("image {spec} is not a clone: nothing to flatten"),
@@ -43,11 +43,12 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
                     );
                 }
             };
-            return match store.ask_holder_to_flatten(spec, &mut progress).await {
+            return match store
+                .ask_holder(spec, &OwnerAction::Flatten, &mut progress)
+                .await
+            {
                 Ok(()) => {
-                    if let Some(p) = &parent {
-                        super::trash_snap::remove_if_unused(store, p).await;
-                    }
+                    // The holder also removed a parent snapshot left in the trash.
                     println!("{spec}: flattened by the process serving it");
                     Ok(())
                 }
@@ -83,9 +84,6 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     let c = img.close().await;
     r?;
     c?;
-    if let Some(p) = &parent {
-        super::trash_snap::remove_if_unused(store, p).await;
-    }
     println!("{spec}: flattened ({checked} objects checked)");
     Ok(())
 }

@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, rebuild_map};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_OBJECT_MAP_INVALID,
+    ImageStore, OpenMode, OwnerAction, Store, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use objmap::{ObjectMap, ObjectState};
 
@@ -141,7 +141,7 @@ pub async fn check<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
 }
 
 pub async fn rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
-    let summary = with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
+    let r = with_image(store, spec, OpenMode::ReadWrite, async |img: &S::Image| {
         let h = img.header();
         if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
             return Err(Error::new(
@@ -155,8 +155,19 @@ pub async fn rebuild<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
         img.set_flags(0, image::invalid_flags(h.features)).await?;
         Ok(image::describe_rebuilt(&map, count))
     })
-    .await?;
-    println!("object map of {spec} rebuilt: {summary}");
+    .await;
+    match r {
+        Ok(summary) => println!("object map of {spec} rebuilt: {summary}"),
+        // Served elsewhere: its lock holder rebuilds it (as `rbd object-map rebuild`
+        // asks it), with its own writes held meanwhile.
+        Err(e) if e.kind == ErrorKind::Busy => {
+            store
+                .ask_holder(spec, &OwnerAction::RebuildObjectMap, &mut |_, _| {})
+                .await?;
+            println!("object map of {spec} rebuilt by the process serving it");
+        }
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::image;
 use crate::spec::ImageSpec;
-use crate::store::Store;
+use crate::store::{OwnerAction, Store};
 
 /// Resizes an image that is not in use here, or asks the process serving it to.
 pub async fn resize<S: Store>(
@@ -26,7 +26,8 @@ pub async fn resize<S: Store>(
             c?;
         }
         Err(e) if e.kind == ErrorKind::Busy => {
-            store.ask_holder_to_resize(spec, size, allow_shrink).await?;
+            let action = OwnerAction::Resize { size, allow_shrink };
+            store.ask_holder(spec, &action, &mut |_, _| {}).await?;
         }
         Err(e) => return Err(e),
     }

@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Image};
 use crate::spec::ImageSpec;
-use crate::store::{ImageStore, OpenMode, QuiesceMode, SnapInfo, SnapNamespace, Store};
+use crate::store::{
+    ImageStore, OpenMode, OwnerAction, QuiesceMode, SnapInfo, SnapNamespace, Store,
+};
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
@@ -46,7 +48,13 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
             })
             .await?;
             match r {
-                Head::InUse(_) => store.ask_holder_to_snap_create(&spec, &name, mode).await,
+                Head::InUse(_) => {
+                    let action = OwnerAction::SnapCreate {
+                        name,
+                        quiesce: mode,
+                    };
+                    ask(store, &spec, &action).await
+                }
                 Head::Done(r) => r,
             }
         }
@@ -57,7 +65,7 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
             })
             .await?;
             match r {
-                Head::InUse(_) => store.ask_holder_to_snap_remove(&spec, &name).await,
+                Head::InUse(_) => ask(store, &spec, &OwnerAction::SnapRemove { name }).await,
                 Head::Done(r) => r,
             }
         }
@@ -88,7 +96,10 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                     })
                     .await?;
                     match id {
-                        Some(id) => store.ask_holder_to_snap_rename(&spec, id, &new_name).await,
+                        Some(snap_id) => {
+                            let action = OwnerAction::SnapRename { snap_id, new_name };
+                            ask(store, &spec, &action).await
+                        }
                         None => Err(Error::new(
                             ErrorKind::NotFound,
                             format!("snapshot {spec}@{name} not found"),
@@ -112,6 +123,11 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     }
 }
 
+/// Asks the process serving `spec` (its lock holder) to do `action` for us.
+async fn ask<S: Store>(store: &S, spec: &ImageSpec, action: &OwnerAction) -> Result<()> {
+    store.ask_holder(spec, action, &mut |_, _| {}).await
+}
+
 async fn protect<S: Store>(store: &S, snap: &str, protected: bool) -> Result<()> {
     let (spec, name) = snap_spec(snap)?;
     let what = if protected {
@@ -125,9 +141,8 @@ async fn protect<S: Store>(store: &S, snap: &str, protected: bool) -> Result<()>
     .await?;
     match r {
         Head::InUse(_) => {
-            store
-                .ask_holder_to_snap_protect(&spec, &name, protected)
-                .await
+            let action = OwnerAction::SnapProtect { name, protected };
+            ask(store, &spec, &action).await
         }
         Head::Done(r) => r,
     }

@@ -1,12 +1,13 @@
 //! A parent snapshot in the trash goes with its last clone: `rbd snap rm` of a snapshot
 //! that format-2 clones use moves it to the trash namespace (the Ceph store does it, as
 //! librbd's SnapshotRemoveRequest), and librbd's DetachChildRequest removes it once the
-//! last clone is flattened or removed. This does the same after our `flatten` and `rm`.
+//! last clone is flattened or removed. This does the same after our `rm` (flatten does it
+//! itself, in whichever process flattens: `Image::flatten`).
 
 use crate::config::Config;
 use crate::image;
 use crate::spec::ImageSpec;
-use crate::store::{ParentInfo, SnapNamespace, Store};
+use crate::store::{ParentInfo, Store};
 
 /// Removes `parent`'s snapshot if it is in the trash and no clone uses it any more.
 /// Best effort, as librbd's (whose failure there does not fail the flatten or rm): a
@@ -24,18 +25,7 @@ pub async fn remove_if_unused<S: Store>(store: &S, parent: &ParentInfo) {
             checkpoint_idle: None,
         };
         let img = image::Image::open(store, &head, &opts).await?;
-        let trashed =
-            img.header().snaps.iter().any(|s| {
-                s.id == parent.snap_id && matches!(s.namespace, SnapNamespace::Trash { .. })
-            });
-        // The store keeps it (answers "still used") while a clone is attached.
-        let r = if trashed {
-            img.snap_remove_id(parent.snap_id).await
-        } else {
-            Ok(())
-        };
-        let c = img.close().await;
-        r.and(c)
+        image::remove_trashed_snap(img, parent.snap_id).await
     }
     .await;
     if let Err(e) = r {

@@ -10,7 +10,8 @@ use super::{bump, Image, Stats};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageHeader, ImageStore, ObjectWrite, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
+    ImageHeader, ImageStore, ObjectWrite, OpenMode, ParentInfo, SnapNamespace,
+    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
 };
 use bytes::Bytes;
 use nbd_protocol::ReadChunk;
@@ -600,6 +601,7 @@ impl<S: ImageStore> Image<S> {
             .map_err(ctx)?;
         let g = self.gate.read().await;
         self.store.sync().await.map_err(ctx)?;
+        let parent = self.store.header().parent;
         self.store.detach_parent().await.map_err(ctx)?;
         self.has_parent.store(false, Ordering::Release);
         let old = self.chain.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -608,6 +610,79 @@ impl<S: ImageStore> Image<S> {
             c.close().await;
         }
         tracing::info!("flattened {spec}");
+        if let Some(p) = parent {
+            self.remove_unused_parent_snap(&p).await;
+        }
         Ok(())
     }
+
+    /// A parent snapshot in the trash goes with its last clone: `rbd snap rm` of a
+    /// snapshot that format-2 clones use moves it to the trash namespace (librbd's
+    /// SnapshotRemoveRequest, and the Ceph store's), and librbd's DetachChildRequest
+    /// removes it once the last clone is flattened, whoever asked for the flatten. Best
+    /// effort, as librbd's: the flatten is done whatever happens here; a parent that a
+    /// live client holds keeps the snapshot, with a warning saying so.
+    async fn remove_unused_parent_snap(&self, parent: &ParentInfo) {
+        let what = format!("snapshot {} (id {})", parent.spec, parent.snap_id);
+        // A look first, without the lock: most parents' snapshots are not in the trash,
+        // and a read-write open would take the parent's lock and flag its map.
+        let peek = match self
+            .store
+            .open_parent_head(parent, OpenMode::ReadOnly)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if e.kind == ErrorKind::Unsupported => return,
+            Err(e) => {
+                tracing::warn!("{what} may stay in the trash: {e}");
+                return;
+            }
+        };
+        let trashed = is_trashed(&peek.header(), parent.snap_id);
+        let _ = peek.close().await;
+        if !trashed {
+            return;
+        }
+        let r = async {
+            let head = self
+                .store
+                .open_parent_head(parent, OpenMode::ReadWrite)
+                .await?;
+            let spec = ImageSpec {
+                snap: None,
+                ..parent.spec.clone()
+            };
+            let opts = super::OpenOptions {
+                read_only: false,
+                shared_default: false,
+                checkpoint_idle: None,
+            };
+            let head = Image::from_store_image(head, &spec, &opts).await?;
+            remove_trashed_snap(head, parent.snap_id).await
+        }
+        .await;
+        match r {
+            Ok(()) => tracing::info!("{what} left the trash with its last clone"),
+            Err(e) => tracing::warn!("{what} stays in the trash: {e}"),
+        }
+    }
+}
+
+/// Whether snapshot `snap_id` is in the trash namespace of the image `h` describes.
+fn is_trashed(h: &ImageHeader, snap_id: u64) -> bool {
+    h.snaps
+        .iter()
+        .any(|s| s.id == snap_id && matches!(s.namespace, SnapNamespace::Trash { .. }))
+}
+
+/// Removes `head`'s snapshot `snap_id` if it is in the trash (the store keeps it while a
+/// clone still uses it), then closes `head`.
+pub async fn remove_trashed_snap<S: ImageStore>(head: Image<S>, snap_id: u64) -> Result<()> {
+    let r = if is_trashed(head.header(), snap_id) {
+        head.snap_remove_id(snap_id).await
+    } else {
+        Ok(())
+    };
+    let c = head.close().await;
+    r.and(c)
 }

@@ -15,7 +15,8 @@ use super::map::{invalid_flags, load_object_map, MapSource};
 use super::{FlagState, Image};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
-    ImageStore, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_OBJECT_MAP_INVALID,
+    ImageHeader, ImageStore, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_OBJECT_MAP,
+    RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -141,6 +142,31 @@ impl<S: ImageStore> Image<S> {
         } else {
             FlagState::Clean
         });
+        self.follow_shape(&header).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match source {
+            Some(MapSource::Loaded) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map loaded (left clean by the other owner)"
+            ),
+            Some(MapSource::Rebuilt(why)) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map rebuilt ({why})"
+            ),
+            None => tracing::info!("{spec}: lock taken back after {ms:.1} ms"),
+        }
+        if had != features {
+            tracing::info!(
+                "{spec}: features changed by the other owner: {had:#x} -> {features:#x}"
+            );
+        }
+        Ok(())
+    }
+
+    /// What the other owner changed of the image's shape, followed: the size (so
+    /// /dev/nbdX follows a resize), the clone's overlap, a flatten. At a take-back, and
+    /// while the lock is elsewhere (`follow_header_updates`).
+    async fn follow_shape(&self, header: &ImageHeader) -> Result<()> {
+        let spec = &self.spec;
+        let size = header.size;
         match (&header.parent, self.chain()) {
             (Some(p), Some(c)) => c.set_overlap(p.overlap.min(size)),
             (None, Some(_)) => {
@@ -168,21 +194,44 @@ impl<S: ImageStore> Image<S> {
             self.size.store(size, Ordering::Release);
             self.size_tx.send_replace(size);
         }
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        match source {
-            Some(MapSource::Loaded) => tracing::info!(
-                "{spec}: lock taken back after {ms:.1} ms; object map loaded (left clean by the other owner)"
-            ),
-            Some(MapSource::Rebuilt(why)) => tracing::info!(
-                "{spec}: lock taken back after {ms:.1} ms; object map rebuilt ({why})"
-            ),
-            None => tracing::info!("{spec}: lock taken back after {ms:.1} ms"),
+        Ok(())
+    }
+
+    /// While the lock is another client's, follows the header updates it announces, as
+    /// librbd refreshes an image on them: a resize or a flatten by the owner shows at
+    /// once (the device's size follows), not at our next write. The rest (features, the
+    /// map, the snapshot context) is adopted when the lock comes back. Ends with the
+    /// image.
+    pub fn follow_header_updates(self: &Arc<Self>) {
+        let Some(mut rx) = self.store.header_updates() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(img) = me.upgrade() else { break };
+                img.follow_header_update().await;
+            }
+        });
+    }
+
+    async fn follow_header_update(&self) {
+        // Not while the lock is taken back or handed over (they adopt the header too).
+        let _h = self.handover.lock().await;
+        if !self.released.load(Ordering::Acquire) {
+            return;
         }
-        if had != features {
-            tracing::info!(
-                "{spec}: features changed by the other owner: {had:#x} -> {features:#x}"
+        let g = self.gate.write().await;
+        if *g {
+            return;
+        }
+        let header = self.store.header();
+        if let Err(e) = self.follow_shape(&header).await {
+            tracing::warn!(
+                "{}: following the other owner's header update: {e}",
+                self.spec
             );
         }
-        Ok(())
+        drop(g);
     }
 }

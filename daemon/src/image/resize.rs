@@ -134,8 +134,10 @@ impl<S: ImageStore> Image<S> {
     /// create/remove/rename/protect, flatten, object map rebuild), if the store takes any
     /// for this handle: each runs here, one at a time, and its result goes back to the
     /// asker. Ends when the store stops sending (closed) or the image
-    /// is dropped.
+    /// is dropped. The header updates of the other owner, while the lock is its, are
+    /// followed too (`follow_header_updates`).
     pub fn serve_owner_requests(self: &Arc<Self>) {
+        self.follow_header_updates();
         let Some(mut rx) = self.store.owner_requests() else {
             return;
         };

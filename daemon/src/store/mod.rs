@@ -93,6 +93,33 @@ pub enum OwnerAction {
     ReleaseLock,
 }
 
+impl OwnerAction {
+    /// The request as `rbd` users know it, for messages ("could not snap create s1").
+    pub fn describe(&self) -> String {
+        match self {
+            OwnerAction::Resize { size, .. } => format!("resize to {size} bytes"),
+            OwnerAction::SnapCreate { name, .. } => format!("snap create {name}"),
+            OwnerAction::SnapRemove { name } => format!("snap rm {name}"),
+            OwnerAction::SnapRename { snap_id, new_name } => {
+                format!("snap rename (snapshot id {snap_id}) to {new_name}")
+            }
+            OwnerAction::SnapProtect { name, protected } => {
+                format!("snap {}protect {name}", if *protected { "" } else { "un" })
+            }
+            OwnerAction::Flatten => "flatten".into(),
+            OwnerAction::RebuildObjectMap => "object-map rebuild".into(),
+            OwnerAction::Sparsify { sparse_size } => {
+                format!("sparsify (runs of {sparse_size} bytes)")
+            }
+            OwnerAction::UpdateFeatures { features, enabled } => format!(
+                "feature {} {features:#x}",
+                if *enabled { "enable" } else { "disable" }
+            ),
+            OwnerAction::ReleaseLock => "hand the lock over".into(),
+        }
+    }
+}
+
 /// Whether a snapshot asked of the lock holder runs the `--quiesce` hook around it
 /// (`rbd snap create --skip-quiesce` / `--ignore-quiesce-error`). Without `--quiesce` the
 /// holder has no hook and each is the same.
@@ -262,54 +289,18 @@ pub trait Store: Send + Sync + 'static {
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     // --- Requests to whoever holds an image's exclusive lock (a serving daemon), how the
-    // commands reach an image in use; each waits for the outcome. Every store has its way
-    // (Ceph: librbd's watch/notify requests; the directory store: the holder's control
-    // socket), so none has a default.
+    // commands reach an image in use. Every store has its way (Ceph: librbd's
+    // watch/notify requests; the directory store: the holder's control socket), so there
+    // is no default.
 
-    /// `rados-nbd resize` of an image in use.
-    fn ask_holder_to_resize(
+    /// Asks the holder of `spec`'s exclusive lock to perform `action` (anything but
+    /// `ReleaseLock`, which `--wait-for-lock` asks for in its own way) and waits for the
+    /// outcome; `progress(done, total)` as the holder reports it (the directory store's
+    /// holder reports none).
+    fn ask_holder(
         &self,
         spec: &ImageSpec,
-        size: u64,
-        allow_shrink: bool,
-    ) -> impl Future<Output = Result<()>> + Send;
-
-    /// `rados-nbd snap create` of an image in use: snapshot `name`, quiesced as `mode` says.
-    fn ask_holder_to_snap_create(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        mode: QuiesceMode,
-    ) -> impl Future<Output = Result<()>> + Send;
-
-    /// `rados-nbd snap rm` of an image in use.
-    fn ask_holder_to_snap_remove(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-    ) -> impl Future<Output = Result<()>> + Send;
-
-    /// `rados-nbd snap protect|unprotect` of an image in use.
-    fn ask_holder_to_snap_protect(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        protect: bool,
-    ) -> impl Future<Output = Result<()>> + Send;
-
-    /// `rados-nbd snap rename` of an image in use: the snapshot named by its id, as
-    /// librbd's request names it.
-    fn ask_holder_to_snap_rename(
-        &self,
-        spec: &ImageSpec,
-        snap_id: u64,
-        new_name: &str,
-    ) -> impl Future<Output = Result<()>> + Send;
-
-    /// `rados-nbd flatten` of a clone in use; `progress(done, total)` as the holder reports it.
-    fn ask_holder_to_flatten(
-        &self,
-        spec: &ImageSpec,
+        action: &OwnerAction,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> impl Future<Output = Result<()>> + Send;
 
@@ -523,6 +514,31 @@ pub trait ImageStore: Send + Sync + 'static {
         Self: Sized,
     {
         async { Ok(None) }
+    }
+
+    /// Header updates other clients announced (librbd's HeaderUpdate notification), each
+    /// already read into `header()` when the counter moves: while the lock is elsewhere
+    /// the image layer follows a resize or a flatten done by the owner, as librbd
+    /// refreshes its image. `None`: the store has no such notifications.
+    fn header_updates(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Opens the head of `parent`, this clone's parent (before a flatten detached it), in
+    /// `mode`: ReadOnly, or ReadWrite failing with `Busy` while a live client holds its
+    /// lock (never asking for it, nor waiting). Flatten uses it to remove a parent
+    /// snapshot left in the trash once no clone uses it, as librbd's DetachChildRequest.
+    /// A store without a snapshot trash need not have it.
+    fn open_parent_head(
+        &self,
+        parent: &ParentInfo,
+        _mode: OpenMode,
+    ) -> impl Future<Output = Result<Self>> + Send
+    where
+        Self: Sized,
+    {
+        let e = unsupported(format!("opening {} for its trashed snapshot", parent.spec));
+        async move { Err(e) }
     }
 
     /// Copy-up (librbd's CopyupRequest): makes object `objno` hold `parent_data` (the

@@ -133,38 +133,3 @@ fn refused(spec: &ImageSpec, what: &str, r: i32) -> Error {
         format!("image {spec} is in use; the process holding its lock could not {what}: {why}"),
     )
 }
-
-/// The requests `rados-nbd` makes of a holder, each as librbd encodes it.
-pub(super) fn snap_create(
-    name: &str,
-    mode: crate::store::QuiesceMode,
-) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
-    use crate::store::QuiesceMode;
-    let flags = match mode {
-        QuiesceMode::Run => 0,
-        QuiesceMode::Skip => super::cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE,
-        QuiesceMode::IgnoreError => super::cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR,
-    };
-    move |id| owner_msgs::snap_create_request(id, name, flags)
-}
-pub(super) fn snap_remove(name: &str) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
-    move |id| owner_msgs::snap_remove_request(id, name)
-}
-pub(super) fn snap_protect(
-    name: &str,
-    protect: bool,
-) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
-    move |id| owner_msgs::snap_protect_request(id, name, protect)
-}
-pub(super) fn snap_rename(
-    snap_id: u64,
-    new_name: &str,
-) -> impl FnOnce(AsyncRequestId) -> Vec<u8> + '_ {
-    move |id| owner_msgs::snap_rename_request(id, snap_id, new_name)
-}
-pub(super) fn flatten() -> impl FnOnce(AsyncRequestId) -> Vec<u8> {
-    owner_msgs::flatten_request
-}
-pub(super) fn resize(size: u64, allow_shrink: bool) -> impl FnOnce(AsyncRequestId) -> Vec<u8> {
-    move |id| owner_msgs::resize_request(id, size, allow_shrink)
-}

@@ -1384,7 +1384,14 @@ mod tests {
             request_id: 12,
         };
         let flags = SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE;
-        let m = super::super::owner_msgs::snap_create_request(id, "daily", flags);
+        let m = super::super::owner_msgs::request_for(
+            id,
+            &crate::store::OwnerAction::SnapCreate {
+                name: "daily".into(),
+                quiesce: crate::store::QuiesceMode::Skip,
+            },
+        )
+        .unwrap();
         let mut want = vec![7, 1];
         let body_len = 4 + 4 + 5 + 6 + 4 + 24 + 8;
         want.extend((body_len as u32).to_le_bytes());

@@ -10,8 +10,8 @@ use super::{cls, luks, snaps, LOCK, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageHeader, ImageStore, ObjectWrite, OpenMode, OwnerRequest, RBD_FEATURE_DEEP_FLATTEN,
-    RBD_FEATURE_FAST_DIFF,
+    ImageHeader, ImageStore, ObjectWrite, OpenMode, OwnerRequest, ParentInfo,
+    RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_FAST_DIFF,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -58,6 +58,9 @@ pub(super) struct Inner {
     pub(super) owner_done: Mutex<std::collections::VecDeque<(cls::AsyncRequestId, i32)>>,
     /// `--quiesce`: the hook and the quiesce requests seen on the header watch.
     pub(super) quiesce: super::quiesce::Quiesce,
+    /// Bumped after each header update another client announced was read into `header`
+    /// (`ImageStore::header_updates`).
+    pub(super) header_updates: tokio::sync::watch::Sender<u64>,
     pub(super) closed: AtomicBool,
 }
 
@@ -632,6 +635,40 @@ impl ImageStore for CephImage {
         .await
         .map_err(ctx)?;
         Ok(Some(img))
+    }
+
+    fn header_updates(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.inner.header_updates.subscribe())
+    }
+
+    async fn open_parent_head(&self, p: &ParentInfo, mode: OpenMode) -> Result<Self> {
+        let i = &self.inner;
+        let head = ImageSpec {
+            snap: None,
+            ..p.spec.clone()
+        };
+        let ctx = |e: Error| e.context(format!("opening {head}, the parent of {}", i.spec));
+        let meta = i
+            .meta
+            .cluster()
+            .ioctx_in(&p.spec.pool, &p.spec.namespace)
+            .map_err(ctx)?;
+        open_by_id_at(
+            meta,
+            &head,
+            p.image_id.clone(),
+            None,
+            mode,
+            super::store::OpenKnobs {
+                allow_encrypted: i.allow_encrypted,
+                // Maintenance of somebody else's image: never take its lock from a
+                // live owner, nor wait for it.
+                lock_at_open: crate::store::LockAtOpen::Refuse,
+            },
+            i.luks_noted.clone(),
+        )
+        .await
+        .map_err(ctx)
     }
 
     /// librbd's CopyupRequest::copyup: `rbd.copyup` (a no-op when the object exists)

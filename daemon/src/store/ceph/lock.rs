@@ -969,11 +969,14 @@ async fn watch_events(
                     }
                     tracing::debug!(image = %inner.spec, "request payload from client.{notifier_id}: {}", hex(&data));
                 }
-                Ok(cls::NOTIFY_OP_HEADER_UPDATE) => {
-                    if let Err(e) = refresh(&inner).await {
+                Ok(cls::NOTIFY_OP_HEADER_UPDATE) => match refresh(&inner).await {
+                    Ok(_) => {
+                        inner.header_updates.send_modify(|n| *n += 1);
+                    }
+                    Err(e) => {
                         tracing::warn!(image = %inner.spec, "refreshing header after an update notification: {e}");
                     }
-                }
+                },
                 Ok(op) if cls::notify_wants_owner_reply(op) => {
                     tracing::info!(image = %inner.spec, "refused request (op {op}) from client.{notifier_id}: the lock is held exclusively");
                 }
@@ -1275,7 +1278,14 @@ mod tests {
             handle: 2,
             request_id: 3,
         };
-        let snap = owner_msgs::snap_create_request(id, "s1", 0);
+        let snap = owner_msgs::request_for(
+            id,
+            &crate::store::OwnerAction::SnapCreate {
+                name: "s1".into(),
+                quiesce: crate::store::QuiesceMode::Run,
+            },
+        )
+        .unwrap();
         assert_eq!(
             reply_to_notify(1, &snap, Role::NotOwner, false, |_| None),
             Reply::Now(Vec::new())
@@ -1294,7 +1304,14 @@ mod tests {
             request_id: 3,
         };
         let now = Reply::Now;
-        let snap = owner_msgs::snap_create_request(id, "s1", 0);
+        let snap = owner_msgs::request_for(
+            id,
+            &crate::store::OwnerAction::SnapCreate {
+                name: "s1".into(),
+                quiesce: crate::store::QuiesceMode::Run,
+            },
+        )
+        .unwrap();
         assert_eq!(
             reply_to_notify(1, &snap, Role::Owner, false, |_| None),
             now(cls::response_message(0)),

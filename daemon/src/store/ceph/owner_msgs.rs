@@ -21,6 +21,7 @@
 
 use super::cls::{self, AsyncRequestId, Dec, Enc};
 use crate::error::Result;
+use crate::store::{OwnerAction, QuiesceMode};
 
 pub const NOTIFY_OP_FLATTEN: u32 = 6;
 pub use super::cls::NOTIFY_OP_SNAP_CREATE;
@@ -209,55 +210,66 @@ fn put_user_ns(e: &mut Enc) {
     e.u32(SNAP_NS_USER).finish(at);
 }
 
-/// `flags`: librbd's SNAP_CREATE_FLAG_* (skip or ignore errors of the quiesce).
-pub fn snap_create_request(id: AsyncRequestId, name: &str, flags: u64) -> Vec<u8> {
-    request(NOTIFY_OP_SNAP_CREATE, |e| {
-        e.str(name);
-        put_user_ns(e);
-        put_id(e, id);
-        e.u64(flags);
-    })
-}
-
-pub fn snap_remove_request(id: AsyncRequestId, name: &str) -> Vec<u8> {
-    request(NOTIFY_OP_SNAP_REMOVE, |e| {
-        e.str(name);
-        put_user_ns(e);
-        put_id(e, id);
-    })
-}
-
-pub fn snap_protect_request(id: AsyncRequestId, name: &str, protect: bool) -> Vec<u8> {
-    let op = if protect {
-        NOTIFY_OP_SNAP_PROTECT
-    } else {
-        NOTIFY_OP_SNAP_UNPROTECT
-    };
-    request(op, |e| {
-        e.str(name);
-        put_user_ns(e);
-        put_id(e, id);
-    })
-}
-
-pub fn snap_rename_request(id: AsyncRequestId, snap_id: u64, new_name: &str) -> Vec<u8> {
-    request(NOTIFY_OP_SNAP_RENAME, |e| {
-        e.u64(snap_id);
-        e.str(new_name);
-        put_user_ns(e);
-        put_id(e, id);
-    })
-}
-
-pub fn flatten_request(id: AsyncRequestId) -> Vec<u8> {
-    request(NOTIFY_OP_FLATTEN, |e| put_id(e, id))
-}
-
-pub fn resize_request(id: AsyncRequestId, size: u64, allow_shrink: bool) -> Vec<u8> {
-    request(cls::NOTIFY_OP_RESIZE, |e| {
-        e.u64(size);
-        put_id(e, id);
-        e.bool(allow_shrink);
+/// `action` as librbd 16.2's asker encodes it, naming the asker's request `id`; `None` for
+/// `ReleaseLock`, which is not an async request (RequestLock has no id).
+pub fn request_for(id: AsyncRequestId, action: &OwnerAction) -> Option<Vec<u8>> {
+    Some(match action {
+        OwnerAction::SnapCreate { name, quiesce } => {
+            // librbd's SNAP_CREATE_FLAG_*: skip the quiesce, or ignore its failure.
+            let flags = match quiesce {
+                QuiesceMode::Run => 0,
+                QuiesceMode::Skip => cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE,
+                QuiesceMode::IgnoreError => cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR,
+            };
+            request(NOTIFY_OP_SNAP_CREATE, |e| {
+                e.str(name);
+                put_user_ns(e);
+                put_id(e, id);
+                e.u64(flags);
+            })
+        }
+        OwnerAction::SnapRemove { name } => request(NOTIFY_OP_SNAP_REMOVE, |e| {
+            e.str(name);
+            put_user_ns(e);
+            put_id(e, id);
+        }),
+        OwnerAction::SnapProtect { name, protected } => {
+            let op = if *protected {
+                NOTIFY_OP_SNAP_PROTECT
+            } else {
+                NOTIFY_OP_SNAP_UNPROTECT
+            };
+            request(op, |e| {
+                e.str(name);
+                put_user_ns(e);
+                put_id(e, id);
+            })
+        }
+        OwnerAction::SnapRename { snap_id, new_name } => request(NOTIFY_OP_SNAP_RENAME, |e| {
+            e.u64(*snap_id);
+            e.str(new_name);
+            put_user_ns(e);
+            put_id(e, id);
+        }),
+        OwnerAction::Flatten => request(NOTIFY_OP_FLATTEN, |e| put_id(e, id)),
+        OwnerAction::RebuildObjectMap => request(NOTIFY_OP_REBUILD_OBJECT_MAP, |e| put_id(e, id)),
+        OwnerAction::Resize { size, allow_shrink } => request(cls::NOTIFY_OP_RESIZE, |e| {
+            e.u64(*size);
+            put_id(e, id);
+            e.bool(*allow_shrink);
+        }),
+        OwnerAction::UpdateFeatures { features, enabled } => {
+            request(NOTIFY_OP_UPDATE_FEATURES, |e| {
+                e.u64(*features);
+                e.bool(*enabled);
+                put_id(e, id);
+            })
+        }
+        OwnerAction::Sparsify { sparse_size } => request(NOTIFY_OP_SPARSIFY, |e| {
+            put_id(e, id);
+            e.u64(*sparse_size);
+        }),
+        OwnerAction::ReleaseLock => return None,
     })
 }
 
@@ -498,6 +510,87 @@ mod tests {
         assert!(owner_msg(&full[..full.len() - 1]).is_err());
     }
 
+    fn req(id: AsyncRequestId, a: OwnerAction) -> Vec<u8> {
+        request_for(id, &a).expect("an async request")
+    }
+
+    #[test]
+    fn every_request_we_ask_decodes_as_the_owner_reads_it() {
+        use OwnerAction as A;
+        let user = SNAP_NS_USER;
+        let cases = [
+            (A::Flatten, OwnerOp::Flatten),
+            (A::RebuildObjectMap, OwnerOp::RebuildObjectMap),
+            (
+                A::Resize {
+                    size: 9,
+                    allow_shrink: false,
+                },
+                OwnerOp::Resize {
+                    size: 9,
+                    allow_shrink: false,
+                },
+            ),
+            (
+                A::SnapCreate {
+                    name: "a".into(),
+                    quiesce: QuiesceMode::IgnoreError,
+                },
+                OwnerOp::SnapCreate {
+                    ns: user,
+                    name: "a".into(),
+                    flags: cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR,
+                },
+            ),
+            (
+                A::SnapRemove { name: "b".into() },
+                OwnerOp::SnapRemove {
+                    ns: user,
+                    name: "b".into(),
+                },
+            ),
+            (
+                A::SnapRename {
+                    snap_id: 3,
+                    new_name: "c".into(),
+                },
+                OwnerOp::SnapRename {
+                    snap_id: 3,
+                    name: "c".into(),
+                },
+            ),
+            (
+                A::SnapProtect {
+                    name: "d".into(),
+                    protected: false,
+                },
+                OwnerOp::SnapUnprotect {
+                    ns: user,
+                    name: "d".into(),
+                },
+            ),
+            (
+                A::UpdateFeatures {
+                    features: 0x18,
+                    enabled: true,
+                },
+                OwnerOp::UpdateFeatures {
+                    features: 0x18,
+                    enabled: true,
+                },
+            ),
+            (
+                A::Sparsify { sparse_size: 4096 },
+                OwnerOp::Sparsify { sparse_size: 4096 },
+            ),
+        ];
+        for (action, op) in cases {
+            let m = owner_msg(&req(ID, action.clone())).unwrap().unwrap();
+            assert_eq!(m, OwnerMsg { op, id: Some(ID) }, "{action:?}");
+        }
+        assert_eq!(request_for(ID, &A::ReleaseLock), None);
+    }
+
     #[test]
     fn our_requests_decode_as_librbd_would() {
         // Same bytes as rbd's own (captured above), but for the ids.
@@ -507,7 +600,7 @@ mod tests {
             request_id: 1,
         };
         assert_eq!(
-            snap_remove_request(id, "s2"),
+            req(id, OwnerAction::SnapRemove { name: "s2".into() }),
             hex(
                 "07012c00000009000000020000007332010104000000000000002510000000000000\
                  c0480158ad7f00000100000000000000"
@@ -519,7 +612,13 @@ mod tests {
             request_id: 1,
         };
         assert_eq!(
-            snap_create_request(id, "s1", 0),
+            req(
+                id,
+                OwnerAction::SnapCreate {
+                    name: "s1".into(),
+                    quiesce: QuiesceMode::Run
+                }
+            ),
             hex("0701340000000800000002000000733101010400000000000000\
                  1310000000000000c0660164d97f00000100000000000000 0000000000000000")
         );
@@ -529,17 +628,44 @@ mod tests {
             request_id: 1,
         };
         assert_eq!(
-            flatten_request(id),
+            req(id, OwnerAction::Flatten),
             hex("07011c000000060000003b1000000000000070d8013cb67f00000100000000000000")
         );
         // rbd snap rm's layout with another op (captured rbd snap rm above): protect,
         // unprotect; rename puts the source id first.
-        let mut protect = snap_remove_request(id, "s2");
+        let mut protect = req(id, OwnerAction::SnapRemove { name: "s2".into() });
         protect[6] = NOTIFY_OP_SNAP_PROTECT as u8;
-        assert_eq!(snap_protect_request(id, "s2", true), protect);
+        assert_eq!(
+            req(
+                id,
+                OwnerAction::SnapProtect {
+                    name: "s2".into(),
+                    protected: true
+                }
+            ),
+            protect
+        );
         for (req, protect) in [
-            (snap_protect_request(ID, "p", true), true),
-            (snap_protect_request(ID, "p", false), false),
+            (
+                req(
+                    ID,
+                    OwnerAction::SnapProtect {
+                        name: "p".into(),
+                        protected: true,
+                    },
+                ),
+                true,
+            ),
+            (
+                req(
+                    ID,
+                    OwnerAction::SnapProtect {
+                        name: "p".into(),
+                        protected: false,
+                    },
+                ),
+                false,
+            ),
         ] {
             let m = owner_msg(&req).unwrap().unwrap();
             let want = if protect {
@@ -562,9 +688,15 @@ mod tests {
             );
         }
         assert_eq!(
-            owner_msg(&snap_rename_request(ID, 4, "new"))
-                .unwrap()
-                .unwrap(),
+            owner_msg(&req(
+                ID,
+                OwnerAction::SnapRename {
+                    snap_id: 4,
+                    new_name: "new".into()
+                }
+            ))
+            .unwrap()
+            .unwrap(),
             OwnerMsg {
                 op: OwnerOp::SnapRename {
                     snap_id: 4,
@@ -574,9 +706,15 @@ mod tests {
             }
         );
         assert_eq!(
-            owner_msg(&resize_request(ID, 5 << 20, true))
-                .unwrap()
-                .unwrap(),
+            owner_msg(&req(
+                ID,
+                OwnerAction::Resize {
+                    size: 5 << 20,
+                    allow_shrink: true
+                }
+            ))
+            .unwrap()
+            .unwrap(),
             OwnerMsg {
                 op: OwnerOp::Resize {
                     size: 5 << 20,

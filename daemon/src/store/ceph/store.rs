@@ -264,70 +264,22 @@ impl Store for CephStore {
         Ok(out)
     }
 
-    async fn ask_holder_to_resize(
+    async fn ask_holder(
         &self,
         spec: &ImageSpec,
-        size: u64,
-        allow_shrink: bool,
-    ) -> Result<()> {
-        let what = format!("resize to {size} bytes");
-        ask_owner::ask_owner(
-            self,
-            spec,
-            &what,
-            ask_owner::resize(size, allow_shrink),
-            |_, _| {},
-        )
-        .await
-    }
-
-    async fn ask_holder_to_snap_create(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        mode: crate::store::QuiesceMode,
-    ) -> Result<()> {
-        let what = format!("take snapshot {name}");
-        let req = ask_owner::snap_create(name, mode);
-        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
-    }
-
-    async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
-        let what = format!("remove snapshot {name}");
-        ask_owner::ask_owner(self, spec, &what, ask_owner::snap_remove(name), |_, _| {}).await
-    }
-
-    async fn ask_holder_to_snap_protect(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        protect: bool,
-    ) -> Result<()> {
-        let what = format!(
-            "{} snapshot {name}",
-            if protect { "protect" } else { "unprotect" }
-        );
-        let req = ask_owner::snap_protect(name, protect);
-        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
-    }
-
-    async fn ask_holder_to_snap_rename(
-        &self,
-        spec: &ImageSpec,
-        snap_id: u64,
-        new_name: &str,
-    ) -> Result<()> {
-        let what = format!("rename snapshot {snap_id} to {new_name}");
-        let req = ask_owner::snap_rename(snap_id, new_name);
-        ask_owner::ask_owner(self, spec, &what, req, |_, _| {}).await
-    }
-
-    async fn ask_holder_to_flatten(
-        &self,
-        spec: &ImageSpec,
+        action: &crate::store::OwnerAction,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<()> {
-        ask_owner::ask_owner(self, spec, "flatten it", ask_owner::flatten(), progress).await
+        let what = action.describe();
+        if *action == crate::store::OwnerAction::ReleaseLock {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("the lock of {spec} is asked for by opening it (--wait-for-lock), not by a request"),
+            ));
+        }
+        // Every other action is an async request (request_for is Some).
+        let build = |id| super::owner_msgs::request_for(id, action).unwrap_or_default();
+        ask_owner::ask_owner(self, spec, &what, build, progress).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<CephImage> {
@@ -827,6 +779,7 @@ pub(super) async fn open_by_id_at(
         owner_pending: Mutex::new(std::collections::HashSet::new()),
         owner_done: Mutex::new(std::collections::VecDeque::new()),
         quiesce: Default::default(),
+        header_updates: tokio::sync::watch::Sender::new(0),
         closed: AtomicBool::new(false),
     });
     if mode == OpenMode::ReadOnly {

@@ -77,7 +77,8 @@ fn quiesce_word(m: QuiesceMode) -> &'static str {
 /// The control socket's protocol: one request line, one answer line.
 /// `resize SIZE 0|1` (1: shrinking allowed), `snap-create NAME [skip-quiesce|
 /// ignore-quiesce-error]`, `snap-rm NAME`, `snap-protect NAME`, `snap-unprotect NAME`,
-/// `snap-rename ID NEW-NAME` or `flatten` → `ok` or `error MESSAGE`.
+/// `snap-rename ID NEW-NAME`, `flatten`, `object-map-rebuild`, `sparsify BYTES` or
+/// `features MASK 0|1` (1: enable) → `ok` or `error MESSAGE`.
 fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
@@ -111,6 +112,22 @@ fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String>
             new_name: new_name.to_string(),
         }),
         ["flatten"] => Ok(OwnerAction::Flatten),
+        ["object-map-rebuild"] => Ok(OwnerAction::RebuildObjectMap),
+        ["sparsify", n] => Ok(OwnerAction::Sparsify {
+            sparse_size: n
+                .parse::<u64>()
+                .map_err(|_| format!("bad sparse size {n:?}"))?,
+        }),
+        ["features", f, on] => Ok(OwnerAction::UpdateFeatures {
+            features: f
+                .parse::<u64>()
+                .map_err(|_| format!("bad features {f:?}"))?,
+            enabled: match on {
+                "0" => false,
+                "1" => true,
+                _ => return Err(format!("bad enable flag {on:?}")),
+            },
+        }),
         ["resize", size, shrink] => {
             let size = size
                 .parse::<u64>()
@@ -168,84 +185,56 @@ async fn serve_control(
     }
 }
 
+/// `action` as a control line ([`parse_control_request`] reads it back); `None` for
+/// `ReleaseLock`, which the directory store's lock has no hand-over for.
+fn control_line(action: &OwnerAction) -> Option<String> {
+    // Names were checked by the callers (no spaces): each is one word of the line.
+    Some(match action {
+        OwnerAction::Resize { size, allow_shrink } => {
+            format!("resize {size} {}\n", u8::from(*allow_shrink))
+        }
+        OwnerAction::SnapCreate { name, quiesce } => {
+            format!("snap-create {name}{}\n", quiesce_word(*quiesce))
+        }
+        OwnerAction::SnapRemove { name } => format!("snap-rm {name}\n"),
+        OwnerAction::SnapProtect { name, protected } => format!(
+            "snap-{}protect {name}\n",
+            if *protected { "" } else { "un" }
+        ),
+        OwnerAction::SnapRename { snap_id, new_name } => {
+            format!("snap-rename {snap_id} {new_name}\n")
+        }
+        OwnerAction::Flatten => "flatten\n".into(),
+        OwnerAction::RebuildObjectMap => "object-map-rebuild\n".into(),
+        OwnerAction::Sparsify { sparse_size } => format!("sparsify {sparse_size}\n"),
+        OwnerAction::UpdateFeatures { features, enabled } => {
+            format!("features {features} {}\n", u8::from(*enabled))
+        }
+        OwnerAction::ReleaseLock => return None,
+    })
+}
+
 /// Asks the process holding `spec`'s exclusive lock (a `serve` or `map` daemon), whose
-/// image has the id `id`, to resize it, through its control socket, and waits for the
-/// outcome.
-pub(super) async fn ask_holder_to_resize(
+/// image has the id `id`, to perform `action` through its control socket, and waits for
+/// the outcome.
+pub(super) async fn ask_holder(
     pool_dir: &Path,
     id: &str,
     spec: &ImageSpec,
-    size: u64,
-    allow_shrink: bool,
+    action: &OwnerAction,
 ) -> Result<()> {
-    let line = format!("resize {size} {}\n", u8::from(allow_shrink));
-    ask_holder(pool_dir, id, spec, &line, "resize").await
-}
-
-/// Asks the holder of `spec` to take snapshot `name` (see [`ask_holder_to_resize`]).
-pub(super) async fn ask_holder_to_snap_create(
-    pool_dir: &Path,
-    id: &str,
-    spec: &ImageSpec,
-    name: &str,
-    mode: QuiesceMode,
-) -> Result<()> {
-    // The name was checked by the caller (no spaces), so it is one word of the line.
-    let line = format!("snap-create {name}{}\n", quiesce_word(mode));
-    ask_holder(pool_dir, id, spec, &line, "snap create").await
-}
-
-/// Asks the holder of `spec` to remove snapshot `name` (see [`ask_holder_to_resize`]).
-pub(super) async fn ask_holder_to_snap_remove(
-    pool_dir: &Path,
-    id: &str,
-    spec: &ImageSpec,
-    name: &str,
-) -> Result<()> {
-    let line = format!("snap-rm {name}\n");
-    ask_holder(pool_dir, id, spec, &line, "snap rm").await
-}
-
-/// Asks the holder of `spec` to (un)protect snapshot `name` (see [`ask_holder_to_resize`]).
-pub(super) async fn ask_holder_to_snap_protect(
-    pool_dir: &Path,
-    id: &str,
-    spec: &ImageSpec,
-    name: &str,
-    protect: bool,
-) -> Result<()> {
-    let verb = if protect {
-        "snap-protect"
-    } else {
-        "snap-unprotect"
+    let what = action.describe();
+    let Some(line) = control_line(action) else {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} is not a request the holder of {spec} takes"),
+        ));
     };
-    let line = format!("{verb} {name}\n");
-    ask_holder(pool_dir, id, spec, &line, &verb.replace('-', " ")).await
-}
-
-/// Asks the holder of `spec` to rename snapshot `snap_id` (see [`ask_holder_to_resize`]).
-pub(super) async fn ask_holder_to_snap_rename(
-    pool_dir: &Path,
-    id: &str,
-    spec: &ImageSpec,
-    snap_id: u64,
-    new_name: &str,
-) -> Result<()> {
-    let line = format!("snap-rename {snap_id} {new_name}\n");
-    ask_holder(pool_dir, id, spec, &line, "snap rename").await
-}
-
-/// Asks the holder of `spec` to flatten it (see [`ask_holder_to_resize`]).
-pub(super) async fn ask_holder_to_flatten(
-    pool_dir: &Path,
-    id: &str,
-    spec: &ImageSpec,
-) -> Result<()> {
-    ask_holder(pool_dir, id, spec, "flatten\n", "flatten").await
+    send_line(pool_dir, id, spec, &line, &what).await
 }
 
 /// Sends one request line to the holder's control socket and waits for its answer.
-async fn ask_holder(
+async fn send_line(
     pool_dir: &Path,
     id: &str,
     spec: &ImageSpec,
@@ -287,6 +276,52 @@ async fn ask_holder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_action_reads_back_from_its_line() {
+        use OwnerAction as A;
+        let all = [
+            A::Resize {
+                size: 1 << 30,
+                allow_shrink: true,
+            },
+            A::Resize {
+                size: 7,
+                allow_shrink: false,
+            },
+            A::SnapCreate {
+                name: "a".into(),
+                quiesce: QuiesceMode::Skip,
+            },
+            A::SnapRemove { name: "b".into() },
+            A::SnapRename {
+                snap_id: 9,
+                new_name: "c".into(),
+            },
+            A::SnapProtect {
+                name: "d".into(),
+                protected: true,
+            },
+            A::SnapProtect {
+                name: "d".into(),
+                protected: false,
+            },
+            A::Flatten,
+            A::RebuildObjectMap,
+            A::Sparsify { sparse_size: 65536 },
+            A::UpdateFeatures {
+                features: 0x18,
+                enabled: false,
+            },
+        ];
+        for a in all {
+            let line = control_line(&a).unwrap();
+            assert_eq!(parse_control_request(&line), Ok(a), "{line:?}");
+        }
+        assert_eq!(control_line(&A::ReleaseLock), None);
+        assert!(parse_control_request("features 24 2\n").is_err());
+        assert!(parse_control_request("sparsify x\n").is_err());
+    }
 
     #[test]
     fn snap_create_lines_carry_the_quiesce_mode() {

@@ -108,7 +108,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl DirStore {
     /// The pool directory and image id under which the holder of `spec`'s lock listens
-    /// (its control socket): what every `ask_holder_to_*` needs first.
+    /// (its control socket): what `ask_holder` needs first.
     fn holder_address(&self, spec: &ImageSpec) -> Result<(PathBuf, String)> {
         self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
@@ -237,58 +237,14 @@ impl Store for DirStore {
         .await
     }
 
-    async fn ask_holder_to_resize(
+    async fn ask_holder(
         &self,
         spec: &ImageSpec,
-        size: u64,
-        allow_shrink: bool,
-    ) -> Result<()> {
-        let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_resize(&pool_dir, &id, spec, size, allow_shrink).await
-    }
-
-    async fn ask_holder_to_snap_create(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        mode: crate::store::QuiesceMode,
-    ) -> Result<()> {
-        let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_snap_create(&pool_dir, &id, spec, name, mode).await
-    }
-
-    async fn ask_holder_to_snap_remove(&self, spec: &ImageSpec, name: &str) -> Result<()> {
-        let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_snap_remove(&pool_dir, &id, spec, name).await
-    }
-
-    async fn ask_holder_to_snap_protect(
-        &self,
-        spec: &ImageSpec,
-        name: &str,
-        protect: bool,
-    ) -> Result<()> {
-        let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_snap_protect(&pool_dir, &id, spec, name, protect).await
-    }
-
-    async fn ask_holder_to_snap_rename(
-        &self,
-        spec: &ImageSpec,
-        snap_id: u64,
-        new_name: &str,
-    ) -> Result<()> {
-        let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_snap_rename(&pool_dir, &id, spec, snap_id, new_name).await
-    }
-
-    async fn ask_holder_to_flatten(
-        &self,
-        spec: &ImageSpec,
+        action: &crate::store::OwnerAction,
         _progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<()> {
         let (pool_dir, id) = self.holder_address(spec)?;
-        control::ask_holder_to_flatten(&pool_dir, &id, spec).await
+        control::ask_holder(&pool_dir, &id, spec, action).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<DirImage> {
