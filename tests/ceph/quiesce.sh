@@ -73,6 +73,38 @@ check "the snapshots taken exist, the failed ones do not" same \
   "ok1 ign1 skip1 ok2 ign2 skip2" "$(snaps)"
 check "rados-nbd snap ls agrees" same "ok1 ign1 skip1 ok2 ign2 skip2" \
   "$("${RN[@]}" snap ls "$img" --format json | jq -r '[.[].name] | join(" ")')"
+# Two snapshot takers at once (two Quiesce requests, as two notifiers would send them):
+# the sessions run one after the other, as librbd's QuiesceWatchers queue them; the
+# second hook runs only after the first session's unquiesce, never beside it.
+: >"$log"; echo 2 >"$work/sleep-quiesce"
+check "two quiesce sessions at once: both acked" "$PY" - "$CEPH_CONF" \
+  "rbd_header.$(rbd info "$img" --format json | jq -r .id)" <<'PY'
+import struct, sys, threading
+import rados
+conf, oid = sys.argv[1:]
+c = rados.Rados(conffile=conf); c.connect(); io = c.open_ioctx("rbd")
+# librbd's QuiescePayload / UnquiescePayload: ENCODE_START(7,1) { u32 op, AsyncRequestId }.
+# python3-rados takes the payload as str (sent UTF-8 encoded): every byte here is ASCII.
+def msg(op, rid):
+    b = bytes([7, 1]) + struct.pack("<IIQQQ", 28, op, 0x1234, 1, rid)
+    assert max(b) < 128
+    return b.decode("ascii")
+errors = []
+def session(rid):
+    try:
+        io.notify(oid, msg(18, rid), 30000)   # quiesce: acked once our hook is done
+        io.notify(oid, msg(19, rid), 5000)    # unquiesce
+    except Exception as e:
+        errors.append(f"session {rid}: {e}")
+ts = [threading.Thread(target=session, args=(r,)) for r in (1, 2)]
+for t in ts: t.start()
+for t in ts: t.join()
+io.close(); c.shutdown()
+sys.exit("; ".join(errors) or None)
+PY
+rm -f "$work/sleep-quiesce"
+check "... their hooks ran one session after the other (no quiesce beside another)" \
+  hook_ran "rbd/$img quiesce|rbd/$img unquiesce|rbd/$img quiesce|rbd/$img unquiesce"
 check "writes after the snapshots still work" write 99
 check_unserve "serve --quiesce stops cleanly"
 check "each snapshot holds what was written before it" same "10 20 99" \

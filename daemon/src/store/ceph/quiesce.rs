@@ -18,6 +18,11 @@
 //! snapshot is taken by our own image layer, behind the requests in flight). Without
 //! `--quiesce` both are acked empty at once: nothing to quiesce, which librbd counts as
 //! success.
+//!
+//! Quiesce sessions run one at a time, as librbd's QuiesceWatchers queue them: a second
+//! request (another snapshot taker) waits until the first is unquiesced (or undone after
+//! [`AUTO_UNQUIESCE`]) before its hook runs, so a hook never runs beside another
+//! (`fsfreeze -f` of a frozen file system fails) and never thaws what another froze.
 
 use super::cls::{self, AsyncRequestId};
 use super::image::Inner;
@@ -50,20 +55,36 @@ enum Req {
         at: Instant,
         /// The unquiesce ran (or is running), or none is due (a failed quiesce).
         unquiesced: bool,
+        /// While quiesced: the session's turn, given back after the unquiesce.
+        turn: Option<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
 /// An open's quiesce state: the hook (`--quiesce`) and the requests seen.
-#[derive(Default)]
 pub(super) struct Quiesce {
     hook: OnceLock<Arc<QuiesceHook>>,
     reqs: Mutex<HashMap<AsyncRequestId, Req>>,
+    /// One quiesce session at a time (one permit): taken before the quiesce hook runs,
+    /// given back once the session is over (failed, or unquiesced).
+    turns: Arc<tokio::sync::Semaphore>,
     /// Our own request numbers when we take a snapshot.
     next_request: AtomicU64,
     /// The tasks started for quiesce requests and for snapshots we take: `stop` ends
     /// them before the image closes, so none holds the handle (and with it the cluster
     /// connection) when the runtime shuts down.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Default for Quiesce {
+    fn default() -> Self {
+        Quiesce {
+            hook: OnceLock::new(),
+            reqs: Mutex::new(HashMap::new()),
+            turns: Arc::new(tokio::sync::Semaphore::new(1)),
+            next_request: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl Quiesce {
@@ -148,8 +169,14 @@ pub(super) fn on_quiesce(inner: &Arc<Inner>, id: AsyncRequestId, ack: PendingAck
         }
     }
     let me = inner.clone();
+    let turns = inner.quiesce.turns.clone();
     inner.quiesce.spawn(async move {
         let inner = me;
+        // Another session quiesced: ours waits for its unquiesce (its notifier meanwhile
+        // re-sends, and is acked when we are done).
+        let Ok(turn) = turns.acquire_owned().await else {
+            return;
+        };
         let result = match hook.run(Phase::Quiesce).await {
             Ok(()) => 0,
             Err(e) => {
@@ -168,48 +195,59 @@ pub(super) fn on_quiesce(inner: &Arc<Inner>, id: AsyncRequestId, ack: PendingAck
                 }) => (acks, unquiesce_asked),
                 _ => (Vec::new(), false),
             };
+            // Quiesced, with no unquiesce asked yet: the turn stays with the request.
+            let keep = result == 0 && !asked;
+            let (turn, turn_now) = if keep { (Some(turn), None) } else { (None, Some(turn)) };
             reqs.insert(
                 id,
                 Req::Done {
                     result,
                     at: Instant::now(),
                     unquiesced: result != 0 || asked,
+                    turn,
                 },
             );
-            (acks, result == 0 && asked)
+            (acks, turn_now.filter(|_| result == 0 && asked))
         };
         let reply = cls::response_message(result);
         for a in acks {
             a.send(&reply);
         }
-        if unquiesce_now {
+        if let Some(turn) = unquiesce_now {
             // The Unquiesce came while the hook ran (the notifier gave up waiting).
             run_unquiesce(&hook, &inner).await;
+            drop(turn);
         } else if result == 0 {
             tokio::time::sleep(AUTO_UNQUIESCE).await;
-            if take_unquiesce(&inner, id) {
+            if let Some(turn) = take_unquiesce(&inner, id) {
                 tracing::warn!(image = %inner.spec, "no unquiesce from client.{} within {} s after the quiesce; unquiescing",
                     id.gid, AUTO_UNQUIESCE.as_secs());
                 run_unquiesce(&hook, &inner).await;
+                drop(turn);
             }
         }
+        // A failed quiesce's turn went with `turn_now` above: the next session may run.
     });
 }
 
-/// Marks request `id`'s unquiesce as done; true when it was still due.
-fn take_unquiesce(inner: &Inner, id: AsyncRequestId) -> bool {
+/// Marks request `id`'s unquiesce as done; when it was still due, the session's turn,
+/// to give back once the unquiesce ran.
+fn take_unquiesce(inner: &Inner, id: AsyncRequestId) -> Option<Option<OwnedTurn>> {
     match inner.quiesce.reqs().get_mut(&id) {
         Some(Req::Done {
             result: 0,
             unquiesced,
+            turn,
             ..
         }) if !*unquiesced => {
             *unquiesced = true;
-            true
+            Some(turn.take())
         }
-        _ => false,
+        _ => None,
     }
 }
+
+type OwnedTurn = tokio::sync::OwnedSemaphorePermit;
 
 async fn run_unquiesce(hook: &QuiesceHook, inner: &Inner) {
     if let Err(e) = hook.run(Phase::Unquiesce).await {
@@ -230,11 +268,12 @@ pub(super) fn on_unquiesce(inner: &Arc<Inner>, id: AsyncRequestId) {
         *unquiesce_asked = true;
         return;
     }
-    if take_unquiesce(inner, id) {
+    if let Some(turn) = take_unquiesce(inner, id) {
         let me = inner.clone();
-        inner
-            .quiesce
-            .spawn(async move { run_unquiesce(&hook, &me).await });
+        inner.quiesce.spawn(async move {
+            run_unquiesce(&hook, &me).await;
+            drop(turn);
+        });
     }
 }
 
