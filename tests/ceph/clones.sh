@@ -278,12 +278,22 @@ check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
   "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
 rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
 
-# Leave the pool as we found it (other suites share it).
-for i in ck dsf dsw rn2 rn1 rnf v2c8 v1c8 $(for k in 7 6 5 4 3 2 1; do echo v2c$k v1c$k; done); do
-  rbd snap unprotect "$i@s" >/dev/null 2>&1
-  rbd snap purge "$i" >/dev/null 2>&1
-  rbd rm "$i" >/dev/null 2>&1
-done
+# Leave the pool as we found it (other suites share it): each chain from its leaf up, and
+# cbase's other children, at once (each removal mostly waits for the cluster), then cbase.
+rm_images() {
+  local i
+  for i in "$@"; do
+    rbd snap unprotect "$i@s" >/dev/null 2>&1
+    rbd snap purge "$i" >/dev/null 2>&1
+    rbd rm "$i" >/dev/null 2>&1
+  done
+}
+rms=()
+rm_images ck dsf dsw & rms+=($!)
+rm_images rn2 rn1 rnf & rms+=($!)
+rm_images $(for k in 8 7 6 5 4 3 2 1; do echo v2c$k; done) & rms+=($!)
+rm_images $(for k in 8 7 6 5 4 3 2 1; do echo v1c$k; done) & rms+=($!)
+wait "${rms[@]}"
 rbd snap unprotect cbase@s >/dev/null 2>&1
 rbd snap purge cbase >/dev/null 2>&1
 rbd rm cbase >/dev/null 2>&1
