@@ -36,15 +36,15 @@ export CEPH_NBD_ID CEPH_NBD_KEYRING
 rc=0
 suites=(
   differential.sh
+  clones.sh
+  owner_ops.sh
+  snaps.sh
+  handover.sh
   e2e.sh
   fencing.sh
-  owner_ops.sh
-  handover.sh
   diff.sh
-  clones.sh
-  checkpoint.sh
-  snaps.sh
   quiesce.sh
+  checkpoint.sh
   snapmap.sh
   namespaces.sh
   cephx.sh
