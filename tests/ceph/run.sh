@@ -14,7 +14,13 @@ if ! has_ceph "$BIN"; then
   echo "SKIP ceph suite: $BIN was built without feature ceph"; exit 0
 fi
 work=$(mktemp -d /tmp/rados-nbd-ceph.XXXXXX)
-stop() { "$here/cluster.sh" stop "$work/cluster" >/dev/null 2>&1; rm -rf "$work"; }
+# The suites still running (interrupted: the lanes below run in the background, which ignores
+# SIGINT) are ended first, by the pids they left in $work/*.pid; their own traps stop theirs.
+stop() {
+  local f
+  for f in "$work"/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
+  "$here/cluster.sh" stop "$work/cluster" >/dev/null 2>&1; rm -rf "$work"
+}
 trap stop EXIT
 t0=$(date +%s%N)
 if ! out=$("$here/cluster.sh" start "$work/cluster" 2>&1); then
@@ -60,8 +66,11 @@ lane() {
     [ "$i" -lt "${#suites[@]}" ] || return 0
     s=${suites[$i]}
     t0=$(date +%s)
-    bash "$here/$s" >"$work/$s.out" 2>&1
+    bash "$here/$s" >"$work/$s.out" 2>&1 &
+    echo $! >"$work/$s.pid"
+    wait $!
     echo $? >"$work/$s.rc"
+    rm -f "$work/$s.pid"
     # One suite's output at a time, whole.
     (flock 9; cat "$work/$s.out"; echo "# $s: $(($(date +%s) - t0)) s") 9>"$work/print.lock"
   done
