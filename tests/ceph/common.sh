@@ -75,3 +75,28 @@ kill9() { kill -9 "$1"; wait "$1" 2>/dev/null; forget_pid "$1"; }
 # test cluster), and the open waits for that (bounded), fences the dead daemon and breaks its
 # stale lock. True once it serves (60 s at most), false when it exited first.
 reopen() { local log=$1; shift; start_serve "$log" 60 "$@"; }
+# drop_dead_watch IMAGE: after a kill -9 of the image's only watcher, blocklists the dead
+# client's address (as librbd does when it breaks a lock) so the OSD drops its watch at once
+# instead of after osd_client_watch_timeout; the reopen then finds a stale lock whose owner
+# has no watch, and breaks it without waiting. For suites that test something else than that
+# wait (e2e.sh and fencing.sh test the wait itself, with no help). The addresses go to
+# DROPPED_WATCHES: `undrop_watches` removes them from the blocklist at the end.
+DROPPED_WATCHES=()
+drop_dead_watch() {
+  local hdr addr _i
+  hdr="rbd_header.$(rbd info "$1" --format json | jq -r .id)"
+  for addr in $(rados -p rbd listwatchers "$hdr" | sed -n 's/^watcher=\([^ ]*\) .*/\1/p'); do
+    ceph osd blocklist add "$addr" >/dev/null 2>&1 || { echo "ceph osd blocklist add $addr failed" >&2; return 1; }
+    DROPPED_WATCHES+=("$addr")
+  done
+  for _i in $(seq 1 300); do
+    [ -z "$(rados -p rbd listwatchers "$hdr")" ] && return 0
+    sleep 0.1
+  done
+  echo "the watch of $1 is still there 30 s after blocklisting its client" >&2; return 1
+}
+undrop_watches() {
+  local a
+  for a in "${DROPPED_WATCHES[@]}"; do ceph osd blocklist rm "$a" >/dev/null 2>&1; done
+  DROPPED_WATCHES=()
+}
