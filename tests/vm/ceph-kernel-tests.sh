@@ -18,6 +18,8 @@ MP=(); [ -n "${KMODS:-}" ] && MP=(-d "$KMODS")
 RN=("$B" --store "ceph:$CEPH_CONF")
 [ -n "${CEPH_NBD_KEYRING:-}" ] && RN+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
 IMG=${IMG:?} RAW=${RAW:?} RAW_MB=${RAW_MB:-16}
+XFS=${XFS:?} LIVE=${LIVE:?} LIVE_MB=${LIVE_MB:?} LIVE_GROWN_MB=${LIVE_GROWN_MB:?} BENCH=${BENCH:?} BENCH_MB=${BENCH_MB:?}
+QHOOK=${QUIESCE_HOOK:?QUIESCE_HOOK names packaging/rados-nbd_quiesce} RPC=${RPC:?RPC names the host request folder}
 OUT=${OUT:-/mnt/out} LOGDIR=${LOGDIR:-/mnt/logs}
 MNT=/tmp/mnt
 mkdir -p "$OUT" "$LOGDIR" $MNT
@@ -35,12 +37,12 @@ check() { # check NAME COMMAND...: PASS when the command succeeds; its output sh
   if out=$("$@" 2>&1); then ok "$name"; else bad "$name"; echo "$out" | tail -20 | sed 's/^/    | /'; fi
 }
 map() { "${RN[@]}" map --log-file "$LOGDIR/daemon.log" "$@"; }
-# mapped NAME IMAGE: map IMAGE into $dev and check that map printed a usable /dev/nbdX; on
+# mapped NAME IMAGE [OPTION...]: map IMAGE into $dev and check that map printed a usable /dev/nbdX; on
 # failure the suite ends here (everything after needs the device), with map's error.
 mapped() {
   local t err
   t=$(date +%s%N)
-  dev=$(map "$2" 2>/tmp/map.err)
+  dev=$(map "${@:2}" 2>/tmp/map.err)
   if [[ $dev =~ ^/dev/nbd[0-9]+$ ]] && [ -b "$dev" ]; then
     ok "$1 ($dev, $(ms_since "$t") ms)"
     return 0
@@ -58,6 +60,35 @@ flags_are() { # IMAGE WANT: the image's flags as `rbd info` shows them
   [ "$f" = "$2" ] || { echo "flags of $1: '$f', want '$2'"; return 1; }
 }
 released() { [ "$(cat "/sys/block/${1#/dev/}/size")" = 0 ]; }
+# host CMD ARG...: CMD (`rbd` or a check of ceph-run.sh, which lists them) run on the host,
+# beside the cluster, as a second client of the images mapped here; its output and status.
+host() {
+  local r=$RPC/$(date +%s%N)-$BASHPID i
+  printf '%s\n' "$@" >"$r.tmp" && mv "$r.tmp" "$r.req" || return 1
+  for i in $(seq 1500); do [ -e "$r.rc" ] && break; sleep 0.1; done
+  [ -e "$r.rc" ] || { echo "the host did not answer '$*' in 150 s"; return 124; }
+  cat "$r.out"
+  return "$(cat "$r.rc")"
+}
+state() { sed -n "s/.*\"$2\": *\([0-9]*\).*/\1/p" "/run/rados-nbd/${1#/dev/}.json" 2>/dev/null; }
+# The guest's init reaps orphans lazily, so a daemon that exited may linger as a zombie.
+dead() { [ ! -d "/proc/$1" ] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+gone() { local i; for i in $(seq 300); do dead "$1" && return 0; sleep 0.1; done; return 1; }
+size_is() { # DEV BYTES: wait up to 10 s for the device to show that size
+  local i
+  for i in $(seq 100); do [ "$(blockdev --getsize64 "$1")" = "$2" ] && return 0; sleep 0.1; done
+  echo "$1 is $(blockdev --getsize64 "$1") bytes, not $2"; return 1
+}
+write_files() { # DIR: a few files (one spanning objects) and their checksums, synced
+  dd if=/dev/urandom of="$1/big" bs=1M count=6 status=none &&
+    dd if=/dev/urandom of="$1/odd" bs=1000 count=777 status=none &&
+    mkdir -p "$1/small" && for i in $(seq 20); do head -c $((i * 313)) /dev/urandom >"$1/small/f$i"; done &&
+    (cd "$1" && find . -type f ! -name SUMS -print0 | sort -z | xargs -0 sha256sum >SUMS) && sync
+}
+unmapped() { # NAME DEV: unmap DEV, then the device is released
+  check "$1" "$B" unmap "$2"
+  check "... $2 released" released "$2"
+}
 
 # Every program linking Ceph's libraries takes seconds to start under emulation, so `rbd` runs
 # in the guest only where the guest's view matters (the flags while mapped); the host checks
@@ -112,6 +143,151 @@ mapped "map $RAW" "rbd/$RAW"
 check "dd $RAW_MB MiB of random data (O_DIRECT)" dd if=/dev/urandom of="$dev" bs=1M count="$RAW_MB" oflag=direct status=none
 dd if="$dev" bs=1M count="$RAW_MB" iflag=direct status=none | md5sum | cut -d' ' -f1 >"$OUT/$RAW.md5"
 check "unmap $RAW" "$B" unmap "$dev"
+
+echo "== xfs on a Ceph image"
+if ! command -v mkfs.xfs >/dev/null || ! command -v xfs_repair >/dev/null; then
+  echo "SKIP xfs on a Ceph image: mkfs.xfs/xfs_repair not installed (xfsprogs, tests/deps.sh)"
+elif ! modprobe "${MP[@]}" xfs; then
+  bad "load xfs"
+else
+  mapped "map $XFS" "rbd/$XFS"
+  # -K: the image is new, nothing to discard first.
+  check "mkfs.xfs" mkfs.xfs -q -K "$dev"
+  check "mount xfs" mount "$dev" $MNT
+  check "write files on xfs, sync" write_files $MNT
+  check "umount xfs" umount $MNT
+  check "xfs_repair -n clean" xfs_repair -n "$dev"
+  check "mount xfs again, every file verifies" bash -c \
+    "mount $dev $MNT && (cd $MNT && sha256sum --quiet -c SUMS); r=\$?; umount $MNT; exit \$r"
+  unmapped "unmap $XFS" "$dev"
+fi
+
+echo "== kill -9 under fio verify; attach takes the device over (mounted all along)"
+# The options the attach repeats. --reattach-timeout: the kernel keeps the device while the
+# new daemon waits for the OSD to drop the killed one's watch (15 s here) before it fences it.
+LOPT=(--reattach-timeout 120 --quiesce --quiesce-hook "$QHOOK")
+mapped "map $LIVE (--quiesce)" "rbd/$LIVE" "${LOPT[@]}"
+mkfs_written() { mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT && write_files $MNT; }
+check "mkfs.ext4, mount, write files" mkfs_written
+pid=$(state "$dev" pid)
+n=${dev#/dev/}
+writes() { awk '{print $5}' "/sys/block/$n/stat"; }
+if command -v fio >/dev/null; then
+  w0=$(writes)
+  # 4 MiB at 1 MiB/s with crc32c headers, then fio reads every block back and checks it.
+  fio --name=kill9 --filename=$MNT/fio.dat --size=4M --bs=64k --rw=randwrite --ioengine=libaio \
+    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --rate=1m --verify_state_save=0 --output=/tmp/fio.out \
+    >/dev/null 2>&1 &
+  fiopid=$!
+  for i in $(seq 300); do [ $(($(writes) - w0)) -ge 8 ] && break; sleep 0.1; done
+  check "fio writing through the daemon (pid $pid)" kill -0 $fiopid
+  kill -9 "$pid"
+  check "kill -9: the daemon is gone" gone "$pid"
+  check "... the kernel keeps the device for attach" test "$(cat /sys/block/$n/size)" != 0
+  t=$(date +%s%N)
+  check "attach --device $dev takes it over" "${RN[@]}" attach --device "$dev" "${LOPT[@]}" \
+    --log-file "$LOGDIR/daemon.log" "rbd/$LIVE"
+  note "attach took $(ms_since "$t") ms"
+  check "... after fencing the killed daemon: blocklisted, then its lock broken" \
+    grep -q "breaking the stale exclusive lock of a dead owner: blocklisting" "$LOGDIR/daemon.log"
+  wait $fiopid
+  frc=$?
+  fio_ok() { [ "$frc" = 0 ] && grep -q 'err= 0' /tmp/fio.out || { echo "fio exit $frc"; cat /tmp/fio.out; return 1; }; }
+  check "fio verify across the kill and the attach: every block checks" fio_ok
+  new_daemon() { local p; p=$(state "$dev" pid); [ -n "$p" ] && [ "$p" != "$pid" ] && kill -0 "$p"; }
+  check "... a new daemon serves the device" new_daemon
+  check "... still mounted, the files written before the kill verify, new writes go in" bash -c \
+    "mountpoint -q $MNT && (cd $MNT && sha256sum --quiet -c SUMS) && echo after >$MNT/after && sync"
+else
+  bad "fio is not installed (tests/deps.sh): kill -9 under fio verify not run"
+fi
+
+echo "== rbd resize from the host while mounted; resize2fs"
+check "rbd resize --size ${LIVE_GROWN_MB}M $LIVE (host)" host rbd resize --size "${LIVE_GROWN_MB}M" "$LIVE"
+check "the device follows: $LIVE_GROWN_MB MiB" size_is "$dev" $((LIVE_GROWN_MB << 20))
+fs_kib() { df -k $MNT | awk 'NR == 2 { print $2 }'; }
+k0=$(fs_kib)
+check "resize2fs grows the mounted ext4 online" resize2fs "$dev"
+check "df shows the grown file system" test "$(fs_kib)" -gt $((k0 + (LIVE_GROWN_MB - LIVE_MB) * 1024 * 3 / 4))
+
+echo "== rbd snap create from the host while mounted (map --quiesce: the hook freezes the fs)"
+# Written but not synced: only the freeze puts it in the snapshot.
+echo unsynced >$MNT/unsynced
+check "rbd snap create $LIVE@s1 (host)" host rbd snap create "$LIVE@s1"
+check "... the daemon ran the hook: froze $MNT, then thawed it" bash -c \
+  "grep -q 'said: quiesce: $MNT ($dev)' $LOGDIR/daemon.log && grep -q 'said: unquiesce: $MNT ($dev)' $LOGDIR/daemon.log"
+check "... the file system is writable after (thawed)" timeout 30 bash -c "echo thawed >$MNT/thawed && sync"
+check "the snapshot's export is a clean ext4 holding the unsynced file (host: rbd export, e2fsck -fn)" \
+  host snap_fs "$LIVE@s1" unsynced unsynced
+check "umount $LIVE" umount $MNT
+unmapped "unmap $LIVE" "$dev"
+check "$LIVE after unmap (host): flags clean, no lock, no watcher" host idle "$LIVE"
+check "$LIVE after unmap (host): rbd object-map check passes" host omap_check "$LIVE"
+
+echo "== read-only maps: --read-only and IMAGE@SNAP"
+ro_write() { # DEV: a write through DEV fails with EPERM or EROFS
+  local out
+  out=$(dd if=/dev/zero of="$1" bs=4k count=1 oflag=direct status=none 2>&1) && { echo "dd wrote to $1"; return 1; }
+  grep -Eq "Operation not permitted|Read-only file system" <<<"$out" || { echo "$out"; return 1; }
+}
+mapped "map --read-only $LIVE" "rbd/$LIVE" --read-only
+check "read-only device (blockdev --getro)" test "$(blockdev --getro "$dev")" = 1
+check "a write fails (EPERM/EROFS)" ro_write "$dev"
+check "the image takes no lock, its flags stay clean (host)" host unlocked "$LIVE"
+check "mount -o ro: every file verifies, the thawed one too" bash -c \
+  "mount -o ro $dev $MNT && (cd $MNT && sha256sum --quiet -c SUMS) && grep -q thawed $MNT/thawed; r=\$?; umount $MNT; exit \$r"
+unmapped "unmap the read-only map" "$dev"
+mapped "map $LIVE@s1" "rbd/$LIVE@s1"
+check "the snapshot's device is read-only" test "$(blockdev --getro "$dev")" = 1
+check "a write fails (EPERM/EROFS)" ro_write "$dev"
+snap_bytes() {
+  local h g
+  h=$(host export_md5 "$LIVE@s1") || { echo "$h"; return 1; }
+  g=$(dd if="$dev" bs=1M iflag=direct status=none | md5sum | cut -d' ' -f1)
+  [ "$g" = "$h" ] || { echo "the device reads $g, rbd export $LIVE@s1 $h"; return 1; }
+}
+check "the device reads the snapshot's bytes (md5 = host rbd export $LIVE@s1)" snap_bytes
+check "its ext4 has the unsynced file, not the one written after the snapshot" bash -c \
+  "mount -o ro $dev $MNT && grep -q unsynced $MNT/unsynced && [ ! -e $MNT/thawed ]; r=\$?; umount $MNT; exit \$r"
+unmapped "unmap $LIVE@s1" "$dev"
+
+echo "== a second client: rbd bench (host) beside a map; refused with --exclusive"
+mapped "map $BENCH" "rbd/$BENCH"
+for f in b1:8 b2:1 b3:1; do dd if=/dev/urandom of=/tmp/${f%:*}.raw bs=1M count=${f#*:} status=none; done
+check "the guest writes 8 MiB (O_DIRECT)" dd if=/tmp/b1.raw of="$dev" bs=1M oflag=direct status=none
+# The guest writes 1 MiB at 8 MiB while rbd bench writes the first MiB: the lock goes to
+# and fro (rbd bench asks for it, the daemon's next write asks it back).
+(dd if=/tmp/b2.raw of="$dev" bs=64k seek=128 oflag=direct status=none; echo $? >/tmp/b2.rc) &
+ddpid=$!
+check "rbd bench --io-type write 1 MiB (host) while mapped" host bench_write "$BENCH" 1M
+wait $ddpid
+check "... the guest's writes meanwhile completed" test "$(cat /tmp/b2.rc)" = 0
+check "... the guest writes again after the bench" dd if=/tmp/b3.raw of="$dev" bs=64k seek=144 oflag=direct status=none
+one_byte() { # FILE BYTES: the first BYTES of FILE are one byte repeated (rbd bench's pattern)
+  local b
+  b=$(head -c 1 "$1" | od -An -to1 | tr -d ' ')
+  [ "$(head -c "$2" "$1" | tr -d "\\$b" | wc -c)" = 0 ] || { echo "the first $2 bytes are not rbd bench's (one byte repeated)"; return 1; }
+}
+both_writers() {
+  dd if="$dev" of=/tmp/r.raw bs=1M count=10 iflag=direct status=none &&
+    one_byte /tmp/r.raw $((1 << 20)) &&
+    cmp -n $((7 << 20)) -i $((1 << 20)):$((1 << 20)) /tmp/r.raw /tmp/b1.raw &&
+    cmp -n $((1 << 20)) -i $((8 << 20)):0 /tmp/r.raw /tmp/b2.raw &&
+    cmp -n $((1 << 20)) -i $((9 << 20)):0 /tmp/r.raw /tmp/b3.raw
+}
+check "both writers' data is there: rbd bench's first MiB, the guest's 9 MiB after it" both_writers
+unmapped "unmap $BENCH" "$dev"
+mapped "map --exclusive $BENCH" "rbd/$BENCH" --exclusive
+check "the guest writes (O_DIRECT)" dd if=/tmp/b3.raw of="$dev" bs=64k seek=160 oflag=direct status=none
+check "rbd bench --io-type write (host) is refused (EROFS, as rbd-nbd --exclusive)" host refused_bench "$BENCH"
+untouched() {
+  dd if="$dev" of=/tmp/r2.raw bs=1M count=11 iflag=direct status=none &&
+    cmp -n $((10 << 20)) /tmp/r.raw /tmp/r2.raw && cmp -n $((1 << 20)) -i $((10 << 20)):0 /tmp/r2.raw /tmp/b3.raw
+}
+check "... it wrote nothing; the guest's data is there" untouched
+check "... the guest still writes" dd if=/tmp/b2.raw of="$dev" bs=64k seek=176 oflag=direct status=none
+dd if="$dev" bs=1M iflag=direct status=none | md5sum | cut -d' ' -f1 >"$OUT/$BENCH.md5"
+unmapped "unmap --exclusive $BENCH" "$dev"
 
 note "guest suite: $(($(date +%s) - T0)) s"
 echo "$pass passed, $fail failed"

@@ -38,12 +38,16 @@ fi
 ns=rados-nbd-vm-$$
 addr=10.77.0.1 guest=10.77.0.2
 IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
+# XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
+# snapshotted; BENCH: written by the guest and by `rbd bench` from the host.
+XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=32 LIVE_GROWN_MB=48 BENCH=vmceph-bench BENCH_MB=16
 nsx() { ip netns exec "$ns" "$@"; }
 # `rbd` on the host runs inside the namespace (the cluster has no other address); omap_check
 # (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
 rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
 cleanup() {
   local p
+  [ -n "${rpc_pid:-}" ] && kill "$rpc_pid" 2>/dev/null
   [ -f "$work/ceph/ceph.conf" ] && "$root/tests/ceph/cluster.sh" stop "$work/ceph" >/dev/null 2>&1
   # Whatever still runs in the namespace was started by this script (qemu after an interrupt).
   if ip netns pids "$ns" >/dev/null 2>&1; then
@@ -82,25 +86,94 @@ pass "one-node cluster bound to $addr in namespace $ns (up in $(($(date +%s) - t
 export CEPH_CONF=$work/ceph/ceph.conf
 listens_only_on_addr() { ! nsx ss -Hltnu | awk '{print $5}' | grep -v "^$addr:" | grep .; }
 check "the cluster listens on $addr only" listens_only_on_addr
-check "create $IMG ($IMG_MB MiB) and $RAW ($RAW_MB MiB) with rbd" \
-  eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW"
+check "create $IMG ($IMG_MB MiB), $RAW ($RAW_MB MiB), $XFS, $LIVE, $BENCH with rbd" \
+  eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW &&
+    rbd create --size 320M $XFS && rbd create --size ${LIVE_MB}M $LIVE && rbd create --size ${BENCH_MB}M $BENCH"
+
+# What the guest asks of the host while it runs (ceph-kernel-tests.sh `host`): a second
+# client beside its map (`rbd resize`, `rbd snap create`, `rbd bench`, `rbd export`) and the
+# checks below. A request is a file $work/rpc/ID.req, one word a line, whose first word must
+# be one of these functions; the answer is ID.out (its output) and then ID.rc (its status).
+idle() { # IMAGE: flags clean, no lock, no watcher
+  local f l
+  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
+  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
+  rbd status "$1" | grep -q 'Watchers: none' || { rbd status "$1"; return 1; }
+}
+unlocked() { # IMAGE: flags clean, no lock (a read-only map's)
+  local f l
+  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
+  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
+}
+export_md5() { # IMAGE[@SNAP]: the md5 of `rbd export`
+  local s
+  s=$(rbd export "$1" - 2>/dev/null | md5sum) || { echo "rbd export $1 failed"; return 1; }
+  echo "${s%% *}"
+}
+snap_fs() { # IMAGE@SNAP FILE TEXT: the snapshot's export is a clean ext4 (e2fsck -fn) with FILE holding TEXT
+  local f=$work/snap.raw r=0 got
+  rbd export "$1" "$f" >/dev/null 2>&1 || { echo "rbd export $1 failed"; return 1; }
+  e2fsck -fn "$f" >"$work/snap-fsck.txt" 2>&1 || { echo "e2fsck -fn of rbd export $1:"; tail -8 "$work/snap-fsck.txt"; r=1; }
+  if [ $r = 0 ]; then
+    got=$(debugfs -R "cat /$2" "$f" 2>/dev/null)
+    [ "$got" = "$3" ] || { echo "/$2 in the snapshot: '$got', want '$3'"; r=1; }
+  fi
+  rm -f "$f"
+  return $r
+}
+bench_write() { # IMAGE BYTES: rbd bench --io-type write of BYTES from offset 0, 64 KiB at a time
+  # (One thread: with N, thread i writes from i/N of the image.)
+  rbd bench --io-type write --io-size 64K --io-threads 1 --io-total "$2" --io-pattern seq "$1"
+}
+refused_bench() { # IMAGE: a 64 KiB rbd bench write fails at once with EROFS (the lock refused)
+  local rc=0
+  nsx timeout 30 /usr/bin/rbd bench --io-type write --io-size 64K --io-total 64K "$1" >"$work/bench.out" 2>&1 || rc=$?
+  if [ $rc = 0 ] || ! grep -q "bench failed: (30) Read-only file system" "$work/bench.out"; then
+    echo "rbd bench: exit $rc"; tail -3 "$work/bench.out"; return 1
+  fi
+}
+host_requests() {
+  local r n a
+  while :; do
+    for r in "$work"/rpc/*.req; do
+      [ -e "$r" ] || continue
+      n=${r%.req}
+      mapfile -t a <"$r"
+      rm -f "$r"
+      case ${a[0]:-} in
+        rbd | idle | unlocked | omap_check | export_md5 | snap_fs | bench_write | refused_bench)
+          ("${a[@]}") >"$n.out" 2>&1 </dev/null; echo $? >"$n.st" ;;
+        *) echo "ceph-run.sh: the guest may not run '${a[0]:-}'" >"$n.out"; echo 127 >"$n.st" ;;
+      esac
+      mv "$n.st" "$n.rc"
+    done
+    sleep 0.1
+  done
+}
 
 # The guest sees the work folder at /mnt: its copy of the config names the files there.
 sed "s#$work#/mnt#g" "$CEPH_CONF" >"$work/ceph/guest.conf"
 # Without its debug info (a release build here: 90 MB, 17 MB without): the guest copies it to
 # its tmpfs.
 objcopy --strip-debug "$bin" "$work/rados-nbd" 2>/dev/null || cp "$bin" "$work/rados-nbd"
-cp "$here/ceph-kernel-tests.sh" "$work/"
-mkdir -p "$work/out" "$work/logs"
+cp "$here/ceph-kernel-tests.sh" "$root/packaging/rados-nbd_quiesce" "$work/"
+mkdir -p "$work/out" "$work/logs" "$work/rpc"
+host_requests &
+rpc_pid=$!
 echo "== booting the test VM in $ns (guest $guest; work dir $work)"
 VM_TAP=tap0 VM_GUEST_ADDR=$guest/24 VM_ROOT_CACHE=loose nsx bash "$here/vm.sh" "$work/ceph-kernel-tests.sh" "$work" \
   RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
   CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
+  XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
+  QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
   OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-output.txt" 2>&1 &
 # Waited for in the background so that SIGTERM/SIGINT end this script (and cleanup ends the VM)
 # at once, not after the guest.
 wait $!
 rc=$?
+kill "$rpc_pid" 2>/dev/null
+wait "$rpc_pid" 2>/dev/null
+rpc_pid=
 # The console interleaves the kernel's boot noise; show the test lines and count them.
 grep -E '^(PASS|FAIL|==|    |vm.sh:|GUEST-EXIT)' "$work/vm-output.txt"
 T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/vm-output.txt")))
@@ -121,13 +194,12 @@ check "rbd export of $IMG equals what the guest read from its device" \
   same_sum "$IMG" "$work/out/$IMG.md5" $((IMG_MB << 20))
 check "rbd export of $RAW equals the $RAW_MB MiB the guest wrote with dd" \
   same_sum "$RAW" "$work/out/$RAW.md5" $((RAW_MB << 20))
-idle() { # IMAGE: flags clean, no lock, no watcher
-  local f l
-  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
-  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
-  rbd status "$1" | grep -q 'Watchers: none' || { rbd status "$1"; return 1; }
-}
-for i in $IMG $RAW; do
+check "rbd export of $BENCH equals what the guest read (its writes and rbd bench's)" \
+  same_sum "$BENCH" "$work/out/$BENCH.md5" $((BENCH_MB << 20))
+check "$LIVE is $LIVE_GROWN_MB MiB (rbd resize while mapped)" \
+  eval "[ \"\$(rbd info $LIVE --format json | jq .size)\" = $((LIVE_GROWN_MB << 20)) ]"
+check "$LIVE@s1: rbd object-map check passes" omap_check "$LIVE@s1"
+for i in $IMG $RAW $XFS $LIVE $BENCH; do
   check "$i: flags clean, no lock, no watcher" idle "$i"
   check "$i: rbd object-map check passes" omap_check "$i"
 done
