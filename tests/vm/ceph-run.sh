@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Kernel-attach tests of Ceph images: the test VM (tests/vm/vm.sh) with a real NIC reaches a
 # throwaway one-node cluster (tests/ceph/cluster.sh), maps Ceph images with `rados-nbd map` and
-# runs tests/vm/ceph-kernel-tests.sh; the host then checks the images with `rbd`.
+# runs tests/vm/ceph-kernel-tests.sh; meanwhile the host runs what the guest asks of a second
+# client (`rbd resize`, `snap create`, `bench`, `export`), and checks the images with `rbd` after.
 #
 #   tests/vm/ceph-run.sh [BINARY]        (or RADOS_NBD_BIN=BINARY tests/vm/ceph-run.sh)
 #
@@ -40,7 +41,7 @@ addr=10.77.0.1 guest=10.77.0.2
 IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
 # snapshotted; BENCH: written by the guest and by `rbd bench` from the host.
-XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=32 LIVE_GROWN_MB=48 BENCH=vmceph-bench BENCH_MB=16
+XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=24 LIVE_GROWN_MB=32 BENCH=vmceph-bench BENCH_MB=16
 nsx() { ip netns exec "$ns" "$@"; }
 # `rbd` on the host runs inside the namespace (the cluster has no other address); omap_check
 # (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
