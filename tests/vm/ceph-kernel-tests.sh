@@ -167,19 +167,28 @@ fi
 echo "== kill -9 under fio verify; attach takes the device over (mounted all along)"
 # The options the attach repeats. --reattach-timeout: the kernel keeps the device while the
 # new daemon waits for the OSD to drop the killed one's watch (15 s here) before it fences it.
-LOPT=(--reattach-timeout 120 --quiesce --quiesce-hook "$QHOOK")
+# --io-timeout: a request in flight at the kill is sent again (to the attached daemon) when it
+# times out; with none set (0) the kernel waits for blk-mq's default 30 s first.
+LOPT=(--reattach-timeout 120 --io-timeout 10 --quiesce --quiesce-hook "$QHOOK")
 mapped "map $LIVE (--quiesce)" "rbd/$LIVE" "${LOPT[@]}"
 mkfs_written() { mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT && write_files $MNT; }
 check "mkfs.ext4, mount, write files" mkfs_written
 pid=$(state "$dev" pid)
 n=${dev#/dev/}
 writes() { awk '{print $5}' "/sys/block/$n/stat"; }
+probe() { # 16 direct 64 KiB writes into the file system: how long they take, in ms
+  local t
+  t=$(date +%s%N)
+  dd if=/dev/zero of=$MNT/probe bs=64k count=16 oflag=direct conv=notrunc status=none && ms_since "$t"
+}
 if command -v fio >/dev/null; then
+  p0=$(probe)
   w0=$(writes)
-  # 2 MiB at 1 MiB/s with crc32c headers, then fio reads every block back and checks it.
+  # 2 MiB with crc32c headers, 50 ms between writes (so that the kill lands among them; --rate
+  # would crawl after the stall), then fio reads every block back and checks it.
   fio --name=kill9 --filename=$MNT/fio.dat --size=2M --bs=64k --rw=randwrite --ioengine=libaio \
-    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --rate=1m --verify_state_save=0 --output=/tmp/fio.out \
-    >/dev/null 2>&1 &
+    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --thinktime=50000 --verify_state_save=0 \
+    --output=/tmp/fio.out >/dev/null 2>&1 &
   fiopid=$!
   for i in $(seq 300); do [ $(($(writes) - w0)) -ge 6 ] && break; sleep 0.1; done
   check "fio writing through the daemon (pid $pid)" kill -0 $fiopid
@@ -196,6 +205,8 @@ if command -v fio >/dev/null; then
   frc=$?
   fio_ok() { [ "$frc" = 0 ] && grep -q 'err= 0' /tmp/fio.out || { echo "fio exit $frc"; cat /tmp/fio.out; return 1; }; }
   check "fio verify across the kill and the attach: every block checks" fio_ok
+  note "16 direct 64 KiB writes: ${p0} ms before the kill, $(probe) ms after the attach"
+  note "kernel: $(dmesg | grep "${dev#/dev/}" | grep -ciE 'timed out|stuck') request timeouts logged"
   note "fio: $(grep -oE '^ +(write|read): IOPS=[^,]*, BW=[^ ]*|run=[0-9-]+msec' /tmp/fio.out | tr -s ' ' | paste -sd' ')"
   new_daemon() { local p; p=$(state "$dev" pid); [ -n "$p" ] && [ "$p" != "$pid" ] && kill -0 "$p"; }
   check "... a new daemon serves the device" new_daemon
