@@ -48,6 +48,8 @@ nsx() { ip netns exec "$ns" "$@"; }
 rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
 cleanup() {
   local p
+  # A second SIGTERM/SIGINT must not cut the cleanup short (the trap below would exit here).
+  trap '' INT TERM
   [ -n "${rpc_pid:-}" ] && kill "$rpc_pid" 2>/dev/null
   [ -f "$work/ceph/ceph.conf" ] && "$root/tests/ceph/cluster.sh" stop "$work/ceph" >/dev/null 2>&1
   # Whatever still runs in the namespace was started by this script (qemu after an interrupt).
