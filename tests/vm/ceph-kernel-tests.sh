@@ -216,6 +216,38 @@ else
   bad "fio is not installed (tests/deps.sh): kill -9 under fio verify not run"
 fi
 
+echo "== detach / attach under fio verify (a daemon upgrade), mounted all along"
+if command -v fio >/dev/null; then
+  pid=$(state "$dev" pid)
+  w0=$(writes)
+  fences=$(grep -c "breaking the stale exclusive lock" "$LOGDIR/daemon.log")
+  fio --name=upgrade --filename=$MNT/fio2.dat --size=2M --bs=64k --rw=randwrite --ioengine=libaio \
+    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --thinktime=50000 --verify_state_save=0 \
+    --output=/tmp/fio2.out >/dev/null 2>&1 &
+  fiopid=$!
+  for i in $(seq 300); do [ $(($(writes) - w0)) -ge 6 ] && break; sleep 0.1; done
+  check "fio writing through the daemon (pid $pid)" kill -0 $fiopid
+  t=$(date +%s%N)
+  check "detach under load" "${RN[@]}" detach "$dev"
+  check "... the old daemon exited" gone "$pid"
+  check "... after closing the image cleanly (host: flags clear, no lock, no watcher)" host idle "$LIVE"
+  check "... the kernel keeps the device (I/O waits in it)" test "$(cat /sys/block/$n/size)" != 0
+  check "attach --device $dev: the new daemon takes it over" "${RN[@]}" attach --device "$dev" "${LOPT[@]}" \
+    --log-file "$LOGDIR/daemon.log" "rbd/$LIVE"
+  note "detach to attached: $(ms_since "$t") ms"
+  wait $fiopid
+  frc=$?
+  fio2_ok() { [ "$frc" = 0 ] && grep -q 'err= 0' /tmp/fio2.out || { echo "fio exit $frc"; cat /tmp/fio2.out; return 1; }; }
+  check "fio verify across the detach and the attach: every block checks" fio2_ok
+  check "... no owner was fenced (the lock was released, not broken)" \
+    test "$(grep -c "breaking the stale exclusive lock" "$LOGDIR/daemon.log")" = "$fences"
+  check "... a new daemon serves the device" new_daemon
+  check "... still mounted, the files verify, new writes go in" bash -c \
+    "mountpoint -q $MNT && (cd $MNT && sha256sum --quiet -c SUMS) && echo upgraded >$MNT/upgraded && sync"
+else
+  bad "fio is not installed (tests/deps.sh): detach/attach under fio verify not run"
+fi
+
 echo "== rbd resize from the host while mounted; resize2fs"
 check "rbd resize --size ${LIVE_GROWN_MB}M $LIVE (host)" host rbd resize --size "${LIVE_GROWN_MB}M" "$LIVE"
 check "the device follows: $LIVE_GROWN_MB MiB" size_is "$dev" $((LIVE_GROWN_MB << 20))
