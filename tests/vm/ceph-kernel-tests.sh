@@ -181,14 +181,18 @@ probe() { # 16 direct 64 KiB writes into the file system: how long they take, in
   t=$(date +%s%N)
   dd if=/dev/zero of=$MNT/probe bs=64k count=16 oflag=direct conv=notrunc status=none && ms_since "$t"
 }
+# paced_fio NAME FILE OUT: 2 MiB of 64 KiB random writes with crc32c headers, 50 ms apart
+# (so that a kill or a detach lands among them; --rate would crawl after the stall), then
+# every block read back and checked.
+paced_fio() {
+  fio --name="$1" --filename="$2" --size=2M --bs=64k --rw=randwrite --ioengine=libaio \
+    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --thinktime=50000 --verify_state_save=0 \
+    --output="$3" >/dev/null 2>&1
+}
 if command -v fio >/dev/null; then
   p0=$(probe)
   w0=$(writes)
-  # 2 MiB with crc32c headers, 50 ms between writes (so that the kill lands among them; --rate
-  # would crawl after the stall), then fio reads every block back and checks it.
-  fio --name=kill9 --filename=$MNT/fio.dat --size=2M --bs=64k --rw=randwrite --ioengine=libaio \
-    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --thinktime=50000 --verify_state_save=0 \
-    --output=/tmp/fio.out >/dev/null 2>&1 &
+  paced_fio kill9 $MNT/fio.dat /tmp/fio.out &
   fiopid=$!
   for i in $(seq 300); do [ $(($(writes) - w0)) -ge 6 ] && break; sleep 0.1; done
   check "fio writing through the daemon (pid $pid)" kill -0 $fiopid
@@ -221,9 +225,7 @@ if command -v fio >/dev/null; then
   pid=$(state "$dev" pid)
   w0=$(writes)
   fences=$(grep -c "breaking the stale exclusive lock" "$LOGDIR/daemon.log")
-  fio --name=upgrade --filename=$MNT/fio2.dat --size=2M --bs=64k --rw=randwrite --ioengine=libaio \
-    --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1 --thinktime=50000 --verify_state_save=0 \
-    --output=/tmp/fio2.out >/dev/null 2>&1 &
+  paced_fio upgrade $MNT/fio2.dat /tmp/fio2.out &
   fiopid=$!
   for i in $(seq 300); do [ $(($(writes) - w0)) -ge 6 ] && break; sleep 0.1; done
   check "fio writing through the daemon (pid $pid)" kill -0 $fiopid

@@ -1273,19 +1273,7 @@ mod tests {
             "handed over: the new owner answers, we ack empty"
         );
         // Requests for the owner while another client owns the lock: not ours to answer.
-        let id = cls::AsyncRequestId {
-            gid: 1,
-            handle: 2,
-            request_id: 3,
-        };
-        let snap = owner_msgs::request_for(
-            id,
-            &crate::store::OwnerAction::SnapCreate {
-                name: "s1".into(),
-                quiesce: crate::store::QuiesceMode::Run,
-            },
-        )
-        .unwrap();
+        let snap = snap_create_request();
         assert_eq!(
             reply_to_notify(1, &snap, Role::NotOwner, false, |_| None),
             Reply::Now(Vec::new())
@@ -1296,22 +1284,27 @@ mod tests {
         );
     }
 
+    const REQ_ID: cls::AsyncRequestId = cls::AsyncRequestId {
+        gid: 1,
+        handle: 2,
+        request_id: 3,
+    };
+
+    /// A librbd SnapCreate request for the owner (id REQ_ID), as `rbd snap create` sends it.
+    fn snap_create_request() -> Vec<u8> {
+        let id = REQ_ID;
+        let action = crate::store::OwnerAction::SnapCreate {
+            name: "s1".into(),
+            quiesce: crate::store::QuiesceMode::Run,
+        };
+        owner_msgs::request_for(id, &action).expect("an async request")
+    }
+
     #[test]
     fn quiesce_replies() {
-        let id = cls::AsyncRequestId {
-            gid: 1,
-            handle: 2,
-            request_id: 3,
-        };
+        let id = REQ_ID;
         let now = Reply::Now;
-        let snap = owner_msgs::request_for(
-            id,
-            &crate::store::OwnerAction::SnapCreate {
-                name: "s1".into(),
-                quiesce: crate::store::QuiesceMode::Run,
-            },
-        )
-        .unwrap();
+        let snap = snap_create_request();
         assert_eq!(
             reply_to_notify(1, &snap, Role::Owner, false, |_| None),
             now(cls::response_message(0)),
