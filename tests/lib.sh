@@ -25,6 +25,20 @@ check_fails() {
   if "$@" >/dev/null 2>&1; then fail "$name" "expected failure, got success"; else pass "$name"; fi
 }
 
+# free_port: a TCP port nothing listens on, below the kernel's ephemeral range (so an
+# outgoing connection of a test running beside this one, e.g. a Ceph client, cannot be
+# holding it: CI once lost a check to a random port in 32768-60999 already in use).
+free_port() {
+  local lo p _
+  lo=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$lo" -gt 12000 ] || lo=32768
+  for _ in $(seq 1 100); do
+    p=$((10000 + RANDOM % (lo - 10000)))
+    ss -Htan "( sport = :$p or dport = :$p )" 2>/dev/null | grep -q . || { echo "$p"; return 0; }
+  done
+  echo "free_port: no free TCP port found below $lo" >&2; return 1
+}
+
 # Start a background process, remember its pid.
 spawn() { "$@" & T_PIDS+=($!); }
 

@@ -37,7 +37,8 @@ pub struct ServeArgs {
     /// group's members may connect). Set before the socket listens.
     #[arg(long, value_name = "GROUP", requires = "socket")]
     pub socket_group: Option<String>,
-    /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1).
+    /// Listen on TCP HOST:PORT (or PORT alone: 127.0.0.1). Port 0: the kernel picks a free
+    /// port, named in the "serving ... on tcp:HOST:PORT" line.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
     /// Serve read-only: writes are refused and the image's flags are never touched.
@@ -370,6 +371,14 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
             let _ = image.close().await;
             return Err(e);
         }
+    };
+    // `--listen HOST:0` asks the kernel for a port: name the one it gave.
+    let addr = match (&listener, &addr) {
+        (Listener::Tcp(t), ListenAddr::Tcp(h, 0)) => match t.local_addr() {
+            Ok(a) => ListenAddr::Tcp(h.clone(), a.port()),
+            Err(_) => addr,
+        },
+        _ => addr,
     };
     let shutdown = async move {
         tokio::select! {

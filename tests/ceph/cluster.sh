@@ -65,8 +65,17 @@ start)
   auth=${CEPH_AUTH:-cephx}
   case $auth in cephx|none) ;; *) echo "cluster.sh: CEPH_AUTH must be cephx or none, not $auth" >&2; exit 2 ;; esac
   fsid=$(cat /proc/sys/kernel/random/uuid)
-  # A random port so parallel test runs do not collide; retried by the caller if taken.
-  port=${CEPH_MON_PORT:-$((20000 + RANDOM % 20000))}
+  # A random free port so parallel test runs do not collide, below the kernel's ephemeral
+  # range (an outgoing connection of another test cannot hold it); port+1 for v1 too.
+  port=${CEPH_MON_PORT:-}
+  if [ -z "$port" ]; then
+    lo=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    [ "$lo" -gt 12000 ] || lo=32768
+    for _ in $(seq 1 100); do
+      port=$((10000 + RANDOM % (lo - 10001)))
+      ss -Htan "( sport = :$port or sport = :$((port + 1)) )" 2>/dev/null | grep -q . || break
+    done
+  fi
   monvec="v2:$addr:$port" monhost="v2:$addr:$port"
   if [ "${CEPH_MON_V1:-0}" = 1 ]; then
     monvec="v2:$addr:$port,v1:$addr:$((port + 1))" monhost="[$monvec]"

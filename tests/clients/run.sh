@@ -192,9 +192,14 @@ check "read-only open never sets the flag" bash -c "! '$BIN' info t1 | grep -q '
 unserve
 
 # TCP on loopback.
-port=$((30000 + RANDOM % 20000))
-spawn "$BIN" serve t1 --listen 127.0.0.1:$port; SERVE_PID=$!
-for i in $(seq 1 300); do nbdinfo --size "nbd://127.0.0.1:$port/t1" >/dev/null 2>&1 && break; sleep 0.1; done
+# Port 0: the kernel picks a free port and the daemon names it (no race with other tests).
+spawn "$BIN" serve t1 --listen 127.0.0.1:0 2>"$work/tcp.err"; SERVE_PID=$!
+port=
+for i in $(seq 1 300); do
+  port=$(sed -n 's/.* on tcp:127\.0\.0\.1:\([0-9][0-9]*\) as export.*/\1/p' "$work/tcp.err")
+  [ -n "$port" ] && break; sleep 0.1
+done
+check "--listen 127.0.0.1:0 names the port it got" test "${port:-0}" -gt 0
 check "TCP on 127.0.0.1 serves the export" bash -c "test \"\$(nbdinfo --size nbd://127.0.0.1:$port/t1)\" = $SIZE"
 stop_daemon "$SERVE_PID"
 

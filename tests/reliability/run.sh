@@ -480,7 +480,7 @@ fi
 # Security: loopback TCP by default, export names, read-only exports, TLS.
 if want security; then
   "$BIN" create --size 32M sec >/dev/null
-  port=$((20000 + RANDOM % 20000))
+  port=$(free_port)
   RUST_LOG=info "$BIN" serve sec --listen "$port" >"$work/tcp.log" 2>&1 &
   tpid=$!; T_PIDS+=("$tpid")
   for _ in $(seq 1 50); do ss -ltnH "sport = :$port" | grep -q . && break; sleep 0.1; done
