@@ -51,6 +51,10 @@ if [ -z "$BIN" ]; then
     [ -e /usr/include/rados/librados.hpp ]; }; then
     features=(--features ceph)
   fi
+  # The ublk transport when libublk's build can run bindgen (libclang-dev).
+  if [ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
+    features+=(--features ublk)
+  fi
   echo "build-deb: cargo build --release -p $PKG ${features[*]}" >&2
   cargo build --release -p "$PKG" "${features[@]}" >&2
   BIN=$ROOT/target/release/rados-nbd

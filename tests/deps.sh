@@ -14,6 +14,7 @@ need=(
   "qemu-img qemu-utils"           # qemu-img convert/compare/info through NBD; qemu-nbd peer
   "/usr/include/rados/librados.h librados-dev"  # link librados (feature ceph)
   "/usr/include/rados/librados.hpp libradospp-dev"  # librados' C++ API: the list_snaps shim (feature ceph)
+  "/usr/lib/llvm-14/lib/libclang.so libclang-dev"  # bindgen in libublk's build (feature ublk)
   "ceph-mon ceph-mon"             # throwaway one-node cluster for the Ceph tests
   "ceph-osd ceph-osd"
   "rbd ceph-common"               # rbd / rados / ceph: the oracle tools

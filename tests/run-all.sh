@@ -53,6 +53,8 @@ suite "fuzz: handshake, transmission, request parser (30 s)" bash fuzz/run.sh 30
 for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
   [ -f "$s" ] && suite "$s" bash "$s"
 done
+# The 6.12 kernel (ublk); skips itself without qemu or a ublk-enabled binary.
+suite "ublk transport (VM with the 6.12 kernel)" bash tests/vm/ublk-run.sh
 # Skips itself without qemu, the Ceph binaries, a ceph-enabled binary or a network namespace.
 suite "kernel devices of Ceph images (VM with a NIC, cluster in a namespace)" bash tests/vm/ceph-run.sh
 # Skips itself without the Ceph store (tests/ceph/cluster.sh, a ceph-enabled binary).

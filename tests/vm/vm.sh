@@ -35,7 +35,14 @@ else
   work=$(realpath -m "${2:?usage: vm.sh GUEST_SCRIPT WORKDIR [NAME=VALUE ...]}")
   shift 2
 fi
-cache=${RADOS_NBD_VM_CACHE:-/var/cache/rados-nbd-test-vm}
+# RADOS_NBD_VM_KERNEL=6.12 boots bookworm-security's 6.12 kernel instead of the stock 6.1 one:
+# it has ublk (CONFIG_BLK_DEV_UBLK=m; 6.1 has it unset), for the ublk suites. Its own cache.
+case ${RADOS_NBD_VM_KERNEL:-} in
+  '') kmeta=linux-image-amd64 cache_default=/var/cache/rados-nbd-test-vm ;;
+  6.12) kmeta=linux-image-6.12-amd64 cache_default=/var/cache/rados-nbd-test-vm-6.12 ;;
+  *) echo "vm.sh: RADOS_NBD_VM_KERNEL must be empty or 6.12, not '$RADOS_NBD_VM_KERNEL'" >&2; exit 2 ;;
+esac
+cache=${RADOS_NBD_VM_CACHE:-$cache_default}
 
 need() { # command package
   command -v "$1" >/dev/null 2>&1 && return 0
@@ -58,8 +65,8 @@ build_cache() {
   local tmp pkg kver
   tmp=$(mktemp -d "$cache.build.XXXXXX")
   chmod 755 "$tmp"  # apt-get download runs as _apt and must be able to write here
-  pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  [ -n "$pkg" ] || { echo "vm.sh: cannot find the kernel package linux-image-amd64 depends on" >&2; exit 98; }
+  pkg=$(apt-cache depends "$kmeta" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "vm.sh: cannot find the kernel package $kmeta depends on" >&2; exit 98; }
   echo "vm.sh: fetching $pkg into $cache (once)" >&2
   (cd "$tmp" && apt-get download -qq "$pkg" && dpkg-deb -x "$pkg"_*.deb kroot && rm -f "$pkg"_*.deb)
   kver=$(ls "$tmp/kroot/lib/modules")
@@ -78,10 +85,22 @@ build_initrd() {
   tmp=$(mktemp -d "$dir/initrd.build.XXXXXX")
   mkdir -p "$tmp/bin" "$tmp/mod" "$tmp/proc" "$tmp/sys" "$tmp/dev" "$tmp/host"
   cp "$(command -v busybox)" "$tmp/bin/busybox"
+  mods=
   for m in $initrd_mods; do
     f=$(find "$dir/kroot/lib/modules" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)
-    [ -n "$f" ] || { echo "vm.sh: module $m not in the kernel package" >&2; exit 98; }
-    cp "$f" "$tmp/mod/$m.ko"
+    if [ -z "$f" ]; then
+      # 6.12 merged fscache into netfs; a module that is built in is not needed either.
+      grep -q "/$m.ko" "$dir/kroot/lib/modules"/*/modules.builtin 2>/dev/null || [ "$m" = fscache ] ||
+        { echo "vm.sh: module $m not in the kernel package" >&2; exit 98; }
+      continue
+    fi
+    # busybox insmod takes plain .ko only (6.12's modules are xz-compressed).
+    case $f in
+      *.xz) xz -dc "$f" >"$tmp/mod/$m.ko" ;;
+      *.zst) zstd -qdc "$f" >"$tmp/mod/$m.ko" ;;
+      *) cp "$f" "$tmp/mod/$m.ko" ;;
+    esac
+    mods="$mods $m"
   done
   # vm_rootcache (from the kernel command line, which passes unknown NAME=VALUE to init's
   # environment): the 9p cache mode of the host root, VM_ROOT_CACHE below.
@@ -91,7 +110,7 @@ build_initrd() {
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in $initrd_mods; do insmod /mod/\$m.ko || echo "init: insmod \$m failed"; done
+for m in $mods; do insmod /mod/\$m.ko || echo "init: insmod \$m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000\${vm_rootcache:+,cache=\$vm_rootcache} hostroot /host
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /host/mnt
 mount --bind /dev /host/dev

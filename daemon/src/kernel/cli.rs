@@ -66,6 +66,17 @@ pub struct ServeOpts {
     /// Sockets (and kernel queues) per device; more than 1 needs a multi-connection-safe image.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u32,
+    /// How the kernel reaches the daemon: `nbd` (/dev/nbdN, the default) or `ublk`
+    /// (/dev/ublkbN: requests over io_uring, fewer copies; the device survives a daemon
+    /// crash or upgrade until `attach`; needs Linux 6.0+ with CONFIG_BLK_DEV_UBLK).
+    #[arg(long, value_enum, default_value_t = super::device::Transport::Nbd)]
+    pub transport: super::device::Transport,
+    /// ublk: hardware queues, each served by its own thread (default: one per CPU, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: Option<u16>,
+    /// ublk: requests in flight per queue (default 128).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub queue_depth: Option<u16>,
     /// Stay in the foreground (log to stderr, or to --log-file) instead of going to the
     /// background.
     #[arg(long)]

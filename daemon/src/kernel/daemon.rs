@@ -7,7 +7,7 @@ use super::daemonize::{
     forward_output_to_syslog, leave_working_dir, restore_terminal_stderr, spawn_background,
     PidFileGuard, ReadyPipe,
 };
-use super::device::{self, DeviceState};
+use super::device::{self, DevKey, DeviceState};
 use super::export::Export;
 use super::{ioctl, netlink, open_netlink};
 use crate::error::{Error, ErrorKind, Result};
@@ -32,6 +32,23 @@ enum Mode {
     Attach {
         index: u32,
     },
+    /// `--transport ublk` (map), or attach of a /dev/ublkbN.
+    #[cfg_attr(not(feature = "ublk"), allow(dead_code))]
+    Ublk(UblkMode),
+}
+
+#[cfg(feature = "ublk")]
+use super::ublk::Mode as UblkMode;
+#[cfg(not(feature = "ublk"))]
+#[derive(Debug, Clone, Copy)]
+pub(super) enum UblkMode {}
+
+#[cfg(not(feature = "ublk"))]
+fn no_ublk() -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        "this rados-nbd was built without the ublk transport (cargo feature `ublk`); use the NBD transport (the default)",
+    )
 }
 
 /// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER); RECONFIGURE must
@@ -41,18 +58,59 @@ fn backend_id(store: &str, spec: &ImageSpec) -> String {
 }
 
 pub(super) fn map(a: MapArgs, store: &str, ceph: &CephAccess) -> Result<()> {
-    let index = a.device.as_deref().map(device::parse_device).transpose()?;
-    let mode = Mode::Map {
-        index,
-        nbds_max: a.nbds_max,
-        max_part: a.max_part,
+    let mode = match a.opts.transport {
+        device::Transport::Nbd => Mode::Map {
+            index: a.device.as_deref().map(device::parse_device).transpose()?,
+            nbds_max: a.nbds_max,
+            max_part: a.max_part,
+        },
+        device::Transport::Ublk => {
+            let id = match a.device.as_deref().map(DevKey::parse).transpose()? {
+                None => None,
+                Some(DevKey::Ublk(i)) => Some(i),
+                Some(DevKey::Nbd(_)) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "--transport ublk takes a /dev/ublkbN --device",
+                    ))
+                }
+            };
+            if a.nbds_max.is_some() || a.max_part.is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "--nbds-max and --max-part are nbd module parameters; --transport ublk has none",
+                ));
+            }
+            ublk_mode(false, id)?
+        }
     };
     start(mode, &a.image, a.opts, store, ceph)
 }
 
+#[cfg(feature = "ublk")]
+fn ublk_mode(attach: bool, id: Option<u32>) -> Result<Mode> {
+    Ok(Mode::Ublk(match (attach, id) {
+        (true, Some(i)) => UblkMode::Attach(i),
+        (_, id) => UblkMode::Map(id),
+    }))
+}
+#[cfg(not(feature = "ublk"))]
+fn ublk_mode(_attach: bool, _id: Option<u32>) -> Result<Mode> {
+    Err(no_ublk())
+}
+
 pub(super) fn attach(a: AttachArgs, store: &str, ceph: &CephAccess) -> Result<()> {
-    let index = device::parse_device(&a.device)?;
-    start(Mode::Attach { index }, &a.image, a.opts, store, ceph)
+    let mode = match DevKey::parse(&a.device)? {
+        DevKey::Ublk(i) => ublk_mode(true, Some(i))?,
+        DevKey::Nbd(_) if a.opts.transport == device::Transport::Ublk => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "--transport ublk takes a /dev/ublkbN --device",
+            ))
+        }
+        DevKey::Nbd(index) => Mode::Attach { index },
+    };
+    start(mode, &a.image, a.opts, store, ceph)
 }
 
 fn start(
@@ -99,7 +157,7 @@ fn start(
 }
 
 /// How the serving ended.
-enum Ending {
+pub(super) enum Ending {
     /// The kernel disconnected (unmap, SIGTERM, nbd-client -d, or the sockets died).
     Disconnected,
     /// `detach`: the device stays configured for `attach`.
@@ -134,67 +192,10 @@ fn serve(
     let _pid_file = PidFileGuard(opts.pid_file.as_deref());
     let mut read_only = opts.read_only || spec.snap.is_some();
     let mut connections = opts.connections;
-    match &mode {
-        Mode::Map {
-            nbds_max, max_part, ..
-        } => device::load_module(*nbds_max, *max_part)?,
-        Mode::Attach { .. } if !device::module_loaded() => {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "the nbd module is not loaded, so there is no device to attach to",
-            ))
-        }
-        Mode::Attach { .. } => {}
-    }
-    let nl = open_netlink()?;
-    // A map of an image whose device the kernel still holds for a daemon that died (a
-    // crash, then a restart by systemd) re-attaches that device: its mounts survive.
-    let mode = match mode {
-        Mode::Map { index, .. } if nl.is_some() => match orphaned_device(store, &spec, index)? {
-            Some(i) => {
-                tracing::warn!(
-                    "{spec}: /dev/nbd{i} is still held by the kernel for a daemon that is gone; re-attaching it"
-                );
-                Mode::Attach { index: i }
-            }
-            None => mode,
-        },
-        m => m,
+    let (mode, nl) = match mode {
+        Mode::Ublk(m) => (prepare_ublk(m, &spec, store, &mut read_only)?, None),
+        m => prepare_nbd(m, &spec, store, &mut read_only, &mut connections)?,
     };
-    if let Mode::Attach { index } = mode {
-        let path = device::device_path(index);
-        if nl.is_none() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "attach needs the kernel's nbd netlink interface, which this kernel lacks",
-            ));
-        }
-        if device::device_pid(index).is_none() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("{path} is not connected, so there is nothing to attach to (use map)"),
-            ));
-        }
-        if let Some(st) = device::read_state(index)? {
-            if !st.detached && device::daemon_alive(st.pid) {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("{path} is still served by pid {}; detach it first", st.pid),
-                ));
-            }
-            connections = st.connections;
-            read_only |= st.read_only;
-        }
-        let want = backend_id(store, &spec);
-        if let Some(have) = device::device_backend(index) {
-            if have != want {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("{path} was mapped from \"{have}\", not \"{want}\""),
-                ));
-            }
-        }
-    }
     for w in device::harden_process() {
         tracing::warn!("{w}");
     }
@@ -234,20 +235,30 @@ fn serve(
     if opts.copy_on_read && !rt.block_on(async { export.enable_copy_on_read() }) {
         tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
     }
-    let setup = Setup {
-        rt: &rt,
-        export: export.clone(),
-        spec: &spec,
-        opts,
-        store,
-        read_only,
-        connections,
+    let outcome = match mode {
+        Mode::Ublk(m) => serve_ublk(
+            &rt, &export, m, &spec, opts, store, read_only, signals, ready,
+        )
+        .map(|(i, e)| (DevKey::Ublk(i), e)),
+        mode => {
+            let setup = Setup {
+                rt: &rt,
+                export: export.clone(),
+                spec: &spec,
+                opts,
+                store,
+                read_only,
+                connections,
+            };
+            setup
+                .run(mode, nl, signals, ready)
+                .map(|(i, e)| (DevKey::Nbd(i), e))
+        }
     };
-    let outcome = setup.run(mode, nl, signals, ready);
     // Whatever happened, close the image cleanly: flush, object map, dirty flag, lock. The
     // error names the image and the step that failed.
     let closed = rt.block_on(export.close());
-    let (index, ending) = match outcome {
+    let (dev, ending) = match outcome {
         Ok(o) => o,
         Err(e) => {
             // Serving failed (reported by the caller); a failed close must not go unsaid.
@@ -260,25 +271,26 @@ fn serve(
     let finished = match ending {
         Ending::Detached => {
             // Only now (the lock is released) may `attach` start.
-            let marked = device::read_state(index).and_then(|st| match st {
+            let marked = device::read_state(dev).and_then(|st| match st {
                 Some(mut st) => {
                     st.pid = 0;
                     st.detached = true;
-                    device::write_state(index, &st)
+                    device::write_state(dev, &st)
                 }
                 None => Ok(()),
             });
             if closed.is_ok() {
                 tracing::info!(
-                    "{spec}: detached from /dev/nbd{index}; the kernel keeps the device"
+                    "{spec}: detached from {}; the kernel keeps the device",
+                    dev.path()
                 );
             }
             closed.and(marked)
         }
         Ending::Disconnected => {
-            device::remove_state(index);
+            device::remove_state(dev);
             if closed.is_ok() {
-                tracing::info!("{spec}: /dev/nbd{index} disconnected, image closed");
+                tracing::info!("{spec}: {} disconnected, image closed", dev.path());
             }
             closed
         }
@@ -287,17 +299,225 @@ fn serve(
     // written before the exit, so it is there once the pid is gone.
     let result = device::CloseResult {
         pid: std::process::id(),
-        device: device::device_path(index),
+        device: dev.path(),
         image: spec.to_string(),
         error: finished
             .as_ref()
             .err()
             .map(|e| e.to_string().replace('\n', " ")),
     };
-    if let Err(e) = device::write_close_result(index, &result) {
+    if let Err(e) = device::write_close_result(dev, &result) {
         tracing::error!("recording the outcome of the close: {e}");
     }
     finished
+}
+
+/// The ublk side's checks before the image is opened: the driver and io_uring are there; a
+/// map of an image whose ublk device outlived its daemon (a crash, then a restart by
+/// systemd) takes that device over, so its mounts survive; attach only takes over a device
+/// of ours whose daemon is gone.
+#[cfg(feature = "ublk")]
+fn prepare_ublk(
+    mode: UblkMode,
+    spec: &ImageSpec,
+    store: &str,
+    read_only: &mut bool,
+) -> Result<Mode> {
+    super::ublk::check_available()?;
+    let same = |st: &DeviceState| {
+        st.transport == device::Transport::Ublk
+            && st.store == store
+            && st.pool == spec.pool
+            && st.namespace == spec.namespace
+            && st.image == spec.name
+            && st.snap == spec.snap
+    };
+    let mode = match mode {
+        UblkMode::Map(want) => {
+            let orphan = device::all_states().into_iter().find(|st| {
+                same(st)
+                    && !device::daemon_alive(st.pid)
+                    && st.key().is_ok_and(|k| {
+                        matches!(k, DevKey::Ublk(i) if want.is_none_or(|w| w == i))
+                            && std::path::Path::new(&k.path()).exists()
+                    })
+            });
+            match orphan.and_then(|st| st.key().ok()) {
+                Some(DevKey::Ublk(i)) => {
+                    tracing::warn!(
+                        "{spec}: /dev/ublkb{i} is still kept by the kernel for a daemon that is gone; taking it over"
+                    );
+                    UblkMode::Attach(i)
+                }
+                _ => UblkMode::Map(want),
+            }
+        }
+        m => m,
+    };
+    if let UblkMode::Attach(i) = mode {
+        let path = DevKey::Ublk(i).path();
+        let Some(st) = device::read_state(DevKey::Ublk(i))? else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{path} is not mapped by rados-nbd (no {})",
+                    device::state_path(DevKey::Ublk(i)).display()
+                ),
+            ));
+        };
+        if !st.detached && device::daemon_alive(st.pid) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{path} is still served by pid {}; detach it first", st.pid),
+            ));
+        }
+        if !same(&st) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{path} was mapped from {} in {}, not {spec} in {store}",
+                    st.spec_string(),
+                    st.store
+                ),
+            ));
+        }
+        *read_only |= st.read_only;
+    }
+    Ok(Mode::Ublk(mode))
+}
+#[cfg(not(feature = "ublk"))]
+fn prepare_ublk(m: UblkMode, _: &ImageSpec, _: &str, _: &mut bool) -> Result<Mode> {
+    match m {}
+}
+
+#[cfg(feature = "ublk")]
+#[allow(clippy::too_many_arguments)]
+fn serve_ublk(
+    rt: &tokio::runtime::Runtime,
+    export: &Arc<Export>,
+    mode: UblkMode,
+    spec: &ImageSpec,
+    opts: &ServeOpts,
+    store: &str,
+    read_only: bool,
+    mut sig: Signals,
+    ready: &mut Option<ReadyPipe>,
+) -> Result<(u32, Ending)> {
+    let setup = super::ublk::Setup {
+        rt,
+        spec,
+        store,
+        opts,
+        read_only,
+    };
+    let quiesce = |path: &str| {
+        if opts.quiesce && !read_only {
+            let hook =
+                crate::quiesce::QuiesceHook::new(opts.quiesce_hook.clone(), path.to_string());
+            tracing::info!(
+                "{spec}: --quiesce: snapshots run {} around them",
+                hook.path.display()
+            );
+            export.enable_quiesce(hook);
+        }
+    };
+    let (id, end) = export.serve_ublk(&setup, mode, &mut sig, ready, quiesce)?;
+    Ok((
+        id,
+        match end {
+            super::ublk::Ending::Gone => Ending::Disconnected,
+            super::ublk::Ending::Detached => Ending::Detached,
+        },
+    ))
+}
+#[cfg(not(feature = "ublk"))]
+#[allow(clippy::too_many_arguments)]
+fn serve_ublk(
+    _: &tokio::runtime::Runtime,
+    _: &Arc<Export>,
+    m: UblkMode,
+    _: &ImageSpec,
+    _: &ServeOpts,
+    _: &str,
+    _: bool,
+    _: Signals,
+    _: &mut Option<ReadyPipe>,
+) -> Result<(u32, Ending)> {
+    match m {}
+}
+
+/// The nbd side's checks before the image is opened: the module, netlink, a device the
+/// kernel kept for a daemon that died (re-attached), and for attach that the device is ours.
+fn prepare_nbd(
+    mode: Mode,
+    spec: &ImageSpec,
+    store: &str,
+    read_only: &mut bool,
+    connections: &mut u32,
+) -> Result<(Mode, Option<netlink::NbdNetlink>)> {
+    match &mode {
+        Mode::Map {
+            nbds_max, max_part, ..
+        } => device::load_module(*nbds_max, *max_part)?,
+        Mode::Attach { .. } if !device::module_loaded() => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the nbd module is not loaded, so there is no device to attach to",
+            ))
+        }
+        Mode::Attach { .. } => {}
+        Mode::Ublk(_) => {}
+    }
+    let nl = open_netlink()?;
+    // A map of an image whose device the kernel still holds for a daemon that died (a
+    // crash, then a restart by systemd) re-attaches that device: its mounts survive.
+    let mode = match mode {
+        Mode::Map { index, .. } if nl.is_some() => match orphaned_device(store, spec, index)? {
+            Some(i) => {
+                tracing::warn!(
+                    "{spec}: /dev/nbd{i} is still held by the kernel for a daemon that is gone; re-attaching it"
+                );
+                Mode::Attach { index: i }
+            }
+            None => mode,
+        },
+        m => m,
+    };
+    if let Mode::Attach { index } = mode {
+        let path = device::device_path(index);
+        if nl.is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "attach needs the kernel's nbd netlink interface, which this kernel lacks",
+            ));
+        }
+        if device::device_pid(index).is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{path} is not connected, so there is nothing to attach to (use map)"),
+            ));
+        }
+        if let Some(st) = device::read_state(index)? {
+            if !st.detached && device::daemon_alive(st.pid) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{path} is still served by pid {}; detach it first", st.pid),
+                ));
+            }
+            *connections = st.connections;
+            *read_only |= st.read_only;
+        }
+        let want = backend_id(store, spec);
+        if let Some(have) = device::device_backend(index) {
+            if have != want {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{path} was mapped from \"{have}\", not \"{want}\""),
+                ));
+            }
+        }
+    }
+    Ok((mode, nl))
 }
 
 struct Setup<'a> {
@@ -310,11 +530,26 @@ struct Setup<'a> {
     connections: u32,
 }
 
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+pub(super) struct Signals {
+    pub(super) term: tokio::signal::unix::Signal,
+    pub(super) int: tokio::signal::unix::Signal,
     /// `detach`.
-    usr1: tokio::signal::unix::Signal,
+    pub(super) usr1: tokio::signal::unix::Signal,
+}
+
+/// The device is usable: tell the waiting `map` (background), or print it and tell systemd
+/// (foreground, Type=notify).
+pub(super) fn report_ready(ready: &mut Option<ReadyPipe>, status: &str, path: &str) {
+    match ready.take() {
+        Some(r) => r.send(&format!("ready {path}")),
+        None => {
+            println!("{path}");
+            let _ = std::io::stdout().flush();
+            if let Err(e) = crate::notify::ready(status) {
+                tracing::warn!("systemd notification: {e}");
+            }
+        }
+    }
 }
 
 /// How the kernel was told about the device, and how to tell it to let go.
@@ -425,6 +660,12 @@ impl Setup<'_> {
             (Mode::Attach { .. }, None) => {
                 return Err(Error::new(ErrorKind::Unsupported, "attach needs netlink"))
             }
+            (Mode::Ublk(_), _) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "a ublk device is not served over NBD",
+                ))
+            }
         };
         // The kernel holds its own references to its ends now.
         drop(kernel_ends);
@@ -474,6 +715,7 @@ impl Setup<'_> {
             detached: false,
             backend: matches!(control, Control::Netlink(_)).then_some(backend),
             close_result: true,
+            transport: device::Transport::Nbd,
         };
         if let Err(e) = device::write_state(index, &state) {
             let _ = request_disconnect(&mut control, index);
@@ -496,17 +738,8 @@ impl Setup<'_> {
             self.connections,
             if state.netlink { "netlink" } else { "ioctl" }
         );
-        match ready.take() {
-            Some(r) => r.send(&format!("ready {path}")),
-            None => {
-                println!("{path}");
-                let _ = std::io::stdout().flush();
-                // Under systemd (Type=notify) this is the moment the device is usable.
-                if let Err(e) = crate::notify::ready(&format!("{} mapped at {path}", self.spec)) {
-                    tracing::warn!("systemd notification: {e}");
-                }
-            }
-        }
+        // Under systemd (Type=notify) this is the moment the device is usable.
+        report_ready(ready, &format!("{} mapped at {path}", self.spec), &path);
 
         let mut disconnecting = false;
         let mut detaching = false;
@@ -621,7 +854,7 @@ fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<O
 }
 
 /// Waits for SIGTERM or SIGINT, which end a mapping alike, and names the one that came.
-async fn term_or_int(
+pub(super) async fn term_or_int(
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
 ) -> &'static str {

@@ -39,6 +39,7 @@ pub(super) fn test_state(close_result: bool) -> DeviceState {
         detached: false,
         backend: None,
         close_result,
+        transport: Transport::Nbd,
     }
 }
 
@@ -201,15 +202,16 @@ pub fn wait_ready(index: u32, size: u64, timeout: Duration) -> Result<()> {
 }
 
 /// `major:minor` of the whole device and each partition, from sysfs.
-fn dev_numbers(index: u32) -> Vec<(String, String)> {
-    let base = sys_block().join(format!("nbd{index}"));
+fn dev_numbers(dev: DevKey) -> Vec<(String, String)> {
+    let me = dev.name();
+    let base = sys_block().join(&me);
     let mut out = Vec::new();
     if let Some(d) = read_trimmed(&base.join("dev")) {
-        out.push((format!("nbd{index}"), d));
+        out.push((me.clone(), d));
     }
     for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(&format!("nbd{index}p")) {
+        if name.starts_with(&format!("{me}p")) {
             if let Some(d) = read_trimmed(&e.path().join("dev")) {
                 out.push((name, d));
             }
@@ -220,8 +222,9 @@ fn dev_numbers(index: u32) -> Vec<(String, String)> {
 
 /// Why the device must not be disconnected now (mounted, held by dm/md, used as swap),
 /// or None when it is idle. Checks the whole device and its partitions.
-pub fn busy_reason(index: u32) -> Option<String> {
-    let devs = dev_numbers(index);
+pub fn busy_reason(dev: impl Into<DevKey>) -> Option<String> {
+    let dev = dev.into();
+    let devs = dev_numbers(dev);
     if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
         for line in mi.lines() {
             let f: Vec<&str> = line.split(' ').collect();
@@ -232,9 +235,9 @@ pub fn busy_reason(index: u32) -> Option<String> {
             }
         }
     }
-    let base = sys_block().join(format!("nbd{index}"));
+    let base = sys_block().join(dev.name());
     for (name, _) in &devs {
-        let holders = if *name == format!("nbd{index}") {
+        let holders = if *name == dev.name() {
             base.join("holders")
         } else {
             base.join(name).join("holders")
@@ -295,7 +298,84 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
     true
 }
 
-/// What `/run/rados-nbd/nbdN.json` holds: enough for list-mapped, unmap and attach.
+/// Which kernel device a state file or close result belongs to: `/dev/nbdN` or, with the
+/// ublk transport, `/dev/ublkbN`. A bare index means an nbd device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevKey {
+    Nbd(u32),
+    Ublk(u32),
+}
+
+impl From<u32> for DevKey {
+    fn from(i: u32) -> Self {
+        DevKey::Nbd(i)
+    }
+}
+
+impl DevKey {
+    /// `nbd3`, `ublkb3`: the device's name, and its files' stem.
+    pub fn name(self) -> String {
+        match self {
+            DevKey::Nbd(i) => format!("nbd{i}"),
+            DevKey::Ublk(i) => format!("ublkb{i}"),
+        }
+    }
+    pub fn path(self) -> String {
+        format!("/dev/{}", self.name())
+    }
+    /// `/dev/ublkb3` or `ublkb3` -> Ublk(3); anything else as [`parse_device`] reads it.
+    pub fn parse(s: &str) -> Result<DevKey> {
+        let name = s.strip_prefix("/dev/").unwrap_or(s);
+        if let Some(n) = name.strip_prefix("ublkb") {
+            if !n.is_empty() && n.len() <= 6 && n.bytes().all(|b| b.is_ascii_digit()) {
+                if let Ok(i) = n.parse() {
+                    return Ok(DevKey::Ublk(i));
+                }
+            }
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("invalid ublk device {s:?} (expected /dev/ublkbN)"),
+            ));
+        }
+        parse_device(s).map(DevKey::Nbd)
+    }
+    /// The stem of a state file name (`nbd3.json`, `ublkb3.json`), if it is one.
+    fn from_state_file(name: &str) -> Option<DevKey> {
+        let stem = name.strip_suffix(".json")?;
+        let num = |r: &str| {
+            (!r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| r.parse().ok())
+                .flatten()
+        };
+        if let Some(r) = stem.strip_prefix("ublkb") {
+            return num(r).map(DevKey::Ublk);
+        }
+        stem.strip_prefix("nbd").and_then(num).map(DevKey::Nbd)
+    }
+}
+
+/// How a mapping reaches the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The kernel's NBD client over socket pairs (/dev/nbdN).
+    #[default]
+    Nbd,
+    /// ublk (/dev/ublkbN): requests through io_uring and shared buffers.
+    Ublk,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Nbd => "nbd",
+            Transport::Ublk => "ublk",
+        })
+    }
+}
+
+/// What `/run/rados-nbd/nbdN.json` (`ublkbN.json`) holds: enough for list-mapped, unmap and
+/// attach.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     /// The serving daemon; 0 once it detached.
@@ -320,11 +400,18 @@ pub struct DeviceState {
     /// record nothing: their silence is then no sign of failure.
     #[serde(default)]
     pub close_result: bool,
+    /// Absent (nbd) in state files of daemons older than the ublk transport.
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 impl DeviceState {
+    /// The nbd index; an error for a ublk device.
     pub fn index(&self) -> Result<u32> {
         parse_device(&self.device)
+    }
+    pub fn key(&self) -> Result<DevKey> {
+        DevKey::parse(&self.device)
     }
     pub fn spec_string(&self) -> String {
         let pool = crate::spec::pool_spec(&self.pool, &self.namespace);
@@ -335,17 +422,18 @@ impl DeviceState {
     }
 }
 
-pub fn state_path(index: u32) -> PathBuf {
-    run_dir().join(format!("nbd{index}.json"))
+pub fn state_path(dev: impl Into<DevKey>) -> PathBuf {
+    run_dir().join(format!("{}.json", dev.into().name()))
 }
 
 /// Written atomically (temp file + rename) so a reader never sees half a file.
-pub fn write_state(index: u32, st: &DeviceState) -> Result<()> {
+pub fn write_state(dev: impl Into<DevKey>, st: &DeviceState) -> Result<()> {
+    let dev = dev.into();
     let dir = run_dir();
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let path = state_path(index);
-    let tmp = dir.join(format!(".nbd{index}.json.{}", std::process::id()));
+    let path = state_path(dev);
+    let tmp = dir.join(format!(".{}.json.{}", dev.name(), std::process::id()));
     let data = serde_json::to_vec_pretty(st)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding device state: {e}")))?;
     write_then_rename(&tmp, &path, data)
@@ -363,8 +451,8 @@ fn write_then_rename(tmp: &Path, path: &Path, data: Vec<u8>) -> Result<()> {
     })
 }
 
-pub fn read_state(index: u32) -> Result<Option<DeviceState>> {
-    let path = state_path(index);
+pub fn read_state(dev: impl Into<DevKey>) -> Result<Option<DeviceState>> {
+    let path = state_path(dev);
     match std::fs::read(&path) {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             Error::new(
@@ -377,8 +465,8 @@ pub fn read_state(index: u32) -> Result<Option<DeviceState>> {
     }
 }
 
-pub fn remove_state(index: u32) {
-    let _ = std::fs::remove_file(state_path(index));
+pub fn remove_state(dev: impl Into<DevKey>) {
+    let _ = std::fs::remove_file(state_path(dev));
 }
 
 /// How a daemon's clean close ended, for the `unmap` or `detach` waiting for it to exit: a
@@ -396,8 +484,8 @@ pub struct CloseResult {
 
 /// `nbdN.close-PID.json`: named by pid too, so the result of a daemon that is gone can never
 /// be mistaken for that of the next daemon on the same device. [`all_states`] skips these.
-pub fn close_result_path(index: u32, pid: u32) -> PathBuf {
-    run_dir().join(format!("nbd{index}.close-{pid}.json"))
+pub fn close_result_path(dev: impl Into<DevKey>, pid: u32) -> PathBuf {
+    run_dir().join(format!("{}.close-{pid}.json", dev.into().name()))
 }
 
 /// Results nobody waited for (SIGTERM, `nbd-client -d`) are swept after this long; a waiting
@@ -407,13 +495,14 @@ const STALE_CLOSE_RESULT: Duration = Duration::from_secs(600);
 /// Records the outcome of the close, atomically (temp file + rename: the waiter reads either
 /// nothing or all of it), before the daemon exits. Also removes results left behind by
 /// daemons that ended with nobody waiting.
-pub fn write_close_result(index: u32, r: &CloseResult) -> Result<()> {
+pub fn write_close_result(dev: impl Into<DevKey>, r: &CloseResult) -> Result<()> {
+    let dev = dev.into();
     let dir = run_dir();
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let stale = name.starts_with("nbd")
+        let stale = (name.starts_with("nbd") || name.starts_with("ublkb"))
             && name.contains(".close-")
             && name.ends_with(".json")
             && e.metadata()
@@ -425,16 +514,16 @@ pub fn write_close_result(index: u32, r: &CloseResult) -> Result<()> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let path = close_result_path(index, r.pid);
-    let tmp = dir.join(format!(".nbd{index}.close-{}.json.tmp", r.pid));
+    let path = close_result_path(dev, r.pid);
+    let tmp = dir.join(format!(".{}.close-{}.json.tmp", dev.name(), r.pid));
     let data = serde_json::to_vec(r)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding the close result: {e}")))?;
     write_then_rename(&tmp, &path, data)
 }
 
 /// Reads and removes the close result daemon `pid` left for device `index`, if any.
-pub fn take_close_result(index: u32, pid: u32) -> Result<Option<CloseResult>> {
-    let path = close_result_path(index, pid);
+pub fn take_close_result(dev: impl Into<DevKey>, pid: u32) -> Result<Option<CloseResult>> {
+    let path = close_result_path(dev, pid);
     let data = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -454,20 +543,21 @@ pub fn all_states() -> Vec<DeviceState> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(run_dir()).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(idx) = name
-            .strip_prefix("nbd")
-            .and_then(|r| r.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(dev) = DevKey::from_state_file(&name) else {
             continue;
         };
-        match read_state(idx) {
+        match read_state(dev) {
             Ok(Some(s)) => out.push(s),
             Ok(None) => {}
             Err(e) => tracing::warn!("{e}"),
         }
     }
-    out.sort_by_key(|s| s.index().unwrap_or(u32::MAX));
+    // nbd devices first, each kind by number.
+    out.sort_by_key(|s| match s.key() {
+        Ok(DevKey::Nbd(i)) => (0, i),
+        Ok(DevKey::Ublk(i)) => (1, i),
+        Err(_) => (2, 0),
+    });
     out
 }
 

@@ -134,6 +134,28 @@ impl Export {
         r.map_err(|e| Error::new(ErrorKind::Io, format!("serving the kernel: {e}")))
     }
 
+    /// Serves the image as a ublk device (see [`super::ublk::serve`]).
+    #[cfg(feature = "ublk")]
+    pub(super) fn serve_ublk(
+        &self,
+        setup: &super::ublk::Setup<'_>,
+        mode: super::ublk::Mode,
+        sig: &mut super::daemon::Signals,
+        ready: &mut Option<super::daemonize::ReadyPipe>,
+        on_started: impl FnOnce(&str),
+    ) -> Result<(u32, super::ublk::Ending)> {
+        let sizes = self.size_changes();
+        match self {
+            Export::Dir(i) => {
+                super::ublk::serve(i.clone(), setup, mode, sig, sizes, ready, on_started)
+            }
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => {
+                super::ublk::serve(i.clone(), setup, mode, sig, sizes, ready, on_started)
+            }
+        }
+    }
+
     /// The image's size now and each later change (a resize while mapped).
     pub fn size_changes(&self) -> watch::Receiver<u64> {
         match self {

@@ -2,21 +2,21 @@
 //! daemon (or the kernel) to let go, and learn how the close ended.
 
 use super::cli::{DetachArgs, ListFormat, ListMappedArgs, UnmapArgs};
-use super::device::{self, DeviceState};
+use super::device::{self, DevKey, DeviceState, Transport};
 use super::{ioctl, open_netlink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use std::io::Write;
 use std::time::Duration;
 
-fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
-    if device::looks_like_device(target) {
-        let idx = device::parse_device(target)?;
-        return Ok((idx, device::read_state(idx)?));
+fn resolve(target: &str) -> Result<(DevKey, Option<DeviceState>)> {
+    if device::looks_like_device(target) || target.starts_with("ublkb") {
+        let dev = DevKey::parse(target)?;
+        return Ok((dev, device::read_state(dev)?));
     }
     let spec: ImageSpec = target.parse().map_err(|e: Error| {
         e.context(format!(
-            "{target:?} is neither a device (/dev/nbdN) nor an image spec"
+            "{target:?} is neither a device (/dev/nbdN, /dev/ublkbN) nor an image spec"
         ))
     })?;
     let found: Vec<DeviceState> = device::all_states()
@@ -35,8 +35,12 @@ fn resolve(target: &str) -> Result<(u32, Option<DeviceState>)> {
         )),
         1 => {
             let st = found.into_iter().next();
-            let idx = st.as_ref().map(|s| s.index()).transpose()?.unwrap_or(0);
-            Ok((idx, st))
+            let dev = st
+                .as_ref()
+                .map(|s| s.key())
+                .transpose()?
+                .unwrap_or(DevKey::Nbd(0));
+            Ok((dev, st))
         }
         _ => Err(Error::new(
             ErrorKind::InvalidInput,
@@ -62,10 +66,46 @@ fn kernel_disconnect(index: u32) -> Result<()> {
     }
 }
 
+/// The kernel still has the device: an nbd device is connected, a ublk device exists.
+fn configured(dev: DevKey) -> bool {
+    match dev {
+        DevKey::Nbd(i) => device::device_pid(i).is_some(),
+        DevKey::Ublk(_) => std::path::Path::new(&dev.path()).exists(),
+    }
+}
+
+fn signal(pid: u32, sig: i32, path: &str) -> Result<()> {
+    // SAFETY: kill(2) with a pid we checked is our daemon.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+        return Err(Error::io(
+            format!("signalling daemon pid {pid} of {path}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes a ublk device whose daemon is gone (its requests fail; the image stays as the
+/// dead daemon left it, flagged dirty, repaired by the next open).
+#[cfg(feature = "ublk")]
+fn ublk_delete(dev: DevKey) -> Result<()> {
+    super::ublk::delete(dev)
+}
+#[cfg(not(feature = "ublk"))]
+fn ublk_delete(dev: DevKey) -> Result<()> {
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "{} is a ublk device and this rados-nbd was built without ublk",
+            dev.path()
+        ),
+    ))
+}
+
 pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
-    let (index, st) = resolve(&a.target)?;
-    let path = device::device_path(index);
-    let configured = device::device_pid(index).is_some();
+    let (dev, st) = resolve(&a.target)?;
+    let path = dev.path();
+    let configured = configured(dev);
     let pid = st
         .as_ref()
         .map(|s| s.pid)
@@ -81,12 +121,12 @@ pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
             ErrorKind::InvalidInput,
             format!(
                 "{path} is not mapped by rados-nbd (no {})",
-                device::state_path(index).display()
+                device::state_path(dev).display()
             ),
         ));
     }
     if !a.force {
-        if let Some(why) = device::busy_reason(index) {
+        if let Some(why) = device::busy_reason(dev) {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!("cannot unmap {path}: {why} (unmount it first, or use --force)"),
@@ -95,8 +135,16 @@ pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
     }
     // Disconnect first: the kernel sends NBD_CMD_DISC after the requests it has in flight,
     // so once the daemon has drained them nothing can reach the image after its close.
-    if configured {
-        kernel_disconnect(index)?;
+    match dev {
+        DevKey::Nbd(index) if configured => kernel_disconnect(index)?,
+        DevKey::Nbd(_) => {}
+        // ublk: the daemon stops its device (the driver finishes what is in flight first),
+        // then closes the image; with no daemon (it died), the device is deleted here.
+        DevKey::Ublk(_) => match pid {
+            Some(pid) => signal(pid, libc::SIGTERM, &path)?,
+            None if configured => ublk_delete(dev)?,
+            None => {}
+        },
     }
     let closed = match (pid, &st) {
         (Some(pid), Some(st)) => {
@@ -109,12 +157,12 @@ pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
                     ),
                 ));
             }
-            close_outcome(index, pid, st)
+            close_outcome(dev, pid, st)
         }
         _ => Ok(()),
     };
     // The device is gone either way; a failed close is reported, not retried.
-    device::remove_state(index);
+    device::remove_state(dev);
     closed.map_err(|why| {
         Error::new(
             ErrorKind::Io,
@@ -128,8 +176,8 @@ pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
 
 /// What daemon `pid` of device `index` recorded about its close once it exited: Ok for a
 /// clean close, otherwise what went wrong, as the end of a sentence.
-fn close_outcome(index: u32, pid: u32, st: &DeviceState) -> std::result::Result<(), String> {
-    match device::take_close_result(index, pid) {
+fn close_outcome(dev: DevKey, pid: u32, st: &DeviceState) -> std::result::Result<(), String> {
+    match device::take_close_result(dev, pid) {
         Ok(Some(device::CloseResult { error: None, .. })) => Ok(()),
         Ok(Some(device::CloseResult { error: Some(e), .. })) => {
             Err(format!("the image was not closed cleanly: {e}"))
@@ -145,15 +193,15 @@ fn close_outcome(index: u32, pid: u32, st: &DeviceState) -> std::result::Result<
 }
 
 pub(super) fn detach(a: DetachArgs) -> Result<()> {
-    let (index, st) = resolve(&a.target)?;
-    let path = device::device_path(index);
+    let (dev, st) = resolve(&a.target)?;
+    let path = dev.path();
     let st = st.ok_or_else(|| {
         Error::new(
             ErrorKind::NotFound,
             format!("{path} is not mapped by rados-nbd"),
         )
     })?;
-    if !st.netlink {
+    if !st.netlink && st.transport == Transport::Nbd {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!("{path} was set up with ioctls (the kernel has no nbd netlink family), so it could not be re-attached; not detaching"),
@@ -165,13 +213,7 @@ pub(super) fn detach(a: DetachArgs) -> Result<()> {
             format!("{path} has no running daemon to detach"),
         ));
     }
-    // SAFETY: kill(2) with a pid we checked is our daemon.
-    if unsafe { libc::kill(st.pid as libc::pid_t, libc::SIGUSR1) } != 0 {
-        return Err(Error::io(
-            format!("signalling daemon pid {} of {path}", st.pid),
-            std::io::Error::last_os_error(),
-        ));
-    }
+    signal(st.pid, libc::SIGUSR1, &path)?;
     if !device::wait_exit(st.pid, Duration::from_secs(a.wait_timeout)) {
         return Err(Error::new(
             ErrorKind::TimedOut,
@@ -183,7 +225,7 @@ pub(super) fn detach(a: DetachArgs) -> Result<()> {
             ),
         ));
     }
-    close_outcome(index, st.pid, &st).map_err(|why| {
+    close_outcome(dev, st.pid, &st).map_err(|why| {
         Error::new(
             ErrorKind::Io,
             format!("{path} ({}) is detached, but {why}", st.spec_string()),
@@ -194,13 +236,7 @@ pub(super) fn detach(a: DetachArgs) -> Result<()> {
 pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
     let rows: Vec<DeviceState> = device::all_states()
         .into_iter()
-        .filter(|s| {
-            let idx = s.index().ok();
-            device::daemon_alive(s.pid)
-                || idx
-                    .map(|i| device::device_pid(i).is_some())
-                    .unwrap_or(false)
-        })
+        .filter(|s| device::daemon_alive(s.pid) || s.key().is_ok_and(configured))
         .collect();
     let mut out = std::io::stdout().lock();
     let res = match a.format {
@@ -227,6 +263,7 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                         "store": s.store,
                         "read_only": s.read_only,
                         "state": if s.detached { "detached" } else { "attached" },
+                        "transport": s.transport,
                     })
                 })
                 .collect();
@@ -241,6 +278,7 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                 "snap",
                 "device",
                 "store",
+                "transport",
             ]
             .map(String::from)];
             for s in &rows {
@@ -260,9 +298,10 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                     s.snap.clone().unwrap_or_else(|| "-".into()),
                     s.device.clone(),
                     s.store.clone(),
+                    s.transport.to_string(),
                 ]);
             }
-            let mut w = [0usize; 7];
+            let mut w = [0usize; 8];
             for l in &lines {
                 for (i, c) in l.iter().enumerate() {
                     w[i] = w[i].max(c.len());
@@ -312,6 +351,7 @@ fn list_xml(rows: &[DeviceState]) -> String {
                 "state",
                 if s.detached { "detached" } else { "attached" }.to_string(),
             ),
+            ("transport", s.transport.to_string()),
         ];
         o.push_str("<device>");
         for (k, v) in fields {
@@ -346,7 +386,7 @@ mod tests {
             "{x}"
         );
         assert!(
-            x.ends_with("<state>attached</state></device></devices>\n"),
+            x.ends_with("<state>attached</state><transport>nbd</transport></device></devices>\n"),
             "{x}"
         );
         a.detached = true;
@@ -369,11 +409,35 @@ mod tests {
         ns.device = "/dev/nbd5".into();
         device::write_state(5, &ns).unwrap();
         let (idx, st) = resolve("rbd/ns1/vm1").unwrap();
-        assert_eq!((idx, st.unwrap().namespace.as_str()), (5, "ns1"));
+        assert_eq!(
+            (idx, st.unwrap().namespace.as_str()),
+            (DevKey::Nbd(5), "ns1")
+        );
         let (idx, st) = resolve("rbd/vm1").unwrap();
-        assert_eq!((idx, st.unwrap().namespace.as_str()), (3, ""));
+        assert_eq!((idx, st.unwrap().namespace.as_str()), (DevKey::Nbd(3), ""));
         let e = resolve("rbd/ns2/vm1").unwrap_err();
         assert!(e.message.contains("rbd/ns2/vm1 is not mapped"), "{e}");
+        // A ublk mapping of another image is found by its spec and by its device.
+        let mut u = state(true);
+        u.image = "vm2".into();
+        u.device = "/dev/ublkb0".into();
+        u.transport = Transport::Ublk;
+        device::write_state(DevKey::Ublk(0), &u).unwrap();
+        let (dev, st) = resolve("rbd/vm2").unwrap();
+        assert_eq!(dev, DevKey::Ublk(0));
+        assert_eq!(st.unwrap().transport, Transport::Ublk);
+        let (dev, st) = resolve("/dev/ublkb0").unwrap();
+        assert_eq!((dev, st.unwrap().image.as_str()), (DevKey::Ublk(0), "vm2"));
+        assert!(resolve("/dev/ublkbx").is_err());
+        // list-mapped order: nbd devices, then ublk ones.
+        let all: Vec<String> = device::all_states().into_iter().map(|s| s.device).collect();
+        assert_eq!(all, ["/dev/nbd3", "/dev/nbd5", "/dev/ublkb0"]);
+        // Old state files (no transport) read as nbd.
+        let old = std::fs::read_to_string(device::state_path(3)).unwrap();
+        assert!(!old.contains("ublk"));
+        let v: DeviceState =
+            serde_json::from_str(&old.replace(",\n  \"transport\": \"nbd\"", "")).unwrap();
+        assert_eq!(v.transport, Transport::Nbd);
     }
 
     #[test]
@@ -386,21 +450,21 @@ mod tests {
             error: error.map(String::from),
         };
         device::write_close_result(3, &result(None)).unwrap();
-        assert_eq!(close_outcome(3, 42, &state(true)), Ok(()));
+        assert_eq!(close_outcome(DevKey::Nbd(3), 42, &state(true)), Ok(()));
         let failed = "closing rbd/vm1: writing rbd_object_map.abc: No space left on device";
         device::write_close_result(3, &result(Some(failed))).unwrap();
-        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        let why = close_outcome(DevKey::Nbd(3), 42, &state(true)).unwrap_err();
         assert!(why.contains(failed), "{why}");
         // Read once: the result does not linger in the run directory.
         assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
         // A daemon that records its close but left nothing was killed mid-close.
-        let why = close_outcome(3, 42, &state(true)).unwrap_err();
+        let why = close_outcome(DevKey::Nbd(3), 42, &state(true)).unwrap_err();
         assert!(
             why.contains("pid 42") && why.contains("exited without"),
             "{why}"
         );
         // An older daemon records nothing: its silence proves nothing.
-        assert_eq!(close_outcome(3, 42, &state(false)), Ok(()));
+        assert_eq!(close_outcome(DevKey::Nbd(3), 42, &state(false)), Ok(()));
         // Another daemon's result is not ours.
         device::write_close_result(
             3,
@@ -410,7 +474,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(close_outcome(3, 42, &state(true)).is_err());
-        assert!(close_outcome(3, 7, &state(true)).is_err());
+        assert!(close_outcome(DevKey::Nbd(3), 42, &state(true)).is_err());
+        assert!(close_outcome(DevKey::Nbd(3), 7, &state(true)).is_err());
     }
 }

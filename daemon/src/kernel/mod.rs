@@ -25,6 +25,8 @@ pub mod export;
 pub mod ioctl;
 mod manage;
 pub mod netlink;
+#[cfg(feature = "ublk")]
+pub mod ublk;
 
 pub use daemonize::log_to_file;
 
