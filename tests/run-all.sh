@@ -53,6 +53,8 @@ suite "fuzz: handshake, transmission, request parser (30 s)" bash fuzz/run.sh 30
 for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
   [ -f "$s" ] && suite "$s" bash "$s"
 done
+# Skips itself without qemu or systemd.
+suite "systemd units booted for real (VM with systemd as PID 1, directory store)" bash tests/vm/systemd-run.sh
 # Skips itself without qemu, the Ceph binaries, a ceph-enabled binary or a network namespace.
 suite "kernel devices of Ceph images (VM with a NIC, cluster in a namespace)" bash tests/vm/ceph-run.sh
 # Skips itself without the Ceph store (tests/ceph/cluster.sh, a ceph-enabled binary).
