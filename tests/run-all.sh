@@ -53,6 +53,8 @@ suite "fuzz: handshake, transmission, request parser (30 s)" bash fuzz/run.sh 30
 for s in tests/ceph/run.sh tests/vm/run.sh tests/packaging/run.sh; do
   [ -f "$s" ] && suite "$s" bash "$s"
 done
+# Skips itself without qemu or systemd.
+suite "systemd units booted for real (VM with systemd as PID 1, directory store)" bash tests/vm/systemd-run.sh
 # The 6.12 kernel (ublk); skips itself without qemu or a ublk-enabled binary.
 suite "ublk transport (VM with the 6.12 kernel)" bash tests/vm/ublk-run.sh
 # Skips itself without qemu, the Ceph binaries, a ceph-enabled binary or a network namespace.

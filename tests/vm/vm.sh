@@ -22,6 +22,19 @@
 # to start a program linking Ceph's libraries (`rbd --version`: 29 s, with it 1-4 s). Only for
 # a host root that does not change while the VM runs; the work folder is never cached.
 #
+# VM_INIT=systemd boots systemd as PID 1 instead of running the script from the initramfs: the
+# host root (read-only 9p) is the lower layer of an overlay with a tmpfs upper layer; before
+# systemd starts, WORKDIR/rootfs/ (when the caller made one) is copied over that root (units,
+# /etc files, binaries), and the kernel's modules are linked at /usr/lib/modules/KVER so plain
+# `modprobe` and udev find them. The script runs as vmtest.service (After=basic.target
+# remote-fs.target, output on the console and in the journal) in vmtest.target, which pulls in
+# basic.target and remote-fs.target and whatever rootfs/ links into vmtest.target.wants/ (the
+# test's stand-in for multi-user.target); the guest powers off when the script ends, through a
+# normal systemd shutdown. When this machine has systemd but not udev, Debian's systemd and
+# udev packages are unpacked (not installed) into the cache and laid under the overlay as a
+# second lower layer, so the guest runs a matching systemd + systemd-udevd pair. VM_APPEND adds
+# to the kernel command line (e.g. systemd.journald.forward_to_console=1).
+#
 # Why this shape: the host kernel has no nbd driver and a KVM guest hangs on this machine kind,
 # so the tests need a kernel we do not install; TCG boots Debian's kernel in ~2 s. The kernel
 # and a tiny busybox initramfs are built once and cached outside /tmp, /run, /var/tmp and
@@ -133,9 +146,111 @@ INIT
   echo "$initrd_version" >"$dir/initrd.version"
 }
 
+# The systemd flavour of the initramfs: the same modules plus overlay, and an init that
+# switch_roots into systemd (VM_INIT=systemd above). Bumped like initrd_version.
+initrd_systemd_version=3
+
+build_initrd_systemd() {
+  local dir=$1 tmp f kver
+  kver=$(cat "$dir/kver")
+  tmp=$(mktemp -d "$dir/initrd.build.XXXXXX")
+  (cd "$tmp" && gzip -dc "$dir/initrd.gz" | cpio -id --quiet)
+  f=$(find "$dir/kroot/lib/modules" -name overlay.ko -o -name overlay.ko.xz -o -name overlay.ko.zst | head -1)
+  [ -n "$f" ] || { echo "vm.sh: module overlay not in the kernel package" >&2; exit 98; }
+  case $f in *.xz) xz -dc "$f" >"$tmp/mod/overlay.ko" ;; *.zst) zstd -qdc "$f" >"$tmp/mod/overlay.ko" ;; *) cp "$f" "$tmp/mod/overlay.ko" ;; esac
+  mkdir -p "$tmp/lower" "$tmp/sdroot" "$tmp/upper" "$tmp/newroot"
+  # vm_sdroot=1 (kernel command line): the 9p share "sdroot" (the unpacked systemd + udev
+  # packages) is laid between the overlay's tmpfs and the host root. Its own share, not a path
+  # of the host root's: overlayfs refuses lower layers inside one another.
+  cat >"$tmp/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $initrd_mods overlay; do insmod /mod/\$m.ko || echo "init: insmod \$m failed"; done
+die() { echo "init: \$*"; echo "GUEST-EXIT=98"; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000\${vm_rootcache:+,cache=\$vm_rootcache} hostroot /lower || die "cannot mount the host root"
+mount -t tmpfs -o mode=0755 upper /upper && mkdir -p /upper/u /upper/w
+lower=/lower
+if [ -n "\${vm_sdroot:-}" ]; then
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000\${vm_rootcache:+,cache=\$vm_rootcache} sdroot /sdroot || die "cannot mount sdroot"
+  lower=/sdroot:/lower
+fi
+mount -t overlay overlay -o lowerdir=\$lower,upperdir=/upper/u,workdir=/upper/w /newroot || die "cannot mount the overlay"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /newroot/mnt || die "cannot mount the work folder"
+# The host's /tmp (gigabytes of build trees) is not the guest's: systemd-tmpfiles' boot-time
+# clean of it took minutes over 9p.
+for d in tmp var/tmp; do mount -t tmpfs -o mode=1777 tmpfs /newroot/\$d; done
+mkdir -p /newroot/usr/lib/modules
+ln -sfn $dir/kroot/lib/modules/$kver /newroot/usr/lib/modules/$kver
+[ -d /newroot/mnt/rootfs ] && { cp -a /newroot/mnt/rootfs/. /newroot/ || die "cannot copy rootfs/"; }
+mkdir -p /newroot/etc/systemd/system
+cat >/newroot/etc/systemd/system/vmtest.service <<'U'
+[Unit]
+Description=the test script (tests/vm/vm.sh VM_INIT=systemd)
+After=basic.target remote-fs.target
+[Service]
+Type=oneshot
+WorkingDirectory=/mnt
+StandardOutput=journal+console
+StandardError=journal+console
+ExecStart=/bin/sh -c '/bin/bash /mnt/guest.sh; rc=\$\$?; echo \$\$rc >/mnt/guest-rc; echo GUEST-EXIT=\$\$rc'
+ExecStartPost=/bin/systemctl poweroff --no-block
+U
+cat >/newroot/etc/systemd/system/vmtest.target <<'U'
+[Unit]
+Description=the test (stands in for multi-user.target)
+Requires=basic.target vmtest.service
+Wants=remote-fs.target
+After=basic.target
+AllowIsolate=yes
+U
+exec switch_root /newroot /lib/systemd/systemd systemd.unit=vmtest.target
+INIT
+  chmod +x "$tmp/init"
+  (cd "$tmp" && find . | cpio -o -H newc 2>/dev/null | gzip -1) >"$tmp.gz"
+  rm -rf "$tmp"
+  mv "$tmp.gz" "$dir/initrd-systemd.gz"
+  echo "$initrd_systemd_version" >"$dir/initrd-systemd.version"
+}
+
+# build_sdroot DIR: Debian's systemd and udev, unpacked into DIR/sdroot with /lib, /bin and
+# /sbin folded into /usr (the host root's merged /usr: a real /lib in an upper layer would hide
+# the host's /lib symlink).
+sd_pkgs="systemd libsystemd-shared libsystemd0 libudev1 udev"
+build_sdroot() {
+  local dir=$1 tmp p d
+  tmp=$(mktemp -d "$dir/sdroot.build.XXXXXX")
+  chmod 755 "$tmp"
+  echo "vm.sh: fetching $sd_pkgs for the systemd guest (once)" >&2
+  (cd "$tmp" && apt-get download -qq $sd_pkgs) || { echo "vm.sh: cannot download $sd_pkgs" >&2; exit 98; }
+  mkdir -p "$tmp/root/usr"
+  for p in "$tmp"/*.deb; do dpkg-deb -x "$p" "$tmp/root"; done
+  for d in lib lib64 bin sbin; do
+    [ -d "$tmp/root/$d" ] && [ ! -L "$tmp/root/$d" ] || continue
+    mkdir -p "$tmp/root/usr/$d"
+    cp -a "$tmp/root/$d/." "$tmp/root/usr/$d/"
+    rm -rf "${tmp:?}/root/$d"
+  done
+  # Units the host root has enabled are not ours to start; nothing here is enabled either.
+  touch "$tmp/root/.complete"
+  rm -rf "$dir/sdroot"
+  mv "$tmp/root" "$dir/sdroot"
+  rm -rf "$tmp"
+}
+
 mkdir -p "$(dirname "$cache")"
 [ -f "$cache/kver" ] || build_cache
 [ "$(cat "$cache/initrd.version" 2>/dev/null)" = "$initrd_version" ] || build_initrd "$cache"
+if [ "${VM_INIT:-}" = systemd ]; then
+  [ -x /lib/systemd/systemd ] || { echo "vm.sh: VM_INIT=systemd needs systemd on this machine (apt-get install systemd)" >&2; exit 98; }
+  [ "$(cat "$cache/initrd-systemd.version" 2>/dev/null)" = "$initrd_systemd_version" ] &&
+    [ "$cache/initrd-systemd.gz" -nt "$cache/initrd.gz" ] || build_initrd_systemd "$cache"
+  if [ ! -x /lib/systemd/systemd-udevd ] && [ ! -f "$cache/sdroot/.complete" ]; then
+    build_sdroot "$cache"
+  fi
+fi
 [ -z "$prepare" ] || exit 0
 
 mkdir -p "$work"
@@ -157,16 +272,27 @@ NET
 } >"$work/guest.sh"
 
 log=$work/console.log
+initrd=$cache/initrd.gz
+shares=()
+append="console=ttyS0 panic=-1 loglevel=${VM_LOGLEVEL:-3}${VM_ROOT_CACHE:+ vm_rootcache=$VM_ROOT_CACHE}"
+if [ "${VM_INIT:-}" = systemd ]; then
+  initrd=$cache/initrd-systemd.gz
+  append+=" systemd.unit=vmtest.target"
+  if [ ! -x /lib/systemd/systemd-udevd ]; then
+    append+=" vm_sdroot=1"
+    shares+=(-virtfs "local,path=$cache/sdroot,mount_tag=sdroot,security_model=none,readonly=on,multidevs=remap")
+  fi
+fi
+append+="${VM_APPEND:+ $VM_APPEND}"
 nic=(-nic none)
 if [ -n "${VM_TAP:-}" ]; then
   nic=(-netdev "tap,id=n0,ifname=$VM_TAP,script=no,downscript=no" -device virtio-net-pci,netdev=n0)
 fi
 timeout "${VM_TIMEOUT:-1800}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
   -m "${VM_MEM:-2048}" -smp "${VM_CPUS:-2}" -nographic -no-reboot "${nic[@]}" \
-  -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
-  -append "console=ttyS0 panic=-1 loglevel=${VM_LOGLEVEL:-3}${VM_ROOT_CACHE:+ vm_rootcache=$VM_ROOT_CACHE}" \
+  -kernel "$cache/vmlinuz" -initrd "$initrd" -append "$append" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-  -virtfs local,path="$work",mount_tag=work,security_model=none >"$log" 2>&1 || true
+  -virtfs local,path="$work",mount_tag=work,security_model=none "${shares[@]}" >"$log" 2>&1 || true
 cat "$log"
 if [ -f "$work/guest-rc" ]; then exit "$(cat "$work/guest-rc")"; fi
 exit 99

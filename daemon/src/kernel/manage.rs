@@ -129,6 +129,7 @@ pub(super) fn unmap(a: UnmapArgs) -> Result<()> {
         if let Some(why) = device::busy_reason(dev) {
             return Err(Error::new(
                 ErrorKind::Busy,
+                // rados-nbd@.service's ExecStop detaches when it sees "unmount it first".
                 format!("cannot unmap {path}: {why} (unmount it first, or use --force)"),
             ));
         }

@@ -1,0 +1,140 @@
+#!/bin/bash
+# The project's systemd units under a live systemd. Runs INSIDE the test VM booted with systemd
+# as PID 1 (tests/vm/vm.sh VM_INIT=systemd), as vmtest.service, after the boot has mapped and
+# mounted what tests/vm/systemd-run.sh configured (rootfs/: the units, /usr/bin/rados-nbd,
+# /etc/rados-nbd/nbdtab, /etc/fstab, /etc/default/rados-nbd with the directory store in /mnt).
+#
+#   BOOT=1: rbd/sd1 in nbdtab (rados-nbdmap.service), rbd/sd2 as rados-nbd@rbd-sd2.service
+#           (Type=notify), both ext4 mounted from fstab with _netdev: mapped and mounted at
+#           boot in that order, stable udev names, data written, `systemctl restart` of the
+#           rados-nbd@ unit under a mounted, written file system, the daemons' logs in journald.
+#   BOOT=2: the same plus a failing entry in nbdtab (rbd/sdmissing) and a rados-nbd@ unit of a
+#           missing image: both reported failed, the boot not held up, the good ones mapped
+#           and mounted, boot 1's data found.
+# The host checks what the shutdowns left (clean images, data in them, unmount before unmap).
+# Prints PASS/FAIL lines (also to /mnt/guest-BOOT.out) and 'N passed, N failed'.
+set -u
+exec > >(tee "/mnt/guest-$BOOT.out") 2>&1
+source /mnt/lib.sh
+SD1=rbd/sd1 SD2=rbd/sd2 U2=rados-nbd@rbd-sd2.service UMISS=rados-nbd@rbd-sdmissing.service
+
+show() { systemctl show -P "$2" "$1"; }
+# mono UNIT PROP: a monotonic timestamp (µs) of a unit's state change.
+mono() { show "$1" "$2"; }
+dev_of_mount() { findmnt -no SOURCE --mountpoint "$1" 2>/dev/null; }
+
+echo "== boot $BOOT: systemd $(systemctl --version | head -1 | cut -d' ' -f2), PID 1 = $(cat /proc/1/comm)"
+check "PID 1 is systemd" test "$(cat /proc/1/comm)" = systemd
+
+# --- boot 2: failing entries reported, the boot not held up -------------------------------------
+# First, so that the rados-nbd@ unit of the missing image (retried every 5 s, each attempt
+# seconds of emulated CPU) can be stopped before the other checks.
+if [ "$BOOT" = 2 ]; then
+  check "systemctl is-failed rados-nbdmap.service (nbdtab lists a missing image)" systemctl is-failed --quiet rados-nbdmap.service
+  st=$(systemctl status --no-pager -l -n 20 rados-nbdmap.service 2>&1)
+  check "systemctl status rados-nbdmap.service names the failing entry" grep -q 'rbd/sdmissing: map failed' <<<"$st"
+  echo "$st" | sed -n '1,4p'
+  check "$UMISS is not active, its result is a failure ($(show $UMISS Result))" \
+    test "$(systemctl is-active $UMISS)" != active -a "$(show $UMISS Result)" != success
+  # Restart=on-failure retries it every 5 s: status says "activating (auto-restart) (Result:
+  # exit-code)" between attempts and only "activating (start)" during one (an attempt takes
+  # ~10 s of emulated CPU), so it is read until it shows the result (at most 60 s). Its log
+  # lines are the current attempt's only; the journal has every attempt's.
+  for _ in $(seq 60); do
+    st=$(systemctl status --no-pager -l -n 20 $UMISS 2>&1)
+    grep -q 'Result: exit-code' <<<"$st" && break
+    sleep 1
+  done
+  check "systemctl status $UMISS reports the failure (Result: exit-code)" grep -q 'Result: exit-code' <<<"$st"
+  check "journalctl -u $UMISS has the daemon's error" \
+    bash -c "journalctl -b -u $UMISS -o cat | grep -q 'rbd/sdmissing not found'"
+  echo "$st" | sed -n '1,4p'
+  systemctl stop $UMISS
+fi
+
+# --- what the boot did: mapped by the units, then mounted from fstab ------------------------
+check "rados-nbdmap.service ran at boot" test "$(show rados-nbdmap.service ExecMainStartTimestampMonotonic)" != 0
+dev1=$(journalctl -b -u rados-nbdmap.service -o cat | sed -n "s|.*$SD1: mapped at \(/dev/nbd[0-9]*\).*|\1|p" | tail -1)
+check "rados-nbdmap mapped $SD1 at boot (journal: mapped at ${dev1:-?})" test -n "$dev1"
+check "/srv/sd1 is mounted at boot from $SD1's device ($(dev_of_mount /srv/sd1))" \
+  test -n "$dev1" -a "$(dev_of_mount /srv/sd1)" = "$dev1"
+check "udev named it: /dev/rados-nbd/$SD1 -> $dev1" test "$(readlink -f /dev/rados-nbd/$SD1)" = "$dev1"
+# The mount waited for the map (Before=remote-fs-pre.target, _netdev): it started only after
+# rados-nbdmap.service's `map` had finished (also when it failed on another entry: boot 2).
+m1=$(systemd-escape -p --suffix=mount /srv/sd1)
+check "$m1 started after rados-nbdmap.service had mapped" \
+  test "$(mono "$m1" InactiveExitTimestampMonotonic)" -ge "$(mono rados-nbdmap.service ExecMainExitTimestampMonotonic)" \
+  -a "$(mono rados-nbdmap.service ExecMainExitTimestampMonotonic)" -gt 0
+
+check "$U2 is active (Type=$(show $U2 Type))" test "$(systemctl is-active $U2)" = active -a "$(show $U2 Type)" = notify
+pid2=$(show $U2 MainPID)
+dev2=$(journalctl -b -u $U2 -o cat | sed -n "s|.*$SD2 mapped to \(/dev/nbd[0-9]*\) .*|\1|p" | tail -1)
+check "$U2's main process is the serving daemon (pid $pid2, $(cat /proc/$pid2/comm 2>/dev/null))" \
+  test "$(cat /proc/$pid2/comm 2>/dev/null)" = rados-nbd
+check "/srv/sd2 is mounted at boot from $SD2's device (${dev2:-?})" \
+  test -n "$dev2" -a "$(dev_of_mount /srv/sd2)" = "$dev2"
+m2=$(systemd-escape -p --suffix=mount /srv/sd2)
+# Type=notify: active means READY=1 came, which the daemon sends once the device reads.
+check "$m2 started only after $U2 was ready (READY=1)" \
+  test "$(mono "$m2" InactiveExitTimestampMonotonic)" -ge "$(mono $U2 ActiveEnterTimestampMonotonic)"
+check "remote-fs.target reached (boot 2: despite the failing entries)" test "$(systemctl is-active remote-fs.target)" = active
+
+# --- journald has the daemons' own log ----------------------------------------------------------
+check "journalctl -u $U2 has the daemon's lines" \
+  bash -c "journalctl -b -u $U2 -o cat | grep -q '$SD2 mapped to $dev2 '"
+check "journalctl -u rados-nbdmap.service has the background daemon's lines (syslog)" \
+  bash -c "journalctl -b -u rados-nbdmap.service -o cat | grep -q '$SD1 mapped to $dev1 '"
+check "the daemon's lines carry its identifier (journalctl -t rados-nbd)" \
+  bash -c "journalctl -b -t rados-nbd -o cat | grep -q '$SD1 mapped to'"
+
+sums=/mnt/sums.txt
+if [ "$BOOT" = 1 ]; then
+  # --- data for the host (and boot 2) to find ---------------------------------------------------
+  for d in sd1 sd2; do
+    head -c 6M /dev/urandom >/srv/$d/data && sync /srv/$d/data
+  done
+  (cd /srv && sha256sum sd1/data sd2/data) >$sums
+
+  # --- systemctl restart of a mapping with its file system mounted and written ---------------
+  mid() { awk -v m="$1" '$5 == m {print $1}' /proc/self/mountinfo; }
+  mid0=$(mid /srv/sd2)
+  # A writer running through the restart: each file written and fsync'ed, one every 0.2 s.
+  (i=0; while [ ! -e /tmp/stop-writer ]; do
+     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/w.$i && sync /srv/sd2/w.$i || echo "writer: file $i failed"
+     sleep 0.2
+   done; echo "writer: $i files") >/tmp/writer.log 2>&1 &
+  wpid=$!
+  sleep 2
+  t0=$(date +%s.%N)
+  restart_out=$(timeout 120 systemctl restart $U2 2>&1); rrc=$?
+  t1=$(date +%s.%N)
+  check "systemctl restart $U2 succeeds ($(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s)" test "$rrc" = 0 -a "$(systemctl is-active $U2)" = active
+  [ "$rrc" = 0 ] || echo "$restart_out"
+  sleep 2; touch /tmp/stop-writer; wait $wpid
+  pid2b=$(show $U2 MainPID)
+  check "a new daemon serves $SD2 (pid $pid2 -> $pid2b)" test "$pid2b" != "$pid2" -a "$(cat /proc/$pid2b/comm 2>/dev/null)" = rados-nbd
+  check "/srv/sd2 stayed mounted through the restart (same mount, same $dev2)" \
+    test "$(mid /srv/sd2)" = "$mid0" -a "$(dev_of_mount /srv/sd2)" = "$dev2"
+  check "the new daemon re-attached $dev2 (journal)" \
+    bash -c "journalctl -b -u $U2 -o cat | grep -q '$SD2 re-attached to $dev2 '"
+  check "the writer never failed across the restart ($(tail -1 /tmp/writer.log))" \
+    bash -c "! grep -q failed /tmp/writer.log"
+  check "no I/O error on $dev2 or in ext4 (kernel log)" \
+    bash -c "! journalctl -b -k -o cat | grep -E '(${dev2#/dev/}|EXT4-fs).*(error|I/O)'"
+  (cd /srv && sha256sum sd2/w.*) >>$sums
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  check "everything written before and during the restart reads back" bash -c "cd /srv && sha256sum -c --quiet $sums"
+  check "the file system is writable after the restart" \
+    bash -c "head -c 1M /dev/urandom >/srv/sd2/after && sync /srv/sd2/after && cd /srv && sha256sum sd2/after >>$sums"
+else
+  # --- boot 2: boot 1's data here, fsck'ed at boot --------------------------------------------
+  check "boot 1's data (and what was written across the restart) is here" bash -c "cd /srv && sha256sum -c --quiet $sums"
+  for d in sd1 sd2; do
+    check "fsck-clean mount of /srv/$d at boot (systemd-fsck ran: $(show "systemd-fsck@$(systemd-escape -p /dev/rados-nbd/rbd/$d).service" Result))" \
+      test "$(show "systemd-fsck@$(systemd-escape -p /dev/rados-nbd/rbd/$d).service" Result)" = success
+  done
+  head -c 2M /dev/urandom >/srv/sd1/boot2 && sync /srv/sd1/boot2 && (cd /srv && sha256sum sd1/boot2 >>$sums)
+fi
+echo "== units at the end of boot $BOOT"
+systemctl list-units --no-pager --plain --all 'rados-nbd*' 'srv-*' | head -12
+t_summary
