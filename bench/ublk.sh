@@ -38,24 +38,28 @@ for r in \$(seq $rounds); do
     order="nbd ublk"; [ \$(((r + \${#name}) % 2)) -eq 0 ] && order="ublk nbd"
     for t in \$order; do
       dev=\$(\$B map --transport \$t "b-\$t-\$r")
-      # "-new" jobs run on never-written areas: a fresh 1 GiB window per round.
-      off=0; case \$name in *-new) off=\$((r * 8))G ;; *) off=0 ;; esac
-      case \$name in randread|randread-qd1) fio --name=fill --filename=\$dev --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=8 --size=1G --offset=0 >/dev/null 2>&1 ;; esac
+      # "-new" jobs run on never-written areas of the image (8 GiB in, away from the filled part).
+      off=0; case \$name in *-new) off=8G ;; *) off=0 ;; esac
+      case \$name in randwrite|randread|randread-qd1) fio --name=fill --filename=\$dev --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=8 --size=256M --offset=0 >/dev/null 2>&1 ;; esac
       pid=\$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/rados-nbd/\${dev#/dev/}.json)
       c0=\$(awk '{print \$14 + \$15}' /proc/\$pid/stat)
       out=\$(fio --name=\$name --filename=\$dev --direct=1 --ioengine=libaio --rw=\$rw --bs=\$bs --iodepth=\$qd \
-        --offset=\$off --size=1G --time_based --runtime=$runtime --ramp_time=1 --output-format=terse --terse-version=3 2>/dev/null)
+        --offset=\$off --size=256M --time_based --runtime=$runtime --ramp_time=1 --output-format=terse --terse-version=3 2>/dev/null)
       c1=\$(awk '{print \$14 + \$15}' /proc/\$pid/stat)
+      [ -n "\$out" ] || { echo "FIO-FAILED \$r \$name \$t"; out="0;0;0;0;0;0;0;0"; }
       # terse v3: field 6 read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS
       echo "RESULT \$r \$name \$t \$(echo "\$out" | awk -F';' '{print \$8 + \$49, \$7 + \$48}') \$((c1 - c0))"
       \$B unmap "\$dev" >/dev/null
     done
   done
+  # The store is the guest's tmpfs (RAM): free it for the next round.
+  for t in nbd ublk; do \$B rm "b-\$t-\$r" >/dev/null; done
 done
 G
 echo "== booting the 6.12 VM ($rounds rounds, ${runtime} s jobs; work dir $work)"
-RADOS_NBD_VM_KERNEL=6.12 VM_ROOT_CACHE=loose tests/vm/vm.sh "$work/bench-guest.sh" "$work" >"$work/out.txt" 2>&1 || true
-grep -E '^(RESULT|load)' "$work/out.txt" | tee "$work/results.txt"
+RADOS_NBD_VM_KERNEL=6.12 VM_ROOT_CACHE=loose VM_MEM=${VM_MEM:-4096} tests/vm/vm.sh "$work/bench-guest.sh" "$work" >"$work/out.txt" 2>&1 || true
+grep -E '^(RESULT|load|FIO-FAILED)' "$work/out.txt" | tee "$work/results.txt"
+if grep -q FIO-FAILED "$work/results.txt"; then echo "a fio job failed; see $work/out.txt" >&2; exit 1; fi
 /usr/bin/python3 - "$work/results.txt" "$rounds" "$runtime" >bench/ublk-results.md <<'PY'
 import sys, statistics, collections, datetime, os
 res = collections.defaultdict(list); cpu = collections.defaultdict(list); load = ""
@@ -70,7 +74,7 @@ for (n, _t) in res:
     if n not in names: names.append(n)
 print(f"# ublk vs NBD transport of rados-nbd ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n")
 print(f"One guest (Debian 6.12 kernel under TCG emulation, 2 vCPU), directory store on the guest's tmpfs, "
-      f"fio libaio direct, {sys.argv[3]} s jobs, {sys.argv[2]} rounds, medians; transports take turns job by job. "
+      f"fio libaio direct over 256 MiB, {sys.argv[3]} s jobs, {sys.argv[2]} rounds, medians; transports take turns job by job. "
       f"Shared, noisy host (load at start: {load}); compare ratios only. `bench/ublk.sh` writes this file.\n")
 print("| job | NBD IOPS | ublk IOPS | ublk / NBD | NBD daemon CPU s/GiB | ublk daemon CPU s/GiB |")
 print("|---|---|---|---|---|---|")
