@@ -48,6 +48,14 @@ guest_ticks() {
   echo "$u $n $s $irq $sirq $((u + n + s + irq + sirq + st))"
 }
 
+# Context switches of a process (all its threads) and its thread count; the guest's, from /proc/stat.
+proc_csw() {
+  [ "$1" != 0 ] || { echo "0 0"; return; }
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/ctxt_switches/ {n += $2} /^Pid:/ {t++} END {print n + 0, t + 0}'
+}
+guest_csw() { awk '/^ctxt/ {print $2}' /proc/stat; }
+
 declare -A DEV PID
 # map_PEER IMAGE: prints the device; sets PID[PEER] (the serving daemon; none for krbd).
 map_rados-nbd() {
@@ -63,7 +71,7 @@ unmap_rbd-nbd() { rbd-nbd unmap "$1"; }
 map_krbd() { rbd "${ID[@]}" map -o noudev "$1"; }
 pid_krbd() { echo 0; }
 unmap_krbd() { rbd unmap -o noudev "$1"; }
-# Experimental peers, not in the default set: `rados-nbd serve` on a unix socket in the guest,
+# Experimental peers, not in the default set (bench/kernel.sh --peers): `rados-nbd serve` on a unix socket in the guest,
 # attached with nbd-client; rn-serve with serve's defaults, rn-serve-poll0 with --poll-max-us 0
 # (`map` has no such option). Beside `rados-nbd map` they show what the daemon's polling costs.
 serve_map() { # NAME POLL_US IMAGE
@@ -86,6 +94,14 @@ serve_unmap() { # NAME DEV
   nbd-client -d "$2" >>"$LOGDIR/$1.log" 2>&1
   kill "$(cat "/tmp/$1.pid")"
 }
+# rados-nbd-c2: `rados-nbd map --connections 2` (two sockets and kernel queues; Ceph images are
+# multi-connection safe).
+map_rados-nbd-c2() {
+  $B --store "ceph:$CEPH_CONF" "${ID[@]}" map --connections 2 --pid-file /tmp/rados-nbd-c2.pid \
+    --log-file "$LOGDIR/rados-nbd-c2.log" "$1"
+}
+pid_rados-nbd-c2() { cat /tmp/rados-nbd-c2.pid; }
+unmap_rados-nbd-c2() { $B unmap "$1"; }
 map_rn-serve() { serve_map rn-serve 64 "$1"; }
 pid_rn-serve() { cat /tmp/rn-serve.pid; }
 unmap_rn-serve() { serve_unmap rn-serve "$1"; }
@@ -97,7 +113,7 @@ record() { echo "$*" >>"$REC"; }
 
 # do_map PEER ROUND: map IMG_PEER, record the time; sets DEV and PID.
 do_map() {
-  local p=$1 img t d
+  local p=$1 img t d rss lck
   img=IMG_${p//-/_}
   img=${!img}
   t=$(now_ns)
@@ -107,7 +123,13 @@ do_map() {
   DEV[$p]=$d
   PID[$p]=$("pid_$p" "$d")
   note "$p: $img on $d (pid ${PID[$p]}) in $((t / 1000)) ms"
-  record "{\"kind\":\"map\",\"peer\":\"$p\",\"round\":$2,\"us\":$t}"
+  # The daemon's resident and locked memory just after the map (mlockall shows in VmLck).
+  rss=0 lck=0
+  if [ "${PID[$p]}" != 0 ]; then
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$p]}/status")
+    lck=$(awk '/^VmLck:/ {print $2}' "/proc/${PID[$p]}/status")
+  fi
+  record "{\"kind\":\"map\",\"peer\":\"$p\",\"round\":$2,\"us\":$t,\"rss_kib\":${rss:-0},\"locked_kib\":${lck:-0}}"
 }
 do_unmap() {
   local p=$1 t pid=${PID[$1]} i
@@ -142,16 +164,23 @@ job_args() {
 
 # run_fio PEER KIND JOB ROUND FIO-ARGS...: one fio run on PEER's device with the CPU it cost.
 run_fio() {
-  local p=$1 kind=$2 job=$3 r=$4 f c0 c1 g0 g1 t0 t1 la
+  local p=$1 kind=$2 job=$3 r=$4 f c0 c1 g0 g1 t0 t1 la s0 s1 nthr x0 x1 y0 y1
   shift 4
   f=$OUT/fio/$kind-$job-r$r-$p.json
+  # (No process substitution: the guest's /dev has no /dev/fd.)
+  x0=$(proc_csw "${PID[$p]}")
+  s0=${x0% *} nthr=${x0#* }
+  y0=$(guest_csw)
   c0=$(proc_ticks "${PID[$p]}") g0=$(guest_ticks) t0=$(now_ns)
   fio --name="$job" --filename="${DEV[$p]}" --ioengine=libaio --direct=1 --norandommap \
     --randrepeat=0 --output-format=json --output="$f" "$@" >/dev/null 2>"$f.err" ||
     { note "fio $job on $p failed: $(tail -2 "$f.err")"; return 1; }
   c1=$(proc_ticks "${PID[$p]}") g1=$(guest_ticks) t1=$(now_ns)
+  x1=$(proc_csw "${PID[$p]}")
+  s1=${x1% *}
+  y1=$(guest_csw)
   read -r la _ </proc/loadavg
-  record "{\"kind\":\"$kind\",\"job\":\"$job\",\"peer\":\"$p\",\"round\":$r,\"fio\":\"${f#"$OUT"/}\",\"wall_us\":$((($t1 - t0) / 1000)),\"daemon_ticks\":$((c1 - c0)),\"guest_ticks0\":\"$g0\",\"guest_ticks1\":\"$g1\",\"guest_load1\":$la}"
+  record "{\"kind\":\"$kind\",\"job\":\"$job\",\"peer\":\"$p\",\"round\":$r,\"fio\":\"${f#"$OUT"/}\",\"wall_us\":$((($t1 - t0) / 1000)),\"daemon_ticks\":$((c1 - c0)),\"guest_ticks0\":\"$g0\",\"guest_ticks1\":\"$g1\",\"guest_load1\":$la,\"daemon_csw\":$((s1 - s0)),\"daemon_threads\":$nthr,\"guest_csw\":$((y1 - y0))}"
 }
 
 # shellcheck disable=SC2206
@@ -159,7 +188,7 @@ peers=($PEERS) jobs=($JOBS)
 np=${#peers[@]}
 echo "== map (fresh 1 TiB images)"
 for p in "${peers[@]}"; do do_map "$p" 0; done
-echo "== prefill: the first GiB of each image, 1 MiB writes QD8 (objects never written before)"
+echo "== prefill: the first $((WRITTEN >> 20)) MiB of each image, 1 MiB writes QD8 (objects never written before)"
 for p in "${peers[@]}"; do
   run_fio "$p" prefill seqwrite-fresh-1M-qd8 0 --rw=write --bs=1M --iodepth=8 --size=$WRITTEN ||
     die "prefill $p"
@@ -178,6 +207,28 @@ for r in $(seq 0 $((ROUNDS - 1))); do
       line+=" $p $(jq -r '.jobs[0] | (.read.iops + .write.iops) | floor' "$OUT/fio/job-$job-r$r-$p.json")"
     done
     note "$job:$line"
+  done
+done
+# PROFILE_JOBS: after the rounds, each of these jobs once more per peer under a system-wide
+# flat profile of the guest (perf record -a -e cpu-clock; no call graphs: the daemons have no
+# frame pointers), reported per program/library and per symbol into $OUT/profile-JOB-PEER.txt.
+for job in ${PROFILE_JOBS:-}; do
+  read -ra args <<<"$(job_args "$job" "$ROUNDS")" || die "unknown job $job"
+  for p in "${peers[@]}"; do
+    echo "== profile: $job on $p"
+    f=$OUT/profile-$job-$p
+    perf record -a -e cpu-clock -F 499 -o /tmp/perf.data -- \
+      fio --name="$job" --filename="${DEV[$p]}" --ioengine=libaio --direct=1 --norandommap \
+      --randrepeat=0 --time_based --runtime="$RUNTIME" --output-format=json --output="$f.fio.json" \
+      "${args[@]}" >/dev/null 2>"$f.err" || { note "perf/fio failed: $(tail -2 "$f.err")"; continue; }
+    {
+      echo "# $job on $p: $(jq -r '.jobs[0] | (.read.iops + .write.iops) | floor' "$f.fio.json") IOPS under perf"
+      echo "## by program and library (% of all guest samples, idle included)"
+      perf report -i /tmp/perf.data --stdio --sort comm,dso --percent-limit 0.5 2>/dev/null | grep -v '^$'
+      echo "## by symbol (top)"
+      perf report -i /tmp/perf.data --stdio --sort comm,dso,sym --percent-limit 0.4 2>/dev/null | grep -v '^$' | head -80
+    } >"$f.txt"
+    rm -f /tmp/perf.data
   done
 done
 echo "== unmap, then map/unmap twice more"

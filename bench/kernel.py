@@ -74,11 +74,14 @@ def collect(raw):
         pass
     peers = machine["peers"].split()
     runs = {}  # job -> peer -> [per round]
-    maps, unmaps, prefill = {}, {}, {}
+    maps, unmaps, prefill, rss, locked = {}, {}, {}, {}, {}
     for r in recs:
         p = r["peer"]
         if r["kind"] == "map":
             maps.setdefault(p, []).append(r["us"] / 1000)
+            if r.get("rss_kib"):
+                rss.setdefault(p, []).append(r["rss_kib"] / 1024)
+                locked.setdefault(p, []).append(r.get("locked_kib", 0) / 1024)
         elif r["kind"] == "unmap":
             unmaps.setdefault(p, []).append(r["us"] / 1000)
         else:
@@ -88,7 +91,12 @@ def collect(raw):
             # The serving side's CPU: the daemon's utime+stime; krbd has no daemon, so the guest's
             # system time (sys + irq + softirq: the kernel client and the network stack).
             serve = (g1["sys"] - g0["sys"]) if p == "krbd" else r["daemon_ticks"]
+            nreq = fig["bytes"] / (4096 if "4k" in r["job"] else 1 << 20)
+            dcsw = r.get("daemon_csw", 0) if p != "krbd" else None
             fig.update({
+                "daemon_csw_per_req": dcsw / nreq if nreq and dcsw is not None else None,
+                "guest_csw_per_req": r["guest_csw"] / nreq if nreq and "guest_csw" in r else None,
+                "daemon_threads": r.get("daemon_threads"),
                 "round": r["round"], "wall_s": r["wall_us"] / 1e6, "guest_load1": r.get("guest_load1"),
                 "serve_cpu_s_per_gib": serve / TICK / gib if gib else None,
                 "guest_sys_s_per_gib": (g1["sys"] - g0["sys"]) / TICK / gib if gib else None,
@@ -116,11 +124,16 @@ def collect(raw):
                 "guest_sys_s_per_gib": med([x["guest_sys_s_per_gib"] for x in rs]),
                 "guest_busy_s_per_gib": med([x["guest_busy_s_per_gib"] for x in rs]),
                 "guest_load1": [x["guest_load1"] for x in rs],
+                "daemon_csw_per_req": med([x["daemon_csw_per_req"] for x in rs]),
+                "guest_csw_per_req": med([x["guest_csw_per_req"] for x in rs]),
+                "daemon_threads": med([x["daemon_threads"] for x in rs]),
             }
     res = {
         "machine": machine, "peers": peers, "jobs": jobs,
         "map_ms": {p: med(v) for p, v in maps.items()}, "map_ms_all": maps,
         "unmap_ms": {p: med(v) for p, v in unmaps.items()}, "unmap_ms_all": unmaps,
+        "rss_mib_after_map": {p: med(v) for p, v in rss.items()},
+        "locked_mib_after_map": {p: med(v) for p, v in locked.items()},
         "prefill_mibs": {p: round(v["mibs"], 1) for p, v in prefill.items()},
         "prefill_serve_cpu_s_per_gib": {p: v["serve_cpu_s_per_gib"] for p, v in prefill.items()},
         "host_load": summarize_load(load),
@@ -209,6 +222,16 @@ def write_md(res, out, notes=""):
         ps = d["peers"]
         L.append(f"| {job} | " + " | ".join(fx(ps.get(p, {}).get("serve_cpu_s_per_gib")) for p in peers) + " | "
                  + " | ".join(fx(ps.get(p, {}).get("guest_busy_s_per_gib")) for p in peers) + " |")
+    L += ["", "Context switches per request (median): the daemon's, all its threads (/proc/PID/task/*/status), "
+          "and the whole guest's (/proc/stat ctxt); the daemon's thread count.", "",
+          "| job | " + " | ".join(f"{p} daemon" for p in peers if p != "krbd") + " | "
+          + " | ".join(f"{p} guest" for p in peers) + " | threads |",
+          "|" + "---|" * (2 * len(peers) + 1 - ("krbd" in peers) + 1)]
+    for job, d in res["jobs"].items():
+        ps = d["peers"]
+        L.append(f"| {job} | " + " | ".join(fx(ps.get(p, {}).get("daemon_csw_per_req"), 1) for p in peers if p != "krbd")
+                 + " | " + " | ".join(fx(ps.get(p, {}).get("guest_csw_per_req"), 1) for p in peers) + " | "
+                 + ", ".join(f"{p} {ps.get(p, {}).get('daemon_threads') or 0:.0f}" for p in peers if p != "krbd") + " |")
     L += ["", "Mean completion latency (µs, median of the rounds):", "",
           "| job | " + " | ".join(peers) + " |", "|" + "---|" * (len(peers) + 1)]
     for job, d in res["jobs"].items():
@@ -219,7 +242,9 @@ def write_md(res, out, notes=""):
           "| | " + " | ".join(peers) + " |", "|" + "---|" * (len(peers) + 1),
           "| map (ms) | " + " | ".join(fx(res["map_ms"].get(p), 0) for p in peers) + " |",
           "| unmap (ms) | " + " | ".join(fx(res["unmap_ms"].get(p), 0) for p in peers) + " |",
-          "| first GiB written, 1 MiB QD8, fresh objects (MiB/s, one run) | "
+          "| daemon RSS just after map (MiB) | " + " | ".join(fx(res.get("rss_mib_after_map", {}).get(p), 0) for p in peers) + " |",
+          "| of which locked (VmLck, MiB) | " + " | ".join(fx(res.get("locked_mib_after_map", {}).get(p), 0) for p in peers) + " |",
+          "| prefill (the written area), 1 MiB QD8, fresh objects (MiB/s, one run) | "
           + " | ".join(fx(res["prefill_mibs"].get(p), 0) for p in peers) + " |",
           "", "## Targets (issue 18)", "", "| target | ratio | status |", "|---|---|---|"]
     for t in targets(res):

@@ -2,7 +2,8 @@
 # rados-nbd's kernel device beside Ceph's own rbd-nbd and the kernel's RBD client (krbd, `rbd
 # map`), in ONE guest kernel against one throwaway cluster (issue 18; see bench/README.md):
 #
-#   bench/kernel.sh [--rounds N] [--runtime S] [--quick (1 round of 4 s, 64 MiB written)] [--peers "P ..."] [--jobs "J ..."] [--out DIR]
+#   bench/kernel.sh [--rounds N] [--runtime S] [--quick (1 round of 4 s, 64 MiB written)] [--peers "P ..."]
+#                   [--jobs "J ..."] [--written MIB] [--profile "J ..."] [--out DIR]
 #   bench/kernel.sh --report bench/kernel-results.json   (only rewrite the .md and the chart)
 #
 # The test VM (tests/vm/vm.sh: Debian's 6.1 kernel under TCG, the host root shared read-only)
@@ -16,7 +17,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
-rounds=3 runtime=12 out=$here written=256
+rounds=3 runtime=12 out=$here written=256 profile=
 peers="rados-nbd rbd-nbd krbd"
 jobs="first-write-4k-qd32 read-unwritten-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd1 randread-4k-qd32 randread-4k-qd1 seqwrite-1M-qd8 seqread-1M-qd8"
 while [ $# -gt 0 ]; do
@@ -27,6 +28,8 @@ while [ $# -gt 0 ]; do
     --peers) peers=$2; shift ;;
     --jobs) jobs=$2; shift ;;
     --out) out=$2; shift ;;
+    --written) written=$2; shift ;;
+    --profile) profile=$2; shift ;;
     --report) exec /usr/bin/python3 "$here/kernel.py" --report "$2" --out "$out" ;;
     *) echo "usage: see the head of $0" >&2; exit 2 ;;
   esac
@@ -87,7 +90,7 @@ mkdir -p "$work/out" "$work/logs"
   echo " \"ncpu\": $(nproc), \"mem_gib\": $(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo),"
   echo " \"host_kernel\": \"$(uname -r)\", \"fio\": \"$(fio --version)\","
   echo " \"rbd_nbd\": \"$(rbd-nbd --version 2>/dev/null | awk '{print $3}')\","
-  echo " \"rados_nbd\": \"$("$bin" --version 2>/dev/null | head -1)\","
+  echo " \"rados_nbd\": \"$("$bin" --version 2>/dev/null | head -1)\", \"rados_nbd_sha256\": \"$(sha256sum "$bin" | cut -c1-16)\","
   echo " \"runtime_s\": $runtime, \"rounds\": $rounds, \"written_mib\": $written, \"image_features\": \"$features\","
   echo " \"peers\": \"$peers\", \"vm_cpus\": ${VM_CPUS:-2}, \"vm_mem_mib\": ${VM_MEM:-2048}}"
 } >"$work/out/machine.json"
@@ -98,7 +101,7 @@ echo "== booting the test VM in $ns (work dir $work): peers $peers, $rounds roun
 VM_TIMEOUT=${VM_TIMEOUT:-7200} cephns_boot "$here/kernel-guest.sh" \
   RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
   CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring PEERS="$peers" JOBS="$jobs" \
-  RUNTIME="$runtime" ROUNDS="$rounds" WRITTEN_MIB="$written" OUT=/mnt/out LOGDIR=/mnt/logs "${envs[@]}" \
+  RUNTIME="$runtime" ROUNDS="$rounds" WRITTEN_MIB="$written" PROFILE_JOBS="$profile" OUT=/mnt/out LOGDIR=/mnt/logs "${envs[@]}" \
   >"$work/vm-output.txt" 2>&1 &
 wait $!
 rc=$?
@@ -113,4 +116,8 @@ fi
 for p in $peers; do
   rbd info "kbench-$p" --format json | jq -c '{name, flags}'
 done
+if [ -n "$profile" ]; then
+  mkdir -p "$out/kernel-profile"
+  cp "$work"/out/profile-*.txt "$out/kernel-profile/" 2>/dev/null
+fi
 /usr/bin/python3 "$here/kernel.py" --raw "$work/out" --out "$out" && ok=1
