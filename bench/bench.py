@@ -684,8 +684,16 @@ def write_reports(results, out):
         lines.append("")
     elif results.get("ceph_note"):
         lines += ["## Ceph", "", results["ceph_note"], ""]
+    lines += KERNEL_SECTION
     finish_report(lines, "Targets (issue 7)", results["targets"], os.path.join(out, "results.md"))
     chart(results, out)
+
+
+# bench/kernel.sh's report (rados-nbd, rbd-nbd and krbd as kernel devices in one guest) is its
+# own file; this report links to it.
+KERNEL_SECTION = ["## Kernel devices: rados-nbd, rbd-nbd and krbd in one guest kernel (issue 18)", "",
+                  "`bench/kernel.sh` (a VM beside a throwaway cluster; not run by `bench/run.sh`): "
+                  "see [kernel-results.md](kernel-results.md) and kernel-ratios.png.", ""]
 
 
 def finish_report(lines, title, targets, path):

@@ -6,11 +6,11 @@
 #
 #   tests/vm/ceph-run.sh [BINARY]        (or RADOS_NBD_BIN=BINARY tests/vm/ceph-run.sh)
 #
-# The network exists only inside a namespace made here: a tap device at 10.77.0.1/24, the
-# cluster bound to that address, qemu on the tap, the guest at 10.77.0.2. Nothing is bound to
-# another address and no traffic leaves the namespace; the namespace, the tap, the cluster and
-# the VM are gone at the end, on failure too. The kernel is fetched (once, from Debian) before
-# the namespace exists: nothing inside it can reach a mirror.
+# The network exists only inside a namespace made here (tests/vm/ceph-ns.sh): a tap device at
+# 10.77.0.1/24, the cluster bound to that address, qemu on the tap, the guest at 10.77.0.2.
+# Nothing is bound to another address and no traffic leaves the namespace; the namespace, the
+# tap, the cluster and the VM are gone at the end, on failure too. The kernel is fetched (once,
+# from Debian) before the namespace exists: nothing inside it can reach a mirror.
 #
 # Skips (exit 0, says so) when qemu, the Ceph binaries or a ceph-enabled rados-nbd are missing,
 # or the namespace cannot be made (not root, no tun). KEEP_WORK=1 keeps the work folder (kept on
@@ -19,12 +19,11 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 source "$root/tests/lib.sh"
+source "$here/ceph-ns.sh"
 T0=$(date +%s)
 skip() { echo "SKIP kernel tests on Ceph images: $*; nothing was run"; exit 0; }
 
-for b in qemu-system-x86_64 ceph-mon ceph-osd rbd ip; do
-  command -v "$b" >/dev/null 2>&1 || skip "$b is not installed (tests/deps.sh)"
-done
+if b=$(cephns_missing); then skip "$b is not installed (tests/deps.sh)"; fi
 bin=${1:-${RADOS_NBD_BIN:-}}
 if [ -z "$bin" ]; then
   echo "== building rados-nbd (release, feature ceph)"
@@ -36,30 +35,15 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmceph.XXXXXX")
 if ! has_ceph "$bin"; then
   rm -rf "$work"; skip "$bin was built without feature ceph"
 fi
-ns=rados-nbd-vm-$$
-addr=10.77.0.1 guest=10.77.0.2
 IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
 # snapshotted; BENCH: written by the guest and by `rbd bench` from the host.
 XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=24 LIVE_GROWN_MB=32 BENCH=vmceph-bench BENCH_MB=16
-nsx() { ip netns exec "$ns" "$@"; }
-# `rbd` on the host runs inside the namespace (the cluster has no other address); omap_check
-# (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
-rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
 cleanup() {
-  local p
   # A second SIGTERM/SIGINT must not cut the cleanup short (the trap below would exit here).
   trap '' INT TERM
   [ -n "${rpc_pid:-}" ] && kill "$rpc_pid" 2>/dev/null
-  [ -f "$work/ceph/ceph.conf" ] && "$root/tests/ceph/cluster.sh" stop "$work/ceph" >/dev/null 2>&1
-  # Whatever still runs in the namespace was started by this script (qemu after an interrupt).
-  if ip netns pids "$ns" >/dev/null 2>&1; then
-    for p in $(ip netns pids "$ns"); do kill "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in $(ip netns pids "$ns"); do kill -9 "$p" 2>/dev/null; done
-    nsx ip link del tap0 2>/dev/null
-    ip netns del "$ns" 2>/dev/null
-  fi
+  cephns_teardown
   if [ -n "${KEEP_WORK:-}" ] || [ "$T_FAIL" -gt 0 ]; then
     # Keep the logs and the console for a post-mortem, not the cluster's 64 GiB sparse store.
     rm -rf "$work/ceph/osd0" "$work/ceph/mon" "$work/rados-nbd"
@@ -72,22 +56,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # The kernel comes from Debian's mirror: fetch it before the namespace exists.
-bash "$here/vm.sh" --prepare || { fail "fetch the test VM's kernel"; t_summary; exit 1; }
+cephns_prepare || { fail "fetch the test VM's kernel"; t_summary; exit 1; }
 
-ip netns add "$ns" 2>"$work/netns.err" || skip "cannot make a network namespace ($(head -1 "$work/netns.err"))"
 # From here on, cleanup removes the namespace (and its tap) whatever happens.
-if ! { nsx ip link set lo up && nsx ip tuntap add dev tap0 mode tap &&
-  nsx ip addr add "$addr/24" dev tap0 && nsx ip link set tap0 up; } 2>"$work/netns.err"; then
-  skip "cannot make a tap device in the namespace ($(head -1 "$work/netns.err"))"
-fi
+why=$(cephns_make) || skip "$why"
 
 t=$(date +%s)
-if ! out=$(CEPH_ADDR=$addr nsx "$root/tests/ceph/cluster.sh" start "$work/ceph" 2>&1); then
-  fail "start the cluster in the namespace" "$(echo "$out" | tail -5)"; t_summary; exit 1
+if ! cephns_cluster >"$work/cluster.out" 2>&1; then
+  fail "start the cluster in the namespace" "$(tail -5 "$work/cluster.out")"; t_summary; exit 1
 fi
 pass "one-node cluster bound to $addr in namespace $ns (up in $(($(date +%s) - t)) s)"
-export CEPH_CONF=$work/ceph/ceph.conf
-listens_only_on_addr() { ! nsx ss -Hltnu | awk '{print $5}' | grep -v "^$addr:" | grep .; }
 check "the cluster listens on $addr only" listens_only_on_addr
 check "create $IMG ($IMG_MB MiB), $RAW ($RAW_MB MiB), $XFS, $LIVE, $BENCH with rbd" \
   eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW &&
@@ -154,8 +132,6 @@ host_requests() {
   done
 }
 
-# The guest sees the work folder at /mnt: its copy of the config names the files there.
-sed "s#$work#/mnt#g" "$CEPH_CONF" >"$work/ceph/guest.conf"
 # Without its debug info (a release build here: 90 MB, 17 MB without): the guest copies it to
 # its tmpfs.
 objcopy --strip-debug "$bin" "$work/rados-nbd" 2>/dev/null || cp "$bin" "$work/rados-nbd"
@@ -164,7 +140,7 @@ mkdir -p "$work/out" "$work/logs" "$work/rpc"
 host_requests &
 rpc_pid=$!
 echo "== booting the test VM in $ns (guest $guest; work dir $work)"
-VM_TAP=tap0 VM_GUEST_ADDR=$guest/24 VM_ROOT_CACHE=loose nsx bash "$here/vm.sh" "$work/ceph-kernel-tests.sh" "$work" \
+VM_ROOT_CACHE=loose cephns_boot "$work/ceph-kernel-tests.sh" \
   RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
   CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
   XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
