@@ -104,7 +104,7 @@ echo "== map a Ceph image, ext4, unmap"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"
 check "rbd info (from the guest): object map invalid while mapped" flags_are "$IMG" "object map invalid,fast diff invalid"
 check "list-mapped shows the Ceph image" bash -c \
-  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +ceph:$CEPH_CONF\$'"
+  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +ceph:$CEPH_CONF +nbd\$'"
 check "list-mapped --format json shows the Ceph image" bash -c \
   "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .pool == \"rbd\" and .namespace == \"\" and .image == \"$IMG\" and .snap == null and .store == \"ceph:$CEPH_CONF\" and (.id | type) == \"number\")'"
 check "list-mapped --format xml shows the Ceph image (rbd-nbd's shape)" bash -c \

@@ -64,7 +64,7 @@ check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/n
 # The driver rounds max_part up to a power of two minus one: 4 becomes 7 (its default, 16,
 # would show as 31).
 check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
-check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +dir:$RADOS_NBD_STORE\$'"
+check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +dir:$RADOS_NBD_STORE +nbd\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "list-mapped --format xml (rbd-nbd's shape)" bash -c "'$B' list-mapped --format xml | grep -q '<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>ext</image><snap></snap><device>$dev</device>'"
 check "image flagged dirty while mapped" dirty rbd/ext
@@ -379,7 +379,7 @@ pid2=$(pid_of "$dev2")
 check "map from a relative store (dir: and RADOS_NBD_STORE)" test -b "$dev" -a -b "$dev2"
 check "daemons run in /" bash -c "[ \$(readlink /proc/$pid/cwd) = / ] && [ \$(readlink /proc/$pid2/cwd) = / ]"
 check "umount of the directory map ran in succeeds while mapped" umount /tmp/cwdfs
-check "list-mapped shows the store absolute" bash -c "'$B' list-mapped | grep -E '$dev +dir:$RADOS_NBD_STORE\$' && '$B' list-mapped | grep -E '$dev2 +dir:$RADOS_NBD_STORE\$'"
+check "list-mapped shows the store absolute" bash -c "'$B' list-mapped | grep -E '$dev +dir:$RADOS_NBD_STORE +nbd\$' && '$B' list-mapped | grep -E '$dev2 +dir:$RADOS_NBD_STORE +nbd\$'"
 check "relative --pid-file holds the daemon's pid" test "$(cat /tmp/cwd.pid 2>/dev/null)" = "$pid"
 check "relative --log-file gets the log" grep -q "rbd/misc mapped to $dev" /tmp/cwd.log
 check "the device serves I/O after the umount" bash -c "dd if=$dev of=/dev/null bs=1M count=4 iflag=direct status=none && dd if=/dev/zero of=$dev2 bs=1M count=1 oflag=direct status=none"
