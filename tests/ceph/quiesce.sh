@@ -127,7 +127,10 @@ rm -f "$work/sleep-quiesce"
 check "a hook that outlives the 9 s bound fails rbd snap create" test "$rc" != 0 -a "$rc" != 124
 # EIO, not ETIMEDOUT: librbd would re-send the whole request on ETIMEDOUT, again and again.
 check "... with EIO (not ETIMEDOUT, which librbd would re-send)" bash -c "grep -q 'Input/output error' <<<\"\$1\" || { echo \"\$1\"; false; }" _ "$out"
-check "... after one quiesce and no unquiesce" same "rbd/$img quiesce" "$(hooklog)"
+# On failure, the daemon's account of the requests (which ids asked, which hook runs).
+check "... after one quiesce and no unquiesce" bash -c \
+  '[ "$1" = "$2" ] || { echo "got '"'"'$2'"'"', expected '"'"'$1'"'"'"; grep -E "quiesce|snapshot|asked by" "$3" | tail -20; false; }' \
+  _ "rbd/$img quiesce" "$(hooklog)" "$work/serve.log"
 check "... and the daemon says so" bash -c "grep -q 'did not finish within 9 s' '$work/serve.log'"
 check "the slow snapshot exists, the hung one does not" bash -c \
   "rbd snap ls $img | grep -qw slow && ! rbd snap ls $img | grep -qw hung"

@@ -234,7 +234,24 @@ check "ioctl fallback: detach refused" bash -c "! '$B' detach $dev"
 check "ioctl fallback: unmap" "$B" unmap "$dev"
 check "ioctl fallback: image clean" clean rbd/misc
 dev=$(map rbd/misc)
-mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT
+mkfs.ext4 -q -F "$dev"
+# A file system mounted only in another mount namespace (as a systemd unit with
+# ProtectSystem= keeps one it saw mounted when it started): it is not in our mountinfo, yet
+# it still writes to the device, so unmap must refuse and name who holds it.
+mkdir -p /tmp/nsmnt
+unshare -m --propagation private sh -c "mount $dev /tmp/nsmnt && echo x >/tmp/nsmnt/f && exec sleep 600" &
+nspid=$!
+for _ in $(seq 50); do grep -q " /tmp/nsmnt " /proc/$nspid/mountinfo 2>/dev/null && break; sleep 0.1; done
+out=$("$B" unmap "$dev" 2>&1); rc=$?
+if [ $rc -ne 0 ] && echo "$out" | grep -q "another mount namespace (that of pid $nspid, sleep)"; then
+  ok "unmap refuses a device mounted only in another mount namespace, naming its pid"
+else bad "unmap refuses a device mounted only in another mount namespace, naming its pid" "rc=$rc $out"; fi
+check "... the device is still served" bash -c "'$B' list-mapped | grep -q '$dev'"
+kill $nspid; wait $nspid 2>/dev/null
+check "... and unmaps once that namespace is gone" "$B" unmap "$dev"
+check "... the file it wrote there is in the image" bash -c "d=\$('$B' map rbd/misc) && mount \$d $MNT && grep -qx x $MNT/f; r=\$?; umount $MNT; '$B' unmap \$d; exit \$r"
+dev=$(map rbd/misc)
+mount "$dev" $MNT
 pid=$(pid_of "$dev")
 check "unmap --force of a mounted device" "$B" unmap --force "$dev"
 forced() { dead "$pid" && clean rbd/misc; }

@@ -144,6 +144,20 @@ after_poweroff() {
   unmap1=$(grep -n 'rbd/sd1: unmapped /dev/nbd' "$c" | head -1 | cut -d: -f1)
   um2=$(grep -n 'Unmounted .*/srv/sd2' "$c" | head -1 | cut -d: -f1)
   close2=$(grep -n 'rbd/sd2: /dev/nbd[0-9]* disconnected, image closed' "$c" | head -1 | cut -d: -f1)
+  # "Unmounted" above is systemd's view of its own mount namespace; the file system itself
+  # ends when the kernel logs "unmounting filesystem", and a namespace that still holds it (a
+  # unit with a private mount namespace made while it was mounted) delays that past the
+  # unmap: its last writes then fail on a disconnected device.
+  local late
+  late=$(awk '
+    match($0, /EXT4-fs \((nbd[0-9]+)\): unmounting filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); gone[d] = NR }
+    match($0, /block nbd[0-9]+: NBD_DISCONNECT/) { d = substr($0, RSTART + 6); sub(/:.*/, "", d); disc[d] = NR }
+    match($0, /EXT4-fs \((nbd[0-9]+)\): mounted filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); mounted[d] = 1 }
+    END { for (d in mounted) if (!(d in gone) || (d in disc && disc[d] < gone[d])) printf "%s ", d }' "$c")
+  check "boot $n shutdown: every ext4 on an nbd device ended (kernel: unmounting filesystem) before its disconnect${late:+ (not: $late)}" \
+    test -z "$late"
+  check "boot $n shutdown: no I/O error on an nbd device, no ext4 error" \
+    bash -c "! grep -E 'I/O error.* nbd[0-9]|EXT4-fs error \\(device nbd|Aborting journal on device nbd' '$c'"
   if [ "$n" = 1 ]; then
     check "boot $n shutdown: /srv/sd1 unmounted (line ${um1:-none}) before rados-nbdmap unmapped rbd/sd1 (line ${unmap1:-none})" \
       test -n "$um1" -a -n "$unmap1" -a "${um1:-0}" -lt "${unmap1:-0}"

@@ -113,6 +113,10 @@ if [ "$BOOT" = 1 ]; then
   sleep 2; touch /tmp/stop-writer; wait $wpid
   pid2b=$(show $U2 MainPID)
   check "a new daemon serves $SD2 (pid $pid2 -> $pid2b)" test "$pid2b" != "$pid2" -a "$(cat /proc/$pid2b/comm 2>/dev/null)" = rados-nbd
+  # A daemon with a mount namespace of its own, made while /srv/sd2 is mounted, would keep
+  # that file system alive after the shutdown unmounts it (see rados-nbd@.service).
+  check "the new daemon shares the host's mount namespace (no private copy of /srv/sd2)" \
+    test "$(readlink /proc/$pid2b/ns/mnt)" = "$(readlink /proc/1/ns/mnt)"
   check "/srv/sd2 stayed mounted through the restart (same mount, same $dev2)" \
     test "$(mid /srv/sd2)" = "$mid0" -a "$(dev_of_mount /srv/sd2)" = "$dev2"
   check "the new daemon re-attached $dev2 (journal)" \

@@ -220,19 +220,84 @@ fn dev_numbers(dev: DevKey) -> Vec<(String, String)> {
     out
 }
 
-/// Why the device must not be disconnected now (mounted, held by dm/md, used as swap),
-/// or None when it is idle. Checks the whole device and its partitions.
+/// Where one of `devs` is mounted in a mountinfo text: (device name, mount point).
+fn mounted_in<'a>(mountinfo: &str, devs: &'a [(String, String)]) -> Option<(&'a str, String)> {
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() > 4 {
+            if let Some((name, _)) = devs.iter().find(|(_, d)| d == f[2]) {
+                return Some((name.as_str(), f[4].to_string()));
+            }
+        }
+    }
+    None
+}
+
+/// The device node of a block device name (`/dev/nbd0`); none in unit tests, which must not
+/// touch the host's devices.
+fn dev_node(name: &str) -> Option<PathBuf> {
+    #[cfg(test)]
+    if TEST_SYS_BLOCK.with(|c| c.borrow().is_some()) {
+        return None;
+    }
+    Some(Path::new("/dev").join(name))
+}
+
+/// Is the block device claimed exclusively by someone (a mounted file system in any mount
+/// namespace, a dm/md/bcache holder, swap, an O_EXCL opener such as mkfs)? The kernel refuses
+/// a second exclusive open with EBUSY. Our own daemon opens the device without O_EXCL.
+fn claimed_exclusively(node: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_NONBLOCK)
+        .open(node)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
+/// A process whose mount namespace (not ours) has one of `devs` mounted: its pid and name,
+/// with the device and mount point. One process per namespace is read.
+fn mounted_elsewhere(devs: &[(String, String)]) -> Option<(u32, String, String, String)> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = std::collections::HashSet::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let Ok(mi) = std::fs::read_to_string(e.path().join("mountinfo")) else {
+            continue;
+        };
+        if let Some((name, at)) = mounted_in(&mi, devs) {
+            let comm = read_trimmed(&e.path().join("comm")).unwrap_or_default();
+            return Some((pid, comm, name.to_string(), at));
+        }
+    }
+    None
+}
+
+/// Why the device must not be disconnected now (mounted, held by dm/md, used as swap, claimed
+/// exclusively), or None when it is idle. Checks the whole device and its partitions.
+///
+/// A file system can outlive its unmount here: a process whose private mount namespace was
+/// made while it was mounted (a systemd unit with ProtectSystem=, PrivateTmp=, ...) may keep
+/// it alive in that namespace, still writing to the device. /proc/self/mountinfo does not
+/// show it, the kernel's exclusive claim does; disconnecting then would fail the writes it
+/// still has to make (its journal checkpoint at the final unmount).
 pub fn busy_reason(dev: impl Into<DevKey>) -> Option<String> {
     let dev = dev.into();
     let devs = dev_numbers(dev);
     if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
-        for line in mi.lines() {
-            let f: Vec<&str> = line.split(' ').collect();
-            if f.len() > 4 {
-                if let Some((name, _)) = devs.iter().find(|(_, d)| d == f[2]) {
-                    return Some(format!("/dev/{name} is mounted on {}", f[4]));
-                }
-            }
+        if let Some((name, at)) = mounted_in(&mi, &devs) {
+            return Some(format!("/dev/{name} is mounted on {at}"));
         }
     }
     let base = sys_block().join(dev.name());
@@ -264,6 +329,20 @@ pub fn busy_reason(dev: impl Into<DevKey>) -> Option<String> {
             {
                 return Some(format!("{p} is in use as swap"));
             }
+        }
+    }
+    for (name, _) in &devs {
+        if dev_node(name).is_some_and(|n| claimed_exclusively(&n)) {
+            return Some(match mounted_elsewhere(&devs) {
+                Some((pid, comm, name, at)) => format!(
+                    "/dev/{name} is mounted on {at} in another mount namespace \
+                     (that of pid {pid}, {comm})"
+                ),
+                None => format!(
+                    "/dev/{name} is claimed exclusively by another user \
+                     (a file system, a device-mapper or RAID member, or an O_EXCL opener)"
+                ),
+            });
         }
     }
     None
@@ -734,6 +813,14 @@ mod tests {
         let why = busy_reason(1).unwrap();
         assert!(why.contains("nbd1p1") && why.contains("dm-0"), "{why}");
         assert_eq!(busy_reason(0), None);
+        let devs = vec![("nbd1".to_string(), "43:32".to_string())];
+        let mi = "36 25 0:32 / /run rw - tmpfs tmpfs rw\n\
+                  41 25 43:32 / /srv/sd2 rw,relatime - ext4 /dev/nbd1 rw\n";
+        assert_eq!(
+            mounted_in(mi, &devs),
+            Some(("nbd1", "/srv/sd2".to_string()))
+        );
+        assert_eq!(mounted_in(mi.lines().next().unwrap(), &devs), None);
         // The kernel shows 1 MiB; waiting for 2 MiB must time out with both sizes named.
         let e = wait_ready(1, 2 << 20, Duration::from_millis(50)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::TimedOut);

@@ -760,6 +760,13 @@ pub struct AsyncRequestId {
     pub request_id: u64,
 }
 
+/// As the logs name a request: `client.GID/HANDLE#N`.
+impl std::fmt::Display for AsyncRequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client.{}/{}#{}", self.gid, self.handle, self.request_id)
+    }
+}
+
 /// What `rbd resize` asks the lock owner to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResizeRequest {

@@ -329,7 +329,7 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         return; // Sent again while we are at it: one answer will come.
     }
     let what = msg.op.describe();
-    tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id}");
+    tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id} (request {id})");
     let (done, mut rx) = tokio::sync::oneshot::channel();
     // A snapshot's flags: every watcher is asked to quiesce around it (as librbd's
     // SnapshotCreateRequest), unless they say to skip it.

@@ -158,6 +158,7 @@ pub(super) fn on_quiesce(inner: &Arc<Inner>, id: AsyncRequestId, ack: PendingAck
                 return;
             }
             None => {
+                tracing::info!(image = %inner.spec, "quiesce request {id}: running the hook");
                 reqs.insert(
                     id,
                     Req::Running {
