@@ -36,7 +36,7 @@ bad() { lap; echo "FAIL $1${2:+: $2}"; fail=$((fail + 1)); }
 check() { # check NAME COMMAND...: PASS when the command succeeds; its output shown on failure
   local name=$1 out
   shift
-  if out=$("$@" 2>&1); then ok "$name"; else bad "$name"; echo "$out" | tail -20 | sed 's/^/    | /'; fi
+  if out=$("$@" 2>&1); then ok "$name"; else bad "$name"; echo "$out" | tail -20 | sed 's/^/    | /'; return 1; fi
 }
 map() { "${RN[@]}" map --log-file "$LOGDIR/daemon.log" "$@"; }
 # mapped NAME IMAGE [OPTION...]: map IMAGE into $dev and check that map printed a usable /dev/nbdX; on
@@ -99,6 +99,75 @@ echo "== setup (kernel $(uname -r), guest $(ip -4 -o addr show eth0 | awk '{prin
 modprobe "${MP[@]}" ext4 || bad setup "cannot load ext4"
 mon=$(sed -n 's/^mon host = .*v2:\([0-9.]*\):\([0-9]*\).*/\1 \2/p' "$CEPH_CONF")
 check "the guest reaches the monitor (${mon/ /:})" timeout 10 bash -c "exec 3<>/dev/tcp/${mon/ //}"
+
+# PART=ublk (tests/vm/ceph-run.sh's second boot, with the 6.12 kernel that has ublk): the ublk
+# transport of a Ceph image, then the end; the host compares `rbd export` and checks the maps.
+if [ "${PART:-nbd}" = ublk ]; then
+  UBLK=${UBLK:?UBLK names the image} UBLK_MB=${UBLK_MB:?}
+  umapped() { # NAME IMAGE [OPTION...]: map --transport ublk into $dev; the suite ends on failure
+    local t err
+    t=$(date +%s%N)
+    dev=$(map --transport ublk "${@:2}" 2>/tmp/map.err)
+    if [[ $dev =~ ^/dev/ublkb[0-9]+$ ]] && [ -b "$dev" ]; then ok "$1 ($dev, $(ms_since "$t") ms)"; return 0; fi
+    err=$(tail -3 /tmp/map.err)
+    bad "$1" "printed '$dev'${err:+; $err}"
+    echo "$pass passed, $fail failed"
+    exit 1
+  }
+  ublk_gone() { local i; for i in $(seq 100); do [ ! -e "$1" ] && return 0; sleep 0.1; done; echo "$1 still exists"; return 1; }
+  echo "== ublk transport of a Ceph image: map --exclusive, a second client refused"
+  umapped "map --transport ublk --exclusive of a Ceph image prints /dev/ublkbN" "rbd/$UBLK" --exclusive
+  check "... it has the image's size" test "$(blockdev --getsize64 "$dev")" = $((UBLK_MB << 20))
+  check "rbd info (from the guest): object map invalid while mapped" flags_are "$UBLK" "object map invalid,fast diff invalid"
+  check "list-mapped shows the Ceph image on ublk" bash -c \
+    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +ceph:$CEPH_CONF +ublk\$'"
+  check "rbd bench --io-type write (host) is refused (EROFS: --exclusive)" host refused_bench "$UBLK"
+  check "mkfs.ext4, mount" bash -c "mkfs.ext4 -q -F $dev && mount $dev $MNT"
+  check "... write files (one spanning objects), sync" write_files $MNT
+  echo "== kill -9 under fio verify; attach takes the ublk device over (mounted all along)"
+  if command -v fio >/dev/null; then
+    fio --name=k --directory=$MNT --rw=randwrite --bs=64k --size=4M --iodepth=8 --ioengine=libaio \
+      --direct=1 --verify=crc32c --verify_fatal=1 --time_based --runtime=15 --eta=never --output=/tmp/fio-u.out &
+    fiopid=$!
+    sleep 5
+    pid=$(state "$dev" pid)
+    check "fio writing through the daemon (pid $pid)" kill -0 $fiopid
+    kill -9 "$pid"
+    check "kill -9: the daemon is gone" gone "$pid"
+    check "... the kernel keeps $dev (user recovery)" test -b "$dev"
+    t=$(date +%s%N)
+    if ! check "attach --device $dev takes it over" "${RN[@]}" attach --device "$dev" --exclusive \
+      --log-file "$LOGDIR/daemon.log" "rbd/$UBLK"; then
+      # Nobody serves the device: fio would wait on it until the host's timeout. End here.
+      echo "$pass passed, $fail failed"
+      exit 1
+    fi
+    note "attach took $(ms_since "$t") ms"
+    check "... after fencing the killed daemon: blocklisted, then its lock broken" \
+      grep -q "breaking the stale exclusive lock of a dead owner: blocklisting" "$LOGDIR/daemon.log"
+    wait $fiopid; frc=$?
+    fio_ok() { [ "$frc" = 0 ] && grep -q 'err= 0' /tmp/fio-u.out || { echo "fio exit $frc"; tail -20 /tmp/fio-u.out; return 1; }; }
+    check "fio verify across the kill and the attach: every block checks" fio_ok
+  else
+    bad "fio is not installed (tests/deps.sh): kill -9 under fio verify not run"
+  fi
+  check "still mounted; the files written before the kill match" bash -c "mountpoint -q $MNT && cd $MNT && sha256sum -c --quiet SUMS"
+  check "umount, e2fsck clean" bash -c "umount $MNT && e2fsck -fn $dev"
+  dd if="$dev" bs=1M iflag=direct status=none | md5sum | cut -d' ' -f1 >"$OUT/$UBLK.md5"
+  check "unmap $dev" "$B" unmap "$dev"
+  check "... the device is gone" ublk_gone "$dev"
+  check "rbd info (from the guest): flags clean after unmap" flags_are "$UBLK" ""
+  echo "== a snapshot of the Ceph image, mapped read-only on ublk"
+  check "rbd snap create $UBLK@s1 (host)" host rbd snap create "$UBLK@s1"
+  umapped "map --transport ublk of IMAGE@SNAP" "rbd/$UBLK@s1"
+  check "... read-only" test "$(blockdev --getro "$dev")" = 1
+  check "... it reads what the image held" test "$(dd if="$dev" bs=1M iflag=direct status=none | md5sum | cut -d' ' -f1)" = "$(cat "$OUT/$UBLK.md5")"
+  check "unmap the snapshot" "$B" unmap "$dev"
+  note "guest suite: $(($(date +%s) - T0)) s"
+  echo "$pass passed, $fail failed"
+  [ "$fail" -eq 0 ]
+  exit
+fi
 
 echo "== map a Ceph image, ext4, unmap"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"

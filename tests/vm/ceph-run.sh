@@ -14,7 +14,8 @@
 #
 # Skips (exit 0, says so) when qemu, the Ceph binaries or a ceph-enabled rados-nbd are missing,
 # or the namespace cannot be made (not root, no tun). KEEP_WORK=1 keeps the work folder (kept on
-# failure too); LAPS=1 shows the guest's time between checks.
+# failure too); LAPS=1 shows the guest's time between checks; PARTS=ublk runs only the second
+# boot (the ublk transport; for working on it), PARTS=nbd only the first.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -39,6 +40,15 @@ IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
 # snapshotted; BENCH: written by the guest and by `rbd bench` from the host.
 XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=24 LIVE_GROWN_MB=32 BENCH=vmceph-bench BENCH_MB=16
+# UBLK: the ublk transport's image, served by a second boot with the 6.12 kernel (Debian's 6.1
+# has no ublk) when the binary was built with feature ublk.
+UBLK=vmceph-ublk UBLK_MB=48
+ublk=
+"$bin" map --help 2>/dev/null | grep -q -- '--transport' && ublk=1
+PARTS=${PARTS:-nbd ublk}
+nbd=
+[[ " $PARTS " == *" nbd "* ]] && nbd=1
+[[ " $PARTS " == *" ublk "* ]] || ublk=
 cleanup() {
   # A second SIGTERM/SIGINT must not cut the cleanup short (the trap below would exit here).
   trap '' INT TERM
@@ -57,6 +67,9 @@ trap 'exit 130' INT TERM
 
 # The kernel comes from Debian's mirror: fetch it before the namespace exists.
 cephns_prepare || { fail "fetch the test VM's kernel"; t_summary; exit 1; }
+if [ -n "$ublk" ]; then
+  RADOS_NBD_VM_KERNEL=6.12 cephns_prepare || { fail "fetch the 6.12 kernel (ublk)"; t_summary; exit 1; }
+fi
 
 # From here on, cleanup removes the namespace (and its tap) whatever happens.
 why=$(cephns_make) || skip "$why"
@@ -69,7 +82,8 @@ pass "one-node cluster bound to $addr in namespace $ns (up in $(($(date +%s) - t
 check "the cluster listens on $addr only" listens_only_on_addr
 check "create $IMG ($IMG_MB MiB), $RAW ($RAW_MB MiB), $XFS, $LIVE, $BENCH with rbd" \
   eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW &&
-    rbd create --size 320M $XFS && rbd create --size ${LIVE_MB}M $LIVE && rbd create --size ${BENCH_MB}M $BENCH"
+    rbd create --size 320M $XFS && rbd create --size ${LIVE_MB}M $LIVE && rbd create --size ${BENCH_MB}M $BENCH &&
+    rbd create --size ${UBLK_MB}M $UBLK"
 
 # What the guest asks of the host while it runs (ceph-kernel-tests.sh `host`): a second
 # client beside its map (`rbd resize`, `rbd snap create`, `rbd bench`, `rbd export`) and the
@@ -139,28 +153,48 @@ cp "$here/ceph-kernel-tests.sh" "$root/packaging/rados-nbd_quiesce" "$work/"
 mkdir -p "$work/out" "$work/logs" "$work/rpc"
 host_requests &
 rpc_pid=$!
-echo "== booting the test VM in $ns (guest $guest; work dir $work)"
-VM_ROOT_CACHE=loose cephns_boot "$work/ceph-kernel-tests.sh" \
-  RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
-  CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
-  XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
-  QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
-  OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-output.txt" 2>&1 &
-# Waited for in the background so that SIGTERM/SIGINT end this script (and cleanup ends the VM)
-# at once, not after the guest.
-wait $!
-rc=$?
+# guest_results FILE STATUS: the console interleaves the kernel's boot noise; show the test
+# lines and count them.
+guest_results() {
+  grep -E '^(PASS|FAIL|==|    |vm.sh:|GUEST-EXIT)' "$1"
+  T_PASS=$((T_PASS + $(grep -c '^PASS ' "$1")))
+  T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$1")))
+  if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$1"; then
+    fail "the guest suite did not finish (status $2)" "console in $1"
+    tail -30 "$1"
+  fi
+}
+if [ -n "$nbd" ]; then
+  echo "== booting the test VM in $ns (guest $guest; work dir $work)"
+  VM_ROOT_CACHE=loose cephns_boot "$work/ceph-kernel-tests.sh" \
+    RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
+    CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
+    XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
+    QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
+    OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-output.txt" 2>&1 &
+  # Waited for in the background so that SIGTERM/SIGINT end this script (and cleanup ends the VM)
+  # at once, not after the guest.
+  wait $!
+  rc=$?
+  guest_results "$work/vm-output.txt" $rc
+fi
+if [ -n "$ublk" ]; then
+  echo "== booting the test VM again, with the 6.12 kernel: the ublk transport of a Ceph image"
+  VM_ROOT_CACHE=loose RADOS_NBD_VM_KERNEL=6.12 cephns_boot "$work/ceph-kernel-tests.sh" PART=ublk \
+    RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
+    CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
+    XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
+    UBLK=$UBLK UBLK_MB=$UBLK_MB QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
+    OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-ublk-output.txt" 2>&1 &
+  wait $!
+  rc=$?
+  guest_results "$work/vm-ublk-output.txt" $rc
+else
+  echo "    (no ublk boot: PARTS=$PARTS, or $bin has no --transport: built without feature ublk)"
+fi
 kill "$rpc_pid" 2>/dev/null
 wait "$rpc_pid" 2>/dev/null
 rpc_pid=
-# The console interleaves the kernel's boot noise; show the test lines and count them.
-grep -E '^(PASS|FAIL|==|    |vm.sh:|GUEST-EXIT)' "$work/vm-output.txt"
-T_PASS=$((T_PASS + $(grep -c '^PASS ' "$work/vm-output.txt")))
-T_FAIL=$((T_FAIL + $(grep -c '^FAIL ' "$work/vm-output.txt")))
-if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$work/vm-output.txt"; then
-  fail "the guest suite did not finish (status $rc)" "console in $work/vm-output.txt"
-  tail -30 "$work/vm-output.txt"
-fi
 
 echo "== on the host, after the guest"
 same_sum() { # IMAGE SUMFILE BYTES: the first BYTES of `rbd export IMAGE` hash to SUMFILE
@@ -169,16 +203,27 @@ same_sum() { # IMAGE SUMFILE BYTES: the first BYTES of `rbd export IMAGE` hash t
   got=$(rbd export "$1" - 2>/dev/null | head -c "$3" | md5sum | cut -d' ' -f1)
   [ -n "$want" ] && [ "$got" = "$want" ] || { echo "rbd export $1: $got, the guest read $want"; return 1; }
 }
-check "rbd export of $IMG equals what the guest read from its device" \
-  same_sum "$IMG" "$work/out/$IMG.md5" $((IMG_MB << 20))
-check "rbd export of $RAW equals the $RAW_MB MiB the guest wrote with dd" \
-  same_sum "$RAW" "$work/out/$RAW.md5" $((RAW_MB << 20))
-check "rbd export of $BENCH equals what the guest read (its writes and rbd bench's)" \
-  same_sum "$BENCH" "$work/out/$BENCH.md5" $((BENCH_MB << 20))
-check "$LIVE is $LIVE_GROWN_MB MiB (rbd resize while mapped)" \
-  eval "[ \"\$(rbd info $LIVE --format json | jq .size)\" = $((LIVE_GROWN_MB << 20)) ]"
-check "$LIVE@s1: rbd object-map check passes" omap_check "$LIVE@s1"
-for i in $IMG $RAW $XFS $LIVE $BENCH; do
+imgs=
+if [ -n "$nbd" ]; then
+  check "rbd export of $IMG equals what the guest read from its device" \
+    same_sum "$IMG" "$work/out/$IMG.md5" $((IMG_MB << 20))
+  check "rbd export of $RAW equals the $RAW_MB MiB the guest wrote with dd" \
+    same_sum "$RAW" "$work/out/$RAW.md5" $((RAW_MB << 20))
+  check "rbd export of $BENCH equals what the guest read (its writes and rbd bench's)" \
+    same_sum "$BENCH" "$work/out/$BENCH.md5" $((BENCH_MB << 20))
+  check "$LIVE is $LIVE_GROWN_MB MiB (rbd resize while mapped)" \
+    eval "[ \"\$(rbd info $LIVE --format json | jq .size)\" = $((LIVE_GROWN_MB << 20)) ]"
+  check "$LIVE@s1: rbd object-map check passes" omap_check "$LIVE@s1"
+  imgs="$IMG $RAW $XFS $LIVE $BENCH"
+fi
+if [ -n "$ublk" ]; then
+  check "rbd export of $UBLK equals what the guest read from its ublk device" \
+    same_sum "$UBLK" "$work/out/$UBLK.md5" $((UBLK_MB << 20))
+  check "rbd export of $UBLK@s1 equals it too" same_sum "$UBLK@s1" "$work/out/$UBLK.md5" $((UBLK_MB << 20))
+  check "$UBLK@s1: rbd object-map check passes" omap_check "$UBLK@s1"
+  imgs="$imgs $UBLK"
+fi
+for i in $imgs; do
   check "$i: flags clean, no lock, no watcher" idle "$i"
   check "$i: rbd object-map check passes" omap_check "$i"
 done
