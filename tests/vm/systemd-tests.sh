@@ -138,6 +138,42 @@ else
       test "$(show "systemd-fsck@$(systemd-escape -p /dev/rados-nbd/rbd/$d).service" Result)" = success
   done
   head -c 2M /dev/urandom >/srv/sd1/boot2 && sync /srv/sd1/boot2 && (cd /srv && sha256sum sd1/boot2 >>$sums)
+
+  # --- a crash: kill -9 of the rados-nbd@ daemon under a writer ------------------------------
+  # Restart=on-failure starts it again after RestartSec; its `map` finds the device the kernel
+  # kept (--reattach-timeout, 30 s) and re-attaches it. The default --io-timeout 0 lets the
+  # kernel wait for the daemon instead of failing the requests in flight: the file system
+  # stays mounted and the writer sees no error. ExecStop does nothing for a dead daemon.
+  dev2=$(dev_of_mount /srv/sd2)
+  mid0=$(awk '$5 == "/srv/sd2" {print $1}' /proc/self/mountinfo)
+  n0=$(show $U2 NRestarts)
+  rm -f /tmp/stop-writer
+  (i=0; while [ ! -e /tmp/stop-writer ]; do
+     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/c.$i && sync /srv/sd2/c.$i || echo "writer: file $i failed"
+     sleep 0.2
+   done; echo "writer: $i files") >/tmp/writer2.log 2>&1 &
+  wpid=$!
+  sleep 2
+  pidc=$(show $U2 MainPID)
+  kill -9 "$pidc"
+  for _ in $(seq 90); do
+    p=$(show $U2 MainPID)
+    [ "$p" != 0 ] && [ "$p" != "$pidc" ] && [ "$(systemctl is-active $U2)" = active ] && break
+    sleep 1
+  done
+  check "kill -9 of the daemon (pid $pidc): systemd restarted $U2 (NRestarts $n0 -> $(show $U2 NRestarts), pid $(show $U2 MainPID))" \
+    test "$(systemctl is-active $U2)" = active -a "$(show $U2 MainPID)" != "$pidc" -a "$(show $U2 NRestarts)" -gt "$n0"
+  check "... the restarted daemon re-attached $dev2 (journal)" \
+    bash -c "journalctl -b -u $U2 -o cat | grep -q '$SD2 re-attached to $dev2 '"
+  sleep 2; touch /tmp/stop-writer; wait $wpid
+  check "... /srv/sd2 stayed mounted through the crash (same mount, same $dev2)" \
+    test "$(awk '$5 == "/srv/sd2" {print $1}' /proc/self/mountinfo)" = "$mid0" -a "$(dev_of_mount /srv/sd2)" = "$dev2"
+  check "... the writer never failed ($(tail -1 /tmp/writer2.log))" bash -c "! grep -q failed /tmp/writer2.log"
+  check "... no I/O error on $dev2 or in ext4 (kernel log)" \
+    bash -c "! journalctl -b -k -o cat | grep -E '(${dev2#/dev/}|EXT4-fs).*(error|I/O)'"
+  (cd /srv && sha256sum sd2/c.*) >>$sums
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  check "... everything written before and across the crash reads back" bash -c "cd /srv && sha256sum -c --quiet $sums"
 fi
 echo "== units at the end of boot $BOOT"
 systemctl list-units --no-pager --plain --all 'rados-nbd*' 'srv-*' | head -12
