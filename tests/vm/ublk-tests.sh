@@ -49,6 +49,23 @@ note "$out"
 check "  nothing half-created (no /dev/ublkc*, no state file, image not flagged)" \
   bash -c "[ $(ublkc_count) -eq 0 ] && ! ls /run/rados-nbd/ublkb*.json 2>/dev/null && ! '$B' info rbd/u1 | grep -q invalid"
 
+echo "== io_uring disabled (sysctl kernel.io_uring_disabled=2): one clear line, nothing left behind"
+if [ -w /proc/sys/kernel/io_uring_disabled ]; then
+  was=$(cat /proc/sys/kernel/io_uring_disabled)
+  echo 2 >/proc/sys/kernel/io_uring_disabled
+  out=$(umap rbd/u1 2>&1); rc=$?
+  echo "$was" >/proc/sys/kernel/io_uring_disabled
+  if [ $rc -ne 0 ] && [ "$(echo "$out" | grep -c .)" = 1 ] && echo "$out" | grep -q "io_uring is not available" &&
+    echo "$out" | grep -q "NBD transport"; then
+    ok "map --transport ublk without io_uring: refused in one line, suggests NBD"
+  else bad "map --transport ublk without io_uring" "rc=$rc: $out"; fi
+  note "$out"
+  check "  nothing half-created (no /dev/ublkc*, no state file, image not flagged)" \
+    bash -c "[ \$(ls /dev/ublkc* 2>/dev/null | wc -l) -eq 0 ] && ! ls /run/rados-nbd/ublkb*.json 2>/dev/null && ! '$B' info rbd/u1 | grep -q invalid"
+else
+  bad "io_uring disabled: kernel $(uname -r) has no sysctl kernel.io_uring_disabled (Linux 6.6+)"
+fi
+
 echo "== map, list-mapped, ext4, unmap, map again"
 dev=$(umap rbd/u1); rc=$?
 if [ $rc -eq 0 ] && [ -b "$dev" ] && [[ $dev == /dev/ublkb* ]]; then ok "map --transport ublk prints a /dev/ublkbN ($dev)"; else bad "map --transport ublk" "rc=$rc dev=$dev"; fi
