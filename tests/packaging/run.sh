@@ -184,6 +184,25 @@ ln -s /usr/bin/rados-nbd "$FS/proc/778/exe"
 check "udev helper: waits when the kernel names a rados-nbd process" \
   test "$(udevh nbd9 | grep NAME=)" = "RADOS_NBD_NAME=p/ours"
 wait
+# ublk: no backend identifier, no pid attribute; the state file of a running daemon names it.
+# (A /proc with a "1" entry: the helper can tell which daemons run.)
+P2=$WORK/udev/proc2; mkdir -p "$P2/1" "$P2/4242" "$FS/sys/block/ublkb2" "$FS/sys/block/ublkb3" "$FS/sys/block/ublkb4"
+udevu() { RADOS_NBD_SYSFS=$FS/sys RADOS_NBD_PROC=$P2 RADOS_NBD_RUN_DIR=$FS/run RADOS_NBD_UDEV_WAIT=2 "$UDEVH" "$@"; }
+ustate() { printf '{\n  "pid": %s,\n  "pool": "%s",\n  "image": "%s",\n  "snap": %s,\n  "device": "/dev/%s",\n  "transport": "ublk"\n}\n' "$@"; }
+ustate 4242 rbd u1 '"s1"' ublkb2 >"$FS/run/ublkb2.json"
+check "udev helper: a ublk device named from its daemon's state file" \
+  test "$(udevu ublkb2 | grep NAME=)" = "RADOS_NBD_NAME=rbd/u1@s1"
+# A file left by a crashed daemon of an earlier ublkb3: not trusted; the new daemon's is.
+ustate 999 rbd stale null ublkb3 >"$FS/run/ublkb3.json"
+( sleep 0.5; ustate 4242 rbd fresh null ublkb3 >"$FS/run/ublkb3.json.new" && mv "$FS/run/ublkb3.json.new" "$FS/run/ublkb3.json" ) &
+check "udev helper: ublk: a dead daemon's state file is not trusted, the new one's is" \
+  test "$(udevu ublkb3 | grep NAME=)" = "RADOS_NBD_NAME=rbd/fresh"
+wait
+ustate 999 rbd stale null ublkb4 >"$FS/run/ublkb4.json"
+check "udev helper: ublk: only a dead daemon's state file: no name" test -z "$(udevu ublkb4)"
+start=$(date +%s)
+check "udev helper: ublk: silent and immediate for a device that is gone" test -z "$(udevu ublkb6)"
+check "udev helper: ...without waiting" test $(($(date +%s) - start)) -lt 2
 
 # nbdtab script with a fake rados-nbd that records its arguments
 FAKE=$WORK/fake; mkdir -p "$FAKE/run" "$FAKE/sys/block"
@@ -195,15 +214,19 @@ case $1 in
   map)
     spec=${!#}
     case $spec in *fail*) echo "rados-nbd: image $spec not found in dir:/x" >&2; exit 1 ;; esac
-    n=$(ls "$FAKE_DIR/run" | grep -c '^nbd.*json$')
+    k=nbd
+    [[ " $* " == *" --transport ublk "* ]] && k=ublkb
+    n=$(ls "$FAKE_DIR/run" | grep -c "^$k[0-9]*.json$")
     pool=${spec%%/*}; rest=${spec#*/}; image=${rest%%@*}; snap=null
     [[ $rest == *@* ]] && snap="\"${rest#*@}\""
-    mkdir -p "$FAKE_DIR/sys/block/nbd$n"; echo $$ >"$FAKE_DIR/sys/block/nbd$n/pid"
-    printf '{\n  "pid": %s,\n  "pool": "%s",\n  "image": "%s",\n  "snap": %s,\n  "device": "/dev/nbd%s"\n}\n' \
-      "$FAKE_PID" "$pool" "$image" "$snap" "$n" >"$FAKE_DIR/run/nbd$n.json"
-    echo "/dev/nbd$n" ;;
+    # An nbd device is connected while its pid attribute exists; a ublk device while it exists.
+    mkdir -p "$FAKE_DIR/sys/block/$k$n"; [ $k = nbd ] && echo $$ >"$FAKE_DIR/sys/block/nbd$n/pid"
+    printf '{\n  "pid": %s,\n  "pool": "%s",\n  "image": "%s",\n  "snap": %s,\n  "device": "/dev/%s%s"\n}\n' \
+      "$FAKE_PID" "$pool" "$image" "$snap" "$k" "$n" >"$FAKE_DIR/run/$k$n.json"
+    echo "/dev/$k$n" ;;
   unmap)
-    d=${2#/dev/}; rm -f "$FAKE_DIR/run/$d.json" "$FAKE_DIR/sys/block/$d/pid" ;;
+    d=${2#/dev/}; rm -f "$FAKE_DIR/run/$d.json" "$FAKE_DIR/sys/block/$d/pid"
+    if [[ $d == ublkb* ]]; then rmdir "$FAKE_DIR/sys/block/$d"; fi ;;
 esac
 EOF
 chmod +x "$FAKE/rados-nbd"
@@ -216,6 +239,8 @@ pool/img@snap   ro=yes,exclusive=no,store=dir:/srv/x,connections=2,reattach-time
 rbd/typo        readonly
 rbd/later       noauto
 rbd/extra  a=b  c
+rbd/u1     transport=ublk,queues=2,queue-depth=64,quiesce,copy-on-read
+rbd/badt   transport=iscsi
 EOF
 nbdmap() {
   FAKE_DIR=$FAKE FAKE_PID=$$ RADOS_NBD_BIN=$FAKE/rados-nbd RADOS_NBD_NBDTAB=$FAKE/nbdtab \
@@ -234,9 +259,14 @@ check "nbdmap map: unknown option reported with its line, not mapped" bash -c \
   "grep -q \"nbdtab:6: rbd/typo: unknown option 'readonly'\" '$WORK/nbdmap.out' && ! grep -q typo '$FAKE/calls'"
 check "nbdmap map: noauto entry skipped" bash -c "! grep -q later '$FAKE/calls'"
 check "nbdmap map: malformed line reported" grep -q "nbdtab:8: expected 'IMAGESPEC \[OPTIONS\]'" "$WORK/nbdmap.out"
-check "nbdmap map: entries after a failure still mapped (4 attempts, 3 mapped)" \
-  test "$(grep -c '^map ' "$FAKE/calls") $(ls "$FAKE/run" | grep -c '^nbd.*json$')" = "4 3"
-check "nbdmap map: failure count reported" grep -q "3 failure(s)" "$WORK/nbdmap.out"
+check "nbdmap map: transport=ublk and its options become flags; logged with /dev/ublkbN" bash -c \
+  "grep -qxF 'map --transport ublk --queues 2 --queue-depth 64 --quiesce --copy-on-read rbd/u1' '$FAKE/calls' &&
+   grep -q 'rbd/u1: mapped at /dev/ublkb0' '$WORK/nbdmap.out'"
+check "nbdmap map: an unknown transport is reported, not mapped" bash -c \
+  "grep -q \"nbdtab:10: rbd/badt: option 'transport=iscsi': transport is nbd or ublk\" '$WORK/nbdmap.out' && ! grep -q badt '$FAKE/calls'"
+check "nbdmap map: entries after a failure still mapped (5 attempts, 4 mapped)" \
+  test "$(grep -c '^map ' "$FAKE/calls") $(ls "$FAKE/run" | grep -cE '^(nbd|ublkb).*json$')" = "5 4"
+check "nbdmap map: failure count reported" grep -q "4 failure(s)" "$WORK/nbdmap.out"
 : >"$FAKE/calls"
 nbdmap map >/dev/null 2>&1
 check "nbdmap map again: already mapped images are not mapped twice" test "$(grep -c '^map ' "$FAKE/calls")" = 1
@@ -246,8 +276,8 @@ sed -i '/^rbd\/vm1$/d' "$FAKE/nbdtab"
 nbdmap unmap >"$WORK/nbdunmap.out" 2>&1; rc=$?
 check "nbdmap unmap: exit 0" test "$rc" = 0
 check "nbdmap unmap: every mapped image unmapped, last mapped first" \
-  test "$(grep '^unmap' "$FAKE/calls" | tr '\n' ' ')" = "unmap /dev/nbd2 unmap /dev/nbd1 unmap /dev/nbd0 "
-check "nbdmap unmap: nothing left mapped" test -z "$(ls "$FAKE/run" | grep '^nbd.*json$')"
+  test "$(grep '^unmap' "$FAKE/calls" | tr '\n' ' ')" = "unmap /dev/ublkb0 unmap /dev/nbd2 unmap /dev/nbd1 unmap /dev/nbd0 "
+check "nbdmap unmap: nothing left mapped" test -z "$(ls "$FAKE/run" | grep -E '^(nbd|ublkb).*json$')"
 nbdmap check >"$WORK/nbdcheck.out" 2>&1; rc=$?
 check "nbdmap check: prints the map command of each entry" \
   grep -qF "$FAKE/rados-nbd map --read-only --device /dev/nbd9 --timeout 60 rbd/vm2" "$WORK/nbdcheck.out"

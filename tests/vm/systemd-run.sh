@@ -8,7 +8,10 @@
 #   1. rbd/sd1 from nbdtab (rados-nbdmap.service) and rbd/sd2 (rados-nbd@rbd-sd2.service),
 #      enabled as for multi-user.target: mapped and mounted at boot, data written,
 #      `systemctl restart rados-nbd@rbd-sd2` under the mounted, written file system, journald.
-#   2. the same plus a missing image in nbdtab and a rados-nbd@ unit of a missing image.
+#   2. the same plus a missing image in nbdtab and a rados-nbd@ unit of a missing image, and a
+#      kill -9 of the rados-nbd@ daemon (Restart=on-failure re-attaches).
+#   3. when the binary has the ublk transport (feature ublk): the 6.12 kernel, both images over
+#      ublk (nbdtab `transport=ublk`, a rados-nbd@ drop-in), restart and kill -9 again.
 # After each poweroff the host checks: the journal the guest saved at shutdown shows each file
 # system unmounted before its device was unmapped, `rados-nbd info` shows the images clean, and
 # the files the guest wrote are in the images (read through `rados-nbd serve` + nbdcopy, e2fsck -fn, debugfs).
@@ -112,14 +115,15 @@ UNIT
 ln -sfn /etc/systemd/system/vmtest-journal.service "$wants/vmtest-journal.service"
 cp "$root/tests/lib.sh" "$work/lib.sh"
 
-# boot N NBDTAB: one boot running systemd-tests.sh with BOOT=N; its console in $work/console-N.txt.
+# boot N NBDTAB [KERNEL]: one boot running systemd-tests.sh with BOOT=N (KERNEL: vm.sh's
+# RADOS_NBD_VM_KERNEL); its console in $work/console-N.txt.
 boot() {
   local n=$1 t rc
   inst 0644 <(printf '%s\n' "$2") /etc/rados-nbd/nbdtab
   echo "== boot $n ($(($(date +%s) - T0)) s)"
   rm -f "$work/guest-$n.out"
   t=$(date +%s)
-  VM_INIT=systemd VM_ROOT_CACHE=loose VM_TIMEOUT=${VM_TIMEOUT:-600} \
+  RADOS_NBD_VM_KERNEL=${3:-} VM_INIT=systemd VM_ROOT_CACHE=loose VM_TIMEOUT=${VM_TIMEOUT:-600} \
     bash "$here/vm.sh" "$here/systemd-tests.sh" "$work" BOOT="$n" >"$work/console-$n.txt" 2>&1
   rc=$?
   if [ -f "$work/journal.txt" ]; then mv "$work/journal.txt" "$work/journal-$n.txt"; fi
@@ -141,24 +145,24 @@ after_poweroff() {
   # then the unmap (rados-nbdmap's own line for sd1, the daemon's close line for sd2).
   local um1 unmap1 um2 close2
   um1=$(grep -n 'Unmounted .*/srv/sd1' "$c" | head -1 | cut -d: -f1)
-  unmap1=$(grep -n 'rbd/sd1: unmapped /dev/nbd' "$c" | head -1 | cut -d: -f1)
+  unmap1=$(grep -nE 'rbd/sd1: unmapped /dev/(nbd|ublkb)' "$c" | head -1 | cut -d: -f1)
   um2=$(grep -n 'Unmounted .*/srv/sd2' "$c" | head -1 | cut -d: -f1)
-  close2=$(grep -n 'rbd/sd2: /dev/nbd[0-9]* disconnected, image closed' "$c" | head -1 | cut -d: -f1)
+  close2=$(grep -nE 'rbd/sd2: /dev/(nbd|ublkb)[0-9]* disconnected, image closed' "$c" | head -1 | cut -d: -f1)
   # "Unmounted" above is systemd's view of its own mount namespace; the file system itself
   # ends when the kernel logs "unmounting filesystem", and a namespace that still holds it (a
   # unit with a private mount namespace made while it was mounted) delays that past the
   # unmap: its last writes then fail on a disconnected device.
   local late
   late=$(awk '
-    match($0, /EXT4-fs \((nbd[0-9]+)\): unmounting filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); gone[d] = NR }
+    match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): unmounting filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); gone[d] = NR }
     match($0, /block nbd[0-9]+: NBD_DISCONNECT/) { d = substr($0, RSTART + 6); sub(/:.*/, "", d); disc[d] = NR }
-    match($0, /EXT4-fs \((nbd[0-9]+)\): mounted filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); mounted[d] = 1 }
+    match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): mounted filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); mounted[d] = 1 }
     END { for (d in mounted) if (!(d in gone) || (d in disc && disc[d] < gone[d])) printf "%s ", d }' "$c")
-  check "boot $n shutdown: every ext4 on an nbd device ended (kernel: unmounting filesystem) before its disconnect${late:+ (not: $late)}" \
+  check "boot $n shutdown: every ext4 on an nbd/ublk device ended (kernel: unmounting filesystem) before its disconnect${late:+ (not: $late)}" \
     test -z "$late"
-  check "boot $n shutdown: no I/O error on an nbd device, no ext4 error" \
-    bash -c "! grep -E 'I/O error.* nbd[0-9]|EXT4-fs error \\(device nbd|Aborting journal on device nbd' '$c'"
-  if [ "$n" = 1 ]; then
+  check "boot $n shutdown: no I/O error on an nbd/ublk device, no ext4 error" \
+    bash -c "! grep -E 'I/O error.* (nbd|ublkb)[0-9]|EXT4-fs error \\(device (nbd|ublkb)|Aborting journal on device (nbd|ublkb)' '$c'"
+  if [ "$n" != 2 ]; then
     check "boot $n shutdown: /srv/sd1 unmounted (line ${um1:-none}) before rados-nbdmap unmapped rbd/sd1 (line ${unmap1:-none})" \
       test -n "$um1" -a -n "$unmap1" -a "${um1:-0}" -lt "${unmap1:-0}"
   else
@@ -196,5 +200,15 @@ enable rados-nbd@rbd-sdmissing.service rados-nbd@.service
 boot 2 "rbd/sd1
 rbd/sdmissing"
 after_poweroff 2
+if "$B" map --help 2>/dev/null | grep -q -- '--transport'; then
+  rm -f "$wants/rados-nbd@rbd-sdmissing.service"
+  mkdir -p "$R/etc/systemd/system/rados-nbd@rbd-sd2.service.d"
+  printf '[Service]\nEnvironment="RADOS_NBD_IMAGE_OPTIONS=--transport ublk"\n' \
+    >"$R/etc/systemd/system/rados-nbd@rbd-sd2.service.d/ublk.conf"
+  boot 3 "rbd/sd1 transport=ublk" 6.12
+  after_poweroff 3
+else
+  echo "    (no boot 3: $bin has no --transport, built without feature ublk)"
+fi
 echo "systemd tests took $(($(date +%s) - T0)) s"
 t_summary

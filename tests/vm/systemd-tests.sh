@@ -10,13 +10,21 @@
 #           rados-nbd@ unit under a mounted, written file system, the daemons' logs in journald.
 #   BOOT=2: the same plus a failing entry in nbdtab (rbd/sdmissing) and a rados-nbd@ unit of a
 #           missing image: both reported failed, the boot not held up, the good ones mapped
-#           and mounted, boot 1's data found.
+#           and mounted, boot 1's data found; then kill -9 of the rados-nbd@ daemon under a
+#           writer (Restart=on-failure re-attaches, nothing unmounted, nothing lost).
+#   BOOT=3: (the 6.12 kernel, when the binary has the ublk transport) both images over ublk:
+#           nbdtab's `transport=ublk` and a drop-in setting RADOS_NBD_IMAGE_OPTIONS for the
+#           rados-nbd@ unit; udev's names for /dev/ublkbN, mounts from fstab, the earlier
+#           boots' data found, `systemctl restart` and kill -9 as above.
 # The host checks what the shutdowns left (clean images, data in them, unmount before unmap).
 # Prints PASS/FAIL lines (also to /mnt/guest-BOOT.out) and 'N passed, N failed'.
 set -u
 exec > >(tee "/mnt/guest-$BOOT.out") 2>&1
 source /mnt/lib.sh
 SD1=rbd/sd1 SD2=rbd/sd2 U2=rados-nbd@rbd-sd2.service UMISS=rados-nbd@rbd-sdmissing.service
+# Boot 3 maps both over ublk (nbdtab transport=ublk; a drop-in for the rados-nbd@ unit).
+DEVRE='nbd[0-9]*'
+[ "$BOOT" = 3 ] && DEVRE='ublkb[0-9]*'
 
 show() { systemctl show -P "$2" "$1"; }
 # mono UNIT PROP: a monotonic timestamp (µs) of a unit's state change.
@@ -54,7 +62,7 @@ fi
 
 # --- what the boot did: mapped by the units, then mounted from fstab ------------------------
 check "rados-nbdmap.service ran at boot" test "$(show rados-nbdmap.service ExecMainStartTimestampMonotonic)" != 0
-dev1=$(journalctl -b -u rados-nbdmap.service -o cat | sed -n "s|.*$SD1: mapped at \(/dev/nbd[0-9]*\).*|\1|p" | tail -1)
+dev1=$(journalctl -b -u rados-nbdmap.service -o cat | sed -n "s|.*$SD1: mapped at \(/dev/$DEVRE\).*|\1|p" | tail -1)
 check "rados-nbdmap mapped $SD1 at boot (journal: mapped at ${dev1:-?})" test -n "$dev1"
 check "/srv/sd1 is mounted at boot from $SD1's device ($(dev_of_mount /srv/sd1))" \
   test -n "$dev1" -a "$(dev_of_mount /srv/sd1)" = "$dev1"
@@ -67,8 +75,9 @@ check "$m1 started after rados-nbdmap.service had mapped" \
   -a "$(mono rados-nbdmap.service ExecMainExitTimestampMonotonic)" -gt 0
 
 check "$U2 is active (Type=$(show $U2 Type))" test "$(systemctl is-active $U2)" = active -a "$(show $U2 Type)" = notify
+[ "$(systemctl is-active $U2)" = active ] || journalctl -b -u $U2 -o cat --no-pager | tail -15 | sed 's/^/    | /'
 pid2=$(show $U2 MainPID)
-dev2=$(journalctl -b -u $U2 -o cat | sed -n "s|.*$SD2 mapped to \(/dev/nbd[0-9]*\) .*|\1|p" | tail -1)
+dev2=$(journalctl -b -u $U2 -o cat | sed -n "s|.*$SD2 mapped to \(/dev/$DEVRE\) .*|\1|p" | tail -1)
 check "$U2's main process is the serving daemon (pid $pid2, $(cat /proc/$pid2/comm 2>/dev/null))" \
   test "$(cat /proc/$pid2/comm 2>/dev/null)" = rados-nbd
 check "/srv/sd2 is mounted at boot from $SD2's device (${dev2:-?})" \
@@ -88,19 +97,21 @@ check "the daemon's lines carry its identifier (journalctl -t rados-nbd)" \
   bash -c "journalctl -b -t rados-nbd -o cat | grep -q '$SD1 mapped to'"
 
 sums=/mnt/sums.txt
-if [ "$BOOT" = 1 ]; then
-  # --- data for the host (and boot 2) to find ---------------------------------------------------
+write_data() {
+  # --- data for the host (and the later boots) to find ------------------------------------------
   for d in sd1 sd2; do
     head -c 6M /dev/urandom >/srv/$d/data && sync /srv/$d/data
   done
   (cd /srv && sha256sum sd1/data sd2/data) >$sums
-
+}
+restart_test() {
   # --- systemctl restart of a mapping with its file system mounted and written ---------------
   mid() { awk -v m="$1" '$5 == m {print $1}' /proc/self/mountinfo; }
   mid0=$(mid /srv/sd2)
+  rm -f /tmp/stop-writer
   # A writer running through the restart: each file written and fsync'ed, one every 0.2 s.
   (i=0; while [ ! -e /tmp/stop-writer ]; do
-     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/w.$i && sync /srv/sd2/w.$i || echo "writer: file $i failed"
+     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/w$BOOT.$i && sync /srv/sd2/w$BOOT.$i || echo "writer: file $i failed"
      sleep 0.2
    done; echo "writer: $i files") >/tmp/writer.log 2>&1 &
   wpid=$!
@@ -125,23 +136,26 @@ if [ "$BOOT" = 1 ]; then
     bash -c "! grep -q failed /tmp/writer.log"
   check "no I/O error on $dev2 or in ext4 (kernel log)" \
     bash -c "! journalctl -b -k -o cat | grep -E '(${dev2#/dev/}|EXT4-fs).*(error|I/O)'"
-  (cd /srv && sha256sum sd2/w.*) >>$sums
+  (cd /srv && sha256sum sd2/w$BOOT.*) >>$sums
   sync; echo 3 >/proc/sys/vm/drop_caches
   check "everything written before and during the restart reads back" bash -c "cd /srv && sha256sum -c --quiet $sums"
   check "the file system is writable after the restart" \
-    bash -c "head -c 1M /dev/urandom >/srv/sd2/after && sync /srv/sd2/after && cd /srv && sha256sum sd2/after >>$sums"
-else
-  # --- boot 2: boot 1's data here, fsck'ed at boot --------------------------------------------
-  check "boot 1's data (and what was written across the restart) is here" bash -c "cd /srv && sha256sum -c --quiet $sums"
+    bash -c "head -c 1M /dev/urandom >/srv/sd2/after$BOOT && sync /srv/sd2/after$BOOT && cd /srv && sha256sum sd2/after$BOOT >>$sums"
+}
+data_here() {
+  # --- boot 2, 3: the earlier boots' data here, fsck'ed at boot ----------------------------
+  check "the earlier boots' data (and what was written across restarts and crashes) is here" bash -c "cd /srv && sha256sum -c --quiet $sums"
   for d in sd1 sd2; do
     check "fsck-clean mount of /srv/$d at boot (systemd-fsck ran: $(show "systemd-fsck@$(systemd-escape -p /dev/rados-nbd/rbd/$d).service" Result))" \
       test "$(show "systemd-fsck@$(systemd-escape -p /dev/rados-nbd/rbd/$d).service" Result)" = success
   done
-  head -c 2M /dev/urandom >/srv/sd1/boot2 && sync /srv/sd1/boot2 && (cd /srv && sha256sum sd1/boot2 >>$sums)
-
+  head -c 2M /dev/urandom >/srv/sd1/boot$BOOT && sync /srv/sd1/boot$BOOT && (cd /srv && sha256sum sd1/boot$BOOT >>$sums)
+}
+crash_test() {
   # --- a crash: kill -9 of the rados-nbd@ daemon under a writer ------------------------------
   # Restart=on-failure starts it again after RestartSec; its `map` finds the device the kernel
-  # kept (--reattach-timeout, 30 s) and re-attaches it. The default --io-timeout 0 lets the
+  # kept (nbd: --reattach-timeout, 30 s; ublk: user recovery, until a daemon takes it over)
+  # and re-attaches it. The default --io-timeout 0 lets the
   # kernel wait for the daemon instead of failing the requests in flight: the file system
   # stays mounted and the writer sees no error. ExecStop does nothing for a dead daemon.
   dev2=$(dev_of_mount /srv/sd2)
@@ -149,12 +163,18 @@ else
   n0=$(show $U2 NRestarts)
   rm -f /tmp/stop-writer
   (i=0; while [ ! -e /tmp/stop-writer ]; do
-     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/c.$i && sync /srv/sd2/c.$i || echo "writer: file $i failed"
+     i=$((i + 1)); head -c 64k /dev/urandom >/srv/sd2/c$BOOT.$i && sync /srv/sd2/c$BOOT.$i || echo "writer: file $i failed"
      sleep 0.2
    done; echo "writer: $i files") >/tmp/writer2.log 2>&1 &
   wpid=$!
   sleep 2
   pidc=$(show $U2 MainPID)
+  # (kill -9 0 would end this script's whole process group.)
+  if [ "$pidc" = 0 ] || [ -z "$pidc" ]; then
+    fail "kill -9 of the daemon: $U2 has no main process to kill"
+    touch /tmp/stop-writer; wait $wpid
+    return
+  fi
   kill -9 "$pidc"
   for _ in $(seq 90); do
     p=$(show $U2 MainPID)
@@ -171,10 +191,17 @@ else
   check "... the writer never failed ($(tail -1 /tmp/writer2.log))" bash -c "! grep -q failed /tmp/writer2.log"
   check "... no I/O error on $dev2 or in ext4 (kernel log)" \
     bash -c "! journalctl -b -k -o cat | grep -E '(${dev2#/dev/}|EXT4-fs).*(error|I/O)'"
-  (cd /srv && sha256sum sd2/c.*) >>$sums
+  (cd /srv && sha256sum sd2/c$BOOT.*) >>$sums
   sync; echo 3 >/proc/sys/vm/drop_caches
   check "... everything written before and across the crash reads back" bash -c "cd /srv && sha256sum -c --quiet $sums"
-fi
+}
+# Boot 1 writes and restarts; boot 2 (nbd) and boot 3 (ublk) find it all, boot 3 restarts too,
+# and both crash the rados-nbd@ daemon.
+case $BOOT in
+  1) write_data; restart_test ;;
+  2) data_here; crash_test ;;
+  3) data_here; restart_test; crash_test ;;
+esac
 echo "== units at the end of boot $BOOT"
 systemctl list-units --no-pager --plain --all 'rados-nbd*' 'srv-*' | head -12
 t_summary
