@@ -32,6 +32,8 @@ now_ns() { date +%s%N; }
 MP=(); [ -n "${KMODS:-}" ] && MP=(-d "$KMODS")
 modprobe "${MP[@]}" nbd nbds_max=16 || die "modprobe nbd"
 modprobe "${MP[@]}" rbd || die "modprobe rbd"
+# The ublk peer needs the 6.12 kernel (bench/kernel.sh boots it when that peer is asked for).
+if [[ " $PEERS " == *" rados-nbd-ublk "* ]]; then modprobe "${MP[@]}" ublk_drv || die "modprobe ublk_drv"; fi
 
 # CPU ticks (utime + stime) of a process, from /proc/PID/stat (fields 14 and 15).
 proc_ticks() {
@@ -64,6 +66,13 @@ map_rados-nbd() {
 }
 pid_rados-nbd() { cat /tmp/rados-nbd.pid; }
 unmap_rados-nbd() { $B unmap "$1"; }
+# rados-nbd-ublk: the same daemon on the ublk transport (issue 19; Linux 6.0+).
+map_rados-nbd-ublk() {
+  $B --store "ceph:$CEPH_CONF" "${ID[@]}" map --transport ublk --pid-file /tmp/rados-nbd-ublk.pid \
+    --log-file "$LOGDIR/rados-nbd-ublk.log" "$1"
+}
+pid_rados-nbd-ublk() { cat /tmp/rados-nbd-ublk.pid; }
+unmap_rados-nbd-ublk() { $B unmap "$1"; }
 map_rbd-nbd() { rbd-nbd "${ID[@]}" map "rbd/$1" 2>>"$LOGDIR/rbd-nbd.err"; }
 # The kernel's pid attribute is the thread that attached the socket: its process is the daemon.
 pid_rbd-nbd() { awk '/^Tgid:/ {print $2}' "/proc/$(cat "/sys/block/${1#/dev/}/pid")/status"; }

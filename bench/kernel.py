@@ -14,6 +14,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 US = "rados-nbd"
+UBLK = "rados-nbd-ublk"  # the same daemon on the ublk transport (issue 19)
 TICK = 100  # USER_HZ of Debian's kernel: /proc/PID/stat and /proc/stat count 1/100 s
 GIB = 1 << 30
 # job -> (what it is, the figure compared: "iops" or "mibs")
@@ -149,11 +150,11 @@ def summarize_load(load):
             "median1": statistics.median(ones), "samples": len(load)}
 
 
-def ratio(res, job, peer):
+def ratio(res, job, peer, us=US):
     ps = res["jobs"][job]["peers"]
-    if US not in ps or peer not in ps or not ps[peer]["value"]:
+    if us not in ps or peer not in ps or not ps[peer]["value"]:
         return None
-    return ps[US]["value"] / ps[peer]["value"]
+    return ps[us]["value"] / ps[peer]["value"]
 
 
 def targets(res):
@@ -168,6 +169,16 @@ def targets(res):
         r = ratio(res, job, "krbd")
         if r is not None:
             out.append({"target": f"{job}: rados-nbd >= 0.8x krbd", "ratio": round(r, 2), "met": r >= 0.8})
+        # Issue 19's: ublk >= 1.3x rados-nbd's own NBD transport on 4 KiB QD32 and on 1 MiB jobs,
+        # >= 1.0x krbd on first writes and unwritten reads.
+        if "-4k-qd32" in job or "-1M-" in job:
+            r = ratio(res, job, US, UBLK)
+            if r is not None:
+                out.append({"target": f"{job}: {UBLK} >= 1.3x rados-nbd (NBD)", "ratio": round(r, 2), "met": r >= 1.3})
+        if job in TWICE:
+            r = ratio(res, job, "krbd", UBLK)
+            if r is not None:
+                out.append({"target": f"{job}: {UBLK} >= 1.0x krbd", "ratio": round(r, 2), "met": r >= 1.0})
     return out
 
 
@@ -185,9 +196,10 @@ def write_md(res, out, notes=""):
     m, peers = res["machine"], res["peers"]
     others = [p for p in peers if p != US]
     hl = res.get("host_load", {})
-    L = [f"# rados-nbd, rbd-nbd and krbd in one guest kernel ({m['date']})", "",
-         "Issue 18, \"Side by side in one guest kernel\". One command: `bench/kernel.sh` (bench/README.md). "
-         "The test VM (Debian's 6.1 kernel under TCG emulation, "
+    L = [f"# {', '.join(peers)} in one guest kernel ({m['date']})", "",
+         "Issue 18, \"Side by side in one guest kernel\"" + (" and issue 19 (the ublk transport)" if UBLK in peers else "")
+         + ". One command: `bench/kernel.sh` (bench/README.md). "
+         f"The test VM (Debian's {m.get('guest_kernel', '6.1')} kernel under TCG emulation, "
          f"{m['vm_cpus']} vCPUs, {m['vm_mem_mib']} MiB) maps one fresh 1 TiB image per peer (features "
          f"{m['image_features']}) of a one-node cluster in a network namespace; fio (libaio, direct=1) "
          f"runs on the devices for {m['runtime_s']} s per job, the peers taking turns job by job with the "
@@ -199,13 +211,17 @@ def write_md(res, out, notes=""):
          f"max {hl.get('max1', '-')} ({hl.get('samples', 0)} samples, every 10 s).", "",
          f"Versions: {m['rados_nbd']}; rbd-nbd and librbd {m['rbd_nbd']}; krbd of the guest kernel; {m['fio']}. "
          "Each peer as a user runs it: `rados-nbd map IMAGE`, `rbd-nbd map rbd/IMAGE`, "
-         "`rbd map -o noudev IMAGE` (defaults otherwise); all as the restricted client.nbd.", "",
+         "`rbd map -o noudev IMAGE`" + (", `rados-nbd map --transport ublk IMAGE`" if UBLK in peers else "")
+         + " (defaults otherwise); all as the restricted client.nbd.", "",
          "## Throughput (IOPS, or MiB/s for the 1 MiB jobs; median of the rounds)", ""]
-    hdr = ["job"] + peers + [f"{US} / {p}" for p in others]
+    uothers = [p for p in peers if p != UBLK] if UBLK in peers else []
+    # (rados-nbd / rados-nbd-ublk would be the inverse of a column that follows.)
+    hdr = ["job"] + peers + [f"{US} / {p}" for p in others if p != UBLK] + [f"{UBLK} / {p}" for p in uothers]
     L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for job, d in res["jobs"].items():
         row = [job] + [fmt(d["peers"].get(p, {}).get("value"), d["unit"]) for p in peers]
-        row += [fx(ratio(res, job, p)) for p in others]
+        row += [fx(ratio(res, job, p)) for p in others if p != UBLK]
+        row += [fx(ratio(res, job, p, UBLK)) for p in uothers]
         L.append("| " + " | ".join(row) + " |")
     L += ["", "Every round's figure (in round order):", ""]
     L += ["| job | " + " | ".join(peers) + " |", "|" + "---|" * (len(peers) + 1)]
@@ -246,7 +262,7 @@ def write_md(res, out, notes=""):
           "| of which locked (VmLck, MiB) | " + " | ".join(fx(res.get("locked_mib_after_map", {}).get(p), 0) for p in peers) + " |",
           "| prefill (the written area), 1 MiB QD8, fresh objects (MiB/s, one run) | "
           + " | ".join(fx(res["prefill_mibs"].get(p), 0) for p in peers) + " |",
-          "", "## Targets (issue 18)", "", "| target | ratio | status |", "|---|---|---|"]
+          "", "## Targets (issue 18" + (", issue 19 for rados-nbd-ublk" if UBLK in peers else "") + ")", "", "| target | ratio | status |", "|---|---|---|"]
     for t in targets(res):
         L.append(f"| {t['target']} | {t['ratio']:.2f} | {'met' if t['met'] else '**missed**'} |")
     L += ["", "![ratios](kernel-ratios.png)", ""]
@@ -267,18 +283,23 @@ def chart(res, out):
         return
     jobs = list(res["jobs"])
     others = [p for p in res["peers"] if p != US]
+    # Pairs (numerator, denominator): rados-nbd against each peer; with the ublk transport in
+    # the run, rados-nbd-ublk against each peer but rados-nbd-ublk itself.
+    pairs = [(US, p) for p in others if p != UBLK]
+    if UBLK in res["peers"]:
+        pairs += [(UBLK, p) for p in res["peers"] if p != UBLK]
     fig, axes = plt.subplots(2, 1, figsize=(11, 9))
     ax = axes[0]
-    w = 0.8 / max(len(others), 1)
-    for i, p in enumerate(others):
-        vals = [ratio(res, j, p) or 0 for j in jobs]
-        bars = ax.bar([x + i * w for x in range(len(jobs))], vals, w, label=f"{US} / {p}")
+    w = 0.8 / max(len(pairs), 1)
+    for i, (u, p) in enumerate(pairs):
+        vals = [ratio(res, j, p, u) or 0 for j in jobs]
+        bars = ax.bar([x + i * w for x in range(len(jobs))], vals, w, label=f"{u} / {p}")
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(0.8, color="grey", linewidth=0.8, linestyle="--", label="0.8 (krbd target)")
     ax.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="2.0 (rbd-nbd target, first two jobs)")
-    ax.set_xticks([x + w * (len(others) - 1) / 2 for x in range(len(jobs))], jobs, rotation=15, fontsize=8)
+    ax.set_xticks([x + w * (len(pairs) - 1) / 2 for x in range(len(jobs))], jobs, rotation=15, fontsize=8)
     ax.set_ylabel("ratio (higher: rados-nbd faster)")
     ax.set_title(f"One guest kernel (TCG), one cluster — {res['machine']['date']}, median of "
                  f"{res['machine']['rounds']} rounds")

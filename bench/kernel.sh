@@ -4,9 +4,11 @@
 #
 #   bench/kernel.sh [--rounds N] [--runtime S] [--quick (1 round of 4 s, 64 MiB written)] [--peers "P ..."]
 #                   [--jobs "J ..."] [--written MIB] [--profile "J ..."] [--out DIR]
+#   bench/kernel.sh --peers "rados-nbd rados-nbd-ublk krbd" --out bench/kernel-ublk   (issue 19)
 #   bench/kernel.sh --report bench/kernel-results.json   (only rewrite the .md and the chart)
 #
-# The test VM (tests/vm/vm.sh: Debian's 6.1 kernel under TCG, the host root shared read-only)
+# The test VM (tests/vm/vm.sh: Debian's 6.1 kernel under TCG, the host root shared read-only;
+# 6.12 when the peers include rados-nbd-ublk, the ublk transport)
 # gets a NIC on a tap inside a network namespace made here, beside a one-node cluster bound to
 # that namespace's address (tests/vm/ceph-ns.sh, as tests/vm/ceph-run.sh); nothing leaves it.
 # Each peer maps its own fresh 1 TiB image (same features); bench/kernel-guest.sh runs the fio
@@ -55,6 +57,15 @@ if [ -z "$bin" ]; then
 fi
 [ -x "$bin" ] || { echo "kernel.sh: $bin is not an executable" >&2; exit 2; }
 has_ceph "$bin" || { echo "kernel.sh: $bin was built without feature ceph" >&2; exit 2; }
+# Peer rados-nbd-ublk (rados-nbd's ublk transport, issue 19): the guest boots Debian's 6.12
+# kernel (6.1 has no ublk) for every peer, and the binary needs feature ublk.
+guest_kernel=6.1
+if [[ " $peers " == *" rados-nbd-ublk "* ]]; then
+  "$bin" map --help 2>/dev/null | grep -q -- '--transport' ||
+    { echo "kernel.sh: $bin was built without feature ublk (peer rados-nbd-ublk)" >&2; exit 2; }
+  export RADOS_NBD_VM_KERNEL=6.12
+  guest_kernel=6.12
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-kbench.XXXXXX")
 cleanup() {
@@ -92,7 +103,7 @@ mkdir -p "$work/out" "$work/logs"
   echo " \"rbd_nbd\": \"$(rbd-nbd --version 2>/dev/null | awk '{print $3}')\","
   echo " \"rados_nbd\": \"$("$bin" --version 2>/dev/null | head -1)\", \"rados_nbd_sha256\": \"$(sha256sum "$bin" | cut -c1-16)\","
   echo " \"runtime_s\": $runtime, \"rounds\": $rounds, \"written_mib\": $written, \"image_features\": \"$features\","
-  echo " \"peers\": \"$peers\", \"vm_cpus\": ${VM_CPUS:-2}, \"vm_mem_mib\": ${VM_MEM:-2048}}"
+  echo " \"peers\": \"$peers\", \"guest_kernel\": \"$guest_kernel\", \"vm_cpus\": ${VM_CPUS:-2}, \"vm_mem_mib\": ${VM_MEM:-2048}}"
 } >"$work/out/machine.json"
 # The host's load average while the guest runs (the machine is shared): one line per 10 s.
 (while :; do echo "$(date +%s) $(cat /proc/loadavg)"; sleep 10; done) >"$work/out/load.txt" &
