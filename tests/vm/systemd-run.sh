@@ -7,7 +7,8 @@
 # outlive each boot and the host reads them after. Two boots run tests/vm/systemd-tests.sh:
 #   1. rbd/sd1 from nbdtab (rados-nbdmap.service) and rbd/sd2 (rados-nbd@rbd-sd2.service),
 #      enabled as for multi-user.target: mapped and mounted at boot, data written,
-#      `systemctl restart rados-nbd@rbd-sd2` under the mounted, written file system, journald.
+#      `systemctl restart rados-nbd@rbd-sd2` under the mounted, written file system, journald;
+#      rbd/sd3 served to nbdinfo/nbdcopy by rados-nbd-serve@rbd-sd3.socket (socket activation).
 #   2. the same plus a missing image in nbdtab and a rados-nbd@ unit of a missing image, and a
 #      kill -9 of the rados-nbd@ daemon (Restart=on-failure re-attaches).
 #   3. when the binary has the ublk transport (feature ublk): the 6.12 kernel, both images over
@@ -70,6 +71,13 @@ for i in sd1 sd2; do
   serve_stop
   rm -f "$H/$i.raw"
 done
+# rbd/sd3: served to userspace clients in the guest by rados-nbd-serve@rbd-sd3.socket (boot 1).
+"$B" create --size 16M rbd/sd3 >/dev/null || { fail "create rbd/sd3"; t_summary; exit 1; }
+head -c 16M /dev/urandom >"$H/sd3.raw"
+serve_sock rbd/sd3 && nbdcopy "$H/sd3.raw" "nbd+unix:///?socket=$H/s.sock" || { fail "write rbd/sd3"; t_summary; exit 1; }
+serve_stop
+md5sum <"$H/sd3.raw" | cut -d' ' -f1 >"$work/sd3.md5"
+rm -f "$H/sd3.raw"
 
 # The package's files, where build-deb.sh puts them (usr/lib: the guest's /lib is /usr/lib).
 R=$work/rootfs
@@ -98,6 +106,7 @@ mkdir -p "$wants"
 enable() { ln -sfn "/usr/lib/systemd/system/$2" "$wants/$1"; }
 enable rados-nbdmap.service rados-nbdmap.service
 enable rados-nbd@rbd-sd2.service rados-nbd@.service
+enable rados-nbd-serve@rbd-sd3.socket rados-nbd-serve@.socket
 # The guest's journal dies with it: this unit saves it to the work folder when it stops, which
 # at shutdown is after the rados-nbd units (and so the unmounts before them) have stopped.
 cat >"$R/etc/systemd/system/vmtest-journal.service" <<'UNIT'
@@ -196,6 +205,15 @@ after_poweroff() {
 
 boot 1 "rbd/sd1"
 after_poweroff 1
+out=$("$B" info rbd/sd3 2>&1)
+check "after boot 1: rbd/sd3 (socket-activated serve) is clean" \
+  test "$(grep -c '^[[:space:]]*flags:[[:space:]]*$' <<<"$out")" = 1
+if serve_sock rbd/sd3; then
+  got=$(nbdcopy "nbd+unix:///?socket=$H/s.sock" - | md5sum | cut -d' ' -f1)
+  serve_stop
+  check "after boot 1: rbd/sd3 holds what the guest wrote through the socket" test "$got" = "$(cat "$work/sd3-guest.md5" 2>/dev/null)"
+else fail "after boot 1: read rbd/sd3"; fi
+rm -f "$wants/rados-nbd-serve@rbd-sd3.socket"
 enable rados-nbd@rbd-sdmissing.service rados-nbd@.service
 boot 2 "rbd/sd1
 rbd/sdmissing"

@@ -195,10 +195,34 @@ crash_test() {
   sync; echo 3 >/proc/sys/vm/drop_caches
   check "... everything written before and across the crash reads back" bash -c "cd /srv && sha256sum -c --quiet $sums"
 }
+serve_socket_test() {
+  # --- rados-nbd-serve@rbd-sd3.socket: socket activation for userspace NBD clients -----------
+  # Started after the mounts above: a service with a mount namespace of its own made now
+  # would keep /srv/sd1 and /srv/sd2 alive in it past their unmap at shutdown.
+  local S=rados-nbd-serve@rbd-sd3 sock=/run/rados-nbd/serve/rbd-sd3.sock uri pid
+  uri="nbd+unix:///?socket=$sock"
+  check "$S.socket listens at boot ($sock)" test "$(systemctl is-active $S.socket)" = active -a -S "$sock"
+  check "... $S.service is not started before a client connects" test "$(systemctl is-active $S.service)" != active
+  check "nbdinfo --size over the socket: the image's 16 MiB" test "$(nbdinfo --size "$uri" 2>&1)" = $((16 << 20))
+  check "... the first connection started $S.service" test "$(systemctl is-active $S.service)" = active
+  pid=$(show $S.service MainPID)
+  check "... its daemon has no mount namespace of its own (pid $pid)" \
+    test "$(readlink /proc/$pid/ns/mnt)" = "$(readlink /proc/1/ns/mnt)"
+  check "nbdcopy reads what the host wrote" \
+    bash -c "[ \"\$(nbdcopy '$uri' - | md5sum | cut -d' ' -f1)\" = \"\$(cat /mnt/sd3.md5)\" ]"
+  head -c 16M /dev/urandom >/tmp/sd3.new
+  check "nbdcopy writes 16 MiB through the socket" nbdcopy /tmp/sd3.new "$uri"
+  md5sum </tmp/sd3.new | cut -d' ' -f1 >/mnt/sd3-guest.md5
+  systemctl stop $S.service
+  check "systemctl stop $S.service: the image closed clean (rados-nbd info: no flags)" \
+    bash -c "RADOS_NBD_STORE=/mnt/store rados-nbd info rbd/sd3 | grep -qE '^[[:space:]]*flags:[[:space:]]*\$'"
+  check "... the socket still listens; the next client starts it again and reads the new data" \
+    bash -c "[ \"\$(nbdcopy '$uri' - | md5sum | cut -d' ' -f1)\" = \"\$(cat /mnt/sd3-guest.md5)\" ] && systemctl is-active --quiet $S.service"
+}
 # Boot 1 writes and restarts; boot 2 (nbd) and boot 3 (ublk) find it all, boot 3 restarts too,
 # and both crash the rados-nbd@ daemon.
 case $BOOT in
-  1) write_data; restart_test ;;
+  1) write_data; restart_test; serve_socket_test ;;
   2) data_here; crash_test ;;
   3) data_here; restart_test; crash_test ;;
 esac
