@@ -199,8 +199,8 @@ fn serve(
     for w in device::harden_process() {
         tracing::warn!("{w}");
     }
-    // Under mlockall(MCL_FUTURE) every thread stack is resident, so the blocking pool
-    // (tokio's default allows 512 threads of 2 MiB) is bounded to keep locked memory modest.
+    // Every page a thread touches stays locked (mlockall), so the blocking pool (tokio's
+    // default allows 512 threads of 2 MiB stacks) is bounded to keep locked memory modest.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("rados-nbd-io")

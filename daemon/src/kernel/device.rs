@@ -642,17 +642,30 @@ pub fn all_states() -> Vec<DeviceState> {
 
 /// Keep the daemon out of the way of the memory it serves: the kernel may be writing back
 /// dirty pages to our own device to free memory, and if serving those writes needed memory
-/// that is not there (a page fault on our own code, an allocation that waits for reclaim),
-/// nothing would ever make progress. So, like rbd-nbd: lock every current and future page
+/// that is not there (a page fault on our own code or data swapped out, an allocation that
+/// waits for reclaim), nothing would ever make progress. So: lock every page the daemon uses
 /// in RAM and make the OOM killer pick anybody else first. Failures are reported, not fatal.
+///
+/// MCL_ONFAULT (Linux 4.4+): a page is locked when it is first touched, not when it is
+/// mapped. Without it mlockall populates every mapping at once, each thread's whole stack
+/// and every malloc arena included: ~286 MiB resident just after `map` (bench/kernel-notes.md)
+/// where the daemon uses a fraction of that. Every page it has touched (its code, its
+/// working set) stays resident either way; an untouched page costs a fault, as any new
+/// allocation does.
 pub fn harden_process() -> Vec<String> {
     let mut warnings = Vec::new();
+    let flags = libc::MCL_CURRENT | libc::MCL_FUTURE;
     // SAFETY: mlockall has no memory-safety preconditions.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-        warnings.push(format!(
-            "mlockall failed ({}); the daemon's memory can be swapped out",
-            std::io::Error::last_os_error()
-        ));
+    if unsafe { libc::mlockall(flags | libc::MCL_ONFAULT) } != 0 {
+        // EINVAL: a kernel older than 4.4 knows no MCL_ONFAULT; lock everything instead.
+        let onfault = std::io::Error::last_os_error();
+        // SAFETY: as above.
+        if onfault.raw_os_error() != Some(libc::EINVAL) || unsafe { libc::mlockall(flags) } != 0 {
+            warnings.push(format!(
+                "mlockall failed ({}); the daemon's memory can be swapped out",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
         warnings.push(format!("setting oom_score_adj to -1000 failed: {e}"));
