@@ -2,6 +2,22 @@
 
 use clap::Parser;
 use rados_nbd::cli;
+use rados_nbd::error::{Error, ErrorKind};
+
+/// Exit status 2: the command can never succeed as given (bad arguments, or an image, pool,
+/// namespace, snapshot or device it names does not exist), so retrying it is pointless;
+/// rados-nbd@.service stops restarting on it (RestartPreventExitStatus=2). 1: anything else,
+/// which may pass on a retry (a cluster not reachable yet, a lock held, a device busy).
+const EXIT_PERMANENT: i32 = 2;
+
+fn fail(e: &Error) -> ! {
+    eprintln!("rados-nbd: {e}");
+    std::process::exit(if e.kind == ErrorKind::NotFound {
+        EXIT_PERMANENT
+    } else {
+        1
+    });
+}
 
 fn main() {
     // One line, never a backtrace: a panic is a bug, but the user still gets a sentence.
@@ -27,7 +43,7 @@ fn main() {
                 || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
             {
                 let _ = e.print();
-                std::process::exit(if e.use_stderr() { 1 } else { 0 });
+                std::process::exit(if e.use_stderr() { EXIT_PERMANENT } else { 0 });
             }
             // clap's message spans lines; keep the part before the usage, on one line.
             let text = e.render().to_string();
@@ -44,7 +60,7 @@ fn main() {
                 .join(" ");
             let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
             eprintln!("rados-nbd: {msg} (see rados-nbd --help)");
-            std::process::exit(1);
+            std::process::exit(EXIT_PERMANENT);
         }
     };
     if !cli.command.serves() {
@@ -74,8 +90,7 @@ fn main() {
         let r = rados_nbd::store::StoreUri::parse(cli.store.as_deref())
             .and_then(|store| rados_nbd::kernel::run(k, &store, ceph));
         if let Err(e) = r {
-            eprintln!("rados-nbd: {e}");
-            std::process::exit(1);
+            fail(&e);
         }
         return;
     }
@@ -93,8 +108,7 @@ fn main() {
     // Blocking store work may still be queued for a failed command; don't wait on it.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     if let Err(e) = r {
-        eprintln!("rados-nbd: {e}");
-        std::process::exit(1);
+        fail(&e);
     }
 }
 

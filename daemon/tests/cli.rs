@@ -407,3 +407,25 @@ fn diff_lists_whole_objects_from_the_map_and_du_names_the_image_id() {
     );
     fails_cleanly(s, &["du", "vm1@nope"], "snapshot rbd/vm1@nope not found");
 }
+
+/// Exit status 2 says "this can never succeed as given" (rados-nbd@.service does not retry
+/// it: RestartPreventExitStatus=2); other failures are 1.
+#[test]
+fn exit_status_tells_permanent_failures_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "4M", "vm1"]);
+    // Something named that does not exist.
+    let o = run_in(s, &["info", "nosuch"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let o = run_in(s, &["snap", "rm", "vm1@nosuch"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    // Bad arguments.
+    let o = run_in(s, &["info", "--no-such-flag", "vm1"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let o = run_in(s, &["create", "vm2"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    // Anything else: 1 (the image exists already).
+    let o = run_in(s, &["create", "--size", "4M", "vm1"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+}
