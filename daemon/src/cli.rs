@@ -17,15 +17,17 @@ pub use crate::store::uri::DEFAULT_STORE_DIR;
 pub struct Cli {
     /// Where images live: `dir:PATH` (default: dir:$RADOS_NBD_STORE, else
     /// dir:/var/lib/rados-nbd) or `ceph:[CONF]`.
-    #[arg(long, global = true, value_name = "URI")]
+    // A later `--store`, `--id` or `--keyring` wins over an earlier one: rados-nbdmap puts
+    // RADOS_NBD_MAP_OPTIONS (/etc/default/rados-nbd) first and an nbdtab entry's own after.
+    #[arg(long, global = true, value_name = "URI", overrides_with = "store")]
     pub store: Option<String>,
 
     /// Ceph client id for `--store ceph:` (like `rbd --id`: `admin`, not `client.admin`).
-    #[arg(long, global = true, value_name = "ID")]
+    #[arg(long, global = true, value_name = "ID", overrides_with = "id")]
     pub id: Option<String>,
 
     /// Ceph keyring file for `--store ceph:` (like `rbd --keyring`).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", overrides_with = "keyring")]
     pub keyring: Option<PathBuf>,
 
     /// Serve a Ceph image that starts with a LUKS header (encrypted by librbd's `rbd

@@ -429,3 +429,62 @@ fn exit_status_tells_permanent_failures_apart() {
     let o = run_in(s, &["create", "--size", "4M", "vm1"]);
     assert_eq!(o.code, 1, "{}", o.stderr);
 }
+
+/// `--store`, `--id` and `--keyring` may be given twice, the later one winning: rados-nbdmap
+/// puts RADOS_NBD_MAP_OPTIONS first and an nbdtab entry's own options after (and
+/// rados-nbd@.service RADOS_NBD_IMAGE_OPTIONS after RADOS_NBD_MAP_OPTIONS).
+#[test]
+fn a_later_store_id_or_keyring_wins() {
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    ok(s, &["create", "--size", "4M", "vm1"]);
+    let here = format!("dir:{}", s.display());
+    let out = ok(
+        s,
+        &[
+            "--store",
+            "dir:/nonexistent/rados-nbd",
+            "info",
+            "--store",
+            &here,
+            "vm1",
+        ],
+    );
+    assert!(out.contains("size 4 MiB"), "{out}");
+    // The other order: the missing store is the one used.
+    let o = run_in(
+        s,
+        &[
+            "--store",
+            &here,
+            "info",
+            "--store",
+            "dir:/nonexistent/rados-nbd",
+            "vm1",
+        ],
+    );
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(o.stderr.contains("/nonexistent/rados-nbd"), "{}", o.stderr);
+    // --id and --keyring twice are taken too (here refused for what they are: a directory
+    // store has no Ceph user), not as a usage error.
+    let o = run_in(
+        s,
+        &[
+            "--id",
+            "a",
+            "--keyring",
+            "/a",
+            "info",
+            "--id",
+            "b",
+            "--keyring",
+            "/b",
+            "vm1",
+        ],
+    );
+    assert!(
+        o.stderr.contains("only apply to --store ceph") && !o.stderr.contains("multiple"),
+        "{}",
+        o.stderr
+    );
+}

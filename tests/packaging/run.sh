@@ -282,6 +282,22 @@ nbdmap check >"$WORK/nbdcheck.out" 2>&1; rc=$?
 check "nbdmap check: prints the map command of each entry" \
   grep -qF "$FAKE/rados-nbd map --read-only --device /dev/nbd9 --timeout 60 rbd/vm2" "$WORK/nbdcheck.out"
 check "nbdmap check: fails on the bad lines" test "$rc" = 1
+# A Ceph user per entry (id=, keyring=, as in Ceph's rbdmap) and RADOS_NBD_MAP_OPTIONS from
+# /etc/default/rados-nbd before each entry's own flags (the CLI lets the later one win).
+printf '%s\n' 'rbd/c1  store=ceph:/etc/ceph/c.conf,id=nbd,keyring=/etc/ceph/ceph.client.nbd.keyring' 'rbd/c2' >"$FAKE/nbdtab2"
+RADOS_NBD_MAP_OPTIONS="--store ceph:/etc/ceph/ceph.conf --timeout 30" FAKE_DIR=$FAKE FAKE_PID=$$ \
+  RADOS_NBD_BIN=$FAKE/rados-nbd RADOS_NBD_NBDTAB=$FAKE/nbdtab2 RADOS_NBD_RUN_DIR=$FAKE/run \
+  RADOS_NBD_SYSFS=$FAKE/sys "$NBDMAP" check >"$WORK/nbdcheck2.out" 2>&1; rc=$?
+check "nbdmap check: id= and keyring= become --id and --keyring, after RADOS_NBD_MAP_OPTIONS" \
+  grep -qxF "$FAKE/rados-nbd map --store ceph:/etc/ceph/ceph.conf --timeout 30 --store ceph:/etc/ceph/c.conf --id nbd --keyring /etc/ceph/ceph.client.nbd.keyring rbd/c1" "$WORK/nbdcheck2.out"
+check "nbdmap check: an entry without options gets RADOS_NBD_MAP_OPTIONS alone (exit $rc)" \
+  bash -c "grep -qxF '$FAKE/rados-nbd map --store ceph:/etc/ceph/ceph.conf --timeout 30 rbd/c2' '$WORK/nbdcheck2.out' && [ $rc = 0 ]"
+: >"$FAKE/calls"
+RADOS_NBD_MAP_OPTIONS="--store ceph:/etc/ceph/ceph.conf" FAKE_DIR=$FAKE FAKE_PID=$$ \
+  RADOS_NBD_BIN=$FAKE/rados-nbd RADOS_NBD_NBDTAB=$FAKE/nbdtab2 RADOS_NBD_RUN_DIR=$FAKE/run \
+  RADOS_NBD_SYSFS=$FAKE/sys "$NBDMAP" map >/dev/null 2>&1
+check "nbdmap map: RADOS_NBD_MAP_OPTIONS reaches the map command" \
+  grep -qxF "map --store ceph:/etc/ceph/ceph.conf rbd/c2" "$FAKE/calls"
 
 # --- install on this machine ---------------------------------------------------------------------
 INSTALLED=0
