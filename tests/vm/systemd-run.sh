@@ -119,7 +119,7 @@ Before=rados-nbdmap.service rados-nbd@rbd-sd2.service
 Type=oneshot
 RemainAfterExit=yes
 ExecStart=/bin/true
-ExecStop=/bin/sh -c 'journalctl -b -o short-monotonic --no-pager >/mnt/journal.txt'
+ExecStop=/bin/sh -c 'journalctl -b -o short-monotonic --no-pager >/mnt/journal.txt; dmesg >/mnt/dmesg.txt; for p in /proc/[0-9]*; do grep -qE " /dev/(nbd|ublkb)[0-9]+ " $$p/mountinfo 2>/dev/null && echo "$${p#/proc/} $$(cat $$p/comm) $$(readlink $$p/ns/mnt)"; done >/mnt/holders.txt'
 UNIT
 ln -sfn /etc/systemd/system/vmtest-journal.service "$wants/vmtest-journal.service"
 cp "$root/tests/lib.sh" "$work/lib.sh"
@@ -136,6 +136,9 @@ boot() {
     bash "$here/vm.sh" "$here/systemd-tests.sh" "$work" BOOT="$n" >"$work/console-$n.txt" 2>&1
   rc=$?
   if [ -f "$work/journal.txt" ]; then mv "$work/journal.txt" "$work/journal-$n.txt"; fi
+  for f in dmesg holders; do
+    if [ -f "$work/$f.txt" ]; then mv "$work/$f.txt" "$work/$f-$n.txt"; fi
+  done
   check "boot $n: the journal was saved at shutdown, after the rados-nbd units stopped" test -s "$work/journal-$n.txt"
   if [ -f "$work/guest-$n.out" ]; then
     run_counted grep -v -E '^[0-9]+ passed, [0-9]+ failed$' "$work/guest-$n.out"
@@ -160,17 +163,28 @@ after_poweroff() {
   # "Unmounted" above is systemd's view of its own mount namespace; the file system itself
   # ends when the kernel logs "unmounting filesystem", and a namespace that still holds it (a
   # unit with a private mount namespace made while it was mounted) delays that past the
-  # unmap: its last writes then fail on a disconnected device.
-  local late
+  # unmap: its last writes then fail on a disconnected device. The kernel's lines are read
+  # from its own ring buffer (dmesg, saved beside the journal) when there is one: the journal
+  # once lacked an "unmounting filesystem" line although the unmap's exclusive-claim check
+  # had passed.
+  local late k=$c
+  if [ -s "$work/dmesg-$n.txt" ]; then k=$work/dmesg-$n.txt; fi
   late=$(awk '
     match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): unmounting filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); gone[d] = NR }
     match($0, /block nbd[0-9]+: NBD_DISCONNECT/) { d = substr($0, RSTART + 6); sub(/:.*/, "", d); disc[d] = NR }
     match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): mounted filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); mounted[d] = 1 }
-    END { for (d in mounted) if (!(d in gone) || (d in disc && disc[d] < gone[d])) printf "%s ", d }' "$c")
+    END { for (d in mounted) if (!(d in gone) || (d in disc && disc[d] < gone[d])) printf "%s ", d }' "$k")
   check "boot $n shutdown: every ext4 on an nbd/ublk device ended (kernel: unmounting filesystem) before its disconnect${late:+ (not: $late)}" \
     test -z "$late"
+  if [ -n "$late" ]; then
+    echo "    the kernel's lines of those devices (${k##*/}):"
+    local re; re=$(echo $late | tr ' ' '|')
+    grep -E "\(($re)\)|block ($re):" "$k" | sed 's/^/    | /'
+    echo "    processes with an nbd/ublk mount in their namespace after the unmaps (pid comm mnt-ns):"
+    sed 's/^/    | /' "$work/holders-$n.txt" 2>/dev/null
+  fi
   check "boot $n shutdown: no I/O error on an nbd/ublk device, no ext4 error" \
-    bash -c "! grep -E 'I/O error.* (nbd|ublkb)[0-9]|EXT4-fs error \\(device (nbd|ublkb)|Aborting journal on device (nbd|ublkb)' '$c'"
+    bash -c "! grep -hE 'I/O error.* (nbd|ublkb)[0-9]|EXT4-fs error \\(device (nbd|ublkb)|Aborting journal on device (nbd|ublkb)' '$c' '$k'"
   if [ "$n" != 2 ]; then
     check "boot $n shutdown: /srv/sd1 unmounted (line ${um1:-none}) before rados-nbdmap unmapped rbd/sd1 (line ${unmap1:-none})" \
       test -n "$um1" -a -n "$unmap1" -a "${um1:-0}" -lt "${unmap1:-0}"
