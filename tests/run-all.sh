@@ -59,6 +59,8 @@ suite "systemd units booted for real (VM with systemd as PID 1, directory store)
 suite "ublk transport (VM with the 6.12 kernel)" bash tests/vm/ublk-run.sh
 # Skips itself without qemu, the Ceph binaries, a ceph-enabled binary or a network namespace.
 suite "kernel devices of Ceph images (VM with a NIC, cluster in a namespace)" bash tests/vm/ceph-run.sh
+# The same skips; the units' network-online ordering with a cluster only reachable over the NIC.
+suite "systemd units with the Ceph store (VM with systemd as PID 1 and a NIC, cluster in a namespace)" bash tests/vm/systemd-ceph-run.sh
 # Skips itself without the Ceph store (tests/ceph/cluster.sh, a ceph-enabled binary).
 suite "ceph faults: OSD stopped mid-workload" bash tests/reliability/ceph-faults.sh
 

@@ -16,8 +16,8 @@
 #                             CEPH_CONF and writes $work/ceph/guest.conf (the guest's paths)
 #   cephns_boot SCRIPT NAME=VALUE...   tests/vm/vm.sh SCRIPT $work ... on the tap, in the namespace
 #   cephns_teardown           stops the cluster, ends what still runs in the namespace, removes it
-# and may use nsx (run in the namespace), rbd (the host's rbd, in the namespace, bounded) and
-# listens_only_on_addr.
+# and may use nsx (run in the namespace), rbd (the host's rbd, in the namespace, bounded),
+# listens_only_on_addr and idle.
 cephns_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cephns_root=$(cd "$cephns_dir/../.." && pwd)
 ns=${ns:-rados-nbd-vm-$$}
@@ -28,6 +28,14 @@ nsx() { ip netns exec "$ns" "$@"; }
 # (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
 rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
 listens_only_on_addr() { ! nsx ss -Hltnu | awk '{print $5}' | grep -v "^$addr:" | grep .; }
+# idle IMAGE: what a clean close leaves: flags clean (no "object map invalid"), no lock, no
+# watcher.
+idle() {
+  local f l
+  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
+  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
+  rbd status "$1" | grep -q 'Watchers: none' || { rbd status "$1"; return 1; }
+}
 
 cephns_missing() {
   local b

@@ -89,12 +89,6 @@ check "create $IMG ($IMG_MB MiB), $RAW ($RAW_MB MiB), $XFS, $LIVE, $BENCH with r
 # client beside its map (`rbd resize`, `rbd snap create`, `rbd bench`, `rbd export`) and the
 # checks below. A request is a file $work/rpc/ID.req, one word a line, whose first word must
 # be one of these functions; the answer is ID.out (its output) and then ID.rc (its status).
-idle() { # IMAGE: flags clean, no lock, no watcher
-  local f l
-  f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }
-  l=$(rbd lock ls "$1") && [ -z "$l" ] || { echo "locks: $l"; return 1; }
-  rbd status "$1" | grep -q 'Watchers: none' || { rbd status "$1"; return 1; }
-}
 unlocked() { # IMAGE: flags clean, no lock (a read-only map's)
   local f l
   f=$(rbd info "$1" --format json | jq -r '.flags[]') && [ -z "$f" ] || { echo "flags: $f"; return 1; }

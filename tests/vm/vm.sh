@@ -14,8 +14,12 @@
 # VM_TAP=TAP gives the guest a virtio-net NIC on the existing tap device TAP (made by the caller,
 # normally inside a network namespace of its own, tests/vm/ceph-run.sh): the guest loads
 # virtio_net and takes VM_GUEST_ADDR (default 10.77.0.2/24) on eth0 before the script runs.
-# Without VM_TAP the guest has no network at all (`-nic none`). The kernel must be in the cache
-# before qemu runs somewhere without a route to Debian's mirror: `vm.sh --prepare` first.
+# With VM_INIT=systemd the guest's own systemd brings the NIC up instead, from what the caller
+# put in WORKDIR/rootfs/ (a systemd-networkd .network file, networkd and its wait-online
+# enabled: tests/vm/systemd-ceph-run.sh), so that network-online.target means what it means
+# on a host. Without VM_TAP the guest has no network at all (`-nic none`). The kernel must be
+# in the cache before qemu runs somewhere without a route to Debian's mirror: `vm.sh
+# --prepare` first.
 #
 # VM_ROOT_CACHE=loose mounts the host root with 9p's page cache: without it every page a program
 # maps from the host is one 9p round trip per fault, which costs ~30 s of emulated kernel time
@@ -259,7 +263,7 @@ rm -f "$work/guest-rc"
   echo "export KMODS=$cache/kroot"
   echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   for kv in "$@"; do printf 'export %q\n' "$kv"; done
-  if [ -n "${VM_TAP:-}" ]; then
+  if [ -n "${VM_TAP:-}" ] && [ "${VM_INIT:-}" != systemd ]; then
     # No udev in the guest: the only NIC is eth0. Fail loudly rather than run the script
     # without the network it was promised.
     cat <<NET
