@@ -76,30 +76,22 @@ for i in sdc1 sdc2; do
   check "rbd/$i has librbd's default features (exclusive-lock, object-map, fast-diff)" has_map_features rbd/$i
 done
 
-# The package's files, where build-deb.sh puts them, as tests/vm/systemd-run.sh lays them.
+# The package's files, as tests/vm/systemd-run.sh lays them (tests/vm/sd-rootfs.sh).
 R=$work/rootfs
-inst() { install -D -m "$1" "$2" "$R$3"; }
+source "$here/sd-rootfs.sh"
 objcopy --strip-debug "$bin" "$work/rados-nbd" 2>/dev/null || cp "$bin" "$work/rados-nbd"
-inst 0755 "$work/rados-nbd" /usr/bin/rados-nbd
-for u in "$root"/systemd/*.service "$root"/systemd/*.socket; do
-  inst 0644 "$u" "/usr/lib/systemd/system/$(basename "$u")"
-done
-inst 0644 "$root/packaging/60-rados-nbd.rules" /usr/lib/udev/rules.d/60-rados-nbd.rules
-inst 0755 "$root/packaging/rados-nbdmap" /usr/lib/rados-nbd/rados-nbdmap
-inst 0755 "$root/packaging/rados-nbd-udev" /usr/lib/rados-nbd/rados-nbd-udev
-inst 0644 "$root/packaging/tmpfiles.conf" /usr/lib/tmpfiles.d/rados-nbd.conf
-inst 0644 "$root/packaging/rados-nbd.conf" /etc/rados-nbd/rados-nbd.conf
+sd_package_files "$work/rados-nbd"
 # The admin's configuration: the cluster's config and a restricted user's keyring in /etc/ceph.
-inst 0644 "$work/ceph/guest.conf" /etc/ceph/ceph.conf
-inst 0600 "$work/ceph/client.nbd.keyring" /etc/ceph/ceph.client.nbd.keyring
+sd_inst 0644 "$work/ceph/guest.conf" /etc/ceph/ceph.conf
+sd_inst 0600 "$work/ceph/client.nbd.keyring" /etc/ceph/ceph.client.nbd.keyring
 K=/etc/ceph/ceph.client.nbd.keyring
 {
   cat "$root/packaging/default"
   echo "RADOS_NBD_MAP_OPTIONS=--store ceph:/etc/ceph/ceph.conf --id nbd --keyring $K"
 } >"$work/default"
-inst 0644 "$work/default" /etc/default/rados-nbd
+sd_inst 0644 "$work/default" /etc/default/rados-nbd
 # The entry names its own store and user (RADOS_NBD_MAP_OPTIONS comes first; these win).
-inst 0644 <(echo "rbd/sdc1  store=ceph:/etc/ceph/ceph.conf,id=nbd,keyring=$K") /etc/rados-nbd/nbdtab
+sd_inst 0644 <(echo "rbd/sdc1  store=ceph:/etc/ceph/ceph.conf,id=nbd,keyring=$K") /etc/rados-nbd/nbdtab
 mkdir -p "$R/srv/sdc1" "$R/srv/sdc2"
 cat >"$R/etc/fstab" <<'FSTAB'
 /dev/rados-nbd/rbd/sdc1  /srv/sdc1  ext4  _netdev,noatime  0 2
@@ -123,21 +115,7 @@ ln -sfn /usr/lib/systemd/system/systemd-networkd-wait-online.service \
   "$R/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
 ln -sfn /usr/lib/systemd/system/rados-nbdmap.service "$wants/rados-nbdmap.service"
 ln -sfn /usr/lib/systemd/system/rados-nbd@.service "$wants/rados-nbd@rbd-sdc2.service"
-# Saves the journal (and the kernel's ring buffer) to the work folder when it stops, which at
-# shutdown is after the rados-nbd units have stopped.
-cat >"$R/etc/systemd/system/vmtest-journal.service" <<'UNIT'
-[Unit]
-Description=save the journal in /mnt at shutdown, once the rados-nbd units have stopped
-RequiresMountsFor=/mnt
-After=systemd-journald.service
-Before=rados-nbdmap.service rados-nbd@rbd-sdc2.service
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/true
-ExecStop=/bin/sh -c 'journalctl -b -o short-monotonic --no-pager >/mnt/journal.txt; dmesg >/mnt/dmesg.txt'
-UNIT
-ln -sfn /etc/systemd/system/vmtest-journal.service "$wants/vmtest-journal.service"
+sd_journal_unit rados-nbdmap.service rados-nbd@rbd-sdc2.service
 cp "$root/tests/lib.sh" "$work/lib.sh"
 
 echo "== boot ($(($(date +%s) - T0)) s; guest $guest in $ns, work dir $work)"

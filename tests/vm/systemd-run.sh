@@ -79,22 +79,13 @@ serve_stop
 md5sum <"$H/sd3.raw" | cut -d' ' -f1 >"$work/sd3.md5"
 rm -f "$H/sd3.raw"
 
-# The package's files, where build-deb.sh puts them (usr/lib: the guest's /lib is /usr/lib).
+# The package's files (tests/vm/sd-rootfs.sh).
 R=$work/rootfs
-inst() { install -D -m "$1" "$2" "$R$3"; }
-inst 0755 "$B" /usr/bin/rados-nbd
-for u in "$root"/systemd/*.service "$root"/systemd/*.socket; do
-  inst 0644 "$u" "/usr/lib/systemd/system/$(basename "$u")"
-done
-inst 0644 "$root/packaging/60-rados-nbd.rules" /usr/lib/udev/rules.d/60-rados-nbd.rules
-inst 0755 "$root/packaging/rados-nbdmap" /usr/lib/rados-nbd/rados-nbdmap
-inst 0755 "$root/packaging/rados-nbd-udev" /usr/lib/rados-nbd/rados-nbd-udev
-inst 0755 "$root/packaging/rados-nbd_quiesce" /usr/libexec/rados-nbd/rados-nbd_quiesce
-inst 0644 "$root/packaging/tmpfiles.conf" /usr/lib/tmpfiles.d/rados-nbd.conf
-inst 0644 "$root/packaging/rados-nbd.conf" /etc/rados-nbd/rados-nbd.conf
+source "$here/sd-rootfs.sh"
+sd_package_files "$B"
 # The admin's configuration.
 { cat "$root/packaging/default"; echo "RADOS_NBD_STORE=/mnt/store"; } >"$work/default"
-inst 0644 "$work/default" /etc/default/rados-nbd
+sd_inst 0644 "$work/default" /etc/default/rados-nbd
 mkdir -p "$R/srv/sd1" "$R/srv/sd2"
 cat >"$R/etc/fstab" <<'FSTAB'
 /dev/rados-nbd/rbd/sd1  /srv/sd1  ext4  _netdev,noatime  0 2
@@ -107,28 +98,14 @@ enable() { ln -sfn "/usr/lib/systemd/system/$2" "$wants/$1"; }
 enable rados-nbdmap.service rados-nbdmap.service
 enable rados-nbd@rbd-sd2.service rados-nbd@.service
 enable rados-nbd-serve@rbd-sd3.socket rados-nbd-serve@.socket
-# The guest's journal dies with it: this unit saves it to the work folder when it stops, which
-# at shutdown is after the rados-nbd units (and so the unmounts before them) have stopped.
-cat >"$R/etc/systemd/system/vmtest-journal.service" <<'UNIT'
-[Unit]
-Description=save the journal in /mnt at shutdown, once the rados-nbd units have stopped
-RequiresMountsFor=/mnt
-After=systemd-journald.service
-Before=rados-nbdmap.service rados-nbd@rbd-sd2.service
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/true
-ExecStop=/bin/sh -c 'journalctl -b -o short-monotonic --no-pager >/mnt/journal.txt; dmesg >/mnt/dmesg.txt; for p in /proc/[0-9]*; do grep -qE " /dev/(nbd|ublkb)[0-9]+ " $$p/mountinfo 2>/dev/null && echo "$${p#/proc/} $$(cat $$p/comm) $$(readlink $$p/ns/mnt)"; done >/mnt/holders.txt'
-UNIT
-ln -sfn /etc/systemd/system/vmtest-journal.service "$wants/vmtest-journal.service"
+sd_journal_unit rados-nbdmap.service rados-nbd@rbd-sd2.service
 cp "$root/tests/lib.sh" "$work/lib.sh"
 
 # boot N NBDTAB [KERNEL]: one boot running systemd-tests.sh with BOOT=N (KERNEL: vm.sh's
 # RADOS_NBD_VM_KERNEL); its console in $work/console-N.txt.
 boot() {
   local n=$1 t rc
-  inst 0644 <(printf '%s\n' "$2") /etc/rados-nbd/nbdtab
+  sd_inst 0644 <(printf '%s\n' "$2") /etc/rados-nbd/nbdtab
   echo "== boot $n ($(($(date +%s) - T0)) s)"
   rm -f "$work/guest-$n.out"
   t=$(date +%s)
