@@ -9,25 +9,27 @@ use std::path::PathBuf;
 pub use crate::store::uri::DEFAULT_STORE_DIR;
 
 #[derive(Parser, Debug)]
+// `args_override_self`: a flag given twice takes its later value, in every subcommand.
+// rados-nbdmap puts RADOS_NBD_MAP_OPTIONS (/etc/default/rados-nbd) before an nbdtab entry's
+// own flags, and rados-nbd@.service RADOS_NBD_IMAGE_OPTIONS after it: the per-image one wins.
 #[command(
     name = "rados-nbd",
     version,
-    about = "Serve Ceph RBD format-2 images over NBD with the object map kept in memory"
+    about = "Serve Ceph RBD format-2 images over NBD with the object map kept in memory",
+    args_override_self = true
 )]
 pub struct Cli {
     /// Where images live: `dir:PATH` (default: dir:$RADOS_NBD_STORE, else
     /// dir:/var/lib/rados-nbd) or `ceph:[CONF]`.
-    // A later `--store`, `--id` or `--keyring` wins over an earlier one: rados-nbdmap puts
-    // RADOS_NBD_MAP_OPTIONS (/etc/default/rados-nbd) first and an nbdtab entry's own after.
-    #[arg(long, global = true, value_name = "URI", overrides_with = "store")]
+    #[arg(long, global = true, value_name = "URI")]
     pub store: Option<String>,
 
     /// Ceph client id for `--store ceph:` (like `rbd --id`: `admin`, not `client.admin`).
-    #[arg(long, global = true, value_name = "ID", overrides_with = "id")]
+    #[arg(long, global = true, value_name = "ID")]
     pub id: Option<String>,
 
     /// Ceph keyring file for `--store ceph:` (like `rbd --keyring`).
-    #[arg(long, global = true, value_name = "PATH", overrides_with = "keyring")]
+    #[arg(long, global = true, value_name = "PATH")]
     pub keyring: Option<PathBuf>,
 
     /// Serve a Ceph image that starts with a LUKS header (encrypted by librbd's `rbd

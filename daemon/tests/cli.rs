@@ -430,11 +430,11 @@ fn exit_status_tells_permanent_failures_apart() {
     assert_eq!(o.code, 1, "{}", o.stderr);
 }
 
-/// `--store`, `--id` and `--keyring` may be given twice, the later one winning: rados-nbdmap
-/// puts RADOS_NBD_MAP_OPTIONS first and an nbdtab entry's own options after (and
-/// rados-nbd@.service RADOS_NBD_IMAGE_OPTIONS after RADOS_NBD_MAP_OPTIONS).
+/// A flag given twice takes its later value (`--store`, `--id`, `--keyring` and every
+/// subcommand's own): rados-nbdmap puts RADOS_NBD_MAP_OPTIONS first and an nbdtab entry's own
+/// options after (and rados-nbd@.service RADOS_NBD_IMAGE_OPTIONS after RADOS_NBD_MAP_OPTIONS).
 #[test]
-fn a_later_store_id_or_keyring_wins() {
+fn a_later_flag_wins() {
     let d = tempfile::tempdir().unwrap();
     let s = d.path();
     ok(s, &["create", "--size", "4M", "vm1"]);
@@ -487,4 +487,8 @@ fn a_later_store_id_or_keyring_wins() {
         "{}",
         o.stderr
     );
+    // A subcommand's own flag.
+    ok(s, &["create", "--size", "4M", "--size", "8M", "vm2"]);
+    let out = ok(s, &["info", "vm2"]);
+    assert!(out.contains("size 8 MiB"), "{out}");
 }
