@@ -20,13 +20,19 @@ pub fn human_size(n: u64) -> String {
     }
     let unit = 1u64 << (10 * i);
     if n.is_multiple_of(unit) {
-        format!("{} {}", n / unit, UNITS[i])
-    } else {
-        let v = n as f64 / unit as f64;
-        let s = format!("{v:.2}");
-        let s = s.trim_end_matches('0').trim_end_matches('.');
-        format!("{s} {}", UNITS[i])
+        return format!("{} {}", n / unit, UNITS[i]);
     }
+    // Ceph's byte_u_t: as many decimals (2, 1, 0) as fit in 7 characters with the unit,
+    // never trimmed: "2.3 MiB", "2.0 MiB", "228 KiB", "1024 MiB".
+    let v = n as f64 / unit as f64;
+    let mut s = String::new();
+    for precision in [2, 1, 0] {
+        s = format!("{v:.precision$} {}", UNITS[i]);
+        if s.len() <= 7 {
+            break;
+        }
+    }
+    s
 }
 
 pub fn feature_names(features: u64) -> Vec<String> {
@@ -156,6 +162,13 @@ mod tests {
         assert_eq!(human_size(4 << 20), "4 MiB");
         assert_eq!(human_size(10 << 30), "10 GiB");
         assert_eq!(human_size(3 << 29), "1.5 GiB");
+        // One decimal, rounded, not trimmed, as Ceph's byte_u_t prints (`rbd du --exact`).
+        assert_eq!(human_size(2_369_536), "2.3 MiB");
+        assert_eq!(human_size((2 << 20) + 1000), "2.0 MiB");
+        assert_eq!(human_size((1 << 30) - 1), "1024 MiB");
+        assert_eq!(human_size(232_960), "228 KiB");
+        assert_eq!(human_size(12_900_000), "12 MiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
         assert_eq!(human_size(100), "100 B");
         assert_eq!(human_size(0), "0 B");
     }
