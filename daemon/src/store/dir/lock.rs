@@ -9,6 +9,9 @@ use std::path::Path;
 
 const POOL_LOCK: &str = "rbd_directory.lock";
 
+/// How many more times (10 ms apart) a taken image lock is asked for (see `lock_image`).
+const LOCK_RETRIES: usize = 10;
+
 fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     loop {
         // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -57,7 +60,19 @@ pub(super) fn lock_image(
     } else {
         libc::LOCK_SH
     };
-    match flock(&f, op | libc::LOCK_NB) {
+    // A process forked by this one (a quiesce hook, a test's client) holds a copy of
+    // every descriptor from its fork to its exec, so a lock this process has just
+    // released can still be taken for a moment: ask again briefly before calling the
+    // image in use (a real holder keeps it far longer).
+    let mut r = flock(&f, op | libc::LOCK_NB);
+    for _ in 0..LOCK_RETRIES {
+        if !matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        r = flock(&f, op | libc::LOCK_NB);
+    }
+    match r {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
             let how = if exclusive {
