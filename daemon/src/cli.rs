@@ -137,8 +137,9 @@ pub enum Command {
     },
     /// Serve an image over NBD until SIGTERM/SIGINT.
     Serve(ServeArgs),
-    /// Provisioned and used space, per snapshot and for the head, like `rbd du`, from
-    /// the object maps.
+    /// Provisioned and used space, per snapshot and for the head, like `rbd du`: from
+    /// the object maps (whole objects), or with --exact (or without fast-diff) from the
+    /// data objects' snapshot sets.
     Du {
         image: String,
         /// Only the snapshots after this one, and the head (each still against the
@@ -148,20 +149,24 @@ pub enum Command {
         /// One line for the image with every listed version's used space summed.
         #[arg(long)]
         merge_snapshots: bool,
+        /// The bytes written, not whole objects: reads every written object's snapshot
+        /// set instead of the object maps (slower), like `rbd du --exact`.
+        #[arg(long)]
+        exact: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
-    /// The objects changed between two versions of an image, like `rbd diff
-    /// --whole-object`, from the object maps alone (no data is read): whole objects, as
-    /// "data" (written since) or "zero" (removed since).
+    /// What changed between two versions of an image, like `rbd diff`: extents as
+    /// "data" (written since) or "zero" (removed since), from each written object's
+    /// snapshot set; with --whole-object whole objects, from the object maps alone.
     Diff {
         /// [POOL/]NAME[@SNAP]: the end version (default: the head).
         image: String,
         /// Changes since this snapshot (default: since the image was created).
         #[arg(long, value_name = "SNAP")]
         from_snap: Option<String>,
-        /// Whole-object extents. Accepted for `rbd diff` compatibility: from object maps
-        /// extents are always whole objects.
+        /// Whole objects, from the object maps alone (with fast-diff; without it from the
+        /// snapshot sets, as librbd).
         #[arg(long)]
         whole_object: bool,
         #[arg(long, value_enum, default_value_t)]

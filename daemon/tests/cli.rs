@@ -368,7 +368,7 @@ fn flatten_refuses_an_image_that_is_not_a_clone() {
 }
 
 #[test]
-fn diff_lists_whole_objects_from_the_map_and_du_names_the_image_id() {
+fn diff_lists_written_extents_or_whole_objects_and_du_names_the_image_id() {
     let d = tempfile::tempdir().unwrap();
     let s = d.path();
     ok(s, &["create", "--size", "10M", "vm1"]);
@@ -391,10 +391,17 @@ fn diff_lists_whole_objects_from_the_map_and_du_names_the_image_id() {
         ok(s, &["diff", "--whole-object", "vm1", "--format", "json"]).trim(),
         r#"[{"offset":0,"length":4194304,"exists":"true"},{"offset":8388608,"length":2097152,"exists":"true"}]"#
     );
+    // Without --whole-object: what the objects hold (their snap sets; 4 KiB each).
     assert_eq!(
         ok(s, &["diff", "vm1"]),
+        "Offset   Length  Type\n0        4096    data\n8388608  4096    data\n"
+    );
+    assert_eq!(
+        ok(s, &["diff", "--whole-object", "vm1"]),
         "Offset   Length   Type\n0        4194304  data\n8388608  2097152  data\n"
     );
+    let v = json(&ok(s, &["du", "--exact", "vm1", "--format", "json"]));
+    assert_eq!(v["images"][0]["used_size"], 2 * 4096);
     let v = json(&ok(s, &["du", "vm1", "--format", "json"]));
     assert_eq!(v["images"][0]["id"], id.trim());
     assert_eq!(v["images"][0]["used_size"], (4 << 20) + (2 << 20));

@@ -257,7 +257,7 @@ check "trash: its map is kept (the object map object of the snapshot is there)" 
 check "trash: snap ls hides it, snap ls --all shows it as rbd's (plain, json)" bash -c \
   "[ -z \"\$($RNQ snap ls trp_$$)\" ] && [ \"\$($RNQ snap ls --all trp_$$)\" = \"\$(rbd snap ls --all trp_$$)\" ] && [ \"\$($RNQ snap ls --all --format json trp_$$)\" = \"\$(rbd snap ls --all --format json trp_$$)\" ]"
 check "trash: du and diff of the parent equal rbd's (the trashed snapshot is not listed)" bash -c \
-  "[ \"\$($RNQ du --format json trp_$$)\" = \"\$(rbd du --format json trp_$$ 2>/dev/null)\" ] && [ \"\$($RNQ diff --format json trp_$$)\" = \"\$(rbd diff --whole-object --format json trp_$$)\" ]"
+  "[ \"\$($RNQ du --format json trp_$$)\" = \"\$(rbd du --format json trp_$$ 2>/dev/null)\" ] && [ \"\$($RNQ diff --whole-object --format json trp_$$)\" = \"\$(rbd diff --whole-object --format json trp_$$)\" ] && [ \"\$($RNQ diff --format json trp_$$)\" = \"\$(rbd diff --format json trp_$$)\" ]"
 check "trash: the clones still read the snapshot's bytes" same_export trc1_$$ "$work/trp_$$-s.raw"
 check "trash: info of a clone names the trashed parent as rbd's" bash -c \
   "[ \"\$($RNQ info trc1_$$ | grep parent)\" = \"\$(rbd info trc1_$$ | grep parent)\" ]"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# `rados-nbd diff` and `rados-nbd du` against librbd's `rbd diff --whole-object` and
-# `rbd du` on the same images: writes (rbd bench and python3-rbd), discards, a shrink and
-# a grow between `rbd snap create`s, then every (from-snapshot, end) pair compared
-# byte for byte. Both compute from the object maps alone (fast-diff); a corrupt snapshot
-# map and a head flagged invalid make rados-nbd rebuild those maps from the objects, with
-# the same answer. Runs against $CEPH_CONF like e2e.sh (tests/ceph/run.sh starts the
+# `rados-nbd diff` and `rados-nbd du` against librbd's `rbd diff` and `rbd du` on the same
+# images: writes (rbd bench and python3-rbd), discards (whole objects, partial, object
+# tails), a shrink and a grow between `rbd snap create`s, then every (from-snapshot, end)
+# pair compared byte for byte, with --whole-object (from the object maps alone, fast-diff)
+# and without (exact extents, from the objects' snapshot sets); `du` and `du --exact`
+# likewise. A corrupt snapshot map and a head flagged invalid make rados-nbd rebuild those
+# maps from the objects, with the same answer. Runs against $CEPH_CONF like e2e.sh (tests/ceph/run.sh starts the
 # cluster); directly: CEPH_CONF=... tests/ceph/diff.sh after `tests/ceph/cluster.sh start`.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,15 +24,23 @@ with rbd.Image(io, '$img') as im:
     $1
 io.close(); c.shutdown()"
 }
-# Random writes and discards of random sizes, some whole objects (1 MiB), some partial.
+# Random writes and discards of random sizes: discards of whole objects (1 MiB), of an
+# object's tail (a truncate) and inside one (zeros); writes of 512 B to 1 MiB, unaligned
+# too, so objects of every size and overlaps of every shape occur.
 churn() {
   librbd "
     size = im.size()
     for _ in range($1):
-        off = rnd.randrange(0, size, 4096)
-        n = min(rnd.choice([4096, 65536, 1 << 20]), size - off)
-        if rnd.random() < $2:
-            im.discard(off & ~((1 << 20) - 1), 1 << 20)
+        off = rnd.randrange(0, size, rnd.choice([512, 4096, 65536]))
+        n = min(rnd.choice([512, 4096, 65536, 1 << 20]), size - off)
+        r = rnd.random()
+        obj = off & ~((1 << 20) - 1)
+        if r < $2 * 0.5:
+            im.discard(obj, 1 << 20)
+        elif r < $2 * 0.75:
+            im.discard(off, obj + (1 << 20) - off)
+        elif r < $2:
+            im.discard(off, n)
         else:
             im.write(bytes([rnd.randrange(1, 256)]) * n, off)"
 }
@@ -55,39 +64,35 @@ check "setup: librbd's map is valid and flags clear" bash -c \
 
 ours() { "${RN[@]}" diff "$@" 2>>"$work/diff.err"; }
 theirs() { rbd diff "$@" 2>/dev/null; }
-# Every pair: from the beginning or from each snapshot, to each later snapshot or the head.
-# `compare_all rbd` compares with rbd diff and keeps rbd's answers in $work/ref; `compare_all
-# ref` compares with those: with a map untrusted, rbd no longer answers from maps (it reads
-# the objects' snapshot sets and gives extents inside objects), but ours must not change.
-mkdir -p "$work/ref"
-compare_all() { # compare_all rbd|ref
-  local from end n=0 bad=0 o t
-  for from in "" "${snaps[@]}"; do
-    for end in "${snaps[@]/#/$img@}" "$img"; do
-      local args=(--whole-object --format json ${from:+--from-snap "$from"} "$end")
-      local ref="$work/ref/${from:-start}-${end#*@}"
-      if [ "$1" = rbd ]; then
+# Every pair: from the beginning or from each snapshot, to each later snapshot or the
+# head, with and without --whole-object, compared with rbd diff.
+compare_all() {
+  local from end w n=0 bad=0 o t
+  for w in --whole-object ""; do
+    for from in "" "${snaps[@]}"; do
+      for end in "${snaps[@]/#/$img@}" "$img"; do
+        local args=($w --format json ${from:+--from-snap "$from"} "$end")
         t=$(theirs "${args[@]}") || continue # from newer than end: rbd refuses (below)
-        echo "$t" >"$ref"
-      else
-        [ -e "$ref" ] || continue
-        t=$(cat "$ref")
-      fi
-      o=$(ours "${args[@]}")
-      n=$((n + 1))
-      [ "$o" = "$t" ] || { bad=$((bad + 1)); echo "  ${from:-start} -> $end: ours $o"; echo "  ${from:-start} -> $end: $1  $t"; }
+        o=$(ours "${args[@]}")
+        n=$((n + 1))
+        [ "$o" = "$t" ] || { bad=$((bad + 1)); echo "  ${w:-exact} ${from:-start} -> $end: ours $o"; echo "  ${w:-exact} ${from:-start} -> $end: rbd  $t"; }
+      done
     done
   done
-  echo "  ($n pairs compared with $1, $bad differ)"
-  [ "$bad" = 0 ] && [ "$n" = 19 ]
+  echo "  ($n pairs compared with rbd, $bad differ)"
+  [ "$bad" = 0 ] && [ "$n" = 38 ]
 }
-check "diff --whole-object --format json equals rbd's for every (from, end) pair" compare_all rbd
+check "diff [--whole-object] --format json equals rbd's for every (from, end) pair" compare_all
+check "the history is not trivial: exact extents lie inside objects, some not at 0" bash -c \
+  "rbd diff --from-snap s2 $img --format json | jq -e 'any(.[]; .offset % 1048576 != 0) and any(.[]; .length % 4096 != 0)' >/dev/null"
 check "the history is not trivial: some diffs list zero extents" bash -c \
   "rbd diff --whole-object --from-snap s1 $img --format json | jq -e 'any(.[]; .exists == \"false\")' >/dev/null"
 check "the history is not trivial: s4 (nothing written since s3) differs from s3 by nothing" same "[]" \
   "$(ours --from-snap s3 --format json "$img@s4")"
 check "plain output equals rbd diff --whole-object's" same \
-  "$(theirs --whole-object --from-snap s2 "$img")" "$(ours --from-snap s2 "$img")"
+  "$(theirs --whole-object --from-snap s2 "$img")" "$(ours --whole-object --from-snap s2 "$img")"
+check "plain output equals rbd diff's (exact)" same \
+  "$(theirs --from-snap s1 "$img@s3")" "$(ours --from-snap s1 "$img@s3")"
 check "diff read no data object: no map was rebuilt" test ! -s "$work/diff.err"
 check_fails "--from-snap newer than the end is refused" "${RN[@]}" diff --from-snap s3 "$img@s2"
 check "... in one line" bash -c "[ \$($RNQ diff --from-snap s3 $img@s2 2>&1 | wc -l) = 1 ]"
@@ -104,7 +109,8 @@ check "du IMAGE@s2 --format json: s1 and s2 only, equal to rbd du's" same \
 check "du plain output equals rbd du's" same "$(rbd du "$img" 2>/dev/null)" "$("${RN[@]}" du "$img")"
 du_options() { # every option set, both formats, the head and a snapshot: byte for byte
   local a f i bad=0 n=0
-  for a in "" "--from-snap s1" "--from-snap s2" "--merge-snapshots" "--from-snap s1 --merge-snapshots"; do
+  for a in "" "--from-snap s1" "--from-snap s2" "--merge-snapshots" "--from-snap s1 --merge-snapshots" \
+    "--exact" "--exact --from-snap s2" "--exact --merge-snapshots"; do
     for f in plain json; do
       for i in "$img" "$img@s2" "$img@s3"; do
         n=$((n + 1))
@@ -117,21 +123,28 @@ du_options() { # every option set, both formats, the head and a snapshot: byte f
   echo "  ($n combinations, $bad differ)"
   [ "$bad" = 0 ]
 }
-check "du --from-snap / --merge-snapshots, plain and json: rbd du's output byte for byte" du_options
+check "du [--exact] --from-snap / --merge-snapshots, plain and json: rbd du's output byte for byte" du_options
+check "du --exact differs from du (the test is not trivial)" bash -c \
+  "[ \"\$($RNQ du --exact --format json $img)\" != \"\$($RNQ du --format json $img)\" ]"
 check_fails "du --from-snap newer than the snapshot is refused" "${RN[@]}" du --from-snap s3 "$img@s2"
 check "du: some snapshot uses less than it provisions (the deltas are real)" bash -c \
   "$RNQ du --format json $img | jq -e 'any(.images[]; .used_size < .provisioned_size and has(\"snapshot\"))' >/dev/null"
 
-# An untrusted map is rebuilt from the objects, with the same answer: s2's map corrupt,
-# then also the head flagged invalid (as after a crash of a writer).
+# An untrusted map: librbd answers every diff that would read it from the objects' snap
+# sets instead (--whole-object too, where a truncated object's tail is then "zero"), and
+# so must we; which objects to ask, we take from the map rebuilt from the objects.
+# s2's map corrupt, then flagged invalid, then the head flagged invalid (as after a
+# crash of a writer). Each time also du, which goes the same way.
 id=$(rbd info "$img" --format json | jq -r .id)
 s2id=$(rbd snap ls "$img" --format json | jq -r '.[] | select(.name == "s2") | .id')
 s2map=$(printf 'rbd_object_map.%s.%016x' "$id" "$s2id")
 rados -p rbd get "$s2map" "$work/s2map"
 printf 'garbage' | rados -p rbd put "$s2map" -
 : >"$work/diff.err"
-check "a corrupt s2 map: every pair's diff is unchanged" compare_all ref
-check "... and rados-nbd said it rebuilt s2's map" grep -q "rebuilding object map of .*@s2.*corrupt" "$work/diff.err"
+check "a corrupt s2 map: every pair's diff equals rbd's" compare_all
+check "... du too" du_options
+# (rbd, opening IMAGE@s2 for the first pair, may already have flagged it invalid.)
+check "... and rados-nbd said it rebuilt s2's map" grep -qE "rebuilding object map of .*@s2 .*(corrupt|flags it invalid)" "$work/diff.err"
 # librbd, opening s2 and finding its map corrupt, flags the snapshot invalid; with the good
 # map bytes back, the snapshot's own flags must still keep rados-nbd from trusting them.
 rbd info "$img@s2" >/dev/null 2>&1
@@ -139,34 +152,55 @@ rados -p rbd put "$s2map" "$work/s2map"
 check "setup: librbd flagged s2's map invalid" bash -c \
   "rbd info $img@s2 --format json | jq -e '.flags | index(\"fast diff invalid\")' >/dev/null"
 : >"$work/diff.err"
-check "s2 flagged invalid (its map intact): every pair's diff is unchanged" compare_all ref
+check "s2 flagged invalid (its map intact): every pair's diff equals rbd's" compare_all
+check "... du too" du_options
 check "... and rados-nbd rebuilt s2's map for its flags" \
   grep -q "rebuilding object map of .*@s2 .*flags it invalid" "$work/diff.err"
 rbd object-map rebuild "$img@s2" >/dev/null 2>&1
 : >"$work/diff.err"
-check "s2 rebuilt by rbd: trusted again, unchanged diffs" compare_all ref
+check "s2 rebuilt by rbd: trusted again, every pair's diff equals rbd's" compare_all
 check "... with no map rebuilt" test ! -s "$work/diff.err"
 printf '\x01\x00\x00\x00\x00\x00\x00\x00' >"$work/flags"
 rados -p rbd setomapval "rbd_header.$id" flags --input-file "$work/flags"
 check "setup: the head's map is flagged invalid" bash -c \
   "rbd info $img --format json | jq -e '.flags | index(\"object map invalid\")' >/dev/null"
 : >"$work/diff.err"
-check "a head map flagged invalid: every pair's diff is unchanged" compare_all ref
+check "a head map flagged invalid: every pair's diff equals rbd's" compare_all
+check "... du too" du_options
 check "... and rados-nbd said it rebuilt the head's map" grep -q "rebuilding object map of rbd/$img (.*invalid" "$work/diff.err"
 rbd object-map rebuild "$img" >/dev/null 2>&1
 
-# Without fast-diff the maps cannot tell what changed since a snapshot: a diff from a
-# snapshot is refused in one line; from the beginning it is what exists, as rbd says.
+# Without fast-diff the maps cannot tell what changed since a snapshot: like librbd,
+# every diff and du then reads the snapshot sets of the objects the maps say exist.
 img2=$img-nofd
 rbd create --size 8M --object-size 1M "$img2"
 rbd feature disable "$img2" fast-diff
 img=$img2 churn 6 0
 rbd snap create "$img2@a" >/dev/null 2>&1
-check "no fast-diff: diff from the beginning equals rbd's" same \
-  "$(theirs --whole-object --format json "$img2")" "$(ours --format json "$img2")"
-check_fails "no fast-diff: diff --from-snap is refused" "${RN[@]}" diff --from-snap a "$img2"
-check "... naming fast-diff, in one line" bash -c \
-  "o=\$($RNQ diff --from-snap a $img2 2>&1); [ \$(wc -l <<<\"\$o\") = 1 ] && grep -q fast-diff <<<\"\$o\""
+img=$img2 churn 6 0.5
+rbd snap create "$img2@b" >/dev/null 2>&1
+img=$img2 churn 6 0.5
+nofd_all() {
+  local w a e bad=0
+  for w in --whole-object ""; do
+    for a in "" "--from-snap a" "--from-snap b"; do
+      for e in "$img2@b" "$img2"; do
+        # shellcheck disable=SC2086
+        [ "$(theirs $w $a --format json "$e")" = "$(ours $w $a --format json "$e")" ] ||
+          { bad=1; echo "  diff $w $a $e: ours $(ours $w $a --format json "$e")"; echo "  rbd  $(theirs $w $a --format json "$e")"; }
+      done
+    done
+  done
+  for a in "" "--exact" "--from-snap a"; do
+    # shellcheck disable=SC2086
+    [ "$(rbd du $a --format json "$img2" 2>/dev/null)" = "$("${RN[@]}" du $a --format json "$img2")" ] ||
+      { bad=1; echo "  du $a differs"; }
+  done
+  [ "$bad" = 0 ]
+}
+check "no fast-diff: diff [--whole-object] [--from-snap] and du [--exact] equal rbd's" nofd_all
+check "... and the diffs are not empty" bash -c \
+  "[ \$($RNQ diff --from-snap a --format json $img2 | jq length) -gt 0 ]"
 
 # Clones: from the beginning, an object the clone does not hold shows its ancestors' data
 # (cut to the child's objects and to each overlap), as librbd's DiffIterate reports it.
@@ -185,18 +219,23 @@ rbd clone "$c1@p" "$c2" --object-size 2M --stripe-unit 2M --stripe-count 1 --rbd
 rbd snap create "$c2@early" >/dev/null 2>&1
 img=$c2 churn 4 0.3
 clone_diffs() {
-  local i bad=0
-  for i in "$c1" "$c2" "$c2@early"; do
-    [ "$(theirs --whole-object --format json "$i")" = "$(ours --format json "$i")" ] ||
-      { bad=1; echo "  $i: ours $(ours --format json "$i")"; echo "  $i: rbd  $(theirs --whole-object --format json "$i")"; }
+  local i w bad=0
+  for w in --whole-object ""; do
+    for i in "$c1" "$c2" "$c2@early"; do
+      # shellcheck disable=SC2086
+      [ "$(theirs $w --format json "$i")" = "$(ours $w --format json "$i")" ] ||
+        { bad=1; echo "  $w $i: ours $(ours $w --format json "$i")"; echo "  $w $i: rbd  $(theirs $w --format json "$i")"; }
+    done
   done
   [ "$bad" = 0 ]
 }
-check "clones: diff from the beginning includes the ancestors' data exactly as rbd's" clone_diffs
+check "clones: diff [--whole-object] from the beginning includes the ancestors' data exactly as rbd's" clone_diffs
 check "clones: the grandchild's diff lists more than its own objects (the test is not trivial)" bash -c \
   "[ \$(rbd diff --whole-object --format json $c2 | jq length) -gt \$(rbd du --format json $c2 | jq '[.images[] | select(.name == \"$c2\" and (has(\"snapshot\") | not))][0].used_size / 2097152') ]"
 check "clones: --from-snap lists only the clone's own changes, as rbd's" same \
-  "$(theirs --whole-object --format json --from-snap early "$c2")" "$(ours --format json --from-snap early "$c2")"
+  "$(theirs --whole-object --format json --from-snap early "$c2")" "$(ours --whole-object --format json --from-snap early "$c2")"
+check "clones: ... also exact" same \
+  "$(theirs --format json --from-snap early "$c2")" "$(ours --format json --from-snap early "$c2")"
 rbd snap purge "$c2" >/dev/null 2>&1; rbd rm "$c2" >/dev/null 2>&1
 rbd snap purge "$c1" >/dev/null 2>&1; rbd rm "$c1" >/dev/null 2>&1
 rbd snap purge "$c0" >/dev/null 2>&1; rbd rm "$c0" >/dev/null 2>&1

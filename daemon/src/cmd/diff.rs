@@ -1,6 +1,14 @@
-//! `diff`: the objects changed between two versions of an image, like `rbd diff
-//! --whole-object`, from the object maps alone (no data object is read). Also the
-//! per-version maps `du` needs.
+//! `diff`: what changed between two versions of an image, like `rbd diff`. Also the
+//! per-version maps and extents `du` needs.
+//!
+//! Two ways, librbd's (src/librbd/api/DiffIterate.cc), chosen as librbd chooses:
+//! - `--whole-object` on an image with fast-diff: from the object maps alone, whole
+//!   objects, no data object touched.
+//! - Otherwise (exact extents, or no fast-diff): from each data object's snap set
+//!   (RADOS `list_snaps`: its clones, their sizes and what each shares with the next),
+//!   `snapset::snap_set_diff` per object, as librados' calc_snap_set_diff. Only the objects
+//!   that exist in some version between the two ends are asked (the maps say which):
+//!   a clone or head serves only versions in which its object existed.
 //!
 //! A version's map is trusted only when the version's flags say it is valid (neither
 //! OBJECT_MAP_INVALID nor FAST_DIFF_INVALID) and it decodes to the right size; otherwise
@@ -13,14 +21,16 @@ use super::du::text_table;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{load_object_map, rebuild_map};
+use crate::image::{load_object_map, rebuild_map, trusted_object_map};
 use crate::spec::ImageSpec;
+use crate::store::snapset::{object_delta, Ranges, SNAP_HEAD};
 use crate::store::{
     ImageHeader, ImageStore, OpenMode, Store, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
     RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use objmap::diff::{diff_maps, DiffState};
-use objmap::ObjectMap;
+use objmap::{ObjectMap, ObjectState};
+use std::collections::HashMap;
 
 /// One version of an image: a snapshot or the head.
 #[derive(Debug, Clone)]
@@ -129,18 +139,38 @@ pub(super) async fn version_map<S: Store>(
     Ok(load_object_map(img, &at, &trust, v.snap, v.size).await?.0)
 }
 
-/// Refuses a comparison of two versions of an image without fast-diff: its maps cannot
-/// tell a written object from one unchanged since the snapshot before.
-pub(super) fn need_fast_diff(h: &ImageHeader, spec: &ImageSpec, what: &str) -> Result<()> {
+/// Whether librbd would answer a whole-object diff of `vs[end]` since `vs[lo]` from the
+/// object maps (its object_map::DiffRequest): the image has fast-diff and every map
+/// from `lo` to `end` loads, is large enough and is not flagged invalid. Otherwise
+/// librbd falls back to the objects' snap sets, and so do we: its answer then differs
+/// (a truncated object's tail is "zero", not "data"), and ours must be librbd's.
+pub(super) async fn maps_usable<S: Store>(
+    store: &S,
+    img: &S::Image,
+    spec: &ImageSpec,
+    vs: &[Version],
+    lo: usize,
+    end: usize,
+) -> Result<bool> {
+    let h = img.header();
     if h.features & RBD_FEATURE_FAST_DIFF == 0 {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{what} of {spec} needs the fast-diff feature: rados-nbd computes it from object maps, which without fast-diff do not say what changed since a snapshot (`rbd {what}` reads the data objects' snapshot sets instead)"
-            ),
-        ));
+        return Ok(false);
     }
-    Ok(())
+    for v in &vs[lo..=end] {
+        // Only FAST_DIFF_INVALID, as librbd: a map flagged OBJECT_MAP_INVALID alone is
+        // still read (we rebuild it, see `version_map`; the states agree unless the map
+        // is wrong, where ours are right).
+        let flags = version_flags(store, img, spec, v).await?;
+        if flags & RBD_FLAG_FAST_DIFF_INVALID != 0 {
+            return Ok(false);
+        }
+        let mut at = h.clone();
+        at.flags = 0;
+        if trusted_object_map(img, &at, v.snap, v.size).await?.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The per-object diff of versions `vs[from..=end]` (`from` None: since the beginning).
@@ -158,6 +188,65 @@ pub(super) async fn diff_versions<S: Store>(
         maps.push(version_map(store, img, spec, v).await?);
     }
     Ok(diff_maps(&maps, from.is_some()))
+}
+
+/// The extents `(offset, length, exists)` of version `vs[end]` of an image (`img`, any
+/// handle of it; `spec` its head) changed since `vs[from]` (None: since the beginning),
+/// up to `limit` bytes, from the data objects' snap sets (see the module comment and
+/// `snapset::object_delta`): whole objects when `whole`, else the changed ranges inside
+/// them. From the beginning, an object that brings nothing shows `under` (its ancestors'
+/// data, sorted, merged), as librbd's list-snaps request lists from the parent there.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn snapset_extents<S: Store>(
+    store: &S,
+    img: &S::Image,
+    spec: &ImageSpec,
+    vs: &[Version],
+    from: Option<usize>,
+    end: usize,
+    limit: u64,
+    whole: bool,
+    under: &[(u64, u64)],
+) -> Result<Vec<(u64, u64, bool)>> {
+    let osize = img.header().object_size();
+    let limit = limit.min(vs[end].size);
+    let n = limit.div_ceil(osize);
+    // The objects that exist in some version between the ends (from the beginning: in
+    // any version up to the end).
+    let mut touched = vec![false; n as usize];
+    for v in &vs[from.unwrap_or(0)..=end] {
+        let m = version_map(store, img, spec, v).await?;
+        for (o, t) in touched.iter_mut().enumerate().take(m.len() as usize) {
+            *t |= m.get(o as u64) != ObjectState::Nonexistent;
+        }
+    }
+    let asked: Vec<u64> = (0..n).filter(|&o| touched[o as usize]).collect();
+    let sets: HashMap<u64, _> = img.object_snap_sets(asked).await?.into_iter().collect();
+    let from_id = from.and_then(|f| vs[f].snap).unwrap_or(0);
+    let end_id = vs[end].snap.unwrap_or(SNAP_HEAD);
+    let under = Ranges(under.to_vec());
+    let mut out = Vec::new();
+    for o in 0..n {
+        let off = o * osize;
+        let len = osize.min(limit - off);
+        let delta = match sets.get(&o) {
+            Some(Some(set)) => object_delta(set, from_id, end_id, len, osize, whole),
+            _ => Vec::new(),
+        };
+        if delta.is_empty() {
+            if from.is_none() {
+                out.extend(
+                    under
+                        .within(off, len)
+                        .into_iter()
+                        .map(|(a, l)| (a, l, true)),
+                );
+            }
+        } else {
+            out.extend(delta.into_iter().map(|(a, l, d)| (off + a, l, d)));
+        }
+    }
+    Ok(out)
 }
 
 /// Whole-object extents `(offset, length, exists)` of a diff of an image version of
@@ -209,9 +298,18 @@ pub(super) fn clone_extents(
 }
 
 /// The data of the ancestors of `img` as its reads see them: sorted, merged extents below
-/// the overlap, each ancestor's own objects first and the holes in them filled from the
-/// ancestor above (librbd's recursive parent diff, whole objects). Empty for a non-clone.
-async fn ancestors_extents<S: Store>(store: &S, img: &S::Image) -> Result<Vec<(u64, u64)>> {
+/// the overlap, each ancestor's own data first and the holes in it filled from the
+/// ancestor above (librbd's recursive parent diff). Each ancestor answers as librbd
+/// would: when the child's diff is read from snap sets (`slow`), so are all ancestors'
+/// (its list-snaps request asks the parent's list-snaps); else each from its maps in
+/// whole objects where they are usable (a DiffIterate of its own), from snap sets
+/// from the first one where not. Empty for a non-clone.
+async fn ancestors_extents<S: Store>(
+    store: &S,
+    img: &S::Image,
+    whole: bool,
+    slow: bool,
+) -> Result<Vec<(u64, u64)>> {
     // The chain, nearest first: each ancestor's handle (at its snapshot), the spec it
     // was opened as and the overlap its child sees of it.
     let mut chain: Vec<(S::Image, crate::store::ParentInfo)> = Vec::new();
@@ -234,28 +332,30 @@ async fn ancestors_extents<S: Store>(store: &S, img: &S::Image) -> Result<Vec<(u
                 ));
             }
         }
+        // Nearest first: whether each ancestor answers from snap sets.
+        let mut slow_at = Vec::with_capacity(chain.len());
+        let mut slow = slow || !whole;
+        for (h, p) in &chain {
+            if !slow {
+                let (vs, end) = parent_version(h, p)?;
+                slow = !maps_usable(store, h, &head_of(p), &vs, 0, end).await?;
+            }
+            slow_at.push(slow);
+        }
         let mut under: Vec<(u64, u64)> = Vec::new();
-        for (h, p) in chain.iter().rev() {
+        for ((h, p), slow) in chain.iter().zip(slow_at).rev() {
             let hd = h.header();
-            let v = Version {
-                snap: Some(p.snap_id),
-                name: p.spec.snap.clone(),
-                size: hd.size,
-                user: true,
-            };
-            let head = ImageSpec {
-                snap: None,
-                ..p.spec.clone()
-            };
-            let map = version_map(store, h, &head, &v).await?;
-            let d = diff_maps(&[map], false);
+            let head = head_of(p);
             let limit = p.overlap.min(hd.size);
-            under = merge(
+            let (vs, end) = parent_version(h, p)?;
+            let ext = if slow {
+                snapset_extents(store, h, &head, &vs, None, end, limit, whole, &under).await?
+            } else {
+                let map = version_map(store, h, &head, &vs[end]).await?;
+                let d = diff_maps(&[map], false);
                 clone_extents(&d, hd.object_size(), limit, &under)
-                    .into_iter()
-                    .filter(|e| e.2)
-                    .map(|(o, l, _)| (o, l)),
-            );
+            };
+            under = merge(ext.into_iter().filter(|e| e.2).map(|(o, l, _)| (o, l)));
         }
         Ok(under)
     }
@@ -264,6 +364,33 @@ async fn ancestors_extents<S: Store>(store: &S, img: &S::Image) -> Result<Vec<(u
         let _ = h.close().await;
     }
     r
+}
+
+/// The head spec of the parent `p` names.
+fn head_of(p: &crate::store::ParentInfo) -> ImageSpec {
+    ImageSpec {
+        snap: None,
+        ..p.spec.clone()
+    }
+}
+
+/// The versions of ancestor `h` (opened at the snapshot `p` names) and the position of
+/// that snapshot among them.
+fn parent_version<I: ImageStore>(
+    h: &I,
+    p: &crate::store::ParentInfo,
+) -> Result<(Vec<Version>, usize)> {
+    let vs = versions(&h.header());
+    let end = vs
+        .iter()
+        .position(|v| v.snap == Some(p.snap_id))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("the parent snapshot {} (id {}) is gone", p.spec, p.snap_id),
+            )
+        })?;
+    Ok((vs, end))
 }
 
 /// Sorted extents with touching ones joined.
@@ -292,6 +419,7 @@ pub async fn diff<S: Store>(
     store: &S,
     spec: &ImageSpec,
     from_snap: Option<&str>,
+    whole_object: bool,
     format: Format,
 ) -> Result<()> {
     let head = ImageSpec {
@@ -319,24 +447,43 @@ pub async fn diff<S: Store>(
             if f == end {
                 return Ok(Vec::new());
             }
-            need_fast_diff(&h, spec, "diff --from-snap")?;
         }
-        let d = diff_versions(store, img, &head, &vs, from, end).await?;
-        // From the beginning, a clone's objects it does not hold show its ancestors' data,
-        // as librbd's DiffIterate reports it (with fast-diff: include_parent).
-        let under = match (from, h.features & RBD_FEATURE_FAST_DIFF != 0) {
-            (None, true) if vs[end].snap.is_none() => ancestors_extents(store, img).await?,
-            (None, true) => {
+        // librbd's choice: maps (whole objects, every map from the start usable; from
+        // the beginning, every snapshot's up to the end) or snap sets.
+        let slow =
+            !(whole_object && maps_usable(store, img, &head, &vs, from.unwrap_or(0), end).await?);
+        // From the beginning, a clone's objects it does not hold show its ancestors'
+        // data (of the ancestors the end version has), as librbd's DiffIterate reports
+        // it (include_parent).
+        let under = match (from, vs[end].snap) {
+            (Some(_), _) => Vec::new(),
+            (None, None) => ancestors_extents(store, img, whole_object, slow).await?,
+            (None, Some(_)) => {
                 with_image(
                     store,
                     &spec_at(&head, &vs[end]),
                     OpenMode::ReadOnly,
-                    async |at: &S::Image| ancestors_extents(store, at).await,
+                    async |at: &S::Image| ancestors_extents(store, at, whole_object, slow).await,
                 )
                 .await?
             }
-            _ => Vec::new(),
         };
+        if slow {
+            let size = vs[end].size;
+            return snapset_extents(
+                store,
+                img,
+                &head,
+                &vs,
+                from,
+                end,
+                size,
+                whole_object,
+                &under,
+            )
+            .await;
+        }
+        let d = diff_versions(store, img, &head, &vs, from, end).await?;
         Ok(clone_extents(&d, h.object_size(), vs[end].size, &under))
     })
     .await?;

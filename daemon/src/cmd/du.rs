@@ -1,16 +1,18 @@
 //! `du`: provisioned and used space, like `rbd du`: one line per snapshot (what it
 //! holds that the snapshot before does not: the objects written in between) and one for
-//! the head (what it holds that the newest snapshot does not), from the object maps (each
-//! rebuilt from the objects when it cannot be trusted), never from the data.
+//! the head (what it holds that the newest snapshot does not). As librbd: with fast-diff
+//! from the object maps (each rebuilt from the objects when it cannot be trusted), whole
+//! objects; with `--exact` or without fast-diff from the data objects' snap sets (see
+//! diff.rs), exact byte ranges with `--exact`. Never from the data.
 
-use super::diff::{find_version, need_fast_diff, version_map, versions};
+use super::diff::{diff_versions, find_version, maps_usable, snapset_extents, versions};
 use super::info::human_size;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store};
-use objmap::diff::{diff_maps, DiffState};
+use objmap::diff::DiffState;
 use serde_json::json;
 
 /// One `rbd du` line.
@@ -35,6 +37,8 @@ pub struct DuOptions {
     pub from_snap: Option<String>,
     /// `--merge-snapshots`: the head's line carries every listed version's used space.
     pub merge_snapshots: bool,
+    /// `--exact`: the bytes changed, not whole objects (reads every snap set).
+    pub exact: bool,
     pub format: Format,
 }
 
@@ -66,35 +70,35 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
                 at + 1
             }
         };
-        if last > 0 {
-            need_fast_diff(&h, spec, "du")?;
-        }
-        // Each user version against the user version before it (the first against
-        // nothing), through the maps of any snapshots between (in the trash: not listed,
-        // but their maps are part of the history, as librbd's diff goes through them).
-        // Every map is loaded once, from the user version before the first listed.
         let prev_user = |i: usize| (0..i).rev().find(|&j| vs[j].user);
-        let from_map = match (first..=last).find(|&i| vs[i].user) {
-            Some(i) => prev_user(i).unwrap_or(i),
-            None => last + 1,
-        };
-        let mut maps = Vec::new();
-        for v in vs.iter().take(last + 1).skip(from_map) {
-            maps.push(version_map(store, img, &head, v).await?);
-        }
+        // Each user version against the user version before it (the first against
+        // nothing), as librbd's diff_iterate without the parent's data: from the maps
+        // of the versions between (in the trash: not listed, but their maps are part of
+        // the history, as librbd's diff goes through them) where they are usable and
+        // --exact is not given, else from the objects' snap sets.
         let mut lines = Vec::new();
         for (i, v) in vs.iter().enumerate().take(last + 1).skip(first) {
             if !v.user {
                 continue;
             }
-            let d = match prev_user(i) {
-                None => diff_maps([&maps[i - from_map]], false),
-                Some(p) => diff_maps(&maps[p - from_map..=i - from_map], true),
+            let from = prev_user(i);
+            let maps =
+                !opts.exact && maps_usable(store, img, &head, &vs, from.unwrap_or(0), i).await?;
+            let used = if maps {
+                let d = diff_versions(store, img, &head, &vs, from, i).await?;
+                used(&d, h.object_size(), v.size)
+            } else {
+                snapset_extents(store, img, &head, &vs, from, i, v.size, !opts.exact, &[])
+                    .await?
+                    .iter()
+                    .filter(|e| e.2)
+                    .map(|e| e.1)
+                    .sum()
             };
             lines.push(Line {
                 snap: v.name.clone().zip(v.snap),
                 provisioned: v.size,
-                used: used(&d, h.object_size(), v.size),
+                used,
             });
         }
         Ok((h.id, lines))

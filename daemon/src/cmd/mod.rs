@@ -99,11 +99,13 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             image,
             from_snap,
             merge_snapshots,
+            exact,
             format,
         } => {
             let opts = du::DuOptions {
                 from_snap,
                 merge_snapshots,
+                exact,
                 format,
             };
             du::du(&store, &parse_spec(&image)?, &opts).await
@@ -111,9 +113,12 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Diff {
             image,
             from_snap,
-            whole_object: _,
+            whole_object,
             format,
-        } => diff::diff(&store, &parse_spec(&image)?, from_snap.as_deref(), format).await,
+        } => {
+            let spec = parse_spec(&image)?;
+            diff::diff(&store, &spec, from_snap.as_deref(), whole_object, format).await
+        }
         Command::Resize {
             image,
             size,

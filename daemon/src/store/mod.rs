@@ -492,6 +492,17 @@ pub trait ImageStore: Send + Sync + 'static {
         }
     }
 
+    /// The snap sets of data objects `objs`, with every version's size and overlap with
+    /// the next, in the order asked; `None` for an object that does not exist at all (not
+    /// even in a snapshot). What exact diffs (`diff` without --whole-object, `du
+    /// --exact`) are computed from, with `snapset::snap_set_diff`.
+    fn object_snap_sets(
+        &self,
+        _objs: Vec<u64>,
+    ) -> impl Future<Output = Result<Vec<(u64, Option<snapset::SnapSet>)>>> + Send {
+        async { Err(unsupported("listing the snapshot sets of objects".into())) }
+    }
+
     /// The raw object map object (Ceph encoding), `None` when absent.
     fn read_object_map(
         &self,

@@ -544,6 +544,14 @@ impl ImageStore for CephImage {
     /// pool listing is enough. With snapshots, librbd's computation needs each object's
     /// snap set (`list_snaps`): which objects were written since the newest snapshot, and
     /// which listed objects only clones keep (removed from the head since a snapshot).
+    async fn object_snap_sets(
+        &self,
+        objs: Vec<u64>,
+    ) -> Result<Vec<(u64, Option<crate::store::snapset::SnapSet>)>> {
+        let i = &self.inner;
+        snaps::snap_sets(&i.data, &self.header().object_prefix, objs).await
+    }
+
     async fn list_object_states(
         &self,
         snap: Option<u64>,

@@ -92,4 +92,19 @@ uint64_t rnbd_snaps_clone(const rnbd_snaps *s, size_t i, const uint64_t **snaps,
   return c.cloneid;
 }
 
+// Clone `i`'s size in bytes; `*noverlap`: how many ranges it shares with the next newer
+// version (what was not written since it was made), read with rnbd_snaps_overlap.
+uint64_t rnbd_snaps_clone_size(const rnbd_snaps *s, size_t i, size_t *noverlap) {
+  const librados::clone_info_t &c = s->set.clones[i];
+  *noverlap = c.overlap.size();
+  return c.size;
+}
+
+// Overlap range `j` of clone `i`: offset and length.
+void rnbd_snaps_overlap(const rnbd_snaps *s, size_t i, size_t j, uint64_t *off, uint64_t *len) {
+  const std::pair<uint64_t, uint64_t> &p = s->set.clones[i].overlap[j];
+  *off = p.first;
+  *len = p.second;
+}
+
 }  // extern "C"

@@ -43,6 +43,8 @@ extern "C" {
         snaps: *mut *const u64,
         nsnaps: *mut usize,
     ) -> u64;
+    fn rnbd_snaps_clone_size(s: *const rnbd_snaps, i: usize, noverlap: *mut usize) -> u64;
+    fn rnbd_snaps_overlap(s: *const rnbd_snaps, i: usize, j: usize, off: *mut u64, len: *mut u64);
 }
 
 const ENOENT: i32 = 2;
@@ -80,7 +82,21 @@ impl Out {
                     } else {
                         std::slice::from_raw_parts(p, n).to_vec()
                     };
-                    CloneInfo { id, snaps }
+                    let mut n = 0usize;
+                    let size = rnbd_snaps_clone_size(s, i, &mut n);
+                    let overlap = (0..n)
+                        .map(|j| {
+                            let (mut off, mut len) = (0u64, 0u64);
+                            rnbd_snaps_overlap(s, i, j, &mut off, &mut len);
+                            (off, len)
+                        })
+                        .collect();
+                    CloneInfo {
+                        id,
+                        snaps,
+                        size,
+                        overlap,
+                    }
                 })
                 .collect();
             SnapSet {
@@ -163,6 +179,26 @@ pub async fn list_snaps(io: &IoCtx, oid: &str) -> Result<Option<SnapSet>> {
 /// `rbd_concurrent_management_ops` is for librbd, whose default is 10; our calls are
 /// tiny reads).
 const PARALLEL: usize = 32;
+
+/// The snap sets of the data objects `objs` (`None`: no such object), in that order,
+/// `PARALLEL` at a time.
+pub async fn snap_sets(
+    data: &IoCtx,
+    object_prefix: &str,
+    objs: Vec<u64>,
+) -> Result<Vec<(u64, Option<SnapSet>)>> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let io = data.at_snap(SNAP_DIR)?;
+    let io = &io;
+    stream::iter(objs)
+        .map(|objno| async move {
+            let oid = format!("{object_prefix}.{objno:016x}");
+            Ok::<_, Error>((objno, list_snaps(io, &oid).await?))
+        })
+        .buffered(PARALLEL)
+        .try_collect()
+        .await
+}
 
 /// The object map states (at snapshot `at`, [`SNAP_HEAD`](crate::store::snapset::SNAP_HEAD)
 /// for the head) of the data objects `objs` (a pool listing: it also names objects that

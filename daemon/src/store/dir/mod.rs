@@ -725,6 +725,14 @@ impl ImageStore for DirImage {
         self.run(move |i| i.object_states(snap)).await
     }
 
+    async fn object_snap_sets(
+        &self,
+        objs: Vec<u64>,
+    ) -> Result<Vec<(u64, Option<crate::store::snapset::SnapSet>)>> {
+        self.inner.check_open()?;
+        self.run(move |i| i.snap_sets(&objs)).await
+    }
+
     async fn read_object_map(&self, snap: Option<u64>) -> Result<Option<Vec<u8>>> {
         self.inner.check_open()?;
         let snap = self.inner.snap_of(snap);

@@ -129,7 +129,12 @@ fn snap_set(v: &Versions, image_snaps: &[u64]) -> SnapSet {
                 .copied()
                 .filter(|&s| s > prev && s <= hi)
                 .collect();
-            clones.push(CloneInfo { id: hi, snaps });
+            clones.push(CloneInfo {
+                id: hi,
+                snaps,
+                size: 0,
+                overlap: vec![],
+            });
         }
         prev = hi;
     }
@@ -137,9 +142,39 @@ fn snap_set(v: &Versions, image_snaps: &[u64]) -> SnapSet {
         clones.push(CloneInfo {
             id: SNAP_HEAD,
             snaps: vec![],
+            size: 0,
+            overlap: vec![],
         });
     }
     SnapSet { seq: prev, clones }
+}
+
+/// The ranges in which files `a` and `b` hold the same bytes, up to the shorter one's
+/// end, in 512-byte blocks (a sector, what a block device writes); all of it when they
+/// are one inode.
+fn same_ranges(a: &File, b: &File) -> std::io::Result<Vec<(u64, u64)>> {
+    const BLOCK: usize = 512;
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    let len = ma.len().min(mb.len());
+    let mut out = crate::store::snapset::Ranges::default();
+    if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
+        out.insert(0, len);
+        return Ok(out.0);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut pos = 0u64;
+    while pos < len {
+        let n = ((len - pos) as usize).min(ba.len());
+        a.read_exact_at(&mut ba[..n], pos)?;
+        b.read_exact_at(&mut bb[..n], pos)?;
+        for (k, (x, y)) in ba[..n].chunks(BLOCK).zip(bb[..n].chunks(BLOCK)).enumerate() {
+            if x == y {
+                out.insert(pos + (k * BLOCK) as u64, x.len() as u64);
+            }
+        }
+        pos += n as u64;
+    }
+    Ok(out.0)
 }
 
 fn exists(p: &Path) -> Result<bool> {
@@ -315,6 +350,59 @@ impl Inner {
             if st != ObjectState::Nonexistent {
                 out.push((objno, st));
             }
+        }
+        Ok(out)
+    }
+
+    /// The snap sets of objects `objs` as [`snap_set`], with each version's size (its
+    /// file's) and its overlap with the next newer version: where the two files hold the
+    /// same bytes (RADOS tracks what was written instead; a rewrite with the same bytes
+    /// counts as unchanged here), nothing across a removal (a whiteout between them).
+    /// `None` for an object with no file at all.
+    pub(super) fn snap_sets(&self, objs: &[u64]) -> Result<Vec<(u64, Option<SnapSet>)>> {
+        let mut image_snaps: Vec<u64> = lock(&self.header).snapshots.iter().map(|s| s.id).collect();
+        image_snaps.sort_unstable();
+        let mut all = scan(&self.pool_dir, &self.object_prefix)?;
+        let mut out = Vec::with_capacity(objs.len());
+        for &objno in objs {
+            let Some(v) = all.remove(&objno) else {
+                out.push((objno, None));
+                continue;
+            };
+            let mut set = snap_set(&v, &image_snaps);
+            // The files in the order of `set.clones` (one per data version, then the
+            // head), and whether a removal lies between each and the next.
+            let mut files = Vec::new();
+            let mut removed_after = Vec::new();
+            for (k, &(hi, data)) in v.kept.iter().enumerate() {
+                if data {
+                    files.push(self.version_path(objno, hi, false));
+                    removed_after.push(v.kept.get(k + 1).is_some_and(|&(_, d)| !d));
+                }
+            }
+            if v.head {
+                files.push(self.object_path(objno));
+                removed_after.push(false);
+            }
+            let opened: Vec<Option<File>> =
+                files.iter().map(|p| open_opt(p)).collect::<Result<_>>()?;
+            for (k, c) in set.clones.iter_mut().enumerate() {
+                let Some(Some(f)) = opened.get(k) else {
+                    continue;
+                };
+                let md = f
+                    .metadata()
+                    .map_err(|e| Error::io(format!("reading {}", files[k].display()), e))?;
+                c.size = md.len();
+                if removed_after[k] {
+                    continue;
+                }
+                if let Some(Some(next)) = opened.get(k + 1) {
+                    c.overlap = same_ranges(f, next)
+                        .map_err(|e| Error::io(format!("comparing {}", files[k].display()), e))?;
+                }
+            }
+            out.push((objno, Some(set)));
         }
         Ok(out)
     }

@@ -637,6 +637,57 @@ async fn check_model(img: &DirImage, m: &Model, objects: u64, what: &str) {
         let got = img.list_object_states(at).await.unwrap();
         assert_eq!(got, want_states, "{what}: states at {at:?}");
     }
+    check_deltas(img, m, objects, what).await;
+}
+
+/// The exact diffs (`diff` without --whole-object) between every two versions, from the
+/// snap sets with sizes and overlaps: every byte that differs is listed, what is listed
+/// as "zero" reads as zeros at the end, "data" only where the object exists there.
+async fn check_deltas(img: &DirImage, m: &Model, objects: u64, what: &str) {
+    use crate::store::snapset::{object_delta, SNAP_HEAD};
+    let sets = img.object_snap_sets((0..objects).collect()).await.unwrap();
+    let ends: Vec<u64> = m.snaps.keys().copied().chain([SNAP_HEAD]).collect();
+    let content = |at: u64| {
+        if at == SNAP_HEAD {
+            &m.head
+        } else {
+            &m.snaps[&at]
+        }
+    };
+    let byte = |v: Option<&Vec<u8>>, i: usize| v.and_then(|v| v.get(i)).copied().unwrap_or(0);
+    for &end in &ends {
+        for from in std::iter::once(0).chain(ends.iter().copied().filter(|&f| f < end)) {
+            for (o, set) in &sets {
+                let delta = match set {
+                    Some(set) => object_delta(set, from, end, 4096, 4096, false),
+                    None => vec![],
+                };
+                let (a, b) = (
+                    (from > 0).then(|| content(from).get(o)).flatten(),
+                    content(end).get(o),
+                );
+                let listed = |i: u64| delta.iter().find(|e| e.0 <= i && i < e.0 + e.1);
+                for i in 0..4096u64 {
+                    let (x, y) = (byte(a, i as usize), byte(b, i as usize));
+                    let e = listed(i);
+                    assert!(
+                        x == y || e.is_some(),
+                        "{what}: object {o} byte {i} differs from {from} to {end} but is not listed: {delta:?}"
+                    );
+                    if let Some(&(_, _, data)) = e {
+                        assert!(
+                            data || y == 0,
+                            "{what}: object {o} byte {i} listed as zero from {from} to {end} reads {y}"
+                        );
+                        assert!(
+                            !data || b.is_some(),
+                            "{what}: object {o} listed as data from {from} to {end} but gone there"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Random writes, zeros and removals interleaved with snapshot creation and removal
