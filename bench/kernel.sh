@@ -50,13 +50,13 @@ fi
 source "$root/tests/lib.sh"
 source "$root/tests/vm/ceph-ns.sh"
 if b=$(cephns_missing fio rbd-nbd); then echo "kernel.sh: $b is not installed" >&2; exit 1; fi
-bin=${RADOS_NBD_BIN:-}
-if [ -z "$bin" ]; then
-  (cd "$root" && cargo build --release -p rados-nbd --features ceph) || exit 1
-  bin=$root/target/release/rados-nbd
-fi
-[ -x "$bin" ] || { echo "kernel.sh: $bin is not an executable" >&2; exit 2; }
-has_ceph "$bin" || { echo "kernel.sh: $bin was built without feature ceph" >&2; exit 2; }
+bin=$(cephns_binary)
+rc=$?
+case $rc in
+  0) ;;
+  3) echo "kernel.sh: ${RADOS_NBD_BIN:-rados-nbd} was built without feature ceph" >&2; exit 2 ;;
+  *) exit "$rc" ;;
+esac
 # Peer rados-nbd-ublk (rados-nbd's ublk transport, issue 19): the guest boots Debian's 6.12
 # kernel (6.1 has no ublk) for every peer, and the binary needs feature ublk.
 guest_kernel=6.1

@@ -10,6 +10,7 @@
 #
 # The caller sets `work` (its work folder; the cluster goes to $work/ceph) and then:
 #   cephns_missing [CMD...]   prints the first command missing (qemu, Ceph, ip, CMD...); 1 if none
+#   cephns_binary [BINARY]    prints the rados-nbd to test (see below; before `work` is needed)
 #   cephns_prepare            fetches the VM's kernel (before the namespace)
 #   cephns_make               makes the namespace and its tap; on failure prints why, returns 1
 #   cephns_cluster            starts the cluster in it (CEPH_MON_V1 etc. passed on), exports
@@ -43,6 +44,22 @@ cephns_missing() {
     command -v "$b" >/dev/null 2>&1 || { echo "$b"; return 0; }
   done
   return 1
+}
+
+# cephns_binary [BINARY]: prints the rados-nbd binary to use: BINARY, else $RADOS_NBD_BIN, else
+# a release build with feature ceph made here (its output on stderr). Returns 1 when the build
+# fails, 2 (saying why on stderr) when the binary is not an executable, 3 (silently: callers
+# skip or refuse as fits them) when it was built without feature ceph.
+cephns_binary() {
+  local bin=${1:-${RADOS_NBD_BIN:-}}
+  if [ -z "$bin" ]; then
+    echo "== building rados-nbd (release, feature ceph)" >&2
+    (cd "$cephns_root" && cargo build --release -p rados-nbd --features ceph) >&2 || return 1
+    bin=$cephns_root/target/release/rados-nbd
+  fi
+  [ -x "$bin" ] || { echo "$bin is not an executable" >&2; return 2; }
+  has_ceph "$bin" || return 3
+  echo "$bin"
 }
 
 cephns_prepare() { bash "$cephns_dir/vm.sh" --prepare; }

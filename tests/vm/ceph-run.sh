@@ -25,17 +25,14 @@ T0=$(date +%s)
 skip() { echo "SKIP kernel tests on Ceph images: $*; nothing was run"; exit 0; }
 
 if b=$(cephns_missing); then skip "$b is not installed (tests/deps.sh)"; fi
-bin=${1:-${RADOS_NBD_BIN:-}}
-if [ -z "$bin" ]; then
-  echo "== building rados-nbd (release, feature ceph)"
-  (cd "$root" && cargo build --release -p rados-nbd --features ceph) || exit 1
-  bin=$root/target/release/rados-nbd
-fi
-[ -x "$bin" ] || { echo "ceph-run.sh: $bin is not an executable" >&2; exit 2; }
+bin=$(cephns_binary "${1:-}")
+rc=$?
+case $rc in
+  0) ;;
+  3) skip "${1:-${RADOS_NBD_BIN:-rados-nbd}} was built without feature ceph" ;;
+  *) exit "$rc" ;;
+esac
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmceph.XXXXXX")
-if ! has_ceph "$bin"; then
-  rm -rf "$work"; skip "$bin was built without feature ceph"
-fi
 IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
 # snapshotted; BENCH: written by the guest and by `rbd bench` from the host.

@@ -29,17 +29,14 @@ skip() { echo "SKIP systemd tests with the Ceph store: $*; nothing was run"; exi
 if b=$(cephns_missing jq e2fsck debugfs mkfs.ext4 objcopy); then skip "$b is not installed (tests/deps.sh)"; fi
 [ -x /lib/systemd/systemd ] || skip "systemd is not installed (the guest boots this machine's root)"
 [ -x /lib/systemd/systemd-networkd ] || skip "systemd-networkd is not installed (the guest's network at boot)"
-bin=${1:-${RADOS_NBD_BIN:-}}
-if [ -z "$bin" ]; then
-  echo "== building rados-nbd (release, feature ceph)"
-  (cd "$root" && cargo build --release -p rados-nbd --features ceph) || exit 1
-  bin=$root/target/release/rados-nbd
-fi
-[ -x "$bin" ] || { echo "systemd-ceph-run.sh: $bin is not an executable" >&2; exit 2; }
+bin=$(cephns_binary "${1:-}")
+rc=$?
+case $rc in
+  0) ;;
+  3) skip "${1:-${RADOS_NBD_BIN:-rados-nbd}} was built without feature ceph" ;;
+  *) exit "$rc" ;;
+esac
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmsdceph.XXXXXX")
-if ! has_ceph "$bin"; then
-  rm -rf "$work"; skip "$bin was built without feature ceph"
-fi
 cleanup() {
   trap '' INT TERM
   cephns_teardown
