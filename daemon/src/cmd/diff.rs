@@ -91,7 +91,7 @@ pub(super) fn find_version(vs: &[Version], spec: &ImageSpec, snap: Option<&str>)
 
 /// The flags of version `v`: the head's from the header of the head handle `img`; a
 /// snapshot's from the store, or from a handle opened at it when the store cannot say.
-async fn version_flags<S: Store>(
+pub(super) async fn version_flags<S: Store>(
     store: &S,
     img: &S::Image,
     spec: &ImageSpec,

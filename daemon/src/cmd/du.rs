@@ -5,13 +5,17 @@
 //! objects; with `--exact` or without fast-diff from the data objects' snap sets (see
 //! diff.rs), exact byte ranges with `--exact`. Never from the data.
 
-use super::diff::{diff_versions, find_version, maps_usable, snapset_extents, versions};
+use super::diff::{
+    diff_versions, find_version, maps_usable, snapset_extents, version_flags, versions,
+};
 use super::info::human_size;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
-use crate::store::{ImageStore, OpenMode, Store};
+use crate::store::{
+    ImageStore, OpenMode, Store, RBD_FEATURE_FAST_DIFF, RBD_FLAG_FAST_DIFF_INVALID,
+};
 use objmap::diff::DiffState;
 use serde_json::json;
 
@@ -51,6 +55,13 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
     let (id, lines) = with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
         let vs = versions(&h);
+        // rbd du's warnings, on stderr, word for word.
+        if h.features & RBD_FEATURE_FAST_DIFF == 0 {
+            eprintln!(
+                "warning: fast-diff map is not enabled for {}. operation may be slow.",
+                spec.name
+            );
+        }
         // `rbd du IMAGE@SNAP`: the snapshots up to SNAP, without the head.
         let last = find_version(&vs, &head, spec.snap.as_deref())?;
         // `--from-snap S`: the versions after S (rbd's order of checks and errors).
@@ -82,6 +93,13 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
                 continue;
             }
             let from = prev_user(i);
+            if version_flags(store, img, &head, v).await? & RBD_FLAG_FAST_DIFF_INVALID != 0 {
+                let at = v.name.as_ref().map(|n| format!("@{n}")).unwrap_or_default();
+                eprintln!(
+                    "warning: fast-diff map is invalid for {}{at}. operation may be slow.",
+                    spec.name
+                );
+            }
             let maps =
                 !opts.exact && maps_usable(store, img, &head, &vs, from.unwrap_or(0), i).await?;
             let used = if maps {
