@@ -301,7 +301,7 @@ impl Ranges {
             .iter()
             .filter_map(|&(o, l)| {
                 let (a, b) = (o.max(off), (o + l).min(end));
-                (a < b).then_some((a, b - a))
+                (a < b).then(|| (a, b - a))
             })
             .collect()
     }
