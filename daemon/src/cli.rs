@@ -141,7 +141,12 @@ pub enum Command {
     /// the object maps (whole objects), or with --exact (or without fast-diff) from the
     /// data objects' snapshot sets.
     Du {
-        image: String,
+        /// [POOL/]NAME[@SNAP]; without it every image of the pool (`--pool`, default rbd),
+        /// with totals, as `rbd du` without an image.
+        image: Option<String>,
+        /// The pool (POOL or POOL/NAMESPACE) when no image is named.
+        #[arg(long, short = 'p', value_name = "POOL", conflicts_with = "image")]
+        pool: Option<String>,
         /// Only the snapshots after this one, and the head (each still against the
         /// version before it).
         #[arg(long, value_name = "SNAP")]

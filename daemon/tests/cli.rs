@@ -413,6 +413,29 @@ fn diff_lists_written_extents_or_whole_objects_and_du_names_the_image_id() {
         "snapshot rbd/vm1@nope not found",
     );
     fails_cleanly(s, &["du", "vm1@nope"], "snapshot rbd/vm1@nope not found");
+    // Without an image: the whole pool, by name, with totals (json) and <TOTAL> (plain).
+    ok(s, &["create", "--size", "6M", "avm"]);
+    for args in [
+        &["du", "--format", "json"][..],
+        &["du", "-p", "rbd", "--format", "json"],
+    ] {
+        let v = json(&ok(s, args));
+        let names: Vec<&str> = v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["avm", "vm1"], "{args:?}");
+        assert_eq!(v["total_provisioned_size"], (6 << 20) + (10 << 20));
+        assert_eq!(v["total_used_size"], (4 << 20) + (2 << 20));
+    }
+    let plain = ok(s, &["du"]);
+    assert!(
+        plain.lines().last().unwrap().starts_with("<TOTAL>"),
+        "{plain}"
+    );
+    fails_cleanly(s, &["du", "-p", "rbd", "vm1"], "cannot be used with");
 }
 
 /// Exit status 2 says "this can never succeed as given" (rados-nbd@.service does not retry

@@ -247,6 +247,33 @@ rbd snap purge "$c2" >/dev/null 2>&1; rbd rm "$c2" >/dev/null 2>&1
 rbd snap purge "$c1" >/dev/null 2>&1; rbd rm "$c1" >/dev/null 2>&1
 rbd snap purge "$c0" >/dev/null 2>&1; rbd rm "$c0" >/dev/null 2>&1
 
+# du without an image: every image of a pool (here a namespace of its own, so the suites
+# running beside this one do not change the listing), with totals, as rbd du.
+ns=du-$$
+rbd namespace create "rbd/$ns"
+rbd create --size 12M --object-size 1M "rbd/$ns/b"
+rbd create --size 6M --object-size 1M "rbd/$ns/a"
+rbd bench --io-type write --io-pattern rand --io-size 4K --io-total 2M "rbd/$ns/a" >/dev/null 2>&1
+rbd snap create "rbd/$ns/a@s" >/dev/null 2>&1
+rbd bench --io-type write --io-pattern seq --io-size 64K --io-total 3M "rbd/$ns/b" >/dev/null 2>&1
+pool_du() {
+  local a f bad=0
+  for a in "" "--merge-snapshots" "--exact"; do
+    for f in plain json; do
+      # shellcheck disable=SC2086
+      [ "$(rbd du --pool rbd --namespace "$ns" $a --format $f 2>/dev/null)" = "$("${RN[@]}" du --pool "rbd/$ns" $a --format $f 2>/dev/null)" ] ||
+        { bad=1; echo "  du --pool $a --format $f differs:"; "${RN[@]}" du --pool "rbd/$ns" $a --format $f; }
+    done
+  done
+  [ "$bad" = 0 ]
+}
+check "du of a whole pool (namespace), plain and json, --merge-snapshots, --exact: rbd du's output" pool_du
+check "... which lists both images and the snapshot, with totals" bash -c \
+  "$RNQ du --pool rbd/$ns --format json | jq -e '(.images | length) == 3 and .total_provisioned_size == $((18 << 20))' >/dev/null"
+check_fails "du --pool with an image is refused" "${RN[@]}" du --pool rbd "rbd/$ns/a"
+for i in a b; do rbd snap purge "rbd/$ns/$i" >/dev/null 2>&1; rbd rm "rbd/$ns/$i" >/dev/null 2>&1; done
+rbd namespace remove "rbd/$ns"
+
 rbd snap purge "$img" >/dev/null 2>&1
 rbd snap purge "$img2" >/dev/null 2>&1
 check "cleanup: rados-nbd rm" "${RN[@]}" rm "$img"

@@ -46,13 +46,19 @@ pub struct DuOptions {
     pub format: Format,
 }
 
-pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Result<()> {
+/// The du lines of one image (`spec` names a snapshot to stop at, or the head), and the
+/// image's id.
+async fn image_lines<S: Store>(
+    store: &S,
+    spec: &ImageSpec,
+    opts: &DuOptions,
+) -> Result<(String, Vec<Line>)> {
     let head = ImageSpec {
         snap: None,
         ..spec.clone()
     };
     let from = opts.from_snap.as_deref();
-    let (id, lines) = with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
+    with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
         let vs = versions(&h);
         // rbd du's warnings, on stderr, word for word.
@@ -121,7 +127,11 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
         }
         Ok((h.id, lines))
     })
-    .await?;
+    .await
+}
+
+pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Result<()> {
+    let (id, lines) = image_lines(store, spec, opts).await?;
     if lines.is_empty() {
         return Ok(());
     }
@@ -134,60 +144,20 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
         lines.last().map_or(0, |l| l.provisioned)
     };
     let total_used: u64 = lines.iter().map(|l| l.used).sum();
-    // `--merge-snapshots`: as rbd, the snapshots' lines are left out and the head's line
-    // carries everything listed (with a snapshot named there is no head line).
     let count = lines.len();
-    let lines: Vec<Line> = if opts.merge_snapshots {
-        lines
-            .into_iter()
-            .filter(|l| l.snap.is_none())
-            .map(|l| Line {
-                used: total_used,
-                ..l
-            })
-            .collect()
-    } else {
-        lines
-    };
+    let lines = merged(lines, opts.merge_snapshots);
     match format {
-        // rbd's key order; the totals only come with a whole pool's du.
+        // The totals only come with a whole pool's du.
         Format::Json => {
             let images: Vec<String> = lines
                 .iter()
-                .map(|l| {
-                    let snap = match &l.snap {
-                        Some((name, sid)) => {
-                            format!(r#""snapshot":{},"snapshot_id":{sid},"#, json!(name))
-                        }
-                        None => String::new(),
-                    };
-                    format!(
-                        r#"{{"name":{},"id":{},{snap}"provisioned_size":{},"used_size":{}}}"#,
-                        json!(spec.name),
-                        json!(id),
-                        l.provisioned,
-                        l.used
-                    )
-                })
+                .map(|l| json_line(&spec.name, &id, l))
                 .collect();
             println!(r#"{{"images":[{}]}}"#, images.join(","));
         }
         Format::Plain => {
-            let name = head.to_string();
-            let name = name
-                .strip_prefix(&format!("{}/", spec.pool_spec()))
-                .unwrap_or(&name)
-                .to_string();
-            let mut rows: Vec<Vec<String>> = lines
-                .iter()
-                .map(|l| {
-                    let n = match &l.snap {
-                        Some((s, _)) => format!("{name}@{s}"),
-                        None => name.clone(),
-                    };
-                    vec![n, human_size(l.provisioned), human_size(l.used)]
-                })
-                .collect();
+            let mut rows: Vec<Vec<String>> =
+                lines.iter().map(|l| plain_row(&spec.name, l)).collect();
             if count > 1 {
                 rows.push(vec![
                     "<TOTAL>".to_string(),
@@ -195,7 +165,7 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
                     human_size(total_used),
                 ]);
             }
-            let cols = [("NAME", false), ("PROVISIONED", true), ("USED", true)];
+            let cols = COLUMNS;
             if rows.is_empty() {
                 // rbd prints the headings of an empty table (--merge-snapshots of a
                 // snapshot); no heading at all comes only from an empty diff.
@@ -205,6 +175,117 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
         }
     }
     Ok(())
+}
+
+/// `rbd du` without an image: every image of the pool (or namespace), by name, each as
+/// `du IMAGE` would list it, then `<TOTAL>` (plain, when more than one line) or the
+/// totals (json, as rbd: `total_provisioned_size`, `total_used_size`). An image that
+/// cannot be opened (removed meanwhile, or in use by another client for a directory
+/// store) is left out with a line on stderr, as rbd does.
+pub async fn du_pool<S: Store>(store: &S, pool: &str, opts: &DuOptions) -> Result<()> {
+    let (pool_name, namespace) = crate::spec::parse_pool_spec(pool)?;
+    if opts.from_snap.is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--from-snap needs an image".to_string(),
+        ));
+    }
+    let mut names = store.list_images(pool).await?;
+    names.sort();
+    let mut images = Vec::new();
+    for name in names {
+        let spec = ImageSpec {
+            pool: pool_name.clone(),
+            namespace: namespace.clone(),
+            name,
+            snap: None,
+        };
+        match image_lines(store, &spec, opts).await {
+            Ok((id, lines)) => images.push((spec.name, id, lines)),
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => eprintln!("rados-nbd: error opening {spec}: {e}"),
+        }
+    }
+    let total_prov: u64 = images
+        .iter()
+        .filter_map(|(_, _, l)| l.last().map(|l| l.provisioned))
+        .sum();
+    let total_used: u64 = images
+        .iter()
+        .flat_map(|(_, _, l)| l.iter().map(|l| l.used))
+        .sum();
+    let count: usize = images.iter().map(|(_, _, l)| l.len()).sum();
+    let images: Vec<(String, String, Vec<Line>)> = images
+        .into_iter()
+        .map(|(n, id, lines)| (n, id, merged(lines, opts.merge_snapshots)))
+        .collect();
+    match opts.format {
+        Format::Json => {
+            let items: Vec<String> = images
+                .iter()
+                .flat_map(|(n, id, lines)| lines.iter().map(move |l| json_line(n, id, l)))
+                .collect();
+            println!(
+                r#"{{"images":[{}],"total_provisioned_size":{total_prov},"total_used_size":{total_used}}}"#,
+                items.join(",")
+            );
+        }
+        Format::Plain => {
+            let mut rows: Vec<Vec<String>> = images
+                .iter()
+                .flat_map(|(n, _, lines)| lines.iter().map(move |l| plain_row(n, l)))
+                .collect();
+            if count > 1 {
+                rows.push(vec![
+                    "<TOTAL>".to_string(),
+                    human_size(total_prov),
+                    human_size(total_used),
+                ]);
+            }
+            print!("{}", text_table(&COLUMNS, &rows));
+        }
+    }
+    Ok(())
+}
+
+const COLUMNS: [(&str, bool); 3] = [("NAME", false), ("PROVISIONED", true), ("USED", true)];
+
+/// `--merge-snapshots`: as rbd, the snapshots' lines are left out and the head's line
+/// carries everything listed (with a snapshot named there is no head line).
+fn merged(lines: Vec<Line>, merge: bool) -> Vec<Line> {
+    if !merge {
+        return lines;
+    }
+    let total: u64 = lines.iter().map(|l| l.used).sum();
+    lines
+        .into_iter()
+        .filter(|l| l.snap.is_none())
+        .map(|l| Line { used: total, ..l })
+        .collect()
+}
+
+/// One image line of rbd du's json, rbd's key order.
+fn json_line(name: &str, id: &str, l: &Line) -> String {
+    let snap = match &l.snap {
+        Some((s, sid)) => format!(r#""snapshot":{},"snapshot_id":{sid},"#, json!(s)),
+        None => String::new(),
+    };
+    format!(
+        r#"{{"name":{},"id":{},{snap}"provisioned_size":{},"used_size":{}}}"#,
+        json!(name),
+        json!(id),
+        l.provisioned,
+        l.used
+    )
+}
+
+/// One row of rbd du's table: NAME[@SNAP], provisioned, used.
+fn plain_row(name: &str, l: &Line) -> Vec<String> {
+    let n = match &l.snap {
+        Some((s, _)) => format!("{name}@{s}"),
+        None => name.to_string(),
+    };
+    vec![n, human_size(l.provisioned), human_size(l.used)]
 }
 
 /// A table as Ceph's TextTable prints it (`rbd du`, `rbd diff`): each column as wide as

@@ -97,6 +97,7 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du {
             image,
+            pool,
             from_snap,
             merge_snapshots,
             exact,
@@ -108,7 +109,13 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 exact,
                 format,
             };
-            du::du(&store, &parse_spec(&image)?, &opts).await
+            match image {
+                Some(image) => du::du(&store, &parse_spec(&image)?, &opts).await,
+                None => {
+                    let pool = pool.as_deref().unwrap_or(crate::spec::DEFAULT_POOL);
+                    du::du_pool(&store, pool, &opts).await
+                }
+            }
         }
         Command::Diff {
             image,
