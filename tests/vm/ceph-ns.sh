@@ -11,6 +11,8 @@
 # The caller sets `work` (its work folder; the cluster goes to $work/ceph) and then:
 #   cephns_missing [CMD...]   prints the first command missing (qemu, Ceph, ip, CMD...); 1 if none
 #   cephns_binary [BINARY]    prints the rados-nbd to test (see below; before `work` is needed)
+#   cephns_suite_binary [BINARY]   the same for a test suite, into $bin: calls the caller's
+#                             `skip` when the binary lacks feature ceph, exits on any other failure
 #   cephns_prepare            fetches the VM's kernel (before the namespace)
 #   cephns_make               makes the namespace and its tap; on failure prints why, returns 1
 #   cephns_cluster            starts the cluster in it (CEPH_MON_V1 etc. passed on), exports
@@ -60,6 +62,17 @@ cephns_binary() {
   [ -x "$bin" ] || { echo "$bin is not an executable" >&2; return 2; }
   has_ceph "$bin" || return 3
   echo "$bin"
+}
+
+cephns_suite_binary() {
+  local rc
+  bin=$(cephns_binary "${1:-}")
+  rc=$?
+  case $rc in
+    0) ;;
+    3) skip "${1:-${RADOS_NBD_BIN:-rados-nbd}} was built without feature ceph" ;;
+    *) exit "$rc" ;;
+  esac
 }
 
 cephns_prepare() { bash "$cephns_dir/vm.sh" --prepare; }

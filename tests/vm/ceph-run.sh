@@ -25,13 +25,7 @@ T0=$(date +%s)
 skip() { echo "SKIP kernel tests on Ceph images: $*; nothing was run"; exit 0; }
 
 if b=$(cephns_missing); then skip "$b is not installed (tests/deps.sh)"; fi
-bin=$(cephns_binary "${1:-}")
-rc=$?
-case $rc in
-  0) ;;
-  3) skip "${1:-${RADOS_NBD_BIN:-rados-nbd}} was built without feature ceph" ;;
-  *) exit "$rc" ;;
-esac
+cephns_suite_binary "${1:-}"
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmceph.XXXXXX")
 IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,

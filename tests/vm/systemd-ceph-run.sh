@@ -29,13 +29,7 @@ skip() { echo "SKIP systemd tests with the Ceph store: $*; nothing was run"; exi
 if b=$(cephns_missing jq e2fsck debugfs mkfs.ext4 objcopy); then skip "$b is not installed (tests/deps.sh)"; fi
 [ -x /lib/systemd/systemd ] || skip "systemd is not installed (the guest boots this machine's root)"
 [ -x /lib/systemd/systemd-networkd ] || skip "systemd-networkd is not installed (the guest's network at boot)"
-bin=$(cephns_binary "${1:-}")
-rc=$?
-case $rc in
-  0) ;;
-  3) skip "${1:-${RADOS_NBD_BIN:-rados-nbd}} was built without feature ceph" ;;
-  *) exit "$rc" ;;
-esac
+cephns_suite_binary "${1:-}"
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vmsdceph.XXXXXX")
 cleanup() {
   trap '' INT TERM
