@@ -278,6 +278,73 @@ check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
   "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
 rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
 
+# A parent image in the trash waiting for its last clone (source USER_PARENT), as librbd
+# does it: `rm` of an image whose snapshots are all trashed (kept for clones) is refused
+# unless rbd_move_parent_to_trash_on_remove is set (CEPH_ARGS, or the pool's `rbd config
+# pool set`), then moves it to the trash as `rbd rm` does; the last clone's removal or
+# flatten removes the parent's snapshot, then the parent, then up the chain (librbd's
+# DetachChildRequest). Chains tg <- tp <- tc, each parent's snapshot trashed.
+trash_chain() { # trash_chain TAG: makes tg_TAG <- tp_TAG <- tc_TAG, snapshots trashed
+  rbd create --size 8M --object-size 1M tg_$1 &&
+  rbd bench --io-type write --io-size 64K --io-total 2M --io-pattern rand tg_$1 >/dev/null 2>&1 &&
+  rbd snap create tg_$1@s >/dev/null 2>&1 &&
+  rbd clone tg_$1@s tp_$1 --rbd-default-clone-format 2 &&
+  rbd bench --io-type write --io-size 64K --io-total 1M --io-pattern rand tp_$1 >/dev/null 2>&1 &&
+  rbd snap create tp_$1@s >/dev/null 2>&1 &&
+  rbd clone tp_$1@s tc_$1 --rbd-default-clone-format 2 &&
+  rbd snap rm tg_$1@s >/dev/null 2>&1 && rbd snap rm tp_$1@s >/dev/null 2>&1 &&
+  rbd export tc_$1 "$work/tc_$1.raw" >/dev/null 2>&1
+}
+# in_trash TAG NAMES...: exactly these of the chain are in the trash, each as USER_PARENT.
+in_trash() {
+  local tag=$1; shift
+  [ "$(rbd trash ls --all --long --format json | jq -r --arg t "_$tag" \
+      '[.[] | select(.name | endswith($t)) | .name + ":" + .source] | sort | join(" ")')" = \
+    "$(for n in "$@"; do echo "${n}_$tag:USER_PARENT"; done | sort | paste -sd' ')" ]
+}
+# gone TAG: no object of the chain's parents is left (header, data, maps, id, directory).
+gone() {
+  [ -z "$(rbd trash ls --all --format json | jq -r --arg t "_$1" '.[] | select(.name | endswith($t)) | .id')" ] &&
+  ! rbd ls | grep -qx "t[gp]_$1" &&
+  for id in $(cat "$work/ids_$1"); do ! rados -p rbd ls | grep -q "$id" || return 1; done
+}
+export -f in_trash gone
+trash_chain a$$
+cat /dev/null >"$work/ids_a$$"
+for n in tg tp; do rbd info --format json ${n}_a$$ | jq -r .id >>"$work/ids_a$$"; done
+check_fails "parent trash: rm of an image whose snapshots are trashed for clones is refused by default" \
+  "${RN[@]}" rm tg_a$$
+check "parent trash: the refusal says why, as rbd's" bash -c \
+  "$RNQ rm tg_a$$ 2>&1 | grep -q 'has snapshots with linked clones' && rbd ls | grep -qx tg_a$$"
+check "parent trash: with rbd_move_parent_to_trash_on_remove (CEPH_ARGS) rm moves it to the trash as USER_PARENT" bash -c \
+  "CEPH_ARGS=--rbd_move_parent_to_trash_on_remove=true $RNQ rm tg_a$$ && in_trash a$$ tg && ! rbd ls | grep -qx tg_a$$"
+rbd config pool set rbd rbd_move_parent_to_trash_on_remove true
+check "parent trash: the pool's own setting (rbd config pool set) does the same" bash -c \
+  "$RNQ rm tp_a$$ && in_trash a$$ tg tp"
+rbd config pool remove rbd rbd_move_parent_to_trash_on_remove
+check "parent trash: rbd trash ls --long shows them as rbd's own (source, expiry, parent)" bash -c \
+  "rbd trash ls --all --long | grep -E '^[0-9a-f]+ +tp_a$$ +USER_PARENT .* expired at .* rbd/tg_a$$@' >/dev/null"
+check "parent trash: the clone still reads through the trashed chain" same_export tc_a$$ "$work/tc_a$$.raw"
+check "parent trash: rm of the last clone removes the chain's snapshots and both parents" bash -c \
+  "$RNQ rm tc_a$$ && gone a$$"
+trash_chain b$$
+cat /dev/null >"$work/ids_b$$"
+for n in tg tp; do rbd info --format json ${n}_b$$ | jq -r .id >>"$work/ids_b$$"; done
+rbd rm --rbd_move_parent_to_trash_on_remove=true tg_b$$ >/dev/null 2>&1
+rbd rm --rbd_move_parent_to_trash_on_remove=true tp_b$$ >/dev/null 2>&1
+check "parent trash: parents moved by rbd rm are there as USER_PARENT" in_trash b$$ tg tp
+check "parent trash: flatten of the last clone removes them (rbd's trash entries)" bash -c \
+  "$RNQ flatten tc_b$$ && gone b$$"
+check "parent trash: the flattened clone kept the bytes" same_export tc_b$$ "$work/tc_b$$.raw"
+rbd rm tc_b$$ >/dev/null 2>&1
+trash_chain c$$
+cat /dev/null >"$work/ids_c$$"
+for n in tg tp; do rbd info --format json ${n}_c$$ | jq -r .id >>"$work/ids_c$$"; done
+CEPH_ARGS=--rbd_move_parent_to_trash_on_remove=true $RNQ rm tg_c$$ 2>/dev/null
+CEPH_ARGS=--rbd_move_parent_to_trash_on_remove=true $RNQ rm tp_c$$ 2>/dev/null
+check "parent trash: librbd removes parents that rados-nbd put in the trash (rbd rm of the last clone)" bash -c \
+  "in_trash c$$ tg tp && rbd rm tc_c$$ >/dev/null 2>&1 && gone c$$"
+
 # Leave the pool as we found it (other suites share it): each chain from its leaf up, and
 # cbase's other children, at once (each removal mostly waits for the cluster), then cbase.
 rm_images() {

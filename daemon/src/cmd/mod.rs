@@ -15,11 +15,11 @@ pub mod ls;
 pub mod object_map;
 pub mod resize;
 pub mod snap;
-pub mod trash_snap;
 
 use crate::cli::{Cli, Command, ObjectMapCommand};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::image;
 use crate::parse::parse_size;
 use crate::serve;
 use crate::spec::ImageSpec;
@@ -77,21 +77,20 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Info { image, format } => info::info(&store, &parse_spec(&image)?, format).await,
         Command::Rm { image } => {
             let spec = parse_head_spec(&image, "remove")?;
-            // A clone's parent, read first: its snapshot may be in the trash waiting for
-            // its last clone (this one). An image that cannot be opened is removed anyway.
-            let parent = match store.open_image(&spec, OpenMode::ReadOnly).await {
-                Ok(i) => {
-                    let p = i.header().parent;
-                    let _ = i.close().await;
-                    p
-                }
-                Err(_) => None,
-            };
-            store.remove_image(&spec).await?;
-            if let Some(p) = parent {
-                trash_snap::remove_if_unused(&store, &p).await;
+            // A clone's parent, read first: its snapshot (and the parent itself) may be
+            // in the trash waiting for its last clone (this one). The read-only handle
+            // (no watch, no lock) stays open to reach the parent afterwards. An image
+            // that cannot be opened is removed anyway.
+            let child = store.open_image(&spec, OpenMode::ReadOnly).await.ok();
+            let parent = child.as_ref().and_then(|c| c.header().parent);
+            let r = store.remove_image(&spec).await;
+            if let (Ok(()), Some(c), Some(p)) = (&r, &child, parent) {
+                image::release_parent(c, p).await;
             }
-            Ok(())
+            if let Some(c) = child {
+                let _ = c.close().await;
+            }
+            r
         }
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,

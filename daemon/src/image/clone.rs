@@ -611,26 +611,30 @@ impl<S: ImageStore> Image<S> {
         }
         tracing::info!("flattened {spec}");
         if let Some(p) = parent {
-            self.remove_unused_parent_snap(&p).await;
+            release_parent(&self.store, p).await;
         }
         Ok(())
     }
+}
 
-    /// A parent snapshot in the trash goes with its last clone: `rbd snap rm` of a
-    /// snapshot that format-2 clones use moves it to the trash namespace (librbd's
-    /// SnapshotRemoveRequest, and the Ceph store's), and librbd's DetachChildRequest
-    /// removes it once the last clone is flattened, whoever asked for the flatten. Best
-    /// effort, as librbd's: the flatten is done whatever happens here; a parent that a
-    /// live client holds keeps the snapshot, with a warning saying so.
-    async fn remove_unused_parent_snap(&self, parent: &ParentInfo) {
+/// What goes with a clone's last link to its parent, as librbd's DetachChildRequest
+/// does after a flatten or a removal: the parent's snapshot, if it is in the trash
+/// namespace (`rbd snap rm` of a snapshot that format-2 clones use moves it there) and no
+/// clone uses it any more; then, once that parent has no snapshot left, the parent image
+/// itself if `rbd rm` with `rbd_move_parent_to_trash_on_remove` put it in the trash to
+/// wait for its clones (`ImageStore::remove_trashed_parent`); and so on up the chain,
+/// since a parent removed so was itself maybe the last clone of its own parent.
+/// `via` is any handle of the store the parent lives in (the child's, even after the
+/// child was removed). Best effort, as librbd's: the flatten or removal is done whatever
+/// happens here; a parent that a live client holds keeps its snapshot, with a warning
+/// saying so.
+pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
+    let mut next = Some(parent);
+    while let Some(parent) = next.take() {
         let what = format!("snapshot {} (id {})", parent.spec, parent.snap_id);
         // A look first, without the lock: most parents' snapshots are not in the trash,
         // and a read-write open would take the parent's lock and flag its map.
-        let peek = match self
-            .store
-            .open_parent_head(parent, OpenMode::ReadOnly)
-            .await
-        {
+        let peek = match via.open_parent_head(&parent, OpenMode::ReadOnly).await {
             Ok(p) => p,
             Err(e) if e.kind == ErrorKind::Unsupported => return,
             Err(e) => {
@@ -638,16 +642,13 @@ impl<S: ImageStore> Image<S> {
                 return;
             }
         };
-        let trashed = is_trashed(&peek.header(), parent.snap_id);
+        let h = peek.header();
         let _ = peek.close().await;
-        if !trashed {
+        if !is_trashed(&h, parent.snap_id) {
             return;
         }
         let r = async {
-            let head = self
-                .store
-                .open_parent_head(parent, OpenMode::ReadWrite)
-                .await?;
+            let head = via.open_parent_head(&parent, OpenMode::ReadWrite).await?;
             let spec = ImageSpec {
                 snap: None,
                 ..parent.spec.clone()
@@ -663,7 +664,26 @@ impl<S: ImageStore> Image<S> {
         .await;
         match r {
             Ok(()) => tracing::info!("{what} left the trash with its last clone"),
-            Err(e) => tracing::warn!("{what} stays in the trash: {e}"),
+            Err(e) => {
+                tracing::warn!("{what} stays in the trash: {e}");
+                return;
+            }
+        }
+        let image = ImageSpec {
+            snap: None,
+            ..parent.spec.clone()
+        };
+        match via.remove_trashed_parent(&parent).await {
+            Ok(true) => {
+                tracing::info!(
+                    "{image} (id {}) left the trash with its last clone",
+                    parent.image_id
+                );
+                // It may have been the last clone of a parent of its own.
+                next = h.parent;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{image} (id {}) stays in the trash: {e}", parent.image_id),
         }
     }
 }

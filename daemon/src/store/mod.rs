@@ -552,6 +552,18 @@ pub trait ImageStore: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// Removes `parent` (an image by id, as a clone's header names it) if it waits in the
+    /// trash for its last clone and that clone is gone: moved there by `rbd rm` with
+    /// `rbd_move_parent_to_trash_on_remove` (source USER_PARENT), its deferment over, and
+    /// no snapshot left (librbd's DetachChildRequest, then trash::RemoveRequest). `true`
+    /// if it was removed. A store without an image trash need not have it.
+    fn remove_trashed_parent(
+        &self,
+        _parent: &ParentInfo,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(false) }
+    }
+
     /// Copy-up (librbd's CopyupRequest): makes object `objno` hold `parent_data` (the
     /// ancestor's bytes of this object inside the overlap; may be empty) with `op`
     /// applied on top, in one atomic step and only if the object does not exist yet; if

@@ -553,6 +553,65 @@ pub fn metadata_list_out(b: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(v)
 }
 
+/// cls_rbd's TrashImageSpec (the value of an `rbd_trash` entry, keyed `id_<image id>`):
+/// ENCODE_START(2,1) { u8 source, string name, utime_t deletion_time, utime_t
+/// deferment_end_time (each u32 sec, u32 nsec), v2: u8 state }.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrashSpec {
+    pub source: u8,
+    pub name: String,
+    /// Seconds since the epoch (the nanoseconds are kept for a round trip).
+    pub deletion: (u32, u32),
+    pub deferment_end: (u32, u32),
+    pub state: u8,
+}
+
+/// TRASH_IMAGE_SOURCE_USER_PARENT: moved there by `rbd rm` with
+/// `rbd_move_parent_to_trash_on_remove`, to go with its last clone.
+pub const TRASH_SOURCE_USER_PARENT: u8 = 4;
+/// TRASH_IMAGE_STATE_NORMAL / _REMOVING.
+pub const TRASH_STATE_NORMAL: u8 = 0;
+pub const TRASH_STATE_REMOVING: u8 = 2;
+
+/// `trash_add`: string id, TrashImageSpec.
+pub fn trash_add_in(id: &str, t: &TrashSpec) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.str(id);
+    let at = e.start(2, 1);
+    e.u8(t.source)
+        .str(&t.name)
+        .u32(t.deletion.0)
+        .u32(t.deletion.1)
+        .u32(t.deferment_end.0)
+        .u32(t.deferment_end.1)
+        .u8(t.state);
+    e.finish(at).done()
+}
+
+/// `trash_get` → TrashImageSpec (a v1 entry has no state: NORMAL).
+pub fn trash_get_out(b: &[u8]) -> Result<TrashSpec> {
+    let mut d = Dec::new(b, "rbd.trash_get reply");
+    let (v, end) = d.start(2)?;
+    let source = d.u8()?;
+    let name = d.string()?;
+    let deletion = (d.u32()?, d.u32()?);
+    let deferment_end = (d.u32()?, d.u32()?);
+    let state = if v >= 2 { d.u8()? } else { TRASH_STATE_NORMAL };
+    d.finish(end)?;
+    Ok(TrashSpec {
+        source,
+        name,
+        deletion,
+        deferment_end,
+        state,
+    })
+}
+
+/// `trash_state_set`: string id, u8 state, u8 expected current state.
+pub fn trash_state_set_in(id: &str, state: u8, expect: u8) -> Vec<u8> {
+    Enc::new().str(id).u8(state).u8(expect).done()
+}
+
 /// `object_map_resize`: object count, default state.
 pub fn object_map_resize_in(count: u64, default_state: u8) -> Vec<u8> {
     Enc::new().u64(count).u8(default_state).done()
@@ -1219,6 +1278,26 @@ mod tests {
             vec![5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 3, 0]
         );
         assert_eq!(object_map_update_in(0, 1, 1, Some(0))[16..], [1, 1, 0]);
+    }
+
+    #[test]
+    fn trash_spec_as_cls_rbd_writes_it() {
+        // An `rbd_trash` value written by `rbd rm --rbd_move_parent_to_trash_on_remove=true`
+        // (Ceph 16.2.15, `rados listomapvals rbd_trash`).
+        let real = [
+            0x02, 0x01, 0x18, 0x00, 0x00, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00, 0x70, 0x31, 0x19,
+            0x19, 0x13, 0x6b, 0x28, 0x44, 0x6e, 0x17, 0x19, 0x19, 0x13, 0x6b, 0x28, 0x44, 0x6e,
+            0x17, 0x00,
+        ];
+        let t = trash_get_out(&real).unwrap();
+        assert_eq!(t.source, TRASH_SOURCE_USER_PARENT);
+        assert_eq!(t.name, "p1");
+        assert_eq!(t.deletion, (0x6b13_1919, 0x176e_4428));
+        assert_eq!(t.deferment_end, t.deletion);
+        assert_eq!(t.state, TRASH_STATE_NORMAL);
+        let enc = trash_add_in("102cf4dad5b2", &t);
+        assert_eq!(&enc[4 + 12..], &real[..]);
+        assert!(trash_get_out(&real[..real.len() - 1]).is_err());
     }
 
     #[test]

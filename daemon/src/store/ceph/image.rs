@@ -679,6 +679,23 @@ impl ImageStore for CephImage {
         .map_err(ctx)
     }
 
+    async fn remove_trashed_parent(&self, p: &ParentInfo) -> Result<bool> {
+        let i = &self.inner;
+        super::store::remove_trashed_parent(
+            i.meta.cluster(),
+            p,
+            i.allow_encrypted,
+            i.luks_noted.clone(),
+        )
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "removing {} (id {}) from the trash with its last clone",
+                p.spec, p.image_id
+            ))
+        })
+    }
+
     /// librbd's CopyupRequest::copyup: `rbd.copyup` (a no-op when the object exists)
     /// and the request's own op in one write operation with the image's snapshot
     /// context. Two cases send the copy-up alone first, with an EMPTY snapshot context,

@@ -12,15 +12,16 @@ use super::{cls, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
-    CloneOptions, CreateOptions, ImageStore as _, OpenMode, Store, RBD_FEATURE_DEEP_FLATTEN,
-    RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING,
-    RBD_FEATURE_OBJECT_MAP,
+    CloneOptions, CreateOptions, ImageStore as _, OpenMode, ParentInfo, Store,
+    RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF,
+    RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
 };
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 const RBD_DIRECTORY: &str = "rbd_directory";
+const RBD_TRASH: &str = "rbd_trash";
 /// Where format-1 clones are recorded (per pool): parent spec → child ids.
 const RBD_CHILDREN: &str = "rbd_children";
 /// cls::rbd::DIRECTORY_STATE_READY, encoded as the u8 it is.
@@ -160,6 +161,27 @@ impl Store for CephStore {
             Ok(b) => {
                 let (_, snaps) = cls::get_snapcontext_out(&b).map_err(ctx)?;
                 if !snaps.is_empty() {
+                    // librbd's PreRemoveRequest: snapshots kept in the trash namespace
+                    // for clones (`rbd snap rm` of a snapshot in use) do not stop a
+                    // removal as others do; with rbd_move_parent_to_trash_on_remove the
+                    // image goes to the trash to wait for its last clone.
+                    if all_trashed(&io, &hdr, &snaps).await.map_err(ctx)? {
+                        if move_parent_to_trash_on_remove(&io).await {
+                            check_unwatched(&io, &hdr, spec).await?;
+                            return trash_move(&io, spec, &id, cls::TRASH_SOURCE_USER_PARENT)
+                                .await
+                                .map_err(ctx);
+                        }
+                        return Err(Error::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "image {spec} has snapshots with linked clones: these must be \
+                                 deleted or flattened before the image can be removed \
+                                 (or set rbd_move_parent_to_trash_on_remove=true to move it \
+                                 to the trash until they are)"
+                            ),
+                        ));
+                    }
                     return Err(Error::new(
                         ErrorKind::Busy,
                         format!(
@@ -168,55 +190,18 @@ impl Store for CephStore {
                         ),
                     ));
                 }
-                let watchers = io
-                    .notify(&hdr, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
-                    .await
-                    .map_err(ctx)?;
-                if let Some((gid, cookie, _)) = watchers.acks.first() {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("image {spec} is open by client.{gid} (watch {cookie})"),
-                    ));
-                }
-                if let Some((gid, cookie)) = watchers.timeouts.first() {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!(
-                            "image {spec} still has a watch by client.{gid} (watch {cookie}); \
-                             if that client died, retry after the OSD expires it (~30 s)"
-                        ),
-                    ));
-                }
+                check_unwatched(&io, &hdr, spec).await?;
             }
             Err(e) if e.kind == ErrorKind::NotFound => {}
             Err(e) => return Err(ctx(e)),
         }
-        // A clone: its parent forgets it first (librbd's RemoveRequest detaches the child),
-        // else the parent keeps counting a clone that is gone: `rbd children` fails on it,
-        // the snapshot cannot be unprotected, and one in the trash is never removed.
-        if let Ok((h, _)) = load_header(&io, spec, &id, OpenMode::ReadOnly).await {
-            if h.parent.is_some() {
-                let img = self
-                    .open_image(spec, OpenMode::ReadWrite)
-                    .await
-                    .map_err(ctx)?;
-                let r = img.detach_parent().await;
-                let c = img.close().await;
-                r.and(c).map_err(ctx)?;
-            }
-        }
-        let names = io
-            .list_objects(&format!("rbd_data.{id}."))
+        let knobs = OpenKnobs {
+            allow_encrypted: self.allow_encrypted,
+            lock_at_open: self.lock_at_open,
+        };
+        remove_by_id(&io, spec, &id, knobs, self.luks_noted.clone())
             .await
             .map_err(ctx)?;
-        for_each_parallel(names, |name| {
-            let io = io.clone();
-            async move { io.remove(&name).await.map(|_| ()) }
-        })
-        .await
-        .map_err(ctx)?;
-        io.remove(&object_map_oid(&id, None)).await.map_err(ctx)?;
-        io.remove(&hdr).await.map_err(ctx)?;
         match io
             .exec_write(
                 RBD_DIRECTORY,
@@ -798,6 +783,219 @@ pub(super) async fn open_by_id_at(
         }
     }
     Ok(img)
+}
+
+/// Refuses with `Busy` while a client has the image's header watched (open): asked by a
+/// header-update notification, whose acks name the watchers.
+async fn check_unwatched(io: &IoCtx, hdr: &str, spec: &ImageSpec) -> Result<()> {
+    let watchers = io
+        .notify(hdr, &cls::header_update_notify(), NOTIFY_TIMEOUT_MS)
+        .await
+        .map_err(|e| e.context(format!("removing image {spec}")))?;
+    if let Some((gid, cookie, _)) = watchers.acks.first() {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("image {spec} is open by client.{gid} (watch {cookie})"),
+        ));
+    }
+    if let Some((gid, cookie)) = watchers.timeouts.first() {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "image {spec} still has a watch by client.{gid} (watch {cookie}); \
+                 if that client died, retry after the OSD expires it (~30 s)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether every snapshot in `snaps` is in the trash namespace (kept for clones).
+async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
+    for &id in snaps {
+        let b = io
+            .exec_read(hdr, RBD, "snapshot_get", &cls::snap_in(id))
+            .await?;
+        let info = cls::snapshot_get_out(&b)?;
+        if !matches!(info.namespace, crate::store::SnapNamespace::Trash { .. }) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// librbd's `rbd_move_parent_to_trash_on_remove` as librbd resolves it: the pool's own
+/// setting (`rbd config pool set`: `conf_<option>` in the pool's `rbd_info` metadata)
+/// over this client's configuration (ceph.conf, CEPH_ARGS, the monitors' database).
+async fn move_parent_to_trash_on_remove(io: &IoCtx) -> bool {
+    const OPT: &str = "rbd_move_parent_to_trash_on_remove";
+    let key = format!("conf_{OPT}");
+    if let Ok(pool) = io.cluster().ioctx_in(io.pool(), "") {
+        if let Ok(b) = pool
+            .exec_read("rbd_info", RBD, "metadata_get", &cls::string_in(&key))
+            .await
+        {
+            if let Ok(v) = cls::string_out(&b, "rbd.metadata_get reply") {
+                match v.as_str() {
+                    "true" => return true,
+                    "false" => return false,
+                    _ => {}
+                }
+            }
+        }
+    }
+    io.cluster().conf_bool(OPT).unwrap_or(false)
+}
+
+/// Seconds and nanoseconds since the epoch, as a utime_t.
+fn utime_now() -> (u32, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as u32, d.subsec_nanos())
+}
+
+/// librbd's trash::MoveRequest: the trash entry first, then the name goes (the
+/// `rbd_id.<name>` object and the directory entry); the image itself, by id, stays whole.
+async fn trash_move(io: &IoCtx, spec: &ImageSpec, id: &str, source: u8) -> Result<()> {
+    let now = utime_now();
+    let entry = cls::TrashSpec {
+        source,
+        name: spec.name.clone(),
+        deletion: now,
+        deferment_end: now,
+        state: cls::TRASH_STATE_NORMAL,
+    };
+    io.exec_write(RBD_TRASH, RBD, "trash_add", &cls::trash_add_in(id, &entry))
+        .await?;
+    io.remove(&format!("rbd_id.{}", spec.name)).await?;
+    match io
+        .exec_write(
+            RBD_DIRECTORY,
+            RBD,
+            "dir_remove_image",
+            &cls::dir_image_in(&spec.name, id),
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if e.kind == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tracing::info!("moved {spec} (id {id}) to the trash until its last clone goes");
+    Ok(())
+}
+
+/// What an image is besides its name: a clone first lets its parent forget it (librbd's
+/// RemoveRequest detaches the child, else the parent keeps counting a clone that is gone:
+/// `rbd children` fails on it, the snapshot cannot be unprotected, and one in the trash
+/// is never removed), then its data objects, its object map, its header. The caller
+/// checked that it has no snapshots and no watchers.
+async fn remove_by_id(
+    io: &Arc<IoCtx>,
+    spec: &ImageSpec,
+    id: &str,
+    knobs: OpenKnobs,
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
+) -> Result<()> {
+    if let Ok((h, _)) = load_header(io, spec, id, OpenMode::ReadOnly).await {
+        if h.parent.is_some() {
+            let img = open_by_id(
+                io.clone(),
+                spec,
+                id.to_string(),
+                OpenMode::ReadWrite,
+                knobs,
+                luks_noted,
+            )
+            .await?;
+            let r = img.detach_parent().await;
+            let c = crate::store::ImageStore::close(&img).await;
+            r.and(c)?;
+        }
+    }
+    let names = io.list_objects(&format!("rbd_data.{id}.")).await?;
+    for_each_parallel(names, |name| {
+        let io = io.clone();
+        async move { io.remove(&name).await.map(|_| ()) }
+    })
+    .await?;
+    io.remove(&object_map_oid(id, None)).await?;
+    io.remove(&header_oid(id)).await?;
+    Ok(())
+}
+
+/// librbd's DetachChildRequest after the parent's trashed snapshot went, then
+/// trash::RemoveRequest: a parent image with no snapshot left, in the trash as
+/// USER_PARENT (waiting for its last clone), state NORMAL, its deferment over, is marked
+/// REMOVING, removed as `rm` removes an image, and its trash entry dropped. Ok(false):
+/// not such a parent. On a failure the entry goes back to NORMAL, as librbd's does.
+pub(super) async fn remove_trashed_parent(
+    cluster: &Arc<Rados>,
+    p: &ParentInfo,
+    allow_encrypted: bool,
+    luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
+) -> Result<bool> {
+    let io = cluster.ioctx_in(&p.spec.pool, &p.spec.namespace)?;
+    let spec = ImageSpec {
+        snap: None,
+        ..p.spec.clone()
+    };
+    let id = &p.image_id;
+    let hdr = header_oid(id);
+    let b = match io.exec_read(&hdr, RBD, "get_snapcontext", &[]).await {
+        Ok(b) => b,
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !cls::get_snapcontext_out(&b)?.1.is_empty() {
+        return Ok(false);
+    }
+    let t = match io
+        .exec_read(RBD_TRASH, RBD, "trash_get", &cls::string_in(id))
+        .await
+    {
+        Ok(b) => cls::trash_get_out(&b)?,
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if t.source != cls::TRASH_SOURCE_USER_PARENT
+        || t.state != cls::TRASH_STATE_NORMAL
+        || t.deferment_end > utime_now()
+    {
+        return Ok(false);
+    }
+    let set_state = |state, expect| cls::trash_state_set_in(id, state, expect);
+    io.exec_write(
+        RBD_TRASH,
+        RBD,
+        "trash_state_set",
+        &set_state(cls::TRASH_STATE_REMOVING, cls::TRASH_STATE_NORMAL),
+    )
+    .await?;
+    let knobs = OpenKnobs {
+        allow_encrypted,
+        // Somebody else's image: never take its lock from a live owner.
+        lock_at_open: crate::store::LockAtOpen::Refuse,
+    };
+    let r = match check_unwatched(&io, &hdr, &spec).await {
+        Ok(()) => remove_by_id(&io, &spec, id, knobs, luks_noted).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = r {
+        let _ = io
+            .exec_write(
+                RBD_TRASH,
+                RBD,
+                "trash_state_set",
+                &set_state(cls::TRASH_STATE_NORMAL, cls::TRASH_STATE_REMOVING),
+            )
+            .await;
+        return Err(e);
+    }
+    io.exec_write(RBD_TRASH, RBD, "trash_remove", &cls::string_in(id))
+        .await?;
+    Ok(true)
 }
 
 /// An image's name from its id (`rbd_directory`'s `dir_get_name`); the id itself when

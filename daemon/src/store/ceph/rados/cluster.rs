@@ -167,6 +167,16 @@ impl Rados {
         Some(s.to_string_lossy().into_owned())
     }
 
+    /// A boolean option as this client resolved it (ceph.conf, CEPH_ARGS, the monitors'
+    /// config database): librbd's own options included (`rbd_...`). `None`: unknown.
+    pub fn conf_bool(&self, option: &str) -> Option<bool> {
+        match self.conf_get(option)?.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+
     /// This client's global id (`client.<gid>`).
     pub fn instance_id(&self) -> u64 {
         unsafe { rados_get_instance_id(self.h) }
