@@ -251,6 +251,36 @@ check "flatten: after close, rbd object-map check passes" omap_check "$C-2"
 rbd snap unprotect "$P@base2" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
 
+# A snapshot asked while the owner flattens a large clone is taken at once, beside the
+# flatten (as librbd's owner runs them), not after it: the flatten copies up 1 GiB object
+# by object, and `rbd snap create` returns while it still runs. Both exact afterwards.
+P3=ownerp3-$$
+C3=ownerc3-$$
+rbd create --size 1G "$P3"
+rbd bench --io-type write --io-size 4M --io-total 1G --io-pattern seq "$P3" >/dev/null 2>&1
+rbd snap create "$P3@s" >/dev/null 2>&1
+rbd clone --rbd-default-clone-format 2 "$P3@s" "$C3"
+rbd export --no-progress "$C3" "$work/c3.ref" >/dev/null 2>&1
+serve "$C3" || { fail "serve $C3" "$(tail -3 "$work/serve.log")"; }
+"${RBD[@]}" flatten --no-progress "$C3" >/dev/null 2>&1 &
+flat_pid=$!
+for _ in $(seq 1 200); do
+  grep -q "flatten of rbd/$C3 asked by another client" "$work/serve.log" && break
+  sleep 0.05
+done
+check "flatten + snapshot: rbd snap create during the flatten succeeds" "${RBD[@]}" snap create "$C3@during"
+check "flatten + snapshot: ... and returned while the flatten still ran" kill -0 $flat_pid
+wait $flat_pid
+check "flatten + snapshot: the flatten succeeded" test $? = 0
+check "flatten + snapshot: rbd info shows no parent" bash -c "! rbd info '$C3' --format json | jq -e .parent >/dev/null"
+check "flatten + snapshot: rbd export of the snapshot and of the head equal the clone's bytes" bash -c \
+  "exported_is '$C3@during' '$work/c3.ref' && exported_is '$C3' '$work/c3.ref'"
+check_unserve "flatten + snapshot: clean close"
+check "flatten + snapshot: after close, rbd object-map check passes (head and snapshot)" bash -c \
+  "omap_check '$C3' && omap_check '$C3@during'"
+rbd snap purge "$C3" >/dev/null 2>&1; rbd rm "$C3" >/dev/null 2>&1
+rbd snap purge "$P3" >/dev/null 2>&1; rbd rm "$P3" >/dev/null 2>&1
+
 # ------------------------------------------------------------ feature changes
 # fast-diff and object-map turned off and on again by the owner while a client is connected
 # and writing: off, the maps are gone and the flags clear; on again, the map is built from

@@ -131,11 +131,15 @@ impl<S: ImageStore> Image<S> {
     }
 
     /// Serves the requests other clients address to the lock holder (resize, snapshot
-    /// create/remove/rename/protect, flatten, object map rebuild), if the store takes any
-    /// for this handle: each runs here, one at a time, and its result goes back to the
-    /// asker. Ends when the store stops sending (closed) or the image
-    /// is dropped. The header updates of the other owner, while the lock is its, are
-    /// followed too (`follow_header_updates`).
+    /// create/remove/rename/protect, flatten, object map rebuild, sparsify, features, the
+    /// lock itself), if the store takes any for this handle, and sends each result back
+    /// to its asker. A flatten or a sparsify (long: object by object, each under the
+    /// gate as a client write is) runs beside the snapshot requests, as librbd's owner
+    /// runs them, so that a backup's `rbd snap create` does not wait for a flatten of a
+    /// large clone; every other request waits until nothing else runs (one long request
+    /// at a time; resize, rebuild, features and the hand-over alone). Ends when the store
+    /// stops sending (closed) or the image is dropped. The header updates of the other
+    /// owner, while the lock is its, are followed too (`follow_header_updates`).
     pub fn serve_owner_requests(self: &Arc<Self>) {
         self.follow_header_updates();
         let Some(mut rx) = self.store.owner_requests() else {
@@ -143,97 +147,29 @@ impl<S: ImageStore> Image<S> {
         };
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut long: Option<tokio::task::JoinHandle<()>> = None;
             while let Some(req) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
-                let OwnerRequest {
-                    action,
-                    progress,
-                    done,
-                } = req;
-                let report = |d, t| {
-                    progress.send_replace((d, t));
-                };
-                let spec = &img.spec;
-                let r = match action {
-                    OwnerAction::Resize { size, allow_shrink } => {
-                        tracing::info!(
-                            "resize of {spec} to {size} bytes asked by another client{}",
-                            if allow_shrink {
-                                " (shrinking allowed)"
-                            } else {
-                                ""
-                            }
-                        );
-                        img.resize(size, allow_shrink).await
+                let beside_long = matches!(
+                    req.action,
+                    OwnerAction::SnapCreate { .. }
+                        | OwnerAction::SnapRemove { .. }
+                        | OwnerAction::SnapRename { .. }
+                        | OwnerAction::SnapProtect { .. }
+                );
+                if !beside_long {
+                    if let Some(h) = long.take() {
+                        let _ = h.await;
                     }
-                    OwnerAction::SnapRemove { name } => {
-                        tracing::info!("removal of snapshot {spec}@{name} asked by another client");
-                        img.snap_remove(&name).await
-                    }
-                    OwnerAction::SnapRename { snap_id, new_name } => {
-                        match img
-                            .store
-                            .header()
-                            .snaps
-                            .iter()
-                            .find(|s| s.id == snap_id && s.is_user())
-                        {
-                            Some(s) => {
-                                tracing::info!("rename of snapshot {spec}@{} to {new_name} asked by another client", s.name);
-                                img.snap_rename(&s.name.clone(), &new_name).await
-                            }
-                            None => Err(Error::new(
-                                ErrorKind::NotFound,
-                                format!("{spec}: no snapshot with id {snap_id} to rename"),
-                            )),
-                        }
-                    }
-                    OwnerAction::SnapProtect { name, protected } => {
-                        tracing::info!(
-                            "{} of snapshot {spec}@{name} asked by another client",
-                            if protected {
-                                "protection"
-                            } else {
-                                "unprotection"
-                            }
-                        );
-                        img.snap_set_protected(&name, protected).await
-                    }
-                    OwnerAction::Flatten => {
-                        tracing::info!("flatten of {spec} asked by another client");
-                        img.flatten(report).await
-                    }
-                    OwnerAction::RebuildObjectMap => {
-                        tracing::info!("object map rebuild of {spec} asked by another client");
-                        img.rebuild_object_map(report).await.map(|_| ())
-                    }
-                    OwnerAction::Sparsify { sparse_size } => {
-                        tracing::info!(
-                            "sparsify of {spec} (runs of {sparse_size} zero bytes) asked by another client"
-                        );
-                        img.sparsify(sparse_size, report).await
-                    }
-                    OwnerAction::UpdateFeatures { features, enabled } => {
-                        tracing::info!(
-                            "{} of features {features:#x} of {spec} asked by another client",
-                            if enabled { "enabling" } else { "disabling" }
-                        );
-                        img.update_features(features, enabled).await
-                    }
-                    OwnerAction::ReleaseLock => img.hand_over().await,
-                    OwnerAction::SnapCreate { name, quiesce } => {
-                        tracing::info!("snapshot {spec}@{name} asked by another client");
-                        // snap_create holds every request off (the gate) while it syncs
-                        // and takes the snapshot: every acknowledged write is in it; with
-                        // --quiesce the hook runs around it.
-                        img.snap_create_quiesced(&name, quiesce).await
-                    }
-                };
-                // The asker gets its errno only: the failure is logged here.
-                if let Err(e) = &r {
-                    tracing::warn!("{e}");
                 }
-                let _ = done.send(r);
+                if matches!(
+                    req.action,
+                    OwnerAction::Flatten | OwnerAction::Sparsify { .. }
+                ) {
+                    long = Some(tokio::spawn(run_owner_request(img, req)));
+                } else {
+                    run_owner_request(img, req).await;
+                }
             }
         });
     }
@@ -243,4 +179,101 @@ impl<S: ImageStore> Image<S> {
     pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.size_tx.subscribe()
     }
+}
+
+/// Performs one request another client addressed to the lock holder and sends its result
+/// back (see `Image::serve_owner_requests`).
+async fn run_owner_request<S: ImageStore>(img: Arc<Image<S>>, req: OwnerRequest) {
+    let OwnerRequest {
+        action,
+        progress,
+        done,
+    } = req;
+    let report = |d, t| {
+        progress.send_replace((d, t));
+    };
+    let spec = &img.spec;
+    let r = match action {
+        OwnerAction::Resize { size, allow_shrink } => {
+            tracing::info!(
+                "resize of {spec} to {size} bytes asked by another client{}",
+                if allow_shrink {
+                    " (shrinking allowed)"
+                } else {
+                    ""
+                }
+            );
+            img.resize(size, allow_shrink).await
+        }
+        OwnerAction::SnapRemove { name } => {
+            tracing::info!("removal of snapshot {spec}@{name} asked by another client");
+            img.snap_remove(&name).await
+        }
+        OwnerAction::SnapRename { snap_id, new_name } => {
+            match img
+                .store
+                .header()
+                .snaps
+                .iter()
+                .find(|s| s.id == snap_id && s.is_user())
+            {
+                Some(s) => {
+                    tracing::info!(
+                        "rename of snapshot {spec}@{} to {new_name} asked by another client",
+                        s.name
+                    );
+                    img.snap_rename(&s.name.clone(), &new_name).await
+                }
+                None => Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("{spec}: no snapshot with id {snap_id} to rename"),
+                )),
+            }
+        }
+        OwnerAction::SnapProtect { name, protected } => {
+            tracing::info!(
+                "{} of snapshot {spec}@{name} asked by another client",
+                if protected {
+                    "protection"
+                } else {
+                    "unprotection"
+                }
+            );
+            img.snap_set_protected(&name, protected).await
+        }
+        OwnerAction::Flatten => {
+            tracing::info!("flatten of {spec} asked by another client");
+            img.flatten(report).await
+        }
+        OwnerAction::RebuildObjectMap => {
+            tracing::info!("object map rebuild of {spec} asked by another client");
+            img.rebuild_object_map(report).await.map(|_| ())
+        }
+        OwnerAction::Sparsify { sparse_size } => {
+            tracing::info!(
+                "sparsify of {spec} (runs of {sparse_size} zero bytes) asked by another client"
+            );
+            img.sparsify(sparse_size, report).await
+        }
+        OwnerAction::UpdateFeatures { features, enabled } => {
+            tracing::info!(
+                "{} of features {features:#x} of {spec} asked by another client",
+                if enabled { "enabling" } else { "disabling" }
+            );
+            img.update_features(features, enabled).await
+        }
+        OwnerAction::ReleaseLock => img.hand_over().await,
+        OwnerAction::SnapCreate { name, quiesce } => {
+            tracing::info!("snapshot {spec}@{name} asked by another client");
+            // snap_create holds every request off (the gate) while it syncs
+            // and takes the snapshot: every acknowledged write is in it; with
+            // --quiesce the hook runs around it.
+            img.snap_create_quiesced(&name, quiesce).await
+        }
+    };
+    // The asker gets its errno only: the failure is logged here.
+    if let Err(e) = &r {
+        tracing::warn!("{e}");
+    }
+    let _ = done.send(r);
 }
