@@ -281,6 +281,45 @@ check "flatten + snapshot: after close, rbd object-map check passes (head and sn
 rbd snap purge "$C3" >/dev/null 2>&1; rbd rm "$C3" >/dev/null 2>&1
 rbd snap purge "$P3" >/dev/null 2>&1; rbd rm "$P3" >/dev/null 2>&1
 
+# ------------------------------------------------------------ group snapshots
+# `rbd group snap create` of a group holding a served image: librbd 16 takes each image's
+# lock for the snapshot (we hand it over, and take it back at the next write); the image's
+# group snapshot holds every write acknowledged before it. `rbd group snap rm` asks the
+# owner to remove its part (a snapshot in the group namespace).
+G=ownerg-$$
+GR=ownergrp-$$
+rbd create --size $((SIZE / MB))M "$G"
+truncate -s "$SIZE" "$work/g.ref"
+serve "$G" || { fail "serve $G" "$(tail -3 "$work/serve.log")"; }
+hold "$G"
+put "$G" "$work/g.ref" 21 0 $((4 * MB))
+rbd group create "$GR"
+rbd group image add "$GR" "$G"
+check "group: rbd group snap create of a group with a served image succeeds" "${RBD[@]}" group snap create "$GR@gs"
+cp "$work/g.ref" "$work/g-gs.ref"
+check "group: written after it (the daemon takes the lock back)" put "$G" "$work/g.ref" 22 $((2 * MB)) $((4 * MB))
+check "group: rbd group snap ls says it is complete" bash -c \
+  "rbd group snap ls --format json '$GR' | jq -e 'length == 1 and .[0].state == \"ok\"' >/dev/null"
+check "group: the image's group snapshot holds exactly the writes acknowledged before it" $PY -c "
+import rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+with rbd.Image(io, '$G', read_only=True) as im:
+    s = [x for x in im.list_snaps() if x['namespace'] == rbd.RBD_SNAP_NAMESPACE_TYPE_GROUP]
+    assert len(s) == 1 and s[0]['group']['snap_name'] == 'gs', s
+    im.set_snap_by_id(s[0]['id'])
+    assert im.read(0, $SIZE) == open('$work/g-gs.ref', 'rb').read(), 'bytes differ'
+"
+check "group: rbd group snap rm while served succeeds" "${RBD[@]}" group snap rm "$GR@gs"
+check "group: the daemon removed the image's part (log)" grep -q "removal of group snapshot rbd/$G@" "$work/serve.log"
+check "group: the image has no snapshot left" bash -c \
+  "[ \"\$(rbd snap ls --all --format json '$G' | jq length)\" = 0 ]"
+check "group: rbd export of the head equals every write" bash -c "exported_is '$G' '$work/g.ref'"
+unhold
+check_unserve "group: clean close"
+check "group: after close, rbd object-map check passes" omap_check "$G"
+rbd group image rm "$GR" "$G" >/dev/null 2>&1; rbd group rm "$GR" >/dev/null 2>&1
+rbd rm "$G" >/dev/null 2>&1
+
 # ------------------------------------------------------------ feature changes
 # fast-diff and object-map turned off and on again by the owner while a client is connected
 # and writing: off, the maps are gone and the flags clear; on again, the map is built from

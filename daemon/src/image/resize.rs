@@ -154,6 +154,8 @@ impl<S: ImageStore> Image<S> {
                     req.action,
                     OwnerAction::SnapCreate { .. }
                         | OwnerAction::SnapRemove { .. }
+                        | OwnerAction::GroupSnapCreate { .. }
+                        | OwnerAction::GroupSnapRemove { .. }
                         | OwnerAction::SnapRename { .. }
                         | OwnerAction::SnapProtect { .. }
                 );
@@ -263,6 +265,14 @@ async fn run_owner_request<S: ImageStore>(img: Arc<Image<S>>, req: OwnerRequest)
             img.update_features(features, enabled).await
         }
         OwnerAction::ReleaseLock => img.hand_over().await,
+        OwnerAction::GroupSnapCreate { name, namespace } => {
+            tracing::info!("group snapshot {spec}@{name} asked by another client");
+            img.group_snap_create(&name, &namespace).await.map(|_| ())
+        }
+        OwnerAction::GroupSnapRemove { name } => {
+            tracing::info!("removal of group snapshot {spec}@{name} asked by another client");
+            img.group_snap_remove(&name).await
+        }
         OwnerAction::SnapCreate { name, quiesce } => {
             tracing::info!("snapshot {spec}@{name} asked by another client");
             // snap_create holds every request off (the gate) while it syncs

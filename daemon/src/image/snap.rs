@@ -22,7 +22,9 @@ use super::map::trusted_object_map;
 use super::Image;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
-use crate::store::{ImageStore, SnapInfo, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING};
+use crate::store::{
+    ImageStore, SnapInfo, SnapNamespace, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING,
+};
 use objmap::{ObjectMap, ObjectState};
 
 /// cls_rbd's object_map_snap_add on a map: EXISTS → EXISTS_CLEAN. Whether anything
@@ -117,14 +119,44 @@ impl<S: ImageStore> Image<S> {
     pub async fn snap_create(&self, name: &str) -> Result<u64> {
         check_snap_name(name)?;
         self.check_snap_capable("taking a snapshot")?;
-        let spec = &self.spec;
-        let ctx = |e: Error| e.context(format!("creating snapshot {spec}@{name}"));
         if self.find_snap(name).is_ok() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
-                format!("snapshot {spec}@{name} already exists"),
+                format!("snapshot {}@{name} already exists", self.spec),
             ));
         }
+        self.take_snapshot(name, None).await
+    }
+
+    /// This image's part of `rbd group snap create`, asked of the lock holder: a snapshot
+    /// `name` in the group namespace `namespace` (as the store encodes it), taken as a
+    /// user snapshot is. The store refuses a name the namespace has already.
+    pub async fn group_snap_create(&self, name: &str, namespace: &[u8]) -> Result<u64> {
+        self.check_snap_capable("taking a group snapshot")?;
+        self.take_snapshot(name, Some(namespace)).await
+    }
+
+    /// This image's part of `rbd group snap rm`: its snapshot `name` of a group.
+    pub async fn group_snap_remove(&self, name: &str) -> Result<()> {
+        self.check_snap_capable("removing a group snapshot")?;
+        let snap = self
+            .store
+            .header()
+            .snaps
+            .into_iter()
+            .find(|s| s.name == name && s.namespace == SnapNamespace::Other(1))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("{}: no group snapshot {name}", self.spec),
+                )
+            })?;
+        self.remove_snap(snap).await
+    }
+
+    async fn take_snapshot(&self, name: &str, namespace: Option<&[u8]>) -> Result<u64> {
+        let spec = &self.spec;
+        let ctx = |e: Error| e.context(format!("creating snapshot {spec}@{name}"));
         // The snapshot gets a copy of the head's map: never a partial one.
         self.whole_map(&format!("creating snapshot {spec}@{name}"))
             .await?;
@@ -136,7 +168,11 @@ impl<S: ImageStore> Image<S> {
             ));
         }
         self.mark_clean().await.map_err(ctx)?;
-        let id = self.store.snap_create(name).await.map_err(ctx)?;
+        let id = match namespace {
+            None => self.store.snap_create(name).await,
+            Some(ns) => self.store.snap_create_in(name, ns).await,
+        }
+        .map_err(ctx)?;
         if let Some(map) = self.map() {
             self.store
                 .write_snap_object_map(id, map.encode())

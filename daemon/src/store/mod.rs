@@ -91,6 +91,14 @@ pub enum OwnerAction {
     /// Another client wants the exclusive lock (cooperative hand-over): hold new
     /// requests, finish those in flight, write the map, clear the flag, release.
     ReleaseLock,
+    /// `rbd group snap create` (Ceph): this image's part of a group snapshot, named
+    /// `name` in the group namespace `namespace` (the encoded cls SnapshotNamespace the
+    /// asker sent, written as it is). Taken as a user snapshot is (held requests, its
+    /// own object map); the group's quiesce came before, from the asker.
+    GroupSnapCreate { name: String, namespace: Vec<u8> },
+    /// `rbd group snap rm` (Ceph): removes this image's snapshot `name` of the group
+    /// namespace.
+    GroupSnapRemove { name: String },
 }
 
 impl OwnerAction {
@@ -116,6 +124,8 @@ impl OwnerAction {
                 if *enabled { "enable" } else { "disable" }
             ),
             OwnerAction::ReleaseLock => "hand the lock over".into(),
+            OwnerAction::GroupSnapCreate { name, .. } => format!("group snap create {name}"),
+            OwnerAction::GroupSnapRemove { name } => format!("group snap rm {name}"),
         }
     }
 }
@@ -620,6 +630,17 @@ pub trait ImageStore: Send + Sync + 'static {
     /// had. The snapshot's object map is written by the caller (`write_snap_object_map`).
     fn snap_create(&self, name: &str) -> impl Future<Output = Result<u64>> + Send {
         let e = unsupported(format!("creating snapshot {name}"));
+        async move { Err(e) }
+    }
+
+    /// `snap_create` in a namespace other than the users' (Ceph: a group's), given as
+    /// the asker encoded it. A store without such namespaces need not have it.
+    fn snap_create_in(
+        &self,
+        name: &str,
+        _namespace: &[u8],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        let e = unsupported(format!("creating snapshot {name} in a group namespace"));
         async move { Err(e) }
     }
 

@@ -185,6 +185,14 @@ impl<'a> Dec<'a> {
     pub fn at_end(&self) -> bool {
         self.pos == self.buf.len()
     }
+    /// Where the decoder is (for `since`).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+    /// The bytes decoded since position `at`.
+    pub fn since(&self, at: usize) -> &'a [u8] {
+        &self.buf[at.min(self.pos)..self.pos]
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -311,6 +319,15 @@ pub fn snapshot_add_in(id: u64, name: &str) -> Vec<u8> {
     let at = e.start(1, 1);
     e.u32(0);
     e.finish(at);
+    e.done()
+}
+
+/// `snapshot_add` in another namespace: `namespace` is a whole encoded SnapshotNamespace
+/// (as a client's SnapCreate request carries it).
+pub fn snapshot_add_ns_in(id: u64, name: &str, namespace: &[u8]) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.str(name).u64(id);
+    e.0.extend_from_slice(namespace);
     e.done()
 }
 
@@ -1494,7 +1511,7 @@ mod tests {
         assert_eq!(got.id, Some(id));
         assert!(matches!(
             got.op,
-            super::super::owner_msgs::OwnerOp::SnapCreate { ns: 0, ref name, flags: f }
+            super::super::owner_msgs::OwnerOp::SnapCreate { ns: 0, ref name, flags: f, .. }
                 if name == "daily" && f == flags
         ));
         assert!(super::super::owner_msgs::owner_msg(&m[..m.len() - 1]).is_err());

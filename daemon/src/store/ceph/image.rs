@@ -194,6 +194,33 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 impl CephImage {
+    async fn snap_add(&self, name: &str, namespace: Option<&[u8]>) -> Result<u64> {
+        let i = &self.inner;
+        let ctx = |e: Error| e.context(format!("creating snapshot {name} of image {}", i.spec));
+        i.check_writable().map_err(ctx)?;
+        let id = i.data.selfmanaged_snap_create().await.map_err(ctx)?;
+        let r = i
+            .meta
+            .exec_write(
+                &i.hdr_oid,
+                RBD,
+                "snapshot_add",
+                &match namespace {
+                    None => cls::snapshot_add_in(id, name),
+                    Some(ns) => cls::snapshot_add_ns_in(id, name, ns),
+                },
+            )
+            .await;
+        if let Err(e) = i.noting_fence(r) {
+            // The id is nobody's: give it back, as librbd's release_snap_id does.
+            let _ = i.data.selfmanaged_snap_remove(id).await;
+            return Err(ctx(e));
+        }
+        refresh(i).await.map_err(ctx)?;
+        i.notify_header_update();
+        Ok(id)
+    }
+
     /// librbd's rule for a copy-up that reaches the child's snapshots: the child has
     /// some and the parent's data is not all zeros. The one place `copyup` (how it
     /// writes) and `copyup_snapshots` (whose maps then change) ask.
@@ -911,27 +938,11 @@ impl ImageStore for CephImage {
     /// the pool, `snapshot_add` in the header (which copies the head's flags into the
     /// snapshot), then the header re-read so that writes carry the new snapshot context.
     async fn snap_create(&self, name: &str) -> Result<u64> {
-        let i = &self.inner;
-        let ctx = |e: Error| e.context(format!("creating snapshot {name} of image {}", i.spec));
-        i.check_writable().map_err(ctx)?;
-        let id = i.data.selfmanaged_snap_create().await.map_err(ctx)?;
-        let r = i
-            .meta
-            .exec_write(
-                &i.hdr_oid,
-                RBD,
-                "snapshot_add",
-                &cls::snapshot_add_in(id, name),
-            )
-            .await;
-        if let Err(e) = i.noting_fence(r) {
-            // The id is nobody's: give it back, as librbd's release_snap_id does.
-            let _ = i.data.selfmanaged_snap_remove(id).await;
-            return Err(ctx(e));
-        }
-        refresh(i).await.map_err(ctx)?;
-        i.notify_header_update();
-        Ok(id)
+        self.snap_add(name, None).await
+    }
+
+    async fn snap_create_in(&self, name: &str, namespace: &[u8]) -> Result<u64> {
+        self.snap_add(name, Some(namespace)).await
     }
 
     /// librbd's SnapshotRemoveRequest after the object maps were merged by the caller:

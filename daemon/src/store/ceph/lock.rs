@@ -191,16 +191,21 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
         ));
     };
     match &msg.op {
-        OwnerOp::SnapCreate { ns, .. }
-        | OwnerOp::SnapRemove { ns, .. }
-        | OwnerOp::SnapProtect { ns, .. }
-        | OwnerOp::SnapUnprotect { ns, .. }
-            if *ns != owner_msgs::SNAP_NS_USER =>
+        // `rbd group snap create|rm` asks each image's owner for its part, in the group's
+        // namespace; mirror snapshots (rbd-mirror's) and protecting anything but a user
+        // snapshot are not ours to do.
+        OwnerOp::SnapCreate { ns, .. } | OwnerOp::SnapRemove { ns, .. }
+            if *ns != owner_msgs::SNAP_NS_USER && *ns != owner_msgs::SNAP_NS_GROUP =>
         {
             Err((
                 EBUSY,
-                "only user snapshots are handled by rados-nbd (not group or mirror ones)",
+                "only user and group snapshots are handled by rados-nbd (not mirror ones)",
             ))
+        }
+        OwnerOp::SnapProtect { ns, .. } | OwnerOp::SnapUnprotect { ns, .. }
+            if *ns != owner_msgs::SNAP_NS_USER =>
+        {
+            Err((EBUSY, "only user snapshots are protected by rados-nbd"))
         }
         OwnerOp::SnapCreate { flags, .. } if *flags & !SNAP_CREATE_FLAGS_KNOWN != 0 => Err((
             EBUSY,
@@ -336,13 +341,28 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
     let mut snap_quiesce = None;
     let action = match msg.op {
         OwnerOp::Resize { size, allow_shrink } => OwnerAction::Resize { size, allow_shrink },
-        OwnerOp::SnapCreate { name, flags, .. } => {
+        OwnerOp::SnapCreate {
+            name,
+            flags,
+            ns,
+            ns_raw,
+        } => {
             snap_quiesce = Some(flags);
-            // Our own hook runs as a watcher's (quiesce_watchers below), not again here.
-            OwnerAction::SnapCreate {
-                name,
-                quiesce: QuiesceMode::Skip,
+            if ns == owner_msgs::SNAP_NS_GROUP {
+                OwnerAction::GroupSnapCreate {
+                    name,
+                    namespace: ns_raw,
+                }
+            } else {
+                // Our own hook runs as a watcher's (quiesce_watchers below), not again here.
+                OwnerAction::SnapCreate {
+                    name,
+                    quiesce: QuiesceMode::Skip,
+                }
             }
+        }
+        OwnerOp::SnapRemove { name, ns } if ns == owner_msgs::SNAP_NS_GROUP => {
+            OwnerAction::GroupSnapRemove { name }
         }
         OwnerOp::SnapRemove { name, .. } => OwnerAction::SnapRemove { name },
         OwnerOp::SnapRename { snap_id, name } => OwnerAction::SnapRename {
@@ -1231,7 +1251,7 @@ mod tests {
             cls::response_message(-22),
             "a sparse size librbd itself would refuse"
         );
-        // A group snapshot: refused.
+        // A group snapshot: taken (its part of `rbd group snap`); a mirror one: refused.
         let group = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
             e.str("g");
             let ns = e.start(1, 1);
@@ -1240,6 +1260,24 @@ mod tests {
         });
         assert_eq!(
             owner_reply(&group, true, |_| None),
+            cls::response_message(0)
+        );
+        let mirror = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
+            e.str("m");
+            let ns = e.start(1, 1);
+            e.u32(3)
+                .u8(0)
+                .u32(0)
+                .str("")
+                .u64(0)
+                .u8(0)
+                .u64(0)
+                .u64(0)
+                .finish(ns);
+            e.u64(7).u64(8).u64(9).u64(0);
+        });
+        assert_eq!(
+            owner_reply(&mirror, true, |_| None),
             cls::response_message(-16)
         );
         // An op we do not know, addressed to the owner: refused as before.

@@ -36,20 +36,47 @@ pub const NOTIFY_OP_SPARSIFY: u32 = 17;
 /// A snapshot namespace type of a request (cls::rbd::SnapshotNamespaceType): 0 user,
 /// 1 group, 2 trash, 3 mirror.
 pub const SNAP_NS_USER: u32 = 0;
+pub const SNAP_NS_GROUP: u32 = 1;
 
 /// What a client asks the lock owner to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OwnerOp {
     Flatten,
-    Resize { size: u64, allow_shrink: bool },
-    SnapCreate { ns: u32, name: String, flags: u64 },
-    SnapRemove { ns: u32, name: String },
-    SnapRename { snap_id: u64, name: String },
-    SnapProtect { ns: u32, name: String },
-    SnapUnprotect { ns: u32, name: String },
+    Resize {
+        size: u64,
+        allow_shrink: bool,
+    },
+    /// `ns_raw`: the whole encoded SnapshotNamespace (a group's carries the group).
+    SnapCreate {
+        ns: u32,
+        ns_raw: Vec<u8>,
+        name: String,
+        flags: u64,
+    },
+    SnapRemove {
+        ns: u32,
+        name: String,
+    },
+    SnapRename {
+        snap_id: u64,
+        name: String,
+    },
+    SnapProtect {
+        ns: u32,
+        name: String,
+    },
+    SnapUnprotect {
+        ns: u32,
+        name: String,
+    },
     RebuildObjectMap,
-    UpdateFeatures { features: u64, enabled: bool },
-    Sparsify { sparse_size: u64 },
+    UpdateFeatures {
+        features: u64,
+        enabled: bool,
+    },
+    Sparsify {
+        sparse_size: u64,
+    },
 }
 
 impl OwnerOp {
@@ -92,10 +119,17 @@ fn async_id(d: &mut Dec) -> Result<AsyncRequestId> {
 
 /// SnapshotNamespace: ENCODE_START(1,1) { u32 type, the type's fields (skipped) }.
 fn snap_ns(d: &mut Dec) -> Result<u32> {
+    Ok(snap_ns_raw(d)?.0)
+}
+
+/// The namespace's type and its whole encoding (a group's fields: i64 pool, string
+/// group id, string group snapshot id).
+fn snap_ns_raw(d: &mut Dec) -> Result<(u32, Vec<u8>)> {
+    let at = d.pos();
     let (_, end) = d.start(1)?;
     let t = d.u32()?;
     d.finish(end)?;
-    Ok(t)
+    Ok((t, d.since(at).to_vec()))
 }
 
 /// SnapPayloadBase: name, namespace (v6), AsyncRequestId (v7).
@@ -126,20 +160,26 @@ pub fn owner_msg(payload: &[u8]) -> Result<Option<OwnerMsg>> {
         }
         NOTIFY_OP_SNAP_CREATE => {
             let name = d.string()?;
-            let mut ns = if v >= 6 {
-                snap_ns(&mut d)?
-            } else {
-                SNAP_NS_USER
-            };
+            let user = || (SNAP_NS_USER, Vec::new());
+            let mut ns = if v >= 6 { snap_ns_raw(&mut d)? } else { user() };
             if v == 5 {
-                ns = snap_ns(&mut d)?;
+                ns = snap_ns_raw(&mut d)?;
             }
+            let (ns, ns_raw) = ns;
             let (id, flags) = if v >= 7 {
                 (Some(async_id(&mut d)?), d.u64()?)
             } else {
                 (None, 0)
             };
-            (OwnerOp::SnapCreate { ns, name, flags }, id)
+            (
+                OwnerOp::SnapCreate {
+                    ns,
+                    ns_raw,
+                    name,
+                    flags,
+                },
+                id,
+            )
         }
         NOTIFY_OP_SNAP_REMOVE | NOTIFY_OP_SNAP_PROTECT | NOTIFY_OP_SNAP_UNPROTECT => {
             let (name, ns, id) = snap_base(&mut d, v)?;
@@ -269,7 +309,10 @@ pub fn request_for(id: AsyncRequestId, action: &OwnerAction) -> Option<Vec<u8>> 
             put_id(e, id);
             e.u64(*sparse_size);
         }),
-        OwnerAction::ReleaseLock => return None,
+        // Never asked by us: a group snapshot is `rbd group snap`'s.
+        OwnerAction::ReleaseLock
+        | OwnerAction::GroupSnapCreate { .. }
+        | OwnerAction::GroupSnapRemove { .. } => return None,
     })
 }
 
@@ -382,6 +425,52 @@ mod tests {
     }
 
     #[test]
+    fn a_group_snapshot_request_keeps_its_namespace_whole() {
+        // SnapCreate of `rbd group snap create` (if asked of the owner): the group
+        // namespace (type 1: i64 pool, group id, group snapshot id) goes to snapshot_add
+        // exactly as it came.
+        let mut ns = Enc::new();
+        let at = ns.start(1, 1);
+        ns.u32(SNAP_NS_GROUP)
+            .i64(1)
+            .str("189a6b8b4567")
+            .str("18a06b8b4567");
+        let ns = ns.finish(at).done();
+        let msg = request(NOTIFY_OP_SNAP_CREATE, |e| {
+            e.str(".group.1_189a6b8b4567_18a06b8b4567");
+            e.0.extend_from_slice(&ns);
+            put_id(
+                e,
+                AsyncRequestId {
+                    gid: 7,
+                    handle: 8,
+                    request_id: 9,
+                },
+            );
+            e.u64(cls::SNAP_CREATE_FLAG_SKIP_NOTIFY_QUIESCE);
+        });
+        let m = owner_msg(&msg).unwrap().unwrap();
+        let OwnerOp::SnapCreate {
+            ns: kind, ns_raw, ..
+        } = m.op
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!((kind, &ns_raw), (SNAP_NS_GROUP, &ns));
+        let add = cls::snapshot_add_ns_in(5, "n", &ns_raw);
+        let mut want = Enc::new();
+        want.str("n").u64(5);
+        want.0.extend_from_slice(&ns);
+        assert_eq!(add, want.done());
+        // The user namespace's add is the same shape with the user namespace.
+        let user = hex("0101 04000000 00000000");
+        assert_eq!(
+            cls::snapshot_add_ns_in(5, "n", &user),
+            cls::snapshot_add_in(5, "n")
+        );
+    }
+
+    #[test]
     fn requests_as_rbd_16_2_sends_them() {
         // rbd snap create ow1@s1: name, user namespace, id, flags 0.
         assert_eq!(
@@ -392,6 +481,7 @@ mod tests {
             OwnerMsg {
                 op: OwnerOp::SnapCreate {
                     ns: SNAP_NS_USER,
+                    ns_raw: hex("0101 04000000 00000000"),
                     name: "s1".into(),
                     flags: 0
                 },
@@ -538,6 +628,7 @@ mod tests {
                 },
                 OwnerOp::SnapCreate {
                     ns: user,
+                    ns_raw: hex("0101 04000000 00000000"),
                     name: "a".into(),
                     flags: cls::SNAP_CREATE_FLAG_IGNORE_NOTIFY_QUIESCE_ERROR,
                 },

@@ -186,7 +186,7 @@ async fn serve_control(
 }
 
 /// `action` as a control line ([`parse_control_request`] reads it back); `None` for
-/// `ReleaseLock`, which the directory store's lock has no hand-over for.
+/// `ReleaseLock`, which the directory store's lock has no hand-over for, and group snapshots.
 fn control_line(action: &OwnerAction) -> Option<String> {
     // Names were checked by the callers (no spaces): each is one word of the line.
     Some(match action {
@@ -210,7 +210,10 @@ fn control_line(action: &OwnerAction) -> Option<String> {
         OwnerAction::UpdateFeatures { features, enabled } => {
             format!("features {features} {}\n", u8::from(*enabled))
         }
-        OwnerAction::ReleaseLock => return None,
+        // Ceph's group snapshots come from `rbd group snap`, never through this socket.
+        OwnerAction::ReleaseLock
+        | OwnerAction::GroupSnapCreate { .. }
+        | OwnerAction::GroupSnapRemove { .. } => return None,
     })
 }
 
