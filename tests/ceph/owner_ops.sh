@@ -309,6 +309,10 @@ with rbd.Image(io, '$G', read_only=True) as im:
     im.set_snap_by_id(s[0]['id'])
     assert im.read(0, $SIZE) == open('$work/g-gs.ref', 'rb').read(), 'bytes differ'
 "
+check "group: rados-nbd snap ls --all shows the group snapshot as rbd's (plain, json)" bash -c \
+  "[ \"\$($RNQ snap ls --all '$G')\" = \"\$(rbd snap ls --all '$G')\" ] &&
+   [ \"\$($RNQ snap ls --all --format json '$G')\" = \"\$(rbd snap ls --all --format json '$G')\" ] &&
+   $RNQ snap ls --all '$G' | grep -q 'group (rbd/$GR@gs)'"
 check "group: rbd group snap rm while served succeeds" "${RBD[@]}" group snap rm "$GR@gs"
 check "group: the daemon removed the image's part (log)" grep -q "removal of group snapshot rbd/$G@" "$work/serve.log"
 check "group: the image has no snapshot left" bash -c \

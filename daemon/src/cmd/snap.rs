@@ -10,8 +10,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Image};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageStore, OpenMode, OwnerAction, QuiesceMode, SnapInfo, SnapNamespace, Store,
+    GroupSnapNames, ImageStore, OpenMode, OwnerAction, QuiesceMode, SnapInfo, SnapNamespace, Store,
 };
+use std::collections::HashMap;
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
@@ -23,13 +24,35 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                     format!("snap ls takes an image, not a snapshot: {spec}"),
                 ));
             }
-            let mut snaps = with_image(store, &spec, OpenMode::ReadOnly, async |i| {
-                Ok(i.header().snaps)
+            let (mut snaps, groups) = with_image(store, &spec, OpenMode::ReadOnly, async |i| {
+                let snaps = i.header().snaps;
+                // Group snapshots name their group by ids: named as rbd names them (the
+                // ids where the group cannot be read any more).
+                let mut groups = HashMap::new();
+                for s in snaps.iter().filter(|_| all) {
+                    if let SnapNamespace::Group {
+                        pool,
+                        group_id,
+                        snap_id,
+                    } = &s.namespace
+                    {
+                        let names = i
+                            .group_snap_names(*pool, group_id, snap_id)
+                            .await
+                            .unwrap_or_else(|_| GroupSnapNames {
+                                pool: pool.to_string(),
+                                group: group_id.clone(),
+                                snap: snap_id.clone(),
+                            });
+                        groups.insert(s.id, names);
+                    }
+                }
+                Ok((snaps, groups))
             })
             .await?;
             // Oldest first, as rbd lists them.
             snaps.sort_by_key(|s| s.id);
-            print!("{}", list(&snaps, format, all));
+            print!("{}", list(&snaps, format, all, &groups));
             Ok(())
         }
         SnapCommand::Create {
@@ -212,7 +235,19 @@ async fn try_on_head<S: Store>(
 /// headings; nothing at all without snapshots) or its JSON (`protected` a string, the
 /// timestamp as ctime prints it). Only user snapshots, unless `all` (`--all`: every
 /// namespace, with a NAMESPACE column, or `namespace` object in JSON, as rbd's).
-pub fn list(snaps: &[SnapInfo], format: Format, all: bool) -> String {
+pub fn list(
+    snaps: &[SnapInfo],
+    format: Format,
+    all: bool,
+    groups: &HashMap<u64, GroupSnapNames>,
+) -> String {
+    let group = |id: u64| {
+        groups.get(&id).cloned().unwrap_or_else(|| GroupSnapNames {
+            pool: String::new(),
+            group: String::new(),
+            snap: String::new(),
+        })
+    };
     let ts = |s: &SnapInfo| {
         s.timestamp
             .filter(|&t| t != 0)
@@ -241,6 +276,16 @@ pub fn list(snaps: &[SnapInfo], format: Format, all: bool) -> String {
                                 r#"{{"type":"trash","original_name":{}}}"#,
                                 serde_json::json!(original)
                             ),
+                            SnapNamespace::Group { .. } => {
+                                let g = group(s.id);
+                                // In rbd's order (json! would sort the keys).
+                                format!(
+                                    r#"{{"type":"group","pool":{},"group":{},"group snap":{}}}"#,
+                                    serde_json::json!(g.pool),
+                                    serde_json::json!(g.group),
+                                    serde_json::json!(g.snap)
+                                )
+                            }
                             SnapNamespace::Other(t) => {
                                 format!(r#"{{"type":"{}"}}"#, namespace_type(*t))
                             }
@@ -277,6 +322,10 @@ pub fn list(snaps: &[SnapInfo], format: Format, all: bool) -> String {
                         r.push(match &s.namespace {
                             SnapNamespace::User => "user".to_string(),
                             SnapNamespace::Trash { original } => format!("trash ({original})"),
+                            SnapNamespace::Group { .. } => {
+                                let g = group(s.id);
+                                format!("group ({}/{}@{})", g.pool, g.group, g.snap)
+                            }
                             SnapNamespace::Other(t) => namespace_type(*t).to_string(),
                         });
                     }
@@ -364,12 +413,13 @@ mod tests {
             timestamp: None,
             namespace: Default::default(),
         };
-        assert_eq!(list(&[], Format::Plain, false), "");
-        assert_eq!(list(&[], Format::Json, false), "[]\n");
+        assert_eq!(list(&[], Format::Plain, false, &HashMap::new()), "");
+        assert_eq!(list(&[], Format::Json, false, &HashMap::new()), "[]\n");
         let t = list(
             &[s(4, "a", false), s(12, "longer", true)],
             Format::Plain,
             false,
+            &HashMap::new(),
         );
         assert_eq!(
             t,
@@ -377,7 +427,7 @@ mod tests {
         );
         // Byte for byte: rbd's key order, protected as a string.
         assert_eq!(
-            list(&[s(4, "a", true)], Format::Json, false),
+            list(&[s(4, "a", true)], Format::Json, false, &HashMap::new()),
             "[{\"id\":4,\"name\":\"a\",\"size\":1073741824,\"protected\":\"true\",\"timestamp\":\"\"}]\n"
         );
     }

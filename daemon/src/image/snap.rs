@@ -144,7 +144,7 @@ impl<S: ImageStore> Image<S> {
             .header()
             .snaps
             .into_iter()
-            .find(|s| s.name == name && s.namespace == SnapNamespace::Other(1))
+            .find(|s| s.name == name && matches!(s.namespace, SnapNamespace::Group { .. }))
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,

@@ -167,8 +167,25 @@ pub enum SnapNamespace {
     /// `rbd snap rm` of a snapshot that format-2 clones still use: kept, renamed to a
     /// UUID, until the last clone is gone. `original` is the name it had.
     Trash { original: String },
-    /// Group (1) or mirror (3) snapshots, or a type we do not know.
+    /// An image's part of a group snapshot (`rbd group snap create`): the group's pool
+    /// (by id), the group's id and the group snapshot's id, which
+    /// [`ImageStore::group_snap_names`] resolves.
+    Group {
+        pool: i64,
+        group_id: String,
+        snap_id: String,
+    },
+    /// Mirror (3) snapshots, or a type we do not know.
     Other(u32),
+}
+
+/// What `rbd snap ls --all` shows of a group snapshot: the group's pool, the group and
+/// the group snapshot, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapNames {
+    pub pool: String,
+    pub group: String,
+    pub snap: String,
 }
 
 impl SnapInfo {
@@ -631,6 +648,18 @@ pub trait ImageStore: Send + Sync + 'static {
     fn snap_create(&self, name: &str) -> impl Future<Output = Result<u64>> + Send {
         let e = unsupported(format!("creating snapshot {name}"));
         async move { Err(e) }
+    }
+
+    /// The names of the group, its pool and its snapshot that a group snapshot's
+    /// namespace (pool id, group id, group snapshot id) refers to. A store without
+    /// groups need not have it.
+    fn group_snap_names(
+        &self,
+        _pool: i64,
+        _group_id: &str,
+        _snap_id: &str,
+    ) -> impl Future<Output = Result<GroupSnapNames>> + Send {
+        async { Err(unsupported("groups".into())) }
     }
 
     /// `snap_create` in a namespace other than the users' (Ceph: a group's), given as

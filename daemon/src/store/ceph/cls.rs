@@ -289,6 +289,11 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
     let (_, ns_end) = d.start(1)?;
     let namespace = match d.u32()? {
         0 => crate::store::SnapNamespace::User,
+        1 => crate::store::SnapNamespace::Group {
+            pool: d.i64()?,
+            group_id: d.string()?,
+            snap_id: d.string()?,
+        },
         2 => crate::store::SnapNamespace::Trash {
             original: d.string()?,
         },
@@ -622,6 +627,19 @@ pub fn trash_get_out(b: &[u8]) -> Result<TrashSpec> {
         deferment_end,
         state,
     })
+}
+
+/// `group_snap_get_by_id` → cls::rbd::GroupSnapshot: ENCODE_START(1,1) { string id,
+/// string name, ... }: the name.
+pub fn group_snap_name_out(b: &[u8]) -> Result<String> {
+    let mut d = Dec::new(b, "rbd.group_snap_get_by_id reply");
+    let (_, end) = d.start(1)?;
+    let _id = d.string()?;
+    let name = d.string()?;
+    if d.pos() > end {
+        return Err(d.bad("struct longer than its length"));
+    }
+    Ok(name)
 }
 
 /// `trash_state_set`: string id, u8 state, u8 expected current state.

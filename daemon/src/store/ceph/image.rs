@@ -941,6 +941,54 @@ impl ImageStore for CephImage {
         self.snap_add(name, None).await
     }
 
+    /// As librbd's snap_get_group_namespace: the pool by id, the group's name from the
+    /// group directory of the image's namespace in that pool, the group snapshot's from
+    /// the group's header.
+    async fn group_snap_names(
+        &self,
+        pool: i64,
+        group_id: &str,
+        snap_id: &str,
+    ) -> Result<crate::store::GroupSnapNames> {
+        let i = &self.inner;
+        let ctx = |e: Error| {
+            e.context(format!(
+                "naming group {group_id} of a snapshot of {}",
+                i.spec
+            ))
+        };
+        let cluster = i.meta.cluster();
+        let pool_name = cluster.pool_name(pool).map_err(ctx)?;
+        let io = cluster
+            .ioctx_in(&pool_name, &i.spec.namespace)
+            .map_err(ctx)?;
+        let b = io
+            .exec_read(
+                "rbd_group_directory",
+                RBD,
+                "dir_get_name",
+                &cls::string_in(group_id),
+            )
+            .await
+            .map_err(ctx)?;
+        let group = cls::string_out(&b, "rbd.dir_get_name reply").map_err(ctx)?;
+        let b = io
+            .exec_read(
+                &format!("rbd_group_header.{group_id}"),
+                RBD,
+                "group_snap_get_by_id",
+                &cls::string_in(snap_id),
+            )
+            .await
+            .map_err(ctx)?;
+        let snap = cls::group_snap_name_out(&b).map_err(ctx)?;
+        Ok(crate::store::GroupSnapNames {
+            pool: pool_name,
+            group,
+            snap,
+        })
+    }
+
     async fn snap_create_in(&self, name: &str, namespace: &[u8]) -> Result<u64> {
         self.snap_add(name, Some(namespace)).await
     }
