@@ -31,6 +31,31 @@ use crate::store::{
 use objmap::diff::{diff_maps, DiffState};
 use objmap::{ObjectMap, ObjectState};
 use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// What one command has read of each version (by image id and snapshot): its flags,
+/// whether its stored map is usable, its map. `du` compares each version with the one
+/// before it, so without this each map would be read up to four times.
+#[derive(Default)]
+pub(super) struct Memo {
+    flags: Mutex<HashMap<VersionKey, u64>>,
+    usable: Mutex<HashMap<VersionKey, bool>>,
+    maps: Mutex<HashMap<VersionKey, ObjectMap>>,
+}
+
+type VersionKey = (String, Option<u64>);
+
+fn key<I: ImageStore>(img: &I, v: &Version) -> VersionKey {
+    (img.header().id, v.snap)
+}
+
+fn memo_get<T: Clone>(m: &Mutex<HashMap<VersionKey, T>>, k: &VersionKey) -> Option<T> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).get(k).cloned()
+}
+
+fn memo_put<T>(m: &Mutex<HashMap<VersionKey, T>>, k: VersionKey, v: T) {
+    m.lock().unwrap_or_else(|p| p.into_inner()).insert(k, v);
+}
 
 /// One version of an image: a snapshot or the head.
 #[derive(Debug, Clone)]
@@ -96,11 +121,16 @@ pub(super) async fn version_flags<S: Store>(
     img: &S::Image,
     spec: &ImageSpec,
     v: &Version,
+    memo: &Memo,
 ) -> Result<u64> {
     let Some(id) = v.snap else {
         return Ok(img.header().flags);
     };
-    match img.snap_flags(id).await {
+    let k = key(img, v);
+    if let Some(f) = memo_get(&memo.flags, &k) {
+        return Ok(f);
+    }
+    let r = match img.snap_flags(id).await {
         Err(e) if e.kind == ErrorKind::Unsupported => {
             with_image(
                 store,
@@ -111,7 +141,11 @@ pub(super) async fn version_flags<S: Store>(
             .await
         }
         r => r,
+    };
+    if let Ok(f) = &r {
+        memo_put(&memo.flags, k, *f);
     }
+    r
 }
 
 /// The object map of version `v` of the image open (at its head) as `img`: the stored
@@ -121,13 +155,30 @@ pub(super) async fn version_map<S: Store>(
     img: &S::Image,
     spec: &ImageSpec,
     v: &Version,
+    memo: &Memo,
+) -> Result<ObjectMap> {
+    let k = key(img, v);
+    if let Some(m) = memo_get(&memo.maps, &k) {
+        return Ok(m);
+    }
+    let m = read_version_map(store, img, spec, v, memo).await?;
+    memo_put(&memo.maps, k, m.clone());
+    Ok(m)
+}
+
+async fn read_version_map<S: Store>(
+    store: &S,
+    img: &S::Image,
+    spec: &ImageSpec,
+    v: &Version,
+    memo: &Memo,
 ) -> Result<ObjectMap> {
     let h = img.header();
     let at = spec_at(spec, v);
     if h.features & RBD_FEATURE_OBJECT_MAP == 0 {
         return rebuild_map(img, &at, v.size.div_ceil(h.object_size()), v.snap).await;
     }
-    let flags = version_flags(store, img, spec, v).await?;
+    let flags = version_flags(store, img, spec, v, memo).await?;
     let mut trust = h.clone();
     // load_object_map rebuilds when OBJECT_MAP_INVALID is set; a diff needs the clean
     // states too, which FAST_DIFF_INVALID disowns.
@@ -151,6 +202,7 @@ pub(super) async fn maps_usable<S: Store>(
     vs: &[Version],
     lo: usize,
     end: usize,
+    memo: &Memo,
 ) -> Result<bool> {
     let h = img.header();
     if h.features & RBD_FEATURE_FAST_DIFF == 0 {
@@ -160,13 +212,34 @@ pub(super) async fn maps_usable<S: Store>(
         // Only FAST_DIFF_INVALID, as librbd: a map flagged OBJECT_MAP_INVALID alone is
         // still read (we rebuild it, see `version_map`; the states agree unless the map
         // is wrong, where ours are right).
-        let flags = version_flags(store, img, spec, v).await?;
+        let flags = version_flags(store, img, spec, v, memo).await?;
         if flags & RBD_FLAG_FAST_DIFF_INVALID != 0 {
             return Ok(false);
         }
-        let mut at = h.clone();
-        at.flags = 0;
-        if trusted_object_map(img, &at, v.snap, v.size).await?.is_err() {
+        let k = key(img, v);
+        let usable = match memo_get(&memo.usable, &k) {
+            Some(u) => u,
+            None => {
+                let mut at = h.clone();
+                at.flags = 0;
+                let u = match trusted_object_map(img, &at, v.snap, v.size).await? {
+                    Ok(m) => {
+                        // Trusted as stored: what version_map would load (its flags
+                        // allow it), so keep it for that.
+                        if flags & (RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID) == 0
+                            && h.features & RBD_FEATURE_OBJECT_MAP != 0
+                        {
+                            memo_put(&memo.maps, k.clone(), m);
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                };
+                memo_put(&memo.usable, k, u);
+                u
+            }
+        };
+        if !usable {
             return Ok(false);
         }
     }
@@ -181,11 +254,12 @@ pub(super) async fn diff_versions<S: Store>(
     vs: &[Version],
     from: Option<usize>,
     end: usize,
+    memo: &Memo,
 ) -> Result<Vec<DiffState>> {
     let first = from.unwrap_or(end);
     let mut maps = Vec::with_capacity(end + 1 - first);
     for v in &vs[first..=end] {
-        maps.push(version_map(store, img, spec, v).await?);
+        maps.push(version_map(store, img, spec, v, memo).await?);
     }
     Ok(diff_maps(&maps, from.is_some()))
 }
@@ -207,6 +281,7 @@ pub(super) async fn snapset_extents<S: Store>(
     limit: u64,
     whole: bool,
     under: &[(u64, u64)],
+    memo: &Memo,
 ) -> Result<Vec<(u64, u64, bool)>> {
     let osize = img.header().object_size();
     let limit = limit.min(vs[end].size);
@@ -215,7 +290,7 @@ pub(super) async fn snapset_extents<S: Store>(
     // any version up to the end).
     let mut touched = vec![false; n as usize];
     for v in &vs[from.unwrap_or(0)..=end] {
-        let m = version_map(store, img, spec, v).await?;
+        let m = version_map(store, img, spec, v, memo).await?;
         for (o, t) in touched.iter_mut().enumerate().take(m.len() as usize) {
             *t |= m.get(o as u64) != ObjectState::Nonexistent;
         }
@@ -309,6 +384,7 @@ async fn ancestors_extents<S: Store>(
     img: &S::Image,
     whole: bool,
     slow: bool,
+    memo: &Memo,
 ) -> Result<Vec<(u64, u64)>> {
     // The chain, nearest first: each ancestor's handle (at its snapshot), the spec it
     // was opened as and the overlap its child sees of it.
@@ -338,7 +414,7 @@ async fn ancestors_extents<S: Store>(
         for (h, p) in &chain {
             if !slow {
                 let (vs, end) = parent_version(h, p)?;
-                slow = !maps_usable(store, h, &head_of(p), &vs, 0, end).await?;
+                slow = !maps_usable(store, h, &head_of(p), &vs, 0, end, memo).await?;
             }
             slow_at.push(slow);
         }
@@ -349,9 +425,9 @@ async fn ancestors_extents<S: Store>(
             let limit = p.overlap.min(hd.size);
             let (vs, end) = parent_version(h, p)?;
             let ext = if slow {
-                snapset_extents(store, h, &head, &vs, None, end, limit, whole, &under).await?
+                snapset_extents(store, h, &head, &vs, None, end, limit, whole, &under, memo).await?
             } else {
-                let map = version_map(store, h, &head, &vs[end]).await?;
+                let map = version_map(store, h, &head, &vs[end], memo).await?;
                 let d = diff_maps(&[map], false);
                 clone_extents(&d, hd.object_size(), limit, &under)
             };
@@ -426,6 +502,7 @@ pub async fn diff<S: Store>(
         snap: None,
         ..spec.clone()
     };
+    let memo = &Memo::default();
     let ext = with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
         let vs = versions(&h);
@@ -450,20 +527,22 @@ pub async fn diff<S: Store>(
         }
         // librbd's choice: maps (whole objects, every map from the start usable; from
         // the beginning, every snapshot's up to the end) or snap sets.
-        let slow =
-            !(whole_object && maps_usable(store, img, &head, &vs, from.unwrap_or(0), end).await?);
+        let slow = !(whole_object
+            && maps_usable(store, img, &head, &vs, from.unwrap_or(0), end, memo).await?);
         // From the beginning, a clone's objects it does not hold show its ancestors'
         // data (of the ancestors the end version has), as librbd's DiffIterate reports
         // it (include_parent).
         let under = match (from, vs[end].snap) {
             (Some(_), _) => Vec::new(),
-            (None, None) => ancestors_extents(store, img, whole_object, slow).await?,
+            (None, None) => ancestors_extents(store, img, whole_object, slow, memo).await?,
             (None, Some(_)) => {
                 with_image(
                     store,
                     &spec_at(&head, &vs[end]),
                     OpenMode::ReadOnly,
-                    async |at: &S::Image| ancestors_extents(store, at, whole_object, slow).await,
+                    async |at: &S::Image| {
+                        ancestors_extents(store, at, whole_object, slow, memo).await
+                    },
                 )
                 .await?
             }
@@ -480,10 +559,11 @@ pub async fn diff<S: Store>(
                 size,
                 whole_object,
                 &under,
+                memo,
             )
             .await;
         }
-        let d = diff_versions(store, img, &head, &vs, from, end).await?;
+        let d = diff_versions(store, img, &head, &vs, from, end, memo).await?;
         Ok(clone_extents(&d, h.object_size(), vs[end].size, &under))
     })
     .await?;

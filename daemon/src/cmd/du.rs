@@ -6,7 +6,7 @@
 //! diff.rs), exact byte ranges with `--exact`. Never from the data.
 
 use super::diff::{
-    diff_versions, find_version, maps_usable, snapset_extents, version_flags, versions,
+    diff_versions, find_version, maps_usable, snapset_extents, version_flags, versions, Memo,
 };
 use super::info::human_size;
 use super::with_image;
@@ -58,6 +58,7 @@ async fn image_lines<S: Store>(
         ..spec.clone()
     };
     let from = opts.from_snap.as_deref();
+    let memo = &Memo::default();
     with_image(store, &head, OpenMode::ReadOnly, async |img: &S::Image| {
         let h = img.header();
         let vs = versions(&h);
@@ -99,25 +100,36 @@ async fn image_lines<S: Store>(
                 continue;
             }
             let from = prev_user(i);
-            if version_flags(store, img, &head, v).await? & RBD_FLAG_FAST_DIFF_INVALID != 0 {
+            if version_flags(store, img, &head, v, memo).await? & RBD_FLAG_FAST_DIFF_INVALID != 0 {
                 let at = v.name.as_ref().map(|n| format!("@{n}")).unwrap_or_default();
                 eprintln!(
                     "warning: fast-diff map is invalid for {}{at}. operation may be slow.",
                     spec.name
                 );
             }
-            let maps =
-                !opts.exact && maps_usable(store, img, &head, &vs, from.unwrap_or(0), i).await?;
+            let maps = !opts.exact
+                && maps_usable(store, img, &head, &vs, from.unwrap_or(0), i, memo).await?;
             let used = if maps {
-                let d = diff_versions(store, img, &head, &vs, from, i).await?;
+                let d = diff_versions(store, img, &head, &vs, from, i, memo).await?;
                 used(&d, h.object_size(), v.size)
             } else {
-                snapset_extents(store, img, &head, &vs, from, i, v.size, !opts.exact, &[])
-                    .await?
-                    .iter()
-                    .filter(|e| e.2)
-                    .map(|e| e.1)
-                    .sum()
+                snapset_extents(
+                    store,
+                    img,
+                    &head,
+                    &vs,
+                    from,
+                    i,
+                    v.size,
+                    !opts.exact,
+                    &[],
+                    memo,
+                )
+                .await?
+                .iter()
+                .filter(|e| e.2)
+                .map(|e| e.1)
+                .sum()
             };
             lines.push(Line {
                 snap: v.name.clone().zip(v.snap),
