@@ -345,6 +345,26 @@ CEPH_ARGS=--rbd_move_parent_to_trash_on_remove=true $RNQ rm tp_c$$ 2>/dev/null
 check "parent trash: librbd removes parents that rados-nbd put in the trash (rbd rm of the last clone)" bash -c \
   "in_trash c$$ tg tp && rbd rm tc_c$$ >/dev/null 2>&1 && gone c$$"
 
+# A trashed snapshot that no clone uses any more but that could not go with its last
+# clone (the parent was served, its lock held, when the clone was removed): `rm` of the
+# parent removes it first and then the parent, as librbd's PreRemoveRequest does (before:
+# refused for "snapshots with linked clones" that had none).
+rbd create --size 8M --object-size 1M tor_$$
+rbd snap create tor_$$@s >/dev/null 2>&1
+rbd clone tor_$$@s torc_$$ --rbd-default-clone-format 2
+rbd snap rm tor_$$@s >/dev/null 2>&1
+if serve tor_$$; then
+  check "orphan trash: rm of the last clone while its parent is served succeeds" "${RN[@]}" rm torc_$$
+  check "orphan trash: the parent's trashed snapshot stayed (its lock was held), with no clone" bash -c \
+    "rbd snap ls --all --format json tor_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\"' >/dev/null"
+  unserve
+  check "orphan trash: rm of the parent removes the orphan snapshot and the parent" bash -c \
+    "$RNQ rm tor_$$ && ! rbd ls | grep -qx tor_$$ && [ -z \"\$(rbd trash ls --all)\" ]"
+else
+  fail "orphan trash: serve tor_$$" "$(tail -3 "$work/serve.log")"
+fi
+rbd rm torc_$$ >/dev/null 2>&1; rbd snap purge tor_$$ >/dev/null 2>&1; rbd rm tor_$$ >/dev/null 2>&1
+
 # Leave the pool as we found it (other suites share it): each chain from its leaf up, and
 # cbase's other children, at once (each removal mostly waits for the cluster), then cbase.
 rm_images() {

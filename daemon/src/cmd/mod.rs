@@ -23,7 +23,9 @@ use crate::image;
 use crate::parse::parse_size;
 use crate::serve;
 use crate::spec::ImageSpec;
-use crate::store::{connect, AnyStore, ImageHeader, ImageStore, OpenMode, Store, StoreUri};
+use crate::store::{
+    connect, AnyStore, ImageHeader, ImageStore, OpenMode, Removal, Store, StoreUri,
+};
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
     if let Command::Generate(what) = cli.command {
@@ -68,6 +70,41 @@ fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
     Ok(spec)
 }
 
+/// librbd's PreRemoveRequest: when an image's snapshots are all ones the trash keeps for
+/// clones, those that no clone uses any more (left by a removal or flatten of the last
+/// clone that could not remove them, e.g. while another client held this image) go
+/// before the image does; the store then refuses the image, or moves it to the trash,
+/// only for snapshots that clones still use. Best effort: the store's check follows.
+async fn prune_trashed_snaps<S: Store>(store: &S, spec: &ImageSpec, h: &ImageHeader) {
+    let trashed = |s: &&crate::store::SnapInfo| {
+        matches!(s.namespace, crate::store::SnapNamespace::Trash { .. })
+    };
+    if h.snaps.is_empty() || !h.snaps.iter().all(|s| trashed(&s)) {
+        return;
+    }
+    let r = async {
+        let opts = image::OpenOptions {
+            read_only: false,
+            shared_default: false,
+            checkpoint_idle: None,
+        };
+        let img = image::Image::open(store, spec, &opts).await?;
+        let mut r = Ok(());
+        for s in h.snaps.iter().filter(trashed) {
+            if let Err(e) = img.snap_remove_id(s.id).await {
+                r = Err(e);
+                break;
+            }
+        }
+        let c = img.close().await;
+        r.and(c)
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!("trashed snapshots of {spec} no clone uses any more: {e}");
+    }
+}
+
 pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
     match cmd {
         Command::Generate(what) => {
@@ -82,15 +119,20 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             // (no watch, no lock) stays open to reach the parent afterwards. An image
             // that cannot be opened is removed anyway.
             let child = store.open_image(&spec, OpenMode::ReadOnly).await.ok();
-            let parent = child.as_ref().and_then(|c| c.header().parent);
+            let header = child.as_ref().map(|c| c.header());
+            if let Some(h) = &header {
+                prune_trashed_snaps(&store, &spec, h).await;
+            }
+            let parent = header.and_then(|h| h.parent);
             let r = store.remove_image(&spec).await;
-            if let (Ok(()), Some(c), Some(p)) = (&r, &child, parent) {
+            // Moved to the trash instead (its snapshots wait for clones): still a clone.
+            if let (Ok(Removal::Removed), Some(c), Some(p)) = (&r, &child, parent) {
                 image::release_parent(c, p).await;
             }
             if let Some(c) = child {
                 let _ = c.close().await;
             }
-            r
+            r.map(|_| ())
         }
         Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,

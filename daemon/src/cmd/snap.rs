@@ -26,8 +26,8 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
             }
             let (mut snaps, groups) = with_image(store, &spec, OpenMode::ReadOnly, async |i| {
                 let snaps = i.header().snaps;
-                // Group snapshots name their group by ids: named as rbd names them (the
-                // ids where the group cannot be read any more).
+                // Group snapshots name their group by ids: named as rbd names them (only
+                // the namespace's type where the group cannot be read any more, as rbd).
                 let mut groups = HashMap::new();
                 for s in snaps.iter().filter(|_| all) {
                     if let SnapNamespace::Group {
@@ -36,15 +36,9 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                         snap_id,
                     } = &s.namespace
                     {
-                        let names = i
-                            .group_snap_names(*pool, group_id, snap_id)
-                            .await
-                            .unwrap_or_else(|_| GroupSnapNames {
-                                pool: pool.to_string(),
-                                group: group_id.clone(),
-                                snap: snap_id.clone(),
-                            });
-                        groups.insert(s.id, names);
+                        if let Ok(names) = i.group_snap_names(*pool, group_id, snap_id).await {
+                            groups.insert(s.id, names);
+                        }
                     }
                 }
                 Ok((snaps, groups))
@@ -241,13 +235,6 @@ pub fn list(
     all: bool,
     groups: &HashMap<u64, GroupSnapNames>,
 ) -> String {
-    let group = |id: u64| {
-        groups.get(&id).cloned().unwrap_or_else(|| GroupSnapNames {
-            pool: String::new(),
-            group: String::new(),
-            snap: String::new(),
-        })
-    };
     let ts = |s: &SnapInfo| {
         s.timestamp
             .filter(|&t| t != 0)
@@ -276,16 +263,16 @@ pub fn list(
                                 r#"{{"type":"trash","original_name":{}}}"#,
                                 serde_json::json!(original)
                             ),
-                            SnapNamespace::Group { .. } => {
-                                let g = group(s.id);
+                            SnapNamespace::Group { .. } => match groups.get(&s.id) {
+                                None => r#"{"type":"group"}"#.to_string(),
                                 // In rbd's order (json! would sort the keys).
-                                format!(
+                                Some(g) => format!(
                                     r#"{{"type":"group","pool":{},"group":{},"group snap":{}}}"#,
                                     serde_json::json!(g.pool),
                                     serde_json::json!(g.group),
                                     serde_json::json!(g.snap)
-                                )
-                            }
+                                ),
+                            },
                             SnapNamespace::Other(t) => {
                                 format!(r#"{{"type":"{}"}}"#, namespace_type(*t))
                             }
@@ -322,10 +309,10 @@ pub fn list(
                         r.push(match &s.namespace {
                             SnapNamespace::User => "user".to_string(),
                             SnapNamespace::Trash { original } => format!("trash ({original})"),
-                            SnapNamespace::Group { .. } => {
-                                let g = group(s.id);
-                                format!("group ({}/{}@{})", g.pool, g.group, g.snap)
-                            }
+                            SnapNamespace::Group { .. } => match groups.get(&s.id) {
+                                None => "group".to_string(),
+                                Some(g) => format!("group ({}/{}@{})", g.pool, g.group, g.snap),
+                            },
                             SnapNamespace::Other(t) => namespace_type(*t).to_string(),
                         });
                     }

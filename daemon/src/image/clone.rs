@@ -663,7 +663,9 @@ pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
         }
         .await;
         match r {
-            Ok(()) => tracing::info!("{what} left the trash with its last clone"),
+            Ok(true) => tracing::info!("{what} left the trash with its last clone"),
+            // Other clones still use it: it and its image stay.
+            Ok(false) => return,
             Err(e) => {
                 tracing::warn!("{what} stays in the trash: {e}");
                 return;
@@ -695,14 +697,15 @@ fn is_trashed(h: &ImageHeader, snap_id: u64) -> bool {
         .any(|s| s.id == snap_id && matches!(s.namespace, SnapNamespace::Trash { .. }))
 }
 
-/// Removes `head`'s snapshot `snap_id` if it is in the trash (the store keeps it while a
-/// clone still uses it), then closes `head`.
-pub async fn remove_trashed_snap<S: ImageStore>(head: Image<S>, snap_id: u64) -> Result<()> {
+/// Removes `head`'s snapshot `snap_id` if it is in the trash and no clone uses it any
+/// more (the store keeps it while one does: `false`), then closes `head`.
+pub async fn remove_trashed_snap<S: ImageStore>(head: Image<S>, snap_id: u64) -> Result<bool> {
     let r = if is_trashed(head.header(), snap_id) {
         head.snap_remove_id(snap_id).await
     } else {
-        Ok(())
+        Ok(false)
     };
     let c = head.close().await;
-    r.and(c)
+    let removed = r?;
+    c.map(|()| removed)
 }

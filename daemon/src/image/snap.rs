@@ -151,7 +151,7 @@ impl<S: ImageStore> Image<S> {
                     format!("{}: no group snapshot {name}", self.spec),
                 )
             })?;
-        self.remove_snap(snap).await
+        self.remove_snap(snap).await.map(|_| ())
     }
 
     async fn take_snapshot(&self, name: &str, namespace: Option<&[u8]>) -> Result<u64> {
@@ -194,20 +194,22 @@ impl<S: ImageStore> Image<S> {
     pub async fn snap_remove(&self, name: &str) -> Result<()> {
         self.check_snap_capable("removing a snapshot")?;
         let snap = self.find_snap(name)?;
-        self.remove_snap(snap).await
+        self.remove_snap(snap).await.map(|_| ())
     }
 
     /// Removes the snapshot with id `id` whatever its namespace (a trashed parent
     /// snapshot once its last clone is gone); nothing when it is not there any more.
-    pub async fn snap_remove_id(&self, id: u64) -> Result<()> {
+    /// `false` when the store kept it for clones that still use it.
+    pub async fn snap_remove_id(&self, id: u64) -> Result<bool> {
         self.check_snap_capable("removing a snapshot")?;
         match self.store.header().snaps.into_iter().find(|s| s.id == id) {
             Some(snap) => self.remove_snap(snap).await,
-            None => Ok(()),
+            None => Ok(true),
         }
     }
 
-    async fn remove_snap(&self, snap: SnapInfo) -> Result<()> {
+    /// `false` when the store kept the snapshot (in its trash) for its clones.
+    async fn remove_snap(&self, snap: SnapInfo) -> Result<bool> {
         let spec = &self.spec;
         let name = &snap.name;
         if snap.protected {
@@ -232,7 +234,7 @@ impl<S: ImageStore> Image<S> {
         if self.store.snap_trash_if_used(snap.id).await.map_err(ctx)? {
             drop(g);
             tracing::info!("snapshot {spec}@{name} moved to the trash: clones still use it");
-            return Ok(());
+            return Ok(false);
         }
         if self.features() & RBD_FEATURE_FAST_DIFF != 0 {
             if let Some(head) = self.map() {
@@ -269,7 +271,7 @@ impl<S: ImageStore> Image<S> {
         self.store.snap_remove(snap.id).await.map_err(ctx)?;
         drop(g);
         tracing::info!("removed snapshot {spec}@{name}");
-        Ok(())
+        Ok(true)
     }
 
     /// A snapshot's map if it can be trusted (its flags clear, present, the right size).

@@ -179,6 +179,14 @@ pub enum SnapNamespace {
     Other(u32),
 }
 
+/// What `remove_image` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    /// Moved to the trash, where it waits for the last clone of its snapshots.
+    Trashed,
+}
+
 /// What `rbd snap ls --all` shows of a group snapshot: the group's pool, the group and
 /// the group snapshot, by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,8 +317,11 @@ pub trait Store: Send + Sync + 'static {
         opts: &CreateOptions,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Removes the header, the id object, every data object and every object map.
-    fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the header, the id object, every data object and every object map; or
+    /// (Ceph, `rbd_move_parent_to_trash_on_remove`, an image whose snapshots all wait in
+    /// the trash for their clones) moves the image to the trash instead, to go with its
+    /// last clone.
+    fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<Removal>> + Send;
 
     /// Image names in `pool`, which may be `POOL/NAMESPACE` (an RBD namespace).
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;

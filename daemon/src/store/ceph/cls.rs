@@ -591,8 +591,9 @@ pub struct TrashSpec {
 /// TRASH_IMAGE_SOURCE_USER_PARENT: moved there by `rbd rm` with
 /// `rbd_move_parent_to_trash_on_remove`, to go with its last clone.
 pub const TRASH_SOURCE_USER_PARENT: u8 = 4;
-/// TRASH_IMAGE_STATE_NORMAL / _REMOVING.
+/// TRASH_IMAGE_STATE_NORMAL / _MOVING / _REMOVING.
 pub const TRASH_STATE_NORMAL: u8 = 0;
+pub const TRASH_STATE_MOVING: u8 = 1;
 pub const TRASH_STATE_REMOVING: u8 = 2;
 
 /// `trash_add`: string id, TrashImageSpec.

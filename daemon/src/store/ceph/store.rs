@@ -152,7 +152,7 @@ impl Store for CephStore {
         self.create_with_id(spec, opts).await.map(|_| ())
     }
 
-    async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
+    async fn remove_image(&self, spec: &ImageSpec) -> Result<crate::store::Removal> {
         let io = self.pool(&spec.pool, &spec.namespace).await?;
         let id = self.image_id(&io, spec).await?;
         let hdr = header_oid(&id);
@@ -170,6 +170,7 @@ impl Store for CephStore {
                             check_unwatched(&io, &hdr, spec).await?;
                             return trash_move(&io, spec, &id, cls::TRASH_SOURCE_USER_PARENT)
                                 .await
+                                .map(|()| crate::store::Removal::Trashed)
                                 .map_err(ctx);
                         }
                         return Err(Error::new(
@@ -218,7 +219,7 @@ impl Store for CephStore {
         io.remove(&format!("rbd_id.{}", spec.name))
             .await
             .map_err(ctx)?;
-        Ok(())
+        Ok(crate::store::Removal::Removed)
     }
 
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
@@ -859,29 +860,48 @@ fn utime_now() -> (u32, u32) {
 /// `rbd_id.<name>` object and the directory entry); the image itself, by id, stays whole.
 async fn trash_move(io: &IoCtx, spec: &ImageSpec, id: &str, source: u8) -> Result<()> {
     let now = utime_now();
+    // MOVING until the name is gone, as librbd's MoveRequest: a NORMAL USER_PARENT entry
+    // may be removed with the image's last clone, which must never happen to an image
+    // that still has its name.
     let entry = cls::TrashSpec {
         source,
         name: spec.name.clone(),
         deletion: now,
         deferment_end: now,
-        state: cls::TRASH_STATE_NORMAL,
+        state: cls::TRASH_STATE_MOVING,
     };
     io.exec_write(RBD_TRASH, RBD, "trash_add", &cls::trash_add_in(id, &entry))
         .await?;
-    io.remove(&format!("rbd_id.{}", spec.name)).await?;
-    match io
-        .exec_write(
-            RBD_DIRECTORY,
-            RBD,
-            "dir_remove_image",
-            &cls::dir_image_in(&spec.name, id),
-        )
-        .await
-    {
-        Ok(()) => {}
-        Err(e) if e.kind == ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let unname = async {
+        io.remove(&format!("rbd_id.{}", spec.name)).await?;
+        match io
+            .exec_write(
+                RBD_DIRECTORY,
+                RBD,
+                "dir_remove_image",
+                &cls::dir_image_in(&spec.name, id),
+            )
+            .await
+        {
+            Err(e) if e.kind != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
+    .await;
+    if let Err(e) = unname {
+        // Named still (or half): the entry goes, the image stays where it was.
+        let _ = io
+            .exec_write(RBD_TRASH, RBD, "trash_remove", &cls::string_in(id))
+            .await;
+        return Err(e);
+    }
+    io.exec_write(
+        RBD_TRASH,
+        RBD,
+        "trash_state_set",
+        &cls::trash_state_set_in(id, cls::TRASH_STATE_NORMAL, cls::TRASH_STATE_MOVING),
+    )
+    .await?;
     tracing::info!("moved {spec} (id {id}) to the trash until its last clone goes");
     Ok(())
 }

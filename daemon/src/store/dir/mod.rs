@@ -143,7 +143,7 @@ impl Store for DirStore {
         .await
     }
 
-    async fn remove_image(&self, spec: &ImageSpec) -> Result<()> {
+    async fn remove_image(&self, spec: &ImageSpec) -> Result<crate::store::Removal> {
         self.no_namespace(spec, &spec.namespace)?;
         let pool_dir = self.pool_dir(&spec.pool);
         let not_found = self.not_found(spec);
@@ -219,7 +219,7 @@ impl Store for DirStore {
             if let Some(p) = parent {
                 clone::drop_child_record(&pool_dir, &p, &spec.pool, &id)?;
             }
-            Ok(())
+            Ok(crate::store::Removal::Removed)
         })
         .await
     }
