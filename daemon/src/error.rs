@@ -16,6 +16,8 @@ pub enum ErrorKind {
     /// The image is in use (locked by another client, device busy).
     Busy,
     TimedOut,
+    /// Stopped part way for another client (a lock hand-over): worth asking again.
+    Interrupted,
     Io,
 }
 

@@ -278,6 +278,70 @@ check "flatten + snapshot: rbd export of the snapshot and of the head equal the 
 check_unserve "flatten + snapshot: clean close"
 check "flatten + snapshot: after close, rbd object-map check passes (head and snapshot)" bash -c \
   "omap_check '$C3' && omap_check '$C3@during'"
+# Another client asking for the lock during the owner's flatten gets it at once, as from
+# librbd's owner: the flatten stops at the next object and its asker (rbd flatten) hears
+# ERESTART and carries on with the lock's new holder; here python3-rbd writes 4 KiB and
+# closes, so `rbd flatten` takes the free lock and finishes the copy-ups itself.
+C4=ownerc4-$$
+rbd clone --rbd-default-clone-format 2 "$P3@s" "$C4"
+serve "$C4" || { fail "serve $C4" "$(tail -3 "$work/serve.log")"; }
+"${RBD[@]}" flatten --no-progress "$C4" >"$work/flat4.out" 2>&1 &
+flat_pid=$!
+for _ in $(seq 1 200); do
+  grep -q "flatten of rbd/$C4 asked by another client" "$work/serve.log" && break
+  sleep 0.05
+done
+sleep 0.3
+check "flatten + hand-over: a librbd client's write during the flatten gets the lock and lands" $PY -c "
+import rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+with rbd.Image(io, '$C4') as im:
+    im.write(b'\x5a' * 4096, 8 << 20)
+"
+check "flatten + hand-over: ... while the flatten still ran (it did not wait for it)" kill -0 $flat_pid
+wait $flat_pid
+check "flatten + hand-over: rbd flatten succeeded (carried on after ERESTART)" test $? = 0
+check "flatten + hand-over: the daemon stopped for the hand-over (log)" \
+  grep -q "interrupted: the exclusive lock goes to another client" "$work/serve.log"
+check "flatten + hand-over: rbd info shows no parent" bash -c "! rbd info '$C4' --format json | jq -e .parent >/dev/null"
+cp "$work/c3.ref" "$work/c4.ref"
+printf '\x5a%.0s' $(seq 1 4096) | dd of="$work/c4.ref" bs=1 seek=$((8 << 20)) conv=notrunc status=none
+check "flatten + hand-over: written through NBD after it (the daemon takes the lock back)" \
+  put "$C4" "$work/c4.ref" 31 $((12 * MB)) $((1 * MB))
+check "flatten + hand-over: rbd export equals the parent's bytes and both writes" bash -c "exported_is '$C4' '$work/c4.ref'"
+check_unserve "flatten + hand-over: clean close"
+check "flatten + hand-over: after close, rbd object-map check passes" omap_check "$C4"
+rbd rm "$C4" >/dev/null 2>&1
+# The same with rados-nbd as the asker: on ERESTART it asks again, and with the lock
+# then free it flattens the clone itself.
+C5=ownerc5-$$
+rbd clone --rbd-default-clone-format 2 "$P3@s" "$C5"
+serve "$C5" || { fail "serve $C5" "$(tail -3 "$work/serve.log")"; }
+timeout 300 "${RN[@]}" flatten "$C5" >"$work/flat5.out" 2>&1 &
+flat_pid=$!
+for _ in $(seq 1 200); do
+  grep -q "flatten of rbd/$C5 asked by another client" "$work/serve.log" && break
+  sleep 0.05
+done
+sleep 0.3
+$PY -c "
+import rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+with rbd.Image(io, '$C5') as im:
+    im.write(b'\x5a' * 4096, 8 << 20)
+"
+wait $flat_pid
+flat_rc=$?
+check "flatten + hand-over: rados-nbd flatten interrupted by a hand-over starts again and succeeds" \
+  bash -c "[ $flat_rc = 0 ] && ! rbd info '$C5' --format json | jq -e .parent >/dev/null"
+check "flatten + hand-over: ... and says so" grep -q "starting again\|asking again" "$work/flat5.out"
+cp "$work/c3.ref" "$work/c5.ref"
+printf '\x5a%.0s' $(seq 1 4096) | dd of="$work/c5.ref" bs=1 seek=$((8 << 20)) conv=notrunc status=none
+check "flatten + hand-over: rbd export equals the parent's bytes and the write" bash -c \
+  "exported_is '$C5' '$work/c5.ref'"
+check_unserve "flatten + hand-over: clean close of the second"
+check "flatten + hand-over: after close, rbd object-map check passes" omap_check "$C5"
+rbd rm "$C5" >/dev/null 2>&1
 rbd snap purge "$C3" >/dev/null 2>&1; rbd rm "$C3" >/dev/null 2>&1
 rbd snap purge "$P3" >/dev/null 2>&1; rbd rm "$P3" >/dev/null 2>&1
 

@@ -12,6 +12,22 @@ use std::time::Instant;
 /// Flattens a clone here when it is not in use, else asks the process serving it to (a
 /// rados-nbd or librbd holder of its lock, through the header watch, as `rbd flatten`).
 pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
+    // The holder may hand its lock over part way (another client asked for it), and the
+    // lock may then be free: start again, here or with the new holder, as librbd's asker
+    // does (the objects copied up so far are not copied again).
+    let mut tries = 0;
+    loop {
+        match flatten_once(store, spec).await {
+            Err(e) if e.kind == ErrorKind::Interrupted && tries < 3 => {
+                tries += 1;
+                tracing::info!("{e}: starting again");
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn flatten_once<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     // Refused before anything is written (opening for writing sets the dirty flag).
     let peek = store.open_image(spec, OpenMode::ReadOnly).await?;
     let is_clone = peek.header().parent.is_some();

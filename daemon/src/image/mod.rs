@@ -167,6 +167,11 @@ pub struct Image<S: ImageStore> {
     /// `--copy-on-read`: objects to copy up in the background, and those queued.
     cor: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<u64>>,
     cor_pending: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Set while another client waits for the lock and a long request (a flatten or
+    /// sparsify asked by a client) runs: it stops at the next object, as librbd's owner
+    /// cancels its async requests before a release; its asker sends it again to the new
+    /// owner (ERESTART), which finds the objects done so far done.
+    interrupt_long: std::sync::atomic::AtomicBool,
     /// `--quiesce`: the hook run around snapshots taken for other clients.
     quiesce: std::sync::OnceLock<Arc<crate::quiesce::QuiesceHook>>,
     /// The exclusive lock was handed to another client (`handover`): set and cleared
@@ -277,6 +282,12 @@ impl<S: ImageStore> Image<S> {
                 let g = self.gate.read().await;
                 if *g {
                     return Err(Error::new(ErrorKind::Io, "the image is closing"));
+                }
+                if self.interrupt_long.load(Ordering::Acquire) {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        "interrupted: the exclusive lock goes to another client",
+                    ));
                 }
                 let r = one(objno).await;
                 drop(g);

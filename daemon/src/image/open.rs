@@ -279,6 +279,7 @@ impl<S: ImageStore> Image<S> {
             chain: std::sync::RwLock::new(chain),
             cor: std::sync::OnceLock::new(),
             cor_pending: std::sync::Mutex::new(Default::default()),
+            interrupt_long: Default::default(),
             quiesce: std::sync::OnceLock::new(),
             released: AtomicBool::new(lock_elsewhere),
             handover: Mutex::new(()),

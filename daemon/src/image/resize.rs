@@ -147,7 +147,7 @@ impl<S: ImageStore> Image<S> {
         };
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut long: Option<tokio::task::JoinHandle<()>> = None;
+            let mut long: Option<tokio::task::JoinHandle<Option<Interrupted>>> = None;
             while let Some(req) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
                 let beside_long = matches!(
@@ -159,18 +159,38 @@ impl<S: ImageStore> Image<S> {
                         | OwnerAction::SnapRename { .. }
                         | OwnerAction::SnapProtect { .. }
                 );
+                let mut interrupted = None;
                 if !beside_long {
                     if let Some(h) = long.take() {
-                        let _ = h.await;
+                        // Another client wants the lock: the long request stops at the
+                        // next object (librbd's owner cancels its requests before it
+                        // releases); its asker hears of it once the lock is gone, so that
+                        // it sends the request again to the new owner (ERESTART).
+                        let hand_over = req.action == OwnerAction::ReleaseLock;
+                        img.interrupt_long.store(hand_over, Ordering::Release);
+                        interrupted = h.await.ok().flatten();
+                        img.interrupt_long.store(false, Ordering::Release);
                     }
                 }
                 if matches!(
                     req.action,
                     OwnerAction::Flatten | OwnerAction::Sparsify { .. }
                 ) {
-                    long = Some(tokio::spawn(run_owner_request(img, req)));
+                    let img = img.clone();
+                    long = Some(tokio::spawn(async move {
+                        let (r, done) = run_owner_action(&img, req).await;
+                        if r.is_err() && img.interrupt_long.load(Ordering::Acquire) {
+                            return Some((r, done));
+                        }
+                        finish_owner_request(r, done);
+                        None
+                    }));
                 } else {
-                    run_owner_request(img, req).await;
+                    let (r, done) = run_owner_action(&img, req).await;
+                    finish_owner_request(r, done);
+                }
+                if let Some((r, done)) = interrupted {
+                    finish_owner_request(r, done);
                 }
             }
         });
@@ -183,9 +203,24 @@ impl<S: ImageStore> Image<S> {
     }
 }
 
-/// Performs one request another client addressed to the lock holder and sends its result
-/// back (see `Image::serve_owner_requests`).
-async fn run_owner_request<S: ImageStore>(img: Arc<Image<S>>, req: OwnerRequest) {
+/// A long request stopped for a hand-over: its result, sent once the lock is gone.
+type Interrupted = (Result<()>, tokio::sync::oneshot::Sender<Result<()>>);
+
+/// Sends a request's result back to its asker; the failure is logged here (the asker
+/// gets its errno only).
+fn finish_owner_request(r: Result<()>, done: tokio::sync::oneshot::Sender<Result<()>>) {
+    if let Err(e) = &r {
+        tracing::warn!("{e}");
+    }
+    let _ = done.send(r);
+}
+
+/// Performs one request another client addressed to the lock holder (see
+/// `Image::serve_owner_requests`); the caller sends the result back.
+async fn run_owner_action<S: ImageStore>(
+    img: &Arc<Image<S>>,
+    req: OwnerRequest,
+) -> (Result<()>, tokio::sync::oneshot::Sender<Result<()>>) {
     let OwnerRequest {
         action,
         progress,
@@ -281,9 +316,5 @@ async fn run_owner_request<S: ImageStore>(img: Arc<Image<S>>, req: OwnerRequest)
             img.snap_create_quiesced(&name, quiesce).await
         }
     };
-    // The asker gets its errno only: the failure is logged here.
-    if let Err(e) = &r {
-        tracing::warn!("{e}");
-    }
-    let _ = done.send(r);
+    (r, done)
 }

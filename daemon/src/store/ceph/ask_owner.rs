@@ -25,7 +25,7 @@ pub(super) async fn ask_owner(
     store: &CephStore,
     spec: &ImageSpec,
     what: &str,
-    build: impl FnOnce(AsyncRequestId) -> Vec<u8>,
+    build: impl Fn(AsyncRequestId) -> Vec<u8>,
     mut on_progress: impl FnMut(u64, u64),
 ) -> Result<()> {
     let io = store.pool(&spec.pool, &spec.namespace).await?;
@@ -41,14 +41,69 @@ pub(super) async fn ask_owner(
         )
         .await
         .map_err(ctx)?;
-    let req = AsyncRequestId {
+    let mut req = AsyncRequestId {
         gid: io.cluster().instance_id(),
         handle: watch.cookie,
-        request_id: 1,
+        request_id: 0,
     };
-    let r = async {
+    // The owner may hand the lock over mid-way (another client asked for it): it stops
+    // and answers ERESTART, and the request goes again to the new owner, as librbd's
+    // asker sends it (objects done so far stay done).
+    let mut restarts = 0;
+    let r = loop {
+        req.request_id += 1;
+        let r = ask_once(
+            &io,
+            &oid,
+            spec,
+            what,
+            &build,
+            req,
+            &mut rx,
+            &mut on_progress,
+        )
+        .await;
+        match r {
+            Err(e) if e.kind == ErrorKind::Interrupted && restarts < MAX_RESTARTS => {
+                restarts += 1;
+                tracing::info!("{e}: asking again");
+            }
+            Err(e) if restarts > 0 && e.message.contains("no lock owner answered") => {
+                break Err(Error::new(
+                    ErrorKind::Interrupted,
+                    format!(
+                        "the holder of {spec} handed its lock over during the request to \
+                         {what}, and nobody holds it now: run the command again"
+                    ),
+                ));
+            }
+            r => break r,
+        }
+    };
+    let _ = io.unwatch(watch).await;
+    r
+}
+
+/// How many times a request interrupted by a hand-over goes again to the new owner.
+const MAX_RESTARTS: u32 = 10;
+
+/// One round of `ask_owner`: the request, the owner's ack, its progress and completion.
+/// An owner that stopped for a hand-over answers ERESTART: `ErrorKind::Interrupted`.
+#[allow(clippy::too_many_arguments)]
+async fn ask_once(
+    io: &super::rados::IoCtx,
+    oid: &str,
+    spec: &ImageSpec,
+    what: &str,
+    build: &impl Fn(AsyncRequestId) -> Vec<u8>,
+    req: AsyncRequestId,
+    rx: &mut mpsc::UnboundedReceiver<WatchEvent>,
+    on_progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
+    let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
+    {
         let reply = io
-            .notify(&oid, &build(req), NOTIFY_TIMEOUT_MS)
+            .notify(oid, &build(req), NOTIFY_TIMEOUT_MS)
             .await
             .map_err(ctx)?;
         // Every watcher acks; only the lock owner answers with a ResponseMessage.
@@ -96,7 +151,12 @@ pub(super) async fn ask_owner(
                         on_progress(offset, total)
                     }
                     Some(OwnerNews::Complete { id, result }) if id == req => {
-                        return if result < 0 {
+                        return if result == -libc::ERESTART {
+                            Err(Error::new(
+                                ErrorKind::Interrupted,
+                                format!("the holder of {spec} handed its lock over during the request to {what}"),
+                            ))
+                        } else if result < 0 {
                             Err(refused(spec, what, result))
                         } else {
                             Ok(())
@@ -114,9 +174,6 @@ pub(super) async fn ask_owner(
             }
         }
     }
-    .await;
-    let _ = io.unwatch(watch).await;
-    r
 }
 
 /// The holder's errno as an error of ours: the kind librados' errno maps to, and a message
