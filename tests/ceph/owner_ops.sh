@@ -378,7 +378,7 @@ check "group: rados-nbd snap ls --all shows the group snapshot as rbd's (plain, 
    [ \"\$($RNQ snap ls --all --format json '$G')\" = \"\$(rbd snap ls --all --format json '$G')\" ] &&
    $RNQ snap ls --all '$G' | grep -q 'group (rbd/$GR@gs)'"
 check "group: rbd group snap rm while served succeeds" "${RBD[@]}" group snap rm "$GR@gs"
-check "group: the daemon removed the image's part (log)" grep -q "removal of group snapshot rbd/$G@" "$work/serve.log"
+check "group: the daemon removed the image's part (log)" grep -q "removal of snapshot rbd/$G@.group.* (a group or mirror one)" "$work/serve.log"
 check "group: the image has no snapshot left" bash -c \
   "[ \"\$(rbd snap ls --all --format json '$G' | jq length)\" = 0 ]"
 check "group: rbd export of the head equals every write" bash -c "exported_is '$G' '$work/g.ref'"
@@ -387,6 +387,39 @@ check_unserve "group: clean close"
 check "group: after close, rbd object-map check passes" omap_check "$G"
 rbd group image rm "$GR" "$G" >/dev/null 2>&1; rbd group rm "$GR" >/dev/null 2>&1
 rbd rm "$G" >/dev/null 2>&1
+
+# ------------------------------------------------------------ mirror snapshots
+# `rbd mirror image enable IMG snapshot` of a served image asks the owner for the first
+# primary mirror snapshot (mirror namespace); `rbd mirror image disable` asks it to remove
+# it. Both done, the snapshot holding exactly the writes acknowledged before it.
+M=ownerm-$$
+rbd create --size $((SIZE / MB))M "$M"
+truncate -s "$SIZE" "$work/m.ref"
+serve "$M" || { fail "serve $M" "$(tail -3 "$work/serve.log")"; }
+hold "$M"
+put "$M" "$work/m.ref" 41 0 $((3 * MB))
+rbd mirror pool enable rbd image
+check "mirror: rbd mirror image enable (snapshot mode) of a served image succeeds" \
+  "${RBD[@]}" mirror image enable "$M" snapshot
+cp "$work/m.ref" "$work/m-snap.ref"
+check "mirror: written after it" put "$M" "$work/m.ref" 42 $((1 * MB)) $((3 * MB))
+check "mirror: the primary mirror snapshot holds exactly the writes acknowledged before it" $PY -c "
+import rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+with rbd.Image(io, '$M', read_only=True) as im:
+    s = [x for x in im.list_snaps() if x['namespace'] == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR]
+    assert len(s) == 1, s
+    im.set_snap_by_id(s[0]['id'])
+    assert im.read(0, $SIZE) == open('$work/m-snap.ref', 'rb').read(), 'bytes differ'
+"
+check "mirror: rbd mirror image disable of the served image succeeds, its snapshot removed" bash -c \
+  "${RBD_T} mirror image disable '$M' >/dev/null && [ \"\$(rbd snap ls --all --format json '$M' | jq length)\" = 0 ]"
+rbd mirror pool disable rbd
+check "mirror: rbd export of the head equals every write" bash -c "exported_is '$M' '$work/m.ref'"
+unhold
+check_unserve "mirror: clean close"
+check "mirror: after close, rbd object-map check passes" omap_check "$M"
+rbd rm "$M" >/dev/null 2>&1
 
 # ------------------------------------------------------------ feature changes
 # fast-diff and object-map turned off and on again by the owner while a client is connected

@@ -154,8 +154,8 @@ impl<S: ImageStore> Image<S> {
                     req.action,
                     OwnerAction::SnapCreate { .. }
                         | OwnerAction::SnapRemove { .. }
-                        | OwnerAction::GroupSnapCreate { .. }
-                        | OwnerAction::GroupSnapRemove { .. }
+                        | OwnerAction::NsSnapCreate { .. }
+                        | OwnerAction::NsSnapRemove { .. }
                         | OwnerAction::SnapRename { .. }
                         | OwnerAction::SnapProtect { .. }
                 );
@@ -300,13 +300,17 @@ async fn run_owner_action<S: ImageStore>(
             img.update_features(features, enabled).await
         }
         OwnerAction::ReleaseLock => img.hand_over().await,
-        OwnerAction::GroupSnapCreate { name, namespace } => {
-            tracing::info!("group snapshot {spec}@{name} asked by another client");
-            img.group_snap_create(&name, &namespace).await.map(|_| ())
+        OwnerAction::NsSnapCreate { name, namespace } => {
+            tracing::info!(
+                "snapshot {spec}@{name} (a group or mirror one) asked by another client"
+            );
+            img.ns_snap_create(&name, &namespace).await.map(|_| ())
         }
-        OwnerAction::GroupSnapRemove { name } => {
-            tracing::info!("removal of group snapshot {spec}@{name} asked by another client");
-            img.group_snap_remove(&name).await
+        OwnerAction::NsSnapRemove { name } => {
+            tracing::info!(
+                "removal of snapshot {spec}@{name} (a group or mirror one) asked by another client"
+            );
+            img.ns_snap_remove(&name).await
         }
         OwnerAction::SnapCreate { name, quiesce } => {
             tracing::info!("snapshot {spec}@{name} asked by another client");

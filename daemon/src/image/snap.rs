@@ -128,27 +128,34 @@ impl<S: ImageStore> Image<S> {
         self.take_snapshot(name, None).await
     }
 
-    /// This image's part of `rbd group snap create`, asked of the lock holder: a snapshot
-    /// `name` in the group namespace `namespace` (as the store encodes it), taken as a
-    /// user snapshot is. The store refuses a name the namespace has already.
-    pub async fn group_snap_create(&self, name: &str, namespace: &[u8]) -> Result<u64> {
+    /// A snapshot `name` in a group or mirror namespace `namespace` (as the store encodes
+    /// it), asked of the lock holder (`rbd group snap create`, `rbd mirror image
+    /// snapshot`), taken as a user snapshot is. The store refuses a name it has already.
+    pub async fn ns_snap_create(&self, name: &str, namespace: &[u8]) -> Result<u64> {
         self.check_snap_capable("taking a group snapshot")?;
         self.take_snapshot(name, Some(namespace)).await
     }
 
-    /// This image's part of `rbd group snap rm`: its snapshot `name` of a group.
-    pub async fn group_snap_remove(&self, name: &str) -> Result<()> {
+    /// `rbd group snap rm`, or a mirror snapshot's removal: its snapshot `name` of a group
+    /// or mirror namespace.
+    pub async fn ns_snap_remove(&self, name: &str) -> Result<()> {
         self.check_snap_capable("removing a group snapshot")?;
         let snap = self
             .store
             .header()
             .snaps
             .into_iter()
-            .find(|s| s.name == name && matches!(s.namespace, SnapNamespace::Group { .. }))
+            .find(|s| {
+                s.name == name
+                    && matches!(
+                        s.namespace,
+                        SnapNamespace::Group { .. } | SnapNamespace::Other(3)
+                    )
+            })
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
-                    format!("{}: no group snapshot {name}", self.spec),
+                    format!("{}: no group or mirror snapshot {name}", self.spec),
                 )
             })?;
         self.remove_snap(snap).await.map(|_| ())

@@ -91,14 +91,15 @@ pub enum OwnerAction {
     /// Another client wants the exclusive lock (cooperative hand-over): hold new
     /// requests, finish those in flight, write the map, clear the flag, release.
     ReleaseLock,
-    /// `rbd group snap create` (Ceph): this image's part of a group snapshot, named
-    /// `name` in the group namespace `namespace` (the encoded cls SnapshotNamespace the
-    /// asker sent, written as it is). Taken as a user snapshot is (held requests, its
-    /// own object map); the group's quiesce came before, from the asker.
-    GroupSnapCreate { name: String, namespace: Vec<u8> },
-    /// `rbd group snap rm` (Ceph): removes this image's snapshot `name` of the group
-    /// namespace.
-    GroupSnapRemove { name: String },
+    /// A snapshot in another namespace than the users' (Ceph): this image's part of a
+    /// group snapshot (`rbd group snap create`), or a mirror snapshot (`rbd mirror image
+    /// enable|snapshot`), named `name` in `namespace` (the encoded cls SnapshotNamespace
+    /// the asker sent, written as it is). Taken as a user snapshot is (held requests,
+    /// its own object map); a quiesce, if any, came before, from the asker.
+    NsSnapCreate { name: String, namespace: Vec<u8> },
+    /// `rbd group snap rm`, `rbd mirror image disable` (Ceph): removes this image's
+    /// snapshot `name` of a group or mirror namespace.
+    NsSnapRemove { name: String },
 }
 
 impl OwnerAction {
@@ -124,8 +125,8 @@ impl OwnerAction {
                 if *enabled { "enable" } else { "disable" }
             ),
             OwnerAction::ReleaseLock => "hand the lock over".into(),
-            OwnerAction::GroupSnapCreate { name, .. } => format!("group snap create {name}"),
-            OwnerAction::GroupSnapRemove { name } => format!("group snap rm {name}"),
+            OwnerAction::NsSnapCreate { name, .. } => format!("snap create {name}"),
+            OwnerAction::NsSnapRemove { name } => format!("snap rm {name}"),
         }
     }
 }

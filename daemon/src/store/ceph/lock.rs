@@ -192,14 +192,20 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
     };
     match &msg.op {
         // `rbd group snap create|rm` asks each image's owner for its part, in the group's
-        // namespace; mirror snapshots (rbd-mirror's) and protecting anything but a user
-        // snapshot are not ours to do.
+        // namespace; `rbd mirror image enable|snapshot|disable` for mirror snapshots;
+        // a namespace we do not know, and protecting anything but a user snapshot, are
+        // not ours to do.
         OwnerOp::SnapCreate { ns, .. } | OwnerOp::SnapRemove { ns, .. }
-            if *ns != owner_msgs::SNAP_NS_USER && *ns != owner_msgs::SNAP_NS_GROUP =>
+            if ![
+                owner_msgs::SNAP_NS_USER,
+                owner_msgs::SNAP_NS_GROUP,
+                owner_msgs::SNAP_NS_MIRROR,
+            ]
+            .contains(ns) =>
         {
             Err((
                 EBUSY,
-                "only user and group snapshots are handled by rados-nbd (not mirror ones)",
+                "only user, group and mirror snapshots are handled by rados-nbd",
             ))
         }
         OwnerOp::SnapProtect { ns, .. } | OwnerOp::SnapUnprotect { ns, .. }
@@ -348,8 +354,8 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
             ns_raw,
         } => {
             snap_quiesce = Some(flags);
-            if ns == owner_msgs::SNAP_NS_GROUP {
-                OwnerAction::GroupSnapCreate {
+            if ns == owner_msgs::SNAP_NS_GROUP || ns == owner_msgs::SNAP_NS_MIRROR {
+                OwnerAction::NsSnapCreate {
                     name,
                     namespace: ns_raw,
                 }
@@ -361,8 +367,10 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
                 }
             }
         }
-        OwnerOp::SnapRemove { name, ns } if ns == owner_msgs::SNAP_NS_GROUP => {
-            OwnerAction::GroupSnapRemove { name }
+        OwnerOp::SnapRemove { name, ns }
+            if ns == owner_msgs::SNAP_NS_GROUP || ns == owner_msgs::SNAP_NS_MIRROR =>
+        {
+            OwnerAction::NsSnapRemove { name }
         }
         OwnerOp::SnapRemove { name, .. } => OwnerAction::SnapRemove { name },
         OwnerOp::SnapRename { snap_id, name } => OwnerAction::SnapRename {
@@ -1251,7 +1259,8 @@ mod tests {
             cls::response_message(-22),
             "a sparse size librbd itself would refuse"
         );
-        // A group snapshot: taken (its part of `rbd group snap`); a mirror one: refused.
+        // A group snapshot: taken (its part of `rbd group snap`), a mirror one too; a
+        // namespace we do not know: refused.
         let group = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
             e.str("g");
             let ns = e.start(1, 1);
@@ -1278,6 +1287,16 @@ mod tests {
         });
         assert_eq!(
             owner_reply(&mirror, true, |_| None),
+            cls::response_message(0)
+        );
+        let unknown_ns = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
+            e.str("u");
+            let ns = e.start(1, 1);
+            e.u32(9).finish(ns);
+            e.u64(7).u64(8).u64(9).u64(0);
+        });
+        assert_eq!(
+            owner_reply(&unknown_ns, true, |_| None),
             cls::response_message(-16)
         );
         // An op we do not know, addressed to the owner: refused as before.

@@ -37,6 +37,7 @@ pub const NOTIFY_OP_SPARSIFY: u32 = 17;
 /// 1 group, 2 trash, 3 mirror.
 pub const SNAP_NS_USER: u32 = 0;
 pub const SNAP_NS_GROUP: u32 = 1;
+pub const SNAP_NS_MIRROR: u32 = 3;
 
 /// What a client asks the lock owner to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,8 +312,8 @@ pub fn request_for(id: AsyncRequestId, action: &OwnerAction) -> Option<Vec<u8>> 
         }),
         // Never asked by us: a group snapshot is `rbd group snap`'s.
         OwnerAction::ReleaseLock
-        | OwnerAction::GroupSnapCreate { .. }
-        | OwnerAction::GroupSnapRemove { .. } => return None,
+        | OwnerAction::NsSnapCreate { .. }
+        | OwnerAction::NsSnapRemove { .. } => return None,
     })
 }
 

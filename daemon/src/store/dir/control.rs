@@ -212,8 +212,8 @@ fn control_line(action: &OwnerAction) -> Option<String> {
         }
         // Ceph's group snapshots come from `rbd group snap`, never through this socket.
         OwnerAction::ReleaseLock
-        | OwnerAction::GroupSnapCreate { .. }
-        | OwnerAction::GroupSnapRemove { .. } => return None,
+        | OwnerAction::NsSnapCreate { .. }
+        | OwnerAction::NsSnapRemove { .. } => return None,
     })
 }
 
