@@ -18,9 +18,11 @@ pub async fn flatten<S: Store>(store: &S, spec: &ImageSpec) -> Result<()> {
     let mut tries = 0;
     loop {
         match flatten_once(store, spec).await {
-            Err(e) if e.kind == ErrorKind::Interrupted && tries < 3 => {
+            Err(e) if e.kind == ErrorKind::Interrupted && tries < 10 => {
                 tries += 1;
                 tracing::info!("{e}: starting again");
+                // The lock may still be moving (its new holder closing the image).
+                tokio::time::sleep(std::time::Duration::from_millis(200 * tries)).await;
             }
             r => return r,
         }

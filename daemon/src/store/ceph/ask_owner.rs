@@ -50,8 +50,16 @@ pub(super) async fn ask_owner(
     // and answers ERESTART, and the request goes again to the new owner, as librbd's
     // asker sends it (objects done so far stay done).
     let mut restarts = 0;
+    let mut same_again = false;
     let r = loop {
-        req.request_id += 1;
+        if !same_again {
+            req.request_id += 1;
+        }
+        same_again = false;
+        // Once restarted, the new holder may be a passing client that closes the image
+        // with our request in hand: librbd's asker waits rbd_request_timed_out_seconds
+        // (30) for it, then starts again.
+        let silence = if restarts == 0 { SILENCE } else { SILENCE / 2 };
         let r = ask_once(
             &io,
             &oid,
@@ -61,6 +69,7 @@ pub(super) async fn ask_owner(
             req,
             &mut rx,
             &mut on_progress,
+            silence,
         )
         .await;
         match r {
@@ -68,12 +77,28 @@ pub(super) async fn ask_owner(
                 restarts += 1;
                 tracing::info!("{e}: asking again");
             }
-            Err(e) if restarts > 0 && e.message.contains("no lock owner answered") => {
+            // Silence: the holder may have closed the image with our request in hand.
+            // Sent again under the same id, as librbd's asker does (a holder still at it
+            // answers that it is; another starts it).
+            Err(e) if e.kind == ErrorKind::TimedOut && restarts < MAX_RESTARTS => {
+                restarts += 1;
+                same_again = true;
+                tracing::info!("{e}: asking again");
+            }
+            // After a hand-over the lock may be free, or its new holder gone before it
+            // answered: the caller starts again from the top (here, or with whoever
+            // holds the lock by then).
+            Err(e)
+                if restarts > 0
+                    && !matches!(e.kind, ErrorKind::InvalidInput | ErrorKind::NotFound) =>
+            {
                 break Err(Error::new(
                     ErrorKind::Interrupted,
                     format!(
                         "the holder of {spec} handed its lock over during the request to \
-                         {what}, and nobody holds it now: run the command again"
+                         {what}, and the request could not go on with a new holder ({}): \
+                         run the command again",
+                        e.message
                     ),
                 ));
             }
@@ -99,6 +124,7 @@ async fn ask_once(
     req: AsyncRequestId,
     rx: &mut mpsc::UnboundedReceiver<WatchEvent>,
     on_progress: &mut impl FnMut(u64, u64),
+    silence: std::time::Duration,
 ) -> Result<()> {
     let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
     {
@@ -126,14 +152,14 @@ async fn ask_once(
             Some(_) => {}
         }
         loop {
-            let ev = match tokio::time::timeout(SILENCE, rx.recv()).await {
+            let ev = match tokio::time::timeout(silence, rx.recv()).await {
                 Err(_) => {
                     return Err(Error::new(
                         ErrorKind::TimedOut,
                         format!(
                             "the holder of {spec} took the request to {what} but has said nothing \
                              for {} s; it may still complete",
-                            SILENCE.as_secs()
+                            silence.as_secs()
                         ),
                     ))
                 }
