@@ -251,6 +251,29 @@ check "flatten: after close, rbd object-map check passes" omap_check "$C-2"
 rbd snap unprotect "$P@base2" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@base2" >/dev/null 2>&1
 
+# wait_owner_flatten IMAGE: until the daemon has taken another client's flatten request.
+wait_owner_flatten() {
+  for _ in $(seq 1 200); do
+    grep -q "flatten of rbd/$1 asked by another client" "$work/serve.log" && return 0
+    sleep 0.05
+  done
+}
+# librbd_write IMAGE: python3-rbd opens IMAGE, writes 4 KiB of 0x5a at 8 MiB (asking the
+# holder for the lock), and closes it.
+librbd_write() {
+  $PY -c "
+import rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+with rbd.Image(io, '$1') as im:
+    im.write(b'\x5a' * 4096, 8 << 20)
+"
+}
+# with_librbd_write SRC DST: DST is SRC with librbd_write's bytes.
+with_librbd_write() {
+  cp "$1" "$2"
+  printf '\x5a%.0s' $(seq 1 4096) | dd of="$2" bs=1 seek=$((8 << 20)) conv=notrunc status=none
+}
+
 # A snapshot asked while the owner flattens a large clone is taken at once, beside the
 # flatten (as librbd's owner runs them), not after it: the flatten copies up 1 GiB object
 # by object, and `rbd snap create` returns while it still runs. Both exact afterwards.
@@ -264,10 +287,7 @@ rbd export --no-progress "$C3" "$work/c3.ref" >/dev/null 2>&1
 serve "$C3" || { fail "serve $C3" "$(tail -3 "$work/serve.log")"; }
 "${RBD[@]}" flatten --no-progress "$C3" >/dev/null 2>&1 &
 flat_pid=$!
-for _ in $(seq 1 200); do
-  grep -q "flatten of rbd/$C3 asked by another client" "$work/serve.log" && break
-  sleep 0.05
-done
+wait_owner_flatten "$C3"
 check "flatten + snapshot: rbd snap create during the flatten succeeds" "${RBD[@]}" snap create "$C3@during"
 check "flatten + snapshot: ... and returned while the flatten still ran" kill -0 $flat_pid
 wait $flat_pid
@@ -287,25 +307,16 @@ rbd clone --rbd-default-clone-format 2 "$P3@s" "$C4"
 serve "$C4" || { fail "serve $C4" "$(tail -3 "$work/serve.log")"; }
 "${RBD[@]}" flatten --no-progress "$C4" >"$work/flat4.out" 2>&1 &
 flat_pid=$!
-for _ in $(seq 1 200); do
-  grep -q "flatten of rbd/$C4 asked by another client" "$work/serve.log" && break
-  sleep 0.05
-done
+wait_owner_flatten "$C4"
 sleep 0.3
-check "flatten + hand-over: a librbd client's write during the flatten gets the lock and lands" $PY -c "
-import rados, rbd
-c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
-with rbd.Image(io, '$C4') as im:
-    im.write(b'\x5a' * 4096, 8 << 20)
-"
+check "flatten + hand-over: a librbd client's write during the flatten gets the lock and lands" librbd_write "$C4"
 check "flatten + hand-over: ... while the flatten still ran (it did not wait for it)" kill -0 $flat_pid
 wait $flat_pid
 check "flatten + hand-over: rbd flatten succeeded (carried on after ERESTART)" test $? = 0
 check "flatten + hand-over: the daemon stopped for the hand-over (log)" \
   grep -q "interrupted: the exclusive lock goes to another client" "$work/serve.log"
 check "flatten + hand-over: rbd info shows no parent" bash -c "! rbd info '$C4' --format json | jq -e .parent >/dev/null"
-cp "$work/c3.ref" "$work/c4.ref"
-printf '\x5a%.0s' $(seq 1 4096) | dd of="$work/c4.ref" bs=1 seek=$((8 << 20)) conv=notrunc status=none
+with_librbd_write "$work/c3.ref" "$work/c4.ref"
 check "flatten + hand-over: written through NBD after it (the daemon takes the lock back)" \
   put "$C4" "$work/c4.ref" 31 $((12 * MB)) $((1 * MB))
 check "flatten + hand-over: rbd export equals the parent's bytes and both writes" bash -c "exported_is '$C4' '$work/c4.ref'"
@@ -319,24 +330,15 @@ rbd clone --rbd-default-clone-format 2 "$P3@s" "$C5"
 serve "$C5" || { fail "serve $C5" "$(tail -3 "$work/serve.log")"; }
 timeout 300 "${RN[@]}" flatten "$C5" >"$work/flat5.out" 2>&1 &
 flat_pid=$!
-for _ in $(seq 1 200); do
-  grep -q "flatten of rbd/$C5 asked by another client" "$work/serve.log" && break
-  sleep 0.05
-done
+wait_owner_flatten "$C5"
 sleep 0.3
-$PY -c "
-import rados, rbd
-c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
-with rbd.Image(io, '$C5') as im:
-    im.write(b'\x5a' * 4096, 8 << 20)
-"
+librbd_write "$C5"
 wait $flat_pid
 flat_rc=$?
 check "flatten + hand-over: rados-nbd flatten interrupted by a hand-over starts again and succeeds" \
   bash -c "[ $flat_rc = 0 ] && ! rbd info '$C5' --format json | jq -e .parent >/dev/null"
 check "flatten + hand-over: ... and says so" grep -q "starting again\|asking again" "$work/flat5.out"
-cp "$work/c3.ref" "$work/c5.ref"
-printf '\x5a%.0s' $(seq 1 4096) | dd of="$work/c5.ref" bs=1 seek=$((8 << 20)) conv=notrunc status=none
+with_librbd_write "$work/c3.ref" "$work/c5.ref"
 check "flatten + hand-over: rbd export equals the parent's bytes and the write" bash -c \
   "exported_is '$C5' '$work/c5.ref'"
 check_unserve "flatten + hand-over: clean close of the second"
