@@ -10,6 +10,9 @@
 #  - deep copy-ups into clones with a snapshot (rados-nbd flatten, first writes while
 #    served): the snapshot's object map says the object exists, so after flatten
 #    `rbd export CHILD@SNAP` is the parent snapshot's bytes and object-map checks pass.
+#  - shrinking a clone with a snapshot (rados-nbd resize, rbd resize asking the owner)
+#    leaves what librbd's shrink leaves (rbd du, rbd diff --whole-object), so a deep
+#    flatten afterwards keeps the snapshot's bytes.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh" clones
@@ -164,6 +167,45 @@ for img in dsf dsw; do
 done
 check "dsf: rbd export equals the parent snapshot" same_export dsf "$work/base.raw"
 check "dsw: rbd export still equals the model" same_export dsw "$work/dsw.raw"
+
+# Shrinking a clone with a snapshot, against librbd's twin: before the objects past the new
+# end go, librbd's TrimRequest copies up those the clone lacks inside the overlap (deeply:
+# the snapshot gets the parent's bytes) and the object the new end cuts. Without that, a
+# flatten (deep-flatten: the snapshot lets go of the parent) left the snapshot reading
+# zeros past the new end (seen before the fix). 10 MiB cuts object 2 (parent data 9-11
+# MiB); objects 3-7 past it hold parent data in 5. Shrunk by `rados-nbd resize` (srn), by
+# `rbd resize` asking our owner (srs), and by librbd itself (slb).
+for img in srn srs slb; do
+  rbd clone --rbd-default-clone-format 2 --image-feature $cfeat cbase@u $img >/dev/null 2>&1 &&
+    rbd snap create $img@c1 >/dev/null 2>&1 || fail "$img: rbd clone and snap create" ""
+done
+check "srn: rados-nbd resize --allow-shrink of a clone with a snapshot" \
+  bash -c "$RNQ resize --size 10M --allow-shrink srn >/dev/null 2>&1"
+if serve srs; then
+  check "srs: rbd resize --allow-shrink asks the serving rados-nbd" \
+    bash -c "rbd resize --size 10M --allow-shrink --no-progress srs >/dev/null 2>&1"
+  check_unserve "srs: serve ends with exit 0"
+else
+  fail "serve srs" "$(tail -3 "$work/serve.log")"
+fi
+rbd resize --size 10M --allow-shrink --no-progress slb >/dev/null 2>&1
+head -c $((10 * MB)) "$work/base.raw" >"$work/s10.raw"
+du_of() { rbd du "$1" 2>/dev/null | sed "s/^$1/IMG/"; }
+wo_diff() { rbd diff --whole-object --format json "$1"; }
+export -f du_of wo_diff
+for img in srn srs; do
+  check "$img: rbd du (per snapshot) as librbd's shrink leaves it" \
+    bash -c "[ \"\$(du_of $img)\" = \"\$(du_of slb)\" ]"
+  check "$img: rbd diff --whole-object of the head and the snapshot as librbd's" bash -c \
+    "[ \"\$(wo_diff $img)\" = \"\$(wo_diff slb)\" ] && [ \"\$(wo_diff $img@c1)\" = \"\$(wo_diff slb@c1)\" ]"
+done
+for img in srn srs slb; do
+  check "$img: rbd flatten after the shrink" bash -c "rbd flatten --no-progress $img >/dev/null 2>&1"
+  check "$img@c1: rbd export equals the parent snapshot after the flatten" \
+    same_export $img@c1 "$work/base.raw"
+  check "$img: rbd export equals the parent's first 10 MiB" same_export $img "$work/s10.raw"
+  check "$img, $img@c1: rbd object-map check passes" bash -c "omap_check $img && omap_check $img@c1"
+done
 
 # Across RBD namespaces (format 2 only): the child in namespace cns names its parent in the
 # default one, serves through the restricted client, and is listed as rbd lists it.
@@ -376,7 +418,7 @@ rm_images() {
   done
 }
 rms=()
-rm_images ck dsf dsw & rms+=($!)
+rm_images ck dsf dsw srn srs slb & rms+=($!)
 rm_images rn2 rn1 rnf & rms+=($!)
 rm_images $(for k in 8 7 6 5 4 3 2 1; do echo v2c$k; done) & rms+=($!)
 rm_images $(for k in 8 7 6 5 4 3 2 1; do echo v1c$k; done) & rms+=($!)

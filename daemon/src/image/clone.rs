@@ -477,6 +477,38 @@ impl<S: ImageStore> Image<S> {
         Ok(any)
     }
 
+    /// Before a clone shrinks from `old` to `new_size` bytes, what librbd's TrimRequest
+    /// does first while the overlap still reaches past the new end: the object the new
+    /// end cuts is copied up with the cut zeroed on top (send_clean_boundary: a partial
+    /// discard of a parent-backed object copies it up), and, when a copy-up reaches the
+    /// child's snapshots, every object past the new end inside the overlap that the child
+    /// lacks is copied up with a discard on top (send_copyup_objects), so the snapshots
+    /// hold the parent's bytes themselves. Skipped, a deep flatten (which detaches the
+    /// snapshots from the parent) would leave those snapshots reading zeros there. The
+    /// heads of the copied-up objects are then removed with the others past the end.
+    pub(super) async fn copyup_before_shrink(&self, new_size: u64, old: u64) -> Result<()> {
+        let Some(chain) = self.chain() else {
+            return Ok(());
+        };
+        let osize = self.header.object_size();
+        let tail = new_size % osize;
+        if tail != 0 {
+            let last = new_size / osize;
+            self.copyup(&chain, last, tail, osize - tail, CopyupOp::Zero, false)
+                .await?;
+        }
+        let end = chain.overlap().min(old).div_ceil(osize);
+        for objno in new_size.div_ceil(osize)..end {
+            if self.store.copyup_snapshots(objno, &[1]).is_empty() {
+                // No snapshot large enough to hold this object (nor the later ones).
+                break;
+            }
+            self.copyup(&chain, objno, 0, osize, CopyupOp::Discard, false)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A whole-object discard of an object the child has, inside the overlap where an
     /// ancestor may have data: cut to nothing instead of removed, so the parent's data
     /// cannot show through (librbd truncates instead of removing there too).

@@ -58,6 +58,14 @@ impl<S: ImageStore> Image<S> {
                 format!("size {new_size} too large (at most 2^60 bytes)"),
             ));
         }
+        let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
+        if new_size < old && self.chain().is_some() {
+            // Copy-ups change the map: before the new one is made from it.
+            self.dirty_before(|| true).await.map_err(ctx)?;
+            self.copyup_before_shrink(new_size, old)
+                .await
+                .map_err(ctx)?;
+        }
         let osize = self.header.object_size();
         let (old_count, new_count) = (old.div_ceil(osize), new_size.div_ceil(osize));
         let map = self.map();
@@ -81,7 +89,6 @@ impl<S: ImageStore> Image<S> {
             }
             None => None,
         };
-        let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
         self.dirty_before(|| true).await.map_err(ctx)?;
         if new_size < old {
             let doomed: Vec<u64> = match &map {
