@@ -117,6 +117,14 @@ impl<S: ImageStore> Image<S> {
                     .as_ref()
                     .is_some_and(|m| m.get(last) == ObjectState::Nonexistent)
             {
+                // The cut changes the object's bytes: EXISTS_CLEAN (unchanged since the
+                // newest snapshot) becomes EXISTS, as librbd's discard of the boundary
+                // marks it, or `rbd diff --from-snap` (incremental backups) would miss it.
+                if let Some(n) = &new_map {
+                    if n.get(last) == ObjectState::ExistsClean {
+                        n.set(last, ObjectState::Exists);
+                    }
+                }
                 self.store
                     .zero(last, tail, osize - tail, false)
                     .await
