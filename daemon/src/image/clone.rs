@@ -314,8 +314,14 @@ pub(crate) enum CopyupOp {
     Zero,
     /// A whole-object discard: an empty object hides the parent's data.
     Discard,
-    /// Copy-on-read, flatten.
+    /// Copy-on-read: the parent's data alone.
     None,
+    /// Flatten: the parent's data and an empty write on top, as librbd's flatten
+    /// (io::util::trigger_copyup): with the child's snapshot context, so that after a
+    /// deep copy-up the OSD clones the object for the snapshots and the head counts as
+    /// written since them (EXISTS, where copy-on-read leaves EXISTS_CLEAN). Nothing at all
+    /// when the parent's data is all zeros (librbd: no copy-up required).
+    Flatten,
 }
 
 impl<S: ImageStore> Image<S> {
@@ -386,7 +392,7 @@ impl<S: ImageStore> Image<S> {
     /// Copy-up for a change to object `objno` (piece `off..off+len` of it) that the
     /// child lacks and an ancestor may have: the ancestors' bytes within the overlap
     /// plus the change, created in one atomic store step. `Ok(false)`: nothing to copy
-    /// up (the child has the object, or no ancestor has it), do the change as usual.
+    /// up (the child has the object, or it lies past the parent overlap), do the change as usual.
     ///
     /// Held under the object's write lock, and the map marked EXISTS before the store
     /// call: a write that sees EXISTS takes the read lock and so waits for the copy-up,
@@ -424,23 +430,32 @@ impl<S: ImageStore> Image<S> {
         let covered = match op {
             CopyupOp::Discard => true,
             CopyupOp::Write(_) | CopyupOp::Zero => off == 0 && len >= plen,
-            CopyupOp::None => false,
+            CopyupOp::None | CopyupOp::Flatten => false,
         } && self.store.copyup_snapshots(objno, &[1]).is_empty();
         let data = if covered {
             Bytes::new()
         } else {
             chain.read_bytes(start, plen, &self.stats).await?
         };
+        if matches!(op, CopyupOp::Flatten) && data.iter().all(|&b| b == 0) {
+            // Nothing to copy and nothing on top (flatten): librbd's CopyupRequest finds
+            // no copy-up required and creates no object either.
+            return Ok(false);
+        }
         let op = match op {
             CopyupOp::Write(d) => ObjectWrite::Write { off, data: d },
             CopyupOp::Zero => ObjectWrite::Zero { off, len },
             CopyupOp::Discard => ObjectWrite::Truncate { len: 0 },
             CopyupOp::None => ObjectWrite::None,
+            CopyupOp::Flatten => ObjectWrite::Write {
+                off: 0,
+                data: Bytes::new(),
+            },
         };
         let fast_diff = self.features() & RBD_FEATURE_FAST_DIFF != 0;
         let deep = self.mark_snapshots_exist(objno, &data, fast_diff).await?;
         match op {
-            // Nothing on top (flatten, copy-on-read) of data the snapshots hold too: the
+            // Nothing on top (copy-on-read) of data the snapshots hold too: the
             // head is unchanged since the newest of them, EXISTS_CLEAN with fast-diff
             // (librbd's CopyupRequest: "HEAD is non-dirty since data is tied to first
             // snapshot"; `rbd object-map check` expects it).
@@ -512,7 +527,7 @@ impl<S: ImageStore> Image<S> {
     /// A whole-object discard of an object the child has, inside the overlap where an
     /// ancestor may have data: cut to nothing instead of removed, so the parent's data
     /// cannot show through (librbd truncates instead of removing there too).
-    /// `Ok(false)`: no ancestor backs it, remove it as usual.
+    /// `Ok(false)`: past the parent overlap, remove it as usual.
     pub(super) async fn discard_shadowing(
         &self,
         chain: &Chain<S>,
@@ -539,26 +554,42 @@ impl<S: ImageStore> Image<S> {
             .is_some_and(|c| self.parent_extent(&c, objno).is_some())
     }
 
-    /// How many bytes of object `objno` the parent backs (the overlap may end inside
-    /// it), when some ancestor may hold data in them; None when none can.
+    /// How many bytes of object `objno` the parent overlap covers (it may end inside the
+    /// object); None past it. The overlap alone decides, as librbd's has_parent: inside
+    /// it librbd copies up for every change of an object the child lacks, discards and
+    /// zeroes included, even where no ancestor holds data (it copies up nothing then, but
+    /// the object is created), so the child's objects and maps are what librbd's would
+    /// be. The ancestors' maps still spare the reads (`Chain::read_bytes`).
     fn parent_extent(&self, chain: &Chain<S>, objno: u64) -> Option<u64> {
         let start = objno << self.order();
         let plen = self
             .header
             .object_size()
             .min(chain.overlap().saturating_sub(start));
-        (plen > 0 && chain.may_have(start, plen)).then_some(plen)
+        (plen > 0).then_some(plen)
     }
 
     /// Copies object `objno` up if the child lacks it and an ancestor has it, with
-    /// nothing changed on top (flatten, copy-on-read).
-    async fn copyup_whole(&self, objno: u64) -> Result<bool> {
+    /// nothing changed on top: `op` is `CopyupOp::Flatten` or `CopyupOp::None`
+    /// (copy-on-read).
+    async fn copyup_whole(&self, objno: u64, op: CopyupOp) -> Result<bool> {
         let Some(c) = self.parent_backed(objno) else {
             return Ok(false);
         };
+        // Where no ancestor's map says it has data, there is nothing to copy (the maps
+        // spare a flatten of a clone of a sparse parent a read per object).
+        let start = objno << self.order();
+        if !c.may_have(
+            start,
+            self.header
+                .object_size()
+                .min(c.overlap().saturating_sub(start)),
+        ) {
+            return Ok(false);
+        }
         self.dirty_before(|| self.needs_map_change(objno, ObjectState::Exists))
             .await?;
-        self.copyup(&c, objno, 0, 0, CopyupOp::None, false).await
+        self.copyup(&c, objno, 0, 0, op, false).await
     }
 
     /// `--copy-on-read` (librbd's rbd_clone_copy_on_read): from now on the first read of
@@ -585,7 +616,7 @@ impl<S: ImageStore> Image<S> {
                 let r = if img.lock_released() {
                     Ok(Default::default())
                 } else {
-                    img.copyup_whole(objno).await
+                    img.copyup_whole(objno, CopyupOp::None).await
                 };
                 drop(g);
                 if let Err(e) = r {
@@ -624,7 +655,7 @@ impl<S: ImageStore> Image<S> {
         let one = |objno: u64| async move {
             // A shrink may have lowered the overlap meanwhile.
             if objno << self.order() < chain.overlap() {
-                self.copyup_whole(objno).await?;
+                self.copyup_whole(objno, CopyupOp::Flatten).await?;
             }
             Ok(())
         };

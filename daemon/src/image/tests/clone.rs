@@ -190,17 +190,19 @@ async fn first_writes_copy_up_once_keeping_the_parents_bytes_around_them() {
     img.write(3 * OBJ, full, false).await.unwrap();
     assert_eq!(child.object(3).unwrap(), vec![9u8; OBJ as usize]);
     assert_eq!(count(&child.take_log(), "copyup(3)"), 1);
-    // An object nobody has: a plain write, no copy-up.
+    // An object no ancestor has, inside the overlap: a copy-up of nothing that carries
+    // the write, as librbd's (it copies up wherever the overlap reaches), no read of it.
     img.write(2 * OBJ + 7, Bytes::from_static(b"z"), false)
         .await
         .unwrap();
     let log = child.take_log();
     assert_eq!(
         (count(&log, "copyup(2)"), count(&log, "write(2)")),
-        (0, 1),
+        (1, 0),
         "{log:?}"
     );
-    assert_eq!(img.stats().copyups, 2);
+    assert_eq!(&child.object(2).unwrap()[..], b"\0\0\0\0\0\0\0z");
+    assert_eq!(img.stats().copyups, 3);
     img.close().await.unwrap();
 }
 
@@ -235,13 +237,15 @@ async fn discards_never_let_the_parent_show_through() {
         got[..100] == model[at..at + 100] && got[1100..] == model[at + 1100..at + OBJ as usize]
     );
     assert!(got[100..1100].iter().all(|&b| b == 0));
-    // Object 2 nobody has: nothing to do at all.
+    // Object 2, which no ancestor has, inside the overlap: librbd creates it empty all
+    // the same (its discard copies up wherever the overlap reaches), and so do we, so the
+    // maps agree. Never removed.
     img.trim(2 * OBJ, OBJ as u32, false).await.unwrap();
-    assert_eq!(child.object(2), None);
+    assert_eq!(child.object(2), Some(vec![]));
     let log = child.take_log();
     assert_eq!(
-        count(&log, "remove(2)") + count(&log, "copyup(2)"),
-        0,
+        (count(&log, "remove(2)"), count(&log, "copyup(2)")),
+        (0, 1),
         "{log:?}"
     );
     assert_eq!(count(&log, "remove(1)"), 0, "{log:?}");
@@ -495,6 +499,8 @@ async fn block_status_shows_the_parents_data_not_holes() {
 #[tokio::test]
 async fn an_emptied_object_that_hides_the_parent_is_kept() {
     let (_levels, child) = build(1, &[]);
+    // Objects 0 and 1 inside the overlap, 2 and 3 past it.
+    child.set_overlap(2 * OBJ);
     let img = Image::from_store_image(
         child.clone().punching(),
         &spec("child"),
@@ -514,7 +520,7 @@ async fn an_emptied_object_that_hides_the_parent_is_kept() {
         .unwrap();
     assert!(child.object(0).is_some(), "kept");
     assert!(read_all(&img, 0, OBJ as u32).await.iter().all(|&b| b == 0));
-    // Object 2, which no ancestor has, is removed when emptied, as before.
+    // Object 2, past the overlap, is removed when emptied, as in a flat image.
     img.write(2 * OBJ, Bytes::from_static(b"w"), false)
         .await
         .unwrap();
@@ -580,7 +586,14 @@ async fn flatten_copies_up_what_the_ancestors_hold_then_detaches() {
         Some(&(6, 6)),
         "objects 0..=5 are in the overlap"
     );
-    let held: Vec<u64> = (0..6).filter(|&o| holder(&levels, o).is_some()).collect();
+    // Copied up: the objects with data inside the overlap (object 5 only if its first
+    // 10 bytes are not all zeros: librbd copies no zeros up in a flatten either).
+    let held: Vec<u64> = (0..6)
+        .filter(|&o| {
+            let (a, b) = ((o * OBJ) as usize, ((o + 1) * OBJ).min(overlap) as usize);
+            model[a..b].iter().any(|&x| x != 0)
+        })
+        .collect();
     let log = child.take_log();
     let copied: Vec<u64> = (0..N)
         .filter(|o| count(&log, &format!("copyup({o})")) == 1)
@@ -590,10 +603,8 @@ async fn flatten_copies_up_what_the_ancestors_hold_then_detaches() {
     assert_eq!((img.clone_depth(), img.parent_overlap()), (0, None));
     assert!(read_image(&img).await == model);
     // Past the overlap nothing was copied: object 5 holds only the 10 bytes inside it.
-    assert_eq!(
-        child.object(5).map(|v| v.len() <= 10),
-        holder(&levels, 5).map(|_| true)
-    );
+    assert!(child.object(5).is_none_or(|v| v.len() <= 10));
+    assert_eq!(child.object(5).is_some(), held.contains(&5));
     let e = img.flatten(|_, _| {}).await.unwrap_err();
     assert!(e.message.contains("not a clone"), "{e}");
     img.close().await.unwrap();

@@ -763,13 +763,28 @@ impl ImageStore for CephImage {
         }
         let mut wop = WriteOp::new();
         if !deep {
+            if data.is_empty() {
+                // As librbd's sparse copy-up of nothing (cls rbd.sparse_copyup with no
+                // extents creates the object): the change on top of it may be a zero or
+                // a truncate, which would not create it, and inside the overlap the
+                // object must exist afterwards, hiding the parent.
+                wop.create(false);
+            }
             wop.exec(c"rbd", c"copyup", data);
+            wop.set_alloc_hint(osize, osize);
         }
-        wop.set_alloc_hint(osize, osize);
+        // After a deep copy-up the change goes alone, without the hint, as librbd sends
+        // it: a hint is a change to the OSD, which would clone the object for the
+        // snapshots even when the change itself alters nothing (a zero past the end of
+        // the copied-up data), and the head would count as written since them.
         match &op {
             ObjectWrite::None => {}
             ObjectWrite::Write { off, data } => {
                 wop.write(*off, data);
+            }
+            // As `zero` (and librbd's discard): to the object's end, a truncate.
+            ObjectWrite::Zero { off, len } if off.saturating_add(*len) >= osize => {
+                wop.truncate(*off);
             }
             ObjectWrite::Zero { off, len } => {
                 wop.zero(*off, *len);
