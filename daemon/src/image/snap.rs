@@ -402,7 +402,12 @@ impl<S: ImageStore> Image<S> {
             if !had && has == ObjectState::Nonexistent {
                 continue;
             }
-            if newest && had && has == ObjectState::ExistsClean {
+            // Unchanged since the newest snapshot, and unchanged in it since the one
+            // before: nothing to roll back, and the state stays what librbd's copy of
+            // the snapshot's map gives. An object the snapshot's map says EXISTS is
+            // rolled back all the same, as librbd does, and so ends EXISTS as in its copy
+            // (`rbd diff --from-snap SNAP` lists it after the rollback, as librbd's).
+            if newest && was == ObjectState::ExistsClean && has == ObjectState::ExistsClean {
                 continue;
             }
             // The store's own rollback (Ceph: the OSD copies the snapshot's clone over

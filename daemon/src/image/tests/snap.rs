@@ -202,12 +202,16 @@ async fn rollback_makes_the_head_the_snapshot() {
     );
     img.close().await.unwrap();
 
-    // Rolling back to the newest snapshot leaves the objects unchanged since alone.
+    // Rolling back to the newest snapshot leaves alone the objects unchanged since it
+    // and unchanged in it since the snapshot before (EXISTS_CLEAN in both maps: librbd's
+    // copy of the snapshot's map gives them EXISTS_CLEAN too). One the snapshot's map
+    // says EXISTS is rolled back, as librbd does, and ends EXISTS (see the next case).
     let (img, mem) = writable_mem(16 << 20).await;
     img.write(0, Bytes::from_static(b"x"), false).await.unwrap();
     img.write(OBJ, Bytes::from_static(b"y"), false)
         .await
         .unwrap();
+    img.snap_create("s0").await.unwrap();
     img.snap_create("s").await.unwrap();
     img.write(OBJ, Bytes::from_static(b"z"), false)
         .await
@@ -221,6 +225,21 @@ async fn rollback_makes_the_head_the_snapshot() {
     assert_eq!(
         states(&img.object_map().unwrap()),
         [ExistsClean, Exists, Nonexistent, Nonexistent]
+    );
+    img.close().await.unwrap();
+
+    // With one snapshot its map says EXISTS for both objects: both are rolled back and
+    // end EXISTS (`rbd diff --from-snap s` lists them, as after librbd's rollback).
+    let (img, mem) = writable_mem(16 << 20).await;
+    img.write(0, Bytes::from_static(b"x"), false).await.unwrap();
+    img.snap_create("s").await.unwrap();
+    mem.take_log();
+    img.snap_rollback("s").await.unwrap();
+    assert!(mem.take_log().iter().any(|l| l == "write(0)"));
+    assert_eq!(&read_all(&img, 0, 1).await, b"x");
+    assert_eq!(
+        states(&img.object_map().unwrap()),
+        [Exists, Nonexistent, Nonexistent, Nonexistent]
     );
     img.close().await.unwrap();
 }
