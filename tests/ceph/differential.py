@@ -55,6 +55,21 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    then `rbd sparsify|feature|resize` find no owner and are done by librbd)
                                                     librbd write of P
 
+Clones (--clone, the run of tests/ceph/run.sh's second differential): each sequence starts with
+  parent           A and B become clones (format 2) of twin chains of depth 1 or 2, each
+                   level written (the same data on both sides) and snapshotted as "p", with
+                   or without deep-flatten; the chains are compared too (A's must never
+                   change). Then the operations above, and from a stream of their own:
+  flatten          served: `rbd flatten` (the owner does it); not served: `rados-nbd
+                   flatten`                         librbd flatten
+  rollback         not served: `rados-nbd snap rollback`
+                                                    librbd rollback_to_snap
+                   served: `rbd snap rollback` must fail with EROFS (librbd does not ask a
+                   live owner for the lock to roll back: rbd-nbd's image refuses it too)
+  snaprm           served: `rbd snap rm` (the owner does it); not served: `rados-nbd snap
+                   rm`                              librbd remove_snap
+The overlap (head and snapshots) is compared with the twin's as well.
+
 A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
 geometry as one JSON object; `--replay FILE` (or `--replay-json '...'`) runs it again.
 
@@ -74,6 +89,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -93,6 +109,9 @@ import rbd  # noqa: E402  Debian's python3-rbd
 POOL = "rbd"
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+# The clone mode's own operations, drawn from a stream of their own (see clone_case).
+CLONE_OPS = ("flatten", "rollback", "snaprm")
+CLONE_RATE = 0.1
 CLI_TIMEOUT = 120
 # How long a reopen may wait for a dead or stopped owner's watch: the OSD drops it after
 # osd_client_watch_timeout (15 s on the test cluster), rados-nbd's wait is bounded by 30 s.
@@ -117,6 +136,8 @@ class Env:
         # B's twin of an NBD TRIM zeroes exactly what it is told, like rados-nbd does;
         # librbd's default (true) leaves the unaligned parts of a discard as they were.
         self.cluster.conf_set("rbd_skip_partial_discard", "false")
+        # Clones of unprotected snapshots (format 2), as `rados-nbd clone` makes by default.
+        self.cluster.conf_set("rbd_default_clone_format", "2")
         self.cluster.connect(timeout=30)
         self.ioctx = self.cluster.open_ioctx(POOL)
         self.counter = 0
@@ -141,7 +162,14 @@ class Run(diffops.Serves):
         self.size = geo.size
         env.counter += 1
         base = f"{os.environ.get('DIFF_PREFIX', 'diff')}{os.getpid()}-{env.counter}"
+        self.base = base
         self.a, self.b = f"{base}-a", f"{base}-b"
+        # The parent chains of a clone run, A's then B's, each from its root (finish()
+        # removes them), and the twin pairs of them to compare.
+        self.parents = []
+        self.chain_pairs = []
+        self.chain_digests = {}
+        self.snap_count = 0
         for name in (self.a, self.b):
             rbd.RBD().create(env.ioctx, name, geo.size, order=geo.order, old_format=False,
                              features=FEATURES)
@@ -267,7 +295,8 @@ class Run(diffops.Serves):
         elif k == "snap":
             if self.server is not None:
                 self.end_serve(crash=False)
-            name = f"s{len(self.snaps) + 1}"
+            self.snap_count += 1
+            name = f"s{self.snap_count}"
             with rbd.Image(self.env.ioctx, self.a) as im:
                 im.create_snap(name)
             self.bimg.create_snap(name)
@@ -275,7 +304,8 @@ class Run(diffops.Serves):
         elif k == "livesnap":
             if self.server is None:
                 return self.apply(["snap"])
-            name = f"s{len(self.snaps) + 1}"
+            self.snap_count += 1
+            name = f"s{self.snap_count}"
             # librbd asks the lock owner (rados-nbd) to take the snapshot.
             sh(["rbd", "snap", "create", "--no-progress", f"{POOL}/{self.a}@{name}"])
             self.bimg.create_snap(name)
@@ -311,8 +341,104 @@ class Run(diffops.Serves):
             self.feature(op[1], op[2])
         elif k == "handover":
             self.handover(op)
+        elif k == "parent":
+            self.make_clones(op[1], op[2], op[3])
+        elif k == "flatten":
+            self.flatten()
+        elif k == "rollback":
+            self.rollback(op[1], op[2])
+        elif k == "snaprm":
+            self.snap_remove(op[1], op[2])
         else:
             raise ValueError(f"unknown operation {op}")
+
+    # ------------------------------------------------------------------ clones
+    def make_clones(self, depth, deep, fill):
+        """A and B become clones of twin chains (see the module's "parent")."""
+        if self.server is not None or self.snaps:
+            raise ValueError("parent must be a sequence's first operation")
+        e = self.env
+        feats = FEATURES | (rbd.RBD_FEATURE_DEEP_FLATTEN if deep else 0)
+        self.bimg.close()
+        for name in (self.a, self.b):
+            rbd.RBD().remove(e.ioctx, name)
+        chains = {}
+        for twin in ("a", "b"):
+            prev = None
+            for level in range(depth):
+                name = f"{self.base}-{twin}p{level}"
+                if prev is None:
+                    rbd.RBD().create(e.ioctx, name, self.size, order=self.geo.order,
+                                     old_format=False, features=feats)
+                else:
+                    rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, name, features=feats,
+                                    order=self.geo.order)
+                self.parents.append(name)
+                with rbd.Image(e.ioctx, name) as im:
+                    for lv, off, length, tag in fill:
+                        if lv == level:
+                            im.write(diffops.pattern(tag, off, length), off)
+                    im.create_snap("p")
+                prev = name
+            rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, self.a if twin == "a" else self.b,
+                            features=feats, order=self.geo.order)
+            chains[twin] = [f"{self.base}-{twin}p{level}" for level in range(depth)]
+        self.chain_pairs = list(zip(chains["a"], chains["b"]))
+        for name in chains["a"] + chains["b"]:
+            with self._open(name, "p") as im:
+                self.chain_digests[name] = hashlib.sha256(im.read(0, im.size())).hexdigest()
+        self.bimg = rbd.Image(e.ioctx, self.b)
+
+    def b_is_clone(self):
+        try:
+            self.bimg.parent_info()
+            return True
+        except rbd.ImageNotFound:
+            return False
+
+    def flatten(self):
+        if not self.b_is_clone():
+            return  # rbd flatten refuses an image without a parent
+        if self.server is not None:
+            sh(["rbd", "flatten", "--no-progress", f"{POOL}/{self.a}"])
+        else:
+            sh(self.env.rn + ["flatten", f"{POOL}/{self.a}"])
+        self.bimg.flatten()
+
+    def rollback(self, k, served):
+        if not self.snaps:
+            return
+        snap = self.snaps[k % len(self.snaps)]
+        if self.server is not None and not served:
+            self.end_serve(crash=False)
+        if self.server is not None:
+            # librbd rolls back only with the lock, and does not ask a live owner for it
+            # (prepare_image_update without a lock request): refused, as for an image
+            # rbd-nbd serves, and nothing changes.
+            r = sh(["rbd", "snap", "rollback", "--no-progress", f"{POOL}/{self.a}@{snap}"],
+                   check=False)
+            err = (r.stdout + r.stderr).decode(errors="replace")
+            if r.returncode == 0 or "Read-only file system" not in err:
+                raise Failure("rollback served", f"rbd snap rollback of the served image: "
+                              f"exit {r.returncode}, expected EROFS as librbd's owner gets: "
+                              f"{err.strip()[-300:]}")
+            return
+        sh(self.env.rn + ["snap", "rollback", f"{POOL}/{self.a}@{snap}"])
+        self.bimg.rollback_to_snap(snap)
+        self.size = self.bimg.size()
+
+    def snap_remove(self, k, served):
+        if not self.snaps:
+            return
+        snap = self.snaps[k % len(self.snaps)]
+        if self.server is not None and not served:
+            self.end_serve(crash=False)
+        if self.server is not None:
+            sh(["rbd", "snap", "rm", "--no-progress", f"{POOL}/{self.a}@{snap}"])
+        else:
+            sh(self.env.rn + ["snap", "rm", f"{POOL}/{self.a}@{snap}"])
+        self.bimg.remove_snap(snap)
+        self.snaps.remove(snap)
 
     def takeover(self, op):
         """Two writers after a lock takeover (bug 3): nothing the stopped owner had queued may
@@ -485,6 +611,10 @@ class Run(diffops.Serves):
                     flags = im.flags()
                     features = im.features()
                     digest = hashlib.sha256(im.read(0, size)).hexdigest() if size else ""
+                    try:
+                        overlap = im.overlap()
+                    except rbd.Error:
+                        overlap = None
                     diffs = {}
                     for frm in [None] + self.snaps[:points.index(snap)]:
                         objs = []
@@ -492,7 +622,7 @@ class Run(diffops.Serves):
                                         lambda o, n, ex: objs.append((o >> self.geo.order, ex)),
                                         whole_object=True)
                         diffs[frm] = sorted(objs)
-                per[snap] = (size, flags, digest, diffs, features)
+                per[snap] = (size, flags, digest, diffs, features, overlap)
             state[name] = per
         for snap in points:
             at = f"@{snap}" if snap else " head"
@@ -507,6 +637,8 @@ class Run(diffops.Serves):
                 raise Failure("size", f"{where}: size{at}: {sa[0]} vs librbd {sb[0]}")
             if sa[2] != sb[2]:
                 raise Failure("export", f"{where}: rbd export{at} differs")
+            if sa[5] != sb[5]:
+                raise Failure("overlap", f"{where}: parent overlap{at}: {sa[5]} vs librbd {sb[5]}")
             for frm in sa[3]:
                 if sa[3][frm] != sb[3][frm]:
                     only_a = sorted(set(sa[3][frm]) - set(sb[3][frm]))
@@ -519,6 +651,10 @@ class Run(diffops.Serves):
                                   f"{where}: rbd diff --whole-object"
                                   f"{' --from-snap ' + frm if frm else ''}{at}: "
                                   f"(object, exists) only from rados-nbd {only_a}, only from librbd {only_b}")
+        for name, want in self.chain_digests.items():
+            with self._open(name, "p") as im:
+                if hashlib.sha256(im.read(0, im.size())).hexdigest() != want:
+                    raise Failure("parent changed", f"{where}: {name}@p is not what it was")
         # Without an object map there is none to check (the bytes, diffs and flags are).
         checks = [f"{POOL}/{self.a}"] if self.maps else []
         if e.long and self.maps:
@@ -580,6 +716,14 @@ class Run(diffops.Serves):
         except rbd.Error:
             pass
         for name in (self.a, self.b):
+            try:
+                with rbd.Image(self.env.ioctx, name) as im:
+                    for s in im.list_snaps():
+                        im.remove_snap(s["name"])
+                rbd.RBD().remove(self.env.ioctx, name)
+            except rbd.Error as ex:
+                print(f"note: could not remove {name}: {ex}", file=sys.stderr)
+        for name in reversed(self.parents):
             try:
                 with rbd.Image(self.env.ioctx, name) as im:
                     for s in im.list_snaps():
@@ -676,6 +820,9 @@ def main():
     ap.add_argument("--replay", help="a JSON case printed by a failure")
     ap.add_argument("--replay-json", help="the same, inline")
     ap.add_argument("--no-minimise", action="store_true")
+    ap.add_argument("--clone", action="store_true",
+                    help="clone sequences (see the module's \"parent\"); DIFF_CLONE_SEQS "
+                    "sequences (default 12) unless --seqs")
     ap.add_argument("--kinds", default=os.environ.get("DIFF_KINDS", ""),
                     help="comma-separated operation kinds to generate (default all)")
     args = ap.parse_args()
@@ -688,24 +835,53 @@ def main():
     sys.exit(rc)
 
 
+def clone_case(seed, geo, ops):
+    """A clone run of a sequence: the parent operation first (chains of depth 1 or 2, each
+    level with data in about half of its objects, deep-flatten three times in four), then
+    the sequence with the clone operations inserted from a stream of their own."""
+    rng = random.Random(f"clone-ops {seed}")
+    depth = rng.choice([1, 1, 2])
+    deep = rng.random() < 0.75
+    fill = []
+    tag = 1 << 20
+    for level in range(depth):
+        for o in range(geo.size // geo.obj):
+            if rng.random() < 0.5:
+                tag += 1
+                a = rng.randrange(geo.obj // diffops.SECTOR) * diffops.SECTOR
+                b = rng.randrange(a // diffops.SECTOR + 1, geo.obj // diffops.SECTOR + 1) * diffops.SECTOR
+                fill.append([level, o * geo.obj + a, b - a, tag])
+    out = [["parent", depth, deep, fill]]
+    for op in ops:
+        if rng.random() < CLONE_RATE:
+            k = rng.choice(CLONE_OPS)
+            out.append(["flatten"] if k == "flatten" else [k, rng.randrange(8), rng.random() < 0.5])
+        out.append(op)
+    return out
+
+
 def run(args, env):
     def note(replay):
         n = env.same_check_mismatch
         return f"{n} object-map checks found the same mismatch in librbd's twin" if n or replay else ""
 
-    test = diffops.Campaign("differential", "tests/ceph/differential.py", "diff", "librbd's twin",
+    name = "differential --clone" if args.clone else "differential"
+    test = diffops.Campaign(name, "tests/ceph/differential.py", "diff", "librbd's twin",
                             env.work, lambda geo, ops, label: run_sequence(env, geo, ops, label),
                             hint=hint, note=note)
     if args.replay or args.replay_json:
         return test.replay(json.loads(open(args.replay).read() if args.replay else args.replay_json))
     seqs = 500 if args.long and args.seqs == 32 else args.seqs
+    if args.clone and "--seqs" not in sys.argv and "DIFF_SEQS" not in os.environ:
+        seqs = int(os.environ.get("DIFF_CLONE_SEQS", "12")) * (4 if args.long else 1)
     kinds = [k for k in args.kinds.split(",") if k] or None
 
     def make(seed):
         # The slow operations go to a few seeds of the default mix; --kinds names them.
-        return diffops.sequence(seed, args.long, args.ops, snapshots=True, kinds=kinds,
-                                rare=[] if kinds else diffops.rare_ops(seed, args.long),
-                                owner=diffops.owner_rng(seed))
+        geo, ops = diffops.sequence(seed, args.long, args.ops, snapshots=True, kinds=kinds,
+                                    rare=[] if kinds else diffops.rare_ops(seed, args.long),
+                                    owner=diffops.owner_rng(seed))
+        return (geo, clone_case(seed, geo, ops)) if args.clone else (geo, ops)
 
     # Past DIFF_MINIMISE_UNTIL_S seconds of the run, failures are printed as they are,
     # unminimised.

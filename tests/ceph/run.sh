@@ -43,6 +43,7 @@ rc=0
 suites=(
   differential.sh
   clones.sh
+  clone_differential.sh
   owner_ops.sh
   snaps.sh
   handover.sh
