@@ -414,8 +414,21 @@ with rbd.Image(io, '$M', read_only=True) as im:
     im.set_snap_by_id(s[0]['id'])
     assert im.read(0, $SIZE) == open('$work/m-snap.ref', 'rb').read(), 'bytes differ'
 "
+# With a peer (recorded only: nothing connects to it), `rbd mirror image snapshot` of the
+# served image asks the owner for a mirror snapshot naming that peer (librbd then removes
+# the first one, which no peer needs).
+peer=$(timeout 60 rbd mirror pool peer add rbd client.admin@nowhere 2>/dev/null)
+check "mirror: rbd mirror image snapshot of the served image (a peer recorded)" bash -c \
+  "[ -n '$peer' ] && timeout 120 ${RBD_T} mirror image snapshot '$M' >/dev/null"
+# snap ls --all names the mirror snapshots as rbd does (state and peers; json fields).
+check "mirror: snap ls --all shows the mirror snapshot as rbd snap ls --all" bash -c \
+  "[ \"\$($RNQ snap ls --all '$M' | grep -o 'mirror (.*')\" = \"\$(rbd snap ls --all '$M' | grep -o 'mirror (.*')\" ] &&
+   rbd snap ls --all '$M' | grep -q 'mirror (primary peer_uuids:\[$peer\])'"
+check "mirror: snap ls --all --format json: the namespace object as rbd's" bash -c \
+  "[ \"\$($RNQ snap ls --all --format json '$M' | jq -c '.[].namespace')\" = \"\$(rbd snap ls --all --format json '$M' | jq -c '.[].namespace')\" ]"
 check "mirror: rbd mirror image disable of the served image succeeds, its snapshot removed" bash -c \
   "${RBD_T} mirror image disable '$M' >/dev/null && [ \"\$(rbd snap ls --all --format json '$M' | jq length)\" = 0 ]"
+[ -n "$peer" ] && rbd mirror pool peer remove rbd "$peer"
 rbd mirror pool disable rbd
 check "mirror: rbd export of the head equals every write" bash -c "exported_is '$M' '$work/m.ref'"
 unhold

@@ -24,29 +24,32 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                     format!("snap ls takes an image, not a snapshot: {spec}"),
                 ));
             }
-            let (mut snaps, groups) = with_image(store, &spec, OpenMode::ReadOnly, async |i| {
-                let snaps = i.header().snaps;
-                // Group snapshots name their group by ids: named as rbd names them (only
-                // the namespace's type where the group cannot be read any more, as rbd).
-                let mut groups = HashMap::new();
-                for s in snaps.iter().filter(|_| all) {
-                    if let SnapNamespace::Group {
-                        pool,
-                        group_id,
-                        snap_id,
-                    } = &s.namespace
-                    {
-                        if let Ok(names) = i.group_snap_names(*pool, group_id, snap_id).await {
-                            groups.insert(s.id, names);
+            let (mut snaps, groups, objects) =
+                with_image(store, &spec, OpenMode::ReadOnly, async |i| {
+                    let h = i.header();
+                    let objects = h.size.div_ceil(h.object_size());
+                    let snaps = h.snaps;
+                    // Group snapshots name their group by ids: named as rbd names them (only
+                    // the namespace's type where the group cannot be read any more, as rbd).
+                    let mut groups = HashMap::new();
+                    for s in snaps.iter().filter(|_| all) {
+                        if let SnapNamespace::Group {
+                            pool,
+                            group_id,
+                            snap_id,
+                        } = &s.namespace
+                        {
+                            if let Ok(names) = i.group_snap_names(*pool, group_id, snap_id).await {
+                                groups.insert(s.id, names);
+                            }
                         }
                     }
-                }
-                Ok((snaps, groups))
-            })
-            .await?;
+                    Ok((snaps, groups, objects))
+                })
+                .await?;
             // Oldest first, as rbd lists them.
             snaps.sort_by_key(|s| s.id);
-            print!("{}", list(&snaps, format, all, &groups));
+            print!("{}", list(&snaps, format, all, &groups, objects));
             Ok(())
         }
         SnapCommand::Create {
@@ -229,11 +232,13 @@ async fn try_on_head<S: Store>(
 /// headings; nothing at all without snapshots) or its JSON (`protected` a string, the
 /// timestamp as ctime prints it). Only user snapshots, unless `all` (`--all`: every
 /// namespace, with a NAMESPACE column, or `namespace` object in JSON, as rbd's).
+/// `objects`: the image's object count (a non-primary mirror snapshot's copy progress).
 pub fn list(
     snaps: &[SnapInfo],
     format: Format,
     all: bool,
     groups: &HashMap<u64, GroupSnapNames>,
+    objects: u64,
 ) -> String {
     let ts = |s: &SnapInfo| {
         s.timestamp
@@ -273,6 +278,25 @@ pub fn list(
                                     serde_json::json!(g.snap)
                                 ),
                             },
+                            SnapNamespace::Mirror(m) => {
+                                // rbd's order; the non-primary side's fields only there.
+                                let mut o = format!(
+                                    r#"{{"type":"mirror","state":"{}","mirror_peer_uuids":{},"complete":{}"#,
+                                    m.state_name(),
+                                    serde_json::json!(m.peer_uuids),
+                                    m.complete
+                                );
+                                if m.non_primary() {
+                                    o.push_str(&format!(
+                                        r#","primary_mirror_uuid":{},"primary_snap_id":{},"last_copied_object_number":{}"#,
+                                        serde_json::json!(m.primary_mirror_uuid),
+                                        m.primary_snap_id,
+                                        m.last_copied_object_number
+                                    ));
+                                }
+                                o.push('}');
+                                o
+                            }
                             SnapNamespace::Other(t) => {
                                 format!(r#"{{"type":"{}"}}"#, namespace_type(*t))
                             }
@@ -313,6 +337,7 @@ pub fn list(
                                 None => "group".to_string(),
                                 Some(g) => format!("group ({}/{}@{})", g.pool, g.group, g.snap),
                             },
+                            SnapNamespace::Mirror(m) => mirror_plain(m, objects),
                             SnapNamespace::Other(t) => namespace_type(*t).to_string(),
                         });
                     }
@@ -354,6 +379,35 @@ pub fn list(
 }
 
 /// The names rbd prints for snapshot namespace types other than user and trash.
+/// rbd's NAMESPACE column for a mirror snapshot: `mirror (primary peer_uuids:[A,B])`,
+/// and on the non-primary side the primary's mirror uuid and snapshot id and how far the
+/// copy got (`... UUID:ID 42% copied)`, `not copied` with no objects, `copied` when done).
+fn mirror_plain(m: &crate::store::MirrorSnap, objects: u64) -> String {
+    let mut o = format!(
+        "mirror ({} peer_uuids:[{}]",
+        m.state_name(),
+        m.peer_uuids.join(",")
+    );
+    if m.non_primary() {
+        o.push_str(&format!(
+            " {}:{} ",
+            m.primary_mirror_uuid, m.primary_snap_id
+        ));
+        if !m.complete {
+            if objects > 0 {
+                let pct =
+                    (100 * u128::from(m.last_copied_object_number) / u128::from(objects)).min(100);
+                o.push_str(&format!("{pct}% "));
+            } else {
+                o.push_str("not ");
+            }
+        }
+        o.push_str("copied");
+    }
+    o.push(')');
+    o
+}
+
 fn namespace_type(t: u32) -> &'static str {
     match t {
         1 => "group",
@@ -400,13 +454,14 @@ mod tests {
             timestamp: None,
             namespace: Default::default(),
         };
-        assert_eq!(list(&[], Format::Plain, false, &HashMap::new()), "");
-        assert_eq!(list(&[], Format::Json, false, &HashMap::new()), "[]\n");
+        assert_eq!(list(&[], Format::Plain, false, &HashMap::new(), 0), "");
+        assert_eq!(list(&[], Format::Json, false, &HashMap::new(), 0), "[]\n");
         let t = list(
             &[s(4, "a", false), s(12, "longer", true)],
             Format::Plain,
             false,
             &HashMap::new(),
+            0,
         );
         assert_eq!(
             t,
@@ -414,8 +469,41 @@ mod tests {
         );
         // Byte for byte: rbd's key order, protected as a string.
         assert_eq!(
-            list(&[s(4, "a", true)], Format::Json, false, &HashMap::new()),
+            list(&[s(4, "a", true)], Format::Json, false, &HashMap::new(), 0),
             "[{\"id\":4,\"name\":\"a\",\"size\":1073741824,\"protected\":\"true\",\"timestamp\":\"\"}]\n"
+        );
+    }
+
+    #[test]
+    fn mirror_namespace_as_rbd_prints_it() {
+        let mut m = crate::store::MirrorSnap {
+            state: 0,
+            complete: true,
+            peer_uuids: vec!["a".into(), "b".into()],
+            ..Default::default()
+        };
+        assert_eq!(mirror_plain(&m, 16), "mirror (primary peer_uuids:[a,b])");
+        m.state = 1;
+        assert_eq!(mirror_plain(&m, 16), "mirror (demoted peer_uuids:[a,b])");
+        // The non-primary side: the primary's uuid and snapshot, the copy's progress.
+        m.state = 2;
+        m.peer_uuids.clear();
+        m.primary_mirror_uuid = "p".into();
+        m.primary_snap_id = 7;
+        m.complete = false;
+        m.last_copied_object_number = 4;
+        assert_eq!(
+            mirror_plain(&m, 16),
+            "mirror (non-primary peer_uuids:[] p:7 25% copied)"
+        );
+        assert_eq!(
+            mirror_plain(&m, 0),
+            "mirror (non-primary peer_uuids:[] p:7 not copied)"
+        );
+        m.complete = true;
+        assert_eq!(
+            mirror_plain(&m, 16),
+            "mirror (non-primary peer_uuids:[] p:7 copied)"
         );
     }
 }

@@ -149,7 +149,7 @@ impl<S: ImageStore> Image<S> {
                 s.name == name
                     && matches!(
                         s.namespace,
-                        SnapNamespace::Group { .. } | SnapNamespace::Other(3)
+                        SnapNamespace::Group { .. } | SnapNamespace::Mirror(_)
                     )
             })
             .ok_or_else(|| {

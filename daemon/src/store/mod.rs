@@ -176,8 +176,40 @@ pub enum SnapNamespace {
         group_id: String,
         snap_id: String,
     },
-    /// Mirror (3) snapshots, or a type we do not know.
+    /// A mirror snapshot (`rbd mirror image snapshot`, or the first one `rbd mirror image
+    /// enable IMG snapshot` takes): cls::rbd::MirrorSnapshotNamespace's fields that
+    /// `rbd snap ls --all` shows.
+    Mirror(MirrorSnap),
+    /// A type we do not know.
     Other(u32),
+}
+
+/// A mirror snapshot's namespace (cls::rbd::MirrorSnapshotNamespace).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorSnap {
+    /// 0 primary, 1 primary (demoted), 2 non-primary, 3 non-primary (demoted).
+    pub state: u8,
+    pub complete: bool,
+    /// Sorted, as the std::set they come from.
+    pub peer_uuids: Vec<String>,
+    pub primary_mirror_uuid: String,
+    pub primary_snap_id: u64,
+    pub last_copied_object_number: u64,
+}
+
+impl MirrorSnap {
+    /// rbd's word for the state.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            0 => "primary",
+            2 => "non-primary",
+            _ => "demoted",
+        }
+    }
+
+    pub fn non_primary(&self) -> bool {
+        self.state >= 2
+    }
 }
 
 /// What `remove_image` did.

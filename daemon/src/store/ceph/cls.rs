@@ -297,6 +297,20 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
         2 => crate::store::SnapNamespace::Trash {
             original: d.string()?,
         },
+        // MirrorSnapshotNamespace: u8 state, bool complete, set<string> peer uuids,
+        // string primary mirror uuid, u64 primary snap id, u64 last copied object
+        // number, then the snap seqs (skipped with the rest of the block).
+        3 => crate::store::SnapNamespace::Mirror(crate::store::MirrorSnap {
+            state: d.u8()?,
+            complete: d.u8()? != 0,
+            peer_uuids: {
+                let n = d.u32()?;
+                (0..n).map(|_| d.string()).collect::<Result<_>>()?
+            },
+            primary_mirror_uuid: d.string()?,
+            primary_snap_id: d.u64()?,
+            last_copied_object_number: d.u64()?,
+        }),
         t => crate::store::SnapNamespace::Other(t),
     };
     d.finish(ns_end)?;
@@ -1160,6 +1174,44 @@ mod tests {
                     original: "s1".into()
                 }
             )
+        );
+
+        // A non-primary mirror snapshot (type 3): u8 state 2, bool complete false, the
+        // peer set, the primary's mirror uuid and snap id, the last copied object, then
+        // snap_seqs (a map, skipped with the block).
+        let mut ns = 3u32.to_le_bytes().to_vec();
+        ns.extend([2, 0]);
+        ns.extend(2u32.to_le_bytes());
+        ns.extend(s("peer-a"));
+        ns.extend(s("peer-b"));
+        ns.extend(s("prim-uuid"));
+        ns.extend(77u64.to_le_bytes());
+        ns.extend(5u64.to_le_bytes());
+        ns.extend(1u32.to_le_bytes());
+        ns.extend(77u64.to_le_bytes());
+        ns.extend(4u64.to_le_bytes());
+        let mut body = 9u64.to_le_bytes().to_vec();
+        body.extend([1, 1]);
+        body.extend((ns.len() as u32).to_le_bytes());
+        body.extend(ns);
+        body.extend(s(".mirror.non_primary.x"));
+        body.extend((64u64 << 20).to_le_bytes());
+        body.extend([0; 8]);
+        body.extend(0u32.to_le_bytes());
+        let mut b = vec![1, 1];
+        b.extend((body.len() as u32).to_le_bytes());
+        b.extend(body);
+        let i = snapshot_get_out(&b).unwrap();
+        assert_eq!(
+            i.namespace,
+            crate::store::SnapNamespace::Mirror(crate::store::MirrorSnap {
+                state: 2,
+                complete: false,
+                peer_uuids: vec!["peer-a".into(), "peer-b".into()],
+                primary_mirror_uuid: "prim-uuid".into(),
+                primary_snap_id: 77,
+                last_copied_object_number: 5,
+            })
         );
     }
 
