@@ -762,7 +762,10 @@ fn is_trashed(h: &ImageHeader, snap_id: u64) -> bool {
 
 /// Removes `head`'s snapshot `snap_id` if it is in the trash and no clone uses it any
 /// more (the store keeps it while one does: `false`), then closes `head`.
-pub async fn remove_trashed_snap<S: ImageStore>(head: Image<S>, snap_id: u64) -> Result<bool> {
+pub(crate) async fn remove_trashed_snap<S: ImageStore>(
+    head: Image<S>,
+    snap_id: u64,
+) -> Result<bool> {
     let r = if is_trashed(head.header(), snap_id) {
         head.snap_remove_id(snap_id).await
     } else {

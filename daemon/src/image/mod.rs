@@ -50,7 +50,7 @@ mod test_store;
 #[cfg(test)]
 mod tests;
 
-pub use clone::{release_parent, remove_trashed_snap, MAX_CHAIN_DEPTH};
+pub use clone::{release_parent, MAX_CHAIN_DEPTH};
 pub use features::UPDATABLE_FEATURES;
 pub use map::{
     describe_rebuilt, invalid_flags, load_object_map, new_map, rebuild_map, trusted_object_map,

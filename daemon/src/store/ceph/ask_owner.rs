@@ -127,76 +127,74 @@ async fn ask_once(
     silence: std::time::Duration,
 ) -> Result<()> {
     let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
-    {
-        let reply = io
-            .notify(oid, &build(req), NOTIFY_TIMEOUT_MS)
-            .await
-            .map_err(ctx)?;
-        // Every watcher acks; only the lock owner answers with a ResponseMessage.
-        let answer = reply
-            .acks
-            .iter()
-            .filter(|a| !a.2.is_empty())
-            .find_map(|a| owner_msgs::response_result(&a.2).ok());
-        match answer {
-            None => {
+    let reply = io
+        .notify(oid, &build(req), NOTIFY_TIMEOUT_MS)
+        .await
+        .map_err(ctx)?;
+    // Every watcher acks; only the lock owner answers with a ResponseMessage.
+    let answer = reply
+        .acks
+        .iter()
+        .filter(|a| !a.2.is_empty())
+        .find_map(|a| owner_msgs::response_result(&a.2).ok());
+    match answer {
+        None => {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {spec} is in use, but no lock owner answered the request to {what} \
+                     (it may have just closed the image: try again)"
+                ),
+            ))
+        }
+        Some(r) if r < 0 => return Err(refused(spec, what, r)),
+        Some(_) => {}
+    }
+    loop {
+        let ev = match tokio::time::timeout(silence, rx.recv()).await {
+            Err(_) => {
                 return Err(Error::new(
-                    ErrorKind::Busy,
+                    ErrorKind::TimedOut,
                     format!(
-                        "image {spec} is in use, but no lock owner answered the request to {what} \
-                         (it may have just closed the image: try again)"
+                        "the holder of {spec} took the request to {what} but has said nothing \
+                         for {} s; it may still complete",
+                        silence.as_secs()
                     ),
                 ))
             }
-            Some(r) if r < 0 => return Err(refused(spec, what, r)),
-            Some(_) => {}
-        }
-        loop {
-            let ev = match tokio::time::timeout(silence, rx.recv()).await {
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::TimedOut,
-                        format!(
-                            "the holder of {spec} took the request to {what} but has said nothing \
-                             for {} s; it may still complete",
-                            silence.as_secs()
-                        ),
-                    ))
+            Ok(None) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("waiting for the holder of {spec} to {what}: our watch ended"),
+                ))
+            }
+            Ok(Some(ev)) => ev,
+        };
+        match ev {
+            WatchEvent::Notify { data, .. } => match owner_msgs::owner_news(&data) {
+                Some(OwnerNews::Progress { id, offset, total }) if id == req => {
+                    on_progress(offset, total)
                 }
-                Ok(None) => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        format!("waiting for the holder of {spec} to {what}: our watch ended"),
-                    ))
+                Some(OwnerNews::Complete { id, result }) if id == req => {
+                    return if result == -libc::ERESTART {
+                        Err(Error::new(
+                            ErrorKind::Interrupted,
+                            format!("the holder of {spec} handed its lock over during the request to {what}"),
+                        ))
+                    } else if result < 0 {
+                        Err(refused(spec, what, result))
+                    } else {
+                        Ok(())
+                    };
                 }
-                Ok(Some(ev)) => ev,
-            };
-            match ev {
-                WatchEvent::Notify { data, .. } => match owner_msgs::owner_news(&data) {
-                    Some(OwnerNews::Progress { id, offset, total }) if id == req => {
-                        on_progress(offset, total)
-                    }
-                    Some(OwnerNews::Complete { id, result }) if id == req => {
-                        return if result == -libc::ERESTART {
-                            Err(Error::new(
-                                ErrorKind::Interrupted,
-                                format!("the holder of {spec} handed its lock over during the request to {what}"),
-                            ))
-                        } else if result < 0 {
-                            Err(refused(spec, what, result))
-                        } else {
-                            Ok(())
-                        };
-                    }
-                    _ => {}
-                },
-                WatchEvent::Error { err, .. } => {
-                    return Err(rados_error(
-                        &format!("waiting for the holder of {spec} to {what}: header watch lost"),
-                        "",
-                        err,
-                    ))
-                }
+                _ => {}
+            },
+            WatchEvent::Error { err, .. } => {
+                return Err(rados_error(
+                    &format!("waiting for the holder of {spec} to {what}: header watch lost"),
+                    "",
+                    err,
+                ))
             }
         }
     }
