@@ -838,7 +838,7 @@ def main():
     ap.add_argument("--no-minimise", action="store_true")
     ap.add_argument("--clone", action="store_true",
                     help="clone sequences (see the module's \"parent\"); DIFF_CLONE_SEQS "
-                    "sequences (default 12) unless --seqs")
+                    "sequences (default 8) unless --seqs")
     ap.add_argument("--kinds", default=os.environ.get("DIFF_KINDS", ""),
                     help="comma-separated operation kinds to generate (default all)")
     args = ap.parse_args()
@@ -895,7 +895,7 @@ def run(args, env):
         return test.replay(json.loads(open(args.replay).read() if args.replay else args.replay_json))
     seqs = 500 if args.long and args.seqs == 32 else args.seqs
     if args.clone and "--seqs" not in sys.argv and "DIFF_SEQS" not in os.environ:
-        seqs = int(os.environ.get("DIFF_CLONE_SEQS", "12")) * (4 if args.long else 1)
+        seqs = int(os.environ.get("DIFF_CLONE_SEQS", "8")) * (4 if args.long else 1)
     kinds = [k for k in args.kinds.split(",") if k] or None
 
     def make(seed):
