@@ -408,12 +408,19 @@ class Run(diffops.Serves):
             sh(self.env.rn + ["flatten", f"{POOL}/{self.a}"])
         self.bimg.flatten()
 
-    def rollback(self, k, served):
+    def pick_snap(self, k, served):
+        """The snapshot a clone operation names (k-th, modulo), None without any; a serve
+        that the operation does not want is ended first."""
         if not self.snaps:
-            return
-        snap = self.snaps[k % len(self.snaps)]
+            return None
         if self.server is not None and not served:
             self.end_serve(crash=False)
+        return self.snaps[k % len(self.snaps)]
+
+    def rollback(self, k, served):
+        snap = self.pick_snap(k, served)
+        if snap is None:
+            return
         if self.server is not None:
             # librbd rolls back only with the lock, and does not ask a live owner for it
             # (prepare_image_update without a lock request): refused, as for an image
@@ -431,11 +438,9 @@ class Run(diffops.Serves):
         self.size = self.bimg.size()
 
     def snap_remove(self, k, served):
-        if not self.snaps:
+        snap = self.pick_snap(k, served)
+        if snap is None:
             return
-        snap = self.snaps[k % len(self.snaps)]
-        if self.server is not None and not served:
-            self.end_serve(crash=False)
         if self.server is not None:
             sh(["rbd", "snap", "rm", "--no-progress", f"{POOL}/{self.a}@{snap}"])
         else:
