@@ -1117,6 +1117,23 @@ mod tests {
         assert!(get_snapcontext_out(&b).is_err());
     }
 
+    /// A SnapshotInfo v1 reply of a 64 MiB snapshot with a zero timestamp, its namespace
+    /// block holding `ns` (the type, then its fields).
+    fn snapshot_info_reply(id: u64, ns: &[u8], name: &str, child_count: u32) -> Vec<u8> {
+        let mut body = id.to_le_bytes().to_vec();
+        body.extend([1, 1]);
+        body.extend((ns.len() as u32).to_le_bytes());
+        body.extend(ns);
+        body.extend(s(name));
+        body.extend((64u64 << 20).to_le_bytes());
+        body.extend([0; 8]);
+        body.extend(child_count.to_le_bytes());
+        let mut b = vec![1, 1];
+        b.extend((body.len() as u32).to_le_bytes());
+        b.extend(body);
+        b
+    }
+
     #[test]
     fn snapshot_info_and_its_namespace() {
         // SnapshotInfo v1: id 4, user namespace {ENCODE_START(1,1) u32 type 0}, name "s1",
@@ -1153,18 +1170,7 @@ mod tests {
         let mut ns = 2u32.to_le_bytes().to_vec();
         ns.extend(s("s1"));
         ns.extend(0u32.to_le_bytes());
-        let mut body = 4u64.to_le_bytes().to_vec();
-        body.extend([1, 1]);
-        body.extend((ns.len() as u32).to_le_bytes());
-        body.extend(ns);
-        body.extend(s("0b9f6c2e-uuid"));
-        body.extend((64u64 << 20).to_le_bytes());
-        body.extend([0; 8]);
-        body.extend(1u32.to_le_bytes());
-        let mut b = vec![1, 1];
-        b.extend((body.len() as u32).to_le_bytes());
-        b.extend(body);
-        let i = snapshot_get_out(&b).unwrap();
+        let i = snapshot_get_out(&snapshot_info_reply(4, &ns, "0b9f6c2e-uuid", 1)).unwrap();
         assert_eq!(
             (i.name.as_str(), i.child_count, i.namespace),
             (
@@ -1190,18 +1196,7 @@ mod tests {
         ns.extend(1u32.to_le_bytes());
         ns.extend(77u64.to_le_bytes());
         ns.extend(4u64.to_le_bytes());
-        let mut body = 9u64.to_le_bytes().to_vec();
-        body.extend([1, 1]);
-        body.extend((ns.len() as u32).to_le_bytes());
-        body.extend(ns);
-        body.extend(s(".mirror.non_primary.x"));
-        body.extend((64u64 << 20).to_le_bytes());
-        body.extend([0; 8]);
-        body.extend(0u32.to_le_bytes());
-        let mut b = vec![1, 1];
-        b.extend((body.len() as u32).to_le_bytes());
-        b.extend(body);
-        let i = snapshot_get_out(&b).unwrap();
+        let i = snapshot_get_out(&snapshot_info_reply(9, &ns, ".mirror.non_primary.x", 0)).unwrap();
         assert_eq!(
             i.namespace,
             crate::store::SnapNamespace::Mirror(crate::store::MirrorSnap {
