@@ -147,12 +147,12 @@ EOF
 rpid=$!; T_PIDS+=("$rpid")
 for _ in $(seq 1 300); do [ -e "$work/grown" ] && break; sleep 0.1; done
 check "the other owner's grow is followed while it holds the lock (log)" \
-  wait_for_log "$log" "resized from $((64 * MB)) to $((96 * MB)) bytes by the other owner" 20
+  wait_for_log "$log" "resized from $((64 * MB)) to $((96 * MB)) bytes by another client" 20
 check "... a new connection sees the new size" bash -c "[ \"\$(nbdinfo --size '$(uri "$I")')\" = $((96 * MB)) ]"
 touch "$work/shrink"
 wait "$rpid"; forget_pid "$rpid"
 check "the other owner's shrink is followed too" \
-  wait_for_log "$log" "resized from $((96 * MB)) to $((64 * MB)) bytes by the other owner" 20
+  wait_for_log "$log" "resized from $((96 * MB)) to $((64 * MB)) bytes by another client" 20
 check "... without taking the lock back" bash -c "! tail -n +$from '$log' | grep -q 'lock taken back'"
 check_unserve "after following the other owner's resizes: clean exit"
 

@@ -55,6 +55,7 @@ suites=(
   snapmap.sh
   namespaces.sh
   cephx.sh
+  lockless.sh
 )
 jobs=${CEPH_JOBS:-2}
 case $jobs in ''|*[!0-9]*|0) echo "CEPH_JOBS must be a positive number, not '$jobs'"; exit 2 ;; esac

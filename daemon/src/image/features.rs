@@ -1,24 +1,32 @@
 //! `rbd feature enable|disable` asked of the lock owner, for the features that concern the
-//! map we keep: object-map, fast-diff, and deep-flatten (disable only, as librbd). Every
-//! request is held off meanwhile. Enabling object-map builds the map from the objects that
-//! exist and writes it (librbd leaves it flagged invalid until `rbd object-map rebuild`);
-//! disabling it removes every object map and stops keeping one. Disabling fast-diff disables
-//! object-map too, as librbd's owner does. The other features change
-//! what this daemon is (exclusive-lock, journaling, ...) and are refused by the store.
+//! map we keep: object-map, fast-diff, and deep-flatten and exclusive-lock (disable only,
+//! as librbd). Every request is held off meanwhile. Enabling object-map builds the map from
+//! the objects that exist and writes it (librbd leaves it flagged invalid until `rbd
+//! object-map rebuild`); disabling it removes every object map and stops keeping one.
+//! Disabling fast-diff disables object-map too, as librbd's owner does. Disabling
+//! exclusive-lock (object-map and journaling off first, as librbd's owner insists) leaves
+//! the image served lock-less, as librbd's owner goes on: other clients may then write
+//! beside us, and their header updates (resize, flatten) are followed as they come
+//! (`follow_header_updates`); the lock itself is kept until close, as librbd 16 keeps it.
+//! The other features change what this daemon is (journaling, ...) and are refused by the
+//! store.
 
 use super::map::{invalid_flags, rebuild_map};
 use super::Image;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
-    ImageStore, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
-    RBD_FLAG_FAST_DIFF_INVALID, RBD_FLAG_OBJECT_MAP_INVALID,
+    ImageStore, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF,
+    RBD_FEATURE_JOURNALING, RBD_FEATURE_OBJECT_MAP, RBD_FLAG_FAST_DIFF_INVALID,
+    RBD_FLAG_OBJECT_MAP_INVALID,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What `update_features` changes.
-pub const UPDATABLE_FEATURES: u64 =
-    RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF | RBD_FEATURE_DEEP_FLATTEN;
+pub const UPDATABLE_FEATURES: u64 = RBD_FEATURE_OBJECT_MAP
+    | RBD_FEATURE_FAST_DIFF
+    | RBD_FEATURE_DEEP_FLATTEN
+    | RBD_FEATURE_EXCLUSIVE_LOCK;
 
 impl<S: ImageStore> Image<S> {
     pub async fn update_features(&self, features: u64, enabled: bool) -> Result<()> {
@@ -30,8 +38,8 @@ impl<S: ImageStore> Image<S> {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{spec}: rados-nbd changes only object-map, fast-diff and deep-flatten of an \
-                     image it serves (asked: {features:#x})"
+                    "{spec}: rados-nbd changes only object-map, fast-diff, deep-flatten and \
+                     exclusive-lock of an image it serves (asked: {features:#x})"
                 ),
             ));
         }
@@ -55,9 +63,28 @@ impl<S: ImageStore> Image<S> {
         } else {
             cur & !features
         };
-        // librbd's rules: fast-diff needs object-map; deep-flatten is never enabled.
+        // librbd's rules: fast-diff needs object-map; deep-flatten is never enabled;
+        // exclusive-lock goes only after object-map and journaling (librbd's owner answers
+        // EINVAL), and is never enabled by its owner (an image without it has none).
         if enabled && features & RBD_FEATURE_DEEP_FLATTEN != 0 {
             return Err(invalid("deep-flatten can only be disabled".into()));
+        }
+        if enabled
+            && features & RBD_FEATURE_EXCLUSIVE_LOCK != 0
+            && cur & RBD_FEATURE_EXCLUSIVE_LOCK == 0
+        {
+            return Err(invalid(
+                "exclusive-lock is enabled by the client itself".into(),
+            ));
+        }
+        if new & RBD_FEATURE_EXCLUSIVE_LOCK == 0
+            && new & (RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_JOURNALING) != 0
+        {
+            return Err(invalid(
+                "exclusive-lock cannot be disabled while object-map or journaling is on: \
+                 disable them first (or together)"
+                    .into(),
+            ));
         }
         if new & RBD_FEATURE_FAST_DIFF != 0 && new & RBD_FEATURE_OBJECT_MAP == 0 {
             return Err(invalid(if enabled {
@@ -152,6 +179,12 @@ impl<S: ImageStore> Image<S> {
         }
         drop(g);
         tracing::info!("{spec}: features now {new:#x} ({what} {features:#x})");
+        if changed & RBD_FEATURE_EXCLUSIVE_LOCK != 0 {
+            tracing::info!(
+                "{spec}: served on without exclusive-lock: other clients may write beside \
+                 this one; their resizes and flattens are followed as announced"
+            );
+        }
         Ok(())
     }
 }

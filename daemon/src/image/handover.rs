@@ -84,10 +84,19 @@ impl<S: ImageStore> Image<S> {
         let t0 = std::time::Instant::now();
         self.store.reacquire_lock().await.map_err(ctx)?;
         if let Err(e) = self.adopt(t0).await {
+            if !self.takeback_failing.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    "{spec}: cannot take the lock back: {e}; requests that need it fail \
+                     until that changes (each asks again)"
+                );
+            }
             if let Err(e2) = self.store.release_lock().await {
                 tracing::warn!("{spec}: giving the lock up again after a failed take-back: {e2}");
             }
             return Err(ctx(e));
+        }
+        if self.takeback_failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("{spec}: the lock taken back again; requests go on");
         }
         self.released.store(false, Ordering::Release);
         drop(g);
@@ -95,30 +104,45 @@ impl<S: ImageStore> Image<S> {
     }
 
     /// After a take-back: the header re-read (the snapshot context with it), and what
-    /// the other owner may have changed adopted: the features (object-map switched on or
-    /// off; exclusive-lock switched off is refused), the size, the clone's parent and
-    /// overlap (a flatten, a shrink and a grow, a rollback), and the map it left (loaded
-    /// when valid, else rebuilt).
+    /// the other owner may have changed adopted (`adopt_header`).
     async fn adopt(&self, t0: std::time::Instant) -> Result<()> {
         let spec = &self.spec;
         let header = self.store.refresh_header().await?;
-        let features = header.features;
-        if features & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{spec}: another client disabled exclusive-lock while it held the lock; \
-                     serving on would let other writers in unseen: stop serving it"
-                ),
-            ));
-        }
-        let size = header.size;
         let had = self.features();
+        let source = self.adopt_header(&header).await?;
+        let features = header.features;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match source {
+            Some(MapSource::Loaded) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map loaded (left clean by the other owner)"
+            ),
+            Some(MapSource::Rebuilt(why)) => tracing::info!(
+                "{spec}: lock taken back after {ms:.1} ms; object map rebuilt ({why})"
+            ),
+            None => tracing::info!("{spec}: lock taken back after {ms:.1} ms"),
+        }
+        if had != features {
+            tracing::info!(
+                "{spec}: features changed by the other owner: {had:#x} -> {features:#x}"
+            );
+        }
+        Ok(())
+    }
+
+    /// What another client changed of the image adopted from `header` (under `gate`):
+    /// the features (object-map switched on or off; exclusive-lock switched off leaves
+    /// the image served lock-less, as librbd goes on), the size, the clone's parent and
+    /// overlap (a flatten, a shrink and a grow, a rollback), and the map it left (loaded
+    /// when valid, else rebuilt). Returns where the map came from, if one is kept.
+    async fn adopt_header(&self, header: &ImageHeader) -> Result<Option<MapSource>> {
+        let spec = &self.spec;
+        let features = header.features;
+        let size = header.size;
         self.features.store(features, Ordering::Release);
         let keeps_map = features & RBD_FEATURE_OBJECT_MAP != 0 && !self.shared;
         let mut dirty = false;
         let source = if keeps_map {
-            let (map, source) = load_object_map(&self.store, spec, &header, None, size).await?;
+            let (map, source) = load_object_map(&self.store, spec, header, None, size).await?;
             *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
             let flagged = header.flags & RBD_FLAG_OBJECT_MAP_INVALID != 0;
             if !flagged && matches!(source, MapSource::Rebuilt(_)) {
@@ -142,23 +166,8 @@ impl<S: ImageStore> Image<S> {
         } else {
             FlagState::Clean
         });
-        self.follow_shape(&header).await?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        match source {
-            Some(MapSource::Loaded) => tracing::info!(
-                "{spec}: lock taken back after {ms:.1} ms; object map loaded (left clean by the other owner)"
-            ),
-            Some(MapSource::Rebuilt(why)) => tracing::info!(
-                "{spec}: lock taken back after {ms:.1} ms; object map rebuilt ({why})"
-            ),
-            None => tracing::info!("{spec}: lock taken back after {ms:.1} ms"),
-        }
-        if had != features {
-            tracing::info!(
-                "{spec}: features changed by the other owner: {had:#x} -> {features:#x}"
-            );
-        }
-        Ok(())
+        self.follow_shape(header).await?;
+        Ok(source)
     }
 
     /// What the other owner changed of the image's shape, followed: the size (so
@@ -176,7 +185,7 @@ impl<S: ImageStore> Image<S> {
                 if let Some(c) = old {
                     c.close().await;
                 }
-                tracing::info!("{spec}: flattened by the other owner");
+                tracing::info!("{spec}: flattened by another client");
             }
             (Some(_), None) => {
                 return Err(Error::new(
@@ -188,7 +197,7 @@ impl<S: ImageStore> Image<S> {
         }
         if size != self.size() {
             tracing::info!(
-                "{spec}: resized from {} to {size} bytes by the other owner",
+                "{spec}: resized from {} to {size} bytes by another client",
                 self.size()
             );
             self.size.store(size, Ordering::Release);
@@ -197,11 +206,14 @@ impl<S: ImageStore> Image<S> {
         Ok(())
     }
 
-    /// While the lock is another client's, follows the header updates it announces, as
-    /// librbd refreshes an image on them: a resize or a flatten by the owner shows at
-    /// once (the device's size follows), not at our next write. The rest (features, the
-    /// map, the snapshot context) is adopted when the lock comes back. Ends with the
-    /// image.
+    /// Follows the header updates other clients announce, as librbd refreshes an image
+    /// on them: while the lock is another client's, a resize or a flatten by the owner
+    /// shows at once (the device's size follows), not at our next write; the rest
+    /// (features, the map, the snapshot context) is adopted when the lock comes back. An
+    /// image without exclusive-lock has no owner to ask: other clients resize, flatten
+    /// and change features themselves while we serve it, and all of it is adopted as
+    /// announced (the store's snapshot context follows in the store itself). Ends with
+    /// the image.
     pub fn follow_header_updates(self: &Arc<Self>) {
         let Some(mut rx) = self.store.header_updates() else {
             return;
@@ -218,17 +230,36 @@ impl<S: ImageStore> Image<S> {
     async fn follow_header_update(&self) {
         // Not while the lock is taken back or handed over (they adopt the header too).
         let _h = self.handover.lock().await;
-        if !self.released.load(Ordering::Acquire) {
+        let released = self.released.load(Ordering::Acquire);
+        let header = self.store.header();
+        // Ours and lock-less (before or after this update: exclusive-lock switched off by
+        // us or on again by another client), else the changes were ours.
+        let lockless = (self.features() | header.features) & RBD_FEATURE_EXCLUSIVE_LOCK == 0
+            || (self.features() ^ header.features) & RBD_FEATURE_EXCLUSIVE_LOCK != 0;
+        if !released && !lockless {
             return;
         }
         let g = self.gate.write().await;
         if *g {
             return;
         }
-        let header = self.store.header();
-        if let Err(e) = self.follow_shape(&header).await {
+        let r = if released {
+            self.follow_shape(&header).await
+        } else {
+            let had = self.features();
+            let r = self.adopt_header(&header).await.map(|_| ());
+            if had != header.features {
+                tracing::info!(
+                    "{}: features changed by another client: {had:#x} -> {:#x}",
+                    self.spec,
+                    header.features
+                );
+            }
+            r
+        };
+        if let Err(e) = r {
             tracing::warn!(
-                "{}: following the other owner's header update: {e}",
+                "{}: following another client's header update: {e}",
                 self.spec
             );
         }

@@ -177,6 +177,9 @@ pub struct Image<S: ImageStore> {
     /// The exclusive lock was handed to another client (`handover`): set and cleared
     /// with `gate` held exclusively; every request checks it under `gate`.
     released: AtomicBool,
+    /// The last take-back failed adopting what the other owner left (journaling switched
+    /// on, say): warned once, not at every refused request.
+    takeback_failing: AtomicBool,
     /// One hand-over or take-back at a time.
     handover: Mutex<()>,
     /// The image's features: the header's at open, changed by `update_features` (with

@@ -282,6 +282,7 @@ impl<S: ImageStore> Image<S> {
             interrupt_long: Default::default(),
             quiesce: std::sync::OnceLock::new(),
             released: AtomicBool::new(lock_elsewhere),
+            takeback_failing: AtomicBool::new(false),
             handover: Mutex::new(()),
             features: AtomicU64::new(features),
         };

@@ -87,3 +87,50 @@ async fn a_fast_diff_flag_left_behind_goes_at_the_next_clean_close() {
     img.close().await.unwrap();
     assert_eq!(mem.flags(), 0);
 }
+
+#[tokio::test]
+async fn exclusive_lock_turned_off_after_the_map_as_librbd() {
+    use crate::store::{RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP};
+    let (img, mem) = recorded(64 << 20, None).await;
+    img.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    // librbd's owner answers EINVAL while object-map is on.
+    let e = img
+        .update_features(RBD_FEATURE_EXCLUSIVE_LOCK, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_ne!(mem.features() & RBD_FEATURE_EXCLUSIVE_LOCK, 0);
+    assert!(mem.flagged_invalid(), "nothing changed: the map still kept");
+    // All three in one request (`rbd feature disable IMG exclusive-lock object-map
+    // fast-diff`): the maps and flags go, and the lock feature.
+    img.update_features(
+        RBD_FEATURE_EXCLUSIVE_LOCK | RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF,
+        false,
+    )
+    .await
+    .unwrap();
+    let lockish = RBD_FEATURE_EXCLUSIVE_LOCK | RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF;
+    assert_eq!(mem.features() & lockish, 0);
+    assert_eq!(img.features() & lockish, 0);
+    assert!(!mem.has_map());
+    assert_eq!(mem.flags(), 0);
+    // Served on, lock-less.
+    img.write(OBJ, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(mem.flags(), 0);
+    let got = img.read(OBJ, 4096).await.unwrap();
+    assert!(
+        matches!(&got[..], [ReadChunk::Data(d)] if d[..] == [2u8; 4096][..]),
+        "{got:?}"
+    );
+    // Never turned on by its owner (there is none without it).
+    assert!(img
+        .update_features(RBD_FEATURE_EXCLUSIVE_LOCK, true)
+        .await
+        .is_err());
+    img.close().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+}

@@ -222,8 +222,8 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
         {
             Err((
                 EBUSY,
-                "rados-nbd changes only object-map, fast-diff and deep-flatten of an image it \
-                 serves; stop serving it to change the others",
+                "rados-nbd changes only object-map, fast-diff, deep-flatten and exclusive-lock \
+                 of an image it serves; stop serving it to change the others",
             ))
         }
         OwnerOp::Sparsify { sparse_size }
@@ -1241,6 +1241,14 @@ mod tests {
         });
         assert_eq!(
             owner_reply(&lock_off, true, |_| None),
+            cls::response_message(0),
+            "exclusive-lock off is the image layer's to do (or refuse)"
+        );
+        let journal_on = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
+            e.u64(0x40).u8(1).u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            owner_reply(&journal_on, true, |_| None),
             cls::response_message(-16)
         );
         let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
