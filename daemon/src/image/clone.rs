@@ -501,15 +501,19 @@ impl<S: ImageStore> Image<S> {
     /// hold the parent's bytes themselves. Skipped, a deep flatten (which detaches the
     /// snapshots from the parent) would leave those snapshots reading zeros there. The
     /// heads of the copied-up objects are then removed with the others past the end.
-    pub(super) async fn copyup_before_shrink(&self, new_size: u64, old: u64) -> Result<()> {
+    /// Returns whether the boundary object was copied up (the cut done with it: `resize`
+    /// has nothing left to cut there).
+    pub(super) async fn copyup_before_shrink(&self, new_size: u64, old: u64) -> Result<bool> {
         let Some(chain) = self.chain() else {
-            return Ok(());
+            return Ok(false);
         };
         let osize = self.header.object_size();
         let tail = new_size % osize;
+        let mut cut = false;
         if tail != 0 {
             let last = new_size / osize;
-            self.copyup(&chain, last, tail, osize - tail, CopyupOp::Zero, false)
+            cut = self
+                .copyup(&chain, last, tail, osize - tail, CopyupOp::Zero, false)
                 .await?;
         }
         let end = chain.overlap().min(old).div_ceil(osize);
@@ -521,7 +525,7 @@ impl<S: ImageStore> Image<S> {
             self.copyup(&chain, objno, 0, osize, CopyupOp::Discard, false)
                 .await?;
         }
-        Ok(())
+        Ok(cut)
     }
 
     /// A whole-object discard of an object the child has, inside the overlap where an

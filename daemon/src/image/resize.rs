@@ -59,10 +59,13 @@ impl<S: ImageStore> Image<S> {
             ));
         }
         let ctx = |e: Error| e.context(format!("resizing {spec} from {old} to {new_size} bytes"));
+        // Whether the boundary object was copied up with the cut already made.
+        let mut boundary_cut = false;
         if new_size < old && self.chain().is_some() {
             // Copy-ups change the map: before the new one is made from it.
             self.dirty_before(|| true).await.map_err(ctx)?;
-            self.copyup_before_shrink(new_size, old)
+            boundary_cut = self
+                .copyup_before_shrink(new_size, old)
                 .await
                 .map_err(ctx)?;
         }
@@ -113,6 +116,7 @@ impl<S: ImageStore> Image<S> {
             let tail = new_size % osize;
             let last = new_count.saturating_sub(1);
             if tail != 0
+                && !boundary_cut
                 && !map
                     .as_ref()
                     .is_some_and(|m| m.get(last) == ObjectState::Nonexistent)
