@@ -80,6 +80,28 @@ check "rbd snap create (by rbd itself)" "${RBD[@]}" snap create --no-progress "$
 check "writes after the snapshot" put "$L" "$work/l.ref" 3 $((2 * MB)) $((4 * MB))
 check "the snapshot holds exactly the writes before it (the snapshot context followed)" \
   exported_is "$L@s1" "$work/l.s1"
+# The race librbd closes with its refresh-before-I/O: `rbd snap create` returns once every
+# watcher acknowledged the update, and a write sent right after must already carry the new
+# snapshot context (acked before our refresh, it would not: the snapshot silently holds
+# the later bytes). Ten rounds on one open connection, each write sent as rbd returns.
+check "snapshots by rbd, each followed at once by a write: each holds the bytes before it" $PY -c "
+import nbd, subprocess, os
+h = nbd.NBD(); h.connect_uri('$(uri "$L")')
+bad = []
+for r in range(10):
+    h.pwrite(bytes([65 + r]) * 4096, 16 << 20)
+    subprocess.run(['rbd', 'snap', 'create', '--no-progress', 'rbd/$L@r%d' % r], check=True)
+    h.pwrite(b'z' * 4096, 16 << 20)
+h.shutdown()
+for r in range(10):
+    out = subprocess.run(['rbd', 'export', '--no-progress', 'rbd/$L@r%d' % r, '-'],
+                         check=True, capture_output=True).stdout
+    if out[16 << 20:(16 << 20) + 4096] != bytes([65 + r]) * 4096:
+        bad.append(r)
+assert not bad, 'snapshots holding a later write: %s' % bad
+"
+$PY -c "
+with open('$work/l.ref', 'r+b') as f: f.seek(16 << 20); f.write(b'z' * 4096)"
 check "rbd resize --allow-shrink (by rbd itself) shrinks the served size" \
   resized "$L" $((24 * MB)) --allow-shrink
 truncate -s $((24 * MB)) "$work/l.ref"
@@ -88,6 +110,28 @@ check "a write past the new end is refused" bash -c \
 import nbd
 h = nbd.NBD(); h.connect_uri('$(uri "$L")')
 h.pwrite(b'x' * 4096, 40 << 20)\" 2>/dev/null"
+# The same race for a shrink: a client connected before it (told the old size) writes past
+# the new end as `rbd resize` returns; refused, never an object past the end.
+check "shrinks by rbd, each followed at once by a write past the new end: all refused" $PY -c "
+import nbd, subprocess, time
+ok = []
+for r in range(5):
+    subprocess.run(['rbd', 'resize', '--no-progress', '--size', '64M', 'rbd/$L'], check=True)
+    for _ in range(100):
+        h = nbd.NBD(); h.connect_uri('$(uri "$L")')
+        if h.get_size() == 64 << 20:
+            break
+        h.shutdown(); time.sleep(0.1)
+    assert h.get_size() == 64 << 20, 'the grow was not followed'
+    subprocess.run(['rbd', 'resize', '--no-progress', '--allow-shrink', '--size', '24M', 'rbd/$L'], check=True)
+    try:
+        h.pwrite(b'y' * 4096, 40 << 20)
+        ok.append(r)
+    except nbd.Error:
+        pass
+    h.shutdown()
+assert not ok, 'writes past the end acknowledged in rounds %s' % ok
+"
 check "no data object past the new end (rbd rm would leave it behind)" \
   test -z "$(heads_from "$L" 6)"
 check "rbd export equals every write inside the new size" exported_is "$L" "$work/l.ref"

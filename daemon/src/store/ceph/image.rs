@@ -15,7 +15,7 @@ use crate::store::{
 };
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 
@@ -61,6 +61,12 @@ pub(super) struct Inner {
     /// Bumped after each header update another client announced was read into `header`
     /// (`ImageStore::header_updates`).
     pub(super) header_updates: tokio::sync::watch::Sender<u64>,
+    /// Header updates announced on the watch, counted on librados' thread before the ack
+    /// goes back, and how many of them `fresh` has read in (see there).
+    pub(super) updates_announced: AtomicU64,
+    pub(super) updates_applied: AtomicU64,
+    /// One header refresh at a time.
+    pub(super) refreshing: tokio::sync::Mutex<()>,
     pub(super) closed: AtomicBool,
 }
 
@@ -84,6 +90,55 @@ impl Inner {
     fn check_readable(&self) -> Result<()> {
         if self.is_fenced() {
             return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
+    /// librbd's refresh before I/O. A header update another client announces (a
+    /// snapshot, a resize of an image without exclusive-lock, which no owner is asked
+    /// for) is acknowledged at once, so the announcer's operation may return before our
+    /// refresh is done; a write sent after that must not go out with the old snapshot
+    /// context, or the OSD makes no clone for the new snapshot and it silently holds the
+    /// later data. So every write checks the count first, and the first to find it behind
+    /// reads the header (and the snapshot context with it) before it goes on.
+    pub(super) async fn fresh(&self) -> Result<()> {
+        let behind = || {
+            let want = self.updates_announced.load(Ordering::Acquire);
+            (self.updates_applied.load(Ordering::Acquire) < want).then_some(want)
+        };
+        if behind().is_none() {
+            return Ok(());
+        }
+        let _g = self.refreshing.lock().await;
+        let Some(want) = behind() else {
+            return Ok(());
+        };
+        refresh(self).await.map_err(|e| {
+            e.context(format!(
+                "reading the header of {} after another client's update",
+                self.spec
+            ))
+        })?;
+        self.updates_applied.store(want, Ordering::Release);
+        self.header_updates.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// After `fresh`: an object past the end is not written. Another client may have
+    /// shrunk an image without exclusive-lock a moment ago, before the image layer heard
+    /// of it; writing there would leave an object past the end that `rbd rm` never
+    /// removes (librbd clips its I/O to the refreshed size the same way).
+    fn check_inside(&self, objno: u64) -> Result<()> {
+        let size = self.header.read().unwrap_or_else(|p| p.into_inner()).size;
+        if objno.saturating_mul(self.object_size()) >= size {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "object {objno} lies past the end of image {} ({size} bytes, resized by \
+                     another client)",
+                    self.spec
+                ),
+            ));
         }
         Ok(())
     }
@@ -458,6 +513,8 @@ impl ImageStore for CephImage {
         // RADOS acknowledges a write once it is durable on every replica, so FUA is free.
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
+        i.check_inside(objno)?;
         let osize = i.object_size();
         let mut op = WriteOp::new();
         op.set_alloc_hint(osize, osize).write(off, &data);
@@ -468,6 +525,7 @@ impl ImageStore for CephImage {
     async fn zero(&self, objno: u64, off: u64, len: u64, _durable: bool) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
         let osize = i.object_size();
         let mut op = WriteOp::new();
         // assert_exists: truncate would otherwise create a missing object.
@@ -486,6 +544,7 @@ impl ImageStore for CephImage {
     async fn remove(&self, objno: u64, _durable: bool) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
         let r = i.data.remove(&i.object_name(objno)).await;
         i.noting_fence(r).map(|_| ())
     }
@@ -519,6 +578,7 @@ impl ImageStore for CephImage {
     ) -> Result<bool> {
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
         let oid = i.object_name(objno);
         // cls_rbd's sparsify input: size_t sparse_size (as u64), bool remove_empty.
         let input = cls::Enc::new().u64(sparse_size).bool(remove_empty).done();
@@ -740,6 +800,8 @@ impl ImageStore for CephImage {
     ) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
+        i.check_inside(objno)?;
         let oid = i.object_name(objno);
         let osize = i.object_size();
         // librbd's m_copyup_is_zero: all-zero parent data is not copied at all.
@@ -1119,6 +1181,7 @@ impl ImageStore for CephImage {
     async fn rollback_object(&self, objno: u64, snap: u64) -> Result<bool> {
         let i = &self.inner;
         i.check_writable()?;
+        i.fresh().await?;
         let r = i
             .data
             .selfmanaged_snap_rollback(&i.object_name(objno), snap)

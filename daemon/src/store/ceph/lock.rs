@@ -3,7 +3,6 @@
 //! answering and carrying out requests addressed to the lock owner, and fencing our own
 //! handle once the lock is lost.
 
-use super::header::refresh;
 use super::image::Inner;
 use super::owner_msgs::{self, OwnerMsg, OwnerOp};
 use super::rados::{self, errno_of, is_blocklisted, Reply, Watch, WatchEvent};
@@ -122,6 +121,11 @@ fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
         let Some(i) = inner.upgrade() else {
             return reply_to_notify(notifier, payload, Role::Closed, false, |_| None);
         };
+        if let Ok(cls::NOTIFY_OP_HEADER_UPDATE) = cls::notify_op(payload) {
+            // Counted before the ack goes back: our next write reads the header first
+            // (`Inner::fresh`).
+            i.updates_announced.fetch_add(1, Ordering::AcqRel);
+        }
         if let Ok(cls::NOTIFY_OP_RELEASED_LOCK) = cls::notify_op(payload) {
             // A take-back (or an open with --wait-for-lock) waiting for it tries at once;
             // woken here, not in `watch_events`, which an open has not started yet.
@@ -997,10 +1001,8 @@ async fn watch_events(
                     }
                     tracing::debug!(image = %inner.spec, "request payload from client.{notifier_id}: {}", hex(&data));
                 }
-                Ok(cls::NOTIFY_OP_HEADER_UPDATE) => match refresh(&inner).await {
-                    Ok(_) => {
-                        inner.header_updates.send_modify(|n| *n += 1);
-                    }
+                Ok(cls::NOTIFY_OP_HEADER_UPDATE) => match inner.fresh().await {
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(image = %inner.spec, "refreshing header after an update notification: {e}");
                     }

@@ -17,7 +17,7 @@ use crate::store::{
     RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
 };
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 
 const RBD_DIRECTORY: &str = "rbd_directory";
@@ -766,6 +766,9 @@ pub(super) async fn open_by_id_at(
         owner_done: Mutex::new(std::collections::VecDeque::new()),
         quiesce: Default::default(),
         header_updates: tokio::sync::watch::Sender::new(0),
+        updates_announced: AtomicU64::new(0),
+        updates_applied: AtomicU64::new(0),
+        refreshing: tokio::sync::Mutex::new(()),
         closed: AtomicBool::new(false),
     });
     if mode == OpenMode::ReadOnly {
