@@ -100,8 +100,10 @@ impl<S: ImageStore> Image<S> {
         let order = self.order();
         let end = offset + length;
         let (first, last) = (offset >> order, (end - 1) >> order);
+        // Whole as `discard_piece` means it: the whole object (the image's last object,
+        // when partial, is zeroed, never removed).
         let whole = |objno: u64| {
-            let (o_lo, o_len) = (objno << order, self.object_len(objno));
+            let (o_lo, o_len) = (objno << order, 1u64 << order);
             offset <= o_lo && o_lo + o_len <= end
         };
         map.runs(first..last + 1).any(|run| match run.state {

@@ -127,7 +127,11 @@ impl<S: ImageStore> Image<S> {
             let zeros = Bytes::from(vec![0u8; p.len as usize]);
             return self.write_piece(p, zeros, fua).await;
         }
-        let whole = p.off == 0 && p.len == self.object_len(p.objno);
+        // Whole means the whole object, as librbd's m_full_object: the last object of an
+        // image whose size is not a multiple of the object size is never whole, and a
+        // discard of all of its bytes zeroes them (librbd's DISCARD_ACTION_ZERO), leaving
+        // the object there, as `rbd diff` and `rbd du` then show.
+        let whole = p.off == 0 && p.len == self.header.object_size();
         if let Some(c) = self.parent_backed(p.objno) {
             // The child lacks it and an ancestor has it: copied up with the discard
             // applied (an empty object for a whole one), never left to show the parent.
