@@ -43,7 +43,11 @@ exclusive-lock owner, to do them, or takes the lock from it):
                                      "fast-diff", served (the owner does it) or not. librbd
                                      turns both on or both off together; one that would
                                      change nothing (both already so: librbd refuses it)
-                                     does nothing, so any subsequence stays valid
+                                     does nothing, so any subsequence stays valid. Or of
+                                     "exclusive-lock" (off only with the maps off, the maps
+                                     on only with it on; otherwise nothing): while it is
+                                     off the image has no owner, and rbd resizes, snapshots,
+                                     sparsifies and rolls it back itself, served or not
   ["handover", off, len, tag]        a librbd client opens the served image and writes
                                      pattern(tag, off, len) at off: it asks the server for
                                      the lock, which hands it over; the client closes, and
@@ -149,16 +153,30 @@ def owner_rng(seed):
     return random.Random(f"owner-ops {seed}")
 
 
-def _owner_op(rng, k, size, geo, maps, tag):
+def _owner_op(rng, k, size, geo, maps, tag, lock=True):
     """A lock-owner operation of kind k: maps tells whether object-map and fast-diff are on
-    (librbd turns them on and off together), so that a feature change is one that changes
-    something."""
+    (librbd turns them on and off together), lock whether exclusive-lock is, so that a
+    feature change is one that changes something (and one librbd allows)."""
     if k == "feature":
-        return ["feature", rng.choice(["object-map", "fast-diff"]), not maps]
+        name = rng.choice(["object-map", "fast-diff"])
+        if not lock:
+            return ["feature", "exclusive-lock", True]
+        if not maps and rng.random() < 0.4:
+            return ["feature", "exclusive-lock", False]
+        return ["feature", name, not maps]
     if k == "handover":
         off, length = _extent(rng, size, geo.obj)
         return ["handover", off, length, tag]
     return [k]
+
+
+def features_after(op, maps, lock):
+    """(maps, lock) after op: whether object-map/fast-diff and exclusive-lock are on."""
+    if op[0] != "feature":
+        return maps, lock
+    if op[1] == "exclusive-lock":
+        return maps, op[2] if op[2] or not maps else lock
+    return (op[2] if lock or not op[2] else maps), lock
 
 
 def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
@@ -178,7 +196,7 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
     names = [k for k in weights if k in allowed]
     extra = list(OWNER_OPS) if owner is not None and not kinds else []
     size = geo.size
-    maps = True
+    maps = lock = True
     ops = []
     tag = rng.randrange(1 << 16)
     owner_tag = OWNER_TAG
@@ -186,14 +204,14 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
     for i in range(n_ops):
         if extra and owner.random() < OWNER_RATE:
             owner_tag += 1
-            op = _owner_op(owner, owner.choice(extra), size, geo, maps, owner_tag)
-            maps = op[2] if op[0] == "feature" else maps
+            op = _owner_op(owner, owner.choice(extra), size, geo, maps, owner_tag, lock)
+            maps, lock = features_after(op, maps, lock)
             ops.append(op)
         k = places.get(i) or rng.choices(names, [weights[n] for n in names])[0]
         if k in OWNER_OPS:
             tag += 1
-            op = _owner_op(rng, k, size, geo, maps, tag)
-            maps = op[2] if op[0] == "feature" else maps
+            op = _owner_op(rng, k, size, geo, maps, tag, lock)
+            maps, lock = features_after(op, maps, lock)
             ops.append(op)
         elif k == "write":
             tag += 1

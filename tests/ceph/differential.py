@@ -43,7 +43,11 @@ Operations and their twins (tests/diffops.py makes the sequences):
                    same-mismatch rule below applies)
   feature          `rbd feature enable|disable` of A's object-map or fast-diff (served: done
                    by the owner; enabling object-map on an image with snapshots closes the
-                   serve first, as rados-nbd refuses it while served)
+                   serve first, as rados-nbd refuses it while served), or of exclusive-lock
+                   (off with the maps off: done by the owner when served, which serves on
+                   lock-less; on: by rbd itself). While it is off, rbd resizes, snapshots,
+                   sparsifies and rolls back the served image itself and only announces it:
+                   the NBD size must follow (polled), snapshots stay exact
                                                     librbd update_features
                    Enabling, librbd leaves the maps flagged invalid for `rbd object-map
                    rebuild`: B's (and A's when librbd did it) are rebuilt at once, head and
@@ -184,6 +188,7 @@ class Run(diffops.Serves):
         self.snaps = []
         # object-map and fast-diff on (librbd turns them on and off together).
         self.maps = True
+        self.lock = True  # exclusive-lock on (diffops' ["feature", "exclusive-lock", on])
         # A hand-over left the lock free: until A's next request takes it back, librbd (not
         # rados-nbd) does what `rbd` asks of the image, as when it is not served.
         self.owner_away = False
@@ -320,11 +325,18 @@ class Run(diffops.Serves):
             if self.server is not None:
                 sh(["rbd", "resize", "--allow-shrink", "--no-progress", "--size", f"{new}B",
                     f"{POOL}/{self.a}"])
-                # Clients connected before a resize keep the old size: reconnect.
-                hang_up(self.h)
-                self.h = self.server.connect()
+                # Clients connected before a resize keep the old size: reconnect. Without
+                # exclusive-lock rbd resized it itself and announced it: followed as the
+                # announcement comes, as by librbd's clients (a few tries).
+                for _ in range(1 if self.lock else 50):
+                    hang_up(self.h)
+                    self.h = self.server.connect()
+                    if self.h.get_size() == new:
+                        break
+                    time.sleep(0.1)
                 if self.h.get_size() != new:
-                    raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to {new}")
+                    raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to {new}"
+                                  f"{'' if self.lock else ' (no exclusive-lock: done by rbd)'}")
             else:
                 sh(self.env.rn + ["resize", "--allow-shrink", "--size", str(new), f"{POOL}/{self.a}"])
             self.bimg.resize(new)
@@ -420,6 +432,24 @@ class Run(diffops.Serves):
     def rollback(self, k, served):
         snap = self.pick_snap(k, served)
         if snap is None:
+            return
+        if self.server is not None and not self.lock:
+            # No exclusive-lock, no owner: rbd rolls the served image back itself, under
+            # us, as under a librbd client (which follows the size and overlap it announces).
+            sh(["rbd", "snap", "rollback", "--no-progress", f"{POOL}/{self.a}@{snap}"])
+            self.bimg.rollback_to_snap(snap)
+            new = self.bimg.size()
+            if new != self.size:
+                for _ in range(50):
+                    hang_up(self.h)
+                    self.h = self.server.connect()
+                    if self.h.get_size() == new:
+                        break
+                    time.sleep(0.1)
+                if self.h.get_size() != new:
+                    raise Failure("rollback served", f"NBD size {self.h.get_size()} after rbd "
+                                  f"snap rollback (no exclusive-lock) to a {new}-byte snapshot")
+            self.size = new
             return
         if self.server is not None:
             # librbd rolls back only with the lock, and does not ask a live owner for it
@@ -523,9 +553,12 @@ class Run(diffops.Serves):
     def feature(self, name, on):
         """`rbd feature enable|disable A name` (done by the owner when served), librbd's
         update_features on B; A's features and flags then compared with B's."""
-        if on == self.maps:
-            # librbd refuses a change that changes nothing ("already enabled"): a no-op, so
-            # that a minimised sequence that lost the change before stays valid.
+        if name == "exclusive-lock":
+            return self.lock_feature(on)
+        if on == self.maps or (on and not self.lock):
+            # librbd refuses a change that changes nothing ("already enabled"), and the maps
+            # without exclusive-lock: a no-op, so that a minimised sequence that lost the
+            # change before stays valid.
             return
         if on and self.snaps and self.server is not None and not self.owner_away:
             # rados-nbd refuses to build the snapshots' maps while served (EBUSY, README):
@@ -546,6 +579,22 @@ class Run(diffops.Serves):
             for snap in self.snaps:
                 for img in (self.a, self.b):
                     sh(["rbd", "object-map", "rebuild", "--no-progress", f"{POOL}/{img}@{snap}"])
+        self.same_features(name, on)
+
+    def lock_feature(self, on):
+        """`rbd feature enable|disable A exclusive-lock`: off (the maps off first, as librbd
+        insists), the owner does it when served (rados-nbd serves on lock-less), else rbd;
+        on, always rbd itself (an image without it has no owner). librbd's update_features
+        on B (its owner, this process)."""
+        if on == self.lock or (not on and self.maps):
+            return
+        sh(["rbd", "feature", "enable" if on else "disable", f"{POOL}/{self.a}",
+            "exclusive-lock"])
+        self.bimg.update_features(rbd.RBD_FEATURE_EXCLUSIVE_LOCK, on)
+        self.lock = on
+        self.same_features("exclusive-lock", on)
+
+    def same_features(self, name, on):
         with self._open(self.a) as im:
             got = (im.features(), im.flags())
         want = (self.bimg.features(), self.bimg.flags())
@@ -573,7 +622,8 @@ class Run(diffops.Serves):
             raise Failure("handover", f"the librbd writer of {off}+{length} exited "
                           f"{r.returncode}: {' | '.join(err)[-600:]}")
         self.bimg.write(data, off)
-        self.owner_away = True
+        # Without exclusive-lock it simply wrote beside us: nothing was handed over.
+        self.owner_away = self.lock
 
     # ------------------------------------------------------------------ comparison
     def compare(self, where, rebuilt=False):
