@@ -433,9 +433,12 @@ class Run(diffops.Serves):
         snap = self.pick_snap(k, served)
         if snap is None:
             return
-        if self.server is not None and not self.lock:
+        if self.server is not None and (not self.lock or self.owner_away):
             # No exclusive-lock, no owner: rbd rolls the served image back itself, under
             # us, as under a librbd client (which follows the size and overlap it announces).
+            # The same when rados-nbd handed the lock over and has not taken it back: rbd
+            # finds it free and takes it (our next request takes it back, adopting what
+            # the rollback left).
             sh(["rbd", "snap", "rollback", "--no-progress", f"{POOL}/{self.a}@{snap}"])
             self.bimg.rollback_to_snap(snap)
             new = self.bimg.size()

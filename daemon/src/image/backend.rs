@@ -164,10 +164,12 @@ impl<S: ImageStore> Backend for Image<S> {
             ));
         }
         if flags.fast_zero && !self.store.zeroes_are_fast() {
-            // Whole objects are removed (fast); part of one would be written with zeros.
+            // Whole objects are removed (fast); part of one would be written with zeros
+            // (the short last object of an image too: never whole, see discard_piece).
+            let osize = self.header.object_size();
             let partial = split(self.order(), offset, length as u64)
                 .iter()
-                .any(|p| p.off != 0 || p.len != self.object_len(p.objno));
+                .any(|p| p.off != 0 || p.len != osize);
             if partial {
                 return Err(BackendError::new(
                     Errno::NotSup,

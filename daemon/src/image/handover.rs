@@ -230,17 +230,26 @@ impl<S: ImageStore> Image<S> {
     async fn follow_header_update(&self) {
         // Not while the lock is taken back or handed over (they adopt the header too).
         let _h = self.handover.lock().await;
-        let released = self.released.load(Ordering::Acquire);
-        let header = self.store.header();
         // Ours and lock-less (before or after this update: exclusive-lock switched off by
-        // us or on again by another client), else the changes were ours.
-        let lockless = (self.features() | header.features) & RBD_FEATURE_EXCLUSIVE_LOCK == 0
-            || (self.features() ^ header.features) & RBD_FEATURE_EXCLUSIVE_LOCK != 0;
-        if !released && !lockless {
+        // us or on again by another client), else the changes were ours. Looked at once
+        // before draining the requests (an owner's own updates need no drain), and again
+        // after: a resize or feature change of ours (they hold `gate`, not `handover`)
+        // may have ended in between, and the header read before it is stale.
+        let lockless = |header: &ImageHeader| {
+            let f = self.features();
+            (f | header.features) & RBD_FEATURE_EXCLUSIVE_LOCK == 0
+                || (f ^ header.features) & RBD_FEATURE_EXCLUSIVE_LOCK != 0
+        };
+        let released = self.released.load(Ordering::Acquire);
+        if !released && !lockless(&self.store.header()) {
             return;
         }
         let g = self.gate.write().await;
         if *g {
+            return;
+        }
+        let header = self.store.header();
+        if !released && !lockless(&header) {
             return;
         }
         let r = if released {

@@ -246,12 +246,6 @@ impl<S: ImageStore> Image<S> {
         self.header.order
     }
 
-    /// Bytes of object `objno` that lie inside the image.
-    fn object_len(&self, objno: u64) -> u64 {
-        let osize = self.header.object_size();
-        osize.min(self.size().saturating_sub(objno * osize))
-    }
-
     fn lock_for(&self, objno: u64) -> &RwLock<()> {
         &self.locks[(objno % LOCK_SHARDS as u64) as usize]
     }

@@ -322,7 +322,17 @@ fn check_features(
     Ok(())
 }
 
+/// Reads the header in and installs it (with the snapshot context writes carry). One
+/// refresh at a time (`Inner::refreshing`): two overlapping ones could install their reads
+/// in the other order, and a header read before our own `snapshot_add` installed after
+/// the refresh that followed it would put the old snapshot context back.
 pub(super) async fn refresh(inner: &Inner) -> Result<ImageHeader> {
+    let _g = inner.refreshing.lock().await;
+    refresh_locked(inner).await
+}
+
+/// `refresh`, for a caller that holds `Inner::refreshing`.
+pub(super) async fn refresh_locked(inner: &Inner) -> Result<ImageHeader> {
     let (h, _) = load_header(&inner.meta, &inner.spec, &inner.id, inner.mode).await?;
     if inner.snap_id.is_none() {
         let ids: Vec<u64> = h.snaps.iter().map(|s| s.id).collect();

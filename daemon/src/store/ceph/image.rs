@@ -1,7 +1,7 @@
 //! One opened image: its state, the checks before each I/O, and the [`ImageStore`] impl
 //! (data objects, header fields, metadata, object maps, close).
 
-use super::header::{header_oid, object_map_oid, refresh};
+use super::header::{header_oid, object_map_oid, refresh, refresh_locked};
 use super::lock::{lock_name, LockState};
 use super::rados::errno_of;
 use super::rados::{IoCtx, WriteOp};
@@ -113,7 +113,7 @@ impl Inner {
         let Some(want) = behind() else {
             return Ok(());
         };
-        refresh(self).await.map_err(|e| {
+        refresh_locked(self).await.map_err(|e| {
             e.context(format!(
                 "reading the header of {} after another client's update",
                 self.spec
@@ -128,14 +128,16 @@ impl Inner {
     /// shrunk an image without exclusive-lock a moment ago, before the image layer heard
     /// of it; writing there would leave an object past the end that `rbd rm` never
     /// removes (librbd clips its I/O to the refreshed size the same way).
-    fn check_inside(&self, objno: u64) -> Result<()> {
+    /// `end`: where in the object the bytes written end (0 for none).
+    fn check_inside(&self, objno: u64, end: u64) -> Result<()> {
         let size = self.header.read().unwrap_or_else(|p| p.into_inner()).size;
-        if objno.saturating_mul(self.object_size()) >= size {
+        let start = objno.saturating_mul(self.object_size());
+        if start >= size || start.saturating_add(end) > size {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
-                    "object {objno} lies past the end of image {} ({size} bytes, resized by \
-                     another client)",
+                    "object {objno} (up to byte {end} of it) lies past the end of image {} \
+                     ({size} bytes, resized by another client)",
                     self.spec
                 ),
             ));
@@ -425,6 +427,8 @@ impl ImageStore for CephImage {
     async fn set_size(&self, size: u64) -> Result<()> {
         let i = &self.inner;
         i.check_writable()?;
+        // No refresh may read the old size before this and install it after.
+        let g = i.refreshing.lock().await;
         let r = i
             .meta
             .exec_write(
@@ -437,6 +441,7 @@ impl ImageStore for CephImage {
         i.noting_fence(r)
             .map_err(|e| e.context(format!("setting the size of image {}", i.spec)))?;
         i.header.write().unwrap_or_else(|p| p.into_inner()).size = size;
+        drop(g);
         // As after librbd's own resize.
         i.notify_header_update();
         Ok(())
@@ -447,6 +452,8 @@ impl ImageStore for CephImage {
         // A fenced handle must not clear the invalid flag the new owner relies on.
         i.check_readable()?;
         let snap = i.snap_id.unwrap_or(cls::NOSNAP);
+        // No refresh may read the old flags before this and install them after.
+        let _g = i.refreshing.lock().await;
         let r = i
             .meta
             .exec_write(
@@ -514,7 +521,7 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         i.check_writable()?;
         i.fresh().await?;
-        i.check_inside(objno)?;
+        i.check_inside(objno, off + data.len() as u64)?;
         let osize = i.object_size();
         let mut op = WriteOp::new();
         op.set_alloc_hint(osize, osize).write(off, &data);
@@ -801,7 +808,11 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         i.check_writable()?;
         i.fresh().await?;
-        i.check_inside(objno)?;
+        let end = match &op {
+            ObjectWrite::Write { off, data } => off + data.len() as u64,
+            _ => 0,
+        };
+        i.check_inside(objno, end)?;
         let oid = i.object_name(objno);
         let osize = i.object_size();
         // librbd's m_copyup_is_zero: all-zero parent data is not copied at all.

@@ -1030,6 +1030,13 @@ async fn watch_events(
                     match rewatch(&inner, tx.clone()).await {
                         Ok(()) => {
                             tracing::info!(image = %inner.spec, "header watch re-registered; exclusive lock re-asserted");
+                            // Updates announced while the watch was down never reached
+                            // us: read the header as if one had (librbd refreshes after a
+                            // re-watch too), before the next write.
+                            inner.updates_announced.fetch_add(1, Ordering::AcqRel);
+                            if let Err(e) = inner.fresh().await {
+                                tracing::warn!(image = %inner.spec, "refreshing header after the re-watch: {e}");
+                            }
                             break;
                         }
                         Err(e) if is_blocklisted(&e) => {
