@@ -328,13 +328,7 @@ class Run(diffops.Serves):
                 # Clients connected before a resize keep the old size: reconnect. Without
                 # exclusive-lock rbd resized it itself and announced it: followed as the
                 # announcement comes, as by librbd's clients (a few tries).
-                for _ in range(1 if self.lock else 50):
-                    hang_up(self.h)
-                    self.h = self.server.connect()
-                    if self.h.get_size() == new:
-                        break
-                    time.sleep(0.1)
-                if self.h.get_size() != new:
+                if not self.reconnect_at(new, 1 if self.lock else 50):
                     raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to {new}"
                                   f"{'' if self.lock else ' (no exclusive-lock: done by rbd)'}")
             else:
@@ -420,6 +414,18 @@ class Run(diffops.Serves):
             sh(self.env.rn + ["flatten", f"{POOL}/{self.a}"])
         self.bimg.flatten()
 
+    def reconnect_at(self, size, tries):
+        """Reconnects (clients connected before a resize keep the old size) until the
+        server says `size`, at most `tries` times 0.1 s apart: a change rbd made itself
+        and only announced is followed as the announcement comes. Whether it did."""
+        for _ in range(tries):
+            hang_up(self.h)
+            self.h = self.server.connect()
+            if self.h.get_size() == size:
+                return True
+            time.sleep(0.1)
+        return False
+
     def pick_snap(self, k, served):
         """The snapshot a clone operation names (k-th, modulo), None without any; a serve
         that the operation does not want is ended first."""
@@ -442,16 +448,9 @@ class Run(diffops.Serves):
             sh(["rbd", "snap", "rollback", "--no-progress", f"{POOL}/{self.a}@{snap}"])
             self.bimg.rollback_to_snap(snap)
             new = self.bimg.size()
-            if new != self.size:
-                for _ in range(50):
-                    hang_up(self.h)
-                    self.h = self.server.connect()
-                    if self.h.get_size() == new:
-                        break
-                    time.sleep(0.1)
-                if self.h.get_size() != new:
-                    raise Failure("rollback served", f"NBD size {self.h.get_size()} after rbd "
-                                  f"snap rollback (no exclusive-lock) to a {new}-byte snapshot")
+            if new != self.size and not self.reconnect_at(new, 50):
+                raise Failure("rollback served", f"NBD size {self.h.get_size()} after rbd "
+                              f"snap rollback (no exclusive-lock) to a {new}-byte snapshot")
             self.size = new
             return
         if self.server is not None:

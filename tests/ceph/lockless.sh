@@ -51,6 +51,13 @@ resized() {
   local img=$1 bytes=$2; shift 2
   "${RBD[@]}" resize --no-progress "$@" --size "$((bytes / MB))M" "$img" && size_is "$img" "$bytes"
 }
+# new_served IMAGE REF: a new 32 MiB image (default features), its zeroed local copy REF,
+# served.
+new_served() {
+  rbd create --size 32M "$1"
+  truncate -s $((32 * MB)) "$2"
+  serve "$1" || fail "serve $1" "$(tail -3 "$work/serve.log")"
+}
 exported_is() { # exported_is SPEC REF
   rm -f "$work/exp"
   timeout 120 rbd export --no-progress "$1" "$work/exp" >/dev/null || return 1
@@ -201,9 +208,7 @@ rbd rm --no-progress "$T" >/dev/null 2>&1
 # owner and closes; our next write takes the image back and serves on lock-less (before:
 # refused, and the write failed).
 H=locklessh-$$
-rbd create --size 32M "$H"
-truncate -s $((32 * MB)) "$work/h.ref"
-serve "$H" || fail "serve $H" "$(tail -3 "$work/serve.log")"
+new_served "$H" "$work/h.ref"
 check "handed: writes" put "$H" "$work/h.ref" 41 0 $((4 * MB))
 check "handed: a librbd client takes the lock, writes, turns exclusive-lock off and closes" $PY -c "
 import rados, rbd, os
@@ -222,7 +227,7 @@ truncate -s $((40 * MB)) "$work/h.ref"
 check "handed: writes past the old end" put "$H" "$work/h.ref" 43 $((36 * MB)) $((4 * MB))
 check_unserve "handed: clean close"
 check "handed: rbd export equals every write, both clients'" exported_is "$H" "$work/h.ref"
-check "handed: the features the other owner left, no flags" test "$(rbd info "$H" --format json | jq -c '[.features, .flags]')" = '[["layering","deep-flatten"],[]]'
+check "handed: the features the other owner left, no flags" test "$(feat "$H")" = '[["layering","deep-flatten"],[]]'
 rbd rm --no-progress "$H" >/dev/null 2>&1
 
 # ------------------------------------------------------------ journaling, switched on by rbd
@@ -231,9 +236,7 @@ rbd rm --no-progress "$H" >/dev/null 2>&1
 # (a journal missing them would be silently wrong for rbd-mirror), reads go on, and once
 # journaling is off again the next write takes the lock back and is served.
 J=locklessj-$$
-rbd create --size 32M "$J"
-truncate -s $((32 * MB)) "$work/j.ref"
-serve "$J" || fail "serve $J" "$(tail -3 "$work/serve.log")"
+new_served "$J" "$work/j.ref"
 check "journaling: writes" put "$J" "$work/j.ref" 51 0 $((4 * MB))
 check "journaling: rbd feature enable journaling (rbd takes the lock for it)" \
   "${RBD[@]}" feature enable "$J" journaling
