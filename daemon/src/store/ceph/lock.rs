@@ -121,15 +121,18 @@ fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
         let Some(i) = inner.upgrade() else {
             return reply_to_notify(notifier, payload, Role::Closed, false, |_| None);
         };
-        if let Ok(cls::NOTIFY_OP_HEADER_UPDATE) = cls::notify_op(payload) {
-            // Counted before the ack goes back: our next write reads the header first
-            // (`Inner::fresh`).
-            i.updates_announced.fetch_add(1, Ordering::AcqRel);
-        }
-        if let Ok(cls::NOTIFY_OP_RELEASED_LOCK) = cls::notify_op(payload) {
-            // A take-back (or an open with --wait-for-lock) waiting for it tries at once;
-            // woken here, not in `watch_events`, which an open has not started yet.
-            i.lock_freed.notify_waiters();
+        match cls::notify_op(payload) {
+            Ok(cls::NOTIFY_OP_HEADER_UPDATE) => {
+                // Counted before the ack goes back: our next write reads the header
+                // first (`Inner::fresh`).
+                i.updates_announced.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(cls::NOTIFY_OP_RELEASED_LOCK) => {
+                // A take-back (or an open with --wait-for-lock) waiting for it tries at
+                // once; woken here, not in `watch_events`, which an open has not started.
+                i.lock_freed.notify_waiters();
+            }
+            _ => {}
         }
         let role = if i.released.load(Ordering::SeqCst) {
             Role::NotOwner
