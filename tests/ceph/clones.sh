@@ -13,6 +13,8 @@
 #  - shrinking a clone with a snapshot (rados-nbd resize, rbd resize asking the owner)
 #    leaves what librbd's shrink leaves (rbd du, rbd diff --whole-object), so a deep
 #    flatten afterwards keeps the snapshot's bytes.
+#  - copy-ups make objects as long as librbd's: twin children of generated depth-2 chains,
+#    one written by librbd, one through rados-nbd, compared object by object (`rados stat`).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh" clones
@@ -406,6 +408,113 @@ else
   fail "orphan trash: serve tor_$$" "$(tail -3 "$work/serve.log")"
 fi
 rbd rm torc_$$ >/dev/null 2>&1; rbd snap purge tor_$$ >/dev/null 2>&1; rbd rm tor_$$ >/dev/null 2>&1
+
+# Copy-up lengths as librbd's, on generated depth-2 chains (64 KiB objects): twin children
+# of one middle snapshot, one written by librbd, one through rados-nbd, the same writes;
+# then each child object's size (`rados stat`) and the bytes must agree. librbd 16 reads
+# the copy-up data through the child's parent: sparse where the parent has the object,
+# dense (zeros included, up to the parent's own overlap) where it reads the parent's parent
+# (before the fix ours stopped at the base's data: 53248 bytes where librbd wrote 65536).
+cat >"$work/culen.py" <<'PYEOF'
+import os, random, sys, rados, rbd
+mode, seed = sys.argv[1], int(sys.argv[2])
+O, N = 1 << 16, 6
+feat = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK |
+        rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+r = random.Random(seed)
+# The chain: the base's data, the middle's own writes and a cut of its overlap (a shrink
+# and a grow back), a cut of the children's overlap, then the children's writes.
+base = [(r.randrange(N * O - 4096), r.randrange(1, 40000)) for _ in range(r.randrange(3, 7))]
+mid = [(r.randrange(N * O - 4096), r.randrange(1, 20000)) for _ in range(r.randrange(0, 3))]
+mid_cut = r.choice([None, r.randrange(O, N * O)])
+child_cut = r.choice([None, None, r.randrange(O, N * O)])
+writes = [(r.randrange(N * O - 512), r.randrange(1, 8192)) for _ in range(r.randrange(3, 9))]
+def data(i, n): return bytes([(i * 37 + 11) % 251 + 1]) * n
+names = {k: 'cul%d%s' % (seed, k) for k in ('b', 'm', 'lib', 'our')}
+cl = rados.Rados(conffile=os.environ['CEPH_CONF']); cl.connect()
+io = cl.open_ioctx('rbd')
+def prefix(img):
+    with rbd.Image(io, img, read_only=True) as im:
+        return im.block_name_prefix()
+def size_of(img):
+    with rbd.Image(io, img, read_only=True) as im:
+        return im.size()
+if mode == 'setup':
+    R = rbd.RBD()
+    R.create(io, names['b'], N * O, order=16, old_format=False, features=feat)
+    with rbd.Image(io, names['b']) as im:
+        for i, (off, n) in enumerate(base):
+            im.write(data(i, min(n, N * O - off)), off)
+        im.create_snap('s'); im.protect_snap('s')
+    R.clone(io, names['b'], 's', io, names['m'], features=feat, order=16)
+    with rbd.Image(io, names['m']) as im:
+        if mid_cut:
+            im.resize(mid_cut); im.resize(N * O)
+        for i, (off, n) in enumerate(mid):
+            im.write(data(i + 50, min(n, N * O - off)), off)
+        im.create_snap('s'); im.protect_snap('s')
+    for k in ('lib', 'our'):
+        R.clone(io, names['m'], 's', io, names[k], features=feat, order=16)
+        if child_cut:
+            with rbd.Image(io, names[k]) as im:
+                im.resize(child_cut); im.resize(N * O)
+    with rbd.Image(io, names['lib']) as im:
+        for i, (off, n) in enumerate(writes):
+            im.write(data(i + 100, n), off)
+    print(names['our'])
+elif mode == 'nbd':
+    import nbd
+    h = nbd.NBD(); h.connect_uri(sys.argv[3])
+    for i, (off, n) in enumerate(writes):
+        h.pwrite(data(i + 100, n), off)
+    h.flush(); h.shutdown()
+elif mode == 'compare':
+    bad = []
+    pl, po = prefix(names['lib']), prefix(names['our'])
+    for o in range(N):
+        sz = []
+        for p in (pl, po):
+            try:
+                sz.append(io.stat('%s.%016x' % (p, o))[0])
+            except rados.ObjectNotFound:
+                sz.append(None)
+        if sz[0] != sz[1]:
+            bad.append('object %d: librbd %s, ours %s' % (o, sz[0], sz[1]))
+    reads = []
+    for k in ('lib', 'our'):
+        with rbd.Image(io, names[k], read_only=True) as im:
+            reads.append(im.read(0, N * O))
+    if reads[0] != reads[1]:
+        bad.append('the bytes differ')
+    if bad:
+        print('seed %d (mid_cut %s child_cut %s): %s' % (seed, mid_cut, child_cut, '; '.join(bad)))
+        sys.exit(1)
+elif mode == 'clean':
+    R = rbd.RBD()
+    for k in ('lib', 'our', 'm', 'b'):
+        try:
+            with rbd.Image(io, names[k]) as im:
+                for sn in list(im.list_snaps()):
+                    im.unprotect_snap(sn['name'])
+                    im.remove_snap(sn['name'])
+            R.remove(io, names[k])
+        except rbd.ImageNotFound:
+            pass
+PYEOF
+for seed in 1 2 3 4 5; do
+  why=
+  our=$("$PY" "$work/culen.py" setup $seed 2>"$work/culen.err") || why="setup: $(tail -2 "$work/culen.err")"
+  if [ -z "$why" ] && serve "$our"; then
+    "$PY" "$work/culen.py" nbd $seed "$(uri "$our")" 2>"$work/culen.err" || why="writes: $(tail -2 "$work/culen.err")"
+    unserve
+  elif [ -z "$why" ]; then
+    why="serve: $(tail -2 "$work/serve.log")"
+  fi
+  [ -z "$why" ] && { why=$("$PY" "$work/culen.py" compare $seed 2>&1) && why=; }
+  if [ -z "$why" ]; then pass "copy-up lengths (depth 2, seed $seed): each object as long as librbd's twin's, same bytes"
+  else fail "copy-up lengths (depth 2, seed $seed): each object as long as librbd's twin's, same bytes" "$why"; fi
+  "$PY" "$work/culen.py" clean $seed >/dev/null 2>&1
+done
 
 # Leave the pool as we found it (other suites share it): each chain from its leaf up, and
 # cbase's other children, at once (each removal mostly waits for the cluster), then cbase.

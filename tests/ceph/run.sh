@@ -36,26 +36,26 @@ export CEPH_NBD_ID CEPH_NBD_KEYRING
 # Each suite prints its own 'N passed, N failed'; the last line is the total of this run.
 # The suites share the cluster and the pool but not their images, and much of their time is
 # waiting (for the OSD, a dead daemon's watch, a timeout under test): CEPH_JOBS (default 2)
-# of them run at once, each taking the next of the list below (longest first) when it ends.
-# A suite's output is printed whole when it ends. CEPH_JOBS=1 runs them one after the other,
-# in this order.
+# of them run at once, each taking the next of the list below when it ends: longest first,
+# as timed in a CI run, so that the lanes end close together. A suite's output is printed
+# whole when it ends. CEPH_JOBS=1 runs them one after the other, in this order.
 rc=0
 suites=(
   differential.sh
-  clones.sh
-  clone_differential.sh
   owner_ops.sh
-  snaps.sh
-  handover.sh
+  clone_differential.sh
   e2e.sh
+  clones.sh
   fencing.sh
+  handover.sh
+  snaps.sh
   diff.sh
   quiesce.sh
+  lockless.sh
   checkpoint.sh
   snapmap.sh
   namespaces.sh
   cephx.sh
-  lockless.sh
 )
 jobs=${CEPH_JOBS:-2}
 case $jobs in ''|*[!0-9]*|0) echo "CEPH_JOBS must be a positive number, not '$jobs'"; exit 2 ;; esac

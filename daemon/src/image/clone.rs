@@ -242,22 +242,81 @@ impl<S: ImageStore> Chain<S> {
         })
     }
 
-    /// The ancestors' bytes of `[off, off+len)` for a copy-up, without trailing zeros.
+    /// The ancestors' bytes of `[off, off+len)` for a copy-up, as librbd's CopyupRequest
+    /// gets them: an image read of the nearest ancestor (level 0). Where level 0 has the
+    /// object, its bytes (up to its end). Where it lacks it, level 0 reads its own parent
+    /// for the part inside its parent overlap, and in librbd 16 that read comes back dense
+    /// (io::util::read_parent into one buffer): zeros included up to where that overlap
+    /// ends, so the child's object is as long as librbd's (seen with `rados stat` against
+    /// librbd twins; a depth-1 clone, whose level 0 has no parent, gets nothing there).
+    /// Trailing holes dropped; all zeros is nothing at all (librbd's m_copyup_is_zero:
+    /// no parent data is copied).
     pub(crate) async fn read_bytes(&self, off: u64, len: u64, stats: &Stats) -> Result<Bytes> {
-        let chunks = self.read(0, off, len, stats).await?;
-        let mut v = Vec::new();
-        let mut pending = 0usize;
-        for c in chunks {
-            match c {
-                ReadChunk::Hole(n) => pending += n as usize,
-                ReadChunk::Data(b) => {
-                    v.resize(v.len() + pending, 0);
-                    pending = 0;
-                    v.extend_from_slice(&b);
+        let mut out = Dense::default();
+        let l = &self.levels[0];
+        let end = (off + len).min(self.backs(0));
+        if end > off {
+            for p in split(l.order, off, end - off) {
+                let at = off + p.req_off;
+                let lacks = l.map.as_ref().is_some_and(|m| {
+                    p.objno >= m.len() || m.get(p.objno) == ObjectState::Nonexistent
+                });
+                let got = if lacks {
+                    None
+                } else {
+                    bump(&stats.parent_reads);
+                    l.store.read(p.objno, p.off, p.len, Some(l.snap)).await?
+                };
+                match got {
+                    Some(b) => out.extend(chunks_of(b, p.len), false),
+                    None => {
+                        let dense_end = if self.levels.len() > 1 {
+                            (at + p.len).min(self.backs(1)).max(at)
+                        } else {
+                            at
+                        };
+                        if dense_end > at {
+                            out.extend(self.read(1, at, dense_end - at, stats).await?, true);
+                        }
+                        out.extend([ReadChunk::Hole((at + p.len - dense_end) as u32)], false);
+                    }
                 }
             }
         }
+        let v = out.bytes;
+        if v.iter().all(|&b| b == 0) {
+            return Ok(Bytes::new());
+        }
         Ok(Bytes::from(v))
+    }
+}
+
+/// Copy-up bytes being gathered: data, and holes kept pending until data follows them
+/// (trailing holes are not part of the copy-up) unless they are read densely.
+#[derive(Default)]
+struct Dense {
+    bytes: Vec<u8>,
+    pending: usize,
+}
+
+impl Dense {
+    fn extend(&mut self, chunks: impl IntoIterator<Item = ReadChunk>, dense: bool) {
+        for c in chunks {
+            match c {
+                ReadChunk::Hole(n) => {
+                    self.pending += n as usize;
+                    if dense {
+                        self.bytes.resize(self.bytes.len() + self.pending, 0);
+                        self.pending = 0;
+                    }
+                }
+                ReadChunk::Data(b) => {
+                    self.bytes.resize(self.bytes.len() + self.pending, 0);
+                    self.pending = 0;
+                    self.bytes.extend_from_slice(&b);
+                }
+            }
+        }
     }
 }
 

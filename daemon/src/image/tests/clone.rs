@@ -206,6 +206,45 @@ async fn first_writes_copy_up_once_keeping_the_parents_bytes_around_them() {
     img.close().await.unwrap();
 }
 
+/// How long a copy-up makes the child's object, as librbd 16 does (checked on Ceph
+/// against librbd twins with `rados stat`): the nearest ancestor's own object when it has
+/// it (a depth-1 clone: the base's bytes, no trailing zeros); when it lacks it, its read
+/// of its own parent comes back dense, up to where its overlap ends; all zeros: nothing.
+#[tokio::test]
+async fn copyup_lengths_are_librbds() {
+    let x = || Bytes::from_static(b"x");
+    let (_levels, child) = build(1, &[]);
+    let img = open_mem(&child).await;
+    img.write(7, x(), false).await.unwrap();
+    assert_eq!(child.object(0).map(|o| o.len()), Some(3 << 20));
+    img.close().await.unwrap();
+
+    let (levels, child) = build(2, &[]);
+    // c1 keeps 3.5 MiB of the base's object 3 and nothing past it.
+    let overlap = 3 * OBJ + (7 << 19);
+    levels[0].set_overlap(overlap);
+    let mut model = model_of(&levels, N * OBJ);
+    model[overlap as usize..].fill(0);
+    let img = open_mem(&child).await;
+    for o in [0, 1, 2, 3, 4] {
+        img.write(o * OBJ + 7, x(), false).await.unwrap();
+        model[(o * OBJ + 7) as usize] = b'x';
+    }
+    let len = |o| child.object(o).map(|d| d.len() as u64);
+    // c1 lacks object 0: the base's 3 MiB and zeros to the object's end.
+    assert_eq!(len(0), Some(OBJ));
+    // c1 has object 1 (1 MiB at 512 KiB): its bytes.
+    assert_eq!(len(1), Some(3 << 19));
+    // No ancestor has object 2: the write alone.
+    assert_eq!(len(2), Some(8));
+    // c1 lacks object 3 and its overlap ends inside it: dense to there.
+    assert_eq!(len(3), Some(7 << 19));
+    // Object 4 lies past c1's overlap: nothing of the base's comes through.
+    assert_eq!(len(4), Some(8));
+    assert!(read_image(&img).await == model);
+    img.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn discards_never_let_the_parent_show_through() {
     let (levels, child) = build(1, &[]);
@@ -424,8 +463,18 @@ async fn copy_on_read_copies_up_once_in_the_background() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let want = levels[1].object(0).unwrap();
-    assert_eq!(child.object(0), Some(want), "the parent's object copied up");
+    // The nearest ancestor (c1) lacks object 0, so its read of the base comes back
+    // dense, as librbd 16's: the base's bytes and zeros to the object's end.
+    assert!(levels[0].object(0).is_none());
+    let mut want = levels[1].object(0).unwrap();
+    assert!(want.len() < OBJ as usize);
+    want.resize(OBJ as usize, 0);
+    let got = child.object(0).unwrap_or_default();
+    assert!(
+        got == want,
+        "the parent's object copied up densely: {} bytes",
+        got.len()
+    );
     assert_eq!(count(&child.take_log(), "copyup(0)"), 1);
     // Later reads are the child's own.
     for l in &levels {
