@@ -404,7 +404,13 @@ impl<S: ImageStore> Image<S> {
             }
             // Unchanged since the newest snapshot, and unchanged in it since the one
             // before: nothing to roll back, and the state stays what librbd's copy of
-            // the snapshot's map gives. An object the snapshot's map says EXISTS is
+            // the snapshot's map gives. This rests on the head's EXISTS_CLEAN alone (no
+            // write since the newest snapshot), which every writer keeps. Not so for
+            // an older snapshot: "unchanged" would rest on the newer snapshots' maps,
+            // and librbd's own rollback copies a snapshot's map over the head's, so a
+            // snapshot taken after it can say EXISTS_CLEAN of an object that changed;
+            // skipping on that word would leave the wrong bytes. So every object is
+            // rolled back then, as librbd does. An object the snapshot's map says EXISTS is
             // rolled back all the same, as librbd does, and so ends EXISTS as in its copy
             // (`rbd diff --from-snap SNAP` lists it after the rollback, as librbd's).
             if newest && was == ObjectState::ExistsClean && has == ObjectState::ExistsClean {
