@@ -428,7 +428,8 @@ base = [(r.randrange(N * O - 4096), r.randrange(1, 40000)) for _ in range(r.rand
 mid = [(r.randrange(N * O - 4096), r.randrange(1, 20000)) for _ in range(r.randrange(0, 3))]
 mid_cut = r.choice([None, r.randrange(O, N * O)])
 child_cut = r.choice([None, None, r.randrange(O, N * O)])
-writes = [(r.randrange(N * O - 512), r.randrange(1, 8192)) for _ in range(r.randrange(3, 9))]
+writes = [(off, min(r.randrange(1, 8192), N * O - off))
+          for off in (r.randrange(N * O - 512) for _ in range(r.randrange(3, 9)))]
 def data(i, n): return bytes([(i * 37 + 11) % 251 + 1]) * n
 names = {k: 'cul%d%s' % (seed, k) for k in ('b', 'm', 'lib', 'our')}
 cl = rados.Rados(conffile=os.environ['CEPH_CONF']); cl.connect()

@@ -340,8 +340,7 @@ impl<S: ImageStore> Image<S> {
     /// `rbd snap rollback`: the head takes the snapshot's size, then each object the
     /// head or the snapshot has is made equal to the snapshot's (read at the snapshot,
     /// written to the head; removed where the snapshot lacks it), with the head's map
-    /// following under the dirty flag. Rolling back to the newest snapshot skips the
-    /// objects the map says are unchanged since (EXISTS_CLEAN).
+    /// following under the dirty flag.
     pub async fn snap_rollback(&self, name: &str) -> Result<()> {
         self.check_snap_capable("rolling back")?;
         let spec = &self.spec;
@@ -360,7 +359,6 @@ impl<S: ImageStore> Image<S> {
                 format!("{spec} is closing; not rolled back"),
             ));
         }
-        let newest = self.store.header().snaps.iter().map(|s| s.id).max() == Some(snap.id);
         let count = snap.size.div_ceil(self.header.object_size());
         // What exists at the snapshot: its map when trusted, else the store's listing.
         let at_snap: Vec<ObjectState> = match self.snap_map(&snap).await.map_err(ctx)? {
@@ -402,20 +400,11 @@ impl<S: ImageStore> Image<S> {
             if !had && has == ObjectState::Nonexistent {
                 continue;
             }
-            // Unchanged since the newest snapshot, and unchanged in it since the one
-            // before: nothing to roll back, and the state stays what librbd's copy of
-            // the snapshot's map gives. This rests on the head's EXISTS_CLEAN alone (no
-            // write since the newest snapshot), which every writer keeps. Not so for
-            // an older snapshot: "unchanged" would rest on the newer snapshots' maps,
-            // and librbd's own rollback copies a snapshot's map over the head's, so a
-            // snapshot taken after it can say EXISTS_CLEAN of an object that changed;
-            // skipping on that word would leave the wrong bytes. So every object is
-            // rolled back then, as librbd does. An object the snapshot's map says EXISTS is
-            // rolled back all the same, as librbd does, and so ends EXISTS as in its copy
-            // (`rbd diff --from-snap SNAP` lists it after the rollback, as librbd's).
-            if newest && was == ObjectState::ExistsClean && has == ObjectState::ExistsClean {
-                continue;
-            }
+            // No object is skipped for looking unchanged, as librbd skips none: the
+            // head's EXISTS_CLEAN is not proof that it holds the snapshot's bytes, since
+            // librbd's own rollback copies an older snapshot's map over the head's,
+            // EXISTS_CLEAN entries included, while it changes those objects (seen on Ceph
+            // 16.2). A skip on that word left the wrong bytes (tests/ceph/snaps.sh).
             // The store's own rollback (Ceph: the OSD copies the snapshot's clone over
             // the head) counts as a write since the newest snapshot in the object's snap
             // set, so the object is EXISTS, as `rbd object-map check` expects. librbd
