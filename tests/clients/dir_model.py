@@ -5,7 +5,8 @@ Ceph differential test (tests/diffops.py), snapshots included.
 The model holds the image's bytes and, per object, whether it exists (the object map of an
 image without snapshots has only NONEXISTENT and EXISTS):
   write, WRITE_ZEROES + NO_HOLE    the objects touched exist
-  TRIM, WRITE_ZEROES               a whole object stops existing; part of one is zeroed and
+  TRIM, WRITE_ZEROES               a whole object stops existing (all of a short last
+                                   object is only part of one); part of one is zeroed and
                                    the object keeps its state (a NONEXISTENT one stays so),
                                    except that an object left all zeros may exist or not:
                                    the store may remove an object that punched holes emptied
@@ -80,7 +81,9 @@ class Run(diffops.Serves):
             b = min(off + length, o * o_sz + self.obj_len(o))
             if no_hole:
                 self.exists[o] = True
-            elif a == o * o_sz and b - a == self.obj_len(o):
+            elif a == o * o_sz and b - a == o_sz:
+                # Only a whole object of the full size goes: a short last object, even all
+                # of it, is zeroed (as librbd, which removes only full objects).
                 self.exists[o] = False
             elif self.exists[o] is not False and not any(
                     self.data[o * o_sz:o * o_sz + self.obj_len(o)]):
