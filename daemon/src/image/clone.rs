@@ -496,7 +496,8 @@ impl<S: ImageStore> Image<S> {
         } else {
             chain.read_bytes(start, plen, &self.stats).await?
         };
-        if matches!(op, CopyupOp::Flatten) && data.iter().all(|&b| b == 0) {
+        // (`read_bytes` gives all-zero parent data as nothing.)
+        if matches!(op, CopyupOp::Flatten) && data.is_empty() {
             // Nothing to copy and nothing on top (flatten): librbd's CopyupRequest finds
             // no copy-up required and creates no object either.
             return Ok(false);
