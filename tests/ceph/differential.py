@@ -62,7 +62,8 @@ Operations and their twins (tests/diffops.py makes the sequences):
 Clones (--clone, the run of tests/ceph/run.sh's second differential): each sequence starts with
   parent           A and B become clones (format 2) of twin chains of depth 1 or 2 (or
                    those of DIFF_CLONE_DEPTHS), each level written (the same data on both
-                   sides) and snapshotted as "p", with or without deep-flatten; the
+                   sides) and snapshotted as "p", with or without deep-flatten, its
+                   object size the clone's or, one sequence in two, drawn per level; the
                    chains are compared too (A's must never change). Then the operations above, and from a stream of their own:
   flatten          served: `rbd flatten` (the owner does it); not served: `rados-nbd
                    flatten`                         librbd flatten
@@ -84,7 +85,8 @@ generate, default all but livesnap), DIFF_MINIMISE_S (seconds per minimisation, 
 DIFF_MINIMISE_UNTIL_S (no minimisation after this many seconds of the run, default 600),
 DIFF_OUT (where failing cases are written, default the run's temporary directory),
 DIFF_PREFIX (of the images' names, default "diff"), DIFF_CLONE_DEPTHS (--clone: the chain
-depths drawn from, default "1,1,2"; e.g. "2,3,4" for deeper chains). The default mix has the lock-owner
+depths drawn from, default "1,1,2"; e.g. "2,3,4" for deeper chains), DIFF_DEBUG (print both
+diffs and each listed object's `rados listsnaps` when diffs differ). The default mix has the lock-owner
 operations too (sparsify, feature, handover: ~20 in a default run, from a random stream of
 their own, so the other operations of a seed are what they were before them; see
 diffops.OWNER_RATE); DIFF_KINDS naming them draws them by weight instead.
@@ -356,7 +358,7 @@ class Run(diffops.Serves):
         elif k == "handover":
             self.handover(op)
         elif k == "parent":
-            self.make_clones(op[1], op[2], op[3])
+            self.make_clones(op[1], op[2], op[3], op[4] if len(op) > 4 else None)
         elif k == "flatten":
             self.flatten()
         elif k == "rollback":
@@ -367,8 +369,10 @@ class Run(diffops.Serves):
             raise ValueError(f"unknown operation {op}")
 
     # ------------------------------------------------------------------ clones
-    def make_clones(self, depth, deep, fill):
-        """A and B become clones of twin chains (see the module's "parent")."""
+    def make_clones(self, depth, deep, fill, orders=None):
+        """A and B become clones of twin chains (see the module's "parent"); orders: each
+        level's object size (log2), from the root (default: the sequence's)."""
+        orders = orders or [self.geo.order] * depth
         if self.server is not None or self.snaps:
             raise ValueError("parent must be a sequence's first operation")
         e = self.env
@@ -382,11 +386,12 @@ class Run(diffops.Serves):
             for level in range(depth):
                 name = f"{self.base}-{twin}p{level}"
                 if prev is None:
-                    rbd.RBD().create(e.ioctx, name, self.size, order=self.geo.order,
+                    rbd.RBD().create(e.ioctx, name, self.size, order=orders[level],
                                      old_format=False, features=feats)
                 else:
                     rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, name, features=feats,
-                                    order=self.geo.order)
+                                    order=orders[level], stripe_unit=1 << orders[level],
+                                    stripe_count=1)
                 self.parents.append(name)
                 with rbd.Image(e.ioctx, name) as im:
                     for lv, off, length, tag in fill:
@@ -394,8 +399,11 @@ class Run(diffops.Serves):
                             im.write(diffops.pattern(tag, off, length), off)
                     im.create_snap("p")
                 prev = name
+            # The stripe unit is the clone's object size (librbd would take the parent's,
+            # and refuse it where that is larger than the clone's objects).
             rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, self.a if twin == "a" else self.b,
-                            features=feats, order=self.geo.order)
+                            features=feats, order=self.geo.order, stripe_unit=self.geo.obj,
+                            stripe_count=1)
             chains[twin] = [f"{self.base}-{twin}p{level}" for level in range(depth)]
         self.chain_pairs = list(zip(chains["a"], chains["b"]))
         for name in chains["a"] + chains["b"]:
@@ -753,6 +761,15 @@ class Run(diffops.Serves):
                 if sa[3][frm] != sb[3][frm]:
                     only_a = sorted(set(sa[3][frm]) - set(sb[3][frm]))
                     only_b = sorted(set(sb[3][frm]) - set(sa[3][frm]))
+                    if os.environ.get("DIFF_DEBUG"):
+                        print(f"DEBUG {where} {frm}{at}: ours {sa[3][frm]} librbd {sb[3][frm]}", flush=True)
+                        for nm in (self.a, self.b):
+                            with rbd.Image(e.ioctx, nm, read_only=True) as dim:
+                                pref = dim.block_name_prefix()
+                                print(f"DEBUG {nm} snaps {[(x['id'], x['name']) for x in dim.list_snaps()]}", flush=True)
+                            for o in sorted({o for o, _ in sa[3][frm]}):
+                                r = subprocess.run(["rados", "-p", POOL, "listsnaps", f"{pref}.{o:016x}"], capture_output=True, text=True)
+                                print(f"DEBUG {nm} obj {o}: {r.stdout.strip()} {r.stderr.strip()}", flush=True)
                     if snap is None and only_a and not only_b and not retried:
                         # librbd's rollback copies the snapshot's map over the head's,
                         # EXISTS_CLEAN entries included, though the OSD's rollback counts
@@ -1017,7 +1034,16 @@ def clone_case(seed, geo, ops):
                 a = rng.randrange(geo.obj // diffops.SECTOR) * diffops.SECTOR
                 b = rng.randrange(a // diffops.SECTOR + 1, geo.obj // diffops.SECTOR + 1) * diffops.SECTOR
                 fill.append([level, o * geo.obj + a, b - a, tag])
-    out = [["parent", depth, deep, fill]]
+    # The ancestors' object sizes: the sequence's one time in two, otherwise each level's
+    # drawn around it (a child object then covers parts of several parent objects, or a
+    # parent object several child ones). From a stream of its own, so that a seed's other
+    # operations stay what they were before sizes were drawn.
+    orng = random.Random(f"clone-orders {seed}")
+    orders = [geo.order] * depth
+    if orng.random() < 0.5:
+        orders = [orng.randint(max(12, geo.order - 2), min(25, geo.order + 2))
+                  for _ in range(depth)]
+    out = [["parent", depth, deep, fill, orders]]
     for op in ops:
         if rng.random() < CLONE_RATE:
             k = rng.choice(CLONE_OPS)
