@@ -414,7 +414,8 @@ rbd rm torc_$$ >/dev/null 2>&1; rbd snap purge tor_$$ >/dev/null 2>&1; rbd rm to
 # then each child object's size (`rados stat`) and the bytes must agree. librbd 16 reads
 # the copy-up data through the child's parent: sparse where the parent has the object,
 # dense (zeros included, up to the parent's own overlap) where it reads the parent's parent
-# (before the fix ours stopped at the base's data: 53248 bytes where librbd wrote 65536).
+# (before the fix ours stopped at the base's data: 53248 bytes where librbd wrote 65536);
+# without snapshots, less what the change overwrites, and nothing when the rest is zeros.
 cat >"$work/culen.py" <<'PYEOF'
 import os, random, sys, rados, rbd
 mode, seed = sys.argv[1], int(sys.argv[2])
@@ -428,8 +429,16 @@ base = [(r.randrange(N * O - 4096), r.randrange(1, 40000)) for _ in range(r.rand
 mid = [(r.randrange(N * O - 4096), r.randrange(1, 20000)) for _ in range(r.randrange(0, 3))]
 mid_cut = r.choice([None, r.randrange(O, N * O)])
 child_cut = r.choice([None, None, r.randrange(O, N * O)])
-writes = [(off, min(r.randrange(1, 8192), N * O - off))
+writes = [('w', off, min(r.randrange(1, 8192), N * O - off))
           for off in (r.randrange(N * O - 512) for _ in range(r.randrange(3, 9)))]
+# Then writes and zeros over whole base extents (a stream of its own): without snapshots
+# librbd leaves what a change overwrites out of the copy-up, and copies nothing up when
+# the rest is all zeros (the object is then as long as the change, or empty).
+r2 = random.Random(seed * 7919 + 1)
+for off, n in r2.sample(base, min(2, len(base))):
+    a = max(0, off - r2.randrange(0, 3000))
+    b = min(N * O, off + n + r2.randrange(0, 3000))
+    writes.append((r2.choice('wz'), a, b - a))
 def data(i, n): return bytes([(i * 37 + 11) % 251 + 1]) * n
 names = {k: 'cul%d%s' % (seed, k) for k in ('b', 'm', 'lib', 'our')}
 cl = rados.Rados(conffile=os.environ['CEPH_CONF']); cl.connect()
@@ -460,14 +469,20 @@ if mode == 'setup':
             with rbd.Image(io, names[k]) as im:
                 im.resize(child_cut); im.resize(N * O)
     with rbd.Image(io, names['lib']) as im:
-        for i, (off, n) in enumerate(writes):
-            im.write(data(i + 100, n), off)
+        for i, (k, off, n) in enumerate(writes):
+            if k == 'w':
+                im.write(data(i + 100, n), off)
+            else:
+                im.write_zeroes(off, n)
     print(names['our'])
 elif mode == 'nbd':
     import nbd
     h = nbd.NBD(); h.connect_uri(sys.argv[3])
-    for i, (off, n) in enumerate(writes):
-        h.pwrite(data(i + 100, n), off)
+    for i, (k, off, n) in enumerate(writes):
+        if k == 'w':
+            h.pwrite(data(i + 100, n), off)
+        else:
+            h.zero(n, off)
     h.flush(); h.shutdown()
 elif mode == 'compare':
     bad = []

@@ -38,6 +38,16 @@ pub(crate) struct Level<S> {
     map: Option<ObjectMap>,
 }
 
+impl<S> Level<S> {
+    /// Whether this level's map says it lacks object `objno` (false without a map: the
+    /// store is asked then).
+    fn lacks(&self, objno: u64) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| objno >= m.len() || m.get(objno) == ObjectState::Nonexistent)
+    }
+}
+
 /// The ancestors of a clone, nearest first.
 pub(crate) struct Chain<S> {
     levels: Vec<Level<S>>,
@@ -217,11 +227,7 @@ impl<S: ImageStore> Chain<S> {
                 let l = &self.levels[k];
                 for p in split(l.order, off, within - off) {
                     let at = off + p.req_off;
-                    let exists = l
-                        .map
-                        .as_ref()
-                        .map(|m| p.objno < m.len() && m.get(p.objno) != ObjectState::Nonexistent);
-                    let chunks = if exists == Some(false) {
+                    let chunks = if l.lacks(p.objno) {
                         self.read(k + 1, at, p.len, stats).await?
                     } else {
                         bump(&stats.parent_reads);
@@ -258,10 +264,7 @@ impl<S: ImageStore> Chain<S> {
         if end > off {
             for p in split(l.order, off, end - off) {
                 let at = off + p.req_off;
-                let lacks = l.map.as_ref().is_some_and(|m| {
-                    p.objno >= m.len() || m.get(p.objno) == ObjectState::Nonexistent
-                });
-                let got = if lacks {
+                let got = if l.lacks(p.objno) {
                     None
                 } else {
                     bump(&stats.parent_reads);
@@ -289,6 +292,13 @@ impl<S: ImageStore> Chain<S> {
         }
         Ok(Bytes::from(v))
     }
+}
+
+/// Whether `data` holds only zeros outside `[off, off+len)`.
+fn zero_outside(data: &[u8], off: u64, len: u64) -> bool {
+    let n = data.len() as u64;
+    let (a, b) = (off.min(n) as usize, off.saturating_add(len).min(n) as usize);
+    data[..a].iter().all(|&x| x == 0) && data[b..].iter().all(|&x| x == 0)
 }
 
 /// Copy-up bytes being gathered: data, and holes kept pending until data follows them
@@ -495,6 +505,23 @@ impl<S: ImageStore> Image<S> {
             Bytes::new()
         } else {
             chain.read_bytes(start, plen, &self.stats).await?
+        };
+        // A copy-up under a write or zero, with no snapshot to keep the parent's data
+        // for: librbd 16 (CopyupRequest::prepare_copyup_data) leaves out the part the
+        // change overwrites, and when what is left is all zeros copies nothing up, so
+        // the object is the change alone (as long as it, not the parent's data: seen
+        // with `rados stat` against librbd twins).
+        let data = match op {
+            CopyupOp::Write(_) | CopyupOp::Zero
+                if !data.is_empty() && self.store.header().snaps.is_empty() =>
+            {
+                if zero_outside(&data, off, len) {
+                    Bytes::new()
+                } else {
+                    data
+                }
+            }
+            _ => data,
         };
         // (`read_bytes` gives all-zero parent data as nothing.)
         if matches!(op, CopyupOp::Flatten) && data.is_empty() {
