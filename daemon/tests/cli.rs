@@ -108,7 +108,13 @@ fn create_info_ls_rm() {
     );
     assert_eq!(
         v["features"],
-        serde_json::json!(["layering", "exclusive-lock", "object-map", "fast-diff"])
+        serde_json::json!([
+            "layering",
+            "exclusive-lock",
+            "object-map",
+            "fast-diff",
+            "deep-flatten"
+        ])
     );
     assert_eq!(v["flags"], serde_json::json!([]));
     let v = json(&ok(s, &["info", "p2/small", "--format", "json"]));

@@ -56,8 +56,8 @@ check "after close: rbd du shows 7 objects used (28 MiB)" bash -c \
 # ---------------------------------------------------------------- rados-nbd create
 check "rados-nbd create" "${RN[@]}" create --size 1G e2e-b
 remember_id e2e-b
-check "rbd info shows our features" bash -c \
-  "rbd info e2e-b | grep -q 'features: layering, exclusive-lock, object-map, fast-diff$'"
+check "rbd info shows our features (rbd create's defaults)" bash -c \
+  "rbd info e2e-b | grep -q 'features: layering, exclusive-lock, object-map, fast-diff, deep-flatten$'"
 check "rbd object-map check passes on a new image" omap_check e2e-b
 check "rados-nbd ls lists it" bash -c "$RNQ ls | grep -qx e2e-b"
 check "rados-nbd info reads it" bash -c \

@@ -177,7 +177,13 @@ mod tests {
     fn names() {
         assert_eq!(
             feature_names(DEFAULT_FEATURES),
-            ["layering", "exclusive-lock", "object-map", "fast-diff"]
+            [
+                "layering",
+                "exclusive-lock",
+                "object-map",
+                "fast-diff",
+                "deep-flatten"
+            ]
         );
         assert_eq!(flag_names(3), ["object map invalid", "fast diff invalid"]);
         assert!(flag_names(0).is_empty());

@@ -37,12 +37,13 @@ pub const RBD_FEATURE_DATA_POOL: u64 = 1 << 7;
 pub const RBD_FEATURE_OPERATIONS: u64 = 1 << 8;
 pub const RBD_FEATURE_MIGRATING: u64 = 1 << 9;
 pub const RBD_FEATURE_NON_PRIMARY: u64 = 1 << 10;
-/// What `rados-nbd create` sets by default, like `rbd create`: layering, exclusive-lock,
-/// object-map, fast-diff (0x1d).
+/// What `rados-nbd create` sets by default, like `rbd create` (rbd_default_features 61):
+/// layering, exclusive-lock, object-map, fast-diff, deep-flatten (0x3d).
 pub const DEFAULT_FEATURES: u64 = RBD_FEATURE_LAYERING
     | RBD_FEATURE_EXCLUSIVE_LOCK
     | RBD_FEATURE_OBJECT_MAP
-    | RBD_FEATURE_FAST_DIFF;
+    | RBD_FEATURE_FAST_DIFF
+    | RBD_FEATURE_DEEP_FLATTEN;
 
 /// A request for the lock holder, answered through `done`.
 #[derive(Debug)]

@@ -182,7 +182,7 @@ async fn ceph_live_create_lock_write_close() {
     let info = tool(conf, "rbd", &["info", &name]);
     assert!(info.contains("size 64 MiB in 16 objects"), "{info}");
     assert!(
-        info.contains("features: layering, exclusive-lock, object-map, fast-diff"),
+        info.contains("features: layering, exclusive-lock, object-map, fast-diff, deep-flatten"),
         "{info}"
     );
     tool(conf, "rbd", &["object-map", "check", &name]);
@@ -205,7 +205,7 @@ async fn ceph_live_create_lock_write_close() {
     let h = img.header();
     assert_eq!(
         (h.size, h.order, h.features, h.flags),
-        (64 << 20, 22, 0x1d, 0)
+        (64 << 20, 22, 0x3d, 0)
     );
     assert_eq!(h.object_prefix, format!("rbd_data.{}", h.id));
     let locks = tool(conf, "rbd", &["lock", "ls", &name]);
@@ -301,7 +301,7 @@ async fn ceph_live_create_lock_write_close() {
         .unwrap();
     assert!(!more);
     let get = |k: &str| keys.iter().find(|p| p.0 == k).map(|p| p.1.clone());
-    assert_eq!(get("features"), Some(0x1du64.to_le_bytes().to_vec()));
+    assert_eq!(get("features"), Some(0x3du64.to_le_bytes().to_vec()));
     assert_eq!(get("order"), Some(vec![22]));
     assert_eq!(get("size"), Some((64u64 << 20).to_le_bytes().to_vec()));
     let sz = img
@@ -759,9 +759,10 @@ async fn ceph_live_clones() {
     // --- format 2: rbd sees the clone, its parent, the child record.
     let cname = unique("cchild");
     let cspec: ImageSpec = format!("rbd/{cname}").parse().unwrap();
+    // Without deep-flatten: the detach below keeps the snapshot's parent.
     let opts = CloneOptions {
         clone_format: 2,
-        features: DEFAULT_FEATURES,
+        features: DEFAULT_FEATURES & !RBD_FEATURE_DEEP_FLATTEN,
         order: 22,
     };
     st.clone_image(&snap, &cspec, &opts)
@@ -870,7 +871,7 @@ async fn ceph_live_clones() {
     let c1spec: ImageSpec = format!("rbd/{c1}").parse().unwrap();
     let v1 = CloneOptions {
         clone_format: 1,
-        features: DEFAULT_FEATURES | RBD_FEATURE_DEEP_FLATTEN,
+        features: DEFAULT_FEATURES,
         ..opts.clone()
     };
     let e = st.clone_image(&snap, &c1spec, &v1).await.unwrap_err();

@@ -11,7 +11,10 @@ use super::snap::Change;
 use super::{blocking, create_locked, lock, open_by_id, DirImage, DirStore, Inner, SnapSel};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
-use crate::store::{CloneOptions, ObjectWrite, OpenMode, ParentInfo, Store, RBD_FEATURE_LAYERING};
+use crate::store::{
+    CloneOptions, ObjectWrite, OpenMode, ParentInfo, Store, RBD_FEATURE_DEEP_FLATTEN,
+    RBD_FEATURE_LAYERING,
+};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -289,8 +292,13 @@ impl Inner {
             Err(e) => return Err(Error::io(format!("looking up {}", head.display()), e)),
         };
         if !exists {
-            // A whiteout first when the child has snapshots: the object did not exist
-            // in them (their reads go to the parent).
+            // When the child has snapshots, a deep copy-up (as librbd's): the parent's
+            // data becomes the snapshots' version of the object first. Otherwise (all
+            // zeros, or a version already kept) a whiteout says the object did not
+            // exist in them (their reads go to the parent).
+            if !self.deep_copyup_snaps(objno, parent_data)?.is_empty() {
+                self.link_snapshot_version(objno, parent_data)?;
+            }
             self.prepare_change(objno, Change::Create)?;
             let (tmp, _f) = self.build_object(objno, parent_data, op)?;
             // link() fails rather than replace: an object created meanwhile (a racing
@@ -329,6 +337,13 @@ impl Inner {
         };
         self.update_header(|h| {
             h.parent = None;
+            // With deep-flatten, as cls_rbd's remove_parent: the snapshots too (every
+            // copy-up gave them the parent's data, see `deep_copyup_snaps`).
+            if h.features & RBD_FEATURE_DEEP_FLATTEN != 0 {
+                for s in &mut h.snapshots {
+                    s.parent = None;
+                }
+            }
             Ok(())
         })?;
         self.refresh_parent_info();
@@ -336,9 +351,9 @@ impl Inner {
     }
 
     /// Drops this image's record in the parent `rec` names once neither the head nor
-    /// any snapshot reads through that parent snapshot any more. Snapshots taken
-    /// before a flatten still read through it (there is no deep-flatten here), so
-    /// until they go the record keeps the parent snapshot from being removed.
+    /// any snapshot reads through that parent snapshot any more. Without deep-flatten,
+    /// snapshots taken before a flatten still read through it, so until they go the
+    /// record keeps the parent snapshot from being removed.
     pub(super) fn drop_parent_link_if_unused(&self, rec: &ParentRecord) -> Result<()> {
         let same = |p: &ParentRecord| {
             p.pool == rec.pool && p.image_id == rec.image_id && p.snap_id == rec.snap_id

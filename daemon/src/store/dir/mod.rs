@@ -433,6 +433,7 @@ fn open_by_id(
             sync_lock: Mutex::new(()),
             cow_clean: Mutex::new(HashSet::new()),
             cow_lock: Mutex::new(()),
+            snap_map_lock: Mutex::new(()),
             exclusive: mode == OpenMode::ReadWrite,
             punches_holes: AtomicBool::new(punches_holes),
             ctl: Mutex::new(None),
@@ -501,6 +502,9 @@ struct Inner {
     /// Serializes copy-on-write preparation, so two writers of one object cannot both
     /// preserve it.
     cow_lock: Mutex<()>,
+    /// Serializes in-place updates of snapshots' object maps (deep copy-ups), each a
+    /// read, change and rewrite of the map's file.
+    snap_map_lock: Mutex<()>,
     /// Opened ReadWrite: the exclusive lock holder, the one that takes requests.
     exclusive: bool,
     /// Whether this file system deallocates a range (FALLOC_FL_PUNCH_HOLE). Without it,
@@ -814,6 +818,59 @@ impl ImageStore for DirImage {
         self.run(move |i| {
             i.snap_record(snap)?;
             write_atomic(&i.pool_dir, &i.object_map_name(Some(snap)), &data)
+        })
+        .await
+    }
+
+    fn copyup_snapshots(&self, objno: u64, parent_data: &[u8]) -> Vec<u64> {
+        match self.inner.deep_copyup_snaps(objno, parent_data) {
+            Ok(v) => v,
+            Err(e) => {
+                // The copy-up that follows fails the same way; until then, claim more
+                // (a map may say an object exists that does not, never the reverse).
+                tracing::warn!("object {objno}: {e}");
+                let h = lock(&self.inner.header);
+                let start = objno.saturating_mul(1u64 << h.order);
+                let mut v: Vec<u64> = h
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.size > start)
+                    .map(|s| s.id)
+                    .collect();
+                v.sort_unstable();
+                v
+            }
+        }
+    }
+
+    async fn update_snap_object_map(
+        &self,
+        snap: u64,
+        objno: u64,
+        state: ObjectState,
+    ) -> Result<()> {
+        self.inner.check_writable()?;
+        self.run(move |i| {
+            let _one = lock(&i.snap_map_lock);
+            let name = i.object_map_name(Some(snap));
+            let path = i.pool_dir.join(&name);
+            let Some(bytes) = read_file_opt(&path)? else {
+                return Ok(());
+            };
+            // A map that does not decode is never trusted by its readers (they ask the
+            // store): left as it is rather than failing the copy-up.
+            let map = match objmap::ObjectMap::decode(&bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("object map {} not updated: {e}", path.display());
+                    return Ok(());
+                }
+            };
+            if objno < map.len() && map.get(objno) != state {
+                map.set(objno, state);
+                write_atomic(&i.pool_dir, &name, &map.encode())?;
+            }
+            Ok(())
         })
         .await
     }

@@ -251,6 +251,66 @@ impl Inner {
         lock(&self.header).snapshots.iter().map(|s| s.id).max()
     }
 
+    /// The `hi` of object `objno`'s newest version (data or whiteout), if it has one.
+    fn newest_version(&self, objno: u64) -> Result<Option<u64>> {
+        for t in self.current_probe_ids()?.into_iter().rev() {
+            if exists(&self.version_path(objno, t, false))?
+                || exists(&self.version_path(objno, t, true))?
+            {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The snapshots (oldest first) a deep copy-up of object `objno`, whose head does not
+    /// exist, gives the parent's data: those after its newest version (RADOS's: the
+    /// copy-up creates the object under an empty snapshot context, and the write on top
+    /// clones it for the snapshots newer than the object's snapset seq), and large
+    /// enough to hold the object. None when the data is all zeros (librbd copies
+    /// nothing up then) or there is no snapshot.
+    pub(super) fn deep_copyup_snaps(&self, objno: u64, parent_data: &[u8]) -> Result<Vec<u64>> {
+        if parent_data.iter().all(|&b| b == 0) || !self.has_snaps.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        let after = self.newest_version(objno)?.unwrap_or(0);
+        let h = lock(&self.header);
+        let start = objno.saturating_mul(1u64 << h.order);
+        let mut snaps: Vec<u64> = h
+            .snapshots
+            .iter()
+            .filter(|s| s.id > after && s.size > start)
+            .map(|s| s.id)
+            .collect();
+        snaps.sort_unstable();
+        Ok(snaps)
+    }
+
+    /// A deep copy-up's first step: `parent_data` linked, durably, as object `objno`'s
+    /// version at the newest snapshot, so it covers the snapshots after its newest
+    /// version (see `deep_copyup_snaps`), before the head is created. Nothing when
+    /// there is no such snapshot or the version exists already.
+    pub(super) fn link_snapshot_version(&self, objno: u64, parent_data: &[u8]) -> Result<bool> {
+        let Some(newest) = self.newest_snap() else {
+            return Ok(false);
+        };
+        if self.newest_version(objno)? == Some(newest) {
+            return Ok(false);
+        }
+        let (tmp, _f) = self.build_object(objno, parent_data, &crate::store::ObjectWrite::None)?;
+        let v = self.version_path(objno, newest, false);
+        let linked = std::fs::hard_link(&tmp, &v);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(Error::io(format!("linking {} into place", v.display()), e)),
+        }
+        // Durable before the head appears: a head without it would cover the snapshots.
+        self.sync_dir_now()?;
+        Ok(true)
+    }
+
     pub(super) fn snap_record(&self, id: u64) -> Result<SnapRecord> {
         lock(&self.header)
             .snapshots

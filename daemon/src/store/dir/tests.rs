@@ -2,7 +2,7 @@
 
 use super::object::FD_CACHE_SIZE;
 use super::*;
-use crate::store::DEFAULT_FEATURES;
+use crate::store::{DEFAULT_FEATURES, RBD_FEATURE_DEEP_FLATTEN};
 use std::os::unix::fs::MetadataExt;
 
 fn spec(s: &str) -> ImageSpec {
@@ -954,7 +954,12 @@ async fn clones_link_to_their_parent_snapshot() {
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
+    // c1 without deep-flatten: its snapshot keeps the parent after a detach (below).
+    let shallow = CloneOptions {
+        features: DEFAULT_FEATURES & !RBD_FEATURE_DEEP_FLATTEN,
+        ..clone_opts(2)
+    };
+    s.clone_image(&spec("base@s1"), &spec("c1"), &shallow)
         .await
         .unwrap();
     p.snap_set_protected(snap, true).await.unwrap();
@@ -1204,4 +1209,156 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
     assert_eq!(bytes(&c, 0, 4).await, b"gxld");
     assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
     assert_eq!(bytes(&c, 3 * OBJ, 3).await, b"new");
+}
+
+/// Deep-flatten here as librbd's: a clone with snapshots taken among writes, discards
+/// and resizes (generated, seeded), served and flattened part way. Every snapshot keeps
+/// its bytes and its map checks; with deep-flatten the snapshots no longer read through
+/// the parent, which can then go entirely (its snapshot and the image itself), and
+/// every view still reads the same; without it they keep the parent as before.
+#[tokio::test]
+async fn deep_flatten_frees_the_snapshots_from_the_parent() {
+    use crate::image::{Image, OpenOptions};
+    use nbd_protocol::{Backend, ReadChunk, ZeroFlags};
+    const PARENT: u64 = 6 << 12;
+    async fn bytes(img: &Image<DirImage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let size = img.size();
+        for c in img.read(0, size as u32).await.unwrap() {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(&b),
+                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+            }
+        }
+        out
+    }
+    async fn image(s: &DirStore, name: &str, read_only: bool) -> Image<DirImage> {
+        let o = OpenOptions {
+            read_only,
+            shared_default: false,
+            checkpoint_idle: None,
+        };
+        Image::open(s, &spec(name), &o).await.unwrap()
+    }
+    async fn check_views(s: &DirStore, head: &[u8], snaps: &[(String, Vec<u8>)], what: &str) {
+        for (name, want) in std::iter::once(("c".to_string(), head.to_vec()))
+            .chain(snaps.iter().map(|(n, b)| (format!("c@{n}"), b.clone())))
+        {
+            let img = image(s, &name, true).await;
+            assert!(
+                bytes(&img).await == want,
+                "{what}: {name} reads other bytes"
+            );
+            img.close().await.unwrap();
+            let h = open(s, &name, OpenMode::ReadOnly).await;
+            let problems = crate::cmd::object_map::check_object_map(&h, &spec(&name))
+                .await
+                .unwrap();
+            assert!(problems.is_empty(), "{what}: {name}: {problems:?}");
+        }
+    }
+    for seed in 1..=16u64 {
+        for deep in [true, false] {
+            let what = format!("seed {seed} deep {deep}");
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let d = tempfile::tempdir().unwrap();
+            let s = DirStore::new(d.path());
+            let base = small(&s, "base", 6).await;
+            let mut parent = vec![0u8; PARENT as usize];
+            for o in 0..6u64 {
+                if rng.below(3) == 0 {
+                    continue; // absent in the parent
+                }
+                let len = 1 + rng.below(4096) as usize;
+                let data: Vec<u8> = (0..len).map(|_| 1 + rng.below(255) as u8).collect();
+                parent[(o << 12) as usize..(o << 12) as usize + len].copy_from_slice(&data);
+                base.write(o, 0, Bytes::from(data), false).await.unwrap();
+            }
+            let psnap = base.snap_create("s1").await.unwrap();
+            base.close().await.unwrap();
+            let mut features = DEFAULT_FEATURES;
+            if !deep {
+                features &= !RBD_FEATURE_DEEP_FLATTEN;
+            }
+            let order = 12 + rng.below(2) as u8;
+            let opts = CloneOptions {
+                clone_format: 2,
+                features,
+                order,
+            };
+            s.clone_image(&spec("base@s1"), &spec("c"), &opts)
+                .await
+                .unwrap();
+            let mut head = parent.clone();
+            let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+            let mut snapped_before_flatten = false;
+            let flatten_at = 2 + rng.below(10);
+            let mut img = image(&s, "c", false).await;
+            for step in 0..14u64 {
+                let size = head.len() as u64;
+                if step == flatten_at {
+                    img.flatten(|_, _| {}).await.unwrap();
+                    snapped_before_flatten = !snaps.is_empty();
+                    continue;
+                }
+                match rng.below(12) {
+                    0..=4 => {
+                        let off = rng.below(size);
+                        let len = 1 + rng.below((size - off).min(5000));
+                        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                        head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        img.write(off, Bytes::from(data), false).await.unwrap();
+                    }
+                    5 | 6 => {
+                        let off = rng.below(size);
+                        let len = 1 + rng.below((size - off).min(9000));
+                        head[off as usize..(off + len) as usize].fill(0);
+                        if rng.below(2) == 0 {
+                            img.trim(off, len as u32, false).await.unwrap();
+                        } else {
+                            img.write_zeroes(off, len as u32, ZeroFlags::default())
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    7..=9 => {
+                        let name = format!("n{step}");
+                        img.snap_create(&name).await.unwrap();
+                        snaps.push((name, head.clone()));
+                    }
+                    _ => {
+                        // A shrink lowers the overlap for good; a grow adds zeros.
+                        let new = (1 + rng.below(8)) << 12;
+                        img.resize(new, true).await.unwrap();
+                        head.resize(new as usize, 0);
+                        // Serve at the new size (a reopen, as a new client would).
+                        img.close().await.unwrap();
+                        img = image(&s, "c", false).await;
+                    }
+                }
+            }
+            if flatten_at >= 14 {
+                img.flatten(|_, _| {}).await.unwrap();
+                snapped_before_flatten = !snaps.is_empty();
+            }
+            img.close().await.unwrap();
+            check_views(&s, &head, &snaps, &what).await;
+            let children = s.children(&spec("base@s1")).await.unwrap();
+            if deep || !snapped_before_flatten {
+                assert!(children.is_empty(), "{what}: {children:?}");
+                for (n, _) in &snaps {
+                    let h = open(&s, &format!("c@{n}"), OpenMode::ReadOnly).await;
+                    assert!(h.header().parent.is_none(), "{what}: c@{n} has a parent");
+                }
+                // The parent is not needed any more: it goes, and nothing changes.
+                let base = open(&s, "base", OpenMode::ReadWrite).await;
+                base.snap_remove(psnap).await.unwrap();
+                base.close().await.unwrap();
+                s.remove_image(&spec("base")).await.unwrap();
+                check_views(&s, &head, &snaps, &format!("{what}, parent removed")).await;
+            } else {
+                assert_eq!(children, [spec("c")], "{what}");
+            }
+        }
+    }
 }
