@@ -1263,15 +1263,25 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let d = tempfile::tempdir().unwrap();
             let s = DirStore::new(d.path());
-            let base = small(&s, "base", 6).await;
+            // Parent and child objects of 4 or 8 KiB: a child object may cover two of
+            // the parent's, or half of one.
+            let porder = 12 + rng.below(2) as u8;
+            let popts = CreateOptions {
+                size: PARENT,
+                order: porder,
+                features: DEFAULT_FEATURES,
+            };
+            s.create_image(&spec("base"), &popts).await.unwrap();
+            let base = open(&s, "base", OpenMode::ReadWrite).await;
             let mut parent = vec![0u8; PARENT as usize];
-            for o in 0..6u64 {
+            for o in 0..PARENT >> porder {
                 if rng.below(3) == 0 {
                     continue; // absent in the parent
                 }
-                let len = 1 + rng.below(4096) as usize;
+                let len = 1 + rng.below(1 << porder) as usize;
                 let data: Vec<u8> = (0..len).map(|_| 1 + rng.below(255) as u8).collect();
-                parent[(o << 12) as usize..(o << 12) as usize + len].copy_from_slice(&data);
+                let at = (o << porder) as usize;
+                parent[at..at + len].copy_from_slice(&data);
                 base.write(o, 0, Bytes::from(data), false).await.unwrap();
             }
             let psnap = base.snap_create("s1").await.unwrap();
