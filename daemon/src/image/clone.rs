@@ -606,8 +606,10 @@ impl<S: ImageStore> Image<S> {
         let end = chain.overlap().min(old).div_ceil(osize);
         for objno in new_size.div_ceil(osize)..end {
             if self.store.copyup_snapshots(objno, &[1]).is_empty() {
-                // No snapshot large enough to hold this object (nor the later ones).
-                break;
+                // No snapshot for a copy-up of this object to keep it for: none large
+                // enough to hold it (Ceph), or it has its own version already for
+                // every snapshot (directory store). Later objects may still need one.
+                continue;
             }
             self.copyup(&chain, objno, 0, osize, CopyupOp::Discard, false)
                 .await?;

@@ -296,10 +296,19 @@ impl Inner {
             // data becomes the snapshots' version of the object first. Otherwise (all
             // zeros, or a version already kept) a whiteout says the object did not
             // exist in them (their reads go to the parent).
-            if !self.deep_copyup_snaps(objno, parent_data)?.is_empty() {
-                self.link_snapshot_version(objno, parent_data)?;
+            let deep = !self.deep_copyup_snaps(objno, parent_data)?.is_empty();
+            if deep && matches!(op, ObjectWrite::None) {
+                // Copy-on-read: the head alone covers those snapshots until its next
+                // change (RADOS: the copy-up, under an empty snapshot context, has no
+                // write on top for the OSD to clone it), so the head is unchanged since
+                // them, EXISTS_CLEAN with fast-diff as the image layer marks it.
+                lock(&self.cow_clean).remove(&objno);
+            } else {
+                if deep {
+                    self.link_snapshot_version(objno, parent_data)?;
+                }
+                self.prepare_change(objno, Change::Create)?;
             }
-            self.prepare_change(objno, Change::Create)?;
             let (tmp, _f) = self.build_object(objno, parent_data, op)?;
             // link() fails rather than replace: an object created meanwhile (a racing
             // copy-up or write) wins, and gets only the op below.

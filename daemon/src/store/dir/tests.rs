@@ -1245,10 +1245,8 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
             .chain(snaps.iter().map(|(n, b)| (format!("c@{n}"), b.clone())))
         {
             let img = image(s, &name, true).await;
-            assert!(
-                bytes(&img).await == want,
-                "{what}: {name} reads other bytes"
-            );
+            let got = bytes(&img).await;
+            assert!(got == want, "{what}: {name} reads other bytes");
             img.close().await.unwrap();
             let h = open(s, &name, OpenMode::ReadOnly).await;
             let problems = crate::cmd::object_map::check_object_map(&h, &spec(&name))
@@ -1303,7 +1301,15 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
             let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
             let mut snapped_before_flatten = false;
             let flatten_at = 2 + rng.below(10);
-            let mut img = image(&s, "c", false).await;
+            let cor = rng.below(2) == 0;
+            let serve = || async {
+                let img = std::sync::Arc::new(image(&s, "c", false).await);
+                if cor {
+                    img.enable_copy_on_read();
+                }
+                img
+            };
+            let mut img = serve().await;
             for step in 0..14u64 {
                 let size = head.len() as u64;
                 if step == flatten_at {
@@ -1311,7 +1317,22 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                     snapped_before_flatten = !snaps.is_empty();
                     continue;
                 }
-                match rng.below(12) {
+                match rng.below(14) {
+                    12 | 13 => {
+                        // A read (with copy-on-read, a copy-up in the background).
+                        let off = rng.below(size);
+                        let len = 1 + rng.below((size - off).min(9000));
+                        let got = img.read(off, len as u32).await.unwrap();
+                        let n: u64 = got
+                            .iter()
+                            .map(|c| match c {
+                                ReadChunk::Data(b) => b.len() as u64,
+                                ReadChunk::Hole(n) => *n as u64,
+                            })
+                            .sum();
+                        assert_eq!(n, len);
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
                     0..=4 => {
                         let off = rng.below(size);
                         let len = 1 + rng.below((size - off).min(5000));
@@ -1343,7 +1364,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                         head.resize(new as usize, 0);
                         // Serve at the new size (a reopen, as a new client would).
                         img.close().await.unwrap();
-                        img = image(&s, "c", false).await;
+                        img = serve().await;
                     }
                 }
             }
