@@ -131,7 +131,9 @@ fi
 # writes (each the first of its 64 KiB object, so a copy-up: parent's bytes + the write, in
 # one step) and is killed at random points, 10 times. After each kill: the map is rebuilt,
 # every acked write reads back, and every block no write reached reads as the parent's
-# bytes (a torn copy-up would leave an object with the write and zeros around it).
+# bytes (a torn copy-up would leave an object with the write and zeros around it). The
+# clone has a snapshot from before its first write, so the copy-ups are deep ones: at the
+# end that snapshot must read exactly the parent's bytes, and still after a deep flatten.
 if want clonekill; then
   BLOCKS=16384  # 64 MiB of 4 KiB blocks, 1024 objects of 64 KiB
   head -c $((BLOCKS * 4096)) /dev/urandom >"$work/parent.raw"
@@ -142,6 +144,9 @@ if want clonekill; then
   [ -n "$why" ] || stop_daemon "$SERVE_PID" || why="stopping the parent's serve failed"
   [ -n "$why" ] || "$BIN" snap create cbase@s >/dev/null || why="snap create cbase@s failed"
   [ -n "$why" ] || "$BIN" clone cbase@s cchild >/dev/null || why="clone cbase@s cchild failed"
+  # A snapshot of the clone before its first write: every copy-up below is then a deep one
+  # (the parent's bytes kept for the snapshot too, before the head appears).
+  [ -n "$why" ] || "$BIN" snap create cchild@pre >/dev/null || why="snap create cchild@pre failed"
   if [ -n "$why" ]; then fail "clone kill setup" "$why"; cleanup_pids
   else
     cj=$work/clone-journal
@@ -174,6 +179,24 @@ if want clonekill; then
         fail "clone SIGKILL #$i" "$why"; cleanup_pids
       fi
     done
+    # The clone's snapshot through all the killed deep copy-ups: exactly the parent's bytes,
+    # its map right; and after a flatten (deep-flatten, the default) the same without the
+    # parent: the copy-ups gave it the parent's data, the flatten the rest.
+    pre_is_parent() {
+      serve_bg "$work/cpre.log" cchild@pre && nbdcopy "$(uri_of cchild)" "$work/pre.raw" \
+        && cmp -s "$work/parent.raw" "$work/pre.raw"
+      local rc=$?
+      stop_daemon "$SERVE_PID"; rm -f "$sock" "$work/pre.raw"
+      return $rc
+    }
+    if pre_is_parent && "$BIN" object-map check cchild@pre >"$work/cpre-check.log" 2>&1; then
+      pass "clone kills: the clone's snapshot taken before them reads the parent's bytes, map checks"
+    else fail "clone kills: the clone's snapshot" "differs from the parent, or its map check failed: $(tail -2 "$work/cpre-check.log")"; fi
+    if "$BIN" flatten cchild >"$work/cflatten.log" 2>&1 && pre_is_parent \
+      && ! "$BIN" info cchild@pre | grep -q "parent:" \
+      && "$BIN" object-map check cchild@pre >"$work/cpre-check.log" 2>&1; then
+      pass "clone kills: after flatten, the clone's snapshot has no parent and still reads its bytes"
+    else fail "clone kills: flatten" "$(tail -2 "$work/cflatten.log" "$work/cpre-check.log")"; fi
     # The parent's snapshot is untouched by all of it, and the oracle bites: a block of the
     # parent changed behind the check's back must be reported.
     serve_bg "$work/cbase-snap.log" cbase@s && nbdcopy "$(uri_of cbase)" "$work/snap.raw" \
