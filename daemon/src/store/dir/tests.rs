@@ -1211,8 +1211,9 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
     assert_eq!(bytes(&c, 3 * OBJ, 3).await, b"new");
 }
 
-/// Deep-flatten here as librbd's: a clone with snapshots taken among writes, discards
-/// and resizes (generated, seeded), served and flattened part way. Every snapshot keeps
+/// Deep-flatten here as librbd's: a clone (parent and child objects of 4 or 8 KiB) with
+/// snapshots taken and removed among writes, discards, zeros, resizes and reads (with
+/// copy-on-read or not), generated and seeded, served and flattened part way. Every snapshot keeps
 /// its bytes and its map checks; with deep-flatten the snapshots no longer read through
 /// the parent, which can then go entirely (its snapshot and the image itself), and
 /// every view still reads the same; without it they keep the parent as before.
