@@ -255,39 +255,31 @@ async fn copyup_lengths_are_librbds() {
             child.snapshot_now(2, "keep");
         }
         let img = open_mem(&child).await;
-        // Object 0: the base's 3 MiB, covered by a change of [1 MiB, 3 MiB + 5).
-        let (off, n) = (1u64 << 20, (2u64 << 20) + 5);
-        if zero {
-            img.write_zeroes(off, n as u32, ZeroFlags::default())
-                .await
-                .unwrap();
-        } else {
-            img.write(off, Bytes::from(vec![b'w'; n as usize]), false)
-                .await
-                .unwrap();
+        // Object 0 (base data [0, 3 MiB)): a change of [1 MiB, 3 MiB + 5) leaves [0, 1 MiB)
+        // of it. Object 6 (the same): all of it under the change.
+        for (off, n, byte) in [
+            (1u64 << 20, (2u64 << 20) + 5, b'w'),
+            (6 * OBJ, (3u64 << 20) + 9, b'v'),
+        ] {
+            if zero {
+                img.write_zeroes(off, n as u32, ZeroFlags::default())
+                    .await
+                    .unwrap();
+            } else {
+                img.write(off, Bytes::from(vec![byte; n as usize]), false)
+                    .await
+                    .unwrap();
+            }
+            model[off as usize..(off + n) as usize].fill(if zero { 0 } else { byte });
         }
-        // Object 0's base data is [0, 3 MiB): the change leaves [0, 1 MiB) of it.
-        model[off as usize..(off + n) as usize].fill(if zero { 0 } else { b'w' });
         assert_eq!(
             len_of(&child, 0),
             Some(OBJ),
             "snap {snap} zero {zero}: partly covered"
         );
-        // Object 6 (base data [0, 3 MiB)): all of it under the change.
-        let (off6, n6) = (6 * OBJ, (3u64 << 20) + 9);
-        if zero {
-            img.write_zeroes(off6, n6 as u32, ZeroFlags::default())
-                .await
-                .unwrap();
-        } else {
-            img.write(off6, Bytes::from(vec![b'v'; n6 as usize]), false)
-                .await
-                .unwrap();
-        }
-        model[off6 as usize..(off6 + n6) as usize].fill(if zero { 0 } else { b'v' });
         let want = match (snap, zero) {
             (true, _) => Some(OBJ),
-            (false, false) => Some(n6),
+            (false, false) => Some((3u64 << 20) + 9),
             (false, true) => Some(0),
         };
         assert_eq!(

@@ -829,16 +829,7 @@ impl ImageStore for DirImage {
                 // The copy-up that follows fails the same way; until then, claim more
                 // (a map may say an object exists that does not, never the reverse).
                 tracing::warn!("object {objno}: {e}");
-                let h = lock(&self.inner.header);
-                let start = objno.saturating_mul(1u64 << h.order);
-                let mut v: Vec<u64> = h
-                    .snapshots
-                    .iter()
-                    .filter(|s| s.size > start)
-                    .map(|s| s.id)
-                    .collect();
-                v.sort_unstable();
-                v
+                self.inner.snaps_holding(objno, 0)
             }
         }
     }

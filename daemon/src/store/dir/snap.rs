@@ -274,6 +274,11 @@ impl Inner {
             return Ok(Vec::new());
         }
         let after = self.newest_version(objno)?.unwrap_or(0);
+        Ok(self.snaps_holding(objno, after))
+    }
+
+    /// The snapshots newer than `after` large enough to hold object `objno`, oldest first.
+    pub(super) fn snaps_holding(&self, objno: u64, after: u64) -> Vec<u64> {
         let h = lock(&self.header);
         let start = objno.saturating_mul(1u64 << h.order);
         let mut snaps: Vec<u64> = h
@@ -283,7 +288,7 @@ impl Inner {
             .map(|s| s.id)
             .collect();
         snaps.sort_unstable();
-        Ok(snaps)
+        snaps
     }
 
     /// A deep copy-up's first step: `parent_data` linked, durably, as object `objno`'s

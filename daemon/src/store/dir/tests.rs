@@ -1151,29 +1151,33 @@ async fn old_headers_without_the_new_fields_load() {
 /// The image layer's clone reads, copy-up and flatten on this store, end to end: the
 /// child reads its parent's snapshot (not the parent's head), a partial first write
 /// keeps the parent's bytes around it, the maps check clean, flatten detaches.
+/// Image `name` of `s` opened through the image layer, as a client's daemon would.
+async fn layer_image(s: &DirStore, name: &str, read_only: bool) -> crate::image::Image<DirImage> {
+    let o = crate::image::OpenOptions {
+        read_only,
+        shared_default: false,
+        checkpoint_idle: None,
+    };
+    crate::image::Image::open(s, &spec(name), &o).await.unwrap()
+}
+
+/// `[off, off+len)` of `img` read through the image layer, holes as zeros.
+async fn layer_bytes(img: &crate::image::Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
+    use nbd_protocol::{Backend, ReadChunk};
+    let mut out = Vec::new();
+    for c in img.read(off, len).await.unwrap() {
+        match c {
+            ReadChunk::Data(b) => out.extend_from_slice(&b),
+            ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
+        }
+    }
+    out
+}
+
 #[tokio::test]
 async fn the_image_layer_serves_a_clone_of_this_store() {
-    use crate::image::{Image, OpenOptions};
-    use nbd_protocol::{Backend, ReadChunk};
+    use nbd_protocol::Backend;
     const OBJ: u64 = 1 << 12;
-    async fn bytes(img: &Image<DirImage>, off: u64, len: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        for c in img.read(off, len).await.unwrap() {
-            match c {
-                ReadChunk::Data(b) => out.extend_from_slice(&b),
-                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
-            }
-        }
-        out
-    }
-    async fn image(s: &DirStore, name: &str, read_only: bool) -> Image<DirImage> {
-        let o = OpenOptions {
-            read_only,
-            shared_default: false,
-            checkpoint_idle: None,
-        };
-        Image::open(s, &spec(name), &o).await.unwrap()
-    }
     async fn map_problems(s: &DirStore, name: &str) -> Vec<String> {
         let h = open(s, name, OpenMode::ReadOnly).await;
         crate::cmd::object_map::check_object_map(&h, &spec(name))
@@ -1191,24 +1195,24 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
     s.clone_image(&spec("base@s1"), &spec("c1"), &clone_opts(2))
         .await
         .unwrap();
-    let c = image(&s, "c1", false).await;
-    assert_eq!(bytes(&c, 0, 4).await, b"gold");
+    let c = layer_image(&s, "c1", false).await;
+    assert_eq!(layer_bytes(&c, 0, 4).await, b"gold");
     c.write(1, b(b"x"), false).await.unwrap();
     c.write(3 * OBJ, b(b"new"), false).await.unwrap();
-    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
-    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
+    assert_eq!(layer_bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(layer_bytes(&c, 2 * OBJ, 3).await, b"two");
     c.close().await.unwrap();
     assert!(map_problems(&s, "c1").await.is_empty());
-    let c = image(&s, "c1", false).await;
+    let c = layer_image(&s, "c1", false).await;
     c.flatten(|_, _| {}).await.unwrap();
     c.close().await.unwrap();
     assert!(map_problems(&s, "c1").await.is_empty());
     assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
-    let c = image(&s, "c1", true).await;
+    let c = layer_image(&s, "c1", true).await;
     assert!(c.header().parent.is_none());
-    assert_eq!(bytes(&c, 0, 4).await, b"gxld");
-    assert_eq!(bytes(&c, 2 * OBJ, 3).await, b"two");
-    assert_eq!(bytes(&c, 3 * OBJ, 3).await, b"new");
+    assert_eq!(layer_bytes(&c, 0, 4).await, b"gxld");
+    assert_eq!(layer_bytes(&c, 2 * OBJ, 3).await, b"two");
+    assert_eq!(layer_bytes(&c, 3 * OBJ, 3).await, b"new");
 }
 
 /// Deep-flatten here as librbd's: a clone (parent and child objects of 4 or 8 KiB) with
@@ -1219,34 +1223,14 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
 /// every view still reads the same; without it they keep the parent as before.
 #[tokio::test]
 async fn deep_flatten_frees_the_snapshots_from_the_parent() {
-    use crate::image::{Image, OpenOptions};
-    use nbd_protocol::{Backend, ReadChunk, ZeroFlags};
+    use nbd_protocol::{Backend, ZeroFlags};
     const PARENT: u64 = 6 << 12;
-    async fn bytes(img: &Image<DirImage>) -> Vec<u8> {
-        let mut out = Vec::new();
-        let size = img.size();
-        for c in img.read(0, size as u32).await.unwrap() {
-            match c {
-                ReadChunk::Data(b) => out.extend_from_slice(&b),
-                ReadChunk::Hole(n) => out.extend(std::iter::repeat_n(0u8, n as usize)),
-            }
-        }
-        out
-    }
-    async fn image(s: &DirStore, name: &str, read_only: bool) -> Image<DirImage> {
-        let o = OpenOptions {
-            read_only,
-            shared_default: false,
-            checkpoint_idle: None,
-        };
-        Image::open(s, &spec(name), &o).await.unwrap()
-    }
     async fn check_views(s: &DirStore, head: &[u8], snaps: &[(String, Vec<u8>)], what: &str) {
         for (name, want) in std::iter::once(("c".to_string(), head.to_vec()))
             .chain(snaps.iter().map(|(n, b)| (format!("c@{n}"), b.clone())))
         {
-            let img = image(s, &name, true).await;
-            let got = bytes(&img).await;
+            let img = layer_image(s, &name, true).await;
+            let got = layer_bytes(&img, 0, img.size() as u32).await;
             assert!(got == want, "{what}: {name} reads other bytes");
             img.close().await.unwrap();
             let h = open(s, &name, OpenMode::ReadOnly).await;
@@ -1306,7 +1290,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
             let flatten_at = 2 + rng.below(10);
             let cor = rng.below(2) == 0;
             let serve = || async {
-                let img = std::sync::Arc::new(image(&s, "c", false).await);
+                let img = std::sync::Arc::new(layer_image(&s, "c", false).await);
                 if cor {
                     img.enable_copy_on_read();
                 }
@@ -1330,15 +1314,8 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                         // A read (with copy-on-read, a copy-up in the background).
                         let off = rng.below(size);
                         let len = 1 + rng.below((size - off).min(9000));
-                        let got = img.read(off, len as u32).await.unwrap();
-                        let n: u64 = got
-                            .iter()
-                            .map(|c| match c {
-                                ReadChunk::Data(b) => b.len() as u64,
-                                ReadChunk::Hole(n) => *n as u64,
-                            })
-                            .sum();
-                        assert_eq!(n, len);
+                        let got = layer_bytes(&img, off, len as u32).await;
+                        assert_eq!(got.len() as u64, len);
                         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     }
                     0..=4 => {
