@@ -511,17 +511,14 @@ impl<S: ImageStore> Image<S> {
         // change overwrites, and when what is left is all zeros copies nothing up, so
         // the object is the change alone (as long as it, not the parent's data: seen
         // with `rados stat` against librbd twins).
-        let data = match op {
-            CopyupOp::Write(_) | CopyupOp::Zero
-                if !data.is_empty() && self.store.header().snaps.is_empty() =>
-            {
-                if zero_outside(&data, off, len) {
-                    Bytes::new()
-                } else {
-                    data
-                }
-            }
-            _ => data,
+        let data = if matches!(op, CopyupOp::Write(_) | CopyupOp::Zero)
+            && !data.is_empty()
+            && self.store.header().snaps.is_empty()
+            && zero_outside(&data, off, len)
+        {
+            Bytes::new()
+        } else {
+            data
         };
         // (`read_bytes` gives all-zero parent data as nothing.)
         if matches!(op, CopyupOp::Flatten) && data.is_empty() {
