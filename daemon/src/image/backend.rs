@@ -137,6 +137,8 @@ impl<S: ImageStore> Backend for Image<S> {
         if self.lock_released() {
             return Ok(());
         }
+        // As librbd's flush: the copy-on-read copy-ups asked before it are done first.
+        self.wait_copy_on_read().await;
         let _g = self.enter().await?;
         self.store.sync().await?;
         Ok(())

@@ -434,7 +434,11 @@ impl<S: ImageStore> Image<S> {
         let at = (p.objno << self.order()) + p.off;
         let chunks = c.read(0, at, p.len, &self.stats).await?;
         if let Some(tx) = self.cor.get() {
-            if chunks.iter().any(|c| matches!(c, ReadChunk::Data(_))) {
+            // As librbd's ObjectReadRequest::copyup: every read of an object the child
+            // lacks that reaches into the overlap copies it up, data or not (where no
+            // ancestor has any, the copy-up creates an empty object: seen with `rados
+            // stat` against librbd twins); a read wholly past the overlap does not.
+            if at < c.overlap() {
                 let fresh = self
                     .cor_pending
                     .lock()
@@ -659,22 +663,26 @@ impl<S: ImageStore> Image<S> {
         (plen > 0).then_some(plen)
     }
 
-    /// Copies object `objno` up if the child lacks it and an ancestor has it, with
-    /// nothing changed on top: `op` is `CopyupOp::Flatten` or `CopyupOp::None`
-    /// (copy-on-read).
+    /// Copies object `objno` up if the child lacks it and it starts inside the overlap
+    /// (for a flatten: and an ancestor may have data in it), with nothing changed on
+    /// top: `op` is `CopyupOp::Flatten` or `CopyupOp::None` (copy-on-read).
     async fn copyup_whole(&self, objno: u64, op: CopyupOp) -> Result<bool> {
         let Some(c) = self.parent_backed(objno) else {
             return Ok(false);
         };
-        // Where no ancestor's map says it has data, there is nothing to copy (the maps
-        // spare a flatten of a clone of a sparse parent a read per object).
+        // Where no ancestor's map says it has data, a flatten has nothing to copy (the
+        // maps spare a flatten of a clone of a sparse parent a read per object).
+        // Copy-on-read copies up all the same, as librbd's (its CopyupRequest "always
+        // force[s] a copyup if CoR enabled"): the object is created, empty.
         let start = objno << self.order();
-        if !c.may_have(
-            start,
-            self.header
-                .object_size()
-                .min(c.overlap().saturating_sub(start)),
-        ) {
+        if matches!(op, CopyupOp::Flatten)
+            && !c.may_have(
+                start,
+                self.header
+                    .object_size()
+                    .min(c.overlap().saturating_sub(start)),
+            )
+        {
             return Ok(false);
         }
         self.dirty_before(|| self.needs_map_change(objno, ObjectState::Exists))
@@ -699,7 +707,12 @@ impl<S: ImageStore> Image<S> {
                 let Some(img) = me.upgrade() else { break };
                 let g = img.gate.read().await;
                 if *g {
-                    // Closing: nothing more to copy.
+                    // Closed: nothing more to copy, and nobody left to wait for it.
+                    img.cor_pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                    img.cor_done.notify_waiters();
                     break;
                 }
                 // The lock is another client's: the copy-up waits for the next read.
@@ -716,9 +729,38 @@ impl<S: ImageStore> Image<S> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&objno);
+                img.cor_done.notify_waiters();
             }
         });
         true
+    }
+
+    /// Waits for the copy-on-read copy-ups asked so far, as librbd's flush and close
+    /// wait for its in-flight copy-ups (AsyncOperation::flush). Only those: reads
+    /// meanwhile may ask for more. Called outside `gate` (the copy-ups take it).
+    pub(super) async fn wait_copy_on_read(&self) {
+        if self.cor.get().is_none() {
+            return;
+        }
+        let asked: Vec<u64> = self
+            .cor_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        loop {
+            let done = self.cor_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let pending = self.cor_pending.lock().unwrap_or_else(|p| p.into_inner());
+                if !asked.iter().any(|o| pending.contains(o)) {
+                    return;
+                }
+            }
+            done.await;
+        }
     }
 
     /// Flatten (`rbd flatten`): copies up every object inside the overlap that the

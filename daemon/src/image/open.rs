@@ -279,6 +279,7 @@ impl<S: ImageStore> Image<S> {
             chain: std::sync::RwLock::new(chain),
             cor: std::sync::OnceLock::new(),
             cor_pending: std::sync::Mutex::new(Default::default()),
+            cor_done: tokio::sync::Notify::new(),
             interrupt_long: Default::default(),
             quiesce: std::sync::OnceLock::new(),
             released: AtomicBool::new(lock_elsewhere),
@@ -319,6 +320,16 @@ impl<S: ImageStore> Image<S> {
         let rebuilt = if self.read_only {
             Ok(())
         } else {
+            if tokio::time::timeout(std::time::Duration::from_secs(30), self.wait_copy_on_read())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "closing {}: copy-on-read copy-ups not done after 30 s; their objects \
+                     are read from the parent until a read copies them up",
+                    self.spec
+                );
+            }
             self.finish_rebuild().await
         };
         let mut g = self.gate.write().await;

@@ -536,6 +536,49 @@ async fn copy_on_read_copies_up_once_in_the_background() {
     img.close().await.unwrap();
 }
 
+/// librbd's copy-on-read copies up every object a read reaches inside the overlap,
+/// even one no ancestor has data in (an empty object: seen with `rados stat` against
+/// librbd twins), none for a read wholly past the overlap; its flush waits for the
+/// copy-ups asked before it, and so does ours.
+#[tokio::test]
+async fn copy_on_read_is_librbds_for_holes_and_flush_waits_for_it() {
+    let (levels, child) = build(1, &[]);
+    let img = Arc::new(open_mem(&child).await);
+    // Overlap: objects 0..6 (a cut at an object boundary copies nothing up).
+    img.resize(6 * OBJ, true).await.unwrap();
+    img.resize(N * OBJ, false).await.unwrap();
+    assert!(img.enable_copy_on_read());
+    assert!(holder(&levels, 5).is_none() && holder(&levels, 3).is_some());
+    assert!(
+        holder(&levels, 6).is_some(),
+        "the base has it, past the overlap"
+    );
+    child.take_log();
+    assert!(read_all(&img, 5 * OBJ + 100, 100).await == vec![0; 100]);
+    assert!(read_all(&img, 3 * OBJ, 100).await.len() == 100);
+    assert!(read_all(&img, 6 * OBJ, 100).await == vec![0; 100]);
+    // No polling: the flush waits for the copy-ups the reads asked for.
+    img.flush().await.unwrap();
+    assert_eq!(child.object(5).map(|d| d.len()), Some(0), "an empty object");
+    assert_eq!(child.object(3), levels[0].object(3), "the parent's object");
+    assert!(
+        child.object(6).is_none(),
+        "a read past the overlap copies nothing"
+    );
+    let log = child.take_log();
+    assert_eq!(
+        (
+            count(&log, "copyup(5)"),
+            count(&log, "copyup(3)"),
+            count(&log, "copyup(6)")
+        ),
+        (1, 1, 0)
+    );
+    // And the map says so.
+    assert_eq!(img.map().unwrap().get(5), ObjectState::Exists);
+    img.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn loops_and_absurd_depths_are_refused() {
     // A clone of a clone of ... 65 deep.

@@ -825,6 +825,12 @@ impl ImageStore for CephImage {
         let deep = self.deep_copyup(&parent_data);
         if copy_on_read || deep {
             let mut cop = WriteOp::new();
+            if data.is_empty() {
+                // Copy-on-read of an object no ancestor has data for: librbd still
+                // copies up (rbd.sparse_copyup of no extents), and the object is
+                // created, empty; rbd.copyup of nothing would not create it.
+                cop.create(false);
+            }
             cop.exec(c"rbd", c"copyup", data)
                 .set_alloc_hint(osize, osize);
             // `meta` carries no snapshot context (librbd passes an empty one here).
