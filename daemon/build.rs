@@ -1,9 +1,10 @@
-//! With the `ceph` feature, builds our C++ shim for librados' `list_snaps`
-//! (src/store/ceph/list_snaps.cc; the C API has no equivalent), which needs librados' C++
-//! headers (Debian: libradospp-dev).
+//! With the `ceph` feature, builds our C++ shims for librados' `list_snaps` and
+//! `sparse_read` (src/store/ceph/{list_snaps,sparse_read}.cc; the C API has no
+//! equivalent), which need librados' C++ headers (Debian: libradospp-dev).
 
 fn main() {
     println!("cargo:rerun-if-changed=src/store/ceph/list_snaps.cc");
+    println!("cargo:rerun-if-changed=src/store/ceph/sparse_read.cc");
     if std::env::var_os("CARGO_FEATURE_CEPH").is_none() {
         return;
     }
@@ -11,11 +12,12 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .file("src/store/ceph/list_snaps.cc")
+        .file("src/store/ceph/sparse_read.cc")
         .warnings(true)
         .try_compile("rados_nbd_list_snaps");
     if let Err(e) = r {
         eprintln!(
-            "building the `ceph` feature's C++ shim src/store/ceph/list_snaps.cc failed: {e}\n\
+            "building the `ceph` feature's C++ shims src/store/ceph/*.cc failed: {e}\n\
              it needs a C++ compiler and librados' C++ headers <rados/librados.hpp> \
              (Debian: apt-get install g++ libradospp-dev)"
         );

@@ -250,7 +250,10 @@ impl<S: ImageStore> Chain<S> {
 
     /// The ancestors' bytes of `[off, off+len)` for a copy-up, as librbd's CopyupRequest
     /// gets them: an image read of the nearest ancestor (level 0). Where level 0 has the
-    /// object, its bytes (up to its end). Where it lacks it, level 0 reads its own parent
+    /// object, the extents it has allocated there when the piece is at least
+    /// `SPARSE_READ_THRESHOLD` long (librbd's sparse read: seen with `rados stat` against
+    /// librbd twins, the child's object ends with the last of them, not at the object's
+    /// end), its bytes up to its end otherwise. Where it lacks it, level 0 reads its own parent
     /// for the part inside its parent overlap, and in librbd 16 that read comes back dense
     /// (io::util::read_parent into one buffer): zeros included up to where that overlap
     /// ends, so the child's object is as long as librbd's (seen with `rados stat` against
@@ -266,12 +269,41 @@ impl<S: ImageStore> Chain<S> {
                 let at = off + p.req_off;
                 let got = if l.lacks(p.objno) {
                     None
+                } else if p.len >= SPARSE_READ_THRESHOLD {
+                    bump(&stats.parent_reads);
+                    l.store
+                        .read_extents(p.objno, p.off, p.len, Some(l.snap))
+                        .await?
                 } else {
                     bump(&stats.parent_reads);
-                    l.store.read(p.objno, p.off, p.len, Some(l.snap)).await?
+                    l.store
+                        .read(p.objno, p.off, p.len, Some(l.snap))
+                        .await?
+                        .map(|b| {
+                            if b.is_empty() {
+                                Vec::new()
+                            } else {
+                                vec![(p.off, b)]
+                            }
+                        })
                 };
                 match got {
-                    Some(b) => out.extend(chunks_of(b, p.len), false),
+                    // Sparse, as librbd's: the gaps (and what follows the last extent)
+                    // are holes, so the copy-up ends with the last extent.
+                    Some(extents) => {
+                        let mut pos = p.off;
+                        for (eo, b) in extents {
+                            if eo > pos {
+                                out.extend([ReadChunk::Hole((eo - pos) as u32)], false);
+                            }
+                            pos = eo + b.len() as u64;
+                            out.extend([ReadChunk::Data(b)], false);
+                        }
+                        let end = p.off + p.len;
+                        if end > pos {
+                            out.extend([ReadChunk::Hole((end - pos) as u32)], false);
+                        }
+                    }
                     None => {
                         let dense_end = if self.levels.len() > 1 {
                             (at + p.len).min(self.backs(1)).max(at)
@@ -293,6 +325,10 @@ impl<S: ImageStore> Chain<S> {
         Ok(Bytes::from(v))
     }
 }
+
+/// librbd's `rbd_sparse_read_threshold_bytes` (default 64 KiB): an object read at least
+/// this long is a sparse read (ObjectReadRequest::read_object), a shorter one a plain read.
+const SPARSE_READ_THRESHOLD: u64 = 64 << 10;
 
 /// Whether `data` holds only zeros outside `[off, off+len)`.
 fn zero_outside(data: &[u8], off: u64, len: u64) -> bool {

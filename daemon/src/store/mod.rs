@@ -506,6 +506,29 @@ pub trait ImageStore: Send + Sync + 'static {
         snap: Option<u64>,
     ) -> impl Future<Output = Result<Option<Bytes>>> + Send;
 
+    /// Like `read`, as the extents of the range the object has allocated, each (offset
+    /// in the object, its bytes), ascending: what a copy-up reads of an ancestor's object,
+    /// as librbd does (a sparse read: the copy-up then ends where the ancestor's last
+    /// extent ends, not where the read did). A store that cannot tell holes from zeros
+    /// gives what `read` gives, as one extent.
+    fn read_extents(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        snap: Option<u64>,
+    ) -> impl Future<Output = Result<Option<Vec<(u64, Bytes)>>>> + Send {
+        async move {
+            Ok(self.read(objno, off, len, snap).await?.map(|b| {
+                if b.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![(off, b)]
+                }
+            }))
+        }
+    }
+
     /// Writes into an object, creating it if needed. `durable`: stable before returning
     /// (FUA); otherwise stable after the next `sync`.
     fn write(

@@ -516,6 +516,20 @@ impl ImageStore for CephImage {
         Ok(i.noting_fence(r)?.map(Bytes::from))
     }
 
+    async fn read_extents(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        snap: Option<u64>,
+    ) -> Result<Option<Vec<(u64, Bytes)>>> {
+        let i = &self.inner;
+        i.check_readable()?;
+        let io = i.reader(snap)?;
+        let r = super::sparse::sparse_read(&io, &i.object_name(objno), off, len).await;
+        i.noting_fence(r)
+    }
+
     async fn write(&self, objno: u64, off: u64, data: Bytes, _durable: bool) -> Result<()> {
         // RADOS acknowledges a write once it is durable on every replica, so FUA is free.
         let i = &self.inner;

@@ -949,3 +949,53 @@ async fn ceph_live_clones() {
     tool(conf, "rbd", &["snap", "purge", &pname]);
     tool(conf, "rbd", &["rm", &pname]);
 }
+
+/// `read_extents` is a sparse read (what librbd's copy-up reads of an ancestor): the
+/// extents an object has, not the range asked; none at all for a missing object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_sparse_reads() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+    let (_name, spec) = new_image(&st, "sparse", 8 << 20).await;
+    let img = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("open");
+    let a = Bytes::from(vec![0xA5u8; 8192]);
+    let b = Bytes::from(vec![0x5Au8; 4096]);
+    img.write(0, 0, a.clone(), true).await.unwrap();
+    img.write(0, 1 << 20, b.clone(), true).await.unwrap();
+    let ext = img
+        .read_extents(0, 0, 4 << 20, None)
+        .await
+        .unwrap()
+        .expect("the object exists");
+    // Whatever the OSD's allocation unit, the gap between the two writes is not all
+    // data, and nothing past the second write is.
+    let end = ext.last().map(|(o, d)| o + d.len() as u64).unwrap();
+    assert!(ext.len() >= 2, "two extents: {:?}", shape(&ext));
+    assert_eq!(
+        end,
+        (1 << 20) + 4096,
+        "ends with the last write: {:?}",
+        shape(&ext)
+    );
+    let mut dense = vec![0u8; end as usize];
+    for (o, d) in &ext {
+        dense[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+    }
+    let want = img.read(0, 0, end, None).await.unwrap().unwrap();
+    assert!(dense == want[..], "the extents' bytes are the object's");
+    // A range inside the gap, and an object that does not exist.
+    let mid = img.read_extents(0, 2 << 20, 4096, None).await.unwrap();
+    assert!(
+        mid.is_some_and(|e| e.is_empty()),
+        "a hole reads as no extent"
+    );
+    assert!(img.read_extents(1, 0, 4096, None).await.unwrap().is_none());
+    img.close().await.unwrap();
+
+    fn shape(e: &[(u64, Bytes)]) -> Vec<(u64, usize)> {
+        e.iter().map(|(o, d)| (*o, d.len())).collect()
+    }
+}

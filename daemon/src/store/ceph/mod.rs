@@ -58,6 +58,7 @@ mod owner_msgs;
 mod quiesce;
 pub mod rados;
 pub mod snaps;
+pub mod sparse;
 mod store;
 
 #[cfg(test)]
