@@ -5,13 +5,20 @@ own code each time a serve of A ends (clean close, or kill -9 followed by a reop
 close):
 
   - every snapshot and the head read whole through librbd (what `rbd export` writes): equal bytes
-  - `diff_iterate(whole_object=True)` (what `rbd diff --whole-object [--from-snap S]` prints),
+  - `diff_iterate(whole_object=True, include_parent=False)` (what `rbd diff --whole-object
+    [--from-snap S]` prints, less a clone's parent, whose part the chains and overlaps give),
     from nothing and from every earlier snapshot to every snapshot and the head: equal sets
     of (object number, exists)
   - image flags: none on either (A's dirty flag is cleared at a clean close); features: equal
   - `rbd object-map check` of A's head (of every snapshot with --long) passes (while the
     images have an object map: a feature operation may have turned it off)
   - `rbd du --format json`: equal provisioned and used sizes, per snapshot and head
+  - rados-nbd's own read path (DIFF_SERVED_READS=0 leaves it out): A served read-only, the
+    head and each snapshot as IMAGE@SNAP, read whole through NBD: B's bytes; and every
+    extent its block status calls zero must be zeros in B
+and, while A is served, after each operation that changes its maps, chain, size or lock
+(READ_AFTER: resize, flatten, snap rm, handover, feature, sparsify, ...), the head read
+whole through the writer's connection must be B's, its zero extents zeros in B.
 
 Operations and their twins (tests/diffops.py makes the sequences):
   write            NBD WRITE (FUA sometimes)        librbd write
@@ -73,6 +80,11 @@ Clones (--clone, the run of tests/ceph/run.sh's second differential): each seque
                    live owner for the lock to roll back: rbd-nbd's image refuses it too)
   snaprm           served: `rbd snap rm` (the owner does it); not served: `rados-nbd snap
                    rm`                              librbd remove_snap
+  read             (from a stream of its own, after an operation one time in three) NBD
+                   READ, then FLUSH                 librbd read, then flush
+                   One sequence in two serves A with --copy-on-read and opens B with
+                   rbd_clone_copy_on_read (image-meta conf_ override): the objects a read
+                   reaches are copied up, data or not, and the flush waits for that
 The overlap (head and snapshots) is compared with the twin's as well.
 
 A failing sequence is minimised (greedy delta debugging, bounded in time) and printed with its
@@ -118,6 +130,13 @@ FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
 # The clone mode's own operations, drawn from a stream of their own (see clone_case).
 CLONE_OPS = ("flatten", "rollback", "snaprm")
+# In clone mode, the chance of a read (compared with librbd's, copy-on-read or not) after
+# each operation.
+READ_RATE = 0.3
+# Operations after which the served head is read whole through NBD and compared with B
+# (read_while_served): they change the maps, the chain, the size or the lock under it.
+READ_AFTER = ("resize", "flatten", "snaprm", "rollback", "handover", "feature", "sparsify",
+              "livesnap", "takeover")
 CLONE_RATE = 0.1
 CLI_TIMEOUT = 120
 # How long a reopen may wait for a dead or stopped owner's watch: the OSD drops it after
@@ -139,6 +158,9 @@ class Env:
                         "--keyring", os.environ["CEPH_NBD_KEYRING"]]
         self.work = tempfile.mkdtemp(prefix="rados-nbd-diff.")
         self.long = args.long
+        # Each comparison also serves A read-only (head and snapshots) and reads it through
+        # NBD: rados-nbd's own read path and block status against librbd's bytes.
+        self.served_reads = os.environ.get("DIFF_SERVED_READS", "1") != "0"
         self.cluster = rados.Rados(conffile=self.conf)
         # B's twin of an NBD TRIM zeroes exactly what it is told, like rados-nbd does;
         # librbd's default (true) leaves the unaligned parts of a discard as they were.
@@ -155,6 +177,7 @@ class Env:
         self.librbd_wrong_clean = 0
         self.librbd_missed = 0
         self.rollback_optional = 0
+        self.served_points = 0
 
     def close(self):
         # Shut librados down before the interpreter exits: left to the interpreter's teardown,
@@ -179,6 +202,8 @@ class Run(diffops.Serves):
         # The parent chains of a clone run, A's then B's, each from its root (finish()
         # removes them), and the twin pairs of them to compare.
         self.parents = []
+        # --copy-on-read on A, rbd_clone_copy_on_read on B (clone mode, drawn per sequence).
+        self.cor = False
         self.chain_pairs = []
         self.chain_digests = {}
         self.snap_count = 0
@@ -205,7 +230,9 @@ class Run(diffops.Serves):
 
     # ------------------------------------------------------------------ A's server
     def serve_cmd(self, read_only=False):
-        return self.env.rn + ["serve", f"{POOL}/{self.a}"] + (["--read-only"] if read_only else [])
+        return (self.env.rn + ["serve", f"{POOL}/{self.a}"]
+                + (["--read-only"] if read_only else [])
+                + (["--copy-on-read"] if self.cor and not read_only else []))
 
     def start(self, bound=None, kind="serve start", sock="a.sock"):
         """Serve A. bound: seconds the open may take (waiting for a dead owner's watch)."""
@@ -271,6 +298,17 @@ class Run(diffops.Serves):
         self.compare("after crash + reopen + close" if crash else "after close", rebuilt=crash)
 
     # ------------------------------------------------------------------ operations
+    def apply(self, op):
+        if op[0] == "read":
+            op = diffops.clip(op, self.size)
+            if op is None:
+                return
+            self.ensure_served()
+        super().apply(op)
+        if (op[0] in READ_AFTER and self.env.served_reads and self.server is not None
+                and self.h is not None):
+            self.read_while_served(op[0])
+
     def run_op(self, op):
         k = op[0]
         h, b = self.h, self.bimg
@@ -358,20 +396,25 @@ class Run(diffops.Serves):
         elif k == "handover":
             self.handover(op)
         elif k == "parent":
-            self.make_clones(op[1], op[2], op[3], op[4] if len(op) > 4 else None)
+            self.make_clones(op[1], op[2], op[3], op[4] if len(op) > 4 else None,
+                             len(op) > 5 and op[5])
         elif k == "flatten":
             self.flatten()
         elif k == "rollback":
             self.rollback(op[1], op[2])
         elif k == "snaprm":
             self.snap_remove(op[1], op[2])
+        elif k == "read":
+            self.read(op)
         else:
             raise ValueError(f"unknown operation {op}")
 
     # ------------------------------------------------------------------ clones
-    def make_clones(self, depth, deep, fill, orders=None):
+    def make_clones(self, depth, deep, fill, orders=None, cor=False):
         """A and B become clones of twin chains (see the module's "parent"); orders: each
-        level's object size (log2), from the root (default: the sequence's)."""
+        level's object size (log2), from the root (default: the sequence's); cor: A served
+        with --copy-on-read, B with rbd_clone_copy_on_read (an image-meta config
+        override, so every open of B has it)."""
         orders = orders or [self.geo.order] * depth
         if self.server is not None or self.snaps:
             raise ValueError("parent must be a sequence's first operation")
@@ -409,7 +452,37 @@ class Run(diffops.Serves):
         for name in chains["a"] + chains["b"]:
             with self._open(name, "p") as im:
                 self.chain_digests[name] = hashlib.sha256(im.read(0, im.size())).hexdigest()
+        self.cor = cor
+        if cor:
+            with rbd.Image(e.ioctx, self.b) as im:
+                im.metadata_set("conf_rbd_clone_copy_on_read", "true")
         self.bimg = rbd.Image(e.ioctx, self.b)
+
+    def read(self, op):
+        """["read", off, length]: A read through NBD (with --copy-on-read, the objects it
+        reaches copied up in the background) must read B's bytes (librbd read, its own
+        copy-on-read); then both flush, which waits for those copy-ups (librbd's flush
+        waits for its in-flight ones), so what follows finds them done."""
+        _, off, length = op
+        got = self.h.pread(length, off)
+        b = self.bimg
+        if self.cor and not self.owner_away:
+            # librbd copies on read only as the lock owner (or without exclusive-lock), as
+            # A is (it takes the lock at open); B took it at its last write, or takes it now.
+            if self.lock and not b.is_exclusive_lock_owner():
+                b.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            want = b.read(off, length)
+        else:
+            # A without the lock (another client's since a hand-over) copies nothing: a
+            # read-only open of B neither.
+            with self._open(self.b) as im:
+                want = im.read(off, length)
+        self.h.flush()
+        b.flush()
+        if got != want:
+            first = next(i for i in range(length) if got[i] != want[i])
+            raise Failure("read", f"{off}+{length} (object {(off + first) >> self.geo.order}) "
+                          f"reads through rados-nbd differently from librbd's twin at +{first}")
 
     def b_is_clone(self):
         try:
@@ -717,6 +790,82 @@ class Run(diffops.Serves):
             with self._open(self.b, frm) as old:
                 return [o for o, _ in objs if obj(old, o) == obj(new, o)]
 
+    def nbd_read_all(self, h, size, what):
+        """All of an export through the NBD handle h: (bytes, the extents its block status
+        (base:allocation) calls zero)."""
+        chunk = 4 << 20
+        got = b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
+        zeros = []
+        off = 0
+        while off < size:
+            ext = []
+            h.block_status(min(chunk, size - off), off,
+                           lambda ctx, o, entries, err: ext.extend(entries)
+                           if ctx == nbd.CONTEXT_BASE_ALLOCATION else None)
+            if not ext:
+                raise Failure("served block status", f"{what}: no base:allocation extent "
+                              f"at {off}")
+            for i in range(0, len(ext), 2):
+                n, flags = ext[i], ext[i + 1]
+                if flags & 2:
+                    zeros.append((off, min(n, size - off)))
+                off += n
+        self.env.served_points += 1
+        return got, zeros
+
+    def check_read(self, what, got, zeros, want):
+        """got (read through rados-nbd) must be want (librbd's twin), and every extent of
+        zeros (its block status's zero ones) zeros in want."""
+        if len(got) != len(want):
+            raise Failure("served size", f"{what}: served with NBD size {len(got)}, librbd's "
+                          f"twin {len(want)}")
+        if got != want:
+            first = next(i for i in range(len(got)) if got[i] != want[i])
+            raise Failure("served read", f"{what}: read through rados-nbd differs from "
+                          f"librbd's twin at {first} (object {first >> self.geo.order}): "
+                          f"{'zeros' if not any(got[first:first + 512]) else 'data'} where "
+                          f"librbd reads {'zeros' if not any(want[first:first + 512]) else 'data'}")
+        for zo, zn in zeros:
+            if any(want[zo:zo + zn]):
+                first = zo + next(i for i in range(zn) if want[zo + i])
+                raise Failure("served block status", f"{what}: block status calls {zo}+{zn} "
+                              f"zero, librbd's twin has data at {first} (object "
+                              f"{first >> self.geo.order})")
+
+    def served_reads(self, where, points):
+        """rados-nbd's own read path, with librbd as the oracle: A served read-only (the
+        head, and each snapshot as IMAGE@SNAP: the object maps of the image and of every
+        ancestor at its snapshot, the overlaps) must read through NBD exactly B's bytes, and
+        every extent its block status calls zero must be zeros in B (nbdcopy and qemu-img
+        convert skip those: a wrong answer there loses data silently)."""
+        for snap in points:
+            at = f"@{snap}" if snap else ""
+            what = f"{where}: {at or 'head'} served read-only"
+            srv = diffops.serving(self.env.rn + ["serve", f"{POOL}/{self.a}{at}", "--read-only"],
+                                  os.path.join(self.env.work, "reads.sock"), self.log,
+                                  f"served read of {at or 'the head'} start")
+            try:
+                h = srv.connect()
+                got, zeros = self.nbd_read_all(h, h.get_size(), what)
+                hang_up(h)
+            finally:
+                rc = srv.stop()
+            if rc != 0:
+                raise Failure("served read close", f"{what}: exited {rc}: {srv.tail()}")
+            with self._open(self.b, snap) as im:
+                want = im.read(0, im.size()) if im.size() else b""
+            self.check_read(what, got, zeros, want)
+
+    def read_while_served(self, after):
+        """The served head read whole through the writer's own connection, right after an
+        operation that changes more than bytes (the in-memory maps, the chain, the lock),
+        against B. A size the client was not told yet (a resize announced to the kernel
+        only) is left to the reconnect that follows it."""
+        size = min(self.h.get_size(), self.bimg.size())
+        got, zeros = self.nbd_read_all(self.h, size, f"served head after {after}")
+        self.check_read(f"served head after {after}", got, zeros,
+                        self.bimg.read(0, size) if size else b"")
+
     def _compare(self, where, retried=False):
         e = self.env
         points = self.snaps + [None]
@@ -736,9 +885,13 @@ class Run(diffops.Serves):
                     diffs = {}
                     for frm in [None] + self.snaps[:points.index(snap)]:
                         objs = []
+                        # The image's own objects (rbd du's view): with the parent's
+                        # (rbd diff's default), an object one twin copied up and the
+                        # other did not is listed by both. The parents' part follows from
+                        # the chains and overlaps, compared below.
                         im.diff_iterate(0, size, frm,
                                         lambda o, n, ex: objs.append((o >> self.geo.order, ex)),
-                                        whole_object=True)
+                                        include_parent=False, whole_object=True)
                         diffs[frm] = sorted(objs)
                 per[snap] = (size, flags, digest, diffs, features, overlap)
             state[name] = per
@@ -818,6 +971,8 @@ class Run(diffops.Serves):
                                   f"{' --from-snap ' + frm if frm else ''}{at}: "
                                   f"(object, exists) only from rados-nbd {only_a}, only from librbd {only_b}"
                                   + (f" (the same bytes at both points: {optional})" if optional else ""))
+        if e.served_reads:
+            self.served_reads(where, points)
         for name, want in self.chain_digests.items():
             with self._open(name, "p") as im:
                 if hashlib.sha256(im.read(0, im.size())).hexdigest() != want:
@@ -1043,12 +1198,18 @@ def clone_case(seed, geo, ops):
     if orng.random() < 0.5:
         orders = [orng.randint(max(12, geo.order - 2), min(25, geo.order + 2))
                   for _ in range(depth)]
-    out = [["parent", depth, deep, fill, orders]]
+    # Copy-on-read one sequence in two, and reads through NBD compared with librbd's,
+    # from a stream of their own too.
+    crng = random.Random(f"clone-cor {seed}")
+    cor = crng.random() < 0.5
+    out = [["parent", depth, deep, fill, orders, cor]]
     for op in ops:
         if rng.random() < CLONE_RATE:
             k = rng.choice(CLONE_OPS)
             out.append(["flatten"] if k == "flatten" else [k, rng.randrange(8), rng.random() < 0.5])
         out.append(op)
+        if crng.random() < READ_RATE:
+            out.append(["read", *diffops._extent(crng, geo.size, geo.obj)])
     return out
 
 
@@ -1064,6 +1225,9 @@ def run(args, env):
         if env.librbd_missed:
             out.append(f"{env.librbd_missed} diffs after a rollback where librbd missed "
                        f"objects whose bytes changed and ours listed them")
+        if env.served_points:
+            out.append(f"{env.served_points} heads and snapshots of A read whole through "
+                       f"rados-nbd and block status checked")
         if env.rollback_optional:
             out.append(f"{env.rollback_optional} diffs or du after a rollback that differ "
                        f"only on objects whose bytes did not change")
