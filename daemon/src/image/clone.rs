@@ -259,8 +259,9 @@ impl<S: ImageStore> Chain<S> {
     /// ends, so the child's object is as long as librbd's (seen with `rados stat` against
     /// librbd twins; a depth-1 clone, whose level 0 has no parent, gets nothing there).
     /// Trailing holes dropped; all zeros is nothing at all (librbd's m_copyup_is_zero:
-    /// no parent data is copied).
-    pub(crate) async fn read_bytes(&self, off: u64, len: u64, stats: &Stats) -> Result<Bytes> {
+    /// no parent data is copied). The extents say which bytes were read, the rest being
+    /// holes (librbd copies up only those, with rbd.sparse_copyup).
+    pub(crate) async fn read_bytes(&self, off: u64, len: u64, stats: &Stats) -> Result<ParentData> {
         let mut out = Dense::default();
         let l = &self.levels[0];
         let end = (off + len).min(self.backs(0));
@@ -318,12 +319,22 @@ impl<S: ImageStore> Chain<S> {
                 }
             }
         }
-        let v = out.bytes;
-        if v.iter().all(|&b| b == 0) {
-            return Ok(Bytes::new());
+        if out.bytes.iter().all(|&b| b == 0) {
+            return Ok(ParentData::default());
         }
-        Ok(Bytes::from(v))
+        Ok(ParentData {
+            bytes: Bytes::from(out.bytes),
+            extents: out.extents,
+        })
     }
+}
+
+/// The ancestors' data for a copy-up: bytes from the object's start, and the extents of
+/// them that were read (offset, length), the rest holes; empty when all zeros.
+#[derive(Default)]
+pub(crate) struct ParentData {
+    pub bytes: Bytes,
+    pub extents: Vec<(u64, u64)>,
 }
 
 /// librbd's `rbd_sparse_read_threshold_bytes` (default 64 KiB): an object read at least
@@ -338,11 +349,14 @@ fn zero_outside(data: &[u8], off: u64, len: u64) -> bool {
 }
 
 /// Copy-up bytes being gathered: data, and holes kept pending until data follows them
-/// (trailing holes are not part of the copy-up) unless they are read densely.
+/// (trailing holes are not part of the copy-up) unless they are read densely. `extents`:
+/// where the bytes came from a read (data, or zeros read densely), as librbd's copy-up
+/// extent map; the rest of `bytes` is holes filled in.
 #[derive(Default)]
 struct Dense {
     bytes: Vec<u8>,
     pending: usize,
+    extents: Vec<(u64, u64)>,
 }
 
 impl Dense {
@@ -350,18 +364,37 @@ impl Dense {
         for c in chunks {
             match c {
                 ReadChunk::Hole(n) => {
-                    self.pending += n as usize;
                     if dense {
-                        self.bytes.resize(self.bytes.len() + self.pending, 0);
-                        self.pending = 0;
+                        self.fill_pending();
+                        self.push(&vec![0; n as usize]);
+                    } else {
+                        self.pending += n as usize;
                     }
                 }
                 ReadChunk::Data(b) => {
-                    self.bytes.resize(self.bytes.len() + self.pending, 0);
-                    self.pending = 0;
-                    self.bytes.extend_from_slice(&b);
+                    self.fill_pending();
+                    self.push(&b);
                 }
             }
+        }
+    }
+
+    /// The holes pending before more bytes: zeros, outside every extent.
+    fn fill_pending(&mut self) {
+        self.bytes.resize(self.bytes.len() + self.pending, 0);
+        self.pending = 0;
+    }
+
+    /// Bytes read: appended, and in the extents (merged with the last one when they touch).
+    fn push(&mut self, b: &[u8]) {
+        if b.is_empty() {
+            return;
+        }
+        let at = self.bytes.len() as u64;
+        self.bytes.extend_from_slice(b);
+        match self.extents.last_mut() {
+            Some((o, l)) if *o + *l == at => *l += b.len() as u64,
+            _ => self.extents.push((at, b.len() as u64)),
         }
     }
 }
@@ -541,8 +574,11 @@ impl<S: ImageStore> Image<S> {
             CopyupOp::Write(_) | CopyupOp::Zero => off == 0 && len >= plen,
             CopyupOp::None | CopyupOp::Flatten => false,
         } && self.store.copyup_snapshots(objno, &[1]).is_empty();
-        let data = if covered {
-            Bytes::new()
+        let ParentData {
+            bytes: data,
+            mut extents,
+        } = if covered {
+            ParentData::default()
         } else {
             chain.read_bytes(start, plen, &self.stats).await?
         };
@@ -556,6 +592,7 @@ impl<S: ImageStore> Image<S> {
             && self.store.header().snaps.is_empty()
             && zero_outside(&data, off, len)
         {
+            extents.clear();
             Bytes::new()
         } else {
             data
@@ -592,7 +629,9 @@ impl<S: ImageStore> Image<S> {
             _ => self.mark_exists(objno),
         }
         bump(&self.stats.copyups);
-        self.store.copyup(objno, data, op, fua).await?;
+        self.store
+            .copyup_extents(objno, data, extents, op, fua)
+            .await?;
         Ok(true)
     }
 
@@ -942,4 +981,33 @@ pub(crate) async fn remove_trashed_snap<S: ImageStore>(
     let c = head.close().await;
     let removed = r?;
     c.map(|()| removed)
+}
+
+#[cfg(test)]
+mod dense_tests {
+    use super::*;
+
+    fn data(n: usize, b: u8) -> ReadChunk {
+        ReadChunk::Data(Bytes::from(vec![b; n]))
+    }
+
+    /// The copy-up's extent map: bytes read (data, zeros read densely) are extents,
+    /// holes filled in between are not, trailing holes are dropped.
+    #[test]
+    fn extents_are_what_was_read() {
+        let mut d = Dense::default();
+        d.extend([ReadChunk::Hole(10), data(5, 1)], false);
+        d.extend([ReadChunk::Hole(3), data(2, 2)], true);
+        d.extend([ReadChunk::Hole(4), data(1, 3), ReadChunk::Hole(7)], false);
+        assert_eq!(d.extents, vec![(10, 10), (24, 1)]);
+        assert_eq!(d.bytes.len(), 25, "the trailing hole is not copied up");
+        assert_eq!(&d.bytes[10..15], &[1; 5]);
+        assert_eq!(&d.bytes[15..18], &[0; 3], "read densely: part of the extent");
+        assert_eq!(&d.bytes[20..24], &[0; 4], "a hole between extents: zeros");
+        // A hole pending before a dense one stays a hole.
+        let mut d = Dense::default();
+        d.extend([ReadChunk::Hole(8)], false);
+        d.extend([ReadChunk::Hole(4)], true);
+        assert_eq!((d.extents, d.bytes.len()), (vec![(8, 4)], 12));
+    }
 }

@@ -675,6 +675,21 @@ pub trait ImageStore: Send + Sync + 'static {
         async move { Err(e) }
     }
 
+    /// `copyup` with `extents` (offset, length) saying which bytes of `parent_data` the
+    /// ancestor had (the rest are holes): librbd's sparse copy-up (`rbd.sparse_copyup`)
+    /// writes only those. A store that keeps no holes copies `parent_data` whole.
+    fn copyup_extents(
+        &self,
+        objno: u64,
+        parent_data: Bytes,
+        extents: Vec<(u64, u64)>,
+        op: ObjectWrite,
+        durable: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = extents;
+        self.copyup(objno, parent_data, op, durable)
+    }
+
     /// The snapshots (oldest first) whose data a copy-up of `parent_data` into object
     /// `objno` sets as well, and whose object maps must then say the object exists;
     /// empty when a copy-up changes the head only. Ceph: a "deep" copy-up (the child

@@ -817,6 +817,23 @@ impl ImageStore for CephImage {
         objno: u64,
         parent_data: Bytes,
         op: ObjectWrite,
+        durable: bool,
+    ) -> Result<()> {
+        let extents = if parent_data.is_empty() {
+            Vec::new()
+        } else {
+            vec![(0, parent_data.len() as u64)]
+        };
+        self.copyup_extents(objno, parent_data, extents, op, durable)
+            .await
+    }
+
+    async fn copyup_extents(
+        &self,
+        objno: u64,
+        parent_data: Bytes,
+        extents: Vec<(u64, u64)>,
+        op: ObjectWrite,
         _durable: bool,
     ) -> Result<()> {
         let i = &self.inner;
@@ -829,26 +846,51 @@ impl ImageStore for CephImage {
         i.check_inside(objno, end)?;
         let oid = i.object_name(objno);
         let osize = i.object_size();
-        // librbd's m_copyup_is_zero: all-zero parent data is not copied at all.
-        let data: &[u8] = if is_zero(&parent_data) {
-            &[]
-        } else {
-            &parent_data
+        // librbd's m_copyup_is_zero: all-zero parent data is not copied at all. Else,
+        // as librbd with an OSD of Octopus or later (enable_sparse_copyup): only the
+        // extents the ancestors had, rbd.sparse_copyup(extent map, their bytes).
+        let zero = is_zero(&parent_data);
+        let input = {
+            let mut e = cls::Enc::new();
+            let mut bytes = Vec::new();
+            let ext: Vec<(u64, u64)> = if zero { Vec::new() } else { extents };
+            e.u32(ext.len() as u32);
+            for &(o, l) in &ext {
+                let slice = usize::try_from(o)
+                    .ok()
+                    .zip(usize::try_from(o + l).ok())
+                    .and_then(|(a, b)| parent_data.get(a..b))
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "copy-up of object {objno}: extent {o}+{l} past the {} bytes \
+                                 read",
+                                parent_data.len()
+                            ),
+                        )
+                    })?;
+                e.u64(o).u64(l);
+                bytes.extend_from_slice(slice);
+            }
+            e.bytes(&bytes);
+            e.done()
         };
+        // (`zero` covers empty parent data too.)
         let copy_on_read = op == ObjectWrite::None;
         let deep = self.deep_copyup(&parent_data);
         if copy_on_read || deep {
             let mut cop = WriteOp::new();
-            if data.is_empty() {
+            if zero {
                 // Copy-on-read of an object no ancestor has data for: librbd still
                 // copies up (rbd.sparse_copyup of no extents), and the object is
-                // created, empty; rbd.copyup of nothing would not create it.
+                // created, empty (sparse_copyup does; the create says so here too).
                 cop.create(false);
             }
-            cop.exec(c"rbd", c"copyup", data)
+            cop.exec(c"rbd", c"sparse_copyup", &input)
                 .set_alloc_hint(osize, osize);
             // `meta` carries no snapshot context (librbd passes an empty one here).
-            let r = i.meta.operate(&oid, cop, "cls rbd.copyup on").await;
+            let r = i.meta.operate(&oid, cop, "cls rbd.sparse_copyup on").await;
             i.noting_fence(r)?;
         }
         if copy_on_read {
@@ -856,14 +898,14 @@ impl ImageStore for CephImage {
         }
         let mut wop = WriteOp::new();
         if !deep {
-            if data.is_empty() {
+            if zero {
                 // As librbd's sparse copy-up of nothing (cls rbd.sparse_copyup with no
                 // extents creates the object): the change on top of it may be a zero or
                 // a truncate, which would not create it, and inside the overlap the
                 // object must exist afterwards, hiding the parent.
                 wop.create(false);
             }
-            wop.exec(c"rbd", c"copyup", data);
+            wop.exec(c"rbd", c"sparse_copyup", &input);
             wop.set_alloc_hint(osize, osize);
         }
         // After a deep copy-up the change goes alone, without the hint, as librbd sends

@@ -956,7 +956,7 @@ async fn ceph_live_clones() {
 async fn ceph_live_sparse_reads() {
     let Some(conf) = cluster() else { return };
     let st = store(conf).await;
-    let (_name, spec) = new_image(&st, "sparse", 8 << 20).await;
+    let (_name, spec) = new_image(&st, "sparse", 16 << 20).await;
     let img = st
         .open_image(&spec, OpenMode::ReadWrite)
         .await
@@ -993,6 +993,33 @@ async fn ceph_live_sparse_reads() {
         "a hole reads as no extent"
     );
     assert!(img.read_extents(1, 0, 4096, None).await.unwrap().is_none());
+    // A sparse copy-up writes only its extents: the gap stays a hole, and the object
+    // ends with the last extent, not with the bytes given.
+    let mut pdata = vec![0u8; 3 << 20];
+    pdata[..4096].fill(1);
+    pdata[2 << 20..(2 << 20) + 4096].fill(2);
+    let extents = vec![(0, 4096), (2 << 20, 4096)];
+    img.copyup_extents(
+        2,
+        Bytes::from(pdata.clone()),
+        extents,
+        ObjectWrite::None,
+        false,
+    )
+    .await
+    .unwrap();
+    let ext = img
+        .read_extents(2, 0, 4 << 20, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        shape(&ext),
+        vec![(0, 4096), (2 << 20, 4096)],
+        "the copy-up's extents"
+    );
+    let got = img.read(2, 0, 4 << 20, None).await.unwrap().unwrap();
+    assert!(got[..] == pdata[..(2 << 20) + 4096], "its bytes");
     img.close().await.unwrap();
 
     fn shape(e: &[(u64, Bytes)]) -> Vec<(u64, usize)> {
