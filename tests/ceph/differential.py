@@ -465,24 +465,28 @@ class Run(diffops.Serves):
         waits for its in-flight ones), so what follows finds them done."""
         _, off, length = op
         got = self.h.pread(length, off)
+        want = self.b_read(off, length)
+        self.h.flush()
+        self.bimg.flush()
+        if got != want:
+            first = next(i for i in range(length) if got[i] != want[i])
+            raise Failure("read", f"{off}+{length} (object {(off + first) >> self.geo.order}) "
+                          f"reads through rados-nbd differently from librbd's twin at +{first}")
+
+    def b_read(self, off, length):
+        """B's bytes at off, read as A's were just read through NBD: with copy-on-read,
+        copying up what A copies up. Without it (or without the lock) a read-only open of
+        B, which copies nothing."""
         b = self.bimg
         if self.cor and not self.owner_away:
             # librbd copies on read only as the lock owner (or without exclusive-lock), as
             # A is (it takes the lock at open); B took it at its last write, or takes it now.
             if self.lock and not b.is_exclusive_lock_owner():
                 b.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
-            want = b.read(off, length)
-        else:
-            # A without the lock (another client's since a hand-over) copies nothing: a
-            # read-only open of B neither.
-            with self._open(self.b) as im:
-                want = im.read(off, length)
-        self.h.flush()
-        b.flush()
-        if got != want:
-            first = next(i for i in range(length) if got[i] != want[i])
-            raise Failure("read", f"{off}+{length} (object {(off + first) >> self.geo.order}) "
-                          f"reads through rados-nbd differently from librbd's twin at +{first}")
+            return b.read(off, length)
+        # A without the lock (another client's since a hand-over) copies nothing.
+        with self._open(self.b) as im:
+            return im.read(off, length) if length else b""
 
     def b_is_clone(self):
         try:
@@ -863,8 +867,11 @@ class Run(diffops.Serves):
         only) is left to the reconnect that follows it."""
         size = min(self.h.get_size(), self.bimg.size())
         got, zeros = self.nbd_read_all(self.h, size, f"served head after {after}")
-        self.check_read(f"served head after {after}", got, zeros,
-                        self.bimg.read(0, size) if size else b"")
+        want = self.b_read(0, size)
+        # With copy-on-read both copied up what they read: done before what follows.
+        self.h.flush()
+        self.bimg.flush()
+        self.check_read(f"served head after {after}", got, zeros, want)
 
     def _compare(self, where, retried=False):
         e = self.env
