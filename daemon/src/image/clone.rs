@@ -1002,7 +1002,11 @@ mod dense_tests {
         assert_eq!(d.extents, vec![(10, 10), (24, 1)]);
         assert_eq!(d.bytes.len(), 25, "the trailing hole is not copied up");
         assert_eq!(&d.bytes[10..15], &[1; 5]);
-        assert_eq!(&d.bytes[15..18], &[0; 3], "read densely: part of the extent");
+        assert_eq!(
+            &d.bytes[15..18],
+            &[0; 3],
+            "read densely: part of the extent"
+        );
         assert_eq!(&d.bytes[20..24], &[0; 4], "a hole between extents: zeros");
         // A hole pending before a dense one stays a hole.
         let mut d = Dense::default();
