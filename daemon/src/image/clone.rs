@@ -18,7 +18,7 @@ use nbd_protocol::ReadChunk;
 use objmap::{ObjectMap, ObjectState};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Deeper chains than this are refused at open: Ceph has no hard limit, but ceph-csi
@@ -329,6 +329,78 @@ impl<S: ImageStore> Chain<S> {
     }
 }
 
+/// `--copy-on-read`'s queue: objects to copy up, handled in order by one worker task.
+/// `queued`/`finished` count requests, so that a flush waits for exactly those asked
+/// before it (FIFO), never for later ones.
+pub(super) struct CopyOnRead {
+    tx: tokio::sync::mpsc::UnboundedSender<u64>,
+    /// Queued and not done yet: asked again, an object is not queued twice.
+    pending: std::sync::Mutex<std::collections::HashSet<u64>>,
+    queued: AtomicU64,
+    finished: AtomicU64,
+    /// The worker ended: nothing queued will be done.
+    stopped: AtomicBool,
+    done: tokio::sync::Notify,
+}
+
+impl CopyOnRead {
+    fn new(tx: tokio::sync::mpsc::UnboundedSender<u64>) -> Self {
+        CopyOnRead {
+            tx,
+            pending: Default::default(),
+            queued: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues object `objno` unless it is queued already.
+    fn ask(&self, objno: u64) {
+        let mut p = self.pending();
+        if !p.insert(objno) {
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(objno).is_err() {
+            // The worker is gone: counted done at once.
+            p.remove(&objno);
+            self.finished.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn finish(&self, objno: u64) {
+        self.pending().remove(&objno);
+        self.finished.fetch_add(1, Ordering::AcqRel);
+        self.done.notify_waiters();
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.pending().clear();
+        self.done.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        let target = self.queued.load(Ordering::Acquire);
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.stopped.load(Ordering::Acquire)
+                || self.finished.load(Ordering::Acquire) >= target
+            {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
 /// The ancestors' data for a copy-up: bytes from the object's start, and the extents of
 /// them that were read (offset, length), the rest holes; empty when all zeros.
 #[derive(Default)]
@@ -508,14 +580,7 @@ impl<S: ImageStore> Image<S> {
             // ancestor has any, the copy-up creates an empty object: seen with `rados
             // stat` against librbd twins); a read wholly past the overlap does not.
             if at < c.overlap() {
-                let fresh = self
-                    .cor_pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(p.objno);
-                if fresh {
-                    let _ = tx.send(p.objno);
-                }
+                tx.ask(p.objno);
             }
         }
         Ok(chunks)
@@ -773,21 +838,30 @@ impl<S: ImageStore> Image<S> {
             return false;
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-        if self.cor.set(tx).is_err() {
+        if self.cor.set(CopyOnRead::new(tx)).is_err() {
             return false;
         }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
+            // However the worker ends (closed, image gone, a panic), nobody waits for
+            // it any more.
+            struct Stopped<T: ImageStore>(std::sync::Weak<Image<T>>);
+            impl<T: ImageStore> Drop for Stopped<T> {
+                fn drop(&mut self) {
+                    if let Some(img) = self.0.upgrade() {
+                        if let Some(c) = img.cor.get() {
+                            c.stop();
+                        }
+                    }
+                }
+            }
+            let _stopped = Stopped(me.clone());
             while let Some(objno) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
+                let Some(cor) = img.cor.get() else { break };
                 let g = img.gate.read().await;
                 if *g {
-                    // Closed: nothing more to copy, and nobody left to wait for it.
-                    img.cor_pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
-                    img.cor_done.notify_waiters();
+                    // Closed: nothing more to copy.
                     break;
                 }
                 // The lock is another client's: the copy-up waits for the next read.
@@ -800,11 +874,7 @@ impl<S: ImageStore> Image<S> {
                 if let Err(e) = r {
                     tracing::warn!("copy-on-read of object {objno} of {}: {e}", img.spec);
                 }
-                img.cor_pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&objno);
-                img.cor_done.notify_waiters();
+                cor.finish(objno);
             }
         });
         true
@@ -814,27 +884,8 @@ impl<S: ImageStore> Image<S> {
     /// wait for its in-flight copy-ups (AsyncOperation::flush). Only those: reads
     /// meanwhile may ask for more. Called outside `gate` (the copy-ups take it).
     pub(super) async fn wait_copy_on_read(&self) {
-        if self.cor.get().is_none() {
-            return;
-        }
-        let asked: Vec<u64> = self
-            .cor_pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        loop {
-            let done = self.cor_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let pending = self.cor_pending.lock().unwrap_or_else(|p| p.into_inner());
-                if !asked.iter().any(|o| pending.contains(o)) {
-                    return;
-                }
-            }
-            done.await;
+        if let Some(c) = self.cor.get() {
+            c.wait().await;
         }
     }
 

@@ -165,10 +165,7 @@ pub struct Image<S: ImageStore> {
     chain: std::sync::RwLock<Option<Arc<clone::Chain<S>>>>,
     has_parent: AtomicBool,
     /// `--copy-on-read`: objects to copy up in the background, and those queued.
-    cor: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<u64>>,
-    cor_pending: std::sync::Mutex<std::collections::HashSet<u64>>,
-    /// Woken each time a copy-on-read copy-up is done (or given up).
-    cor_done: tokio::sync::Notify,
+    cor: std::sync::OnceLock<clone::CopyOnRead>,
     /// Set while another client waits for the lock and a long request (a flatten or
     /// sparsify asked by a client) runs: it stops at the next object, as librbd's owner
     /// cancels its async requests before a release; its asker sends it again to the new

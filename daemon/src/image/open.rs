@@ -278,8 +278,6 @@ impl<S: ImageStore> Image<S> {
             has_parent: AtomicBool::new(chain.is_some()),
             chain: std::sync::RwLock::new(chain),
             cor: std::sync::OnceLock::new(),
-            cor_pending: std::sync::Mutex::new(Default::default()),
-            cor_done: tokio::sync::Notify::new(),
             interrupt_long: Default::default(),
             quiesce: std::sync::OnceLock::new(),
             released: AtomicBool::new(lock_elsewhere),

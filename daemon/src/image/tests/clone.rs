@@ -576,7 +576,16 @@ async fn copy_on_read_is_librbds_for_holes_and_flush_waits_for_it() {
     );
     // And the map says so.
     assert_eq!(img.map().unwrap().get(5), ObjectState::Exists);
+    // A read queued right before the close: the close waits for its copy-up, and a
+    // flush after it fails at once instead of waiting for a worker that has ended.
+    read_all(&img, 4 * OBJ, 100).await;
     img.close().await.unwrap();
+    assert_eq!(child.object(4), levels[0].object(4));
+    let late = tokio::time::timeout(std::time::Duration::from_secs(5), img.flush()).await;
+    assert!(
+        matches!(late, Ok(Err(_))),
+        "a flush after the close fails, no wait"
+    );
 }
 
 #[tokio::test]

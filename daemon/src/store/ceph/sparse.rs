@@ -56,8 +56,9 @@ impl Drop for Out {
 
 impl Out {
     /// The extents read, each (offset in the object, its bytes); None when the answer
-    /// does not add up (extents out of order, or not as long as the data).
-    fn extents(&self) -> Option<Vec<(u64, Bytes)>> {
+    /// does not add up (extents out of order or outside `[lo, hi)`, or not as long as
+    /// the data).
+    fn extents(&self, lo: u64, hi: u64) -> Option<Vec<(u64, Bytes)>> {
         let s = self.s as *const rnbd_sparse;
         // SAFETY: the operation completed successfully, so the result is filled in; the
         // data is copied out into a buffer of exactly its length.
@@ -77,10 +78,10 @@ impl Out {
             (ext, Bytes::from(data))
         };
         let mut out = Vec::with_capacity(ext.len());
-        let (mut at, mut end) = (0usize, 0u64);
+        let (mut at, mut end) = (0usize, lo);
         for (off, len) in ext {
             let n = usize::try_from(len).ok()?;
-            if off < end || at.checked_add(n)? > data.len() {
+            if off < end || off.checked_add(len)? > hi || at.checked_add(n)? > data.len() {
                 return None;
             }
             out.push((off, data.slice(at..at + n)));
@@ -156,10 +157,12 @@ pub async fn sparse_read(
     if r < 0 {
         return Err(rados_error("sparse-read", oid, r));
     }
-    out.extents().map(Some).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("sparse-read of {oid}: the OSD's extents do not match its data"),
-        )
-    })
+    out.extents(off, off.saturating_add(len))
+        .map(Some)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("sparse-read of {oid}: the OSD's extents do not match its data"),
+            )
+        })
 }
