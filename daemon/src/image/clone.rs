@@ -10,7 +10,7 @@ use super::{bump, Image, Stats};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    ImageHeader, ImageStore, ObjectWrite, OpenMode, ParentInfo, SnapNamespace,
+    one_extent, ImageHeader, ImageStore, ObjectWrite, OpenMode, ParentInfo, SnapNamespace,
     RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
 };
 use bytes::Bytes;
@@ -270,23 +270,18 @@ impl<S: ImageStore> Chain<S> {
                 let at = off + p.req_off;
                 let got = if l.lacks(p.objno) {
                     None
-                } else if p.len >= SPARSE_READ_THRESHOLD {
-                    bump(&stats.parent_reads);
-                    l.store
-                        .read_extents(p.objno, p.off, p.len, Some(l.snap))
-                        .await?
                 } else {
                     bump(&stats.parent_reads);
-                    l.store
-                        .read(p.objno, p.off, p.len, Some(l.snap))
-                        .await?
-                        .map(|b| {
-                            if b.is_empty() {
-                                Vec::new()
-                            } else {
-                                vec![(p.off, b)]
-                            }
-                        })
+                    if p.len >= SPARSE_READ_THRESHOLD {
+                        l.store
+                            .read_extents(p.objno, p.off, p.len, Some(l.snap))
+                            .await?
+                    } else {
+                        l.store
+                            .read(p.objno, p.off, p.len, Some(l.snap))
+                            .await?
+                            .map(|b| one_extent(p.off, b))
+                    }
                 };
                 match got {
                     // Sparse, as librbd's: the gaps (and what follows the last extent)

@@ -418,6 +418,15 @@ pub fn unsupported(what: String) -> crate::error::Error {
 
 /// One opened image: its header and its objects. `snap` arguments select a snapshot
 /// (None = the head); writes always go to the head with the image's snapshot context.
+/// A plain read's bytes at `off` as `read_extents` gives them: one extent, none when empty.
+pub(crate) fn one_extent(off: u64, b: Bytes) -> Vec<(u64, Bytes)> {
+    if b.is_empty() {
+        Vec::new()
+    } else {
+        vec![(off, b)]
+    }
+}
+
 pub trait ImageStore: Send + Sync + 'static {
     /// The header as read at open (or at the latest `refresh_header`).
     fn header(&self) -> ImageHeader;
@@ -519,13 +528,10 @@ pub trait ImageStore: Send + Sync + 'static {
         snap: Option<u64>,
     ) -> impl Future<Output = Result<Option<Vec<(u64, Bytes)>>>> + Send {
         async move {
-            Ok(self.read(objno, off, len, snap).await?.map(|b| {
-                if b.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![(off, b)]
-                }
-            }))
+            Ok(self
+                .read(objno, off, len, snap)
+                .await?
+                .map(|b| one_extent(off, b)))
         }
     }
 
