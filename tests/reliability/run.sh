@@ -89,7 +89,12 @@ if want kill; then
       wait_for_log "$work/kill-$i-b.log" "object map of .* rebuilt" 120 || why="serve after the kill did not rebuild the map"
     fi
     if [ -z "$why" ]; then
-      if ! "${TOOL[@]}" journal-verify "$(uri_of $img)" "$journal" "$i" $BLOCKS >"$work/verify-$i.log" 2>&1; then
+      # A kill right after the socket appeared can come before the first acknowledgement;
+      # with nothing acked yet (round 1) there is nothing to check but the untouched
+      # blocks. The whole workload's size is checked after the 20 rounds.
+      empty_ok=0
+      grep -q "after 0 acked writes\|could not connect" "$work/writer-$i.log" && empty_ok=1
+      if ! JOURNAL_EMPTY_OK=$empty_ok "${TOOL[@]}" journal-verify "$(uri_of $img)" "$journal" "$i" $BLOCKS >"$work/verify-$i.log" 2>&1; then
         why="acked writes lost: $(tail -3 "$work/verify-$i.log" | tr '\n' ' ')"
       fi
     fi
