@@ -464,8 +464,8 @@ pub async fn run<I: ImageStore>(
         tokio::spawn(async move {
             while ckpt_rx.recv().await.is_some() {
                 // While the map is rebuilt after an unclean close there is nothing to
-                // checkpoint yet: the rebuild ends first (a failed one was logged, and
-                // keeps the flag set until the next open).
+                // checkpoint yet: the rebuild ends first (a failed one is tried again
+                // here; its failure was logged and keeps the flag set).
                 if image.rebuild_pending() && image.finish_rebuild().await.is_err() {
                     continue;
                 }

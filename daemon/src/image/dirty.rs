@@ -213,7 +213,8 @@ impl<S: ImageStore> Image<S> {
                 }
                 let Some(img) = me.upgrade() else { return };
                 // A rebuild under way ends first; one that failed keeps the flag set
-                // until the next open, and so ends the checkpoints too (it was logged).
+                // until an attempt succeeds (the background one's, or close's), and ends
+                // the idle checkpoints (it was logged).
                 if img.rebuild_pending() && img.finish_rebuild().await.is_err() {
                     return;
                 }

@@ -57,7 +57,10 @@ pub use map::{
     MapSource,
 };
 pub use open::{create_image, shared_setting, write_empty_object_map, OpenOptions};
-pub use rebuild::{rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_WAIT};
+pub use rebuild::{
+    rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_RETRY_FIRST, REBUILD_RETRY_MAX,
+    REBUILD_WAIT,
+};
 pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 
 /// Image metadata key of the per-image `shared` setting.
@@ -146,6 +149,8 @@ pub struct Image<S: ImageStore> {
     rebuild: Option<rebuild::Rebuild>,
     /// How long a change needing the whole map waits for a rebuild run elsewhere.
     rebuild_wait: Duration,
+    /// The first pause before a failed background rebuild is tried again.
+    rebuild_retry: Duration,
     locks: Vec<RwLock<()>>,
     /// Held shared by every request, exclusively by close/checkpoint; `true` once closed.
     gate: RwLock<bool>,

@@ -13,7 +13,11 @@
 //!
 //! The dirty flag stays set until then: whatever writes the map or clears the flag
 //! (close, checkpoints, snapshots, resize, rollback) waits for the whole map first
-//! (`whole_map`), and a failed rebuild leaves the flag set for the next open to rebuild.
+//! (`whole_map`). A failed rebuild (the store unreachable for a while) is tried again:
+//! in the background after a pause that grows from `REBUILD_RETRY_FIRST` to
+//! `REBUILD_RETRY_MAX`, and at once by whatever needs the whole map next, close
+//! included. Until one succeeds the flag stays set, so an image closed (or a daemon
+//! killed) meanwhile is rebuilt by its next open.
 
 use super::map::{describe_rebuilt, rebuild_map};
 use super::Image;
@@ -32,6 +36,12 @@ pub const REBUILD_BEFORE_SERVING_ENV: &str = "RADOS_NBD_REBUILD_BEFORE_SERVING";
 /// How long a change that needs the whole map (a checkpoint, a snapshot, a resize)
 /// waits for a rebuild someone else runs before it gives up with an error.
 pub const REBUILD_WAIT: Duration = Duration::from_secs(300);
+
+/// The pause before the background rebuild is tried again after it failed; it doubles
+/// after each failure, up to `REBUILD_RETRY_MAX`.
+pub const REBUILD_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest pause between two background attempts.
+pub const REBUILD_RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// Whether a crashed image's map is rebuilt before serving (see the env variable).
 pub fn rebuild_before_serving() -> bool {
@@ -141,45 +151,68 @@ impl<S: ImageStore> Image<S> {
 
     /// Starts the rebuild in the background when one is pending (after an unclean
     /// close); its outcome is logged. The listing runs as a task of its own, so serving
-    /// goes on meanwhile; a caller needing the whole map awaits `finish_rebuild`.
+    /// goes on meanwhile; a caller needing the whole map awaits `finish_rebuild`. A
+    /// failed attempt is tried again after a growing pause until one succeeds or the
+    /// image is closed (the task holds the image weakly: it never keeps it open).
     pub fn spawn_map_rebuild(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         let r = self.rebuild.as_ref()?;
         if *r.phase.borrow() != Phase::Pending {
             return None;
         }
-        let me = Arc::clone(self);
+        let me = Arc::downgrade(self);
+        let mut pause = self.rebuild_retry;
         Some(tokio::spawn(async move {
             // Serving first: let the requests already queued go ahead of the listing.
             tokio::task::yield_now().await;
-            let _ = me.finish_rebuild().await;
+            loop {
+                let Some(img) = me.upgrade() else { return };
+                if *img.gate.read().await {
+                    return; // closed: the flag stays set for the next open
+                }
+                if img.finish_rebuild().await.is_ok() {
+                    return;
+                }
+                tracing::warn!(
+                    "the object map of {} will be rebuilt again in {}s (requests are \
+                     served meanwhile, every object asked of the store)",
+                    img.spec,
+                    pause.as_secs_f64()
+                );
+                drop(img);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REBUILD_RETRY_MAX);
+            }
         }))
     }
 
     /// Awaits the end of the map's rebuild, running it here when nobody does: Ok once
-    /// the map is whole (at once without a rebuild), the rebuild's error when it failed.
+    /// the map is whole (at once without a rebuild). A rebuild that failed before this
+    /// call is tried again here; one this call waited for returns its error.
     pub async fn finish_rebuild(&self) -> Result<()> {
         let Some(r) = &self.rebuild else {
             return Ok(());
         };
         let mut rx = r.phase.subscribe();
+        let mut waited = false;
         loop {
             let phase = rx.borrow_and_update().clone();
             match phase {
                 Phase::Done => return Ok(()),
-                Phase::Failed(e) => {
+                Phase::Failed(e) if waited => {
                     return Err(Error::new(
                         ErrorKind::Io,
                         format!("rebuilding the object map of {}: {e}", self.spec),
                     ))
                 }
                 Phase::Running => {
+                    waited = true;
                     if rx.changed().await.is_err() {
                         return Err(Error::new(ErrorKind::Io, "the rebuild ended abruptly"));
                     }
                 }
-                Phase::Pending => {
+                Phase::Pending | Phase::Failed(_) => {
                     let won = r.phase.send_if_modified(|p| {
-                        if *p == Phase::Pending {
+                        if matches!(p, Phase::Pending | Phase::Failed(_)) {
                             *p = Phase::Running;
                             true
                         } else {
@@ -282,7 +315,7 @@ impl<S: ImageStore> Image<S> {
             Err(e) => {
                 tracing::error!(
                     "rebuilding the object map of {spec} failed: {e}; its dirty flag stays \
-                     set (the next open rebuilds it)"
+                     set until a rebuild succeeds (this one's next attempt, or the next open's)"
                 );
                 r.phase.send_replace(Phase::Failed(e.to_string()));
                 Err(e.context(format!("rebuilding the object map of {spec}")))

@@ -192,6 +192,90 @@ async fn a_failed_rebuild_leaves_the_flag_set() {
 }
 
 #[tokio::test]
+async fn a_failed_rebuild_is_tried_again_in_the_background() {
+    let mem = crashed(&[1, 3]).await;
+    let hold = ListingHold::new();
+    let h = mem.clone().holding_listings(hold.clone());
+    let mut img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.rebuild_retry = Duration::from_millis(10);
+    let img = Arc::new(img);
+    let task = img.spawn_map_rebuild().unwrap();
+    hold.wait_started(1).await;
+    // The store fails every listing for a while: the task keeps trying, with pauses.
+    hold.fail();
+    hold.wait_started(3).await;
+    assert!(img.rebuild_pending());
+    img.write(5 * OBJ, Bytes::from_static(b"y"), false)
+        .await
+        .unwrap();
+    assert_ne!(mem.flags() & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    // Back: the next attempt makes the map whole while the image is served.
+    hold.release();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the background rebuild ends once the store answers")
+        .unwrap();
+    assert!(img.map_is_whole());
+    assert_eq!(read_all(&img, OBJ, 1).await, [2]);
+    img.close().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+    assert_eq!(disk_existing(&mem), [1, 3, 5]);
+}
+
+#[tokio::test]
+async fn close_tries_a_failed_rebuild_again() {
+    let mem = crashed(&[2]).await;
+    let hold = ListingHold::new();
+    let h = mem.clone().holding_listings(hold.clone());
+    let img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    hold.fail();
+    assert!(img.finish_rebuild().await.is_err());
+    assert!(img.checkpoint().await.is_err());
+    hold.release();
+    img.close().await.unwrap();
+    assert_eq!(mem.flags(), 0);
+    assert_eq!(disk_existing(&mem), [2]);
+    assert_eq!(
+        hold.started(),
+        3,
+        "one listing each: the failed one, the checkpoint's, close's"
+    );
+}
+
+#[tokio::test]
+async fn the_background_rebuild_stops_when_the_image_is_closed() {
+    let mem = crashed(&[1]).await;
+    let hold = ListingHold::new();
+    let h = mem.clone().holding_listings(hold.clone());
+    let mut img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.rebuild_retry = Duration::from_millis(10);
+    let img = Arc::new(img);
+    hold.fail();
+    let task = img.spawn_map_rebuild().unwrap();
+    hold.wait_started(2).await;
+    // Close tries once more, fails, and closes with the flag set (the data is synced).
+    img.close().await.unwrap();
+    assert_ne!(
+        mem.flags() & RBD_FLAG_OBJECT_MAP_INVALID,
+        0,
+        "no whole map: the flag stays"
+    );
+    let tried = hold.started();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the retries end with the image's close")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(hold.started() <= tried + 1, "no attempts after close");
+}
+
+#[tokio::test]
 async fn changes_that_need_the_whole_map_wait_a_bounded_time() {
     let mem = crashed(&[1]).await;
     let hold = ListingHold::new();
