@@ -43,7 +43,8 @@
 //! fences a handle that lost the lock); `quiesce` runs the `--quiesce` hook on librbd's
 //! quiesce notifications and sends them around a snapshot we take for `rbd snap create`; `image` is one opened image, its data I/O and the
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
-//! encodings, `snaps` the snap sets of objects, `luks` the LUKS header probe;
+//! encodings, `snaps` the snap sets of objects, `sparse` sparse reads, `shim` the
+//! asynchronous calls into our C++ shims for those two, `luks` the LUKS header probe;
 //! `owner_msgs` the requests librbd clients address to the lock owner (and our progress
 //! and completion notices), `ask_owner` the asking side, for `rados-nbd` commands run
 //! against an image another process serves.
@@ -57,6 +58,7 @@ pub mod luks;
 mod owner_msgs;
 mod quiesce;
 pub mod rados;
+mod shim;
 pub mod snaps;
 pub mod sparse;
 mod store;

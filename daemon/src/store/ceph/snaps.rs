@@ -1,17 +1,13 @@
 //! librados' `list_snaps` (C++ API only) through our C shim list_snaps.cc, asynchronous
-//! like the rest of rados.rs: the shim's completion hands the result to a tokio oneshot.
-//!
-//! Memory safety follows rados.rs: the snap set and the object name live in a heap slot
-//! whose ownership passes to the completion callback, so dropping the future early never
-//! frees memory librados still writes to.
+//! through `shim::call` (which also says why dropping the future early is safe).
 
 #![allow(non_camel_case_types)]
 
-use super::rados::{rados_error, IoCtx};
-use crate::error::{Error, ErrorKind, Result};
+use super::rados::IoCtx;
+use super::shim::{self, rnbd_done_t, ShimOut};
+use crate::error::{Error, Result};
 use crate::store::snapset::{CloneInfo, SnapSet};
-use std::ffi::{c_char, c_int, c_void, CString};
-use tokio::sync::oneshot;
+use std::ffi::{c_char, c_int, c_void};
 
 /// librados' SNAP_DIR: the read snapshot at which `list_snaps` sees every clone, also of
 /// an object removed from the head.
@@ -21,7 +17,6 @@ pub const SNAP_DIR: u64 = u64::MAX;
 struct rnbd_snaps {
     _opaque: [u8; 0],
 }
-type rnbd_done_t = unsafe extern "C" fn(*mut c_void, c_int);
 
 // The shim is a static library built by build.rs (which also links librados and the C++
 // runtime after it).
@@ -47,29 +42,9 @@ extern "C" {
     fn rnbd_snaps_overlap(s: *const rnbd_snaps, i: usize, j: usize, off: *mut u64, len: *mut u64);
 }
 
-const ENOENT: i32 = 2;
-const ENOMEM: i32 = 12;
-const ETIMEDOUT: i32 = 110;
-
-/// What librados writes into until the callback: the snap set and the object name.
-struct Out {
-    snaps: *mut rnbd_snaps,
-    oid: CString,
-}
-// SAFETY: plain heap data; only one thread touches it at a time (librados until the
-// callback, then whoever receives it).
-unsafe impl Send for Out {}
-impl Drop for Out {
-    fn drop(&mut self) {
-        // SAFETY: allocated by rnbd_snaps_new, freed once, after the operation completed
-        // (or was never submitted).
-        unsafe { rnbd_snaps_free(self.snaps) }
-    }
-}
-
-impl Out {
+impl ShimOut<rnbd_snaps> {
     fn snap_set(&self) -> SnapSet {
-        let s = self.snaps as *const rnbd_snaps;
+        let s = self.get();
         // SAFETY: the operation completed successfully, so the set is filled in; the
         // pointers returned stay valid while `self` lives and are copied out here.
         unsafe {
@@ -107,72 +82,23 @@ impl Out {
     }
 }
 
-struct Slot {
-    out: Out,
-    tx: oneshot::Sender<(i32, Out)>,
-}
-
-unsafe extern "C" fn on_done(arg: *mut c_void, r: c_int) {
-    // SAFETY: `arg` is the Box<Slot> leaked by `submit` for this operation; the shim calls
-    // back exactly once, so we are its only owner now.
-    let slot = unsafe { Box::from_raw(arg as *mut Slot) };
-    let Slot { out, tx } = *slot;
-    // When the future was dropped, `out` is dropped (freed) here, after librados is done.
-    let _ = tx.send((r, out));
-}
-
-fn submit(io: &IoCtx, oid: &str) -> Result<oneshot::Receiver<(i32, Out)>> {
-    let coid = CString::new(oid).map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("object name {oid:?} contains a NUL byte"),
-        )
-    })?;
-    // SAFETY: plain constructor.
-    let snaps = unsafe { rnbd_snaps_new() };
-    if snaps.is_null() {
-        return Err(rados_error("list snapshots of", oid, -ENOMEM));
-    }
-    let (tx, rx) = oneshot::channel();
-    let raw = Box::into_raw(Box::new(Slot {
-        out: Out { snaps, oid: coid },
-        tx,
-    }));
-    // SAFETY: `raw` is a live slot; the name and the snap set it holds stay where they are
-    // until the callback frees the slot; `io` outlives the call and in-flight operations
-    // hold their own reference on the handle.
-    let r = unsafe {
-        rnbd_aio_list_snaps(
-            io.raw(),
-            (*raw).out.oid.as_ptr(),
-            (*raw).out.snaps,
-            on_done,
-            raw as *mut c_void,
-        )
-    };
-    if r < 0 {
-        // Not submitted: the callback will never run.
-        drop(unsafe { Box::from_raw(raw) });
-        return Err(rados_error("list snapshots of", oid, r));
-    }
-    Ok(rx)
-}
-
 /// The snap set of `oid`: its clones and its head, `None` when the object does not exist
 /// at all. `io` must read at [`SNAP_DIR`] (`IoCtx::at_snap(SNAP_DIR)`).
 pub async fn list_snaps(io: &IoCtx, oid: &str) -> Result<Option<SnapSet>> {
-    let rx = submit(io, oid)?;
-    let (r, out) = rx
-        .await
-        // The callback is dropped uncalled only if the cluster handle shuts down under us.
-        .map_err(|_| rados_error("list snapshots of", oid, -ETIMEDOUT))?;
-    if r == -ENOENT {
-        return Ok(None);
-    }
-    if r < 0 {
-        return Err(rados_error("list snapshots of", oid, r));
-    }
-    Ok(Some(out.snap_set()))
+    // SAFETY: rnbd_aio_list_snaps calls `done` once exactly when it returns >= 0 and
+    // writes only into its result object; `io` outlives the call and in-flight
+    // operations hold their own reference on the handle.
+    let out = unsafe {
+        shim::call(
+            "list snapshots of",
+            oid,
+            rnbd_snaps_new,
+            rnbd_snaps_free,
+            |name, res, done, arg| rnbd_aio_list_snaps(io.raw(), name, res, done, arg),
+        )
+        .await?
+    };
+    Ok(out.map(|o| o.snap_set()))
 }
 
 /// How many `list_snaps` are in flight at once while rebuilding a map (what
