@@ -1,10 +1,11 @@
 //! With the `ceph` feature, builds our C++ shims for librados' `list_snaps` and
-//! `sparse_read` (src/store/ceph/{list_snaps,sparse_read}.cc; the C API has no
+//! `sparse_read` (src/store/ceph/{list_snaps,sparse_read}.cc, sharing shim.hpp; the C API has no
 //! equivalent), which need librados' C++ headers (Debian: libradospp-dev).
 
 fn main() {
     println!("cargo:rerun-if-changed=src/store/ceph/list_snaps.cc");
     println!("cargo:rerun-if-changed=src/store/ceph/sparse_read.cc");
+    println!("cargo:rerun-if-changed=src/store/ceph/shim.hpp");
     if std::env::var_os("CARGO_FEATURE_CEPH").is_none() {
         return;
     }

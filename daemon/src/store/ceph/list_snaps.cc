@@ -3,73 +3,33 @@
 // clones of a data object exist and the newest snapshot the head has seen (snap_set.seq)
 // tell whether the object was written since the image's newest snapshot.
 //
-// Built by daemon/build.rs with the `ceph` feature; the Rust side is snaps.rs. Everything
-// here is plain data behind an opaque pointer, so no C++ type crosses the boundary and no
-// exception escapes: every entry point catches.
+// Built by daemon/build.rs with the `ceph` feature; the Rust side is snaps.rs. The
+// asynchronous call and its callback are shim.hpp's.
 
-#include <rados/librados.hpp>
+#include "shim.hpp"
 
-#include <cerrno>
 #include <cstdint>
-#include <new>
+
+struct rnbd_snaps : rnbd_aio {
+  librados::snap_set_t set;
+};
 
 extern "C" {
-
-typedef void (*rnbd_done_t)(void *arg, int r);
-
-struct rnbd_snaps {
-  librados::snap_set_t set;
-  int prval = 0;
-  librados::AioCompletion *comp = nullptr;
-  rnbd_done_t done = nullptr;
-  void *arg = nullptr;
-};
 
 rnbd_snaps *rnbd_snaps_new() { return new (std::nothrow) rnbd_snaps(); }
 
 void rnbd_snaps_free(rnbd_snaps *s) { delete s; }
 
-static void rnbd_on_complete(librados::completion_t, void *p) {
-  rnbd_snaps *s = static_cast<rnbd_snaps *>(p);
-  int r = s->comp->get_return_value();
-  if (r >= 0 && s->prval < 0) {
-    r = s->prval;
-  }
-  // Ours is the only user reference; the operation holds its own for this callback.
-  s->comp->release();
-  s->comp = nullptr;
-  // After `done` the Rust side owns (and may free) `s`: touch nothing after it.
-  s->done(s->arg, r);
-}
-
 // Starts list_snaps of `oid` through `io`, which must read at LIBRADOS_SNAP_DIR (as
 // librbd's C_VerifyObjectCallback does: at the head an object removed since a snapshot
-// answers ENOENT though its clones live on). On success (0) `done(arg, r)` runs exactly
-// once, on a librados thread, with r < 0 on failure (-ENOENT: no such object at all); on
-// failure (< 0) it never runs.
+// answers ENOENT though its clones live on); calls back as rnbd_aio_start says (-ENOENT:
+// no such object at all).
 int rnbd_aio_list_snaps(rados_ioctx_t io, const char *oid, rnbd_snaps *s, rnbd_done_t done,
                         void *arg) {
   try {
-    librados::IoCtx ctx;
-    // Shares (and references) the caller's handle; its destructor drops that reference.
-    librados::IoCtx::from_rados_ioctx_t(io, ctx);
-    s->done = done;
-    s->arg = arg;
-    s->prval = 0;
-    s->comp = librados::Rados::aio_create_completion(s, rnbd_on_complete);
-    if (s->comp == nullptr) {
-      return -ENOMEM;
-    }
     librados::ObjectReadOperation op;
     op.list_snaps(&s->set, &s->prval);
-    // The operation's steps and output pointers are moved into the request here, so `op`
-    // may go; `s` stays alive until the callback.
-    int r = ctx.aio_operate(oid, s->comp, &op, nullptr);
-    if (r < 0) {
-      s->comp->release();
-      s->comp = nullptr;
-    }
-    return r;
+    return rnbd_aio_start(io, oid, s, &op, done, arg);
   } catch (const std::bad_alloc &) {
     return -ENOMEM;
   } catch (...) {
