@@ -212,11 +212,17 @@ impl<S: ImageStore> Image<S> {
                     continue;
                 }
                 let Some(img) = me.upgrade() else { return };
-                // A rebuild under way ends first; one that failed keeps the flag set
-                // until an attempt succeeds (the background one's, or close's), and ends
-                // the idle checkpoints (it was logged).
+                // Not in a tight loop after a failure: wait another idle period.
+                let postpone = |img: &Self| {
+                    let ns = img.opened.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+                    img.last_change.fetch_max(ns, Ordering::Relaxed);
+                };
+                // A rebuild under way ends first; one that fails (it logs why) keeps the
+                // flag set and is tried again after another idle period (and by the
+                // background task, and at close).
                 if img.rebuild_pending() && img.finish_rebuild().await.is_err() {
-                    return;
+                    postpone(&img);
+                    continue;
                 }
                 match img.checkpoint().await {
                     Ok(()) => tracing::debug!(
@@ -225,9 +231,7 @@ impl<S: ImageStore> Image<S> {
                     ),
                     Err(e) => {
                         tracing::warn!("{e} (the dirty flag stays set; retried when idle)");
-                        // Not in a tight loop: wait another idle period.
-                        let ns = img.opened.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-                        img.last_change.fetch_max(ns, Ordering::Relaxed);
+                        postpone(&img);
                     }
                 }
             }

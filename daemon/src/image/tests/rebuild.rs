@@ -276,6 +276,40 @@ async fn the_background_rebuild_stops_when_the_image_is_closed() {
 }
 
 #[tokio::test]
+async fn idle_checkpoints_go_on_after_a_failed_rebuild() {
+    let mem = crashed(&[1]).await;
+    let hold = ListingHold::new();
+    hold.fail();
+    let h = mem.clone().holding_listings(hold.clone());
+    let o = OpenOptions {
+        checkpoint_idle: Some(Duration::from_millis(20)),
+        ..OpenOptions::default()
+    };
+    let img = Arc::new(Image::from_store_image(h, &spec("vm1"), &o).await.unwrap());
+    let task = img
+        .spawn_idle_checkpoints()
+        .expect("a task for a writable image");
+    // Each idle period tries the rebuild; both attempts fail, the flag stays set.
+    hold.wait_started(2).await;
+    assert_ne!(mem.flags() & RBD_FLAG_OBJECT_MAP_INVALID, 0);
+    hold.release();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while mem.flags() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("an idle checkpoint once the rebuild succeeds");
+    assert!(img.map_is_whole());
+    assert_eq!(disk_existing(&mem), [1]);
+    img.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the idle task ends at close")
+        .unwrap();
+}
+
+#[tokio::test]
 async fn changes_that_need_the_whole_map_wait_a_bounded_time() {
     let mem = crashed(&[1]).await;
     let hold = ListingHold::new();
