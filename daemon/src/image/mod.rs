@@ -57,10 +57,7 @@ pub use map::{
     MapSource,
 };
 pub use open::{create_image, shared_setting, write_empty_object_map, OpenOptions};
-pub use rebuild::{
-    rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_RETRY_FIRST, REBUILD_RETRY_MAX,
-    REBUILD_WAIT,
-};
+pub use rebuild::{rebuild_before_serving, REBUILD_BEFORE_SERVING_ENV, REBUILD_WAIT};
 pub use snap::{mark_clean_after_snapshot, merge_removed_snapshot};
 
 /// Image metadata key of the per-image `shared` setting.

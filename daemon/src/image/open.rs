@@ -265,7 +265,7 @@ impl<S: ImageStore> Image<S> {
             map_source,
             rebuild,
             rebuild_wait: super::REBUILD_WAIT,
-            rebuild_retry: super::REBUILD_RETRY_FIRST,
+            rebuild_retry: super::rebuild::REBUILD_RETRY_FIRST,
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             gate: RwLock::new(false),
             dirty_flag: AtomicBool::new(false),

@@ -24,16 +24,24 @@ async fn crashed(objs: &[u64]) -> MemImage {
     mem
 }
 
+/// Image `name` of `mem` opened for writing with `o`, its listings held by the hold
+/// returned (nothing started yet).
+async fn open_held(
+    mem: &MemImage,
+    name: &str,
+    o: &OpenOptions,
+) -> (Image<MemImage>, Arc<ListingHold>) {
+    let hold = ListingHold::new();
+    let h = mem.clone().holding_listings(hold.clone());
+    let img = Image::from_store_image(h, &spec(name), o).await.unwrap();
+    (img, hold)
+}
+
 /// Opened for writing with its listings held, the rebuild started in the background
 /// and its listing under way.
 async fn serving(mem: &MemImage) -> (Arc<Image<MemImage>>, Arc<ListingHold>) {
-    let hold = ListingHold::new();
-    let h = mem.clone().holding_listings(hold.clone());
-    let img = Arc::new(
-        Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
-            .await
-            .unwrap(),
-    );
+    let (img, hold) = open_held(mem, "vm1", &OpenOptions::default()).await;
+    let img = Arc::new(img);
     assert!(matches!(img.map_source(), Some(MapSource::Rebuilt(_))));
     assert!(img.rebuild_pending());
     assert!(img.spawn_map_rebuild().is_some());
@@ -194,11 +202,7 @@ async fn a_failed_rebuild_leaves_the_flag_set() {
 #[tokio::test]
 async fn a_failed_rebuild_is_tried_again_in_the_background() {
     let mem = crashed(&[1, 3]).await;
-    let hold = ListingHold::new();
-    let h = mem.clone().holding_listings(hold.clone());
-    let mut img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
+    let (mut img, hold) = open_held(&mem, "vm1", &OpenOptions::default()).await;
     img.rebuild_retry = Duration::from_millis(10);
     let img = Arc::new(img);
     let task = img.spawn_map_rebuild().unwrap();
@@ -227,11 +231,7 @@ async fn a_failed_rebuild_is_tried_again_in_the_background() {
 #[tokio::test]
 async fn close_tries_a_failed_rebuild_again() {
     let mem = crashed(&[2]).await;
-    let hold = ListingHold::new();
-    let h = mem.clone().holding_listings(hold.clone());
-    let img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
+    let (img, hold) = open_held(&mem, "vm1", &OpenOptions::default()).await;
     hold.fail();
     assert!(img.finish_rebuild().await.is_err());
     assert!(img.checkpoint().await.is_err());
@@ -249,11 +249,7 @@ async fn close_tries_a_failed_rebuild_again() {
 #[tokio::test]
 async fn the_background_rebuild_stops_when_the_image_is_closed() {
     let mem = crashed(&[1]).await;
-    let hold = ListingHold::new();
-    let h = mem.clone().holding_listings(hold.clone());
-    let mut img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
+    let (mut img, hold) = open_held(&mem, "vm1", &OpenOptions::default()).await;
     img.rebuild_retry = Duration::from_millis(10);
     let img = Arc::new(img);
     hold.fail();
@@ -278,14 +274,13 @@ async fn the_background_rebuild_stops_when_the_image_is_closed() {
 #[tokio::test]
 async fn idle_checkpoints_go_on_after_a_failed_rebuild() {
     let mem = crashed(&[1]).await;
-    let hold = ListingHold::new();
-    hold.fail();
-    let h = mem.clone().holding_listings(hold.clone());
     let o = OpenOptions {
         checkpoint_idle: Some(Duration::from_millis(20)),
         ..OpenOptions::default()
     };
-    let img = Arc::new(Image::from_store_image(h, &spec("vm1"), &o).await.unwrap());
+    let (img, hold) = open_held(&mem, "vm1", &o).await;
+    hold.fail();
+    let img = Arc::new(img);
     let task = img
         .spawn_idle_checkpoints()
         .expect("a task for a writable image");
@@ -312,11 +307,7 @@ async fn idle_checkpoints_go_on_after_a_failed_rebuild() {
 #[tokio::test]
 async fn changes_that_need_the_whole_map_wait_a_bounded_time() {
     let mem = crashed(&[1]).await;
-    let hold = ListingHold::new();
-    let h = mem.clone().holding_listings(hold.clone());
-    let mut img = Image::from_store_image(h, &spec("vm1"), &OpenOptions::default())
-        .await
-        .unwrap();
+    let (mut img, hold) = open_held(&mem, "vm1", &OpenOptions::default()).await;
     img.rebuild_wait = Duration::from_millis(50);
     let img = Arc::new(img);
     img.spawn_map_rebuild().unwrap();
@@ -352,13 +343,8 @@ async fn a_clone_copies_up_an_unknown_object() {
     let child = base.clone_of(1, "c");
     let f = invalid_flags(DEFAULT_FEATURES);
     child.set_flags(f, f).await.unwrap();
-    let hold = ListingHold::new();
-    let h = child.clone().holding_listings(hold.clone());
-    let img = Arc::new(
-        Image::from_store_image(h, &spec("child"), &OpenOptions::default())
-            .await
-            .unwrap(),
-    );
+    let (img, hold) = open_held(&child, "child", &OpenOptions::default()).await;
+    let img = Arc::new(img);
     img.spawn_map_rebuild().unwrap();
     hold.wait_started(1).await;
     // Unknown, absent from the child: the parent's bytes, and a write copies them up.

@@ -56,8 +56,8 @@ unsafe extern "C" fn on_done<T>(arg: *mut c_void, r: c_int) {
     // SAFETY: `arg` is the Box<Slot<T>> leaked by `call` for this operation; the shim
     // calls back exactly once, so we are its only owner now.
     let slot = unsafe { Box::from_raw(arg as *mut Slot<T>) };
-    let Slot { out, oid, tx } = *slot;
-    drop(oid);
+    // The name goes with the slot: librados is done with it.
+    let Slot { out, tx, .. } = *slot;
     // When the future was dropped, `out` is dropped (freed) here, after librados is done.
     let _ = tx.send((r, out));
 }
