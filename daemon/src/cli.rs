@@ -25,8 +25,23 @@ pub struct Cli {
     pub store: Option<String>,
 
     /// Ceph client id for `--store ceph:` (like `rbd --id`: `admin`, not `client.admin`).
-    #[arg(long, global = true, value_name = "ID")]
+    #[arg(long, short = 'i', global = true, value_name = "ID")]
     pub id: Option<String>,
+
+    /// Ceph client name, `client.ID` (like `rbd --name`): the same as `--id ID`.
+    #[arg(
+        long,
+        short = 'n',
+        global = true,
+        value_name = "client.ID",
+        conflicts_with = "id"
+    )]
+    pub name: Option<String>,
+
+    /// Ceph configuration file, as in `rbd -c` and `rbd-nbd -c`: the image is in that
+    /// cluster (the same as `--store ceph:PATH`).
+    #[arg(long = "conf", short = 'c', global = true, value_name = "PATH")]
+    pub conf: Option<PathBuf>,
 
     /// Ceph keyring file for `--store ceph:` (like `rbd --keyring`).
     #[arg(long, global = true, value_name = "PATH")]
@@ -245,6 +260,41 @@ pub enum Command {
 }
 
 impl Cli {
+    /// The `--store` URI with rbd's spellings folded in: `-c PATH` is `--store ceph:PATH`
+    /// (with `--store ceph:` or no `--store`; anything else names another store and is an
+    /// error); `--name client.ID` is `--id ID`. Call once, before [`Cli::ceph_access`].
+    pub fn resolve_rbd_spellings(&mut self) -> crate::error::Result<()> {
+        use crate::error::{Error, ErrorKind};
+        if let Some(n) = self.name.take() {
+            match n.strip_prefix("client.") {
+                Some(id) if !id.is_empty() => self.id = Some(id.to_string()),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("--name {n:?}: expected client.ID (rados-nbd is a Ceph client)"),
+                    ))
+                }
+            }
+        }
+        if let Some(c) = self.conf.take() {
+            let uri = format!("ceph:{}", c.display());
+            match self.store.as_deref() {
+                None | Some("ceph:") => self.store = Some(uri),
+                Some(s) if s == uri => {}
+                Some(s) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "-c/--conf {} names a Ceph cluster, but --store {s} another store",
+                            c.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `--id`, `--keyring` and `--allow-encrypted`, for [`crate::store::connect`].
     pub fn ceph_access(&self) -> CephAccess {
         CephAccess {
@@ -267,5 +317,80 @@ impl Command {
             return matches!(k, KernelCommand::Map(_) | KernelCommand::Attach(_));
         }
         matches!(self, Command::Serve(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    fn resolved(args: &[&str]) -> crate::error::Result<Cli> {
+        let mut c = Cli::try_parse_from(["rados-nbd"].iter().chain(args)).unwrap();
+        c.resolve_rbd_spellings()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rbd_spellings_of_cluster_options() {
+        // -c and --conf select the Ceph store with that file, before or after the command.
+        for args in [
+            &["-c", "/etc/ceph/a.conf", "ls"][..],
+            &["ls", "--conf", "/etc/ceph/a.conf"],
+            &["--store", "ceph:", "-c", "/etc/ceph/a.conf", "ls"],
+            &[
+                "--store",
+                "ceph:/etc/ceph/a.conf",
+                "-c",
+                "/etc/ceph/a.conf",
+                "ls",
+            ],
+        ] {
+            let c = resolved(args).unwrap();
+            assert_eq!(
+                c.store.as_deref(),
+                Some("ceph:/etc/ceph/a.conf"),
+                "{args:?}"
+            );
+        }
+        // Another store, or another cluster's file, is a contradiction.
+        for args in [
+            &["-c", "/etc/ceph/a.conf", "--store", "dir:/srv", "ls"][..],
+            &[
+                "-c",
+                "/etc/ceph/a.conf",
+                "--store",
+                "ceph:/etc/ceph/b.conf",
+                "ls",
+            ],
+        ] {
+            let e = resolved(args).expect_err("refused");
+            assert!(e.to_string().contains("another store"), "{e}");
+        }
+        // Without -c nothing changes.
+        assert_eq!(resolved(&["ls"]).unwrap().store, None);
+        // -i is --id; -n/--name client.X is --id X; anything but a client is refused.
+        assert_eq!(
+            resolved(&["-i", "nbd", "ls"]).unwrap().id.as_deref(),
+            Some("nbd")
+        );
+        let c = resolved(&["--name", "client.nbd", "ls"]).unwrap();
+        assert_eq!((c.id.as_deref(), c.name), (Some("nbd"), None));
+        assert_eq!(
+            resolved(&["-n", "client.x", "ls"]).unwrap().id.as_deref(),
+            Some("x")
+        );
+        for bad in ["osd.0", "client.", "nbd"] {
+            let e = resolved(&["--name", bad, "ls"]).expect_err("refused");
+            assert!(e.to_string().contains("client.ID"), "{e}");
+        }
+        assert!(
+            Cli::try_parse_from(["rados-nbd", "--id", "a", "--name", "client.b", "ls"]).is_err()
+        );
     }
 }

@@ -35,7 +35,7 @@ fn main() {
         eprintln!("rados-nbd: internal error: {}{at}", msg.replace('\n', " "));
     }));
 
-    let cli = match cli::Cli::try_parse() {
+    let mut cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -63,6 +63,11 @@ fn main() {
             std::process::exit(EXIT_PERMANENT);
         }
     };
+    if let Err(e) = cli.resolve_rbd_spellings() {
+        // Bad arguments, as clap's own errors above.
+        eprintln!("rados-nbd: {e}");
+        std::process::exit(EXIT_PERMANENT);
+    }
     if !cli.command.serves() {
         // Commands that print and exit end quietly on a closed pipe (`| head`,
         // `| grep -q`), like any Unix tool. Servers keep SIGPIPE ignored: a client that
