@@ -18,6 +18,7 @@ need=(
   "ceph-mon ceph-mon"             # throwaway one-node cluster for the Ceph tests
   "ceph-osd ceph-osd"
   "rbd ceph-common"               # rbd / rados / ceph: the oracle tools
+  "rbd-nbd rbd-nbd"               # Ceph's own NBD client: the oracle of map/attach/list-mapped
   "qemu-system-x86_64 qemu-system-x86"  # real kernel with an NBD driver for kernel-attach tests
   "busybox busybox-static"        # the test VM's initramfs
   "cpio cpio"

@@ -120,7 +120,7 @@ if [ "${PART:-nbd}" = ublk ]; then
   check "... it has the image's size" test "$(blockdev --getsize64 "$dev")" = $((UBLK_MB << 20))
   check "rbd info (from the guest): object map invalid while mapped" flags_are "$UBLK" "object map invalid,fast diff invalid"
   check "list-mapped shows the Ceph image on ublk" bash -c \
-    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +ceph:$CEPH_CONF +ublk\$'"
+    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +ceph:$CEPH_CONF +ublk +-\$'"
   check "rbd bench --io-type write (host) is refused (EROFS: --exclusive)" host refused_bench "$UBLK"
   check "mkfs.ext4, mount" bash -c "mkfs.ext4 -q -F $dev && mount $dev $MNT"
   check "... write files (one spanning objects), sync" write_files $MNT
@@ -173,9 +173,9 @@ echo "== map a Ceph image, ext4, unmap"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"
 check "rbd info (from the guest): object map invalid while mapped" flags_are "$IMG" "object map invalid,fast diff invalid"
 check "list-mapped shows the Ceph image" bash -c \
-  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +ceph:$CEPH_CONF +nbd\$'"
+  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +ceph:$CEPH_CONF +nbd +rados-nbd:ceph:$CEPH_CONF:rbd/$IMG\$'"
 check "list-mapped --format json shows the Ceph image" bash -c \
-  "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .pool == \"rbd\" and .namespace == \"\" and .image == \"$IMG\" and .snap == null and .store == \"ceph:$CEPH_CONF\" and (.id | type) == \"number\")'"
+  "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .pool == \"rbd\" and .namespace == \"\" and .image == \"$IMG\" and .snap == \"\" and .store == \"ceph:$CEPH_CONF\" and (.id | type) == \"number\")'"
 check "list-mapped --format xml shows the Ceph image (rbd-nbd's shape)" bash -c \
   "'$B' list-mapped --format xml | grep -q '<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>$IMG</image><snap></snap><device>$dev</device>'"
 check "mkfs.ext4" mkfs.ext4 -q -F "$dev"
@@ -210,10 +210,55 @@ check "device released after unmap by name" released "$dev"
 check "list-mapped empty after unmap" bash -c "[ -z \"\$('$B' list-mapped)\" ] && [ \"\$('$B' list-mapped --format json)\" = '[]' ]"
 
 echo "== raw writes through /dev/nbdX"
-mapped "map $RAW" "rbd/$RAW"
+# With rbd-nbd's spellings of the cluster options: -c CONF (the Ceph store), -n client.ID.
+RN_USUAL=("${RN[@]}")
+RN=("$B" -c "$CEPH_CONF")
+[ -n "${CEPH_NBD_KEYRING:-}" ] && RN+=(-n "client.${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
+mapped "map $RAW (as rbd-nbd: -c CONF -n client.ID)" "rbd/$RAW"
+RN=("${RN_USUAL[@]}")
+check "  -c CONF is the Ceph store of that file" bash -c \
+  "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .store == \"ceph:$CEPH_CONF\")'"
 check "dd $RAW_MB MiB of random data (O_DIRECT)" dd if=/dev/urandom of="$dev" bs=1M count="$RAW_MB" oflag=direct status=none
 dd if="$dev" bs=1M count="$RAW_MB" iflag=direct status=none | md5sum | cut -d' ' -f1 >"$OUT/$RAW.md5"
 check "unmap $RAW" "$B" unmap "$dev"
+
+echo "== rbd-nbd's command lines, with only the tool's name changed (rbd-nbd is the oracle)"
+# compat TOOL: map --show-cookie, list-mapped (json, pretty json, xml), detach, attach with a
+# wrong cookie (refused) and with the right one, I/O, unmap by image name; what each step
+# printed and whether it succeeded, with the device and the cookie (rbd-nbd's is random)
+# written as DEV and COOKIE. The same lines must come out for both tools.
+compat() {
+  local t=("$1" -c "$CEPH_CONF") out dev cookie
+  [ -n "${CEPH_NBD_KEYRING:-}" ] && t+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
+  out=$("${t[@]}" map --show-cookie "rbd/$COMPAT" 2>/tmp/compat.err) || { echo "map failed: $(tail -2 /tmp/compat.err)"; return; }
+  dev=${out%% *} cookie=${out#* }
+  echo "map printed: $(echo "$out" | sed "s|$dev|DEV|; s|$cookie|COOKIE|")"
+  echo "the cookie is the device's backend: $([ "$(cat "/sys/block/${dev#/dev/}/backend" 2>&1)" = "$cookie" ] && echo yes || echo no)"
+  echo "list-mapped json: $("${t[@]}" list-mapped --format json | jq -c --arg d "$dev" --arg c "$cookie" \
+    '[.[] | select(.device == $d) | {pool, namespace, image, snap, device: (.device == $d), cookie: (.cookie == $c), id: (.id | type)}]')"
+  echo "list-mapped pretty json parses alike: $("${t[@]}" list-mapped --format json --pretty-format | jq -c --arg d "$dev" '[.[] | select(.device == $d) | .image]')"
+  echo "list-mapped xml: $("${t[@]}" list-mapped --format xml | grep -o "<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>$COMPAT</image><snap></snap><device>$dev</device><cookie>$cookie</cookie>" | sed "s|<id>[0-9]*</id>|<id>N</id>|; s|$dev|DEV|; s|$cookie|COOKIE|")"
+  "${t[@]}" detach "$dev" >/dev/null 2>&1 && echo "detach: ok" || echo "detach: failed"
+  "${t[@]}" attach --device "$dev" --cookie "not-$cookie" "rbd/$COMPAT" >/dev/null 2>&1 && echo "attach with a wrong cookie: accepted" || echo "attach with a wrong cookie: refused"
+  "${t[@]}" attach --device "$dev" --cookie "$cookie" "rbd/$COMPAT" >/dev/null 2>/tmp/compat.err && echo "attach --cookie: ok" || echo "attach --cookie: failed: $(tail -1 /tmp/compat.err)"
+  dd if=/dev/urandom of=/tmp/compat.bin bs=64k count=16 status=none
+  dd if=/tmp/compat.bin of="$dev" bs=64k oflag=direct status=none && cmp -s -n $((1 << 20)) /tmp/compat.bin "$dev" && echo "I/O after attach: ok" || echo "I/O after attach: failed"
+  "${t[@]}" unmap "rbd/$COMPAT" >/dev/null 2>&1 && echo "unmap by image name: ok" || echo "unmap by image name: failed"
+  for _ in $(seq 100); do [ "$(cat "/sys/block/${dev#/dev/}/size")" = 0 ] && break; sleep 0.1; done
+  echo "device released: $([ "$(cat "/sys/block/${dev#/dev/}/size")" = 0 ] && echo yes || echo no)"
+}
+if command -v rbd-nbd >/dev/null; then
+  compat rbd-nbd >/tmp/compat.rbd-nbd
+  compat "$B" >/tmp/compat.rados-nbd
+  sed 's/^/    rbd-nbd: /' /tmp/compat.rbd-nbd
+  if diff /tmp/compat.rbd-nbd /tmp/compat.rados-nbd >/tmp/compat.diff; then
+    ok "rados-nbd answers rbd-nbd's command lines as rbd-nbd does"
+  else
+    bad "rados-nbd answers rbd-nbd's command lines as rbd-nbd does"; sed 's/^/    | /' /tmp/compat.diff
+  fi
+else
+  echo "SKIP rbd-nbd's command lines: rbd-nbd is not installed (package rbd-nbd, tests/deps.sh)"
+fi
 
 echo "== xfs on a Ceph image"
 if ! command -v mkfs.xfs >/dev/null || ! command -v xfs_repair >/dev/null; then

@@ -31,6 +31,8 @@ IMG=vmceph-ext IMG_MB=32 RAW=vmceph-raw RAW_MB=16
 # XFS: 320 MiB (mkfs.xfs refuses less than 300 MB); LIVE: ext4 killed under fio, resized,
 # snapshotted; BENCH: written by the guest and by `rbd bench` from the host.
 XFS=vmceph-xfs LIVE=vmceph-live LIVE_MB=24 LIVE_GROWN_MB=32 BENCH=vmceph-bench BENCH_MB=16
+# rbd-nbd's command lines, run by rbd-nbd and by rados-nbd in turn (the oracle of "change one word").
+COMPAT=vmceph-compat
 # UBLK: the ublk transport's image, served by a second boot with the 6.12 kernel (Debian's 6.1
 # has no ublk) when the binary was built with feature ublk.
 UBLK=vmceph-ublk UBLK_MB=48
@@ -74,7 +76,7 @@ check "the cluster listens on $addr only" listens_only_on_addr
 check "create $IMG ($IMG_MB MiB), $RAW ($RAW_MB MiB), $XFS, $LIVE, $BENCH with rbd" \
   eval "rbd create --size ${IMG_MB}M $IMG && rbd create --size ${RAW_MB}M $RAW &&
     rbd create --size 320M $XFS && rbd create --size ${LIVE_MB}M $LIVE && rbd create --size ${BENCH_MB}M $BENCH &&
-    rbd create --size ${UBLK_MB}M $UBLK"
+    rbd create --size ${UBLK_MB}M $UBLK && rbd create --size 16M $COMPAT"
 
 # What the guest asks of the host while it runs (ceph-kernel-tests.sh `host`): a second
 # client beside its map (`rbd resize`, `rbd snap create`, `rbd bench`, `rbd export`) and the
@@ -155,7 +157,7 @@ if [ -n "$nbd" ]; then
     RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
     CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring IMG=$IMG RAW=$RAW RAW_MB=$RAW_MB \
     XFS=$XFS LIVE=$LIVE LIVE_MB=$LIVE_MB LIVE_GROWN_MB=$LIVE_GROWN_MB BENCH=$BENCH BENCH_MB=$BENCH_MB \
-    QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
+    COMPAT=$COMPAT QUIESCE_HOOK=/mnt/rados-nbd_quiesce RPC=/mnt/rpc \
     OUT=/mnt/out LOGDIR=/mnt/logs LAPS="${LAPS:-}" >"$work/vm-output.txt" 2>&1 &
   # Waited for in the background so that SIGTERM/SIGINT end this script (and cleanup ends the VM)
   # at once, not after the guest.
@@ -199,7 +201,7 @@ if [ -n "$nbd" ]; then
   check "$LIVE is $LIVE_GROWN_MB MiB (rbd resize while mapped)" \
     eval "[ \"\$(rbd info $LIVE --format json | jq .size)\" = $((LIVE_GROWN_MB << 20)) ]"
   check "$LIVE@s1: rbd object-map check passes" omap_check "$LIVE@s1"
-  imgs="$IMG $RAW $XFS $LIVE $BENCH"
+  imgs="$IMG $RAW $XFS $LIVE $BENCH $COMPAT"
 fi
 if [ -n "$ublk" ]; then
   check "rbd export of $UBLK equals what the guest read from its ublk device" \

@@ -88,9 +88,39 @@ pub struct ServeOpts {
     /// foreground.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// The device's cookie (rbd-nbd's name for the kernel's NBD_ATTR_BACKEND_IDENTIFIER,
+    /// shown in /sys/block/nbdN/backend): `map` gives the device this one instead of its
+    /// own (`rados-nbd:STORE:IMAGE`); `attach` refuses a device whose cookie differs.
+    #[arg(long, value_name = "COOKIE", value_parser = parse_cookie)]
+    pub cookie: Option<String>,
+    /// Print the device's cookie after its path (`/dev/nbdN COOKIE`), as rbd-nbd
+    /// --show-cookie; only the path when the device has none (the ioctl interface).
+    #[arg(long)]
+    pub show_cookie: bool,
+    /// Accepted for rbd-nbd's command lines: the netlink interface is always tried first.
+    #[arg(long, hide = true)]
+    pub try_netlink: bool,
+    /// Refused with a clear message: rados-nbd has no client-side encryption.
+    #[arg(long, hide = true, value_name = "FORMAT")]
+    pub encryption_format: Option<String>,
+    /// Refused with a clear message: rados-nbd has no client-side encryption.
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub encryption_passphrase_file: Option<PathBuf>,
     /// Internal: the pipe on which a background daemon reports readiness to `map`.
     #[arg(long, value_name = "FD", hide = true)]
     pub ready_fd: Option<i32>,
+}
+
+/// A cookie goes to the kernel as a netlink string and back through sysfs and
+/// list-mapped's columns: printable, no white space.
+fn parse_cookie(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 256 {
+        return Err("a cookie is 1 to 256 characters".into());
+    }
+    if !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("a cookie is printable ASCII without spaces".into());
+    }
+    Ok(s.to_string())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -148,6 +178,9 @@ pub enum ListFormat {
 pub struct ListMappedArgs {
     #[arg(long, value_enum, default_value_t = ListFormat::Plain)]
     pub format: ListFormat,
+    /// Indented json or xml, as rbd-nbd --pretty-format.
+    #[arg(long)]
+    pub pretty_format: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -298,6 +331,62 @@ mod tests {
     }
 
     #[test]
+    fn rbd_nbd_cookie_and_compatibility_options() {
+        let t = T::try_parse_from([
+            "x",
+            "map",
+            "img",
+            "--show-cookie",
+            "--cookie",
+            "c-1",
+            "--try-netlink",
+        ])
+        .unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert!(m.opts.show_cookie && m.opts.try_netlink);
+        assert_eq!(m.opts.cookie.as_deref(), Some("c-1"));
+        let t = T::try_parse_from([
+            "x",
+            "attach",
+            "--device",
+            "/dev/nbd0",
+            "img",
+            "--cookie",
+            "c",
+        ])
+        .unwrap();
+        let KernelCommand::Attach(a) = t.cmd else {
+            panic!("not attach")
+        };
+        assert_eq!(a.opts.cookie.as_deref(), Some("c"));
+        // A cookie is one printable word: it is a sysfs line and a list-mapped column.
+        for bad in ["", "a b", "tab\there", "é"] {
+            assert!(
+                T::try_parse_from(["x", "map", "img", "--cookie", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(T::try_parse_from(["x", "map", "img", "--cookie", &"x".repeat(257)]).is_err());
+        // Encryption options parse, to be refused with a sentence when the map starts.
+        let t = T::try_parse_from(["x", "map", "img", "--encryption-format", "luks2"]).unwrap();
+        let KernelCommand::Map(m) = t.cmd else {
+            panic!("not map")
+        };
+        assert_eq!(m.opts.encryption_format.as_deref(), Some("luks2"));
+        let t =
+            T::try_parse_from(["x", "list-mapped", "--format", "xml", "--pretty-format"]).unwrap();
+        assert!(matches!(
+            t.cmd,
+            KernelCommand::ListMapped(ListMappedArgs {
+                format: ListFormat::Xml,
+                pretty_format: true
+            })
+        ));
+    }
+
+    #[test]
     fn other_commands_parse() {
         let t = T::try_parse_from(["x", "unmap", "/dev/nbd0", "--force"]).unwrap();
         assert!(matches!(
@@ -308,7 +397,8 @@ mod tests {
         assert!(matches!(
             t.cmd,
             KernelCommand::ListMapped(ListMappedArgs {
-                format: ListFormat::Json
+                format: ListFormat::Json,
+                pretty_format: false,
             })
         ));
         let t = T::try_parse_from(["x", "attach", "--device", "/dev/nbd1", "vm1"]).unwrap();

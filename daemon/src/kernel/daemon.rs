@@ -51,10 +51,56 @@ fn no_ublk() -> Error {
     )
 }
 
-/// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER); RECONFIGURE must
-/// present the same string, so the kernel itself refuses to re-attach another image.
+/// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER, rbd-nbd's "cookie")
+/// unless `--cookie` names another; RECONFIGURE must present the same string, so the
+/// kernel itself refuses to re-attach another image. No white space: it is a column of
+/// list-mapped.
 fn backend_id(store: &str, spec: &ImageSpec) -> String {
+    format!("rados-nbd:{store}:{spec}")
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// The identifier of mappings made before it lost its spaces (so `attach` still takes
+/// over a device an older daemon mapped, as in an upgrade).
+fn legacy_backend_id(store: &str, spec: &ImageSpec) -> String {
     format!("rados-nbd {store} {spec}")
+}
+
+/// Whether a device's cookie says it was mapped from `spec` in `store` without the user
+/// naming the cookie: our own identifiers, or the one recorded when it was mapped.
+fn cookie_is_ours(have: &str, store: &str, spec: &ImageSpec, st: Option<&DeviceState>) -> bool {
+    have == backend_id(store, spec)
+        || have == legacy_backend_id(store, spec)
+        || st.is_some_and(|st| {
+            st.backend.as_deref() == Some(have)
+                && st.store == store
+                && st.pool == spec.pool
+                && st.namespace == spec.namespace
+                && st.image == spec.name
+                && st.snap == spec.snap
+        })
+}
+
+/// What rbd-nbd's map and attach take that rados-nbd cannot do, refused before anything
+/// starts; options that only the NBD transport has.
+fn check_rbd_nbd_options(opts: &ServeOpts) -> Result<()> {
+    if opts.encryption_format.is_some() || opts.encryption_passphrase_file.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "--encryption-format/--encryption-passphrase-file: rados-nbd has no client-side \
+             encryption (librbd's LUKS); map the image with rbd-nbd, or serve its raw LUKS \
+             volume with --allow-encrypted and open it with cryptsetup",
+        ));
+    }
+    if opts.transport == device::Transport::Ublk && (opts.cookie.is_some() || opts.show_cookie) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--cookie and --show-cookie are the nbd driver's (NBD_ATTR_BACKEND_IDENTIFIER); a ublk device has none",
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn map(a: MapArgs, store: &str, ceph: &CephAccess) -> Result<()> {
@@ -121,6 +167,7 @@ fn start(
     ceph: &CephAccess,
 ) -> Result<()> {
     let spec: ImageSpec = image.parse()?;
+    check_rbd_nbd_options(&opts)?;
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -192,9 +239,13 @@ fn serve(
     let _pid_file = PidFileGuard(opts.pid_file.as_deref());
     let mut read_only = opts.read_only || spec.snap.is_some();
     let mut connections = opts.connections;
-    let (mode, nl) = match mode {
-        Mode::Ublk(m) => (prepare_ublk(m, &spec, store, &mut read_only)?, None),
-        m => prepare_nbd(m, &spec, store, &mut read_only, &mut connections)?,
+    let (mode, nl, backend) = match mode {
+        Mode::Ublk(m) => (
+            prepare_ublk(m, &spec, store, &mut read_only)?,
+            None,
+            String::new(),
+        ),
+        m => prepare_nbd(m, &spec, store, opts, &mut read_only, &mut connections)?,
     };
     for w in device::harden_process() {
         tracing::warn!("{w}");
@@ -249,6 +300,7 @@ fn serve(
                 store,
                 read_only,
                 connections,
+                backend,
             };
             setup
                 .run(mode, nl, signals, ready)
@@ -448,13 +500,16 @@ fn serve_ublk(
 
 /// The nbd side's checks before the image is opened: the module, netlink, a device the
 /// kernel kept for a daemon that died (re-attached), and for attach that the device is ours.
+/// Also returns the device's cookie (backend identifier): for a map, `--cookie` or our
+/// own; for an attach, the one the device has.
 fn prepare_nbd(
     mode: Mode,
     spec: &ImageSpec,
     store: &str,
+    opts: &ServeOpts,
     read_only: &mut bool,
     connections: &mut u32,
-) -> Result<(Mode, Option<netlink::NbdNetlink>)> {
+) -> Result<(Mode, Option<netlink::NbdNetlink>, String)> {
     match &mode {
         Mode::Map {
             nbds_max, max_part, ..
@@ -497,7 +552,8 @@ fn prepare_nbd(
                 format!("{path} is not connected, so there is nothing to attach to (use map)"),
             ));
         }
-        if let Some(st) = device::read_state(index)? {
+        let st = device::read_state(index)?;
+        if let Some(st) = &st {
             if !st.detached && device::daemon_alive(st.pid) {
                 return Err(Error::new(
                     ErrorKind::Busy,
@@ -507,17 +563,39 @@ fn prepare_nbd(
             *connections = st.connections;
             *read_only |= st.read_only;
         }
-        let want = backend_id(store, spec);
-        if let Some(have) = device::device_backend(index) {
-            if have != want {
+        // rbd-nbd's rules: a named cookie must be the device's; without one, ours must be.
+        let backend = match (device::device_backend(index), &opts.cookie) {
+            (Some(have), Some(c)) if have != *c => {
                 return Err(Error::new(
                     ErrorKind::InvalidInput,
-                    format!("{path} was mapped from \"{have}\", not \"{want}\""),
-                ));
+                    format!("{path} has cookie {have:?}, not {c:?} (cookie mismatch)"),
+                ))
             }
-        }
+            (Some(have), None) if !cookie_is_ours(&have, store, spec, st.as_ref()) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{path} was mapped with cookie {have:?}, not as {spec} in {store}; \
+                         if it is that image, attach with --cookie {have}"
+                    ),
+                ))
+            }
+            (Some(have), _) => have,
+            (None, Some(_)) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{path} has no cookie (mapped through the ioctl interface, or the kernel has none): attach without --cookie"),
+                ))
+            }
+            (None, None) => backend_id(store, spec),
+        };
+        return Ok((mode, nl, backend));
     }
-    Ok((mode, nl))
+    let backend = opts
+        .cookie
+        .clone()
+        .unwrap_or_else(|| backend_id(store, spec));
+    Ok((mode, nl, backend))
 }
 
 struct Setup<'a> {
@@ -528,6 +606,8 @@ struct Setup<'a> {
     store: &'a str,
     read_only: bool,
     connections: u32,
+    /// The device's cookie (NBD_ATTR_BACKEND_IDENTIFIER).
+    backend: String,
 }
 
 pub(super) struct Signals {
@@ -607,7 +687,7 @@ impl Setup<'_> {
         }
 
         let fds: Vec<i32> = kernel_ends.iter().map(|k| k.as_raw_fd()).collect();
-        let backend = backend_id(self.store, self.spec);
+        let backend = self.backend.clone();
         let (index, mut control) = match (mode, nl) {
             (Mode::Map { index, .. }, Some(mut nl)) => {
                 let cfg = netlink::DeviceConfig {
@@ -641,6 +721,11 @@ impl Setup<'_> {
                 (index, Control::Netlink(nl))
             }
             (Mode::Map { index, .. }, None) => {
+                if self.opts.cookie.is_some() {
+                    tracing::warn!(
+                        "--cookie: the nbd ioctl interface has none; the device gets no cookie"
+                    );
+                }
                 let cfg = ioctl::IoctlConfig {
                     size_bytes: info.size,
                     block_size: BLOCK_SIZE,
@@ -739,7 +824,11 @@ impl Setup<'_> {
             if state.netlink { "netlink" } else { "ioctl" }
         );
         // Under systemd (Type=notify) this is the moment the device is usable.
-        report_ready(ready, &format!("{} mapped at {path}", self.spec), &path);
+        let shown = match (&state.backend, self.opts.show_cookie) {
+            (Some(c), true) => format!("{path} {c}"),
+            _ => path.clone(),
+        };
+        report_ready(ready, &format!("{} mapped at {path}", self.spec), &shown);
 
         let mut disconnecting = false;
         let mut detaching = false;
@@ -832,7 +921,6 @@ impl Setup<'_> {
 /// the kernel still keeps it configured with our backend identifier. With `want` set, only
 /// that device qualifies.
 fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<Option<u32>> {
-    let id = backend_id(store, spec);
     for st in device::all_states() {
         let Ok(i) = st.index() else { continue };
         let same = st.store == store
@@ -845,7 +933,8 @@ fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<O
             && (want.is_none() || want == Some(i))
             && !device::daemon_alive(st.pid)
             && device::device_pid(i).is_some()
-            && device::device_backend(i).as_deref() == Some(id.as_str())
+            && device::device_backend(i)
+                .is_some_and(|have| cookie_is_ours(&have, store, spec, Some(&st)))
         {
             return Ok(Some(i));
         }
@@ -948,5 +1037,55 @@ fn probe_read(index: u32, timeout: Duration) -> Result<()> {
                 timeout.as_secs()
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies() {
+        let spec: ImageSpec = "rbd/vm1".parse().unwrap();
+        // Ours is one word (a list-mapped column), also for a store path with spaces.
+        assert_eq!(backend_id("dir:/x", &spec), "rados-nbd:dir:/x:rbd/vm1");
+        assert_eq!(
+            backend_id("dir:/my store", &spec),
+            "rados-nbd:dir:/my_store:rbd/vm1"
+        );
+        let mut st = device::test_state(true);
+        // Without --cookie, attach takes ours, the one of older versions, or the one
+        // recorded for this image when it was mapped; nothing else.
+        assert!(cookie_is_ours(
+            "rados-nbd:dir:/x:rbd/vm1",
+            "dir:/x",
+            &spec,
+            None
+        ));
+        assert!(cookie_is_ours(
+            "rados-nbd dir:/x rbd/vm1",
+            "dir:/x",
+            &spec,
+            None
+        ));
+        assert!(!cookie_is_ours(
+            "rados-nbd:dir:/y:rbd/vm1",
+            "dir:/x",
+            &spec,
+            None
+        ));
+        assert!(!cookie_is_ours("mine", "dir:/x", &spec, Some(&st)));
+        st.backend = Some("mine".into());
+        assert!(cookie_is_ours("mine", "dir:/x", &spec, Some(&st)));
+        assert!(!cookie_is_ours("theirs", "dir:/x", &spec, Some(&st)));
+        let other: ImageSpec = "rbd/vm2".parse().unwrap();
+        assert!(
+            !cookie_is_ours("mine", "dir:/x", &other, Some(&st)),
+            "recorded for another image"
+        );
+        assert!(
+            !cookie_is_ours("mine", "dir:/y", &spec, Some(&st)),
+            "another store"
+        );
     }
 }

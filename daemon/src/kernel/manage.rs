@@ -241,7 +241,7 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
         .collect();
     let mut out = std::io::stdout().lock();
     let res = match a.format {
-        ListFormat::Xml => write!(out, "{}", list_xml(&rows)),
+        ListFormat::Xml => write!(out, "{}", list_xml(&rows, a.pretty_format)),
         ListFormat::Json => {
             let v: Vec<serde_json::Value> = rows
                 .iter()
@@ -259,8 +259,10 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                         "pool": s.pool,
                         "namespace": s.namespace,
                         "image": s.image,
-                        "snap": s.snap,
+                        // "" for the head, as rbd-nbd prints it.
+                        "snap": s.snap.clone().unwrap_or_default(),
                         "device": s.device,
+                        "cookie": s.backend.clone().unwrap_or_default(),
                         "store": s.store,
                         "read_only": s.read_only,
                         "state": if s.detached { "detached" } else { "attached" },
@@ -268,7 +270,19 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                     })
                 })
                 .collect();
-            writeln!(out, "{}", serde_json::Value::Array(v))
+            let v = serde_json::Value::Array(v);
+            if a.pretty_format {
+                // Indented by four, as Ceph's JSONFormatter does.
+                use serde::Serialize;
+                let mut buf = Vec::new();
+                let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+                let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+                v.serialize(&mut ser)
+                    .map_err(|e| Error::new(ErrorKind::Io, format!("formatting json: {e}")))?;
+                writeln!(out, "{}", String::from_utf8_lossy(&buf))
+            } else {
+                writeln!(out, "{v}")
+            }
         }
         ListFormat::Plain => {
             let mut lines = vec![[
@@ -280,6 +294,7 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                 "device",
                 "store",
                 "transport",
+                "cookie",
             ]
             .map(String::from)];
             for s in &rows {
@@ -300,9 +315,10 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                     s.device.clone(),
                     s.store.clone(),
                     s.transport.to_string(),
+                    s.backend.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            let mut w = [0usize; 8];
+            let mut w = [0usize; 9];
             for l in &lines {
                 for (i, c) in l.iter().enumerate() {
                     w[i] = w[i].max(c.len());
@@ -325,11 +341,12 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
     res.map_err(|e| Error::io("writing to stdout", e))
 }
 
-/// `list-mapped --format xml` as rbd-nbd's XMLFormatter prints it (one line): a
-/// `devices` section of `device` objects with id (the daemon's pid; 0 once detached),
-/// pool, namespace, image, snap (empty for the head) and device; then rados-nbd's own
-/// store, read_only and state.
-fn list_xml(rows: &[DeviceState]) -> String {
+/// `list-mapped --format xml` as rbd-nbd's XMLFormatter prints it (one line, or with
+/// `pretty` one element a line indented a space a level): a `devices` section of `device`
+/// objects with id (the daemon's pid; 0 once detached), pool, namespace, image, snap
+/// (empty for the head), device and cookie; then rados-nbd's own store, read_only, state
+/// and transport.
+fn list_xml(rows: &[DeviceState], pretty: bool) -> String {
     fn esc(v: &str) -> String {
         v.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -337,7 +354,9 @@ fn list_xml(rows: &[DeviceState]) -> String {
             .replace('"', "&quot;")
             .replace('\'', "&apos;")
     }
-    let mut o = String::from("<devices>");
+    let nl = if pretty { "\n" } else { "" };
+    let pad = |n: usize| if pretty { " ".repeat(n) } else { String::new() };
+    let mut o = format!("<devices>{nl}");
     for s in rows {
         let fields = [
             ("id", if s.detached { 0 } else { s.pid }.to_string()),
@@ -346,6 +365,7 @@ fn list_xml(rows: &[DeviceState]) -> String {
             ("image", s.image.clone()),
             ("snap", s.snap.clone().unwrap_or_default()),
             ("device", s.device.clone()),
+            ("cookie", s.backend.clone().unwrap_or_default()),
             ("store", s.store.clone()),
             ("read_only", s.read_only.to_string()),
             (
@@ -354,11 +374,11 @@ fn list_xml(rows: &[DeviceState]) -> String {
             ),
             ("transport", s.transport.to_string()),
         ];
-        o.push_str("<device>");
+        o.push_str(&format!("{}<device>{nl}", pad(1)));
         for (k, v) in fields {
-            o.push_str(&format!("<{k}>{}</{k}>", esc(&v)));
+            o.push_str(&format!("{}<{k}>{}</{k}>{nl}", pad(2), esc(&v)));
         }
-        o.push_str("</device>");
+        o.push_str(&format!("{}</device>{nl}", pad(1)));
     }
     o.push_str("</devices>\n");
     o
@@ -371,17 +391,20 @@ mod tests {
 
     #[test]
     fn list_mapped_xml_is_rbd_nbds_with_our_fields_after() {
-        assert_eq!(list_xml(&[]), "<devices></devices>\n");
+        assert_eq!(list_xml(&[], false), "<devices></devices>\n");
+        assert_eq!(list_xml(&[], true), "<devices>\n</devices>\n");
         let mut a = state(true);
         a.pool = "rbd".into();
         a.image = "vm<1>".into();
         a.snap = None;
         a.device = "/dev/nbd3".into();
-        let x = list_xml(&[a.clone()]);
+        a.backend = Some("c00k1e".into());
+        let x = list_xml(&[a.clone()], false);
         assert!(
             x.starts_with(&format!(
                 "<devices><device><id>{}</id><pool>rbd</pool><namespace></namespace>\
-                 <image>vm&lt;1&gt;</image><snap></snap><device>/dev/nbd3</device><store>",
+                 <image>vm&lt;1&gt;</image><snap></snap><device>/dev/nbd3</device>\
+                 <cookie>c00k1e</cookie><store>",
                 a.pid
             )),
             "{x}"
@@ -392,7 +415,13 @@ mod tests {
         );
         a.detached = true;
         a.snap = Some("s1".into());
-        let x = list_xml(&[a]);
+        let pretty = list_xml(&[a.clone()], true);
+        assert!(
+            pretty.starts_with("<devices>\n <device>\n  <id>0</id>\n  <pool>rbd</pool>\n")
+                && pretty.ends_with("  <transport>nbd</transport>\n </device>\n</devices>\n"),
+            "{pretty}"
+        );
+        let x = list_xml(&[a], false);
         assert!(
             x.contains("<id>0</id>") && x.contains("<snap>s1</snap>"),
             "{x}"
