@@ -288,7 +288,9 @@ impl IoCtx {
     pub async fn read(&self, oid: &str, off: u64, len: usize) -> Result<Option<Vec<u8>>> {
         let coid = cstring("object name", oid)?;
         let io = self.h as usize;
-        let keep = Keep((coid, vec![0u8; len]));
+        // Not zero-filled first: librados copies the bytes read into the buffer, and only
+        // those r bytes are ever made part of the Vec (a 1 MiB read saves a 1 MiB memset).
+        let keep = Keep((coid, Vec::<u8>::with_capacity(len)));
         let (r, keep) = aio(keep, |k, c| unsafe {
             let k = &mut *k;
             rados_aio_read(
@@ -304,11 +306,12 @@ impl IoCtx {
         if r == -ENOENT {
             return Ok(None);
         }
-        if r < 0 {
-            return Err(rados_error("read", oid, r));
-        }
-        let mut buf = keep.map(|k| k.0 .1).unwrap_or_default();
-        buf.truncate(r as usize);
+        // Never zeros for a read that did not complete.
+        let mut buf = completed(r, keep, "read", oid)?.0 .1;
+        let n = (r as usize).min(len);
+        // SAFETY: the capacity is `len` and librados wrote the first r (<= len) bytes
+        // before it completed the read.
+        unsafe { buf.set_len(n) };
         Ok(Some(buf))
     }
 
