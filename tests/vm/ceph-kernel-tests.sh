@@ -223,14 +223,16 @@ dd if="$dev" bs=1M count="$RAW_MB" iflag=direct status=none | md5sum | cut -d' '
 check "unmap $RAW" "$B" unmap "$dev"
 
 echo "== rbd-nbd's command lines, with only the tool's name changed (rbd-nbd is the oracle)"
-# compat TOOL: map --show-cookie, list-mapped (json, pretty json, xml), detach, attach with a
+# compat TOOL: map --try-netlink --show-cookie (rbd-nbd 16.2 uses the netlink interface, which
+# cookies, detach and attach need, only when asked), list-mapped (json, pretty json, xml),
+# detach, attach with a
 # wrong cookie (refused) and with the right one, I/O, unmap by image name; what each step
 # printed and whether it succeeded, with the device and the cookie (rbd-nbd's is random)
 # written as DEV and COOKIE. The same lines must come out for both tools.
 compat() {
   local t=("$1" -c "$CEPH_CONF") out dev cookie
   [ -n "${CEPH_NBD_KEYRING:-}" ] && t+=(--id "${CEPH_NBD_ID:-nbd}" --keyring "$CEPH_NBD_KEYRING")
-  out=$("${t[@]}" map --show-cookie "rbd/$COMPAT" 2>/tmp/compat.err) || { echo "map failed: $(tail -2 /tmp/compat.err)"; return; }
+  out=$("${t[@]}" map --try-netlink --show-cookie "rbd/$COMPAT" 2>/tmp/compat.err) || { echo "map failed: $(tail -2 /tmp/compat.err)"; return; }
   dev=${out%% *} cookie=${out#* }
   echo "map printed: $(echo "$out" | sed "s|$dev|DEV|; s|$cookie|COOKIE|")"
   echo "the cookie is the device's backend: $([ "$(cat "/sys/block/${dev#/dev/}/backend" 2>&1)" = "$cookie" ] && echo yes || echo no)"
@@ -239,8 +241,8 @@ compat() {
   echo "list-mapped pretty json parses alike: $("${t[@]}" list-mapped --format json --pretty-format | jq -c --arg d "$dev" '[.[] | select(.device == $d) | .image]')"
   echo "list-mapped xml: $("${t[@]}" list-mapped --format xml | grep -o "<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>$COMPAT</image><snap></snap><device>$dev</device><cookie>$cookie</cookie>" | sed "s|<id>[0-9]*</id>|<id>N</id>|; s|$dev|DEV|; s|$cookie|COOKIE|")"
   "${t[@]}" detach "$dev" >/dev/null 2>&1 && echo "detach: ok" || echo "detach: failed"
-  "${t[@]}" attach --device "$dev" --cookie "not-$cookie" "rbd/$COMPAT" >/dev/null 2>&1 && echo "attach with a wrong cookie: accepted" || echo "attach with a wrong cookie: refused"
-  "${t[@]}" attach --device "$dev" --cookie "$cookie" "rbd/$COMPAT" >/dev/null 2>/tmp/compat.err && echo "attach --cookie: ok" || echo "attach --cookie: failed: $(tail -1 /tmp/compat.err)"
+  "${t[@]}" attach --try-netlink --device "$dev" --cookie "not-$cookie" "rbd/$COMPAT" >/dev/null 2>&1 && echo "attach with a wrong cookie: accepted" || echo "attach with a wrong cookie: refused"
+  "${t[@]}" attach --try-netlink --device "$dev" --cookie "$cookie" "rbd/$COMPAT" >/dev/null 2>/tmp/compat.err && echo "attach --cookie: ok" || echo "attach --cookie: failed: $(tail -1 /tmp/compat.err)"
   dd if=/dev/urandom of=/tmp/compat.bin bs=64k count=16 status=none
   dd if=/tmp/compat.bin of="$dev" bs=64k oflag=direct status=none && cmp -s -n $((1 << 20)) /tmp/compat.bin "$dev" && echo "I/O after attach: ok" || echo "I/O after attach: failed"
   "${t[@]}" unmap "rbd/$COMPAT" >/dev/null 2>&1 && echo "unmap by image name: ok" || echo "unmap by image name: failed"
