@@ -205,7 +205,8 @@ pub enum Command {
         image: String,
     },
     /// Copy everything a clone still reads from its parent into it, then detach it from
-    /// the parent, like `rbd flatten` (the image must not be in use).
+    /// the parent, like `rbd flatten`; also while it is served or mapped (the serving
+    /// daemon does it, as librbd's lock owner does for `rbd flatten`).
     Flatten {
         /// [POOL/]NAME
         image: String,

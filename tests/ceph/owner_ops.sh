@@ -279,6 +279,10 @@ with_librbd_write() {
 # A snapshot asked while the owner flattens a large clone is taken at once, beside the
 # flatten (as librbd's owner runs them), not after it: the flatten copies up 1 GiB object
 # by object, and `rbd snap create` returns while it still runs. Both exact afterwards.
+# So do a shrink, an object map rebuild and a grow (librbd runs operations of different
+# kinds side by side): the shrink cuts the clone's last object off (1020 MiB) and lowers
+# the overlap, so the flatten must not copy that object up when it gets there; after the
+# grow it reads as zeros, in `rbd export` of the head, while the snapshot keeps 1020 MiB.
 P3=ownerp3-$$
 C3=ownerc3-$$
 rbd create --size 1G "$P3"
@@ -290,15 +294,26 @@ serve "$C3" || { fail "serve $C3" "$(tail -3 "$work/serve.log")"; }
 "${RBD[@]}" flatten --no-progress "$C3" >/dev/null 2>&1 &
 flat_pid=$!
 wait_owner_flatten "$C3"
+check "flatten + resize: rbd resize --allow-shrink to 1020 MiB during the flatten succeeds" \
+  "${RBD[@]}" resize --no-progress --allow-shrink --size 1020M "$C3"
+check "flatten + rebuild: rbd object-map rebuild during the flatten succeeds" \
+  "${RBD[@]}" object-map rebuild --no-progress "$C3"
 check "flatten + snapshot: rbd snap create during the flatten succeeds" "${RBD[@]}" snap create "$C3@during"
-check "flatten + snapshot: ... and returned while the flatten still ran" kill -0 $flat_pid
+check "flatten + resize: rbd resize to 1536 MiB during the flatten succeeds" \
+  "${RBD[@]}" resize --no-progress --size 1536M "$C3"
+check "flatten + others: ... and all returned while the flatten still ran" kill -0 $flat_pid
 wait $flat_pid
-check "flatten + snapshot: the flatten succeeded" test $? = 0
-check "flatten + snapshot: rbd info shows no parent" bash -c "! rbd info '$C3' --format json | jq -e .parent >/dev/null"
-check "flatten + snapshot: rbd export of the snapshot and of the head equal the clone's bytes" bash -c \
-  "exported_is '$C3@during' '$work/c3.ref' && exported_is '$C3' '$work/c3.ref'"
-check_unserve "flatten + snapshot: clean close"
-check "flatten + snapshot: after close, rbd object-map check passes (head and snapshot)" bash -c \
+check "flatten + others: the flatten succeeded" test $? = 0
+check "flatten + others: rbd info shows no parent, 1536 MiB" bash -c \
+  "! rbd info '$C3' --format json | jq -e .parent >/dev/null && [ \$(rbd info '$C3' --format json | jq .size) = $((1536 * MB)) ]"
+head -c $((1020 * MB)) "$work/c3.ref" >"$work/c3s.ref"
+cp "$work/c3s.ref" "$work/c3g.ref" && truncate -s $((1536 * MB)) "$work/c3g.ref"
+check "flatten + others: rbd export of the snapshot is the clone's first 1020 MiB" bash -c \
+  "exported_is '$C3@during' '$work/c3s.ref'"
+check "flatten + others: rbd export of the head is those, then zeros (the cut object not copied up)" bash -c \
+  "exported_is '$C3' '$work/c3g.ref'"
+check_unserve "flatten + others: clean close"
+check "flatten + others: after close, rbd object-map check passes (head and snapshot)" bash -c \
   "omap_check '$C3' && omap_check '$C3@during'"
 # Another client asking for the lock during the owner's flatten gets it at once, as from
 # librbd's owner: the flatten stops at the next object and its asker (rbd flatten) hears

@@ -153,10 +153,12 @@ impl<S: ImageStore> Image<S> {
     /// create/remove/rename/protect, flatten, object map rebuild, sparsify, features, the
     /// lock itself), if the store takes any for this handle, and sends each result back
     /// to its asker. A flatten or a sparsify (long: object by object, each under the
-    /// gate as a client write is) runs beside the snapshot requests, as librbd's owner
-    /// runs them, so that a backup's `rbd snap create` does not wait for a flatten of a
-    /// large clone; every other request waits until nothing else runs (one long request
-    /// at a time; resize, rebuild, features and the hand-over alone). Ends when the store
+    /// gate as a client write is) runs beside the other requests, as librbd's owner runs
+    /// operations of different kinds side by side, so that a backup's `rbd snap create`
+    /// or an `rbd resize` does not wait for a flatten of a large clone; the others run
+    /// one at a time, and one long request at a time (a second waits for the first, as
+    /// librbd queues an operation of the kind already running). A hand-over stops the
+    /// long request first. Ends when the store
     /// stops sending (closed) or the image is dropped. The header updates of the other
     /// owner, while the lock is its, are followed too (`follow_header_updates`).
     pub fn serve_owner_requests(self: &Arc<Self>) {
@@ -169,14 +171,14 @@ impl<S: ImageStore> Image<S> {
             let mut long: Option<tokio::task::JoinHandle<Option<Interrupted>>> = None;
             while let Some(req) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
-                let beside_long = matches!(
+                // Everything but another long request and the hand-over: each step of the
+                // long one holds the gate as a client write does, so a request that takes
+                // the whole gate (resize, rebuild, features) comes between two steps, and
+                // the steps after it look at the image as it left it (its size, overlap,
+                // map and features).
+                let beside_long = !matches!(
                     req.action,
-                    OwnerAction::SnapCreate { .. }
-                        | OwnerAction::SnapRemove { .. }
-                        | OwnerAction::NsSnapCreate { .. }
-                        | OwnerAction::NsSnapRemove { .. }
-                        | OwnerAction::SnapRename { .. }
-                        | OwnerAction::SnapProtect { .. }
+                    OwnerAction::Flatten | OwnerAction::Sparsify { .. } | OwnerAction::ReleaseLock
                 );
                 let mut interrupted = None;
                 if !beside_long {

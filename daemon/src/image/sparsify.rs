@@ -29,14 +29,17 @@ impl<S: ImageStore> Image<S> {
         self.whole_map("sparsifying").await.map_err(ctx)?;
         let osize = self.header.object_size();
         let total = self.size().div_ceil(osize);
-        let overlap_objects = self
-            .chain()
-            .map(|c| c.overlap().div_ceil(osize))
-            .unwrap_or(0);
         let one = |objno: u64| async move {
-            if self.is_nonexistent(objno) {
+            // Under the gate (`for_each_object`), so the size and the overlap hold for
+            // this step; a resize asked meanwhile (it runs beside) may have changed them
+            // since the start: nothing past the end, and a lowered overlap lets more go.
+            if objno >= self.size().div_ceil(osize) || self.is_nonexistent(objno) {
                 return Ok(());
             }
+            let overlap_objects = self
+                .chain()
+                .map(|c| c.overlap().div_ceil(osize))
+                .unwrap_or(0);
             let _o = self.lock_for(objno).write().await;
             let remove_empty = objno >= overlap_objects;
             // A removal changes the map: the flag is set before the store is touched.
