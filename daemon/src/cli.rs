@@ -262,7 +262,7 @@ pub enum Command {
 
 impl Cli {
     /// The `--store` URI with rbd's spellings folded in: `-c PATH` is `--store ceph:PATH`
-    /// (with `--store ceph:` or no `--store`; anything else names another store and is an
+    /// (with `--store ceph:` or no `--store`; any other `--store` contradicts it and is an
     /// error); `--name client.ID` is `--id ID`. Call once, before [`Cli::ceph_access`].
     pub fn resolve_rbd_spellings(&mut self) -> crate::error::Result<()> {
         use crate::error::{Error, ErrorKind};
@@ -286,7 +286,7 @@ impl Cli {
                     return Err(Error::new(
                         ErrorKind::InvalidInput,
                         format!(
-                            "-c/--conf {} names a Ceph cluster, but --store {s} another store",
+                            "-c/--conf {} and --store {s} say different things: give one of them",
                             c.display()
                         ),
                     ))
@@ -371,7 +371,7 @@ mod tests {
             ],
         ] {
             let e = resolved(args).expect_err("refused");
-            assert!(e.to_string().contains("another store"), "{e}");
+            assert!(e.to_string().contains("say different things"), "{e}");
         }
         // Without -c nothing changes.
         assert_eq!(resolved(&["ls"]).unwrap().store, None);

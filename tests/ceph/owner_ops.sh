@@ -361,6 +361,31 @@ check "flatten + hand-over: rbd export equals the parent's bytes and the write" 
 check_unserve "flatten + hand-over: clean close of the second"
 check "flatten + hand-over: after close, rbd object-map check passes" omap_check "$C5"
 rbd rm "$C5" >/dev/null 2>&1
+# A shrink during `rbd sparsify` of the 1 GiB parent (the owner's sparsify goes object by
+# object, as a flatten): it cuts the last object off, and the sparsify, there later, must
+# leave what is now past the end alone. The head's bytes are its snapshot's (c3.ref).
+serve "$P3" || { fail "serve $P3" "$(tail -3 "$work/serve.log")"; }
+"${RBD[@]}" sparsify --no-progress "$P3" >"$work/sp3.out" 2>&1 &
+sp_pid=$!
+for _ in $(seq 1 200); do
+  grep -q "sparsify of rbd/$P3 " "$work/serve.log" && break
+  sleep 0.05
+done
+check "sparsify + resize: rbd resize --allow-shrink to 1020 MiB during the sparsify succeeds" \
+  "${RBD[@]}" resize --no-progress --allow-shrink --size 1020M "$P3"
+check "sparsify + resize: ... and returned while the sparsify still ran" kill -0 $sp_pid
+wait $sp_pid
+check "sparsify + resize: the sparsify succeeded" test $? = 0
+check "sparsify + resize: rbd export of the head is the first 1020 MiB" bash -c \
+  "exported_is '$P3' '$work/c3s.ref'"
+p3last="rbd_data.$(rbd info "$P3" --format json | jq -r .id).00000000000000ff"
+check "sparsify + resize: the head's object past the new end is gone (rados stat $p3last)" \
+  bash -c "! rados -p rbd stat $p3last"
+check_unserve "sparsify + resize: clean close"
+# (Every object the sparsify left is EXISTS, as librbd's owner marks it, where the check
+# wants EXISTS_CLEAN since $P3@s: that and nothing else, as above.)
+check "sparsify + resize: after close, rbd object-map check finds nothing but the sparsify's EXISTS marks" \
+  bash -c "! rbd object-map check '$P3' 2>&1 | grep 'object map error' | grep -v 'marked as 1, but should be 3'"
 rbd snap purge "$C3" >/dev/null 2>&1; rbd rm "$C3" >/dev/null 2>&1
 rbd snap purge "$P3" >/dev/null 2>&1; rbd rm "$P3" >/dev/null 2>&1
 

@@ -120,7 +120,7 @@ if [ "${PART:-nbd}" = ublk ]; then
   check "... it has the image's size" test "$(blockdev --getsize64 "$dev")" = $((UBLK_MB << 20))
   check "rbd info (from the guest): object map invalid while mapped" flags_are "$UBLK" "object map invalid,fast diff invalid"
   check "list-mapped shows the Ceph image on ublk" bash -c \
-    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +ceph:$CEPH_CONF +ublk +-\$'"
+    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +- +ceph:$CEPH_CONF +ublk\$'"
   check "rbd bench --io-type write (host) is refused (EROFS: --exclusive)" host refused_bench "$UBLK"
   check "mkfs.ext4, mount" bash -c "mkfs.ext4 -q -F $dev && mount $dev $MNT"
   check "... write files (one spanning objects), sync" write_files $MNT
@@ -173,7 +173,7 @@ echo "== map a Ceph image, ext4, unmap"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"
 check "rbd info (from the guest): object map invalid while mapped" flags_are "$IMG" "object map invalid,fast diff invalid"
 check "list-mapped shows the Ceph image" bash -c \
-  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +ceph:$CEPH_CONF +nbd +rados-nbd:ceph:$CEPH_CONF:rbd/$IMG\$'"
+  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +rados-nbd:ceph:$CEPH_CONF:rbd/$IMG +ceph:$CEPH_CONF +nbd\$'"
 check "list-mapped --format json shows the Ceph image" bash -c \
   "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .pool == \"rbd\" and .namespace == \"\" and .image == \"$IMG\" and .snap == \"\" and .store == \"ceph:$CEPH_CONF\" and (.id | type) == \"number\")'"
 check "list-mapped --format xml shows the Ceph image (rbd-nbd's shape)" bash -c \

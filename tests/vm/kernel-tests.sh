@@ -64,7 +64,7 @@ check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/n
 # The driver rounds max_part up to a power of two minus one: 4 becomes 7 (its default, 16,
 # would show as 31).
 check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
-check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +dir:$RADOS_NBD_STORE +nbd +rados-nbd:dir:$RADOS_NBD_STORE:rbd/ext\$'"
+check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +rados-nbd:dir:$RADOS_NBD_STORE:rbd/ext +dir:$RADOS_NBD_STORE +nbd\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "list-mapped --format xml (rbd-nbd's shape)" bash -c "'$B' list-mapped --format xml | grep -q '<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>ext</image><snap></snap><device>$dev</device>'"
 check "image flagged dirty while mapped" dirty rbd/ext
@@ -212,7 +212,7 @@ dev=${out%% *} cookie=${out#* }
 check "map --show-cookie prints the device, then its cookie" bash -c "[ -b '$dev' ] && [ -n '$cookie' ] && [ '$cookie' != '$out' ]"
 check "the cookie is the kernel's backend identifier" test "$(cat /sys/block/${dev#/dev/}/backend 2>&1)" = "$cookie"
 check "list-mapped shows the cookie (plain, json, xml)" bash -c \
-  "'$B' list-mapped | grep -qE ' $dev .* $cookie\$' && '$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .cookie == \"$cookie\")' >/dev/null && '$B' list-mapped --format xml --pretty-format | grep -qx '  <cookie>$cookie</cookie>'"
+  "'$B' list-mapped | grep -qE ' $dev +$cookie ' && '$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .cookie == \"$cookie\")' >/dev/null && '$B' list-mapped --format xml --pretty-format | grep -qx '  <cookie>$cookie</cookie>'"
 check "unmap" "$B" unmap "$dev"
 dev=$(map rbd/ck --cookie vm-42.disk0 --reattach-timeout 60)
 check "map --cookie: the device has that cookie" test "$(cat /sys/block/${dev#/dev/}/backend 2>&1)" = vm-42.disk0
@@ -223,6 +223,8 @@ check "resize with a named cookie: the device follows" bash -c \
 check "detach" "$B" detach "$dev"
 out=$("$B" attach --device "$dev" --cookie vm-43.disk0 rbd/ck 2>&1)
 if [ $? -ne 0 ] && echo "$out" | grep -q "cookie mismatch"; then ok "attach with another cookie refused (cookie mismatch)"; else bad "attach with another cookie refused (cookie mismatch)" "$out"; fi
+out=$("$B" attach --device "$dev" --cookie vm-42.disk0 rbd/ext 2>&1)
+if [ $? -ne 0 ] && echo "$out" | grep -q "was mapped from rbd/ck"; then ok "attach with the device's cookie but another image refused"; else bad "attach with the device's cookie but another image refused" "$out"; fi
 check "attach --cookie with the device's cookie" "$B" attach --device "$dev" --cookie vm-42.disk0 rbd/ck --log-file "$LOGDIR/daemon.log"
 check "data written before the detach reads back" cmp -n $((2 << 20)) /tmp/ck.bin "$dev"
 check "detach again" "$B" detach "$dev"
@@ -428,7 +430,7 @@ pid2=$(pid_of "$dev2")
 check "map from a relative store (dir: and RADOS_NBD_STORE)" test -b "$dev" -a -b "$dev2"
 check "daemons run in /" bash -c "[ \$(readlink /proc/$pid/cwd) = / ] && [ \$(readlink /proc/$pid2/cwd) = / ]"
 check "umount of the directory map ran in succeeds while mapped" umount /tmp/cwdfs
-check "list-mapped shows the store absolute" bash -c "'$B' list-mapped | grep -E '$dev +dir:$RADOS_NBD_STORE +nbd +[^ ]+\$' && '$B' list-mapped | grep -E '$dev2 +dir:$RADOS_NBD_STORE +nbd +[^ ]+\$'"
+check "list-mapped shows the store absolute" bash -c "'$B' list-mapped | grep -E '$dev +[^ ]+ +dir:$RADOS_NBD_STORE +nbd\$' && '$B' list-mapped | grep -E '$dev2 +[^ ]+ +dir:$RADOS_NBD_STORE +nbd\$'"
 check "relative --pid-file holds the daemon's pid" test "$(cat /tmp/cwd.pid 2>/dev/null)" = "$pid"
 check "relative --log-file gets the log" grep -q "rbd/misc mapped to $dev" /tmp/cwd.log
 check "the device serves I/O after the umount" bash -c "dd if=$dev of=/dev/null bs=1M count=4 iflag=direct status=none && dd if=/dev/zero of=$dev2 bs=1M count=1 oflag=direct status=none"

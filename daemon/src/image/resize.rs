@@ -157,9 +157,9 @@ impl<S: ImageStore> Image<S> {
     /// operations of different kinds side by side, so that a backup's `rbd snap create`
     /// or an `rbd resize` does not wait for a flatten of a large clone; the others run
     /// one at a time, and one long request at a time (a second waits for the first, as
-    /// librbd queues an operation of the kind already running). A hand-over stops the
-    /// long request first. Ends when the store
-    /// stops sending (closed) or the image is dropped. The header updates of the other
+    /// librbd queues an operation of the kind already running; nothing else waits for
+    /// them). A hand-over stops the long requests first. Ends when the store stops
+    /// sending (closed) or the image is dropped. The header updates of the other
     /// owner, while the lock is its, are followed too (`follow_header_updates`).
     pub fn serve_owner_requests(self: &Arc<Self>) {
         self.follow_header_updates();
@@ -168,50 +168,57 @@ impl<S: ImageStore> Image<S> {
         };
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut long: Option<tokio::task::JoinHandle<Option<Interrupted>>> = None;
+            // The long request running, and those queued behind it: what a hand-over
+            // stopped comes back, to be answered once the lock is gone.
+            let mut long: Option<tokio::task::JoinHandle<Vec<Interrupted>>> = None;
             while let Some(req) = rx.recv().await {
                 let Some(img) = me.upgrade() else { break };
-                // Everything but another long request and the hand-over: each step of the
-                // long one holds the gate as a client write does, so a request that takes
-                // the whole gate (resize, rebuild, features) comes between two steps, and
-                // the steps after it look at the image as it left it (its size, overlap,
-                // map and features).
-                let beside_long = !matches!(
-                    req.action,
-                    OwnerAction::Flatten | OwnerAction::Sparsify { .. } | OwnerAction::ReleaseLock
-                );
-                let mut interrupted = None;
-                if !beside_long {
-                    if let Some(h) = long.take() {
-                        // Another client wants the lock: the long request stops at the
-                        // next object (librbd's owner cancels its requests before it
-                        // releases); its asker hears of it once the lock is gone, so that
-                        // it sends the request again to the new owner (ERESTART).
-                        let hand_over = req.action == OwnerAction::ReleaseLock;
-                        img.interrupt_long.store(hand_over, Ordering::Release);
-                        interrupted = h.await.ok().flatten();
-                        img.interrupt_long.store(false, Ordering::Release);
+                match req.action {
+                    OwnerAction::Flatten | OwnerAction::Sparsify { .. } => {
+                        // One long request at a time: this one starts when the one before
+                        // ends (librbd queues an operation of the kind already running),
+                        // and nothing after it waits for either.
+                        let before = long.take();
+                        let img = img.clone();
+                        long = Some(tokio::spawn(async move {
+                            let mut stopped = match before {
+                                Some(h) => h.await.unwrap_or_default(),
+                                None => Vec::new(),
+                            };
+                            let (r, done) = run_owner_action(&img, req).await;
+                            if r.is_err() && img.interrupt_long.load(Ordering::Acquire) {
+                                stopped.push((r, done));
+                            } else {
+                                finish_owner_request(r, done);
+                            }
+                            stopped
+                        }));
                     }
-                }
-                if matches!(
-                    req.action,
-                    OwnerAction::Flatten | OwnerAction::Sparsify { .. }
-                ) {
-                    let img = img.clone();
-                    long = Some(tokio::spawn(async move {
-                        let (r, done) = run_owner_action(&img, req).await;
-                        if r.is_err() && img.interrupt_long.load(Ordering::Acquire) {
-                            return Some((r, done));
+                    OwnerAction::ReleaseLock => {
+                        // Another client wants the lock: the long requests stop at the next
+                        // object (librbd's owner cancels its requests before it releases);
+                        // their askers hear of it once the lock is gone, so that they send
+                        // them again to the new owner (ERESTART).
+                        let mut stopped = Vec::new();
+                        if let Some(h) = long.take() {
+                            img.interrupt_long.store(true, Ordering::Release);
+                            stopped = h.await.unwrap_or_default();
+                            img.interrupt_long.store(false, Ordering::Release);
                         }
+                        let (r, done) = run_owner_action(&img, req).await;
                         finish_owner_request(r, done);
-                        None
-                    }));
-                } else {
-                    let (r, done) = run_owner_action(&img, req).await;
-                    finish_owner_request(r, done);
-                }
-                if let Some((r, done)) = interrupted {
-                    finish_owner_request(r, done);
+                        for (r, done) in stopped {
+                            finish_owner_request(r, done);
+                        }
+                    }
+                    // Beside the long ones: each step of those holds the gate as a client
+                    // write does, so a request that takes the whole gate (resize, rebuild,
+                    // features, a snapshot) comes between two steps, and the steps after
+                    // it see the image as it left it (its size, overlap, map, features).
+                    _ => {
+                        let (r, done) = run_owner_action(&img, req).await;
+                        finish_owner_request(r, done);
+                    }
                 }
             }
         });

@@ -68,24 +68,26 @@ fn legacy_backend_id(store: &str, spec: &ImageSpec) -> String {
     format!("rados-nbd {store} {spec}")
 }
 
+/// Whether a state file records a mapping of `spec` from `store`.
+fn state_names(st: &DeviceState, store: &str, spec: &ImageSpec) -> bool {
+    st.store == store
+        && st.pool == spec.pool
+        && st.namespace == spec.namespace
+        && st.image == spec.name
+        && st.snap == spec.snap
+}
+
 /// Whether a device's cookie says it was mapped from `spec` in `store` without the user
 /// naming the cookie: our own identifiers, or the one recorded when it was mapped.
 fn cookie_is_ours(have: &str, store: &str, spec: &ImageSpec, st: Option<&DeviceState>) -> bool {
     have == backend_id(store, spec)
         || have == legacy_backend_id(store, spec)
-        || st.is_some_and(|st| {
-            st.backend.as_deref() == Some(have)
-                && st.store == store
-                && st.pool == spec.pool
-                && st.namespace == spec.namespace
-                && st.image == spec.name
-                && st.snap == spec.snap
-        })
+        || st.is_some_and(|st| st.backend.as_deref() == Some(have) && state_names(st, store, spec))
 }
 
 /// What rbd-nbd's map and attach take that rados-nbd cannot do, refused before anything
 /// starts; options that only the NBD transport has.
-fn check_rbd_nbd_options(opts: &ServeOpts) -> Result<()> {
+fn check_rbd_nbd_options(opts: &ServeOpts, ublk: bool) -> Result<()> {
     if opts.encryption_format.is_some() || opts.encryption_passphrase_file.is_some() {
         return Err(Error::new(
             ErrorKind::Unsupported,
@@ -94,7 +96,7 @@ fn check_rbd_nbd_options(opts: &ServeOpts) -> Result<()> {
              volume with --allow-encrypted and open it with cryptsetup",
         ));
     }
-    if opts.transport == device::Transport::Ublk && (opts.cookie.is_some() || opts.show_cookie) {
+    if ublk && (opts.cookie.is_some() || opts.show_cookie) {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "--cookie and --show-cookie are the nbd driver's (NBD_ATTR_BACKEND_IDENTIFIER); a ublk device has none",
@@ -167,7 +169,7 @@ fn start(
     ceph: &CephAccess,
 ) -> Result<()> {
     let spec: ImageSpec = image.parse()?;
-    check_rbd_nbd_options(&opts)?;
+    check_rbd_nbd_options(&opts, matches!(mode, Mode::Ublk(_)))?;
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -376,14 +378,8 @@ fn prepare_ublk(
     read_only: &mut bool,
 ) -> Result<Mode> {
     super::ublk::check_available()?;
-    let same = |st: &DeviceState| {
-        st.transport == device::Transport::Ublk
-            && st.store == store
-            && st.pool == spec.pool
-            && st.namespace == spec.namespace
-            && st.image == spec.name
-            && st.snap == spec.snap
-    };
+    let same =
+        |st: &DeviceState| st.transport == device::Transport::Ublk && state_names(st, store, spec);
     let mode = match mode {
         UblkMode::Map(want) => {
             let orphan = device::all_states().into_iter().find(|st| {
@@ -527,15 +523,17 @@ fn prepare_nbd(
     // A map of an image whose device the kernel still holds for a daemon that died (a
     // crash, then a restart by systemd) re-attaches that device: its mounts survive.
     let mode = match mode {
-        Mode::Map { index, .. } if nl.is_some() => match orphaned_device(store, spec, index)? {
-            Some(i) => {
-                tracing::warn!(
+        Mode::Map { index, .. } if nl.is_some() => {
+            match orphaned_device(store, spec, index, opts.cookie.as_deref())? {
+                Some(i) => {
+                    tracing::warn!(
                     "{spec}: /dev/nbd{i} is still held by the kernel for a daemon that is gone; re-attaching it"
                 );
-                Mode::Attach { index: i }
+                    Mode::Attach { index: i }
+                }
+                None => mode,
             }
-            None => mode,
-        },
+        }
         m => m,
     };
     if let Mode::Attach { index } = mode {
@@ -558,6 +556,18 @@ fn prepare_nbd(
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!("{path} is still served by pid {}; detach it first", st.pid),
+                ));
+            }
+            // Whatever the cookie says: the device keeps serving what is mounted from it,
+            // so another image must never come under it (rbd-nbd checks the cookie only).
+            if !state_names(st, store, spec) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{path} was mapped from {} in {}, not {spec} in {store}",
+                        st.spec_string(),
+                        st.store
+                    ),
                 ));
             }
             *connections = st.connections;
@@ -798,7 +808,12 @@ impl Setup<'_> {
             connections: self.connections,
             netlink: matches!(control, Control::Netlink(_)),
             detached: false,
-            backend: matches!(control, Control::Netlink(_)).then_some(backend),
+            // What the kernel took (a kernel before 5.14 keeps no cookie, and then shows
+            // none, as rbd-nbd reads it back from sysfs too).
+            backend: match control {
+                Control::Netlink(_) => device::device_backend(index),
+                Control::Ioctl(..) => None,
+            },
             close_result: true,
             transport: device::Transport::Nbd,
         };
@@ -920,21 +935,25 @@ impl Setup<'_> {
 /// The device (if any) this host mapped `spec` from `store` on, whose daemon is gone while
 /// the kernel still keeps it configured with our backend identifier. With `want` set, only
 /// that device qualifies.
-fn orphaned_device(store: &str, spec: &ImageSpec, want: Option<u32>) -> Result<Option<u32>> {
+/// With `cookie` (`map --cookie`), only a device with that cookie.
+fn orphaned_device(
+    store: &str,
+    spec: &ImageSpec,
+    want: Option<u32>,
+    cookie: Option<&str>,
+) -> Result<Option<u32>> {
     for st in device::all_states() {
         let Ok(i) = st.index() else { continue };
-        let same = st.store == store
-            && st.pool == spec.pool
-            && st.namespace == spec.namespace
-            && st.image == spec.name
-            && st.snap == spec.snap
-            && st.netlink;
-        if same
+        let ours = |have: String| match cookie {
+            Some(c) => have == c,
+            None => cookie_is_ours(&have, store, spec, Some(&st)),
+        };
+        if state_names(&st, store, spec)
+            && st.netlink
             && (want.is_none() || want == Some(i))
             && !device::daemon_alive(st.pid)
             && device::device_pid(i).is_some()
-            && device::device_backend(i)
-                .is_some_and(|have| cookie_is_ours(&have, store, spec, Some(&st)))
+            && device::device_backend(i).is_some_and(ours)
         {
             return Ok(Some(i));
         }

@@ -292,9 +292,9 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                 "image",
                 "snap",
                 "device",
+                "cookie",
                 "store",
                 "transport",
-                "cookie",
             ]
             .map(String::from)];
             for s in &rows {
@@ -313,9 +313,9 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                     s.image.clone(),
                     s.snap.clone().unwrap_or_else(|| "-".into()),
                     s.device.clone(),
+                    s.backend.clone().unwrap_or_else(|| "-".into()),
                     s.store.clone(),
                     s.transport.to_string(),
-                    s.backend.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
             let mut w = [0usize; 9];
