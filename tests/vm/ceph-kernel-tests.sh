@@ -120,7 +120,7 @@ if [ "${PART:-nbd}" = ublk ]; then
   check "... it has the image's size" test "$(blockdev --getsize64 "$dev")" = $((UBLK_MB << 20))
   check "rbd info (from the guest): object map invalid while mapped" flags_are "$UBLK" "object map invalid,fast diff invalid"
   check "list-mapped shows the Ceph image on ublk" bash -c \
-    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$UBLK +- +$dev +- +ceph:$CEPH_CONF +ublk\$'"
+    "'$B' list-mapped | grep -E '^[0-9]+ +rbd +$UBLK +- +$dev +ceph:$CEPH_CONF +ublk\$'"
   check "rbd bench --io-type write (host) is refused (EROFS: --exclusive)" host refused_bench "$UBLK"
   check "mkfs.ext4, mount" bash -c "mkfs.ext4 -q -F $dev && mount $dev $MNT"
   check "... write files (one spanning objects), sync" write_files $MNT
@@ -173,7 +173,7 @@ echo "== map a Ceph image, ext4, unmap"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"
 check "rbd info (from the guest): object map invalid while mapped" flags_are "$IMG" "object map invalid,fast diff invalid"
 check "list-mapped shows the Ceph image" bash -c \
-  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +$IMG +- +$dev +rados-nbd:ceph:$CEPH_CONF:rbd/$IMG +ceph:$CEPH_CONF +nbd\$'"
+  "'$B' list-mapped | grep -E '^[0-9]+ +rbd +$IMG +- +$dev +rados-nbd:ceph:$CEPH_CONF:rbd/$IMG +ceph:$CEPH_CONF +nbd\$'"
 check "list-mapped --format json shows the Ceph image" bash -c \
   "'$B' list-mapped --format json | jq -e '.[] | select(.device == \"$dev\" and .pool == \"rbd\" and .namespace == \"\" and .image == \"$IMG\" and .snap == \"\" and .store == \"ceph:$CEPH_CONF\" and (.id | type) == \"number\")'"
 check "list-mapped --format xml shows the Ceph image (rbd-nbd's shape)" bash -c \
@@ -238,6 +238,10 @@ compat() {
   echo "the cookie is the device's backend: $([ "$(cat "/sys/block/${dev#/dev/}/backend" 2>&1)" = "$cookie" ] && echo yes || echo no)"
   echo "list-mapped json: $("${t[@]}" list-mapped --format json | jq -c --arg d "$dev" --arg c "$cookie" \
     '[.[] | select(.device == $d) | {pool, namespace, image, snap, device: (.device == $d), cookie: (.cookie == $c), id: (.id | type)}]')"
+  # The plain row as a script's awk sees it: the first six fields.
+  echo "list-mapped plain fields: $("${t[@]}" list-mapped | grep " $dev " | sed "s|$dev|DEV|; s|$cookie|COOKIE|; s/^[0-9][0-9]*/N/" | awk '{print $1, $2, $3, $4, $5, $6}')"
+  echo "list-mapped pretty xml (rbd-nbd's elements): $("${t[@]}" list-mapped --format xml --pretty-format | grep -vE '<(store|read_only|state|transport)>' | sed "s|$dev|DEV|; s|$cookie|COOKIE|; s|<id>[0-9]*</id>|<id>N</id>|" | tr '\n' '~')"
+  echo "list-mapped xml, one line (rbd-nbd's elements): $("${t[@]}" list-mapped --format xml | sed -E 's#<(store|read_only|state|transport)>[^<]*</(store|read_only|state|transport)>##g' | sed "s|$dev|DEV|; s|$cookie|COOKIE|; s|<id>[0-9]*</id>|<id>N</id>|" | tr '\n' '~')"
   echo "list-mapped pretty json parses alike: $("${t[@]}" list-mapped --format json --pretty-format | jq -c --arg d "$dev" '[.[] | select(.device == $d) | .image]')"
   echo "list-mapped xml: $("${t[@]}" list-mapped --format xml | grep -o "<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>$COMPAT</image><snap></snap><device>$dev</device><cookie>$cookie</cookie>" | sed "s|<id>[0-9]*</id>|<id>N</id>|; s|$dev|DEV|; s|$cookie|COOKIE|")"
   "${t[@]}" detach "$dev" >/dev/null 2>&1 && echo "detach: ok" || echo "detach: failed"

@@ -64,7 +64,7 @@ check "module loaded with --nbds_max 8" test "$(cat /sys/module/nbd/parameters/n
 # The driver rounds max_part up to a power of two minus one: 4 becomes 7 (its default, 16,
 # would show as 31).
 check "module loaded with --max_part 4" test "$(cat /sys/module/nbd/parameters/max_part)" = 7
-check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +- +ext +- +$dev +rados-nbd:dir:$RADOS_NBD_STORE:rbd/ext +dir:$RADOS_NBD_STORE +nbd\$'"
+check "list-mapped shows the device" bash -c "'$B' list-mapped | grep -E '^[0-9]+ +rbd +ext +- +$dev +rados-nbd:dir:$RADOS_NBD_STORE:rbd/ext +dir:$RADOS_NBD_STORE +nbd\$'"
 check "list-mapped --format json" bash -c "'$B' list-mapped --format json | grep -q '\"device\":\"$dev\"'"
 check "list-mapped --format xml (rbd-nbd's shape)" bash -c "'$B' list-mapped --format xml | grep -q '<device><id>[0-9]*</id><pool>rbd</pool><namespace></namespace><image>ext</image><snap></snap><device>$dev</device>'"
 check "image flagged dirty while mapped" dirty rbd/ext
@@ -191,7 +191,7 @@ check "detach" "$B" detach "$dev"
 check "detach: old daemon gone" dead "$pid"
 check "detach: image closed cleanly" clean rbd/ext
 check "detach: device still configured" test "$(cat /sys/block/${dev#/dev/}/size)" != 0
-check "list-mapped shows it detached" bash -c "'$B' list-mapped | grep -E '^detached +rbd +- +ext .*$dev'"
+check "list-mapped shows it detached" bash -c "'$B' list-mapped | grep -E '^detached +rbd +ext .*$dev'"
 check "attach refuses another image" bash -c "! '$B' attach --device $dev rbd/misc"
 # I/O issued while detached waits in the kernel until attach.
 (dd if=/dev/urandom of=$MNT/during-detach bs=1M count=4 conv=fsync status=none && echo ok >/tmp/dd-during) &

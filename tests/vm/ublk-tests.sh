@@ -71,7 +71,7 @@ dev=$(umap rbd/u1); rc=$?
 if [ $rc -eq 0 ] && [ -b "$dev" ] && [[ $dev == /dev/ublkb* ]]; then ok "map --transport ublk prints a /dev/ublkbN ($dev)"; else bad "map --transport ublk" "rc=$rc dev=$dev"; fi
 check "the driver was loaded by map (RADOS_NBD_MODULES_ROOT)" test -e /dev/ublk-control
 check "the device has the image's size" test "$(blockdev --getsize64 "$dev")" = $((1 << 30))
-check "list-mapped shows the transport (plain)" bash -c "'$B' list-mapped | grep -E 'u1 +- +$dev +- .* ublk\$'"
+check "list-mapped shows the transport (plain)" bash -c "'$B' list-mapped | grep -E 'u1 +- +$dev .* ublk\$'"
 check "list-mapped --format json: transport ublk" bash -c "'$B' list-mapped --format json | grep -q '\"transport\":\"ublk\"'"
 check "list-mapped --format xml: transport ublk" bash -c "'$B' list-mapped --format xml | grep -q '<device>$dev</device>.*<transport>ublk</transport>'"
 check "the image is flagged dirty while mapped" dirty rbd/u1

@@ -305,15 +305,13 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                         s.pid.to_string()
                     },
                     s.pool.clone(),
-                    if s.namespace.is_empty() {
-                        "-".into()
-                    } else {
-                        s.namespace.clone()
-                    },
+                    // Empty, not "-", for the default namespace and for no cookie, as
+                    // rbd-nbd prints them: a script's awk counts the fields the same.
+                    s.namespace.clone(),
                     s.image.clone(),
                     s.snap.clone().unwrap_or_else(|| "-".into()),
                     s.device.clone(),
-                    s.backend.clone().unwrap_or_else(|| "-".into()),
+                    s.backend.clone().unwrap_or_default(),
                     s.store.clone(),
                     s.transport.to_string(),
                 ]);
@@ -380,7 +378,13 @@ fn list_xml(rows: &[DeviceState], pretty: bool) -> String {
         }
         o.push_str(&format!("{}</device>{nl}", pad(1)));
     }
-    o.push_str("</devices>\n");
+    // Byte for byte as rbd-nbd ends them: the pretty form with an empty line, the one
+    // line with no newline at all.
+    o.push_str(if pretty {
+        "</devices>\n\n"
+    } else {
+        "</devices>"
+    });
     o
 }
 
@@ -391,8 +395,8 @@ mod tests {
 
     #[test]
     fn list_mapped_xml_is_rbd_nbds_with_our_fields_after() {
-        assert_eq!(list_xml(&[], false), "<devices></devices>\n");
-        assert_eq!(list_xml(&[], true), "<devices>\n</devices>\n");
+        assert_eq!(list_xml(&[], false), "<devices></devices>");
+        assert_eq!(list_xml(&[], true), "<devices>\n</devices>\n\n");
         let mut a = state(true);
         a.pool = "rbd".into();
         a.image = "vm<1>".into();
@@ -410,7 +414,7 @@ mod tests {
             "{x}"
         );
         assert!(
-            x.ends_with("<state>attached</state><transport>nbd</transport></device></devices>\n"),
+            x.ends_with("<state>attached</state><transport>nbd</transport></device></devices>"),
             "{x}"
         );
         a.detached = true;
@@ -418,7 +422,7 @@ mod tests {
         let pretty = list_xml(&[a.clone()], true);
         assert!(
             pretty.starts_with("<devices>\n <device>\n  <id>0</id>\n  <pool>rbd</pool>\n")
-                && pretty.ends_with("  <transport>nbd</transport>\n </device>\n</devices>\n"),
+                && pretty.ends_with("  <transport>nbd</transport>\n </device>\n</devices>\n\n"),
             "{pretty}"
         );
         let x = list_xml(&[a], false);
