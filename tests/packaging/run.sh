@@ -139,8 +139,14 @@ FS=$WORK/udev; mkdir -p "$FS/sys/block/nbd0" "$FS/sys/block/nbd3" "$FS/sys/block
 mkdir -p "$FS/proc"   # no process entries: "cannot tell", as in another pid namespace
 udevh() { RADOS_NBD_SYSFS=$FS/sys RADOS_NBD_PROC=$FS/proc RADOS_NBD_RUN_DIR=$FS/run RADOS_NBD_UDEV_WAIT=2 "$UDEVH" "$@"; }
 echo "rados-nbd dir:/var/lib/rados-nbd rbd/vm1" >"$FS/sys/block/nbd0/backend"; echo 123 >"$FS/sys/block/nbd0/pid"
-check "udev helper: name from the kernel's backend identifier" \
+check "udev helper: name from the kernel's backend identifier (as earlier builds wrote it)" \
   test "$(udevh nbd0 | grep NAME=)" = "RADOS_NBD_NAME=rbd/vm1"
+echo "rados-nbd:dir:/var/lib/rados-nbd:rbd/vm2" >"$FS/sys/block/nbd0/backend"
+check "udev helper: name from the kernel's backend identifier" \
+  test "$(udevh nbd0 | grep NAME=)" = "RADOS_NBD_NAME=rbd/vm2"
+echo "rados-nbd:ceph:/etc/ceph/x:y.conf:p/a%3Ab%25@s%201" >"$FS/sys/block/nbd0/backend"
+check "udev helper: the spec after the last ':', decoded (then made safe)" \
+  test "$(udevh nbd0)" = $'RADOS_NBD_POOL=p\nRADOS_NBD_IMAGE=a_b_\nRADOS_NBD_SNAP=s_1\nRADOS_NBD_NAME=p/a_b_@s_1'
 : >"$FS/sys/block/nbd3/backend"; echo 9 >"$FS/sys/block/nbd3/pid"
 cat >"$FS/run/nbd3.json" <<'EOF'
 {

@@ -53,13 +53,25 @@ fn no_ublk() -> Error {
 
 /// Identifies a mapping to the kernel (NBD_ATTR_BACKEND_IDENTIFIER, rbd-nbd's "cookie")
 /// unless `--cookie` names another; RECONFIGURE must present the same string, so the
-/// kernel itself refuses to re-attach another image. No white space: it is a column of
-/// list-mapped.
+/// kernel itself refuses to re-attach another image. `rados-nbd:STORE:SPEC`, one word (it
+/// is a column of list-mapped: white space in the store becomes `_`), and the image spec
+/// after the last `:` (`%`, `:` and white space in it percent-encoded), where udev's
+/// helper (packaging/rados-nbd-udev) reads it to name /dev/rados-nbd/POOL/IMAGE.
 fn backend_id(store: &str, spec: &ImageSpec) -> String {
-    format!("rados-nbd:{store}:{spec}")
+    let store: String = store
         .chars()
         .map(|c| if c.is_whitespace() { '_' } else { c })
-        .collect()
+        .collect();
+    let mut enc = String::new();
+    for c in spec.to_string().chars() {
+        match c {
+            '%' => enc.push_str("%25"),
+            ':' => enc.push_str("%3A"),
+            c if c.is_whitespace() => enc.push_str(&format!("%{:02X}", c as u32 & 0xff)),
+            c => enc.push(c),
+        }
+    }
+    format!("rados-nbd:{store}:{enc}")
 }
 
 /// The identifier of mappings made before it lost its spaces (so `attach` still takes
@@ -1071,6 +1083,12 @@ mod tests {
         assert_eq!(
             backend_id("dir:/my store", &spec),
             "rados-nbd:dir:/my_store:rbd/vm1"
+        );
+        // The spec comes last, with no raw ':' (udev's helper splits at the last one).
+        let odd: ImageSpec = "p/ns/a:b@s:1".parse().unwrap();
+        assert_eq!(
+            backend_id("ceph:", &odd),
+            "rados-nbd:ceph::p/ns/a%3Ab@s%3A1"
         );
         let mut st = device::test_state(true);
         // Without --cookie, attach takes ours, the one of older versions, or the one
