@@ -89,6 +89,34 @@ fn state_names(st: &DeviceState, store: &str, spec: &ImageSpec) -> bool {
         && st.snap == spec.snap
 }
 
+/// An attach takes over a device only when no daemon serves it any more and its state
+/// file names the image asked for (`same`).
+fn may_take_over(
+    path: &str,
+    st: &DeviceState,
+    same: bool,
+    store: &str,
+    spec: &ImageSpec,
+) -> Result<()> {
+    if !st.detached && device::daemon_alive(st.pid) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("{path} is still served by pid {}; detach it first", st.pid),
+        ));
+    }
+    if !same {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{path} was mapped from {} in {}, not {spec} in {store}",
+                st.spec_string(),
+                st.store
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a device's cookie says it was mapped from `spec` in `store` without the user
 /// naming the cookie: our own identifiers, or the one recorded when it was mapped.
 fn cookie_is_ours(have: &str, store: &str, spec: &ImageSpec, st: Option<&DeviceState>) -> bool {
@@ -425,22 +453,7 @@ fn prepare_ublk(
                 ),
             ));
         };
-        if !st.detached && device::daemon_alive(st.pid) {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("{path} is still served by pid {}; detach it first", st.pid),
-            ));
-        }
-        if !same(&st) {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{path} was mapped from {} in {}, not {spec} in {store}",
-                    st.spec_string(),
-                    st.store
-                ),
-            ));
-        }
+        may_take_over(&path, &st, same(&st), store, spec)?;
         *read_only |= st.read_only;
     }
     Ok(Mode::Ublk(mode))
@@ -564,24 +577,9 @@ fn prepare_nbd(
         }
         let st = device::read_state(index)?;
         if let Some(st) = &st {
-            if !st.detached && device::daemon_alive(st.pid) {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("{path} is still served by pid {}; detach it first", st.pid),
-                ));
-            }
             // Whatever the cookie says: the device keeps serving what is mounted from it,
             // so another image must never come under it (rbd-nbd checks the cookie only).
-            if !state_names(st, store, spec) {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "{path} was mapped from {} in {}, not {spec} in {store}",
-                        st.spec_string(),
-                        st.store
-                    ),
-                ));
-            }
+            may_take_over(&path, st, state_names(st, store, spec), store, spec)?;
             *connections = st.connections;
             *read_only |= st.read_only;
         }
