@@ -76,6 +76,11 @@ pub struct CreateArgs {
     /// Object size, a power of two from 4K to 32M.
     #[arg(long, default_value = "4M")]
     pub object_size: String,
+    /// Ceph: keep the data objects in this pool (e.g. an erasure-coded one with
+    /// allow_ec_overwrites), the header and object map in the image's own, like
+    /// `rbd create --data-pool`.
+    #[arg(long, value_name = "POOL")]
+    pub data_pool: Option<String>,
     /// [POOL/]NAME
     pub image: String,
 }
@@ -238,6 +243,10 @@ pub enum Command {
         /// Object size of the child (default: the parent's).
         #[arg(long)]
         object_size: Option<String>,
+        /// Ceph: the child's data objects in this pool, like `rbd clone --data-pool`
+        /// (a clone does not inherit its parent's data pool).
+        #[arg(long, value_name = "POOL")]
+        data_pool: Option<String>,
         /// [POOL/[NAMESPACE/]]PARENT@SNAP
         parent: String,
         /// [POOL/[NAMESPACE/]]CHILD

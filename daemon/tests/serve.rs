@@ -674,6 +674,7 @@ async fn run_serves_an_opened_image_until_its_shutdown_future() {
         size: 8 << 20,
         order: 22,
         features: DEFAULT_FEATURES,
+        data_pool: None,
     };
     create_image(&store, &spec, &create).await.unwrap();
     let opts = OpenOptions {

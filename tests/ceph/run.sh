@@ -54,6 +54,7 @@ suites=(
   lockless.sh
   checkpoint.sh
   snapmap.sh
+  datapool.sh
   namespaces.sh
   cephx.sh
 )

@@ -36,6 +36,7 @@ pub async fn clone<S: Store>(
     child: &ImageSpec,
     clone_format: u8,
     object_size: Option<&str>,
+    data_pool: Option<String>,
 ) -> Result<()> {
     if parent.snap.is_none() {
         return Err(Error::new(
@@ -55,6 +56,7 @@ pub async fn clone<S: Store>(
         clone_format,
         features: clone_features(h.features),
         order,
+        data_pool,
     };
     store.clone_image(parent, child, &opts).await?;
     crate::image::write_empty_object_map(store, child).await

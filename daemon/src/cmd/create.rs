@@ -15,6 +15,7 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
         size,
         order,
         features: DEFAULT_FEATURES,
+        data_pool: a.data_pool.clone(),
     };
     image::create_image(store, &spec, &opts).await
 }

@@ -73,11 +73,12 @@ pub fn flag_names(flags: u64) -> Vec<String> {
 
 pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
     let shared_default = Config::load()?.shared_default;
-    let (h, shared) = with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
-        let shared = shared_setting(img, spec, shared_default).await?;
-        Ok((img.header(), shared))
-    })
-    .await?;
+    let (h, shared, data_pool) =
+        with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
+            let shared = shared_setting(img, spec, shared_default).await?;
+            Ok((img.header(), shared, img.data_pool()))
+        })
+        .await?;
     let size = match &spec.snap {
         Some(n) => h
             .snaps
@@ -110,6 +111,9 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                 "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
             });
             let mut v = v;
+            if let Some(dp) = &data_pool {
+                v["data_pool"] = json!(dp);
+            }
             if let Some(p) = &h.parent {
                 // rbd info's `parent` object.
                 v["parent"] = json!({
@@ -134,6 +138,9 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
             );
             println!("\tsnapshot_count: {}", h.snaps.len());
             println!("\tid: {}", h.id);
+            if let Some(dp) = &data_pool {
+                println!("\tdata_pool: {dp}");
+            }
             println!("\tblock_name_prefix: {}", h.object_prefix);
             println!("\tformat: 2");
             println!("\tfeatures: {}", features.join(", "));

@@ -202,6 +202,7 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Clone {
             clone_format,
             object_size,
+            data_pool,
             parent,
             child,
         } => {
@@ -211,6 +212,7 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 &parse_head_spec(&child, "clone into")?,
                 clone_format,
                 object_size.as_deref(),
+                data_pool,
             )
             .await
         }

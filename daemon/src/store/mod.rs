@@ -287,6 +287,9 @@ pub struct CloneOptions {
     pub clone_format: u8,
     pub features: u64,
     pub order: u8,
+    /// Ceph: the child's data objects in this pool (`rbd clone --data-pool`); a clone
+    /// does not inherit its parent's.
+    pub data_pool: Option<String>,
 }
 
 /// What an image's header says (`rbd_header.<id>`).
@@ -325,6 +328,9 @@ pub struct CreateOptions {
     pub size: u64,
     pub order: u8,
     pub features: u64,
+    /// `rbd create --data-pool`: the pool of the data objects (Ceph only; the header,
+    /// object map and the rest stay in the image's own pool).
+    pub data_pool: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,6 +436,12 @@ pub(crate) fn one_extent(off: u64, b: Bytes) -> Vec<(u64, Bytes)> {
 pub trait ImageStore: Send + Sync + 'static {
     /// The header as read at open (or at the latest `refresh_header`).
     fn header(&self) -> ImageHeader;
+
+    /// The pool the data objects live in when it is not the image's own (`rbd create
+    /// --data-pool`; `rbd info` shows it as `data_pool`).
+    fn data_pool(&self) -> Option<String> {
+        None
+    }
 
     fn refresh_header(&self) -> impl Future<Output = Result<ImageHeader>> + Send;
 

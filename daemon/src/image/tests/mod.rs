@@ -50,6 +50,7 @@ async fn store_with(size: u64, features: u64) -> (tempfile::TempDir, DirStore) {
         size,
         order: 22,
         features,
+        data_pool: None,
     };
     create_image(&s, &spec("vm1"), &o).await.unwrap();
     (d, s)

@@ -21,7 +21,8 @@ const SUPPORTED_FEATURES: u64 = RBD_FEATURE_LAYERING
     | RBD_FEATURE_FAST_DIFF
     | RBD_FEATURE_DEEP_FLATTEN
     | RBD_FEATURE_OPERATIONS
-    | RBD_FEATURE_NON_PRIMARY;
+    | RBD_FEATURE_NON_PRIMARY
+    | RBD_FEATURE_DATA_POOL;
 
 pub(super) fn header_oid(id: &str) -> String {
     format!("rbd_header.{id}")
@@ -303,9 +304,6 @@ fn check_features(
     if features & RBD_FEATURE_JOURNALING != 0 {
         return refuse("journaling");
     }
-    if features & RBD_FEATURE_DATA_POOL != 0 {
-        return refuse("a separate data pool");
-    }
     if features & RBD_FEATURE_MIGRATING != 0 {
         return refuse("live migration (it is being migrated)");
     }
@@ -369,7 +367,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unsupported);
         assert!(e.message.contains("journaling"));
-        assert!(check_features(&spec, RBD_FEATURE_DATA_POOL, 0, OpenMode::ReadOnly).is_err());
+        assert!(check_features(&spec, RBD_FEATURE_DATA_POOL, 0, OpenMode::ReadOnly).is_ok());
         assert!(check_features(&spec, 1 << 20, 0, OpenMode::ReadOnly).is_err());
         assert_eq!(
             check_features(&spec, RBD_FEATURE_NON_PRIMARY, 0, OpenMode::ReadWrite)

@@ -21,7 +21,16 @@ use tokio::sync::mpsc;
 
 pub(super) struct Inner {
     pub(super) meta: Arc<IoCtx>,
+    /// Data objects, with the snapshot context writes carry (or reading at the opened
+    /// snapshot).
     pub(super) data: Arc<IoCtx>,
+    /// The pool (and namespace) of the data objects, with no snapshot context: `meta`'s,
+    /// or the image's data pool (`rbd create --data-pool`, e.g. an erasure-coded pool,
+    /// librbd's `data_ctx`).
+    pub(super) data_home: Arc<IoCtx>,
+    /// The data objects' name prefix from the header: `rbd_data.<id>`, or with a data
+    /// pool `rbd_data.<metadata pool id>.<id>` (librbd's CreateRequest).
+    pub(super) object_prefix: String,
     pub(super) spec: ImageSpec,
     pub(super) id: String,
     pub(super) hdr_oid: String,
@@ -77,7 +86,7 @@ pub struct CephImage {
 
 impl Inner {
     fn object_name(&self, objno: u64) -> String {
-        format!("rbd_data.{}.{objno:016x}", self.id)
+        format!("{}.{objno:016x}", self.object_prefix)
     }
 
     fn object_size(&self) -> u64 {
@@ -238,7 +247,7 @@ impl Inner {
                 if let Some(io) = m.get(&s) {
                     return Ok(io.clone());
                 }
-                let io = self.meta.at_snap(s)?;
+                let io = self.data_home.at_snap(s)?;
                 m.insert(s, io.clone());
                 Ok(io)
             }
@@ -291,8 +300,8 @@ impl CephImage {
     /// also objects whose head was removed while snapshots kept clones of them (listed
     /// until the OSD's snap trimming drops the clones).
     async fn pool_listing(&self) -> Result<Vec<u64>> {
-        let prefix = format!("rbd_data.{}.", self.inner.id);
-        let names = self.inner.meta.list_objects(&prefix).await?;
+        let prefix = format!("{}.", self.inner.object_prefix);
+        let names = self.inner.data_home.list_objects(&prefix).await?;
         let mut objs: Vec<u64> = names
             .iter()
             .filter_map(|n| n.strip_prefix(&prefix))
@@ -305,6 +314,11 @@ impl CephImage {
 }
 
 impl ImageStore for CephImage {
+    fn data_pool(&self) -> Option<String> {
+        let i = &self.inner;
+        (i.data_home.pool() != i.meta.pool()).then(|| i.data_home.pool().to_string())
+    }
+
     fn header(&self) -> ImageHeader {
         self.inner
             .header
@@ -631,11 +645,11 @@ impl ImageStore for CephImage {
             None => i.reader(None)?,
         };
         let found = Arc::new(Mutex::new(Vec::new()));
-        let id = i.id.clone();
+        let prefix = i.object_prefix.clone();
         for_each_parallel(objs, |objno| {
-            let (io, found, id) = (io.clone(), found.clone(), id.clone());
+            let (io, found, prefix) = (io.clone(), found.clone(), prefix.clone());
             async move {
-                let name = format!("rbd_data.{id}.{objno:016x}");
+                let name = format!("{prefix}.{objno:016x}");
                 if io.stat(&name).await?.is_some() {
                     found.lock().unwrap_or_else(|p| p.into_inner()).push(objno);
                 }
@@ -680,7 +694,7 @@ impl ImageStore for CephImage {
             .or(i.snap_id)
             .unwrap_or(crate::store::snapset::SNAP_HEAD);
         snaps::object_states(
-            &i.meta,
+            &i.data_home,
             &h.object_prefix,
             objs,
             at,
@@ -889,8 +903,11 @@ impl ImageStore for CephImage {
             }
             cop.exec(c"rbd", c"sparse_copyup", &input)
                 .set_alloc_hint(osize, osize);
-            // `meta` carries no snapshot context (librbd passes an empty one here).
-            let r = i.meta.operate(&oid, cop, "cls rbd.sparse_copyup on").await;
+            // `data_home` carries no snapshot context (librbd passes an empty one here).
+            let r = i
+                .data_home
+                .operate(&oid, cop, "cls rbd.sparse_copyup on")
+                .await;
             i.noting_fence(r)?;
         }
         if copy_on_read {

@@ -134,6 +134,7 @@ async fn new_image(st: &CephStore, prefix: &str, size: u64) -> (String, ImageSpe
             size,
             order: 22,
             features: DEFAULT_FEATURES,
+            data_pool: None,
         },
     )
     .await
@@ -193,6 +194,7 @@ async fn ceph_live_create_lock_write_close() {
             size: 1 << 20,
             order: 22,
             features: DEFAULT_FEATURES,
+            data_pool: None,
         },
     );
     assert_eq!(again.await.unwrap_err().kind, ErrorKind::AlreadyExists);
@@ -764,6 +766,7 @@ async fn ceph_live_clones() {
         clone_format: 2,
         features: DEFAULT_FEATURES & !RBD_FEATURE_DEEP_FLATTEN,
         order: 22,
+        data_pool: None,
     };
     st.clone_image(&snap, &cspec, &opts)
         .await

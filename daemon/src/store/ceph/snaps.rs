@@ -132,7 +132,7 @@ pub async fn snap_sets(
 /// `image_snaps` (any order). Objects that do not exist at `at` are left out. `what`
 /// names the image in progress lines.
 pub async fn object_states(
-    meta: &IoCtx,
+    data: &IoCtx,
     object_prefix: &str,
     objs: Vec<u64>,
     at: u64,
@@ -141,7 +141,7 @@ pub async fn object_states(
     what: &str,
 ) -> Result<Vec<(u64, objmap::ObjectState)>> {
     use futures_util::stream::{self, StreamExt, TryStreamExt};
-    let io = meta.at_snap(SNAP_DIR)?;
+    let io = data.at_snap(SNAP_DIR)?;
     let mut snaps = image_snaps.to_vec();
     snaps.sort_unstable();
     let mut progress = crate::progress::Progress::new(format!(

@@ -13,8 +13,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
     CloneOptions, CreateOptions, ImageStore as _, OpenMode, ParentInfo, Store,
-    RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF,
-    RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
+    RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
+    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -345,9 +345,23 @@ impl CephStore {
             ));
         }
         let io = self.pool(&spec.pool, &spec.namespace).await?;
+        let data_pool = match &opts.data_pool {
+            Some(p) => self.data_pool_for(spec, &io, p).await?,
+            None => None,
+        };
         let id = generate_image_id(self.rados.instance_id());
         let id_oid = format!("rbd_id.{}", spec.name);
         let ctx = |e: Error| e.context(format!("creating image {spec} in {}", self.desc));
+        // librbd's CreateRequest: with a data pool the feature says so, and the data
+        // objects' names carry the metadata pool's id.
+        let (f, prefix, data_pool_id) = match data_pool {
+            Some(id_of_pool) => (
+                f | RBD_FEATURE_DATA_POOL,
+                format!("rbd_data.{}.{id}", io.pool_id()),
+                id_of_pool,
+            ),
+            None => (f, format!("rbd_data.{id}"), -1),
+        };
 
         // The id object first, created exclusively: it is what makes the name taken.
         let mut op = WriteOp::new();
@@ -371,12 +385,11 @@ impl CephStore {
                 &cls::dir_image_in(&spec.name, &id),
             )
             .await?;
-            let prefix = format!("rbd_data.{id}");
             let mut op = WriteOp::new();
             op.create(true).exec(
                 c"rbd",
                 c"create",
-                &cls::create_in(opts.size, opts.order, f, &prefix, -1),
+                &cls::create_in(opts.size, opts.order, f, &prefix, data_pool_id),
             );
             io.operate(&header_oid(&id), op, "cls rbd.create on")
                 .await?;
@@ -410,6 +423,38 @@ impl CephStore {
         }
         tracing::info!(image = %spec, id = %id, "created image");
         Ok(id)
+    }
+
+    /// The id of `--data-pool POOL` for a new image in `io`'s pool, checked as librbd's
+    /// CreateRequest checks it: the pool must exist and take partial overwrites (an
+    /// erasure-coded pool only with allow_ec_overwrites), which librbd proves once per
+    /// pool by writing its `rbd_info` object. `None` when it is the image's own pool
+    /// (librbd then records no data pool either).
+    async fn data_pool_for(&self, spec: &ImageSpec, io: &IoCtx, pool: &str) -> Result<Option<i64>> {
+        if pool == io.pool() {
+            return Ok(None);
+        }
+        let what = |e: Error| e.context(format!("the data pool {pool} of {spec}"));
+        let data = self.pool(pool, "").await.map_err(what)?;
+        if data.stat(RBD_INFO).await.map_err(what)?.is_none() {
+            let mut op = WriteOp::new();
+            op.write(0, b"overwrite validated");
+            match data.operate(RBD_INFO, op, "write").await {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "cannot create {spec} with data pool {pool}: the pool does not \
+                             allow overwrites (erasure-coded: `ceph osd pool set {pool} \
+                             allow_ec_overwrites true`)"
+                        ),
+                    ))
+                }
+                Err(e) => return Err(what(e)),
+            }
+        }
+        Ok(Some(data.pool_id()))
     }
 
     /// librbd's CloneRequest: the child is created like any image (size = the snapshot's,
@@ -486,6 +531,7 @@ impl CephStore {
                     size,
                     order: opts.order,
                     features: opts.features,
+                    data_pool: opts.data_pool.clone(),
                 },
             )
             .await?;
@@ -698,6 +744,9 @@ impl CephStore {
     }
 }
 
+/// librbd's object in a data pool that says partial overwrites work there.
+const RBD_INFO: &str = "rbd_info";
+
 /// Opens image `id` (named `spec`) through `meta`, its pool and namespace: the common
 /// part of `open_image` and of opening a clone's parent (by id, as librbd does, so a
 /// renamed parent still opens).
@@ -732,11 +781,14 @@ pub(super) async fn open_by_id_at(
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<CephImage> {
     let (header, snap_id) = load_header_at(&meta, spec, &id, mode, snap_id).await?;
+    let data_home = data_home_of(&meta, spec, &id, &header).await?;
     // Data objects get their own handle: it carries the snapshot context (writes) or
     // reads at the mapped snapshot.
     let data = match snap_id {
-        Some(s) => meta.at_snap(s)?,
-        None => meta.cluster().ioctx_in(&spec.pool, &spec.namespace)?,
+        Some(s) => data_home.at_snap(s)?,
+        None => meta
+            .cluster()
+            .ioctx_in(data_home.pool(), data_home.namespace())?,
     };
     if snap_id.is_none() {
         let ids: Vec<u64> = header.snaps.iter().map(|s| s.id).collect();
@@ -745,6 +797,8 @@ pub(super) async fn open_by_id_at(
     let inner = Arc::new(Inner {
         meta,
         data,
+        data_home,
+        object_prefix: header.object_prefix.clone(),
         spec: spec.clone(),
         hdr_oid: header_oid(&id),
         id,
@@ -787,6 +841,33 @@ pub(super) async fn open_by_id_at(
         }
     }
     Ok(img)
+}
+
+/// Where the data objects of image `id` (header `h`, read through `meta`) live: `meta`'s
+/// pool, or with the data-pool feature the pool `get_data_pool` names, in the image's
+/// namespace (librbd's `data_ctx`).
+pub(super) async fn data_home_of(
+    meta: &Arc<IoCtx>,
+    spec: &ImageSpec,
+    id: &str,
+    h: &crate::store::ImageHeader,
+) -> Result<Arc<IoCtx>> {
+    if h.features & RBD_FEATURE_DATA_POOL == 0 {
+        return Ok(meta.clone());
+    }
+    let ctx = |e: Error| e.context(format!("finding the data pool of image {spec}"));
+    let b = meta
+        .exec_read(&header_oid(id), RBD, "get_data_pool", &[])
+        .await
+        .map_err(ctx)?;
+    let pool_id = cls::data_pool_out(&b).map_err(ctx)?;
+    if pool_id < 0 {
+        return Ok(meta.clone());
+    }
+    let pool = meta.cluster().pool_name(pool_id).map_err(ctx)?;
+    meta.cluster()
+        .ioctx_in(&pool, meta.namespace())
+        .map_err(|e| ctx(e.context(format!("data pool {pool} (id {pool_id})"))))
 }
 
 /// Refuses with `Busy` while a client has the image's header watched (open): asked by a
@@ -921,7 +1002,11 @@ async fn remove_by_id(
     knobs: OpenKnobs,
     luks_noted: Arc<Mutex<std::collections::HashSet<String>>>,
 ) -> Result<()> {
-    if let Ok((h, _)) = load_header(io, spec, id, OpenMode::ReadOnly).await {
+    let header = load_header(io, spec, id, OpenMode::ReadOnly)
+        .await
+        .ok()
+        .map(|(h, _)| h);
+    if let Some(h) = &header {
         if h.parent.is_some() {
             let img = open_by_id(
                 io.clone(),
@@ -937,9 +1022,17 @@ async fn remove_by_id(
             r.and(c)?;
         }
     }
-    let names = io.list_objects(&format!("rbd_data.{id}.")).await?;
+    // The data objects, in the data pool if the image has one.
+    let (data, prefix) = match &header {
+        Some(h) => (
+            data_home_of(io, spec, id, h).await?,
+            h.object_prefix.clone(),
+        ),
+        None => (io.clone(), format!("rbd_data.{id}")),
+    };
+    let names = data.list_objects(&format!("{prefix}.")).await?;
     for_each_parallel(names, |name| {
-        let io = io.clone();
+        let io = data.clone();
         async move { io.remove(&name).await.map(|_| ()) }
     })
     .await?;

@@ -127,6 +127,16 @@ pub(super) async fn clone_image(
             format!("clone format {} (1 or 2)", opts.clone_format),
         ));
     }
+    if let Some(p) = &opts.data_pool {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "cannot clone into {child} with --data-pool {p}: a separate data pool is a \
+                 Ceph store feature ({} keeps every object in the pool's directory)",
+                store.describe()
+            ),
+        ));
+    }
     let ppool = store.pool_dir(&parent.pool);
     let cpool = store.pool_dir(&child.pool);
     let desc = store.describe();
@@ -175,6 +185,7 @@ pub(super) async fn clone_image(
             size: snap.size,
             order: opts.order,
             features: opts.features,
+            data_pool: None,
         };
         let rec = ParentRecord {
             pool: parent.pool.clone(),

@@ -128,6 +128,16 @@ impl Store for DirStore {
 
     async fn create_image(&self, spec: &ImageSpec, opts: &CreateOptions) -> Result<()> {
         self.no_namespace(spec, &spec.namespace)?;
+        if let Some(p) = &opts.data_pool {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot create {spec} with --data-pool {p}: a separate data pool is a \
+                     Ceph store feature ({} keeps every object in the pool's directory)",
+                    self.describe()
+                ),
+            ));
+        }
         // Before the pool directory is made: bad input changes nothing on disk.
         check_order(opts.order)?;
         let pool_dir = self.pool_dir(&spec.pool);

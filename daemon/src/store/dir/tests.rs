@@ -14,6 +14,7 @@ fn opts(size: u64) -> CreateOptions {
         size,
         order: 22,
         features: DEFAULT_FEATURES,
+        data_pool: None,
     }
 }
 
@@ -430,6 +431,7 @@ async fn small(s: &DirStore, name: &str, objects: u64) -> DirImage {
         size: objects << 12,
         order: 12,
         features: DEFAULT_FEATURES,
+        data_pool: None,
     };
     s.create_image(&spec(name), &o).await.unwrap();
     open(s, name, OpenMode::ReadWrite).await
@@ -931,6 +933,7 @@ fn clone_opts(format: u8) -> CloneOptions {
         clone_format: format,
         features: DEFAULT_FEATURES,
         order: 12,
+        data_pool: None,
     }
 }
 
@@ -1253,6 +1256,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                 size: PARENT,
                 order: porder,
                 features: DEFAULT_FEATURES,
+                data_pool: None,
             };
             s.create_image(&spec("base"), &popts).await.unwrap();
             let base = open(&s, "base", OpenMode::ReadWrite).await;
@@ -1278,6 +1282,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                 clone_format: 2,
                 features,
                 order,
+                data_pool: None,
             };
             s.clone_image(&spec("base@s1"), &spec("c"), &opts)
                 .await

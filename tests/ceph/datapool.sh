@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Images whose data objects live in a separate pool (`rbd create --data-pool`; how images on
+# erasure-coded pools are made: header and object map in a replicated pool, data in the EC
+# one) against the cluster named by $CEPH_CONF, with Ceph's own tools (rbd, rados) as the
+# oracle: made by rados-nbd and by rbd, served, snapshotted, rolled back, crashed and
+# reopened, cloned (a plain child of a data-pool parent, and data-pool children), flattened
+# and removed. The one-node test cluster cannot make an erasure-coded pool worth the name
+# (k+m OSDs), so the data pool here is replicated: the code path is the same (librbd
+# validates overwrites the same way; a pool refusing them is what an EC pool without
+# allow_ec_overwrites does).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/common.sh" ceph-dp
+
+dp=rbd-dp
+ceph osd pool create "$dp" 8 >/dev/null 2>&1
+ceph osd pool application enable "$dp" rbd >/dev/null 2>&1
+# The daemon runs as a client restricted to the two pools, as a deployment would give it.
+if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
+  ceph auth get-or-create client.nbd-dp mon 'profile rbd' \
+    osd "profile rbd pool=rbd, profile rbd pool=$dp" -o "$work/nbd-dp.keyring" >/dev/null
+  RN=("$BIN" --store "ceph:$CEPH_CONF" --id nbd-dp --keyring "$work/nbd-dp.keyring")
+  RNQ=$(printf '%q ' "${RN[@]}")
+fi
+prefix_of() { rbd info "$1" --format json | jq -r .block_name_prefix; }
+# count POOL PREFIX: how many objects of that prefix POOL holds.
+count() { rados -p "$1" ls | grep -c "^$2\." ; }
+# export_is IMAGE[@SNAP] FILE: rbd export of IMAGE equals FILE.
+export_is() { [ "$(rbd export "$1" - 2>/dev/null | sha)" = "$(sha <"$2")" ]; }
+export -f count export_is
+# put FILE OFFSET LEN [SRC]: LEN random bytes (or SRC's) at OFFSET in the image served as
+# the first name in $img and in the mirror FILE.
+put() {
+  local f=$1 off=$2 len=$3
+  head -c "$len" /dev/urandom >"$work/chunk"
+  dd if="$work/chunk" of="$f" bs=64K seek="$off" oflag=seek_bytes conv=notrunc status=none
+  $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri "$img")')
+h.pwrite(open('$work/chunk','rb').read(), $off, nbd.CMD_FLAG_FUA)
+h.shutdown()"
+}
+# zap FILE OFFSET LEN: NBD trim of LEN bytes at OFFSET (whole objects here: they read as zeros
+# afterwards, as librbd's discard of a whole object leaves them).
+zap() {
+  dd if=/dev/zero of="$1" bs=64K seek="$2" count="$3" iflag=count_bytes oflag=seek_bytes \
+    conv=notrunc status=none
+  $PY -c "
+import nbd
+h = nbd.NBD(); h.connect_uri('$(uri "$img")')
+h.trim($3, $2); h.flush()
+h.shutdown()"
+}
+
+# --- made by rados-nbd: what rbd create --data-pool makes.
+check "create --data-pool $dp rbd/dpa" "${RN[@]}" create --size 64M --data-pool "$dp" rbd/dpa
+check "rbd info: data_pool $dp, the data-pool feature" bash -c \
+  "rbd info rbd/dpa --format json | jq -e '.data_pool == \"$dp\" and (.features | index(\"data-pool\"))'"
+pid=$(ceph osd pool ls detail --format json | jq -r '.[] | select(.pool_name == "rbd") | .pool_id')
+check "the data objects' prefix carries the metadata pool's id, as librbd names it" bash -c \
+  "[ \"\$(rbd info rbd/dpa --format json | jq -r .block_name_prefix)\" = \"rbd_data.$pid.\$(rbd info rbd/dpa --format json | jq -r .id)\" ]"
+check "the data pool's overwrites were validated as librbd does (rbd_info)" bash -c \
+  "[ \"\$(rados -p $dp get rbd_info -)\" = 'overwrite validated' ]"
+check "info rbd/dpa shows the data pool where rbd info does (line after id)" bash -c \
+  "diff <(rbd info rbd/dpa | sed -n '/id:/,/block_name_prefix/p') <($RNQ info rbd/dpa | sed -n '/id:/,/block_name_prefix/p')"
+check "info --format json: data_pool" bash -c \
+  "$RNQ info rbd/dpa --format json | jq -e '.data_pool == \"$dp\"'"
+pa=$(prefix_of rbd/dpa)
+
+truncate -s $((64 * MB)) "$work/dpa.raw"
+img=dpa
+serve rbd/dpa
+check "dpa: nbdcopy writes 16 MiB" bash -c \
+  "head -c $((16 * MB)) /dev/urandom >'$work/w' && nbdcopy '$work/w' '$(uri dpa)'"
+dd if="$work/w" of="$work/dpa.raw" conv=notrunc status=none
+put "$work/dpa.raw" $((40 * MB)) $MB
+zap "$work/dpa.raw" $((4 * MB)) $((4 * MB))
+check "snap create rbd/dpa@s1 while served" "${RN[@]}" snap create rbd/dpa@s1
+cp "$work/dpa.raw" "$work/dpa-s1.raw"
+put "$work/dpa.raw" 0 $MB
+put "$work/dpa.raw" $((50 * MB)) $((64 * 1024))
+check_unserve "dpa: serve ends with exit 0"
+check "dpa: rbd export equals what was written" export_is rbd/dpa "$work/dpa.raw"
+check "dpa@s1: rbd export equals the image when the snapshot was taken" \
+  export_is rbd/dpa@s1 "$work/dpa-s1.raw"
+check "dpa: rbd object-map check passes" omap_check rbd/dpa
+check "dpa@s1: rbd object-map check passes" omap_check rbd/dpa@s1
+check "dpa: no data object in the metadata pool" bash -c "[ \$(count rbd $pa) = 0 ]"
+# Objects 0-3 and 10 at s1 (1 trimmed: removed), object 12 since; `rados ls` lists each
+# object once (s1's copy of object 0 is a RADOS clone of it).
+check "dpa: its data objects in $dp (objects 0, 2, 3, 10, 12)" bash -c \
+  "[ \$(count $dp $pa) = 5 ]"
+check "rbd diff --from-snap s1 and rados-nbd diff agree" bash -c \
+  "diff <(rbd diff --from-snap s1 rbd/dpa --format json | jq -S .) <($RNQ diff --from-snap s1 rbd/dpa --format json | jq -S .)"
+check "rbd diff --whole-object and rados-nbd's agree" bash -c \
+  "diff <(rbd diff --whole-object rbd/dpa --format json | jq -S .) <($RNQ diff --whole-object rbd/dpa --format json | jq -S .)"
+check "rbd du and rados-nbd du agree (head and s1)" bash -c \
+  "diff <(rbd du rbd/dpa --format json | jq -S '.images | map({name, snapshot, provisioned_size, used_size})') <($RNQ du rbd/dpa --format json | jq -S '.images | map({name, snapshot, provisioned_size, used_size})')"
+check "rados-nbd object-map check agrees" "${RN[@]}" object-map check rbd/dpa
+
+# --- a crash: the map flagged invalid, the next open rebuilds it from the data pool.
+# (One client held connected: when its last client leaves, serve checkpoints the map and
+# clears the flag, which the kill could then find already done.)
+serve rbd/dpa
+hold dpa
+put "$work/dpa.raw" $((20 * MB)) $MB
+kill9 "$SERVE_PID"
+unhold
+check "after kill -9: rbd info shows the object map invalid" bash -c \
+  "rbd info rbd/dpa | grep -q 'flags:.*object map invalid'"
+check "the dead daemon's watch dropped" drop_dead_watch rbd/dpa
+if reopen "$work/serve.log" rbd/dpa; then pass "reopen after kill -9"; else fail "reopen after kill -9" "$(tail -3 "$work/serve.log")"; fi
+check "after reopen: the whole image reads back as written" bash -c \
+  "[ \"\$(nbdcopy '$(uri dpa)' - | sha)\" = \"\$(sha <'$work/dpa.raw')\" ]"
+check_unserve "dpa: reopened serve ends with exit 0"
+check "after crash and reopen: rbd export equals" export_is rbd/dpa "$work/dpa.raw"
+check "after crash and reopen: rbd object-map check passes" omap_check rbd/dpa
+undrop_watches
+
+# --- made by rbd: rados-nbd serves it and rbd reads what it wrote.
+rbd create --size 32M --data-pool "$dp" rbd/dpl
+rbd bench --io-type write --io-size 64K --io-total 8M --io-pattern rand rbd/dpl >/dev/null 2>&1
+rbd export rbd/dpl "$work/dpl.raw" >/dev/null 2>&1
+img=dpl
+serve rbd/dpl
+check "dpl (made by rbd): reads what rbd bench wrote" bash -c \
+  "[ \"\$(nbdcopy '$(uri dpl)' - | sha)\" = \"\$(sha <'$work/dpl.raw')\" ]"
+put "$work/dpl.raw" $((12 * MB)) $((3 * MB / 2))
+zap "$work/dpl.raw" $((24 * MB)) $((4 * MB))
+check_unserve "dpl: serve ends with exit 0"
+check "dpl: rbd export equals" export_is rbd/dpl "$work/dpl.raw"
+check "dpl: rbd object-map check passes" omap_check rbd/dpl
+check "dpl: no data object in the metadata pool" bash -c "[ \$(count rbd $(prefix_of rbd/dpl)) = 0 ]"
+
+# --- rollback: the snapshot's data comes back from the data pool's clones.
+check "snap rollback rbd/dpa@s1" "${RN[@]}" snap rollback rbd/dpa@s1
+check "after rollback: rbd export equals s1" export_is rbd/dpa "$work/dpa-s1.raw"
+check "after rollback: rbd object-map check passes" omap_check rbd/dpa
+cp "$work/dpa-s1.raw" "$work/dpa.raw"
+
+# --- clones: a plain child reads its data-pool parent's objects (copy-up from the
+# parent's data pool), children with a data pool of their own.
+check "clone rbd/dpa@s1 rbd/dpc (no data pool)" "${RN[@]}" clone rbd/dpa@s1 rbd/dpc
+check "dpc: no data pool (a clone does not inherit it, as rbd clone)" bash -c \
+  "rbd info rbd/dpc --format json | jq -e '(has(\"data_pool\") | not) and (.features | index(\"data-pool\") | not)'"
+cp "$work/dpa-s1.raw" "$work/dpc.raw"
+img=dpc
+serve rbd/dpc
+check "dpc: reads its parent's snapshot" bash -c \
+  "[ \"\$(nbdcopy '$(uri dpc)' - | sha)\" = \"\$(sha <'$work/dpc.raw')\" ]"
+put "$work/dpc.raw" $((MB + 4096)) 8192
+zap "$work/dpc.raw" $((8 * MB)) $((4 * MB))
+put "$work/dpc.raw" $((41 * MB)) 4096
+check_unserve "dpc: serve ends with exit 0"
+check "dpc: rbd export equals (copy-up kept the parent's bytes around the writes)" \
+  export_is rbd/dpc "$work/dpc.raw"
+check "dpc: rbd object-map check passes" omap_check rbd/dpc
+check "dpc: its objects in the metadata pool, none in $dp" bash -c \
+  "p=\$(rbd info rbd/dpc --format json | jq -r .block_name_prefix); [ \$(count rbd \$p) = 3 ] && [ \$(count $dp \$p) = 0 ]"
+check "dpa@s1 unchanged by the child's writes" export_is rbd/dpa@s1 "$work/dpa-s1.raw"
+
+check "clone --data-pool $dp rbd/dpa@s1 rbd/dpd" "${RN[@]}" clone --data-pool "$dp" rbd/dpa@s1 rbd/dpd
+check "dpd: rbd info shows data_pool $dp and the parent" bash -c \
+  "rbd info rbd/dpd --format json | jq -e '.data_pool == \"$dp\" and .parent.image == \"dpa\"'"
+cp "$work/dpa-s1.raw" "$work/dpd.raw"
+img=dpd
+serve rbd/dpd
+put "$work/dpd.raw" $((10 * MB)) $((2 * MB))
+zap "$work/dpd.raw" 0 $((4 * MB))
+check_unserve "dpd: serve ends with exit 0"
+check "dpd: rbd export equals" export_is rbd/dpd "$work/dpd.raw"
+check "dpd: rbd object-map check passes" omap_check rbd/dpd
+pd=$(prefix_of rbd/dpd)
+check "dpd: its objects in $dp, none in the metadata pool" bash -c \
+  "[ \$(count $dp $pd) = 2 ] && [ \$(count rbd $pd) = 0 ]"
+check "flatten rbd/dpd" "${RN[@]}" flatten rbd/dpd
+check "dpd flattened: no parent, bytes unchanged" bash -c \
+  "! rbd info rbd/dpd --format json | jq -e .parent >/dev/null && export_is rbd/dpd '$work/dpd.raw'"
+check "dpd flattened: rbd object-map check passes" omap_check rbd/dpd
+check "rm rbd/dpd" "${RN[@]}" rm rbd/dpd
+check "rm: no object of dpd left in $dp or the metadata pool" bash -c \
+  "[ \$(count $dp $pd) = 0 ] && [ \$(count rbd $pd) = 0 ]"
+
+rbd clone --rbd-default-clone-format 2 --data-pool "$dp" rbd/dpa@s1 rbd/dpe
+cp "$work/dpa-s1.raw" "$work/dpe.raw"
+img=dpe
+serve rbd/dpe
+put "$work/dpe.raw" $((3 * MB)) $((2 * MB))
+check_unserve "dpe (rbd clone --data-pool): serve ends with exit 0"
+check "dpe: rbd export equals" export_is rbd/dpe "$work/dpe.raw"
+check "dpe: rbd object-map check passes" omap_check rbd/dpe
+
+# --- what cannot be done: refused in one line, nothing made.
+out=$("${RN[@]}" create --size 8M --data-pool nosuch rbd/dpx 2>&1); rc=$?
+if [ $rc -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && grep -q "data pool nosuch" <<<"$out"; then
+  pass "--data-pool nosuch: refused naming the pool"; else fail "--data-pool nosuch" "rc=$rc: $out"; fi
+check "--data-pool nosuch: no image made (rbd ls, rbd_id)" bash -c \
+  "! rbd ls rbd | grep -qx dpx && ! rados -p rbd stat rbd_id.dpx >/dev/null 2>&1"
+check "--data-pool rbd (the image's own pool): no data-pool feature, as librbd" bash -c \
+  "$RNQ create --size 8M --data-pool rbd rbd/dpy && rbd info rbd/dpy --format json | jq -e '(has(\"data_pool\") | not) and (.features | index(\"data-pool\") | not)'"
+mkdir -p "$work/dir"
+out=$("$BIN" --store "dir:$work/dir" create --size 8M --data-pool "$dp" rbd/x 2>&1); rc=$?
+if [ $rc -ne 0 ] && grep -q "Ceph store feature" <<<"$out" &&
+  [ -z "$("$BIN" --store "dir:$work/dir" ls rbd 2>/dev/null)" ]; then
+  pass "dir store: --data-pool refused, says why"; else fail "dir store: --data-pool" "rc=$rc: $out"; fi
+
+# A client with no caps on the data pool (client.nbd: pool rbd only) is refused at the open
+# with a line naming the object it could not read, rather than serving zeros.
+if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
+  out=$(timeout 60 "$BIN" --store "ceph:$CEPH_CONF" --id "${CEPH_NBD_ID:-nbd}" \
+    --keyring "$CEPH_NBD_KEYRING" serve rbd/dpa --socket "$work/x.sock" 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "rbd_data\.$pid\..*Operation not permitted" <<<"$out"; then
+    pass "no caps on the data pool: serve refused naming the data object"
+  else fail "no caps on the data pool" "rc=$rc: $(tail -2 <<<"$out")"; fi
+fi
+
+# The suite's images go; the pool is this suite's own.
+for i in dpe dpc dpl dpy; do rbd rm "rbd/$i" >/dev/null 2>&1; done
+rbd snap purge rbd/dpa >/dev/null 2>&1; rbd rm rbd/dpa >/dev/null 2>&1
+t_summary
