@@ -77,6 +77,10 @@ put "$work/dpa.raw" $((40 * MB)) $MB
 zap "$work/dpa.raw" $((4 * MB)) $((4 * MB))
 check "snap create rbd/dpa@s1 while served" "${RN[@]}" snap create rbd/dpa@s1
 cp "$work/dpa.raw" "$work/dpa-s1.raw"
+# librbd allocates a snapshot's id in the data pool (whose OSDs keep and trim its clones):
+# this suite is the pool's only user, so its snap_seq is s1's id.
+check "s1's id was allocated in the data pool, as librbd does" bash -c \
+  "[ \"\$(rbd snap ls rbd/dpa --format json | jq '.[] | select(.name == \"s1\") | .id')\" = \"\$(ceph osd pool ls detail --format json | jq '.[] | select(.pool_name == \"$dp\") | .snap_seq')\" ]"
 put "$work/dpa.raw" 0 $MB
 put "$work/dpa.raw" $((50 * MB)) $((64 * 1024))
 check_unserve "dpa: serve ends with exit 0"
