@@ -218,6 +218,17 @@ if [ -n "${CEPH_NBD_KEYRING:-}" ]; then
   else fail "no caps on the data pool" "rc=$rc: $(tail -2 <<<"$out")"; fi
 fi
 
+# Generated sequences on data-pool images (tests/ceph/differential.py with DIFF_DATA_POOL:
+# twins made by librbd with --data-pool, one served by rados-nbd), flat and clone chains, a
+# few of each here (DP_DIFF_SEQS, default 4; longer campaigns by hand).
+dseqs=${DP_DIFF_SEQS:-4}
+dclient=()
+[ -n "${CEPH_NBD_KEYRING:-}" ] && dclient=(CEPH_NBD_ID=nbd-dp CEPH_NBD_KEYRING="$work/nbd-dp.keyring")
+run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$dp" DIFF_PREFIX=dpdiff \
+  timeout -k 10 600 "$PY" -u "$here/differential.py" --seqs "$dseqs" --seed 4100
+run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$dp" DIFF_PREFIX=dpdiff \
+  DIFF_CLONE_DEPTHS=1,2 timeout -k 10 600 "$PY" -u "$here/differential.py" --clone --seqs "$dseqs" --seed 11100
+
 # The suite's images go; the pool is this suite's own.
 for i in dpe dpc dpl dpy; do rbd rm "rbd/$i" >/dev/null 2>&1; done
 rbd snap purge rbd/dpa >/dev/null 2>&1; rbd rm rbd/dpa >/dev/null 2>&1

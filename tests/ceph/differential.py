@@ -126,6 +126,9 @@ import rados  # noqa: E402  Debian's python3-rados
 import rbd  # noqa: E402  Debian's python3-rbd
 
 POOL = "rbd"
+# DIFF_DATA_POOL=POOL: every image of the run (twins and parent chains) keeps its data
+# objects in POOL (`rbd create --data-pool`); the daemon's client needs caps on it.
+DATA_POOL = os.environ.get("DIFF_DATA_POOL") or None
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
 # The clone mode's own operations, drawn from a stream of their own (see clone_case).
@@ -211,7 +214,7 @@ class Run(diffops.Serves):
         self.rollbacks = []
         for name in (self.a, self.b):
             rbd.RBD().create(env.ioctx, name, geo.size, order=geo.order, old_format=False,
-                             features=FEATURES)
+                             features=FEATURES, data_pool=DATA_POOL)
         self.bimg = rbd.Image(env.ioctx, self.b)
         self.server = None
         self.h = None
@@ -430,11 +433,11 @@ class Run(diffops.Serves):
                 name = f"{self.base}-{twin}p{level}"
                 if prev is None:
                     rbd.RBD().create(e.ioctx, name, self.size, order=orders[level],
-                                     old_format=False, features=feats)
+                                     old_format=False, features=feats, data_pool=DATA_POOL)
                 else:
                     rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, name, features=feats,
                                     order=orders[level], stripe_unit=1 << orders[level],
-                                    stripe_count=1)
+                                    stripe_count=1, data_pool=DATA_POOL)
                 self.parents.append(name)
                 with rbd.Image(e.ioctx, name) as im:
                     for lv, off, length, tag in fill:
@@ -446,7 +449,7 @@ class Run(diffops.Serves):
             # and refuse it where that is larger than the clone's objects).
             rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, self.a if twin == "a" else self.b,
                             features=feats, order=self.geo.order, stripe_unit=self.geo.obj,
-                            stripe_count=1)
+                            stripe_count=1, data_pool=DATA_POOL)
             chains[twin] = [f"{self.base}-{twin}p{level}" for level in range(depth)]
         self.chain_pairs = list(zip(chains["a"], chains["b"]))
         for name in chains["a"] + chains["b"]:
@@ -743,7 +746,7 @@ class Run(diffops.Serves):
             flags = im.flags()
         text = (r.stdout + r.stderr).decode(errors="replace")
         bad = sorted((int(o, 16), int(m), int(b)) for o, m, b in re.findall(
-            r"object map error: object rbd_data\.[0-9a-f]+\.([0-9a-f]+) marked as (\d+), "
+            r"object map error: object rbd_data\.(?:[0-9a-f]+\.)+?([0-9a-f]{16}) marked as (\d+), "
             r"but should be (\d+)", text))
         ok = r.returncode == 0 and flags == 0 and "object map error" not in text
         return ok, bad, f"exit {r.returncode}, flags after it {flags:#x}: {text.strip()[-300:]}"
@@ -928,7 +931,7 @@ class Run(diffops.Serves):
                                 pref = dim.block_name_prefix()
                                 print(f"DEBUG {nm} snaps {[(x['id'], x['name']) for x in dim.list_snaps()]}", flush=True)
                             for o in sorted({o for o, _ in sa[3][frm]}):
-                                r = subprocess.run(["rados", "-p", POOL, "listsnaps", f"{pref}.{o:016x}"], capture_output=True, text=True)
+                                r = subprocess.run(["rados", "-p", DATA_POOL or POOL, "listsnaps", f"{pref}.{o:016x}"], capture_output=True, text=True)
                                 print(f"DEBUG {nm} obj {o}: {r.stdout.strip()} {r.stderr.strip()}", flush=True)
                     if snap is None and only_a and not only_b and not retried:
                         # librbd's rollback copies the snapshot's map over the head's,
