@@ -1,10 +1,12 @@
-//! With the `ceph` feature, builds our C++ shims for librados' `list_snaps` and
-//! `sparse_read` (src/store/ceph/{list_snaps,sparse_read}.cc, sharing shim.hpp; the C API has no
+//! With the `ceph` feature, builds our C++ shims for librados' `list_snaps`, `sparse_read`
+//! and writes that send the caller's buffer without a copy
+//! (src/store/ceph/{list_snaps,sparse_read,write}.cc, sharing shim.hpp; the C API has no
 //! equivalent), which need librados' C++ headers (Debian: libradospp-dev).
 
 fn main() {
     println!("cargo:rerun-if-changed=src/store/ceph/list_snaps.cc");
     println!("cargo:rerun-if-changed=src/store/ceph/sparse_read.cc");
+    println!("cargo:rerun-if-changed=src/store/ceph/write.cc");
     println!("cargo:rerun-if-changed=src/store/ceph/shim.hpp");
     if std::env::var_os("CARGO_FEATURE_CEPH").is_none() {
         return;
@@ -14,6 +16,7 @@ fn main() {
         .std("c++17")
         .file("src/store/ceph/list_snaps.cc")
         .file("src/store/ceph/sparse_read.cc")
+        .file("src/store/ceph/write.cc")
         .warnings(true)
         .try_compile("rados_nbd_list_snaps");
     if let Err(e) = r {

@@ -551,9 +551,7 @@ impl ImageStore for CephImage {
         i.fresh().await?;
         i.check_inside(objno, off + data.len() as u64)?;
         let osize = i.object_size();
-        let mut op = WriteOp::new();
-        op.set_alloc_hint(osize, osize).write(off, &data);
-        let r = i.data.operate(&i.object_name(objno), op, "write").await;
+        let r = super::write::write_nocopy(&i.data, &i.object_name(objno), off, &data, osize).await;
         i.noting_fence(r)
     }
 

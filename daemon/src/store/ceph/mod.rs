@@ -10,9 +10,13 @@
 //! them; data objects are written with the image's self-managed snapshot context, so
 //! snapshots taken by Ceph's tools keep their data.
 //!
-//! Not supported (refused at open rather than served wrong): journaling, a separate data
-//! pool, fancy striping (stripe count > 1 or unit != object size), migration,
-//! non-primary mirrored images for writing, unknown feature bits.
+//! With a separate data pool (`rbd create --data-pool`) the data objects, named
+//! `rbd_data.<metadata pool id>.<id>.<objno>`, live in that pool and snapshot ids are
+//! allocated there, as librbd's `data_ctx` does; the rest stays in the image's pool.
+//!
+//! Not supported (refused at open rather than served wrong): journaling, fancy striping
+//! (stripe count > 1 or unit != object size), migration, non-primary mirrored images for
+//! writing, unknown feature bits.
 //!
 //! Clones (formats 1 and 2, any depth, the parent in any pool or namespace): the header
 //! names the parent by ids, resolved to names at open (`header::resolve_parent`);
@@ -43,8 +47,8 @@
 //! fences a handle that lost the lock); `quiesce` runs the `--quiesce` hook on librbd's
 //! quiesce notifications and sends them around a snapshot we take for `rbd snap create`; `image` is one opened image, its data I/O and the
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
-//! encodings, `snaps` the snap sets of objects, `sparse` sparse reads, `shim` the
-//! asynchronous calls into our C++ shims for those two, `luks` the LUKS header probe;
+//! encodings, `snaps` the snap sets of objects, `sparse` sparse reads, `write` data writes
+//! sent without a copy, `shim` the asynchronous calls into our C++ shims for the first two, `luks` the LUKS header probe;
 //! `owner_msgs` the requests librbd clients address to the lock owner (and our progress
 //! and completion notices), `ask_owner` the asking side, for `rados-nbd` commands run
 //! against an image another process serves.
@@ -62,6 +66,7 @@ mod shim;
 pub mod snaps;
 pub mod sparse;
 mod store;
+mod write;
 
 #[cfg(test)]
 mod live_tests;

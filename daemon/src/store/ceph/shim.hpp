@@ -1,5 +1,5 @@
-// What the C++ shims (list_snaps.cc, sparse_read.cc) share: starting one asynchronous
-// read operation through the caller's C handle and calling the Rust side back once (the
+// What the C++ shims (list_snaps.cc, sparse_read.cc, write.cc) share: starting one
+// asynchronous operation through the caller's C handle and calling the Rust side back once (the
 // Rust side is shim.rs). Everything crossing the boundary is plain data behind an opaque
 // pointer, and no exception escapes: every entry point catches.
 
@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <new>
+#include <type_traits>
 
 extern "C" typedef void (*rnbd_done_t)(void *arg, int r);
 
@@ -46,11 +47,13 @@ inline void rnbd_aio_on_complete(librados::completion_t, void *p) {
   a->done(a->arg, r);
 }
 
-// Starts `op` (whose output pointers point into `a`) on `oid` through `io`, at the
-// handle's read snapshot. On success (0) `done(arg, r)` runs exactly once, on a librados
-// thread, with r < 0 on failure (-ENOENT: no such object); on failure (< 0) it never runs.
-inline int rnbd_aio_start(rados_ioctx_t io, const char *oid, rnbd_aio *a,
-                          librados::ObjectReadOperation *op, rnbd_done_t done, void *arg) {
+// Starts `op` (whose output pointers point into `a`) on `oid` through `io`: a read at the
+// handle's read snapshot, a write with its write snapshot context. On success (0)
+// `done(arg, r)` runs exactly once, on a librados thread, with r < 0 on failure (-ENOENT:
+// no such object); on failure (< 0) it never runs.
+template <typename Op>
+inline int rnbd_aio_start(rados_ioctx_t io, const char *oid, rnbd_aio *a, Op *op,
+                          rnbd_done_t done, void *arg) {
   try {
     librados::IoCtx ctx;
     // Shares (and references) the caller's handle; its destructor drops that reference.
@@ -63,7 +66,12 @@ inline int rnbd_aio_start(rados_ioctx_t io, const char *oid, rnbd_aio *a,
     }
     // The operation's steps and output pointers are moved into the request here, so `op`
     // may go; `a` stays alive until the callback.
-    int r = ctx.aio_operate(oid, a->comp, op, nullptr);
+    int r;
+    if constexpr (std::is_same_v<Op, librados::ObjectReadOperation>) {
+      r = ctx.aio_operate(oid, a->comp, op, nullptr);
+    } else {
+      r = ctx.aio_operate(oid, a->comp, op);
+    }
     if (r < 0) {
       a->comp->release();
       a->comp = nullptr;
