@@ -426,35 +426,72 @@ impl CephStore {
     }
 
     /// The id of `--data-pool POOL` for a new image in `io`'s pool, checked as librbd's
-    /// CreateRequest checks it: the pool must exist and take partial overwrites (an
-    /// erasure-coded pool only with allow_ec_overwrites), which librbd proves once per
-    /// pool by writing its `rbd_info` object. `None` when it is the image's own pool
-    /// (librbd then records no data pool either).
+    /// CreateRequest checks it (ValidatePoolRequest, once per pool, recorded in the pool's
+    /// `rbd_info` object in the default namespace): the pool must exist, use self-managed
+    /// snapshots and take partial overwrites, which an erasure-coded pool does only with
+    /// allow_ec_overwrites. Writing a new object proves nothing there (a new object is an
+    /// append, which any pool takes): librbd allocates and releases a snapshot id (which
+    /// puts a new pool in self-managed mode), creates `rbd_info` as "validate", then
+    /// overwrites it with "overwrite validated"; a pool that refuses that overwrite
+    /// (EOPNOTSUPP) is refused. `None` when it is the image's own pool (librbd then records
+    /// no data pool either).
     async fn data_pool_for(&self, spec: &ImageSpec, io: &IoCtx, pool: &str) -> Result<Option<i64>> {
+        const VALIDATED: &[u8] = b"overwrite validated";
+        const VALIDATE: &[u8] = b"validate";
         if pool == io.pool() {
             return Ok(None);
         }
         let what = |e: Error| e.context(format!("the data pool {pool} of {spec}"));
+        let no_overwrites = || {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot create {spec} with data pool {pool}: the pool does not allow \
+                     overwrites (erasure-coded: `ceph osd pool set {pool} \
+                     allow_ec_overwrites true`)"
+                ),
+            )
+        };
         let data = self.pool(pool, "").await.map_err(what)?;
-        if data.stat(RBD_INFO).await.map_err(what)?.is_none() {
-            let mut op = WriteOp::new();
-            op.write(0, b"overwrite validated");
-            match data.operate(RBD_INFO, op, "write").await {
-                Ok(()) => {}
-                Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+        let info = data.read(RBD_INFO, 0, 4096).await.map_err(what)?;
+        if info.as_deref() == Some(VALIDATED) {
+            return Ok(Some(data.pool_id()));
+        }
+        if info.as_deref() != Some(VALIDATE) {
+            let snap = match data.selfmanaged_snap_create().await {
+                Ok(id) => id,
+                Err(e) if errno_of(&e) == Some(libc::EINVAL) => {
                     return Err(Error::new(
                         ErrorKind::Unsupported,
                         format!(
-                            "cannot create {spec} with data pool {pool}: the pool does not \
-                             allow overwrites (erasure-coded: `ceph osd pool set {pool} \
-                             allow_ec_overwrites true`)"
+                            "cannot create {spec} with data pool {pool}: the pool uses pool \
+                             snapshots, not the self-managed ones RBD needs"
                         ),
                     ))
                 }
                 Err(e) => return Err(what(e)),
+            };
+            let mut op = WriteOp::new();
+            op.create(true).write(0, VALIDATE);
+            let r = match data.operate(RBD_INFO, op, "write").await {
+                Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => Err(no_overwrites()),
+                Err(e) if e.kind != ErrorKind::AlreadyExists => Err(what(e)),
+                _ => Ok(()),
+            };
+            // As librbd: the id only served to put the pool in self-managed mode; failing
+            // to give it back is not fatal.
+            if let Err(e) = data.selfmanaged_snap_remove(snap).await {
+                tracing::warn!("validating data pool {pool}: {e}");
             }
+            r?;
         }
-        Ok(Some(data.pool_id()))
+        let mut op = WriteOp::new();
+        op.write(0, VALIDATED);
+        match data.operate(RBD_INFO, op, "write").await {
+            Ok(()) => Ok(Some(data.pool_id())),
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => Err(no_overwrites()),
+            Err(e) => Err(what(e)),
+        }
     }
 
     /// librbd's CloneRequest: the child is created like any image (size = the snapshot's,
