@@ -221,8 +221,12 @@ fi
 
 # --- an erasure-coded data pool.
 ec=rbd-ec
+# The CRUSH root, erasure-code profile and rule are this run's own: on a cluster a run
+# used before, an old root holds that run's dead OSDs, and a rule of the pool's name would
+# be reused with it (the pool's PGs then wait on dead OSDs).
+ecroot=rbdnbd-ec-$$
 # start_ec_osds: three more OSDs (ours: spawned in the foreground, ended at exit by pid),
-# under CRUSH root rbdnbd-ec, one host each; true once all are up.
+# under CRUSH root $ecroot, one host each; true once all are up.
 start_ec_osds() {
   local n id d
   for n in 1 2 3; do
@@ -236,7 +240,7 @@ start_ec_osds() {
     ceph-osd -c "$CEPH_CONF" -i "$id" --osd-data "$d" --keyring "$d/keyring" --mkfs \
       >"$d/mkfs.log" 2>&1 || { tail -3 "$d/mkfs.log"; return 1; }
     spawn ceph-osd -f -c "$CEPH_CONF" -i "$id" --osd-data "$d" --keyring "$d/keyring" \
-      --crush-location "root=rbdnbd-ec host=rbdnbd-ec$id" 2>>"$d/stderr.log"
+      --crush-location "root=$ecroot host=$ecroot-$id" 2>>"$d/stderr.log"
     EC_IDS+=("$id")
   done
   for _ in $(seq 1 240); do
@@ -250,12 +254,15 @@ EC_IDS=()
 ec_up=0
 # Not under `check` nor `$(...)`: a subshell would lose the OSDs' pids (ended at exit).
 if start_ec_osds 2>"$work/ec-osds.err"; then
-  pass "three OSDs of our own for an EC pool (CRUSH root rbdnbd-ec)"
-  ceph osd erasure-code-profile set rbdnbd-k2m1 k=2 m=1 crush-root=rbdnbd-ec \
+  pass "three OSDs of our own for an EC pool (CRUSH root $ecroot)"
+  ceph osd erasure-code-profile set "$ecroot" k=2 m=1 crush-root="$ecroot" \
     crush-failure-domain=osd >/dev/null 2>&1
-  ceph osd pool create "$ec" 8 8 erasure rbdnbd-k2m1 >/dev/null 2>&1
+  ceph osd crush rule create-erasure "$ecroot" "$ecroot" >/dev/null 2>&1
+  ceph osd pool create "$ec" 8 8 erasure "$ecroot" "$ecroot" >/dev/null 2>&1
   ceph osd pool application enable "$ec" rbd >/dev/null 2>&1
-  check "EC pool $ec (k=2, m=1) made" bash -c "ceph osd pool ls | grep -qx $ec" && ec_up=1
+  if ceph osd pool ls | grep -qx "$ec"; then
+    pass "EC pool $ec (k=2, m=1) made"; ec_up=1
+  else fail "EC pool $ec (k=2, m=1) made"; fi
 else
   fail "three OSDs of our own for an EC pool" "$(tail -3 "$work/ec-osds.err")"
 fi
@@ -339,6 +346,11 @@ run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$cpool" DIF
 # The suite's images go; the pool is this suite's own.
 for i in dpe dpc dpl dpy; do rbd rm "rbd/$i" >/dev/null 2>&1; done
 for i in dpa ec1; do rbd snap purge "rbd/$i" >/dev/null 2>&1; rbd rm "rbd/$i" >/dev/null 2>&1; done
-# The EC pool goes before its OSDs (ended at exit), so nothing waits on it.
-[ $ec_up = 1 ] && ceph osd pool rm "$ec" "$ec" --yes-i-really-really-mean-it >/dev/null 2>&1
+# The EC pool goes before its OSDs (ended at exit), so nothing waits on it, and the rule
+# and profile with it; the OSDs stay in the map, down, under this run's root.
+if [ $ec_up = 1 ]; then
+  ceph osd pool rm "$ec" "$ec" --yes-i-really-really-mean-it >/dev/null 2>&1
+  ceph osd crush rule rm "$ecroot" >/dev/null 2>&1
+  ceph osd erasure-code-profile rm "$ecroot" >/dev/null 2>&1
+fi
 t_summary
