@@ -150,16 +150,24 @@ pub async fn write_nocopy(io: &IoCtx, oid: &str, off: u64, data: &Bytes, hint: u
     }));
     // SAFETY: `raw` is a live slot; the name, the shim's object and the bytes it holds stay
     // where they are until the callback takes the slot (and the bytes until released).
+    // Only raw pointers are taken: the callback may free the slot before the call returns.
+    let (name, s, buf, len) = unsafe {
+        (
+            (*raw).oid.as_ptr(),
+            (*raw).held.s,
+            (*raw).held._data.as_ptr() as *const c_char,
+            (*raw).held._data.len(),
+        )
+    };
     let r = unsafe {
-        let slot = &*raw;
         rnbd_aio_write_nocopy(
             io.raw(),
-            slot.oid.as_ptr(),
+            name,
             off,
-            slot.held._data.as_ptr() as *const c_char,
-            slot.held._data.len(),
+            buf,
+            len,
             hint,
-            slot.held.s,
+            s,
             on_done,
             raw as *mut c_void,
         )
