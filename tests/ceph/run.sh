@@ -42,19 +42,19 @@ export CEPH_NBD_ID CEPH_NBD_KEYRING
 rc=0
 suites=(
   differential.sh
-  owner_ops.sh
   clone_differential.sh
+  datapool.sh
+  owner_ops.sh
   e2e.sh
   clones.sh
   fencing.sh
-  handover.sh
   snaps.sh
+  handover.sh
   diff.sh
   quiesce.sh
   lockless.sh
   checkpoint.sh
   snapmap.sh
-  datapool.sh
   namespaces.sh
   cephx.sh
 )
