@@ -53,6 +53,17 @@ h.trim($3, $2); h.flush()
 h.shutdown()"
 }
 
+# fill_served IMAGE MIB: serves the 64 MiB rbd/IMAGE (as $img), writes MIB MiB of random
+# bytes at its start with nbdcopy, and starts its mirror $work/IMAGE.raw with them.
+fill_served() {
+  truncate -s $((64 * MB)) "$work/$1.raw"
+  img=$1
+  serve "rbd/$1"
+  check "$1: nbdcopy writes $2 MiB" bash -c \
+    "head -c $(($2 * MB)) /dev/urandom >'$work/w' && nbdcopy '$work/w' '$(uri "$1")'"
+  dd if="$work/w" of="$work/$1.raw" conv=notrunc status=none
+}
+
 # --- made by rados-nbd: what rbd create --data-pool makes.
 check "create --data-pool $dp rbd/dpa" "${RN[@]}" create --size 64M --data-pool "$dp" rbd/dpa
 check "rbd info: data_pool $dp, the data-pool feature" bash -c \
@@ -68,12 +79,7 @@ check "info --format json: data_pool" bash -c \
   "$RNQ info rbd/dpa --format json | jq -e '.data_pool == \"$dp\"'"
 pa=$(prefix_of rbd/dpa)
 
-truncate -s $((64 * MB)) "$work/dpa.raw"
-img=dpa
-serve rbd/dpa
-check "dpa: nbdcopy writes 16 MiB" bash -c \
-  "head -c $((16 * MB)) /dev/urandom >'$work/w' && nbdcopy '$work/w' '$(uri dpa)'"
-dd if="$work/w" of="$work/dpa.raw" conv=notrunc status=none
+fill_served dpa 16
 put "$work/dpa.raw" $((40 * MB)) $MB
 zap "$work/dpa.raw" $((4 * MB)) $((4 * MB))
 check "snap create rbd/dpa@s1 while served" "${RN[@]}" snap create rbd/dpa@s1
@@ -284,12 +290,7 @@ if [ $ec_up = 1 ]; then
     "${RN[@]}" create --size 64M --data-pool "$ec" rbd/ec1
   check "allow_ec_overwrites: rbd_info overwrite validated" bash -c \
     "[ \"\$(rados -p $ec get rbd_info -)\" = 'overwrite validated' ]"
-  truncate -s $((64 * MB)) "$work/ec1.raw"
-  img=ec1
-  serve rbd/ec1
-  check "ec1: nbdcopy writes 12 MiB" bash -c \
-    "head -c $((12 * MB)) /dev/urandom >'$work/w' && nbdcopy '$work/w' '$(uri ec1)'"
-  dd if="$work/w" of="$work/ec1.raw" conv=notrunc status=none
+  fill_served ec1 12
   put "$work/ec1.raw" $((3 * 4096)) 4096
   put "$work/ec1.raw" 100000 65536
   zap "$work/ec1.raw" $((4 * MB)) $((4 * MB))
