@@ -77,6 +77,12 @@ map_rbd-nbd() { rbd-nbd "${ID[@]}" map "rbd/$1" 2>>"$LOGDIR/rbd-nbd.err"; }
 # The kernel's pid attribute is the thread that attached the socket: its process is the daemon.
 pid_rbd-nbd() { awk '/^Tgid:/ {print $2}' "/proc/$(cat "/sys/block/${1#/dev/}/pid")/status"; }
 unmap_rbd-nbd() { rbd-nbd unmap "$1"; }
+# Experimental peer: rbd-nbd with librbd's I/O scheduler off (rbd_io_scheduler=none; its
+# default, "simple", holds a write back while another to the same object is in flight and
+# merges what queued up behind it into one OSD op).
+map_rbd-nbd-nosched() { rbd-nbd "${ID[@]}" --rbd-io-scheduler none map "rbd/$1" 2>>"$LOGDIR/rbd-nbd.err"; }
+pid_rbd-nbd-nosched() { pid_rbd-nbd "$1"; }
+unmap_rbd-nbd-nosched() { rbd-nbd unmap "$1"; }
 map_krbd() { rbd "${ID[@]}" map -o noudev "$1"; }
 pid_krbd() { echo 0; }
 unmap_krbd() { rbd unmap -o noudev "$1"; }
@@ -167,6 +173,8 @@ job_args() {
     randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32 --size=$WRITTEN" ;;
     seqwrite-1M-qd8) echo "--rw=write --bs=1M --iodepth=8 --size=$WRITTEN" ;;
     seqread-1M-qd8) echo "--rw=read --bs=1M --iodepth=8 --size=$WRITTEN" ;;
+    # Side experiments (not in the default set): 1 MiB writes at another depth.
+    seqwrite-1M-qd[0-9]*) echo "--rw=write --bs=1M --iodepth=${1#seqwrite-1M-qd} --size=$WRITTEN" ;;
     *) return 1 ;;
   esac
 }
@@ -226,7 +234,7 @@ for job in ${PROFILE_JOBS:-}; do
   for p in "${peers[@]}"; do
     echo "== profile: $job on $p"
     f=$OUT/profile-$job-$p
-    perf record -a -e cpu-clock -F 499 -o /tmp/perf.data -- \
+    perf record -a ${PROFILE_GRAPH:+-g} -e cpu-clock -F 499 -o /tmp/perf.data -- \
       fio --name="$job" --filename="${DEV[$p]}" --ioengine=libaio --direct=1 --norandommap \
       --randrepeat=0 --time_based --runtime="$RUNTIME" --output-format=json --output="$f.fio.json" \
       "${args[@]}" >/dev/null 2>"$f.err" || { note "perf/fio failed: $(tail -2 "$f.err")"; continue; }
@@ -236,6 +244,10 @@ for job in ${PROFILE_JOBS:-}; do
       perf report -i /tmp/perf.data --stdio --sort comm,dso --percent-limit 0.5 2>/dev/null | grep -v '^$'
       echo "## by symbol (top)"
       perf report -i /tmp/perf.data --stdio --sort comm,dso,sym --percent-limit 0.4 2>/dev/null | grep -v '^$' | head -80
+      if [ -n "${PROFILE_GRAPH:-}" ]; then
+        echo "## kernel call graphs of the busiest threads"
+        perf report -i /tmp/perf.data --stdio --no-children --sort comm,sym -g caller,0.5,callee,function,percent --percent-limit 0.3 2>/dev/null | grep -v '^$' | head -900
+      fi
     } >"$f.txt"
     rm -f /tmp/perf.data
   done

@@ -112,7 +112,7 @@ echo "== booting the test VM in $ns (work dir $work): peers $peers, $rounds roun
 VM_TIMEOUT=${VM_TIMEOUT:-7200} cephns_boot "$here/kernel-guest.sh" \
   RADOS_NBD_BIN=/mnt/rados-nbd CEPH_CONF=/mnt/ceph/guest.conf CEPH_NBD_ID=nbd \
   CEPH_NBD_KEYRING=/mnt/ceph/client.nbd.keyring PEERS="$peers" JOBS="$jobs" \
-  RUNTIME="$runtime" ROUNDS="$rounds" WRITTEN_MIB="$written" PROFILE_JOBS="$profile" OUT=/mnt/out LOGDIR=/mnt/logs "${envs[@]}" \
+  RUNTIME="$runtime" ROUNDS="$rounds" WRITTEN_MIB="$written" PROFILE_JOBS="$profile" PROFILE_GRAPH="${PROFILE_GRAPH:-}" OUT=/mnt/out LOGDIR=/mnt/logs "${envs[@]}" \
   >"$work/vm-output.txt" 2>&1 &
 wait $!
 rc=$?
