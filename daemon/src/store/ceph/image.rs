@@ -77,6 +77,13 @@ pub(super) struct Inner {
     /// One header refresh at a time.
     pub(super) refreshing: tokio::sync::Mutex<()>,
     pub(super) closed: AtomicBool,
+    /// Writes held behind the one in flight on their object (merge.rs).
+    pub(super) merge: Arc<super::merge::Merger>,
+}
+
+/// A data object's name: `<prefix>.<objno as 16 hex digits>`.
+pub(super) fn data_object_name(prefix: &str, objno: u64) -> String {
+    format!("{prefix}.{objno:016x}")
 }
 
 /// One opened image in the cluster.
@@ -86,7 +93,7 @@ pub struct CephImage {
 
 impl Inner {
     fn object_name(&self, objno: u64) -> String {
-        format!("{}.{objno:016x}", self.object_prefix)
+        data_object_name(&self.object_prefix, objno)
     }
 
     fn object_size(&self) -> u64 {
@@ -526,6 +533,10 @@ impl ImageStore for CephImage {
         })?;
         i.check_readable()?;
         let io = i.reader(snap)?;
+        if snap.is_none() {
+            // As librbd: held writes go out before a read of their object.
+            i.merge.release(objno);
+        }
         let r = io.read(&i.object_name(objno), off, len).await;
         Ok(i.noting_fence(r)?.map(Bytes::from))
     }
@@ -540,6 +551,9 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         i.check_readable()?;
         let io = i.reader(snap)?;
+        if snap.is_none() {
+            i.merge.release(objno);
+        }
         let r = super::sparse::sparse_read(&io, &i.object_name(objno), off, len).await;
         i.noting_fence(r)
     }
@@ -550,8 +564,7 @@ impl ImageStore for CephImage {
         i.check_writable()?;
         i.fresh().await?;
         i.check_inside(objno, off + data.len() as u64)?;
-        let osize = i.object_size();
-        let r = super::write::write_nocopy(&i.data, &i.object_name(objno), off, &data, osize).await;
+        let r = i.merge.write(objno, off, data).await;
         i.noting_fence(r)
     }
 
@@ -568,6 +581,8 @@ impl ImageStore for CephImage {
         } else {
             op.zero(off, len);
         }
+        // Writes held on the object were asked for first: they go first (merge.rs).
+        i.merge.release(objno);
         match i.data.operate(&i.object_name(objno), op, "zero").await {
             Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
             r => i.noting_fence(r),
@@ -578,6 +593,7 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         i.check_writable()?;
         i.fresh().await?;
+        i.merge.release(objno);
         let r = i.data.remove(&i.object_name(objno)).await;
         i.noting_fence(r).map(|_| ())
     }
@@ -615,6 +631,7 @@ impl ImageStore for CephImage {
         let oid = i.object_name(objno);
         // cls_rbd's sparsify input: size_t sparse_size (as u64), bool remove_empty.
         let input = cls::Enc::new().u64(sparse_size).bool(remove_empty).done();
+        i.merge.release(objno);
         match i.noting_fence(i.data.exec_write(&oid, RBD, "sparsify", &input).await) {
             Ok(()) => {}
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
@@ -624,7 +641,9 @@ impl ImageStore for CephImage {
     }
 
     async fn sync(&self) -> Result<()> {
-        // Nothing is acknowledged before it is durable in RADOS.
+        // Nothing is acknowledged before it is durable in RADOS. Held writes are not
+        // acknowledged yet; sending them now is librbd's flush (and saves them the wait).
+        self.inner.merge.release_all();
         Ok(())
     }
 
@@ -889,6 +908,7 @@ impl ImageStore for CephImage {
             e.done()
         };
         // (`zero` covers empty parent data too.)
+        i.merge.release(objno);
         let copy_on_read = op == ObjectWrite::None;
         let deep = self.deep_copyup(&parent_data);
         if copy_on_read || deep {
@@ -1270,6 +1290,7 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         i.check_writable()?;
         i.fresh().await?;
+        i.merge.release(objno);
         let r = i
             .data
             .selfmanaged_snap_rollback(&i.object_name(objno), snap)
@@ -1308,6 +1329,13 @@ impl ImageStore for CephImage {
         let i = &self.inner;
         if i.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        let (held, ops) = i.merge.counts();
+        if held > 0 {
+            tracing::debug!(
+                image = %i.spec,
+                "{held} writes waited behind another to their object and went out in {ops} operations"
+            );
         }
         // No more requests for the owner: the image layer's loop ends.
         i.owner_tx.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -954,7 +954,8 @@ async fn ceph_live_clones() {
 }
 
 /// Writes go out from the request's own buffer (write.rs): what was written reads back,
-/// concurrent writes into one object each land, a write in a snapshot's wake keeps the
+/// concurrent writes into one object each land (merged behind the one in flight,
+/// merge.rs, unless `rbd_io_scheduler` is none), a write in a snapshot's wake keeps the
 /// snapshot's data, and every buffer is let go once librados is done with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ceph_live_writes_without_copy() {
@@ -985,6 +986,12 @@ async fn ceph_live_writes_without_copy() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+    // They went out merged (merge.rs): those behind the first one in flight, together.
+    let (held, ops) = img.inner.merge.counts();
+    assert!(
+        held > 0 && ops < held,
+        "writes behind the one in flight are merged: {held} held, in {ops} operations"
+    );
     let got = img.read(0, 0, 4 << 20, None).await.unwrap().unwrap();
     for k in 0..64usize {
         assert!(
@@ -1023,8 +1030,37 @@ async fn ceph_live_writes_without_copy() {
         waited += 1;
     }
     assert_eq!(super::write::held(), 0, "every written buffer released");
+    // librbd's option turns merging off, here set on the image as `rbd config image set
+    // IMAGE rbd_io_scheduler none` sets it.
+    img.set_meta("conf_rbd_io_scheduler", "none").await.unwrap();
     let img = std::sync::Arc::into_inner(img).unwrap();
     img.snap_remove(snap).await.unwrap();
+    img.close().await.unwrap();
+    let img = std::sync::Arc::new(
+        st.open_image(&spec, OpenMode::ReadWrite)
+            .await
+            .expect("reopen"),
+    );
+    let tasks: Vec<_> = (0..16u64)
+        .map(|k| {
+            let img = img.clone();
+            let data = pattern(k as u8 ^ 0x55, 64 << 10);
+            tokio::spawn(async move { img.write(3, k * (64 << 10), data, false).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        img.inner.merge.counts(),
+        (0, 0),
+        "rbd_io_scheduler=none: nothing held"
+    );
+    let got = img.read(3, 0, 1 << 20, None).await.unwrap().unwrap();
+    for k in 0..16usize {
+        assert!(got[k * (64 << 10)..(k + 1) * (64 << 10)] == pattern(k as u8 ^ 0x55, 64 << 10)[..]);
+    }
+    let img = std::sync::Arc::into_inner(img).unwrap();
     img.close().await.unwrap();
     st.remove_image(&spec).await.unwrap();
 }

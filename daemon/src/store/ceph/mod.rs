@@ -59,6 +59,7 @@ mod header;
 mod image;
 mod lock;
 pub mod luks;
+mod merge;
 mod owner_msgs;
 mod quiesce;
 pub mod rados;

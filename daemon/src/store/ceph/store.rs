@@ -5,9 +5,11 @@ use super::ask_owner;
 use super::header::{
     generate_image_id, header_oid, load_header, load_header_at, object_map_oid, refresh,
 };
-use super::image::{CephImage, Inner};
+use super::image::{data_object_name, CephImage, Inner};
 use super::lock::acquire_lock;
+use super::merge::{Merger, Pending};
 use super::rados::{errno_of, ConnectOptions, IoCtx, Rados, WriteOp};
+use super::write::start_write;
 use super::{cls, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
@@ -831,6 +833,23 @@ pub(super) async fn open_by_id_at(
         let ids: Vec<u64> = header.snaps.iter().map(|s| s.id).collect();
         data.set_snap_write_ctx(header.snap_seq, &ids)?;
     }
+    // Writes to an object merge behind the one in flight unless librbd's option says
+    // none; a mapped snapshot writes nothing.
+    let merge_on = snap_id.is_none() && io_scheduler(&meta, &header_oid(&id)).await != "none";
+    let merge = {
+        let (data, prefix, osize) = (
+            data.clone(),
+            header.object_prefix.clone(),
+            header.object_size(),
+        );
+        Merger::new(
+            merge_on,
+            Box::new(move |objno, extents| {
+                let oid = data_object_name(&prefix, objno);
+                Ok(Box::pin(start_write(&data, &oid, extents, osize)?) as Pending)
+            }),
+        )
+    };
     let inner = Arc::new(Inner {
         meta,
         data,
@@ -861,6 +880,7 @@ pub(super) async fn open_by_id_at(
         updates_applied: AtomicU64::new(0),
         refreshing: tokio::sync::Mutex::new(()),
         closed: AtomicBool::new(false),
+        merge,
     });
     if mode == OpenMode::ReadOnly {
         return Ok(CephImage { inner });
@@ -967,6 +987,30 @@ async fn move_parent_to_trash_on_remove(io: &IoCtx) -> bool {
         }
     }
     io.cluster().conf_bool(OPT).unwrap_or(false)
+}
+
+/// librbd's `rbd_io_scheduler` for an image, resolved as librbd resolves its options: the
+/// image's own setting (`rbd config image set`: `conf_<option>` in its metadata), then the
+/// pool's (`rbd config pool set`), then this client's configuration; "simple" by default.
+async fn io_scheduler(meta: &IoCtx, hdr_oid: &str) -> String {
+    const OPT: &str = "rbd_io_scheduler";
+    let key = cls::string_in(&format!("conf_{OPT}"));
+    let get = |b: Vec<u8>| cls::string_out(&b, "rbd.metadata_get reply").ok();
+    if let Ok(b) = meta.exec_read(hdr_oid, RBD, "metadata_get", &key).await {
+        if let Some(v) = get(b) {
+            return v;
+        }
+    }
+    if let Ok(pool) = meta.cluster().ioctx_in(meta.pool(), "") {
+        if let Ok(b) = pool.exec_read("rbd_info", RBD, "metadata_get", &key).await {
+            if let Some(v) = get(b) {
+                return v;
+            }
+        }
+    }
+    meta.cluster()
+        .conf_string(OPT)
+        .unwrap_or_else(|| "simple".into())
 }
 
 /// Seconds and nanoseconds since the epoch, as a utime_t.

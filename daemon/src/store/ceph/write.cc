@@ -18,10 +18,12 @@
 #include "shim.hpp"
 
 #include <cstdint>
+#include <vector>
 
 struct rnbd_write : rnbd_aio {
-  // Our reference to the caller's bytes (a static buffer: nothing frees them here).
-  librados::bufferlist bl;
+  // Our references to the caller's bytes (static buffers: nothing frees them here), one
+  // bufferlist per contiguous run of extents.
+  std::vector<librados::bufferlist> bls;
 };
 
 extern "C" {
@@ -31,18 +33,33 @@ rnbd_write *rnbd_write_new() { return new (std::nothrow) rnbd_write(); }
 void rnbd_write_free(rnbd_write *s) { delete s; }
 
 // Starts, on `oid` through `io` (with its write snapshot context), what the C API's
-// set_alloc_hint(hint, hint) + write(off, buf, len) does, sending `buf` itself, which must
-// stay valid and unchanged until rnbd_write_released(s) is true. Calls back as
-// rnbd_aio_start says.
-int rnbd_aio_write_nocopy(rados_ioctx_t io, const char *oid, uint64_t off, const char *buf,
-                          size_t len, uint64_t hint, rnbd_write *s, rnbd_done_t done,
-                          void *arg) {
+// set_alloc_hint(hint, hint) followed by a write(off, buf, len) per extent does, as ONE
+// operation (applied atomically), sending the `n` buffers themselves, which must stay
+// valid and unchanged until rnbd_write_released(s) is true. Extents are sorted by offset
+// and do not overlap; each run of contiguous ones becomes one write of a bufferlist that
+// chains their buffers (as librbd's scheduler appends merged writes' bufferlists).
+// Calls back as rnbd_aio_start says.
+int rnbd_aio_write_nocopy(rados_ioctx_t io, const char *oid, size_t n, const uint64_t *offs,
+                          const char *const *bufs, const size_t *lens, uint64_t hint,
+                          rnbd_write *s, rnbd_done_t done, void *arg) {
   try {
     librados::ObjectWriteOperation op;
     op.set_alloc_hint(hint, hint);
-    s->bl = librados::bufferlist::static_from_mem(const_cast<char *>(buf), len);
-    // Shares the buffer (a reference, not a copy) with the operation.
-    op.write(off, s->bl);
+    std::vector<uint64_t> starts;
+    uint64_t end = 0;
+    for (size_t i = 0; i < n; i++) {
+      auto b = librados::bufferlist::static_from_mem(const_cast<char *>(bufs[i]), lens[i]);
+      if (!s->bls.empty() && offs[i] == end) {
+        s->bls.back().append(b);
+      } else {
+        s->bls.push_back(std::move(b));
+        starts.push_back(offs[i]);
+      }
+      end = offs[i] + lens[i];
+    }
+    for (size_t j = 0; j < s->bls.size(); j++) {
+      op.write(starts[j], s->bls[j]);
+    }
     return rnbd_aio_start(io, oid, s, &op, done, arg);
   } catch (const std::bad_alloc &) {
     return -ENOMEM;
@@ -54,10 +71,14 @@ int rnbd_aio_write_nocopy(rados_ioctx_t io, const char *oid, uint64_t off, const
 // 1 when librados holds no reference to the bytes any more (ours is the only one left),
 // so they may be freed; 0 while it still does.
 int rnbd_write_released(const rnbd_write *s) {
-  if (s->bl.length() == 0) {
-    return 1;
+  for (const auto &bl : s->bls) {
+    for (const auto &p : bl.buffers()) {
+      if (p.raw_nref() > 1) {
+        return 0;
+      }
+    }
   }
-  return s->bl.front().raw_nref() <= 1 ? 1 : 0;
+  return 1;
 }
 
 }  // extern "C"

@@ -36,9 +36,10 @@ extern "C" {
     fn rnbd_aio_write_nocopy(
         io: *mut c_void,
         oid: *const c_char,
-        off: u64,
-        buf: *const c_char,
-        len: usize,
+        n: usize,
+        offs: *const u64,
+        bufs: *const *const c_char,
+        lens: *const usize,
         hint: u64,
         s: *mut rnbd_write,
         done: rnbd_done_t,
@@ -51,7 +52,7 @@ extern "C" {
 /// is only done once librados holds no reference to the bytes (or never had one).
 struct Held {
     s: *mut rnbd_write,
-    _data: Bytes,
+    _data: Vec<Bytes>,
 }
 
 // SAFETY: plain heap data; one thread at a time touches it (librados until the callback,
@@ -125,9 +126,18 @@ unsafe extern "C" fn on_done(arg: *mut c_void, r: c_int) {
     sweep();
 }
 
-/// What `WriteOp::new().set_alloc_hint(hint, hint).write(off, data)` does on `oid` through
-/// `io` (with its write snapshot context), without copying `data`.
-pub async fn write_nocopy(io: &IoCtx, oid: &str, off: u64, data: &Bytes, hint: u64) -> Result<()> {
+/// Hands librados, before returning, one operation on `oid` through `io` (with its write
+/// snapshot context) that does `set_alloc_hint(hint, hint)` and writes each of `extents`
+/// (sorted by offset, not overlapping), without copying their bytes; the future it returns
+/// resolves when the operation completes. Started here rather than at the first poll:
+/// RADOS applies one client's operations on an object in the order they were handed to
+/// it, and merge.rs relies on that order.
+pub fn start_write(
+    io: &IoCtx,
+    oid: &str,
+    extents: Vec<(u64, Bytes)>,
+    hint: u64,
+) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
     let coid = CString::new(oid).map_err(|_| {
         Error::new(
             ErrorKind::InvalidInput,
@@ -139,11 +149,18 @@ pub async fn write_nocopy(io: &IoCtx, oid: &str, off: u64, data: &Bytes, hint: u
     if s.is_null() {
         return Err(rados_error("write", oid, -ENOMEM));
     }
+    let offs: Vec<u64> = extents.iter().map(|e| e.0).collect();
+    let lens: Vec<usize> = extents.iter().map(|e| e.1.len()).collect();
+    let bufs: Vec<*const c_char> = extents
+        .iter()
+        .map(|e| e.1.as_ptr() as *const c_char)
+        .collect();
     let (tx, rx) = oneshot::channel();
+    // The slot owns the bytes (`Bytes` clones share them: the pointers above stay valid).
     let raw = Box::into_raw(Box::new(Slot {
         held: Held {
             s,
-            _data: data.clone(),
+            _data: extents.into_iter().map(|e| e.1).collect(),
         },
         oid: coid,
         tx,
@@ -151,21 +168,16 @@ pub async fn write_nocopy(io: &IoCtx, oid: &str, off: u64, data: &Bytes, hint: u
     // SAFETY: `raw` is a live slot; the name, the shim's object and the bytes it holds stay
     // where they are until the callback takes the slot (and the bytes until released).
     // Only raw pointers are taken: the callback may free the slot before the call returns.
-    let (name, s, buf, len) = unsafe {
-        (
-            (*raw).oid.as_ptr(),
-            (*raw).held.s,
-            (*raw).held._data.as_ptr() as *const c_char,
-            (*raw).held._data.len(),
-        )
-    };
+    // The pointer arrays are read during the call only.
+    let (name, s) = unsafe { ((*raw).oid.as_ptr(), (*raw).held.s) };
     let r = unsafe {
         rnbd_aio_write_nocopy(
             io.raw(),
             name,
-            off,
-            buf,
-            len,
+            offs.len(),
+            offs.as_ptr(),
+            bufs.as_ptr(),
+            lens.as_ptr(),
             hint,
             s,
             on_done,
@@ -178,12 +190,15 @@ pub async fn write_nocopy(io: &IoCtx, oid: &str, off: u64, data: &Bytes, hint: u
         drop(unsafe { Box::from_raw(raw) });
         return Err(rados_error("write", oid, r));
     }
-    let r = rx
-        .await
-        // The callback is dropped uncalled only if the cluster handle shuts down under us.
-        .map_err(|_| rados_error("write", oid, -ETIMEDOUT))?;
-    if r < 0 {
-        return Err(rados_error("write", oid, r));
-    }
-    Ok(())
+    let oid = oid.to_string();
+    Ok(async move {
+        let r = rx
+            .await
+            // The callback is dropped uncalled only if the cluster handle shuts down under us.
+            .map_err(|_| rados_error("write", &oid, -ETIMEDOUT))?;
+        if r < 0 {
+            return Err(rados_error("write", &oid, r));
+        }
+        Ok(())
+    })
 }

@@ -167,6 +167,12 @@ impl Rados {
         Some(s.to_string_lossy().into_owned())
     }
 
+    /// An option's value as this client resolved it (ceph.conf, CEPH_ARGS, the monitors'
+    /// config database), librbd's own options included. Not for secrets.
+    pub fn conf_string(&self, option: &str) -> Option<String> {
+        self.conf_get(option)
+    }
+
     /// A boolean option as this client resolved it (ceph.conf, CEPH_ARGS, the monitors'
     /// config database): librbd's own options included (`rbd_...`). `None`: unknown.
     pub fn conf_bool(&self, option: &str) -> Option<bool> {
