@@ -66,6 +66,14 @@ map_rados-nbd() {
 }
 pid_rados-nbd() { cat /tmp/rados-nbd.pid; }
 unmap_rados-nbd() { $B unmap "$1"; }
+# Experimental peer: rados-nbd with write merging off (librbd's option, through CEPH_ARGS
+# as for any Ceph client: store/ceph/merge.rs).
+map_rados-nbd-nomerge() {
+  CEPH_ARGS="--rbd_io_scheduler=none" $B --store "ceph:$CEPH_CONF" "${ID[@]}" map \
+    --pid-file /tmp/rados-nbd-nomerge.pid --log-file "$LOGDIR/rados-nbd-nomerge.log" "$1"
+}
+pid_rados-nbd-nomerge() { cat /tmp/rados-nbd-nomerge.pid; }
+unmap_rados-nbd-nomerge() { $B unmap "$1"; }
 # rados-nbd-ublk: the same daemon on the ublk transport (issue 19; Linux 6.0+).
 map_rados-nbd-ublk() {
   $B --store "ceph:$CEPH_CONF" "${ID[@]}" map --transport ublk --pid-file /tmp/rados-nbd-ublk.pid \
