@@ -971,22 +971,28 @@ async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
 /// over this client's configuration (ceph.conf, CEPH_ARGS, the monitors' database).
 async fn move_parent_to_trash_on_remove(io: &IoCtx) -> bool {
     const OPT: &str = "rbd_move_parent_to_trash_on_remove";
-    let key = format!("conf_{OPT}");
-    if let Ok(pool) = io.cluster().ioctx_in(io.pool(), "") {
-        if let Ok(b) = pool
-            .exec_read("rbd_info", RBD, "metadata_get", &cls::string_in(&key))
-            .await
-        {
-            if let Ok(v) = cls::string_out(&b, "rbd.metadata_get reply") {
-                match v.as_str() {
-                    "true" => return true,
-                    "false" => return false,
-                    _ => {}
-                }
-            }
-        }
+    match pool_config(io, OPT).await.as_deref() {
+        Some("true") => return true,
+        Some("false") => return false,
+        _ => {}
     }
     io.cluster().conf_bool(OPT).unwrap_or(false)
+}
+
+/// A pool's own setting of a librbd option (`rbd config pool set`: `conf_<option>` in the
+/// pool's `rbd_info` metadata), if it has one.
+async fn pool_config(io: &IoCtx, opt: &str) -> Option<String> {
+    let pool = io.cluster().ioctx_in(io.pool(), "").ok()?;
+    let b = pool
+        .exec_read(
+            "rbd_info",
+            RBD,
+            "metadata_get",
+            &cls::string_in(&format!("conf_{opt}")),
+        )
+        .await
+        .ok()?;
+    cls::string_out(&b, "rbd.metadata_get reply").ok()
 }
 
 /// librbd's `rbd_io_scheduler` for an image, resolved as librbd resolves its options: the
@@ -995,21 +1001,16 @@ async fn move_parent_to_trash_on_remove(io: &IoCtx) -> bool {
 async fn io_scheduler(meta: &IoCtx, hdr_oid: &str) -> String {
     const OPT: &str = "rbd_io_scheduler";
     let key = cls::string_in(&format!("conf_{OPT}"));
-    let get = |b: Vec<u8>| cls::string_out(&b, "rbd.metadata_get reply").ok();
     if let Ok(b) = meta.exec_read(hdr_oid, RBD, "metadata_get", &key).await {
-        if let Some(v) = get(b) {
+        if let Ok(v) = cls::string_out(&b, "rbd.metadata_get reply") {
             return v;
         }
     }
-    if let Ok(pool) = meta.cluster().ioctx_in(meta.pool(), "") {
-        if let Ok(b) = pool.exec_read("rbd_info", RBD, "metadata_get", &key).await {
-            if let Some(v) = get(b) {
-                return v;
-            }
-        }
+    if let Some(v) = pool_config(meta, OPT).await {
+        return v;
     }
     meta.cluster()
-        .conf_string(OPT)
+        .conf_get(OPT)
         .unwrap_or_else(|| "simple".into())
 }
 

@@ -145,9 +145,10 @@ impl Rados {
         Ok(Arc::new(cluster))
     }
 
-    /// A config value as librados resolved it (`$name` etc. expanded). Only for options
-    /// that name things (`name`, `keyring`, `log_file`): never a secret (`key`).
-    fn conf_get(&self, option: &str) -> Option<String> {
+    /// A config value as librados resolved it (`$name` etc. expanded; ceph.conf,
+    /// CEPH_ARGS, the monitors' config database; librbd's own options included). Only for
+    /// options that are not secrets (`name`, `keyring`, `rbd_io_scheduler`; never `key`).
+    pub fn conf_get(&self, option: &str) -> Option<String> {
         debug_assert!(!matches!(option, "key" | "keyfile"));
         let copt = CString::new(option).ok()?;
         let mut buf = vec![0u8; 4096];
@@ -165,12 +166,6 @@ impl Rados {
         }
         let s = CStr::from_bytes_until_nul(&buf).ok()?;
         Some(s.to_string_lossy().into_owned())
-    }
-
-    /// An option's value as this client resolved it (ceph.conf, CEPH_ARGS, the monitors'
-    /// config database), librbd's own options included. Not for secrets.
-    pub fn conf_string(&self, option: &str) -> Option<String> {
-        self.conf_get(option)
     }
 
     /// A boolean option as this client resolved it (ceph.conf, CEPH_ARGS, the monitors'
