@@ -525,20 +525,20 @@ impl ImageStore for CephImage {
         snap: Option<u64>,
     ) -> Result<Option<Bytes>> {
         let i = &self.inner;
-        let len = usize::try_from(len).map_err(|_| {
-            Error::new(
+        if usize::try_from(len).is_err() {
+            return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!("read length {len} too large"),
-            )
-        })?;
+            ));
+        }
         i.check_readable()?;
         let io = i.reader(snap)?;
         if snap.is_none() {
             // As librbd: held writes go out before a read of their object.
             i.merge.release(objno);
         }
-        let r = io.read(&i.object_name(objno), off, len).await;
-        Ok(i.noting_fence(r)?.map(Bytes::from))
+        let r = super::read::read(&io, &i.object_name(objno), off, len).await;
+        i.noting_fence(r)
     }
 
     async fn read_extents(

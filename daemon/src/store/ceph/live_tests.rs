@@ -1141,3 +1141,50 @@ async fn ceph_live_sparse_reads() {
         e.iter().map(|(o, d)| (*o, d.len())).collect()
     }
 }
+
+/// Data reads hand over librados' reply buffer (read.rs): what they return is the object's
+/// bytes, fewer at its end, nothing past it, `None` for a missing object, and the bytes
+/// stay valid after the image is closed (the reply owns its buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceph_live_reads_keep_the_reply() {
+    let Some(conf) = cluster() else { return };
+    let st = store(conf).await;
+    let (_name, spec) = new_image(&st, "reads", 16 << 20).await;
+    let img = st
+        .open_image(&spec, OpenMode::ReadWrite)
+        .await
+        .expect("open");
+    let data: Vec<u8> = (0..(1 << 20) + 5000u32)
+        .map(|i| (i * 7 + 3) as u8)
+        .collect();
+    img.write(0, 4096, Bytes::from(data.clone()), true)
+        .await
+        .unwrap();
+    let end = 4096 + data.len() as u64;
+    let whole = img.read(0, 4096, data.len() as u64, None).await.unwrap();
+    assert!(whole.as_deref() == Some(&data[..]), "a whole read");
+    let short = img.read(0, end - 100, 4096, None).await.unwrap().unwrap();
+    assert_eq!(&short[..], &data[data.len() - 100..], "a read over the end");
+    let past = img.read(0, end + 4096, 4096, None).await.unwrap().unwrap();
+    assert!(past.is_empty(), "a read past the end: {} bytes", past.len());
+    let head = img.read(0, 0, 8192, None).await.unwrap().unwrap();
+    assert!(
+        head[..4096].iter().all(|&b| b == 0),
+        "the hole before the write"
+    );
+    assert_eq!(&head[4096..], &data[..4096]);
+    assert!(img.read(1, 0, 4096, None).await.unwrap().is_none());
+    // Many at once, each answered with its own bytes.
+    let reads = (0..32u64).map(|k| img.read(0, 4096 + k * 4096, 4096, None));
+    for (k, r) in futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let b = r.unwrap().unwrap();
+        assert_eq!(&b[..], &data[k * 4096..(k + 1) * 4096], "read {k}");
+    }
+    img.close().await.unwrap();
+    drop(img);
+    assert!(whole.as_deref() == Some(&data[..]), "kept after close");
+}

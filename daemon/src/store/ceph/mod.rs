@@ -48,7 +48,8 @@
 //! quiesce notifications and sends them around a snapshot we take for `rbd snap create`; `image` is one opened image, its data I/O and the
 //! [`ImageStore`](crate::store::ImageStore) impl; `rados` is our librados binding, `cls` the cls_rbd/cls_lock
 //! encodings, `snaps` the snap sets of objects, `sparse` sparse reads, `write` data writes
-//! sent without a copy, `shim` the asynchronous calls into our C++ shims for the first two, `luks` the LUKS header probe;
+//! sent without a copy, `read` data reads kept in librados' reply buffer, `shim` the
+//! asynchronous calls into our C++ shims, `luks` the LUKS header probe;
 //! `owner_msgs` the requests librbd clients address to the lock owner (and our progress
 //! and completion notices), `ask_owner` the asking side, for `rados-nbd` commands run
 //! against an image another process serves.
@@ -63,6 +64,7 @@ mod merge;
 mod owner_msgs;
 mod quiesce;
 pub mod rados;
+mod read;
 mod shim;
 pub mod snaps;
 pub mod sparse;

@@ -1,5 +1,5 @@
-//! One asynchronous call into our C++ shims (list_snaps.cc, sparse_read.cc: librados
-//! operations its C API lacks), awaited from tokio.
+//! One asynchronous call into our C++ shims (list_snaps.cc, sparse_read.cc, read.cc:
+//! librados operations its C API lacks or does only with a copy), awaited from tokio.
 //!
 //! Each shim call fills a result object the shim allocates and frees, and calls back once
 //! with the operation's return code. Memory safety follows rados.rs: the result object,
