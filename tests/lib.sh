@@ -7,6 +7,11 @@ T_PIDS=()
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 BIN=${RADOS_NBD_BIN:-$ROOT/target/release/rados-nbd}
 PY=/usr/bin/python3   # Debian's interpreter: python3-libnbd is installed for it only
+# A test program that dies of SIGSEGV, SIGABRT, SIGBUS or SIGFPE prints the Python stack of every
+# thread first (faulthandler), which run_counted shows: a crash inside python3-rbd or libnbd
+# then names the call it was in (differential.py died once of a corrupted malloc heap with no
+# output at all). No effect on a program that does not crash.
+export PYTHONFAULTHANDLER=1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 pass() { T_PASS=$((T_PASS + 1)); echo "PASS $1"; }
