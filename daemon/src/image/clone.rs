@@ -689,10 +689,47 @@ impl<S: ImageStore> Image<S> {
             _ => self.mark_exists(objno),
         }
         bump(&self.stats.copyups);
-        self.store
+        if let Err(e) = self
+            .store
             .copyup_extents(objno, data, extents, op, fua)
-            .await?;
+            .await
+        {
+            self.undo_copyup_mark(objno, true).await;
+            return Err(e);
+        }
         Ok(true)
+    }
+
+    /// After a copy-up's store call failed, still under the object's write lock: the
+    /// map was marked EXISTS before the call (so that changes wait for it), and a later
+    /// change that trusted that mark would skip the copy-up and create the object
+    /// without its parent's bytes (librbd guards such writes with assert_exists; we
+    /// trust the map). So the mark goes back to NONEXISTENT unless the store shows the
+    /// object (the operation landed and only its reply was lost): the next change copies
+    /// up again, which the store makes a no-op where the object exists (`rbd.copyup`;
+    /// the directory store links its object only if absent), and a change that waited
+    /// for this copy-up finds the mark gone and starts over (`copyup_undone`). Reads go
+    /// to the ancestors meanwhile, which hold the same bytes outside the failed change.
+    /// `lacked`: the child lacked the object before the call, so that when the store
+    /// cannot tell either, NONEXISTENT is what it was (otherwise EXISTS stays: the
+    /// object may hold the child's own data, which the ancestors' must not hide).
+    async fn undo_copyup_mark(&self, objno: u64, lacked: bool) {
+        match self.store.read(objno, 0, 1, None).await {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(_) if lacked => {}
+            Err(_) => return,
+        }
+        if let Some(m) = self.map_now().as_deref() {
+            m.set(objno, ObjectState::Nonexistent);
+        }
+    }
+
+    /// Whether a change that found object `objno` marked EXISTS, and so copied nothing
+    /// up, must start over: the copy-up it waited for failed and took the mark back
+    /// (`undo_copyup_mark`). Asked under the object's lock.
+    pub(super) fn copyup_undone(&self, objno: u64) -> bool {
+        self.is_nonexistent(objno) && self.parent_backed(objno).is_some()
     }
 
     /// A copy-up that also sets the child's snapshots (the store says which) makes the
@@ -770,9 +807,14 @@ impl<S: ImageStore> Image<S> {
         self.mark_changed(objno);
         self.mark_exists(objno);
         bump(&self.stats.store_zeroes);
-        self.store
+        if let Err(e) = self
+            .store
             .copyup(objno, Bytes::new(), ObjectWrite::Truncate { len: 0 }, fua)
-            .await?;
+            .await
+        {
+            self.undo_copyup_mark(objno, false).await;
+            return Err(e);
+        }
         Ok(true)
     }
 

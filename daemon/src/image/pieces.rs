@@ -3,14 +3,39 @@
 
 use super::clone::CopyupOp;
 use super::{bump, Image};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::ImageStore;
 use bytes::Bytes;
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use nbd_protocol::backend::{STATE_HOLE, STATE_ZERO};
 use nbd_protocol::{Extent, ReadChunk};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
+
+/// Runs the pieces of one change together and waits for every one of them, failed or
+/// not: the first error, once none is left in flight (`try_join_all` would drop the
+/// others at the first error, leaving their store calls running after the answer).
+pub(super) async fn all_pieces<F>(pieces: impl IntoIterator<Item = F>) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    join_all(pieces).await.into_iter().collect()
+}
+
+/// How many times a change starts over after a copy-up it waited for failed (each
+/// time another request's copy-up of the same object failed) before it fails too.
+const COPYUP_TRIES: usize = 4;
+
+/// The error of a change that started over `COPYUP_TRIES` times.
+fn copyups_failed(objno: u64) -> Error {
+    Error::new(
+        ErrorKind::Io,
+        format!(
+            "object {objno}: the copy-up from the parent failed {COPYUP_TRIES} times under \
+             this change (other requests' copy-ups of it); retry"
+        ),
+    )
+}
 
 /// One piece of a request inside one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,16 +135,22 @@ impl<S: ImageStore> Image<S> {
     }
 
     pub(super) async fn write_piece(&self, p: Piece, data: Bytes, fua: bool) -> Result<()> {
-        if let Some(c) = self.parent_backed(p.objno) {
-            let op = CopyupOp::Write(data.clone());
-            if self.copyup(&c, p.objno, p.off, p.len, op, fua).await? {
-                return Ok(());
+        for _ in 0..COPYUP_TRIES {
+            if let Some(c) = self.parent_backed(p.objno) {
+                let op = CopyupOp::Write(data.clone());
+                if self.copyup(&c, p.objno, p.off, p.len, op, fua).await? {
+                    return Ok(());
+                }
             }
+            let _g = self.lock_for(p.objno).read().await;
+            if self.copyup_undone(p.objno) {
+                continue;
+            }
+            self.mark_exists(p.objno);
+            bump(&self.stats.store_writes);
+            return self.store.write(p.objno, p.off, data, fua).await;
         }
-        let _g = self.lock_for(p.objno).read().await;
-        self.mark_exists(p.objno);
-        bump(&self.stats.store_writes);
-        self.store.write(p.objno, p.off, data, fua).await
+        Err(copyups_failed(p.objno))
     }
 
     async fn discard_piece(&self, p: Piece, fua: bool, no_hole: bool) -> Result<()> {
@@ -132,6 +163,17 @@ impl<S: ImageStore> Image<S> {
         // discard of all of its bytes zeroes them (librbd's DISCARD_ACTION_ZERO), leaving
         // the object there, as `rbd diff` and `rbd du` then show.
         let whole = p.off == 0 && p.len == self.header.object_size();
+        for _ in 0..COPYUP_TRIES {
+            if self.discard_piece_once(p, fua, whole).await? {
+                return Ok(());
+            }
+        }
+        Err(copyups_failed(p.objno))
+    }
+
+    /// One try of `discard_piece`: false when a copy-up it waited for failed and took
+    /// its mark back (`copyup_undone`), so that it must start over.
+    async fn discard_piece_once(&self, p: Piece, fua: bool, whole: bool) -> Result<bool> {
         if let Some(c) = self.parent_backed(p.objno) {
             // The child lacks it and an ancestor has it: copied up with the discard
             // applied (an empty object for a whole one), never left to show the parent.
@@ -141,19 +183,19 @@ impl<S: ImageStore> Image<S> {
                 CopyupOp::Zero
             };
             if self.copyup(&c, p.objno, p.off, p.len, op, fua).await? {
-                return Ok(());
+                return Ok(true);
             }
-            if whole
-                && !self.is_nonexistent(p.objno)
-                && self.discard_shadowing(&c, p.objno, fua).await?
-            {
-                return Ok(());
+            if self.copyup_undone(p.objno) {
+                return Ok(false);
+            }
+            if whole && self.discard_shadowing(&c, p.objno, fua).await? {
+                return Ok(true);
             }
         }
         if self.is_nonexistent(p.objno) {
             self.store.check_usable()?;
             bump(&self.stats.skipped_removes);
-            return Ok(());
+            return Ok(true);
         }
         if whole {
             let _g = self.lock_for(p.objno).write().await;
@@ -164,11 +206,14 @@ impl<S: ImageStore> Image<S> {
             if let Some(m) = self.map_now().as_deref() {
                 m.set(p.objno, ObjectState::Nonexistent);
             }
-            Ok(())
+            Ok(true)
         } else {
             self.learn_if_unknown(p.objno).await?;
             {
                 let _g = self.lock_for(p.objno).read().await;
+                if self.copyup_undone(p.objno) {
+                    return Ok(false);
+                }
                 // Zeroing part of an object changes its bytes: an EXISTS_CLEAN object
                 // (unchanged since the newest snapshot) becomes EXISTS, as librbd marks
                 // it, or fast-diff (`rbd diff --whole-object --from-snap`, incremental
@@ -178,7 +223,8 @@ impl<S: ImageStore> Image<S> {
                 bump(&self.stats.store_zeroes);
                 self.store.zero(p.objno, p.off, p.len, fua).await?;
             }
-            self.remove_if_emptied(p.objno, fua).await
+            self.remove_if_emptied(p.objno, fua).await?;
+            Ok(true)
         }
     }
 
@@ -295,13 +341,12 @@ impl<S: ImageStore> Image<S> {
         no_hole: bool,
     ) -> Result<()> {
         let pieces = split(self.order(), offset, length);
-        try_join_all(
+        all_pieces(
             pieces
                 .into_iter()
                 .map(|p| self.discard_piece(p, fua, no_hole)),
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     pub(super) fn extents(&self, offset: u64, length: u64) -> Vec<Extent> {

@@ -34,6 +34,8 @@ struct State {
     parent: Option<MemImage>,
     /// The lock was handed to another client (`release_lock`): nothing may be written.
     lock_away: bool,
+    /// How many of the next copy-ups fail, having changed nothing (see `fail_copyups`).
+    failing_copyups: u32,
 }
 
 /// A handle of one image in memory. Clones share the image: a test keeps one to look
@@ -154,6 +156,7 @@ impl MemImage {
                 log: Vec::new(),
                 parent: None,
                 lock_away: false,
+                failing_copyups: 0,
             })),
             snap: None,
             audit: false,
@@ -192,6 +195,12 @@ impl MemImage {
     pub(super) fn slowed(mut self, d: std::time::Duration) -> Self {
         self.slow = Some(d);
         self
+    }
+
+    /// Makes the next `n` copy-ups fail (an OSD error, a lost lock) without changing
+    /// anything; each is logged as `copyup_failed(objno)`.
+    pub(super) fn fail_copyups(&self, n: u32) {
+        self.lock().failing_copyups = n;
     }
 
     async fn take_time(&self) {
@@ -679,6 +688,14 @@ impl ImageStore for MemImage {
         // A slow copy-up (a round trip to the OSD) is where a racing write could slip in.
         self.take_time().await;
         let mut s = self.lock();
+        if s.failing_copyups > 0 {
+            s.failing_copyups -= 1;
+            s.log.push(format!("copyup_failed({o})"));
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Io,
+                "copy-up failed (test store)",
+            ));
+        }
         // Logged apart: a copy-up that created the object, or only the op on one there.
         let created = !s.objects.contains_key(&o);
         s.log.push(if created {

@@ -206,6 +206,72 @@ async fn first_writes_copy_up_once_keeping_the_parents_bytes_around_them() {
     img.close().await.unwrap();
 }
 
+/// A copy-up that fails (the OSD's error, a lock being re-asserted) leaves no mark a
+/// later change trusts: the request that asked for it fails, the retry copies up again,
+/// and changes that waited for it (a write, a partial discard) start over and copy up
+/// themselves, so the parent's bytes stay around every acknowledged change. (Before, the
+/// map kept the EXISTS set before the failed call, and the retry wrote the object
+/// without them: zeros where the parent's data was.)
+#[tokio::test]
+async fn a_failed_copyup_leaves_no_mark_that_later_changes_trust() {
+    let (levels, child) = build(1, &[]);
+    let mut model = model_of(&levels, N * OBJ);
+    let slow = child.clone().slowed(std::time::Duration::from_millis(50));
+    let img = open_mem(&slow).await;
+    child.take_log();
+    // Alone: the write fails, the object is still the parent's, the map says so.
+    child.fail_copyups(1);
+    assert!(img
+        .write(10, Bytes::from_static(b"lost"), false)
+        .await
+        .is_err());
+    assert_eq!(img.object_map().unwrap().get(0), ObjectState::Nonexistent);
+    assert!(child.object(0).is_none());
+    assert!(read_all(&img, 0, OBJ as u32).await == model[..OBJ as usize]);
+    // The retry copies up.
+    img.write(10, Bytes::from_static(b"kept"), false)
+        .await
+        .unwrap();
+    model[10..14].copy_from_slice(b"kept");
+    assert_eq!(count(&child.take_log(), "copyup(0)"), 1);
+    assert!(child.object(0).unwrap()[..] == model[..3 << 20]);
+    // Racing: the first write's copy-up of object 1 fails while a second write and a
+    // partial discard of the same object wait for it; both then copy up themselves.
+    child.fail_copyups(1);
+    let (a, b, z) = (OBJ + 100, OBJ + OBJ / 2, OBJ + 4096);
+    let (r1, r2, r3) = tokio::join!(
+        img.write(a, Bytes::from_static(b"first"), false),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            img.write(b, Bytes::from_static(b"second"), false).await
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            img.trim(z, 8192, false).await
+        }
+    );
+    assert!(r1.is_err());
+    r2.unwrap();
+    r3.unwrap();
+    model[b as usize..b as usize + 6].copy_from_slice(b"second");
+    model[z as usize..z as usize + 8192].fill(0);
+    let log = child.take_log();
+    assert_eq!(
+        (count(&log, "copyup_failed(1)"), count(&log, "copyup(1)")),
+        (1, 1),
+        "{log:?}"
+    );
+    assert_eq!(img.object_map().unwrap().get(1), ObjectState::Exists);
+    let got = read_all(&img, OBJ, OBJ as u32).await;
+    let want = &model[OBJ as usize..2 * OBJ as usize];
+    // The failed write's bytes are undefined (the client was told it failed).
+    let undefined = (a - OBJ) as usize..(a - OBJ) as usize + 5;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(undefined.contains(&i) || g == w, "object 1 differs at +{i}");
+    }
+    img.close().await.unwrap();
+}
+
 /// How long a copy-up makes the child's object, as librbd 16 does (checked on Ceph
 /// against librbd twins with `rados stat`): the nearest ancestor's own object when it has
 /// it (a depth-1 clone: the base's bytes, no trailing zeros); when it lacks it, its read
