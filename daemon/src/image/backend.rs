@@ -1,5 +1,6 @@
 //! The data plane: the NBD [`Backend`] an open image serves.
 
+use super::pieces::all_pieces;
 use super::pieces::split;
 use super::{Image, MAX_BLOCK};
 use crate::store::ImageStore;
@@ -124,7 +125,11 @@ impl<S: ImageStore> Backend for Image<S> {
             self.write_piece(p, data, fua).await?;
             return Ok(());
         }
-        try_join_all(pieces.into_iter().map(|p| {
+        // Every piece is waited for, failed or not, before the request is answered:
+        // dropping the others at the first error would leave them in flight (or held
+        // behind another write, to be sent later) after the answer, outside the gate
+        // that a hand-over of the lock or a close waits on.
+        all_pieces(pieces.into_iter().map(|p| {
             let d = data.slice(p.req_off as usize..(p.req_off + p.len) as usize);
             self.write_piece(p, d, fua)
         }))

@@ -77,6 +77,7 @@ impl Drop for Drain {
         let Some(held) = objects.get_mut(&self.objno) else {
             return;
         };
+        abandon(held);
         if held.is_empty() {
             objects.remove(&self.objno);
             return;
@@ -85,6 +86,14 @@ impl Drop for Drain {
         // That batch is now the write in flight on the object.
         self.m.send_locked(&objects, self.objno, batch, true);
     }
+}
+
+/// Drops the held writes whose requests gave up on them (their futures were dropped: a
+/// request answered with another piece's error, a client gone): never sent, since a
+/// write landing after its request was answered could land after the lock went to
+/// another client, outside everything a hand-over or a close waits for.
+fn abandon(batch: &mut Vec<Held>) {
+    batch.retain(|h| !h.tx.is_closed());
 }
 
 impl Merger {
@@ -210,6 +219,13 @@ impl Merger {
         mut batch: Vec<Held>,
         owner: bool,
     ) {
+        if !owner {
+            // (The owner's batch was cut in `Drain::drop`, under this same lock.)
+            abandon(&mut batch);
+            if batch.is_empty() {
+                return;
+            }
+        }
         batch.sort_by_key(|h| h.off);
         let extents = batch.iter().map(|h| (h.off, h.data.clone())).collect();
         self.merged_ops.fetch_add(1, Ordering::Relaxed);
@@ -456,6 +472,54 @@ mod tests {
         second.await.unwrap().unwrap();
         settle().await;
         assert!(m.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_held_write_whose_request_gave_up_is_never_sent() {
+        let f = Arc::new(Fake::default());
+        let m = f.merger(true);
+        let first = tokio::spawn({
+            let m = m.clone();
+            async move { m.write(3, 0, bytes(1, 10)).await }
+        });
+        settle().await;
+        let gone = tokio::spawn({
+            let m = m.clone();
+            async move { m.write(3, 100, bytes(2, 10)).await }
+        });
+        let kept = tokio::spawn({
+            let m = m.clone();
+            async move { m.write(3, 200, bytes(3, 10)).await }
+        });
+        settle().await;
+        // Held behind the first; then one's request gives up (another piece failed).
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        assert_eq!(f.complete_all(), 1);
+        settle().await;
+        assert_eq!(f.ops(), vec![(3, vec![(0, 10)]), (3, vec![(200, 10)])]);
+        f.complete_all();
+        first.await.unwrap().unwrap();
+        kept.await.unwrap().unwrap();
+        // Everything given up: the object is forgotten, nothing is sent.
+        let first = tokio::spawn({
+            let m = m.clone();
+            async move { m.write(4, 0, bytes(1, 10)).await }
+        });
+        settle().await;
+        let gone = tokio::spawn({
+            let m = m.clone();
+            async move { m.write(4, 100, bytes(2, 10)).await }
+        });
+        settle().await;
+        gone.abort();
+        let _ = gone.await;
+        m.release_all();
+        f.complete_all();
+        first.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(f.ops().len(), 3);
+        assert!(m.lock().is_empty(), "the object is forgotten once idle");
     }
 
     #[tokio::test]
