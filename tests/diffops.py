@@ -34,6 +34,15 @@ the minimiser needs.
   ["ro", off, len, tag]              a read-only server opened while the writer serves; the
                                      writer then writes (off, len) and the reader must see it
   ["oob"]                            TRIM past the end must fail with EINVAL
+  ["burst", [sub-op, ...]]           2..24 writes, trims, zeros and reads ("read", off, len)
+                                     sent at once on one connection, all in flight together,
+                                     then waited for; their extents are pairwise disjoint,
+                                     so the bytes do not depend on the order the server runs
+                                     them in (a read must read what the reference has there).
+                                     Mostly in one or two objects: requests queued behind
+                                     others to the same object, which one-at-a-time requests
+                                     never make (the Ceph store merges such writes into one
+                                     RADOS operation), reads beside them, copy-ups racing
 
 Lock-owner operations (Ceph only: generate(owner=...); a librbd client asks the server, as the
 exclusive-lock owner, to do them, or takes the lock from it):
@@ -147,6 +156,73 @@ OWNER_RATE = 0.04
 # The tags of hand-overs drawn from the owner stream: apart from the main stream's.
 OWNER_TAG = 1 << 24
 
+# In a runner's default mix (generate(burst=...)), the chance that a burst comes before each
+# operation of the sequence, from a stream of its own (burst_rng()): about 1.5 bursts a
+# sequence, and the other operations of a seed stay what they were before bursts existed.
+BURST_RATE = 0.08
+# The tags of bursts' writes: apart from the main and owner streams'.
+BURST_TAG = 1 << 26
+# Weights of a burst's sub-operations.
+BURST_KINDS = {"write": 50, "read": 16, "zero": 17, "trim": 17}
+
+
+def burst_rng(seed):
+    """The bursts' own random stream for a seed (see generate())."""
+    return random.Random(f"bursts {seed}")
+
+
+def _burst(rng, size, geo, tag):
+    """["burst", subs] for an image of size bytes, and the last tag used: 2..24 pairwise
+    disjoint extents, mostly in one object or two neighbours (one burst in five anywhere
+    in the image), touching (gap 0) one time in two so that writes can chain, sent in a
+    random order."""
+    obj = geo.obj
+    nobj = max(1, -(-size // obj))
+    spread = rng.random() < 0.2
+    if spread:
+        lo, hi = 0, size
+    else:
+        lo = rng.randrange(nobj) * obj
+        hi = min(size, lo + rng.choice([1, 1, 2]) * obj)
+    scale = max(1, (hi - lo) // (24 * 64 * SECTOR)) if spread else 1
+    subs = []
+    pos = lo + rng.choice([0, rng.randrange(max(1, (hi - lo) // SECTOR // 4)) * SECTOR])
+    for _ in range(rng.randint(2, 24)):
+        pos += rng.choice([0, 0, 0, 1, 8, 64]) * SECTOR * scale
+        length = min(rng.choice([1, 1, 2, 8, 8, 32, 128]) * SECTOR, hi - pos)
+        if length <= 0:
+            break
+        k = rng.choices(list(BURST_KINDS), list(BURST_KINDS.values()))[0]
+        if k == "write":
+            tag += 1
+            subs.append(["write", pos, length, tag, rng.random() < 0.1])
+        elif k == "read":
+            subs.append(["read", pos, length])
+        elif k == "zero":
+            subs.append(["zero", pos, length, rng.random() < 0.35, rng.random() < 0.1])
+        else:
+            subs.append(["trim", pos, length, rng.random() < 0.1])
+        pos += length
+    rng.shuffle(subs)
+    return ["burst", subs], tag
+
+
+def burst_sharing(subs, order, holes_only=True):
+    """Whether two changing sub-operations of a burst touch one object, one of them making
+    holes (a trim, a zero without NO_HOLE; any two changes with holes_only False): the
+    object's length on the server may then depend on the order they ran in (a cut of its
+    tail before or after a write), its bytes may not."""
+    seen = {}
+    for s in subs:
+        if s[0] == "read":
+            continue
+        holes = s[0] == "trim" or (s[0] == "zero" and not s[3])
+        for o in range(s[1] >> order, (s[1] + s[2] - 1 >> order) + 1):
+            if o in seen and (not holes_only or holes or seen[o]):
+                return True
+            seen[o] = seen.get(o, False) or holes
+    return False
+
 
 def owner_rng(seed):
     """The lock-owner operations' own random stream for a seed (see generate())."""
@@ -179,13 +255,16 @@ def features_after(op, maps, lock):
     return (op[2] if lock or not op[2] else maps), lock
 
 
-def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
+def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None, burst=None):
     """A sequence of n_ops operations for an image of geometry geo (its starting size).
     kinds: the operation names allowed (default all but the slow ones, livesnap and the
     lock-owner ones). rare: operations added once each at a random place (the random draws of
     a sequence without them are unchanged, so seeds replay as before). owner: a random.Random
     (owner_rng()) with which the default mix gets lock-owner operations too, besides the
-    n_ops (the draws of the others unchanged); with kinds, those named are drawn by weight."""
+    n_ops (the draws of the others unchanged); with kinds, those named are drawn by weight.
+    burst: a random.Random (burst_rng()) from which bursts come the same way, BURST_RATE
+    before each operation (with kinds only when they name "burst": then 3 in 10, or before
+    every operation when "burst" is the only kind)."""
     allowed = set(kinds or ["write", "trim", "zero", "flush", "close", "crash", "snap",
                             "resize", "ro", "oob"])
     if not snapshots:
@@ -201,7 +280,16 @@ def generate(rng, geo, n_ops, snapshots=True, kinds=None, rare=(), owner=None):
     tag = rng.randrange(1 << 16)
     owner_tag = OWNER_TAG
     places = {rng.randrange(n_ops): k for k in rare}
+    burst_tag = BURST_TAG
+    # With kinds, bursts come only when named: often beside other kinds, else every time.
+    burst_rate = (BURST_RATE if not kinds else 0 if "burst" not in kinds
+                  else 0.3 if names else 1)
     for i in range(n_ops):
+        if burst is not None and burst.random() < burst_rate:
+            op, burst_tag = _burst(burst, size, geo, burst_tag)
+            ops.append(op)
+        if not names:
+            continue
         if extra and owner.random() < OWNER_RATE:
             owner_tag += 1
             op = _owner_op(owner, owner.choice(extra), size, geo, maps, owner_tag, lock)
@@ -556,6 +644,12 @@ class Serves:
             if op is None:
                 return
             self.ensure_served()
+        elif op[0] == "burst":
+            subs = [c for c in (clip(s, self.size) for s in op[1]) if c is not None]
+            if not subs:
+                return
+            op = ["burst", subs]
+            self.ensure_served()
         self.run_op(op)
 
     def ensure_served(self):
@@ -598,6 +692,58 @@ def send(h, op):
     else:
         raise ValueError(f"not an I/O operation: {op}")
     return None
+
+
+def send_burst(h, subs, timeout=120):
+    """Sends every sub-operation of a burst over h at once (libnbd's aio calls: all in flight
+    together), then waits for all of them: for each, the bytes a write wrote or a read read,
+    else None. A Failure names the first that failed, once every one has been answered."""
+    out = [None] * len(subs)
+    bufs = {}
+    pending = {}
+    for i, s in enumerate(subs):
+        k = s[0]
+        fua = nbd.CMD_FLAG_FUA if k != "read" and s[-1] else 0
+        if k == "write":
+            out[i] = pattern(s[3], s[1], s[2])
+            c = h.aio_pwrite(out[i], s[1], flags=fua)
+        elif k == "read":
+            bufs[i] = nbd.Buffer(s[2])
+            c = h.aio_pread(bufs[i], s[1])
+        elif k == "trim":
+            c = h.aio_trim(s[2], s[1], flags=fua)
+        elif k == "zero":
+            c = h.aio_zero(s[2], s[1], flags=fua | (nbd.CMD_FLAG_NO_HOLE if s[3] else 0))
+        else:
+            raise ValueError(f"not a burst operation: {s}")
+        pending[c] = i
+    # libnbd reads and writes these buffers until each command is answered: kept alive with
+    # the handle, whatever happens here.
+    h.burst_buffers = (out, bufs)
+    failed = []
+    end = time.monotonic() + timeout
+    while True:
+        for c, i in list(pending.items()):
+            try:
+                done = h.aio_command_completed(c)
+            except nbd.Error as e:
+                failed.append((i, nbd_errno(e) or str(e)))
+                done = True
+            if done:
+                del pending[c]
+        if not pending:
+            break
+        if time.monotonic() > end:
+            raise Failure("burst: no answer", f"{len(pending)} of {len(subs)} requests "
+                          f"unanswered after {timeout} s: {[subs[i] for i in pending.values()]}")
+        h.poll(500)
+    if failed:
+        i, err = min(failed)
+        raise Failure("burst: error", f"{subs[i]} failed ({err}) with {len(subs)} requests "
+                      f"in flight")
+    for i, b in bufs.items():
+        out[i] = bytes(b.to_bytearray())
+    return out
 
 
 def read_only_beside(cmd, sock, log, h, op, twin_write, order):

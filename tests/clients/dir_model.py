@@ -16,6 +16,10 @@ image without snapshots has only NONEXISTENT and EXISTS):
                                    NONEXISTENT ones
   kill -9                          nothing changes: the reopen rebuilds the map from the
                                    object files, which must say the same
+  burst                            requests in flight together (disjoint extents), put in
+                                   the model one by one; each read among them must read the
+                                   model's bytes; an object left all zeros by a hole beside
+                                   another change in it may exist or not (the order decides)
   snap                             between serves, `snap create`: the model keeps a copy of
                                    the bytes; every compare then reads each snapshot whole
                                    (`serve --read-only IMG@SNAP`) and runs `object-map check`
@@ -131,6 +135,8 @@ class Run(diffops.Serves):
         elif k == "zero":
             diffops.send(h, op)
             self.model_zero(op[1], op[2], op[3])
+        elif k == "burst":
+            self.burst(op[1])
         elif k == "flush":
             h.flush()
         elif k in ("close", "crash"):
@@ -161,6 +167,33 @@ class Run(diffops.Serves):
             self.snaps.append((name, self.size, bytes(self.data)))
         else:
             raise ValueError(f"unknown operation {op}")
+
+    def burst(self, subs):
+        """["burst", subs]: all in flight at once (disjoint extents), then into the model one
+        by one; each read must read the model's bytes there."""
+        got = diffops.send_burst(self.h, subs)
+        for s, data in zip(subs, got):
+            if s[0] == "write":
+                self.model_write(s[1], data)
+            elif s[0] in ("trim", "zero"):
+                self.model_zero(s[1], s[2], s[0] == "zero" and s[3])
+        if diffops.burst_sharing(subs, self.geo.order):
+            # A hole beside another change in one object: whether the store found the object
+            # empty (and removed it) depends on the order they ran in.
+            for s in subs:
+                if s[0] == "read":
+                    continue
+                for o in range(s[1] // self.geo.obj, (s[1] + s[2] - 1) // self.geo.obj + 1):
+                    if self.exists[o] is True and not any(
+                            self.data[o * self.geo.obj:o * self.geo.obj + self.obj_len(o)]):
+                        self.exists[o] = None
+        for s, data in zip(subs, got):
+            if s[0] == "read" and data != self.data[s[1]:s[1] + s[2]]:
+                want = self.data[s[1]:s[1] + s[2]]
+                first = next(i for i in range(s[2]) if data[i] != want[i])
+                raise Failure("burst: read", f"{s[1]}+{s[2]} (object "
+                              f"{(s[1] + first) // self.geo.obj}), read with {len(subs)} "
+                              f"requests in flight, differs from the model at +{first}")
 
     # ------------------------------------------------------------------ comparison
     def compare(self, where):
@@ -276,7 +309,8 @@ def main():
     kinds = [k for k in args.kinds.split(",") if k] or None
     first, failed, serves, secs = test.seeds(
         args.seed, seqs,
-        lambda seed: diffops.sequence(seed, args.long, snapshots=True, kinds=kinds),
+        lambda seed: diffops.sequence(seed, args.long, snapshots=True, kinds=kinds,
+                                      burst=diffops.burst_rng(seed)),
         float(os.environ.get("DIFF_MINIMISE_S", "60")))
     sys.exit(test.summary(first, seqs, failed, serves, secs))
 
