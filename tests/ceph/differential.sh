@@ -19,7 +19,8 @@ kind=flat
 for a in "$@"; do [ "$a" = --clone ] && kind=clone; done
 for c in "$here"/diff-cases/$kind-*.json; do
   [ -e "$c" ] || continue
-  run_counted timeout -k 10 300 "$PY" -u "$here/differential.py" --replay "$c"
+  run_counted again_if_crashed timeout -k 10 300 "$PY" -u "$here/differential.py" --replay "$c"
 done
-run_counted timeout -k 10 "${DIFF_TIMEOUT:-1500}" "$PY" -u "$here/differential.py" "$@"
+# The test process (python3-rbd, librados) has crashed by itself: see again_if_crashed.
+run_counted again_if_crashed timeout -k 10 "${DIFF_TIMEOUT:-1500}" "$PY" -u "$here/differential.py" "$@"
 t_summary
