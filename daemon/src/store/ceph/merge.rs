@@ -84,7 +84,11 @@ impl Drop for Drain {
         }
         let batch = std::mem::take(held);
         // That batch is now the write in flight on the object.
-        self.m.send_locked(&objects, self.objno, batch, true);
+        let sent = self.m.send_locked(&objects, self.objno, batch, true);
+        drop(objects);
+        if let Some(sent) = sent {
+            sent.start();
+        }
     }
 }
 
@@ -132,6 +136,7 @@ impl Merger {
             Held(oneshot::Receiver<Result<()>>),
             Sent(Result<Pending>, bool),
         }
+        let mut before = None;
         let step = {
             let mut objects = self.lock();
             match objects.get_mut(&objno) {
@@ -144,7 +149,7 @@ impl Merger {
                 Some(held) => {
                     // It overlaps a held write, which was asked for first: those go first.
                     let batch = std::mem::take(held);
-                    self.send_locked(&objects, objno, batch, false);
+                    before = self.send_locked(&objects, objno, batch, false);
                     Step::Sent((self.submit)(objno, vec![(off, data)]), false)
                 }
                 None => {
@@ -157,6 +162,9 @@ impl Merger {
                 }
             }
         };
+        if let Some(sent) = before {
+            sent.start();
+        }
         let (pending, owner) = match step {
             Step::Held(rx) => {
                 return rx.await.unwrap_or_else(|_| {
@@ -185,11 +193,17 @@ impl Merger {
             return;
         }
         let mut objects = self.lock();
-        if let Some(held) = objects.get_mut(&objno) {
-            if !held.is_empty() {
-                let batch = std::mem::take(held);
-                self.send_locked(&objects, objno, batch, false);
-            }
+        let Some(held) = objects.get_mut(&objno) else {
+            return;
+        };
+        if held.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(held);
+        let sent = self.send_locked(&objects, objno, batch, false);
+        drop(objects);
+        if let Some(sent) = sent {
+            sent.start();
         }
     }
 
@@ -204,26 +218,32 @@ impl Merger {
             .filter(|(_, h)| !h.is_empty())
             .map(|(o, h)| (*o, std::mem::take(h)))
             .collect();
-        for (objno, batch) in batches {
-            self.send_locked(&objects, objno, batch, false);
+        let sent: Vec<Sent> = batches
+            .into_iter()
+            .filter_map(|(objno, batch)| self.send_locked(&objects, objno, batch, false))
+            .collect();
+        drop(objects);
+        for s in sent {
+            s.start();
         }
     }
 
     /// Hands `batch` to librados as one operation (the caller holds the table's lock:
-    /// that is what keeps the order) and answers its writes when it completes. `owner`:
-    /// the batch is the object's write in flight, so what is held behind it goes next.
+    /// that is what keeps the order); the caller lets the lock go, then `start`s what
+    /// answers its writes when it completes. `owner`: the batch is the object's write in
+    /// flight, so what is held behind it goes next. None: nothing left to send.
     fn send_locked(
         self: &Arc<Self>,
         _objects: &MutexGuard<'_, HashMap<u64, Vec<Held>>>,
         objno: u64,
         mut batch: Vec<Held>,
         owner: bool,
-    ) {
+    ) -> Option<Sent> {
         if !owner {
             // (The owner's batch was cut in `Drain::drop`, under this same lock.)
             abandon(&mut batch);
             if batch.is_empty() {
-                return;
+                return None;
             }
         }
         batch.sort_by_key(|h| h.off);
@@ -234,10 +254,36 @@ impl Merger {
             m: self.clone(),
             objno,
         });
+        Some(Sent {
+            pending,
+            batch,
+            drain,
+        })
+    }
+}
+
+/// An operation handed to librados whose writes are still to be answered: by a task
+/// started (`start`) once the table's lock is let go, because a runtime that is shutting
+/// down drops a new task at once, inside `spawn`, and with it the `Drain`, which takes
+/// that lock (under it, the thread would wait for itself).
+#[must_use]
+struct Sent {
+    pending: Result<Pending>,
+    batch: Vec<Held>,
+    drain: Option<Drain>,
+}
+
+impl Sent {
+    fn start(self) {
+        let Sent {
+            pending,
+            batch,
+            drain,
+        } = self;
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // No runtime (the daemon is going away): the operation, if started, still
-            // completes; its writes' requests are gone with the runtime. Forget the
-            // object without running `drain` (it would take this lock again).
+            // completes; its writes' requests are gone with the runtime. The object is
+            // forgotten with it (nothing would send what is held behind).
             if let Some(d) = drain {
                 std::mem::forget(d);
             }
@@ -520,6 +566,57 @@ mod tests {
         settle().await;
         assert_eq!(f.ops().len(), 3);
         assert!(m.lock().is_empty(), "the object is forgotten once idle");
+    }
+
+    /// The runtime goes away with a write in flight and another held behind it whose
+    /// request lives elsewhere: the in-flight task's `Drain` sends the held one, whose
+    /// answering task the closed runtime drops at once, inside `spawn`; that must not
+    /// take the table's lock the sender still held (the thread waited for itself).
+    #[test]
+    fn a_runtime_shutting_down_with_writes_held_does_not_hang() {
+        let f = Arc::new(Fake::default());
+        let m = f.merger(true);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (m2, f2) = (m.clone(), f.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn({
+                let m = m2.clone();
+                async move { m.write(5, 0, bytes(1, 10)).await }
+            });
+            while f2.ops().is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Held behind it, by a request that outlives the runtime.
+            let held = {
+                let m = m2.clone();
+                std::thread::spawn(move || {
+                    let other = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    other.block_on(m.write(5, 100, bytes(2, 10)))
+                })
+            };
+            while m2.counts().0 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(rt);
+            let _ = done_tx.send(held);
+        });
+        let held = done_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the runtime's shutdown hung on the object table's lock");
+        // The held write went out when the one in flight was given up; it is answered
+        // once its operation completes (its answering task died with the runtime, so
+        // never: its request learns the write was not answered).
+        assert_eq!(f.ops().len(), 2);
+        f.complete_all();
+        assert!(held.join().unwrap().is_err());
     }
 
     #[tokio::test]
