@@ -161,7 +161,7 @@ impl Inner {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(super) fn check_writable(&self) -> Result<()> {
         if self.mode == OpenMode::ReadOnly {
             return Err(Error::new(
                 ErrorKind::ReadOnly,

@@ -836,15 +836,24 @@ pub(super) async fn open_by_id_at(
     // Writes to an object merge behind the one in flight unless librbd's option says
     // none; a mapped snapshot writes nothing.
     let merge_on = snap_id.is_none() && io_scheduler(&meta, &header_oid(&id)).await != "none";
+    // The image, for the check below: set once it exists (it owns the merger).
+    let image: Arc<std::sync::OnceLock<std::sync::Weak<Inner>>> = Default::default();
     let merge = {
-        let (data, prefix, osize) = (
+        let (data, prefix, osize, image) = (
             data.clone(),
             header.object_prefix.clone(),
             header.object_size(),
+            image.clone(),
         );
         Merger::new(
             merge_on,
             Box::new(move |objno, extents| {
+                // Checked again as it goes: a write held behind another was checked
+                // when it came, and the lock may have been lost (or be re-asserted
+                // after a lost watch) since.
+                if let Some(i) = image.get().and_then(std::sync::Weak::upgrade) {
+                    i.check_writable()?;
+                }
                 let oid = data_object_name(&prefix, objno);
                 Ok(Box::pin(start_write(&data, &oid, extents, osize)?) as Pending)
             }),
@@ -882,6 +891,7 @@ pub(super) async fn open_by_id_at(
         closed: AtomicBool::new(false),
         merge,
     });
+    let _ = image.set(Arc::downgrade(&inner));
     if mode == OpenMode::ReadOnly {
         return Ok(CephImage { inner });
     }
