@@ -171,8 +171,9 @@ impl Merger {
                     Err(Error::new(
                         ErrorKind::Io,
                         format!(
-                            "a write to object {objno} held behind another was never sent \
-                             (the daemon is shutting down)"
+                            "a write to object {objno} held behind another was not \
+                             answered: the daemon is shutting down (it may have been \
+                             written or not)"
                         ),
                     ))
                 })

@@ -170,6 +170,7 @@ pub fn start_write(
     // Only raw pointers are taken: the callback may free the slot before the call returns.
     // The pointer arrays are read during the call only.
     let (name, s) = unsafe { ((*raw).oid.as_ptr(), (*raw).held.s) };
+    let submitting = io.submitting();
     let r = unsafe {
         rnbd_aio_write_nocopy(
             io.raw(),
@@ -184,6 +185,7 @@ pub fn start_write(
             raw as *mut c_void,
         )
     };
+    drop(submitting);
     if r < 0 {
         // Not submitted: the callback will never run, and the operation that referenced
         // the bytes is gone with the shim's call.

@@ -266,6 +266,7 @@ impl Rados {
             cluster: self.clone(),
             pool: pool.to_string(),
             namespace: namespace.to_string(),
+            snapc: Default::default(),
         }))
     }
 

@@ -17,6 +17,12 @@ pub struct IoCtx {
     pub(super) cluster: Arc<Rados>,
     pub(super) pool: String,
     pub(super) namespace: String,
+    /// Held (shared) while a write is handed to librados, and exclusively while the
+    /// snapshot context writes carry is replaced: librados copies the handle's context
+    /// into each write as it is handed over, and replaces it (`set_snap_write_ctx`)
+    /// with no lock of its own, so a refresh of the header beside writes in flight
+    /// would free the vector another thread is copying.
+    pub(super) snapc: std::sync::RwLock<()>,
 }
 
 unsafe impl Send for IoCtx {}
@@ -201,6 +207,11 @@ impl IoCtx {
         self.h
     }
 
+    /// To hold while a write is handed to librados through `raw` (see `snapc`).
+    pub(in crate::store::ceph) fn submitting(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.snapc.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A second handle on the same pool reading at `snap` (reads are per handle in librados).
     pub fn at_snap(&self, snap: u64) -> Result<Arc<IoCtx>> {
         let io = self.cluster.ioctx_in(&self.pool, &self.namespace)?;
@@ -249,6 +260,7 @@ impl IoCtx {
         let me = self.clone();
         let coid = cstring("object name", oid)?;
         let r = tokio::task::spawn_blocking(move || unsafe {
+            let _g = me.submitting();
             rados_ioctx_selfmanaged_snap_rollback(me.h, coid.as_ptr(), snap)
         })
         .await
@@ -272,8 +284,10 @@ impl IoCtx {
                 "snapshot context too large".to_string(),
             )
         })?;
-        let r =
-            unsafe { rados_ioctx_selfmanaged_snap_set_write_ctx(self.h, seq, v.as_mut_ptr(), n) };
+        let r = {
+            let _only = self.snapc.write().unwrap_or_else(|p| p.into_inner());
+            unsafe { rados_ioctx_selfmanaged_snap_set_write_ctx(self.h, seq, v.as_mut_ptr(), n) }
+        };
         if r < 0 {
             return Err(rados_error(
                 "set snapshot write context in pool",
@@ -350,6 +364,7 @@ impl IoCtx {
         let coid = cstring("object name", oid)?;
         let io = self.h as usize;
         let (r, _) = aio(Keep(coid), |k, c| unsafe {
+            let _g = self.submitting();
             rados_aio_remove(io as rados_ioctx_t, (*k).0.as_ptr(), c)
         })
         .await;
@@ -368,6 +383,7 @@ impl IoCtx {
         let io = self.h as usize;
         let (r, _) = aio(Keep((coid, op)), |k, c| unsafe {
             let k = &mut *k;
+            let _g = self.submitting();
             rados_aio_write_op_operate(
                 k.0 .1.h,
                 io as rados_ioctx_t,
