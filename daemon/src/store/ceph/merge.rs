@@ -18,12 +18,19 @@
 //!   the operation carrying them completes (never earlier: an acknowledged write is on
 //!   the OSDs).
 //! - Order: RADOS applies one client's operations on an object in the order they were
-//!   handed to librados, so every operation here is handed over while the object table's
-//!   lock is held, and what was held always goes before any later write to the object:
-//!   a write that overlaps a held one sends the held ones first, then itself; any other
-//!   change to the object (`release`) and a flush (`release_all`) send them first too.
+//!   handed to librados, so every operation here is handed over while the lock of the
+//!   object's stripe of the table is held, and what was held always goes before any
+//!   later write to the object: a write that overlaps a held one sends the held ones
+//!   first, then itself; any other change to the object (`release`) and a flush
+//!   (`release_all`) send them first too.
 //! - librbd also sends held writes early, at half the recent write latency; here they
 //!   wait for the write in flight, at most one operation's latency.
+//!
+//! The table is cut in stripes by object number, each with its own lock: only one
+//! object's operations need an order, and handing an operation to librados can block
+//! (its in-flight throttle, `objecter_inflight_ops` / `_op_bytes`); under one lock for
+//! the whole image, that would stall every writer of the image, not only the writers of
+//! objects sharing the stripe.
 
 use crate::error::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -32,6 +39,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// How many locks the object table is cut into (see the module's comment).
+const STRIPES: usize = 64;
+
+/// One stripe of the object table: object number → writes held behind the one in flight.
+type Table = HashMap<u64, Vec<Held>>;
 use tokio::sync::oneshot;
 
 /// A started write's completion.
@@ -57,8 +70,9 @@ pub(super) struct Merger {
     on: bool,
     submit: Submit,
     /// An object is here while a write to it that may have writes held behind it is in
-    /// flight; its Vec holds them, in the order they came.
-    objects: Mutex<HashMap<u64, Vec<Held>>>,
+    /// flight; its Vec holds them, in the order they came. Object `n` is in stripe
+    /// `n % STRIPES`.
+    objects: Box<[Mutex<Table>]>,
     /// Writes that were held, and the operations that carried them.
     held_writes: AtomicU64,
     merged_ops: AtomicU64,
@@ -73,7 +87,7 @@ struct Drain {
 
 impl Drop for Drain {
     fn drop(&mut self) {
-        let mut objects = self.m.lock();
+        let mut objects = self.m.lock(self.objno);
         let Some(held) = objects.get_mut(&self.objno) else {
             return;
         };
@@ -92,6 +106,12 @@ impl Drop for Drain {
     }
 }
 
+/// A stripe of the table, locked (a panic under it leaves the table as it was: each
+/// change under the lock is one step).
+fn lock_stripe(stripe: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    stripe.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Drops the held writes whose requests gave up on them (their futures were dropped: a
 /// request answered with another piece's error, a client gone): never sent, since a
 /// write landing after its request was answered could land after the lock went to
@@ -107,14 +127,21 @@ impl Merger {
         Arc::new(Merger {
             on,
             submit,
-            objects: Mutex::new(HashMap::new()),
+            objects: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             held_writes: AtomicU64::new(0),
             merged_ops: AtomicU64::new(0),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Vec<Held>>> {
-        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether no object has a write in flight that writes could be held behind.
+    #[cfg(test)]
+    fn idle(&self) -> bool {
+        self.objects.iter().all(|s| lock_stripe(s).is_empty())
+    }
+
+    /// The stripe of the table that holds object `objno`, locked.
+    fn lock(&self, objno: u64) -> MutexGuard<'_, Table> {
+        lock_stripe(&self.objects[(objno % STRIPES as u64) as usize])
     }
 
     /// (writes that were held, operations that carried them): held - ops = operations saved.
@@ -138,7 +165,7 @@ impl Merger {
         }
         let mut before = None;
         let step = {
-            let mut objects = self.lock();
+            let mut objects = self.lock(objno);
             match objects.get_mut(&objno) {
                 Some(held) if !held.iter().any(|h| h.off < end && off < h.end()) => {
                     let (tx, rx) = oneshot::channel();
@@ -193,7 +220,7 @@ impl Merger {
         if !self.on {
             return;
         }
-        let mut objects = self.lock();
+        let mut objects = self.lock(objno);
         let Some(held) = objects.get_mut(&objno) else {
             return;
         };
@@ -208,34 +235,36 @@ impl Merger {
         }
     }
 
-    /// Sends everything held (a flush).
+    /// Sends everything held (a flush), stripe by stripe.
     pub(super) fn release_all(self: &Arc<Self>) {
         if !self.on {
             return;
         }
-        let mut objects = self.lock();
-        let batches: Vec<(u64, Vec<Held>)> = objects
-            .iter_mut()
-            .filter(|(_, h)| !h.is_empty())
-            .map(|(o, h)| (*o, std::mem::take(h)))
-            .collect();
-        let sent: Vec<Sent> = batches
-            .into_iter()
-            .filter_map(|(objno, batch)| self.send_locked(&objects, objno, batch, false))
-            .collect();
-        drop(objects);
-        for s in sent {
-            s.start();
+        for stripe in self.objects.iter() {
+            let mut objects = lock_stripe(stripe);
+            let batches: Vec<(u64, Vec<Held>)> = objects
+                .iter_mut()
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(o, h)| (*o, std::mem::take(h)))
+                .collect();
+            let sent: Vec<Sent> = batches
+                .into_iter()
+                .filter_map(|(objno, batch)| self.send_locked(&objects, objno, batch, false))
+                .collect();
+            drop(objects);
+            for s in sent {
+                s.start();
+            }
         }
     }
 
-    /// Hands `batch` to librados as one operation (the caller holds the table's lock:
+    /// Hands `batch` to librados as one operation (the caller holds the object's stripe:
     /// that is what keeps the order); the caller lets the lock go, then `start`s what
     /// answers its writes when it completes. `owner`: the batch is the object's write in
     /// flight, so what is held behind it goes next. None: nothing left to send.
     fn send_locked(
         self: &Arc<Self>,
-        _objects: &MutexGuard<'_, HashMap<u64, Vec<Held>>>,
+        _objects: &MutexGuard<'_, Table>,
         objno: u64,
         mut batch: Vec<Held>,
         owner: bool,
@@ -264,7 +293,7 @@ impl Merger {
 }
 
 /// An operation handed to librados whose writes are still to be answered: by a task
-/// started (`start`) once the table's lock is let go, because a runtime that is shutting
+/// started (`start`) once the stripe's lock is let go, because a runtime that is shutting
 /// down drops a new task at once, inside `spawn`, and with it the `Drain`, which takes
 /// that lock (under it, the thread would wait for itself).
 #[must_use]
@@ -321,7 +350,17 @@ mod tests {
         waiting: Mutex<Vec<oneshot::Sender<()>>>,
         fail: AtomicBool,
         data: Mutex<HashMap<u64, Vec<u8>>>,
+        /// (object, entered, go): handing over an operation on that object blocks (as
+        /// librados does when its in-flight throttle is full): says so on `entered`,
+        /// then waits for `go`.
+        stall: Mutex<Option<Stall>>,
     }
+
+    type Stall = (
+        u64,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    );
 
     impl Fake {
         fn merger(self: &Arc<Self>, on: bool) -> Arc<Merger> {
@@ -329,6 +368,17 @@ mod tests {
             Merger::new(
                 on,
                 Box::new(move |objno, extents: Vec<(u64, Bytes)>| {
+                    let stall = {
+                        let mut s = f.stall.lock().unwrap();
+                        match *s {
+                            Some((o, ..)) if o == objno => s.take(),
+                            _ => None,
+                        }
+                    };
+                    if let Some((_, entered, go)) = stall {
+                        let _ = entered.send(());
+                        let _ = go.recv();
+                    }
                     f.ops
                         .lock()
                         .unwrap()
@@ -415,7 +465,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(m.counts(), (3, 1));
-        assert!(m.lock().is_empty(), "the object is forgotten once idle");
+        assert!(m.idle(), "the object is forgotten once idle");
     }
 
     #[tokio::test]
@@ -470,7 +520,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         settle().await;
-        assert!(m.lock().is_empty());
+        assert!(m.idle());
     }
 
     #[tokio::test]
@@ -498,7 +548,7 @@ mod tests {
             x.await.unwrap().unwrap();
         }
         settle().await;
-        assert!(m.lock().is_empty());
+        assert!(m.idle());
     }
 
     #[tokio::test]
@@ -518,7 +568,7 @@ mod tests {
         f.complete_all();
         second.await.unwrap().unwrap();
         settle().await;
-        assert!(m.lock().is_empty());
+        assert!(m.idle());
     }
 
     #[tokio::test]
@@ -566,13 +616,13 @@ mod tests {
         first.await.unwrap().unwrap();
         settle().await;
         assert_eq!(f.ops().len(), 3);
-        assert!(m.lock().is_empty(), "the object is forgotten once idle");
+        assert!(m.idle(), "the object is forgotten once idle");
     }
 
     /// The runtime goes away with a write in flight and another held behind it whose
     /// request lives elsewhere: the in-flight task's `Drain` sends the held one, whose
     /// answering task the closed runtime drops at once, inside `spawn`; that must not
-    /// take the table's lock the sender still held (the thread waited for itself).
+    /// take the stripe's lock the sender still held (the thread waited for itself).
     #[test]
     fn a_runtime_shutting_down_with_writes_held_does_not_hang() {
         let f = Arc::new(Fake::default());
@@ -611,13 +661,61 @@ mod tests {
         });
         let held = done_rx
             .recv_timeout(Duration::from_secs(20))
-            .expect("the runtime's shutdown hung on the object table's lock");
+            .expect("the runtime's shutdown hung on a stripe of the object table");
         // The held write went out when the one in flight was given up; it is answered
         // once its operation completes (its answering task died with the runtime, so
         // never: its request learns the write was not answered).
         assert_eq!(f.ops().len(), 2);
         f.complete_all();
         assert!(held.join().unwrap().is_err());
+    }
+
+    /// Handing an operation to librados can block (its in-flight throttle): that stalls
+    /// the writers of objects in the same stripe of the table, not every writer.
+    #[test]
+    fn a_blocked_handover_stalls_only_its_stripe() {
+        let f = Arc::new(Fake::default());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        *f.stall.lock().unwrap() = Some((1, entered_tx, go_rx));
+        let m = f.merger(true);
+        // Each write on a thread of its own: the blocked one blocks its thread.
+        let write = |objno: u64| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(m.write(objno, 0, bytes(objno as u8, 10)))
+            })
+        };
+        let blocked = write(1);
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write to object 1 reached librados");
+        // Object 2 is in another stripe: handed over while object 1's hand-over blocks.
+        let other = write(2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f.ops().iter().any(|(o, _)| *o == 2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a write to object 2 waited for object 1's blocked hand-over"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!f.ops().iter().any(|(o, _)| *o == 1));
+        go.send(()).unwrap();
+        // Both complete (the fake answers what it was handed, when told).
+        for t in [other, blocked] {
+            while !t.is_finished() {
+                f.complete_all();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(f.ops().len(), 2);
+        assert!(m.idle());
     }
 
     #[tokio::test]
