@@ -43,6 +43,16 @@ impl BitSet {
         self.words[(i / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit != 0
     }
 
+    /// Clears bit `i` (nothing past the end); returns whether it was set before.
+    #[inline]
+    pub fn remove(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let bit = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
     /// How many bits are set.
     pub fn count(&self) -> u64 {
         self.words
@@ -75,6 +85,9 @@ mod tests {
         assert!(!b.contains(1) && !b.contains(63) && !b.contains(130));
         assert_eq!(b.count(), 3);
         assert_eq!(b.len(), 130);
+        assert!(b.remove(64) && !b.remove(64) && !b.remove(1) && !b.remove(130));
+        assert!(!b.contains(64) && b.contains(0) && b.contains(129));
+        assert_eq!(b.count(), 2);
         assert!(BitSet::try_new(0).unwrap().is_empty());
     }
 }

@@ -513,6 +513,17 @@ pub(crate) fn chunks_of(b: Bytes, len: u64) -> Vec<ReadChunk> {
     }
 }
 
+/// What `discard_shadowing` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Shadow {
+    /// The object is cut to nothing, kept.
+    Done,
+    /// Past the parent overlap: removed as usual by the caller.
+    PastOverlap,
+    /// The child lacks the object after all (a copy-up waited for failed): start over.
+    Restart,
+}
+
 /// What a copy-up does to the child's object, besides bringing the parent's data.
 pub(crate) enum CopyupOp {
     Write(Bytes),
@@ -581,6 +592,71 @@ impl<S: ImageStore> Image<S> {
         Ok(chunks)
     }
 
+    /// Marks every object inside the parent overlap that the map in memory, just
+    /// loaded from the store, says the child has as not yet seen (`verify_claim`).
+    pub(super) fn suspect_claims(&self) {
+        let (Some(u), Some(c)) = (&self.unverified, self.parent_backed(0)) else {
+            return;
+        };
+        let Some(m) = self.map_now().clone() else {
+            return;
+        };
+        let end = c
+            .overlap()
+            .div_ceil(self.header.object_size())
+            .min(u.len())
+            .min(m.len());
+        let mut n = 0u64;
+        for objno in 0..end {
+            if m.get(objno) != ObjectState::Nonexistent {
+                u.insert(objno);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::debug!(
+                "{}: {n} objects the loaded object map says the clone has are checked in \
+                 the store at their first change",
+                self.spec
+            );
+        }
+    }
+
+    /// Checks, once, that object `objno` exists in the store when a map loaded from the
+    /// store claims it (`unverified`), before that claim lets a change skip the
+    /// copy-up. librbd marks an object EXISTS before its copy-up is sent and never takes
+    /// the mark back when the copy-up fails or its client dies: it reads EXISTS as "may
+    /// exist" (its writes assert that the object exists and copy up on ENOENT). Trusted
+    /// as it stands, such a mark would let a partial write create the object without
+    /// the parent's bytes, and a partial discard of the missing object do nothing while
+    /// the parent's data shows through. Called under the object's write lock.
+    async fn verify_claim(&self, objno: u64) -> Result<()> {
+        let Some(u) = &self.unverified else {
+            return Ok(());
+        };
+        if !u.contains(objno) {
+            return Ok(());
+        }
+        let missing = self.store.read(objno, 0, 1, None).await?.is_none();
+        u.remove(objno);
+        if missing
+            && self
+                .known_state(objno)
+                .is_some_and(|st| st != ObjectState::Nonexistent)
+        {
+            tracing::info!(
+                "{}: object {objno} is marked in the object map but is not in the store \
+                 (a copy-up another client never finished): copied up now",
+                self.spec
+            );
+            self.touch(objno);
+            if let Some(m) = self.map_now().as_deref() {
+                m.set(objno, ObjectState::Nonexistent);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the child lacks object `objno` (its map says so; without a map, or
     /// while the map does not know it yet, the store). Called under the object's write lock.
     async fn child_lacks(&self, objno: u64) -> Result<bool> {
@@ -610,14 +686,17 @@ impl<S: ImageStore> Image<S> {
         fua: bool,
     ) -> Result<bool> {
         // EXISTS in a map still being rebuilt may be an object the child lacks: asked
-        // under the lock (`child_lacks`), never taken for the child's data.
+        // under the lock (`child_lacks`), never taken for the child's data; nor is a
+        // claim of a loaded map not seen in the store yet (`verify_claim`).
         if self
             .known_state(objno)
             .is_some_and(|st| st != ObjectState::Nonexistent)
+            && !self.unverified.as_ref().is_some_and(|u| u.contains(objno))
         {
             return Ok(false);
         }
         let _g = self.lock_for(objno).write().await;
+        self.verify_claim(objno).await?;
         if !self.child_lacks(objno).await? {
             return Ok(false);
         }
@@ -793,17 +872,21 @@ impl<S: ImageStore> Image<S> {
     /// A whole-object discard of an object the child has, inside the overlap where an
     /// ancestor may have data: cut to nothing instead of removed, so the parent's data
     /// cannot show through (librbd truncates instead of removing there too).
-    /// `Ok(false)`: past the parent overlap, remove it as usual.
     pub(super) async fn discard_shadowing(
         &self,
         chain: &Chain<S>,
         objno: u64,
         fua: bool,
-    ) -> Result<bool> {
+    ) -> Result<Shadow> {
         if self.parent_extent(chain, objno).is_none() {
-            return Ok(false);
+            return Ok(Shadow::PastOverlap);
         }
         let _g = self.lock_for(objno).write().await;
+        if self.copyup_undone(objno) {
+            // A copy-up this waited for failed and took its mark back: the child lacks
+            // the object after all, which only a copy-up (with its snapshots) creates.
+            return Ok(Shadow::Restart);
+        }
         self.mark_changed(objno);
         self.mark_exists(objno);
         bump(&self.stats.store_zeroes);
@@ -815,7 +898,7 @@ impl<S: ImageStore> Image<S> {
             self.undo_copyup_mark(objno, false).await;
             return Err(e);
         }
-        Ok(true)
+        Ok(Shadow::Done)
     }
 
     /// Whether an object inside the overlap must be kept even when it holds no data:
@@ -957,16 +1040,24 @@ impl<S: ImageStore> Image<S> {
         self.for_each_object(total, one, progress)
             .await
             .map_err(ctx)?;
-        let g = self.gate.read().await;
+        // The whole gate: no request is reading through the ancestors' handles when they
+        // are closed (a read past them would fail on the directory store).
+        let g = self.gate.write().await;
+        if *g {
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                format!("{spec} is closing; not flattened (its objects are copied up)"),
+            ));
+        }
         self.store.sync().await.map_err(ctx)?;
         let parent = self.store.header().parent;
         self.store.detach_parent().await.map_err(ctx)?;
         self.has_parent.store(false, Ordering::Release);
         let old = self.chain.write().unwrap_or_else(|p| p.into_inner()).take();
-        drop(g);
         if let Some(c) = old {
             c.close().await;
         }
+        drop(g);
         tracing::info!("flattened {spec}");
         if let Some(p) = parent {
             release_parent(&self.store, p).await;

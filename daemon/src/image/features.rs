@@ -115,7 +115,10 @@ impl<S: ImageStore> Image<S> {
         self.whole_map("changing features").await.map_err(ctx)?;
         let g = self.gate.write().await;
         if *g {
-            return Err(Error::new(ErrorKind::Io, format!("{spec} is closing")));
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                format!("{spec} is closing"),
+            ));
         }
         if adds_map {
             // Flagged invalid first (a crash before the map is written leaves it to be

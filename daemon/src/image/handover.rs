@@ -152,6 +152,10 @@ impl<S: ImageStore> Image<S> {
                 self.store.set_flags(mask, mask).await?;
             }
             dirty = flagged || matches!(source, MapSource::Rebuilt(_));
+            if matches!(source, MapSource::Loaded) {
+                // The other owner's map (librbd's may claim what it never copied up).
+                self.suspect_claims();
+            }
             Some(source)
         } else {
             *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;

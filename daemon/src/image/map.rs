@@ -151,7 +151,7 @@ impl<S: ImageStore> super::Image<S> {
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
-                ErrorKind::Io,
+                ErrorKind::Interrupted,
                 format!("{spec} is closing; object map not rebuilt"),
             ));
         }

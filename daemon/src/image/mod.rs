@@ -166,6 +166,11 @@ pub struct Image<S: ImageStore> {
     /// so an image that is no clone pays one load for it.
     chain: std::sync::RwLock<Option<Arc<clone::Chain<S>>>>,
     has_parent: AtomicBool,
+    /// A clone's objects that a map loaded from the store says the child has, and that
+    /// no request has seen in the store since: a map written by librbd may claim an
+    /// object its copy-up never created (see `verify_claim`). None for images that are
+    /// no clone at open (or read-only ones).
+    unverified: Option<objmap::BitSet>,
     /// `--copy-on-read`: objects to copy up in the background, and those queued.
     cor: std::sync::OnceLock<clone::CopyOnRead>,
     /// Set while another client waits for the lock and a long request (a flatten or
@@ -279,7 +284,7 @@ impl<S: ImageStore> Image<S> {
             .map(|objno| async move {
                 let g = self.gate.read().await;
                 if *g {
-                    return Err(Error::new(ErrorKind::Io, "the image is closing"));
+                    return Err(Error::new(ErrorKind::Interrupted, "the image is closing"));
                 }
                 if self.interrupt_long.load(Ordering::Acquire) {
                     return Err(Error::new(

@@ -253,6 +253,24 @@ impl<S: ImageStore> Image<S> {
             Err(e) => return Err((img, e)),
         };
         let features = header.features;
+        let unverified = if chain.is_some() && !read_only && use_map {
+            let count = size.div_ceil(header.object_size());
+            match objmap::BitSet::try_new(count) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    if let Some(c) = &chain {
+                        c.close().await;
+                    }
+                    let e = Error::new(
+                        ErrorKind::Io,
+                        format!("cannot track which objects of {spec} to check ({count}): {e}"),
+                    );
+                    return Err((img, e));
+                }
+            }
+        } else {
+            None
+        };
         let image = Image {
             store: img,
             spec: spec.clone(),
@@ -278,6 +296,7 @@ impl<S: ImageStore> Image<S> {
             header,
             has_parent: AtomicBool::new(chain.is_some()),
             chain: std::sync::RwLock::new(chain),
+            unverified,
             cor: std::sync::OnceLock::new(),
             interrupt_long: Default::default(),
             quiesce: std::sync::OnceLock::new(),
@@ -286,6 +305,9 @@ impl<S: ImageStore> Image<S> {
             handover: Mutex::new(()),
             features: AtomicU64::new(features),
         };
+        if matches!(image.map_source, Some(MapSource::Loaded)) {
+            image.suspect_claims();
+        }
         // Without the lock nothing is marked: the flag is the owner's until the take-back.
         let marked = if lock_elsewhere {
             Ok(())

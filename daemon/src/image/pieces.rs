@@ -1,7 +1,7 @@
 //! Requests split into pieces of one object each, served against the map and the
 //! store; block status extents from the map.
 
-use super::clone::CopyupOp;
+use super::clone::{CopyupOp, Shadow};
 use super::{bump, Image};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::ImageStore;
@@ -188,8 +188,12 @@ impl<S: ImageStore> Image<S> {
             if self.copyup_undone(p.objno) {
                 return Ok(false);
             }
-            if whole && self.discard_shadowing(&c, p.objno, fua).await? {
-                return Ok(true);
+            if whole {
+                match self.discard_shadowing(&c, p.objno, fua).await? {
+                    Shadow::Done => return Ok(true),
+                    Shadow::Restart => return Ok(false),
+                    Shadow::PastOverlap => {}
+                }
             }
         }
         if self.is_nonexistent(p.objno) {

@@ -36,7 +36,7 @@ impl<S: ImageStore> Image<S> {
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
-                ErrorKind::Io,
+                ErrorKind::Interrupted,
                 format!("{spec} is closing; not resized"),
             ));
         }
@@ -112,6 +112,12 @@ impl<S: ImageStore> Image<S> {
             };
             for objno in doomed {
                 self.store.remove(objno, false).await.map_err(ctx)?;
+                // Gone: should a later step fail, the image keeps its old size and map,
+                // which must not claim an object that is not there (inside a parent
+                // overlap, a claim lets a change skip its copy-up).
+                if let Some(m) = &map {
+                    m.set(objno, ObjectState::Nonexistent);
+                }
             }
             let tail = new_size % osize;
             let last = new_count.saturating_sub(1);

@@ -170,7 +170,7 @@ impl<S: ImageStore> Image<S> {
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
-                ErrorKind::Io,
+                ErrorKind::Interrupted,
                 format!("{spec} is closing; no snapshot taken"),
             ));
         }
@@ -232,7 +232,7 @@ impl<S: ImageStore> Image<S> {
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
-                ErrorKind::Io,
+                ErrorKind::Interrupted,
                 format!("{spec} is closing; snapshot not removed"),
             ));
         }
@@ -355,7 +355,7 @@ impl<S: ImageStore> Image<S> {
         let g = self.gate.write().await;
         if *g {
             return Err(Error::new(
-                ErrorKind::Io,
+                ErrorKind::Interrupted,
                 format!("{spec} is closing; not rolled back"),
             ));
         }
@@ -425,6 +425,13 @@ impl<S: ImageStore> Image<S> {
                         ObjectState::Nonexistent
                     },
                 );
+                if had {
+                    // Taken from the snapshot's map, which may claim an object a
+                    // copy-up never created: checked at its first change.
+                    if let Some(u) = &self.unverified {
+                        u.insert(objno);
+                    }
+                }
                 continue;
             }
             let data = if had {

@@ -388,6 +388,16 @@ impl MemImage {
         }
     }
 
+    /// The stored head map claims object `o` exists, the flag left clear, the object
+    /// not created: what librbd leaves when a copy-up fails or its client dies after it
+    /// marked the object (it marks before the copy-up and takes nothing back).
+    pub(super) fn claim_in_map(&self, o: u64) {
+        let mut s = self.lock();
+        let map = ObjectMap::decode(&s.maps[&None]).unwrap();
+        map.set(o, ObjectState::Exists);
+        s.maps.insert(None, map.encode());
+    }
+
     /// The head's header flags now.
     pub(super) fn flags(&self) -> u64 {
         self.lock().header.flags

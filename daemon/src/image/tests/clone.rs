@@ -272,6 +272,83 @@ async fn a_failed_copyup_leaves_no_mark_that_later_changes_trust() {
     img.close().await.unwrap();
 }
 
+/// A map written by librbd may claim an object its copy-up never created (librbd marks
+/// EXISTS first and takes nothing back when the copy-up fails or its client dies; it
+/// reads the mark as "may exist": its writes assert that the object exists and copy up
+/// on ENOENT). Such a claim is checked in the store at the first change: a partial write
+/// copies up the parent's bytes around it, a partial discard zeroes them instead of
+/// doing nothing while the parent shows through. (Before, the claim was trusted: zeros
+/// around the write, the parent's data after an acknowledged discard.)
+#[tokio::test]
+async fn a_loaded_maps_claim_is_checked_before_a_copyup_is_skipped() {
+    let (levels, child) = build(1, &[]);
+    let mut model = model_of(&levels, N * OBJ);
+    for o in [0, 1, 3] {
+        child.claim_in_map(o);
+    }
+    // Object 4 the child has (written before this open): its claim holds.
+    let own = Bytes::from(vec![0x44u8; 1 << 20]);
+    futures_util::FutureExt::now_or_never(child.write(4, 0, own.clone(), false))
+        .unwrap()
+        .unwrap();
+    child.claim_in_map(4);
+    // (All of it is the child's: nothing of the parent's shows past its end.)
+    model[(4 * OBJ) as usize..(5 * OBJ) as usize].fill(0);
+    model[(4 * OBJ) as usize..(4 * OBJ) as usize + (1 << 20)].copy_from_slice(&own);
+    let img = open_mem(&child).await;
+    child.take_log();
+    assert_eq!(img.object_map().unwrap().get(0), ObjectState::Exists);
+    // Reads find no object and go to the parent, as before.
+    assert!(read_all(&img, 0, OBJ as u32).await == model[..OBJ as usize]);
+    // A partial write: copied up, the parent's bytes around it.
+    img.write(10, Bytes::from_static(b"kept"), false)
+        .await
+        .unwrap();
+    model[10..14].copy_from_slice(b"kept");
+    // A partial discard: copied up with the zeroes.
+    let z = OBJ + 4096;
+    img.trim(z, 8192, false).await.unwrap();
+    model[z as usize..z as usize + 8192].fill(0);
+    // A whole-object discard: cut to nothing, still shadowing the parent.
+    img.trim(3 * OBJ, OBJ as u32, false).await.unwrap();
+    model[(3 * OBJ) as usize..(4 * OBJ) as usize].fill(0);
+    // Object 4's claim is true: written in place, no copy-up.
+    img.write(4 * OBJ + 7, Bytes::from_static(b"x"), false)
+        .await
+        .unwrap();
+    model[(4 * OBJ + 7) as usize] = b'x';
+    // Checked once: the next write to object 0 is a plain write.
+    img.write(20, Bytes::from_static(b"more"), false)
+        .await
+        .unwrap();
+    model[20..24].copy_from_slice(b"more");
+    let log = child.take_log();
+    for (o, n) in [(0, 1), (1, 1), (3, 1), (4, 0)] {
+        assert_eq!(
+            count(&log, &format!("copyup({o})")),
+            n,
+            "object {o}: {log:?}"
+        );
+    }
+    assert_eq!(count(&log, "write(0)"), 1, "{log:?}");
+    assert!(child.object(0).unwrap()[..] == model[..3 << 20]);
+    let same = |got: Vec<u8>, when: &str| {
+        if let Some(i) = got.iter().zip(&model).position(|(g, w)| g != w) {
+            panic!(
+                "{when}: byte {i} (object {}) is {} where the model has {}",
+                i as u64 / OBJ,
+                got[i],
+                model[i]
+            );
+        }
+    };
+    same(read_all(&img, 0, (N * OBJ) as u32).await, "served");
+    img.close().await.unwrap();
+    let img = open_mem(&child).await;
+    same(read_all(&img, 0, (N * OBJ) as u32).await, "reopened");
+    img.close().await.unwrap();
+}
+
 /// How long a copy-up makes the child's object, as librbd 16 does (checked on Ceph
 /// against librbd twins with `rados stat`): the nearest ancestor's own object when it has
 /// it (a depth-1 clone: the base's bytes, no trailing zeros); when it lacks it, its read
