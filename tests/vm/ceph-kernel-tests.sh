@@ -95,7 +95,7 @@ unmapped() { # NAME DEV: unmap DEV, then the device is released
 # Every program linking Ceph's libraries takes seconds to start under emulation, so `rbd` runs
 # in the guest only where the guest's view matters (the flags while mapped); the host checks
 # the rest after the guest (tests/vm/ceph-run.sh: rbd export, flags, locks, object-map check).
-echo "== setup (kernel $(uname -r), guest $(ip -4 -o addr show eth0 | awk '{print $4}'))"
+echo "== setup (kernel $(uname -r), guest $(ip -4 -o addr show eth0 | awk '{print $4}')) (at $(($(date +%s) - T0)) s)"
 modprobe "${MP[@]}" ext4 || bad setup "cannot load ext4"
 mon=$(sed -n 's/^mon host = .*v2:\([0-9.]*\):\([0-9]*\).*/\1 \2/p' "$CEPH_CONF")
 check "the guest reaches the monitor (${mon/ /:})" timeout 10 bash -c "exec 3<>/dev/tcp/${mon/ //}"
@@ -169,7 +169,7 @@ if [ "${PART:-nbd}" = ublk ]; then
   exit
 fi
 
-echo "== map a Ceph image, ext4, unmap"
+echo "== map a Ceph image, ext4, unmap (at $(($(date +%s) - T0)) s)"
 mapped "map of a Ceph image prints a usable device" "rbd/$IMG"
 check "rbd info (from the guest): object map invalid while mapped" flags_are "$IMG" "object map invalid,fast diff invalid"
 check "list-mapped shows the Ceph image" bash -c \
@@ -189,7 +189,7 @@ note "unmap took $(ms_since "$t") ms"
 check "device released" released "$dev"
 check "rbd info (from the guest): flags clean after unmap" flags_are "$IMG" ""
 
-echo "== remap, fsck, read back"
+echo "== remap, fsck, read back (at $(($(date +%s) - T0)) s)"
 mapped "remap" "rbd/$IMG"
 check "e2fsck clean" e2fsck -fn "$dev"
 check "mount again, the known file matches" bash -c \
@@ -209,7 +209,7 @@ check "unmap by image name (rbd/$IMG)" "$B" unmap "rbd/$IMG"
 check "device released after unmap by name" released "$dev"
 check "list-mapped empty after unmap" bash -c "[ -z \"\$('$B' list-mapped)\" ] && [ \"\$('$B' list-mapped --format json)\" = '[]' ]"
 
-echo "== raw writes through /dev/nbdX"
+echo "== raw writes through /dev/nbdX (at $(($(date +%s) - T0)) s)"
 # With rbd-nbd's spellings of the cluster options: -c CONF (the Ceph store), -n client.ID.
 RN_USUAL=("${RN[@]}")
 RN=("$B" -c "$CEPH_CONF")
@@ -222,7 +222,7 @@ check "dd $RAW_MB MiB of random data (O_DIRECT)" dd if=/dev/urandom of="$dev" bs
 dd if="$dev" bs=1M count="$RAW_MB" iflag=direct status=none | md5sum | cut -d' ' -f1 >"$OUT/$RAW.md5"
 check "unmap $RAW" "$B" unmap "$dev"
 
-echo "== rbd-nbd's command lines, with only the tool's name changed (rbd-nbd is the oracle)"
+echo "== rbd-nbd's command lines, with only the tool's name changed (rbd-nbd is the oracle) (at $(($(date +%s) - T0)) s)"
 # compat TOOL: map --try-netlink --show-cookie (rbd-nbd 16.2 uses the netlink interface, which
 # cookies, detach and attach need, only when asked), list-mapped (json, pretty json, xml),
 # detach, attach with a
@@ -266,7 +266,7 @@ else
   echo "SKIP rbd-nbd's command lines: rbd-nbd is not installed (package rbd-nbd, tests/deps.sh)"
 fi
 
-echo "== xfs on a Ceph image"
+echo "== xfs on a Ceph image (at $(($(date +%s) - T0)) s)"
 if ! command -v mkfs.xfs >/dev/null || ! command -v xfs_repair >/dev/null; then
   echo "SKIP xfs on a Ceph image: mkfs.xfs/xfs_repair not installed (xfsprogs, tests/deps.sh)"
 elif ! modprobe "${MP[@]}" xfs; then
@@ -284,7 +284,7 @@ else
   unmapped "unmap $XFS" "$dev"
 fi
 
-echo "== kill -9 under fio verify; attach takes the device over (mounted all along)"
+echo "== kill -9 under fio verify; attach takes the device over (mounted all along) (at $(($(date +%s) - T0)) s)"
 # The options the attach repeats. --reattach-timeout: the kernel keeps the device while the
 # new daemon waits for the OSD to drop the killed one's watch (15 s here) before it fences it.
 # --io-timeout: a request in flight at the kill is sent again (to the attached daemon) when it
@@ -340,7 +340,7 @@ else
   bad "fio is not installed (tests/deps.sh): kill -9 under fio verify not run"
 fi
 
-echo "== detach / attach under fio verify (a daemon upgrade), mounted all along"
+echo "== detach / attach under fio verify (a daemon upgrade), mounted all along (at $(($(date +%s) - T0)) s)"
 if command -v fio >/dev/null; then
   pid=$(state "$dev" pid)
   w0=$(writes)
@@ -370,7 +370,7 @@ else
   bad "fio is not installed (tests/deps.sh): detach/attach under fio verify not run"
 fi
 
-echo "== rbd resize from the host while mounted; resize2fs"
+echo "== rbd resize from the host while mounted; resize2fs (at $(($(date +%s) - T0)) s)"
 check "rbd resize --size ${LIVE_GROWN_MB}M $LIVE (host)" host rbd resize --size "${LIVE_GROWN_MB}M" "$LIVE"
 check "the device follows: $LIVE_GROWN_MB MiB" size_is "$dev" $((LIVE_GROWN_MB << 20))
 fs_kib() { df -k $MNT | awk 'NR == 2 { print $2 }'; }
@@ -378,7 +378,7 @@ k0=$(fs_kib)
 check "resize2fs grows the mounted ext4 online" resize2fs "$dev"
 check "df shows the grown file system" test "$(fs_kib)" -gt $((k0 + (LIVE_GROWN_MB - LIVE_MB) * 1024 * 3 / 4))
 
-echo "== rbd snap create from the host while mounted (map --quiesce: the hook freezes the fs)"
+echo "== rbd snap create from the host while mounted (map --quiesce: the hook freezes the fs) (at $(($(date +%s) - T0)) s)"
 # Written but not synced: only the freeze puts it in the snapshot.
 echo unsynced >$MNT/unsynced
 check "rbd snap create $LIVE@s1 (host)" host rbd snap create "$LIVE@s1"
@@ -399,7 +399,7 @@ unmapped "unmap $LIVE" "$dev"
 check "$LIVE after unmap (host): flags clean, no lock, no watcher" host idle "$LIVE"
 check "$LIVE after unmap (host): rbd object-map check passes" host omap_check "$LIVE"
 
-echo "== read-only maps: --read-only and IMAGE@SNAP"
+echo "== read-only maps: --read-only and IMAGE@SNAP (at $(($(date +%s) - T0)) s)"
 ro_write() { # DEV: a write through DEV fails with EPERM or EROFS
   local out
   out=$(dd if=/dev/zero of="$1" bs=4k count=1 oflag=direct status=none 2>&1) && { echo "dd wrote to $1"; return 1; }
@@ -426,7 +426,7 @@ check "its ext4 has the unsynced file, not the one written after the snapshot" b
   "mount -o ro $dev $MNT && grep -q unsynced $MNT/unsynced && [ ! -e $MNT/thawed ]; r=\$?; umount $MNT; exit \$r"
 unmapped "unmap $LIVE@s1" "$dev"
 
-echo "== a second client: rbd bench (host) beside a map; refused with --exclusive"
+echo "== a second client: rbd bench (host) beside a map; refused with --exclusive (at $(($(date +%s) - T0)) s)"
 mapped "map $BENCH" "rbd/$BENCH"
 for f in b1:8 b2:1 b3:1; do dd if=/dev/urandom of=/tmp/${f%:*}.raw bs=1M count=${f#*:} status=none; done
 check "the guest writes 8 MiB (O_DIRECT)" dd if=/tmp/b1.raw of="$dev" bs=1M oflag=direct status=none

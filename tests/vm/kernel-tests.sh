@@ -51,12 +51,12 @@ write_files() { # dir: files of several sizes (some spanning objects) and many s
 }
 verify_files() { (cd "$1" && sha256sum --quiet -c SUMS); }
 
-echo "== setup (kernel $(uname -r))"
+echo "== setup (kernel $(uname -r)) (at $(($(date +%s) - T0)) s)"
 modprobe "${MP[@]}" ext4 && modprobe "${MP[@]}" xfs || { bad setup "cannot load ext4/xfs"; }
 if [ -e /sys/module/nbd ]; then note "nbd already loaded"; fi
 check "create images" bash -c "'$B' create --size 1G rbd/ext && '$B' create --size 1G rbd/xfs && '$B' create --size 512M rbd/misc"
 
-echo "== map, ext4, unmap, map again"
+echo "== map, ext4, unmap, map again (at $(($(date +%s) - T0)) s)"
 # rbd-nbd's spellings of the module parameters (--nbds-max/--max-part are the same options).
 dev=$(map rbd/ext --nbds_max 8 --max_part 4)
 if [ -b "$dev" ] && [ "$(dev_size "$dev")" = $((1 << 30)) ]; then ok "map prints a usable device ($dev, 1 GiB)"; else bad "map prints a usable device" "got '$dev'"; fi
@@ -100,7 +100,7 @@ check "e2fsck clean" e2fsck -fn "$dev"
 check "mount again" mount "$dev" $MNT
 check "checksums match after remap" verify_files $MNT
 
-echo "== fstrim removes data objects"
+echo "== fstrim removes data objects (at $(($(date +%s) - T0)) s)"
 dd if=/dev/urandom of=$MNT/trimme bs=1M count=96 status=none conv=fsync
 sync
 n1=$(objects)
@@ -116,7 +116,7 @@ check "umount" umount $MNT
 check "unmap by image spec" "$B" unmap rbd/ext
 check "e2fsck after unmap/map" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d && '$B' unmap \$d"
 
-echo "== xfs"
+echo "== xfs (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/xfs)
 check "map xfs image" test -b "$dev"
 check "mkfs.xfs" mkfs.xfs -q -f "$dev"
@@ -131,7 +131,7 @@ check "xfs checksums match" verify_files $MNT
 check "umount xfs again" umount $MNT
 check "unmap xfs again" "$B" unmap "$dev"
 
-echo "== SIGKILL leaves the image dirty; the next map repairs it"
+echo "== SIGKILL leaves the image dirty; the next map repairs it (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/ext)
 mount "$dev" $MNT && echo persisted >$MNT/after-kill && sync && umount $MNT
 pid=$(pid_of "$dev")
@@ -149,7 +149,7 @@ check "unmap after repair" "$B" unmap "$dev"
 check "repaired map is clean after unmap" clean rbd/ext
 if "$B" object-map check rbd/ext >/tmp/omc 2>&1; then ok "object-map check agrees with the objects"; else bad "object-map check agrees with the objects" "$(tail -3 /tmp/omc)"; fi
 
-echo "== the next map re-attaches a crashed daemon's device (mounts survive)"
+echo "== the next map re-attaches a crashed daemon's device (mounts survive) (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/ext)
 mount "$dev" $MNT && echo one >$MNT/crash-a && sync
 pid=$(pid_of "$dev")
@@ -164,7 +164,7 @@ check "unmap after re-attach" "$B" unmap "$dev"
 check "image clean after re-attach and unmap" clean rbd/ext
 check "e2fsck clean after crash and re-attach" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d >/dev/null; r=\$?; '$B' unmap \$d; exit \$r"
 
-echo "== SIGTERM and kernel-side disconnect close cleanly"
+echo "== SIGTERM and kernel-side disconnect close cleanly (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/misc)
 pid=$(pid_of "$dev")
 dd if=/dev/urandom of="$dev" bs=1M count=8 status=none oflag=direct
@@ -181,7 +181,7 @@ if gone "$pid"; then ok "kernel-side disconnect: daemon exits"; else bad "kernel
 check "kernel-side disconnect: image clean" clean rbd/misc
 check "kernel-side disconnect: nothing listed" bash -c "! '$B' list-mapped | grep -q '$dev'"
 
-echo "== detach / attach keeps a mounted file system"
+echo "== detach / attach keeps a mounted file system (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/ext --reattach-timeout 60)
 check "mount before detach" mount "$dev" $MNT
 echo before >$MNT/detach-a
@@ -205,7 +205,7 @@ check "umount after attach" umount $MNT
 check "unmap after attach" "$B" unmap "$dev"
 check "files written across detach/attach persisted" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d >/dev/null && mount \$d $MNT && grep -q after $MNT/detach-b && test -s $MNT/during-detach; r=\$?; umount $MNT; '$B' unmap \$d; exit \$r"
 
-echo "== rbd-nbd's cookie: map --show-cookie / --cookie, attach --cookie, list-mapped"
+echo "== rbd-nbd's cookie: map --show-cookie / --cookie, attach --cookie, list-mapped (at $(($(date +%s) - T0)) s)"
 "$B" create --size 64M rbd/ck >/dev/null
 out=$(map rbd/ck --show-cookie)
 dev=${out%% *} cookie=${out#* }
@@ -235,7 +235,7 @@ out=$("$B" map rbd/ck --encryption-format luks2 --encryption-passphrase-file /de
 if [ $? -ne 0 ] && echo "$out" | grep -q "no client-side encryption"; then ok "rbd-nbd's --encryption-format refused with a reason"; else bad "rbd-nbd's --encryption-format refused with a reason" "$out"; fi
 check "--try-netlink is accepted" bash -c "d=\$('$B' map rbd/ck --try-netlink) && '$B' unmap \$d"
 
-echo "== read-only, several connections, named device, ioctl fallback"
+echo "== read-only, several connections, named device, ioctl fallback (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/misc --read-only --device /dev/nbd5)
 check "map --device /dev/nbd5 --read-only" test "$dev" = /dev/nbd5
 check "read-only device" test "$(blockdev --getro "$dev")" = 1
@@ -309,7 +309,7 @@ check "map --foreground: SIGINT (Ctrl-C) unmaps cleanly" fg_closed
 out=$("$B" map rbd/nosuch 2>&1)
 if [ $? -ne 0 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q nosuch; then ok "map of a missing image: one-line error"; note "$out"; else bad "map of a missing image: one-line error" "$out"; fi
 
-echo "== request timeout, block size, partitions"
+echo "== request timeout, block size, partitions (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/misc --io-timeout 42)
 n=${dev#/dev/}
 check "--io-timeout 42 is the queue's io_timeout (42000 ms)" test "$(cat /sys/block/$n/queue/io_timeout)" = 42000
@@ -345,7 +345,7 @@ check "ioctl fallback: --io-timeout 7 is the queue's io_timeout" test "$(cat /sy
 check "ioctl fallback: logical block size 512" test "$(cat /sys/block/${dev#/dev/}/queue/logical_block_size)" = 512
 check "ioctl fallback: unmap" "$B" unmap "$dev"
 
-echo "== --exclusive"
+echo "== --exclusive (at $(($(date +%s) - T0)) s)"
 # Only a shared image takes several writers, so only there does --exclusive change anything.
 check "create a shared image" bash -c "'$B' create --size 64M rbd/shr && '$B' config rbd/shr shared=true"
 dev=$(map rbd/shr --exclusive)
@@ -365,7 +365,7 @@ check "without --exclusive the shared image maps twice" bash -c "[ -b '$d1' ] &&
 [ -b "$d1" ] && "$B" unmap "$d1"
 [ -b "$d2" ] && "$B" unmap "$d2"
 
-echo "== a failing close is reported by unmap and by the daemon's exit status"
+echo "== a failing close is reported by unmap and by the daemon's exit status (at $(($(date +%s) - T0)) s)"
 # A store on a tiny tmpfs, filled up while mapped: the close cannot write the object map
 # (ENOSPC), whatever root may do.
 FULL=/tmp/fullstore
@@ -419,7 +419,7 @@ check "image clean after a successful unmap" full_clean
 check "object-map check agrees after the repair" "$B" --store dir:$FULL object-map check rbd/full
 umount $FULL
 
-echo "== the background daemon leaves the directory map ran in"
+echo "== the background daemon leaves the directory map ran in (at $(($(date +%s) - T0)) s)"
 mkdir -p /tmp/cwdfs && mount -t tmpfs -o size=1m tmpfs /tmp/cwdfs && mkdir -p /tmp/cwdfs/sub
 rm -f /tmp/cwd.pid /tmp/cwd.log
 # Relative paths everywhere: --store dir:, RADOS_NBD_STORE, --pid-file, --log-file.
@@ -441,7 +441,7 @@ both_clean() { clean rbd/misc && clean rbd/xfs; }
 check "both images clean" both_clean
 check "nothing left mapped at the end" bash -c "[ -z \"\$('$B' list-mapped)\" ]"
 
-echo "== resize while mapped: the device follows, the file system grows"
+echo "== resize while mapped: the device follows, the file system grows (at $(($(date +%s) - T0)) s)"
 check "create rbd/grow (256 MiB)" "$B" create --size 256M rbd/grow
 dev=$(map rbd/grow)
 mkfs.ext4 -q -F "$dev" && mount "$dev" $MNT && write_files $MNT
@@ -506,7 +506,7 @@ check "map --copy-on-read: the clone's map is right after unmap" "$B" object-map
 check "map --copy-on-read: the clone still reads the same bytes" \
   bash -c "d=\$('$B' map --read-only rbd/ccor) && dd if=\$d of=/tmp/cread.raw bs=1M count=16 iflag=direct status=none && cmp /tmp/cread.raw /tmp/cbase.raw; r=\$?; '$B' unmap \$d; exit \$r"
 
-echo "== map --quiesce: a snapshot of a mounted ext4 is taken frozen"
+echo "== map --quiesce: a snapshot of a mounted ext4 is taken frozen (at $(($(date +%s) - T0)) s)"
 # The shipped hook (packaging/rados-nbd_quiesce) behind a wrapper that logs its calls and,
 # after a quiesce, whether the file system is frozen (a second freeze fails with EBUSY;
 # one that succeeds is undone at once); /tmp/qfail makes the wrapper fail first.

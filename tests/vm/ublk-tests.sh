@@ -35,11 +35,11 @@ dirty() { flags_of "$1" | grep -q 'object map invalid'; }
 clean() { ! dirty "$1"; }
 ublkc_count() { ls /dev/ublkc* 2>/dev/null | wc -l; }
 
-echo "== setup (kernel $(uname -r))"
+echo "== setup (kernel $(uname -r)) (at $(($(date +%s) - T0)) s)"
 modprobe "${MP[@]}" ext4 && modprobe "${MP[@]}" xfs || bad setup "cannot load ext4/xfs"
 check "create images" bash -c "'$B' create --size 1G rbd/u1 && '$B' create --size 256M rbd/u2"
 
-echo "== no ublk driver: one clear line, nothing left behind"
+echo "== no ublk driver: one clear line, nothing left behind (at $(($(date +%s) - T0)) s)"
 # The module is not loaded yet; a module root without it makes the daemon's modprobe fail.
 out=$(RADOS_NBD_MODULES_ROOT=/nonexistent "$B" map --transport ublk rbd/u1 2>&1); rc=$?
 if [ $rc -ne 0 ] && echo "$out" | grep -q "no ublk driver" && echo "$out" | grep -q "NBD transport"; then
@@ -49,7 +49,7 @@ note "$out"
 check "  nothing half-created (no /dev/ublkc*, no state file, image not flagged)" \
   bash -c "[ $(ublkc_count) -eq 0 ] && ! ls /run/rados-nbd/ublkb*.json 2>/dev/null && ! '$B' info rbd/u1 | grep -q invalid"
 
-echo "== io_uring disabled (sysctl kernel.io_uring_disabled=2): one clear line, nothing left behind"
+echo "== io_uring disabled (sysctl kernel.io_uring_disabled=2): one clear line, nothing left behind (at $(($(date +%s) - T0)) s)"
 if [ -w /proc/sys/kernel/io_uring_disabled ]; then
   was=$(cat /proc/sys/kernel/io_uring_disabled)
   echo 2 >/proc/sys/kernel/io_uring_disabled
@@ -66,7 +66,7 @@ else
   bad "io_uring disabled: kernel $(uname -r) has no sysctl kernel.io_uring_disabled (Linux 6.6+)"
 fi
 
-echo "== map, list-mapped, ext4, unmap, map again"
+echo "== map, list-mapped, ext4, unmap, map again (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u1); rc=$?
 if [ $rc -eq 0 ] && [ -b "$dev" ] && [[ $dev == /dev/ublkb* ]]; then ok "map --transport ublk prints a /dev/ublkbN ($dev)"; else bad "map --transport ublk" "rc=$rc dev=$dev"; fi
 check "the driver was loaded by map (RADOS_NBD_MODULES_ROOT)" test -e /dev/ublk-control
@@ -92,7 +92,7 @@ check "map again, mount, files intact" bash -c "mount $dev $MNT && (cd $MNT && s
 check "e2fsck after umount is clean" bash -c "umount $MNT && e2fsck -fn $dev"
 check "unmap by device" "$B" unmap "$dev"
 
-echo "== raw I/O: fio verify, write-zeroes, discards, flush"
+echo "== raw I/O: fio verify, write-zeroes, discards, flush (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u2 --queues 2 --queue-depth 32)
 check "map with --queues 2 --queue-depth 32" test -b "$dev"
 check "  two hardware queues" test "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" = 2
@@ -110,7 +110,7 @@ check "blkdiscard of everything: every object of the image removed" bash -c \
 check "reads of discarded areas are zeros" cmp -n $((16 << 20)) "$dev" /dev/zero
 check "unmap" "$B" unmap "$dev"
 
-echo "== read-only maps and snapshots"
+echo "== read-only maps and snapshots (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u1)
 check "write a pattern, then snapshot" bash -c "dd if=/dev/urandom of=$dev bs=1M count=4 oflag=direct status=none && '$B' snap create rbd/u1@s1"
 sum_snap=$(head -c 4M "$dev" | sha256sum)
@@ -127,7 +127,7 @@ check "map --read-only: read-only device" test "$(blockdev --getro "$dev")" = 1
 check "  the image is not flagged" clean rbd/u1
 check "unmap" "$B" unmap "$dev"
 
-echo "== --device"
+echo "== --device (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u1 --device /dev/ublkb5)
 check "map --device /dev/ublkb5 gives that device" test "$dev" = /dev/ublkb5
 check_fails "a taken --device is refused" umap rbd/u2 --device /dev/ublkb5
@@ -135,7 +135,7 @@ check_fails "an nbd --device with --transport ublk is refused" umap rbd/u2 --dev
 check_fails "an invalid --device is refused" umap rbd/u2 --device /dev/ublkbX
 check "unmap" "$B" unmap /dev/ublkb5
 
-echo "== kill -9 under fio verify, then attach: nothing unmounted, nothing lost"
+echo "== kill -9 under fio verify, then attach: nothing unmounted, nothing lost (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u1)
 mkfs.ext4 -q -F "$dev" && mount "$dev" "$MNT"
 fio --name=k --directory="$MNT" --rw=randwrite --bs=4k --size=48M --iodepth=16 --ioengine=libaio \
@@ -155,7 +155,7 @@ check "fio verify finished without an error across the kill" bash -c "[ $rc -eq 
 [ $rc -eq 0 ] || tail -20 /tmp/fio-k.out
 check "  still mounted, writable" bash -c "mountpoint -q $MNT && echo x > $MNT/after && sync"
 
-echo "== detach/attach under fio (a daemon upgrade)"
+echo "== detach/attach under fio (a daemon upgrade) (at $(($(date +%s) - T0)) s)"
 fio --name=d --directory="$MNT" --rw=randwrite --bs=4k --size=32M --iodepth=16 --ioengine=libaio \
   --direct=1 --verify=crc32c --verify_fatal=1 --time_based --runtime=16 --eta=never --output=/tmp/fio-d.out &
 fio_pid=$!
@@ -172,7 +172,7 @@ check "unmap" "$B" unmap "$dev"
 check "  clean close" clean rbd/u1
 check "  object map check passes" "$B" object-map check rbd/u1
 
-echo "== map after a crash with nobody attaching: map takes the kept device over"
+echo "== map after a crash with nobody attaching: map takes the kept device over (at $(($(date +%s) - T0)) s)"
 dev=$(umap rbd/u2)
 pid=$(pid_of "$dev")
 kill -9 "$pid"; gone "$pid"
