@@ -159,6 +159,24 @@ check "rados-nbd object-map rebuild of the served image asks the owner too" bash
   "timeout 120 ${RNQ} object-map rebuild '$I' | grep -q 'rebuilt by the process serving it' &&
    [ \"\$(grep -c 'object map of rbd/$I rebuilt' '$work/serve.log')\" -ge 2 ]"
 check "writes after the rebuild" put "$I" "$work/ref" 4 $((28 * MB)) $((4 * MB))
+# Image metadata: librbd 16.2 sends `rbd image-meta set|remove` and `rbd config image
+# set|rm` of a locked image to the lock owner (op 20), which sets the key itself.
+check "rbd image-meta set while served succeeds" "${RBD[@]}" image-meta set "$I" owner-key "v 1"
+check "... rbd image-meta get reads it back" bash -c \
+  "[ \"\$(rbd image-meta get '$I' owner-key)\" = 'v 1' ]"
+check "the daemon set it (log)" grep -q "image-meta set owner-key asked by" "$work/serve.log"
+check "rbd config image set while served succeeds" "${RBD[@]}" config image set "$I" rbd_cache false
+check "... rbd config image get reads it back" bash -c \
+  "[ \"\$(rbd config image get '$I' rbd_cache)\" = false ]"
+check "rbd config image rm and rbd image-meta remove while served succeed" bash -c \
+  "$RBD_T config image rm '$I' rbd_cache && $RBD_T image-meta remove '$I' owner-key"
+check "... both keys gone" bash -c \
+  "! rbd image-meta get '$I' owner-key 2>/dev/null && ! rbd image-meta get '$I' conf_rbd_cache 2>/dev/null"
+out=$(timeout 60 rbd image-meta remove "$I" owner-key 2>&1)
+rc=$?
+check "rbd image-meta remove of a missing key fails as with librbd's owner ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc = 2 ]"
+check "writes after the metadata changes" put "$I" "$work/ref" 5 $((24 * MB)) $((1 * MB))
 # Bounded: a request the owner neither does nor refuses would hang (124 from timeout).
 # exclusive-lock goes only after object-map (librbd's owner answers EINVAL; lockless.sh
 # turns it off with object-map, and has journaling, which rbd turns on itself).

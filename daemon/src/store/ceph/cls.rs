@@ -578,6 +578,11 @@ pub fn metadata_set_in(pairs: &[(&str, &str)]) -> Vec<u8> {
     e.done()
 }
 
+/// `metadata_set` of one key to a value of any bytes.
+pub fn metadata_set_one_in(key: &str, value: &[u8]) -> Vec<u8> {
+    Enc::new().u32(1).str(key).bytes(value).done()
+}
+
 /// `metadata_list` → map<string, bufferlist>.
 pub fn metadata_list_out(b: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     let mut d = Dec::new(b, "rbd.metadata_list reply");

@@ -7,6 +7,9 @@ use super::rados::errno_of;
 use super::rados::{IoCtx, WriteOp};
 use super::store::{for_each_parallel, open_by_id_at};
 use super::{cls, luks, snaps, LOCK, NOTIFY_TIMEOUT_MS, RBD};
+
+/// How long a write waits for a lost watch to be re-registered (`Inner::writable`).
+const REACQUIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
@@ -45,10 +48,14 @@ pub(super) struct Inner {
     /// Set when the watch was lost and the lock could not be re-asserted: writes stop.
     pub(super) lost_lock: AtomicBool,
     /// Set while a lost watch is being re-registered and the lock moved to its cookie
-    /// (e.g. while the OSD holding the header is unreachable). Writes fail with EIO
-    /// meanwhile: with our watch gone another client may break the lock, so writing
-    /// before it is re-asserted could write underneath a new owner.
+    /// (e.g. after the OSD holding the header restarted). New writes wait for it
+    /// (`writable`, bounded by `REACQUIRE_WAIT`): with our watch gone another client may
+    /// take us for dead and break the lock. (librbd lets writes go meanwhile, relying on
+    /// the breaker blocklisting us first, which its default `rbd_blocklist_on_break_lock`
+    /// does; waiting costs nothing when it does and keeps us safe when it does not.)
     pub(super) reacquiring: AtomicBool,
+    /// Woken when `reacquiring` is cleared.
+    pub(super) reacquired: tokio::sync::Notify,
     /// Cooperative hand-over is on (`enable_handover`: not `--exclusive`): a request for
     /// the lock is passed to the image layer instead of refused.
     pub(super) hands_over: AtomicBool,
@@ -64,7 +71,9 @@ pub(super) struct Inner {
     pub(super) owner_pending: Mutex<std::collections::HashSet<cls::AsyncRequestId>>,
     /// Results of requests carried out, newest last (bounded): a client that sends one
     /// again (it missed our AsyncComplete) is answered with it, not served twice.
-    pub(super) owner_done: Mutex<std::collections::VecDeque<(cls::AsyncRequestId, i32)>>,
+    /// (request, result, when done).
+    pub(super) owner_done:
+        Mutex<std::collections::VecDeque<(cls::AsyncRequestId, i32, std::time::Instant)>>,
     /// `--quiesce`: the hook and the quiesce requests seen on the header watch.
     pub(super) quiesce: super::quiesce::Quiesce,
     /// Bumped after each header update another client announced was read into `header`
@@ -161,7 +170,37 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn check_writable(&self) -> Result<()> {
+    /// `check_writable`, after waiting (at most `REACQUIRE_WAIT`) for a lost watch to be
+    /// re-registered and the lock re-asserted: a write then goes on instead of failing,
+    /// which a file system on the device would take as a disk error.
+    pub(super) async fn writable(&self) -> Result<()> {
+        self.rewatched().await;
+        self.check_writable()
+    }
+
+    /// Waits (at most `REACQUIRE_WAIT`) while a lost watch is being re-registered.
+    pub(super) async fn rewatched(&self) {
+        if !self.reacquiring.load(Ordering::SeqCst) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + REACQUIRE_WAIT;
+        loop {
+            // Registered before the flag is read again: no wake-up is missed.
+            let woken = self.reacquired.notified();
+            if !self.reacquiring.load(Ordering::SeqCst)
+                || self.closed.load(Ordering::SeqCst)
+                || tokio::time::timeout_at(deadline, woken).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Whether a write may go: the image is open for writing and the lock ours (not
+    /// handed over, not lost or broken). A lost watch being re-registered is not
+    /// checked here (`check_writable` adds it): a write held behind another, admitted
+    /// before, goes on when it is handed to librados (as all writes do in librbd).
+    pub(super) fn check_kept(&self) -> Result<()> {
         if self.mode == OpenMode::ReadOnly {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
@@ -183,17 +222,24 @@ impl Inner {
                 ),
             ));
         }
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_writable(&self) -> Result<()> {
+        self.check_kept()?;
         if self.reacquiring.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
-                    "image {}: re-asserting the exclusive lock after a lost watch; retry",
-                    self.spec
+                    "image {}: the exclusive lock is not re-asserted yet after a lost watch \
+                     ({} s); not written",
+                    self.spec,
+                    REACQUIRE_WAIT.as_secs()
                 ),
             ));
-        }
-        if self.is_fenced() {
-            return Err(self.fenced_error());
         }
         Ok(())
     }
@@ -212,7 +258,7 @@ impl Inner {
     /// A header change through cls_rbd, then our copy of the header re-read (and with
     /// it the snapshot context writes carry), then the other watchers told.
     async fn change_header(&self, method: &str, input: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.writable().await?;
         let r = self
             .meta
             .exec_write(&self.hdr_oid, RBD, method, input)
@@ -221,6 +267,23 @@ impl Inner {
         refresh(self).await?;
         self.notify_header_update();
         Ok(())
+    }
+
+    /// Sets (`Some`) or removes an image metadata key, for another client (`rbd
+    /// image-meta set|remove`, `rbd config image set|rm` send it to the lock owner).
+    /// Removing a key that is not there is an error, as for librbd (ENOENT).
+    pub(super) async fn metadata_update(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
+        let r = match value {
+            Some(v) => {
+                self.change_header("metadata_set", &cls::metadata_set_one_in(key, v))
+                    .await
+            }
+            None => {
+                self.change_header("metadata_remove", &cls::string_in(key))
+                    .await
+            }
+        };
+        r.map_err(|e| e.context(format!("image-meta of {} (key {key})", self.spec)))
     }
 
     /// Clones of snapshot `id`: format 2 ones counted in the snapshot, format 1 ones
@@ -270,7 +333,7 @@ impl CephImage {
     async fn snap_add(&self, name: &str, namespace: Option<&[u8]>) -> Result<u64> {
         let i = &self.inner;
         let ctx = |e: Error| e.context(format!("creating snapshot {name} of image {}", i.spec));
-        i.check_writable().map_err(ctx)?;
+        i.writable().await.map_err(ctx)?;
         let id = i.data.selfmanaged_snap_create().await.map_err(ctx)?;
         let r = i
             .meta
@@ -447,7 +510,7 @@ impl ImageStore for CephImage {
 
     async fn set_size(&self, size: u64) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         // No refresh may read the old size before this and install it after.
         let g = i.refreshing.lock().await;
         let r = i
@@ -561,7 +624,7 @@ impl ImageStore for CephImage {
     async fn write(&self, objno: u64, off: u64, data: Bytes, _durable: bool) -> Result<()> {
         // RADOS acknowledges a write once it is durable on every replica, so FUA is free.
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         i.check_inside(objno, off + data.len() as u64)?;
         let r = i.merge.write(objno, off, data).await;
@@ -570,7 +633,7 @@ impl ImageStore for CephImage {
 
     async fn zero(&self, objno: u64, off: u64, len: u64, _durable: bool) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         let osize = i.object_size();
         let mut op = WriteOp::new();
@@ -591,7 +654,7 @@ impl ImageStore for CephImage {
 
     async fn remove(&self, objno: u64, _durable: bool) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         i.merge.release(objno);
         let r = i.data.remove(&i.object_name(objno)).await;
@@ -608,7 +671,7 @@ impl ImageStore for CephImage {
 
     async fn remove_object_maps(&self) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         let snaps: Vec<u64> = self.header().snaps.iter().map(|s| s.id).collect();
         for snap in std::iter::once(None).chain(snaps.into_iter().map(Some)) {
             let oid = object_map_oid(&i.id, snap);
@@ -626,7 +689,7 @@ impl ImageStore for CephImage {
         remove_empty: bool,
     ) -> Result<bool> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         let oid = i.object_name(objno);
         // cls_rbd's sparsify input: size_t sparse_size (as u64), bool remove_empty.
@@ -748,7 +811,7 @@ impl ImageStore for CephImage {
     /// against maps written by Ceph), so a plain `write_full` stores the same object.
     async fn write_object_map(&self, data: Vec<u8>) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         let oid = object_map_oid(&i.id, None);
         let mut op = WriteOp::new();
         op.write_full(&data);
@@ -868,7 +931,7 @@ impl ImageStore for CephImage {
         _durable: bool,
     ) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         let end = match &op {
             ObjectWrite::Write { off, data } => off + data.len() as u64,
@@ -994,7 +1057,7 @@ impl ImageStore for CephImage {
         state: objmap::ObjectState,
     ) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         let oid = object_map_oid(&i.id, Some(snap));
         let input = cls::object_map_update_in(objno, objno + 1, state as u8, None);
         let r = i
@@ -1020,7 +1083,7 @@ impl ImageStore for CephImage {
     /// parent once its last child is gone.
     async fn detach_parent(&self) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         let Some(p) = self.header().parent else {
             return Ok(());
         };
@@ -1187,7 +1250,7 @@ impl ImageStore for CephImage {
     async fn snap_trash_if_used(&self, id: u64) -> Result<bool> {
         let i = &self.inner;
         let ctx = |e: Error| e.context(format!("removing snapshot {id} of image {}", i.spec));
-        i.check_writable().map_err(ctx)?;
+        i.writable().await.map_err(ctx)?;
         let b = i
             .meta
             .exec_read(&i.hdr_oid, RBD, "snapshot_get", &cls::snap_in(id))
@@ -1211,7 +1274,7 @@ impl ImageStore for CephImage {
     async fn snap_remove(&self, id: u64) -> Result<()> {
         let i = &self.inner;
         let ctx = |e: Error| e.context(format!("removing snapshot {id} of image {}", i.spec));
-        i.check_writable().map_err(ctx)?;
+        i.writable().await.map_err(ctx)?;
         let r = i.meta.remove(&object_map_oid(&i.id, Some(id))).await;
         i.noting_fence(r).map_err(ctx)?;
         i.change_header("snapshot_remove", &cls::snap_in(id))
@@ -1288,7 +1351,7 @@ impl ImageStore for CephImage {
     /// diff` and `object-map check` read) says the head is unchanged since then.
     async fn rollback_object(&self, objno: u64, snap: u64) -> Result<bool> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         i.fresh().await?;
         i.merge.release(objno);
         let r = i
@@ -1302,7 +1365,7 @@ impl ImageStore for CephImage {
     /// As `write_object_map`: our encoding is cls_rbd's.
     async fn write_snap_object_map(&self, snap: u64, data: Vec<u8>) -> Result<()> {
         let i = &self.inner;
-        i.check_writable()?;
+        i.writable().await?;
         let oid = object_map_oid(&i.id, Some(snap));
         let mut op = WriteOp::new();
         op.write_full(&data);

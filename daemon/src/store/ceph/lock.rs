@@ -134,10 +134,15 @@ fn replier(inner: &Arc<Inner>) -> rados::NotifyReplier {
             }
             _ => {}
         }
-        let role = if i.released.load(Ordering::SeqCst) {
+        let role = if i.released.load(Ordering::SeqCst) || i.is_fenced() {
+            // A fenced handle's lock was broken: another client may own it now.
             Role::NotOwner
         } else if !i.takes_owner_requests() {
-            Role::Closed
+            if i.mode == OpenMode::ReadWrite {
+                Role::Busy
+            } else {
+                Role::Closed
+            }
         } else if i.hands_over.load(Ordering::SeqCst) {
             Role::OwnerHandsOver
         } else {
@@ -155,16 +160,24 @@ enum Role {
     Owner,
     /// The lock owner, taking requests and handing the lock over when asked.
     OwnerHandsOver,
-    /// Holding the lock but taking no requests (not serving yet, closing, read-only):
-    /// refused with -EROFS, as before.
+    /// Holding the exclusive lock but taking no requests yet (not serving yet) or any
+    /// more (closing): as librbd's owner while it acquires or shuts down
+    /// (`ExclusiveLock::accept_request` false, its error 0), a lock request is acked 0
+    /// (the asker waits for ReleasedLock, or asks again), a request for the owner acked
+    /// empty (the asker finds no owner and sends it again).
+    Busy,
+    /// Holding a lock that is never handed over and taking no requests (a shared
+    /// writer): refused with -EROFS.
     Closed,
     /// The lock was handed over: another client owns it and answers; we ack empty, as a
     /// librbd client that does not own the lock does (two answers would confuse the asker).
     NotOwner,
 }
 
-/// How many results of finished requests are kept for clients that ask again.
+/// How many results of finished requests are kept for clients that ask again, and for
+/// how long (librbd's owner: 600 s, `m_async_complete_expiration`).
 const OWNER_DONE_KEPT: usize = 256;
+const OWNER_DONE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// While a request runs, a progress notice at least this often: librbd's asker gives up
 /// (and sends the request again) after `rbd_request_timed_out_seconds` (30) without one.
 const OWNER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -179,8 +192,8 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .rev()
-            .find(|(d, _)| d == id)
-            .map(|&(_, r)| r)
+            .find(|(d, _, at)| d == id && at.elapsed() < OWNER_DONE_FOR)
+            .map(|&(_, r, _)| r)
     }
 }
 
@@ -276,22 +289,22 @@ fn reply_to_notify(
         Role::NotOwner => Reply::Now(Vec::new()),
         // librbd's AutomaticPolicy: a lock request is accepted (0) and the lock released
         // (`watch_events` passes it to the image layer), a forced one too.
-        Role::OwnerHandsOver if op.as_ref().is_ok_and(|&o| o == cls::NOTIFY_OP_REQUEST_LOCK) => {
+        Role::OwnerHandsOver | Role::Busy
+            if op.as_ref().is_ok_and(|&o| o == cls::NOTIFY_OP_REQUEST_LOCK) =>
+        {
             Reply::Now(cls::response_message(0))
         }
-        r => Reply::Now(owner_reply(
-            payload,
-            matches!(r, Role::Owner | Role::OwnerHandsOver),
-            result_of,
-        )),
+        Role::Busy => Reply::Now(Vec::new()),
+        r => Reply::Now(owner_reply(payload, r, result_of)),
     }
 }
 
 fn owner_reply(
     payload: &[u8],
-    takes: bool,
+    role: Role,
     result_of: impl Fn(&cls::AsyncRequestId) -> Option<i32>,
 ) -> Vec<u8> {
+    let takes = matches!(role, Role::Owner | Role::OwnerHandsOver);
     match owner_msgs::owner_msg(payload) {
         Ok(Some(msg)) if takes => match owner_verdict(&msg) {
             Ok(id) => cls::response_message(result_of(&id).unwrap_or(0)),
@@ -299,7 +312,17 @@ fn owner_reply(
         },
         Ok(Some(_)) => cls::response_message(-EROFS),
         _ => match cls::notify_op(payload) {
-            Ok(op) if cls::notify_wants_owner_reply(op) => cls::response_message(-EROFS),
+            // A request for the owner that we do not know (a migration's, a rename of a
+            // journaled image): librbd's owner answers EOPNOTSUPP, upon which the asker
+            // takes the lock and does it itself; we hand the lock over when asked.
+            // Keeping the lock (`--exclusive`), we say no, as before.
+            Ok(op) if cls::notify_wants_owner_reply(op) => {
+                cls::response_message(if role == Role::OwnerHandsOver {
+                    -EOPNOTSUPP
+                } else {
+                    -EROFS
+                })
+            }
             _ => Vec::new(),
         },
     }
@@ -353,6 +376,16 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
     // SnapshotCreateRequest), unless they say to skip it.
     let mut snap_quiesce = None;
     let action = match msg.op {
+        OwnerOp::MetadataUpdate { key, value } => {
+            // Only the header changes (librbd's owner: MetadataSetRequest /
+            // MetadataRemoveRequest): done here, not by the image layer.
+            let me = inner.clone();
+            inner.quiesce.spawn(async move {
+                let r = me.metadata_update(&key, value.as_deref()).await;
+                finish_owner_op(&me, id, r, notifier_id, &what).await;
+            });
+            return;
+        }
         OwnerOp::Resize { size, allow_shrink } => OwnerAction::Resize { size, allow_shrink },
         OwnerOp::SnapCreate {
             name,
@@ -428,7 +461,7 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         let r = if let Some(e) = refused {
             Err(e)
         } else if tx.send(req).is_err() {
-            Err(Error::new(ErrorKind::Io, "the image is closing"))
+            Err(Error::new(ErrorKind::Interrupted, "the image is closing"))
         } else {
             let mut beat = tokio::time::interval(OWNER_HEARTBEAT);
             beat.tick().await;
@@ -437,7 +470,7 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
             loop {
                 let send_progress = tokio::select! {
                     r = &mut rx => {
-                        break r.unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the image closed first")));
+                        break r.unwrap_or_else(|_| Err(Error::new(ErrorKind::Interrupted, "the image closed first")));
                     }
                     _ = beat.tick() => true,
                     c = progress_rx.changed(), if progress_open => {
@@ -463,41 +496,57 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
         if let Some((qid, _)) = quiesced {
             super::quiesce::unquiesce_watchers(&inner, qid).await;
         }
-        let result = match &r {
-            Ok(()) => 0,
-            // Queued behind a hand-over: the lock is another client's now. librbd's asker
-            // sends the request again on ERESTART, and reaches the new owner.
-            Err(_) if inner.released.load(Ordering::SeqCst) => -libc::ERESTART,
-            // librbd re-sends a request that ends in ETIMEDOUT or ERESTART, quiesce and
-            // all, until its own deadline: a quiesce that timed out is an EIO.
-            Err(e) => match errno_for_librbd(e) {
-                libc::ETIMEDOUT | libc::ERESTART => -EIO,
-                n => -n,
-            },
-        };
-        {
-            let mut d = inner.owner_done.lock().unwrap_or_else(|p| p.into_inner());
-            d.push_back((id, result));
-            while d.len() > OWNER_DONE_KEPT {
-                d.pop_front();
-            }
-        }
-        inner
-            .owner_pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        let msg = cls::async_complete_notify(id, result);
-        if let Err(e) = inner
-            .meta
-            .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
-            .await
-        {
-            tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its {what} is done: {e}");
-        } else {
-            tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id} done: {}", if result == 0 { "ok".to_string() } else { format!("error {result}") });
-        }
+        finish_owner_op(&inner, id, r, notifier_id, &what).await;
     });
+}
+
+/// Answers request `id` once done: its result kept for a client that asks again (not a
+/// restart: asked again, it starts again), the asker told with AsyncComplete.
+async fn finish_owner_op(
+    inner: &Arc<Inner>,
+    id: cls::AsyncRequestId,
+    r: Result<()>,
+    notifier_id: u64,
+    what: &str,
+) {
+    let result = match &r {
+        Ok(()) => 0,
+        // Queued behind a hand-over: the lock is another client's now; or stopped by our
+        // close, after which it will be. librbd's asker sends the request again on
+        // ERESTART, and reaches the new owner.
+        Err(_) if inner.released.load(Ordering::SeqCst) => -libc::ERESTART,
+        Err(e) if e.kind == ErrorKind::Interrupted => -libc::ERESTART,
+        // librbd re-sends a request that ends in ETIMEDOUT or ERESTART, quiesce and
+        // all, until its own deadline: a quiesce that timed out is an EIO.
+        Err(e) => match errno_for_librbd(e) {
+            libc::ETIMEDOUT | libc::ERESTART => -EIO,
+            n => -n,
+        },
+    };
+    if result != -libc::ERESTART {
+        let mut d = inner.owner_done.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        d.retain(|(_, _, at)| now.duration_since(*at) < OWNER_DONE_FOR);
+        d.push_back((id, result, now));
+        while d.len() > OWNER_DONE_KEPT {
+            d.pop_front();
+        }
+    }
+    inner
+        .owner_pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let msg = cls::async_complete_notify(id, result);
+    if let Err(e) = inner
+        .meta
+        .notify(&inner.hdr_oid, &msg, NOTIFY_TIMEOUT_MS)
+        .await
+    {
+        tracing::warn!(image = %inner.spec, "telling client.{notifier_id} its {what} is done: {e}");
+    } else {
+        tracing::info!(image = %inner.spec, "{what} asked by client.{notifier_id} done: {}", if result == 0 { "ok".to_string() } else { format!("error {result}") });
+    }
 }
 
 /// The errno librbd gets for an error of ours: librados' own when it came from there.
@@ -849,6 +898,16 @@ pub(super) async fn reacquire_lock(inner: &Arc<Inner>) -> Result<()> {
     if inner.is_fenced() {
         return Err(inner.fenced_error());
     }
+    // A lost watch being re-registered: locked once it is, under its cookie (a lock
+    // taken under the dead watch's would have the next requester take us for dead);
+    // librbd too waits for its watch before it acquires.
+    inner.rewatched().await;
+    if inner.reacquiring.load(Ordering::SeqCst) {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("image {spec}: the header watch is not re-registered yet; lock not taken back"),
+        ));
+    }
     // Held until the lock is ours under the cookie read here: a watch re-registered
     // meanwhile (`rewatch`) would otherwise leave us locking under the old watch's cookie,
     // and a later requester would take us for dead. `rewatch` waits, then moves the lock
@@ -1045,6 +1104,7 @@ async fn watch_events(
                         Err(e) if is_blocklisted(&e) => {
                             inner.fence("blocklisted by the cluster");
                             inner.reacquiring.store(false, Ordering::SeqCst);
+                            inner.reacquired.notify_waiters();
                             return;
                         }
                         // The lock is no longer ours (broken by another client, or the
@@ -1060,20 +1120,27 @@ async fn watch_events(
                             };
                             inner.fence(&why);
                             inner.reacquiring.store(false, Ordering::SeqCst);
+                            inner.reacquired.notify_waiters();
                             return;
                         }
-                        // Unreachable OSD, timeouts: keep trying, writes wait with EIO.
+                        // Unreachable OSD, timeouts: keep trying; writes wait (for a
+                        // while, then fail with EIO).
                         Err(e) => {
                             tracing::warn!(image = %inner.spec, "re-registering the header watch: {e}; retrying in {delay:?}");
                             tokio::select! {
                                 _ = tokio::time::sleep(delay) => {}
-                                _ = stop.changed() => return,
+                                _ = stop.changed() => {
+                                    // Closing: waiting writes find it so at once.
+                                    inner.reacquired.notify_waiters();
+                                    return;
+                                }
                             }
                             delay = (delay * 2).min(std::time::Duration::from_secs(5));
                         }
                     }
                 }
                 inner.reacquiring.store(false, Ordering::SeqCst);
+                inner.reacquired.notify_waiters();
             }
         }
     }
@@ -1160,23 +1227,23 @@ mod tests {
 
     #[test]
     fn notify_replies() {
-        for takes in [false, true] {
+        for role in [Role::Closed, Role::Owner] {
             assert_eq!(
                 owner_reply(
                     &cls::lock_notify(cls::NOTIFY_OP_REQUEST_LOCK, 1, 2),
-                    takes,
+                    role,
                     |_| None
                 ),
                 cls::response_message(-30),
                 "the lock is never handed over"
             );
             assert_eq!(
-                owner_reply(&cls::lock_request_notify(1, 2, true), takes, |_| None),
+                owner_reply(&cls::lock_request_notify(1, 2, true), role, |_| None),
                 cls::response_message(-30),
                 "not even a forced request"
             );
-            assert!(owner_reply(&cls::header_update_notify(), takes, |_| None).is_empty());
-            assert!(owner_reply(&[], takes, |_| None).is_empty());
+            assert!(owner_reply(&cls::header_update_notify(), role, |_| None).is_empty());
+            assert!(owner_reply(&[], role, |_| None).is_empty());
         }
         let id = cls::AsyncRequestId {
             gid: 1,
@@ -1185,16 +1252,16 @@ mod tests {
         };
         let resize = cls::resize_notify(1 << 30, id, false);
         assert_eq!(
-            owner_reply(&resize, true, |_| None),
+            owner_reply(&resize, Role::Owner, |_| None),
             cls::response_message(0),
             "accepted; AsyncComplete follows"
         );
         assert_eq!(
-            owner_reply(&resize, false, |_| None),
+            owner_reply(&resize, Role::Closed, |_| None),
             cls::response_message(-30)
         );
         assert_ne!(
-            owner_reply(&resize[..resize.len() - 3], true, |_| None),
+            owner_reply(&resize[..resize.len() - 3], Role::Owner, |_| None),
             cls::response_message(0),
             "an undecodable resize is never accepted"
         );
@@ -1224,20 +1291,23 @@ mod tests {
         };
         let rm = msg(owner_msgs::NOTIFY_OP_SNAP_REMOVE, &user_snap("s"));
         // New: accepted (AsyncComplete follows); asked again once done: its result.
-        assert_eq!(owner_reply(&rm, true, |_| None), cls::response_message(0));
         assert_eq!(
-            owner_reply(&rm, true, |i| (*i == id).then_some(-2)),
+            owner_reply(&rm, Role::Owner, |_| None),
+            cls::response_message(0)
+        );
+        assert_eq!(
+            owner_reply(&rm, Role::Owner, |i| (*i == id).then_some(-2)),
             cls::response_message(-2)
         );
         assert_eq!(
-            owner_reply(&rm, false, |_| None),
+            owner_reply(&rm, Role::Closed, |_| None),
             cls::response_message(-30)
         );
         let flatten = msg(owner_msgs::NOTIFY_OP_FLATTEN, &|e| {
             e.u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            owner_reply(&flatten, true, |_| None),
+            owner_reply(&flatten, Role::Owner, |_| None),
             cls::response_message(0)
         );
         // Feature changes: those of the map are done; others refused at once, EBUSY.
@@ -1245,14 +1315,14 @@ mod tests {
             e.u64(0x10).u8(0).u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            owner_reply(&features, true, |_| None),
+            owner_reply(&features, Role::Owner, |_| None),
             cls::response_message(0)
         );
         let lock_off = msg(owner_msgs::NOTIFY_OP_UPDATE_FEATURES, &|e| {
             e.u64(0x4).u8(0).u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            owner_reply(&lock_off, true, |_| None),
+            owner_reply(&lock_off, Role::Owner, |_| None),
             cls::response_message(0),
             "exclusive-lock off is the image layer's to do (or refuse)"
         );
@@ -1260,14 +1330,14 @@ mod tests {
             e.u64(0x40).u8(1).u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            owner_reply(&journal_on, true, |_| None),
+            owner_reply(&journal_on, Role::Owner, |_| None),
             cls::response_message(-16)
         );
         let sparsify = msg(owner_msgs::NOTIFY_OP_SPARSIFY, &|e| {
             e.u64(7).u64(8).u64(9).u64(4096);
         });
         assert_eq!(
-            owner_reply(&sparsify, true, |_| None),
+            owner_reply(&sparsify, Role::Owner, |_| None),
             cls::response_message(0),
             "sparsify is done by the owner"
         );
@@ -1275,7 +1345,7 @@ mod tests {
             e.u64(7).u64(8).u64(9).u64(1000);
         });
         assert_eq!(
-            owner_reply(&bad, true, |_| None),
+            owner_reply(&bad, Role::Owner, |_| None),
             cls::response_message(-22),
             "a sparse size librbd itself would refuse"
         );
@@ -1288,7 +1358,7 @@ mod tests {
             e.u64(7).u64(8).u64(9).u64(0);
         });
         assert_eq!(
-            owner_reply(&group, true, |_| None),
+            owner_reply(&group, Role::Owner, |_| None),
             cls::response_message(0)
         );
         let mirror = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
@@ -1306,7 +1376,7 @@ mod tests {
             e.u64(7).u64(8).u64(9).u64(0);
         });
         assert_eq!(
-            owner_reply(&mirror, true, |_| None),
+            owner_reply(&mirror, Role::Owner, |_| None),
             cls::response_message(0)
         );
         let unknown_ns = msg(owner_msgs::NOTIFY_OP_SNAP_CREATE, &|e| {
@@ -1316,16 +1386,30 @@ mod tests {
             e.u64(7).u64(8).u64(9).u64(0);
         });
         assert_eq!(
-            owner_reply(&unknown_ns, true, |_| None),
+            owner_reply(&unknown_ns, Role::Owner, |_| None),
             cls::response_message(-16)
         );
-        // An op we do not know, addressed to the owner: refused as before.
+        // An op we do not know, addressed to the owner: refused keeping the lock
+        // (`--exclusive`); otherwise EOPNOTSUPP, as librbd's owner: the asker then asks
+        // for the lock, which we hand over, and does it itself.
         let unknown = msg(16, &|e| {
             e.u64(7).u64(8).u64(9);
         });
         assert_eq!(
-            owner_reply(&unknown, true, |_| None),
+            owner_reply(&unknown, Role::Owner, |_| None),
             cls::response_message(-30)
+        );
+        assert_eq!(
+            owner_reply(&unknown, Role::OwnerHandsOver, |_| None),
+            cls::response_message(-95)
+        );
+        // `rbd image-meta set k v` (librbd 16.2's MetadataUpdate): done by the owner.
+        let meta = msg(owner_msgs::NOTIFY_OP_METADATA_UPDATE, &|e| {
+            e.str("k").u8(1).str("v").u64(7).u64(8).u64(9);
+        });
+        assert_eq!(
+            owner_reply(&meta, Role::OwnerHandsOver, |_| None),
+            cls::response_message(0)
         );
     }
 
@@ -1343,7 +1427,16 @@ mod tests {
             Reply::Now(cls::response_message(-30)),
             "--exclusive: refused with EROFS, as rbd-nbd --exclusive"
         );
-        assert_eq!(reply(Role::Closed), Reply::Now(cls::response_message(-30)));
+        assert_eq!(
+            reply(Role::Closed),
+            Reply::Now(cls::response_message(-30)),
+            "a shared writer never hands its lock over"
+        );
+        assert_eq!(
+            reply(Role::Busy),
+            Reply::Now(cls::response_message(0)),
+            "closing (or not serving yet): the asker waits for ReleasedLock or asks again"
+        );
         assert_eq!(
             reply(Role::NotOwner),
             Reply::Now(Vec::new()),
@@ -1358,6 +1451,11 @@ mod tests {
         assert_eq!(
             reply_to_notify(1, &snap, Role::OwnerHandsOver, false, |_| None),
             Reply::Now(cls::response_message(0))
+        );
+        assert_eq!(
+            reply_to_notify(1, &snap, Role::Busy, false, |_| None),
+            Reply::Now(Vec::new()),
+            "closing: no owner answers, so librbd's asker sends it again (not an error)"
         );
     }
 
@@ -1395,6 +1493,7 @@ mod tests {
         let u = cls::quiesce_notify(cls::NOTIFY_OP_UNQUIESCE, id);
         for role in [
             Role::Closed,
+            Role::Busy,
             Role::Owner,
             Role::OwnerHandsOver,
             Role::NotOwner,

@@ -32,6 +32,8 @@ pub const NOTIFY_OP_SNAP_PROTECT: u32 = 12;
 pub const NOTIFY_OP_SNAP_UNPROTECT: u32 = 13;
 pub const NOTIFY_OP_UPDATE_FEATURES: u32 = 15;
 pub const NOTIFY_OP_SPARSIFY: u32 = 17;
+/// `rbd image-meta set|remove` and `rbd config image set|rm` of a locked image.
+pub const NOTIFY_OP_METADATA_UPDATE: u32 = 20;
 
 /// A snapshot namespace type of a request (cls::rbd::SnapshotNamespaceType): 0 user,
 /// 1 group, 2 trash, 3 mirror.
@@ -78,6 +80,11 @@ pub enum OwnerOp {
     Sparsify {
         sparse_size: u64,
     },
+    /// Sets (`Some`) or removes (`None`) an image metadata key.
+    MetadataUpdate {
+        key: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl OwnerOp {
@@ -99,6 +106,10 @@ impl OwnerOp {
                 if *enabled { "enable" } else { "disable" }
             ),
             OwnerOp::Sparsify { .. } => "sparsify".into(),
+            OwnerOp::MetadataUpdate { key, value } => format!(
+                "image-meta {} {key}",
+                if value.is_some() { "set" } else { "remove" }
+            ),
         }
     }
 }
@@ -210,6 +221,21 @@ pub fn owner_msg(payload: &[u8]) -> Result<Option<OwnerMsg>> {
             let id = async_id(&mut d)?;
             let sparse_size = d.u64()?;
             (OwnerOp::Sparsify { sparse_size }, Some(id))
+        }
+        NOTIFY_OP_METADATA_UPDATE => {
+            // MetadataUpdatePayload: string key, optional<string> value (a bool, then
+            // the string when set), AsyncRequestId (v7).
+            let key = d.string()?;
+            let value = match d.u8()? {
+                0 => None,
+                _ => Some(d.bytes()?.to_vec()),
+            };
+            let id = if v >= 7 {
+                Some(async_id(&mut d)?)
+            } else {
+                None
+            };
+            (OwnerOp::MetadataUpdate { key, value }, id)
         }
         _ => return Ok(None),
     };
@@ -385,6 +411,44 @@ mod tests {
         assert_eq!(&p[10..18], &0x1234u64.to_le_bytes());
         assert_eq!(&p[34..42], &5u64.to_le_bytes());
         assert_eq!(&p[42..], &9u64.to_le_bytes());
+    }
+
+    /// `rbd image-meta set cap1 k2 "v two"` and `rbd image-meta remove cap1 k1` of a
+    /// served image, as librbd 16.2.15 sent them to us (the daemon's debug log).
+    #[test]
+    fn metadata_updates_from_librbd() {
+        let set = hex("07012c00000014000000020000006b320105000000762074776f\
+                       1910000000000000501500d4487f00000100000000000000");
+        let m = owner_msg(&set).unwrap().unwrap();
+        assert_eq!(
+            m.op,
+            OwnerOp::MetadataUpdate {
+                key: "k2".into(),
+                value: Some(b"v two".to_vec())
+            }
+        );
+        assert_eq!(
+            m.id,
+            Some(AsyncRequestId {
+                gid: 4121,
+                handle: 0x7f48d4001550,
+                request_id: 1
+            })
+        );
+        let rm = hex(
+            "07012300000014000000020000006b31001b1000000000000090160060847f0000\
+                      0100000000000000",
+        );
+        let m = owner_msg(&rm).unwrap().unwrap();
+        assert_eq!(
+            m.op,
+            OwnerOp::MetadataUpdate {
+                key: "k1".into(),
+                value: None
+            }
+        );
+        assert_eq!(m.id.map(|i| (i.gid, i.request_id)), Some((4123, 1)));
+        assert!(owner_msg(&set[..set.len() - 4]).is_err(), "cut short");
     }
 
     #[test]

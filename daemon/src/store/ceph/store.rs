@@ -849,10 +849,9 @@ pub(super) async fn open_by_id_at(
             merge_on,
             Box::new(move |objno, extents| {
                 // Checked again as it goes: a write held behind another was checked
-                // when it came, and the lock may have been lost (or be re-asserted
-                // after a lost watch) since.
+                // when it came, and the lock may have been lost or handed over since.
                 if let Some(i) = image.get().and_then(std::sync::Weak::upgrade) {
-                    i.check_writable()?;
+                    i.check_kept()?;
                 }
                 let oid = data_object_name(&prefix, objno);
                 Ok(Box::pin(start_write(&data, &oid, extents, osize)?) as Pending)
@@ -876,6 +875,7 @@ pub(super) async fn open_by_id_at(
         lock: tokio::sync::Mutex::new(None),
         lost_lock: AtomicBool::new(false),
         reacquiring: AtomicBool::new(false),
+        reacquired: tokio::sync::Notify::new(),
         hands_over: AtomicBool::new(false),
         // Not ours until `acquire_lock` takes it.
         released: AtomicBool::new(mode != OpenMode::ReadOnly),
