@@ -1168,13 +1168,23 @@ async fn rewatch(inner: &Arc<Inner>, tx: mpsc::UnboundedSender<WatchEvent>) -> R
     let old = std::mem::replace(&mut state.watch, new);
     let _ = inner.meta.unwatch(old).await;
     // Handed over: the lock is another client's, there is nothing to move.
-    if !inner.released.load(Ordering::SeqCst) {
+    let owner = !inner.released.load(Ordering::SeqCst);
+    if owner {
         inner
             .meta
             .exec_write(&inner.hdr_oid, LOCK, "set_cookie", &input)
             .await?;
     }
     state.cookie = new_cookie;
+    let handle = state.watch.cookie;
+    drop(guard);
+    if owner && inner.mode == OpenMode::ReadWrite {
+        // The owner's new watch handle, announced as librbd's owner does after a re-watch
+        // (post_reacquire_lock_handler): waiting clients track the owner by it.
+        let gid = inner.meta.cluster().instance_id();
+        let msg = cls::lock_notify(cls::NOTIFY_OP_ACQUIRED_LOCK, gid, handle);
+        let _ = inner.meta.notify(&inner.hdr_oid, &msg, 1000).await;
+    }
     Ok(())
 }
 
