@@ -441,6 +441,11 @@ fn open_by_id(
             dirty: Mutex::new(HashSet::new()),
             dir_dirty: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
+            sync_failed: Mutex::new(None),
+            #[cfg(test)]
+            test_hook: Mutex::new(None),
+            #[cfg(test)]
+            test_fail_sync: AtomicBool::new(false),
             cow_clean: Mutex::new(HashSet::new()),
             cow_lock: Mutex::new(()),
             snap_map_lock: Mutex::new(()),
@@ -470,6 +475,10 @@ impl DirImage {
         self.inner.punches_holes.store(false, Ordering::Relaxed);
     }
 }
+
+/// Tests: a hook `Inner` runs at a chosen point (see `test_hook`).
+#[cfg(test)]
+type TestHook = std::sync::Arc<dyn Fn(&Inner) + Send + Sync>;
 
 struct Inner {
     /// The store's root (the pools' parent), where a clone finds its parent.
@@ -505,6 +514,14 @@ struct Inner {
     /// one's objects were still on their way to disk, breaking the promise behind
     /// CAN_MULTI_CONN (every write acked before a FLUSH, on any connection, is durable).
     sync_lock: Mutex<()>,
+    /// The error of a sync that failed: every later sync fails too (see `sync`).
+    sync_failed: Mutex<Option<String>>,
+    /// Tests: run just before a write's data goes to its file.
+    #[cfg(test)]
+    test_hook: Mutex<Option<TestHook>>,
+    /// Tests: the next sync fails (as an fdatasync reporting a failed writeback).
+    #[cfg(test)]
+    test_fail_sync: AtomicBool,
     /// Objects whose head needs no copy-on-write before the next change (already
     /// preserved for, or written after, the newest snapshot). Cleared by snapshot
     /// operations.

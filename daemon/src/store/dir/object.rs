@@ -212,24 +212,35 @@ impl Inner {
 
     pub(super) fn write(&self, objno: u64, off: u64, data: &[u8], durable: bool) -> Result<()> {
         self.prepare_change(objno, Change::Create)?;
-        // Dirty before the write: a sync that starts after this write is acked must see it.
-        lock(&self.dirty).insert(objno);
         let Some((f, created)) = self.file(objno, true)? else {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!("{} could not be created", self.object_path(objno).display()),
             ));
         };
-        let what = || format!("writing {}", self.object_path(objno).display());
-        write_in_pieces(&f, data, off).map_err(|e| Error::io(what(), e))?;
         if created {
+            // Even if the write below fails: the file exists.
             self.dir_dirty.store(true, Ordering::Release);
         }
+        let what = || format!("writing {}", self.object_path(objno).display());
+        #[cfg(test)]
+        self.before_data_write();
+        let r = write_in_pieces(&f, data, off);
+        self.written(objno);
+        r.map_err(|e| Error::io(what(), e))?;
         if durable {
-            f.sync_data().map_err(|e| Error::io(what(), e))?;
-            if created {
-                self.sync_dir()?;
-            }
+            self.sync_file(&f).map_err(|e| Error::io(what(), e))?;
+            self.sync_dir_if_changed(created)?;
+        }
+        Ok(())
+    }
+
+    /// For a durable change: the directory fsynced when this change created the object,
+    /// or when any creation (a copy-up's link, another write's) is not durable yet, which
+    /// may be this object's own: its data on disk is no use without its directory entry.
+    pub(super) fn sync_dir_if_changed(&self, created: bool) -> Result<()> {
+        if created || self.dir_dirty.load(Ordering::Acquire) {
+            self.sync_dir()?;
         }
         Ok(())
     }
@@ -306,13 +317,43 @@ impl Inner {
             return None;
         }
         let f = self.cached_file(objno)?;
-        // Dirty before the write, exactly as in `write`.
+        #[cfg(test)]
+        self.before_data_write();
+        let r = write_in_pieces(&f, data, off)
+            .map_err(|e| Error::io(format!("writing {}", self.object_path(objno).display()), e));
+        self.written(objno);
+        Some(r)
+    }
+
+    /// Marks object `objno` for the next `sync`, once a change's data is in the page
+    /// cache. Marked before, a sync running beside the change (a FLUSH from another
+    /// request) could take the mark, make the file durable before the data got there,
+    /// and leave nothing for the next FLUSH, which the client sends after the change
+    /// was acknowledged: that FLUSH would be acknowledged with the data not on disk.
+    /// Marked after, a sync that takes the mark covers the data; one that ran before
+    /// leaves the mark for the next.
+    fn written(&self, objno: u64) {
         lock(&self.dirty).insert(objno);
-        Some(
-            write_in_pieces(&f, data, off).map_err(|e| {
-                Error::io(format!("writing {}", self.object_path(objno).display()), e)
-            }),
-        )
+    }
+
+    /// fdatasync of one object's file for a durable (FUA) change. A failure is kept as a
+    /// failed `sync` is (see there): the failed writeback may have been another, already
+    /// acknowledged write's, and a later FLUSH must not succeed over it.
+    pub(super) fn sync_file(&self, f: &File) -> std::io::Result<()> {
+        let r = f.sync_data();
+        if let Err(e) = &r {
+            lock(&self.sync_failed).get_or_insert_with(|| format!("fdatasync of an object: {e}"));
+        }
+        r
+    }
+
+    /// A hook run just before a write's data goes to the file (tests: a sync there).
+    #[cfg(test)]
+    fn before_data_write(&self) {
+        let hook = lock(&self.test_hook).clone();
+        if let Some(h) = hook {
+            h(self);
+        }
     }
 
     pub(super) fn zero(&self, objno: u64, off: u64, len: u64, durable: bool) -> Result<()> {
@@ -320,9 +361,26 @@ impl Inner {
         let Some((f, _)) = self.file(objno, false)? else {
             return Ok(());
         };
-        lock(&self.dirty).insert(objno);
+        let r = self.zero_in(&f, objno, off, len);
+        self.written(objno);
+        r?;
+        if durable {
+            self.sync_file(&f).map_err(|e| {
+                Error::io(
+                    format!("zeroing in {}", self.object_path(objno).display()),
+                    e,
+                )
+            })?;
+            self.sync_dir_if_changed(false)?;
+        }
+        Ok(())
+    }
+
+    /// `zero`'s change to the file: a hole punched, or zeros written where holes cannot
+    /// be punched.
+    fn zero_in(&self, f: &File, objno: u64, off: u64, len: u64) -> Result<()> {
         let what = || format!("zeroing in {}", self.object_path(objno).display());
-        match punch_hole(&f, off, len) {
+        match punch_hole(f, off, len) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // No hole punching here: write zeros over the part that exists.
@@ -333,14 +391,11 @@ impl Inner {
                 let zeros = vec![0u8; (1 << 20).min(len as usize)];
                 while pos < end {
                     let n = ((end - pos) as usize).min(zeros.len());
-                    write_in_pieces(&f, &zeros[..n], pos).map_err(|e| Error::io(what(), e))?;
+                    write_in_pieces(f, &zeros[..n], pos).map_err(|e| Error::io(what(), e))?;
                     pos += n as u64;
                 }
             }
             Err(e) => return Err(Error::io(what(), e)),
-        }
-        if durable {
-            f.sync_data().map_err(|e| Error::io(what(), e))?;
         }
         Ok(())
     }
@@ -399,6 +454,28 @@ impl Inner {
 
     pub(super) fn sync(&self) -> Result<()> {
         let _one_at_a_time = lock(&self.sync_lock);
+        // A sync that failed once fails from then on: Linux reports a failed writeback
+        // once, then marks the pages clean, so a retry would succeed with the data lost
+        // ("fsyncgate"); a FLUSH acknowledged then, or a close that writes the map and
+        // clears the flag, would claim data the disk never got.
+        if let Some(e) = lock(&self.sync_failed).as_ref() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{e} (earlier; data written since the last good sync may be lost: reopen the image)"),
+            ));
+        }
+        let r = self.sync_once();
+        if let Err(e) = &r {
+            *lock(&self.sync_failed) = Some(e.to_string());
+        }
+        r
+    }
+
+    fn sync_once(&self) -> Result<()> {
+        #[cfg(test)]
+        if self.test_fail_sync.swap(false, Ordering::AcqRel) {
+            return Err(Error::new(ErrorKind::Io, "syncing: injected EIO (test)"));
+        }
         let objs: Vec<u64> = lock(&self.dirty).drain().collect();
         for (i, &objno) in objs.iter().enumerate() {
             let res = match self.file(objno, false) {

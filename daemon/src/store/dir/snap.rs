@@ -611,11 +611,14 @@ impl Inner {
         }) else {
             return Ok(());
         };
-        lock(&self.dirty).insert(objno);
         let what = |e| Error::io(format!("truncating {}", head.display()), e);
-        f.set_len(len).map_err(what)?;
+        let r = f.set_len(len).map_err(what);
+        // After the change, as every change marks its object (`Inner::written`).
+        lock(&self.dirty).insert(objno);
+        r?;
         if durable {
-            f.sync_data().map_err(what)?;
+            self.sync_file(&f).map_err(what)?;
+            self.sync_dir_if_changed(false)?;
         }
         Ok(())
     }

@@ -183,6 +183,65 @@ async fn a_flush_waits_for_the_sync_already_running() {
     img.close().await.unwrap();
 }
 
+/// A sync running beside a write (a FLUSH from another request) must not take the
+/// write's mark before the data is in the file: the next FLUSH, which the client sends
+/// after the write was acknowledged, would find nothing to make durable. Here the sync
+/// runs at the worst moment, just before the data goes to the file, on both write paths
+/// (a cached descriptor's inline write, the blocking one).
+#[tokio::test]
+async fn a_sync_beside_a_write_leaves_its_mark_for_the_next() {
+    let (_d, s) = setup().await;
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let i = img.inner.clone();
+    img.write(1, 0, Bytes::from_static(b"a"), false)
+        .await
+        .unwrap();
+    img.sync().await.unwrap();
+    let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = syncs.clone();
+    *lock(&i.test_hook) = Some(Arc::new(move |i: &Inner| {
+        i.sync().unwrap();
+        n.fetch_add(1, Ordering::AcqRel);
+    }));
+    // Inline (the descriptor is cached), then blocking (a new object, a durable write).
+    img.write(1, 10, Bytes::from_static(b"b"), false)
+        .await
+        .unwrap();
+    assert!(
+        lock(&i.dirty).contains(&1),
+        "object 1's mark survived the sync beside it"
+    );
+    img.write(2, 0, Bytes::from_static(b"c"), false)
+        .await
+        .unwrap();
+    *lock(&i.test_hook) = None;
+    assert_eq!(syncs.load(Ordering::Acquire), 2, "both writes met a sync");
+    assert!(
+        lock(&i.dirty).contains(&2),
+        "object 2's mark survived the sync beside it"
+    );
+    img.sync().await.unwrap();
+    assert!(lock(&i.dirty).is_empty());
+}
+
+/// A failed sync fails every later one until the image is reopened: Linux reports a
+/// failed writeback once and marks the pages clean, so a retry would succeed over lost
+/// data, and a FLUSH (or a close clearing the dirty flag) be acknowledged wrongly.
+#[tokio::test]
+async fn a_failed_sync_keeps_failing() {
+    let (_d, s) = setup().await;
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let i = img.inner.clone();
+    img.write(1, 0, Bytes::from_static(b"a"), false)
+        .await
+        .unwrap();
+    i.test_fail_sync.store(true, Ordering::Release);
+    assert!(img.sync().await.is_err());
+    let again = img.sync().await.unwrap_err();
+    assert!(again.to_string().contains("reopen the image"), "{again}");
+    assert!(img.sync().await.is_err(), "still failing");
+}
+
 #[tokio::test]
 async fn durability_bookkeeping() {
     let (_d, s) = setup().await;
