@@ -635,8 +635,10 @@ with open('$work/kc.ref', 'r+b') as f:
       check_unserve "kill during the owner's requests: clean close"
       # Disabling fast-diff turns object-map off too (librbd's owner and ours), whoever
       # finished it once our owner was killed.
+      # (On failure: the flags and features left, and the daemon's last lines.)
       check "kill during flatten, rebuild, sparsify, feature change, resize: after close, flags clear, the map (if still on) checks" bash -c \
-        "[ \"\$(rbd info '$KC' --format json | jq -r '.flags | length')\" = 0 ] && { ! rbd info '$KC' --format json | jq -e '.features | index(\"object-map\")' >/dev/null || omap_check '$KC'; }"
+        "[ \"\$(rbd info '$KC' --format json | jq -r '.flags | length')\" = 0 ] && { ! rbd info '$KC' --format json | jq -e '.features | index(\"object-map\")' >/dev/null || omap_check '$KC'; } ||
+         { rbd info '$KC' --format json | jq -c '{flags, features}'; grep -v ' DEBUG ' '$work/kserve.log' | tail -3; false; }"
     fi
   fi
 else
