@@ -637,7 +637,7 @@ impl<S: ImageStore> Image<S> {
         if !u.contains(objno) {
             return Ok(());
         }
-        let missing = self.store.read(objno, 0, 1, None).await?.is_none();
+        let missing = !self.store_has(objno).await?;
         u.remove(objno);
         if missing
             && self
@@ -664,7 +664,12 @@ impl<S: ImageStore> Image<S> {
         if let Some(st) = self.known_state(objno) {
             return Ok(st == ObjectState::Nonexistent);
         }
-        Ok(self.store.read(objno, 0, 1, None).await?.is_none())
+        Ok(!self.store_has(objno).await?)
+    }
+
+    /// Whether object `objno` of the head is in the store (asked with a one-byte read).
+    pub(super) async fn store_has(&self, objno: u64) -> Result<bool> {
+        Ok(self.store.read(objno, 0, 1, None).await?.is_some())
     }
 
     /// Copy-up for a change to object `objno` (piece `off..off+len` of it) that the
@@ -793,9 +798,9 @@ impl<S: ImageStore> Image<S> {
     /// cannot tell either, NONEXISTENT is what it was (otherwise EXISTS stays: the
     /// object may hold the child's own data, which the ancestors' must not hide).
     async fn undo_copyup_mark(&self, objno: u64, lacked: bool) {
-        match self.store.read(objno, 0, 1, None).await {
-            Ok(Some(_)) => return,
-            Ok(None) => {}
+        match self.store_has(objno).await {
+            Ok(true) => return,
+            Ok(false) => {}
             Err(_) if lacked => {}
             Err(_) => return,
         }

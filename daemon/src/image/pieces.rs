@@ -244,7 +244,7 @@ impl<S: ImageStore> Image<S> {
         if self.known(objno) {
             return Ok(());
         }
-        let exists = self.store.read(objno, 0, 1, None).await?.is_some();
+        let exists = self.store_has(objno).await?;
         self.touch(objno);
         if let Some(m) = self.map_now().as_deref() {
             m.set(

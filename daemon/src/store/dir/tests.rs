@@ -203,7 +203,7 @@ async fn a_sync_beside_a_write_leaves_its_mark_for_the_next() {
         i.sync().unwrap();
         n.fetch_add(1, Ordering::AcqRel);
     }));
-    // Inline (the descriptor is cached), then blocking (a new object, a durable write).
+    // Inline (the descriptor is cached), then blocking (a new object: no descriptor yet).
     img.write(1, 10, Bytes::from_static(b"b"), false)
         .await
         .unwrap();
