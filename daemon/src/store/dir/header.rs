@@ -194,7 +194,17 @@ pub(super) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Replaces `dir/name` atomically and durably.
 pub(super) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    replace_file(dir, name, data)?
+}
+
+/// Replaces `dir/name` atomically, then makes the replacement durable. The outer error:
+/// nothing changed. The inner one: the new content is in place (every reader sees it)
+/// but may not survive a crash, because the directory fsync failed. A caller that keeps
+/// a copy of the file in memory must take the new content in either case, or its next
+/// change would be made from a copy that no longer matches the file.
+pub(super) fn replace_file(dir: &Path, name: &str, data: &[u8]) -> Result<Result<()>> {
     let path = dir.join(name);
+    let what = |e| Error::io(format!("writing {}", path.display()), e);
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let res = (|| {
         let mut f = OpenOptions::new()
@@ -204,13 +214,13 @@ pub(super) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        fsync_dir(dir)
+        std::fs::rename(&tmp, &path)
     })();
-    if res.is_err() {
+    if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
+        return Err(what(e));
     }
-    res.map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    Ok(fsync_dir(dir).map_err(what))
 }
 
 pub(super) fn read_file_opt(path: &Path) -> Result<Option<Vec<u8>>> {

@@ -44,7 +44,7 @@ use bytes::Bytes;
 use control::ControlSocket;
 use header::{
     checked_id, fsync_dir, parse_header, random_id, read_directory, read_file_opt, read_image_id,
-    write_atomic, write_directory, HeaderFile,
+    replace_file, write_atomic, write_directory, HeaderFile,
 };
 use lock::{lock_image, lock_pool};
 use object::{list_data_objects, punch_hole};
@@ -398,6 +398,21 @@ fn open_by_id(
         )
     })?;
     let h = parse_header(&header_path, &id, &bytes)?;
+    if mode == OpenMode::SharedWrite && !h.snapshots.is_empty() {
+        // Copy-on-write for a snapshot swaps the object's file for a copy; a writer in
+        // another process keeps the old file open and would write into the snapshot's
+        // version. Only one process may write an image that has snapshots. (Snapshots
+        // are made under the exclusive lock, which no shared writer can hold beside.)
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "image {spec} has snapshots ({}), and shared writers of an image with \
+                 snapshots are not supported: remove the snapshots, or set \
+                 rados-nbd.shared=false and serve it from one client",
+                h.snapshots.len()
+            ),
+        ));
+    }
     let snap = match snap {
         None => None,
         Some(sel) => {
@@ -446,6 +461,8 @@ fn open_by_id(
             test_hook: Mutex::new(None),
             #[cfg(test)]
             test_fail_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            test_fail_header_sync: AtomicBool::new(false),
             cow_clean: Mutex::new(HashSet::new()),
             cow_lock: Mutex::new(()),
             snap_map_lock: Mutex::new(()),
@@ -522,6 +539,9 @@ struct Inner {
     /// Tests: the next sync fails (as an fdatasync reporting a failed writeback).
     #[cfg(test)]
     test_fail_sync: AtomicBool,
+    /// Tests: the next header replacement reports its directory fsync failed.
+    #[cfg(test)]
+    test_fail_header_sync: AtomicBool,
     /// Objects whose head needs no copy-on-write before the next change (already
     /// preserved for, or written after, the newest snapshot). Cleared by snapshot
     /// operations.
@@ -589,11 +609,22 @@ impl Inner {
         f(&mut h)?;
         let data = serde_json::to_vec_pretty(&h)
             .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
-        write_atomic(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
+        // Once the file is replaced, our copy follows it even if the replacement may
+        // not be durable: built on the old copy, the next change would silently undo
+        // this one on disk.
+        let durable = replace_file(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
+        #[cfg(test)]
+        let durable = match self.test_fail_header_sync.swap(false, Ordering::AcqRel) {
+            true => Err(Error::new(
+                ErrorKind::Io,
+                "syncing the pool: injected EIO (test)",
+            )),
+            false => durable,
+        };
         self.has_snaps
             .store(!h.snapshots.is_empty(), Ordering::Release);
         *cur = h;
-        Ok(())
+        durable
     }
 
     fn object_map_name(&self, snap: Option<u64>) -> String {

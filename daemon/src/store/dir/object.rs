@@ -267,14 +267,17 @@ impl Inner {
             .cloned()
     }
 
-    /// Whether a cached descriptor may point at a file another process has removed. A
-    /// writable handle holds the image's lock (or is a shared writer, whose removals
-    /// evict its own cache), so only a read-only handle of the head must look: another
-    /// client may remove an object it has open and create it anew, and reads through the
-    /// old descriptor would return the removed file's bytes. One fstat per read.
+    /// Whether a cached descriptor may point at a file another client has removed. The
+    /// exclusive lock holder is the only one that removes, so only a read-only handle
+    /// and a shared writer must look: another client may remove an object (a
+    /// whole-object discard unlinks it) and create it anew. Reads through the old
+    /// descriptor would return the removed file's bytes, and a shared writer's writes
+    /// would go into the unlinked inode and be lost. One fstat per use of the cache.
+    /// (A removal between this look and the write is one racing with the write, which
+    /// may then count as the earlier of the two.)
     fn is_stale(&self, f: &File) -> bool {
         use std::os::unix::fs::MetadataExt;
-        self.read_only && f.metadata().map_or(true, |m| m.nlink() == 0)
+        !self.exclusive && f.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
     /// A read answered from the page cache on the calling thread, or `None` when that

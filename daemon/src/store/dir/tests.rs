@@ -242,6 +242,25 @@ async fn a_failed_sync_keeps_failing() {
     assert!(img.sync().await.is_err(), "still failing");
 }
 
+/// A header change whose directory fsync failed is in the file all the same: the
+/// handle's copy must follow it, or its next change would undo this one on disk.
+#[tokio::test]
+async fn a_header_change_that_may_not_be_durable_is_not_undone() {
+    let (_d, s) = setup().await;
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    img.inner
+        .test_fail_header_sync
+        .store(true, Ordering::Release);
+    let e = img.set_flags(1, 1).await.unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    img.set_meta("k", "v").await.unwrap();
+    img.close().await.unwrap();
+    let r = open(&s, "vm1", OpenMode::ReadOnly).await;
+    assert_eq!(r.header().flags, 1, "the flag set before the failure stays");
+    assert_eq!(r.get_meta("k").await.unwrap().as_deref(), Some("v"));
+    r.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn durability_bookkeeping() {
     let (_d, s) = setup().await;
@@ -395,6 +414,62 @@ async fn shared_writers_coexist_but_exclude_an_exclusive_one() {
     assert_eq!(e.kind, ErrorKind::Busy);
     assert!(e.message.contains("not as a shared image"), "{e}");
     x.close().await.unwrap();
+}
+
+/// A shared writer's cached descriptor of an object another writer removed (a
+/// whole-object discard unlinks the file) must not take later writes: they would go
+/// into the unlinked inode and be lost.
+#[tokio::test]
+async fn a_shared_writer_does_not_write_into_an_object_another_removed() {
+    let (_d, s) = setup().await;
+    let a = open(&s, "vm1", OpenMode::SharedWrite).await;
+    let b = open(&s, "vm1", OpenMode::SharedWrite).await;
+    b.write(0, 0, Bytes::from_static(b"old"), false)
+        .await
+        .unwrap();
+    a.remove(0, false).await.unwrap();
+    assert!(a.read(0, 0, 3, None).await.unwrap().is_none());
+    // Both the small inline path and the blocking path use the cache.
+    b.write(0, 0, Bytes::from_static(b"new"), false)
+        .await
+        .unwrap();
+    assert_eq!(&a.read(0, 0, 3, None).await.unwrap().unwrap()[..], b"new");
+    a.remove(0, false).await.unwrap();
+    b.write(0, 8, Bytes::from(vec![7u8; 128 << 10]), true)
+        .await
+        .unwrap();
+    let got = a.read(0, 8, 128 << 10, None).await.unwrap().unwrap();
+    assert!(got.iter().all(|&x| x == 7));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Copy-on-write for a snapshot cannot be coordinated between processes (a writer's
+/// open descriptor would follow the old file into the snapshot), so an image with
+/// snapshots has no shared writers.
+#[tokio::test]
+async fn an_image_with_snapshots_refuses_shared_writers() {
+    let (_d, s) = setup().await;
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    let id = img.snap_create("s1").await.unwrap();
+    img.close().await.unwrap();
+    let e = open_err(&s, "vm1", OpenMode::SharedWrite).await;
+    assert_eq!(e.kind, ErrorKind::Unsupported);
+    assert!(e.message.contains("has snapshots"), "{e}");
+    // Readers and the exclusive writer are unaffected; without snapshots it opens.
+    open(&s, "vm1", OpenMode::ReadOnly)
+        .await
+        .close()
+        .await
+        .unwrap();
+    let img = open(&s, "vm1", OpenMode::ReadWrite).await;
+    img.snap_remove(id).await.unwrap();
+    img.close().await.unwrap();
+    open(&s, "vm1", OpenMode::SharedWrite)
+        .await
+        .close()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
