@@ -315,6 +315,59 @@ check "trash: the parent has no clone left (op features cleared), its map checks
   "[ -z \"\$(rbd info --format json trp_$$ | jq -r '.op_features | join(\",\")')\" ] && rbd object-map check trp_$$ >/dev/null 2>&1"
 check "trash: the flattened clone kept the bytes" same_export trc1_$$ "$work/trp_$$-s.raw"
 rbd rm trc1_$$ >/dev/null 2>&1; rbd rm trp_$$ >/dev/null 2>&1
+# The same while rados-nbd serves the parent (it holds the lock, so librbd asks it): `rbd
+# snap rm` moves the snapshot to the trash through the owner, and `rbd rm` of the last
+# clone (librbd's DetachChildRequest) asks the owner to remove the trashed snapshot, which
+# librbd's owner does and we used to refuse (EBUSY), leaving it in the trash.
+rbd create --size 8M --object-size 1M tsp_$$
+rbd bench --io-type write --io-size 64K --io-total 1M --io-pattern rand tsp_$$ >/dev/null 2>&1
+rbd snap create tsp_$$@s >/dev/null 2>&1
+rbd clone tsp_$$@s tsc1_$$ --rbd-default-clone-format 2
+rbd clone tsp_$$@s tsc2_$$ --rbd-default-clone-format 2
+if serve tsp_$$; then
+  pass "served parent: serve tsp"
+  check "served parent: rbd snap rm of a snapshot with clones trashes it (asked of us)" bash -c \
+    "rbd snap rm tsp_$$@s >/dev/null 2>&1 && rbd snap ls --all --format json tsp_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\"' >/dev/null"
+  check "served parent: rbd rm of one clone keeps the trashed snapshot (the other uses it)" bash -c \
+    "rbd rm tsc2_$$ >/dev/null 2>&1 && [ \$(rbd snap ls --all --format json tsp_$$ | jq length) = 1 ]"
+  check "served parent: rbd rm of the last clone removes the trashed snapshot through us" bash -c \
+    "rbd rm tsc1_$$ >/dev/null 2>&1 && [ \$(rbd snap ls --all --format json tsp_$$ | jq length) = 0 ]"
+  check "served parent: the daemon did the removal" grep -q "tsp_$$@.*(a group, mirror or trashed one) asked by another client" "$work/serve.log"
+  check_unserve "served parent: serve ends with exit 0"
+  check "served parent: flags clear, no op features left, the map checks" bash -c \
+    "[ \"\$(rbd info --format json tsp_$$ | jq -c '[.flags, .op_features]')\" = '[[],[]]' ] && rbd object-map check tsp_$$ >/dev/null 2>&1"
+else
+  fail "served parent: serve tsp" "$(tail -3 "$work/serve.log")"
+fi
+rbd rm tsc1_$$ >/dev/null 2>&1; rbd rm tsc2_$$ >/dev/null 2>&1; rbd snap purge tsp_$$ >/dev/null 2>&1; rbd rm tsp_$$ >/dev/null 2>&1
+# The other way round: librbd (python3-rbd) holds the parent's lock, and rados-nbd removes
+# the last clone. rados-nbd asks librbd's owner to remove the trashed snapshot, naming it
+# as librbd's DetachChildRequest does (librbd's owner matches the whole namespace); it used
+# to leave it in the trash with a warning.
+rbd create --size 8M --object-size 1M tlp_$$
+rbd snap create tlp_$$@s >/dev/null 2>&1
+rbd clone tlp_$$@s tlc_$$ --rbd-default-clone-format 2
+rbd snap rm tlp_$$@s >/dev/null 2>&1
+rm -f "$work/tlp.held"
+spawn python3 -c '
+import os, sys, time, rados, rbd
+c = rados.Rados(conffile=sys.argv[1]); c.connect(); io = c.open_ioctx("rbd")
+img = rbd.Image(io, sys.argv[2])
+img.write(b"x" * 4096, 0)  # takes the exclusive lock
+open(sys.argv[3], "w").close()
+while os.path.exists(sys.argv[3]):
+    time.sleep(0.1)
+img.close(); io.close(); c.shutdown()
+' "$CEPH_CONF" tlp_$$ "$work/tlp.held"
+holder=$!
+for _ in $(seq 1 300); do [ -e "$work/tlp.held" ] && break; sleep 0.1; done
+check "librbd owner: librbd holds the parent's lock, its snapshot is in the trash" bash -c \
+  "[ -e '$work/tlp.held' ] && rbd lock ls tlp_$$ | grep -q auto && rbd snap ls --all --format json tlp_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\"' >/dev/null"
+check "librbd owner: rados-nbd rm of the last clone has librbd's owner remove the trashed snapshot" bash -c \
+  "$RNQ rm tlc_$$ 2>'$work/tlc.err' && [ \$(rbd snap ls --all --format json tlp_$$ | jq length) = 0 ] && ! grep -q 'stays in the trash' '$work/tlc.err'"
+rm -f "$work/tlp.held"; wait "$holder" 2>/dev/null; forget_pid "$holder"
+check "librbd owner: the parent's map checks" rbd object-map check tlp_$$
+rbd rm tlc_$$ >/dev/null 2>&1; rbd snap purge tlp_$$ >/dev/null 2>&1; rbd rm tlp_$$ >/dev/null 2>&1
 # A format-1 clone removed by rados-nbd: the parent forgets it, so it can be unprotected.
 rbd create --size 4M trp1_$$ && rbd snap create trp1_$$@p >/dev/null 2>&1 && rbd snap protect trp1_$$@p
 rbd clone trp1_$$@p tr1c_$$ --rbd-default-clone-format 1
@@ -390,20 +443,22 @@ check "parent trash: librbd removes parents that rados-nbd put in the trash (rbd
   "in_trash c$$ tg tp && rbd rm tc_c$$ >/dev/null 2>&1 && gone c$$"
 
 # A trashed snapshot that no clone uses any more but that could not go with its last
-# clone (the parent was served, its lock held, when the clone was removed): `rm` of the
-# parent removes it first and then the parent, as librbd's PreRemoveRequest does (before:
-# refused for "snapshots with linked clones" that had none).
+# clone (the parent was served by shared writers, which hold no exclusive lock and take no
+# owner requests, when the clone was removed): `rm` of the parent removes it first and
+# then the parent, as librbd's PreRemoveRequest does (before: refused for "snapshots with
+# linked clones" that had none).
 rbd create --size 8M --object-size 1M tor_$$
 rbd snap create tor_$$@s >/dev/null 2>&1
 rbd clone tor_$$@s torc_$$ --rbd-default-clone-format 2
 rbd snap rm tor_$$@s >/dev/null 2>&1
+"${RN[@]}" config tor_$$ shared=true
 if serve tor_$$; then
-  check "orphan trash: rm of the last clone while its parent is served succeeds" "${RN[@]}" rm torc_$$
-  check "orphan trash: the parent's trashed snapshot stayed (its lock was held), with no clone" bash -c \
+  check "orphan trash: rm of the last clone while its parent is served (shared) succeeds" "${RN[@]}" rm torc_$$
+  check "orphan trash: the parent's trashed snapshot stayed (no owner to remove it), with no clone" bash -c \
     "rbd snap ls --all --format json tor_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\"' >/dev/null"
   unserve
   check "orphan trash: rm of the parent removes the orphan snapshot and the parent" bash -c \
-    "$RNQ rm tor_$$ && ! rbd ls | grep -qx tor_$$ && [ -z \"\$(rbd trash ls --all)\" ]"
+    "$RNQ config tor_$$ shared=false >/dev/null && $RNQ rm tor_$$ && ! rbd ls | grep -qx tor_$$ && [ -z \"\$(rbd trash ls --all)\" ]"
 else
   fail "orphan trash: serve tor_$$" "$(tail -3 "$work/serve.log")"
 fi

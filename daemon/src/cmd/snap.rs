@@ -264,7 +264,7 @@ pub fn list(
                     if all {
                         let ns = match &s.namespace {
                             SnapNamespace::User => r#"{"type":"user"}"#.to_string(),
-                            SnapNamespace::Trash { original } => format!(
+                            SnapNamespace::Trash { original, .. } => format!(
                                 r#"{{"type":"trash","original_name":{}}}"#,
                                 serde_json::json!(original)
                             ),
@@ -332,7 +332,7 @@ pub fn list(
                     if all {
                         r.push(match &s.namespace {
                             SnapNamespace::User => "user".to_string(),
-                            SnapNamespace::Trash { original } => format!("trash ({original})"),
+                            SnapNamespace::Trash { original, .. } => format!("trash ({original})"),
                             SnapNamespace::Group { .. } => match groups.get(&s.id) {
                                 None => "group".to_string(),
                                 Some(g) => format!("group ({}/{}@{})", g.pool, g.group, g.snap),

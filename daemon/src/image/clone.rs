@@ -1080,8 +1080,9 @@ impl<S: ImageStore> Image<S> {
 /// since a parent removed so was itself maybe the last clone of its own parent.
 /// `via` is any handle of the store the parent lives in (the child's, even after the
 /// child was removed). Best effort, as librbd's: the flatten or removal is done whatever
-/// happens here; a parent that a live client holds keeps its snapshot, with a warning
-/// saying so.
+/// happens here. A parent that a live client holds is asked to remove the snapshot
+/// itself (librbd's owner, or ours, does); if it cannot, the snapshot stays, with a
+/// warning saying so.
 pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
     let mut next = Some(parent);
     while let Some(parent) = next.take() {
@@ -1102,7 +1103,27 @@ pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
             return;
         }
         let r = async {
-            let head = via.open_parent_head(&parent, OpenMode::ReadWrite).await?;
+            let head = match via.open_parent_head(&parent, OpenMode::ReadWrite).await {
+                Ok(head) => head,
+                // A live client holds the parent: ask it, as librbd's DetachChildRequest
+                // does (its owner answers EBUSY while other clones use the snapshot).
+                Err(e) if e.kind == ErrorKind::Busy => {
+                    let Some(action) = trash_removal(&h, parent.snap_id) else {
+                        return Ok(false);
+                    };
+                    return match via.ask_parent_holder(&parent, &action).await {
+                        Ok(()) => Ok(true),
+                        Err(e) if e.kind == ErrorKind::Busy => {
+                            tracing::info!(
+                                "{what} stays in the trash (other clones may still use it): {e}"
+                            );
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
+            };
             let spec = ImageSpec {
                 snap: None,
                 ..parent.spec.clone()
@@ -1142,6 +1163,26 @@ pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
             Err(e) => tracing::warn!("{image} (id {}) stays in the trash: {e}", parent.image_id),
         }
     }
+}
+
+/// The request that asks the owner of the image `h` describes to remove its trashed
+/// snapshot `snap_id`, named as librbd names it (the snapshot's UUID name and its whole
+/// namespace, which librbd's owner matches); `None` if it is not in the trash.
+fn trash_removal(h: &ImageHeader, snap_id: u64) -> Option<crate::store::OwnerAction> {
+    h.snaps
+        .iter()
+        .find(|s| s.id == snap_id)
+        .and_then(|s| match &s.namespace {
+            SnapNamespace::Trash {
+                original,
+                original_type,
+            } => Some(crate::store::OwnerAction::TrashSnapRemove {
+                name: s.name.clone(),
+                original: original.clone(),
+                original_type: *original_type,
+            }),
+            _ => None,
+        })
 }
 
 /// Whether snapshot `snap_id` is in the trash namespace of the image `h` describes.

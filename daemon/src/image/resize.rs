@@ -340,9 +340,9 @@ async fn run_owner_action<S: ImageStore>(
             );
             img.ns_snap_create(&name, &namespace).await.map(|_| ())
         }
-        OwnerAction::NsSnapRemove { name } => {
+        OwnerAction::NsSnapRemove { name } | OwnerAction::TrashSnapRemove { name, .. } => {
             tracing::info!(
-                "removal of snapshot {spec}@{name} (a group or mirror one) asked by another client"
+                "removal of snapshot {spec}@{name} (a group, mirror or trashed one) asked by another client"
             );
             img.ns_snap_remove(&name).await
         }

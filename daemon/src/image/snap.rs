@@ -26,6 +26,7 @@ use crate::store::{
     ImageStore, SnapInfo, SnapNamespace, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING,
 };
 use objmap::{ObjectMap, ObjectState};
+use std::sync::Arc;
 
 /// cls_rbd's object_map_snap_add on a map: EXISTS → EXISTS_CLEAN. Whether anything
 /// changed.
@@ -136,10 +137,12 @@ impl<S: ImageStore> Image<S> {
         self.take_snapshot(name, Some(namespace)).await
     }
 
-    /// `rbd group snap rm`, or a mirror snapshot's removal: its snapshot `name` of a group
-    /// or mirror namespace.
+    /// `rbd group snap rm`, a mirror snapshot's removal, or (from librbd's
+    /// DetachChildRequest, when the last format-2 clone of it goes) a trashed snapshot's:
+    /// its snapshot `name` of a group, mirror or trash namespace. A trashed snapshot that
+    /// clones still use stays, and the answer is EBUSY, as librbd's owner answers.
     pub async fn ns_snap_remove(&self, name: &str) -> Result<()> {
-        self.check_snap_capable("removing a group snapshot")?;
+        self.check_snap_capable("removing a group, mirror or trashed snapshot")?;
         let snap = self
             .store
             .header()
@@ -149,16 +152,28 @@ impl<S: ImageStore> Image<S> {
                 s.name == name
                     && matches!(
                         s.namespace,
-                        SnapNamespace::Group { .. } | SnapNamespace::Mirror(_)
+                        SnapNamespace::Group { .. }
+                            | SnapNamespace::Mirror(_)
+                            | SnapNamespace::Trash { .. }
                     )
             })
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
-                    format!("{}: no group or mirror snapshot {name}", self.spec),
+                    format!("{}: no group, mirror or trashed snapshot {name}", self.spec),
                 )
             })?;
-        self.remove_snap(snap).await.map(|_| ())
+        let trashed = matches!(snap.namespace, SnapNamespace::Trash { .. });
+        if !self.remove_snap(snap).await? && trashed {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{}: trashed snapshot {name} is still used by clones",
+                    self.spec
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn take_snapshot(&self, name: &str, namespace: Option<&[u8]>) -> Result<u64> {
@@ -361,29 +376,25 @@ impl<S: ImageStore> Image<S> {
         }
         let count = snap.size.div_ceil(self.header.object_size());
         // What exists at the snapshot: its map when trusted, else the store's listing.
-        let at_snap: Vec<ObjectState> = match self.snap_map(&snap).await.map_err(ctx)? {
-            Some(m) => (0..count).map(|o| m.get(o)).collect(),
+        let at_snap = match self.snap_map(&snap).await.map_err(ctx)? {
+            Some(m) => Present::Map(Arc::new(m)),
             None => {
-                let mut v = vec![ObjectState::Nonexistent; count as usize];
-                for o in self.store.list_objects(Some(snap.id)).await.map_err(ctx)? {
-                    if o < count {
-                        v[o as usize] = ObjectState::Exists;
-                    }
-                }
-                v
+                Present::listed(self.store.list_objects(Some(snap.id)).await, count).map_err(ctx)?
             }
         };
-        let head: Vec<ObjectState> = match self.map() {
-            Some(m) => (0..count).map(|o| m.get(o)).collect(),
-            None => {
-                let mut v = vec![ObjectState::Nonexistent; count as usize];
-                for o in self.store.list_objects(None).await.map_err(ctx)? {
-                    if o < count {
-                        v[o as usize] = ObjectState::Exists;
-                    }
-                }
-                v
+        // What the head has: its map (each object's entry is read before the loop below
+        // changes it), else the listing.
+        let head = match self.map() {
+            Some(m) => Present::Map(m),
+            None => Present::listed(self.store.list_objects(None).await, count).map_err(ctx)?,
+        };
+        // Without maps only listed objects can need work: a huge sparse image is not
+        // walked object by object.
+        let objects: Box<dyn Iterator<Item = u64> + Send> = match (&at_snap, &head) {
+            (Present::Listed(a), Present::Listed(b)) => {
+                Box::new(a.union(b).copied().collect::<Vec<_>>().into_iter())
             }
+            _ => Box::new(0..count),
         };
         self.dirty_before(|| true).await.map_err(ctx)?;
         let osize = self.header.object_size();
@@ -393,9 +404,9 @@ impl<S: ImageStore> Image<S> {
             }
         };
         let mut progress = Progress::new(format!("rolling back {spec} to {name}: objects"));
-        for objno in 0..count {
+        for objno in objects {
             progress.tick();
-            let (was, has) = (at_snap[objno as usize], head[objno as usize]);
+            let (was, has) = (at_snap.get(objno), head.get(objno));
             let had = was != ObjectState::Nonexistent;
             if !had && has == ObjectState::Nonexistent {
                 continue;
@@ -469,5 +480,30 @@ impl<S: ImageStore> Image<S> {
             progress.count()
         );
         Ok(())
+    }
+}
+
+/// Which objects exist at one point of a rollback (the snapshot, or the head before it):
+/// a map, or the store's listing kept as the numbers listed (few on a sparse image,
+/// where one entry per object could be more memory than there is).
+enum Present {
+    Map(Arc<ObjectMap>),
+    Listed(std::collections::BTreeSet<u64>),
+}
+
+impl Present {
+    /// The listing's objects below `count`.
+    fn listed(list: Result<Vec<u64>>, count: u64) -> Result<Present> {
+        Ok(Present::Listed(
+            list?.into_iter().filter(|&o| o < count).collect(),
+        ))
+    }
+
+    fn get(&self, objno: u64) -> ObjectState {
+        match self {
+            Present::Map(m) => m.get(objno),
+            Present::Listed(l) if l.contains(&objno) => ObjectState::Exists,
+            Present::Listed(_) => ObjectState::Nonexistent,
+        }
     }
 }

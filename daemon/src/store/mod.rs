@@ -101,6 +101,15 @@ pub enum OwnerAction {
     /// `rbd group snap rm`, `rbd mirror image disable` (Ceph): removes this image's
     /// snapshot `name` of a group or mirror namespace.
     NsSnapRemove { name: String },
+    /// The removal of a trashed snapshot (`name`, the UUID it got in the trash; the rest
+    /// its namespace's fields) that no clone uses any more, asked of the parent's owner
+    /// by whoever removed or flattened its last clone, as librbd's DetachChildRequest
+    /// asks. The owner receives it as `NsSnapRemove`.
+    TrashSnapRemove {
+        name: String,
+        original: String,
+        original_type: u32,
+    },
 }
 
 impl OwnerAction {
@@ -128,6 +137,9 @@ impl OwnerAction {
             OwnerAction::ReleaseLock => "hand the lock over".into(),
             OwnerAction::NsSnapCreate { name, .. } => format!("snap create {name}"),
             OwnerAction::NsSnapRemove { name } => format!("snap rm {name}"),
+            OwnerAction::TrashSnapRemove { name, original, .. } => {
+                format!("remove trashed snapshot {name} (was {original})")
+            }
         }
     }
 }
@@ -167,8 +179,12 @@ pub enum SnapNamespace {
     #[default]
     User,
     /// `rbd snap rm` of a snapshot that format-2 clones still use: kept, renamed to a
-    /// UUID, until the last clone is gone. `original` is the name it had.
-    Trash { original: String },
+    /// UUID, until the last clone is gone. `original` is the name it had, `original_type`
+    /// its namespace's type then (cls::rbd::SnapshotNamespaceType; 0 user).
+    Trash {
+        original: String,
+        original_type: u32,
+    },
     /// An image's part of a group snapshot (`rbd group snap create`): the group's pool
     /// (by id), the group's id and the group snapshot's id, which
     /// [`ImageStore::group_snap_names`] resolves.
@@ -662,6 +678,21 @@ pub trait ImageStore: Send + Sync + 'static {
         Self: Sized,
     {
         let e = unsupported(format!("opening {} for its trashed snapshot", parent.spec));
+        async move { Err(e) }
+    }
+
+    /// Asks the live client holding `parent`'s lock (its head's: `open_parent_head` said
+    /// Busy) to carry out `action`, and waits for the outcome, as librbd asks an image's
+    /// owner for maintenance. A store without a snapshot trash need not have it.
+    fn ask_parent_holder(
+        &self,
+        parent: &ParentInfo,
+        _action: &OwnerAction,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let e = unsupported(format!(
+            "asking the holder of {} for its trashed snapshot",
+            parent.spec
+        ));
         async move { Err(e) }
     }
 

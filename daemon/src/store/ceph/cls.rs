@@ -296,6 +296,7 @@ pub fn snapshot_get_out(b: &[u8]) -> Result<SnapshotInfo> {
         },
         2 => crate::store::SnapNamespace::Trash {
             original: d.string()?,
+            original_type: d.u32()?,
         },
         // MirrorSnapshotNamespace: u8 state, bool complete, set<string> peer uuids,
         // string primary mirror uuid, u64 primary snap id, u64 last copied object
@@ -1171,7 +1172,7 @@ mod tests {
         assert!(snapshot_get_out(&newer).is_err());
 
         // In the trash (type 2): the original name, then its original namespace type
-        // (u32, skipped with the block), the UUID as the snapshot's name.
+        // (u32), the UUID as the snapshot's name.
         let mut ns = 2u32.to_le_bytes().to_vec();
         ns.extend(s("s1"));
         ns.extend(0u32.to_le_bytes());
@@ -1182,7 +1183,8 @@ mod tests {
                 "0b9f6c2e-uuid",
                 1,
                 crate::store::SnapNamespace::Trash {
-                    original: "s1".into()
+                    original: "s1".into(),
+                    original_type: 0,
                 }
             )
         );

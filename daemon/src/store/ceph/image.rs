@@ -881,6 +881,22 @@ impl ImageStore for CephImage {
         .map_err(ctx)
     }
 
+    async fn ask_parent_holder(
+        &self,
+        p: &ParentInfo,
+        action: &crate::store::OwnerAction,
+    ) -> Result<()> {
+        use crate::store::Store;
+        let head = ImageSpec {
+            snap: None,
+            ..p.spec.clone()
+        };
+        let i = &self.inner;
+        super::store::CephStore::on_cluster(i.meta.cluster().clone())
+            .ask_holder(&head, action, &mut |_, _| {})
+            .await
+    }
+
     async fn remove_trashed_parent(&self, p: &ParentInfo) -> Result<bool> {
         let i = &self.inner;
         super::store::remove_trashed_parent(

@@ -213,9 +213,10 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
     match &msg.op {
         // `rbd group snap create|rm` asks each image's owner for its part, in the group's
         // namespace; `rbd mirror image enable|snapshot|disable` for mirror snapshots;
-        // a namespace we do not know, and protecting anything but a user snapshot, are
-        // not ours to do.
-        OwnerOp::SnapCreate { ns, .. } | OwnerOp::SnapRemove { ns, .. }
+        // the removal of a trashed snapshot comes from librbd's DetachChildRequest when
+        // the last format-2 clone of it goes. A namespace we do not know, and protecting
+        // anything but a user snapshot, are not ours to do.
+        OwnerOp::SnapCreate { ns, .. }
             if ![
                 owner_msgs::SNAP_NS_USER,
                 owner_msgs::SNAP_NS_GROUP,
@@ -225,7 +226,21 @@ fn owner_verdict(msg: &OwnerMsg) -> std::result::Result<cls::AsyncRequestId, (i3
         {
             Err((
                 EBUSY,
-                "only user, group and mirror snapshots are handled by rados-nbd",
+                "only user, group and mirror snapshots are taken by rados-nbd",
+            ))
+        }
+        OwnerOp::SnapRemove { ns, .. }
+            if ![
+                owner_msgs::SNAP_NS_USER,
+                owner_msgs::SNAP_NS_GROUP,
+                owner_msgs::SNAP_NS_TRASH,
+                owner_msgs::SNAP_NS_MIRROR,
+            ]
+            .contains(ns) =>
+        {
+            Err((
+                EBUSY,
+                "only user, group, trash and mirror snapshots are removed by rados-nbd",
             ))
         }
         OwnerOp::SnapProtect { ns, .. } | OwnerOp::SnapUnprotect { ns, .. }
@@ -408,7 +423,9 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
             }
         }
         OwnerOp::SnapRemove { name, ns }
-            if ns == owner_msgs::SNAP_NS_GROUP || ns == owner_msgs::SNAP_NS_MIRROR =>
+            if ns == owner_msgs::SNAP_NS_GROUP
+                || ns == owner_msgs::SNAP_NS_MIRROR
+                || ns == owner_msgs::SNAP_NS_TRASH =>
         {
             OwnerAction::NsSnapRemove { name }
         }

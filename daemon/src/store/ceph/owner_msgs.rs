@@ -39,6 +39,7 @@ pub const NOTIFY_OP_METADATA_UPDATE: u32 = 20;
 /// 1 group, 2 trash, 3 mirror.
 pub const SNAP_NS_USER: u32 = 0;
 pub const SNAP_NS_GROUP: u32 = 1;
+pub const SNAP_NS_TRASH: u32 = 2;
 pub const SNAP_NS_MIRROR: u32 = 3;
 
 /// What a client asks the lock owner to do.
@@ -335,6 +336,20 @@ pub fn request_for(id: AsyncRequestId, action: &OwnerAction) -> Option<Vec<u8>> 
         OwnerAction::Sparsify { sparse_size } => request(NOTIFY_OP_SPARSIFY, |e| {
             put_id(e, id);
             e.u64(*sparse_size);
+        }),
+        // TrashSnapshotNamespace: the original name, then the original type.
+        OwnerAction::TrashSnapRemove {
+            name,
+            original,
+            original_type,
+        } => request(NOTIFY_OP_SNAP_REMOVE, |e| {
+            e.str(name);
+            let at = e.start(1, 1);
+            e.u32(SNAP_NS_TRASH)
+                .str(original)
+                .u32(*original_type)
+                .finish(at);
+            put_id(e, id);
         }),
         // Never asked by us: a group snapshot is `rbd group snap`'s.
         OwnerAction::ReleaseLock
@@ -745,6 +760,37 @@ mod tests {
             assert_eq!(m, OwnerMsg { op, id: Some(ID) }, "{action:?}");
         }
         assert_eq!(request_for(ID, &A::ReleaseLock), None);
+    }
+
+    /// A trashed snapshot's removal names it as librbd's DetachChildRequest does: its UUID
+    /// name and its whole TrashSnapshotNamespace (librbd's owner looks the snapshot up by
+    /// both), laid out as cls_rbd stores it in the header (the bytes `snapshot_get`
+    /// returns, decoded by cls.rs).
+    #[test]
+    fn a_trashed_snapshot_removal_names_the_whole_namespace() {
+        let action = OwnerAction::TrashSnapRemove {
+            name: "0b9f6c2e-uuid".into(),
+            original: "s1".into(),
+            original_type: 0,
+        };
+        let b = req(ID, action);
+        let m = owner_msg(&b).unwrap().unwrap();
+        assert_eq!(
+            m,
+            OwnerMsg {
+                op: OwnerOp::SnapRemove {
+                    ns: SNAP_NS_TRASH,
+                    name: "0b9f6c2e-uuid".into()
+                },
+                id: Some(ID)
+            }
+        );
+        // ENCODE_START(1,1), length, type 2, "s1", original type 0.
+        let ns = hex("0101 0e000000 02000000 02000000 7331 00000000");
+        assert!(
+            b.windows(ns.len()).any(|w| w == ns),
+            "namespace bytes in {b:02x?}"
+        );
     }
 
     #[test]

@@ -210,10 +210,12 @@ fn control_line(action: &OwnerAction) -> Option<String> {
         OwnerAction::UpdateFeatures { features, enabled } => {
             format!("features {features} {}\n", u8::from(*enabled))
         }
-        // Ceph's group snapshots come from `rbd group snap`, never through this socket.
+        // Ceph's group snapshots come from `rbd group snap`, never through this socket;
+        // this store has no snapshot trash.
         OwnerAction::ReleaseLock
         | OwnerAction::NsSnapCreate { .. }
-        | OwnerAction::NsSnapRemove { .. } => return None,
+        | OwnerAction::NsSnapRemove { .. }
+        | OwnerAction::TrashSnapRemove { .. } => return None,
     })
 }
 
