@@ -440,7 +440,7 @@ check "group: rados-nbd snap ls --all shows the group snapshot as rbd's (plain, 
    [ \"\$($RNQ snap ls --all --format json '$G')\" = \"\$(rbd snap ls --all --format json '$G')\" ] &&
    $RNQ snap ls --all '$G' | grep -q 'group (rbd/$GR@gs)'"
 check "group: rbd group snap rm while served succeeds" "${RBD[@]}" group snap rm "$GR@gs"
-check "group: the daemon removed the image's part (log)" grep -q "removal of snapshot rbd/$G@.group.* (a group or mirror one)" "$work/serve.log"
+check "group: the daemon removed the image's part (log)" grep -q "removal of snapshot rbd/$G@.group.* (a group, mirror or trashed one)" "$work/serve.log"
 check "group: the image has no snapshot left" bash -c \
   "[ \"\$(rbd snap ls --all --format json '$G' | jq length)\" = 0 ]"
 check "group: rbd export of the head equals every write" bash -c "exported_is '$G' '$work/g.ref'"
