@@ -330,6 +330,26 @@ if serve tsp_$$; then
     "rbd snap rm tsp_$$@s >/dev/null 2>&1 && rbd snap ls --all --format json tsp_$$ | jq -e 'length == 1 and .[0].namespace.type == \"trash\"' >/dev/null"
   check "served parent: rbd rm of one clone keeps the trashed snapshot (the other uses it)" bash -c \
     "rbd rm tsc2_$$ >/dev/null 2>&1 && [ \$(rbd snap ls --all --format json tsp_$$ | jq length) = 1 ]"
+  # librbd asks us (we hold the lock) to remove the trashed snapshot a clone still uses:
+  # librbd's owner answers EBUSY, and so must we (answering 0 would report a removal that
+  # did not happen).
+  busy_trash_rm() {
+    /usr/bin/python3 -c '
+import sys, rados, rbd
+c = rados.Rados(conffile=sys.argv[1]); c.connect(); io = c.open_ioctx("rbd")
+img = rbd.Image(io, sys.argv[2])
+try:
+    img.remove_snap_by_id(int(sys.argv[3]))
+    sys.exit("the removal succeeded")
+except rbd.ImageBusy:
+    pass
+finally:
+    img.close(); io.close(); c.shutdown()
+' "$CEPH_CONF" "$1" "$(rbd snap ls --all --format json "$1" | jq -r '.[0].id')" &&
+      [ "$(rbd snap ls --all --format json "$1" | jq length)" = 1 ]
+  }
+  export -f busy_trash_rm
+  check "served parent: librbd's removal of the trashed snapshot a clone still uses gets EBUSY from us" busy_trash_rm tsp_$$
   check "served parent: rbd rm of the last clone removes the trashed snapshot through us" bash -c \
     "rbd rm tsc1_$$ >/dev/null 2>&1 && [ \$(rbd snap ls --all --format json tsp_$$ | jq length) = 0 ]"
   check "served parent: the daemon did the removal" grep -q "tsp_$$@.*(a group, mirror or trashed one) asked by another client" "$work/serve.log"
@@ -342,7 +362,7 @@ fi
 rbd rm tsc1_$$ >/dev/null 2>&1; rbd rm tsc2_$$ >/dev/null 2>&1; rbd snap purge tsp_$$ >/dev/null 2>&1; rbd rm tsp_$$ >/dev/null 2>&1
 # The other way round: librbd (python3-rbd) holds the parent's lock, and rados-nbd removes
 # the last clone. rados-nbd asks librbd's owner to remove the trashed snapshot, naming it
-# as librbd's DetachChildRequest does (librbd's owner matches the whole namespace); it used
+# as librbd's DetachChildRequest does (its trash namespace and UUID name); it used
 # to leave it in the trash with a warning.
 rbd create --size 8M --object-size 1M tlp_$$
 rbd snap create tlp_$$@s >/dev/null 2>&1

@@ -1106,17 +1106,19 @@ pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
             let head = match via.open_parent_head(&parent, OpenMode::ReadWrite).await {
                 Ok(head) => head,
                 // A live client holds the parent: ask it, as librbd's DetachChildRequest
-                // does (its owner answers EBUSY while other clones use the snapshot).
+                // does. Its owner answers EBUSY while other clones use the snapshot, and
+                // ENOENT when another client removed it first (done, as librbd counts it).
                 Err(e) if e.kind == ErrorKind::Busy => {
                     let Some(action) = trash_removal(&h, parent.snap_id) else {
                         return Ok(false);
                     };
                     return match via.ask_parent_holder(&parent, &action).await {
                         Ok(()) => Ok(true),
+                        Err(e) if e.kind == ErrorKind::NotFound => Ok(true),
+                        // Still used, or no owner to ask (shared writers): the message
+                        // says which.
                         Err(e) if e.kind == ErrorKind::Busy => {
-                            tracing::info!(
-                                "{what} stays in the trash (other clones may still use it): {e}"
-                            );
+                            tracing::info!("{what} stays in the trash: {e}");
                             Ok(false)
                         }
                         Err(e) => Err(e),
@@ -1166,8 +1168,9 @@ pub async fn release_parent<S: ImageStore>(via: &S, parent: ParentInfo) {
 }
 
 /// The request that asks the owner of the image `h` describes to remove its trashed
-/// snapshot `snap_id`, named as librbd names it (the snapshot's UUID name and its whole
-/// namespace, which librbd's owner matches); `None` if it is not in the trash.
+/// snapshot `snap_id`, named as librbd's DetachChildRequest names it: its UUID name and
+/// its whole namespace (librbd's owner looks it up by the namespace's type and the name);
+/// `None` if it is not in the trash.
 fn trash_removal(h: &ImageHeader, snap_id: u64) -> Option<crate::store::OwnerAction> {
     h.snaps
         .iter()

@@ -3,7 +3,7 @@
 use super::map::new_map;
 use super::{Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{ImageStore, OwnerAction, OwnerRequest};
+use crate::store::{ImageStore, OwnerAction, OwnerRequest, SnapNamespace};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -340,11 +340,20 @@ async fn run_owner_action<S: ImageStore>(
             );
             img.ns_snap_create(&name, &namespace).await.map(|_| ())
         }
-        OwnerAction::NsSnapRemove { name } | OwnerAction::TrashSnapRemove { name, .. } => {
+        OwnerAction::NsSnapRemove {
+            name,
+            namespace_type,
+        } => {
             tracing::info!(
                 "removal of snapshot {spec}@{name} (a group, mirror or trashed one) asked by another client"
             );
-            img.ns_snap_remove(&name).await
+            img.ns_snap_remove(&name, namespace_type).await
+        }
+        OwnerAction::TrashSnapRemove { name, .. } => {
+            tracing::info!(
+                "removal of snapshot {spec}@{name} (a group, mirror or trashed one) asked by another client"
+            );
+            img.ns_snap_remove(&name, SnapNamespace::TRASH_TYPE).await
         }
         OwnerAction::SnapCreate { name, quiesce } => {
             tracing::info!("snapshot {spec}@{name} asked by another client");

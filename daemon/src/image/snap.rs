@@ -139,9 +139,10 @@ impl<S: ImageStore> Image<S> {
 
     /// `rbd group snap rm`, a mirror snapshot's removal, or (from librbd's
     /// DetachChildRequest, when the last format-2 clone of it goes) a trashed snapshot's:
-    /// its snapshot `name` of a group, mirror or trash namespace. A trashed snapshot that
-    /// clones still use stays, and the answer is EBUSY, as librbd's owner answers.
-    pub async fn ns_snap_remove(&self, name: &str) -> Result<()> {
+    /// its snapshot `name` of the group, mirror or trash namespace of type `namespace_type`
+    /// (librbd's owner looks a snapshot up by the type and the name). A trashed snapshot
+    /// that clones still use stays, and the answer is EBUSY, as librbd's owner answers.
+    pub async fn ns_snap_remove(&self, name: &str, namespace_type: u32) -> Result<()> {
         self.check_snap_capable("removing a group, mirror or trashed snapshot")?;
         let snap = self
             .store
@@ -150,6 +151,7 @@ impl<S: ImageStore> Image<S> {
             .into_iter()
             .find(|s| {
                 s.name == name
+                    && s.namespace.type_code() == namespace_type
                     && matches!(
                         s.namespace,
                         SnapNamespace::Group { .. }
@@ -160,7 +162,11 @@ impl<S: ImageStore> Image<S> {
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,
-                    format!("{}: no group, mirror or trashed snapshot {name}", self.spec),
+                    format!(
+                        "{}: no group, mirror or trashed snapshot {name} (namespace type \
+                         {namespace_type})",
+                        self.spec
+                    ),
                 )
             })?;
         let trashed = matches!(snap.namespace, SnapNamespace::Trash { .. });

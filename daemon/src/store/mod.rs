@@ -98,9 +98,10 @@ pub enum OwnerAction {
     /// the asker sent, written as it is). Taken as a user snapshot is (held requests,
     /// its own object map); a quiesce, if any, came before, from the asker.
     NsSnapCreate { name: String, namespace: Vec<u8> },
-    /// `rbd group snap rm`, `rbd mirror image disable` (Ceph): removes this image's
-    /// snapshot `name` of a group or mirror namespace.
-    NsSnapRemove { name: String },
+    /// `rbd group snap rm`, `rbd mirror image disable`, or a trashed snapshot's removal
+    /// (Ceph): removes this image's snapshot `name` of the namespace of type
+    /// `namespace_type` (cls::rbd::SnapshotNamespaceType: 1 group, 2 trash, 3 mirror).
+    NsSnapRemove { name: String, namespace_type: u32 },
     /// The removal of a trashed snapshot (`name`, the UUID it got in the trash; the rest
     /// its namespace's fields) that no clone uses any more, asked of the parent's owner
     /// by whoever removed or flattened its last clone, as librbd's DetachChildRequest
@@ -136,7 +137,7 @@ impl OwnerAction {
             ),
             OwnerAction::ReleaseLock => "hand the lock over".into(),
             OwnerAction::NsSnapCreate { name, .. } => format!("snap create {name}"),
-            OwnerAction::NsSnapRemove { name } => format!("snap rm {name}"),
+            OwnerAction::NsSnapRemove { name, .. } => format!("snap rm {name}"),
             OwnerAction::TrashSnapRemove { name, original, .. } => {
                 format!("remove trashed snapshot {name} (was {original})")
             }
@@ -199,6 +200,23 @@ pub enum SnapNamespace {
     Mirror(MirrorSnap),
     /// A type we do not know.
     Other(u32),
+}
+
+impl SnapNamespace {
+    /// The trash's type number (cls::rbd::SnapshotNamespaceType).
+    pub const TRASH_TYPE: u32 = 2;
+
+    /// Its type number (cls::rbd::SnapshotNamespaceType): 0 user, 1 group, 2 trash,
+    /// 3 mirror.
+    pub fn type_code(&self) -> u32 {
+        match self {
+            SnapNamespace::User => 0,
+            SnapNamespace::Group { .. } => 1,
+            SnapNamespace::Trash { .. } => Self::TRASH_TYPE,
+            SnapNamespace::Mirror(_) => 3,
+            SnapNamespace::Other(t) => *t,
+        }
+    }
 }
 
 /// A mirror snapshot's namespace (cls::rbd::MirrorSnapshotNamespace).

@@ -26,11 +26,24 @@ pub(super) async fn ask_owner(
     spec: &ImageSpec,
     what: &str,
     build: impl Fn(AsyncRequestId) -> Vec<u8>,
-    mut on_progress: impl FnMut(u64, u64),
+    on_progress: impl FnMut(u64, u64),
 ) -> Result<()> {
     let io = store.pool(&spec.pool, &spec.namespace).await?;
     let id = store.image_id(&io, spec).await?;
-    let oid = header_oid(&id);
+    ask_owner_of(&io, &id, spec, what, build, on_progress).await
+}
+
+/// `ask_owner` for image `id` of `io`'s pool and namespace, known by id (a clone's parent,
+/// which may be in the image trash, where its name no longer leads to it).
+pub(super) async fn ask_owner_of(
+    io: &std::sync::Arc<super::rados::IoCtx>,
+    id: &str,
+    spec: &ImageSpec,
+    what: &str,
+    build: impl Fn(AsyncRequestId) -> Vec<u8>,
+    mut on_progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    let oid = header_oid(id);
     let ctx = |e: Error| e.context(format!("asking the holder of {spec} to {what}"));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = io
@@ -61,7 +74,7 @@ pub(super) async fn ask_owner(
         // (30) for it, then starts again.
         let silence = if restarts == 0 { SILENCE } else { SILENCE / 2 };
         let r = ask_once(
-            &io,
+            io,
             &oid,
             spec,
             what,

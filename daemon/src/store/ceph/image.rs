@@ -886,15 +886,30 @@ impl ImageStore for CephImage {
         p: &ParentInfo,
         action: &crate::store::OwnerAction,
     ) -> Result<()> {
-        use crate::store::Store;
         let head = ImageSpec {
             snap: None,
             ..p.spec.clone()
         };
-        let i = &self.inner;
-        super::store::CephStore::on_cluster(i.meta.cluster().clone())
-            .ask_holder(&head, action, &mut |_, _| {})
-            .await
+        let what = action.describe();
+        let probe = cls::AsyncRequestId {
+            gid: 0,
+            handle: 0,
+            request_id: 0,
+        };
+        if super::owner_msgs::request_for(probe, action).is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{what} of {head} is not a request to its owner"),
+            ));
+        }
+        let build = |id| super::owner_msgs::request_for(id, action).unwrap_or_default();
+        let io = self
+            .inner
+            .meta
+            .cluster()
+            .ioctx_in(&p.spec.pool, &p.spec.namespace)?;
+        // By id: a parent in the image trash has no name that leads to it.
+        super::ask_owner::ask_owner_of(&io, &p.image_id, &head, &what, build, |_, _| {}).await
     }
 
     async fn remove_trashed_parent(&self, p: &ParentInfo) -> Result<bool> {

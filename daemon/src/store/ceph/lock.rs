@@ -427,7 +427,10 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
                 || ns == owner_msgs::SNAP_NS_MIRROR
                 || ns == owner_msgs::SNAP_NS_TRASH =>
         {
-            OwnerAction::NsSnapRemove { name }
+            OwnerAction::NsSnapRemove {
+                name,
+                namespace_type: ns,
+            }
         }
         OwnerOp::SnapRemove { name, .. } => OwnerAction::SnapRemove { name },
         OwnerOp::SnapRename { snap_id, name } => OwnerAction::SnapRename {

@@ -764,8 +764,8 @@ mod tests {
 
     /// A trashed snapshot's removal names it as librbd's DetachChildRequest does: its UUID
     /// name and its whole TrashSnapshotNamespace (librbd's owner looks the snapshot up by
-    /// both), laid out as cls_rbd stores it in the header (the bytes `snapshot_get`
-    /// returns, decoded by cls.rs).
+    /// the namespace's type and the name), laid out as cls_rbd stores it in the header
+    /// (the bytes `snapshot_get` returns, decoded by cls.rs).
     #[test]
     fn a_trashed_snapshot_removal_names_the_whole_namespace() {
         let action = OwnerAction::TrashSnapRemove {

@@ -48,18 +48,6 @@ pub struct CephStore {
 }
 
 impl CephStore {
-    /// A store on a cluster already connected (an image's, asking another image's owner).
-    pub(super) fn on_cluster(rados: Arc<Rados>) -> CephStore {
-        CephStore {
-            rados,
-            desc: "ceph".into(),
-            pools: Mutex::new(HashMap::new()),
-            allow_encrypted: false,
-            lock_at_open: Default::default(),
-            luks_noted: Arc::default(),
-        }
-    }
-
     /// Connects to the cluster (`opts.conf` = None: librados' default config search).
     pub async fn connect(opts: CephOptions) -> Result<CephStore> {
         let desc = format!("ceph:{}", opts.conf.as_deref().unwrap_or(""));

@@ -609,9 +609,12 @@ impl Inner {
         f(&mut h)?;
         let data = serde_json::to_vec_pretty(&h)
             .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
-        // Once the file is replaced, our copy follows it even if the replacement may
-        // not be durable: built on the old copy, the next change would silently undo
-        // this one on disk.
+        // Once the file is replaced, the change is made: every reader sees it, and our
+        // copy follows it (built on the old copy, the next change would silently undo
+        // this one on disk), as do the caller's next steps (a snapshot's copy-on-write
+        // bookkeeping, a shrink's parent overlap), so it succeeds. Only its durability
+        // is in doubt when the directory fsync failed: that failure is kept as a failed
+        // sync is, so every later FLUSH fails, and the close leaves the dirty flag set.
         let durable = replace_file(&self.pool_dir, &format!("rbd_header.{}", self.id), &data)?;
         #[cfg(test)]
         let durable = match self.test_fail_header_sync.swap(false, Ordering::AcqRel) {
@@ -624,7 +627,14 @@ impl Inner {
         self.has_snaps
             .store(!h.snapshots.is_empty(), Ordering::Release);
         *cur = h;
-        durable
+        if let Err(e) = durable {
+            tracing::warn!(
+                "image {}: a header change is in place but may not be durable: {e}",
+                self.id
+            );
+            lock(&self.sync_failed).get_or_insert_with(|| e.to_string());
+        }
+        Ok(())
     }
 
     fn object_map_name(&self, snap: Option<u64>) -> String {

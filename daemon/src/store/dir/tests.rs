@@ -243,7 +243,8 @@ async fn a_failed_sync_keeps_failing() {
 }
 
 /// A header change whose directory fsync failed is in the file all the same: the
-/// handle's copy must follow it, or its next change would undo this one on disk.
+/// handle's copy must follow it, or its next change would undo this one on disk, and
+/// so must the caller's next steps. Its durability is in doubt: every later sync fails.
 #[tokio::test]
 async fn a_header_change_that_may_not_be_durable_is_not_undone() {
     let (_d, s) = setup().await;
@@ -251,9 +252,11 @@ async fn a_header_change_that_may_not_be_durable_is_not_undone() {
     img.inner
         .test_fail_header_sync
         .store(true, Ordering::Release);
-    let e = img.set_flags(1, 1).await.unwrap_err();
-    assert!(e.to_string().contains("injected"), "{e}");
+    img.set_flags(1, 1).await.unwrap();
     img.set_meta("k", "v").await.unwrap();
+    let e = img.sync().await.unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert!(img.sync().await.is_err(), "still failing");
     img.close().await.unwrap();
     let r = open(&s, "vm1", OpenMode::ReadOnly).await;
     assert_eq!(r.header().flags, 1, "the flag set before the failure stays");
