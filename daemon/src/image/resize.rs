@@ -249,6 +249,19 @@ fn finish_owner_request(r: Result<()>, done: tokio::sync::oneshot::Sender<Result
     let _ = done.send(r);
 }
 
+/// The removal of a snapshot outside the user namespace, asked by another client.
+async fn ns_snap_remove_asked<S: ImageStore>(
+    img: &Arc<Image<S>>,
+    name: &str,
+    namespace_type: u32,
+) -> Result<()> {
+    tracing::info!(
+        "removal of snapshot {}@{name} (a group, mirror or trashed one) asked by another client",
+        img.spec
+    );
+    img.ns_snap_remove(name, namespace_type).await
+}
+
 /// Performs one request another client addressed to the lock holder (see
 /// `Image::serve_owner_requests`); the caller sends the result back.
 async fn run_owner_action<S: ImageStore>(
@@ -343,17 +356,9 @@ async fn run_owner_action<S: ImageStore>(
         OwnerAction::NsSnapRemove {
             name,
             namespace_type,
-        } => {
-            tracing::info!(
-                "removal of snapshot {spec}@{name} (a group, mirror or trashed one) asked by another client"
-            );
-            img.ns_snap_remove(&name, namespace_type).await
-        }
+        } => ns_snap_remove_asked(img, &name, namespace_type).await,
         OwnerAction::TrashSnapRemove { name, .. } => {
-            tracing::info!(
-                "removal of snapshot {spec}@{name} (a group, mirror or trashed one) asked by another client"
-            );
-            img.ns_snap_remove(&name, SnapNamespace::TRASH_TYPE).await
+            ns_snap_remove_asked(img, &name, SnapNamespace::TRASH_TYPE).await
         }
         OwnerAction::SnapCreate { name, quiesce } => {
             tracing::info!("snapshot {spec}@{name} asked by another client");

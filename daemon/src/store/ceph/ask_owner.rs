@@ -13,11 +13,41 @@ use super::store::CephStore;
 use super::NOTIFY_TIMEOUT_MS;
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
+use crate::store::OwnerAction;
 use tokio::sync::mpsc;
 
 /// How long we wait without a word (progress or completion) from the owner: librbd's
 /// `rbd_request_timed_out_seconds` is 30; an owner of ours sends progress every 10 s.
 const SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The request that asks `spec`'s owner to do `action`, given the request's id; refused
+/// with a message for an action no owner is asked for by a request: the lock (asked for
+/// by opening the image) and group snapshots (`rbd group snap`'s own).
+pub(super) fn request_builder<'a>(
+    spec: &ImageSpec,
+    action: &'a OwnerAction,
+) -> Result<impl Fn(AsyncRequestId) -> Vec<u8> + 'a> {
+    let probe = AsyncRequestId {
+        gid: 0,
+        handle: 0,
+        request_id: 0,
+    };
+    if owner_msgs::request_for(probe, action).is_none() {
+        let msg = if *action == OwnerAction::ReleaseLock {
+            format!(
+                "the lock of {spec} is asked for by opening it (--wait-for-lock), not by a request"
+            )
+        } else {
+            format!(
+                "{} of {spec} is not a request to its owner",
+                action.describe()
+            )
+        };
+        return Err(Error::new(ErrorKind::InvalidInput, msg));
+    }
+    // Some for every id once it is for one: the id only fills fields.
+    Ok(move |id| owner_msgs::request_for(id, action).unwrap_or_default())
+}
 
 /// Sends the request `build(id)` (`what`, for messages) to the holder of `spec`'s lock and
 /// waits for the outcome. `on_progress(done, total)` as the owner reports it.
@@ -226,4 +256,35 @@ fn refused(spec: &ImageSpec, what: &str, r: i32) -> Error {
         e.kind,
         format!("image {spec} is in use; the process holding its lock could not {what}: {why}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_requests_an_owner_answers_are_built() {
+        let spec: ImageSpec = "rbd/img".parse().unwrap();
+        let id = AsyncRequestId {
+            gid: 4123,
+            handle: 7,
+            request_id: 2,
+        };
+        let rm = OwnerAction::SnapRemove { name: "s1".into() };
+        let build = request_builder(&spec, &rm).unwrap();
+        assert_eq!(build(id), owner_msgs::request_for(id, &rm).unwrap());
+        let e = request_builder(&spec, &OwnerAction::ReleaseLock).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("--wait-for-lock"), "{e}");
+        let group = OwnerAction::NsSnapRemove {
+            name: "g".into(),
+            namespace_type: 1,
+        };
+        let e = request_builder(&spec, &group).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(
+            e.to_string().contains("snap rm g of rbd/img is not a request"),
+            "{e}"
+        );
+    }
 }

@@ -890,25 +890,14 @@ impl ImageStore for CephImage {
             snap: None,
             ..p.spec.clone()
         };
-        let what = action.describe();
-        let probe = cls::AsyncRequestId {
-            gid: 0,
-            handle: 0,
-            request_id: 0,
-        };
-        if super::owner_msgs::request_for(probe, action).is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{what} of {head} is not a request to its owner"),
-            ));
-        }
-        let build = |id| super::owner_msgs::request_for(id, action).unwrap_or_default();
+        let build = super::ask_owner::request_builder(&head, action)?;
         let io = self
             .inner
             .meta
             .cluster()
             .ioctx_in(&p.spec.pool, &p.spec.namespace)?;
         // By id: a parent in the image trash has no name that leads to it.
+        let what = action.describe();
         super::ask_owner::ask_owner_of(&io, &p.image_id, &head, &what, build, |_, _| {}).await
     }
 

@@ -258,16 +258,8 @@ impl Store for CephStore {
         action: &crate::store::OwnerAction,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<()> {
-        let what = action.describe();
-        if *action == crate::store::OwnerAction::ReleaseLock {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("the lock of {spec} is asked for by opening it (--wait-for-lock), not by a request"),
-            ));
-        }
-        // Every other action is an async request (request_for is Some).
-        let build = |id| super::owner_msgs::request_for(id, action).unwrap_or_default();
-        ask_owner::ask_owner(self, spec, &what, build, progress).await
+        let build = ask_owner::request_builder(spec, action)?;
+        ask_owner::ask_owner(self, spec, &action.describe(), build, progress).await
     }
 
     async fn open_image(&self, spec: &ImageSpec, mode: OpenMode) -> Result<CephImage> {
