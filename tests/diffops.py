@@ -401,6 +401,58 @@ def drive(run, ops, errors=(), times=None):
         run.finish()
 
 
+# A run of one sequence that takes longer than this is taken as hung (see `watched`).
+HANG_S = float(os.environ.get("DIFF_HANG_S", "300"))
+# The exit status of a test program that hung (EX_TEMPFAIL): tests/lib.sh's
+# again_if_crashed runs it once more.
+HUNG_EXIT = 75
+
+
+def watched(run):
+    """run(geo, ops, label) with a watchdog. Seen in tests/ceph/differential.py: python3-rbd's
+    librbd deadlocked inside rbd_open_read_only (a librados callback thread blocked on a
+    mutex whose memory was garbage, the main thread waiting for the open forever), the
+    same corrupted heap its crashes come from (tests/lib.sh, again_if_crashed). When a
+    sequence takes longer than HANG_S seconds, the watchdog prints every thread's stack,
+    ends the processes this one started (servers, clients; by pid), and exits with
+    HUNG_EXIT, which again_if_crashed runs once more: a hang that rados-nbd causes comes
+    back at the same seed and fails the second run."""
+    import faulthandler
+    import sys
+    import threading
+
+    def hung(label):
+        print(f"hung: sequence {label} ran for more than {HANG_S:.0f} s; the stacks of this "
+              "process's threads follow", flush=True)
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+        me = os.getpid()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == me:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        sys.stdout.flush()
+        os._exit(HUNG_EXIT)
+
+    def go(geo, ops, label):
+        timer = threading.Timer(HANG_S, hung, args=(label,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return run(geo, ops, label)
+        finally:
+            timer.cancel()
+    return go
+
+
 class Campaign:
     """Runs a differential test's sequences and prints its result lines: one PASS line, or one
     FAIL line per kind of failure, the first sequence failing so minimised and written to a
@@ -418,7 +470,7 @@ class Campaign:
 
     def __init__(self, name, script, prefix, reference, work, run, hint=None, note=None):
         self.name, self.script, self.prefix, self.reference = name, script, prefix, reference
-        self.work, self.run, self.hint = work, run, hint
+        self.work, self.run, self.hint = work, watched(run), hint
         self.note = note or (lambda replay: "")
 
     def _fail(self, what, f, ops):
