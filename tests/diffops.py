@@ -385,6 +385,7 @@ def drive(run, ops, errors=(), times=None):
     i = -1
     try:
         for i, op in enumerate(ops):
+            progress()
             t = time.monotonic()
             run.apply(op)
             if times is not None:
@@ -398,32 +399,46 @@ def drive(run, ops, errors=(), times=None):
         f.at = i
         return f, run.serves
     finally:
+        progress()
         run.finish()
 
 
-# A run of one sequence that takes longer than this is taken as hung (see `watched`).
+# An operation (or a sequence's final comparisons) that takes longer than this is taken as
+# hung (see `watched`).
 HANG_S = float(os.environ.get("DIFF_HANG_S", "300"))
 # The exit status of a test program that hung (EX_TEMPFAIL): tests/lib.sh's
 # again_if_crashed runs it once more.
 HUNG_EXIT = 75
+# When the sequence being run last made progress (drive: each operation, then finish).
+_progress = [time.monotonic()]
 
 
-def watched(run):
+def progress():
+    _progress[0] = time.monotonic()
+
+
+def watched(run, on_hang):
     """run(geo, ops, label) with a watchdog. Seen in tests/ceph/differential.py: python3-rbd's
     librbd deadlocked inside rbd_open_read_only (a librados callback thread blocked on a
     mutex whose memory was garbage, the main thread waiting for the open forever), the
-    same corrupted heap its crashes come from (tests/lib.sh, again_if_crashed). When a
-    sequence takes longer than HANG_S seconds, the watchdog prints every thread's stack,
-    ends the processes this one started (servers, clients; by pid), and exits with
-    HUNG_EXIT, which again_if_crashed runs once more: a hang that rados-nbd causes comes
-    back at the same seed and fails the second run."""
+    same corrupted heap its crashes come from (tests/lib.sh, again_if_crashed). When one
+    operation of a sequence (or its final comparisons) takes longer than HANG_S seconds,
+    the watchdog prints on_hang()'s lines (the FAIL line of a failure being minimised, so
+    that it is not lost), every thread's stack, ends the processes this one started
+    (servers, `rbd` commands; by pid), and exits with HUNG_EXIT. Without a FAIL line
+    again_if_crashed runs the program once more: a hang that rados-nbd causes comes back
+    at the same seed and fails the second run. What the run made (images, its work
+    directory) stays, as after a crash; the test's cluster is thrown away whole."""
     import faulthandler
     import sys
     import threading
 
     def hung(label):
-        print(f"hung: sequence {label} ran for more than {HANG_S:.0f} s; the stacks of this "
-              "process's threads follow", flush=True)
+        for line in on_hang():
+            print(line)
+        print(f"hung: sequence {label} made no progress for {HANG_S:.0f} s (one operation "
+              "or the final comparisons); the stacks of this process's threads follow",
+              flush=True)
         faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
         me = os.getpid()
         for pid in os.listdir("/proc"):
@@ -443,13 +458,21 @@ def watched(run):
         os._exit(HUNG_EXIT)
 
     def go(geo, ops, label):
-        timer = threading.Timer(HANG_S, hung, args=(label,))
-        timer.daemon = True
-        timer.start()
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(min(5.0, HANG_S)):
+                if time.monotonic() - _progress[0] > HANG_S:
+                    hung(label)
+
+        progress()
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
         try:
             return run(geo, ops, label)
         finally:
-            timer.cancel()
+            done.set()
+            t.join()
     return go
 
 
@@ -470,12 +493,23 @@ class Campaign:
 
     def __init__(self, name, script, prefix, reference, work, run, hint=None, note=None):
         self.name, self.script, self.prefix, self.reference = name, script, prefix, reference
-        self.work, self.run, self.hint = work, watched(run), hint
+        self.work, self.run, self.hint = work, watched(run, self._on_hang), hint
+        # The failure being minimised: (what, Failure, its operations, the case).
+        self.minimising = None
         self.note = note or (lambda replay: "")
 
     def _fail(self, what, f, ops):
         hint = f" [{self.hint(f, ops)}]" if self.hint else ""
         print(f"FAIL {self.name} {what}: {f}{hint}")
+
+    def _on_hang(self):
+        """What a hang must not lose: the failure being minimised, unminimised."""
+        if self.minimising is None:
+            return []
+        what, f, ops, case = self.minimising
+        hint = f" [{self.hint(f, ops)}]" if self.hint else ""
+        return [f"FAIL {self.name} {what}: {f}{hint} (its minimisation hung)",
+                f"#   {dumps(case)}"]
 
     def replay(self, case):
         """Runs a case printed by a failure: the exit status."""
@@ -514,7 +548,10 @@ class Campaign:
                 self._fail(f"seed {seed}", f, ops)
                 print(f"#   {dumps(case_of(seed, geo, ops[:f.at + 1]))}")
             else:
+                self.minimising = (f"seed {seed}", f, ops[:f.at + 1],
+                                   case_of(seed, geo, ops[:f.at + 1]))
                 self._minimise(seed, geo, ops, f, budget)
+                self.minimising = None
         return first, failed, serves, time.monotonic() - t0
 
     def _minimise(self, seed, geo, ops, f, budget):

@@ -333,15 +333,15 @@ dclient=()
 # object, which librados' C++ decoder failed with EIO on an EC pool.
 if [ $ec_up = 1 ]; then
   for c in "$here"/diff-cases/ec-*.json; do
-    run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$ec" DIFF_PREFIX=dpdiff \
-      timeout -k 10 300 "$PY" -u "$here/differential.py" --replay "$c"
+    run_counted again_if_crashed env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$ec" DIFF_PREFIX=dpdiff \
+      timeout -k 10 600 "$PY" -u "$here/differential.py" --replay "$c"
   done
 fi
 # The flat ones on the replicated data pool, the clone ones on the EC pool when it is up.
 cpool=$dp; [ $ec_up = 1 ] && cpool=$ec
-run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$dp" DIFF_PREFIX=dpdiff \
+run_counted again_if_crashed env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$dp" DIFF_PREFIX=dpdiff \
   timeout -k 10 600 "$PY" -u "$here/differential.py" --seqs "$dseqs" --seed 4100
-run_counted env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$cpool" DIFF_PREFIX=dpdiff \
+run_counted again_if_crashed env "${dclient[@]}" RADOS_NBD_BIN="$BIN" DIFF_DATA_POOL="$cpool" DIFF_PREFIX=dpdiff \
   DIFF_CLONE_DEPTHS=1,2 timeout -k 10 600 "$PY" -u "$here/differential.py" --clone --seqs "$dseqs" --seed 11100
 
 # The suite's images go; the pool is this suite's own.

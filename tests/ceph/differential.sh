@@ -19,7 +19,7 @@ kind=flat
 for a in "$@"; do [ "$a" = --clone ] && kind=clone; done
 for c in "$here"/diff-cases/$kind-*.json; do
   [ -e "$c" ] || continue
-  run_counted again_if_crashed timeout -k 10 300 "$PY" -u "$here/differential.py" --replay "$c"
+  run_counted again_if_crashed timeout -k 10 600 "$PY" -u "$here/differential.py" --replay "$c"
 done
 # The test process (python3-rbd, librados) has crashed by itself: see again_if_crashed.
 run_counted again_if_crashed timeout -k 10 "${DIFF_TIMEOUT:-1500}" "$PY" -u "$here/differential.py" "$@"
