@@ -273,7 +273,9 @@ mod tests {
         let rm = OwnerAction::SnapRemove { name: "s1".into() };
         let build = request_builder(&spec, &rm).unwrap();
         assert_eq!(build(id), owner_msgs::request_for(id, &rm).unwrap());
-        let e = request_builder(&spec, &OwnerAction::ReleaseLock).err().unwrap();
+        let e = request_builder(&spec, &OwnerAction::ReleaseLock)
+            .err()
+            .unwrap();
         assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(e.to_string().contains("--wait-for-lock"), "{e}");
         let group = OwnerAction::NsSnapRemove {
@@ -283,7 +285,8 @@ mod tests {
         let e = request_builder(&spec, &group).err().unwrap();
         assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(
-            e.to_string().contains("snap rm g of rbd/img is not a request"),
+            e.to_string()
+                .contains("snap rm g of rbd/img is not a request"),
             "{e}"
         );
     }
