@@ -423,8 +423,8 @@ def watched(run, on_hang):
     mutex whose memory was garbage, the main thread waiting for the open forever), the
     same corrupted heap its crashes come from (tests/lib.sh, again_if_crashed). When one
     operation of a sequence (or its final comparisons) takes longer than HANG_S seconds,
-    the watchdog prints on_hang()'s lines (the FAIL line of a failure being minimised, so
-    that it is not lost), every thread's stack, ends the processes this one started
+    the watchdog calls on_hang() (which prints the FAIL line of a failure being minimised,
+    so that it is not lost), prints every thread's stack, ends the processes this one started
     (servers, `rbd` commands; by pid), and exits with HUNG_EXIT. Without a FAIL line
     again_if_crashed runs the program once more: a hang that rados-nbd causes comes back
     at the same seed and fails the second run. What the run made (images, its work
@@ -434,8 +434,7 @@ def watched(run, on_hang):
     import threading
 
     def hung(label):
-        for line in on_hang():
-            print(line)
+        on_hang()
         print(f"hung: sequence {label} made no progress for {HANG_S:.0f} s (one operation "
               "or the final comparisons); the stacks of this process's threads follow",
               flush=True)
@@ -494,7 +493,7 @@ class Campaign:
     def __init__(self, name, script, prefix, reference, work, run, hint=None, note=None):
         self.name, self.script, self.prefix, self.reference = name, script, prefix, reference
         self.work, self.run, self.hint = work, watched(run, self._on_hang), hint
-        # The failure being minimised: (what, Failure, its operations, the case).
+        # The failure being minimised: (seed, geo, ops, Failure).
         self.minimising = None
         self.note = note or (lambda replay: "")
 
@@ -502,14 +501,14 @@ class Campaign:
         hint = f" [{self.hint(f, ops)}]" if self.hint else ""
         print(f"FAIL {self.name} {what}: {f}{hint}")
 
+    def _fail_unminimised(self, seed, geo, ops, f, why=""):
+        self._fail(f"seed {seed}{why}", f, ops)
+        print(f"#   {dumps(case_of(seed, geo, ops[:f.at + 1]))}")
+
     def _on_hang(self):
         """What a hang must not lose: the failure being minimised, unminimised."""
-        if self.minimising is None:
-            return []
-        what, f, ops, case = self.minimising
-        hint = f" [{self.hint(f, ops)}]" if self.hint else ""
-        return [f"FAIL {self.name} {what}: {f}{hint} (its minimisation hung)",
-                f"#   {dumps(case)}"]
+        if self.minimising is not None:
+            self._fail_unminimised(*self.minimising, why=" (its minimisation hung)")
 
     def replay(self, case):
         """Runs a case printed by a failure: the exit status."""
@@ -545,11 +544,9 @@ class Campaign:
                 continue
             failed[f.kind] = 1
             if no_minimise or time.monotonic() - t0 > minimise_until:
-                self._fail(f"seed {seed}", f, ops)
-                print(f"#   {dumps(case_of(seed, geo, ops[:f.at + 1]))}")
+                self._fail_unminimised(seed, geo, ops, f)
             else:
-                self.minimising = (f"seed {seed}", f, ops[:f.at + 1],
-                                   case_of(seed, geo, ops[:f.at + 1]))
+                self.minimising = (seed, geo, ops, f)
                 self._minimise(seed, geo, ops, f, budget)
                 self.minimising = None
         return first, failed, serves, time.monotonic() - t0
