@@ -373,11 +373,16 @@ class Run(diffops.Serves):
                 sh(["rbd", "resize", "--allow-shrink", "--no-progress", "--size", f"{new}B",
                     f"{POOL}/{self.a}"])
                 # Clients connected before a resize keep the old size: reconnect. Without
-                # exclusive-lock rbd resized it itself and announced it: followed as the
-                # announcement comes, as by librbd's clients (a few tries).
-                if not self.reconnect_at(new, 1 if self.lock else 50):
-                    raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to {new}"
-                                  f"{'' if self.lock else ' (no exclusive-lock: done by rbd)'}")
+                # exclusive-lock, or with the lock handed over to a writer since gone (rbd
+                # took it itself: nobody held it), rbd resized it itself and announced it:
+                # followed as the announcement comes, as by librbd's clients (a few tries).
+                # Only an owner asked to resize has done it by the time rbd returns.
+                by_rbd = not self.lock or self.owner_away
+                if not self.reconnect_at(new, 50 if by_rbd else 1):
+                    why = (" (lock handed over: done by rbd)" if self.owner_away else
+                           " (no exclusive-lock: done by rbd)" if by_rbd else "")
+                    raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to "
+                                  f"{new}{why}")
             else:
                 sh(self.env.rn + ["resize", "--allow-shrink", "--size", str(new), f"{POOL}/{self.a}"])
             self.bimg.resize(new)
