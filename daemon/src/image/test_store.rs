@@ -50,6 +50,13 @@ pub(super) struct MemImage {
     /// How long `sync` and `set_flags` take (a slow disk or OSD): widens the windows
     /// where a checkpoint and requests interleave.
     slow: Option<std::time::Duration>,
+    /// How long each `remove` takes (a round trip to the OSD), and how many were under
+    /// way at once at most (see `max_removes_at_once`).
+    slow_remove: Option<std::time::Duration>,
+    removing: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
     /// Answers `holds_no_data` (an object of zeros only), as a store that punches holes.
     punches: bool,
     /// Holds every head listing until released, or fails it (see `ListingHold`).
@@ -161,6 +168,8 @@ impl MemImage {
             snap: None,
             audit: false,
             slow: None,
+            slow_remove: None,
+            removing: Default::default(),
             punches: false,
             hold: None,
         }
@@ -195,6 +204,17 @@ impl MemImage {
     pub(super) fn slowed(mut self, d: std::time::Duration) -> Self {
         self.slow = Some(d);
         self
+    }
+
+    /// This handle, taking `d` for each `remove`.
+    pub(super) fn slow_removes(mut self, d: std::time::Duration) -> Self {
+        self.slow_remove = Some(d);
+        self
+    }
+
+    /// The most `remove`s this handle (and its clones) had under way at once.
+    pub(super) fn max_removes_at_once(&self) -> usize {
+        self.removing.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes the next `n` copy-ups fail (an OSD error, a lost lock) without changing
@@ -545,6 +565,13 @@ impl ImageStore for MemImage {
         Ok(())
     }
     async fn remove(&self, o: u64, _durable: bool) -> Result<()> {
+        if let Some(d) = self.slow_remove {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.removing.0.fetch_add(1, SeqCst) + 1;
+            self.removing.1.fetch_max(now, SeqCst);
+            tokio::time::sleep(d).await;
+            self.removing.0.fetch_sub(1, SeqCst);
+        }
         self.writable("written");
         self.audit("remove", o);
         self.note(format!("remove({o})"));

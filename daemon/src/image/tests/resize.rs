@@ -85,3 +85,31 @@ async fn resize_grows_and_shrinks_like_librbd() {
     );
     ro.close().await.unwrap();
 }
+
+/// A shrink removes the objects past the new end MANAGEMENT_CONCURRENCY at a time, as
+/// librbd's trim does: requests wait for the whole shrink, so removing them one round
+/// trip after another would hold them off for as many round trips as there are objects.
+#[tokio::test(start_paused = true)]
+async fn a_shrink_removes_objects_several_at_a_time() {
+    let rtt = Duration::from_millis(10);
+    let mem = MemImage::new(64 * OBJ, DEFAULT_FEATURES)
+        .audited()
+        .slow_removes(rtt);
+    let img = Image::from_store_image(mem.clone(), &spec("vm1"), &OpenOptions::default())
+        .await
+        .unwrap();
+    for o in 0..64 {
+        img.write(o * OBJ + 512, Bytes::from_static(b"data"), false)
+            .await
+            .unwrap();
+    }
+    let start = tokio::time::Instant::now();
+    img.resize(4 * OBJ, true).await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(mem.objects(), [0, 1, 2, 3]);
+    assert_eq!(img.object_map().unwrap().len(), 4);
+    assert_eq!(mem.max_removes_at_once(), MANAGEMENT_CONCURRENCY);
+    // 60 removals: 6 round trips, not 60.
+    assert!(took < rtt * 10, "the shrink took {took:?}");
+    assert_eq!(&read_all(&img, 3 * OBJ + 512, 4).await, b"data");
+}
