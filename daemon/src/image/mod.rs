@@ -268,7 +268,7 @@ impl<S: ImageStore> Image<S> {
 
     /// Runs `one` on every object `0..total`, [`MANAGEMENT_CONCURRENCY`] at a time, each
     /// under `gate` (refused once the image is closing), with `progress(done, total)`
-    /// after each; the first error ends it.
+    /// after each; the first error ends it (see [`all_concurrently`]).
     async fn for_each_object<F, Fut>(
         &self,
         total: u64,
@@ -280,8 +280,10 @@ impl<S: ImageStore> Image<S> {
         Fut: Future<Output = Result<()>>,
     {
         let one = &one;
-        let mut each = stream::iter(0..total)
-            .map(|objno| async move {
+        let mut done = 0;
+        all_concurrently(
+            0..total,
+            |objno| async move {
                 let g = self.gate.read().await;
                 if *g {
                     return Err(Error::new(ErrorKind::Interrupted, "the image is closing"));
@@ -295,14 +297,51 @@ impl<S: ImageStore> Image<S> {
                 let r = one(objno).await;
                 drop(g);
                 r
-            })
-            .buffer_unordered(MANAGEMENT_CONCURRENCY);
-        let mut done = 0;
-        while let Some(r) = each.next().await {
-            r?;
-            done += 1;
-            progress(done, total);
-        }
-        Ok(())
+            },
+            || {
+                done += 1;
+                progress(done, total);
+            },
+        )
+        .await
     }
+}
+
+/// Runs `one` on every item, [`MANAGEMENT_CONCURRENCY`] at a time, calling `done()`
+/// after each that succeeds, and returns the first error. After it no new item starts,
+/// but those under way run to their end: dropping one would not stop what it already
+/// asked of the store (a removal or a copy-up runs on in a blocking thread or in the
+/// OSD), and it would land behind the object map's back, after the caller gave up the
+/// gate or the lock.
+async fn all_concurrently<T, F, Fut>(
+    items: impl IntoIterator<Item = T>,
+    one: F,
+    mut done: impl FnMut(),
+) -> Result<()>
+where
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let failed = AtomicBool::new(false);
+    let (one, failed) = (&one, &failed);
+    let mut each = stream::iter(items)
+        .map(|item| async move {
+            if failed.load(Ordering::Acquire) {
+                return None;
+            }
+            Some(one(item).await)
+        })
+        .buffer_unordered(MANAGEMENT_CONCURRENCY);
+    let mut first = None;
+    while let Some(r) = each.next().await {
+        match r {
+            Some(Ok(())) => done(),
+            Some(Err(e)) => {
+                failed.store(true, Ordering::Release);
+                first.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    first.map_or(Ok(()), Err)
 }

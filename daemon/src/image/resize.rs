@@ -1,10 +1,9 @@
 //! Resizing an image, and the requests other clients address to the lock holder.
 
 use super::map::new_map;
-use super::{Image, MANAGEMENT_CONCURRENCY, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
+use super::{all_concurrently, Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ImageStore, OwnerAction, OwnerRequest, SnapNamespace};
-use futures_util::stream::{self, StreamExt};
 use objmap::ObjectState;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -115,23 +114,23 @@ impl<S: ImageStore> Image<S> {
             // MANAGEMENT_CONCURRENCY at a time, as librbd's trim removes them
             // (`rbd_concurrent_management_ops`), not one round trip after another.
             let map = &map;
-            let mut removals = stream::iter(doomed)
-                .map(|objno| async move {
+            all_concurrently(
+                doomed,
+                |objno| async move {
                     self.store.remove(objno, false).await?;
                     // Gone: should a later step fail, the image keeps its old size and
                     // map, which must not claim an object that is not there (inside a
-                    // parent overlap, a claim lets a change skip its copy-up). One still
-                    // under way when another fails stays claimed: the harmless way.
+                    // parent overlap, a claim lets a change skip its copy-up). So a
+                    // failure lets the removals under way end and be marked.
                     if let Some(m) = map {
                         m.set(objno, ObjectState::Nonexistent);
                     }
-                    Ok::<(), Error>(())
-                })
-                .buffer_unordered(MANAGEMENT_CONCURRENCY);
-            while let Some(r) = removals.next().await {
-                r.map_err(ctx)?;
-            }
-            drop(removals);
+                    Ok(())
+                },
+                || {},
+            )
+            .await
+            .map_err(ctx)?;
             let tail = new_size % osize;
             let last = new_count.saturating_sub(1);
             if tail != 0
