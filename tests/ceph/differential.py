@@ -321,7 +321,9 @@ class Run(diffops.Serves):
     def run_op(self, op):
         k = op[0]
         h, b = self.h, self.bimg
-        if k in ("write", "trim", "zero", "ro", "oob") or (
+        # Not "oob": a TRIM past the end is refused before it reaches the image, so it
+        # takes nothing back.
+        if k in ("write", "trim", "zero", "ro") or (
                 k == "burst" and any(x[0] != "read" for x in op[1])):
             self.owner_away = False  # the request takes the lock back
         if k in ("write", "trim", "zero"):
@@ -593,8 +595,9 @@ class Run(diffops.Serves):
             self.rollbacks.append(self.snap_count)
             new = self.bimg.size()
             if new != self.size and not self.reconnect_at(new, 50):
+                why = "lock handed over" if self.lock else "no exclusive-lock"
                 raise Failure("rollback served", f"NBD size {self.h.get_size()} after rbd "
-                              f"snap rollback (no exclusive-lock) to a {new}-byte snapshot")
+                              f"snap rollback ({why}) to a {new}-byte snapshot")
             self.size = new
             return
         if self.server is not None:
