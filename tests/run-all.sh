@@ -51,13 +51,17 @@ suite "quiesce hooks around snapshots (directory store)" bash tests/quiesce/run.
 suite "reliability: crashes, ENOSPC/EIO, load, hostile clients, security" bash tests/reliability/run.sh
 # The fuzzers need neither a cluster nor a VM, and the Ceph suites mostly wait (on the OSD,
 # on watch and lock timeouts; much of the CPU is idle through them): the fuzz
-# build and its 30 s run go beside them at the lowest CPU priority, and are counted after.
+# build and its 30 s run go beside them at the lowest CPU and disk priority, and are
+# counted after. In a process group of their own, ended with the test command should it be
+# stopped first (a background job of a script does not get the terminal's ^C).
 fuzz_log=$(mktemp)
-nice -n 19 bash fuzz/run.sh 30 >"$fuzz_log" 2>&1 &
+setsid ionice -c3 nice -n 19 bash fuzz/run.sh 30 >"$fuzz_log" 2>&1 &
 fuzz_pid=$!
+trap '[ -n "${fuzz_pid:-}" ] && kill -- "-$fuzz_pid" 2>/dev/null' EXIT
 [ -f tests/ceph/run.sh ] && suite tests/ceph/run.sh bash tests/ceph/run.sh
 fuzz_rc=0
 wait "$fuzz_pid" || fuzz_rc=$?
+fuzz_pid=
 suite "fuzz: handshake, transmission, request parser (30 s, run beside the Ceph suites)" \
   bash -c 'cat "$1"; exit "$2"' fuzz "$fuzz_log" "$fuzz_rc"
 rm -f "$fuzz_log"
