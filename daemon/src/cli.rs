@@ -57,6 +57,12 @@ pub struct Cli {
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
 
+    /// rbd-nbd's (Ceph's) `-d` and `-f`, before or after the command: run `map` or
+    /// `attach` in the foreground, as `--foreground` does (rbd-nbd's `-d` logs to stderr,
+    /// `-f` to its log file: ours logs to stderr, or to --log-file, either way).
+    #[arg(short = 'd', short_alias = 'f', global = true, hide = true)]
+    pub rbd_nbd_foreground: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -275,6 +281,26 @@ impl Cli {
     /// error); `--name client.ID` is `--id ID`. Call once, before [`Cli::ceph_access`].
     pub fn resolve_rbd_spellings(&mut self) -> crate::error::Result<()> {
         use crate::error::{Error, ErrorKind};
+        if std::mem::take(&mut self.rbd_nbd_foreground) {
+            #[cfg(target_os = "linux")]
+            if let Command::Kernel(
+                crate::kernel::cli::KernelCommand::Map(crate::kernel::cli::MapArgs {
+                    opts, ..
+                })
+                | crate::kernel::cli::KernelCommand::Attach(crate::kernel::cli::AttachArgs {
+                    opts,
+                    ..
+                }),
+            ) = &mut self.command
+            {
+                opts.foreground = true;
+                return self.resolve_rbd_spellings();
+            }
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "-d/-f (rbd-nbd's foreground switches) are for map and attach",
+            ));
+        }
         if let Some(n) = self.name.take() {
             match n.strip_prefix("client.") {
                 Some(id) if !id.is_empty() => self.id = Some(id.to_string()),
@@ -344,6 +370,34 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn rbd_nbd_foreground_switches() {
+        use crate::kernel::cli::{KernelCommand, MapArgs};
+        let foreground = |args: &[&str]| match resolved(args).unwrap().command {
+            Command::Kernel(KernelCommand::Map(MapArgs { opts, .. })) => opts.foreground,
+            Command::Kernel(KernelCommand::Attach(a)) => a.opts.foreground,
+            c => panic!("{c:?}"),
+        };
+        // rbd-nbd -d map IMAGE, rbd-nbd map -f IMAGE, ...: each is --foreground.
+        for args in [
+            &["-d", "map", "rbd/img"][..],
+            &["map", "-d", "rbd/img"],
+            &["-f", "map", "rbd/img"],
+            &["map", "rbd/img", "-f"],
+            &["-d", "attach", "--device", "/dev/nbd0", "rbd/img"],
+            &["map", "--foreground", "-d", "rbd/img"],
+        ] {
+            assert!(foreground(args), "{args:?}");
+        }
+        assert!(!foreground(&["map", "rbd/img"]));
+        // Elsewhere they mean nothing, and are refused rather than ignored.
+        for args in [&["-d", "ls"][..], &["unmap", "-f", "/dev/nbd0"]] {
+            let e = resolved(args).expect_err("refused");
+            assert!(e.to_string().contains("for map and attach"), "{e}");
+        }
     }
 
     #[test]
