@@ -154,7 +154,7 @@ class RadosNbdDir(Server):
         self.store = os.path.join(self.work, "store")
         os.makedirs(self.store, exist_ok=True)
         self.export = f"bench-{self.id}"
-        subprocess.run([BIN, "create", "--size", str(self.size), self.export], env=self.env(), check=True)
+        subprocess.run([BIN, "create", "--size", f"{self.size}B", self.export], env=self.env(), check=True)
 
     def env(self):
         return dict(os.environ, RADOS_NBD_STORE=self.store)

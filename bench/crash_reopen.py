@@ -101,7 +101,7 @@ def main():
                 rn += ["--id", a.id, "--keyring", a.keyring]
             img = f"crash-bench-{os.getpid()}"
         uri = f"nbd+unix:///{img}?socket={sock}"
-        subprocess.run(rn + ["create", "--size", str(size), "--object-size",
+        subprocess.run(rn + ["create", "--size", f"{size}B", "--object-size",
                         str(osize), img], env=env, check=True, stdout=subprocess.DEVNULL)
         p = serve(rn, img, sock, os.path.join(work, "fill.log"), env)
         wait_socket(sock, p, time.time() + 60)

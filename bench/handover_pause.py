@@ -126,7 +126,7 @@ def main():
         print(f"{mode:24}: pause {pause * 1000:8.1f} ms {extra}", flush=True)
 
     try:
-        subprocess.run(rn + ["create", "--size", str(SIZE), img], env=env, check=True,
+        subprocess.run(rn + ["create", "--size", f"{SIZE}B", img], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         src, sock, log, uri = serve()
         h = wait_connect(uri, sock, src, time.time() + 60)

@@ -76,7 +76,8 @@ pub enum Format {
 
 #[derive(Args, Debug, Clone)]
 pub struct CreateArgs {
-    /// Image size (K/M/G/T/P suffixes).
+    /// Image size: MiB as in `rbd create` (`--size 10240` is 10 GiB), or with a unit
+    /// (B for bytes, K/M/G/T/P).
     #[arg(long, short = 's')]
     pub size: String,
     /// Object size, a power of two from 4K to 32M.
@@ -206,7 +207,7 @@ pub enum Command {
     /// Resize an image, like `rbd resize`; also while it is served or mapped (the
     /// serving daemon does it, and a mapped /dev/nbdX follows).
     Resize {
-        /// New size (K/M/G/T/P suffixes).
+        /// New size: MiB as in `rbd resize`, or with a unit (B for bytes, K/M/G/T/P).
         #[arg(long, short = 's')]
         size: String,
         /// Allow making the image smaller (what lies past the new end is discarded).

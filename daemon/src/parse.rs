@@ -30,6 +30,17 @@ pub fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
+/// `create --size` and `resize --size`: as `rbd` reads them, a number without a unit is
+/// MiB (`--size 10240` is 10 GiB, not 10 KiB), so a script written for `rbd create` makes
+/// the same image; `B` gives bytes (`1048576B`), K/M/G/T/P the binary units.
+pub fn parse_image_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return parse_size(&format!("{t}M"));
+    }
+    parse_size(t)
+}
+
 /// `--object-size`: a power of two from 4K to 32M, returned as its log2 (the order).
 pub fn parse_object_size(s: &str) -> Result<u8> {
     let n = parse_size(s).map_err(|e| e.context("--object-size"))?;
@@ -188,6 +199,17 @@ mod tests {
         assert!(parse_size("-1").is_err());
         assert!(parse_size("4X").is_err());
         assert!(parse_size("99999999999P").is_err());
+        // Image sizes as rbd reads them: MiB unless a unit says otherwise.
+        assert_eq!(parse_image_size("10").unwrap(), 10 << 20);
+        assert_eq!(parse_image_size(" 10240 ").unwrap(), 10 << 30);
+        assert_eq!(parse_image_size("4096B").unwrap(), 4096);
+        assert_eq!(parse_image_size("3G").unwrap(), 3 << 30);
+        assert_eq!(parse_image_size("0").unwrap(), 0);
+        assert!(parse_image_size("").is_err());
+        assert!(
+            parse_image_size("99999999999999").is_err(),
+            "overflows as MiB"
+        );
     }
 
     #[test]

@@ -88,6 +88,24 @@ fn image_id(store: &Path, pool: &str, name: &str) -> String {
     std::fs::read_to_string(store.join(pool).join(format!("rbd_id.{name}"))).unwrap()
 }
 
+/// `--size` as `rbd create` and `rbd resize` read it: a number alone is MiB, `B` is bytes.
+#[test]
+fn sizes_without_a_unit_are_mib_as_in_rbd() {
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    let size = |name: &str| json(&ok(s, &["info", name, "--format", "json"]))["size"].clone();
+    ok(s, &["create", "--size", "10", "a"]);
+    assert_eq!(size("a"), 10u64 << 20);
+    ok(s, &["create", "--size", "12288B", "b"]);
+    assert_eq!(size("b"), 12288);
+    ok(s, &["resize", "--size", "20", "a"]);
+    assert_eq!(size("a"), 20u64 << 20);
+    // 20 bytes would be a shrink; 20 MiB is the size it has, so nothing to do.
+    ok(s, &["resize", "--size", "20", "a"]);
+    ok(s, &["resize", "--size", "4194304B", "--allow-shrink", "a"]);
+    assert_eq!(size("a"), 4u64 << 20);
+}
+
 #[test]
 fn create_info_ls_rm() {
     let d = tempfile::tempdir().unwrap();

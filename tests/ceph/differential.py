@@ -386,7 +386,7 @@ class Run(diffops.Serves):
                     raise Failure("resize", f"NBD size {self.h.get_size()} after rbd resize to "
                                   f"{new}{why}")
             else:
-                sh(self.env.rn + ["resize", "--allow-shrink", "--size", str(new), f"{POOL}/{self.a}"])
+                sh(self.env.rn + ["resize", "--allow-shrink", "--size", f"{new}B", f"{POOL}/{self.a}"])
             self.bimg.resize(new)
             self.size = new
         elif k == "ro":

@@ -61,7 +61,7 @@ class Run(diffops.Serves):
         self.rn = [bin_, "--store", f"dir:{self.root}"]
         self.work = work
         self.log = os.path.join(self.root, "serve.log")
-        sh(self.rn + ["create", "--size", str(geo.size), "--object-size", str(geo.obj), IMG])
+        sh(self.rn + ["create", "--size", f"{geo.size}B", "--object-size", str(geo.obj), IMG])
         self.data = bytearray(geo.size)
         self.exists = [False] * self.objects()
         # (name, size, bytes) of each snapshot, oldest first.
@@ -146,7 +146,7 @@ class Run(diffops.Serves):
             new = op[1]
             if new == self.size:
                 return
-            sh(self.rn + ["resize", "--allow-shrink", "--size", str(new), IMG])
+            sh(self.rn + ["resize", "--allow-shrink", "--size", f"{new}B", IMG])
             self.model_resize(new)
             if self.server is not None:
                 hang_up(self.h)   # a client keeps the size it was told: reconnect

@@ -20,7 +20,7 @@ use crate::cli::{Cli, Command, ObjectMapCommand};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image;
-use crate::parse::parse_size;
+use crate::parse::parse_image_size;
 use crate::serve;
 use crate::spec::ImageSpec;
 use crate::store::{
@@ -172,7 +172,7 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             size,
             allow_shrink,
         } => {
-            let size = parse_size(&size).map_err(|e| e.context("--size"))?;
+            let size = parse_image_size(&size).map_err(|e| e.context("--size"))?;
             resize::resize(
                 &store,
                 &parse_head_spec(&image, "resize")?,
