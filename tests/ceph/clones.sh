@@ -394,6 +394,25 @@ rbd clone trp1_$$@p tr1c_$$ --rbd-default-clone-format 1
 check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
   "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
 rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
+# Unprotect, as librbd's: refused while a format-1 clone is recorded in any pool's
+# rbd_children (here another pool's), allowed with format-2 clones only (they do not need
+# the snapshot protected; rbd unprotects it too).
+op=clones-other-$$
+ceph osd pool create "$op" 8 >/dev/null 2>&1 && rbd pool init "$op"
+rbd create --size 4M tup_$$ && rbd snap create tup_$$@p >/dev/null 2>&1 && rbd snap protect tup_$$@p
+rbd clone tup_$$@p "$op/tupc1_$$" --rbd-default-clone-format 1
+check "unprotect refused with a format-1 clone in another pool (rbd refuses it too)" bash -c \
+  "! $RNQ snap unprotect tup_$$@p 2>'$work/tup.err' && grep -q 'format-1 clone.*$op' '$work/tup.err' &&
+   rbd info tup_$$@p | grep -q 'protected: True' && ! rbd snap unprotect tup_$$@p 2>/dev/null"
+rbd rm "$op/tupc1_$$" >/dev/null 2>&1
+rbd clone tup_$$@p tupc2_$$ --rbd-default-clone-format 2
+rbd clone tup_$$@p "$op/tupc3_$$" --rbd-default-clone-format 2
+check "unprotect with format-2 clones only: done, as rbd does it" bash -c \
+  "$RNQ snap unprotect tup_$$@p && rbd info tup_$$@p | grep -q 'protected: False' &&
+   [ \"\$(rbd children tup_$$@p | sort | tr '\n' ' ')\" = '$op/tupc3_$$ rbd/tupc2_$$ ' ]"
+rbd rm tupc2_$$ >/dev/null 2>&1; rbd rm "$op/tupc3_$$" >/dev/null 2>&1
+rbd snap purge tup_$$ >/dev/null 2>&1; rbd rm tup_$$ >/dev/null 2>&1
+ceph osd pool rm "$op" "$op" --yes-i-really-really-mean-it >/dev/null 2>&1
 
 # A parent image in the trash waiting for its last clone (source USER_PARENT), as librbd
 # does it: `rm` of an image whose snapshots are all trashed (kept for clones) is refused

@@ -286,25 +286,45 @@ impl Inner {
         r.map_err(|e| e.context(format!("image-meta of {} (key {key})", self.spec)))
     }
 
-    /// Clones of snapshot `id`: format 2 ones counted in the snapshot, format 1 ones
-    /// recorded in this pool's `rbd_children` (librbd also looks in every other pool).
-    async fn snap_children(&self, id: u64) -> Result<u64> {
-        let b = self
-            .meta
-            .exec_read(&self.hdr_oid, RBD, "snapshot_get", &cls::snap_in(id))
-            .await?;
-        let v2 = u64::from(cls::snapshot_get_out(&b)?.child_count);
-        let input = cls::get_children_in(self.meta.pool_id(), &self.id, id);
-        let v1 = match self
-            .meta
-            .exec_read("rbd_children", RBD, "get_children", &input)
-            .await
-        {
-            Ok(b) => cls::get_children_out(&b)?.len() as u64,
-            Err(e) if e.kind == ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
+    /// The format-1 clones of snapshot `id` (pool, child image id), looked for as librbd's
+    /// SnapshotUnprotectRequest does before it unprotects: in `rbd_children` of every pool
+    /// (in this image's namespace: format 1 does not cross namespaces). A pool that is gone
+    /// is skipped; any other failure fails the unprotect, as librbd's, since a clone not
+    /// seen would lose its parent. Format-2 clones do not need the snapshot protected (its
+    /// removal moves it to the trash until the last of them is gone), so librbd does not
+    /// count them, and neither do we.
+    async fn v1_children(&self, id: u64) -> Result<Vec<(String, String)>> {
+        let rados = self.meta.cluster();
+        let pspec = cls::ParentSpec {
+            pool_id: self.meta.pool_id(),
+            namespace: String::new(),
+            image_id: self.id.clone(),
+            snap_id: id,
         };
-        Ok(v1 + v2)
+        let input = cls::v1_child_in(&pspec, None);
+        let mut out = Vec::new();
+        for pool in rados.pool_names()? {
+            let io = match rados.ioctx_in(&pool, self.meta.namespace()) {
+                Ok(io) => io,
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.context(format!("pool {pool}"))),
+            };
+            match io
+                .exec_read("rbd_children", RBD, "get_children", &input)
+                .await
+            {
+                Ok(b) => out.extend(
+                    cls::string_set_out(&b, "rbd.get_children reply")?
+                        .into_iter()
+                        .map(|c| (pool.clone(), c)),
+                ),
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e.context(format!("looking for format-1 clones in pool {pool}")))
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The handle that reads at `snap` (None: the opened snapshot, or the head).
@@ -1341,8 +1361,8 @@ impl ImageStore for CephImage {
         i.change_header("set_protection_status", &set(cls::PROTECTION_UNPROTECTING))
             .await
             .map_err(ctx)?;
-        let children = match i.snap_children(id).await {
-            Ok(n) => n,
+        let children = match i.v1_children(id).await {
+            Ok(c) => c,
             Err(e) => {
                 let _ = i
                     .change_header("set_protection_status", &set(cls::PROTECTION_PROTECTED))
@@ -1350,14 +1370,18 @@ impl ImageStore for CephImage {
                 return Err(ctx(e));
             }
         };
-        if children > 0 {
+        if !children.is_empty() {
             i.change_header("set_protection_status", &set(cls::PROTECTION_PROTECTED))
                 .await
                 .map_err(ctx)?;
+            let mut pools: Vec<&str> = children.iter().map(|(p, _)| p.as_str()).collect();
+            pools.dedup();
             return Err(ctx(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "it has {children} clone(s) (see `rbd children`); flatten or remove them first"
+                    "it has {} format-1 clone(s), in pool(s) {} (see `rbd children`); flatten or remove them first",
+                    children.len(),
+                    pools.join(", ")
                 ),
             )));
         }
