@@ -237,14 +237,17 @@ pub enum Command {
     /// Clone a snapshot into a new copy-on-write image, like `rbd clone`: the child
     /// reads what it has not written from the parent's snapshot.
     Clone {
-        /// 2 (default): no protected snapshot needed, the parent records its children in
-        /// its header; 1: the snapshot must be protected (`rbd snap protect`), for
-        /// clients older than Mimic. Named like rbd's option.
+        /// 2: no protected snapshot needed, the parent records its children in its
+        /// header; 1: the snapshot must be protected (`rbd snap protect`), for clients
+        /// older than Mimic; auto (the default, as rbd's): on Ceph the pool's or this
+        /// client's `rbd_default_clone_format`, else 2 when the cluster requires Mimic or
+        /// newer clients and 1 otherwise; 2 on the directory store. Named like rbd's option.
         #[arg(
             long = "rbd-default-clone-format",
             visible_alias = "clone-format",
-            default_value_t = 2,
-            value_parser = clap::value_parser!(u8).range(1..=2)
+            value_name = "1|2|auto",
+            default_value = "auto",
+            value_parser = parse_clone_format
         )]
         clone_format: u8,
         /// Object size of the child (default: the parent's).
@@ -274,6 +277,16 @@ pub enum Command {
     #[cfg(target_os = "linux")]
     #[command(flatten)]
     Kernel(crate::kernel::cli::KernelCommand),
+}
+
+/// `--rbd-default-clone-format`: 1, 2, or auto (0: as the store's configuration says).
+fn parse_clone_format(s: &str) -> std::result::Result<u8, String> {
+    match s {
+        "1" => Ok(1),
+        "2" => Ok(2),
+        "auto" => Ok(0),
+        _ => Err(format!("{s:?} is not a clone format (1, 2 or auto)")),
+    }
 }
 
 impl Cli {
@@ -366,6 +379,30 @@ mod tests {
         let mut c = Cli::try_parse_from(["rados-nbd"].iter().chain(args)).unwrap();
         c.resolve_rbd_spellings()?;
         Ok(c)
+    }
+
+    #[test]
+    fn clone_formats() {
+        let format = |args: &[&str]| match resolved(args).unwrap().command {
+            Command::Clone { clone_format, .. } => clone_format,
+            c => panic!("{c:?}"),
+        };
+        // auto (0: as the store is configured) unless one is named.
+        assert_eq!(format(&["clone", "p@s", "c"]), 0);
+        assert_eq!(
+            format(&["clone", "--rbd-default-clone-format", "auto", "p@s", "c"]),
+            0
+        );
+        assert_eq!(
+            format(&["clone", "--rbd-default-clone-format", "1", "p@s", "c"]),
+            1
+        );
+        assert_eq!(format(&["clone", "--clone-format", "2", "p@s", "c"]), 2);
+        for bad in ["0", "3", "two"] {
+            assert!(
+                Cli::try_parse_from(["x", "clone", "--clone-format", bad, "p@s", "c"]).is_err()
+            );
+        }
     }
 
     #[test]

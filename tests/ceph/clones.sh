@@ -108,8 +108,19 @@ for fmt in 2 1; do
 done
 
 # --- made by rados-nbd: librbd opens it as a clone of the snapshot.
-check "rados-nbd clone (format 2) of an unprotected snapshot" bash -c \
-  "rbd snap create cbase@u >/dev/null 2>&1 && $RNQ clone cbase@u rn2 2>/dev/null"
+# The clone format as rbd picks it (rbd_default_clone_format, auto by default): this
+# cluster lets clients older than Mimic in (require_min_compat_client luminous), so auto is
+# format 1, which an unprotected snapshot cannot have; rbd clone refuses it too. Then the
+# client's own setting (CEPH_ARGS, as ceph.conf would give it) is followed.
+rbd snap create cbase@u >/dev/null 2>&1
+check "cluster allows pre-Mimic clients: rbd clone of an unprotected snapshot is refused (auto is format 1)" \
+  bash -c "[ \"\$(ceph osd get-require-min-compat-client)\" = luminous ] && ! rbd clone cbase@u rbdauto 2>/dev/null"
+check "... and so is rados-nbd clone (auto), saying why" bash -c \
+  "! $RNQ clone cbase@u rnauto 2>'$work/auto.err' && grep -q 'Mimic' '$work/auto.err' && ! rbd info rnauto >/dev/null 2>&1"
+check "rados-nbd clone with rbd_default_clone_format=2 in the client's config: format 2" bash -c \
+  "CEPH_ARGS='--rbd-default-clone-format 2' $RNQ clone cbase@u rncfg && rbd info rncfg | grep -q 'op_features: clone-child' && rbd rm rncfg >/dev/null 2>&1"
+check "rados-nbd clone --rbd-default-clone-format 2 of an unprotected snapshot" bash -c \
+  "$RNQ clone --rbd-default-clone-format 2 cbase@u rn2 2>/dev/null"
 check "rbd info rn2: parent rbd/cbase@u, overlap 32 MiB, clone-child" bash -c \
   "rbd info rn2 | grep -qx '.parent: rbd/cbase@u' && rbd info rn2 | grep -qx '.overlap: 32 MiB' && rbd info rn2 | grep -q 'op_features: clone-child'"
 check "rbd children cbase@u lists rn2; rados-nbd children agrees" bash -c \
@@ -126,7 +137,7 @@ check "rbd export rn1 equals the parent snapshot" same_export rn1 "$work/base.ra
 
 # rados-nbd flatten (the detach is this store's) of clones without snapshots, format 1
 # (rn1) and 2 (rnf): the bytes stay, rbd sees no parent, the parent forgets the child.
-check "rados-nbd clone cbase@u rnf" "${RN[@]}" clone cbase@u rnf
+check "rados-nbd clone cbase@u rnf" "${RN[@]}" clone --rbd-default-clone-format 2 cbase@u rnf
 for c in rn1:cbase@s rnf:cbase@u; do
   img=${c%%:*} par=${c#*:}
   check "$img: rados-nbd flatten keeps the bytes" bash -c \
@@ -212,7 +223,7 @@ done
 # Across RBD namespaces (format 2 only): the child in namespace cns names its parent in the
 # default one, serves through the restricted client, and is listed as rbd lists it.
 rbd namespace create rbd/cns
-check "rados-nbd clone into another namespace" "${RN[@]}" clone cbase@u rbd/cns/xns
+check "rados-nbd clone into another namespace" "${RN[@]}" clone --rbd-default-clone-format 2 cbase@u rbd/cns/xns
 check "rbd info rbd/cns/xns: parent rbd/cbase@u" bash -c "rbd info rbd/cns/xns | grep -qx '.parent: rbd/cbase@u'"
 check "info rbd/cns/xns shows the parent as rbd info" info_like_rbd rbd/cns/xns
 check "rbd export rbd/cns/xns equals the parent snapshot" same_export rbd/cns/xns "$work/base.raw"

@@ -151,7 +151,7 @@ cp "$work/dpa-s1.raw" "$work/dpa.raw"
 
 # --- clones: a plain child reads its data-pool parent's objects (copy-up from the
 # parent's data pool), children with a data pool of their own.
-check "clone rbd/dpa@s1 rbd/dpc (no data pool)" "${RN[@]}" clone rbd/dpa@s1 rbd/dpc
+check "clone rbd/dpa@s1 rbd/dpc (no data pool)" "${RN[@]}" clone --rbd-default-clone-format 2 rbd/dpa@s1 rbd/dpc
 check "dpc: no data pool (a clone does not inherit it, as rbd clone)" bash -c \
   "rbd info rbd/dpc --format json | jq -e '(has(\"data_pool\") | not) and (.features | index(\"data-pool\") | not)'"
 cp "$work/dpa-s1.raw" "$work/dpc.raw"
@@ -170,7 +170,7 @@ check "dpc: its objects in the metadata pool, none in $dp" bash -c \
   "p=\$(rbd info rbd/dpc --format json | jq -r .block_name_prefix); [ \$(count rbd \$p) = 3 ] && [ \$(count $dp \$p) = 0 ]"
 check "dpa@s1 unchanged by the child's writes" export_is rbd/dpa@s1 "$work/dpa-s1.raw"
 
-check "clone --data-pool $dp rbd/dpa@s1 rbd/dpd" "${RN[@]}" clone --data-pool "$dp" rbd/dpa@s1 rbd/dpd
+check "clone --data-pool $dp rbd/dpa@s1 rbd/dpd" "${RN[@]}" clone --rbd-default-clone-format 2 --data-pool "$dp" rbd/dpa@s1 rbd/dpd
 check "dpd: rbd info shows data_pool $dp and the parent" bash -c \
   "rbd info rbd/dpd --format json | jq -e '.data_pool == \"$dp\" and .parent.image == \"dpa\"'"
 cp "$work/dpa-s1.raw" "$work/dpd.raw"
@@ -305,7 +305,7 @@ if [ $ec_up = 1 ]; then
   check "ec1@s1: rbd object-map check passes" omap_check rbd/ec1@s1
   check "ec1: its data objects (0, 2, 7) in $ec" bash -c "[ \$(count $ec $(prefix_of rbd/ec1)) = 3 ]"
   check "clone --data-pool $ec rbd/ec1@s1 rbd/ec1c" \
-    "${RN[@]}" clone --data-pool "$ec" rbd/ec1@s1 rbd/ec1c
+    "${RN[@]}" clone --rbd-default-clone-format 2 --data-pool "$ec" rbd/ec1@s1 rbd/ec1c
   cp "$work/ec1-s1.raw" "$work/ec1c.raw"
   img=ec1c
   serve rbd/ec1c

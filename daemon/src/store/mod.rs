@@ -317,7 +317,8 @@ pub enum ObjectWrite {
 pub struct CloneOptions {
     /// 1: the parent snapshot must be protected and the child is recorded in
     /// `rbd_children`; 2: no protection needed, the child is recorded in the parent's
-    /// header (`rbd clone --rbd-default-clone-format`).
+    /// header (`rbd clone --rbd-default-clone-format`); 0: as the store is configured
+    /// (Ceph: librbd's `rbd_default_clone_format` and its `auto`; the directory store: 2).
     pub clone_format: u8,
     pub features: u64,
     pub order: u8,

@@ -512,10 +512,17 @@ impl CephStore {
                 "cannot clone into {child}: a snapshot name is not allowed"
             ));
         }
-        if !matches!(opts.clone_format, 1 | 2) {
-            return invalid(format!("clone format {} is not 1 or 2", opts.clone_format));
-        }
-        if opts.clone_format == 1 && parent.namespace != child.namespace {
+        let format = match opts.clone_format {
+            1 | 2 => opts.clone_format,
+            0 => {
+                let cio = self.pool(&child.pool, &child.namespace).await?;
+                configured_clone_format(&cio)
+                    .await
+                    .map_err(|e| e.context(format!("cloning {parent} into {child}")))?
+            }
+            f => return invalid(format!("clone format {f} is not 1, 2 or auto")),
+        };
+        if format == 1 && parent.namespace != child.namespace {
             return invalid(format!(
                 "cannot clone {parent} into {child}: clone format 1 cannot cross RBD namespaces (use format 2)"
             ));
@@ -547,10 +554,18 @@ impl CephStore {
                 .await?;
             Ok::<bool, Error>(b.first() == Some(&cls::PROTECTION_STATUS_PROTECTED))
         };
-        if opts.clone_format == 1 && !protected().await? {
+        if format == 1 && !protected().await? {
+            // rbd's "parent snapshot must be protected", with the way out.
+            let why = if opts.clone_format == 0 {
+                " (format 1 is what rbd_default_clone_format says, or its auto picks while \
+                 the cluster lets clients older than Mimic in; `ceph osd \
+                 set-require-min-compat-client mimic` changes that)"
+            } else {
+                ""
+            };
             return invalid(format!(
-                "cannot clone {parent} with clone format 1: the snapshot is not protected \
-                 (rbd snap protect {parent}, or use clone format 2)"
+                "cannot clone {parent} with clone format 1{why}: the snapshot is not \
+                 protected (rbd snap protect {parent}, or --rbd-default-clone-format 2)"
             ));
         }
         let cio = self.pool(&child.pool, &child.namespace).await?;
@@ -596,7 +611,7 @@ impl CephStore {
                 }
                 Err(e) => return Err(e),
             }
-            if opts.clone_format == 2 {
+            if format == 2 {
                 let f = cls::OP_FEATURE_CLONE_CHILD;
                 cio.exec_write(
                     &chdr,
@@ -662,7 +677,7 @@ impl CephStore {
         .await;
         if let Err(e) = r {
             if linked.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = if opts.clone_format == 2 {
+                let _ = if format == 2 {
                     pio.exec_write(
                         &phdr,
                         RBD,
@@ -683,7 +698,7 @@ impl CephStore {
             let _ = self.remove_image(child).await;
             return Err(e.context(format!("cloning {parent} into {child}")));
         }
-        tracing::info!(parent = %parent, child = %child, id = %cid, format = opts.clone_format, "cloned");
+        tracing::info!(parent = %parent, child = %child, id = %cid, format = format, "cloned");
         Ok(())
     }
 
@@ -966,6 +981,26 @@ async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// librbd's `rbd_default_clone_format` (CloneRequest): the pool's own setting (`rbd
+/// config pool set`), else this client's (ceph.conf, CEPH_ARGS, the monitors' database),
+/// else `auto`; `auto` is format 2 only when the cluster lets no client older than Mimic
+/// in (the larger of the OSD map's minimum and `require_min_compat_client`), since older
+/// clients cannot open a format-2 clone, and format 1 otherwise. Other values are 2, as in
+/// librbd.
+async fn configured_clone_format(io: &IoCtx) -> Result<u8> {
+    const OPT: &str = "rbd_default_clone_format";
+    const MIMIC: i8 = 13;
+    let v = match pool_config(io, OPT).await {
+        Some(v) => v,
+        None => io.cluster().conf_get(OPT).unwrap_or_else(|| "auto".into()),
+    };
+    Ok(match v.as_str() {
+        "1" => 1,
+        "auto" if io.cluster().min_compatible_client()? < MIMIC => 1,
+        _ => 2,
+    })
 }
 
 /// librbd's `rbd_move_parent_to_trash_on_remove` as librbd resolves it: the pool's own

@@ -121,10 +121,10 @@ pub(super) async fn clone_image(
             format!("cloning into {child}: the clone cannot be a snapshot"),
         ));
     }
-    if !matches!(opts.clone_format, 1 | 2) {
+    if !matches!(opts.clone_format, 0..=2) {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("clone format {} (1 or 2)", opts.clone_format),
+            format!("clone format {} (1, 2, or 0: auto)", opts.clone_format),
         ));
     }
     if let Some(p) = &opts.data_pool {
@@ -140,7 +140,11 @@ pub(super) async fn clone_image(
     let ppool = store.pool_dir(&parent.pool);
     let cpool = store.pool_dir(&child.pool);
     let desc = store.describe();
-    let (parent, child, opts) = (parent.clone(), child.clone(), opts.clone());
+    let (parent, child, mut opts) = (parent.clone(), child.clone(), opts.clone());
+    // No old clients to keep out here: auto is format 2.
+    if opts.clone_format == 0 {
+        opts.clone_format = 2;
+    }
     blocking(move || {
         let not_found = || {
             Error::new(

@@ -178,6 +178,23 @@ impl Rados {
         }
     }
 
+    /// The oldest client release the cluster lets in (Ceph release numbers: 12 luminous,
+    /// 13 mimic, ...): the larger of what the OSD map's features need and its
+    /// `require_min_compat_client`, as librbd weighs them to pick clone format 2.
+    pub fn min_compatible_client(&self) -> Result<i8> {
+        let (mut min, mut required) = (0i8, 0i8);
+        // SAFETY: both out-parameters are valid for the call; the handle is connected.
+        let r = unsafe { rados_get_min_compatible_client(self.h, &mut min, &mut required) };
+        if r < 0 {
+            return Err(rados_error(
+                "get min compatible client of",
+                "the cluster",
+                r,
+            ));
+        }
+        Ok(min.max(required))
+    }
+
     /// This client's global id (`client.<gid>`).
     pub fn instance_id(&self) -> u64 {
         unsafe { rados_get_instance_id(self.h) }

@@ -38,6 +38,11 @@ extern "C" {
         len: usize,
     ) -> c_int;
     pub(super) fn rados_connect(cluster: rados_t) -> c_int;
+    pub(super) fn rados_get_min_compatible_client(
+        cluster: rados_t,
+        min_compat_client: *mut i8,
+        require_min_compat_client: *mut i8,
+    ) -> c_int;
     pub(super) fn rados_shutdown(cluster: rados_t);
     pub(super) fn rados_watch_flush(cluster: rados_t) -> c_int;
     pub(super) fn rados_get_instance_id(cluster: rados_t) -> u64;
