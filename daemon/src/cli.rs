@@ -80,9 +80,15 @@ pub struct CreateArgs {
     /// (B for bytes, K/M/G/T/P).
     #[arg(long, short = 's')]
     pub size: String,
-    /// Object size, a power of two from 4K to 32M.
-    #[arg(long, default_value = "4M")]
-    pub object_size: String,
+    /// Object size, a power of two from 4K to 32M (default: rbd_default_order as the
+    /// store is configured, else 4M).
+    #[arg(long)]
+    pub object_size: Option<String>,
+    /// Features, as `rbd create --image-feature` takes them: names (layering,
+    /// exclusive-lock, object-map, fast-diff, deep-flatten), repeated or comma-separated
+    /// (default: rbd_default_features as the store is configured, else all five).
+    #[arg(long = "image-feature", value_name = "FEATURE")]
+    pub image_features: Vec<String>,
     /// Ceph: keep the data objects in this pool (e.g. an erasure-coded one with
     /// allow_ec_overwrites), the header and object map in the image's own, like
     /// `rbd create --data-pool`.

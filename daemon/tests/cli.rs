@@ -106,6 +106,62 @@ fn sizes_without_a_unit_are_mib_as_in_rbd() {
     assert_eq!(size("a"), 4u64 << 20);
 }
 
+/// `create --image-feature` as rbd's: names, repeated or comma-separated; object-map brings
+/// fast-diff, as librbd's create adds it; what rados-nbd cannot serve is refused.
+#[test]
+fn create_with_image_features() {
+    let d = tempfile::tempdir().unwrap();
+    let s = d.path();
+    let features =
+        |name: &str| json(&ok(s, &["info", name, "--format", "json"]))["features"].clone();
+    ok(
+        s,
+        &["create", "--size", "4M", "--image-feature", "layering", "a"],
+    );
+    assert_eq!(features("a"), serde_json::json!(["layering"]));
+    ok(
+        s,
+        &[
+            "create",
+            "--size",
+            "4M",
+            "--image-feature",
+            "layering,exclusive-lock",
+            "--image-feature",
+            "object-map",
+            "b",
+        ],
+    );
+    assert_eq!(
+        features("b"),
+        serde_json::json!(["layering", "exclusive-lock", "object-map", "fast-diff"])
+    );
+    fails_cleanly(
+        s,
+        &[
+            "create",
+            "--size",
+            "4M",
+            "--image-feature",
+            "object-map",
+            "c",
+        ],
+        "needs exclusive-lock",
+    );
+    fails_cleanly(
+        s,
+        &[
+            "create",
+            "--size",
+            "4M",
+            "--image-feature",
+            "exclusive-lock,journaling",
+            "c",
+        ],
+        "journaling",
+    );
+}
+
 #[test]
 fn create_info_ls_rm() {
     let d = tempfile::tempdir().unwrap();

@@ -66,6 +66,36 @@ check "rbd bench can write to it (librbd opens our image)" \
   rbd bench --io-type write --io-size 4K --io-total 64K --io-pattern rand e2e-b
 check "rbd object-map check after librbd wrote" omap_check e2e-b
 check "rados-nbd object-map check agrees" "${RN[@]}" object-map check e2e-b
+# What rbd create takes from the configuration, rados-nbd create takes too: the client's
+# rbd_default_features and rbd_default_order (CEPH_ARGS, as ceph.conf gives them), the
+# pool's own (rbd config pool set, in a pool of this suite's, as client.admin: client.nbd
+# may write pool rbd only), and --image-feature over both.
+# Each image against its rbd-made twin: features and order equal.
+same_layout() { # same_layout A B: rbd info's features and order equal
+  local a b
+  a=$(rbd info "$1" --format json | jq -c '[.features, .order]') &&
+    b=$(rbd info "$2" --format json | jq -c '[.features, .order]') && [ "$a" = "$b" ] ||
+    { echo "$1: $a, $2: $b"; return 1; }
+}
+export -f same_layout
+cfg="--rbd-default-features 13 --rbd-default-order 20"
+check "client config (features 13, order 20): as rbd create's (librbd adds fast-diff to object-map)" bash -c \
+  "CEPH_ARGS='$cfg' $RNQ create --size 8M e2e-cf && CEPH_ARGS='$cfg' rbd create --size 8M e2e-cfr &&
+   rbd info e2e-cf | grep -q 'features: layering, exclusive-lock, object-map, fast-diff\$' && same_layout e2e-cf e2e-cfr"
+check "--image-feature over the configuration, as rbd's" bash -c \
+  "CEPH_ARGS='$cfg' $RNQ create --size 8M --image-feature layering --image-feature deep-flatten e2e-if &&
+   CEPH_ARGS='$cfg' rbd create --size 8M --image-feature layering,deep-flatten e2e-ifr && same_layout e2e-if e2e-ifr"
+check "journaling asked for: refused, nothing made" bash -c \
+  "! $RNQ create --size 8M --image-feature layering,exclusive-lock,journaling e2e-j 2>'$work/j.err' &&
+   grep -q journaling '$work/j.err' && ! rbd info e2e-j >/dev/null 2>&1"
+cp_=e2e-cfg-$$
+ceph osd pool create "$cp_" 8 >/dev/null 2>&1 && rbd pool init "$cp_" && rbd config pool set "$cp_" rbd_default_order 21 &&
+  rbd config pool set "$cp_" rbd_default_features 'layering,exclusive-lock'
+check "the pool's rbd config (order 21, layering and exclusive-lock): as rbd create's" bash -c \
+  "'$BIN' --store 'ceph:$CEPH_CONF' create --size 8M $cp_/pc && rbd create --size 8M $cp_/pcr && same_layout $cp_/pc $cp_/pcr &&
+   [ \"\$(rbd info $cp_/pc --format json | jq -c '[.features, .order]')\" = '[[\"layering\",\"exclusive-lock\"],21]' ]"
+for i in e2e-cf e2e-cfr e2e-if e2e-ifr $cp_/pc $cp_/pcr; do rbd rm "$i" >/dev/null 2>&1; done
+ceph osd pool rm "$cp_" "$cp_" --yes-i-really-really-mean-it >/dev/null 2>&1
 
 # ---------------------------------------------------------------- kill -9 while writing
 rbd create --size 256M e2e-k

@@ -1,21 +1,143 @@
-//! `create`: a new image with the default features, like `rbd create`.
+//! `create`: a new image, like `rbd create`: the features, object size and data pool the
+//! command line names, else what librbd's `rbd_default_*` options say for the pool (Ceph),
+//! else librbd's defaults.
 
+use super::info::FEATURE_NAMES;
 use super::parse_head_spec;
 use crate::cli::CreateArgs;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::image;
 use crate::parse::{parse_image_size, parse_object_size};
-use crate::store::{CreateOptions, Store, DEFAULT_FEATURES};
+use crate::store::{
+    CreateOptions, Store, DEFAULT_FEATURES, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
+    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_JOURNALING, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
+    RBD_FEATURE_STRIPINGV2,
+};
 
 pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
     let spec = parse_head_spec(&a.image, "create")?;
     let size = parse_image_size(&a.size).map_err(|e| e.context("--size"))?;
-    let order = parse_object_size(&a.object_size)?;
+    let defaults = store.create_defaults(&spec.pool_spec()).await?;
+    let order = match (&a.object_size, &defaults.order) {
+        (Some(s), _) => parse_object_size(s)?,
+        (None, Some(o)) => parse_order(o).map_err(|e| e.context("rbd_default_order"))?,
+        (None, None) => 22,
+    };
+    let features = if !a.image_features.is_empty() {
+        parse_features(&a.image_features.join(",")).map_err(|e| e.context("--image-feature"))?
+    } else if let Some(f) = &defaults.features {
+        parse_features(f).map_err(|e| {
+            e.context("rbd_default_features (as configured; --image-feature overrides it)")
+        })?
+    } else {
+        DEFAULT_FEATURES
+    };
+    // librbd's create adds fast-diff to object-map (features 13 make an image of 29).
+    let features = if features & RBD_FEATURE_OBJECT_MAP != 0 {
+        features | RBD_FEATURE_FAST_DIFF
+    } else {
+        features
+    };
     let opts = CreateOptions {
         size,
         order,
-        features: DEFAULT_FEATURES,
-        data_pool: a.data_pool.clone(),
+        features,
+        data_pool: a.data_pool.clone().or(defaults.data_pool),
     };
     image::create_image(store, &spec, &opts).await
+}
+
+/// The features a new image may have, by name or as librbd's number (`rbd_default_features
+/// = 61`), checked as librbd checks them: object-map needs exclusive-lock, fast-diff needs
+/// object-map. Striping v2 and journaling are refused (rados-nbd serves neither), and so
+/// are the features librbd sets itself (data-pool, operations, ...).
+pub fn parse_features(s: &str) -> Result<u64> {
+    let bad = |m: String| Error::new(ErrorKind::InvalidInput, m);
+    let t = s.trim();
+    let f = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map_err(|_| bad(format!("invalid features {t:?}")))?
+    } else {
+        let mut f = 0;
+        for name in t.split([',', ' ']).map(str::trim).filter(|n| !n.is_empty()) {
+            let bit = FEATURE_NAMES
+                .iter()
+                .position(|&n| n == name)
+                .ok_or_else(|| bad(format!("unknown image feature {name:?}")))?;
+            f |= 1u64 << bit;
+        }
+        f
+    };
+    const CREATABLE: u64 = RBD_FEATURE_LAYERING
+        | RBD_FEATURE_STRIPINGV2
+        | RBD_FEATURE_EXCLUSIVE_LOCK
+        | RBD_FEATURE_OBJECT_MAP
+        | RBD_FEATURE_FAST_DIFF
+        | RBD_FEATURE_DEEP_FLATTEN
+        | RBD_FEATURE_JOURNALING;
+    if f & !CREATABLE != 0 {
+        return Err(bad(format!(
+            "features {f:#x} include ones librbd sets itself or does not know ({})",
+            super::info::feature_names(f & !CREATABLE).join(", ")
+        )));
+    }
+    for (bit, what) in [
+        (RBD_FEATURE_STRIPINGV2, "striping (v2)"),
+        (RBD_FEATURE_JOURNALING, "journaling"),
+    ] {
+        if f & bit != 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("rados-nbd does not serve images with {what}: leave it out"),
+            ));
+        }
+    }
+    if f & RBD_FEATURE_OBJECT_MAP != 0 && f & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
+        return Err(bad("object-map needs exclusive-lock".into()));
+    }
+    if f & RBD_FEATURE_FAST_DIFF != 0 && f & RBD_FEATURE_OBJECT_MAP == 0 {
+        return Err(bad("fast-diff needs object-map".into()));
+    }
+    Ok(f)
+}
+
+/// `rbd_default_order`: log2 of the object size, 12 (4 KiB) to 25 (32 MiB).
+fn parse_order(s: &str) -> Result<u8> {
+    match s.trim().parse::<u8>() {
+        Ok(o) if (12..=25).contains(&o) => Ok(o),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("invalid order {s:?} (12 to 25: objects of 4 KiB to 32 MiB)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_as_librbd_reads_them() {
+        assert_eq!(parse_features("61").unwrap(), DEFAULT_FEATURES);
+        assert_eq!(
+            parse_features("layering,exclusive-lock,object-map,fast-diff,deep-flatten").unwrap(),
+            DEFAULT_FEATURES
+        );
+        assert_eq!(parse_features("layering").unwrap(), RBD_FEATURE_LAYERING);
+        assert_eq!(parse_features(" layering, deep-flatten ").unwrap(), 33);
+        assert_eq!(parse_features("0").unwrap(), 0);
+        for (bad, why) in [
+            ("layering,bogus", "unknown image feature"),
+            ("object-map", "needs exclusive-lock"),
+            ("exclusive-lock,fast-diff", "needs object-map"),
+            ("layering,journaling,exclusive-lock", "journaling"),
+            ("3", "striping"),
+            ("128", "sets itself"),
+        ] {
+            let e = parse_features(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(parse_order("20").unwrap(), 20);
+        assert!(parse_order("11").is_err() && parse_order("x").is_err());
+    }
 }

@@ -35,24 +35,26 @@ pub fn human_size(n: u64) -> String {
     s
 }
 
+/// librbd's feature names, bit by bit.
+pub const FEATURE_NAMES: [&str; 11] = [
+    "layering",
+    "striping",
+    "exclusive-lock",
+    "object-map",
+    "fast-diff",
+    "deep-flatten",
+    "journaling",
+    "data-pool",
+    "operations",
+    "migrating",
+    "non-primary",
+];
+
 pub fn feature_names(features: u64) -> Vec<String> {
-    const NAMES: [&str; 11] = [
-        "layering",
-        "striping",
-        "exclusive-lock",
-        "object-map",
-        "fast-diff",
-        "deep-flatten",
-        "journaling",
-        "data-pool",
-        "operations",
-        "migrating",
-        "non-primary",
-    ];
     (0..64)
         .filter(|b| features & (1u64 << b) != 0)
         .map(|b| {
-            NAMES
+            FEATURE_NAMES
                 .get(b as usize)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("unknown-{:#x}", 1u64 << b))

@@ -312,6 +312,15 @@ pub enum ObjectWrite {
     },
 }
 
+/// See [`Store::create_defaults`]: each `None` where nothing is configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateDefaults {
+    /// A number or a comma-separated list of feature names, as librbd reads it.
+    pub features: Option<String>,
+    pub order: Option<String>,
+    pub data_pool: Option<String>,
+}
+
 /// How `clone` makes a child (see [`Store::clone_image`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneOptions {
@@ -391,6 +400,15 @@ pub trait Store: Send + Sync + 'static {
         spec: &ImageSpec,
         opts: &CreateOptions,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// librbd's `rbd_default_features`, `rbd_default_order` and `rbd_default_data_pool` as
+    /// this store is configured for `pool` (Ceph: the pool's `rbd config pool set`, then
+    /// the client's configuration): what `create` uses where its command line does not
+    /// say. The raw values, checked by `create`; the directory store has no configuration.
+    fn create_defaults(&self, pool: &str) -> impl Future<Output = Result<CreateDefaults>> + Send {
+        let _ = pool;
+        std::future::ready(Ok(CreateDefaults::default()))
+    }
 
     /// Removes the header, the id object, every data object and every object map; or
     /// (Ceph, `rbd_move_parent_to_trash_on_remove`, an image whose snapshots all wait in

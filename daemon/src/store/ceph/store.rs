@@ -285,6 +285,23 @@ impl Store for CephStore {
         .await
     }
 
+    async fn create_defaults(&self, pool: &str) -> Result<crate::store::CreateDefaults> {
+        let (pool, ns) = match pool.split_once('/') {
+            Some((p, n)) => (p, n),
+            None => (pool, ""),
+        };
+        let io = self.pool(pool, ns).await?;
+        let get = async |opt: &str| match pool_config(&io, opt).await {
+            Some(v) => Some(v),
+            None => io.cluster().conf_get(opt),
+        };
+        Ok(crate::store::CreateDefaults {
+            features: get("rbd_default_features").await,
+            order: get("rbd_default_order").await,
+            data_pool: get("rbd_default_data_pool").await.filter(|p| !p.is_empty()),
+        })
+    }
+
     async fn clone_image(
         &self,
         parent: &ImageSpec,
