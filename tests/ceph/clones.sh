@@ -405,6 +405,15 @@ rbd clone trp1_$$@p tr1c_$$ --rbd-default-clone-format 1
 check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
   "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
 rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
+# A clone in the trash is not listed by rbd children (only with --all): nor by ours.
+rbd create --size 4M tch_$$ && rbd snap create tch_$$@s >/dev/null 2>&1
+rbd clone --rbd-default-clone-format 2 tch_$$@s tchc_$$ && rbd clone --rbd-default-clone-format 2 tch_$$@s tchd_$$ &&
+  rbd trash mv tchd_$$
+check "children leaves out a clone in the trash, as rbd children" bash -c \
+  "[ \"\$($RNQ children tch_$$@s)\" = \"\$(rbd children tch_$$@s)\" ] && [ \"\$(rbd children tch_$$@s)\" = rbd/tchc_$$ ]"
+tid=$(rbd trash ls --format json | jq -r --arg n "tchd_$$" '.[] | select(.name == $n) | .id')
+[ -n "$tid" ] && rbd trash rm "$tid" >/dev/null 2>&1
+rbd rm tchc_$$ >/dev/null 2>&1; rbd snap purge tch_$$ >/dev/null 2>&1; rbd rm tch_$$ >/dev/null 2>&1
 # Unprotect, as librbd's: refused while a format-1 clone is recorded in any pool's
 # rbd_children (here another pool's), allowed with format-2 clones only (they do not need
 # the snapshot protected; rbd unprotects it too).

@@ -749,7 +749,9 @@ impl CephStore {
                 for c in cls::children_list_out(&b).map_err(ctx)? {
                     let pool = self.rados.pool_name(c.pool_id).map_err(ctx)?;
                     let io = self.rados.ioctx_in(&pool, &c.namespace).map_err(ctx)?;
-                    let name = image_name(&io, &c.image_id).await.map_err(ctx)?;
+                    let Some(name) = listed_name(&io, &c.image_id).await.map_err(ctx)? else {
+                        continue;
+                    };
                     out.push(ImageSpec {
                         pool,
                         namespace: c.namespace,
@@ -791,7 +793,9 @@ impl CephStore {
                 Err(e) => return Err(ctx(e)),
             };
             for id in ids {
-                let name = image_name(&io, &id).await.map_err(ctx)?;
+                let Some(name) = listed_name(&io, &id).await.map_err(ctx)? else {
+                    continue;
+                };
                 out.push(ImageSpec {
                     pool: pool.clone(),
                     namespace: parent.namespace.clone(),
@@ -1250,15 +1254,24 @@ pub(super) async fn remove_trashed_parent(
     Ok(true)
 }
 
-/// An image's name from its id (`rbd_directory`'s `dir_get_name`); the id itself when
-/// the directory has no name for it (an image in the trash).
-pub(super) async fn image_name(io: &IoCtx, id: &str) -> Result<String> {
+/// A child's name as `rbd children` lists it: from the pool's directory; None for an image
+/// in the trash, which `rbd children` leaves out (it shows them only with `--all`); its
+/// id when it is in neither.
+async fn listed_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
     match io
         .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
         .await
     {
-        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply"),
-        Err(e) if e.kind == ErrorKind::NotFound => Ok(id.to_string()),
+        Ok(b) => return cls::string_out(&b, "rbd.dir_get_name reply").map(Some),
+        Err(e) if e.kind == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match io
+        .exec_read(RBD_TRASH, RBD, "trash_get", &cls::string_in(id))
+        .await
+    {
+        Ok(_) => Ok(None),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(Some(id.to_string())),
         Err(e) => Err(e),
     }
 }
