@@ -2,7 +2,7 @@
 # The main job: build rados-nbd, create an image in the embedded directory store (no cluster
 # needed) and serve it over NBD on a unix socket until Ctrl-C (a clean close: the object map is
 # written and the dirty flag cleared).
-#   STORE (default ./demo-store), IMAGE (default demo), SIZE (default 10G), SOCKET (default ./demo.sock)
+#   STORE (default ./demo-store), IMAGE (default demo), SIZE (default 10G; as rbd create --size: MiB unless a unit is given), SOCKET (default ./demo.sock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:$PATH

@@ -82,6 +82,9 @@ cfg="--rbd-default-features 13 --rbd-default-order 20"
 check "client config (features 13, order 20): as rbd create's (librbd adds fast-diff to object-map)" bash -c \
   "CEPH_ARGS='$cfg' $RNQ create --size 8M e2e-cf && CEPH_ARGS='$cfg' rbd create --size 8M e2e-cfr &&
    rbd info e2e-cf | grep -q 'features: layering, exclusive-lock, object-map, fast-diff\$' && same_layout e2e-cf e2e-cfr"
+check "client config features 3 (layering, striping; default stripes): layering only, as rbd create's" bash -c \
+  "CEPH_ARGS='--rbd-default-features 3' $RNQ create --size 8M e2e-f3 && CEPH_ARGS='--rbd-default-features 3' rbd create --size 8M e2e-f3r &&
+   rbd info e2e-f3 | grep -q 'features: layering\$' && same_layout e2e-f3 e2e-f3r"
 check "--image-feature over the configuration, as rbd's" bash -c \
   "CEPH_ARGS='$cfg' $RNQ create --size 8M --image-feature layering --image-feature deep-flatten e2e-if &&
    CEPH_ARGS='$cfg' rbd create --size 8M --image-feature layering,deep-flatten e2e-ifr && same_layout e2e-if e2e-ifr"
@@ -94,7 +97,7 @@ ceph osd pool create "$cp_" 8 >/dev/null 2>&1 && rbd pool init "$cp_" && rbd con
 check "the pool's rbd config (order 21, layering and exclusive-lock): as rbd create's" bash -c \
   "'$BIN' --store 'ceph:$CEPH_CONF' create --size 8M $cp_/pc && rbd create --size 8M $cp_/pcr && same_layout $cp_/pc $cp_/pcr &&
    [ \"\$(rbd info $cp_/pc --format json | jq -c '[.features, .order]')\" = '[[\"layering\",\"exclusive-lock\"],21]' ]"
-for i in e2e-cf e2e-cfr e2e-if e2e-ifr $cp_/pc $cp_/pcr; do rbd rm "$i" >/dev/null 2>&1; done
+for i in e2e-cf e2e-cfr e2e-f3 e2e-f3r e2e-if e2e-ifr $cp_/pc $cp_/pcr; do rbd rm "$i" >/dev/null 2>&1; done
 ceph osd pool rm "$cp_" "$cp_" --yes-i-really-really-mean-it >/dev/null 2>&1
 
 # ---------------------------------------------------------------- kill -9 while writing

@@ -6,8 +6,7 @@ use crate::parse::parse_object_size;
 use crate::spec::ImageSpec;
 use crate::store::{
     CloneOptions, ImageStore, OpenMode, Store, RBD_FEATURE_DATA_POOL, RBD_FEATURE_FAST_DIFF,
-    RBD_FEATURE_MIGRATING, RBD_FEATURE_NON_PRIMARY, RBD_FEATURE_OBJECT_MAP, RBD_FEATURE_OPERATIONS,
-    RBD_FEATURE_STRIPINGV2,
+    RBD_FEATURE_MIGRATING, RBD_FEATURE_NON_PRIMARY, RBD_FEATURE_OPERATIONS, RBD_FEATURE_STRIPINGV2,
 };
 
 /// librbd's RBD_FEATURES_IMPLICIT_ENABLE: what a clone does not inherit from its parent
@@ -22,12 +21,7 @@ const IMPLICIT: u64 = RBD_FEATURE_STRIPINGV2
 /// The child's features as `rbd clone` gives them without `--image-feature`: the
 /// parent's, less the implicit ones, plus fast-diff where object-map is on.
 pub fn clone_features(parent: u64) -> u64 {
-    let f = parent & !IMPLICIT;
-    if f & RBD_FEATURE_OBJECT_MAP != 0 {
-        f | RBD_FEATURE_FAST_DIFF
-    } else {
-        f
-    }
+    super::create::with_fast_diff(parent & !IMPLICIT)
 }
 
 pub async fn clone<S: Store>(
@@ -51,6 +45,12 @@ pub async fn clone<S: Store>(
     let order = match object_size {
         Some(s) => parse_object_size(s)?,
         None => h.order,
+    };
+    // librbd makes the child as any new image: the child pool's rbd_default_data_pool
+    // unless --data-pool names one (a clone does not inherit its parent's).
+    let data_pool = match data_pool {
+        Some(p) => Some(p),
+        None => store.create_defaults(&child.pool_spec()).await?.data_pool,
     };
     let opts = CloneOptions {
         clone_format,

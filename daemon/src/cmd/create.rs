@@ -9,9 +9,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image;
 use crate::parse::{parse_image_size, parse_object_size};
 use crate::store::{
-    CreateOptions, Store, DEFAULT_FEATURES, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
-    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_JOURNALING, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
-    RBD_FEATURE_STRIPINGV2,
+    CreateOptions, Store, DEFAULT_FEATURES, RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN,
+    RBD_FEATURE_EXCLUSIVE_LOCK, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_JOURNALING,
+    RBD_FEATURE_LAYERING, RBD_FEATURE_MIGRATING, RBD_FEATURE_NON_PRIMARY, RBD_FEATURE_OBJECT_MAP,
+    RBD_FEATURE_OPERATIONS, RBD_FEATURE_STRIPINGV2,
 };
 
 pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
@@ -25,19 +26,37 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
     };
     let features = if !a.image_features.is_empty() {
         parse_features(&a.image_features.join(",")).map_err(|e| e.context("--image-feature"))?
-    } else if let Some(f) = &defaults.features {
-        parse_features(f).map_err(|e| {
-            e.context("rbd_default_features (as configured; --image-feature overrides it)")
-        })?
     } else {
-        DEFAULT_FEATURES
+        // An empty rbd_default_features is librbd's default, as librbd reads it.
+        match defaults.features.as_deref().map(str::trim) {
+            Some(f) if !f.is_empty() => parse_features(f).map_err(|e| {
+                e.context("rbd_default_features (as configured; --image-feature overrides it)")
+            })?,
+            _ => DEFAULT_FEATURES,
+        }
     };
-    // librbd's create adds fast-diff to object-map (features 13 make an image of 29).
-    let features = if features & RBD_FEATURE_OBJECT_MAP != 0 {
-        features | RBD_FEATURE_FAST_DIFF
-    } else {
-        features
+    // As librbd's CreateRequest: striping v2 is what the stripe settings say, not the
+    // feature bit (`rbd default features = 3` makes a layering-only image); rados-nbd
+    // serves no striped image, so settings that would make one are refused.
+    let striped = |v: &Option<String>, plain: &[u64]| {
+        v.as_deref()
+            .and_then(|s| crate::parse::parse_size(s).ok())
+            .is_some_and(|n| !plain.contains(&n))
     };
+    if striped(&defaults.stripe_unit, &[0, 1u64 << order])
+        || striped(&defaults.stripe_count, &[0, 1])
+    {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "rbd_default_stripe_unit {:?} and rbd_default_stripe_count {:?} (as configured) \
+                 make a striped image (striping v2), which rados-nbd does not serve",
+                defaults.stripe_unit.as_deref().unwrap_or("0"),
+                defaults.stripe_count.as_deref().unwrap_or("0")
+            ),
+        ));
+    }
+    let features = with_fast_diff(features & !RBD_FEATURE_STRIPINGV2);
     let opts = CreateOptions {
         size,
         order,
@@ -47,10 +66,21 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
     image::create_image(store, &spec, &opts).await
 }
 
+/// librbd's create adds fast-diff to object-map (features 13 make an image of 29); so
+/// does its clone.
+pub fn with_fast_diff(features: u64) -> u64 {
+    if features & RBD_FEATURE_OBJECT_MAP != 0 {
+        features | RBD_FEATURE_FAST_DIFF
+    } else {
+        features
+    }
+}
+
 /// The features a new image may have, by name or as librbd's number (`rbd_default_features
 /// = 61`), checked as librbd checks them: object-map needs exclusive-lock, fast-diff needs
-/// object-map. Striping v2 and journaling are refused (rados-nbd serves neither), and so
-/// are the features librbd sets itself (data-pool, operations, ...).
+/// object-map. The bits librbd sets or clears itself (data-pool, operations, migrating,
+/// non-primary) are dropped, as librbd drops them; striping v2 is left to `create` (the
+/// stripe settings decide it); journaling is refused (rados-nbd does not serve it).
 pub fn parse_features(s: &str) -> Result<u64> {
     let bad = |m: String| Error::new(ErrorKind::InvalidInput, m);
     let t = s.trim();
@@ -68,6 +98,10 @@ pub fn parse_features(s: &str) -> Result<u64> {
         }
         f
     };
+    let f = f & !(RBD_FEATURE_DATA_POOL
+        | RBD_FEATURE_OPERATIONS
+        | RBD_FEATURE_MIGRATING
+        | RBD_FEATURE_NON_PRIMARY);
     const CREATABLE: u64 = RBD_FEATURE_LAYERING
         | RBD_FEATURE_STRIPINGV2
         | RBD_FEATURE_EXCLUSIVE_LOCK
@@ -81,16 +115,11 @@ pub fn parse_features(s: &str) -> Result<u64> {
             super::info::feature_names(f & !CREATABLE).join(", ")
         )));
     }
-    for (bit, what) in [
-        (RBD_FEATURE_STRIPINGV2, "striping (v2)"),
-        (RBD_FEATURE_JOURNALING, "journaling"),
-    ] {
-        if f & bit != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("rados-nbd does not serve images with {what}: leave it out"),
-            ));
-        }
+    if f & RBD_FEATURE_JOURNALING != 0 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "rados-nbd does not serve images with journaling: leave it out",
+        ));
     }
     if f & RBD_FEATURE_OBJECT_MAP != 0 && f & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
         return Err(bad("object-map needs exclusive-lock".into()));
@@ -126,13 +155,19 @@ mod tests {
         assert_eq!(parse_features("layering").unwrap(), RBD_FEATURE_LAYERING);
         assert_eq!(parse_features(" layering, deep-flatten ").unwrap(), 33);
         assert_eq!(parse_features("0").unwrap(), 0);
+        // What librbd sets or clears itself is dropped, as librbd drops it; striping is
+        // left for the stripe settings to decide.
+        assert_eq!(parse_features("3").unwrap(), 3);
+        assert_eq!(
+            parse_features(&(61 | 128 | 256 | 512).to_string()).unwrap(),
+            61
+        );
         for (bad, why) in [
             ("layering,bogus", "unknown image feature"),
             ("object-map", "needs exclusive-lock"),
             ("exclusive-lock,fast-diff", "needs object-map"),
             ("layering,journaling,exclusive-lock", "journaling"),
-            ("3", "striping"),
-            ("128", "sets itself"),
+            ("4096", "sets itself or does not know"),
         ] {
             let e = parse_features(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

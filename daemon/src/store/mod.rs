@@ -319,6 +319,10 @@ pub struct CreateDefaults {
     pub features: Option<String>,
     pub order: Option<String>,
     pub data_pool: Option<String>,
+    /// `rbd_default_stripe_unit` and `_count`: anything but 0 (or the object size, or 1)
+    /// asks for striping v2.
+    pub stripe_unit: Option<String>,
+    pub stripe_count: Option<String>,
 }
 
 /// How `clone` makes a child (see [`Store::clone_image`]).

@@ -302,6 +302,8 @@ impl Inner {
             snap_id: id,
         };
         let input = cls::v1_child_in(&pspec, None);
+        // A pool made since our last map (a long-lived daemon) is scanned too.
+        rados.wait_for_latest_osdmap().await?;
         let mut out = Vec::new();
         for pool in rados.pool_names()? {
             let io = match rados.ioctx_in(&pool, self.meta.namespace()) {
@@ -309,6 +311,12 @@ impl Inner {
                 Err(e) if e.kind == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.context(format!("pool {pool}"))),
             };
+            match rados.is_cache_tier(io.pool_id()) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
             match io
                 .exec_read("rbd_children", RBD, "get_children", &input)
                 .await

@@ -299,6 +299,8 @@ impl Store for CephStore {
             features: get("rbd_default_features").await,
             order: get("rbd_default_order").await,
             data_pool: get("rbd_default_data_pool").await.filter(|p| !p.is_empty()),
+            stripe_unit: get("rbd_default_stripe_unit").await,
+            stripe_count: get("rbd_default_stripe_count").await,
         })
     }
 

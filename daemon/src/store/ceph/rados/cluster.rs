@@ -221,6 +221,37 @@ impl Rados {
         Ok(())
     }
 
+    /// Waits until this client has the cluster's newest OSD map (pools made since our
+    /// last one included), as librbd does before it scans every pool. Asks the monitors:
+    /// blocking, run on tokio's blocking pool.
+    pub async fn wait_for_latest_osdmap(self: &Arc<Self>) -> Result<()> {
+        let me = self.clone();
+        // SAFETY: the handle is connected and outlives the call (`me` holds it).
+        let r = tokio::task::spawn_blocking(move || unsafe { rados_wait_for_latest_osdmap(me.h) })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("waiting for the osdmap: {e}")))?;
+        if r < 0 {
+            return Err(rados_error(
+                "wait for the latest osdmap of",
+                "the cluster",
+                r,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether pool `id` is a cache tier in front of another pool (librbd skips those
+    /// when it scans every pool: the base pool holds the objects).
+    pub fn is_cache_tier(&self, id: i64) -> Result<bool> {
+        let mut base = id;
+        // SAFETY: `base` is valid for the call.
+        let r = unsafe { rados_pool_get_base_tier(self.h, id, &mut base) };
+        if r < 0 {
+            return Err(rados_error("get the base tier of pool", &id.to_string(), r));
+        }
+        Ok(base != id)
+    }
+
     /// The name of pool `id` (clone headers name their parent's pool by id).
     pub fn pool_name(&self, id: i64) -> Result<String> {
         let mut buf = vec![0u8; 256];

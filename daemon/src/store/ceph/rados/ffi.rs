@@ -38,6 +38,12 @@ extern "C" {
         len: usize,
     ) -> c_int;
     pub(super) fn rados_connect(cluster: rados_t) -> c_int;
+    pub(super) fn rados_wait_for_latest_osdmap(cluster: rados_t) -> c_int;
+    pub(super) fn rados_pool_get_base_tier(
+        cluster: rados_t,
+        pool: i64,
+        base_tier: *mut i64,
+    ) -> c_int;
     pub(super) fn rados_get_min_compatible_client(
         cluster: rados_t,
         min_compat_client: *mut i8,
