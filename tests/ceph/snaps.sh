@@ -117,7 +117,15 @@ check "snap protect s1" both protect IMG@s1
 check_fails "snap rm of a protected snapshot is refused" "${RN[@]}" snap rm "$A@s1"
 check "rados-nbd says why" bash -c "${RNQ} snap rm $A@s1 2>&1 | grep -q protected"
 compare "renamed, s1 protected"
+# info IMAGE@SNAP says whether the snapshot is protected, as rbd info does.
+protected_like_rbd() { # SNAP
+  [ "$("${RN[@]}" info "$A@$1" 2>/dev/null | grep '^.protected:')" = "$(rbd info "$B@$1" | grep '^.protected:')" ] &&
+    [ "$("${RN[@]}" info --format json "$A@$1" 2>/dev/null | jq -c .protected)" = "$(rbd info --format json "$B@$1" | jq -c .protected)" ] &&
+    [ "$(rbd info --format json "$B@$1" | jq -r .protected)" = "$2" ]
+}
+check "info IMG@s1 (protected): protected as rbd info's" protected_like_rbd s1 true
 check "snap unprotect s1" both unprotect IMG@s1
+check "info IMG@s1 (unprotected): protected as rbd info's" protected_like_rbd s1 false
 check "grown to 64M" bash -c "${RNQ} resize --size 64M $A >/dev/null && rbd resize --size 64M $B --no-progress"
 check "round 4 written (past the old end too)" writes 4
 check "snap create s4 (64M)" both create IMG@s4

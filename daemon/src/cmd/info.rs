@@ -81,14 +81,11 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
             Ok((img.header(), shared, img.data_pool()))
         })
         .await?;
-    let size = match &spec.snap {
-        Some(n) => h
-            .snaps
-            .iter()
-            .find(|s| s.is_user() && &s.name == n)
-            .map_or(h.size, |s| s.size),
-        None => h.size,
-    };
+    let snap = spec
+        .snap
+        .as_ref()
+        .and_then(|n| h.snaps.iter().find(|s| s.is_user() && &s.name == n));
+    let size = snap.map_or(h.size, |s| s.size);
     let objects = size.div_ceil(h.object_size());
     let features = feature_names(h.features);
     let flags = flag_names(h.flags);
@@ -113,6 +110,10 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                 "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
             });
             let mut v = v;
+            if let Some(s) = snap {
+                // rbd info IMAGE@SNAP's, a string as rbd writes it.
+                v["protected"] = json!(s.protected.to_string());
+            }
             if let Some(dp) = &data_pool {
                 v["data_pool"] = json!(dp);
             }
@@ -148,6 +149,12 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
             println!("\tfeatures: {}", features.join(", "));
             println!("\top_features: ");
             println!("\tflags: {}", flags.join(", "));
+            if let Some(s) = snap {
+                println!(
+                    "\tprotected: {}",
+                    if s.protected { "True" } else { "False" }
+                );
+            }
             println!("\tshared: {shared}");
             for s in &h.snaps {
                 println!("\tsnapshot {} {} ({})", s.id, s.name, human_size(s.size));
