@@ -405,6 +405,19 @@ rbd clone trp1_$$@p tr1c_$$ --rbd-default-clone-format 1
 check "format 1: rados-nbd rm of a clone removes it from rbd_children" bash -c \
   "$RNQ rm tr1c_$$ && [ -z \"\$(rbd children trp1_$$@p 2>&1)\" ] && rbd snap unprotect trp1_$$@p"
 rbd snap purge trp1_$$ >/dev/null 2>&1; rbd rm trp1_$$ >/dev/null 2>&1
+# A parent image moved to the trash (rbd trash mv): info of its clone names it as rbd info
+# does, `parent: rbd/NAME@SNAP (trash ID)`, JSON "trash": true.
+rbd create --size 4M tpi_$$ && rbd snap create tpi_$$@s >/dev/null 2>&1 &&
+  rbd clone --rbd-default-clone-format 2 tpi_$$@s tpic_$$ && rbd trash mv tpi_$$
+trashed_parent_info() {
+  info_like_rbd "$1" && rbd info "$1" | grep -q '(trash ' &&
+    "${RN[@]}" info --format json "$1" 2>/dev/null | jq -e --arg p "$2" '.parent.trash == true and .parent.image == $p' >/dev/null
+}
+check "info of a clone whose parent is in the trash: as rbd info (plain, json)" trashed_parent_info tpic_$$ tpi_$$
+rbd rm tpic_$$ >/dev/null 2>&1
+tid=$(rbd trash ls --format json | jq -r --arg n "tpi_$$" '.[] | select(.name == $n) | .id')
+[ -n "$tid" ] && rbd trash restore "$tid" >/dev/null 2>&1
+rbd snap purge tpi_$$ >/dev/null 2>&1; rbd rm tpi_$$ >/dev/null 2>&1
 # A clone in the trash is not listed by rbd children (only with --all): nor by ours.
 rbd create --size 4M tch_$$ && rbd snap create tch_$$@s >/dev/null 2>&1
 rbd clone --rbd-default-clone-format 2 tch_$$@s tchc_$$ && rbd clone --rbd-default-clone-format 2 tch_$$@s tchd_$$ &&

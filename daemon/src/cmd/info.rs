@@ -125,7 +125,7 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                     "image": p.spec.name,
                     "id": p.image_id,
                     "snapshot": p.spec.snap.as_deref().unwrap_or(""),
-                    "trash": false,
+                    "trash": p.in_trash,
                     "overlap": p.overlap,
                 });
             }
@@ -160,7 +160,11 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                 println!("\tsnapshot {} {} ({})", s.id, s.name, human_size(s.size));
             }
             if let Some(p) = &h.parent {
-                println!("\tparent: {}", p.spec);
+                if p.in_trash {
+                    println!("\tparent: {} (trash {})", p.spec, p.image_id);
+                } else {
+                    println!("\tparent: {}", p.spec);
+                }
                 println!("\toverlap: {}", human_size(p.overlap));
             }
         }

@@ -295,6 +295,7 @@ impl MemImage {
                 image_id: pid,
                 snap_id: snap,
                 overlap: size,
+                in_trash: false,
             });
             s.parent = Some(self.at_snapshot(snap));
         }
@@ -341,6 +342,7 @@ impl MemImage {
             image_id: pid,
             snap_id: snap,
             overlap,
+            in_trash: false,
         });
         s.parent = Some(parent.at_snapshot(snap));
     }

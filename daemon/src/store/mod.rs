@@ -289,6 +289,9 @@ pub struct ParentInfo {
     pub image_id: String,
     pub snap_id: u64,
     pub overlap: u64,
+    /// The parent image is in the trash (Ceph: `spec`'s name is its trash entry's; it is
+    /// opened by id), as `rbd info` shows it: `parent: POOL/NAME@SNAP (trash ID)`.
+    pub in_trash: bool,
 }
 
 /// What a copy-up applies on top of the parent's data (see [`ImageStore::copyup`]).

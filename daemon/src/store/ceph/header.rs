@@ -252,7 +252,7 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
     let cluster = io.cluster();
     let pool = cluster.pool_name(p.pool_id)?;
     let pio = cluster.ioctx_in(&pool, &p.namespace)?;
-    let name = match pio
+    let (name, in_trash) = match pio
         .exec_read(
             "rbd_directory",
             RBD,
@@ -261,10 +261,17 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
         )
         .await
     {
-        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply")?,
-        // Not in the directory (moved to the trash): name it by its id; the parent is
-        // opened by id anyway.
-        Err(e) if e.kind == ErrorKind::NotFound => p.image_id.clone(),
+        Ok(b) => (cls::string_out(&b, "rbd.dir_get_name reply")?, false),
+        // Not in the directory: moved to the trash, named as its trash entry names it
+        // (as rbd info does); the parent is opened by id anyway. Neither: by its id.
+        Err(e) if e.kind == ErrorKind::NotFound => match pio
+            .exec_read("rbd_trash", RBD, "trash_get", &cls::string_in(&p.image_id))
+            .await
+        {
+            Ok(b) => (cls::trash_get_out(&b)?.name, true),
+            Err(e) if e.kind == ErrorKind::NotFound => (p.image_id.clone(), false),
+            Err(e) => return Err(e),
+        },
         Err(e) => return Err(e),
     };
     let b = pio
@@ -286,6 +293,7 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
         image_id: p.image_id.clone(),
         snap_id: p.snap_id,
         overlap,
+        in_trash,
     })
 }
 

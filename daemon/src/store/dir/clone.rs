@@ -41,6 +41,8 @@ pub(super) fn resolve_parent(root: &Path, rec: &ParentRecord) -> ParentInfo {
         image_id: rec.image_id.clone(),
         snap_id: rec.snap_id,
         overlap: rec.overlap,
+        // The directory store has no image trash.
+        in_trash: false,
     }
 }
 
