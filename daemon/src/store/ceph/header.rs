@@ -252,28 +252,9 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
     let cluster = io.cluster();
     let pool = cluster.pool_name(p.pool_id)?;
     let pio = cluster.ioctx_in(&pool, &p.namespace)?;
-    let (name, in_trash) = match pio
-        .exec_read(
-            "rbd_directory",
-            RBD,
-            "dir_get_name",
-            &cls::string_in(&p.image_id),
-        )
-        .await
-    {
-        Ok(b) => (cls::string_out(&b, "rbd.dir_get_name reply")?, false),
-        // Not in the directory: moved to the trash, named as its trash entry names it
-        // (as rbd info does); the parent is opened by id anyway. Neither: by its id.
-        Err(e) if e.kind == ErrorKind::NotFound => match pio
-            .exec_read("rbd_trash", RBD, "trash_get", &cls::string_in(&p.image_id))
-            .await
-        {
-            Ok(b) => (cls::trash_get_out(&b)?.name, true),
-            Err(e) if e.kind == ErrorKind::NotFound => (p.image_id.clone(), false),
-            Err(e) => return Err(e),
-        },
-        Err(e) => return Err(e),
-    };
+    // A parent in the trash is named as its trash entry names it (as rbd info does); it
+    // is opened by id anyway.
+    let (name, in_trash) = super::store::name_by_id(&pio, &p.image_id).await?;
     let b = pio
         .exec_read(
             &header_oid(&p.image_id),

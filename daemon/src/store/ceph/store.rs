@@ -286,21 +286,16 @@ impl Store for CephStore {
     }
 
     async fn create_defaults(&self, pool: &str) -> Result<crate::store::CreateDefaults> {
-        let (pool, ns) = match pool.split_once('/') {
-            Some((p, n)) => (p, n),
-            None => (pool, ""),
-        };
-        let io = self.pool(pool, ns).await?;
-        let get = async |opt: &str| match pool_config(&io, opt).await {
-            Some(v) => Some(v),
-            None => io.cluster().conf_get(opt),
-        };
+        let (pool_name, namespace) = parse_pool_spec(pool)?;
+        let io = self.pool(&pool_name, &namespace).await?;
         Ok(crate::store::CreateDefaults {
-            features: get("rbd_default_features").await,
-            order: get("rbd_default_order").await,
-            data_pool: get("rbd_default_data_pool").await.filter(|p| !p.is_empty()),
-            stripe_unit: get("rbd_default_stripe_unit").await,
-            stripe_count: get("rbd_default_stripe_count").await,
+            features: configured(&io, "rbd_default_features").await,
+            order: configured(&io, "rbd_default_order").await,
+            data_pool: configured(&io, "rbd_default_data_pool")
+                .await
+                .filter(|p| !p.is_empty()),
+            stripe_unit: configured(&io, "rbd_default_stripe_unit").await,
+            stripe_count: configured(&io, "rbd_default_stripe_count").await,
         })
     }
 
@@ -1015,10 +1010,7 @@ async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
 async fn configured_clone_format(io: &IoCtx) -> Result<u8> {
     const OPT: &str = "rbd_default_clone_format";
     const MIMIC: i8 = 13;
-    let v = match pool_config(io, OPT).await {
-        Some(v) => v,
-        None => io.cluster().conf_get(OPT).unwrap_or_else(|| "auto".into()),
-    };
+    let v = configured(io, OPT).await.unwrap_or_else(|| "auto".into());
     Ok(match v.as_str() {
         "1" => 1,
         "auto" if io.cluster().min_compatible_client()? < MIMIC => 1,
@@ -1037,6 +1029,16 @@ async fn move_parent_to_trash_on_remove(io: &IoCtx) -> bool {
         _ => {}
     }
     io.cluster().conf_bool(OPT).unwrap_or(false)
+}
+
+/// A librbd option as librbd resolves it for an image of `io`'s pool: the pool's own
+/// setting, else this client's configuration (ceph.conf, CEPH_ARGS, the monitors'
+/// database).
+async fn configured(io: &IoCtx, opt: &str) -> Option<String> {
+    match pool_config(io, opt).await {
+        Some(v) => Some(v),
+        None => io.cluster().conf_get(opt),
+    }
 }
 
 /// A pool's own setting of a librbd option (`rbd config pool set`: `conf_<option>` in the
@@ -1256,15 +1258,14 @@ pub(super) async fn remove_trashed_parent(
     Ok(true)
 }
 
-/// A child's name as `rbd children` lists it: from the pool's directory; None for an image
-/// in the trash, which `rbd children` leaves out (it shows them only with `--all`); its
-/// id when it is in neither.
-async fn listed_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
+/// An image's name from its id, as rbd finds it: the pool's directory, else the trash
+/// entry's name with `true` (the image is in the trash), else the id itself.
+pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, bool)> {
     match io
         .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
         .await
     {
-        Ok(b) => return cls::string_out(&b, "rbd.dir_get_name reply").map(Some),
+        Ok(b) => return Ok((cls::string_out(&b, "rbd.dir_get_name reply")?, false)),
         Err(e) if e.kind == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -1272,10 +1273,17 @@ async fn listed_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
         .exec_read(RBD_TRASH, RBD, "trash_get", &cls::string_in(id))
         .await
     {
-        Ok(_) => Ok(None),
-        Err(e) if e.kind == ErrorKind::NotFound => Ok(Some(id.to_string())),
+        Ok(b) => Ok((cls::trash_get_out(&b)?.name, true)),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok((id.to_string(), false)),
         Err(e) => Err(e),
     }
+}
+
+/// A child's name as `rbd children` lists it; None for an image in the trash, which `rbd
+/// children` leaves out (it shows them only with `--all`).
+async fn listed_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
+    let (name, in_trash) = name_by_id(io, id).await?;
+    Ok((!in_trash).then_some(name))
 }
 
 /// Runs `f` over `items` with at most PARALLEL calls in flight; the first error wins.
