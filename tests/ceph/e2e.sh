@@ -405,6 +405,94 @@ check_unserve "read-only beside a writer: the writer closes cleanly"
 check "read-only beside a writer: rbd object-map check" omap_check e2e-ro
 rbd rm --no-progress e2e-ro >/dev/null 2>&1
 
+# ---------------------------------------------------------------- header timestamps
+# librbd moves the header's modify_timestamp at a write, discard or flush, and its
+# access_timestamp at a read (of the image, or through a clone of it), once
+# rbd_mtime_update_interval / rbd_atime_update_interval seconds (60 by default, 0 = never)
+# have passed since the stamp last moved. Each case runs on an image served by rados-nbd and
+# on a twin used through librbd (python3-rbd), and both must agree with what is expected.
+stamp() { date -d "$(rbd info "$1" --format json | jq -r ".$2_timestamp")" +%s; }
+nbd_io() { # nbd_io IMAGE read|write: one 4 KiB request through the served socket
+  $PY -c "
+import nbd, sys
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+h.pwrite(b'x' * 4096, 0) if sys.argv[1] == 'write' else h.pread(4096, 0)
+h.shutdown()" "$2"
+}
+rbd_io() { # rbd_io IMAGE read|write: the same through librbd
+  $PY -c "
+import rados, rbd, sys
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect()
+io = c.open_ioctx('rbd')
+with rbd.Image(io, sys.argv[1]) as im:
+    im.write(b'x' * 4096, 0) if sys.argv[2] == 'write' else im.read(0, 4096)
+io.close(); c.shutdown()" "$1" "$2"
+}
+stamps() { echo "$(stamp "$1" modify) $(stamp "$1" access)"; }
+moved() { # moved BEFORE AFTER: which stamps moved, "modify", "access", "modify access" or "none"
+  local b=($1) a=($2) out=()
+  [ "${a[0]}" != "${b[0]}" ] && out+=(modify)
+  [ "${a[1]}" != "${b[1]}" ] && out+=(access)
+  echo "${out[*]:-none}"
+}
+# ts_case NAME EXPECTED OP IMAGE_OURS IMAGE_TWIN: OP (read|write) on both; which stamps
+# moved must be EXPECTED for both.
+ts_case() {
+  local b1 b2 m1 m2
+  b1=$(stamps "$4"); b2=$(stamps "$5")
+  serve "$4"
+  nbd_io "$4" "$3"
+  unserve
+  rbd_io "$5" "$3"
+  m1=$(moved "$b1" "$(stamps "$4")"); m2=$(moved "$b2" "$(stamps "$5")")
+  check "timestamps, $1: $2 moved (rados-nbd: $m1, librbd: $m2)" \
+    test "$m1" = "$2" -a "$m2" = "$2"
+}
+for i in e2e-t1 e2e-t1-twin e2e-t0 e2e-t0-twin e2e-t60 e2e-t60-twin; do
+  rbd create --size 16M "$i"
+done
+for i in e2e-t1 e2e-t1-twin; do
+  rbd config image set "$i" rbd_mtime_update_interval 1
+  rbd config image set "$i" rbd_atime_update_interval 1
+done
+for i in e2e-t0 e2e-t0-twin; do
+  rbd config image set "$i" rbd_mtime_update_interval 0
+  rbd config image set "$i" rbd_atime_update_interval 0
+done
+sleep 2.1
+ts_case "intervals 1 s, a write" modify write e2e-t1 e2e-t1-twin
+ts_case "intervals 0, a write" none write e2e-t0 e2e-t0-twin
+ts_case "default intervals (60 s), a write 2 s after create" none write e2e-t60 e2e-t60-twin
+sleep 2.1
+ts_case "intervals 1 s, a read" access read e2e-t1 e2e-t1-twin
+ts_case "intervals 0, a read" none read e2e-t0 e2e-t0-twin
+# Through a clone (format 2): its parent's access stamp moves at a read it answers.
+for i in e2e-t1 e2e-t1-twin; do
+  rbd snap create --no-progress "$i@s"
+  rbd clone --rbd-default-clone-format 2 "$i@s" "$i-c"
+done
+sleep 2.1
+b1=$(stamps e2e-t1); b2=$(stamps e2e-t1-twin)
+serve e2e-t1-c
+nbd_io e2e-t1-c read
+unserve
+rbd_io e2e-t1-twin-c read
+m1=$(moved "$b1" "$(stamps e2e-t1)"); m2=$(moved "$b2" "$(stamps e2e-t1-twin)")
+check "timestamps, a read through a clone: the parent's access moved (rados-nbd: $m1, librbd: $m2)" \
+  test "$m1" = access -a "$m2" = access
+check "info shows the three timestamps and op features as rbd info" bash -c "
+  for i in e2e-t1 e2e-t1-c; do
+    diff <(rbd info \$i | grep -E '_timestamp|op_features') \
+      <($RNQ info \$i | grep -E '_timestamp|op_features') || exit 1
+  done"
+for i in e2e-t1 e2e-t1-twin; do
+  rbd rm --no-progress "$i-c" >/dev/null 2>&1
+  rbd snap purge --no-progress "$i" >/dev/null 2>&1
+done
+for i in e2e-t1 e2e-t1-twin e2e-t0 e2e-t0-twin e2e-t60 e2e-t60-twin; do
+  rbd rm --no-progress "$i" >/dev/null 2>&1
+done
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do

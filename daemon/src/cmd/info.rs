@@ -62,6 +62,16 @@ pub fn feature_names(features: u64) -> Vec<String> {
         .collect()
 }
 
+/// librbd's op feature names (RBD_OPERATION_FEATURE_*), bit by bit, as `rbd info` lists
+/// them (bits it has no name for are left out, as rbd leaves them).
+pub fn op_feature_names(op_features: u64) -> Vec<String> {
+    const NAMES: [&str; 4] = ["clone-parent", "clone-child", "group", "snap-trash"];
+    (0..NAMES.len())
+        .filter(|b| op_features & (1u64 << b) != 0)
+        .map(|b| NAMES[b].to_string())
+        .collect()
+}
+
 pub fn flag_names(flags: u64) -> Vec<String> {
     (0..64)
         .filter(|b| flags & (1u64 << b) != 0)
@@ -75,12 +85,22 @@ pub fn flag_names(flags: u64) -> Vec<String> {
 
 pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Result<()> {
     let shared_default = Config::load()?.shared_default;
-    let (h, shared, data_pool) =
+    let (h, shared, data_pool, details) =
         with_image(store, spec, OpenMode::ReadOnly, async |img: &S::Image| {
             let shared = shared_setting(img, spec, shared_default).await?;
-            Ok((img.header(), shared, img.data_pool()))
+            Ok((img.header(), shared, img.data_pool(), img.details().await?))
         })
         .await?;
+    let op_features = op_feature_names(details.op_features);
+    // rbd info's three timestamps, each shown only when the image has one.
+    let stamps: Vec<(&str, String)> = [
+        ("create_timestamp", details.create_timestamp),
+        ("access_timestamp", details.access_timestamp),
+        ("modify_timestamp", details.modify_timestamp),
+    ]
+    .into_iter()
+    .filter_map(|(k, t)| Some((k, super::snap::ctime(t?))))
+    .collect();
     let snap = spec
         .snap
         .as_ref()
@@ -104,12 +124,15 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                 "block_name_prefix": h.object_prefix,
                 "format": 2,
                 "features": features,
-                "op_features": [],
+                "op_features": op_features,
                 "flags": flags,
                 "shared": shared,
                 "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
             });
             let mut v = v;
+            for (k, t) in &stamps {
+                v[*k] = json!(t);
+            }
             if let Some(s) = snap {
                 // rbd info IMAGE@SNAP's, a string as rbd writes it.
                 v["protected"] = json!(s.protected.to_string());
@@ -147,8 +170,11 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
             println!("\tblock_name_prefix: {}", h.object_prefix);
             println!("\tformat: 2");
             println!("\tfeatures: {}", features.join(", "));
-            println!("\top_features: ");
+            println!("\top_features: {}", op_features.join(", "));
             println!("\tflags: {}", flags.join(", "));
+            for (k, t) in &stamps {
+                println!("\t{k}: {t}");
+            }
             if let Some(s) = snap {
                 println!(
                     "\tprotected: {}",
@@ -206,6 +232,8 @@ mod tests {
             ]
         );
         assert_eq!(flag_names(3), ["object map invalid", "fast diff invalid"]);
+        assert_eq!(op_feature_names(0b1010), ["clone-child", "snap-trash"]);
+        assert_eq!(op_feature_names(1 | 1 << 40), ["clone-parent"]);
         assert!(flag_names(0).is_empty());
     }
 }

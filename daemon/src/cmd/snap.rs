@@ -417,7 +417,7 @@ fn namespace_type(t: u32) -> &'static str {
 }
 
 /// `ctime(3)` without its newline, in local time: `Wed Dec  2 18:00:00 2026`.
-fn ctime(secs: u64) -> String {
+pub(crate) fn ctime(secs: u64) -> String {
     let t = secs as libc::time_t;
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: localtime_r only writes `tm`; a null return leaves the fallback below.

@@ -94,6 +94,7 @@ impl<S: ImageStore> Backend for Image<S> {
         // `is_nonexistent`), as a reader without a trusted map must.
         let (_g, _away) = self.enter_to_read().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
+        self.store.note_io(false);
         let pieces = split(self.order(), offset, length as u64);
         if let [p] = pieces[..] {
             // Most requests lie in one object: no join machinery, no merging.
@@ -114,6 +115,7 @@ impl<S: ImageStore> Backend for Image<S> {
         let _g = self.enter().await?;
         self.check_writable()?;
         self.in_range(offset, data.len() as u64, Errno::NoSpc)?;
+        self.store.note_io(true);
         let pieces = split(self.order(), offset, data.len() as u64);
         self.dirty_before(|| {
             pieces
@@ -145,6 +147,9 @@ impl<S: ImageStore> Backend for Image<S> {
         // As librbd's flush: the copy-on-read copy-ups asked before it are done first.
         self.wait_copy_on_read().await;
         let _g = self.enter().await?;
+        if !self.read_only {
+            self.store.note_io(true);
+        }
         self.store.sync().await?;
         Ok(())
     }
@@ -152,6 +157,7 @@ impl<S: ImageStore> Backend for Image<S> {
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), BackendError> {
         let _g = self.enter().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
+        self.store.note_io(true);
         self.discard(offset, length, fua, false).await?;
         Ok(())
     }
@@ -185,6 +191,7 @@ impl<S: ImageStore> Backend for Image<S> {
             }
         }
         self.in_range(offset, length as u64, Errno::NoSpc)?;
+        self.store.note_io(true);
         self.discard(offset, length, flags.fua, flags.no_hole)
             .await?;
         Ok(())

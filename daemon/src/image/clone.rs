@@ -225,6 +225,9 @@ impl<S: ImageStore> Chain<S> {
             let mut out: Vec<ReadChunk> = Vec::new();
             if within > off {
                 let l = &self.levels[k];
+                // Each ancestor a read reaches is read (librbd: an image read of it,
+                // which notes its access timestamp), whether it has the object or not.
+                l.store.note_io(false);
                 for p in split(l.order, off, within - off) {
                     let at = off + p.req_off;
                     let chunks = if l.lacks(p.objno) {
@@ -266,6 +269,7 @@ impl<S: ImageStore> Chain<S> {
         let l = &self.levels[0];
         let end = (off + len).min(self.backs(0));
         if end > off {
+            l.store.note_io(false);
             for p in split(l.order, off, end - off) {
                 let at = off + p.req_off;
                 let got = if l.lacks(p.objno) {

@@ -159,6 +159,16 @@ pub enum QuiesceMode {
     IgnoreError,
 }
 
+/// An image's op features (RBD_OPERATION_FEATURE_*) and timestamps, in seconds since the
+/// epoch (`None`: the store keeps none, or an OSD too old to know it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageDetails {
+    pub op_features: u64,
+    pub create_timestamp: Option<u64>,
+    pub access_timestamp: Option<u64>,
+    pub modify_timestamp: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapInfo {
     pub id: u64,
@@ -496,6 +506,19 @@ pub(crate) fn one_extent(off: u64, b: Bytes) -> Vec<(u64, Bytes)> {
 pub trait ImageStore: Send + Sync + 'static {
     /// The header as read at open (or at the latest `refresh_header`).
     fn header(&self) -> ImageHeader;
+
+    /// What `info` shows beyond the header: op features and the image's timestamps,
+    /// read now. Nothing known by default.
+    fn details(&self) -> impl Future<Output = Result<ImageDetails>> + Send {
+        async { Ok(ImageDetails::default()) }
+    }
+
+    /// An I/O request came for the image through its served device: `modify` for a
+    /// write, discard, zeroing or flush, else a read (of this image, or of an ancestor's
+    /// data for a clone). librbd notes each in the header's modify or access timestamp,
+    /// at most once per `rbd_mtime_update_interval` / `rbd_atime_update_interval`,
+    /// without holding the request for it; so does the Ceph store. Nothing by default.
+    fn note_io(&self, _modify: bool) {}
 
     /// The pool the data objects live in when it is not the image's own (`rbd create
     /// --data-pool`; `rbd info` shows it as `data_pool`).

@@ -507,6 +507,14 @@ pub fn string_set_out(b: &[u8], what: &str) -> Result<Vec<String>> {
 pub const OP_FEATURE_CLONE_PARENT: u64 = 1 << 0;
 pub const OP_FEATURE_CLONE_CHILD: u64 = 1 << 1;
 
+/// `get_create_timestamp`, `get_access_timestamp`, `get_modify_timestamp` → a utime_t
+/// (u32 seconds, u32 nanoseconds), in nanoseconds since the epoch.
+pub fn utime_out(b: &[u8], what: &str) -> Result<u64> {
+    let mut d = Dec::new(b, what);
+    let (sec, nsec) = (d.u32()?, d.u32()?);
+    Ok(u64::from(sec) * 1_000_000_000 + u64::from(nsec))
+}
+
 /// `op_features_set`: u64 op features, u64 mask.
 pub fn op_features_set_in(value: u64, mask: u64) -> Vec<u8> {
     Enc::new().u64(value).u64(mask).done()

@@ -88,6 +88,8 @@ pub(super) struct Inner {
     pub(super) closed: AtomicBool,
     /// Writes held behind the one in flight on their object (merge.rs).
     pub(super) merge: Arc<super::merge::Merger>,
+    /// The header's access and modify timestamps, moved by I/O as librbd moves them.
+    pub(super) timestamps: Arc<super::timestamps::Timestamps>,
 }
 
 /// A data object's name: `<prefix>.<objno as 16 hex digits>`.
@@ -415,6 +417,17 @@ impl ImageStore for CephImage {
     fn data_pool(&self) -> Option<String> {
         let i = &self.inner;
         (i.data_home.pool() != i.meta.pool()).then(|| i.data_home.pool().to_string())
+    }
+
+    async fn details(&self) -> Result<crate::store::ImageDetails> {
+        let i = &self.inner;
+        super::timestamps::details(&i.meta, &i.hdr_oid)
+            .await
+            .map_err(|e| e.context(format!("reading op features and timestamps of {}", i.spec)))
+    }
+
+    fn note_io(&self, modify: bool) {
+        self.inner.timestamps.note(modify);
     }
 
     fn header(&self) -> ImageHeader {
@@ -1445,6 +1458,9 @@ impl ImageStore for CephImage {
         if i.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Before the lock goes: an update still in flight then would land after an
+        // unmap returned.
+        i.timestamps.settle().await;
         let (held, ops) = i.merge.counts();
         if held > 0 {
             tracing::debug!(

@@ -69,6 +69,7 @@ mod shim;
 pub mod snaps;
 pub mod sparse;
 mod store;
+mod timestamps;
 mod write;
 
 #[cfg(test)]

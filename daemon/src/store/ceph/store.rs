@@ -883,6 +883,7 @@ pub(super) async fn open_by_id_at(
             }),
         )
     };
+    let timestamps = super::timestamps::Timestamps::new(meta.clone(), header_oid(&id));
     let inner = Arc::new(Inner {
         meta,
         data,
@@ -915,6 +916,7 @@ pub(super) async fn open_by_id_at(
         refreshing: tokio::sync::Mutex::new(()),
         closed: AtomicBool::new(false),
         merge,
+        timestamps,
     });
     let _ = image.set(Arc::downgrade(&inner));
     if mode == OpenMode::ReadOnly {
@@ -1057,22 +1059,26 @@ async fn pool_config(io: &IoCtx, opt: &str) -> Option<String> {
     cls::string_out(&b, "rbd.metadata_get reply").ok()
 }
 
-/// librbd's `rbd_io_scheduler` for an image, resolved as librbd resolves its options: the
-/// image's own setting (`rbd config image set`: `conf_<option>` in its metadata), then the
-/// pool's (`rbd config pool set`), then this client's configuration; "simple" by default.
-async fn io_scheduler(meta: &IoCtx, hdr_oid: &str) -> String {
-    const OPT: &str = "rbd_io_scheduler";
-    let key = cls::string_in(&format!("conf_{OPT}"));
+/// A librbd option for an image, resolved as librbd resolves its options: the image's own
+/// setting (`rbd config image set`: `conf_<option>` in its metadata), then the pool's
+/// (`rbd config pool set`), then this client's configuration.
+pub(super) async fn image_option(meta: &IoCtx, hdr_oid: &str, opt: &str) -> Option<String> {
+    let key = cls::string_in(&format!("conf_{opt}"));
     if let Ok(b) = meta.exec_read(hdr_oid, RBD, "metadata_get", &key).await {
         if let Ok(v) = cls::string_out(&b, "rbd.metadata_get reply") {
-            return v;
+            return Some(v);
         }
     }
-    if let Some(v) = pool_config(meta, OPT).await {
-        return v;
+    if let Some(v) = pool_config(meta, opt).await {
+        return Some(v);
     }
-    meta.cluster()
-        .conf_get(OPT)
+    meta.cluster().conf_get(opt)
+}
+
+/// librbd's `rbd_io_scheduler` for an image ([`image_option`]); "simple" by default.
+async fn io_scheduler(meta: &IoCtx, hdr_oid: &str) -> String {
+    image_option(meta, hdr_oid, "rbd_io_scheduler")
+        .await
         .unwrap_or_else(|| "simple".into())
 }
 
