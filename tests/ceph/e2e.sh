@@ -406,45 +406,59 @@ check "read-only beside a writer: rbd object-map check" omap_check e2e-ro
 rbd rm --no-progress e2e-ro >/dev/null 2>&1
 
 # ---------------------------------------------------------------- header timestamps
-# librbd moves the header's modify_timestamp at a write, discard or flush, and its
-# access_timestamp at a read (of the image, or through a clone of it), once
-# rbd_mtime_update_interval / rbd_atime_update_interval seconds (60 by default, 0 = never)
-# have passed since the stamp last moved. Each case runs on an image served by rados-nbd and
-# on a twin used through librbd (python3-rbd), and both must agree with what is expected.
-stamp() { date -d "$(rbd info "$1" --format json | jq -r ".$2_timestamp")" +%s; }
-nbd_io() { # nbd_io IMAGE read|write: one 4 KiB request through the served socket
-  $PY -c "
-import nbd, sys
-h = nbd.NBD(); h.connect_uri('$(uri "$1")')
-h.pwrite(b'x' * 4096, 0) if sys.argv[1] == 'write' else h.pread(4096, 0)
-h.shutdown()" "$2"
-}
-rbd_io() { # rbd_io IMAGE read|write: the same through librbd
-  $PY -c "
-import rados, rbd, sys
-c = rados.Rados(conffile='$CEPH_CONF'); c.connect()
-io = c.open_ioctx('rbd')
-with rbd.Image(io, sys.argv[1]) as im:
-    im.write(b'x' * 4096, 0) if sys.argv[2] == 'write' else im.read(0, 4096)
-io.close(); c.shutdown()" "$1" "$2"
+# librbd moves the header's modify_timestamp at a write, discard or zeroing (not a flush),
+# and its access_timestamp at a read (of the image; of each ancestor a read through a clone,
+# or a copy-up, reaches), once rbd_mtime_update_interval / rbd_atime_update_interval seconds
+# (60 by default, 0 = never) have passed since the stamp last moved. Each case runs on an
+# image served by rados-nbd and on a twin used through librbd (python3-rbd); which stamps
+# moved must be the same for both, and what is expected.
+stamp() { # stamp IMAGE modify|access: seconds since the epoch, or "missing"
+  local t
+  t=$(rbd info "$1" --format json | jq -er ".$2_timestamp") && date -d "$t" +%s || echo missing
 }
 stamps() { echo "$(stamp "$1" modify) $(stamp "$1" access)"; }
-moved() { # moved BEFORE AFTER: which stamps moved, "modify", "access", "modify access" or "none"
+# nbd_io IMAGE OP [OFFSET]: one 4 KiB request (read, write, trim, zero) or a flush, through
+# the served socket; rbd_io the same through librbd.
+nbd_io() {
+  $PY -c "
+import nbd, sys
+op, off = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD(); h.connect_uri('$(uri "$1")')
+{'read': lambda: h.pread(4096, off), 'write': lambda: h.pwrite(b'x' * 4096, off),
+ 'trim': lambda: h.trim(4096, off), 'zero': lambda: h.zero(4096, off),
+ 'flush': lambda: h.flush()}[op]()
+h.shutdown()" "$2" "${3:-0}"
+}
+rbd_io() {
+  $PY -c "
+import rados, rbd, sys
+name, op, off = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect()
+io = c.open_ioctx('rbd')
+with rbd.Image(io, name) as im:
+    {'read': lambda: im.read(off, 4096), 'write': lambda: im.write(b'x' * 4096, off),
+     'trim': lambda: im.discard(off, 4096), 'zero': lambda: im.write_zeroes(off, 4096),
+     'flush': lambda: im.flush()}[op]()
+io.close(); c.shutdown()" "$1" "$2" "${3:-0}"
+}
+moved() { # moved BEFORE AFTER: "modify", "access", "modify access", "none", or "missing ..."
+  case "$1 $2" in *missing*) echo "missing stamps ($1 -> $2)"; return ;; esac
   local b=($1) a=($2) out=()
   [ "${a[0]}" != "${b[0]}" ] && out+=(modify)
   [ "${a[1]}" != "${b[1]}" ] && out+=(access)
   echo "${out[*]:-none}"
 }
-# ts_case NAME EXPECTED OP IMAGE_OURS IMAGE_TWIN: OP (read|write) on both; which stamps
-# moved must be EXPECTED for both.
+# ts_case NAME EXPECTED OP OURS TWIN [WATCH_OURS WATCH_TWIN] [OFFSET]: OP on OURS (served)
+# and TWIN (librbd); which stamps of WATCH_* (default: the images themselves) moved must be
+# EXPECTED for both.
 ts_case() {
-  local b1 b2 m1 m2
-  b1=$(stamps "$4"); b2=$(stamps "$5")
+  local w1=${6:-$4} w2=${7:-$5} b1 b2 m1 m2
+  b1=$(stamps "$w1"); b2=$(stamps "$w2")
   serve "$4"
-  nbd_io "$4" "$3"
+  nbd_io "$4" "$3" "${8:-0}"
   unserve
-  rbd_io "$5" "$3"
-  m1=$(moved "$b1" "$(stamps "$4")"); m2=$(moved "$b2" "$(stamps "$5")")
+  rbd_io "$5" "$3" "${8:-0}"
+  m1=$(moved "$b1" "$(stamps "$w1")"); m2=$(moved "$b2" "$(stamps "$w2")")
   check "timestamps, $1: $2 moved (rados-nbd: $m1, librbd: $m2)" \
     test "$m1" = "$2" -a "$m2" = "$2"
 }
@@ -455,35 +469,41 @@ for i in e2e-t1 e2e-t1-twin; do
   rbd config image set "$i" rbd_mtime_update_interval 1
   rbd config image set "$i" rbd_atime_update_interval 1
 done
-for i in e2e-t0 e2e-t0-twin; do
-  rbd config image set "$i" rbd_mtime_update_interval 0
-  rbd config image set "$i" rbd_atime_update_interval 0
-done
+# Off in the pool's settings, for the pool's images that say nothing themselves.
+rbd config pool set rbd rbd_mtime_update_interval 0
+rbd config pool set rbd rbd_atime_update_interval 0
 sleep 2.1
+ts_case "intervals 1 s, a flush" none flush e2e-t1 e2e-t1-twin
 ts_case "intervals 1 s, a write" modify write e2e-t1 e2e-t1-twin
-ts_case "intervals 0, a write" none write e2e-t0 e2e-t0-twin
+ts_case "intervals 0 (pool setting), a write" none write e2e-t0 e2e-t0-twin
+rbd config pool rm rbd rbd_mtime_update_interval
+rbd config pool rm rbd rbd_atime_update_interval
 ts_case "default intervals (60 s), a write 2 s after create" none write e2e-t60 e2e-t60-twin
 sleep 2.1
 ts_case "intervals 1 s, a read" access read e2e-t1 e2e-t1-twin
-ts_case "intervals 0, a read" none read e2e-t0 e2e-t0-twin
-# Through a clone (format 2): its parent's access stamp moves at a read it answers.
+ts_case "intervals 1 s, a discard" modify trim e2e-t1 e2e-t1-twin
+sleep 2.1
+ts_case "intervals 1 s, a zeroing" modify zero e2e-t1 e2e-t1-twin
+# Through a clone (format 2): a copy-up and a read the child cannot answer reach the parent
+# (its access stamp moves); a read the child answers does not.
 for i in e2e-t1 e2e-t1-twin; do
   rbd snap create --no-progress "$i@s"
   rbd clone --rbd-default-clone-format 2 "$i@s" "$i-c"
 done
 sleep 2.1
-b1=$(stamps e2e-t1); b2=$(stamps e2e-t1-twin)
-serve e2e-t1-c
-nbd_io e2e-t1-c read
-unserve
-rbd_io e2e-t1-twin-c read
-m1=$(moved "$b1" "$(stamps e2e-t1)"); m2=$(moved "$b2" "$(stamps e2e-t1-twin)")
-check "timestamps, a read through a clone: the parent's access moved (rados-nbd: $m1, librbd: $m2)" \
-  test "$m1" = access -a "$m2" = access
-check "info shows the three timestamps and op features as rbd info" bash -c "
+ts_case "a write through a clone (copy-up): the parent's" access write e2e-t1-c e2e-t1-twin-c \
+  e2e-t1 e2e-t1-twin 4096
+sleep 2.1
+ts_case "a read the clone answers: the parent's" none read e2e-t1-c e2e-t1-twin-c \
+  e2e-t1 e2e-t1-twin 4096
+ts_case "a read the clone cannot answer: the parent's" access read e2e-t1-c e2e-t1-twin-c \
+  e2e-t1 e2e-t1-twin $((8 * MB))
+check "info shows the three timestamps and op features as rbd info (plain and JSON)" bash -c "
   for i in e2e-t1 e2e-t1-c; do
     diff <(rbd info \$i | grep -E '_timestamp|op_features') \
       <($RNQ info \$i | grep -E '_timestamp|op_features') || exit 1
+    diff <(rbd info \$i --format json | jq -S '{op_features, create_timestamp, access_timestamp, modify_timestamp}') \
+      <($RNQ info \$i --format json | jq -S '{op_features, create_timestamp, access_timestamp, modify_timestamp}') || exit 1
   done"
 for i in e2e-t1 e2e-t1-twin; do
   rbd rm --no-progress "$i-c" >/dev/null 2>&1

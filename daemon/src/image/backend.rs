@@ -147,9 +147,6 @@ impl<S: ImageStore> Backend for Image<S> {
         // As librbd's flush: the copy-on-read copy-ups asked before it are done first.
         self.wait_copy_on_read().await;
         let _g = self.enter().await?;
-        if !self.read_only {
-            self.store.note_io(true);
-        }
         self.store.sync().await?;
         Ok(())
     }
@@ -157,6 +154,7 @@ impl<S: ImageStore> Backend for Image<S> {
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), BackendError> {
         let _g = self.enter().await?;
         self.in_range(offset, length as u64, Errno::Inval)?;
+        self.check_writable()?;
         self.store.note_io(true);
         self.discard(offset, length, fua, false).await?;
         Ok(())
@@ -191,6 +189,7 @@ impl<S: ImageStore> Backend for Image<S> {
             }
         }
         self.in_range(offset, length as u64, Errno::NoSpc)?;
+        self.check_writable()?;
         self.store.note_io(true);
         self.discard(offset, length, flags.fua, flags.no_hole)
             .await?;

@@ -514,7 +514,7 @@ pub trait ImageStore: Send + Sync + 'static {
     }
 
     /// An I/O request came for the image through its served device: `modify` for a
-    /// write, discard, zeroing or flush, else a read (of this image, or of an ancestor's
+    /// write, discard or zeroing (not a flush, as librbd), else a read (of this image, or of an ancestor's
     /// data for a clone). librbd notes each in the header's modify or access timestamp,
     /// at most once per `rbd_mtime_update_interval` / `rbd_atime_update_interval`,
     /// without holding the request for it; so does the Ceph store. Nothing by default.

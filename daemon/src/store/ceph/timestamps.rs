@@ -1,7 +1,8 @@
 //! The header's access and modify timestamps, kept up as librbd keeps them (its
 //! ImageRequest::update_timestamp): each I/O request may move one of them to now, at most
 //! once per `rbd_atime_update_interval` (reads) or `rbd_mtime_update_interval` (writes,
-//! discards, flushes), 60 s by default, 0 = never. The update is sent without holding the
+//! discards, zeroing; not flushes, which librbd's ImageFlushRequest leaves out), 60 s by
+//! default, 0 = never. The update is sent without holding the
 //! request (librbd fires and forgets it) and its failure is ignored; a close waits for the
 //! ones in flight, so that `rbd info` after an unmap shows them.
 
@@ -29,7 +30,11 @@ impl Stamp {
         if self.interval_s == 0 {
             return false;
         }
-        let due = |at: u64| (now_ns / NS) * NS >= self.interval_s * NS + at;
+        // In u128: a huge interval (a way to turn updates off) must not overflow.
+        let due = |at: u64| {
+            u128::from(now_ns / NS) * u128::from(NS)
+                >= u128::from(self.interval_s) * u128::from(NS) + u128::from(at)
+        };
         let mut at = self.at_ns.load(Ordering::Acquire);
         loop {
             if !due(at) {
@@ -52,16 +57,25 @@ struct Stamps {
     modify: Stamp,
 }
 
+/// Where the first read of the stamps stands.
+enum Load {
+    Idle,
+    /// Being read; the kinds of request (access, modify) that came meanwhile, noted once
+    /// it is done.
+    Loading([bool; 2]),
+    Ready,
+}
+
 /// An image handle's timestamps. Read from the header at the first I/O request, not at
 /// open: commands that open an image without serving it (info, du, snap...) pay nothing.
 pub(super) struct Timestamps {
     meta: Arc<IoCtx>,
     hdr_oid: String,
+    /// Set (under `load`) once read: the path every request takes after the first.
     stamps: OnceLock<Stamps>,
-    loading: AtomicBool,
-    /// Requests (access, modify) that came while the stamps were being read: noted once
-    /// they are.
-    pending: [AtomicBool; 2],
+    load: Mutex<Load>,
+    /// Set by `settle` (the image closes): nothing more is sent.
+    closed: AtomicBool,
     /// The read and the updates sent, not finished yet (at most one update of each kind
     /// a minute).
     in_flight: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -73,8 +87,8 @@ impl Timestamps {
             meta,
             hdr_oid,
             stamps: OnceLock::new(),
-            loading: AtomicBool::new(false),
-            pending: [AtomicBool::new(false), AtomicBool::new(false)],
+            load: Mutex::new(Load::Idle),
+            closed: AtomicBool::new(false),
             in_flight: Mutex::new(Vec::new()),
         })
     }
@@ -82,33 +96,50 @@ impl Timestamps {
     /// Moves the modify (or access) timestamp to now in the header, if its interval has
     /// passed since it last moved; returns at once.
     pub(super) fn note(self: &Arc<Self>, modify: bool) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(st) = self.stamps.get() {
             self.send_if_due(st, modify);
             return;
         }
-        self.pending[modify as usize].store(true, Ordering::Release);
-        if self.stamps.get().is_some() {
-            // Read meanwhile, perhaps after the reader looked at the flag.
-            self.drain_pending();
-            return;
-        }
-        if self.loading.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let this = self.clone();
-        self.spawn(async move {
-            let st = this.load().await;
-            let _ = this.stamps.set(st);
-            this.drain_pending();
-        });
-    }
-
-    /// Notes the requests that waited for the stamps; whoever clears a flag notes it.
-    fn drain_pending(&self) {
-        let Some(st) = self.stamps.get() else { return };
-        for modify in [false, true] {
-            if self.pending[modify as usize].swap(false, Ordering::AcqRel) {
-                self.send_if_due(st, modify);
+        let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *load {
+            Load::Ready => {
+                drop(load);
+                if let Some(st) = self.stamps.get() {
+                    self.send_if_due(st, modify);
+                }
+            }
+            Load::Loading(waiting) => waiting[modify as usize] = true,
+            Load::Idle => {
+                let mut waiting = [false; 2];
+                waiting[modify as usize] = true;
+                *load = Load::Loading(waiting);
+                drop(load);
+                let this = self.clone();
+                let started = self.spawn(async move {
+                    let st = this.load().await;
+                    let waiting = {
+                        let mut load = this.load.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = this.stamps.set(st);
+                        match std::mem::replace(&mut *load, Load::Ready) {
+                            Load::Loading(w) => w,
+                            _ => [false; 2],
+                        }
+                    };
+                    if let Some(st) = this.stamps.get() {
+                        for (kind, came) in waiting.into_iter().enumerate() {
+                            if came {
+                                this.send_if_due(st, kind == 1);
+                            }
+                        }
+                    }
+                });
+                if !started {
+                    // No runtime to read them in: the next request tries again.
+                    *self.load.lock().unwrap_or_else(|p| p.into_inner()) = Load::Idle;
+                }
             }
         }
     }
@@ -164,18 +195,22 @@ impl Timestamps {
         });
     }
 
-    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs `f` on the runtime, kept in `in_flight`; false when there is no runtime.
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
+            return false;
         };
         let task = rt.spawn(f);
         let mut v = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         v.retain(|t| !t.is_finished());
         v.push(task);
+        true
     }
 
-    /// Waits (a few seconds at most) for the read and the updates in flight.
+    /// The image closes: nothing more is sent, and what is in flight is waited for (a
+    /// few seconds at most, then dropped).
     pub(super) async fn settle(&self) {
+        self.closed.store(true, Ordering::Release);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let tasks =
@@ -183,11 +218,10 @@ impl Timestamps {
             if tasks.is_empty() {
                 return;
             }
-            for t in tasks {
-                let _ = tokio::time::timeout_at(deadline, t).await;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return;
+            for mut t in tasks {
+                if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                    t.abort();
+                }
             }
         }
     }
@@ -242,6 +276,12 @@ mod tests {
         // Now's whole seconds against the stored time: 221 < 221.000000001.
         assert!(!s.take(221 * NS + 5));
         assert!(s.take(222 * NS));
+    }
+
+    #[test]
+    fn a_huge_interval_is_never_due() {
+        let s = stamp(u64::MAX, 100 * NS);
+        assert!(!s.take(u64::MAX));
     }
 
     #[test]
