@@ -131,6 +131,9 @@ pub enum SnapCommand {
         all: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// Remove a snapshot (refused while it is protected).
     #[command(alias = "remove")]
@@ -159,6 +162,9 @@ pub enum Command {
         image: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// Remove an image and all its objects.
     Rm { image: String },
@@ -167,6 +173,9 @@ pub enum Command {
         pool: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// Serve an image over NBD until SIGTERM/SIGINT.
     Serve(ServeArgs),
@@ -193,6 +202,9 @@ pub enum Command {
         exact: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// What changed between two versions of an image, like `rbd diff`: extents as
     /// "data" (written since) or "zero" (removed since), from each written object's
@@ -209,6 +221,9 @@ pub enum Command {
         whole_object: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// Resize an image, like `rbd resize`; also while it is served or mapped (the
     /// serving daemon does it, and a mapped /dev/nbdX follows).
@@ -274,6 +289,9 @@ pub enum Command {
         image: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.
+        #[arg(long)]
+        pretty_format: bool,
     },
     /// Write the manual pages or shell completions generated from this CLI (packaging).
     #[command(hide = true, subcommand)]

@@ -20,7 +20,7 @@ pub async fn children<S: Store>(store: &S, parent: &ImageSpec, format: Format) -
                 .iter()
                 .map(|c| json!({"pool": c.pool, "pool_namespace": c.namespace, "image": c.name}))
                 .collect();
-            println!("{}", json!(v));
+            println!("{}", super::json_text(&json!(v).to_string()));
         }
         Format::Plain => {
             for c in &kids {

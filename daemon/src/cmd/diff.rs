@@ -568,7 +568,7 @@ pub async fn diff<S: Store>(
     })
     .await?;
     match format {
-        Format::Json => println!("{}", json_extents(&ext)),
+        Format::Json => println!("{}", super::json_text(&json_extents(&ext))),
         Format::Plain => {
             let rows: Vec<Vec<String>> = ext
                 .iter()

@@ -165,7 +165,8 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
                 .iter()
                 .map(|l| json_line(&spec.name, &id, l))
                 .collect();
-            println!(r#"{{"images":[{}]}}"#, images.join(","));
+            let text = format!(r#"{{"images":[{}]}}"#, images.join(","));
+            println!("{}", super::json_text(&text));
         }
         Format::Plain => {
             let mut rows: Vec<Vec<String>> =
@@ -237,10 +238,11 @@ pub async fn du_pool<S: Store>(store: &S, pool: &str, opts: &DuOptions) -> Resul
                 .iter()
                 .flat_map(|(n, id, lines)| lines.iter().map(move |l| json_line(n, id, l)))
                 .collect();
-            println!(
+            let text = format!(
                 r#"{{"images":[{}],"total_provisioned_size":{total_prov},"total_used_size":{total_used}}}"#,
                 items.join(",")
             );
+            println!("{}", super::json_text(&text));
         }
         Format::Plain => {
             let mut rows: Vec<Vec<String>> = images

@@ -111,48 +111,61 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
     let flags = flag_names(h.flags);
     match format {
         Format::Json => {
-            let v = json!({
-                "name": spec.name,
-                "pool": spec.pool,
-                "namespace": spec.namespace,
-                "id": h.id,
-                "size": size,
-                "objects": objects,
-                "order": h.order,
-                "object_size": h.object_size(),
-                "snapshot_count": h.snaps.len(),
-                "block_name_prefix": h.object_prefix,
-                "format": 2,
-                "features": features,
-                "op_features": op_features,
-                "flags": flags,
-                "shared": shared,
-                "snapshots": h.snaps.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
-            });
-            let mut v = v;
+            // rbd info's fields in its order, then ours (pool, namespace, shared, snapshots).
+            let mut v = serde_json::Map::new();
+            let mut put = |k: &str, x: serde_json::Value| {
+                v.insert(k.to_string(), x);
+            };
+            put("name", json!(spec.name));
+            put("id", json!(h.id));
+            put("size", json!(size));
+            put("objects", json!(objects));
+            put("order", json!(h.order));
+            put("object_size", json!(h.object_size()));
+            put("snapshot_count", json!(h.snaps.len()));
+            if let Some(dp) = &data_pool {
+                put("data_pool", json!(dp));
+            }
+            put("block_name_prefix", json!(h.object_prefix));
+            put("format", json!(2));
+            put("features", json!(features));
+            put("op_features", json!(op_features));
+            put("flags", json!(flags));
             for (k, t) in &stamps {
-                v[*k] = json!(t);
+                put(k, json!(t));
             }
             if let Some(s) = snap {
                 // rbd info IMAGE@SNAP's, a string as rbd writes it.
-                v["protected"] = json!(s.protected.to_string());
-            }
-            if let Some(dp) = &data_pool {
-                v["data_pool"] = json!(dp);
+                put("protected", json!(s.protected.to_string()));
             }
             if let Some(p) = &h.parent {
                 // rbd info's `parent` object.
-                v["parent"] = json!({
-                    "pool": p.spec.pool,
-                    "pool_namespace": p.spec.namespace,
-                    "image": p.spec.name,
-                    "id": p.image_id,
-                    "snapshot": p.spec.snap.as_deref().unwrap_or(""),
-                    "trash": p.in_trash,
-                    "overlap": p.overlap,
-                });
+                put(
+                    "parent",
+                    json!({
+                        "pool": p.spec.pool,
+                        "pool_namespace": p.spec.namespace,
+                        "image": p.spec.name,
+                        "id": p.image_id,
+                        "snapshot": p.spec.snap.as_deref().unwrap_or(""),
+                        "trash": p.in_trash,
+                        "overlap": p.overlap,
+                    }),
+                );
             }
-            println!("{v}");
+            put("pool", json!(spec.pool));
+            put("namespace", json!(spec.namespace));
+            put("shared", json!(shared));
+            put(
+                "snapshots",
+                json!(h
+                    .snaps
+                    .iter()
+                    .map(|s| json!({"id": s.id, "name": s.name, "size": s.size}))
+                    .collect::<Vec<_>>()),
+            );
+            let v = serde_json::Value::Object(v);
+            println!("{}", super::json_text(&v.to_string()));
         }
         Format::Plain => {
             println!("rbd image '{}':", spec.name);

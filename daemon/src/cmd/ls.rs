@@ -12,7 +12,7 @@ pub async fn ls<S: Store>(store: &S, pool: Option<&str>, format: Format) -> Resu
     crate::spec::parse_pool_spec(pool)?;
     let names = store.list_images(pool).await?;
     match format {
-        Format::Json => println!("{}", json!(names)),
+        Format::Json => println!("{}", super::json_text(&json!(names).to_string())),
         Format::Plain => {
             for n in names {
                 println!("{n}");

@@ -111,7 +111,14 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             crate::generate::run(what, <Cli as clap::CommandFactory>::command())
         }
         Command::Create(a) => create::create(&store, &a).await,
-        Command::Info { image, format } => info::info(&store, &parse_spec(&image)?, format).await,
+        Command::Info {
+            image,
+            format,
+            pretty_format,
+        } => {
+            set_pretty_json(pretty_format);
+            info::info(&store, &parse_spec(&image)?, format).await
+        }
         Command::Rm { image } => {
             let spec = parse_head_spec(&image, "remove")?;
             // A clone's parent, read first: its snapshot (and the parent itself) may be
@@ -134,7 +141,14 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             }
             r.map(|_| ())
         }
-        Command::Ls { pool, format } => ls::ls(&store, pool.as_deref(), format).await,
+        Command::Ls {
+            pool,
+            format,
+            pretty_format,
+        } => {
+            set_pretty_json(pretty_format);
+            ls::ls(&store, pool.as_deref(), format).await
+        }
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du {
             image,
@@ -143,7 +157,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             merge_snapshots,
             exact,
             format,
+            pretty_format,
         } => {
+            set_pretty_json(pretty_format);
             let opts = du::DuOptions {
                 from_snap,
                 merge_snapshots,
@@ -163,7 +179,9 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             from_snap,
             whole_object,
             format,
+            pretty_format,
         } => {
+            set_pretty_json(pretty_format);
             let spec = parse_spec(&image)?;
             diff::diff(&store, &spec, from_snap.as_deref(), whole_object, format).await
         }
@@ -216,7 +234,12 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             )
             .await
         }
-        Command::Children { image, format } => {
+        Command::Children {
+            image,
+            format,
+            pretty_format,
+        } => {
+            set_pretty_json(pretty_format);
             children::children(&store, &parse_spec(&image)?, format).await
         }
         #[cfg(target_os = "linux")]
@@ -225,6 +248,36 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
             "internal: kernel commands are run by main, outside the runtime",
         )),
     }
+}
+
+/// `--pretty-format`: set once per command, before it prints.
+static PRETTY_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn set_pretty_json(on: bool) {
+    PRETTY_JSON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A command's JSON output as printed: compact, or with `--pretty-format` indented by four
+/// as Ceph's JSONFormatter indents it, the keys in the order they were written.
+fn json_text(compact: &str) -> String {
+    if !PRETTY_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        return compact.to_string();
+    }
+    pretty_json(compact)
+}
+
+fn pretty_json(compact: &str) -> String {
+    use serde::Serialize;
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(compact) else {
+        return compact.to_string();
+    };
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+    if v.serialize(&mut ser).is_err() {
+        return compact.to_string();
+    }
+    String::from_utf8(buf).unwrap_or_else(|_| compact.to_string())
 }
 
 /// Runs `f` on an opened store image and closes it whatever `f` returned.

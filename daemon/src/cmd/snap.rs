@@ -16,7 +16,13 @@ use std::collections::HashMap;
 
 pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
     match cmd {
-        SnapCommand::Ls { image, all, format } => {
+        SnapCommand::Ls {
+            image,
+            all,
+            format,
+            pretty_format,
+        } => {
+            super::set_pretty_json(pretty_format);
             let spec = parse_spec(&image)?;
             if spec.snap.is_some() {
                 return Err(Error::new(
@@ -49,7 +55,11 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
                 .await?;
             // Oldest first, as rbd lists them.
             snaps.sort_by_key(|s| s.id);
-            print!("{}", list(&snaps, format, all, &groups, objects));
+            let text = list(&snaps, format, all, &groups, objects);
+            match format {
+                Format::Json => println!("{}", super::json_text(text.trim_end())),
+                Format::Plain => print!("{text}"),
+            }
             Ok(())
         }
         SnapCommand::Create {
