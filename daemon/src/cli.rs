@@ -262,7 +262,8 @@ pub enum Command {
         /// header; 1: the snapshot must be protected (`rbd snap protect`), for clients
         /// older than Mimic; auto (the default, as rbd's): on Ceph the pool's or this
         /// client's `rbd_default_clone_format`, else 2 when the cluster requires Mimic or
-        /// newer clients and 1 otherwise; 2 on the directory store. Named like rbd's option.
+        /// newer clients and 1 otherwise; 2 on the directory store. Named like rbd's option,
+        /// and like it second to the pool's setting (`rbd config pool set`), which wins.
         #[arg(
             long = "rbd-default-clone-format",
             visible_alias = "clone-format",

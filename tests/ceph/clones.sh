@@ -445,6 +445,22 @@ check "unprotect with format-2 clones only: done, as rbd does it" bash -c \
    [ \"\$(rbd children tup_$$@p | sort | tr '\n' ' ')\" = '$op/tupc3_$$ rbd/tupc2_$$ ' ]"
 rbd rm tupc2_$$ >/dev/null 2>&1; rbd rm "$op/tupc3_$$" >/dev/null 2>&1
 rbd snap purge tup_$$ >/dev/null 2>&1; rbd rm tup_$$ >/dev/null 2>&1
+# The pool's rbd_default_clone_format wins over the command line's, as in rbd (librbd puts
+# the pool's settings over the client's configuration, command line included).
+rbd create --size 4M "$op/tcf_$$" && rbd snap create "$op/tcf_$$@u" >/dev/null 2>&1
+# (As client.admin: the restricted client may use pool rbd only.)
+RNA=$(printf '%q ' "$BIN" --store "ceph:$CEPH_CONF")
+rbd config pool set "$op" rbd_default_clone_format 1
+check "pool says clone format 1: clone --rbd-default-clone-format 2 of an unprotected snapshot refused, by rbd and rados-nbd" \
+  bash -c "! rbd clone --rbd-default-clone-format 2 $op/tcf_$$@u $op/tcfr_$$ 2>/dev/null &&
+    ! $RNA clone --rbd-default-clone-format 2 $op/tcf_$$@u $op/tcfn_$$ 2>'$work/tcf.err' &&
+    grep -q 'not protected' '$work/tcf.err' && ! rbd info $op/tcfn_$$ >/dev/null 2>&1"
+rbd config pool set "$op" rbd_default_clone_format 2
+check "pool says clone format 2: clone --rbd-default-clone-format 1 of an unprotected snapshot is format 2, for rbd and rados-nbd" \
+  bash -c "rbd clone --rbd-default-clone-format 1 $op/tcf_$$@u $op/tcfr_$$ && $RNA clone --rbd-default-clone-format 1 $op/tcf_$$@u $op/tcfn_$$ &&
+    rbd info $op/tcfr_$$ | grep -q 'op_features: clone-child' && rbd info $op/tcfn_$$ | grep -q 'op_features: clone-child'"
+rbd rm "$op/tcfr_$$" >/dev/null 2>&1; rbd rm "$op/tcfn_$$" >/dev/null 2>&1
+rbd snap purge "$op/tcf_$$" >/dev/null 2>&1; rbd rm "$op/tcf_$$" >/dev/null 2>&1
 ceph osd pool rm "$op" "$op" --yes-i-really-really-mean-it >/dev/null 2>&1
 
 # A parent image in the trash waiting for its last clone (source USER_PARENT), as librbd

@@ -526,16 +526,16 @@ impl CephStore {
                 "cannot clone into {child}: a snapshot name is not allowed"
             ));
         }
-        let format = match opts.clone_format {
-            1 | 2 => opts.clone_format,
-            0 => {
-                let cio = self.pool(&child.pool, &child.namespace).await?;
-                configured_clone_format(&cio)
-                    .await
-                    .map_err(|e| e.context(format!("cloning {parent} into {child}")))?
-            }
-            f => return invalid(format!("clone format {f} is not 1, 2 or auto")),
-        };
+        if opts.clone_format > 2 {
+            return invalid(format!(
+                "clone format {} is not 1, 2 or auto",
+                opts.clone_format
+            ));
+        }
+        let cio = self.pool(&child.pool, &child.namespace).await?;
+        let (format, from_pool) = clone_format(&cio, opts.clone_format)
+            .await
+            .map_err(|e| e.context(format!("cloning {parent} into {child}")))?;
         if format == 1 && parent.namespace != child.namespace {
             return invalid(format!(
                 "cannot clone {parent} into {child}: clone format 1 cannot cross RBD namespaces (use format 2)"
@@ -570,19 +570,26 @@ impl CephStore {
         };
         if format == 1 && !protected().await? {
             // rbd's "parent snapshot must be protected", with the way out.
-            let why = if opts.clone_format == 0 {
+            let why = if from_pool {
+                " (the pool's rbd_default_clone_format, set by `rbd config pool set`, says 1; \
+                 as in rbd it wins over the command line)"
+            } else if opts.clone_format == 0 {
                 " (format 1 is what rbd_default_clone_format says, or its auto picks while \
                  the cluster lets clients older than Mimic in; `ceph osd \
                  set-require-min-compat-client mimic` changes that)"
             } else {
                 ""
             };
+            let other = if from_pool {
+                format!("rbd config pool rm {} rbd_default_clone_format", child.pool)
+            } else {
+                "--rbd-default-clone-format 2".to_string()
+            };
             return invalid(format!(
                 "cannot clone {parent} with clone format 1{why}: the snapshot is not \
-                 protected (rbd snap protect {parent}, or --rbd-default-clone-format 2)"
+                 protected (rbd snap protect {parent}, or {other})"
             ));
         }
-        let cio = self.pool(&child.pool, &child.namespace).await?;
         let size = ph.size;
         let cid = self
             .create_with_id(
@@ -1003,21 +1010,33 @@ async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
     Ok(true)
 }
 
-/// librbd's `rbd_default_clone_format` (CloneRequest): the pool's own setting (`rbd
-/// config pool set`), else this client's (ceph.conf, CEPH_ARGS, the monitors' database),
-/// else `auto`; `auto` is format 2 only when the cluster lets no client older than Mimic
-/// in (the larger of the OSD map's minimum and `require_min_compat_client`), since older
+/// librbd's `rbd_default_clone_format` (CloneRequest) as `rbd clone` resolves it: the
+/// pool's own setting (`rbd config pool set`) over everything, since librbd applies a pool's
+/// settings over the client's configuration, command line included (seen: with the pool
+/// at 1, `rbd clone --rbd-default-clone-format 2` of an unprotected snapshot is refused);
+/// then `requested` (our `--rbd-default-clone-format`: 1 or 2, 0 for auto or not given);
+/// then this client's setting (ceph.conf, CEPH_ARGS, the monitors' database); else
+/// `auto`. `auto` is format 2 only when the cluster lets no client older than Mimic in
+/// (the larger of the OSD map's minimum and `require_min_compat_client`), since older
 /// clients cannot open a format-2 clone, and format 1 otherwise. Other values are 2, as in
 /// librbd.
-async fn configured_clone_format(io: &IoCtx) -> Result<u8> {
+/// Also whether the pool's setting decided it.
+async fn clone_format(io: &IoCtx, requested: u8) -> Result<(u8, bool)> {
     const OPT: &str = "rbd_default_clone_format";
     const MIMIC: i8 = 13;
-    let v = configured(io, OPT).await.unwrap_or_else(|| "auto".into());
-    Ok(match v.as_str() {
+    let pool = pool_config(io, OPT).await;
+    let from_pool = pool.is_some();
+    let v = match pool {
+        Some(v) => v,
+        None if requested != 0 => requested.to_string(),
+        None => io.cluster().conf_get(OPT).unwrap_or_else(|| "auto".into()),
+    };
+    let format = match v.as_str() {
         "1" => 1,
         "auto" if io.cluster().min_compatible_client()? < MIMIC => 1,
         _ => 2,
-    })
+    };
+    Ok((format, from_pool))
 }
 
 /// librbd's `rbd_move_parent_to_trash_on_remove` as librbd resolves it: the pool's own
