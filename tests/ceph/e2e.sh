@@ -513,6 +513,53 @@ for i in e2e-t1 e2e-t1-twin e2e-t0 e2e-t0-twin e2e-t60 e2e-t60-twin; do
   rbd rm --no-progress "$i" >/dev/null 2>&1
 done
 
+# ---------------------------------------------------------------- shrink: the boundary object
+# A shrink ending inside an object zeroes it from the new end to the old end only (librbd's
+# TrimRequest "clean boundary"): never to the object's end, which would be a truncate that
+# lengthens a short object (and with a snapshot clones it, so `rbd diff --from-snap` lists
+# zeros). Plain image and clone, with and without a snapshot: rados-nbd's shrink and
+# librbd's, on twins, must leave the objects as long and the diffs the same.
+obj_len() { # obj_len IMAGE OBJNO: the data object's length, or "none"
+  local pfx
+  pfx=$(rbd info "$1" --format json | jq -r .block_name_prefix)
+  rados -p rbd stat "$(printf '%s.%016x' "$pfx" "$2")" 2>/dev/null | sed -n 's/.* size \([0-9]*\).*/\1/p' | grep . || echo none
+}
+shrink_case() { # shrink_case NAME clone|plain snap|nosnap [unwritten]
+  local w i
+  for w in o t; do
+    i=e2e-sh-$w
+    if [ "$2" = clone ]; then
+      rbd create --size 6M "$i-p" && rbd snap create --no-progress "$i-p@p"
+      rbd clone --rbd-default-clone-format 2 "$i-p@p" "$i"
+    else
+      rbd create --size 6M "$i"
+    fi
+    [ "${4:-}" = unwritten ] || rbd_io "$i" write $((4 * MB + 8192))
+    [ "$3" = snap ] && rbd snap create --no-progress "$i@s"
+  done
+  "${RN[@]}" resize --allow-shrink --size 5M e2e-sh-o >/dev/null 2>&1
+  rbd resize --allow-shrink --size 5M --no-progress e2e-sh-t >/dev/null 2>&1
+  local ours theirs
+  ours="$(obj_len e2e-sh-o 1) | $(rbd diff e2e-sh-o | tr '\n' ' ')"
+  theirs="$(obj_len e2e-sh-t 1) | $(rbd diff e2e-sh-t | tr '\n' ' ')"
+  if [ "$3" = snap ]; then
+    ours+=" | $(rbd diff --from-snap s e2e-sh-o | tr '\n' ' ')"
+    theirs+=" | $(rbd diff --from-snap s e2e-sh-t | tr '\n' ' ')"
+  fi
+  check "shrink 6M -> 5M, $1: object 1's length and rbd diff as librbd's twin (rados-nbd: $ours; librbd: $theirs)" \
+    bash -c "[ '$ours' = '$theirs' ] && [ \"\$(rbd export e2e-sh-o - 2>/dev/null | sha)\" = \"\$(rbd export e2e-sh-t - 2>/dev/null | sha)\" ]"
+  for w in o t; do
+    rbd snap purge --no-progress "e2e-sh-$w" >/dev/null 2>&1; rbd rm --no-progress "e2e-sh-$w" >/dev/null 2>&1
+    rbd snap purge --no-progress "e2e-sh-$w-p" >/dev/null 2>&1; rbd rm --no-progress "e2e-sh-$w-p" >/dev/null 2>&1
+  done
+}
+export -f sha
+shrink_case "plain image" plain nosnap
+shrink_case "plain image with a snapshot" plain snap
+shrink_case "clone" clone nosnap
+shrink_case "clone with a snapshot" clone snap
+shrink_case "clone, the boundary object unwritten" clone nosnap unwritten
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do

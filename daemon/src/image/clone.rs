@@ -856,12 +856,10 @@ impl<S: ImageStore> Image<S> {
             return Ok(false);
         };
         let osize = self.header.object_size();
-        let tail = new_size % osize;
         let mut cut = false;
-        if tail != 0 {
-            let last = new_size / osize;
+        if let Some((last, tail, len)) = super::resize::boundary_cut(new_size, old, osize) {
             cut = self
-                .copyup(&chain, last, tail, osize - tail, CopyupOp::Zero, false)
+                .copyup(&chain, last, tail, len, CopyupOp::Zero, false)
                 .await?;
         }
         let end = chain.overlap().min(old).div_ceil(osize);
