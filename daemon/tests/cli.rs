@@ -207,8 +207,14 @@ fn create_info_ls_rm() {
     assert_eq!(ok(s, &["ls", "empty"]), "");
     // rbd's --pretty-format: the same JSON, indented by four, fields in rbd info's order.
     let pretty = ok(s, &["info", "vm1", "--format", "json", "--pretty-format"]);
-    assert_eq!(json(&pretty), json(&ok(s, &["info", "vm1", "--format", "json"])));
-    assert!(pretty.starts_with("{\n    \"name\": \"vm1\",\n    \"id\": "), "{pretty}");
+    assert_eq!(
+        json(&pretty),
+        json(&ok(s, &["info", "vm1", "--format", "json"]))
+    );
+    assert!(
+        pretty.starts_with("{\n    \"name\": \"vm1\",\n    \"id\": "),
+        "{pretty}"
+    );
     assert_eq!(
         ok(s, &["ls", "p2", "--format", "json", "--pretty-format"]),
         "[\n    \"small\"\n]\n"
