@@ -263,21 +263,21 @@ fn json_text(compact: &str) -> String {
     if !PRETTY_JSON.load(std::sync::atomic::Ordering::Relaxed) {
         return compact.to_string();
     }
-    pretty_json(compact)
+    serde_json::from_str::<serde_json::Value>(compact)
+        .ok()
+        .and_then(|v| pretty_json(&v).ok())
+        .unwrap_or_else(|| compact.to_string())
 }
 
-fn pretty_json(compact: &str) -> String {
+/// `v` indented by four, as Ceph's JSONFormatter (rbd's and rbd-nbd's `--pretty-format`).
+pub(crate) fn pretty_json(v: &serde_json::Value) -> Result<String> {
     use serde::Serialize;
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(compact) else {
-        return compact.to_string();
-    };
     let mut buf = Vec::new();
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-    if v.serialize(&mut ser).is_err() {
-        return compact.to_string();
-    }
-    String::from_utf8(buf).unwrap_or_else(|_| compact.to_string())
+    v.serialize(&mut ser)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("formatting json: {e}")))?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// Runs `f` on an opened store image and closes it whatever `f` returned.

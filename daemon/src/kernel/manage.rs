@@ -272,14 +272,7 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                 .collect();
             let v = serde_json::Value::Array(v);
             if a.pretty_format {
-                // Indented by four, as Ceph's JSONFormatter does.
-                use serde::Serialize;
-                let mut buf = Vec::new();
-                let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-                let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-                v.serialize(&mut ser)
-                    .map_err(|e| Error::new(ErrorKind::Io, format!("formatting json: {e}")))?;
-                writeln!(out, "{}", String::from_utf8_lossy(&buf))
+                writeln!(out, "{}", crate::cmd::pretty_json(&v)?)
             } else {
                 writeln!(out, "{v}")
             }

@@ -1019,8 +1019,7 @@ async fn all_trashed(io: &IoCtx, hdr: &str, snaps: &[u64]) -> Result<bool> {
 /// `auto`. `auto` is format 2 only when the cluster lets no client older than Mimic in
 /// (the larger of the OSD map's minimum and `require_min_compat_client`), since older
 /// clients cannot open a format-2 clone, and format 1 otherwise. Other values are 2, as in
-/// librbd.
-/// Also whether the pool's setting decided it.
+/// librbd. Also whether the pool's setting decided it.
 async fn clone_format(io: &IoCtx, requested: u8) -> Result<(u8, bool)> {
     const OPT: &str = "rbd_default_clone_format";
     const MIMIC: i8 = 13;
@@ -1088,10 +1087,7 @@ pub(super) async fn image_option(meta: &IoCtx, hdr_oid: &str, opt: &str) -> Opti
             return Some(v);
         }
     }
-    if let Some(v) = pool_config(meta, opt).await {
-        return Some(v);
-    }
-    meta.cluster().conf_get(opt)
+    configured(meta, opt).await
 }
 
 /// librbd's `rbd_io_scheduler` for an image ([`image_option`]); "simple" by default.

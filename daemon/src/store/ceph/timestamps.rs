@@ -57,23 +57,16 @@ struct Stamps {
     modify: Stamp,
 }
 
-/// Where the first read of the stamps stands.
-enum Load {
-    Idle,
-    /// Being read; the kinds of request (access, modify) that came meanwhile, noted once
-    /// it is done.
-    Loading([bool; 2]),
-    Ready,
-}
-
 /// An image handle's timestamps. Read from the header at the first I/O request, not at
 /// open: commands that open an image without serving it (info, du, snap...) pay nothing.
 pub(super) struct Timestamps {
     meta: Arc<IoCtx>,
     hdr_oid: String,
-    /// Set (under `load`) once read: the path every request takes after the first.
+    /// Set (under `loading`) once read: the path every request takes after the first.
     stamps: OnceLock<Stamps>,
-    load: Mutex<Load>,
+    /// `Some` while the stamps are being read: the kinds of request (access, modify) that
+    /// came meanwhile, noted once they are.
+    loading: Mutex<Option<[bool; 2]>>,
     /// Set by `settle` (the image closes): nothing more is sent.
     closed: AtomicBool,
     /// The read and the updates sent, not finished yet (at most one update of each kind
@@ -87,7 +80,7 @@ impl Timestamps {
             meta,
             hdr_oid,
             stamps: OnceLock::new(),
-            load: Mutex::new(Load::Idle),
+            loading: Mutex::new(None),
             closed: AtomicBool::new(false),
             in_flight: Mutex::new(Vec::new()),
         })
@@ -103,30 +96,27 @@ impl Timestamps {
             self.send_if_due(st, modify);
             return;
         }
-        let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *load {
-            Load::Ready => {
-                drop(load);
-                if let Some(st) = self.stamps.get() {
-                    self.send_if_due(st, modify);
-                }
-            }
-            Load::Loading(waiting) => waiting[modify as usize] = true,
-            Load::Idle => {
+        let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = self.stamps.get() {
+            // Read meanwhile (set under this lock).
+            drop(loading);
+            self.send_if_due(st, modify);
+            return;
+        }
+        match &mut *loading {
+            Some(waiting) => waiting[modify as usize] = true,
+            None => {
                 let mut waiting = [false; 2];
                 waiting[modify as usize] = true;
-                *load = Load::Loading(waiting);
-                drop(load);
+                *loading = Some(waiting);
+                drop(loading);
                 let this = self.clone();
                 let started = self.spawn(async move {
                     let st = this.load().await;
                     let waiting = {
-                        let mut load = this.load.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut loading = this.loading.lock().unwrap_or_else(|p| p.into_inner());
                         let _ = this.stamps.set(st);
-                        match std::mem::replace(&mut *load, Load::Ready) {
-                            Load::Loading(w) => w,
-                            _ => [false; 2],
-                        }
+                        loading.take().unwrap_or_default()
                     };
                     if let Some(st) = this.stamps.get() {
                         for (kind, came) in waiting.into_iter().enumerate() {
@@ -138,7 +128,7 @@ impl Timestamps {
                 });
                 if !started {
                     // No runtime to read them in: the next request tries again.
-                    *self.load.lock().unwrap_or_else(|p| p.into_inner()) = Load::Idle;
+                    *self.loading.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
         }
