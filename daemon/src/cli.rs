@@ -284,10 +284,16 @@ pub enum Command {
         /// [POOL/[NAMESPACE/]]CHILD
         child: String,
     },
-    /// List the clones of a snapshot, like `rbd children`.
+    /// List the clones of a snapshot, or of every snapshot of an image, like `rbd children`.
     Children {
-        /// [POOL/[NAMESPACE/]]IMAGE@SNAP
+        /// [POOL/[NAMESPACE/]]IMAGE[@SNAP]
         image: String,
+        /// Also the clones in the trash, marked `(trash ID)` (JSON: `id`, `trash`).
+        #[arg(short = 'a', long)]
+        all: bool,
+        /// The clones of the clones too, all the way down.
+        #[arg(long)]
+        descendants: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
         /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.

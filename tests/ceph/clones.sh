@@ -424,6 +424,27 @@ rbd clone --rbd-default-clone-format 2 tch_$$@s tchc_$$ && rbd clone --rbd-defau
   rbd trash mv tchd_$$
 check "children leaves out a clone in the trash, as rbd children" bash -c \
   "[ \"\$($RNQ children tch_$$@s)\" = \"\$(rbd children tch_$$@s)\" ] && [ \"\$(rbd children tch_$$@s)\" = rbd/tchc_$$ ]"
+# children IMAGE (every snapshot's clones, a removed snapshot's in the trash namespace
+# too), --all (the trashed clone, with its id), --descendants (a clone of a clone, named to
+# sort before the others): each as rbd's, plain and JSON.
+rbd snap create tch_$$@t >/dev/null 2>&1 && rbd clone --rbd-default-clone-format 2 tch_$$@t tche_$$ &&
+  rbd snap rm tch_$$@t >/dev/null 2>&1 && rbd snap create tchc_$$@g >/dev/null 2>&1 &&
+  rbd clone --rbd-default-clone-format 2 tchc_$$@g a_tchg_$$
+children_like_rbd() {
+  local a
+  for a in "tch_$$" "tch_$$ --all" "tch_$$ --descendants" "tch_$$@s -a --descendants" "tchc_$$"; do
+    # shellcheck disable=SC2086
+    [ "$($RNQ children $a)" = "$(rbd children $a)" ] &&
+      [ "$($RNQ children --format json $a)" = "$(rbd children --format json $a)" ] || return 1
+  done
+  # What it should list, not only the same as rbd: the trashed snapshot's clone, the
+  # trashed clone with its id, the grandchild first.
+  [ "$(rbd children --all --descendants tch_$$ | wc -l)" = 4 ] &&
+    rbd children --all tch_$$ | grep -qx "rbd/tchd_$$ (trash [0-9a-f]*)" &&
+    [ "$(rbd children --descendants tch_$$ | head -1)" = "rbd/a_tchg_$$" ]
+}
+check "children IMAGE, --all, --descendants: as rbd children (plain, json)" children_like_rbd
+rbd rm a_tchg_$$ >/dev/null 2>&1; rbd snap purge tchc_$$ >/dev/null 2>&1; rbd rm tche_$$ >/dev/null 2>&1
 tid=$(rbd trash ls --format json | jq -r --arg n "tchd_$$" '.[] | select(.name == $n) | .id')
 [ -n "$tid" ] && rbd trash rm "$tid" >/dev/null 2>&1
 rbd rm tchc_$$ >/dev/null 2>&1; rbd snap purge tch_$$ >/dev/null 2>&1; rbd rm tch_$$ >/dev/null 2>&1

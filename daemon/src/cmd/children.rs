@@ -1,30 +1,47 @@
-//! `children`: the clones of a snapshot, printed as `rbd children` does.
+//! `children`: the clones of a snapshot (or of every snapshot of an image), printed as
+//! `rbd children` does.
 
 use crate::cli::Format;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::spec::ImageSpec;
 use crate::store::Store;
 use serde_json::json;
 
-pub async fn children<S: Store>(store: &S, parent: &ImageSpec, format: Format) -> Result<()> {
-    if parent.snap.is_none() {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("cannot list children of {parent}: name a snapshot (IMAGE@SNAP)"),
-        ));
-    }
-    let kids = store.children(parent).await?;
+pub async fn children<S: Store>(
+    store: &S,
+    parent: &ImageSpec,
+    all: bool,
+    descendants: bool,
+    format: Format,
+) -> Result<()> {
+    let kids = store.children(parent, descendants).await?;
+    // Without --all, rbd leaves the clones in the trash out.
+    let kids = kids.iter().filter(|c| all || !c.trash);
     match format {
         Format::Json => {
             let v: Vec<_> = kids
-                .iter()
-                .map(|c| json!({"pool": c.pool, "pool_namespace": c.namespace, "image": c.name}))
+                .map(|c| {
+                    let mut o = json!({
+                        "pool": c.spec.pool,
+                        "pool_namespace": c.spec.namespace,
+                        "image": c.spec.name,
+                    });
+                    if all {
+                        o["id"] = json!(c.id);
+                        o["trash"] = json!(c.trash);
+                    }
+                    o
+                })
                 .collect();
             println!("{}", super::json_text(&json!(v).to_string()));
         }
         Format::Plain => {
-            for c in &kids {
-                println!("{c}");
+            for c in kids {
+                if c.trash {
+                    println!("{} (trash {})", c.spec, c.id);
+                } else {
+                    println!("{}", c.spec);
+                }
             }
         }
     }

@@ -236,11 +236,13 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         }
         Command::Children {
             image,
+            all,
+            descendants,
             format,
             pretty_format,
         } => {
             set_pretty_json(pretty_format);
-            children::children(&store, &parse_spec(&image)?, format).await
+            children::children(&store, &parse_spec(&image)?, all, descendants, format).await
         }
         #[cfg(target_os = "linux")]
         Command::Kernel(_) => Err(Error::new(

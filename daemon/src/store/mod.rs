@@ -384,6 +384,31 @@ impl ImageHeader {
     }
 }
 
+/// One image `children` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildImage {
+    /// Without a snapshot.
+    pub spec: ImageSpec,
+    pub id: String,
+    /// In the pool's trash (`rbd trash mv`): `children` shows it only with `--all`.
+    pub trash: bool,
+}
+
+impl ChildImage {
+    /// rbd's order (librbd's list_descendants sorts so): pool, namespace, name.
+    pub fn sort(v: &mut Vec<ChildImage>) {
+        v.sort_by(|a, b| {
+            (&a.spec.pool, &a.spec.namespace, &a.spec.name, &a.id).cmp(&(
+                &b.spec.pool,
+                &b.spec.namespace,
+                &b.spec.name,
+                &b.id,
+            ))
+        });
+        v.dedup();
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
     pub size: u64,
@@ -477,8 +502,14 @@ pub trait Store: Send + Sync + 'static {
         async move { Err(e) }
     }
 
-    /// The clones of `parent@snap` (`rbd children`), as specs without a snapshot.
-    fn children(&self, parent: &ImageSpec) -> impl Future<Output = Result<Vec<ImageSpec>>> + Send {
+    /// The clones of `parent@snap` (`rbd children`), or of every snapshot of `parent`
+    /// (trash-namespace ones included) when it names none; with `descendants`, their
+    /// clones too, all the way down. In rbd's order: pool, namespace, name.
+    fn children(
+        &self,
+        parent: &ImageSpec,
+        _descendants: bool,
+    ) -> impl Future<Output = Result<Vec<ChildImage>>> + Send {
         let e = unsupported(format!("{}: listing children of {parent}", self.describe()));
         async move { Err(e) }
     }

@@ -599,6 +599,8 @@ pub struct TrashSpec {
     pub state: u8,
 }
 
+/// TRASH_IMAGE_SOURCE_REMOVING: put there by `rbd rm` on its way to removal.
+pub const TRASH_SOURCE_REMOVING: u8 = 3;
 /// TRASH_IMAGE_SOURCE_USER_PARENT: moved there by `rbd rm` with
 /// `rbd_move_parent_to_trash_on_remove`, to go with its last clone.
 pub const TRASH_SOURCE_USER_PARENT: u8 = 4;

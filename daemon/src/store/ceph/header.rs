@@ -254,7 +254,8 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
     let pio = cluster.ioctx_in(&pool, &p.namespace)?;
     // A parent in the trash is named as its trash entry names it (as rbd info does); it
     // is opened by id anyway.
-    let (name, in_trash) = super::store::name_by_id(&pio, &p.image_id).await?;
+    let (name, trash) = super::store::name_by_id(&pio, &p.image_id).await?;
+    let in_trash = trash.is_some();
     let b = pio
         .exec_read(
             &header_oid(&p.image_id),

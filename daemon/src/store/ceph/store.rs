@@ -14,7 +14,7 @@ use super::{cls, NOTIFY_TIMEOUT_MS, RBD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
-    CloneOptions, CreateOptions, ImageStore as _, OpenMode, ParentInfo, Store,
+    ChildImage, CloneOptions, CreateOptions, ImageStore as _, OpenMode, ParentInfo, Store,
     RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
     RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
 };
@@ -308,8 +308,8 @@ impl Store for CephStore {
         self.clone_impl(parent, child, opts).await
     }
 
-    async fn children(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
-        self.children_impl(parent).await
+    async fn children(&self, parent: &ImageSpec, descendants: bool) -> Result<Vec<ChildImage>> {
+        self.children_impl(parent, descendants).await
     }
 }
 
@@ -723,62 +723,105 @@ impl CephStore {
         Ok(())
     }
 
-    /// `rbd children` (librbd's api::Image::list_children): format-2 clones from the
-    /// parent's `children_list` at the snapshot, format-1 clones from `rbd_children` in
-    /// every pool (in the parent's namespace: format 1 does not cross namespaces). Pools
-    /// this client may not read are skipped, as librbd does.
-    async fn children_impl(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
-        if parent.snap.is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("cannot list children of {parent}: name a snapshot (IMAGE@SNAP)"),
-            ));
-        }
+    /// `rbd children` (librbd's api::Image::list_descendants): the clones of one
+    /// snapshot, or of every snapshot (trash-namespace ones included: a removed snapshot
+    /// that clones still use) when `parent` names none; with `descendants`, the clones of
+    /// every snapshot of each clone found, all the way down. Clones in the trash are
+    /// listed with `trash` set.
+    async fn children_impl(
+        &self,
+        parent: &ImageSpec,
+        descendants: bool,
+    ) -> Result<Vec<ChildImage>> {
         let ctx = |e: Error| e.context(format!("listing children of {parent}"));
         let pio = self.pool(&parent.pool, &parent.namespace).await?;
         let pid = self.image_id(&pio, parent).await?;
-        let (_, snap_id) = load_header(&pio, parent, &pid, OpenMode::ReadOnly).await?;
-        let snap_id = snap_id.unwrap_or(cls::NOSNAP);
+        let snaps = if parent.snap.is_some() {
+            let (_, snap_id) = load_header(&pio, parent, &pid, OpenMode::ReadOnly).await?;
+            vec![snap_id.unwrap_or(cls::NOSNAP)]
+        } else {
+            snapshot_ids(&pio, &pid).await.map_err(ctx)?
+        };
+        let mut todo = vec![(pio, pid, snaps)];
+        let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        match pio
-            .exec_read(
-                &header_oid(&pid),
-                RBD,
-                "children_list",
-                &cls::snap_in(snap_id),
-            )
+        while let Some((io, id, snaps)) = todo.pop() {
+            for snap in snaps {
+                for (cio, cid) in self.clones_of(&io, &id, snap).await.map_err(ctx)? {
+                    let key = (cio.pool_id(), cio.namespace().to_string(), cid.clone());
+                    if !seen.insert(key) {
+                        continue;
+                    }
+                    // librbd's list_descendants counts an image the trash holds only on
+                    // its way to removal as not in the trash.
+                    let (name, source) = name_by_id(&cio, &cid).await.map_err(ctx)?;
+                    let trash = source.is_some_and(|s| s != cls::TRASH_SOURCE_REMOVING);
+                    out.push(ChildImage {
+                        spec: ImageSpec {
+                            pool: cio.pool().to_string(),
+                            namespace: cio.namespace().to_string(),
+                            name,
+                            snap: None,
+                        },
+                        id: cid.clone(),
+                        trash,
+                    });
+                    if descendants {
+                        // A child whose header is gone has nothing below it (librbd:
+                        // an open that finds no image lists nothing).
+                        match snapshot_ids(&cio, &cid).await {
+                            Ok(s) => todo.push((cio, cid, s)),
+                            Err(e) if e.kind == ErrorKind::NotFound => {}
+                            Err(e) => return Err(ctx(e)),
+                        }
+                    }
+                }
+            }
+        }
+        ChildImage::sort(&mut out);
+        Ok(out)
+    }
+
+    /// The clones of snapshot `snap` of image `id` (in `io`), each as (its pool and
+    /// namespace, its id): format 2 from the image's `children_list`, format 1 from
+    /// `rbd_children` in every pool that is no cache tier (in the parent's namespace:
+    /// format 1 does not cross namespaces). Pools this client may not read are skipped,
+    /// as librbd does.
+    async fn clones_of(
+        &self,
+        io: &Arc<IoCtx>,
+        id: &str,
+        snap: u64,
+    ) -> Result<Vec<(Arc<IoCtx>, String)>> {
+        let mut out = Vec::new();
+        match io
+            .exec_read(&header_oid(id), RBD, "children_list", &cls::snap_in(snap))
             .await
         {
             Ok(b) => {
-                for c in cls::children_list_out(&b).map_err(ctx)? {
-                    let pool = self.rados.pool_name(c.pool_id).map_err(ctx)?;
-                    let io = self.rados.ioctx_in(&pool, &c.namespace).map_err(ctx)?;
-                    let Some(name) = listed_name(&io, &c.image_id).await.map_err(ctx)? else {
-                        continue;
-                    };
-                    out.push(ImageSpec {
-                        pool,
-                        namespace: c.namespace,
-                        name,
-                        snap: None,
-                    });
+                for c in cls::children_list_out(&b)? {
+                    let pool = self.rados.pool_name(c.pool_id)?;
+                    out.push((self.rados.ioctx_in(&pool, &c.namespace)?, c.image_id));
                 }
             }
             Err(e) if e.kind == ErrorKind::NotFound => {}
             Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => {}
-            Err(e) => return Err(ctx(e)),
+            Err(e) => return Err(e),
         }
         let pspec = cls::ParentSpec {
-            pool_id: pio.pool_id(),
+            pool_id: io.pool_id(),
             namespace: String::new(),
-            image_id: pid.clone(),
-            snap_id,
+            image_id: id.to_string(),
+            snap_id: snap,
         };
-        for pool in self.rados.pool_names().map_err(ctx)? {
-            let Ok(io) = self.rados.ioctx_in(&pool, &parent.namespace) else {
+        for pool in self.rados.pool_names()? {
+            let Ok(cio) = self.rados.ioctx_in(&pool, io.namespace()) else {
                 continue;
             };
-            let ids = match io
+            if self.rados.is_cache_tier(cio.pool_id()).unwrap_or(false) {
+                continue;
+            }
+            let ids = match cio
                 .exec_read(
                     RBD_CHILDREN,
                     RBD,
@@ -787,32 +830,27 @@ impl CephStore {
                 )
                 .await
             {
-                Ok(b) => cls::string_set_out(&b, "rbd.get_children reply").map_err(ctx)?,
+                Ok(b) => cls::string_set_out(&b, "rbd.get_children reply")?,
                 Err(e)
                     if e.kind == ErrorKind::NotFound
                         || matches!(errno_of(&e), Some(libc::EPERM | libc::EACCES)) =>
                 {
                     continue
                 }
-                Err(e) => return Err(ctx(e)),
+                Err(e) => return Err(e),
             };
-            for id in ids {
-                let Some(name) = listed_name(&io, &id).await.map_err(ctx)? else {
-                    continue;
-                };
-                out.push(ImageSpec {
-                    pool: pool.clone(),
-                    namespace: parent.namespace.clone(),
-                    name,
-                    snap: None,
-                });
-            }
+            out.extend(ids.into_iter().map(|id| (cio.clone(), id)));
         }
-        // rbd's order: by pool, then namespace, then name.
-        out.sort_by(|a, b| (&a.pool, &a.namespace, &a.name).cmp(&(&b.pool, &b.namespace, &b.name)));
-        out.dedup();
         Ok(out)
     }
+}
+
+/// Every snapshot id of image `id` (every namespace), from its snapshot context.
+async fn snapshot_ids(io: &IoCtx, id: &str) -> Result<Vec<u64>> {
+    let b = io
+        .exec_read(&header_oid(id), RBD, "get_snapcontext", &[])
+        .await?;
+    Ok(cls::get_snapcontext_out(&b)?.1)
 }
 
 /// librbd's object in a data pool that says partial overwrites work there.
@@ -1280,13 +1318,13 @@ pub(super) async fn remove_trashed_parent(
 }
 
 /// An image's name from its id, as rbd finds it: the pool's directory, else the trash
-/// entry's name with `true` (the image is in the trash), else the id itself.
-pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, bool)> {
+/// entry's name with the entry's source (the image is in the trash), else the id itself.
+pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, Option<u8>)> {
     match io
         .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
         .await
     {
-        Ok(b) => return Ok((cls::string_out(&b, "rbd.dir_get_name reply")?, false)),
+        Ok(b) => return Ok((cls::string_out(&b, "rbd.dir_get_name reply")?, None)),
         Err(e) if e.kind == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -1294,17 +1332,13 @@ pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, bool)> {
         .exec_read(RBD_TRASH, RBD, "trash_get", &cls::string_in(id))
         .await
     {
-        Ok(b) => Ok((cls::trash_get_out(&b)?.name, true)),
-        Err(e) if e.kind == ErrorKind::NotFound => Ok((id.to_string(), false)),
+        Ok(b) => {
+            let t = cls::trash_get_out(&b)?;
+            Ok((t.name, Some(t.source)))
+        }
+        Err(e) if e.kind == ErrorKind::NotFound => Ok((id.to_string(), None)),
         Err(e) => Err(e),
     }
-}
-
-/// A child's name as `rbd children` lists it; None for an image in the trash, which `rbd
-/// children` leaves out (it shows them only with `--all`).
-async fn listed_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
-    let (name, in_trash) = name_by_id(io, id).await?;
-    Ok((!in_trash).then_some(name))
 }
 
 /// Runs `f` over `items` with at most PARALLEL calls in flight; the first error wins.

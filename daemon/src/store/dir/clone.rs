@@ -12,7 +12,7 @@ use super::{blocking, create_locked, lock, open_by_id, DirImage, DirStore, Inner
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{
-    CloneOptions, ObjectWrite, OpenMode, ParentInfo, Store, RBD_FEATURE_DEEP_FLATTEN,
+    ChildImage, CloneOptions, ObjectWrite, OpenMode, ParentInfo, Store, RBD_FEATURE_DEEP_FLATTEN,
     RBD_FEATURE_LAYERING,
 };
 use std::fs::File;
@@ -218,13 +218,13 @@ pub(super) async fn clone_image(
     .await
 }
 
-pub(super) async fn children(store: &DirStore, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
-    let Some(snap_name) = parent.snap.clone() else {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("children of {parent}: name the snapshot (IMAGE@SNAP)"),
-        ));
-    };
+/// `rbd children`: the clones of `parent@snap`, or of every snapshot of `parent` when it
+/// names none; with `descendants`, theirs too. The directory store has no image trash.
+pub(super) async fn children(
+    store: &DirStore,
+    parent: &ImageSpec,
+    descendants: bool,
+) -> Result<Vec<ChildImage>> {
     let ppool = store.pool_dir(&parent.pool);
     let root = store.root.clone();
     let desc = store.describe();
@@ -237,29 +237,56 @@ pub(super) async fn children(store: &DirStore, parent: &ImageSpec) -> Result<Vec
             )
         })?;
         let h = read_header(&ppool, &pid)?;
-        let snap = h
-            .snapshots
-            .iter()
-            .find(|s| s.name == snap_name)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("snapshot {parent} not found in {desc}"),
-                )
-            })?;
+        let snap_id = match &parent.snap {
+            None => None,
+            Some(name) => Some(
+                h.snapshots
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!("snapshot {parent} not found in {desc}"),
+                        )
+                    })?
+                    .id,
+            ),
+        };
         let mut out = Vec::new();
-        for c in h.children.iter().filter(|c| c.snap_id == snap.id) {
-            let dir = read_directory(&root.join(&c.pool))?;
-            if let Some((name, _)) = dir.into_iter().find(|(_, id)| *id == c.image_id) {
-                out.push(ImageSpec {
-                    pool: c.pool.clone(),
-                    namespace: String::new(),
-                    name,
-                    snap: None,
+        // (pool, header) of each image whose children are still to list, and which of
+        // its snapshots: a clone's own clones follow it, as librbd's list_descendants.
+        let mut todo = vec![(h, snap_id)];
+        let mut seen = std::collections::HashSet::new();
+        while let Some((h, snap_id)) = todo.pop() {
+            for c in h
+                .children
+                .iter()
+                .filter(|c| snap_id.is_none_or(|s| c.snap_id == s))
+            {
+                if !seen.insert((c.pool.clone(), c.image_id.clone())) {
+                    continue;
+                }
+                let pool_dir = root.join(&c.pool);
+                let dir = read_directory(&pool_dir)?;
+                let Some((name, _)) = dir.into_iter().find(|(_, id)| *id == c.image_id) else {
+                    continue;
+                };
+                out.push(ChildImage {
+                    spec: ImageSpec {
+                        pool: c.pool.clone(),
+                        namespace: String::new(),
+                        name,
+                        snap: None,
+                    },
+                    id: c.image_id.clone(),
+                    trash: false,
                 });
+                if descendants {
+                    todo.push((read_header(&pool_dir, &c.image_id)?, None));
+                }
             }
         }
-        out.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
+        ChildImage::sort(&mut out);
         Ok(out)
     })
     .await

@@ -36,7 +36,8 @@ mod snap;
 mod tests;
 
 use super::{
-    CloneOptions, CreateOptions, ImageHeader, ImageStore, ObjectWrite, OpenMode, ParentInfo, Store,
+    ChildImage, CloneOptions, CreateOptions, ImageHeader, ImageStore, ObjectWrite, OpenMode,
+    ParentInfo, Store,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
@@ -290,9 +291,9 @@ impl Store for DirStore {
         clone::clone_image(self, parent, child, opts).await
     }
 
-    async fn children(&self, parent: &ImageSpec) -> Result<Vec<ImageSpec>> {
+    async fn children(&self, parent: &ImageSpec, descendants: bool) -> Result<Vec<ChildImage>> {
         self.no_namespace(parent, &parent.namespace)?;
-        clone::children(self, parent).await
+        clone::children(self, parent, descendants).await
     }
 }
 

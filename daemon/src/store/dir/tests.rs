@@ -5,6 +5,13 @@ use super::*;
 use crate::store::{DEFAULT_FEATURES, RBD_FEATURE_DEEP_FLATTEN};
 use std::os::unix::fs::MetadataExt;
 
+/// What `children` lists of `parent` (specs only: the directory store has no trash).
+async fn kids(s: &DirStore, parent: &str, descendants: bool) -> Vec<ImageSpec> {
+    let v = s.children(&spec(parent), descendants).await.unwrap();
+    assert!(v.iter().all(|c| !c.trash && !c.id.is_empty()));
+    v.into_iter().map(|c| c.spec).collect()
+}
+
 fn spec(s: &str) -> ImageSpec {
     s.parse().unwrap()
 }
@@ -1107,7 +1114,7 @@ async fn clones_link_to_their_parent_snapshot() {
         .await
         .unwrap();
     assert_eq!(
-        s.children(&spec("base@s1")).await.unwrap(),
+        kids(&s, "base@s1", false).await,
         [spec("p2/c2"), spec("c1")]
     );
     let c = open(&s, "c1", OpenMode::ReadWrite).await;
@@ -1141,6 +1148,14 @@ async fn clones_link_to_their_parent_snapshot() {
     s.clone_image(&spec("c1@cs"), &spec("c3"), &clone_opts(2))
         .await
         .unwrap();
+    // `children IMAGE`: every snapshot's clones; --descendants: theirs too.
+    assert_eq!(kids(&s, "base", false).await, [spec("p2/c2"), spec("c1")]);
+    assert_eq!(
+        kids(&s, "base@s1", true).await,
+        [spec("p2/c2"), spec("c1"), spec("c3")]
+    );
+    assert_eq!(kids(&s, "c1", false).await, [spec("c3")]);
+    assert!(kids(&s, "c3", true).await.is_empty());
     let c3 = open(&s, "c3", OpenMode::ReadOnly).await;
     let l1 = c3.open_parent().await.unwrap().unwrap();
     assert_eq!(l1.header().parent.unwrap().spec, spec("base@s1"));
@@ -1153,14 +1168,14 @@ async fn clones_link_to_their_parent_snapshot() {
     assert_eq!(at.header().parent.unwrap().spec, spec("base@s1"));
     // ... so c1 stays a child until that snapshot goes (no deep-flatten here).
     assert_eq!(
-        s.children(&spec("base@s1")).await.unwrap(),
+        kids(&s, "base@s1", false).await,
         [spec("p2/c2"), spec("c1")]
     );
     s.remove_image(&spec("c3")).await.unwrap();
     c.snap_remove(cs).await.unwrap();
-    assert_eq!(s.children(&spec("base@s1")).await.unwrap(), [spec("p2/c2")]);
+    assert_eq!(kids(&s, "base@s1", false).await, [spec("p2/c2")]);
     s.remove_image(&spec("p2/c2")).await.unwrap();
-    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    assert!(kids(&s, "base@s1", false).await.is_empty());
     p.snap_set_protected(snap, false).await.unwrap();
     p.snap_remove(snap).await.unwrap();
     // Reopened, the header still says so.
@@ -1347,7 +1362,7 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
     c.flatten(|_, _| {}).await.unwrap();
     c.close().await.unwrap();
     assert!(map_problems(&s, "c1").await.is_empty());
-    assert!(s.children(&spec("base@s1")).await.unwrap().is_empty());
+    assert!(kids(&s, "base@s1", false).await.is_empty());
     let c = layer_image(&s, "c1", true).await;
     assert!(c.header().parent.is_none());
     assert_eq!(layer_bytes(&c, 0, 4).await, b"gxld");
@@ -1501,7 +1516,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
             }
             img.close().await.unwrap();
             check_views(&s, &head, &snaps, &what).await;
-            let children = s.children(&spec("base@s1")).await.unwrap();
+            let children = kids(&s, "base@s1", false).await;
             if deep || !snaps.iter().any(|(n, _)| before_flatten.contains(n)) {
                 assert!(children.is_empty(), "{what}: {children:?}");
                 for (n, _) in &snaps {
