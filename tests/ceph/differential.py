@@ -13,6 +13,13 @@ close):
   - `rbd object-map check` of A's head (of every snapshot with --long) passes (while the
     images have an object map: a feature operation may have turned it off)
   - `rbd du --format json`: equal provisioned and used sizes, per snapshot and head
+  - each data object's length as the OSD has it (`rados stat`) at every snapshot and the
+    head: equal (after a burst whose requests shared an object, counted instead: the
+    order decides). A zeroing that lengthens an object reads the same but shows here,
+    in `rbd du` without fast-diff and in the clones the OSD makes for snapshots (seen:
+    the shrink boundary bug of 6d6f54d fails this replay on the binary before it:
+    {"order":16,"objects":4,"ops":[["resize",245760],["write",196608,4096,7,false],
+    ["close"],["resize",229376],["write",0,4096,8,false],["close"]]})
   - rados-nbd's own read path (DIFF_SERVED_READS=0 leaves it out): A served read-only, the
     head and each snapshot as IMAGE@SNAP, read whole through NBD: B's bytes; and every
     extent its block status calls zero must be zeros in B
@@ -181,6 +188,7 @@ class Env:
         self.librbd_missed = 0
         self.rollback_optional = 0
         self.burst_du = 0
+        self.burst_lengths = 0
         self.bursts = self.burst_requests = 0
         self.served_points = 0
 
@@ -929,6 +937,53 @@ class Run(diffops.Serves):
         self.bimg.flush()
         self.check_read(f"served head after {after}", got, zeros, want)
 
+    def object_lengths(self, name, points):
+        """{point: (length of each of the image's own data objects or None where it has
+        none)} as the OSD has them at each snapshot and the head: what `rados stat` shows,
+        and what `rbd du` without fast-diff and `rbd diff` without whole-object count."""
+        e = self.env
+        out = {}
+        io = e.cluster.open_ioctx(DATA_POOL or POOL)
+        try:
+            with self._open(name) as im:
+                pref = im.block_name_prefix()
+                ids = {s["name"]: s["id"] for s in im.list_snaps()}
+            for snap in points:
+                with self._open(name, snap) as im:
+                    n = -(-im.size() // self.geo.obj)
+                io.set_read(ids[snap] if snap else rados.LIBRADOS_SNAP_HEAD)
+                lengths = []
+                for o in range(n):
+                    try:
+                        lengths.append(io.stat(f"{pref}.{o:016x}")[0])
+                    except rados.ObjectNotFound:
+                        lengths.append(None)
+                out[snap] = lengths
+        finally:
+            io.close()
+        return out
+
+    def compare_lengths(self, where, points):
+        """Each data object's length at each point, against the twin's: a zeroing that
+        lengthens an object, or a truncate where librbd punches, reads the same but shows
+        in `rados stat`, in `rbd du` without fast-diff and in the clones the OSD makes for
+        snapshots (what `rbd diff --from-snap` then lists). Concurrent overlapping requests
+        (bursts) may leave either length: then they are counted, not compared."""
+        la = self.object_lengths(self.a, points)
+        lb = self.object_lengths(self.b, points)
+        if os.environ.get("DIFF_DEBUG"):
+            print(f"DEBUG {where} lengths: ours {la} librbd {lb}", flush=True)
+        for snap in points:
+            if la[snap] == lb[snap]:
+                continue
+            if self.lengths_may_differ:
+                self.env.burst_lengths += 1
+                return
+            at = f"@{snap}" if snap else " head"
+            odd = [(o, x, y) for o, (x, y) in enumerate(zip(la[snap], lb[snap])) if x != y]
+            raise Failure("object lengths", f"{where}: data objects{at} (object, rados-nbd's "
+                          f"length, librbd's): {odd}")
+
     def _compare(self, where, retried=False):
         e = self.env
         points = self.snaps + [None]
@@ -1034,6 +1089,7 @@ class Run(diffops.Serves):
                                   f"{' --from-snap ' + frm if frm else ''}{at}: "
                                   f"(object, exists) only from rados-nbd {only_a}, only from librbd {only_b}"
                                   + (f" (the same bytes at both points: {optional})" if optional else ""))
+        self.compare_lengths(where, points)
         if e.served_reads:
             self.served_reads(where, points)
         for name, want in self.chain_digests.items():
@@ -1301,6 +1357,9 @@ def run(args, env):
         if env.bursts:
             out.append(f"{env.bursts} bursts of {env.burst_requests} requests in flight "
                        f"together, every read among them compared")
+        if env.burst_lengths:
+            out.append(f"{env.burst_lengths} comparisons of object lengths left out after a "
+                       f"burst (lengths that depend on the order)")
         if env.burst_du:
             out.append(f"{env.burst_du} du without fast-diff after a burst that differ only "
                        f"in used sizes (object lengths that depend on the order)")
