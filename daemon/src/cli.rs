@@ -94,6 +94,14 @@ pub struct CreateArgs {
     /// `rbd create --data-pool`.
     #[arg(long, value_name = "POOL")]
     pub data_pool: Option<String>,
+    /// Ceph: stripe unit (B/K/M), with --stripe-count 1: a factor of the object size,
+    /// as `rbd create --stripe-unit` (default: rbd_default_stripe_unit as configured).
+    /// Only one object per stripe is served (the plain layout).
+    #[arg(long, value_name = "SIZE")]
+    pub stripe_unit: Option<String>,
+    /// Ceph: stripe count, 1 (default: rbd_default_stripe_count as configured).
+    #[arg(long, value_name = "COUNT")]
+    pub stripe_count: Option<String>,
     /// [POOL/]NAME
     pub image: String,
 }

@@ -675,6 +675,7 @@ async fn run_serves_an_opened_image_until_its_shutdown_future() {
         order: 22,
         features: DEFAULT_FEATURES,
         data_pool: None,
+        stripe_unit: None,
     };
     create_image(&store, &spec, &create).await.unwrap();
     let opts = OpenOptions {

@@ -254,6 +254,46 @@ check "rn2: the parent snapshot is unchanged" bash -c "[ \"\$(rbd export cbase@u
 check "rn2: rbd flatten keeps the bytes" bash -c \
   "rbd flatten rn2 >/dev/null 2>&1 && same_export rn2 '$work/rn2.raw' && [ -z \"\$(rbd children cbase@u)\" ]"
 
+# Striping with one object per stripe (the plain layout): what `rbd clone --object-size 4M`
+# makes of a parent with 1 MiB objects (the parent's stripe unit, count 1). rados-nbd's
+# clone makes the same header, and serves such a clone, rbd's or its own, as the plain
+# layout it is: copy-ups of parts of four parent objects, a trim, a write past a parent
+# object boundary, against a model and librbd's map check.
+rbd create --size 8M --object-size 1M tst_$$ >/dev/null 2>&1 &&
+  rbd bench --io-type write --io-size 64K --io-total 2M --io-pattern rand tst_$$ >/dev/null 2>&1 &&
+  rbd snap create tst_$$@s >/dev/null 2>&1 && rbd export tst_$$@s "$work/tst.raw" >/dev/null 2>&1
+rbd clone --rbd-default-clone-format 2 --object-size 4M tst_$$@s tstr_$$
+"${RN[@]}" clone --rbd-default-clone-format 2 --object-size 4M tst_$$@s tstn_$$ 2>/dev/null
+stripes() { rbd info --format json "$1" | jq -cS '{features, order, stripe_unit, stripe_count}'; }
+check "clone --object-size 4M of a 1 MiB parent: striped as rbd clone makes it (unit 1 MiB, count 1)" bash -c \
+  "[ \"\$(stripes tstr_$$)\" = \"\$(stripes tstn_$$)\" ] && [ \"\$(rbd info --format json tstn_$$ | jq .stripe_unit)\" = 1048576 ]"
+check "info of a striped clone: stripe unit and count as rbd info (plain, json)" bash -c \
+  "[ \"\$($RNQ info tstr_$$ | grep stripe)\" = \"\$(rbd info tstr_$$ | grep stripe)\" ] && [ \"\$($RNQ info --format json tstr_$$ | jq -c '[.stripe_unit, .stripe_count]')\" = '[1048576,1]' ]"
+for img in tstr_$$ tstn_$$; do
+  cp "$work/tst.raw" "$work/$img.raw"
+  if serve "$img"; then
+    check "$img: copy-ups, a trim and writes through NBD" nbd_ops "$(uri "$img")" "$work/$img.raw" \
+      "w:$((MB - 4096)):8192" "w:$((5 * MB + 512)):1000" "t:$((4 * MB)):$((4 * MB))" "w:$((2 * MB + 4096)):$((MB + 4096))"
+    check_unserve "$img: serve ends with exit 0"
+  else
+    fail "serve $img (striped, count 1)" "$(tail -3 "$work/serve.log")"
+  fi
+  check "$img: rbd export equals the model" same_export "$img" "$work/$img.raw"
+  check "$img: rbd object-map check passes" omap_check "$img"
+done
+rbd rm tstr_$$ >/dev/null 2>&1; rbd rm tstn_$$ >/dev/null 2>&1
+rbd snap purge tst_$$ >/dev/null 2>&1; rbd rm tst_$$ >/dev/null 2>&1
+# create --stripe-unit with --stripe-count 1: the header rbd create makes; more than one
+# object per stripe, or a unit that is no factor of the object size, refused.
+rbd create --size 8M --stripe-unit 64K --stripe-count 1 tsc_$$
+"${RN[@]}" create --size 8M --stripe-unit 64K --stripe-count 1 tscn_$$ 2>/dev/null
+check "create --stripe-unit 64K --stripe-count 1: the header rbd create makes" bash -c \
+  "[ \"\$(stripes tsc_$$)\" = \"\$(stripes tscn_$$)\" ] && [ \"\$(rbd info --format json tscn_$$ | jq .stripe_unit)\" = 65536 ]"
+check_fails "create --stripe-count 2: refused (not served)" "${RN[@]}" create --size 8M --stripe-unit 64K --stripe-count 2 tscx_$$
+check_fails "create --stripe-unit 3K: refused (no factor of the object size)" "${RN[@]}" create --size 8M --stripe-unit 3K --stripe-count 1 tscx_$$
+check "the refused creates left no image" bash -c "! rbd info tscx_$$ >/dev/null 2>&1"
+rbd rm tsc_$$ >/dev/null 2>&1; rbd rm tscn_$$ >/dev/null 2>&1
+
 # kill -9 in the middle of copy-ups, a few rounds (the dead daemon is blocklisted before each
 # reopen, see drop_dead_watch): every acked write reads back, every block no write reached is
 # the parent's (a torn copy-up would show the write with zeros around it), the map checks,

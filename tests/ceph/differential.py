@@ -77,7 +77,10 @@ Clones (--clone, the run of tests/ceph/run.sh's second differential): each seque
   parent           A and B become clones (format 2) of twin chains of depth 1 or 2 (or
                    those of DIFF_CLONE_DEPTHS), each level written (the same data on both
                    sides) and snapshotted as "p", with or without deep-flatten, its
-                   object size the clone's or, one sequence in two, drawn per level; the
+                   object size the clone's or, one sequence in two, drawn per level; each
+                   clone's stripe unit its object size or, one sequence in two, its
+                   parent's where that divides it, as `rbd clone` makes it (striping,
+                   count 1: served as the plain layout it is); the
                    chains are compared too (A's must never change). Then the operations above, and from a stream of their own:
   flatten          served: `rbd flatten` (the owner does it); not served: `rados-nbd
                    flatten`                         librbd flatten
@@ -179,6 +182,9 @@ class Env:
         self.cluster.conf_set("rbd_default_clone_format", "2")
         self.cluster.connect(timeout=30)
         self.ioctx = self.cluster.open_ioctx(POOL)
+        # The data objects' pool, read at a snapshot (set_read) to stat objects: its own
+        # handle, opened once (object_lengths).
+        self.data_ioctx = self.cluster.open_ioctx(DATA_POOL or POOL)
         self.counter = 0
         # Times the object-map check found the same mismatch in A and in librbd's twin.
         self.same_check_mismatch = 0
@@ -197,6 +203,7 @@ class Env:
         # its threads outlive the C++ statics they use and the process dies of
         # "terminate called ... std::system_error: Invalid argument" (SIGABRT) after the last
         # line of a passing run, losing any output still buffered.
+        self.data_ioctx.close()
         self.ioctx.close()
         self.cluster.shutdown()
 
@@ -414,7 +421,7 @@ class Run(diffops.Serves):
             self.handover(op)
         elif k == "parent":
             self.make_clones(op[1], op[2], op[3], op[4] if len(op) > 4 else None,
-                             len(op) > 5 and op[5])
+                             len(op) > 5 and op[5], len(op) > 6 and op[6])
         elif k == "flatten":
             self.flatten()
         elif k == "rollback":
@@ -473,12 +480,22 @@ class Run(diffops.Serves):
                                   f"twin at +{first}")
 
     # ------------------------------------------------------------------ clones
-    def make_clones(self, depth, deep, fill, orders=None, cor=False):
+    def make_clones(self, depth, deep, fill, orders=None, cor=False, inherit=False):
         """A and B become clones of twin chains (see the module's "parent"); orders: each
         level's object size (log2), from the root (default: the sequence's); cor: A served
         with --copy-on-read, B with rbd_clone_copy_on_read (an image-meta config
-        override, so every open of B has it)."""
+        override, so every open of B has it); inherit: each clone keeps its parent's
+        stripe unit where it divides the clone's object size, as `rbd clone` does without
+        --stripe-unit (a clone with larger objects than its parent's is then striped,
+        count 1: the plain layout), else its stripe unit is its object size."""
         orders = orders or [self.geo.order] * depth
+        unit = None
+
+        def stripe_unit(order):
+            nonlocal unit
+            if unit is None or not inherit or (1 << order) % unit:
+                unit = 1 << order
+            return unit
         if self.server is not None or self.snaps:
             raise ValueError("parent must be a sequence's first operation")
         e = self.env
@@ -489,14 +506,16 @@ class Run(diffops.Serves):
         chains = {}
         for twin in ("a", "b"):
             prev = None
+            unit = None
             for level in range(depth):
                 name = f"{self.base}-{twin}p{level}"
                 if prev is None:
                     rbd.RBD().create(e.ioctx, name, self.size, order=orders[level],
                                      old_format=False, features=feats, data_pool=DATA_POOL)
+                    stripe_unit(orders[level])
                 else:
                     rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, name, features=feats,
-                                    order=orders[level], stripe_unit=1 << orders[level],
+                                    order=orders[level], stripe_unit=stripe_unit(orders[level]),
                                     stripe_count=1, data_pool=DATA_POOL)
                 self.parents.append(name)
                 with rbd.Image(e.ioctx, name) as im:
@@ -505,11 +524,10 @@ class Run(diffops.Serves):
                             im.write(diffops.pattern(tag, off, length), off)
                     im.create_snap("p")
                 prev = name
-            # The stripe unit is the clone's object size (librbd would take the parent's,
-            # and refuse it where that is larger than the clone's objects).
             rbd.RBD().clone(e.ioctx, prev, "p", e.ioctx, self.a if twin == "a" else self.b,
-                            features=feats, order=self.geo.order, stripe_unit=self.geo.obj,
-                            stripe_count=1, data_pool=DATA_POOL)
+                            features=feats, order=self.geo.order,
+                            stripe_unit=stripe_unit(self.geo.order), stripe_count=1,
+                            data_pool=DATA_POOL)
             chains[twin] = [f"{self.base}-{twin}p{level}" for level in range(depth)]
         self.chain_pairs = list(zip(chains["a"], chains["b"]))
         for name in chains["a"] + chains["b"]:
@@ -941,26 +959,23 @@ class Run(diffops.Serves):
         """{point: (length of each of the image's own data objects or None where it has
         none)} as the OSD has them at each snapshot and the head: what `rados stat` shows,
         and what `rbd du` without fast-diff and `rbd diff` without whole-object count."""
-        e = self.env
+        io = self.env.data_ioctx
         out = {}
-        io = e.cluster.open_ioctx(DATA_POOL or POOL)
-        try:
-            with self._open(name) as im:
-                pref = im.block_name_prefix()
-                ids = {s["name"]: s["id"] for s in im.list_snaps()}
-            for snap in points:
-                with self._open(name, snap) as im:
-                    n = -(-im.size() // self.geo.obj)
-                io.set_read(ids[snap] if snap else rados.LIBRADOS_SNAP_HEAD)
-                lengths = []
-                for o in range(n):
-                    try:
-                        lengths.append(io.stat(f"{pref}.{o:016x}")[0])
-                    except rados.ObjectNotFound:
-                        lengths.append(None)
-                out[snap] = lengths
-        finally:
-            io.close()
+        with self._open(name) as im:
+            pref = im.block_name_prefix()
+            ids = {s["name"]: s["id"] for s in im.list_snaps()}
+        for snap in points:
+            with self._open(name, snap) as im:
+                n = -(-im.size() // self.geo.obj)
+            io.set_read(ids[snap] if snap else rados.LIBRADOS_SNAP_HEAD)
+            lengths = []
+            for o in range(n):
+                try:
+                    lengths.append(io.stat(f"{pref}.{o:016x}")[0])
+                except rados.ObjectNotFound:
+                    lengths.append(None)
+            out[snap] = lengths
+        io.set_read(rados.LIBRADOS_SNAP_HEAD)
         return out
 
     def compare_lengths(self, where, points):
@@ -1325,7 +1340,10 @@ def clone_case(seed, geo, ops):
     # from a stream of their own too.
     crng = random.Random(f"clone-cor {seed}")
     cor = crng.random() < 0.5
-    out = [["parent", depth, deep, fill, orders, cor]]
+    # Stripe units inherited as `rbd clone` does one sequence in two (from a stream of
+    # its own): then a clone with larger objects than its parent's is striped (count 1).
+    inherit = random.Random(f"clone-stripes {seed}").random() < 0.5
+    out = [["parent", depth, deep, fill, orders, cor, inherit]]
     for op in ops:
         if rng.random() < CLONE_RATE:
             k = rng.choice(CLONE_OPS)

@@ -35,35 +35,70 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
             _ => DEFAULT_FEATURES,
         }
     };
-    // As librbd's CreateRequest: striping v2 is what the stripe settings say, not the
-    // feature bit (`rbd default features = 3` makes a layering-only image); rados-nbd
-    // serves no striped image, so settings that would make one are refused.
-    let striped = |v: &Option<String>, plain: &[u64]| {
-        v.as_deref()
-            .and_then(|s| crate::parse::parse_size(s).ok())
-            .is_some_and(|n| !plain.contains(&n))
-    };
-    if striped(&defaults.stripe_unit, &[0, 1u64 << order])
-        || striped(&defaults.stripe_count, &[0, 1])
-    {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "rbd_default_stripe_unit {:?} and rbd_default_stripe_count {:?} (as configured) \
-                 make a striped image (striping v2), which rados-nbd does not serve",
-                defaults.stripe_unit.as_deref().unwrap_or("0"),
-                defaults.stripe_count.as_deref().unwrap_or("0")
-            ),
-        ));
-    }
+    // Each as librbd takes it: the option, else the configured default.
+    let stripe_unit = stripe_unit(
+        a.stripe_unit.as_deref().or(defaults.stripe_unit.as_deref()),
+        a.stripe_count
+            .as_deref()
+            .or(defaults.stripe_count.as_deref()),
+        order,
+    )?;
     let features = with_fast_diff(features & !RBD_FEATURE_STRIPINGV2);
     let opts = CreateOptions {
         size,
         order,
         features,
         data_pool: a.data_pool.clone().or(defaults.data_pool),
+        stripe_unit,
     };
     image::create_image(store, &spec, &opts).await
+}
+
+/// The stripe unit that --stripe-unit and --stripe-count, else `rbd_default_stripe_unit`
+/// and `rbd_default_stripe_count` as configured (0 when not), give a new image of objects
+/// 2^order, checked as librbd's
+/// CreateRequest checks them: striping v2 is what these settings say, not the feature
+/// bit (`rbd default features = 3` makes a layering-only image). Some(unit): striped with
+/// one object per stripe, the plain layout; a stripe count above 1 is refused (rados-nbd
+/// serves no such image).
+fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Option<u64>> {
+    let parse = |name: &str, v: Option<&str>| -> Result<u64> {
+        match v.map(str::trim).filter(|v| !v.is_empty()) {
+            None => Ok(0),
+            Some(v) => crate::parse::parse_size(v).map_err(|e| e.context(name.to_string())),
+        }
+    };
+    let unit = parse("stripe unit", unit)?;
+    let count = parse("stripe count", count)?;
+    let object_size = 1u64 << order;
+    let bad = |why: String| {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "stripe unit {unit} and stripe count {count} (--stripe-unit, --stripe-count, \
+                 else rbd_default_stripe_unit and _count as configured): {why}"
+            ),
+        ))
+    };
+    if (unit == 0) != (count == 0) {
+        return bad("set both or neither, as librbd requires".into());
+    }
+    if unit != 0 && (!object_size.is_multiple_of(unit) || unit < 512) {
+        return bad(format!(
+            "the stripe unit must be a factor of the object size {object_size} and at least 512"
+        ));
+    }
+    if count > 1 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "stripe count {count} (--stripe-count, else rbd_default_stripe_count as \
+                 configured) makes a striped image with {count} objects per stripe, which \
+                 rados-nbd does not serve"
+            ),
+        ));
+    }
+    Ok((unit != 0 && unit != object_size).then_some(unit))
 }
 
 /// librbd's create adds fast-diff to object-map (features 13 make an image of 29); so
@@ -144,6 +179,36 @@ fn parse_order(s: &str) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stripe_settings_as_librbd_checks_them() {
+        let su = |u: Option<&str>, c: Option<&str>| stripe_unit(u, c, 22);
+        // Neither, or the plain values: no striping.
+        assert_eq!(su(None, None).unwrap(), None);
+        assert_eq!(su(Some("0"), Some("0")).unwrap(), None);
+        assert_eq!(su(Some("4M"), Some("1")).unwrap(), None);
+        // Count 1 with a smaller unit: striped, the plain layout.
+        assert_eq!(su(Some("64K"), Some("1")).unwrap(), Some(64 << 10));
+        assert_eq!(su(Some("65536"), Some("1")).unwrap(), Some(64 << 10));
+        // librbd's refusals: one without the other, a unit that is no factor of the
+        // object size or under 512 bytes.
+        for (u, c, why) in [
+            (Some("64K"), None, "both or neither"),
+            (None, Some("1"), "both or neither"),
+            (Some("3000"), Some("1"), "factor"),
+            (Some("8M"), Some("1"), "factor"),
+            (Some("256"), Some("1"), "at least 512"),
+        ] {
+            let e = su(u, c).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{u:?} {c:?}");
+            assert!(e.message.contains(why), "{u:?} {c:?}: {e}");
+        }
+        // More than one object per stripe: refused, not served here.
+        assert_eq!(
+            su(Some("64K"), Some("2")).unwrap_err().kind,
+            ErrorKind::Unsupported
+        );
+    }
 
     #[test]
     fn features_as_librbd_reads_them() {

@@ -153,6 +153,10 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                     }),
                 );
             }
+            if let Some((unit, count)) = details.stripe {
+                put("stripe_unit", json!(unit));
+                put("stripe_count", json!(count));
+            }
             put("pool", json!(spec.pool));
             put("namespace", json!(spec.namespace));
             put("shared", json!(shared));
@@ -205,6 +209,10 @@ pub async fn info<S: Store>(store: &S, spec: &ImageSpec, format: Format) -> Resu
                     println!("\tparent: {}", p.spec);
                 }
                 println!("\toverlap: {}", human_size(p.overlap));
+            }
+            if let Some((unit, count)) = details.stripe {
+                println!("\tstripe unit: {}", human_size(unit));
+                println!("\tstripe count: {count}");
             }
         }
     }

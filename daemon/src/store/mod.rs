@@ -159,14 +159,16 @@ pub enum QuiesceMode {
     IgnoreError,
 }
 
-/// An image's op features (RBD_OPERATION_FEATURE_*) and timestamps, in seconds since the
-/// epoch (`None`: the store keeps none, or an OSD too old to know it).
+/// An image's op features (RBD_OPERATION_FEATURE_*), timestamps, in seconds since the
+/// epoch (`None`: the store keeps none, or an OSD too old to know it), and striping.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ImageDetails {
     pub op_features: u64,
     pub create_timestamp: Option<u64>,
     pub access_timestamp: Option<u64>,
     pub modify_timestamp: Option<u64>,
+    /// (stripe unit, stripe count) of an image with the striping feature.
+    pub stripe: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,6 +419,10 @@ pub struct CreateOptions {
     /// `rbd create --data-pool`: the pool of the data objects (Ceph only; the header,
     /// object map and the rest stay in the image's own pool).
     pub data_pool: Option<String>,
+    /// Ceph: a stripe unit other than the object size (a factor of it), stripe count 1:
+    /// striping v2 with the plain layout, as `rbd clone --object-size` makes of a parent
+    /// with smaller objects. None: no striping.
+    pub stripe_unit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

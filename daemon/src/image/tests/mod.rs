@@ -51,6 +51,7 @@ async fn store_with(size: u64, features: u64) -> (tempfile::TempDir, DirStore) {
         order: 22,
         features,
         data_pool: None,
+        stripe_unit: None,
     };
     create_image(&s, &spec("vm1"), &o).await.unwrap();
     (d, s)

@@ -529,6 +529,11 @@ pub fn stripe_out(b: &[u8]) -> Result<(u64, u64)> {
     Ok((d.u64()?, d.u64()?))
 }
 
+/// `set_stripe_unit_count`: u64 stripe unit, u64 stripe count.
+pub fn stripe_in(unit: u64, count: u64) -> Vec<u8> {
+    Enc::new().u64(unit).u64(count).done()
+}
+
 /// `get_data_pool` → pool id (-1 = none).
 pub fn data_pool_out(b: &[u8]) -> Result<i64> {
     Dec::new(b, "rbd.get_data_pool reply").i64()

@@ -59,6 +59,12 @@ pub(super) async fn load_header(
     load_header_at(io, spec, id, mode, None).await
 }
 
+/// Whether striping (stripe unit, count) lays an image of objects 2^order out as with
+/// no striping: one object per stripe, and a unit that divides the object size.
+pub(super) fn plain_layout(unit: u64, count: u64, order: u8) -> bool {
+    count == 1 && unit != 0 && (1u64 << order).is_multiple_of(unit)
+}
+
 /// [`load_header`], with the snapshot `spec.snap` names given by its id when `snap_id`
 /// is set: a clone's parent snapshot may be in the trash, where no user can name it (its
 /// name is a UUID; `IMAGE@SNAP` means a user snapshot, as for librbd).
@@ -108,12 +114,17 @@ pub(super) async fn load_header_at(
             .await
             .map_err(ctx)?;
         let (unit, count) = cls::stripe_out(&b).map_err(ctx)?;
-        if count > 1 || unit != 1u64 << order {
+        // With one object per stripe, stripe units follow each other in the same object
+        // until it is full: the layout is the plain one, whatever the unit (what `rbd
+        // clone --object-size` makes of a parent with smaller objects). Trims and
+        // shrinks are the same too: librbd's stripe period is then the object size.
+        if !plain_layout(unit, count, order) {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
                     "image {spec} uses fancy striping (stripe unit {unit}, count {count}); \
-                     only stripe unit = object size and count 1 are supported"
+                     only stripe count 1 with a stripe unit that divides the object size \
+                     (the plain layout) is supported"
                 ),
             ));
         }

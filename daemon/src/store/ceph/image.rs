@@ -421,9 +421,15 @@ impl ImageStore for CephImage {
 
     async fn details(&self) -> Result<crate::store::ImageDetails> {
         let i = &self.inner;
-        super::timestamps::details(&i.meta, &i.hdr_oid)
+        let striped = self.header().features & crate::store::RBD_FEATURE_STRIPINGV2 != 0;
+        super::timestamps::details(&i.meta, &i.hdr_oid, striped)
             .await
-            .map_err(|e| e.context(format!("reading op features and timestamps of {}", i.spec)))
+            .map_err(|e| {
+                e.context(format!(
+                    "reading op features, timestamps and striping of {}",
+                    i.spec
+                ))
+            })
     }
 
     fn note_io(&self, modify: bool) {

@@ -135,6 +135,7 @@ async fn new_image(st: &CephStore, prefix: &str, size: u64) -> (String, ImageSpe
             order: 22,
             features: DEFAULT_FEATURES,
             data_pool: None,
+            stripe_unit: None,
         },
     )
     .await
@@ -195,6 +196,7 @@ async fn ceph_live_create_lock_write_close() {
             order: 22,
             features: DEFAULT_FEATURES,
             data_pool: None,
+            stripe_unit: None,
         },
     );
     assert_eq!(again.await.unwrap_err().kind, ErrorKind::AlreadyExists);

@@ -15,7 +15,7 @@
 //! allocated there, as librbd's `data_ctx` does; the rest stays in the image's pool.
 //!
 //! Not supported (refused at open rather than served wrong): journaling, fancy striping
-//! (stripe count > 1 or unit != object size), migration, non-primary mirrored images for
+//! (stripe count > 1: count 1 is the plain layout, whatever the unit), migration, non-primary mirrored images for
 //! writing, unknown feature bits.
 //!
 //! Clones (formats 1 and 2, any depth, the parent in any pool or namespace): the header

@@ -16,7 +16,7 @@ use crate::spec::{parse_pool_spec, ImageSpec};
 use crate::store::{
     ChildImage, CloneOptions, CreateOptions, ImageStore as _, OpenMode, ParentInfo, Store,
     RBD_FEATURE_DATA_POOL, RBD_FEATURE_DEEP_FLATTEN, RBD_FEATURE_EXCLUSIVE_LOCK,
-    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP,
+    RBD_FEATURE_FAST_DIFF, RBD_FEATURE_LAYERING, RBD_FEATURE_OBJECT_MAP, RBD_FEATURE_STRIPINGV2,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -340,6 +340,22 @@ impl CephStore {
                 format!("cannot create {spec} with features {:#x}", f & !creatable),
             ));
         }
+        // librbd's CreateRequest: a stripe unit other than the object size makes the
+        // image striped (the feature comes from the settings, not from the caller).
+        let stripe_unit = opts.stripe_unit.filter(|&u| u != 1u64 << opts.order);
+        if let Some(unit) = stripe_unit {
+            if !super::header::plain_layout(unit, 1, opts.order) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "cannot create {spec}: stripe unit {unit} is not a factor of the \
+                         object size {}",
+                        1u64 << opts.order
+                    ),
+                ));
+            }
+        }
+        let f = f | stripe_unit.map_or(0, |_| RBD_FEATURE_STRIPINGV2);
         if f & RBD_FEATURE_OBJECT_MAP != 0 && f & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -401,6 +417,15 @@ impl CephStore {
             );
             io.operate(&header_oid(&id), op, "cls rbd.create on")
                 .await?;
+            if let Some(unit) = stripe_unit {
+                io.exec_write(
+                    &header_oid(&id),
+                    RBD,
+                    "set_stripe_unit_count",
+                    &cls::stripe_in(unit, 1),
+                )
+                .await?;
+            }
             if f & RBD_FEATURE_OBJECT_MAP != 0 {
                 let count = opts.size.div_ceil(1u64 << opts.order);
                 io.exec_write(
@@ -591,6 +616,21 @@ impl CephStore {
             ));
         }
         let size = ph.size;
+        // librbd's CloneRequest: the child takes the parent's stripe unit (and count,
+        // 1 here: a parent striped otherwise does not open). With larger objects than
+        // the parent's, the child is striped, with the plain layout. Where the unit does
+        // not divide the child's object size librbd refuses the clone; rados-nbd makes
+        // an unstriped one, the same layout.
+        let punit = if ph.features & RBD_FEATURE_STRIPINGV2 != 0 {
+            let b = pio
+                .exec_read(&header_oid(&pid), RBD, "get_stripe_unit_count", &[])
+                .await
+                .map_err(|e| e.context(format!("reading the striping of {parent}")))?;
+            cls::stripe_out(&b)?.0
+        } else {
+            1u64 << ph.order
+        };
+        let stripe_unit = super::header::plain_layout(punit, 1, opts.order).then_some(punit);
         let cid = self
             .create_with_id(
                 child,
@@ -599,6 +639,7 @@ impl CephStore {
                     order: opts.order,
                     features: opts.features,
                     data_pool: opts.data_pool.clone(),
+                    stripe_unit,
                 },
             )
             .await?;

@@ -228,7 +228,7 @@ async fn read_stamp(meta: &IoCtx, hdr_oid: &str, method: &str) -> Result<Option<
 }
 
 /// `info`'s op features and timestamps of the image with header `hdr_oid`.
-pub(super) async fn details(meta: &IoCtx, hdr_oid: &str) -> Result<ImageDetails> {
+pub(super) async fn details(meta: &IoCtx, hdr_oid: &str, striped: bool) -> Result<ImageDetails> {
     let op_features = match meta.exec_read(hdr_oid, RBD, "op_features_get", &[]).await {
         Ok(b) => cls::u64_out(&b, "rbd.op_features_get reply")?,
         Err(e) if e.kind == ErrorKind::NotFound => 0,
@@ -241,6 +241,14 @@ pub(super) async fn details(meta: &IoCtx, hdr_oid: &str) -> Result<ImageDetails>
         create_timestamp: secs(read_stamp(meta, hdr_oid, "get_create_timestamp").await?),
         access_timestamp: secs(read_stamp(meta, hdr_oid, "get_access_timestamp").await?),
         modify_timestamp: secs(read_stamp(meta, hdr_oid, "get_modify_timestamp").await?),
+        stripe: match striped {
+            true => Some(cls::stripe_out(
+                &meta
+                    .exec_read(hdr_oid, RBD, "get_stripe_unit_count", &[])
+                    .await?,
+            )?),
+            false => None,
+        },
     })
 }
 

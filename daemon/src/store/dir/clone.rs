@@ -192,6 +192,7 @@ pub(super) async fn clone_image(
             order: opts.order,
             features: opts.features,
             data_pool: None,
+            stripe_unit: None,
         };
         let rec = ParentRecord {
             pool: parent.pool.clone(),

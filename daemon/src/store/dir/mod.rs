@@ -139,6 +139,16 @@ impl Store for DirStore {
                 ),
             ));
         }
+        if let Some(unit) = opts.stripe_unit.filter(|&u| u != 1u64 << opts.order) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot create {spec} with stripe unit {unit}: striping is a Ceph store \
+                     feature ({} stores each object whole)",
+                    self.describe()
+                ),
+            ));
+        }
         // Before the pool directory is made: bad input changes nothing on disk.
         check_order(opts.order)?;
         let pool_dir = self.pool_dir(&spec.pool);

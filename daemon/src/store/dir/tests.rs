@@ -22,6 +22,7 @@ fn opts(size: u64) -> CreateOptions {
         order: 22,
         features: DEFAULT_FEATURES,
         data_pool: None,
+        stripe_unit: None,
     }
 }
 
@@ -576,6 +577,7 @@ async fn small(s: &DirStore, name: &str, objects: u64) -> DirImage {
         order: 12,
         features: DEFAULT_FEATURES,
         data_pool: None,
+        stripe_unit: None,
     };
     s.create_image(&spec(name), &o).await.unwrap();
     open(s, name, OpenMode::ReadWrite).await
@@ -1409,6 +1411,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                 order: porder,
                 features: DEFAULT_FEATURES,
                 data_pool: None,
+                stripe_unit: None,
             };
             s.create_image(&spec("base"), &popts).await.unwrap();
             let base = open(&s, "base", OpenMode::ReadWrite).await;
