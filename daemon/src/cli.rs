@@ -283,6 +283,17 @@ pub enum Command {
         /// Object size of the child (default: the parent's).
         #[arg(long)]
         object_size: Option<String>,
+        /// Features of the child, as `rbd clone --image-feature` (default: the
+        /// parent's); layering is needed.
+        #[arg(long = "image-feature", value_name = "FEATURE")]
+        image_features: Vec<String>,
+        /// Ceph: stripe unit, with --stripe-count 1 (default: the parent's where it
+        /// divides the child's object size, as rbd clone).
+        #[arg(long, value_name = "SIZE")]
+        stripe_unit: Option<String>,
+        /// Ceph: stripe count, 1.
+        #[arg(long, value_name = "COUNT")]
+        stripe_count: Option<String>,
         /// Ceph: the child's data objects in this pool, like `rbd clone --data-pool`
         /// (a clone does not inherit its parent's data pool).
         #[arg(long, value_name = "POOL")]

@@ -281,6 +281,24 @@ for img in tstr_$$ tstn_$$; do
   check "$img: rbd export equals the model" same_export "$img" "$work/$img.raw"
   check "$img: rbd object-map check passes" omap_check "$img"
 done
+# clone --image-feature / --stripe-unit / --stripe-count: the child rbd clone makes of the
+# same parent (features, order, stripe unit and count), or a refusal where rbd refuses.
+clone_like_rbd() {
+  local r1 r2
+  rbd clone --rbd-default-clone-format 2 "$@" tst_$$@s tcq_$$ >/dev/null 2>&1; r1=$?
+  "${RN[@]}" clone --rbd-default-clone-format 2 "$@" tst_$$@s tcqn_$$ >/dev/null 2>&1; r2=$?
+  [ "$(stripes tcq_$$ 2>/dev/null)" = "$(stripes tcqn_$$ 2>/dev/null)" ] &&
+    { [ $r1 = 0 ] && [ $r2 = 0 ] || { [ $r1 != 0 ] && [ $r2 != 0 ]; }; }
+  local ok=$?
+  rbd rm tcq_$$ >/dev/null 2>&1; rbd rm tcqn_$$ >/dev/null 2>&1
+  return $ok
+}
+for args in "--image-feature layering,exclusive-lock,object-map" "--image-feature layering" \
+  "--image-feature exclusive-lock" "--stripe-unit 512K --stripe-count 1" "--stripe-unit 512K" \
+  "--object-size 2M" "--object-size 2M --stripe-unit 2M --stripe-count 1"; do
+  # shellcheck disable=SC2086
+  check "clone $args: as rbd clone" clone_like_rbd $args
+done
 rbd rm tstr_$$ >/dev/null 2>&1; rbd rm tstn_$$ >/dev/null 2>&1
 rbd snap purge tst_$$ >/dev/null 2>&1; rbd rm tst_$$ >/dev/null 2>&1
 # create --stripe-unit with --stripe-count 1: the header rbd create makes; more than one

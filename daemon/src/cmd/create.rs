@@ -61,7 +61,7 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
 /// bit (`rbd default features = 3` makes a layering-only image). Some(unit): striped with
 /// one object per stripe, the plain layout; a stripe count above 1 is refused (rados-nbd
 /// serves no such image).
-fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Option<u64>> {
+pub fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Option<u64>> {
     let parse = |name: &str, v: Option<&str>| -> Result<u64> {
         match v.map(str::trim).filter(|v| !v.is_empty()) {
             None => Ok(0),
@@ -75,8 +75,9 @@ fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Opt
         Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
-                "stripe unit {unit} and stripe count {count} (--stripe-unit, --stripe-count, \
-                 else rbd_default_stripe_unit and _count as configured): {why}"
+                "stripe unit {unit} and stripe count {count} (--stripe-unit and \
+                 --stripe-count; for create, else rbd_default_stripe_unit and _count as \
+                 configured): {why}"
             ),
         ))
     };
@@ -92,9 +93,8 @@ fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Opt
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "stripe count {count} (--stripe-count, else rbd_default_stripe_count as \
-                 configured) makes a striped image with {count} objects per stripe, which \
-                 rados-nbd does not serve"
+                "stripe count {count} makes a striped image with {count} objects per \
+                 stripe, which rados-nbd does not serve"
             ),
         ));
     }

@@ -220,17 +220,26 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         Command::Clone {
             clone_format,
             object_size,
+            image_features,
+            stripe_unit,
+            stripe_count,
             data_pool,
             parent,
             child,
         } => {
+            let args = clone::CloneArgs {
+                clone_format,
+                object_size,
+                image_features,
+                stripe_unit,
+                stripe_count,
+                data_pool,
+            };
             clone::clone(
                 &store,
                 &parse_spec(&parent)?,
                 &parse_head_spec(&child, "clone into")?,
-                clone_format,
-                object_size.as_deref(),
-                data_pool,
+                &args,
             )
             .await
         }

@@ -353,6 +353,9 @@ pub struct CloneOptions {
     /// Ceph: the child's data objects in this pool (`rbd clone --data-pool`); a clone
     /// does not inherit its parent's.
     pub data_pool: Option<String>,
+    /// `rbd clone --stripe-unit` (with stripe count 1): None takes the parent's, as
+    /// librbd's clone does where it divides the child's object size.
+    pub stripe_unit: Option<u64>,
 }
 
 /// What an image's header says (`rbd_header.<id>`).

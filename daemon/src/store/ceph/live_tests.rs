@@ -769,6 +769,7 @@ async fn ceph_live_clones() {
         features: DEFAULT_FEATURES & !RBD_FEATURE_DEEP_FLATTEN,
         order: 22,
         data_pool: None,
+        stripe_unit: None,
     };
     st.clone_image(&snap, &cspec, &opts)
         .await

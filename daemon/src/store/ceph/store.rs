@@ -630,7 +630,10 @@ impl CephStore {
         } else {
             1u64 << ph.order
         };
-        let stripe_unit = super::header::plain_layout(punit, 1, opts.order).then_some(punit);
+        let stripe_unit = match opts.stripe_unit {
+            Some(unit) => Some(unit),
+            None => super::header::plain_layout(punit, 1, opts.order).then_some(punit),
+        };
         let cid = self
             .create_with_id(
                 child,

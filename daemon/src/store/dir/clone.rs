@@ -117,6 +117,16 @@ pub(super) async fn clone_image(
             format!("cloning {parent}: name the parent snapshot (PARENT@SNAP)"),
         ));
     };
+    if let Some(unit) = opts.stripe_unit.filter(|&u| u != 1u64 << opts.order) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "cannot clone {parent} into {child} with stripe unit {unit}: striping is a \
+                 Ceph store feature ({} stores each object whole)",
+                store.describe()
+            ),
+        ));
+    }
     if child.snap.is_some() {
         return Err(Error::new(
             ErrorKind::InvalidInput,

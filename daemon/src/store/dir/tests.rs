@@ -1080,6 +1080,7 @@ fn clone_opts(format: u8) -> CloneOptions {
         features: DEFAULT_FEATURES,
         order: 12,
         data_pool: None,
+        stripe_unit: None,
     }
 }
 
@@ -1438,6 +1439,7 @@ async fn deep_flatten_frees_the_snapshots_from_the_parent() {
                 features,
                 order,
                 data_pool: None,
+                stripe_unit: None,
             };
             s.clone_image(&spec("base@s1"), &spec("c"), &opts)
                 .await
