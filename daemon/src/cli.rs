@@ -179,6 +179,10 @@ pub enum Command {
     /// List the images of a pool (POOL or POOL/NAMESPACE).
     Ls {
         pool: Option<String>,
+        /// Each image and its snapshots with size, parent, format, protection and lock,
+        /// as `rbd ls -l`.
+        #[arg(short = 'l', long)]
+        long: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
         /// Indent the JSON (`--format json`) as rbd's `--pretty-format` does.

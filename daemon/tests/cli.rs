@@ -205,6 +205,29 @@ fn create_info_ls_rm() {
         serde_json::json!(["small"])
     );
     assert_eq!(ok(s, &["ls", "empty"]), "");
+    assert_eq!(ok(s, &["ls", "-l", "empty"]), "");
+    // ls -l as rbd's: images and their snapshots, the parent of a clone, protection.
+    ok(s, &["snap", "create", "p2/small@s1"]);
+    ok(s, &["snap", "protect", "p2/small@s1"]);
+    ok(s, &["clone", "p2/small@s1", "p2/kid"]);
+    assert_eq!(
+        ok(s, &["ls", "-l", "p2"]),
+        concat!(
+            "NAME      SIZE   PARENT       FMT  PROT  LOCK\n",
+            "kid       6 MiB  p2/small@s1    2            \n",
+            "small     6 MiB                 2            \n",
+            "small@s1  6 MiB                 2  yes       \n",
+        )
+    );
+    let v = json(&ok(s, &["ls", "--long", "p2", "--format", "json"]));
+    assert_eq!(v[0]["parent"]["snapshot"], "s1");
+    assert_eq!(v[2]["snapshot"], "s1");
+    assert_eq!(v[2]["protected"], "true");
+    assert_eq!(v[2]["snapshot_id"], 1);
+    assert_eq!(v[1]["id"], v[2]["id"]);
+    ok(s, &["rm", "p2/kid"]);
+    ok(s, &["snap", "unprotect", "p2/small@s1"]);
+    ok(s, &["snap", "rm", "p2/small@s1"]);
     // rbd's --pretty-format: the same JSON, indented by four, fields in rbd info's order.
     let pretty = ok(s, &["info", "vm1", "--format", "json", "--pretty-format"]);
     assert_eq!(

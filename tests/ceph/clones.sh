@@ -280,7 +280,20 @@ for img in tstr_$$ tstn_$$; do
   fi
   check "$img: rbd export equals the model" same_export "$img" "$work/$img.raw"
   check "$img: rbd object-map check passes" omap_check "$img"
+  check "$img: diff (extents, whole objects; plain, json) as rbd diff" bash -c \
+    "for a in '' --whole-object; do [ \"\$($RNQ diff \$a $img)\" = \"\$(rbd diff \$a $img)\" ] && [ \"\$($RNQ diff \$a --format json $img)\" = \"\$(rbd diff \$a --format json $img)\" ] || exit 1; done"
 done
+# ls -l (and its JSON): the striped clones and their parent's snapshot as rbd ls -l, one
+# of them locked by a serve (LOCK excl).
+serve tstr_$$ && hold tstr_$$
+ls_like_rbd() {
+  [ "$($RNQ ls -l | grep -E "^(tst|tstr|tstn)_$$[@ ]")" = "$(rbd ls -l | grep -E "^(tst|tstr|tstn)_$$[@ ]")" ] &&
+    [ "$($RNQ ls -l --format json | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")" = \
+      "$(rbd ls -l --format json | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")" ] &&
+    rbd ls -l | grep -E "^tstr_$$ " | grep -q ' excl *$' && rbd ls -l | grep -qE "^tst_$$@s "
+}
+check "ls -l: images, snapshots, parents, lock as rbd ls -l (plain, json)" ls_like_rbd
+unhold; unserve
 # clone --image-feature / --stripe-unit / --stripe-count: the child rbd clone makes of the
 # same parent (features, order, stripe unit and count), or a refusal where rbd refuses.
 clone_like_rbd() {
@@ -295,7 +308,8 @@ clone_like_rbd() {
 }
 for args in "--image-feature layering,exclusive-lock,object-map" "--image-feature layering" \
   "--image-feature exclusive-lock" "--stripe-unit 512K --stripe-count 1" "--stripe-unit 512K" \
-  "--object-size 2M" "--object-size 2M --stripe-unit 2M --stripe-count 1"; do
+  "--object-size 2M" "--object-size 2M --stripe-unit 2M --stripe-count 1" "--object-size 512K" \
+  "--object-size 512K --stripe-unit 512K --stripe-count 1"; do
   # shellcheck disable=SC2086
   check "clone $args: as rbd clone" clone_like_rbd $args
 done

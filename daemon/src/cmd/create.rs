@@ -62,14 +62,19 @@ pub async fn create<S: Store>(store: &S, a: &CreateArgs) -> Result<()> {
 /// one object per stripe, the plain layout; a stripe count above 1 is refused (rados-nbd
 /// serves no such image).
 pub fn stripe_unit(unit: Option<&str>, count: Option<&str>, order: u8) -> Result<Option<u64>> {
-    let parse = |name: &str, v: Option<&str>| -> Result<u64> {
-        match v.map(str::trim).filter(|v| !v.is_empty()) {
-            None => Ok(0),
-            Some(v) => crate::parse::parse_size(v).map_err(|e| e.context(name.to_string())),
-        }
+    let unit = match unit.map(str::trim).filter(|v| !v.is_empty()) {
+        None => 0,
+        Some(v) => crate::parse::parse_size(v).map_err(|e| e.context("stripe unit"))?,
     };
-    let unit = parse("stripe unit", unit)?;
-    let count = parse("stripe count", count)?;
+    let count = match count.map(str::trim).filter(|v| !v.is_empty()) {
+        None => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("invalid stripe count {v:?} (a number: 1)"),
+            )
+        })?,
+    };
     let object_size = 1u64 << order;
     let bad = |why: String| {
         Err(Error::new(
@@ -207,6 +212,11 @@ mod tests {
         assert_eq!(
             su(Some("64K"), Some("2")).unwrap_err().kind,
             ErrorKind::Unsupported
+        );
+        // A count is a number, not a size.
+        assert_eq!(
+            su(Some("64K"), Some("1K")).unwrap_err().kind,
+            ErrorKind::InvalidInput
         );
     }
 

@@ -143,11 +143,12 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         }
         Command::Ls {
             pool,
+            long,
             format,
             pretty_format,
         } => {
             set_pretty_json(pretty_format);
-            ls::ls(&store, pool.as_deref(), format).await
+            ls::ls(&store, pool.as_deref(), long, format).await
         }
         Command::Serve(a) => serve::serve(store, a, &Config::load()?).await,
         Command::Du {

@@ -169,6 +169,10 @@ pub struct ImageDetails {
     pub modify_timestamp: Option<u64>,
     /// (stripe unit, stripe count) of an image with the striping feature.
     pub stripe: Option<(u64, u64)>,
+    /// Who holds the image's lock (`rbd lock ls`, `rbd ls -l`'s LOCK): Some(true) an
+    /// exclusive holder, Some(false) shared ones; None when nobody does or the store
+    /// does not say.
+    pub locked: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,8 +404,9 @@ pub struct ChildImage {
 }
 
 impl ChildImage {
-    /// rbd's order (librbd's list_descendants sorts so): pool, namespace, name.
-    pub fn sort(v: &mut Vec<ChildImage>) {
+    /// rbd's order (librbd's list_descendants sorts so): pool, namespace, name; an image
+    /// listed twice once.
+    pub fn sort_dedup(v: &mut Vec<ChildImage>) {
         v.sort_by(|a, b| {
             (&a.spec.pool, &a.spec.namespace, &a.spec.name, &a.id).cmp(&(
                 &b.spec.pool,

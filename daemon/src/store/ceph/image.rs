@@ -422,14 +422,22 @@ impl ImageStore for CephImage {
     async fn details(&self) -> Result<crate::store::ImageDetails> {
         let i = &self.inner;
         let striped = self.header().features & crate::store::RBD_FEATURE_STRIPINGV2 != 0;
-        super::timestamps::details(&i.meta, &i.hdr_oid, striped)
+        let ctx = |e: Error| {
+            e.context(format!(
+                "reading op features, timestamps, striping and lockers of {}",
+                i.spec
+            ))
+        };
+        let mut d = super::timestamps::details(&i.meta, &i.hdr_oid, striped)
             .await
-            .map_err(|e| {
-                e.context(format!(
-                    "reading op features, timestamps and striping of {}",
-                    i.spec
-                ))
-            })
+            .map_err(ctx)?;
+        d.locked = match super::lock::get_lock_info(i).await {
+            Ok(l) if l.lockers.is_empty() => None,
+            Ok(l) => Some(l.kind == super::cls::LOCK_EXCLUSIVE),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => return Err(ctx(e)),
+        };
+        Ok(d)
     }
 
     fn note_io(&self, modify: bool) {

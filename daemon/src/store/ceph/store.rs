@@ -619,8 +619,8 @@ impl CephStore {
         // librbd's CloneRequest: the child takes the parent's stripe unit (and count,
         // 1 here: a parent striped otherwise does not open). With larger objects than
         // the parent's, the child is striped, with the plain layout. Where the unit does
-        // not divide the child's object size librbd refuses the clone; rados-nbd makes
-        // an unstriped one, the same layout.
+        // not divide the child's object size (smaller objects than the parent's) librbd
+        // refuses the clone, and so does this; --stripe-unit makes it possible.
         let punit = if ph.features & RBD_FEATURE_STRIPINGV2 != 0 {
             let b = pio
                 .exec_read(&header_oid(&pid), RBD, "get_stripe_unit_count", &[])
@@ -632,7 +632,15 @@ impl CephStore {
         };
         let stripe_unit = match opts.stripe_unit {
             Some(unit) => Some(unit),
-            None => super::header::plain_layout(punit, 1, opts.order).then_some(punit),
+            None if super::header::plain_layout(punit, 1, opts.order) => Some(punit),
+            None => {
+                let os = 1u64 << opts.order;
+                return invalid(format!(
+                    "cannot clone {parent} into {child} with object size {os}: the child takes \
+                     the parent's stripe unit {punit}, which is not a factor of it (rbd clone \
+                     refuses it too); --stripe-unit {os} --stripe-count 1 makes it unstriped"
+                ));
+            }
         };
         let cid = self
             .create_with_id(
@@ -822,15 +830,16 @@ impl CephStore {
                 }
             }
         }
-        ChildImage::sort(&mut out);
+        ChildImage::sort_dedup(&mut out);
         Ok(out)
     }
 
     /// The clones of snapshot `snap` of image `id` (in `io`), each as (its pool and
     /// namespace, its id): format 2 from the image's `children_list`, format 1 from
     /// `rbd_children` in every pool that is no cache tier (in the parent's namespace:
-    /// format 1 does not cross namespaces). Pools this client may not read are skipped,
-    /// as librbd does.
+    /// format 1 does not cross namespaces). Pools this client may not read are skipped
+    /// (librbd fails the listing there; a client with caps on some pools only would
+    /// list nothing).
     async fn clones_of(
         &self,
         io: &Arc<IoCtx>,

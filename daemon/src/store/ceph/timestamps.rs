@@ -241,14 +241,17 @@ pub(super) async fn details(meta: &IoCtx, hdr_oid: &str, striped: bool) -> Resul
         create_timestamp: secs(read_stamp(meta, hdr_oid, "get_create_timestamp").await?),
         access_timestamp: secs(read_stamp(meta, hdr_oid, "get_access_timestamp").await?),
         modify_timestamp: secs(read_stamp(meta, hdr_oid, "get_modify_timestamp").await?),
-        stripe: match striped {
-            true => Some(cls::stripe_out(
-                &meta
-                    .exec_read(hdr_oid, RBD, "get_stripe_unit_count", &[])
-                    .await?,
-            )?),
-            false => None,
+        // get_stripe_unit_count fails (ENOEXEC) without the feature.
+        stripe: if striped {
+            let b = meta
+                .exec_read(hdr_oid, RBD, "get_stripe_unit_count", &[])
+                .await?;
+            Some(cls::stripe_out(&b)?)
+        } else {
+            None
         },
+        // The caller adds the lockers.
+        locked: None,
     })
 }
 

@@ -297,7 +297,7 @@ pub(super) async fn children(
                 }
             }
         }
-        ChildImage::sort(&mut out);
+        ChildImage::sort_dedup(&mut out);
         Ok(out)
     })
     .await
