@@ -177,6 +177,19 @@ rc=$?
 check "rbd image-meta remove of a missing key fails as with librbd's owner ($rc: $(tail -1 <<<"$out"))" \
   bash -c "[ $rc = 2 ]"
 check "writes after the metadata changes" put "$I" "$work/ref" 5 $((24 * MB)) $((1 * MB))
+# rbd rename: librbd's owner renames the image and keeps the lock. rados-nbd does not
+# rename an image it serves: refused with EBUSY, the lock kept (with EOPNOTSUPP, rbd would
+# take the lock and rename it itself, and an `rbd snap rollback` before the next write
+# would then roll the data back under the client, which librbd's owner refuses).
+out=$(timeout 60 rbd rename "$I" "$I-renamed" 2>&1)
+rc=$?
+check "rbd rename while served is refused with EBUSY ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc = 16 ] && rbd info '$I' >/dev/null 2>&1 && ! rbd info '$I-renamed' >/dev/null 2>&1"
+check "... the lock stays with the daemon, and rbd snap rollback is refused (EROFS)" bash -c \
+  "[ \"\$(rbd lock ls --format json '$I' | jq length)\" = 1 ] && $RBD_T snap create --no-progress '$I@rn' &&
+   ! $RBD_T snap rollback --no-progress '$I@rn' 2>/dev/null && $RBD_T snap rm --no-progress '$I@rn' &&
+   exported_is '$I' '$work/ref'"
+check "... the daemon says why (log)" grep -q "refused rbd rename" "$work/serve.log"
 # Bounded: a request the owner neither does nor refuses would hang (124 from timeout).
 # exclusive-lock goes only after object-map (librbd's owner answers EINVAL; lockless.sh
 # turns it off with object-map, and has journaling, which rbd turns on itself).
@@ -647,6 +660,24 @@ fi
 rbd rm --no-progress "$KC" >/dev/null 2>&1
 rbd snap unprotect "$P@basek" >/dev/null 2>&1
 rbd snap rm --no-progress "$P@basek" >/dev/null 2>&1
+
+# rbd object-map rebuild of a served image without object-map: librbd's owner answers
+# EINVAL and keeps its lock; so must we (an answer read as EOPNOTSUPP would make rbd take
+# the lock and try itself, the lock then away from the daemon until its next write).
+N=ownern-$$
+rbd create --size 8M --image-feature layering,exclusive-lock "$N"
+truncate -s $((8 * MB)) "$work/n.ref"
+if serve "$N"; then
+  check "no-map image: a write through NBD" put "$N" "$work/n.ref" 21 0 $((1 * MB))
+  out=$(timeout 60 rbd object-map rebuild --no-progress "$N" 2>&1)
+  rc=$?
+  check "rbd object-map rebuild of a served image without object-map: EINVAL, as librbd's owner ($rc: $(tail -1 <<<"$out"))" \
+    bash -c "[ $rc = 22 ] && [ \"\$(rbd lock ls --format json '$N' | jq length)\" = 1 ]"
+  check_unserve "no-map image: clean close"
+else
+  fail "serve $N" "$(tail -3 "$work/serve.log")"
+fi
+rbd rm --no-progress "$N" >/dev/null 2>&1
 
 rbd snap purge --no-progress "$I" >/dev/null 2>&1
 for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done

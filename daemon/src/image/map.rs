@@ -133,6 +133,14 @@ impl<S: ImageStore> super::Image<S> {
     pub async fn rebuild_object_map(&self, mut progress: impl FnMut(u64, u64)) -> Result<String> {
         self.check_writable()?;
         let spec = &self.spec;
+        // librbd's owner answers EINVAL here ("image must support object-map feature");
+        // an error the asker reads as EOPNOTSUPP would make it take the lock instead.
+        if self.header.features & crate::store::RBD_FEATURE_OBJECT_MAP == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{spec} has no object-map feature: no object map to rebuild"),
+            ));
+        }
         if self.shared || self.map().is_none() {
             return Err(Error::new(
                 ErrorKind::Unsupported,

@@ -30,6 +30,8 @@ pub const NOTIFY_OP_REBUILD_OBJECT_MAP: u32 = 10;
 pub const NOTIFY_OP_SNAP_RENAME: u32 = 11;
 pub const NOTIFY_OP_SNAP_PROTECT: u32 = 12;
 pub const NOTIFY_OP_SNAP_UNPROTECT: u32 = 13;
+/// `rbd rename`: librbd's owner renames the image itself and keeps its lock.
+pub const NOTIFY_OP_RENAME: u32 = 14;
 pub const NOTIFY_OP_UPDATE_FEATURES: u32 = 15;
 pub const NOTIFY_OP_SPARSIFY: u32 = 17;
 /// `rbd image-meta set|remove` and `rbd config image set|rm` of a locked image.
