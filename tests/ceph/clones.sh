@@ -516,6 +516,12 @@ children_like_rbd() {
     [ "$(rbd children --descendants tch_$$ | head -1)" = "rbd/a_tchg_$$" ]
 }
 check "children IMAGE, --all, --descendants: as rbd children (plain, json)" children_like_rbd
+# children of a parent rados-nbd would not serve (stripe count 2): listed as rbd lists them.
+rbd create --size 8M --stripe-unit 64K --stripe-count 2 tfp_$$ && rbd snap create tfp_$$@s >/dev/null 2>&1 &&
+  rbd clone --rbd-default-clone-format 2 tfp_$$@s tfpc_$$
+check "children of a snapshot of an image not served here (stripe count 2): as rbd children" bash -c \
+  "[ \"\$($RNQ children tfp_$$@s)\" = rbd/tfpc_$$ ] && [ \"\$($RNQ children tfp_$$)\" = \"\$(rbd children tfp_$$)\" ]"
+rbd rm tfpc_$$ >/dev/null 2>&1; rbd snap purge tfp_$$ >/dev/null 2>&1; rbd rm tfp_$$ >/dev/null 2>&1
 rbd rm a_tchg_$$ >/dev/null 2>&1; rbd snap purge tchc_$$ >/dev/null 2>&1; rbd rm tche_$$ >/dev/null 2>&1
 tid=$(rbd trash ls --format json | jq -r --arg n "tchd_$$" '.[] | select(.name == $n) | .id')
 [ -n "$tid" ] && rbd trash rm "$tid" >/dev/null 2>&1

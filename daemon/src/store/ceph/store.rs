@@ -788,11 +788,16 @@ impl CephStore {
         let ctx = |e: Error| e.context(format!("listing children of {parent}"));
         let pio = self.pool(&parent.pool, &parent.namespace).await?;
         let pid = self.image_id(&pio, parent).await?;
-        let snaps = if parent.snap.is_some() {
-            let (_, snap_id) = load_header(&pio, parent, &pid, OpenMode::ReadOnly).await?;
-            vec![snap_id.unwrap_or(cls::NOSNAP)]
-        } else {
-            snapshot_ids(&pio, &pid).await.map_err(ctx)?
+        // The snapshot's id from the header alone, not as an open reads it: librbd lists
+        // the clones of images rados-nbd would not serve (fancy striping, journaling).
+        let snaps = match &parent.snap {
+            Some(name) => vec![user_snap_id(&pio, &pid, name)
+                .await
+                .map_err(ctx)?
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::NotFound, format!("snapshot {parent} not found"))
+                })?],
+            None => snapshot_ids(&pio, &pid).await.map_err(ctx)?,
         };
         let mut todo = vec![(pio, pid, snaps)];
         let mut seen = std::collections::HashSet::new();
@@ -896,6 +901,20 @@ impl CephStore {
         }
         Ok(out)
     }
+}
+
+/// The id of image `id`'s user snapshot `name`, if it has one.
+async fn user_snap_id(io: &IoCtx, id: &str, name: &str) -> Result<Option<u64>> {
+    for sid in snapshot_ids(io, id).await? {
+        let b = io
+            .exec_read(&header_oid(id), RBD, "snapshot_get", &cls::snap_in(sid))
+            .await?;
+        let info = cls::snapshot_get_out(&b)?;
+        if info.name == name && info.namespace == crate::store::SnapNamespace::User {
+            return Ok(Some(sid));
+        }
+    }
+    Ok(None)
 }
 
 /// Every snapshot id of image `id` (every namespace), from its snapshot context.
