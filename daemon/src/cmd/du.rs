@@ -196,29 +196,18 @@ pub async fn du<S: Store>(store: &S, spec: &ImageSpec, opts: &DuOptions) -> Resu
 /// cannot be opened (removed meanwhile, or in use by another client for a directory
 /// store) is left out with a line on stderr, as rbd does.
 pub async fn du_pool<S: Store>(store: &S, pool: &str, opts: &DuOptions) -> Result<()> {
-    let (pool_name, namespace) = crate::spec::parse_pool_spec(pool)?;
+    crate::spec::parse_pool_spec(pool)?;
     if opts.from_snap.is_some() {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "--from-snap needs an image".to_string(),
         ));
     }
-    let mut names = store.list_images(pool).await?;
-    names.sort();
-    let mut images = Vec::new();
-    for name in names {
-        let spec = ImageSpec {
-            pool: pool_name.clone(),
-            namespace: namespace.clone(),
-            name,
-            snap: None,
-        };
-        match image_lines(store, &spec, opts).await {
-            Ok((id, lines)) => images.push((spec.name, id, lines)),
-            Err(e) if e.kind == ErrorKind::NotFound => {}
-            Err(e) => eprintln!("rados-nbd: error opening {spec}: {e}"),
-        }
-    }
+    let images = super::each_pool_image(store, pool, async |spec: &ImageSpec| {
+        let (id, lines) = image_lines(store, spec, opts).await?;
+        Ok((spec.name.clone(), id, lines))
+    })
+    .await?;
     let total_prov: u64 = images
         .iter()
         .filter_map(|(_, _, l)| l.last().map(|l| l.provisioned))

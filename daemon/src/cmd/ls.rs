@@ -4,7 +4,7 @@
 use super::du::text_table;
 use super::info::human_size;
 use crate::cli::Format;
-use crate::error::{ErrorKind, Result};
+use crate::error::Result;
 use crate::spec::{ImageSpec, DEFAULT_POOL};
 use crate::store::{ImageStore, OpenMode, ParentInfo, Store};
 use serde_json::{json, Map, Value};
@@ -12,8 +12,8 @@ use serde_json::{json, Map, Value};
 pub async fn ls<S: Store>(store: &S, pool: Option<&str>, long: bool, format: Format) -> Result<()> {
     let pool = pool.unwrap_or(DEFAULT_POOL);
     // The same rules as the pool (and namespace) part of an image spec.
-    let (pool_name, namespace) = crate::spec::parse_pool_spec(pool)?;
-    let mut names = store.list_images(pool).await?;
+    crate::spec::parse_pool_spec(pool)?;
+    let names = store.list_images(pool).await?;
     if !long {
         match format {
             Format::Json => println!("{}", super::json_text(&json!(names).to_string())),
@@ -25,23 +25,13 @@ pub async fn ls<S: Store>(store: &S, pool: Option<&str>, long: bool, format: For
         }
         return Ok(());
     }
-    names.sort();
-    let mut entries = Vec::new();
-    for name in names {
-        let spec = ImageSpec {
-            pool: pool_name.clone(),
-            namespace: namespace.clone(),
-            name,
-            snap: None,
-        };
-        // As rbd: an image gone since the listing is skipped, one that does not open is
-        // named on stderr, and the listing goes on.
-        match long_entries(store, &spec).await {
-            Ok(e) => entries.extend(e),
-            Err(e) if e.kind == ErrorKind::NotFound => {}
-            Err(e) => eprintln!("rados-nbd: error opening {spec}: {e}"),
-        }
-    }
+    let entries: Vec<Entry> = super::each_pool_image(store, pool, async |spec: &ImageSpec| {
+        long_entries(store, spec).await
+    })
+    .await?
+    .into_iter()
+    .flatten()
+    .collect();
     match format {
         Format::Json => {
             let v: Vec<Value> = entries.iter().map(Entry::json).collect();

@@ -293,6 +293,34 @@ pub(crate) fn pretty_json(v: &serde_json::Value) -> Result<String> {
 }
 
 /// Runs `f` on an opened store image and closes it whatever `f` returned.
+/// `f` of each image of `pool` (POOL or POOL/NAMESPACE), by name, as rbd's pool-wide
+/// listings go (`du`, `ls -l`): an image gone since the listing is skipped, one that does
+/// not open is named on stderr, and the listing goes on.
+async fn each_pool_image<S: Store, T>(
+    store: &S,
+    pool: &str,
+    mut f: impl AsyncFnMut(&ImageSpec) -> Result<T>,
+) -> Result<Vec<T>> {
+    let (pool_name, namespace) = crate::spec::parse_pool_spec(pool)?;
+    let mut names = store.list_images(pool).await?;
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let spec = ImageSpec {
+            pool: pool_name.clone(),
+            namespace: namespace.clone(),
+            name,
+            snap: None,
+        };
+        match f(&spec).await {
+            Ok(t) => out.push(t),
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => eprintln!("rados-nbd: error opening {spec}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 async fn with_image<S: Store, T>(
     store: &S,
     spec: &ImageSpec,

@@ -782,15 +782,7 @@ async fn ceph_live_clones() {
         tool(conf, "rbd", &["children", &format!("{pname}@s")]).trim(),
         format!("rbd/{cname}")
     );
-    assert_eq!(
-        st.children(&snap, false)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.spec)
-            .collect::<Vec<_>>(),
-        vec![cspec.clone()]
-    );
+    assert_eq!(kid_specs(&st, &snap).await, vec![cspec.clone()]);
 
     let ci = st.open_image(&cspec, OpenMode::ReadWrite).await.unwrap();
     let p = ci.header().parent.expect("parent");
@@ -868,15 +860,7 @@ async fn ceph_live_clones() {
     ci.detach_parent().await.unwrap();
     assert_eq!(ci.header().parent, None);
     ci.close().await.unwrap();
-    assert_eq!(
-        st.children(&snap, false)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.spec)
-            .collect::<Vec<_>>(),
-        vec![cspec.clone()]
-    );
+    assert_eq!(kid_specs(&st, &snap).await, vec![cspec.clone()]);
     let info = tool(conf, "rbd", &["info", &cname]);
     assert!(!info.contains("parent:"), "{info}");
     assert!(info.contains("op_features: clone-child"), "{info}");
@@ -884,14 +868,7 @@ async fn ceph_live_clones() {
     assert!(sinfo.contains(&format!("parent: rbd/{pname}@s")), "{sinfo}");
     tool(conf, "rbd", &["snap", "purge", &cname]);
     tool(conf, "rbd", &["rm", &cname]);
-    assert!(st
-        .children(&snap, false)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.spec)
-        .collect::<Vec<_>>()
-        .is_empty());
+    assert!(kid_specs(&st, &snap).await.is_empty());
     let pinfo = tool(conf, "rbd", &["info", &pname]);
     assert!(!pinfo.contains("clone-parent"), "{pinfo}");
 
@@ -923,14 +900,7 @@ async fn ceph_live_clones() {
     let ci = st.open_image(&c1spec, OpenMode::ReadWrite).await.unwrap();
     ci.detach_parent().await.unwrap();
     ci.close().await.unwrap();
-    assert!(st
-        .children(&snap, false)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.spec)
-        .collect::<Vec<_>>()
-        .is_empty());
+    assert!(kid_specs(&st, &snap).await.is_empty());
     let sinfo = tool(conf, "rbd", &["info", &format!("{c1}@k")]);
     assert!(!sinfo.contains("parent:"), "{sinfo}");
     tool(conf, "rbd", &["snap", "purge", &c1]);
@@ -1220,4 +1190,10 @@ async fn ceph_live_reads_keep_the_reply() {
     img.close().await.unwrap();
     drop(img);
     assert!(whole.as_deref() == Some(&data[..]), "kept after close");
+}
+
+/// What `children` lists of `snap`, as specs.
+async fn kid_specs(st: &CephStore, snap: &ImageSpec) -> Vec<ImageSpec> {
+    let v = st.children(snap, false).await.unwrap();
+    v.into_iter().map(|c| c.spec).collect()
 }
