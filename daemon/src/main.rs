@@ -35,6 +35,11 @@ fn main() {
         eprintln!("rados-nbd: internal error: {}{at}", msg.replace('\n', " "));
     }));
 
+    // A read served from Ceph may finish on the librados thread that completes it and send
+    // its reply from there (nbd_protocol's inline.rs says why).
+    #[cfg(feature = "ceph")]
+    rados_nbd::store::ceph::set_completion_hook(nbd_protocol::inline::completing);
+
     let mut cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

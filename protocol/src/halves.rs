@@ -7,7 +7,7 @@
 //! keeps tokio's split. The handshake always uses tokio's split, since STARTTLS has to
 //! take the stream back whole.
 
-use crate::socket::{NbdReadHalf, NbdSocket, NbdWriteHalf};
+use crate::socket::{DirectFd, NbdReadHalf, NbdSocket, NbdWriteHalf};
 use crate::tls::MaybeTls;
 use std::any::Any;
 use std::io::Cursor;
@@ -39,6 +39,15 @@ where
     };
     let (r, w) = tokio::io::split(stream);
     (Cursor::new(early).chain(Either::Right(r)), Either::Right(w))
+}
+
+/// Direct (non-blocking, any thread) writes for our own socket's half; none through TLS
+/// or anything else.
+pub(crate) fn direct<S>(w: &WriteSide<S>) -> Option<DirectFd> {
+    match w {
+        Either::Left(w) => Some(w.direct()),
+        Either::Right(_) => None,
+    }
 }
 
 /// `s` itself if it is an [`NbdSocket`], else `s` back.

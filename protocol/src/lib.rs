@@ -21,6 +21,7 @@ pub mod error;
 mod export;
 mod halves;
 pub mod handshake;
+pub mod inline;
 mod io;
 pub mod memory;
 pub mod reply;

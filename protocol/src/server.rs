@@ -8,7 +8,7 @@ use crate::handshake::{self, block_sizes, flags_for, Negotiated, Outcome};
 use crate::request::Session;
 use crate::socket::{NbdSocket, PollHint};
 use crate::tls::MaybeTls;
-use crate::transmission;
+use crate::transmission::{self, OwnSocket};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
@@ -82,6 +82,7 @@ where
     // option (a client may pipeline its first requests) is passed on.
     let early = rd.buffer().to_vec();
     let (rd, wr) = halves::split(rd.into_inner().unsplit(wr), early);
+    let direct = halves::direct(&wr);
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     let session = Session {
         size: neg.info.size,
@@ -99,7 +100,7 @@ where
         session,
         &opts,
         shutdown,
-        hint,
+        OwnSocket { poll: hint, direct },
     )
     .await;
     info!(export = %export.name, ok = r.is_ok(), "connection finished");
@@ -201,9 +202,19 @@ where
     };
     let hint = poll_hint(&stream);
     let (rd, wr) = halves::split(MaybeTls::Left(stream), Vec::new());
+    let direct = halves::direct(&wr);
     let rd = BufReader::with_capacity(READ_BUFFER, rd);
     info!(size = info.size, "transmission-only connection started");
-    let r = transmission::run(rd, wr, backend, session, &opts, shutdown, hint).await;
+    let r = transmission::run(
+        rd,
+        wr,
+        backend,
+        session,
+        &opts,
+        shutdown,
+        OwnSocket { poll: hint, direct },
+    )
+    .await;
     info!(ok = r.is_ok(), "transmission-only connection finished");
     r
 }

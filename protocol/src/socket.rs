@@ -436,6 +436,26 @@ impl AsyncRead for NbdReadHalf {
     }
 }
 
+impl NbdWriteHalf {
+    /// A handle that writes to this socket without waiting, from any thread (the
+    /// transmission loop's direct replies; it keeps the writes of the two apart).
+    pub(crate) fn direct(&self) -> DirectFd {
+        DirectFd(self.fd.clone())
+    }
+}
+
+/// Non-blocking writes to an [`NbdSocket`], usable off the runtime: see
+/// [`NbdWriteHalf::direct`].
+pub(crate) struct DirectFd(Arc<AsyncFd<OwnedFd>>);
+
+impl DirectFd {
+    /// One `sendmsg` without waiting: the bytes taken (maybe fewer than offered), or an
+    /// error (`WouldBlock` when the socket buffer is full).
+    pub(crate) fn try_send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        send(self.0.get_ref().as_raw_fd(), bufs)
+    }
+}
+
 impl AsyncWrite for NbdWriteHalf {
     fn poll_write(
         self: Pin<&mut Self>,

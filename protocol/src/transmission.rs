@@ -9,16 +9,16 @@ use crate::backend::{Backend, BackendError, Errno, ZeroFlags};
 use crate::consts::*;
 use crate::error::{is_disconnect, ProtocolError};
 use crate::export::{ServerOptions, READ_BUFFER};
+use crate::inline::InlineTask;
 use crate::io::{discard, raised, read_exact_or_shutdown, ReadOutcome};
 use crate::reply::{self, Pieces};
 use crate::request::{validate, Command, RequestHeader, Session};
-use crate::socket::PollHint;
+use crate::socket::{DirectFd, PollHint};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io::IoSlice;
-use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -32,6 +32,16 @@ const WRITE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// iovecs per `writev` (the kernel's IOV_MAX is 1024).
 const MAX_IOVECS: usize = 256;
 
+/// What our own socket ([`NbdSocket`](crate::NbdSocket)) offers the loop beyond reading
+/// and writing; nothing for any other stream.
+#[derive(Default)]
+pub(crate) struct OwnSocket {
+    /// Polling before the reader sleeps, switched on while it pays.
+    pub poll: Option<PollHint>,
+    /// Replies written from the thread that finished the request.
+    pub direct: Option<DirectFd>,
+}
+
 /// The budget a request holds from before it is read until its reply has been written.
 struct Permits {
     _slot: OwnedSemaphorePermit,
@@ -41,7 +51,123 @@ struct Permits {
 struct Outgoing {
     handle: u64,
     pieces: Pieces,
-    _permits: Permits,
+    /// None only for a direct write's kick (see [`Replies::send_direct`]).
+    _permits: Option<Permits>,
+}
+
+/// Where finished requests put their replies: the writer task's queue, or, for a request
+/// that may finish on the thread completing its I/O (inline.rs), the socket itself when
+/// the writer has nothing queued, which saves waking the writer.
+#[derive(Clone)]
+struct Replies {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    direct: Option<Arc<Direct>>,
+}
+
+/// The shared state of direct writes on a plain socket ([`NbdSocket`](crate::NbdSocket)).
+/// Replies must not interleave on the wire, so a direct write happens only when the
+/// writer task has nothing queued and nothing in hand, and the writer waits for a direct
+/// write in progress. What a direct write cannot send at once (a full socket buffer, an
+/// error) is left in `front` for the writer, which sends it before anything else.
+struct Direct {
+    fd: DirectFd,
+    /// Messages queued for the writer and not yet written, plus [`BUSY`] while a direct
+    /// write runs.
+    state: AtomicUsize,
+    front: std::sync::Mutex<Option<Outgoing>>,
+}
+
+const BUSY: usize = 1 << (usize::BITS - 1);
+
+impl Replies {
+    fn queue(&self, m: Outgoing) {
+        if let Some(d) = &self.direct {
+            d.state.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.tx.send(m).is_err() {
+            // The writer is gone, and with it the client.
+            if let Some(d) = &self.direct {
+                d.state.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn send_direct(&self, m: Outgoing) {
+        let Some(d) = &self.direct else {
+            return self.queue(m);
+        };
+        if d.state
+            .compare_exchange(0, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return self.queue(m);
+        }
+        match d.write_now(&m.pieces) {
+            None => {
+                d.state.fetch_and(!BUSY, Ordering::AcqRel);
+                // Permits go back only now that the reply has left.
+                drop(m);
+            }
+            Some(rest) => {
+                let handle = m.handle;
+                *d.front.lock().unwrap_or_else(|e| e.into_inner()) = Some(Outgoing {
+                    handle,
+                    pieces: rest,
+                    _permits: m._permits,
+                });
+                // The kick wakes the writer, and being counted, keeps other direct writes
+                // out until the writer has sent the rest.
+                self.queue(Outgoing {
+                    handle,
+                    pieces: Vec::new(),
+                    _permits: None,
+                });
+                d.state.fetch_and(!BUSY, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Direct {
+    /// Sends `pieces` without waiting; what could not be sent, if anything.
+    fn write_now(&self, pieces: &Pieces) -> Option<Pieces> {
+        let mut start = 0;
+        let mut skip = 0;
+        loop {
+            while start < pieces.len() && skip >= pieces[start].len() {
+                start += 1;
+                skip = 0;
+            }
+            if start == pieces.len() {
+                return None;
+            }
+            let slices: Vec<IoSlice<'_>> = std::iter::once(&pieces[start][skip..])
+                .chain(pieces[start + 1..].iter().map(|p| &p[..]))
+                .filter(|p| !p.is_empty())
+                .take(MAX_IOVECS)
+                .map(IoSlice::new)
+                .collect();
+            let mut n = match self.fd.try_send(&slices) {
+                Ok(n) if n > 0 => n,
+                // Full, failed or closed: the writer takes over and finds out which.
+                _ => break,
+            };
+            while n > 0 && start < pieces.len() {
+                let left = pieces[start].len() - skip;
+                if n >= left {
+                    n -= left;
+                    start += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        let mut rest = vec![pieces[start].slice(skip..)];
+        rest.extend(pieces[start + 1..].iter().cloned());
+        Some(rest)
+    }
 }
 
 /// Why the reader stopped.
@@ -66,7 +192,7 @@ pub(crate) async fn run<R, W, B>(
     session: Session,
     opts: &ServerOptions,
     mut shutdown: watch::Receiver<bool>,
-    poll_hint: Option<PollHint>,
+    own: OwnSocket,
 ) -> Result<(), ProtocolError>
 where
     R: AsyncRead + Unpin + Send,
@@ -85,7 +211,19 @@ where
     // Every request task holds a clone; when the receiver sees the channel close, every
     // task has finished its backend work.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let mut writer = tokio::spawn(write_loop(wr, rx, dead_tx));
+    let OwnSocket {
+        poll: poll_hint,
+        direct,
+    } = own;
+    let direct = direct.map(|fd| {
+        Arc::new(Direct {
+            fd,
+            state: AtomicUsize::new(0),
+            front: std::sync::Mutex::new(None),
+        })
+    });
+    let mut writer = tokio::spawn(write_loop(wr, rx, dead_tx, direct.clone()));
+    let replies = Replies { tx, direct };
 
     let mut session = session;
     // Requests in a row that arrived alone (nothing buffered before or after them) and
@@ -197,13 +335,13 @@ where
                     rej.error,
                     &rej.message,
                 );
-                let _ = tx.send(Outgoing {
+                replies.queue(Outgoing {
                     handle: h.handle,
                     pieces,
-                    _permits: Permits {
+                    _permits: Some(Permits {
                         _slot: slot,
                         _bytes: None,
-                    },
+                    }),
                 });
                 continue;
             }
@@ -274,40 +412,43 @@ where
             _bytes: byte_permit,
         };
         let backend = backend.clone();
-        let tx = tx.clone();
+        let replies = replies.clone();
         let done = done_tx.clone();
         let structured = session.structured_replies;
         let handle = h.handle;
-        let mut task = Box::pin(async move {
-            let guard = ReplyGuard {
-                tx: Some(tx),
-                handle,
-                structured,
-                permits: Some(permits),
-            };
-            let pieces = execute(&*backend, cmd, handle, payload, structured).await;
-            guard.send(pieces);
-            drop(done);
-        });
+        let pipelined = rd.buffer().len() >= REQUEST_HEADER_LEN || big_payload;
+        // A read that came alone may finish on the thread that completes its I/O and
+        // write its own reply (inline.rs says why). Only reads: what is left of one after
+        // its data arrives is encoding the reply. With requests pipelined behind it, the
+        // writer's batching is worth more than the hand-off saved.
+        let inline = matches!(cmd, Command::Read { .. }) && !pipelined;
+        let task = InlineTask::new(
+            async move {
+                let guard = ReplyGuard {
+                    replies: Some(replies),
+                    direct: inline,
+                    handle,
+                    structured,
+                    permits: Some(permits),
+                };
+                let pieces = execute(&*backend, cmd, handle, payload, structured).await;
+                guard.send(pieces);
+                drop(done);
+            },
+            inline,
+        );
         // With nothing else pipelined behind this request (queue depth 1, or the last of
         // a burst), run it here first: a backend answering from memory or the page cache
-        // then costs no task hand-off. If it has to wait, or more requests are already
-        // queued (so running them concurrently pays), it becomes its own task; a future
-        // polled once with a no-op waker is polled again by its task, which registers
-        // the real waker.
-        // A backend panic is caught here as it would be in a task: dropping the future
-        // then drops its ReplyGuard, which answers EIO.
-        let pending = rd.buffer().len() >= REQUEST_HEADER_LEN
-            || big_payload
-            || std::panic::catch_unwind(AssertUnwindSafe(|| {
-                task.as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()))
-                    .is_pending()
-            }))
-            .unwrap_or(false);
-        if pending {
-            tokio::spawn(task);
-        }
+        // then costs no task hand-off, and one that has to wait has registered its waker.
+        // If more requests are already queued (so running them concurrently pays), it is
+        // scheduled as a task of its own. A backend panic is caught by the task, which
+        // drops the future; its ReplyGuard answers EIO.
+        let pending = if pipelined {
+            task.schedule();
+            true
+        } else {
+            !task.run_now()
+        };
         alone = if must_wait && !pending {
             alone.saturating_add(1)
         } else {
@@ -316,7 +457,7 @@ where
     };
 
     debug!(?stop, "reader stopped");
-    drop(tx);
+    drop(replies);
     drop(done_tx);
     // Requests already running finish against the backend whatever happened to the
     // client: the caller may rely on that to close its image cleanly after we return.
@@ -357,7 +498,9 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::
 /// unwinds through this guard, which answers EIO instead of leaving the client waiting
 /// forever for a handle that will never come back.
 struct ReplyGuard {
-    tx: Option<mpsc::UnboundedSender<Outgoing>>,
+    replies: Option<Replies>,
+    /// Write the reply straight to the socket when possible ([`Replies::send_direct`]).
+    direct: bool,
     handle: u64,
     structured: bool,
     permits: Option<Permits>,
@@ -365,20 +508,25 @@ struct ReplyGuard {
 
 impl ReplyGuard {
     fn send(mut self, pieces: Pieces) {
-        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+        if let (Some(r), Some(permits)) = (self.replies.take(), self.permits.take()) {
             // If the writer is gone the client is gone; the work is done either way.
-            let _ = tx.send(Outgoing {
+            let m = Outgoing {
                 handle: self.handle,
                 pieces,
-                _permits: permits,
-            });
+                _permits: Some(permits),
+            };
+            if self.direct {
+                r.send_direct(m);
+            } else {
+                r.queue(m);
+            }
         }
     }
 }
 
 impl Drop for ReplyGuard {
     fn drop(&mut self) {
-        if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
+        if let (Some(r), Some(permits)) = (self.replies.take(), self.permits.take()) {
             warn!(
                 handle = self.handle,
                 "request ended without a reply (backend panic?); answering EIO"
@@ -389,10 +537,10 @@ impl Drop for ReplyGuard {
                 EIO,
                 "internal server error while handling the request",
             );
-            let _ = tx.send(Outgoing {
+            r.queue(Outgoing {
                 handle: self.handle,
                 pieces,
-                _permits: permits,
+                _permits: Some(permits),
             });
         }
     }
@@ -405,18 +553,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     dead: watch::Sender<bool>,
+    direct: Option<Arc<Direct>>,
 ) {
     let mut failed = false;
     let mut batch: Vec<Outgoing> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        if failed {
-            // Keep receiving so permits are released and tasks never block on us.
-            batch.clear();
-            continue;
-        }
         let mut bytes: usize = batch[0].pieces.iter().map(|p| p.len()).sum();
-        while bytes < WRITE_BATCH_BYTES {
+        while bytes < WRITE_BATCH_BYTES && !failed {
             match rx.try_recv() {
                 Ok(m) => {
                     bytes += m.pieces.iter().map(|p| p.len()).sum::<usize>();
@@ -424,6 +568,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
                 Err(_) => break,
             }
+        }
+        // Counted in `Direct::state` until written (or dropped).
+        let taken = batch.len();
+        if let Some(d) = &direct {
+            // A direct write under way takes a single sendmsg: wait for it, then send
+            // first what it could not.
+            while d.state.load(Ordering::Acquire) & BUSY != 0 {
+                tokio::task::yield_now().await;
+            }
+            if let Some(f) = d.front.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                batch.insert(0, f);
+            }
+        }
+        let release = |batch: &mut Vec<Outgoing>| {
+            batch.clear();
+            if let Some(d) = &direct {
+                d.state.fetch_sub(taken, Ordering::AcqRel);
+            }
+        };
+        if failed {
+            // Keep receiving so permits are released and tasks never block on us.
+            release(&mut batch);
+            continue;
         }
         let mut res = write_all_pieces(&mut w, batch.iter().flat_map(|m| m.pieces.iter())).await;
         // A plain socket's flush is a no-op, but a TLS stream holds what was written in
@@ -442,7 +609,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = dead.send(true);
         }
         // Permits go back only now that the replies have left.
-        batch.clear();
+        release(&mut batch);
     }
     if !failed {
         let _ = w.flush().await;

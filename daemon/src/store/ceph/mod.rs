@@ -76,6 +76,7 @@ mod write;
 mod live_tests;
 
 pub use image::CephImage;
+pub use shim::set_completion_hook;
 pub use store::{CephOptions, CephStore};
 
 const RBD: &str = "rbd";

@@ -12,6 +12,7 @@
 use super::rados::rados_error;
 use crate::error::{Error, ErrorKind, Result};
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::OnceLock;
 use tokio::sync::oneshot;
 
 /// The shims' completion callback: (its argument, the operation's return code).
@@ -59,7 +60,30 @@ unsafe extern "C" fn on_done<T>(arg: *mut c_void, r: c_int) {
     // The name goes with the slot: librados is done with it.
     let Slot { out, tx, .. } = *slot;
     // When the future was dropped, `out` is dropped (freed) here, after librados is done.
-    let _ = tx.send((r, out));
+    let mut send = Some((tx, out));
+    let mut deliver = || {
+        if let Some((tx, out)) = send.take() {
+            let _ = tx.send((r, out));
+        }
+    };
+    match DELIVER.get() {
+        Some(hook) => hook(&mut deliver),
+        None => deliver(),
+    }
+}
+
+/// How a completion reaches the task awaiting it, if the server says (see
+/// [`set_completion_hook`]).
+static DELIVER: OnceLock<fn(&mut dyn FnMut())> = OnceLock::new();
+
+/// Has every completion of the shim's operations delivered through `hook`, which calls
+/// its argument once. The NBD server installs its `inline::completing`, under which a read
+/// may finish on this librados thread and send its reply from here instead of handing it
+/// to two more threads first. What that needs of us holds here: no lock of ours is held
+/// while delivering, and the request's rest never blocks on another librados completion
+/// (every wait for one is an await). The first hook installed stays.
+pub fn set_completion_hook(hook: fn(&mut dyn FnMut())) {
+    let _ = DELIVER.set(hook);
 }
 
 /// Runs one shim operation on object `oid` (`what` names it in errors, e.g. "sparse-read"):
