@@ -98,17 +98,6 @@ impl InlineTask {
         self.state.load(Ordering::Acquire) == DONE
     }
 
-    /// Hands the task to tokio for its first poll.
-    pub(crate) fn schedule(self: &Arc<Self>) {
-        if self
-            .state
-            .compare_exchange(IDLE, SCHEDULED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.spawn();
-        }
-    }
-
     fn spawn(self: &Arc<Self>) {
         let me = self.clone();
         self.rt.spawn(async move {
@@ -125,8 +114,8 @@ impl InlineTask {
     /// Polls until the task is done or pending with no wake-up in between. The caller
     /// has moved the state to RUNNING.
     fn run(self: &Arc<Self>) {
-        // Polled on a foreign thread, the task still finds the runtime (timers, spawn).
-        let _enter = Handle::try_current().is_err().then(|| self.rt.enter());
+        // Polled on a foreign thread, the task still finds its runtime (timers, spawn).
+        let _enter = self.rt.enter();
         // The completing code's promise covers this task, not what the task's own code
         // wakes (perhaps holding a lock of its own): those are scheduled as usual.
         let _not_here = MayRunHere::set(false);

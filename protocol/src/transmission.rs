@@ -17,8 +17,10 @@ use crate::socket::{DirectFd, PollHint};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io::IoSlice;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -78,6 +80,24 @@ struct Direct {
 }
 
 const BUSY: usize = 1 << (usize::BITS - 1);
+/// Set for good once the writer failed: what it sent last may have been cut off mid-frame,
+/// so nothing may follow it.
+const DEAD: usize = 1 << (usize::BITS - 2);
+
+/// Reads up to this long may finish on the completing thread: a bigger one would keep
+/// that thread (librados completes every operation of the cluster handle on it, one at a
+/// time) copying its reply into the socket while other completions wait.
+const INLINE_READ_MAX: u32 = 128 * 1024;
+
+/// Clears [`BUSY`] when dropped, so a direct write that panicked cannot leave the writer
+/// waiting for it forever.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_and(!BUSY, Ordering::AcqRel);
+    }
+}
 
 impl Replies {
     fn queue(&self, m: Outgoing) {
@@ -102,9 +122,10 @@ impl Replies {
         {
             return self.queue(m);
         }
+        let busy = Busy(&d.state);
         match d.write_now(&m.pieces) {
             None => {
-                d.state.fetch_and(!BUSY, Ordering::AcqRel);
+                drop(busy);
                 // Permits go back only now that the reply has left.
                 drop(m);
             }
@@ -122,51 +143,34 @@ impl Replies {
                     pieces: Vec::new(),
                     _permits: None,
                 });
-                d.state.fetch_and(!BUSY, Ordering::AcqRel);
+                drop(busy);
             }
         }
     }
 }
 
 impl Direct {
-    /// Sends `pieces` without waiting; what could not be sent, if anything.
+    /// Sends `pieces` with one `sendmsg`, without waiting (the caller's thread may be
+    /// librados' completion thread); what it did not take, if anything.
     fn write_now(&self, pieces: &Pieces) -> Option<Pieces> {
-        let mut start = 0;
-        let mut skip = 0;
-        loop {
-            while start < pieces.len() && skip >= pieces[start].len() {
-                start += 1;
-                skip = 0;
-            }
-            if start == pieces.len() {
-                return None;
-            }
-            let slices: Vec<IoSlice<'_>> = std::iter::once(&pieces[start][skip..])
-                .chain(pieces[start + 1..].iter().map(|p| &p[..]))
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOVECS)
-                .map(IoSlice::new)
-                .collect();
-            let mut n = match self.fd.try_send(&slices) {
-                Ok(n) if n > 0 => n,
-                // Full, failed or closed: the writer takes over and finds out which.
-                _ => break,
-            };
-            while n > 0 && start < pieces.len() {
-                let left = pieces[start].len() - skip;
-                if n >= left {
-                    n -= left;
-                    start += 1;
-                    skip = 0;
-                } else {
-                    skip += n;
-                    n = 0;
-                }
+        let slices: Vec<IoSlice<'_>> = pieces
+            .iter()
+            .filter(|p| !p.is_empty())
+            .take(MAX_IOVECS)
+            .map(|p| IoSlice::new(p))
+            .collect();
+        // Full, failed or closed: the writer takes over and finds out which.
+        let mut n = self.fd.try_send(&slices).unwrap_or(0);
+        let mut rest = Vec::new();
+        for p in pieces {
+            if n >= p.len() {
+                n -= p.len();
+            } else {
+                rest.push(p.slice(n..));
+                n = 0;
             }
         }
-        let mut rest = vec![pieces[start].slice(skip..)];
-        rest.extend(pieces[start + 1..].iter().cloned());
-        Some(rest)
+        (!rest.is_empty()).then_some(rest)
     }
 }
 
@@ -252,9 +256,10 @@ where
                 let poll = alone >= 2;
                 hint.set(poll);
                 if poll {
-                    // The reply of the request just run waits in the queue of the writer
-                    // task, which runs only once we yield: let it leave before the read
-                    // polls for a request the client sends only after that reply.
+                    // The reply of the request just run may wait in the queue of the
+                    // writer task (all but small reads, which write their own), which runs
+                    // only once we yield: let it leave before the read polls for a
+                    // request the client sends only after that reply.
                     tokio::task::yield_now().await;
                 }
             }
@@ -417,37 +422,52 @@ where
         let structured = session.structured_replies;
         let handle = h.handle;
         let pipelined = rd.buffer().len() >= REQUEST_HEADER_LEN || big_payload;
-        // A read that came alone may finish on the thread that completes its I/O and
-        // write its own reply (inline.rs says why). Only reads: what is left of one after
-        // its data arrives is encoding the reply. With requests pipelined behind it, the
-        // writer's batching is worth more than the hand-off saved.
-        let inline = matches!(cmd, Command::Read { .. }) && !pipelined;
-        let task = InlineTask::new(
-            async move {
-                let guard = ReplyGuard {
-                    replies: Some(replies),
-                    direct: inline,
-                    handle,
-                    structured,
-                    permits: Some(permits),
-                };
-                let pieces = execute(&*backend, cmd, handle, payload, structured).await;
-                guard.send(pieces);
-                drop(done);
-            },
-            inline,
-        );
+        // A small read that came alone may finish on the thread that completes its I/O
+        // and write its own reply to our own socket (inline.rs says why). Only reads: what
+        // is left of one after its data arrives is encoding the reply. With requests
+        // pipelined behind it, the writer's batching is worth more than the hand-off saved.
+        let inline = replies.direct.is_some()
+            && !pipelined
+            && matches!(cmd, Command::Read { length, .. } if length <= INLINE_READ_MAX);
+        let task = async move {
+            let guard = ReplyGuard {
+                replies: Some(replies),
+                direct: inline,
+                handle,
+                structured,
+                permits: Some(permits),
+            };
+            let pieces = execute(&*backend, cmd, handle, payload, structured).await;
+            guard.send(pieces);
+            // The backend before `done`: once every `done` is gone, the caller may close
+            // the image, and its last reference must not go on a librados thread.
+            drop(backend);
+            drop(done);
+        };
         // With nothing else pipelined behind this request (queue depth 1, or the last of
         // a burst), run it here first: a backend answering from memory or the page cache
-        // then costs no task hand-off, and one that has to wait has registered its waker.
-        // If more requests are already queued (so running them concurrently pays), it is
-        // scheduled as a task of its own. A backend panic is caught by the task, which
-        // drops the future; its ReplyGuard answers EIO.
-        let pending = if pipelined {
-            task.schedule();
-            true
+        // then costs no task hand-off. If it has to wait, or more requests are already
+        // queued (so running them concurrently pays), it becomes a task of its own. A
+        // backend panic is caught either way; dropping the future then drops its
+        // ReplyGuard, which answers EIO.
+        let pending = if inline {
+            // Polled with its own waker, which may run it on the completing thread.
+            !InlineTask::new(task, true).run_now()
         } else {
-            !task.run_now()
+            // A future polled once with a no-op waker is polled again by its tokio task,
+            // which registers the real waker.
+            let mut task = Box::pin(task);
+            let pending = pipelined
+                || std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    task.as_mut()
+                        .poll(&mut Context::from_waker(Waker::noop()))
+                        .is_pending()
+                }))
+                .unwrap_or(false);
+            if pending {
+                tokio::spawn(task);
+            }
+            pending
         };
         alone = if must_wait && !pending {
             alone.saturating_add(1)
@@ -606,6 +626,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 warn!(handle, "writing reply failed: {e}");
             }
             failed = true;
+            if let Some(d) = &direct {
+                d.state.fetch_or(DEAD, Ordering::AcqRel);
+            }
             let _ = dead.send(true);
         }
         // Permits go back only now that the replies have left.

@@ -216,10 +216,12 @@ impl nbd_protocol::Backend for ForeignCompletions {
 /// queued for the writer task never interleave, and none is lost: a client sends seeded
 /// random reads and writes, sometimes waiting for each reply (reads that come alone,
 /// answered from the completing thread), sometimes in bursts with random gaps (a direct
-/// reply racing queued ones), reads of up to 2 MiB (more than a socket buffer holds, so a
-/// direct write stops part-way and the writer sends the rest), and checks every reply's
-/// handle and bytes against a model. Fails on a writer that lets a direct write start
-/// while replies are queued (interleaved frames: a bad magic or wrong bytes).
+/// reply racing queued ones), reads of 4 KiB to 2 MiB (the big ones never direct) through
+/// a 16 KiB send buffer and a client that sometimes reads slowly (so direct writes stop
+/// part-way, about one in two here, and the writer sends the rest), and checks every
+/// reply's handle and bytes against a model. Fails on a direct write allowed while
+/// replies are queued, and on a writer that sends the rest of a cut-off direct write after
+/// other replies (interleaved frames: a bad magic or wrong bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_and_queued_replies_never_interleave() {
     use std::collections::HashMap;
@@ -235,7 +237,7 @@ async fn direct_and_queued_replies_never_interleave() {
         let sock = own_socket(b);
         // A send buffer smaller than a big read's reply, whatever net.core.wmem_max
         // allows here, so direct writes stop part-way.
-        let small: libc::c_int = 64 << 10;
+        let small: libc::c_int = 16 << 10;
         // SAFETY: setsockopt on a live descriptor, now owned by `sock`, with an int.
         let r = unsafe {
             libc::setsockopt(
@@ -280,6 +282,11 @@ async fn direct_and_queued_replies_never_interleave() {
                 rd.read_exact(&mut got).await.unwrap();
                 assert!(got == want, "read {handle}: wrong bytes");
                 let _ = count_tx.send(());
+                // Now and then a slow reader: the socket fills, direct writes stop
+                // part-way and replies queue up behind them.
+                if handle % 8 == 0 {
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                }
             }
         });
         let mut handle = 0u64;
@@ -287,8 +294,9 @@ async fn direct_and_queued_replies_never_interleave() {
         for _ in 0..400 {
             handle += 1;
             let len = match rng.u8(0..10) {
-                0 | 1 => rng.u32(1..=512) << 12,
-                2..=4 => 2 << 20,
+                0 => 2 << 20,
+                1 | 2 => rng.u32(1..=32) << 12,
+                3..=5 => 128 << 10,
                 _ => 4096,
             };
             let offset = rng.u64(0..(SIZE - u64::from(len)) >> 12) << 12;
@@ -305,7 +313,10 @@ async fn direct_and_queued_replies_never_interleave() {
                 // The reply must not depend on reads still in flight over this range:
                 // wait for everything first.
                 while outstanding > 0 {
-                    count_rx.recv().await.unwrap();
+                    tokio::time::timeout(T, count_rx.recv())
+                        .await
+                        .expect("a reply never came")
+                        .unwrap();
                     outstanding -= 1;
                 }
                 model[range].copy_from_slice(&data);
@@ -314,7 +325,10 @@ async fn direct_and_queued_replies_never_interleave() {
                 wr.write_all(&data).await.unwrap();
                 // Nor may a read sent before its reply: requests in flight together run
                 // in any order.
-                count_rx.recv().await.unwrap();
+                tokio::time::timeout(T, count_rx.recv())
+                    .await
+                    .expect("a reply never came")
+                    .unwrap();
                 continue;
             } else {
                 pending.lock().await.insert(handle, model[range].to_vec());
@@ -325,7 +339,10 @@ async fn direct_and_queued_replies_never_interleave() {
                 // Wait for this reply: the next read comes alone.
                 0 => {
                     while outstanding > 0 {
-                        count_rx.recv().await.unwrap();
+                        tokio::time::timeout(T, count_rx.recv())
+                            .await
+                            .expect("a reply never came")
+                            .unwrap();
                         outstanding -= 1;
                     }
                 }
