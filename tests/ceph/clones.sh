@@ -286,11 +286,26 @@ done
 # ls -l (and its JSON): the striped clones and their parent's snapshot as rbd ls -l, one
 # of them locked by a serve (LOCK excl).
 serve tstr_$$ && hold tstr_$$
+# Both list every image of the pool, which the suites running beside this one create and
+# remove meanwhile (rbd ls -l opens each; one that vanishes or fails to open mid-walk can
+# cut rbd's own output short): up to three tries, and the two listings shown on failure.
 ls_like_rbd() {
-  [ "$($RNQ ls -l | grep -E "^(tst|tstr|tstn)_$$[@ ]")" = "$(rbd ls -l | grep -E "^(tst|tstr|tstn)_$$[@ ]")" ] &&
-    [ "$($RNQ ls -l --format json | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")" = \
-      "$(rbd ls -l --format json | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")" ] &&
-    rbd ls -l | grep -E "^tstr_$$ " | grep -q ' excl *$' && rbd ls -l | grep -qE "^tst_$$@s "
+  local try ours theirs oj tj
+  for try in 1 2 3; do
+    ours=$($RNQ ls -l | grep -E "^(tst|tstr|tstn)_$$[@ ]")
+    theirs=$(rbd ls -l 2>/dev/null | grep -E "^(tst|tstr|tstn)_$$[@ ]")
+    oj=$($RNQ ls -l --format json | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")
+    tj=$(rbd ls -l --format json 2>/dev/null | jq -cS "[.[] | select(.image | test(\"^tst[rn]?_$$\$\"))]")
+    if [ "$ours" = "$theirs" ] && [ "$oj" = "$tj" ] && grep -E "^tstr_$$ " <<<"$theirs" | grep -q ' excl *$' &&
+      grep -qE "^tst_$$@s " <<<"$theirs"; then
+      return 0
+    fi
+    sleep 1
+  done
+  # One line each: `check` shows the last five.
+  printf 'ours: %s\nrbd: %s\nours (json): %s\nrbd (json): %s\n' "$(tr '\n' '|' <<<"$ours")" \
+    "$(tr '\n' '|' <<<"$theirs")" "$oj" "$tj" >&2
+  return 1
 }
 check "ls -l: images, snapshots, parents, lock as rbd ls -l (plain, json)" ls_like_rbd
 unhold; unserve
