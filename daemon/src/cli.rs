@@ -176,6 +176,15 @@ pub enum Command {
     },
     /// Remove an image and all its objects.
     Rm { image: String },
+    /// Rename an image within its pool (and namespace), like `rbd rename`. An image being
+    /// served may be renamed: everything but its name is keyed by its id.
+    #[command(alias = "mv")]
+    Rename {
+        /// [POOL/[NAMESPACE/]]IMAGE
+        image: String,
+        /// [POOL/[NAMESPACE/]]NEW_NAME: the same pool and namespace (the default)
+        dest: String,
+    },
     /// List the images of a pool (POOL or POOL/NAMESPACE).
     Ls {
         pool: Option<String>,

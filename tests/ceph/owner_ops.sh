@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lock owner's duties: while rados-nbd serves an image it holds the exclusive lock, so
-# `rbd snap create`, `rbd snap rm`, `rbd flatten`, `rbd object-map rebuild` (and, for
-# journaling images only, snap rename/protect/unprotect) are sent to it through the header
+# `rbd snap create`, `rbd snap rm`, `rbd flatten`, `rbd object-map rebuild`, `rbd rename` (and,
+# for journaling images only, snap rename/protect/unprotect) are sent to it through the header
 # watch, as to librbd's ImageWatcher. With Ceph's `rbd` as the oracle, while an NBD client
 # is connected and writing: each request succeeds, a snapshot holds exactly the writes
 # acknowledged before it (after a pause, and in the middle of a stream of writes), snap
@@ -177,19 +177,52 @@ rc=$?
 check "rbd image-meta remove of a missing key fails as with librbd's owner ($rc: $(tail -1 <<<"$out"))" \
   bash -c "[ $rc = 2 ]"
 check "writes after the metadata changes" put "$I" "$work/ref" 5 $((24 * MB)) $((1 * MB))
-# rbd rename: librbd's owner renames the image and keeps the lock. rados-nbd does not
-# rename an image it serves: refused with EBUSY, the lock kept (with EOPNOTSUPP, rbd would
-# take the lock and rename it itself, and an `rbd snap rollback` before the next write
-# would then roll the data back under the client, which librbd's owner refuses).
+# rbd rename: librbd 16.2 asks the owner (journaling or not), which renames the image and
+# keeps its lock; so do we. The NBD export keeps the name it was served under, as
+# rbd-nbd's list-mapped keeps its command line's.
+# A directory entry's string, nothing when there is none (through a file: the value
+# starts with its length, NUL bytes included, and rados says "No such key" on stdout).
+dir_val() {
+  local f rc
+  f=$(mktemp)
+  rados -p rbd getomapval rbd_directory "$1" "$f" >/dev/null 2>&1 && tail -c +5 "$f"
+  rc=$?
+  rm -f "$f"
+  return $rc
+}
+id_of() { dir_val "name_$1"; }
+export -f dir_val
+export -f id_of
+ID_I=$(id_of "$I")
 out=$(timeout 60 rbd rename "$I" "$I-renamed" 2>&1)
 rc=$?
-check "rbd rename while served is refused with EBUSY ($rc: $(tail -1 <<<"$out"))" \
-  bash -c "[ $rc = 16 ] && rbd info '$I' >/dev/null 2>&1 && ! rbd info '$I-renamed' >/dev/null 2>&1"
-check "... the lock stays with the daemon, and rbd snap rollback is refused (EROFS)" bash -c \
-  "[ \"\$(rbd lock ls --format json '$I' | jq length)\" = 1 ] && $RBD_T snap create --no-progress '$I@rn' &&
-   ! $RBD_T snap rollback --no-progress '$I@rn' 2>/dev/null && $RBD_T snap rm --no-progress '$I@rn' &&
-   exported_is '$I' '$work/ref'"
-check "... the daemon says why (log)" grep -q "refused rbd rename" "$work/serve.log"
+check "rbd rename while served succeeds ($rc: $(tail -1 <<<"$out"))" bash -c \
+  "[ $rc = 0 ] && rbd info '$I-renamed' >/dev/null && ! rbd info '$I' >/dev/null 2>&1"
+check "... the daemon did it (log)" grep -q "rename of rbd/$I to $I-renamed asked by another client" "$work/serve.log"
+check "... as librbd leaves it: the directory maps both ways, one id object" bash -c \
+  "[ -n '$ID_I' ] && [ \"\$(id_of '$I-renamed')\" = '$ID_I' ] && [ -z \"\$(id_of '$I')\" ] &&
+   [ \"\$(dir_val 'id_$ID_I')\" = '$I-renamed' ] &&
+   [ \"\$(rados -p rbd ls | grep -c '^rbd_id\.$I')\" = 1 ] && rados -p rbd stat 'rbd_id.$I-renamed' >/dev/null"
+check "... the lock stays with the daemon and writes go on" bash -c \
+  "[ \"\$(rbd lock ls --format json '$I-renamed' | jq length)\" = 1 ]"
+check "writes after the rename" put "$I" "$work/ref" 6 $((20 * MB)) $((1 * MB))
+check "... rbd export of the new name has every write" bash -c "exported_is '$I-renamed' '$work/ref'"
+rbd create --size 1M "$I-taken"
+out=$(timeout 60 rbd rename "$I-renamed" "$I-taken" 2>&1)
+rc=$?
+check "rbd rename onto a name taken fails as with librbd's owner: EEXIST ($rc: $(tail -1 <<<"$out"))" \
+  bash -c "[ $rc = 17 ] && rbd info '$I-renamed' >/dev/null"
+check "rados-nbd rename onto a name taken fails too, saying so" bash -c \
+  "out=\$(timeout 120 ${RNQ} rename '$I-renamed' '$I-taken' 2>&1) && exit 1; grep -q 'could not rename to $I-taken: File exists' <<<\"\$out\""
+rbd rm --no-progress "$I-taken" >/dev/null 2>&1
+check "rados-nbd rename of the served image back (asked of the owner)" \
+  timeout 120 "${RN[@]}" rename "$I-renamed" "$I"
+check "... rbd sees the old name again, and the daemon did it (log)" bash -c \
+  "rbd info '$I' >/dev/null && ! rbd info '$I-renamed' >/dev/null 2>&1 &&
+   grep -q 'rename of rbd/$I to $I asked by another client' '$work/serve.log' &&
+   grep -q 'renamed rbd/$I-renamed to $I' '$work/serve.log'"
+check "rados-nbd rename across pools is refused, saying so" bash -c \
+  "out=\$(${RNQ} rename '$I' 'other/$I' 2>&1) && exit 1; grep -q 'across pools' <<<\"\$out\""
 # Bounded: a request the owner neither does nor refuses would hang (124 from timeout).
 # exclusive-lock goes only after object-map (librbd's owner answers EINVAL; lockless.sh
 # turns it off with object-map, and has journaling, which rbd turns on itself).
@@ -678,6 +711,39 @@ else
   fail "serve $N" "$(tail -3 "$work/serve.log")"
 fi
 rbd rm --no-progress "$N" >/dev/null 2>&1
+
+# A librbd client holding the lock (python3-rbd, after a write): `rados-nbd rename` asks
+# it, as `rbd rename` does, so its in-memory name follows: the second rename, which that
+# client performs from the name it knows, works only if the first one went through it.
+L=ownerl-$$
+rbd create --size 8M "$L"
+rm -f "$work/l.ready"
+$PY -c "
+import os, time, rados, rbd
+c = rados.Rados(conffile='$CEPH_CONF'); c.connect(); io = c.open_ioctx('rbd')
+img = rbd.Image(io, '$L'); img.write(b'x' * 4096, 0)
+open('$work/l.ready', 'w').close()
+while os.path.exists('$work/l.ready'): time.sleep(0.05)
+img.write(b'y' * 4096, 4096)
+img.close(); io.close(); c.shutdown()" &
+LPID=$!
+for _ in $(seq 1 300); do [ -e "$work/l.ready" ] && break; sleep 0.1; done
+check "a librbd client holds the lock of $L" bash -c \
+  "[ -e '$work/l.ready' ] && [ \"\$(rbd lock ls --format json '$L' | jq length)\" = 1 ]"
+check "rados-nbd rename of an image a librbd client holds (asked of it)" \
+  timeout 120 "${RN[@]}" rename "$L" "$L-r"
+check "... rbd sees the new name, the lock still the librbd client's" bash -c \
+  "rbd info '$L-r' >/dev/null && ! rbd info '$L' >/dev/null 2>&1 &&
+   [ \"\$(rbd lock ls --format json '$L-r' | jq length)\" = 1 ]"
+check "... rbd rename back, done by that client from the name it now knows" \
+  "${RBD[@]}" rename "$L-r" "$L"
+rm -f "$work/l.ready"
+wait "$LPID"
+check "... the librbd client wrote on after both renames and closed cleanly" test $? = 0
+check "... rbd export has both its writes" bash -c \
+  "[ \"\$(rbd export --no-progress '$L' - 2>/dev/null | head -c 8192 | sha)\" = \
+     \"\$($PY -c 'import sys; sys.stdout.buffer.write(b\"x\" * 4096 + b\"y\" * 4096)' | sha)\" ]"
+rbd rm --no-progress "$L" >/dev/null 2>&1
 
 rbd snap purge --no-progress "$I" >/dev/null 2>&1
 for i in "$I" "$C" "$C-2" "$P"; do rbd rm --no-progress "$i" >/dev/null 2>&1; done

@@ -17,6 +17,16 @@ unserve() { stop_daemon "$SERVE_PID"; rm -f "$sock"; }
 
 check "create image" "$BIN" create --size 256M t1
 check "info shows the size" bash -c "'$BIN' info t1 --format json | jq -e '.size == $SIZE'"
+check "rename (mv) of an image nobody serves" bash -c \
+  "'$BIN' create --size 8M rn1 && '$BIN' rename rn1 rn2 && '$BIN' ls | grep -qx rn2 && ! '$BIN' ls | grep -qx rn1 &&
+   '$BIN' info rn2 >/dev/null && [ -e '$RADOS_NBD_STORE/rbd/rbd_id.rn2' ] && [ ! -e '$RADOS_NBD_STORE/rbd/rbd_id.rn1' ]"
+# refused PATTERN CMD...: CMD fails, and what it says matches PATTERN.
+refused() { local pat=$1 out; shift; out=$("$@" 2>&1) && return 1; grep -q "$pat" <<<"$out"; }
+check "rename onto a name taken is refused" refused 'already exists' "$BIN" rename rn2 t1
+check "rename of a missing image is refused" refused 'not found' "$BIN" rename nosuch x
+check "mv to another pool is refused" refused 'across pools' "$BIN" mv rn2 p2/rn3
+check "rename of a snapshot is refused" refused 'snapshot' "$BIN" rename rn2@s x
+check "... rn2 is still there, and goes" bash -c "'$BIN' ls | grep -qx rn2 && '$BIN' rm rn2 >/dev/null"
 
 # A source file with data in objects 0, 5 and 10 (1 MiB at the start of each), holes elsewhere.
 src=$work/src.raw
@@ -294,6 +304,18 @@ check "object-map rebuild of the served clone (asked of the daemon)" bash -c \
 check "flatten of the served clone (asked of the daemon)" "$BIN" flatten cchild
 check "... the served clone reads the parent's bytes" bash -c \
   "nbdcopy 'nbd+unix:///cchild?socket=$sock' '$work/cc.raw' && cmp '$work/cc.raw' '$work/cp.raw'"
+# rename (`mv`) of a served image asks the daemon too; it keeps serving it under the
+# export name it started with.
+check "rename of the served image (asked of the daemon)" "$BIN" rename cchild cchild-r
+check "... ls shows the new name only, info opens it" bash -c \
+  "'$BIN' ls | grep -qx cchild-r && ! '$BIN' ls | grep -qx cchild && '$BIN' info cchild-r >/dev/null"
+check "... still served: writes and reads through NBD" bash -c \
+  "nbdsh -u 'nbd+unix:///cchild?socket=$sock' -c 'h.pwrite(b\"r\" * 4096, 0); h.flush(); assert h.pread(4096, 0) == b\"r\" * 4096'"
+check "rename onto a name taken is refused by the daemon, saying so" bash -c \
+  "out=\$('$BIN' rename cchild-r cpar 2>&1) && exit 1; grep -q 'already exists' <<<\"\$out\""
+check "mv of the served image back (asked of the daemon)" "$BIN" mv cchild-r cchild
+# What the clone must read from now on (checked below, after it is served again).
+printf 'r%.0s' $(seq 1 4096) | dd of="$work/cp.raw" conv=notrunc 2>/dev/null
 unserve
 check "... no parent left, and the parent snapshot has no child" bash -c \
   "! '$BIN' info cchild | grep -q parent: && [ -z \"\$('$BIN' children cpar@s)\" ]"

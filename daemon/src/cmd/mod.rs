@@ -70,6 +70,27 @@ fn parse_head_spec(s: &str, what: &str) -> Result<ImageSpec> {
     Ok(spec)
 }
 
+/// The new name of `rename SPEC DEST`: DEST names an image of SPEC's pool and namespace,
+/// which it may leave out (rbd's `rename` takes the source's pool as the default there,
+/// and refuses another one).
+fn rename_dest(spec: &ImageSpec, dest: &str) -> Result<String> {
+    let d = parse_head_spec(dest, "rename to")?;
+    if dest.contains('/') && (d.pool != spec.pool || d.namespace != spec.namespace) {
+        let across = if d.pool != spec.pool {
+            "pools"
+        } else {
+            "namespaces"
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "cannot rename {spec} to {d}: rename across {across} is not supported (as in rbd)"
+            ),
+        ));
+    }
+    Ok(d.name)
+}
+
 /// librbd's PreRemoveRequest: when an image's snapshots are all ones the trash keeps for
 /// clones, those that no clone uses any more (left by a removal or flatten of the last
 /// clone that could not remove them, e.g. while another client held this image) go
@@ -140,6 +161,21 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
                 let _ = c.close().await;
             }
             r.map(|_| ())
+        }
+        Command::Rename { image, dest } => {
+            let spec = parse_head_spec(&image, "rename")?;
+            let dest = rename_dest(&spec, &dest)?;
+            // As librbd 16.2's Operations::rename: by whoever holds the exclusive lock,
+            // so a serving librbd client (rbd-nbd, qemu) learns its image's new name.
+            let r = snap::try_on_head(&store, &spec, "rename", async |img| img.rename(&dest).await)
+                .await?;
+            match r {
+                snap::Head::InUse(_) => {
+                    let action = crate::store::OwnerAction::Rename { new_name: dest };
+                    snap::ask(&store, &spec, &action).await
+                }
+                snap::Head::Done(r) => r,
+            }
         }
         Command::Ls {
             pool,

@@ -154,7 +154,7 @@ pub async fn snap<S: Store>(store: &S, cmd: SnapCommand) -> Result<()> {
 }
 
 /// Asks the process serving `spec` (its lock holder) to do `action` for us.
-async fn ask<S: Store>(store: &S, spec: &ImageSpec, action: &OwnerAction) -> Result<()> {
+pub(super) async fn ask<S: Store>(store: &S, spec: &ImageSpec, action: &OwnerAction) -> Result<()> {
     store.ask_holder(spec, action, &mut |_, _| {}).await
 }
 
@@ -207,12 +207,12 @@ async fn on_head<S: Store>(
 /// What `try_on_head` did: ran `f` (its result), or found the image in use elsewhere
 /// (the open's error, with what to do), where the holder may be asked instead. Kept
 /// apart so that a Busy from `f` itself (a protected snapshot) is never taken for one.
-enum Head {
+pub(super) enum Head {
     Done(Result<()>),
     InUse(Error),
 }
 
-async fn try_on_head<S: Store>(
+pub(super) async fn try_on_head<S: Store>(
     store: &S,
     spec: &ImageSpec,
     what: &str,

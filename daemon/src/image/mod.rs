@@ -248,6 +248,23 @@ impl<S: ImageStore> Image<S> {
         &self.store
     }
 
+    /// Renames the image within its pool (`rbd rename`): a name change in the store's
+    /// directory only, so what is being served is untouched. Names as rbd takes them
+    /// (anything but empty, `/` or `@`; rbd's `SPEC_VALIDATION_FULL`), so a rename another
+    /// client asks for is refused only where librbd's owner would refuse it too. This
+    /// handle keeps calling the image by the name it was opened with, in its logs and in
+    /// `list-mapped`, as rbd-nbd does.
+    pub async fn rename(&self, dest: &str) -> Result<()> {
+        self.check_writable()?;
+        if dest.is_empty() || dest.contains(['/', '@']) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("cannot rename {} to {dest:?}: not an image name", self.spec),
+            ));
+        }
+        self.store.rename(dest).await
+    }
+
     fn order(&self) -> u8 {
         self.header.order
     }

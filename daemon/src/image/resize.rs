@@ -314,6 +314,10 @@ async fn run_owner_action<S: ImageStore>(
             );
             img.resize(size, allow_shrink).await
         }
+        OwnerAction::Rename { new_name } => {
+            tracing::info!("rename of {spec} to {new_name} asked by another client");
+            img.rename(&new_name).await
+        }
         OwnerAction::SnapRemove { name } => {
             tracing::info!("removal of snapshot {spec}@{name} asked by another client");
             img.snap_remove(&name).await

@@ -683,6 +683,10 @@ impl ImageStore for MemImage {
         s.full_snaps.remove(&id);
         Ok(())
     }
+    async fn rename(&self, _dest: &str) -> Result<()> {
+        Ok(())
+    }
+
     async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
         let mut s = self.lock();
         for x in s.header.snaps.iter_mut().filter(|x| x.id == id) {

@@ -71,6 +71,9 @@ impl OwnerRequest {
 pub enum OwnerAction {
     /// `rbd resize` / `rados-nbd resize`: shrinking needs `allow_shrink`.
     Resize { size: u64, allow_shrink: bool },
+    /// `rbd rename` / `rados-nbd rename` of an image in use: the holder renames it (its
+    /// pool and namespace stay).
+    Rename { new_name: String },
     /// `rados-nbd snap create` of an image in use: taken with new requests held and the
     /// ones in flight finished, so it holds every write acknowledged before it.
     SnapCreate { name: String, quiesce: QuiesceMode },
@@ -126,6 +129,7 @@ impl OwnerAction {
             OwnerAction::SnapProtect { name, protected } => {
                 format!("snap {}protect {name}", if *protected { "" } else { "un" })
             }
+            OwnerAction::Rename { new_name } => format!("rename to {new_name}"),
             OwnerAction::Flatten => "flatten".into(),
             OwnerAction::RebuildObjectMap => "object-map rebuild".into(),
             OwnerAction::Sparsify { sparse_size } => {
@@ -956,6 +960,12 @@ pub trait ImageStore: Send + Sync + 'static {
         let e = unsupported(format!("removing snapshot {id}"));
         async move { Err(e) }
     }
+
+    /// Renames the image to `dest` within its pool and namespace (`rbd rename`), from the
+    /// name the store has for it now, as librbd's RenameRequest does: the id object under
+    /// the new name first, created exclusively, then the directory entry, then the old id
+    /// object. Nothing else is keyed by the name, so a served image keeps being served.
+    fn rename(&self, dest: &str) -> impl Future<Output = Result<()>> + Send;
 
     fn snap_rename(&self, id: u64, _new_name: &str) -> impl Future<Output = Result<()>> + Send {
         let e = unsupported(format!("renaming snapshot {id}"));

@@ -549,6 +549,11 @@ pub fn dir_image_in(name: &str, id: &str) -> Vec<u8> {
     Enc::new().str(name).str(id).done()
 }
 
+/// `dir_rename_image`: old name, new name, id (-ESTALE when the old name is not that id's).
+pub fn dir_rename_image_in(src: &str, dest: &str, id: &str) -> Vec<u8> {
+    Enc::new().str(src).str(dest).str(id).done()
+}
+
 /// `dir_list` and `metadata_list`: start after, max return.
 pub fn list_in(start: &str, max: u64) -> Vec<u8> {
     Enc::new().str(start).u64(max).done()

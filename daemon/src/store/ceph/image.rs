@@ -1363,6 +1363,12 @@ impl ImageStore for CephImage {
         Ok(())
     }
 
+    async fn rename(&self, dest: &str) -> Result<()> {
+        let i = &self.inner;
+        i.check_writable()?;
+        super::store::rename_image(&i.meta, &i.id, dest).await
+    }
+
     async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {
         let i = &self.inner;
         i.change_header("snapshot_rename", &cls::snapshot_rename_in(id, new_name))

@@ -327,13 +327,6 @@ fn owner_reply(
         },
         Ok(Some(_)) => cls::response_message(-EROFS),
         _ => match cls::notify_op(payload) {
-            // `rbd rename`: librbd's owner renames the image and keeps its lock. We do not
-            // rename an image we serve, and say so with EBUSY: EOPNOTSUPP would make the
-            // asker take the lock and rename it itself, and the lock, handed over, would
-            // stay away until the next write (an `rbd snap rollback` in between would
-            // then roll the data back under the connected client, where librbd's owner
-            // refuses it with EROFS).
-            Ok(owner_msgs::NOTIFY_OP_RENAME) if takes => cls::response_message(-EBUSY),
             // A request for the owner that we do not know (a migration's): librbd's owner
             // answers EOPNOTSUPP, upon which the asker takes the lock and does it itself;
             // we hand the lock over when asked. Keeping the lock (`--exclusive`), we say
@@ -452,6 +445,7 @@ fn start_owner_op(inner: &Arc<Inner>, msg: OwnerMsg, notifier_id: u64) {
             name,
             protected: false,
         },
+        OwnerOp::Rename { name } => OwnerAction::Rename { new_name: name },
         OwnerOp::Flatten => OwnerAction::Flatten,
         OwnerOp::RebuildObjectMap => OwnerAction::RebuildObjectMap,
         OwnerOp::Sparsify { sparse_size } => OwnerAction::Sparsify { sparse_size },
@@ -1081,9 +1075,6 @@ async fn watch_events(
                 Ok(op) if cls::notify_wants_owner_reply(op) && inner.takes_owner_requests() => {
                     match owner_msgs::owner_msg(&data) {
                         Ok(Some(msg)) => start_owner_op(&inner, msg, notifier_id),
-                        Ok(None) if op == owner_msgs::NOTIFY_OP_RENAME => {
-                            tracing::info!(image = %inner.spec, "refused rbd rename from client.{notifier_id} (errno {EBUSY}): rados-nbd does not rename an image it serves; stop serving it first")
-                        }
                         Ok(None) => {
                             tracing::info!(image = %inner.spec, "refused request (op {op}) from client.{notifier_id}: not done by rados-nbd")
                         }
@@ -1443,17 +1434,21 @@ mod tests {
             owner_reply(&unknown, Role::OwnerHandsOver, |_| None),
             cls::response_message(-95)
         );
-        // `rbd rename`: refused with EBUSY either way, never EOPNOTSUPP, which would
-        // make the asker take the lock and rename the served image itself.
+        // `rbd rename` (librbd 16.2 asks the owner, journaling or not): done by the
+        // owner, whether it hands the lock over or keeps it; not by one that is not.
         let rename = msg(owner_msgs::NOTIFY_OP_RENAME, &|e| {
-            e.str("new-name");
+            e.str("new-name").u64(7).u64(8).u64(9);
         });
         for role in [Role::Owner, Role::OwnerHandsOver] {
             assert_eq!(
                 owner_reply(&rename, role, |_| None),
-                cls::response_message(-16)
+                cls::response_message(0)
             );
         }
+        assert_eq!(
+            owner_reply(&rename, Role::Closed, |_| None),
+            cls::response_message(-30)
+        );
         // `rbd image-meta set k v` (librbd 16.2's MetadataUpdate): done by the owner.
         let meta = msg(owner_msgs::NOTIFY_OP_METADATA_UPDATE, &|e| {
             e.str("k").u8(1).str("v").u64(7).u64(8).u64(9);

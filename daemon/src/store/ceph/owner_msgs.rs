@@ -11,6 +11,8 @@
 //! - SnapRemove (9), SnapProtect (12), SnapUnprotect (13): string name,
 //!   SnapshotNamespace (v6), AsyncRequestId (v7).
 //! - SnapRename (11): u64 source snap id, then as SnapRemove with the new name.
+//! - Rename (14): string new image name, AsyncRequestId (v7; seen from `rbd rename`
+//!   16.2.15: librbd 16.2 sends it to the owner whether or not the image journals).
 //! - UpdateFeatures (15): u64 features, bool enabled, AsyncRequestId (v7).
 //! - Sparsify (17): AsyncRequestId, u64 sparse_size.
 //! - AsyncProgress (4): AsyncRequestId, u64 offset, u64 total.
@@ -30,7 +32,7 @@ pub const NOTIFY_OP_REBUILD_OBJECT_MAP: u32 = 10;
 pub const NOTIFY_OP_SNAP_RENAME: u32 = 11;
 pub const NOTIFY_OP_SNAP_PROTECT: u32 = 12;
 pub const NOTIFY_OP_SNAP_UNPROTECT: u32 = 13;
-/// `rbd rename`: librbd's owner renames the image itself and keeps its lock.
+/// `rbd rename`: the owner renames the image itself and keeps its lock.
 pub const NOTIFY_OP_RENAME: u32 = 14;
 pub const NOTIFY_OP_UPDATE_FEATURES: u32 = 15;
 pub const NOTIFY_OP_SPARSIFY: u32 = 17;
@@ -76,6 +78,10 @@ pub enum OwnerOp {
         name: String,
     },
     RebuildObjectMap,
+    /// `rbd rename`: the image's new name.
+    Rename {
+        name: String,
+    },
     UpdateFeatures {
         features: u64,
         enabled: bool,
@@ -104,6 +110,7 @@ impl OwnerOp {
             OwnerOp::SnapProtect { name, .. } => format!("snap protect {name}"),
             OwnerOp::SnapUnprotect { name, .. } => format!("snap unprotect {name}"),
             OwnerOp::RebuildObjectMap => "object-map rebuild".into(),
+            OwnerOp::Rename { name } => format!("rename to {name}"),
             OwnerOp::UpdateFeatures { features, enabled } => format!(
                 "feature {} {features:#x}",
                 if *enabled { "enable" } else { "disable" }
@@ -209,6 +216,15 @@ pub fn owner_msg(payload: &[u8]) -> Result<Option<OwnerMsg>> {
             let snap_id = d.u64()?;
             let (name, _ns, id) = snap_base(&mut d, v)?;
             (OwnerOp::SnapRename { snap_id, name }, id)
+        }
+        NOTIFY_OP_RENAME => {
+            let name = d.string()?;
+            let id = if v >= 7 {
+                Some(async_id(&mut d)?)
+            } else {
+                None
+            };
+            (OwnerOp::Rename { name }, id)
         }
         NOTIFY_OP_UPDATE_FEATURES => {
             let features = d.u64()?;
@@ -319,6 +335,10 @@ pub fn request_for(id: AsyncRequestId, action: &OwnerAction) -> Option<Vec<u8>> 
             e.u64(*snap_id);
             e.str(new_name);
             put_user_ns(e);
+            put_id(e, id);
+        }),
+        OwnerAction::Rename { new_name } => request(NOTIFY_OP_RENAME, |e| {
+            e.str(new_name);
             put_id(e, id);
         }),
         OwnerAction::Flatten => request(NOTIFY_OP_FLATTEN, |e| put_id(e, id)),
@@ -466,6 +486,36 @@ mod tests {
         );
         assert_eq!(m.id.map(|i| (i.gid, i.request_id)), Some((4123, 1)));
         assert!(owner_msg(&set[..set.len() - 4]).is_err(), "cut short");
+    }
+
+    /// `rbd rename rn6 rn7xyz` of a served image, as librbd 16.2.15 sent it to us (the
+    /// daemon's debug log): the new name, then the AsyncRequestId (v7); and ours, the same.
+    #[test]
+    fn rename_from_librbd() {
+        let got = hex("0701260000000e00000006000000726e3778797a\
+                       2d1400000000000070150098fd7e00000100000000000000");
+        let m = owner_msg(&got).unwrap().unwrap();
+        assert_eq!(
+            m.op,
+            OwnerOp::Rename {
+                name: "rn7xyz".into()
+            }
+        );
+        let id = AsyncRequestId {
+            gid: 5165,
+            handle: 0x7efd98001570,
+            request_id: 1,
+        };
+        assert_eq!(m.id, Some(id));
+        let ours = request_for(
+            id,
+            &OwnerAction::Rename {
+                new_name: "rn7xyz".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(ours, got);
+        assert!(owner_msg(&got[..got.len() - 8]).is_err(), "cut short");
     }
 
     #[test]

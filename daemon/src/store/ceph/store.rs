@@ -1389,6 +1389,77 @@ pub(super) async fn remove_trashed_parent(
     Ok(true)
 }
 
+/// Renames image `id` of `io` (pool and namespace) to `dest`, as librbd 16.2's RenameRequest
+/// (run by the lock owner, or by the asker holding the lock itself): its current name
+/// from the directory (newer librbd reads it there too, so a name another client changed
+/// meanwhile is no trouble), refused when `dest` is taken in either image format
+/// (Operations::rename); then the id object's bytes under the new name (created
+/// exclusively, so a racing create of that name loses), the directory (one cls call,
+/// which checks the old name still maps to this id), and last the old id object.
+pub(super) async fn rename_image(io: &IoCtx, id: &str, dest: &str) -> Result<()> {
+    let pool = crate::spec::pool_spec(io.pool(), io.namespace());
+    let name = match io
+        .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
+        .await
+    {
+        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply")?,
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("cannot rename image {id} of {pool}: it has no name in the pool's directory (in the trash?)"),
+            ))
+        }
+        Err(e) => return Err(e.context(format!("renaming image {id} of {pool}"))),
+    };
+    let what = format!("{pool}/{name}");
+    let ctx = |e: Error| e.context(format!("renaming image {what} to {dest}"));
+    let exists = || {
+        Error::new(
+            ErrorKind::AlreadyExists,
+            format!("cannot rename {what}: image {pool}/{dest} already exists"),
+        )
+    };
+    for oid in [format!("rbd_id.{dest}"), format!("{dest}.rbd")] {
+        if io.stat(&oid).await.map_err(ctx)?.is_some() {
+            return Err(exists());
+        }
+    }
+    let src_oid = format!("rbd_id.{name}");
+    let Some(id_bytes) = io.read(&src_oid, 0, 4096).await.map_err(ctx)? else {
+        return Err(ctx(Error::new(
+            ErrorKind::NotFound,
+            format!("{src_oid} is missing"),
+        )));
+    };
+    let dest_oid = format!("rbd_id.{dest}");
+    let mut op = WriteOp::new();
+    op.create(true).write_full(&id_bytes);
+    match io.operate(&dest_oid, op, "create").await {
+        Ok(()) => {}
+        Err(e) if e.kind == ErrorKind::AlreadyExists => return Err(exists()),
+        Err(e) => return Err(ctx(e)),
+    }
+    if let Err(e) = io
+        .exec_write(
+            RBD_DIRECTORY,
+            RBD,
+            "dir_rename_image",
+            &cls::dir_rename_image_in(&name, dest, id),
+        )
+        .await
+    {
+        // Nothing renamed: the new id object goes again (librbd leaves it behind).
+        let _ = io.remove(&dest_oid).await;
+        return Err(ctx(e));
+    }
+    // As librbd: a failure here leaves only an id object that no directory entry names.
+    if let Err(e) = io.remove(&src_oid).await {
+        tracing::warn!("renamed {what} to {dest}, but could not remove {src_oid}: {e}");
+    }
+    tracing::info!(id = %id, "renamed {what} to {dest}");
+    Ok(())
+}
+
 /// An image's name from its id, as rbd finds it: the pool's directory, else the trash
 /// entry's name with the entry's source (the image is in the trash), else the id itself.
 pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, Option<u8>)> {

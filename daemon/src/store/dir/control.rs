@@ -111,6 +111,9 @@ fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String>
                 .map_err(|_| format!("bad snapshot id {snap_id:?}"))?,
             new_name: new_name.to_string(),
         }),
+        ["rename", new_name] => Ok(OwnerAction::Rename {
+            new_name: new_name.to_string(),
+        }),
         ["flatten"] => Ok(OwnerAction::Flatten),
         ["object-map-rebuild"] => Ok(OwnerAction::RebuildObjectMap),
         ["sparsify", n] => Ok(OwnerAction::Sparsify {
@@ -204,6 +207,7 @@ fn control_line(action: &OwnerAction) -> Option<String> {
         OwnerAction::SnapRename { snap_id, new_name } => {
             format!("snap-rename {snap_id} {new_name}\n")
         }
+        OwnerAction::Rename { new_name } => format!("rename {new_name}\n"),
         OwnerAction::Flatten => "flatten\n".into(),
         OwnerAction::RebuildObjectMap => "object-map-rebuild\n".into(),
         OwnerAction::Sparsify { sparse_size } => format!("sparsify {sparse_size}\n"),
@@ -368,6 +372,13 @@ mod tests {
             })
         );
         assert!(parse_control_request("snap-rename x b\n").is_err());
+        assert_eq!(
+            parse_control_request("rename b\n"),
+            Ok(OwnerAction::Rename {
+                new_name: "b".into()
+            })
+        );
+        assert!(parse_control_request("rename\n").is_err());
         assert!(parse_control_request("snap-protect\n").is_err());
     }
 }

@@ -317,6 +317,47 @@ fn check_order(order: u8) -> Result<()> {
     Ok(())
 }
 
+/// Renames image `id` of `pool_dir` to `dest`, as the Ceph store does (see
+/// `ImageStore::rename`), under the pool lock as create and remove: its current name from
+/// the directory, refused when `dest` is taken; then the new id file, the directory, the
+/// old id file. A crash in between leaves a second id file that no directory entry names.
+fn rename_image(pool_dir: &Path, pool: &str, id: &str, dest: &str) -> Result<()> {
+    let _pool_lock = lock_pool(pool_dir)?;
+    let mut dir = read_directory(pool_dir)?;
+    let Some(name) = dir
+        .iter()
+        .find(|(_, v)| v.as_str() == id)
+        .map(|(k, _)| k.clone())
+    else {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "cannot rename image {id} of {}: the pool's image directory does not name it",
+                pool_dir.display()
+            ),
+        ));
+    };
+    if dir.contains_key(dest) || pool_dir.join(format!("rbd_id.{dest}")).exists() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("cannot rename {pool}/{name}: image {pool}/{dest} already exists"),
+        ));
+    }
+    write_atomic(pool_dir, &format!("rbd_id.{dest}"), id.as_bytes())?;
+    dir.remove(&name);
+    dir.insert(dest.to_string(), id.to_string());
+    write_directory(pool_dir, &dir)?;
+    let old = pool_dir.join(format!("rbd_id.{name}"));
+    match std::fs::remove_file(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing {}", old.display()), e)),
+    }
+    fsync_dir(pool_dir).map_err(|e| Error::io(format!("syncing {}", pool_dir.display()), e))?;
+    tracing::info!(id = %id, "renamed {pool}/{name} to {dest}");
+    Ok(())
+}
+
 /// Creates image `spec` in `pool_dir`, whose pool lock the caller holds, with parent
 /// `parent` (a clone); `before` runs once the id is chosen, before anything is written
 /// (a clone's parent records it there). Returns the new id.
@@ -881,6 +922,21 @@ impl ImageStore for DirImage {
 
     async fn snap_remove(&self, id: u64) -> Result<()> {
         self.run(move |i| i.snap_remove(id)).await
+    }
+
+    async fn rename(&self, dest: &str) -> Result<()> {
+        self.inner.check_writable()?;
+        let i = self.inner.clone();
+        let dest = dest.to_string();
+        blocking(move || {
+            let pool = i
+                .pool_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            rename_image(&i.pool_dir, &pool, &i.id, &dest)
+        })
+        .await
     }
 
     async fn snap_rename(&self, id: u64, new_name: &str) -> Result<()> {

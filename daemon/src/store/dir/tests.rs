@@ -669,6 +669,51 @@ async fn snapshots_keep_what_objects_had() {
     img.close().await.unwrap();
 }
 
+/// `rename`: the id file under the new name, the directory entry moved, the old id file
+/// gone; the data, kept by id, untouched; a name taken or a name the directory lacks
+/// refused with nothing changed.
+#[tokio::test]
+async fn rename_moves_the_name_only() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    img.write(0, 0, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .unwrap();
+    img.rename("vm2").await.unwrap();
+    let pool = d.path().join("rbd");
+    assert!(pool.join("rbd_id.vm2").exists() && !pool.join("rbd_id.vm1").exists());
+    assert_eq!(s.list_images("rbd").await.unwrap(), vec!["vm2".to_string()]);
+    // Still writable under the handle opened by the old name, from the name it has now.
+    img.write(1, 0, Bytes::from(vec![8u8; 4096]), false)
+        .await
+        .unwrap();
+    small(&s, "other", 1).await.close().await.unwrap();
+    let e = img.rename("other").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    assert!(
+        e.message.contains("rbd/vm2") && e.message.contains("rbd/other"),
+        "{e}"
+    );
+    img.rename("vm3").await.unwrap();
+    img.close().await.unwrap();
+    let img = open(&s, "vm3", OpenMode::ReadOnly).await;
+    assert_eq!(
+        &img.read(0, 0, 4096, None).await.unwrap().unwrap()[..],
+        &[7u8; 4096][..]
+    );
+    assert_eq!(
+        &img.read(1, 0, 4096, None).await.unwrap().unwrap()[..],
+        &[8u8; 4096][..]
+    );
+    let mut names = s.list_images("rbd").await.unwrap();
+    names.sort();
+    assert_eq!(names, vec!["other".to_string(), "vm3".to_string()]);
+    // A read-only handle renames nothing.
+    assert!(img.rename("vm4").await.is_err());
+    assert!(!pool.join("rbd_id.vm4").exists());
+}
+
 #[tokio::test]
 async fn snapshot_management_errors_are_named() {
     let d = tempfile::tempdir().unwrap();
