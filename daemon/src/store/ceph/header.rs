@@ -290,7 +290,7 @@ async fn resolve_parent(io: &IoCtx, p: &cls::ParentSpec, overlap: u64) -> Result
     })
 }
 
-pub(super) fn check_features(
+fn check_features(
     spec: &ImageSpec,
     features: u64,
     incompatible: u64,
