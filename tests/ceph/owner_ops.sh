@@ -194,23 +194,24 @@ id_of() { dir_val "name_$1"; }
 export -f dir_val
 export -f id_of
 ID_I=$(id_of "$I")
+LOCKER_I=$(rbd lock ls --format json "$I" | jq -c '[.[].locker]')
 out=$(timeout 60 rbd rename "$I" "$I-renamed" 2>&1)
 rc=$?
 check "rbd rename while served succeeds ($rc: $(tail -1 <<<"$out"))" bash -c \
   "[ $rc = 0 ] && rbd info '$I-renamed' >/dev/null && ! rbd info '$I' >/dev/null 2>&1"
-check "... the daemon did it (log)" grep -q "rename of rbd/$I to $I-renamed asked by another client" "$work/serve.log"
+check "... the daemon did it (log)" grep -q "rename to $I-renamed asked by another client (image opened as rbd/$I)" "$work/serve.log"
 check "... as librbd leaves it: the directory maps both ways, one id object" bash -c \
   "[ -n '$ID_I' ] && [ \"\$(id_of '$I-renamed')\" = '$ID_I' ] && [ -z \"\$(id_of '$I')\" ] &&
    [ \"\$(dir_val 'id_$ID_I')\" = '$I-renamed' ] &&
    [ \"\$(rados -p rbd ls | grep -c '^rbd_id\.$I')\" = 1 ] && rados -p rbd stat 'rbd_id.$I-renamed' >/dev/null"
-check "... the lock stays with the daemon and writes go on" bash -c \
-  "[ \"\$(rbd lock ls --format json '$I-renamed' | jq length)\" = 1 ]"
+check "... the lock stays with the daemon (the same locker as before the rename)" bash -c \
+  "[ '$LOCKER_I' != '[]' ] && [ \"\$(rbd lock ls --format json '$I-renamed' | jq -c '[.[].locker]')\" = '$LOCKER_I' ]"
 check "writes after the rename" put "$I" "$work/ref" 6 $((20 * MB)) $((1 * MB))
 check "... rbd export of the new name has every write" bash -c "exported_is '$I-renamed' '$work/ref'"
 rbd create --size 1M "$I-taken"
 out=$(timeout 60 rbd rename "$I-renamed" "$I-taken" 2>&1)
 rc=$?
-check "rbd rename onto a name taken fails as with librbd's owner: EEXIST ($rc: $(tail -1 <<<"$out"))" \
+check "rbd rename onto a name taken fails with EEXIST (rbd's own check, before it asks the owner) ($rc: $(tail -1 <<<"$out"))" \
   bash -c "[ $rc = 17 ] && rbd info '$I-renamed' >/dev/null"
 check "rados-nbd rename onto a name taken fails too, saying so" bash -c \
   "out=\$(timeout 120 ${RNQ} rename '$I-renamed' '$I-taken' 2>&1) && exit 1; grep -q 'could not rename to $I-taken: File exists' <<<\"\$out\""
@@ -219,7 +220,7 @@ check "rados-nbd rename of the served image back (asked of the owner)" \
   timeout 120 "${RN[@]}" rename "$I-renamed" "$I"
 check "... rbd sees the old name again, and the daemon did it (log)" bash -c \
   "rbd info '$I' >/dev/null && ! rbd info '$I-renamed' >/dev/null 2>&1 &&
-   grep -q 'rename of rbd/$I to $I asked by another client' '$work/serve.log' &&
+   grep -q 'rename to $I asked by another client (image opened as rbd/$I)' '$work/serve.log' &&
    grep -q 'renamed rbd/$I-renamed to $I' '$work/serve.log'"
 check "rados-nbd rename across pools is refused, saying so" bash -c \
   "out=\$(${RNQ} rename '$I' 'other/$I' 2>&1) && exit 1; grep -q 'across pools' <<<\"\$out\""
@@ -737,6 +738,7 @@ check "... rbd sees the new name, the lock still the librbd client's" bash -c \
    [ \"\$(rbd lock ls --format json '$L-r' | jq length)\" = 1 ]"
 check "... rbd rename back, done by that client from the name it now knows" \
   "${RBD[@]}" rename "$L-r" "$L"
+check "... rbd sees the first name again" bash -c "rbd info '$L' >/dev/null && ! rbd info '$L-r' >/dev/null 2>&1"
 rm -f "$work/l.ready"
 wait "$LPID"
 check "... the librbd client wrote on after both renames and closed cleanly" test $? = 0

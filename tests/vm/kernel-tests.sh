@@ -164,6 +164,28 @@ check "unmap after re-attach" "$B" unmap "$dev"
 check "image clean after re-attach and unmap" clean rbd/ext
 check "e2fsck clean after crash and re-attach" bash -c "d=\$('$B' map rbd/ext) && e2fsck -fn \$d >/dev/null; r=\$?; '$B' unmap \$d; exit \$r"
 
+echo "== a kept device goes to its own image only, renamed or not (at $(($(date +%s) - T0)) s)"
+# The state file records the image's id: after a crash, the image renamed and a new one
+# made under the old name, a map of that name must not put the new image under the
+# mounted file system; an attach by the new name (and the device's cookie) takes it over.
+dev=$(map rbd/ext)
+mount "$dev" $MNT && echo three >$MNT/crash-c && sync
+pid=$(pid_of "$dev")
+kill -9 "$pid"
+gone "$pid"
+check "rename of the crashed daemon's image" "$B" rename rbd/ext rbd/ext-r
+check "a new image takes the old name" "$B" create --size 64M rbd/ext
+check "map of the old name refuses the kept device (another image has the name now)" bash -c \
+  "! '$B' map --log-file '$LOGDIR/daemon.log' rbd/ext 2>/tmp/mapx.err && grep -q 'made anew since' /tmp/mapx.err"
+check "... and leaves it as it was" bash -c "[ \"\$(cat /sys/block/${dev#/dev/}/size)\" != 0 ] && grep -q three $MNT/crash-c"
+check "attach by the new name, with the device's cookie, takes it over" bash -c \
+  "'$B' attach --log-file '$LOGDIR/daemon.log' --device '$dev' --cookie \"\$(cat /sys/block/${dev#/dev/}/backend)\" rbd/ext-r"
+check "mounted fs usable after that attach" bash -c \
+  "grep -q three $MNT/crash-c && echo four >$MNT/crash-d && sync && cd $MNT && sha256sum --quiet -c SUMS"
+check "umount and unmap" bash -c "umount $MNT && '$B' unmap '$dev'"
+check "image clean after that" clean rbd/ext-r
+check "the new image goes, the old name back" bash -c "'$B' rm rbd/ext >/dev/null && '$B' rename rbd/ext-r rbd/ext"
+
 echo "== SIGTERM and kernel-side disconnect close cleanly (at $(($(date +%s) - T0)) s)"
 dev=$(map rbd/misc)
 pid=$(pid_of "$dev")
@@ -224,7 +246,7 @@ check "detach" "$B" detach "$dev"
 out=$("$B" attach --device "$dev" --cookie vm-43.disk0 rbd/ck 2>&1)
 if [ $? -ne 0 ] && echo "$out" | grep -q "cookie mismatch"; then ok "attach with another cookie refused (cookie mismatch)"; else bad "attach with another cookie refused (cookie mismatch)" "$out"; fi
 out=$("$B" attach --device "$dev" --cookie vm-42.disk0 rbd/ext 2>&1)
-if [ $? -ne 0 ] && echo "$out" | grep -q "was mapped from rbd/ck"; then ok "attach with the device's cookie but another image refused"; else bad "attach with the device's cookie but another image refused" "$out"; fi
+if [ $? -ne 0 ] && echo "$out" | grep -Eq "(was mapped from|then named) rbd/ck"; then ok "attach with the device's cookie but another image refused"; else bad "attach with the device's cookie but another image refused" "$out"; fi
 check "attach --cookie with the device's cookie" "$B" attach --device "$dev" --cookie vm-42.disk0 rbd/ck --log-file "$LOGDIR/daemon.log"
 check "data written before the detach reads back" cmp -n $((2 << 20)) /tmp/ck.bin "$dev"
 check "detach again" "$B" detach "$dev"

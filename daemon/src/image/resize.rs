@@ -315,7 +315,7 @@ async fn run_owner_action<S: ImageStore>(
             img.resize(size, allow_shrink).await
         }
         OwnerAction::Rename { new_name } => {
-            tracing::info!("rename of {spec} to {new_name} asked by another client");
+            tracing::info!("rename to {new_name} asked by another client (image opened as {spec})");
             img.rename(&new_name).await
         }
         OwnerAction::SnapRemove { name } => {

@@ -90,7 +90,9 @@ fn state_names(st: &DeviceState, store: &str, spec: &ImageSpec) -> bool {
 }
 
 /// An attach takes over a device only when no daemon serves it any more and its state
-/// file names the image asked for (`same`).
+/// file names the image asked for (`same`), or, when it records the image's id (the name
+/// may have changed since: `rename`), once the image opened proves to be that one
+/// ([`same_image_as_mapped`]).
 fn may_take_over(
     path: &str,
     st: &DeviceState,
@@ -104,7 +106,7 @@ fn may_take_over(
             format!("{path} is still served by pid {}; detach it first", st.pid),
         ));
     }
-    if !same {
+    if !same && (st.image_id.is_empty() || st.store != store) {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
@@ -115,6 +117,45 @@ fn may_take_over(
         ));
     }
     Ok(())
+}
+
+/// For a takeover (attach, or a map that re-attaches an orphaned device): refuses when the
+/// device's state file records another image id than the image opened has. Names change
+/// (`rename`, or a removal and a new image of the old name, after which `map` of that name
+/// would otherwise find the old image's orphaned device and put the new image under its
+/// file system); ids do not.
+fn same_image_as_mapped(mode: &Mode, export: &Export, spec: &ImageSpec) -> Result<()> {
+    match taken_over(mode)? {
+        Some((path, st)) => check_same_id(&st, &export.image_id(), spec, &path),
+        None => Ok(()),
+    }
+}
+
+/// The device a takeover mode takes over, and its state file (when it has one).
+fn taken_over(mode: &Mode) -> Result<Option<(String, DeviceState)>> {
+    let key = match mode {
+        Mode::Attach { index } => DevKey::Nbd(*index),
+        #[cfg(feature = "ublk")]
+        Mode::Ublk(UblkMode::Attach(i)) => DevKey::Ublk(*i),
+        _ => return Ok(None),
+    };
+    Ok(device::read_state(key)?.map(|st| (key.path(), st)))
+}
+
+fn check_same_id(st: &DeviceState, id: &str, spec: &ImageSpec, path: &str) -> Result<()> {
+    if st.image_id.is_empty() || st.image_id == id {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "{path} was mapped from image id {} (then named {}), but {spec} is image id {id}: \
+             renamed or made anew since; not taking the device over (attach it by the name \
+             its image has now, or unmap it)",
+            st.image_id,
+            st.spec_string()
+        ),
+    ))
 }
 
 /// Whether a device's cookie says it was mapped from `spec` in `store` without the user
@@ -313,6 +354,15 @@ fn serve(
         lock_at_open: crate::store::LockAtOpen::for_serving(opts.wait_for_lock, opts.exclusive),
         ..ceph.clone()
     };
+    // A device taken over serves what is mounted from it: the image must be the one it
+    // was mapped from, whatever name it has now; checked before anything is opened (an
+    // open of another image would take its lock), and again once it is open.
+    if let Some((path, st)) = taken_over(&mode)? {
+        if !st.image_id.is_empty() {
+            let id = rt.block_on(Export::image_id_of(store, ceph, &spec))?;
+            check_same_id(&st, &id, &spec, &path)?;
+        }
+    }
     let export = Arc::new(
         rt.block_on(Export::open(
             store,
@@ -324,6 +374,12 @@ fn serve(
         ))
         .map_err(|e| e.context(format!("opening {spec}")))?,
     );
+    if let Err(e) = same_image_as_mapped(&mode, &export, &spec) {
+        if let Err(c) = rt.block_on(export.close()) {
+            tracing::error!("{c}");
+        }
+        return Err(e);
+    }
     // The copy-on-read worker is a task of this runtime.
     if opts.copy_on_read && !rt.block_on(async { export.enable_copy_on_read() }) {
         tracing::info!("--copy-on-read: {spec} is not a writable clone; nothing to copy");
@@ -482,6 +538,7 @@ fn serve_ublk(
         store,
         opts,
         read_only,
+        image_id: export.image_id(),
     };
     let quiesce = |path: &str| {
         if opts.quiesce && !read_only {
@@ -826,6 +883,7 @@ impl Setup<'_> {
             },
             close_result: true,
             transport: device::Transport::Nbd,
+            image_id: self.export.image_id(),
         };
         if let Err(e) = device::write_state(index, &state) {
             let _ = request_disconnect(&mut control, index);
@@ -1072,6 +1130,36 @@ fn probe_read(index: u32, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A takeover goes by the image's id where the state file has one: by another name
+    /// (renamed since) only once the opened image is that id; never of another image that
+    /// now has the name.
+    #[test]
+    fn takeovers_go_by_image_id() {
+        let vm1: ImageSpec = "rbd/vm1".parse().unwrap();
+        let renamed: ImageSpec = "rbd/vm2".parse().unwrap();
+        let mut st = device::test_state(true);
+        st.pid = 0;
+        st.detached = true;
+        st.store = "dir:/x".into();
+        // The names agree: taken over, and the id then checked.
+        assert!(may_take_over("/dev/nbd3", &st, true, "dir:/x", &vm1).is_ok());
+        assert!(check_same_id(&st, "10ab", &vm1, "/dev/nbd3").is_ok());
+        let e = check_same_id(&st, "99ff", &vm1, "/dev/nbd3").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains("image id 10ab") && e.message.contains("image id 99ff"),
+            "{e}"
+        );
+        // Another name: left to the id check, in the same store only.
+        assert!(may_take_over("/dev/nbd3", &st, false, "dir:/x", &renamed).is_ok());
+        assert!(check_same_id(&st, "10ab", &renamed, "/dev/nbd3").is_ok());
+        assert!(may_take_over("/dev/nbd3", &st, false, "dir:/y", &renamed).is_err());
+        // An older daemon's state file has no id: the name alone decides, as before.
+        st.image_id.clear();
+        assert!(may_take_over("/dev/nbd3", &st, false, "dir:/x", &renamed).is_err());
+        assert!(check_same_id(&st, "99ff", &vm1, "/dev/nbd3").is_ok());
+    }
 
     #[test]
     fn cookies() {

@@ -40,6 +40,7 @@ pub(super) fn test_state(close_result: bool) -> DeviceState {
         backend: None,
         close_result,
         transport: Transport::Nbd,
+        image_id: "10ab".into(),
     }
 }
 
@@ -482,6 +483,11 @@ pub struct DeviceState {
     /// Absent (nbd) in state files of daemons older than the ublk transport.
     #[serde(default)]
     pub transport: Transport,
+    /// The image's id (its name may change: `rename`, or a removal and a new image of the
+    /// old name). A takeover of the device checks that the image it opened is this one.
+    /// Empty in state files of older daemons, whose takeovers go by the name alone.
+    #[serde(default)]
+    pub image_id: String,
 }
 
 impl DeviceState {

@@ -53,6 +53,16 @@ async fn open_image<S: Store>(
 }
 
 impl Export {
+    /// The id of the image `spec` names now in `store`, without opening it (a takeover
+    /// checks it against the device's record before opening anything).
+    pub async fn image_id_of(store: &str, ceph: &CephAccess, spec: &ImageSpec) -> Result<String> {
+        match connect(&StoreUri::parse(Some(store))?, ceph).await? {
+            AnyStore::Dir(st) => st.image_id_of(spec).await,
+            #[cfg(feature = "ceph")]
+            AnyStore::Ceph(st) => st.image_id_of(spec).await,
+        }
+    }
+
     /// Opens for serving; writable opens set the dirty flag until [`Export::close`]. The
     /// lock follows the image's `shared` setting (exclusive unless shared); `exclusive`
     /// takes the exclusive lock even for a shared image, so no other writer can join.
@@ -88,6 +98,15 @@ impl Export {
             Export::Dir(i) => i.info(),
             #[cfg(feature = "ceph")]
             Export::Ceph(i, _) => i.info(),
+        }
+    }
+
+    /// The image's id (stays through renames; a new image of the same name has another).
+    pub fn image_id(&self) -> String {
+        match self {
+            Export::Dir(i) => i.header().id.clone(),
+            #[cfg(feature = "ceph")]
+            Export::Ceph(i, _) => i.header().id.clone(),
         }
     }
 

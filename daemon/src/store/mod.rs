@@ -476,6 +476,9 @@ pub trait Store: Send + Sync + 'static {
     /// last clone.
     fn remove_image(&self, spec: &ImageSpec) -> impl Future<Output = Result<Removal>> + Send;
 
+    /// The id of the image `spec` names now, without opening it.
+    fn image_id_of(&self, spec: &ImageSpec) -> impl Future<Output = Result<String>> + Send;
+
     /// Image names in `pool`, which may be `POOL/NAMESPACE` (an RBD namespace).
     fn list_images(&self, pool: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 

@@ -167,6 +167,8 @@ pub struct Setup<'a> {
     pub store: &'a str,
     pub opts: &'a ServeOpts,
     pub read_only: bool,
+    /// The image's id, recorded in the state file (see `DeviceState::image_id`).
+    pub image_id: String,
 }
 
 /// Messages from the control thread.
@@ -193,6 +195,7 @@ fn ublk_state(id: u32, s: &Setup<'_>) -> DeviceState {
         backend: None,
         close_result: true,
         transport: Transport::Ublk,
+        image_id: s.image_id.clone(),
     }
 }
 

@@ -224,6 +224,11 @@ impl Store for CephStore {
         Ok(crate::store::Removal::Removed)
     }
 
+    async fn image_id_of(&self, spec: &ImageSpec) -> Result<String> {
+        let io = self.pool(&spec.pool, &spec.namespace).await?;
+        self.image_id(&io, spec).await
+    }
+
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
         let (pool_name, namespace) = parse_pool_spec(pool)?;
         let io = self.pool(&pool_name, &namespace).await?;
@@ -1448,9 +1453,29 @@ pub(super) async fn rename_image(io: &IoCtx, id: &str, dest: &str) -> Result<()>
         )
         .await
     {
-        // Nothing renamed: the new id object goes again (librbd leaves it behind).
-        let _ = io.remove(&dest_oid).await;
-        return Err(ctx(e));
+        // The new id object goes again (librbd leaves it behind) only when the directory
+        // is known to be unchanged: an error such as a timeout may come after the change
+        // was made, and the new name must then keep its id object.
+        let renamed = match io
+            .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
+            .await
+        {
+            Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply").ok(),
+            Err(_) => None,
+        };
+        match renamed.as_deref() {
+            Some(n) if n == dest => {
+                tracing::warn!(
+                    "renaming {what} to {dest}: {e}, but the directory has the new name"
+                );
+            }
+            Some(n) if n == name => {
+                let _ = io.remove(&dest_oid).await;
+                return Err(ctx(e));
+            }
+            // Unknown: both id objects stay, so whichever name the directory has opens.
+            _ => return Err(ctx(e)),
+        }
     }
     // As librbd: a failure here leaves only an id object that no directory entry names.
     if let Err(e) = io.remove(&src_oid).await {

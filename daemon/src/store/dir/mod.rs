@@ -245,6 +245,10 @@ impl Store for DirStore {
         .await
     }
 
+    async fn image_id_of(&self, spec: &ImageSpec) -> Result<String> {
+        self.holder_address(spec).map(|(_, id)| id)
+    }
+
     async fn list_images(&self, pool: &str) -> Result<Vec<String>> {
         let (pool, namespace) = crate::spec::parse_pool_spec(pool)?;
         self.no_namespace(&format!("{pool}/{namespace}"), &namespace)?;
@@ -346,7 +350,14 @@ fn rename_image(pool_dir: &Path, pool: &str, id: &str, dest: &str) -> Result<()>
     write_atomic(pool_dir, &format!("rbd_id.{dest}"), id.as_bytes())?;
     dir.remove(&name);
     dir.insert(dest.to_string(), id.to_string());
-    write_directory(pool_dir, &dir)?;
+    if let Err(e) = write_directory(pool_dir, &dir) {
+        // The directory may be replaced already (its sync failed): the new id file goes
+        // only when it still names the old name.
+        if read_directory(pool_dir).is_ok_and(|d| d.get(&name).map(String::as_str) == Some(id)) {
+            let _ = std::fs::remove_file(pool_dir.join(format!("rbd_id.{dest}")));
+        }
+        return Err(e);
+    }
     let old = pool_dir.join(format!("rbd_id.{name}"));
     match std::fs::remove_file(&old) {
         Ok(()) => {}
