@@ -106,7 +106,13 @@ fn may_take_over(
             format!("{path} is still served by pid {}; detach it first", st.pid),
         ));
     }
-    if !same && (st.image_id.is_empty() || st.store != store) {
+    // Another name is left to the id check only within the same store, pool and namespace
+    // (where a rename keeps an image, and its id names it alone).
+    let renamed_here = !st.image_id.is_empty()
+        && st.store == store
+        && st.pool == spec.pool
+        && st.namespace == spec.namespace;
+    if !same && !renamed_here {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
@@ -1151,10 +1157,12 @@ mod tests {
             e.message.contains("image id 10ab") && e.message.contains("image id 99ff"),
             "{e}"
         );
-        // Another name: left to the id check, in the same store only.
+        // Another name: left to the id check, in the same store and pool only.
         assert!(may_take_over("/dev/nbd3", &st, false, "dir:/x", &renamed).is_ok());
         assert!(check_same_id(&st, "10ab", &renamed, "/dev/nbd3").is_ok());
         assert!(may_take_over("/dev/nbd3", &st, false, "dir:/y", &renamed).is_err());
+        let other_pool: ImageSpec = "p2/vm1".parse().unwrap();
+        assert!(may_take_over("/dev/nbd3", &st, false, "dir:/x", &other_pool).is_err());
         // An older daemon's state file has no id: the name alone decides, as before.
         st.image_id.clear();
         assert!(may_take_over("/dev/nbd3", &st, false, "dir:/x", &renamed).is_err());
