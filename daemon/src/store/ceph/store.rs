@@ -1403,12 +1403,9 @@ pub(super) async fn remove_trashed_parent(
 /// which checks the old name still maps to this id), and last the old id object.
 pub(super) async fn rename_image(io: &IoCtx, id: &str, dest: &str) -> Result<()> {
     let pool = crate::spec::pool_spec(io.pool(), io.namespace());
-    let name = match io
-        .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
-        .await
-    {
-        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply")?,
-        Err(e) if e.kind == ErrorKind::NotFound => {
+    let name = match directory_name(io, id).await {
+        Ok(Some(n)) => n,
+        Ok(None) => {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("cannot rename image {id} of {pool}: it has no name in the pool's directory (in the trash?)"),
@@ -1456,13 +1453,7 @@ pub(super) async fn rename_image(io: &IoCtx, id: &str, dest: &str) -> Result<()>
         // The new id object goes again (librbd leaves it behind) only when the directory
         // is known to be unchanged: an error such as a timeout may come after the change
         // was made, and the new name must then keep its id object.
-        let renamed = match io
-            .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
-            .await
-        {
-            Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply").ok(),
-            Err(_) => None,
-        };
+        let renamed = directory_name(io, id).await.ok().flatten();
         match renamed.as_deref() {
             Some(n) if n == dest => {
                 tracing::warn!(
@@ -1485,16 +1476,23 @@ pub(super) async fn rename_image(io: &IoCtx, id: &str, dest: &str) -> Result<()>
     Ok(())
 }
 
-/// An image's name from its id, as rbd finds it: the pool's directory, else the trash
-/// entry's name with the entry's source (the image is in the trash), else the id itself.
-pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, Option<u8>)> {
+/// The name the pool's directory has for image `id` (`dir_get_name`); None when it has none.
+async fn directory_name(io: &IoCtx, id: &str) -> Result<Option<String>> {
     match io
         .exec_read(RBD_DIRECTORY, RBD, "dir_get_name", &cls::string_in(id))
         .await
     {
-        Ok(b) => return Ok((cls::string_out(&b, "rbd.dir_get_name reply")?, None)),
-        Err(e) if e.kind == ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        Ok(b) => cls::string_out(&b, "rbd.dir_get_name reply").map(Some),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An image's name from its id, as rbd finds it: the pool's directory, else the trash
+/// entry's name with the entry's source (the image is in the trash), else the id itself.
+pub(super) async fn name_by_id(io: &IoCtx, id: &str) -> Result<(String, Option<u8>)> {
+    if let Some(name) = directory_name(io, id).await? {
+        return Ok((name, None));
     }
     match io
         .exec_read(RBD_TRASH, RBD, "trash_get", &cls::string_in(id))
