@@ -8,13 +8,49 @@ use std::path::PathBuf;
 
 pub use crate::store::uri::DEFAULT_STORE_DIR;
 
+// What `--version` says: the version and the optional parts built in, so that a packager, a
+// support request or a test can tell whether `--store ceph:` and `--transport ublk` work here
+// (both are cargo features; without them the options exist and say they are not built in).
+#[cfg(feature = "ceph")]
+macro_rules! with_ceph {
+    () => {
+        "ceph"
+    };
+}
+#[cfg(not(feature = "ceph"))]
+macro_rules! with_ceph {
+    () => {
+        "no ceph"
+    };
+}
+#[cfg(feature = "ublk")]
+macro_rules! with_ublk {
+    () => {
+        "ublk"
+    };
+}
+#[cfg(not(feature = "ublk"))]
+macro_rules! with_ublk {
+    () => {
+        "no ublk"
+    };
+}
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (stores: dir, ",
+    with_ceph!(),
+    "; transports: nbd, ",
+    with_ublk!(),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 // `args_override_self`: a flag given twice takes its later value, in every subcommand.
 // rados-nbdmap puts RADOS_NBD_MAP_OPTIONS (/etc/default/rados-nbd) before an nbdtab entry's
 // own flags, and rados-nbd@.service RADOS_NBD_IMAGE_OPTIONS after it: the per-image one wins.
 #[command(
     name = "rados-nbd",
-    version,
+    version = VERSION,
     about = "Serve Ceph RBD format-2 images over NBD with the object map kept in memory",
     args_override_self = true
 )]

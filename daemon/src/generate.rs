@@ -59,10 +59,8 @@ fn render_tree(cmd: &Command, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), 
 }
 
 fn render_page(cmd: Command, dir: &Path) -> Result<PathBuf, Error> {
-    let version = cmd
-        .get_version()
-        .unwrap_or(env!("CARGO_PKG_VERSION"))
-        .to_string();
+    // The footer names the release only (`--version` also lists the optional parts built in).
+    let version = env!("CARGO_PKG_VERSION");
     let man = clap_mangen::Man::new(cmd)
         .section(MAN_SECTION)
         .source(format!("rados-nbd {version}"))
@@ -169,7 +167,10 @@ mod tests {
             main.starts_with(".ie") || main.contains(".TH rados-nbd 8"),
             "{main}"
         );
-        assert!(main.contains("\"rados-nbd 9.8.7\""), "{main}");
+        // The footer names the release, not the command's longer `--version` text.
+        let footer = format!("\"rados-nbd {}\"", env!("CARGO_PKG_VERSION"));
+        assert!(main.contains(&footer), "{main}");
+        assert!(!main.contains("\"rados-nbd 9.8.7\""), "{main}");
         assert!(main.contains("map"), "{main}");
         assert!(
             !main.contains("generate"),

@@ -15,6 +15,8 @@ OBJ=$((4 << 20)); SIZE=$((256 << 20))
 serve() { spawn "$BIN" serve "$@"; SERVE_PID=$!; wait_for_socket "$sock"; }
 unserve() { stop_daemon "$SERVE_PID"; rm -f "$sock"; }
 
+check "--version names the release and the optional parts built in ($("$BIN" --version))" bash -c \
+  "'$BIN' --version | grep -qxE 'rados-nbd [0-9]+\.[0-9]+\.[0-9]+ \(stores: dir, (no )?ceph; transports: nbd, (no )?ublk\)'"
 check "create image" "$BIN" create --size 256M t1
 check "info shows the size" bash -c "'$BIN' info t1 --format json | jq -e '.size == $SIZE'"
 check "rename (mv) of an image nobody serves" bash -c \

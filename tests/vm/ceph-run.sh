@@ -37,7 +37,7 @@ COMPAT=vmceph-compat
 # has no ublk) when the binary was built with feature ublk.
 UBLK=vmceph-ublk UBLK_MB=48
 ublk=
-"$bin" map --help 2>/dev/null | grep -q -- '--transport' && ublk=1
+"$bin" --version 2>/dev/null | grep -q 'transports: nbd, ublk' && ublk=1
 PARTS=${PARTS:-nbd ublk}
 nbd=
 [[ " $PARTS " == *" nbd "* ]] && nbd=1

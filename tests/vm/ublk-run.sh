@@ -21,8 +21,9 @@ if [ -z "$bin" ]; then
   bin=$root/target/release/rados-nbd
 fi
 [ -x "$bin" ] || { echo "ublk-run.sh: $bin is not an executable" >&2; exit 2; }
-if ! "$bin" map --help | grep -q -- '--transport'; then
-  echo "SKIP ublk tests: $bin has no --transport option; nothing was run"; exit 0
+# `--version` names the transports built in (the --transport option is there either way).
+if ! "$bin" --version | grep -q 'transports: nbd, ublk'; then
+  echo "SKIP ublk tests: $bin was built without the ublk transport ($("$bin" --version)); nothing was run"; exit 0
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/rados-nbd-vm-ublk.XXXXXX")
 objcopy --strip-debug "$bin" "$work/rados-nbd" 2>/dev/null || cp "$bin" "$work/rados-nbd"
