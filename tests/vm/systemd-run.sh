@@ -141,21 +141,31 @@ after_poweroff() {
   # ends when the kernel logs "unmounting filesystem", and a namespace that still holds it (a
   # unit with a private mount namespace made while it was mounted) delays that past the
   # unmap: its last writes then fail on a disconnected device. The kernel's lines are read
-  # from its own ring buffer (dmesg, saved beside the journal) when there is one: the journal
-  # once lacked an "unmounting filesystem" line although the unmap's exclusive-claim check
-  # had passed.
-  local late k=$c
+  # from its own ring buffer (dmesg, saved beside the journal) when there is one.
+  # The line can be missing: ext4 prints it under a rate limit shared by all its file
+  # systems, whose lock is only tried (lib/ratelimit.c), and two file systems unmounted at
+  # once on the VM's two CPUs can drop one line without a trace (seen twice in CI, once in
+  # the journal and once in dmesg, with the unmap's exclusive-claim check passed). So a
+  # missing line is only reported; that the file system ended before its device went away
+  # is checked on the image below, where its superblock must say it was unmounted cleanly
+  # (a file system still mounted at the disconnect cannot write that any more).
+  local late unseen awkprog k=$c
   if [ -s "$work/dmesg-$n.txt" ]; then k=$work/dmesg-$n.txt; fi
-  late=$(awk '
+  read -r -d '' awkprog <<'AWK'
     match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): unmounting filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); gone[d] = NR }
     match($0, /block nbd[0-9]+: NBD_DISCONNECT/) { d = substr($0, RSTART + 6); sub(/:.*/, "", d); disc[d] = NR }
     match($0, /EXT4-fs \(((nbd|ublkb)[0-9]+)\): mounted filesystem/) { d = substr($0, RSTART + 9); sub(/\).*/, "", d); mounted[d] = 1 }
-    END { for (d in mounted) if (!(d in gone) || (d in disc && disc[d] < gone[d])) printf "%s ", d }' "$k")
-  check "boot $n shutdown: every ext4 on an nbd/ublk device ended (kernel: unmounting filesystem) before its disconnect${late:+ (not: $late)}" \
+AWK
+  late=$(awk "$awkprog"'END { for (d in mounted) if ((d in gone) && (d in disc) && disc[d] < gone[d]) printf "%s ", d }' "$k")
+  unseen=$(awk "$awkprog"'END { for (d in mounted) if (!(d in gone)) printf "%s ", d }' "$k")
+  check "boot $n shutdown: no ext4 on an nbd/ublk device ended (kernel: unmounting filesystem) after its disconnect${late:+ (late: $late)}" \
     test -z "$late"
-  if [ -n "$late" ]; then
+  if [ -n "$unseen" ]; then
+    echo "    note: no \"unmounting filesystem\" line for $unseen(the kernel can drop it; the images' superblocks are checked below)"
+  fi
+  if [ -n "$late$unseen" ]; then
     echo "    the kernel's lines of those devices (${k##*/}):"
-    local re; re=$(echo $late | tr ' ' '|')
+    local re; re=$(echo $late $unseen | tr ' ' '|')
     grep -E "\(($re)\)|block ($re):" "$k" | sed 's/^/    | /'
     echo "    processes with an nbd/ublk mount in their namespace after the unmaps (pid comm mnt-ns):"
     sed 's/^/    | /' "$work/holders-$n.txt" 2>/dev/null
@@ -183,6 +193,11 @@ after_poweroff() {
     rm -f "$H/$img.raw"
     if serve_sock rbd/$img && nbdcopy "nbd+unix:///?socket=$H/s.sock" "$H/$img.raw"; then :; else fail "after boot $n: read rbd/$img"; fi
     serve_stop
+    # The last thing ext4 writes at its unmount: needs_recovery cleared, state clean. A file
+    # system that outlived its device's disconnect could not write it.
+    local sb; sb=$(dumpe2fs -h "$H/$img.raw" 2>/dev/null | grep -E '^Filesystem (state|features):' | tr -s ' \t' ' ')
+    check "after boot $n: ext4 on rbd/$img was unmounted before the unmap (superblock: state $(sed -n 's/^Filesystem state: //p' <<<"$sb"), needs_recovery $(grep -q needs_recovery <<<"$sb" && echo set || echo clear))" \
+      test "$(grep -c '^Filesystem state: clean$' <<<"$sb")" = 1 -a "$(grep -c needs_recovery <<<"$sb")" = 0
     check "after boot $n: e2fsck -fn of rbd/$img is clean" e2fsck -fn "$H/$img.raw"
   done
   local bad=0 total=0 sum f
