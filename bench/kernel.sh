@@ -61,7 +61,7 @@ esac
 # kernel (6.1 has no ublk) for every peer, and the binary needs feature ublk.
 guest_kernel=6.1
 if [[ " $peers " == *" rados-nbd-ublk "* ]]; then
-  "$bin" map --help 2>/dev/null | grep -q -- '--transport' ||
+  "$bin" --version 2>/dev/null | grep -q 'transports: nbd, ublk' ||
     { echo "kernel.sh: $bin was built without feature ublk (peer rados-nbd-ublk)" >&2; exit 2; }
   export RADOS_NBD_VM_KERNEL=6.12
   guest_kernel=6.12

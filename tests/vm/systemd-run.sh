@@ -142,13 +142,15 @@ after_poweroff() {
   # unit with a private mount namespace made while it was mounted) delays that past the
   # unmap: its last writes then fail on a disconnected device. The kernel's lines are read
   # from its own ring buffer (dmesg, saved beside the journal) when there is one.
-  # The line can be missing: ext4 prints it under a rate limit shared by all its file
-  # systems, whose lock is only tried (lib/ratelimit.c), and two file systems unmounted at
-  # once on the VM's two CPUs can drop one line without a trace (seen twice in CI, once in
+  # The line can be missing: ext4_put_super prints it only if ___ratelimit() on
+  # ext4_mount_msg_ratelimit, one state for all ext4 file systems, says so, and that only
+  # try-locks the state (lib/ratelimit.c): two file systems unmounted at once on the VM's
+  # two CPUs can drop one line without a trace (seen twice in CI, once in
   # the journal and once in dmesg, with the unmap's exclusive-claim check passed). So a
   # missing line is only reported; that the file system ended before its device went away
-  # is checked on the image below, where its superblock must say it was unmounted cleanly
-  # (a file system still mounted at the disconnect cannot write that any more).
+  # is checked on the image below, where its superblock must say it was unmounted
+  # (needs_recovery is set while a journaled ext4 is mounted, cleared by its unmount's
+  # last write, which a file system still mounted at the disconnect cannot make).
   local late unseen awkprog k=$c
   if [ -s "$work/dmesg-$n.txt" ]; then k=$work/dmesg-$n.txt; fi
   read -r -d '' awkprog <<'AWK'
@@ -193,10 +195,12 @@ AWK
     rm -f "$H/$img.raw"
     if serve_sock rbd/$img && nbdcopy "nbd+unix:///?socket=$H/s.sock" "$H/$img.raw"; then :; else fail "after boot $n: read rbd/$img"; fi
     serve_stop
-    # The last thing ext4 writes at its unmount: needs_recovery cleared, state clean. A file
-    # system that outlived its device's disconnect could not write it.
+    # The last thing ext4 writes at its unmount: needs_recovery cleared (set for as long as
+    # a journaled ext4 is mounted; its on-disk state says clean throughout, so that part is
+    # only a sanity check). A file system that outlived its device's disconnect could not
+    # write it.
     local sb; sb=$(dumpe2fs -h "$H/$img.raw" 2>/dev/null | grep -E '^Filesystem (state|features):' | tr -s ' \t' ' ')
-    check "after boot $n: ext4 on rbd/$img was unmounted before the unmap (superblock: state $(sed -n 's/^Filesystem state: //p' <<<"$sb"), needs_recovery $(grep -q needs_recovery <<<"$sb" && echo set || echo clear))" \
+    check "after boot $n: ext4 on rbd/$img was unmounted before the unmap (superblock: needs_recovery $(grep -q needs_recovery <<<"$sb" && echo set || echo clear), state $(sed -n 's/^Filesystem state: //p' <<<"$sb"))" \
       test "$(grep -c '^Filesystem state: clean$' <<<"$sb")" = 1 -a "$(grep -c needs_recovery <<<"$sb")" = 0
     check "after boot $n: e2fsck -fn of rbd/$img is clean" e2fsck -fn "$H/$img.raw"
   done
