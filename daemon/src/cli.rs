@@ -356,6 +356,11 @@ pub enum Command {
     Children {
         /// [POOL/[NAMESPACE/]]IMAGE[@SNAP]
         image: String,
+        /// The snapshot by its id instead of `@SNAP` (as `rbd children --snap-id`): also
+        /// reaches snapshots outside the user namespace, such as a removed snapshot that
+        /// clones keep in the trash namespace (`snap ls --all` shows the ids).
+        #[arg(long, value_name = "ID")]
+        snap_id: Option<u64>,
         /// Also the clones in the trash, marked `(trash ID)` (JSON: `id`, `trash`).
         #[arg(short = 'a', long)]
         all: bool,

@@ -531,6 +531,26 @@ children_like_rbd() {
     [ "$(rbd children --descendants tch_$$ | head -1)" = "rbd/a_tchg_$$" ]
 }
 check "children IMAGE, --all, --descendants: as rbd children (plain, json)" children_like_rbd
+# children --snap-id: a snapshot by its id, the trashed one (no name reaches it) included;
+# an id the image lacks, and a name with an id, refused by both.
+children_by_id_like_rbd() {
+  local t s a
+  t=$(rbd snap ls --all --format json tch_$$ | jq -r '.[] | select(.namespace.type == "trash") | .id')
+  s=$(rbd snap ls --format json tch_$$ | jq -r '.[] | select(.name == "s") | .id')
+  [ -n "$t" ] && [ -n "$s" ] || { echo "no ids: trashed '$t', s '$s'"; return 1; }
+  for a in "--snap-id $t tch_$$" "--snap-id $s --all tch_$$" "--snap-id $s --descendants tch_$$"; do
+    # shellcheck disable=SC2086
+    [ "$($RNQ children $a)" = "$(rbd children $a)" ] &&
+      [ "$($RNQ children --format json $a)" = "$(rbd children --format json $a)" ] ||
+      { echo "children $a: ours '$($RNQ children $a 2>&1)', rbd's '$(rbd children $a 2>&1)'"; return 1; }
+  done
+  [ "$(rbd children --snap-id "$t" tch_$$)" = rbd/tche_$$ ] &&
+    ! rbd children --snap-id 999999 tch_$$ >/dev/null 2>&1 &&
+    ! $RNQ children --snap-id 999999 tch_$$ >/dev/null 2>&1 &&
+    ! rbd children --snap-id "$s" tch_$$@s >/dev/null 2>&1 &&
+    ! $RNQ children --snap-id "$s" tch_$$@s >/dev/null 2>&1
+}
+check "children --snap-id (a trashed snapshot, --all, --descendants; a missing id): as rbd children" children_by_id_like_rbd
 # children of a parent rados-nbd would not serve (stripe count 2): listed as rbd lists them.
 rbd create --size 8M --stripe-unit 64K --stripe-count 2 tfp_$$ && rbd snap create tfp_$$@s >/dev/null 2>&1 &&
   rbd clone --rbd-default-clone-format 2 tfp_$$@s tfpc_$$

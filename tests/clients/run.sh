@@ -16,7 +16,7 @@ serve() { spawn "$BIN" serve "$@"; SERVE_PID=$!; wait_for_socket "$sock"; }
 unserve() { stop_daemon "$SERVE_PID"; rm -f "$sock"; }
 
 check "--version names the release and the optional parts built in ($("$BIN" --version))" bash -c \
-  "'$BIN' --version | grep -qxE 'rados-nbd [0-9]+\.[0-9]+\.[0-9]+ \(stores: dir, (no )?ceph; transports: nbd, (no )?ublk\)'"
+  "'$BIN' --version | grep -qxE 'rados-nbd [0-9]+\.[0-9]+\.[0-9]+[^ ]* \(stores: dir, (no )?ceph; transports: nbd, (no )?ublk\)'"
 check "create image" "$BIN" create --size 256M t1
 check "info shows the size" bash -c "'$BIN' info t1 --format json | jq -e '.size == $SIZE'"
 check "rename (mv) of an image nobody serves" bash -c \
@@ -290,6 +290,15 @@ serve cpar --socket "$sock"
 check "write the parent" nbdcopy "$work/cp.raw" "nbd+unix:///cpar?socket=$sock"
 unserve
 check "snapshot and clone of it" bash -c "'$BIN' snap create cpar@s >/dev/null && '$BIN' clone cpar@s cchild"
+check "children --snap-id (ids from snap ls) lists that snapshot's clones only" bash -c \
+  "'$BIN' snap create cpar@s2 >/dev/null || exit 1
+   id=\$('$BIN' snap ls cpar --format json | jq -r '.[] | select(.name == \"s\") | .id')
+   id2=\$('$BIN' snap ls cpar --format json | jq -r '.[] | select(.name == \"s2\") | .id')
+   [ \"\$('$BIN' children --snap-id \$id cpar)\" = rbd/cchild ] && [ -z \"\$('$BIN' children --snap-id \$id2 cpar)\" ] &&
+     [ \"\$('$BIN' children cpar@s)\" = rbd/cchild ]; rc=\$?
+   '$BIN' snap rm cpar@s2 >/dev/null; exit \$rc"
+check "children of a missing snapshot id, or of a name and an id, is refused" bash -c \
+  "! '$BIN' children --snap-id 999999 cpar 2>/dev/null && '$BIN' children --snap-id 1 cpar@s 2>&1 | grep -q 'both given'"
 serve cchild --socket "$sock"
 check "snap create of the served clone" "$BIN" snap create cchild@a
 check "snap protect of the served clone's snapshot (asked of the daemon)" "$BIN" snap protect cchild@a

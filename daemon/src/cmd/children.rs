@@ -2,7 +2,7 @@
 //! `rbd children` does.
 
 use crate::cli::Format;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::Store;
 use serde_json::json;
@@ -10,11 +10,19 @@ use serde_json::json;
 pub async fn children<S: Store>(
     store: &S,
     parent: &ImageSpec,
+    snap_id: Option<u64>,
     all: bool,
     descendants: bool,
     format: Format,
 ) -> Result<()> {
-    let kids = store.children(parent, descendants).await?;
+    if let (Some(name), Some(id)) = (&parent.snap, snap_id) {
+        // rbd: "trying to access snapshot using both name and id".
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("children: snapshot {name} and --snap-id {id} both given; name one"),
+        ));
+    }
+    let kids = store.children(parent, snap_id, descendants).await?;
     // Without --all, rbd leaves the clones in the trash out.
     let kids = kids.iter().filter(|c| all || !c.trash);
     match format {

@@ -282,13 +282,15 @@ pub async fn run<S: Store>(store: S, cmd: Command) -> Result<()> {
         }
         Command::Children {
             image,
+            snap_id,
             all,
             descendants,
             format,
             pretty_format,
         } => {
             set_pretty_json(pretty_format);
-            children::children(&store, &parse_spec(&image)?, all, descendants, format).await
+            let parent = parse_spec(&image)?;
+            children::children(&store, &parent, snap_id, all, descendants, format).await
         }
         #[cfg(target_os = "linux")]
         Command::Kernel(_) => Err(Error::new(

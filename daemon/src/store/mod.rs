@@ -523,12 +523,14 @@ pub trait Store: Send + Sync + 'static {
         async move { Err(e) }
     }
 
-    /// The clones of `parent@snap` (`rbd children`), or of every snapshot of `parent`
-    /// (trash-namespace ones included) when it names none; with `descendants`, their
+    /// The clones of `parent@snap` (`rbd children`), or of its snapshot `snap_id` (of any
+    /// namespace; `parent` then names no snapshot), or of every snapshot of `parent`
+    /// (trash-namespace ones included) when neither is given; with `descendants`, their
     /// clones too, all the way down. In rbd's order: pool, namespace, name.
     fn children(
         &self,
         parent: &ImageSpec,
+        _snap_id: Option<u64>,
         _descendants: bool,
     ) -> impl Future<Output = Result<Vec<ChildImage>>> + Send {
         let e = unsupported(format!("{}: listing children of {parent}", self.describe()));

@@ -1194,6 +1194,6 @@ async fn ceph_live_reads_keep_the_reply() {
 
 /// What `children` lists of `snap`, as specs.
 async fn kid_specs(st: &CephStore, snap: &ImageSpec) -> Vec<ImageSpec> {
-    let v = st.children(snap, false).await.unwrap();
+    let v = st.children(snap, None, false).await.unwrap();
     v.into_iter().map(|c| c.spec).collect()
 }

@@ -313,8 +313,13 @@ impl Store for CephStore {
         self.clone_impl(parent, child, opts).await
     }
 
-    async fn children(&self, parent: &ImageSpec, descendants: bool) -> Result<Vec<ChildImage>> {
-        self.children_impl(parent, descendants).await
+    async fn children(
+        &self,
+        parent: &ImageSpec,
+        snap_id: Option<u64>,
+        descendants: bool,
+    ) -> Result<Vec<ChildImage>> {
+        self.children_impl(parent, snap_id, descendants).await
     }
 }
 
@@ -788,6 +793,7 @@ impl CephStore {
     async fn children_impl(
         &self,
         parent: &ImageSpec,
+        snap_id: Option<u64>,
         descendants: bool,
     ) -> Result<Vec<ChildImage>> {
         let ctx = |e: Error| e.context(format!("listing children of {parent}"));
@@ -795,14 +801,24 @@ impl CephStore {
         let pid = self.image_id(&pio, parent).await?;
         // The snapshot's id from the header alone, not as an open reads it: librbd lists
         // the clones of images rados-nbd would not serve (fancy striping, journaling).
-        let snaps = match &parent.snap {
-            Some(name) => vec![user_snap_id(&pio, &pid, name)
+        let snaps = match (&parent.snap, snap_id) {
+            (_, Some(want)) => {
+                // Any namespace (user, trash, group, mirror), as librbd's snap_set_by_id.
+                if !snapshot_ids(&pio, &pid).await.map_err(ctx)?.contains(&want) {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("snapshot id {want} of {parent} not found"),
+                    ));
+                }
+                vec![want]
+            }
+            (Some(name), None) => vec![user_snap_id(&pio, &pid, name)
                 .await
                 .map_err(ctx)?
                 .ok_or_else(|| {
                     Error::new(ErrorKind::NotFound, format!("snapshot {parent} not found"))
                 })?],
-            None => snapshot_ids(&pio, &pid).await.map_err(ctx)?,
+            (None, None) => snapshot_ids(&pio, &pid).await.map_err(ctx)?,
         };
         let mut todo = vec![(pio, pid, snaps)];
         let mut seen = std::collections::HashSet::new();

@@ -229,11 +229,13 @@ pub(super) async fn clone_image(
     .await
 }
 
-/// `rbd children`: the clones of `parent@snap`, or of every snapshot of `parent` when it
-/// names none; with `descendants`, theirs too. The directory store has no image trash.
+/// `rbd children`: the clones of `parent@snap` (or of its snapshot `snap_id`), or of every
+/// snapshot of `parent` when neither is given; with `descendants`, theirs too. The
+/// directory store has no image trash.
 pub(super) async fn children(
     store: &DirStore,
     parent: &ImageSpec,
+    snap_id: Option<u64>,
     descendants: bool,
 ) -> Result<Vec<ChildImage>> {
     let ppool = store.pool_dir(&parent.pool);
@@ -248,9 +250,18 @@ pub(super) async fn children(
             )
         })?;
         let h = read_header(&ppool, &pid)?;
-        let snap_id = match &parent.snap {
-            None => None,
-            Some(name) => Some(
+        let snap_id = match (&parent.snap, snap_id) {
+            (_, Some(want)) => {
+                if !h.snapshots.iter().any(|s| s.id == want) {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("snapshot id {want} of {parent} not found in {desc}"),
+                    ));
+                }
+                Some(want)
+            }
+            (None, None) => None,
+            (Some(name), None) => Some(
                 h.snapshots
                     .iter()
                     .find(|s| &s.name == name)

@@ -305,9 +305,14 @@ impl Store for DirStore {
         clone::clone_image(self, parent, child, opts).await
     }
 
-    async fn children(&self, parent: &ImageSpec, descendants: bool) -> Result<Vec<ChildImage>> {
+    async fn children(
+        &self,
+        parent: &ImageSpec,
+        snap_id: Option<u64>,
+        descendants: bool,
+    ) -> Result<Vec<ChildImage>> {
         self.no_namespace(parent, &parent.namespace)?;
-        clone::children(self, parent, descendants).await
+        clone::children(self, parent, snap_id, descendants).await
     }
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 
 /// What `children` lists of `parent` (specs only: the directory store has no trash).
 async fn kids(s: &DirStore, parent: &str, descendants: bool) -> Vec<ImageSpec> {
-    let v = s.children(&spec(parent), descendants).await.unwrap();
+    let v = s.children(&spec(parent), None, descendants).await.unwrap();
     assert!(v.iter().all(|c| !c.trash && !c.id.is_empty()));
     v.into_iter().map(|c| c.spec).collect()
 }
@@ -1204,6 +1204,32 @@ async fn clones_link_to_their_parent_snapshot() {
     );
     assert_eq!(kids(&s, "c1", false).await, [spec("c3")]);
     assert!(kids(&s, "c3", true).await.is_empty());
+    // `children --snap-id`: one snapshot by its id, not the image's others (base gets a
+    // second snapshot with a clone of its own); an id the image lacks is NotFound.
+    let s2 = p.snap_create("s2").await.unwrap();
+    s.clone_image(&spec("base@s2"), &spec("c4"), &clone_opts(2))
+        .await
+        .unwrap();
+    let by_id = async |image: &str, id: u64, descendants: bool| -> Vec<ImageSpec> {
+        let v = s.children(&spec(image), Some(id), descendants).await;
+        v.unwrap().into_iter().map(|c| c.spec).collect()
+    };
+    assert_eq!(
+        by_id("base", snap, false).await,
+        [spec("p2/c2"), spec("c1")]
+    );
+    assert_eq!(by_id("base", s2, false).await, [spec("c4")]);
+    assert_eq!(
+        by_id("base", snap, true).await,
+        [spec("p2/c2"), spec("c1"), spec("c3")]
+    );
+    assert_eq!(by_id("c1", cs, false).await, [spec("c3")]);
+    let e = s
+        .children(&spec("c1"), Some(snap + s2 + cs + 7), false)
+        .await;
+    assert_eq!(e.unwrap_err().kind, ErrorKind::NotFound);
+    s.remove_image(&spec("c4")).await.unwrap();
+    p.snap_remove(s2).await.unwrap();
     let c3 = open(&s, "c3", OpenMode::ReadOnly).await;
     let l1 = c3.open_parent().await.unwrap().unwrap();
     assert_eq!(l1.header().parent.unwrap().spec, spec("base@s1"));
