@@ -185,3 +185,54 @@ has_ceph() {
   rm -rf "$d"
   ! grep -q "no Ceph support" <<<"$out"
 }
+
+# Ceph's own command-line clients can hang for good: librados 16.2.15's MonClient deadlocked
+# in a CI run (`rbd info` closing its image while MonClient::tick reopened the monitor
+# session: _reopen_session, holding the client's lock, marked the old connection down and
+# waited for its lock, which a messenger worker held while it waited for the client's), and
+# the suite waited on it for good. So every `rbd` and `rados` the suites run (directly or in
+# `bash -c`) is ended after CEPH_CALL_TIMEOUT seconds (default 600), saying so on stderr. A
+# command that only reads (rbd info/ls/status/du/diff/export/children, snap ls, lock ls,
+# object-map check, image-meta get/list; rados stat/ls/get/lssnap and omap, xattr and
+# watcher reads) gets CEPH_READ_TIMEOUT (300 s) and, after such a hang, one more try; its
+# output is held back until it finished, so a retry never doubles it. Defined only where the
+# tool is installed (`command -v` keeps telling whether it is); in the caller's process group
+# (--foreground), as the bare tool was.
+ceph_call() {
+  local tool=$1 t=${CEPH_CALL_TIMEOUT:-600} rc w words=() skip=0 out try
+  shift
+  for w in "$@"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case $w in
+      -p|--pool|-N|--namespace|-c|--conf|--id|-n|--name|-k|--keyring|--format|--snap|--image) skip=1 ;;
+      -*) ;;
+      *) words+=("$w") ;;
+    esac
+  done
+  case "$tool ${words[0]:-} ${words[1]:-}" in
+    "rbd info "*|"rbd ls "*|"rbd list "*|"rbd status "*|"rbd du "*|"rbd disk-usage "*|"rbd diff "*|\
+    "rbd export "*|"rbd children "*|"rbd snap ls"|"rbd snap list"|"rbd lock ls"|"rbd lock list"|\
+    "rbd object-map check"|"rbd image-meta get"|"rbd image-meta list"|\
+    "rados stat "*|"rados ls "*|"rados get "*|"rados lssnap "*|"rados listomapvals "*|\
+    "rados listomapkeys "*|"rados getomapval "*|"rados getomapheader "*|"rados listwatchers "*|\
+    "rados getxattr "*|"rados listxattr "*) ;;
+    *)
+      timeout --foreground -k 10 "$t" "$tool" "$@"; rc=$?
+      if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "tests/lib.sh: '$tool $*' did not finish in $t s (a hung Ceph client), ended" >&2
+      fi
+      return "$rc" ;;
+  esac
+  t=${CEPH_READ_TIMEOUT:-300}
+  out=$(mktemp)
+  for try in 1 2; do
+    timeout --foreground -k 10 "$t" "$tool" "$@" >"$out"; rc=$?
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] || break
+    echo "tests/lib.sh: '$tool $*' did not finish in $t s (a hung Ceph client), ended (try $try of 2)" >&2
+  done
+  cat "$out"; rm -f "$out"
+  return "$rc"
+}
+if type -P rbd >/dev/null 2>&1; then rbd() { ceph_call rbd "$@"; }; export -f rbd; fi
+if type -P rados >/dev/null 2>&1; then rados() { ceph_call rados "$@"; }; export -f rados; fi
+export -f ceph_call

@@ -30,6 +30,8 @@ nsx() { ip netns exec "$ns" "$@"; }
 # `rbd` on the host runs inside the namespace (the cluster has no other address); omap_check
 # (tests/lib.sh) calls this one too. Bounded: rbd waits forever for a cluster that is gone.
 rbd() { nsx timeout 120 /usr/bin/rbd "$@"; }
+# tests/lib.sh exports its own rbd to `bash -c` children; this one needs nsx, which they lack.
+export -fn rbd
 listens_only_on_addr() { ! nsx ss -Hltnu | awk '{print $5}' | grep -v "^$addr:" | grep .; }
 # idle IMAGE: what a clean close leaves: flags clean (no "object map invalid"), no lock, no
 # watcher.
