@@ -186,11 +186,10 @@ has_ceph() {
   ! grep -q "no Ceph support" <<<"$out"
 }
 
-# Ceph's own command-line clients can hang for good: librados 16.2.15's MonClient deadlocked
-# in a CI run (`rbd info` closing its image while MonClient::tick reopened the monitor
-# session: _reopen_session, holding the client's lock, marked the old connection down and
-# waited for its lock, which a messenger worker held while it waited for the client's), and
-# the suite waited on it for good. So every `rbd` and `rados` the suites run (directly or in
+# Ceph's own command-line clients can hang for good: in a CI run an `rbd info` of librados
+# 16.2.15 never ended (seen with gdb: closing its image, while MonClient::tick reopened the
+# monitor session, and ~MonConnection's AsyncConnection::mark_down waited on a mutex for
+# good, as did a messenger worker and an io_context_pool thread), and the suite with it. So every `rbd` and `rados` the suites run (directly or in
 # `bash -c`) is ended after CEPH_CALL_TIMEOUT seconds (default 600), saying so on stderr. A
 # command that only reads (rbd info/ls/status/du/diff/export/children, snap ls, lock ls,
 # object-map check, image-meta get/list; rados stat/ls/get/lssnap and omap, xattr and
