@@ -189,16 +189,17 @@ has_ceph() {
 # Ceph's own command-line clients can hang for good: in a CI run an `rbd info` of librados
 # 16.2.15 never ended (seen with gdb: closing its image, while MonClient::tick reopened the
 # monitor session, and ~MonConnection's AsyncConnection::mark_down waited on a mutex for
-# good, as did a messenger worker and an io_context_pool thread), and the suite with it. So every `rbd` and `rados` the suites run (directly or in
-# `bash -c`) is ended after CEPH_CALL_TIMEOUT seconds (default 600), saying so on stderr. A
-# command that only reads (rbd info/ls/status/du/diff/export/children, snap ls, lock ls,
-# object-map check, image-meta get/list; rados stat/ls/get/lssnap and omap, xattr and
-# watcher reads) gets CEPH_READ_TIMEOUT (300 s) and, after such a hang, one more try; its
-# output is held back until it finished, so a retry never doubles it. Defined only where the
-# tool is installed (`command -v` keeps telling whether it is); in the caller's process group
-# (--foreground), as the bare tool was.
+# good, as did a messenger worker and an io_context_pool thread), and the suite with it. So
+# every `rbd` and `rados` the suites run (directly or in `bash -c`) is ended after
+# CEPH_CALL_TIMEOUT seconds (default 600), saying so on stderr. A command that only reads
+# (rbd info/ls/status/du/diff/export/children, snap ls, lock ls, object-map check,
+# image-meta get/list; rados stat/ls/get/lssnap and omap, xattr and watcher reads) gets
+# CEPH_READ_TIMEOUT (300 s) and, after such a hang, one more try; its output is held back
+# until it finished, so a retry never doubles it. Defined only where the tool is installed
+# (`command -v` keeps telling whether it is); in the caller's process group (--foreground),
+# as the bare tool was.
 ceph_call() {
-  local tool=$1 t=${CEPH_CALL_TIMEOUT:-600} rc w words=() skip=0 out try
+  local tool=$1 t=${CEPH_CALL_TIMEOUT:-600} tries=1 out= rc w words=() skip=0 try
   shift
   for w in "$@"; do
     if [ "$skip" = 1 ]; then skip=0; continue; fi
@@ -214,22 +215,20 @@ ceph_call() {
     "rbd object-map check"|"rbd image-meta get"|"rbd image-meta list"|\
     "rados stat "*|"rados ls "*|"rados get "*|"rados lssnap "*|"rados listomapvals "*|\
     "rados listomapkeys "*|"rados getomapval "*|"rados getomapheader "*|"rados listwatchers "*|\
-    "rados getxattr "*|"rados listxattr "*) ;;
-    *)
-      timeout --foreground -k 10 "$t" "$tool" "$@"; rc=$?
-      if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        echo "tests/lib.sh: '$tool $*' did not finish in $t s (a hung Ceph client), ended" >&2
-      fi
-      return "$rc" ;;
+    "rados getxattr "*|"rados listxattr "*)
+      t=${CEPH_READ_TIMEOUT:-300} tries=2 out=$(mktemp) ;;
   esac
-  t=${CEPH_READ_TIMEOUT:-300}
-  out=$(mktemp)
-  for try in 1 2; do
-    timeout --foreground -k 10 "$t" "$tool" "$@" >"$out"; rc=$?
+  for ((try = 1; try <= tries; try++)); do
+    if [ -n "$out" ]; then
+      timeout --foreground -k 10 "$t" "$tool" "$@" >"$out"; rc=$?
+    else
+      timeout --foreground -k 10 "$t" "$tool" "$@"; rc=$?
+    fi
     [ "$rc" = 124 ] || [ "$rc" = 137 ] || break
-    echo "tests/lib.sh: '$tool $*' did not finish in $t s (a hung Ceph client), ended (try $try of 2)" >&2
+    echo "tests/lib.sh: '$tool $*' did not finish in $t s (a hung Ceph client)," \
+      "ended (try $try of $tries)" >&2
   done
-  cat "$out"; rm -f "$out"
+  if [ -n "$out" ]; then cat "$out"; rm -f "$out"; fi
   return "$rc"
 }
 if type -P rbd >/dev/null 2>&1; then rbd() { ceph_call rbd "$@"; }; export -f rbd; fi
