@@ -17,7 +17,7 @@
 //! versions needs fast-diff (EXISTS_CLEAN says "not written since the snapshot before");
 //! without it only a diff from the beginning of time is possible.
 
-use super::du::text_table;
+use super::table::text_table;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::{Error, ErrorKind, Result};

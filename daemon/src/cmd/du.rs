@@ -9,6 +9,7 @@ use super::diff::{
     diff_versions, find_version, maps_usable, snapset_extents, version_flags, versions, Memo,
 };
 use super::info::human_size;
+use super::table::text_table;
 use super::with_image;
 use crate::cli::Format;
 use crate::error::{Error, ErrorKind, Result};
@@ -289,75 +290,4 @@ fn plain_row(name: &str, l: &Line) -> Vec<String> {
         None => name.to_string(),
     };
     vec![n, human_size(l.provisioned), human_size(l.used)]
-}
-
-/// A table as Ceph's TextTable prints it (`rbd du`, `rbd diff`): each column as wide as
-/// its widest cell, two spaces between columns, headings left-aligned, cells left- or
-/// right-aligned (`right`) per column; nothing at all when there are no rows.
-pub(super) fn text_table(cols: &[(&str, bool)], rows: &[Vec<String>]) -> String {
-    if rows.is_empty() {
-        return String::new();
-    }
-    let widths: Vec<usize> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| rows.iter().map(|r| r[i].len()).fold(h.len(), usize::max))
-        .collect();
-    let mut out = String::new();
-    let mut line = |cells: Vec<(&str, bool)>| {
-        let l: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|((c, right), &w)| {
-                if *right {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect();
-        out.push_str(&l.join("  "));
-        out.push('\n');
-    };
-    line(cols.iter().map(|(h, _)| (*h, false)).collect());
-    for r in rows {
-        line(
-            r.iter()
-                .zip(cols)
-                .map(|(c, (_, right))| (c.as_str(), *right))
-                .collect(),
-        );
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_table_pads_like_ceph() {
-        let rows: Vec<Vec<String>> = [
-            ["t2@a", "16 MiB", "8 MiB"],
-            ["t2@b", "16 MiB", "4 MiB"],
-            ["t2", "16 MiB", "0 B"],
-            ["<TOTAL>", "16 MiB", "12 MiB"],
-        ]
-        .iter()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect();
-        // What `rbd du` (16.2.15) printed for the same cells, byte for byte.
-        assert_eq!(
-            text_table(
-                &[("NAME", false), ("PROVISIONED", true), ("USED", true)],
-                &rows
-            ),
-            "NAME     PROVISIONED  USED  \n\
-             t2@a          16 MiB   8 MiB\n\
-             t2@b          16 MiB   4 MiB\n\
-             t2            16 MiB     0 B\n\
-             <TOTAL>       16 MiB  12 MiB\n"
-        );
-        assert_eq!(text_table(&[("Offset", false)], &[]), "");
-    }
 }

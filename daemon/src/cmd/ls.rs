@@ -1,8 +1,8 @@
 //! `ls`: the images of a pool (or of an RBD namespace in it); with `--long`, as `rbd ls
 //! -l`: each image and its user snapshots with size, parent, format, protection and lock.
 
-use super::du::text_table;
 use super::info::human_size;
+use super::table::text_table;
 use crate::cli::Format;
 use crate::error::Result;
 use crate::spec::{ImageSpec, DEFAULT_POOL};

@@ -15,6 +15,7 @@ pub mod ls;
 pub mod object_map;
 pub mod resize;
 pub mod snap;
+pub(crate) mod table;
 
 use crate::cli::{Cli, Command, ObjectMapCommand};
 use crate::config::Config;

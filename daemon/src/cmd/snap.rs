@@ -354,36 +354,8 @@ pub fn list(
                     r
                 })
                 .collect();
-            let width: Vec<usize> = (0..head.len())
-                .map(|c| {
-                    rows.iter()
-                        .map(|r| r[c].chars().count())
-                        .chain([head[c].len()])
-                        .max()
-                        .unwrap_or(0)
-                })
-                .collect();
-            let line = |cells: &[String], align_right: &[bool]| {
-                let padded: Vec<String> = cells
-                    .iter()
-                    .enumerate()
-                    .map(|(c, cell)| {
-                        let pad = " ".repeat(width[c].saturating_sub(cell.chars().count()));
-                        if align_right[c] {
-                            format!("{pad}{cell}")
-                        } else {
-                            format!("{cell}{pad}")
-                        }
-                    })
-                    .collect();
-                format!("{}\n", padded.join("  "))
-            };
-            let heads: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-            let mut out = line(&heads, &vec![false; head.len()]);
-            for r in &rows {
-                out.push_str(&line(r, &right));
-            }
-            out
+            let cols: Vec<(&str, bool)> = head.iter().copied().zip(right).collect();
+            super::table::text_table(&cols, &rows)
         }
     }
 }

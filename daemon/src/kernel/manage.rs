@@ -277,59 +277,51 @@ pub(super) fn list_mapped(a: ListMappedArgs) -> Result<()> {
                 writeln!(out, "{v}")
             }
         }
-        ListFormat::Plain => {
-            let mut lines = vec![[
-                "pid",
-                "pool",
-                "namespace",
-                "image",
-                "snap",
-                "device",
-                "cookie",
-                "store",
-                "transport",
-            ]
-            .map(String::from)];
-            for s in &rows {
-                lines.push([
-                    if s.detached {
-                        "detached".into()
-                    } else {
-                        s.pid.to_string()
-                    },
-                    s.pool.clone(),
-                    // Empty, not "-", for the default namespace and for no cookie, as
-                    // rbd-nbd prints them: a script's awk counts the fields the same.
-                    s.namespace.clone(),
-                    s.image.clone(),
-                    s.snap.clone().unwrap_or_else(|| "-".into()),
-                    s.device.clone(),
-                    s.backend.clone().unwrap_or_default(),
-                    s.store.clone(),
-                    s.transport.to_string(),
-                ]);
-            }
-            let mut w = [0usize; 9];
-            for l in &lines {
-                for (i, c) in l.iter().enumerate() {
-                    w[i] = w[i].max(c.len());
-                }
-            }
-            let mut r = Ok(());
-            if !rows.is_empty() {
-                for l in &lines {
-                    let row: Vec<String> = l
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| format!("{c:<w$}", w = w[i]))
-                        .collect();
-                    r = r.and(writeln!(out, "{}", row.join("  ").trim_end()));
-                }
-            }
-            r
-        }
+        ListFormat::Plain => write!(out, "{}", list_plain(&rows)),
     };
     res.map_err(|e| Error::io("writing to stdout", e))
+}
+
+/// `list-mapped` plain: rbd-nbd's columns, then store and transport, padded as Ceph's
+/// TextTable pads them (by bytes), with no trailing blanks; nothing when nothing is mapped.
+fn list_plain(rows: &[DeviceState]) -> String {
+    const COLS: [(&str, bool); 9] = [
+        ("pid", false),
+        ("pool", false),
+        ("namespace", false),
+        ("image", false),
+        ("snap", false),
+        ("device", false),
+        ("cookie", false),
+        ("store", false),
+        ("transport", false),
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|s| {
+            vec![
+                if s.detached {
+                    "detached".into()
+                } else {
+                    s.pid.to_string()
+                },
+                s.pool.clone(),
+                // Empty, not "-", for the default namespace and for no cookie, as
+                // rbd-nbd prints them: a script's awk counts the fields the same.
+                s.namespace.clone(),
+                s.image.clone(),
+                s.snap.clone().unwrap_or_else(|| "-".into()),
+                s.device.clone(),
+                s.backend.clone().unwrap_or_default(),
+                s.store.clone(),
+                s.transport.to_string(),
+            ]
+        })
+        .collect();
+    crate::cmd::table::text_table(&COLS, &cells)
+        .lines()
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect()
 }
 
 /// `list-mapped --format xml` as rbd-nbd's XMLFormatter prints it (one line, or with
@@ -385,6 +377,29 @@ fn list_xml(rows: &[DeviceState], pretty: bool) -> String {
 mod tests {
     use super::*;
     use device::test_state as state;
+
+    #[test]
+    fn list_mapped_plain_pads_by_bytes() {
+        assert_eq!(list_plain(&[]), "");
+        let mut a = state(true);
+        a.pid = 7;
+        a.pool = "rbd".into();
+        a.image = "ü名".into();
+        a.snap = None;
+        a.device = "/dev/nbd3".into();
+        a.backend = Some("c".into());
+        a.store = "dir:/s".into();
+        let mut b = a.clone();
+        b.image = "abcdef".into();
+        b.device = "/dev/nbd4".into();
+        b.snap = Some("s".into());
+        assert_eq!(
+            list_plain(&[a, b]),
+            "pid  pool  namespace  image   snap  device     cookie  store   transport\n\
+             7    rbd              ü名   -     /dev/nbd3  c       dir:/s  nbd\n\
+             7    rbd              abcdef  s     /dev/nbd4  c       dir:/s  nbd\n"
+        );
+    }
 
     #[test]
     fn list_mapped_xml_is_rbd_nbds_with_our_fields_after() {
