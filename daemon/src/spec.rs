@@ -49,21 +49,29 @@ impl std::fmt::Display for ImageSpec {
     }
 }
 
+/// Names as `rbd` takes them: anything but `/` and `@` (its spec parser's separators),
+/// so images, snapshots and namespaces made by rbd with spaces, quotes or any Unicode in
+/// their names can be served and managed. Refused as well: the empty name, `.` and `..`
+/// (the directory store's pools are directories) and NUL (not in a file name, nor in the
+/// kernel's C strings); at most 255 bytes.
 fn check_name(what: &str, s: &str, spec: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s.len() <= 255
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | ':'));
-    if ok {
-        Ok(())
+    let why = if s.is_empty() {
+        "empty"
+    } else if s == "." || s == ".." {
+        "\".\" and \"..\" are not names"
+    } else if s.len() > 255 {
+        "longer than 255 bytes"
+    } else if s.contains(['/', '@']) {
+        "'/' and '@' separate the parts of a spec"
+    } else if s.contains('\0') {
+        "it contains a NUL character"
     } else {
-        Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("invalid {what} {s:?} in image spec {spec:?} (use letters, digits, - _ . + :)"),
-        ))
-    }
+        return Ok(());
+    };
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!("invalid {what} {s:?} in image spec {spec:?}: {why}"),
+    ))
 }
 
 impl std::str::FromStr for ImageSpec {
@@ -139,5 +147,44 @@ mod tests {
         assert!("".parse::<ImageSpec>().is_err());
         assert!("p/".parse::<ImageSpec>().is_err());
         assert!("../x".parse::<ImageSpec>().is_err());
+    }
+
+    /// Any name rbd's spec parser takes (`[^/@]+`) is ours too: white space, quotes,
+    /// shell and XML characters, a leading '-', Unicode.
+    #[test]
+    fn names_as_rbd_takes_them() {
+        for name in [
+            "a b",
+            " sp",
+            "tab\tx",
+            "x'y\"z",
+            "a\\b<c>&d",
+            "a=b#c%d,e",
+            "-lead",
+            "ü名",
+            "...",
+        ] {
+            let s: ImageSpec = format!("p/{name}@{name}").parse().unwrap();
+            assert_eq!((s.pool.as_str(), s.name.as_str()), ("p", name));
+            assert_eq!(s.snap.as_deref(), Some(name));
+            let s: ImageSpec = format!("p/{name}/{name}").parse().unwrap();
+            assert_eq!((s.namespace.as_str(), s.name.as_str()), (name, name));
+            assert_eq!(s.to_string().parse::<ImageSpec>().unwrap(), s);
+        }
+        for (bad, why) in [
+            ("p/img@a@b", "'/' and '@'"),
+            ("p/img@a/b", "'/' and '@'"),
+            ("p/img@", "empty"),
+            ("./img", "are not names"),
+            ("p/..", "are not names"),
+            ("p/a\0b", "NUL"),
+        ] {
+            let e = bad.parse::<ImageSpec>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let long = "x".repeat(256);
+        let e = long.parse::<ImageSpec>().unwrap_err().to_string();
+        assert!(e.contains("longer than 255 bytes"), "{e}");
+        assert!("x".repeat(255).parse::<ImageSpec>().is_ok());
     }
 }

@@ -560,6 +560,12 @@ shrink_case "clone" clone nosnap
 shrink_case "clone with a snapshot" clone snap
 shrink_case "clone, the boundary object unwritten" clone nosnap unwritten
 
+# ---------------------------------------------------------------- names as rbd takes them
+# An image made by `rbd create` with white space, quotes and Unicode in its name, with a
+# snapshot and a clone named likewise: served, renamed while served, read back, and checked
+# with rbd (ls, snap ls, children, info, export, object-map check).
+run_counted timeout -k 10 600 "$PY" -u "$here/../clients/odd_names.py" "$work" --ceph -- "${RN[@]}"
+
 # ---------------------------------------------------------------- cleanup through rados-nbd
 rbd snap purge e2e-s >/dev/null 2>&1
 for i in e2e-a e2e-b e2e-k e2e-s; do

@@ -336,6 +336,10 @@ serve cchild --socket "$sock"
 check "... and the clone keeps the bytes on its own" bash -c \
   "nbdcopy 'nbd+unix:///cchild?socket=$sock' '$work/cc.raw' && cmp '$work/cc.raw' '$work/cp.raw'"
 unserve
+# Names as rbd takes them (anything but / and @): an image, a snapshot and a clone named with
+# white space, quotes and Unicode, served, snapshotted and renamed while served, read back.
+run_counted timeout -k 10 300 "$PY" -u "$here/odd_names.py" "$work" -- "$BIN"
+
 # The directory store against an in-memory model: seeded sequences of writes, trims, zeroes,
 # closes, kill -9s, resizes and read-only opens, shared with the Ceph differential test
 # (tests/diffops.py). DIFF_SEQS sets the budget; `dir_model.py --long` the bench-style mode.

@@ -55,8 +55,9 @@ fn no_ublk() -> Error {
 /// unless `--cookie` names another; RECONFIGURE must present the same string, so the
 /// kernel itself refuses to re-attach another image. `rados-nbd:STORE:SPEC`, one word (it
 /// is a column of list-mapped: white space in the store becomes `_`), and the image spec
-/// after the last `:` (`%`, `:` and white space in it percent-encoded), where udev's
-/// helper (packaging/rados-nbd-udev) reads it to name /dev/rados-nbd/POOL/IMAGE.
+/// after the last `:` (`%`, `:`, white space and control characters in it percent-encoded,
+/// byte by byte), where udev's helper (packaging/rados-nbd-udev) reads it to name
+/// /dev/rados-nbd/POOL/IMAGE.
 fn backend_id(store: &str, spec: &ImageSpec) -> String {
     let store: String = store
         .chars()
@@ -67,7 +68,12 @@ fn backend_id(store: &str, spec: &ImageSpec) -> String {
         match c {
             '%' => enc.push_str("%25"),
             ':' => enc.push_str("%3A"),
-            c if c.is_whitespace() => enc.push_str(&format!("%{:02X}", c as u32 & 0xff)),
+            // Every byte of the character: names take any Unicode (spec.rs).
+            c if c.is_whitespace() || c.is_control() => {
+                for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                    enc.push_str(&format!("%{b:02X}"));
+                }
+            }
             c => enc.push(c),
         }
     }
@@ -1183,6 +1189,13 @@ mod tests {
         assert_eq!(
             backend_id("ceph:", &odd),
             "rados-nbd:ceph::p/ns/a%3Ab@s%3A1"
+        );
+        // White space and control characters byte by byte (UTF-8), other Unicode as it is:
+        // still one word, one line.
+        let odd: ImageSpec = "p/a b\u{3000}c\nd\u{1}é%".parse().unwrap();
+        assert_eq!(
+            backend_id("ceph:", &odd),
+            "rados-nbd:ceph::p/a%20b%E3%80%80c%0Ad%01é%25"
         );
         let mut st = device::test_state(true);
         // Without --cookie, attach takes ours, the one of older versions, or the one

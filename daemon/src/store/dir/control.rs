@@ -74,20 +74,59 @@ fn quiesce_word(m: QuiesceMode) -> &'static str {
     }
 }
 
+/// The longest request line taken.
+const MAX_LINE: u64 = 1024;
+
+/// A name as one word of a request line: `%`, white space and control characters
+/// percent-encoded, byte by byte (names made only of letters, digits and `-_.+:`, all
+/// that earlier versions took, are their own word, so either side may be older).
+fn word(name: &str) -> String {
+    let mut w = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c == '%' || c.is_whitespace() || c.is_control() {
+            for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                w.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            w.push(c);
+        }
+    }
+    w
+}
+
+/// The name a [`word`] stands for.
+fn unword(w: &str) -> std::result::Result<String, String> {
+    let bad = || format!("bad name {w:?}");
+    let mut bytes = Vec::with_capacity(w.len());
+    let mut rest = w.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = tail.get(..2).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
 /// The control socket's protocol: one request line, one answer line.
 /// `resize SIZE 0|1` (1: shrinking allowed), `snap-create NAME [skip-quiesce|
 /// ignore-quiesce-error]`, `snap-rm NAME`, `snap-protect NAME`, `snap-unprotect NAME`,
-/// `snap-rename ID NEW-NAME`, `flatten`, `object-map-rebuild`, `sparsify BYTES` or
-/// `features MASK 0|1` (1: enable) → `ok` or `error MESSAGE`.
+/// `snap-rename ID NEW-NAME`, `rename NEW-NAME`, `flatten`, `object-map-rebuild`, `sparsify BYTES` or
+/// `features MASK 0|1` (1: enable) → `ok` or `error MESSAGE`. NAME: see [`word`].
 fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
         ["snap-create", name] => Ok(OwnerAction::SnapCreate {
-            name: name.to_string(),
+            name: unword(name)?,
             quiesce: QuiesceMode::Run,
         }),
         ["snap-create", name, mode] => Ok(OwnerAction::SnapCreate {
-            name: name.to_string(),
+            name: unword(name)?,
             quiesce: match mode {
                 "skip-quiesce" => QuiesceMode::Skip,
                 "ignore-quiesce-error" => QuiesceMode::IgnoreError,
@@ -95,24 +134,24 @@ fn parse_control_request(line: &str) -> std::result::Result<OwnerAction, String>
             },
         }),
         ["snap-rm", name] => Ok(OwnerAction::SnapRemove {
-            name: name.to_string(),
+            name: unword(name)?,
         }),
         ["snap-protect", name] => Ok(OwnerAction::SnapProtect {
-            name: name.to_string(),
+            name: unword(name)?,
             protected: true,
         }),
         ["snap-unprotect", name] => Ok(OwnerAction::SnapProtect {
-            name: name.to_string(),
+            name: unword(name)?,
             protected: false,
         }),
         ["snap-rename", snap_id, new_name] => Ok(OwnerAction::SnapRename {
             snap_id: snap_id
                 .parse::<u64>()
                 .map_err(|_| format!("bad snapshot id {snap_id:?}"))?,
-            new_name: new_name.to_string(),
+            new_name: unword(new_name)?,
         }),
         ["rename", new_name] => Ok(OwnerAction::Rename {
-            new_name: new_name.to_string(),
+            new_name: unword(new_name)?,
         }),
         ["flatten"] => Ok(OwnerAction::Flatten),
         ["object-map-rebuild"] => Ok(OwnerAction::RebuildObjectMap),
@@ -162,8 +201,9 @@ async fn serve_control(
         tokio::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut line = String::new();
-            // A request line is short; a client that sends more is not a client of ours.
-            let mut rd = BufReader::new(tokio::io::AsyncReadExt::take(rd, 256));
+            // A request line is short (a name of 255 bytes is 765 encoded); a client that
+            // sends more is not a client of ours.
+            let mut rd = BufReader::new(tokio::io::AsyncReadExt::take(rd, MAX_LINE));
             if rd.read_line(&mut line).await.is_err() {
                 return;
             }
@@ -191,23 +231,24 @@ async fn serve_control(
 /// `action` as a control line ([`parse_control_request`] reads it back); `None` for
 /// `ReleaseLock`, which the directory store's lock has no hand-over for, and group snapshots.
 fn control_line(action: &OwnerAction) -> Option<String> {
-    // Names were checked by the callers (no spaces): each is one word of the line.
+    // Names take white space (spec.rs): each is one word of the line, through `word`.
     Some(match action {
         OwnerAction::Resize { size, allow_shrink } => {
             format!("resize {size} {}\n", u8::from(*allow_shrink))
         }
         OwnerAction::SnapCreate { name, quiesce } => {
-            format!("snap-create {name}{}\n", quiesce_word(*quiesce))
+            format!("snap-create {}{}\n", word(name), quiesce_word(*quiesce))
         }
-        OwnerAction::SnapRemove { name } => format!("snap-rm {name}\n"),
+        OwnerAction::SnapRemove { name } => format!("snap-rm {}\n", word(name)),
         OwnerAction::SnapProtect { name, protected } => format!(
-            "snap-{}protect {name}\n",
-            if *protected { "" } else { "un" }
+            "snap-{}protect {}\n",
+            if *protected { "" } else { "un" },
+            word(name)
         ),
         OwnerAction::SnapRename { snap_id, new_name } => {
-            format!("snap-rename {snap_id} {new_name}\n")
+            format!("snap-rename {snap_id} {}\n", word(new_name))
         }
-        OwnerAction::Rename { new_name } => format!("rename {new_name}\n"),
+        OwnerAction::Rename { new_name } => format!("rename {}\n", word(new_name)),
         OwnerAction::Flatten => "flatten\n".into(),
         OwnerAction::RebuildObjectMap => "object-map-rebuild\n".into(),
         OwnerAction::Sparsify { sparse_size } => format!("sparsify {sparse_size}\n"),
@@ -303,6 +344,21 @@ mod tests {
                 quiesce: QuiesceMode::Skip,
             },
             A::SnapRemove { name: "b".into() },
+            // Names as rbd takes them: white space, '%', control characters, Unicode.
+            A::SnapCreate {
+                name: "s ü 1 \"x\" 100%\t\u{3000}\n".into(),
+                quiesce: QuiesceMode::Run,
+            },
+            A::SnapRemove {
+                name: " lead and trail ".into(),
+            },
+            A::SnapProtect {
+                name: "%41".into(),
+                protected: false,
+            },
+            A::Rename {
+                new_name: "vm 1 'q\" ü名\t#=%,<&>".into(),
+            },
             A::SnapRename {
                 snap_id: 9,
                 new_name: "c".into(),
@@ -330,6 +386,19 @@ mod tests {
         assert_eq!(control_line(&A::ReleaseLock), None);
         assert!(parse_control_request("features 24 2\n").is_err());
         assert!(parse_control_request("sparsify x\n").is_err());
+        // One word, one line, and the longest name fits the line limit.
+        let line = control_line(&A::Rename {
+            new_name: "\n".repeat(255),
+        })
+        .unwrap();
+        assert_eq!(line.lines().count(), 1);
+        assert_eq!(line.split_whitespace().count(), 2);
+        assert!(line.len() as u64 <= MAX_LINE, "{}", line.len());
+        // Names earlier versions took are their own word; a bad escape is refused.
+        assert_eq!(word("a-b_c.d+e:F9"), "a-b_c.d+e:F9");
+        for bad in ["rename %4", "rename %zz", "rename %FF"] {
+            assert!(parse_control_request(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
