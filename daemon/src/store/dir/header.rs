@@ -205,7 +205,7 @@ pub(super) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
 pub(super) fn replace_file(dir: &Path, name: &str, data: &[u8]) -> Result<Result<()>> {
     let path = dir.join(name);
     let what = |e| Error::io(format!("writing {}", path.display()), e);
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name(name));
     let res = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -221,6 +221,19 @@ pub(super) fn replace_file(dir: &Path, name: &str, data: &[u8]) -> Result<Result
         return Err(what(e));
     }
     Ok(fsync_dir(dir).map_err(what))
+}
+
+/// The temporary file `replace_file` writes `name` through: `.NAME.tmp.PID.N`, with NAME cut
+/// to 200 bytes so that it fits where `name` fits (255 bytes: an image name of 248 bytes
+/// has an id file of 255), and N numbering this process's files so that cut names stay apart.
+fn tmp_name(name: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{}.tmp.{}.{n}", &name[..cut], std::process::id())
 }
 
 pub(super) fn read_file_opt(path: &Path) -> Result<Option<Vec<u8>>> {

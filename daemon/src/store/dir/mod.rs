@@ -346,6 +346,7 @@ fn rename_image(pool_dir: &Path, pool: &str, id: &str, dest: &str) -> Result<()>
             ),
         ));
     };
+    check_id_file_name(dest)?;
     if dir.contains_key(dest) || pool_dir.join(format!("rbd_id.{dest}")).exists() {
         return Err(Error::new(
             ErrorKind::AlreadyExists,
@@ -394,6 +395,7 @@ fn create_locked(
             format!("image {}/{} already exists in {desc}", spec.pool, spec.name),
         ));
     }
+    check_id_file_name(&spec.name)?;
     let mut id = random_id()?;
     while pool_dir.join(format!("rbd_header.{id}")).exists() {
         id = random_id()?;
@@ -417,12 +419,42 @@ fn create_locked(
     let data = serde_json::to_vec_pretty(&h)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding header: {e}")))?;
     // Header first, directory last: the directory entry is what makes the
-    // image exist, so a crash in between leaves only an orphan header.
+    // image exist, so a crash in between leaves only an orphan header. A failure
+    // takes back what it wrote (unless the directory names the image after all: its
+    // replacement can be in place with only the sync failed).
+    let header = pool_dir.join(format!("rbd_header.{id}"));
+    let id_file = pool_dir.join(format!("rbd_id.{}", spec.name));
     write_atomic(pool_dir, &format!("rbd_header.{id}"), &data)?;
-    write_atomic(pool_dir, &format!("rbd_id.{}", spec.name), id.as_bytes())?;
-    dir.insert(spec.name.clone(), id.clone());
-    write_directory(pool_dir, &dir)?;
+    let written =
+        write_atomic(pool_dir, &format!("rbd_id.{}", spec.name), id.as_bytes()).and_then(|()| {
+            dir.insert(spec.name.clone(), id.clone());
+            write_directory(pool_dir, &dir)
+        });
+    if let Err(e) = written {
+        if !read_directory(pool_dir).is_ok_and(|d| d.get(&spec.name) == Some(&id)) {
+            let _ = std::fs::remove_file(&id_file);
+            let _ = std::fs::remove_file(&header);
+        }
+        return Err(e);
+    }
     Ok(id)
+}
+
+/// An image's id file is `rbd_id.NAME`, and a file name has at most 255 bytes: longer
+/// names (which a spec takes, as rbd does) are refused here before anything is written.
+fn check_id_file_name(name: &str) -> Result<()> {
+    const MAX: usize = 255 - "rbd_id.".len();
+    if name.len() > MAX {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "image name {name:?} is {} bytes long; the directory store takes at most {MAX} \
+                 (its id file is rbd_id.NAME)",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Which snapshot `open_by_id` opens: by name (a user's `IMAGE@SNAP`) or by id (a

@@ -714,6 +714,62 @@ async fn rename_moves_the_name_only() {
     assert!(!pool.join("rbd_id.vm4").exists());
 }
 
+/// Names as rbd takes them fit this store up to 248 bytes (the id file `rbd_id.NAME` is a
+/// file name of at most 255): longer ones are refused, by create and by rename, with
+/// nothing written (a create once left its header behind when the id file failed).
+#[tokio::test]
+async fn long_names_fit_or_are_refused_with_nothing_written() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let pool = d.path().join("rbd");
+    let files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&pool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    // 248 bytes, multi-byte characters and white space among them.
+    let longest = format!("ü 名{}", "x".repeat(248 - "ü 名".len()));
+    assert_eq!(longest.len(), 248);
+    let img = small(&s, &longest, 2).await;
+    img.write(0, 0, Bytes::from(vec![5u8; 4096]), false)
+        .await
+        .unwrap();
+    let before = files();
+    let too_long = format!("{longest}y");
+    let e = img.rename(&too_long).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("at most 248"), "{e}");
+    assert_eq!(files(), before);
+    let o = CreateOptions {
+        size: 1 << 20,
+        order: 12,
+        features: DEFAULT_FEATURES,
+        data_pool: None,
+        stripe_unit: None,
+    };
+    let e = s.create_image(&spec(&too_long), &o).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(files(), before);
+    let other = format!("{}z", &longest[..longest.len() - 1]);
+    img.rename(&other).await.unwrap();
+    img.close().await.unwrap();
+    assert_eq!(s.list_images("rbd").await.unwrap(), vec![other.clone()]);
+    let img = open(&s, &other, OpenMode::ReadOnly).await;
+    assert_eq!(
+        &img.read(0, 0, 4096, None).await.unwrap().unwrap()[..],
+        &[5u8; 4096][..]
+    );
+    img.close().await.unwrap();
+    assert!(
+        files().iter().all(|f| !f.contains(".tmp.")),
+        "{:?}",
+        files()
+    );
+}
+
 #[tokio::test]
 async fn snapshot_management_errors_are_named() {
     let d = tempfile::tempdir().unwrap();
