@@ -99,14 +99,18 @@ impl HeaderFile {
     }
 
     /// `parent`: the resolved parent (names), which only the caller can look up.
-    pub(super) fn to_header(&self, parent: Option<ParentInfo>) -> ImageHeader {
+    /// The header as a handle opened at `snap` sees it: the snapshot's size and flags
+    /// there (as cls_rbd's get_size and get_flags answer for a snapshot, and the Ceph
+    /// store's handles have them), the head's otherwise. `parent` is the one at `snap`.
+    pub(super) fn to_header(&self, snap: Option<u64>, parent: Option<ParentInfo>) -> ImageHeader {
+        let at = snap.and_then(|id| self.snapshots.iter().find(|s| s.id == id));
         ImageHeader {
             id: self.id.clone(),
-            size: self.size,
+            size: at.map_or(self.size, |s| s.size),
             order: self.order,
             object_prefix: self.object_prefix.clone(),
             features: self.features,
-            flags: self.flags,
+            flags: at.map_or(self.flags, |s| s.flags),
             snap_seq: self.snap_seq,
             snaps: self
                 .snapshots

@@ -763,7 +763,7 @@ impl DirImage {
 impl ImageStore for DirImage {
     fn header(&self) -> ImageHeader {
         let parent = lock(&self.inner.parent_info).clone();
-        lock(&self.inner.header).to_header(parent)
+        lock(&self.inner.header).to_header(self.inner.snap, parent)
     }
 
     async fn refresh_header(&self) -> Result<ImageHeader> {
@@ -771,7 +771,7 @@ impl ImageStore for DirImage {
             i.check_open()?;
             i.reload_header()?;
             let parent = lock(&i.parent_info).clone();
-            Ok(lock(&i.header).to_header(parent))
+            Ok(lock(&i.header).to_header(i.snap, parent))
         })
         .await
     }

@@ -1500,6 +1500,100 @@ async fn the_image_layer_serves_a_clone_of_this_store() {
     assert_eq!(layer_bytes(&c, 3 * OBJ, 3).await, b"new");
 }
 
+/// A clone reads its parent at the parent's snapshot, whatever the parent's head does
+/// after: shrunk, rolled back to a smaller snapshot, rewritten. (A handle at a snapshot
+/// once had the head's size and flags here, so the clone's reads stopped at the head's
+/// new end: zeros, made permanent by a flatten or a copy-up.) Such a handle's header has
+/// the snapshot's size and flags, as a Ceph handle's has.
+#[tokio::test]
+async fn a_clone_reads_its_parents_snapshot_whatever_the_head_does() {
+    use nbd_protocol::Backend;
+    const OBJ: u64 = 1 << 12;
+    for how in ["shrink", "rollback"] {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::new(d.path());
+        let o = CreateOptions {
+            size: 4 * OBJ,
+            order: 12,
+            features: DEFAULT_FEATURES,
+            data_pool: None,
+            stripe_unit: None,
+        };
+        s.create_image(&spec("m"), &o).await.unwrap();
+        let m = layer_image(&s, "m", false).await;
+        if how == "rollback" {
+            m.snap_create("small").await.unwrap();
+        }
+        m.resize(16 * OBJ, false).await.unwrap();
+        let parent: Vec<u8> = (0..16 * OBJ).map(|i| (i % 251) as u8 + 1).collect();
+        m.write(0, Bytes::from(parent.clone()), false)
+            .await
+            .unwrap();
+        m.snap_create("m").await.unwrap();
+        m.close().await.unwrap();
+        let opts = CloneOptions {
+            clone_format: 2,
+            features: DEFAULT_FEATURES,
+            order: 12,
+            data_pool: None,
+            stripe_unit: None,
+        };
+        for c in ["g", "g2", "g3"] {
+            s.clone_image(&spec("m@m"), &spec(c), &opts).await.unwrap();
+        }
+        // The parent's head changes under its clones.
+        let m = layer_image(&s, "m", false).await;
+        if how == "rollback" {
+            m.snap_rollback("small").await.unwrap();
+            m.close().await.unwrap();
+            let m = layer_image(&s, "m", false).await;
+            m.write(0, Bytes::from(vec![0xeeu8; 100]), false)
+                .await
+                .unwrap();
+            m.close().await.unwrap();
+        } else {
+            m.resize(2 * OBJ, true).await.unwrap();
+            m.write(0, Bytes::from(vec![0xeeu8; 100]), false)
+                .await
+                .unwrap();
+            m.close().await.unwrap();
+        }
+        let h = open(&s, "m@m", OpenMode::ReadOnly).await;
+        assert_eq!(h.header().size, 16 * OBJ, "{how}: the snapshot's size");
+        assert_eq!(h.header().flags, 0, "{how}: the snapshot's flags");
+        let g = layer_image(&s, "g", true).await;
+        assert!(
+            layer_bytes(&g, 0, (16 * OBJ) as u32).await == parent,
+            "{how}: g reads other bytes"
+        );
+        g.close().await.unwrap();
+        // A copy-up past the head's new end keeps the snapshot's bytes around the write.
+        let g2 = layer_image(&s, "g2", false).await;
+        g2.write(9 * OBJ + 10, Bytes::from(vec![7u8; 10]), false)
+            .await
+            .unwrap();
+        g2.close().await.unwrap();
+        let mut want = parent.clone();
+        want[(9 * OBJ + 10) as usize..(9 * OBJ + 20) as usize].fill(7);
+        let g2 = layer_image(&s, "g2", true).await;
+        assert!(
+            layer_bytes(&g2, 0, (16 * OBJ) as u32).await == want,
+            "{how}: g2 after a copy-up"
+        );
+        g2.close().await.unwrap();
+        // And a flatten copies the snapshot's bytes, all of them.
+        let g3 = layer_image(&s, "g3", false).await;
+        g3.flatten(|_, _| {}).await.unwrap();
+        g3.close().await.unwrap();
+        let g3 = layer_image(&s, "g3", true).await;
+        assert!(
+            layer_bytes(&g3, 0, (16 * OBJ) as u32).await == parent,
+            "{how}: g3 after a flatten"
+        );
+        g3.close().await.unwrap();
+    }
+}
+
 /// Deep-flatten here as librbd's: a clone (parent and child objects of 4 or 8 KiB) with
 /// snapshots taken and removed among writes, discards, zeros, resizes and reads (with
 /// copy-on-read or not), generated and seeded, served and flattened part way. Every snapshot keeps
