@@ -736,9 +736,42 @@ async fn execute<B: Backend>(
     match result {
         Ok(p) => p,
         Err(e) => {
-            debug!(handle, "request failed: {e}");
+            log_failure(handle, &e);
             reply::error_reply(handle, structured, e.errno.to_nbd(), &e.message)
         }
+    }
+}
+
+/// A request that failed. EIO means the store failed, which the operator must see (the
+/// client is told only the errno): a warning, at most one a second, saying how many
+/// were left out since. Other errors are the client's (a bad range, a write to a
+/// read-only export) or the shutdown's: debug only.
+fn log_failure(handle: u64, e: &BackendError) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static QUIET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if e.errno != Errno::Io {
+        debug!(handle, "request failed: {e}");
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now > last
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        match QUIET.swap(0, Ordering::Relaxed) {
+            0 => warn!(handle, "request failed: {e}"),
+            n => warn!(
+                handle,
+                "request failed: {e} ({n} more failed since the last such warning)"
+            ),
+        }
+    } else {
+        QUIET.fetch_add(1, Ordering::Relaxed);
+        debug!(handle, "request failed: {e}");
     }
 }
 

@@ -193,6 +193,38 @@ for r in r1 r2; do
   rbd snap purge "$R" >/dev/null 2>&1; rbd rm --no-progress "$R" >/dev/null 2>&1
 done
 
+# A snapshot removed while it is served (`rbd snap rm`: read-only opens, librbd's and ours,
+# have no header watch to be told). Until the OSD trims the snapshot's clones its reads
+# still find the snapshot's bytes; after, RADOS answers ENOENT where the map says the
+# object exists, and the reads must fail (EIO, said in the log), never hand out zeros or
+# the head's bytes (they were zeros).
+C=snapsC-$$
+head -c $((8 * MB)) /dev/urandom >"$work/c.raw"
+rbd import --no-progress "$work/c.raw" "$C" >/dev/null 2>&1
+rbd snap create "$C@s" >/dev/null 2>&1
+serve "$C@s"
+check "a served snapshot reads its bytes" bash -c "nbdcopy '$(uri "$C")' - | cmp - '$work/c.raw'"
+rbd bench --io-type write --io-size 4M --io-total 8M --io-pattern seq "$C" >/dev/null 2>&1
+rbd snap rm --no-progress "$C@s" >/dev/null 2>&1
+removed_reads() {
+  local i
+  for i in $(seq 1 60); do
+    if nbdcopy "$(uri "$C")" "$work/c-after.raw" 2>"$work/c-after.err"; then
+      cmp -s "$work/c-after.raw" "$work/c.raw" || { echo "read other bytes than the snapshot's"; return 1; }
+    else
+      grep -q "Input/output error" "$work/c-after.err" || { cat "$work/c-after.err"; return 1; }
+      return 0
+    fi
+    sleep 1
+  done
+  echo "still reading the snapshot's bytes after 60 s (the OSD did not trim its clones?)"
+  return 1
+}
+check "the served snapshot removed: reads fail with EIO, never other bytes" removed_reads
+check "... and the server says why" grep -q "WARN.*snapshot s of image rbd/$C not found" "$work/serve.log"
+check_unserve "... and closes cleanly"
+rbd rm --no-progress "$C" >/dev/null 2>&1
+
 rbd rm --no-progress "$A" >/dev/null 2>&1
 rbd rm --no-progress "$B" >/dev/null 2>&1
 [ "$T_FAIL" = 0 ] || echo "(seed $seed: rerun with SNAPS_SEED=$seed)"

@@ -46,6 +46,44 @@ impl<S> Level<S> {
             .as_ref()
             .is_some_and(|m| objno >= m.len() || m.get(objno) == ObjectState::Nonexistent)
     }
+
+    /// Whether this level's map says it has object `objno` (false without a map).
+    fn has(&self, objno: u64) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| objno < m.len() && m.get(objno) != ObjectState::Nonexistent)
+    }
+}
+
+impl<S: ImageStore> Level<S> {
+    /// A read of an object this level's map says it has found nothing. That happens
+    /// (librbd leaves EXISTS behind a copy-up that failed; the next level then has the
+    /// bytes), but it is also what a snapshot removed since the chain was opened looks
+    /// like (RADOS answers ENOENT at a removed snapshot), when the levels below would
+    /// hand out other bytes than the snapshot had, and a copy-up would keep them. So the
+    /// store is asked whether the snapshot is still there: an error if not.
+    async fn check_snapshot(&self, objno: u64) -> Result<()> {
+        if !self.has(objno) {
+            return Ok(());
+        }
+        let h = self.store.refresh_header().await?;
+        check_snapshot_in(&h, self.snap)
+    }
+}
+
+/// An error unless `h` (an image's header, just read) still has snapshot `snap`.
+pub(crate) fn check_snapshot_in(h: &ImageHeader, snap: u64) -> Result<()> {
+    if h.snaps.iter().any(|s| s.id == snap) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "snapshot id {snap} of image {} was removed while it was read (reads of it \
+             fail rather than return other bytes)",
+            h.id
+        ),
+    ))
 }
 
 /// The ancestors of a clone, nearest first.
@@ -235,7 +273,10 @@ impl<S: ImageStore> Chain<S> {
                     } else {
                         bump(&stats.parent_reads);
                         match l.store.read(p.objno, p.off, p.len, Some(l.snap)).await? {
-                            None => self.read(k + 1, at, p.len, stats).await?,
+                            None => {
+                                l.check_snapshot(p.objno).await?;
+                                self.read(k + 1, at, p.len, stats).await?
+                            }
                             Some(b) => chunks_of(b, p.len),
                         }
                     };
@@ -276,7 +317,7 @@ impl<S: ImageStore> Chain<S> {
                     None
                 } else {
                     bump(&stats.parent_reads);
-                    if p.len >= SPARSE_READ_THRESHOLD {
+                    let got = if p.len >= SPARSE_READ_THRESHOLD {
                         l.store
                             .read_extents(p.objno, p.off, p.len, Some(l.snap))
                             .await?
@@ -285,7 +326,11 @@ impl<S: ImageStore> Chain<S> {
                             .read(p.objno, p.off, p.len, Some(l.snap))
                             .await?
                             .map(|b| one_extent(p.off, b))
+                    };
+                    if got.is_none() {
+                        l.check_snapshot(p.objno).await?;
                     }
+                    got
                 };
                 match got {
                     // Sparse, as librbd's: the gaps (and what follows the last extent)

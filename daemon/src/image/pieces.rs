@@ -81,6 +81,13 @@ impl<S: ImageStore> Image<S> {
             .is_some_and(|m| m.get(objno) == ObjectState::Nonexistent)
     }
 
+    /// Whether the map in memory says object `objno` exists (false without one).
+    fn map_has(&self, objno: u64) -> bool {
+        self.map_now()
+            .as_deref()
+            .is_some_and(|m| objno < m.len() && m.get(objno) != ObjectState::Nonexistent)
+    }
+
     /// Like `mark_exists` for a change to an object that is known to exist (a partial
     /// zero): NONEXISTENT stays so (a removal won the race; the store's zero of a
     /// missing object does nothing), anything else becomes EXISTS.
@@ -116,6 +123,18 @@ impl<S: ImageStore> Image<S> {
         bump(&self.stats.store_reads);
         Ok(
             match self.store.read(p.objno, p.off, p.len, self.snap).await? {
+                // At a snapshot whose map says the object exists: the snapshot may
+                // have been removed since it was opened (see Level::check_snapshot).
+                None if self.snap.is_some() && self.map_has(p.objno) => {
+                    if let Some(id) = self.snap {
+                        let h = self.store.refresh_header().await?;
+                        super::clone::check_snapshot_in(&h, id)?;
+                    }
+                    if self.has_parent.load(Ordering::Acquire) {
+                        return self.read_parent_piece(p).await;
+                    }
+                    vec![ReadChunk::Hole(len)]
+                }
                 // A clone's object not there (no map, or a copy-up not done yet):
                 // the parent's data is what it holds.
                 None if self.has_parent.load(Ordering::Acquire) => {

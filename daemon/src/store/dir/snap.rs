@@ -384,19 +384,45 @@ impl Inner {
         // the inode that covers `snap`, which copy-on-write never writes again.
         let head_path = self.object_path(objno);
         let head = open_opt(&head_path)?;
-        for t in self.current_probe_ids()?.into_iter().filter(|&t| t >= snap) {
-            let p = self.version_path(objno, t, false);
-            if let Some(f) = open_opt(&p)? {
-                return read(&f, &p);
+        // A snapshot removed (by the writer, while this handle serves it): its versions
+        // go or move on, and what the probe would find is a later state, the head's at
+        // worst. Never that: an error, looked for before the probe and, since a removal
+        // may run meanwhile, again after it (the header is re-read once replaced).
+        let gone = |this: &Self| -> Result<()> {
+            if lock(&this.header).snapshots.iter().any(|s| s.id == snap) {
+                return Ok(());
             }
-            if exists(&self.version_path(objno, t, true))? {
-                return Ok(None);
+            Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "snapshot id {snap} of image {} no longer exists (removed while read)",
+                    this.id
+                ),
+            ))
+        };
+        let ids = self.current_probe_ids()?;
+        gone(self)?;
+        let probe = || {
+            for &t in ids.iter().filter(|&&t| t >= snap) {
+                let p = self.version_path(objno, t, false);
+                if let Some(f) = open_opt(&p)? {
+                    return read(&f, &p);
+                }
+                if exists(&self.version_path(objno, t, true))? {
+                    return Ok(None);
+                }
             }
+            match &head {
+                Some(f) => read(f, &head_path),
+                None => Ok(None),
+            }
+        };
+        let r = probe()?;
+        if self.read_only {
+            self.current_probe_ids()?;
+            gone(self)?;
         }
-        match head {
-            Some(f) => read(&f, &head_path),
-            None => Ok(None),
-        }
+        Ok(r)
     }
 
     /// The objects that exist at `snap` (None: the head) with the state librbd gives

@@ -1142,6 +1142,46 @@ async fn an_interrupted_copy_on_write_under_a_newer_snapshot_keeps_it() {
     img.close().await.unwrap();
 }
 
+/// A snapshot removed while another handle (a `serve IMAGE@SNAP`) reads it: its reads
+/// fail, as soon as the removal began, rather than find a later state (they once found
+/// the head's bytes); the other snapshots and the head read as before.
+#[tokio::test]
+async fn reads_of_a_snapshot_removed_meanwhile_fail() {
+    let d = tempfile::tempdir().unwrap();
+    let s = DirStore::new(d.path());
+    let img = small(&s, "vm1", 2).await;
+    img.write(0, 0, b(b"one"), false).await.unwrap();
+    let s1 = img.snap_create("s1").await.unwrap();
+    img.write(0, 0, b(b"two"), false).await.unwrap();
+    let s2 = img.snap_create("s2").await.unwrap();
+    img.write(0, 0, b(b"six"), false).await.unwrap();
+    let r1 = open(&s, "vm1@s1", OpenMode::ReadOnly).await;
+    let r2 = open(&s, "vm1@s2", OpenMode::ReadOnly).await;
+    assert_eq!(get(&r1, 0, None).await.unwrap(), b"one");
+    assert_eq!(get(&r2, 0, None).await.unwrap(), b"two");
+    img.snap_remove(s1).await.unwrap();
+    let e = r1.read(0, 0, 3, None).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    assert!(e.message.contains("no longer exists"), "{e}");
+    // Also an object the snapshot never had a version of (the head's inode).
+    assert!(r1.read(1, 0, 3, None).await.is_err());
+    assert_eq!(get(&r2, 0, None).await.unwrap(), b"two");
+    assert_eq!(get(&img, 0, Some(s2)).await.unwrap(), b"two");
+    assert_eq!(get(&img, 0, None).await.unwrap(), b"six");
+    // Mid-removal (the header dropped it, its versions not yet moved on): failing too.
+    img.inner
+        .update_header(|h| {
+            h.snapshots.retain(|x| x.id != s2);
+            h.removing.push(s2);
+            Ok(())
+        })
+        .unwrap();
+    assert!(r2.read(0, 0, 3, None).await.is_err());
+    for h in [r1, r2, img] {
+        h.close().await.unwrap();
+    }
+}
+
 /// A snapshot removal interrupted after the header dropped the snapshot but before its
 /// versions were renamed: readers still find them, and the next writer finishes it.
 #[tokio::test]
