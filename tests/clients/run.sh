@@ -29,6 +29,12 @@ check "rename of a missing image is refused" refused 'not found' "$BIN" rename n
 check "mv to another pool is refused" refused 'across pools' "$BIN" mv rn2 p2/rn3
 check "rename of a snapshot is refused" refused 'snapshot' "$BIN" rename rn2@s x
 check "... rn2 is still there, and goes" bash -c "'$BIN' ls | grep -qx rn2 && '$BIN' rm rn2 >/dev/null"
+# librbd's object-map limit (256 000 000 objects): rbd create --size 1P refuses, so do we.
+check "create past the object map's limit is refused, as rbd create refuses it" \
+  refused 'not compatible with object map' "$BIN" create --size 1P huge
+check "... it fits with 8 MiB objects; a resize past the limit is refused" bash -c \
+  "'$BIN' create --size 1P --object-size 8M huge && ! '$BIN' resize --size 3P huge 2>/dev/null &&
+   '$BIN' info huge --format json | jq -e '.size == $((1 << 50))' >/dev/null && '$BIN' rm huge >/dev/null"
 
 # A source file with data in objects 0, 5 and 10 (1 MiB at the start of each), holes elsewhere.
 src=$work/src.raw

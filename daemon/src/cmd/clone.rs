@@ -94,6 +94,7 @@ pub async fn clone<S: Store>(
         data_pool,
         stripe_unit,
     };
+    crate::image::check_map_size(features, h.size, order)?;
     store.clone_image(parent, child, &opts).await?;
     crate::image::write_empty_object_map(store, child).await
 }

@@ -99,6 +99,9 @@ impl<S: ImageStore> Image<S> {
             )));
         }
         let adds_map = new & RBD_FEATURE_OBJECT_MAP != 0 && cur & RBD_FEATURE_OBJECT_MAP == 0;
+        if adds_map {
+            super::check_map_size(new, self.size(), self.header.order)?;
+        }
         if adds_map && !self.store.header().snaps.is_empty() {
             return Err(Error::new(
                 ErrorKind::Busy,

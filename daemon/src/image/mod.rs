@@ -74,8 +74,29 @@ const MANAGEMENT_CONCURRENCY: usize = 10;
 
 /// Keeps every byte offset and object arithmetic far from u64 overflow.
 pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
-/// 2^30 objects: a 256 MiB map in memory (4 PiB at 4 MiB objects).
-pub const MAX_MAP_OBJECTS: u64 = 1 << 30;
+/// cls_rbd's MAX_OBJECT_MAP_OBJECT_COUNT: librbd refuses to create, clone, grow or
+/// enable object-map on an image with more objects ("image size not compatible with
+/// object map"), and cls_rbd to resize a map past it. 256 000 000 objects: a 61 MiB map
+/// (976 TiB at 4 MiB objects).
+pub const MAX_MAP_OBJECTS: u64 = 256_000_000;
+
+/// Refuses an image of `size` bytes in objects of 2^`order` with the object-map feature
+/// (in `features`) that has more objects than an object map may, as librbd does.
+pub fn check_map_size(features: u64, size: u64, order: u8) -> Result<()> {
+    let count = size.div_ceil(1u64 << order);
+    if features & crate::store::RBD_FEATURE_OBJECT_MAP == 0 || count <= MAX_MAP_OBJECTS {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "image size not compatible with object map: {size} bytes is {count} objects of \
+             {} bytes, and an object map has at most {MAX_MAP_OBJECTS} (as librbd's); use \
+             larger objects (--object-size)",
+            1u64 << order
+        ),
+    ))
+}
 
 /// Counters proving where answers came from (logged at close).
 #[derive(Debug, Default)]

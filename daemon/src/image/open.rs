@@ -4,7 +4,7 @@
 
 use super::map::{load_object_map, new_map, trusted_object_map, MapSource};
 use super::rebuild::{rebuild_before_serving, Rebuild};
-use super::{FlagState, Image, Stats, LOCK_SHARDS, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS, META_SHARED};
+use super::{FlagState, Image, Stats, LOCK_SHARDS, MAX_IMAGE_SIZE, META_SHARED};
 use crate::error::{Error, ErrorKind, Result};
 use crate::spec::ImageSpec;
 use crate::store::{ImageStore, OpenMode, Store, RBD_FEATURE_OBJECT_MAP};
@@ -45,21 +45,13 @@ pub async fn create_image<St: Store>(
     spec: &ImageSpec,
     opts: &crate::store::CreateOptions,
 ) -> Result<()> {
-    let count = opts.size.div_ceil(1u64 << opts.order);
     if opts.size > MAX_IMAGE_SIZE {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             format!("image size {} too large (at most 2^60 bytes)", opts.size),
         ));
     }
-    if opts.features & RBD_FEATURE_OBJECT_MAP != 0 && count > MAX_MAP_OBJECTS {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "{count} objects is too many for an object map (at most {MAX_MAP_OBJECTS}); use a larger --object-size"
-            ),
-        ));
-    }
+    super::check_map_size(opts.features, opts.size, opts.order)?;
     store.create_image(spec, opts).await?;
     write_empty_object_map(store, spec).await
 }

@@ -1,7 +1,7 @@
 //! Resizing an image, and the requests other clients address to the lock holder.
 
 use super::map::new_map;
-use super::{all_concurrently, Image, MAX_IMAGE_SIZE, MAX_MAP_OBJECTS};
+use super::{all_concurrently, Image, MAX_IMAGE_SIZE};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ImageStore, OwnerAction, OwnerRequest, SnapNamespace};
 use objmap::ObjectState;
@@ -91,14 +91,7 @@ impl<S: ImageStore> Image<S> {
         let map = self.map();
         let new_map = match &map {
             Some(m) => {
-                if new_count > MAX_MAP_OBJECTS {
-                    return Err(Error::new(
-                        ErrorKind::InvalidInput,
-                        format!(
-                            "{new_count} objects is too many for an object map (at most {MAX_MAP_OBJECTS})"
-                        ),
-                    ));
-                }
+                super::check_map_size(self.header.features, new_size, self.header.order)?;
                 let n = new_map(new_count, spec)?;
                 for run in m.runs(0..old_count.min(new_count)) {
                     if run.state != ObjectState::Nonexistent {

@@ -267,3 +267,19 @@ async fn close_order_is_sync_map_flag_close() {
         "no store read of a nonexistent object, no removal of one, flag set before the write"
     );
 }
+
+/// librbd's limit on an image with an object map (cls_rbd's MAX_OBJECT_MAP_OBJECT_COUNT,
+/// 256 000 000 objects), which `rbd create --size 1P` (268 435 456 objects of 4 MiB)
+/// runs into; none without the feature.
+#[test]
+fn object_map_size_limit_is_librbds() {
+    use crate::image::{check_map_size, MAX_MAP_OBJECTS};
+    use crate::store::RBD_FEATURE_OBJECT_MAP as OM;
+    assert_eq!(MAX_MAP_OBJECTS, 256_000_000);
+    assert!(check_map_size(OM, MAX_MAP_OBJECTS << 22, 22).is_ok());
+    let e = check_map_size(OM, (MAX_MAP_OBJECTS << 22) + 1, 22).unwrap_err();
+    assert!(e.message.contains("not compatible with object map"), "{e}");
+    assert!(check_map_size(OM, 1 << 50, 22).is_err());
+    assert!(check_map_size(OM, 1 << 50, 23).is_ok());
+    assert!(check_map_size(0, 1 << 50, 22).is_ok());
+}
