@@ -234,7 +234,7 @@ pub enum Command {
         #[arg(long)]
         pretty_format: bool,
     },
-    /// Serve an image over NBD until SIGTERM/SIGINT.
+    /// Serve an image over NBD until SIGTERM, SIGINT or SIGHUP (each a clean close).
     Serve(ServeArgs),
     /// Provisioned and used space, per snapshot and for the head, like `rbd du`: from
     /// the object maps (whole objects), or with --exact (or without fast-diff) from the

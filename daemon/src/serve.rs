@@ -1,5 +1,5 @@
 //! `rados-nbd serve`: one image, opened once and shared by every connection, served on a
-//! unix socket or TCP until SIGTERM/SIGINT, then closed cleanly (map written, dirty
+//! unix socket or TCP until SIGTERM/SIGINT/SIGHUP, then closed cleanly (map written, dirty
 //! flag cleared). Clients may come and go meanwhile; the image stays open until the
 //! server stops, and each time the last client leaves the map is checkpointed (written,
 //! flag cleared) exactly as at a clean close.
@@ -297,7 +297,7 @@ impl Listener {
 /// What a finished connection task reports.
 struct Done;
 
-/// Serves `args.image` until SIGTERM/SIGINT (or, with `--once`, the first client's end).
+/// Serves `args.image` until SIGTERM/SIGINT/SIGHUP (or, with `--once`, the first client's end).
 pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Result<()> {
     let spec: ImageSpec = args.image.parse()?;
     let (addr, inherited) = match (&args.socket, &args.listen) {
@@ -327,6 +327,10 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
     let mut sigint = signal(SignalKind::interrupt())
         .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    // The terminal `serve` was started from went away: a clean close too, not a death
+    // that leaves the map to be rebuilt at the next open (SIGHUP's default).
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|e| Error::io("installing the SIGHUP handler", e))?;
 
     let opts = OpenOptions {
         read_only: args.read_only,
@@ -384,6 +388,7 @@ pub async fn serve<S: Store>(store: S, args: ServeArgs, config: &Config) -> Resu
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = sighup.recv() => tracing::info!("SIGHUP: shutting down"),
         }
     };
     let r = run(

@@ -19,6 +19,8 @@ check "--version names the release and the optional parts built in ($("$BIN" --v
   "'$BIN' --version | grep -qxE 'rados-nbd [0-9]+\.[0-9]+\.[0-9]+[^ ]* \(stores: dir, (no )?ceph; transports: nbd, (no )?ublk\)'"
 check "create image" "$BIN" create --size 256M t1
 check "info shows the size" bash -c "'$BIN' info t1 --format json | jq -e '.size == $SIZE'"
+check "RADOS_NBD_STORE takes a store URI too (dir:PATH), not a relative directory so named" \
+  bash -c "cd '$work' && RADOS_NBD_STORE='dir:$RADOS_NBD_STORE' '$BIN' ls | grep -qx t1 && [ ! -e '$work/dir:' ]"
 check "rename (mv) of an image nobody serves" bash -c \
   "'$BIN' create --size 8M rn1 && '$BIN' rename rn1 rn2 && '$BIN' ls | grep -qx rn2 && ! '$BIN' ls | grep -qx rn1 &&
    '$BIN' info rn2 >/dev/null && [ -e '$RADOS_NBD_STORE/rbd/rbd_id.rn2' ] && [ ! -e '$RADOS_NBD_STORE/rbd/rbd_id.rn1' ]"
@@ -163,6 +165,17 @@ rm -f "$sock"
 check "clean close clears the dirty flag" bash -c "! '$BIN' info t1 | grep -q 'invalid'"
 check "object-map check passes after clean close" "$BIN" object-map check t1
 check "du counts three objects" bash -c "'$BIN' du t1 | grep -Eq '12 ?MiB'"
+
+# SIGHUP (the terminal serve ran in went away) is a clean close too, with a writer connected.
+serve t1 --socket "$sock"
+if hold "$work/h512" $((220 << 20)); then pass "a writer writes a new object"; else fail "a writer writes a new object"; fi
+"$PY" -c "import sys; f=open(sys.argv[1],'r+b'); f.seek(220 << 20); f.write(b'h' * 512)" "$src"
+check "... the image is flagged dirty" bash -c "'$BIN' info t1 | grep -q 'object map invalid'"
+kill -HUP "$SERVE_PID"; hup_rc=0; wait "$SERVE_PID" || hup_rc=$?; forget_pid "$SERVE_PID"; rm -f "$sock"
+kill "$HOLD_PID" 2>/dev/null; wait "$HOLD_PID" 2>/dev/null
+check "SIGHUP ends serve with exit 0" test "$hup_rc" = 0
+check "... after a clean close: flag cleared, map checks" bash -c \
+  "! '$BIN' info t1 | grep -q invalid && '$BIN' object-map check t1"
 
 # Data survives a restart.
 serve t1 --socket "$sock"

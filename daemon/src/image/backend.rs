@@ -203,6 +203,11 @@ impl<S: ImageStore> Backend for Image<S> {
 
     async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, BackendError> {
         let (_g, away) = self.enter_to_read().await?;
+        // After a shrink (the client still has the old size): EINVAL from the new end on,
+        // as a read there gets; a range across it is described up to it (a reply may
+        // cover less than was asked).
+        self.in_range(offset, 1, Errno::Inval)?;
+        let length = (length as u64).min(self.size() - offset) as u32;
         if away {
             // The map in memory is stale while another client writes: say "data" for
             // the whole range, which is never wrong (the protocol allows an extent

@@ -16,11 +16,19 @@ pub enum StoreUri {
 }
 
 impl StoreUri {
-    /// `dir:PATH` or `ceph:[CONF]`; `None` (no `--store`) is `dir:$RADOS_NBD_STORE`, else
-    /// `dir:/var/lib/rados-nbd`.
+    /// `dir:PATH` or `ceph:[CONF]`; `None` (no `--store`) is `$RADOS_NBD_STORE` (a
+    /// directory, or a store URI), else `dir:/var/lib/rados-nbd`.
     pub fn parse(uri: Option<&str>) -> Result<StoreUri> {
         let Some(uri) = uri else {
             let dir = match std::env::var_os("RADOS_NBD_STORE") {
+                // A store URI there too (`dir:/srv/s` once made a relative directory
+                // named "dir:"): as --store would take it.
+                Some(d)
+                    if d.to_str()
+                        .is_some_and(|d| d.starts_with("dir:") || d.starts_with("ceph:")) =>
+                {
+                    return Self::parse(d.to_str()).map_err(|e| e.context("RADOS_NBD_STORE"));
+                }
                 Some(d) if !d.is_empty() => PathBuf::from(d),
                 _ => PathBuf::from(DEFAULT_STORE_DIR),
             };

@@ -52,6 +52,17 @@ async fn resize_grows_and_shrinks_like_librbd() {
             .errno,
         Errno::NoSpc
     );
+    // Block status: EINVAL from the new end on, as a read; across it, up to it.
+    assert_eq!(
+        img.block_status(6 << 20, 512).await.unwrap_err().errno,
+        Errno::Inval
+    );
+    let ext = img.block_status(5 << 20, 4 << 20).await.unwrap();
+    assert_eq!(
+        ext.iter().map(|e| e.length).sum::<u64>(),
+        1 << 20,
+        "{ext:?}"
+    );
     // Grown again: what was cut off reads as zeros, what was kept is intact.
     img.resize(16 << 20, false).await.unwrap();
     assert_eq!(read_all(&img, (6 << 20) - 4, 4).await, [7u8; 4]);
