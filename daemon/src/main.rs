@@ -89,7 +89,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.command.serves());
     tune_malloc();
     // Kernel commands own their process: the serving daemon sets itself up (mlockall,
     // netlink from the main thread) before it builds its own runtime.
@@ -134,10 +134,15 @@ fn tune_malloc() {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logging to stderr. A daemon (`serve`, `map`, `attach`) logs what it does at info; a
+/// command that does one thing and ends says only what goes wrong, and its own progress
+/// (flatten, listings: `cmd` and `progress`), not the image layer's notes on the way
+/// (opened, closed with its counters, snapshot created), which `-v` shows.
+fn init_logging(verbose: u8, serves: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        0 => "rados_nbd=info,nbd_protocol=warn",
+        0 if serves => "rados_nbd=info,nbd_protocol=warn",
+        0 => "rados_nbd=warn,rados_nbd::cmd=info,rados_nbd::progress=info,nbd_protocol=warn",
         1 => "rados_nbd=debug,nbd_protocol=debug",
         _ => "trace",
     };
