@@ -276,7 +276,7 @@ fn bad_inputs_give_one_line_and_change_nothing() {
     fails_cleanly(
         s,
         &["create", "--size", "8P", "--object-size", "4K", "huge"],
-        "too many",
+        "not compatible with object map",
     );
     fails_cleanly(s, &["create", "--size", "1M", "bad/na/me"], "bad/na/me");
     fails_cleanly(s, &["--store", "nosuch:/x", "ls"], "nosuch:/x");

@@ -31,7 +31,9 @@ pub async fn load_object_map<S: ImageStore>(
         Ok(m) => return Ok((m, MapSource::Loaded)),
         Err(reason) => reason,
     };
-    tracing::info!("rebuilding object map of {spec} ({count} objects): {reason}");
+    // A warning, as rbd's "fast-diff map is invalid ... operation may be slow": shown by
+    // one-shot commands too (du, diff of an image in use or left by a crash).
+    tracing::warn!("rebuilding object map of {spec} ({count} objects): {reason}");
     let map = rebuild_map(img, spec, count, snap).await?;
     tracing::info!(
         "object map of {spec} rebuilt: {}",
