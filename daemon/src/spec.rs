@@ -49,6 +49,24 @@ impl std::fmt::Display for ImageSpec {
     }
 }
 
+/// `s` as one word of a line: `%`, white space, control characters and any character
+/// `also` names percent-encoded, byte by byte (UTF-8); the rest as it is (so a name of
+/// letters, digits and `-_.+:`, all that names once were, is its own word unless `also`
+/// has one of those).
+pub fn one_word(s: &str, also: &[char]) -> String {
+    let mut w = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '%' || c.is_whitespace() || c.is_control() || also.contains(&c) {
+            for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                w.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            w.push(c);
+        }
+    }
+    w
+}
+
 /// Names as `rbd` takes them: anything but `/` and `@` (its spec parser's separators),
 /// so images, snapshots and namespaces made by rbd with spaces, quotes or any Unicode in
 /// their names can be served and managed. Refused as well: the empty name, `.` and `..`

@@ -49,10 +49,13 @@ impl<S> Level<S> {
 
     /// Whether this level's map says it has object `objno` (false without a map).
     fn has(&self, objno: u64) -> bool {
-        self.map
-            .as_ref()
-            .is_some_and(|m| objno < m.len() && m.get(objno) != ObjectState::Nonexistent)
+        self.map.as_ref().is_some_and(|m| map_says_exists(m, objno))
     }
+}
+
+/// Whether map `m` says object `objno` exists (any state but NONEXISTENT).
+pub(crate) fn map_says_exists(m: &ObjectMap, objno: u64) -> bool {
+    objno < m.len() && m.get(objno) != ObjectState::Nonexistent
 }
 
 impl<S: ImageStore> Level<S> {
@@ -66,13 +69,13 @@ impl<S: ImageStore> Level<S> {
         if !self.has(objno) {
             return Ok(());
         }
-        let h = self.store.refresh_header().await?;
-        check_snapshot_in(&h, self.snap)
+        check_snapshot(&self.store, self.snap).await
     }
 }
 
-/// An error unless `h` (an image's header, just read) still has snapshot `snap`.
-pub(crate) fn check_snapshot_in(h: &ImageHeader, snap: u64) -> Result<()> {
+/// An error unless `store`'s image (its header read again) still has snapshot `snap`.
+pub(crate) async fn check_snapshot<S: ImageStore>(store: &S, snap: u64) -> Result<()> {
+    let h = store.refresh_header().await?;
     if h.snaps.iter().any(|s| s.id == snap) {
         return Ok(());
     }

@@ -85,7 +85,7 @@ impl<S: ImageStore> Image<S> {
     fn map_has(&self, objno: u64) -> bool {
         self.map_now()
             .as_deref()
-            .is_some_and(|m| objno < m.len() && m.get(objno) != ObjectState::Nonexistent)
+            .is_some_and(|m| super::clone::map_says_exists(m, objno))
     }
 
     /// Like `mark_exists` for a change to an object that is known to exist (a partial
@@ -125,11 +125,10 @@ impl<S: ImageStore> Image<S> {
             match self.store.read(p.objno, p.off, p.len, self.snap).await? {
                 // At a snapshot whose map says the object exists: the snapshot may
                 // have been removed since it was opened (see Level::check_snapshot).
-                None if self.snap.is_some() && self.map_has(p.objno) => {
-                    if let Some(id) = self.snap {
-                        let h = self.store.refresh_header().await?;
-                        super::clone::check_snapshot_in(&h, id)?;
-                    }
+                None if let Some(id) = self.snap
+                    && self.map_has(p.objno) =>
+                {
+                    super::clone::check_snapshot(&self.store, id).await?;
                     if self.has_parent.load(Ordering::Acquire) {
                         return self.read_parent_piece(p).await;
                     }

@@ -63,20 +63,7 @@ fn backend_id(store: &str, spec: &ImageSpec) -> String {
         .chars()
         .map(|c| if c.is_whitespace() { '_' } else { c })
         .collect();
-    let mut enc = String::new();
-    for c in spec.to_string().chars() {
-        match c {
-            '%' => enc.push_str("%25"),
-            ':' => enc.push_str("%3A"),
-            // Every byte of the character: names take any Unicode (spec.rs).
-            c if c.is_whitespace() || c.is_control() => {
-                for b in c.encode_utf8(&mut [0; 4]).bytes() {
-                    enc.push_str(&format!("%{b:02X}"));
-                }
-            }
-            c => enc.push(c),
-        }
-    }
+    let enc = crate::spec::one_word(&spec.to_string(), &[':']);
     format!("rados-nbd:{store}:{enc}")
 }
 

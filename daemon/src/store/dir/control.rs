@@ -81,17 +81,7 @@ const MAX_LINE: u64 = 1024;
 /// percent-encoded, byte by byte (names made only of letters, digits and `-_.+:`, all
 /// that earlier versions took, are their own word, so either side may be older).
 fn word(name: &str) -> String {
-    let mut w = String::with_capacity(name.len());
-    for c in name.chars() {
-        if c == '%' || c.is_whitespace() || c.is_control() {
-            for b in c.encode_utf8(&mut [0; 4]).bytes() {
-                w.push_str(&format!("%{b:02X}"));
-            }
-        } else {
-            w.push(c);
-        }
-    }
-    w
+    crate::spec::one_word(name, &[])
 }
 
 /// The name a [`word`] stands for.
